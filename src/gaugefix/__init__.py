@@ -1,0 +1,30 @@
+"""gaugefix: the scale (gauge) symmetry of positively homogeneous PyTorch networks."""
+
+from gaugefix.action import apply_gauge_, random_gauge_
+from gaugefix.fixing import BalanceResult, balance_
+from gaugefix.moment import imbalance
+from gaugefix.structure import (
+    Exclusion,
+    GaugeStructure,
+    TracingError,
+    discover,
+    register_rule,
+    rules,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalanceResult",
+    "apply_gauge_",
+    "balance_",
+    "imbalance",
+    "random_gauge_",
+    "Exclusion",
+    "GaugeStructure",
+    "TracingError",
+    "__version__",
+    "discover",
+    "register_rule",
+    "rules",
+]

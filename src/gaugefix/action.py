@@ -1,0 +1,133 @@
+"""The group action ``g(h) . theta`` and the transport of optimizer state.
+
+``g(h)`` multiplies each parameter entry by ``exp(h_row - h_col)`` (a missing side counts as 0),
+in place, so that references held by optimizers stay valid. It is exact up to rounding and
+composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.structure import GaugeStructure
+
+# Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
+# gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
+GRAD_LIKE = ("momentum_buffer", "exp_avg")
+SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_finite_params(params: dict[str, Tensor]) -> None:
+    """Raise ``ValueError`` naming the first parameter with a NaN or infinite entry."""
+    for name, p in params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"parameter '{name}' contains NaN or inf; nothing was modified")
+
+
+def check_log_alpha(log_alpha: Tensor, structure: GaugeStructure) -> None:
+    if not isinstance(log_alpha, Tensor):
+        raise TypeError(f"log_alpha must be a tensor, got {type(log_alpha).__name__}")
+    if tuple(log_alpha.shape) != (structure.num_neurons,):
+        raise ValueError(
+            f"log_alpha must have shape ({structure.num_neurons},) (one entry per gauge neuron), "
+            f"got {tuple(log_alpha.shape)}"
+        )
+    if not log_alpha.is_floating_point() or not bool(torch.isfinite(log_alpha).all()):
+        raise ValueError("log_alpha must be a finite floating-point tensor")
+
+
+def optimizer_states(
+    optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]
+) -> dict[str, dict]:
+    """The optimizer state of each gauged parameter, checked to be transportable: every tensor
+    entry shaped like its parameter must be a known gradient-like or squared buffer."""
+    if optimizer is None:
+        return {}
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    out = {}
+    for name, p in params.items():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key, value in state.items():
+            if (
+                isinstance(value, Tensor)
+                and value.shape == p.shape
+                and key not in (GRAD_LIKE + SQUARED)
+            ):
+                raise ValueError(
+                    f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} "
+                    f"for parameter '{name}'; supported: {GRAD_LIKE + SQUARED}"
+                )
+        out[name] = state
+    return out
+
+
+@torch.no_grad()
+def apply_gauge_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    log_alpha: Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Apply ``g(log_alpha)`` to ``model`` in place: every entry is multiplied by
+    ``exp(log_alpha[row] - log_alpha[col])``. ``log_alpha`` has shape ``[num_neurons]``.
+
+    Gradients in ``.grad`` and, when ``optimizer`` is given, its state are transported: gradient
+    -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
+    moments by its square. Everything is validated first; on error nothing is modified.
+    """
+    params = structure.bind(model)
+    check_log_alpha(log_alpha, structure)
+    check_finite_params(params)
+    states = optimizer_states(optimizer, params)
+    if not params:
+        return
+    device = next(iter(params.values())).device
+    h = torch.cat(
+        [
+            log_alpha.to(device=device, dtype=torch.float64),
+            log_alpha.new_zeros(1, dtype=torch.float64, device=device),
+        ]
+    )
+    for m in structure.device_maps(device):
+        p = params[m.name]
+        row = None if m.rows is None else h[m.rows]
+        col = None if m.cols is None else h[m.cols]
+        _scale_(p, row, col, 1)
+        if p.grad is not None:
+            _scale_(p.grad, row, col, -1)
+        for key, value in states.get(m.name, {}).items():
+            if isinstance(value, Tensor) and value.shape == p.shape:
+                _scale_(value, row, col, -1 if key in GRAD_LIKE else -2)
+
+
+def _scale_(t: Tensor, row: Tensor | None, col: Tensor | None, power: int) -> None:
+    """``t *= exp(power * (row - col))`` with broadcasting, in ``t``'s dtype."""
+    if row is not None:
+        t.mul_(torch.exp(power * row).to(t.dtype))
+    if col is not None:
+        t.mul_(torch.exp(-power * col).to(t.dtype))
+
+
+def random_gauge_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    scale: float,
+    generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Tensor:
+    """Apply a random gauge transformation ``log_alpha ~ N(0, scale^2)`` (float64, one entry per
+    neuron, drawn on the generator's device) and return ``log_alpha``."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    log_alpha = scale * torch.randn(
+        structure.num_neurons, generator=generator, dtype=torch.float64, device=device
+    )
+    apply_gauge_(model, structure, log_alpha, optimizer)
+    return log_alpha

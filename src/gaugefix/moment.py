@@ -1,0 +1,123 @@
+"""The imbalance (moment map) ``mu`` and the pair masses behind the Gram matrix ``K``.
+
+For a gauge neuron ``n``, ``mu_n = sum_{in(n)} theta^2 - sum_{out(n)} theta^2``. Everything here is
+a few vectorised operations per parameter over the index maps of a :class:`GaugeStructure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import DeviceMap
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating type accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``."""
+    dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
+    return values.sum(dims, keepdim=True) if dims else values
+
+
+def scatter_slots(acc: Tensor, slots: Tensor, values: Tensor, sign: float = 1.0) -> None:
+    """``acc[slots[i]] += sign * values[i]`` with ``values`` reduced onto the shape of ``slots``."""
+    v = reduce_to(values, slots.shape).reshape(-1)
+    acc.index_add_(0, slots.reshape(-1), v if sign == 1.0 else -v)
+
+
+def in_out_sums(
+    source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
+) -> tuple[Tensor, Tensor]:
+    """``(S_in, S_out)``, each ``[num_neurons]``: the squared norms of every neuron's incoming
+    entries (rows) and outgoing entries (columns) in ``source`` (a model, or name -> tensor)."""
+    tensors = structure.bind(source)
+    n = structure.num_neurons
+    first = next(iter(tensors.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = accumulation_dtype(first.dtype) if first is not None else torch.float64
+    s_in = torch.zeros(n + 1, dtype=dtype, device=device)
+    s_out = torch.zeros(n + 1, dtype=dtype, device=device)
+    for m in structure.device_maps(device):
+        sq = tensors[m.name].to(dtype).square()
+        if m.rows is not None:
+            scatter_slots(s_in, m.rows, sq)
+        if m.cols is not None:
+            scatter_slots(s_out, m.cols, sq)
+    return s_in[:n], s_out[:n]
+
+
+def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure) -> Tensor:
+    """The imbalance ``mu``, shape ``[num_neurons]``: ``mu_n = sum_in theta^2 - sum_out theta^2``.
+
+    ``source`` is a model or a mapping from parameter names to tensors (so ``imbalance(grads, s)``
+    is ``mu(g)``). Accumulated in float64 for float64 tensors and in float32 otherwise.
+    Differentiable when the tensors require grad.
+    """
+    s_in, s_out = in_out_sums(source, structure)
+    return s_in - s_out
+
+
+class PairMasses:
+    """Squared parameter mass per (row neuron, column neuron) pair, in float64.
+
+    For each parameter, ``w[e] = sum theta^2`` over the entries that share one row slot and one
+    column slot (a conv kernel's spatial taps collapse into one pair). Under the gauge ``h`` the
+    mass becomes ``w exp(2 (h_r - h_c))``; from these masses come the objective
+    ``F(h) = ||g(h) theta||^2``, the imbalance ``mu(g(h) theta)`` and products with the Gram matrix
+    ``K(g(h) theta) = sum_e w_e (e_r - e_c)(e_r - e_c)^T`` (a missing side dropped), without
+    touching the parameters again.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
+        first = next(iter(tensors.values()))
+        self.n = structure.num_neurons
+        self.device = first.device
+        self.terms: list[tuple[Tensor, Tensor, Tensor]] = []
+        for m in structure.device_maps(self.device):
+            self.terms.append(self._term(m, tensors[m.name]))
+
+    def _term(self, m: DeviceMap, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dummy = torch.full([1] * t.dim(), self.n, device=self.device)
+        rows = dummy if m.rows is None else m.rows
+        cols = dummy if m.cols is None else m.cols
+        shape = torch.broadcast_shapes(rows.shape, cols.shape)
+        w = reduce_to(t.detach().to(torch.float64).square(), shape)
+        return w, rows, cols
+
+    def weighted(self, h: Tensor) -> list[Tensor]:
+        """The masses at gauge ``h`` (``[num_neurons]``): ``w exp(2 (h_r - h_c))`` per term."""
+        hx = torch.cat([h, h.new_zeros(1)])
+        return [w * torch.exp(2 * (hx[r] - hx[c])) for w, r, c in self.terms]
+
+    def total(self, masses: list[Tensor]) -> Tensor:
+        """``F = sum of all masses`` (a 0-dim tensor)."""
+        return torch.stack([u.sum() for u in masses]).sum()
+
+    def sums(self, masses: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(S_in, S_out)`` per neuron at these masses; entries whose row and column are the
+        same neuron are gauge invariant and count in neither. Then ``mu = S_in - S_out`` and
+        ``K_nn = S_in + S_out``."""
+        s_in = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
+        s_out = torch.zeros_like(s_in)
+        for u, (_, r, c) in zip(masses, self.terms, strict=True):
+            moving = u * (r != c)
+            scatter_slots(s_in, r, moving)
+            scatter_slots(s_out, c, moving)
+        return s_in[: self.n], s_out[: self.n]
+
+    def gram_matvec(self, masses: list[Tensor], v: Tensor) -> Tensor:
+        """``K v`` for ``v`` of shape ``[num_neurons]``."""
+        vx = torch.cat([v, v.new_zeros(1)])
+        out = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
+        for u, (_, r, c) in zip(masses, self.terms, strict=True):
+            t = u * (vx[r] - vx[c])
+            scatter_slots(out, r, t)
+            scatter_slots(out, c, t, -1.0)
+        return out[: self.n]
