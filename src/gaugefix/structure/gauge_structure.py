@@ -101,18 +101,28 @@ class GaugeStructure:
         return counts
 
     def summary(self) -> str:
-        """A table per producing layer: gauge neurons found there, channels excluded and why."""
-        layers: dict[str, list[str]] = {name: [] for name in self.layer_counts}
+        """A table per producing layer: its channels that belong to gauge neurons (a neuron
+        shared through a residual connection counts in every layer producing it), the neurons
+        it is the first producer of, and the channels excluded with the reason."""
+        gauged: dict[str, int] = {}
+        for m in self.params.values():
+            if m.rows is not None:
+                module = _module_of(m.name)
+                gauged[module] = max(gauged.get(module, 0), int((m.rows >= 0).sum()))
+        notes: dict[str, list[str]] = {name: [] for name in gauged}
         for e in self.excluded:
-            layers.setdefault(e.module, []).append(f"{len(e.channels)} excluded: {e.reason}")
-        width = max([len("layer")] + [len(n) for n in layers])
-        lines = [f"{'layer':<{width}}  neurons  notes", "-" * (width + 40)]
-        order = {m: i for i, m in enumerate(_module_of(n) for n in self.param_order)}
-        for name, notes in sorted(layers.items(), key=lambda kv: order.get(kv[0], len(order))):
+            notes.setdefault(e.module, []).append(f"{len(e.channels)} excluded: {e.reason}")
+        order = {m: i for i, m in enumerate(_module_of(n) for n in reversed(self.param_order))}
+        rows = sorted(notes, key=lambda name: -order.get(name, -1))
+        width = max([len("layer")] + [len(n) for n in rows])
+        head = f"{'layer':<{width}}  channels  neurons  notes"
+        lines = [head, "-" * max(len(head), 60)]
+        for name in rows:
             lines.append(
-                f"{name:<{width}}  {self.layer_counts.get(name, 0):>7}  {'; '.join(notes)}"
+                f"{name:<{width}}  {gauged.get(name, 0):>8}  {self.layer_counts.get(name, 0):>7}"
+                f"  {'; '.join(notes[name])}"
             )
-        lines.append("-" * (width + 40))
+        lines.append("-" * max(len(head), 60))
         excluded = sum(len(e.channels) for e in self.excluded)
         lines.append(
             f"{self.num_neurons} gauge neurons over {len(self.params)} parameters; "

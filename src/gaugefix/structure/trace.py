@@ -201,7 +201,9 @@ class TraceContext:
     def block(self, labels: Tensor, reason: str) -> None:
         """The nodes in ``labels`` are fixed to factor 1 (they are not gauge freedom)."""
         nodes = torch.unique(_compact(labels))
-        self.marks.append((nodes, reason))
+        nodes = nodes[nodes != 0]  # node 0 is fixed already; its own reason is generic
+        if nodes.numel():
+            self.marks.append((nodes, reason))
 
     # -- parameters -----------------------------------------------------------------------------
     def param_rows(self, p: Tensor, *shape: int) -> Tensor:
