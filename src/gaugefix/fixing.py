@@ -1,17 +1,26 @@
-"""Gauge fixing. Hard: :func:`balance_` moves a model to the minimal-norm point of its orbit."""
+"""Gauge fixing. Hard: :func:`balance_` moves a model to the minimal-norm point of its orbit.
+Soft: :class:`OrbitSelectionPenalty` (the functional ``(strength / 4) sum_n mu_n^2``) and
+:func:`relax_` (its exact, decoupled orbit step)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from gaugefix.action import apply_gauge_, check_finite_params, optimizer_states
-from gaugefix.moment import PairMasses
+from gaugefix.moment import PairMasses, imbalance
 from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import DeviceMap
+
+# Relative size of a change of F(h) below which its rounding hides it.
+_RESOLUTION = 1e-12
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,97 @@ def _pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, diag: Tensor, rtol: floa
     return x
 
 
+@dataclass(frozen=True)
+class BalanceSolution:
+    """The minimiser of ``F(h) = ||g(h) . theta||^2`` found by :func:`solve_balance`.
+
+    ``log_alpha`` (``[num_neurons]``, float64): the gauge ``h`` with ``mu(g(h) . theta) = 0``
+    on the neurons with a closed orbit (0 on dead neurons); ``iterations``: outer iterations;
+    ``max_rel_imbalance``: ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live neurons,
+    computed in float64 from the pair masses; ``norm_sq_before`` / ``norm_sq_after``: ``F(0)`` and
+    ``F(h)``; ``dead_neurons``: indices of the neurons with all incoming or all outgoing entries
+    zero (no closed orbit); ``converged``: whether ``max_rel_imbalance <= tol``.
+    """
+
+    log_alpha: Tensor
+    iterations: int
+    max_rel_imbalance: float
+    norm_sq_before: float
+    norm_sq_after: float
+    dead_neurons: Tensor
+    converged: bool
+
+
+def _check_tolerances(tol: float, max_iter: int) -> None:
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+
+
+@torch.no_grad()
+def solve_balance(
+    tensors: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    tol: float = 1e-10,
+    max_iter: int = 50,
+) -> BalanceSolution:
+    """The gauge ``h`` that balances ``tensors`` (name -> tensor, bound to ``structure``),
+    without modifying them: the minimiser of the strictly convex ``F(h) = ||g(h) . theta||^2``
+    (gradient ``2 mu``, Hessian ``4 K``) over the neurons with a closed orbit, in float64.
+
+    While some neuron is far from its local balance, an iteration takes the closed-form
+    per-neuron step ``h_n -= log(S_in,n / S_out,n) / 4`` for all neurons at once; close to the
+    solution it takes Newton's step ``h -= K^{-1} mu / 2``, solved by Jacobi-preconditioned
+    conjugate gradients on the sparse ``K``. Both are safeguarded by a backtracking line search
+    on ``F`` (on ``||mu||`` once the decrease of ``F`` is below rounding). Stops when
+    ``max |mu_n| / S_n <= tol``. Dead neurons keep ``h = 0``.
+    """
+    _check_tolerances(tol, max_iter)
+    tensors = structure.bind(dict(tensors))
+    n = structure.num_neurons
+    if n == 0 or not tensors:
+        empty = torch.zeros(n, dtype=torch.float64)
+        return BalanceSolution(empty, 0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.long), True)
+
+    pm = PairMasses(tensors, structure)
+    h = torch.zeros(n, dtype=torch.float64, device=pm.device)
+    masses = pm.weighted(h)
+    s_in, s_out = pm.sums(masses)
+    active = (s_in > 0) & (s_out > 0)
+    mask = active.to(torch.float64)
+    norm_before = float(pm.total(masses))
+
+    iterations, err = 0, 0.0
+    for iterations in range(max_iter + 1):  # noqa: B007
+        s_in, s_out = pm.sums(masses)
+        mu, s = s_in - s_out, s_in + s_out
+        err = _max_rel(mu, s, active)
+        if err <= tol or iterations == max_iter:
+            break
+        log_ratio = torch.where(active, torch.log(s_in / s_out), torch.zeros_like(s_in))
+        if float(log_ratio.abs().max()) > 1.0:
+            direction = -0.25 * log_ratio
+        else:
+            direction = _pcg(
+                lambda v, m=masses: pm.gram_matvec(m, v * mask) * mask,
+                -0.5 * mu * mask,
+                torch.where(active, s, torch.ones_like(s)),
+                rtol=min(0.1, err),
+            )
+        h, masses = _line_search(pm, h, masses, direction, mu, active)
+
+    return BalanceSolution(
+        log_alpha=h,
+        iterations=iterations,
+        max_rel_imbalance=err,
+        norm_sq_before=norm_before,
+        norm_sq_after=float(pm.total(masses)),
+        dead_neurons=torch.nonzero(~active).reshape(-1),
+        converged=err <= tol,
+    )
+
+
 @torch.no_grad()
 def balance_(
     model: nn.Module,
@@ -87,10 +187,7 @@ def balance_(
     ``h = 0`` and are reported. Optimizer state is transported when ``optimizer`` is given.
     Everything is validated first; on error nothing is modified.
     """
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    if not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    _check_tolerances(tol, max_iter)
     params = structure.bind(model)
     check_finite_params(params)
     optimizer_states(optimizer, params)
@@ -100,61 +197,258 @@ def balance_(
             0, 0.0, 0.0, 0.0, torch.zeros(0), torch.zeros(0, dtype=torch.long), True
         )
 
-    pm = PairMasses(params, structure)
-    device = pm.device
-    h = torch.zeros(n, dtype=torch.float64, device=device)
-    masses = pm.weighted(h)
-    s_in, s_out = pm.sums(masses)
-    active = (s_in > 0) & (s_out > 0)
-    mask = active.to(torch.float64)
-    norm_before = float(pm.total(masses))
-
-    iterations = 0
-    for iterations in range(max_iter + 1):  # noqa: B007
-        s_in, s_out = pm.sums(masses)
-        mu, s = s_in - s_out, s_in + s_out
-        err = _max_rel(mu, s, active)
-        if err <= tol or iterations == max_iter:
-            break
-        log_ratio = torch.where(active, torch.log(s_in / s_out), torch.zeros_like(s_in))
-        if float(log_ratio.abs().max()) > 1.0:
-            direction = -0.25 * log_ratio
-        else:
-            direction = _pcg(
-                lambda v, m=masses: pm.gram_matvec(m, v * mask) * mask,
-                -0.5 * mu * mask,
-                torch.where(active, s, torch.ones_like(s)),
-                rtol=min(0.1, err),
-            )
-        h, masses = _line_search(pm, h, masses, direction, mu)
-
-    apply_gauge_(model, structure, h.to(device), optimizer)
+    solution = solve_balance(params, structure, tol, max_iter)
+    h = solution.log_alpha
+    apply_gauge_(model, structure, h, optimizer)
     after = PairMasses(structure.bind(model), structure)
     final = after.weighted(torch.zeros_like(h))
     s_in, s_out = after.sums(final)
+    active = torch.ones(n, dtype=torch.bool, device=h.device)
+    active[solution.dead_neurons] = False
     err = _max_rel(s_in - s_out, s_in + s_out, active)
     return BalanceResult(
-        iterations=iterations,
+        iterations=solution.iterations,
         max_rel_imbalance=err,
-        norm_sq_before=norm_before,
+        norm_sq_before=solution.norm_sq_before,
         norm_sq_after=float(after.total(final)),
         log_alpha=h,
-        dead_neurons=torch.nonzero(~active).reshape(-1),
+        dead_neurons=solution.dead_neurons,
         converged=err <= tol,
     )
 
 
 def _line_search(
-    pm: PairMasses, h: Tensor, masses: list[Tensor], direction: Tensor, mu: Tensor
+    pm: PairMasses,
+    h: Tensor,
+    masses: list[Tensor],
+    direction: Tensor,
+    mu: Tensor,
+    active: Tensor,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Backtracking (Armijo) on ``F(h + t d)`` from ``t = 1``; ``F`` is convex along the line."""
+    """Backtracking (Armijo) on ``F(h + t d)`` from ``t = 1``; ``F`` is convex along the line.
+
+    Close to the minimiser the decrease of ``F`` (second order in ``mu``) falls below the
+    rounding of ``F`` itself; a step whose predicted decrease is unresolvable is accepted when it
+    reduces ``||mu||`` over the ``active`` (live) neurons instead.
+    """
     f0 = float(pm.total(masses))
     slope = 2 * float(torch.dot(mu, direction))
+    mu_norm = float(torch.linalg.vector_norm(mu[active]))
     t = 1.0
     for _ in range(60):
         trial = h + t * direction
         trial_masses = pm.weighted(trial)
         if float(pm.total(trial_masses)) <= f0 + 1e-4 * t * slope:
             return trial, trial_masses
+        if -t * slope <= _RESOLUTION * f0:
+            s_in, s_out = pm.sums(trial_masses)
+            if float(torch.linalg.vector_norm((s_in - s_out)[active])) < mu_norm:
+                return trial, trial_masses
         t *= 0.5
     return h, masses
+
+
+# -- soft gauge fixing ---------------------------------------------------------------------------
+
+
+def check_strength(value: float, name: str = "strength") -> float:
+    """``value`` as a float, or ``ValueError`` unless it is a finite real number ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tensor:
+    """A scalar rate as a float, or a per-neuron rate ``[num_neurons]`` as a float64 tensor."""
+    if not isinstance(rate, Tensor) or rate.dim() == 0:
+        return check_strength(float(rate) if isinstance(rate, Tensor) else rate, "rate")
+    if tuple(rate.shape) != (structure.num_neurons,) or not rate.is_floating_point():
+        raise ValueError(
+            f"a per-neuron rate must be a floating tensor of shape ({structure.num_neurons},), "
+            f"got {rate.dtype} {tuple(rate.shape)}"
+        )
+    if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
+        raise ValueError("rate must be finite and >= 0 for every neuron")
+    return rate.detach().to(torch.float64)
+
+
+def _closed_form_grads(
+    tensors: list[Tensor], maps: list[DeviceMap], mu: Tensor, scale: float | Tensor
+) -> list[Tensor]:
+    """``scale * (mu_row - mu_col) * theta_e`` for every entry of every tensor (a missing side
+    counts as 0), computed in ``mu``'s dtype and returned in each tensor's dtype."""
+    mux = torch.cat([mu, mu.new_zeros(1)])
+    out = []
+    for t, m in zip(tensors, maps, strict=True):
+        factor = mux[m.rows] if m.rows is not None else mu.new_zeros(())
+        if m.cols is not None:
+            factor = factor - mux[m.cols]
+        out.append((scale * factor * t.to(mu.dtype)).to(t.dtype))
+    return out
+
+
+def orbit_selection_grad(
+    source: nn.Module | dict[str, Tensor], structure: GaugeStructure, strength: float
+) -> dict[str, Tensor]:
+    """``grad P`` for ``P = (strength / 4) sum_n mu_n^2``, as parameter name -> tensor.
+
+    Closed form, one pass over the parameters: ``dP/dtheta_e = strength (mu_row - mu_col)
+    theta_e``, i.e. ``strength * sum_n mu_n xi_n`` (vertical: it never changes the function to
+    first order). ``mu`` is accumulated in float32 or better; each gradient has its parameter's
+    dtype. Not differentiable (computed under ``no_grad``).
+    """
+    strength = check_strength(strength)
+    with torch.no_grad():
+        tensors = structure.bind(source)
+        if not tensors:
+            return {}
+        mu = imbalance(tensors, structure)
+        device = mu.device
+        grads = _closed_form_grads(
+            list(tensors.values()), structure.device_maps(device), mu, strength
+        )
+    return dict(zip(tensors, grads, strict=True))
+
+
+class _OrbitSelection(torch.autograd.Function):
+    """``P(theta) = (strength / 4) sum_n mu_n(theta)^2`` with the closed-form backward."""
+
+    @staticmethod
+    def forward(ctx: Any, structure: GaugeStructure, strength: float, *params: Tensor) -> Tensor:
+        tensors = dict(zip(structure.params, params, strict=True))
+        mu = imbalance(tensors, structure)
+        ctx.structure, ctx.strength = structure, strength
+        ctx.save_for_backward(mu, *params)
+        return (strength / 4) * mu.square().sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        mu, *params = ctx.saved_tensors
+        maps = ctx.structure.device_maps(mu.device)
+        scale = grad_output.to(mu.dtype) * ctx.strength
+        return (None, None, *_closed_form_grads(params, maps, mu, scale))
+
+
+class OrbitSelectionPenalty:
+    """The soft gauge-fixing (orbit-selection) functional ``P = (strength / 4) sum_n mu_n^2``.
+
+    ``penalty(model)`` (or ``penalty(model_or_dict)``) returns ``P`` as a 0-dim tensor in the
+    accumulation dtype (float64 for float64 parameters, float32 otherwise), to be added to the
+    training loss. Its backward is the closed form ``dP/dtheta_e = strength (mu_row - mu_col)
+    theta_e`` (one pass over the parameters, no autograd graph over the entries); the gradient
+    is vertical, so adding ``P`` to a loss relaxes the imbalance modes
+    (``d mu / dt = -2 strength K mu`` under gradient flow) without changing the function to first
+    order. ``grad(model)`` returns that gradient as name -> tensor, and ``add_grad_(model)``
+    adds it to the parameters' ``.grad``.
+    """
+
+    def __init__(self, structure: GaugeStructure, strength: float) -> None:
+        if not isinstance(structure, GaugeStructure):
+            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+        self.structure = structure
+        self.strength = check_strength(strength)
+
+    def __repr__(self) -> str:
+        return (
+            f"OrbitSelectionPenalty(strength={self.strength}, neurons={self.structure.num_neurons})"
+        )
+
+    def __call__(self, model: nn.Module | dict[str, Tensor]) -> Tensor:
+        return self.penalty(model)
+
+    def penalty(self, model: nn.Module | dict[str, Tensor]) -> Tensor:
+        """``P`` at the parameters of ``model``: a differentiable 0-dim tensor."""
+        tensors = self.structure.bind(model)
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64)
+        return _OrbitSelection.apply(self.structure, self.strength, *tensors.values())
+
+    def grad(self, model: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+        """``grad P`` as parameter name -> tensor (see :func:`orbit_selection_grad`)."""
+        return orbit_selection_grad(model, self.structure, self.strength)
+
+    @torch.no_grad()
+    def add_grad_(self, model: nn.Module) -> None:
+        """``p.grad += dP/dp`` for every parameter the structure touches (``.grad`` is created
+        where it is ``None``)."""
+        params = self.structure.bind(model)
+        for name, g in self.grad(params).items():
+            p = params[name]
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+
+
+@torch.no_grad()
+def relax_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    rate: float | Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Tensor:
+    """One exact, bounded step along the gauge orbits: ``apply_gauge_(model, g(h))`` with
+    ``h = -rate * mu``, and return ``h`` (float64, ``[num_neurons]``).
+
+    This is the decoupled form of soft gauge fixing: the explicit penalty step
+    ``theta_e -= rate (mu_row - mu_col) theta_e`` is the first-order expansion of ``g(-rate mu)``,
+    and applying the group action instead leaves the function unchanged to rounding for any
+    ``rate`` (a float, or one rate per neuron as a ``[num_neurons]`` tensor). Since ``h`` is
+    a descent direction of ``F(h) = ||g(h) theta||^2`` (gradient ``2 mu``), the step relaxes the
+    imbalance; it is bounded so that it never overshoots:
+
+    - each ``h_n`` is clamped between 0 and the neuron's local closed-form balance
+      ``(1/4) log(S_out,n / S_in,n)`` (exact for an isolated neuron: a huge rate balances it in
+      one step);
+    - neurons couple through shared entries, so the step is then accepted only if neither
+      ``||mu||`` (over the neurons with a closed orbit) nor ``F`` increases; otherwise the rate
+      is halved and the clamp recomputed (for a small enough rate the step is the unclamped
+      ``-rate mu``, along which both strictly decrease). If no halving helps, nothing moves.
+
+    Neurons with an all-zero incoming or outgoing side have no closed orbit and keep ``h = 0``.
+    Trial steps are evaluated in float64 on the squared masses, without touching the model.
+    ``.grad`` and, when ``optimizer`` is given, its state are transported. Everything is
+    validated first; on error nothing is modified.
+    """
+    params = structure.bind(model)
+    rate = _check_rate(rate, structure)
+    check_finite_params(params)
+    optimizer_states(optimizer, params)
+    n = structure.num_neurons
+    if not params or n == 0:
+        return torch.zeros(n, dtype=torch.float64)
+    pm = PairMasses(params, structure)
+    h = _bounded_orbit_step(pm, rate)
+    if bool((h != 0).any()):
+        apply_gauge_(model, structure, h, optimizer)
+    return h
+
+
+def _bounded_orbit_step(pm: PairMasses, rate: float | Tensor) -> Tensor:
+    """The step ``h`` of :func:`relax_` at the masses ``pm`` (float64, ``[n]``)."""
+    zero = torch.zeros(pm.n, dtype=torch.float64, device=pm.device)
+    masses = pm.weighted(zero)
+    s_in, s_out = pm.sums(masses)
+    active = (s_in > 0) & (s_out > 0)
+    mu = torch.where(active, s_in - s_out, 0.0)
+    if isinstance(rate, Tensor):
+        rate = rate.to(pm.device)
+    local = torch.where(active, 0.25 * torch.log(s_out / s_in), 0.0)
+    low, high = local.clamp(max=0.0), local.clamp(min=0.0)
+    mu_norm, f0 = torch.linalg.vector_norm(mu), pm.total(masses)
+    if float(mu_norm) == 0.0:
+        return zero
+    scale = 1.0
+    for _ in range(64):
+        h = torch.clamp(-scale * rate * mu, low, high)
+        trial = pm.weighted(h)
+        t_in, t_out = pm.sums(trial)
+        t_norm = torch.linalg.vector_norm(torch.where(active, t_in - t_out, 0.0))
+        if bool((t_norm <= mu_norm) & (pm.total(trial) <= f0)):
+            return h
+        scale *= 0.5
+    return zero
