@@ -1,8 +1,8 @@
 """gaugefix: the scale (gauge) symmetry of positively homogeneous PyTorch networks."""
 
 from gaugefix.action import apply_gauge_, random_gauge_
-from gaugefix.fixing import BalanceResult, balance_
-from gaugefix.moment import imbalance
+from gaugefix.fixing import BalanceResult, OrbitSelectionPenalty, balance_, relax_
+from gaugefix.moment import imbalance, imbalance_stats
 from gaugefix.structure import (
     Exclusion,
     GaugeStructure,
@@ -11,6 +11,7 @@ from gaugefix.structure import (
     register_rule,
     rules,
 )
+from gaugefix.train import GaugeFixing
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,8 @@ __all__ = [
     "discover",
     "register_rule",
     "rules",
+    "GaugeFixing",
+    "OrbitSelectionPenalty",
+    "imbalance_stats",
+    "relax_",
 ]

@@ -365,6 +365,8 @@ class OrbitSelectionPenalty:
         tensors = self.structure.bind(model)
         if not tensors:
             return torch.zeros((), dtype=torch.float64)
+        # Build the cached index maps outside the autograd.Function (torch.compile friendly).
+        self.structure.device_maps(next(iter(tensors.values())).device)
         return _OrbitSelection.apply(self.structure, self.strength, *tensors.values())
 
     def grad(self, model: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:

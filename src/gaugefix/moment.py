@@ -121,3 +121,49 @@ class PairMasses:
             scatter_slots(out, r, t)
             scatter_slots(out, c, t, -1.0)
         return out[: self.n]
+
+
+@torch.no_grad()
+def imbalance_stats(
+    source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
+) -> dict[str, float]:
+    """Cheap imbalance statistics for logging, as Python floats.
+
+    With ``(S_in, S_out)`` from :func:`in_out_sums`, ``mu = S_in - S_out`` and
+    ``S = S_in + S_out``:
+
+    - ``mu_rel_rms``, ``mu_rel_max``: RMS and maximum of ``|mu_n| / S_n`` over the neurons with
+      ``S_n > 0`` (0 for a balanced neuron, 1 for one whose incoming or outgoing side is zero);
+    - ``log_ratio_rms``, ``log_ratio_max``: RMS and maximum of ``|0.5 log(S_in,n / S_out,n)|``
+      (the gauge distance to the neuron's local balance, up to a factor 2) over the neurons with
+      both sides non-zero;
+    - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
+      touches; ``dead_neurons``: how many neurons have an empty (all-zero) side.
+
+    A handful of vectorised operations and a single device-to-host transfer.
+    """
+    params = structure.bind(source)
+    s_in, s_out = in_out_sums(params, structure)
+    names = ("mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm")
+    names += ("norm_sq", "dead_neurons")
+    if not params:
+        return dict.fromkeys(names, 0.0)
+    mu, s = s_in - s_out, s_in + s_out
+    rel = torch.where(s > 0, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    alive = (s_in > 0) & (s_out > 0)
+    log_ratio = torch.where(alive, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
+    n_rel = (s > 0).sum().clamp_min(1)
+    n_alive = alive.sum().clamp_min(1)
+    norm_sq = torch.stack([p.to(s.dtype).square().sum() for p in params.values()]).sum()
+    values = torch.stack(
+        [
+            (rel.square().sum() / n_rel).sqrt(),
+            rel.max() if rel.numel() else rel.new_zeros(()),
+            (log_ratio.square().sum() / n_alive).sqrt(),
+            log_ratio.max() if log_ratio.numel() else rel.new_zeros(()),
+            torch.linalg.vector_norm(mu),
+            norm_sq,
+            (~alive).sum().to(s.dtype),
+        ]
+    )
+    return dict(zip(names, values.tolist(), strict=True))

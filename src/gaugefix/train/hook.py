@@ -1,0 +1,182 @@
+"""``GaugeFixing``: soft gauge fixing attached to an unchanged ``torch.optim`` training loop."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.action import optimizer_states
+from gaugefix.fixing import OrbitSelectionPenalty, balance_, check_strength, relax_
+from gaugefix.moment import imbalance_stats
+from gaugefix.structure import GaugeStructure
+
+Mode = Literal["exact", "penalty"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameter names a structure refers to: ``DistributedDataParallel``
+    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are looked through."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host sync)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class GaugeFixing:
+    """Soft gauge fixing for any ``torch.optim`` optimizer, through its step hooks.
+
+    After construction an unchanged loop (``loss.backward(); optimizer.step()``) is gauge-fixed:
+
+    - ``mode="exact"`` (default): after every step, :func:`gaugefix.relax_` moves the model along
+      its orbits by ``h = -rate * mu`` with ``rate = lr * strength`` (the decoupled form, like
+      AdamW's weight decay): the function the step produced is kept to rounding, and the step's
+      state (``.grad``, momentum, Adam moments) is transported with the parameters.
+    - ``mode="penalty"``: before every step, ``grad P`` of
+      ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
+      then treats it like any gradient, so with Adam it is preconditioned).
+
+    Several parameter groups: a gauge neuron relaxes at ``strength * min(lr)`` over the
+    parameters it touches (its incoming and outgoing entries), read from the groups at every
+    step so schedulers are followed. Parameters the optimizer does not hold count as ``lr = 0``:
+    neurons touching them are never moved (and in penalty mode their ``.grad`` is left alone).
+    Parameters the structure does not cover are never touched.
+
+    ``balance_at_start=True`` balances the model (:func:`gaugefix.balance_`, with optimizer
+    state transport) once, now. If any gauged gradient is non-finite before a step, or any
+    gauged parameter after it, that step's gauge fixing is skipped (counted in ``skipped``).
+    ``model`` may be wrapped in ``DistributedDataParallel`` or ``torch.compile``; every rank
+    computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal.
+    ``remove()`` detaches the hooks.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        structure: GaugeStructure,
+        strength: float,
+        mode: Mode = "exact",
+        balance_at_start: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        if mode not in ("exact", "penalty"):
+            raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
+        self.optimizer = optimizer
+        self.model = unwrap_model(model)
+        self.structure = structure
+        self.penalty = OrbitSelectionPenalty(structure, strength)
+        self.strength = check_strength(strength)
+        self.mode = mode
+        self.params = structure.bind(self.model)
+        optimizer_states(optimizer, self.params)
+        self._group_of = self._param_groups()
+        self._rate_cache: tuple[tuple[float, ...], float | Tensor] | None = None
+        self.steps = 0
+        self.skipped = 0
+        self._grads_finite = True
+        if balance_at_start:
+            balance_(self.model, structure, optimizer=optimizer)
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
+        if mode == "exact":
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+
+    def __repr__(self) -> str:
+        return (
+            f"GaugeFixing(mode={self.mode!r}, strength={self.strength}, "
+            f"neurons={self.structure.num_neurons}, steps={self.steps}, skipped={self.skipped})"
+        )
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        self._grads_finite = _all_finite(grads)
+        if self.mode == "penalty":
+            if self._grads_finite and _all_finite(list(self.params.values())):
+                self._add_penalty_grad()
+                self.steps += 1
+            else:
+                self.skipped += 1
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not (self._grads_finite and _all_finite(list(self.params.values()))):
+            self.skipped += 1
+            return
+        rate = self.rate()
+        if isinstance(rate, Tensor) or rate > 0:
+            relax_(self.model, self.structure, rate, optimizer)
+        self.steps += 1
+
+    @torch.no_grad()
+    def _add_penalty_grad(self) -> None:
+        grads = self.penalty.grad(self.params)
+        for name, g in grads.items():
+            p = self.params[name]
+            if self._group_of[name] is None or not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+
+    # -- learning rates ---------------------------------------------------------------------------
+    def _param_groups(self) -> dict[str, int | None]:
+        """The index of the optimizer group holding each gauged parameter (``None``: not held)."""
+        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        return {name: where.get(id(p)) for name, p in self.params.items()}
+
+    def rate(self) -> float | Tensor:
+        """The relaxation rate of the coming step: ``strength * lr`` as a float when every gauged
+        parameter sees the same ``lr``, else one rate per neuron (float64 ``[num_neurons]``),
+        ``strength * min(lr)`` over the parameters the neuron touches."""
+        lrs = tuple(
+            0.0 if i is None else float(self.optimizer.param_groups[i]["lr"])
+            for i in self._group_of.values()
+        )
+        if self._rate_cache is None or self._rate_cache[0] != lrs:
+            self._rate_cache = (lrs, self._neuron_rates(lrs))
+        return self._rate_cache[1]
+
+    def _neuron_rates(self, lrs: tuple[float, ...]) -> float | Tensor:
+        if len(set(lrs)) <= 1:
+            return self.strength * (lrs[0] if lrs else 0.0)
+        n = self.structure.num_neurons
+        device = next(iter(self.params.values())).device
+        rates = torch.full((n + 1,), math.inf, dtype=torch.float64, device=device)
+        for m, lr in zip(self.structure.device_maps(device), lrs, strict=True):
+            for idx in (m.rows, m.cols):
+                if idx is not None:
+                    src = torch.full((idx.numel(),), lr, dtype=torch.float64, device=device)
+                    rates.scatter_reduce_(0, idx.reshape(-1), src, reduce="amin")
+        rates = rates[:n]
+        return self.strength * torch.where(torch.isfinite(rates), rates, 0.0)
+
+    # -- misc -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """:func:`gaugefix.imbalance_stats` of the model now."""
+        return imbalance_stats(self.params, self.structure)
+
+    def remove(self) -> None:
+        """Detach the optimizer hooks; the model and optimizer are left as they are."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> GaugeFixing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
