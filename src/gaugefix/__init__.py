@@ -1,6 +1,14 @@
 """gaugefix: the scale (gauge) symmetry of positively homogeneous PyTorch networks."""
 
 from gaugefix.action import apply_gauge_, random_gauge_
+from gaugefix.coordinates import GaugeCoordinates, gauge_coordinates, generators_gram, project
+from gaugefix.diagnostics import (
+    RelaxationRates,
+    SharpnessResult,
+    predicted_imbalance_change,
+    relaxation_rates,
+    sharpness,
+)
 from gaugefix.fixing import BalanceResult, OrbitSelectionPenalty, balance_, relax_
 from gaugefix.moment import imbalance, imbalance_stats
 from gaugefix.structure import (
@@ -32,4 +40,13 @@ __all__ = [
     "OrbitSelectionPenalty",
     "imbalance_stats",
     "relax_",
+    "GaugeCoordinates",
+    "RelaxationRates",
+    "SharpnessResult",
+    "gauge_coordinates",
+    "generators_gram",
+    "predicted_imbalance_change",
+    "project",
+    "relaxation_rates",
+    "sharpness",
 ]

@@ -1,0 +1,311 @@
+"""Analytic predictions and measurements: relaxation rates of the imbalance modes, the exact
+one-step change of ``mu`` under gradient descent, and the sharpness (top Hessian eigenvalue) of
+the loss by Hessian-vector products (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
+
+from gaugefix.coordinates import generators_gram
+from gaugefix.moment import imbalance
+from gaugefix.structure import GaugeStructure
+
+# -- relaxation of the imbalance modes --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RelaxationRates:
+    """Predicted decay rates of the imbalance modes under soft gauge fixing of strength
+    ``lambda``: ``d mu / dt = -2 lambda K mu``, so the component of ``mu`` along an eigenvector
+    ``u_i`` of ``K`` decays as ``exp(-rate_i t)`` with ``rate_i = 2 lambda k_i`` (``K`` frozen).
+
+    ``rates``: ``[k]`` float64, ascending; ``modes``: ``[num_neurons, k]``, the unit eigenvectors
+    (column ``i`` belongs to ``rates[i]``); ``complete``: whether all ``num_neurons`` rates are
+    present (else the ``k // 2`` smallest and ``k // 2`` largest). ``slowest_neuron`` /
+    ``fastest_neuron``: the neuron with the largest ``|component|`` in the slowest / fastest mode,
+    and ``slowest_layer`` / ``fastest_layer`` the layer producing it (``None`` without neurons).
+    """
+
+    rates: Tensor
+    modes: Tensor
+    complete: bool
+    slowest_neuron: int | None
+    fastest_neuron: int | None
+    slowest_layer: str | None
+    fastest_layer: str | None
+
+
+def _check_number(value: Any, name: str, minimum: float = 0.0) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest and ``k`` largest eigenpairs of the sparse ``K`` by ARPACK (on the
+    CPU, as SciPy requires): shift-invert at 0 for the smallest (a sparse LU of ``K``; plain
+    Lanczos on the smallest when ``K`` is singular), plain Lanczos for the largest."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import eigsh
+
+    idx = gram.indices().cpu().numpy()
+    mat = coo_matrix((gram.values().cpu().numpy(), (idx[0], idx[1])), shape=gram.shape).tocsc()
+    v0 = np.ones(mat.shape[0])
+    try:
+        low_vals, low_vecs = eigsh(mat, k, sigma=0.0, which="LM", v0=v0)
+    except RuntimeError:  # singular K: the factorisation at sigma = 0 fails
+        low_vals, low_vecs = eigsh(mat, k, which="SA", v0=v0)
+    high_vals, high_vecs = eigsh(mat, k, which="LA", v0=v0)
+    vals = np.concatenate([low_vals, high_vals])
+    vecs = np.concatenate([low_vecs, high_vecs], axis=1)
+    order = np.argsort(vals)
+    return torch.from_numpy(vals[order].copy()), torch.from_numpy(vecs[:, order].copy())
+
+
+@torch.no_grad()
+def relaxation_rates(
+    model: nn.Module,
+    structure: GaugeStructure,
+    strength: float,
+    *,
+    k: int | None = None,
+    dense_limit: int = 4096,
+) -> RelaxationRates:
+    """The eigenvalues of ``2 * strength * K`` (``K`` the Gram matrix of the generators at the
+    model's parameters, :func:`gaugefix.generators_gram`): the predicted decay rates of the
+    imbalance modes under soft gauge fixing, with the slowest and fastest modes located by layer.
+
+    With ``k=None`` and ``num_neurons <= dense_limit``, all rates by a dense ``eigh`` on the
+    model's device. Otherwise (or with an explicit ``k``), the ``k`` smallest and ``k`` largest
+    (``k`` defaults to 6) by SciPy's ``eigsh`` on a CPU copy of the sparse ``K``; when
+    ``2 k >= num_neurons`` the dense path is used instead. A zero rate means a mode that does not
+    relax (a singular ``K``: see :func:`gaugefix.project`).
+    """
+    strength = _check_number(strength, "strength")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive integer or None, got {k!r}")
+    n = structure.num_neurons
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return RelaxationRates(empty, empty.reshape(0, 0), True, None, None, None, None)
+    gram = generators_gram(model, structure)
+    dense = 2 * k >= n if k is not None else n <= dense_limit
+    if dense:
+        vals, vecs = torch.linalg.eigh(gram.to_dense())
+    else:
+        vals, vecs = _sparse_extremes(gram, k or 6)
+        vals, vecs = vals.to(gram.device), vecs.to(gram.device)
+    slow = int(vecs[:, 0].abs().argmax())
+    fast = int(vecs[:, -1].abs().argmax())
+    return RelaxationRates(
+        rates=2 * strength * vals,
+        modes=vecs,
+        complete=dense,
+        slowest_neuron=slow,
+        fastest_neuron=fast,
+        slowest_layer=structure.neuron_layers[slow],
+        fastest_layer=structure.neuron_layers[fast],
+    )
+
+
+# -- the exact one-step change of the imbalance -----------------------------------------------
+
+
+@torch.no_grad()
+def predicted_imbalance_change(
+    model: nn.Module,
+    grads: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> Tensor:
+    """The change ``mu(theta') - mu(theta)`` (``[num_neurons]``) under the gradient-descent step
+    ``theta' = (1 - lr * wd) theta - lr * g`` from the model's current parameters ``theta``:
+
+        ``(1 - lr * wd)^2 mu(theta) + lr^2 mu(g) - mu(theta)``,
+
+    exact because the cross term ``-2 lr (1 - lr wd) <xi_n, g>`` vanishes when ``g`` is the
+    gradient of a gauge-invariant loss (Euler identity). ``grads`` maps parameter names to ``g``
+    (the loss gradient, without weight decay; e.g. ``{n: p.grad for n, p in
+    model.named_parameters()}``). The step is exactly what ``torch.optim.SGD(lr=lr,
+    weight_decay=wd)`` without momentum does (coupled L2 ``g + wd theta``), and also SGD with
+    decoupled decay. With momentum or Adam the actual change differs: the difference is the
+    scale drift the optimizer adds. Accumulated like :func:`gaugefix.imbalance` (float64 for
+    float64 tensors).
+    """
+    lr = _check_number(lr, "lr")
+    weight_decay = _check_number(weight_decay, "weight_decay")
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
+    mu = imbalance(model, structure)
+    mu_g = imbalance(dict(grads), structure)
+    shrink = (1.0 - lr * weight_decay) ** 2
+    return (shrink - 1.0) * mu + lr**2 * mu_g.to(mu.dtype)
+
+
+# -- sharpness --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """The largest (algebraic) eigenvalue ``value`` of the Hessian of the loss with respect to
+    all parameters that require grad, and its unit eigenvector ``vector`` (name -> tensor).
+
+    ``iterations``: Hessian-vector products used; ``residual``: the Lanczos estimate of
+    ``||H v - value v||`` (for symmetric ``H`` some eigenvalue lies within ``residual`` of
+    ``value``); ``converged``: ``residual <= tol * |value|``. ``float(result)`` is ``value``.
+    """
+
+    value: float
+    vector: dict[str, Tensor]
+    iterations: int
+    residual: float
+    converged: bool
+
+    def __float__(self) -> float:
+        return self.value
+
+
+@contextmanager
+def _frozen_randomness(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yield ``reset()``, which restores the global random state (CPU, and ``device`` if it is a
+    CUDA device) to its value on entry; the state is restored on exit as well. Calling
+    ``reset()`` before each evaluation gives every evaluation the same dropout masks."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def reset() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    try:
+        yield reset
+    finally:
+        reset()
+
+
+def _lanczos_top(
+    matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int, tol: float, krylov_dim: int
+) -> tuple[float, Tensor, int, float]:
+    """Largest eigenpair of a symmetric operator by explicitly restarted Lanczos with full
+    reorthogonalisation: cycles of at most ``krylov_dim`` products, each restarted from the
+    previous cycle's top Ritz vector. Returns ``(value, unit vector, products, residual)``."""
+    x = start / torch.linalg.vector_norm(start)
+    eps = torch.finfo(x.dtype).eps
+    used, value, residual = 0, float("nan"), float("inf")
+    while used < iters:
+        m = min(krylov_dim, iters - used, x.numel())
+        basis = x.new_empty(m, x.numel())
+        basis[0] = x
+        alphas: list[float] = []
+        betas: list[float] = []
+        for j in range(m):
+            w = matvec(basis[j])
+            used += 1
+            w_norm = float(torch.linalg.vector_norm(w))
+            alphas.append(float(torch.dot(w, basis[j])))
+            for _ in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
+                w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+            betas.append(float(torch.linalg.vector_norm(w)))
+            # An invariant subspace is found when what is left of H v is rounding noise.
+            if j + 1 == m or betas[-1] <= 10 * math.sqrt(j + 1) * eps * w_norm:
+                break
+            basis[j + 1] = w / betas[-1]
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if len(alphas) > 1:
+            off = torch.tensor(betas[:-1], dtype=torch.float64)
+            tri += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(tri)
+        value = float(evals[-1])
+        y = evecs[:, -1]
+        residual = betas[-1] * abs(float(y[-1]))
+        x = y.to(basis.dtype).to(basis.device) @ basis[: len(alphas)]
+        x = x / torch.linalg.vector_norm(x)
+        if residual <= tol * abs(value):
+            break
+    return value, x, used, residual
+
+
+def sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Tensor | tuple[Any, ...],
+    targets: Any,
+    *,
+    iters: int = 200,
+    tol: float = 1e-6,
+    krylov_dim: int = 20,
+    seed: int = 0,
+) -> SharpnessResult:
+    """The sharpness of ``loss = loss_fn(model(*inputs), targets)``: the largest eigenvalue of
+    its Hessian with respect to every parameter that requires grad, at the current parameters.
+
+    Hessian-vector products by forward-over-reverse differentiation (``torch.func.jvp`` of
+    ``torch.func.grad`` of a ``functional_call``), so no Hessian is ever formed; the eigenvalue
+    by restarted Lanczos (:func:`_lanczos_top`) from a seeded random start, stopping when the
+    residual estimate is at most ``tol * |value|`` or after ``iters`` products. Memory: about
+    ``krylov_dim + 4`` copies of the parameter vector (in the parameters' dtype) besides the
+    products' own activations. In float32 the residual cannot go much below ``1e-6 |value|``.
+
+    The model is not modified: parameters, ``.grad`` and buffers stay as they were (buffers are
+    copied, so a BatchNorm in training mode uses batch statistics and updates only the copies),
+    and the global random state is restored; every product reuses the same random state, so
+    dropout masks are the same in all of them. The loss is evaluated in the model's current
+    mode (``train()`` / ``eval()``).
+    """
+    for name, value in (("iters", iters), ("krylov_dim", krylov_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("the model has no parameters that require grad")
+    dtypes = {p.dtype for p in named.values()}
+    if len(dtypes) > 1:
+        raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    shapes = [p.shape for p in named.values()]
+    sizes = [p.numel() for p in named.values()]
+    flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    with _frozen_randomness(flat.device) as reset:
+
+        def loss_at(vector: Tensor) -> Tensor:
+            pieces = vector.split(sizes)
+            params = {n: t.view(s) for n, t, s in zip(named, pieces, shapes, strict=True)}
+            state = {**{n: b.clone() for n, b in buffers.items()}, **params}
+            reset()
+            return loss_fn(functional_call(model, state, args), targets)
+
+        def hvp(v: Tensor) -> Tensor:
+            return jvp(grad(loss_at), (flat,), (v,))[1]
+
+        generator = torch.Generator(device=flat.device).manual_seed(seed)
+        start = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
+        value, vector, used, residual = _lanczos_top(hvp, start, iters, tol, krylov_dim)
+
+    pieces = vector.split(sizes)
+    return SharpnessResult(
+        value=value,
+        vector={n: t.view(s).clone() for n, t, s in zip(named, pieces, shapes, strict=True)},
+        iterations=used,
+        residual=residual,
+        converged=residual <= tol * abs(value),
+    )
