@@ -154,6 +154,8 @@ register_rule(operator.add, _add)
 def _on_labels(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
     """Reshaping, slicing, transposing, concatenating: the same op applied to the label tensor
     moves every label to where its entry went."""
+    if any(isinstance(a, torch.dtype) for a in list(args) + list(kwargs.values())):
+        return ctx.block_all(args, kwargs, ctx.reason("reinterprets the bits as another dtype"))
     first = args[0]
     if isinstance(first, (list, tuple)):
         replaced = [ctx.labels(t).contiguous() for t in first]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,6 +104,8 @@ class TraceContext:
         self._labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
         self._grad_fn_labels: dict[int, tuple[Any, Tensor]] = {}
         self._claimed: set[int] = set()
+        # id(exception) -> (exception, innermost module path it was raised in)
+        self.failures: dict[int, tuple[BaseException, str]] = {}
 
     # -- where we are -------------------------------------------------------------------------
     @property
@@ -286,6 +289,7 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         name = op_name(func)
         ctx.op = name
+        inputs = {id(t) for t in _tensors((args, kwargs))}
         try:
             out = func(*args, **kwargs)
         except TracingError:
@@ -296,15 +300,15 @@ class _Tracer(TorchFunctionMode):
         if short in _METADATA:
             return out
         if short in _SHAPE_ONLY:
-            self.record(out, torch.zeros((), dtype=torch.long))
+            self.record(out, torch.zeros((), dtype=torch.long), inputs)
             return out
         if not torch.is_grad_enabled():
             reason = ctx.reason("op run with autograd disabled (custom autograd function?)")
-            self.record(out, ctx.block_all(args, kwargs, reason))
+            self.record(out, ctx.block_all(args, kwargs, reason), inputs)
             return out
         rule = _RULES.get(func)
-        if rule is None and short == "__get__":
-            rule = _RULES.get(f"Tensor.{getattr(func.__self__, '__name__', '')}")
+        if rule is None and getattr(func, "__name__", None) == "__get__":  # x.data, x.T
+            rule = _RULES.get(name)
         ctx._claimed = set()
         ctx.func = func
         if rule is None:
@@ -312,7 +316,7 @@ class _Tracer(TorchFunctionMode):
         else:
             labels = rule(ctx, args, kwargs, out)
         self._block_unclaimed(args, kwargs)
-        self.record(out, labels)
+        self.record(out, labels, inputs)
         return out
 
     def _block_unclaimed(self, args: tuple, kwargs: dict) -> None:
@@ -322,16 +326,28 @@ class _Tracer(TorchFunctionMode):
             if id(t) not in ctx._claimed and (t.is_floating_point() or t.is_complex()):
                 ctx.block(ctx.labels(t), ctx.reason("input not handled by the op's rule"))
 
-    def record(self, out: Any, labels: Any) -> None:
+    def record(self, out: Any, labels: Any, inputs: set[int] | frozenset = frozenset()) -> None:
+        """Give the op's output its labels. ``inputs``: ids of the op's tensor arguments.
+
+        An output that is one of the inputs was written in place (``x.mul_(y)``, ``out=``):
+        views and bases sharing its memory keep its old labels, so old and new labels are united.
+        A non-floating output (a cast to an integer type) cannot carry labels: the labels the
+        rule gave it are blocked, since its values depend on the scale of its input.
+        """
+        ctx = self.ctx
         if isinstance(out, Tensor):
+            lab = labels if isinstance(labels, Tensor) else torch.zeros((), dtype=torch.long)
             if out.is_floating_point() or out.is_complex():
-                lab = labels if isinstance(labels, Tensor) else torch.zeros((), dtype=torch.long)
-                self.ctx.set_labels(out, lab)
+                if id(out) in inputs:
+                    ctx.union(ctx.labels(out), lab)
+                ctx.set_labels(out, lab)
+            elif bool((lab != 0).any()):
+                ctx.block(lab, ctx.reason("converted to a non-floating dtype"))
         elif isinstance(out, (tuple, list)):
             if not isinstance(labels, (tuple, list)):
                 labels = [labels] * len(out)
             for o, lab in zip(out, labels, strict=True):
-                self.record(o, lab)
+                self.record(o, lab, inputs)
 
 
 @contextlib.contextmanager
@@ -350,13 +366,23 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
 
     def post(name: str, rule: Rule | None) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if rule is not None:
-                tracer.suppress -= 1
+            # With always_call, this also runs while an exception leaves the module's forward:
+            # remember the innermost module it came from before the path is popped.
+            exc = sys.exc_info()[1]
+            raised = exc is not None and out is None
+            if raised and id(exc) not in ctx.failures:
+                ctx.failures[id(exc)] = (exc, name)
+            # The rule runs while the tracer is still suppressed: its own tensor operations on
+            # labels must not be traced. Inside a module that has a rule itself, the outer rule
+            # speaks for the whole call, so inner rules are skipped.
+            if rule is not None and tracer.suppress == 1 and not raised:
                 ctx.op = type(module).__name__
                 ctx._claimed = set()
                 labels = rule(ctx, args, kwargs, out)
                 tracer._block_unclaimed(args, kwargs)
-                tracer.record(out, labels)
+                tracer.record(out, labels, {id(t) for t in _tensors((args, kwargs))})
+            if rule is not None:
+                tracer.suppress -= 1
             ctx.module_stack.pop()
 
         return hook
@@ -398,9 +424,10 @@ def trace(model: nn.Module, args: tuple, kwargs: dict) -> TraceContext:
                 except TracingError:
                     raise
                 except Exception as err:
+                    exc, where = ctx.failures.get(id(err), (None, ctx.where))
                     raise TracingError(
-                        f"the model's forward failed in module '{ctx.where}' "
-                        f"(last op {ctx.op}): {err}"
+                        f"the model's forward failed in module "
+                        f"'{where if exc is err else ctx.where}' (last op {ctx.op}): {err}"
                     ) from err
             for t in _tensors(out):
                 if t.is_floating_point() or t.is_complex():

@@ -1,0 +1,654 @@
+"""Discovery: every symmetry found, none invented, unknown things block, errors say where."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gaugefix
+from architectures import (
+    ACTIVATIONS,
+    ADDS,
+    DTYPE,
+    FAMILIES,
+    FLATTENS,
+    RELUS,
+    Case,
+    ConvUnit,
+    GeneratedCNN,
+    GeneratedMLP,
+    GeneratedResNet,
+    Pool,
+    ResBlock,
+    randomise_,
+    rel_change,
+)
+from gaugefix import rules, zoo
+
+# the module (``gaugefix.structure.trace`` the attribute is the function of the same name)
+trace_module = importlib.import_module("gaugefix.structure.trace")
+
+TOL = 1e-10
+
+
+def discover_and_check(case: Case, seed: int = 0) -> gaugefix.GaugeStructure:
+    """Discover, check the count, apply ``random_gauge_(scale=1)`` and check the outputs."""
+    before = case.run()
+    s = gaugefix.discover(case.model, *case.inputs)
+    assert s.num_neurons == case.expected, f"{case}\n{s.summary()}"
+    check_maps(s, case.model)
+    params = {k: v.clone() for k, v in case.model.named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    log_alpha = gaugefix.random_gauge_(case.model, s, 1.0, generator=gen)
+    assert log_alpha.shape == (s.num_neurons,)
+    after = case.run()
+    assert rel_change(before, after) <= TOL, f"{case}\n{s.summary()}"
+    if s.num_neurons:  # the transformation did something
+        assert any(not torch.equal(params[k], v) for k, v in case.model.named_parameters())
+    return s
+
+
+def check_maps(s: gaugefix.GaugeStructure, model: nn.Module) -> None:
+    """Index maps are in range and broadcast to their parameter; every neuron has at least one
+    producing and one consuming entry; excluded channels carry no neuron."""
+    named = dict(model.named_parameters())
+    produced = torch.zeros(s.num_neurons + 1, dtype=torch.long)
+    consumed = torch.zeros(s.num_neurons + 1, dtype=torch.long)
+    for name, m in s.params.items():
+        assert m.shape == tuple(named[name].shape)
+        for idx, count in ((m.rows, produced), (m.cols, consumed)):
+            if idx is None:
+                continue
+            assert idx.dtype == torch.int64 and idx.dim() == len(m.shape)
+            full = idx.expand(m.shape)
+            assert int(full.min()) >= -1 and int(full.max()) < s.num_neurons
+            count.index_add_(
+                0, full.reshape(-1) % (s.num_neurons + 1), torch.ones_like(full).view(-1)
+            )
+    assert bool((produced[: s.num_neurons] > 0).all())
+    assert bool((consumed[: s.num_neurons] > 0).all())
+    for e in s.excluded:
+        assert e.reason and e.channels
+        for suffix in ("weight", "bias"):
+            m = s.params.get(f"{e.module}.{suffix}")
+            if m is not None and m.rows is not None:
+                rows = m.rows.expand(m.shape).movedim(0, 0).reshape(m.shape[0], -1)
+                assert bool((rows[list(e.channels)] == -1).all()), e
+
+
+# --- generated architectures ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES))
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_random_gauge_keeps_outputs_and_count_is_hand_derived(family, data):
+    case = data.draw(FAMILIES[family])
+    discover_and_check(case, seed=data.draw(st.integers(0, 1000)))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_euler_identity_for_every_neuron(family, data):
+    """``<xi_n, grad L> = 0`` for every discovered neuron and a generic loss: each neuron is a
+    symmetry on its own (to first order), not only all of them together."""
+    case = data.draw(FAMILIES[family])
+    s = gaugefix.discover(case.model, *case.inputs)
+    out = case.model(*case.inputs)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    loss = (out * weights).sum() + out.square().sum()
+    params = dict(case.model.named_parameters())
+    names = list(s.params)
+    if not names:
+        assert s.num_neurons == 0
+        return
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    total = torch.zeros(s.num_neurons + 1, dtype=DTYPE)
+    scale = torch.zeros(s.num_neurons + 1, dtype=DTYPE)
+    for name, g in zip(names, grads, strict=True):
+        m = s.params[name]
+        if g is None:
+            continue
+        theta_g = params[name].detach() * g
+        for idx, sign in ((m.rows, 1.0), (m.cols, -1.0)):
+            if idx is not None:
+                slots = idx.expand(m.shape).reshape(-1) % (s.num_neurons + 1)
+                total.index_add_(0, slots, sign * theta_g.reshape(-1))
+                scale.index_add_(0, slots, theta_g.abs().reshape(-1))
+    bad = total[:-1].abs() > 1e-10 * scale[:-1]
+    assert not bool(bad.any()), (torch.nonzero(bad).view(-1), total, scale, case)
+
+
+# --- fixed representatives -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, expected",
+    [("mlp", 64), ("cnn", 56), ("resnet", 48), ("densenet", 12), ("transformer", 25)],
+)
+def test_zoo_counts(name, expected):
+    factory, shape = zoo.EXAMPLES[name]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = randomise_(factory(), 0).eval()
+        x = torch.randn(2, *shape[1:], dtype=DTYPE)
+    discover_and_check(Case(name, model, (x,), expected, name))
+
+
+def test_mlp_neurons_are_rows_and_next_columns():
+    model = zoo.mlp((3, 4, 5, 2)).double()
+    s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
+    assert s.num_neurons == 9
+    # neurons are numbered in parameter order: layer 0's units, then layer 2's
+    assert s.neuron_layers == ["0"] * 4 + ["2"] * 5
+    for layer, nxt, width, offset in (("0", "2", 4, 0), ("2", "4", 5, 4)):
+        rows = s.params[f"{layer}.weight"].rows.expand(width, -1)
+        bias = s.params[f"{layer}.bias"].rows
+        cols = s.params[f"{nxt}.weight"].cols.expand(-1, width)
+        for j in range(width):
+            assert bool((rows[j] == offset + j).all()) and int(bias[j]) == offset + j
+            assert bool((cols[:, j] == offset + j).all())
+            slices = s.neuron(offset + j)
+            assert {n for n, _ in slices.produced_by} == {f"{layer}.weight", f"{layer}.bias"}
+            assert {n for n, _ in slices.consumed_by} == {f"{nxt}.weight"}
+    assert s.params["0.weight"].cols is None  # the input is fixed
+    assert "4.bias" not in s.params  # the output is fixed
+    assert s.excluded == [gaugefix.Exclusion("4", s.excluded[0].reason, (0, 1))]
+    assert "model output" in s.excluded[0].reason
+
+
+# --- spellings, reuse, control flow --------------------------------------------------------------
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("functional", [False, True])
+def test_every_activation_spelling(act, functional):
+    widths = [3, 4, 5, 2]
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = GeneratedMLP(widths, [act, act], [True, False, True], [functional] * 3)
+    model = randomise_(model, 1).eval()
+    x = torch.randn(6, 3, dtype=DTYPE)
+    discover_and_check(Case("mlp", model, (x,), 9, act))
+
+
+@pytest.mark.parametrize("flat", FLATTENS)
+@pytest.mark.parametrize("pool", ["nn.MaxPool", "F.avg_pool", "nn.AdaptiveMaxPool", "none"])
+def test_every_flatten_spelling(flat, pool):
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        units = [
+            ConvUnit(2, 2, 3, 3, "F.pad", "F.relu", Pool(pool, 2, 2), True),
+            ConvUnit(2, 3, 4, 3, "conv", "x.relu", Pool("none", 2, 2), False),
+        ]
+        with torch.no_grad():
+            size = nn.Sequential(*units)(torch.zeros(1, 2, 6, 6)).numel()
+        model = GeneratedCNN(2, units, flat, [size, 5, 3])
+    model = randomise_(model, 2).eval()
+    x = torch.randn(2, 2, 6, 6, dtype=DTYPE)
+    discover_and_check(Case("cnn", model, (x,), 3 + 4 + 5, f"{flat} {pool}"))
+
+
+@pytest.mark.parametrize("add", ADDS)
+@pytest.mark.parametrize("relu", RELUS)
+@pytest.mark.parametrize("train", [False, True])
+def test_every_add_spelling_merges_residual_channels(add, relu, train):
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        blocks = [ResBlock(2, 3, 3, 1, False, relu, add), ResBlock(2, 3, 4, 1, False, relu, add)]
+        model = GeneratedResNet(2, 2, 3, blocks, "mean", 2)
+    model = randomise_(model, 3).train(train)
+    x = torch.randn(4, 2, 5, 5, dtype=DTYPE)
+    # stream of 3 (stem + block 0), bn1 of both blocks (3 + 4), the projected stream (4)
+    discover_and_check(Case("resnet", model, (x,), 3 + 3 + 4 + 4, f"{add} {relu}"))
+
+
+class Recurrent(nn.Module):
+    """One hidden Linear applied ``steps`` times: its rows and columns are the same neurons."""
+
+    def __init__(self, d: int = 3, n: int = 4, steps: int = 3) -> None:
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(d, n), nn.Linear(n, n), nn.Linear(n, 2)
+        self.steps = steps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.inp(x))
+        for _ in range(self.steps):
+            h = F.relu(self.hidden(h))
+        return self.out(h)
+
+
+class SharedAcrossBranches(nn.Module):
+    """``l`` consumes two branches: their channels must scale together (n neurons), and its
+    own rows are n more."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.a, self.b, self.l, self.o = (
+            nn.Linear(3, n),
+            nn.Linear(3, n),
+            nn.Linear(n, n),
+            nn.Linear(n, 2),
+        )
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.o(self.act(self.l(self.act(self.a(x))) + self.l(self.act(self.b(x)))))
+
+
+class Flagged(nn.Module):
+    """Python control flow on attributes and shapes, never on values."""
+
+    def __init__(self, extra: bool, blocks: int) -> None:
+        super().__init__()
+        self.extra = extra
+        self.first = nn.Linear(3, 4)
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(blocks))
+        self.side = nn.Linear(4, 4)
+        self.last = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.flatten(0, 1)
+        h = torch.relu(self.first(x))
+        for i, block in enumerate(self.blocks):
+            h = block(h).relu() if i % 2 == 0 else F.leaky_relu(block(h), 0.3)
+        if self.extra:
+            h = h + self.side(h).abs()
+        return self.last(h)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (Recurrent(), 4),
+        (Recurrent(steps=0), 4),  # `hidden` unused: not part of the structure
+        (SharedAcrossBranches(), 8),
+        (Flagged(False, 0), 4),
+        (Flagged(False, 3), 16),
+        # h + |side(h)|: side's rows merge with h's channels, side's columns consume them
+        (Flagged(True, 2), 12),
+    ],
+    ids=["recurrent", "recurrent-0", "shared-branches", "flag-off-0", "flag-off-3", "flag-on-2"],
+)
+@pytest.mark.parametrize("batch", [(5,), (2, 3)])
+def test_reused_modules_and_control_flow(model, expected, batch):
+    model = randomise_(copy.deepcopy(model), 4).eval()
+    x = torch.randn(*batch, 3, dtype=DTYPE)
+    discover_and_check(Case("reuse", model, (x,), expected, type(model).__name__))
+
+
+# --- blockers ------------------------------------------------------------------------------------
+class IdentityView(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class ReturnsInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class ClampInside(torch.autograd.Function):
+    """Looks like ReLU inside; its gradient is a straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Fn(nn.Module):
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.f(x)
+
+
+class Cumulative(nn.Module):
+    """An unknown op (linear, even, but not in the registry)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cumsum(x, dim=-1)
+
+
+class Product(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.a(x)) * torch.relu(self.b(x))
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.gate(x))
+
+
+def _grouped_norm(x: Tensor) -> Tensor:
+    return F.group_norm(x, 2)
+
+
+L2 = 5 + 7  # neurons of the sandwich below when l2's 6 are blocked
+# (name, middle module, hand count, {module: text expected in the reason of its exclusion})
+BLOCKERS = [
+    ("GELU", nn.GELU(), L2, {"l2": "F.gelu in 'mid'"}),
+    ("F.gelu", Fn(F.gelu), L2, {"l2": "F.gelu"}),
+    ("SiLU", nn.SiLU(), L2, {"l2": "F.silu"}),
+    ("tanh", Fn(torch.tanh), L2, {"l2": "torch.tanh"}),
+    ("Tanh", nn.Tanh(), L2, {"l2": "tanh"}),
+    ("sigmoid", Fn(torch.sigmoid), L2, {"l2": "torch.sigmoid"}),
+    ("x.sigmoid", Fn(lambda x: x.sigmoid()), L2, {"l2": "sigmoid"}),
+    ("ReLU6", nn.ReLU6(), L2, {"l2": "hardtanh"}),
+    ("F.relu6", Fn(F.relu6), L2, {"l2": "relu6"}),
+    ("Hardtanh", nn.Hardtanh(), L2, {"l2": "hardtanh"}),
+    ("Softmax", nn.Softmax(dim=-1), L2, {"l2": "F.softmax"}),
+    ("torch.softmax", Fn(lambda x: torch.softmax(x, -1)), L2, {"l2": "softmax"}),
+    ("clamp(0, 6)", Fn(lambda x: x.clamp(0, 6)), L2, {"l2": "clamp"}),
+    ("clamp(min=1)", Fn(lambda x: torch.clamp(x, min=1.0)), L2, {"l2": "clamp"}),
+    ("relu(x) + 1", Fn(lambda x: F.relu(x) + 1), L2, {"l2": "nonzero constant"}),
+    # normalisation over the rescaled channels: l2 is blocked, the norm's affine part produces
+    ("LayerNorm", nn.LayerNorm(6), L2 + 6, {"l2": "normalised by F.layer_norm"}),
+    ("LayerNorm(no affine)", nn.LayerNorm(6, elementwise_affine=False), L2, {"l2": "normalised"}),
+    ("RMSNorm", nn.RMSNorm(6), L2 + 6, {"l2": "normalised by F.rms_norm"}),
+    ("F.group_norm", Fn(_grouped_norm), L2, {"l2": "normalised by F.group_norm"}),
+    ("BatchNorm(no affine)", nn.BatchNorm1d(6, affine=False), L2, {"l2": "F.batch_norm"}),
+    ("F.normalize", Fn(F.normalize), L2, {"l2": "F.normalize"}),
+    ("x * x", Fn(lambda x: x * x), L2, {"l2": "product of two rescaled tensors"}),
+    ("x ** 2", Fn(lambda x: x**2), L2, {"l2": "pow"}),
+    # l2 feeds a and b (columns): fine; the product blocks a's and b's rows
+    ("product of activations", Product(), L2 + 6, {"mid.a": "product", "mid.b": "product"}),
+    # x * sigmoid(gate(x)): x is consumed by the gate (compensated), so the gate's output does
+    # not change and x passes; the gate's rows are blocked by the sigmoid
+    ("gating", Gated(), L2 + 6, {"mid.gate": "torch.sigmoid"}),
+    ("unknown op", Cumulative(), L2, {"l2": "unknown op torch.cumsum in 'mid'"}),
+    ("comparison", Fn(lambda x: torch.where(x > 0, x, 0.0)), L2, {"l2": "unknown op"}),
+    ("integer cast", Fn(lambda x: x.to(torch.long).to(x.dtype)), L2, {"l2": "non-floating"}),
+    ("bit reinterpretation", Fn(lambda x: x.view(torch.int64).view(x.dtype)), L2, {"l2": "bits"}),
+    ("custom identity view", Fn(IdentityView.apply), L2, {"l2": "autograd"}),
+    ("custom returns input", Fn(ReturnsInput.apply), L2, {"l2": "autograd"}),
+    ("custom clamp inside", Fn(ClampInside.apply), L2, {"l2": "autograd"}),
+]
+
+
+class Sandwich(nn.Module):
+    """l1 -> relu -> l2 -> mid -> l3 -> relu -> l4: 5 + 6 + 7 neurons when ``mid`` is
+    homogeneous; a blocker removes l2's 6."""
+
+    def __init__(self, mid: nn.Module) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 6)
+        self.mid = mid
+        self.l3, self.l4 = nn.Linear(6, 7), nn.Linear(7, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.l2(F.relu(self.l1(x)))
+        return self.l4(F.relu(self.l3(self.mid(x))))
+
+
+@pytest.mark.parametrize(
+    "mid, expected, reasons", [b[1:] for b in BLOCKERS], ids=[b[0] for b in BLOCKERS]
+)
+def test_blockers_block_with_a_reason(mid, expected, reasons):
+    torch.manual_seed(5)
+    model = randomise_(Sandwich(copy.deepcopy(mid)), 5).eval()
+    x = torch.randn(7, 4, dtype=DTYPE)
+    s = discover_and_check(Case("blocker", model, (x,), expected, str(reasons)))
+    for module, text in reasons.items():
+        why = [e for e in s.excluded if e.module == module]
+        width = model.get_submodule(module).out_features
+        assert sorted(c for e in why for c in e.channels) == list(range(width)), s.excluded
+        assert any(text in e.reason for e in why), (text, why)
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.rand(6) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+# Homogeneous, channel-preserving middles: l2's 6 neurons survive (the controls of the above).
+# (name, middle, tolerance of the output check: a float32 round trip rounds, so it is exact only
+# to float32 precision)
+PASS_THROUGH = [
+    ("nn.ReLU", nn.ReLU(), TOL),
+    ("x.T.T", Fn(lambda x: x.T.T), TOL),
+    ("x.mT.mT", Fn(lambda x: x.mT.mT), TOL),
+    ("x.data", Fn(lambda x: x.data.relu()), TOL),
+    ("flip", Fn(lambda x: x.flip(-1)), TOL),
+    ("roll", Fn(lambda x: torch.roll(x, 2, dims=-1)), TOL),
+    ("split-cat", Fn(lambda x: torch.cat(x.split([2, 4], dim=-1)[::-1], dim=-1)), TOL),
+    ("unsqueeze-squeeze", Fn(lambda x: x.unsqueeze(1).relu().squeeze(1)), TOL),
+    ("permute", Fn(lambda x: x.unsqueeze(0).permute(1, 0, 2).reshape(x.shape)), TOL),
+    ("scalar mul/div", Fn(lambda x: torch.div(x * 2.0, 3)), TOL),
+    ("buffer multiplier", Scaled(), TOL),
+    ("-x", Fn(lambda x: -x), TOL),
+    ("x - 0", Fn(lambda x: x - 0), TOL),
+    ("sum([x, x])", Fn(lambda x: sum([x, x])), TOL),
+    ("x + x.abs()", Fn(lambda x: x + x.abs()), TOL),
+    ("clamp(min=0)", Fn(lambda x: x.clamp(min=0)), TOL),
+    ("in-place relu_", Fn(lambda x: x.clone().relu_()), TOL),
+    ("in-place mul_", Fn(lambda x: x.clone().mul_(3.0)), TOL),
+    ("float32 round trip", Fn(lambda x: x.float().double()), 1e-6),
+]
+
+
+@pytest.mark.parametrize(
+    "mid, tol", [p[1:] for p in PASS_THROUGH], ids=[p[0] for p in PASS_THROUGH]
+)
+def test_homogeneous_middles_pass(mid, tol):
+    model = randomise_(Sandwich(copy.deepcopy(mid)), 5).eval()
+    x = torch.randn(7, 4, dtype=DTYPE)
+    case = Case("pass", model, (x,), 18, "")
+    before = case.run()
+    s = gaugefix.discover(model, x)
+    assert s.num_neurons == 18, s.summary()
+    assert not [e for e in s.excluded if e.module == "l2"]
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, case.run()) <= tol
+
+
+class Scratch(nn.Module):
+    """Writes a rescaled tensor into a view of a fixed buffer: the base must not stay fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l3, self.l4 = nn.Linear(4, 5), nn.Linear(5, 2), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.l1(x))
+        out = torch.ones_like(h)
+        out[:, :3].mul_(h[:, :3])  # in place, through a view
+        return self.l3(out) + self.l4(h)
+
+
+def test_in_place_write_through_a_view_blocks():
+    torch.manual_seed(6)
+    model = randomise_(Scratch(), 6).eval()
+    # channels 0-2 are written into the fixed scratch tensor: blocked; 3, 4 stay neurons
+    s = discover_and_check(Case("view", model, (torch.randn(5, 4, dtype=DTYPE),), 2, "view"))
+    assert [e.channels for e in s.excluded if e.module == "l1"] == [(0, 1, 2)]
+
+
+class Branches(nn.Module):
+    """h = relu(l1(x)); out = l3(f(h)) + l4(h): l4 consumes h, so a wrong pass-through through
+    ``f`` would make l1's channels neurons and change the output."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = Fn(f)
+        self.l1, self.l3, self.l4 = nn.Linear(4, 5), nn.Linear(5, 2), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.l1(x))
+        return self.l3(self.f(h)) + self.l4(h)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda h: h.to(torch.long).to(h.dtype),
+        lambda h: h.to(torch.int32).double(),
+        lambda h: h.to(torch.bool).to(h.dtype),
+        lambda h: h.view(torch.int64).view(h.dtype),
+        lambda h: torch.where(h > 1, h, 0.0),
+        lambda h: h.round(),
+    ],
+    ids=["to(long)", "to(int32)", "to(bool)", "view(int64)", "threshold 1", "round"],
+)
+def test_lossy_conversions_block_even_when_the_channel_is_consumed_elsewhere(f):
+    torch.manual_seed(10)
+    model = randomise_(Branches(f), 10).eval()
+    discover_and_check(Case("lossy", model, (torch.randn(9, 4, dtype=DTYPE) * 3,), 0, "lossy"))
+
+
+class MyReLU(nn.Module):
+    """A user's ReLU, spelled with ops the registry does not pass through."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+class Ghost(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x)
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Rules registered in a test go into copies of the registries, dropped afterwards."""
+    monkeypatch.setattr(trace_module, "_MODULE_RULES", dict(trace_module._MODULE_RULES))
+    monkeypatch.setattr(trace_module, "_RULES", dict(trace_module._RULES))
+
+
+def test_user_registered_rule_for_a_module_type(scratch_registry):
+    torch.manual_seed(7)
+    model = randomise_(Sandwich(MyReLU()), 7).eval()
+    x = torch.randn(7, 4, dtype=DTYPE)
+    s = discover_and_check(Case("user", model, (x,), 12, "unregistered"))
+    assert any("unknown op" in e.reason and "'mid'" in e.reason for e in s.excluded)
+    gaugefix.register_rule(MyReLU, rules.elementwise)
+    discover_and_check(Case("user", model, (x,), 18, "registered"))
+
+
+def test_user_registered_blocker(scratch_registry):
+    torch.manual_seed(8)
+    model = randomise_(Sandwich(Ghost()), 8).eval()
+    x = torch.randn(7, 4, dtype=DTYPE)
+    discover_and_check(Case("user", model, (x,), 18, "relu inside"))
+
+    @gaugefix.register_rule(Ghost)
+    def ghost_rule(ctx, args, kwargs, out):
+        return rules.blocker(ctx, args, kwargs, out)
+
+    s = discover_and_check(Case("user", model, (x,), 12, "registered blocker"))
+    assert any("Ghost" in e.reason for e in s.excluded if e.module == "l2")
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MyReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x.abs())
+
+
+def test_outer_module_rule_speaks_for_inner_modules(scratch_registry):
+    torch.manual_seed(9)
+    model = randomise_(Sandwich(Outer()), 9).eval()
+    x = torch.randn(7, 4, dtype=DTYPE)
+    gaugefix.register_rule(Outer, rules.elementwise)
+    gaugefix.register_rule(MyReLU, rules.blocker)  # not consulted: Outer's rule covers it
+    discover_and_check(Case("user", model, (x,), 18, "outer rule"))
+
+
+def test_registry_is_clean_after_user_rules():
+    assert MyReLU not in trace_module._MODULE_RULES and Ghost not in trace_module._MODULE_RULES
+
+
+# --- bad input -----------------------------------------------------------------------------------
+class Inner(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.view(7, -1)
+
+
+class Raises(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        raise KeyError("no such feature")
+
+
+@pytest.mark.parametrize(
+    "model, x, texts",
+    [
+        (zoo.mlp((16, 8, 1)), torch.randn(2, 5), ["F.linear", "'0'", "16x8"]),
+        (nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), Inner())), torch.randn(3, 4),
+         ["Tensor.view", "'1.1'", "invalid"]),
+        (nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), Raises())), torch.randn(3, 4),
+         ["'1.1'", "F.relu", "no such feature"]),
+        (zoo.cnn(), torch.randn(1, 3, 8, 8), ["F.linear", "'7'"]),
+    ],
+    ids=["wrong-width", "bad-view", "python-error", "wrong-spatial-size"],
+)  # fmt: skip
+def test_tracing_errors_name_the_op_and_module(model, x, texts):
+    model = model.double()
+    model.get_submodule("0").weight.requires_grad_(False)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(gaugefix.TracingError) as err:
+        gaugefix.discover(model, x.double())
+    for text in texts:
+        assert text in str(err.value)
+    assert not model.get_submodule("0").weight.requires_grad  # flags restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_discover_leaves_statistics_flags_and_random_state_alone():
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+        nn.Linear(27, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2),
+    ).double().train()  # fmt: skip
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(4, 2, 5, 5, dtype=DTYPE)
+    state = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    s = gaugefix.discover(model, x)
+    assert s.num_neurons == 3 + 4
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_discover_rejects_non_modules():
+    with pytest.raises(TypeError):
+        gaugefix.discover(lambda x: x, torch.randn(2))
