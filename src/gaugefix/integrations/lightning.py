@@ -1,0 +1,124 @@
+"""PyTorch Lightning: soft gauge fixing and imbalance logging as a callback.
+
+Needs the optional extra: ``pip install gaugefix[lightning]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the standalone package name
+    try:
+        from pytorch_lightning import LightningModule, Trainer
+        from pytorch_lightning.callbacks import Callback
+    except ImportError as exc:
+        raise ImportError(
+            "gaugefix.integrations.lightning needs PyTorch Lightning: "
+            "pip install 'gaugefix[lightning]'"
+        ) from exc
+
+import torch
+
+from gaugefix.fixing import check_strength
+from gaugefix.moment import imbalance_stats
+from gaugefix.structure import GaugeStructure, discover
+from gaugefix.train.hook import GaugeFixing, Mode
+
+
+class GaugeFixingCallback(Callback):
+    """Attach :class:`gaugefix.GaugeFixing` to every optimizer of a Lightning fit, and log
+    :func:`gaugefix.imbalance_stats` through the Lightning logger (``pl_module.log_dict``, keys
+    ``prefix + name``, once per training batch).
+
+    ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
+    the module's); when it is ``None`` it is discovered at setup from the module's
+    ``example_input_array``. ``strength``, ``mode`` and ``balance_at_start`` are passed to
+    :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
+    training starts (after any checkpoint restored the optimizer state) and removed when it
+    ends. With several optimizers, ``balance_at_start`` transports the first optimizer's state
+    only, so the others must not hold state yet.
+    """
+
+    def __init__(
+        self,
+        strength: float,
+        structure: GaugeStructure | None = None,
+        mode: Mode = "exact",
+        balance_at_start: bool = True,
+        log_stats: bool = True,
+        prefix: str = "gauge/",
+    ) -> None:
+        super().__init__()
+        self.strength = check_strength(strength)
+        if mode not in ("exact", "penalty"):
+            raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
+        if structure is not None and not isinstance(structure, GaugeStructure):
+            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+        self.structure = structure
+        self.mode: Mode = mode
+        self.balance_at_start = balance_at_start
+        self.log_stats = log_stats
+        self.prefix = prefix
+        self.hooks: list[GaugeFixing] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.structure is None:
+            example = pl_module.example_input_array
+            if example is None:
+                raise ValueError(
+                    "GaugeFixingCallback needs a structure, or example_input_array on the "
+                    "LightningModule to discover one"
+                )
+            inputs = example if isinstance(example, tuple) else (example,)
+            inputs = tuple(x.to(pl_module.device) if torch.is_tensor(x) else x for x in inputs)
+            self.structure = discover(pl_module, *inputs)
+        self.structure.bind(pl_module)  # a structure of another model fails here, before fitting
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove()
+        optimizers = list(trainer.optimizers)
+        if self.balance_at_start and any(opt.state for opt in optimizers[1:]):
+            raise ValueError(
+                "balance_at_start with several optimizers needs every optimizer but the first "
+                "to have empty state; pass balance_at_start=False when resuming"
+            )
+        for i, opt in enumerate(optimizers):
+            self.hooks.append(
+                GaugeFixing(
+                    opt,
+                    pl_module,
+                    self.structure,
+                    self.strength,
+                    mode=self.mode,
+                    balance_at_start=self.balance_at_start and i == 0,
+                )
+            )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self.log_stats:
+            stats = imbalance_stats(pl_module, self.structure)
+            pl_module.log_dict(
+                {self.prefix + k: v for k, v in stats.items()},
+                on_step=True,
+                on_epoch=False,
+                logger=True,
+                prog_bar=False,
+            )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove()
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []

@@ -1,0 +1,293 @@
+"""GaugeFixing: soft gauge fixing attached to an unchanged torch.optim loop."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import gaugefix
+from gaugefix import GaugeFixing, OrbitSelectionPenalty, imbalance, zoo
+from gaugefix.train import unwrap_model
+
+OPTIMIZERS = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+    "sgd_momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+    "sgd_nesterov": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01),
+}
+
+
+@functools.cache
+def _discovered(widths=(6, 12, 12, 2), dtype=torch.float64):
+    torch.manual_seed(0)
+    model = zoo.mlp(widths).to(dtype)
+    x = torch.randn(32, widths[0], dtype=dtype)
+    y = torch.randn(32, widths[-1], dtype=dtype)
+    structure = gaugefix.discover(model, x)
+    gaugefix.random_gauge_(model, structure, 0.8, generator=torch.Generator().manual_seed(1))
+    return model, x, y, structure
+
+
+def setup(widths=(6, 12, 12, 2), dtype=torch.float64):
+    model, x, y, structure = _discovered(widths, dtype)
+    return copy.deepcopy(model), x, y, structure
+
+
+def train_step(model, opt, x, y):
+    opt.zero_grad()
+    loss = (model(x) - y).square().mean()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def mu_norm(model, structure):
+    with torch.no_grad():
+        return float(imbalance(model, structure).norm())
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_exact_mode_keeps_the_steps_function_and_transports_state(opt_name):
+    """A step with the hook realises the same function as the same step without it; the two
+    models then differ by a gauge transformation, every entry by a factor
+    f = theta_hook / theta_plain, and so does the optimizer state (gradient-like buffers / f,
+    second moments / f^2)."""
+    model, x, y, structure = setup()
+    plain = copy.deepcopy(model)
+    opt = OPTIMIZERS[opt_name](model.parameters(), 0.05)
+    opt_plain = OPTIMIZERS[opt_name](plain.parameters(), 0.05)
+    hook = GaugeFixing(opt, model, structure, strength=2.0, balance_at_start=False)
+    train_step(model, opt, x, y)
+    train_step(plain, opt_plain, x, y)
+    assert rel(model(x).detach(), plain(x).detach()) <= 1e-10
+    assert hook.steps == 1 and hook.skipped == 0
+    assert mu_norm(model, structure) < 0.99 * mu_norm(plain, structure)
+    plain_params = structure.bind(plain)
+    for k, p in structure.bind(model).items():
+        f = p.detach() / plain_params[k].detach()
+        assert float((f - 1).abs().max()) > 1e-4  # the hook did move this parameter
+        assert float((p.grad - plain_params[k].grad / f).norm()) <= 1e-12 * float(p.grad.norm())
+        for s, v in opt.state[p].items():
+            ref = opt_plain.state[plain_params[k]][s]
+            if s in ("momentum_buffer", "exp_avg"):
+                assert float((v - ref / f).norm()) <= 1e-12 * float(ref.norm())
+            elif s == "exp_avg_sq":
+                assert float((v - ref / f**2).norm()) <= 1e-12 * float(ref.norm())
+            else:
+                assert torch.equal(v, ref)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("mode", ["exact", "penalty"])
+def test_training_suppresses_drift(opt_name, mode):
+    """A short training run: the loss goes down and the imbalance stays far below plain
+    training's (both start balanced). The explicit form is the weaker one at large
+    lr * strength * S (e.g. SGD with Nesterov momentum diverges at strength 5 here, where the
+    exact form is stable), so penalty mode runs at strength 1."""
+    model, x, y, structure = setup()
+    gaugefix.balance_(model, structure)
+    plain = copy.deepcopy(model)
+    lr = 0.01 if opt_name.startswith("adam") else 0.1
+    opt = OPTIMIZERS[opt_name](model.parameters(), lr)
+    opt_plain = OPTIMIZERS[opt_name](plain.parameters(), lr)
+    GaugeFixing(opt, model, structure, strength=5.0 if mode == "exact" else 1.0, mode=mode)
+    losses = [train_step(model, opt, x, y) for _ in range(30)]
+    for _ in range(30):
+        train_step(plain, opt_plain, x, y)
+    assert losses[-1] < 0.9 * losses[0]
+    assert mu_norm(model, structure) < 0.5 * mu_norm(plain, structure)
+
+
+def test_penalty_mode_adds_the_functional_gradient():
+    """With plain SGD: theta' = theta - lr (grad L + grad P)."""
+    model, x, y, structure = setup()
+    expected = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    GaugeFixing(opt, model, structure, strength=0.7, mode="penalty", balance_at_start=False)
+    train_step(model, opt, x, y)
+    loss = (expected(x) - y).square().mean() + OrbitSelectionPenalty(structure, 0.7)(expected)
+    loss.backward()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+            torch.testing.assert_close(p, q - 0.05 * q.grad, rtol=1e-13, atol=1e-15)
+
+
+def test_several_param_groups_and_params_outside_the_optimizer():
+    """Each neuron relaxes at strength * min(lr) over the parameters it touches; parameters the
+    optimizer does not hold count as lr 0 and are never moved."""
+    model, x, y, structure = setup((6, 12, 12, 12, 2))
+    lin = [m for m in model if isinstance(m, nn.Linear)]
+    frozen = lin[0]
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(
+        [
+            {"params": lin[1].parameters(), "lr": 0.01},
+            {"params": [*lin[2].parameters(), *lin[3].parameters()], "lr": 0.04},
+        ],
+        momentum=0.9,
+    )
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    hook = GaugeFixing(opt, model, structure, strength=3.0, balance_at_start=False)
+    rate = hook.rate()
+    assert isinstance(rate, torch.Tensor)
+    expected = torch.tensor([0.0] * 12 + [3.0 * 0.01] * 12 + [3.0 * 0.04] * 12, dtype=torch.float64)
+    torch.testing.assert_close(rate, expected)
+    plain = copy.deepcopy(model)
+    opt_plain = torch.optim.SGD(
+        [
+            {"params": list(plain)[2].parameters(), "lr": 0.01},
+            {"params": [*list(plain)[4].parameters(), *list(plain)[6].parameters()], "lr": 0.04},
+        ],
+        momentum=0.9,
+    )
+    mu0 = imbalance(model, structure).detach()
+    for _ in range(3):
+        train_step(model, opt, x, y)
+        train_step(plain, opt_plain, x, y)
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    mu = imbalance(model, structure).detach()
+    mu_plain = imbalance(plain, structure).detach()
+    assert float(mu[12:].norm()) < float(mu_plain[12:].norm())
+    assert float(mu[12:].norm()) < float(mu0[12:].norm())
+    opt.param_groups[0]["lr"] = 0.04  # schedulers are followed
+    expected = torch.tensor([0.0] * 12 + [3.0 * 0.04] * 24, dtype=torch.float64)
+    torch.testing.assert_close(hook.rate(), expected)
+
+
+def test_uniform_lr_gives_scalar_rate_and_uncovered_params_are_left_alone():
+    """Parameters the structure does not cover (the output bias, an extra parameter) get
+    exactly the plain optimizer's update; the rate is strength * lr as a float. (Two steps: after
+    the first, both models realise the same function, so the output bias sees the same gradient
+    in the second; after that the Euclidean steps from two points of one orbit differ.)"""
+    model, x, y, structure = setup()
+    plain = copy.deepcopy(model)
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    extra_plain = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1, momentum=0.9)
+    opt_plain = torch.optim.SGD([*plain.parameters(), extra_plain], lr=0.1, momentum=0.9)
+    hook = GaugeFixing(opt, model, structure, strength=2.0, balance_at_start=False)
+    assert hook.rate() == pytest.approx(0.2)
+    assert "4.bias" not in structure.params
+    for m, o, e in ((model, opt, extra), (plain, opt_plain, extra_plain)):
+        for _ in range(2):
+            o.zero_grad()
+            ((m(x) - y).square().mean() + e.square().sum()).backward()
+            o.step()
+    assert torch.equal(model[4].bias, plain[4].bias) and torch.equal(extra, extra_plain)
+    assert not torch.equal(model[4].weight, plain[4].weight)  # a covered parameter did move
+    assert hook.steps == 2
+
+
+def test_balance_at_start_and_remove():
+    model, x, y, structure = setup()
+    y0 = model(x).detach()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    train_step(model, opt, x, y)  # the optimizer already has state
+    y0 = model(x).detach()
+    hook = GaugeFixing(opt, model, structure, strength=1.0)
+    assert rel(model(x).detach(), y0) <= 1e-10
+    s = hook.stats()
+    assert s["mu_rel_max"] <= 1e-9
+    hook.remove()
+    plain = copy.deepcopy(model)
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=0.01)
+    opt_plain.load_state_dict(copy.deepcopy(opt.state_dict()))  # (it would share tensors)
+    train_step(model, opt, x, y)
+    train_step(plain, opt_plain, x, y)
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert hook.steps == 0
+
+
+def test_non_finite_gradient_or_parameters_skip_the_step():
+    """A non-finite loss: the hook neither raises nor touches anything; the optimizer's own
+    update is what the plain optimizer would have done."""
+    for mode in ("exact", "penalty"):
+        model, x, y, structure = setup()
+        plain = copy.deepcopy(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+        hook = GaugeFixing(opt, model, structure, strength=1.0, mode=mode, balance_at_start=False)
+        for m, o in ((model, opt), (plain, opt_plain)):
+            o.zero_grad()
+            (m(x).sum() * float("inf")).backward()
+            o.step()
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p, q, equal_nan=True, rtol=0, atol=0)
+        assert hook.skipped == 1 and hook.steps == 0
+
+    # Finite gradients but a parameter that is already non-finite after the step.
+    model, x, y, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False)
+    (model(x) - y).square().mean().backward()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    opt.step()
+    assert hook.skipped == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["exact", "penalty"])
+def test_low_precision_parameters(dtype, mode):
+    """float32 and bfloat16 parameters train with the hook, stay in their dtype, and drift less
+    than without it (mu itself is accumulated in float32)."""
+    model, x, y, structure = setup(dtype=dtype)
+    gaugefix.balance_(model, structure)
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    hook = GaugeFixing(opt, model, structure, strength=5.0 if mode == "exact" else 1.0, mode=mode)
+    losses = [train_step(model, opt, x, y) for _ in range(20)]
+    for _ in range(20):
+        train_step(plain, opt_plain, x, y)
+    assert all(p.dtype == dtype and bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert losses[-1] < losses[0]
+    assert hook.skipped == 0
+    assert hook.stats()["mu_norm"] < 0.5 * gaugefix.imbalance_stats(plain, structure)["mu_norm"]
+
+
+def test_unwraps_compiled_module():
+    model, *_ = setup()
+    assert unwrap_model(torch.compile(model)) is model
+
+
+@pytest.mark.parametrize("strength", [-0.1, float("nan"), float("inf")])
+def test_bad_strength(strength):
+    model, *_, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="strength"):
+        GaugeFixing(opt, model, structure, strength)
+
+
+def test_bad_arguments_modify_nothing():
+    model, x, y, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, opt, x, y)
+    before = copy.deepcopy(model.state_dict())
+    state = {
+        k: v["momentum_buffer"].clone() for k, v in zip(range(99), opt.state.values(), strict=False)
+    }
+    other = zoo.mlp((6, 12, 8, 2)).double()
+    with pytest.raises(ValueError, match="does not match"):
+        GaugeFixing(opt, other, structure, 1.0)
+    with pytest.raises(ValueError, match="mode"):
+        GaugeFixing(opt, model, structure, 1.0, mode="soft")
+    with pytest.raises(TypeError):
+        GaugeFixing("sgd", model, structure, 1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for k, v in zip(range(99), opt.state.values(), strict=False):
+        assert torch.equal(v["momentum_buffer"], state[k])
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
