@@ -300,3 +300,32 @@ def test_singular_check_passes_a_healthy_self_loop_model():
     s = gf.discover(model, x[:1])
     g = named_grads(model, x)
     assert norm(gf.project(g, model, s)) <= 1e-10 * norm(g)
+
+
+class Aliased(nn.Module):
+    """An MLP whose last layer is also registered under a second name (tied parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = zoo.mlp((6, 5, 4, 2))
+        self.alias = self.net[4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_tied_parameter_aliases_stay_consistent():
+    torch.manual_seed(0)
+    model = Aliased().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    s = gf.discover(model, x[:1])
+    gf.random_gauge_(model, s, 1.0, torch.Generator().manual_seed(9))
+    before = float_state(model)
+    coords = gf.gauge_coordinates(model, s)
+    assert coords.aliases == {"alias.weight": "net.4.weight"}  # net.4.bias is not gauged
+    assert torch.equal(coords.balanced["alias.weight"], coords.balanced["net.4.weight"])
+    assert rel_err(coords.to_state_dict(), before) <= 1e-12
+    with torch.no_grad():
+        y = model(x)
+        model.load_state_dict(coords.balanced)
+        assert float((model(x) - y).norm() / y.norm()) <= 1e-10

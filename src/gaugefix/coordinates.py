@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -81,7 +81,9 @@ class GaugeCoordinates:
     model's own values everywhere else; ``log_alpha``: ``[num_neurons]`` float64, the pure-gauge
     coordinate ``h``; ``dead_neurons``: neurons without a closed orbit (all incoming or all
     outgoing entries zero), whose ``log_alpha`` is 0 and which are left out of the balancing;
-    ``max_rel_imbalance``: ``max_n |mu_n(theta_bar)| / S_n`` over the other neurons.
+    ``max_rel_imbalance``: ``max_n |mu_n(theta_bar)| / S_n`` over the other neurons;
+    ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
+    (they always hold the same values as that name).
 
     Under a gauge transformation ``g(h0)`` of the model, ``balanced`` is unchanged and
     ``log_alpha`` becomes ``log_alpha + h0`` (exactly, when there are no dead neurons).
@@ -92,11 +94,13 @@ class GaugeCoordinates:
     dead_neurons: Tensor
     max_rel_imbalance: float
     structure: GaugeStructure
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def to_state_dict(self) -> dict[str, Tensor]:
         """The inverse map: ``g(log_alpha) . balanced`` as a new state dict (same keys)."""
         out = {k: v.clone() for k, v in self.balanced.items()}
         out.update(gauge_tensors(self.balanced, self.structure, self.log_alpha))
+        out.update({k: out[name].clone() for k, name in self.aliases.items()})
         return out
 
 
@@ -137,18 +141,22 @@ def gauge_coordinates(
             f"balancing stopped at max |mu_n| / S_n = {solution.max_rel_imbalance:.3g} > "
             f"tol = {tol:g} after {solution.iterations} iterations; raise max_iter or tol"
         )
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     missing = [name for name in params if name not in state]
     if missing:
         raise ValueError(f"parameter '{missing[0]}' is not a key of the model's state_dict()")
+    owner = {id(t): name for name, t in params.items()}
+    aliases = {k: owner[id(v)] for k, v in state.items() if id(v) in owner and owner[id(v)] != k}
     balanced = {k: v.detach().clone() for k, v in state.items()}
     balanced.update(gauge_tensors(params, structure, solution.log_alpha))
+    balanced.update({k: balanced[name].clone() for k, name in aliases.items()})
     return GaugeCoordinates(
         balanced=balanced,
         log_alpha=-solution.log_alpha,
         dead_neurons=dead,
         max_rel_imbalance=solution.max_rel_imbalance,
         structure=structure,
+        aliases=aliases,
     )
 
 
