@@ -238,6 +238,34 @@ def test_non_finite_gradient_or_parameters_skip_the_step():
     assert hook.skipped == 1
 
 
+@pytest.mark.parametrize("mode", ["exact", "penalty"])
+def test_step_with_closure(mode):
+    """optimizer.step(closure) (as Lightning calls it) gets the same gauge fixing as a plain
+    step: the closure is wrapped, so the gradients it computes are the ones checked and, in
+    penalty mode, the ones grad P is added to."""
+    model, x, y, structure = setup()
+    other = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt_other = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
+    GaugeFixing(opt, model, structure, strength=1.0, mode=mode, balance_at_start=False)
+    hook = GaugeFixing(opt_other, other, structure, 1.0, mode=mode, balance_at_start=False)
+
+    def closure():
+        opt_other.zero_grad()
+        loss = (other(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        train_step(model, opt, x, y)
+        assert float(opt_other.step(closure)) > 0
+        opt_other.step(closure=closure)  # the keyword form
+        train_step(model, opt, x, y)
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert hook.steps == 6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["exact", "penalty"])
 def test_low_precision_parameters(dtype, mode):

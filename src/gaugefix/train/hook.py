@@ -56,7 +56,12 @@ class GaugeFixing:
 
     ``balance_at_start=True`` balances the model (:func:`gaugefix.balance_`, with optimizer
     state transport) once, now. If any gauged gradient is non-finite before a step, or any
-    gauged parameter after it, that step's gauge fixing is skipped (counted in ``skipped``).
+    gauged parameter after it (penalty mode: before it), that step's gauge fixing is skipped:
+    nothing is added or moved (counted in ``skipped``; applied steps in ``steps``). With
+    ``optimizer.step(closure)`` (Lightning calls it so) the closure is wrapped so that this
+    happens after it computed the gradients, i.e. after any gradient clipping done inside it;
+    in penalty mode ``grad P`` is added at each closure evaluation (the returned loss does not
+    include ``P``, so line-search optimizers such as L-BFGS are not supported).
     ``model`` may be wrapped in ``DistributedDataParallel`` or ``torch.compile``; every rank
     computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal.
     ``remove()`` detaches the hooks.
@@ -87,12 +92,13 @@ class GaugeFixing:
         self._rate_cache: tuple[tuple[float, ...], float | Tensor] | None = None
         self.steps = 0
         self.skipped = 0
-        self._grads_finite = True
+        self._ok = True  # whether this step's gradients (and parameters) were finite
         if balance_at_start:
             balance_(self.model, structure, optimizer=optimizer)
-        self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
-        if mode == "exact":
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
 
     def __repr__(self) -> str:
         return (
@@ -101,24 +107,47 @@ class GaugeFixing:
         )
 
     # -- hooks ------------------------------------------------------------------------------------
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """Without a closure the gradients are ready now; with one (``step(closure)``, as in
+        Lightning), they exist only once it ran, so it is wrapped."""
+        # ``args`` starts with the optimizer itself: ``step(closure)`` has it at ``args[1]``.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._gradients_ready()
+            return None
+
+        def closure_then_gauge() -> Any:
+            loss = closure()
+            self._gradients_ready()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_gauge}
+        return (args[0], closure_then_gauge, *args[2:]), kwargs
+
+    def _gradients_ready(self) -> None:
+        """Check the gradients (and, for the penalty, the parameters); in penalty mode add
+        ``grad P``. Runs once per gradient evaluation."""
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        self._grads_finite = _all_finite(grads)
+        self._ok = _all_finite(grads)
         if self.mode == "penalty":
-            if self._grads_finite and _all_finite(list(self.params.values())):
+            self._ok = self._ok and _all_finite(list(self.params.values()))
+            if self._ok:
                 self._add_penalty_grad()
-                self.steps += 1
-            else:
-                self.skipped += 1
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not (self._grads_finite and _all_finite(list(self.params.values()))):
+        ok, self._ok = self._ok, True
+        if self.mode == "exact":
+            ok = ok and _all_finite(list(self.params.values()))
+            rate = self.rate() if ok else 0.0
+            if ok and (isinstance(rate, Tensor) or rate > 0):
+                relax_(self.model, self.structure, rate, optimizer)
+        if ok:
+            self.steps += 1
+        else:
             self.skipped += 1
-            return
-        rate = self.rate()
-        if isinstance(rate, Tensor) or rate > 0:
-            relax_(self.model, self.structure, rate, optimizer)
-        self.steps += 1
 
     @torch.no_grad()
     def _add_penalty_grad(self) -> None:

@@ -1,0 +1,119 @@
+"""The Lightning callback trains a small model on CPU with the imbalance statistics logged."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gaugefix
+from gaugefix import zoo
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from gaugefix.integrations.lightning import GaugeFixingCallback  # noqa: E402
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = zoo.mlp((4, 16, 16, 1))
+        self.lr = lr
+        self.example_input_array = torch.randn(2, 4)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(n: int = 64, batch: int = 16):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen)
+    y = x[:, :1].relu() - 0.5 * x[:, 1:2]
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def fit(module, callback, tmp_path, steps: int = 6):
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(str(tmp_path), name="run"),
+        callbacks=[callback],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "the dataloader does not have many workers"
+        trainer.fit(module, loader())
+    return trainer
+
+
+@pytest.fixture(autouse=True)
+def quiet_lightning():
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def logged_stats(trainer):
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        return [r for r in csv.DictReader(f) if r.get("gauge/mu_rel_rms")]
+
+
+@pytest.mark.parametrize("mode", ["exact", "penalty"])
+def test_trains_and_logs_imbalance_statistics(tmp_path, mode):
+    """12 steps of SGD with momentum: the loss falls, the statistics are logged every step, and
+    the imbalance drifts far less than in the same fit with strength 0 (which only logs)."""
+    x, y = loader().dataset.tensors
+    runs = {}
+    for strength in (0.0, 10.0):
+        torch.manual_seed(0)
+        module = Regressor()
+        before = float(nn.functional.mse_loss(module(x), y).detach())
+        # The structure is discovered from example_input_array.
+        callback = GaugeFixingCallback(strength=strength, mode=mode)
+        trainer = fit(module, callback, tmp_path / str(strength), steps=12)
+        assert trainer.global_step == 12
+        assert float(nn.functional.mse_loss(module(x), y).detach()) < before
+        logged = logged_stats(trainer)
+        assert len(logged) == 12
+        for key in ("mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "norm_sq"):
+            assert all(float(r[f"gauge/{key}"]) >= 0 for r in logged), key
+        assert float(logged[0]["gauge/mu_rel_max"]) < 0.01  # balanced at the start
+        stats = gaugefix.imbalance_stats(module, callback.structure)
+        assert stats["mu_norm"] == pytest.approx(float(logged[-1]["gauge/mu_norm"]), rel=1e-5)
+        # The hooks are removed when training ends.
+        assert callback.hooks == []
+        opt = trainer.optimizers[0]
+        assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+        runs[strength] = float(logged[-1]["gauge/mu_norm"])
+    assert runs[10.0] < 0.25 * runs[0.0]
+
+
+def test_explicit_structure_and_bad_input(tmp_path):
+    torch.manual_seed(0)
+    module = Regressor()
+    structure = gaugefix.discover(module, module.example_input_array)
+    callback = GaugeFixingCallback(strength=0.0, structure=structure, balance_at_start=False)
+    fit(module, callback, tmp_path, steps=2)
+    with pytest.raises(ValueError, match="strength"):
+        GaugeFixingCallback(strength=-1.0)
+    with pytest.raises(ValueError, match="mode"):
+        GaugeFixingCallback(strength=1.0, mode="hard")
+    other = gaugefix.discover(module.net, module.example_input_array)  # names lack "net."
+    with pytest.raises(ValueError, match="does not match"):
+        fit(Regressor(), GaugeFixingCallback(strength=1.0, structure=other), tmp_path, steps=1)
