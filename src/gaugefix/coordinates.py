@@ -167,9 +167,12 @@ def _pair_masses(model: nn.Module, structure: GaugeStructure) -> tuple[PairMasse
     params = structure.bind(model)
     if not params:
         raise ValueError("the structure has no gauged parameters")
-    check_finite_params(params)
     pm = PairMasses(params, structure)
-    return pm, pm.weighted(torch.zeros(pm.n, dtype=torch.float64, device=pm.device))
+    masses = pm.weighted(torch.zeros(pm.n, dtype=torch.float64, device=pm.device))
+    if not math.isfinite(float(pm.total(masses))):  # one check; name the culprit only on error
+        check_finite_params(params)
+        raise ValueError("the squared parameters overflow float64")
+    return pm, masses
 
 
 def _gram_entries(pm: PairMasses, masses: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -330,8 +333,6 @@ def _check_vectors(
             raise ValueError(
                 f"vectors: '{name}' has shape {shape}, expected {tuple(named[name].shape)}"
             )
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"vectors: '{name}' contains NaN or inf")
     for name in structure.params:
         if name not in vectors:
             raise ValueError(f"vectors: no entry for the gauged parameter '{name}'")
@@ -355,8 +356,9 @@ def project(
     hold every parameter of ``structure``; it may also hold other parameters of the model (their
     vertical component is 0, so ``Pi_H`` returns them unchanged). Returns a new dict with the
     same keys, each tensor in its input's dtype and device. Names that are not parameters of the
-    model, or shapes that differ, raise ``ValueError`` naming the parameter; a singular ``K``
-    raises :class:`SingularGramError` naming the neurons.
+    model, shapes that differ, or NaN/inf in a gauged parameter's vector raise ``ValueError``
+    naming the parameter (other parameters pass through unchecked); a singular ``K`` raises
+    :class:`SingularGramError` naming the neurons.
     """
     if onto not in ("vertical", "horizontal"):
         raise ValueError(f"onto must be 'vertical' or 'horizontal', got {onto!r}")
@@ -367,6 +369,8 @@ def project(
     pm, masses = _pair_masses(model, structure)
     params = structure.bind(model)
     b = generator_pairing(params, vectors, structure)
+    if not bool(torch.isfinite(b).all()):  # one check; name the culprit only on error
+        _name_non_finite(vectors, structure)
     c = gram_solve(pm, masses, b, structure, rtol)
     vertical = generator_combination(params, structure, c)
     out = {}
@@ -379,6 +383,13 @@ def project(
             part = v.to(torch.float64) - part
         out[name] = part.to(v.dtype)
     return out
+
+
+def _name_non_finite(vectors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
+    for name in structure.params:
+        if not bool(torch.isfinite(vectors[name]).all()):
+            raise ValueError(f"vectors: '{name}' contains NaN or inf")
+    raise ValueError("vectors: <xi_n, v> overflows float64")
 
 
 def _untouched(v: Tensor, onto: str) -> Tensor:

@@ -83,7 +83,7 @@ def relaxation_rates(
     strength: float,
     *,
     k: int | None = None,
-    dense_limit: int = 4096,
+    dense_limit: int = 1024,
 ) -> RelaxationRates:
     """The eigenvalues of ``2 * strength * K`` (``K`` the Gram matrix of the generators at the
     model's parameters, :func:`gaugefix.generators_gram`): the predicted decay rates of the
