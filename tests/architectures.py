@@ -21,6 +21,7 @@ operators), reuse modules, and use Python control flow that does not depend on t
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import gaugefix
 from gaugefix import zoo
 
 DTYPE = torch.float64
@@ -639,3 +641,66 @@ def deep_mlp(depth: int = 20, width: int = 4, seed: int = 0) -> Case:
     acts = ["nn.ReLU"] * (depth - 1)
     model = _build(lambda: GeneratedMLP(widths, acts, [True] * depth, [False] * depth), seed, False)
     return Case("mlp", model, _inputs(seed, 5, width), (depth - 1) * width, f"depth={depth}")
+
+
+# --- plain references, one neuron at a time (from GaugeStructure.neuron) -------------------------
+
+
+def entries(index_map: Tensor, idx: tuple[int, ...]) -> tuple:
+    """The parameter entries that one index into a (broadcastable) map stands for."""
+    return tuple(slice(None) if index_map.shape[d] == 1 else i for d, i in enumerate(idx))
+
+
+def reference_action(s: gaugefix.GaugeStructure, params: dict[str, Tensor], h: Tensor) -> None:
+    """``g(h)`` neuron by neuron: multiply what neuron n produces by ``exp(h_n)``, divide what it
+    consumes by it."""
+    for n in range(s.num_neurons):
+        slices = s.neuron(n)
+        for name, idx in slices.produced_by:
+            params[name][entries(s.params[name].rows, idx)] *= math.exp(float(h[n]))
+        for name, idx in slices.consumed_by:
+            params[name][entries(s.params[name].cols, idx)] /= math.exp(float(h[n]))
+
+
+def reference_imbalance(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
+    """``mu_n = sum_in theta^2 - sum_out theta^2``, one neuron at a time."""
+    mu = torch.zeros(s.num_neurons, dtype=DTYPE)
+    for n in range(s.num_neurons):
+        slices = s.neuron(n)
+        for name, idx in slices.produced_by:
+            mu[n] += tensors[name][entries(s.params[name].rows, idx)].double().square().sum()
+        for name, idx in slices.consumed_by:
+            mu[n] -= tensors[name][entries(s.params[name].cols, idx)].double().square().sum()
+    return mu
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_bits(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    """Bit-for-bit equality of the whole state dict (NaN included)."""
+    now = model.state_dict()
+    assert now.keys() == saved.keys()
+    for k, v in now.items():
+        a, b = v.detach(), saved[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        if a.is_floating_point():
+            a, b = (
+                a.view(torch.int64 if a.dtype == torch.float64 else torch.int32),
+                b.view(torch.int64 if b.dtype == torch.float64 else torch.int32),
+            )
+        assert torch.equal(a, b), k
+
+
+def reference_sq_norms(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
+    """``S_n = sum_in theta^2 + sum_out theta^2`` (the scale of mu_n)."""
+    total = torch.zeros(s.num_neurons, dtype=DTYPE)
+    for n in range(s.num_neurons):
+        slices = s.neuron(n)
+        for side, attr in ((slices.produced_by, "rows"), (slices.consumed_by, "cols")):
+            for name, idx in side:
+                total[n] += (
+                    tensors[name][entries(getattr(s.params[name], attr), idx)].square().sum()
+                )
+    return total

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -12,57 +11,19 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gaugefix
-from architectures import DTYPE, FAMILIES, any_case, randomise_, rel_change
+from architectures import (
+    DTYPE,
+    FAMILIES,
+    any_case,
+    assert_same_bits,
+    randomise_,
+    reference_action,
+    reference_imbalance,
+    reference_sq_norms,
+    rel_change,
+    snapshot,
+)
 from gaugefix import zoo
-
-# --- references built from the per-neuron slices ------------------------------------------------
-
-
-def entries(index_map: Tensor, idx: tuple[int, ...]) -> tuple:
-    """The parameter entries that one index into a (broadcastable) map stands for."""
-    return tuple(slice(None) if index_map.shape[d] == 1 else i for d, i in enumerate(idx))
-
-
-def reference_action(s: gaugefix.GaugeStructure, params: dict[str, Tensor], h: Tensor) -> None:
-    """``g(h)`` neuron by neuron: multiply what neuron n produces by ``exp(h_n)``, divide what it
-    consumes by it."""
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for name, idx in slices.produced_by:
-            params[name][entries(s.params[name].rows, idx)] *= math.exp(float(h[n]))
-        for name, idx in slices.consumed_by:
-            params[name][entries(s.params[name].cols, idx)] /= math.exp(float(h[n]))
-
-
-def reference_imbalance(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
-    """``mu_n = sum_in theta^2 - sum_out theta^2``, one neuron at a time."""
-    mu = torch.zeros(s.num_neurons, dtype=DTYPE)
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for name, idx in slices.produced_by:
-            mu[n] += tensors[name][entries(s.params[name].rows, idx)].double().square().sum()
-        for name, idx in slices.consumed_by:
-            mu[n] -= tensors[name][entries(s.params[name].cols, idx)].double().square().sum()
-    return mu
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_bits(model: nn.Module, saved: dict[str, Tensor]) -> None:
-    """Bit-for-bit equality of the whole state dict (NaN included)."""
-    now = model.state_dict()
-    assert now.keys() == saved.keys()
-    for k, v in now.items():
-        a, b = v.detach(), saved[k]
-        assert a.dtype == b.dtype and a.shape == b.shape, k
-        if a.is_floating_point():
-            a, b = (
-                a.view(torch.int64 if a.dtype == torch.float64 else torch.int32),
-                b.view(torch.int64 if b.dtype == torch.float64 else torch.int32),
-            )
-        assert torch.equal(a, b), k
 
 
 def assert_rel_close(actual: Tensor, expected: Tensor, rel: float, what: str = "") -> None:
@@ -396,19 +357,6 @@ def test_imbalance_matches_the_per_neuron_reference(case, data):
         assert_close_to_scale(mu_g, reference_imbalance(s, grads), 1e-13)
 
 
-def _sq_norms(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
-    """``S_n = sum_in theta^2 + sum_out theta^2`` (the scale of mu_n)."""
-    total = torch.zeros(s.num_neurons, dtype=DTYPE)
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for side, attr in ((slices.produced_by, "rows"), (slices.consumed_by, "cols")):
-            for name, idx in side:
-                total[n] += (
-                    tensors[name][entries(getattr(s.params[name], attr), idx)].square().sum()
-                )
-    return total
-
-
 @settings(max_examples=30, deadline=None)
 @given(case=any_case, eta=st.floats(1e-3, 1.0))
 def test_one_gradient_step_changes_imbalance_by_eta_squared_mu_of_the_gradient(case, eta):
@@ -423,7 +371,7 @@ def test_one_gradient_step_changes_imbalance_by_eta_squared_mu_of_the_gradient(c
     stepped = {k: params[k] - eta * grads[k] if grads[k] is not None else params[k] for k in params}
     change = gaugefix.imbalance(stepped, s) - gaugefix.imbalance(params, s)
     expected = eta**2 * gaugefix.imbalance(grads, s)
-    scale = _sq_norms(s, params) + _sq_norms(s, stepped)
+    scale = reference_sq_norms(s, params) + reference_sq_norms(s, stepped)
     assert bool(((change - expected).abs() <= 1e-12 * scale).all())
 
 

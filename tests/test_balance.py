@@ -1,0 +1,284 @@
+"""Hard gauge fixing: ``balance_`` finds the minimal-norm point of the orbit, exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gaugefix
+from architectures import (
+    DTYPE,
+    FAMILIES,
+    GeneratedMLP,
+    assert_same_bits,
+    deep_mlp,
+    randomise_,
+    reference_imbalance,
+    reference_sq_norms,
+    rel_change,
+    snapshot,
+)
+from gaugefix import zoo
+
+TOL = 1e-10
+
+
+def norm_sq(model: nn.Module, s: gaugefix.GaugeStructure) -> float:
+    """``||theta||^2`` over the parameters the structure touches."""
+    params = dict(model.named_parameters())
+    return sum(float(params[name].detach().square().sum()) for name in s.params)
+
+
+def max_rel_imbalance(model: nn.Module, s: gaugefix.GaugeStructure, skip=()) -> float:
+    """``max_n |mu_n| / S_n`` from the per-neuron references (neurons in ``skip`` left out)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    mu, total = reference_imbalance(s, params), reference_sq_norms(s, params)
+    keep = torch.ones(s.num_neurons, dtype=torch.bool)
+    keep[list(skip)] = False
+    return float((mu.abs() / total)[keep].max()) if bool(keep.any()) else 0.0
+
+
+def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, data=None):
+    """Balance, then check the tolerance (reported and recomputed), the outputs, the reported
+    norms, idempotence and, when ``data`` is given, minimality against random gauges."""
+    with torch.no_grad():
+        before = model(*inputs)
+    norm_before = norm_sq(model, s)
+    original = snapshot(model)
+    result = gaugefix.balance_(model, s)
+    assert result.converged and result.max_rel_imbalance <= TOL, result
+    assert result.dead_neurons.numel() == 0
+    assert max_rel_imbalance(model, s) <= TOL
+    with torch.no_grad():
+        assert rel_change(before, model(*inputs)) <= TOL
+    assert result.norm_sq_before == pytest.approx(norm_before, rel=1e-12)
+    assert result.norm_sq_after == pytest.approx(norm_sq(model, s), rel=1e-12)
+    assert result.norm_sq_after <= result.norm_sq_before
+    # the reported transformation is the one applied
+    undone = copy.deepcopy(model)
+    gaugefix.apply_gauge_(undone, s, -result.log_alpha)
+    for name, p in undone.named_parameters():
+        err = (p.detach() - original[name]).abs()
+        assert bool((err <= 1e-12 * original[name].abs()).all()), name
+    # idempotent: nothing left to do, nothing changes
+    balanced = snapshot(model)
+    again = gaugefix.balance_(model, s)
+    assert again.iterations == 0 and again.converged
+    assert_same_bits(model, balanced)
+    if data is not None and s.num_neurons:
+        # minimal norm: no gauge transformation of the result is shorter
+        for _ in range(3):
+            scale = data.draw(st.floats(1e-2, 1.0), label="scale")
+            seed = data.draw(st.integers(0, 2**16), label="seed")
+            moved = copy.deepcopy(model)
+            gaugefix.random_gauge_(moved, s, scale, generator=torch.Generator().manual_seed(seed))
+            # F(h) - F(0) >= 2 h^T K h > 0; the allowance is the rounding of the sums only
+            assert norm_sq(moved, s) >= result.norm_sq_after * (1 - 1e-14)
+    return result
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_balance_reaches_tolerance_keeps_outputs_and_is_minimal(family, data):
+    case = data.draw(FAMILIES[family])
+    s = gaugefix.discover(case.model, *case.inputs)
+    scale = data.draw(st.sampled_from([0.0, 1.0, 3.0]), label="initial gauge scale")
+    seed = data.draw(st.integers(0, 2**16), label="initial gauge seed")
+    gaugefix.random_gauge_(case.model, s, scale, generator=torch.Generator().manual_seed(seed))
+    check_balance(case.model, case.inputs, s, data)
+
+
+@settings(max_examples=6, deadline=None)
+@given(width=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_twenty_layer_mlp_from_a_large_random_gauge(width, seed):
+    case = deep_mlp(depth=20, width=width, seed=seed)
+    s = gaugefix.discover(case.model, *case.inputs)
+    assert s.num_neurons == case.expected
+    gaugefix.random_gauge_(case.model, s, 3.0, generator=torch.Generator().manual_seed(seed))
+    assert max_rel_imbalance(case.model, s) > 0.5  # a real starting imbalance
+    result = check_balance(case.model, case.inputs, s)
+    assert result.iterations <= 50
+
+
+def test_balanced_point_is_gauge_invariant():
+    """Kempf-Ness: the minimiser is unique on the orbit, so balancing any point of one orbit
+    gives the same parameters (to the accuracy ``tol`` allows)."""
+    torch.manual_seed(0)
+    a = zoo.mlp((5, 8, 8, 3)).double()
+    x = torch.randn(4, 5, dtype=DTYPE)
+    s = gaugefix.discover(a, x)
+    b = copy.deepcopy(a)
+    gaugefix.random_gauge_(b, s, 2.0, generator=torch.Generator().manual_seed(1))
+    gaugefix.balance_(a, s, tol=1e-13)
+    gaugefix.balance_(b, s, tol=1e-13)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-9, atol=0), name
+
+
+def test_balance_of_a_two_layer_net_is_the_closed_form():
+    """Two layers: ``K`` is diagonal and the balance of each neuron is closed form,
+    ``h_n = log(S_out / S_in) / 4``."""
+    torch.manual_seed(1)
+    model = zoo.mlp((6, 5, 4)).double()
+    s = gaugefix.discover(model, torch.randn(3, 6, dtype=DTYPE))
+    w1, b1, w2 = model[0].weight.detach(), model[0].bias.detach(), model[2].weight.detach()
+    s_in = w1.square().sum(1) + b1.square()
+    s_out = w2.square().sum(0)
+    expected = 0.25 * torch.log(s_out / s_in)
+    result = gaugefix.balance_(model, s)
+    assert torch.allclose(result.log_alpha, expected, rtol=0, atol=1e-9)
+
+
+# --- dead neurons --------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(
+    depth=st.integers(2, 5),
+    width=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+    kills=st.lists(
+        st.tuples(st.integers(0, 99), st.sampled_from(["in", "out", "both"])), max_size=4
+    ),
+)
+def test_dead_neurons_are_reported_left_alone_and_never_nan(depth, width, seed, kills):
+    widths = [3] + [width] * (depth - 1) + [2]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GeneratedMLP(widths, ["nn.ReLU"] * (depth - 1), [True] * depth, [False] * depth)
+    model = randomise_(model, seed).eval()
+    x = torch.randn(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+    s = gaugefix.discover(model, x)
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(seed))
+    dead = set()
+    with torch.no_grad():
+        for k, side in kills:
+            n = k % s.num_neurons
+            layer, unit = divmod(n, width)
+            if side in ("in", "both"):
+                model.layers[layer].weight[unit] = 0
+                model.layers[layer].bias[unit] = 0
+            if side in ("out", "both"):
+                model.layers[layer + 1].weight[:, unit] = 0
+            dead.add(n)
+    with torch.no_grad():
+        before = model(x)
+    result = gaugefix.balance_(model, s)
+    assert set(result.dead_neurons.tolist()) == dead
+    assert bool(torch.isfinite(result.log_alpha).all())
+    assert bool((result.log_alpha[sorted(dead)] == 0).all())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert result.converged and result.max_rel_imbalance <= TOL
+    assert max_rel_imbalance(model, s, skip=dead) <= TOL
+    with torch.no_grad():
+        assert rel_change(before, model(x)) <= TOL
+
+
+def test_all_dead_model_is_left_alone():
+    model = zoo.mlp((3, 4, 4, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
+    saved = snapshot(model)
+    result = gaugefix.balance_(model, s)
+    assert result.dead_neurons.tolist() == list(range(8))
+    assert result.iterations == 0 and result.converged and result.max_rel_imbalance == 0.0
+    assert result.norm_sq_before == result.norm_sq_after == 0.0
+    assert_same_bits(model, saved)
+
+
+# --- options, optimizer, bad input ---------------------------------------------------------------
+def _imbalanced_mlp(seed: int = 2) -> tuple[nn.Module, Tensor, gaugefix.GaugeStructure]:
+    torch.manual_seed(seed)
+    model = zoo.mlp((4, 6, 5, 3)).double()
+    x = torch.randn(3, 4, dtype=DTYPE)
+    s = gaugefix.discover(model, x)
+    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(seed))
+    return model, x, s
+
+
+def test_max_iter_zero_changes_nothing_and_reports_not_converged():
+    model, _, s = _imbalanced_mlp()
+    saved = snapshot(model)
+    result = gaugefix.balance_(model, s, max_iter=0)
+    assert result.iterations == 0 and not result.converged
+    assert result.max_rel_imbalance == pytest.approx(max_rel_imbalance(model, s), rel=1e-12)
+    assert_same_bits(model, saved)
+
+
+def test_a_looser_tolerance_stops_earlier():
+    model, _, s = _imbalanced_mlp()
+    loose = gaugefix.balance_(copy.deepcopy(model), s, tol=1e-2)
+    tight = gaugefix.balance_(model, s)
+    assert loose.converged and loose.max_rel_imbalance <= 1e-2
+    assert loose.iterations <= tight.iterations
+
+
+def test_balance_transports_optimizer_state():
+    """After balancing with the optimizer, its state is what it would hold had it seen the
+    gradients at the balanced point."""
+    model, x, s = _imbalanced_mlp()
+    balanced = copy.deepcopy(model)
+    gaugefix.balance_(balanced, s)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    fresh = torch.optim.Adam(balanced.parameters(), lr=0.0)
+    for m, o in ((model, opt), (balanced, fresh)):
+        for batch in (x, -x):
+            o.zero_grad()
+            m(batch).square().mean().backward()
+            o.step()
+    gaugefix.balance_(model, s, optimizer=opt)
+    for p, q in zip(model.parameters(), balanced.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-12, atol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = opt.state[p][key], fresh.state[q][key]
+            assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max()), key
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["0.weight", "2.bias", "4.weight"])
+def test_non_finite_parameters_raise_and_change_nothing(bad, where):
+    model, _, s = _imbalanced_mlp()
+    with torch.no_grad():
+        dict(model.named_parameters())[where].view(-1)[0] = bad
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match=where.replace(".", r"\.")):
+        gaugefix.balance_(model, s)
+    assert_same_bits(model, saved)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"tol": 0.0}, {"tol": -1.0}, {"tol": float("nan")}, {"max_iter": -1}, {"max_iter": 2.5}],
+)
+def test_bad_options_raise_and_change_nothing(kwargs):
+    model, _, s = _imbalanced_mlp()
+    saved = snapshot(model)
+    with pytest.raises(ValueError):
+        gaugefix.balance_(model, s, **kwargs)
+    assert_same_bits(model, saved)
+
+
+def test_structure_of_another_model_raises_before_modifying():
+    _, _, s = _imbalanced_mlp()
+    other = zoo.mlp((4, 6, 7, 3)).double()
+    saved = snapshot(other)
+    with pytest.raises(ValueError, match="structure does not match"):
+        gaugefix.balance_(other, s)
+    assert_same_bits(other, saved)
+
+
+def test_untransportable_optimizer_raises_before_modifying():
+    model, x, s = _imbalanced_mlp()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.0)
+    model(x).sum().backward()
+    opt.step()
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="cannot transport"):
+        gaugefix.balance_(model, s, optimizer=opt)
+    assert_same_bits(model, saved)
