@@ -30,9 +30,10 @@ class RelaxationRates:
 
     ``rates``: ``[k]`` float64, ascending; ``modes``: ``[num_neurons, k]``, the unit eigenvectors
     (column ``i`` belongs to ``rates[i]``); ``complete``: whether all ``num_neurons`` rates are
-    present (else the ``k // 2`` smallest and ``k // 2`` largest). ``slowest_neuron`` /
-    ``fastest_neuron``: the neuron with the largest ``|component|`` in the slowest / fastest mode,
-    and ``slowest_layer`` / ``fastest_layer`` the layer producing it (``None`` without neurons).
+    present (else the first half of ``rates`` are the smallest, the second half the largest).
+    ``slowest_neuron`` / ``fastest_neuron``: the neuron with the largest ``|component|`` in the
+    slowest / fastest mode, and ``slowest_layer`` / ``fastest_layer`` the layer producing it
+    (``None`` without neurons).
     """
 
     rates: Tensor
