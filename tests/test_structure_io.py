@@ -1,0 +1,195 @@
+"""``GaugeStructure`` as an object: saving and loading, the summary, inspection, binding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from torch import Tensor, nn
+
+import gaugefix
+from architectures import DTYPE, any_case, randomise_
+from gaugefix import GaugeStructure, zoo
+
+
+def assert_equal_structures(a: GaugeStructure, b: GaugeStructure) -> None:
+    assert a.num_neurons == b.num_neurons
+    assert list(a.params) == list(b.params)
+    for name, m in a.params.items():
+        n = b.params[name]
+        assert (m.name, m.shape) == (n.name, n.shape)
+        for x, y in ((m.rows, n.rows), (m.cols, n.cols)):
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert x.dtype == y.dtype == torch.int64 and torch.equal(x, y), name
+    assert a.excluded == b.excluded
+    assert a.neuron_layers == b.neuron_layers
+    assert a.param_order == b.param_order
+    assert a.summary() == b.summary()
+    assert repr(a) == repr(b)
+
+
+def is_plain(data) -> bool:
+    """JSON-like plain data only: dicts with string keys, lists, strings, numbers, None."""
+    if isinstance(data, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in data.items())
+    if isinstance(data, list):
+        return all(is_plain(v) for v in data)
+    return data is None or isinstance(data, (str, int, float, bool))
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=any_case)
+def test_save_load_round_trip(case, tmp_path):
+    s = gaugefix.discover(case.model, *case.inputs)
+    path = tmp_path / "structure.json"
+    s.save(path)
+    raw = json.loads(path.read_text())
+    assert is_plain(raw) and raw["format"] == "gaugefix.GaugeStructure/1"
+    loaded = GaugeStructure.load(path)
+    assert_equal_structures(s, loaded)
+    assert_equal_structures(s, GaugeStructure.from_dict(json.loads(json.dumps(s.to_dict()))))
+    # the loaded structure acts on the model exactly like the discovered one
+    h = torch.randn(s.num_neurons, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    a = {k: v.detach().clone() for k, v in case.model.named_parameters()}
+    gaugefix.apply_gauge_(case.model, s, h)
+    moved = {k: v.detach().clone() for k, v in case.model.named_parameters()}
+    with torch.no_grad():
+        for k, v in case.model.named_parameters():
+            v.copy_(a[k])
+    gaugefix.apply_gauge_(case.model, loaded, h)
+    for k, v in case.model.named_parameters():
+        assert torch.equal(v, moved[k]), k
+    assert torch.equal(gaugefix.imbalance(case.model, s), gaugefix.imbalance(case.model, loaded))
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"format": "something else", "num_neurons": 0}))
+    with pytest.raises(ValueError, match="not a saved GaugeStructure"):
+        GaugeStructure.load(path)
+    with pytest.raises(ValueError):
+        GaugeStructure.from_dict({})
+
+
+# --- summary -----------------------------------------------------------------------------------
+def summary_rows(s: GaugeStructure) -> dict[str, tuple[int, int, str]]:
+    """The per-layer rows of the summary table: layer -> (channels, neurons, notes)."""
+    lines = s.summary().splitlines()
+    assert lines[0].split() == ["layer", "channels", "neurons", "notes"]
+    assert set(lines[1]) == {"-"} and set(lines[-2]) == {"-"}
+    rows = {}
+    for line in lines[2:-2]:
+        parts = line.split(None, 3)
+        rows[parts[0]] = (int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else "")
+    return rows
+
+
+def test_summary_of_a_resnet_names_layers_counts_and_reasons():
+    torch.manual_seed(0)
+    model = randomise_(zoo.ResNet(), 0).eval()
+    s = gaugefix.discover(model, torch.randn(2, 3, 8, 8, dtype=DTYPE))
+    rows = summary_rows(s)
+    # convolutions feeding a BatchNorm: no freedom, with the reason
+    for conv, bn in (
+        ("stem.0", "stem.1"),
+        ("stages.0.conv1", "stages.0.bn1"),
+        ("stages.1.shortcut.0", "stages.1.shortcut.1"),
+    ):
+        channels, neurons, notes = rows[conv]
+        assert (channels, neurons) == (0, 0)
+        assert f"excluded: normalised by F.batch_norm in '{bn}'" in notes
+    # BatchNorms produce; a neuron merged by a residual addition is counted where it starts
+    assert rows["stem.1"][:2] == (8, 8)
+    assert rows["stages.0.bn1"][:2] == (8, 8)
+    assert rows["stages.0.bn2"][:2] == (8, 0)  # merged with the stem's stream
+    assert rows["stages.1.bn2"][:2] == (16, 16)
+    assert rows["stages.1.shortcut.1"][:2] == (16, 0)  # merged with bn2's
+    assert "10 excluded: model output" in rows["fc"][2]
+    assert sum(neurons for _, neurons, _ in rows.values()) == s.num_neurons == 48
+    assert s.summary().splitlines()[-1].startswith("48 gauge neurons over")
+    # layers appear in the model's order
+    names = list(rows)
+    assert names.index("stem.0") < names.index("stages.0.conv1") < names.index("fc")
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            nn.Linear(3, 4),
+            nn.Linear(4, 5),
+            nn.Linear(5, 6),
+            nn.Linear(6, 2),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.b(F.relu(self.a(x))))
+        return self.d(torch.relu(self.c(x)))
+
+
+def test_summary_gives_the_reason_per_layer():
+    s = gaugefix.discover(Mixed().double(), torch.randn(2, 3, dtype=DTYPE))
+    rows = summary_rows(s)
+    assert rows["a"] == (4, 4, "")
+    assert (
+        rows["b"][:2] == (0, 0) and "5 excluded: not positively homogeneous: F.gelu" in rows["b"][2]
+    )
+    assert rows["c"] == (6, 6, "")
+    assert rows["d"][:2] == (0, 0) and "2 excluded: model output" in rows["d"][2]
+    assert s.summary().splitlines()[-1] == (
+        "10 gauge neurons over 6 parameters; 7 producing channels excluded"
+    )
+    assert s.excluded == [
+        gaugefix.Exclusion("b", "not positively homogeneous: F.gelu in '<root>'", (0, 1, 2, 3, 4)),
+        gaugefix.Exclusion("d", "model output (rescaling it changes the function)", (0, 1)),
+    ]
+
+
+def test_summary_of_a_model_without_neurons():
+    s = gaugefix.discover(nn.Linear(3, 2).double(), torch.randn(2, 3, dtype=DTYPE))
+    assert s.num_neurons == 0 and s.params == {}
+    assert s.summary().splitlines()[-1].startswith("0 gauge neurons over 0 parameters")
+    assert gaugefix.imbalance(nn.Linear(3, 2), s).shape == (0,)
+
+
+# --- inspection and binding ----------------------------------------------------------------------
+def test_neuron_slices_and_range():
+    model = zoo.mlp((3, 4, 2)).double()
+    s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
+    assert s.neuron(2).produced_by == [("0.weight", (2, 0)), ("0.bias", (2,))]
+    assert s.neuron(2).consumed_by == [("2.weight", (0, 2))]
+    for n in (-1, 4):
+        with pytest.raises(IndexError):
+            s.neuron(n)
+
+
+def test_bind_checks_type_names_and_shapes():
+    model = zoo.mlp((3, 4, 2)).double()
+    s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
+    tensors = {k: v.detach() for k, v in model.named_parameters()}
+    assert set(s.bind(tensors)) == {"0.weight", "0.bias", "2.weight"}
+    with pytest.raises(TypeError):
+        s.bind([1, 2])
+    with pytest.raises(ValueError, match="0.bias"):
+        s.bind({k: v for k, v in tensors.items() if k != "0.bias"})
+    with pytest.raises(ValueError, match="shape"):
+        s.bind(tensors | {"2.weight": torch.zeros(2, 5)})
+    with pytest.raises(ValueError, match="2.weight"):
+        s.bind(tensors | {"2.weight": 1.0})
+
+
+def test_device_maps_use_a_dummy_slot_for_missing_sides():
+    model = zoo.mlp((3, 4, 2)).double()
+    s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
+    maps = {m.name: m for m in s.device_maps(torch.device("cpu"))}
+    assert maps["0.weight"].cols is None
+    assert torch.equal(maps["0.weight"].rows.view(-1), torch.arange(4))
+    assert torch.equal(maps["2.weight"].cols.view(-1), torch.arange(4))
+    assert maps["2.weight"].rows is None  # the output layer's rows are fixed
+    assert s.device_maps("cpu") is s.device_maps(torch.device("cpu"))  # cached
