@@ -1,0 +1,220 @@
+"""The ``gaugefix`` command."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sqlite3
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from torch import nn
+
+import gaugefix
+from gaugefix.experiments.analyses import run_analyses
+from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
+from gaugefix.experiments.plan import reproduce_grids
+from gaugefix.experiments.runner import TaskSpec, run_all
+from gaugefix.experiments.store import Store, StoreBusy
+from gaugefix.experiments.tasks import TaskError
+from gaugefix.report import STORE_NAME, headline_table, render
+from gaugefix.zoo import EXAMPLES
+
+app = typer.Typer(
+    help="Scale symmetry of positively homogeneous networks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise _fail(f"--input-shape must be comma-separated integers, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise _fail(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """A built-in example by name, or ``package.module:factory`` called without arguments."""
+    if target in EXAMPLES:
+        factory, shape = EXAMPLES[target]
+        return factory(), shape
+    if ":" not in target:
+        names = ", ".join(EXAMPLES)
+        raise _fail(f"unknown model {target!r}: use one of {names} or PACKAGE.MODULE:FACTORY")
+    module_name, attr = target.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise _fail(f"cannot load {target!r}: {err}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise _fail(f"{target!r} returned {type(model).__name__}, not an nn.Module")
+    return model, None
+
+
+@app.command()
+def inspect(
+    target: Annotated[str, typer.Argument(help="built-in example name or PACKAGE.MODULE:FACTORY")],
+    input_shape: Annotated[
+        str | None, typer.Option(help="example input shape, e.g. 1,3,32,32")
+    ] = None,
+    save: Annotated[Path | None, typer.Option(help="write the structure as JSON here")] = None,
+) -> None:
+    """Discover a model's gauge group and print the per-layer summary."""
+    model, default_shape = _load_model(target)
+    if input_shape is None and default_shape is None:
+        raise _fail("--input-shape is required for a model that is not a built-in example")
+    shape = _parse_shape(input_shape) if input_shape is not None else default_shape
+    model.eval()
+    try:
+        structure = gaugefix.discover(model, torch.randn(*shape))
+    except gaugefix.TracingError as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
+    typer.echo(structure.summary())
+    if save is not None:
+        structure.save(save)
+        typer.echo(f"structure written to {save}")
+
+
+@app.callback()
+def main() -> None:
+    """gaugefix: find, fix and study the scale symmetry of PyTorch networks."""
+
+
+def _floats(text: str, option: str, positive: bool = False, nonneg: bool = False) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _fail(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not math.isfinite(v) for v in values):
+        raise _fail(f"{option} must be finite numbers, got {text!r}")
+    if positive and any(v <= 0 for v in values):
+        raise _fail(f"{option} must be > 0, got {text!r}")
+    if nonneg and any(v < 0 for v in values):
+        raise _fail(f"{option} must be >= 0, got {text!r}")
+    return values
+
+
+def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [v for v in values if v not in allowed]
+    if not values or unknown:
+        raise _fail(
+            f"unknown {option} {', '.join(unknown) or text!r}; choose from {', '.join(allowed)}"
+        )
+    return values
+
+
+def _store(out: Path) -> Store:
+    try:
+        return Store(out / STORE_NAME)
+    except (StoreBusy, sqlite3.DatabaseError, OSError) as err:
+        raise _fail(str(err)) from None
+
+
+@app.command()
+def reproduce(
+    quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
+    out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
+    jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+) -> None:
+    """Run the seed paper's controlled experiments into OUT: store, figures, report, summary."""
+    store = _store(out)
+    start = time.perf_counter()
+    configs = [c for grid in reproduce_grids(quick) for c in grid.configs()]
+    try:
+        run_all(store, configs, lambda c: TaskSpec(c.task), jobs)
+        run_analyses(store, quick)
+    except StoreBusy as err:
+        raise _fail(str(err)) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            "interrupted: finished runs are stored; run the same command to resume", err=True
+        )
+        raise typer.Exit(130) from None
+    store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
+    summary = render(out, quick)
+    typer.echo(headline_table(summary))
+    typer.echo(
+        f"\n{summary['runs']} runs in {out}; report: {out / 'report.md'} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+
+
+@app.command()
+def sweep(
+    task: Annotated[str | None, typer.Option(help="built-in task (or use --data)")] = None,
+    data: Annotated[Path | None, typer.Option(help=".npz with X, y[, X_test, y_test]")] = None,
+    task_type: Annotated[str, typer.Option(help="regression or classification")] = "regression",
+    hidden: Annotated[str, typer.Option(help="hidden widths for --data, e.g. 128,128")] = "128",
+    method: Annotated[str, typer.Option(help=f"some of {', '.join(METHODS)}")] = "plain",
+    strength: Annotated[str, typer.Option(help="strengths of penalty/exact/weight-decay")] = "1.0",
+    lr: Annotated[str, typer.Option(help="learning rates")] = "0.1",
+    init_imbalance: Annotated[str, typer.Option(help="initial imbalances s")] = "0.0",
+    optimizer: Annotated[str, typer.Option(help=f"some of {', '.join(OPTIMIZERS)}")] = "gd",
+    batch_size: Annotated[int, typer.Option(min=0, help="mini-batch size (0: full)")] = 0,
+    steps: Annotated[int, typer.Option(min=1)] = 200,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
+    out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
+    jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+) -> None:
+    """Run one grid of training runs into OUT's store and re-render the report."""
+    if (task is None) == (data is None):
+        raise _fail("give exactly one of --task and --data")
+    methods = _names(method, "method", METHODS)
+    optimizers = _names(optimizer, "optimizer", OPTIMIZERS)
+    strengths = _floats(strength, "--strength", nonneg=True)
+    lrs = _floats(lr, "--lr", positive=True)
+    imbalances = _floats(init_imbalance, "--init-imbalance")
+    widths = tuple(int(w) for w in _floats(hidden, "--hidden", positive=True))
+    spec = TaskSpec(
+        task or (data.stem if data else ""),
+        str(data) if data else None,
+        task_type if data else None,
+        widths,
+    )
+    try:
+        spec.load()
+    except TaskError as err:
+        raise _fail(str(err)) from None
+    configs = [
+        RunConfig(
+            spec.name, m, o, rate, st if m in STRENGTH_METHODS else 0.0, s, seed, batch_size, steps
+        )
+        for m in methods
+        for st in strengths
+        for o in optimizers
+        for rate in lrs
+        for s in imbalances
+        for seed in range(seeds)
+    ]
+    store = _store(out)
+    try:
+        written = run_all(store, configs, lambda c: spec, jobs)
+    except StoreBusy as err:
+        raise _fail(str(err)) from None
+    render(out)
+    typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> None:
+    """Re-render report.md, the figures and summary.json from OUT's store."""
+    if not (out / STORE_NAME).is_file():
+        raise _fail(f"no store at {out / STORE_NAME}")
+    summary = render(out)
+    typer.echo(headline_table(summary))

@@ -1,0 +1,300 @@
+"""Training a group of runs as one batched computation.
+
+Runs that share a task, an optimizer, a batch size and a number of steps differ only in method,
+learning rate, strength, initial imbalance and seed: their parameters are stacked along a leading
+dim and trained together with ``torch.func.vmap``. A run that diverges is masked out (its
+parameters freeze) without stopping the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from gaugefix.action import apply_gauge_
+from gaugefix.experiments.batched import BatchedGauge, Stack
+from gaugefix.experiments.tasks import DATA_SEED, Task
+from gaugefix.fixing import balance_
+from gaugefix.structure import GaugeStructure, discover
+
+METHODS = ("plain", "penalty", "exact", "weight-decay", "balance")
+STRENGTH_METHODS = ("penalty", "exact", "weight-decay")
+OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+DIVERGENCE_FACTOR = 1e3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. ``strength`` is the penalty, exact-step or weight-decay strength (0 for
+    ``plain`` and ``balance``); ``s`` the initial imbalance; ``batch_size`` 0 means full batch."""
+
+    task: str
+    method: str
+    optimizer: str
+    lr: float
+    strength: float
+    s: float
+    seed: int
+    batch_size: int
+    steps: int
+    dtype: str = "float32"
+
+    def key(self) -> str:
+        """The canonical identity of the run in a store."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def group(self) -> tuple:
+        """Runs with equal groups are trained together."""
+        return (self.task, self.optimizer, self.batch_size, self.steps, self.dtype)
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    status: str  # "stable", "unstable" (finite, but the loss did not fall) or "diverged"
+    initial_loss: float
+    final_loss: float | None
+    test_loss: float | None
+    accuracy: float | None
+    test_accuracy: float | None
+    log_ratio_rms: float | None
+    mu_rel_max: float | None
+    diverged_at: int | None
+    balance_change: float | None = None  # filled by the runner for trained plain networks
+    curves: list[tuple[int, float, float, float]] = field(default_factory=list)
+
+
+def init_direction(structure: GaugeStructure) -> Tensor:
+    """The fixed direction ``z`` of the initial imbalance (``log_alpha = s z``): standard normal
+    entries from a fixed seed, the same for every run of a task."""
+    g = torch.Generator().manual_seed(DATA_SEED)
+    return torch.randn(structure.num_neurons, generator=g, dtype=torch.float64)
+
+
+def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> tuple:
+    """Each run's initial parameters: PyTorch's default initialisation for its seed, moved along
+    its own orbit by ``s z``; returns the template model, structure and the stack."""
+    template = task.make_model().to(dtype)
+    structure = discover(template, task.x[:2].to(dtype))
+    z = init_direction(structure)
+    members = []
+    for c in configs:
+        torch.manual_seed(c.seed)
+        model = task.make_model().to(dtype)
+        apply_gauge_(model, structure, c.s * z)
+        members.append({n: p.detach() for n, p in model.named_parameters()})
+    stack = {n: torch.stack([m[n] for m in members]).requires_grad_(True) for n in members[0]}
+    return template, structure, stack
+
+
+def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> list[RunResult]:
+    """Train ``configs`` (one group: same task, optimizer, batch size, steps, dtype) together."""
+    groups = {c.group() for c in configs}
+    if len(groups) != 1:
+        raise ValueError(f"train_group needs one group, got {sorted(groups)}")
+    first = configs[0]
+    dtype = getattr(torch, first.dtype)
+    r = len(configs)
+    template, structure, stack = _initial_stack(task, configs, dtype)
+    gauge = BatchedGauge(structure, torch.device("cpu"))
+
+    def column(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=dtype)
+
+    lr = column([c.lr for c in configs])
+    pen = column([c.strength if c.method == "penalty" else 0.0 for c in configs])
+    wd = column([c.strength if c.method == "weight-decay" else 0.0 for c in configs])
+    exact = column([c.strength if c.method == "exact" else 0.0 for c in configs])
+    hard = torch.tensor([c.method == "balance" for c in configs])
+    if bool(hard.any()) or bool((exact > 0).any()):
+        balance_rows_(gauge, stack, hard | (exact > 0), [])
+
+    x, y = task.x.to(dtype), task.y.to(dtype) if task.kind == "regression" else task.y
+    forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
+    batched_forward = vmap(lambda p, xb: functional_call(template, p, (xb,)))
+
+    def losses(params: Stack, xb: Tensor, yb: Tensor, shared: bool) -> Tensor:
+        out = forward(params, xb) if shared else batched_forward(params, xb)
+        if task.kind == "regression":
+            return 0.5 * (out - yb).square().sum(-1).mean(-1)
+        flat = torch.nn.functional.cross_entropy(
+            out.reshape(-1, out.shape[-1]), yb.expand(r, -1).reshape(-1), reduction="none"
+        )
+        return flat.view(r, -1).mean(-1)
+
+    with torch.no_grad():
+        initial = losses(stack, x, y, True)
+    active = torch.isfinite(initial)
+    diverged_at: list[int | None] = [None if bool(a) else 0 for a in active]
+    buffers: dict[str, Stack] = {k: {} for k in ("momentum", "exp_avg", "exp_avg_sq")}
+    curves: list[list[tuple[int, float, float, float]]] = [[] for _ in range(r)]
+    every = record_every or max(1, first.steps // 50)
+    sampler = [torch.Generator().manual_seed(c.seed) for c in configs]
+    n = len(x)
+
+    for step in range(first.steps + 1):
+        full = first.batch_size <= 0 or first.batch_size >= n
+        if full:
+            loss = losses(stack, x, y, True)
+        else:
+            idx = torch.stack([torch.randperm(n, generator=g)[: first.batch_size] for g in sampler])
+            loss = losses(stack, x[idx], y[idx], False)
+        bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * initial)
+        for i in torch.nonzero(active & bad).reshape(-1).tolist():
+            diverged_at[i] = step
+        active = active & ~bad
+        if step % every == 0 or step == first.steps:
+            _record(curves, step, loss.detach(), gauge.stats(stack), active)
+        if step == first.steps or not bool(active.any()):
+            break
+        grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
+        with torch.no_grad():
+            g = dict(zip(stack, grads, strict=True))
+            if bool((pen > 0).any()):
+                for name, extra in gauge.penalty_grad(stack, pen).items():
+                    g[name] = g[name] + extra
+            if bool((wd > 0).any()):
+                for name, p in stack.items():
+                    g[name] = g[name] + _col(wd, p) * p
+            _optimizer_step_(first.optimizer, stack, g, buffers, lr, active, step + 1)
+            if bool((exact > 0).any()):
+                h = gauge.relax_log_alpha(stack, lr.to(torch.float64) * exact.to(torch.float64))
+                h = h * active[:, None]
+                gauge.transform_(stack, h, _transported(buffers))
+            if bool(hard.any()):
+                balance_rows_(gauge, stack, hard & active, _transported(buffers))
+
+    return _results(task, configs, template, stack, initial, active, diverged_at, curves, gauge)
+
+
+def _col(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _transported(buffers: dict[str, Stack]) -> list[tuple[Stack, int]]:
+    return [(buffers["momentum"], -1), (buffers["exp_avg"], -1), (buffers["exp_avg_sq"], -2)]
+
+
+def balance_rows_(gauge: BatchedGauge, stack: Stack, rows: Tensor, states: list) -> None:
+    """Hard gauge fixing of the selected runs (``rows``: bool ``[R]``)."""
+    if not bool(rows.any()):
+        return
+    sel = torch.nonzero(rows).reshape(-1)
+    h_sel = gauge.balance_log_alpha({k: v[sel] for k, v in stack.items()})
+    h = torch.zeros(rows.shape[0], gauge.n, dtype=torch.float64)
+    h[sel] = h_sel
+    gauge.transform_(stack, h, states)
+
+
+def _optimizer_step_(
+    kind: str,
+    stack: Stack,
+    g: Stack,
+    buffers: dict[str, Stack],
+    lr: Tensor,
+    active: Tensor,
+    t: int,
+) -> None:
+    """One step of ``kind`` for every active run, in place (inactive runs are frozen)."""
+    for name, p in stack.items():
+        grad = g[name]
+        lr_p = _col(lr * active, p)
+        if kind in ("gd", "sgd"):
+            update = grad
+        elif kind == "momentum":
+            buf = buffers["momentum"].get(name)
+            buf = grad.clone() if buf is None else 0.9 * buf + grad
+            buffers["momentum"][name] = torch.where(_col(active, p), buf, buf.new_zeros(()))
+            update = buf
+        elif kind == "adam":
+            m = buffers["exp_avg"].setdefault(name, torch.zeros_like(p))
+            v = buffers["exp_avg_sq"].setdefault(name, torch.zeros_like(p))
+            m.mul_(0.9).add_(0.1 * grad)
+            v.mul_(0.999).addcmul_(grad, grad, value=0.001)
+            update = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        else:
+            raise ValueError(f"unknown optimizer {kind!r}")
+        p.sub_(lr_p * torch.nan_to_num(update))
+
+
+def _record(
+    curves: list, step: int, loss: Tensor, stats: tuple[Tensor, Tensor], active: Tensor
+) -> None:
+    rows = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
+    for i in torch.nonzero(active).reshape(-1).tolist():
+        curves[i].append((step, *rows[i]))
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def _results(
+    task: Task,
+    configs: list[RunConfig],
+    template: torch.nn.Module,
+    stack: Stack,
+    initial: Tensor,
+    active: Tensor,
+    diverged_at: list,
+    curves: list,
+    gauge: BatchedGauge,
+) -> list[RunResult]:
+    dtype = next(iter(stack.values())).dtype
+    forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
+    out_train = forward(stack, task.x.to(dtype))
+    out_test = forward(stack, task.x_test.to(dtype))
+    log_ratio, rel = gauge.stats(stack)
+    structure = gauge.structure
+    results = []
+    for i, c in enumerate(configs):
+        y = task.y.to(dtype) if task.kind == "regression" else task.y
+        yt = task.y_test.to(dtype) if task.kind == "regression" else task.y_test
+        ok = bool(active[i])
+        final = float(task.loss(out_train[i], y)) if ok else None
+        status = "diverged" if not ok else ("stable" if final < float(initial[i]) else "unstable")
+        results.append(
+            RunResult(
+                config=c,
+                status=status,
+                initial_loss=float(initial[i]),
+                final_loss=final,
+                test_loss=float(task.loss(out_test[i], yt)) if ok else None,
+                accuracy=task.accuracy(out_train[i], task.y) if ok else None,
+                test_accuracy=task.accuracy(out_test[i], task.y_test) if ok else None,
+                log_ratio_rms=_finite(float(log_ratio[i])) if ok else None,
+                mu_rel_max=_finite(float(rel[i])) if ok else None,
+                diverged_at=diverged_at[i],
+                balance_change=(
+                    balance_change(task, template, structure, {k: v[i] for k, v in stack.items()})
+                    if ok and c.method == "plain"
+                    else None
+                ),
+                curves=curves[i],
+            )
+        )
+    return results
+
+
+def balance_change(
+    task: Task, template: torch.nn.Module, structure: GaugeStructure, params: Stack
+) -> float:
+    """How much :func:`gaugefix.balance_` changes a trained network's outputs on the training
+    inputs, relative, in float64: ``||f_balanced - f|| / ||f||``."""
+    model = copy.deepcopy(template).to(torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    x = task.x.to(torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        balance_(model, structure)
+        after = model(x)
+    return float(torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before))

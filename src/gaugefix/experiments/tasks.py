@@ -1,0 +1,164 @@
+"""The built-in tasks and user data: data arrays plus the model family trained on them.
+
+Nothing is downloaded: teacher-student data are generated from a fixed seed, and the digits come
+with scikit-learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gaugefix.zoo import mlp
+
+DATA_SEED = 1234
+
+
+class TaskError(ValueError):
+    """A task name or a data file that cannot be used; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """Train and test arrays, the loss kind and a factory for the model trained on them.
+
+    ``kind`` is ``"regression"`` (squared loss ``mean((f - y)^2) / 2``; ``y`` is ``[n, out]``)
+    or ``"classification"`` (cross-entropy; ``y`` holds class indices).
+    """
+
+    name: str
+    kind: str
+    x: Tensor
+    y: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    make_model: Callable[[], nn.Module]
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """The mean loss of predictions ``out`` ``[n, out]`` against ``y``."""
+        if self.kind == "regression":
+            return 0.5 * (out - y).square().sum(-1).mean()
+        return nn.functional.cross_entropy(out, y)
+
+    def accuracy(self, out: Tensor, y: Tensor) -> float | None:
+        if self.kind != "classification":
+            return None
+        return float((out.argmax(-1) == y).to(torch.float64).mean())
+
+
+def _teacher_student(name: str, hidden: tuple[int, ...]) -> Task:
+    g = torch.Generator().manual_seed(DATA_SEED)
+    x = torch.randn(1024, 16, generator=g)
+    w1 = torch.randn(8, 16, generator=g) / 4.0
+    b1 = 0.1 * torch.randn(8, generator=g)
+    w2 = torch.randn(1, 8, generator=g) / 8**0.5
+    y = torch.relu(x @ w1.T + b1) @ w2.T
+    return Task(
+        name, "regression", x[:512], y[:512], x[512:], y[512:], lambda: mlp((16, *hidden, 1))
+    )
+
+
+class DigitsCNN(nn.Module):
+    """A small ReLU CNN for the 8x8 digits: two 3x3 conv layers, max pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * 2 * 2, 10),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x.view(-1, 1, 8, 8))
+
+
+def _digits(name: str, make_model: Callable[[], nn.Module]) -> Task:
+    from sklearn.datasets import load_digits
+
+    x_np, y_np = load_digits(return_X_y=True)
+    order = np.random.default_rng(DATA_SEED).permutation(len(y_np))
+    x = torch.tensor(x_np[order] / 16.0, dtype=torch.float32)
+    y = torch.tensor(y_np[order], dtype=torch.long)
+    cut = 1347  # a fixed 75 / 25 split
+    return Task(name, "classification", x[:cut], y[:cut], x[cut:], y[cut:], make_model)
+
+
+BUILTIN: dict[str, Callable[[], Task]] = {
+    "teacher-student": lambda: _teacher_student("teacher-student", (128,)),
+    "deep-teacher-student": lambda: _teacher_student("deep-teacher-student", (64, 64, 64)),
+    "digits": lambda: _digits("digits", lambda: mlp((64, 256, 10))),
+    "digits-cnn": lambda: _digits("digits-cnn", DigitsCNN),
+}
+
+
+def load_task(
+    name: str, data: str | None = None, kind: str | None = None, hidden: tuple[int, ...] = (128,)
+) -> Task:
+    """A built-in task by name, or user data from an ``.npz`` file (arrays ``X``, ``y``, optional
+    ``X_test``, ``y_test``) trained with an MLP of the given hidden widths."""
+    if data is None:
+        if name not in BUILTIN:
+            raise TaskError(f"unknown task {name!r}; choose from {', '.join(BUILTIN)}")
+        return BUILTIN[name]()
+    return npz_task(Path(data), kind or "regression", hidden)
+
+
+def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
+    """A task from a user's ``.npz`` file; every problem is reported as a :class:`TaskError`."""
+    if kind not in ("regression", "classification"):
+        raise TaskError(f"--task-type must be regression or classification, got {kind!r}")
+    if not path.is_file():
+        raise TaskError(f"data file {str(path)!r} does not exist")
+    try:
+        arrays = dict(np.load(path, allow_pickle=False))
+    except Exception as err:
+        raise TaskError(f"cannot read {str(path)!r} as .npz: {err}") from None
+    for key in ("X", "y"):
+        if key not in arrays:
+            raise TaskError(f"{path.name} has no array {key!r} (found: {', '.join(arrays)})")
+    if ("X_test" in arrays) != ("y_test" in arrays):
+        raise TaskError(f"{path.name} must have both X_test and y_test, or neither")
+    x, y = arrays["X"], arrays["y"]
+    x_test, y_test = arrays.get("X_test", x), arrays.get("y_test", y)
+    for key, a in (("X", x), ("X_test", x_test)):
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            raise TaskError(f"{key} must be a finite numeric 2-d array, got shape {a.shape}")
+    for xs, ys, key in ((x, y, "y"), (x_test, y_test, "y_test")):
+        if len(ys) != len(xs):
+            raise TaskError(f"{key} has {len(ys)} rows but its X has {len(xs)}")
+        if not np.issubdtype(ys.dtype, np.number) or not np.isfinite(ys).all():
+            raise TaskError(f"{key} must be finite and numeric")
+    if x_test.shape[1] != x.shape[1]:
+        raise TaskError(f"X_test has {x_test.shape[1]} features but X has {x.shape[1]}")
+    if len(x) < 2:
+        raise TaskError("X needs at least 2 rows")
+    if kind == "classification":
+        if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0:
+            raise TaskError("classification labels y must be a 1-d array of integers >= 0")
+        classes = int(max(y.max(), y_test.max())) + 1
+        yt, yt_test = torch.tensor(y, dtype=torch.long), torch.tensor(y_test, dtype=torch.long)
+    else:
+        classes = 1 if y.ndim == 1 else y.shape[1]
+        yt = torch.tensor(y, dtype=torch.float32).reshape(len(y), classes)
+        yt_test = torch.tensor(y_test, dtype=torch.float32).reshape(len(y_test), classes)
+    widths = (x.shape[1], *hidden, classes)
+    return Task(
+        path.stem,
+        kind,
+        torch.tensor(x, dtype=torch.float32),
+        yt,
+        torch.tensor(x_test, dtype=torch.float32),
+        yt_test,
+        lambda: mlp(widths),
+    )
