@@ -662,16 +662,25 @@ def reference_action(s: gaugefix.GaugeStructure, params: dict[str, Tensor], h: T
             params[name][entries(s.params[name].cols, idx)] /= math.exp(float(h[n]))
 
 
-def reference_imbalance(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
-    """``mu_n = sum_in theta^2 - sum_out theta^2``, one neuron at a time."""
-    mu = torch.zeros(s.num_neurons, dtype=DTYPE)
+def reference_sides(
+    s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``(sum_in theta^2, sum_out theta^2)`` per neuron, one neuron at a time."""
+    s_in = torch.zeros(s.num_neurons, dtype=DTYPE)
+    s_out = torch.zeros(s.num_neurons, dtype=DTYPE)
     for n in range(s.num_neurons):
         slices = s.neuron(n)
         for name, idx in slices.produced_by:
-            mu[n] += tensors[name][entries(s.params[name].rows, idx)].double().square().sum()
+            s_in[n] += tensors[name][entries(s.params[name].rows, idx)].double().square().sum()
         for name, idx in slices.consumed_by:
-            mu[n] -= tensors[name][entries(s.params[name].cols, idx)].double().square().sum()
-    return mu
+            s_out[n] += tensors[name][entries(s.params[name].cols, idx)].double().square().sum()
+    return s_in, s_out
+
+
+def reference_imbalance(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
+    """``mu_n = sum_in theta^2 - sum_out theta^2``."""
+    s_in, s_out = reference_sides(s, tensors)
+    return s_in - s_out
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -695,12 +704,5 @@ def assert_same_bits(model: nn.Module, saved: dict[str, Tensor]) -> None:
 
 def reference_sq_norms(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -> Tensor:
     """``S_n = sum_in theta^2 + sum_out theta^2`` (the scale of mu_n)."""
-    total = torch.zeros(s.num_neurons, dtype=DTYPE)
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for side, attr in ((slices.produced_by, "rows"), (slices.consumed_by, "cols")):
-            for name, idx in side:
-                total[n] += (
-                    tensors[name][entries(getattr(s.params[name], attr), idx)].square().sum()
-                )
-    return total
+    s_in, s_out = reference_sides(s, tensors)
+    return s_in + s_out
