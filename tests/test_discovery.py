@@ -313,6 +313,22 @@ class ClampInside(torch.autograd.Function):
         return g
 
 
+class CompiledKernel(torch.autograd.Function):
+    """A forward that fills a fresh buffer with a kernel the tracer cannot see (a compiled
+    extension; here a torch op with torch-function handling disabled)."""
+
+    @staticmethod
+    def forward(ctx, x, like):
+        out = torch.empty_like(x) if like else torch.empty(x.shape, dtype=x.dtype)
+        with torch._C.DisableTorchFunction():
+            torch.tanh(x, out=out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
 class Fn(nn.Module):
     def __init__(self, f) -> None:
         super().__init__()
@@ -518,8 +534,21 @@ class Branches(nn.Module):
         lambda h: h.view(torch.int64).view(h.dtype),
         lambda h: torch.where(h > 1, h, 0.0),
         lambda h: h.round(),
+        lambda h: CompiledKernel.apply(h, True),
+        lambda h: CompiledKernel.apply(h.detach(), True),
+        lambda h: CompiledKernel.apply(h, False),
     ],
-    ids=["to(long)", "to(int32)", "to(bool)", "view(int64)", "threshold 1", "round"],
+    ids=[
+        "to(long)",
+        "to(int32)",
+        "to(bool)",
+        "view(int64)",
+        "threshold 1",
+        "round",
+        "hidden kernel into empty_like",
+        "hidden kernel, detached input",
+        "hidden kernel into torch.empty",
+    ],
 )
 def test_lossy_conversions_block_even_when_the_channel_is_consumed_elsewhere(f):
     torch.manual_seed(10)

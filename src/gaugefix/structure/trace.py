@@ -144,12 +144,16 @@ class TraceContext:
         if self.is_param(t):
             self.fix(t, self.reason("parameter used as a plain tensor"))
             return torch.zeros((), dtype=torch.long).expand(t.shape)
+        fn = t.grad_fn
+        if fn is not None and isinstance(fn, torch.autograd.function.BackwardCFunction):
+            # The output of a custom autograd function: whatever its forward did (compiled
+            # kernels are invisible to the tracer), its inputs are blocked and it is fixed,
+            # even when an op inside the forward recorded labels for it.
+            self._block_history(fn, self.reason(f"custom autograd function {type(fn).__name__}"))
+            return torch.zeros((), dtype=torch.long).expand(t.shape)
         entry = self._labels.get(id(t))
         if entry is not None and entry[0] is t:
             return entry[1].expand(t.shape)
-        fn = t.grad_fn
-        if fn is not None and isinstance(fn, torch.autograd.function.BackwardCFunction):
-            self._block_history(fn, self.reason(f"custom autograd function {type(fn).__name__}"))
         return torch.zeros((), dtype=torch.long).expand(t.shape)
 
     def _block_history(self, fn: Any, reason: str) -> None:
@@ -299,12 +303,15 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         if short in _METADATA:
             return out
-        if short in _SHAPE_ONLY:
-            self.record(out, torch.zeros((), dtype=torch.long), inputs)
-            return out
         if not torch.is_grad_enabled():
+            # Inside a custom autograd function's forward (or any no-grad region) even a
+            # shape-only op blocks its input: ``out = torch.empty_like(x)`` followed by a
+            # compiled kernel the tracer cannot see is how such forwards are written.
             reason = ctx.reason("op run with autograd disabled (custom autograd function?)")
             self.record(out, ctx.block_all(args, kwargs, reason), inputs)
+            return out
+        if short in _SHAPE_ONLY:
+            self.record(out, torch.zeros((), dtype=torch.long), inputs)
             return out
         rule = _RULES.get(func)
         if rule is None and getattr(func, "__name__", None) == "__get__":  # x.data, x.T
