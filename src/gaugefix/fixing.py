@@ -431,20 +431,39 @@ def relax_(
     rate = _check_rate(rate, structure)
     check_finite_params(params)
     optimizer_states(optimizer, params)
+    return relax_checked_(model, structure, params, rate, optimizer)
+
+
+def relax_checked_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    params: dict[str, Tensor],
+    rate: float | Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> Tensor:
+    """:func:`relax_` for callers that already validated: ``params = structure.bind(model)``
+    with finite entries, ``rate`` from ``_check_rate``. (The action re-checks finiteness.)"""
     n = structure.num_neurons
     if not params or n == 0:
         return torch.zeros(n, dtype=torch.float64)
-    pm = PairMasses(params, structure)
-    h = _bounded_orbit_step(pm, rate)
+    h = _bounded_orbit_step(PairMasses(params, structure), rate)
     if bool((h != 0).any()):
         apply_gauge_(model, structure, h, optimizer)
     return h
 
 
+def _masses_at(pm: PairMasses, h: Tensor) -> list[Tensor]:
+    """The pair masses at gauge ``h``, ``w exp(2 h_r) exp(-2 h_c)``: two broadcast products per
+    parameter instead of one exponential per entry."""
+    up = torch.cat([torch.exp(2 * h), h.new_ones(1)])
+    down = torch.cat([torch.exp(-2 * h), h.new_ones(1)])
+    return [w * up[r] * down[c] for w, r, c in pm.terms]
+
+
 def _bounded_orbit_step(pm: PairMasses, rate: float | Tensor) -> Tensor:
     """The step ``h`` of :func:`relax_` at the masses ``pm`` (float64, ``[n]``)."""
     zero = torch.zeros(pm.n, dtype=torch.float64, device=pm.device)
-    masses = pm.weighted(zero)
+    masses = [w for w, _, _ in pm.terms]
     s_in, s_out = pm.sums(masses)
     active = (s_in > 0) & (s_out > 0)
     mu = torch.where(active, s_in - s_out, 0.0)
@@ -458,7 +477,7 @@ def _bounded_orbit_step(pm: PairMasses, rate: float | Tensor) -> Tensor:
     scale = 1.0
     for _ in range(64):
         h = torch.clamp(-scale * rate * mu, low, high)
-        trial = pm.weighted(h)
+        trial = _masses_at(pm, h)
         t_in, t_out = pm.sums(trial)
         t_norm = torch.linalg.vector_norm(torch.where(active, t_in - t_out, 0.0))
         if bool((t_norm <= mu_norm) & (pm.total(trial) <= f0)):

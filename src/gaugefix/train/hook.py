@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import optimizer_states
-from gaugefix.fixing import OrbitSelectionPenalty, balance_, check_strength, relax_
+from gaugefix.fixing import (
+    OrbitSelectionPenalty,
+    _check_rate,
+    balance_,
+    check_strength,
+    relax_checked_,
+)
 from gaugefix.moment import imbalance_stats
 from gaugefix.structure import GaugeStructure
 
@@ -141,9 +147,10 @@ class GaugeFixing:
         ok, self._ok = self._ok, True
         if self.mode == "exact":
             ok = ok and _all_finite(list(self.params.values()))
-            rate = self.rate() if ok else 0.0
+            rate = _check_rate(self.rate(), self.structure) if ok else 0.0
             if ok and (isinstance(rate, Tensor) or rate > 0):
-                relax_(self.model, self.structure, rate, optimizer)
+                optimizer_states(optimizer, self.params)  # a clear error for unknown state
+                relax_checked_(self.model, self.structure, self.params, rate, optimizer)
         if ok:
             self.steps += 1
         else:
