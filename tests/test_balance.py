@@ -84,7 +84,7 @@ def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, d
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(data=st.data())
 def test_balance_reaches_tolerance_keeps_outputs_and_is_minimal(family, data):
     case = data.draw(FAMILIES[family])
@@ -95,7 +95,7 @@ def test_balance_reaches_tolerance_keeps_outputs_and_is_minimal(family, data):
     check_balance(case.model, case.inputs, s, data)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(width=st.integers(1, 6), seed=st.integers(0, 2**16))
 @example(width=1, seed=1)  # a chain: per-neuron closed-form steps diffuse, 50 are not enough
 @example(width=4, seed=0)  # one exponential dominates F: unit Newton steps only divide it by e
