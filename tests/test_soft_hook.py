@@ -319,3 +319,13 @@ def test_bad_arguments_modify_nothing():
     for k, v in zip(range(99), opt.state.values(), strict=False):
         assert torch.equal(v["momentum_buffer"], state[k])
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_untransportable_optimizer_state():
+    model, x, y, structure = setup()
+    with pytest.raises(ValueError, match="cannot transport optimizer state 'sum'"):
+        GaugeFixing(torch.optim.Adagrad(model.parameters()), model, structure, 1.0)
+    opt = torch.optim.Adamax(model.parameters(), lr=0.01)
+    GaugeFixing(opt, model, structure, 1.0)
+    with pytest.raises(ValueError, match="cannot transport optimizer state 'exp_inf'"):
+        train_step(model, opt, x, y)
