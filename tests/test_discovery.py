@@ -556,6 +556,88 @@ def test_lossy_or_hidden_computations_block_even_when_the_channel_is_consumed_el
     discover_and_check(Case("lossy", model, (torch.randn(9, 4, dtype=DTYPE) * 3,), 0, "lossy"))
 
 
+# Ops on [batch, 6] activations, homogeneous or not, structural or not: a random chain of them
+# sits between two layers whose channels are also consumed elsewhere, so any wrong pass-through
+# shows as a changed output.
+CHAIN_OPS = {
+    "relu": F.relu,
+    "abs": torch.abs,
+    "neg": lambda x: -x,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "x * 2": lambda x: x * 2,
+    "x / 3": lambda x: x / 3,
+    "x + 1": lambda x: x + 1,
+    "centre": lambda x: x - x.mean(-1, keepdim=True),
+    "x * x": lambda x: x * x,
+    "flip": lambda x: x.flip(-1),
+    "roll": lambda x: x.roll(1, -1),
+    "cumsum": lambda x: x.cumsum(-1),
+    "softmax": lambda x: x.softmax(-1),
+    "amax": lambda x: x.amax(-1, keepdim=True).expand_as(x),
+    "sum": lambda x: x.sum(-1, keepdim=True).expand_as(x),
+    "sort": lambda x: x.sort(-1)[0],
+    "clamp(min=0)": lambda x: x.clamp(min=0),
+    "clamp(max=1)": lambda x: x.clamp(max=1),
+    "max_pool over channels": lambda x: F.max_pool1d(x.unsqueeze(1), 3, 1, 1).squeeze(1),
+    "avg_pool over channels": lambda x: F.avg_pool1d(x.unsqueeze(1), 3, 1, 1).squeeze(1),
+    "zero pad, slice": lambda x: F.pad(x, (1, 1))[:, 1:-1],
+    "one pad, slice": lambda x: F.pad(x, (1, 1), value=1.0)[:, 1:-1],
+    "split, cat": lambda x: torch.cat(x.split(3, -1)[::-1], -1),
+    "where": lambda x: torch.where(x > 0, x, x * 0.1),
+    "x + flip": lambda x: x + x.flip(-1),
+    "x * flip": lambda x: x * x.flip(-1),
+    "view, relu": lambda x: x.view(-1, 2, 3).relu().view(-1, 6),
+    "transpose": lambda x: x.view(-1, 2, 3).transpose(1, 2).reshape(-1, 6),
+    "maximum": lambda x: torch.maximum(x, x.flip(-1)),
+    "in place": lambda x: x.clone().mul_(2).add_(x),
+    "layer_norm": lambda x: F.layer_norm(x, (6,)),
+    "matmul": lambda x: x @ torch.ones(6, 6, dtype=x.dtype),
+    "index": lambda x: x[:, [5, 4, 3, 2, 1, 0]],
+    "masked_fill": lambda x: x.masked_fill(torch.arange(6) > 3, 0.0),
+    "times std": lambda x: x * x.std(),
+    "into a view": lambda x: (lambda o: (o[:, :3].mul_(x[:, :3]), o)[1])(torch.ones_like(x)),
+    "stack, sum": lambda x: torch.stack([x, x.flip(-1)]).sum(0),
+    "constant weights": lambda x: x * torch.linspace(1, 2, 6, dtype=x.dtype),
+    "x * sigmoid(x)": lambda x: x * torch.sigmoid(x),
+    "detach": lambda x: x.detach() * 2,
+    "to(long)": lambda x: x.to(torch.long).to(x.dtype),
+    "batch centre": lambda x: x - x.mean(0),
+    "first row": lambda x: x[:1].expand_as(x),
+    "outer sum": lambda x: (x.unsqueeze(1) + x.unsqueeze(2)).sum(1),
+}
+
+
+class Chain(nn.Module):
+    def __init__(self, ops: list[str]) -> None:
+        super().__init__()
+        self.ops = ops
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 6)
+        self.l3, self.l4 = nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.l2(F.relu(self.l1(x)))
+        h = g
+        for op in self.ops:
+            h = CHAIN_OPS[op](h)
+        return self.l3(h) + self.l4(F.relu(g))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.sampled_from(sorted(CHAIN_OPS)), min_size=1, max_size=3))
+def test_random_op_chains_never_change_the_function(ops):
+    torch.manual_seed(11)
+    model = randomise_(Chain(ops), 11).eval()
+    x = 2 * torch.randn(7, 4, dtype=DTYPE)
+    with torch.no_grad():
+        before = model(x)
+    s = gaugefix.discover(model, x)
+    assert s.num_neurons >= 6  # l1's channels are never affected
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_change(before, model(x)) <= TOL, s.summary()
+
+
 class MyReLU(nn.Module):
     """A user's ReLU, spelled with ops the registry does not pass through."""
 
