@@ -258,7 +258,7 @@ def test_step_with_closure(mode):
 
     for _ in range(3):
         train_step(model, opt, x, y)
-        assert float(opt_other.step(closure)) > 0
+        assert float(opt_other.step(closure).detach()) > 0
         opt_other.step(closure=closure)  # the keyword form
         train_step(model, opt, x, y)
     for p, q in zip(model.parameters(), other.parameters(), strict=True):
