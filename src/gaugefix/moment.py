@@ -93,8 +93,9 @@ class PairMasses:
 
     def weighted(self, h: Tensor) -> list[Tensor]:
         """The masses at gauge ``h`` (``[num_neurons]``): ``w exp(2 (h_r - h_c))`` per term."""
-        hx = torch.cat([h, h.new_zeros(1)])
-        return [w * torch.exp(2 * (hx[r] - hx[c])) for w, r, c in self.terms]
+        ex = torch.exp(2 * torch.cat([h, h.new_zeros(1)]))
+        inv = 1 / ex  # rows and columns factor separately: two small exps, no full-size one
+        return [w * ex[r] * inv[c] for w, r, c in self.terms]
 
     def total(self, masses: list[Tensor]) -> Tensor:
         """``F = sum of all masses`` (a 0-dim tensor)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from gaugefix.fixing import _RESOLUTION
 from gaugefix.moment import reduce_to
 from gaugefix.structure import GaugeStructure
 
@@ -64,12 +65,13 @@ class BatchedGauge:
         optimizer buffer stack ``(buffers, power)``: a buffer scales by ``factor**power``
         (``-1`` for gradient-like buffers, ``-2`` for squared ones)."""
         for name, rows, cols in self.maps:
-            log_f = _difference(self._gathered(h, rows), self._gathered(h, cols))
             p = stack[name]
-            p.mul_(torch.exp(log_f).to(p.dtype))
-            for buffers, power in states:
-                if name in buffers:
-                    buffers[name].mul_(torch.exp(power * log_f).to(p.dtype))
+            row, col = self._gathered(h, rows), self._gathered(h, cols)
+            for t, power in [(p, 1)] + [(b[name], k) for b, k in states if name in b]:
+                if row is not None:
+                    t.mul_(torch.exp(power * row).to(t.dtype))
+                if col is not None:
+                    t.mul_(torch.exp(-power * col).to(t.dtype))
 
     # -- soft gauge fixing ----------------------------------------------------------------------
     def penalty_grad(self, stack: Stack, strength: Tensor) -> Stack:
@@ -173,8 +175,9 @@ class _Masses:
         return torch.cat([h, h.new_zeros(self.r, 1)], 1)
 
     def weighted(self, h: Tensor) -> list[Tensor]:
-        hx = self._ext(h)
-        return [w * torch.exp(2 * (hx[:, r] - hx[:, c])) for w, r, c in self.terms]
+        ex = torch.exp(2 * self._ext(h))
+        inv = 1 / ex  # rows and columns factor separately: two small exps, no full-size one
+        return [w * ex[:, r] * inv[:, c] for w, r, c in self.terms]
 
     def total(self, u: list[Tensor]) -> Tensor:
         return torch.stack([x.reshape(self.r, -1).sum(1) for x in u]).sum(0)
@@ -202,15 +205,23 @@ class _Masses:
     def line_search(
         self, h: Tensor, u: list[Tensor], d: Tensor, mu: Tensor
     ) -> tuple[Tensor, list[Tensor]]:
-        """Per-run backtracking (Armijo) on ``F(h + t d)`` from ``t = 1``."""
+        """Per-run backtracking (Armijo) on ``F(h + t d)`` from ``t = 1``. As in
+        :func:`gaugefix.balance_`, a step whose predicted decrease of ``F`` is below the rounding
+        of ``F`` is accepted when it reduces ``||mu||`` instead."""
         f0 = self.total(u)
         slope = 2 * (mu * d).sum(1)
+        mu_norm = torch.linalg.vector_norm(mu, dim=1)
         t = torch.ones(self.r, dtype=torch.float64, device=self.device)
-        done = ~torch.isfinite(f0)  # a run whose masses overflowed does not move
+        done = ~torch.isfinite(f0) | (slope == 0)  # overflowed or nothing to do: do not move
         t = torch.where(done, torch.zeros_like(t), t)
         for _ in range(60):
             trial = h + t[:, None] * d
-            ok = self.total(self.weighted(trial)) <= f0 + 1e-4 * t * slope
+            trial_u = self.weighted(trial)
+            ok = self.total(trial_u) <= f0 + 1e-4 * t * slope
+            unresolved = -t * slope <= _RESOLUTION * f0
+            if bool((~done & ~ok & unresolved).any()):
+                s_in, s_out = self.sums(trial_u)
+                ok = ok | (unresolved & (torch.linalg.vector_norm(s_in - s_out, dim=1) < mu_norm))
             done = done | ok
             if bool(done.all()):
                 break

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import product
 
 from gaugefix.experiments.engine import RunConfig
 
@@ -12,15 +13,16 @@ def lr_grid(low_exp: int, high_exp: int) -> list[float]:
     return [2 ** (k / 2) for k in range(low_exp, high_exp + 1)]
 
 
-# Learning-rate ranges per optimizer (exponents of sqrt(2)), wide enough to bracket the largest
-# stable rate of every method at every initial imbalance in the grids below.
-LR_RANGE = {"gd": (-16, 5), "sgd": (-16, 5), "momentum": (-20, 0), "adam": (-26, -4)}
+# Learning-rate ranges of the drift experiment per optimizer (exponents of sqrt(2)), wide enough
+# to bracket the largest rate stable for plain training at s = 0.
+DRIFT_RANGE = {"sgd": (-12, 5), "momentum": (-16, 0), "adam": (-22, -4)}
 
 
 @dataclass(frozen=True)
 class TaskGrid:
-    """The runs of one task: methods with their strengths, initial imbalances, seeds, steps,
-    and the optimizers of the drift experiment (run at ``s = 0``)."""
+    """The runs of one task: methods with their strengths, initial imbalances, seeds, steps and
+    the full-batch learning-rate range; and the drift experiment's optimizers (mini-batch, at
+    ``s = 0``) with their learning-rate ranges, for ``drift_methods``."""
 
     task: str
     methods: dict[str, tuple[float, ...]]
@@ -28,28 +30,36 @@ class TaskGrid:
     seeds: int
     steps: int
     lr_range: tuple[int, int]
-    drift_optimizers: tuple[str, ...] = ()
-    batch_size: int = 64  # mini-batch size of the "sgd", "momentum" and "adam" runs
+    drift: dict[str, tuple[int, int]] = field(default_factory=dict)
+    drift_methods: tuple[str, ...] = ()
+    batch_size: int = 64  # mini-batch size of the drift runs
 
     def configs(self) -> list[RunConfig]:
         out = []
         for method, strengths in self.methods.items():
-            for strength in strengths:
-                for seed in range(self.seeds):
-                    for lr in lr_grid(*self.lr_range):
-                        for s in self.s:
-                            out.append(self._config(method, "gd", lr, strength, s, seed, 0))
-                    for opt in self.drift_optimizers:
-                        for lr in lr_grid(*LR_RANGE[opt]):
-                            out.append(
-                                self._config(method, opt, lr, strength, 0.0, seed, self.batch_size)
+            for strength, seed in product(strengths, range(self.seeds)):
+                for lr, s in product(lr_grid(*self.lr_range), self.s):
+                    out.append(
+                        RunConfig(self.task, method, "gd", lr, strength, s, seed, 0, self.steps)
+                    )
+                if method not in self.drift_methods:
+                    continue
+                for opt, bounds in self.drift.items():
+                    for lr in lr_grid(*bounds):
+                        out.append(
+                            RunConfig(
+                                self.task,
+                                method,
+                                opt,
+                                lr,
+                                strength,
+                                0.0,
+                                seed,
+                                self.batch_size,
+                                self.steps,
                             )
+                        )
         return out
-
-    def _config(
-        self, method: str, opt: str, lr: float, strength: float, s: float, seed: int, batch: int
-    ) -> RunConfig:
-        return RunConfig(self.task, method, opt, lr, strength, s, seed, batch, self.steps)
 
 
 FULL_METHODS = {
@@ -66,6 +76,7 @@ SMALL_METHODS = {
     "weight-decay": (1e-3,),
     "balance": (0.0,),
 }
+QUICK_DRIFT = {"sgd": (-6, 1), "momentum": (-10, -3), "adam": (-16, -9)}
 
 
 def reproduce_grids(quick: bool) -> list[TaskGrid]:
@@ -78,9 +89,10 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
                 SMALL_METHODS,
                 (0.0, 1.0, 2.0),
                 1,
-                150,
-                (-12, 4),
-                ("sgd", "momentum", "adam"),
+                100,
+                (-18, 3),
+                QUICK_DRIFT,
+                ("plain", "exact", "penalty"),
             ),
             TaskGrid("digits", {"plain": (0.0,), "exact": (1.0,)}, (0.0, 1.0), 1, 40, (-2, 4)),
         ]
@@ -91,8 +103,9 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
             (0.0, 0.5, 1.0, 1.5, 2.0),
             3,
             300,
-            (-16, 5),
-            ("sgd", "momentum", "adam"),
+            (-22, 5),
+            DRIFT_RANGE,
+            tuple(FULL_METHODS),
         ),
         TaskGrid(
             "deep-teacher-student",
@@ -100,9 +113,10 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
             (0.0, 1.0, 2.0),
             3,
             300,
-            (-16, 5),
-            ("sgd", "momentum", "adam"),
+            (-22, 5),
+            DRIFT_RANGE,
+            tuple(SMALL_METHODS),
         ),
-        TaskGrid("digits", SMALL_METHODS, (0.0, 1.0, 2.0), 3, 100, (-8, 5)),
-        TaskGrid("digits-cnn", SMALL_METHODS, (0.0, 1.0, 2.0), 3, 100, (-8, 5)),
+        TaskGrid("digits", SMALL_METHODS, (0.0, 1.0, 2.0), 3, 100, (-12, 5)),
+        TaskGrid("digits-cnn", SMALL_METHODS, (0.0, 1.0, 2.0), 3, 100, (-12, 5)),
     ]
