@@ -1,0 +1,264 @@
+"""The reproduction pipeline: engine, store, resumption, bad input, the quick run's summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gaugefix.experiments.runner as runner
+from gaugefix.cli import app
+from gaugefix.experiments.engine import RunConfig, RunResult, train_group
+from gaugefix.experiments.runner import TaskSpec, run_all
+from gaugefix.experiments.store import Store
+from gaugefix.experiments.summary import summarize
+from gaugefix.experiments.tasks import load_task
+
+cli = CliRunner()
+
+
+def _grid(dtype: str = "float32", steps: int = 15) -> list[RunConfig]:
+    return [
+        RunConfig("teacher-student", m, "gd", lr, st, s, seed, 0, steps, dtype)
+        for m, st in (("plain", 0.0), ("exact", 1.0), ("penalty", 0.1), ("balance", 0.0))
+        for lr in (0.1, 0.4, 3.2)
+        for s in (0.0, 1.0)
+        for seed in (0, 1)
+    ]
+
+
+def test_batched_runs_equal_one_by_one_in_float64():
+    configs = _grid("float64")
+    task = load_task("teacher-student")
+    together = {r.config: r for r in train_group(task, configs)}
+    for c in configs[::5]:
+        (alone,) = train_group(task, [c])
+        both = together[c]
+        assert alone.status == both.status
+        if alone.final_loss is not None:
+            assert math.isclose(alone.final_loss, both.final_loss, rel_tol=1e-6)
+
+
+def test_divergent_members_are_masked_without_stopping_others():
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 0.0, 0, 0, 30) for lr in (0.1, 100.0)
+    ]
+    ok, bad = train_group(task, configs)
+    assert bad.status == "diverged" and bad.diverged_at is not None
+    assert ok.status == "stable" and ok.final_loss < ok.initial_loss
+    (alone,) = train_group(task, configs[:1])
+    assert alone.final_loss == pytest.approx(ok.final_loss, rel=1e-5)
+
+
+def test_initial_imbalance_keeps_the_function():
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", 0.01, 0.0, s, 0, 0, 1, "float64")
+        for s in (0.0, 1.0, 2.0)
+    ]
+    results = train_group(task, configs)
+    initial = [r.initial_loss for r in results]
+    assert max(initial) - min(initial) <= 1e-12 * initial[0]
+    assert results[2].curves[0][2] > results[0].curves[0][2]  # the log-ratio differs
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    real = Store.add_run
+    count = {"n": 0}
+
+    def add_run(self: Store, result: RunResult, seconds: float) -> bool:
+        if count["n"] >= n:
+            raise KeyboardInterrupt
+        count["n"] += 1
+        return real(self, result, seconds)
+
+    monkeypatch.setattr(Store, "add_run", add_run)
+
+
+def _without_seconds(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "seconds"}
+
+
+def test_interrupted_sweep_resumes_to_the_same_store(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(runner, "members_per_batch", lambda task: 7)
+    configs = _grid()
+    spec = lambda c: TaskSpec(c.task)  # noqa: E731
+    whole = Store(tmp_path / "whole.sqlite")
+    run_all(whole, configs, spec)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 10)
+        resumed = Store(tmp_path / "resumed.sqlite")
+        with pytest.raises(KeyboardInterrupt):
+            run_all(resumed, configs, spec)
+    assert len(resumed.runs()) == 10
+    assert run_all(resumed, configs, spec) == len(configs) - 10
+    assert run_all(resumed, configs, spec) == 0  # nothing is duplicated
+    assert len(resumed.runs()) == len(whole.runs()) == len(configs)
+    assert _without_seconds(summarize(resumed, False)) == _without_seconds(summarize(whole, False))
+
+
+def _write_runs(path: str, offset: int) -> None:
+    store = Store(path)
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", 0.1 + offset + i, 0.0, 0.0, 0, 0, 2)
+        for i in range(5)
+    ]
+    for r in train_group(task, configs):
+        store.add_run(r, 0.0)
+
+
+def test_two_writers_share_a_store(tmp_path: Path):
+    path = str(tmp_path / "shared.sqlite")
+    Store(path)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_runs, args=(path, k * 10)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    runs = Store(path).runs()
+    assert len(runs) == 10 and len({r["key"] for r in runs}) == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "nope"], "unknown task"),
+        (["--task", "teacher-student", "--method", "plain,magic"], "unknown method"),
+        (["--task", "teacher-student", "--optimizer", "lbfgs"], "unknown optimizer"),
+        (["--task", "teacher-student", "--lr", "0.1,-1"], "--lr must be > 0"),
+        (["--task", "teacher-student", "--lr", "0.1,abc"], "--lr must be"),
+        (["--task", "teacher-student", "--strength", "nan"], "--strength must be finite"),
+        (["--task", "teacher-student", "--init-imbalance", "inf"], "must be finite"),
+        (["--data", "missing.npz"], "does not exist"),
+        ([], "exactly one of --task and --data"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = cli.invoke(app, ["sweep", *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"X": np.zeros((4, 3))}, "no array 'y'"),
+        ({"X": np.zeros((4, 3)), "y": np.zeros(5)}, "y has 5 rows but its X has 4"),
+        ({"X": np.full((4, 3), np.nan), "y": np.zeros(4)}, "X must be a finite"),
+        ({"X": np.zeros((4, 3)), "y": np.zeros(4), "X_test": np.zeros((2, 3))}, "both X_test"),
+        ({"X": np.zeros(4), "y": np.zeros(4)}, "2-d array"),
+    ],
+)
+def test_malformed_data_file(tmp_path, arrays, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    out = tmp_path / "out"
+    result = cli.invoke(app, ["sweep", "--data", str(path), "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists()
+
+
+def test_user_data_sweep(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5))
+    path = tmp_path / "mydata.npz"
+    np.savez(path, X=x, y=(x[:, 0] > 0).astype(np.int64))
+    out = tmp_path / "out"
+    result = cli.invoke(
+        app,
+        [
+            "sweep",
+            "--data",
+            str(path),
+            "--task-type",
+            "classification",
+            "--hidden",
+            "8,8",
+            "--method",
+            "plain,exact",
+            "--lr",
+            "0.1,0.2",
+            "--steps",
+            "10",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == 8
+    assert set(summary["tasks"]) == {"mydata"}
+    assert (out / "report.md").is_file()
+
+
+SUMMARY_TASK_KEYS = {
+    "max_stable_lr",
+    "expansion_ratio",
+    "drift_suppression",
+    "final_train_loss",
+    "balance_function_change",
+}
+
+
+def _check_schema(summary: dict) -> None:
+    assert isinstance(summary["gaugefix_version"], str)
+    assert isinstance(summary["torch_version"], str)
+    assert isinstance(summary["quick"], bool)
+    assert isinstance(summary["seconds"], float)
+    assert isinstance(summary["runs"], int) and summary["runs"] > 0
+    for t in summary["tasks"].values():
+        assert SUMMARY_TASK_KEYS <= set(t)
+        for method, by_s in t["max_stable_lr"].items():
+            assert all(float(s) == float(s) and isinstance(v, float) for s, v in by_s.items())
+            assert set(t["expansion_ratio"][method]) == set(by_s)
+        for by_opt in t["drift_suppression"].values():
+            assert all(v is None or isinstance(v, float) for v in by_opt.values())
+        for by_lr in t["final_train_loss"].values():
+            assert all(isinstance(v, float) and float(k) > 0 for k, v in by_lr.items())
+        assert t["balance_function_change"] is None or t["balance_function_change"] <= 1e-10
+    assert isinstance(summary["relaxation"]["max_relative_error"], float)
+    assert all(isinstance(v, float) for v in summary["sharpness_vs_imbalance"].values())
+
+
+def test_quick_reproduction(tmp_path: Path):
+    torch.set_num_threads(2)
+    out = tmp_path / "results"
+    result = cli.invoke(app, ["reproduce", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    _check_schema(summary)
+    assert summary["quick"] is True
+    assert set(summary["tasks"]) == {"teacher-student", "digits"}
+    report = (out / "report.md").read_text()
+    for figure in (
+        "stability-teacher-student.png",
+        "drift-teacher-student.png",
+        "relaxation.png",
+        "sharpness.png",
+    ):
+        assert f"({figure})" in report and (out / figure).is_file()
+    assert "| task | method |" in result.output
+    # re-running skips every finished run and reproduces the summary
+    again = cli.invoke(app, ["reproduce", "--quick", "--out", str(out)])
+    assert again.exit_code == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    assert _without_seconds(resumed) == _without_seconds(summary)
+    rendered = cli.invoke(app, ["report", str(out)])
+    assert rendered.exit_code == 0
+    assert _without_seconds(json.loads((out / "summary.json").read_text())) == _without_seconds(
+        summary
+    )
