@@ -34,7 +34,7 @@ def test_values_match_definitions():
     )
     assert stats["log_ratio_max"] == pytest.approx(float(log_ratio.max()), rel=1e-12)
     assert stats["mu_norm"] == pytest.approx(float((s_in - s_out).norm()), rel=1e-12)
-    norm_sq = float(w1.square().sum() + b1.square().sum() + w2.square().sum())
+    norm_sq = float((w1.square().sum() + b1.square().sum() + w2.square().sum()).detach())
     assert stats["norm_sq"] == pytest.approx(norm_sq, rel=1e-12)  # the output bias is not gauged
     assert stats["dead_neurons"] == 0.0
     # (S_in - S_out) / (S_in + S_out) = tanh(0.5 log(S_in / S_out)), both maxima at one neuron
