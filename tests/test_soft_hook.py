@@ -329,3 +329,13 @@ def test_untransportable_optimizer_state():
     GaugeFixing(opt, model, structure, 1.0)
     with pytest.raises(ValueError, match="cannot transport optimizer state 'exp_inf'"):
         train_step(model, opt, x, y)
+
+
+def test_param_group_added_later_is_followed():
+    model, x, y, structure = setup()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params[:2], lr=0.1)
+    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False)
+    assert isinstance(hook.rate(), torch.Tensor)  # most neurons touch unheld parameters: lr 0
+    opt.add_param_group({"params": params[2:], "lr": 0.1})
+    assert hook.rate() == pytest.approx(0.1)

@@ -94,7 +94,7 @@ class GaugeFixing:
         self.mode = mode
         self.params = structure.bind(self.model)
         optimizer_states(optimizer, self.params)
-        self._group_of = self._param_groups()
+        self._group_of, self._num_groups = self._param_groups(), len(optimizer.param_groups)
         self._rate_cache: tuple[tuple[float, ...], float | Tensor] | None = None
         self.steps = 0
         self.skipped = 0
@@ -158,6 +158,7 @@ class GaugeFixing:
 
     @torch.no_grad()
     def _add_penalty_grad(self) -> None:
+        self._refresh_groups()
         grads = self.penalty.grad(self.params)
         for name, g in grads.items():
             p = self.params[name]
@@ -174,10 +175,17 @@ class GaugeFixing:
         where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         return {name: where.get(id(p)) for name, p in self.params.items()}
 
+    def _refresh_groups(self) -> None:
+        """Follow ``optimizer.add_param_group`` calls made after construction."""
+        if len(self.optimizer.param_groups) != self._num_groups:
+            self._group_of = self._param_groups()
+            self._num_groups = len(self.optimizer.param_groups)
+
     def rate(self) -> float | Tensor:
         """The relaxation rate of the coming step: ``strength * lr`` as a float when every gauged
         parameter sees the same ``lr``, else one rate per neuron (float64 ``[num_neurons]``),
         ``strength * min(lr)`` over the parameters the neuron touches."""
+        self._refresh_groups()
         lrs = tuple(
             0.0 if i is None else float(self.optimizer.param_groups[i]["lr"])
             for i in self._group_of.values()
