@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -636,6 +637,75 @@ def test_random_op_chains_never_change_the_function(ops):
     gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_change(before, model(x)) <= TOL, s.summary()
+
+
+class GeluTimesTwo(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x) * 2
+
+
+def _scripted():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated, but models still use it
+        return torch.jit.script(GeluTimesTwo())
+
+
+def _jit_traced():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(GeluTimesTwo(), torch.randn(3, 5))
+
+
+def _scripted_with_parameters():
+    torch.manual_seed(12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(nn.Sequential(nn.Linear(5, 5), nn.GELU())).double()
+
+
+@pytest.mark.parametrize(
+    "make", [_scripted, _jit_traced, _scripted_with_parameters], ids=["script", "trace", "params"]
+)
+def test_compiled_submodules_block_what_they_consume(make):
+    """TorchScript runs its ops where the tracer cannot see them: what such a module reads is
+    blocked (found through the autograd graph), never passed through."""
+
+    class Host(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make()
+            self.l1, self.l3, self.l4 = nn.Linear(4, 5), nn.Linear(5, 2), nn.Linear(5, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = F.relu(self.l1(x))
+            return self.l3(self.inner(h)) + self.l4(h)
+
+    model = randomise_(Host(), 12).eval()
+    s = discover_and_check(Case("jit", model, (torch.randn(7, 4, dtype=DTYPE),), 0, "jit"))
+    assert any("cannot see" in e.reason for e in s.excluded if e.module == "l1")
+
+
+class Halves(nn.Module):
+    """``chunk`` makes one autograd node with two outputs; hidden code reads only the first."""
+
+    def __init__(self, hidden) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.l1, self.l3, self.l4 = nn.Linear(4, 6), nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = F.relu(self.l1(x)).chunk(2, dim=-1)
+        return self.l3(self.hidden(a)) + self.l4(b)
+
+
+@pytest.mark.parametrize(
+    "hidden", [Fn(ReturnsInput.apply), _scripted()], ids=["custom function", "script"]
+)
+def test_hidden_code_on_one_output_of_a_multi_output_op(hidden):
+    model = randomise_(Halves(hidden), 13).eval()
+    # the first half is blocked; the second half (l1's channels 3-5) stays gauge freedom
+    s = discover_and_check(Case("chunk", model, (torch.randn(7, 4, dtype=DTYPE),), 3, "chunk"))
+    assert [e.channels for e in s.excluded if e.module == "l1"] == [(0, 1, 2)]
 
 
 class MyReLU(nn.Module):

@@ -102,7 +102,8 @@ class TraceContext:
         self.op = "<forward>"
         self.func: Any = None  # the callable being traced, for rules that re-apply it
         self._labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
-        self._grad_fn_labels: dict[int, tuple[Any, Tensor]] = {}
+        # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
+        self._grad_fn_labels: dict[int, tuple[Any, dict[int, Tensor]]] = {}
         self._claimed: set[int] = set()
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
@@ -154,24 +155,44 @@ class TraceContext:
         entry = self._labels.get(id(t))
         if entry is not None and entry[0] is t:
             return entry[1].expand(t.shape)
+        if fn is not None:
+            # Computed from traced tensors by code the tracer did not see (a TorchScript or
+            # jit-traced module, a compiled extension): block what it consumed.
+            self._block_history(fn, self.reason("computed by code the tracer cannot see"))
         return torch.zeros((), dtype=torch.long).expand(t.shape)
 
     def _block_history(self, fn: Any, reason: str) -> None:
-        """Block everything a custom autograd function consumed (found through its graph)."""
-        for nxt, _ in fn.next_functions:
-            if nxt is None:
-                continue
-            variable = getattr(nxt, "variable", None)
-            if variable is not None and self.is_param(variable):
-                self.fix(variable, reason)
-            entry = self._grad_fn_labels.get(id(nxt))
-            if entry is not None and entry[0] is nxt:
-                self.block(entry[1], reason)
+        """Block everything an untraced computation (a custom autograd function, a scripted
+        module) consumed: walk its autograd graph back to the nodes of labelled tensors, whose
+        labels are blocked, and to parameters, which are fixed."""
+        stack: list[Any] = [fn]
+        seen: set[Any] = {id(fn)}
+        while stack:
+            node = stack.pop()
+            for nxt, nr in getattr(node, "next_functions", ()):
+                if nxt is None or (id(nxt), nr) in seen:
+                    continue
+                seen.add((id(nxt), nr))
+                variable = getattr(nxt, "variable", None)
+                if variable is not None:  # a leaf
+                    if self.is_param(variable):
+                        self.fix(variable, reason)
+                    continue
+                entry = self._grad_fn_labels.get(id(nxt))
+                if entry is not None and entry[0] is nxt and nr in entry[1]:
+                    self.block(entry[1][nr], reason)  # the labelled tensor it read
+                elif id(nxt) not in seen:
+                    seen.add(id(nxt))
+                    stack.append(nxt)  # an untraced intermediate: look further back
 
     def set_labels(self, t: Tensor, labels: Tensor) -> None:
         self._labels[id(t)] = (t, _compact(labels.expand(t.shape)))
-        if t.grad_fn is not None:
-            self._grad_fn_labels[id(t.grad_fn)] = (t.grad_fn, self._labels[id(t)][1])
+        fn = t.grad_fn
+        if fn is not None:
+            entry = self._grad_fn_labels.get(id(fn))
+            if entry is None or entry[0] is not fn:
+                entry = self._grad_fn_labels[id(fn)] = (fn, {})
+            entry[1][t.output_nr] = self._labels[id(t)][1]
 
     def along(self, t: Tensor, dim: int) -> Tensor:
         """Per-index labels of ``t`` along ``dim`` (shape ``[t.shape[dim]]``): all entries of one
@@ -395,6 +416,8 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
         return hook
 
     for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue  # takes no hooks; what it computes is invisible and blocked (see labels)
         rule = next((r for t, r in _MODULE_RULES.items() if type(module) is t), None)
         label = name or "<root>"
         handles.append(module.register_forward_pre_hook(pre(label, rule), with_kwargs=True))
