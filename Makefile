@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo reproduce bench test lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,7 +14,14 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gaugefix inspect resnet --input-shape 1,3,32,32
+	$(VENV)/bin/gaugefix inspect resnet
+	$(VENV)/bin/gaugefix reproduce --quick --out gaugefix-results/quick
+
+reproduce: $(STAMP)
+	$(VENV)/bin/gaugefix reproduce --out gaugefix-results/full
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -31,7 +31,9 @@ class BalanceResult:
     the neurons with a closed orbit, measured on the model afterwards; ``norm_sq_before`` and
     ``norm_sq_after``: ``||theta||^2`` over the gauged parameters; ``log_alpha``: the gauge
     transformation applied; ``dead_neurons``: neurons with all incoming or all outgoing entries
-    zero (no closed orbit; left untouched); ``converged``: whether ``tol`` was reached.
+    zero (no closed orbit; left untouched); ``converged``: whether the float64 solve reached
+    ``tol`` (the imbalance measured afterwards also carries the parameters' rounding: about
+    ``1e-7`` for a float32 model).
     """
 
     iterations: int
@@ -209,7 +211,7 @@ def balance_(
         norm_sq_after=float(after.total(final)),
         log_alpha=h,
         dead_neurons=solution.dead_neurons,
-        converged=err <= tol,
+        converged=solution.converged,
     )
 
 
