@@ -830,6 +830,48 @@ def test_discover_leaves_statistics_flags_and_random_state_alone():
     assert int(model[1].num_batches_tracked) == 0
 
 
+class ValueBranch(nn.Module):
+    """Data-dependent control flow: the other branch's parameters are not seen by one trace."""
+
+    def __init__(self, read) -> None:
+        super().__init__()
+        self.read = read
+        self.l1, self.l2, self.l3 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.l1(x))
+        return self.l2(h) if self.read(x) else self.l3(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "read",
+    [lambda x: x.sum() > -1e9, lambda x: x.sum().item() > -1e9, lambda x: float(x.mean()) > -1e9],
+    ids=["bool", "item", "float"],
+)
+def test_value_dependent_branches_warn(read):
+    model = ValueBranch(read).double()
+    x = torch.randn(5, 3, dtype=DTYPE)
+    with pytest.warns(UserWarning, match=r"l3\.weight, l3\.bias.*only for the path traced"):
+        s = gaugefix.discover(model, x)
+    assert s.num_neurons == 4  # exact for the path traced
+
+
+def test_value_reads_with_every_parameter_used_do_not_warn():
+    class Checked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            assert bool(torch.isfinite(x).all())
+            return self.l2(F.relu(self.l1(x)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = gaugefix.discover(Checked().double(), torch.randn(5, 3, dtype=DTYPE))
+    assert s.num_neurons == 4
+
+
 def test_discover_rejects_non_modules():
     with pytest.raises(TypeError):
         gaugefix.discover(lambda x: x, torch.randn(2))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,6 +108,8 @@ class TraceContext:
         self._claimed: set[int] = set()
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
+        self.used_params: set[str] = set()  # parameters some rule looked at
+        self.value_reads: list[str] = []  # tensor values read into Python (possible branching)
 
     # -- where we are -------------------------------------------------------------------------
     @property
@@ -136,7 +139,9 @@ class TraceContext:
 
     def param_name(self, p: Tensor) -> str:
         self.claim(p)
-        return self.param_names[id(p)]
+        name = self.param_names[id(p)]
+        self.used_params.add(name)
+        return name
 
     def labels(self, t: Tensor) -> Tensor:
         """Labels of an activation, broadcast to ``t.shape``. A parameter used as a plain tensor
@@ -295,6 +300,8 @@ _METADATA = {
     "names", "is_sparse", "is_quantized", "is_meta", "data_ptr", "__format__", "__hash__",
     "__repr__", "dim_order", "output_nr", "_version", "is_nested", "is_mkldnn",
 }  # fmt: skip
+# Ops that hand tensor values to Python, where control flow may depend on them.
+_VALUE_READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy"}
 # Ops whose output depends only on the input's shape: the output carries the fixed factor.
 _SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty"}
 
@@ -324,6 +331,8 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         if short in _METADATA:
             return out
+        if short in _VALUE_READS:
+            ctx.value_reads.append(ctx.reason(f"{name} read a tensor value"))
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
             # shape-only op blocks its input: ``out = torch.empty_like(x)`` followed by a
@@ -462,6 +471,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict) -> TraceContext:
             for t in _tensors(out):
                 if t.is_floating_point() or t.is_complex():
                     ctx.block(ctx.labels(t), "model output (rescaling it changes the function)")
+        _warn_if_path_dependent(ctx)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
@@ -469,3 +479,21 @@ def trace(model: nn.Module, args: tuple, kwargs: dict) -> TraceContext:
         for p, flag in flags:
             p.requires_grad_(flag)
     return ctx
+
+
+def _warn_if_path_dependent(ctx: TraceContext) -> None:
+    """One trace sees one path through the forward. When the forward read tensor values into
+    Python and some parameters were not used, other inputs may take another path through those
+    parameters, which may consume neurons found here without compensating them."""
+    if not ctx.value_reads:
+        return
+    unused = [n for n in ctx._params if n not in ctx.used_params]
+    if unused:
+        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
+        warnings.warn(
+            f"discover: the forward read tensor values into Python ({ctx.value_reads[0]}) and "
+            f"did not use the parameters {shown}. If its control flow depends on those values, "
+            "inputs that take another path may not be symmetric under the structure found; "
+            "it is exact only for the path traced.",
+            stacklevel=3,
+        )
