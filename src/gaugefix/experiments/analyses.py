@@ -136,7 +136,7 @@ def sharpness_training(
         curve = []
         for step in range(steps + 1):
             loss = _loss(task, model)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 break
             if step % every == 0:
                 sharp = float(sharpness(model, task.loss, task.x.to(torch.float64), y))
