@@ -1,15 +1,23 @@
 """Shared test setup.
 
 - ``tests/architectures.py`` is importable as ``architectures``.
-- One intra-op thread: the tests run many tiny float64 ops, for which thread hand-offs cost far
-  more than they save (a 3x4x6x6 BatchNorm takes milliseconds with two threads on a busy machine,
-  microseconds with one).
+- ``single_thread``: one intra-op thread for the modules that use it. Those tests run many tiny
+  float64 ops, for which thread hand-offs cost far more than they save (a 3x4x6x6 BatchNorm
+  takes milliseconds with two threads on a busy machine, microseconds with one).
 """
 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,6 +26,8 @@ from architectures import (
 )
 from gaugefix import zoo
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def assert_rel_close(actual: Tensor, expected: Tensor, rel: float, what: str = "") -> None:
     """Entry-wise ``|actual - expected| <= rel * |expected|``."""

@@ -26,6 +26,8 @@ from architectures import (
 )
 from gaugefix import zoo
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TOL = 1e-10
 
 

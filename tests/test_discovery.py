@@ -33,6 +33,8 @@ from architectures import (
 )
 from gaugefix import rules, zoo
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # the module (``gaugefix.structure.trace`` the attribute is the function of the same name)
 trace_module = importlib.import_module("gaugefix.structure.trace")
 

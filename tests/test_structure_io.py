@@ -14,6 +14,8 @@ import gaugefix
 from architectures import DTYPE, any_case, randomise_
 from gaugefix import GaugeStructure, zoo
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def assert_equal_structures(a: GaugeStructure, b: GaugeStructure) -> None:
     assert a.num_neurons == b.num_neurons
