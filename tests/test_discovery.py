@@ -82,7 +82,7 @@ def check_maps(s: gaugefix.GaugeStructure, model: nn.Module) -> None:
         for suffix in ("weight", "bias"):
             m = s.params.get(f"{e.module}.{suffix}")
             if m is not None and m.rows is not None:
-                rows = m.rows.expand(m.shape).movedim(0, 0).reshape(m.shape[0], -1)
+                rows = m.rows.expand(m.shape).reshape(m.shape[0], -1)
                 assert bool((rows[list(e.channels)] == -1).all()), e
 
 
@@ -806,6 +806,9 @@ def test_tracing_errors_name_the_op_and_module(model, x, texts):
         gaugefix.discover(model, x.double())
     for text in texts:
         assert text in str(err.value)
+    cause = err.value.__cause__  # the model's own error, chained and quoted
+    assert cause is not None and not isinstance(cause, gaugefix.TracingError)
+    assert str(cause) in str(err.value)
     assert not model.get_submodule("0").weight.requires_grad  # flags restored
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
