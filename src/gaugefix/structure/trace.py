@@ -46,7 +46,9 @@ def register_rule(target: Any, rule: Rule | None = None) -> Any:
     A rule is called as ``rule(ctx, args, kwargs, out)`` after the op ran, with ``ctx`` a
     :class:`TraceContext`; it returns the labels of ``out`` (a tensor of labels broadcastable to
     ``out``, or a tuple of them matching a tuple output). For a module type, the module's own
-    inner ops are not traced: the rule speaks for the whole call. Usable as a decorator.
+    inner ops are not traced: the rule speaks for the whole call, and ``ctx.module`` is the
+    module (so a rule can give its parameters roles with ``ctx.param_rows`` / ``ctx.tie_cols``).
+    Usable as a decorator.
     """
 
     def add(r: Rule) -> Rule:
@@ -102,6 +104,7 @@ class TraceContext:
         self.module_stack: list[str] = []
         self.op = "<forward>"
         self.func: Any = None  # the callable being traced, for rules that re-apply it
+        self.module: nn.Module | None = None  # the module a module rule speaks for
         self._labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
         # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Tensor]]] = {}
@@ -414,8 +417,10 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
             # speaks for the whole call, so inner rules are skipped.
             if rule is not None and tracer.suppress == 1 and not raised:
                 ctx.op = type(module).__name__
+                ctx.module = module
                 ctx._claimed = set()
                 labels = rule(ctx, args, kwargs, out)
+                ctx.module = None
                 tracer._block_unclaimed(args, kwargs)
                 tracer.record(out, labels, {id(t) for t in _tensors((args, kwargs))})
             if rule is not None:
