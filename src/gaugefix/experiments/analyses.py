@@ -113,7 +113,7 @@ def sharpness_init(task: Task, s_values: list[float]) -> dict[str, Any]:
     by_s = {}
     for s in s_values:
         model, structure = _model(task)
-        gaugefix.apply_gauge_(model, structure, s * init_direction(structure).sign())
+        gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
         by_s[s_key(s)] = value(model)
     model, structure = _model(task)
     gaugefix.balance_(model, structure)
@@ -129,7 +129,7 @@ def sharpness_training(
     y = task.y.to(torch.float64) if task.kind == "regression" else task.y
     for method in ("plain", "exact"):
         model, structure = _model(task)
-        gaugefix.apply_gauge_(model, structure, s * init_direction(structure).sign())
+        gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         if method == "exact":
             gaugefix.GaugeFixing(opt, model, structure, strength, mode="exact")

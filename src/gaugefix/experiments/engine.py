@@ -69,10 +69,11 @@ class RunResult:
 
 
 def init_direction(structure: GaugeStructure) -> Tensor:
-    """The fixed direction ``z`` of the initial imbalance (``log_alpha = s z``): standard normal
-    entries from a fixed seed, the same for every run of a task."""
+    """The fixed direction ``z`` of the initial imbalance (``log_alpha = s z``): a random sign
+    per neuron from a fixed seed, the same for every run of a task, so that every neuron is
+    moved by exactly ``|s|`` along its orbit."""
     g = torch.Generator().manual_seed(DATA_SEED)
-    return torch.randn(structure.num_neurons, generator=g, dtype=torch.float64)
+    return torch.randn(structure.num_neurons, generator=g, dtype=torch.float64).sign()
 
 
 def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> tuple:

@@ -110,7 +110,7 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
             (0.0, 1.0, 2.0),
             3,
             150,
-            (-20, 3),
+            (-16, 3),
             DRIFT_RANGE,
             tuple(FULL_METHODS),
         ),
