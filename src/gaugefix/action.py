@@ -20,8 +20,23 @@ GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host sync.
+
+    A sum is finite when every entry is (NaN and inf propagate), so one sum per tensor decides
+    the common case in a single pass without a boolean temporary; only a non-finite sum (an
+    overflow, or a non-finite entry) is checked entry by entry."""
+    if not tensors:
+        return True
+    if bool(torch.isfinite(torch.stack([t.detach().sum() for t in tensors])).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def check_finite_params(params: dict[str, Tensor]) -> None:
     """Raise ``ValueError`` naming the first parameter with a NaN or infinite entry."""
+    if all_finite(list(params.values())):
+        return
     for name, p in params.items():
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"parameter '{name}' contains NaN or inf; nothing was modified")
@@ -87,6 +102,18 @@ def apply_gauge_(
     states = optimizer_states(optimizer, params)
     if not params:
         return
+    apply_gauge_unchecked_(params, structure, log_alpha, states)
+
+
+@torch.no_grad()
+def apply_gauge_unchecked_(
+    params: dict[str, Tensor],
+    structure: GaugeStructure,
+    log_alpha: Tensor,
+    states: dict[str, dict],
+) -> None:
+    """:func:`apply_gauge_` for callers that validated everything: ``params`` bound to
+    ``structure`` (non-empty), ``log_alpha`` finite, ``states`` from :func:`optimizer_states`."""
     device = next(iter(params.values())).device
     h = torch.cat(
         [

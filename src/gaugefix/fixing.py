@@ -14,8 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from gaugefix.action import apply_gauge_, check_finite_params, optimizer_states
-from gaugefix.moment import PairMasses, imbalance
+from gaugefix.action import (
+    all_finite,
+    apply_gauge_,
+    apply_gauge_unchecked_,
+    check_finite_params,
+    optimizer_states,
+)
+from gaugefix.moment import PairMasses, accumulation_dtype, imbalance, slot_sums
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import DeviceMap
 
@@ -326,6 +332,43 @@ def orbit_selection_grad(
     return dict(zip(tensors, grads, strict=True))
 
 
+@torch.no_grad()
+def add_orbit_selection_grad_(
+    params: dict[str, Tensor], structure: GaugeStructure, strength: float, names: set[str]
+) -> bool:
+    """``p.grad += dP/dp`` (:func:`orbit_selection_grad`, ``strength`` already checked) for the
+    bound ``params`` named in ``names``, fused: ``mu`` and the finiteness of the parameters
+    come from one pass of squared sums, and each gradient is one ``addcmul_``. Returns
+    ``False``, adding nothing, when a parameter has a NaN or infinite entry."""
+    if not params:
+        return True
+    n = structure.num_neurons
+    dtype = accumulation_dtype(next(iter(params.values())).dtype)
+    s_in, s_out, _ = slot_sums(params, structure, dtype)
+    finite = bool(torch.isfinite(s_in).all() & torch.isfinite(s_out).all())
+    if not finite and not all_finite(list(params.values())):
+        return False
+    mu = s_in[:n] - s_out[:n]
+    mux = torch.cat([mu, mu.new_zeros(1)])
+    for m in structure.device_maps(mu.device):
+        if m.name not in names:
+            continue
+        p = params[m.name]
+        factor = mux[m.rows] if m.rows is not None else mu.new_zeros(())
+        if m.cols is not None:
+            factor = factor - mux[m.cols]
+        factor = strength * factor
+        if p.grad is not None and p.grad.dtype == p.dtype == factor.dtype:
+            p.grad.addcmul_(p, factor)
+            continue
+        g = (factor * p.to(mu.dtype)).to(p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+    return True
+
+
 class _OrbitSelection(torch.autograd.Function):
     """``P(theta) = (strength / 4) sum_n mu_n(theta)^2`` with the closed-form backward."""
 
@@ -448,10 +491,91 @@ def relax_checked_(
     n = structure.num_neurons
     if not params or n == 0:
         return torch.zeros(n, dtype=torch.float64)
+    if not isinstance(rate, Tensor):
+        h, moves, _ = _certified_orbit_step(params, structure, rate)
+        if h is not None:
+            if moves:
+                apply_gauge_unchecked_(params, structure, h, optimizer_states(optimizer, params))
+            return h
+    return _searched_orbit_step_(model, structure, params, rate, optimizer)
+
+
+def relax_if_finite_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    params: dict[str, Tensor],
+    rate: float | Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> bool:
+    """:func:`relax_checked_` for callers that validated everything but the finiteness of the
+    parameters and the optimizer state: returns ``False``, modifying nothing, when a parameter
+    has a NaN or infinite entry (found from the squared sums the step needs anyway)."""
+    n = structure.num_neurons
+    if not params or n == 0:
+        return all_finite(list(params.values()))
+    if isinstance(rate, Tensor):
+        if not all_finite(list(params.values())):
+            return False
+        optimizer_states(optimizer, params)
+        _searched_orbit_step_(model, structure, params, rate, optimizer)
+        return True
+    h, moves, finite = _certified_orbit_step(params, structure, rate)
+    if not finite and not all_finite(list(params.values())):
+        return False
+    states = optimizer_states(optimizer, params)
+    if h is None:
+        _searched_orbit_step_(model, structure, params, rate, optimizer)
+    elif moves:
+        apply_gauge_unchecked_(params, structure, h, states)
+    return True
+
+
+def _searched_orbit_step_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    params: dict[str, Tensor],
+    rate: float | Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> Tensor:
+    """The step of :func:`relax_` by the bounded search on the float64 pair masses."""
     h = _bounded_orbit_step(PairMasses(params, structure), rate)
     if bool((h != 0).any()):
         apply_gauge_(model, structure, h, optimizer)
     return h
+
+
+def _certified_orbit_step(
+    params: dict[str, Tensor], structure: GaugeStructure, rate: float
+) -> tuple[Tensor | None, bool, bool]:
+    """``(h, moves, finite)``: the step of :func:`relax_` for a scalar ``rate`` when a cheap
+    bound proves that the bounded search would accept ``h = -rate * mu`` at once (else
+    ``None``), whether it moves anything, and whether the squared sums are finite (they are
+    when every parameter entry is, barring overflow; ``h`` is ``None`` when they are not).
+
+    With ``d = -rate mu`` (live neurons), ``delta = max_e |d_r - d_c| <= 2 rate max|mu|`` and
+    ``||K|| <= 2 max_n S_n`` (Gershgorin), the condition ``c = 2 rate max_n S_n
+    exp(2 delta) <= 1`` gives ``F(d) <= F(0) - 2 rate ||mu||^2 (1 - c)`` and
+    ``mu(d) = (I - 2 rate Kbar) mu`` with ``0 <= 2 rate Kbar <= c I`` (``Kbar``: the mean of
+    ``K`` along the segment), so neither ``F`` nor ``||mu||`` increases; and
+    ``rate S_n <= 1/2`` keeps ``-rate mu_n`` inside the clamp at the local balance
+    (``|log(S_out / S_in)| / 4 >= |mu_n| / (2 S_n)``). Required here with margin 2,
+    ``c <= 1/2``. This costs one pass over the parameters (their squares, accumulated like
+    :func:`imbalance`: the relative rounding of ``mu`` then moves ``h`` by at most
+    ``rate * 1e-7 * S <= 3e-8``, below a float32 entry's rounding) instead of the float64 trial
+    evaluations."""
+    n = structure.num_neurons
+    dtype = accumulation_dtype(next(iter(params.values())).dtype)
+    s_in, s_out, _ = slot_sums(params, structure, dtype)
+    s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
+    finite = torch.isfinite(s_in).all() & torch.isfinite(s_out).all()
+    s_in, s_out = s_in[:n], s_out[:n]
+    active = (s_in > 0) & (s_out > 0)
+    mu = torch.where(active, s_in - s_out, 0.0)
+    s_max = torch.where(active, s_in + s_out, 0.0).max()
+    bound = 2 * rate * s_max * torch.exp(4 * rate * mu.abs().max())
+    h = -rate * mu
+    finite, ok, moves = torch.stack([finite, bound <= 0.5, (h != 0).any()]).tolist()
+    return (h if finite and ok else None), bool(moves), bool(finite)
 
 
 def _masses_at(pm: PairMasses, h: Tensor) -> list[Tensor]:

@@ -23,7 +23,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``."""
     dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
-    return values.sum(dims, keepdim=True) if dims else values
+    if not dims:
+        return values
+    if dims[0] == 0 and len(dims) > 1 and values.is_contiguous():
+        # Several reduced dims with a leading one (a conv weight onto its input channels):
+        # one contiguous column reduction over the leading run first, then the rest on the
+        # smaller result. A multi-dim sum over strided dims is several times slower.
+        lead = 1
+        while lead < len(dims) and dims[lead] == lead:
+            lead += 1
+        out_shape = [1 if d in dims else n for d, n in enumerate(values.shape)]
+        rest = values.view(-1, *values.shape[lead:]).sum(0)
+        later = [d - lead for d in dims[lead:]]
+        if later:
+            rest = rest.sum(later)
+        return rest.view(out_shape)
+    return values.sum(dims, keepdim=True)
 
 
 def scatter_slots(acc: Tensor, slots: Tensor, values: Tensor, sign: float = 1.0) -> None:
@@ -40,17 +55,60 @@ def in_out_sums(
     tensors = structure.bind(source)
     n = structure.num_neurons
     first = next(iter(tensors.values()), None)
-    device = first.device if first is not None else torch.device("cpu")
     dtype = accumulation_dtype(first.dtype) if first is not None else torch.float64
+    s_in, s_out, _ = slot_sums(tensors, structure, dtype)
+    return s_in[:n], s_out[:n]
+
+
+def slot_sums(
+    tensors: Mapping[str, Tensor], structure: GaugeStructure, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``, the sums
+    with the dummy slot ``num_neurons`` kept (``[num_neurons + 1]``): every entry lands in a
+    slot, so all three are finite exactly when every entry is (barring overflow)."""
+    n = structure.num_neurons
+    first = next(iter(tensors.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
     s_in = torch.zeros(n + 1, dtype=dtype, device=device)
     s_out = torch.zeros(n + 1, dtype=dtype, device=device)
+    totals = []
     for m in structure.device_maps(device):
-        sq = tensors[m.name].to(dtype).square()
-        if m.rows is not None:
-            scatter_slots(s_in, m.rows, sq)
-        if m.cols is not None:
-            scatter_slots(s_out, m.cols, sq)
-    return s_in[:n], s_out[:n]
+        t = tensors[m.name]
+        if m.rows is None or m.cols is None:  # one side: a single (fused when possible) pass
+            acc, slots = (s_out, m.cols) if m.rows is None else (s_in, m.rows)
+            fused = _fused_sum_of_squares(t, slots, dtype)
+            if fused is None:
+                fused = reduce_to(t.to(dtype).square(), slots.shape)
+            reduced = [fused.reshape(-1)]
+            acc.index_add_(0, slots.reshape(-1), reduced[0])
+        else:
+            sq = t.to(dtype).square()
+            reduced = []
+            for acc, slots in ((s_in, m.rows), (s_out, m.cols)):
+                if slots is not None:
+                    reduced.append(reduce_to(sq, slots.shape).reshape(-1))
+                    acc.index_add_(0, slots.reshape(-1), reduced[-1])
+        totals.append(reduced[0].sum())  # every entry has a row or a column slot
+    total = torch.stack(totals).sum() if totals else torch.zeros((), dtype=dtype, device=device)
+    return s_in, s_out, total
+
+
+def _fused_sum_of_squares(t: Tensor, slots: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """``reduce_to(t.square(), slots.shape)`` in one pass without the squared temporary, when
+    the reduced dims are trailing and no gradient is recorded (a norm's backward is undefined
+    at 0); else ``None``."""
+    if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
+        return None
+    lead = slots.dim()
+    while lead > 0 and slots.shape[lead - 1] == 1:
+        lead -= 1
+    if lead == t.dim() or any(
+        s == 1 and n > 1 for s, n in zip(slots.shape[:lead], t.shape[:lead], strict=True)
+    ):
+        return None
+    flat = t.view(*t.shape[:lead], -1)
+    norms = torch.linalg.vector_norm(flat, dim=-1, dtype=dtype)
+    return norms.square_().view(*t.shape[:lead], *[1] * (t.dim() - lead))
 
 
 def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure) -> Tensor:
@@ -144,18 +202,19 @@ def imbalance_stats(
     A handful of vectorised operations and a single device-to-host transfer.
     """
     params = structure.bind(source)
-    s_in, s_out = in_out_sums(params, structure)
     names = ("mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm")
     names += ("norm_sq", "dead_neurons")
     if not params:
         return dict.fromkeys(names, 0.0)
+    dtype = accumulation_dtype(next(iter(params.values())).dtype)
+    s_in, s_out, norm_sq = slot_sums(params, structure, dtype)
+    s_in, s_out = s_in[: structure.num_neurons], s_out[: structure.num_neurons]
     mu, s = s_in - s_out, s_in + s_out
     rel = torch.where(s > 0, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
     alive = (s_in > 0) & (s_out > 0)
     log_ratio = torch.where(alive, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
     n_rel = (s > 0).sum().clamp_min(1)
     n_alive = alive.sum().clamp_min(1)
-    norm_sq = torch.stack([p.to(s.dtype).square().sum() for p in params.values()]).sum()
     values = torch.stack(
         [
             (rel.square().sum() / n_rel).sqrt(),

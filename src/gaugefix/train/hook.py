@@ -8,13 +8,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import optimizer_states
+from gaugefix.action import all_finite, optimizer_states
 from gaugefix.fixing import (
     OrbitSelectionPenalty,
     _check_rate,
+    add_orbit_selection_grad_,
     balance_,
     check_strength,
-    relax_checked_,
+    relax_if_finite_,
 )
 from gaugefix.moment import imbalance_stats
 from gaugefix.structure import GaugeStructure
@@ -35,10 +36,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """Whether every entry of every tensor is finite (one host sync in the common case)."""
+    return all_finite(tensors)
 
 
 class GaugeFixing:
@@ -138,36 +137,35 @@ class GaugeFixing:
         ``grad P``. Runs once per gradient evaluation."""
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         self._ok = _all_finite(grads)
-        if self.mode == "penalty":
-            self._ok = self._ok and _all_finite(list(self.params.values()))
-            if self._ok:
-                self._add_penalty_grad()
+        if self.mode == "penalty" and self._ok:
+            self._ok = self._add_penalty_grad()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         ok, self._ok = self._ok, True
-        if self.mode == "exact":
-            ok = ok and _all_finite(list(self.params.values()))
-            rate = _check_rate(self.rate(), self.structure) if ok else 0.0
-            if ok and (isinstance(rate, Tensor) or rate > 0):
-                optimizer_states(optimizer, self.params)  # a clear error for unknown state
-                relax_checked_(self.model, self.structure, self.params, rate, optimizer)
+        if self.mode == "exact" and ok:
+            rate = _check_rate(self.rate(), self.structure)
+            if isinstance(rate, Tensor) or rate > 0:
+                # Checks the parameters' finiteness on the squared sums the step needs, then
+                # the optimizer state (a clear error for unknown state), then steps.
+                ok = relax_if_finite_(self.model, self.structure, self.params, rate, optimizer)
+            else:
+                ok = _all_finite(list(self.params.values()))
         if ok:
             self.steps += 1
         else:
             self.skipped += 1
 
     @torch.no_grad()
-    def _add_penalty_grad(self) -> None:
+    def _add_penalty_grad(self) -> bool:
+        """Add ``grad P`` to the held parameters' ``.grad``; ``False`` (nothing added) when a
+        gauged parameter is not finite."""
         self._refresh_groups()
-        grads = self.penalty.grad(self.params)
-        for name, g in grads.items():
-            p = self.params[name]
-            if self._group_of[name] is None or not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g.to(p.grad.dtype))
+        names = {
+            name
+            for name, p in self.params.items()
+            if self._group_of[name] is not None and p.requires_grad
+        }
+        return add_orbit_selection_grad_(self.params, self.structure, self.strength, names)
 
     # -- learning rates ---------------------------------------------------------------------------
     def _param_groups(self) -> dict[str, int | None]:

@@ -1,0 +1,1 @@
+"""The gaugefix benchmark suite (``make bench``): see ``benchmarks/run.py``."""
