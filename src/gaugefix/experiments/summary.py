@@ -10,7 +10,9 @@ Definitions (the issue's, kept verbatim in the report):
 - ``drift_suppression = final RMS log-ratio (plain) / final RMS log-ratio (method)`` at the
   largest learning rate stable for ``plain`` (``s = 0``), per optimizer;
 - methods with a strength grid are reported at their *best strength*: the one with the largest
-  sum over ``s`` of ``max_stable_lr`` (the smallest such strength on ties).
+  sum over ``s`` of ``max_stable_lr`` (the smallest such strength on ties);
+- ``max_stable_lr_at_grid_top`` lists, per method, the ``s`` where every grid rate was stable:
+  there ``max_stable_lr`` is only a lower bound.
 """
 
 from __future__ import annotations
@@ -73,9 +75,12 @@ def task_summary(runs: Runs) -> dict[str, Any]:
     chosen = [r for r in runs if r["strength"] == best.get(r["method"])]
     cells = _cells(chosen)
     msl: dict[str, dict[str, float]] = defaultdict(dict)
+    at_top: dict[str, list[str]] = defaultdict(list)
     for (method, _, opt, s), cell in sorted(cells.items()):
         if opt == "gd":
             msl[method][s_key(s)] = max_stable_lr(cell)
+            if msl[method][s_key(s)] == max(r["lr"] for r in cell):
+                at_top[method].append(s_key(s))
     expansion: dict[str, dict[str, float | None]] = defaultdict(dict)
     for method, by_s in msl.items():
         for s, value in by_s.items():
@@ -88,6 +93,7 @@ def task_summary(runs: Runs) -> dict[str, Any]:
         "final_train_loss": _expressivity(chosen, "final_loss"),
         "final_test_loss": _expressivity(chosen, "test_loss"),
         "best_strength": best,
+        "max_stable_lr_at_grid_top": dict(at_top),
         "balance_function_change": max(
             (r["balance_change"] for r in runs if r["balance_change"] is not None), default=None
         ),
