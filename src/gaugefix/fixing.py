@@ -19,9 +19,17 @@ from gaugefix.action import (
     apply_gauge_,
     apply_gauge_unchecked_,
     check_finite_params,
+    check_log_alpha,
     optimizer_states,
 )
-from gaugefix.moment import PairMasses, accumulation_dtype, imbalance, slot_sums
+from gaugefix.moment import (
+    MassMatrices,
+    MassState,
+    PairMasses,
+    accumulation_dtype,
+    imbalance,
+    slot_sums,
+)
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import DeviceMap
 
@@ -102,6 +110,7 @@ class BalanceSolution:
     norm_sq_after: float
     dead_neurons: Tensor
     converged: bool
+    same_neuron: bool = False  # whether some entry's row and column are the same neuron
 
 
 def _check_tolerances(tol: float, max_iter: int) -> None:
@@ -138,37 +147,58 @@ def solve_balance(
         empty = torch.zeros(n, dtype=torch.float64)
         return BalanceSolution(empty, 0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.long), True)
 
-    pm = PairMasses(tensors, structure)
-    h = torch.zeros(n, dtype=torch.float64, device=pm.device)
-    masses = pm.weighted(h)
-    s_in, s_out = pm.sums(masses)
-    active = (s_in > 0) & (s_out > 0)
+    mm = MassMatrices(tensors, structure)
+    h = torch.zeros(n, dtype=torch.float64, device=mm.device)
+    state = mm.at(h)
+    active = (state.s_in > 0) & (state.s_out > 0)
     mask = active.to(torch.float64)
-    norm_before = float(pm.total(masses))
+    norm_before = float(state.total)
+    if not math.isfinite(norm_before):  # non-finite entries: nothing to solve
+        return BalanceSolution(
+            torch.zeros_like(h),
+            0,
+            math.nan,
+            norm_before,
+            norm_before,
+            torch.nonzero(~active).reshape(-1),
+            False,
+            mm.same_neuron,
+        )
 
     iterations, err = 0, 0.0
+    closed_form = True  # closed-form per-neuron steps while they pay
     for iterations in range(max_iter + 1):  # noqa: B007
-        s_in, s_out = pm.sums(masses)
-        mu, s = s_in - s_out, s_in + s_out
+        state.complete()
+        mu, s = state.s_in - state.s_out, state.s_in + state.s_out
         err = _max_rel(mu, s, active)
         if err <= tol or iterations == max_iter:
             break
+        if closed_form:
+            trial = _closed_form_step(mm, state, active, err)
+            if trial is not None:
+                state, h = trial, trial.h
+                continue
+            closed_form = False
         direction = _pcg(
-            lambda v, m=masses: pm.gram_matvec(m, v * mask) * mask,
+            lambda v, st=state: st.gram_matvec(v * mask) * mask,
             -0.5 * mu * mask,
             torch.where(active, s, torch.ones_like(s)),
-            rtol=min(0.1, err),
+            # Superlinear forcing, but no tighter than the last step needs: the imbalance
+            # after the step is about rtol * err (plus err^2).
+            rtol=min(0.1, max(err, 0.1 * tol / err)),
         )
-        h, masses = _line_search(pm, h, masses, direction, mu, active)
+        state = _line_search(mm, state, direction, mu, active)
+        h = state.h
 
     return BalanceSolution(
         log_alpha=h,
         iterations=iterations,
         max_rel_imbalance=err,
         norm_sq_before=norm_before,
-        norm_sq_after=float(pm.total(masses)),
+        norm_sq_after=float(state.total),
         dead_neurons=torch.nonzero(~active).reshape(-1),
         converged=err <= tol,
+        same_neuron=mm.same_neuron,
     )
 
 
@@ -193,7 +223,8 @@ def balance_(
     """
     _check_tolerances(tol, max_iter)
     params = structure.bind(model)
-    check_finite_params(params)
+    if structure.num_neurons == 0:
+        check_finite_params(params)
     optimizer_states(optimizer, params)
     n = structure.num_neurons
     if n == 0:
@@ -202,11 +233,12 @@ def balance_(
         )
 
     solution = solve_balance(params, structure, tol, max_iter)
+    if not math.isfinite(solution.norm_sq_before):  # NaN/inf entries (or a float64 overflow)
+        check_finite_params(params)
     h = solution.log_alpha
-    apply_gauge_(model, structure, h, optimizer)
-    after = PairMasses(structure.bind(model), structure)
-    final = after.weighted(torch.zeros_like(h))
-    s_in, s_out = after.sums(final)
+    check_log_alpha(h, structure)
+    apply_gauge_unchecked_(params, structure, h, optimizer_states(optimizer, params))
+    s_in, s_out, norm_after = _measured_sums(params, structure, solution.same_neuron)
     active = torch.ones(n, dtype=torch.bool, device=h.device)
     active[solution.dead_neurons] = False
     err = _max_rel(s_in - s_out, s_in + s_out, active)
@@ -214,21 +246,53 @@ def balance_(
         iterations=solution.iterations,
         max_rel_imbalance=err,
         norm_sq_before=solution.norm_sq_before,
-        norm_sq_after=float(after.total(final)),
+        norm_sq_after=float(norm_after),
         log_alpha=h,
         dead_neurons=solution.dead_neurons,
         converged=solution.converged,
     )
 
 
+def _closed_form_step(
+    mm: MassMatrices, state: MassState, active: Tensor, err: float
+) -> MassState | None:
+    """Every live neuron at once to its own balance, ``h_n += log(S_out,n / S_in,n) / 4``
+    (Saul's parallel update): exact for neurons that couple to no other, and far from the
+    minimiser it removes the large local imbalances of a random gauge in one pass, where
+    Newton's method on the exponentials needs many line-search steps. Returns the new state
+    when it at least halves ``F``, or decreases it and halves ``max |mu_n| / S_n``; ``None``
+    once it no longer pays (it converges only linearly on coupled neurons, like diffusion)."""
+    step = torch.where(active, 0.25 * torch.log(state.s_out / state.s_in), 0.0)
+    trial = mm.at(state.h + step)
+    mu, s = trial.s_in - trial.s_out, trial.s_in + trial.s_out
+    f0, f1 = float(state.total), float(trial.total)
+    if not (f1 <= 0.5 * f0 or f1 < f0 and _max_rel(mu, s, active) <= 0.5 * err):
+        return None
+    return _rebased(mm, trial).complete()
+
+
+def _measured_sums(
+    params: dict[str, Tensor], structure: GaugeStructure, same_neuron: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S_in, S_out, ||theta||^2)`` of the parameters now, in float64, entries whose row and
+    column are the same neuron counting in neither side (one pass of squared sums; the pair
+    masses only when such entries exist)."""
+    if same_neuron:
+        pm = PairMasses(params, structure)
+        masses = pm.weighted(torch.zeros(pm.n, dtype=torch.float64, device=pm.device))
+        return *pm.sums(masses), pm.total(masses)
+    s_in, s_out, total = slot_sums(params, structure, torch.float64)
+    n = structure.num_neurons
+    return s_in[:n], s_out[:n], total
+
+
 def _line_search(
-    pm: PairMasses,
-    h: Tensor,
-    masses: list[Tensor],
+    mm: MassMatrices,
+    state: MassState,
     direction: Tensor,
     mu: Tensor,
     active: Tensor,
-) -> tuple[Tensor, list[Tensor]]:
+) -> MassState:
     """Backtracking (Armijo) on ``F(h + t d)`` from ``t = 1``; ``F`` is convex along the line.
 
     When the full step is accepted with a clearly resolved decrease, the step is doubled while
@@ -238,33 +302,41 @@ def _line_search(
 
     Close to the minimiser the decrease of ``F`` (second order in ``mu``) falls below the
     rounding of ``F`` itself; a step whose predicted decrease is unresolvable is accepted when it
-    reduces ``||mu||`` over the ``active`` (live) neurons instead.
+    reduces ``||mu||`` over the ``active`` (live) neurons instead. Returns the state at the
+    accepted point (the same one when no step is accepted); each trial costs one read of the
+    masses.
     """
-    f0 = float(pm.total(masses))
+    h = state.h
+    f0 = float(state.total)
     slope = 2 * float(torch.dot(mu, direction))
     mu_norm = float(torch.linalg.vector_norm(mu[active]))
     t = 1.0
     for _ in range(60):
-        trial = h + t * direction
-        trial_masses = pm.weighted(trial)
-        f_trial = float(pm.total(trial_masses))
+        trial = mm.at(h + t * direction, sums=False)
+        f_trial = float(trial.total)
         if f_trial <= f0 + 1e-4 * t * slope:
             doublings = 60 if t == 1.0 else 0  # only a full step is extended
             while doublings and f0 - f_trial > 1e3 * _RESOLUTION * f0:
-                longer = h + 2 * t * direction
-                longer_masses = pm.weighted(longer)
-                f_longer = float(pm.total(longer_masses))
+                longer = mm.at(h + 2 * t * direction, sums=False)
+                f_longer = float(longer.total)
                 if not (f_longer < f_trial and f_longer <= f0 + 2e-4 * t * slope):
                     break
-                t, trial, trial_masses, f_trial = 2 * t, longer, longer_masses, f_longer
+                t, trial, f_trial = 2 * t, longer, f_longer
                 doublings -= 1
-            return trial, trial_masses
+            return _rebased(mm, trial)
         if -t * slope <= _RESOLUTION * f0:
-            s_in, s_out = pm.sums(trial_masses)
-            if float(torch.linalg.vector_norm((s_in - s_out)[active])) < mu_norm:
-                return trial, trial_masses
+            trial.complete()
+            if float(torch.linalg.vector_norm((trial.s_in - trial.s_out)[active])) < mu_norm:
+                return _rebased(mm, trial)
         t *= 0.5
-    return h, masses
+    return state
+
+
+def _rebased(mm: MassMatrices, state: MassState) -> MassState:
+    """``state``, re-evaluated after moving the base of ``mm`` when ``h`` drifted far from it."""
+    base = mm.base
+    mm.rebase(state.h)
+    return state if mm.base is base else mm.at(state.h, sums=False)
 
 
 # -- soft gauge fixing ---------------------------------------------------------------------------

@@ -93,17 +93,20 @@ def slot_sums(
     return s_in, s_out, total
 
 
-def _fused_sum_of_squares(t: Tensor, slots: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """``reduce_to(t.square(), slots.shape)`` in one pass without the squared temporary, when
-    the reduced dims are trailing and no gradient is recorded (a norm's backward is undefined
-    at 0); else ``None``."""
+def _fused_sum_of_squares(
+    t: Tensor, slots: Tensor | torch.Size, dtype: torch.dtype
+) -> Tensor | None:
+    """``reduce_to(t.square(), shape)`` (``shape``: that of ``slots``) in one pass without the
+    squared temporary, when the reduced dims are trailing and no gradient is recorded (a norm's
+    backward is undefined at 0); else ``None``."""
     if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
         return None
-    lead = slots.dim()
-    while lead > 0 and slots.shape[lead - 1] == 1:
+    shape = slots.shape if isinstance(slots, Tensor) else slots
+    lead = len(shape)
+    while lead > 0 and shape[lead - 1] == 1:
         lead -= 1
     if lead == t.dim() or any(
-        s == 1 and n > 1 for s, n in zip(slots.shape[:lead], t.shape[:lead], strict=True)
+        s == 1 and n > 1 for s, n in zip(shape[:lead], t.shape[:lead], strict=True)
     ):
         return None
     flat = t.view(*t.shape[:lead], -1)
@@ -180,6 +183,160 @@ class PairMasses:
             scatter_slots(out, r, t)
             scatter_slots(out, c, t, -1.0)
         return out[: self.n]
+
+
+class MassMatrices:
+    """The pair masses of :class:`PairMasses` (float64), arranged for evaluation at a gauge
+    ``h`` by matrix-vector products, without forming the masses at ``h``.
+
+    A parameter whose row map varies along some dims and column map along others is held as a
+    matrix ``M[i, j]`` with row neurons ``rho[i]`` and column neurons ``gamma[j]``; its masses
+    at ``h`` are ``e_i M_ij f_j`` with ``e = exp(2 h)[rho]``, ``f = exp(-2 h)[gamma]``, so the
+    row sums are ``e * (M f)``, the column sums ``f * (M^T e)`` and a product with the Gram
+    matrix two more matrix-vector products: each a single read of ``M``. Matrices of one shape
+    are stacked and multiplied together (``bmm``). Every other term (one side only, maps
+    sharing a dim, or entries whose row and column are the same neuron) is concatenated into
+    one flat list of masses. ``h`` is taken relative to a base gauge that is moved (the masses
+    rescaled) when it drifts far, so that the exponentials never overflow.
+    """
+
+    REBASE = 30.0  # |h - base| beyond which the masses are rescaled to the new base
+
+    def __init__(self, tensors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
+        first = next(iter(tensors.values()))
+        self.n = n = structure.num_neurons
+        self.device = first.device
+        by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor]]] = {}
+        flat: list[tuple[Tensor, Tensor, Tensor]] = []
+        for m in structure.device_maps(self.device):
+            t = tensors[m.name].detach()
+            dummy = torch.full([1] * t.dim(), n, device=self.device)
+            rows = dummy if m.rows is None else m.rows
+            cols = dummy if m.cols is None else m.cols
+            shape = torch.broadcast_shapes(rows.shape, cols.shape)
+            w = _fused_sum_of_squares(t, shape, torch.float64)
+            if w is None:
+                sq = t.square() if t.dtype == torch.float64 else t.to(torch.float64).square_()
+                w = reduce_to(sq, shape)
+            a = [d for d, k in enumerate(rows.shape) if k > 1]
+            b = [d for d, k in enumerate(cols.shape) if k > 1]
+            if a and b and not set(a) & set(b):
+                rho, gamma = rows.reshape(-1), cols.reshape(-1)
+                live_rho, live_gamma = rho[rho < n], gamma[gamma < n]
+                if not bool(torch.isin(live_rho, live_gamma).any()):
+                    rest = [d for d in range(w.dim()) if d not in a and d not in b]
+                    mat = w.permute(*a, *b, *rest).reshape(rho.numel(), gamma.numel())
+                    by_shape.setdefault(tuple(mat.shape), []).append((mat, rho, gamma))
+                    continue
+            flat.append(
+                (w.reshape(-1), rows.expand(shape).reshape(-1), cols.expand(shape).reshape(-1))
+            )
+        # Stacks [G, a, b] of equally shaped matrices with their neurons [G, a] and [G, b].
+        self.stacks = [
+            tuple(torch.stack(parts) for parts in zip(*group, strict=True))
+            for group in by_shape.values()
+        ]
+        # (matrix, rho, gamma) per parameter: views into the stacks.
+        self.matrices = [(m[i], r[i], c[i]) for m, r, c in self.stacks for i in range(len(m))]
+        if flat:
+            w, r, c = (torch.cat(parts) for parts in zip(*flat, strict=True))
+        else:
+            w = torch.zeros(0, dtype=torch.float64, device=self.device)
+            r = c = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.flat = (w, r, c, (r != c).to(torch.float64))
+        # Whether some entry has its row and column at the same neuron (gauge invariant).
+        self.same_neuron = bool(((r == c) & (r < n)).any())
+        self.base = torch.zeros(n, dtype=torch.float64, device=self.device)
+
+    def _factors(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        up = torch.exp(2 * torch.cat([h - self.base, h.new_zeros(1)]))
+        return up, 1 / up
+
+    def rebase(self, h: Tensor) -> None:
+        """Rescale the stored masses to the base gauge ``h`` when ``h`` is far from the base."""
+        if self.n == 0 or float((h - self.base).abs().max()) <= self.REBASE:
+            return
+        up, down = self._factors(h)
+        for mat, rho, gamma in self.stacks:
+            mat.mul_(up[rho][:, :, None]).mul_(down[gamma][:, None, :])
+        w, r, c, moving = self.flat
+        self.flat = (w * up[r] * down[c], r, c, moving)
+        self.base = h.clone()
+
+    def at(self, h: Tensor, sums: bool = True) -> MassState:
+        """The masses at gauge ``h``: ``F`` always, ``(S_in, S_out)`` when ``sums``."""
+        return MassState(self, h, sums)
+
+
+def _bmv(mat: Tensor, v: Tensor) -> Tensor:
+    """``[G, a, b] @ [G, b] -> [G, a]``."""
+    return torch.bmm(mat, v.unsqueeze(-1)).squeeze(-1)
+
+
+def _bmv_t(mat: Tensor, v: Tensor) -> Tensor:
+    """``[G, a, b]^T @ [G, a] -> [G, b]`` (one matrix at a time: a transposed ``bmm`` is
+    slower than the loop)."""
+    return torch.stack([m.T @ x for m, x in zip(mat, v, strict=True)])
+
+
+class MassState:
+    """:class:`MassMatrices` evaluated at one gauge ``h``: ``total`` (``F``), and after
+    :meth:`complete` (or ``sums=True``) ``s_in`` and ``s_out`` (``[num_neurons]``, entries whose
+    row and column are the same neuron counting in neither), and :meth:`gram_matvec`."""
+
+    def __init__(self, masses: MassMatrices, h: Tensor, sums: bool) -> None:
+        self.masses = masses
+        self.h = h
+        self.up, self.down = masses._factors(h)
+        self.row_sums = [
+            self.up[rho] * _bmv(mat, self.down[gamma]) for mat, rho, gamma in masses.stacks
+        ]
+        self.col_sums: list[Tensor] | None = None
+        w, r, c, _ = masses.flat
+        self.u = w * self.up[r] * self.down[c]
+        self.total = torch.stack([*(x.sum() for x in self.row_sums), self.u.sum()]).sum()
+        self.s_in = self.s_out = None
+        if sums:
+            self.complete()
+
+    def complete(self) -> MassState:
+        """Compute ``(S_in, S_out)`` (one more read of each matrix)."""
+        if self.s_in is not None:
+            return self
+        m = self.masses
+        self.col_sums = [
+            self.down[gamma] * _bmv_t(mat, self.up[rho]) for mat, rho, gamma in m.stacks
+        ]
+        s_in = torch.zeros(m.n + 1, dtype=torch.float64, device=m.device)
+        s_out = torch.zeros_like(s_in)
+        for (_, rho, gamma), rs, cs in zip(m.stacks, self.row_sums, self.col_sums, strict=True):
+            s_in.index_add_(0, rho.reshape(-1), rs.reshape(-1))
+            s_out.index_add_(0, gamma.reshape(-1), cs.reshape(-1))
+        _, r, c, moving = m.flat
+        u = self.u * moving
+        s_in.index_add_(0, r, u)
+        s_out.index_add_(0, c, u)
+        self.s_in, self.s_out = s_in[: m.n], s_out[: m.n]
+        return self
+
+    def gram_matvec(self, v: Tensor) -> Tensor:
+        """``K v`` at this gauge (after :meth:`complete`)."""
+        m = self.masses
+        assert self.col_sums is not None
+        vx = torch.cat([v, v.new_zeros(1)])
+        out = torch.zeros(m.n + 1, dtype=torch.float64, device=m.device)
+        for (mat, rho, gamma), rs, cs in zip(m.stacks, self.row_sums, self.col_sums, strict=True):
+            e, f = self.up[rho], self.down[gamma]
+            vr, vc = vx[rho], vx[gamma]
+            to_rows = vr * rs - e * _bmv(mat, f * vc)
+            to_cols = vc * cs - f * _bmv_t(mat, e * vr)
+            out.index_add_(0, rho.reshape(-1), to_rows.reshape(-1))
+            out.index_add_(0, gamma.reshape(-1), to_cols.reshape(-1))
+        _, r, c, _ = m.flat
+        t = self.u * (vx[r] - vx[c])
+        out.index_add_(0, r, t)
+        out.index_add_(0, c, -t)
+        return out[: m.n]
 
 
 @torch.no_grad()
