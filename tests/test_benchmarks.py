@@ -1,0 +1,97 @@
+"""Smoke test of the benchmark suite (``make bench``): every code path at tiny sizes, no
+timing assertions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import balancing, discovery, memory, memory_probe, run, step, sweeps  # noqa: E402
+from benchmarks.baselines import enorm_balance_, enorm_layers, saul_balance_  # noqa: E402
+
+import gaugefix  # noqa: E402
+from gaugefix import zoo  # noqa: E402
+from gaugefix.moment import MassMatrices  # noqa: E402
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_step_overhead_paths():
+    rows = step.run(tiny=True, log=quiet)
+    assert len(rows) == 2
+    for row in rows:
+        for mode in ("exact", "penalty"):
+            assert row[mode]["skipped"] == 0
+            assert row[mode]["median_s"] > 0
+
+
+@pytest.mark.parametrize("method", [enorm_balance_, saul_balance_])
+def test_baselines_reach_the_balance_of_balance_(method):
+    """Both baselines solve the same problem: they land on the same balanced point (the
+    minimiser is unique) to the tolerance."""
+    torch.manual_seed(0)
+    model = zoo.mlp((6, 8, 8, 8, 3)).double()
+    structure = gaugefix.discover(model, torch.randn(2, 6, dtype=torch.float64))
+    gaugefix.random_gauge_(model, structure, 3.0, generator=torch.Generator().manual_seed(0))
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    result = method(model, structure, tol=1e-12)
+    assert result.converged
+    assert balancing.max_rel_imbalance(model, structure) <= 1e-12
+    reference = zoo.mlp((6, 8, 8, 8, 3)).double()
+    reference.load_state_dict(ours)
+    gaugefix.balance_(reference, structure, tol=1e-12)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_enorm_layers_split_coupled_neurons():
+    """Blocks never hold two coupled neurons: with every neuron of an MLP declared one
+    "layer", the colouring splits them back into non-coupled blocks covering every neuron."""
+    torch.manual_seed(0)
+    model = zoo.mlp((5, 6, 7, 8, 2))
+    structure = gaugefix.discover(model, torch.randn(2, 5))
+    structure.neuron_layers = ["all"] * structure.num_neurons
+    mm = MassMatrices(structure.bind(model), structure)
+    blocks = enorm_layers(mm, structure)
+    assert sorted(torch.cat(blocks).tolist()) == list(range(structure.num_neurons))
+    assert len(blocks) >= 2
+    pairs = [(r, c) for _, rho, gamma in mm.matrices for r in rho.tolist() for c in gamma.tolist()]
+    for block in blocks:
+        members = set(block.tolist())
+        assert not any(r in members and c in members for r, c in pairs)
+
+
+def test_balancing_discovery_sweeps():
+    for row in balancing.run(tiny=True, log=quiet):
+        assert all(row[m]["converged"] for m in balancing.METHODS)
+    assert discovery.run(tiny=True, log=quiet)["neurons"] > 0
+    result = sweeps.run(tiny=True, log=quiet)
+    assert result["float64"]["identical"]
+
+
+@pytest.mark.skipif(not memory.supported(), reason="needs Linux /proc/self/clear_refs")
+def test_memory_probe_in_process():
+    for mode in memory.MODES:
+        out = memory_probe.measure(mode, tiny=True)
+        assert out["peak"] >= out["rss_before"] > 0
+
+
+def test_main_writes_results_and_table(tmp_path):
+    results = run.main(
+        ["--tiny", "--only", "discover,balance", "--threads", "1", "--out", str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["targets"] == json.loads(json.dumps(results["targets"]))
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("| Item | Measured | Target | Met |")
+    assert table == run.render_markdown(saved)
+    assert len(saved["targets"]) == 3  # two balancing cases and discovery
