@@ -171,7 +171,12 @@ def summarize(store: Store, quick: bool) -> dict[str, Any]:
         by_task[r["task"]].append(r)
     analyses = store.analyses()
     relaxation = [v for k, v in analyses.items() if k.startswith("relaxation/")]
-    sharp = [v for k, v in sorted(analyses.items()) if k.startswith("sharpness-init/")]
+    sharp = sorted(  # teacher-student first: the task the summary's sharpness speaks for
+        (k != "sharpness-init/teacher-student", k, v)
+        for k, v in analyses.items()
+        if k.startswith("sharpness-init/")
+    )
+    sharp = [v for _, _, v in sharp]
     summary: dict[str, Any] = {
         "gaugefix_version": __version__,
         "torch_version": torch.__version__,

@@ -186,6 +186,7 @@ def _drift_curves(out: Path, store: Store, task: str, runs: list[dict]) -> str |
         axes[1][j].set_yscale("log")
     axes[0][0].legend(fontsize=7)
     name = f"drift-{task}.png"
+    fig.tight_layout()
     fig.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return name
