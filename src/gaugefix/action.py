@@ -136,9 +136,25 @@ def apply_gauge_unchecked_(
 def _scale_(t: Tensor, row: Tensor | None, col: Tensor | None, power: int) -> None:
     """``t *= exp(power * (row - col))`` with broadcasting, in ``t``'s dtype."""
     if row is not None:
-        t.mul_(torch.exp(power * row).to(t.dtype))
+        t.mul_(dense_inner(torch.exp(power * row).to(t.dtype), t.shape))
     if col is not None:
-        t.mul_(torch.exp(-power * col).to(t.dtype))
+        t.mul_(dense_inner(torch.exp(-power * col).to(t.dtype), t.shape))
+
+
+def dense_inner(factor: Tensor, shape: torch.Size) -> Tensor:
+    """``factor`` (broadcastable to ``shape``) materialised over its trailing size-1 dims when
+    they span fewer than 64 entries of ``shape`` (a conv's kernel taps): an elementwise product
+    with a factor broadcast along a short innermost block runs several times slower than with
+    a contiguous one. Small: at most 64 times ``factor``'s own size."""
+    k = factor.dim()
+    while k > 0 and factor.shape[k - 1] == 1:
+        k -= 1
+    if k == 0 or k == factor.dim() or factor.dim() != len(shape):
+        return factor
+    inner = shape[k:]
+    if inner.numel() >= 64 or inner.numel() == 1:
+        return factor
+    return factor.expand(*factor.shape[:k], *inner).contiguous()
 
 
 def random_gauge_(

@@ -20,6 +20,7 @@ from gaugefix.action import (
     apply_gauge_unchecked_,
     check_finite_params,
     check_log_alpha,
+    dense_inner,
     optimizer_states,
 )
 from gaugefix.moment import (
@@ -431,7 +432,7 @@ def add_orbit_selection_grad_(
             factor = factor - mux[m.cols]
         factor = strength * factor
         if p.grad is not None and p.grad.dtype == p.dtype == factor.dtype:
-            p.grad.addcmul_(p, factor)
+            p.grad.addcmul_(p, dense_inner(factor, p.shape))
             continue
         g = (factor * p.to(mu.dtype)).to(p.dtype)
         if p.grad is None:

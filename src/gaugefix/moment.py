@@ -74,43 +74,39 @@ def slot_sums(
     totals = []
     for m in structure.device_maps(device):
         t = tensors[m.name]
-        if m.rows is None or m.cols is None:  # one side: a single (fused when possible) pass
-            acc, slots = (s_out, m.cols) if m.rows is None else (s_in, m.rows)
-            fused = _fused_sum_of_squares(t, slots, dtype)
-            if fused is None:
-                fused = reduce_to(t.to(dtype).square(), slots.shape)
-            reduced = [fused.reshape(-1)]
-            acc.index_add_(0, slots.reshape(-1), reduced[0])
-        else:
+        sides = [(a, slots) for a, slots in ((s_in, m.rows), (s_out, m.cols)) if slots is not None]
+        pair = torch.broadcast_shapes(*(slots.shape for _, slots in sides))
+        # Squares summed over the trailing dims no map depends on (a conv's kernel taps) in
+        # one fused pass where possible, then onto each side's slots.
+        sq = _trailing_sum_of_squares(t, pair, dtype)
+        if sq is None:
             sq = t.to(dtype).square()
-            reduced = []
-            for acc, slots in ((s_in, m.rows), (s_out, m.cols)):
-                if slots is not None:
-                    reduced.append(reduce_to(sq, slots.shape).reshape(-1))
-                    acc.index_add_(0, slots.reshape(-1), reduced[-1])
+        reduced = []
+        for acc, slots in sides:
+            reduced.append(reduce_to(sq, slots.shape).reshape(-1))
+            acc.index_add_(0, slots.reshape(-1), reduced[-1])
         totals.append(reduced[0].sum())  # every entry has a row or a column slot
     total = torch.stack(totals).sum() if totals else torch.zeros((), dtype=dtype, device=device)
     return s_in, s_out, total
 
 
-def _fused_sum_of_squares(
-    t: Tensor, slots: Tensor | torch.Size, dtype: torch.dtype
+def _trailing_sum_of_squares(
+    t: Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
 ) -> Tensor | None:
-    """``reduce_to(t.square(), shape)`` (``shape``: that of ``slots``) in one pass without the
-    squared temporary, when the reduced dims are trailing and no gradient is recorded (a norm's
-    backward is undefined at 0); else ``None``."""
+    """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the broadcast
+    shape of a parameter's maps) has size 1 (kept with size 1), in one pass without a squared
+    temporary (a norm); ``None`` when those dims hold fewer than 64 entries (a norm over a short
+    dim is slower than squaring and summing), or a gradient is recorded (a norm's backward is
+    undefined at 0), or ``t`` is not contiguous."""
     if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
         return None
-    shape = slots.shape if isinstance(slots, Tensor) else slots
-    lead = len(shape)
+    shape = tuple(shape) if len(shape) == t.dim() else (1,) * (t.dim() - len(shape)) + tuple(shape)
+    lead = t.dim()
     while lead > 0 and shape[lead - 1] == 1:
         lead -= 1
-    if lead == t.dim() or any(
-        s == 1 and n > 1 for s, n in zip(shape[:lead], t.shape[:lead], strict=True)
-    ):
+    if t.shape[lead:].numel() < 64:  # a norm over a short trailing dim is slower than sums
         return None
-    flat = t.view(*t.shape[:lead], -1)
-    norms = torch.linalg.vector_norm(flat, dim=-1, dtype=dtype)
+    norms = torch.linalg.vector_norm(t.reshape(*t.shape[:lead], -1), dim=-1, dtype=dtype)
     return norms.square_().view(*t.shape[:lead], *[1] * (t.dim() - lead))
 
 
@@ -214,10 +210,10 @@ class MassMatrices:
             rows = dummy if m.rows is None else m.rows
             cols = dummy if m.cols is None else m.cols
             shape = torch.broadcast_shapes(rows.shape, cols.shape)
-            w = _fused_sum_of_squares(t, shape, torch.float64)
-            if w is None:
+            sq = _trailing_sum_of_squares(t, shape, torch.float64)
+            if sq is None:
                 sq = t.square() if t.dtype == torch.float64 else t.to(torch.float64).square_()
-                w = reduce_to(sq, shape)
+            w = reduce_to(sq, shape)
             a = [d for d, k in enumerate(rows.shape) if k > 1]
             b = [d for d, k in enumerate(cols.shape) if k > 1]
             if a and b and not set(a) & set(b):
