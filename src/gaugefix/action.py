@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gaugefix.moment import leading_chunks
 from gaugefix.structure import GaugeStructure
 
 # Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
@@ -125,12 +126,32 @@ def apply_gauge_unchecked_(
         p = params[m.name]
         row = None if m.rows is None else h[m.rows]
         col = None if m.cols is None else h[m.cols]
-        _scale_(p, row, col, 1)
-        if p.grad is not None:
-            _scale_(p.grad, row, col, -1)
+        targets = [(p, 1)] + ([(p.grad, -1)] if p.grad is not None else [])
         for key, value in states.get(m.name, {}).items():
             if isinstance(value, Tensor) and value.shape == p.shape:
-                _scale_(value, row, col, -1 if key in GRAD_LIKE else -2)
+                targets.append((value, -1 if key in GRAD_LIKE else -2))
+        factors = {
+            power: (
+                None if row is None else dense_inner(torch.exp(power * row).to(p.dtype), p.shape),
+                None if col is None else dense_inner(torch.exp(-power * col).to(p.dtype), p.shape),
+            )
+            for power in {power for _, power in targets}
+        }
+        blocks = None
+        if row is not None and col is not None:
+            blocks = leading_chunks(p, m.rows, m.cols)
+        if blocks is None:
+            for t, power in targets:
+                for f in factors[power]:
+                    if f is not None:
+                        t.mul_(f if f.dtype == t.dtype else f.to(t.dtype))
+            continue
+        # Both sides on a large tensor: block by block, so that the second product reads
+        # the entries from cache.
+        for block in blocks:
+            for t, power in targets:
+                fr, fc = factors[power]
+                t[block].mul_(fr[block] if fr.shape[0] > 1 else fr).mul_(fc)
 
 
 def _scale_(t: Tensor, row: Tensor | None, col: Tensor | None, power: int) -> None:

@@ -29,6 +29,7 @@ from gaugefix.moment import (
     PairMasses,
     accumulation_dtype,
     imbalance,
+    leading_chunks,
     slot_sums,
 )
 from gaugefix.structure import GaugeStructure
@@ -427,11 +428,21 @@ def add_orbit_selection_grad_(
         if m.name not in names:
             continue
         p = params[m.name]
+        same_dtype = p.grad is not None and p.grad.dtype == p.dtype == mu.dtype
+        blocks = leading_chunks(p, m.rows, m.cols) if m.rows is not None else None
+        if same_dtype and blocks is not None and m.cols is not None:
+            # Both sides on a large tensor: block by block, the row and the column terms
+            # added separately, without a full-size factor.
+            row, col = strength * mux[m.rows], -strength * mux[m.cols]
+            for block in blocks:
+                g, q = p.grad[block], p[block]
+                g.addcmul_(q, row[block] if row.shape[0] > 1 else row).addcmul_(q, col)
+            continue
         factor = mux[m.rows] if m.rows is not None else mu.new_zeros(())
         if m.cols is not None:
             factor = factor - mux[m.cols]
         factor = strength * factor
-        if p.grad is not None and p.grad.dtype == p.dtype == factor.dtype:
+        if same_dtype:
             p.grad.addcmul_(p, dense_inner(factor, p.shape))
             continue
         g = (factor * p.to(mu.dtype)).to(p.dtype)
@@ -552,6 +563,7 @@ def relax_(
     return relax_checked_(model, structure, params, rate, optimizer)
 
 
+@torch.no_grad()
 def relax_checked_(
     model: nn.Module,
     structure: GaugeStructure,
@@ -573,6 +585,7 @@ def relax_checked_(
     return _searched_orbit_step_(model, structure, params, rate, optimizer)
 
 
+@torch.no_grad()
 def relax_if_finite_(
     model: nn.Module,
     structure: GaugeStructure,

@@ -6,6 +6,7 @@ a few vectorised operations per parameter over the index maps of a :class:`Gauge
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -79,15 +80,75 @@ def slot_sums(
         # Squares summed over the trailing dims no map depends on (a conv's kernel taps) in
         # one fused pass where possible, then onto each side's slots.
         sq = _trailing_sum_of_squares(t, pair, dtype)
-        if sq is None:
-            sq = t.to(dtype).square()
-        reduced = []
-        for acc, slots in sides:
-            reduced.append(reduce_to(sq, slots.shape).reshape(-1))
-            acc.index_add_(0, slots.reshape(-1), reduced[-1])
+        blocks = leading_chunks(t, m.rows, m.cols) if sq is None else None
+        if blocks is not None:
+            reduced = _chunked_sums_of_squares(t, blocks, [slots for _, slots in sides], dtype)
+        else:
+            if sq is None:
+                sq = t.to(dtype).square()
+            reduced = [reduce_to(sq, slots.shape).reshape(-1) for _, slots in sides]
+        for (acc, slots), v in zip(sides, reduced, strict=True):
+            acc.index_add_(0, slots.reshape(-1), v)
         totals.append(reduced[0].sum())  # every entry has a row or a column slot
     total = torch.stack(totals).sum() if totals else torch.zeros((), dtype=dtype, device=device)
     return s_in, s_out, total
+
+
+CHUNK = 1 << 18  # entries per block of a large tensor (1 MiB of float32: stays in cache)
+
+
+def leading_chunks(t: Tensor, rows: Tensor | None, cols: Tensor | None) -> list[slice] | None:
+    """Blocks of ``CHUNK`` entries along dim 0 of a large tensor whose row map (if any) varies
+    only along dim 0 and whose column map (if any) does not: per block, every pass over the
+    entries then reads them from cache instead of memory. ``None`` for a small tensor, another
+    layout, or when a gradient is recorded."""
+    if t.numel() < 2 * CHUNK or t.dim() < 2 or torch.is_grad_enabled() and t.requires_grad:
+        return None
+    if rows is not None and any(k > 1 for k in rows.shape[1:]):
+        return None
+    if cols is not None and cols.shape[0] > 1:
+        return None
+    step = max(1, CHUNK // (t.numel() // t.shape[0]))
+    return [slice(i, i + step) for i in range(0, t.shape[0], step)]
+
+
+_scratch = threading.local()  # per thread: {(device, dtype): buffer of CHUNK entries}
+
+
+def _block_square(block: Tensor, dtype: torch.dtype) -> Tensor:
+    """``block.to(dtype).square()`` written into a reused per-thread buffer when the dtypes
+    agree: a fresh allocation per block would be returned to the system and faulted back in
+    page by page at every call, which costs more than the squaring."""
+    if block.dtype != dtype or block.numel() > CHUNK:
+        return block.to(dtype).square()
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (block.device, dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty(CHUNK, dtype=dtype, device=block.device)
+    out = buffers[key][: block.numel()].view(block.shape)
+    return torch.mul(block, block, out=out)
+
+
+def _chunked_sums_of_squares(
+    t: Tensor, blocks: list[slice], sides: list[Tensor], dtype: torch.dtype
+) -> list[Tensor]:
+    """``reduce_to(t.square(), slots.shape).reshape(-1)`` for the ``slots`` of each side, one
+    block of :func:`leading_chunks` at a time: a single read of ``t``, the squares of one block
+    staying in cache."""
+    out: list[list[Tensor] | Tensor] = []
+    for slots in sides:
+        if slots.shape[0] > 1:
+            out.append([])
+        else:
+            out.append(torch.zeros(slots.shape, dtype=dtype, device=t.device))
+    for block in blocks:
+        sq = _block_square(t[block], dtype)
+        for k, slots in enumerate(sides):
+            if slots.shape[0] > 1:  # varies along dim 0: this block's own slots
+                out[k].append(reduce_to(sq, (sq.shape[0], *slots.shape[1:])))
+            else:
+                out[k] += reduce_to(sq, slots.shape)
+    return [(torch.cat(v) if isinstance(v, list) else v).reshape(-1) for v in out]
 
 
 def _trailing_sum_of_squares(
