@@ -154,14 +154,6 @@ def apply_gauge_unchecked_(
                 t[block].mul_(fr[block] if fr.shape[0] > 1 else fr).mul_(fc)
 
 
-def _scale_(t: Tensor, row: Tensor | None, col: Tensor | None, power: int) -> None:
-    """``t *= exp(power * (row - col))`` with broadcasting, in ``t``'s dtype."""
-    if row is not None:
-        t.mul_(dense_inner(torch.exp(power * row).to(t.dtype), t.shape))
-    if col is not None:
-        t.mul_(dense_inner(torch.exp(-power * col).to(t.dtype), t.shape))
-
-
 def dense_inner(factor: Tensor, shape: torch.Size) -> Tensor:
     """``factor`` (broadcastable to ``shape``) materialised over its trailing size-1 dims when
     they span fewer than 64 entries of ``shape`` (a conv's kernel taps): an elementwise product

@@ -76,7 +76,7 @@ def slot_sums(
     for m in structure.device_maps(device):
         t = tensors[m.name]
         sides = [(a, slots) for a, slots in ((s_in, m.rows), (s_out, m.cols)) if slots is not None]
-        pair = torch.broadcast_shapes(*(slots.shape for _, slots in sides))
+        pair = tuple(map(max, zip(*(slots.shape for _, slots in sides), strict=True)))
         # Squares summed over the trailing dims no map depends on (a conv's kernel taps) in
         # one fused pass where possible, then onto each side's slots.
         sq = _trailing_sum_of_squares(t, pair, dtype)
@@ -123,7 +123,7 @@ def _block_square(block: Tensor, dtype: torch.dtype) -> Tensor:
         return block.to(dtype).square()
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (block.device, dtype)
-    if key not in buffers:
+    if key not in buffers or buffers[key].numel() < block.numel():
         buffers[key] = torch.empty(CHUNK, dtype=dtype, device=block.device)
     out = buffers[key][: block.numel()].view(block.shape)
     return torch.mul(block, block, out=out)
