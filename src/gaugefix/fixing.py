@@ -560,60 +560,39 @@ def relax_(
     rate = _check_rate(rate, structure)
     check_finite_params(params)
     optimizer_states(optimizer, params)
-    return relax_checked_(model, structure, params, rate, optimizer)
+    return relax_unchecked_(model, structure, params, rate, optimizer)
 
 
 @torch.no_grad()
-def relax_checked_(
+def relax_unchecked_(
     model: nn.Module,
     structure: GaugeStructure,
     params: dict[str, Tensor],
     rate: float | Tensor,
     optimizer: torch.optim.Optimizer | None,
-) -> Tensor:
-    """:func:`relax_` for callers that already validated: ``params = structure.bind(model)``
-    with finite entries, ``rate`` from ``_check_rate``. (The action re-checks finiteness.)"""
+) -> Tensor | None:
+    """The step of :func:`relax_` for callers that validated everything but the finiteness of
+    the parameters: ``params = structure.bind(model)``, ``rate`` from ``_check_rate``. Returns
+    ``None``, modifying nothing, when a parameter has a NaN or infinite entry (found from the
+    squared sums the step needs anyway); otherwise the step ``h``."""
     n = structure.num_neurons
     if not params or n == 0:
-        return torch.zeros(n, dtype=torch.float64)
-    if not isinstance(rate, Tensor):
-        h, moves, _ = _certified_orbit_step(params, structure, rate)
-        if h is not None:
-            if moves:
-                apply_gauge_unchecked_(params, structure, h, optimizer_states(optimizer, params))
-            return h
-    return _searched_orbit_step_(model, structure, params, rate, optimizer)
-
-
-@torch.no_grad()
-def relax_if_finite_(
-    model: nn.Module,
-    structure: GaugeStructure,
-    params: dict[str, Tensor],
-    rate: float | Tensor,
-    optimizer: torch.optim.Optimizer | None,
-) -> bool:
-    """:func:`relax_checked_` for callers that validated everything but the finiteness of the
-    parameters and the optimizer state: returns ``False``, modifying nothing, when a parameter
-    has a NaN or infinite entry (found from the squared sums the step needs anyway)."""
-    n = structure.num_neurons
-    if not params or n == 0:
-        return all_finite(list(params.values()))
+        finite = all_finite(list(params.values()))
+        return torch.zeros(n, dtype=torch.float64) if finite else None
     if isinstance(rate, Tensor):
         if not all_finite(list(params.values())):
-            return False
+            return None
         optimizer_states(optimizer, params)
-        _searched_orbit_step_(model, structure, params, rate, optimizer)
-        return True
+        return _searched_orbit_step_(model, structure, params, rate, optimizer)
     h, moves, finite = _certified_orbit_step(params, structure, rate)
     if not finite and not all_finite(list(params.values())):
-        return False
+        return None
     states = optimizer_states(optimizer, params)
     if h is None:
-        _searched_orbit_step_(model, structure, params, rate, optimizer)
-    elif moves:
+        return _searched_orbit_step_(model, structure, params, rate, optimizer)
+    if moves:
         apply_gauge_unchecked_(params, structure, h, states)
-    return True
+    return h
 
 
 def _searched_orbit_step_(

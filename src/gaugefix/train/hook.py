@@ -15,7 +15,7 @@ from gaugefix.fixing import (
     add_orbit_selection_grad_,
     balance_,
     check_strength,
-    relax_if_finite_,
+    relax_unchecked_,
 )
 from gaugefix.moment import imbalance_stats
 from gaugefix.structure import GaugeStructure
@@ -147,7 +147,10 @@ class GaugeFixing:
             if isinstance(rate, Tensor) or rate > 0:
                 # Checks the parameters' finiteness on the squared sums the step needs, then
                 # the optimizer state (a clear error for unknown state), then steps.
-                ok = relax_if_finite_(self.model, self.structure, self.params, rate, optimizer)
+                ok = (
+                    relax_unchecked_(self.model, self.structure, self.params, rate, optimizer)
+                    is not None
+                )
             else:
                 ok = _all_finite(list(self.params.values()))
         if ok:
