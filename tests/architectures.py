@@ -62,6 +62,28 @@ def rel_change(before: Tensor, after: Tensor) -> float:
     return float((after - before).abs().max()) / max(float(before.abs().max()), 1e-300)
 
 
+ZOO_ARCHS = ["mlp", "cnn", "resnet", "densenet", "transformer"]
+
+
+def gauged_zoo_model(
+    name: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    gauge: float = 0.7,
+    gauge_seed: int | None = None,
+) -> tuple[nn.Module, Tensor, gaugefix.GaugeStructure]:
+    """A zoo model in eval mode, an example input and its structure, moved off balance by
+    ``random_gauge_(gauge)`` drawn from ``gauge_seed`` (default ``seed``)."""
+    torch.manual_seed(seed)
+    factory, shape = zoo.EXAMPLES[name]
+    model = factory().to(dtype).eval()
+    x = torch.randn(2, *shape[1:], dtype=dtype)
+    structure = gaugefix.discover(model, x)
+    gen = torch.Generator().manual_seed(seed if gauge_seed is None else gauge_seed)
+    gaugefix.random_gauge_(model, structure, gauge, generator=gen)
+    return model, x, structure
+
+
 def randomise_(model: nn.Module, seed: int) -> nn.Module:
     """Non-trivial values for norm-layer affine parameters and running statistics (the defaults
     1 and 0 would hide mistakes), deterministic in ``seed``; converts to float64."""

@@ -10,22 +10,15 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 import gaugefix
+from architectures import ZOO_ARCHS, gauged_zoo_model
 from gaugefix import OrbitSelectionPenalty, imbalance, zoo
 from gaugefix.fixing import orbit_selection_grad
 
-ARCHS = ["mlp", "cnn", "resnet", "densenet", "transformer"]
+ARCHS = ZOO_ARCHS
 
 
 def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, gauge: float = 0.7):
-    """A zoo model in eval mode, its example input and structure, moved off balance."""
-    torch.manual_seed(seed)
-    factory, shape = zoo.EXAMPLES[name]
-    model = factory().to(dtype).eval()
-    x = torch.randn(2, *shape[1:], dtype=dtype)
-    structure = gaugefix.discover(model, x)
-    gen = torch.Generator().manual_seed(seed + 1)
-    gaugefix.random_gauge_(model, structure, gauge, generator=gen)
-    return model, x, structure
+    return gauged_zoo_model(name, seed, dtype, gauge, gauge_seed=seed + 1)
 
 
 def autograd_grads(model, structure, strength):

@@ -9,21 +9,15 @@ import torch
 from torch import nn
 
 import gaugefix
+from architectures import ZOO_ARCHS, gauged_zoo_model
 from gaugefix import OrbitSelectionPenalty, imbalance, relax_, zoo
 from gaugefix.moment import in_out_sums
 
-ARCHS = ["mlp", "cnn", "resnet", "densenet", "transformer"]
+ARCHS = ZOO_ARCHS
 RATES = [1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3]
 
 
-def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, gauge: float = 0.7):
-    torch.manual_seed(seed)
-    factory, shape = zoo.EXAMPLES[name]
-    model = factory().to(dtype).eval()
-    x = torch.randn(2, *shape[1:], dtype=dtype)
-    structure = gaugefix.discover(model, x)
-    gaugefix.random_gauge_(model, structure, gauge, generator=torch.Generator().manual_seed(seed))
-    return model, x, structure
+make = gauged_zoo_model
 
 
 def sums(model, structure):
