@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 import gaugefix
-from benchmarks.baselines import enorm_balance_, saul_balance_
+from benchmarks.baselines import gauss_seidel_balance_, saul_balance_
 from benchmarks.common import paired, summary
 from gaugefix import zoo
-from gaugefix.moment import PairMasses
 
 TOL = 1e-10
 SCALE = 3.0
@@ -42,9 +41,10 @@ def cases(tiny: bool = False) -> list[BalanceCase]:
 
 
 def max_rel_imbalance(model: nn.Module, structure: gaugefix.GaugeStructure) -> float:
-    """``max_n |mu_n| / S_n`` over the live neurons, float64, from the model's parameters."""
-    pm = PairMasses(structure.bind(model), structure)
-    s_in, s_out = pm.sums(pm.weighted(torch.zeros(pm.n, dtype=torch.float64)))
+    """``max_n |mu_n| / S_n`` over the live generators, float64, from the model's parameters."""
+    s_in, s_out = gaugefix.moment.in_out_sums(
+        {k: v.detach().double() for k, v in structure.bind(model).items()}, structure
+    )
     live = (s_in > 0) & (s_out > 0)
     return float(((s_in - s_out).abs() / (s_in + s_out))[live].max())
 
@@ -53,15 +53,15 @@ def _ours(model: nn.Module, structure: gaugefix.GaugeStructure) -> int:
     return gaugefix.balance_(model, structure, tol=TOL).iterations
 
 
-def _enorm(model: nn.Module, structure: gaugefix.GaugeStructure) -> int:
-    return enorm_balance_(model, structure, tol=TOL).iterations
+def _gauss_seidel(model: nn.Module, structure: gaugefix.GaugeStructure) -> int:
+    return gauss_seidel_balance_(model, structure, tol=TOL).iterations
 
 
 def _saul(model: nn.Module, structure: gaugefix.GaugeStructure) -> int:
     return saul_balance_(model, structure, tol=TOL).iterations
 
 
-METHODS = {"balance_": _ours, "equi-normalization": _enorm, "saul": _saul}
+METHODS = {"balance_": _ours, "gauss-seidel": _gauss_seidel, "saul": _saul}
 
 
 def run(tiny: bool = False, log: Callable[[str], None] = print) -> list[dict]:
@@ -99,7 +99,7 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
     row: dict = {
         "case": case.name,
         "pairs": case.pairs,
-        "neurons": structure.num_neurons,
+        "neurons": structure.num_generators,
         "params": sum(p.numel() for p in base.parameters()),
         "start_max_rel_imbalance": start,
         "tol": TOL,
@@ -111,7 +111,7 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
             "max_rel_imbalance": max(reached[name]),
             "converged": max(reached[name]) <= TOL,
         }
-    baselines = ("equi-normalization", "saul")
+    baselines = ("gauss-seidel", "saul")
     faster = min(baselines, key=lambda b: row[b]["median_s"])
     ours = times["balance_"]
     row["faster_baseline"] = faster
@@ -125,8 +125,8 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
     log(
         f"  {case.name}: balance_ {row['balance_']['median_s'] * 1e3:.0f} ms "
         f"({row['balance_']['iterations']:.0f} it), "
-        f"ENorm {row['equi-normalization']['median_s'] * 1e3:.0f} ms "
-        f"({row['equi-normalization']['iterations']:.0f} sweeps), "
+        f"Gauss-Seidel {row['gauss-seidel']['median_s'] * 1e3:.0f} ms "
+        f"({row['gauss-seidel']['iterations']:.0f} sweeps), "
         f"Saul {row['saul']['median_s'] * 1e3:.0f} ms ({row['saul']['iterations']:.0f} it); "
         f"{row['speedup_vs_faster_baseline']:.1f}x vs {faster}"
     )

@@ -39,7 +39,7 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
         else "ResNet-50 layout (tiny)",
         "params": sum(p.numel() for p in model.parameters()),
         "input": [1, 3, size, size],
-        "neurons": structure.num_neurons,
+        "neurons": structure.num_generators,
         "pairs": pairs,
         "discover": summary(times["discover"]),
         "forwards_x20": summary(times["forwards"]),
@@ -48,6 +48,6 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
     log(
         f"  discover {row['discover']['median_s']:.2f} s, {FORWARDS} forwards "
         f"{row['forwards_x20']['median_s']:.2f} s: ratio {row['ratio']:.2f} "
-        f"({structure.num_neurons} neurons)"
+        f"({structure.num_generators} neurons)"
     )
     return row

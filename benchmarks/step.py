@@ -127,7 +127,7 @@ def _run_case(case: StepCase, log: Callable[[str], None]) -> dict:
         "lr": LR,
         "momentum": MOMENTUM,
         "strength": STRENGTH,
-        "neurons": structure.num_neurons,
+        "neurons": structure.num_generators,
         "params": sum(p.numel() for p in plain_model.parameters()),
         "plain_step": summary(plain),
         "imbalance_stats": summary(times["imbalance_stats"]),

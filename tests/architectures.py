@@ -665,37 +665,55 @@ def deep_mlp(depth: int = 20, width: int = 4, seed: int = 0) -> Case:
     return Case("mlp", model, _inputs(seed, 5, width), (depth - 1) * width, f"depth={depth}")
 
 
-# --- plain references, one neuron at a time (from GaugeStructure.neuron) -------------------------
+# --- plain references, one generator at a time (from GaugeStructure.generator) -------------------
 
 
-def entries(index_map: Tensor, idx: tuple[int, ...]) -> tuple:
-    """The parameter entries that one index into a (broadcastable) map stands for."""
-    return tuple(slice(None) if index_map.shape[d] == 1 else i for d, i in enumerate(idx))
+def entries(idx: tuple) -> tuple:
+    """The parameter entries one index of :meth:`GaugeStructure.generator` stands for."""
+    return tuple(slice(None) if i is None else i for i in idx)
+
+
+def signed_map(s: gaugefix.GaugeStructure, name: str, sign: int) -> Tensor | None:
+    """The generator map of the one term of ``name`` with ``sign`` (``None`` without one)."""
+    p = s.params.get(name)
+    terms = [t.index for t in (p.terms if p is not None else ()) if t.sign == sign]
+    assert len(terms) <= 1, (name, sign, terms)
+    return terms[0] if terms else None
+
+
+def incidence(s: gaugefix.GaugeStructure, name: str) -> Tensor:
+    """The weights ``w_n(e)``, ``[num_generators, *shape]`` (dense; for small models)."""
+    p = s.params[name]
+    out = torch.zeros(s.num_generators + 1, *p.shape, dtype=torch.long)
+    for t in p.terms:
+        idx = t.index.expand(p.shape) % (s.num_generators + 1)
+        out.scatter_add_(0, idx.unsqueeze(0), torch.full_like(idx, t.sign).unsqueeze(0))
+    return out[:-1]
 
 
 def reference_action(s: gaugefix.GaugeStructure, params: dict[str, Tensor], h: Tensor) -> None:
-    """``g(h)`` neuron by neuron: multiply what neuron n produces by ``exp(h_n)``, divide what it
-    consumes by it."""
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for name, idx in slices.produced_by:
-            params[name][entries(s.params[name].rows, idx)] *= math.exp(float(h[n]))
-        for name, idx in slices.consumed_by:
-            params[name][entries(s.params[name].cols, idx)] /= math.exp(float(h[n]))
+    """``g(h)`` generator by generator: multiply what generator n multiplies by
+    ``exp(h_n)``, divide what it divides by it."""
+    for n in range(s.num_generators):
+        slices = s.generator(n)
+        for name, idx in slices.incoming:
+            params[name][entries(idx)] *= math.exp(float(h[n]))
+        for name, idx in slices.outgoing:
+            params[name][entries(idx)] /= math.exp(float(h[n]))
 
 
 def reference_sides(
     s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """``(sum_in theta^2, sum_out theta^2)`` per neuron, one neuron at a time."""
-    s_in = torch.zeros(s.num_neurons, dtype=DTYPE)
-    s_out = torch.zeros(s.num_neurons, dtype=DTYPE)
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for name, idx in slices.produced_by:
-            s_in[n] += tensors[name][entries(s.params[name].rows, idx)].double().square().sum()
-        for name, idx in slices.consumed_by:
-            s_out[n] += tensors[name][entries(s.params[name].cols, idx)].double().square().sum()
+    """``(sum_in theta^2, sum_out theta^2)`` per generator, one generator at a time."""
+    s_in = torch.zeros(s.num_generators, dtype=DTYPE)
+    s_out = torch.zeros(s.num_generators, dtype=DTYPE)
+    for n in range(s.num_generators):
+        slices = s.generator(n)
+        for name, idx in slices.incoming:
+            s_in[n] += tensors[name][entries(idx)].double().square().sum()
+        for name, idx in slices.outgoing:
+            s_out[n] += tensors[name][entries(idx)].double().square().sum()
     return s_in, s_out
 
 

@@ -57,7 +57,7 @@ def drawn_gauge(data, n: int, scale: float | None = None) -> Tensor:
 @given(case=any_case, data=st.data())
 def test_action_matches_the_per_neuron_definition(case, data):
     s = gaugefix.discover(case.model, *case.inputs)
-    h = drawn_gauge(data, s.num_neurons)
+    h = drawn_gauge(data, s.num_generators)
     expected = {k: v.detach().clone() for k, v in case.model.named_parameters()}
     reference_action(s, expected, h)
     gaugefix.apply_gauge_(case.model, s, h)
@@ -69,7 +69,7 @@ def test_action_matches_the_per_neuron_definition(case, data):
 @given(case=any_case, data=st.data())
 def test_action_composes_additively_and_inverts(case, data):
     s = gaugefix.discover(case.model, *case.inputs)
-    h1, h2 = drawn_gauge(data, s.num_neurons), drawn_gauge(data, s.num_neurons)
+    h1, h2 = drawn_gauge(data, s.num_generators), drawn_gauge(data, s.num_generators)
     original = snapshot(case.model)
     twice = copy.deepcopy(case.model)
     gaugefix.apply_gauge_(twice, s, h1)
@@ -184,7 +184,7 @@ def test_transported_state_equals_state_built_at_the_new_point(optimizer, data):
     family = data.draw(st.sampled_from(["mlp", "cnn", "resnet", "transformer"]))
     case = data.draw(FAMILIES[family])
     s = gaugefix.discover(case.model, *case.inputs)
-    h = drawn_gauge(data, s.num_neurons)
+    h = drawn_gauge(data, s.num_generators)
     x = case.inputs[0]
     batches = [x, x.flip(0) * 0.5 + 0.1, -x]
     moved = copy.deepcopy(case.model)
@@ -288,7 +288,7 @@ def test_non_finite_parameters_raise_and_change_nothing(build, bad, where):
         opt.state[p]["momentum_buffer"] = torch.ones_like(p)
     saved = snapshot(model)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-        gaugefix.apply_gauge_(model, s, torch.full((s.num_neurons,), 0.3, dtype=DTYPE), opt)
+        gaugefix.apply_gauge_(model, s, torch.full((s.num_generators,), 0.3, dtype=DTYPE), opt)
     assert_same_bits(model, saved)
     assert all(
         torch.equal(st["momentum_buffer"], torch.ones_like(p)) for p, st in opt.state.items()
@@ -299,7 +299,7 @@ def test_non_finite_parameters_raise_and_change_nothing(build, bad, where):
 
 
 @pytest.mark.parametrize(
-    "log_alpha, error",
+    "h, error",
     [
         (torch.zeros(12, dtype=DTYPE), ValueError),
         (torch.zeros(10, dtype=DTYPE), ValueError),
@@ -313,13 +313,13 @@ def test_non_finite_parameters_raise_and_change_nothing(build, bad, where):
     ],
     ids=["long", "short", "row", "column", "scalar", "integer", "nan", "inf", "list"],
 )
-def test_bad_log_alpha_raises_and_changes_nothing(log_alpha, error):
+def test_bad_h_raises_and_changes_nothing(h, error):
     model, x = _mlp()
     s = gaugefix.discover(model, x)
-    assert s.num_neurons == 11
+    assert s.num_generators == 11
     saved = snapshot(model)
-    with pytest.raises(error, match="log_alpha"):
-        gaugefix.apply_gauge_(model, s, log_alpha)
+    with pytest.raises(error, match=r"\bh\b"):
+        gaugefix.apply_gauge_(model, s, h)
     assert_same_bits(model, saved)
 
 
@@ -338,7 +338,7 @@ def test_structure_of_another_model_raises_before_modifying(other):
     target = other().double()
     saved = snapshot(target)
     with pytest.raises(ValueError, match="structure does not match"):
-        gaugefix.apply_gauge_(target, s, torch.ones(s.num_neurons, dtype=DTYPE))
+        gaugefix.apply_gauge_(target, s, torch.ones(s.num_generators, dtype=DTYPE))
     assert_same_bits(target, saved)
     with pytest.raises(ValueError, match="structure does not match"):
         gaugefix.imbalance(target, s)
@@ -349,10 +349,10 @@ def test_structure_of_another_model_raises_before_modifying(other):
 @given(case=any_case, data=st.data())
 def test_imbalance_matches_the_per_neuron_reference(case, data):
     s = gaugefix.discover(case.model, *case.inputs)
-    gaugefix.apply_gauge_(case.model, s, drawn_gauge(data, s.num_neurons))
+    gaugefix.apply_gauge_(case.model, s, drawn_gauge(data, s.num_generators))
     params = {k: v.detach() for k, v in case.model.named_parameters()}
     mu = gaugefix.imbalance(case.model, s)
-    assert mu.shape == (s.num_neurons,) and mu.dtype == DTYPE
+    assert mu.shape == (s.num_generators,) and mu.dtype == DTYPE
     assert_close_to_scale(mu, reference_imbalance(s, params), 1e-13)
     # from a mapping of tensors (here: gradients) instead of a model
     loss_of(case.model, case.inputs[0]).backward()
@@ -386,7 +386,7 @@ def test_imbalance_gradient_is_twice_the_generator(case, data):
     """``grad mu_n = 2 xi_n``: for weights ``v``, ``d(v . mu)/d theta_e = 2 theta_e (v_row -
     v_col)``, a missing side counting 0 (checked against the per-neuron slices)."""
     s = gaugefix.discover(case.model, *case.inputs)
-    v = drawn_gauge(data, s.num_neurons, scale=1.0)
+    v = drawn_gauge(data, s.num_generators, scale=1.0)
     params = dict(case.model.named_parameters())
     names = list(s.params)
     if not names:
@@ -394,12 +394,12 @@ def test_imbalance_gradient_is_twice_the_generator(case, data):
     mu = gaugefix.imbalance(case.model, s)
     grads = torch.autograd.grad((v * mu).sum(), [params[n] for n in names])
     expected = {n: torch.zeros_like(params[n]) for n in names}
-    for n in range(s.num_neurons):
-        slices = s.neuron(n)
-        for name, idx in slices.produced_by:
-            expected[name][entries(s.params[name].rows, idx)] += v[n]
-        for name, idx in slices.consumed_by:
-            expected[name][entries(s.params[name].cols, idx)] -= v[n]
+    for n in range(s.num_generators):
+        slices = s.generator(n)
+        for name, idx in slices.incoming:
+            expected[name][entries(idx)] += v[n]
+        for name, idx in slices.outgoing:
+            expected[name][entries(idx)] -= v[n]
     for name, g in zip(names, grads, strict=True):
         assert_rel_close(g, 2 * params[name].detach() * expected[name], 1e-13, name)
 

@@ -41,7 +41,7 @@ def max_rel_imbalance(model: nn.Module, s: gaugefix.GaugeStructure, skip=()) -> 
     """``max_n |mu_n| / S_n`` from the per-neuron references (neurons in ``skip`` left out)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     mu, total = reference_imbalance(s, params), reference_sq_norms(s, params)
-    keep = torch.ones(s.num_neurons, dtype=torch.bool)
+    keep = torch.ones(s.num_generators, dtype=torch.bool)
     keep[list(skip)] = False
     return float((mu.abs() / total)[keep].max()) if bool(keep.any()) else 0.0
 
@@ -55,7 +55,7 @@ def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, d
     original = snapshot(model)
     result = gaugefix.balance_(model, s)
     assert result.converged and result.max_rel_imbalance <= TOL, result
-    assert result.dead_neurons.numel() == 0
+    assert result.dead_generators.numel() == 0
     assert max_rel_imbalance(model, s) <= TOL
     with torch.no_grad():
         assert rel_change(before, model(*inputs)) <= TOL
@@ -64,7 +64,7 @@ def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, d
     assert result.norm_sq_after <= result.norm_sq_before
     # the reported transformation is the one applied
     undone = copy.deepcopy(model)
-    gaugefix.apply_gauge_(undone, s, -result.log_alpha)
+    gaugefix.apply_gauge_(undone, s, -result.h)
     for name, p in undone.named_parameters():
         err = (p.detach() - original[name]).abs()
         assert bool((err <= 1e-12 * original[name].abs()).all()), name
@@ -73,7 +73,7 @@ def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, d
     again = gaugefix.balance_(model, s)
     assert again.iterations == 0 and again.converged
     assert_same_bits(model, balanced)
-    if data is not None and s.num_neurons:
+    if data is not None and s.num_generators:
         # minimal norm: no gauge transformation of the result is shorter
         for _ in range(3):
             scale = data.draw(st.floats(1e-2, 1.0), label="scale")
@@ -104,7 +104,7 @@ def test_balance_reaches_tolerance_keeps_outputs_and_is_minimal(family, data):
 def test_twenty_layer_mlp_from_a_large_random_gauge(width, seed):
     case = deep_mlp(depth=20, width=width, seed=seed)
     s = gaugefix.discover(case.model, *case.inputs)
-    assert s.num_neurons == case.expected
+    assert s.num_generators == case.expected
     gaugefix.random_gauge_(case.model, s, 3.0, generator=torch.Generator().manual_seed(seed))
     assert max_rel_imbalance(case.model, s) > 0.5  # a real starting imbalance
     result = check_balance(case.model, case.inputs, s)
@@ -137,7 +137,7 @@ def test_balance_of_a_two_layer_net_is_the_closed_form():
     s_out = w2.square().sum(0)
     expected = 0.25 * torch.log(s_out / s_in)
     result = gaugefix.balance_(model, s)
-    assert torch.allclose(result.log_alpha, expected, rtol=0, atol=1e-9)
+    assert torch.allclose(result.h, expected, rtol=0, atol=1e-9)
 
 
 # --- dead neurons --------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_balance_of_a_two_layer_net_is_the_closed_form():
         st.tuples(st.integers(0, 99), st.sampled_from(["in", "out", "both"])), max_size=4
     ),
 )
-def test_dead_neurons_are_reported_left_alone_and_never_nan(depth, width, seed, kills):
+def test_dead_generators_are_reported_left_alone_and_never_nan(depth, width, seed, kills):
     widths = [3] + [width] * (depth - 1) + [2]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -161,7 +161,7 @@ def test_dead_neurons_are_reported_left_alone_and_never_nan(depth, width, seed, 
     gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for k, side in kills:
-            layer, unit = divmod(k % s.num_neurons, width)
+            layer, unit = divmod(k % s.num_generators, width)
             if side in ("in", "both"):
                 model.layers[layer].weight[unit] = 0
                 model.layers[layer].bias[unit] = 0
@@ -171,13 +171,13 @@ def test_dead_neurons_are_reported_left_alone_and_never_nan(depth, width, seed, 
     # removes one outgoing entry of every neuron of the layer before)
     s_in, s_out = reference_sides(s, {k: v.detach() for k, v in model.named_parameters()})
     dead = set(torch.nonzero((s_in == 0) | (s_out == 0)).view(-1).tolist())
-    assert {k % s.num_neurons for k, _ in kills} <= dead
+    assert {k % s.num_generators for k, _ in kills} <= dead
     with torch.no_grad():
         before = model(x)
     result = gaugefix.balance_(model, s)
-    assert set(result.dead_neurons.tolist()) == dead
-    assert bool(torch.isfinite(result.log_alpha).all())
-    assert bool((result.log_alpha[sorted(dead)] == 0).all())
+    assert set(result.dead_generators.tolist()) == dead
+    assert bool(torch.isfinite(result.h).all())
+    assert bool((result.h[sorted(dead)] == 0).all())
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert result.converged and result.max_rel_imbalance <= TOL
     assert max_rel_imbalance(model, s, skip=dead) <= TOL
@@ -193,7 +193,7 @@ def test_all_dead_model_is_left_alone():
     s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
     saved = snapshot(model)
     result = gaugefix.balance_(model, s)
-    assert result.dead_neurons.tolist() == list(range(8))
+    assert result.dead_generators.tolist() == list(range(8))
     assert result.iterations == 0 and result.converged and result.max_rel_imbalance == 0.0
     assert result.norm_sq_before == result.norm_sq_after == 0.0
     assert_same_bits(model, saved)

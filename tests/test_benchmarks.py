@@ -14,11 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import balancing, discovery, memory, memory_probe, run, step, sweeps  # noqa: E402
-from benchmarks.baselines import enorm_balance_, enorm_layers, saul_balance_  # noqa: E402
+from benchmarks.baselines import (  # noqa: E402
+    coupled_pairs,
+    gauss_seidel_balance_,
+    gauss_seidel_blocks,
+    saul_balance_,
+)
 
 import gaugefix  # noqa: E402
 from gaugefix import zoo  # noqa: E402
-from gaugefix.moment import MassMatrices  # noqa: E402
 
 
 def quiet(_: str) -> None:
@@ -34,7 +38,7 @@ def test_step_overhead_paths():
             assert row[mode]["median_s"] > 0
 
 
-@pytest.mark.parametrize("method", [enorm_balance_, saul_balance_])
+@pytest.mark.parametrize("method", [gauss_seidel_balance_, saul_balance_])
 def test_baselines_reach_the_balance_of_balance_(method):
     """Both baselines solve the same problem: they land on the same balanced point (the
     minimiser is unique) to the tolerance."""
@@ -53,18 +57,18 @@ def test_baselines_reach_the_balance_of_balance_(method):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_enorm_layers_split_coupled_neurons():
-    """Blocks never hold two coupled neurons: with every neuron of an MLP declared one
-    "layer", the colouring splits them back into non-coupled blocks covering every neuron."""
+def test_gauss_seidel_blocks_split_coupled_generators():
+    """Blocks never hold two coupled generators: with every generator of an MLP declared one
+    "layer", the colouring splits them back into non-coupled blocks covering every one."""
     torch.manual_seed(0)
     model = zoo.mlp((5, 6, 7, 8, 2))
     structure = gaugefix.discover(model, torch.randn(2, 5))
-    structure.neuron_layers = ["all"] * structure.num_neurons
-    mm = MassMatrices(structure.bind(model), structure)
-    blocks = enorm_layers(mm, structure)
-    assert sorted(torch.cat(blocks).tolist()) == list(range(structure.num_neurons))
+    structure.generator_layers = ["all"] * structure.num_generators
+    blocks = gauss_seidel_blocks(structure)
+    assert sorted(torch.cat(blocks).tolist()) == list(range(structure.num_generators))
     assert len(blocks) >= 2
-    pairs = [(r, c) for _, rho, gamma in mm.matrices for r in rho.tolist() for c in gamma.tolist()]
+    pairs = coupled_pairs(structure, torch.zeros(structure.num_generators, dtype=torch.long))
+    assert pairs
     for block in blocks:
         members = set(block.tolist())
         assert not any(r in members and c in members for r, c in pairs)

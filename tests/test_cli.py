@@ -13,7 +13,7 @@ cli = CliRunner()
 def test_inspect_builtin_example_prints_the_summary():
     result = cli.invoke(app, ["inspect", "resnet"])
     assert result.exit_code == 0, result.output
-    assert "48 gauge neurons" in result.output
+    assert "48 generators (48 neuron)" in result.output
     assert "normalised by F.batch_norm" in result.output
 
 
@@ -24,8 +24,8 @@ def test_inspect_factory_with_input_shape_and_save(tmp_path):
     )
     assert result.exit_code == 0, result.output
     loaded = gaugefix.GaugeStructure.load(path)
-    assert loaded.num_neurons == 56
-    assert f"{loaded.num_neurons} gauge neurons" in result.output
+    assert loaded.num_generators == 56
+    assert f"{loaded.num_generators} generators" in result.output
 
 
 def test_inspect_errors_are_one_line_with_exit_2():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gaugefix as gf
+from architectures import incidence
 from gaugefix import zoo
 from gaugefix.coordinates import SingularGramError
 
@@ -76,8 +77,8 @@ def test_round_trip_and_balanced_point(name):
         y = model(x)
         model.load_state_dict(coords.balanced)
         assert float((model(x) - y).norm() / y.norm()) <= 1e-10
-    assert coords.log_alpha.shape == (s.num_neurons,)
-    assert coords.dead_neurons.numel() == 0
+    assert coords.h.shape == (s.num_generators,)
+    assert coords.dead_generators.numel() == 0
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -87,7 +88,7 @@ def test_balanced_invariant_and_log_alpha_equivariant(name):
     h0 = gf.random_gauge_(model, s, 2.0, torch.Generator().manual_seed(5))
     moved = gf.gauge_coordinates(model, s)
     assert rel_err(moved.balanced, coords.balanced) <= 1e-9
-    assert float((moved.log_alpha - (coords.log_alpha + h0)).abs().max()) <= 1e-9
+    assert float((moved.h - (coords.h + h0)).abs().max()) <= 1e-9
     # Balancing the model in place lands on the same representative.
     gf.balance_(model, s, tol=1e-13)
     assert rel_err(float_state(model), coords.balanced) <= 1e-9
@@ -98,12 +99,12 @@ def test_dead_neuron_is_reported_not_mapped():
     with torch.no_grad():  # neuron 3 of the first hidden layer: no incoming entries
         model[0].weight[3] = 0
         model[0].bias[3] = 0
-    with pytest.raises(ValueError, match=r"dead neuron.*3 \(layer '0'\)"):
+    with pytest.raises(ValueError, match=r"dead generator.*3 \(neuron of layer '0'\)"):
         gf.gauge_coordinates(model, s)
     before = float_state(model)
     coords = gf.gauge_coordinates(model, s, allow_dead=True)
-    assert coords.dead_neurons.tolist() == [3]
-    assert float(coords.log_alpha[3]) == 0.0
+    assert coords.dead_generators.tolist() == [3]
+    assert float(coords.h[3]) == 0.0
     assert rel_err(coords.to_state_dict(), before) <= 1e-12
 
 
@@ -119,16 +120,15 @@ def test_coordinates_reject_mismatched_structure():
 
 def explicit_generators(model: nn.Module, s) -> torch.Tensor:
     """``[N, P]``: row ``n`` is ``xi_n`` flattened over the gauged parameters (a loop over
-    neurons, for the test only)."""
+    generators, for the test only)."""
     params = s.bind(model)
     rows = []
-    for n in range(s.num_neurons):
+    for n in range(s.num_generators):
         parts = []
-        for name, m in s.params.items():
+        for name in s.params:
             t = params[name].detach()
-            r = (m.rows == n) if m.rows is not None else torch.zeros((), dtype=torch.bool)
-            c = (m.cols == n) if m.cols is not None else torch.zeros((), dtype=torch.bool)
-            parts.append((t * (r.double() - c.double())).reshape(-1))
+            w = incidence(s, name)[n].to(torch.float64)
+            parts.append((t * w).reshape(-1))
         rows.append(torch.cat(parts))
     return torch.stack(rows)
 
@@ -139,7 +139,7 @@ def test_gram_matrix_matches_explicit_generators(name):
     gf.random_gauge_(model, s, 0.5, torch.Generator().manual_seed(2))
     gram = gf.generators_gram(model, s)
     assert gram.layout == torch.sparse_coo and gram.is_coalesced()
-    assert gram.dtype == torch.float64 and gram.shape == (s.num_neurons, s.num_neurons)
+    assert gram.dtype == torch.float64 and gram.shape == (s.num_generators, s.num_generators)
     xi = explicit_generators(model, s)
     expected = xi @ xi.T
     assert float((gram.to_dense() - expected).norm() / expected.norm()) <= 1e-12
@@ -195,18 +195,17 @@ def test_projections_are_complementary_orthogonal_and_idempotent(name):
 
 
 def penalty_gradient(model: nn.Module, s, strength: float) -> dict[str, torch.Tensor]:
-    """``dP/dtheta_e = strength (mu_row(e) - mu_col(e)) theta_e`` from the index maps, a missing
-    side contributing 0, for every parameter of the model (0 outside the structure)."""
-    mu = torch.cat([gf.imbalance(model, s).detach(), torch.zeros(1, dtype=torch.float64)])
+    """``dP/dtheta_e = strength (sum_n w_n(e) mu_n) theta_e`` from the dense weights, for every
+    parameter of the model (0 outside the structure)."""
+    mu = gf.imbalance(model, s).detach()
     out = {}
     for name, p in model.named_parameters():
         m = s.params.get(name)
         if m is None:
             out[name] = torch.zeros_like(p)
             continue
-        row = mu[m.rows] if m.rows is not None else torch.zeros(())
-        col = mu[m.cols] if m.cols is not None else torch.zeros(())
-        out[name] = strength * (row - col) * p.detach()
+        w = incidence(s, name).to(torch.float64)
+        out[name] = strength * torch.tensordot(mu, w, dims=1) * p.detach()
     return out
 
 
@@ -277,15 +276,15 @@ def test_singular_gram_matrix_is_detected(group):
     torch.manual_seed(0)
     model = SelfLoop().double()
     s = gf.discover(model, torch.randn(1, 3, dtype=torch.float64))
-    assert s.num_neurons == 4
+    assert s.num_generators == 4
     isolate(model, group)
     # The group's parameters are not all zero: mid.weight inside the group is kept.
     assert float(model.mid.weight.detach()[group][:, group].abs().min()) > 0
     g = {k: torch.randn_like(p) for k, p in model.named_parameters()}
     with pytest.raises(SingularGramError, match="singular") as info:
         gf.project(g, model, s)
-    assert info.value.neurons == group
-    assert all(f"{n} (layer 'fc1')" in str(info.value) for n in group)
+    assert info.value.generators == group
+    assert all(f"{n} (neuron of layer 'fc1')" in str(info.value) for n in group)
     # The null space is real: the generators of the group sum to zero.
     dense = gf.generators_gram(model, s).to_dense()
     ones = torch.zeros(4, dtype=torch.float64)

@@ -139,8 +139,8 @@ def test_two_layer_rates_are_two_strength_s_n():
     assert torch.allclose(result.rates, expected, rtol=1e-13, atol=0)
     # Each mode is one neuron (K is diagonal): the slowest is the lightest neuron.
     assert torch.allclose(result.modes.abs().max(dim=0).values, torch.ones(7, dtype=torch.float64))
-    assert result.slowest_neuron == int((s_in + s_out).argmin())
-    assert result.fastest_neuron == int((s_in + s_out).argmax())
+    assert result.slowest_generator == int((s_in + s_out).argmin())
+    assert result.fastest_generator == int((s_in + s_out).argmax())
     assert result.slowest_layer == result.fastest_layer == "0"
 
 

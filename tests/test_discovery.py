@@ -28,8 +28,10 @@ from architectures import (
     GeneratedResNet,
     Pool,
     ResBlock,
+    incidence,
     randomise_,
     rel_change,
+    signed_map,
 )
 from gaugefix import rules, zoo
 
@@ -45,45 +47,42 @@ def discover_and_check(case: Case, seed: int = 0) -> gaugefix.GaugeStructure:
     """Discover, check the count, apply ``random_gauge_(scale=1)`` and check the outputs."""
     before = case.run()
     s = gaugefix.discover(case.model, *case.inputs)
-    assert s.num_neurons == case.expected, f"{case}\n{s.summary()}"
+    assert s.num_generators == case.expected, f"{case}\n{s.summary()}"
     check_maps(s, case.model)
     params = {k: v.clone() for k, v in case.model.named_parameters()}
     gen = torch.Generator().manual_seed(seed)
-    log_alpha = gaugefix.random_gauge_(case.model, s, 1.0, generator=gen)
-    assert log_alpha.shape == (s.num_neurons,)
+    h = gaugefix.random_gauge_(case.model, s, 1.0, generator=gen)
+    assert h.shape == (s.num_generators,)
     after = case.run()
     assert rel_change(before, after) <= TOL, f"{case}\n{s.summary()}"
-    if s.num_neurons:  # the transformation did something
+    if s.num_generators:  # the transformation did something
         assert any(not torch.equal(params[k], v) for k, v in case.model.named_parameters())
     return s
 
 
 def check_maps(s: gaugefix.GaugeStructure, model: nn.Module) -> None:
-    """Index maps are in range and broadcast to their parameter; every neuron has at least one
-    producing and one consuming entry; excluded channels carry no neuron."""
+    """Term maps are in range and broadcast to their parameter; every weight is -1, 0 or 1;
+    every generator multiplies some entry and divides another; excluded channels carry no
+    generator."""
     named = dict(model.named_parameters())
-    produced = torch.zeros(s.num_neurons + 1, dtype=torch.long)
-    consumed = torch.zeros(s.num_neurons + 1, dtype=torch.long)
+    multiplied = torch.zeros(s.num_generators, dtype=torch.long)
+    divided = torch.zeros(s.num_generators, dtype=torch.long)
     for name, m in s.params.items():
         assert m.shape == tuple(named[name].shape)
-        for idx, count in ((m.rows, produced), (m.cols, consumed)):
-            if idx is None:
-                continue
-            assert idx.dtype == torch.int64 and idx.dim() == len(m.shape)
-            full = idx.expand(m.shape)
-            assert int(full.min()) >= -1 and int(full.max()) < s.num_neurons
-            count.index_add_(
-                0, full.reshape(-1) % (s.num_neurons + 1), torch.ones_like(full).view(-1)
-            )
-    assert bool((produced[: s.num_neurons] > 0).all())
-    assert bool((consumed[: s.num_neurons] > 0).all())
+        for t in m.terms:
+            assert t.index.dtype == torch.int64 and t.index.dim() == len(m.shape)
+            full = t.index.expand(m.shape)
+            assert int(full.min()) >= -1 and int(full.max()) < s.num_generators
+        w = incidence(s, name)
+        assert int(w.abs().max()) <= 1
+        multiplied += (w > 0).reshape(s.num_generators, -1).sum(1)
+        divided += (w < 0).reshape(s.num_generators, -1).sum(1)
+    assert bool((multiplied > 0).all()) and bool((divided > 0).all())
     for e in s.excluded:
         assert e.reason and e.channels
-        for suffix in ("weight", "bias"):
-            m = s.params.get(f"{e.module}.{suffix}")
-            if m is not None and m.rows is not None:
-                rows = m.rows.expand(m.shape).reshape(m.shape[0], -1)
-                assert bool((rows[list(e.channels)] == -1).all()), e
+        for name, produced in s.produced.items():
+            if name.rsplit(".", 1)[0] == e.module:
+                assert bool((produced.reshape(-1)[list(e.channels)] == -1).all()), e
 
 
 # --- generated architectures ---------------------------------------------------------------------
@@ -109,21 +108,18 @@ def test_euler_identity_for_every_neuron(family, data):
     params = dict(case.model.named_parameters())
     names = list(s.params)
     if not names:
-        assert s.num_neurons == 0
+        assert s.num_generators == 0
         return
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    total = torch.zeros(s.num_neurons + 1, dtype=DTYPE)
-    scale = torch.zeros(s.num_neurons + 1, dtype=DTYPE)
+    total = torch.zeros(s.num_generators + 1, dtype=DTYPE)
+    scale = torch.zeros(s.num_generators + 1, dtype=DTYPE)
     for name, g in zip(names, grads, strict=True):
-        m = s.params[name]
         if g is None:
             continue
-        theta_g = params[name].detach() * g
-        for idx, sign in ((m.rows, 1.0), (m.cols, -1.0)):
-            if idx is not None:
-                slots = idx.expand(m.shape).reshape(-1) % (s.num_neurons + 1)
-                total.index_add_(0, slots, sign * theta_g.reshape(-1))
-                scale.index_add_(0, slots, theta_g.abs().reshape(-1))
+        theta_g = (params[name].detach() * g).reshape(-1)
+        w = incidence(s, name).reshape(s.num_generators, -1).to(DTYPE)
+        total[:-1] += w @ theta_g
+        scale[:-1] += w.abs() @ theta_g.abs()
     bad = total[:-1].abs() > 1e-10 * scale[:-1]
     assert not bool(bad.any()), (torch.nonzero(bad).view(-1), total, scale, case)
 
@@ -145,20 +141,20 @@ def test_zoo_counts(name, expected):
 def test_mlp_neurons_are_rows_and_next_columns():
     model = zoo.mlp((3, 4, 5, 2)).double()
     s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
-    assert s.num_neurons == 9
+    assert s.num_generators == 9
     # neurons are numbered in parameter order: layer 0's units, then layer 2's
-    assert s.neuron_layers == ["0"] * 4 + ["2"] * 5
+    assert s.generator_layers == ["0"] * 4 + ["2"] * 5
     for layer, nxt, width, offset in (("0", "2", 4, 0), ("2", "4", 5, 4)):
-        rows = s.params[f"{layer}.weight"].rows.expand(width, -1)
-        bias = s.params[f"{layer}.bias"].rows
-        cols = s.params[f"{nxt}.weight"].cols.expand(-1, width)
+        rows = signed_map(s, f"{layer}.weight", 1).expand(width, -1)
+        bias = signed_map(s, f"{layer}.bias", 1)
+        cols = signed_map(s, f"{nxt}.weight", -1).expand(-1, width)
         for j in range(width):
             assert bool((rows[j] == offset + j).all()) and int(bias[j]) == offset + j
             assert bool((cols[:, j] == offset + j).all())
-            slices = s.neuron(offset + j)
-            assert {n for n, _ in slices.produced_by} == {f"{layer}.weight", f"{layer}.bias"}
-            assert {n for n, _ in slices.consumed_by} == {f"{nxt}.weight"}
-    assert s.params["0.weight"].cols is None  # the input is fixed
+            slices = s.generator(offset + j)
+            assert {n for n, _ in slices.incoming} == {f"{layer}.weight", f"{layer}.bias"}
+            assert {n for n, _ in slices.outgoing} == {f"{nxt}.weight"}
+    assert signed_map(s, "0.weight", -1) is None  # the input is fixed
     assert "4.bias" not in s.params  # the output is fixed
     assert s.excluded == [gaugefix.Exclusion("4", s.excluded[0].reason, (0, 1))]
     assert "model output" in s.excluded[0].reason
@@ -395,10 +391,8 @@ BLOCKERS = [
     ("F.group_norm", Fn(_grouped_norm), L2, {"l2": "normalised by F.group_norm"}),
     ("BatchNorm(no affine)", nn.BatchNorm1d(6, affine=False), L2, {"l2": "F.batch_norm"}),
     ("F.normalize", Fn(F.normalize), L2, {"l2": "F.normalize"}),
-    ("x * x", Fn(lambda x: x * x), L2, {"l2": "product of two rescaled tensors"}),
+    ("x * x", Fn(lambda x: x * x), L2, {"l2": "square of its factor"}),
     ("x ** 2", Fn(lambda x: x**2), L2, {"l2": "pow"}),
-    # l2 feeds a and b (columns): fine; the product blocks a's and b's rows
-    ("product of activations", Product(), L2 + 6, {"mid.a": "product", "mid.b": "product"}),
     # x * sigmoid(gate(x)): x is consumed by the gate (compensated), so the gate's output does
     # not change and x passes; the gate's rows are blocked by the sigmoid
     ("gating", Gated(), L2 + 6, {"mid.gate": "torch.sigmoid"}),
@@ -486,7 +480,7 @@ def test_homogeneous_middles_pass(mid, tol):
     case = Case("pass", model, (x,), 18, "")
     before = case.run()
     s = gaugefix.discover(model, x)
-    assert s.num_neurons == 18, s.summary()
+    assert s.num_generators == 18, s.summary()
     assert not [e for e in s.excluded if e.module == "l2"]
     gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
     assert rel_change(before, case.run()) <= tol
@@ -635,7 +629,7 @@ def test_random_op_chains_never_change_the_function(ops):
     with torch.no_grad():
         before = model(x)
     s = gaugefix.discover(model, x)
-    assert s.num_neurons >= 6  # l1's channels are never affected
+    assert s.num_generators >= 6  # l1's channels are never affected
     gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_change(before, model(x)) <= TOL, s.summary()
@@ -826,7 +820,7 @@ def test_discover_leaves_statistics_flags_and_random_state_alone():
     flags = [p.requires_grad for p in model.parameters()]
     rng = torch.get_rng_state()
     s = gaugefix.discover(model, x)
-    assert s.num_neurons == 3 + 4
+    assert s.num_generators == 3 + 4
     assert torch.equal(torch.get_rng_state(), rng)
     assert [p.requires_grad for p in model.parameters()] == flags
     assert model.training
@@ -848,20 +842,71 @@ class ValueBranch(nn.Module):
         return self.l2(h) if self.read(x) else self.l3(torch.tanh(h))
 
 
-@pytest.mark.parametrize(
-    "read",
-    [lambda x: x.sum() > -1e9, lambda x: x.sum().item() > -1e9, lambda x: float(x.mean()) > -1e9],
-    ids=["bool", "item", "float"],
-)
-def test_value_dependent_branches_warn(read):
+READS = [
+    lambda x: x.sum() > -1e9,
+    lambda x: x.sum().item() > -1e9,
+    lambda x: float(x.mean()) > -1e9,
+]
+
+
+@pytest.mark.parametrize("read", READS, ids=["bool", "item", "float"])
+def test_value_dependent_branches_are_refused_by_default(read):
+    """One trace sees one branch: a rescaling found there changes the outputs of inputs that
+    take the other, so discovery refuses, naming the op and the module."""
     model = ValueBranch(read).double()
     x = torch.randn(5, 3, dtype=DTYPE)
-    with pytest.warns(UserWarning, match=r"l3\.weight, l3\.bias.*only for the path traced"):
-        s = gaugefix.discover(model, x)
-    assert s.num_neurons == 4  # exact for the path traced
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(gaugefix.ValueDependentError, match=r"read a tensor value in '<root>'"):
+        gaugefix.discover(model, x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
 
 
-def test_value_reads_with_every_parameter_used_do_not_warn():
+@pytest.mark.parametrize("read", READS, ids=["bool", "item", "float"])
+def test_value_dependent_opt_in_covers_the_traced_path_and_says_so(read):
+    model = ValueBranch(read).double()
+    x = torch.randn(5, 3, dtype=DTYPE)
+    s = gaugefix.discover(model, x, allow_value_dependent=True)
+    assert s.num_generators == 4  # exact for the path traced
+    assert "l3" not in {name.split(".")[0] for name in s.params}
+    assert "l3.weight, l3.bias" in s.notes[0] and "exact only for inputs" in s.notes[0]
+    assert "note: traced one path" in s.summary()
+    # the structure is exact on the traced path ...
+    before = model(x)
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, model(x)) <= TOL
+
+
+def test_the_value_dependent_failure_the_refusal_prevents():
+    """Without the refusal: l1's channels are neurons on the traced branch, and inputs on the
+    other branch (through l3, never traced) change when the structure is applied."""
+    model = ValueBranch(lambda x: x.sum() > 0).double()
+    x = torch.randn(5, 3, dtype=DTYPE).abs()
+    s = gaugefix.discover(model, x, allow_value_dependent=True)
+    other = -x  # takes the untraced branch
+    before = model(other)
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, model(other)) > 1e-3
+
+
+def test_value_reads_of_constants_and_buffers_are_not_value_dependent():
+    class Constant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.register_buffer("enabled", torch.tensor(1.0))
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = F.relu(self.l1(x))
+            if bool(self.enabled > 0) and torch.tensor(3).item() == 3:
+                h = h * 2.0
+            return self.l2(h)
+
+    s = gaugefix.discover(Constant().double(), torch.randn(5, 3, dtype=DTYPE))
+    assert s.num_generators == 4 and s.notes == ()
+
+
+def test_value_reads_of_the_input_are_refused_even_with_every_parameter_used():
     class Checked(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -871,10 +916,12 @@ def test_value_reads_with_every_parameter_used_do_not_warn():
             assert bool(torch.isfinite(x).all())
             return self.l2(F.relu(self.l1(x)))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s = gaugefix.discover(Checked().double(), torch.randn(5, 3, dtype=DTYPE))
-    assert s.num_neurons == 4
+    with pytest.raises(gaugefix.ValueDependentError):
+        gaugefix.discover(Checked().double(), torch.randn(5, 3, dtype=DTYPE))
+    s = gaugefix.discover(
+        Checked().double(), torch.randn(5, 3, dtype=DTYPE), allow_value_dependent=True
+    )
+    assert s.num_generators == 4 and "parameters not used" not in s.notes[0]
 
 
 def test_discover_rejects_non_modules():

@@ -18,18 +18,19 @@ import torch
 
 import gaugefix
 from gaugefix import OrbitSelectionPenalty, zoo
-from gaugefix.moment import PairMasses, in_out_sums
+from gaugefix.balancing import masses_of
+from gaugefix.moment import in_out_sums
 
 STRENGTH = 2.0
 
 
-def two_layer(log_alpha_scale: float, seed: int = 0):
+def two_layer(h_scale: float, seed: int = 0):
     """A balanced 3-6-2 ReLU net with S_n spread over [1, 1.5], then moved off balance by a
-    gauge of magnitude about ``log_alpha_scale`` per neuron."""
+    gauge of magnitude about ``h_scale`` per neuron."""
     torch.manual_seed(seed)
     model = zoo.mlp((3, 6, 2)).double()
     structure = gaugefix.discover(model, torch.randn(1, 3, dtype=torch.float64))
-    assert structure.num_neurons == 6
+    assert structure.num_generators == 6
     gaugefix.balance_(model, structure, tol=1e-14)
     s_in, s_out = in_out_sums(model, structure)
     target = torch.linspace(1.0, 1.5, 6, dtype=torch.float64)
@@ -40,7 +41,7 @@ def two_layer(log_alpha_scale: float, seed: int = 0):
         model[2].weight.mul_(c[None, :])
     gen = torch.Generator().manual_seed(seed)
     signs = torch.tensor([1.0, -1.0] * 3, dtype=torch.float64)
-    h = log_alpha_scale * signs * (0.5 + torch.rand(6, generator=gen, dtype=torch.float64))
+    h = h_scale * signs * (0.5 + torch.rand(6, generator=gen, dtype=torch.float64))
     gaugefix.apply_gauge_(model, structure, h)
     return model, structure
 
@@ -118,11 +119,12 @@ def test_coupled_network_rate_is_minus_2_strength_K_mu():
     structure = gaugefix.discover(model, torch.randn(1, 4, dtype=torch.float64))
     gaugefix.random_gauge_(model, structure, 0.5, generator=torch.Generator().manual_seed(2))
     params = structure.bind(model)
-    pm = PairMasses(params, structure)
-    masses = pm.weighted(torch.zeros(structure.num_neurons, dtype=torch.float64))
-    s_in, s_out = pm.sums(masses)
+    state = masses_of(params, structure).at(
+        torch.zeros(1, structure.num_generators, dtype=torch.float64)
+    )
+    s_in, s_out = state.s_in[0], state.s_out[0]
     mu = s_in - s_out
-    k_mu = pm.gram_matvec(masses, mu)
+    k_mu = state.gram_matvec(mu[None])[0]
     assert float((k_mu - (s_in + s_out) * mu).norm()) > 0.1 * float(k_mu.norm())  # coupled
     grads = OrbitSelectionPenalty(structure, STRENGTH).grad(model)
     eta = 1e-6

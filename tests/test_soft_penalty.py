@@ -12,7 +12,7 @@ from torch.func import functional_call, jvp
 import gaugefix
 from architectures import ZOO_ARCHS, gauged_zoo_model
 from gaugefix import OrbitSelectionPenalty, imbalance, zoo
-from gaugefix.fixing import orbit_selection_grad
+from gaugefix.soft import orbit_selection_grad
 
 ARCHS = ZOO_ARCHS
 
@@ -145,7 +145,7 @@ def test_mixed_precision(dtype):
 def test_model_without_gauge_neurons():
     model = nn.Linear(3, 2).double()
     structure = gaugefix.discover(model, torch.randn(1, 3, dtype=torch.float64))
-    assert structure.num_neurons == 0
+    assert structure.num_generators == 0
     penalty = OrbitSelectionPenalty(structure, 1.0)
     assert float(penalty(model)) == 0.0
     assert penalty.grad(model) == {}

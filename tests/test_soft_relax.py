@@ -103,7 +103,7 @@ def test_per_neuron_rate_and_zero_rate():
     h = relax_(model, structure, 0.0)
     assert bool((h == 0).all())
     assert_unchanged(model, before)
-    rate = torch.full((structure.num_neurons,), 0.01, dtype=torch.float64)
+    rate = torch.full((structure.num_generators,), 0.01, dtype=torch.float64)
     rate[::2] = 0.0
     h = relax_(model, structure, rate)
     assert bool((h[::2] == 0).all()) and bool((h[1::2] != 0).all())
@@ -187,7 +187,7 @@ def test_bad_rate_modifies_nothing(rate):
     before = snapshot(model)
     with pytest.raises(ValueError, match="rate"):
         relax_(model, structure, rate)
-    negative = -torch.ones(structure.num_neurons, dtype=torch.float64)
+    negative = -torch.ones(structure.num_generators, dtype=torch.float64)
     with pytest.raises(ValueError, match="rate"):
         relax_(model, structure, negative)
     assert_unchanged(model, before)

@@ -36,7 +36,7 @@ def test_values_match_definitions():
     assert stats["mu_norm"] == pytest.approx(float((s_in - s_out).norm()), rel=1e-12)
     norm_sq = float((w1.square().sum() + b1.square().sum() + w2.square().sum()).detach())
     assert stats["norm_sq"] == pytest.approx(norm_sq, rel=1e-12)  # the output bias is not gauged
-    assert stats["dead_neurons"] == 0.0
+    assert stats["dead_generators"] == 0.0
     # (S_in - S_out) / (S_in + S_out) = tanh(0.5 log(S_in / S_out)), both maxima at one neuron
     assert stats["mu_rel_max"] == pytest.approx(math.tanh(stats["log_ratio_max"]), rel=1e-12)
 
@@ -51,7 +51,7 @@ def test_balanced_model_and_dead_neuron():
     with torch.no_grad():
         model[2].weight[:, 1] = 0.0  # neuron 1 consumes nothing: mu / S = 1, no log-ratio
     stats = imbalance_stats(model, structure)
-    assert stats["dead_neurons"] == 1.0
+    assert stats["dead_generators"] == 1.0
     assert stats["mu_rel_max"] == pytest.approx(1.0)
     assert math.isfinite(stats["log_ratio_max"]) and stats["log_ratio_max"] <= 1e-9
 

@@ -65,10 +65,10 @@ def test_buffers_equal_transported_gradients(name, opt_name):
     opt = OPTIMIZERS[opt_name](model.parameters())
     loss_fn(model, x).backward()
     opt.step()  # after one step: momentum = g0; exp_avg = (1 - b1) g0; exp_avg_sq = (1 - b2) g0^2
-    log_alpha = 0.8 * torch.randn(structure.num_neurons, dtype=torch.float64)
-    gaugefix.apply_gauge_(model, structure, log_alpha, optimizer=opt)
-    gaugefix.apply_gauge_(reference, structure, log_alpha)
-    g = gradients_at(reference, x, structure)  # grad L at g(log_alpha) . theta_0
+    h = 0.8 * torch.randn(structure.num_generators, dtype=torch.float64)
+    gaugefix.apply_gauge_(model, structure, h, optimizer=opt)
+    gaugefix.apply_gauge_(reference, structure, h)
+    g = gradients_at(reference, x, structure)  # grad L at g(h) . theta_0
     b1, b2 = opt.param_groups[0].get("betas", (0.0, 0.0))
     for k, p in structure.bind(model).items():
         state = opt.state[p]

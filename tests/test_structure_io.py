@@ -18,17 +18,21 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def assert_equal_structures(a: GaugeStructure, b: GaugeStructure) -> None:
-    assert a.num_neurons == b.num_neurons
+    assert a.num_generators == b.num_generators
     assert list(a.params) == list(b.params)
     for name, m in a.params.items():
         n = b.params[name]
         assert (m.name, m.shape) == (n.name, n.shape)
-        for x, y in ((m.rows, n.rows), (m.cols, n.cols)):
-            assert (x is None) == (y is None), name
-            if x is not None:
-                assert x.dtype == y.dtype == torch.int64 and torch.equal(x, y), name
+        assert len(m.terms) == len(n.terms), name
+        for x, y in zip(m.terms, n.terms, strict=True):
+            assert x.sign == y.sign, name
+            assert x.index.dtype == y.index.dtype == torch.int64, name
+            assert torch.equal(x.index, y.index), name
     assert a.excluded == b.excluded
-    assert a.neuron_layers == b.neuron_layers
+    assert a.generator_layers == b.generator_layers
+    assert a.generator_kinds == b.generator_kinds
+    assert a.produced.keys() == b.produced.keys()
+    assert all(torch.equal(a.produced[k], b.produced[k]) for k in a.produced)
     assert a.param_order == b.param_order
     assert a.summary() == b.summary()
     assert repr(a) == repr(b)
@@ -52,12 +56,12 @@ def test_save_load_round_trip(case, tmp_path):
     path = tmp_path / "structure.json"
     s.save(path)
     raw = json.loads(path.read_text())
-    assert is_plain(raw) and raw["format"] == "gaugefix.GaugeStructure/1"
+    assert is_plain(raw) and raw["format"] == "gaugefix.GaugeStructure/2"
     loaded = GaugeStructure.load(path)
     assert_equal_structures(s, loaded)
     assert_equal_structures(s, GaugeStructure.from_dict(json.loads(json.dumps(s.to_dict()))))
     # the loaded structure acts on the model exactly like the discovered one
-    h = torch.randn(s.num_neurons, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(s.num_generators, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
     a = {k: v.detach().clone() for k, v in case.model.named_parameters()}
     gaugefix.apply_gauge_(case.model, s, h)
     moved = {k: v.detach().clone() for k, v in case.model.named_parameters()}
@@ -70,9 +74,84 @@ def test_save_load_round_trip(case, tmp_path):
     assert torch.equal(gaugefix.imbalance(case.model, s), gaugefix.imbalance(case.model, loaded))
 
 
+def version_1(s: GaugeStructure) -> dict:
+    """``s`` as the previous format wrote it: one multiplying map (rows) and one dividing map
+    (cols) per parameter."""
+
+    def enc(sign: int, p) -> dict | None:
+        maps = [t.index for t in p.terms if t.sign == sign]
+        assert len(maps) <= 1
+        return {"shape": list(maps[0].shape), "data": maps[0].flatten().tolist()} if maps else None
+
+    layers = sorted(set(s.generator_layers))
+    return {
+        "format": "gaugefix.GaugeStructure/1",
+        "num_neurons": s.num_generators,
+        "params": [
+            {"name": p.name, "shape": list(p.shape), "rows": enc(1, p), "cols": enc(-1, p)}
+            for p in s.params.values()
+        ],
+        "excluded": [
+            {"module": e.module, "reason": e.reason, "channels": list(e.channels)}
+            for e in s.excluded
+        ],
+        "layers": layers,
+        "neuron_layers": [layers.index(x) for x in s.generator_layers],
+        "param_order": s.param_order,
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+def test_files_of_version_1_still_load(name, tmp_path):
+    factory, shape = zoo.EXAMPLES[name]
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    x = torch.randn(2, *shape[1:], dtype=DTYPE)
+    s = gaugefix.discover(model, x)
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(version_1(s)))
+    old = GaugeStructure.load(path)
+    assert old.num_generators == s.num_generators and old.summary() == s.summary()
+    h = torch.randn(s.num_generators, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    before = model(x)
+    saved = {k: v.detach().clone() for k, v in model.named_parameters()}
+    gaugefix.apply_gauge_(model, s, h)
+    moved = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            v.copy_(saved[k])
+    gaugefix.apply_gauge_(model, old, h)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, moved[k]), k
+    assert float((model(x) - before).abs().max()) <= 1e-10 * float(before.abs().max())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not a saved GaugeStructure"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"format": "gaugefix.GaugeStructure/2"}', "malformed"),
+        (
+            '{"format": "gaugefix.GaugeStructure/2", "num_generators": 1, "params": [{"name":'
+            ' "w", "shape": [2], "terms": [{"sign": 1, "index": {"shape": [2], "data": [0, 5]}}'
+            ']}], "produced": {}, "excluded": [], "layers": [], "generator_layers": [],'
+            ' "generator_kinds": [], "param_order": []}',
+            "outside",
+        ),
+    ],
+)
+def test_load_of_a_malformed_file_is_one_clear_error(text, message, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        GaugeStructure.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_load_rejects_other_files(tmp_path):
     path = tmp_path / "other.json"
-    path.write_text(json.dumps({"format": "something else", "num_neurons": 0}))
+    path.write_text(json.dumps({"format": "something else", "num_generators": 0}))
     with pytest.raises(ValueError, match="not a saved GaugeStructure"):
         GaugeStructure.load(path)
     with pytest.raises(ValueError):
@@ -81,9 +160,9 @@ def test_load_rejects_other_files(tmp_path):
 
 # --- summary -----------------------------------------------------------------------------------
 def summary_rows(s: GaugeStructure) -> dict[str, tuple[int, int, str]]:
-    """The per-layer rows of the summary table: layer -> (channels, neurons, notes)."""
+    """The per-layer rows of the summary table: layer -> (channels, generators, notes)."""
     lines = s.summary().splitlines()
-    assert lines[0].split() == ["layer", "channels", "neurons", "notes"]
+    assert lines[0].split() == ["layer", "channels", "generators", "notes"]
     assert set(lines[1]) == {"-"} and set(lines[-2]) == {"-"}
     rows = {}
     for line in lines[2:-2]:
@@ -110,11 +189,12 @@ def test_summary_of_a_resnet_names_layers_counts_and_reasons():
     assert rows["stem.1"][:2] == (8, 8)
     assert rows["stages.0.bn1"][:2] == (8, 8)
     assert rows["stages.0.bn2"][:2] == (8, 0)  # merged with the stem's stream
+    assert "first produced earlier" in rows["stages.0.bn2"][2]  # every 0 row says why
     assert rows["stages.1.bn2"][:2] == (16, 16)
     assert rows["stages.1.shortcut.1"][:2] == (16, 0)  # merged with bn2's
     assert "10 excluded: model output" in rows["fc"][2]
-    assert sum(neurons for _, neurons, _ in rows.values()) == s.num_neurons == 48
-    assert s.summary().splitlines()[-1].startswith("48 gauge neurons over")
+    assert sum(neurons for _, neurons, _ in rows.values()) == s.num_generators == 48
+    assert s.summary().splitlines()[-1].startswith("48 generators (48 neuron) over")
     # layers appear in the model's order
     names = list(rows)
     assert names.index("stem.0") < names.index("stages.0.conv1") < names.index("fc")
@@ -145,7 +225,7 @@ def test_summary_gives_the_reason_per_layer():
     assert rows["c"] == (6, 6, "")
     assert rows["d"][:2] == (0, 0) and "2 excluded: model output" in rows["d"][2]
     assert s.summary().splitlines()[-1] == (
-        "10 gauge neurons over 6 parameters; 7 producing channels excluded"
+        "10 generators (10 neuron) over 6 parameters; 7 producing channels excluded"
     )
     assert s.excluded == [
         gaugefix.Exclusion("b", "not positively homogeneous: F.gelu in '<root>'", (0, 1, 2, 3, 4)),
@@ -155,8 +235,8 @@ def test_summary_gives_the_reason_per_layer():
 
 def test_summary_of_a_model_without_neurons():
     s = gaugefix.discover(nn.Linear(3, 2).double(), torch.randn(2, 3, dtype=DTYPE))
-    assert s.num_neurons == 0 and s.params == {}
-    assert s.summary().splitlines()[-1].startswith("0 gauge neurons over 0 parameters")
+    assert s.num_generators == 0 and s.params == {}
+    assert s.summary().splitlines()[-1].startswith("0 generators (none) over 0 parameters")
     assert gaugefix.imbalance(nn.Linear(3, 2), s).shape == (0,)
 
 
@@ -164,11 +244,11 @@ def test_summary_of_a_model_without_neurons():
 def test_neuron_slices_and_range():
     model = zoo.mlp((3, 4, 2)).double()
     s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
-    assert s.neuron(2).produced_by == [("0.weight", (2, 0)), ("0.bias", (2,))]
-    assert s.neuron(2).consumed_by == [("2.weight", (0, 2))]
+    assert s.generator(2).incoming == [("0.weight", (2, None)), ("0.bias", (2,))]
+    assert s.generator(2).outgoing == [("2.weight", (None, 2))]
     for n in (-1, 4):
         with pytest.raises(IndexError):
-            s.neuron(n)
+            s.generator(n)
 
 
 def test_bind_checks_type_names_and_shapes():
@@ -186,12 +266,19 @@ def test_bind_checks_type_names_and_shapes():
         s.bind(tensors | {"2.weight": 1.0})
 
 
-def test_device_maps_use_a_dummy_slot_for_missing_sides():
+def test_plan_uses_a_dummy_slot_for_missing_generators():
     model = zoo.mlp((3, 4, 2)).double()
     s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
-    maps = {m.name: m for m in s.device_maps(torch.device("cpu"))}
-    assert maps["0.weight"].cols is None
-    assert torch.equal(maps["0.weight"].rows.view(-1), torch.arange(4))
-    assert torch.equal(maps["2.weight"].cols.view(-1), torch.arange(4))
-    assert maps["2.weight"].rows is None  # the output layer's rows are fixed
-    assert s.device_maps("cpu") is s.device_maps(torch.device("cpu"))  # cached
+    plan = {p.name: p for p in s.plan(torch.device("cpu"))}
+    assert [t.sign for t in plan["0.weight"].terms] == [1]  # the input is fixed
+    assert torch.equal(plan["0.weight"].terms[0].slots.view(-1), torch.arange(4))
+    assert [t.sign for t in plan["2.weight"].terms] == [-1]  # the output layer's rows are fixed
+    assert torch.equal(plan["2.weight"].terms[0].slots.view(-1), torch.arange(4))
+    assert s.plan("cpu") is s.plan(torch.device("cpu"))  # cached
+    # a map with -1 entries (excluded channels) points them at the dummy slot num_generators
+    cnn = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    sub = gaugefix.discover(cnn, torch.randn(2, 3, dtype=DTYPE)).restrict(
+        torch.tensor([True, False, True, False])
+    )
+    slots = {p.name: p for p in sub.plan("cpu")}["0.weight"].terms[0].slots.view(-1)
+    assert slots.tolist() == [0, 2, 1, 2]

@@ -27,7 +27,7 @@ class ChannelScale(nn.Module):
 def channel_scale_rule(ctx, args, kwargs, out):
     (x,) = args
     ctx.block(ctx.labels(x), ctx.reason("input of a learnable scale"))
-    return ctx.param_rows(ctx.module.gamma, ctx.module.gamma.shape[0])
+    return ctx.produce(ctx.module.gamma, ctx.module.gamma.shape[0])
 
 
 @pytest.fixture
@@ -41,12 +41,18 @@ def _model() -> nn.Module:
     ).double()
 
 
-def test_without_a_rule_gamma_is_a_fixed_multiplier(registry):
+def test_without_a_rule_gamma_is_a_per_channel_gain(registry):
+    """The built-in rule for ``x * parameter``: gamma divides the linear layer's rows (one
+    generator each) and produces its own channels (another each)."""
     model = _model()
-    structure = gaugefix.discover(model, torch.randn(3, 5, dtype=torch.float64))
-    assert structure.num_neurons == 6 + 4  # the linear layer's rows pass through x * gamma
-    assert structure.params["0.weight"].rows is not None
-    assert "1.gamma" not in structure.params
+    x = torch.randn(3, 5, dtype=torch.float64)
+    structure = gaugefix.discover(model, x)
+    assert structure.num_generators == 6 + 6 + 4
+    assert [t.sign for t in structure.params["1.gamma"].terms] == [1, -1]
+    assert [t.sign for t in structure.params["0.weight"].terms] == [1]
+    before = model(x)
+    gaugefix.random_gauge_(model, structure, 1.0)
+    assert float((model(x) - before).norm() / before.norm()) <= 1e-12
 
 
 def test_a_producer_rule_through_ctx_module(registry):
@@ -54,8 +60,8 @@ def test_a_producer_rule_through_ctx_module(registry):
     model = _model()
     x = torch.randn(7, 5, dtype=torch.float64)
     structure = gaugefix.discover(model, x)
-    assert structure.num_neurons == 6 + 4
-    assert structure.params["1.gamma"].rows is not None
+    assert structure.num_generators == 6 + 4
+    assert [t.sign for t in structure.params["1.gamma"].terms] == [1]
     assert "0.weight" not in structure.params  # its rows feed the blocked input of the scale
     before = model(x)
     gaugefix.random_gauge_(model, structure, 1.0)

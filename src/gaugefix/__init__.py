@@ -1,6 +1,7 @@
-"""gaugefix: the scale (gauge) symmetry of positively homogeneous PyTorch networks."""
+"""gaugefix: the rescaling (gauge) symmetry of positively homogeneous PyTorch networks."""
 
 from gaugefix.action import apply_gauge_, random_gauge_
+from gaugefix.balancing import BalanceResult, balance_
 from gaugefix.coordinates import GaugeCoordinates, gauge_coordinates, generators_gram, project
 from gaugefix.diagnostics import (
     RelaxationRates,
@@ -9,12 +10,13 @@ from gaugefix.diagnostics import (
     relaxation_rates,
     sharpness,
 )
-from gaugefix.fixing import BalanceResult, OrbitSelectionPenalty, balance_, relax_
 from gaugefix.moment import imbalance, imbalance_stats
+from gaugefix.soft import OrbitSelectionPenalty, relax_
 from gaugefix.structure import (
     Exclusion,
     GaugeStructure,
     TracingError,
+    ValueDependentError,
     discover,
     register_rule,
     rules,
@@ -32,6 +34,7 @@ __all__ = [
     "Exclusion",
     "GaugeStructure",
     "TracingError",
+    "ValueDependentError",
     "__version__",
     "discover",
     "register_rule",

@@ -1,8 +1,8 @@
 """The group action ``g(h) . theta`` and the transport of optimizer state.
 
-``g(h)`` multiplies each parameter entry by ``exp(h_row - h_col)`` (a missing side counts as 0),
-in place, so that references held by optimizers stay valid. It is exact up to rounding and
-composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
+``g(h)`` multiplies each parameter entry by ``exp(sum_n w_n(e) h_n)`` (one log-scale ``h_n`` per
+generator), in place, so that references held by optimizers stay valid. It is exact up to
+rounding and composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from gaugefix.structure import GaugeStructure
 # gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
 GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
+
+# Per parameter name, the tensors to rescale with it and the power of its factor each takes.
+Targets = dict[str, list[tuple[Tensor, int]]]
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -43,23 +46,24 @@ def check_finite_params(params: dict[str, Tensor]) -> None:
             raise ValueError(f"parameter '{name}' contains NaN or inf; nothing was modified")
 
 
-def check_log_alpha(log_alpha: Tensor, structure: GaugeStructure) -> None:
-    if not isinstance(log_alpha, Tensor):
-        raise TypeError(f"log_alpha must be a tensor, got {type(log_alpha).__name__}")
-    if tuple(log_alpha.shape) != (structure.num_neurons,):
+def check_h(h: Tensor, structure: GaugeStructure) -> None:
+    """``ValueError`` unless ``h`` is a finite floating tensor ``[num_generators]``."""
+    if not isinstance(h, Tensor):
+        raise TypeError(f"h must be a tensor, got {type(h).__name__}")
+    if tuple(h.shape) != (structure.num_generators,):
         raise ValueError(
-            f"log_alpha must have shape ({structure.num_neurons},) (one entry per gauge neuron), "
-            f"got {tuple(log_alpha.shape)}"
+            f"h must have shape ({structure.num_generators},) (one entry per generator), "
+            f"got {tuple(h.shape)}"
         )
-    if not log_alpha.is_floating_point() or not bool(torch.isfinite(log_alpha).all()):
-        raise ValueError("log_alpha must be a finite floating-point tensor")
+    if not h.is_floating_point() or not bool(torch.isfinite(h).all()):
+        raise ValueError("h must be a finite floating-point tensor")
 
 
 def optimizer_states(
     optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]
 ) -> dict[str, dict]:
-    """The optimizer state of each gauged parameter, checked to be transportable: every tensor
-    entry shaped like its parameter must be a known gradient-like or squared buffer."""
+    """The optimizer state of each parameter, checked to be transportable: every tensor entry
+    shaped like its parameter must be a known gradient-like or squared buffer."""
     if optimizer is None:
         return {}
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -83,75 +87,78 @@ def optimizer_states(
     return out
 
 
+def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Targets:
+    """Each parameter (power 1) with what moves with it: its ``.grad`` and gradient-like
+    optimizer buffers (power -1) and squared-gradient buffers (power -2)."""
+    targets: Targets = {}
+    for name, p in params.items():
+        out = [(p, 1)] + ([(p.grad, -1)] if p.grad is not None else [])
+        for key, value in states.get(name, {}).items():
+            if isinstance(value, Tensor) and value.shape == p.shape:
+                out.append((value, -1 if key in GRAD_LIKE else -2))
+        targets[name] = out
+    return targets
+
+
 @torch.no_grad()
 def apply_gauge_(
     model: nn.Module,
     structure: GaugeStructure,
-    log_alpha: Tensor,
+    h: Tensor,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Apply ``g(log_alpha)`` to ``model`` in place: every entry is multiplied by
-    ``exp(log_alpha[row] - log_alpha[col])``. ``log_alpha`` has shape ``[num_neurons]``.
+    """Apply ``g(h)`` to ``model`` in place: every entry is multiplied by
+    ``exp(sum_n w_n(e) h_n)``. ``h`` has shape ``[num_generators]``.
 
     Gradients in ``.grad`` and, when ``optimizer`` is given, its state are transported: gradient
     -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
     moments by its square. Everything is validated first; on error nothing is modified.
     """
     params = structure.bind(model)
-    check_log_alpha(log_alpha, structure)
+    check_h(h, structure)
     check_finite_params(params)
     states = optimizer_states(optimizer, params)
-    if not params:
-        return
-    apply_gauge_unchecked_(params, structure, log_alpha, states)
+    if params:
+        rescale_(transport_targets(params, states), structure, h)
 
 
 @torch.no_grad()
-def apply_gauge_unchecked_(
-    params: dict[str, Tensor],
-    structure: GaugeStructure,
-    log_alpha: Tensor,
-    states: dict[str, dict],
-) -> None:
-    """:func:`apply_gauge_` for callers that validated everything: ``params`` bound to
-    ``structure`` (non-empty), ``log_alpha`` finite, ``states`` from :func:`optimizer_states`."""
-    device = next(iter(params.values())).device
-    h = torch.cat(
-        [
-            log_alpha.to(device=device, dtype=torch.float64),
-            log_alpha.new_zeros(1, dtype=torch.float64, device=device),
-        ]
-    )
-    for m in structure.device_maps(device):
-        p = params[m.name]
-        row = None if m.rows is None else h[m.rows]
-        col = None if m.cols is None else h[m.cols]
-        targets = [(p, 1)] + ([(p.grad, -1)] if p.grad is not None else [])
-        for key, value in states.get(m.name, {}).items():
-            if isinstance(value, Tensor) and value.shape == p.shape:
-                targets.append((value, -1 if key in GRAD_LIKE else -2))
-        factors = {
-            power: (
-                None if row is None else dense_inner(torch.exp(power * row).to(p.dtype), p.shape),
-                None if col is None else dense_inner(torch.exp(-power * col).to(p.dtype), p.shape),
-            )
-            for power in {power for _, power in targets}
-        }
-        blocks = None
-        if row is not None and col is not None:
-            blocks = leading_chunks(p, m.rows, m.cols)
-        if blocks is None:
-            for t, power in targets:
-                for f in factors[power]:
-                    if f is not None:
-                        t.mul_(f if f.dtype == t.dtype else f.to(t.dtype))
+def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims: int = 0) -> None:
+    """The action without validation: every tensor listed for parameter ``name`` is multiplied
+    by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
+    ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
+    ``h[b]``. Factors are computed per term in float64 and rounded to each tensor's dtype."""
+    first = next(iter(targets.values()))[0][0]
+    device = first.device
+    hx = torch.cat([h.to(device=device, dtype=torch.float64), h.new_zeros(*h.shape[:-1], 1,
+                    dtype=torch.float64, device=device)], dim=-1)  # fmt: skip
+    for param in structure.plan(device):
+        tensors = targets.get(param.name)
+        if not tensors:
             continue
-        # Both sides on a large tensor: block by block, so that the second product reads
+        p = tensors[0][0]
+        gathered = [(hx[..., term.slots], term.sign) for term in param.terms]
+        factors = {
+            power: [
+                dense_inner(torch.exp(power * sign * x).to(p.dtype), p.shape) if not batch_dims
+                else torch.exp(power * sign * x).to(p.dtype)
+                for x, sign in gathered
+            ]
+            for power in {power for _, power in tensors}
+        }  # fmt: skip
+        blocks = leading_chunks(p, param) if not batch_dims and len(param.terms) > 1 else None
+        if blocks is None:
+            for t, power in tensors:
+                for f in factors[power]:
+                    t.mul_(f if f.dtype == t.dtype else f.to(t.dtype))
+            continue
+        # Several terms on a large tensor: block by block, so that the later products read
         # the entries from cache.
         for block in blocks:
-            for t, power in targets:
-                fr, fc = factors[power]
-                t[block].mul_(fr[block] if fr.shape[0] > 1 else fr).mul_(fc)
+            for t, power in tensors:
+                part = t[block]
+                for f in factors[power]:
+                    part.mul_(f[block] if f.shape[0] > 1 else f)
 
 
 def dense_inner(factor: Tensor, shape: torch.Size) -> Tensor:
@@ -177,13 +184,13 @@ def random_gauge_(
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Tensor:
-    """Apply a random gauge transformation ``log_alpha ~ N(0, scale^2)`` (float64, one entry per
-    neuron, drawn on the generator's device) and return ``log_alpha``."""
+    """Apply a random gauge transformation ``h ~ N(0, scale^2)`` (float64, one entry per
+    generator, drawn on the generator's device) and return ``h``."""
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     device = generator.device if generator is not None else torch.device("cpu")
-    log_alpha = scale * torch.randn(
-        structure.num_neurons, generator=generator, dtype=torch.float64, device=device
+    h = scale * torch.randn(
+        structure.num_generators, generator=generator, dtype=torch.float64, device=device
     )
-    apply_gauge_(model, structure, log_alpha, optimizer)
-    return log_alpha
+    apply_gauge_(model, structure, h, optimizer)
+    return h

@@ -1,10 +1,10 @@
 """Gauge-adapted coordinates, the Gram matrix ``K`` of the orbit generators, and the orthogonal
 projections onto the gauge (vertical) directions and their complement (horizontal).
 
-Notation (DESIGN.md section 2): ``g(h)`` multiplies entry ``e`` by ``exp(h_row(e) - h_col(e))``;
-the generator of neuron ``n`` is ``xi_n = +theta`` on ``in(n)``, ``-theta`` on ``out(n)``, so a
-combination is ``(sum_n c_n xi_n)_e = (c_row(e) - c_col(e)) theta_e`` (a missing side counts 0);
-``K_nm = <xi_n, xi_m>``.
+Notation: ``g(h)`` multiplies entry ``e`` by ``exp(sum_n w_n(e) h_n)``; the generator of ``n`` is
+the tangent vector ``xi_n(e) = w_n(e) theta_e``, so a combination is
+``(sum_n c_n xi_n)_e = (sum_n w_n(e) c_n) theta_e``; ``K_nm = <xi_n, xi_m> =
+sum_e w_n(e) w_m(e) theta_e^2``.
 """
 
 from __future__ import annotations
@@ -18,53 +18,46 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params
-from gaugefix.fixing import _pcg, solve_balance
-from gaugefix.moment import PairMasses, scatter_slots
+from gaugefix.balancing import check_tolerances, masses_of, pcg, solve_balance
+from gaugefix.moment import MassState, pair_shape, reduce_to, scatter_terms
 from gaugefix.structure import GaugeStructure
 
 
 class SingularGramError(ValueError):
     """``K`` is singular: some combination of generators vanishes, so the vertical subspace has
-    lower dimension than the number of gauge neurons. ``neurons`` lists the neurons involved."""
+    lower dimension than the number of generators. ``generators`` lists those involved."""
 
-    def __init__(self, message: str, neurons: list[int]) -> None:
+    def __init__(self, message: str, generators: list[int]) -> None:
         super().__init__(message)
-        self.neurons = neurons
+        self.generators = generators
 
 
 # -- the group action on plain tensors --------------------------------------------------------
 
 
-def _extended(h: Tensor, device: torch.device) -> Tensor:
-    """``h`` (``[N]``) in float64 on ``device`` with a trailing 0 for the dummy slot ``N``."""
+def exponents(structure: GaugeStructure, h: Tensor, device: torch.device) -> dict[str, Tensor]:
+    """Per parameter, ``sum_n w_n(e) h_n`` (float64, broadcastable to the parameter's shape)."""
     h = h.to(device=device, dtype=torch.float64)
-    return torch.cat([h, h.new_zeros(1)])
-
-
-def _factors(structure: GaugeStructure, h: Tensor, device: torch.device) -> dict[str, Tensor]:
-    """Per parameter, ``h_row - h_col`` (float64, broadcastable to the parameter's shape)."""
-    hx = _extended(h, device)
-    out = {}
-    for m in structure.device_maps(device):
-        row = hx[m.rows] if m.rows is not None else hx.new_zeros(())
-        col = hx[m.cols] if m.cols is not None else hx.new_zeros(())
-        out[m.name] = row - col
-    return out
+    hx = torch.cat([h, h.new_zeros(1)])
+    return {
+        p.name: sum((t.sign * hx[t.slots] for t in p.terms), hx.new_zeros(()))
+        for p in structure.plan(device)
+    }
 
 
 def gauge_tensors(
-    tensors: Mapping[str, Tensor], structure: GaugeStructure, log_alpha: Tensor
+    tensors: Mapping[str, Tensor], structure: GaugeStructure, h: Tensor
 ) -> dict[str, Tensor]:
-    """``g(log_alpha) . theta`` out of place: every parameter of ``structure`` in ``tensors``
-    multiplied entrywise by ``exp(log_alpha[row] - log_alpha[col])``, computed in float64 and
-    rounded once to the tensor's dtype. Returns new tensors for the structure's parameters."""
+    """``g(h) . theta`` out of place: every parameter of ``structure`` in ``tensors`` multiplied
+    entrywise by ``exp(sum_n w_n(e) h_n)``, computed in float64 and rounded once to the tensor's
+    dtype. Returns new tensors for the structure's parameters."""
     bound = structure.bind(dict(tensors))
     if not bound:
         return {}
     device = next(iter(bound.values())).device
-    exponents = _factors(structure, log_alpha, device)
+    x = exponents(structure, h, device)
     return {
-        name: (t.detach().to(torch.float64) * torch.exp(exponents[name])).to(t.dtype)
+        name: (t.detach().to(torch.float64) * torch.exp(x[name])).to(t.dtype)
         for name, t in bound.items()
     }
 
@@ -74,32 +67,32 @@ def gauge_tensors(
 
 @dataclass(frozen=True)
 class GaugeCoordinates:
-    """The factorisation ``theta = g(log_alpha) . theta_bar`` with ``mu(theta_bar) = 0``.
+    """The factorisation ``theta = g(h) . theta_bar`` with ``mu(theta_bar) = 0``.
 
     ``balanced``: a state dict (the model's ``state_dict()`` keys, detached copies) holding the
-    minimal-norm representative ``theta_bar`` of the orbit in the gauged parameters and the
-    model's own values everywhere else; ``log_alpha``: ``[num_neurons]`` float64, the pure-gauge
-    coordinate ``h``; ``dead_neurons``: neurons without a closed orbit (all incoming or all
-    outgoing entries zero), whose ``log_alpha`` is 0 and which are left out of the balancing;
-    ``max_rel_imbalance``: ``max_n |mu_n(theta_bar)| / S_n`` over the other neurons;
+    minimal-norm representative ``theta_bar`` of the orbit in the parameters the structure acts
+    on and the model's own values everywhere else; ``h``: ``[num_generators]`` float64, the
+    pure-gauge coordinate; ``dead_generators``: generators without a closed orbit (all incoming
+    or all outgoing entries zero), whose ``h`` is 0 and which are left out of the balancing;
+    ``max_rel_imbalance``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators;
     ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
     (they always hold the same values as that name).
 
-    Under a gauge transformation ``g(h0)`` of the model, ``balanced`` is unchanged and
-    ``log_alpha`` becomes ``log_alpha + h0`` (exactly, when there are no dead neurons).
+    Under a gauge transformation ``g(h0)`` of the model, ``balanced`` is unchanged and ``h``
+    becomes ``h + h0`` (exactly, when there are no dead generators).
     """
 
     balanced: dict[str, Tensor]
-    log_alpha: Tensor
-    dead_neurons: Tensor
+    h: Tensor
+    dead_generators: Tensor
     max_rel_imbalance: float
     structure: GaugeStructure
     aliases: dict[str, str] = field(default_factory=dict)
 
     def to_state_dict(self) -> dict[str, Tensor]:
-        """The inverse map: ``g(log_alpha) . balanced`` as a new state dict (same keys)."""
+        """The inverse map: ``g(h) . balanced`` as a new state dict (same keys)."""
         out = {k: v.clone() for k, v in self.balanced.items()}
-        out.update(gauge_tensors(self.balanced, self.structure, self.log_alpha))
+        out.update(gauge_tensors(self.balanced, self.structure, self.h))
         out.update({k: out[name].clone() for k, name in self.aliases.items()})
         return out
 
@@ -114,32 +107,40 @@ def gauge_coordinates(
     allow_dead: bool = False,
 ) -> GaugeCoordinates:
     """The gauge-adapted coordinates ``(theta_bar, h)`` of ``model``'s parameters, with
-    ``theta = g(h) . theta_bar`` and ``mu(theta_bar) = 0`` (DESIGN.md section 2).
+    ``theta = g(h) . theta_bar`` and ``mu(theta_bar) = 0``.
 
     ``theta_bar`` minimises ``||g(h) . theta||^2`` over the orbit; it is found by the same
-    float64 Newton solve as :func:`gaugefix.balance_` (:func:`gaugefix.fixing.solve_balance`) to
-    ``max_n |mu_n| / S_n <= tol``, on the parameter values: the model is not modified.
+    float64 Newton solve as :func:`gaugefix.balance_` (:func:`gaugefix.balancing.solve_balance`)
+    to ``max_n |mu_n| / S_n <= tol``, on the parameter values: the model is not modified.
 
-    Dead neurons (all incoming or all outgoing entries zero) have no closed orbit and hence no
+    Dead generators (all incoming or all outgoing entries zero) have no closed orbit and hence no
     coordinate: by default they raise ``ValueError`` naming them. With ``allow_dead=True`` they
-    keep ``h = 0``, are listed in ``dead_neurons``, and the round trip is still exact, but
-    ``balanced`` is then only invariant under gauges that are 0 on the dead neurons.
+    keep ``h = 0``, are listed in ``dead_generators``, and the round trip is still exact, but
+    ``balanced`` is then only invariant under gauges that are 0 on the dead generators.
     Raises ``RuntimeError`` when the solve does not reach ``tol`` in ``max_iter`` iterations.
     """
+    check_tolerances(tol, max_iter)
     params = structure.bind(model)
     check_finite_params(params)
-    solution = solve_balance(params, structure, tol, max_iter)
-    dead = solution.dead_neurons
+    if structure.num_generators:
+        solution = solve_balance(masses_of(params, structure), tol, max_iter)
+        h, live = solution.h[0], solution.live[0]
+        converged, err = bool(solution.converged[0]), float(solution.max_rel_imbalance[0])
+        iterations = solution.iterations
+    else:
+        h, live = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        converged, err, iterations = True, 0.0, 0
+    dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
         raise ValueError(
-            f"{dead.numel()} dead neuron(s) without a closed orbit (all incoming or all "
+            f"{dead.numel()} dead generator(s) without a closed orbit (all incoming or all "
             f"outgoing entries zero): {_describe(dead.tolist(), structure)}; pass "
-            "allow_dead=True to keep them at log_alpha = 0"
+            "allow_dead=True to keep them at h = 0"
         )
-    if not solution.converged:
+    if not converged:
         raise RuntimeError(
-            f"balancing stopped at max |mu_n| / S_n = {solution.max_rel_imbalance:.3g} > "
-            f"tol = {tol:g} after {solution.iterations} iterations; raise max_iter or tol"
+            f"balancing stopped at max |mu_n| / S_n = {err:.3g} > tol = {tol:g} after "
+            f"{iterations} iterations; raise max_iter or tol"
         )
     state = model.state_dict(keep_vars=True)
     missing = [name for name in params if name not in state]
@@ -148,13 +149,13 @@ def gauge_coordinates(
     owner = {id(t): name for name, t in params.items()}
     aliases = {k: owner[id(v)] for k, v in state.items() if id(v) in owner and owner[id(v)] != k}
     balanced = {k: v.detach().clone() for k, v in state.items()}
-    balanced.update(gauge_tensors(params, structure, solution.log_alpha))
+    balanced.update(gauge_tensors(params, structure, h))
     balanced.update({k: balanced[name].clone() for k, name in aliases.items()})
     return GaugeCoordinates(
         balanced=balanced,
-        log_alpha=-solution.log_alpha,
-        dead_neurons=dead,
-        max_rel_imbalance=solution.max_rel_imbalance,
+        h=-h,
+        dead_generators=dead,
+        max_rel_imbalance=err,
         structure=structure,
         aliases=aliases,
     )
@@ -163,83 +164,93 @@ def gauge_coordinates(
 # -- the Gram matrix of the generators --------------------------------------------------------
 
 
-def _pair_masses(model: nn.Module, structure: GaugeStructure) -> tuple[PairMasses, list[Tensor]]:
+def _masses_at_zero(model: nn.Module, structure: GaugeStructure) -> MassState:
+    """The squared masses of ``model`` (one copy) evaluated at ``h = 0``, with their sums."""
     params = structure.bind(model)
     if not params:
-        raise ValueError("the structure has no gauged parameters")
-    pm = PairMasses(params, structure)
-    masses = pm.weighted(torch.zeros(pm.n, dtype=torch.float64, device=pm.device))
-    if not math.isfinite(float(pm.total(masses))):  # one check; name the culprit only on error
+        raise ValueError("the structure acts on no parameters")
+    masses = masses_of(params, structure)
+    state = masses.at(torch.zeros(1, masses.n, dtype=torch.float64, device=masses.device))
+    if not math.isfinite(float(state.total[0])):  # one check; name the culprit only on error
         check_finite_params(params)
         raise ValueError("the squared parameters overflow float64")
-    return pm, masses
+    return state
 
 
-def _gram_entries(pm: PairMasses, masses: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """COO indices ``[2, nnz]`` and values of ``K = sum_e w_e (e_r - e_c)(e_r - e_c)^T`` before
-    coalescing: pairs with ``r == c`` (gauge invariant) and the dummy slot dropped."""
-    n = pm.n
-    index, values = [], []
-    for w, (_, r, c) in zip(masses, pm.terms, strict=True):
-        rr, cc = r.expand(w.shape).reshape(-1), c.expand(w.shape).reshape(-1)
-        keep = rr != cc
-        rr, cc, ww = rr[keep], cc[keep], w.reshape(-1)[keep]
-        i = torch.cat([rr, cc, rr, cc])
-        j = torch.cat([rr, cc, cc, rr])
-        v = torch.cat([ww, ww, -ww, -ww])
-        inside = (i < n) & (j < n)
-        index.append(torch.stack([i[inside], j[inside]]))
-        values.append(v[inside])
-    return torch.cat(index, dim=1), torch.cat(values)
+def _entry_masses(model: nn.Module, structure: GaugeStructure) -> list[tuple[Tensor, list]]:
+    """Per parameter, the squared masses of its distinct entries (entries that agree on every
+    term map summed) flattened, with each term's flattened slots and sign."""
+    params = structure.bind(model)
+    out = []
+    for param in structure.plan(next(iter(params.values())).device):
+        shape = pair_shape(param)
+        w = reduce_to(params[param.name].detach().to(torch.float64).square(), shape).reshape(-1)
+        out.append((w, [(t.slots.expand(shape).reshape(-1), t.sign) for t in param.terms]))
+    return out
 
 
 @torch.no_grad()
 def generators_gram(model: nn.Module, structure: GaugeStructure) -> Tensor:
-    """The Gram matrix ``K_nm = <xi_n, xi_m>`` of the orbit generators at ``model``'s parameters:
-    a coalesced sparse COO tensor, float64, ``[num_neurons, num_neurons]``, on the model's device.
+    """The Gram matrix ``K_nm = <xi_n, xi_m> = sum_e w_n(e) w_m(e) theta_e^2`` of the orbit
+    generators at ``model``'s parameters: a coalesced sparse COO tensor, float64,
+    ``[num_generators, num_generators]``, on the model's device.
 
-    ``K_nn = S_n`` (squared mass of the neuron's incoming and outgoing entries, entries whose row
-    and column are the same neuron excluded); ``K_nm = -sum theta_e^2`` over the entries with
-    ``{row, col} = {n, m}``. Every structural pair is stored, zero masses included.
+    ``K_nn = S_n`` (the squared mass of the generator's incoming and outgoing entries);
+    off the diagonal, entries that two generators act on add ``+theta_e^2`` when they act with
+    the same sign and ``-theta_e^2`` with opposite signs. Every structural pair is stored, zero
+    masses included.
     """
-    n = structure.num_neurons
+    n = structure.num_generators
     if n == 0:
         return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), [], (0, 0)).coalesce()
-    pm, masses = _pair_masses(model, structure)
-    index, values = _gram_entries(pm, masses)
-    return torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
+    _masses_at_zero(model, structure)  # validates finiteness
+    index, values = [], []
+    for w, terms in _entry_masses(model, structure):
+        for slots_a, sign_a in terms:
+            for slots_b, sign_b in terms:
+                inside = (slots_a < n) & (slots_b < n)
+                index.append(torch.stack([slots_a[inside], slots_b[inside]]))
+                values.append(sign_a * sign_b * w[inside])
+    return torch.sparse_coo_tensor(
+        torch.cat(index, dim=1), torch.cat(values), (n, n), check_invariants=False
+    ).coalesce()
 
 
-def ungrounded_neurons(pm: PairMasses, masses: list[Tensor]) -> Tensor:
-    """The neurons spanning the null space of ``K`` (int64, sorted).
+def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor:
+    """The generators that may span a null space of ``K`` (int64, sorted; empty when ``K`` is
+    non-singular).
 
-    ``K`` is the Laplacian of the graph whose nodes are the neurons plus a ground node (the
-    missing side of an entry) and whose edges are the entries of positive mass between distinct
-    nodes, with the ground's row and column removed. It is singular exactly when a connected
-    component does not reach the ground: a neuron whose entries are all zero or all gauge
-    invariant, or a group of neurons coupled only among themselves. Found by propagating
-    reachability from the ground, one vectorised pass per graph step.
+    ``c`` is in the null space of ``K`` exactly when ``sum_n w_n(e) c_n = 0`` on every entry of
+    positive mass. An entry that names only one generator whose coefficient is not yet known to
+    be 0 forces it to 0 (it is *grounded*); propagated to a fixpoint, one vectorised pass per
+    step. A generator left ungrounded has entries that are all zero, or entries it shares only
+    with other ungrounded generators; these are checked for a null space exactly, on the dense
+    Gram matrix of that (small) set, and returned when it is singular.
     """
-    n = pm.n
-    reached = torch.zeros(n + 1, dtype=torch.bool, device=pm.device)
-    reached[n] = True
-    edges = []
-    for w, (_, r, c) in zip(masses, pm.terms, strict=True):
-        rr, cc = r.expand(w.shape).reshape(-1), c.expand(w.shape).reshape(-1)
-        keep = (w.reshape(-1) > 0) & (rr != cc)
-        edges.append((rr[keep], cc[keep]))
-    count = 1
+    n = structure.num_generators
+    device = next(iter(structure.bind(model).values())).device
+    grounded = torch.zeros(n + 1, dtype=torch.bool, device=device)
+    grounded[n] = True
+    entries = []
+    for w, terms in _entry_masses(model, structure):
+        keep = w > 0
+        entries.append([slots[keep] for slots, _ in terms])
     while True:
-        step = torch.zeros(n + 1, dtype=torch.float64, device=pm.device)
-        for rr, cc in edges:
-            step.index_add_(0, rr, reached[cc].to(torch.float64))
-            step.index_add_(0, cc, reached[rr].to(torch.float64))
-        reached |= step > 0
-        new_count = int(reached.sum())
-        if new_count == count:
+        before = int(grounded.sum())
+        for slots in entries:
+            open_count = sum((~grounded[s]).to(torch.long) for s in slots)
+            for s in slots:
+                grounded[s[(open_count == 1) & ~grounded[s]]] = True
+        if int(grounded.sum()) == before:
             break
-        count = new_count
-    return torch.nonzero(~reached[:n]).reshape(-1)
+    loose = torch.nonzero(~grounded[:n]).reshape(-1)
+    if not loose.numel():
+        return loose
+    gram = generators_gram(model, structure).to_dense()[loose][:, loose]
+    values = torch.linalg.eigvalsh(gram)
+    if float(values[0]) > 1e-12 * max(float(values[-1]), 1e-300):
+        return loose[:0]
+    return loose
 
 
 # -- tangent projections ----------------------------------------------------------------------
@@ -248,71 +259,76 @@ def ungrounded_neurons(pm: PairMasses, masses: list[Tensor]) -> Tensor:
 def generator_pairing(
     params: Mapping[str, Tensor], vectors: Mapping[str, Tensor], structure: GaugeStructure
 ) -> Tensor:
-    """``b_n = <xi_n, v> = sum_{in(n)} theta_e v_e - sum_{out(n)} theta_e v_e``, ``[N]``, float64
-    (entries whose row and column are the same neuron cancel)."""
+    """``b_n = <xi_n, v> = sum_e w_n(e) theta_e v_e``, ``[N]``, float64."""
     first = next(iter(params.values()))
-    b = torch.zeros(structure.num_neurons + 1, dtype=torch.float64, device=first.device)
-    for m in structure.device_maps(first.device):
-        prod = params[m.name].detach().to(torch.float64) * vectors[m.name].to(torch.float64)
-        if m.rows is not None:
-            scatter_slots(b, m.rows, prod)
-        if m.cols is not None:
-            scatter_slots(b, m.cols, prod, -1.0)
-    return b[: structure.num_neurons]
+    n = structure.num_generators
+    b_in = torch.zeros(n + 1, dtype=torch.float64, device=first.device)
+    b_out = torch.zeros_like(b_in)
+    for param in structure.plan(first.device):
+        prod = params[param.name].detach().to(torch.float64) * vectors[param.name].to(torch.float64)
+        scatter_terms(b_in, b_out, param, prod, ())
+    return (b_in - b_out)[:n]
 
 
 def generator_combination(
     params: Mapping[str, Tensor], structure: GaugeStructure, coefficients: Tensor
 ) -> dict[str, Tensor]:
-    """``sum_n c_n xi_n`` as name -> float64 tensor: ``(c_row(e) - c_col(e)) theta_e``."""
+    """``sum_n c_n xi_n`` as name -> float64 tensor: ``(sum_n w_n(e) c_n) theta_e``."""
     first = next(iter(params.values()))
-    exponents = _factors(structure, coefficients, first.device)
-    return {name: params[name].detach().to(torch.float64) * f for name, f in exponents.items()}
+    x = exponents(structure, coefficients, first.device)
+    return {name: params[name].detach().to(torch.float64) * f for name, f in x.items()}
 
 
-def _describe(neurons: list[int], structure: GaugeStructure, limit: int = 10) -> str:
-    shown = ", ".join(f"{n} (layer '{structure.neuron_layers[n]}')" for n in neurons[:limit])
-    return shown + (f" and {len(neurons) - limit} more" if len(neurons) > limit else "")
+def _describe(generators: list[int], structure: GaugeStructure, limit: int = 10) -> str:
+    shown = ", ".join(
+        f"{n} ({structure.generator_kinds[n]} of layer '{structure.generator_layers[n]}')"
+        for n in generators[:limit]
+    )
+    return shown + (f" and {len(generators) - limit} more" if len(generators) > limit else "")
 
 
 def gram_solve(
-    pm: PairMasses,
-    masses: list[Tensor],
-    b: Tensor,
-    structure: GaugeStructure,
-    rtol: float = 1e-13,
+    model: nn.Module, structure: GaugeStructure, b: Tensor, rtol: float = 1e-13
 ) -> Tensor:
     """``c = K^{-1} b`` by Jacobi-preconditioned conjugate gradients on the matrix-free ``K``,
     restarted on the residual until the backward error is small:
-    ``||b - K c|| <= rtol (||b|| + ||K|| ||c||)`` with ``||K|| <= 2 max_n S_n`` (so ``c`` solves
-    a system within relative ``rtol`` of this one; its forward error is at most about
-    ``2 rtol cond(K)``).
+    ``||b - K c|| <= rtol (||b|| + ||K|| ||c||)`` with ``||K|| <= k max_n S_n`` (``k`` the most
+    generators one entry carries; so ``c`` solves a system within relative ``rtol`` of this one;
+    its forward error is at most about ``k rtol cond(K)``).
 
-    Raises :class:`SingularGramError` naming the neurons when ``K`` is singular (checked exactly,
-    by :func:`ungrounded_neurons`), and ``RuntimeError`` when the tolerance is not reached.
+    Raises :class:`SingularGramError` naming the generators when ``K`` is singular (checked by
+    :func:`ungrounded_generators`), and ``RuntimeError`` when the tolerance is not reached.
     """
-    bad = ungrounded_neurons(pm, masses)
+    state = _masses_at_zero(model, structure)
+    bad = ungrounded_generators(model, structure)
     if bad.numel():
         raise SingularGramError(
-            f"the Gram matrix K of the generators is singular: neuron(s) "
-            f"{_describe(bad.tolist(), structure)} have no weight outside the gauge "
-            "group (their entries are all zero, or all gauge invariant, or couple them only "
-            "among themselves), so their generators are linearly dependent",
+            f"the Gram matrix K of the generators is singular: generator(s) "
+            f"{_describe(bad.tolist(), structure)} have no weight outside the gauge group "
+            "(their entries are all zero, or shared only among themselves in a way that "
+            "cancels), so their generators are linearly dependent",
             bad.tolist(),
         )
-    s_in, s_out = pm.sums(masses)
-    diag = s_in + s_out
-    k_norm = 2 * float(diag.max())  # ||K||_2 <= max_n (K_nn + sum_m |K_nm|) <= 2 max_n S_n
+    diag = (state.s_in + state.s_out)[0]
+    k = max([2] + [len(p.terms) for p in structure.params.values()])
+    k_norm = k * float(diag.max())  # Gershgorin: ||K||_2 <= max_n sum_m |K_nm| <= k max_n S_n
+
+    def matvec(v: Tensor) -> Tensor:
+        return state.gram_matvec(v[None])[0]
+
     b_norm = float(torch.linalg.vector_norm(b))
     c = torch.zeros_like(b)
     residual = b.clone()
+    rel = math.inf
     for _ in range(100):
         scale = b_norm + k_norm * float(torch.linalg.vector_norm(c))
         rel = float(torch.linalg.vector_norm(residual)) / max(scale, 1e-300)
         if rel <= rtol:
             return c
-        c = c + _pcg(lambda v: pm.gram_matvec(masses, v), residual, diag, rtol=rtol)
-        residual = b - pm.gram_matvec(masses, c)
+        rtols = torch.full((1,), rtol, dtype=torch.float64, device=b.device)
+        step = pcg(state.gram_matvec, residual[None], diag[None], rtols)
+        c = c + step[0]
+        residual = b - matvec(c)
     raise RuntimeError(
         f"the solve with K stopped at a backward error of {rel:.3g} > rtol = {rtol:g}; "
         "K is too ill-conditioned for this tolerance"
@@ -358,20 +374,19 @@ def project(
     same keys, each tensor in its input's dtype and device. Names that are not parameters of the
     model, shapes that differ, or NaN/inf in a gauged parameter's vector raise ``ValueError``
     naming the parameter (other parameters pass through unchecked); a singular ``K`` raises
-    :class:`SingularGramError` naming the neurons.
+    :class:`SingularGramError` naming the generators.
     """
     if onto not in ("vertical", "horizontal"):
         raise ValueError(f"onto must be 'vertical' or 'horizontal', got {onto!r}")
     _check_rtol(rtol)
     _check_vectors(vectors, model, structure)
-    if structure.num_neurons == 0:
+    if structure.num_generators == 0:
         return {k: _untouched(v, onto) for k, v in vectors.items()}
-    pm, masses = _pair_masses(model, structure)
     params = structure.bind(model)
     b = generator_pairing(params, vectors, structure)
     if not bool(torch.isfinite(b).all()):  # one check; name the culprit only on error
         _name_non_finite(vectors, structure)
-    c = gram_solve(pm, masses, b, structure, rtol)
+    c = gram_solve(model, structure, b, rtol)
     vertical = generator_combination(params, structure, c)
     out = {}
     for name, v in vectors.items():

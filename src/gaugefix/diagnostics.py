@@ -1,6 +1,6 @@
 """Analytic predictions and measurements: relaxation rates of the imbalance modes, the exact
 one-step change of ``mu`` under gradient descent, and the sharpness (top Hessian eigenvalue) of
-the loss by Hessian-vector products (DESIGN.md section 2)."""
+the loss by Hessian-vector products."""
 
 from __future__ import annotations
 
@@ -28,19 +28,19 @@ class RelaxationRates:
     ``lambda``: ``d mu / dt = -2 lambda K mu``, so the component of ``mu`` along an eigenvector
     ``u_i`` of ``K`` decays as ``exp(-rate_i t)`` with ``rate_i = 2 lambda k_i`` (``K`` frozen).
 
-    ``rates``: ``[k]`` float64, ascending; ``modes``: ``[num_neurons, k]``, the unit eigenvectors
-    (column ``i`` belongs to ``rates[i]``); ``complete``: whether all ``num_neurons`` rates are
-    present (else the first half of ``rates`` are the smallest, the second half the largest).
-    ``slowest_neuron`` / ``fastest_neuron``: the neuron with the largest ``|component|`` in the
-    slowest / fastest mode, and ``slowest_layer`` / ``fastest_layer`` the layer producing it
-    (``None`` without neurons).
+    ``rates``: ``[k]`` float64, ascending; ``modes``: ``[num_generators, k]``, the unit
+    eigenvectors (column ``i`` belongs to ``rates[i]``); ``complete``: whether all
+    ``num_generators`` rates are present (else the first half of ``rates`` are the smallest, the
+    second half the largest). ``slowest_generator`` / ``fastest_generator``: the generator with
+    the largest ``|component|`` in the slowest / fastest mode, and ``slowest_layer`` /
+    ``fastest_layer`` the layer producing it (``None`` without generators).
     """
 
     rates: Tensor
     modes: Tensor
     complete: bool
-    slowest_neuron: int | None
-    fastest_neuron: int | None
+    slowest_generator: int | None
+    fastest_generator: int | None
     slowest_layer: str | None
     fastest_layer: str | None
 
@@ -90,16 +90,16 @@ def relaxation_rates(
     model's parameters, :func:`gaugefix.generators_gram`): the predicted decay rates of the
     imbalance modes under soft gauge fixing, with the slowest and fastest modes located by layer.
 
-    With ``k=None`` and ``num_neurons <= dense_limit``, all rates by a dense ``eigh`` on the
+    With ``k=None`` and ``num_generators <= dense_limit``, all rates by a dense ``eigh`` on the
     model's device. Otherwise (or with an explicit ``k``), the ``k`` smallest and ``k`` largest
     (``k`` defaults to 6) by SciPy's ``eigsh`` on a CPU copy of the sparse ``K``; when
-    ``2 k >= num_neurons`` the dense path is used instead. A zero rate means a mode that does not
+    ``2 k >= num_generators`` the dense path is used instead. A zero rate means a mode that does not
     relax (a singular ``K``: see :func:`gaugefix.project`).
     """
     strength = _check_number(strength, "strength")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
-    n = structure.num_neurons
+    n = structure.num_generators
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return RelaxationRates(empty, empty.reshape(0, 0), True, None, None, None, None)
@@ -116,10 +116,10 @@ def relaxation_rates(
         rates=2 * strength * vals,
         modes=vecs,
         complete=dense,
-        slowest_neuron=slow,
-        fastest_neuron=fast,
-        slowest_layer=structure.neuron_layers[slow],
-        fastest_layer=structure.neuron_layers[fast],
+        slowest_generator=slow,
+        fastest_generator=fast,
+        slowest_layer=structure.generator_layers[slow],
+        fastest_layer=structure.generator_layers[fast],
     )
 
 
@@ -134,7 +134,7 @@ def predicted_imbalance_change(
     lr: float,
     weight_decay: float = 0.0,
 ) -> Tensor:
-    """The change ``mu(theta') - mu(theta)`` (``[num_neurons]``) under the gradient-descent step
+    """The change ``mu(theta') - mu(theta)`` (``[num_generators]``) under the gradient-descent step
     ``theta' = (1 - lr * wd) theta - lr * g`` from the model's current parameters ``theta``:
 
         ``(1 - lr * wd)^2 mu(theta) + lr^2 mu(g) - mu(theta)``,

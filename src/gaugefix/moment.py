@@ -1,19 +1,24 @@
-"""The imbalance (moment map) ``mu`` and the pair masses behind the Gram matrix ``K``.
+"""The imbalance (moment map) ``mu``, its statistics, and the squared masses behind the Gram
+matrix ``K`` of the generators.
 
-For a gauge neuron ``n``, ``mu_n = sum_{in(n)} theta^2 - sum_{out(n)} theta^2``. Everything here is
-a few vectorised operations per parameter over the index maps of a :class:`GaugeStructure`.
+Generator ``n`` acts on entry ``e`` with weight ``w_n(e)`` in ``{-1, 0, 1}``. Its incoming mass
+is ``S_in,n = sum_{w_n(e) = 1} theta_e^2``, its outgoing mass ``S_out,n = sum_{w_n(e) = -1}
+theta_e^2``; the imbalance is ``mu_n = S_in,n - S_out,n = sum_e w_n(e) theta_e^2`` and
+``K_nn = S_n = S_in,n + S_out,n``. Everything here is a few vectorised operations per parameter
+over its signed terms (see :class:`gaugefix.GaugeStructure`), and every function accepts stacks of
+several copies of a model (``batch_dims`` leading dims, as the sweep engine trains them).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from gaugefix.structure import GaugeStructure
-from gaugefix.structure.gauge_structure import DeviceMap
+from gaugefix.structure import GaugeStructure, PlannedParam
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,72 +47,96 @@ def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return values.sum(dims, keepdim=True)
 
 
-def scatter_slots(acc: Tensor, slots: Tensor, values: Tensor, sign: float = 1.0) -> None:
-    """``acc[slots[i]] += sign * values[i]`` with ``values`` reduced onto the shape of ``slots``."""
-    v = reduce_to(values, slots.shape).reshape(-1)
-    acc.index_add_(0, slots.reshape(-1), v if sign == 1.0 else -v)
+def pair_shape(param: PlannedParam) -> tuple[int, ...]:
+    """The broadcast shape of a parameter's term maps: entries that agree on every map (a conv
+    kernel's taps) share every factor, so their squares can be summed first."""
+    shape = [1] * len(param.shape)
+    for term in param.terms:
+        shape = [max(a, b) for a, b in zip(shape, term.slots.shape, strict=True)]
+    return tuple(shape)
+
+
+def scatter_terms(
+    acc_in: Tensor, acc_out: Tensor, param: PlannedParam, values: Tensor, batch: tuple[int, ...]
+) -> None:
+    """``acc[..., n] += values`` summed over the entries each term names ``n`` at: into
+    ``acc_in`` for terms of sign +1, ``acc_out`` for sign -1. ``values``: ``[*batch, *shape]``
+    with ``shape`` broadcast-compatible with every term; ``acc_*``: ``[*batch, N + 1]``."""
+    for term in param.terms:
+        v = reduce_to(values, (*batch, *term.slots.shape)).reshape(*batch, -1)
+        (acc_in if term.sign > 0 else acc_out).index_add_(-1, term.slots.reshape(-1), v)
+
+
+def generator_sums(
+    tensors: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    dtype: torch.dtype,
+    batch_dims: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
+    ``[*batch, N + 1]`` with the dummy slot ``N`` kept, and the squared norm ``[*batch]``.
+    Every entry lands in some slot, so all three are finite exactly when every entry is
+    (barring overflow)."""
+    n = structure.num_generators
+    first = next(iter(tensors.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    batch = tuple(first.shape[:batch_dims]) if first is not None else ()
+    s_in = torch.zeros(*batch, n + 1, dtype=dtype, device=device)
+    s_out = torch.zeros_like(s_in)
+    totals = []
+    for param in structure.plan(device):
+        t = tensors[param.name]
+        target = (*batch, *pair_shape(param))
+        # Squares summed over the trailing dims no map depends on (a conv's kernel taps) in
+        # one fused pass where possible, then onto each term's slots.
+        sq = _trailing_sum_of_squares(t, target, dtype)
+        blocks = leading_chunks(t, param) if sq is None and not batch else None
+        if blocks is not None:
+            reduced = _chunked_sums_of_squares(t, blocks, param, dtype)
+        else:
+            if sq is None:
+                sq = t.to(dtype).square()
+            reduced = [
+                reduce_to(sq, (*batch, *term.slots.shape)).reshape(*batch, -1)
+                for term in param.terms
+            ]
+        for term, v in zip(param.terms, reduced, strict=True):
+            (s_in if term.sign > 0 else s_out).index_add_(-1, term.slots.reshape(-1), v)
+        totals.append(reduced[0].sum(-1))  # every entry has a slot in every term
+    if totals:
+        total = torch.stack(totals).sum(0)
+    else:
+        total = torch.zeros(batch, dtype=dtype, device=device)
+    return s_in, s_out, total
 
 
 def in_out_sums(
     source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
 ) -> tuple[Tensor, Tensor]:
-    """``(S_in, S_out)``, each ``[num_neurons]``: the squared norms of every neuron's incoming
-    entries (rows) and outgoing entries (columns) in ``source`` (a model, or name -> tensor)."""
+    """``(S_in, S_out)``, each ``[num_generators]``: the squared masses every generator
+    multiplies and divides in ``source`` (a model, or name -> tensor)."""
     tensors = structure.bind(source)
-    n = structure.num_neurons
     first = next(iter(tensors.values()), None)
     dtype = accumulation_dtype(first.dtype) if first is not None else torch.float64
-    s_in, s_out, _ = slot_sums(tensors, structure, dtype)
+    s_in, s_out, _ = generator_sums(tensors, structure, dtype)
+    n = structure.num_generators
     return s_in[:n], s_out[:n]
-
-
-def slot_sums(
-    tensors: Mapping[str, Tensor], structure: GaugeStructure, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``, the sums
-    with the dummy slot ``num_neurons`` kept (``[num_neurons + 1]``): every entry lands in a
-    slot, so all three are finite exactly when every entry is (barring overflow)."""
-    n = structure.num_neurons
-    first = next(iter(tensors.values()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    s_in = torch.zeros(n + 1, dtype=dtype, device=device)
-    s_out = torch.zeros(n + 1, dtype=dtype, device=device)
-    totals = []
-    for m in structure.device_maps(device):
-        t = tensors[m.name]
-        sides = [(a, slots) for a, slots in ((s_in, m.rows), (s_out, m.cols)) if slots is not None]
-        pair = tuple(map(max, zip(*(slots.shape for _, slots in sides), strict=True)))
-        # Squares summed over the trailing dims no map depends on (a conv's kernel taps) in
-        # one fused pass where possible, then onto each side's slots.
-        sq = _trailing_sum_of_squares(t, pair, dtype)
-        blocks = leading_chunks(t, m.rows, m.cols) if sq is None else None
-        if blocks is not None:
-            reduced = _chunked_sums_of_squares(t, blocks, [slots for _, slots in sides], dtype)
-        else:
-            if sq is None:
-                sq = t.to(dtype).square()
-            reduced = [reduce_to(sq, slots.shape).reshape(-1) for _, slots in sides]
-        for (acc, slots), v in zip(sides, reduced, strict=True):
-            acc.index_add_(0, slots.reshape(-1), v)
-        totals.append(reduced[0].sum())  # every entry has a row or a column slot
-    total = torch.stack(totals).sum() if totals else torch.zeros((), dtype=dtype, device=device)
-    return s_in, s_out, total
 
 
 CHUNK = 1 << 18  # entries per block of a large tensor (1 MiB of float32: stays in cache)
 
 
-def leading_chunks(t: Tensor, rows: Tensor | None, cols: Tensor | None) -> list[slice] | None:
-    """Blocks of ``CHUNK`` entries along dim 0 of a large tensor whose row map (if any) varies
-    only along dim 0 and whose column map (if any) does not: per block, every pass over the
-    entries then reads them from cache instead of memory. ``None`` for a small tensor, another
-    layout, or when a gradient is recorded."""
+def leading_chunks(t: Tensor, param: PlannedParam) -> list[slice] | None:
+    """Blocks of ``CHUNK`` entries along dim 0 of a large tensor whose term maps each vary only
+    along dim 0 or not along dim 0: per block, every pass over the entries then reads them from
+    cache instead of memory. ``None`` for a small tensor, another layout, or when a gradient is
+    recorded."""
     if t.numel() < 2 * CHUNK or t.dim() < 2 or torch.is_grad_enabled() and t.requires_grad:
         return None
-    if rows is not None and any(k > 1 for k in rows.shape[1:]):
-        return None
-    if cols is not None and cols.shape[0] > 1:
-        return None
+    for term in param.terms:
+        shape = term.slots.shape
+        if shape[0] > 1 and any(k > 1 for k in shape[1:]):
+            return None
     step = max(1, CHUNK // (t.numel() // t.shape[0]))
     return [slice(i, i + step) for i in range(0, t.shape[0], step)]
 
@@ -130,38 +159,37 @@ def _block_square(block: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _chunked_sums_of_squares(
-    t: Tensor, blocks: list[slice], sides: list[Tensor], dtype: torch.dtype
+    t: Tensor, blocks: list[slice], param: PlannedParam, dtype: torch.dtype
 ) -> list[Tensor]:
-    """``reduce_to(t.square(), slots.shape).reshape(-1)`` for the ``slots`` of each side, one
-    block of :func:`leading_chunks` at a time: a single read of ``t``, the squares of one block
-    staying in cache."""
+    """``reduce_to(t.square(), slots.shape).reshape(-1)`` for every term, one block of
+    :func:`leading_chunks` at a time: a single read of ``t``, the squares of one block staying
+    in cache."""
     out: list[list[Tensor] | Tensor] = []
-    for slots in sides:
-        if slots.shape[0] > 1:
+    for term in param.terms:
+        if term.slots.shape[0] > 1:
             out.append([])
         else:
-            out.append(torch.zeros(slots.shape, dtype=dtype, device=t.device))
+            out.append(torch.zeros(term.slots.shape, dtype=dtype, device=t.device))
     for block in blocks:
         sq = _block_square(t[block], dtype)
-        for k, slots in enumerate(sides):
-            if slots.shape[0] > 1:  # varies along dim 0: this block's own slots
-                out[k].append(reduce_to(sq, (sq.shape[0], *slots.shape[1:])))
+        for k, term in enumerate(param.terms):
+            if term.slots.shape[0] > 1:  # varies along dim 0: this block's own slots
+                out[k].append(reduce_to(sq, (sq.shape[0], *term.slots.shape[1:])))
             else:
-                out[k] += reduce_to(sq, slots.shape)
+                out[k] += reduce_to(sq, term.slots.shape)
     return [(torch.cat(v) if isinstance(v, list) else v).reshape(-1) for v in out]
 
 
 def _trailing_sum_of_squares(
-    t: Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
+    t: Tensor, shape: tuple[int, ...], dtype: torch.dtype
 ) -> Tensor | None:
-    """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the broadcast
-    shape of a parameter's maps) has size 1 (kept with size 1), in one pass without a squared
-    temporary (a norm); ``None`` when those dims hold fewer than 64 entries (a norm over a short
-    dim is slower than squaring and summing), or a gradient is recorded (a norm's backward is
-    undefined at 0), or ``t`` is not contiguous."""
+    """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the
+    broadcast shape of a parameter's maps, batch dims included) has size 1 (kept with size 1),
+    in one pass without a squared temporary (a norm); ``None`` when those dims hold fewer than
+    64 entries (a norm over a short dim is slower than squaring and summing), or a gradient is
+    recorded (a norm's backward is undefined at 0), or ``t`` is not contiguous."""
     if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
         return None
-    shape = tuple(shape) if len(shape) == t.dim() else (1,) * (t.dim() - len(shape)) + tuple(shape)
     lead = t.dim()
     while lead > 0 and shape[lead - 1] == 1:
         lead -= 1
@@ -172,7 +200,7 @@ def _trailing_sum_of_squares(
 
 
 def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure) -> Tensor:
-    """The imbalance ``mu``, shape ``[num_neurons]``: ``mu_n = sum_in theta^2 - sum_out theta^2``.
+    """The imbalance ``mu``, shape ``[num_generators]``: ``mu_n = sum_e w_n(e) theta_e^2``.
 
     ``source`` is a model or a mapping from parameter names to tensors (so ``imbalance(grads, s)``
     is ``mu(g)``). Accumulated in float64 for float64 tensors and in float32 otherwise.
@@ -182,176 +210,269 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
     return s_in - s_out
 
 
-class PairMasses:
-    """Squared parameter mass per (row neuron, column neuron) pair, in float64.
+STAT_NAMES = (
+    "mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm", "norm_sq",
+    "dead_generators",
+)  # fmt: skip
 
-    For each parameter, ``w[e] = sum theta^2`` over the entries that share one row slot and one
-    column slot (a conv kernel's spatial taps collapse into one pair). Under the gauge ``h`` the
-    mass becomes ``w exp(2 (h_r - h_c))``; from these masses come the objective
-    ``F(h) = ||g(h) theta||^2``, the imbalance ``mu(g(h) theta)`` and products with the Gram matrix
-    ``K(g(h) theta) = sum_e w_e (e_r - e_c)(e_r - e_c)^T`` (a missing side dropped), without
-    touching the parameters again.
+
+def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
+    """The statistics of :func:`imbalance_stats`, in the order of :data:`STAT_NAMES`, from
+    ``S_in``, ``S_out`` (``[*batch, N]``) and ``||theta||^2`` (``[*batch]``): ``[*batch, 7]``."""
+    mu, s = s_in - s_out, s_in + s_out
+    rel = torch.where(s > 0, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    alive = (s_in > 0) & (s_out > 0)
+    log_ratio = torch.where(alive, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
+    n_rel = (s > 0).sum(-1).clamp_min(1)
+    n_alive = alive.sum(-1).clamp_min(1)
+    empty = s.shape[-1] == 0
+    return torch.stack(
+        [
+            (rel.square().sum(-1) / n_rel).sqrt(),
+            norm_sq.new_zeros(norm_sq.shape) if empty else rel.amax(-1),
+            (log_ratio.square().sum(-1) / n_alive).sqrt(),
+            norm_sq.new_zeros(norm_sq.shape) if empty else log_ratio.amax(-1),
+            torch.linalg.vector_norm(mu, dim=-1),
+            norm_sq,
+            (~alive).sum(-1).to(s.dtype),
+        ],
+        dim=-1,
+    )
+
+
+@torch.no_grad()
+def imbalance_stats(
+    source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
+) -> dict[str, float]:
+    """Cheap imbalance statistics for logging, as Python floats.
+
+    With ``mu = S_in - S_out`` and ``S = S_in + S_out`` (:func:`in_out_sums`):
+
+    - ``mu_rel_rms``, ``mu_rel_max``: RMS and maximum of ``|mu_n| / S_n`` over the generators
+      with ``S_n > 0`` (0 for a balanced one, 1 for one whose incoming or outgoing side is zero);
+    - ``log_ratio_rms``, ``log_ratio_max``: RMS and maximum of ``|0.5 log(S_in,n / S_out,n)|``
+      (the gauge distance to the generator's local balance, up to a factor 2) over the
+      generators with both sides non-zero;
+    - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
+      acts on; ``dead_generators``: how many have an empty (all-zero) side.
+
+    A handful of vectorised operations and a single device-to-host transfer.
     """
-
-    def __init__(self, tensors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
-        first = next(iter(tensors.values()))
-        self.n = structure.num_neurons
-        self.device = first.device
-        self.terms: list[tuple[Tensor, Tensor, Tensor]] = []
-        for m in structure.device_maps(self.device):
-            self.terms.append(self._term(m, tensors[m.name]))
-
-    def _term(self, m: DeviceMap, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dummy = torch.full([1] * t.dim(), self.n, device=self.device)
-        rows = dummy if m.rows is None else m.rows
-        cols = dummy if m.cols is None else m.cols
-        shape = torch.broadcast_shapes(rows.shape, cols.shape)
-        w = reduce_to(t.detach().to(torch.float64).square(), shape)
-        return w, rows, cols
-
-    def weighted(self, h: Tensor) -> list[Tensor]:
-        """The masses at gauge ``h`` (``[num_neurons]``): ``w exp(2 (h_r - h_c))`` per term."""
-        ex = torch.exp(2 * torch.cat([h, h.new_zeros(1)]))
-        inv = 1 / ex  # rows and columns factor separately: two small exps, no full-size one
-        return [w * ex[r] * inv[c] for w, r, c in self.terms]
-
-    def total(self, masses: list[Tensor]) -> Tensor:
-        """``F = sum of all masses`` (a 0-dim tensor)."""
-        return torch.stack([u.sum() for u in masses]).sum()
-
-    def sums(self, masses: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """``(S_in, S_out)`` per neuron at these masses; entries whose row and column are the
-        same neuron are gauge invariant and count in neither. Then ``mu = S_in - S_out`` and
-        ``K_nn = S_in + S_out``."""
-        s_in = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
-        s_out = torch.zeros_like(s_in)
-        for u, (_, r, c) in zip(masses, self.terms, strict=True):
-            moving = u * (r != c)
-            scatter_slots(s_in, r, moving)
-            scatter_slots(s_out, c, moving)
-        return s_in[: self.n], s_out[: self.n]
-
-    def gram_matvec(self, masses: list[Tensor], v: Tensor) -> Tensor:
-        """``K v`` for ``v`` of shape ``[num_neurons]``."""
-        vx = torch.cat([v, v.new_zeros(1)])
-        out = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
-        for u, (_, r, c) in zip(masses, self.terms, strict=True):
-            t = u * (vx[r] - vx[c])
-            scatter_slots(out, r, t)
-            scatter_slots(out, c, t, -1.0)
-        return out[: self.n]
+    params = structure.bind(source)
+    if not params:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    dtype = accumulation_dtype(next(iter(params.values())).dtype)
+    s_in, s_out, norm_sq = generator_sums(params, structure, dtype)
+    n = structure.num_generators
+    values = stats_from_sums(s_in[:n], s_out[:n], norm_sq)
+    return dict(zip(STAT_NAMES, values.tolist(), strict=True))
 
 
-class MassMatrices:
-    """The pair masses of :class:`PairMasses` (float64), arranged for evaluation at a gauge
-    ``h`` by matrix-vector products, without forming the masses at ``h``.
+# -- squared masses at a gauge: F(h), mu(h) and K(h) v without touching the parameters -----------
 
-    A parameter whose row map varies along some dims and column map along others is held as a
-    matrix ``M[i, j]`` with row neurons ``rho[i]`` and column neurons ``gamma[j]``; its masses
-    at ``h`` are ``e_i M_ij f_j`` with ``e = exp(2 h)[rho]``, ``f = exp(-2 h)[gamma]``, so the
-    row sums are ``e * (M f)``, the column sums ``f * (M^T e)`` and a product with the Gram
-    matrix two more matrix-vector products: each a single read of ``M``. Matrices of one shape
-    are stacked and multiplied together (``bmm``). Every other term (one side only, maps
-    sharing a dim, or entries whose row and column are the same neuron) is concatenated into
-    one flat list of masses. ``h`` is taken relative to a base gauge that is moved (the masses
-    rescaled) when it drifts far, so that the exponentials never overflow.
+
+class Masses:
+    """The squared parameter masses of ``R`` stacked copies of a model (float64), arranged for
+    evaluation at gauges ``h`` (``[R, N]``) without forming the masses at ``h``.
+
+    Under ``h`` an entry's mass ``theta_e^2`` becomes ``theta_e^2 exp(2 sum_n w_n(e) h_n)``. From
+    the masses come the objective ``F(h) = ||g(h) . theta||^2`` (gradient ``2 mu``, Hessian
+    ``4 K``), ``S_in`` and ``S_out`` at ``h``, and products with the Gram matrix
+    ``K(h) = sum_e u_e w(e) w(e)^T``.
+
+    Entries that agree on every term map share every factor, so their squares are summed first
+    (a conv kernel's taps). A parameter whose terms split into two groups varying along disjoint
+    dims (a weight's rows and columns) is held as a matrix ``M[i, j]``: its masses at ``h`` are
+    ``e_i M_ij f_j`` with ``e``, ``f`` the exponentials of each group's exponent, so row sums are
+    ``e * (M f)``, column sums ``f * (M^T e)``, and ``K v`` two more matrix-vector products: each a
+    single read of ``M``. Matrices of one shape are stacked and multiplied together (``bmm``).
+    Every other parameter is flattened into one list of masses with its terms' slots. ``h`` is
+    taken relative to a base gauge that is moved (the masses rescaled) when it drifts far, so
+    that the exponentials never overflow.
     """
 
     REBASE = 30.0  # |h - base| beyond which the masses are rescaled to the new base
 
     def __init__(self, tensors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
+        """``tensors``: name -> ``[R, *shape]`` for the structure's parameters (or some of
+        them: the masses of that part of the model)."""
         first = next(iter(tensors.values()))
-        self.n = n = structure.num_neurons
+        self.n = n = structure.num_generators
         self.device = first.device
-        by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor]]] = {}
-        flat: list[tuple[Tensor, Tensor, Tensor]] = []
-        for m in structure.device_maps(self.device):
-            t = tensors[m.name].detach()
-            dummy = torch.full([1] * t.dim(), n, device=self.device)
-            rows = dummy if m.rows is None else m.rows
-            cols = dummy if m.cols is None else m.cols
-            shape = torch.broadcast_shapes(rows.shape, cols.shape)
-            sq = _trailing_sum_of_squares(t, shape, torch.float64)
+        self.r = r = first.shape[0]
+        by_shape: dict[tuple, list[tuple]] = {}
+        flat: list[tuple[Tensor, list[Tensor], list[int]]] = []
+        for param in structure.plan(self.device):
+            if param.name not in tensors:  # masses of a part of the model
+                continue
+            t = tensors[param.name].detach()
+            shape = pair_shape(param)
+            sq = _trailing_sum_of_squares(t, (r, *shape), torch.float64)
             if sq is None:
                 sq = t.square() if t.dtype == torch.float64 else t.to(torch.float64).square_()
-            w = reduce_to(sq, shape)
-            a = [d for d, k in enumerate(rows.shape) if k > 1]
-            b = [d for d, k in enumerate(cols.shape) if k > 1]
-            if a and b and not set(a) & set(b):
-                rho, gamma = rows.reshape(-1), cols.reshape(-1)
-                live_rho, live_gamma = rho[rho < n], gamma[gamma < n]
-                if not bool(torch.isin(live_rho, live_gamma).any()):
-                    rest = [d for d in range(w.dim()) if d not in a and d not in b]
-                    mat = w.permute(*a, *b, *rest).reshape(rho.numel(), gamma.numel())
-                    by_shape.setdefault(tuple(mat.shape), []).append((mat, rho, gamma))
-                    continue
-            flat.append(
-                (w.reshape(-1), rows.expand(shape).reshape(-1), cols.expand(shape).reshape(-1))
-            )
-        # Stacks [G, a, b] of equally shaped matrices with their neurons [G, a] and [G, b].
-        self.stacks = [
-            tuple(torch.stack(parts) for parts in zip(*group, strict=True))
-            for group in by_shape.values()
-        ]
-        # (matrix, rho, gamma) per parameter: views into the stacks.
-        self.matrices = [(m[i], r[i], c[i]) for m, r, c in self.stacks for i in range(len(m))]
+            w = reduce_to(sq, (r, *shape))
+            split = _two_groups(param)
+            if split is not None:
+                (a_dims, a_terms), (b_dims, b_terms) = split
+                rest = [d for d in range(len(shape)) if d not in a_dims and d not in b_dims]
+                perm = [0, *(d + 1 for d in (*a_dims, *b_dims, *rest))]
+                rows = math.prod(shape[d] for d in a_dims)
+                cols = math.prod(shape[d] for d in b_dims)
+                mat = w.permute(*perm).reshape(r, rows, cols)
+                rho = [(_flat_over(t.slots, a_dims, shape), t.sign) for t in a_terms]
+                gamma = [(_flat_over(t.slots, b_dims, shape), t.sign) for t in b_terms]
+                key = (rows, cols, tuple(s for _, s in rho), tuple(s for _, s in gamma))
+                by_shape.setdefault(key, []).append((mat, rho, gamma))
+                continue
+            slots = [t.slots.expand(shape).reshape(-1) for t in param.terms]
+            flat.append((w.reshape(r, -1), slots, [t.sign for t in param.terms]))
+        # Stacks of equally shaped matrices: mat [G, R, a, b], per term slots [G, a] / [G, b].
+        self.stacks = []
+        for group in by_shape.values():
+            mats = torch.stack([m for m, _, _ in group])
+            rho = [(torch.stack([g[1][k][0] for g in group]), group[0][1][k][1])
+                   for k in range(len(group[0][1]))]  # fmt: skip
+            gamma = [(torch.stack([g[2][k][0] for g in group]), group[0][2][k][1])
+                     for k in range(len(group[0][2]))]  # fmt: skip
+            self.stacks.append((mats, rho, gamma))
+        terms = max((len(s) for _, s, _ in flat), default=0)
         if flat:
-            w, r, c = (torch.cat(parts) for parts in zip(*flat, strict=True))
+            self.flat_w = torch.cat([w for w, _, _ in flat], dim=1)
+            # [T, P] slots and signs, shorter term lists padded with the dummy slot
+            self.flat_slots = torch.stack(
+                [
+                    torch.cat(
+                        [s[k] if k < len(s) else torch.full_like(s[0], n) for _, s, _ in flat]
+                    )  # fmt: skip
+                    for k in range(terms)
+                ]
+            )
+            self.flat_signs = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            torch.full_like(s[0], sg[k] if k < len(s) else 1, dtype=torch.float64)
+                            for _, s, sg in flat
+                        ]
+                    )
+                    for k in range(terms)
+                ]
+            )
         else:
-            w = torch.zeros(0, dtype=torch.float64, device=self.device)
-            r = c = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.flat = (w, r, c, (r != c).to(torch.float64))
-        # Whether some entry has its row and column at the same neuron (gauge invariant).
-        self.same_neuron = bool(((r == c) & (r < n)).any())
-        self.base = torch.zeros(n, dtype=torch.float64, device=self.device)
+            self.flat_w = torch.zeros(r, 0, dtype=torch.float64, device=self.device)
+            self.flat_slots = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+            self.flat_signs = torch.zeros(0, 0, dtype=torch.float64, device=self.device)
+        self.base = torch.zeros(r, n, dtype=torch.float64, device=self.device)
 
-    def _factors(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        up = torch.exp(2 * torch.cat([h - self.base, h.new_zeros(1)]))
-        return up, 1 / up
+    def _extended(self, h: Tensor) -> Tensor:
+        """``h - base`` with the dummy slot's 0 appended: ``[R, N + 1]``."""
+        return torch.cat([h - self.base, h.new_zeros(self.r, 1)], dim=1)
 
     def rebase(self, h: Tensor) -> None:
         """Rescale the stored masses to the base gauge ``h`` when ``h`` is far from the base."""
         if self.n == 0 or float((h - self.base).abs().max()) <= self.REBASE:
             return
-        up, down = self._factors(h)
-        for mat, rho, gamma in self.stacks:
-            mat.mul_(up[rho][:, :, None]).mul_(down[gamma][:, None, :])
-        w, r, c, moving = self.flat
-        self.flat = (w * up[r] * down[c], r, c, moving)
+        hx = self._extended(h)
+        self.stacks = [
+            (mat * _group_exp(hx, rho)[:, :, :, None] * _group_exp(hx, gamma)[:, :, None, :],
+             rho, gamma)
+            for mat, rho, gamma in self.stacks
+        ]  # fmt: skip
+        self.flat_w = self.flat_w * torch.exp(2 * self._flat_exponent(hx))
         self.base = h.clone()
 
+    def _flat_exponent(self, hx: Tensor) -> Tensor:
+        """``sum_t sign_t h[slot_t]`` for every flat mass: ``[R, P]``."""
+        if not self.flat_slots.numel():
+            return self.flat_w.new_zeros(self.flat_w.shape)
+        return (hx[:, self.flat_slots] * self.flat_signs).sum(1)
+
     def at(self, h: Tensor, sums: bool = True) -> MassState:
-        """The masses at gauge ``h``: ``F`` always, ``(S_in, S_out)`` when ``sums``."""
+        """The masses at gauge ``h`` (``[R, N]``): ``F`` always, ``(S_in, S_out)`` when
+        ``sums``."""
         return MassState(self, h, sums)
 
 
+def _flat_over(slots: Tensor, dims: list[int], shape: tuple[int, ...]) -> Tensor:
+    """A term's slots over the given dims of ``shape`` (it varies along no other), flattened in
+    the order of ``dims``."""
+    target = [shape[d] if d in dims else 1 for d in range(len(shape))]
+    others = [d for d in range(len(shape)) if d not in dims]
+    return slots.expand(target).permute(*dims, *others).reshape(-1)
+
+
+def _two_groups(param: PlannedParam) -> tuple | None:
+    """The terms of a parameter split into two non-empty groups that vary along disjoint dims
+    (``((dims_a, terms_a), (dims_b, terms_b))``), or ``None``."""
+    varying = [{d for d, k in enumerate(t.slots.shape) if k > 1} for t in param.terms]
+    if len(param.terms) < 2 or any(not v for v in varying):
+        return None
+    a_dims, a_terms = set(varying[0]), [0]
+    changed = True
+    while changed:
+        changed = False
+        for i, v in enumerate(varying):
+            if i not in a_terms and v & a_dims:
+                a_dims |= v
+                a_terms.append(i)
+                changed = True
+    b_terms = [i for i in range(len(param.terms)) if i not in a_terms]
+    if not b_terms:
+        return None
+    b_dims = set().union(*(varying[i] for i in b_terms))
+    return (
+        (sorted(a_dims), [param.terms[i] for i in sorted(a_terms)]),
+        (sorted(b_dims), [param.terms[i] for i in b_terms]),
+    )
+
+
+def _group_exp(hx: Tensor, terms: list[tuple[Tensor, int]]) -> Tensor:
+    """``exp(2 sum_t sign_t h[slots_t])`` for a group of stacked terms: ``[G, R, a]``."""
+    x = sum(sign * hx[:, slots].permute(1, 0, 2) for slots, sign in terms)
+    return torch.exp(2 * x)
+
+
+def _group_scatter(out: Tensor, terms: list[tuple[Tensor, int]], values: Tensor) -> None:
+    """``out[:, slots] += sign * values`` for every term of a group (``values``: ``[G, R, a]``)."""
+    for slots, sign in terms:
+        v = values.permute(1, 0, 2).reshape(values.shape[1], -1)
+        out.index_add_(1, slots.reshape(-1), v * sign)
+
+
 def _bmv(mat: Tensor, v: Tensor) -> Tensor:
-    """``[G, a, b] @ [G, b] -> [G, a]``."""
-    return torch.bmm(mat, v.unsqueeze(-1)).squeeze(-1)
+    """``[G, R, a, b] @ [G, R, b] -> [G, R, a]``."""
+    g, r, a, b = mat.shape
+    return torch.bmm(mat.reshape(g * r, a, b), v.reshape(g * r, b, 1)).view(g, r, a)
 
 
 def _bmv_t(mat: Tensor, v: Tensor) -> Tensor:
-    """``[G, a, b]^T @ [G, a] -> [G, b]`` (one matrix at a time: a transposed ``bmm`` is
-    slower than the loop)."""
-    return torch.stack([m.T @ x for m, x in zip(mat, v, strict=True)])
+    """``[G, R, a, b]^T @ [G, R, a] -> [G, R, b]`` (one matrix at a time: a transposed
+    ``bmm`` is slower than the loop)."""
+    g, r, a, b = mat.shape
+    flat, vv = mat.reshape(g * r, a, b), v.reshape(g * r, a)
+    return torch.stack([m.T @ x for m, x in zip(flat, vv, strict=True)]).view(g, r, b)
 
 
 class MassState:
-    """:class:`MassMatrices` evaluated at one gauge ``h``: ``total`` (``F``), and after
-    :meth:`complete` (or ``sums=True``) ``s_in`` and ``s_out`` (``[num_neurons]``, entries whose
-    row and column are the same neuron counting in neither), and :meth:`gram_matvec`."""
+    """:class:`Masses` evaluated at gauges ``h`` (``[R, N]``): ``total`` (``F``, ``[R]``), and
+    after :meth:`complete` (or ``sums=True``) ``s_in`` and ``s_out`` (``[R, N]``), and
+    :meth:`gram_matvec`."""
 
-    def __init__(self, masses: MassMatrices, h: Tensor, sums: bool) -> None:
+    def __init__(self, masses: Masses, h: Tensor, sums: bool) -> None:
         self.masses = masses
         self.h = h
-        self.up, self.down = masses._factors(h)
+        hx = masses._extended(h)
+        self.hx = hx
+        self.row_exp = [_group_exp(hx, rho) for _, rho, _ in masses.stacks]
+        self.col_exp = [_group_exp(hx, gamma) for _, _, gamma in masses.stacks]
         self.row_sums = [
-            self.up[rho] * _bmv(mat, self.down[gamma]) for mat, rho, gamma in masses.stacks
+            e * _bmv(mat, f)
+            for (mat, _, _), e, f in zip(masses.stacks, self.row_exp, self.col_exp, strict=True)
         ]
         self.col_sums: list[Tensor] | None = None
-        w, r, c, _ = masses.flat
-        self.u = w * self.up[r] * self.down[c]
-        self.total = torch.stack([*(x.sum() for x in self.row_sums), self.u.sum()]).sum()
+        self.u = masses.flat_w * torch.exp(2 * masses._flat_exponent(hx))
+        parts = [x.sum(-1).sum(0) for x in self.row_sums] + [self.u.sum(-1)]
+        self.total = torch.stack(parts).sum(0)
         self.s_in = self.s_out = None
         if sums:
             self.complete()
@@ -362,82 +483,41 @@ class MassState:
             return self
         m = self.masses
         self.col_sums = [
-            self.down[gamma] * _bmv_t(mat, self.up[rho]) for mat, rho, gamma in m.stacks
+            f * _bmv_t(mat, e)
+            for (mat, _, _), e, f in zip(m.stacks, self.row_exp, self.col_exp, strict=True)
         ]
-        s_in = torch.zeros(m.n + 1, dtype=torch.float64, device=m.device)
+        s_in = torch.zeros(m.r, m.n + 1, dtype=torch.float64, device=m.device)
         s_out = torch.zeros_like(s_in)
         for (_, rho, gamma), rs, cs in zip(m.stacks, self.row_sums, self.col_sums, strict=True):
-            s_in.index_add_(0, rho.reshape(-1), rs.reshape(-1))
-            s_out.index_add_(0, gamma.reshape(-1), cs.reshape(-1))
-        _, r, c, moving = m.flat
-        u = self.u * moving
-        s_in.index_add_(0, r, u)
-        s_out.index_add_(0, c, u)
-        self.s_in, self.s_out = s_in[: m.n], s_out[: m.n]
+            for terms, values in ((rho, rs), (gamma, cs)):
+                for slots, sign in terms:
+                    v = values.permute(1, 0, 2).reshape(m.r, -1)
+                    (s_in if sign > 0 else s_out).index_add_(1, slots.reshape(-1), v)
+        for k in range(m.flat_slots.shape[0]):
+            positive = m.flat_signs[k] > 0
+            s_in.index_add_(1, m.flat_slots[k], self.u * positive)
+            s_out.index_add_(1, m.flat_slots[k], self.u * ~positive)
+        self.s_in, self.s_out = s_in[:, : m.n], s_out[:, : m.n]
         return self
 
     def gram_matvec(self, v: Tensor) -> Tensor:
-        """``K v`` at this gauge (after :meth:`complete`)."""
+        """``K v`` at this gauge for ``v`` ``[R, N]`` (after :meth:`complete`)."""
         m = self.masses
         assert self.col_sums is not None
-        vx = torch.cat([v, v.new_zeros(1)])
-        out = torch.zeros(m.n + 1, dtype=torch.float64, device=m.device)
-        for (mat, rho, gamma), rs, cs in zip(m.stacks, self.row_sums, self.col_sums, strict=True):
-            e, f = self.up[rho], self.down[gamma]
-            vr, vc = vx[rho], vx[gamma]
-            to_rows = vr * rs - e * _bmv(mat, f * vc)
-            to_cols = vc * cs - f * _bmv_t(mat, e * vr)
-            out.index_add_(0, rho.reshape(-1), to_rows.reshape(-1))
-            out.index_add_(0, gamma.reshape(-1), to_cols.reshape(-1))
-        _, r, c, _ = m.flat
-        t = self.u * (vx[r] - vx[c])
-        out.index_add_(0, r, t)
-        out.index_add_(0, c, -t)
-        return out[: m.n]
-
-
-@torch.no_grad()
-def imbalance_stats(
-    source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
-) -> dict[str, float]:
-    """Cheap imbalance statistics for logging, as Python floats.
-
-    With ``(S_in, S_out)`` from :func:`in_out_sums`, ``mu = S_in - S_out`` and
-    ``S = S_in + S_out``:
-
-    - ``mu_rel_rms``, ``mu_rel_max``: RMS and maximum of ``|mu_n| / S_n`` over the neurons with
-      ``S_n > 0`` (0 for a balanced neuron, 1 for one whose incoming or outgoing side is zero);
-    - ``log_ratio_rms``, ``log_ratio_max``: RMS and maximum of ``|0.5 log(S_in,n / S_out,n)|``
-      (the gauge distance to the neuron's local balance, up to a factor 2) over the neurons with
-      both sides non-zero;
-    - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
-      touches; ``dead_neurons``: how many neurons have an empty (all-zero) side.
-
-    A handful of vectorised operations and a single device-to-host transfer.
-    """
-    params = structure.bind(source)
-    names = ("mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm")
-    names += ("norm_sq", "dead_neurons")
-    if not params:
-        return dict.fromkeys(names, 0.0)
-    dtype = accumulation_dtype(next(iter(params.values())).dtype)
-    s_in, s_out, norm_sq = slot_sums(params, structure, dtype)
-    s_in, s_out = s_in[: structure.num_neurons], s_out[: structure.num_neurons]
-    mu, s = s_in - s_out, s_in + s_out
-    rel = torch.where(s > 0, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
-    alive = (s_in > 0) & (s_out > 0)
-    log_ratio = torch.where(alive, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
-    n_rel = (s > 0).sum().clamp_min(1)
-    n_alive = alive.sum().clamp_min(1)
-    values = torch.stack(
-        [
-            (rel.square().sum() / n_rel).sqrt(),
-            rel.max() if rel.numel() else rel.new_zeros(()),
-            (log_ratio.square().sum() / n_alive).sqrt(),
-            log_ratio.max() if log_ratio.numel() else rel.new_zeros(()),
-            torch.linalg.vector_norm(mu),
-            norm_sq,
-            (~alive).sum().to(s.dtype),
-        ]
-    )
-    return dict(zip(names, values.tolist(), strict=True))
+        vx = torch.cat([v, v.new_zeros(m.r, 1)], dim=1)
+        out = torch.zeros(m.r, m.n + 1, dtype=torch.float64, device=m.device)
+        for (mat, rho, gamma), e, f, rs, cs in zip(
+            m.stacks, self.row_exp, self.col_exp, self.row_sums, self.col_sums, strict=True
+        ):
+            alpha = sum(sign * vx[:, slots].permute(1, 0, 2) for slots, sign in rho)
+            beta = sum(sign * vx[:, slots].permute(1, 0, 2) for slots, sign in gamma)
+            to_rows = alpha * rs + e * _bmv(mat, f * beta)
+            to_cols = beta * cs + f * _bmv_t(mat, e * alpha)
+            _group_scatter(out, rho, to_rows)
+            _group_scatter(out, gamma, to_cols)
+        if m.flat_slots.numel():
+            a = (vx[:, m.flat_slots] * m.flat_signs).sum(1)
+            t = self.u * a
+            for k in range(m.flat_slots.shape[0]):
+                out.index_add_(1, m.flat_slots[k], t * m.flat_signs[k])
+        return out[:, : m.n]

@@ -6,6 +6,7 @@ family. Every model is plain PyTorch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -121,6 +122,86 @@ class TransformerBlock(nn.Module):
         y = self.norm1(x).transpose(1, 2)
         x = x + self.mix2(F.gelu(self.mix1(y))).transpose(1, 2)
         return x + self.ff2(F.relu(self.ff1(self.norm2(x))))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused query-key-value projection, written out
+    (``q @ k^T``, a causal mask, softmax, ``P @ v``) or through
+    ``F.scaled_dot_product_attention`` (``sdpa=True``)."""
+
+    def __init__(self, dim: int, heads: int, context: int, sdpa: bool) -> None:
+        super().__init__()
+        self.heads, self.sdpa = heads, sdpa
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("causal", torch.ones(context, context).tril().bool(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [batch, tokens, dim]
+        b, t, c = x.shape
+        q, k, v = (
+            y.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+            for y in self.qkv(x).split(c, dim=2)
+        )
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)
+            scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
+            y = torch.softmax(scores, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class GPTBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` with a ReLU
+    MLP."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, context: int, sdpa: bool) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, context, sdpa)
+        self.fc, self.out = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.relu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A small GPT-style language model on token ids ``[batch, tokens]``: token and learned
+    position embeddings, ``layers`` pre-norm blocks, a final LayerNorm and a linear head over the
+    vocabulary (sharing the token embedding's weight when ``tied``).
+
+    Its rescaling group, per block: ``dim`` query-key pairs, ``dim`` value-output pairs, two
+    LayerNorm gains of ``dim`` channels and ``hidden`` ReLU neurons; plus the final LayerNorm's
+    ``dim`` gains when the head is not tied (a tied head uses the embedding weight in a second
+    role, which fixes it). The residual stream itself is normalised, so it has none."""
+
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 32,
+        heads: int = 4,
+        layers: int = 2,
+        hidden: int | None = None,
+        context: int = 64,
+        sdpa: bool = True,
+        tied: bool = False,
+    ) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.blocks = nn.ModuleList(
+            GPTBlock(dim, heads, hidden or 4 * dim, context, sdpa) for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.wte.weight
+
+    def forward(self, ids: Tensor) -> Tensor:  # ids: [batch, tokens] -> logits
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
 
 
 EXAMPLES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {

@@ -19,7 +19,7 @@ from gaugefix.experiments.engine import init_direction
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import max_stable_lr, s_key
 from gaugefix.experiments.tasks import Task, load_task
-from gaugefix.fixing import orbit_selection_grad
+from gaugefix.soft import orbit_selection_grad
 
 
 def _model(task: Task, seed: int = 0) -> tuple[nn.Module, gaugefix.GaugeStructure]:

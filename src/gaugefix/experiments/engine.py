@@ -16,10 +16,16 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from gaugefix.action import apply_gauge_
-from gaugefix.experiments.batched import BatchedGauge, Stack
+from gaugefix.action import apply_gauge_, rescale_
+from gaugefix.balancing import solve_balance
 from gaugefix.experiments.tasks import DATA_SEED, Task
+from gaugefix.moment import STAT_NAMES, Masses, generator_sums, stats_from_sums
+from gaugefix.soft import orbit_selection_grads, orbit_step
 from gaugefix.structure import GaugeStructure, discover
+
+# A stack maps each parameter name to ``[R, *shape]``: run ``r`` of a group is slice ``r``. The
+# library's kernels take such stacks directly (``batch_dims=1``).
+Stack = dict[str, Tensor]
 
 METHODS = ("plain", "penalty", "exact", "weight-decay", "balance")
 STRENGTH_METHODS = ("penalty", "exact", "weight-decay")
@@ -69,11 +75,11 @@ class RunResult:
 
 
 def init_direction(structure: GaugeStructure) -> Tensor:
-    """The fixed direction ``z`` of the initial imbalance (``log_alpha = s z``): a random sign
-    per neuron from a fixed seed, the same for every run of a task, so that every neuron is
+    """The fixed direction ``z`` of the initial imbalance (``h = s z``): a random sign per
+    generator from a fixed seed, the same for every run of a task, so that every generator is
     moved by exactly ``|s|`` along its orbit."""
     g = torch.Generator().manual_seed(DATA_SEED)
-    return torch.randn(structure.num_neurons, generator=g, dtype=torch.float64).sign()
+    return torch.randn(structure.num_generators, generator=g, dtype=torch.float64).sign()
 
 
 def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> tuple:
@@ -101,7 +107,6 @@ def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> 
     dtype = getattr(torch, first.dtype)
     r = len(configs)
     template, structure, stack = _initial_stack(task, configs, dtype)
-    gauge = BatchedGauge(structure, torch.device("cpu"))
 
     def column(values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=dtype)
@@ -112,7 +117,7 @@ def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> 
     exact = column([c.strength if c.method == "exact" else 0.0 for c in configs])
     hard = torch.tensor([c.method == "balance" for c in configs])
     if bool(hard.any()) or bool((exact > 0).any()):
-        balance_rows_(gauge, stack, hard | (exact > 0), [])
+        balance_rows_(structure, stack, hard | (exact > 0), {})
 
     x, y = task.x.to(dtype), task.y.to(dtype) if task.kind == "regression" else task.y
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
@@ -149,46 +154,78 @@ def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> 
             diverged_at[i] = step
         active = active & ~bad
         if step % every == 0 or step == first.steps:
-            _record(curves, step, loss.detach(), gauge.stats(stack), active)
+            _record(curves, step, loss.detach(), run_stats(structure, stack), active)
         if step == first.steps or not bool(active.any()):
             break
         grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
         with torch.no_grad():
             g = dict(zip(stack, grads, strict=True))
             if bool((pen > 0).any()):
-                for name, extra in gauge.penalty_grad(stack, pen).items():
+                for name, extra in penalty_grads(structure, stack, pen).items():
                     g[name] = g[name] + extra
             if bool((wd > 0).any()):
                 for name, p in stack.items():
                     g[name] = g[name] + _col(wd, p) * p
             _optimizer_step_(first.optimizer, stack, g, buffers, lr, active, step + 1)
             if bool((exact > 0).any()):
-                h = gauge.relax_log_alpha(stack, lr.to(torch.float64) * exact.to(torch.float64))
-                h = h * active[:, None]
-                gauge.transform_(stack, h, _transported(buffers))
+                rate = lr.to(torch.float64) * exact.to(torch.float64) * active
+                h, _ = orbit_step(stack, structure, rate, batch_dims=1)
+                rescale_(_transported(stack, buffers), structure, h, batch_dims=1)
             if bool(hard.any()):
-                balance_rows_(gauge, stack, hard & active, _transported(buffers))
+                balance_rows_(structure, stack, hard & active, buffers)
 
-    return _results(task, configs, template, stack, initial, active, diverged_at, curves, gauge)
+    return _results(task, configs, template, stack, initial, active, diverged_at, curves, structure)
 
 
 def _col(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _transported(buffers: dict[str, Stack]) -> list[tuple[Stack, int]]:
-    return [(buffers["momentum"], -1), (buffers["exp_avg"], -1), (buffers["exp_avg_sq"], -2)]
+_POWERS = {"momentum": -1, "exp_avg": -1, "exp_avg_sq": -2}
 
 
-def balance_rows_(gauge: BatchedGauge, stack: Stack, rows: Tensor, states: list) -> None:
+def _transported(stack: Stack, buffers: dict[str, Stack]) -> dict[str, list[tuple[Tensor, int]]]:
+    """Each parameter stack with the optimizer buffers that move with it (gradient-like ones
+    scale by the inverse factor, squared ones by its square)."""
+    return {
+        name: [(p, 1)] + [(b[name], _POWERS[k]) for k, b in buffers.items() if name in b]
+        for name, p in stack.items()
+    }
+
+
+def run_stats(structure: GaugeStructure, stack: Stack) -> tuple[Tensor, Tensor]:
+    """Per run, the RMS log-ratio and ``max |mu| / S`` of :func:`gaugefix.imbalance_stats`."""
+    s_in, s_out, norm_sq = generator_sums(stack, structure, torch.float64, batch_dims=1)
+    n = structure.num_generators
+    stats = stats_from_sums(s_in[:, :n], s_out[:, :n], norm_sq)
+    return stats[:, STAT_NAMES.index("log_ratio_rms")], stats[:, STAT_NAMES.index("mu_rel_max")]
+
+
+def penalty_grads(structure: GaugeStructure, stack: Stack, strength: Tensor) -> Stack:
+    """The gradient of ``P = (strength_r / 4) sum_n mu_n^2`` for every run (``strength``:
+    ``[R]``), as :func:`gaugefix.OrbitSelectionPenalty` computes it for one model."""
+    s_in, s_out, _ = generator_sums(stack, structure, torch.float64, batch_dims=1)
+    n = structure.num_generators
+    mu = (s_in - s_out)[:, :n] * strength.to(torch.float64)[:, None]
+    return orbit_selection_grads(stack, structure, mu, batch_dims=1)
+
+
+def balanced_gauges(structure: GaugeStructure, stack: Stack) -> Tensor:
+    """``h`` ``[R, N]`` that balances every run, by :func:`gaugefix.balancing.solve_balance` (the
+    iteration of :func:`gaugefix.balance_`)."""
+    return solve_balance(Masses({k: v.detach() for k, v in stack.items()}, structure)).h
+
+
+def balance_rows_(
+    structure: GaugeStructure, stack: Stack, rows: Tensor, buffers: dict[str, Stack]
+) -> None:
     """Hard gauge fixing of the selected runs (``rows``: bool ``[R]``)."""
-    if not bool(rows.any()):
+    if not bool(rows.any()) or structure.num_generators == 0:
         return
     sel = torch.nonzero(rows).reshape(-1)
-    h_sel = gauge.balance_log_alpha({k: v[sel] for k, v in stack.items()})
-    h = torch.zeros(rows.shape[0], gauge.n, dtype=torch.float64)
-    h[sel] = h_sel
-    gauge.transform_(stack, h, states)
+    h = torch.zeros(rows.shape[0], structure.num_generators, dtype=torch.float64)
+    h[sel] = balanced_gauges(structure, {k: v[sel] for k, v in stack.items()})
+    rescale_(_transported(stack, buffers), structure, h, batch_dims=1)
 
 
 def _optimizer_step_(
@@ -244,15 +281,15 @@ def _results(
     active: Tensor,
     diverged_at: list,
     curves: list,
-    gauge: BatchedGauge,
+    structure: GaugeStructure,
 ) -> list[RunResult]:
     dtype = next(iter(stack.values())).dtype
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     out_train = forward(stack, task.x.to(dtype))
     out_test = forward(stack, task.x_test.to(dtype))
-    log_ratio, rel = gauge.stats(stack)
+    log_ratio, rel = run_stats(structure, stack)
     plain = active & torch.tensor([c.method == "plain" for c in configs])
-    change = balance_changes(task, template, gauge, stack, plain)
+    change = balance_changes(task, template, structure, stack, plain)
     results = []
     for i, c in enumerate(configs):
         y = task.y.to(dtype) if task.kind == "regression" else task.y
@@ -280,11 +317,11 @@ def _results(
 
 
 def balance_changes(
-    task: Task, template: torch.nn.Module, gauge: BatchedGauge, stack: Stack, rows: Tensor
+    task: Task, template: torch.nn.Module, structure: GaugeStructure, stack: Stack, rows: Tensor
 ) -> dict[int, float]:
     """How much hard gauge fixing changes each selected trained network's outputs on the
     training inputs, relative, in float64: the runs are balanced (``max |mu| / S <= 1e-10``) by
-    the batched form of :func:`gaugefix.balance_` and ``||f_balanced - f|| / ||f||`` measured."""
+    the iteration of :func:`gaugefix.balance_` and ``||f_balanced - f|| / ||f||`` measured."""
     if not bool(rows.any()):
         return {}
     sel = torch.nonzero(rows).reshape(-1)
@@ -292,7 +329,7 @@ def balance_changes(
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     x = task.x.to(torch.float64)
     before = forward(params, x)
-    gauge.transform_(params, gauge.balance_log_alpha(params), [])
+    rescale_(_transported(params, {}), structure, balanced_gauges(structure, params), batch_dims=1)
     after = forward(params, x)
     diff = torch.linalg.vector_norm((after - before).flatten(1), dim=1)
     rel = diff / torch.linalg.vector_norm(before.flatten(1), dim=1)

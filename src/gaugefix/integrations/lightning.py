@@ -22,8 +22,8 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 import torch
 
-from gaugefix.fixing import check_strength
 from gaugefix.moment import imbalance_stats
+from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import GaugeFixing, Mode
 

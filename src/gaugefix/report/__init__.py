@@ -101,7 +101,7 @@ def _header(summary: dict[str, Any]) -> str:
         "its initial loss. `max_stable_lr` is the largest grid learning rate such that it and "
         "every smaller one are stable for every seed. Methods with a strength grid are shown "
         "at their best strength (largest summed `max_stable_lr` over s). The initial imbalance "
-        "s moves PyTorch's default initialisation along its own orbit by `log_alpha = s z` "
+        "s moves PyTorch's default initialisation along its own orbit by `h = s z` "
         "(z a fixed random sign vector): the function at initialisation is identical for every s."
         "\n\n## Headline\n\n" + headline_table(summary)
     )

@@ -1,4 +1,4 @@
-"""Finding the gauge group of a model: tracing, the op-rule registry and ``GaugeStructure``."""
+"""Finding the rescaling group of a model: tracing, the op-rule registry and ``GaugeStructure``."""
 
 from __future__ import annotations
 
@@ -8,34 +8,71 @@ from torch import nn
 
 from gaugefix.structure import rules
 from gaugefix.structure.gauge_structure import (
+    KINDS,
     Exclusion,
     GaugeStructure,
-    NeuronSlices,
-    ParamMap,
+    GeneratorEntries,
+    ParamTerms,
+    PlannedParam,
+    PlannedTerm,
+    Term,
     compile_structure,
 )
-from gaugefix.structure.trace import TraceContext, TracingError, register_rule, trace
+from gaugefix.structure.trace import (
+    Sum,
+    TraceContext,
+    TracingError,
+    ValueDependentError,
+    register_rule,
+    trace,
+)
 
 
-def discover(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> GaugeStructure:
-    """The gauge group of ``model``: every neuron-wise positive rescaling symmetry found by
+def discover(
+    model: nn.Module,
+    *example_inputs: Any,
+    allow_value_dependent: bool = False,
+    **example_kwargs: Any,
+) -> GaugeStructure:
+    """The rescaling group of ``model``: every diagonal positive rescaling symmetry found by
     running it once on the example inputs and applying the op-rule registry.
 
     The model is not modified (BatchNorm statistics and the random state are restored). Channels
-    that are not gauge neurons are listed in ``structure.excluded`` with the reason.
+    that are not generators are listed in ``structure.excluded`` with the reason.
+
+    A forward that reads a tensor depending on its inputs or weights into Python (``if
+    x.sum() > 0:``) raises :class:`ValueDependentError`: the trace sees one path, and inputs that
+    take another may not be symmetric under what was found there. ``allow_value_dependent=True``
+    accepts it for a path that is the same for every input; the structure then covers the
+    parameters the traced path used, and its ``notes`` (and summary) say so.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover expects an nn.Module, got {type(model).__name__}")
-    return compile_structure(model, trace(model, example_inputs, example_kwargs))
+    ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent)
+    notes: tuple[str, ...] = ()
+    if ctx.value_reads:
+        unused = [n for n in ctx.params if n not in ctx.used_params]
+        notes = (
+            f"traced one path: the forward read {len(ctx.value_reads)} tensor value(s) into "
+            f"Python (first: {ctx.value_reads[0]}); exact only for inputs that take this path"
+            + (f"; parameters not used on it: {', '.join(unused)}" if unused else ""),
+        )
+    return compile_structure(model, ctx, notes)
 
 
 __all__ = [
+    "KINDS",
     "Exclusion",
     "GaugeStructure",
-    "NeuronSlices",
-    "ParamMap",
+    "GeneratorEntries",
+    "ParamTerms",
+    "PlannedParam",
+    "PlannedTerm",
+    "Sum",
+    "Term",
     "TraceContext",
     "TracingError",
+    "ValueDependentError",
     "discover",
     "register_rule",
     "rules",

@@ -1,139 +1,194 @@
-"""``GaugeStructure``: the gauge group of a model, compiled to per-parameter index maps."""
+"""``GaugeStructure``: the rescaling group of a model, compiled to signed terms per parameter.
+
+A generator ``n`` acts on parameter entry ``e`` with an integer weight ``w_n(e)`` in
+``{-1, 0, 1}``: under ``h`` (one log-scale per generator), ``theta_e -> exp(sum_n w_n(e) h_n)
+theta_e``. Per parameter the weights are stored as a few *terms* ``(index, sign)``: ``index`` is
+an int64 tensor broadcastable to the parameter naming one generator per entry (``-1``: none), and
+the entry's exponent is ``sum over terms of sign * h[index[e]]``. A Linear layer's weight between
+two ReLU layers has the term ``(rows [out, 1], +1)`` (its output neurons multiply it) and the term
+``(cols [1, in], -1)`` (its input neurons divide it); a key projection's rows carry the query-key
+generator with sign ``-1``; a gated MLP's down projection has two ``-1`` column terms.
+
+Invariant: at every entry the terms of a parameter name pairwise distinct generators, so
+``w_n(e)`` is the sign of the one term naming ``n`` there (or 0).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components
 from torch import Tensor, nn
 
-from gaugefix.structure.trace import TraceContext, _compact
+from gaugefix.structure.trace import TraceContext, compact
 
-FORMAT = "gaugefix.GaugeStructure/1"
+FORMAT = "gaugefix.GaugeStructure/2"
+FORMAT_V1 = "gaugefix.GaugeStructure/1"
+
+# The kinds of generators, from the most specific (a generator carrying several tags is shown
+# as the first of them).
+KINDS = ("rotary pair", "query-key", "value-output", "gated unit", "norm gain", "neuron")
 
 
 class Exclusion(NamedTuple):
-    """Channels of a producing module that are not gauge neurons, and why."""
+    """Channels of a producing module that are not generators, and why."""
 
     module: str
     reason: str
     channels: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class ParamMap:
-    """Which gauge neuron scales each entry of one parameter.
+class Term(NamedTuple):
+    """One signed term of a parameter's rescaling: the entries with ``index[e] = n`` are
+    multiplied by ``a_n ** sign`` (``-1``: no generator). ``index``: int64 with the parameter's
+    number of dims, broadcastable to its shape (size 1 along dims it does not vary with)."""
 
-    ``rows[idx]`` is the neuron whose factor ``a_n`` multiplies the entry, ``cols[idx]`` the one
-    whose factor divides it, ``-1`` for none. Both are int64 tensors with the parameter's number of
-    dims, broadcastable to its shape (dims along which the map is constant have size 1: a Linear
-    weight has ``rows`` of shape ``[out, 1]`` and ``cols`` of shape ``[1, in]``). ``None`` means
-    no entry has that side.
-    """
+    index: Tensor
+    sign: int
+
+
+@dataclass(frozen=True)
+class ParamTerms:
+    """The terms of one parameter (``shape`` is the parameter's)."""
 
     name: str
     shape: tuple[int, ...]
-    rows: Tensor | None
-    cols: Tensor | None
+    terms: tuple[Term, ...]
 
 
-class NeuronSlices(NamedTuple):
-    """The parameter entries that scale by ``a_n`` (``produced_by``) and ``1/a_n``
-    (``consumed_by``), each as ``(parameter name, index tuple into the parameter's map)``."""
+class GeneratorEntries(NamedTuple):
+    """The parameter entries generator ``n`` multiplies (``incoming``, ``w_n = +1``) and divides
+    (``outgoing``, ``w_n = -1``): ``(parameter name, index)`` pairs, where ``index`` has one
+    element per dim of the parameter, an int or ``None`` for every entry along that dim."""
 
-    produced_by: list[tuple[str, tuple[int, ...]]]
-    consumed_by: list[tuple[str, tuple[int, ...]]]
+    incoming: list[tuple[str, tuple[int | None, ...]]]
+    outgoing: list[tuple[str, tuple[int | None, ...]]]
+
+
+class PlannedTerm(NamedTuple):
+    """A term on a device, with ``-1`` replaced by the dummy slot ``num_generators`` (whose
+    coordinate is always 0), ready for gathers and ``index_add_``."""
+
+    slots: Tensor
+    sign: int
+
+
+class PlannedParam(NamedTuple):
+    name: str
+    shape: tuple[int, ...]
+    terms: tuple[PlannedTerm, ...]
 
 
 class GaugeStructure:
-    """The neuron-wise positive rescaling symmetries of one model.
+    """The diagonal positive rescaling symmetries of one model.
 
-    ``num_neurons`` gauge neurons; ``params`` maps each parameter that some neuron touches to its
-    :class:`ParamMap`; ``excluded`` lists, per producing module, the channels that are not gauge
-    neurons with the reason; ``neuron_layers[n]`` names the module that first produces neuron n.
+    ``num_generators`` generators; ``params`` maps each parameter some generator acts on to its
+    :class:`ParamTerms`; ``generator_layers[n]`` names the module that first produces generator
+    ``n`` and ``generator_kinds[n]`` its kind (one of :data:`KINDS`); ``produced`` maps each
+    producing parameter to the generator of each channel it produces (``-1``: not a generator),
+    for reports; ``excluded`` lists, per producing module, the channels that are not generators
+    with the reason; ``notes`` holds caveats of the trace (e.g. the value reads accepted with
+    ``allow_value_dependent=True``).
     """
 
     def __init__(
         self,
-        num_neurons: int,
-        params: dict[str, ParamMap],
+        num_generators: int,
+        params: dict[str, ParamTerms],
         excluded: list[Exclusion],
-        neuron_layers: list[str],
+        generator_layers: list[str],
+        generator_kinds: list[str],
+        produced: dict[str, Tensor],
         param_order: list[str],
+        notes: tuple[str, ...] = (),
     ) -> None:
-        self.num_neurons = num_neurons
+        self.num_generators = num_generators
         self.params = params
         self.excluded = excluded
-        self.neuron_layers = neuron_layers
+        self.generator_layers = generator_layers
+        self.generator_kinds = generator_kinds
+        self.produced = produced
         self.param_order = param_order
-        self._device_maps: dict[torch.device, list[DeviceMap]] = {}
+        self.notes = notes
+        self._plans: dict[torch.device, list[PlannedParam]] = {}
 
     def __repr__(self) -> str:
         return (
-            f"GaugeStructure(num_neurons={self.num_neurons}, params={len(self.params)}, "
+            f"GaugeStructure(num_generators={self.num_generators}, params={len(self.params)}, "
             f"excluded={sum(len(e.channels) for e in self.excluded)} channels)"
         )
 
     # -- inspection ---------------------------------------------------------------------------
-    def neuron(self, n: int) -> NeuronSlices:
-        """The parameter slices that produce and consume gauge neuron ``n``."""
-        if not 0 <= n < self.num_neurons:
-            raise IndexError(f"neuron {n} out of range [0, {self.num_neurons})")
-        produced, consumed = [], []
-        for m in self.params.values():
-            for idx, out in ((m.rows, produced), (m.cols, consumed)):
-                if idx is not None:
-                    out.extend((m.name, tuple(i.tolist())) for i in torch.nonzero(idx == n))
-        return NeuronSlices(produced, consumed)
+    def generator(self, n: int) -> GeneratorEntries:
+        """The parameter entries generator ``n`` multiplies and divides."""
+        if not 0 <= n < self.num_generators:
+            raise IndexError(f"generator {n} out of range [0, {self.num_generators})")
+        incoming, outgoing = [], []
+        for p in self.params.values():
+            for term in p.terms:
+                out = incoming if term.sign > 0 else outgoing
+                for i in torch.nonzero(term.index == n).tolist():
+                    idx = tuple(None if term.index.shape[d] == 1 else v for d, v in enumerate(i))
+                    out.append((p.name, idx))
+        return GeneratorEntries(incoming, outgoing)
 
-    @cached_property
-    def layer_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for layer in self.neuron_layers:
-            counts[layer] = counts.get(layer, 0) + 1
-        return counts
+    def kind_counts(self) -> dict[str, int]:
+        """How many generators of each kind (kinds with none left out)."""
+        counts = Counter(self.generator_kinds)
+        return {k: counts[k] for k in KINDS if counts[k]}
 
     def summary(self) -> str:
-        """A table per producing layer: its channels that belong to gauge neurons (a neuron
-        shared through a residual connection counts in every layer producing it), the neurons
-        it is the first producer of, and the channels excluded with the reason."""
+        """A table per producing layer: its channels that belong to generators (a generator
+        shared through a residual connection counts in every layer producing it), the
+        generators it is the first producer of, by kind, and the channels excluded with the
+        reason."""
         gauged: dict[str, int] = {}
-        for m in self.params.values():
-            if m.rows is not None:
-                module = _module_of(m.name)
-                gauged[module] = max(gauged.get(module, 0), int((m.rows >= 0).sum()))
+        for name, index in self.produced.items():
+            module = module_of(name)
+            gauged[module] = max(gauged.get(module, 0), int((index >= 0).sum()))
+        kinds: dict[str, Counter] = {}
+        for layer, kind in zip(self.generator_layers, self.generator_kinds, strict=True):
+            kinds.setdefault(layer, Counter())[kind] += 1
         notes: dict[str, list[str]] = {name: [] for name in gauged}
         for e in self.excluded:
             notes.setdefault(e.module, []).append(f"{len(e.channels)} excluded: {e.reason}")
-        order = {m: i for i, m in enumerate(_module_of(n) for n in reversed(self.param_order))}
+        for name in notes:
+            if not kinds.get(name) and not notes[name]:
+                notes[name].append("its channels belong to generators first produced earlier")
+        order = {m: i for i, m in enumerate(module_of(n) for n in reversed(self.param_order))}
         rows = sorted(notes, key=lambda name: -order.get(name, -1))
         width = max([len("layer")] + [len(n) for n in rows])
-        head = f"{'layer':<{width}}  channels  neurons  notes"
+        head = f"{'layer':<{width}}  channels  generators  notes"
         lines = [head, "-" * max(len(head), 60)]
         for name in rows:
+            count = kinds.get(name, Counter())
+            shown = ", ".join(f"{count[k]} {k}" for k in KINDS if count[k])
+            note = "; ".join(([shown] if shown and set(count) != {"neuron"} else []) + notes[name])
             lines.append(
-                f"{name:<{width}}  {gauged.get(name, 0):>8}  {self.layer_counts.get(name, 0):>7}"
-                f"  {'; '.join(notes[name])}"
+                f"{name:<{width}}  {gauged.get(name, 0):>8}  {sum(count.values()):>10}  {note}"
             )
         lines.append("-" * max(len(head), 60))
         excluded = sum(len(e.channels) for e in self.excluded)
+        by_kind = ", ".join(f"{v} {k}" for k, v in self.kind_counts().items())
         lines.append(
-            f"{self.num_neurons} gauge neurons over {len(self.params)} parameters; "
-            f"{excluded} producing channels excluded"
+            f"{self.num_generators} generators ({by_kind or 'none'}) over {len(self.params)} "
+            f"parameters; {excluded} producing channels excluded"
         )
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     # -- binding to a model -------------------------------------------------------------------
-    def bind(self, source: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
-        """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients) that
-        the structure touches, checked against the structure's names and shapes."""
+    def bind(self, source: nn.Module | dict[str, Tensor], batch_dims: int = 0) -> dict[str, Tensor]:
+        """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients)
+        that the structure acts on, checked against the structure's names and shapes (after
+        ``batch_dims`` leading dims, for stacks of several copies)."""
         if isinstance(source, nn.Module):
             named = dict(source.named_parameters())
         elif isinstance(source, dict):
@@ -141,76 +196,170 @@ class GaugeStructure:
         else:
             raise TypeError(f"expected an nn.Module or a dict of tensors, got {type(source)}")
         out = {}
-        for name, m in self.params.items():
+        for name, p in self.params.items():
             t = named.get(name)
             if t is None:
                 raise ValueError(f"the structure does not match: no parameter '{name}'")
-            if not isinstance(t, Tensor) or tuple(t.shape) != m.shape:
+            if not isinstance(t, Tensor) or tuple(t.shape[batch_dims:]) != p.shape:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(
-                    f"the structure does not match: '{name}' has shape {shape}, expected {m.shape}"
+                    f"the structure does not match: '{name}' has shape {shape}, expected {p.shape}"
                 )
             out[name] = t
         return out
 
-    def device_maps(self, device: torch.device) -> list[DeviceMap]:
-        """The index maps on ``device``, with ``-1`` replaced by the dummy slot ``num_neurons``
+    def plan(self, device: torch.device | str) -> list[PlannedParam]:
+        """The terms on ``device`` with ``-1`` replaced by the dummy slot ``num_generators``
         (cached: built once per device)."""
         device = torch.device(device)
-        if device not in self._device_maps:
-            n = self.num_neurons
-            self._device_maps[device] = [
-                DeviceMap(
-                    m.name,
-                    None if m.rows is None else _slots(m.rows, n).to(device),
-                    None if m.cols is None else _slots(m.cols, n).to(device),
+        if device not in self._plans:
+            n = self.num_generators
+            self._plans[device] = [
+                PlannedParam(
+                    p.name,
+                    p.shape,
+                    tuple(
+                        PlannedTerm(torch.where(t.index < 0, n, t.index).to(device), t.sign)
+                        for t in p.terms
+                    ),
                 )
-                for m in self.params.values()
+                for p in self.params.values()
             ]
-        return self._device_maps[device]
+        return self._plans[device]
+
+    # -- subgroups --------------------------------------------------------------------------------
+    def restrict(self, keep: Tensor) -> GaugeStructure:
+        """The structure of the subgroup generated by the generators with ``keep[n]`` (a bool
+        tensor ``[num_generators]``), renumbered in order; parameters no kept generator acts on
+        are dropped."""
+        keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+        if tuple(keep.shape) != (self.num_generators,):
+            raise ValueError(
+                f"keep must have shape ({self.num_generators},), got {tuple(keep.shape)}"
+            )
+        new = torch.full((self.num_generators + 1,), -1, dtype=torch.long)
+        new[: self.num_generators][keep] = torch.arange(int(keep.sum()))
+
+        def renumber(index: Tensor) -> Tensor:
+            return compact(new[index].clone())
+
+        params = {}
+        for p in self.params.values():
+            terms = tuple(Term(renumber(t.index), t.sign) for t in p.terms)
+            terms = tuple(t for t in terms if bool((t.index >= 0).any()))
+            if terms:
+                params[p.name] = ParamTerms(p.name, p.shape, terms)
+        kept = keep.tolist()
+        return GaugeStructure(
+            int(keep.sum()),
+            params,
+            self.excluded,
+            [x for x, k in zip(self.generator_layers, kept, strict=True) if k],
+            [x for x, k in zip(self.generator_kinds, kept, strict=True) if k],
+            {name: new[index] for name, index in self.produced.items()},
+            self.param_order,
+            self.notes,
+        )
 
     # -- persistence ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, strings, numbers): what :meth:`save` writes."""
-
-        def enc(t: Tensor | None) -> Any:
-            return None if t is None else {"shape": list(t.shape), "data": t.flatten().tolist()}
-
-        layers = sorted(set(self.neuron_layers))
+        layers = sorted(set(self.generator_layers))
         index = {name: i for i, name in enumerate(layers)}
         return {
             "format": FORMAT,
-            "num_neurons": self.num_neurons,
+            "num_generators": self.num_generators,
             "params": [
-                {"name": m.name, "shape": list(m.shape), "rows": enc(m.rows), "cols": enc(m.cols)}
-                for m in self.params.values()
+                {
+                    "name": p.name,
+                    "shape": list(p.shape),
+                    "terms": [{"sign": t.sign, "index": _encode(t.index)} for t in p.terms],
+                }
+                for p in self.params.values()
             ],
+            "produced": {name: _encode(index) for name, index in self.produced.items()},
             "excluded": [
                 {"module": e.module, "reason": e.reason, "channels": list(e.channels)}
                 for e in self.excluded
             ],
             "layers": layers,
-            "neuron_layers": [index[x] for x in self.neuron_layers],
+            "generator_layers": [index[x] for x in self.generator_layers],
+            "generator_kinds": self.generator_kinds,
             "param_order": self.param_order,
+            "notes": list(self.notes),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GaugeStructure:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"not a saved GaugeStructure (format {data.get('format')!r})")
+    def from_dict(cls, data: Any) -> GaugeStructure:
+        """The structure :meth:`to_dict` wrote (this format, or version 1's rows and columns);
+        ``ValueError`` naming the problem for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError("not a saved GaugeStructure (not a JSON object)")
+        fmt = data.get("format")
+        try:
+            if fmt == FORMAT:
+                return cls._from_v2(data)
+            if fmt == FORMAT_V1:
+                return cls._from_v1(data)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            raise ValueError(f"malformed saved GaugeStructure ({fmt}): {err!r}") from None
+        raise ValueError(f"not a saved GaugeStructure (format {fmt!r})")
 
-        def dec(d: Any) -> Tensor | None:
-            return None if d is None else torch.tensor(d["data"], dtype=torch.long).view(d["shape"])
-
+    @classmethod
+    def _from_v2(cls, data: dict[str, Any]) -> GaugeStructure:
         params = {
-            p["name"]: ParamMap(p["name"], tuple(p["shape"]), dec(p["rows"]), dec(p["cols"]))
+            p["name"]: ParamTerms(
+                p["name"],
+                tuple(p["shape"]),
+                tuple(Term(_decode(t["index"]), int(t["sign"])) for t in p["terms"]),
+            )
             for p in data["params"]
         }
-        excluded = [
-            Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]
-        ]
-        layers = [data["layers"][i] for i in data["neuron_layers"]]
-        return cls(int(data["num_neurons"]), params, excluded, layers, data["param_order"])
+        return cls._checked(
+            int(data["num_generators"]),
+            params,
+            [Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]],
+            [data["layers"][i] for i in data["generator_layers"]],
+            list(data["generator_kinds"]),
+            {name: _decode(index) for name, index in data["produced"].items()},
+            list(data["param_order"]),
+            tuple(data.get("notes", ())),
+        )
+
+    @classmethod
+    def _from_v1(cls, data: dict[str, Any]) -> GaugeStructure:
+        """Version 1 stored one multiplying map (``rows``) and one dividing map (``cols``) per
+        parameter: the terms with signs +1 and -1."""
+        params, produced = {}, {}
+        for p in data["params"]:
+            terms = []
+            for key, sign in (("rows", 1), ("cols", -1)):
+                if p[key] is not None:
+                    terms.append(Term(_decode(p[key]), sign))
+            params[p["name"]] = ParamTerms(p["name"], tuple(p["shape"]), tuple(terms))
+            if p["rows"] is not None:
+                produced[p["name"]] = _channels(terms[0].index, tuple(p["shape"]))
+        n = int(data["num_neurons"])
+        return cls._checked(
+            n,
+            params,
+            [Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]],
+            [data["layers"][i] for i in data["neuron_layers"]],
+            ["neuron"] * n,
+            produced,
+            list(data["param_order"]),
+        )
+
+    @classmethod
+    def _checked(cls, n: int, params: dict[str, ParamTerms], *rest: Any) -> GaugeStructure:
+        for p in params.values():
+            for t in p.terms:
+                if t.index.dim() != len(p.shape) or t.sign not in (1, -1):
+                    raise ValueError(f"term of '{p.name}' does not fit its shape {p.shape}")
+                torch.broadcast_shapes(t.index.shape, p.shape)
+                if t.index.numel() and (int(t.index.min()) < -1 or int(t.index.max()) >= n):
+                    raise ValueError(f"term of '{p.name}' names a generator outside [0, {n})")
+        return cls(n, params, *rest)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the structure as JSON (plain data; no code is pickled)."""
@@ -219,97 +368,248 @@ class GaugeStructure:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GaugeStructure:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a structure :meth:`save` wrote; ``ValueError`` naming the file for a file that
+        is not one."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{os.fspath(path)} is not a saved GaugeStructure: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{os.fspath(path)}: {err}") from None
 
 
-class DeviceMap(NamedTuple):
-    """One parameter's index maps on a device; ``-1`` replaced by the dummy slot ``N``."""
-
-    name: str
-    rows: Tensor | None
-    cols: Tensor | None
+def _channels(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A version-1 row map as the generator of each output channel (dim 0)."""
+    return rows.expand(shape).reshape(shape[0], -1)[:, 0].clone() if shape else rows.reshape(-1)
 
 
-def _slots(idx: Tensor, n: int) -> Tensor:
-    return torch.where(idx < 0, torch.full_like(idx, n), idx)
+def _encode(t: Tensor) -> dict[str, Any]:
+    return {"shape": list(t.shape), "data": t.flatten().tolist()}
 
 
-def _module_of(param_name: str) -> str:
+def _decode(d: dict[str, Any]) -> Tensor:
+    return torch.tensor(d["data"], dtype=torch.long).view(d["shape"])
+
+
+def module_of(param_name: str) -> str:
+    """The module path of a parameter name (``"fc1.weight"`` -> ``"fc1"``)."""
     return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
-def compile_structure(model: nn.Module, ctx: TraceContext) -> GaugeStructure:
-    """Turn a finished trace into a :class:`GaugeStructure`: connected components of the union
-    graph, minus blocked ones and those lacking a producer or a consumer, numbered in parameter
-    order."""
-    n_nodes = ctx.num_nodes
-    edges = torch.cat(ctx.edges, dim=1).numpy() if ctx.edges else np.zeros((2, 0), np.int64)
-    graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n_nodes, n_nodes))
-    n_comp, comp_np = connected_components(graph, directed=False)
-    comp = torch.from_numpy(comp_np.astype(np.int64))
+# -- compiling a trace ----------------------------------------------------------------------------
 
+
+def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Solve the trace's equalities ``h_a = s h_b``: ``(component, sign, conflicted, count)``
+    with ``h_node = sign[node] * h_root(component[node])`` for every node, and ``conflicted[c]``
+    when some cycle of component ``c`` forces ``h = -h`` (so its coordinate is 0)."""
+    n = ctx.num_nodes
+    if ctx.edges:
+        edges = torch.cat(ctx.edges, dim=1).numpy()
+    else:
+        edges = np.zeros((3, 0), np.int64)
+    a, b, s = edges
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    pairs, first = np.unique(np.stack([lo, hi]), axis=1, return_index=True)
+    graph = coo_matrix((np.ones(len(lo)), (lo, hi)), shape=(n, n))
+    count, comp = connected_components(graph, directed=False)
+    # A spanning forest from a super root joined to one node of every component.
+    root_of = np.full(count, -1)
+    root_of[comp[::-1]] = np.arange(n)[::-1]
+    sign_of_pair = s[first]
+    tree = coo_matrix(
+        (
+            np.concatenate([sign_of_pair, np.ones(count)]),
+            (np.concatenate([pairs[0], np.full(count, n)]), np.concatenate([pairs[1], root_of])),
+        ),
+        shape=(n + 1, n + 1),
+    )
+    tree = csr_matrix(tree + tree.T)  # symmetric; a pair listed with both signs sums to 0
+    order, pred = breadth_first_order(tree, n, directed=False, return_predecessors=True)
+    pred[n] = n
+    to_pred = np.ones(n + 1)
+    inner = order[1:]
+    to_pred[inner] = np.asarray(tree[inner, pred[inner]]).ravel()
+    # Pointer jumping: the product of signs from every node up to the super root.
+    up, sign = pred.copy(), to_pred.copy()
+    while (up != n).any():
+        sign, up = sign * sign[up], up[up]
+    sign = sign[:n]
+    conflicted = np.zeros(count, dtype=bool)
+    bad = sign[a] * sign[b] != s  # includes pairs given with both signs
+    conflicted[comp[a[bad]]] = True
+    return (
+        torch.from_numpy(comp.astype(np.int64)),
+        torch.from_numpy(sign.astype(np.int64)),
+        torch.from_numpy(conflicted),
+        int(count),
+    )
+
+
+def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, list[str]]:
+    """Per component, the index into the returned reasons of the first mark that blocked it
+    (``len(reasons)`` when none did); node 0 counts as marked with a generic reason."""
     generic = "mixed with a fixed tensor (model input, buffer or constant)"
     reasons = [r for _, r in ctx.marks] + [generic]
-    nodes = torch.cat([n.reshape(-1) for n, _ in ctx.marks] + [torch.zeros(1, dtype=torch.long)])
+    nodes = torch.cat([m.reshape(-1) for m, _ in ctx.marks] + [torch.zeros(1, dtype=torch.long)])
     which = torch.cat(
-        [torch.full((n.numel(),), i) for i, (n, _) in enumerate(ctx.marks)]
+        [torch.full((m.numel(),), i) for i, (m, _) in enumerate(ctx.marks)]
         + [torch.tensor([len(reasons) - 1])]
     )
-    no_reason = len(reasons)
-    comp_reason = torch.full((n_comp,), no_reason).scatter_reduce(
-        0, comp[nodes], which, reduce="amin"
-    )
+    first = torch.full((count,), len(reasons)).scatter_reduce(0, comp[nodes], which, reduce="amin")
+    return first, reasons
+
+
+def _resolved_terms(
+    roles: list[tuple[Tensor, int]], comp: Tensor, sign: Tensor
+) -> list[tuple[Tensor, int]]:
+    """A parameter's role terms as ``(component map, sign)`` with uniform signs: each node's
+    sign relative to its component multiplies the term's sign, so a term may split in two."""
+    out = []
+    for nodes, s in roles:
+        c, t = comp[nodes], s * sign[nodes]
+        for part in (1, -1):
+            picked = torch.where(t == part, c, -1)
+            if bool((picked >= 0).any()):
+                out.append((compact(picked), part))
+    return out
+
+
+def _collisions(a: Tensor, b: Tensor) -> Tensor:
+    """The components two maps of one parameter both name at some entry."""
+    dims_a = {d for d in range(a.dim()) if a.shape[d] > 1}
+    dims_b = {d for d in range(b.dim()) if b.shape[d] > 1}
+    if not dims_a & dims_b:  # every pair of values meets at some entry
+        common = torch.from_numpy(np.intersect1d(a.unique().numpy(), b.unique().numpy()))
+    else:
+        x, y = torch.broadcast_tensors(a, b)
+        common = x[x == y].unique()
+    return common[common >= 0]
+
+
+def compile_structure(
+    model: nn.Module, ctx: TraceContext, notes: tuple[str, ...] = ()
+) -> GaugeStructure:
+    """Turn a finished trace into a :class:`GaugeStructure`.
+
+    The nodes' equalities are solved (a signed union-find); a component is a generator when no
+    mark fixed it, no cycle of its equalities forces ``h = -h``, no entry would carry it twice
+    with one sign (the factor squared), and it both multiplies and divides some parameter
+    entries (otherwise ``||theta||^2`` has no minimum along it). Each generator is oriented so
+    that the first channel that produces it is multiplied, and generators are numbered by their
+    first producing channel in parameter order.
+    """
+    comp, sign, conflicted, count = _signed_components(ctx)
+    first_mark, reasons = _first_reason(ctx, comp, count)
+    unblocked = 1 << 40  # a reason index larger than every real one
+    reason = torch.where(first_mark == len(reasons), unblocked, first_mark)
+    reasons.append("its log-factor would have to equal its own negative")
+    reason[conflicted & (reason == unblocked)] = len(reasons) - 1
+    reasons.append("a parameter entry would scale with the square of its factor")
+    square_reason = len(reasons) - 1
 
     names = [n for n, _ in model.named_parameters()]
-    has_in = torch.zeros(n_comp, dtype=torch.bool)
-    has_out = torch.zeros(n_comp, dtype=torch.bool)
-    for table, flag in ((ctx.rows, has_in), (ctx.cols, has_out)):
-        for lab in table.values():
-            flag[comp[lab.reshape(-1)]] = True
-    valid = (comp_reason == no_reason) & has_in & has_out
+    producers = [n for n in names if n in ctx.produced]
+    # Orientation: the first producing channel of each component is multiplied.
+    flip = torch.zeros(count, dtype=torch.long)
+    for name in reversed(producers):
+        nodes = ctx.produced[name].reshape(-1).flip(0)
+        flip[comp[nodes]] = sign[nodes]
+    flip = torch.where(flip == 0, 1, flip)
+    oriented = sign * flip[comp]
 
-    producers = [n for n in names if n in ctx.rows and n in ctx.producers]
-    row_comps = [comp[ctx.rows[n].reshape(-1)] for n in producers]
-    order = torch.cat(row_comps) if row_comps else torch.zeros(0, dtype=torch.long)
+    resolved: dict[str, list[tuple[Tensor, int]]] = {}
+    has_in = torch.zeros(count, dtype=torch.bool)
+    has_out = torch.zeros(count, dtype=torch.bool)
+    for name in names:
+        roles = ctx.roles.get(name)
+        if not roles:
+            continue
+        terms = _resolved_terms(roles, comp, oriented)
+        resolved[name] = terms
+        for i, (c, s) in enumerate(terms):
+            (has_in if s > 0 else has_out)[c[c >= 0]] = True
+            for c2, s2 in terms[i + 1 :]:
+                if s2 == s:
+                    squared = _collisions(c, c2)
+                    reason[squared] = torch.clamp(reason[squared], max=square_reason)
+    valid = (reason == unblocked) & has_in & has_out
+
+    # Numbering: by the first producing channel in parameter order, then by any other entry.
+    produced_comps = [comp[ctx.produced[n].reshape(-1)] for n in producers]
+    any_comps = [c.reshape(-1) for n in names for c, _ in resolved.get(n, [])]
+    order = torch.cat(produced_comps + any_comps) if any_comps else torch.zeros(0, dtype=torch.long)
+    order = order[order >= 0]
     order = order[valid[order]]
     uniq, inverse = torch.unique(order, return_inverse=True)
     first = torch.full((len(uniq),), len(order)).scatter_reduce(
         0, inverse, torch.arange(len(order)), reduce="amin"
     )
     ranked = uniq[torch.argsort(first)]
-    neuron_of_comp = torch.full((n_comp,), -1)
-    neuron_of_comp[ranked] = torch.arange(len(ranked))
-    num_neurons = len(ranked)
+    generator_of = torch.full((count + 1,), -1)
+    generator_of[ranked] = torch.arange(len(ranked))
+    num = len(ranked)
 
-    neuron_layers = [""] * num_neurons
-    params: dict[str, ParamMap] = {}
+    params: dict[str, ParamTerms] = {}
     for name in names:
-        shape = tuple(ctx._params[name].shape)
-        maps = []
-        for table in (ctx.rows, ctx.cols):
-            lab = table.get(name)
-            idx = None if lab is None else _compact(neuron_of_comp[comp[lab.expand(shape)]])
-            maps.append(None if idx is None or bool((idx < 0).all()) else idx.clone())
-        if maps[0] is not None or maps[1] is not None:
-            params[name] = ParamMap(name, shape, maps[0], maps[1])
-    for name in reversed(producers):
-        rows = params[name].rows if name in params else None
-        if rows is not None:
-            for n in rows[rows >= 0].unique().tolist():
-                neuron_layers[n] = _module_of(name)
+        terms = [(generator_of[c], s) for c, s in resolved.get(name, [])]
+        terms = _cancel_opposite(terms)
+        terms = [(compact(g), s) for g, s in terms if bool((g >= 0).any())]
+        terms.sort(key=lambda term: -term[1])  # multiplying terms first, in a fixed order
+        if terms:
+            shape = tuple(ctx.params[name].shape)
+            params[name] = ParamTerms(name, shape, tuple(Term(g.clone(), s) for g, s in terms))
 
+    layers = [""] * num
+    for name in reversed(producers):
+        g = generator_of[comp[ctx.produced[name].reshape(-1)]]
+        layers_of = g[g >= 0].unique().tolist()
+        for n in layers_of:
+            layers[n] = module_of(name)
+    kinds = _kinds(ctx, comp, generator_of, num)
+
+    produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
     excluded: dict[tuple[str, str], set[int]] = {}
-    for name, comps in zip(producers, row_comps, strict=True):
+    for name in producers:
+        comps = comp[ctx.produced[name].reshape(-1)]
         bad = torch.nonzero(~valid[comps]).reshape(-1)
         for ch, c in zip(bad.tolist(), comps[bad].tolist(), strict=True):
-            r = int(comp_reason[c])
-            if r < no_reason:
+            r = int(reason[c])
+            if r != unblocked:
                 why = reasons[r]
             elif not has_out[c]:
                 why = "not consumed by any parameter (its output is unused)"
             else:
                 why = "no producing parameter"
-            excluded.setdefault((_module_of(name), why), set()).add(ch)
+            excluded.setdefault((module_of(name), why), set()).add(ch)
     exclusions = [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
-    return GaugeStructure(num_neurons, params, exclusions, neuron_layers, names)
+    return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes)
+
+
+def _cancel_opposite(terms: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:
+    """Where two terms of opposite signs name the same generator at one entry (a layer applied
+    to its own output), the entry is invariant under it: both terms drop it there."""
+    terms = list(terms)
+    for i in range(len(terms)):
+        for j in range(i + 1, len(terms)):
+            (a, sa), (b, sb) = terms[i], terms[j]
+            if sa == sb or not _collisions(a, b).numel():
+                continue
+            x, y = torch.broadcast_tensors(a, b)
+            same = (x == y) & (x >= 0)
+            terms[i] = (torch.where(same, -1, x), sa)
+            terms[j] = (torch.where(same, -1, y), sb)
+    return terms
+
+
+def _kinds(ctx: TraceContext, comp: Tensor, generator_of: Tensor, num: int) -> list[str]:
+    """The kind of each generator: the most specific tag any of its nodes carries."""
+    rank = torch.full((num + 1,), len(KINDS) - 1)
+    for nodes, kind in ctx.tags:
+        g = generator_of[comp[nodes]]
+        g = torch.where(g < 0, num, g)
+        rank.scatter_reduce_(0, g, torch.full_like(g, KINDS.index(kind)), reduce="amin")
+    return [KINDS[r] for r in rank[:num].tolist()]

@@ -1,19 +1,32 @@
-"""Tracing a model into channel labels.
+"""Tracing a model into linear constraints on gauge factors.
 
 The model runs once, eagerly, on the example inputs under a ``TorchFunctionMode``. Every
 torch-function call (``F.linear``, ``torch.cat``, ``Tensor.view``, ``+``, ...) is handed to the rule
-the registry holds for it. Rules work on *labels*: every floating tensor that flows through the
-model carries an integer tensor, broadcastable to its shape, naming for each entry the node whose
-gauge factor ``a_node`` that entry is multiplied by. Node 0 is the fixed factor 1 (model inputs,
-buffers, constants). Rules relate labels by
+the registry holds for it. Rules work on *labels*. Every floating tensor that flows through the
+model carries, for each entry, the logarithm of the factor that entry is multiplied by when the
+model is rescaled: a signed sum of *node* coordinates. Labels are stored as terms ``(nodes,
+sign)``: an integer tensor broadcastable to the tensor's shape, naming one node per entry, and
+``+1`` or ``-1``. Almost every tensor has a single term with sign ``+1`` (a plain label tensor);
+an elementwise product of two rescaled tensors carries the sum of their terms (a :class:`Sum`).
+Node 0 is the fixed coordinate 0 (model inputs, buffers, constants).
 
-- ``union(a, b)``: the entries must carry the same factor (residual additions, reused weights);
-- ``block(labels, reason)``: the factor must be 1 (non-homogeneous ops, normalisation, outputs);
+Rules relate nodes by
 
-and give parameters their row labels (the factor their entries are multiplied by) and column labels
-(the factor they are divided by). After the trace, connected components of the union graph are the
-candidate gauge neurons; a component is a gauge neuron when nothing blocked it and it has both a
-producing and a consuming parameter entry.
+- ``union(a, b)`` / ``union(a, b, -1)``: the entries carry equal / opposite log-factors
+  (residual additions, reused weights / the two sides of a bilinear contraction);
+- ``block(labels, reason)``: the log-factor must be 0 (non-homogeneous ops, normalisation,
+  outputs);
+
+and give parameters *roles*: the log-factor of each parameter entry as a sum of signed terms
+(``produce``: fresh nodes the op's output inherits, ``tie``/``consume``: the labels of an
+input, negated for a consumer). A parameter used twice must get the same terms twice: its uses
+are united term by term, or, when they differ in form, the parameter is fixed.
+
+After the trace, :func:`gaugefix.structure.gauge_structure.compile_structure` solves the
+constraints (a signed union-find): each connected component of nodes is one candidate generator,
+with every node's sign relative to it; a component is a generator of the rescaling group when
+nothing blocked it, its signs are consistent, and it multiplies some parameter entries and divides
+others.
 """
 
 from __future__ import annotations
@@ -21,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,15 +52,20 @@ class TracingError(RuntimeError):
     """The model could not be run on the example inputs; names the op and the module path."""
 
 
+class ValueDependentError(TracingError):
+    """The forward read a tensor that depends on the inputs or the weights into Python, so its
+    control flow may differ on other inputs; names the op and the module."""
+
+
 def register_rule(target: Any, rule: Rule | None = None) -> Any:
     """Register ``rule`` for a function (``F.relu``) or a module type (``MyLayer``).
 
     A rule is called as ``rule(ctx, args, kwargs, out)`` after the op ran, with ``ctx`` a
-    :class:`TraceContext`; it returns the labels of ``out`` (a tensor of labels broadcastable to
-    ``out``, or a tuple of them matching a tuple output). For a module type, the module's own
-    inner ops are not traced: the rule speaks for the whole call, and ``ctx.module`` is the
-    module (so a rule can give its parameters roles with ``ctx.param_rows`` / ``ctx.tie_cols``).
-    Usable as a decorator.
+    :class:`TraceContext`; it returns the labels of ``out`` (a tensor of nodes broadcastable to
+    ``out``, a :class:`Sum`, or a tuple of them matching a tuple output). For a module type, the
+    module's own inner ops are not traced: the rule speaks for the whole call, and ``ctx.module``
+    is the module (so a rule can give its parameters roles with ``ctx.produce`` /
+    ``ctx.consume``). Usable as a decorator.
     """
 
     def add(r: Rule) -> Rule:
@@ -78,7 +95,7 @@ def op_name(func: Any) -> str:
     return f"torch.{name}"
 
 
-def _compact(labels: Tensor) -> Tensor:
+def compact(labels: Tensor) -> Tensor:
     """The smallest tensor that broadcasts back to ``labels``: dims along which it is constant
     shrink to size 1 (a zero stride is read as constant without looking)."""
     for d in range(labels.dim()):
@@ -89,30 +106,69 @@ def _compact(labels: Tensor) -> Tensor:
     return labels
 
 
+ZERO = torch.zeros((), dtype=torch.long)
+
+
+class Sum(tuple):
+    """Labels that are a signed sum of terms: a tuple of ``(nodes, sign)`` pairs, each ``nodes``
+    broadcastable to the tensor. The empty sum is the fixed log-factor 0."""
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Sum:
+        """The same terms with ``fn`` applied to every node tensor (reshaping, slicing...)."""
+        return Sum((fn(nodes), sign) for nodes, sign in self)
+
+    def negated(self) -> Sum:
+        return Sum((nodes, -sign) for nodes, sign in self)
+
+    @staticmethod
+    def of(labels: Tensor | Sum | None) -> Sum:
+        if labels is None:
+            return Sum()
+        if isinstance(labels, Sum):
+            return labels
+        return Sum([(labels, 1)])
+
+
+class _ParamView:
+    """A tensor that holds the entries of one parameter in another arrangement (``W.t()``,
+    ``W.view(...)``, ``W.float()``): ``index[i]`` is the flat index of the parameter entry at
+    position ``i`` of the view (every parameter entry exactly once)."""
+
+    def __init__(self, param: Tensor, index: Tensor) -> None:
+        self.param, self.index = param, index
+
+
 class TraceContext:
-    """The state of one trace: label allocation, the union graph, blocks and parameter labels."""
+    """The state of one trace: node allocation, constraints, parameter roles and tags."""
 
     def __init__(self, model: nn.Module) -> None:
         self.param_names = {id(p): n for n, p in model.named_parameters()}
-        self._params = dict(model.named_parameters())
-        self.rows: dict[str, Tensor] = {}
-        self.producers: set[str] = set()  # parameters whose rows produce output channels
-        self.cols: dict[str, Tensor] = {}
-        self.num_nodes = 1  # node 0: the fixed factor 1
-        self.edges: list[Tensor] = []
-        self.marks: list[tuple[Tensor, str]] = []
+        self.params = dict(model.named_parameters())
+        # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
+        # the parameter is fixed (every entry carries 0).
+        self.roles: dict[str, list[tuple[Tensor, int]] | None] = {}
+        self._pending: dict[str, list[tuple[Tensor, int]]] = {}
+        # name -> the nodes of the channels a parameter produces (for reports and orientation).
+        self.produced: dict[str, Tensor] = {}
+        self.num_nodes = 1  # node 0: the fixed coordinate 0
+        self.edges: list[Tensor] = []  # [3, k]: node a, node b, sign (a = sign * b)
+        self.marks: list[tuple[Tensor, str]] = []  # (nodes fixed to 0, reason)
+        self.tags: list[tuple[Tensor, str]] = []  # (nodes, kind of generator they belong to)
         self.module_stack: list[str] = []
         self.op = "<forward>"
         self.func: Any = None  # the callable being traced, for rules that re-apply it
         self.module: nn.Module | None = None  # the module a module rule speaks for
-        self._labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
+        self._labels: dict[int, tuple[Tensor, Sum]] = {}  # id(tensor) -> (tensor, labels)
         # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
-        self._grad_fn_labels: dict[int, tuple[Any, dict[int, Tensor]]] = {}
+        self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
+        self._views: dict[int, tuple[Tensor, _ParamView]] = {}
         self._claimed: set[int] = set()
+        # Tensors whose values depend on the model's inputs or parameters (id -> tensor).
+        self._tainted: dict[int, Tensor] = {}
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
-        self.value_reads: list[str] = []  # tensor values read into Python (possible branching)
+        self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
 
     # -- where we are -------------------------------------------------------------------------
     @property
@@ -125,7 +181,7 @@ class TraceContext:
             return f"{text} in '{self.where}'"
         return f"{text} ({self.op} in '{self.where}')"
 
-    # -- labels of tensors ----------------------------------------------------------------------
+    # -- nodes ----------------------------------------------------------------------------------
     def fresh(self, *shape: int) -> Tensor:
         """New nodes, one per entry of ``shape``."""
         n = math.prod(shape)
@@ -133,41 +189,113 @@ class TraceContext:
         self.num_nodes += n
         return out
 
+    def union(self, a: Tensor, b: Tensor, sign: int = 1) -> None:
+        """Entries of ``a`` and ``b`` (node tensors, broadcast together) carry equal
+        (``sign=1``) or opposite (``sign=-1``) log-factors."""
+        a, b = torch.broadcast_tensors(a, b)
+        for d in range(a.dim()):
+            if a.shape[d] > 1 and a.stride(d) == 0 and b.stride(d) == 0:
+                a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+        a, b = a.reshape(-1), b.reshape(-1)
+        if sign == 1:
+            keep = a != b
+            a, b = a[keep], b[keep]
+        if a.numel():
+            edge = torch.stack([a, b, torch.full_like(a, sign)])
+            self.edges.append(torch.unique(edge, dim=1))
+
+    def block(self, labels: Tensor | Sum, reason: str) -> None:
+        """The nodes in ``labels`` are fixed to 0 (they are not gauge freedom)."""
+        for nodes, _ in Sum.of(labels):
+            nodes = torch.unique(compact(nodes))
+            nodes = nodes[nodes != 0]  # node 0 is fixed already; its own reason is generic
+            if nodes.numel():
+                self.marks.append((nodes, reason))
+
+    def tag(self, labels: Tensor | Sum, kind: str) -> None:
+        """Record that the generators of these nodes are of ``kind`` (for the summary)."""
+        for nodes, _ in Sum.of(labels):
+            nodes = torch.unique(compact(nodes))
+            nodes = nodes[nodes != 0]
+            if nodes.numel():
+                self.tags.append((nodes, kind))
+
+    # -- labels of tensors ----------------------------------------------------------------------
     def is_param(self, t: Any) -> bool:
-        return isinstance(t, Tensor) and id(t) in self.param_names
+        """Whether ``t`` is a parameter of the model or an arrangement of one (``W.t()``)."""
+        if not isinstance(t, Tensor):
+            return False
+        if id(t) in self.param_names:
+            return True
+        entry = self._views.get(id(t))
+        return entry is not None and entry[0] is t
 
     def claim(self, t: Tensor) -> None:
         """Mark ``t`` as handled by the current rule (unhandled inputs are blocked)."""
         self._claimed.add(id(t))
 
-    def param_name(self, p: Tensor) -> str:
+    def _param_and_index(self, p: Tensor) -> tuple[str, Tensor | None]:
+        """The parameter name behind ``p`` and, for a view, its index map."""
         self.claim(p)
-        name = self.param_names[id(p)]
+        name = self.param_names.get(id(p))
+        if name is not None:
+            self.used_params.add(name)
+            return name, None
+        view = self._views[id(p)][1]
+        name = self.param_names[id(view.param)]
         self.used_params.add(name)
-        return name
+        return name, view.index
 
-    def labels(self, t: Tensor) -> Tensor:
-        """Labels of an activation, broadcast to ``t.shape``. A parameter used as a plain tensor
-        gets its factor fixed to 1, since the rule using it does not know how it scales."""
+    def param_name(self, p: Tensor) -> str:
+        """The name of the parameter ``p`` is (or is an arrangement of)."""
+        return self._param_and_index(p)[0]
+
+    def terms(self, t: Tensor) -> Sum:
+        """The labels of an activation as a :class:`Sum` (one term in the common case).
+        A parameter used as a plain tensor is fixed, since the rule using it does not know how
+        it scales."""
         self.claim(t)
         if self.is_param(t):
             self.fix(t, self.reason("parameter used as a plain tensor"))
-            return torch.zeros((), dtype=torch.long).expand(t.shape)
+            return Sum()
         fn = t.grad_fn
         if fn is not None and isinstance(fn, torch.autograd.function.BackwardCFunction):
             # The output of a custom autograd function: whatever its forward did (compiled
             # kernels are invisible to the tracer), its inputs are blocked and it is fixed,
             # even when an op inside the forward recorded labels for it.
             self._block_history(fn, self.reason(f"custom autograd function {type(fn).__name__}"))
-            return torch.zeros((), dtype=torch.long).expand(t.shape)
+            return Sum()
         entry = self._labels.get(id(t))
         if entry is not None and entry[0] is t:
-            return entry[1].expand(t.shape)
+            return entry[1].map(lambda nodes: nodes.expand(t.shape))
         if fn is not None:
             # Computed from traced tensors by code the tracer did not see (a TorchScript or
             # jit-traced module, a compiled extension): block what it consumed.
             self._block_history(fn, self.reason("computed by code the tracer cannot see"))
-        return torch.zeros((), dtype=torch.long).expand(t.shape)
+        return Sum()
+
+    def labels(self, t: Tensor) -> Tensor:
+        """The labels of an activation as one node tensor, broadcast to ``t.shape``. Labels
+        that are a sum of several terms (a product of rescaled tensors) are blocked here: rules
+        that can carry such sums use :meth:`terms`."""
+        return self.single(self.terms(t), t.shape)
+
+    def single(self, labels: Sum, shape: torch.Size) -> Tensor:
+        """``labels`` as one node tensor of ``shape``; a sum of several terms (or of one with
+        sign -1) is blocked and replaced by the fixed 0."""
+        if not labels:
+            return ZERO.expand(shape)
+        if len(labels) == 1 and labels[0][1] == 1:
+            return labels[0][0].expand(shape)
+        self.block(labels, self.reason("product of rescaled tensors used by an op that needs one"))
+        return ZERO.expand(shape)
+
+    def is_fixed(self, t: Tensor) -> bool:
+        """Whether every entry of the activation ``t`` carries the fixed log-factor 0 now
+        (a parameter counts as not fixed)."""
+        if self.is_param(t):
+            return False
+        return all(bool((compact(nodes) == 0).all()) for nodes, _ in self.terms(t))
 
     def _block_history(self, fn: Any, reason: str) -> None:
         """Block everything an untraced computation (a custom autograd function, a scripted
@@ -193,99 +321,141 @@ class TraceContext:
                     seen.add(id(nxt))
                     stack.append(nxt)  # an untraced intermediate: look further back
 
-    def set_labels(self, t: Tensor, labels: Tensor) -> None:
-        self._labels[id(t)] = (t, _compact(labels.expand(t.shape)))
+    def set_labels(self, t: Tensor, labels: Tensor | Sum) -> None:
+        shape = t.shape
+        labels = Sum.of(labels).map(lambda nodes: compact(nodes.expand(shape)))
+        labels = Sum(term for term in labels if bool((term[0] != 0).any()))
+        self._labels[id(t)] = (t, labels)
         fn = t.grad_fn
         if fn is not None:
             entry = self._grad_fn_labels.get(id(fn))
             if entry is None or entry[0] is not fn:
                 entry = self._grad_fn_labels[id(fn)] = (fn, {})
-            entry[1][t.output_nr] = self._labels[id(t)][1]
+            entry[1][t.output_nr] = labels
 
     def along(self, t: Tensor, dim: int) -> Tensor:
         """Per-index labels of ``t`` along ``dim`` (shape ``[t.shape[dim]]``): all entries of one
         slice must carry one factor, so the labels within a slice are united."""
-        lab = self.labels(t).movedim(dim, 0)
-        lab = _compact(lab).expand(t.shape[dim], *([-1] * (lab.dim() - 1)))
+        return self._along(self.labels(t), t.shape, dim)
+
+    def along_terms(self, t: Tensor, dim: int) -> Sum:
+        """:meth:`along` for every term of ``t``'s labels: a :class:`Sum` of ``[t.shape[dim]]``
+        node tensors."""
+        return self.terms(t).map(lambda nodes: self._along(nodes, t.shape, dim))
+
+    def _along(self, nodes: Tensor, shape: torch.Size, dim: int) -> Tensor:
+        lab = compact(nodes.expand(shape)).movedim(dim, 0)
+        lab = lab.expand(shape[dim], *([-1] * (lab.dim() - 1)))
         flat = lab.reshape(lab.shape[0], -1)
         self.union(flat, flat[:, :1])
         return flat[:, 0].clone()
 
-    def leading(self, t: Tensor, k: int) -> Tensor:
-        """Labels of ``t`` united over its last ``k`` dims, shaped ``t.shape[:-k] + (1,)*k``; the
-        labels of an op that maps each leading slice on its own (pooling, padding, upsampling)."""
+    def leading(self, t: Tensor, k: int) -> Sum:
+        """Labels of ``t`` united over its last ``k`` dims, shaped ``t.shape[:-k] + (1,)*k``
+        (every term): the labels of an op that maps each leading slice on its own (pooling,
+        padding, upsampling)."""
         if k == 0:
-            return self.labels(t)
-        lab = _compact(self.labels(t))
-        lead = lab.shape[: lab.dim() - k]
-        flat = lab.reshape(*lead, -1)
-        self.union(flat, flat[..., :1])
-        return flat[..., :1].reshape(*lead, *([1] * k))
+            return self.terms(t)
 
-    # -- constraints ----------------------------------------------------------------------------
-    def union(self, a: Tensor, b: Tensor) -> None:
-        """Entries of ``a`` and ``b`` (broadcast together) carry equal factors."""
-        a, b = torch.broadcast_tensors(a, b)
-        for d in range(a.dim()):
-            if a.shape[d] > 1 and a.stride(d) == 0 and b.stride(d) == 0:
-                a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
-        pair = torch.stack([a.reshape(-1), b.reshape(-1)])
-        pair = pair[:, pair[0] != pair[1]]
-        if pair.numel():
-            self.edges.append(torch.unique(pair, dim=1))
+        def unite(nodes: Tensor) -> Tensor:
+            lab = compact(nodes.expand(t.shape))
+            lead = lab.shape[: lab.dim() - k]
+            flat = lab.reshape(*lead, -1)
+            self.union(flat, flat[..., :1])
+            return flat[..., :1].reshape(*lead, *([1] * k))
 
-    def block(self, labels: Tensor, reason: str) -> None:
-        """The nodes in ``labels`` are fixed to factor 1 (they are not gauge freedom)."""
-        nodes = torch.unique(_compact(labels))
-        nodes = nodes[nodes != 0]  # node 0 is fixed already; its own reason is generic
-        if nodes.numel():
-            self.marks.append((nodes, reason))
+        return self.terms(t).map(unite)
 
-    # -- parameters -----------------------------------------------------------------------------
-    def param_rows(self, p: Tensor, *shape: int) -> Tensor:
-        """Row labels of a parameter (the factor its entries are multiplied by), allocated at
-        first use with the given (broadcastable) shape and shared by every later use."""
-        name = self.param_name(p)
-        self.producers.add(name)
-        if name not in self.rows:
-            self.rows[name] = self.fresh(*shape)
-        return self.rows[name]
+    # -- parameter roles --------------------------------------------------------------------------
+    def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
+        """``nodes`` given at the shape of ``p`` (a parameter or a view of one), as a node
+        tensor broadcastable to the parameter's own shape."""
+        name, index = self._param_and_index(p)
+        if index is None:
+            return name, compact(nodes.expand(p.shape))
+        full = torch.empty(index.numel(), dtype=torch.long)
+        full[index.reshape(-1)] = nodes.expand(p.shape).reshape(-1)
+        return name, compact(full.view(self.params[name].shape))
 
-    def tie_rows(self, p: Tensor, labels: Tensor) -> None:
-        """Row labels of a parameter that shares the output channels of another (a bias)."""
-        self.producers.add(self.param_name(p))
-        self._tie(self.rows, p, labels)
+    def produce(
+        self, p: Tensor, *shape: int, arrange: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """Fresh nodes, one per channel ``p`` produces (``shape`` broadcastable to ``p``, or
+        placed on ``p`` by ``arrange``), that multiply ``p``'s entries: the op's output carries
+        them on those channels. Returns the nodes."""
+        nodes = self.fresh(*shape)
+        name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
+        self._pending.setdefault(name, []).append((on_param, 1))
+        self.produced.setdefault(name, nodes)
+        return nodes
 
-    def tie_cols(self, p: Tensor, labels: Tensor) -> None:
-        """Column labels of a parameter (the factor its entries are divided by)."""
-        self._tie(self.cols, p, labels)
+    def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
+        """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
+        tied to its layer's output channels (``sign=1``)."""
+        for nodes, s in Sum.of(labels):
+            name, on_param = self._on_param(p, nodes)
+            self._pending.setdefault(name, []).append((on_param, s * sign))
+        if not Sum.of(labels):
+            self._pending.setdefault(self.param_name(p), [])
 
-    def _tie(self, table: dict[str, Tensor], p: Tensor, labels: Tensor) -> None:
-        name = self.param_name(p)
-        labels = _compact(labels.expand(p.shape))
-        if name in table:
-            self.union(table[name].expand(p.shape), labels.expand(p.shape))
-        else:
-            table[name] = labels
+    def consume(self, p: Tensor, labels: Tensor | Sum) -> None:
+        """``p``'s entries are divided by the factors of ``labels``: ``p`` consumes the channels
+        of an input (the columns of a weight)."""
+        self.tie(p, labels, -1)
 
     def fix(self, p: Tensor, reason: str) -> None:
-        """Fix a parameter's factor to 1: its rows and columns are blocked."""
+        """Fix a parameter: every entry carries factor 1, so whatever its uses tied to it is
+        blocked."""
         name = self.param_name(p)
-        node = self.fresh(1)
-        self.marks.append((node, reason))
-        for table in (self.rows, self.cols):
-            if name in table:
-                self.union(table[name], node)
-            else:
-                table[name] = node.reshape([1] * p.dim()) if p.dim() else node.reshape(())
+        for nodes, _ in (self.roles.get(name) or []) + self._pending.pop(name, []):
+            self.block(nodes, reason)
+        self.roles[name] = None
+
+    def commit_roles(self) -> None:
+        """Close the roles the current op gave its parameters: a first use defines them; a
+        later use of the same form (the same number of terms with the same signs) is united
+        with it term by term; a use of another form fixes the parameter."""
+        pending, self._pending = self._pending, {}
+        for name, terms in pending.items():
+            if name not in self.roles:
+                self.roles[name] = terms
+                continue
+            before = self.roles[name]
+            if before is None:
+                for nodes, _ in terms:
+                    self.block(nodes, f"parameter '{name}' is fixed by another use")
+                continue
+            if len(before) == len(terms) and all(
+                a[1] == b[1] for a, b in zip(before, terms, strict=True)
+            ):
+                for (a, _), (b, _) in zip(before, terms, strict=True):
+                    shape = self.params[name].shape
+                    self.union(a.expand(shape), b.expand(shape))
+                continue
+            reason = self.reason(f"parameter '{name}' used in two different roles")
+            for nodes, _ in before + terms:
+                self.block(nodes, reason)
+            self.roles[name] = None
+
+    def view_of_param(self, out: Tensor, param_like: Tensor, index: Tensor) -> None:
+        """Record ``out`` as an arrangement of the parameter behind ``param_like``: entry ``i``
+        of ``out`` is entry ``index[i]`` (flat) of ``param_like``."""
+        name, base = self._param_and_index(param_like)
+        param = self.params[name]
+        if base is not None:
+            index = base.reshape(-1)[index]
+        self._views[id(out)] = (out, _ParamView(param, index))
 
     # -- the generic rule -----------------------------------------------------------------------
     def block_all(self, args: tuple, kwargs: dict, reason: str) -> Tensor:
         """Block every tensor the op consumed; its outputs carry the fixed factor."""
         for t in _tensors((args, kwargs)):
             if t.is_floating_point() or t.is_complex():
-                self.block(self.labels(t), reason)
-        return torch.zeros((), dtype=torch.long)
+                if self.is_param(t):
+                    self.fix(t, reason)
+                else:
+                    self.block(self.terms(t), reason)
+        return ZERO
 
 
 def _tensors(tree: Any) -> Iterator[Tensor]:
@@ -334,8 +504,16 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         if short in _METADATA:
             return out
+        tainted = any(
+            id(t) in ctx._tainted or id(t) in ctx.param_names for t in _tensors((args, kwargs))
+        )
+        if tainted:
+            for t in _tensors(out):
+                ctx._tainted[id(t)] = t
         if short in _VALUE_READS:
-            ctx.value_reads.append(ctx.reason(f"{name} read a tensor value"))
+            if tainted:
+                ctx.value_reads.append(ctx.reason(f"{name} read a tensor value"))
+            return out
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
             # shape-only op blocks its input: ``out = torch.empty_like(x)`` followed by a
@@ -344,7 +522,7 @@ class _Tracer(TorchFunctionMode):
             self.record(out, ctx.block_all(args, kwargs, reason), inputs)
             return out
         if short in _SHAPE_ONLY:
-            self.record(out, torch.zeros((), dtype=torch.long), inputs)
+            self.record(out, ZERO, inputs)
             return out
         rule = _RULES.get(func)
         if rule is None and getattr(func, "__name__", None) == "__get__":  # x.data, x.T
@@ -356,6 +534,7 @@ class _Tracer(TorchFunctionMode):
         else:
             labels = rule(ctx, args, kwargs, out)
         self._block_unclaimed(args, kwargs)
+        ctx.commit_roles()
         self.record(out, labels, inputs)
         return out
 
@@ -364,7 +543,11 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         for t in _tensors((args, kwargs)):
             if id(t) not in ctx._claimed and (t.is_floating_point() or t.is_complex()):
-                ctx.block(ctx.labels(t), ctx.reason("input not handled by the op's rule"))
+                reason = ctx.reason("input not handled by the op's rule")
+                if ctx.is_param(t):
+                    ctx.fix(t, reason)
+                else:
+                    ctx.block(ctx.terms(t), reason)
 
     def record(self, out: Any, labels: Any, inputs: set[int] | frozenset = frozenset()) -> None:
         """Give the op's output its labels. ``inputs``: ids of the op's tensor arguments.
@@ -372,19 +555,24 @@ class _Tracer(TorchFunctionMode):
         An output that is one of the inputs was written in place (``x.mul_(y)``, ``out=``):
         views and bases sharing its memory keep its old labels, so old and new labels are united.
         A non-floating output (a cast to an integer type) cannot carry labels: the labels the
-        rule gave it are blocked, since its values depend on the scale of its input.
+        rule gave it are blocked, since its values depend on the scale of its input. An output
+        a rule recorded as an arrangement of a parameter keeps that record instead.
         """
         ctx = self.ctx
         if isinstance(out, Tensor):
-            lab = labels if isinstance(labels, Tensor) else torch.zeros((), dtype=torch.long)
+            if ctx.is_param(out) and id(out) not in inputs:
+                return
+            lab = Sum.of(labels if isinstance(labels, (Tensor, Sum)) else None)
             if out.is_floating_point() or out.is_complex():
                 if id(out) in inputs:
-                    ctx.union(ctx.labels(out), lab)
+                    new = ctx.single(lab, out.shape)
+                    ctx.union(ctx.labels(out), new)
+                    lab = Sum.of(new)
                 ctx.set_labels(out, lab)
-            elif bool((lab != 0).any()):
+            elif any(bool((nodes != 0).any()) for nodes, _ in lab):
                 ctx.block(lab, ctx.reason("converted to a non-floating dtype"))
         elif isinstance(out, (tuple, list)):
-            if not isinstance(labels, (tuple, list)):
+            if not isinstance(labels, (tuple, list)) or isinstance(labels, Sum):
                 labels = [labels] * len(out)
             for o, lab in zip(out, labels, strict=True):
                 self.record(o, lab, inputs)
@@ -422,6 +610,7 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
                 labels = rule(ctx, args, kwargs, out)
                 ctx.module = None
                 tracer._block_unclaimed(args, kwargs)
+                ctx.commit_roles()
                 tracer.record(out, labels, {id(t) for t in _tensors((args, kwargs))})
             if rule is not None:
                 tracer.suppress -= 1
@@ -445,14 +634,24 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
             h.remove()
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict) -> TraceContext:
+def trace(
+    model: nn.Module, args: tuple, kwargs: dict, allow_value_dependent: bool = False
+) -> TraceContext:
     """Run ``model(*args, **kwargs)`` once under the tracer and return the filled context.
+
+    Raises :class:`ValueDependentError` when the forward read into Python a tensor value that
+    depends on the inputs or the parameters (``if x.sum() > 0:``): a trace sees one path through
+    the forward, and other inputs may take another, on which the structure found here can be
+    wrong. ``allow_value_dependent=True`` accepts such a forward for users who know the path is
+    fixed; the reads are then listed in ``ctx.value_reads``.
 
     The model is left as it was: buffers (BatchNorm running statistics) are restored, the global
     random state is not advanced, and ``requires_grad`` flags are put back.
     """
     ctx = TraceContext(model)
     tracer = _Tracer(ctx)
+    for t in _tensors((args, kwargs)):
+        ctx._tainted[id(t)] = t
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     devices = list({t.device for t in _tensors((args, kwargs))} | {b.device for b, _ in buffers})
@@ -475,30 +674,22 @@ def trace(model: nn.Module, args: tuple, kwargs: dict) -> TraceContext:
                     ) from err
             for t in _tensors(out):
                 if t.is_floating_point() or t.is_complex():
-                    ctx.block(ctx.labels(t), "model output (rescaling it changes the function)")
-        _warn_if_path_dependent(ctx)
+                    reason = "model output (rescaling it changes the function)"
+                    if ctx.is_param(t):
+                        ctx.fix(t, reason)
+                    else:
+                        ctx.block(ctx.terms(t), reason)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
         for p, flag in flags:
             p.requires_grad_(flag)
-    return ctx
-
-
-def _warn_if_path_dependent(ctx: TraceContext) -> None:
-    """One trace sees one path through the forward. When the forward read tensor values into
-    Python and some parameters were not used, other inputs may take another path through those
-    parameters, which may consume neurons found here without compensating them."""
-    if not ctx.value_reads:
-        return
-    unused = [n for n in ctx._params if n not in ctx.used_params]
-    if unused:
-        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
-        warnings.warn(
-            f"discover: the forward read tensor values into Python ({ctx.value_reads[0]}) and "
-            f"did not use the parameters {shown}. If its control flow depends on those values, "
-            "inputs that take another path may not be symmetric under the structure found; "
-            "it is exact only for the path traced.",
-            stacklevel=3,
+    if ctx.value_reads and not allow_value_dependent:
+        raise ValueDependentError(
+            f"the forward's control flow may depend on its input or weights: "
+            f"{ctx.value_reads[0]}; a trace sees one path, and the rescaling found on it can "
+            "change the outputs of inputs that take another. Pass allow_value_dependent=True "
+            "to discover() if that path is the same for every input"
         )
+    return ctx

@@ -9,15 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import all_finite, optimizer_states
-from gaugefix.fixing import (
+from gaugefix.balancing import balance_
+from gaugefix.moment import imbalance_stats
+from gaugefix.soft import (
     OrbitSelectionPenalty,
-    _check_rate,
     add_orbit_selection_grad_,
-    balance_,
+    check_rate,
     check_strength,
     relax_unchecked_,
 )
-from gaugefix.moment import imbalance_stats
 from gaugefix.structure import GaugeStructure
 
 Mode = Literal["exact", "penalty"]
@@ -35,11 +35,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync in the common case)."""
-    return all_finite(tensors)
-
-
 class GaugeFixing:
     """Soft gauge fixing for any ``torch.optim`` optimizer, through its step hooks.
 
@@ -53,10 +48,10 @@ class GaugeFixing:
       ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
       then treats it like any gradient, so with Adam it is preconditioned).
 
-    Several parameter groups: a gauge neuron relaxes at ``strength * min(lr)`` over the
+    Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
     parameters it touches (its incoming and outgoing entries), read from the groups at every
     step so schedulers are followed. Parameters the optimizer does not hold count as ``lr = 0``:
-    neurons touching them are never moved (and in penalty mode their ``.grad`` is left alone).
+    generators touching them are never moved (and in penalty mode their ``.grad`` is left alone).
     Parameters the structure does not cover are never touched.
 
     ``balance_at_start=True`` balances the model (:func:`gaugefix.balance_`, with optimizer
@@ -108,7 +103,8 @@ class GaugeFixing:
     def __repr__(self) -> str:
         return (
             f"GaugeFixing(mode={self.mode!r}, strength={self.strength}, "
-            f"neurons={self.structure.num_neurons}, steps={self.steps}, skipped={self.skipped})"
+            f"generators={self.structure.num_generators}, steps={self.steps}, "
+            f"skipped={self.skipped})"
         )
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -136,23 +132,20 @@ class GaugeFixing:
         """Check the gradients (and, for the penalty, the parameters); in penalty mode add
         ``grad P``. Runs once per gradient evaluation."""
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        self._ok = _all_finite(grads)
+        self._ok = all_finite(grads)
         if self.mode == "penalty" and self._ok:
             self._ok = self._add_penalty_grad()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         ok, self._ok = self._ok, True
         if self.mode == "exact" and ok:
-            rate = _check_rate(self.rate(), self.structure)
+            rate = check_rate(self.rate(), self.structure)
             if isinstance(rate, Tensor) or rate > 0:
                 # Checks the parameters' finiteness on the squared sums the step needs, then
                 # the optimizer state (a clear error for unknown state), then steps.
-                ok = (
-                    relax_unchecked_(self.model, self.structure, self.params, rate, optimizer)
-                    is not None
-                )
+                ok = relax_unchecked_(self.structure, self.params, rate, optimizer) is not None
             else:
-                ok = _all_finite(list(self.params.values()))
+                ok = all_finite(list(self.params.values()))
         if ok:
             self.steps += 1
         else:
@@ -184,28 +177,27 @@ class GaugeFixing:
 
     def rate(self) -> float | Tensor:
         """The relaxation rate of the coming step: ``strength * lr`` as a float when every gauged
-        parameter sees the same ``lr``, else one rate per neuron (float64 ``[num_neurons]``),
-        ``strength * min(lr)`` over the parameters the neuron touches."""
+        parameter sees the same ``lr``, else one rate per generator (float64
+        ``[num_generators]``), ``strength * min(lr)`` over the parameters it acts on."""
         self._refresh_groups()
         lrs = tuple(
             0.0 if i is None else float(self.optimizer.param_groups[i]["lr"])
             for i in self._group_of.values()
         )
         if self._rate_cache is None or self._rate_cache[0] != lrs:
-            self._rate_cache = (lrs, self._neuron_rates(lrs))
+            self._rate_cache = (lrs, self._generator_rates(lrs))
         return self._rate_cache[1]
 
-    def _neuron_rates(self, lrs: tuple[float, ...]) -> float | Tensor:
+    def _generator_rates(self, lrs: tuple[float, ...]) -> float | Tensor:
         if len(set(lrs)) <= 1:
             return self.strength * (lrs[0] if lrs else 0.0)
-        n = self.structure.num_neurons
+        n = self.structure.num_generators
         device = next(iter(self.params.values())).device
         rates = torch.full((n + 1,), math.inf, dtype=torch.float64, device=device)
-        for m, lr in zip(self.structure.device_maps(device), lrs, strict=True):
-            for idx in (m.rows, m.cols):
-                if idx is not None:
-                    src = torch.full((idx.numel(),), lr, dtype=torch.float64, device=device)
-                    rates.scatter_reduce_(0, idx.reshape(-1), src, reduce="amin")
+        for param, lr in zip(self.structure.plan(device), lrs, strict=True):
+            for term in param.terms:
+                src = torch.full((term.slots.numel(),), lr, dtype=torch.float64, device=device)
+                rates.scatter_reduce_(0, term.slots.reshape(-1), src, reduce="amin")
         rates = rates[:n]
         return self.strength * torch.where(torch.isfinite(rates), rates, 0.0)
 

@@ -1,0 +1,329 @@
+"""Hard gauge fixing: :func:`balance_` moves a model to the minimal-norm point of its orbit.
+
+Along the orbit, ``F(h) = ||g(h) . theta||^2 = sum_e theta_e^2 exp(2 sum_n w_n(e) h_n)`` is a
+sum of exponentials of linear forms: strictly convex on the generators with a closed orbit, with
+gradient ``2 mu`` and Hessian ``4 K`` at ``g(h) . theta``. Its minimiser, where ``mu = 0``, is the
+balanced representative of the orbit. :func:`solve_balance` finds it for ``R`` stacked copies of
+a model at once (the library calls it with ``R = 1``, the sweep engine with one copy per run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.action import (
+    check_finite_params,
+    check_h,
+    optimizer_states,
+    rescale_,
+    transport_targets,
+)
+from gaugefix.moment import Masses, MassState, generator_sums
+from gaugefix.structure import GaugeStructure
+
+# Relative size of a change of F(h) below which its rounding hides it.
+RESOLUTION = 1e-12
+
+
+@dataclass(frozen=True)
+class BalanceResult:
+    """What :func:`balance_` did.
+
+    ``iterations``: outer iterations taken; ``max_rel_imbalance``: ``max_n |mu_n| / S_n`` over
+    the generators with a closed orbit, measured on the model afterwards; ``norm_sq_before`` and
+    ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on; ``h``: the
+    gauge transformation applied; ``dead_generators``: generators with all incoming or all
+    outgoing entries zero (no closed orbit; left untouched); ``converged``: whether the float64
+    solve reached ``tol`` (the imbalance measured afterwards also carries the parameters'
+    rounding: about ``1e-7`` for a float32 model).
+    """
+
+    iterations: int
+    max_rel_imbalance: float
+    norm_sq_before: float
+    norm_sq_after: float
+    h: Tensor
+    dead_generators: Tensor
+    converged: bool
+
+
+@dataclass(frozen=True)
+class BalanceSolution:
+    """The minimisers of ``F(h)`` found by :func:`solve_balance` for ``R`` copies.
+
+    ``h`` (``[R, N]``, float64): ``mu(g(h) . theta) = 0`` on the generators with a closed orbit
+    (0 on dead ones); ``iterations``: outer iterations (the most any copy took);
+    ``max_rel_imbalance`` (``[R]``): ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live
+    generators, in float64 from the masses; ``norm_sq_before`` / ``norm_sq_after`` (``[R]``):
+    ``F(0)`` and ``F(h)``; ``live`` (``[R, N]`` bool): the generators with both sides non-zero;
+    ``converged`` (``[R]``): whether ``max_rel_imbalance <= tol``.
+    """
+
+    h: Tensor
+    iterations: int
+    max_rel_imbalance: Tensor
+    norm_sq_before: Tensor
+    norm_sq_after: Tensor
+    live: Tensor
+    converged: Tensor
+
+
+def check_tolerances(tol: float, max_iter: int) -> None:
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+
+
+def max_rel(mu: Tensor, s: Tensor, live: Tensor) -> Tensor:
+    """``max |mu_n| / S_n`` over the live generators of each copy (0 without any): ``[R]``."""
+    ratio = torch.where(live, mu.abs() / torch.where(live, s, 1.0), 0.0)
+    return ratio.amax(-1) if ratio.shape[-1] else ratio.new_zeros(ratio.shape[:-1])
+
+
+def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, diag: Tensor, rtol: Tensor) -> Tensor:
+    """Jacobi-preconditioned conjugate gradients for ``A_r x_r = b_r`` (``[R, N]``), every copy
+    at once, ``A`` symmetric positive definite on the support of ``b``; a copy stops updating
+    once its residual is below ``rtol_r ||b_r||``."""
+    x = torch.zeros_like(b)
+    res = b.clone()
+    z = res / diag
+    p = z.clone()
+    rz = (res * z).sum(1)
+    stop = rtol * torch.linalg.vector_norm(b, dim=1)
+    for _ in range(max(50, 4 * int(math.sqrt(b.shape[1])))):
+        live = torch.linalg.vector_norm(res, dim=1) > stop
+        if not bool(live.any()):
+            break
+        ap = matvec(p)
+        curvature = (p * ap).sum(1)
+        live = live & (curvature > 0)
+        alpha = torch.where(live, rz / torch.where(live, curvature, 1.0), 0.0)
+        x = x + alpha[:, None] * p
+        res = res - alpha[:, None] * ap
+        z = res / diag
+        rz_new = (res * z).sum(1)
+        beta = torch.where(live, rz_new / torch.where(rz == 0, 1.0, rz), 0.0)
+        p = z + beta[:, None] * p
+        rz = torch.where(live, rz_new, rz)
+    return x
+
+
+@torch.no_grad()
+def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> BalanceSolution:
+    """The gauges ``h`` (``[R, N]``) that balance every copy held by ``masses``: the minimiser
+    of ``F(h)`` over the generators with a closed orbit, in float64, without touching the
+    parameters.
+
+    Far from the minimiser, every live generator of a copy moves at once to its own balance,
+    ``h_n += log(S_out,n / S_in,n) / 4`` (Saul's parallel update: exact for generators that
+    share no entry, and it removes the large local imbalances of a random gauge in one pass,
+    where Newton's method on the exponentials needs many line-search steps), for as long as that
+    halves ``F`` or the imbalance. Then Newton's direction ``-K^{-1} mu / 2``, by
+    Jacobi-preconditioned conjugate gradients on the matrix-free ``K``, with a line search on
+    ``F`` (:func:`_line_search`). Stops when ``max |mu_n| / S_n <= tol`` for every copy; a copy
+    that converged (or whose masses are not finite) stops moving. Dead generators keep ``h = 0``.
+    """
+    r, n = masses.r, masses.n
+    h = torch.zeros(r, n, dtype=torch.float64, device=masses.device)
+    state = masses.at(h)
+    live = (state.s_in > 0) & (state.s_out > 0)
+    mask = live.to(torch.float64)
+    before = state.total
+    finite = torch.isfinite(before)
+    closed_form = finite.clone()
+    iterations, err = 0, torch.full((r,), math.nan, dtype=torch.float64, device=masses.device)
+    for iterations in range(max_iter + 1):  # noqa: B007
+        state.complete()
+        mu, s = state.s_in - state.s_out, state.s_in + state.s_out
+        err = torch.where(finite, max_rel(mu, s, live), math.nan)
+        moving = finite & (err > tol)
+        if not bool(moving.any()) or iterations == max_iter:
+            break
+        newton = moving & ~closed_form
+        if bool((closed_form & moving).any()):
+            state, took = _closed_form_step(masses, state, live, err, closed_form & moving)
+            closed_form = took
+            newton = moving & ~took
+            if not bool(newton.any()):
+                continue
+            mu, s = state.s_in - state.s_out, state.s_in + state.s_out
+        direction = pcg(
+            lambda v, st=state: st.gram_matvec(v * mask) * mask,
+            -0.5 * mu * mask * newton[:, None],
+            torch.where(live, s, torch.ones_like(s)),
+            # Superlinear forcing, but no tighter than the last step needs: the imbalance
+            # after the step is about rtol * err (plus err^2).
+            rtol=torch.clamp(torch.maximum(err, 0.1 * tol / err), max=0.1),
+        )
+        state = _line_search(masses, state, direction, mu, live, newton)
+    return BalanceSolution(
+        h=state.h,
+        iterations=iterations,
+        max_rel_imbalance=err,
+        norm_sq_before=before,
+        norm_sq_after=state.total,
+        live=live,
+        converged=err <= tol,
+    )
+
+
+def _closed_form_step(
+    masses: Masses, state: MassState, live: Tensor, err: Tensor, runs: Tensor
+) -> tuple[MassState, Tensor]:
+    """Saul's parallel update for the selected copies (``runs``: ``[R]`` bool): kept where it
+    halves ``F``, or decreases it and halves ``max |mu_n| / S_n``. Returns the state at the
+    new gauges and the copies that took the step (the others then switch to Newton)."""
+    step = torch.where(live & runs[:, None], 0.25 * torch.log(state.s_out / state.s_in), 0.0)
+    trial = masses.at(state.h + step)
+    mu, s = trial.s_in - trial.s_out, trial.s_in + trial.s_out
+    f0, f1 = state.total, trial.total
+    took = runs & ((f1 <= 0.5 * f0) | (f1 < f0) & (max_rel(mu, s, live) <= 0.5 * err))
+    if bool((took == runs).all()):  # the trial is at every copy's new gauge
+        return _rebased(masses, trial).complete(), took
+    if not bool(took.any()):
+        return state, took
+    h = torch.where(took[:, None], trial.h, state.h)
+    return _rebased(masses, masses.at(h)).complete(), took
+
+
+def _line_search(
+    masses: Masses, state: MassState, direction: Tensor, mu: Tensor, live: Tensor, runs: Tensor
+) -> MassState:
+    """Backtracking (Armijo) on ``F(h + t d)`` from ``t = 1`` for the selected copies; ``F`` is
+    convex along each line.
+
+    When the full step is accepted with a clearly resolved decrease, the step is doubled while
+    ``F`` keeps decreasing (Armijo still holding): far from the minimiser a single exponential
+    term dominates ``F`` and Newton's full step only divides it by ``e``; near the minimiser
+    ``F`` is quadratic, ``F(2) ~ F(0)``, and one extra evaluation stops the doubling.
+
+    Close to the minimiser the decrease of ``F`` (second order in ``mu``) falls below the
+    rounding of ``F`` itself; a step whose predicted decrease is unresolvable is accepted when it
+    reduces ``||mu||`` over the live generators instead. Copies that accept no step stay where
+    they are. Each trial costs one read of the masses.
+    """
+    h, f0 = state.h, state.total
+    slope = 2 * (mu * direction).sum(1)
+    mu_norm = torch.linalg.vector_norm(torch.where(live, mu, 0.0), dim=1)
+    t = torch.ones_like(f0)
+    accepted = torch.zeros_like(runs)
+    settled = ~runs | ~torch.isfinite(f0) | (slope == 0)
+    trial = state
+    for attempt in range(60):
+        trial = masses.at(h + t[:, None] * direction, sums=False)
+        f_trial = trial.total
+        ok = ~settled & (f_trial <= f0 + 1e-4 * t * slope)
+        if attempt == 0 and bool(ok.any()):
+            trial, t, f_trial = _doubled(masses, h, direction, t, trial, f0, slope, ok)
+        unresolved = ~settled & ~ok & (-t * slope <= RESOLUTION * f0)
+        if bool(unresolved.any()):
+            trial.complete()
+            norm = torch.linalg.vector_norm(torch.where(live, trial.s_in - trial.s_out, 0.0), 1)
+            ok = ok | unresolved & (norm < mu_norm)
+        accepted |= ok
+        settled |= ok
+        if bool(settled.all()):
+            break
+        t = torch.where(settled, t, 0.5 * t)
+    t = torch.where(accepted, t, 0.0)
+    if masses.r == 1:  # the last trial is at the accepted point, or nothing moved
+        return _rebased(masses, trial if bool(accepted.all()) else state)
+    return _rebased(masses, masses.at(h + t[:, None] * direction, sums=False))
+
+
+def _doubled(
+    masses: Masses,
+    h: Tensor,
+    direction: Tensor,
+    t: Tensor,
+    trial: MassState,
+    f0: Tensor,
+    slope: Tensor,
+    ok: Tensor,
+) -> tuple[MassState, Tensor, Tensor]:
+    """The full steps accepted at once with a clearly resolved decrease, doubled while ``F``
+    keeps decreasing with Armijo holding: ``(state, t, F)`` at the longest accepted steps."""
+    f_trial = trial.total
+    growing = ok & (f0 - f_trial > 1e3 * RESOLUTION * f0)
+    for _ in range(60):
+        if not bool(growing.any()):
+            break
+        longer_t = torch.where(growing, 2 * t, t)
+        longer = masses.at(h + longer_t[:, None] * direction, sums=False)
+        better = growing & (longer.total < f_trial) & (longer.total <= f0 + 1e-4 * longer_t * slope)
+        if not bool(better.any()):
+            break
+        t = torch.where(better, longer_t, t)
+        f_trial = torch.where(better, longer.total, f_trial)
+        if bool((better == growing).all()):
+            trial = longer
+        else:
+            trial = masses.at(h + t[:, None] * direction, sums=False)
+        growing = better
+    return trial, t, f_trial
+
+
+def _rebased(masses: Masses, state: MassState) -> MassState:
+    """``state``, re-evaluated after moving the base of ``masses`` when ``h`` drifted far."""
+    base = masses.base
+    masses.rebase(state.h)
+    return state if masses.base is base else masses.at(state.h, sums=False)
+
+
+def masses_of(params: Mapping[str, Tensor], structure: GaugeStructure) -> Masses:
+    """The masses of one model's bound parameters (a stack of one copy)."""
+    return Masses({k: v.detach().unsqueeze(0) for k, v in params.items()}, structure)
+
+
+@torch.no_grad()
+def balance_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    tol: float = 1e-10,
+    max_iter: int = 50,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> BalanceResult:
+    """Move ``model`` in place to the minimal-norm point of its gauge orbit, where ``mu = 0``.
+
+    Minimises the strictly convex ``F(h) = ||g(h) . theta||^2`` (gradient ``2 mu``, Hessian
+    ``4 K``) in float64 by Newton's method, ``h -= t K^{-1} mu / 2``, with ``K`` solved by
+    Jacobi-preconditioned conjugate gradients and the step ``t`` found by a line search on ``F``
+    (see :func:`solve_balance`). Stops when ``max |mu_n| / S_n <= tol``.
+
+    Dead generators (all incoming or all outgoing entries zero) have no closed orbit: they keep
+    ``h = 0`` and are reported. Optimizer state is transported when ``optimizer`` is given.
+    Everything is validated first; on error nothing is modified.
+    """
+    check_tolerances(tol, max_iter)
+    params = structure.bind(model)
+    optimizer_states(optimizer, params)
+    n = structure.num_generators
+    if n == 0:
+        check_finite_params(params)
+        empty = torch.zeros(0, dtype=torch.long)
+        return BalanceResult(0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.float64), empty, True)
+    solution = solve_balance(masses_of(params, structure), tol, max_iter)
+    if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
+        check_finite_params(params)
+        raise ValueError("the squared parameters overflow float64; nothing was modified")
+    h = solution.h[0]
+    check_h(h, structure)
+    rescale_(transport_targets(params, optimizer_states(optimizer, params)), structure, h)
+    s_in, s_out, norm_after = generator_sums(params, structure, torch.float64)
+    live = solution.live[0]
+    err = max_rel(s_in[:n] - s_out[:n], s_in[:n] + s_out[:n], live)
+    return BalanceResult(
+        iterations=solution.iterations,
+        max_rel_imbalance=float(err),
+        norm_sq_before=float(solution.norm_sq_before[0]),
+        norm_sq_after=float(norm_after),
+        h=h,
+        dead_generators=torch.nonzero(~live).reshape(-1),
+        converged=bool(solution.converged[0]),
+    )

@@ -1,0 +1,361 @@
+"""Soft gauge fixing: the orbit-selection functional ``P = (strength / 4) sum_n mu_n^2``
+(:class:`OrbitSelectionPenalty`) and its exact, decoupled orbit step (:func:`relax_`).
+
+``grad P = strength * sum_n mu_n xi_n`` with ``xi_n(e) = w_n(e) theta_e``, i.e. for an entry
+``dP/dtheta_e = strength * (sum_n w_n(e) mu_n) * theta_e``: a signed, per-entry "weight decay"
+along the generators, vertical, so it never changes the function to first order. The exact step
+replaces the explicit step ``theta_e -= rate (sum_n w_n(e) mu_n) theta_e`` by the group action
+``g(-rate * mu)`` it is the first-order expansion of, which keeps the function to rounding.
+Both are written once for stacks of copies (``batch_dims``), as the sweep engine trains them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from gaugefix.action import (
+    all_finite,
+    check_finite_params,
+    dense_inner,
+    optimizer_states,
+    rescale_,
+    transport_targets,
+)
+from gaugefix.moment import Masses, accumulation_dtype, generator_sums, imbalance, leading_chunks
+from gaugefix.structure import GaugeStructure
+
+
+def check_strength(value: float, name: str = "strength") -> float:
+    """``value`` as a float, or ``ValueError`` unless it is a finite real number ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tensor:
+    """A scalar rate as a float, or a per-generator rate ``[num_generators]`` as a float64
+    tensor."""
+    if not isinstance(rate, Tensor) or rate.dim() == 0:
+        return check_strength(float(rate) if isinstance(rate, Tensor) else rate, "rate")
+    if tuple(rate.shape) != (structure.num_generators,) or not rate.is_floating_point():
+        raise ValueError(
+            f"a per-generator rate must be a floating tensor of shape "
+            f"({structure.num_generators},), got {rate.dtype} {tuple(rate.shape)}"
+        )
+    if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
+        raise ValueError("rate must be finite and >= 0 for every generator")
+    return rate.detach().to(torch.float64)
+
+
+# -- the penalty's gradient ---------------------------------------------------------------------
+
+
+def orbit_selection_grads(
+    tensors: Mapping[str, Tensor], structure: GaugeStructure, mu: Tensor, batch_dims: int = 0
+) -> dict[str, Tensor]:
+    """``(sum_n w_n(e) c_n) * theta_e`` for every entry of the bound ``tensors``, given the
+    per-generator coefficients ``c = mu`` scaled by the strength (``[*batch, N]``): the gradient
+    of ``P`` when ``c = strength * mu``. Computed in ``mu``'s dtype, returned in each tensor's."""
+    cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)
+    out = {}
+    for param in structure.plan(mu.device):
+        t = tensors[param.name].detach()
+        factor = sum(term.sign * cx[..., term.slots] for term in param.terms)
+        out[param.name] = (factor * t.to(mu.dtype)).to(t.dtype)
+    return out
+
+
+def orbit_selection_grad(
+    source: nn.Module | dict[str, Tensor], structure: GaugeStructure, strength: float
+) -> dict[str, Tensor]:
+    """``grad P`` for ``P = (strength / 4) sum_n mu_n^2``, as parameter name -> tensor.
+
+    Closed form, one pass over the parameters: ``dP/dtheta_e = strength (sum_n w_n(e) mu_n)
+    theta_e``, i.e. ``strength * sum_n mu_n xi_n`` (vertical: it never changes the function to
+    first order). ``mu`` is accumulated in float32 or better; each gradient has its parameter's
+    dtype. Not differentiable (computed under ``no_grad``).
+    """
+    strength = check_strength(strength)
+    with torch.no_grad():
+        tensors = structure.bind(source)
+        if not tensors:
+            return {}
+        mu = imbalance(tensors, structure)
+        return orbit_selection_grads(tensors, structure, strength * mu)
+
+
+@torch.no_grad()
+def add_orbit_selection_grad_(
+    params: dict[str, Tensor], structure: GaugeStructure, strength: float, names: set[str]
+) -> bool:
+    """``p.grad += dP/dp`` (:func:`orbit_selection_grad`, ``strength`` already checked) for the
+    bound ``params`` named in ``names``, fused: ``mu`` and the finiteness of the parameters
+    come from one pass of squared sums, and each gradient is one ``addcmul_`` per term. Returns
+    ``False``, adding nothing, when a parameter has a NaN or infinite entry."""
+    if not params:
+        return True
+    n = structure.num_generators
+    dtype = accumulation_dtype(next(iter(params.values())).dtype)
+    s_in, s_out, _ = generator_sums(params, structure, dtype)
+    finite = bool(torch.isfinite(s_in).all() & torch.isfinite(s_out).all())
+    if not finite and not all_finite(list(params.values())):
+        return False
+    mu = s_in - s_out
+    mu[n] = 0.0  # the dummy slot
+    for param in structure.plan(mu.device):
+        if param.name not in names:
+            continue
+        p = params[param.name]
+        coefs = [strength * term.sign * mu[term.slots] for term in param.terms]
+        if p.grad is not None and p.grad.dtype == p.dtype == mu.dtype:
+            blocks = leading_chunks(p, param) if len(coefs) > 1 else None
+            if blocks is None:
+                for c in coefs:
+                    p.grad.addcmul_(p, dense_inner(c, p.shape))
+                continue
+            # Several terms on a large tensor: block by block, without a full-size factor.
+            for block in blocks:
+                g, q = p.grad[block], p[block]
+                for c in coefs:
+                    g.addcmul_(q, c[block] if c.shape[0] > 1 else c)
+            continue
+        g = (sum(coefs) * p.to(mu.dtype)).to(p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+    return True
+
+
+class _OrbitSelection(torch.autograd.Function):
+    """``P(theta) = (strength / 4) sum_n mu_n(theta)^2`` with the closed-form backward."""
+
+    @staticmethod
+    def forward(ctx: Any, structure: GaugeStructure, strength: float, *params: Tensor) -> Tensor:
+        tensors = dict(zip(structure.params, params, strict=True))
+        mu = imbalance(tensors, structure)
+        ctx.structure, ctx.strength = structure, strength
+        ctx.save_for_backward(mu, *params)
+        return (strength / 4) * mu.square().sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        mu, *params = ctx.saved_tensors
+        tensors = dict(zip(ctx.structure.params, params, strict=True))
+        scale = grad_output.to(mu.dtype) * ctx.strength
+        grads = orbit_selection_grads(tensors, ctx.structure, scale * mu)
+        return (None, None, *grads.values())
+
+
+class OrbitSelectionPenalty:
+    """The soft gauge-fixing (orbit-selection) functional ``P = (strength / 4) sum_n mu_n^2``.
+
+    ``penalty(model)`` (or ``penalty(model_or_dict)``) returns ``P`` as a 0-dim tensor in the
+    accumulation dtype (float64 for float64 parameters, float32 otherwise), to be added to the
+    training loss. Its backward is the closed form ``dP/dtheta_e = strength (sum_n w_n(e) mu_n)
+    theta_e`` (one pass over the parameters, no autograd graph over the entries); the gradient
+    is vertical, so adding ``P`` to a loss relaxes the imbalance modes
+    (``d mu / dt = -2 strength K mu`` under gradient flow) without changing the function to first
+    order. ``grad(model)`` returns that gradient as name -> tensor, and ``add_grad_(model)``
+    adds it to the parameters' ``.grad``.
+    """
+
+    def __init__(self, structure: GaugeStructure, strength: float) -> None:
+        if not isinstance(structure, GaugeStructure):
+            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+        self.structure = structure
+        self.strength = check_strength(strength)
+
+    def __repr__(self) -> str:
+        return (
+            f"OrbitSelectionPenalty(strength={self.strength}, "
+            f"generators={self.structure.num_generators})"
+        )
+
+    def __call__(self, model: nn.Module | dict[str, Tensor]) -> Tensor:
+        return self.penalty(model)
+
+    def penalty(self, model: nn.Module | dict[str, Tensor]) -> Tensor:
+        """``P`` at the parameters of ``model``: a differentiable 0-dim tensor."""
+        tensors = self.structure.bind(model)
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64)
+        # Build the cached plan outside the autograd.Function (torch.compile friendly).
+        self.structure.plan(next(iter(tensors.values())).device)
+        return _OrbitSelection.apply(self.structure, self.strength, *tensors.values())
+
+    def grad(self, model: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+        """``grad P`` as parameter name -> tensor (see :func:`orbit_selection_grad`)."""
+        return orbit_selection_grad(model, self.structure, self.strength)
+
+    @torch.no_grad()
+    def add_grad_(self, model: nn.Module) -> None:
+        """``p.grad += dP/dp`` for every parameter the structure acts on (``.grad`` is created
+        where it is ``None``)."""
+        params = self.structure.bind(model)
+        for name, g in self.grad(params).items():
+            p = params[name]
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+
+
+# -- the exact orbit step -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def relax_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    rate: float | Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Tensor:
+    """One exact, bounded step along the gauge orbits: ``apply_gauge_(model, g(h))`` with
+    ``h = -rate * mu``, and return ``h`` (float64, ``[num_generators]``).
+
+    This is the decoupled form of soft gauge fixing: the explicit penalty step
+    ``theta_e -= rate (sum_n w_n(e) mu_n) theta_e`` is the first-order expansion of
+    ``g(-rate mu)``, and applying the group action instead leaves the function unchanged to
+    rounding for any ``rate`` (a float, or one rate per generator as a ``[num_generators]``
+    tensor). Since ``h`` is a descent direction of ``F(h) = ||g(h) theta||^2`` (gradient
+    ``2 mu``), the step relaxes the imbalance; it is bounded so that it never overshoots:
+
+    - each ``h_n`` is clamped between 0 and the generator's local closed-form balance
+      ``(1/4) log(S_out,n / S_in,n)`` (exact for an isolated generator: a huge rate balances it
+      in one step);
+    - generators couple through shared entries, so the step is then accepted only if neither
+      ``||mu||`` (over the generators with a closed orbit) nor ``F`` increases; otherwise the
+      rate is halved and the clamp recomputed (for a small enough rate the step is the unclamped
+      ``-rate mu``, along which both strictly decrease). If no halving helps, nothing moves.
+
+    Generators with an all-zero incoming or outgoing side have no closed orbit and keep
+    ``h = 0``. Trial steps are evaluated in float64 on the squared masses, without touching the
+    model. ``.grad`` and, when ``optimizer`` is given, its state are transported. Everything is
+    validated first; on error nothing is modified.
+    """
+    params = structure.bind(model)
+    rate = check_rate(rate, structure)
+    check_finite_params(params)
+    optimizer_states(optimizer, params)
+    return relax_unchecked_(structure, params, rate, optimizer)
+
+
+@torch.no_grad()
+def relax_unchecked_(
+    structure: GaugeStructure,
+    params: dict[str, Tensor],
+    rate: float | Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> Tensor | None:
+    """The step of :func:`relax_` for callers that validated everything but the finiteness of
+    the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate`. Returns
+    ``None``, modifying nothing, when a parameter has a NaN or infinite entry (found from the
+    squared sums the step needs anyway); otherwise the step ``h``."""
+    n = structure.num_generators
+    if not params or n == 0:
+        finite = all_finite(list(params.values()))
+        return torch.zeros(n, dtype=torch.float64) if finite else None
+    rates = torch.as_tensor(rate, dtype=torch.float64)
+    h, finite = orbit_step(params, structure, rates)
+    if not bool(finite) and not all_finite(list(params.values())):
+        return None
+    states = optimizer_states(optimizer, params)
+    if bool((h != 0).any()):
+        rescale_(transport_targets(params, states), structure, h)
+    return h
+
+
+def orbit_step(
+    tensors: Mapping[str, Tensor], structure: GaugeStructure, rate: Tensor, batch_dims: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``(h, finite)``: the bounded step of :func:`relax_` for every copy of a stack
+    (``[*batch, N]``; ``rate``: a number per copy ``[*batch]`` or per generator ``[*batch, N]``),
+    and whether each copy's squared sums are finite (a copy that is not gets ``h = 0``).
+
+    A copy with a uniform rate takes ``h = -rate * mu`` at once when a cheap bound proves that
+    the bounded search would accept it. With ``d = -rate mu`` (live generators), ``k`` the most
+    generators one entry carries, ``delta = max_e |sum_n w_n(e) d_n| <= k rate max|mu|`` and
+    ``||K|| <= k max_n S_n`` (Gershgorin), the condition ``c = k rate max_n S_n exp(2 delta) <=
+    1`` gives ``F(d) <= F(0) - 2 rate ||mu||^2 (1 - c)`` and ``mu(d) = (I - 2 rate Kbar) mu``
+    with ``0 <= 2 rate Kbar <= c I`` (``Kbar``: the mean of ``K`` along the segment), so neither
+    ``F`` nor ``||mu||`` increases; and ``rate S_n <= 1/2`` keeps ``-rate mu_n`` inside the
+    clamp at the local balance (``|log(S_out / S_in)| / 4 >= |mu_n| / (2 S_n)``). Required here
+    with margin 2, ``c <= 1/2``. That costs one pass over the parameters (their squares,
+    accumulated like :func:`imbalance`: the relative rounding of ``mu`` then moves ``h`` by at
+    most ``rate * 1e-7 * S <= 3e-8``, below a float32 entry's rounding). Every other copy is
+    searched on the float64 masses (:func:`bounded_orbit_step`).
+    """
+    n = structure.num_generators
+    first = next(iter(tensors.values()))
+    batch = tuple(first.shape[:batch_dims])
+    dtype = accumulation_dtype(first.dtype)
+    s_in, s_out, _ = generator_sums(tensors, structure, dtype, batch_dims)
+    s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
+    finite = torch.isfinite(s_in).all(-1) & torch.isfinite(s_out).all(-1)
+    s_in, s_out = s_in[..., :n], s_out[..., :n]
+    live = (s_in > 0) & (s_out > 0)
+    mu = torch.where(live, s_in - s_out, 0.0)
+    rate = rate.to(device=mu.device, dtype=torch.float64)
+    if batch:
+        rate = rate.expand(*batch, *rate.shape[batch_dims:])
+    per_generator = rate.dim() > len(batch)
+    h = -(rate if per_generator else rate[..., None]) * mu
+    k = max([2] + [len(p.terms) for p in structure.params.values()])
+    searched = finite & (h != 0).any(-1)
+    if not per_generator:
+        s_max = torch.where(live, s_in + s_out, 0.0).amax(-1) if n else rate.new_zeros(batch)
+        bound = k * rate * s_max * torch.exp(2 * k * rate * mu.abs().amax(-1))
+        searched = searched & (bound > 0.5)
+    h = torch.where(finite[..., None], h, 0.0)
+    if not bool(searched.any()):
+        return h, finite
+    pick = torch.nonzero(searched.reshape(-1)).reshape(-1)
+    stack = {
+        name: t.detach().reshape(-1, *t.shape[batch_dims:])[pick] for name, t in tensors.items()
+    }
+    rates = rate.reshape(-1, *rate.shape[len(batch) :])[pick]
+    found = bounded_orbit_step(Masses(stack, structure), rates)
+    flat = h.reshape(-1, n).clone()
+    flat[pick] = found
+    return flat.view(*batch, n), finite
+
+
+def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
+    """The step ``h`` (``[R, N]``) of :func:`relax_` for every copy held by ``masses`` by the
+    bounded search (``rate``: ``[R]`` or ``[R, N]``): each ``h_n = -rate mu_n`` clamped between 0
+    and the local balance; a copy whose step would raise ``||mu||`` or ``F`` halves its rate
+    and tries again (64 times at most, then it does not move)."""
+    state = masses.at(torch.zeros(masses.r, masses.n, dtype=torch.float64, device=masses.device))
+    live = (state.s_in > 0) & (state.s_out > 0)
+    mu = torch.where(live, state.s_in - state.s_out, 0.0)
+    local = torch.where(live, 0.25 * torch.log(state.s_out / state.s_in), 0.0)
+    low, high = local.clamp(max=0.0), local.clamp(min=0.0)
+    mu_norm, f0 = torch.linalg.vector_norm(mu, dim=1), state.total
+    rate = rate.to(torch.float64)
+    rate = rate if rate.dim() == 2 else rate[:, None]
+    scale = torch.ones(masses.r, 1, dtype=torch.float64, device=masses.device)
+    done = (mu_norm == 0) | (rate == 0).all(1) | ~torch.isfinite(f0)
+    h = torch.zeros_like(mu)
+    for _ in range(64):
+        trial = torch.minimum(torch.maximum(-scale * rate * mu, low), high)
+        at = masses.at(trial)
+        t_norm = torch.linalg.vector_norm(torch.where(live, at.s_in - at.s_out, 0.0), dim=1)
+        ok = ~done & (t_norm <= mu_norm) & (at.total <= f0)
+        h = torch.where(ok[:, None], trial, h)
+        done = done | ok
+        if bool(done.all()):
+            break
+        scale = torch.where(done[:, None], scale, 0.5 * scale)
+    return h
