@@ -8,6 +8,8 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +28,7 @@ from gaugefix.checkpoint import (
 from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
 from gaugefix.experiments.plan import reproduce_grids
-from gaugefix.experiments.runner import TaskSpec, run_all
+from gaugefix.experiments.runner import Executor, TaskSpec, run_all
 from gaugefix.experiments.store import Store, StoreBusy
 from gaugefix.experiments.tasks import TaskError
 from gaugefix.report import STORE_NAME, headline_table, render
@@ -215,6 +217,36 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     return values
 
 
+JOBS_HELP = "worker processes (with --executor ray: the CPUs of a local Ray instance)"
+ExecutorName = Annotated[str, typer.Option(help="local (this machine) or ray")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="with --executor ray: the cluster to join (auto: the one `ray start` made here); "
+        "without it a local Ray instance with --jobs CPUs"
+    ),
+]
+
+
+@contextmanager
+def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | None]:
+    """The executor of ``--executor`` (None: the local one), connected for the block."""
+    if name not in ("local", "ray"):
+        raise _fail(f"unknown executor {name!r}; choose from local, ray")
+    if name == "local":
+        if address is not None:
+            raise _fail("--ray-address needs --executor ray")
+        yield None
+        return
+    from gaugefix.experiments.ray_executor import ClusterError, ray_executor
+
+    try:
+        with ray_executor(address, jobs) as execute:
+            yield execute
+    except ClusterError as err:
+        raise _fail(str(err)) from None
+
+
 def _store(out: Path) -> Store:
     try:
         return Store(out / STORE_NAME)
@@ -226,14 +258,17 @@ def _store(out: Path) -> Store:
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
-    jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help=JOBS_HELP)] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Run the seed paper's controlled experiments into OUT: store, figures, report, summary."""
-    store = _store(out)
     start = time.perf_counter()
     configs = [c for grid in reproduce_grids(quick) for c in grid.configs()]
     try:
-        run_all(store, configs, lambda c: TaskSpec(c.task), jobs)
+        with _executor(executor, ray_address, jobs) as execute:
+            store = _store(out)
+            run_all(store, configs, lambda c: TaskSpec(c.task), jobs, execute=execute)
         run_analyses(store, quick)
     except StoreBusy as err:
         raise _fail(str(err)) from None
@@ -266,7 +301,9 @@ def sweep(
     steps: Annotated[int, typer.Option(min=1)] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
-    jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help=JOBS_HELP)] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Run one grid of training runs into OUT's store and re-render the report."""
     if (task is None) == (data is None):
@@ -298,9 +335,10 @@ def sweep(
         for s in imbalances
         for seed in range(seeds)
     ]
-    store = _store(out)
     try:
-        written = run_all(store, configs, lambda c: spec, jobs)
+        with _executor(executor, ray_address, jobs) as execute:
+            store = _store(out)
+            written = run_all(store, configs, lambda c: spec, jobs, execute=execute)
     except StoreBusy as err:
         raise _fail(str(err)) from None
     render(out)
