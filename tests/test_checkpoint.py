@@ -165,6 +165,20 @@ def test_token_ids_tied_weights_left_out_of_a_safetensors_file(tmp_path):
     assert float((fresh(ids).detach() - y).abs().max() / y.abs().max()) <= 1e-6
 
 
+def test_tied_weights_that_differ_in_the_file_are_refused(tmp_path):
+    state = {k: v.clone() for k, v in TokenModel().state_dict().items()}
+    state["head.weight"] += 1.0  # the model ties it to emb.weight
+    src, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(state, src)
+    result = _balance(
+        "--model", "test_checkpoint:TokenModel", "--weights", str(src), "--out", str(out),
+        "--input-ids", "2,5", "--vocab", "11",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "emb.weight and head.weight differ, but the model ties them" in result.output
+    assert not out.exists()
+
+
 def _state_file(tmp_path, tensors=None, fmt="torch"):
     path = tmp_path / ("in.safetensors" if fmt == "safetensors" else "in.pt")
     _save(tensors if tensors is not None else mlp().state_dict(), path, fmt)
