@@ -82,7 +82,7 @@ def test_round_trip_and_balanced_point(name):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_balanced_invariant_and_log_alpha_equivariant(name):
+def test_balanced_invariant_and_h_equivariant(name):
     model, s, _ = build(name)
     coords = gf.gauge_coordinates(model, s)
     h0 = gf.random_gauge_(model, s, 2.0, torch.Generator().manual_seed(5))

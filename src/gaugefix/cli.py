@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sqlite3
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +18,17 @@ import typer
 from torch import nn
 
 import gaugefix
+from gaugefix.checkpoint import (
+    CheckpointError,
+    StateDictFile,
+    balance_state_dict,
+    read_state_dict,
+    write_state_dict,
+)
 from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
 from gaugefix.experiments.plan import reproduce_grids
-from gaugefix.experiments.runner import TaskSpec, run_all
+from gaugefix.experiments.runner import Executor, TaskSpec, run_all
 from gaugefix.experiments.store import Store, StoreBusy
 from gaugefix.experiments.tasks import TaskError
 from gaugefix.report import STORE_NAME, headline_table, render
@@ -36,18 +47,51 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
+def _parse_shape(text: str, option: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise _fail(f"--input-shape must be comma-separated integers, got {text!r}") from None
+        raise _fail(f"{option} must be comma-separated integers, got {text!r}") from None
     if not shape or any(s <= 0 for s in shape):
-        raise _fail(f"--input-shape must be positive integers, got {text!r}")
+        raise _fail(f"{option} must be positive integers, got {text!r}")
     return shape
 
 
+InputShape = Annotated[str | None, typer.Option(help="example input shape, e.g. 1,3,32,32")]
+InputIds = Annotated[
+    str | None, typer.Option(help="example token ids of this shape, e.g. 1,64 (with --vocab)")
+]
+Vocab = Annotated[int | None, typer.Option(min=1, help="vocabulary size for --input-ids")]
+
+
+def _example_input(
+    input_shape: str | None,
+    input_ids: str | None,
+    vocab: int | None,
+    default_shape: tuple[int, ...] | None,
+) -> torch.Tensor:
+    """The example input, drawn from a fixed seed: standard normal floats of ``--input-shape``
+    (or the built-in example's shape), or token ids uniform in ``[0, --vocab)`` (int64) of
+    ``--input-ids``' shape."""
+    if input_shape is not None and input_ids is not None:
+        raise _fail("give at most one of --input-shape and --input-ids")
+    if (input_ids is None) != (vocab is None):
+        raise _fail("--input-ids and --vocab go together")
+    generator = torch.Generator().manual_seed(0)
+    if input_ids is not None:
+        return torch.randint(vocab, _parse_shape(input_ids, "--input-ids"), generator=generator)
+    if input_shape is None and default_shape is None:
+        raise _fail(
+            "--input-shape is required for a model that is not a built-in example "
+            "(or --input-ids with --vocab for token inputs)"
+        )
+    shape = _parse_shape(input_shape, "--input-shape") if input_shape else default_shape
+    return torch.randn(shape, generator=generator)
+
+
 def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """A built-in example by name, or ``package.module:factory`` called without arguments."""
+    """A built-in example by name, or ``package.module:factory`` (importable from the current
+    directory too) called without arguments."""
     if target in EXAMPLES:
         factory, shape = EXAMPLES[target]
         return factory(), shape
@@ -55,11 +99,16 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         names = ", ".join(EXAMPLES)
         raise _fail(f"unknown model {target!r}: use one of {names} or PACKAGE.MODULE:FACTORY")
     module_name, attr = target.split(":", 1)
+    if os.getcwd() not in sys.path:  # a module of the user's, as `python -c` would find it
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise _fail(f"cannot load {target!r}: {err}") from None
-    model = factory()
+    try:
+        model = factory()
+    except Exception as err:
+        raise _fail(f"{target} failed: {type(err).__name__}: {err}".splitlines()[0]) from None
     if not isinstance(model, nn.Module):
         raise _fail(f"{target!r} returned {type(model).__name__}, not an nn.Module")
     return model, None
@@ -68,19 +117,17 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
 @app.command()
 def inspect(
     target: Annotated[str, typer.Argument(help="built-in example name or PACKAGE.MODULE:FACTORY")],
-    input_shape: Annotated[
-        str | None, typer.Option(help="example input shape, e.g. 1,3,32,32")
-    ] = None,
+    input_shape: InputShape = None,
+    input_ids: InputIds = None,
+    vocab: Vocab = None,
     save: Annotated[Path | None, typer.Option(help="write the structure as JSON here")] = None,
 ) -> None:
     """Discover a model's gauge group and print the per-layer summary."""
     model, default_shape = _load_model(target)
-    if input_shape is None and default_shape is None:
-        raise _fail("--input-shape is required for a model that is not a built-in example")
-    shape = _parse_shape(input_shape) if input_shape is not None else default_shape
+    x = _example_input(input_shape, input_ids, vocab, default_shape)
     model.eval()
     try:
-        structure = gaugefix.discover(model, torch.randn(*shape))
+        structure = gaugefix.discover(model, x)
     except gaugefix.TracingError as err:
         raise _fail(str(err)) from None
     typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
@@ -88,6 +135,57 @@ def inspect(
     if save is not None:
         structure.save(save)
         typer.echo(f"structure written to {save}")
+
+
+@app.command()
+def balance(
+    model: Annotated[str, typer.Option(help="built-in example name or PACKAGE.MODULE:FACTORY")],
+    weights: Annotated[Path, typer.Option(help="state dict: safetensors or a PyTorch file")],
+    out: Annotated[Path, typer.Option(help="balanced weights, in the same format and dtypes")],
+    input_shape: InputShape = None,
+    input_ids: InputIds = None,
+    vocab: Vocab = None,
+) -> None:
+    """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit."""
+    if out.is_dir():
+        raise _fail(f"--out {out} is a directory; give a file name")
+    net, default_shape = _load_model(model)
+    x = _example_input(input_shape, input_ids, vocab, default_shape)
+    try:
+        state = read_state_dict(weights)
+        tensors, report = balance_state_dict(net, state.tensors, x)
+    except (CheckpointError, gaugefix.TracingError) as err:
+        raise _fail(str(err)) from None
+    before, after = report.before, report.after
+    typer.echo(f"{model}: {report.num_generators} generators")
+    typer.echo(
+        f"imbalance max |mu_n|/S_n: {before['mu_rel_max']:.3g} -> {after['mu_rel_max']:.3g}; "
+        f"RMS log-ratio: {before['log_ratio_rms']:.3g} -> {after['log_ratio_rms']:.3g}; "
+        f"||theta||^2: {before['norm_sq']:.6g} -> {after['norm_sq']:.6g}"
+    )
+    scale = report.output_scale
+    typer.echo(
+        f"largest output change on the example input: {report.output_change:.3g} "
+        f"(max |output| {scale:.3g}; float64 before rounding: {report.exact_change:.3g})"
+    )
+    if not report.exact:
+        raise _fail(
+            f"balancing in float64 changed the outputs by {report.exact_change:.3g}, more than "
+            f"{report.relative_tolerance(torch.float64):.2g} x max |output|: the discovered "
+            "symmetry does not hold for this model; nothing written"
+        )
+    if not report.within_tolerance:
+        raise _fail(
+            f"the balanced weights in {report.dtype} change the outputs by "
+            f"{report.output_change:.3g}, more than {report.relative_tolerance(report.dtype):.2g}"
+            " x max |output|; nothing written"
+        )
+    try:
+        write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
+    except OSError as err:
+        raise _fail(f"cannot write {out}: {err}") from None
+    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+    typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
 
 
 @app.callback()
@@ -119,6 +217,36 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     return values
 
 
+JOBS_HELP = "worker processes (with --executor ray: the CPUs of a local Ray instance)"
+ExecutorName = Annotated[str, typer.Option(help="local (this machine) or ray")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="with --executor ray: the cluster to join (auto: the one `ray start` made here); "
+        "without it a local Ray instance with --jobs CPUs"
+    ),
+]
+
+
+@contextmanager
+def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | None]:
+    """The executor of ``--executor`` (None: the local one), connected for the block."""
+    if name not in ("local", "ray"):
+        raise _fail(f"unknown executor {name!r}; choose from local, ray")
+    if name == "local":
+        if address is not None:
+            raise _fail("--ray-address needs --executor ray")
+        yield None
+        return
+    from gaugefix.experiments.ray_executor import ClusterError, ray_executor
+
+    try:
+        with ray_executor(address, jobs) as execute:
+            yield execute
+    except ClusterError as err:
+        raise _fail(str(err)) from None
+
+
 def _store(out: Path) -> Store:
     try:
         return Store(out / STORE_NAME)
@@ -130,14 +258,17 @@ def _store(out: Path) -> Store:
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
-    jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help=JOBS_HELP)] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Run the seed paper's controlled experiments into OUT: store, figures, report, summary."""
-    store = _store(out)
     start = time.perf_counter()
     configs = [c for grid in reproduce_grids(quick) for c in grid.configs()]
     try:
-        run_all(store, configs, lambda c: TaskSpec(c.task), jobs)
+        with _executor(executor, ray_address, jobs) as execute:
+            store = _store(out)
+            run_all(store, configs, lambda c: TaskSpec(c.task), jobs, execute=execute)
         run_analyses(store, quick)
     except StoreBusy as err:
         raise _fail(str(err)) from None
@@ -170,7 +301,9 @@ def sweep(
     steps: Annotated[int, typer.Option(min=1)] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
-    jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help=JOBS_HELP)] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Run one grid of training runs into OUT's store and re-render the report."""
     if (task is None) == (data is None):
@@ -202,9 +335,10 @@ def sweep(
         for s in imbalances
         for seed in range(seeds)
     ]
-    store = _store(out)
     try:
-        written = run_all(store, configs, lambda c: spec, jobs)
+        with _executor(executor, ray_address, jobs) as execute:
+            store = _store(out)
+            written = run_all(store, configs, lambda c: spec, jobs, execute=execute)
     except StoreBusy as err:
         raise _fail(str(err)) from None
     render(out)

@@ -114,15 +114,25 @@ class Progress:
             self.bar.close()
 
 
+# Trains batches of runs (given how to load each run's task, and the worker count) and yields
+# each batch's results and seconds as they finish, in any order.
+Executor = Callable[
+    [list[list[RunConfig]], Callable[[RunConfig], TaskSpec], int],
+    Iterator[tuple[list[RunResult], float]],
+]
+
+
 def run_all(
     store: Store,
     configs: list[RunConfig],
     spec_of: Callable[[RunConfig], TaskSpec],
     jobs: int = 1,
     batched: bool = True,
+    execute: Executor | None = None,
 ) -> int:
     """Train every config the store does not hold yet and write each finished run in its own
-    transaction. Returns the number of runs written."""
+    transaction, as its batch's results arrive from ``execute`` (default: this process, or
+    ``jobs`` worker processes). Returns the number of runs written."""
     finished = store.finished_keys()
     todo = [
         b for b in batches(configs, spec_of, batched) if any(c.key() not in finished for c in b)
@@ -130,7 +140,7 @@ def run_all(
     progress = Progress(sum(len(b) for b in todo))
     written = 0
     try:
-        for results, seconds in _execute(todo, spec_of, jobs):
+        for results, seconds in (execute or _execute)(todo, spec_of, jobs):
             for r in results:
                 if r.config.key() not in finished:
                     written += store.add_run(r, seconds / len(results))

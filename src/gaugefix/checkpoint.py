@@ -1,0 +1,281 @@
+"""Hard gauge fixing of saved weights (``gaugefix balance``).
+
+A checkpoint is a flat state dict, read from safetensors or from a PyTorch file (loaded with
+``weights_only=True``). :func:`balance_state_dict` balances it in float64 on a model built by the
+caller and returns the balanced tensors in the file's dtypes, together with what an output check
+on an example input measured; :func:`write_state_dict` writes them in the file's format.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import struct
+import tempfile
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+import gaugefix
+from gaugefix.balancing import BalanceResult
+
+Format = Literal["safetensors", "torch"]
+
+
+class CheckpointError(ValueError):
+    """A weights file, or weights for a model, that cannot be balanced; the message says why."""
+
+
+@dataclass
+class StateDictFile:
+    """A state dict as read from a file: ``tensors`` (name -> tensor), the file ``format``,
+    safetensors' ``__metadata__`` strings and a PyTorch state dict's ``_metadata`` (module
+    versions), both written back unchanged."""
+
+    tensors: dict[str, Tensor]
+    format: Format
+    metadata: Any = None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (size,) = struct.unpack("<Q", head[:8])
+    return 8 + size <= path.stat().st_size
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_state_dict(path: str | Path) -> StateDictFile:
+    """The state dict in ``path``: a safetensors file, or a PyTorch file holding a mapping of
+    names to tensors (loaded with ``weights_only=True``, so no code in it runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weights file {path}")
+    try:
+        if _is_safetensors(path):
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata()
+            return StateDictFile(load_file(path), "safetensors", metadata)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read {path} as safetensors or a PyTorch file: {_first_line(err)}"
+        ) from None
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict (names -> tensors)"
+        )
+    return StateDictFile(dict(loaded), "torch", getattr(loaded, "_metadata", None))
+
+
+def write_state_dict(state: StateDictFile, path: str | Path) -> None:
+    """Write ``state`` to ``path`` in its format, atomically (a temporary file in the same
+    directory, then a rename): ``path`` is either untouched or complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if state.format == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state.tensors, tmp, metadata=state.metadata)
+        else:
+            out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
+            if state.metadata is not None:
+                out._metadata = state.metadata  # type: ignore[attr-defined]
+            torch.save(out, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class CheckpointBalance:
+    """What :func:`balance_state_dict` measured, on the example input ``x``.
+
+    ``before`` and ``after``: :func:`gaugefix.imbalance_stats` of the given weights and of the
+    returned ones; ``result``: what :func:`gaugefix.balance_` did in float64; ``output_scale``:
+    ``max |f(x)|`` over the floating outputs with the given weights; ``exact_change``: ``max
+    |f_b(x) - f(x)|`` with the balanced float64 weights; ``output_change``: the same with the
+    returned weights (rounded to the file's dtypes); ``dtype``: the coarsest dtype of a tensor
+    that balancing changed (``float64`` when none did).
+    """
+
+    num_generators: int
+    before: dict[str, float]
+    after: dict[str, float]
+    result: BalanceResult
+    output_scale: float
+    exact_change: float
+    output_change: float
+    dtype: torch.dtype
+
+    @staticmethod
+    def relative_tolerance(dtype: torch.dtype) -> float:
+        """``sqrt(eps)`` of ``dtype``: the outputs must keep half its significant digits."""
+        return math.sqrt(torch.finfo(dtype).eps)
+
+    @property
+    def exact(self) -> bool:
+        """Balancing in float64 kept the outputs to ``sqrt(eps_float64) * output_scale``."""
+        return self.exact_change <= self.relative_tolerance(torch.float64) * self.output_scale
+
+    @property
+    def within_tolerance(self) -> bool:
+        """The returned weights keep the outputs to ``sqrt(eps_dtype) * output_scale``."""
+        return self.exact and (
+            self.output_change <= self.relative_tolerance(self.dtype) * self.output_scale
+        )
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` checked against the model's state dict: the same names (a name the model ties
+    to another, sharing its storage, may be left out, as safetensors files do), shapes, kinds
+    (floating or not) and finite values. Returns them with the tied names filled in."""
+    tied: dict[tuple, list[str]] = defaultdict(list)
+    for name, t in model_state.items():
+        tied[_storage_key(t)].append(name)
+    unexpected = sorted(set(tensors) - set(model_state))
+    missing = [
+        name
+        for name, t in model_state.items()
+        if not any(alias in tensors for alias in tied[_storage_key(t)])
+    ]
+    for what, names in (("not in the model", unexpected), ("missing", missing)):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise CheckpointError(f"the weights do not fit the model: {shown} {what}")
+    full = {}
+    for name, t in model_state.items():
+        present = [alias for alias in tied[_storage_key(t)] if alias in tensors]
+        value = tensors[present[0]]
+        if tuple(value.shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"the weights do not fit the model: {present[0]} has shape "
+                f"{tuple(value.shape)}, the model's {tuple(t.shape)}"
+            )
+        if value.is_floating_point() != t.is_floating_point():
+            kind = "a floating-point tensor" if t.is_floating_point() else t.dtype
+            raise CheckpointError(
+                f"the weights do not fit the model: {present[0]} is {value.dtype} where the "
+                f"model has {kind}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{present[0]} holds {bad} non-finite entries (NaN or inf)")
+        if any(not torch.equal(tensors[a], value) for a in present[1:]):
+            raise CheckpointError(
+                f"{present[0]} and {present[1]} differ, but the model ties them (one tensor)"
+            )
+        full[name] = value
+    return full
+
+
+def _float_outputs(out: Any) -> list[Tensor]:
+    """The floating tensors in a model's output (a tensor, or mappings and sequences of them)."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _float_outputs(v)]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in _float_outputs(v)]
+    return []
+
+
+def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    with torch.no_grad():
+        return [t.detach().clone() for t in _float_outputs(model(x))]
+
+
+def _max_change(a: list[Tensor], b: list[Tensor]) -> float:
+    """``max |a - b|`` over every entry (NaN when any difference is NaN)."""
+    values = [float((u - v).abs().max()) for u, v in zip(a, b, strict=True) if u.numel()]
+    return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
+
+
+def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    model.load_state_dict(
+        {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in tensors.items()}
+    )
+
+
+def balance_state_dict(
+    model: nn.Module, tensors: Mapping[str, Tensor], x: Tensor
+) -> tuple[dict[str, Tensor], CheckpointBalance]:
+    """Balance the weights ``tensors`` of ``model`` (name -> tensor, any floating dtypes).
+
+    A float64 copy of ``model`` in eval mode gets the weights, its gauge structure is discovered
+    on the example input ``x`` (floating inputs are cast to float64; integer inputs such as token
+    ids are used as they are), :func:`gaugefix.balance_` moves it to the minimal-norm point of its
+    orbit, and the balanced weights are returned under the names of ``tensors``, each in its own
+    dtype (tensors that shared storage share it again). ``model`` itself is not modified.
+    Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
+    """
+    if x.is_floating_point():
+        x = x.to(torch.float64)
+    model = copy.deepcopy(model).to(torch.float64).eval()
+    full = _complete(model.state_dict(), dict(tensors))
+    _load64(model, full)
+    structure = gaugefix.discover(model, x)
+    reference = _outputs(model, x)
+    if not reference:
+        raise CheckpointError("the model's output on the example input holds no floating tensor")
+    if not all(bool(torch.isfinite(t).all()) for t in reference):
+        raise CheckpointError("the model's output on the example input is not finite")
+    before = gaugefix.imbalance_stats(model, structure)
+    result = gaugefix.balance_(model, structure)
+    exact_change = _max_change(_outputs(model, x), reference)
+
+    balanced = model.state_dict()
+    written: dict[str, Tensor] = {}
+    by_storage: dict[tuple, Tensor] = {}
+    for name, t in tensors.items():
+        shared = by_storage.get(_storage_key(t))
+        if shared is None:
+            shared = balanced[name].to(t.dtype, copy=True).contiguous()
+            by_storage[_storage_key(t)] = shared
+        written[name] = shared
+    changed = [name for name, t in tensors.items() if not torch.equal(written[name], t)]
+    for name in changed:
+        if not bool(torch.isfinite(written[name]).all()):
+            raise CheckpointError(
+                f"balanced {name} does not fit in {tensors[name].dtype} (overflow to inf)"
+            )
+    _load64(model, _complete(model.state_dict(), written))
+    output_change = _max_change(_outputs(model, x), reference)
+    dtypes = [tensors[name].dtype for name in changed]
+    report = CheckpointBalance(
+        num_generators=structure.num_generators,
+        before=before,
+        after=gaugefix.imbalance_stats(model, structure),
+        result=result,
+        output_scale=max((float(t.abs().max()) for t in reference if t.numel()), default=0.0),
+        exact_change=exact_change,
+        output_change=output_change,
+        dtype=max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64),
+    )
+    return written, report
