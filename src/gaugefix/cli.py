@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sqlite3
 import time
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +17,7 @@ from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
 from gaugefix.experiments.plan import reproduce_grids
 from gaugefix.experiments.runner import TaskSpec, run_all
-from gaugefix.experiments.store import Store, StoreBusy
+from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import TaskError
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
@@ -59,7 +58,13 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise _fail(f"cannot load {target!r}: {err}") from None
-    model = factory()
+    try:
+        model = factory()
+    except Exception as err:
+        raise _fail(
+            f"calling {target!r} failed ({type(err).__name__}: {err}); the factory must build "
+            "the model without arguments"
+        ) from None
     if not isinstance(model, nn.Module):
         raise _fail(f"{target!r} returned {type(model).__name__}, not an nn.Module")
     return model, None
@@ -122,7 +127,7 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
 def _store(out: Path) -> Store:
     try:
         return Store(out / STORE_NAME)
-    except (StoreBusy, sqlite3.DatabaseError, OSError) as err:
+    except StoreError as err:
         raise _fail(str(err)) from None
 
 
@@ -135,19 +140,19 @@ def reproduce(
     """Run the seed paper's controlled experiments into OUT: store, figures, report, summary."""
     store = _store(out)
     start = time.perf_counter()
-    configs = [c for grid in reproduce_grids(quick) for c in grid.configs()]
+    configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task).hash())]
     try:
         run_all(store, configs, lambda c: TaskSpec(c.task), jobs)
         run_analyses(store, quick)
-    except StoreBusy as err:
+        store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
+        summary = render(out, quick)
+    except StoreError as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(
             "interrupted: finished runs are stored; run the same command to resume", err=True
         )
         raise typer.Exit(130) from None
-    store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
-    summary = render(out, quick)
     typer.echo(headline_table(summary))
     typer.echo(
         f"\n{summary['runs']} runs in {out}; report: {out / 'report.md'} "
@@ -159,8 +164,12 @@ def reproduce(
 def sweep(
     task: Annotated[str | None, typer.Option(help="built-in task (or use --data)")] = None,
     data: Annotated[Path | None, typer.Option(help=".npz with X, y[, X_test, y_test]")] = None,
-    task_type: Annotated[str, typer.Option(help="regression or classification")] = "regression",
-    hidden: Annotated[str, typer.Option(help="hidden widths for --data, e.g. 128,128")] = "128",
+    task_type: Annotated[
+        str | None, typer.Option(help="with --data: regression (default) or classification")
+    ] = None,
+    hidden: Annotated[
+        str | None, typer.Option(help="with --data: hidden widths, e.g. 128,128 (default 128)")
+    ] = None,
     method: Annotated[str, typer.Option(help=f"some of {', '.join(METHODS)}")] = "plain",
     strength: Annotated[str, typer.Option(help="strengths of penalty/exact/weight-decay")] = "1.0",
     lr: Annotated[str, typer.Option(help="learning rates")] = "0.1",
@@ -175,25 +184,36 @@ def sweep(
     """Run one grid of training runs into OUT's store and re-render the report."""
     if (task is None) == (data is None):
         raise _fail("give exactly one of --task and --data")
+    if task is not None and (task_type is not None or hidden is not None):
+        raise _fail("--task-type and --hidden apply to --data only (a built-in task fixes both)")
     methods = _names(method, "method", METHODS)
     optimizers = _names(optimizer, "optimizer", OPTIMIZERS)
     strengths = _floats(strength, "--strength", nonneg=True)
     lrs = _floats(lr, "--lr", positive=True)
     imbalances = _floats(init_imbalance, "--init-imbalance")
-    widths = tuple(int(w) for w in _floats(hidden, "--hidden", positive=True))
+    widths = tuple(int(w) for w in _floats(hidden or "128", "--hidden", positive=True))
     spec = TaskSpec(
         task or (data.stem if data else ""),
         str(data) if data else None,
-        task_type if data else None,
+        (task_type or "regression") if data else None,
         widths,
     )
     try:
-        spec.load()
+        task_hash = spec.hash()
     except TaskError as err:
         raise _fail(str(err)) from None
     configs = [
         RunConfig(
-            spec.name, m, o, rate, st if m in STRENGTH_METHODS else 0.0, s, seed, batch_size, steps
+            spec.name,
+            m,
+            o,
+            rate,
+            st if m in STRENGTH_METHODS else 0.0,
+            s,
+            seed,
+            batch_size,
+            steps,
+            task_hash=task_hash,
         )
         for m in methods
         for st in strengths
@@ -205,16 +225,17 @@ def sweep(
     store = _store(out)
     try:
         written = run_all(store, configs, lambda c: spec, jobs)
-    except StoreBusy as err:
+        render(out)
+    except StoreError as err:
         raise _fail(str(err)) from None
-    render(out)
     typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
 
 
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> None:
     """Re-render report.md, the figures and summary.json from OUT's store."""
-    if not (out / STORE_NAME).is_file():
-        raise _fail(f"no store at {out / STORE_NAME}")
-    summary = render(out)
+    try:
+        summary = render(out)
+    except StoreError as err:
+        raise _fail(str(err)) from None
     typer.echo(headline_table(summary))

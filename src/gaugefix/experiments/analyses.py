@@ -15,7 +15,7 @@ from torch import nn
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates, sharpness
-from gaugefix.experiments.engine import init_direction
+from gaugefix.experiments.engine import init_direction, task_hash
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import max_stable_lr, s_key
 from gaugefix.experiments.tasks import Task, load_task
@@ -156,7 +156,9 @@ def run_analyses(store: Store, quick: bool) -> None:
         task = load_task(name)
         _once(store, f"relaxation/{name}", lambda t=task: relaxation(t, 1.0, 150 if quick else 500))
         _once(store, f"sharpness-init/{name}", lambda t=task: sharpness_init(t, s_values))
-        runs = [r for r in store.runs(task=name, method="plain", optimizer="gd", s=1.0)]
+        runs = store.runs(
+            task=name, task_hash=task_hash(task), method="plain", optimizer="gd", s=1.0
+        )
         lr = max_stable_lr(runs) or 0.1
         _once(
             store,

@@ -12,7 +12,7 @@ from multiprocessing import get_context
 
 import torch
 
-from gaugefix.experiments.engine import RunConfig, RunResult, train_group
+from gaugefix.experiments.engine import RunConfig, RunResult, task_hash, train_group
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task, load_task
 
@@ -31,10 +31,19 @@ class TaskSpec:
     def load(self) -> Task:
         return _load(self)
 
+    def hash(self) -> str:
+        """:func:`gaugefix.experiments.engine.task_hash` of the task (computed once)."""
+        return _hash(self)
+
 
 @lru_cache(maxsize=8)
 def _load(spec: TaskSpec) -> Task:
     return load_task(spec.name, spec.data, spec.kind, spec.hidden)
+
+
+@lru_cache(maxsize=8)
+def _hash(spec: TaskSpec) -> str:
+    return task_hash(spec.load())
 
 
 def members_per_batch(task: Task) -> int:
@@ -123,6 +132,12 @@ def run_all(
 ) -> int:
     """Train every config the store does not hold yet and write each finished run in its own
     transaction. Returns the number of runs written."""
+    for c in configs:
+        if c.task_hash != spec_of(c).hash():
+            raise ValueError(
+                f"a run of task {c.task!r} has task hash {c.task_hash}, but the task loads with "
+                f"hash {spec_of(c).hash()}"
+            )
     finished = store.finished_keys()
     todo = [
         b for b in batches(configs, spec_of, batched) if any(c.key() not in finished for c in b)

@@ -17,6 +17,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from gaugefix.experiments.store import Store  # noqa: E402
 from gaugefix.experiments.summary import (  # noqa: E402
     best_strengths,
+    by_task,
     drift_lr,
     summarize,
 )
@@ -29,17 +30,13 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
     """Write ``summary.json``, the figures and ``report.md`` into ``out_dir`` from its store;
     returns the summary. ``quick`` defaults to what the store's last reproduction recorded."""
     out = Path(out_dir)
-    store = Store(out / STORE_NAME)
+    store = Store(out / STORE_NAME, readonly=True)
     if quick is None:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    runs = store.runs()
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        by_task[r["task"]].append(r)
     sections = [_header(summary)]
-    for task, task_runs in sorted(by_task.items()):
+    for task, task_runs in by_task(store.runs()).items():
         figures = _task_figures(out, store, task, task_runs)
         sections.append(_task_section(task, summary["tasks"][task], figures))
     sections.append(_analysis_section(out, store, summary))
@@ -198,6 +195,11 @@ def _claim(held: bool | None) -> str:
 
 def _task_section(task: str, t: dict[str, Any], figures: dict[str, str]) -> str:
     parts = [f"## {task}"]
+    if "@" in task:
+        parts.append(
+            f"Runs of task hash `{t['task_hash']}`: the store holds runs of this task name with "
+            "other data, another model or other experiment definitions, reported separately."
+        )
     msl = t["max_stable_lr"]
     rows = [
         "| method | " + " | ".join(f"s = {s}" for s in msl.get("plain", {})) + " |",

@@ -227,21 +227,29 @@ class GaugeStructure:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GaugeStructure:
+        """The structure :meth:`to_dict` described; ``ValueError`` for any other data."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a saved GaugeStructure (a {type(data).__name__}, not a dict)")
         if data.get("format") != FORMAT:
             raise ValueError(f"not a saved GaugeStructure (format {data.get('format')!r})")
 
         def dec(d: Any) -> Tensor | None:
             return None if d is None else torch.tensor(d["data"], dtype=torch.long).view(d["shape"])
 
-        params = {
-            p["name"]: ParamMap(p["name"], tuple(p["shape"]), dec(p["rows"]), dec(p["cols"]))
-            for p in data["params"]
-        }
-        excluded = [
-            Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]
-        ]
-        layers = [data["layers"][i] for i in data["neuron_layers"]]
-        return cls(int(data["num_neurons"]), params, excluded, layers, data["param_order"])
+        try:
+            params = {
+                p["name"]: ParamMap(p["name"], tuple(p["shape"]), dec(p["rows"]), dec(p["cols"]))
+                for p in data["params"]
+            }
+            excluded = [
+                Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]
+            ]
+            layers = [data["layers"][i] for i in data["neuron_layers"]]
+            return cls(int(data["num_neurons"]), params, excluded, layers, data["param_order"])
+        except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"a malformed saved GaugeStructure ({type(err).__name__}: {err})"
+            ) from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the structure as JSON (plain data; no code is pickled)."""
@@ -250,8 +258,16 @@ class GaugeStructure:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GaugeStructure:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read what :meth:`save` wrote; ``ValueError`` naming the file for anything else."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a saved GaugeStructure (not JSON: {err})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 class DeviceMap(NamedTuple):
