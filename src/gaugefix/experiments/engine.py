@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -117,8 +118,14 @@ def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> 
     return template, structure, stack
 
 
-def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> list[RunResult]:
-    """Train ``configs`` (one group: same task, optimizer, batch size, steps, dtype) together."""
+def train_group(
+    task: Task,
+    configs: list[RunConfig],
+    record_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> list[RunResult]:
+    """Train ``configs`` (one group: same task, optimizer, batch size, steps, dtype) together;
+    ``on_step(step)`` is called after each step (for progress)."""
     groups = {c.group() for c in configs}
     if len(groups) != 1:
         raise ValueError(f"train_group needs one group, got {sorted(groups)}")
@@ -175,6 +182,8 @@ def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> 
         active = active & ~bad
         if step % every == 0 or step == first.steps:
             _record(curves, step, loss.detach(), gauge.stats(stack), active)
+        if on_step is not None:
+            on_step(step)
         if step == first.steps or not bool(active.any()):
             break
         grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))

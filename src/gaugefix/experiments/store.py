@@ -2,17 +2,23 @@
 
 Each run is written in one transaction together with its curves, so an interrupted sweep loses at
 most the runs in progress, and a run's key (its canonical configuration, including the hash of its
-task) is unique, so re-running a sweep never duplicates one. Several processes may write one
-store: SQLite serialises them, and a writer that waits longer than ``timeout`` seconds gets a
-:class:`StoreBusy` error. Every problem opening a store is a :class:`StoreError` whose message
-names the file.
+task) is unique, so re-running a sweep never duplicates one. Several processes may write one store:
+SQLite serialises them, and a writer that waits longer than ``timeout`` seconds gets a
+:class:`StoreBusy` error. Processes sweeping one store share the work through *claims*: a run is
+claimed (by host, process id and a lease that its owner keeps renewing) before it is trained, and a
+claim whose process died, or whose lease ran out, may be taken over. Every problem opening a store
+is a :class:`StoreError` whose message names the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
@@ -49,7 +55,12 @@ CREATE TABLE IF NOT EXISTS analyses (
     name TEXT PRIMARY KEY, value TEXT NOT NULL, seconds REAL NOT NULL,
     gaugefix_version TEXT NOT NULL, torch_version TEXT NOT NULL, created TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
 """
+LEASE = 60.0  # seconds a claim lives unless its owner renews it (every LEASE / 4 s)
 
 
 class StoreError(RuntimeError):
@@ -214,6 +225,7 @@ class Store:
         columns = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
         with self._write() as db:
+            db.execute("DELETE FROM claims WHERE key = ?", (row["key"],))
             if db.execute("SELECT 1 FROM runs WHERE key = ?", (row["key"],)).fetchone():
                 return False
             run_id = db.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", row).lastrowid
@@ -222,6 +234,47 @@ class Store:
                 [(run_id, *point) for point in result.curves],
             )
         return True
+
+    # -- claims ---------------------------------------------------------------------------------
+    def claim(self, keys: list[str], claimant: Claimant) -> list[str] | None:
+        """Claim the runs ``keys`` that are not finished, all or none, in one transaction:
+        ``None`` (nothing claimed) when another live claimant holds one of them, else the keys
+        now claimed (empty when every run is finished)."""
+        now = time.time()
+        with self._write() as db:
+            todo = db.execute(
+                "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT key FROM runs)",
+                (json.dumps(keys),),
+            ).fetchall()
+            todo = [r[0] for r in todo]
+            held = db.execute(
+                "SELECT owner, host, pid, expires FROM claims "
+                "WHERE key IN (SELECT value FROM json_each(?))",
+                (json.dumps(todo),),
+            )
+            if any(r[0] != claimant.id and _alive(r[1], r[2], r[3], now) for r in held):
+                return None
+            db.executemany(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                [(k, claimant.id, claimant.host, claimant.pid, now + claimant.lease) for k in todo],
+            )
+        return todo
+
+    def renew(self, claimant: Claimant) -> None:
+        """Extend the lease of every claim of ``claimant``."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE claims SET expires = ? WHERE owner = ?",
+                (time.time() + claimant.lease, claimant.id),
+            )
+
+    def release(self, claimant: Claimant) -> None:
+        """Drop every claim of ``claimant`` (its runs not written become free)."""
+        with self._write() as db:
+            db.execute("DELETE FROM claims WHERE owner = ?", (claimant.id,))
+
+    def claims(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM claims ORDER BY key")]
 
     def runs(self, **where: Any) -> list[dict[str, Any]]:
         """Stored runs as dicts, optionally filtered by equality on columns."""
@@ -256,3 +309,46 @@ class Store:
         runs = self._query("SELECT COALESCE(SUM(seconds), 0) FROM runs")[0][0]
         more = self._query("SELECT COALESCE(SUM(seconds), 0) FROM analyses")[0][0]
         return float(runs + more)
+
+
+def _alive(host: str, pid: int, expires: float, now: float) -> bool:
+    """Whether a claim still holds: its lease runs, and, on this host, its process exists."""
+    if expires < now:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class Claimant:
+    """One sweep's identity in the claims of ``store``: host, process id and a random id. In a
+    ``with`` block a background thread renews its claims every ``lease / 4`` seconds; leaving
+    the block releases every claim it still holds."""
+
+    def __init__(self, store: Store, lease: float = LEASE) -> None:
+        self.store, self.lease = store, lease
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.id = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:12]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease / 4):
+            with suppress(StoreError):  # busy for a while: the next renewal comes in time
+                self.store.renew(self)
+
+    def __enter__(self) -> Claimant:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with suppress(StoreError):  # unreleased claims expire with their lease
+            self.store.release(self)
