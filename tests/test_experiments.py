@@ -261,6 +261,7 @@ def test_quick_reproduction(tmp_path: Path):
     assert summary["quick"] is True
     assert set(summary["tasks"]) == {"teacher-student", "digits"}
     report = (out / "report.md").read_text()
+    assert report.startswith("# gaugefix reproduction (quick)\n")
     for figure in (
         "stability-teacher-student.png",
         "drift-teacher-student.png",

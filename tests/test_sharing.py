@@ -14,6 +14,7 @@ import pytest
 
 import gaugefix.experiments.runner as runner
 from gaugefix.experiments.engine import RunConfig
+from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import TaskSpec, run_all
 from gaugefix.experiments.store import Claimant, Store
 
@@ -159,13 +160,13 @@ def test_a_claimant_releases_its_claims_and_writing_a_run_drops_its_claim(tmp_pa
 def test_progress_moves_within_a_batch(monkeypatch, tmp_path: Path, jobs: int):
     """Progress is reported per step chunk inside a batch, also from worker processes."""
     seen: list[float] = []
-    real = runner.Progress.update
+    real = Progress.update
 
-    def update(self, done=None, batch=None, runs=0.0):
-        real(self, done, batch, runs)
-        seen.append(self.done + sum(self.partial.values()))
+    def update(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.value)
 
-    monkeypatch.setattr(runner.Progress, "update", update)
+    monkeypatch.setattr(Progress, "update", update)
     ts = TaskSpec("teacher-student").hash()
     configs = [
         RunConfig("teacher-student", "plain", "gd", lr, 0.0, 0.0, 0, 0, 400, task_hash=ts)

@@ -111,8 +111,12 @@ def test_summary_of_a_resnet_names_layers_counts_and_reasons():
     assert rows["stem.1"][:2] == (8, 8)
     assert rows["stages.0.bn1"][:2] == (8, 8)
     assert rows["stages.0.bn2"][:2] == (8, 0)  # merged with the stem's stream
+    assert "8 shared with neurons first produced by 'stem.1'" in rows["stages.0.bn2"][2]
     assert rows["stages.1.bn2"][:2] == (16, 16)
     assert rows["stages.1.shortcut.1"][:2] == (16, 0)  # merged with bn2's
+    assert (
+        "16 shared with neurons first produced by 'stages.1.bn2'" in rows["stages.1.shortcut.1"][2]
+    )
     assert "10 excluded: model output" in rows["fc"][2]
     assert sum(neurons for _, neurons, _ in rows.values()) == s.num_neurons == 48
     assert s.summary().splitlines()[-1].startswith("48 gauge neurons over")
@@ -254,3 +258,13 @@ def test_restrict_to_all_or_none():
     }
     with pytest.raises(ValueError, match="keep has 3 entries for 8 neurons"):
         s.restrict(torch.ones(3, dtype=torch.bool), "x")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=any_case)
+def test_every_summary_row_without_neurons_says_why(case):
+    s = gaugefix.discover(case.model, *case.inputs)
+    for layer, (channels, neurons, notes) in summary_rows(s).items():
+        assert neurons > 0 or notes, (layer, channels)

@@ -16,9 +16,10 @@ import gaugefix
 from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
 from gaugefix.experiments.plan import reproduce_grids
+from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import TaskSpec, run_all
 from gaugefix.experiments.store import Store, StoreError
-from gaugefix.experiments.tasks import TaskError
+from gaugefix.experiments.tasks import BUILTIN, TaskError
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
@@ -72,7 +73,13 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
 
 @app.command()
 def inspect(
-    target: Annotated[str, typer.Argument(help="built-in example name or PACKAGE.MODULE:FACTORY")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help=f"a built-in example ({', '.join(EXAMPLES)}) or PACKAGE.MODULE:FACTORY, a "
+            "function that builds the model without arguments"
+        ),
+    ],
     input_shape: Annotated[
         str | None, typer.Option(help="example input shape, e.g. 1,3,32,32")
     ] = None,
@@ -124,6 +131,24 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     return values
 
 
+_INTERRUPTED = "interrupted: finished runs are stored; run the same command to resume"
+
+
+def _made_by(store: Store, command: str) -> None:
+    """Record that ``command`` wrote runs to ``store`` (the report's title names them)."""
+    made_by = set(store.analysis("meta/made-by") or []) | {command}
+    store.put_analysis("meta/made-by", sorted(made_by), 0.0, replace=True)
+
+
+def _render(out: Path, quick: bool | None = None) -> dict:
+    """:func:`gaugefix.report.render`, with progress."""
+    with Progress(1, unit="report") as progress:
+        progress.update(label=f"writing {out / 'report.md'}, its figures and summary.json")
+        summary = render(out, quick)
+        progress.update(done=1)
+    return summary
+
+
 def _store(out: Path) -> Store:
     try:
         return Store(out / STORE_NAME)
@@ -131,13 +156,18 @@ def _store(out: Path) -> Store:
         raise _fail(str(err)) from None
 
 
-@app.command()
+@app.command(
+    help="Run the seed paper's controlled experiments into OUT: store, figures, report, "
+    f"summary. Tasks {', '.join(g.task for g in reproduce_grids(False))} (--quick: "
+    f"{', '.join(g.task for g in reproduce_grids(True))}); methods {', '.join(METHODS)}; "
+    f"optimizer gd (full batch), and {', '.join(o for o in OPTIMIZERS if o != 'gd')} "
+    "(mini-batch) for the scale-drift experiment."
+)
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
     jobs: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
 ) -> None:
-    """Run the seed paper's controlled experiments into OUT: store, figures, report, summary."""
     store = _store(out)
     start = time.perf_counter()
     configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task).hash())]
@@ -145,13 +175,12 @@ def reproduce(
         run_all(store, configs, lambda c: TaskSpec(c.task), jobs)
         run_analyses(store, quick)
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
-        summary = render(out, quick)
+        _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
+        summary = _render(out, quick)
     except StoreError as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
-        typer.echo(
-            "interrupted: finished runs are stored; run the same command to resume", err=True
-        )
+        typer.echo(_INTERRUPTED, err=True)
         raise typer.Exit(130) from None
     typer.echo(headline_table(summary))
     typer.echo(
@@ -162,7 +191,9 @@ def reproduce(
 
 @app.command()
 def sweep(
-    task: Annotated[str | None, typer.Option(help="built-in task (or use --data)")] = None,
+    task: Annotated[
+        str | None, typer.Option(help=f"a built-in task: {', '.join(BUILTIN)} (or use --data)")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help=".npz with X, y[, X_test, y_test]")] = None,
     task_type: Annotated[
         str | None, typer.Option(help="with --data: regression (default) or classification")
@@ -174,7 +205,9 @@ def sweep(
     strength: Annotated[str, typer.Option(help="strengths of penalty/exact/weight-decay")] = "1.0",
     lr: Annotated[str, typer.Option(help="learning rates")] = "0.1",
     init_imbalance: Annotated[str, typer.Option(help="initial imbalances s")] = "0.0",
-    optimizer: Annotated[str, typer.Option(help=f"some of {', '.join(OPTIMIZERS)}")] = "gd",
+    optimizer: Annotated[
+        str, typer.Option(help=f"some of {', '.join(OPTIMIZERS)} (gd: full batch)")
+    ] = "gd",
     batch_size: Annotated[int, typer.Option(min=0, help="mini-batch size (0: full)")] = 0,
     steps: Annotated[int, typer.Option(min=1)] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
@@ -225,9 +258,13 @@ def sweep(
     store = _store(out)
     try:
         written = run_all(store, configs, lambda c: spec, jobs)
-        render(out)
+        _made_by(store, "sweep")
+        _render(out)
     except StoreError as err:
         raise _fail(str(err)) from None
+    except KeyboardInterrupt:
+        typer.echo(_INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
 
 
@@ -235,7 +272,7 @@ def sweep(
 def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> None:
     """Re-render report.md, the figures and summary.json from OUT's store."""
     try:
-        summary = render(out)
+        summary = _render(out)
     except StoreError as err:
         raise _fail(str(err)) from None
     typer.echo(headline_table(summary))

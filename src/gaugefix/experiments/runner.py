@@ -3,9 +3,7 @@ other processes, progress, workers."""
 
 from __future__ import annotations
 
-import math
 import queue
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 from gaugefix.experiments.engine import RunConfig, RunResult, task_hash, train_group
+from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
 
@@ -98,53 +97,6 @@ def _train(
     return results, time.perf_counter() - start
 
 
-class Progress:
-    """Runs done and time left, moving within a batch (by the fraction of its steps done): a
-    tqdm bar on a terminal, otherwise a plain line at most every ``every`` seconds."""
-
-    def __init__(self, total: int, every: float = 5.0) -> None:
-        self.total, self.done, self.every = total, 0, every
-        self.partial: dict[int, float] = {}  # batch -> runs' worth of its steps done
-        self.start = self.last = time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total,
-                unit="run",
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}]",
-            )
-
-    def update(self, done: int | None = None, batch: int | None = None, runs: float = 0.0) -> None:
-        """Set the finished runs to ``done`` and/or credit ``runs`` to ``batch`` in progress
-        (``runs=0`` once it is finished); then show it."""
-        if done is not None:
-            self.done = done
-        if batch is not None:
-            self.partial[batch] = runs
-        value = min(self.total, self.done + sum(self.partial.values()))
-        if self.bar is not None:
-            self.bar.update(value - self.bar.n)
-            return
-        now = time.monotonic()
-        last_line = self.done == self.total and self.last != math.inf
-        if now - self.last >= self.every or last_line:
-            self.last = math.inf if last_line else now
-            elapsed = now - self.start
-            left = f"~{elapsed / value * (self.total - value):.0f} s left" if value else "starting"
-            print(
-                f"[gaugefix] {value:.1f}/{self.total} runs, {elapsed:.0f} s elapsed, {left}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 POLL = 2.0  # seconds between looks at runs that other processes hold
 
 
@@ -181,11 +133,11 @@ def run_all(
                     todo,
                     spec_of,
                     jobs,
-                    lambda i, f, taken=taken: progress.update(batch=i, runs=f * len(taken[i])),
+                    lambda i, f, taken=taken: progress.update(part=i, amount=f * len(taken[i])),
                 ):
                     for r in results:
                         written += store.add_run(r, seconds / len(results))
-                    progress.update(len(keys & store.finished_keys()), i, 0.0)
+                    progress.update(len(keys & store.finished_keys()), part=i, amount=0.0)
                 if pending and not taken:
                     time.sleep(POLL)
                     progress.update(len(keys & store.finished_keys()))

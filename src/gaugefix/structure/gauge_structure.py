@@ -103,13 +103,24 @@ class GaugeStructure:
     def summary(self) -> str:
         """A table per producing layer: its channels that belong to gauge neurons (a neuron
         shared through a residual connection counts in every layer producing it), the neurons
-        it is the first producer of, and the channels excluded with the reason."""
+        it is the first producer of, and notes: the channels whose neurons another layer
+        produces first, and the channels excluded, with the reason."""
         gauged: dict[str, int] = {}
+        produced: dict[str, set[int]] = {}
         for m in self.params.values():
             if m.rows is not None:
                 module = _module_of(m.name)
                 gauged[module] = max(gauged.get(module, 0), int((m.rows >= 0).sum()))
+                produced.setdefault(module, set()).update(m.rows[m.rows >= 0].unique().tolist())
         notes: dict[str, list[str]] = {name: [] for name in gauged}
+        for name, neurons in produced.items():
+            shared = [n for n in neurons if self.neuron_layers[n] != name]
+            if shared:
+                firsts = sorted({self.neuron_layers[n] for n in shared})
+                notes[name].append(
+                    f"{len(shared)} shared with neurons first produced by "
+                    f"{', '.join(repr(x) for x in firsts)} (outputs joined, e.g. by a residual sum)"
+                )
         for e in self.excluded:
             notes.setdefault(e.module, []).append(f"{len(e.channels)} excluded: {e.reason}")
         order = {m: i for i, m in enumerate(_module_of(n) for n in reversed(self.param_order))}
