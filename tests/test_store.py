@@ -205,3 +205,29 @@ def test_inspect_a_factory_that_needs_arguments_is_one_line():
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: calling 'torch.nn:Linear' failed (TypeError")
     assert "without arguments" in line
+
+
+def test_analyses_are_recomputed_for_another_grid_or_task_hash(tmp_path, monkeypatch):
+    from gaugefix.experiments import analyses
+
+    calls: list[str] = []
+
+    def fake(kind: str):
+        def compute(task, *args):
+            calls.append(f"{kind}/{task.name}")
+            return {"task": task.name}
+
+        return compute
+
+    for kind in ("relaxation", "sharpness_init", "sharpness_training"):
+        monkeypatch.setattr(analyses, kind, fake(kind))
+    store = Store(tmp_path / "results.sqlite")
+    analyses.run_analyses(store, quick=True)
+    assert len(calls) == 3
+    analyses.run_analyses(store, quick=True)
+    assert len(calls) == 3  # stored for this grid and task: reused
+    analyses.run_analyses(store, quick=False)  # the full grid: recomputed, and the deep task
+    assert len(calls) == 9 and calls[3:].count("relaxation/teacher-student") == 1
+    monkeypatch.setattr(engine, "DEFINITIONS", engine.DEFINITIONS + 1)
+    analyses.run_analyses(store, quick=False)  # other definitions: other task hashes
+    assert len(calls) == 15

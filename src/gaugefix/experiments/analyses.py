@@ -152,13 +152,16 @@ def sharpness_training(
 
 def run_analyses(store: Store, quick: bool) -> None:
     """Experiments 4 and 5 on teacher-student (also deep-teacher-student in the full run): each
-    analysis not yet in the store is computed and stored under its name, with progress."""
+    analysis is computed and stored under its name, with progress, unless the store holds it
+    for the same task hash and grid (``"made_for"`` in its value)."""
     tasks = ["teacher-student"] if quick else ["teacher-student", "deep-teacher-student"]
     s_values = [-2.0, -1.0, 0.0, 1.0, 2.0] if quick else [x / 2 for x in range(-4, 5)]
     steps = 100 if quick else 300
     todo: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    made_for: dict[str, dict[str, Any]] = {}
     for name in tasks:
         task = load_task(name)
+        made_for[name] = {"task_hash": task_hash(task), "quick": quick}
         todo += [
             (f"relaxation/{name}", lambda t=task: relaxation(t, 1.0, 150 if quick else 500)),
             (f"sharpness-init/{name}", lambda t=task: sharpness_init(t, s_values)),
@@ -169,15 +172,19 @@ def run_analyses(store: Store, quick: bool) -> None:
                 ),
             ),
         ]
-    todo = [(name, compute) for name, compute in todo if store.analysis(name) is None]
+    todo = [
+        (name, compute)
+        for name, compute in todo
+        if (store.analysis(name) or {}).get("made_for") != made_for[name.split("/")[1]]
+    ]
     if not todo:
         return
     with Progress(len(todo), unit="analyses") as progress:
         for i, (name, compute) in enumerate(todo):
             progress.update(done=i, label=name)
             start = time.perf_counter()
-            value = compute()
-            store.put_analysis(name, value, time.perf_counter() - start)
+            value = {**compute(), "made_for": made_for[name.split("/")[1]]}
+            store.put_analysis(name, value, time.perf_counter() - start, replace=True)
         progress.update(done=len(todo), label="")
 
 

@@ -208,8 +208,7 @@ class GaugeFixing:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         ok, self._ok = self._ok, True
         if self.mode == "exact" and ok:
-            self._refresh()
-            rate = _check_rate(self.rate(), self.active)
+            rate = _check_rate(self.rate(), self.active)  # rate() follows frozen parameters
             if isinstance(rate, Tensor) or rate > 0:
                 # Checks the parameters' finiteness on the squared sums the step needs, then
                 # the optimizer state (a clear error for unknown state), then steps.
