@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gaugefix
@@ -110,8 +111,12 @@ def test_summary_of_a_resnet_names_layers_counts_and_reasons():
     assert rows["stem.1"][:2] == (8, 8)
     assert rows["stages.0.bn1"][:2] == (8, 8)
     assert rows["stages.0.bn2"][:2] == (8, 0)  # merged with the stem's stream
+    assert "8 shared with neurons first produced by 'stem.1'" in rows["stages.0.bn2"][2]
     assert rows["stages.1.bn2"][:2] == (16, 16)
     assert rows["stages.1.shortcut.1"][:2] == (16, 0)  # merged with bn2's
+    assert (
+        "16 shared with neurons first produced by 'stages.1.bn2'" in rows["stages.1.shortcut.1"][2]
+    )
     assert "10 excluded: model output" in rows["fc"][2]
     assert sum(neurons for _, neurons, _ in rows.values()) == s.num_neurons == 48
     assert s.summary().splitlines()[-1].startswith("48 gauge neurons over")
@@ -195,3 +200,71 @@ def test_device_maps_use_a_dummy_slot_for_missing_sides():
     assert torch.equal(maps["2.weight"].cols.view(-1), torch.arange(4))
     assert maps["2.weight"].rows is None  # the output layer's rows are fixed
     assert s.device_maps("cpu") is s.device_maps(torch.device("cpu"))  # cached
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=any_case, seed=st.integers(0, 2**16))
+def test_restrict_is_the_subgroup_of_the_kept_neurons(case, seed):
+    """Acting with the restricted structure is acting with the full one where the left-out
+    neurons have h = 0; the imbalance of a kept neuron is unchanged; the left-out producing
+    channels are listed with the reason, and the result survives save/load."""
+    s = gaugefix.discover(case.model, *case.inputs)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(s.num_neurons, generator=g) < 0.5
+    r = s.restrict(keep, "left out for the test")
+    assert r.num_neurons == int(keep.sum())
+    assert r.neuron_layers == [x for x, k in zip(s.neuron_layers, keep.tolist(), strict=True) if k]
+    h = torch.randn(r.num_neurons, dtype=DTYPE, generator=g)
+    full_h = torch.zeros(s.num_neurons, dtype=DTYPE)
+    full_h[keep] = h
+    start = {k: v.detach().clone() for k, v in case.model.named_parameters()}
+    gaugefix.apply_gauge_(case.model, s, full_h)
+    expected = {k: v.detach().clone() for k, v in case.model.named_parameters()}
+    with torch.no_grad():
+        for k, v in case.model.named_parameters():
+            v.copy_(start[k])
+    gaugefix.apply_gauge_(case.model, r, h)
+    for k, v in case.model.named_parameters():
+        assert torch.equal(v, expected[k]), k
+    mu = gaugefix.imbalance(case.model, s)
+    assert torch.equal(gaugefix.imbalance(case.model, r), mu[keep])
+    touched = {
+        name
+        for name, m in s.params.items()
+        if any(idx is not None and bool(keep[idx[idx >= 0]].any()) for idx in (m.rows, m.cols))
+    }
+    assert set(r.params) == touched
+    new = r.excluded[len(s.excluded) :]
+    assert r.excluded[: len(s.excluded)] == s.excluded
+    assert all(e.reason == "left out for the test" for e in new)
+    lost = sum(len(e.channels) for e in new)
+    assert (lost > 0) == bool((~keep).any())
+    path_free = GaugeStructure.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert_equal_structures(r, path_free)
+
+
+def test_restrict_to_all_or_none():
+    torch.manual_seed(0)
+    model = zoo.mlp((4, 5, 3, 2)).to(DTYPE)
+    s = gaugefix.discover(model, torch.randn(2, 4, dtype=DTYPE))
+    assert_equal_structures(s.restrict(torch.ones(s.num_neurons, dtype=torch.bool), "x"), s)
+    none = s.restrict(torch.zeros(s.num_neurons, dtype=torch.bool), "frozen")
+    assert none.num_neurons == 0 and none.params == {} and none.neuron_layers == []
+    assert {(e.module, e.channels) for e in none.excluded if e.reason == "frozen"} == {
+        ("0", tuple(range(5))),
+        ("2", tuple(range(3))),
+    }
+    with pytest.raises(ValueError, match="keep has 3 entries for 8 neurons"):
+        s.restrict(torch.ones(3, dtype=torch.bool), "x")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=any_case)
+def test_every_summary_row_without_neurons_says_why(case):
+    s = gaugefix.discover(case.model, *case.inputs)
+    for layer, (channels, neurons, notes) in summary_rows(s).items():
+        assert neurons > 0 or notes, (layer, channels)
