@@ -42,7 +42,18 @@ def tiny_grid() -> list[RunConfig]:
         for lr in (0.01, 0.1):
             for method, strength in (("plain", 0.0), ("exact", 1.0), ("penalty", 0.1)):
                 runs.append(
-                    RunConfig("teacher-student", method, optimizer, lr, strength, 1.0, 0, batch, 5)
+                    RunConfig(
+                        "teacher-student",
+                        method,
+                        optimizer,
+                        lr,
+                        strength,
+                        1.0,
+                        0,
+                        batch,
+                        5,
+                        task_hash=runner.TaskSpec("teacher-student").hash(),
+                    )
                 )
     return runs
 
@@ -80,7 +91,11 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
     if tiny:
         grid, chosen, pairs = tiny_grid(), tiny_grid(), 2
     else:
-        grid = [c for g in plan.reproduce_grids(quick=True) for c in g.configs()]
+        grid = [
+            c
+            for g in plan.reproduce_grids(quick=True)
+            for c in g.configs(runner.TaskSpec(g.task).hash())
+        ]
         chosen, pairs = subset(grid, STRIDE), 5
     for c in chosen:
         spec_of(c).load()  # load (and cache) every task before timing

@@ -236,7 +236,7 @@ def test_bad_files_and_factories_are_one_line_errors(tmp_path):
         (["--model", "mlp", "--weights", str(nested)], "holds a dict, not a state dict"),
         (
             ["--model", "test_checkpoint:failing_factory", "--weights", str(good)],
-            "test_checkpoint:failing_factory failed: RuntimeError: no weights for you",
+            "calling 'test_checkpoint:failing_factory' failed (RuntimeError: no weights for you)",
         ),
         (["--model", "gaugefix.zoo:cnn", "--weights", str(good)], "--input-shape is required"),
         (

@@ -21,11 +21,12 @@ from gaugefix.experiments.summary import summarize
 from gaugefix.experiments.tasks import load_task
 
 cli = CliRunner()
+TS = TaskSpec("teacher-student").hash()
 
 
 def _grid(dtype: str = "float32", steps: int = 15) -> list[RunConfig]:
     return [
-        RunConfig("teacher-student", m, "gd", lr, st, s, seed, 0, steps, dtype)
+        RunConfig("teacher-student", m, "gd", lr, st, s, seed, 0, steps, dtype, task_hash=TS)
         for m, st in (("plain", 0.0), ("exact", 1.0), ("penalty", 0.1), ("balance", 0.0))
         for lr in (0.1, 0.4, 3.2)
         for s in (0.0, 1.0)
@@ -48,7 +49,8 @@ def test_batched_runs_equal_one_by_one_in_float64():
 def test_divergent_members_are_masked_without_stopping_others():
     task = load_task("teacher-student")
     configs = [
-        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 0.0, 0, 0, 30) for lr in (0.1, 100.0)
+        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 0.0, 0, 0, 30, task_hash=TS)
+        for lr in (0.1, 100.0)
     ]
     ok, bad = train_group(task, configs)
     assert bad.status == "diverged" and bad.diverged_at is not None
@@ -60,7 +62,7 @@ def test_divergent_members_are_masked_without_stopping_others():
 def test_initial_imbalance_keeps_the_function():
     task = load_task("teacher-student")
     configs = [
-        RunConfig("teacher-student", "plain", "gd", 0.01, 0.0, s, 0, 0, 1, "float64")
+        RunConfig("teacher-student", "plain", "gd", 0.01, 0.0, s, 0, 0, 1, "float64", task_hash=TS)
         for s in (0.0, 1.0, 2.0)
     ]
     results = train_group(task, configs)
@@ -108,7 +110,9 @@ def _write_runs(path: str, offset: int) -> None:
     store = Store(path)
     task = load_task("teacher-student")
     configs = [
-        RunConfig("teacher-student", "plain", "gd", 0.1 + offset + i, 0.0, 0.0, 0, 0, 2)
+        RunConfig(
+            "teacher-student", "plain", "gd", 0.1 + offset + i, 0.0, 0.0, 0, 0, 2, task_hash=TS
+        )
         for i in range(5)
     ]
     for r in train_group(task, configs):
@@ -156,7 +160,20 @@ def test_bad_sweep_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, m
     [
         ({"X": np.zeros((4, 3))}, "no array 'y'"),
         ({"X": np.zeros((4, 3)), "y": np.zeros(5)}, "y has 5 rows but its X has 4"),
-        ({"X": np.full((4, 3), np.nan), "y": np.zeros(4)}, "X must be a finite"),
+        ({"X": np.full((4, 3), np.nan), "y": np.zeros(4)}, "X must be finite, but it holds 12 NaN"),
+        (
+            {"X": np.array([[np.nan, np.inf], [0, -np.inf]]), "y": np.zeros(2)},
+            "X must be finite, but it holds 1 NaN value and 2 infinite values",
+        ),
+        (
+            {
+                "X": np.zeros((4, 3)),
+                "y": np.zeros(4),
+                "X_test": np.zeros((2, 3)),
+                "y_test": [1, np.nan],
+            },
+            "y_test must be finite, but it holds 1 NaN value",
+        ),
         ({"X": np.zeros((4, 3)), "y": np.zeros(4), "X_test": np.zeros((2, 3))}, "both X_test"),
         ({"X": np.zeros(4), "y": np.zeros(4)}, "2-d array"),
     ],
@@ -244,6 +261,7 @@ def test_quick_reproduction(tmp_path: Path):
     assert summary["quick"] is True
     assert set(summary["tasks"]) == {"teacher-student", "digits"}
     report = (out / "report.md").read_text()
+    assert report.startswith("# gaugefix reproduction (quick)\n")
     for figure in (
         "stability-teacher-student.png",
         "drift-teacher-student.png",

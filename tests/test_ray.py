@@ -179,7 +179,10 @@ def test_library_and_local_executor_never_import_ray(tmp_path):
         from gaugefix.experiments.engine import RunConfig
         from gaugefix.experiments.runner import TaskSpec, run_all
         from gaugefix.experiments.store import Store
-        configs = [RunConfig("teacher-student", "plain", "gd", 0.1, 0.0, 0.0, 0, 0, 2)]
+        task_hash = TaskSpec("teacher-student").hash()
+        configs = [
+            RunConfig("teacher-student", "plain", "gd", 0.1, 0.0, 0.0, 0, 0, 2, task_hash=task_hash)
+        ]
         assert run_all(Store({str(tmp_path / "s.sqlite")!r}), configs, lambda c: TaskSpec(c.task))
         print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
         """

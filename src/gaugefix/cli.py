@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -28,9 +27,10 @@ from gaugefix.checkpoint import (
 from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
 from gaugefix.experiments.plan import reproduce_grids
+from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import Executor, TaskSpec, run_all
-from gaugefix.experiments.store import Store, StoreBusy
-from gaugefix.experiments.tasks import TaskError
+from gaugefix.experiments.store import Store, StoreError
+from gaugefix.experiments.tasks import BUILTIN, TaskError
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
@@ -108,7 +108,11 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     try:
         model = factory()
     except Exception as err:
-        raise _fail(f"{target} failed: {type(err).__name__}: {err}".splitlines()[0]) from None
+        first = (str(err).splitlines() or [""])[0]
+        raise _fail(
+            f"calling {target!r} failed ({type(err).__name__}: {first}); the factory must build "
+            "the model without arguments"
+        ) from None
     if not isinstance(model, nn.Module):
         raise _fail(f"{target!r} returned {type(model).__name__}, not an nn.Module")
     return model, None
@@ -116,7 +120,13 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
 
 @app.command()
 def inspect(
-    target: Annotated[str, typer.Argument(help="built-in example name or PACKAGE.MODULE:FACTORY")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help=f"a built-in example ({', '.join(EXAMPLES)}) or PACKAGE.MODULE:FACTORY, a "
+            "function that builds the model without arguments"
+        ),
+    ],
     input_shape: InputShape = None,
     input_ids: InputIds = None,
     vocab: Vocab = None,
@@ -247,14 +257,38 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | 
         raise _fail(str(err)) from None
 
 
+_INTERRUPTED = "interrupted: finished runs are stored; run the same command to resume"
+
+
+def _made_by(store: Store, command: str) -> None:
+    """Record that ``command`` wrote runs to ``store`` (the report's title names them)."""
+    made_by = set(store.analysis("meta/made-by") or []) | {command}
+    store.put_analysis("meta/made-by", sorted(made_by), 0.0, replace=True)
+
+
+def _render(out: Path, quick: bool | None = None) -> dict:
+    """:func:`gaugefix.report.render`, with progress."""
+    with Progress(1, unit="report") as progress:
+        progress.update(label=f"writing {out / 'report.md'}, its figures and summary.json")
+        summary = render(out, quick)
+        progress.update(done=1)
+    return summary
+
+
 def _store(out: Path) -> Store:
     try:
         return Store(out / STORE_NAME)
-    except (StoreBusy, sqlite3.DatabaseError, OSError) as err:
+    except StoreError as err:
         raise _fail(str(err)) from None
 
 
-@app.command()
+@app.command(
+    help="Run the seed paper's controlled experiments into OUT: store, figures, report, "
+    f"summary. Tasks {', '.join(g.task for g in reproduce_grids(False))} (--quick: "
+    f"{', '.join(g.task for g in reproduce_grids(True))}); methods {', '.join(METHODS)}; "
+    f"optimizer gd (full batch), and {', '.join(o for o in OPTIMIZERS if o != 'gd')} "
+    "(mini-batch) for the scale-drift experiment."
+)
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
@@ -262,23 +296,21 @@ def reproduce(
     executor: ExecutorName = "local",
     ray_address: RayAddress = None,
 ) -> None:
-    """Run the seed paper's controlled experiments into OUT: store, figures, report, summary."""
     start = time.perf_counter()
-    configs = [c for grid in reproduce_grids(quick) for c in grid.configs()]
+    configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task).hash())]
     try:
         with _executor(executor, ray_address, jobs) as execute:
             store = _store(out)
             run_all(store, configs, lambda c: TaskSpec(c.task), jobs, execute=execute)
         run_analyses(store, quick)
-    except StoreBusy as err:
+        store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
+        _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
+        summary = _render(out, quick)
+    except StoreError as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
-        typer.echo(
-            "interrupted: finished runs are stored; run the same command to resume", err=True
-        )
+        typer.echo(_INTERRUPTED, err=True)
         raise typer.Exit(130) from None
-    store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
-    summary = render(out, quick)
     typer.echo(headline_table(summary))
     typer.echo(
         f"\n{summary['runs']} runs in {out}; report: {out / 'report.md'} "
@@ -288,15 +320,23 @@ def reproduce(
 
 @app.command()
 def sweep(
-    task: Annotated[str | None, typer.Option(help="built-in task (or use --data)")] = None,
+    task: Annotated[
+        str | None, typer.Option(help=f"a built-in task: {', '.join(BUILTIN)} (or use --data)")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help=".npz with X, y[, X_test, y_test]")] = None,
-    task_type: Annotated[str, typer.Option(help="regression or classification")] = "regression",
-    hidden: Annotated[str, typer.Option(help="hidden widths for --data, e.g. 128,128")] = "128",
+    task_type: Annotated[
+        str | None, typer.Option(help="with --data: regression (default) or classification")
+    ] = None,
+    hidden: Annotated[
+        str | None, typer.Option(help="with --data: hidden widths, e.g. 128,128 (default 128)")
+    ] = None,
     method: Annotated[str, typer.Option(help=f"some of {', '.join(METHODS)}")] = "plain",
     strength: Annotated[str, typer.Option(help="strengths of penalty/exact/weight-decay")] = "1.0",
     lr: Annotated[str, typer.Option(help="learning rates")] = "0.1",
     init_imbalance: Annotated[str, typer.Option(help="initial imbalances s")] = "0.0",
-    optimizer: Annotated[str, typer.Option(help=f"some of {', '.join(OPTIMIZERS)}")] = "gd",
+    optimizer: Annotated[
+        str, typer.Option(help=f"some of {', '.join(OPTIMIZERS)} (gd: full batch)")
+    ] = "gd",
     batch_size: Annotated[int, typer.Option(min=0, help="mini-batch size (0: full)")] = 0,
     steps: Annotated[int, typer.Option(min=1)] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
@@ -308,25 +348,36 @@ def sweep(
     """Run one grid of training runs into OUT's store and re-render the report."""
     if (task is None) == (data is None):
         raise _fail("give exactly one of --task and --data")
+    if task is not None and (task_type is not None or hidden is not None):
+        raise _fail("--task-type and --hidden apply to --data only (a built-in task fixes both)")
     methods = _names(method, "method", METHODS)
     optimizers = _names(optimizer, "optimizer", OPTIMIZERS)
     strengths = _floats(strength, "--strength", nonneg=True)
     lrs = _floats(lr, "--lr", positive=True)
     imbalances = _floats(init_imbalance, "--init-imbalance")
-    widths = tuple(int(w) for w in _floats(hidden, "--hidden", positive=True))
+    widths = tuple(int(w) for w in _floats(hidden or "128", "--hidden", positive=True))
     spec = TaskSpec(
         task or (data.stem if data else ""),
         str(data) if data else None,
-        task_type if data else None,
+        (task_type or "regression") if data else None,
         widths,
     )
     try:
-        spec.load()
+        task_hash = spec.hash()
     except TaskError as err:
         raise _fail(str(err)) from None
     configs = [
         RunConfig(
-            spec.name, m, o, rate, st if m in STRENGTH_METHODS else 0.0, s, seed, batch_size, steps
+            spec.name,
+            m,
+            o,
+            rate,
+            st if m in STRENGTH_METHODS else 0.0,
+            s,
+            seed,
+            batch_size,
+            steps,
+            task_hash=task_hash,
         )
         for m in methods
         for st in strengths
@@ -339,16 +390,21 @@ def sweep(
         with _executor(executor, ray_address, jobs) as execute:
             store = _store(out)
             written = run_all(store, configs, lambda c: spec, jobs, execute=execute)
-    except StoreBusy as err:
+        _made_by(store, "sweep")
+        _render(out)
+    except StoreError as err:
         raise _fail(str(err)) from None
-    render(out)
+    except KeyboardInterrupt:
+        typer.echo(_INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
 
 
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> None:
     """Re-render report.md, the figures and summary.json from OUT's store."""
-    if not (out / STORE_NAME).is_file():
-        raise _fail(f"no store at {out / STORE_NAME}")
-    summary = render(out)
+    try:
+        summary = _render(out)
+    except StoreError as err:
+        raise _fail(str(err)) from None
     typer.echo(headline_table(summary))

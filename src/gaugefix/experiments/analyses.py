@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates, sharpness
-from gaugefix.experiments.engine import init_direction
+from gaugefix.experiments.engine import init_direction, task_hash
+from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import max_stable_lr, s_key
 from gaugefix.experiments.tasks import Task, load_task
@@ -140,7 +142,7 @@ def sharpness_training(
                 break
             if step % every == 0:
                 sharp = float(sharpness(model, task.loss, task.x.to(torch.float64), y))
-                curve.append((step, float(loss), sharp))
+                curve.append((step, loss.item(), sharp))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -149,27 +151,46 @@ def sharpness_training(
 
 
 def run_analyses(store: Store, quick: bool) -> None:
-    """Experiments 4 and 5 on teacher-student (also deep-teacher-student in the full run)."""
+    """Experiments 4 and 5 on teacher-student (also deep-teacher-student in the full run): each
+    analysis is computed and stored under its name, with progress, unless the store holds it
+    for the same task hash and grid (``"made_for"`` in its value)."""
     tasks = ["teacher-student"] if quick else ["teacher-student", "deep-teacher-student"]
     s_values = [-2.0, -1.0, 0.0, 1.0, 2.0] if quick else [x / 2 for x in range(-4, 5)]
+    steps = 100 if quick else 300
+    todo: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    made_for: dict[str, dict[str, Any]] = {}
     for name in tasks:
         task = load_task(name)
-        _once(store, f"relaxation/{name}", lambda t=task: relaxation(t, 1.0, 150 if quick else 500))
-        _once(store, f"sharpness-init/{name}", lambda t=task: sharpness_init(t, s_values))
-        runs = [r for r in store.runs(task=name, method="plain", optimizer="gd", s=1.0)]
-        lr = max_stable_lr(runs) or 0.1
-        _once(
-            store,
-            f"sharpness-train/{name}",
-            lambda t=task, lr=lr, n=100 if quick else 300: sharpness_training(
-                t, lr, 1.0, n, n // 10, 1.0
+        made_for[name] = {"task_hash": task_hash(task), "quick": quick}
+        todo += [
+            (f"relaxation/{name}", lambda t=task: relaxation(t, 1.0, 150 if quick else 500)),
+            (f"sharpness-init/{name}", lambda t=task: sharpness_init(t, s_values)),
+            (
+                f"sharpness-train/{name}",
+                lambda t=task: sharpness_training(
+                    t, _largest_stable_lr(store, t), 1.0, steps, steps // 10, 1.0
+                ),
             ),
-        )
-
-
-def _once(store: Store, name: str, compute: Any) -> None:
-    if store.analysis(name) is not None:
+        ]
+    todo = [
+        (name, compute)
+        for name, compute in todo
+        if (store.analysis(name) or {}).get("made_for") != made_for[name.split("/")[1]]
+    ]
+    if not todo:
         return
-    start = time.perf_counter()
-    value = compute()
-    store.put_analysis(name, value, time.perf_counter() - start)
+    with Progress(len(todo), unit="analyses") as progress:
+        for i, (name, compute) in enumerate(todo):
+            progress.update(done=i, label=name)
+            start = time.perf_counter()
+            value = {**compute(), "made_for": made_for[name.split("/")[1]]}
+            store.put_analysis(name, value, time.perf_counter() - start, replace=True)
+        progress.update(done=len(todo), label="")
+
+
+def _largest_stable_lr(store: Store, task: Task) -> float:
+    """The largest learning rate stable for plain full-batch GD at s = 1 (0.1 without runs)."""
+    runs = store.runs(
+        task=task.name, task_hash=task_hash(task), method="plain", optimizer="gd", s=1.0
+    )
+    return max_stable_lr(runs) or 0.1

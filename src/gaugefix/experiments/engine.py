@@ -8,8 +8,10 @@ parameters freeze) without stopping the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,12 +33,35 @@ METHODS = ("plain", "penalty", "exact", "weight-decay", "balance")
 STRENGTH_METHODS = ("penalty", "exact", "weight-decay")
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 DIVERGENCE_FACTOR = 1e3
+# The version of the experiment definitions: bump it whenever a change to the engine, the methods,
+# the optimizers or the tasks changes what a run computes. It is part of every task hash, so runs
+# of older definitions are never taken for runs of the current ones.
+DEFINITIONS = 2
+
+
+def task_hash(task: Task) -> str:
+    """What a run's task fixes, as 16 hex digits: a SHA-256 of the data arrays as trained on
+    (dtypes, shapes, bytes), the loss kind, the model architecture (the modules' ``repr``) and
+    :data:`DEFINITIONS`."""
+    digest = hashlib.sha256(f"{DEFINITIONS}|{task.kind}|".encode())
+    with torch.random.fork_rng(devices=[]):
+        digest.update(repr(task.make_model()).encode())
+    for t in (task.x, task.y, task.x_test, task.y_test):
+        if t is None:
+            digest.update(b"|no test split|")
+            continue
+        a = t.detach().cpu().contiguous().numpy()
+        digest.update(f"|{a.dtype}{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run. ``strength`` is the penalty, exact-step or weight-decay strength (0 for
-    ``plain`` and ``balance``); ``s`` the initial imbalance; ``batch_size`` 0 means full batch."""
+    """One training run. ``task_hash`` is :func:`task_hash` of its task (so a run's key changes
+    with the data, the model and the definitions, not only with the task's name);
+    ``strength`` is the penalty, exact-step or weight-decay strength (0 for ``plain`` and
+    ``balance``); ``s`` the initial imbalance; ``batch_size`` 0 means full batch."""
 
     task: str
     method: str
@@ -48,6 +73,7 @@ class RunConfig:
     batch_size: int
     steps: int
     dtype: str = "float32"
+    task_hash: str = field(kw_only=True)
 
     def key(self) -> str:
         """The canonical identity of the run in a store."""
@@ -55,7 +81,7 @@ class RunConfig:
 
     def group(self) -> tuple:
         """Runs with equal groups are trained together."""
-        return (self.task, self.optimizer, self.batch_size, self.steps, self.dtype)
+        return (self.task, self.task_hash, self.optimizer, self.batch_size, self.steps, self.dtype)
 
 
 @dataclass
@@ -98,8 +124,14 @@ def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> 
     return template, structure, stack
 
 
-def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> list[RunResult]:
-    """Train ``configs`` (one group: same task, optimizer, batch size, steps, dtype) together."""
+def train_group(
+    task: Task,
+    configs: list[RunConfig],
+    record_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> list[RunResult]:
+    """Train ``configs`` (one group: same task, optimizer, batch size, steps, dtype) together;
+    ``on_step(step)`` is called after each step (for progress)."""
     groups = {c.group() for c in configs}
     if len(groups) != 1:
         raise ValueError(f"train_group needs one group, got {sorted(groups)}")
@@ -155,6 +187,8 @@ def train_group(task: Task, configs: list[RunConfig], record_every: int = 0) -> 
         active = active & ~bad
         if step % every == 0 or step == first.steps:
             _record(curves, step, loss.detach(), run_stats(structure, stack), active)
+        if on_step is not None:
+            on_step(step)
         if step == first.steps or not bool(active.any()):
             break
         grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
@@ -286,15 +320,17 @@ def _results(
     dtype = next(iter(stack.values())).dtype
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     out_train = forward(stack, task.x.to(dtype))
-    out_test = forward(stack, task.x_test.to(dtype))
+    split = task.x_test is not None
+    out_test = forward(stack, task.x_test.to(dtype)) if split else None
     log_ratio, rel = run_stats(structure, stack)
     plain = active & torch.tensor([c.method == "plain" for c in configs])
     change = balance_changes(task, template, structure, stack, plain)
     results = []
     for i, c in enumerate(configs):
         y = task.y.to(dtype) if task.kind == "regression" else task.y
-        yt = task.y_test.to(dtype) if task.kind == "regression" else task.y_test
+        yt = task.y_test.to(dtype) if split and task.kind == "regression" else task.y_test
         ok = bool(active[i])
+        tested = ok and split
         final = float(task.loss(out_train[i], y)) if ok else None
         status = "diverged" if not ok else ("stable" if final < float(initial[i]) else "unstable")
         results.append(
@@ -303,9 +339,9 @@ def _results(
                 status=status,
                 initial_loss=float(initial[i]),
                 final_loss=final,
-                test_loss=float(task.loss(out_test[i], yt)) if ok else None,
+                test_loss=float(task.loss(out_test[i], yt)) if tested else None,
                 accuracy=task.accuracy(out_train[i], task.y) if ok else None,
-                test_accuracy=task.accuracy(out_test[i], task.y_test) if ok else None,
+                test_accuracy=task.accuracy(out_test[i], task.y_test) if tested else None,
                 log_ratio_rms=_finite(float(log_ratio[i])) if ok else None,
                 mu_rel_max=_finite(float(rel[i])) if ok else None,
                 diverged_at=diverged_at[i],

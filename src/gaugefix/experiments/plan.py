@@ -34,13 +34,25 @@ class TaskGrid:
     drift_methods: tuple[str, ...] = ()
     batch_size: int = 64  # mini-batch size of the drift runs
 
-    def configs(self) -> list[RunConfig]:
+    def configs(self, task_hash: str) -> list[RunConfig]:
+        """The runs, for the task whose :func:`~gaugefix.experiments.engine.task_hash` is given."""
         out = []
         for method, strengths in self.methods.items():
             for strength, seed in product(strengths, range(self.seeds)):
                 for lr, s in product(lr_grid(*self.lr_range), self.s):
                     out.append(
-                        RunConfig(self.task, method, "gd", lr, strength, s, seed, 0, self.steps)
+                        RunConfig(
+                            self.task,
+                            method,
+                            "gd",
+                            lr,
+                            strength,
+                            s,
+                            seed,
+                            0,
+                            self.steps,
+                            task_hash=task_hash,
+                        )
                     )
                 if method not in self.drift_methods:
                     continue
@@ -57,6 +69,7 @@ class TaskGrid:
                                 seed,
                                 self.batch_size,
                                 self.steps,
+                                task_hash=task_hash,
                             )
                         )
         return out

@@ -93,25 +93,41 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Executor]:
 
 
 def _execute(
-    todo: list[list[RunConfig]], spec_of: Callable[[RunConfig], TaskSpec], jobs: int
-) -> Iterator[tuple[list[RunResult], float]]:
-    """Submit every batch as a task and yield the results as they arrive; tasks still pending
-    when the caller stops are cancelled."""
+    todo: Iterator[list[RunConfig]],
+    spec_of: Callable[[RunConfig], TaskSpec],
+    jobs: int,
+    on_fraction: Callable[[int, float], None],
+) -> Iterator[tuple[int, list[RunResult], float]]:
+    """Submit batches as tasks, as many at a time as the cluster has CPUs (so each batch is
+    claimed in the store just before it can start), and yield ``(index, results, seconds)`` as
+    they arrive; tasks still pending when the caller stops are cancelled. Ray tasks report no
+    progress within a batch (``on_fraction`` is not called)."""
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(train_batch)
+    width = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tasks: dict[TaskSpec, ray.ObjectRef] = {}
-    pending = []
-    for batch in todo:
-        spec = spec_of(batch[0])
-        if spec not in tasks:
-            tasks[spec] = ray.put(spec.load())
-        pending.append(remote.remote(tasks[spec], batch))
+    running: dict[ray.ObjectRef, int] = {}
+    batches = enumerate(todo)
+    more = True
     try:
-        while pending:
-            (done,), pending = ray.wait(pending, num_returns=1)
+        while running or more:
+            while more and len(running) < width:
+                item = next(batches, None)
+                if item is None:
+                    more = False
+                    break
+                i, batch = item
+                spec = spec_of(batch[0])
+                if spec not in tasks:
+                    tasks[spec] = ray.put(spec.load())
+                running[remote.remote(tasks[spec], batch)] = i
+            if not running:
+                break
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            index = running.pop(done)
             try:
-                result = ray.get(done)
+                results, seconds = ray.get(done)
             except ray.exceptions.RayTaskError:
                 raise  # an error in gaugefix's own code, as the local executor would raise it
             except ray.exceptions.RayError as err:
@@ -120,7 +136,7 @@ def _execute(
                     f"the cluster lost a group of runs (tried {MAX_RETRIES + 1} times): {first} "
                     "The finished runs are stored; run the same command to resume."
                 ) from None
-            yield result
+            yield index, results, seconds
     finally:
-        for ref in pending:
+        for ref in running:
             ray.cancel(ref, force=True)

@@ -6,7 +6,8 @@ Definitions (the issue's, kept verbatim in the report):
   it is *stable* when it does not diverge and its final training loss is below its initial loss;
 - ``max_stable_lr(method, s)``: the largest grid learning rate such that it and every smaller
   grid rate are stable for every seed (0 when the smallest is not);
-- ``expansion_ratio = max_stable_lr(method, s) / max_stable_lr(plain, s)``;
+- ``expansion_ratio = max_stable_lr(method, s) / max_stable_lr(plain, s)``, ``None`` where
+  plain's is 0 or plain was stable up to the grid's top (its range, so the ratio, is unknown);
 - ``drift_suppression = final RMS log-ratio (plain) / final RMS log-ratio (method)`` at the
   largest learning rate stable for ``plain`` (``s = 0``), per optimizer;
 - methods with a strength grid are reported at their *best strength*: the one with the largest
@@ -49,6 +50,20 @@ def max_stable_lr(runs: Runs) -> float:
     return best
 
 
+def by_task(runs: Runs) -> dict[str, Runs]:
+    """The runs of each task, keyed by its name; when runs of one name have several task hashes
+    (other data, model or experiment definitions) each hash is its own task, keyed
+    ``NAME@HASH`` (the hash's first 8 digits), so they are never mixed."""
+    hashes: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        hashes[r["task"]].add(r.get("task_hash", ""))
+    out: dict[str, Runs] = defaultdict(list)
+    for r in runs:
+        several = len(hashes[r["task"]]) > 1
+        out[f"{r['task']}@{r.get('task_hash', '')[:8]}" if several else r["task"]].append(r)
+    return dict(sorted(out.items()))
+
+
 def _cells(runs: Runs) -> dict[tuple, Runs]:
     cells: dict[tuple, Runs] = defaultdict(list)
     for r in runs:
@@ -85,22 +100,24 @@ def task_summary(runs: Runs) -> dict[str, Any]:
     for method, by_s in msl.items():
         for s, value in by_s.items():
             base = msl.get("plain", {}).get(s)
-            expansion[method][s] = value / base if base else None
+            known = base and s not in at_top.get("plain", [])  # else plain's range is unbounded
+            expansion[method][s] = value / base if known else None
     out: dict[str, Any] = {
+        "task_hash": runs[0].get("task_hash"),
         "max_stable_lr": dict(msl),
         "expansion_ratio": dict(expansion),
         "drift_suppression": _drift(cells),
         "final_train_loss": _expressivity(chosen, "final_loss"),
-        "final_test_loss": _expressivity(chosen, "test_loss"),
         "best_strength": best,
         "max_stable_lr_at_grid_top": dict(at_top),
         "balance_function_change": max(
             (r["balance_change"] for r in runs if r["balance_change"] is not None), default=None
         ),
     }
-    accuracy = _expressivity(chosen, "test_accuracy")
-    if any(accuracy.values()):
-        out["test_accuracy"] = accuracy
+    for key, column in (("final_test_loss", "test_loss"), ("test_accuracy", "test_accuracy")):
+        values = _expressivity(chosen, column)
+        if any(values.values()):  # left out without a test split (or, accuracy, classes)
+            out[key] = values
     return out
 
 
@@ -166,9 +183,6 @@ def summarize(store: Store, quick: bool) -> dict[str, Any]:
     from gaugefix import __version__
 
     runs = store.runs()
-    by_task: dict[str, Runs] = defaultdict(list)
-    for r in runs:
-        by_task[r["task"]].append(r)
     analyses = store.analyses()
     relaxation = [v for k, v in analyses.items() if k.startswith("relaxation/")]
     sharp = sorted(  # teacher-student first: the task the summary's sharpness speaks for
@@ -183,7 +197,7 @@ def summarize(store: Store, quick: bool) -> dict[str, Any]:
         "quick": quick,
         "seconds": round(store.seconds(), 3),
         "runs": len(runs),
-        "tasks": {task: task_summary(rs) for task, rs in sorted(by_task.items())},
+        "tasks": {task: task_summary(rs) for task, rs in by_task(runs).items()},
     }
     if relaxation:
         summary["relaxation"] = {

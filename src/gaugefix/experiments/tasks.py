@@ -28,15 +28,16 @@ class Task:
     """Train and test arrays, the loss kind and a factory for the model trained on them.
 
     ``kind`` is ``"regression"`` (squared loss ``mean((f - y)^2) / 2``; ``y`` is ``[n, out]``)
-    or ``"classification"`` (cross-entropy; ``y`` holds class indices).
+    or ``"classification"`` (cross-entropy; ``y`` holds class indices). ``x_test`` and
+    ``y_test`` are ``None`` for a task without a test split (then no test metric is reported).
     """
 
     name: str
     kind: str
     x: Tensor
     y: Tensor
-    x_test: Tensor
-    y_test: Tensor
+    x_test: Tensor | None
+    y_test: Tensor | None
     make_model: Callable[[], nn.Module]
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -130,15 +131,18 @@ def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
     if ("X_test" in arrays) != ("y_test" in arrays):
         raise TaskError(f"{path.name} must have both X_test and y_test, or neither")
     x, y = arrays["X"], arrays["y"]
+    split = "X_test" in arrays
     x_test, y_test = arrays.get("X_test", x), arrays.get("y_test", y)
     for key, a in (("X", x), ("X_test", x_test)):
-        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
-            raise TaskError(f"{key} must be a finite numeric 2-d array, got shape {a.shape}")
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+            raise TaskError(f"{key} must be a numeric 2-d array, got {a.dtype} of shape {a.shape}")
+        _check_finite(key, a)
     for xs, ys, key in ((x, y, "y"), (x_test, y_test, "y_test")):
         if len(ys) != len(xs):
             raise TaskError(f"{key} has {len(ys)} rows but its X has {len(xs)}")
-        if not np.issubdtype(ys.dtype, np.number) or not np.isfinite(ys).all():
-            raise TaskError(f"{key} must be finite and numeric")
+        if not np.issubdtype(ys.dtype, np.number):
+            raise TaskError(f"{key} must be numeric, got {ys.dtype}")
+        _check_finite(key, ys)
     if x_test.shape[1] != x.shape[1]:
         raise TaskError(f"X_test has {x_test.shape[1]} features but X has {x.shape[1]}")
     if len(x) < 2:
@@ -158,7 +162,18 @@ def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
         kind,
         torch.tensor(x, dtype=torch.float32),
         yt,
-        torch.tensor(x_test, dtype=torch.float32),
-        yt_test,
+        torch.tensor(x_test, dtype=torch.float32) if split else None,
+        yt_test if split else None,
         lambda: mlp(widths),
     )
+
+
+def _check_finite(key: str, a: np.ndarray) -> None:
+    nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    if nan or inf:
+        counts = [
+            f"{n} {what} value{'s' * (n != 1)}"
+            for n, what in ((nan, "NaN"), (inf, "infinite"))
+            if n
+        ]
+        raise TaskError(f"{key} must be finite, but it holds {' and '.join(counts)}")

@@ -38,8 +38,9 @@ class GaugeFixingCallback(Callback):
     ``example_input_array``. ``strength``, ``mode`` and ``balance_at_start`` are passed to
     :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
     training starts (after any checkpoint restored the optimizer state) and removed when it
-    ends. With several optimizers, ``balance_at_start`` transports the first optimizer's state
-    only, so the others must not hold state yet.
+    ends. With several optimizers, each hook acts on the generators whose parameters its optimizer
+    holds (generators spanning two optimizers are left out, see ``GaugeFixing``) and balances them
+    at the start with its own optimizer's state.
     """
 
     def __init__(
@@ -79,13 +80,7 @@ class GaugeFixingCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove()
-        optimizers = list(trainer.optimizers)
-        if self.balance_at_start and any(opt.state for opt in optimizers[1:]):
-            raise ValueError(
-                "balance_at_start with several optimizers needs every optimizer but the first "
-                "to have empty state; pass balance_at_start=False when resuming"
-            )
-        for i, opt in enumerate(optimizers):
+        for opt in trainer.optimizers:
             self.hooks.append(
                 GaugeFixing(
                     opt,
@@ -93,7 +88,7 @@ class GaugeFixingCallback(Callback):
                     self.structure,
                     self.strength,
                     mode=self.mode,
-                    balance_at_start=self.balance_at_start and i == 0,
+                    balance_at_start=self.balance_at_start,
                 )
             )
 

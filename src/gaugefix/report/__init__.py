@@ -17,9 +17,11 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from gaugefix.experiments.store import Store  # noqa: E402
 from gaugefix.experiments.summary import (  # noqa: E402
     best_strengths,
+    by_task,
     drift_lr,
     summarize,
 )
+from gaugefix.report.analyses import analysis_section, plain_log_ticks  # noqa: E402
 
 STORE_NAME = "results.sqlite"
 METHOD_ORDER = ("plain", "penalty", "exact", "weight-decay", "balance")
@@ -29,20 +31,16 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
     """Write ``summary.json``, the figures and ``report.md`` into ``out_dir`` from its store;
     returns the summary. ``quick`` defaults to what the store's last reproduction recorded."""
     out = Path(out_dir)
-    store = Store(out / STORE_NAME)
+    store = Store(out / STORE_NAME, readonly=True)
     if quick is None:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    runs = store.runs()
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        by_task[r["task"]].append(r)
-    sections = [_header(summary)]
-    for task, task_runs in sorted(by_task.items()):
+    sections = [_header(summary, _title(store, summary))]
+    for task, task_runs in by_task(store.runs()).items():
         figures = _task_figures(out, store, task, task_runs)
         sections.append(_task_section(task, summary["tasks"][task], figures))
-    sections.append(_analysis_section(out, store, summary))
+    sections.append(analysis_section(out, store, summary))
     (out / "report.md").write_text("\n\n".join(s for s in sections if s) + "\n")
     return summary
 
@@ -86,14 +84,30 @@ def _label(method: str, t: dict[str, Any]) -> str:
     return f"{method} ({strength:g})" if strength else method
 
 
+def _color(method: str) -> str:
+    """The same color for a method in every panel and figure."""
+    return f"C{METHOD_ORDER.index(method)}" if method in METHOD_ORDER else "k"
+
+
 def _methods(keys: Any) -> list[str]:
     return sorted(keys, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
 
 
-def _header(summary: dict[str, Any]) -> str:
-    kind = "quick" if summary["quick"] else "full"
+def _title(store: Store, summary: dict[str, Any]) -> str:
+    """What made the store's runs: the reproduction (quick or full), sweeps, or both."""
+    made_by = store.analysis("meta/made-by")
+    if made_by is None:  # stores written before the commands were recorded
+        kind = "quick" if summary["quick"] else "full"
+        made_by = [f"reproduction ({kind})"] if store.analysis("meta/quick") is not None else []
+    parts = [m for m in made_by if m != "sweep"]
+    if "sweep" in made_by:
+        parts.append("sweeps" if parts else f"sweep of {', '.join(summary['tasks'])}")
+    return "gaugefix " + " and ".join(parts) if parts else "gaugefix results"
+
+
+def _header(summary: dict[str, Any], title: str) -> str:
     return (
-        f"# gaugefix reproduction ({kind})\n\n"
+        f"# {title}\n\n"
         f"gaugefix {summary['gaugefix_version']}, torch {summary['torch_version']}; "
         f"{summary['runs']} runs, {summary['seconds']:.0f} s of compute.\n\n"
         "A run *diverges* when its loss becomes non-finite or exceeds 1e3 times its initial "
@@ -121,7 +135,12 @@ def _stability_map(out: Path, task: str, runs: list[dict]) -> str:
     gd = [r for r in runs if r["optimizer"] == "gd"]
     methods = _methods({r["method"] for r in gd})
     fig, axes = plt.subplots(
-        1, len(methods), figsize=(3.2 * len(methods), 3.4), sharey=True, squeeze=False
+        1,
+        len(methods),
+        figsize=(3.2 * len(methods), 3.6),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
     )
     finals = [r["final_loss"] for r in gd if r["final_loss"]]
     norm = LogNorm(min(finals), max(finals)) if finals else None
@@ -145,8 +164,10 @@ def _stability_map(out: Path, task: str, runs: list[dict]) -> str:
         ax.set_title(method)
         ax.set_xlabel("initial imbalance s")
     axes[0][0].set_ylabel("learning rate (full-batch GD)")
-    axes[0][0].legend(loc="lower left", fontsize=7)
-    fig.colorbar(sc, ax=axes[0].tolist(), label="final training loss")
+    bar = fig.colorbar(sc, ax=axes[0].tolist(), label="final training loss")
+    plain_log_ticks(axes[0][0], bar.ax)
+    if any(r["status"] == "diverged" for r in gd):
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     name = f"stability-{task}.png"
     fig.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -161,7 +182,10 @@ def _drift_curves(out: Path, store: Store, task: str, runs: list[dict]) -> str |
     panels = [(o, lr) for o in optimizers if (lr := drift_lr(cells, o)) is not None]
     if not panels:
         return None
-    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 5.6), squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(panels), figsize=(3.6 * len(panels), 5.8), squeeze=False, layout="constrained"
+    )
+    lines = {}  # method -> a line drawn for it, for the figure's one legend
     for j, (opt, lr) in enumerate(panels):
         for method in _methods({r["method"] for r in runs}):
             rs = [
@@ -177,16 +201,17 @@ def _drift_curves(out: Path, store: Store, task: str, runs: list[dict]) -> str |
                 continue
             curve = store.curves(min(rs, key=lambda r: r["seed"])["id"])
             steps = [p["step"] for p in curve]
-            axes[0][j].plot(steps, [p["log_ratio_rms"] for p in curve], label=method)
-            axes[1][j].plot(steps, [p["mu_rel_max"] for p in curve], label=method)
+            style = {"color": _color(method), "label": method}
+            lines[method] = axes[0][j].plot(steps, [p["log_ratio_rms"] for p in curve], **style)[0]
+            axes[1][j].plot(steps, [p["mu_rel_max"] for p in curve], **style)
         axes[0][j].set_title(f"{opt}, lr = {lr:.3g}")
         axes[0][j].set_ylabel("RMS log-ratio")
         axes[1][j].set_ylabel("max |mu| / S")
         axes[1][j].set_xlabel("step")
         axes[1][j].set_yscale("log")
-    axes[0][0].legend(fontsize=7)
+    methods = _methods(lines)
+    fig.legend([lines[m] for m in methods], methods, loc="outside lower center", ncol=len(methods))
     name = f"drift-{task}.png"
-    fig.tight_layout()
     fig.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return name
@@ -198,6 +223,11 @@ def _claim(held: bool | None) -> str:
 
 def _task_section(task: str, t: dict[str, Any], figures: dict[str, str]) -> str:
     parts = [f"## {task}"]
+    if "@" in task:
+        parts.append(
+            f"Runs of task hash `{t['task_hash']}`: the store holds runs of this task name with "
+            "other data, another model or other experiment definitions, reported separately."
+        )
     msl = t["max_stable_lr"]
     rows = [
         "| method | " + " | ".join(f"s = {s}" for s in msl.get("plain", {})) + " |",
@@ -266,9 +296,3 @@ def _task_section(task: str, t: dict[str, Any], figures: dict[str, str]) -> str:
         f"functions are identical, **{_claim(held)}**.\n\n" + "\n".join(lines)
     )
     return "\n\n".join(parts)
-
-
-def _analysis_section(out: Path, store: Store, summary: dict[str, Any]) -> str:
-    from gaugefix.report.analyses import analysis_section
-
-    return analysis_section(out, store, summary)

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from gaugefix.experiments.store import Store
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
+
+
+def plain_log_ticks(*axes: Any) -> None:
+    """Tick labels of log axes as plain numbers (``4.1``, not ``4.1 x 10^0``); over more than
+    a decade, minor ticks are labelled at 2, 3 and 5 times a power of ten only (2 and 5 over
+    more than two)."""
+
+    def minor(axis: Any) -> FuncFormatter:
+        def label(v: float, _: Any) -> str:
+            low, high = axis.get_view_interval()
+            keep = (2, 3, 5) if high <= 100 * low else (2, 5)
+            mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
+            return "" if high > 10 * low and mantissa not in keep else f"{v:g}"
+
+        return FuncFormatter(label)
+
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(minor(axis))
 
 
 def analysis_section(out: Path, store: Store, summary: dict[str, Any]) -> str:
@@ -28,7 +51,7 @@ def analysis_section(out: Path, store: Store, summary: dict[str, Any]) -> str:
 
 
 def _relaxation(out: Path, relax: dict[str, Any]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     lines = []
     for task, r in sorted(relax.items()):
         axes[0].loglog(r["predicted_rates"], r["measured_rates"], "o", ms=3, label=task)
@@ -50,6 +73,7 @@ def _relaxation(out: Path, relax: dict[str, Any]) -> str:
     axes[1].set_xlabel("time (step x dt)")
     axes[1].set_ylabel("||mu||")
     axes[1].legend(fontsize=7)
+    plain_log_ticks(axes[0], axes[1])
     fig.savefig(out / "relaxation.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return (
@@ -64,7 +88,13 @@ def _relaxation(out: Path, relax: dict[str, Any]) -> str:
 
 
 def _conditioning(out: Path, init: dict[str, Any], train: dict[str, Any]) -> str:
-    fig, axes = plt.subplots(1, 1 + len(train), figsize=(4 * (1 + len(train)), 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        1 + len(train),
+        figsize=(4.2 * (1 + len(train)), 3.6),
+        squeeze=False,
+        layout="constrained",
+    )
     lines = []
     for task, r in sorted(init.items()):
         s = [float(k) for k in r["by_s"]]
@@ -91,6 +121,7 @@ def _conditioning(out: Path, init: dict[str, Any], train: dict[str, Any]) -> str
         ax.set_xlabel("step")
         ax.set_ylabel("sharpness")
         ax.legend(fontsize=7)
+        plain_log_ticks(ax)
         finals = {m: (r[m][-1][2] if r.get(m) else None) for m in ("plain", "exact")}
         lines.append(
             f"- {task}, full-batch GD at lr {r['lr']:.3g} from s = {r['s']}: final sharpness "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from gaugefix.soft import (
 from gaugefix.structure import GaugeStructure
 
 Mode = Literal["exact", "penalty"]
+logger = logging.getLogger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -33,6 +35,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def _touching(structure: GaugeStructure, names: set[str]) -> Tensor:
+    """Bool ``[num_generators]``: the generators acting on entries of the named parameters."""
+    n = structure.num_generators
+    touched = torch.zeros(n + 1, dtype=torch.bool)
+    for param in structure.plan(torch.device("cpu")):
+        if param.name in names:
+            for term in param.terms:
+                touched[term.slots.reshape(-1)] = True
+    return touched[:n]
 
 
 class GaugeFixing:
@@ -48,11 +61,18 @@ class GaugeFixing:
       ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
       then treats it like any gradient, so with Adam it is preconditioned).
 
+    Frozen parameters: a generator that acts on a parameter the optimizer does not hold, or
+    one with ``requires_grad=False``, is left out (the hook acts on the subgroup the other
+    generators generate, :meth:`GaugeStructure.restrict`): the start balancing, the exact step and
+    the penalty never move it, so frozen parameters stay bit-identical and their ``.grad`` is
+    left alone. ``left_out`` counts the generators left out per reason (logged once whenever it
+    changes); parameters added with ``optimizer.add_param_group`` and ``requires_grad``
+    changes are followed at every step. Parameters the structure does not cover are never
+    touched.
+
     Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
     parameters it touches (its incoming and outgoing entries), read from the groups at every
-    step so schedulers are followed. Parameters the optimizer does not hold count as ``lr = 0``:
-    generators touching them are never moved (and in penalty mode their ``.grad`` is left alone).
-    Parameters the structure does not cover are never touched.
+    step so schedulers are followed.
 
     ``balance_at_start=True`` balances the model (:func:`gaugefix.balance_`, with optimizer
     state transport) once, now. If any gauged gradient is non-finite before a step, or any
@@ -86,15 +106,20 @@ class GaugeFixing:
         self.penalty = OrbitSelectionPenalty(structure, strength)
         self.strength = check_strength(strength)
         self.mode = mode
-        self.params = structure.bind(self.model)
-        optimizer_states(optimizer, self.params)
-        self._group_of, self._num_groups = self._param_groups(), len(optimizer.param_groups)
-        self._rate_cache: tuple[tuple[float, ...], float | Tensor] | None = None
+        self._all_params = structure.bind(self.model)
+        optimizer_states(optimizer, self._all_params)
+        self._frozen: tuple[bool, ...] | None = None
+        self._group_sizes: tuple[int, ...] = ()
+        self._held: set[int] = set()
+        self.active = structure
+        self.params = self._all_params
+        self.left_out: dict[str, int] = {}
+        self._refresh()
         self.steps = 0
         self.skipped = 0
         self._ok = True  # whether this step's gradients (and parameters) were finite
-        if balance_at_start:
-            balance_(self.model, structure, optimizer=optimizer)
+        if balance_at_start and self.active.num_generators:
+            balance_(self.model, self.active, optimizer=optimizer)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -103,9 +128,46 @@ class GaugeFixing:
     def __repr__(self) -> str:
         return (
             f"GaugeFixing(mode={self.mode!r}, strength={self.strength}, "
-            f"generators={self.structure.num_generators}, steps={self.steps}, "
-            f"skipped={self.skipped})"
+            f"generators={self.active.num_generators}, left_out={sum(self.left_out.values())}, "
+            f"steps={self.steps}, skipped={self.skipped})"
         )
+
+    # -- frozen parameters ----------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Restrict to the generators acting only on parameters the optimizer holds with
+        ``requires_grad``, when that set changed since the last call (cheap otherwise)."""
+        sizes = tuple(len(g["params"]) for g in self.optimizer.param_groups)
+        if sizes != self._group_sizes:
+            self._group_sizes = sizes
+            self._held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        frozen = tuple(
+            id(p) not in self._held or not p.requires_grad for p in self._all_params.values()
+        )
+        if frozen == self._frozen:
+            return
+        self._frozen = frozen
+        unheld = {n for n, p in self._all_params.items() if id(p) not in self._held}
+        no_grad = {n for n, p in self._all_params.items() if not p.requires_grad} - unheld
+        active, left_out = self.structure, {}
+        for names, reason in (
+            (unheld, "touching a parameter the optimizer does not hold"),
+            (no_grad, "touching a parameter with requires_grad=False"),
+        ):
+            touched = _touching(active, names)
+            if bool(touched.any()):
+                left_out[reason] = int(touched.sum())
+                active = active.restrict(~touched, reason)
+        self.active, self.left_out = active, left_out
+        self.params = active.bind(self.model)
+        self._group_of = self._param_groups()
+        self._rate_cache = None
+        if left_out:
+            logger.warning(
+                "GaugeFixing acts on %d of %d generators; left out (frozen parameters): %s",
+                active.num_generators,
+                self.structure.num_generators,
+                "; ".join(f"{count} {reason}" for reason, count in left_out.items()),
+            )
 
     # -- hooks ------------------------------------------------------------------------------------
     def _pre_step(
@@ -131,6 +193,7 @@ class GaugeFixing:
     def _gradients_ready(self) -> None:
         """Check the gradients (and, for the penalty, the parameters); in penalty mode add
         ``grad P``. Runs once per gradient evaluation."""
+        self._refresh()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         self._ok = all_finite(grads)
         if self.mode == "penalty" and self._ok:
@@ -139,11 +202,11 @@ class GaugeFixing:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         ok, self._ok = self._ok, True
         if self.mode == "exact" and ok:
-            rate = check_rate(self.rate(), self.structure)
+            rate = check_rate(self.rate(), self.active)  # rate() follows frozen parameters
             if isinstance(rate, Tensor) or rate > 0:
                 # Checks the parameters' finiteness on the squared sums the step needs, then
                 # the optimizer state (a clear error for unknown state), then steps.
-                ok = relax_unchecked_(self.structure, self.params, rate, optimizer) is not None
+                ok = relax_unchecked_(self.active, self.params, rate, optimizer) is not None
             else:
                 ok = all_finite(list(self.params.values()))
         if ok:
@@ -153,37 +216,22 @@ class GaugeFixing:
 
     @torch.no_grad()
     def _add_penalty_grad(self) -> bool:
-        """Add ``grad P`` to the held parameters' ``.grad``; ``False`` (nothing added) when a
-        gauged parameter is not finite."""
-        self._refresh_groups()
-        names = {
-            name
-            for name, p in self.params.items()
-            if self._group_of[name] is not None and p.requires_grad
-        }
-        return add_orbit_selection_grad_(self.params, self.structure, self.strength, names)
+        """Add ``grad P`` of the acted-on generators to their parameters' ``.grad``; ``False``
+        (nothing added) when one of those parameters is not finite."""
+        return add_orbit_selection_grad_(self.params, self.active, self.strength, set(self.params))
 
     # -- learning rates ---------------------------------------------------------------------------
-    def _param_groups(self) -> dict[str, int | None]:
-        """The index of the optimizer group holding each gauged parameter (``None``: not held)."""
+    def _param_groups(self) -> list[int]:
+        """The index of the optimizer group holding each acted-on parameter."""
         where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        return {name: where.get(id(p)) for name, p in self.params.items()}
-
-    def _refresh_groups(self) -> None:
-        """Follow ``optimizer.add_param_group`` calls made after construction."""
-        if len(self.optimizer.param_groups) != self._num_groups:
-            self._group_of = self._param_groups()
-            self._num_groups = len(self.optimizer.param_groups)
+        return [where[id(p)] for p in self.params.values()]
 
     def rate(self) -> float | Tensor:
-        """The relaxation rate of the coming step: ``strength * lr`` as a float when every gauged
-        parameter sees the same ``lr``, else one rate per generator (float64
-        ``[num_generators]``), ``strength * min(lr)`` over the parameters it acts on."""
-        self._refresh_groups()
-        lrs = tuple(
-            0.0 if i is None else float(self.optimizer.param_groups[i]["lr"])
-            for i in self._group_of.values()
-        )
+        """The relaxation rate of the coming step: ``strength * lr`` as a float when every
+        acted-on parameter sees the same ``lr``, else one rate per acted-on generator (float64
+        ``[active.num_generators]``), ``strength * min(lr)`` over the parameters it touches."""
+        self._refresh()
+        lrs = tuple(float(self.optimizer.param_groups[i]["lr"]) for i in self._group_of)
         if self._rate_cache is None or self._rate_cache[0] != lrs:
             self._rate_cache = (lrs, self._generator_rates(lrs))
         return self._rate_cache[1]
@@ -191,10 +239,10 @@ class GaugeFixing:
     def _generator_rates(self, lrs: tuple[float, ...]) -> float | Tensor:
         if len(set(lrs)) <= 1:
             return self.strength * (lrs[0] if lrs else 0.0)
-        n = self.structure.num_generators
+        n = self.active.num_generators
         device = next(iter(self.params.values())).device
         rates = torch.full((n + 1,), math.inf, dtype=torch.float64, device=device)
-        for param, lr in zip(self.structure.plan(device), lrs, strict=True):
+        for param, lr in zip(self.active.plan(device), lrs, strict=True):
             for term in param.terms:
                 src = torch.full((term.slots.numel(),), lr, dtype=torch.float64, device=device)
                 rates.scatter_reduce_(0, term.slots.reshape(-1), src, reduce="amin")
@@ -204,7 +252,7 @@ class GaugeFixing:
     # -- misc -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """:func:`gaugefix.imbalance_stats` of the model now."""
-        return imbalance_stats(self.params, self.structure)
+        return imbalance_stats(self._all_params, self.structure)
 
     def remove(self) -> None:
         """Detach the optimizer hooks; the model and optimizer are left as they are."""

@@ -1,0 +1,233 @@
+"""What a user reads: report figures, titles, summary values, progress and ``--help``."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import gaugefix.report as report
+import gaugefix.report.analyses as report_analyses
+from gaugefix.cli import app
+from gaugefix.experiments.analyses import sharpness_training
+from gaugefix.experiments.engine import METHODS, OPTIMIZERS
+from gaugefix.experiments.progress import Progress
+from gaugefix.experiments.summary import task_summary
+from gaugefix.experiments.tasks import BUILTIN, load_task
+from gaugefix.zoo import EXAMPLES
+
+cli = CliRunner()
+
+
+def _run(method: str, lr: float, status: str, s: float = 0.0, optimizer: str = "gd") -> dict:
+    return {
+        "task": "t",
+        "task_hash": "h",
+        "method": method,
+        "strength": 0.0,
+        "optimizer": optimizer,
+        "s": s,
+        "lr": lr,
+        "seed": 0,
+        "status": status,
+        "final_loss": 0.5,
+        "test_loss": None,
+        "test_accuracy": None,
+        "log_ratio_rms": 1.0,
+        "balance_change": None,
+    }
+
+
+def test_expansion_ratio_is_null_where_the_report_says_n_a():
+    """Plain stable up to the grid's top at s = 1: its range, so every ratio there, is
+    unknown; at s = 0 the ratio is known."""
+    runs = [_run("plain", lr, "stable" if lr < 0.4 else "diverged") for lr in (0.1, 0.2, 0.4)]
+    runs += [_run("exact", lr, "stable") for lr in (0.1, 0.2, 0.4)]
+    runs += [_run(m, lr, "stable", s=1.0) for m in ("plain", "exact") for lr in (0.1, 0.2, 0.4)]
+    t = task_summary(runs)
+    assert t["expansion_ratio"]["exact"] == {"0.0": 2.0, "1.0": None}
+    assert t["expansion_ratio"]["plain"] == {"0.0": 1.0, "1.0": None}
+    assert "final_test_loss" not in t and "test_accuracy" not in t  # no test split
+    summary = {"tasks": {"t": t}}
+    assert "| t | exact | 0.0: ≥ 2, 1.0: n/a | gd: 1 |" in report.headline_table(summary)
+
+
+def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    figures = []
+    for module in (report, report_analyses):
+        monkeypatch.setattr(module.plt, "close", figures.append)
+    return figures
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _assert_labels_clear(fig) -> None:
+    """No axis label of ``fig`` overlaps a tick label, and no label or tick label of one axes
+    reaches into another axes."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    def ticks(ax) -> list:
+        return [
+            t.get_window_extent(renderer)
+            for axis in (ax.xaxis, ax.yaxis)
+            for t in axis.get_ticklabels(which="both")
+            if t.get_visible() and t.get_text()
+        ]
+
+    for ax in fig.axes:
+        labels = [
+            (label.get_text(), label.get_window_extent(renderer))
+            for label in (ax.xaxis.label, ax.yaxis.label)
+            if label.get_text()
+        ]
+        for text, box in labels:
+            assert not any(_overlaps(box, t) for t in ticks(ax)), text
+        texts = labels + [("tick label", t) for t in ticks(ax)]
+        for other in fig.axes:
+            if other is not ax:
+                frame = other.get_window_extent(renderer)
+                for text, box in texts:
+                    assert not _overlaps(box, frame), text
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> Path:
+    """A small sweep with every method and two optimizers, and the analyses of the quick run."""
+    out = tmp_path_factory.mktemp("results")
+    args = ["sweep", "--task", "teacher-student", "--method", ",".join(METHODS)]
+    args += ["--optimizer", "gd,adam", "--lr", "0.01,0.05", "--steps", "5", "--out", str(out)]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_sweep_report_is_titled_by_what_made_it(quick_results: Path):
+    text = (quick_results / "report.md").read_text()
+    assert text.startswith("# gaugefix sweep of teacher-student\n")
+    assert "reproduction" not in text.splitlines()[0]
+
+
+def test_drift_figure_has_one_legend_with_every_method(quick_results, monkeypatch):
+    from gaugefix.experiments.store import Store
+
+    figures = _captured_figures(monkeypatch)
+    store = Store(quick_results / "results.sqlite", readonly=True)
+    runs = store.runs()
+    assert report._drift_curves(quick_results, store, "teacher-student", runs)
+    (fig,) = figures
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(METHODS)
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    # one color per method in every panel
+    colors: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colors.setdefault(line.get_label(), set()).add(line.get_color())
+    assert all(len(c) == 1 for c in colors.values()) and len(colors) == len(METHODS)
+    _assert_labels_clear(fig)
+
+
+def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, monkeypatch):
+    task = load_task("teacher-student")
+    figures = _captured_figures(monkeypatch)
+    relaxation = {
+        "predicted_rates": [0.39, 0.6, 1.2],
+        "measured_rates": [0.38, 0.58, 1.1],
+        "times": [0.0, 0.05, 0.1, 0.15],
+        "measured_norm": [4.12, 3.97, 3.83, 3.69],
+        "predicted_norm": [4.12, 3.96, 3.81, 3.67],
+        "max_relative_error": 0.07,
+        "steps": 30,
+        "strength": 1.0,
+        "fall": 0.9,
+    }
+    report_analyses._relaxation(tmp_path, {"teacher-student": relaxation})
+    init = {"by_s": {"-1.0": 31.0, "0.0": 9.3, "1.0": 34.0}, "balanced": 2.9}
+    train = sharpness_training(task, 0.09, 1.0, 4, 2, 1.0)
+    report_analyses._conditioning(tmp_path, {"teacher-student": init}, {"teacher-student": train})
+    assert len(figures) == 2
+    for fig in figures:
+        _assert_labels_clear(fig)
+
+
+def test_stability_figure_keeps_labels_clear(quick_results, monkeypatch):
+    from gaugefix.experiments.store import Store
+
+    figures = _captured_figures(monkeypatch)
+    runs = Store(quick_results / "results.sqlite", readonly=True).runs()
+    report._stability_map(quick_results, "teacher-student", runs)
+    (fig,) = figures
+    _assert_labels_clear(fig)
+
+
+def test_sharpness_training_emits_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharpness_training(load_task("teacher-student"), 0.05, 1.0, 2, 1, 1.0)
+
+
+def test_user_data_without_a_test_split_reports_no_test_metric(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    np.savez(tmp_path / "plain.npz", X=x, y=(x[:, 0] > 0).astype(np.int64))
+    np.savez(
+        tmp_path / "split.npz",
+        X=x[:30],
+        y=(x[:30, 0] > 0).astype(np.int64),
+        X_test=x[30:],
+        y_test=(x[30:, 0] > 0).astype(np.int64),
+    )
+    for name, tested in (("plain", False), ("split", True)):
+        out = tmp_path / name
+        args = ["sweep", "--data", str(tmp_path / f"{name}.npz"), "--task-type"]
+        args += ["classification", "--steps", "3", "--out", str(out)]
+        result = cli.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        t = json.loads((out / "summary.json").read_text())["tasks"][name]
+        assert ("final_test_loss" in t) == tested and ("test_accuracy" in t) == tested
+        from gaugefix.experiments.store import Store
+
+        (run,) = Store(out / "results.sqlite").runs()
+        assert (run["test_loss"] is not None) == tested
+        assert (run["test_accuracy"] is not None) == tested
+
+
+def test_plain_progress_lines_keep_coming_while_nothing_is_reported(capsys):
+    progress = Progress(3, unit="analyses", every=0.05)
+    progress.update(done=1, label="relaxation/teacher-student")
+    lines: list[str] = []
+    for _ in range(600):  # until the ticker printed twice (at most 30 s)
+        lines += capsys.readouterr().err.splitlines()
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    progress.close()
+    assert len(lines) >= 2
+    assert all(
+        line.startswith("[gaugefix] relaxation/teacher-student: 1/3 analyses") for line in lines
+    )
+
+
+@pytest.mark.parametrize(
+    "command, names",
+    [
+        ("sweep", [*BUILTIN, *METHODS, *OPTIMIZERS]),
+        ("reproduce", [*BUILTIN, *METHODS, *OPTIMIZERS]),
+        ("inspect", list(EXAMPLES)),
+    ],
+)
+def test_help_lists_the_built_in_choices(command, names):
+    result = cli.invoke(app, [command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for name in names:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), name
