@@ -77,7 +77,8 @@ def logged_stats(trainer):
 @pytest.mark.parametrize("mode", ["exact", "penalty"])
 def test_trains_and_logs_imbalance_statistics(tmp_path, mode):
     """12 steps of SGD with momentum: the loss falls, the statistics are logged every step, and
-    the imbalance drifts far less than in the same fit with strength 0 (which only logs)."""
+    the imbalance drifts far less than in the same fit with strength 0 (which only logs). An
+    orbit step after every optimizer step (``every=1``), so that every logged step shows it."""
     x, y = loader().dataset.tensors
     runs = {}
     for strength in (0.0, 10.0):
@@ -85,7 +86,7 @@ def test_trains_and_logs_imbalance_statistics(tmp_path, mode):
         module = Regressor()
         before = float(nn.functional.mse_loss(module(x), y).detach())
         # The structure is discovered from example_input_array.
-        callback = GaugeFixingCallback(strength=strength, mode=mode)
+        callback = GaugeFixingCallback(strength=strength, mode=mode, every=1)
         trainer = fit(module, callback, tmp_path / str(strength), steps=12)
         assert trainer.global_step == 12
         assert float(nn.functional.mse_loss(module(x), y).detach()) < before
@@ -117,3 +118,19 @@ def test_explicit_structure_and_bad_input(tmp_path):
     other = gaugefix.discover(module.net, module.example_input_array)  # names lack "net."
     with pytest.raises(ValueError, match="does not match"):
         fit(Regressor(), GaugeFixingCallback(strength=1.0, structure=other), tmp_path, steps=1)
+
+
+class Recording(GaugeFixingCallback):
+    def on_train_end(self, trainer, pl_module):
+        self.seen = [(hook.every, hook.steps) for hook in self.hooks]
+        super().on_train_end(trainer, pl_module)
+
+
+def test_every_is_passed_to_the_hooks(tmp_path):
+    torch.manual_seed(0)
+    callback = Recording(strength=1.0, every=4)
+    trainer = fit(Regressor(), callback, tmp_path, steps=9)
+    assert trainer.global_step == 9
+    assert callback.seen == [(4, 2)]  # orbit steps after optimizer steps 4 and 8
+    with pytest.raises(ValueError, match="every"):
+        GaugeFixingCallback(strength=1.0, every=0)

@@ -83,7 +83,7 @@ def test_frozen_parameters_stay_bit_identical(case, opt_name, mode, caplog):
     with torch.no_grad():
         out_before = model(x)
     with caplog.at_level(logging.WARNING, logger="gaugefix"):
-        hook = GaugeFixing(opt, model, structure, strength=2.0, mode=mode)
+        hook = GaugeFixing(opt, model, structure, strength=2.0, mode=mode, every=1)
         _train(model, opt, x, y, 5)
     for name, p in model.named_parameters():
         if name in how:
@@ -96,7 +96,9 @@ def test_frozen_parameters_stay_bit_identical(case, opt_name, mode, caplog):
     # The kept neurons were balanced at the start, without changing the function.
     check, _, _, _ = _setup()
     _freeze(check, how)
-    GaugeFixing(OPTIMIZERS[opt_name](_freeze(check, how)), check, structure, 2.0, mode=mode)
+    GaugeFixing(
+        OPTIMIZERS[opt_name](_freeze(check, how)), check, structure, 2.0, mode=mode, every=1
+    )
     kept = torch.ones(structure.num_generators, dtype=torch.bool)
     kept[list(dropped)] = False
     with torch.no_grad():
@@ -115,7 +117,7 @@ def test_parameters_added_later_and_requires_grad_changes_are_followed(caplog):
     later = list(first.parameters())
     opt = torch.optim.SGD([p for p in model.parameters() if all(p is not q for q in later)], 0.05)
     with caplog.at_level(logging.WARNING, logger="gaugefix"):
-        hook = GaugeFixing(opt, model, structure, strength=2.0)
+        hook = GaugeFixing(opt, model, structure, strength=2.0, every=1)
         saved = [p.detach().clone() for p in later]
         _train(model, opt, x, y, 3)
         assert hook.left_out == {NOT_HELD: 12}
@@ -141,5 +143,5 @@ def test_nothing_left_out_logs_nothing(caplog):
     model, x, y, structure = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with caplog.at_level(logging.DEBUG, logger="gaugefix"):
-        hook = GaugeFixing(opt, model, structure, strength=2.0)
+        hook = GaugeFixing(opt, model, structure, strength=2.0, every=1)
     assert hook.left_out == {} and not caplog.records

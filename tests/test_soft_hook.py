@@ -65,7 +65,7 @@ def test_exact_mode_keeps_the_steps_function_and_transports_state(opt_name):
     plain = copy.deepcopy(model)
     opt = OPTIMIZERS[opt_name](model.parameters(), 0.05)
     opt_plain = OPTIMIZERS[opt_name](plain.parameters(), 0.05)
-    hook = GaugeFixing(opt, model, structure, strength=2.0, balance_at_start=False)
+    hook = GaugeFixing(opt, model, structure, strength=2.0, balance_at_start=False, every=1)
     train_step(model, opt, x, y)
     train_step(plain, opt_plain, x, y)
     assert rel(model(x).detach(), plain(x).detach()) <= 1e-10
@@ -99,7 +99,7 @@ def test_training_suppresses_drift(opt_name, mode):
     lr = 0.01 if opt_name.startswith("adam") else 0.1
     opt = OPTIMIZERS[opt_name](model.parameters(), lr)
     opt_plain = OPTIMIZERS[opt_name](plain.parameters(), lr)
-    GaugeFixing(opt, model, structure, strength=5.0 if mode == "exact" else 1.0, mode=mode)
+    GaugeFixing(opt, model, structure, strength=5.0 if mode == "exact" else 1.0, mode=mode, every=1)
     losses = [train_step(model, opt, x, y) for _ in range(30)]
     for _ in range(30):
         train_step(plain, opt_plain, x, y)
@@ -112,7 +112,9 @@ def test_penalty_mode_adds_the_functional_gradient():
     model, x, y, structure = setup()
     expected = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    GaugeFixing(opt, model, structure, strength=0.7, mode="penalty", balance_at_start=False)
+    GaugeFixing(
+        opt, model, structure, strength=0.7, mode="penalty", balance_at_start=False, every=1
+    )
     train_step(model, opt, x, y)
     loss = (expected(x) - y).square().mean() + OrbitSelectionPenalty(structure, 0.7)(expected)
     loss.backward()
@@ -137,7 +139,7 @@ def test_several_param_groups_and_params_outside_the_optimizer():
         momentum=0.9,
     )
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
-    hook = GaugeFixing(opt, model, structure, strength=3.0, balance_at_start=False)
+    hook = GaugeFixing(opt, model, structure, strength=3.0, balance_at_start=False, every=1)
     rate = hook.rate()
     assert isinstance(rate, torch.Tensor)
     assert hook.left_out == {"touching a parameter the optimizer does not hold": 12}
@@ -176,7 +178,7 @@ def test_uniform_lr_gives_scalar_rate_and_uncovered_params_are_left_alone():
     extra_plain = nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1, momentum=0.9)
     opt_plain = torch.optim.SGD([*plain.parameters(), extra_plain], lr=0.1, momentum=0.9)
-    hook = GaugeFixing(opt, model, structure, strength=2.0, balance_at_start=False)
+    hook = GaugeFixing(opt, model, structure, strength=2.0, balance_at_start=False, every=1)
     assert hook.rate() == pytest.approx(0.2)
     assert "4.bias" not in structure.params
     for m, o, e in ((model, opt, extra), (plain, opt_plain, extra_plain)):
@@ -195,7 +197,7 @@ def test_balance_at_start_and_remove():
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     train_step(model, opt, x, y)  # the optimizer already has state
     y0 = model(x).detach()
-    hook = GaugeFixing(opt, model, structure, strength=1.0)
+    hook = GaugeFixing(opt, model, structure, strength=1.0, every=1)
     assert rel(model(x).detach(), y0) <= 1e-10
     s = hook.stats()
     assert s["mu_rel_max"] <= 1e-9
@@ -218,7 +220,9 @@ def test_non_finite_gradient_or_parameters_skip_the_step():
         plain = copy.deepcopy(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-        hook = GaugeFixing(opt, model, structure, strength=1.0, mode=mode, balance_at_start=False)
+        hook = GaugeFixing(
+            opt, model, structure, strength=1.0, mode=mode, balance_at_start=False, every=1
+        )
         for m, o in ((model, opt), (plain, opt_plain)):
             o.zero_grad()
             (m(x).sum() * float("inf")).backward()
@@ -230,7 +234,7 @@ def test_non_finite_gradient_or_parameters_skip_the_step():
     # Finite gradients but a parameter that is already non-finite after the step.
     model, x, y, structure = setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False)
+    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False, every=1)
     (model(x) - y).square().mean().backward()
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
@@ -247,8 +251,8 @@ def test_step_with_closure(mode):
     other = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     opt_other = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
-    GaugeFixing(opt, model, structure, strength=1.0, mode=mode, balance_at_start=False)
-    hook = GaugeFixing(opt_other, other, structure, 1.0, mode=mode, balance_at_start=False)
+    GaugeFixing(opt, model, structure, strength=1.0, mode=mode, balance_at_start=False, every=1)
+    hook = GaugeFixing(opt_other, other, structure, 1.0, mode=mode, balance_at_start=False, every=1)
 
     def closure():
         opt_other.zero_grad()
@@ -276,7 +280,9 @@ def test_low_precision_parameters(dtype, mode):
     plain = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-    hook = GaugeFixing(opt, model, structure, strength=5.0 if mode == "exact" else 1.0, mode=mode)
+    hook = GaugeFixing(
+        opt, model, structure, strength=5.0 if mode == "exact" else 1.0, mode=mode, every=1
+    )
     losses = [train_step(model, opt, x, y) for _ in range(20)]
     for _ in range(20):
         train_step(plain, opt_plain, x, y)
@@ -296,7 +302,7 @@ def test_bad_strength(strength):
     model, *_, structure = setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="strength"):
-        GaugeFixing(opt, model, structure, strength)
+        GaugeFixing(opt, model, structure, strength, every=1)
 
 
 def test_bad_arguments_modify_nothing():
@@ -309,11 +315,11 @@ def test_bad_arguments_modify_nothing():
     }
     other = zoo.mlp((6, 12, 8, 2)).double()
     with pytest.raises(ValueError, match="does not match"):
-        GaugeFixing(opt, other, structure, 1.0)
+        GaugeFixing(opt, other, structure, 1.0, every=1)
     with pytest.raises(ValueError, match="mode"):
-        GaugeFixing(opt, model, structure, 1.0, mode="soft")
+        GaugeFixing(opt, model, structure, 1.0, mode="soft", every=1)
     with pytest.raises(TypeError):
-        GaugeFixing("sgd", model, structure, 1.0)
+        GaugeFixing("sgd", model, structure, 1.0, every=1)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     for k, v in zip(range(99), opt.state.values(), strict=False):
@@ -324,9 +330,9 @@ def test_bad_arguments_modify_nothing():
 def test_untransportable_optimizer_state():
     model, x, y, structure = setup()
     with pytest.raises(ValueError, match="cannot transport optimizer state 'sum'"):
-        GaugeFixing(torch.optim.Adagrad(model.parameters()), model, structure, 1.0)
+        GaugeFixing(torch.optim.Adagrad(model.parameters()), model, structure, 1.0, every=1)
     opt = torch.optim.Adamax(model.parameters(), lr=0.01)
-    GaugeFixing(opt, model, structure, 1.0)
+    GaugeFixing(opt, model, structure, 1.0, every=1)
     with pytest.raises(ValueError, match="cannot transport optimizer state 'exp_inf'"):
         train_step(model, opt, x, y)
 
@@ -335,9 +341,62 @@ def test_param_group_added_later_is_followed():
     model, x, y, structure = setup()
     params = list(model.parameters())
     opt = torch.optim.SGD(params[:2], lr=0.1)
-    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False)
+    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False, every=1)
     assert hook.active.num_generators == 0  # every neuron touches an unheld parameter
     assert hook.rate() == 0.0
     opt.add_param_group({"params": params[2:], "lr": 0.1})
     assert hook.rate() == pytest.approx(0.1)
     assert hook.active.num_generators == structure.num_generators and hook.left_out == {}
+
+
+# -- an orbit step every k optimizer steps (the default configuration) ----------------------------
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
+def test_every_k_steps_is_one_orbit_step_at_the_summed_rate(opt_name):
+    """``every=3``: the first two steps are the optimizer's alone; after the third the model is
+    moved by ``relax_`` at ``strength * (lr_1 + lr_2 + lr_3)`` with the state transported,
+    exactly as done by hand (the learning rate changes between the steps)."""
+    model, x, y, structure = setup()
+    reference = copy.deepcopy(model)
+    opt = OPTIMIZERS[opt_name](model.parameters(), 0.01)
+    ref_opt = OPTIMIZERS[opt_name](reference.parameters(), 0.01)
+    hook = GaugeFixing(opt, model, structure, strength=3.0, balance_at_start=False, every=3)
+    lrs = [0.01, 0.02, 0.005, 0.01]
+    for k, lr in enumerate(lrs, start=1):
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"] = lr
+        train_step(model, opt, x, y)
+        train_step(reference, ref_opt, x, y)
+        if k == 3:
+            gaugefix.relax_(reference, structure, 3.0 * sum(lrs[:3]), optimizer=ref_opt)
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(a, b), k
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            for key, value in opt.state[p].items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, ref_opt.state[q][key]), (k, key)
+    assert hook.steps == 1 and hook.skipped == 0 and hook.every == 3
+
+
+def test_steps_between_orbit_steps_are_not_checked_or_touched():
+    """A NaN gradient on a step the hook does not act on is the optimizer's business: the hook
+    neither reads nor counts it."""
+    model, x, y, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    hook = GaugeFixing(opt, model, structure, strength=1.0, balance_at_start=False, every=2)
+    opt.zero_grad()
+    (model(x) - y).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    expected = [b - 0.01 * p.grad for b, p in zip(before, model.parameters(), strict=True)]
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), e)
+    assert hook.steps == 0 and hook.skipped == 0
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_every_must_be_a_positive_integer(every):
+    model, _, _, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="every"):
+        GaugeFixing(opt, model, structure, 1.0, every=every)
+    assert not opt._optimizer_step_pre_hooks

@@ -25,7 +25,7 @@ import torch
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure, discover
-from gaugefix.train.hook import GaugeFixing, Mode
+from gaugefix.train.hook import EVERY, GaugeFixing, Mode
 
 
 class GaugeFixingCallback(Callback):
@@ -35,8 +35,8 @@ class GaugeFixingCallback(Callback):
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
     the module's); when it is ``None`` it is discovered at setup from the module's
-    ``example_input_array``. ``strength``, ``mode`` and ``balance_at_start`` are passed to
-    :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
+    ``example_input_array``. ``strength``, ``mode``, ``balance_at_start`` and ``every`` are passed
+    to :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
     training starts (after any checkpoint restored the optimizer state) and removed when it
     ends. With several optimizers, each hook acts on the generators whose parameters its optimizer
     holds (generators spanning two optimizers are left out, see ``GaugeFixing``) and balances them
@@ -51,11 +51,15 @@ class GaugeFixingCallback(Callback):
         balance_at_start: bool = True,
         log_stats: bool = True,
         prefix: str = "gauge/",
+        every: int = EVERY,
     ) -> None:
         super().__init__()
         self.strength = check_strength(strength)
         if mode not in ("exact", "penalty"):
             raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.every = every
         if structure is not None and not isinstance(structure, GaugeStructure):
             raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
         self.structure = structure
@@ -89,6 +93,7 @@ class GaugeFixingCallback(Callback):
                     self.strength,
                     mode=self.mode,
                     balance_at_start=self.balance_at_start,
+                    every=self.every,
                 )
             )
 

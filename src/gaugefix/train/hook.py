@@ -22,6 +22,8 @@ from gaugefix.soft import (
 from gaugefix.structure import GaugeStructure
 
 Mode = Literal["exact", "penalty"]
+# The default interval of exact orbit steps, in optimizer steps (see ``GaugeFixing``).
+EVERY = 10
 logger = logging.getLogger(__name__)
 
 
@@ -53,10 +55,14 @@ class GaugeFixing:
 
     After construction an unchanged loop (``loss.backward(); optimizer.step()``) is gauge-fixed:
 
-    - ``mode="exact"`` (default): after every step, :func:`gaugefix.relax_` moves the model along
-      its orbits by ``h = -rate * mu`` with ``rate = lr * strength`` (the decoupled form, like
-      AdamW's weight decay): the function the step produced is kept to rounding, and the step's
-      state (``.grad``, momentum, Adam moments) is transported with the parameters.
+    - ``mode="exact"`` (default): after every ``every``-th step (default :data:`EVERY`),
+      :func:`gaugefix.relax_` moves the model along its orbits by ``h = -rate * mu`` with
+      ``rate = strength * (the sum of the learning rates of the steps since the last one)`` (the
+      decoupled form, like AdamW's weight decay): the function the step produced is kept to
+      rounding, and the step's state (``.grad``, momentum, Adam moments) is transported with the
+      parameters. An optimizer step changes ``mu`` by ``O(lr^2)``, so ``every`` steps of drift
+      relaxed at once at ``every`` times the rate act like a step at each (``every=1``), at
+      ``1 / every`` of the cost.
     - ``mode="penalty"``: before every step, ``grad P`` of
       ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
       then treats it like any gradient, so with Adam it is preconditioned).
@@ -75,9 +81,11 @@ class GaugeFixing:
     step so schedulers are followed.
 
     ``balance_at_start=True`` balances the model (:func:`gaugefix.balance_`, with optimizer
-    state transport) once, now. If any gauged gradient is non-finite before a step, or any
-    gauged parameter after it (penalty mode: before it), that step's gauge fixing is skipped:
-    nothing is added or moved (counted in ``skipped``; applied steps in ``steps``). With
+    state transport) once, now. If any gauged gradient is non-finite before a step that gauge
+    fixing acts on, or any gauged parameter after it (penalty mode: before it), that step's
+    gauge fixing is skipped: nothing is added or moved (counted in ``skipped``; applied orbit
+    steps or penalty gradients in ``steps``; a skipped orbit step's rate is dropped). Steps it
+    does not act on are not checked. With
     ``optimizer.step(closure)`` (Lightning calls it so) the closure is wrapped so that this
     happens after it computed the gradients, i.e. after any gradient clipping done inside it;
     in penalty mode ``grad P`` is added at each closure evaluation (the returned loss does not
@@ -95,17 +103,23 @@ class GaugeFixing:
         strength: float,
         mode: Mode = "exact",
         balance_at_start: bool = True,
+        every: int = EVERY,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         if mode not in ("exact", "penalty"):
             raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.optimizer = optimizer
         self.model = unwrap_model(model)
         self.structure = structure
         self.penalty = OrbitSelectionPenalty(structure, strength)
         self.strength = check_strength(strength)
         self.mode = mode
+        self.every = every if mode == "exact" else 1
+        self._since = 0  # optimizer steps since the last orbit step
+        self._lr_sums: list[float] = []  # per optimizer group, the learning rates since then
         self._all_params = structure.bind(self.model)
         optimizer_states(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
@@ -127,7 +141,7 @@ class GaugeFixing:
 
     def __repr__(self) -> str:
         return (
-            f"GaugeFixing(mode={self.mode!r}, strength={self.strength}, "
+            f"GaugeFixing(mode={self.mode!r}, strength={self.strength}, every={self.every}, "
             f"generators={self.active.num_generators}, left_out={sum(self.left_out.values())}, "
             f"steps={self.steps}, skipped={self.skipped})"
         )
@@ -175,6 +189,8 @@ class GaugeFixing:
     ) -> tuple[tuple, dict] | None:
         """Without a closure the gradients are ready now; with one (``step(closure)``, as in
         Lightning), they exist only once it ran, so it is wrapped."""
+        if self._since + 1 < self.every:  # gauge fixing does not act on this step
+            return None
         # ``args`` starts with the optimizer itself: ``step(closure)`` has it at ``args[1]``.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
@@ -200,9 +216,17 @@ class GaugeFixing:
             self._ok = self._add_penalty_grad()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        groups = self.optimizer.param_groups
+        self._lr_sums.extend([0.0] * (len(groups) - len(self._lr_sums)))
+        for i, group in enumerate(groups):
+            self._lr_sums[i] += float(group["lr"])
+        self._since += 1
+        if self._since < self.every:
+            return
         ok, self._ok = self._ok, True
+        lr_sums, self._lr_sums, self._since = self._lr_sums, [], 0
         if self.mode == "exact" and ok:
-            rate = check_rate(self.rate(), self.active)  # rate() follows frozen parameters
+            rate = check_rate(self._rate(lr_sums), self.active)
             if isinstance(rate, Tensor) or rate > 0:
                 # Checks the parameters' finiteness on the squared sums the step needs, then
                 # the optimizer state (a clear error for unknown state), then steps.
@@ -227,11 +251,16 @@ class GaugeFixing:
         return [where[id(p)] for p in self.params.values()]
 
     def rate(self) -> float | Tensor:
-        """The relaxation rate of the coming step: ``strength * lr`` as a float when every
-        acted-on parameter sees the same ``lr``, else one rate per acted-on generator (float64
-        ``[active.num_generators]``), ``strength * min(lr)`` over the parameters it touches."""
+        """The relaxation rate of one step at the current learning rates: ``strength * lr`` as
+        a float when every acted-on parameter sees the same ``lr``, else one rate per acted-on
+        generator (float64 ``[active.num_generators]``), ``strength * min(lr)`` over the
+        parameters it acts on. An orbit step every ``every`` steps takes the same with the sum
+        of the learning rates since the last one."""
+        return self._rate([float(g["lr"]) for g in self.optimizer.param_groups])
+
+    def _rate(self, group_lrs: list[float]) -> float | Tensor:
         self._refresh()
-        lrs = tuple(float(self.optimizer.param_groups[i]["lr"]) for i in self._group_of)
+        lrs = tuple(group_lrs[i] for i in self._group_of)
         if self._rate_cache is None or self._rate_cache[0] != lrs:
             self._rate_cache = (lrs, self._generator_rates(lrs))
         return self._rate_cache[1]
