@@ -17,15 +17,24 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import distribute_module, distribute_tensor
 
 import gaugefix
 from gaugefix import zoo
+from gaugefix.distributed import PLACEHOLDER, shard_structure
 
 torch.set_default_dtype(torch.float64)
 
 MODELS = {
+    # every parameter has one row: the second process holds no slice at all
+    "one_row": (
+        lambda: nn.Sequential(
+            nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1)
+        ),
+        lambda: torch.randn(2, 3),
+    ),
     "cnn": (lambda: zoo.cnn(3, 5), lambda: torch.randn(2, 3, 16, 16)),
     "resnet": (zoo.ResNet, lambda: torch.randn(2, 3, 16, 16)),
     "gpt": (
@@ -105,6 +114,11 @@ def compare(name: str) -> dict:
     sharded = copy.deepcopy(model)
     fully_shard(sharded)
     out = {"generators": structure.num_generators}
+    shard = shard_structure(structure, structure.bind(sharded))
+    out["most_terms_equal"] = shard.most_terms() == structure.most_terms()
+    placeholders = [None] * dist.get_world_size()
+    dist.all_gather_object(placeholders, PLACEHOLDER in shard.params)
+    out["placeholders"] = placeholders
 
     a, b = gaugefix.imbalance_stats(sharded, structure), gaugefix.imbalance_stats(model, structure)
     out["stats"] = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-300) for k in b)
@@ -177,14 +191,29 @@ def refuses_non_finite() -> dict:
     )
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)
+    refused = {}
     part = copy.deepcopy(model)
     fully_shard(part[0])
-    try:
-        gaugefix.imbalance_stats(part, structure)
-        partial = None
-    except ValueError as exc:
-        partial = str(exc)
-    return {"nan_messages": messages, "nan_unchanged": unchanged, "partial": partial}
+    replicated = distribute_module(copy.deepcopy(model), init_device_mesh("cpu", (2,)))
+    for name, bad, call in [
+        ("partial_stats", part, lambda m: gaugefix.imbalance_stats(m, structure)),
+        ("replicated_balance", replicated, lambda m: gaugefix.balance_(m, structure)),
+        (
+            "partial_hook",
+            part,
+            lambda m: gaugefix.GaugeFixing(
+                torch.optim.SGD(m.parameters(), lr=0.1), m, structure, 1.0, balance_at_start=False
+            ),
+        ),
+    ]:
+        before = {k: whole(v).clone() for k, v in bad.state_dict().items()}
+        try:
+            call(bad)
+            refused[name] = None
+        except ValueError as exc:
+            refused[name] = str(exc)
+        assert all(torch.equal(whole(v), before[k]) for k, v in bad.state_dict().items())
+    return {"nan_messages": messages, "nan_unchanged": unchanged, **refused}
 
 
 def main() -> None:

@@ -45,13 +45,16 @@ def worker() -> dict:
     return finish(start(WORKER, [], distributed=True))
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet", "gpt"])
+@pytest.mark.parametrize("model", ["one_row", "cnn", "resnet", "gpt"])
 def test_gauge_functions_on_slices_equal_the_whole_model(worker, model):
     """imbalance_stats, apply_gauge_, relax_ (a step taken at once and one found by the bounded
-    search) and balance_, with gradients and momentum transported, on a CNN, a ResNet
-    (BatchNorm) and a GPT (uneven slices: vocabulary 11 over 2 processes)."""
+    search) and balance_, with gradients and momentum transported, on an MLP whose parameters
+    each have one row (the second process holds no slice), a CNN, a ResNet (BatchNorm) and a
+    GPT (uneven slices: vocabulary 11 over 2 processes)."""
     result = worker[model]
     assert result["generators"] > 0
+    assert result["placeholders"] == [False, model == "one_row"]
+    assert result["most_terms_equal"]
     for key in (
         "stats", "apply_gauge_", "relax_0.001_h", "relax_0.001", "relax_1000_h", "relax_1000",
         "balance_", "balance_h", "balance_norms",
@@ -74,7 +77,10 @@ def test_bad_input_on_slices(worker):
         == ["parameter '2.weight' contains NaN or inf; nothing was modified"] * 2
     )
     assert bad["nan_unchanged"]
-    assert "is not sharded while others are DTensors" in bad["partial"]
+    # refused before anything changes: sharded in part, replicated
+    assert "is not sharded while others are DTensors" in bad["partial_stats"]
+    assert "is not sharded while others are DTensors" in bad["partial_hook"]
+    assert "placed (Replicate(),)" in bad["replicated_balance"]
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,12 @@ class ShardStructure(GaugeStructure):
             structure.notes,
         )
         self.group = mesh.get_group()
+        self._most_terms = structure.most_terms()
+
+    def most_terms(self) -> int:
+        """The whole structure's (the bound on a step's size depends on it: every process
+        must compute the same)."""
+        return self._most_terms
 
     def sum_over_shards(self, *partial: Tensor) -> tuple[Tensor, ...]:
         """The sums over every process's slices: one all-reduce of all of ``partial``

@@ -319,7 +319,7 @@ def orbit_step(
         rate = rate.expand(*batch, *rate.shape[batch_dims:])
     per_generator = rate.dim() > len(batch)
     h = -(rate if per_generator else rate[..., None]) * mu
-    k = max([2] + [len(p.terms) for p in structure.params.values()])
+    k = max(2, structure.most_terms())
     searched = finite & (h != 0).any(-1)
     if not per_generator:
         s_max = torch.where(live, s_in + s_out, 0.0).amax(-1) if n else rate.new_zeros(batch)

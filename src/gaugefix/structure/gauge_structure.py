@@ -227,6 +227,10 @@ class GaugeStructure:
             ]
         return self._plans[device]
 
+    def most_terms(self) -> int:
+        """The most terms of any parameter: at most this many generators act on one entry."""
+        return max((len(p.terms) for p in self.params.values()), default=0)
+
     def sum_over_shards(self, *partial: Tensor) -> tuple[Tensor, ...]:
         """Sums over the entries of this structure's parameters, completed over every process
         holding a slice of them: unchanged here (whole parameters); a

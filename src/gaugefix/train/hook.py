@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from gaugefix.action import all_finite, optimizer_states
 from gaugefix.balancing import balance_
+from gaugefix.distributed import local_view
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
     OrbitSelectionPenalty,
@@ -87,6 +88,7 @@ class GaugeFixing:
         self.strength = check_strength(strength)
         self.mode = mode
         self.params = structure.bind(self.model)
+        local_view(self.params, structure)  # FSDP2: an unsupported sharding is refused now
         optimizer_states(optimizer, self.params)
         self._group_of, self._num_groups = self._param_groups(), len(optimizer.param_groups)
         self._rate_cache: tuple[tuple[float, ...], float | Tensor] | None = None
