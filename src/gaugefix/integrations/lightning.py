@@ -22,8 +22,7 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 import torch
 
-from gaugefix.moment import imbalance_stats
-from gaugefix.soft import check_strength
+from gaugefix.integrations.common import check_options, prefixed_stats
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import GaugeFixing, Mode
 
@@ -53,11 +52,7 @@ class GaugeFixingCallback(Callback):
         prefix: str = "gauge/",
     ) -> None:
         super().__init__()
-        self.strength = check_strength(strength)
-        if mode not in ("exact", "penalty"):
-            raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
-        if structure is not None and not isinstance(structure, GaugeStructure):
-            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+        self.strength = check_options(strength, mode, structure)
         self.structure = structure
         self.mode: Mode = mode
         self.balance_at_start = balance_at_start
@@ -96,9 +91,8 @@ class GaugeFixingCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         if self.log_stats:
-            stats = imbalance_stats(pl_module, self.structure)
             pl_module.log_dict(
-                {self.prefix + k: v for k, v in stats.items()},
+                prefixed_stats(pl_module, self.structure, self.prefix),
                 on_step=True,
                 on_epoch=False,
                 logger=True,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gaugefix.action import all_finite, optimizer_states
 from gaugefix.balancing import balance_
+from gaugefix.distributed import local_view
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
     OrbitSelectionPenalty,
@@ -107,6 +108,7 @@ class GaugeFixing:
         self.strength = check_strength(strength)
         self.mode = mode
         self._all_params = structure.bind(self.model)
+        local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         optimizer_states(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
