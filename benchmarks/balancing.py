@@ -1,5 +1,6 @@
-"""Item 2: ``balance_`` against Equi-normalization sweeps and Saul's parallel updates, from
-``random_gauge_(scale=3)`` to ``max |mu_n| / S_n <= 1e-10`` in float64."""
+"""Item 3: ``balance_`` against Gauss-Seidel sweeps of closed-form updates (Equi-normalization's
+generalisation) and Saul's parallel updates, from ``random_gauge_(scale=3)`` to
+``max |mu_n| / S_n <= 1e-10`` in float64."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 import gaugefix
 from benchmarks.baselines import gauss_seidel_balance_, saul_balance_
 from benchmarks.common import paired, summary
+from benchmarks.step import gpt
 from gaugefix import zoo
 
 TOL = 1e-10
@@ -24,20 +26,32 @@ SCALE = 3.0
 class BalanceCase:
     name: str
     make: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
+    example: Callable[[], torch.Tensor]
     pairs: int
+    target: bool  # whether the 10x target applies (coupled generators)
+
+
+def _floats(*shape: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randn(2, *shape, dtype=torch.float64)
+
+
+def _ids(vocab: int, length: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randint(0, vocab, (1, length))
 
 
 def cases(tiny: bool = False) -> list[BalanceCase]:
     if tiny:
         return [
-            BalanceCase("MLP 6 layers x 16 (tiny)", lambda: zoo.mlp((16,) * 7), (16,), 2),
-            BalanceCase("ResNet (tiny)", lambda: zoo.ResNet((1, 1), 4), (3, 8, 8), 2),
-        ]
+            BalanceCase("MLP 6 x 16 (tiny)", lambda: zoo.mlp((16,) * 7), _floats(16), 2, True),
+            BalanceCase("GPT (tiny)", lambda: zoo.GPT(32, 16, 2, 2, 32, 8), _ids(32, 8), 2, True),
+            BalanceCase("ResNet (tiny)", lambda: zoo.ResNet((1, 1), 4), _floats(3, 8, 8), 2, False),
+        ]  # fmt: skip
     return [
-        BalanceCase("MLP 20 layers x 512", lambda: zoo.mlp((512,) * 21), (512,), 5),
-        BalanceCase("ResNet-18 (CIFAR)", zoo.resnet18, (3, 32, 32), 5),
-    ]
+        BalanceCase("MLP 20 layers x 512", lambda: zoo.mlp((512,) * 21), _floats(512), 5, True),
+        BalanceCase("GPT 6 x 384 (norm gains, query-key, value-output, MLP)", gpt, _ids(1024, 16),
+                    5, True),
+        BalanceCase("ResNet-18 (CIFAR)", zoo.resnet18, _floats(3, 32, 32), 5, False),
+    ]  # fmt: skip
 
 
 def max_rel_imbalance(model: nn.Module, structure: gaugefix.GaugeStructure) -> float:
@@ -71,7 +85,7 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> list[dict]:
 def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
     torch.manual_seed(0)
     base = case.make().double().train()
-    x = torch.randn(2, *case.input_shape, dtype=torch.float64)
+    x = case.example()
     structure = gaugefix.discover(base, x)
     gaugefix.random_gauge_(base, structure, SCALE, generator=torch.Generator().manual_seed(0))
     start = max_rel_imbalance(base, structure)
@@ -99,7 +113,9 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
     row: dict = {
         "case": case.name,
         "pairs": case.pairs,
-        "neurons": structure.num_generators,
+        "generators": structure.num_generators,
+        "kinds": structure.kind_counts(),
+        "target": case.target,
         "params": sum(p.numel() for p in base.parameters()),
         "start_max_rel_imbalance": start,
         "tol": TOL,

@@ -1,10 +1,13 @@
-"""Item 3: ``discover`` on a ResNet-50-sized network against 20 forward passes at batch 1."""
+"""Item 5: ``discover`` against 20 forward passes at batch 1, on a ResNet-50-sized network
+(224x224) and on a GPT-2-small-sized language model (Hugging Face ``GPT2LMHeadModel`` with the
+default GPT-2 config, 124M parameters, random weights: nothing is downloaded; sequence 64)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from torch import Tensor, nn
 
 import gaugefix
 from benchmarks.common import paired, ratio, summary
@@ -13,13 +16,42 @@ from benchmarks.models import ResNet50
 FORWARDS = 20
 
 
-def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
-    torch.manual_seed(0)
+def _gpt2(tiny: bool) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4) if tiny else GPT2Config()
+    return GPT2LMHeadModel(config)
+
+
+def cases(tiny: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[], Tensor], int]]:
+    """(name, model factory, example input, timed pairs)."""
     if tiny:
-        model, size, pairs = ResNet50((1, 1), 8, 10).eval(), 32, 2
-    else:
-        model, size, pairs = ResNet50().eval(), 224, 5
-    x = torch.randn(1, 3, size, size)
+        return [
+            (
+                "ResNet-50 layout (tiny)",
+                lambda: ResNet50((1, 1), 8, 10),
+                lambda: torch.randn(1, 3, 32, 32),
+                2,
+            ),
+            ("GPT-2 (tiny)", lambda: _gpt2(True), lambda: torch.randint(0, 50257, (1, 16)), 2),
+        ]
+    return [
+        (
+            "ResNet-50 layout (bottleneck [3, 4, 6, 3], widths 64..2048), 224x224",
+            ResNet50,
+            lambda: torch.randn(1, 3, 224, 224),
+            5,
+        ),
+        (
+            "GPT-2 small (Hugging Face GPT2LMHeadModel, default config), sequence 64",
+            lambda: _gpt2(False),
+            lambda: torch.randint(0, 50257, (1, 64)),
+            5,
+        ),
+    ]
+
+
+def _timed(model: nn.Module, x: Tensor, pairs: int) -> tuple[dict, gaugefix.GaugeStructure]:
     found: list[gaugefix.GaugeStructure] = []
 
     def forwards() -> None:
@@ -32,22 +64,30 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
         pairs,
         warmup=1,
     )
-    structure = found[-1]
-    row = {
-        "model": "ResNet-50 layout (bottleneck [3, 4, 6, 3], widths 64..2048)"
-        if not tiny
-        else "ResNet-50 layout (tiny)",
-        "params": sum(p.numel() for p in model.parameters()),
-        "input": [1, 3, size, size],
-        "neurons": structure.num_generators,
-        "pairs": pairs,
-        "discover": summary(times["discover"]),
-        "forwards_x20": summary(times["forwards"]),
-        "ratio": ratio(times["discover"], times["forwards"]),
-    }
-    log(
-        f"  discover {row['discover']['median_s']:.2f} s, {FORWARDS} forwards "
-        f"{row['forwards_x20']['median_s']:.2f} s: ratio {row['ratio']:.2f} "
-        f"({structure.num_generators} neurons)"
-    )
-    return row
+    return times, found[-1]
+
+
+def run(tiny: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    rows = []
+    for name, make, example, pairs in cases(tiny):
+        torch.manual_seed(0)
+        model, x = make().eval(), example()
+        times, structure = _timed(model, x, pairs)
+        row = {
+            "model": name,
+            "params": sum(p.numel() for p in model.parameters()),
+            "input": list(x.shape),
+            "generators": structure.num_generators,
+            "kinds": structure.kind_counts(),
+            "pairs": pairs,
+            "discover": summary(times["discover"]),
+            "forwards_x20": summary(times["forwards"]),
+            "ratio": ratio(times["discover"], times["forwards"]),
+        }
+        log(
+            f"  {name}: discover {row['discover']['median_s']:.2f} s, {FORWARDS} forwards "
+            f"{row['forwards_x20']['median_s']:.2f} s: ratio {row['ratio']:.2f} "
+            f"({structure.num_generators} generators)"
+        )
+        rows.append(row)
+    return rows

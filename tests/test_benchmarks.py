@@ -40,11 +40,17 @@ def quiet(_: str) -> None:
 
 def test_step_overhead_paths():
     rows = step.run(tiny=True, log=quiet)
-    assert len(rows) == 2
+    assert len(rows) == 3
     for row in rows:
-        for mode in ("exact", "penalty"):
+        for mode in step.MODES:
             assert row[mode]["skipped"] == 0
             assert row[mode]["median_s"] > 0
+
+
+def test_effect_tiny():
+    result = effect.run(tiny=True, log=quiet)
+    assert set(result["optimizers"]) == set(effect.OPTIMIZERS)
+    assert result["max_relative_difference"] >= 0
 
 
 @pytest.mark.parametrize("method", [gauss_seidel_balance_, saul_balance_])
@@ -86,16 +92,17 @@ def test_gauss_seidel_blocks_split_coupled_generators():
 def test_balancing_discovery_sweeps():
     for row in balancing.run(tiny=True, log=quiet):
         assert all(row[m]["converged"] for m in balancing.METHODS)
-    assert discovery.run(tiny=True, log=quiet)["neurons"] > 0
+    assert all(row["generators"] > 0 for row in discovery.run(tiny=True, log=quiet))
     result = sweeps.run(tiny=True, log=quiet)
     assert result["float64"]["identical"]
 
 
 @pytest.mark.skipif(not memory.supported(), reason="needs Linux /proc/self/clear_refs")
 def test_memory_probe_in_process():
-    for mode in memory.MODES:
-        out = memory_probe.measure(mode, tiny=True)
-        assert out["peak"] >= out["rss_before"] > 0
+    for case in memory_probe.CASES:
+        for mode in memory_probe.MODES:
+            out = memory_probe.measure(case, mode, tiny=True)
+            assert out["peak"] >= out["rss_before"] > 0
 
 
 def test_main_writes_results_and_table(tmp_path):
@@ -107,7 +114,8 @@ def test_main_writes_results_and_table(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| Item | Measured | Target | Met |")
     assert table == run.render_markdown(saved)
-    assert len(saved["targets"]) == 3  # two balancing cases and discovery
+    assert len(saved["targets"]) == 5  # three balancing cases, two discovery cases
+    assert "No CUDA GPU" in table or "CUDA:" in table
 
 
 def test_default_configuration_suppresses_drift_like_a_step_at_every_step():

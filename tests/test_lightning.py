@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import logging
 import warnings
 
@@ -17,6 +18,8 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from gaugefix.integrations.lightning import GaugeFixingCallback  # noqa: E402
+
+hook_module = importlib.import_module("gaugefix.train.hook")
 
 
 class Regressor(pl.LightningModule):
@@ -123,6 +126,7 @@ def test_explicit_structure_and_bad_input(tmp_path):
 class Recording(GaugeFixingCallback):
     def on_train_end(self, trainer, pl_module):
         self.seen = [(hook.every, hook.steps) for hook in self.hooks]
+        self.since = [hook.state_dict()["since"] for hook in self.hooks]
         super().on_train_end(trainer, pl_module)
 
 
@@ -134,3 +138,35 @@ def test_every_is_passed_to_the_hooks(tmp_path):
     assert callback.seen == [(4, 2)]  # orbit steps after optimizer steps 4 and 8
     with pytest.raises(ValueError, match="every"):
         GaugeFixingCallback(strength=1.0, every=0)
+
+
+def test_resumed_fit_continues_the_interval_and_does_not_balance_again(tmp_path, monkeypatch):
+    """4 steps, a checkpoint, and a fit resumed from it to step 7 (orbit steps every 3 steps):
+    the checkpoint holds the hook's state (one orbit step, one step since), and the resumed
+    hook continues from it, taking its next orbit step at step 6 (not 4 + 3), without balancing
+    the model again."""
+
+    def trainer(steps: int, callback, **options):
+        return pl.Trainer(
+            max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+            enable_progress_bar=False, enable_model_summary=False, **options,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    module = Regressor()
+    trainer(4, Recording(strength=5.0, every=3), default_root_dir=tmp_path).fit(module, loader())
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if "Recording" in k]
+    assert [(h["steps"], h["since"]) for h in state["hooks"]] == [(1, 1)]
+
+    def no_balancing(*args, **kwargs):
+        raise AssertionError("the resumed fit balanced the model again")
+
+    monkeypatch.setattr(hook_module, "balance_", no_balancing)
+    callback = Recording(strength=5.0, every=3)
+    trainer(7, callback, enable_checkpointing=False).fit(
+        Regressor(), loader(), ckpt_path=checkpoint
+    )
+    assert callback.seen == [(3, 2)]
+    assert callback.since == [1]

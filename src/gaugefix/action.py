@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gaugefix.distributed import everywhere, local_targets, local_view, sharded
 from gaugefix.moment import leading_chunks
 from gaugefix.structure import GaugeStructure
 
@@ -32,6 +33,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
     overflow, or a non-finite entry) is checked entry by entry."""
     if not tensors:
         return True
+    if sharded(tensors):  # FSDP2: each process checks its slices, and all agree
+        return everywhere(all_finite([t.to_local() for t in tensors]), tensors[0])
     if bool(torch.isfinite(torch.stack([t.detach().sum() for t in tensors])).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
@@ -42,7 +45,7 @@ def check_finite_params(params: dict[str, Tensor]) -> None:
     if all_finite(list(params.values())):
         return
     for name, p in params.items():
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite([p]):
             raise ValueError(f"parameter '{name}' contains NaN or inf; nothing was modified")
 
 
@@ -89,7 +92,9 @@ def optimizer_states(
 
 def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Targets:
     """Each parameter (power 1) with what moves with it: its ``.grad`` and gradient-like
-    optimizer buffers (power -1) and squared-gradient buffers (power -2)."""
+    optimizer buffers (power -1) and squared-gradient buffers (power -2). For ``DTensor``
+    parameters (FSDP2), their local slices: to be rescaled with the structure of
+    :func:`gaugefix.distributed.local_view`."""
     targets: Targets = {}
     for name, p in params.items():
         out = [(p, 1)] + ([(p.grad, -1)] if p.grad is not None else [])
@@ -97,7 +102,7 @@ def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Tar
             if isinstance(value, Tensor) and value.shape == p.shape:
                 out.append((value, -1 if key in GRAD_LIKE else -2))
         targets[name] = out
-    return targets
+    return local_targets(targets) if sharded(params.values()) else targets
 
 
 @torch.no_grad()
@@ -119,6 +124,7 @@ def apply_gauge_(
     check_finite_params(params)
     states = optimizer_states(optimizer, params)
     if params:
+        _, structure = local_view(params, structure)  # this process's slices under FSDP2
         rescale_(transport_targets(params, states), structure, h)
 
 

@@ -23,6 +23,7 @@ from gaugefix.action import (
     rescale_,
     transport_targets,
 )
+from gaugefix.distributed import local_view
 from gaugefix.moment import Masses, MassState, generator_sums
 from gaugefix.structure import GaugeStructure
 
@@ -308,14 +309,15 @@ def balance_(
         check_finite_params(params)
         empty = torch.zeros(0, dtype=torch.long)
         return BalanceResult(0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.float64), empty, True)
-    solution = solve_balance(masses_of(params, structure), tol, max_iter)
+    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
+    solution = solve_balance(masses_of(tensors, local), tol, max_iter)
     if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
         check_finite_params(params)
         raise ValueError("the squared parameters overflow float64; nothing was modified")
     h = solution.h[0]
     check_h(h, structure)
-    rescale_(transport_targets(params, optimizer_states(optimizer, params)), structure, h)
-    s_in, s_out, norm_after = generator_sums(params, structure, torch.float64)
+    rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)
+    s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
     live = solution.live[0]
     err = max_rel(s_in[:n] - s_out[:n], s_in[:n] + s_out[:n], live)
     return BalanceResult(

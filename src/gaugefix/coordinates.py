@@ -310,7 +310,7 @@ def gram_solve(
             bad.tolist(),
         )
     diag = (state.s_in + state.s_out)[0]
-    k = max([2] + [len(p.terms) for p in structure.params.values()])
+    k = max(2, structure.most_terms())
     k_norm = k * float(diag.max())  # Gershgorin: ||K||_2 <= max_n sum_m |K_nm| <= k max_n S_n
 
     def matvec(v: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from gaugefix.distributed import local_view
 from gaugefix.structure import GaugeStructure, PlannedParam
 
 
@@ -107,7 +108,7 @@ def generator_sums(
         total = torch.stack(totals).sum(0)
     else:
         total = torch.zeros(batch, dtype=dtype, device=device)
-    return s_in, s_out, total
+    return structure.sum_over_shards(s_in, s_out, total)
 
 
 def in_out_sums(
@@ -261,6 +262,7 @@ def imbalance_stats(
     params = structure.bind(source)
     if not params:
         return dict.fromkeys(STAT_NAMES, 0.0)
+    params, structure = local_view(params, structure)  # this process's slices under FSDP2
     dtype = accumulation_dtype(next(iter(params.values())).dtype)
     s_in, s_out, norm_sq = generator_sums(params, structure, dtype)
     n = structure.num_generators
@@ -298,6 +300,7 @@ class Masses:
         them: the masses of that part of the model)."""
         first = next(iter(tensors.values()))
         self.n = n = structure.num_generators
+        self.sum_over_shards = structure.sum_over_shards
         self.device = first.device
         self.r = r = first.shape[0]
         by_shape: dict[tuple, list[tuple]] = {}
@@ -472,7 +475,7 @@ class MassState:
         self.col_sums: list[Tensor] | None = None
         self.u = masses.flat_w * torch.exp(2 * masses._flat_exponent(hx))
         parts = [x.sum(-1).sum(0) for x in self.row_sums] + [self.u.sum(-1)]
-        self.total = torch.stack(parts).sum(0)
+        (self.total,) = masses.sum_over_shards(torch.stack(parts).sum(0))
         self.s_in = self.s_out = None
         if sums:
             self.complete()
@@ -497,6 +500,7 @@ class MassState:
             positive = m.flat_signs[k] > 0
             s_in.index_add_(1, m.flat_slots[k], self.u * positive)
             s_out.index_add_(1, m.flat_slots[k], self.u * ~positive)
+        s_in, s_out = m.sum_over_shards(s_in, s_out)
         self.s_in, self.s_out = s_in[:, : m.n], s_out[:, : m.n]
         return self
 
@@ -520,4 +524,4 @@ class MassState:
             t = self.u * a
             for k in range(m.flat_slots.shape[0]):
                 out.index_add_(1, m.flat_slots[k], t * m.flat_signs[k])
-        return out[:, : m.n]
+        return m.sum_over_shards(out)[0][:, : m.n]

@@ -28,6 +28,7 @@ from gaugefix.action import (
     rescale_,
     transport_targets,
 )
+from gaugefix.distributed import add_local_grads_, local_view
 from gaugefix.moment import Masses, accumulation_dtype, generator_sums, imbalance, leading_chunks
 from gaugefix.structure import GaugeStructure
 
@@ -106,11 +107,16 @@ def add_orbit_selection_grad_(
         return True
     n = structure.num_generators
     dtype = accumulation_dtype(next(iter(params.values())).dtype)
-    s_in, s_out, _ = generator_sums(params, structure, dtype)
+    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
+    s_in, s_out, _ = generator_sums(tensors, local, dtype)
     finite = bool(torch.isfinite(s_in).all() & torch.isfinite(s_out).all())
     if not finite and not all_finite(list(params.values())):
         return False
     mu = s_in - s_out
+    if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
+        grads = orbit_selection_grads(tensors, local, strength * mu[:n])
+        add_local_grads_(params, {name: g for name, g in grads.items() if name in names})
+        return True
     mu[n] = 0.0  # the dummy slot
     for param in structure.plan(mu.device):
         if param.name not in names:
@@ -268,12 +274,13 @@ def relax_unchecked_(
         finite = all_finite(list(params.values()))
         return torch.zeros(n, dtype=torch.float64) if finite else None
     rates = torch.as_tensor(rate, dtype=torch.float64)
-    h, finite = orbit_step(params, structure, rates)
+    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
+    h, finite = orbit_step(tensors, local, rates)
     if not bool(finite) and not all_finite(list(params.values())):
         return None
     states = optimizer_states(optimizer, params)
     if bool((h != 0).any()):
-        rescale_(transport_targets(params, states), structure, h)
+        rescale_(transport_targets(params, states), local, h)
     return h
 
 
@@ -312,7 +319,7 @@ def orbit_step(
         rate = rate.expand(*batch, *rate.shape[batch_dims:])
     per_generator = rate.dim() > len(batch)
     h = -(rate if per_generator else rate[..., None]) * mu
-    k = max([2] + [len(p.terms) for p in structure.params.values()])
+    k = max(2, structure.most_terms())
     searched = finite & (h != 0).any(-1)
     if not per_generator:
         s_max = torch.where(live, s_in + s_out, 0.0).amax(-1) if n else rate.new_zeros(batch)

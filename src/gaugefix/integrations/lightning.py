@@ -22,8 +22,7 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 import torch
 
-from gaugefix.moment import imbalance_stats
-from gaugefix.soft import check_strength
+from gaugefix.integrations.common import check_options, prefixed_stats
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import EVERY, GaugeFixing, Mode
 
@@ -38,9 +37,11 @@ class GaugeFixingCallback(Callback):
     ``example_input_array``. ``strength``, ``mode``, ``balance_at_start`` and ``every`` are passed
     to :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
     training starts (after any checkpoint restored the optimizer state) and removed when it
-    ends. With several optimizers, each hook acts on the generators whose parameters its optimizer
-    holds (generators spanning two optimizers are left out, see ``GaugeFixing``) and balances them
-    at the start with its own optimizer's state.
+    ends; a fit resumed from a Lightning checkpoint (``ckpt_path``) does not balance again and
+    continues each hook's place in the interval between orbit steps. With several optimizers,
+    each hook acts on the generators whose parameters its optimizer holds (generators spanning
+    two optimizers are left out, see ``GaugeFixing``) and balances them at the start with its
+    own optimizer's state.
     """
 
     def __init__(
@@ -54,20 +55,15 @@ class GaugeFixingCallback(Callback):
         every: int = EVERY,
     ) -> None:
         super().__init__()
-        self.strength = check_strength(strength)
-        if mode not in ("exact", "penalty"):
-            raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.strength = check_options(strength, mode, structure, every)
         self.every = every
-        if structure is not None and not isinstance(structure, GaugeStructure):
-            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
         self.structure = structure
         self.mode: Mode = mode
         self.balance_at_start = balance_at_start
         self.log_stats = log_stats
         self.prefix = prefix
         self.hooks: list[GaugeFixing] = []
+        self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.structure is None:
@@ -83,27 +79,37 @@ class GaugeFixingCallback(Callback):
         self.structure.bind(pl_module)  # a structure of another model fails here, before fitting
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Attach the hooks; a fit resumed from a checkpoint does not balance again and continues
+        each hook's counts and interval between orbit steps."""
         self._remove()
-        for opt in trainer.optimizers:
-            self.hooks.append(
-                GaugeFixing(
-                    opt,
-                    pl_module,
-                    self.structure,
-                    self.strength,
-                    mode=self.mode,
-                    balance_at_start=self.balance_at_start,
-                    every=self.every,
-                )
+        restored, self._restored = self._restored, None
+        for i, opt in enumerate(trainer.optimizers):
+            hook = GaugeFixing(
+                opt,
+                pl_module,
+                self.structure,
+                self.strength,
+                mode=self.mode,
+                balance_at_start=self.balance_at_start and restored is None,
+                every=self.every,
             )
+            if restored is not None:
+                hook.load_state_dict(restored[i])
+            self.hooks.append(hook)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: each hook's :meth:`GaugeFixing.state_dict`."""
+        return {"hooks": [hook.state_dict() for hook in self.hooks]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = list(state_dict["hooks"]) or None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         if self.log_stats:
-            stats = imbalance_stats(pl_module, self.structure)
             pl_module.log_dict(
-                {self.prefix + k: v for k, v in stats.items()},
+                prefixed_stats(pl_module, self.structure, self.prefix),
                 on_step=True,
                 on_epoch=False,
                 logger=True,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gaugefix.action import all_finite, optimizer_states
 from gaugefix.balancing import balance_
+from gaugefix.distributed import local_view
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
     OrbitSelectionPenalty,
@@ -37,6 +38,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def check_every(every: int) -> None:
+    """``ValueError`` unless ``every`` (optimizer steps between exact orbit steps) is an
+    integer ``>= 1``."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an integer >= 1, got {every!r}")
 
 
 def _touching(structure: GaugeStructure, names: set[str]) -> Tensor:
@@ -109,8 +117,7 @@ class GaugeFixing:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         if mode not in ("exact", "penalty"):
             raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        check_every(every)
         self.optimizer = optimizer
         self.model = unwrap_model(model)
         self.structure = structure
@@ -121,6 +128,7 @@ class GaugeFixing:
         self._since = 0  # optimizer steps since the last orbit step
         self._lr_sums: list[float] = []  # per optimizer group, the learning rates since then
         self._all_params = structure.bind(self.model)
+        local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         optimizer_states(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
@@ -277,6 +285,33 @@ class GaugeFixing:
                 rates.scatter_reduce_(0, term.slots.reshape(-1), src, reduce="amin")
         rates = rates[:n]
         return self.strength * torch.where(torch.isfinite(rates), rates, 0.0)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: the counts and where the run stands in
+        the interval between orbit steps (the steps since the last one and the sums of their
+        learning rates per parameter group). Plain data (JSON-serialisable)."""
+        return {
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "since": self._since,
+            "lr_sums": list(self._lr_sums),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a hook with the same ``every`` (``ValueError``
+        for anything else, nothing changed)."""
+        try:
+            steps, skipped = int(state["steps"]), int(state["skipped"])
+            since, lr_sums = int(state["since"]), [float(x) for x in state["lr_sums"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a GaugeFixing state: {err!r}") from None
+        if not 0 <= since < self.every or min(steps, skipped) < 0:
+            raise ValueError(
+                f"a GaugeFixing state with {since} steps since the last orbit step does not fit "
+                f"every={self.every}"
+            )
+        self.steps, self.skipped, self._since, self._lr_sums = steps, skipped, since, lr_sums
 
     # -- misc -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

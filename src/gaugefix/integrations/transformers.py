@@ -1,0 +1,237 @@
+"""Hugging Face ``Trainer``: soft gauge fixing and imbalance logging as a callback.
+
+Needs the optional extra: ``pip install gaugefix[transformers]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
+    from transformers import TrainingArguments as Args
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gaugefix.integrations.transformers needs transformers: "
+        "pip install 'gaugefix[transformers]'"
+    ) from exc
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gaugefix.integrations.common import check_options, prefixed_stats
+from gaugefix.structure import GaugeStructure, discover
+from gaugefix.train.hook import EVERY, GaugeFixing, Mode
+
+# The entry of ``TrainerState.stateful_callbacks`` (a checkpoint's ``trainer_state.json``) that
+# holds the gauge state of a run.
+STATE_KEY = "gaugefix"
+
+
+def torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside Accelerate's ``AcceleratedOptimizer`` (the
+    ``Trainer``'s wrapper forwards its steps to it; the wrapper's own step hooks never run)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return torch_optimizer(inner) if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def encode_structure(structure: GaugeStructure) -> str:
+    """:meth:`GaugeStructure.to_dict` as zlib-compressed JSON in base64: one string of a
+    checkpoint's ``trainer_state.json`` (about 0.5 MB for GPT-2 small)."""
+    raw = json.dumps(structure.to_dict(), separators=(",", ":")).encode()
+    return base64.b64encode(zlib.compress(raw)).decode("ascii")
+
+
+def decode_structure(text: str) -> GaugeStructure:
+    """The structure :func:`encode_structure` wrote."""
+    return GaugeStructure.from_dict(json.loads(zlib.decompress(base64.b64decode(text))))
+
+
+class GaugeFixingCallback(TrainerCallback):
+    """Soft gauge fixing (:class:`gaugefix.GaugeFixing`) for a Hugging Face ``Trainer``, with
+    :func:`gaugefix.imbalance_stats` logged through ``trainer.log`` (so ``state.log_history`` and
+    every ``report_to`` integration get them; keys ``prefix + name``).
+
+    The callback needs its ``Trainer`` to log through it, so it is added after the trainer is
+    built: ``trainer.add_callback(GaugeFixingCallback(trainer, strength=1.0))``.
+
+    - ``structure``: discovered on the model's inputs of the first batch when ``None`` (the
+      trainer's model itself, ``labels`` included, with the random state restored, so training
+      is the same as with the structure given); a given one must be discovered on
+      ``trainer.model`` (its parameter names).
+    - :class:`gaugefix.GaugeFixing` (``strength``, ``mode``, ``every``) is attached to the
+      ``torch.optim``
+      optimizer the trainer built (inside Accelerate's wrapper) and re-attached when the
+      trainer's optimizer is replaced; it acts once per optimizer step (after the gradients of
+      all accumulated micro-batches and any clipping), never per micro-batch. It is removed when
+      training ends. ``balance_at_start`` balances the model when gauge fixing starts.
+    - ``log_every``: ``None`` logs whenever the trainer logs (its ``logging_strategy`` and
+      ``logging_steps``), ``n > 0`` every ``n`` optimizer steps, ``0`` never.
+    - Checkpoints: the gauge state (the structure, whether gauge fixing started, the hook's
+      :meth:`~gaugefix.GaugeFixing.state_dict`: counts and the place in the interval between
+      orbit steps) is stored in ``TrainerState.stateful_callbacks["gaugefix"]``, i.e. in every
+      checkpoint's ``trainer_state.json``. A run resumed from a checkpoint takes the structure
+      from there (when none is given) and does not balance again; with the optimizer state the
+      trainer restores, it continues as the uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        strength: float,
+        mode: Mode = "exact",
+        structure: GaugeStructure | None = None,
+        log_every: int | None = None,
+        balance_at_start: bool = True,
+        prefix: str = "gauge/",
+        every: int = EVERY,
+    ) -> None:
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
+        self.strength = check_options(strength, mode, structure, every)
+        self.every = every
+        if log_every is not None and (
+            isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0
+        ):
+            raise ValueError(f"log_every must be an integer >= 0 or None, got {log_every!r}")
+        self.trainer = trainer
+        self.structure = structure
+        self.mode: Mode = mode
+        self.log_every = log_every
+        self.balance_at_start = balance_at_start
+        self.prefix = prefix
+        self.hook: GaugeFixing | None = None
+        self.started = False  # gauge fixing started in this run (balanced then): not again
+        # the state the next hook continues from (a resumed run's, or a replaced hook's)
+        self._carry: dict[str, Any] | None = None
+        self._discovery: RemovableHandle | None = None
+        self._encoded: tuple[GaugeStructure, str] | None = None
+        self._last_logged = -1
+
+    def _hook_state(self) -> dict[str, Any]:
+        if self.hook is not None:
+            return self.hook.state_dict()
+        return self._carry or {"steps": 0, "skipped": 0, "since": 0, "lr_sums": []}
+
+    @property
+    def steps(self) -> int:
+        """Gauge-fixing steps applied in this run (resumed runs included)."""
+        return self._hook_state()["steps"]
+
+    @property
+    def skipped(self) -> int:
+        """Gauge-fixing steps skipped (non-finite gradients or parameters)."""
+        return self._hook_state()["skipped"]
+
+    # -- events -----------------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._detach()
+        if self not in self.trainer.callback_handler.callbacks:
+            raise ValueError(
+                "this GaugeFixingCallback belongs to another Trainer: "
+                "trainer.add_callback(GaugeFixingCallback(trainer, ...))"
+            )
+        saved = state.stateful_callbacks.get(STATE_KEY)  # present when resuming a gauge-fixed run
+        self.started, self._carry, self._last_logged = False, None, -1
+        if saved is not None:
+            if self.structure is None:
+                self.structure = decode_structure(saved["structure"])
+            self.started, self._carry = saved["started"], saved["hook"]
+        model = self.trainer.model
+        if self.structure is None:
+            self._discovery = model.register_forward_pre_hook(self._discover, with_kwargs=True)
+        else:
+            self.structure.bind(model)  # a structure of another model fails here, before training
+
+    def on_step_begin(
+        self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.structure is not None:
+            self._attach()
+
+    def on_step_end(
+        self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.structure is None:
+            return
+        state.stateful_callbacks[STATE_KEY] = {
+            "structure": self._encoded_structure(),
+            "started": self.started,
+            "hook": self._hook_state(),
+        }
+        if self.log_every is None:
+            due = control.should_log
+        else:
+            due = self.log_every > 0 and state.global_step % self.log_every == 0
+        if due:
+            self._log(state, control)
+
+    def on_epoch_end(
+        self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.log_every is None and control.should_log:  # logging_strategy="epoch"
+            self._log(state, control)
+
+    def on_train_end(
+        self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._detach()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _discover(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook for the first batch: discover the structure on its inputs, then start
+        gauge fixing before the forward reads the parameters."""
+        self._discovery.remove()
+        self._discovery = None
+        self.structure = discover(module, *args, **kwargs)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Attach :class:`GaugeFixing` to the trainer's optimizer unless it already is."""
+        optimizer = torch_optimizer(self.trainer.optimizer)
+        if self.hook is not None:
+            if self.hook.optimizer is optimizer:
+                return
+            self._detach()  # the optimizer was rebuilt
+        self.hook = GaugeFixing(
+            optimizer,
+            self.trainer.model,
+            self.structure,
+            self.strength,
+            mode=self.mode,
+            balance_at_start=self.balance_at_start and not self.started,
+            every=self.every,
+        )
+        if self._carry is not None:
+            self.hook.load_state_dict(self._carry)
+        self.started = True
+
+    def _detach(self) -> None:
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery = None
+        if self.hook is not None:
+            self._carry = self.hook.state_dict()
+            self.hook.remove()
+            self.hook = None
+
+    def _log(self, state: TrainerState, control: TrainerControl) -> None:
+        """``trainer.log`` the statistics; the trainer's own decision to log this step (which
+        its ``on_log`` event resets) is kept."""
+        if self.structure is None or state.global_step == self._last_logged:
+            return
+        self._last_logged = state.global_step
+        should_log = control.should_log
+        self.trainer.log(prefixed_stats(self.trainer.model, self.structure, self.prefix))
+        self.trainer.control.should_log = control.should_log = should_log
+
+    def _encoded_structure(self) -> str:
+        if self._encoded is None or self._encoded[0] is not self.structure:
+            self._encoded = (self.structure, encode_structure(self.structure))
+        return self._encoded[1]

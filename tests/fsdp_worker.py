@@ -1,0 +1,237 @@
+"""Run by tests/test_fsdp.py under torchrun (2 gloo processes): the gauge functions on models
+sharded with ``fully_shard`` against the same functions on the whole model, in float64.
+
+Every rank builds the same models; the sharded copy holds a slice of each parameter. Rank 0
+prints one JSON object: per model, the largest relative differences between the two (gathered
+parameters, gradients and optimizer state, statistics, steps ``h``, balance results), and the
+number of all-reduces one ``GaugeFixing`` step issues in each mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_module, distribute_tensor
+
+import gaugefix
+from gaugefix import zoo
+from gaugefix.distributed import PLACEHOLDER, shard_structure
+
+torch.set_default_dtype(torch.float64)
+
+MODELS = {
+    # every parameter has one row: the second process holds no slice at all
+    "one_row": (
+        lambda: nn.Sequential(
+            nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1)
+        ),
+        lambda: torch.randn(2, 3),
+    ),
+    "cnn": (lambda: zoo.cnn(3, 5), lambda: torch.randn(2, 3, 16, 16)),
+    "resnet": (zoo.ResNet, lambda: torch.randn(2, 3, 16, 16)),
+    "gpt": (
+        lambda: zoo.GPT(vocab=11, dim=8, heads=2, layers=1, hidden=12, context=6),
+        lambda: torch.randint(0, 11, (2, 5)),
+    ),
+}
+
+
+def whole(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    a, b = whole(a).detach(), whole(b).detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def state_diff(a: nn.Module, b: nn.Module, opt_a, opt_b) -> float:
+    """The largest relative difference of parameters, gradients and momentum buffers."""
+    out = 0.0
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        out = max(out, rel(p, q))
+        if q.grad is not None:
+            out = max(out, rel(p.grad, q.grad))
+        if opt_b is not None and q in opt_b.state:
+            out = max(
+                out, rel(opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"])
+            )
+    return out
+
+
+def with_state(model: nn.Module, reference: nn.Module) -> torch.optim.SGD:
+    """An SGD-momentum optimizer of ``model`` whose gradients and buffers are the reference's,
+    sliced like the parameters when they are DTensors."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        place = (
+            (lambda t: distribute_tensor(t, p.device_mesh, p.placements))  # noqa: B023
+            if hasattr(p, "device_mesh")
+            else (lambda t: t.clone())
+        )
+        p.grad = place(q.grad)
+        opt.state[p]["momentum_buffer"] = place(q.momentum)
+    return opt
+
+
+class Collectives:
+    """Counts ``dist.all_reduce`` calls."""
+
+    def __init__(self) -> None:
+        self.count, self.original = 0, dist.all_reduce
+
+    def __enter__(self) -> Collectives:
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.original(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self.original
+
+
+def compare(name: str) -> dict:
+    build, example = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    inputs = example()
+    structure = gaugefix.discover(model, inputs)
+    gaugefix.random_gauge_(model, structure, 1.0, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    for p in model.parameters():  # the gradients and momentum buffers to transport
+        p.grad = torch.randn(p.shape, generator=gen)
+        p.momentum = torch.randn(p.shape, generator=gen)
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded)
+    out = {"generators": structure.num_generators}
+    shard = shard_structure(structure, structure.bind(sharded))
+    out["most_terms_equal"] = shard.most_terms() == structure.most_terms()
+    placeholders = [None] * dist.get_world_size()
+    dist.all_gather_object(placeholders, PLACEHOLDER in shard.params)
+    out["placeholders"] = placeholders
+
+    a, b = gaugefix.imbalance_stats(sharded, structure), gaugefix.imbalance_stats(model, structure)
+    out["stats"] = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-300) for k in b)
+
+    h = torch.randn(structure.num_generators, generator=gen)
+    opt_s, opt_m = with_state(sharded, model), with_state(model, model)
+    gaugefix.apply_gauge_(sharded, structure, h, opt_s)
+    gaugefix.apply_gauge_(model, structure, h, opt_m)
+    out["apply_gauge_"] = state_diff(sharded, model, opt_s, opt_m)
+
+    for rate in (1e-3, 1e3):  # a step taken at once, and one found by the bounded search
+        hs = gaugefix.relax_(sharded, structure, rate, opt_s)
+        hm = gaugefix.relax_(model, structure, rate, opt_m)
+        out[f"relax_{rate:g}_h"] = rel(hs, hm)
+        out[f"relax_{rate:g}"] = state_diff(sharded, model, opt_s, opt_m)
+
+    gaugefix.random_gauge_(model, structure, 1.0, torch.Generator().manual_seed(3), opt_m)
+    gaugefix.random_gauge_(sharded, structure, 1.0, torch.Generator().manual_seed(3), opt_s)
+    rs = gaugefix.balance_(sharded, structure, optimizer=opt_s)
+    rm = gaugefix.balance_(model, structure, optimizer=opt_m)
+    out["balance_"] = state_diff(sharded, model, opt_s, opt_m)
+    out["balance_h"] = rel(rs.h, rm.h)
+    out["balance_fields_equal"] = (
+        rs.iterations == rm.iterations
+        and rs.converged == rm.converged
+        and torch.equal(rs.dead_generators, rm.dead_generators)
+    )
+    out["balance_max_rel_imbalance"] = rs.max_rel_imbalance
+    out["balance_norms"] = max(
+        abs(rs.norm_sq_before - rm.norm_sq_before) / rm.norm_sq_before,
+        abs(rs.norm_sq_after - rm.norm_sq_after) / rm.norm_sq_after,
+    )
+
+    # Collectives of one optimizer step with GaugeFixing, after a forward and backward.
+    for mode in ("exact", "penalty"):
+        opt = torch.optim.SGD(sharded.parameters(), lr=1e-3, momentum=0.9)
+        fixing = gaugefix.GaugeFixing(
+            opt, sharded, structure, 1.0, mode, balance_at_start=False, every=1
+        )
+        out_ = sharded(inputs)
+        out_.float().square().mean().backward()
+        with Collectives() as calls:
+            opt.step()
+        fixing.remove()
+        opt.zero_grad()
+        out[f"all_reduces_per_step_{mode}"] = calls.count
+        out[f"steps_{mode}"] = fixing.steps
+    return out
+
+
+def refuses_non_finite() -> dict:
+    """A NaN in one rank's slice: balance_ raises the same error on every rank and modifies
+    nothing; a model sharded only in part is refused."""
+    torch.manual_seed(0)
+    model = zoo.mlp((8, 32, 32, 1))
+    structure = gaugefix.discover(model, torch.randn(1, 8))
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded)
+    with torch.no_grad():
+        local = sharded[2].weight.to_local()
+        if dist.get_rank() == 1:
+            local[3, 4] = float("nan")
+    before = {k: whole(v).clone() for k, v in sharded.state_dict().items()}
+    try:
+        gaugefix.balance_(sharded, structure)
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    unchanged = all(
+        torch.equal(whole(v).nan_to_num(7.0), before[k].nan_to_num(7.0))
+        for k, v in sharded.state_dict().items()
+    )
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    refused = {}
+    part = copy.deepcopy(model)
+    fully_shard(part[0])
+    replicated = distribute_module(copy.deepcopy(model), init_device_mesh("cpu", (2,)))
+    for name, bad, call in [
+        ("partial_stats", part, lambda m: gaugefix.imbalance_stats(m, structure)),
+        ("replicated_balance", replicated, lambda m: gaugefix.balance_(m, structure)),
+        (
+            "partial_hook",
+            part,
+            lambda m: gaugefix.GaugeFixing(
+                torch.optim.SGD(m.parameters(), lr=0.1), m, structure, 1.0, balance_at_start=False
+            ),
+        ),
+    ]:
+        before = {k: whole(v).clone() for k, v in bad.state_dict().items()}
+        try:
+            call(bad)
+            refused[name] = None
+        except ValueError as exc:
+            refused[name] = str(exc)
+        assert all(torch.equal(whole(v), before[k]) for k, v in bad.state_dict().items())
+    return {"nan_messages": messages, "nan_unchanged": unchanged, **refused}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    result = {name: compare(name) for name in MODELS}
+    result["bad_input"] = refuses_non_finite()
+    if dist.get_rank() == 0:
+        print(json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
+    # gloo on CPU occasionally aborts at interpreter finalization (see examples/ddp_train.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
