@@ -267,6 +267,15 @@ NOTES = [
 ]
 
 
+TABLE_START, TABLE_END = "<!-- benchmark table: start -->", "<!-- benchmark table: end -->"
+
+
+def with_table(readme: str, table: str) -> str:
+    """``readme`` with the text between the benchmark-table markers replaced by ``table``."""
+    start, end = readme.index(TABLE_START), readme.index(TABLE_END)
+    return readme[: start + len(TABLE_START)] + "\n" + table + readme[end:]
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -331,6 +340,10 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(render_markdown(results))
     log(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    if args.out.resolve() == HERE and not args.tiny and set(only) == set(SECTIONS):
+        readme = HERE.parent / "README.md"
+        readme.write_text(with_table(readme.read_text(), render_markdown(results)))
+        log(f"updated the table in {readme}")
     return results
 
 

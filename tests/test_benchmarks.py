@@ -129,3 +129,10 @@ def test_default_configuration_suppresses_drift_like_a_step_at_every_step():
     default = effect.final_log_ratio("sgd", effect.EVERY, steps, 0)
     assert plain / every_step > 2  # the orbit steps do suppress the drift
     assert abs((plain / default) / (plain / every_step) - 1) <= 0.1
+
+
+def test_readme_table_is_replaced_between_the_markers():
+    readme = f"intro\n{run.TABLE_START}\nold | table\n{run.TABLE_END}\nafter\n"
+    out = run.with_table(readme, "| new |\n")
+    assert out == f"intro\n{run.TABLE_START}\n| new |\n{run.TABLE_END}\nafter\n"
+    assert run.TABLE_START in (ROOT / "README.md").read_text()
