@@ -256,6 +256,36 @@ def test_bad_input_changes_nothing(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+class Padded(Tokens):
+    """The same sequences with an attention mask that hides the first 3 tokens of odd rows."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        mask = torch.ones(12, dtype=torch.long)
+        if i % 2:
+            mask[:3] = 0
+        return {**super().__getitem__(i), "attention_mask": mask}
+
+
+def test_batches_with_an_attention_mask_need_the_opt_in(tmp_path):
+    """GPT-2 reads the attention mask's values to choose how to apply it: discovery on such a
+    batch is refused by default (before anything moves), and accepted with
+    allow_value_dependent=True, its notes saying so."""
+    model = gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = trainer_for(model, tmp_path)
+    trainer.train_dataset = Padded()
+    trainer.add_callback(GaugeFixingCallback(trainer, strength=1000.0, every=1))
+    with pytest.raises(gaugefix.ValueDependentError, match="read a tensor value"):
+        trainer.train()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    trainer = trainer_for(gpt2(), tmp_path)
+    trainer.train_dataset = Padded()
+    callback = GaugeFixingCallback(trainer, strength=1000.0, every=1, allow_value_dependent=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.steps == 8 and "traced one path" in callback.structure.notes[0]
+
+
 def test_library_never_imports_transformers():
     code = (
         "import sys, gaugefix, gaugefix.cli, gaugefix.checkpoint, gaugefix.integrations.common\n"

@@ -62,7 +62,11 @@ class GaugeFixingCallback(TrainerCallback):
     - ``structure``: discovered on the model's inputs of the first batch when ``None`` (the
       trainer's model itself, ``labels`` included, with the random state restored, so training
       is the same as with the structure given); a given one must be discovered on
-      ``trainer.model`` (its parameter names).
+      ``trainer.model`` (its parameter names). Hugging Face models that receive an
+      ``attention_mask`` read its values in Python to choose how to build the attention mask,
+      which :func:`gaugefix.discover` refuses by default (one trace sees one path);
+      ``allow_value_dependent=True`` accepts that for discovery on the first batch, when the
+      branches only choose how the mask is applied (the structure's ``notes`` record it).
     - :class:`gaugefix.GaugeFixing` (``strength``, ``mode``, ``every``) is attached to the
       ``torch.optim``
       optimizer the trainer built (inside Accelerate's wrapper) and re-attached when the
@@ -89,11 +93,13 @@ class GaugeFixingCallback(TrainerCallback):
         balance_at_start: bool = True,
         prefix: str = "gauge/",
         every: int = EVERY,
+        allow_value_dependent: bool = False,
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
         self.strength = check_options(strength, mode, structure, every)
         self.every = every
+        self.allow_value_dependent = bool(allow_value_dependent)
         if log_every is not None and (
             isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0
         ):
@@ -189,7 +195,9 @@ class GaugeFixingCallback(TrainerCallback):
         gauge fixing before the forward reads the parameters."""
         self._discovery.remove()
         self._discovery = None
-        self.structure = discover(module, *args, **kwargs)
+        self.structure = discover(
+            module, *args, allow_value_dependent=self.allow_value_dependent, **kwargs
+        )
         self._attach()
 
     def _attach(self) -> None:
