@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import gaugefix.experiments.runner as runner
@@ -263,9 +262,8 @@ def _check_schema(summary: dict) -> None:
 
 
 def test_quick_reproduction(tmp_path: Path):
-    torch.set_num_threads(2)
     out = tmp_path / "results"
-    result = cli.invoke(app, ["reproduce", "--quick", "--out", str(out)])
+    result = cli.invoke(app, ["reproduce", "--quick", "--jobs", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     _check_schema(summary)

@@ -179,7 +179,7 @@ def init_direction(structure: GaugeStructure) -> Tensor:
 
 
 def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> tuple:
-    """Each run's initial parameters: PyTorch's default initialisation for its seed, moved along
+    """Each run's initial parameters: its task model's initialisation for its seed, moved along
     its own orbit by ``s z``; returns the template model, structure and the stack."""
     template = task.make_model().to(dtype)
     structure = discover(template, task.arrays(dtype)[0][:2])

@@ -216,14 +216,14 @@ def horizons(runs: Runs) -> dict[str, Any]:
     return out
 
 
-def render_horizons(entry: dict[str, Any], label: Any) -> str:
+def render_horizons(entry: dict[str, Any]) -> str:
     """The paragraph on the stable range over a longer horizon (``entry``: :func:`horizons`)."""
     parts = []
     for key, h in entry.items():
         opt, batch = key.split("/")
         word = {True: "narrowed", False: "did not narrow", None: "could not be measured"}
         lines = [
-            f"- {label(m)}: {ratio_text(st)}, **{word[st['narrowed']]}**"
+            f"- {m}: {ratio_text(st)}, **{word[st['narrowed']]}**"
             for m, st in ((m, h["methods"][m]) for m in methods_in_order(h["methods"]))
         ]
         parts.append(

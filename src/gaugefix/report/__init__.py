@@ -102,10 +102,10 @@ def _header(summary: dict[str, Any], title: str) -> str:
         f"The previous definition (stable: not diverged and the final training loss below the "
         f"initial loss) called **{summary['previously_stable']}** of these runs stable that this "
         "one does not.\n\n"
-        "The initial imbalance s moves PyTorch's default initialisation along its own orbit by "
-        "`h = s z` (z a fixed random sign vector): the function at initialisation is identical "
-        "for every s, only the gauge differs. A regime is an optimizer, a batch size (full: full "
-        "batch) and a number of steps.\n\n"
+        "The initial imbalance s moves the model's initialisation (PyTorch's default; He for "
+        "deep-mlp-digits) along its own orbit by `h = s z` (z a fixed random sign vector): the "
+        "function at initialisation is identical for every s, only the gauge differs. A regime "
+        "is an optimizer, a batch size (full: full batch) and a number of steps.\n\n"
         f"**Methods** (strength: penalty, exact-step or weight-decay strength):\n\n{methods}"
         "\n\n## Headline\n\n" + headline_table(summary)
     )
@@ -135,7 +135,7 @@ def _task_section(out: Path, store: Store, task: str, t: dict[str, Any], runs: R
         parts.append(stability.render(out, task, regime, entry, chosen))
         parts.append(drift.render(entry, label))
         parts.append(quality.render(entry, label))
-    parts.append(stability.render_horizons(t["horizons"], lambda m: m))
+    parts.append(stability.render_horizons(t["horizons"]))
     figure = stability.balanced_start_figure(out, task, {g: e for g, (e, _) in regimes.items()})
     if figure:
         parts.append(
