@@ -126,6 +126,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     axes[0][0].set_xlabel("initial imbalance s")
     axes[0][0].set_ylabel("sharpness at init (dotted: balanced)")
     axes[0][0].legend(fontsize=7)
+    plain_log_ticks(axes[0][0])
     for j, (task, v) in enumerate(sorted(values.items()), start=1):
         r, ax = v["train"], axes[0][j]
         for method in TRAINED:

@@ -39,12 +39,12 @@ def method_color(method: str) -> str:
 def plain_log_ticks(*axes: Any) -> None:
     """Tick labels of log axes as plain numbers (``4.1``, not ``4.1 x 10^0``); over more than
     a decade, minor ticks are labelled at 2, 3 and 5 times a power of ten only (2 and 5 over
-    more than two)."""
+    more than two, none over more than three)."""
 
     def minor(axis: Any) -> FuncFormatter:
         def label(v: float, _: Any) -> str:
             low, high = axis.get_view_interval()
-            keep = (2, 3, 5) if high <= 100 * low else (2, 5)
+            keep = (2, 3, 5) if high <= 100 * low else (2, 5) if high <= 1000 * low else ()
             mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
             return "" if high > 10 * low and mantissa not in keep else f"{v:g}"
 

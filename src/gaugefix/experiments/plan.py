@@ -109,7 +109,7 @@ BALANCED_START = {
 }
 # Learning-rate windows of the mini-batch blocks: the drift experiment's on teacher-student, and
 # the long horizon's on digits (around balanced-init's edge at the full-batch steps).
-TS_DRIFT = {"sgd": (-9, 3), "momentum": (-13, -1), "adam": (-12, 0)}
+TS_DRIFT = {"sgd": (-9, 3), "momentum": (-13, 3), "adam": (-12, 0)}
 DIGITS_WINDOWS = {"sgd": (-6, 3), "adam": (-8, 1)}
 S_DEEP = (0.0, 1.0, 2.0)
 S_WIDE = (0.0, 1.0)
@@ -186,7 +186,7 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
         TaskGrid(
             "modular-addition",
             (
-                Block(COSTLY, "gd", (-3, 3), S_WIDE, 3, 200),
+                Block(COSTLY, "gd", (-3, 5), S_WIDE, 3, 200),
                 Block(COSTLY, "adam", (-12, -5), S_WIDE, 3, 150),
             ),
         ),

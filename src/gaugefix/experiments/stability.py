@@ -208,30 +208,13 @@ def horizons(runs: Runs) -> dict[str, Any]:
             }
             stats = ratio_stats(ratios)
             known = [v for v in ratios.values() if v is not None]
-            narrowed = None if stats["unknown_seeds"] or not known else all(v < 1 for v in known)
             if any(v >= 1 for v in known):
-                narrowed = False
+                narrowed: bool | None = False
+            else:
+                narrowed = True if known and not stats["unknown_seeds"] else None
             entry[method] = {**stats, "narrowed": narrowed}
         out[f"{opt}/{batch}"] = {"short": steps[0], "long": steps[-1], "methods": entry}
     return out
-
-
-def render_horizons(entry: dict[str, Any]) -> str:
-    """The paragraph on the stable range over a longer horizon (``entry``: :func:`horizons`)."""
-    parts = []
-    for key, h in entry.items():
-        opt, batch = key.split("/")
-        word = {True: "narrowed", False: "did not narrow", None: "could not be measured"}
-        lines = [
-            f"- {m}: {ratio_text(st)}, **{word[st['narrowed']]}**"
-            for m, st in ((m, h["methods"][m]) for m in methods_in_order(h["methods"]))
-        ]
-        parts.append(
-            f"**Over a longer horizon** ({opt}, batch {batch}, s = 0): per seed, `max_stable_lr` "
-            f"at {h['long']} steps / at {h['short']} steps, median [min, max]; the range "
-            "narrowed only if below 1 for every seed:\n\n" + "\n".join(lines)
-        )
-    return "\n\n".join(parts)
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -314,30 +297,56 @@ def grid_ratio(lrs: list[float]) -> float | None:
     return min(b / a for a, b in zip(lrs[:-1], lrs[1:], strict=True)) if len(lrs) > 1 else None
 
 
+def render_horizons(entry: dict[str, Any]) -> str:
+    """The paragraph on the stable range over a longer horizon (``entry``: :func:`horizons`)."""
+    parts = []
+    for key, h in entry.items():
+        opt, batch = key.split("/")
+        word = {True: "narrowed", False: "did not narrow", None: "could not be measured"}
+        lines = [
+            f"- {m}: {ratio_text(st)}, **{word[st['narrowed']]}**"
+            for m, st in ((m, h["methods"][m]) for m in methods_in_order(h["methods"]))
+        ]
+        parts.append(
+            f"**Over a longer horizon** ({opt}, batch {batch}, s = 0): per seed, `max_stable_lr` "
+            f"at {h['long']} steps / at {h['short']} steps, median [min, max]; the range "
+            "narrowed only if below 1 for every seed:\n\n" + "\n".join(lines)
+        )
+    return "\n\n".join(parts)
+
+
 def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
-    where some seed diverged."""
+    where some seed diverged; at most four panels a row."""
     methods = methods_in_order({r["method"] for r in runs})
     s_values = sorted({r["s"] for r in runs})
     lrs = sorted({r["lr"] for r in runs})
     seeds = len({r["seed"] for r in runs})
-    width = 0.6 + 0.55 * len(s_values)
+    cols = min(len(methods), 4)
+    rows = -(-len(methods) // cols)
+    width = max(1.0 + 0.6 * len(s_values), 2.2)
     fig, axes = plt.subplots(
-        1,
-        len(methods),
-        figsize=(max(1.5 * width * len(methods), 5.0), 3.8),
+        rows,
+        cols,
+        figsize=(width * cols + 1.2, 3.2 * rows + 0.5),
         sharey=True,
         squeeze=False,
         layout="constrained",
     )
     norm = BoundaryNorm(np.linspace(-0.5 / seeds, 1 + 0.5 / seeds, seeds + 2), 256)
     y_edges = _edges(lrs)
+    ratio = grid_ratio(lrs)
     mesh = None
-    for ax, method in zip(axes[0], methods, strict=True):
+    for k, ax in enumerate(axes.flat):
+        if k >= len(methods):
+            ax.set_visible(False)
+            continue
+        method = methods[k]
+        mine = [r for r in runs if r["method"] == method]
         frac = np.full((len(lrs), len(s_values)), np.nan)
         crosses = []
-        for (s, lr), cell in group([r for r in runs if r["method"] == method], "s", "lr").items():
+        for (s, lr), cell in group(mine, "s", "lr").items():
             i, j = lrs.index(lr), s_values.index(s)
             frac[i, j] = np.mean([r["status"] == "stable" for r in cell])
             if any(r["status"] == "diverged" for r in cell):
@@ -356,13 +365,15 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         ax.set_yscale("log")
         ax.set_ylim(y_edges[0], y_edges[-1])
         ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
-        ax.set_title(method, fontsize=9)
-        ax.set_xlabel("initial imbalance s")
-    ratio = grid_ratio(lrs)
-    axes[0][0].set_ylabel(f"learning rate (grid ratio {fmt(ratio)})" if ratio else "learning rate")
-    plain_log_ticks(axes[0][0])
-    bar = fig.colorbar(mesh, ax=axes[0].tolist(), label=f"fraction of {seeds} seeds stable")
-    bar.set_ticks(np.linspace(0, 1, seeds + 1))
+        strength = mine[0]["strength"]
+        ax.set_title(f"{method} ({strength:g})" if strength else method, fontsize=9)
+        if k + cols >= len(methods):  # no panel below
+            ax.set_xlabel("initial imbalance s")
+        if k % cols == 0:
+            ax.set_ylabel(f"lr (grid ratio {fmt(ratio)})" if ratio else "lr")
+    plain_log_ticks(*axes[:, 0])  # after every set_yscale of the shared axis
+    bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f"seeds stable (of {seeds})")
+    bar.set_ticks(np.linspace(0, 1, seeds + 1), labels=[str(i) for i in range(seeds + 1)])
     fig.suptitle(f"{task}: {regime.label} (x: some seed diverged)", fontsize=10)
     return save(fig, out, f"stability-{task}-{regime.slug}.png")
 
@@ -383,7 +394,8 @@ def balanced_start_figure(
 ) -> str | None:
     """Continuous gauge fixing against a balanced start: per regime with a ``balanced-init``
     reference, each seed's ``max_stable_lr`` per method and initial imbalance (the grid's rates
-    as faint lines; a downward triangle: no stable rate)."""
+    as faint lines; a downward triangle: no stable rate; an upward one: stable up to the grid's
+    top, a lower bound)."""
     panels = [
         (regime, entry)
         for regime, entry in regimes.items()
@@ -391,27 +403,33 @@ def balanced_start_figure(
     ]
     if not panels:
         return None
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, layout="constrained"
+        rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained"
     )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     shown: dict[str, Any] = {}
-    for ax, (regime, entry) in zip(axes[0], panels, strict=True):
+    for k, (regime, entry) in enumerate(panels):
+        ax = axes.flat[k]
         by_seed = entry["max_stable_lr_by_seed"]
         methods = [m for m in BALANCED_START_METHODS if m in by_seed]
         s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
         values = [v for m in methods for cell in by_seed[m].values() for v in cell.values()]
         positive = [v for v in values if v > 0]
         floor = min(positive) / 2 if positive else 1e-3
-        for lr in entry.get("lr_grid", []):
+        top = max(entry["lr_grid"])
+        for lr in entry["lr_grid"]:
             ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
         width = 0.8 / len(methods)
-        for k, method in enumerate(methods):
+        for m, method in enumerate(methods):
             for j, s in enumerate(s_values):
                 cell = list(by_seed[method].get(s, {}).values())
-                x = j - 0.4 + width * (k + 0.5)
+                x = j - 0.4 + width * (m + 0.5)
                 xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
                 ys = [v if v > 0 else floor for v in cell]
-                marks = ["o" if v > 0 else "v" for v in cell]
+                marks = ["v" if v == 0 else "^" if v >= top else "o" for v in cell]
                 for xi, yi, mark in zip(xs, ys, marks, strict=True):
                     ax.scatter(xi, yi, marker=mark, s=14, color=method_color(method), zorder=2)
                 shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
@@ -420,12 +438,13 @@ def balanced_start_figure(
         ax.set_xlabel("initial imbalance s")
         ax.set_title(regime.label, fontsize=9)
         plain_log_ticks(ax)
-    axes[0][0].set_ylabel("max stable lr, per seed")
+    for row in axes:
+        row[0].set_ylabel("max stable lr, per seed")
     handles = [shown[m] for m in methods_in_order(shown)]
-    handles.append(Line2D([], [], marker="v", ls="", color="0.4"))
+    handles += [Line2D([], [], marker=m, ls="", color="0.4") for m in ("v", "^")]
     fig.legend(
         handles,
-        [*methods_in_order(shown), "no stable rate"],
+        [*methods_in_order(shown), "no stable rate", "stable to the grid's top"],
         loc="outside lower center",
         ncol=min(len(handles), 8),
         fontsize=8,
