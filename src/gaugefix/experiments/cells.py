@@ -57,6 +57,12 @@ class Regime:
         return self.key.replace("/", "-")
 
 
+def reference(runs: Runs) -> str | None:
+    """The reference of a regime's comparisons at s = 0: plain, else balanced-init."""
+    present = {r["method"] for r in runs if r["s"] == 0.0}
+    return next((m for m in REFERENCES if m in present), None)
+
+
 def by_task(runs: Runs) -> dict[str, Runs]:
     """The runs of each task, keyed by its name; when runs of one name have several task hashes
     (other data, model or experiment definitions) each hash is its own task, keyed

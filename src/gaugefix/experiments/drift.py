@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from gaugefix.experiments.cells import REFERENCES, Regime, Runs
+from gaugefix.experiments.cells import Regime, Runs, reference
 from gaugefix.experiments.figures import (
     fmt,
     method_color,
@@ -28,12 +28,6 @@ DEFINITION = (
     "when above 1 for every seed. A *late divergence* is a run that diverged after the first "
     "tenth of its steps."
 )
-
-
-def reference(runs: Runs) -> str | None:
-    """The reference of a regime's drift comparison: plain, else balanced-init, at s = 0."""
-    present = {r["method"] for r in runs if r["s"] == 0.0}
-    return next((m for m in REFERENCES if m in present), None)
 
 
 def drift_lr(runs: Runs) -> float | None:

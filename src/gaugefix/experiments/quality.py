@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from gaugefix.experiments.cells import REFERENCES, Runs, group, lr_key, median
+from gaugefix.experiments.cells import Runs, group, lr_key, median, reference
 from gaugefix.experiments.figures import fmt, methods_in_order
+from gaugefix.experiments.stability import VERDICT
 
 METRICS = {
     "final_train_loss": "final_loss",
@@ -27,7 +28,7 @@ def summarize(runs: Runs) -> dict[str, Any]:
     for (method, lr), cell in cells.items():
         if all(r["status"] == "stable" for r in cell):
             stable[method].add(lr)
-    ref = next((m for m in REFERENCES if m in stable), None)
+    ref = reference(runs)
     out: dict[str, Any] = {}
     for key, column in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
@@ -83,9 +84,7 @@ def render(entry: dict[str, Any], label: Any) -> str:
 def render_task(entry: dict[str, Any]) -> str:
     """The expressivity paragraph of a task."""
     change = entry["balance_function_change"]
-    held = {None: "could not be measured", True: "held", False: "did not hold"}[
-        None if change is None else change <= 1e-10
-    ]
+    held = VERDICT[None if change is None else change <= 1e-10]
     return (
         "**Expressivity**: `balance_` applied to every trained plain network changed its outputs "
         f"by at most {fmt(change)} (relative, float64): claim (3), the representable functions "
