@@ -15,10 +15,10 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/gaugefix inspect resnet
-	$(VENV)/bin/gaugefix reproduce --quick --out gaugefix-results/quick
+	$(VENV)/bin/gaugefix reproduce --quick --jobs 2 --out gaugefix-results/quick
 
 reproduce: $(STAMP)
-	$(VENV)/bin/gaugefix reproduce --out gaugefix-results/full
+	$(VENV)/bin/gaugefix reproduce --jobs 2 --out gaugefix-results/full
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import gaugefix.experiments.runner as runner
@@ -68,7 +67,7 @@ def test_initial_imbalance_keeps_the_function():
     results = train_group(task, configs)
     initial = [r.initial_loss for r in results]
     assert max(initial) - min(initial) <= 1e-12 * initial[0]
-    assert results[2].curves[0][2] > results[0].curves[0][2]  # the log-ratio differs
+    assert results[2].curves[0].log_ratio_rms > results[0].curves[0].log_ratio_rms
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
@@ -222,13 +221,16 @@ def test_user_data_sweep(tmp_path: Path):
     assert (out / "report.md").is_file()
 
 
-SUMMARY_TASK_KEYS = {
+REGIME_KEYS = {
+    "lr_grid",
+    "best_strength",
     "max_stable_lr",
+    "max_stable_lr_by_seed",
+    "max_stable_lr_at_grid_top",
     "expansion_ratio",
-    "drift_suppression",
-    "final_train_loss",
-    "balance_function_change",
+    "late_divergences",
 }
+RATIO_KEYS = {"min", "median", "max", "seeds", "unknown_seeds", "lower_bound", "held"}
 
 
 def _check_schema(summary: dict) -> None:
@@ -237,39 +239,52 @@ def _check_schema(summary: dict) -> None:
     assert isinstance(summary["quick"], bool)
     assert isinstance(summary["seconds"], float)
     assert isinstance(summary["runs"], int) and summary["runs"] > 0
+    assert isinstance(summary["previously_stable"], int)
     for t in summary["tasks"].values():
-        assert SUMMARY_TASK_KEYS <= set(t)
-        for method, by_s in t["max_stable_lr"].items():
-            assert all(float(s) == float(s) and isinstance(v, float) for s, v in by_s.items())
-            assert set(t["expansion_ratio"][method]) == set(by_s)
-        for by_opt in t["drift_suppression"].values():
-            assert all(v is None or isinstance(v, float) for v in by_opt.values())
-        for by_lr in t["final_train_loss"].values():
-            assert all(isinstance(v, float) and float(k) > 0 for k, v in by_lr.items())
+        assert t["constant_loss"] > 0 and isinstance(t["horizons"], dict)
+        for g in t["regimes"].values():
+            assert REGIME_KEYS <= set(g)
+            for method, by_s in g["max_stable_lr"].items():
+                assert all(float(s) == float(s) and isinstance(v, float) for s, v in by_s.items())
+                assert set(g["max_stable_lr_by_seed"][method]) == set(by_s)
+            for by_method in g["expansion_ratio"].values():
+                for cells in by_method.values():
+                    assert all(set(stats) == RATIO_KEYS for stats in cells.values())
+            for stats in g.get("drift_suppression", {}).values():
+                assert set(stats) == RATIO_KEYS
+            for method, by_lr in g.get("final_train_loss", {}).items():
+                if method != "reference":
+                    assert all(isinstance(v, float) and float(k) > 0 for k, v in by_lr.items())
         assert t["balance_function_change"] is None or t["balance_function_change"] <= 1e-10
     assert isinstance(summary["relaxation"]["max_relative_error"], float)
-    assert all(isinstance(v, float) for v in summary["sharpness_vs_imbalance"].values())
+    by_s = summary["conditioning"]["teacher-student"]["by_s"]
+    assert all(isinstance(v, float) for v in by_s.values())
 
 
 def test_quick_reproduction(tmp_path: Path):
-    torch.set_num_threads(2)
     out = tmp_path / "results"
-    result = cli.invoke(app, ["reproduce", "--quick", "--out", str(out)])
+    result = cli.invoke(app, ["reproduce", "--quick", "--jobs", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     _check_schema(summary)
     assert summary["quick"] is True
-    assert set(summary["tasks"]) == {"teacher-student", "digits"}
+    assert set(summary["tasks"]) == {"teacher-student", "digits", "modular-addition"}
+    regimes = summary["tasks"]["teacher-student"]["regimes"]
+    assert {"gd/full/100", "adam/full/100", "sgd/64/100", "sgd/64/1000"} <= set(regimes)
+    assert "sgd/64" in summary["tasks"]["teacher-student"]["horizons"]
     report = (out / "report.md").read_text()
     assert report.startswith("# gaugefix reproduction (quick)\n")
     for figure in (
-        "stability-teacher-student.png",
+        "stability-teacher-student-gd-full-100.png",
+        "stability-teacher-student-adam-full-100.png",
+        "stability-modular-addition-adam-full-100.png",
+        "balanced-start-teacher-student.png",
         "drift-teacher-student.png",
         "relaxation.png",
         "sharpness.png",
     ):
         assert f"({figure})" in report and (out / figure).is_file()
-    assert "| task | method |" in result.output
+    assert "| task | regime | method |" in result.output
     # re-running skips every finished run and reproduces the summary
     again = cli.invoke(app, ["reproduce", "--quick", "--out", str(out)])
     assert again.exit_code == 0

@@ -13,9 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 import gaugefix.report as report
-import gaugefix.report.analyses as report_analyses
 from gaugefix.cli import app
-from gaugefix.experiments.analyses import sharpness_training
+from gaugefix.experiments import conditioning, drift, figures, relaxation, stability
+from gaugefix.experiments.cells import Regime, by_regime
+from gaugefix.experiments.conditioning import sharpness_training
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.summary import task_summary
@@ -25,44 +26,61 @@ from gaugefix.zoo import EXAMPLES
 cli = CliRunner()
 
 
-def _run(method: str, lr: float, status: str, s: float = 0.0, optimizer: str = "gd") -> dict:
+def _run(method: str, lr: float, status: str, s: float = 0.0, seed: int = 0) -> dict:
     return {
         "task": "t",
         "task_hash": "h",
         "method": method,
         "strength": 0.0,
-        "optimizer": optimizer,
+        "optimizer": "gd",
+        "batch_size": 0,
+        "steps": 10,
         "s": s,
         "lr": lr,
-        "seed": 0,
+        "seed": seed,
         "status": status,
-        "final_loss": 0.5,
+        "initial_loss": 1.0,
+        "constant_loss": 1.0,
+        "final_loss": 0.5 if status != "diverged" else None,
         "test_loss": None,
         "test_accuracy": None,
         "log_ratio_rms": 1.0,
+        "diverged_at": None if status != "diverged" else 3,
         "balance_change": None,
     }
 
 
-def test_expansion_ratio_is_null_where_the_report_says_n_a():
+def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
     """Plain stable up to the grid's top at s = 1: its range, so every ratio there, is
-    unknown; at s = 0 the ratio is known."""
+    unknown; at s = 0 the ratio is known, and a lower bound where exact reached the top."""
     runs = [_run("plain", lr, "stable" if lr < 0.4 else "diverged") for lr in (0.1, 0.2, 0.4)]
     runs += [_run("exact", lr, "stable") for lr in (0.1, 0.2, 0.4)]
     runs += [_run(m, lr, "stable", s=1.0) for m in ("plain", "exact") for lr in (0.1, 0.2, 0.4)]
     t = task_summary(runs)
-    assert t["expansion_ratio"]["exact"] == {"0.0": 2.0, "1.0": None}
-    assert t["expansion_ratio"]["plain"] == {"0.0": 1.0, "1.0": None}
-    assert "final_test_loss" not in t and "test_accuracy" not in t  # no test split
+    ratios = t["regimes"]["gd/full/10"]["expansion_ratio"]["plain"]["exact"]
+    assert ratios["0.0"] == {
+        "min": 2.0,
+        "median": 2.0,
+        "max": 2.0,
+        "seeds": 1,
+        "unknown_seeds": 0,
+        "lower_bound": True,
+        "held": True,
+    }
+    assert ratios["1.0"]["median"] is None and ratios["1.0"]["unknown_seeds"] == 1
+    assert ratios["1.0"]["held"] is None
+    g = t["regimes"]["gd/full/10"]
+    assert "final_test_loss" not in g and "test_accuracy" not in g  # no test split
     summary = {"tasks": {"t": t}}
-    assert "| t | exact | 0.0: ≥ 2, 1.0: n/a | gd: 1 |" in report.headline_table(summary)
+    assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 2 ✓; 1: n/a ? | - |" in (
+        report.headline_table(summary)
+    )
 
 
 def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
-    figures = []
-    for module in (report, report_analyses):
-        monkeypatch.setattr(module.plt, "close", figures.append)
-    return figures
+    captured = []
+    monkeypatch.setattr(figures.plt, "close", captured.append)
+    return captured
 
 
 def _overlaps(a, b) -> bool:
@@ -119,11 +137,14 @@ def test_sweep_report_is_titled_by_what_made_it(quick_results: Path):
 def test_drift_figure_has_one_legend_with_every_method(quick_results, monkeypatch):
     from gaugefix.experiments.store import Store
 
-    figures = _captured_figures(monkeypatch)
+    captured = _captured_figures(monkeypatch)
     store = Store(quick_results / "results.sqlite", readonly=True)
-    runs = store.runs()
-    assert report._drift_curves(quick_results, store, "teacher-student", runs)
-    (fig,) = figures
+    regimes = {}
+    for regime, runs in by_regime(store.runs()).items():
+        chosen = stability.at_best_strength(runs)
+        regimes[regime] = (drift.summarize(chosen), chosen)
+    assert drift.figure(quick_results, store, "teacher-student", regimes)
+    (fig,) = captured
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == list(METHODS)
     assert all(ax.get_legend() is None for ax in fig.axes)
@@ -138,8 +159,8 @@ def test_drift_figure_has_one_legend_with_every_method(quick_results, monkeypatc
 
 def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, monkeypatch):
     task = load_task("teacher-student")
-    figures = _captured_figures(monkeypatch)
-    relaxation = {
+    captured = _captured_figures(monkeypatch)
+    relaxed = {
         "predicted_rates": [0.39, 0.6, 1.2],
         "measured_rates": [0.38, 0.58, 1.1],
         "times": [0.0, 0.05, 0.1, 0.15],
@@ -150,29 +171,43 @@ def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, monkey
         "strength": 1.0,
         "fall": 0.9,
     }
-    report_analyses._relaxation(tmp_path, {"teacher-student": relaxation})
+    relaxation.render(tmp_path, {"teacher-student": relaxed})
     init = {"by_s": {"-1.0": 31.0, "0.0": 9.3, "1.0": 34.0}, "balanced": 2.9}
-    train = sharpness_training(task, 0.09, 1.0, 4, 2, 1.0)
-    report_analyses._conditioning(tmp_path, {"teacher-student": init}, {"teacher-student": train})
-    assert len(figures) == 2
-    for fig in figures:
+    train = sharpness_training(task, 0.09, 1.0, 4, 2)
+    conditioning.render(tmp_path, {"teacher-student": {"init": init, "train": train}})
+    assert len(captured) == 2
+    for fig in captured:
         _assert_labels_clear(fig)
 
 
 def test_stability_figure_keeps_labels_clear(quick_results, monkeypatch):
     from gaugefix.experiments.store import Store
 
-    figures = _captured_figures(monkeypatch)
+    captured = _captured_figures(monkeypatch)
     runs = Store(quick_results / "results.sqlite", readonly=True).runs()
-    report._stability_map(quick_results, "teacher-student", runs)
-    (fig,) = figures
+    for regime, regime_runs in by_regime(runs).items():
+        chosen = stability.at_best_strength(regime_runs)
+        stability.stability_map(quick_results, "teacher-student", regime, chosen)
+    assert len(captured) == 2  # gd and adam
+    for fig in captured:
+        _assert_labels_clear(fig)
+
+
+def test_balanced_start_figure_keeps_labels_clear(quick_results, monkeypatch):
+    from gaugefix.experiments.store import Store
+
+    captured = _captured_figures(monkeypatch)
+    t = task_summary(Store(quick_results / "results.sqlite", readonly=True).runs())
+    regimes = {Regime.parse(k): g for k, g in t["regimes"].items()}
+    assert stability.balanced_start_figure(quick_results, "teacher-student", regimes)
+    (fig,) = captured
     _assert_labels_clear(fig)
 
 
 def test_sharpness_training_emits_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sharpness_training(load_task("teacher-student"), 0.05, 1.0, 2, 1, 1.0)
+        sharpness_training(load_task("teacher-student"), 0.05, 1.0, 2, 1)
 
 
 def test_user_data_without_a_test_split_reports_no_test_metric(tmp_path):
@@ -189,11 +224,13 @@ def test_user_data_without_a_test_split_reports_no_test_metric(tmp_path):
     for name, tested in (("plain", False), ("split", True)):
         out = tmp_path / name
         args = ["sweep", "--data", str(tmp_path / f"{name}.npz"), "--task-type"]
-        args += ["classification", "--steps", "3", "--out", str(out)]
+        args += ["classification", "--steps", "60", "--lr", "0.5", "--out", str(out)]
         result = cli.invoke(app, args)
         assert result.exit_code == 0, result.output
         t = json.loads((out / "summary.json").read_text())["tasks"][name]
-        assert ("final_test_loss" in t) == tested and ("test_accuracy" in t) == tested
+        g = t["regimes"]["gd/full/60"]
+        assert g["max_stable_lr"]["plain"] == {"0.0": 0.5}
+        assert ("final_test_loss" in g) == tested and ("test_accuracy" in g) == tested
         from gaugefix.experiments.store import Store
 
         (run,) = Store(out / "results.sqlite").runs()

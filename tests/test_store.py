@@ -72,19 +72,19 @@ def test_task_hash_covers_data_kind_model_and_definitions(tmp_path, monkeypatch)
     assert engine.task_hash(load_task("reg", str(path), "regression", (8,))) != base
 
 
-def _previous_format(out: Path, data: Path) -> None:
-    """A store as gaugefix 0.1.0 wrote it: no task hash in the runs or their keys, user_version
-    0 (converted from a current store)."""
+def _earlier_format(out: Path, data: Path, version: int) -> None:
+    """A store as an earlier gaugefix wrote it (converted from a current store): format 2 had no
+    constant predictor's loss; format 1 (``user_version`` 0) neither the task hash."""
     _sweep(data, out)
     db = sqlite3.connect(out / "results.sqlite")
-    for run_id, key in db.execute("SELECT id, key FROM runs").fetchall():
-        old = {k: v for k, v in json.loads(key).items() if k != "task_hash"}
-        db.execute(
-            "UPDATE runs SET key = ?, gaugefix_version = '0.1.0' WHERE id = ?",
-            (json.dumps(old, sort_keys=True), run_id),
-        )
-    db.execute("ALTER TABLE runs DROP COLUMN task_hash")
-    db.execute("PRAGMA user_version = 0")
+    db.execute("UPDATE runs SET gaugefix_version = '0.1.0'")
+    db.execute("ALTER TABLE runs DROP COLUMN constant_loss")
+    if version == 1:
+        for run_id, key in db.execute("SELECT id, key FROM runs").fetchall():
+            old = {k: v for k, v in json.loads(key).items() if k != "task_hash"}
+            db.execute("UPDATE runs SET key = ? WHERE id = ?", (json.dumps(old), run_id))
+        db.execute("ALTER TABLE runs DROP COLUMN task_hash")
+    db.execute(f"PRAGMA user_version = {version if version > 1 else 0}")
     db.commit()
     db.close()
 
@@ -93,20 +93,22 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def test_a_store_of_the_previous_format_is_reported_but_not_extended(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("command", ["report", "sweep"])
+def test_a_store_of_an_earlier_format_is_one_line_saying_what_to_do(tmp_path, version, command):
     data = _data(tmp_path / "reg.npz", 40, 3, 0)
     out = tmp_path / "out"
-    _previous_format(out, data)
-    (out / "summary.json").unlink()
-    result = cli.invoke(app, ["report", str(out)])
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "summary.json").read_text())["runs"] == 4
+    _earlier_format(out, data, version)
     before = _files(out)
-    result = cli.invoke(app, ["sweep", "--data", str(data), "--steps", "3", "--out", str(out)])
+    args = {
+        "report": ["report", str(out)],
+        "sweep": ["sweep", "--data", str(data), "--steps", "3", "--out", str(out)],
+    }[command]
+    result = cli.invoke(app, args)
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: ") and "written by gaugefix 0.1.0 (store format 1" in line
-    assert f"gaugefix report {out}" in line and "new results directory" in line
+    assert line.startswith(f"error: {out / 'results.sqlite'} was written by gaugefix 0.1.0 in ")
+    assert f"store format {version}," in line and "new results directory" in line
     assert _files(out) == before
 
 
@@ -220,22 +222,26 @@ def test_analyses_are_recomputed_for_another_grid_or_task_hash(tmp_path, monkeyp
 
     calls: list[str] = []
 
-    def fake(kind: str):
-        def compute(task, *args):
-            calls.append(f"{kind}/{task.name}")
+    def fake(key: str):
+        def compute(store, task, quick):
+            calls.append(f"{key}/{task.name}")
             return {"task": task.name}
 
         return compute
 
-    for kind in ("relaxation", "sharpness_init", "sharpness_training"):
-        monkeypatch.setattr(analyses, kind, fake(kind))
+    for analysis in analyses.ANALYSES:
+        monkeypatch.setattr(analysis, "compute", fake(analysis.KEY))
     store = Store(tmp_path / "results.sqlite")
     analyses.run_analyses(store, quick=True)
-    assert len(calls) == 3
+    assert sorted(calls) == ["conditioning/teacher-student", "relaxation/teacher-student"]
     analyses.run_analyses(store, quick=True)
-    assert len(calls) == 3  # stored for this grid and task: reused
+    assert len(calls) == 2  # stored for this grid and task: reused
     analyses.run_analyses(store, quick=False)  # the full grid: recomputed, and the deep task
-    assert len(calls) == 9 and calls[3:].count("relaxation/teacher-student") == 1
+    assert len(calls) == 6 and calls[2:].count("relaxation/teacher-student") == 1
+    assert analyses.stored(store, analyses.ANALYSES[0]).keys() == {
+        "teacher-student",
+        "deep-teacher-student",
+    }
     monkeypatch.setattr(engine, "DEFINITIONS", engine.DEFINITIONS + 1)
     analyses.run_analyses(store, quick=False)  # other definitions: other task hashes
-    assert len(calls) == 15
+    assert len(calls) == 10

@@ -350,7 +350,7 @@ def sweep(
         raise _fail("give exactly one of --task and --data")
     if task is not None and (task_type is not None or hidden is not None):
         raise _fail("--task-type and --hidden apply to --data only (a built-in task fixes both)")
-    methods = _names(method, "method", METHODS)
+    methods = _names(method, "method", tuple(METHODS))
     optimizers = _names(optimizer, "optimizer", OPTIMIZERS)
     strengths = _floats(strength, "--strength", nonneg=True)
     lrs = _floats(lr, "--lr", positive=True)

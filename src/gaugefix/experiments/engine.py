@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,14 +30,67 @@ from gaugefix.structure import GaugeStructure, discover
 # library's kernels take such stacks directly (``batch_dims=1``).
 Stack = dict[str, Tensor]
 
-METHODS = ("plain", "penalty", "exact", "weight-decay", "balance")
-STRENGTH_METHODS = ("penalty", "exact", "weight-decay")
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: whether it starts from the balanced point of its initialisation's
+    orbit (``balance_`` at step 0; the function is unchanged), what it adds to every step
+    (``fixing``: ``"penalty"``, ``"exact"``, ``"weight-decay"``, ``"balance"`` or ``None``),
+    and its definition in words (docs and report)."""
+
+    balanced_start: bool
+    fixing: str | None
+    definition: str
+
+
+_FROM_GIVEN = "from the initialisation as given"
+_FROM_BALANCED = "from the balanced point of the initialisation's orbit (balanced once at step 0)"
+_PENALTY = (
+    "the paper's functional `(strength / 4) sum_n mu_n^2` added to the loss (its closed-form "
+    "gradient added to the optimizer's gradient)"
+)
+_EXACT = (
+    "after every optimizer step, the bounded exact orbit step of `relax_` (`h = -rate mu`, "
+    "`rate = lr * strength`)"
+)
+METHODS: dict[str, Method] = {
+    "plain": Method(False, None, f"the optimizer alone, {_FROM_GIVEN}"),
+    "balanced-init": Method(True, None, f"the optimizer alone, {_FROM_BALANCED}"),
+    "penalty": Method(False, "penalty", f"{_PENALTY}, {_FROM_GIVEN}"),
+    "balanced-penalty": Method(True, "penalty", f"{_PENALTY}, {_FROM_BALANCED}"),
+    "exact": Method(False, "exact", f"{_EXACT}, {_FROM_GIVEN}"),
+    "balanced-exact": Method(True, "exact", f"{_EXACT}, {_FROM_BALANCED}"),
+    "weight-decay": Method(
+        False, "weight-decay", f"L2, `strength * theta` added to the gradient, {_FROM_GIVEN}"
+    ),
+    "balance": Method(
+        True,
+        "balance",
+        "hard gauge fixing: balanced (`balance_`) at step 0 and after every optimizer step",
+    ),
+}
+STRENGTH_METHODS = tuple(
+    m for m, d in METHODS.items() if d.fixing in ("penalty", "exact", "weight-decay")
+)
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 DIVERGENCE_FACTOR = 1e3
+# A finished run is stable when its final training loss is at most this fraction of the smaller
+# of its initial loss and the constant predictor's loss (:func:`run_status`).
+STABILITY_MARGIN = 0.9
 # The version of the experiment definitions: bump it whenever a change to the engine, the methods,
 # the optimizers or the tasks changes what a run computes. It is part of every task hash, so runs
 # of older definitions are never taken for runs of the current ones.
-DEFINITIONS = 2
+DEFINITIONS = 3
+
+
+def run_status(initial: float, final: float | None, constant: float) -> str:
+    """``"diverged"`` (``final`` is ``None``: the loss became non-finite or exceeded
+    :data:`DIVERGENCE_FACTOR` times its initial value), ``"stable"`` (``final <=``
+    :data:`STABILITY_MARGIN` ``* min(initial, constant)``: the run learned beyond the best
+    constant predictor, so a network that collapsed to one is not stable) or ``"unstable"``."""
+    if final is None:
+        return "diverged"
+    return "stable" if final <= STABILITY_MARGIN * min(initial, constant) else "unstable"
 
 
 def task_hash(task: Task) -> str:
@@ -60,8 +114,9 @@ def task_hash(task: Task) -> str:
 class RunConfig:
     """One training run. ``task_hash`` is :func:`task_hash` of its task (so a run's key changes
     with the data, the model and the definitions, not only with the task's name);
-    ``strength`` is the penalty, exact-step or weight-decay strength (0 for ``plain`` and
-    ``balance``); ``s`` the initial imbalance; ``batch_size`` 0 means full batch."""
+    ``method`` is a key of :data:`METHODS`; ``strength`` the penalty, exact-step or
+    weight-decay strength (0 for the other methods); ``s`` the initial imbalance; ``batch_size``
+    0 means full batch."""
 
     task: str
     method: str
@@ -84,11 +139,26 @@ class RunConfig:
         return (self.task, self.task_hash, self.optimizer, self.batch_size, self.steps, self.dtype)
 
 
+class CurvePoint(NamedTuple):
+    """A recorded step of a run: the training loss (of the step's mini-batch), the RMS
+    log-ratio and ``max |mu| / S`` of :func:`gaugefix.imbalance_stats`."""
+
+    step: int
+    loss: float
+    log_ratio_rms: float
+    mu_rel_max: float
+
+
 @dataclass
 class RunResult:
+    """What a run gives: its :func:`run_status`, the losses it is judged by (initial, final,
+    the constant predictor's), test metrics, final imbalance statistics, the step it diverged
+    at, for trained ``plain`` networks the output change when balanced, and its curve."""
+
     config: RunConfig
-    status: str  # "stable", "unstable" (finite, but the loss did not fall) or "diverged"
+    status: str
     initial_loss: float
+    constant_loss: float
     final_loss: float | None
     test_loss: float | None
     accuracy: float | None
@@ -96,8 +166,8 @@ class RunResult:
     log_ratio_rms: float | None
     mu_rel_max: float | None
     diverged_at: int | None
-    balance_change: float | None = None  # trained plain networks: output change when balanced
-    curves: list[tuple[int, float, float, float]] = field(default_factory=list)
+    balance_change: float | None = None
+    curves: list[CurvePoint] = field(default_factory=list)
 
 
 def init_direction(structure: GaugeStructure) -> Tensor:
@@ -109,10 +179,10 @@ def init_direction(structure: GaugeStructure) -> Tensor:
 
 
 def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> tuple:
-    """Each run's initial parameters: PyTorch's default initialisation for its seed, moved along
+    """Each run's initial parameters: its task model's initialisation for its seed, moved along
     its own orbit by ``s z``; returns the template model, structure and the stack."""
     template = task.make_model().to(dtype)
-    structure = discover(template, task.x[:2].to(dtype))
+    structure = discover(template, task.arrays(dtype)[0][:2])
     z = init_direction(structure)
     members = []
     for c in configs:
@@ -143,15 +213,17 @@ def train_group(
     def column(values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=dtype)
 
-    lr = column([c.lr for c in configs])
-    pen = column([c.strength if c.method == "penalty" else 0.0 for c in configs])
-    wd = column([c.strength if c.method == "weight-decay" else 0.0 for c in configs])
-    exact = column([c.strength if c.method == "exact" else 0.0 for c in configs])
-    hard = torch.tensor([c.method == "balance" for c in configs])
-    if bool(hard.any()) or bool((exact > 0).any()):
-        balance_rows_(structure, stack, hard | (exact > 0), {})
+    def strengths(fixing: str) -> Tensor:
+        return column([c.strength if METHODS[c.method].fixing == fixing else 0.0 for c in configs])
 
-    x, y = task.x.to(dtype), task.y.to(dtype) if task.kind == "regression" else task.y
+    lr = column([c.lr for c in configs])
+    pen, wd, exact = strengths("penalty"), strengths("weight-decay"), strengths("exact")
+    hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
+    balance_rows_(
+        structure, stack, torch.tensor([METHODS[c.method].balanced_start for c in configs]), {}
+    )
+
+    x, y, _, _ = task.arrays(dtype)
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     batched_forward = vmap(lambda p, xb: functional_call(template, p, (xb,)))
 
@@ -169,7 +241,7 @@ def train_group(
     active = torch.isfinite(initial)
     diverged_at: list[int | None] = [None if bool(a) else 0 for a in active]
     buffers: dict[str, Stack] = {k: {} for k in ("momentum", "exp_avg", "exp_avg_sq")}
-    curves: list[list[tuple[int, float, float, float]]] = [[] for _ in range(r)]
+    curves: list[list[CurvePoint]] = [[] for _ in range(r)]
     every = record_every or max(1, first.steps // 50)
     sampler = [torch.Generator().manual_seed(c.seed) for c in configs]
     n = len(x)
@@ -294,11 +366,15 @@ def _optimizer_step_(
 
 
 def _record(
-    curves: list, step: int, loss: Tensor, stats: tuple[Tensor, Tensor], active: Tensor
+    curves: list[list[CurvePoint]],
+    step: int,
+    loss: Tensor,
+    stats: tuple[Tensor, Tensor],
+    active: Tensor,
 ) -> None:
     rows = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
     for i in torch.nonzero(active).reshape(-1).tolist():
-        curves[i].append((step, *rows[i]))
+        curves[i].append(CurvePoint(step, *rows[i]))
 
 
 def _finite(x: float) -> float | None:
@@ -319,27 +395,27 @@ def _results(
 ) -> list[RunResult]:
     dtype = next(iter(stack.values())).dtype
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
-    out_train = forward(stack, task.x.to(dtype))
-    split = task.x_test is not None
-    out_test = forward(stack, task.x_test.to(dtype)) if split else None
+    x, y, x_test, y_test = task.arrays(dtype)
+    out_train = forward(stack, x)
+    split = x_test is not None
+    out_test = forward(stack, x_test) if split else None
     log_ratio, rel = run_stats(structure, stack)
     plain = active & torch.tensor([c.method == "plain" for c in configs])
     change = balance_changes(task, template, structure, stack, plain)
+    constant = task.constant_loss()
     results = []
     for i, c in enumerate(configs):
-        y = task.y.to(dtype) if task.kind == "regression" else task.y
-        yt = task.y_test.to(dtype) if split and task.kind == "regression" else task.y_test
         ok = bool(active[i])
         tested = ok and split
-        final = float(task.loss(out_train[i], y)) if ok else None
-        status = "diverged" if not ok else ("stable" if final < float(initial[i]) else "unstable")
+        final = _finite(float(task.loss(out_train[i], y))) if ok else None
         results.append(
             RunResult(
                 config=c,
-                status=status,
+                status=run_status(float(initial[i]), final, constant),
                 initial_loss=float(initial[i]),
+                constant_loss=constant,
                 final_loss=final,
-                test_loss=float(task.loss(out_test[i], yt)) if tested else None,
+                test_loss=float(task.loss(out_test[i], y_test)) if tested else None,
                 accuracy=task.accuracy(out_train[i], task.y) if ok else None,
                 test_accuracy=task.accuracy(out_test[i], task.y_test) if tested else None,
                 log_ratio_rms=_finite(float(log_ratio[i])) if ok else None,
@@ -363,7 +439,7 @@ def balance_changes(
     sel = torch.nonzero(rows).reshape(-1)
     params = {k: v[sel].detach().to(torch.float64) for k, v in stack.items()}
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
-    x = task.x.to(torch.float64)
+    x = task.arrays(torch.float64)[0]
     before = forward(params, x)
     rescale_(_transported(params, {}), structure, balanced_gauges(structure, params), batch_dims=1)
     after = forward(params, x)

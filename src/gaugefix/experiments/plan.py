@@ -1,8 +1,18 @@
-"""The grids of ``gaugefix reproduce``: which runs each experiment needs, quick and full."""
+"""The grids of ``gaugefix reproduce``: which runs each experiment needs, quick and full.
+
+A task's grid is a list of blocks; a block is one regime (optimizer, batch size, steps) with its
+methods and strengths, learning-rate range, initial imbalances and seeds. The experiments:
+
+- *stability*: full-batch blocks over ``s`` (GD on every task, Adam on some), every method;
+- *drift*: short mini-batch blocks at ``s = 0``;
+- *long horizon*: mini-batch SGD and Adam for ten times the full-batch steps, every method
+  starting from the same balanced point (``balanced-init``, ``balanced-penalty``,
+  ``balanced-exact``, ``balance``), at learning rates around ``balanced-init``'s edge.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import product
 
 from gaugefix.experiments.engine import RunConfig
@@ -13,121 +23,171 @@ def lr_grid(low_exp: int, high_exp: int) -> list[float]:
     return [2 ** (k / 2) for k in range(low_exp, high_exp + 1)]
 
 
-# Learning-rate ranges of the drift experiment per optimizer (exponents of sqrt(2)), wide enough
-# to bracket the largest rate stable for plain training at s = 0.
-DRIFT_RANGE = {"sgd": (-9, 2), "momentum": (-13, -2), "adam": (-16, -5)}
+@dataclass(frozen=True)
+class Block:
+    """Runs of one regime: every method at each of its strengths, learning rate
+    (``lr_range``: exponents of sqrt(2), :func:`lr_grid`), initial imbalance and seed."""
+
+    methods: dict[str, tuple[float, ...]]
+    optimizer: str
+    lr_range: tuple[int, int]
+    s: tuple[float, ...]
+    seeds: int
+    steps: int
+    batch_size: int = 0  # 0: full batch
+
+    def configs(self, task: str, task_hash: str) -> list[RunConfig]:
+        return [
+            RunConfig(
+                task,
+                method,
+                self.optimizer,
+                lr,
+                strength,
+                s,
+                seed,
+                self.batch_size,
+                self.steps,
+                task_hash=task_hash,
+            )
+            for method, strengths in self.methods.items()
+            for strength, seed, lr, s in product(
+                strengths, range(self.seeds), lr_grid(*self.lr_range), self.s
+            )
+        ]
 
 
 @dataclass(frozen=True)
 class TaskGrid:
-    """The runs of one task: methods with their strengths, initial imbalances, seeds, steps and
-    the full-batch learning-rate range; and the drift experiment's optimizers (mini-batch, at
-    ``s = 0``) with their learning-rate ranges, for ``drift_methods``."""
+    """The blocks of runs of one task."""
 
     task: str
-    methods: dict[str, tuple[float, ...]]
-    s: tuple[float, ...]
-    seeds: int
-    steps: int
-    lr_range: tuple[int, int]
-    drift: dict[str, tuple[int, int]] = field(default_factory=dict)
-    drift_methods: tuple[str, ...] = ()
-    batch_size: int = 64  # mini-batch size of the drift runs
+    blocks: tuple[Block, ...]
 
     def configs(self, task_hash: str) -> list[RunConfig]:
         """The runs, for the task whose :func:`~gaugefix.experiments.engine.task_hash` is given."""
-        out = []
-        for method, strengths in self.methods.items():
-            for strength, seed in product(strengths, range(self.seeds)):
-                for lr, s in product(lr_grid(*self.lr_range), self.s):
-                    out.append(
-                        RunConfig(
-                            self.task,
-                            method,
-                            "gd",
-                            lr,
-                            strength,
-                            s,
-                            seed,
-                            0,
-                            self.steps,
-                            task_hash=task_hash,
-                        )
-                    )
-                if method not in self.drift_methods:
-                    continue
-                for opt, bounds in self.drift.items():
-                    for lr in lr_grid(*bounds):
-                        out.append(
-                            RunConfig(
-                                self.task,
-                                method,
-                                opt,
-                                lr,
-                                strength,
-                                0.0,
-                                seed,
-                                self.batch_size,
-                                self.steps,
-                                task_hash=task_hash,
-                            )
-                        )
-        return out
+        return [c for block in self.blocks for c in block.configs(self.task, task_hash)]
 
 
-FULL_METHODS = {
+# Methods and strengths. Every method of a block shares its learning rates, initial imbalances
+# and seeds; a method with several strengths is reported at its best one per regime.
+ALL_METHODS = {
     "plain": (0.0,),
+    "balanced-init": (0.0,),
     "penalty": (0.01, 0.1, 1.0),
+    "balanced-penalty": (0.01, 0.1, 1.0),
     "exact": (0.1, 1.0, 10.0),
+    "balanced-exact": (0.1, 1.0, 10.0),
     "weight-decay": (1e-3, 1e-2),
-    "balance": (0.0,),
-}
-SMALL_METHODS = {
-    "plain": (0.0,),
-    "penalty": (0.01, 0.1),
-    "exact": (1.0,),
-    "weight-decay": (1e-3,),
     "balance": (0.0,),
 }
 ONE_STRENGTH = {
     "plain": (0.0,),
+    "balanced-init": (0.0,),
     "penalty": (0.1,),
+    "balanced-penalty": (0.1,),
     "exact": (1.0,),
+    "balanced-exact": (1.0,),
     "weight-decay": (1e-3,),
     "balance": (0.0,),
 }
-QUICK_DRIFT = {"sgd": (-6, 1), "momentum": (-10, -3), "adam": (-16, -9)}
+# The expensive tasks (the CNN, the transformer): the references, the penalty, the exact step
+# and hard fixing (weight decay and the balanced starts of penalty and exact left out for time).
+COSTLY = {
+    "plain": (0.0,),
+    "balanced-init": (0.0,),
+    "penalty": (0.1,),
+    "exact": (1.0,),
+    "balance": (0.0,),
+}
+# The long horizon: every method starts from the same balanced point.
+BALANCED_START = {
+    "balanced-init": (0.0,),
+    "balanced-penalty": (0.1, 1.0),
+    "balanced-exact": (0.1, 1.0, 10.0),
+    "balance": (0.0,),
+}
+# Learning-rate windows of the mini-batch blocks: the drift experiment's on teacher-student, and
+# the long horizon's on digits (around balanced-init's edge at the full-batch steps).
+TS_DRIFT = {"sgd": (-9, 3), "momentum": (-13, 3), "adam": (-12, 0)}
+DIGITS_WINDOWS = {"sgd": (-6, 3), "adam": (-8, 1)}
+S_DEEP = (0.0, 1.0, 2.0)
+S_WIDE = (0.0, 1.0)
+
+
+def _mini_batch(
+    methods: dict[str, tuple[float, ...]],
+    windows: dict[str, tuple[int, int]],
+    steps: int,
+    seeds: int,
+) -> tuple[Block, ...]:
+    """Blocks of mini-batch (64) runs at ``s = 0``, one per optimizer and its learning-rate
+    window."""
+    return tuple(Block(methods, opt, w, (0.0,), seeds, steps, 64) for opt, w in windows.items())
 
 
 def reproduce_grids(quick: bool) -> list[TaskGrid]:
-    """The grids of the reproduction. Quick: smaller grids that still exercise every experiment
-    in a few minutes on two cores; full: 3 seeds per cell, sized for about 45 minutes."""
+    """The grids of the reproduction. Quick: one seed and small grids that still exercise every
+    experiment (and the transformer task) in a few minutes on two cores; full: 3 seeds per cell,
+    every task, sized for about 45 minutes on two cores (docs/experiments.md has the measured
+    costs). Learning-rate ranges are exponents of sqrt(2), sized to bracket the references'
+    edges (plain, balanced-init) with room above for the methods."""
     if quick:
+        small = {"plain": (0.0,), "balanced-init": (0.0,), "exact": (1.0,), "balance": (0.0,)}
+        ts = {**small, "penalty": (0.1,), "balanced-exact": (1.0,), "weight-decay": (1e-3,)}
+        long = {"balanced-init": (0.0,), "balanced-exact": (1.0,), "balance": (0.0,)}
         return [
             TaskGrid(
                 "teacher-student",
-                SMALL_METHODS,
-                (0.0, 1.0, 2.0),
-                1,
-                100,
-                (-18, 3),
-                QUICK_DRIFT,
-                ("plain", "exact", "penalty"),
+                (
+                    Block(ts, "gd", (-16, 3), S_DEEP, 1, 100),
+                    Block(ts, "adam", (-10, 1), S_DEEP, 1, 100),
+                    *_mini_batch(ts, {"sgd": (-9, 2)}, 100, 1),
+                    *_mini_batch(long, {"sgd": (-4, 3), "adam": (-8, -1)}, 1000, 1),
+                ),
             ),
-            TaskGrid("digits", {"plain": (0.0,), "exact": (1.0,)}, (0.0, 1.0), 1, 40, (-2, 4)),
+            TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
+            TaskGrid(
+                "modular-addition",
+                (
+                    Block(
+                        {k: small[k] for k in ("plain", "balanced-init", "exact")},
+                        "adam",
+                        (-11, -7),
+                        S_WIDE,
+                        1,
+                        100,
+                    ),
+                ),
+            ),
         ]
     return [
         TaskGrid(
             "teacher-student",
-            FULL_METHODS,
-            (0.0, 1.0, 2.0),
-            3,
-            150,
-            (-16, 3),
-            DRIFT_RANGE,
-            tuple(FULL_METHODS),
+            (
+                Block(ALL_METHODS, "gd", (-16, 4), S_DEEP, 3, 150),
+                Block(ALL_METHODS, "adam", (-12, 2), S_DEEP, 3, 150),
+                *_mini_batch(ALL_METHODS, TS_DRIFT, 150, 3),
+                *_mini_batch(BALANCED_START, {"sgd": (-6, 3), "adam": (-10, -1)}, 1500, 3),
+            ),
         ),
-        TaskGrid("deep-teacher-student", SMALL_METHODS, (0.0, 1.0, 2.0), 3, 150, (-16, 5)),
-        TaskGrid("digits", ONE_STRENGTH, (0.0, 1.0), 3, 50, (-6, 5)),
-        TaskGrid("digits-cnn", ONE_STRENGTH, (0.0, 1.0), 3, 50, (-6, 5)),
+        TaskGrid("deep-teacher-student", (Block(ONE_STRENGTH, "gd", (-16, 4), S_DEEP, 3, 150),)),
+        TaskGrid(
+            "digits",
+            (
+                Block(ONE_STRENGTH, "gd", (-6, 6), S_WIDE, 3, 50),
+                Block(ONE_STRENGTH, "adam", (-10, 3), S_WIDE, 3, 50),
+                *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 50, 3),
+                *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 500, 3),
+            ),
+        ),
+        TaskGrid("deep-mlp-digits", (Block(ONE_STRENGTH, "gd", (-12, 2), S_WIDE, 3, 50),)),
+        TaskGrid("digits-cnn", (Block(COSTLY, "gd", (-5, 3), S_WIDE, 3, 50),)),
+        TaskGrid(
+            "modular-addition",
+            (
+                Block(COSTLY, "gd", (-3, 5), S_WIDE, 3, 200),
+                Block(COSTLY, "adam", (-12, -5), S_WIDE, 3, 150),
+            ),
+        ),
     ]

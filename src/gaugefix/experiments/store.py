@@ -12,54 +12,98 @@ is a :class:`StoreError` whose message names the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import sqlite3
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from gaugefix.experiments.engine import RunResult
+from gaugefix.experiments.engine import CurvePoint, RunConfig, RunResult
 
-# The store format, kept in SQLite's ``user_version``. Format 1 (``user_version`` 0, gaugefix
-# 0.1.0) keyed runs without the hash of their task; its stores can be read but not extended.
-FORMAT = 2
+# The store format, kept in SQLite's ``user_version``. Format 1 (``user_version`` 0) keyed runs
+# without the hash of their task; format 2 did not record the constant predictor's loss, which the
+# stability definition of format 3 needs. Stores of earlier formats are refused with one line.
+FORMAT = 3
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    key TEXT UNIQUE NOT NULL,
-    task TEXT NOT NULL, task_hash TEXT NOT NULL, method TEXT NOT NULL, optimizer TEXT NOT NULL,
-    lr REAL NOT NULL, strength REAL NOT NULL, s REAL NOT NULL, seed INTEGER NOT NULL,
-    batch_size INTEGER NOT NULL, steps INTEGER NOT NULL, dtype TEXT NOT NULL,
-    status TEXT NOT NULL, initial_loss REAL, final_loss REAL, test_loss REAL,
-    accuracy REAL, test_accuracy REAL, log_ratio_rms REAL, mu_rel_max REAL,
-    diverged_at INTEGER, balance_change REAL, seconds REAL NOT NULL,
-    gaugefix_version TEXT NOT NULL, torch_version TEXT NOT NULL, created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS curves (
-    run_id INTEGER NOT NULL REFERENCES runs(id), step INTEGER NOT NULL,
-    loss REAL, log_ratio_rms REAL, mu_rel_max REAL,
-    PRIMARY KEY (run_id, step)
-);
-CREATE TABLE IF NOT EXISTS analyses (
-    name TEXT PRIMARY KEY, value TEXT NOT NULL, seconds REAL NOT NULL,
-    gaugefix_version TEXT NOT NULL, torch_version TEXT NOT NULL, created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS claims (
-    key TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
-    expires REAL NOT NULL
-);
-"""
+
+def _sql_type(annotation: Any) -> str:
+    """The column type of a field: ``TEXT``, ``INTEGER`` or ``REAL``, ``NOT NULL`` unless the
+    field may be ``None`` or is a float (SQLite stores NaN as NULL)."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else annotation
+    sql = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}[base]
+    return sql if optional or base is float else f"{sql} NOT NULL"
+
+
+def _fields(cls: type, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """The columns of a dataclass or named tuple ``cls``: field name to SQL type."""
+    hints = typing.get_type_hints(cls)
+    names = cls._fields if hasattr(cls, "_fields") else [f.name for f in dataclasses.fields(cls)]
+    return {n: _sql_type(hints[n]) for n in names if n not in leave_out}
+
+
+class Record(NamedTuple):
+    """What the store adds to a run's configuration and result."""
+
+    seconds: float
+    gaugefix_version: str
+    torch_version: str
+    created: str
+
+
+# One row of ``runs``: its key, the configuration, the result (its curve apart) and the record.
+RESULT_COLUMNS = _fields(RunResult, leave_out=("config", "curves"))
+RUN_COLUMNS = {
+    "key": "TEXT UNIQUE NOT NULL",
+    **_fields(RunConfig),
+    **RESULT_COLUMNS,
+    **_fields(Record),
+}
+CURVE_COLUMNS = _fields(CurvePoint)
+
+
+def _create(table: str, columns: list[str]) -> str:
+    return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(columns)})"
+
+
+def _defs(columns: dict[str, str]) -> list[str]:
+    return [f"{name} {sql}" for name, sql in columns.items()]
+
+
+SCHEMA = [
+    _create("runs", ["id INTEGER PRIMARY KEY", *_defs(RUN_COLUMNS)]),
+    _create(
+        "curves",
+        [
+            "run_id INTEGER NOT NULL REFERENCES runs(id)",
+            *_defs(CURVE_COLUMNS),
+            "PRIMARY KEY (run_id, step)",
+        ],
+    ),
+    _create("analyses", ["name TEXT PRIMARY KEY", "value TEXT NOT NULL", *_defs(_fields(Record))]),
+    _create(
+        "claims",
+        [
+            "key TEXT PRIMARY KEY",
+            "owner TEXT NOT NULL",
+            "host TEXT NOT NULL",
+            "pid INTEGER NOT NULL",
+            "expires REAL NOT NULL",
+        ],
+    ),
+]
 LEASE = 60.0  # seconds a claim lives unless its owner renews it (every LEASE / 4 s)
 
 
@@ -71,14 +115,17 @@ class StoreBusy(StoreError):
     """Another process held the store's lock for longer than the timeout."""
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def _insert(table: str, row: dict[str, Any], verb: str = "INSERT") -> str:
+    """The statement inserting ``row`` (named parameters) into ``table``."""
+    return f"{verb} INTO {table} ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"
 
 
-def _versions() -> tuple[str, str]:
+def _record(seconds: float) -> Record:
+    """The record of something written now, computed in ``seconds``."""
     from gaugefix import __version__
 
-    return __version__, torch.__version__
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return Record(seconds, __version__, torch.__version__, now)
 
 
 class Store:
@@ -92,7 +139,7 @@ class Store:
         if readonly:
             if not self.path.is_file():
                 raise StoreError(f"no store at {self.path}")
-            self._check_format(self._query, writing=False)
+            self._check_format(self._query)
             return
         parent = self.path.parent
         if parent.exists() and not parent.is_dir():
@@ -105,15 +152,14 @@ class Store:
             ) from None
         with self._write() as db:
             if db.execute("SELECT 1 FROM sqlite_master").fetchone():
-                self._check_format(lambda sql: db.execute(sql).fetchall(), writing=True)
+                self._check_format(lambda sql: db.execute(sql).fetchall())
             else:
                 db.execute(f"PRAGMA user_version = {FORMAT}")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in SCHEMA:
+                db.execute(statement)
 
-    def _check_format(self, query: Callable[[str], list], writing: bool) -> None:
-        """Refuse a store this version cannot read (or, when ``writing``, extend)."""
+    def _check_format(self, query: Callable[[str], list]) -> None:
+        """Refuse a store of another format than this version's."""
         version = query("PRAGMA user_version")[0][0]
         if version > FORMAT:
             raise StoreError(
@@ -123,13 +169,13 @@ class Store:
         tables = {r[0] for r in query("SELECT name FROM sqlite_master WHERE type='table'")}
         if not {"runs", "curves", "analyses"} <= tables:
             raise StoreError(f"{self.path} is an SQLite file but not a gaugefix results store")
-        if version < FORMAT and writing:
+        if version < FORMAT:
             rows = query("SELECT gaugefix_version FROM runs ORDER BY id DESC LIMIT 1")
             by = f"gaugefix {rows[0][0]}" if rows else "an earlier gaugefix"
             raise StoreError(
-                f"{self.path} was written by {by} (store format {max(version, 1)}, whose run keys "
-                f"do not cover the data and model); `gaugefix report {self.path.parent}` still "
-                "reads it, but new runs need a new results directory"
+                f"{self.path} was written by {by} in store format {max(version, 1)}, which lacks "
+                f"what this gaugefix's stability definition needs (format {FORMAT}): its "
+                "report.md stays as written; run the experiments again into a new results directory"
             )
 
     def _connect(self) -> sqlite3.Connection:
@@ -202,37 +248,20 @@ class Store:
 
     def add_run(self, result: RunResult, seconds: float) -> bool:
         """Write one run and its curves in one transaction; ``False`` if it was already there."""
-        c = result.config
-        gv, tv = _versions()
         row = {
-            **asdict(c),
-            "key": c.key(),
-            "status": result.status,
-            "seconds": seconds,
-            "initial_loss": result.initial_loss,
-            "final_loss": result.final_loss,
-            "test_loss": result.test_loss,
-            "accuracy": result.accuracy,
-            "test_accuracy": result.test_accuracy,
-            "log_ratio_rms": result.log_ratio_rms,
-            "mu_rel_max": result.mu_rel_max,
-            "diverged_at": result.diverged_at,
-            "balance_change": result.balance_change,
-            "gaugefix_version": gv,
-            "torch_version": tv,
-            "created": _now(),
+            "key": result.config.key(),
+            **dataclasses.asdict(result.config),
+            **{k: getattr(result, k) for k in RESULT_COLUMNS},
+            **_record(seconds)._asdict(),
         }
-        columns = ", ".join(row)
-        marks = ", ".join(f":{k}" for k in row)
         with self._write() as db:
             db.execute("DELETE FROM claims WHERE key = ?", (row["key"],))
             if db.execute("SELECT 1 FROM runs WHERE key = ?", (row["key"],)).fetchone():
                 return False
-            run_id = db.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", row).lastrowid
-            db.executemany(
-                "INSERT INTO curves VALUES (?, ?, ?, ?, ?)",
-                [(run_id, *point) for point in result.curves],
-            )
+            run_id = db.execute(_insert("runs", row), row).lastrowid
+            points = [{"run_id": run_id, **point._asdict()} for point in result.curves]
+            if points:
+                db.executemany(_insert("curves", points[0]), points)
         return True
 
     # -- claims ---------------------------------------------------------------------------------
@@ -289,13 +318,10 @@ class Store:
     # -- analyses ---------------------------------------------------------------------------------
     def put_analysis(self, name: str, value: Any, seconds: float, replace: bool = False) -> None:
         """Store an analysis result under ``name`` (kept if already there, unless ``replace``)."""
-        gv, tv = _versions()
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        row = {"name": name, "value": json.dumps(value), **_record(seconds)._asdict()}
         with self._write() as db:
-            db.execute(
-                f"{verb} INTO analyses VALUES (?, ?, ?, ?, ?, ?)",
-                (name, json.dumps(value), seconds, gv, tv, _now()),
-            )
+            db.execute(_insert("analyses", row, verb), row)
 
     def analysis(self, name: str) -> Any | None:
         rows = self._query("SELECT value FROM analyses WHERE name = ?", (name,))

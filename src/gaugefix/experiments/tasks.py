@@ -1,7 +1,7 @@
 """The built-in tasks and user data: data arrays plus the model family trained on them.
 
-Nothing is downloaded: teacher-student data are generated from a fixed seed, and the digits come
-with scikit-learn.
+Nothing is downloaded: teacher-student and modular-addition data are generated from a fixed seed,
+and the digits come with scikit-learn.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gaugefix.zoo import mlp
+from gaugefix.zoo import GPT, mlp
 
 DATA_SEED = 1234
 
@@ -28,8 +28,9 @@ class Task:
     """Train and test arrays, the loss kind and a factory for the model trained on them.
 
     ``kind`` is ``"regression"`` (squared loss ``mean((f - y)^2) / 2``; ``y`` is ``[n, out]``)
-    or ``"classification"`` (cross-entropy; ``y`` holds class indices). ``x_test`` and
-    ``y_test`` are ``None`` for a task without a test split (then no test metric is reported).
+    or ``"classification"`` (cross-entropy; ``y`` holds class indices). ``x`` holds features
+    (floating point) or token ids (integers, never cast). ``x_test`` and ``y_test`` are ``None``
+    for a task without a test split (then no test metric is reported).
     """
 
     name: str
@@ -45,6 +46,25 @@ class Task:
         if self.kind == "regression":
             return 0.5 * (out - y).square().sum(-1).mean()
         return nn.functional.cross_entropy(out, y)
+
+    def arrays(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(x, y, x_test, y_test)`` for a model in ``dtype``: floating-point features and
+        regression targets in ``dtype``; token ids and class indices as they are."""
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+        return cast(self.x), cast(self.y), cast(self.x_test), cast(self.y_test)
+
+    def constant_loss(self) -> float:
+        """The training loss of the best constant predictor: half the summed variance of the
+        targets (regression), the entropy of the training class frequencies (classification)."""
+        if self.kind == "regression":
+            y = self.y.to(torch.float64)
+            return float(0.5 * y.var(0, correction=0).sum())
+        freq = torch.bincount(self.y).to(torch.float64) / len(self.y)
+        freq = freq[freq > 0]
+        return float(-(freq * freq.log()).sum())
 
     def accuracy(self, out: Tensor, y: Tensor) -> float | None:
         if self.kind != "classification":
@@ -95,11 +115,62 @@ def _digits(name: str, make_model: Callable[[], nn.Module]) -> Task:
     return Task(name, "classification", x[:cut], y[:cut], x[cut:], y[cut:], make_model)
 
 
+def he_mlp(widths: tuple[int, ...]) -> nn.Sequential:
+    """:func:`gaugefix.zoo.mlp` with He (Kaiming) normal weights for ReLU and zero biases, the
+    initialisation that keeps the signal's scale through many ReLU layers (PyTorch's default,
+    variance ``1 / (3 fan_in)``, shrinks it by about ``sqrt(6)`` per layer)."""
+    model = mlp(widths)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return model
+
+
+MODULUS = 53  # modular addition: (a + b) mod MODULUS
+
+
+class LastTokenGPT(nn.Module):
+    """:class:`gaugefix.zoo.GPT` reading out only the last position: token ids ``[batch,
+    tokens]`` to logits ``[batch, vocab]``."""
+
+    def __init__(self, vocab: int, dim: int, heads: int, hidden: int, context: int) -> None:
+        super().__init__()
+        self.gpt = GPT(vocab, dim, heads, 1, hidden, context, sdpa=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.gpt(ids)[:, -1]
+
+
+def _modular_addition(name: str) -> Task:
+    """All pairs ``(a, b)`` as the tokens ``a b =`` (``=`` is token ``MODULUS``), labelled
+    ``(a + b) mod MODULUS``; a fixed random half of the pairs for training, the rest for test.
+    The model: a one-layer transformer (dim 32, 4 heads, ReLU MLP of 128) over the vocabulary
+    ``0..MODULUS`` (the class ``=`` never occurs as a label)."""
+    p = MODULUS
+    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
+    x = torch.stack([a, b, torch.full_like(a, p)], 1)
+    y = (a + b) % p
+    order = torch.randperm(p * p, generator=torch.Generator().manual_seed(DATA_SEED))
+    train, test = order[: p * p // 2], order[p * p // 2 :]
+    return Task(
+        name,
+        "classification",
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        lambda: LastTokenGPT(p + 1, 32, 4, 128, 3),
+    )
+
+
 BUILTIN: dict[str, Callable[[], Task]] = {
     "teacher-student": lambda: _teacher_student("teacher-student", (128,)),
     "deep-teacher-student": lambda: _teacher_student("deep-teacher-student", (64, 64, 64)),
     "digits": lambda: _digits("digits", lambda: mlp((64, 256, 10))),
+    "deep-mlp-digits": lambda: _digits("deep-mlp-digits", lambda: he_mlp((64, *[64] * 6, 10))),
     "digits-cnn": lambda: _digits("digits-cnn", DigitsCNN),
+    "modular-addition": lambda: _modular_addition("modular-addition"),
 }
 
 

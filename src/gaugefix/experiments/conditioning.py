@@ -1,0 +1,159 @@
+"""Experiment 5, conditioning: the largest Hessian eigenvalue of the training loss along the orbit
+of the initialisation, at its balanced point, and during full-batch GD training. Stored per task
+under ``conditioning/TASK``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gaugefix
+from gaugefix.diagnostics import sharpness
+from gaugefix.experiments.cells import s_key
+from gaugefix.experiments.engine import init_direction, task_hash
+from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, plt, save
+from gaugefix.experiments.probes import float64_model, loss64
+from gaugefix.experiments.stability import max_stable_lr
+from gaugefix.experiments.store import Store
+from gaugefix.experiments.tasks import Task
+
+KEY = "conditioning"
+TRAINED = ("plain", "balanced-init", "exact")  # the methods sharpness is followed for
+
+
+def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
+    """Sharpness along the orbit (s from -2 to 2, in steps of 1 quick, 0.5 full) and during
+    100 (quick) or 300 steps of training at plain's largest stable learning rate at s = 1."""
+    s_values = [-2.0, -1.0, 0.0, 1.0, 2.0] if quick else [x / 2 for x in range(-4, 5)]
+    steps = 100 if quick else 300
+    return {
+        "init": sharpness_init(task, s_values),
+        "train": sharpness_training(task, _largest_stable_lr(store, task), 1.0, steps, steps // 10),
+    }
+
+
+def _value(task: Task, model: torch.nn.Module) -> float:
+    x, y, _, _ = task.arrays(torch.float64)
+    return float(sharpness(model, task.loss, x, y))
+
+
+def sharpness_init(task: Task, s_values: list[float]) -> dict[str, Any]:
+    """Sharpness of the training loss at initialisation along the orbit ``s z`` (the same
+    function for every ``s``), and at the balanced point of that orbit."""
+    by_s = {}
+    for s in s_values:
+        model, structure = float64_model(task)
+        gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
+        by_s[s_key(s)] = _value(task, model)
+    model, structure = float64_model(task)
+    gaugefix.balance_(model, structure)
+    return {"by_s": by_s, "balanced": _value(task, model)}
+
+
+def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) -> dict[str, Any]:
+    """Sharpness every ``every`` steps of full-batch GD from the initialisation moved by ``s z``,
+    for ``plain``, ``balanced-init`` and ``exact`` at strength 1 (:class:`gaugefix.GaugeFixing`
+    without a balanced start): ``{method: [(step, loss, sharpness), ...]}``."""
+    out: dict[str, Any] = {"lr": lr, "s": s, "two_over_lr": 2 / lr}
+    for method in TRAINED:
+        model, structure = float64_model(task)
+        gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
+        if method == "balanced-init":
+            gaugefix.balance_(model, structure)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        if method == "exact":
+            gaugefix.GaugeFixing(opt, model, structure, 1.0, mode="exact", balance_at_start=False)
+        curve = []
+        for step in range(steps + 1):
+            loss = loss64(task, model)
+            if not math.isfinite(loss.item()):
+                break
+            if step % every == 0:
+                curve.append((step, loss.item(), _value(task, model)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[method] = curve
+    return out
+
+
+def _largest_stable_lr(store: Store, task: Task) -> float:
+    """The largest learning rate stable for plain full-batch GD at s = 1 (0.1 without runs)."""
+    runs = store.runs(
+        task=task.name,
+        task_hash=task_hash(task),
+        method="plain",
+        optimizer="gd",
+        batch_size=0,
+        s=1.0,
+    )
+    return max_stable_lr(runs) or 0.1
+
+
+def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sharpness at initialisation by s and at the balanced point, per task."""
+    return {
+        task: {"by_s": v["init"]["by_s"], "balanced": v["init"]["balanced"]}
+        for task, v in sorted(values.items())
+    }
+
+
+def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
+    fig, axes = plt.subplots(
+        1,
+        1 + len(values),
+        figsize=(4.2 * (1 + len(values)), 3.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    lines = []
+    for task, v in sorted(values.items()):
+        r = v["init"]
+        s = [float(k) for k in r["by_s"]]
+        sharp = list(r["by_s"].values())
+        axes[0][0].semilogy(s, sharp, "o-", label=task)
+        axes[0][0].axhline(r["balanced"], ls=":", color=axes[0][0].lines[-1].get_color())
+        best = min(r["by_s"], key=r["by_s"].get)
+        held = "held" if r["balanced"] <= min(sharp) else "did not hold"
+        lines.append(
+            f"- {task}: sharpness at initialisation {fmt(min(sharp))} (s = {best}) to "
+            f"{fmt(max(sharp))} over s; at the balanced point {fmt(r['balanced'])}. Minimal at "
+            f"the balanced point: **{held}**."
+        )
+    axes[0][0].set_xlabel("initial imbalance s")
+    axes[0][0].set_ylabel("sharpness at init (dotted: balanced)")
+    axes[0][0].legend(fontsize=7)
+    plain_log_ticks(axes[0][0])
+    for j, (task, v) in enumerate(sorted(values.items()), start=1):
+        r, ax = v["train"], axes[0][j]
+        for method in TRAINED:
+            pts = r.get(method, [])
+            ax.semilogy(
+                [p[0] for p in pts],
+                [p[2] for p in pts],
+                "o-",
+                ms=3,
+                label=method,
+                color=method_color(method),
+            )
+        ax.axhline(r["two_over_lr"], color="k", ls="--", lw=1, label="2 / lr")
+        ax.set_title(f"{task}, lr = {fmt(r['lr'])}, s = {r['s']:g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("sharpness")
+        ax.legend(fontsize=7)
+        plain_log_ticks(ax)
+        finals = ", ".join(f"{m} {fmt(r[m][-1][2] if r.get(m) else None)}" for m in TRAINED)
+        lines.append(
+            f"- {task}, full-batch GD at lr {fmt(r['lr'])} from s = {r['s']:g}: final sharpness "
+            f"{finals}; 2/lr = {fmt(r['two_over_lr'])}."
+        )
+    name = save(fig, out, "sharpness.png")
+    return (
+        "## Conditioning\n\nThe largest Hessian eigenvalue of the training loss (Lanczos on "
+        "Hessian-vector products), along the orbit of the initialisation and during training.\n\n"
+        + "\n".join(lines)
+        + f"\n\n![sharpness]({name})"
+    )

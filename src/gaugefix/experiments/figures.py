@@ -1,0 +1,64 @@
+"""What every figure of the report shares: the non-interactive backend, a color per method, plain
+tick labels on log axes, and how numbers are written."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from gaugefix.experiments.engine import METHODS  # noqa: E402
+
+__all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "plt", "save"]
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    """A number to ``digits`` significant digits; ``n/a`` for ``None`` or non-finite."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}g}"
+
+
+def methods_in_order(names: Any) -> list[str]:
+    """``names`` in the order of :data:`~gaugefix.experiments.engine.METHODS` (others last)."""
+    order = list(METHODS)
+    return sorted(names, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def method_color(method: str) -> str:
+    """The same color for a method in every panel and figure."""
+    return f"C{list(METHODS).index(method) % 10}" if method in METHODS else "k"
+
+
+def plain_log_ticks(*axes: Any) -> None:
+    """Tick labels of log axes as plain numbers (``4.1``, not ``4.1 x 10^0``); over more than
+    a decade, minor ticks are labelled at 2, 3 and 5 times a power of ten only (2 and 5 over
+    more than two, none over more than three)."""
+
+    def minor(axis: Any) -> FuncFormatter:
+        def label(v: float, _: Any) -> str:
+            low, high = axis.get_view_interval()
+            keep = (2, 3, 5) if high <= 100 * low else (2, 5) if high <= 1000 * low else ()
+            mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
+            return "" if high > 10 * low and mantissa not in keep else f"{v:g}"
+
+        return FuncFormatter(label)
+
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(minor(axis))
+
+
+def save(fig: Any, out: Path, name: str) -> str:
+    """Write ``fig`` to ``out / name`` and close it; returns ``name``."""
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return name

@@ -1,0 +1,92 @@
+"""What the methods cost or buy in the trained network: final training loss, test loss and test
+accuracy at the learning rates stable for both the method and the reference (s = 0), and the
+expressivity check (balancing a trained plain network leaves its function unchanged)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from gaugefix.experiments.cells import Runs, group, lr_key, median, reference
+from gaugefix.experiments.figures import fmt, methods_in_order
+from gaugefix.experiments.stability import VERDICT
+
+METRICS = {
+    "final_train_loss": "final_loss",
+    "final_test_loss": "test_loss",
+    "test_accuracy": "test_accuracy",
+}
+
+
+def summarize(runs: Runs) -> dict[str, Any]:
+    """Per metric, method and learning rate stable for every seed of both the method and the
+    regime's reference (plain, else balanced-init), at s = 0: the median over seeds. A metric
+    no run has (no test split, no classes) is left out. ``runs``: one regime's at best
+    strength."""
+    stable: dict[str, set[float]] = defaultdict(set)
+    cells = group([r for r in runs if r["s"] == 0.0], "method", "lr")
+    for (method, lr), cell in cells.items():
+        if all(r["status"] == "stable" for r in cell):
+            stable[method].add(lr)
+    ref = reference(runs)
+    out: dict[str, Any] = {}
+    for key, column in METRICS.items():
+        values: dict[str, dict[str, float]] = defaultdict(dict)
+        for (method, lr), cell in cells.items():
+            v = median([r[column] for r in cell])
+            if ref is not None and lr in stable[method] & stable[ref] and v is not None:
+                values[method][lr_key(lr)] = v
+        if any(values.values()):
+            out[key] = {"reference": ref, **values}
+    return out
+
+
+def summarize_task(runs: Runs) -> dict[str, Any]:
+    """The expressivity check of a task: the largest relative output change of balancing a
+    trained plain network (``None`` when no plain run finished)."""
+    changes = [r["balance_change"] for r in runs if r["balance_change"] is not None]
+    return {"balance_function_change": max(changes, default=None)}
+
+
+def render(entry: dict[str, Any], label: Any) -> str:
+    """The final-loss paragraph of one regime (``label(method)``: a method with its strength)."""
+    loss = entry.get("final_train_loss")
+    if not loss:
+        return ""
+    ref = loss["reference"]
+    lines = []
+    accuracy = entry.get("test_accuracy", {})
+    for method in methods_in_order(m for m in loss if m not in ("reference", ref)):
+        pairs = [(v, loss[ref][lr]) for lr, v in loss[method].items() if lr in loss[ref]]
+        ratios = [v / p for v, p in pairs if p]
+        if not ratios:
+            continue
+        text = (
+            f"- {label(method)}: final training loss / {ref}'s over the {len(ratios)} rates "
+            f"stable for both: {fmt(min(ratios))} to {fmt(max(ratios))}"
+        )
+        if method in accuracy and ref in accuracy:
+            gaps = [
+                accuracy[method][lr] - accuracy[ref][lr]
+                for lr in accuracy[method]
+                if lr in accuracy[ref]
+            ]
+            if gaps:
+                text += f"; test accuracy minus {ref}'s: {min(gaps):+.3f} to {max(gaps):+.3f}"
+        lines.append(text)
+    if not lines:
+        return ""
+    return "**Final loss at the same learning rates** (s = 0, medians over seeds):\n\n" + "\n".join(
+        lines
+    )
+
+
+def render_task(entry: dict[str, Any]) -> str:
+    """The expressivity paragraph of a task."""
+    change = entry["balance_function_change"]
+    held = VERDICT[None if change is None else change <= 1e-10]
+    return (
+        "**Expressivity**: `balance_` applied to every trained plain network changed its outputs "
+        f"by at most {fmt(change)} (relative, float64): claim (3), the representable functions "
+        f"are identical, **{held}**."
+    )

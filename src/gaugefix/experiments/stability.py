@@ -1,0 +1,453 @@
+"""The stable learning-rate range: per cell and seed, expansion ratios against the references
+with the seed-level rule for a claim, the stability maps and the figure comparing continuous
+gauge fixing with a balanced start. The definitions are :data:`DEFINITION`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import BoundaryNorm
+from matplotlib.lines import Line2D
+
+from gaugefix.experiments.cells import REFERENCES, Regime, Runs, group, median, s_key
+from gaugefix.experiments.engine import DIVERGENCE_FACTOR, STABILITY_MARGIN
+from gaugefix.experiments.figures import (
+    fmt,
+    method_color,
+    methods_in_order,
+    plain_log_ticks,
+    plt,
+    save,
+)
+
+DEFINITION = (
+    f"A run *diverges* when its training loss becomes non-finite or exceeds {DIVERGENCE_FACTOR:g} "
+    "times its initial value. It is *stable* when it does not diverge and its final training "
+    f"loss is at most {STABILITY_MARGIN:g} times the smaller of its initial loss and the loss of "
+    "the best constant predictor (regression: half the targets' variance; classification: the "
+    "entropy of the training class frequencies), so a network that collapsed to a constant "
+    "predictor is not stable. `max_stable_lr` of a cell (task, regime, method, s) is the top of "
+    "its lowest band of stable grid rates: the largest learning rate such that it and every grid "
+    "rate from the smallest stable one up to it are stable (lower rates that did not learn enough "
+    "within the run's steps are skipped); it is computed for each seed alone and for all seeds "
+    "together (a rate counts when every seed is stable at it). A method's *expansion ratio* "
+    "against a reference (plain, or balanced-init) is computed per seed, `max_stable_lr(method, "
+    "seed) / max_stable_lr(reference, seed)` (a seed is one initialisation, shared by every "
+    "method), and given as its min, median and max over seeds. A claim **held** in a cell only "
+    "when the ratio exceeds 1 for every seed; it **did not hold** when the ratio is at most 1 "
+    "for some seed; it *could not be measured* otherwise (for some seed the reference had no "
+    "stable rate or was stable up to the top of the grid). Where the method was stable up to the "
+    "grid's top the ratio is a lower bound (≥). Methods with a strength grid are shown at their "
+    "best strength per regime (the largest summed all-seed `max_stable_lr` over s, the smallest "
+    "on ties), chosen on the same runs it is reported on."
+)
+
+
+def band_top(stable: dict[float, bool]) -> float:
+    """The top of the lowest band of stable grid rates: the largest learning rate such that it
+    and every grid rate from the smallest stable one up to it are stable (0 when none is)."""
+    top = 0.0
+    for lr in sorted(stable):
+        if stable[lr]:
+            top = lr
+        elif top:
+            break
+    return top
+
+
+def max_stable_lr(runs: Runs) -> float:
+    """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable."""
+    stable: dict[float, bool] = defaultdict(lambda: True)
+    for r in runs:
+        stable[r["lr"]] &= r["status"] == "stable"
+    return band_top(stable)
+
+
+def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
+    """:func:`band_top` of each seed's own stable rates (``runs``: one cell)."""
+    return {seed: max_stable_lr(rs) for (seed,), rs in group(runs, "seed").items()}
+
+
+def best_strengths(runs: Runs) -> dict[str, float]:
+    """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` (the
+    smallest such strength on ties); ``runs`` are one regime's."""
+    score: dict[tuple[str, float], float] = defaultdict(float)
+    for (method, strength, _), cell in group(runs, "method", "strength", "s").items():
+        score[(method, strength)] += max_stable_lr(cell)
+    best: dict[str, float] = {}
+    for (method, strength), value in sorted(score.items()):
+        if method not in best or value > score[(method, best[method])]:
+            best[method] = strength
+    return best
+
+
+def at_best_strength(runs: Runs) -> Runs:
+    """The runs of each method at its :func:`best_strengths` (``runs``: one regime's)."""
+    best = best_strengths(runs)
+    return [r for r in runs if r["strength"] == best[r["method"]]]
+
+
+def previously_stable(runs: Runs) -> int:
+    """How many of ``runs`` the previous definition called stable (not diverged, final training
+    loss below the initial loss) that the current one does not."""
+    return sum(r["status"] == "unstable" and r["final_loss"] < r["initial_loss"] for r in runs)
+
+
+def ratio_stats(
+    ratios: dict[int, float | None], bounds: dict[int, bool] | None = None
+) -> dict[str, Any]:
+    """A per-seed ratio (``None``: not known for that seed; ``bounds``: which known values are
+    only lower bounds) as min, median and max over the seeds where it is known, how many seeds
+    it is not known for, whether any value is a lower bound, and the verdict ``held``:
+    ``True`` when it exceeds 1 for every seed, ``False`` when it is at most 1 (and not a lower
+    bound) for some seed, ``None`` otherwise."""
+    bounds = bounds or {}
+    known = {k: v for k, v in ratios.items() if v is not None}
+    if any(v <= 1.0 and not bounds.get(k, False) for k, v in known.items()):
+        held: bool | None = False
+    elif known and len(known) == len(ratios) and all(v > 1.0 for v in known.values()):
+        held = True
+    else:
+        held = None
+    values = list(known.values())
+    return {
+        "min": min(values) if values else None,
+        "median": median(values),
+        "max": max(values) if values else None,
+        "seeds": len(ratios),
+        "unknown_seeds": len(ratios) - len(known),
+        "lower_bound": any(bounds.get(k, False) for k in known),
+        "held": held,
+    }
+
+
+def seed_ratios(
+    method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
+) -> dict[str, Any]:
+    """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
+    ``reference``: ``max_stable_lr`` per seed; ``*_top``: the top of each one's grid). A seed's
+    ratio is not known where the reference had no stable rate or was stable up to its grid's
+    top, and a lower bound where the method was."""
+    ratios: dict[int, float | None] = {}
+    bounds: dict[int, bool] = {}
+    for seed, base in reference.items():
+        known = seed in method and 0.0 < base < ref_top
+        ratios[seed] = method[seed] / base if known else None
+        bounds[seed] = known and method[seed] >= method_top
+    return ratio_stats(ratios, bounds)
+
+
+def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
+    """The stability entries of one regime's summary: ``runs`` are all of its runs, ``chosen``
+    those at each method's best strength."""
+    msl: dict[str, dict[str, float]] = defaultdict(dict)
+    by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
+    tops: dict[tuple[str, str], float] = {}
+    at_top: dict[str, list[str]] = defaultdict(list)
+    for (method, s), cell in group(chosen, "method", "s").items():
+        key = s_key(s)
+        tops[(method, key)] = max(r["lr"] for r in cell)
+        msl[method][key] = max_stable_lr(cell)
+        by_seed[method][key] = max_stable_lr_by_seed(cell)
+        if msl[method][key] >= tops[(method, key)]:
+            at_top[method].append(key)
+    ratios: dict[str, dict[str, dict[str, Any]]] = {}
+    for ref in REFERENCES:
+        if ref not in by_seed:
+            continue
+        ratios[ref] = {
+            method: {
+                s: seed_ratios(seeds, by_seed[ref][s], tops[(method, s)], tops[(ref, s)])
+                for s, seeds in cells.items()
+                if s in by_seed[ref]
+            }
+            for method, cells in by_seed.items()
+            if method != ref
+        }
+    return {
+        "lr_grid": sorted({r["lr"] for r in chosen}),
+        "best_strength": best_strengths(runs),
+        "max_stable_lr": dict(msl),
+        "max_stable_lr_by_seed": {
+            m: {s: {str(k): v for k, v in seeds.items()} for s, seeds in cells.items()}
+            for m, cells in by_seed.items()
+        },
+        "max_stable_lr_at_grid_top": dict(at_top),
+        "expansion_ratio": ratios,
+    }
+
+
+def horizons(runs: Runs) -> dict[str, Any]:
+    """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
+    method's per-seed ``max_stable_lr`` at the longest horizon over that at the shortest (each
+    regime at its best strength). A seed's ratio is not known where the short horizon had no
+    stable rate or was stable up to its grid's top; the range *narrowed* when the ratio is
+    below 1 for every seed, and did not when it is at least 1 for some seed."""
+    out: dict[str, Any] = {}
+    mini = [r for r in runs if r["batch_size"] and r["s"] == 0.0]
+    for (opt, batch), rs in group(mini, "optimizer", "batch_size").items():
+        steps = sorted({r["steps"] for r in rs})
+        if len(steps) < 2:
+            continue
+        cells: dict[int, dict[str, tuple[dict[int, float], float]]] = {}
+        for n in (steps[0], steps[-1]):
+            chosen = at_best_strength([r for r in rs if r["steps"] == n])
+            cells[n] = {
+                m: (max_stable_lr_by_seed(cell), max(r["lr"] for r in cell))
+                for (m,), cell in group(chosen, "method").items()
+            }
+        entry = {}
+        for method in sorted(set(cells[steps[0]]) & set(cells[steps[-1]])):
+            (short, short_top), (long, _) = cells[steps[0]][method], cells[steps[-1]][method]
+            ratios = {
+                seed: long[seed] / base if 0.0 < base < short_top and seed in long else None
+                for seed, base in short.items()
+            }
+            stats = ratio_stats(ratios)
+            known = [v for v in ratios.values() if v is not None]
+            if any(v >= 1 for v in known):
+                narrowed: bool | None = False
+            else:
+                narrowed = True if known and not stats["unknown_seeds"] else None
+            entry[method] = {**stats, "narrowed": narrowed}
+        out[f"{opt}/{batch}"] = {"short": steps[0], "long": steps[-1], "methods": entry}
+    return out
+
+
+# -- rendering ------------------------------------------------------------------------------------
+def label(method: str, regime: dict[str, Any]) -> str:
+    """A method with its best strength in the regime: ``exact (0.1)``."""
+    strength = regime.get("best_strength", {}).get(method)
+    return f"{method} ({strength:g})" if strength else method
+
+
+VERDICT = {True: "held", False: "did not hold", None: "could not be measured"}
+
+
+def ratio_text(stats: dict[str, Any]) -> str:
+    """``2 [1.41, 2.83]``: the median and the seed range of an expansion ratio (``≥`` for a
+    lower bound)."""
+    if stats["median"] is None:
+        return "n/a"
+    bound = "≥ " if stats["lower_bound"] else ""
+    if stats["min"] == stats["max"]:
+        return f"{bound}{fmt(stats['median'])}"
+    return f"{bound}{fmt(stats['median'])} [{fmt(stats['min'])}, {fmt(stats['max'])}]"
+
+
+def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
+    """The stability paragraphs of one regime, with its stability map."""
+    msl, seeds = entry["max_stable_lr"], entry["max_stable_lr_by_seed"]
+    top = entry["max_stable_lr_at_grid_top"]
+    s_values = sorted({s for cells in msl.values() for s in cells}, key=float)
+    rows = [
+        "| method | " + " | ".join(f"s = {s}" for s in s_values) + " |",
+        "|---|" + "---|" * len(s_values),
+    ]
+    for method in methods_in_order(msl):
+        cells = []
+        for s in s_values:
+            if s not in msl[method]:
+                cells.append("")
+                continue
+            per_seed = ", ".join(fmt(v) for v in seeds[method][s].values())
+            bound = "≥ " if s in top.get(method, []) else ""
+            cells.append(f"{bound}{fmt(msl[method][s])} ({per_seed})")
+        rows.append(f"| {label(method, entry)} | " + " | ".join(cells) + " |")
+    parts = [
+        "**Stable learning rates** (`max_stable_lr` for every seed together, then for each seed "
+        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n" + "\n".join(rows)
+    ]
+    for ref, by_method in entry["expansion_ratio"].items():
+        lines = []
+        for method in methods_in_order(by_method):
+            cells = by_method[method]
+            lines.append(
+                f"- {label(method, entry)}: "
+                + "; ".join(
+                    f"s = {s}: {ratio_text(st)}, **{VERDICT[st['held']]}**"
+                    for s, st in sorted(cells.items(), key=lambda kv: float(kv[0]))
+                )
+            )
+        what = "plain" if ref == "plain" else "a balanced start (balanced-init)"
+        parts.append(
+            f"**Expansion against {what}** (per-seed ratio of `max_stable_lr`: median "
+            "[min, max] over seeds; a wider range held only if above 1 for every seed):\n\n"
+            + "\n".join(lines)
+        )
+    name = stability_map(out, task, regime, runs)
+    parts.append(f"![stability map, {regime.label}]({name})")
+    return "\n\n".join(parts)
+
+
+def _edges(values: list[float]) -> np.ndarray:
+    """Cell edges of a log grid: geometric midpoints, extended by half a step at the ends."""
+    v = np.log(np.asarray(values))
+    step = np.diff(v).min() if len(v) > 1 else np.log(2.0)
+    mids = (v[1:] + v[:-1]) / 2
+    return np.exp(np.concatenate([[v[0] - step / 2], mids, [v[-1] + step / 2]]))
+
+
+def grid_ratio(lrs: list[float]) -> float | None:
+    """The smallest ratio of neighbouring grid rates (the grid's resolution)."""
+    lrs = sorted(set(lrs))
+    return min(b / a for a, b in zip(lrs[:-1], lrs[1:], strict=True)) if len(lrs) > 1 else None
+
+
+def render_horizons(entry: dict[str, Any]) -> str:
+    """The paragraph on the stable range over a longer horizon (``entry``: :func:`horizons`)."""
+    parts = []
+    for key, h in entry.items():
+        opt, batch = key.split("/")
+        word = {True: "narrowed", False: "did not narrow", None: "could not be measured"}
+        lines = [
+            f"- {m}: {ratio_text(st)}, **{word[st['narrowed']]}**"
+            for m, st in ((m, h["methods"][m]) for m in methods_in_order(h["methods"]))
+        ]
+        parts.append(
+            f"**Over a longer horizon** ({opt}, batch {batch}, s = 0): per seed, `max_stable_lr` "
+            f"at {h['long']} steps / at {h['short']} steps, median [min, max]; the range "
+            "narrowed only if below 1 for every seed:\n\n" + "\n".join(lines)
+        )
+    return "\n\n".join(parts)
+
+
+def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
+    """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
+    and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
+    where some seed diverged; at most four panels a row."""
+    methods = methods_in_order({r["method"] for r in runs})
+    s_values = sorted({r["s"] for r in runs})
+    lrs = sorted({r["lr"] for r in runs})
+    seeds = len({r["seed"] for r in runs})
+    cols = min(len(methods), 4)
+    rows = -(-len(methods) // cols)
+    width = max(1.0 + 0.6 * len(s_values), 2.2)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(width * cols + 1.2, 3.2 * rows + 0.5),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    norm = BoundaryNorm(np.linspace(-0.5 / seeds, 1 + 0.5 / seeds, seeds + 2), 256)
+    y_edges = _edges(lrs)
+    ratio = grid_ratio(lrs)
+    mesh = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(methods):
+            ax.set_visible(False)
+            continue
+        method = methods[k]
+        mine = [r for r in runs if r["method"] == method]
+        frac = np.full((len(lrs), len(s_values)), np.nan)
+        crosses = []
+        for (s, lr), cell in group(mine, "s", "lr").items():
+            i, j = lrs.index(lr), s_values.index(s)
+            frac[i, j] = np.mean([r["status"] == "stable" for r in cell])
+            if any(r["status"] == "diverged" for r in cell):
+                crosses.append((j, lr))
+        mesh = ax.pcolormesh(
+            np.arange(len(s_values) + 1) - 0.5,
+            y_edges,
+            frac,
+            cmap="viridis",
+            norm=norm,
+            edgecolors="white",
+            linewidth=0.3,
+        )
+        if crosses:
+            ax.scatter(*zip(*crosses, strict=True), marker="x", color="crimson", s=12, lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylim(y_edges[0], y_edges[-1])
+        ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
+        strength = mine[0]["strength"]
+        ax.set_title(f"{method} ({strength:g})" if strength else method, fontsize=9)
+        if k + cols >= len(methods):  # no panel below
+            ax.set_xlabel("initial imbalance s")
+        if k % cols == 0:
+            ax.set_ylabel(f"lr (grid ratio {fmt(ratio)})" if ratio else "lr")
+    plain_log_ticks(*axes[:, 0])  # after every set_yscale of the shared axis
+    bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f"seeds stable (of {seeds})")
+    bar.set_ticks(np.linspace(0, 1, seeds + 1), labels=[str(i) for i in range(seeds + 1)])
+    fig.suptitle(f"{task}: {regime.label} (x: some seed diverged)", fontsize=10)
+    return save(fig, out, f"stability-{task}-{regime.slug}.png")
+
+
+BALANCED_START_METHODS = (
+    "plain",
+    "balanced-init",
+    "penalty",
+    "balanced-penalty",
+    "exact",
+    "balanced-exact",
+    "balance",
+)
+
+
+def balanced_start_figure(
+    out: Path, task: str, regimes: dict[Regime, dict[str, Any]]
+) -> str | None:
+    """Continuous gauge fixing against a balanced start: per regime with a ``balanced-init``
+    reference, each seed's ``max_stable_lr`` per method and initial imbalance (the grid's rates
+    as faint lines; a downward triangle: no stable rate; an upward one: stable up to the grid's
+    top, a lower bound)."""
+    panels = [
+        (regime, entry)
+        for regime, entry in regimes.items()
+        if "balanced-init" in entry["max_stable_lr_by_seed"]
+    ]
+    if not panels:
+        return None
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    shown: dict[str, Any] = {}
+    for k, (regime, entry) in enumerate(panels):
+        ax = axes.flat[k]
+        by_seed = entry["max_stable_lr_by_seed"]
+        methods = [m for m in BALANCED_START_METHODS if m in by_seed]
+        s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
+        values = [v for m in methods for cell in by_seed[m].values() for v in cell.values()]
+        positive = [v for v in values if v > 0]
+        floor = min(positive) / 2 if positive else 1e-3
+        top = max(entry["lr_grid"])
+        for lr in entry["lr_grid"]:
+            ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
+        width = 0.8 / len(methods)
+        for m, method in enumerate(methods):
+            for j, s in enumerate(s_values):
+                cell = list(by_seed[method].get(s, {}).values())
+                x = j - 0.4 + width * (m + 0.5)
+                xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
+                ys = [v if v > 0 else floor for v in cell]
+                marks = ["v" if v == 0 else "^" if v >= top else "o" for v in cell]
+                for xi, yi, mark in zip(xs, ys, marks, strict=True):
+                    ax.scatter(xi, yi, marker=mark, s=14, color=method_color(method), zorder=2)
+                shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(s_values)), [f"{float(s):g}" for s in s_values])
+        ax.set_xlabel("initial imbalance s")
+        ax.set_title(regime.label, fontsize=9)
+        plain_log_ticks(ax)
+    for row in axes:
+        row[0].set_ylabel("max stable lr, per seed")
+    handles = [shown[m] for m in methods_in_order(shown)]
+    handles += [Line2D([], [], marker=m, ls="", color="0.4") for m in ("v", "^")]
+    fig.legend(
+        handles,
+        [*methods_in_order(shown), "no stable rate", "stable to the grid's top"],
+        loc="outside lower center",
+        ncol=min(len(handles), 8),
+        fontsize=8,
+    )
+    fig.suptitle(f"{task}: continuous gauge fixing against a balanced start", fontsize=10)
+    return save(fig, out, f"balanced-start-{task}.png")
