@@ -1,7 +1,7 @@
 """The gaugefix benchmark suite (``make bench``): writes ``benchmarks/results.json`` and the
 markdown table ``benchmarks/results.md`` (pasted into the README).
 
-Every figure is a ratio of two sides measured side by side in one process (item 5: in fresh
+Every figure is a ratio of two sides measured side by side in one process (item 6: in fresh
 processes), alternating which side goes first, with the median over at least 5 pairs: the
 machines this runs on are shared and noisy.
 
@@ -152,18 +152,31 @@ def evaluate(results: dict) -> list[dict]:
         )
     if "sweeps" in results:
         s = results["sweeps"]
-        add("4", f"quick grid ({s['timed_runs']} of {s['grid_runs']} runs): batched speed-up",
-            s["speedup"], TARGETS["sweep_speedup"], "min", unit="x")  # fmt: skip
-        add("4", "float64: batched = one by one (final loss within 1e-6, same statuses)",
-            s["float64"]["max_rel_final_loss_difference"], 1e-6, "max", unit="rel",
-            same_statuses=s["float64"]["same_statuses"])  # fmt: skip
-        rows[-1]["met"] = s["float64"]["identical"]
+        add("4", f"quick grid ({s['grid_runs']} runs): batched speed-up", s["speedup"],
+            TARGETS["sweep_speedup"], "min", unit="x")  # fmt: skip
+        for g in s["groups"]:
+            add("4", f"batched speed-up on {g['group']} ({g['runs']} runs)", g["speedup"],
+                None, "min", unit="x")  # fmt: skip
+        f64 = s["float64"]
+        loose = f64["rounding_sensitive"]
+        add("4", f"float64: batched = one by one on {f64['runs'] - len(loose)} of {f64['runs']} "
+            "runs (final loss within 1e-6, same statuses)", f64["max_rel_final_loss_difference"],
+            1e-6, "max", unit="rel", same_statuses=f64["same_statuses"])  # fmt: skip
+        rows[-1]["met"] = f64["identical"]
+        if loose:
+            add("4", f"float64: the other {len(loose)} runs ("
+                + ", ".join(sorted({r["task"] for r in loose}))
+                + "), fixed only up to rounding: a nudge of 1e-12 to the initial imbalance "
+                f"changes their final loss by {min(r['nudged_change'] for r in loose):.0e} to "
+                f"{max(r['nudged_change'] for r in loose):.0e}; largest batched/one-by-one "
+                "difference", max(r["difference"] for r in loose), None, "max",
+                unit="rel")  # fmt: skip
     for d in results.get("discover", []):
         add("5", f"discover on {d['model']} / 20 forward passes (batch 1)", d["ratio"],
             TARGETS["discover_ratio"], "max", unit="x")  # fmt: skip
     memory_rows = results.get("memory", [])
     for case in memory_rows if isinstance(memory_rows, list) else []:
-        for mode in ("default", "exact_every_step", "penalty"):
+        for mode in ("default", "penalty"):
             add("6", f"{case['case']}: peak RSS with GaugeFixing {mode.replace('_', ' ')}",
                 case[mode]["excess"], TARGETS["memory_excess"] if mode == "default" else None,
                 "max", unit="%")  # fmt: skip
@@ -225,45 +238,58 @@ def render_markdown(results: dict) -> str:
 
 
 NOTES = [
-    "1: overhead = median over rounds of (step with GaugeFixing / plain step) - 1; 'in the "
-    "hooks' = time inside GaugeFixing's optimizer hooks over the plain step of the same round "
-    "(less noisy); a target counts as met only when both are within it. imbalance_stats is "
-    "timed right after the plain step, where a training loop logs it. SGD lr 0.05, momentum "
-    "0.9, strength 0.1. Per step, exact mode reads the gradients once (finiteness), the "
-    "parameters once (mu; their finiteness comes from the same sums) and rescales parameters, "
-    "gradients and momentum buffers in place; penalty mode reads gradients and parameters and "
-    "updates the gradients. That memory traffic is about that of the SGD-momentum update "
-    "itself: small next to a ResNet-18 step (about a second of convolutions), but a fifth "
-    "or more of the MLP's step (15-20 ms: its 1.9M parameters see only 3 small GEMMs "
-    "each). imbalance_stats reads "
-    "every parameter once (45 MB for ResNet-18); that single pass at this machine's memory "
-    "bandwidth is about 1% of a ResNet-18 step at 2 threads. What would change it: "
-    "fusing the rescaling and the squared sums into the optimizer's own update kernel (one "
-    "pass over the state for both), or a GPU, where these passes run at memory bandwidth.",
-    "2: float64, from random_gauge_(scale=3) to max|mu_n|/S_n <= 1e-10; the baselines run on "
-    "the same float64 pair masses with the same matrix-vector products "
-    "(benchmarks/baselines.py), timed end to end like balance_ (reading the parameters, "
-    "applying the gauge). In the CIFAR ResNet-18 (BatchNorm after every conv) the gauge "
-    "neurons are BatchNorm channels whose incoming entries (gamma, beta) and outgoing entries "
-    "(the next convs' input slices, the classifier's columns) never share a parameter: K is "
-    "diagonal, one closed-form step is exact for every method (Saul: 1 update, ENorm: 2 "
-    "sweeps, balance_: 1 step), and the time is reading and writing 11M parameters; "
-    "balance_ reads them once more than the baselines, to measure the imbalance it reports "
-    "on the model. No "
-    "method can be 10x faster than another on that problem; on coupled networks (the deep "
-    "MLP) Newton's method is.",
-    "3: input 224x224; 20 forward passes in eval mode under no_grad.",
-    "4: a fixed subset (every 8th run of every group of the quick reproduction's grid, so the "
-    "groups keep their proportions), timed both ways through the runner into a fresh store; "
-    "the batched side's batches are 8 times smaller than the full grid's. The runs are "
-    "full-batch training on a few thousand examples, so one run's time is mostly the FLOPs "
-    "of its forward and backward passes: stacking runs with vmap merges their GEMMs and "
-    "removes per-step Python and dispatch overhead, but on two CPU cores it cannot remove the "
-    "FLOPs (profile: linear and its backward are 70% of a batched group's time). The speed-up "
-    "grows with the per-step overhead share (exact and balance runs: ~4-5x; plain: ~2x). On a "
-    "GPU the batched GEMMs would run in parallel.",
-    "5: peak RSS (VmHWM after resetting it through /proc/self/clear_refs, Linux) of one step "
-    "after two warm-up steps, each side in a fresh process; ResNet-18, batch 64.",
+    "1: overhead = median over rounds of (10 steps with GaugeFixing / 10 plain steps) - 1, so"
+    " that every timed interval holds one orbit step of the default configuration (an exact "
+    "orbit step after every 10th optimizer step, at 10 times the rate); 'in the hooks' = the "
+    "time inside GaugeFixing's optimizer hooks over the plain steps of the same round (less "
+    "noisy); a target counts as met only when both are within it. ResNet-18 and MLP: SGD lr "
+    "0.05, momentum 0.9; GPT: AdamW lr 3e-4, weight decay 0.1; strength 0.1. An orbit step "
+    "reads the gradients (finiteness) and the parameters (mu) once and rescales parameters, "
+    "gradients and optimizer state in place with torch._foreach_* calls over a per-parameter "
+    "plan made once; between orbit steps the hook only counts. The penalty mode and the exact"
+    " step at every step do such a pass at every step: about the memory traffic of the "
+    "optimizer's own update, small next to a ResNet-18 or GPT step, a sixth of the MLP's "
+    "(1.9M parameters, three small GEMMs per step). imbalance_stats (timed once per step, "
+    "right after the plain step, where a training loop logs it) reads every parameter once: "
+    "about 1% of a ResNet-18 step on two cores, where its target lies; no target for the MLP.",
+    "1 (effect): the teacher-student drift experiment, mini-batch training of the 16-128-1 "
+    "student from a balanced start; drift suppression = the final RMS log-ratio of plain "
+    "training over that with gauge fixing, measured just before the default's next orbit "
+    "step. Deterministic (fixed seeds, one thread): no timing.",
+    "3: float64, from random_gauge_(scale=3) to max|mu_n|/S_n <= 1e-10; the baselines "
+    "(benchmarks/baselines.py) run on the same float64 masses with the same matrix-vector "
+    "products, timed end to end like balance_ (reading the parameters, applying the gauge). "
+    "The GPT's generators are coupled (a norm gain scales the query, key, value and MLP rows "
+    "it feeds) but weakly: Saul's parallel updates converge there in a few dozen passes over "
+    "the parameters, while any method has to read them, apply the gauge and measure the "
+    "result (three to four passes), and balance_ first builds the masses its Newton steps "
+    "reuse (about as much as a dozen passes). So no method can be 10x faster than Saul's on "
+    "this model; the 20-layer MLP, whose neurons chain layer to layer, is where Newton's "
+    "method pays an order of magnitude. In the CIFAR ResNet-18 (BatchNorm after every conv) "
+    "every gauge neuron is a BatchNorm channel whose entries share no parameter with "
+    "another's: K is diagonal and every method is exact in one closed-form step, so that row "
+    "is information only.",
+    "4: the whole quick grid is trained batched (as the runner batches it) through the runner"
+    " into a fresh store; one by one, every 6th run of every group (6: the greatest common "
+    "divisor of the group sizes), its time multiplied by 6; per group, from the seconds the "
+    "stores record. Sweep processes keep the memory they free (keep_freed_memory): otherwise "
+    "glibc maps and unmaps every large activation tensor at every step, and the page faults "
+    "made batches 3-4x slower per run. Full-batch groups are bounded by their FLOPs: digits "
+    "(1347 examples through a 64-256-10 MLP) runs near the cores' peak even one run at a "
+    "time, and the modular-addition transformer (GEMMs over 4212 token positions per step) "
+    "cannot gain much from batching, and is about a quarter of the one-by-one time; the "
+    "mini-batch and teacher-student groups, where per-step overhead dominates a run alone, "
+    "gain 4-10x. Float64 on the sample, batched and one by one: the modular-addition runs "
+    "trained with Adam amplify rounding to percent-level final losses (nudging the initial "
+    "imbalance by 1e-12 changes them that much), so batched and one-by-one runs, whose sums "
+    "are rounded in different orders, agree only to that level there; such runs are reported "
+    "apart.",
+    "5: input 224x224 (ResNet-50) or 64 tokens (GPT-2 small); 20 forward passes in eval mode "
+    "under no_grad, against one discover.",
+    "6: peak RSS (VmHWM after resetting it through /proc/self/clear_refs, Linux) over 10 "
+    "steps after one warm-up step, each side in a fresh process, 5 rounds; the default's "
+    "first orbit step falls inside the 10 steps, so its peak also bounds that of an exact "
+    "orbit step at every step.",
 ]
 
 

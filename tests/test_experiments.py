@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,31 @@ def test_batched_runs_equal_one_by_one_in_float64():
         assert alone.status == both.status
         if alone.final_loss is not None:
             assert math.isclose(alone.final_loss, both.final_loss, rel_tol=1e-6)
+
+
+_RSS_AFTER_FREE = """
+import platform, resource, sys, torch
+import gaugefix.experiments.runner as runner
+if sys.argv[1] == "keep":
+    runner.keep_freed_memory()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+before = rss()
+x = torch.ones(2**26)  # 256 MiB
+del x
+print(platform.libc_ver()[0], (rss() - before) / 2**20)
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_memory_keeps_a_freed_block_resident(mode):
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if out[0] != "glibc":
+        pytest.skip("keep_freed_memory acts on glibc only")
+    kept_mib = float(out[1])
+    assert kept_mib > 200 if mode == "keep" else kept_mib < 50
 
 
 def test_divergent_members_are_masked_without_stopping_others():

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
-from gaugefix.experiments.runner import Executor, TaskSpec
+from gaugefix.experiments.runner import Executor, TaskSpec, keep_freed_memory
 from gaugefix.experiments.tasks import Task
 
 MAX_RETRIES = 3  # runs of a task after its worker died
@@ -34,6 +34,7 @@ class ClusterError(RuntimeError):
 
 def train_batch(task: Task, configs: list[RunConfig]) -> tuple[list[RunResult], float]:
     """One Ray task: train ``configs`` (one batched group) on ``task``, with one thread."""
+    keep_freed_memory()
     torch.set_num_threads(1)
     start = time.perf_counter()
     results = train_group(task, configs)

@@ -3,6 +3,8 @@ other processes, progress, workers."""
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,27 @@ from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
 
 ACTIVATION_BUDGET = 6e7  # floats of activations one batch may hold
+
+# glibc's mallopt parameters (malloc.h) and the size below which freed memory stays in the heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 1 << 30
+
+
+@lru_cache(maxsize=1)
+def keep_freed_memory() -> None:
+    """Let this process keep the memory it frees, for reuse (glibc only; elsewhere nothing).
+
+    By default glibc maps every block above a small threshold afresh and unmaps it when freed,
+    and returns free memory at the top of its heap to the system, so each step of a batch
+    page-faults its activations in anew. A process that trains holds the same set of tensors
+    from step to step: raising both thresholds to 1 GiB makes the batched steps of the quick
+    reproduction about three times faster per run (measured in ``benchmarks/``), at the price of
+    a resident size that does not shrink between batches."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,7 @@ def _train(
     spec: TaskSpec, configs: list[RunConfig], threads: int, on_fraction: Callable[[float], None]
 ) -> tuple[list[RunResult], float]:
     """Train one batch; ``on_fraction(f)`` gets the fraction of its steps done."""
+    keep_freed_memory()
     torch.set_num_threads(threads)
     start = time.perf_counter()
     steps = configs[0].steps + 1
