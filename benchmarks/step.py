@@ -4,6 +4,7 @@ for information an exact orbit step at every step and the penalty mode), and of
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
-from benchmarks.common import paired, ratio, summary
+from benchmarks.common import ratio, summary
 from gaugefix import zoo
 from gaugefix.train.hook import EVERY
 
@@ -24,7 +25,7 @@ class StepCase:
     make: Callable[[], nn.Module]
     batch: Callable[[torch.Generator], tuple[Tensor, Tensor]]  # (inputs, class targets)
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
-    pairs: int  # timed rounds; each times EVERY steps per side
+    pairs: int  # timed rounds; each times EVERY steps per side, interleaved step by step
     warmup: int = 1
 
 
@@ -150,33 +151,49 @@ def _run_case(case: StepCase, log: Callable[[str], None]) -> dict:
     stats_times: list[float] = []
     plain_model = variants[None][0]
 
-    def make_block(name: str, model: nn.Module, opt: torch.optim.Optimizer, clock: HookClock):
+    def make_step(name: str, model: nn.Module, opt: torch.optim.Optimizer, clock: HookClock):
         step_times[name], hook_times[name] = [], []
 
-        def block() -> None:
-            """EVERY training steps (one interval of the default configuration), per step."""
+        def step() -> None:
+            """One training step; the time of the step, and of the time inside the hooks."""
             before, start = clock.total, time.perf_counter()
-            for _ in range(EVERY):
-                opt.zero_grad(set_to_none=True)
-                out = model(x)
-                F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
-                opt.step()
-            step_times[name].append((time.perf_counter() - start) / EVERY)
-            hook_times[name].append((clock.total - before) / EVERY)
-            if model is plain_model:
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+            opt.step()
+            step_times[name].append(time.perf_counter() - start)
+            hook_times[name].append(clock.total - before)
+            if model is plain_model and len(step_times[name]) % EVERY == 0:
                 # imbalance_stats is timed where a training loop logs it: after a step.
                 start = time.perf_counter()
                 gaugefix.imbalance_stats(model, structure)
                 stats_times.append(time.perf_counter() - start)
 
-        return block
+        return step
 
     sides = {
-        mode or "plain": make_block(mode or "plain", model, opt, clock)
+        mode or "plain": make_step(mode or "plain", model, opt, clock)
         for mode, (model, opt, clock, _) in variants.items()
     }
-    paired(sides, case.pairs, case.warmup)
-    times = {name: seconds[case.warmup :] for name, seconds in step_times.items()}
+    # The sides take turns step by step (the order rotating), so that a slow spell of a shared
+    # machine falls on all of them; each side's consecutive EVERY steps form one interval (the
+    # default configuration's orbit step is in each), and the rounds are those intervals.
+    names = list(sides)
+    for i in range(EVERY * (case.warmup + case.pairs)):
+        if i % EVERY == 0:
+            gc.collect()
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            sides[name]()
+
+    def per_interval(seconds: list[float]) -> list[float]:
+        return [sum(seconds[i : i + EVERY]) / EVERY for i in range(0, len(seconds), EVERY)]
+
+    intervals = {name: per_interval(seconds)[case.warmup :] for name, seconds in step_times.items()}
+    hook_intervals = {
+        name: per_interval(seconds)[case.warmup :] for name, seconds in hook_times.items()
+    }
+    times = dict(intervals)
     times["imbalance_stats"] = stats_times[case.warmup :]
     plain = times["plain"]
     row = {
@@ -192,8 +209,7 @@ def _run_case(case: StepCase, log: Callable[[str], None]) -> dict:
         "imbalance_stats_overhead": ratio(times["imbalance_stats"], plain),
     }
     for mode in MODES:
-        hooks = hook_times[mode][case.warmup :]
-        plain_hooks = hook_times["plain"][case.warmup :]
+        hooks, plain_hooks = hook_intervals[mode], hook_intervals["plain"]
         row[mode] = {
             **summary(times[mode]),
             "overhead": ratio(times[mode], plain) - 1.0,
