@@ -189,11 +189,10 @@ def _run_case(case: StepCase, log: Callable[[str], None]) -> dict:
     def per_interval(seconds: list[float]) -> list[float]:
         return [sum(seconds[i : i + EVERY]) / EVERY for i in range(0, len(seconds), EVERY)]
 
-    intervals = {name: per_interval(seconds)[case.warmup :] for name, seconds in step_times.items()}
+    times = {name: per_interval(seconds)[case.warmup :] for name, seconds in step_times.items()}
     hook_intervals = {
         name: per_interval(seconds)[case.warmup :] for name, seconds in hook_times.items()
     }
-    times = dict(intervals)
     times["imbalance_stats"] = stats_times[case.warmup :]
     plain = times["plain"]
     row = {

@@ -93,6 +93,10 @@ def _train_into_store(configs: list[RunConfig], batched: bool, seconds: dict[tup
             seconds[group] = seconds.get(group, 0.0) + row["seconds"]
 
 
+def _relative_change(reference: float, other: float) -> float:
+    return abs(other - reference) / max(abs(reference), 1e-300)
+
+
 def identical(configs: list[RunConfig]) -> dict:
     """Train ``configs`` in float64 batched and one by one; compare statuses and final losses,
     and nudge the runs that differ (see the module's docstring)."""
@@ -110,7 +114,7 @@ def identical(configs: list[RunConfig]) -> dict:
             same_statuses = False
         if alone.final_loss is None or both.final_loss is None:
             continue
-        rel = abs(alone.final_loss - both.final_loss) / max(abs(alone.final_loss), 1e-300)
+        rel = _relative_change(alone.final_loss, both.final_loss)
         if rel <= TOLERANCE:
             fixed.append(rel)
             continue
@@ -118,7 +122,7 @@ def identical(configs: list[RunConfig]) -> dict:
         own = (
             math.inf
             if nudged.final_loss is None
-            else abs(nudged.final_loss - alone.final_loss) / max(abs(alone.final_loss), 1e-300)
+            else _relative_change(alone.final_loss, nudged.final_loss)
         )
         if own <= TOLERANCE:
             fixed.append(rel)
