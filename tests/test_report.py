@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
 import gaugefix.report as report
 from gaugefix.cli import app
-from gaugefix.experiments import conditioning, drift, figures, relaxation, stability
+from gaugefix.experiments import conditioning, drift, relaxation, stability
 from gaugefix.experiments.cells import Regime, by_regime
 from gaugefix.experiments.conditioning import sharpness_training
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS
@@ -79,7 +80,13 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
 
 def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
     captured = []
-    monkeypatch.setattr(figures.plt, "close", captured.append)
+    savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        captured.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
     return captured
 
 

@@ -14,7 +14,7 @@ import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments.cells import s_key
 from gaugefix.experiments.engine import init_direction, task_hash
-from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, plt, save
+from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
 from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.stability import max_stable_lr
 from gaugefix.experiments.store import Store
@@ -102,7 +102,7 @@ def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1,
         1 + len(values),
         figsize=(4.2 * (1 + len(values)), 3.6),

@@ -15,8 +15,8 @@ from gaugefix.experiments.figures import (
     method_color,
     methods_in_order,
     plain_log_ticks,
-    plt,
     save,
+    subplots,
 )
 from gaugefix.experiments.stability import VERDICT, max_stable_lr, ratio_stats, ratio_text
 from gaugefix.experiments.store import Store
@@ -116,7 +116,7 @@ def figure(
         return None
     cols = min(len(panels), 4)
     rows = -(-len(panels) // cols)
-    fig, grid = plt.subplots(
+    fig, grid = subplots(
         2 * rows, cols, figsize=(3.6 * cols, 5.4 * rows), squeeze=False, layout="constrained"
     )
     for k in range(len(panels), rows * cols):  # the unused places of the last row

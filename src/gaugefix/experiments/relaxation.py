@@ -10,7 +10,7 @@ import torch
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
-from gaugefix.experiments.figures import fmt, plain_log_ticks, plt, save
+from gaugefix.experiments.figures import fmt, plain_log_ticks, save, subplots
 from gaugefix.experiments.probes import float64_model, train_plain
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
@@ -92,7 +92,7 @@ def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    fig, axes = subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     lines = []
     for task, r in sorted(values.items()):
         axes[0].loglog(r["predicted_rates"], r["measured_rates"], "o", ms=3, label=task)

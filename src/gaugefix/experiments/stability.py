@@ -19,8 +19,8 @@ from gaugefix.experiments.figures import (
     method_color,
     methods_in_order,
     plain_log_ticks,
-    plt,
     save,
+    subplots,
 )
 
 DEFINITION = (
@@ -326,7 +326,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     cols = min(len(methods), 4)
     rows = -(-len(methods) // cols)
     width = max(1.0 + 0.6 * len(s_values), 2.2)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         rows,
         cols,
         figsize=(width * cols + 1.2, 3.2 * rows + 0.5),
@@ -405,7 +405,7 @@ def balanced_start_figure(
         return None
     cols = min(len(panels), 3)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained"
     )
     for ax in axes.flat[len(panels) :]:

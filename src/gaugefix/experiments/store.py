@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import CurvePoint, RunConfig, RunResult
 
 # The store format, kept in SQLite's ``user_version``. Format 1 (``user_version`` 0) keyed runs
@@ -107,7 +108,7 @@ SCHEMA = [
 LEASE = 60.0  # seconds a claim lives unless its owner renews it (every LEASE / 4 s)
 
 
-class StoreError(RuntimeError):
+class StoreError(GaugefixError, RuntimeError):
     """A store that cannot be opened, read or written; the message names the file and why."""
 
 
