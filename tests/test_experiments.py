@@ -156,7 +156,7 @@ def test_two_writers_share_a_store(tmp_path: Path):
         p.join(120)
         assert p.exitcode == 0
     runs = Store(path).runs()
-    assert len(runs) == 10 and len({r["key"] for r in runs}) == 10
+    assert len(runs) == 10 and len({r.config.key() for r in runs}) == 10
 
 
 @pytest.mark.parametrize(

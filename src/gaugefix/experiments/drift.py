@@ -19,7 +19,7 @@ from gaugefix.experiments.figures import (
     subplots,
 )
 from gaugefix.experiments.stability import VERDICT, max_stable_lr, ratio_stats, ratio_text
-from gaugefix.experiments.store import Store
+from gaugefix.experiments.store import Store, StoredRun
 
 DEFINITION = (
     "*Drift suppression*: per seed, the final RMS log-ratio of the reference (plain, or "
@@ -35,7 +35,7 @@ def drift_lr(runs: Runs) -> float | None:
     ref = reference(runs)
     if ref is None:
         return None
-    lr = max_stable_lr([r for r in runs if r["method"] == ref and r["s"] == 0.0])
+    lr = max_stable_lr([r for r in runs if r.config.method == ref and r.config.s == 0.0])
     return lr or None
 
 
@@ -44,10 +44,10 @@ def late_divergences(runs: Runs) -> dict[str, list[int]]:
     steps and the runs still alive at that point."""
     out: dict[str, list[int]] = {}
     for r in runs:
-        tenth = r["steps"] // 10
-        alive = r["diverged_at"] is None or r["diverged_at"] > tenth
-        counts = out.setdefault(r["method"], [0, 0])
-        counts[0] += alive and r["diverged_at"] is not None
+        tenth = r.config.steps // 10
+        alive = r.diverged_at is None or r.diverged_at > tenth
+        counts = out.setdefault(r.config.method, [0, 0])
+        counts[0] += alive and r.diverged_at is not None
         counts[1] += alive
     return dict(sorted(out.items()))
 
@@ -63,8 +63,8 @@ def summarize(runs: Runs) -> dict[str, Any]:
     ref = reference(runs)
     final: dict[str, dict[int, float | None]] = defaultdict(dict)
     for r in runs:
-        if r["s"] == 0.0 and r["lr"] == lr:
-            final[r["method"]][r["seed"]] = r["log_ratio_rms"]
+        if r.config.s == 0.0 and r.config.lr == lr:
+            final[r.config.method][r.config.seed] = r.log_ratio_rms
     suppression = {}
     for method in sorted(set(final) - {ref}):
         ratios = {
@@ -107,7 +107,7 @@ def render(entry: dict[str, Any], label: Any) -> str:
 
 
 def figure(
-    out: Path, store: Store, task: str, regimes: dict[Regime, tuple[dict, Runs]]
+    out: Path, store: Store, task: str, regimes: dict[Regime, tuple[dict, list[StoredRun]]]
 ) -> str | None:
     """RMS log-ratio and ``max |mu| / S`` over the steps at each regime's drift learning rate,
     s = 0, the first seed; one panel per regime, one color per method, one legend."""
@@ -126,22 +126,22 @@ def figure(
     for k, (regime, entry, runs) in enumerate(panels):
         top, bottom = grid[2 * (k // cols)][k % cols], grid[2 * (k // cols) + 1][k % cols]
         lr = entry["drift_lr"]
-        for method in methods_in_order({r["method"] for r in runs}):
+        for method in methods_in_order({r.config.method for r in runs}):
             rs = [
                 r
                 for r in runs
-                if r["method"] == method
-                and r["s"] == 0.0
-                and r["lr"] == lr
-                and r["status"] != "diverged"
+                if r.config.method == method
+                and r.config.s == 0.0
+                and r.config.lr == lr
+                and r.status != "diverged"
             ]
             if not rs:
                 continue
-            curve = store.curves(min(rs, key=lambda r: r["seed"])["id"])
-            steps = [p["step"] for p in curve]
+            curve = store.curves(min(rs, key=lambda r: r.config.seed).id)
+            steps = [p.step for p in curve]
             style = {"color": method_color(method), "label": method}
-            lines[method] = top.plot(steps, [p["log_ratio_rms"] for p in curve], **style)[0]
-            bottom.plot(steps, [p["mu_rel_max"] for p in curve], **style)
+            lines[method] = top.plot(steps, [p.log_ratio_rms for p in curve], **style)[0]
+            bottom.plot(steps, [p.mu_rel_max for p in curve], **style)
         top.set_title(f"{regime.label}\nlr = {fmt(lr)}", fontsize=9)
         top.set_ylabel("RMS log-ratio")
         bottom.set_ylabel("max |mu| / S")

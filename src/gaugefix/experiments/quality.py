@@ -5,16 +5,19 @@ expressivity check (balancing a trained plain network leaves its function unchan
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from gaugefix.experiments.cells import Runs, group, lr_key, median, reference
+from gaugefix.experiments.engine import RunResult
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import VERDICT
 
-METRICS = {
-    "final_train_loss": "final_loss",
-    "final_test_loss": "test_loss",
-    "test_accuracy": "test_accuracy",
+# The summary's metrics of a trained network, each read from a run's result.
+METRICS: dict[str, Callable[[RunResult], float | None]] = {
+    "final_train_loss": lambda r: r.final_loss,
+    "final_test_loss": lambda r: r.test_loss,
+    "test_accuracy": lambda r: r.test_accuracy,
 }
 
 
@@ -24,16 +27,16 @@ def summarize(runs: Runs) -> dict[str, Any]:
     no run has (no test split, no classes) is left out. ``runs``: one regime's at best
     strength."""
     stable: dict[str, set[float]] = defaultdict(set)
-    cells = group([r for r in runs if r["s"] == 0.0], "method", "lr")
+    cells = group([r for r in runs if r.config.s == 0.0], lambda c: (c.method, c.lr))
     for (method, lr), cell in cells.items():
-        if all(r["status"] == "stable" for r in cell):
+        if all(r.status == "stable" for r in cell):
             stable[method].add(lr)
     ref = reference(runs)
     out: dict[str, Any] = {}
-    for key, column in METRICS.items():
+    for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
         for (method, lr), cell in cells.items():
-            v = median([r[column] for r in cell])
+            v = median([metric(r) for r in cell])
             if ref is not None and lr in stable[method] & stable[ref] and v is not None:
                 values[method][lr_key(lr)] = v
         if any(values.values()):
@@ -44,7 +47,7 @@ def summarize(runs: Runs) -> dict[str, Any]:
 def summarize_task(runs: Runs) -> dict[str, Any]:
     """The expressivity check of a task: the largest relative output change of balancing a
     trained plain network (``None`` when no plain run finished)."""
-    changes = [r["balance_change"] for r in runs if r["balance_change"] is not None]
+    changes = [r.balance_change for r in runs if r.balance_change is not None]
     return {"balance_function_change": max(changes, default=None)}
 
 

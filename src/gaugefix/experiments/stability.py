@@ -5,6 +5,7 @@ gauge fixing with a balanced start. The definitions are :data:`DEFINITION`."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ import numpy as np
 from matplotlib.colors import BoundaryNorm
 from matplotlib.lines import Line2D
 
-from gaugefix.experiments.cells import REFERENCES, Regime, Runs, group, median, s_key
-from gaugefix.experiments.engine import DIVERGENCE_FACTOR, STABILITY_MARGIN
+from gaugefix.experiments.cells import Regime, Run, Runs, group, median, s_key
+from gaugefix.experiments.engine import DIVERGENCE_FACTOR, REFERENCES, STABILITY_MARGIN
 from gaugefix.experiments.figures import (
     fmt,
     method_color,
@@ -62,20 +63,20 @@ def max_stable_lr(runs: Runs) -> float:
     """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable."""
     stable: dict[float, bool] = defaultdict(lambda: True)
     for r in runs:
-        stable[r["lr"]] &= r["status"] == "stable"
+        stable[r.config.lr] &= r.status == "stable"
     return band_top(stable)
 
 
 def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
     """:func:`band_top` of each seed's own stable rates (``runs``: one cell)."""
-    return {seed: max_stable_lr(rs) for (seed,), rs in group(runs, "seed").items()}
+    return {seed: max_stable_lr(rs) for (seed,), rs in group(runs, lambda c: (c.seed,)).items()}
 
 
 def best_strengths(runs: Runs) -> dict[str, float]:
     """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` (the
     smallest such strength on ties); ``runs`` are one regime's."""
     score: dict[tuple[str, float], float] = defaultdict(float)
-    for (method, strength, _), cell in group(runs, "method", "strength", "s").items():
+    for (method, strength, _), cell in group(runs, lambda c: (c.method, c.strength, c.s)).items():
         score[(method, strength)] += max_stable_lr(cell)
     best: dict[str, float] = {}
     for (method, strength), value in sorted(score.items()):
@@ -84,16 +85,16 @@ def best_strengths(runs: Runs) -> dict[str, float]:
     return best
 
 
-def at_best_strength(runs: Runs) -> Runs:
+def at_best_strength(runs: Sequence[Run]) -> list[Run]:
     """The runs of each method at its :func:`best_strengths` (``runs``: one regime's)."""
     best = best_strengths(runs)
-    return [r for r in runs if r["strength"] == best[r["method"]]]
+    return [r for r in runs if r.config.strength == best[r.config.method]]
 
 
 def previously_stable(runs: Runs) -> int:
     """How many of ``runs`` the previous definition called stable (not diverged, final training
     loss below the initial loss) that the current one does not."""
-    return sum(r["status"] == "unstable" and r["final_loss"] < r["initial_loss"] for r in runs)
+    return sum(r.status == "unstable" and r.final_loss < r.initial_loss for r in runs)
 
 
 def ratio_stats(
@@ -147,9 +148,9 @@ def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
     by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
     tops: dict[tuple[str, str], float] = {}
     at_top: dict[str, list[str]] = defaultdict(list)
-    for (method, s), cell in group(chosen, "method", "s").items():
+    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
         key = s_key(s)
-        tops[(method, key)] = max(r["lr"] for r in cell)
+        tops[(method, key)] = max(r.config.lr for r in cell)
         msl[method][key] = max_stable_lr(cell)
         by_seed[method][key] = max_stable_lr_by_seed(cell)
         if msl[method][key] >= tops[(method, key)]:
@@ -168,7 +169,7 @@ def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
             if method != ref
         }
     return {
-        "lr_grid": sorted({r["lr"] for r in chosen}),
+        "lr_grid": sorted({r.config.lr for r in chosen}),
         "best_strength": best_strengths(runs),
         "max_stable_lr": dict(msl),
         "max_stable_lr_by_seed": {
@@ -187,17 +188,17 @@ def horizons(runs: Runs) -> dict[str, Any]:
     stable rate or was stable up to its grid's top; the range *narrowed* when the ratio is
     below 1 for every seed, and did not when it is at least 1 for some seed."""
     out: dict[str, Any] = {}
-    mini = [r for r in runs if r["batch_size"] and r["s"] == 0.0]
-    for (opt, batch), rs in group(mini, "optimizer", "batch_size").items():
-        steps = sorted({r["steps"] for r in rs})
+    mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
+    for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
+        steps = sorted({r.config.steps for r in rs})
         if len(steps) < 2:
             continue
         cells: dict[int, dict[str, tuple[dict[int, float], float]]] = {}
         for n in (steps[0], steps[-1]):
-            chosen = at_best_strength([r for r in rs if r["steps"] == n])
+            chosen = at_best_strength([r for r in rs if r.config.steps == n])
             cells[n] = {
-                m: (max_stable_lr_by_seed(cell), max(r["lr"] for r in cell))
-                for (m,), cell in group(chosen, "method").items()
+                m: (max_stable_lr_by_seed(cell), max(r.config.lr for r in cell))
+                for (m,), cell in group(chosen, lambda c: (c.method,)).items()
             }
         entry = {}
         for method in sorted(set(cells[steps[0]]) & set(cells[steps[-1]])):
@@ -319,10 +320,10 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
     where some seed diverged; at most four panels a row."""
-    methods = methods_in_order({r["method"] for r in runs})
-    s_values = sorted({r["s"] for r in runs})
-    lrs = sorted({r["lr"] for r in runs})
-    seeds = len({r["seed"] for r in runs})
+    methods = methods_in_order({r.config.method for r in runs})
+    s_values = sorted({r.config.s for r in runs})
+    lrs = sorted({r.config.lr for r in runs})
+    seeds = len({r.config.seed for r in runs})
     cols = min(len(methods), 4)
     rows = -(-len(methods) // cols)
     width = max(1.0 + 0.6 * len(s_values), 2.2)
@@ -343,13 +344,13 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
             ax.set_visible(False)
             continue
         method = methods[k]
-        mine = [r for r in runs if r["method"] == method]
+        mine = [r for r in runs if r.config.method == method]
         frac = np.full((len(lrs), len(s_values)), np.nan)
         crosses = []
-        for (s, lr), cell in group(mine, "s", "lr").items():
+        for (s, lr), cell in group(mine, lambda c: (c.s, c.lr)).items():
             i, j = lrs.index(lr), s_values.index(s)
-            frac[i, j] = np.mean([r["status"] == "stable" for r in cell])
-            if any(r["status"] == "diverged" for r in cell):
+            frac[i, j] = np.mean([r.status == "stable" for r in cell])
+            if any(r.status == "diverged" for r in cell):
                 crosses.append((j, lr))
         mesh = ax.pcolormesh(
             np.arange(len(s_values) + 1) - 0.5,
@@ -365,7 +366,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         ax.set_yscale("log")
         ax.set_ylim(y_edges[0], y_edges[-1])
         ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
-        strength = mine[0]["strength"]
+        strength = mine[0].config.strength
         ax.set_title(f"{method} ({strength:g})" if strength else method, fontsize=9)
         if k + cols >= len(methods):  # no panel below
             ax.set_xlabel("initial imbalance s")

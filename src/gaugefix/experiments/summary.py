@@ -31,8 +31,8 @@ def task_summary(runs: Runs) -> dict[str, Any]:
             **quality.summarize(chosen),
         }
     return {
-        "task_hash": runs[0]["task_hash"],
-        "constant_loss": runs[0]["constant_loss"],
+        "task_hash": runs[0].config.task_hash,
+        "constant_loss": runs[0].constant_loss,
         "previously_stable": stability.previously_stable(runs),
         "regimes": regimes,
         "horizons": stability.horizons(runs),
