@@ -7,13 +7,23 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from gaugefix.experiments.engine import REFERENCES, RunConfig, RunResult
 
 Runs = Sequence[RunResult]
 # Runs as given: a store's runs keep their row ids through the grouping.
 Run = TypeVar("Run", bound=RunResult)
+
+# The keys of the maps of ``summary.json``, named as its schema writes them.
+TaskKey = Annotated[str, "TASK"]
+RegimeKey = Annotated[str, "REGIME"]  # Regime.key
+MethodKey = Annotated[str, "METHOD"]
+ReferenceKey = Annotated[str, "REFERENCE"]
+SKey = Annotated[str, "S"]  # s_key
+LrKey = Annotated[str, "LR"]  # lr_key
+SeedKey = Annotated[str, "SEED"]
+HorizonKey = Annotated[str, "OPTIMIZER/BATCH"]
 
 
 def s_key(s: float) -> str:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
-from gaugefix.experiments.cells import Regime, Runs, reference
+from gaugefix.experiments.cells import MethodKey, Regime, Runs, reference
 from gaugefix.experiments.figures import (
     fmt,
     method_color,
@@ -18,7 +18,13 @@ from gaugefix.experiments.figures import (
     save,
     subplots,
 )
-from gaugefix.experiments.stability import VERDICT, max_stable_lr, ratio_stats, ratio_text
+from gaugefix.experiments.stability import (
+    VERDICT,
+    RatioStats,
+    max_stable_lr,
+    ratio_stats,
+    ratio_text,
+)
 from gaugefix.experiments.store import Store, StoredRun
 
 DEFINITION = (
@@ -28,6 +34,24 @@ DEFINITION = (
     "when above 1 for every seed. A *late divergence* is a run that diverged after the first "
     "tenth of its steps."
 )
+
+
+class _LateDivergences(TypedDict):
+    late_divergences: Annotated[
+        dict[MethodKey, list[int]], "[late, alive after the first tenth of the steps]"
+    ]
+
+
+class DriftSummary(_LateDivergences, total=False):
+    """The drift entries of a regime (:func:`summarize`); the suppression only where the
+    reference has a stable rate at s = 0."""
+
+    drift_reference: Annotated[str, "the method compared with: plain, else balanced-init"]
+    drift_lr: float
+    drift_suppression: Annotated[
+        dict[MethodKey, RatioStats],
+        "per seed, the reference's final RMS log-ratio over the method's",
+    ]
 
 
 def drift_lr(runs: Runs) -> float | None:
@@ -52,11 +76,11 @@ def late_divergences(runs: Runs) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-def summarize(runs: Runs) -> dict[str, Any]:
+def summarize(runs: Runs) -> DriftSummary:
     """The drift entries of one regime's summary (``runs`` at each method's best strength):
     the late divergences and, where the reference has a stable rate at s = 0, the drift
     suppression of every other method as per-seed ratios (:func:`ratio_stats`)."""
-    out: dict[str, Any] = {"late_divergences": late_divergences(runs)}
+    out = DriftSummary(late_divergences=late_divergences(runs))
     lr = drift_lr(runs)
     if lr is None:
         return out

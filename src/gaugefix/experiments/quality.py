@@ -6,12 +6,38 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
-from gaugefix.experiments.cells import Runs, group, lr_key, median, reference
+from gaugefix.experiments.cells import LrKey, MethodKey, Runs, group, lr_key, median, reference
 from gaugefix.experiments.engine import RunResult
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import VERDICT
+
+
+class Medians(TypedDict):
+    """A metric's medians over seeds at the learning rates stable for both a method and the
+    reference (s = 0)."""
+
+    reference: Annotated[str, "plain, else balanced-init"]
+    medians: dict[MethodKey, dict[LrKey, float]]
+
+
+class QualitySummary(TypedDict, total=False):
+    """The metrics of the trained networks of a regime (:func:`summarize`); a metric no run
+    has (no test split, no classes) is left out."""
+
+    final_train_loss: Medians
+    final_test_loss: Medians
+    test_accuracy: Medians
+
+
+class TaskQuality(TypedDict):
+    """The expressivity check of a task (:func:`summarize_task`)."""
+
+    balance_function_change: Annotated[
+        float | None, "largest relative output change of balancing a trained plain network"
+    ]
+
 
 # The summary's metrics of a trained network, each read from a run's result.
 METRICS: dict[str, Callable[[RunResult], float | None]] = {
@@ -21,7 +47,7 @@ METRICS: dict[str, Callable[[RunResult], float | None]] = {
 }
 
 
-def summarize(runs: Runs) -> dict[str, Any]:
+def summarize(runs: Runs) -> QualitySummary:
     """Per metric, method and learning rate stable for every seed of both the method and the
     regime's reference (plain, else balanced-init), at s = 0: the median over seeds. A metric
     no run has (no test split, no classes) is left out. ``runs``: one regime's at best
@@ -32,7 +58,7 @@ def summarize(runs: Runs) -> dict[str, Any]:
         if all(r.status == "stable" for r in cell):
             stable[method].add(lr)
     ref = reference(runs)
-    out: dict[str, Any] = {}
+    out = QualitySummary()
     for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
         for (method, lr), cell in cells.items():
@@ -40,26 +66,25 @@ def summarize(runs: Runs) -> dict[str, Any]:
             if ref is not None and lr in stable[method] & stable[ref] and v is not None:
                 values[method][lr_key(lr)] = v
         if any(values.values()):
-            out[key] = {"reference": ref, **values}
+            out[key] = Medians(reference=ref, medians=dict(values))
     return out
 
 
-def summarize_task(runs: Runs) -> dict[str, Any]:
+def summarize_task(runs: Runs) -> TaskQuality:
     """The expressivity check of a task: the largest relative output change of balancing a
     trained plain network (``None`` when no plain run finished)."""
     changes = [r.balance_change for r in runs if r.balance_change is not None]
-    return {"balance_function_change": max(changes, default=None)}
+    return TaskQuality(balance_function_change=max(changes, default=None))
 
 
 def render(entry: dict[str, Any], label: Any) -> str:
     """The final-loss paragraph of one regime (``label(method)``: a method with its strength)."""
-    loss = entry.get("final_train_loss")
-    if not loss:
+    if "final_train_loss" not in entry:
         return ""
-    ref = loss["reference"]
+    ref, loss = entry["final_train_loss"]["reference"], entry["final_train_loss"]["medians"]
     lines = []
-    accuracy = entry.get("test_accuracy", {})
-    for method in methods_in_order(m for m in loss if m not in ("reference", ref)):
+    accuracy = entry["test_accuracy"]["medians"] if "test_accuracy" in entry else {}
+    for method in methods_in_order(m for m in loss if m != ref):
         pairs = [(v, loss[ref][lr]) for lr, v in loss[method].items() if lr in loss[ref]]
         ratios = [v / p for v, p in pairs if p]
         if not ratios:

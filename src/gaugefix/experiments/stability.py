@@ -7,13 +7,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import numpy as np
 from matplotlib.colors import BoundaryNorm
 from matplotlib.lines import Line2D
 
-from gaugefix.experiments.cells import Regime, Run, Runs, group, median, s_key
+from gaugefix.experiments.cells import (
+    HorizonKey,
+    MethodKey,
+    ReferenceKey,
+    Regime,
+    Run,
+    Runs,
+    SeedKey,
+    SKey,
+    group,
+    median,
+    s_key,
+)
 from gaugefix.experiments.engine import DIVERGENCE_FACTOR, REFERENCES, STABILITY_MARGIN
 from gaugefix.experiments.figures import (
     fmt,
@@ -45,6 +57,46 @@ DEFINITION = (
     "best strength per regime (the largest summed all-seed `max_stable_lr` over s, the smallest "
     "on ties), chosen on the same runs it is reported on."
 )
+
+
+class RatioStats(TypedDict):
+    """A per-seed ratio over the seeds where it is known (:func:`ratio_stats`)."""
+
+    min: float | None
+    median: float | None
+    max: float | None
+    seeds: int
+    unknown_seeds: Annotated[int, "seeds the ratio is not known for"]
+    lower_bound: Annotated[bool, "some known value is only a lower bound"]
+    held: Annotated[bool | None, "the claim's verdict: above 1 for every seed"]
+
+
+class StabilitySummary(TypedDict):
+    """The stability entries of a regime (:func:`summarize`)."""
+
+    lr_grid: list[float]
+    best_strength: Annotated[dict[MethodKey, float], "the strength each method is shown at"]
+    max_stable_lr: Annotated[dict[MethodKey, dict[SKey, float]], "every seed together"]
+    max_stable_lr_by_seed: dict[MethodKey, dict[SKey, dict[SeedKey, float]]]
+    max_stable_lr_at_grid_top: Annotated[dict[MethodKey, list[SKey]], "lower bounds"]
+    expansion_ratio: Annotated[
+        dict[ReferenceKey, dict[MethodKey, dict[SKey, RatioStats]]],
+        "per seed, the method's max_stable_lr over the reference's",
+    ]
+
+
+class HorizonRatio(RatioStats):
+    """``max_stable_lr`` at the long horizon over the short one, per seed (:func:`horizons`)."""
+
+    narrowed: Annotated[bool | None, "below 1 for every seed"]
+
+
+class Horizon(TypedDict):
+    """One mini-batch optimizer and batch size trained at several step counts."""
+
+    short: Annotated[int, "steps"]
+    long: Annotated[int, "steps"]
+    methods: dict[MethodKey, HorizonRatio]
 
 
 def band_top(stable: dict[float, bool]) -> float:
@@ -99,7 +151,7 @@ def previously_stable(runs: Runs) -> int:
 
 def ratio_stats(
     ratios: dict[int, float | None], bounds: dict[int, bool] | None = None
-) -> dict[str, Any]:
+) -> RatioStats:
     """A per-seed ratio (``None``: not known for that seed; ``bounds``: which known values are
     only lower bounds) as min, median and max over the seeds where it is known, how many seeds
     it is not known for, whether any value is a lower bound, and the verdict ``held``:
@@ -114,20 +166,20 @@ def ratio_stats(
     else:
         held = None
     values = list(known.values())
-    return {
-        "min": min(values) if values else None,
-        "median": median(values),
-        "max": max(values) if values else None,
-        "seeds": len(ratios),
-        "unknown_seeds": len(ratios) - len(known),
-        "lower_bound": any(bounds.get(k, False) for k in known),
-        "held": held,
-    }
+    return RatioStats(
+        min=min(values) if values else None,
+        median=median(values),
+        max=max(values) if values else None,
+        seeds=len(ratios),
+        unknown_seeds=len(ratios) - len(known),
+        lower_bound=any(bounds.get(k, False) for k in known),
+        held=held,
+    )
 
 
 def seed_ratios(
     method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
-) -> dict[str, Any]:
+) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
     ``reference``: ``max_stable_lr`` per seed; ``*_top``: the top of each one's grid). A seed's
     ratio is not known where the reference had no stable rate or was stable up to its grid's
@@ -141,7 +193,7 @@ def seed_ratios(
     return ratio_stats(ratios, bounds)
 
 
-def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
+def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
     """The stability entries of one regime's summary: ``runs`` are all of its runs, ``chosen``
     those at each method's best strength."""
     msl: dict[str, dict[str, float]] = defaultdict(dict)
@@ -155,7 +207,7 @@ def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
         by_seed[method][key] = max_stable_lr_by_seed(cell)
         if msl[method][key] >= tops[(method, key)]:
             at_top[method].append(key)
-    ratios: dict[str, dict[str, dict[str, Any]]] = {}
+    ratios: dict[str, dict[str, dict[str, RatioStats]]] = {}
     for ref in REFERENCES:
         if ref not in by_seed:
             continue
@@ -168,26 +220,26 @@ def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
             for method, cells in by_seed.items()
             if method != ref
         }
-    return {
-        "lr_grid": sorted({r.config.lr for r in chosen}),
-        "best_strength": best_strengths(runs),
-        "max_stable_lr": dict(msl),
-        "max_stable_lr_by_seed": {
+    return StabilitySummary(
+        lr_grid=sorted({r.config.lr for r in chosen}),
+        best_strength=best_strengths(runs),
+        max_stable_lr=dict(msl),
+        max_stable_lr_by_seed={
             m: {s: {str(k): v for k, v in seeds.items()} for s, seeds in cells.items()}
             for m, cells in by_seed.items()
         },
-        "max_stable_lr_at_grid_top": dict(at_top),
-        "expansion_ratio": ratios,
-    }
+        max_stable_lr_at_grid_top=dict(at_top),
+        expansion_ratio=ratios,
+    )
 
 
-def horizons(runs: Runs) -> dict[str, Any]:
+def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
     method's per-seed ``max_stable_lr`` at the longest horizon over that at the shortest (each
     regime at its best strength). A seed's ratio is not known where the short horizon had no
     stable rate or was stable up to its grid's top; the range *narrowed* when the ratio is
     below 1 for every seed, and did not when it is at least 1 for some seed."""
-    out: dict[str, Any] = {}
+    out: dict[HorizonKey, Horizon] = {}
     mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
     for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
         steps = sorted({r.config.steps for r in rs})
@@ -200,7 +252,7 @@ def horizons(runs: Runs) -> dict[str, Any]:
                 m: (max_stable_lr_by_seed(cell), max(r.config.lr for r in cell))
                 for (m,), cell in group(chosen, lambda c: (c.method,)).items()
             }
-        entry = {}
+        entry: dict[MethodKey, HorizonRatio] = {}
         for method in sorted(set(cells[steps[0]]) & set(cells[steps[-1]])):
             (short, short_top), (long, _) = cells[steps[0]][method], cells[steps[-1]][method]
             ratios = {
@@ -213,8 +265,8 @@ def horizons(runs: Runs) -> dict[str, Any]:
                 narrowed: bool | None = False
             else:
                 narrowed = True if known and not stats["unknown_seeds"] else None
-            entry[method] = {**stats, "narrowed": narrowed}
-        out[f"{opt}/{batch}"] = {"short": steps[0], "long": steps[-1], "methods": entry}
+            entry[method] = HorizonRatio(**stats, narrowed=narrowed)
+        out[f"{opt}/{batch}"] = Horizon(short=steps[0], long=steps[-1], methods=entry)
     return out
 
 
