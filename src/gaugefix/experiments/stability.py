@@ -26,7 +26,12 @@ from gaugefix.experiments.cells import (
     median,
     s_key,
 )
-from gaugefix.experiments.engine import DIVERGENCE_FACTOR, REFERENCES, STABILITY_MARGIN
+from gaugefix.experiments.engine import (
+    DIVERGENCE_FACTOR,
+    METHODS,
+    REFERENCES,
+    STABILITY_MARGIN,
+)
 from gaugefix.experiments.figures import (
     fmt,
     method_color,
@@ -431,15 +436,9 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     return save(fig, out, f"stability-{task}-{regime.slug}.png")
 
 
-BALANCED_START_METHODS = (
-    "plain",
-    "balanced-init",
-    "penalty",
-    "balanced-penalty",
-    "exact",
-    "balanced-exact",
-    "balance",
-)
+# The methods of the figure against a balanced start: every method that fixes the gauge, with
+# its balanced start and the references (weight decay, which does not, left out).
+BALANCED_START_METHODS = tuple(m for m, d in METHODS.items() if d.fixing != "weight-decay")
 
 
 def balanced_start_figure(
