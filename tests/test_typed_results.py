@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import re
 import types
@@ -63,6 +64,11 @@ def test_the_documented_schema_is_the_generated_one():
     )
     assert block is not None
     assert block.group(1) == schema_markdown(), "regenerate with summary.schema_markdown()"
+
+
+def test_the_published_full_run_summary_conforms_to_the_records():
+    published = json.loads((DOCS.parent / "figures" / "full-summary.json").read_text())
+    assert problems(published, Summary) == []
 
 
 def test_a_summary_conforms_to_its_records(tmp_path):
