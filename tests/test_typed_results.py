@@ -12,6 +12,8 @@ import re
 import types
 from pathlib import Path
 
+import pytest
+
 from gaugefix.experiments import plan
 from gaugefix.experiments.analyses import ANALYSES, Analysis
 from gaugefix.experiments.engine import METHODS, CurvePoint, RunConfig, RunResult, run_status
@@ -119,6 +121,8 @@ def test_runs_read_back_as_the_results_written(tmp_path):
         assert isinstance(r.record, Record) and r.record.seconds == 2.5
     assert math.isnan(back[2].initial_loss)
     assert [r.config for r in store.runs(method="plain")] == [written[0].config, nan_start.config]
+    with pytest.raises(ValueError, match=r"not \['status'\]"):
+        store.runs(status="stable")
 
 
 def test_every_analysis_implements_the_declared_interface():
