@@ -89,8 +89,8 @@ def _train_into_store(configs: list[RunConfig], batched: bool, seconds: dict[tup
         runner.run_all(store, configs, spec_of, 1, batched)
         by_key = {c.key(): c.group() for c in configs}
         for row in store.runs():
-            group = by_key[row["key"]]
-            seconds[group] = seconds.get(group, 0.0) + row["seconds"]
+            group = by_key[row.config.key()]
+            seconds[group] = seconds.get(group, 0.0) + row.record.seconds
 
 
 def _relative_change(reference: float, other: float) -> float:

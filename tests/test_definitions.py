@@ -167,25 +167,17 @@ def test_seed_spread_and_the_held_rule(tmp_path):
     assert "s = 0.0: 2 [2, 4], **held**" in report
 
 
-def _mini(method: str, steps: int, seeds_top: list[float]) -> list[dict]:
-    rows = []
+def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
+    """Mini-batch SGD runs at s = 0, stable up to each seed's top and diverged above."""
+    runs = []
     for seed, top in enumerate(seeds_top):
         for lr in (0.1, 0.2, 0.4, 0.8):
-            status = "stable" if lr <= top else "diverged"
-            rows.append(
-                {
-                    "method": method,
-                    "strength": 0.0,
-                    "optimizer": "sgd",
-                    "batch_size": 64,
-                    "steps": steps,
-                    "s": 0.0,
-                    "lr": lr,
-                    "seed": seed,
-                    "status": status,
-                }
-            )
-    return rows
+            config = RunConfig("t", method, "sgd", lr, 0.0, 0.0, seed, 64, steps, task_hash="h")
+            final = 0.2 if lr <= top else None
+            status = run_status(1.0, final, 0.5)
+            diverged_at = None if final is not None else 5
+            runs.append(RunResult(config, status, 1.0, 0.5, final, *[None] * 5, diverged_at))
+    return runs
 
 
 def test_horizons_compare_each_seed_at_the_long_and_the_short_horizon():

@@ -18,8 +18,9 @@ from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
 from gaugefix.experiments.runner import TaskSpec, run_all
 from gaugefix.experiments.store import Store
-from gaugefix.experiments.summary import summarize
+from gaugefix.experiments.summary import Summary, summarize
 from gaugefix.experiments.tasks import load_task
+from schema import problems
 
 cli = CliRunner()
 TS = TaskSpec("teacher-student").hash()
@@ -156,7 +157,7 @@ def test_two_writers_share_a_store(tmp_path: Path):
         p.join(120)
         assert p.exitcode == 0
     runs = Store(path).runs()
-    assert len(runs) == 10 and len({r["key"] for r in runs}) == 10
+    assert len(runs) == 10 and len({r.config.key() for r in runs}) == 10
 
 
 @pytest.mark.parametrize(
@@ -248,44 +249,19 @@ def test_user_data_sweep(tmp_path: Path):
     assert (out / "report.md").is_file()
 
 
-REGIME_KEYS = {
-    "lr_grid",
-    "best_strength",
-    "max_stable_lr",
-    "max_stable_lr_by_seed",
-    "max_stable_lr_at_grid_top",
-    "expansion_ratio",
-    "late_divergences",
-}
-RATIO_KEYS = {"min", "median", "max", "seeds", "unknown_seeds", "lower_bound", "held"}
-
-
 def _check_schema(summary: dict) -> None:
-    assert isinstance(summary["gaugefix_version"], str)
-    assert isinstance(summary["torch_version"], str)
-    assert isinstance(summary["quick"], bool)
-    assert isinstance(summary["seconds"], float)
-    assert isinstance(summary["runs"], int) and summary["runs"] > 0
-    assert isinstance(summary["previously_stable"], int)
+    assert problems(summary, Summary) == []
+    assert summary["runs"] > 0
     for t in summary["tasks"].values():
-        assert t["constant_loss"] > 0 and isinstance(t["horizons"], dict)
+        assert t["constant_loss"] > 0
         for g in t["regimes"].values():
-            assert REGIME_KEYS <= set(g)
             for method, by_s in g["max_stable_lr"].items():
-                assert all(float(s) == float(s) and isinstance(v, float) for s, v in by_s.items())
                 assert set(g["max_stable_lr_by_seed"][method]) == set(by_s)
-            for by_method in g["expansion_ratio"].values():
-                for cells in by_method.values():
-                    assert all(set(stats) == RATIO_KEYS for stats in cells.values())
-            for stats in g.get("drift_suppression", {}).values():
-                assert set(stats) == RATIO_KEYS
-            for method, by_lr in g.get("final_train_loss", {}).items():
-                if method != "reference":
-                    assert all(isinstance(v, float) and float(k) > 0 for k, v in by_lr.items())
+            for medians in g.get("final_train_loss", {}).get("medians", {}).values():
+                assert all(float(lr) > 0 for lr in medians)
         assert t["balance_function_change"] is None or t["balance_function_change"] <= 1e-10
     assert isinstance(summary["relaxation"]["max_relative_error"], float)
-    by_s = summary["conditioning"]["teacher-student"]["by_s"]
-    assert all(isinstance(v, float) for v in by_s.values())
+    assert summary["conditioning"]["teacher-student"]["by_s"]
 
 
 def test_quick_reproduction(tmp_path: Path):

@@ -122,13 +122,13 @@ def _runs(out: Path) -> dict[str, tuple]:
     """Every stored run by key: its results and its curve."""
     store = Store(out / STORE_NAME)
     rows = store.runs()
-    assert len({r["key"] for r in rows}) == len(rows)  # no run twice
+    assert len({r.config.key() for r in rows}) == len(rows)  # no run twice
     fields = ("status", "initial_loss", "final_loss", "test_loss", "accuracy", "test_accuracy")
     fields += ("log_ratio_rms", "mu_rel_max", "diverged_at", "balance_change")
     return {
-        r["key"]: (
-            tuple(r[f] for f in fields),
-            tuple(tuple(c.values())[1:] for c in store.curves(r["id"])),
+        r.config.key(): (
+            tuple(getattr(r, f) for f in fields),
+            tuple(tuple(c) for c in store.curves(r.id)),
         )
         for r in rows
     }

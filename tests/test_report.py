@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
 import gaugefix.report as report
 from gaugefix.cli import app
-from gaugefix.experiments import conditioning, drift, figures, relaxation, stability
+from gaugefix.experiments import conditioning, drift, relaxation, stability
 from gaugefix.experiments.cells import Regime, by_regime
 from gaugefix.experiments.conditioning import sharpness_training
-from gaugefix.experiments.engine import METHODS, OPTIMIZERS
+from gaugefix.experiments.engine import METHODS, OPTIMIZERS, RunConfig, RunResult
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.summary import task_summary
 from gaugefix.experiments.tasks import BUILTIN, load_task
@@ -26,28 +27,13 @@ from gaugefix.zoo import EXAMPLES
 cli = CliRunner()
 
 
-def _run(method: str, lr: float, status: str, s: float = 0.0, seed: int = 0) -> dict:
-    return {
-        "task": "t",
-        "task_hash": "h",
-        "method": method,
-        "strength": 0.0,
-        "optimizer": "gd",
-        "batch_size": 0,
-        "steps": 10,
-        "s": s,
-        "lr": lr,
-        "seed": seed,
-        "status": status,
-        "initial_loss": 1.0,
-        "constant_loss": 1.0,
-        "final_loss": 0.5 if status != "diverged" else None,
-        "test_loss": None,
-        "test_accuracy": None,
-        "log_ratio_rms": 1.0,
-        "diverged_at": None if status != "diverged" else 3,
-        "balance_change": None,
-    }
+def _run(method: str, lr: float, status: str, s: float = 0.0, seed: int = 0) -> RunResult:
+    config = RunConfig("t", method, "gd", lr, 0.0, s, seed, 0, 10, task_hash="h")
+    diverged = status == "diverged"
+    final = None if diverged else 0.5
+    return RunResult(
+        config, status, 1.0, 1.0, final, None, None, None, 1.0, None, 3 if diverged else None
+    )
 
 
 def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
@@ -79,7 +65,13 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
 
 def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
     captured = []
-    monkeypatch.setattr(figures.plt, "close", captured.append)
+    savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        captured.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
     return captured
 
 
@@ -234,8 +226,8 @@ def test_user_data_without_a_test_split_reports_no_test_metric(tmp_path):
         from gaugefix.experiments.store import Store
 
         (run,) = Store(out / "results.sqlite").runs()
-        assert (run["test_loss"] is not None) == tested
-        assert (run["test_accuracy"] is not None) == tested
+        assert (run.test_loss is not None) == tested
+        assert (run.test_accuracy is not None) == tested
 
 
 def test_plain_progress_lines_keep_coming_while_nothing_is_reported(capsys):

@@ -62,7 +62,7 @@ def test_two_concurrent_sweeps_train_each_run_once(tmp_path: Path):
         assert p.exitcode == 0
     trained = [int(x) for c in counts if c.exists() for x in c.read_text().split()]
     runs = Store(path).runs()
-    assert len(runs) == len(_configs()) == len({r["key"] for r in runs})
+    assert len(runs) == len(_configs()) == len({r.config.key() for r in runs})
     assert sum(trained) == len(_configs())  # no run trained twice
     assert Store(path).claims() == []
 
@@ -97,7 +97,7 @@ def test_a_killed_claimants_runs_are_taken_over(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(runner, "members_per_batch", lambda task: 4)
     assert run_all(Store(path), _configs(), _spec) == len(_configs())
     runs = Store(path).runs()
-    assert len(runs) == len(_configs()) == len({r["key"] for r in runs})
+    assert len(runs) == len(_configs()) == len({r.config.key() for r in runs})
     assert Store(path).claims() == []
 
 

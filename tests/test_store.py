@@ -49,8 +49,8 @@ def test_sweeps_of_other_data_or_models_are_new_runs_kept_apart(tmp_path):
     copy.write_bytes(a.read_bytes())
     assert "0 new runs" in _sweep(copy, out)  # the same content elsewhere is the same task
     runs = Store(out / "results.sqlite").runs()
-    hashes = {r["task_hash"] for r in runs}
-    assert len(runs) == 16 and len(hashes) == 4 and {r["task"] for r in runs} == {"reg"}
+    hashes = {r.config.task_hash for r in runs}
+    assert len(runs) == 16 and len(hashes) == 4 and {r.config.task for r in runs} == {"reg"}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tasks"]) == {f"reg@{h[:8]}" for h in hashes}
     assert {t["task_hash"] for t in summary["tasks"].values()} == hashes

@@ -2,7 +2,13 @@
 
 from gaugefix.action import apply_gauge_, random_gauge_
 from gaugefix.balancing import BalanceResult, balance_
-from gaugefix.coordinates import GaugeCoordinates, gauge_coordinates, generators_gram, project
+from gaugefix.coordinates import (
+    GaugeCoordinates,
+    SingularGramError,
+    gauge_coordinates,
+    generators_gram,
+    project,
+)
 from gaugefix.diagnostics import (
     RelaxationRates,
     SharpnessResult,
@@ -10,6 +16,7 @@ from gaugefix.diagnostics import (
     relaxation_rates,
     sharpness,
 )
+from gaugefix.errors import GaugefixError
 from gaugefix.moment import imbalance, imbalance_stats
 from gaugefix.soft import OrbitSelectionPenalty, relax_
 from gaugefix.structure import (
@@ -44,6 +51,8 @@ __all__ = [
     "imbalance_stats",
     "relax_",
     "GaugeCoordinates",
+    "GaugefixError",
+    "SingularGramError",
     "RelaxationRates",
     "SharpnessResult",
     "gauge_coordinates",

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix.balancing import BalanceResult
+from gaugefix.errors import GaugefixError
 
 Format = Literal["safetensors", "torch"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GaugefixError, ValueError):
     """A weights file, or weights for a model, that cannot be balanced; the message says why."""
 
 

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params
 from gaugefix.balancing import check_tolerances, masses_of, pcg, solve_balance
+from gaugefix.errors import GaugefixError
 from gaugefix.moment import MassState, pair_shape, reduce_to, scatter_terms
 from gaugefix.structure import GaugeStructure
 
 
-class SingularGramError(ValueError):
+class SingularGramError(GaugefixError, ValueError):
     """``K`` is singular: some combination of generators vanishes, so the vertical subspace has
     lower dimension than the number of generators. ``generators`` lists those involved."""
 

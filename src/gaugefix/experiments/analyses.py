@@ -1,25 +1,43 @@
 """The analyses of the reproduction that probe single networks rather than sweep runs: each is a
-module (:data:`ANALYSES`) that owns its key, its computation (``compute(store, task, quick)``),
-its summary entry (``summarize(values)``) and its report section (``render(out, values)``). A
-value is stored per task as ``KEY/TASK`` in the store's ``analyses`` table, with the task hash
-and grid it was computed for."""
+module implementing :class:`Analysis` (listed in :data:`ANALYSES`), owning its key, its
+computation, its summary entry and its report section. A value is stored per task as
+``KEY/TASK`` in the store's ``analyses`` table, with the task hash and grid it was computed
+for."""
 
 from __future__ import annotations
 
 import time
-from types import ModuleType
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from gaugefix.experiments import conditioning, relaxation
 from gaugefix.experiments.engine import task_hash
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Store
-from gaugefix.experiments.tasks import load_task
-
-ANALYSES: tuple[ModuleType, ...] = (relaxation, conditioning)
+from gaugefix.experiments.tasks import Task, load_task
 
 
-def stored(store: Store, analysis: ModuleType) -> dict[str, Any]:
+@runtime_checkable
+class Analysis(Protocol):
+    """An analysis: ``KEY`` names its entry in the store (``KEY/TASK``) and in ``summary.json``,
+    whose type is ``SUMMARY``; ``compute`` gives the JSON value stored for one task,
+    ``summarize`` the summary entry of the values by task, ``render`` the report section (its
+    figures written into ``out``)."""
+
+    KEY: str
+    SUMMARY: Any
+
+    def compute(self, store: Store, task: Task, quick: bool) -> dict[str, Any]: ...
+
+    def summarize(self, values: dict[str, dict[str, Any]]) -> Any: ...
+
+    def render(self, out: Path, values: dict[str, dict[str, Any]]) -> str: ...
+
+
+ANALYSES: tuple[Analysis, ...] = (relaxation, conditioning)
+
+
+def stored(store: Store, analysis: Analysis) -> dict[str, Any]:
     """The values of ``analysis`` in ``store``, by task."""
     prefix = f"{analysis.KEY}/"
     return {k[len(prefix) :]: v for k, v in store.analyses().items() if k.startswith(prefix)}

@@ -1,16 +1,29 @@
-"""Runs as the store returns them, grouped into tasks, regimes and cells."""
+"""Runs as the store returns them (:class:`~gaugefix.experiments.engine.RunResult`), grouped into
+tasks, regimes and cells."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, TypeVar
 
-Runs = list[dict[str, Any]]
-# The references a method is compared with, where a regime has them: plain training from the
-# initialisation as given, and plain training from its balanced point.
-REFERENCES = ("plain", "balanced-init")
+from gaugefix.experiments.engine import REFERENCES, RunConfig, RunResult
+
+Runs = Sequence[RunResult]
+# Runs as given: a store's runs keep their row ids through the grouping.
+Run = TypeVar("Run", bound=RunResult)
+
+# The keys of the maps of ``summary.json``, named as its schema writes them.
+TaskKey = Annotated[str, "TASK"]
+RegimeKey = Annotated[str, "REGIME"]  # Regime.key
+MethodKey = Annotated[str, "METHOD"]
+ReferenceKey = Annotated[str, "REFERENCE"]
+SKey = Annotated[str, "S"]  # s_key
+LrKey = Annotated[str, "LR"]  # lr_key
+SeedKey = Annotated[str, "SEED"]
+HorizonKey = Annotated[str, "OPTIMIZER/BATCH"]
 
 
 def s_key(s: float) -> str:
@@ -32,8 +45,8 @@ class Regime:
     steps: int
 
     @staticmethod
-    def of(run: dict[str, Any]) -> Regime:
-        return Regime(run["optimizer"], run["batch_size"], run["steps"])
+    def of(config: RunConfig) -> Regime:
+        return Regime(config.optimizer, config.batch_size, config.steps)
 
     @staticmethod
     def parse(key: str) -> Regime:
@@ -59,37 +72,37 @@ class Regime:
 
 def reference(runs: Runs) -> str | None:
     """The reference of a regime's comparisons at s = 0: plain, else balanced-init."""
-    present = {r["method"] for r in runs if r["s"] == 0.0}
+    present = {r.config.method for r in runs if r.config.s == 0.0}
     return next((m for m in REFERENCES if m in present), None)
 
 
-def by_task(runs: Runs) -> dict[str, Runs]:
+def by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
     """The runs of each task, keyed by its name; when runs of one name have several task hashes
     (other data, model or experiment definitions) each hash is its own task, keyed
     ``NAME@HASH`` (the hash's first 8 digits), so they are never mixed."""
     hashes: dict[str, set[str]] = defaultdict(set)
     for r in runs:
-        hashes[r["task"]].add(r["task_hash"])
-    out: dict[str, Runs] = defaultdict(list)
+        hashes[r.config.task].add(r.config.task_hash)
+    out: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        several = len(hashes[r["task"]]) > 1
-        out[f"{r['task']}@{r['task_hash'][:8]}" if several else r["task"]].append(r)
+        several = len(hashes[r.config.task]) > 1
+        out[f"{r.config.task}@{r.config.task_hash[:8]}" if several else r.config.task].append(r)
     return dict(sorted(out.items()))
 
 
-def by_regime(runs: Runs) -> dict[Regime, Runs]:
+def by_regime(runs: Sequence[Run]) -> dict[Regime, list[Run]]:
     """The runs of each regime, full-batch ones first, then by optimizer and steps."""
-    out: dict[Regime, Runs] = defaultdict(list)
+    out: dict[Regime, list[Run]] = defaultdict(list)
     for r in runs:
-        out[Regime.of(r)].append(r)
+        out[Regime.of(r.config)].append(r)
     return dict(sorted(out.items(), key=lambda kv: (kv[0].batch_size > 0, kv[0].steps, kv[0].key)))
 
 
-def group(runs: Runs, *columns: str) -> dict[tuple, Runs]:
-    """``runs`` grouped by the values of ``columns``, in sorted order."""
-    out: dict[tuple, Runs] = defaultdict(list)
+def group(runs: Sequence[Run], key: Callable[[RunConfig], tuple]) -> dict[tuple, list[Run]]:
+    """``runs`` grouped by ``key`` of their configuration, in sorted order of the keys."""
+    out: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
-        out[tuple(r[c] for c in columns)].append(r)
+        out[key(r.config)].append(r)
     return dict(sorted(out.items()))
 
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import torch
 
 import gaugefix
 from gaugefix.diagnostics import sharpness
-from gaugefix.experiments.cells import s_key
+from gaugefix.experiments.cells import SKey, TaskKey, s_key
 from gaugefix.experiments.engine import init_direction, task_hash
-from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, plt, save
+from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
 from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.stability import max_stable_lr
 from gaugefix.experiments.store import Store
@@ -22,6 +22,17 @@ from gaugefix.experiments.tasks import Task
 
 KEY = "conditioning"
 TRAINED = ("plain", "balanced-init", "exact")  # the methods sharpness is followed for
+
+
+class Sharpness(TypedDict):
+    """Sharpness at initialisation along the orbit of one task (:func:`sharpness_init`)."""
+
+    by_s: Annotated[dict[SKey, float], "the initialisation moved by s z"]
+    balanced: Annotated[float, "at the balanced point of the orbit"]
+
+
+# The ``conditioning`` entry of ``summary.json`` (:func:`summarize`).
+SUMMARY = dict[TaskKey, Sharpness]
 
 
 def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
@@ -93,16 +104,16 @@ def _largest_stable_lr(store: Store, task: Task) -> float:
     return max_stable_lr(runs) or 0.1
 
 
-def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Sharpness]:
     """Sharpness at initialisation by s and at the balanced point, per task."""
     return {
-        task: {"by_s": v["init"]["by_s"], "balanced": v["init"]["balanced"]}
+        task: Sharpness(by_s=v["init"]["by_s"], balanced=v["init"]["balanced"])
         for task, v in sorted(values.items())
     }
 
 
 def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1,
         1 + len(values),
         figsize=(4.2 * (1 + len(values)), 3.6),

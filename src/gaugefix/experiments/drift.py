@@ -7,19 +7,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
-from gaugefix.experiments.cells import Regime, Runs, reference
+from gaugefix.experiments.cells import MethodKey, Regime, Runs, reference
 from gaugefix.experiments.figures import (
     fmt,
     method_color,
     methods_in_order,
     plain_log_ticks,
-    plt,
     save,
+    subplots,
 )
-from gaugefix.experiments.stability import VERDICT, max_stable_lr, ratio_stats, ratio_text
-from gaugefix.experiments.store import Store
+from gaugefix.experiments.stability import (
+    VERDICT,
+    RatioStats,
+    max_stable_lr,
+    ratio_stats,
+    ratio_text,
+)
+from gaugefix.experiments.store import Store, StoredRun
 
 DEFINITION = (
     "*Drift suppression*: per seed, the final RMS log-ratio of the reference (plain, or "
@@ -30,12 +36,30 @@ DEFINITION = (
 )
 
 
+class _LateDivergences(TypedDict):
+    late_divergences: Annotated[
+        dict[MethodKey, list[int]], "[late, alive after the first tenth of the steps]"
+    ]
+
+
+class DriftSummary(_LateDivergences, total=False):
+    """The drift entries of a regime (:func:`summarize`); the suppression only where the
+    reference has a stable rate at s = 0."""
+
+    drift_reference: Annotated[str, "the method compared with: plain, else balanced-init"]
+    drift_lr: float
+    drift_suppression: Annotated[
+        dict[MethodKey, RatioStats],
+        "per seed, the reference's final RMS log-ratio over the method's",
+    ]
+
+
 def drift_lr(runs: Runs) -> float | None:
     """The learning rate of the drift comparison (``runs``: one regime's at best strength)."""
     ref = reference(runs)
     if ref is None:
         return None
-    lr = max_stable_lr([r for r in runs if r["method"] == ref and r["s"] == 0.0])
+    lr = max_stable_lr([r for r in runs if r.config.method == ref and r.config.s == 0.0])
     return lr or None
 
 
@@ -44,27 +68,27 @@ def late_divergences(runs: Runs) -> dict[str, list[int]]:
     steps and the runs still alive at that point."""
     out: dict[str, list[int]] = {}
     for r in runs:
-        tenth = r["steps"] // 10
-        alive = r["diverged_at"] is None or r["diverged_at"] > tenth
-        counts = out.setdefault(r["method"], [0, 0])
-        counts[0] += alive and r["diverged_at"] is not None
+        tenth = r.config.steps // 10
+        alive = r.diverged_at is None or r.diverged_at > tenth
+        counts = out.setdefault(r.config.method, [0, 0])
+        counts[0] += alive and r.diverged_at is not None
         counts[1] += alive
     return dict(sorted(out.items()))
 
 
-def summarize(runs: Runs) -> dict[str, Any]:
+def summarize(runs: Runs) -> DriftSummary:
     """The drift entries of one regime's summary (``runs`` at each method's best strength):
     the late divergences and, where the reference has a stable rate at s = 0, the drift
     suppression of every other method as per-seed ratios (:func:`ratio_stats`)."""
-    out: dict[str, Any] = {"late_divergences": late_divergences(runs)}
+    out = DriftSummary(late_divergences=late_divergences(runs))
     lr = drift_lr(runs)
     if lr is None:
         return out
     ref = reference(runs)
     final: dict[str, dict[int, float | None]] = defaultdict(dict)
     for r in runs:
-        if r["s"] == 0.0 and r["lr"] == lr:
-            final[r["method"]][r["seed"]] = r["log_ratio_rms"]
+        if r.config.s == 0.0 and r.config.lr == lr:
+            final[r.config.method][r.config.seed] = r.log_ratio_rms
     suppression = {}
     for method in sorted(set(final) - {ref}):
         ratios = {
@@ -107,7 +131,7 @@ def render(entry: dict[str, Any], label: Any) -> str:
 
 
 def figure(
-    out: Path, store: Store, task: str, regimes: dict[Regime, tuple[dict, Runs]]
+    out: Path, store: Store, task: str, regimes: dict[Regime, tuple[dict, list[StoredRun]]]
 ) -> str | None:
     """RMS log-ratio and ``max |mu| / S`` over the steps at each regime's drift learning rate,
     s = 0, the first seed; one panel per regime, one color per method, one legend."""
@@ -116,7 +140,7 @@ def figure(
         return None
     cols = min(len(panels), 4)
     rows = -(-len(panels) // cols)
-    fig, grid = plt.subplots(
+    fig, grid = subplots(
         2 * rows, cols, figsize=(3.6 * cols, 5.4 * rows), squeeze=False, layout="constrained"
     )
     for k in range(len(panels), rows * cols):  # the unused places of the last row
@@ -126,22 +150,22 @@ def figure(
     for k, (regime, entry, runs) in enumerate(panels):
         top, bottom = grid[2 * (k // cols)][k % cols], grid[2 * (k // cols) + 1][k % cols]
         lr = entry["drift_lr"]
-        for method in methods_in_order({r["method"] for r in runs}):
+        for method in methods_in_order({r.config.method for r in runs}):
             rs = [
                 r
                 for r in runs
-                if r["method"] == method
-                and r["s"] == 0.0
-                and r["lr"] == lr
-                and r["status"] != "diverged"
+                if r.config.method == method
+                and r.config.s == 0.0
+                and r.config.lr == lr
+                and r.status != "diverged"
             ]
             if not rs:
                 continue
-            curve = store.curves(min(rs, key=lambda r: r["seed"])["id"])
-            steps = [p["step"] for p in curve]
+            curve = store.curves(min(rs, key=lambda r: r.config.seed).id)
+            steps = [p.step for p in curve]
             style = {"color": method_color(method), "label": method}
-            lines[method] = top.plot(steps, [p["log_ratio_rms"] for p in curve], **style)[0]
-            bottom.plot(steps, [p["mu_rel_max"] for p in curve], **style)
+            lines[method] = top.plot(steps, [p.log_ratio_rms for p in curve], **style)[0]
+            bottom.plot(steps, [p.mu_rel_max for p in curve], **style)
         top.set_title(f"{regime.label}\nlr = {fmt(lr)}", fontsize=9)
         top.set_ylabel("RMS log-ratio")
         bottom.set_ylabel("max |mu| / S")

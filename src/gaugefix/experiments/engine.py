@@ -72,6 +72,9 @@ METHODS: dict[str, Method] = {
 STRENGTH_METHODS = tuple(
     m for m, d in METHODS.items() if d.fixing in ("penalty", "exact", "weight-decay")
 )
+# The references a method is compared with, where a regime has them: the optimizer alone from the
+# initialisation as given (plain) and from its balanced point (balanced-init).
+REFERENCES = tuple(m for m, d in METHODS.items() if d.fixing is None)
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 DIVERGENCE_FACTOR = 1e3
 # A finished run is stable when its final training loss is at most this fraction of the smaller

@@ -1,4 +1,5 @@
-"""What every figure of the report shares: the non-interactive backend, a color per method, plain
+"""What every figure of the report shares: figures drawn on their own Agg canvas (no pyplot, so
+matplotlib's global state, its backend included, is left as it is), a color per method, plain
 tick labels on log axes, and how numbers are written."""
 
 from __future__ import annotations
@@ -7,15 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from gaugefix.experiments.engine import METHODS
 
-from gaugefix.experiments.engine import METHODS  # noqa: E402
-
-__all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "plt", "save"]
+__all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "save", "subplots"]
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -57,8 +56,17 @@ def plain_log_ticks(*axes: Any) -> None:
                 axis.set_minor_formatter(minor(axis))
 
 
-def save(fig: Any, out: Path, name: str) -> str:
-    """Write ``fig`` to ``out / name`` and close it; returns ``name``."""
+def subplots(
+    rows: int, cols: int, *, figsize: tuple[float, float], layout: str | None = None, **kwargs: Any
+) -> tuple[Figure, Any]:
+    """A figure on its own Agg canvas and its ``rows x cols`` axes (``kwargs`` as for
+    :meth:`matplotlib.figure.Figure.subplots`)."""
+    fig = Figure(figsize=figsize, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, **kwargs)
+
+
+def save(fig: Figure, out: Path, name: str) -> str:
+    """Write ``fig`` to ``out / name``; returns ``name``."""
     fig.savefig(out / name, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return name

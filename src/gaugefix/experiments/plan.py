@@ -12,10 +12,11 @@ methods and strengths, learning-rate range, initial imbalances and seeds. The ex
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import product
 
-from gaugefix.experiments.engine import RunConfig
+from gaugefix.experiments.engine import METHODS, RunConfig
 
 
 def lr_grid(low_exp: int, high_exp: int) -> list[float]:
@@ -70,43 +71,33 @@ class TaskGrid:
 
 
 # Methods and strengths. Every method of a block shares its learning rates, initial imbalances
-# and seeds; a method with several strengths is reported at its best one per regime.
-ALL_METHODS = {
-    "plain": (0.0,),
-    "balanced-init": (0.0,),
+# and seeds; a method with several strengths is reported at its best one per regime. A method's
+# strengths are those of its kind of fixing (``Method.fixing``; none: strength 0).
+STRENGTH_GRID = {
     "penalty": (0.01, 0.1, 1.0),
-    "balanced-penalty": (0.01, 0.1, 1.0),
     "exact": (0.1, 1.0, 10.0),
-    "balanced-exact": (0.1, 1.0, 10.0),
     "weight-decay": (1e-3, 1e-2),
-    "balance": (0.0,),
 }
-ONE_STRENGTH = {
-    "plain": (0.0,),
-    "balanced-init": (0.0,),
-    "penalty": (0.1,),
-    "balanced-penalty": (0.1,),
-    "exact": (1.0,),
-    "balanced-exact": (1.0,),
-    "weight-decay": (1e-3,),
-    "balance": (0.0,),
-}
+ONE = {"penalty": (0.1,), "exact": (1.0,), "weight-decay": (1e-3,)}
+
+
+def with_strengths(
+    names: Iterable[str], strengths: dict[str, tuple[float, ...]]
+) -> dict[str, tuple[float, ...]]:
+    """Each method of ``names`` (keys of :data:`~gaugefix.experiments.engine.METHODS`) with the
+    ``strengths`` of its kind of fixing, ``(0.0,)`` for a kind without."""
+    return {name: strengths.get(METHODS[name].fixing, (0.0,)) for name in names}
+
+
+ALL_METHODS = with_strengths(METHODS, STRENGTH_GRID)
+ONE_STRENGTH = with_strengths(METHODS, ONE)
 # The expensive tasks (the CNN, the transformer): the references, the penalty, the exact step
 # and hard fixing (weight decay and the balanced starts of penalty and exact left out for time).
-COSTLY = {
-    "plain": (0.0,),
-    "balanced-init": (0.0,),
-    "penalty": (0.1,),
-    "exact": (1.0,),
-    "balance": (0.0,),
-}
+COSTLY = with_strengths(("plain", "balanced-init", "penalty", "exact", "balance"), ONE)
 # The long horizon: every method starts from the same balanced point.
-BALANCED_START = {
-    "balanced-init": (0.0,),
-    "balanced-penalty": (0.1, 1.0),
-    "balanced-exact": (0.1, 1.0, 10.0),
-    "balance": (0.0,),
-}
+BALANCED_START = with_strengths(
+    (m for m, d in METHODS.items() if d.balanced_start), {**STRENGTH_GRID, "penalty": (0.1, 1.0)}
+)
 # Learning-rate windows of the mini-batch blocks: the drift experiment's on teacher-student, and
 # the long horizon's on digits (around balanced-init's edge at the full-batch steps).
 TS_DRIFT = {"sgd": (-9, 3), "momentum": (-13, 3), "adam": (-12, 0)}
@@ -133,9 +124,9 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
     costs). Learning-rate ranges are exponents of sqrt(2), sized to bracket the references'
     edges (plain, balanced-init) with room above for the methods."""
     if quick:
-        small = {"plain": (0.0,), "balanced-init": (0.0,), "exact": (1.0,), "balance": (0.0,)}
-        ts = {**small, "penalty": (0.1,), "balanced-exact": (1.0,), "weight-decay": (1e-3,)}
-        long = {"balanced-init": (0.0,), "balanced-exact": (1.0,), "balance": (0.0,)}
+        small = with_strengths(("plain", "balanced-init", "exact", "balance"), ONE)
+        ts = {**small, **with_strengths(("penalty", "balanced-exact", "weight-decay"), ONE)}
+        long = with_strengths(("balanced-init", "balanced-exact", "balance"), ONE)
         return [
             TaskGrid(
                 "teacher-student",

@@ -5,58 +5,86 @@ expressivity check (balancing a trained plain network leaves its function unchan
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypedDict
 
-from gaugefix.experiments.cells import Runs, group, lr_key, median, reference
+from gaugefix.experiments.cells import LrKey, MethodKey, Runs, group, lr_key, median, reference
+from gaugefix.experiments.engine import RunResult
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import VERDICT
 
-METRICS = {
-    "final_train_loss": "final_loss",
-    "final_test_loss": "test_loss",
-    "test_accuracy": "test_accuracy",
+
+class Medians(TypedDict):
+    """A metric's medians over seeds at the learning rates stable for both a method and the
+    reference (s = 0)."""
+
+    reference: Annotated[str, "plain, else balanced-init"]
+    medians: dict[MethodKey, dict[LrKey, float]]
+
+
+class QualitySummary(TypedDict, total=False):
+    """The metrics of the trained networks of a regime (:func:`summarize`); a metric no run
+    has (no test split, no classes) is left out."""
+
+    final_train_loss: Medians
+    final_test_loss: Medians
+    test_accuracy: Medians
+
+
+class TaskQuality(TypedDict):
+    """The expressivity check of a task (:func:`summarize_task`)."""
+
+    balance_function_change: Annotated[
+        float | None, "largest relative output change of balancing a trained plain network"
+    ]
+
+
+# The summary's metrics of a trained network, each read from a run's result.
+METRICS: dict[str, Callable[[RunResult], float | None]] = {
+    "final_train_loss": lambda r: r.final_loss,
+    "final_test_loss": lambda r: r.test_loss,
+    "test_accuracy": lambda r: r.test_accuracy,
 }
 
 
-def summarize(runs: Runs) -> dict[str, Any]:
+def summarize(runs: Runs) -> QualitySummary:
     """Per metric, method and learning rate stable for every seed of both the method and the
     regime's reference (plain, else balanced-init), at s = 0: the median over seeds. A metric
     no run has (no test split, no classes) is left out. ``runs``: one regime's at best
     strength."""
     stable: dict[str, set[float]] = defaultdict(set)
-    cells = group([r for r in runs if r["s"] == 0.0], "method", "lr")
+    cells = group([r for r in runs if r.config.s == 0.0], lambda c: (c.method, c.lr))
     for (method, lr), cell in cells.items():
-        if all(r["status"] == "stable" for r in cell):
+        if all(r.status == "stable" for r in cell):
             stable[method].add(lr)
     ref = reference(runs)
-    out: dict[str, Any] = {}
-    for key, column in METRICS.items():
+    out = QualitySummary()
+    for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
         for (method, lr), cell in cells.items():
-            v = median([r[column] for r in cell])
+            v = median([metric(r) for r in cell])
             if ref is not None and lr in stable[method] & stable[ref] and v is not None:
                 values[method][lr_key(lr)] = v
         if any(values.values()):
-            out[key] = {"reference": ref, **values}
+            out[key] = Medians(reference=ref, medians=dict(values))
     return out
 
 
-def summarize_task(runs: Runs) -> dict[str, Any]:
+def summarize_task(runs: Runs) -> TaskQuality:
     """The expressivity check of a task: the largest relative output change of balancing a
     trained plain network (``None`` when no plain run finished)."""
-    changes = [r["balance_change"] for r in runs if r["balance_change"] is not None]
-    return {"balance_function_change": max(changes, default=None)}
+    changes = [r.balance_change for r in runs if r.balance_change is not None]
+    return TaskQuality(balance_function_change=max(changes, default=None))
 
 
 def render(entry: dict[str, Any], label: Any) -> str:
     """The final-loss paragraph of one regime (``label(method)``: a method with its strength)."""
-    loss = entry.get("final_train_loss")
-    if not loss:
+    if "final_train_loss" not in entry:
         return ""
-    ref = loss["reference"]
+    ref, loss = entry["final_train_loss"]["reference"], entry["final_train_loss"]["medians"]
     lines = []
-    accuracy = entry.get("test_accuracy", {})
-    for method in methods_in_order(m for m in loss if m not in ("reference", ref)):
+    accuracy = entry["test_accuracy"]["medians"] if "test_accuracy" in entry else {}
+    for method in methods_in_order(m for m in loss if m != ref):
         pairs = [(v, loss[ref][lr]) for lr, v in loss[method].items() if lr in loss[ref]]
         ratios = [v / p for v, p in pairs if p]
         if not ratios:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
+from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
 from gaugefix.experiments.runner import Executor, TaskSpec, keep_freed_memory
 from gaugefix.experiments.tasks import Task
@@ -27,7 +28,7 @@ MAX_RETRIES = 3  # runs of a task after its worker died
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to accept a connection
 
 
-class ClusterError(RuntimeError):
+class ClusterError(GaugefixError, RuntimeError):
     """Ray is not installed, the cluster cannot be reached, or it lost a task more often than it
     retries; the message says which."""
 

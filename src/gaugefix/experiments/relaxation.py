@@ -4,19 +4,30 @@ linear prediction ``d mu/dt = -2 lambda K mu``. Stored per task under ``relaxati
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import torch
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
-from gaugefix.experiments.figures import fmt, plain_log_ticks, plt, save
+from gaugefix.experiments.figures import fmt, plain_log_ticks, save, subplots
 from gaugefix.experiments.probes import float64_model, train_plain
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 from gaugefix.soft import orbit_selection_grad
 
 KEY = "relaxation"
+
+
+class RelaxationSummary(TypedDict):
+    """The ``relaxation`` entry of ``summary.json`` (:func:`summarize`)."""
+
+    max_relative_error: Annotated[
+        float | None, "of the measured decay rates against 2 lambda k_i, over the tasks"
+    ]
+
+
+SUMMARY = RelaxationSummary
 
 
 def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
@@ -85,14 +96,14 @@ def _slope(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((x - xm) * (y - ym)).sum() / (x - xm).square().sum())
 
 
-def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``{"max_relative_error"}`` over the tasks."""
+def summarize(values: dict[str, dict[str, Any]]) -> RelaxationSummary:
+    """The largest relative error of the measured decay rates over the tasks."""
     errors = [v["max_relative_error"] for v in values.values() if v["max_relative_error"]]
-    return {"max_relative_error": max(errors, default=None)}
+    return RelaxationSummary(max_relative_error=max(errors, default=None))
 
 
 def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    fig, axes = subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     lines = []
     for task, r in sorted(values.items()):
         axes[0].loglog(r["predicted_rates"], r["measured_rates"], "o", ms=3, label=task)

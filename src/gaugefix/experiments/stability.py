@@ -5,22 +5,40 @@ gauge fixing with a balanced start. The definitions are :data:`DEFINITION`."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import numpy as np
 from matplotlib.colors import BoundaryNorm
 from matplotlib.lines import Line2D
 
-from gaugefix.experiments.cells import REFERENCES, Regime, Runs, group, median, s_key
-from gaugefix.experiments.engine import DIVERGENCE_FACTOR, STABILITY_MARGIN
+from gaugefix.experiments.cells import (
+    HorizonKey,
+    MethodKey,
+    ReferenceKey,
+    Regime,
+    Run,
+    Runs,
+    SeedKey,
+    SKey,
+    group,
+    median,
+    s_key,
+)
+from gaugefix.experiments.engine import (
+    DIVERGENCE_FACTOR,
+    METHODS,
+    REFERENCES,
+    STABILITY_MARGIN,
+)
 from gaugefix.experiments.figures import (
     fmt,
     method_color,
     methods_in_order,
     plain_log_ticks,
-    plt,
     save,
+    subplots,
 )
 
 DEFINITION = (
@@ -46,6 +64,46 @@ DEFINITION = (
 )
 
 
+class RatioStats(TypedDict):
+    """A per-seed ratio over the seeds where it is known (:func:`ratio_stats`)."""
+
+    min: float | None
+    median: float | None
+    max: float | None
+    seeds: int
+    unknown_seeds: Annotated[int, "seeds the ratio is not known for"]
+    lower_bound: Annotated[bool, "some known value is only a lower bound"]
+    held: Annotated[bool | None, "the claim's verdict: above 1 for every seed"]
+
+
+class StabilitySummary(TypedDict):
+    """The stability entries of a regime (:func:`summarize`)."""
+
+    lr_grid: list[float]
+    best_strength: Annotated[dict[MethodKey, float], "the strength each method is shown at"]
+    max_stable_lr: Annotated[dict[MethodKey, dict[SKey, float]], "every seed together"]
+    max_stable_lr_by_seed: dict[MethodKey, dict[SKey, dict[SeedKey, float]]]
+    max_stable_lr_at_grid_top: Annotated[dict[MethodKey, list[SKey]], "lower bounds"]
+    expansion_ratio: Annotated[
+        dict[ReferenceKey, dict[MethodKey, dict[SKey, RatioStats]]],
+        "per seed, the method's max_stable_lr over the reference's",
+    ]
+
+
+class HorizonRatio(RatioStats):
+    """``max_stable_lr`` at the long horizon over the short one, per seed (:func:`horizons`)."""
+
+    narrowed: Annotated[bool | None, "below 1 for every seed"]
+
+
+class Horizon(TypedDict):
+    """One mini-batch optimizer and batch size trained at several step counts."""
+
+    short: Annotated[int, "steps"]
+    long: Annotated[int, "steps"]
+    methods: dict[MethodKey, HorizonRatio]
+
+
 def band_top(stable: dict[float, bool]) -> float:
     """The top of the lowest band of stable grid rates: the largest learning rate such that it
     and every grid rate from the smallest stable one up to it are stable (0 when none is)."""
@@ -62,20 +120,20 @@ def max_stable_lr(runs: Runs) -> float:
     """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable."""
     stable: dict[float, bool] = defaultdict(lambda: True)
     for r in runs:
-        stable[r["lr"]] &= r["status"] == "stable"
+        stable[r.config.lr] &= r.status == "stable"
     return band_top(stable)
 
 
 def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
     """:func:`band_top` of each seed's own stable rates (``runs``: one cell)."""
-    return {seed: max_stable_lr(rs) for (seed,), rs in group(runs, "seed").items()}
+    return {seed: max_stable_lr(rs) for (seed,), rs in group(runs, lambda c: (c.seed,)).items()}
 
 
 def best_strengths(runs: Runs) -> dict[str, float]:
     """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` (the
     smallest such strength on ties); ``runs`` are one regime's."""
     score: dict[tuple[str, float], float] = defaultdict(float)
-    for (method, strength, _), cell in group(runs, "method", "strength", "s").items():
+    for (method, strength, _), cell in group(runs, lambda c: (c.method, c.strength, c.s)).items():
         score[(method, strength)] += max_stable_lr(cell)
     best: dict[str, float] = {}
     for (method, strength), value in sorted(score.items()):
@@ -84,21 +142,21 @@ def best_strengths(runs: Runs) -> dict[str, float]:
     return best
 
 
-def at_best_strength(runs: Runs) -> Runs:
+def at_best_strength(runs: Sequence[Run]) -> list[Run]:
     """The runs of each method at its :func:`best_strengths` (``runs``: one regime's)."""
     best = best_strengths(runs)
-    return [r for r in runs if r["strength"] == best[r["method"]]]
+    return [r for r in runs if r.config.strength == best[r.config.method]]
 
 
 def previously_stable(runs: Runs) -> int:
     """How many of ``runs`` the previous definition called stable (not diverged, final training
     loss below the initial loss) that the current one does not."""
-    return sum(r["status"] == "unstable" and r["final_loss"] < r["initial_loss"] for r in runs)
+    return sum(r.status == "unstable" and r.final_loss < r.initial_loss for r in runs)
 
 
 def ratio_stats(
     ratios: dict[int, float | None], bounds: dict[int, bool] | None = None
-) -> dict[str, Any]:
+) -> RatioStats:
     """A per-seed ratio (``None``: not known for that seed; ``bounds``: which known values are
     only lower bounds) as min, median and max over the seeds where it is known, how many seeds
     it is not known for, whether any value is a lower bound, and the verdict ``held``:
@@ -113,20 +171,20 @@ def ratio_stats(
     else:
         held = None
     values = list(known.values())
-    return {
-        "min": min(values) if values else None,
-        "median": median(values),
-        "max": max(values) if values else None,
-        "seeds": len(ratios),
-        "unknown_seeds": len(ratios) - len(known),
-        "lower_bound": any(bounds.get(k, False) for k in known),
-        "held": held,
-    }
+    return RatioStats(
+        min=min(values) if values else None,
+        median=median(values),
+        max=max(values) if values else None,
+        seeds=len(ratios),
+        unknown_seeds=len(ratios) - len(known),
+        lower_bound=any(bounds.get(k, False) for k in known),
+        held=held,
+    )
 
 
 def seed_ratios(
     method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
-) -> dict[str, Any]:
+) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
     ``reference``: ``max_stable_lr`` per seed; ``*_top``: the top of each one's grid). A seed's
     ratio is not known where the reference had no stable rate or was stable up to its grid's
@@ -140,21 +198,21 @@ def seed_ratios(
     return ratio_stats(ratios, bounds)
 
 
-def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
+def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
     """The stability entries of one regime's summary: ``runs`` are all of its runs, ``chosen``
     those at each method's best strength."""
     msl: dict[str, dict[str, float]] = defaultdict(dict)
     by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
     tops: dict[tuple[str, str], float] = {}
     at_top: dict[str, list[str]] = defaultdict(list)
-    for (method, s), cell in group(chosen, "method", "s").items():
+    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
         key = s_key(s)
-        tops[(method, key)] = max(r["lr"] for r in cell)
+        tops[(method, key)] = max(r.config.lr for r in cell)
         msl[method][key] = max_stable_lr(cell)
         by_seed[method][key] = max_stable_lr_by_seed(cell)
         if msl[method][key] >= tops[(method, key)]:
             at_top[method].append(key)
-    ratios: dict[str, dict[str, dict[str, Any]]] = {}
+    ratios: dict[str, dict[str, dict[str, RatioStats]]] = {}
     for ref in REFERENCES:
         if ref not in by_seed:
             continue
@@ -167,39 +225,39 @@ def summarize(runs: Runs, chosen: Runs) -> dict[str, Any]:
             for method, cells in by_seed.items()
             if method != ref
         }
-    return {
-        "lr_grid": sorted({r["lr"] for r in chosen}),
-        "best_strength": best_strengths(runs),
-        "max_stable_lr": dict(msl),
-        "max_stable_lr_by_seed": {
+    return StabilitySummary(
+        lr_grid=sorted({r.config.lr for r in chosen}),
+        best_strength=best_strengths(runs),
+        max_stable_lr=dict(msl),
+        max_stable_lr_by_seed={
             m: {s: {str(k): v for k, v in seeds.items()} for s, seeds in cells.items()}
             for m, cells in by_seed.items()
         },
-        "max_stable_lr_at_grid_top": dict(at_top),
-        "expansion_ratio": ratios,
-    }
+        max_stable_lr_at_grid_top=dict(at_top),
+        expansion_ratio=ratios,
+    )
 
 
-def horizons(runs: Runs) -> dict[str, Any]:
+def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
     method's per-seed ``max_stable_lr`` at the longest horizon over that at the shortest (each
     regime at its best strength). A seed's ratio is not known where the short horizon had no
     stable rate or was stable up to its grid's top; the range *narrowed* when the ratio is
     below 1 for every seed, and did not when it is at least 1 for some seed."""
-    out: dict[str, Any] = {}
-    mini = [r for r in runs if r["batch_size"] and r["s"] == 0.0]
-    for (opt, batch), rs in group(mini, "optimizer", "batch_size").items():
-        steps = sorted({r["steps"] for r in rs})
+    out: dict[HorizonKey, Horizon] = {}
+    mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
+    for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
+        steps = sorted({r.config.steps for r in rs})
         if len(steps) < 2:
             continue
         cells: dict[int, dict[str, tuple[dict[int, float], float]]] = {}
         for n in (steps[0], steps[-1]):
-            chosen = at_best_strength([r for r in rs if r["steps"] == n])
+            chosen = at_best_strength([r for r in rs if r.config.steps == n])
             cells[n] = {
-                m: (max_stable_lr_by_seed(cell), max(r["lr"] for r in cell))
-                for (m,), cell in group(chosen, "method").items()
+                m: (max_stable_lr_by_seed(cell), max(r.config.lr for r in cell))
+                for (m,), cell in group(chosen, lambda c: (c.method,)).items()
             }
-        entry = {}
+        entry: dict[MethodKey, HorizonRatio] = {}
         for method in sorted(set(cells[steps[0]]) & set(cells[steps[-1]])):
             (short, short_top), (long, _) = cells[steps[0]][method], cells[steps[-1]][method]
             ratios = {
@@ -212,8 +270,8 @@ def horizons(runs: Runs) -> dict[str, Any]:
                 narrowed: bool | None = False
             else:
                 narrowed = True if known and not stats["unknown_seeds"] else None
-            entry[method] = {**stats, "narrowed": narrowed}
-        out[f"{opt}/{batch}"] = {"short": steps[0], "long": steps[-1], "methods": entry}
+            entry[method] = HorizonRatio(**stats, narrowed=narrowed)
+        out[f"{opt}/{batch}"] = Horizon(short=steps[0], long=steps[-1], methods=entry)
     return out
 
 
@@ -319,14 +377,14 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
     where some seed diverged; at most four panels a row."""
-    methods = methods_in_order({r["method"] for r in runs})
-    s_values = sorted({r["s"] for r in runs})
-    lrs = sorted({r["lr"] for r in runs})
-    seeds = len({r["seed"] for r in runs})
+    methods = methods_in_order({r.config.method for r in runs})
+    s_values = sorted({r.config.s for r in runs})
+    lrs = sorted({r.config.lr for r in runs})
+    seeds = len({r.config.seed for r in runs})
     cols = min(len(methods), 4)
     rows = -(-len(methods) // cols)
     width = max(1.0 + 0.6 * len(s_values), 2.2)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         rows,
         cols,
         figsize=(width * cols + 1.2, 3.2 * rows + 0.5),
@@ -343,13 +401,13 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
             ax.set_visible(False)
             continue
         method = methods[k]
-        mine = [r for r in runs if r["method"] == method]
+        mine = [r for r in runs if r.config.method == method]
         frac = np.full((len(lrs), len(s_values)), np.nan)
         crosses = []
-        for (s, lr), cell in group(mine, "s", "lr").items():
+        for (s, lr), cell in group(mine, lambda c: (c.s, c.lr)).items():
             i, j = lrs.index(lr), s_values.index(s)
-            frac[i, j] = np.mean([r["status"] == "stable" for r in cell])
-            if any(r["status"] == "diverged" for r in cell):
+            frac[i, j] = np.mean([r.status == "stable" for r in cell])
+            if any(r.status == "diverged" for r in cell):
                 crosses.append((j, lr))
         mesh = ax.pcolormesh(
             np.arange(len(s_values) + 1) - 0.5,
@@ -365,7 +423,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         ax.set_yscale("log")
         ax.set_ylim(y_edges[0], y_edges[-1])
         ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
-        strength = mine[0]["strength"]
+        strength = mine[0].config.strength
         ax.set_title(f"{method} ({strength:g})" if strength else method, fontsize=9)
         if k + cols >= len(methods):  # no panel below
             ax.set_xlabel("initial imbalance s")
@@ -378,15 +436,9 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     return save(fig, out, f"stability-{task}-{regime.slug}.png")
 
 
-BALANCED_START_METHODS = (
-    "plain",
-    "balanced-init",
-    "penalty",
-    "balanced-penalty",
-    "exact",
-    "balanced-exact",
-    "balance",
-)
+# The methods of the figure against a balanced start: every method that fixes the gauge, with
+# its balanced start and the references (weight decay, which does not, left out).
+BALANCED_START_METHODS = tuple(m for m, d in METHODS.items() if d.fixing != "weight-decay")
 
 
 def balanced_start_figure(
@@ -405,7 +457,7 @@ def balanced_start_figure(
         return None
     cols = min(len(panels), 3)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         rows, cols, figsize=(4.2 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained"
     )
     for ax in axes.flat[len(panels) :]:

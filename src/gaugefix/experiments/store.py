@@ -13,7 +13,9 @@ is a :class:`StoreError` whose message names the file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -29,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import CurvePoint, RunConfig, RunResult
 
 # The store format, kept in SQLite's ``user_version``. Format 1 (``user_version`` 0) keyed runs
@@ -63,13 +66,24 @@ class Record(NamedTuple):
     created: str
 
 
+@dataclasses.dataclass
+class StoredRun(RunResult):
+    """A run read back from a store: its :class:`RunResult` (``curves`` left empty: they are
+    read by :meth:`Store.curves` of ``id``), its row ``id`` and its :class:`Record`."""
+
+    id: int = dataclasses.field(kw_only=True)
+    record: Record = dataclasses.field(kw_only=True)
+
+
 # One row of ``runs``: its key, the configuration, the result (its curve apart) and the record.
 RESULT_COLUMNS = _fields(RunResult, leave_out=("config", "curves"))
+CONFIG_COLUMNS = _fields(RunConfig)
+RECORD_COLUMNS = _fields(Record)
 RUN_COLUMNS = {
     "key": "TEXT UNIQUE NOT NULL",
-    **_fields(RunConfig),
+    **CONFIG_COLUMNS,
     **RESULT_COLUMNS,
-    **_fields(Record),
+    **RECORD_COLUMNS,
 }
 CURVE_COLUMNS = _fields(CurvePoint)
 
@@ -92,7 +106,7 @@ SCHEMA = [
             "PRIMARY KEY (run_id, step)",
         ],
     ),
-    _create("analyses", ["name TEXT PRIMARY KEY", "value TEXT NOT NULL", *_defs(_fields(Record))]),
+    _create("analyses", ["name TEXT PRIMARY KEY", "value TEXT NOT NULL", *_defs(RECORD_COLUMNS)]),
     _create(
         "claims",
         [
@@ -107,7 +121,7 @@ SCHEMA = [
 LEASE = 60.0  # seconds a claim lives unless its owner renews it (every LEASE / 4 s)
 
 
-class StoreError(RuntimeError):
+class StoreError(GaugefixError, RuntimeError):
     """A store that cannot be opened, read or written; the message names the file and why."""
 
 
@@ -305,15 +319,20 @@ class Store:
     def claims(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM claims ORDER BY key")]
 
-    def runs(self, **where: Any) -> list[dict[str, Any]]:
-        """Stored runs as dicts, optionally filtered by equality on columns."""
+    def runs(self, **where: Any) -> list[StoredRun]:
+        """The stored runs in the order they were written, optionally only those whose
+        configuration has the given values (``method="plain", s=1.0``)."""
+        unknown = sorted(set(where) - set(CONFIG_COLUMNS))
+        if unknown:
+            raise ValueError(f"runs can be selected by {', '.join(CONFIG_COLUMNS)}, not {unknown}")
         clause = " AND ".join(f"{k} = :{k}" for k in where)
         sql = "SELECT * FROM runs" + (f" WHERE {clause}" if clause else "") + " ORDER BY id"
-        return [dict(r) for r in self._query(sql, where)]
+        return [_stored_run(row) for row in self._query(sql, where)]
 
-    def curves(self, run_id: int) -> list[dict[str, Any]]:
+    def curves(self, run_id: int) -> list[CurvePoint]:
+        """The recorded steps of the run with row id ``run_id``."""
         rows = self._query("SELECT * FROM curves WHERE run_id = ? ORDER BY step", (run_id,))
-        return [dict(r) for r in rows]
+        return [CurvePoint(**_values(CurvePoint, CURVE_COLUMNS, row)) for row in rows]
 
     # -- analyses ---------------------------------------------------------------------------------
     def put_analysis(self, name: str, value: Any, seconds: float, replace: bool = False) -> None:
@@ -335,6 +354,29 @@ class Store:
         runs = self._query("SELECT COALESCE(SUM(seconds), 0) FROM runs")[0][0]
         more = self._query("SELECT COALESCE(SUM(seconds), 0) FROM analyses")[0][0]
         return float(runs + more)
+
+
+@functools.cache
+def _float_fields(cls: type) -> frozenset[str]:
+    """The fields of ``cls`` typed ``float`` (not optional), which SQLite returns as ``NULL``
+    where they held a NaN."""
+    return frozenset(k for k, hint in typing.get_type_hints(cls).items() if hint is float)
+
+
+def _values(cls: type, columns: dict[str, str], row: sqlite3.Row) -> dict[str, Any]:
+    """The ``columns`` of ``row`` as values of the fields of ``cls`` (``NULL`` floats: NaN)."""
+    floats = _float_fields(cls)
+    return {k: math.nan if row[k] is None and k in floats else row[k] for k in columns}
+
+
+def _stored_run(row: sqlite3.Row) -> StoredRun:
+    """A row of ``runs`` as the run it records."""
+    return StoredRun(
+        config=RunConfig(**_values(RunConfig, CONFIG_COLUMNS, row)),
+        **_values(RunResult, RESULT_COLUMNS, row),
+        id=row["id"],
+        record=Record(**_values(Record, RECORD_COLUMNS, row)),
+    )
 
 
 def _alive(host: str, pid: int, expires: float, now: float) -> bool:

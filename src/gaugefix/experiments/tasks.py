@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gaugefix.errors import GaugefixError
 from gaugefix.zoo import GPT, mlp
 
 DATA_SEED = 1234
 
 
-class TaskError(ValueError):
+class TaskError(GaugefixError, ValueError):
     """A task name or a data file that cannot be used; the message names the problem."""
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from gaugefix.experiments import drift, quality, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
-from gaugefix.experiments.cells import REFERENCES, Regime, Runs, by_regime, by_task
-from gaugefix.experiments.engine import METHODS
+from gaugefix.experiments.cells import Regime, by_regime, by_task
+from gaugefix.experiments.engine import METHODS, REFERENCES
 from gaugefix.experiments.figures import fmt, methods_in_order
-from gaugefix.experiments.store import Store
+from gaugefix.experiments.store import Store, StoredRun
 from gaugefix.experiments.summary import summarize
 
 STORE_NAME = "results.sqlite"
@@ -111,7 +111,9 @@ def _header(summary: dict[str, Any], title: str) -> str:
     )
 
 
-def _task_section(out: Path, store: Store, task: str, t: dict[str, Any], runs: Runs) -> str:
+def _task_section(
+    out: Path, store: Store, task: str, t: dict[str, Any], runs: list[StoredRun]
+) -> str:
     parts = [f"## {task}"]
     if "@" in task:
         parts.append(
@@ -122,7 +124,7 @@ def _task_section(out: Path, store: Store, task: str, t: dict[str, Any], runs: R
         f"Loss of the best constant predictor: {fmt(t['constant_loss'])}. Runs the previous "
         f"stability definition called stable that this one does not: {t['previously_stable']}."
     )
-    regimes: dict[Regime, tuple[dict, Runs]] = {}
+    regimes: dict[Regime, tuple[dict, list[StoredRun]]] = {}
     for regime, regime_runs in by_regime(runs).items():
         entry = t["regimes"][regime.key]
         chosen = stability.at_best_strength(regime_runs)

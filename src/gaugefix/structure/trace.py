@@ -42,13 +42,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from gaugefix.errors import GaugefixError
+
 Rule = Callable[["TraceContext", tuple, dict, Any], Any]
 
 _RULES: dict[Any, Rule] = {}
 _MODULE_RULES: dict[type, Rule] = {}
 
 
-class TracingError(RuntimeError):
+class TracingError(GaugefixError, RuntimeError):
     """The model could not be run on the example inputs; names the op and the module path."""
 
 

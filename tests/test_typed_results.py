@@ -1,0 +1,137 @@
+"""Typed results end to end: runs read back from the store as typed records, ``summary.json``
+produced from typed records whose schema is the one the documentation shows, the analyses'
+declared interface and the method names."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import types
+from pathlib import Path
+
+import pytest
+
+from gaugefix.experiments import plan
+from gaugefix.experiments.analyses import ANALYSES, Analysis
+from gaugefix.experiments.engine import METHODS, CurvePoint, RunConfig, RunResult, run_status
+from gaugefix.experiments.store import Record, Store, StoredRun
+from gaugefix.experiments.summary import Summary, schema_markdown, summarize
+from schema import problems
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
+
+
+def _run(method: str, lr: float, top: float, steps: int = 10, batch: int = 0, seed: int = 0):
+    """A run stable (with test metrics) up to ``top`` and diverged above."""
+    config = RunConfig("t", method, "sgd", lr, 0.0, 0.0, seed, batch, steps, task_hash="h")
+    final = 0.2 if lr <= top else None
+    ok = final is not None
+    curve = [CurvePoint(0, 1.0, 0.5, 0.25), CurvePoint(steps, 0.2, 0.4 + seed, 0.125)]
+    return RunResult(
+        config,
+        run_status(1.0, final, 0.5),
+        1.0,
+        0.5,
+        final,
+        0.3 if ok else None,
+        0.9 if ok else None,
+        0.8 if ok else None,
+        0.1 + seed / 10 if ok else None,
+        0.01 if ok else None,
+        None if ok else 5,
+        curves=curve if ok else [],
+    )
+
+
+def _store(tmp_path: Path) -> Store:
+    """Full-batch and mini-batch runs of two methods and two seeds, the mini-batch ones at two
+    step counts: every section of a regime, and a horizon, has something to summarise."""
+    store = Store(tmp_path / "results.sqlite")
+    for method, top in (("plain", 0.2), ("balance", 0.4)):
+        for lr in (0.1, 0.2, 0.4, 0.8):
+            for seed in (0, 1):
+                store.add_run(_run(method, lr, top, seed=seed), 1.0)
+                store.add_run(_run(method, lr, top, 10, 4, seed), 1.0)
+                store.add_run(_run(method, lr, top / 2, 100, 4, seed), 1.0)
+    return store
+
+
+def test_the_documented_schema_is_the_generated_one():
+    docs = DOCS.read_text()
+    block = re.search(
+        r"<!-- summary schema:[^\n]*-->\n(.*)<!-- end of the summary schema -->", docs, re.S
+    )
+    assert block is not None
+    assert block.group(1) == schema_markdown(), "regenerate with summary.schema_markdown()"
+
+
+def test_the_published_full_run_summary_conforms_to_the_records():
+    published = json.loads((DOCS.parent / "figures" / "full-summary.json").read_text())
+    assert problems(published, Summary) == []
+
+
+def test_a_summary_conforms_to_its_records(tmp_path):
+    summary = summarize(_store(tmp_path), quick=True)
+    assert problems(summary, Summary) == []
+    regime = summary["tasks"]["t"]["regimes"]["sgd/4/10"]
+    for key in ("drift_suppression", "final_train_loss", "final_test_loss", "test_accuracy"):
+        assert key in regime  # the optional parts were checked too
+    assert summary["tasks"]["t"]["horizons"]["sgd/4"]["methods"]["balance"]["narrowed"] is True
+
+
+def test_the_check_finds_what_departs_from_the_records(tmp_path):
+    summary = summarize(_store(tmp_path), quick=True)
+    regime = ("tasks", "t", "regimes", "sgd/4/10")
+
+    def changed(edit) -> list[str]:
+        bad = copy.deepcopy(summary)
+        edit(_at(bad, regime))
+        return problems(bad, Summary)
+
+    assert changed(lambda g: g.pop("lr_grid")) == [
+        "$.tasks.t.regimes.sgd/4/10: RegimeSummary lacks 'lr_grid'"
+    ]
+    assert "has no 'extra'" in changed(lambda g: g.update(extra=1))[0]
+    assert "is not float" in changed(lambda g: g["max_stable_lr"]["plain"].update({"0.0": 1}))[0]
+    assert changed(lambda g: g["expansion_ratio"]["plain"]["balance"]["0.0"].update(held="yes"))
+
+
+def _at(value: dict, path: tuple) -> dict:
+    for key in path:
+        value = value[key]
+    return value
+
+
+def test_runs_read_back_as_the_results_written(tmp_path):
+    store = Store(tmp_path / "results.sqlite")
+    written = [_run("plain", 0.1, 0.2, seed=1), _run("balance", 0.8, 0.4)]
+    nan_start = dataclasses.replace(_run("plain", 0.4, 0.2), initial_loss=math.nan)
+    for r in [*written, nan_start]:
+        store.add_run(r, 2.5)
+    back = store.runs()
+    assert all(isinstance(r, StoredRun) for r in back)
+    for r, w in zip(back, written, strict=False):
+        assert dataclasses.replace(r, curves=w.curves) == StoredRun(
+            **{f.name: getattr(w, f.name) for f in dataclasses.fields(w)}, id=r.id, record=r.record
+        )
+        assert store.curves(r.id) == w.curves
+        assert isinstance(r.record, Record) and r.record.seconds == 2.5
+    assert math.isnan(back[2].initial_loss)
+    assert [r.config for r in store.runs(method="plain")] == [written[0].config, nan_start.config]
+    with pytest.raises(ValueError, match=r"not \['status'\]"):
+        store.runs(status="stable")
+
+
+def test_every_analysis_implements_the_declared_interface():
+    assert all(isinstance(a, Analysis) for a in ANALYSES)
+    assert len({a.KEY for a in ANALYSES}) == len(ANALYSES)
+    incomplete = types.SimpleNamespace(KEY="x", SUMMARY=dict, compute=None, summarize=None)
+    assert not isinstance(incomplete, Analysis)
+
+
+def test_the_grids_name_only_defined_methods():
+    for grid in (*plan.reproduce_grids(quick=True), *plan.reproduce_grids(quick=False)):
+        assert {c.method for c in grid.configs("h")} <= set(METHODS)
