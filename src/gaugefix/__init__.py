@@ -20,6 +20,7 @@ from gaugefix.structure import (
     discover,
     register_rule,
     rules,
+    unregister_rule,
 )
 from gaugefix.train import GaugeFixing
 
@@ -39,6 +40,7 @@ __all__ = [
     "discover",
     "register_rule",
     "rules",
+    "unregister_rule",
     "GaugeFixing",
     "OrbitSelectionPenalty",
     "imbalance_stats",
