@@ -522,7 +522,8 @@ class TraceContext:
         nodes = self.fresh(*shape)
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
-        self.produced.setdefault(name, nodes)
+        # the channels of gathered slices are those of the whole parameter
+        self.produced.setdefault(name, on_param if self.is_gathered(p) else nodes)
         return nodes
 
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
