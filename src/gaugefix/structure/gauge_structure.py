@@ -38,7 +38,9 @@ KINDS = ("rotary pair", "query-key", "value-output", "gated unit", "norm gain", 
 
 
 class Exclusion(NamedTuple):
-    """Channels of a producing module that are not generators, and why."""
+    """Channels of a producing module that are not generators, and why; for a parameter fixed
+    before it produced any channel (read by an op discovery does not handle), the indices
+    along its dim 0, with the op that fixed it."""
 
     module: str
     reason: str
@@ -615,6 +617,10 @@ def compile_structure(
             else:
                 why = "no producing parameter"
             excluded.setdefault((module_of(name), why), set()).add(ch)
+    for name, why in ctx.fixed.items():  # fixed before producing a channel: its rows
+        if name not in ctx.produced:
+            rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
+            excluded.setdefault((module_of(name), why), set()).update(range(rows))
     exclusions = [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
     return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes)
 

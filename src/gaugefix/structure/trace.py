@@ -233,6 +233,7 @@ class TraceContext:
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
+        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
 
     # -- rules ----------------------------------------------------------------------------------
@@ -544,6 +545,9 @@ class TraceContext:
         """Fix a parameter: every entry carries factor 1, so whatever its uses tied to it is
         blocked."""
         name = self.param_name(p)
+        if f"'{name}'" not in reason:
+            reason = f"{reason} (parameter '{name}')"
+        self.fixed.setdefault(name, reason)
         for nodes, _ in (self.roles.get(name) or []) + self._pending.pop(name, []):
             self.block(nodes, reason)
         self.roles[name] = None
