@@ -445,7 +445,8 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
         edges = np.zeros((3, 0), np.int64)
     a, b, s = edges
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    pairs, first = np.unique(np.stack([lo, hi]), axis=1, return_index=True)
+    keys, first = np.unique(lo * n + hi, return_index=True)  # each pair once
+    pairs = np.stack([keys // n, keys % n])
     graph = coo_matrix((np.ones(len(lo)), (lo, hi)), shape=(n, n))
     count, comp = connected_components(graph, directed=False)
     # A spanning forest from a super root joined to one node of every component.

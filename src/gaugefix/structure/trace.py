@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 
 class TracingError(RuntimeError):
@@ -291,8 +290,9 @@ class TraceContext:
             keep = a != b
             a, b = a[keep], b[keep]
         if a.numel():
-            edge = torch.stack([a, b, torch.full_like(a, sign)])
-            self.edges.append(torch.unique(edge, dim=1))
+            pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
+            a, b = pair // self.num_nodes, pair % self.num_nodes
+            self.edges.append(torch.stack([a, b, torch.full_like(a, sign)]))
 
     def block(self, labels: Tensor | Sum, reason: str) -> None:
         """The nodes in ``labels`` are fixed to 0 (they are not gauge freedom)."""
@@ -520,12 +520,29 @@ class TraceContext:
         """Fresh nodes, one per channel ``p`` produces (``shape`` broadcastable to ``p``, or
         placed on ``p`` by ``arrange``), that multiply ``p``'s entries: the op's output carries
         them on those channels. Returns the nodes."""
+        gathered = self._gathers.get(id(p), (None, None))
+        if gathered[0] is p and arrange is None and shape[: gathered[1].rows.dim()] == tuple(
+            gathered[1].rows.shape
+        ):
+            return self._produce_gathered(p, shape)
         nodes = self.fresh(*shape)
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
-        # the channels of gathered slices are those of the whole parameter
-        self.produced.setdefault(name, on_param if self.is_gathered(p) else nodes)
+        self.produced.setdefault(name, nodes)
         return nodes
+
+    def _produce_gathered(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """:meth:`produce` on gathered slices, with ``shape`` per position: fresh nodes per
+        slice of the whole parameter, read at the gathered rows (positions holding one slice
+        share its nodes)."""
+        gathered = self._gathers[id(p)][1]
+        lead = gathered.rows.dim()
+        holder = self.fresh(gathered.source.shape[0], *shape[lead:])
+        self.claim(p)
+        name, on_param = self._on_param(gathered.source, holder)
+        self._pending.setdefault(name, []).append((on_param, 1))
+        self.produced.setdefault(name, on_param)
+        return holder[gathered.rows]
 
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
         """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
@@ -630,10 +647,15 @@ def _source_line() -> str:
 
 
 def _tensors(tree: Any) -> Iterator[Tensor]:
-    leaves, _ = tree_flatten(tree)
-    for leaf in leaves:
-        if isinstance(leaf, Tensor):
-            yield leaf
+    """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
 
 
 # Ops that read only metadata (shapes, dtypes, devices): safe to ignore.
