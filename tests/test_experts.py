@@ -94,7 +94,8 @@ def same_structure(a: gaugefix.GaugeStructure, b: gaugefix.GaugeStructure) -> No
         q = b.params[name]
         assert len(p.terms) == len(q.terms), name
         for s, t in zip(p.terms, q.terms, strict=True):
-            assert s.sign == t.sign and torch.equal(s.index.expand(p.shape), t.index.expand(q.shape))
+            assert s.sign == t.sign, name
+            assert torch.equal(s.index.expand(p.shape), t.index.expand(q.shape)), name
 
 
 @pytest.mark.parametrize("arch", list(FACTORIES))

@@ -10,9 +10,8 @@ value head shared by several query heads (grouped-query attention) ties their di
 
 from __future__ import annotations
 
-from typing import Any
-
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -131,9 +131,7 @@ register_all(funcs("clamp", "clamp_", "clip", "clamp_min", "clamp_min_"), _clamp
 
 
 # --- sums and products -------------------------------------------------------------------------
-def _add(
-    ctx: TraceContext, result: Any, input: Any, other: Any, *rest: Any, **options: Any
-) -> Any:
+def _add(ctx: TraceContext, result: Any, input: Any, other: Any, *rest: Any, **options: Any) -> Any:
     """``a + b`` (and ``-``): both operands must carry one factor per entry, which they then
     share (a residual connection merges the channels of its operands into one generator). A
     parameter added to a tensor (a separate bias, a learned position embedding) carries that
@@ -175,9 +173,7 @@ BUILTIN.add(operator.add, _add)
 _DIVISIONS = {"div", "div_", "divide", "true_divide", "__truediv__", "__itruediv__"}
 
 
-def _mul(
-    ctx: TraceContext, result: Any, input: Any, other: Any, rounding_mode: Any = None
-) -> Any:
+def _mul(ctx: TraceContext, result: Any, input: Any, other: Any, rounding_mode: Any = None) -> Any:
     """``a * b`` and ``a / b``.
 
     - By a number or a fixed tensor: linear, the labels pass (a parameter scaled by a
@@ -334,6 +330,8 @@ for _name in (
     "ravel", "tile", "repeat_interleave",
 ):  # fmt: skip
     register_all(funcs(_name, modules=(torch, torch.Tensor)), _on_labels)
+
+
 def _picks_slices(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> bool:
     """Whether an op on the parameter ``p`` is ``p[i]`` with an integer or an integer tensor
     ``i``: slices of ``p`` along dim 0 (one expert's weights, or one per token)."""

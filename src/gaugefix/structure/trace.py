@@ -521,8 +521,10 @@ class TraceContext:
         placed on ``p`` by ``arrange``), that multiply ``p``'s entries: the op's output carries
         them on those channels. Returns the nodes."""
         gathered = self._gathers.get(id(p), (None, None))
-        if gathered[0] is p and arrange is None and shape[: gathered[1].rows.dim()] == tuple(
-            gathered[1].rows.shape
+        if (
+            gathered[0] is p
+            and arrange is None
+            and shape[: gathered[1].rows.dim()] == tuple(gathered[1].rows.shape)
         ):
             return self._produce_gathered(p, shape)
         nodes = self.fresh(*shape)
@@ -707,7 +709,8 @@ class _Tracer(TorchFunctionMode):
         if short in _VALUE_READS:
             if tainted:
                 read = ctx.reason(f"{name} read a tensor value")
-                ctx.value_reads.append(f"{read}, derived from the input or weights, at {_source_line()}")
+                line = _source_line()
+                ctx.value_reads.append(f"{read}, derived from the input or weights, at {line}")
             return out
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
