@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gaugefix
@@ -158,12 +160,13 @@ def test_bad_registrations_are_refused_and_change_nothing(target, rule, message)
 class EinsumLinear(nn.Module):
     """Three linear maps spelled with einsum and a weight operand, ReLUs between."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (6, 4, 3)) -> None:
         super().__init__()
-        self.w1 = nn.Parameter(torch.randn(6, 5))
-        self.w2 = nn.Parameter(torch.randn(4, 6))
-        self.w3 = nn.Parameter(torch.randn(4, 3))
-        self.w4 = nn.Parameter(torch.randn(2, 3))
+        a, b, c = widths
+        self.w1 = nn.Parameter(torch.randn(a, 5))
+        self.w2 = nn.Parameter(torch.randn(b, a))
+        self.w3 = nn.Parameter(torch.randn(b, c))
+        self.w4 = nn.Parameter(torch.randn(2, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(torch.einsum("bi,oi->bo", x, self.w1))
@@ -172,10 +175,13 @@ class EinsumLinear(nn.Module):
         return F.linear(h, self.w4)
 
 
-def test_einsum_with_a_weight_is_a_linear_map():
-    model = EinsumLinear().double()
+@settings(max_examples=10, deadline=None)
+@given(widths=st.tuples(*[st.integers(1, 7)] * 3), seed=st.integers(0, 1000))
+def test_einsum_with_a_weight_is_a_linear_map(widths, seed):
+    torch.manual_seed(seed)
+    model = EinsumLinear(widths).double()
     s = gaugefix.discover(model, X)
-    assert s.num_generators == 6 + 4 + 3  # the hidden units of the three einsum layers
+    assert s.num_generators == sum(widths)  # the hidden units of the three einsum layers
     assert [t.sign for t in s.params["w2"].terms] == [1, -1]
     _exact(model, s, X)
 
