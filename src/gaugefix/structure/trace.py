@@ -151,7 +151,7 @@ def compact(labels: Tensor) -> Tensor:
     shrink to size 1 (a zero stride is read as constant without looking)."""
     for d in range(labels.dim()):
         if labels.shape[d] > 1 and (
-            labels.stride(d) == 0 or bool((labels == labels.narrow(d, 0, 1)).all())
+            labels.stride(d) == 0 or torch.equal(labels, labels.narrow(d, 0, 1).expand_as(labels))
         ):
             labels = labels.narrow(d, 0, 1)
     return labels
@@ -254,10 +254,14 @@ class TraceContext:
         """Run ``rule`` on an op's arguments bound by name; a call its signature does not take
         blocks every input."""
         try:
-            rule.signature.bind(self, result, *args, **kwargs)
+            return rule.fn(self, result, *args, **kwargs)
         except TypeError as err:
-            return self.block_all(args, kwargs, self.reason(f"call its rule does not take: {err}"))
-        return rule.fn(self, result, *args, **kwargs)
+            try:  # only now (rarely): was it the call that did not bind?
+                rule.signature.bind(self, result, *args, **kwargs)
+            except TypeError:
+                reason = self.reason(f"call its rule does not take: {err}")
+                return self.block_all(args, kwargs, reason)
+            raise
 
     # -- where we are -------------------------------------------------------------------------
     @property
@@ -690,7 +694,8 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         name = op_name(func)
         ctx.op = name
-        inputs = {id(t) for t in _tensors((args, kwargs))}
+        tensors = list(_tensors((args, kwargs)))
+        inputs = {id(t) for t in tensors}
         try:
             out = func(*args, **kwargs)
         except TracingError:
@@ -700,9 +705,7 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         if short in _METADATA:
             return out
-        tainted = any(
-            id(t) in ctx._tainted or id(t) in ctx.param_names for t in _tensors((args, kwargs))
-        )
+        tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
         if tainted:
             for t in _tensors(out):
                 ctx._tainted[id(t)] = t
@@ -729,15 +732,16 @@ class _Tracer(TorchFunctionMode):
             labels = ctx.block_all(args, kwargs, ctx.reason(f"unknown op {name}"))
         else:
             labels = ctx.apply(rule, args, kwargs, out)
-        self._block_unclaimed(args, kwargs)
+        self._block_unclaimed(tensors)
         ctx.commit_roles()
         self.record(out, labels, inputs)
         return out
 
-    def _block_unclaimed(self, args: tuple, kwargs: dict) -> None:
-        """A safety net: tensors a rule did not look at are blocked."""
+    def _block_unclaimed(self, tensors: list[Tensor]) -> None:
+        """A safety net: the tensors among an op's arguments its rule did not look at are
+        blocked."""
         ctx = self.ctx
-        for t in _tensors((args, kwargs)):
+        for t in tensors:
             if id(t) not in ctx._claimed and (t.is_floating_point() or t.is_complex()):
                 reason = ctx.reason("input not handled by the op's rule")
                 if ctx.is_param(t):
@@ -805,7 +809,7 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
                 ctx._claimed = set()
                 labels = ctx.apply(rule, args, kwargs, out)
                 ctx.module = None
-                tracer._block_unclaimed(args, kwargs)
+                tracer._block_unclaimed(list(_tensors((args, kwargs))))
                 ctx.commit_roles()
                 tracer.record(out, labels, {id(t) for t in _tensors((args, kwargs))})
             if rule is not None:
