@@ -156,6 +156,11 @@ def test_bad_registrations_are_refused_and_change_nothing(target, rule, message)
     assert gaugefix.discover(_model(), X).num_generators == UNRULED
 
 
+def test_per_call_rules_must_be_pairs():
+    with pytest.raises(TypeError, match=r"rules must be \(target, rule\) pairs"):
+        gaugefix.discover(_model(), X, rules=[channel_scale_rule])
+
+
 # -- einsum with a weight, and parameters read by ops discovery does not handle ----------------
 class EinsumLinear(nn.Module):
     """Three linear maps spelled with einsum and a weight operand, ReLUs between."""

@@ -855,8 +855,10 @@ def trace(
     random state is not advanced, and ``requires_grad`` flags are put back.
     """
     per_call = Registry()
-    for target, fn in rules:
-        per_call.add(target, fn)
+    for pair in rules:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"rules must be (target, rule) pairs, got {pair!r}")
+        per_call.add(*pair)
     ctx = TraceContext(model, (per_call, USER, BUILTIN))
     tracer = _Tracer(ctx)
     for t in _tensors((args, kwargs)):
