@@ -1,6 +1,8 @@
 """Item 5: ``discover`` against 20 forward passes at batch 1, on a ResNet-50-sized network
-(224x224) and on a GPT-2-small-sized language model (Hugging Face ``GPT2LMHeadModel`` with the
-default GPT-2 config, 124M parameters, random weights: nothing is downloaded; sequence 64)."""
+(224x224), on a GPT-2-small-sized language model (Hugging Face ``GPT2LMHeadModel`` with the
+default GPT-2 config, 124M parameters, random weights: nothing is downloaded; sequence 64) and on
+a tiny Mixtral mixture of experts (Hugging Face ``MixtralForCausalLM``: 2 layers, width 64, 4
+experts top-2, its default grouped experts; sequence 64)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,26 @@ def _gpt2(tiny: bool) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+def _mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=100,
+        tie_word_embeddings=False, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0,
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+MIXTRAL = (
+    "tiny Mixtral (Hugging Face MixtralForCausalLM, 2 layers, width 64, 4 experts top-2), "
+    "sequence 64",
+    _mixtral,
+    lambda: torch.randint(0, 100, (1, 64)),
+)
+
+
 def cases(tiny: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[], Tensor], int]]:
     """(name, model factory, example input, timed pairs)."""
     if tiny:
@@ -34,6 +56,7 @@ def cases(tiny: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[], T
                 2,
             ),
             ("GPT-2 (tiny)", lambda: _gpt2(True), lambda: torch.randint(0, 50257, (1, 16)), 2),
+            (*MIXTRAL, 2),
         ]
     return [
         (
@@ -48,6 +71,7 @@ def cases(tiny: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[], T
             lambda: torch.randint(0, 50257, (1, 64)),
             5,
         ),
+        (*MIXTRAL, 5),
     ]
 
 

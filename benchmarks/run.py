@@ -286,8 +286,9 @@ NOTES = [
     "imbalance by 1e-12 changes them that much), so batched and one-by-one runs, whose sums "
     "are rounded in different orders, agree only to that level there; such runs are reported "
     "apart.",
-    "5: input 224x224 (ResNet-50) or 64 tokens (GPT-2 small); 20 forward passes in eval mode "
-    "under no_grad, against one discover.",
+    "5: input 224x224 (ResNet-50) or 64 tokens (GPT-2 small, tiny Mixtral with its default "
+    "grouped experts, float32); 20 forward passes in eval mode under no_grad, against one "
+    "discover.",
     "6: peak RSS (VmHWM after resetting it through /proc/self/clear_refs, Linux) over 10 "
     "steps after one warm-up step, each side in a fresh process, 5 rounds; the default's "
     "first orbit step falls inside the 10 steps, so its peak also bounds that of an exact "

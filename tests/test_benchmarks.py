@@ -114,7 +114,7 @@ def test_main_writes_results_and_table(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| Item | Measured | Target | Met |")
     assert table == run.render_markdown(saved)
-    assert len(saved["targets"]) == 5  # three balancing cases, two discovery cases
+    assert len(saved["targets"]) == 6  # three balancing cases, three discovery cases
     assert "No CUDA GPU" in table or "CUDA:" in table
 
 

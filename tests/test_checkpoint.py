@@ -261,16 +261,19 @@ def test_bad_files_and_factories_are_one_line_errors(tmp_path):
 def test_a_wrong_symmetry_is_caught_and_nothing_written(tmp_path):
     # A user rule that wrongly calls softplus positively homogeneous: balancing would change the
     # function, and the output check refuses to write.
-    gaugefix.register_rule(Softplus, gaugefix.rules.elementwise)
     torch.manual_seed(0)
     model = wrong_model()
     with torch.no_grad():
         model[0].weight.mul_(4.0)  # unbalanced, so balancing moves it
     src, out = _state_file(tmp_path, model.state_dict()), tmp_path / "out.pt"
-    result = _balance(
-        "--model", "test_checkpoint:wrong_model", "--weights", str(src), "--out", str(out),
-        "--input-shape", "3,4",
-    )  # fmt: skip
+    gaugefix.register_rule(Softplus, gaugefix.rules.elementwise)
+    try:
+        result = _balance(
+            "--model", "test_checkpoint:wrong_model", "--weights", str(src), "--out", str(out),
+            "--input-shape", "3,4",
+        )  # fmt: skip
+    finally:
+        gaugefix.unregister_rule(Softplus)
     assert result.exit_code == 2, result.output
     assert "the discovered symmetry does not hold for this model; nothing written" in result.output
     assert not out.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import warnings
 
 import pytest
@@ -37,16 +36,14 @@ from gaugefix import rules, zoo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# the module (``gaugefix.structure.trace`` the attribute is the function of the same name)
-trace_module = importlib.import_module("gaugefix.structure.trace")
-
 TOL = 1e-10
 
 
-def discover_and_check(case: Case, seed: int = 0) -> gaugefix.GaugeStructure:
-    """Discover, check the count, apply ``random_gauge_(scale=1)`` and check the outputs."""
+def discover_and_check(case: Case, seed: int = 0, rules: tuple = ()) -> gaugefix.GaugeStructure:
+    """Discover (with the per-call ``rules``), check the count, apply ``random_gauge_(scale=1)``
+    and check the outputs."""
     before = case.run()
-    s = gaugefix.discover(case.model, *case.inputs)
+    s = gaugefix.discover(case.model, *case.inputs, rules=rules)
     assert s.num_generators == case.expected, f"{case}\n{s.summary()}"
     check_maps(s, case.model)
     params = {k: v.clone() for k, v in case.model.named_parameters()}
@@ -716,34 +713,25 @@ class Ghost(nn.Module):
         return F.relu(x)
 
 
-@pytest.fixture
-def scratch_registry(monkeypatch):
-    """Rules registered in a test go into copies of the registries, dropped afterwards."""
-    monkeypatch.setattr(trace_module, "_MODULE_RULES", dict(trace_module._MODULE_RULES))
-    monkeypatch.setattr(trace_module, "_RULES", dict(trace_module._RULES))
-
-
-def test_user_registered_rule_for_a_module_type(scratch_registry):
+def test_user_rule_for_a_module_type():
     torch.manual_seed(7)
     model = randomise_(Sandwich(MyReLU()), 7).eval()
     x = torch.randn(7, 4, dtype=DTYPE)
     s = discover_and_check(Case("user", model, (x,), 12, "unregistered"))
     assert any("unknown op" in e.reason and "'mid'" in e.reason for e in s.excluded)
-    gaugefix.register_rule(MyReLU, rules.elementwise)
-    discover_and_check(Case("user", model, (x,), 18, "registered"))
+    discover_and_check(Case("user", model, (x,), 18, "ruled"), rules=[(MyReLU, rules.elementwise)])
 
 
-def test_user_registered_blocker(scratch_registry):
+def test_user_blocker():
     torch.manual_seed(8)
     model = randomise_(Sandwich(Ghost()), 8).eval()
     x = torch.randn(7, 4, dtype=DTYPE)
     discover_and_check(Case("user", model, (x,), 18, "relu inside"))
 
-    @gaugefix.register_rule(Ghost)
-    def ghost_rule(ctx, args, kwargs, out):
-        return rules.blocker(ctx, args, kwargs, out)
+    def ghost_rule(ctx, result, x):
+        return rules.blocker(ctx, result, x)
 
-    s = discover_and_check(Case("user", model, (x,), 12, "registered blocker"))
+    s = discover_and_check(Case("user", model, (x,), 12, "blocker"), rules=[(Ghost, ghost_rule)])
     assert any("Ghost" in e.reason for e in s.excluded if e.module == "l2")
 
 
@@ -756,17 +744,13 @@ class Outer(nn.Module):
         return self.inner(x.abs())
 
 
-def test_outer_module_rule_speaks_for_inner_modules(scratch_registry):
+def test_outer_module_rule_speaks_for_inner_modules():
     torch.manual_seed(9)
     model = randomise_(Sandwich(Outer()), 9).eval()
     x = torch.randn(7, 4, dtype=DTYPE)
-    gaugefix.register_rule(Outer, rules.elementwise)
-    gaugefix.register_rule(MyReLU, rules.blocker)  # not consulted: Outer's rule covers it
-    discover_and_check(Case("user", model, (x,), 18, "outer rule"))
-
-
-def test_registry_is_clean_after_user_rules():
-    assert MyReLU not in trace_module._MODULE_RULES and Ghost not in trace_module._MODULE_RULES
+    # MyReLU's blocker is not consulted: Outer's rule covers it
+    ruled = [(Outer, rules.elementwise), (MyReLU, rules.blocker)]
+    discover_and_check(Case("user", model, (x,), 18, "outer rule"), rules=ruled)
 
 
 # --- bad input -----------------------------------------------------------------------------------

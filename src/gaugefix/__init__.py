@@ -27,6 +27,7 @@ from gaugefix.structure import (
     discover,
     register_rule,
     rules,
+    unregister_rule,
 )
 from gaugefix.train import GaugeFixing
 
@@ -46,6 +47,7 @@ __all__ = [
     "discover",
     "register_rule",
     "rules",
+    "unregister_rule",
     "GaugeFixing",
     "OrbitSelectionPenalty",
     "imbalance_stats",

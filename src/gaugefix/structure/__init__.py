@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -25,6 +26,7 @@ from gaugefix.structure.trace import (
     ValueDependentError,
     register_rule,
     trace,
+    unregister_rule,
 )
 
 
@@ -32,6 +34,7 @@ def discover(
     model: nn.Module,
     *example_inputs: Any,
     allow_value_dependent: bool = False,
+    rules: Iterable[tuple[Any, Callable[..., Any]]] = (),
     **example_kwargs: Any,
 ) -> GaugeStructure:
     """The rescaling group of ``model``: every diagonal positive rescaling symmetry found by
@@ -45,10 +48,13 @@ def discover(
     take another may not be symmetric under what was found there. ``allow_value_dependent=True``
     accepts it for a path that is the same for every input; the structure then covers the
     parameters the traced path used, and its ``notes`` (and summary) say so.
+
+    ``rules``: ``(target, rule)`` pairs (see :func:`register_rule`) for this call only; they take
+    precedence over globally registered and built-in rules.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover expects an nn.Module, got {type(model).__name__}")
-    ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent)
+    ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
     notes: tuple[str, ...] = ()
     if ctx.value_reads:
         unused = [n for n in ctx.params if n not in ctx.used_params]
@@ -76,4 +82,5 @@ __all__ = [
     "discover",
     "register_rule",
     "rules",
+    "unregister_rule",
 ]

@@ -10,6 +10,7 @@ other's factors pass through.
 
 from __future__ import annotations
 
+import inspect
 import string
 from typing import Any
 
@@ -17,30 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.rules import (
-    arg,
-    funcs,
-    reduce_onto,
-    register_all,
-    scalar,
-    tensor_args,
-)
-from gaugefix.structure.trace import ZERO, Sum, TraceContext, compact, register_rule
+from gaugefix.structure.rules import funcs, reduce_onto, register_all, scalar, tensor_args
+from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext
 
 
-def _params_or_block(ctx: TraceContext, args: tuple, kwargs: dict, *params: Any) -> bool:
+def _params_or_block(ctx: TraceContext, x: Any, *params: Any) -> bool:
     """Whether all the given (non-None) weights are parameters; blocks everything if not."""
     if all(p is None or ctx.is_param(p) for p in params):
         return True
-    ctx.block_all(args, kwargs, ctx.reason("weight is not a parameter of the model"))
+    ctx.block_all((x, *params), {}, ctx.reason("weight is not a parameter of the model"))
     return False
 
 
 # --- linear layers and convolutions ------------------------------------------------------------
-def _linear(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
-    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    if not _params_or_block(ctx, args, kwargs, w, b) or ctx.is_param(x):
-        return ctx.block_all(args, kwargs, ctx.reason("linear map of a parameter"))
+def _linear(
+    ctx: TraceContext, result: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    x, w, b = input, weight, bias
+    if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
+        return ctx.block_all((x, w, b), {}, ctx.reason("linear map of a parameter"))
     cols = ctx.along_terms(x, -1)
     rows = ctx.produce(w, w.shape[0], 1)
     ctx.consume(w, cols.map(lambda c: c.view(1, -1)))
@@ -49,14 +45,16 @@ def _linear(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
     return rows.view(-1)
 
 
-register_rule(F.linear, _linear)
+BUILTIN.add(F.linear, _linear)
 
 
-def _conv(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
-    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    groups = arg(args, kwargs, 6, "groups", 1)
-    if not _params_or_block(ctx, args, kwargs, w, b) or ctx.is_param(x):
-        return ctx.block_all(args, kwargs, ctx.reason("convolution of a parameter"))
+def _conv(
+    ctx: TraceContext, result: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+) -> Tensor:  # fmt: skip
+    x, w, b = input, weight, bias
+    if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
+        return ctx.block_all((x, w, b), {}, ctx.reason("convolution of a parameter"))
     spatial = w.dim() - 2
     cin = ctx.along_terms(x, x.dim() - spatial - 1)
     c_out, c_in_g = w.shape[0], w.shape[1]
@@ -72,13 +70,16 @@ def _conv(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
 register_all(funcs("conv1d", "conv2d", "conv3d", modules=(torch, F)), _conv)
 
 
-def _conv_transpose(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
+def _conv_transpose(
+    ctx: TraceContext, result: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride: Any = 1, padding: Any = 0, output_padding: Any = 0, groups: int = 1,
+    dilation: Any = 1,
+) -> Tensor:  # fmt: skip
     """A transposed convolution's weight is ``[in, out / groups, *kernel]``: dim 0 consumes
     the input channels, dim 1 (within each group) produces the output channels."""
-    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    groups = arg(args, kwargs, 6, "groups", 1)
-    if not _params_or_block(ctx, args, kwargs, w, b) or ctx.is_param(x):
-        return ctx.block_all(args, kwargs, ctx.reason("transposed convolution of a parameter"))
+    x, w, b = input, weight, bias
+    if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
+        return ctx.block_all((x, w, b), {}, ctx.reason("transposed convolution of a parameter"))
     spatial = w.dim() - 2
     c_in, c_out_g = w.shape[0], w.shape[1]
     c_out = c_out_g * groups
@@ -101,25 +102,25 @@ register_all(
 
 
 # --- norm layers ---------------------------------------------------------------------------------
-def _norm(w_pos: int, b_pos: int | None, per_channel: bool) -> Any:
-    """Norm layers: their input is normalised (its scale is lost, so it is blocked) and their
-    affine weight and bias produce the output channels (per channel, dim 1, for batch, group
-    and instance norm; per entry of the normalised trailing shape for layer and RMS norm, whose
-    weights are norm gains)."""
+def _norm(op: Any, per_channel: bool) -> Any:
+    """The rule of norm layer ``op``: its input is normalised (its scale is lost, so it is
+    blocked) and its affine weight and bias produce the output channels (per channel, dim 1, for
+    batch, group and instance norm; per entry of the normalised trailing shape for layer and RMS
+    norm, whose weights are norm gains). Arguments are bound to ``op``'s own signature."""
+    signature = inspect.signature(op)
 
-    def rule(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
-        x = args[0]
-        w = arg(args, kwargs, w_pos, "weight")
-        b = None if b_pos is None else arg(args, kwargs, b_pos, "bias")
+    def rule(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Tensor:
+        bound = signature.bind(*args, **kwargs).arguments
+        x, w, b = bound["input"], bound.get("weight"), bound.get("bias")
         ctx.block(ctx.terms(x), ctx.reason(f"normalised by {ctx.op}"))
-        for t in tensor_args(args, kwargs):  # running statistics are buffers
+        for t in tensor_args(bound):  # running statistics are buffers
             if t is not w and t is not b and t is not x:
                 ctx.block(ctx.terms(t), ctx.reason(f"statistics of {ctx.op}"))
         if w is None:
             if b is not None:
                 ctx.block_all((b,), {}, ctx.reason(f"bias without weight in {ctx.op}"))
             return ZERO
-        if not _params_or_block(ctx, args, kwargs, w, b):
+        if not _params_or_block(ctx, x, w, b):
             return ZERO
         rows = ctx.produce(w, *w.shape)
         if b is not None:
@@ -132,73 +133,62 @@ def _norm(w_pos: int, b_pos: int | None, per_channel: bool) -> Any:
     return rule
 
 
-register_rule(F.batch_norm, _norm(3, 4, per_channel=True))
-register_rule(F.instance_norm, _norm(3, 4, per_channel=True))
-register_rule(F.group_norm, _norm(2, 3, per_channel=True))
-register_rule(F.layer_norm, _norm(2, 3, per_channel=False))
-register_rule(F.rms_norm, _norm(2, None, per_channel=False))
+for _op in (F.batch_norm, F.instance_norm, F.group_norm):
+    BUILTIN.add(_op, _norm(_op, per_channel=True))
+for _op in (F.layer_norm, F.rms_norm):
+    BUILTIN.add(_op, _norm(_op, per_channel=False))
 
 
 # --- embeddings ----------------------------------------------------------------------------------
-def _embedding(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
+def _embedding(
+    ctx: TraceContext, result: Any, input: Tensor, weight: Tensor, padding_idx: Any = None,
+    max_norm: Any = None, *rest: Any, **options: Any,
+) -> Tensor:  # fmt: skip
     """``F.embedding(ids, W)``: the output holds rows of ``W``, so ``W``'s columns produce the
     output's channels (the same factor for every row)."""
-    ids, w = args[0], arg(args, kwargs, 1, "weight")
-    if isinstance(ids, Tensor):
-        ctx.claim(ids)
-    if not ctx.is_param(w) or arg(args, kwargs, 3, "max_norm") is not None:
-        return ctx.block_all(args, kwargs, ctx.reason("embedding renormalised or not a parameter"))
-    return ctx.produce(w, 1, w.shape[1]).view(-1)
+    ctx.claim(input)
+    if not ctx.is_param(weight) or max_norm is not None:
+        reason = ctx.reason("embedding renormalised or not a parameter")
+        return ctx.block_all((weight,), {}, reason)
+    return ctx.produce(weight, 1, weight.shape[1]).view(-1)
 
 
-register_rule(F.embedding, _embedding)
+BUILTIN.add(F.embedding, _embedding)
 
 
 # --- matrix products ------------------------------------------------------------------------------
-def _unite(ctx: TraceContext, nodes: Tensor, dim: int) -> Tensor:
-    """``nodes`` united along ``dim`` (kept with size 1)."""
-    nodes = compact(nodes)
-    if nodes.shape[dim] > 1:
-        ctx.union(nodes, nodes.narrow(dim, 0, 1))
-        nodes = nodes.narrow(dim, 0, 1)
-    return nodes
-
-
 def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
     """The labels of ``a @ b`` (matmul semantics: vectors, matrices, broadcast batches).
 
     A parameter matrix produces and consumes like a linear layer (``x @ W`` with ``W [in,
-    out]``, ``W @ x`` with ``W [out, in]``). Between two activations: when one is fixed, the
-    other's labels pass, united along the contracted dim (the attention-weighted sum ``P @ v``
-    passes value dims: value-output generators); otherwise the contracted dim pairs opposite
-    factors (``q @ k^T``: query-key generators) and the result is invariant.
+    out]``, ``W @ x`` with ``W [out, in]``); a batch of parameter matrices (expert weights
+    gathered per token, ``W[expert_ids] @ x``) does so batch entry by batch entry. Between two
+    activations: when one is fixed, the other's labels pass, united along the contracted dim
+    (the attention-weighted sum ``P @ v`` passes value dims: value-output generators); otherwise
+    the contracted dim pairs opposite factors (``q @ k^T``: query-key generators) and the result
+    is invariant.
     """
     if ctx.is_param(a) and ctx.is_param(b):
         return ctx.block_all((a, b), {}, ctx.reason("product of two parameters"))
     vec_a, vec_b = a.dim() == 1, b.dim() == 1
-    if ctx.is_param(b):
-        if b.dim() != 2:
-            return ctx.block_all((a, b), {}, ctx.reason("batched parameter in a product"))
-        cols = ctx.along_terms(a, -1)
-        ctx.consume(b, cols.map(lambda c: c.view(-1, 1)))
-        rows = ctx.produce(b, 1, b.shape[1]).view(-1)
-        return rows
-    if ctx.is_param(a):
-        if a.dim() != 2:
-            return ctx.block_all((a, b), {}, ctx.reason("batched parameter in a product"))
-        cols = ctx.along_terms(b, 0 if vec_b else -2)
-        ctx.consume(a, cols.map(lambda c: c.view(1, -1)))
-        rows = ctx.produce(a, a.shape[0], 1)
-        return rows.view(-1) if vec_b else rows
+    if ctx.is_param(a) or ctx.is_param(b):
+        w, x = (a, b) if ctx.is_param(a) else (b, a)
+        if w.dim() > 2 and w.shape[:-2] != x.shape[:-2]:
+            return ctx.block_all((a, b), {}, ctx.reason("batched parameter broadcast in a product"))
+        batch = string.ascii_uppercase[: max(a.dim() - 1 + vec_a, b.dim() - 1 + vec_b) - 1]
+        spec_a = batch[len(batch) - a.dim() + 2 - vec_a :] + ("k" if vec_a else "mk")
+        spec_b = batch[len(batch) - b.dim() + 2 - vec_b :] + ("k" if vec_b else "kn")
+        equation = f"{spec_a},{spec_b}->{batch}{'' if vec_a else 'm'}{'' if vec_b else 'n'}"
+        return einsum_with_parameter(ctx, equation, a, b)
     la = ctx.terms(a).map(lambda n: n.unsqueeze(0) if vec_a else n)
     lb = ctx.terms(b).map(lambda n: n.unsqueeze(-1) if vec_b else n)
     if not la or not lb:
         if not la and not lb:
             return ZERO
         if not la:  # linear in b: united over the contracted dim
-            labels = lb.map(lambda n: _unite(ctx, n, -2))
+            labels = lb.map(lambda n: ctx.unite(n, [-2]))
         else:
-            labels = la.map(lambda n: _unite(ctx, n, -1))
+            labels = la.map(lambda n: ctx.unite(n, [-1]))
         ctx.tag(labels, "value-output")
         if vec_a:
             labels = labels.map(lambda n: n.squeeze(-2))
@@ -207,106 +197,147 @@ def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
         return labels
     shape_a = (1, *a.shape) if vec_a else tuple(a.shape)
     shape_b = (*b.shape, 1) if vec_b else tuple(b.shape)
-    qa = _unite(ctx, ctx.single(la, torch.Size(shape_a)), -2)  # [..., 1, k]
-    qb = _unite(ctx, ctx.single(lb, torch.Size(shape_b)), -1).transpose(-1, -2)  # [..., 1, k]
+    qa = ctx.unite(ctx.single(la, torch.Size(shape_a)), [-2])  # [..., 1, k]
+    qb = ctx.unite(ctx.single(lb, torch.Size(shape_b)), [-1]).transpose(-1, -2)  # [..., 1, k]
     ctx.union(qa, qb, -1)
     ctx.tag(qa, "query-key")
     ctx.tag(qb, "query-key")
     return ZERO
 
 
-def _matmul(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
-    a, b = args[0], arg(args, kwargs, 1, "other", arg(args, kwargs, 1, "mat2"))
+def _matmul(
+    ctx: TraceContext, result: Any, input: Any, other: Any = None, *, mat2: Any = None,
+    vec: Any = None,
+) -> Any:  # fmt: skip
+    a, b = input, next((t for t in (other, mat2, vec) if t is not None), None)
     if ctx.op.endswith("__rmatmul__"):
         a, b = b, a
     if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-        return ctx.block_all(args, kwargs, ctx.reason("product with a non-tensor"))
-    return contract(ctx, a, b, out)
+        return ctx.block_all(tensor_args(a, b), {}, ctx.reason("product with a non-tensor"))
+    return contract(ctx, a, b, result)
 
 
 register_all(funcs("matmul", "mm", "bmm", "__matmul__", "__rmatmul__", "mv"), _matmul)
 
 
-def _addmm(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _addmm(
+    ctx: TraceContext, result: Any, input: Tensor, mat1: Tensor, mat2: Tensor, *,
+    beta: Any = 1, alpha: Any = 1,
+) -> Any:  # fmt: skip
     """``beta * input + alpha * (mat1 @ mat2)`` (``addmm``, ``baddbmm``, ``addmv``): the product's
     labels, with ``input`` added like a bias (a parameter there carries the product's factors,
     as in Hugging Face's ``Conv1D``)."""
-    bias, a, b = args[0], arg(args, kwargs, 1, "mat1"), arg(args, kwargs, 2, "mat2")
-    if b is None:
-        b = arg(args, kwargs, 2, "batch2", arg(args, kwargs, 2, "vec"))
-    if a is None:
-        a = arg(args, kwargs, 1, "batch1")
-    for key in ("beta", "alpha"):
-        if not scalar(kwargs.get(key, 1)):
-            return ctx.block_all(args, kwargs, ctx.reason(f"{key} is not a number"))
-    labels = ctx.single(Sum.of(contract(ctx, a, b, out)), out.shape)
-    if isinstance(bias, Tensor):
-        if ctx.is_param(bias):
-            ctx.tie(bias, reduce_onto(ctx, labels, tuple(bias.shape)))
-        else:
-            ctx.union(ctx.labels(bias).expand(out.shape), labels)
+    bias, a, b = input, mat1, mat2
+    if not (scalar(beta) and scalar(alpha)):
+        return ctx.block_all((bias, a, b), {}, ctx.reason("beta or alpha is not a number"))
+    labels = ctx.single(Sum.of(contract(ctx, a, b, result)), result.shape)
+    if ctx.is_param(bias):
+        ctx.tie(bias, reduce_onto(ctx, labels, tuple(bias.shape)))
+    else:
+        ctx.union(ctx.labels(bias).expand(result.shape), labels)
     return labels
 
 
 register_all(funcs("addmm", "baddbmm", "addmv"), _addmm)
 
 
+def _grouped_mm(
+    ctx: TraceContext, result: Any, mat_a: Tensor, mat_b: Tensor, *, offs: Tensor | None = None,
+    bias: Any = None, out_dtype: Any = None,
+) -> Any:  # fmt: skip
+    """``grouped_mm(x [S, k], W [E, k, n], offs)``: rows ``offs[e-1]:offs[e]`` of ``x`` are
+    multiplied by ``W[e]`` (the experts of a mixture, tokens sorted by expert): the same as
+    ``W[group] @ x`` row by row, with ``group`` read off the offsets."""
+    if offs is None or bias is not None or mat_a.dim() != 2 or not ctx.is_param(mat_b):
+        return ctx.block_all((mat_a, mat_b, bias), {}, ctx.reason("grouped_mm of this form"))
+    ctx.claim(offs)
+    groups = torch.bucketize(torch.arange(mat_a.shape[0]), offs.long().cpu(), right=True)
+    if bool((groups >= mat_b.shape[0]).any()):  # rows past the last offset are left unwritten
+        return ctx.block_all((mat_a, mat_b), {}, ctx.reason("grouped_mm with rows past offs"))
+    weights = ctx.gathered(mat_b, groups, data_dependent=ctx.is_tainted(offs))
+    return einsum_with_parameter(ctx, "sk,skn->sn", mat_a, weights)
+
+
+for _name in ("_grouped_mm", "grouped_mm"):
+    register_all(funcs(_name, modules=(torch, F)), _grouped_mm)
+
+
 # --- einsum --------------------------------------------------------------------------------------
-def _einsum(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
-    """``torch.einsum`` of one or two activations (parameters block): letters summed away
-    must share a factor; between two rescaled operands the contracted letters pair opposite
+def _einsum(ctx: TraceContext, result: Any, equation: Any, *operands: Any) -> Any:
+    """``torch.einsum`` of one or two activations, or of an activation and a parameter (a
+    linear map: ``"bi,oi->bo"``, ``"...i,oi->...o"``, ``"bsh,hd->bsd"``): letters summed away
+    must share a factor; between two rescaled activations the contracted letters pair opposite
     factors and the result is invariant; with one fixed operand the other's labels pass."""
-    equation, operands = args[0], list(args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
+        operands = tuple(operands[0])
     if not isinstance(equation, str) or not 1 <= len(operands) <= 2:
-        return ctx.block_all(args, kwargs, ctx.reason("einsum of more than two operands"))
-    if any(ctx.is_param(t) for t in operands):
-        return ctx.block_all(args, kwargs, ctx.reason("einsum with a parameter"))
+        return ctx.block_all(operands, {}, ctx.reason("einsum of more than two operands"))
     parsed = _parse_einsum(equation, [t.dim() for t in operands])
     if parsed is None:
-        return ctx.block_all(args, kwargs, ctx.reason("einsum with a repeated letter"))
+        return ctx.block_all(operands, {}, ctx.reason("einsum with a repeated letter"))
     inputs, output = parsed
+    if any(ctx.is_param(t) for t in operands):
+        if len(operands) == 1:
+            return ctx.block_all(operands, {}, ctx.reason("einsum of a parameter alone"))
+        return einsum_with_parameter(ctx, f"{inputs[0]},{inputs[1]}->{output}", *operands)
     labels = [ctx.single(ctx.terms(t), t.shape) for t in operands]
     fixed = [ctx.is_fixed(t) for t in operands]
-
-    def unite_over(nodes: Tensor, letters: str, keep: str) -> tuple[Tensor, str]:
-        """Unite ``nodes`` over the letters not in ``keep``; returns them over ``keep``'s
-        letters present, in ``keep`` order."""
-        nodes = compact(nodes)
-        for d, letter in enumerate(letters):
-            if letter not in keep:
-                nodes = _unite(ctx, nodes, d)
-        present = [c for c in keep if c in letters]
-        perm = [letters.index(c) for c in present] + [
-            d for d, c in enumerate(letters) if c not in keep
-        ]
-        nodes = nodes.permute(*perm)
-        return nodes.reshape(nodes.shape[: len(present)]), "".join(present)
-
-    def arranged(nodes: Tensor, letters: str) -> Tensor:
-        """Nodes over ``letters`` (a subsequence of the output's) placed on the output."""
-        shape = [nodes.shape[letters.index(c)] if c in letters else 1 for c in output]
-        return nodes.reshape(shape)
-
     if len(operands) == 1 or fixed[0] or fixed[1]:
         if len(operands) == 2 and fixed[0] and fixed[1]:
             return ZERO
         i = 0 if len(operands) == 1 or fixed[1] else 1
-        nodes, letters = unite_over(labels[i], inputs[i], output)
+        nodes, letters = _unite_over(ctx, labels[i], inputs[i], output)
         if len(operands) == 2:
             ctx.tag(nodes, "value-output")
-        return arranged(nodes, letters)
+        return _arranged(nodes, letters, output)
     shared = "".join(c for c in inputs[0] if c in inputs[1])
-    na, la = unite_over(labels[0], inputs[0], shared)
-    nb, lb = unite_over(labels[1], inputs[1], shared)
-    contracted = [c for c in shared if c not in output]
-    if not contracted:
-        return ctx.block_all(args, kwargs, ctx.reason("einsum product without a contraction"))
+    na, la = _unite_over(ctx, labels[0], inputs[0], shared)
+    nb, lb = _unite_over(ctx, labels[1], inputs[1], shared)
+    if not any(c not in output for c in shared):
+        return ctx.block_all(operands, {}, ctx.reason("einsum product without a contraction"))
     ctx.union(na, nb.permute(*[lb.index(c) for c in la]), -1)
     ctx.tag(na, "query-key")
     ctx.tag(nb, "query-key")
     return ZERO
+
+
+def einsum_with_parameter(ctx: TraceContext, equation: str, a: Tensor, b: Tensor) -> Any:
+    """The labels of ``einsum(equation, a, b)`` (letters spelled out, no ``...``) where one
+    operand is a parameter ``W`` and the other an activation ``x``: ``W``'s letters shared with
+    ``x`` are consumed (``x``'s factors, united over ``x``'s other letters), its letters only in
+    the output are produced (fresh factors per index, and per index of the letters all three
+    share: a batch of matrices). A letter of ``W`` summed away without ``x`` blocks."""
+    lhs, output = equation.split("->")
+    specs = lhs.split(",")
+    (w, lw), (x, lx) = ((a, specs[0]), (b, specs[1])) if ctx.is_param(a) else (
+        (b, specs[1]), (a, specs[0]))  # fmt: skip
+    if any(c not in lx and c not in output for c in lw):
+        return ctx.block_all((a, b), {}, ctx.reason("parameter summed over in an einsum"))
+    consumed = ctx.terms(x).map(
+        lambda nodes: _unite_over(ctx, nodes.expand(x.shape), lx, lw)[0]
+    )  # over the letters of lw present in lx, in lw order
+    present = "".join(c for c in lw if c in lx)
+    ctx.consume(w, consumed.map(lambda n: _arranged(n, present, lw)))
+    kept = "".join(c for c in lw if c in output)
+    shape = [w.shape[lw.index(c)] if c in kept else 1 for c in lw]
+    nodes = ctx.produce(w, *shape)
+    return _arranged(nodes.reshape([w.shape[lw.index(c)] for c in kept]), kept, output)
+
+
+def _unite_over(ctx: TraceContext, nodes: Tensor, letters: str, keep: str) -> tuple[Tensor, str]:
+    """``nodes`` (over ``letters``) united over the letters not in ``keep``; returns them over
+    ``keep``'s letters present, in ``keep`` order, and those letters."""
+    nodes = ctx.unite(nodes, [d for d, c in enumerate(letters) if c not in keep])
+    present = "".join(c for c in keep if c in letters)
+    perm = [letters.index(c) for c in present] + [d for d, c in enumerate(letters) if c not in keep]
+    nodes = nodes.permute(*perm)
+    return nodes.reshape(nodes.shape[: len(present)]), present
+
+
+def _arranged(nodes: Tensor, letters: str, target: str) -> Tensor:
+    """Nodes over ``letters`` (a subsequence of ``target``'s) placed on ``target``'s dims."""
+    shape = [nodes.shape[letters.index(c)] if c in letters else 1 for c in target]
+    return nodes.reshape(shape)
 
 
 def _parse_einsum(equation: str, dims: list[int]) -> tuple[list[str], str] | None:

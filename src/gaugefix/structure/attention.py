@@ -10,24 +10,14 @@ value head shared by several query heads (grouped-query attention) ties their di
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.rules import arg
-from gaugefix.structure.trace import ZERO, TraceContext, compact, register_rule
-
-
-def _unite_except(ctx: TraceContext, nodes: Tensor, keep: tuple[int, ...]) -> Tensor:
-    """``nodes`` united over every dim not in ``keep`` (kept with size 1)."""
-    nodes = compact(nodes)
-    for d in range(nodes.dim()):
-        if d not in keep and nodes.shape[d] > 1:
-            ctx.union(nodes, nodes.narrow(d, 0, 1))
-            nodes = nodes.narrow(d, 0, 1)
-    return nodes
+from gaugefix.structure.trace import BUILTIN, ZERO, TraceContext
 
 
 def _fixed_mask(ctx: TraceContext, mask: Any) -> None:
@@ -37,58 +27,56 @@ def _fixed_mask(ctx: TraceContext, mask: Any) -> None:
         ctx.claim(mask)
 
 
-def _sdpa(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _sdpa(
+    ctx: TraceContext, result: Any, query: Tensor, key: Tensor, value: Tensor,
+    attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
+    enable_gqa: bool = False,
+) -> Any:  # fmt: skip
     """``F.scaled_dot_product_attention(q [..., Hq, L, E], k [..., Hk, S, E], v [..., Hk, S,
     Ev])``, with ``attn_mask``, ``is_causal``, ``scale``, ``dropout_p`` and ``enable_gqa``."""
-    q, k, v = args[0], arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value")
+    q, k, v = query, key, value
     if any(ctx.is_param(t) for t in (q, k, v)):
-        return ctx.block_all(args, kwargs, ctx.reason("attention over a parameter"))
-    _fixed_mask(ctx, arg(args, kwargs, 3, "attn_mask"))
-    scale = arg(args, kwargs, 6, "scale")
+        return ctx.block_all((q, k, v), {}, ctx.reason("attention over a parameter"))
+    _fixed_mask(ctx, attn_mask)
     if isinstance(scale, Tensor):
-        return ctx.block_all(args, kwargs, ctx.reason("attention scale given as a tensor"))
+        return ctx.block_all((q, k, v, scale), {}, ctx.reason("attention scale given as a tensor"))
     heads = q.shape[-3] if q.dim() >= 3 else 1
     kv_heads = k.shape[-3] if k.dim() >= 3 else 1
     lq, lk, lv = (ctx.labels(t) for t in (q, k, v))
     if heads != kv_heads:  # grouped-query attention: each key/value head serves a group
-        if not arg(args, kwargs, 7, "enable_gqa", False) or heads % kv_heads:
-            return ctx.block_all(args, kwargs, ctx.reason("query and key heads do not match"))
+        if not enable_gqa or heads % kv_heads:
+            return ctx.block_all((q, k, v), {}, ctx.reason("query and key heads do not match"))
         lk = lk.repeat_interleave(heads // kv_heads, dim=-3)
         lv = lv.repeat_interleave(heads // kv_heads, dim=-3)
     dims = q.dim()
-    keep = tuple(d for d in range(dims) if d != dims - 2)  # unite over positions
-    qn = _unite_except(ctx, lq, keep)
-    kn = _unite_except(ctx, lk, keep)
+    qn = ctx.unite(lq, [dims - 2])
+    kn = ctx.unite(lk, [dims - 2])
     ctx.union(qn, kn, -1)
     ctx.tag(qn, "query-key")
     ctx.tag(kn, "query-key")
-    vn = _unite_except(ctx, lv, keep)
+    vn = ctx.unite(lv, [dims - 2])
     ctx.tag(vn, "value-output")
     return vn
 
 
-register_rule(F.scaled_dot_product_attention, _sdpa)
+BUILTIN.add(F.scaled_dot_product_attention, _sdpa)
 if hasattr(torch, "scaled_dot_product_attention"):
-    register_rule(torch.scaled_dot_product_attention, _sdpa)
+    BUILTIN.add(torch.scaled_dot_product_attention, _sdpa)
 
 
-_MHA_ARGS = (
-    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
-    "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
-    "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
-    "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "static_k",
-    "static_v", "average_attn_weights", "is_causal",
-)  # fmt: skip
+_MHA = inspect.signature(F.multi_head_attention_forward)
 
 
-def _mha(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _mha(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
     """``F.multi_head_attention_forward``: ``query [L, (N,) E]`` attends to ``key``/``value``
     through the packed ``in_proj_weight [3E, E]`` (rows ``[0:E]`` queries, ``[E:2E]`` keys,
     ``[2E:3E]`` values) or separate ``q/k/v_proj_weight``, then ``out_proj_weight``. Query row
     ``i`` pairs with key row ``i`` (heads are contiguous blocks of rows), value row ``i`` with
     output-projection column ``i``; the inputs' channels are consumed by the projections' columns
     and the output carries the output projection's rows."""
-    a = {name: arg(args, kwargs, i, name) for i, name in enumerate(_MHA_ARGS)}
+    bound = _MHA.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
     if (
         any(a[k] is not None for k in ("bias_k", "bias_v", "static_k", "static_v"))
         or a["add_zero_attn"]
@@ -132,4 +120,4 @@ def _mha(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
     return (ro, ZERO)
 
 
-register_rule(F.multi_head_attention_forward, _mha)
+BUILTIN.add(F.multi_head_attention_forward, _mha)

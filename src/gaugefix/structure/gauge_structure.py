@@ -38,7 +38,9 @@ KINDS = ("rotary pair", "query-key", "value-output", "gated unit", "norm gain", 
 
 
 class Exclusion(NamedTuple):
-    """Channels of a producing module that are not generators, and why."""
+    """Channels of a producing module that are not generators, and why; for a parameter fixed
+    before it produced any channel (read by an op discovery does not handle), the indices
+    along its dim 0, with the op that fixed it."""
 
     module: str
     reason: str
@@ -443,7 +445,8 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
         edges = np.zeros((3, 0), np.int64)
     a, b, s = edges
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    pairs, first = np.unique(np.stack([lo, hi]), axis=1, return_index=True)
+    keys, first = np.unique(lo * n + hi, return_index=True)  # each pair once
+    pairs = np.stack([keys // n, keys % n])
     graph = coo_matrix((np.ones(len(lo)), (lo, hi)), shape=(n, n))
     count, comp = connected_components(graph, directed=False)
     # A spanning forest from a super root joined to one node of every component.
@@ -615,6 +618,10 @@ def compile_structure(
             else:
                 why = "no producing parameter"
             excluded.setdefault((module_of(name), why), set()).add(ch)
+    for name, why in ctx.fixed.items():  # fixed before producing a channel: its rows
+        if name not in ctx.produced:
+            rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
+            excluded.setdefault((module_of(name), why), set()).update(range(rows))
     exclusions = [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
     return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes)
 

@@ -9,8 +9,9 @@ Each rule states how one op transforms log-factors (see :mod:`gaugefix.structure
 - everything else blocks: its inputs keep factor 1. Ops not registered here block by default.
 
 The affine ops (linear maps, convolutions, norms, matrix products, embeddings) are in
-:mod:`gaugefix.structure.affine`, attention in :mod:`gaugefix.structure.attention`. Users add
-rules for their own functions or module types with :func:`register_rule`; the helpers
+:mod:`gaugefix.structure.affine`, attention in :mod:`gaugefix.structure.attention`. Every rule
+takes ``(ctx, result, ...)`` followed by the op's own parameters, bound by name. Users add rules
+for their own functions or module types with :func:`register_rule` (or per ``discover`` call);
 :func:`elementwise` and :func:`blocker` are ready-made rules.
 """
 
@@ -23,18 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.trace import ZERO, Sum, TraceContext, compact, register_rule
+from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext, compact
 
 
-def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    """Argument ``i`` (positional) or ``name`` (keyword) of an op."""
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
-
-
-def tensor_args(args: tuple, kwargs: dict) -> list[Tensor]:
-    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, Tensor)]
+def tensor_args(*values: Any) -> list[Tensor]:
+    """The tensors among ``values`` (dicts contribute their values)."""
+    flat = [v for x in values for v in (x.values() if isinstance(x, dict) else
+            x if isinstance(x, (list, tuple)) else [x])]  # fmt: skip
+    return [t for t in flat if isinstance(t, Tensor)]
 
 
 def funcs(*names: str, modules: tuple = (torch, torch.Tensor, F)) -> list[Any]:
@@ -43,14 +40,15 @@ def funcs(*names: str, modules: tuple = (torch, torch.Tensor, F)) -> list[Any]:
     for name in names:
         for mod in modules:
             f = getattr(mod, name, None)
-            if f is not None and f not in found:
+            if callable(f) and f not in found:
                 found.append(f)
     return found
 
 
 def register_all(callables: list[Any], rule: Any) -> None:
+    """Make ``rule`` the built-in rule of each callable."""
     for f in callables:
-        register_rule(f, rule)
+        BUILTIN.add(f, rule)
 
 
 def scalar(x: Any) -> bool:
@@ -70,29 +68,22 @@ def reduce_onto(ctx: TraceContext, nodes: Tensor, shape: tuple[int, ...]) -> Ten
     """Nodes of a tensor broadcast against a smaller operand of ``shape`` (right-aligned):
     united along the dims where ``shape`` broadcasts, giving nodes of ``shape``."""
     lead = nodes.dim() - len(shape)
-    nodes = compact(nodes)
-    if lead > 0:
-        flat = nodes.reshape(-1, *nodes.shape[lead:])
-        ctx.union(flat, flat[:1])
-        nodes = flat[0]
-    for d, size in enumerate(shape):
-        if size == 1 and nodes.shape[d] > 1:
-            ctx.union(nodes, nodes.narrow(d, 0, 1))
-            nodes = nodes.narrow(d, 0, 1)
-    return nodes.expand(shape)
+    broadcast = [lead + d for d, size in enumerate(shape) if size == 1]
+    nodes = ctx.unite(nodes, [*range(lead), *broadcast])
+    return nodes.reshape(nodes.shape[lead:]).expand(shape)
 
 
 # --- pass-through ----------------------------------------------------------------------------
-def elementwise(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Sum:
+def elementwise(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Sum:
     """A positively homogeneous op acting entry by entry on its first argument (ReLU, abs,
     dropout): the output carries the input's labels. Other tensor arguments must be fixed (for
     example a PReLU slope)."""
-    labels = ctx.terms(args[0])
-    block_other_tensors(ctx, tensor_args(args[1:], kwargs), "extra tensor of a homogeneous op")
+    labels = ctx.terms(input)
+    block_other_tensors(ctx, tensor_args(rest, options), "extra tensor of a homogeneous op")
     return labels
 
 
-def blocker(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Tensor:
+def blocker(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Tensor:
     """An op that is not positively homogeneous: its inputs keep factor 1."""
     return ctx.block_all(args, kwargs, ctx.reason(f"not positively homogeneous: {ctx.op}"))
 
@@ -107,16 +98,17 @@ register_all(
 )  # fmt: skip
 
 
-def value_preserving(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def value_preserving(
+    ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any
+) -> Any:
     """Copies and casts (``contiguous``, ``to``, ``float``, ``detach``...): the output carries
     the input's labels; applied to a parameter, the output is the same parameter."""
-    x = args[0]
-    if ctx.is_param(x) and isinstance(out, Tensor) and out.shape == x.shape:
-        block_other_tensors(ctx, tensor_args(args[1:], kwargs), "extra tensor of a cast")
-        if out is not x:
-            ctx.view_of_param(out, x, torch.arange(x.numel()))
+    if ctx.is_param(input) and isinstance(result, Tensor) and result.shape == input.shape:
+        block_other_tensors(ctx, tensor_args(rest, options), "extra tensor of a cast")
+        if result is not input:
+            ctx.view_of_param(result, input, torch.arange(input.numel()))
         return None
-    return elementwise(ctx, args, kwargs, out)
+    return elementwise(ctx, result, input, *rest, **options)
 
 
 register_all(
@@ -126,42 +118,40 @@ register_all(
     ),
     value_preserving,
 )  # fmt: skip
-register_rule("Tensor.data", value_preserving)
+BUILTIN.add("Tensor.data", value_preserving)
 
 
-def _clamp(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
-    lo = arg(args, kwargs, 1, "min")
-    hi = arg(args, kwargs, 2, "max")
-    if isinstance(lo, (int, float)) and lo == 0 and hi is None:  # clamp(min=0) is ReLU
-        return ctx.terms(args[0])
-    return blocker(ctx, args, kwargs, out)
+def _clamp(ctx: TraceContext, result: Any, input: Tensor, min: Any = None, max: Any = None) -> Any:
+    if scalar(min) and min == 0 and max is None:  # clamp(min=0) is ReLU
+        return ctx.terms(input)
+    return blocker(ctx, result, input, min, max)
 
 
 register_all(funcs("clamp", "clamp_", "clip", "clamp_min", "clamp_min_"), _clamp)
 
 
 # --- sums and products -------------------------------------------------------------------------
-def _add(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _add(ctx: TraceContext, result: Any, input: Any, other: Any, *rest: Any, **options: Any) -> Any:
     """``a + b`` (and ``-``): both operands must carry one factor per entry, which they then
     share (a residual connection merges the channels of its operands into one generator). A
     parameter added to a tensor (a separate bias, a learned position embedding) carries that
     tensor's factors. Two operands that are rearrangements of each other (``x * cos +
     rotate_half(x) * sin``) tie the channels they swap: one rotary-pair generator each."""
-    a, b = args[0], arg(args, kwargs, 1, "other")
-    for t in tensor_args(args[2:], kwargs):
+    a, b = input, other
+    for t in tensor_args(rest, options):
         if t is not b:
             ctx.block(ctx.terms(t), ctx.reason("extra tensor of an addition"))
     if not isinstance(a, Tensor):
         a, b = b, a
     if scalar(b):
         if b != 0:
-            return ctx.block_all(args, kwargs, ctx.reason("a nonzero constant is added"))
+            return ctx.block_all((a,), {}, ctx.reason("a nonzero constant is added"))
         return ctx.terms(a)
     if ctx.is_param(a) and ctx.is_param(b):
-        return ctx.block_all(args, kwargs, ctx.reason("sum of two parameters"))
+        return ctx.block_all((a, b), {}, ctx.reason("sum of two parameters"))
     if ctx.is_param(a):
         a, b = b, a
-    shape = tuple(out.shape)
+    shape = tuple(result.shape)
     la = ctx.labels(a).expand(shape)
     if ctx.is_param(b):
         ctx.tie(b, reduce_onto(ctx, la, tuple(b.shape)))
@@ -179,11 +169,11 @@ register_all(
           "__sub__", "__isub__"),
     _add,
 )  # fmt: skip
-register_rule(operator.add, _add)
+BUILTIN.add(operator.add, _add)
 _DIVISIONS = {"div", "div_", "divide", "true_divide", "__truediv__", "__itruediv__"}
 
 
-def _mul(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _mul(ctx: TraceContext, result: Any, input: Any, other: Any, rounding_mode: Any = None) -> Any:
     """``a * b`` and ``a / b``.
 
     - By a number or a fixed tensor: linear, the labels pass (a parameter scaled by a
@@ -195,31 +185,31 @@ def _mul(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
       ``relu(x W_g) * (x W_u)``: its consumer divides by both factors).
     Division by anything rescaled blocks.
     """
-    a, b = args[0], arg(args, kwargs, 1, "other")
+    a, b, out = input, other, result
     divide = ctx.op.rsplit(".", 1)[-1] in _DIVISIONS
-    if divide and (arg(args, kwargs, 2, "rounding_mode") is not None or not isinstance(a, Tensor)):
-        return ctx.block_all(args, kwargs, ctx.reason("division with rounding or of a number"))
+    if divide and (rounding_mode is not None or not isinstance(a, Tensor)):
+        return ctx.block_all((a, b), {}, ctx.reason("division with rounding or of a number"))
     if not isinstance(a, Tensor):
         a, b = b, a
     if isinstance(b, Tensor) and ctx.is_param(b):
         if ctx.is_param(a) or divide:
-            return ctx.block_all(args, kwargs, ctx.reason("product with two parameters"))
+            return ctx.block_all((a, b), {}, ctx.reason("product with two parameters"))
         a, b = b, a
     if ctx.is_param(a):
         if scalar(b):
             if out.shape == a.shape and out is not a:
                 ctx.view_of_param(out, a, torch.arange(a.numel()))
                 return None
-            return ctx.block_all(args, kwargs, ctx.reason("parameter broadcast by a number"))
+            return ctx.block_all((a,), {}, ctx.reason("parameter broadcast by a number"))
         if divide:
-            return ctx.block_all(args, kwargs, ctx.reason("parameter divided by a tensor"))
+            return ctx.block_all((a, b), {}, ctx.reason("parameter divided by a tensor"))
         return _gain(ctx, a, b, out)
     if scalar(b) or ctx.is_fixed(b):
         if isinstance(b, Tensor):
             ctx.claim(b)
         return ctx.terms(a)
     if divide:
-        return ctx.block_all(args, kwargs, ctx.reason("division by a rescaled tensor"))
+        return ctx.block_all((a, b), {}, ctx.reason("division by a rescaled tensor"))
     if ctx.is_fixed(a):
         ctx.claim(a)
         return ctx.terms(b)
@@ -246,18 +236,15 @@ register_all(funcs("mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__")
 register_all(funcs(*_DIVISIONS), _mul)
 
 
-def _where(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _where(ctx: TraceContext, result: Any, condition: Tensor, input: Any, other: Any) -> Any:
     """``torch.where(cond, a, b)``: the output takes entries of either operand, so they must
     carry one factor; selecting against a fixed value (a mask value) fixes the other operand,
-    except against zero (zeroing entries is homogeneous)."""
-    if len(args) + len(kwargs) < 3:
-        return ctx.block_all(args, kwargs, ctx.reason("where with one argument"))
-    cond, a, b = args[0], arg(args, kwargs, 1, "input"), arg(args, kwargs, 2, "other")
-    if isinstance(cond, Tensor):
-        if cond.is_floating_point():
-            ctx.block(ctx.terms(cond), ctx.reason("condition of a where"))
-        ctx.claim(cond)
-    return _select(ctx, a, b, out)
+    except against zero (zeroing entries is homogeneous). (``where(cond)`` alone gives index
+    tensors and does not bind: it blocks.)"""
+    if condition.is_floating_point():
+        ctx.block(ctx.terms(condition), ctx.reason("condition of a where"))
+    ctx.claim(condition)
+    return _select(ctx, input, other, result)
 
 
 def _select(ctx: TraceContext, a: Any, b: Any, out: Any) -> Any:
@@ -279,12 +266,10 @@ def _select(ctx: TraceContext, a: Any, b: Any, out: Any) -> Any:
     return la
 
 
-def _masked_fill(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _masked_fill(ctx: TraceContext, result: Any, input: Tensor, mask: Tensor, value: Any) -> Any:
     """``x.masked_fill(mask, value)``: like ``where(mask, value, x)``."""
-    x, mask, value = args[0], arg(args, kwargs, 1, "mask"), arg(args, kwargs, 2, "value")
-    if isinstance(mask, Tensor):
-        ctx.claim(mask)
-    return _select(ctx, x, value, out)
+    ctx.claim(mask)
+    return _select(ctx, input, value, result)
 
 
 register_all(funcs("where"), _where)
@@ -301,32 +286,34 @@ _ARRANGEMENTS = {
 }  # fmt: skip
 
 
-def _on_labels(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options: Any) -> Any:
     """Reshaping, slicing, transposing, concatenating: the same op applied to the label tensor
     (each term of a sum) moves every label to where its entry went."""
-    if any(isinstance(a, torch.dtype) for a in list(args) + list(kwargs.values())):
-        return ctx.block_all(args, kwargs, ctx.reason("reinterprets the bits as another dtype"))
-    first = args[0]
-    for t in list(args[1:]) + list(kwargs.values()):  # shapes given as tensors (view_as)
-        if isinstance(t, Tensor):
-            ctx.claim(t)
+    out = result
+    if any(isinstance(a, torch.dtype) for a in (*rest, *options.values())):
+        return ctx.block_all((first,), {}, ctx.reason("reinterprets the bits as another dtype"))
+    for t in tensor_args(rest, options):  # shapes or indices given as tensors (view_as, x[i])
+        ctx.claim(t)
     if isinstance(first, (list, tuple)):
         parts = [ctx.terms(t) for t in first]
         if any(len(p) > 1 or (p and p[0][1] != 1) for p in parts):
             parts = [Sum.of(ctx.single(p, t.shape)) for p, t in zip(parts, first, strict=True)]
         replaced = [(p[0][0] if p else ZERO.expand(t.shape)).contiguous() for p, t in
                     zip(parts, first, strict=True)]  # fmt: skip
-        return ctx.func(replaced, *args[1:], **kwargs)
+        return ctx.func(replaced, *rest, **options)
+    if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
+        ctx.gathered(first, torch.as_tensor(rest[0]), ctx.is_tainted(rest[0]), view=out)
+        return None
     if ctx.is_param(first):
         if ctx.op.rsplit(".", 1)[-1] in _ARRANGEMENTS and isinstance(out, Tensor):
             index = torch.arange(first.numel()).view(first.shape)
-            ctx.view_of_param(out, first, ctx.func(index, *args[1:], **kwargs).reshape(-1))
+            ctx.view_of_param(out, first, ctx.func(index, *rest, **options).reshape(-1))
             return None
-        return ctx.block_all(args[:1], {}, ctx.reason("parameter sliced or repeated"))
+        return ctx.block_all((first,), {}, ctx.reason("parameter sliced or repeated"))
     terms = ctx.terms(first)
     if not terms:
         return ZERO
-    results = [ctx.func(nodes.contiguous(), *args[1:], **kwargs) for nodes, _ in terms]
+    results = [ctx.func(nodes.contiguous(), *rest, **options) for nodes, _ in terms]
     if isinstance(results[0], (tuple, list)):
         return tuple(
             Sum((r[i], s) for r, (_, s) in zip(results, terms, strict=True))
@@ -343,36 +330,46 @@ for _name in (
     "ravel", "tile", "repeat_interleave",
 ):  # fmt: skip
     register_all(funcs(_name, modules=(torch, torch.Tensor)), _on_labels)
-register_rule("Tensor.T", _on_labels)
-register_rule("Tensor.mT", _on_labels)
 
 
-def _reduce(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
+def _picks_slices(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> bool:
+    """Whether an op on the parameter ``p`` is ``p[i]`` with an integer or an integer tensor
+    ``i``: slices of ``p`` along dim 0 (one expert's weights, or one per token)."""
+    if not ctx.op.endswith("__getitem__") or options or len(rest) != 1 or ctx.is_gathered(p):
+        return False
+    i = rest[0]
+    if isinstance(i, Tensor):
+        return not (i.is_floating_point() or i.is_complex() or i.dtype == torch.bool)
+    return isinstance(i, int) and not isinstance(i, bool)
+
+
+BUILTIN.add("Tensor.T", _on_labels)
+BUILTIN.add("Tensor.mT", _on_labels)
+
+
+def _reduce(
+    ctx: TraceContext, result: Any, input: Tensor, dim: Any = None, keepdim: bool = False,
+    **options: Any,
+) -> Any:  # fmt: skip
     """``sum``/``mean``/``amax`` over some dims: linear (or max-homogeneous) when the reduced
-    entries share a factor, which the rule then enforces (term by term)."""
-    x = args[0]
-    dim = arg(args, kwargs, 1, "dim")
-    keepdim = bool(arg(args, kwargs, 2, "keepdim", False))
+    entries share a factor, which the rule then enforces (term by term). ``dtype`` is the only
+    option taken."""
+    x = input
+    if set(options) - {"dtype"} or isinstance(dim, Tensor):
+        return blocker(ctx, result, input, dim, **options)
     if not isinstance(dim, (int, list, tuple)) or (isinstance(dim, (list, tuple)) and not dim):
         dims = list(range(x.dim()))
     else:
         dims = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)]
-    kept = [d for d in range(x.dim()) if d not in dims]
 
     def reduce(nodes: Tensor) -> Tensor:
-        lab = nodes.expand(x.shape).permute(*kept, *dims)
-        lab = lab.reshape(*[x.shape[d] for d in kept], -1)
-        ctx.union(lab, lab[..., :1])
-        lab = lab[..., 0]
-        if keepdim:
-            for d in sorted(dims):
-                lab = lab.unsqueeze(d)
-        return lab
+        lab = ctx.unite(nodes.expand(x.shape), dims)
+        return lab if keepdim else lab.squeeze(dims) if dims else lab
 
     if ctx.is_param(x):
-        return ctx.block_all(args[:1], {}, ctx.reason("parameter reduced"))
+        return ctx.block_all((x,), {}, ctx.reason("parameter reduced"))
     labels = ctx.terms(x).map(reduce)
-    if isinstance(out, tuple):  # max(dim) returns (values, indices)
+    if isinstance(result, tuple):  # max(dim) returns (values, indices)
         return (labels, None)
     return labels
 
@@ -380,10 +377,11 @@ def _reduce(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
 register_all(funcs("sum", "mean", "amax", "amin", "nansum"), _reduce)
 
 
-def _reduce_max(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
-    if isinstance(arg(args, kwargs, 1, "other"), Tensor):  # torch.max(a, b): not a reduction
-        return blocker(ctx, args, kwargs, out)
-    return _reduce(ctx, args, kwargs, out)
+def _reduce_max(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
+    other = options.get("other", rest[0] if rest else None)
+    if isinstance(other, Tensor):  # torch.max(a, b): not a reduction
+        return blocker(ctx, result, input, *rest, **options)
+    return _reduce(ctx, result, input, *rest, **options)
 
 
 register_all(funcs("max", "min"), _reduce_max)
@@ -391,13 +389,15 @@ register_all(funcs("max", "min"), _reduce_max)
 
 # --- channel-preserving maps of each leading slice (pooling, padding, upsampling) ------------
 def _leading(k_of: Any) -> Any:
-    def rule(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
-        x = args[0]
-        if ctx.is_param(x):
-            return ctx.block_all(args, kwargs, ctx.reason("parameter pooled"))
-        labels = ctx.leading(x, k_of(x, args, kwargs))
-        block_other_tensors(ctx, tensor_args(args[1:], kwargs), "extra tensor of a pooling op")
-        if isinstance(out, tuple):  # (values, indices)
+    """The rule of an op mapping each leading slice of its input on its own, over the last
+    ``k_of(input)`` dims."""
+
+    def rule(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
+        if ctx.is_param(input):
+            return ctx.block_all((input,), {}, ctx.reason("parameter pooled"))
+        labels = ctx.leading(input, k_of(input))
+        block_other_tensors(ctx, tensor_args(rest, options), "extra tensor of a pooling op")
+        if isinstance(result, tuple):  # (values, indices)
             return (labels, None)
         return labels
 
@@ -405,7 +405,7 @@ def _leading(k_of: Any) -> Any:
 
 
 def _pool_dims(n: int) -> Any:
-    return _leading(lambda x, a, k: n)
+    return _leading(lambda x: n)
 
 
 for _n in (1, 2, 3):
@@ -414,22 +414,70 @@ for _n in (1, 2, 3):
                   f"adaptive_max_pool{_n}d_with_indices"):  # fmt: skip
         register_all(funcs(_name, modules=(torch, F, torch._C._nn)), _pool_dims(_n))
 
-register_rule(F.interpolate, _leading(lambda x, a, k: x.dim() - 2))
-register_rule(F.upsample, _leading(lambda x, a, k: x.dim() - 2))
+BUILTIN.add(F.interpolate, _leading(lambda x: x.dim() - 2))
+BUILTIN.add(F.upsample, _leading(lambda x: x.dim() - 2))
 
 
-def _pad(ctx: TraceContext, args: tuple, kwargs: dict, out: Any) -> Any:
-    pad = arg(args, kwargs, 1, "pad")
-    mode = arg(args, kwargs, 2, "mode", "constant")
-    value = arg(args, kwargs, 3, "value", None)
+def _pad(
+    ctx: TraceContext, result: Any, input: Tensor, pad: Any, mode: str = "constant",
+    value: Any = None,
+) -> Any:  # fmt: skip
     if mode == "constant" and value not in (None, 0, 0.0):
-        return blocker(ctx, args, kwargs, out)
-    if ctx.is_param(args[0]):
-        return ctx.block_all(args, kwargs, ctx.reason("parameter padded"))
-    return ctx.leading(args[0], len(pad) // 2)
+        return blocker(ctx, result, input)
+    if ctx.is_param(input):
+        return ctx.block_all((input,), {}, ctx.reason("parameter padded"))
+    return ctx.leading(input, len(pad) // 2)
 
 
-register_rule(F.pad, _pad)
+BUILTIN.add(F.pad, _pad)
+
+
+# --- accumulating into a tensor ----------------------------------------------------------------
+def _zeros(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
+    """A tensor of zeros (``zeros``, ``zeros_like``, ``new_zeros``): zero times any factor is
+    zero, so each entry carries a fresh factor of its own, free to take whatever is later
+    written into it (an accumulator of expert outputs)."""
+    for t in tensor_args(args, kwargs):
+        ctx.claim(t)
+    if not isinstance(result, Tensor) or not result.is_floating_point():
+        return ZERO
+    return ctx.fresh(*result.shape)
+
+
+register_all(funcs("zeros", "zeros_like", "new_zeros"), _zeros)
+
+
+def _index_add(
+    ctx: TraceContext, result: Any, input: Tensor, dim: int, index: Tensor, source: Tensor, *,
+    alpha: Any = 1,
+) -> Any:  # fmt: skip
+    """``input.index_add_(dim, index, source)``: slice ``i`` of ``source`` is added to slice
+    ``index[i]`` of ``input``, so they carry one factor (the outputs of the experts of a
+    mixture summed back into the token stream)."""
+    if not scalar(alpha) or ctx.is_param(input) or ctx.is_param(source):
+        return ctx.block_all((input, source), {}, ctx.reason("index_add of this form"))
+    ctx.claim(index)
+    labels = ctx.labels(input).expand(input.shape)
+    ctx.union(labels.index_select(dim, index.cpu()), ctx.labels(source).expand(source.shape))
+    return labels
+
+
+def _scatter_add(
+    ctx: TraceContext, result: Any, input: Tensor, dim: int, index: Tensor, src: Tensor
+) -> Any:
+    """``input.scatter_add(dim, index, src)``: ``src[i][j]`` is added to ``input[index[i][j]][j]``
+    (for ``dim=0``), so the two carry one factor."""
+    if ctx.is_param(input) or ctx.is_param(src):
+        return ctx.block_all((input, src), {}, ctx.reason("scatter_add of this form"))
+    ctx.claim(index)
+    labels = ctx.labels(input).expand(input.shape)
+    written = ctx.labels(src).expand(src.shape)[tuple(slice(0, n) for n in index.shape)]
+    ctx.union(labels.gather(dim, index.cpu()), written)
+    return labels
+
+
+register_all(funcs("index_add", "index_add_"), _index_add)
+register_all(funcs("scatter_add", "scatter_add_"), _scatter_add)
 
 
 # --- known blockers (they would block anyway; listing them gives a clearer reason) -----------

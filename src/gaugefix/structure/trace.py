@@ -32,22 +32,18 @@ others.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import os
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from gaugefix.errors import GaugefixError
-
-Rule = Callable[["TraceContext", tuple, dict, Any], Any]
-
-_RULES: dict[Any, Rule] = {}
-_MODULE_RULES: dict[type, Rule] = {}
 
 
 class TracingError(GaugefixError, RuntimeError):
@@ -56,28 +52,83 @@ class TracingError(GaugefixError, RuntimeError):
 
 class ValueDependentError(TracingError):
     """The forward read a tensor that depends on the inputs or the weights into Python, so its
-    control flow may differ on other inputs; names the op and the module."""
+    control flow may differ on other inputs; names the op, the module and the source line."""
 
 
-def register_rule(target: Any, rule: Rule | None = None) -> Any:
-    """Register ``rule`` for a function (``F.relu``) or a module type (``MyLayer``).
+class Rule(NamedTuple):
+    """A rule and its signature, read once: it is called as ``fn(ctx, result, *args,
+    **kwargs)`` with the op's own arguments bound to its parameters by name."""
 
-    A rule is called as ``rule(ctx, args, kwargs, out)`` after the op ran, with ``ctx`` a
-    :class:`TraceContext`; it returns the labels of ``out`` (a tensor of nodes broadcastable to
-    ``out``, a :class:`Sum`, or a tuple of them matching a tuple output). For a module type, the
-    module's own inner ops are not traced: the rule speaks for the whole call, and ``ctx.module``
-    is the module (so a rule can give its parameters roles with ``ctx.produce`` /
-    ``ctx.consume``). Usable as a decorator.
+    fn: Callable[..., Any]
+    signature: inspect.Signature
+
+
+class Registry:
+    """Rules for ops (a callable such as ``F.relu``, or a name such as ``"Tensor.T"`` for an
+    attribute) and for module types."""
+
+    def __init__(self) -> None:
+        self.ops: dict[Any, Rule] = {}
+        self.modules: dict[type, Rule] = {}
+
+    def add(self, target: Any, fn: Callable[..., Any]) -> None:
+        rule = Rule(fn, _rule_signature(fn))
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            self.modules[target] = rule
+        elif callable(target) or isinstance(target, str):
+            self.ops[target] = rule
+        else:
+            raise TypeError(f"a rule is for a callable or an nn.Module type, not {target!r}")
+
+    def remove(self, target: Any) -> None:
+        table = self.modules if isinstance(target, type) and target in self.modules else self.ops
+        if target not in table:
+            raise KeyError(f"no rule registered for {target!r}")
+        del table[target]
+
+
+def _rule_signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``fn``'s signature, checked to take the trace context and the op's result first."""
+    if not callable(fn):
+        raise TypeError(f"a rule must be callable, not {fn!r}")
+    signature = inspect.signature(fn)
+    try:
+        signature.bind_partial(None, None)
+    except TypeError:
+        raise TypeError(f"rule {fn.__name__} must take (ctx, result, ...)") from None
+    return signature
+
+
+BUILTIN = Registry()  # the rules of gaugefix.structure.rules, affine and attention
+USER = Registry()  # rules registered by the user for every discover call
+
+
+def register_rule(target: Any, rule: Callable[..., Any] | None = None) -> Any:
+    """Register ``rule`` for every later :func:`discover` call, for a function (``F.relu``) or a
+    module type (``MyLayer``, and its subclasses that keep its ``forward``); it takes precedence
+    over a built-in rule for the same target until :func:`unregister_rule`. Usable as a
+    decorator.
+
+    A rule is called as ``rule(ctx, result, *args, **kwargs)`` after the op ran: ``ctx`` is the
+    :class:`TraceContext`, ``result`` the op's output, and the op's arguments are bound to the
+    rule's own parameters by name (a call its signature does not accept blocks every input).
+    It returns the labels of ``result`` (a tensor of nodes broadcastable to it, a :class:`Sum`,
+    or a tuple of them matching a tuple output). For a module type, the module's inner ops are
+    not traced: the rule speaks for the whole call, with ``ctx.module`` the module (so it can
+    give its parameters roles with ``ctx.produce`` / ``ctx.consume``).
     """
 
-    def add(r: Rule) -> Rule:
-        if isinstance(target, type) and issubclass(target, nn.Module):
-            _MODULE_RULES[target] = r
-        else:
-            _RULES[target] = r
-        return r
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        USER.add(target, fn)
+        return fn
 
     return add if rule is None else add(rule)
+
+
+def unregister_rule(target: Any) -> None:
+    """Remove the rule :func:`register_rule` registered for ``target`` (a built-in rule for it,
+    if any, applies again)."""
+    USER.remove(target)
 
 
 def op_name(func: Any) -> str:
@@ -102,7 +153,7 @@ def compact(labels: Tensor) -> Tensor:
     shrink to size 1 (a zero stride is read as constant without looking)."""
     for d in range(labels.dim()):
         if labels.shape[d] > 1 and (
-            labels.stride(d) == 0 or bool((labels == labels.narrow(d, 0, 1)).all())
+            labels.stride(d) == 0 or torch.equal(labels, labels.narrow(d, 0, 1).expand_as(labels))
         ):
             labels = labels.narrow(d, 0, 1)
     return labels
@@ -140,10 +191,20 @@ class _ParamView:
         self.param, self.index = param, index
 
 
+class _Gathered:
+    """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0:
+    position ``i`` of its leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the
+    expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``)."""
+
+    def __init__(self, source: Tensor, rows: Tensor) -> None:
+        self.source, self.rows = source, rows
+
+
 class TraceContext:
     """The state of one trace: node allocation, constraints, parameter roles and tags."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, registries: tuple[Registry, ...]) -> None:
+        self.registries = registries  # consulted in order: per call, the user's, built-in
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
         # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
@@ -164,13 +225,45 @@ class TraceContext:
         # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
+        self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
+        # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
+        self.coverage: dict[str, tuple[Tensor, str]] = {}
         self._claimed: set[int] = set()
         # Tensors whose values depend on the model's inputs or parameters (id -> tensor).
         self._tainted: dict[int, Tensor] = {}
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
+        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
+
+    # -- rules ----------------------------------------------------------------------------------
+    def rule_for_op(self, func: Any, name: str) -> Rule | None:
+        """The first registry's rule for ``func`` (an attribute such as ``x.T`` by its name)."""
+        key = name if getattr(func, "__name__", None) == "__get__" else func
+        return next((r.ops[key] for r in self.registries if key in r.ops), None)
+
+    def rule_for_module(self, module: nn.Module) -> Rule | None:
+        """The rule for the nearest class in ``module``'s MRO that has one, provided ``module``
+        runs that class's ``forward`` (a subclass that overrides it is traced through)."""
+        for cls in type(module).__mro__:
+            rule = next((r.modules[cls] for r in self.registries if cls in r.modules), None)
+            if rule is not None:
+                return rule if type(module).forward is cls.forward else None
+        return None
+
+    def apply(self, rule: Rule, args: tuple, kwargs: dict, result: Any) -> Any:
+        """Run ``rule`` on an op's arguments bound by name; a call its signature does not take
+        blocks every input."""
+        try:
+            return rule.fn(self, result, *args, **kwargs)
+        except TypeError as err:
+            try:  # only now (rarely): was it the call that did not bind?
+                rule.signature.bind(self, result, *args, **kwargs)
+            except TypeError:
+                reason = self.reason(f"call its rule does not take: {err}")
+                return self.block_all(args, kwargs, reason)
+            raise
 
     # -- where we are -------------------------------------------------------------------------
     @property
@@ -203,8 +296,9 @@ class TraceContext:
             keep = a != b
             a, b = a[keep], b[keep]
         if a.numel():
-            edge = torch.stack([a, b, torch.full_like(a, sign)])
-            self.edges.append(torch.unique(edge, dim=1))
+            pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
+            a, b = pair // self.num_nodes, pair % self.num_nodes
+            self.edges.append(torch.stack([a, b, torch.full_like(a, sign)]))
 
     def block(self, labels: Tensor | Sum, reason: str) -> None:
         """The nodes in ``labels`` are fixed to 0 (they are not gauge freedom)."""
@@ -227,10 +321,39 @@ class TraceContext:
         """Whether ``t`` is a parameter of the model or an arrangement of one (``W.t()``)."""
         if not isinstance(t, Tensor):
             return False
-        if id(t) in self.param_names:
+        if id(t) in self.param_names or self.is_gathered(t):
             return True
         entry = self._views.get(id(t))
         return entry is not None and entry[0] is t
+
+    def is_gathered(self, t: Any) -> bool:
+        """Whether ``t`` holds slices of a parameter picked by index (``W[expert_ids]``)."""
+        entry = self._gathers.get(id(t))
+        return entry is not None and entry[0] is t
+
+    def is_tainted(self, t: Tensor) -> bool:
+        """Whether the values of ``t`` depend on the model's inputs or parameters."""
+        return id(t) in self._tainted or id(t) in self.param_names
+
+    def gathered(
+        self, source: Tensor, rows: Tensor, data_dependent: bool, view: Tensor | None = None
+    ) -> Tensor:
+        """Record ``view`` (by default a stand-in of no memory) as slices ``rows`` of the
+        parameter ``source`` along dim 0 and return it. Rows that depend on the data are
+        recorded in :attr:`coverage`: a slice no traced row read is used for other inputs, so
+        after the trace such a parameter is fixed unless every slice was read."""
+        name = self.param_name(source)
+        rows = rows.detach().long().cpu()
+        if view is None:
+            shape = (*rows.shape, *source.shape[1:])
+            view = torch.empty((), dtype=source.dtype).expand(shape)
+        self._gathers[id(view)] = (view, _Gathered(source, rows))
+        if data_dependent:
+            read = torch.zeros(source.shape[0], dtype=torch.bool)
+            read[rows.reshape(-1)] = True
+            before = self.coverage.get(name, (torch.zeros_like(read), self.reason("gathered")))
+            self.coverage[name] = (before[0] | read, before[1])
+        return view
 
     def claim(self, t: Tensor) -> None:
         """Mark ``t`` as handled by the current rule (unhandled inputs are blocked)."""
@@ -239,6 +362,8 @@ class TraceContext:
     def _param_and_index(self, p: Tensor) -> tuple[str, Tensor | None]:
         """The parameter name behind ``p`` and, for a view, its index map."""
         self.claim(p)
+        if self.is_gathered(p):
+            return self.param_name(self._gathers[id(p)][1].source), None
         name = self.param_names.get(id(p))
         if name is not None:
             self.used_params.add(name)
@@ -335,6 +460,16 @@ class TraceContext:
                 entry = self._grad_fn_labels[id(fn)] = (fn, {})
             entry[1][t.output_nr] = labels
 
+    def unite(self, nodes: Tensor, dims: Iterable[int]) -> Tensor:
+        """``nodes`` with the entries along each of ``dims`` united: those dims kept with size 1
+        (a tensor of nodes, compacted first)."""
+        nodes = compact(nodes)
+        for d in dims:
+            if nodes.shape[d] > 1:
+                self.union(nodes, nodes.narrow(d, 0, 1))
+                nodes = nodes.narrow(d, 0, 1)
+        return nodes
+
     def along(self, t: Tensor, dim: int) -> Tensor:
         """Per-index labels of ``t`` along ``dim`` (shape ``[t.shape[dim]]``): all entries of one
         slice must carry one factor, so the labels within a slice are united."""
@@ -346,32 +481,24 @@ class TraceContext:
         return self.terms(t).map(lambda nodes: self._along(nodes, t.shape, dim))
 
     def _along(self, nodes: Tensor, shape: torch.Size, dim: int) -> Tensor:
-        lab = compact(nodes.expand(shape)).movedim(dim, 0)
-        lab = lab.expand(shape[dim], *([-1] * (lab.dim() - 1)))
-        flat = lab.reshape(lab.shape[0], -1)
-        self.union(flat, flat[:, :1])
-        return flat[:, 0].clone()
+        dim = dim % len(shape)
+        others = [d for d in range(len(shape)) if d != dim]
+        lab = self.unite(nodes.expand(shape), others)
+        return lab.expand(*lab.shape[:dim], shape[dim], *lab.shape[dim + 1 :]).reshape(-1).clone()
 
     def leading(self, t: Tensor, k: int) -> Sum:
         """Labels of ``t`` united over its last ``k`` dims, shaped ``t.shape[:-k] + (1,)*k``
         (every term): the labels of an op that maps each leading slice on its own (pooling,
         padding, upsampling)."""
-        if k == 0:
-            return self.terms(t)
-
-        def unite(nodes: Tensor) -> Tensor:
-            lab = compact(nodes.expand(t.shape))
-            lead = lab.shape[: lab.dim() - k]
-            flat = lab.reshape(*lead, -1)
-            self.union(flat, flat[..., :1])
-            return flat[..., :1].reshape(*lead, *([1] * k))
-
-        return self.terms(t).map(unite)
+        trailing = range(t.dim() - k, t.dim())
+        return self.terms(t).map(lambda nodes: self.unite(nodes.expand(t.shape), trailing))
 
     # -- parameter roles --------------------------------------------------------------------------
     def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
         """``nodes`` given at the shape of ``p`` (a parameter or a view of one), as a node
         tensor broadcastable to the parameter's own shape."""
+        if self.is_gathered(p):
+            return self._on_gathered(p, nodes)
         name, index = self._param_and_index(p)
         if index is None:
             return name, compact(nodes.expand(p.shape))
@@ -379,17 +506,51 @@ class TraceContext:
         full[index.reshape(-1)] = nodes.expand(p.shape).reshape(-1)
         return name, compact(full.view(self.params[name].shape))
 
+    def _on_gathered(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
+        """``nodes`` given on gathered slices, as nodes of the whole parameter: one node per
+        entry of the source (at the compact shape of ``nodes``), united with the nodes of every
+        position that holds it."""
+        self.claim(p)
+        gathered = self._gathers[id(p)][1]
+        nodes = compact(nodes.expand(p.shape))
+        lead = gathered.rows.dim()
+        rest = nodes.shape[lead:]
+        flat = nodes.expand(*gathered.rows.shape, *rest).reshape(-1, *rest)
+        holder = self.fresh(gathered.source.shape[0], *rest)
+        self.union(holder[gathered.rows.reshape(-1)], flat)
+        return self._on_param(gathered.source, holder)
+
     def produce(
         self, p: Tensor, *shape: int, arrange: Callable[[Tensor], Tensor] | None = None
     ) -> Tensor:
         """Fresh nodes, one per channel ``p`` produces (``shape`` broadcastable to ``p``, or
         placed on ``p`` by ``arrange``), that multiply ``p``'s entries: the op's output carries
         them on those channels. Returns the nodes."""
+        gathered = self._gathers.get(id(p), (None, None))
+        if (
+            gathered[0] is p
+            and arrange is None
+            and shape[: gathered[1].rows.dim()] == tuple(gathered[1].rows.shape)
+        ):
+            return self._produce_gathered(p, shape)
         nodes = self.fresh(*shape)
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(name, nodes)
         return nodes
+
+    def _produce_gathered(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """:meth:`produce` on gathered slices, with ``shape`` per position: fresh nodes per
+        slice of the whole parameter, read at the gathered rows (positions holding one slice
+        share its nodes)."""
+        gathered = self._gathers[id(p)][1]
+        lead = gathered.rows.dim()
+        holder = self.fresh(gathered.source.shape[0], *shape[lead:])
+        self.claim(p)
+        name, on_param = self._on_param(gathered.source, holder)
+        self._pending.setdefault(name, []).append((on_param, 1))
+        self.produced.setdefault(name, on_param)
+        return holder[gathered.rows]
 
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
         """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
@@ -409,9 +570,23 @@ class TraceContext:
         """Fix a parameter: every entry carries factor 1, so whatever its uses tied to it is
         blocked."""
         name = self.param_name(p)
+        if f"'{name}'" not in reason:
+            reason = f"{reason} (parameter '{name}')"
+        self.fixed.setdefault(name, reason)
         for nodes, _ in (self.roles.get(name) or []) + self._pending.pop(name, []):
             self.block(nodes, reason)
         self.roles[name] = None
+
+    def fix_partly_read(self) -> None:
+        """Fix every parameter gathered by data-dependent rows of which some slice was never
+        read: other inputs read it, and the trace cannot say how it would scale there."""
+        for name, (read, where) in self.coverage.items():
+            if not bool(read.all()):
+                missing = torch.nonzero(~read).reshape(-1).tolist()
+                self.fix(self.params[name], (
+                    f"slices {missing} of '{name}' (dim 0) are picked by the data and the "
+                    f"example input reads none of them, {where}: give an input that reaches "
+                    "every slice (every expert)"))  # fmt: skip
 
     def commit_roles(self) -> None:
         """Close the roles the current op gave its parameters: a first use defines them; a
@@ -442,6 +617,9 @@ class TraceContext:
     def view_of_param(self, out: Tensor, param_like: Tensor, index: Tensor) -> None:
         """Record ``out`` as an arrangement of the parameter behind ``param_like``: entry ``i``
         of ``out`` is entry ``index[i]`` (flat) of ``param_like``."""
+        if self.is_gathered(param_like):
+            self.fix(param_like, self.reason("gathered parameter slices rearranged"))
+            return
         name, base = self._param_and_index(param_like)
         param = self.params[name]
         if base is not None:
@@ -460,11 +638,32 @@ class TraceContext:
         return ZERO
 
 
+_LIBRARY = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+
+
+def _source_line() -> str:
+    """``file:line (`code`)`` of the innermost frame outside torch and gaugefix: the line of the
+    model's code that made the current call."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown line>"
+    info = inspect.getframeinfo(frame, context=1)
+    code = (info.code_context or [""])[0].strip()
+    return f"{info.filename}:{info.lineno} (`{code}`)"
+
+
 def _tensors(tree: Any) -> Iterator[Tensor]:
-    leaves, _ = tree_flatten(tree)
-    for leaf in leaves:
-        if isinstance(leaf, Tensor):
-            yield leaf
+    """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
 
 
 # Ops that read only metadata (shapes, dtypes, devices): safe to ignore.
@@ -478,7 +677,8 @@ _METADATA = {
 # Ops that hand tensor values to Python, where control flow may depend on them.
 _VALUE_READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy"}
 # Ops whose output depends only on the input's shape: the output carries the fixed factor.
-_SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty"}
+# (Zeros are not among them: a zero entry may carry any factor, see ``rules._zeros``.)
+_SHAPE_ONLY = {"ones_like", "empty_like", "new_ones", "new_empty"}
 
 
 class _Tracer(TorchFunctionMode):
@@ -496,7 +696,8 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         name = op_name(func)
         ctx.op = name
-        inputs = {id(t) for t in _tensors((args, kwargs))}
+        tensors = list(_tensors((args, kwargs)))
+        inputs = {id(t) for t in tensors}
         try:
             out = func(*args, **kwargs)
         except TracingError:
@@ -506,15 +707,15 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         if short in _METADATA:
             return out
-        tainted = any(
-            id(t) in ctx._tainted or id(t) in ctx.param_names for t in _tensors((args, kwargs))
-        )
+        tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
         if tainted:
             for t in _tensors(out):
                 ctx._tainted[id(t)] = t
         if short in _VALUE_READS:
             if tainted:
-                ctx.value_reads.append(ctx.reason(f"{name} read a tensor value"))
+                read = ctx.reason(f"{name} read a tensor value")
+                line = _source_line()
+                ctx.value_reads.append(f"{read}, derived from the input or weights, at {line}")
             return out
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
@@ -526,24 +727,23 @@ class _Tracer(TorchFunctionMode):
         if short in _SHAPE_ONLY:
             self.record(out, ZERO, inputs)
             return out
-        rule = _RULES.get(func)
-        if rule is None and getattr(func, "__name__", None) == "__get__":  # x.data, x.T
-            rule = _RULES.get(name)
+        rule = ctx.rule_for_op(func, name)
         ctx._claimed = set()
         ctx.func = func
         if rule is None:
             labels = ctx.block_all(args, kwargs, ctx.reason(f"unknown op {name}"))
         else:
-            labels = rule(ctx, args, kwargs, out)
-        self._block_unclaimed(args, kwargs)
+            labels = ctx.apply(rule, args, kwargs, out)
+        self._block_unclaimed(tensors)
         ctx.commit_roles()
         self.record(out, labels, inputs)
         return out
 
-    def _block_unclaimed(self, args: tuple, kwargs: dict) -> None:
-        """A safety net: tensors a rule did not look at are blocked."""
+    def _block_unclaimed(self, tensors: list[Tensor]) -> None:
+        """A safety net: the tensors among an op's arguments its rule did not look at are
+        blocked."""
         ctx = self.ctx
-        for t in _tensors((args, kwargs)):
+        for t in tensors:
             if id(t) not in ctx._claimed and (t.is_floating_point() or t.is_complex()):
                 reason = ctx.reason("input not handled by the op's rule")
                 if ctx.is_param(t):
@@ -609,9 +809,9 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
                 ctx.op = type(module).__name__
                 ctx.module = module
                 ctx._claimed = set()
-                labels = rule(ctx, args, kwargs, out)
+                labels = ctx.apply(rule, args, kwargs, out)
                 ctx.module = None
-                tracer._block_unclaimed(args, kwargs)
+                tracer._block_unclaimed(list(_tensors((args, kwargs))))
                 ctx.commit_roles()
                 tracer.record(out, labels, {id(t) for t in _tensors((args, kwargs))})
             if rule is not None:
@@ -623,7 +823,7 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             continue  # takes no hooks; what it computes is invisible and blocked (see labels)
-        rule = next((r for t, r in _MODULE_RULES.items() if type(module) is t), None)
+        rule = ctx.rule_for_module(module)
         label = name or "<root>"
         handles.append(module.register_forward_pre_hook(pre(label, rule), with_kwargs=True))
         handles.append(
@@ -637,7 +837,11 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
 
 
 def trace(
-    model: nn.Module, args: tuple, kwargs: dict, allow_value_dependent: bool = False
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    allow_value_dependent: bool = False,
+    rules: Iterable[tuple[Any, Callable[..., Any]]] = (),
 ) -> TraceContext:
     """Run ``model(*args, **kwargs)`` once under the tracer and return the filled context.
 
@@ -645,12 +849,19 @@ def trace(
     depends on the inputs or the parameters (``if x.sum() > 0:``): a trace sees one path through
     the forward, and other inputs may take another, on which the structure found here can be
     wrong. ``allow_value_dependent=True`` accepts such a forward for users who know the path is
-    fixed; the reads are then listed in ``ctx.value_reads``.
+    fixed; the reads are then listed in ``ctx.value_reads``. ``rules``: ``(target, rule)``
+    pairs that apply to this trace only, before those of :func:`register_rule` and the built-in
+    ones.
 
     The model is left as it was: buffers (BatchNorm running statistics) are restored, the global
     random state is not advanced, and ``requires_grad`` flags are put back.
     """
-    ctx = TraceContext(model)
+    per_call = Registry()
+    for pair in rules:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"rules must be (target, rule) pairs, got {pair!r}")
+        per_call.add(*pair)
+    ctx = TraceContext(model, (per_call, USER, BUILTIN))
     tracer = _Tracer(ctx)
     for t in _tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
@@ -674,6 +885,7 @@ def trace(
                         f"the model's forward failed in module "
                         f"'{where if exc is err else ctx.where}' (last op {ctx.op}): {err}"
                     ) from err
+            ctx.fix_partly_read()
             for t in _tensors(out):
                 if t.is_floating_point() or t.is_complex():
                     reason = "model output (rescaling it changes the function)"
