@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import struct
-import tempfile
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix.balancing import BalanceResult
+from gaugefix.files import atomic_write
 
 Format = Literal["safetensors", "torch"]
 
@@ -87,26 +86,20 @@ def read_state_dict(path: str | Path) -> StateDictFile:
 
 
 def write_state_dict(state: StateDictFile, path: str | Path) -> None:
-    """Write ``state`` to ``path`` in its format, atomically (a temporary file in the same
-    directory, then a rename): ``path`` is either untouched or complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write ``state`` to ``path`` in its format with :func:`gaugefix.files.atomic_write`:
+    ``path`` (or the file a symbolic link there points to) is either untouched or complete, and
+    a new file gets the permissions the umask gives; :class:`~gaugefix.files.OutputError`
+    (naming ``path``) when it cannot be written."""
+    with atomic_write(path) as f:
         if state.format == "safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file(state.tensors, tmp, metadata=state.metadata)
+            f.write(save(state.tensors, metadata=state.metadata))
         else:
             out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
             if state.metadata is not None:
                 out._metadata = state.metadata  # type: ignore[attr-defined]
-            torch.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            torch.save(out, f)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import Executor, TaskSpec, run_all
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
+from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
@@ -143,7 +145,10 @@ def inspect(
     typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
     typer.echo(structure.summary())
     if save is not None:
-        structure.save(save)
+        try:
+            write_text(save, json.dumps(structure.to_dict()))  # what GaugeStructure.save writes
+        except OutputError as err:
+            raise _fail(str(err)) from None
         typer.echo(f"structure written to {save}")
 
 
@@ -157,8 +162,10 @@ def balance(
     vocab: Vocab = None,
 ) -> None:
     """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit."""
-    if out.is_dir():
-        raise _fail(f"--out {out} is a directory; give a file name")
+    try:
+        output_target(out)  # refused before the work: a directory, device, FIFO or socket
+    except OutputError as err:
+        raise _fail(str(err)) from None
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     try:
@@ -192,8 +199,8 @@ def balance(
         )
     try:
         write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
-    except OSError as err:
-        raise _fail(f"cannot write {out}: {err}") from None
+    except OutputError as err:
+        raise _fail(str(err)) from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
 
