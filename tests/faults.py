@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import fnmatch
 import io
 import os
 from pathlib import Path
@@ -15,10 +16,12 @@ import pytest
 WRITE_MODES = set("wxa+")
 
 
-def _under(path: object, directory: Path) -> bool:
+def _under(path: object, directory: Path, pattern: str = "*") -> bool:
+    """``path`` is under ``directory`` and its name matches ``pattern``."""
     if not isinstance(path, str | os.PathLike):
         return False  # a file descriptor
-    return Path(os.path.abspath(path)).is_relative_to(directory.resolve())
+    path = Path(os.path.abspath(path))
+    return path.is_relative_to(directory.resolve()) and fnmatch.fnmatch(path.name, pattern)
 
 
 class FullDiskFile:
@@ -40,11 +43,13 @@ class FullDiskFile:
         self._file.close()
 
 
-def _patch_open(monkeypatch: pytest.MonkeyPatch, directory: Path, fault: str) -> None:
+def _patch_open(
+    monkeypatch: pytest.MonkeyPatch, directory: Path, fault: str, pattern: str = "*"
+) -> None:
     real_open, real_mkdir = builtins.open, os.mkdir
 
     def fake_open(file, mode="r", *args, **kwargs):
-        if not (WRITE_MODES & set(mode) and _under(file, directory)):
+        if not (WRITE_MODES & set(mode) and _under(file, directory, pattern)):
             return real_open(file, mode, *args, **kwargs)
         if fault == "read-only":
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
@@ -65,9 +70,11 @@ def read_only(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
     _patch_open(monkeypatch, directory, "read-only")
 
 
-def full_disk(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
-    """Put ``directory`` on a full disk for this test: files can be created, not written."""
-    _patch_open(monkeypatch, directory, "full")
+def full_disk(monkeypatch: pytest.MonkeyPatch, directory: Path, pattern: str = "*") -> None:
+    """Put ``directory`` on a full disk for this test: files can be created, not written (only
+    the files whose names match ``pattern``; ``*.png*``: the disk fills at the first figure,
+    written directly or through a temporary file)."""
+    _patch_open(monkeypatch, directory, "full", pattern)
 
 
 def listing(directory: Path) -> dict[str, bytes]:

@@ -313,7 +313,7 @@ def reproduce(
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
         _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
         summary = _render(out, quick)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(_INTERRUPTED, err=True)
@@ -399,7 +399,7 @@ def sweep(
             written = run_all(store, configs, lambda c: spec, jobs, execute=execute)
         _made_by(store, "sweep")
         _render(out)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(_INTERRUPTED, err=True)
@@ -412,6 +412,6 @@ def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> No
     """Re-render report.md, the figures and summary.json from OUT's store."""
     try:
         summary = _render(out)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
     typer.echo(headline_table(summary))

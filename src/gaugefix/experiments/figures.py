@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from gaugefix.experiments.engine import METHODS  # noqa: E402
+from gaugefix.files import atomic_write  # noqa: E402
 
 __all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "plt", "save"]
 
@@ -58,7 +59,11 @@ def plain_log_ticks(*axes: Any) -> None:
 
 
 def save(fig: Any, out: Path, name: str) -> str:
-    """Write ``fig`` to ``out / name`` and close it; returns ``name``."""
-    fig.savefig(out / name, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    """Write ``fig`` as a PNG to ``out / name``, whole or not at all
+    (:func:`gaugefix.files.atomic_write`), and close it; returns ``name``."""
+    try:
+        with atomic_write(out / name) as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return name
