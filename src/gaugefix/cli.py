@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -255,6 +256,8 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | 
             raise _fail("--ray-address needs --executor ray")
         yield None
         return
+    if importlib.util.find_spec("ray") is None:  # before any address is tried
+        raise _fail("--executor ray needs Ray: pip install 'gaugefix[ray]'")
     from gaugefix.experiments.ray_executor import ClusterError, ray_executor
 
     try:
