@@ -9,6 +9,7 @@ on an example input measured; :func:`write_state_dict` writes them in the file's
 from __future__ import annotations
 
 import copy
+import io
 import math
 import struct
 from collections import OrderedDict, defaultdict
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix.balancing import BalanceResult
-from gaugefix.files import atomic_write
+from gaugefix.files import write_bytes
 
 Format = Literal["safetensors", "torch"]
 
@@ -86,20 +87,22 @@ def read_state_dict(path: str | Path) -> StateDictFile:
 
 
 def write_state_dict(state: StateDictFile, path: str | Path) -> None:
-    """Write ``state`` to ``path`` in its format with :func:`gaugefix.files.atomic_write`:
-    ``path`` (or the file a symbolic link there points to) is either untouched or complete, and
-    a new file gets the permissions the umask gives; :class:`~gaugefix.files.OutputError`
-    (naming ``path``) when it cannot be written."""
-    with atomic_write(path) as f:
-        if state.format == "safetensors":
-            from safetensors.torch import save
+    """Write ``state`` to ``path`` in its format: serialised in memory, then written with
+    :func:`gaugefix.files.write_bytes`, so ``path`` (or the file a symbolic link there points
+    to) is either untouched or complete, and a new file gets the permissions the umask gives;
+    :class:`~gaugefix.files.OutputError` (naming ``path``) when it cannot be written."""
+    if state.format == "safetensors":
+        from safetensors.torch import save
 
-            f.write(save(state.tensors, metadata=state.metadata))
-        else:
-            out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
-            if state.metadata is not None:
-                out._metadata = state.metadata  # type: ignore[attr-defined]
-            torch.save(out, f)
+        data = save(state.tensors, metadata=state.metadata)
+    else:
+        out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
+        if state.metadata is not None:
+            out._metadata = state.metadata  # type: ignore[attr-defined]
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        data = buffer.getvalue()
+    write_bytes(path, data)
 
 
 @dataclass(frozen=True)

@@ -12,21 +12,16 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
-from typing import BinaryIO
 
 
 class OutputError(OSError):
     """An output file that cannot be written; the message names it and says why."""
 
 
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
 
 
 def output_target(path: str | os.PathLike) -> Path:
@@ -48,29 +43,27 @@ def output_target(path: str | os.PathLike) -> Path:
     return target
 
 
-@contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file for the new content of ``path`` (see the module): renamed over the target
-    when the block ends; on any error in the block or in writing, removed, and the error raised
-    as an :class:`OutputError` naming ``path``."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (see the module). On an error the temporary file is removed;
+    an ``OSError`` (a full disk, a read-only directory) is raised as an :class:`OutputError`
+    naming ``path``."""
     target = output_target(path)
     temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "xb") as f:
-            yield f
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, target)
     except BaseException as err:
         with suppress(OSError):
             temp.unlink(missing_ok=True)
-        if isinstance(err, Exception):
+        if isinstance(err, OSError):
             raise OutputError(f"cannot write {path}: {_reason(err)}") from None
         raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`."""
-    with atomic_write(path) as f:
-        f.write(text.encode())
+    """Write ``text`` (UTF-8) to ``path`` with :func:`write_bytes`."""
+    write_bytes(path, text.encode())

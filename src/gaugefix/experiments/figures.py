@@ -3,6 +3,7 @@ tick labels on log axes, and how numbers are written."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from gaugefix.experiments.engine import METHODS  # noqa: E402
-from gaugefix.files import atomic_write  # noqa: E402
+from gaugefix.files import write_bytes  # noqa: E402
 
 __all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "plt", "save"]
 
@@ -59,11 +60,12 @@ def plain_log_ticks(*axes: Any) -> None:
 
 
 def save(fig: Any, out: Path, name: str) -> str:
-    """Write ``fig`` as a PNG to ``out / name``, whole or not at all
-    (:func:`gaugefix.files.atomic_write`), and close it; returns ``name``."""
+    """Draw ``fig`` as a PNG, close it, and write it to ``out / name``, whole or not at all
+    (:func:`gaugefix.files.write_bytes`); returns ``name``."""
+    png = io.BytesIO()
     try:
-        with atomic_write(out / name) as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
+    write_bytes(out / name, png.getvalue())
     return name
