@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 PRINTS = "# prints:"
 
 
@@ -98,5 +98,5 @@ def test_a_block_that_prints_something_else_fails():
 
 
 def test_blocks_are_found_with_their_lines():
-    text = "intro\n```python\nx = 1\n```\n\n```\nnot python\n```\n```python\ny = 2\n```\n"
+    text = "intro\n```python\nx = 1\n```\n\n```\nnot python\n```\n```python \ny = 2\n```\n"
     assert python_blocks(text) == [(3, "x = 1\n"), (10, "y = 2\n")]
