@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import gaugefix
+from faults import full_disk, listing
 from gaugefix.checkpoint import CheckpointBalance, balance_state_dict, read_state_dict
 from gaugefix.cli import app
 from gaugefix.zoo import cnn, mlp
@@ -292,3 +295,65 @@ def test_outputs_beyond_the_dtype_tolerance_are_not_written(tmp_path, monkeypatc
     assert "the balanced weights in torch.float32 change the outputs by" in result.output
     assert not out.exists()
     assert "largest output change on the example input" in result.output
+
+
+def _one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_balance_refuses_a_directory_fifo_or_device_as_out_and_changes_nothing(tmp_path):
+    src = _state_file(tmp_path)
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "null").symlink_to(os.devnull)  # a device, through a link (never /dev/null itself)
+    before = listing(tmp_path)
+    for name, why in (
+        ("dir", "it is a directory"),
+        ("fifo", "it is not a regular file"),
+        ("null", "it is not a regular file"),
+    ):
+        result = _balance("--model", "mlp", "--weights", str(src), "--out", str(tmp_path / name))
+        _one_line_error(result, f"cannot write {tmp_path / name}: {why}")
+    assert stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode)
+    assert os.readlink(tmp_path / "null") == os.devnull and (tmp_path / "dir").is_dir()
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_balance_writes_through_a_symlink_with_the_umask_permissions(tmp_path, existing):
+    src = _state_file(tmp_path, gauged(mlp, (1, 16)).state_dict(), "safetensors")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    target = tmp_path / "real" / "balanced.safetensors"
+    if existing:
+        target.write_bytes(b"old")
+        target.chmod(0o600)
+    link = tmp_path / "links" / "out.safetensors"
+    link.symlink_to(target)
+    umask = os.umask(0o027)
+    try:
+        result = _balance("--model", "mlp", "--weights", str(src), "--out", str(link))
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert set(load_file(target)) == set(mlp().state_dict())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["in.safetensors", "real", "links", "balanced.safetensors", "out.safetensors"]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_balance_on_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, fmt):
+    src = _state_file(tmp_path, gauged(mlp, (1, 16)).state_dict(), fmt)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "out.bin"
+    out.write_bytes(b"the previous weights")
+    full_disk(monkeypatch, disk)
+    result = _balance("--model", "mlp", "--weights", str(src), "--out", str(out))
+    _one_line_error(result, f"cannot write {out}: No space left on device")
+    assert listing(disk) == {"out.bin": b"the previous weights"}

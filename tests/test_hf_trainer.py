@@ -275,8 +275,11 @@ def test_batches_with_an_attention_mask_need_the_opt_in(tmp_path):
     trainer = trainer_for(model, tmp_path)
     trainer.train_dataset = Padded()
     trainer.add_callback(GaugeFixingCallback(trainer, strength=1000.0, every=1))
-    with pytest.raises(gaugefix.ValueDependentError, match="read a tensor value"):
+    with pytest.raises(gaugefix.ValueDependentError, match="read a tensor value") as refused:
         trainer.train()
+    message = str(refused.value)  # names the callback's argument, not discover()'s
+    assert "GaugeFixingCallback(trainer, ..., allow_value_dependent=True)" in message
+    assert "discover()" not in message
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     trainer = trainer_for(gpt2(), tmp_path)
     trainer.train_dataset = Padded()

@@ -137,6 +137,7 @@ def test_drift_figure_has_one_legend_with_every_method(quick_results, monkeypatc
         regimes[regime] = (drift.summarize(chosen), chosen)
     assert drift.figure(quick_results, store, "teacher-student", regimes)
     (fig,) = captured
+    assert fig.get_suptitle().startswith("teacher-student: scale drift")
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == list(METHODS)
     assert all(ax.get_legend() is None for ax in fig.axes)
@@ -170,6 +171,87 @@ def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, monkey
     assert len(captured) == 2
     for fig in captured:
         _assert_labels_clear(fig)
+
+
+def test_sharpness_legend_leaves_the_two_over_lr_line_clear(tmp_path, monkeypatch):
+    captured = _captured_figures(monkeypatch)
+    init = {"by_s": {"-1.0": 31.0, "0.0": 9.3, "1.0": 34.0}, "balanced": 2.9}
+    # 2/lr = 22 lies among the sharpness curves, where a legend in the panel would fall
+    curves = {"plain": (31, 30, 10, 4.9), "balanced-init": (3, 3, 3, 3), "exact": (31, 31, 2, 1.8)}
+    train = {"lr": 0.09, "s": 1.0, "two_over_lr": 2 / 0.09}
+    train |= {m: [(4 * i, 0.1, v) for i, v in enumerate(c)] for m, c in curves.items()}
+    conditioning.render(tmp_path, {"teacher-student": {"init": init, "train": train}})
+    (fig,) = captured
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    panels = [ax for ax in fig.axes if any(line.get_label() == "2 / lr" for line in ax.lines)]
+    assert panels and legends
+    for ax in panels:
+        frame = ax.get_window_extent(renderer)
+        assert not any(_overlaps(frame, legend.get_window_extent(renderer)) for legend in legends)
+    labels = [text.get_text() for legend in legends for text in legend.get_texts()]
+    assert {"plain", "balanced-init", "exact", "2 / lr"} <= set(labels)
+
+
+def _empty_parts(text: str) -> list[str]:
+    """Headings with nothing under them before the next heading of the same or a higher level,
+    lead-ins (``**...**...:``) followed by nothing, and tables without rows."""
+    blocks = [b.strip() for b in text.split("\n\n")] + [""]
+    empty = []
+    for k, block in enumerate(blocks[:-1]):
+        following = blocks[k + 1]
+        if block.startswith("#"):
+            level = len(block) - len(block.lstrip("#"))
+            nested = following.startswith("#" * (level + 1))
+            if not following or (following.startswith("#") and not nested):
+                empty.append(block)
+        elif block.startswith("**") and block.endswith(":"):
+            if not following or following.startswith(("#", "**", "![")):
+                empty.append(block)
+        if block.startswith("|") and block.splitlines()[-1].startswith("|---"):
+            empty.append(block)
+    return empty
+
+
+def test_a_report_of_plain_runs_only_has_no_empty_section(tmp_path):
+    out = tmp_path / "plain"
+    args = ["sweep", "--task", "teacher-student", "--lr", "0.05,0.1", "--steps", "20"]
+    result = cli.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "drift-teacher-student.png" in text  # plain's drift, with nothing to compare
+    assert _empty_parts(text) == []
+    assert "No comparison: the runs hold no method besides the references" in text
+
+
+def test_the_quick_results_report_has_no_empty_section(quick_results):
+    assert _empty_parts((quick_results / "report.md").read_text()) == []
+
+
+def test_empty_parts_are_found():
+    text = "# a\n\n## b\n\n**lead**:\n\n\n\n![x](x.png)\n\n| h |\n|---|\n\n## c\n\ntext\n"
+    assert _empty_parts(text) == ["**lead**:", "| h |\n|---|"]  # "## b" holds the lead-in
+
+
+def test_a_report_removes_the_figures_only_its_previous_report_showed(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3))
+    np.savez(tmp_path / "d.npz", X=x, y=x[:, :1] ** 2)
+    out = tmp_path / "out"
+    args = ["sweep", "--data", str(tmp_path / "d.npz"), "--steps", "10", "--out", str(out)]
+    assert cli.invoke(app, [*args, "--hidden", "8"]).exit_code == 0
+    first = report.figures_shown((out / "report.md").read_text())
+    assert "stability-d-gd-full-10.png" in first
+    mine = {"notes.png", "stability-mine.png", "drift-d-old.png"}  # a user's files
+    for name in mine:
+        (out / name).write_bytes(b"mine")
+    result = cli.invoke(app, [*args, "--hidden", "16"])  # another task hash: names get @HASH
+    assert result.exit_code == 0, result.output
+    shown = report.figures_shown((out / "report.md").read_text())
+    assert shown and not shown & first and all("@" in name for name in shown)
+    assert {p.name for p in out.glob("*.png")} == shown | mine
+    assert all((out / name).read_bytes() == b"mine" for name in mine)
 
 
 def test_stability_figure_keeps_labels_clear(quick_results, monkeypatch):

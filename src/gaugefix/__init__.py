@@ -1,5 +1,6 @@
 """gaugefix: the rescaling (gauge) symmetry of positively homogeneous PyTorch networks."""
 
+from gaugefix import zoo  # the example models: gaugefix.zoo.GPT, ...
 from gaugefix.action import apply_gauge_, random_gauge_
 from gaugefix.balancing import BalanceResult, balance_
 from gaugefix.coordinates import (
@@ -63,4 +64,5 @@ __all__ = [
     "project",
     "relaxation_rates",
     "sharpness",
+    "zoo",
 ]

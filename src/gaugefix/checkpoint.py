@@ -9,10 +9,9 @@ on an example input measured; :func:`write_state_dict` writes them in the file's
 from __future__ import annotations
 
 import copy
+import io
 import math
-import os
 import struct
-import tempfile
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 import gaugefix
 from gaugefix.balancing import BalanceResult
 from gaugefix.errors import GaugefixError
+from gaugefix.files import write_bytes
 
 Format = Literal["safetensors", "torch"]
 
@@ -88,26 +88,22 @@ def read_state_dict(path: str | Path) -> StateDictFile:
 
 
 def write_state_dict(state: StateDictFile, path: str | Path) -> None:
-    """Write ``state`` to ``path`` in its format, atomically (a temporary file in the same
-    directory, then a rename): ``path`` is either untouched or complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if state.format == "safetensors":
-            from safetensors.torch import save_file
+    """Write ``state`` to ``path`` in its format: serialised in memory, then written with
+    :func:`gaugefix.files.write_bytes`, so ``path`` (or the file a symbolic link there points
+    to) is either untouched or complete, and a new file gets the permissions the umask gives;
+    :class:`~gaugefix.files.OutputError` (naming ``path``) when it cannot be written."""
+    if state.format == "safetensors":
+        from safetensors.torch import save
 
-            save_file(state.tensors, tmp, metadata=state.metadata)
-        else:
-            out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
-            if state.metadata is not None:
-                out._metadata = state.metadata  # type: ignore[attr-defined]
-            torch.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        data = save(state.tensors, metadata=state.metadata)
+    else:
+        out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
+        if state.metadata is not None:
+            out._metadata = state.metadata  # type: ignore[attr-defined]
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        data = buffer.getvalue()
+    write_bytes(path, data)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import math
 import os
 import sys
@@ -31,6 +33,7 @@ from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import Executor, TaskSpec, run_all
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
+from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
@@ -143,7 +146,10 @@ def inspect(
     typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
     typer.echo(structure.summary())
     if save is not None:
-        structure.save(save)
+        try:
+            write_text(save, json.dumps(structure.to_dict()))  # what GaugeStructure.save writes
+        except OutputError as err:
+            raise _fail(str(err)) from None
         typer.echo(f"structure written to {save}")
 
 
@@ -157,8 +163,10 @@ def balance(
     vocab: Vocab = None,
 ) -> None:
     """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit."""
-    if out.is_dir():
-        raise _fail(f"--out {out} is a directory; give a file name")
+    try:
+        output_target(out)  # refused before the work: a directory, device, FIFO or socket
+    except OutputError as err:
+        raise _fail(str(err)) from None
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     try:
@@ -192,8 +200,8 @@ def balance(
         )
     try:
         write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
-    except OSError as err:
-        raise _fail(f"cannot write {out}: {err}") from None
+    except OutputError as err:
+        raise _fail(str(err)) from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
 
@@ -248,6 +256,8 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | 
             raise _fail("--ray-address needs --executor ray")
         yield None
         return
+    if importlib.util.find_spec("ray") is None:  # before any address is tried
+        raise _fail("--executor ray needs Ray: pip install 'gaugefix[ray]'")
     from gaugefix.experiments.ray_executor import ClusterError, ray_executor
 
     try:
@@ -306,7 +316,7 @@ def reproduce(
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
         _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
         summary = _render(out, quick)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(_INTERRUPTED, err=True)
@@ -392,7 +402,7 @@ def sweep(
             written = run_all(store, configs, lambda c: spec, jobs, execute=execute)
         _made_by(store, "sweep")
         _render(out)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(_INTERRUPTED, err=True)
@@ -405,6 +415,6 @@ def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> No
     """Re-render report.md, the figures and summary.json from OUT's store."""
     try:
         summary = _render(out)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
     typer.echo(headline_table(summary))

@@ -154,13 +154,14 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         ax.set_title(f"{task}, lr = {fmt(r['lr'])}, s = {r['s']:g}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("sharpness")
-        ax.legend(fontsize=7)
         plain_log_ticks(ax)
         finals = ", ".join(f"{m} {fmt(r[m][-1][2] if r.get(m) else None)}" for m in TRAINED)
         lines.append(
             f"- {task}, full-batch GD at lr {fmt(r['lr'])} from s = {r['s']:g}: final sharpness "
             f"{finals}; 2/lr = {fmt(r['two_over_lr'])}."
         )
+    handles, labels = axes[0][-1].get_legend_handles_labels()  # below the panels, off the lines
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
     name = save(fig, out, "sharpness.png")
     return (
         "## Conditioning\n\nThe largest Hessian eigenvalue of the training loss (Lanczos on "

@@ -104,7 +104,7 @@ def summarize(runs: Runs) -> DriftSummary:
 def render(entry: dict[str, Any], label: Any) -> str:
     """The drift paragraph of one regime (``label(method)``: a method with its strength)."""
     parts = []
-    if "drift_suppression" in entry:
+    if entry.get("drift_suppression"):  # some method besides the reference
         ref = entry["drift_reference"]
         suppression = entry["drift_suppression"]
         lines = [
@@ -134,7 +134,8 @@ def figure(
     out: Path, store: Store, task: str, regimes: dict[Regime, tuple[dict, list[StoredRun]]]
 ) -> str | None:
     """RMS log-ratio and ``max |mu| / S`` over the steps at each regime's drift learning rate,
-    s = 0, the first seed; one panel per regime, one color per method, one legend."""
+    s = 0, the first seed; one panel per regime, one color per method, one legend, titled by
+    the task."""
     panels = [(g, entry, runs) for g, (entry, runs) in regimes.items() if "drift_lr" in entry]
     if not panels:
         return None
@@ -172,6 +173,7 @@ def figure(
         bottom.set_xlabel("step")
         bottom.set_yscale("log")
         plain_log_ticks(bottom)
+    fig.suptitle(f"{task}: scale drift, s = 0, first seed", fontsize=10)
     methods = methods_in_order(lines)
     fig.legend(
         [lines[m] for m in methods],

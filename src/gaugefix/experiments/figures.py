@@ -4,6 +4,7 @@ tick labels on log axes, and how numbers are written."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from gaugefix.experiments.engine import METHODS
+from gaugefix.files import write_bytes
 
 __all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "save", "subplots"]
 
@@ -67,6 +69,9 @@ def subplots(
 
 
 def save(fig: Figure, out: Path, name: str) -> str:
-    """Write ``fig`` to ``out / name``; returns ``name``."""
-    fig.savefig(out / name, dpi=110, bbox_inches="tight")
+    """Draw ``fig`` as a PNG and write it to ``out / name``, whole or not at all
+    (:func:`gaugefix.files.write_bytes`); returns ``name``."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    write_bytes(out / name, png.getvalue())
     return name

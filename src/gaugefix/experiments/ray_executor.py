@@ -85,6 +85,11 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Executor]:
                 "it asks for Ray's authentication token; set RAY_AUTH_MODE=token (the token "
                 "in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
             )
+        elif address == "auto" and isinstance(err, ConnectionError):
+            reason = (
+                "none runs on this machine; start one with `ray start --head`, give "
+                "--ray-address HOST:PORT, or leave out --ray-address for a local Ray instance"
+            )
         else:
             reason = str(err).strip().splitlines()[0]
         raise ClusterError(f"cannot {what}: {reason}") from None

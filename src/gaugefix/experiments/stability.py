@@ -330,6 +330,8 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
                     for s, st in sorted(cells.items(), key=lambda kv: float(kv[0]))
                 )
             )
+        if not lines:  # no method besides the reference in this regime
+            continue
         what = "plain" if ref == "plain" else "a balanced start (balanced-init)"
         parts.append(
             f"**Expansion against {what}** (per-seed ratio of `max_stable_lr`: median "

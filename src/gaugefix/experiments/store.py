@@ -206,6 +206,11 @@ class Store:
 
     def _error(self, err: sqlite3.Error) -> StoreError:
         """The one-line error for an SQLite failure on this store."""
+        code = getattr(err, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+        if code == sqlite3.SQLITE_READONLY:
+            return StoreError(f"cannot write {self.path}: it is read-only ({err})")
+        if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            return StoreError(f"cannot write {self.path}: {err}")
         if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
             if self.path.is_dir():
                 return StoreError(f"cannot open {self.path}: it is a directory")

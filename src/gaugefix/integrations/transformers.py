@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gaugefix.integrations.common import check_options, prefixed_stats
-from gaugefix.structure import GaugeStructure, discover
+from gaugefix.structure import GaugeStructure, ValueDependentError, discover
 from gaugefix.train.hook import EVERY, GaugeFixing, Mode
 
 # The entry of ``TrainerState.stateful_callbacks`` (a checkpoint's ``trainer_state.json``) that
@@ -195,9 +195,16 @@ class GaugeFixingCallback(TrainerCallback):
         gauge fixing before the forward reads the parameters."""
         self._discovery.remove()
         self._discovery = None
-        self.structure = discover(
-            module, *args, allow_value_dependent=self.allow_value_dependent, **kwargs
-        )
+        try:
+            self.structure = discover(
+                module, *args, allow_value_dependent=self.allow_value_dependent, **kwargs
+            )
+        except ValueDependentError as err:  # the argument to pass is this callback's
+            raise ValueDependentError(
+                f"{err}: GaugeFixingCallback(trainer, ..., allow_value_dependent=True), which "
+                "discovers the structure on the first batch (Hugging Face models read the "
+                "attention_mask's values to choose how to apply it)"
+            ) from None
         self._attach()
 
     def _attach(self) -> None:

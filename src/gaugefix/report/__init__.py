@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +14,25 @@ from gaugefix.experiments.engine import METHODS, REFERENCES
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.store import Store, StoredRun
 from gaugefix.experiments.summary import summarize
+from gaugefix.files import write_text
 
 STORE_NAME = "results.sqlite"
 MARK = {True: "✓", False: "✗", None: "?"}
+FIGURE = re.compile(r"!\[[^\]]*\]\(([^()/\\]+\.png)\)")  # a figure link to a file next to it
 
 
 def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
-    """Write ``summary.json``, the figures and ``report.md`` into ``out_dir`` from its store;
-    returns the summary. ``quick`` defaults to what the store's last reproduction recorded."""
+    """Write ``summary.json``, the figures and ``report.md`` into ``out_dir`` from its store,
+    each file whole or not at all, and remove the figures that only the previous ``report.md``
+    showed (no other file); returns the summary. ``quick`` defaults to what the store's last
+    reproduction recorded. :class:`~gaugefix.files.OutputError` names a file that cannot be
+    written."""
     out = Path(out_dir)
     store = Store(out / STORE_NAME, readonly=True)
     if quick is None:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     sections = [_header(summary, _title(store, summary))]
     for task, task_runs in by_task(store.runs()).items():
         sections.append(_task_section(out, store, task, summary["tasks"][task], task_runs))
@@ -34,8 +40,18 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
         values = stored(store, analysis)
         if values:
             sections.append(analysis.render(out, values))
-    (out / "report.md").write_text("\n\n".join(s for s in sections if s) + "\n")
+    text = "\n\n".join(s for s in sections if s) + "\n"
+    previous = out / "report.md"
+    stale = figures_shown(previous.read_text()) - figures_shown(text) if previous.is_file() else ()
+    write_text(previous, text)
+    for name in stale:  # figures only the previous report showed (another task name, say)
+        (out / name).unlink(missing_ok=True)
     return summary
+
+
+def figures_shown(report: str) -> set[str]:
+    """The figure files a report shows: ``![...](NAME.png)`` in its own directory."""
+    return set(FIGURE.findall(report))
 
 
 def _cells(ratios: dict[str, dict[str, Any]]) -> str:
@@ -75,6 +91,11 @@ def headline_table(summary: dict[str, Any]) -> str:
                     f"| {task} | {Regime.parse(key).label} | {stability.label(method, g)} | "
                     f"{cells[0]} | {cells[1]} | {drift_cell} |"
                 )
+    if len(lines) == 2:
+        return (
+            "No comparison: the runs hold no method besides the references (plain, "
+            "balanced-init) in any regime."
+        )
     lines.append(
         "\nA ratio is the median [min, max] over seeds of the per-seed ratio of `max_stable_lr`; "
         "✓ held (above 1 for every seed), ✗ did not hold (at most 1 for some seed), ? could not "

@@ -904,6 +904,6 @@ def trace(
             f"the forward's control flow may depend on its input or weights: "
             f"{ctx.value_reads[0]}; a trace sees one path, and the rescaling found on it can "
             "change the outputs of inputs that take another. Pass allow_value_dependent=True "
-            "to discover() if that path is the same for every input"
+            "if that path is the same for every input"
         )
     return ctx

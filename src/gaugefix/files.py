@@ -1,0 +1,69 @@
+"""Output files: each is written whole or not at all.
+
+A file is written to a temporary file in the directory of its target, created like any new file
+(mode ``0o666`` less the umask), and renamed over the target once complete; on a failure the
+temporary file is removed and the target is left as it was. The target is the path itself, or,
+for a symbolic link, the file it points to (followed, as ``open`` follows it: the link stays).
+A directory, device, FIFO or socket is never replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from contextlib import suppress
+from pathlib import Path
+
+
+class OutputError(OSError):
+    """An output file that cannot be written; the message names it and says why."""
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """The regular file that writing ``path`` replaces or creates (a symbolic link followed);
+    :class:`OutputError` when it is a directory, a device, a FIFO or a socket."""
+    target = Path(os.path.realpath(path))
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {_reason(err)}") from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"cannot write {path}: it is a directory; give a file name")
+    if not stat.S_ISREG(mode):
+        raise OutputError(
+            f"cannot write {path}: it is not a regular file (a device, FIFO or socket)"
+        )
+    return target
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (see the module). On an error the temporary file is removed;
+    an ``OSError`` (a full disk, a read-only directory) is raised as an :class:`OutputError`
+    naming ``path``."""
+    target = output_target(path)
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException as err:
+        with suppress(OSError):
+            temp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(f"cannot write {path}: {_reason(err)}") from None
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`write_bytes`."""
+    write_bytes(path, text.encode())
