@@ -10,6 +10,7 @@ from gaugefix.diagnostics import (
     relaxation_rates,
     sharpness,
 )
+from gaugefix.equalize import EqualizeResult, equalize_, sharpness_objective
 from gaugefix.moment import imbalance, imbalance_stats
 from gaugefix.soft import OrbitSelectionPenalty, relax_
 from gaugefix.structure import (
@@ -29,6 +30,9 @@ __all__ = [
     "BalanceResult",
     "apply_gauge_",
     "balance_",
+    "EqualizeResult",
+    "equalize_",
+    "sharpness_objective",
     "imbalance",
     "random_gauge_",
     "Exclusion",
