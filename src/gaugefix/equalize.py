@@ -336,9 +336,9 @@ def minimize_objective(
     h = h.detach().requires_grad_(True)
     after = value(h)
     (grad,) = torch.autograd.grad(after, h, allow_unused=True)
-    converged = grad is None or float(grad.abs().max(initial=0.0)) <= tol
+    converged = grad is None or not grad.numel() or float(grad.abs().max()) <= tol
     iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
-    return h.detach(), iterations, before, float(after), converged
+    return h.detach(), iterations, before, float(after.detach()), converged
 
 
 def sharpness_objective(
