@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 import typer
 from torch import nn
@@ -155,19 +156,45 @@ def balance(
     input_shape: InputShape = None,
     input_ids: InputIds = None,
     vocab: Vocab = None,
+    objective: Annotated[
+        str, typer.Option(help="the orbit point: norm (minimal norm), range or activation")
+    ] = "norm",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="activation: .npz whose array X is the calibration batch (default: "
+            "the example input)"
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="activation: SmoothQuant's exponent")] = 0.5,
 ) -> None:
-    """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit."""
+    """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit, or
+    the point of another objective (``gaugefix.equalize_``), the function unchanged."""
     if out.is_dir():
         raise _fail(f"--out {out} is a directory; give a file name")
+    if objective not in gaugefix.equalize.OBJECTIVES:
+        raise _fail(f"unknown --objective {objective!r}; choose from norm, range, activation")
+    if calibration is not None and objective != "activation":
+        raise _fail("--calibration is used only with --objective activation")
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
+    batch = _calibration(calibration) if calibration is not None else x
     try:
         state = read_state_dict(weights)
-        tensors, report = balance_state_dict(net, state.tensors, x)
+        tensors, report = balance_state_dict(
+            net, state.tensors, x, objective, batch if objective == "activation" else None, alpha
+        )
     except (CheckpointError, gaugefix.TracingError) as err:
         raise _fail(str(err)) from None
     before, after = report.before, report.after
     typer.echo(f"{model}: {report.num_generators} generators")
+    if objective != "norm":
+        done = report.result
+        typer.echo(
+            f"{objective}: residual max |delta_n| {done.objective_before:.3g} -> "
+            f"{done.objective_after:.3g} in {done.iterations} iterations; "
+            f"{len(done.dead_generators)} generators it does not see left in place"
+        )
     typer.echo(
         f"imbalance max |mu_n|/S_n: {before['mu_rel_max']:.3g} -> {after['mu_rel_max']:.3g}; "
         f"RMS log-ratio: {before['log_ratio_rms']:.3g} -> {after['log_ratio_rms']:.3g}; "
@@ -196,6 +223,17 @@ def balance(
         raise _fail(f"cannot write {out}: {err}") from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _calibration(path: Path) -> torch.Tensor:
+    """The array ``X`` of an ``.npz`` file as a tensor (token ids stay integers)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "X" not in arrays:
+                raise _fail(f"{path} has no array 'X' (found: {', '.join(arrays.files)})")
+            return torch.from_numpy(arrays["X"].copy())
+    except (OSError, ValueError) as err:
+        raise _fail(f"cannot read {path} as .npz: {err}") from None
 
 
 @app.callback()
