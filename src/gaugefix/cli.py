@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -132,8 +133,16 @@ def inspect(
     input_ids: InputIds = None,
     vocab: Vocab = None,
     save: Annotated[Path | None, typer.Option(help="write the structure as JSON here")] = None,
+    scale_groups: Annotated[
+        bool,
+        typer.Option(
+            "--scale-groups",
+            help="print only the SmoothQuant/AWQ-style scale groups, as JSON (llm-compressor's "
+            "mapping convention: smooth_layer, balance_layers)",
+        ),
+    ] = False,
 ) -> None:
-    """Discover a model's gauge group and print the per-layer summary."""
+    """Discover a model's gauge group and print the per-layer summary (or its scale groups)."""
     model, default_shape = _load_model(target)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     model.eval()
@@ -141,8 +150,12 @@ def inspect(
         structure = gaugefix.discover(model, x)
     except gaugefix.TracingError as err:
         raise _fail(str(err)) from None
-    typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
-    typer.echo(structure.summary())
+    if scale_groups:
+        groups = [json.dumps(group) for group in structure.scale_groups()]
+        typer.echo("[\n" + ",\n".join(groups) + "\n]" if groups else "[]")
+    else:
+        typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
+        typer.echo(structure.summary())
     if save is not None:
         structure.save(save)
         typer.echo(f"structure written to {save}")
