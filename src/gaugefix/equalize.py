@@ -121,10 +121,11 @@ def side_ranges(sources: list[RangeSource], h: Tensor) -> tuple[Tensor, Tensor]:
     return log_in[:n], log_out[:n]
 
 
-def damping(sources: list[RangeSource], n: int) -> int:
-    """The most generators one source entry carries (at least 1): the step divisor that keeps
-    the parallel update from overshooting where generators share entries."""
-    counts = [sum(bool((t.slots < n).any()) for t in s.exponent) for s in sources]
+def damping(sources: list[RangeSource], live: Tensor) -> int:
+    """The most live generators one source entry carries (at least 1): the step divisor that
+    keeps the parallel update from overshooting where generators share entries."""
+    named = torch.cat([live, live.new_zeros(1)])
+    counts = [sum(bool(named[t.slots].any()) for t in s.exponent) for s in sources]
     return max([1, *counts])
 
 
@@ -140,12 +141,13 @@ def solve_max_balance(
     its counted entries carry no other generator. Stops when ``max |delta_n| <= tol``.
     Returns ``(h, iterations, residual before, residual after, live)``."""
     h = torch.zeros(n, dtype=torch.float64, device=device)
-    divisor = damping(sources, n)
+    log_in, log_out = side_ranges(sources, h)
+    live = torch.isfinite(log_in) & torch.isfinite(log_out)  # the same at every h
+    divisor = damping(sources, live)
     first = residual = 0.0
-    live = torch.zeros(n, dtype=torch.bool, device=device)
     for iterations in range(max_iter + 1):  # noqa: B007
-        log_in, log_out = side_ranges(sources, h)
-        live = torch.isfinite(log_in) & torch.isfinite(log_out)
+        if iterations:
+            log_in, log_out = side_ranges(sources, h)
         delta = torch.where(live, (1 - alpha) * log_out - alpha * log_in, 0.0)
         residual = float(delta.abs().max()) if n else 0.0
         first = residual if iterations == 0 else first
