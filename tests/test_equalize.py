@@ -54,8 +54,9 @@ def reference_ranges(
     return sides[0], sides[1]
 
 
-def matrices(s: gaugefix.GaugeStructure) -> set[str]:
-    return {name for name, p in s.params.items() if len(p.shape) >= 2}
+def counted(s: gaugefix.GaugeStructure) -> set[str]:
+    """What ``range`` counts by default: weight matrices, kernels and gains (not biases)."""
+    return {name for name, p in s.params.items() if len(p.shape) >= 2 or "bias" not in name}
 
 
 # -- the closed forms -----------------------------------------------------------------------------
@@ -77,6 +78,25 @@ def test_range_is_cross_layer_equalization_on_two_layers(widths, seed, bias):
     expected = (r1 * r2).sqrt()
     assert torch.allclose(model[0].weight.detach().abs().amax(1), expected, rtol=1e-14, atol=0)
     assert torch.allclose(model[2].weight.detach().abs().amax(0), expected, rtol=1e-14, atol=0)
+    assert rel_change(before, output(model, (x,))) <= TOL
+
+
+def test_range_on_a_norm_takes_its_gain_as_the_first_layer():
+    """LayerNorm -> Linear is the two-layer chain with ``W1 = diag(gain)``: ``|gain_j|`` and the
+    column range ``r2_j`` both become ``sqrt(|gain_j| r2_j)`` (the bias follows the gain)."""
+    torch.manual_seed(0)
+    model = randomise_(nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 4)), seed=1).eval()
+    x = torch.randn(5, 6, dtype=DTYPE)
+    s = gaugefix.discover(model, x)
+    gain, shift = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    r2 = model[1].weight.detach().abs().amax(0)
+    before = output(model, (x,))
+    result = gaugefix.equalize_(model, s, "range")
+    assert result.converged and result.iterations == 1
+    expected = (gain.abs() * r2).sqrt()
+    assert torch.allclose(model[0].weight.detach().abs(), expected, rtol=1e-14, atol=0)
+    assert torch.allclose(model[1].weight.detach().abs().amax(0), expected, rtol=1e-14, atol=0)
+    assert torch.allclose(model[0].bias.detach(), shift * expected / gain.abs(), rtol=1e-13)
     assert rel_change(before, output(model, (x,))) <= TOL
 
 
@@ -176,7 +196,7 @@ def test_function_unchanged_and_objective_reached(name, objective):
     if objective == "norm":
         assert gaugefix.imbalance_stats(model, s)["mu_rel_max"] <= TOL
     if objective == "range":  # every live generator: largest incoming = largest outgoing
-        r_in, r_out = reference_ranges(model, s, matrices(s))
+        r_in, r_out = reference_ranges(model, s, counted(s))
         live = torch.ones(s.num_generators, dtype=torch.bool)
         live[result.dead_generators] = False
         assert bool(((r_in == 0) | (r_out == 0))[~live].all())

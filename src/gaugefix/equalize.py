@@ -8,7 +8,8 @@ h_n) theta_e``. The objectives:
 - ``"range"``: for every generator ``n``, the largest ``|entry|`` it multiplies equals the
   largest ``|entry|`` it divides, over the counted weights: ``R_in,n(h) = R_out,n(h)``. This is
   the ``p -> infinity`` limit of the stationarity of ``sum_e |theta_e(h)|^p``, and on a chain of
-  two layers Nagel et al.'s cross-layer equalization, ``r1_i / s_i = r2_i s_i``.
+  two layers Nagel et al.'s cross-layer equalization, ``r1_i / s_i = r2_i s_i``. A norm's gain
+  counts as the layer producing its channels (``W1 = diag(gain)``); biases are not counted.
 - ``"activation"``: for every generator that scales a channel ``j`` of an input that a linear
   map reads, ``alpha log A_n(h) = (1 - alpha) log B_n(h)`` with ``A`` the largest ``|x_j|`` over
   a calibration batch and ``B`` the largest ``|entry|`` of the readers' columns: SmoothQuant's
@@ -415,9 +416,14 @@ def _objective_name(
 
 def counted_weights(structure: GaugeStructure, weights: Iterable[str] | None) -> set[str]:
     """The parameters the objective counts: by default every weight matrix and kernel
-    (``dim >= 2``) the structure acts on; else the named ones, each checked to be one."""
+    (``dim >= 2``) the structure acts on and every gain (the other parameters, biases
+    excepted); else the named ones, each checked to be one the structure acts on."""
     if weights is None:
-        return {name for name, p in structure.params.items() if len(p.shape) >= 2}
+        return {
+            name
+            for name, p in structure.params.items()
+            if len(p.shape) >= 2 or not name.endswith("bias")
+        }
     names = [weights] if isinstance(weights, str) else list(weights)
     unknown = [n for n in names if n not in structure.params]
     if unknown or not names:
@@ -460,8 +466,8 @@ def equalize_(
     (:func:`gaugefix.balance_`), or a callable of the rescaled parameters (by L-BFGS; see the
     module docstring for each).
 
-    ``weights``: the parameters ``range`` and ``activation`` count (default: every weight matrix
-    and kernel the structure acts on; biases and gains are rescaled but not counted). Generators
+    ``weights``: the parameters ``range`` and ``activation`` count (default: every weight matrix,
+    kernel and gain the structure acts on; biases are rescaled but not counted). Generators
     touching a frozen parameter (``requires_grad=False``) never move. Optimizer state is
     transported as :func:`gaugefix.apply_gauge_` does. Everything is validated first (and the
     calibration pass runs) before anything is modified; on error nothing is.
