@@ -344,3 +344,69 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
     cases = [*digits_cases(tiny), gpt_case(tiny)]
     rows = [row for case in cases for row in run_case(case, log)]
     return {"cases": rows, "gpt2_timing": gpt2_timing(tiny, log)}
+
+
+# -- the figures for the README table -----------------------------------------------------------
+
+TARGETS = {"w8_range_accuracy_drop": 0.3, "w8_range_loss_increase": 0.01, "gpt2_ratio": 1.0}
+
+
+def _score(rows: list[dict], model: str, variant: str, method: str, scheme: str) -> float | None:
+    for row in rows:
+        if row["model"] == model and row["variant"] == variant:
+            return row["methods"][method].get(scheme)
+    return None
+
+
+def figures(results: dict) -> list[dict]:
+    """``(what, figure, target, kind, unit)`` rows: per-tensor int8 after ``range`` on the
+    scrambled models against FP32 (and without equalization, for information); ``range``
+    against the anchors on the models they accept; ``activation`` against ``range`` and no
+    equalization under W8A8 on the GPT; the GPT-2 small timing."""
+    rows, out = results["cases"], []
+    for row in [r for r in rows if r["variant"] == "scrambled"]:
+        name, ms = row["model"], row["methods"]
+        fp32, w8 = ms["none"]["fp32"], "w8 per-tensor"
+        if row["metric"] == "loss":
+            out.append((f"{name}, scrambled: per-tensor int8 after range, loss increase over "
+                        f"FP32 (none: {ms['none'][w8] / fp32 - 1:+.1%})",
+                        ms["range"][w8] / fp32 - 1, TARGETS["w8_range_loss_increase"], "max",
+                        "%"))  # fmt: skip
+            best = min(ms["range"]["w8a8"], ms["none"]["w8a8"])
+            out.append((f"{name}, scrambled: W8A8 loss, activation vs the better of range and "
+                        "none", ms["activation"]["w8a8"] - best, 0.0, "max", "nats"))  # fmt: skip
+        else:
+            out.append((f"{name}, scrambled: per-tensor int8 after range, accuracy drop from "
+                        f"FP32 (none: {fp32 - ms['none'][w8]:.2f} points)",
+                        fp32 - ms["range"][w8], TARGETS["w8_range_accuracy_drop"], "max",
+                        "points"))  # fmt: skip
+    for row in rows:
+        for anchor in ("brevitas", "aimet"):
+            r = row["methods"][anchor]
+            if r["status"] != "ok":
+                continue
+            sign = -1 if row["metric"] == "loss" else 1
+            margin = min(sign * (row["methods"]["range"][s] - r[s]) for s in SCHEMES[1:])
+            out.append((f"{row['model']}, {row['variant']}: range minus {anchor}, worst scheme "
+                        f"({row['metric']})", margin, 0.0, "min", "points"))  # fmt: skip
+    timing = results["gpt2_timing"]
+    for objective in ("range", "activation"):
+        out.append((f"equalize_ {objective} on GPT-2 small ({timing['parameters'] / 1e6:.0f}M) "
+                    "/ 20 forward passes (batch 1, 64 tokens)", timing[objective],
+                    TARGETS["gpt2_ratio"], "max", "x"))  # fmt: skip
+    return [dict(zip(("what", "figure", "target", "kind", "unit"), r, strict=True)) for r in out]
+
+
+def render(results: dict) -> str:
+    """The full table of scores: one line per model, variant and method."""
+    lines = ["| model | variant | method | FP32 | " + " | ".join(SCHEMES[1:]) + " |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in results["cases"]:
+        for method, r in row["methods"].items():
+            if r["status"] != "ok":
+                cells = [f"refused: {r['status']}"] + [""] * 3
+            else:
+                cells = [f"{r[s]:.2f}" for s in SCHEMES]
+            lines.append(f"| {row['model']} ({row['metric']}) | {row['variant']} | {method} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
