@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +350,13 @@ def test_sharpness_objective_balances_a_product():
     assert math.isclose(result.objective_after, 4.0, rel_tol=1e-10)
     assert math.isclose(float(model[0].weight.detach()), math.sqrt(2), rel_tol=1e-8)
     assert math.isclose(float(model[2].weight.detach()), math.sqrt(2), rel_tol=1e-8)
+
+
+def test_the_code_blocks_of_the_quantization_docs_run():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/quantization.md", "exec"), namespace)
+    assert namespace["result"].objective_after < namespace["result"].objective_before
