@@ -191,23 +191,18 @@ def balance(
         raise _fail("--calibration is used only with --objective activation")
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
-    batch = _calibration(calibration) if calibration is not None else x
+    batch = None
+    if objective == "activation":
+        batch = _calibration(calibration) if calibration is not None else x
     try:
         state = read_state_dict(weights)
-        tensors, report = balance_state_dict(
-            net, state.tensors, x, objective, batch if objective == "activation" else None, alpha
-        )
+        tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
     except (CheckpointError, gaugefix.TracingError) as err:
         raise _fail(str(err)) from None
     before, after = report.before, report.after
     typer.echo(f"{model}: {report.num_generators} generators")
     if objective != "norm":
-        done = report.result
-        typer.echo(
-            f"{objective}: residual max |delta_n| {done.objective_before:.3g} -> "
-            f"{done.objective_after:.3g} in {done.iterations} iterations; "
-            f"{len(done.dead_generators)} generators it does not see left in place"
-        )
+        typer.echo(_equalized_line(objective, report.result))
     typer.echo(
         f"imbalance max |mu_n|/S_n: {before['mu_rel_max']:.3g} -> {after['mu_rel_max']:.3g}; "
         f"RMS log-ratio: {before['log_ratio_rms']:.3g} -> {after['log_ratio_rms']:.3g}; "
@@ -236,6 +231,14 @@ def balance(
         raise _fail(f"cannot write {out}: {err}") from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:
+    return (
+        f"{objective}: residual max |delta_n| {done.objective_before:.3g} -> "
+        f"{done.objective_after:.3g} in {done.iterations} iterations; "
+        f"{len(done.dead_generators)} generators it does not see left in place"
+    )
 
 
 def _calibration(path: Path) -> torch.Tensor:

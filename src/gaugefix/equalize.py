@@ -478,22 +478,13 @@ def equalize_(
     check_finite_params(params)
     states = optimizer_states(optimizer, params)
     active, keep = unfrozen(structure, params)
-    full = torch.zeros(structure.num_generators, dtype=torch.float64)
     if name == "norm":
-        done = balance_(model, active, tol, max_iter, optimizer)
-        full[keep] = done.h.cpu()
-        dead = torch.nonzero(~keep).reshape(-1)
-        dead = torch.cat([dead, torch.nonzero(keep).reshape(-1)[done.dead_generators.cpu()]])
-        return EqualizeResult(
-            name, done.norm_sq_before, done.norm_sq_after, done.iterations, full,
-            dead.sort().values, done.converged,
-        )  # fmt: skip
-    n, device = active.num_generators, _device(params)
+        return _balanced(model, active, keep, tol, max_iter, optimizer)
     if name == "callable":
         h, iterations, before, after, converged = minimize_objective(
             objective, model, active, tol, max_iter
         )
-        live = torch.ones(n, dtype=torch.bool)
+        live = torch.ones(active.num_generators, dtype=torch.bool)
     else:
         counted = counted_weights(active, weights)
         if name == "range":
@@ -502,15 +493,37 @@ def equalize_(
             sources = activation_sources(model, params, active, counted, calibration)
         coefficient = alpha if name == "activation" else 0.5
         h, iterations, before, after, live = solve_max_balance(
-            sources, n, coefficient, tol, max_iter, device
+            sources, active.num_generators, coefficient, tol, max_iter, _device(params)
         )
         converged = after <= tol
+    full = torch.zeros(structure.num_generators, dtype=torch.float64)
     full[keep] = h.cpu()
     check_h(full, structure)
     if params:
-        rescale_(transport_targets(params, states), structure, full.to(device))
+        rescale_(transport_targets(params, states), structure, full.to(_device(params)))
     alive = torch.zeros(structure.num_generators, dtype=torch.bool)
     alive[keep] = live.cpu()
     return EqualizeResult(
         name, before, after, iterations, full, torch.nonzero(~alive).reshape(-1), converged
     )
+
+
+def _balanced(
+    model: nn.Module,
+    active: GaugeStructure,
+    keep: Tensor,
+    tol: float,
+    max_iter: int,
+    optimizer: torch.optim.Optimizer | None,
+) -> EqualizeResult:
+    """``"norm"``: :func:`gaugefix.balance_` on the generators ``keep`` selects (``active``),
+    reported on all of them."""
+    done = balance_(model, active, tol, max_iter, optimizer)
+    full = torch.zeros(keep.shape[0], dtype=torch.float64)
+    full[keep] = done.h.cpu()
+    kept = torch.nonzero(keep).reshape(-1)
+    dead = torch.cat([torch.nonzero(~keep).reshape(-1), kept[done.dead_generators.cpu()]])
+    return EqualizeResult(
+        "norm", done.norm_sq_before, done.norm_sq_after, done.iterations, full,
+        dead.sort().values, done.converged,
+    )  # fmt: skip
