@@ -204,6 +204,11 @@ def test_function_unchanged_and_objective_reached(name, objective):
         assert bool(((r_in == 0) | (r_out == 0))[~live].all())
         assert bool(live.any())
         assert float((r_in[live] / r_out[live]).log().abs().max()) <= 1e-9
+    if objective == "activation":  # pairs no linear map reads are range-balanced
+        pairs = [n for n, k in enumerate(s.generator_kinds) if k in ("query-key", "rotary pair")]
+        r_in, r_out = reference_ranges(model, s, counted(s))
+        if pairs:
+            assert float((r_in[pairs] / r_out[pairs]).log().abs().max()) <= 1e-9
     assert result.h.shape == (s.num_generators,)
 
 

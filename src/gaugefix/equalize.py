@@ -13,7 +13,8 @@ h_n) theta_e``. The objectives:
 - ``"activation"``: for every generator that scales a channel ``j`` of an input that a linear
   map reads, ``alpha log A_n(h) = (1 - alpha) log B_n(h)`` with ``A`` the largest ``|x_j|`` over
   a calibration batch and ``B`` the largest ``|entry|`` of the readers' columns: SmoothQuant's
-  ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``h_j = -log s_j``.
+  ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``h_j = -log s_j``. The other generators
+  (query-key pairs: no linear map reads their channels) are balanced as ``"range"`` does.
 - a callable ``J(params) -> scalar``: minimised over ``h`` by L-BFGS (strong Wolfe line
   search, float64 ``h``) through the differentiable rescaled parameters;
   :func:`sharpness_objective` is one.
@@ -132,10 +133,16 @@ def damping(sources: list[RangeSource], live: Tensor) -> int:
 
 @torch.no_grad()
 def solve_max_balance(
-    sources: list[RangeSource], n: int, alpha: float, tol: float, max_iter: int, device: Any
+    sources: list[RangeSource],
+    n: int,
+    alpha: float | Tensor,
+    tol: float,
+    max_iter: int,
+    device: Any,
 ) -> tuple[Tensor, int, float, float, Tensor]:
     """The gauge ``h`` (``[N]``, float64) where every live generator (both sides non-empty)
-    satisfies ``alpha log R_in,n(h) = (1 - alpha) log R_out,n(h)``.
+    satisfies ``alpha log R_in,n(h) = (1 - alpha) log R_out,n(h)`` (``alpha``: one number, or
+    one per generator).
 
     Fixed-point iteration: every live generator moves at once by ``delta_n / damping`` with
     ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n``, its own closed-form balance when
@@ -167,6 +174,16 @@ def range_sources(
         if p.name in counted:
             out.append(RangeSource(log_abs(params[p.name], pair_shape(p)), p.terms, p.terms))
     return out
+
+
+def _without(source: RangeSource, excluded: Tensor) -> RangeSource:
+    """``source`` with its maxima counted for no generator in ``excluded`` (bool ``[N]``)."""
+    n = excluded.shape[0]
+    named = torch.cat([excluded, excluded.new_zeros(1)])
+    counted = tuple(
+        PlannedTerm(torch.where(named[t.slots], n, t.slots), t.sign) for t in source.counted
+    )
+    return source._replace(counted=counted)
 
 
 def _device(params: Mapping[str, Tensor]) -> torch.device:
@@ -286,6 +303,26 @@ def activation_sources(
         divided = tuple(t for t in r.columns if t.sign < 0)
         out.append(RangeSource(log_abs(weight, pair_shape(plan)), plan.terms, divided))
     return out
+
+
+def activation_balance(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    counted: set[str],
+    calibration: Tensor | tuple[Tensor, ...],
+    alpha: float,
+) -> tuple[list[RangeSource], Tensor]:
+    """The sources and per-generator ``alpha`` of ``"activation"``: the generators whose
+    channels a linear map reads balance activation against weight ranges with ``alpha``; the
+    others (query-key pairs) are weight-range balanced as ``"range"`` does (``alpha = 1/2``)."""
+    seen = activation_sources(model, params, structure, counted, calibration)
+    n, device = structure.num_generators, _device(params)
+    log_in, log_out = side_ranges(seen, torch.zeros(n, dtype=torch.float64, device=device))
+    read = torch.isfinite(log_in) & torch.isfinite(log_out)
+    rest = [_without(s, read) for s in range_sources(params, structure, counted)]
+    coefficient = torch.full((n,), 0.5, dtype=torch.float64, device=device)
+    return seen + rest, coefficient.masked_fill_(read, alpha)
 
 
 # -- a callable objective --------------------------------------------------------------------------
@@ -488,10 +525,11 @@ def equalize_(
     else:
         counted = counted_weights(active, weights)
         if name == "range":
-            sources = range_sources(params, active, counted)
+            sources, coefficient = range_sources(params, active, counted), 0.5
         else:
-            sources = activation_sources(model, params, active, counted, calibration)
-        coefficient = alpha if name == "activation" else 0.5
+            sources, coefficient = activation_balance(
+                model, params, active, counted, calibration, alpha
+            )
         h, iterations, before, after, live = solve_max_balance(
             sources, active.num_generators, coefficient, tol, max_iter, _device(params)
         )
