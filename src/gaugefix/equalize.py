@@ -144,24 +144,32 @@ def solve_max_balance(
     satisfies ``alpha log R_in,n(h) = (1 - alpha) log R_out,n(h)`` (``alpha``: one number, or
     one per generator).
 
-    Fixed-point iteration: every live generator moves at once by ``delta_n / damping`` with
-    ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n``, its own closed-form balance when
-    its counted entries carry no other generator. Stops when ``max |delta_n| <= tol``.
+    Fixed-point iteration: every live generator moves at once by
+    ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n``, its own closed-form balance (exact
+    when its counted entries carry no other generator); when that full step does not lower the
+    residual ``max |delta_n|`` (generators sharing entries overshoot together), the step is
+    divided by :func:`damping` instead. Stops when the residual is at most ``tol``.
     Returns ``(h, iterations, residual before, residual after, live)``."""
     h = torch.zeros(n, dtype=torch.float64, device=device)
     log_in, log_out = side_ranges(sources, h)
     live = torch.isfinite(log_in) & torch.isfinite(log_out)  # the same at every h
     divisor = damping(sources, live)
-    first = residual = 0.0
-    for iterations in range(max_iter + 1):  # noqa: B007
-        if iterations:
-            log_in, log_out = side_ranges(sources, h)
+
+    def step_of(log_in: Tensor, log_out: Tensor) -> tuple[Tensor, float]:
         delta = torch.where(live, (1 - alpha) * log_out - alpha * log_in, 0.0)
-        residual = float(delta.abs().max()) if n else 0.0
-        first = residual if iterations == 0 else first
-        if residual <= tol or iterations == max_iter:
-            break
-        h = h + delta / divisor
+        return delta, float(delta.abs().max()) if n else 0.0
+
+    delta, residual = step_of(log_in, log_out)
+    first, iterations = residual, 0
+    while residual > tol and iterations < max_iter:
+        iterations += 1
+        trial = h + delta
+        trial_delta, trial_residual = step_of(*side_ranges(sources, trial))
+        if trial_residual < residual or divisor == 1:
+            h, delta, residual = trial, trial_delta, trial_residual
+        else:
+            h = h + delta / divisor
+            delta, residual = step_of(*side_ranges(sources, h))
     return h, iterations, first, residual, live
 
 
