@@ -387,8 +387,9 @@ def figures(results: dict) -> list[dict]:
                 continue
             sign = -1 if row["metric"] == "loss" else 1
             margin = min(sign * (row["methods"]["range"][s] - r[s]) for s in SCHEMES[1:])
-            out.append((f"{row['model']}, {row['variant']}: range minus {anchor}, worst scheme "
-                        f"({row['metric']})", margin, 0.0, "min", "points"))  # fmt: skip
+            same = " (it left the model unchanged)" if r["output_change"] == 0 else ""
+            what = f"{row['model']}, {row['variant']}: range minus {anchor}{same}, worst scheme"
+            out.append((f"{what} ({row['metric']})", margin, 0.0, "min", "points"))
     timing = results["gpt2_timing"]
     for objective in ("range", "activation"):
         out.append((f"equalize_ {objective} on GPT-2 small ({timing['parameters'] / 1e6:.0f}M) "
@@ -406,7 +407,8 @@ def render(results: dict) -> str:
             if r["status"] != "ok":
                 cells = [f"refused: {r['status']}"] + [""] * 3
             else:
-                cells = [f"{r[s]:.2f}" for s in SCHEMES]
+                digits = 3 if row["metric"] == "loss" else 2
+                cells = [f"{r[s]:.{digits}f}" for s in SCHEMES]
             lines.append(f"| {row['model']} ({row['metric']}) | {row['variant']} | {method} | "
                          + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
