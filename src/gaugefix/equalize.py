@@ -21,9 +21,10 @@ h_n) theta_e``. The objectives:
 
 ``range`` and ``activation`` are max-balances, solved by the same fixed-point iteration
 (:func:`solve_max_balance`): every live generator moves at once to its own closed-form balance
-``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), damped
-by the most generators one counted entry carries; it is exact in one step for generators that
-share no counted entry (the two-layer chain, a norm feeding one linear).
+``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), a step
+divided by the most generators one counted entry carries when the full one does not lower the
+residual; it is exact in one step for generators that share no counted entry (the two-layer
+chain, a norm feeding one linear).
 """
 
 from __future__ import annotations
