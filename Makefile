@@ -21,6 +21,7 @@ reproduce: $(STAMP)
 	$(VENV)/bin/gaugefix reproduce --jobs 2 --out gaugefix-results/full
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)

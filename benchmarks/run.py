@@ -31,9 +31,9 @@ if __name__ == "__main__" or "benchmarks" not in sys.modules:
 import torch
 
 import gaugefix
-from benchmarks import balancing, discovery, effect, memory, step, sweeps
+from benchmarks import balancing, discovery, effect, memory, quantization, step, sweeps
 
-SECTIONS = ("step", "effect", "balance", "discover", "sweeps", "memory")
+SECTIONS = ("step", "effect", "balance", "discover", "sweeps", "memory", "quant")
 HERE = Path(__file__).resolve().parent
 
 TARGETS = {
@@ -180,6 +180,9 @@ def evaluate(results: dict) -> list[dict]:
             add("6", f"{case['case']}: peak RSS with GaugeFixing {mode.replace('_', ' ')}",
                 case[mode]["excess"], TARGETS["memory_excess"] if mode == "default" else None,
                 "max", unit="%")  # fmt: skip
+    if "quant" in results:
+        for row in quantization.figures(results["quant"]):
+            add("7", row["what"], row["figure"], row["target"], row["kind"], unit=row["unit"])
     return rows
 
 
@@ -190,6 +193,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:+.1%}"
     if unit == "x":
         return f"{value:.2f}x"
+    if unit in ("points", "nats"):
+        return f"{value:+.2f} {unit}"
     return f"{value:.1e}"
 
 
@@ -201,6 +206,8 @@ def _target(row: dict) -> str:
         return f"{sign} {row['target']:.0%}"
     if row["unit"] == "x":
         return f"{sign} {row['target']:g}x"
+    if row["unit"] in ("points", "nats"):
+        return f"{sign} {row['target']:g} {row['unit']}"
     return f"{sign} {row['target']:g}"
 
 
@@ -293,6 +300,14 @@ NOTES = [
     "steps after one warm-up step, each side in a fresh process, 5 rounds; the default's "
     "first orbit step falls inside the 10 steps, so its peak also bounds that of an exact "
     "orbit step at every step.",
+    "7: models trained here, then equalized and fake-quantized with torchao's affine "
+    "primitives (symmetric; per-tensor int8 weights, per-output-channel int4 weights, W8A8 "
+    "with static per-tensor input scales from a calibration batch); scrambled = "
+    "random_gauge_(scale=2) of the trained model (the same function). Every score, and the "
+    "anchors' refusals, in docs/quantization.md. AIMET cannot be imported here: the "
+    "torchvision it needs (0.28.0, paired with torch 2.13.0) is a CUDA build "
+    "(libc10_cuda.so missing on the CPU torch). GPT-2 small: Hugging Face default config with "
+    "random weights, median of 3 alternating pairs.",
 ]
 
 
@@ -341,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         "discover": discovery.run,
         "sweeps": sweeps.run,
         "memory": memory.run,
+        "quant": quantization.run,
     }
     for name in SECTIONS:
         if name in only:

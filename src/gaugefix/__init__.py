@@ -17,6 +17,7 @@ from gaugefix.diagnostics import (
     relaxation_rates,
     sharpness,
 )
+from gaugefix.equalize import EqualizeResult, equalize_, sharpness_objective
 from gaugefix.errors import GaugefixError
 from gaugefix.moment import imbalance, imbalance_stats
 from gaugefix.soft import OrbitSelectionPenalty, relax_
@@ -38,6 +39,9 @@ __all__ = [
     "BalanceResult",
     "apply_gauge_",
     "balance_",
+    "EqualizeResult",
+    "equalize_",
+    "sharpness_objective",
     "imbalance",
     "random_gauge_",
     "Exclusion",

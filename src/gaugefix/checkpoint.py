@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix.balancing import BalanceResult
+from gaugefix.equalize import EqualizeResult
 from gaugefix.errors import GaugefixError
 from gaugefix.files import write_bytes
 
@@ -111,17 +112,17 @@ class CheckpointBalance:
     """What :func:`balance_state_dict` measured, on the example input ``x``.
 
     ``before`` and ``after``: :func:`gaugefix.imbalance_stats` of the given weights and of the
-    returned ones; ``result``: what :func:`gaugefix.balance_` did in float64; ``output_scale``:
-    ``max |f(x)|`` over the floating outputs with the given weights; ``exact_change``: ``max
-    |f_b(x) - f(x)|`` with the balanced float64 weights; ``output_change``: the same with the
-    returned weights (rounded to the file's dtypes); ``dtype``: the coarsest dtype of a tensor
-    that balancing changed (``float64`` when none did).
+    returned ones; ``result``: what :func:`gaugefix.balance_` (or :func:`gaugefix.equalize_`)
+    did in float64; ``output_scale``: ``max |f(x)|`` over the floating outputs with the given
+    weights; ``exact_change``: ``max |f_b(x) - f(x)|`` with the balanced float64 weights;
+    ``output_change``: the same with the returned weights (rounded to the file's dtypes);
+    ``dtype``: the coarsest dtype of a tensor that balancing changed (``float64`` when none did).
     """
 
     num_generators: int
     before: dict[str, float]
     after: dict[str, float]
-    result: BalanceResult
+    result: BalanceResult | EqualizeResult
     output_scale: float
     exact_change: float
     output_change: float
@@ -221,9 +222,16 @@ def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 
 
 def balance_state_dict(
-    model: nn.Module, tensors: Mapping[str, Tensor], x: Tensor
+    model: nn.Module,
+    tensors: Mapping[str, Tensor],
+    x: Tensor,
+    objective: str = "norm",
+    calibration: Tensor | None = None,
+    alpha: float = 0.5,
 ) -> tuple[dict[str, Tensor], CheckpointBalance]:
-    """Balance the weights ``tensors`` of ``model`` (name -> tensor, any floating dtypes).
+    """Balance the weights ``tensors`` of ``model`` (name -> tensor, any floating dtypes), or
+    move them to the orbit point of another ``objective`` of :func:`gaugefix.equalize_`
+    (``calibration``, floating inputs cast to float64, and ``alpha`` for ``"activation"``).
 
     A float64 copy of ``model`` in eval mode gets the weights, its gauge structure is discovered
     on the example input ``x`` (floating inputs are cast to float64; integer inputs such as token
@@ -244,7 +252,17 @@ def balance_state_dict(
     if not all(bool(torch.isfinite(t).all()) for t in reference):
         raise CheckpointError("the model's output on the example input is not finite")
     before = gaugefix.imbalance_stats(model, structure)
-    result = gaugefix.balance_(model, structure)
+    if calibration is not None and calibration.is_floating_point():
+        calibration = calibration.to(torch.float64)
+    try:
+        if objective == "norm":
+            result = gaugefix.balance_(model, structure)
+        else:
+            result = gaugefix.equalize_(
+                model, structure, objective, calibration=calibration, alpha=alpha
+            )
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     exact_change = _max_change(_outputs(model, x), reference)
 
     balanced = model.state_dict()

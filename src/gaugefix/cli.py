@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 import typer
 from torch import nn
@@ -134,8 +135,16 @@ def inspect(
     input_ids: InputIds = None,
     vocab: Vocab = None,
     save: Annotated[Path | None, typer.Option(help="write the structure as JSON here")] = None,
+    scale_groups: Annotated[
+        bool,
+        typer.Option(
+            "--scale-groups",
+            help="print only the SmoothQuant/AWQ-style scale groups, as JSON (llm-compressor's "
+            "mapping convention: smooth_layer, balance_layers)",
+        ),
+    ] = False,
 ) -> None:
-    """Discover a model's gauge group and print the per-layer summary."""
+    """Discover a model's gauge group and print the per-layer summary (or its scale groups)."""
     model, default_shape = _load_model(target)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     model.eval()
@@ -143,8 +152,12 @@ def inspect(
         structure = gaugefix.discover(model, x)
     except gaugefix.TracingError as err:
         raise _fail(str(err)) from None
-    typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
-    typer.echo(structure.summary())
+    if scale_groups:
+        groups = [json.dumps(group) for group in structure.scale_groups()]
+        typer.echo("[\n" + ",\n".join(groups) + "\n]" if groups else "[]")
+    else:
+        typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
+        typer.echo(structure.summary())
     if save is not None:
         try:
             write_text(save, json.dumps(structure.to_dict()))  # what GaugeStructure.save writes
@@ -161,21 +174,42 @@ def balance(
     input_shape: InputShape = None,
     input_ids: InputIds = None,
     vocab: Vocab = None,
+    objective: Annotated[
+        str, typer.Option(help="the orbit point: norm (minimal norm), range or activation")
+    ] = "norm",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="activation: .npz whose array X is the calibration batch (default: "
+            "the example input)"
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="activation: SmoothQuant's exponent")] = 0.5,
 ) -> None:
-    """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit."""
+    """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit, or
+    the point of another objective (``gaugefix.equalize_``), the function unchanged."""
     try:
         output_target(out)  # refused before the work: a directory, device, FIFO or socket
     except OutputError as err:
         raise _fail(str(err)) from None
+    if objective not in gaugefix.equalize.OBJECTIVES:
+        raise _fail(f"unknown --objective {objective!r}; choose from norm, range, activation")
+    if calibration is not None and objective != "activation":
+        raise _fail("--calibration is used only with --objective activation")
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
+    batch = None
+    if objective == "activation":
+        batch = _calibration(calibration) if calibration is not None else x
     try:
         state = read_state_dict(weights)
-        tensors, report = balance_state_dict(net, state.tensors, x)
+        tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
     except (CheckpointError, gaugefix.TracingError) as err:
         raise _fail(str(err)) from None
     before, after = report.before, report.after
     typer.echo(f"{model}: {report.num_generators} generators")
+    if objective != "norm":
+        typer.echo(_equalized_line(objective, report.result))
     typer.echo(
         f"imbalance max |mu_n|/S_n: {before['mu_rel_max']:.3g} -> {after['mu_rel_max']:.3g}; "
         f"RMS log-ratio: {before['log_ratio_rms']:.3g} -> {after['log_ratio_rms']:.3g}; "
@@ -204,6 +238,25 @@ def balance(
         raise _fail(str(err)) from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:
+    return (
+        f"{objective}: residual max |delta_n| {done.objective_before:.3g} -> "
+        f"{done.objective_after:.3g} in {done.iterations} iterations; "
+        f"{len(done.dead_generators)} generators it does not see left in place"
+    )
+
+
+def _calibration(path: Path) -> torch.Tensor:
+    """The array ``X`` of an ``.npz`` file as a tensor (token ids stay integers)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "X" not in arrays:
+                raise _fail(f"{path} has no array 'X' (found: {', '.join(arrays.files)})")
+            return torch.from_numpy(arrays["X"].copy())
+    except (OSError, ValueError) as err:
+        raise _fail(f"cannot read {path} as .npz: {err}") from None
 
 
 @app.callback()

@@ -193,6 +193,14 @@ class GaugeStructure:
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
+    def scale_groups(self) -> list[dict[str, Any]]:
+        """The generators that are SmoothQuant/AWQ-style scalings (a layer's output channels
+        divided, its readers' input channels multiplied), grouped by module names in
+        llm-compressor's mapping convention: see :func:`gaugefix.scale_groups.scale_groups`."""
+        from gaugefix.scale_groups import scale_groups
+
+        return scale_groups(self)
+
     # -- binding to a model -------------------------------------------------------------------
     def bind(self, source: nn.Module | dict[str, Tensor], batch_dims: int = 0) -> dict[str, Tensor]:
         """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients)

@@ -1,0 +1,576 @@
+"""Orbit selection by objective: :func:`equalize_` moves a model along its gauge orbit (the
+function unchanged) to the point that minimises a chosen objective.
+
+Under ``h`` (one log-scale per generator) entry ``e`` becomes ``theta_e(h) = exp(sum_n w_n(e)
+h_n) theta_e``. The objectives:
+
+- ``"norm"``: ``||theta(h)||^2``, minimised by :func:`gaugefix.balance_` (``mu = 0``).
+- ``"range"``: for every generator ``n``, the largest ``|entry|`` it multiplies equals the
+  largest ``|entry|`` it divides, over the counted weights: ``R_in,n(h) = R_out,n(h)``. This is
+  the ``p -> infinity`` limit of the stationarity of ``sum_e |theta_e(h)|^p``, and on a chain of
+  two layers Nagel et al.'s cross-layer equalization, ``r1_i / s_i = r2_i s_i``. A norm's gain
+  counts as the layer producing its channels (``W1 = diag(gain)``); biases are not counted.
+- ``"activation"``: for every generator that scales a channel ``j`` of an input that a linear
+  map reads, ``alpha log A_n(h) = (1 - alpha) log B_n(h)`` with ``A`` the largest ``|x_j|`` over
+  a calibration batch and ``B`` the largest ``|entry|`` of the readers' columns: SmoothQuant's
+  ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``h_j = -log s_j``. The other generators
+  (query-key pairs: no linear map reads their channels) are balanced as ``"range"`` does.
+- a callable ``J(params) -> scalar``: minimised over ``h`` by L-BFGS (strong Wolfe line
+  search, float64 ``h``) through the differentiable rescaled parameters;
+  :func:`sharpness_objective` is one.
+
+``range`` and ``activation`` are max-balances, solved by the same fixed-point iteration
+(:func:`solve_max_balance`): every live generator moves at once to its own closed-form balance
+``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), a step
+divided by the most generators one counted entry carries when the full one does not lower the
+residual; it is exact in one step for generators that share no counted entry (the two-layer
+chain, a norm feeding one linear).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.action import (
+    check_finite_params,
+    check_h,
+    optimizer_states,
+    rescale_,
+    transport_targets,
+)
+from gaugefix.balancing import balance_, check_tolerances
+from gaugefix.diagnostics import sharpness
+from gaugefix.moment import pair_shape
+from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import PlannedTerm
+
+OBJECTIVES = ("range", "activation", "norm")
+LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
+FROZEN_REASON = "touching a parameter with requires_grad=False"
+
+Objective = Callable[[dict[str, Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class EqualizeResult:
+    """What :func:`equalize_` did.
+
+    ``objective``: its name (``"callable"`` for a user's); ``objective_before`` /
+    ``objective_after``: for ``"norm"`` ``||theta||^2``, for ``"range"`` and ``"activation"``
+    the largest balance residual ``max_n |delta_n|`` (0 at the solution; what ``tol`` bounds),
+    for a callable its value; ``iterations``; ``h`` (``[num_generators]``, float64): the gauge
+    applied (0 on generators left out); ``dead_generators``: the generators the objective does
+    not see on both sides (or that touch a frozen parameter), left at ``h = 0``; ``converged``.
+    """
+
+    objective: str
+    objective_before: float
+    objective_after: float
+    iterations: int
+    h: Tensor
+    dead_generators: Tensor
+    converged: bool
+
+
+class RangeSource(NamedTuple):
+    """Magnitudes whose maxima an objective balances: ``log_magnitude`` (float64, broadcastable
+    with every term's slots), the entry's log-factor ``sum sign * h[slots]`` over ``exponent``,
+    and the ``counted`` terms: the maximum over the entries each names lands on its generator's
+    incoming side (sign ``+1``) or outgoing side (sign ``-1``)."""
+
+    log_magnitude: Tensor
+    exponent: tuple[PlannedTerm, ...]
+    counted: tuple[PlannedTerm, ...]
+
+
+# -- the max-balances: range and activation --------------------------------------------------------
+
+
+def _amax_to(values: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """The maximum of ``values`` over the dims where ``shape`` has size 1 (kept)."""
+    dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
+    return values.amax(dims, keepdim=True) if dims else values
+
+
+def log_abs(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``log max |t|`` (float64) over the entries that agree on every term map (``shape``: the
+    broadcast shape of the maps; a conv kernel's taps are reduced first)."""
+    return _amax_to(t.detach().abs(), shape).to(torch.float64).log()
+
+
+def side_ranges(sources: list[RangeSource], h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log R_in, log R_out)`` at ``h`` (``[N]``): per generator, the log of the largest
+    magnitude it multiplies and divides among the sources' counted entries (``-inf``: none)."""
+    n = h.shape[0]
+    hx = torch.cat([h, h.new_zeros(1)])
+    log_in = torch.full((n + 1,), -math.inf, dtype=torch.float64, device=h.device)
+    log_out = log_in.clone()
+    for source in sources:
+        e = source.log_magnitude
+        for term in source.exponent:
+            e = e + term.sign * hx[term.slots]
+        for term in source.counted:
+            full = e.expand(torch.broadcast_shapes(e.shape, term.slots.shape))
+            m = _amax_to(full, term.slots.shape)
+            side = log_in if term.sign > 0 else log_out
+            side.scatter_reduce_(0, term.slots.expand(m.shape).reshape(-1), m.reshape(-1), "amax")
+    return log_in[:n], log_out[:n]
+
+
+def damping(sources: list[RangeSource], live: Tensor) -> int:
+    """The most live generators one source entry carries (at least 1): the step divisor that
+    keeps the parallel update from overshooting where generators share entries."""
+    named = torch.cat([live, live.new_zeros(1)])
+    counts = [sum(bool(named[t.slots].any()) for t in s.exponent) for s in sources]
+    return max([1, *counts])
+
+
+@torch.no_grad()
+def solve_max_balance(
+    sources: list[RangeSource],
+    n: int,
+    alpha: float | Tensor,
+    tol: float,
+    max_iter: int,
+    device: Any,
+) -> tuple[Tensor, int, float, float, Tensor]:
+    """The gauge ``h`` (``[N]``, float64) where every live generator (both sides non-empty)
+    satisfies ``alpha log R_in,n(h) = (1 - alpha) log R_out,n(h)`` (``alpha``: one number, or
+    one per generator).
+
+    Fixed-point iteration: every live generator moves at once by
+    ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n``, its own closed-form balance (exact
+    when its counted entries carry no other generator); when that full step does not lower the
+    residual ``max |delta_n|`` (generators sharing entries overshoot together), the step is
+    divided by :func:`damping` instead. Stops when the residual is at most ``tol``.
+    Returns ``(h, iterations, residual before, residual after, live)``."""
+    h = torch.zeros(n, dtype=torch.float64, device=device)
+    log_in, log_out = side_ranges(sources, h)
+    live = torch.isfinite(log_in) & torch.isfinite(log_out)  # the same at every h
+    divisor = damping(sources, live)
+
+    def step_of(log_in: Tensor, log_out: Tensor) -> tuple[Tensor, float]:
+        delta = torch.where(live, (1 - alpha) * log_out - alpha * log_in, 0.0)
+        return delta, float(delta.abs().max()) if n else 0.0
+
+    delta, residual = step_of(log_in, log_out)
+    first, iterations = residual, 0
+    while residual > tol and iterations < max_iter:
+        iterations += 1
+        trial = h + delta
+        trial_delta, trial_residual = step_of(*side_ranges(sources, trial))
+        if trial_residual < residual or divisor == 1:
+            h, delta, residual = trial, trial_delta, trial_residual
+        else:
+            h = h + delta / divisor
+            delta, residual = step_of(*side_ranges(sources, h))
+    return h, iterations, first, residual, live
+
+
+def range_sources(
+    params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str]
+) -> list[RangeSource]:
+    """Every counted weight, with all its terms counted on their sides."""
+    out = []
+    for p in structure.plan(_device(params)):
+        if p.name in counted:
+            out.append(RangeSource(log_abs(params[p.name], pair_shape(p)), p.terms, p.terms))
+    return out
+
+
+def _without(source: RangeSource, excluded: Tensor) -> RangeSource:
+    """``source`` with its maxima counted for no generator in ``excluded`` (bool ``[N]``)."""
+    n = excluded.shape[0]
+    named = torch.cat([excluded, excluded.new_zeros(1)])
+    counted = tuple(
+        PlannedTerm(torch.where(named[t.slots], n, t.slots), t.sign) for t in source.counted
+    )
+    return source._replace(counted=counted)
+
+
+def _device(params: Mapping[str, Tensor]) -> torch.device:
+    first = next(iter(params.values()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+class Reader(NamedTuple):
+    """A module whose weight reads its first input's channels: the weight's parameter name,
+    the weight dim and the input dim that run over those channels, and the weight's terms that
+    vary along that dim (its columns)."""
+
+    module: str
+    weight: str
+    weight_dim: int
+    input_dim: int
+    columns: tuple[PlannedTerm, ...]
+
+
+def _channel_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(weight dim, input dim)`` of a linear map over its input's channels, or ``None``."""
+    if isinstance(module, nn.Linear):
+        return 1, -1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return None if module.groups != 1 or module.transposed else (1, 1)
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return 0, -1  # Hugging Face's Conv1D: x @ W with W [in, out]
+    return None
+
+
+def readers(
+    model: nn.Module, structure: GaugeStructure, counted: set[str], device: Any
+) -> list[Reader]:
+    """The linear maps whose counted weight has column terms and no term varying along both
+    its input dim and another dim (those are not a channel scaling of the input)."""
+    plans = {p.name: p for p in structure.plan(device)}
+    out = []
+    for name, module in model.named_modules():
+        dims, weight = _channel_dims(module), f"{name}.weight" if name else "weight"
+        if dims is None or weight not in counted or weight not in plans:
+            continue
+        plan, wdim = plans[weight], dims[0]
+        varying = [{d for d, k in enumerate(t.slots.shape) if k > 1} for t in plan.terms]
+        if any(wdim in v and len(v) > 1 for v in varying):
+            continue
+        columns = tuple(t for t, v in zip(plan.terms, varying, strict=True) if v == {wdim})
+        if columns:
+            out.append(Reader(name, weight, wdim, dims[1], columns))
+    return out
+
+
+@torch.no_grad()
+def activation_ranges(
+    model: nn.Module, found: list[Reader], calibration: Tensor | tuple[Tensor, ...]
+) -> dict[str, Tensor]:
+    """``max |x_j|`` over the calibration batch of each reader's input channels (float64
+    ``[C]``), from forward hooks on one pass of ``model(*calibration)`` in eval mode (the
+    training flags are restored; nothing else is touched)."""
+    ranges: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(reader: Reader) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach().abs().movedim(reader.input_dim, 0)
+            a = x.reshape(x.shape[0], -1).amax(1).to(torch.float64)
+            old = ranges.get(reader.module)
+            ranges[reader.module] = a if old is None else torch.maximum(old, a)
+
+        return record
+
+    handles = [modules[r.module].register_forward_hook(hook(r)) for r in found]
+    modes = {m: m.training for m in model.modules()}
+    args = calibration if isinstance(calibration, tuple) else (calibration,)
+    try:
+        model.eval()
+        model(*args)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"the model does not run on the calibration batch ({type(err).__name__}: {first}); "
+            "nothing was modified"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if any(not bool(torch.isfinite(a).all()) for a in ranges.values()):
+        raise ValueError("the calibration batch gives non-finite activations; nothing was modified")
+    return ranges
+
+
+def activation_sources(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    counted: set[str],
+    calibration: Tensor | tuple[Tensor, ...],
+) -> list[RangeSource]:
+    """Per reader that ran: its input's channel ranges on the incoming side of the generators
+    that scale them (the channel carries ``-1`` times the column exponent), and its weight's
+    columns on the outgoing side of the generators dividing them."""
+    device = _device(params)
+    found = readers(model, structure, counted, device)
+    ranges = activation_ranges(model, found, calibration)
+    plans = {p.name: p for p in structure.plan(device)}
+    out = []
+    for r in found:
+        if r.module not in ranges:  # not called by the forward pass
+            continue
+        plan, weight = plans[r.weight], params[r.weight]
+        shape = [1] * weight.dim()
+        shape[r.weight_dim] = weight.shape[r.weight_dim]
+        scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
+        act = ranges[r.module].to(device).log().view(shape)
+        out.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
+        divided = tuple(t for t in r.columns if t.sign < 0)
+        out.append(RangeSource(log_abs(weight, pair_shape(plan)), plan.terms, divided))
+    return out
+
+
+def activation_balance(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    counted: set[str],
+    calibration: Tensor | tuple[Tensor, ...],
+    alpha: float,
+) -> tuple[list[RangeSource], Tensor]:
+    """The sources and per-generator ``alpha`` of ``"activation"``: the generators whose
+    channels a linear map reads balance activation against weight ranges with ``alpha``; the
+    others (query-key pairs) are weight-range balanced as ``"range"`` does (``alpha = 1/2``)."""
+    seen = activation_sources(model, params, structure, counted, calibration)
+    n, device = structure.num_generators, _device(params)
+    log_in, log_out = side_ranges(seen, torch.zeros(n, dtype=torch.float64, device=device))
+    read = torch.isfinite(log_in) & torch.isfinite(log_out)
+    rest = [_without(s, read) for s in range_sources(params, structure, counted)]
+    coefficient = torch.full((n,), 0.5, dtype=torch.float64, device=device)
+    return seen + rest, coefficient.masked_fill_(read, alpha)
+
+
+# -- a callable objective --------------------------------------------------------------------------
+
+
+def rescaled(
+    params: Mapping[str, Tensor], structure: GaugeStructure, h: Tensor
+) -> dict[str, Tensor]:
+    """``theta(h)`` for the structure's parameters, differentiable in ``h`` (``[N]``,
+    float64): each entry times ``exp(sum_n w_n(e) h_n)``, in the parameter's dtype."""
+    hx = torch.cat([h, h.new_zeros(1)])
+    out = {}
+    for p in structure.plan(h.device):
+        t = params[p.name].detach()
+        exponent = sum(term.sign * hx[term.slots] for term in p.terms)
+        out[p.name] = t * torch.exp(exponent).to(t.dtype)
+    return out
+
+
+def minimize_objective(
+    objective: Objective, model: nn.Module, structure: GaugeStructure, tol: float, max_iter: int
+) -> tuple[Tensor, int, float, float, bool]:
+    """Minimise ``J(h) = objective(theta(h))`` over ``h`` by L-BFGS with a strong Wolfe line
+    search, from ``h = 0``, until ``max |dJ/dh_n| <= tol`` or ``max_iter`` iterations.
+    ``objective`` gets every parameter of ``model`` by name (the structure's ones rescaled)
+    and returns a differentiable scalar. Returns ``(h, iterations, J(0), J(h), converged)``."""
+    base = {name: p.detach() for name, p in model.named_parameters()}
+    params = structure.bind(model)
+
+    def value(h: Tensor) -> Tensor:
+        j = objective({**base, **rescaled(params, structure, h)})
+        if not isinstance(j, Tensor) or j.numel() != 1 or not bool(torch.isfinite(j).all()):
+            raise ValueError("the objective must return a finite scalar tensor")
+        return j.reshape(()).to(torch.float64)
+
+    h = torch.zeros(structure.num_generators, dtype=torch.float64, requires_grad=True)
+    before = float(value(h.detach()))
+    opt = torch.optim.LBFGS(
+        [h], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
+        history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        j = value(h)
+        j.backward()
+        return j
+
+    if max_iter > 0 and structure.num_generators:
+        opt.step(closure)
+    h = h.detach().requires_grad_(True)
+    after = value(h)
+    (grad,) = torch.autograd.grad(after, h, allow_unused=True)
+    converged = grad is None or not grad.numel() or float(grad.abs().max()) <= tol
+    iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
+    return h.detach(), iterations, before, float(after.detach()), converged
+
+
+def sharpness_objective(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Tensor | tuple[Any, ...],
+    targets: Any,
+    **lanczos: Any,
+) -> Objective:
+    """The objective ``J(h) = lambda_max`` of the Hessian of ``loss_fn(model(*inputs),
+    targets)`` (see :func:`gaugefix.sharpness`, which ``lanczos`` is passed to), for
+    :func:`equalize_`.
+
+    Along the orbit the Hessian moves by a diagonal congruence, ``H(D theta) = D^-1 H D^-1``
+    with ``D = diag(exp(sum_n w_n h_n))``, so with ``v`` the unit top eigenvector
+    ``dJ/dh_n = -2 lambda_max sum_e w_n(e) v_e^2`` (envelope theorem): the moment map of the
+    eigenvector. The returned scalar has the value ``lambda_max`` and, through each rescaled
+    entry ``theta_e``, the gradient ``-2 lambda_max v_e^2 / theta_e``, which gives exactly that
+    derivative in ``h``. The maximum eigenvalue is not differentiable where it is degenerate.
+    """
+    probe = copy.deepcopy(model)
+
+    def objective(params: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            for name, p in probe.named_parameters():
+                p.copy_(params[name])
+        top = sharpness(probe, loss_fn, inputs, targets, **lanczos)
+        out = torch.tensor(top.value, dtype=torch.float64)
+        for name, t in params.items():
+            if not t.requires_grad or name not in top.vector:
+                continue
+            theta, v_sq = t.detach().to(torch.float64), top.vector[name].to(torch.float64) ** 2
+            if bool(((theta == 0) & (v_sq > 0)).any()):
+                raise ValueError(
+                    f"'{name}' has exactly zero entries the top eigenvector loads on: the "
+                    "sharpness gradient cannot pass through them"
+                )
+            grad = -2 * top.value * v_sq / torch.where(theta == 0, 1.0, theta)
+            out = out + (grad * (t.to(torch.float64) - theta)).sum()
+        return out
+
+    return objective
+
+
+# -- the entry point -------------------------------------------------------------------------------
+
+
+def _objective_name(
+    objective: str | Objective, calibration: Any, alpha: float, weights: Any
+) -> str:
+    """The objective's name (``"callable"`` for a user's), the arguments checked against it."""
+    if callable(objective):
+        name = "callable"
+    elif isinstance(objective, str) and objective in OBJECTIVES:
+        name = objective
+    else:
+        raise ValueError(
+            f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)} or a callable"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if (calibration is None) == (name == "activation"):
+        raise ValueError("calibration (example inputs) is needed by, and only by, 'activation'")
+    if name == "activation":
+        args = calibration if isinstance(calibration, tuple) else (calibration,)
+        if not args or not all(isinstance(a, Tensor) for a in args):
+            raise ValueError("calibration must be a tensor or a tuple of tensors")
+    if weights is not None and name in ("norm", "callable"):
+        raise ValueError(f"weights selects what 'range' and 'activation' count, not {name!r}")
+    return name
+
+
+def counted_weights(structure: GaugeStructure, weights: Iterable[str] | None) -> set[str]:
+    """The parameters the objective counts: by default every weight matrix and kernel
+    (``dim >= 2``) the structure acts on and every gain (the other parameters, biases
+    excepted); else the named ones, each checked to be one the structure acts on."""
+    if weights is None:
+        return {
+            name
+            for name, p in structure.params.items()
+            if len(p.shape) >= 2 or not name.endswith("bias")
+        }
+    names = [weights] if isinstance(weights, str) else list(weights)
+    unknown = [n for n in names if n not in structure.params]
+    if unknown or not names:
+        raise ValueError(
+            f"weights must name parameters the structure acts on; not: {unknown or names}"
+        )
+    return set(names)
+
+
+def unfrozen(
+    structure: GaugeStructure, params: Mapping[str, Tensor]
+) -> tuple[GaugeStructure, Tensor]:
+    """The subgroup of the generators touching no parameter with ``requires_grad=False``, and
+    which generators it keeps (bool ``[N]``)."""
+    n = structure.num_generators
+    touched = torch.zeros(n + 1, dtype=torch.bool)
+    for plan in structure.plan(torch.device("cpu")):
+        if not params[plan.name].requires_grad:
+            for term in plan.terms:
+                touched[term.slots.reshape(-1)] = True
+    keep = ~touched[:n]
+    return (structure if bool(keep.all()) else structure.restrict(keep, FROZEN_REASON)), keep
+
+
+def equalize_(
+    model: nn.Module,
+    structure: GaugeStructure,
+    objective: str | Objective = "range",
+    *,
+    calibration: Tensor | tuple[Tensor, ...] | None = None,
+    alpha: float = 0.5,
+    weights: Iterable[str] | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> EqualizeResult:
+    """Move ``model`` in place along its gauge orbit (function unchanged) to the point that
+    minimises ``objective``: ``"range"`` (data-free weight-range equalization), ``"activation"``
+    (SmoothQuant-style, with ``calibration`` inputs and exponent ``alpha``), ``"norm"``
+    (:func:`gaugefix.balance_`), or a callable of the rescaled parameters (by L-BFGS; see the
+    module docstring for each).
+
+    ``weights``: the parameters ``range`` and ``activation`` count (default: every weight matrix,
+    kernel and gain the structure acts on; biases are rescaled but not counted). Generators
+    touching a frozen parameter (``requires_grad=False``) never move. Optimizer state is
+    transported as :func:`gaugefix.apply_gauge_` does. Everything is validated first (and the
+    calibration pass runs) before anything is modified; on error nothing is.
+    """
+    name = _objective_name(objective, calibration, alpha, weights)
+    check_tolerances(tol, max_iter)
+    params = structure.bind(model)
+    check_finite_params(params)
+    states = optimizer_states(optimizer, params)
+    active, keep = unfrozen(structure, params)
+    if name == "norm":
+        return _balanced(model, active, keep, tol, max_iter, optimizer)
+    if name == "callable":
+        h, iterations, before, after, converged = minimize_objective(
+            objective, model, active, tol, max_iter
+        )
+        live = torch.ones(active.num_generators, dtype=torch.bool)
+    else:
+        counted = counted_weights(active, weights)
+        if name == "range":
+            sources, coefficient = range_sources(params, active, counted), 0.5
+        else:
+            sources, coefficient = activation_balance(
+                model, params, active, counted, calibration, alpha
+            )
+        h, iterations, before, after, live = solve_max_balance(
+            sources, active.num_generators, coefficient, tol, max_iter, _device(params)
+        )
+        converged = after <= tol
+    full = torch.zeros(structure.num_generators, dtype=torch.float64)
+    full[keep] = h.cpu()
+    check_h(full, structure)
+    if params:
+        rescale_(transport_targets(params, states), structure, full.to(_device(params)))
+    alive = torch.zeros(structure.num_generators, dtype=torch.bool)
+    alive[keep] = live.cpu()
+    return EqualizeResult(
+        name, before, after, iterations, full, torch.nonzero(~alive).reshape(-1), converged
+    )
+
+
+def _balanced(
+    model: nn.Module,
+    active: GaugeStructure,
+    keep: Tensor,
+    tol: float,
+    max_iter: int,
+    optimizer: torch.optim.Optimizer | None,
+) -> EqualizeResult:
+    """``"norm"``: :func:`gaugefix.balance_` on the generators ``keep`` selects (``active``),
+    reported on all of them."""
+    done = balance_(model, active, tol, max_iter, optimizer)
+    full = torch.zeros(keep.shape[0], dtype=torch.float64)
+    full[keep] = done.h.cpu()
+    kept = torch.nonzero(keep).reshape(-1)
+    dead = torch.cat([torch.nonzero(~keep).reshape(-1), kept[done.dead_generators.cpu()]])
+    return EqualizeResult(
+        "norm", done.norm_sq_before, done.norm_sq_after, done.iterations, full,
+        dead.sort().values, done.converged,
+    )  # fmt: skip

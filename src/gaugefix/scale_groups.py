@@ -1,0 +1,109 @@
+"""Scale groups: the exact rescaling group of a model, in the form SmoothQuant/AWQ-style tools
+take it (llm-compressor's mapping convention: a *smooth* layer whose output channels are divided
+by ``s`` and the *balance* layers whose input channels are multiplied by ``s``).
+
+A generator ``n`` is such a scaling when every entry it multiplies lies on channels its modules
+produce (rows of a linear map, a norm's gain and bias) and every entry it divides lies on the
+input channels of the modules reading them (a column map: the term varies along one dim, and
+not along the channels the parameter produces). With ``h_n = -log s_n`` it is the tools'
+transformation exactly. Generators with the same smooth and balance modules form one group.
+Query-key and rotary pairs (they divide another layer's output rows) are no such scaling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from gaugefix.structure.gauge_structure import module_of
+
+if TYPE_CHECKING:
+    from gaugefix.structure import GaugeStructure
+
+
+def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor, dict]:
+    """The modules, and per generator which modules multiply it (``smooth``, ``[M, N]``),
+    which divide it on input channels (``balance``, ``[M, N]``), and whether any entry it
+    acts on is neither (``other``, ``[N]``); plus the column map ``(module, channels)`` of
+    every dividing term (the generator of each input channel)."""
+    n = structure.num_generators
+    modules = sorted({module_of(name) for name in structure.params})
+    row = {m: i for i, m in enumerate(modules)}
+    smooth = torch.zeros(len(modules), n + 1, dtype=torch.bool)
+    balance = torch.zeros_like(smooth)
+    other = torch.zeros(n + 1, dtype=torch.bool)
+    columns: dict[str, list[Tensor]] = {}
+    owns = torch.zeros(len(modules), n + 1, dtype=torch.bool)  # the channels it produces
+    for name, index in structure.produced.items():
+        if module_of(name) in row:
+            owns[row[module_of(name)], index[index >= 0]] = True
+    for param in structure.plan(torch.device("cpu")):
+        module = row[module_of(param.name)]
+        own = owns[module]
+        for term in param.terms:
+            slots = term.slots.reshape(-1)
+            varying = sum(k > 1 for k in term.slots.shape)
+            if term.sign > 0:
+                smooth[module, slots] = True
+                other[slots[~own[slots]]] = True  # multiplied, but not on its own channels
+            elif varying == 1 and not bool(own[slots].any()):
+                balance[module, slots] = True
+                columns.setdefault(modules[module], []).append(slots)
+            else:
+                other[slots] = True
+    return modules, smooth[:, :n], balance[:, :n], other[:n], columns
+
+
+def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
+    """The smoothing groups of ``structure``, as plain data (JSON-ready), in the order of their
+    first generator. Each: ``smooth_layer`` (the module whose output channels are divided; a
+    list when several produce them, e.g. through a residual sum), ``balance_layers`` (the
+    modules whose input channels are multiplied), ``kind`` (the generators' kind),
+    ``generators`` (their indices in the structure), and ``smooth_channels`` /
+    ``balance_channels``: per module, for each output / input channel, the position in
+    ``generators`` of the generator that scales it (``-1``: none of this group)."""
+    modules, smooth, balance, other, columns = _sides(structure)
+    n = structure.num_generators
+    smoothing = smooth.any(0) & balance.any(0) & ~other
+    chosen = torch.nonzero(smoothing).reshape(-1)
+    if not chosen.numel():
+        return []
+    signature = torch.cat([smooth, balance])[:, chosen].T
+    _, group_of = torch.unique(signature, dim=0, return_inverse=True)
+    first = torch.full((int(group_of.max()) + 1,), n).scatter_reduce(0, group_of, chosen, "amin")
+    groups = []
+    for g in torch.argsort(first).tolist():
+        members = chosen[group_of == g]
+        position = torch.full((n + 1,), -1, dtype=torch.long)
+        position[members] = torch.arange(len(members))
+        smooth_names = [modules[i] for i in torch.nonzero(smooth[:, members[0]]).reshape(-1)]
+        balance_names = [modules[i] for i in torch.nonzero(balance[:, members[0]]).reshape(-1)]
+        groups.append(
+            {
+                "smooth_layer": smooth_names[0] if len(smooth_names) == 1 else smooth_names,
+                "balance_layers": balance_names,
+                "kind": structure.generator_kinds[int(members[0])],
+                "generators": members.tolist(),
+                "smooth_channels": {
+                    m: _positions(position, _produced_by(structure, m)) for m in smooth_names
+                },
+                "balance_channels": {m: _positions(position, *columns[m]) for m in balance_names},
+            }
+        )
+    return groups
+
+
+def _produced_by(structure: GaugeStructure, module: str) -> Tensor:
+    """The generator of each output channel of ``module`` (from its first producing
+    parameter; the others produce the same channels)."""
+    name = next(p for p in structure.produced if module_of(p) == module)
+    index = structure.produced[name]
+    return torch.where(index < 0, structure.num_generators, index)
+
+
+def _positions(position: Tensor, *maps: Tensor) -> list[int]:
+    """Per channel, the group position of the generator one of ``maps`` names there."""
+    found = torch.stack([position[m] for m in maps]).amax(0)
+    return found.tolist()

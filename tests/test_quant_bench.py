@@ -1,0 +1,61 @@
+"""The quantization benchmark (``make bench``, section ``quant``): its quantizers are the
+symmetric formulas, and every equalization path runs, on a tiny untrained case."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import quantization  # noqa: E402
+
+from gaugefix import zoo  # noqa: E402
+
+pytest.importorskip("torchao")
+
+
+def assert_nearest_on_grid(got: torch.Tensor, w: torch.Tensor, step: torch.Tensor, lo: int,
+                           hi: int) -> None:  # fmt: skip
+    """``got`` is ``q * step`` with integer ``q`` in ``[lo, hi]``, within half a step of ``w``
+    (rounding to nearest); the largest entry keeps its grid point."""
+    q = got / step
+    assert torch.allclose(q, q.round(), rtol=0, atol=1e-4)
+    assert int(q.round().min()) >= lo and int(q.round().max()) <= hi
+    assert bool(((got - w).abs() <= step * (0.5 + 1e-5)).all())
+
+
+def test_per_tensor_int8_is_round_to_the_max_abs_grid():
+    torch.manual_seed(0)
+    w = torch.randn(7, 5) * torch.logspace(-1, 1, 5)
+    step = w.abs().max() / 127
+    got = quantization.fake_quant(w, tuple(w.shape), quantization.INT8)
+    assert_nearest_on_grid(got, w, step, -127, 127)
+
+
+def test_per_channel_int4_has_one_step_per_output_row():
+    torch.manual_seed(0)
+    w = torch.randn(6, 9) * torch.logspace(-2, 1, 6)[:, None]
+    step = w.abs().amax(1, keepdim=True) / 7.5  # symmetric over [-8, 7]
+    got = quantization.fake_quant(w, (1, 9), quantization.INT4)
+    assert_nearest_on_grid(got, w, step, -8, 7)
+
+
+def test_every_method_runs_and_keeps_the_function():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    model = zoo.mlp((8, 16, 4)).eval()
+    case = quantization.Case("tiny", model, quantization._accuracy(x, y), "accuracy %", x[:2], x)
+    rows = quantization.run_case(case, log=lambda _: None)
+    assert [r["variant"] for r in rows] == ["trained", "scrambled"]
+    for row in rows:
+        methods = row["methods"]
+        for method in ("none", "balance_", "range", "activation"):
+            assert methods[method]["status"] == "ok"
+            assert methods[method]["output_change"] <= 1e-5
+            assert methods[method]["fp32"] == methods["none"]["fp32"]
+        for method in ("brevitas", "aimet"):  # ran, or says why not in one line
+            assert methods[method]["status"] == "ok" or "\n" not in methods[method]["status"]
