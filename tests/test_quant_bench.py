@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -14,8 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import quantization  # noqa: E402
 
 from gaugefix import zoo  # noqa: E402
-
-pytest.importorskip("torchao")
 
 
 def assert_nearest_on_grid(got: torch.Tensor, w: torch.Tensor, step: torch.Tensor, lo: int,
