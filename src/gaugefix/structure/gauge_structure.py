@@ -536,6 +536,7 @@ def compile_structure(
     first producing channel in parameter order.
     """
     comp, sign, conflicted, count = _signed_components(ctx)
+    ctx.block_mismatched_gathers(comp)
     first_mark, reasons = _first_reason(ctx, comp, count)
     unblocked = 1 << 40  # a reason index larger than every real one
     reason = torch.where(first_mark == len(reasons), unblocked, first_mark)

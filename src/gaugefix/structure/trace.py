@@ -194,10 +194,12 @@ class _ParamView:
 class _Gathered:
     """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0:
     position ``i`` of its leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the
-    expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``)."""
+    expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``).
+    ``index`` is the tensor the rows were read from when they depend on the data (else None):
+    two gathers read the same rows for every input only when their indices share storage."""
 
-    def __init__(self, source: Tensor, rows: Tensor) -> None:
-        self.source, self.rows = source, rows
+    def __init__(self, source: Tensor, rows: Tensor, index: Tensor | None) -> None:
+        self.source, self.rows, self.index = source, rows, index
 
 
 class TraceContext:
@@ -226,6 +228,9 @@ class TraceContext:
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
         self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
+        # Nodes [slices, ...] of each use of slices picked by data-dependent rows, with the
+        # index tensor the rows were read from, the parameter's name and the op.
+        self._holders: list[tuple[Tensor, Tensor, str, str]] = []
         # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
         self.coverage: dict[str, tuple[Tensor, str]] = {}
         self._claimed: set[int] = set()
@@ -336,19 +341,20 @@ class TraceContext:
         return id(t) in self._tainted or id(t) in self.param_names
 
     def gathered(
-        self, source: Tensor, rows: Tensor, data_dependent: bool, view: Tensor | None = None
+        self, source: Tensor, rows: Tensor, index: Tensor | None, view: Tensor | None = None
     ) -> Tensor:
         """Record ``view`` (by default a stand-in of no memory) as slices ``rows`` of the
-        parameter ``source`` along dim 0 and return it. Rows that depend on the data are
-        recorded in :attr:`coverage`: a slice no traced row read is used for other inputs, so
-        after the trace such a parameter is fixed unless every slice was read."""
+        parameter ``source`` along dim 0 and return it. ``index`` is the tensor the rows are
+        read from when it depends on the data (else None). Such rows are recorded in
+        :attr:`coverage`: a slice no traced row read is used for other inputs, so after the
+        trace such a parameter is fixed unless every slice was read."""
         name = self.param_name(source)
         rows = rows.detach().long().cpu()
         if view is None:
             shape = (*rows.shape, *source.shape[1:])
             view = torch.empty((), dtype=source.dtype).expand(shape)
-        self._gathers[id(view)] = (view, _Gathered(source, rows))
-        if data_dependent:
+        self._gathers[id(view)] = (view, _Gathered(source, rows, index))
+        if index is not None:
             read = torch.zeros(source.shape[0], dtype=torch.bool)
             read[rows.reshape(-1)] = True
             before = self.coverage.get(name, (torch.zeros_like(read), self.reason("gathered")))
@@ -516,7 +522,7 @@ class TraceContext:
         lead = gathered.rows.dim()
         rest = nodes.shape[lead:]
         flat = nodes.expand(*gathered.rows.shape, *rest).reshape(-1, *rest)
-        holder = self.fresh(gathered.source.shape[0], *rest)
+        holder = self._holder(gathered, *rest)
         self.union(holder[gathered.rows.reshape(-1)], flat)
         return self._on_param(gathered.source, holder)
 
@@ -545,14 +551,77 @@ class TraceContext:
         share its nodes)."""
         gathered = self._gathers[id(p)][1]
         lead = gathered.rows.dim()
-        holder = self.fresh(gathered.source.shape[0], *shape[lead:])
+        holder = self._holder(gathered, *shape[lead:])
         self.claim(p)
         name, on_param = self._on_param(gathered.source, holder)
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(name, on_param)
         return holder[gathered.rows]
 
+    def _holder(self, gathered: _Gathered, *shape: int) -> Tensor:
+        """Fresh nodes ``[slices, *shape]`` for every slice of a gathered parameter, recorded
+        when the rows depend on the data (see :meth:`block_mismatched_gathers`)."""
+        holder = self.fresh(gathered.source.shape[0], *shape)
+        if gathered.index is not None:
+            name = self.param_name(gathered.source)
+            self._holders.append((holder, gathered.index, name, self.reason("gathered")))
+        return holder
+
+    def block_mismatched_gathers(self, comp: Tensor) -> None:
+        """Block every component (``comp[node]``, the solved equalities) that pairs slices picked
+        by data-dependent rows in a way another input could change. A component is kept when
+        all its slice nodes are of one slice read through one index tensor (its storage: the
+        tensor or a view of it), so every input pairs that slice with itself, or when it holds,
+        for every parameter and entry it touches, that entry of every slice, so the pairing
+        does not matter. Otherwise (two routers, or rows of one index that do not line up)
+        the trace's union depends on the example's routing and the component is blocked."""
+        if not self._holders:
+            return
+        storages = [index.untyped_storage().data_ptr() for _, index, _, _ in self._holders]
+        index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(storages))}
+        count = int(comp.max()) + 1
+        comps, slice_ids, cells, sizes, offset = [], [], [], [], 0
+        for (holder, _, _, _), ptr in zip(self._holders, storages, strict=True):
+            flat = holder.reshape(holder.shape[0], -1)  # [slices, entries]
+            slices, entries = flat.shape
+            comps.append(comp[flat].reshape(-1))
+            row = torch.arange(slices).unsqueeze(1).expand(slices, entries).reshape(-1)
+            slice_ids.append(index_of[ptr] * count + row)  # the same slice of the same index
+            entry = torch.arange(entries).expand(slices, entries).reshape(-1)
+            cells.append(offset + entry)  # one id per (use, entry)
+            offset += entries
+            sizes.append(torch.full_like(entry, slices))
+        c, slice_id, cell, size = (torch.cat(x) for x in (comps, slice_ids, cells, sizes))
+        distinct = torch.unique(torch.stack([c, slice_id]), dim=1)[0]
+        one_slice = torch.bincount(distinct, minlength=count) == 1
+        groups, inverse = torch.unique(torch.stack([c, cell]), dim=1, return_inverse=True)
+        members = torch.bincount(inverse, minlength=groups.shape[1])
+        group_size = torch.zeros(groups.shape[1], dtype=torch.long).scatter_(0, inverse, size)
+        every_slice = torch.ones(count, dtype=torch.bool)
+        every_slice[groups[0][members < group_size]] = False
+        self._block_pairings(comp, ~(one_slice | every_slice))
+
+    def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
+        """Block the nodes of every recorded gather use in a component marked ``bad``, naming
+        the parameters whose slices that component pairs."""
+        hit = [bad[comp[holder]] for holder, _, _, _ in self._holders]
+        for (holder, _, name, where), mine in zip(self._holders, hit, strict=True):
+            if not bool(mine.any()):
+                continue
+            shared = set(comp[holder[mine]].tolist())
+            partners = sorted({
+                other for (h, _, other, _), theirs in zip(self._holders, hit, strict=True)
+                if other != name and bool(theirs.any())
+                and not shared.isdisjoint(comp[h[theirs]].tolist())
+            })  # fmt: skip
+            with_ = " and ".join(f"'{n}'" for n in [name, *partners])
+            self.block(holder[mine], (
+                f"slices of {with_} picked by data-dependent indices that can pair them "
+                f"differently for another input (different index tensors, or rows that do not "
+                f"line up), {where}"))  # fmt: skip
+
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
+
         """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
         tied to its layer's output channels (``sign=1``)."""
         for nodes, s in Sum.of(labels):
