@@ -621,7 +621,6 @@ class TraceContext:
                 f"line up), {where}"))  # fmt: skip
 
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
-
         """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
         tied to its layer's output channels (``sign=1``)."""
         for nodes, s in Sum.of(labels):
