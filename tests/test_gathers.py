@@ -21,10 +21,12 @@ EXPERTS, WIDTH, UNITS, TOKENS = 3, 4, 3, 6
 
 class TwoGathers(nn.Module):
     """``x -> relu(lin_in x) = h``; token ``t``: ``relu(h up[first[t]]) down[second[t]]``;
-    then ``lin_out(relu(.))``. ``up [experts, width, units]``, ``down [experts, units, width]``."""
+    then ``lin_out(relu(.))``. ``up [experts, width, units]``, ``down [experts, units, width]``.
+    With ``reverse``, token ``t``'s units go on through the down weights of token ``T - 1 - t``."""
 
-    def __init__(self) -> None:
+    def __init__(self, reverse: bool = False) -> None:
         super().__init__()
+        self.reverse = reverse
         self.lin_in, self.lin_out = nn.Linear(3, WIDTH), nn.Linear(WIDTH, 2)
         self.up = nn.Parameter(torch.randn(EXPERTS, WIDTH, UNITS))
         self.down = nn.Parameter(torch.randn(EXPERTS, UNITS, WIDTH))
@@ -32,6 +34,8 @@ class TwoGathers(nn.Module):
     def forward(self, x: Tensor, first: Tensor, second: Tensor) -> Tensor:
         h = F.relu(self.lin_in(x)).unsqueeze(1)  # [tokens, 1, width]
         units = F.relu(torch.bmm(h, self.up[first]))
+        if self.reverse:
+            units = units.flip(0)
         out = torch.bmm(units, self.down[second]).squeeze(1)
         return self.lin_out(F.relu(out))
 
@@ -76,3 +80,17 @@ def test_one_index_for_both_weights_keeps_every_experts_units(second):
     other = torch.randn(TOKENS, 3, dtype=DTYPE)
     reversed_ = (2 - first, 2 - first)
     assert gauge_keeps_outputs(model, s, (x, first, first), (other, *reversed_))
+
+
+def test_one_index_with_positions_that_do_not_line_up_is_blocked():
+    """Token ``t``'s up units meet the down weights token ``T - 1 - t`` picked: the example pairs
+    expert 1 with itself (tokens 1 and 4), which another routing does not."""
+    torch.manual_seed(0)
+    model = TwoGathers(reverse=True).to(DTYPE)
+    x = torch.randn(TOKENS, 3, dtype=DTYPE)
+    first = torch.arange(TOKENS) % EXPERTS
+    s = gaugefix.discover(model, x, first, first)
+    assert s.num_generators == WIDTH + WIDTH
+    other = torch.randn(TOKENS, 3, dtype=DTYPE)
+    shuffled = torch.tensor([1, 0, 2, 2, 1, 0])
+    assert gauge_keeps_outputs(model, s, (x, first, first), (other, shuffled, shuffled))

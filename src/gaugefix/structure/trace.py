@@ -228,9 +228,10 @@ class TraceContext:
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
         self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
-        # Nodes [slices, ...] of each use of slices picked by data-dependent rows, with the
-        # index tensor the rows were read from, the parameter's name and the op.
-        self._holders: list[tuple[Tensor, Tensor, str, str]] = []
+        # Per use of slices picked by data-dependent rows: its nodes per position, the element
+        # of the index's storage each position read, (that storage, the parameter) and the op.
+        self._holders: list[tuple[Tensor, Tensor, tuple[int, str], str]] = []
+        self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
         # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
         self.coverage: dict[str, tuple[Tensor, str]] = {}
         self._claimed: set[int] = set()
@@ -522,8 +523,14 @@ class TraceContext:
         lead = gathered.rows.dim()
         rest = nodes.shape[lead:]
         flat = nodes.expand(*gathered.rows.shape, *rest).reshape(-1, *rest)
-        holder = self._holder(gathered, *rest)
-        self.union(holder[gathered.rows.reshape(-1)], flat)
+        holder = self.fresh(gathered.source.shape[0], *rest)
+        at_rows = holder[gathered.rows.reshape(-1)]
+        if gathered.index is not None:  # through nodes per position, linked to the slices
+            positions = self._positions(gathered, at_rows.shape)
+            self.union(positions, flat)
+            flat = positions
+            self.slice_links.add(len(self.edges))
+        self.union(at_rows, flat)
         return self._on_param(gathered.source, holder)
 
     def produce(
@@ -551,66 +558,81 @@ class TraceContext:
         share its nodes)."""
         gathered = self._gathers[id(p)][1]
         lead = gathered.rows.dim()
-        holder = self._holder(gathered, *shape[lead:])
+        holder = self.fresh(gathered.source.shape[0], *shape[lead:])
         self.claim(p)
         name, on_param = self._on_param(gathered.source, holder)
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(name, on_param)
-        return holder[gathered.rows]
+        at_rows = holder[gathered.rows]
+        if gathered.index is None:
+            return at_rows
+        positions = self._positions(gathered, at_rows.shape)
+        self.slice_links.add(len(self.edges))
+        self.union(at_rows, positions)
+        return positions
 
-    def _holder(self, gathered: _Gathered, *shape: int) -> Tensor:
-        """Fresh nodes ``[slices, *shape]`` for every slice of a gathered parameter, recorded
-        when the rows depend on the data (see :meth:`block_mismatched_gathers`)."""
-        holder = self.fresh(gathered.source.shape[0], *shape)
-        if gathered.index is not None:
-            name = self.param_name(gathered.source)
-            self._holders.append((holder, gathered.index, name, self.reason("gathered")))
-        return holder
+    def _positions(self, gathered: _Gathered, shape: torch.Size) -> Tensor:
+        """Fresh nodes of ``shape`` (gathered positions first) for slices picked by rows that
+        depend on the data, recorded with the entry of the index tensor each position read
+        (see :meth:`block_mismatched_gathers`). The caller links them to the slices' nodes by
+        an edge listed in :attr:`slice_links`."""
+        index = gathered.index
+        if index.shape == gathered.rows.shape:  # W[index]: the storage element read
+            size = index.untyped_storage().nbytes() // index.element_size()
+            elements = torch.arange(size).as_strided(
+                index.shape, index.stride(), index.storage_offset()
+            )
+        else:  # grouped_mm: position s of tokens sorted by the offsets
+            elements = torch.arange(gathered.rows.numel()).view(gathered.rows.shape)
+        positions = self.fresh(*shape)
+        key = (index.untyped_storage().data_ptr(), self.param_name(gathered.source))
+        self._holders.append((positions, elements.reshape(-1), key, self.reason("gathered")))
+        return positions
 
     def block_mismatched_gathers(self, comp: Tensor) -> None:
-        """Block every component (``comp[node]``, the solved equalities) that pairs slices picked
-        by data-dependent rows in a way another input could change. A component is kept when
-        all its slice nodes are of one slice read through one index tensor (its storage: the
-        tensor or a view of it), so every input pairs that slice with itself, or when it holds,
-        for every parameter and entry it touches, that entry of every slice, so the pairing
-        does not matter. Otherwise (two routers, or rows of one index that do not line up)
-        the trace's union depends on the example's routing and the component is blocked."""
-        if not self._holders:
-            return
-        storages = [index.untyped_storage().data_ptr() for _, index, _, _ in self._holders]
-        index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(storages))}
+        """Block the gathered positions whose pairing another input could change. ``comp`` are
+        the components of the equalities without the links from positions to slices: two
+        positions in one component are made to carry one factor by the model itself, and
+        on the slices they read only when they read them through one entry of one index
+        tensor (its storage: the tensor or a view of it), whatever the data. A component is
+        kept when its positions all read one such entry (one token's expert, paired with
+        itself), or when it holds every position of each gather use and entry it touches
+        (every slice then carries the factor, and the pairing does not matter). Otherwise
+        (two routers, or positions that do not line up) it is blocked."""
+        ptrs = [key[0] for _, _, key, _ in self._holders]
+        index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
         count = int(comp.max()) + 1
-        comps, slice_ids, cells, sizes, offset = [], [], [], [], 0
-        for (holder, _, _, _), ptr in zip(self._holders, storages, strict=True):
-            flat = holder.reshape(holder.shape[0], -1)  # [slices, entries]
-            slices, entries = flat.shape
+        comps, elements, cells, sizes, offset = [], [], [], [], 0
+        for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True):
+            flat = nodes.reshape(element.numel(), -1)  # [positions, entries]
+            n, entries = flat.shape
             comps.append(comp[flat].reshape(-1))
-            row = torch.arange(slices).unsqueeze(1).expand(slices, entries).reshape(-1)
-            slice_ids.append(index_of[ptr] * count + row)  # the same slice of the same index
-            entry = torch.arange(entries).expand(slices, entries).reshape(-1)
+            read = element.unsqueeze(1).expand(n, entries).reshape(-1)
+            elements.append(index_of[ptr] * self.num_nodes + read)  # one entry of one index
+            entry = torch.arange(entries).expand(n, entries).reshape(-1)
             cells.append(offset + entry)  # one id per (use, entry)
             offset += entries
-            sizes.append(torch.full_like(entry, slices))
-        c, slice_id, cell, size = (torch.cat(x) for x in (comps, slice_ids, cells, sizes))
-        distinct = torch.unique(torch.stack([c, slice_id]), dim=1)[0]
-        one_slice = torch.bincount(distinct, minlength=count) == 1
+            sizes.append(torch.full_like(entry, n))
+        c, element, cell, size = (torch.cat(x) for x in (comps, elements, cells, sizes))
+        distinct = torch.unique(torch.stack([c, element]), dim=1)[0]
+        one_element = torch.bincount(distinct, minlength=count) == 1
         groups, inverse = torch.unique(torch.stack([c, cell]), dim=1, return_inverse=True)
         members = torch.bincount(inverse, minlength=groups.shape[1])
         group_size = torch.zeros(groups.shape[1], dtype=torch.long).scatter_(0, inverse, size)
-        every_slice = torch.ones(count, dtype=torch.bool)
-        every_slice[groups[0][members < group_size]] = False
-        self._block_pairings(comp, ~(one_slice | every_slice))
+        every_position = torch.ones(count, dtype=torch.bool)
+        every_position[groups[0][members < group_size]] = False
+        self._block_pairings(comp, ~(one_element | every_position))
 
     def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
         """Block the nodes of every recorded gather use in a component marked ``bad``, naming
         the parameters whose slices that component pairs."""
         hit = [bad[comp[holder]] for holder, _, _, _ in self._holders]
-        for (holder, _, name, where), mine in zip(self._holders, hit, strict=True):
+        for (holder, _, (_, name), where), mine in zip(self._holders, hit, strict=True):
             if not bool(mine.any()):
                 continue
             shared = set(comp[holder[mine]].tolist())
             partners = sorted({
-                other for (h, _, other, _), theirs in zip(self._holders, hit, strict=True)
+                other for (h, _, (_, other), _), theirs in zip(self._holders, hit, strict=True)
                 if other != name and bool(theirs.any())
                 and not shared.isdisjoint(comp[h[theirs]].tolist())
             })  # fmt: skip
