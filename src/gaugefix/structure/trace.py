@@ -602,25 +602,27 @@ class TraceContext:
         ptrs = [key[0] for _, _, key, _ in self._holders]
         index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
         count = int(comp.max()) + 1
+        reach = max(int(element.max()) for _, element, _, _ in self._holders) + 1
         comps, elements, cells, sizes, offset = [], [], [], [], 0
         for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True):
             flat = nodes.reshape(element.numel(), -1)  # [positions, entries]
             n, entries = flat.shape
             comps.append(comp[flat].reshape(-1))
             read = element.unsqueeze(1).expand(n, entries).reshape(-1)
-            elements.append(index_of[ptr] * self.num_nodes + read)  # one entry of one index
+            elements.append(index_of[ptr] * reach + read)  # one entry of one index
             entry = torch.arange(entries).expand(n, entries).reshape(-1)
             cells.append(offset + entry)  # one id per (use, entry)
             offset += entries
             sizes.append(torch.full_like(entry, n))
         c, element, cell, size = (torch.cat(x) for x in (comps, elements, cells, sizes))
-        distinct = torch.unique(torch.stack([c, element]), dim=1)[0]
+        span = int(element.max()) + 1
+        distinct = torch.unique(c * span + element) // span  # the component of each pair
         one_element = torch.bincount(distinct, minlength=count) == 1
-        groups, inverse = torch.unique(torch.stack([c, cell]), dim=1, return_inverse=True)
-        members = torch.bincount(inverse, minlength=groups.shape[1])
-        group_size = torch.zeros(groups.shape[1], dtype=torch.long).scatter_(0, inverse, size)
+        groups, inverse = torch.unique(c * offset + cell, return_inverse=True)
+        members = torch.bincount(inverse, minlength=groups.numel())
+        group_size = torch.zeros(groups.numel(), dtype=torch.long).scatter_(0, inverse, size)
         every_position = torch.ones(count, dtype=torch.bool)
-        every_position[groups[0][members < group_size]] = False
+        every_position[groups[members < group_size] // offset] = False
         self._block_pairings(comp, ~(one_element | every_position))
 
     def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
