@@ -94,3 +94,28 @@ def test_one_index_with_positions_that_do_not_line_up_is_blocked():
     other = torch.randn(TOKENS, 3, dtype=DTYPE)
     shuffled = torch.tensor([1, 0, 2, 2, 1, 0])
     assert gauge_keeps_outputs(model, s, (x, first, first), (other, shuffled, shuffled))
+
+
+class ShiftedInPlace(TwoGathers):
+    """:class:`TwoGathers` whose down weights are picked after the index is shifted in place:
+    ``first + 1`` in the same storage."""
+
+    def forward(self, x: Tensor, first: Tensor, second: Tensor) -> Tensor:
+        h = F.relu(self.lin_in(x)).unsqueeze(1)
+        units = F.relu(torch.bmm(h, self.up[first]))
+        first.add_(1).remainder_(EXPERTS)
+        return self.lin_out(F.relu(torch.bmm(units, self.down[first]).squeeze(1)))
+
+
+def test_one_index_written_in_place_between_the_gathers_is_blocked():
+    torch.manual_seed(0)
+    model = ShiftedInPlace().to(DTYPE)
+    x = torch.randn(TOKENS, 3, dtype=DTYPE)
+    s = gaugefix.discover(model, x, torch.arange(TOKENS) % EXPERTS, None)
+    assert s.num_generators == WIDTH + WIDTH
+    other = torch.randn(TOKENS, 3, dtype=DTYPE)
+    routing = torch.tensor([1, 0, 2, 2, 1, 0])  # the model shifts its index: a fresh one a call
+    before = [model(inputs, routing.clone(), None) for inputs in (x, other)]
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
+    after = [model(inputs, routing.clone(), None) for inputs in (x, other)]
+    assert all(rel_change(b, a) <= TOL for b, a in zip(before, after, strict=True))

@@ -195,8 +195,7 @@ class _Gathered:
     """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0:
     position ``i`` of its leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the
     expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``).
-    ``index`` is the tensor the rows were read from when they depend on the data (else None):
-    two gathers read the same rows for every input only when their indices share storage."""
+    ``index`` is the tensor the rows were read from when they depend on the data (else None)."""
 
     def __init__(self, source: Tensor, rows: Tensor, index: Tensor | None) -> None:
         self.source, self.rows, self.index = source, rows, index
@@ -229,8 +228,9 @@ class TraceContext:
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
         self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
         # Per use of slices picked by data-dependent rows: its nodes per position, the element
-        # of the index's storage each position read, (that storage, the parameter) and the op.
-        self._holders: list[tuple[Tensor, Tensor, tuple[int, str], str]] = []
+        # of the index's storage each position read, ((that storage, its version), the
+        # parameter) and the op.
+        self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
         self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
         # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
         self.coverage: dict[str, tuple[Tensor, str]] = {}
@@ -585,7 +585,8 @@ class TraceContext:
         else:  # grouped_mm: position s of tokens sorted by the offsets
             elements = torch.arange(gathered.rows.numel()).view(gathered.rows.shape)
         positions = self.fresh(*shape)
-        key = (index.untyped_storage().data_ptr(), self.param_name(gathered.source))
+        storage = (index.untyped_storage().data_ptr(), index._version)  # not written since
+        key = (storage, self.param_name(gathered.source))
         self._holders.append((positions, elements.reshape(-1), key, self.reason("gathered")))
         return positions
 
@@ -594,7 +595,8 @@ class TraceContext:
         the components of the equalities without the links from positions to slices: two
         positions in one component are made to carry one factor by the model itself, and
         on the slices they read only when they read them through one entry of one index
-        tensor (its storage: the tensor or a view of it), whatever the data. A component is
+        tensor (its storage, not written in between: the tensor or a view of it), whatever the
+        data. A component is
         kept when its positions all read one such entry (one token's expert, paired with
         itself), or when it holds every position of each gather use and entry it touches
         (every slice then carries the factor, and the pairing does not matter). Otherwise
