@@ -490,6 +490,16 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     )
 
 
+def _components_without_slice_links(ctx: TraceContext) -> Tensor:
+    """The component of every node under the equalities other than the links from gathered
+    positions to the slices they read (see ``TraceContext.block_mismatched_gathers``)."""
+    kept = [e for i, e in enumerate(ctx.edges) if i not in ctx.slice_links]
+    edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
+    n = ctx.num_nodes
+    graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n))
+    return torch.from_numpy(connected_components(graph, directed=False)[1].astype(np.int64))
+
+
 def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, list[str]]:
     """Per component, the index into the returned reasons of the first mark that blocked it
     (``len(reasons)`` when none did); node 0 counts as marked with a generic reason."""
@@ -544,6 +554,8 @@ def compile_structure(
     first producing channel in parameter order.
     """
     comp, sign, conflicted, count = _signed_components(ctx)
+    if ctx.slice_links:  # slices picked by rows that depend on the data
+        ctx.block_mismatched_gathers(_components_without_slice_links(ctx))
     first_mark, reasons = _first_reason(ctx, comp, count)
     unblocked = 1 << 40  # a reason index larger than every real one
     reason = torch.where(first_mark == len(reasons), unblocked, first_mark)

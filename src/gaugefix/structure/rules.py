@@ -302,7 +302,8 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
                     zip(parts, first, strict=True)]  # fmt: skip
         return ctx.func(replaced, *rest, **options)
     if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
-        ctx.gathered(first, torch.as_tensor(rest[0]), ctx.is_tainted(rest[0]), view=out)
+        index = torch.as_tensor(rest[0])
+        ctx.gathered(first, index, index if ctx.is_tainted(index) else None, view=out)
         return None
     if ctx.is_param(first):
         if ctx.op.rsplit(".", 1)[-1] in _ARRANGEMENTS and isinstance(out, Tensor):

@@ -194,10 +194,11 @@ class _ParamView:
 class _Gathered:
     """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0:
     position ``i`` of its leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the
-    expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``)."""
+    expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``).
+    ``index`` is the tensor the rows were read from when they depend on the data (else None)."""
 
-    def __init__(self, source: Tensor, rows: Tensor) -> None:
-        self.source, self.rows = source, rows
+    def __init__(self, source: Tensor, rows: Tensor, index: Tensor | None) -> None:
+        self.source, self.rows, self.index = source, rows, index
 
 
 class TraceContext:
@@ -226,6 +227,11 @@ class TraceContext:
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
         self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
+        # Per use of slices picked by data-dependent rows: its nodes per position, the element
+        # of the index's storage each position read, ((that storage, its version), the
+        # parameter) and the op.
+        self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
+        self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
         # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
         self.coverage: dict[str, tuple[Tensor, str]] = {}
         self._claimed: set[int] = set()
@@ -336,19 +342,20 @@ class TraceContext:
         return id(t) in self._tainted or id(t) in self.param_names
 
     def gathered(
-        self, source: Tensor, rows: Tensor, data_dependent: bool, view: Tensor | None = None
+        self, source: Tensor, rows: Tensor, index: Tensor | None, view: Tensor | None = None
     ) -> Tensor:
         """Record ``view`` (by default a stand-in of no memory) as slices ``rows`` of the
-        parameter ``source`` along dim 0 and return it. Rows that depend on the data are
-        recorded in :attr:`coverage`: a slice no traced row read is used for other inputs, so
-        after the trace such a parameter is fixed unless every slice was read."""
+        parameter ``source`` along dim 0 and return it. ``index`` is the tensor the rows are
+        read from when it depends on the data (else None). Such rows are recorded in
+        :attr:`coverage`: a slice no traced row read is used for other inputs, so after the
+        trace such a parameter is fixed unless every slice was read."""
         name = self.param_name(source)
         rows = rows.detach().long().cpu()
         if view is None:
             shape = (*rows.shape, *source.shape[1:])
             view = torch.empty((), dtype=source.dtype).expand(shape)
-        self._gathers[id(view)] = (view, _Gathered(source, rows))
-        if data_dependent:
+        self._gathers[id(view)] = (view, _Gathered(source, rows, index))
+        if index is not None:
             read = torch.zeros(source.shape[0], dtype=torch.bool)
             read[rows.reshape(-1)] = True
             before = self.coverage.get(name, (torch.zeros_like(read), self.reason("gathered")))
@@ -517,7 +524,13 @@ class TraceContext:
         rest = nodes.shape[lead:]
         flat = nodes.expand(*gathered.rows.shape, *rest).reshape(-1, *rest)
         holder = self.fresh(gathered.source.shape[0], *rest)
-        self.union(holder[gathered.rows.reshape(-1)], flat)
+        at_rows = holder[gathered.rows.reshape(-1)]
+        if gathered.index is not None:  # through nodes per position, linked to the slices
+            positions = self._positions(gathered, at_rows.shape)
+            self.union(positions, flat)
+            flat = positions
+            self.slice_links.add(len(self.edges))
+        self.union(at_rows, flat)
         return self._on_param(gathered.source, holder)
 
     def produce(
@@ -550,7 +563,88 @@ class TraceContext:
         name, on_param = self._on_param(gathered.source, holder)
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(name, on_param)
-        return holder[gathered.rows]
+        at_rows = holder[gathered.rows]
+        if gathered.index is None:
+            return at_rows
+        positions = self._positions(gathered, at_rows.shape)
+        self.slice_links.add(len(self.edges))
+        self.union(at_rows, positions)
+        return positions
+
+    def _positions(self, gathered: _Gathered, shape: torch.Size) -> Tensor:
+        """Fresh nodes of ``shape`` (gathered positions first) for slices picked by rows that
+        depend on the data, recorded with the entry of the index tensor each position read
+        (see :meth:`block_mismatched_gathers`). The caller links them to the slices' nodes by
+        an edge listed in :attr:`slice_links`."""
+        index = gathered.index
+        if index.shape == gathered.rows.shape:  # W[index]: the storage element read
+            size = index.untyped_storage().nbytes() // index.element_size()
+            elements = torch.arange(size).as_strided(
+                index.shape, index.stride(), index.storage_offset()
+            )
+        else:  # grouped_mm: position s of tokens sorted by the offsets
+            elements = torch.arange(gathered.rows.numel()).view(gathered.rows.shape)
+        positions = self.fresh(*shape)
+        storage = (index.untyped_storage().data_ptr(), index._version)  # not written since
+        key = (storage, self.param_name(gathered.source))
+        self._holders.append((positions, elements.reshape(-1), key, self.reason("gathered")))
+        return positions
+
+    def block_mismatched_gathers(self, comp: Tensor) -> None:
+        """Block the gathered positions whose pairing another input could change. ``comp`` are
+        the components of the equalities without the links from positions to slices: two
+        positions in one component are made to carry one factor by the model itself, and
+        on the slices they read only when they read them through one entry of one index
+        tensor (its storage, not written in between: the tensor or a view of it), whatever the
+        data. A component is
+        kept when its positions all read one such entry (one token's expert, paired with
+        itself), or when it holds every position of each gather use and entry it touches
+        (every slice then carries the factor, and the pairing does not matter). Otherwise
+        (two routers, or positions that do not line up) it is blocked."""
+        ptrs = [key[0] for _, _, key, _ in self._holders]
+        index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
+        count = int(comp.max()) + 1
+        reach = max(int(element.max()) for _, element, _, _ in self._holders) + 1
+        comps, elements, cells, sizes, offset = [], [], [], [], 0
+        for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True):
+            flat = nodes.reshape(element.numel(), -1)  # [positions, entries]
+            n, entries = flat.shape
+            comps.append(comp[flat].reshape(-1))
+            read = element.unsqueeze(1).expand(n, entries).reshape(-1)
+            elements.append(index_of[ptr] * reach + read)  # one entry of one index
+            entry = torch.arange(entries).expand(n, entries).reshape(-1)
+            cells.append(offset + entry)  # one id per (use, entry)
+            offset += entries
+            sizes.append(torch.full_like(entry, n))
+        c, element, cell, size = (torch.cat(x) for x in (comps, elements, cells, sizes))
+        span = int(element.max()) + 1
+        distinct = torch.unique(c * span + element) // span  # the component of each pair
+        one_element = torch.bincount(distinct, minlength=count) == 1
+        groups, inverse = torch.unique(c * offset + cell, return_inverse=True)
+        members = torch.bincount(inverse, minlength=groups.numel())
+        group_size = torch.zeros(groups.numel(), dtype=torch.long).scatter_(0, inverse, size)
+        every_position = torch.ones(count, dtype=torch.bool)
+        every_position[groups[members < group_size] // offset] = False
+        self._block_pairings(comp, ~(one_element | every_position))
+
+    def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
+        """Block the nodes of every recorded gather use in a component marked ``bad``, naming
+        the parameters whose slices that component pairs."""
+        hit = [bad[comp[holder]] for holder, _, _, _ in self._holders]
+        for (holder, _, (_, name), where), mine in zip(self._holders, hit, strict=True):
+            if not bool(mine.any()):
+                continue
+            shared = set(comp[holder[mine]].tolist())
+            partners = sorted({
+                other for (h, _, (_, other), _), theirs in zip(self._holders, hit, strict=True)
+                if other != name and bool(theirs.any())
+                and not shared.isdisjoint(comp[h[theirs]].tolist())
+            })  # fmt: skip
+            with_ = " and ".join(f"'{n}'" for n in [name, *partners])
+            self.block(holder[mine], (
+                f"slices of {with_} picked by data-dependent indices that can pair them "
+                f"differently for another input (different index tensors, or rows that do not "
+                f"line up), {where}"))  # fmt: skip
 
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
         """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
