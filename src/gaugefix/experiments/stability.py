@@ -41,6 +41,11 @@ from gaugefix.experiments.figures import (
     subplots,
 )
 
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+SHAM_METHODS = ("weight-decay",)  # controls whose held verdicts are false positives
+
 DEFINITION = (
     f"A run *diverges* when its training loss becomes non-finite or exceeds {DIVERGENCE_FACTOR:g} "
     "times its initial value. It is *stable* when it does not diverge and its final training "
@@ -54,13 +59,19 @@ DEFINITION = (
     "together (a rate counts when every seed is stable at it). A method's *expansion ratio* "
     "against a reference (plain, or balanced-init) is computed per seed, `max_stable_lr(method, "
     "seed) / max_stable_lr(reference, seed)` (a seed is one initialisation, shared by every "
-    "method), and given as its min, median and max over seeds. A claim **held** in a cell only "
-    "when the ratio exceeds 1 for every seed; it **did not hold** when the ratio is at most 1 "
-    "for some seed; it *could not be measured* otherwise (for some seed the reference had no "
-    "stable rate or was stable up to the top of the grid). Where the method was stable up to the "
-    "grid's top the ratio is a lower bound (≥). Methods with a strength grid are shown at their "
-    "best strength per regime (the largest summed all-seed `max_stable_lr` over s, the smallest "
-    "on ties), chosen on the same runs it is reported on."
+    "method), and given as its min, median and max over seeds. The verdict is paired: the mean "
+    "over seeds of the log-ratio, with a percentile bootstrap 95% interval (the seeds resampled "
+    f"with replacement {BOOTSTRAP_RESAMPLES} times, numpy seed {BOOTSTRAP_SEED}), shown as the "
+    "interval of the geometric-mean ratio. A claim **held** in a cell when the interval's lower "
+    "end is above 1 (log-ratio above 0); it **did not hold** when it is not and no seed's ratio "
+    "is a lower bound; it *could not be measured* otherwise (for some seed the reference had no "
+    "stable rate or was stable up to the top of the grid, or the lower end is not above 1 with "
+    "some ratio only a lower bound). Where the method was stable up to the grid's top the ratio "
+    "is a lower bound (≥). Weight decay, not a gauge-fixing method and at small strengths, is "
+    "the sham control: the share of its verdicts that held estimates the rule's false-positive "
+    "rate (an estimate: a real effect of weight decay counts as one). Methods with a strength "
+    "grid are shown at their best strength per regime (the largest summed all-seed "
+    "`max_stable_lr` over s, the smallest on ties), chosen on the same runs it is reported on."
 )
 
 
@@ -73,7 +84,10 @@ class RatioStats(TypedDict):
     seeds: int
     unknown_seeds: Annotated[int, "seeds the ratio is not known for"]
     lower_bound: Annotated[bool, "some known value is only a lower bound"]
-    held: Annotated[bool | None, "the claim's verdict: above 1 for every seed"]
+    interval: Annotated[
+        list[float] | None, "bootstrap 95% interval of the geometric-mean ratio over seeds"
+    ]
+    held: Annotated[bool | None, "the claim's verdict: the interval's lower end above 1"]
 
 
 class StabilitySummary(TypedDict):
@@ -93,7 +107,7 @@ class StabilitySummary(TypedDict):
 class HorizonRatio(RatioStats):
     """``max_stable_lr`` at the long horizon over the short one, per seed (:func:`horizons`)."""
 
-    narrowed: Annotated[bool | None, "below 1 for every seed"]
+    narrowed: Annotated[bool | None, "the bootstrap interval's upper end below 1"]
 
 
 class Horizon(TypedDict):
@@ -102,6 +116,17 @@ class Horizon(TypedDict):
     short: Annotated[int, "steps"]
     long: Annotated[int, "steps"]
     methods: dict[MethodKey, HorizonRatio]
+
+
+class VerdictCount(TypedDict):
+    """How many verdicts the summary makes, and how often the sham controls held
+    (:func:`count_verdicts`)."""
+
+    verdicts: Annotated[int, "expansion, drift and horizon verdicts made (held or not)"]
+    held: int
+    sham_verdicts: Annotated[int, "expansion verdicts of the sham controls (weight-decay)"]
+    sham_held: int
+    false_positive_rate: Annotated[float | None, "sham_held / sham_verdicts"]
 
 
 def band_top(stable: dict[float, bool]) -> float:
@@ -154,23 +179,37 @@ def previously_stable(runs: Runs) -> int:
     return sum(r.status == "unstable" and r.final_loss < r.initial_loss for r in runs)
 
 
+def bootstrap_interval(ratios: Sequence[float]) -> tuple[float, float]:
+    """The percentile bootstrap :data:`CONFIDENCE` interval of the geometric mean of paired
+    per-seed ratios ``[n]`` (``exp`` of the mean log-ratio), the seeds resampled with
+    replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = logs[rng.integers(0, len(logs), (BOOTSTRAP_RESAMPLES, len(logs)))].mean(axis=1)
+    tail = (1.0 - CONFIDENCE) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(np.exp(low)), float(np.exp(high))
+
+
 def ratio_stats(
     ratios: dict[int, float | None], bounds: dict[int, bool] | None = None
 ) -> RatioStats:
     """A per-seed ratio (``None``: not known for that seed; ``bounds``: which known values are
     only lower bounds) as min, median and max over the seeds where it is known, how many seeds
-    it is not known for, whether any value is a lower bound, and the verdict ``held``:
-    ``True`` when it exceeds 1 for every seed, ``False`` when it is at most 1 (and not a lower
-    bound) for some seed, ``None`` otherwise."""
+    it is not known for, whether any value is a lower bound, the :func:`bootstrap_interval`
+    over the known seeds and the verdict ``held``: ``True`` when every seed is known and the
+    interval's lower end is above 1, ``False`` when every seed is known, none is a lower bound
+    and the lower end is at most 1, ``None`` otherwise."""
     bounds = bounds or {}
     known = {k: v for k, v in ratios.items() if v is not None}
-    if any(v <= 1.0 and not bounds.get(k, False) for k, v in known.items()):
-        held: bool | None = False
-    elif known and len(known) == len(ratios) and all(v > 1.0 for v in known.values()):
-        held = True
-    else:
-        held = None
     values = list(known.values())
+    interval = bootstrap_interval(values) if values else None
+    held: bool | None = None
+    if interval and len(known) == len(ratios):
+        if interval[0] > 1.0:
+            held = True
+        elif not any(bounds.get(k, False) for k in known):
+            held = False
     return RatioStats(
         min=min(values) if values else None,
         median=median(values),
@@ -178,6 +217,7 @@ def ratio_stats(
         seeds=len(ratios),
         unknown_seeds=len(ratios) - len(known),
         lower_bound=any(bounds.get(k, False) for k in known),
+        interval=list(interval) if interval else None,
         held=held,
     )
 
@@ -242,8 +282,8 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
     method's per-seed ``max_stable_lr`` at the longest horizon over that at the shortest (each
     regime at its best strength). A seed's ratio is not known where the short horizon had no
-    stable rate or was stable up to its grid's top; the range *narrowed* when the ratio is
-    below 1 for every seed, and did not when it is at least 1 for some seed."""
+    stable rate or was stable up to its grid's top; the range *narrowed* when the upper end of
+    the ratio's bootstrap interval is below 1 (every seed known)."""
     out: dict[HorizonKey, Horizon] = {}
     mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
     for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
@@ -265,14 +305,50 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
                 for seed, base in short.items()
             }
             stats = ratio_stats(ratios)
-            known = [v for v in ratios.values() if v is not None]
-            if any(v >= 1 for v in known):
-                narrowed: bool | None = False
-            else:
-                narrowed = True if known and not stats["unknown_seeds"] else None
+            narrowed: bool | None = None
+            if stats["interval"] and not stats["unknown_seeds"]:
+                narrowed = stats["interval"][1] < 1.0
             entry[method] = HorizonRatio(**stats, narrowed=narrowed)
         out[f"{opt}/{batch}"] = Horizon(short=steps[0], long=steps[-1], methods=entry)
     return out
+
+
+def count_verdicts(tasks: dict[str, Any]) -> VerdictCount:
+    """:class:`VerdictCount` over the ``tasks`` entries of a summary: every expansion-ratio and
+    drift-suppression verdict and every horizon's ``narrowed`` that was made (not ``None``), the
+    expansion verdicts of :data:`SHAM_METHODS`, whose held share is the false-positive rate."""
+    made: list[bool | None] = []
+    sham: list[bool] = []
+    for t in tasks.values():
+        for g in t["regimes"].values():
+            for cells in g["expansion_ratio"].values():
+                for method, by_s in cells.items():
+                    verdicts = [st["held"] for st in by_s.values() if st["held"] is not None]
+                    made += verdicts
+                    sham += verdicts if method in SHAM_METHODS else []
+            made += [st["held"] for st in g.get("drift_suppression", {}).values()]
+        for h in t["horizons"].values():
+            made += [st["narrowed"] for st in h["methods"].values()]
+    known = [v for v in made if v is not None]
+    return VerdictCount(
+        verdicts=len(known),
+        held=sum(known),
+        sham_verdicts=len(sham),
+        sham_held=sum(sham),
+        false_positive_rate=sum(sham) / len(sham) if sham else None,
+    )
+
+
+def verdicts_text(count: dict[str, Any]) -> str:
+    """The sentence that reports how many verdicts were made and the sham controls' rate."""
+    made = f"The report makes {count['verdicts']} verdicts, {count['held']} of them held."
+    sham = f"The sham control ({', '.join(SHAM_METHODS)})"
+    if count["false_positive_rate"] is None:
+        return f"{made} {sham} made no expansion verdict."
+    return (
+        f"{made} {sham} held in {count['sham_held']} of its {count['sham_verdicts']} expansion "
+        f"verdicts: the rule's false-positive rate is about {count['false_positive_rate']:.0%}."
+    )
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -294,6 +370,13 @@ def ratio_text(stats: dict[str, Any]) -> str:
     if stats["min"] == stats["max"]:
         return f"{bound}{fmt(stats['median'])}"
     return f"{bound}{fmt(stats['median'])} [{fmt(stats['min'])}, {fmt(stats['max'])}]"
+
+
+def verdict_text(stats: dict[str, Any]) -> str:
+    """``95% interval [1.41, 2.52], **held**``: the bootstrap interval and the verdict."""
+    interval = stats["interval"]
+    shown = f"95% interval [{fmt(interval[0])}, {fmt(interval[1])}], " if interval else ""
+    return f"{shown}**{VERDICT[stats['held']]}**"
 
 
 def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
@@ -326,15 +409,15 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
             lines.append(
                 f"- {label(method, entry)}: "
                 + "; ".join(
-                    f"s = {s}: {ratio_text(st)}, **{VERDICT[st['held']]}**"
+                    f"s = {s}: {ratio_text(st)}, {verdict_text(st)}"
                     for s, st in sorted(cells.items(), key=lambda kv: float(kv[0]))
                 )
             )
         what = "plain" if ref == "plain" else "a balanced start (balanced-init)"
         parts.append(
             f"**Expansion against {what}** (per-seed ratio of `max_stable_lr`: median "
-            "[min, max] over seeds; a wider range held only if above 1 for every seed):\n\n"
-            + "\n".join(lines)
+            "[min, max] over seeds; a wider range held only if the paired bootstrap interval "
+            "of the geometric-mean ratio lies above 1):\n\n" + "\n".join(lines)
         )
     name = stability_map(out, task, regime, runs)
     parts.append(f"![stability map, {regime.label}]({name})")
