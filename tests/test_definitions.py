@@ -65,8 +65,9 @@ def _result(
     s: float = 0.0,
     initial: float = 1.0,
     constant: float = 0.5,
+    strength: float = 0.0,
 ) -> RunResult:
-    config = RunConfig("t", method, "gd", lr, 0.0, s, seed, 0, 10, task_hash="h")
+    config = RunConfig("t", method, "gd", lr, strength, s, seed, 0, 10, task_hash="h")
     return RunResult(
         config,
         run_status(initial, final, constant),
@@ -82,7 +83,9 @@ def _result(
     )
 
 
-def _cell(method: str, seeds_top: list[float], s: float = 0.0, slow: bool = False) -> list:
+def _cell(
+    method: str, seeds_top: list[float], s: float = 0.0, slow: bool = False, strength: float = 0.0
+) -> list:
     """Runs on the grid 0.05..0.8 stable (loss 0.2) up to each seed's top and diverged above;
     with ``slow`` the smallest rate of seed 0 did not learn enough (loss 0.46 > 0.45)."""
     runs = []
@@ -91,7 +94,7 @@ def _cell(method: str, seeds_top: list[float], s: float = 0.0, slow: bool = Fals
             final = 0.2 if lr <= top else None
             if slow and seed == 0 and lr == 0.05:
                 final = 0.46
-            runs.append(_result(method, lr, seed, final, s))
+            runs.append(_result(method, lr, seed, final, s, strength=strength))
     return runs
 
 
@@ -237,6 +240,33 @@ def test_the_summary_counts_its_verdicts_and_the_sham_controls_false_positives(t
     assert "held in 1 of its 2 expansion verdicts: the rule's false-positive rate is about 50%" in (
         (tmp_path / "report.md").read_text()
     )
+
+
+def test_a_strength_is_chosen_on_seeds_0_to_2_and_judged_on_the_others(tmp_path):
+    results = (
+        _cell("plain", [0.1] * 5)
+        # 0.1 is the best on the tuning seeds 0-2, and no better than plain on seeds 3-4 ...
+        + _cell("penalty", [0.4, 0.4, 0.4, 0.1, 0.1], strength=0.1)
+        # ... while 1.0, worse on seeds 0-2, is better on every seed
+        + _cell("penalty", [0.2, 0.2, 0.2, 0.8, 0.8], strength=1.0)
+        + _cell("exact", [0.2, 0.2, 0.2, 0.1, 0.2])  # one strength: judged on every seed
+    )
+    g = summarize(_store(tmp_path, results), quick=False)["tasks"]["t"]["regimes"]["gd/full/10"]
+    assert g["best_strength"]["penalty"] == 0.1
+    ratios = g["expansion_ratio"]["plain"]
+    penalty = ratios["penalty"]["0.0"]
+    assert (penalty["seeds"], penalty["min"], penalty["max"], penalty["held"]) == (2, 1, 1, False)
+    exact = ratios["exact"]["0.0"]
+    assert (exact["seeds"], exact["min"], exact["median"], exact["held"]) == (5, 1, 2, True)
+    # 4 or more of 5 draws at the seed of ratio 1 has probability 0.67% < 2.5%, 3 or more 5.8%:
+    # the lower end is the geometric mean with three at 1, 2 ** (2 / 5)
+    assert exact["interval"][0] == pytest.approx(2 ** (2 / 5), rel=1e-12)
+    # with the tuning seeds alone, a tuned method has nothing to be judged on
+    few = [r for r in results if r.config.seed < 3]
+    (tmp_path / "few").mkdir()
+    g = summarize(_store(tmp_path / "few", few), quick=False)["tasks"]["t"]["regimes"]
+    penalty = g["gd/full/10"]["expansion_ratio"]["plain"]["penalty"]["0.0"]
+    assert (penalty["seeds"], penalty["interval"], penalty["held"]) == (0, None, None)
 
 
 def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
