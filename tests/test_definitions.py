@@ -269,6 +269,20 @@ def test_a_strength_is_chosen_on_seeds_0_to_2_and_judged_on_the_others(tmp_path)
     assert (penalty["seeds"], penalty["interval"], penalty["held"]) == (0, None, None)
 
 
+def test_the_stable_range_is_recomputed_at_each_sensitivity_margin(tmp_path):
+    # initial loss 1, constant 0.5: stable at margin 0.9 up to 0.45, at margin 0.5 up to 0.25
+    results = [_result("plain", lr, 0, final) for lr, final in ((0.1, 0.2), (0.2, 0.3), (0.4, 1.0))]
+    results += [_result("plain", lr, 1, 0.2 if lr < 0.4 else None) for lr in (0.1, 0.2, 0.4)]
+    g = summarize(_store(tmp_path, results), quick=False)["tasks"]["t"]["regimes"]["gd/full/10"]
+    assert g["max_stable_lr_by_margin"] == {
+        "0.5": {"plain": {"0.0": 0.1}},
+        "0.9": {"plain": {"0.0": 0.2}},
+    }
+    assert g["max_stable_lr_by_margin"]["0.9"] == g["max_stable_lr"]  # the stored statuses'
+    render(tmp_path)
+    assert "- plain: s = 0.0: 0.1 / 0.2" in (tmp_path / "report.md").read_text()
+
+
 def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
     """Mini-batch SGD runs at s = 0, stable up to each seed's top and diverged above."""
     runs = []

@@ -31,6 +31,7 @@ from gaugefix.experiments.engine import (
     METHODS,
     REFERENCES,
     STABILITY_MARGIN,
+    run_status,
 )
 from gaugefix.experiments.figures import (
     fmt,
@@ -46,6 +47,7 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 TUNING_SEEDS = 3  # a tuned knob is chosen on seeds 0..TUNING_SEEDS-1, judged on the others
 SHAM_METHODS = ("weight-decay",)  # controls whose held verdicts are false positives
+SENSITIVITY_MARGINS = (0.5, STABILITY_MARGIN)  # the margins of the sensitivity table
 
 DEFINITION = (
     f"A run *diverges* when its training loss becomes non-finite or exceeds {DIVERGENCE_FACTOR:g} "
@@ -77,6 +79,9 @@ DEFINITION = (
 )
 
 
+MarginKey = Annotated[str, "MARGIN"]
+
+
 class RatioStats(TypedDict):
     """A per-seed ratio over the seeds where it is known (:func:`ratio_stats`)."""
 
@@ -103,6 +108,10 @@ class StabilitySummary(TypedDict):
     expansion_ratio: Annotated[
         dict[ReferenceKey, dict[MethodKey, dict[SKey, RatioStats]]],
         "per seed, the method's max_stable_lr over the reference's",
+    ]
+    max_stable_lr_by_margin: Annotated[
+        dict[MarginKey, dict[MethodKey, dict[SKey, float]]],
+        "every seed together, with the runs judged stable at another margin",
     ]
 
 
@@ -143,11 +152,15 @@ def band_top(stable: dict[float, bool]) -> float:
     return top
 
 
-def max_stable_lr(runs: Runs) -> float:
-    """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable."""
+def max_stable_lr(runs: Runs, margin: float | None = None) -> float:
+    """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable: as
+    stored, or judged with the stability ``margin`` (:func:`run_status`)."""
     stable: dict[float, bool] = defaultdict(lambda: True)
     for r in runs:
-        stable[r.config.lr] &= r.status == "stable"
+        status = r.status
+        if margin is not None:
+            status = run_status(r.initial_loss, r.final_loss, r.constant_loss, margin)
+        stable[r.config.lr] &= status == "stable"
     return band_top(stable)
 
 
@@ -242,6 +255,14 @@ def seed_ratios(
     return ratio_stats(ratios, bounds)
 
 
+def by_margin(chosen: Runs, margin: float) -> dict[str, dict[str, float]]:
+    """Per method and s, the all-seed :func:`max_stable_lr` at the stability ``margin``."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
+        out[method][s_key(s)] = max_stable_lr(cell, margin)
+    return dict(out)
+
+
 def tuned_methods(runs: Runs) -> set[str]:
     """The methods of one regime's ``runs`` run at several strengths."""
     strengths = {(r.config.method, r.config.strength) for r in runs}
@@ -289,6 +310,7 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
             if method != ref
         }
     return StabilitySummary(
+        max_stable_lr_by_margin={f"{m:g}": by_margin(chosen, m) for m in SENSITIVITY_MARGINS},
         lr_grid=sorted({r.config.lr for r in chosen}),
         best_strength=best_strengths(runs),
         max_stable_lr=dict(msl),
@@ -402,6 +424,23 @@ def verdict_text(stats: dict[str, Any]) -> str:
     return f"{shown}**{VERDICT[stats['held']]}**"
 
 
+def render_margins(entry: dict[str, Any]) -> str:
+    """The sensitivity of the all-seed ``max_stable_lr`` to the stability margin."""
+    by_margin = entry["max_stable_lr_by_margin"]
+    margins = sorted(by_margin, key=float)
+    lines = []
+    for method in methods_in_order(by_margin[margins[0]]):
+        cells = [
+            f"s = {s}: " + " / ".join(fmt(by_margin[m][method][s]) for m in margins)
+            for s in sorted(by_margin[margins[0]][method], key=float)
+        ]
+        lines.append(f"- {label(method, entry)}: " + "; ".join(cells))
+    return (
+        "**Sensitivity to the stability margin** (`max_stable_lr`, every seed together, with a "
+        f"run stable at margin {' / '.join(margins)}):\n\n" + "\n".join(lines)
+    )
+
+
 def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
     """The stability paragraphs of one regime, with its stability map."""
     msl, seeds = entry["max_stable_lr"], entry["max_stable_lr_by_seed"]
@@ -423,7 +462,8 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
         rows.append(f"| {label(method, entry)} | " + " | ".join(cells) + " |")
     parts = [
         "**Stable learning rates** (`max_stable_lr` for every seed together, then for each seed "
-        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n" + "\n".join(rows)
+        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n" + "\n".join(rows),
+        render_margins(entry),
     ]
     for ref, by_method in entry["expansion_ratio"].items():
         lines = []
