@@ -20,7 +20,12 @@ from gaugefix.experiments.engine import (
     task_hash,
     train_group,
 )
-from gaugefix.experiments.stability import band_top, horizons
+from gaugefix.experiments.stability import (
+    band_top,
+    bootstrap_interval,
+    horizons,
+    ratio_stats,
+)
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import summarize
 from gaugefix.experiments.tasks import load_task
@@ -60,8 +65,9 @@ def _result(
     s: float = 0.0,
     initial: float = 1.0,
     constant: float = 0.5,
+    strength: float = 0.0,
 ) -> RunResult:
-    config = RunConfig("t", method, "gd", lr, 0.0, s, seed, 0, 10, task_hash="h")
+    config = RunConfig("t", method, "gd", lr, strength, s, seed, 0, 10, task_hash="h")
     return RunResult(
         config,
         run_status(initial, final, constant),
@@ -77,7 +83,9 @@ def _result(
     )
 
 
-def _cell(method: str, seeds_top: list[float], s: float = 0.0, slow: bool = False) -> list:
+def _cell(
+    method: str, seeds_top: list[float], s: float = 0.0, slow: bool = False, strength: float = 0.0
+) -> list:
     """Runs on the grid 0.05..0.8 stable (loss 0.2) up to each seed's top and diverged above;
     with ``slow`` the smallest rate of seed 0 did not learn enough (loss 0.46 > 0.45)."""
     runs = []
@@ -86,7 +94,7 @@ def _cell(method: str, seeds_top: list[float], s: float = 0.0, slow: bool = Fals
             final = 0.2 if lr <= top else None
             if slow and seed == 0 and lr == 0.05:
                 final = 0.46
-            runs.append(_result(method, lr, seed, final, s))
+            runs.append(_result(method, lr, seed, final, s, strength=strength))
     return runs
 
 
@@ -140,8 +148,24 @@ def test_seed_spread_and_the_held_rule(tmp_path):
     assert g["max_stable_lr_by_seed"]["plain"]["0.0"] == {"0": 0.1, "1": 0.2, "2": 0.2}
     ratios = g["expansion_ratio"]["plain"]
     base = {"seeds": 3, "unknown_seeds": 0, "lower_bound": False}
-    assert ratios["exact"]["0.0"] == {**base, "min": 1.0, "median": 2.0, "max": 2.0, "held": False}
-    assert ratios["balance"]["0.0"] == {**base, "min": 2.0, "median": 2.0, "max": 4.0, "held": True}
+    # three seeds: the bootstrap's 2.5% quantile is the smallest ratio (all three resampled as
+    # the smallest has probability 1/27 > 2.5%), its 97.5% quantile the largest
+    assert ratios["exact"]["0.0"] == {
+        **base,
+        "min": 1.0,
+        "median": 2.0,
+        "max": 2.0,
+        "interval": [1.0, 2.0],
+        "held": False,
+    }
+    assert ratios["balance"]["0.0"] == {
+        **base,
+        "min": 2.0,
+        "median": 2.0,
+        "max": 4.0,
+        "interval": [2.0, 4.0],
+        "held": True,
+    }
     # seed 2's reference is unknown: the other seeds above 1 cannot make the claim hold
     assert ratios["penalty"]["1.0"] == {
         **base,
@@ -149,22 +173,114 @@ def test_seed_spread_and_the_held_rule(tmp_path):
         "min": 2.0,
         "median": 2.0,
         "max": 2.0,
+        "interval": [2.0, 2.0],
         "held": None,
     }
-    # ... but one seed at or below 1 makes it fail; seed 1 reached the top: a lower bound
-    assert ratios["exact"]["1.0"] == {
+    # ... nor, with a seed unknown, can one below 1 make it fail; seed 1 reached the top
+    exact = ratios["exact"]["1.0"]
+    assert exact["interval"] == pytest.approx([0.5, 4.0], rel=1e-12)
+    assert {k: v for k, v in exact.items() if k != "interval"} == {
         **base,
         "unknown_seeds": 1,
         "lower_bound": True,
         "min": 0.5,
         "median": 2.25,
         "max": 4.0,
-        "held": False,
+        "held": None,
     }
     render(tmp_path)
     report = (tmp_path / "report.md").read_text()
-    assert "| t | full-batch gd, 10 steps | exact | 0: 2 [1, 2] ✗; 1: ≥ 2.25 [0.5, 4] ✗ |" in report
-    assert "s = 0.0: 2 [2, 4], **held**" in report
+    assert "| t | full-batch gd, 10 steps | exact | 0: 2 [1, 2] ✗; 1: ≥ 2.25 [0.5, 4] ? |" in report
+    assert "s = 0.0: 2 [2, 4], 95% interval [2, 4], **held**" in report
+
+
+def test_the_verdict_is_the_paired_bootstrap_intervals_lower_end():
+    # ten seeds, two of them below 1: the mean log-ratio is still clearly above 0 (a resample
+    # needs 8 of its 10 seeds at 0.9 to reach 0), so the claim holds, which "above 1 for every
+    # seed" would have refused
+    mostly = {seed: 1.5 if seed < 8 else 0.9 for seed in range(10)}
+    stats = ratio_stats(mostly)
+    assert stats["held"] is True and 1.0 < stats["interval"][0] < 1.5
+    # no 0.9 among ten draws has probability 0.8**10 = 11% > 2.5%: the upper end is 1.5 itself
+    assert stats["interval"][1] == pytest.approx(1.5, rel=1e-12)
+    # the same per-seed spread centred on a geometric mean of 1: the interval straddles 1
+    even = {seed: 2.0 if seed < 5 else 0.5 for seed in range(10)}
+    stats = ratio_stats(even)
+    assert stats["held"] is False and stats["interval"][0] < 1.0 < stats["interval"][1]
+    # a lower bound that did not reach above 1 cannot be called: the true ratio may be larger
+    assert ratio_stats(even, {0: True})["held"] is None
+    # the interval is of the geometric mean, seeded: the same seeds give the same interval,
+    # and scaling every ratio by c scales it by c
+    low, high = bootstrap_interval(list(mostly.values()))
+    assert bootstrap_interval(list(mostly.values())) == (low, high)
+    scaled = bootstrap_interval([3.0 * v for v in mostly.values()])
+    assert scaled == pytest.approx((3.0 * low, 3.0 * high), rel=1e-12)
+    mean = math.exp(np.log(list(mostly.values())).mean())
+    assert low < mean < high
+
+
+def test_the_summary_counts_its_verdicts_and_the_sham_controls_false_positives(tmp_path):
+    results = (
+        _cell("plain", [0.1, 0.2, 0.2])
+        + _cell("balance", [0.4, 0.4, 0.4])  # held
+        + _cell("exact", [0.2, 0.2, 0.1])  # did not hold
+        + _cell("weight-decay", [0.2, 0.4, 0.4])  # the sham control held: a false positive
+        + _cell("plain", [0.1, 0.1, 0.1], s=1.0)
+        + _cell("weight-decay", [0.1, 0.1, 0.2], s=1.0)  # the sham did not hold
+    )
+    summary = summarize(_store(tmp_path, results), quick=False)
+    assert summary["verdicts"] == {
+        "verdicts": 7,  # four against plain, three of drift (every run's drift equal: ratio 1)
+        "held": 2,
+        "sham_verdicts": 2,
+        "sham_held": 1,
+        "false_positive_rate": 0.5,
+    }
+    render(tmp_path)
+    assert "held in 1 of its 2 expansion verdicts: the rule's false-positive rate is about 50%" in (
+        (tmp_path / "report.md").read_text()
+    )
+
+
+def test_a_strength_is_chosen_on_seeds_0_to_2_and_judged_on_the_others(tmp_path):
+    results = (
+        _cell("plain", [0.1] * 5)
+        # 0.1 is the best on the tuning seeds 0-2, and no better than plain on seeds 3-4 ...
+        + _cell("penalty", [0.4, 0.4, 0.4, 0.1, 0.1], strength=0.1)
+        # ... while 1.0, worse on seeds 0-2, is better on every seed
+        + _cell("penalty", [0.2, 0.2, 0.2, 0.8, 0.8], strength=1.0)
+        + _cell("exact", [0.2, 0.2, 0.2, 0.1, 0.2])  # one strength: judged on every seed
+    )
+    g = summarize(_store(tmp_path, results), quick=False)["tasks"]["t"]["regimes"]["gd/full/10"]
+    assert g["best_strength"]["penalty"] == 0.1
+    ratios = g["expansion_ratio"]["plain"]
+    penalty = ratios["penalty"]["0.0"]
+    assert (penalty["seeds"], penalty["min"], penalty["max"], penalty["held"]) == (2, 1, 1, False)
+    exact = ratios["exact"]["0.0"]
+    assert (exact["seeds"], exact["min"], exact["median"], exact["held"]) == (5, 1, 2, True)
+    # 4 or more of 5 draws at the seed of ratio 1 has probability 0.67% < 2.5%, 3 or more 5.8%:
+    # the lower end is the geometric mean with three at 1, 2 ** (2 / 5)
+    assert exact["interval"][0] == pytest.approx(2 ** (2 / 5), rel=1e-12)
+    # with the tuning seeds alone, a tuned method has nothing to be judged on
+    few = [r for r in results if r.config.seed < 3]
+    (tmp_path / "few").mkdir()
+    g = summarize(_store(tmp_path / "few", few), quick=False)["tasks"]["t"]["regimes"]
+    penalty = g["gd/full/10"]["expansion_ratio"]["plain"]["penalty"]["0.0"]
+    assert (penalty["seeds"], penalty["interval"], penalty["held"]) == (0, None, None)
+
+
+def test_the_stable_range_is_recomputed_at_each_sensitivity_margin(tmp_path):
+    # initial loss 1, constant 0.5: stable at margin 0.9 up to 0.45, at margin 0.5 up to 0.25
+    results = [_result("plain", lr, 0, final) for lr, final in ((0.1, 0.2), (0.2, 0.3), (0.4, 1.0))]
+    results += [_result("plain", lr, 1, 0.2 if lr < 0.4 else None) for lr in (0.1, 0.2, 0.4)]
+    g = summarize(_store(tmp_path, results), quick=False)["tasks"]["t"]["regimes"]["gd/full/10"]
+    assert g["max_stable_lr_by_margin"] == {
+        "0.5": {"plain": {"0.0": 0.1}},
+        "0.9": {"plain": {"0.0": 0.2}},
+    }
+    assert g["max_stable_lr_by_margin"]["0.9"] == g["max_stable_lr"]  # the stored statuses'
+    render(tmp_path)
+    assert "- plain: s = 0.0: 0.1 / 0.2" in (tmp_path / "report.md").read_text()
 
 
 def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
@@ -183,11 +299,16 @@ def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
 def test_horizons_compare_each_seed_at_the_long_and_the_short_horizon():
     runs = _mini("balanced-init", 10, [0.4, 0.4]) + _mini("balanced-init", 100, [0.2, 0.1])
     runs += _mini("balance", 10, [0.4, 0.8]) + _mini("balance", 100, [0.4, 0.4])
+    runs += _mini("balanced-exact", 10, [0.4, 0.4]) + _mini("balanced-exact", 100, [0.4, 0.2])
     h = horizons(runs)["sgd/64"]
     assert (h["short"], h["long"]) == (10, 100)
     init, hard = h["methods"]["balanced-init"], h["methods"]["balance"]
     assert (init["min"], init["median"], init["max"], init["narrowed"]) == (0.25, 0.375, 0.5, True)
-    assert hard["narrowed"] is False and hard["unknown_seeds"] == 1  # seed 1 reached the top
+    assert hard["narrowed"] is None and hard["unknown_seeds"] == 1  # seed 1 reached the top
+    # seed 0 kept its range: the interval's upper end is 1, so the range did not narrow
+    exact = h["methods"]["balanced-exact"]
+    assert exact["interval"] == pytest.approx([0.5, 1.0], rel=1e-12)
+    assert exact["narrowed"] is False
 
 
 # -- methods ------------------------------------------------------------------------------------

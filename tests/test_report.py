@@ -51,16 +51,19 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
         "seeds": 1,
         "unknown_seeds": 0,
         "lower_bound": True,
+        "interval": [2.0, 2.0],
         "held": True,
     }
     assert ratios["1.0"]["median"] is None and ratios["1.0"]["unknown_seeds"] == 1
     assert ratios["1.0"]["held"] is None
     g = t["regimes"]["gd/full/10"]
     assert "final_test_loss" not in g and "test_accuracy" not in g  # no test split
-    summary = {"tasks": {"t": t}}
-    assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 2 ✓; 1: n/a ? | - |" in (
-        report.headline_table(summary)
-    )
+    summary = {"tasks": {"t": t}, "verdicts": stability.count_verdicts({"t": t})}
+    table = report.headline_table(summary)
+    assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 2 ✓; 1: n/a ? | - |" in table
+    # the expansion at s = 0 held; the drift suppression (equal drift: ratio 1) did not
+    assert "The report makes 2 verdicts, 1 of them held." in table
+    assert "The sham control (weight-decay) made no expansion verdict." in table
 
 
 def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:

@@ -19,11 +19,11 @@ from gaugefix.experiments.figures import (
     subplots,
 )
 from gaugefix.experiments.stability import (
-    VERDICT,
     RatioStats,
     max_stable_lr,
     ratio_stats,
     ratio_text,
+    verdict_text,
 )
 from gaugefix.experiments.store import Store, StoredRun
 
@@ -31,8 +31,8 @@ DEFINITION = (
     "*Drift suppression*: per seed, the final RMS log-ratio of the reference (plain, or "
     "balanced-init where a regime has no plain) over the method's, at the reference's largest "
     "learning rate stable for every seed, s = 0; median [min, max] over seeds, claim (2) held "
-    "when above 1 for every seed. A *late divergence* is a run that diverged after the first "
-    "tenth of its steps."
+    "when the paired bootstrap interval's lower end is above 1, as for expansion ratios. A "
+    "*late divergence* is a run that diverged after the first tenth of its steps."
 )
 
 
@@ -108,14 +108,14 @@ def render(entry: dict[str, Any], label: Any) -> str:
         ref = entry["drift_reference"]
         suppression = entry["drift_suppression"]
         lines = [
-            f"- {label(m)}: {ratio_text(suppression[m])}, **{VERDICT[suppression[m]['held']]}**"
+            f"- {label(m)}: {ratio_text(suppression[m])}, {verdict_text(suppression[m])}"
             for m in methods_in_order(suppression)
         ]
         parts.append(
             f"**Scale drift** (per-seed ratio of the final RMS log-ratio, {ref}'s / the "
             f"method's, at lr {fmt(entry['drift_lr'])}, s = 0: median [min, max] over seeds; "
-            f"claim (2), less drift than {ref}, held only if above 1 for every seed):\n\n"
-            + "\n".join(lines)
+            f"claim (2), less drift than {ref}, held only if the paired bootstrap interval lies "
+            "above 1):\n\n" + "\n".join(lines)
         )
     late = entry["late_divergences"]
     if any(k for k, _ in late.values()):

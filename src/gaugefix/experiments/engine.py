@@ -86,14 +86,17 @@ STABILITY_MARGIN = 0.9
 DEFINITIONS = 3
 
 
-def run_status(initial: float, final: float | None, constant: float) -> str:
+def run_status(
+    initial: float, final: float | None, constant: float, margin: float = STABILITY_MARGIN
+) -> str:
     """``"diverged"`` (``final`` is ``None``: the loss became non-finite or exceeded
-    :data:`DIVERGENCE_FACTOR` times its initial value), ``"stable"`` (``final <=``
-    :data:`STABILITY_MARGIN` ``* min(initial, constant)``: the run learned beyond the best
-    constant predictor, so a network that collapsed to one is not stable) or ``"unstable"``."""
+    :data:`DIVERGENCE_FACTOR` times its initial value), ``"stable"`` (``final <= margin *
+    min(initial, constant)``, :data:`STABILITY_MARGIN` unless a sensitivity analysis asks for
+    another: the run learned beyond the best constant predictor, so a network that collapsed
+    to one is not stable) or ``"unstable"``."""
     if final is None:
         return "diverged"
-    return "stable" if final <= STABILITY_MARGIN * min(initial, constant) else "unstable"
+    return "stable" if final <= margin * min(initial, constant) else "unstable"
 
 
 def task_hash(task: Task) -> str:

@@ -31,6 +31,7 @@ from gaugefix.experiments.engine import (
     METHODS,
     REFERENCES,
     STABILITY_MARGIN,
+    run_status,
 )
 from gaugefix.experiments.figures import (
     fmt,
@@ -40,6 +41,13 @@ from gaugefix.experiments.figures import (
     save,
     subplots,
 )
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+TUNING_SEEDS = 3  # a tuned knob is chosen on seeds 0..TUNING_SEEDS-1, judged on the others
+SHAM_METHODS = ("weight-decay",)  # controls whose held verdicts are false positives
+SENSITIVITY_MARGINS = (0.5, STABILITY_MARGIN)  # the margins of the sensitivity table
 
 DEFINITION = (
     f"A run *diverges* when its training loss becomes non-finite or exceeds {DIVERGENCE_FACTOR:g} "
@@ -54,14 +62,24 @@ DEFINITION = (
     "together (a rate counts when every seed is stable at it). A method's *expansion ratio* "
     "against a reference (plain, or balanced-init) is computed per seed, `max_stable_lr(method, "
     "seed) / max_stable_lr(reference, seed)` (a seed is one initialisation, shared by every "
-    "method), and given as its min, median and max over seeds. A claim **held** in a cell only "
-    "when the ratio exceeds 1 for every seed; it **did not hold** when the ratio is at most 1 "
-    "for some seed; it *could not be measured* otherwise (for some seed the reference had no "
-    "stable rate or was stable up to the top of the grid). Where the method was stable up to the "
-    "grid's top the ratio is a lower bound (≥). Methods with a strength grid are shown at their "
-    "best strength per regime (the largest summed all-seed `max_stable_lr` over s, the smallest "
-    "on ties), chosen on the same runs it is reported on."
+    "method), and given as its min, median and max over seeds. The verdict is paired: the mean "
+    "over seeds of the log-ratio, with a percentile bootstrap 95% interval (the seeds resampled "
+    f"with replacement {BOOTSTRAP_RESAMPLES} times, numpy seed {BOOTSTRAP_SEED}), shown as the "
+    "interval of the geometric-mean ratio. A claim **held** in a cell when the interval's lower "
+    "end is above 1 (log-ratio above 0); it **did not hold** when it is not and no seed's ratio "
+    "is a lower bound; it *could not be measured* otherwise (for some seed the reference had no "
+    "stable rate or was stable up to the top of the grid, or the lower end is not above 1 with "
+    "some ratio only a lower bound). Where the method was stable up to the grid's top the ratio "
+    "is a lower bound (≥). Weight decay, not a gauge-fixing method and at small strengths, is "
+    "the sham control: the share of its verdicts that held estimates the rule's false-positive "
+    "rate (an estimate: a real effect of weight decay counts as one). Methods with a strength "
+    "grid are shown at their best strength per regime (the largest summed `max_stable_lr` of "
+    f"seeds 0 to {TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are "
+    "judged on the other seeds only (none: could not be measured)."
 )
+
+
+MarginKey = Annotated[str, "MARGIN"]
 
 
 class RatioStats(TypedDict):
@@ -73,7 +91,10 @@ class RatioStats(TypedDict):
     seeds: int
     unknown_seeds: Annotated[int, "seeds the ratio is not known for"]
     lower_bound: Annotated[bool, "some known value is only a lower bound"]
-    held: Annotated[bool | None, "the claim's verdict: above 1 for every seed"]
+    interval: Annotated[
+        list[float] | None, "bootstrap 95% interval of the geometric-mean ratio over seeds"
+    ]
+    held: Annotated[bool | None, "the claim's verdict: the interval's lower end above 1"]
 
 
 class StabilitySummary(TypedDict):
@@ -88,12 +109,16 @@ class StabilitySummary(TypedDict):
         dict[ReferenceKey, dict[MethodKey, dict[SKey, RatioStats]]],
         "per seed, the method's max_stable_lr over the reference's",
     ]
+    max_stable_lr_by_margin: Annotated[
+        dict[MarginKey, dict[MethodKey, dict[SKey, float]]],
+        "every seed together, with the runs judged stable at another margin",
+    ]
 
 
 class HorizonRatio(RatioStats):
     """``max_stable_lr`` at the long horizon over the short one, per seed (:func:`horizons`)."""
 
-    narrowed: Annotated[bool | None, "below 1 for every seed"]
+    narrowed: Annotated[bool | None, "the bootstrap interval's upper end below 1"]
 
 
 class Horizon(TypedDict):
@@ -102,6 +127,17 @@ class Horizon(TypedDict):
     short: Annotated[int, "steps"]
     long: Annotated[int, "steps"]
     methods: dict[MethodKey, HorizonRatio]
+
+
+class VerdictCount(TypedDict):
+    """How many verdicts the summary makes, and how often the sham controls held
+    (:func:`count_verdicts`)."""
+
+    verdicts: Annotated[int, "expansion, drift and horizon verdicts made (held or not)"]
+    held: int
+    sham_verdicts: Annotated[int, "expansion verdicts of the sham controls (weight-decay)"]
+    sham_held: int
+    false_positive_rate: Annotated[float | None, "sham_held / sham_verdicts"]
 
 
 def band_top(stable: dict[float, bool]) -> float:
@@ -116,11 +152,15 @@ def band_top(stable: dict[float, bool]) -> float:
     return top
 
 
-def max_stable_lr(runs: Runs) -> float:
-    """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable."""
+def max_stable_lr(runs: Runs, margin: float | None = None) -> float:
+    """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable: as
+    stored, or judged with the stability ``margin`` (:func:`run_status`)."""
     stable: dict[float, bool] = defaultdict(lambda: True)
     for r in runs:
-        stable[r.config.lr] &= r.status == "stable"
+        status = r.status
+        if margin is not None:
+            status = run_status(r.initial_loss, r.final_loss, r.constant_loss, margin)
+        stable[r.config.lr] &= status == "stable"
     return band_top(stable)
 
 
@@ -130,10 +170,12 @@ def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
 
 
 def best_strengths(runs: Runs) -> dict[str, float]:
-    """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` (the
-    smallest such strength on ties); ``runs`` are one regime's."""
+    """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` of the
+    tuning seeds (below :data:`TUNING_SEEDS`; the smallest such strength on ties); ``runs`` are
+    one regime's."""
     score: dict[tuple[str, float], float] = defaultdict(float)
-    for (method, strength, _), cell in group(runs, lambda c: (c.method, c.strength, c.s)).items():
+    tuning = [r for r in runs if r.config.seed < TUNING_SEEDS]
+    for (method, strength, _), cell in group(tuning, lambda c: (c.method, c.strength, c.s)).items():
         score[(method, strength)] += max_stable_lr(cell)
     best: dict[str, float] = {}
     for (method, strength), value in sorted(score.items()):
@@ -154,23 +196,37 @@ def previously_stable(runs: Runs) -> int:
     return sum(r.status == "unstable" and r.final_loss < r.initial_loss for r in runs)
 
 
+def bootstrap_interval(ratios: Sequence[float]) -> tuple[float, float]:
+    """The percentile bootstrap :data:`CONFIDENCE` interval of the geometric mean of paired
+    per-seed ratios ``[n]`` (``exp`` of the mean log-ratio), the seeds resampled with
+    replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = logs[rng.integers(0, len(logs), (BOOTSTRAP_RESAMPLES, len(logs)))].mean(axis=1)
+    tail = (1.0 - CONFIDENCE) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(np.exp(low)), float(np.exp(high))
+
+
 def ratio_stats(
     ratios: dict[int, float | None], bounds: dict[int, bool] | None = None
 ) -> RatioStats:
     """A per-seed ratio (``None``: not known for that seed; ``bounds``: which known values are
     only lower bounds) as min, median and max over the seeds where it is known, how many seeds
-    it is not known for, whether any value is a lower bound, and the verdict ``held``:
-    ``True`` when it exceeds 1 for every seed, ``False`` when it is at most 1 (and not a lower
-    bound) for some seed, ``None`` otherwise."""
+    it is not known for, whether any value is a lower bound, the :func:`bootstrap_interval`
+    over the known seeds and the verdict ``held``: ``True`` when every seed is known and the
+    interval's lower end is above 1, ``False`` when every seed is known, none is a lower bound
+    and the lower end is at most 1, ``None`` otherwise."""
     bounds = bounds or {}
     known = {k: v for k, v in ratios.items() if v is not None}
-    if any(v <= 1.0 and not bounds.get(k, False) for k, v in known.items()):
-        held: bool | None = False
-    elif known and len(known) == len(ratios) and all(v > 1.0 for v in known.values()):
-        held = True
-    else:
-        held = None
     values = list(known.values())
+    interval = bootstrap_interval(values) if values else None
+    held: bool | None = None
+    if interval and len(known) == len(ratios):
+        if interval[0] > 1.0:
+            held = True
+        elif not any(bounds.get(k, False) for k in known):
+            held = False
     return RatioStats(
         min=min(values) if values else None,
         median=median(values),
@@ -178,6 +234,7 @@ def ratio_stats(
         seeds=len(ratios),
         unknown_seeds=len(ratios) - len(known),
         lower_bound=any(bounds.get(k, False) for k in known),
+        interval=list(interval) if interval else None,
         held=held,
     )
 
@@ -198,9 +255,30 @@ def seed_ratios(
     return ratio_stats(ratios, bounds)
 
 
+def by_margin(chosen: Runs, margin: float) -> dict[str, dict[str, float]]:
+    """Per method and s, the all-seed :func:`max_stable_lr` at the stability ``margin``."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
+        out[method][s_key(s)] = max_stable_lr(cell, margin)
+    return dict(out)
+
+
+def tuned_methods(runs: Runs) -> set[str]:
+    """The methods of one regime's ``runs`` run at several strengths."""
+    strengths = {(r.config.method, r.config.strength) for r in runs}
+    return {m for m, _ in strengths if sum(m == n for n, _ in strengths) > 1}
+
+
+def judged(method: str, tuned: set[str], seeds: dict[int, float]) -> dict[int, float]:
+    """The seeds a method's verdicts are judged on: all, or for a ``tuned`` method those at or
+    above :data:`TUNING_SEEDS` (its strength was chosen on the others)."""
+    return {k: v for k, v in seeds.items() if method not in tuned or k >= TUNING_SEEDS}
+
+
 def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
     """The stability entries of one regime's summary: ``runs`` are all of its runs, ``chosen``
-    those at each method's best strength."""
+    those at each method's best strength; a tuned method's ratios are :func:`judged` on the
+    seeds its strength was not chosen on."""
     msl: dict[str, dict[str, float]] = defaultdict(dict)
     by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
     tops: dict[tuple[str, str], float] = {}
@@ -212,13 +290,19 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
         by_seed[method][key] = max_stable_lr_by_seed(cell)
         if msl[method][key] >= tops[(method, key)]:
             at_top[method].append(key)
+    tuned = tuned_methods(runs)
     ratios: dict[str, dict[str, dict[str, RatioStats]]] = {}
     for ref in REFERENCES:
         if ref not in by_seed:
             continue
         ratios[ref] = {
             method: {
-                s: seed_ratios(seeds, by_seed[ref][s], tops[(method, s)], tops[(ref, s)])
+                s: seed_ratios(
+                    judged(method, tuned, seeds),
+                    judged(method, tuned, by_seed[ref][s]),
+                    tops[(method, s)],
+                    tops[(ref, s)],
+                )
                 for s, seeds in cells.items()
                 if s in by_seed[ref]
             }
@@ -226,6 +310,7 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
             if method != ref
         }
     return StabilitySummary(
+        max_stable_lr_by_margin={f"{m:g}": by_margin(chosen, m) for m in SENSITIVITY_MARGINS},
         lr_grid=sorted({r.config.lr for r in chosen}),
         best_strength=best_strengths(runs),
         max_stable_lr=dict(msl),
@@ -242,8 +327,8 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
     method's per-seed ``max_stable_lr`` at the longest horizon over that at the shortest (each
     regime at its best strength). A seed's ratio is not known where the short horizon had no
-    stable rate or was stable up to its grid's top; the range *narrowed* when the ratio is
-    below 1 for every seed, and did not when it is at least 1 for some seed."""
+    stable rate or was stable up to its grid's top; the range *narrowed* when the upper end of
+    the ratio's bootstrap interval is below 1 (every seed known)."""
     out: dict[HorizonKey, Horizon] = {}
     mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
     for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
@@ -265,14 +350,50 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
                 for seed, base in short.items()
             }
             stats = ratio_stats(ratios)
-            known = [v for v in ratios.values() if v is not None]
-            if any(v >= 1 for v in known):
-                narrowed: bool | None = False
-            else:
-                narrowed = True if known and not stats["unknown_seeds"] else None
+            narrowed: bool | None = None
+            if stats["interval"] and not stats["unknown_seeds"]:
+                narrowed = stats["interval"][1] < 1.0
             entry[method] = HorizonRatio(**stats, narrowed=narrowed)
         out[f"{opt}/{batch}"] = Horizon(short=steps[0], long=steps[-1], methods=entry)
     return out
+
+
+def count_verdicts(tasks: dict[str, Any]) -> VerdictCount:
+    """:class:`VerdictCount` over the ``tasks`` entries of a summary: every expansion-ratio and
+    drift-suppression verdict and every horizon's ``narrowed`` that was made (not ``None``), the
+    expansion verdicts of :data:`SHAM_METHODS`, whose held share is the false-positive rate."""
+    made: list[bool | None] = []
+    sham: list[bool] = []
+    for t in tasks.values():
+        for g in t["regimes"].values():
+            for cells in g["expansion_ratio"].values():
+                for method, by_s in cells.items():
+                    verdicts = [st["held"] for st in by_s.values() if st["held"] is not None]
+                    made += verdicts
+                    sham += verdicts if method in SHAM_METHODS else []
+            made += [st["held"] for st in g.get("drift_suppression", {}).values()]
+        for h in t["horizons"].values():
+            made += [st["narrowed"] for st in h["methods"].values()]
+    known = [v for v in made if v is not None]
+    return VerdictCount(
+        verdicts=len(known),
+        held=sum(known),
+        sham_verdicts=len(sham),
+        sham_held=sum(sham),
+        false_positive_rate=sum(sham) / len(sham) if sham else None,
+    )
+
+
+def verdicts_text(count: dict[str, Any]) -> str:
+    """The sentence that reports how many verdicts were made and the sham controls' rate."""
+    made = f"The report makes {count['verdicts']} verdicts, {count['held']} of them held."
+    sham = f"The sham control ({', '.join(SHAM_METHODS)})"
+    if count["false_positive_rate"] is None:
+        return f"{made} {sham} made no expansion verdict."
+    return (
+        f"{made} {sham} held in {count['sham_held']} of its {count['sham_verdicts']} expansion "
+        f"verdicts: the rule's false-positive rate is about {count['false_positive_rate']:.0%}."
+    )
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -296,6 +417,30 @@ def ratio_text(stats: dict[str, Any]) -> str:
     return f"{bound}{fmt(stats['median'])} [{fmt(stats['min'])}, {fmt(stats['max'])}]"
 
 
+def verdict_text(stats: dict[str, Any]) -> str:
+    """``95% interval [1.41, 2.52], **held**``: the bootstrap interval and the verdict."""
+    interval = stats["interval"]
+    shown = f"95% interval [{fmt(interval[0])}, {fmt(interval[1])}], " if interval else ""
+    return f"{shown}**{VERDICT[stats['held']]}**"
+
+
+def render_margins(entry: dict[str, Any]) -> str:
+    """The sensitivity of the all-seed ``max_stable_lr`` to the stability margin."""
+    by_margin = entry["max_stable_lr_by_margin"]
+    margins = sorted(by_margin, key=float)
+    lines = []
+    for method in methods_in_order(by_margin[margins[0]]):
+        cells = [
+            f"s = {s}: " + " / ".join(fmt(by_margin[m][method][s]) for m in margins)
+            for s in sorted(by_margin[margins[0]][method], key=float)
+        ]
+        lines.append(f"- {label(method, entry)}: " + "; ".join(cells))
+    return (
+        "**Sensitivity to the stability margin** (`max_stable_lr`, every seed together, with a "
+        f"run stable at margin {' / '.join(margins)}):\n\n" + "\n".join(lines)
+    )
+
+
 def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
     """The stability paragraphs of one regime, with its stability map."""
     msl, seeds = entry["max_stable_lr"], entry["max_stable_lr_by_seed"]
@@ -317,7 +462,8 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
         rows.append(f"| {label(method, entry)} | " + " | ".join(cells) + " |")
     parts = [
         "**Stable learning rates** (`max_stable_lr` for every seed together, then for each seed "
-        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n" + "\n".join(rows)
+        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n" + "\n".join(rows),
+        render_margins(entry),
     ]
     for ref, by_method in entry["expansion_ratio"].items():
         lines = []
@@ -326,7 +472,7 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
             lines.append(
                 f"- {label(method, entry)}: "
                 + "; ".join(
-                    f"s = {s}: {ratio_text(st)}, **{VERDICT[st['held']]}**"
+                    f"s = {s}: {ratio_text(st)}, {verdict_text(st)}"
                     for s, st in sorted(cells.items(), key=lambda kv: float(kv[0]))
                 )
             )
@@ -335,8 +481,8 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
         what = "plain" if ref == "plain" else "a balanced start (balanced-init)"
         parts.append(
             f"**Expansion against {what}** (per-seed ratio of `max_stable_lr`: median "
-            "[min, max] over seeds; a wider range held only if above 1 for every seed):\n\n"
-            + "\n".join(lines)
+            "[min, max] over seeds; a wider range held only if the paired bootstrap interval "
+            "of the geometric-mean ratio lies above 1):\n\n" + "\n".join(lines)
         )
     name = stability_map(out, task, regime, runs)
     parts.append(f"![stability map, {regime.label}]({name})")

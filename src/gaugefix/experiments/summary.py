@@ -53,6 +53,7 @@ class _RunsSummary(TypedDict):
         int, "runs the previous definition called stable that this one does not"
     ]
     tasks: Annotated[dict[TaskKey, TaskSummary], "NAME@HASH where a name has several hashes"]
+    verdicts: Annotated[stability.VerdictCount, "how many verdicts; the sham controls' rate"]
 
 
 # Each analysis's entry, under its key where the store holds its values.
@@ -90,6 +91,7 @@ def summarize(store: Store, quick: bool) -> Summary:
     from gaugefix import __version__
 
     runs = store.runs()
+    tasks = {task: task_summary(rs) for task, rs in by_task(runs).items()}
     summary = Summary(
         gaugefix_version=__version__,
         torch_version=str(torch.__version__),
@@ -98,7 +100,8 @@ def summarize(store: Store, quick: bool) -> Summary:
         runs=len(runs),
         stability_margin=STABILITY_MARGIN,
         previously_stable=stability.previously_stable(runs),
-        tasks={task: task_summary(rs) for task, rs in by_task(runs).items()},
+        tasks=tasks,
+        verdicts=stability.count_verdicts(tasks),
     )
     for analysis in ANALYSES:
         values = stored(store, analysis)

@@ -98,8 +98,8 @@ def headline_table(summary: dict[str, Any]) -> str:
         )
     lines.append(
         "\nA ratio is the median [min, max] over seeds of the per-seed ratio of `max_stable_lr`; "
-        "✓ held (above 1 for every seed), ✗ did not hold (at most 1 for some seed), ? could not "
-        "be measured."
+        "✓ held (the paired bootstrap 95% interval of the geometric-mean ratio above 1), ✗ did "
+        "not hold, ? could not be measured. " + stability.verdicts_text(summary["verdicts"])
     )
     return "\n".join(lines)
 
