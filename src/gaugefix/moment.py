@@ -213,19 +213,21 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
 
 STAT_NAMES = (
     "mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm", "norm_sq",
-    "dead_generators",
+    "dead_generators", "nonfinite_generators",
 )  # fmt: skip
 
 
 def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
     """The statistics of :func:`imbalance_stats`, in the order of :data:`STAT_NAMES`, from
-    ``S_in``, ``S_out`` (``[*batch, N]``) and ``||theta||^2`` (``[*batch]``): ``[*batch, 7]``."""
+    ``S_in``, ``S_out`` (``[*batch, N]``) and ``||theta||^2`` (``[*batch]``): ``[*batch, 8]``.
+    A generator with a non-finite sum makes the ratio statistics non-finite (never healthy)."""
     mu, s = s_in - s_out, s_in + s_out
-    rel = torch.where(s > 0, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    bad = ~torch.isfinite(s)
+    rel = torch.where((s > 0) | bad, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
     alive = (s_in > 0) & (s_out > 0)
-    log_ratio = torch.where(alive, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
-    n_rel = (s > 0).sum(-1).clamp_min(1)
-    n_alive = alive.sum(-1).clamp_min(1)
+    log_ratio = torch.where(alive | bad, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
+    n_rel = ((s > 0) | bad).sum(-1).clamp_min(1)
+    n_alive = (alive | bad).sum(-1).clamp_min(1)
     empty = s.shape[-1] == 0
     return torch.stack(
         [
@@ -235,7 +237,8 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
             norm_sq.new_zeros(norm_sq.shape) if empty else log_ratio.amax(-1),
             torch.linalg.vector_norm(mu, dim=-1),
             norm_sq,
-            (~alive).sum(-1).to(s.dtype),
+            (~alive & ~bad).sum(-1).to(s.dtype),
+            bad.sum(-1).to(s.dtype),
         ],
         dim=-1,
     )
@@ -255,9 +258,12 @@ def imbalance_stats(
       (the gauge distance to the generator's local balance, up to a factor 2) over the
       generators with both sides non-zero;
     - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
-      acts on; ``dead_generators``: how many have an empty (all-zero) side.
+      acts on; ``dead_generators``: how many have an empty (all-zero) side;
+    ``nonfinite_generators``: how many have a NaN or infinite entry (the four ratio statistics
+    are then NaN or infinite, so a diverged model never looks healthy).
 
-    A handful of vectorised operations and a single device-to-host transfer.
+    A fixed handful of vectorised operations, whatever the depth, and a single
+    device-to-host transfer (one batched ``.tolist()``).
     """
     params = structure.bind(source)
     if not params:
