@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import all_finite, optimizer_states
+from gaugefix.action import finite_on_device, optimizer_states
 from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view
 from gaugefix.moment import imbalance_stats
@@ -147,9 +147,11 @@ class GaugeFixing:
         self.params = self._all_params
         self.left_out: dict[str, int] = {}
         self._refresh()
-        self.steps = 0
-        self.skipped = 0
-        self._ok = True  # whether this step's gradients (and parameters) were finite
+        self._acted = 0  # steps gauge fixing acted on (applied or skipped)
+        self._applied: int | Tensor = 0  # of those, applied: a device count, read when asked
+        # Whether this step's gradients were finite (exact mode: on the device), or whether
+        # the penalty's gradient was added (penalty mode).
+        self._ok: Tensor | bool | None = None
         if balance_at_start and self.active.num_generators:
             balance_(self.model, self.active, optimizer=optimizer)
         self._handles = [
@@ -234,13 +236,13 @@ class GaugeFixing:
         return (args[0], closure_then_gauge, *args[2:]), kwargs
 
     def _gradients_ready(self) -> None:
-        """Check the gradients (and, for the penalty, the parameters); in penalty mode add
-        ``grad P``. Runs once per gradient evaluation."""
+        """Check the gradients (on the device); in penalty mode, check the parameters and add
+        ``grad P`` (one host read). Runs once per gradient evaluation."""
         self._refresh()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        self._ok = all_finite(grads)
-        if self.mode == "penalty" and self._ok:
-            self._ok = self._add_penalty_grad()
+        self._ok = finite_on_device(grads)
+        if self.mode == "penalty":
+            self._ok = add_orbit_selection_grad_(self.params, self.active, self.strength, self._ok)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         groups = self.optimizer.param_groups
@@ -250,26 +252,34 @@ class GaugeFixing:
         self._since += 1
         if self._since < self.every:
             return
-        ok, self._ok = self._ok, True
+        ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
         lr_sums, self._lr_sums, self._since = self._lr_sums, [], 0
-        if self.mode == "exact" and ok:
-            rate = check_rate(self._rate(lr_sums), self.active)
+        if self.mode == "exact":
+            rate = self._rate(lr_sums)
+            rate = rate if isinstance(rate, Tensor) else check_rate(rate, self.active)
             if isinstance(rate, Tensor) or rate > 0:
-                # Checks the parameters' finiteness on the squared sums the step needs, then
-                # the optimizer state (a clear error for unknown state), then steps.
-                ok = relax_unchecked_(self.active, self.params, rate, optimizer) is not None
+                if ok is not None:  # no move unless the gradients were finite, on the device
+                    rate = torch.as_tensor(rate, dtype=torch.float64, device=ok.device)
+                    rate = torch.where(ok, rate, 0.0)
+                # Finds the parameters' finiteness on the squared sums the step needs, checks
+                # the optimizer state (a clear error for unknown state), then moves.
+                _, finite = relax_unchecked_(self.active, self.params, rate, optimizer)
             else:
-                ok = all_finite(list(self.params.values()))
-        if ok:
-            self.steps += 1
-        else:
-            self.skipped += 1
+                finite = finite_on_device(list(self.params.values()))
+            ok = finite if ok is None else ok & finite
+        self._acted += 1
+        self._applied = self._applied + (True if ok is None else ok)
 
-    @torch.no_grad()
-    def _add_penalty_grad(self) -> bool:
-        """Add ``grad P`` of the acted-on generators to their parameters' ``.grad``; ``False``
-        (nothing added) when one of those parameters is not finite."""
-        return add_orbit_selection_grad_(self.params, self.active, self.strength, set(self.params))
+    @property
+    def steps(self) -> int:
+        """The steps whose gauge fixing was applied (orbit steps or penalty gradients)."""
+        self._applied = int(self._applied)  # the host read, only when asked
+        return self._applied
+
+    @property
+    def skipped(self) -> int:
+        """The steps whose gauge fixing was skipped (non-finite gradients or parameters)."""
+        return self._acted - self.steps
 
     # -- learning rates ---------------------------------------------------------------------------
     def _param_groups(self) -> list[int]:
@@ -329,7 +339,8 @@ class GaugeFixing:
                 f"a GaugeFixing state with {since} steps since the last orbit step does not fit "
                 f"every={self.every}"
             )
-        self.steps, self.skipped, self._since, self._lr_sums = steps, skipped, since, lr_sums
+        self._applied, self._acted = steps, steps + skipped
+        self._since, self._lr_sums = since, lr_sums
 
     # -- misc -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
