@@ -45,12 +45,13 @@ class TermGroup(NamedTuple):
 
 
 class KernelPlan(NamedTuple):
-    """The groups of a structure on a device, and for each sign the flattened slots of every
-    term of that sign, concatenated in group and term order (the index of one ``index_add_``)."""
+    """The groups of a structure on a device, and the index of the one ``index_add_`` of
+    :func:`generator_sums`: into ``[S_in (N + 1), S_out (N + 1), ||theta||^2 (1)]``, the slots of
+    every term of sign +1, then of sign -1 (offset by ``N + 1``), each flattened in group and
+    term order, then slot ``2 N + 2`` once for each entry of each parameter's first term."""
 
     groups: tuple[TermGroup, ...]
-    in_index: Tensor
-    out_index: Tensor
+    index: Tensor
 
 
 _plans: weakref.WeakKeyDictionary[GaugeStructure, dict[torch.device, KernelPlan]] = (
@@ -76,14 +77,14 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
             )
             for (shape, terms), params in by_layout.items()
         )
-        index = {+1: [], -1: []}
+        n = structure.num_generators
+        index: dict[int, list[Tensor]] = {+1: [], -1: []}
         for group in groups:
             for slots, sign in zip(group.slots, group.signs, strict=True):
-                index[sign].append(slots.reshape(-1))
+                index[sign].append(slots.reshape(-1) + (0 if sign > 0 else n + 1))
+        totals = [torch.full((g.slots[0].numel(),), 2 * n + 2, device=device) for g in groups]
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        per_device[device] = KernelPlan(
-            groups, torch.cat([empty, *index[1]]), torch.cat([empty, *index[-1]])
-        )
+        per_device[device] = KernelPlan(groups, torch.cat([empty, *index[1], *index[-1], *totals]))
     return per_device[device]
 
 
@@ -170,14 +171,11 @@ def generator_sums(
             reduced[sign].append(v)
             if k == 0:
                 firsts.append(v)
-    s_in = torch.zeros(*batch, n + 1, dtype=dtype, device=device)
-    s_out = torch.zeros_like(s_in)
-    for acc, index, values in ((s_in, plan.in_index, reduced[1]), (s_out, plan.out_index,
-                                                                    reduced[-1])):  # fmt: skip
-        if values:
-            acc.index_add_(-1, index, torch.cat(values, -1))
-    total = torch.cat(firsts, -1).sum(-1) if firsts else s_in.new_zeros(batch)
-    return structure.sum_over_shards(s_in, s_out, total)
+    sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
+    if firsts:
+        sums.index_add_(-1, plan.index, torch.cat(reduced[1] + reduced[-1] + firsts, -1))
+    s_in, s_out, total = sums.split([n + 1, n + 1, 1], -1)
+    return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
 
 
 def group_coefficients(cx: Tensor, group: TermGroup) -> Tensor:

@@ -81,7 +81,7 @@ def orbit_selection_grads(
         x = stacked([tensors[name] for name in group.names], batch_dims)
         grads = (group_coefficients(cx, group) * x.to(mu.dtype)).to(x.dtype)
         out.update(zip(group.names, grads.unbind(batch_dims), strict=True))
-    return {name: out[name] for name in tensors}  # in the order of ``tensors``
+    return {name: out[name] for name in tensors if name in out}  # in the order of ``tensors``
 
 
 def orbit_selection_grad(
