@@ -1,4 +1,4 @@
-"""What gauge fixing adds to a training step, counted rather than timed (``benchmarks/ops.py``):
+"""What gauge fixing adds to a training step, counted rather than timed (``benchmarks/opcount.py``):
 the aten operations dispatched (on a GPU, roughly the kernels launched) and the host reads (each
 drains a GPU's queue). An orbit step or a penalty gradient adds a number of operations that does
 not grow with depth, at most the plain (non-fused) AdamW step's own, and at most one host read;
@@ -19,7 +19,7 @@ from gaugefix import zoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.ops import TOKENS, OpCounter, counted_step  # noqa: E402
+from benchmarks.opcount import TOKENS, OpCounter, counted_step  # noqa: E402
 
 VOCAB = 64
 
