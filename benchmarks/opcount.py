@@ -112,23 +112,28 @@ def gpt2(layers: int, width: int) -> nn.Module:
     return GPT2LMHeadModel(config).train()
 
 
-def cases(tiny: bool) -> list[tuple[str, Callable[[], nn.Module], int]]:
+def cases(tiny: bool) -> list[tuple[str, int, Callable[[], nn.Module], int]]:
+    """``(family, layers, make, vocabulary)``: each family at 2 and 12 layers of one width."""
     if tiny:
-        return [("zoo.GPT 1 x 16", lambda: zoo.GPT(32, 16, 2, 1, 32, TOKENS), 32)]
+        return [
+            ("zoo.GPT, width 16", layers, lambda n=layers: zoo.GPT(32, 16, 2, n, 32, TOKENS), 32)
+            for layers in (1, 2)
+        ]
     return [
-        ("GPT-2 small, ReLU (12 x 768)", lambda: gpt2(12, 768), 50257),
-        ("GPT-2, ReLU, 2 x 768", lambda: gpt2(2, 768), 50257),
-        ("zoo.GPT 12 x 256", lambda: zoo.GPT(1024, 256, 4, 12, 1024, TOKENS), 1024),
-        ("zoo.GPT 2 x 256", lambda: zoo.GPT(1024, 256, 4, 2, 1024, TOKENS), 1024),
+        *(("GPT-2, ReLU, width 768", n, lambda n=n: gpt2(n, 768), 50257) for n in (12, 2)),
+        *(
+            ("zoo.GPT, width 256", n, lambda n=n: zoo.GPT(1024, 256, 4, n, 1024, TOKENS), 1024)
+            for n in (12, 2)
+        ),
     ]
 
 
 def run(tiny: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     rows = []
-    for name, make, vocab in cases(tiny):
-        row = {"case": name, **counts(make(), vocab)}
+    for family, layers, make, vocab in cases(tiny):
+        row = {"family": family, "layers": layers, **counts(make(), vocab)}
         log(
-            f"  {name}: AdamW step {row['plain_step']} ops; exact orbit step "
+            f"  {family}, {layers} layers: AdamW step {row['plain_step']} ops; exact orbit step "
             f"+{row['exact_added']} ops, +{row['exact_host_reads_added']} reads; penalty "
             f"+{row['penalty_added']} ops, +{row['penalty_host_reads_added']} reads; "
             f"imbalance_stats {row['imbalance_stats']} ops, {row['imbalance_stats_host_reads']} "
