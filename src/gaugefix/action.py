@@ -33,8 +33,15 @@ def finite_on_device(tensors: list[Tensor]) -> Tensor:
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host read."""
-    return bool(finite_on_device(tensors)) if tensors else True
+    """Whether every entry of every tensor is finite, with one host read (two when a norm
+    overflowed: then each tensor is checked entry by entry)."""
+    if not tensors:
+        return True
+    if bool(finite_on_device(tensors)):
+        return True
+    if sharded(tensors):
+        return False
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def check_finite_params(params: dict[str, Tensor]) -> None:

@@ -20,7 +20,6 @@ engine trains them).
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -165,7 +164,10 @@ def generator_sums(
         pair = [1] * len(group.shape)
         for slots in group.slots:
             pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
-        sq = _squares(x, (*batch, len(group.names), *pair), dtype, len(group.names) > 1)
+        target = (*batch, len(group.names), *pair)
+        # Summed over the dims no term varies along first (a conv's taps: contiguous, cheap),
+        # so that each term reduces the smaller result.
+        sq = reduce_to(_squares(x, target, dtype, len(group.names) > 1), target)
         for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
             v = reduce_to(sq, (*batch, *slots.shape)).reshape(*batch, -1)
             reduced[sign].append(v)
@@ -193,6 +195,20 @@ def group_coefficients(cx: Tensor, group: TermGroup) -> Tensor:
     return out
 
 
+def group_factors(hx: Tensor, group: TermGroup, dtype: torch.dtype) -> Tensor:
+    """``exp(sum_t sign_t hx[..., slots_t])`` for every entry of the group's stacked
+    parameters, as the product of each term's factor (computed in float64 on the term's own
+    slots, rounded to ``dtype``), broadcast over the dims no term varies along:
+    ``[*batch, L, *pair_shape]``."""
+    out = None
+    for slots, sign in zip(group.slots, group.signs, strict=True):
+        x = hx[..., slots]
+        f = torch.exp(x if sign > 0 else -x).to(dtype)
+        out = f if out is None else out * f
+    assert out is not None  # every planned parameter has a term
+    return out
+
+
 def per_parameter(values: Tensor, group: TermGroup, batch_dims: int) -> tuple[Tensor, ...]:
     """``values`` ``[*batch, L, *pair_shape]`` made dense over each parameter's shape (a
     ``torch._foreach_*`` call is one kernel only over tensors of equal shapes) and split into
@@ -208,9 +224,9 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     """The action without validation: every tensor listed for parameter ``name`` is multiplied
     by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
     ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. The factor ``exp(sum_n w_n(e) h_n)`` is computed in float64 and rounded to the
-    parameter's dtype; a tensor of power ``p`` is multiplied (``p > 0``) or divided (``p < 0``)
-    by it ``|p|`` times."""
+    ``h[b]``. The factor ``exp(sum_n w_n(e) h_n)`` is the product of each term's factor
+    (:func:`group_factors`); a tensor of power ``p`` is multiplied (``p > 0``) or divided
+    (``p < 0``) by it ``|p|`` times."""
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
@@ -219,9 +235,8 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
         present = [(k, targets[name]) for k, name in enumerate(group.names) if targets.get(name)]
         if not present:
             continue
-        dtype = present[0][1][0][0].dtype
         factors = per_parameter(
-            torch.exp(group_coefficients(hx, group)).to(dtype), group, batch_dims
+            group_factors(hx, group, present[0][1][0][0].dtype), group, batch_dims
         )
         by_power: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         for k, tensors in present:
@@ -235,10 +250,11 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor on the tensors' device: whether every entry of every tensor is
-    finite (the largest magnitude of each, which is NaN or infinite exactly when an entry is).
-    Four operations whatever the number of tensors, and no host read."""
+    """A 0-dim bool tensor on the tensors' device: whether the 2-norm of every tensor is finite,
+    which it is when every entry is, barring an overflow of the norm (entries beyond about
+    ``1e19`` in float32), which counts as not finite. Four operations whatever the number of
+    tensors, and no host read."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
