@@ -164,10 +164,13 @@ def generator_sums(
         pair = [1] * len(group.shape)
         for slots in group.slots:
             pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
-        target = (*batch, len(group.names), *pair)
-        # Summed over the dims no term varies along first (a conv's taps: contiguous, cheap),
-        # so that each term reduces the smaller result.
-        sq = reduce_to(_squares(x, target, dtype, len(group.names) > 1), target)
+        # Summed over the trailing dims no term varies along first (a conv's taps: contiguous,
+        # cheap), so that each term reduces the smaller result along one or two dims.
+        lead = len(pair)
+        while lead > 0 and pair[lead - 1] == 1:
+            lead -= 1
+        taps = (*batch, len(group.names), *group.shape[:lead], *pair[lead:])
+        sq = reduce_to(_squares(x, taps, dtype, len(group.names) > 1), taps)
         for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
             v = reduce_to(sq, (*batch, *slots.shape)).reshape(*batch, -1)
             reduced[sign].append(v)
