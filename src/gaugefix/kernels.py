@@ -4,14 +4,15 @@ with the model.
 Parameters of one shape whose terms have the same signs and shapes (the same layer in every
 block of a transformer) form a *group*. A :class:`KernelPlan`, built once per structure and
 device, stacks each group's term maps (``[L, *slot_shape]`` for its ``L`` parameters) and
-concatenates the flattened maps of all groups into one index per sign. Then
+concatenates the flattened maps of all groups into one index. Then
 
-- the squared sums ``S_in``, ``S_out`` are, per group, one stack and one square of its
-  parameters and one reduction per term, and then one ``index_add_`` per sign for all groups;
-- a per-entry coefficient ``sum_n w_n(e) c_n`` (the exponent of the action ``g(h)``, or the
-  penalty gradient's factor) is, per group, one gather per term and a sum, unbound into one view
-  per parameter; and the action and the penalty gradient are one ``torch._foreach_*`` call per
-  group over every tensor they change (parameters, gradients, optimizer state).
+- the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are, per group, one stack and one
+  square of its parameters and a reduction per term, and then one ``index_add_`` for all groups;
+- the action ``g(h)`` is, per group, one gather and ``exp`` per term on the term's own slots and
+  their product, unbound into one view per parameter, and one ``torch._foreach_mul_`` or
+  ``_foreach_div_`` per power over every tensor it moves (parameters, gradients, optimizer
+  state); the penalty gradient is, per group, a gather per term and one
+  ``torch._foreach_addcmul_``.
 
 The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
 function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
