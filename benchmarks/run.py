@@ -5,8 +5,10 @@ Every figure is a ratio of two sides measured side by side in one process (item 
 processes), alternating which side goes first, with the median over at least 5 pairs: the
 machines this runs on are shared and noisy.
 
-    python benchmarks/run.py [--only step,effect,balance,discover,sweeps,memory] [--threads N]
-                             [--tiny] [--out DIR]
+    python benchmarks/run.py [--only step,effect,balance,discover,sweeps,memory,ops,cuda]
+                             [--threads N] [--tiny] [--out DIR]
+
+The ``cuda`` section runs only where CUDA exists (elsewhere it records that it was skipped).
 
 ``--threads 0`` (the default) picks the number of torch threads that is faster on this
 machine right now, all cores or one (on a shared machine, OpenMP threads that wait for a core
@@ -31,9 +33,19 @@ if __name__ == "__main__" or "benchmarks" not in sys.modules:
 import torch
 
 import gaugefix
-from benchmarks import balancing, discovery, effect, memory, quantization, step, sweeps
+from benchmarks import (
+    balancing,
+    discovery,
+    effect,
+    gpu,
+    memory,
+    opcount,
+    quantization,
+    step,
+    sweeps,
+)
 
-SECTIONS = ("step", "effect", "balance", "discover", "sweeps", "memory", "quant")
+SECTIONS = ("step", "effect", "balance", "discover", "sweeps", "memory", "quant", "ops", "cuda")
 HERE = Path(__file__).resolve().parent
 
 TARGETS = {
@@ -46,6 +58,14 @@ TARGETS = {
     "discover_ratio": 1.0,
     "sweep_speedup": 3.66,  # at least what it was (5x aspired to)
     "memory_excess": 0.05,
+    "stats_ops": 50,
+    "ops_depth": 0.10,
+    "host_reads": 1,
+    "cuda_default": 0.01,
+    "cuda_exact_every_step": 0.05,
+    "cuda_penalty": 0.05,
+    "cuda_imbalance_stats": 0.01,
+    "cuda_orbit_step_passes": 3.0,
 }
 
 
@@ -183,6 +203,34 @@ def evaluate(results: dict) -> list[dict]:
     if "quant" in results:
         for row in quantization.figures(results["quant"]):
             add("7", row["what"], row["figure"], row["target"], row["kind"], unit=row["unit"])
+    op_rows = results.get("ops", [])
+    for case in op_rows:
+        name = f"{case['family']}, {case['layers']} layers"
+        deepest = case["layers"] == max(r["layers"] for r in op_rows)
+        for mode, what in (("exact", "an exact orbit step"), ("penalty", "a penalty gradient")):
+            add("8", f"{name}: aten ops {what} adds to AdamW's step ({case['plain_step']} ops)",
+                case[f"{mode}_added"], case["plain_step"] if deepest else None, "max",
+                unit="n")  # fmt: skip
+            add("8", f"{name}: host reads {what} adds", case[f"{mode}_host_reads_added"],
+                TARGETS["host_reads"], "max", unit="n")  # fmt: skip
+        add("8", f"{name}: aten ops of imbalance_stats", case["imbalance_stats"],
+            TARGETS["stats_ops"], "max", unit="n")  # fmt: skip
+    for family in dict.fromkeys(r["family"] for r in op_rows):
+        rows_of = sorted((r for r in op_rows if r["family"] == family), key=lambda r: r["layers"])
+        shallow, deep = rows_of[0], rows_of[-1]
+        for mode in ("exact", "penalty"):
+            change = deep[f"{mode}_added"] / max(shallow[f"{mode}_added"], 1) - 1.0
+            add("8", f"{family}: ops {mode} adds at {deep['layers']} vs {shallow['layers']} "
+                "layers", change, TARGETS["ops_depth"], "max", unit="%")  # fmt: skip
+    gpu = results.get("cuda", {})
+    for case in gpu.get("cases", []):
+        where = f"{gpu['device']}, torch {gpu['torch']}, {gpu['date']}"
+        for name in ("default", "exact_every_step", "penalty", "imbalance_stats"):
+            add("9", f"{case['case']} ({where}): {name.replace('_', ' ')} overhead",
+                case[f"{name}_overhead"], TARGETS[f"cuda_{name}"], "max", unit="%")  # fmt: skip
+        add("9", f"{case['case']} ({where}): one exact orbit step / three foreach passes",
+            case["orbit_step_over_three_passes"], TARGETS["cuda_orbit_step_passes"], "max",
+            unit="x")  # fmt: skip
     return rows
 
 
@@ -195,6 +243,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:.2f}x"
     if unit in ("points", "nats"):
         return f"{value:+.2f} {unit}"
+    if unit == "n":
+        return f"{value:.0f}"
     return f"{value:.1e}"
 
 
@@ -208,6 +258,8 @@ def _target(row: dict) -> str:
         return f"{sign} {row['target']:g}x"
     if row["unit"] in ("points", "nats"):
         return f"{sign} {row['target']:g} {row['unit']}"
+    if row["unit"] == "n":
+        return f"{sign} {row['target']:.0f}"
     return f"{sign} {row['target']:g}"
 
 
@@ -234,7 +286,9 @@ def render_markdown(results: dict) -> str:
         + (
             f"CUDA: {meta['cuda']}."
             if meta.get("cuda")
-            else "No CUDA GPU was available, so nothing was measured on one."
+            else "No CUDA GPU was available (none was lent to the session that ran this), so "
+            "the GPU figures of item 9 were not measured; item 8's operation and host-read "
+            "counts stand in for them."
         )
     )
     notes = results.get("notes", [])
@@ -253,8 +307,9 @@ NOTES = [
     "(less noisy); a target counts as met only when both are within it. ResNet-18 and MLP: "
     "SGD lr 0.05, momentum 0.9; GPT: AdamW lr 3e-4, weight decay 0.1; strength 0.1. An orbit "
     "step reads the gradients (finiteness) and the parameters (mu) once and rescales "
-    "parameters, gradients and optimizer state in place with torch._foreach_* calls over a "
-    "per-parameter plan made once; between orbit steps the hook only counts. The penalty mode"
+    "parameters, gradients and optimizer state in place with torch._foreach_* calls over "
+    "stacks of equally shaped parameters (gaugefix.kernels, a plan made once); between orbit "
+    "steps the hook only counts. The penalty mode"
     " and the exact step at every step do such a pass at every step: about the memory traffic"
     " of the optimizer's own update, small next to a ResNet-18 or GPT step, a sixth of the "
     "MLP's (1.9M parameters, three small GEMMs per step). imbalance_stats (timed once per "
@@ -308,6 +363,17 @@ NOTES = [
     "torchvision it needs (0.28.0, paired with torch 2.13.0) is a CUDA build "
     "(libc10_cuda.so missing on the CPU torch). GPT-2 small: Hugging Face default config with "
     "random weights, median of 3 alternating pairs.",
+    "8: aten operations dispatched (a TorchDispatchMode counter, CPU) by the second step of "
+    "non-fused AdamW, with GaugeFixing acting at every step against without; a torch._foreach_*"
+    " call over any number of tensors, or one index_add_, counts as one; host reads are "
+    "_local_scalar_dense (item, bool, float) and Tensor.tolist calls. On a GPU each operation "
+    "is about one kernel launch and each host read drains the queue: the counts do not grow "
+    "with depth (2 against 12 layers) because the kernels work on stacks of equally shaped "
+    "parameters (gaugefix.kernels). imbalance_stats pays a stack and a reduction per group of "
+    "equally shaped parameters plus about 35 operations of statistics.",
+    "9: on a CUDA GPU (the cuda section runs only there): ROUNDS x 10 steps per side timed with "
+    "CUDA events, sides in turn, medians; the orbit step is relax_ at rate 1e-6 with AdamW or "
+    "momentum state, against three torch._foreach_mul_ passes over all parameters.",
 ]
 
 
@@ -357,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sweeps": sweeps.run,
         "memory": memory.run,
         "quant": quantization.run,
+        "ops": opcount.run,
+        "cuda": gpu.run,
     }
     for name in SECTIONS:
         if name in only:

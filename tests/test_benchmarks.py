@@ -17,8 +17,10 @@ from benchmarks import (  # noqa: E402
     balancing,
     discovery,
     effect,
+    gpu,
     memory,
     memory_probe,
+    opcount,
     run,
     step,
     sweeps,
@@ -136,3 +138,15 @@ def test_readme_table_is_replaced_between_the_markers():
     out = run.with_table(readme, "| new |\n")
     assert out == f"intro\n{run.TABLE_START}\n| new |\n{run.TABLE_END}\nafter\n"
     assert run.TABLE_START in (ROOT / "README.md").read_text()
+
+
+def test_op_counts_and_gpu_sections():
+    """The op-count section at tiny sizes (figures and targets in the table), and the CUDA
+    section, which records that it was skipped where there is no CUDA device."""
+    rows = opcount.run(tiny=True, log=lambda _: None)
+    assert [r["layers"] for r in rows] == [1, 2]
+    assert rows[0]["exact_added"] == rows[1]["exact_added"] > 0
+    table = run.evaluate({"ops": rows})
+    assert any("imbalance_stats" in r["what"] and r["target"] == 50 for r in table)
+    if not torch.cuda.is_available():
+        assert gpu.run(tiny=True, log=lambda _: None) == {"skipped": "no CUDA device"}

@@ -145,3 +145,29 @@ def test_nothing_left_out_logs_nothing(caplog):
     with caplog.at_level(logging.DEBUG, logger="gaugefix"):
         hook = GaugeFixing(opt, model, structure, strength=2.0, every=1)
     assert hook.left_out == {} and not caplog.records
+
+
+ZERO_LR = "touching a parameter whose optimizer group has lr=0"
+
+
+@pytest.mark.parametrize("mode", ["exact", "penalty"])
+def test_group_with_zero_lr_is_frozen_at_start_and_later(mode, caplog):
+    """A parameter group with lr=0 stays bit-identical through the start balancing and the
+    later steps (issue 18, item 9: balancing used to move it by a relative 0.92); the neurons
+    touching it are left out, and the group is followed when its lr becomes non-zero."""
+    model, x, y, structure = _setup()
+    first = [_lin(model, 0).weight, _lin(model, 0).bias]
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    opt = torch.optim.SGD([{"params": first, "lr": 0.0}, {"params": rest, "lr": 0.05}])
+    before = [p.detach().clone() for p in first]
+    with caplog.at_level(logging.WARNING, logger="gaugefix.train.hook"):
+        hook = GaugeFixing(opt, model, structure, 0.5, mode=mode, every=1)
+    assert hook.left_out == {ZERO_LR: 12}
+    assert ZERO_LR in caplog.text
+    _train(model, opt, x, y, 3)
+    for p, b in zip(first, before, strict=True):
+        assert torch.equal(p.detach(), b)
+    assert hook.steps == 3
+    opt.param_groups[0]["lr"] = 0.05
+    _train(model, opt, x, y, 1)
+    assert hook.left_out == {}

@@ -415,6 +415,7 @@ def test_state_dict_round_trip_and_bad_states():
         train_step(model, opt, x, y)
     state = hook.state_dict()
     assert state == {"steps": 1, "skipped": 0, "since": 2, "lr_sums": [0.02]}
+    hook.remove()
     other = GaugeFixing(opt, model, structure, 1.0, balance_at_start=False, every=4)
     other.load_state_dict(state)
     assert other.state_dict() == state
@@ -422,3 +423,19 @@ def test_state_dict_round_trip_and_bad_states():
         with pytest.raises(ValueError):
             other.load_state_dict(bad)
     assert other.state_dict() == state
+
+
+def test_second_hook_on_one_optimizer_is_refused():
+    """Issue 18, item 10: a second GaugeFixing on an optimizer that has one raises one line and
+    changes nothing; after ``remove()`` a new one is accepted."""
+    model, x, y, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = GaugeFixing(opt, model, structure, 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="already has a GaugeFixing hook") as err:
+        GaugeFixing(opt, model, structure, 0.1)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    first.remove()
+    second = GaugeFixing(opt, model, structure, 0.1)
+    assert second.active.num_generators == structure.num_generators

@@ -74,3 +74,20 @@ def test_no_gauge_neurons_and_bad_structure():
     other = gaugefix.discover(zoo.mlp(), torch.randn(1, 16))
     with pytest.raises(ValueError, match="does not match"):
         imbalance_stats(model, other)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_weight_shows_in_the_statistics(bad):
+    """Issue 18, item 11: a NaN (or inf) weight makes the statistics of its generators NaN and
+    is counted in ``nonfinite_generators``, never as a healthy or dead generator."""
+    torch.manual_seed(1)
+    model = zoo.mlp((3, 4, 2)).double()
+    structure = gaugefix.discover(model, torch.randn(1, 3, dtype=torch.float64))
+    assert imbalance_stats(model, structure)["nonfinite_generators"] == 0.0
+    with torch.no_grad():
+        model[0].weight[2, 0] = bad  # an incoming entry of neuron 2
+    stats = imbalance_stats(model, structure)
+    assert stats["nonfinite_generators"] == 1.0
+    assert stats["dead_generators"] == 0.0
+    for key in ("mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm"):
+        assert not math.isfinite(stats[key]), key

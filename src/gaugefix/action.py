@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.distributed import everywhere, local_targets, local_view, sharded
-from gaugefix.moment import leading_chunks
+from gaugefix.kernels import Targets, finite_flag, rescale_
 from gaugefix.structure import GaugeStructure
 
 # Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
@@ -21,22 +21,26 @@ from gaugefix.structure import GaugeStructure
 GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
 
-# Per parameter name, the tensors to rescale with it and the power of its factor each takes.
-Targets = dict[str, list[tuple[Tensor, int]]]
+
+def finite_on_device(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: whether every entry of every tensor is finite
+    (:func:`gaugefix.kernels.finite_flag`), without a host read; for ``DTensor`` s (FSDP2) each
+    process checks its slices and all agree (one read)."""
+    if sharded(tensors):
+        local = finite_flag([t.to_local() for t in tensors])
+        return torch.tensor(everywhere(bool(local), tensors[0]))
+    return finite_flag(tensors)
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host sync.
-
-    A sum is finite when every entry is (NaN and inf propagate), so one sum per tensor decides
-    the common case in a single pass without a boolean temporary; only a non-finite sum (an
-    overflow, or a non-finite entry) is checked entry by entry."""
+    """Whether every entry of every tensor is finite, with one host read (two when a norm
+    overflowed: then each tensor is checked entry by entry)."""
     if not tensors:
         return True
-    if sharded(tensors):  # FSDP2: each process checks its slices, and all agree
-        return everywhere(all_finite([t.to_local() for t in tensors]), tensors[0])
-    if bool(torch.isfinite(torch.stack([t.detach().sum() for t in tensors])).all()):
+    if bool(finite_on_device(tensors)):
         return True
+    if sharded(tensors):
+        return False
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
@@ -126,61 +130,6 @@ def apply_gauge_(
     if params:
         _, structure = local_view(params, structure)  # this process's slices under FSDP2
         rescale_(transport_targets(params, states), structure, h)
-
-
-@torch.no_grad()
-def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims: int = 0) -> None:
-    """The action without validation: every tensor listed for parameter ``name`` is multiplied
-    by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
-    ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. Factors are computed per term in float64 and rounded to each tensor's dtype."""
-    first = next(iter(targets.values()))[0][0]
-    device = first.device
-    hx = torch.cat([h.to(device=device, dtype=torch.float64), h.new_zeros(*h.shape[:-1], 1,
-                    dtype=torch.float64, device=device)], dim=-1)  # fmt: skip
-    for param in structure.plan(device):
-        tensors = targets.get(param.name)
-        if not tensors:
-            continue
-        p = tensors[0][0]
-        gathered = [(hx[..., term.slots], term.sign) for term in param.terms]
-        factors = {
-            power: [
-                dense_inner(torch.exp(power * sign * x).to(p.dtype), p.shape) if not batch_dims
-                else torch.exp(power * sign * x).to(p.dtype)
-                for x, sign in gathered
-            ]
-            for power in {power for _, power in tensors}
-        }  # fmt: skip
-        blocks = leading_chunks(p, param) if not batch_dims and len(param.terms) > 1 else None
-        if blocks is None:
-            for t, power in tensors:
-                for f in factors[power]:
-                    t.mul_(f if f.dtype == t.dtype else f.to(t.dtype))
-            continue
-        # Several terms on a large tensor: block by block, so that the later products read
-        # the entries from cache.
-        for block in blocks:
-            for t, power in tensors:
-                part = t[block]
-                for f in factors[power]:
-                    part.mul_(f[block] if f.shape[0] > 1 else f)
-
-
-def dense_inner(factor: Tensor, shape: torch.Size) -> Tensor:
-    """``factor`` (broadcastable to ``shape``) materialised over its trailing size-1 dims when
-    they span fewer than 64 entries of ``shape`` (a conv's kernel taps): an elementwise product
-    with a factor broadcast along a short innermost block runs several times slower than with
-    a contiguous one. Small: at most 64 times ``factor``'s own size."""
-    k = factor.dim()
-    while k > 0 and factor.shape[k - 1] == 1:
-        k -= 1
-    if k == 0 or k == factor.dim() or factor.dim() != len(shape):
-        return factor
-    inner = shape[k:]
-    if inner.numel() >= 64 or inner.numel() == 1:
-        return factor
-    return factor.expand(*factor.shape[:k], *inner).contiguous()
 
 
 def random_gauge_(

@@ -4,48 +4,27 @@ matrix ``K`` of the generators.
 Generator ``n`` acts on entry ``e`` with weight ``w_n(e)`` in ``{-1, 0, 1}``. Its incoming mass
 is ``S_in,n = sum_{w_n(e) = 1} theta_e^2``, its outgoing mass ``S_out,n = sum_{w_n(e) = -1}
 theta_e^2``; the imbalance is ``mu_n = S_in,n - S_out,n = sum_e w_n(e) theta_e^2`` and
-``K_nn = S_n = S_in,n + S_out,n``. Everything here is a few vectorised operations per parameter
-over its signed terms (see :class:`gaugefix.GaugeStructure`), and every function accepts stacks of
-several copies of a model (``batch_dims`` leading dims, as the sweep engine trains them).
+``K_nn = S_n = S_in,n + S_out,n``. The sums come from :func:`gaugefix.kernels.generator_sums` (a
+fixed handful of operations per kind of layer), and every function accepts stacks of several
+copies of a model (``batch_dims`` leading dims, as the sweep engine trains them).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from gaugefix.distributed import local_view
+from gaugefix.kernels import generator_sums, reduce_to, trailing_sum_of_squares
 from gaugefix.structure import GaugeStructure, PlannedParam
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating type accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``."""
-    dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
-    if not dims:
-        return values
-    if dims[0] == 0 and len(dims) > 1 and values.is_contiguous():
-        # Several reduced dims with a leading one (a conv weight onto its input channels):
-        # one contiguous column reduction over the leading run first, then the rest on the
-        # smaller result. A multi-dim sum over strided dims is several times slower.
-        lead = 1
-        while lead < len(dims) and dims[lead] == lead:
-            lead += 1
-        out_shape = [1 if d in dims else n for d, n in enumerate(values.shape)]
-        rest = values.view(-1, *values.shape[lead:]).sum(0)
-        later = [d - lead for d in dims[lead:]]
-        if later:
-            rest = rest.sum(later)
-        return rest.view(out_shape)
-    return values.sum(dims, keepdim=True)
 
 
 def pair_shape(param: PlannedParam) -> tuple[int, ...]:
@@ -68,49 +47,6 @@ def scatter_terms(
         (acc_in if term.sign > 0 else acc_out).index_add_(-1, term.slots.reshape(-1), v)
 
 
-def generator_sums(
-    tensors: Mapping[str, Tensor],
-    structure: GaugeStructure,
-    dtype: torch.dtype,
-    batch_dims: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
-    ``[*batch, N + 1]`` with the dummy slot ``N`` kept, and the squared norm ``[*batch]``.
-    Every entry lands in some slot, so all three are finite exactly when every entry is
-    (barring overflow)."""
-    n = structure.num_generators
-    first = next(iter(tensors.values()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    batch = tuple(first.shape[:batch_dims]) if first is not None else ()
-    s_in = torch.zeros(*batch, n + 1, dtype=dtype, device=device)
-    s_out = torch.zeros_like(s_in)
-    totals = []
-    for param in structure.plan(device):
-        t = tensors[param.name]
-        target = (*batch, *pair_shape(param))
-        # Squares summed over the trailing dims no map depends on (a conv's kernel taps) in
-        # one fused pass where possible, then onto each term's slots.
-        sq = _trailing_sum_of_squares(t, target, dtype)
-        blocks = leading_chunks(t, param) if sq is None and not batch else None
-        if blocks is not None:
-            reduced = _chunked_sums_of_squares(t, blocks, param, dtype)
-        else:
-            if sq is None:
-                sq = t.to(dtype).square()
-            reduced = [
-                reduce_to(sq, (*batch, *term.slots.shape)).reshape(*batch, -1)
-                for term in param.terms
-            ]
-        for term, v in zip(param.terms, reduced, strict=True):
-            (s_in if term.sign > 0 else s_out).index_add_(-1, term.slots.reshape(-1), v)
-        totals.append(reduced[0].sum(-1))  # every entry has a slot in every term
-    if totals:
-        total = torch.stack(totals).sum(0)
-    else:
-        total = torch.zeros(batch, dtype=dtype, device=device)
-    return structure.sum_over_shards(s_in, s_out, total)
-
-
 def in_out_sums(
     source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
 ) -> tuple[Tensor, Tensor]:
@@ -122,82 +58,6 @@ def in_out_sums(
     s_in, s_out, _ = generator_sums(tensors, structure, dtype)
     n = structure.num_generators
     return s_in[:n], s_out[:n]
-
-
-CHUNK = 1 << 18  # entries per block of a large tensor (1 MiB of float32: stays in cache)
-
-
-def leading_chunks(t: Tensor, param: PlannedParam) -> list[slice] | None:
-    """Blocks of ``CHUNK`` entries along dim 0 of a large tensor whose term maps each vary only
-    along dim 0 or not along dim 0: per block, every pass over the entries then reads them from
-    cache instead of memory. ``None`` for a small tensor, another layout, or when a gradient is
-    recorded."""
-    if t.numel() < 2 * CHUNK or t.dim() < 2 or torch.is_grad_enabled() and t.requires_grad:
-        return None
-    for term in param.terms:
-        shape = term.slots.shape
-        if shape[0] > 1 and any(k > 1 for k in shape[1:]):
-            return None
-    step = max(1, CHUNK // (t.numel() // t.shape[0]))
-    return [slice(i, i + step) for i in range(0, t.shape[0], step)]
-
-
-_scratch = threading.local()  # per thread: {(device, dtype): buffer of CHUNK entries}
-
-
-def _block_square(block: Tensor, dtype: torch.dtype) -> Tensor:
-    """``block.to(dtype).square()`` written into a reused per-thread buffer when the dtypes
-    agree: a fresh allocation per block would be returned to the system and faulted back in
-    page by page at every call, which costs more than the squaring."""
-    if block.dtype != dtype or block.numel() > CHUNK:
-        return block.to(dtype).square()
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (block.device, dtype)
-    if key not in buffers or buffers[key].numel() < block.numel():
-        buffers[key] = torch.empty(CHUNK, dtype=dtype, device=block.device)
-    out = buffers[key][: block.numel()].view(block.shape)
-    return torch.mul(block, block, out=out)
-
-
-def _chunked_sums_of_squares(
-    t: Tensor, blocks: list[slice], param: PlannedParam, dtype: torch.dtype
-) -> list[Tensor]:
-    """``reduce_to(t.square(), slots.shape).reshape(-1)`` for every term, one block of
-    :func:`leading_chunks` at a time: a single read of ``t``, the squares of one block staying
-    in cache."""
-    out: list[list[Tensor] | Tensor] = []
-    for term in param.terms:
-        if term.slots.shape[0] > 1:
-            out.append([])
-        else:
-            out.append(torch.zeros(term.slots.shape, dtype=dtype, device=t.device))
-    for block in blocks:
-        sq = _block_square(t[block], dtype)
-        for k, term in enumerate(param.terms):
-            if term.slots.shape[0] > 1:  # varies along dim 0: this block's own slots
-                out[k].append(reduce_to(sq, (sq.shape[0], *term.slots.shape[1:])))
-            else:
-                out[k] += reduce_to(sq, term.slots.shape)
-    return [(torch.cat(v) if isinstance(v, list) else v).reshape(-1) for v in out]
-
-
-def _trailing_sum_of_squares(
-    t: Tensor, shape: tuple[int, ...], dtype: torch.dtype
-) -> Tensor | None:
-    """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the
-    broadcast shape of a parameter's maps, batch dims included) has size 1 (kept with size 1),
-    in one pass without a squared temporary (a norm); ``None`` when those dims hold fewer than
-    64 entries (a norm over a short dim is slower than squaring and summing), or a gradient is
-    recorded (a norm's backward is undefined at 0), or ``t`` is not contiguous."""
-    if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
-        return None
-    lead = t.dim()
-    while lead > 0 and shape[lead - 1] == 1:
-        lead -= 1
-    if t.shape[lead:].numel() < 64:  # a norm over a short trailing dim is slower than sums
-        return None
-    norms = torch.linalg.vector_norm(t.reshape(*t.shape[:lead], -1), dim=-1, dtype=dtype)
-    return norms.square_().view(*t.shape[:lead], *[1] * (t.dim() - lead))
 
 
 def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure) -> Tensor:
@@ -213,19 +73,21 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
 
 STAT_NAMES = (
     "mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm", "norm_sq",
-    "dead_generators",
+    "dead_generators", "nonfinite_generators",
 )  # fmt: skip
 
 
 def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
     """The statistics of :func:`imbalance_stats`, in the order of :data:`STAT_NAMES`, from
-    ``S_in``, ``S_out`` (``[*batch, N]``) and ``||theta||^2`` (``[*batch]``): ``[*batch, 7]``."""
+    ``S_in``, ``S_out`` (``[*batch, N]``) and ``||theta||^2`` (``[*batch]``): ``[*batch, 8]``.
+    A generator with a non-finite sum makes the ratio statistics non-finite (never healthy)."""
     mu, s = s_in - s_out, s_in + s_out
-    rel = torch.where(s > 0, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    bad = ~torch.isfinite(s)
+    rel = torch.where((s > 0) | bad, mu.abs() / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
     alive = (s_in > 0) & (s_out > 0)
-    log_ratio = torch.where(alive, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
-    n_rel = (s > 0).sum(-1).clamp_min(1)
-    n_alive = alive.sum(-1).clamp_min(1)
+    log_ratio = torch.where(alive | bad, 0.5 * torch.log(s_in / s_out).abs(), 0.0)
+    n_rel = ((s > 0) | bad).sum(-1).clamp_min(1)
+    n_alive = (alive | bad).sum(-1).clamp_min(1)
     empty = s.shape[-1] == 0
     return torch.stack(
         [
@@ -235,7 +97,8 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
             norm_sq.new_zeros(norm_sq.shape) if empty else log_ratio.amax(-1),
             torch.linalg.vector_norm(mu, dim=-1),
             norm_sq,
-            (~alive).sum(-1).to(s.dtype),
+            (~alive & ~bad).sum(-1).to(s.dtype),
+            bad.sum(-1).to(s.dtype),
         ],
         dim=-1,
     )
@@ -255,9 +118,12 @@ def imbalance_stats(
       (the gauge distance to the generator's local balance, up to a factor 2) over the
       generators with both sides non-zero;
     - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
-      acts on; ``dead_generators``: how many have an empty (all-zero) side.
+      acts on; ``dead_generators``: how many have an empty (all-zero) side;
+    ``nonfinite_generators``: how many have a NaN or infinite entry (the four ratio statistics
+    are then NaN or infinite, so a diverged model never looks healthy).
 
-    A handful of vectorised operations and a single device-to-host transfer.
+    A fixed handful of vectorised operations, whatever the depth, and a single
+    device-to-host transfer (one batched ``.tolist()``).
     """
     params = structure.bind(source)
     if not params:
@@ -310,7 +176,7 @@ class Masses:
                 continue
             t = tensors[param.name].detach()
             shape = pair_shape(param)
-            sq = _trailing_sum_of_squares(t, (r, *shape), torch.float64)
+            sq = trailing_sum_of_squares(t, (r, *shape), torch.float64)
             if sq is None:
                 sq = t.square() if t.dtype == torch.float64 else t.to(torch.float64).square_()
             w = reduce_to(sq, (r, *shape))

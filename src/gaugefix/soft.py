@@ -23,13 +23,19 @@ from torch.autograd.function import once_differentiable
 from gaugefix.action import (
     all_finite,
     check_finite_params,
-    dense_inner,
     optimizer_states,
     rescale_,
     transport_targets,
 )
 from gaugefix.distributed import add_local_grads_, local_view
-from gaugefix.moment import Masses, accumulation_dtype, generator_sums, imbalance, leading_chunks
+from gaugefix.kernels import (
+    generator_sums,
+    group_coefficients,
+    kernel_plan,
+    per_parameter,
+    stacked,
+)
+from gaugefix.moment import Masses, accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
 
 
@@ -66,14 +72,16 @@ def orbit_selection_grads(
 ) -> dict[str, Tensor]:
     """``(sum_n w_n(e) c_n) * theta_e`` for every entry of the bound ``tensors``, given the
     per-generator coefficients ``c = mu`` scaled by the strength (``[*batch, N]``): the gradient
-    of ``P`` when ``c = strength * mu``. Computed in ``mu``'s dtype, returned in each tensor's."""
+    of ``P`` when ``c = strength * mu``. Computed in ``mu``'s dtype, returned in each tensor's;
+    a few operations per group of equally shaped parameters (:mod:`gaugefix.kernels`), returned
+    in the order of ``tensors``. To be called under ``no_grad``."""
     cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)
     out = {}
-    for param in structure.plan(mu.device):
-        t = tensors[param.name].detach()
-        factor = sum(term.sign * cx[..., term.slots] for term in param.terms)
-        out[param.name] = (factor * t.to(mu.dtype)).to(t.dtype)
-    return out
+    for group in kernel_plan(structure, mu.device).groups:
+        x = stacked([tensors[name] for name in group.names], batch_dims)
+        grads = (group_coefficients(cx, group) * x.to(mu.dtype)).to(x.dtype)
+        out.update(zip(group.names, grads.unbind(batch_dims), strict=True))
+    return {name: out[name] for name in tensors if name in out}  # in the order of ``tensors``
 
 
 def orbit_selection_grad(
@@ -97,49 +105,41 @@ def orbit_selection_grad(
 
 @torch.no_grad()
 def add_orbit_selection_grad_(
-    params: dict[str, Tensor], structure: GaugeStructure, strength: float, names: set[str]
+    params: dict[str, Tensor], structure: GaugeStructure, strength: float, grads_ok: Tensor
 ) -> bool:
     """``p.grad += dP/dp`` (:func:`orbit_selection_grad`, ``strength`` already checked) for the
-    bound ``params`` named in ``names``, fused: ``mu`` and the finiteness of the parameters
-    come from one pass of squared sums, and each gradient is one ``addcmul_`` per term. Returns
-    ``False``, adding nothing, when a parameter has a NaN or infinite entry."""
+    bound ``params``, fused: ``mu`` and the finiteness of the parameters come from one pass of
+    squared sums, and the gradients of each group of equally shaped parameters take one
+    ``torch._foreach_addcmul_``. Returns ``False``, adding nothing, when ``grads_ok`` (a 0-dim
+    bool tensor: the gradients are finite) is false or a parameter has a NaN or infinite entry;
+    the decision is the one host read."""
     if not params:
-        return True
+        return bool(grads_ok)
     n = structure.num_generators
     dtype = accumulation_dtype(next(iter(params.values())).dtype)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     s_in, s_out, _ = generator_sums(tensors, local, dtype)
-    finite = bool(torch.isfinite(s_in).all() & torch.isfinite(s_out).all())
-    if not finite and not all_finite(list(params.values())):
+    flags = torch.stack([grads_ok.to(s_in.device), torch.isfinite(s_in).all() & torch.isfinite(
+        s_out).all()]).tolist()  # fmt: skip
+    if not flags[0] or not flags[1] and not all_finite(list(params.values())):
         return False
-    mu = s_in - s_out
+    mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
-        grads = orbit_selection_grads(tensors, local, strength * mu[:n])
-        add_local_grads_(params, {name: g for name, g in grads.items() if name in names})
+        grads = orbit_selection_grads(tensors, local, mu[:n])
+        add_local_grads_(params, {name: g for name, g in grads.items() if name in params})
         return True
     mu[n] = 0.0  # the dummy slot
-    for param in structure.plan(mu.device):
-        if param.name not in names:
-            continue
-        p = params[param.name]
-        coefs = [strength * term.sign * mu[term.slots] for term in param.terms]
-        if p.grad is not None and p.grad.dtype == p.dtype == mu.dtype:
-            blocks = leading_chunks(p, param) if len(coefs) > 1 else None
-            if blocks is None:
-                for c in coefs:
-                    p.grad.addcmul_(p, dense_inner(c, p.shape))
-                continue
-            # Several terms on a large tensor: block by block, without a full-size factor.
-            for block in blocks:
-                g, q = p.grad[block], p[block]
-                for c in coefs:
-                    g.addcmul_(q, c[block] if c.shape[0] > 1 else c)
-            continue
-        g = (sum(coefs) * p.to(mu.dtype)).to(p.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g.to(p.grad.dtype))
+    for group in kernel_plan(structure, mu.device).groups:
+        ps = [params[name] for name in group.names]
+        factors = per_parameter(group_coefficients(mu, group).to(ps[0].dtype), group, 0)
+        with_grad = [k for k, p in enumerate(ps) if p.grad is not None]
+        torch._foreach_addcmul_(
+            [ps[k].grad for k in with_grad], [ps[k] for k in with_grad],
+            [factors[k] for k in with_grad],
+        )  # fmt: skip
+        for k, p in enumerate(ps):
+            if p.grad is None:
+                p.grad = factors[k] * p
     return True
 
 
@@ -255,7 +255,7 @@ def relax_(
     rate = check_rate(rate, structure)
     check_finite_params(params)
     optimizer_states(optimizer, params)
-    return relax_unchecked_(structure, params, rate, optimizer)
+    return relax_unchecked_(structure, params, rate, optimizer)[0]
 
 
 @torch.no_grad()
@@ -264,24 +264,22 @@ def relax_unchecked_(
     params: dict[str, Tensor],
     rate: float | Tensor,
     optimizer: torch.optim.Optimizer | None,
-) -> Tensor | None:
+) -> tuple[Tensor, Tensor]:
     """The step of :func:`relax_` for callers that validated everything but the finiteness of
-    the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate`. Returns
-    ``None``, modifying nothing, when a parameter has a NaN or infinite entry (found from the
-    squared sums the step needs anyway); otherwise the step ``h``."""
+    the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate` (or a
+    0-dim tensor, 0 where the step must not move). Returns ``(h, finite)``: the step and a 0-dim
+    bool tensor, false when a parameter has a NaN or infinite entry (found from the squared sums
+    the step needs anyway), and then ``h = 0``: nothing moves. Decided on the device: at most
+    one host read (whether the cheap bound of :func:`orbit_step` holds)."""
     n = structure.num_generators
     if not params or n == 0:
-        finite = all_finite(list(params.values()))
-        return torch.zeros(n, dtype=torch.float64) if finite else None
+        finite = torch.tensor(all_finite(list(params.values())))
+        return torch.zeros(n, dtype=torch.float64), finite
     rates = torch.as_tensor(rate, dtype=torch.float64)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     h, finite = orbit_step(tensors, local, rates)
-    if not bool(finite) and not all_finite(list(params.values())):
-        return None
-    states = optimizer_states(optimizer, params)
-    if bool((h != 0).any()):
-        rescale_(transport_targets(params, states), local, h)
-    return h
+    rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)
+    return h, finite
 
 
 def orbit_step(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import all_finite, optimizer_states
+from gaugefix.action import finite_on_device, optimizer_states
 from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view
 from gaugefix.moment import imbalance_stats
@@ -26,6 +27,10 @@ Mode = Literal["exact", "penalty"]
 # The default interval of exact orbit steps, in optimizer steps (see ``GaugeFixing``).
 EVERY = 10
 logger = logging.getLogger(__name__)
+# The GaugeFixing hook attached to each optimizer (one at most).
+_attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, GaugeFixing] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -75,14 +80,14 @@ class GaugeFixing:
       ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
       then treats it like any gradient, so with Adam it is preconditioned).
 
-    Frozen parameters: a generator that acts on a parameter the optimizer does not hold, or
-    one with ``requires_grad=False``, is left out (the hook acts on the subgroup the other
-    generators generate, :meth:`GaugeStructure.restrict`): the start balancing, the exact step and
-    the penalty never move it, so frozen parameters stay bit-identical and their ``.grad`` is
-    left alone. ``left_out`` counts the generators left out per reason (logged once whenever it
-    changes); parameters added with ``optimizer.add_param_group`` and ``requires_grad``
-    changes are followed at every step. Parameters the structure does not cover are never
-    touched.
+    Frozen parameters: a generator that acts on a parameter the optimizer does not hold, one with
+    ``requires_grad=False``, or one in a parameter group with ``lr=0``, is left out (the hook acts
+    on the subgroup the other generators generate, :meth:`GaugeStructure.restrict`): the start
+    balancing, the exact step and the penalty never move it, so frozen parameters stay bit-identical
+    and their ``.grad`` is left alone. ``left_out`` counts the generators left out per reason
+    (logged once whenever it changes); parameters added with ``optimizer.add_param_group`` and
+    ``requires_grad`` or ``lr`` changes are followed at every step. Parameters the structure does
+    not cover are never touched.
 
     Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
     parameters it touches (its incoming and outgoing entries), read from the groups at every
@@ -100,7 +105,8 @@ class GaugeFixing:
     include ``P``, so line-search optimizers such as L-BFGS are not supported).
     ``model`` may be wrapped in ``DistributedDataParallel`` or ``torch.compile``; every rank
     computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal.
-    ``remove()`` detaches the hooks.
+    ``remove()`` detaches the hooks. An optimizer takes one ``GaugeFixing`` at a time: a second
+    is refused (``ValueError``, nothing changed) until the first is removed.
     """
 
     def __init__(
@@ -118,6 +124,10 @@ class GaugeFixing:
         if mode not in ("exact", "penalty"):
             raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
         check_every(every)
+        if optimizer in _attached:
+            raise ValueError(
+                "this optimizer already has a GaugeFixing hook; call .remove() on it first"
+            )
         self.optimizer = optimizer
         self.model = unwrap_model(model)
         self.structure = structure
@@ -132,20 +142,23 @@ class GaugeFixing:
         optimizer_states(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
-        self._held: set[int] = set()
+        self._held: dict[int, int] = {}  # id of each parameter the optimizer holds -> group
         self.active = structure
         self.params = self._all_params
         self.left_out: dict[str, int] = {}
         self._refresh()
-        self.steps = 0
-        self.skipped = 0
-        self._ok = True  # whether this step's gradients (and parameters) were finite
+        self._acted = 0  # steps gauge fixing acted on (applied or skipped)
+        self._applied: int | Tensor = 0  # of those, applied: a device count, read when asked
+        # Whether this step's gradients were finite (exact mode: on the device), or whether
+        # the penalty's gradient was added (penalty mode).
+        self._ok: Tensor | bool | None = None
         if balance_at_start and self.active.num_generators:
             balance_(self.model, self.active, optimizer=optimizer)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
         ]
+        _attached[optimizer] = self
 
     def __repr__(self) -> str:
         return (
@@ -157,23 +170,31 @@ class GaugeFixing:
     # -- frozen parameters ----------------------------------------------------------------------
     def _refresh(self) -> None:
         """Restrict to the generators acting only on parameters the optimizer holds with
-        ``requires_grad``, when that set changed since the last call (cheap otherwise)."""
-        sizes = tuple(len(g["params"]) for g in self.optimizer.param_groups)
+        ``requires_grad`` in a group with ``lr != 0``, when that set changed since the last
+        call (cheap otherwise)."""
+        groups = self.optimizer.param_groups
+        sizes = tuple(len(g["params"]) for g in groups)
         if sizes != self._group_sizes:
             self._group_sizes = sizes
-            self._held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            self._held = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        zero_lr = tuple(float(g["lr"]) == 0.0 for g in groups)
         frozen = tuple(
-            id(p) not in self._held or not p.requires_grad for p in self._all_params.values()
+            (i := self._held.get(id(p))) is None or not p.requires_grad or zero_lr[i]
+            for p in self._all_params.values()
         )
         if frozen == self._frozen:
             return
         self._frozen = frozen
         unheld = {n for n, p in self._all_params.items() if id(p) not in self._held}
         no_grad = {n for n, p in self._all_params.items() if not p.requires_grad} - unheld
+        still = {
+            n for n, p in self._all_params.items() if n not in unheld and zero_lr[self._held[id(p)]]
+        } - no_grad
         active, left_out = self.structure, {}
         for names, reason in (
             (unheld, "touching a parameter the optimizer does not hold"),
             (no_grad, "touching a parameter with requires_grad=False"),
+            (still, "touching a parameter whose optimizer group has lr=0"),
         ):
             touched = _touching(active, names)
             if bool(touched.any()):
@@ -215,13 +236,13 @@ class GaugeFixing:
         return (args[0], closure_then_gauge, *args[2:]), kwargs
 
     def _gradients_ready(self) -> None:
-        """Check the gradients (and, for the penalty, the parameters); in penalty mode add
-        ``grad P``. Runs once per gradient evaluation."""
+        """Check the gradients (on the device); in penalty mode, check the parameters and add
+        ``grad P`` (one host read). Runs once per gradient evaluation."""
         self._refresh()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        self._ok = all_finite(grads)
-        if self.mode == "penalty" and self._ok:
-            self._ok = self._add_penalty_grad()
+        self._ok = finite_on_device(grads)
+        if self.mode == "penalty":
+            self._ok = add_orbit_selection_grad_(self.params, self.active, self.strength, self._ok)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         groups = self.optimizer.param_groups
@@ -231,32 +252,39 @@ class GaugeFixing:
         self._since += 1
         if self._since < self.every:
             return
-        ok, self._ok = self._ok, True
+        ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
         lr_sums, self._lr_sums, self._since = self._lr_sums, [], 0
-        if self.mode == "exact" and ok:
-            rate = check_rate(self._rate(lr_sums), self.active)
+        if self.mode == "exact":
+            rate = self._rate(lr_sums)
+            rate = rate if isinstance(rate, Tensor) else check_rate(rate, self.active)
             if isinstance(rate, Tensor) or rate > 0:
-                # Checks the parameters' finiteness on the squared sums the step needs, then
-                # the optimizer state (a clear error for unknown state), then steps.
-                ok = relax_unchecked_(self.active, self.params, rate, optimizer) is not None
+                if ok is not None:  # no move unless the gradients were finite, on the device
+                    rate = torch.as_tensor(rate, dtype=torch.float64, device=ok.device)
+                    rate = torch.where(ok, rate, 0.0)
+                # Finds the parameters' finiteness on the squared sums the step needs, checks
+                # the optimizer state (a clear error for unknown state), then moves.
+                _, finite = relax_unchecked_(self.active, self.params, rate, optimizer)
             else:
-                ok = all_finite(list(self.params.values()))
-        if ok:
-            self.steps += 1
-        else:
-            self.skipped += 1
+                finite = finite_on_device(list(self.params.values()))
+            ok = finite if ok is None else ok & finite
+        self._acted += 1
+        self._applied = self._applied + (True if ok is None else ok)
 
-    @torch.no_grad()
-    def _add_penalty_grad(self) -> bool:
-        """Add ``grad P`` of the acted-on generators to their parameters' ``.grad``; ``False``
-        (nothing added) when one of those parameters is not finite."""
-        return add_orbit_selection_grad_(self.params, self.active, self.strength, set(self.params))
+    @property
+    def steps(self) -> int:
+        """The steps whose gauge fixing was applied (orbit steps or penalty gradients)."""
+        self._applied = int(self._applied)  # the host read, only when asked
+        return self._applied
+
+    @property
+    def skipped(self) -> int:
+        """The steps whose gauge fixing was skipped (non-finite gradients or parameters)."""
+        return self._acted - self.steps
 
     # -- learning rates ---------------------------------------------------------------------------
     def _param_groups(self) -> list[int]:
         """The index of the optimizer group holding each acted-on parameter."""
-        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        return [where[id(p)] for p in self.params.values()]
+        return [self._held[id(p)] for p in self.params.values()]
 
     def rate(self) -> float | Tensor:
         """The relaxation rate of one step at the current learning rates: ``strength * lr`` as
@@ -311,7 +339,8 @@ class GaugeFixing:
                 f"a GaugeFixing state with {since} steps since the last orbit step does not fit "
                 f"every={self.every}"
             )
-        self.steps, self.skipped, self._since, self._lr_sums = steps, skipped, since, lr_sums
+        self._applied, self._acted = steps, steps + skipped
+        self._since, self._lr_sums = since, lr_sums
 
     # -- misc -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -323,6 +352,8 @@ class GaugeFixing:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if _attached.get(self.optimizer) is self:
+            del _attached[self.optimizer]
 
     def __enter__(self) -> GaugeFixing:
         return self

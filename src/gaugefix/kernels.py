@@ -1,0 +1,264 @@
+"""The gauge computations of a training step in a number of tensor operations that does not grow
+with the model.
+
+Parameters of one shape whose terms have the same signs and shapes (the same layer in every
+block of a transformer) form a *group*. A :class:`KernelPlan`, built once per structure and
+device, stacks each group's term maps (``[L, *slot_shape]`` for its ``L`` parameters) and
+concatenates the flattened maps of all groups into one index. Then
+
+- the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are, per group, one stack and one
+  square of its parameters and a reduction per term, and then one ``index_add_`` for all groups;
+- the action ``g(h)`` is, per group, one gather and ``exp`` per term on the term's own slots and
+  their product, unbound into one view per parameter, and one ``torch._foreach_mul_`` or
+  ``_foreach_div_`` per power over every tensor it moves (parameters, gradients, optimizer
+  state); the penalty gradient is, per group, a gather per term and one
+  ``torch._foreach_addcmul_``.
+
+The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
+function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
+engine trains them).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gaugefix.structure import GaugeStructure
+
+# Per parameter name, the tensors to rescale with it and the power of its factor each takes.
+Targets = dict[str, list[tuple[Tensor, int]]]
+
+
+class TermGroup(NamedTuple):
+    """Parameters of one ``shape`` with terms of the same signs and slot shapes: ``slots[t]`` is
+    term ``t`` of every parameter stacked, ``[L, *slot_shape]`` (dummy slot ``N`` for none)."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    slots: tuple[Tensor, ...]
+    signs: tuple[int, ...]
+
+
+class KernelPlan(NamedTuple):
+    """The groups of a structure on a device, and the index of the one ``index_add_`` of
+    :func:`generator_sums`: into ``[S_in (N + 1), S_out (N + 1), ||theta||^2 (1)]``, the slots of
+    every term of sign +1, then of sign -1 (offset by ``N + 1``), each flattened in group and
+    term order, then slot ``2 N + 2`` once for each entry of each parameter's first term."""
+
+    groups: tuple[TermGroup, ...]
+    index: Tensor
+
+
+_plans: weakref.WeakKeyDictionary[GaugeStructure, dict[torch.device, KernelPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> KernelPlan:
+    """The :class:`KernelPlan` of ``structure`` on ``device`` (built once, then cached)."""
+    device = torch.device(device)
+    per_device = _plans.setdefault(structure, {})
+    if device not in per_device:
+        by_layout: dict[tuple, list] = {}
+        for param in structure.plan(device):
+            layout = (param.shape, tuple((t.sign, tuple(t.slots.shape)) for t in param.terms))
+            by_layout.setdefault(layout, []).append(param)
+        groups = tuple(
+            TermGroup(
+                tuple(p.name for p in params),
+                shape,
+                tuple(torch.stack([p.terms[k].slots for p in params]) for k in range(len(terms))),
+                tuple(sign for sign, _ in terms),
+            )
+            for (shape, terms), params in by_layout.items()
+        )
+        n = structure.num_generators
+        index: dict[int, list[Tensor]] = {+1: [], -1: []}
+        for group in groups:
+            for slots, sign in zip(group.slots, group.signs, strict=True):
+                index[sign].append(slots.reshape(-1) + (0 if sign > 0 else n + 1))
+        totals = [torch.full((g.slots[0].numel(),), 2 * n + 2, device=device) for g in groups]
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        per_device[device] = KernelPlan(groups, torch.cat([empty, *index[1], *index[-1], *totals]))
+    return per_device[device]
+
+
+def stacked(tensors: list[Tensor], dim: int) -> Tensor:
+    """``tensors`` (of one shape) stacked along ``dim``; a single one as a view."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
+
+
+def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``."""
+    dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
+    if not dims:
+        return values
+    if dims[0] == 0 and len(dims) > 1 and values.is_contiguous():
+        # Several reduced dims with a leading one (a conv weight onto its input channels):
+        # one contiguous column reduction over the leading run first, then the rest on the
+        # smaller result. A multi-dim sum over strided dims is several times slower.
+        lead = 1
+        while lead < len(dims) and dims[lead] == lead:
+            lead += 1
+        out_shape = [1 if d in dims else n for d, n in enumerate(values.shape)]
+        rest = values.view(-1, *values.shape[lead:]).sum(0)
+        later = [d - lead for d in dims[lead:]]
+        if later:
+            rest = rest.sum(later)
+        return rest.view(out_shape)
+    return values.sum(dims, keepdim=True)
+
+
+def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the broadcast
+    shape of the maps, batch dims included) has size 1 (kept with size 1), in one pass without a
+    squared temporary (a norm); ``None`` when those dims hold fewer than 64 entries (a norm over
+    a short dim is slower than squaring and summing), or a gradient is recorded (a norm's
+    backward is undefined at 0), or ``t`` is not contiguous."""
+    if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
+        return None
+    lead = t.dim()
+    while lead > 0 and shape[lead - 1] == 1:
+        lead -= 1
+    if t.shape[lead:].numel() < 64:
+        return None
+    norms = torch.linalg.vector_norm(t.reshape(*t.shape[:lead], -1), dim=-1, dtype=dtype)
+    return norms.square_().view(*t.shape[:lead], *[1] * (t.dim() - lead))
+
+
+def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool) -> Tensor:
+    """``x.square()`` in ``dtype``, summed over trailing dims ``shape`` has size 1 along when
+    that is one cheap pass; in place when ``x`` is a temporary and no gradient is recorded."""
+    sq = trailing_sum_of_squares(x, shape, dtype)
+    if sq is not None:
+        return sq
+    fresh = fresh or x.dtype != dtype
+    x = x.to(dtype)
+    recorded = torch.is_grad_enabled() and x.requires_grad
+    return x.square_() if fresh and not recorded else x.square()
+
+
+def generator_sums(
+    tensors: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    dtype: torch.dtype,
+    batch_dims: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
+    ``[*batch, N + 1]`` with the dummy slot ``N`` kept, and the squared norm ``[*batch]``.
+    Every entry lands in some slot, so all three are finite exactly when every entry is
+    (barring overflow). Differentiable when the tensors require grad."""
+    n = structure.num_generators
+    first = next(iter(tensors.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    batch = tuple(first.shape[:batch_dims]) if first is not None else ()
+    plan = kernel_plan(structure, device)
+    reduced: dict[int, list[Tensor]] = {+1: [], -1: []}
+    firsts = []  # every entry lands in its parameter's first term: these sum to ||theta||^2
+    for group in plan.groups:
+        x = stacked([tensors[name] for name in group.names], batch_dims)
+        pair = [1] * len(group.shape)
+        for slots in group.slots:
+            pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
+        # Summed over the trailing dims no term varies along first (a conv's taps: contiguous,
+        # cheap), so that each term reduces the smaller result along one or two dims.
+        lead = len(pair)
+        while lead > 0 and pair[lead - 1] == 1:
+            lead -= 1
+        taps = (*batch, len(group.names), *group.shape[:lead], *pair[lead:])
+        sq = reduce_to(_squares(x, taps, dtype, len(group.names) > 1), taps)
+        for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
+            v = reduce_to(sq, (*batch, *slots.shape)).reshape(*batch, -1)
+            reduced[sign].append(v)
+            if k == 0:
+                firsts.append(v)
+    sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
+    if firsts:
+        sums.index_add_(-1, plan.index, torch.cat(reduced[1] + reduced[-1] + firsts, -1))
+    s_in, s_out, total = sums.split([n + 1, n + 1, 1], -1)
+    return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
+
+
+def group_coefficients(cx: Tensor, group: TermGroup) -> Tensor:
+    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's stacked parameters,
+    broadcast over the dims no term varies along: ``[*batch, L, *pair_shape]`` (``cx``:
+    ``[*batch, N + 1]``, its dummy slot 0)."""
+    out = None
+    for slots, sign in zip(group.slots, group.signs, strict=True):
+        x = cx[..., slots]
+        if out is None:
+            out = x if sign > 0 else -x
+        else:
+            out = out + x if sign > 0 else out - x
+    assert out is not None  # every planned parameter has a term
+    return out
+
+
+def group_factors(hx: Tensor, group: TermGroup, dtype: torch.dtype) -> Tensor:
+    """``exp(sum_t sign_t hx[..., slots_t])`` for every entry of the group's stacked
+    parameters, as the product of each term's factor (computed in float64 on the term's own
+    slots, rounded to ``dtype``), broadcast over the dims no term varies along:
+    ``[*batch, L, *pair_shape]``."""
+    out = None
+    for slots, sign in zip(group.slots, group.signs, strict=True):
+        x = hx[..., slots]
+        f = torch.exp(x if sign > 0 else -x).to(dtype)
+        out = f if out is None else out * f
+    assert out is not None  # every planned parameter has a term
+    return out
+
+
+def per_parameter(values: Tensor, group: TermGroup, batch_dims: int) -> tuple[Tensor, ...]:
+    """``values`` ``[*batch, L, *pair_shape]`` made dense over each parameter's shape (a
+    ``torch._foreach_*`` call is one kernel only over tensors of equal shapes) and split into
+    one view ``[*batch, *shape]`` per parameter of the group."""
+    full = (*values.shape[: batch_dims + 1], *group.shape)
+    if tuple(values.shape) != full:
+        values = values.expand(full).contiguous()
+    return values.unbind(batch_dims)
+
+
+@torch.no_grad()
+def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims: int = 0) -> None:
+    """The action without validation: every tensor listed for parameter ``name`` is multiplied
+    by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
+    ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
+    ``h[b]``. The factor ``exp(sum_n w_n(e) h_n)`` is the product of each term's factor
+    (:func:`group_factors`); a tensor of power ``p`` is multiplied (``p > 0``) or divided
+    (``p < 0``) by it ``|p|`` times."""
+    first = next(iter(targets.values()))[0][0]
+    device = first.device
+    h = h.to(device=device, dtype=torch.float64)
+    hx = torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
+    for group in kernel_plan(structure, device).groups:
+        present = [(k, targets[name]) for k, name in enumerate(group.names) if targets.get(name)]
+        if not present:
+            continue
+        factors = per_parameter(
+            group_factors(hx, group, present[0][1][0][0].dtype), group, batch_dims
+        )
+        by_power: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        for k, tensors in present:
+            for t, power in tensors:
+                ts, fs = by_power.setdefault(power, ([], []))
+                ts.append(t)
+                fs.append(factors[k])
+        for power, (ts, fs) in by_power.items():
+            for _ in range(abs(power)):
+                (torch._foreach_mul_ if power > 0 else torch._foreach_div_)(ts, fs)
+
+
+def finite_flag(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device: whether the 2-norm of every tensor is finite,
+    which it is when every entry is, barring an overflow of the norm (entries beyond about
+    ``1e19`` in float32), which counts as not finite. Four operations whatever the number of
+    tensors, and no host read."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()

@@ -1,0 +1,80 @@
+"""What gauge fixing adds to a training step, counted rather than timed (``benchmarks/opcount.py``):
+the aten operations dispatched (on a GPU, roughly the kernels launched) and the host reads (each
+drains a GPU's queue). An orbit step or a penalty gradient adds a number of operations that does
+not grow with depth, at most the plain (non-fused) AdamW step's own, and at most one host read;
+``imbalance_stats`` dispatches the same operations at any depth, with one host read."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gaugefix
+from gaugefix import zoo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.opcount import TOKENS, OpCounter, counted_step  # noqa: E402
+
+VOCAB = 64
+
+
+def zoo_gpt(layers: int) -> nn.Module:
+    return zoo.GPT(VOCAB, 32, 4, layers, 64, TOKENS)
+
+
+def hf_gpt2(layers: int) -> nn.Module:
+    """GPT-2's architecture (Hugging Face), ReLU MLP, random weights, small width."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=TOKENS, n_embd=32, n_layer=layers, n_head=4,
+        activation_function="relu",
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+@functools.cache
+def discovered(build, layers: int) -> tuple[nn.Module, gaugefix.GaugeStructure]:
+    torch.manual_seed(0)
+    model = build(layers).train()
+    return model, gaugefix.discover(model, torch.randint(0, VOCAB, (1, TOKENS)))
+
+
+@functools.cache
+def step_counts(build, layers: int, mode: str | None) -> OpCounter:
+    return counted_step(*discovered(build, layers), VOCAB, mode)
+
+
+@pytest.mark.parametrize("build", [zoo_gpt, hf_gpt2], ids=["zoo.GPT", "GPT-2"])
+@pytest.mark.parametrize("mode", ["exact", "penalty"])
+def test_gauge_fixing_adds_a_fixed_number_of_operations(build, mode):
+    """At 2 and 12 layers of one width: the operations a step of GaugeFixing adds are the same
+    (within 10%), at most the plain AdamW step's own at 12 layers, with at most one host read."""
+    added, reads = {}, {}
+    for layers in (2, 12):
+        plain, fixed = step_counts(build, layers, None), step_counts(build, layers, mode)
+        added[layers] = fixed.total - plain.total
+        reads[layers] = fixed.host_reads - plain.host_reads
+    assert added[12] <= step_counts(build, 12, None).total, added
+    assert abs(added[12] - added[2]) <= 0.1 * added[2], added
+    assert max(reads.values()) <= 1, reads
+
+
+@pytest.mark.parametrize("build", [zoo_gpt, hf_gpt2], ids=["zoo.GPT", "GPT-2"])
+def test_imbalance_stats_operations_do_not_grow_with_depth(build):
+    """imbalance_stats: the same operations at 2 and 12 layers, and one host read."""
+    counts = {}
+    for layers in (2, 12):
+        model, structure = discovered(build, layers)
+        gaugefix.imbalance_stats(model, structure)  # the plan is built once per structure
+        counter = OpCounter()
+        with counter:
+            gaugefix.imbalance_stats(model, structure)
+        counts[layers] = counter.total
+        assert counter.host_reads == 1
+    assert counts[2] == counts[12], counts
