@@ -49,9 +49,9 @@ def test_batched_runs_equal_one_by_one_in_float64():
 
 _RSS_AFTER_FREE = """
 import platform, resource, sys, torch
-import gaugefix.experiments.runner as runner
+import gaugefix.experiments.workers as workers
 if sys.argv[1] == "keep":
-    runner.keep_freed_memory()
+    workers.keep_freed_memory()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 before = rss()
@@ -115,7 +115,7 @@ def _without_seconds(summary: dict) -> dict:
 
 
 def test_interrupted_sweep_resumes_to_the_same_store(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(runner, "members_per_batch", lambda task: 7)
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 7)
     configs = _grid()
     spec = lambda c: TaskSpec(c.task)  # noqa: E731
     whole = Store(tmp_path / "whole.sqlite")
