@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -391,19 +391,7 @@ def sweep(
 ) -> None:
     """Run one grid of training runs into OUT's store and re-render the report."""
     spec = _sweep_task(task, data, task_type, hidden)
-    # (method, strength) pairs: a method without a strength has one run per point, not one each
-    methods = dict.fromkeys(
-        (m, st if m in STRENGTH_METHODS else 0.0)
-        for m in _names(method, "method", tuple(METHODS))
-        for st in _floats(strength, "--strength", nonneg=True)
-    )
-    axes = (
-        list(methods),
-        list(dict.fromkeys(_names(optimizer, "optimizer", OPTIMIZERS))),
-        list(dict.fromkeys(_floats(lr, "--lr", positive=True))),
-        list(dict.fromkeys(_floats(init_imbalance, "--init-imbalance"))),
-        range(seeds),
-    )
+    axes = _axes(method, strength, optimizer, lr, init_imbalance, seeds)
     example = RunConfig(spec.name, "plain", "gd", 1.0, 0.0, 0.0, 0, batch_size, steps, task_hash="")
     if not allow_large:
         _refuse_large(spec, example, math.prod(len(a) for a in axes), jobs or cores())
@@ -416,6 +404,25 @@ def sweep(
         _made_by(store, "sweep")
         _render(out)
     typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
+
+
+def _axes(
+    method: str, strength: str, optimizer: str, lr: str, init_imbalance: str, seeds: int
+) -> tuple[Sequence, ...]:
+    """The grid's axes, each without repeats: (method, strength) pairs (a method without a
+    strength has one pair), optimizers, learning rates, initial imbalances, seeds."""
+    methods = dict.fromkeys(
+        (m, st if m in STRENGTH_METHODS else 0.0)
+        for m in _names(method, "method", tuple(METHODS))
+        for st in _floats(strength, "--strength", nonneg=True)
+    )
+    return (
+        list(methods),
+        list(dict.fromkeys(_names(optimizer, "optimizer", OPTIMIZERS))),
+        list(dict.fromkeys(_floats(lr, "--lr", positive=True))),
+        list(dict.fromkeys(_floats(init_imbalance, "--init-imbalance"))),
+        range(seeds),  # not a list: an absurd --seeds is refused before it is built
+    )
 
 
 def _sweep_task(
@@ -451,8 +458,8 @@ def _refuse_large(spec: TaskSpec, example: RunConfig, runs: int, workers: int) -
     if runs > LARGE_RUNS or seconds > LARGE_SECONDS:
         hours = f"{seconds / 3600:,.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
         raise _fail(
-            f"the grid has {runs:,} runs, estimated to take about {hours} on {workers} "
-            f"workers (more than {LARGE_RUNS:,} runs or {LARGE_SECONDS // 3600} h); pass "
+            f"the grid has {runs:,} run{'s' * (runs != 1)}, estimated to take about {hours} on "
+            f"{workers} workers (more than {LARGE_RUNS:,} runs or {LARGE_SECONDS // 3600} h); pass "
             "--allow-large to run it"
         )
 

@@ -319,12 +319,14 @@ COLORS = 256  # colors of the stability map's colormap
 MAX_TICKS = 10  # most seed counts labelled on its color bar
 
 
-def _stable_fraction_norm(seeds: int) -> Normalize:
-    """The color scale of a fraction of ``seeds`` seeds: one color per count while the colormap
-    has enough colors, continuous beyond."""
+def _color_scale(seeds: int) -> tuple[Normalize, np.ndarray]:
+    """The color scale of a fraction of ``seeds`` seeds (one color per count while the colormap
+    has enough colors, continuous beyond) and the counts its color bar labels."""
+    counts = np.unique(np.linspace(0, seeds, min(seeds, MAX_TICKS) + 1).round().astype(int))
     if seeds + 1 > COLORS:
-        return Normalize(0.0, 1.0)
-    return BoundaryNorm(np.linspace(-0.5 / seeds, 1 + 0.5 / seeds, seeds + 2), COLORS)
+        return Normalize(0.0, 1.0), counts
+    edges = np.linspace(-0.5 / seeds, 1 + 0.5 / seeds, seeds + 2)
+    return BoundaryNorm(edges, COLORS), counts
 
 
 def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
@@ -346,7 +348,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         squeeze=False,
         layout="constrained",
     )
-    norm = _stable_fraction_norm(seeds)
+    norm, counts = _color_scale(seeds)
     y_edges = _edges(lrs)
     ratio = grid_ratio(lrs)
     mesh = None
@@ -385,7 +387,6 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
             ax.set_ylabel(f"lr (grid ratio {fmt(ratio)})" if ratio else "lr")
     plain_log_ticks(*axes[:, 0])  # after every set_yscale of the shared axis
     bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f"seeds stable (of {seeds})")
-    counts = np.unique(np.linspace(0, seeds, min(seeds, MAX_TICKS) + 1).round().astype(int))
     bar.set_ticks(counts / seeds, labels=[str(k) for k in counts])
     fig.suptitle(f"{task}: {regime.label} (x: some seed diverged)", fontsize=10)
     return save(fig, out, f"stability-{task}-{regime.slug}.png")
