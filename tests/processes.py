@@ -53,16 +53,16 @@ def all_end(root: int, within: float = 30.0) -> Iterator[set[int]]:
     watcher.start()
     try:
         yield seen.keys()
-    finally:
+    finally:  # also when the block failed: nothing is left running
         stop.set()
         watcher.join()
-    deadline = time.monotonic() + within
-    while True:
-        table = processes()
-        left = [pid for pid, start in seen.items() if table.get(pid, (0, None))[1] == start]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + within
+        while True:
+            table = processes()
+            left = [pid for pid, start in seen.items() if table.get(pid, (0, None))[1] == start]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"

@@ -81,7 +81,7 @@ def test_workers_end_when_the_sweep_is_killed(tmp_path):
     with all_end(proc.pid, within=15) as seen:
         time.sleep(0.5)  # the watcher has seen every worker
         proc.kill()
-        proc.communicate(timeout=60)
+        proc.wait(60)
     assert len(seen) >= 2
 
 
