@@ -195,9 +195,10 @@ def _results(store: Store) -> dict[str, tuple]:
 
 
 def test_a_sweep_killed_midway_keeps_its_finished_batches_and_resumes(tmp_path):
-    """With the default work budget: 1000 steps of teacher-student make batches of 7 runs."""
-    configs = _configs(1000, 4)  # 8 runs: batches of 7 and 1
-    args = ["--task", "teacher-student", "--lr", "0.05,0.1", "--seeds", "4", "--steps", "1000"]
+    """With the default work budget: 2000 steps of teacher-student make batches of 7 runs."""
+    configs = _configs(2000, 4)  # 8 runs: batches of 7 and 1
+    assert runner.runs_per_batch(_spec(configs[0]).load(), configs[0]) == 7
+    args = ["--task", "teacher-student", "--lr", "0.05,0.1", "--seeds", "4", "--steps", "2000"]
     out = tmp_path / "out"
     proc = subprocess.Popen([*GAUGEFIX, "sweep", *args, "--jobs", "1", "--out", str(out)])
     deadline = time.monotonic() + 300

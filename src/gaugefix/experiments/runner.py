@@ -19,8 +19,10 @@ from gaugefix.experiments.workers import Workers, execute, local_workers
 
 ACTIVATION_BUDGET = 6e7  # floats of activations one batch may hold at once
 # Floats of activations one batch may compute over all its steps, which bounds the work an
-# interruption loses: about 10 s of one core (WORK_BUDGET / WORK_RATE).
-WORK_BUDGET = 1e9
+# interruption loses: about 20 s of one core (WORK_BUDGET / WORK_RATE). Smaller batches cost more
+# per run: teacher-student's 210 full-batch runs of 100 steps took 9.2 s of CPU as one batch,
+# 10.0 s as three (this budget makes two).
+WORK_BUDGET = 2e9
 # Floats of activations one worker computes per second: the quick grid's groups, batched, on one
 # core of the 2-core development machine ran at 4e7 (mini-batch Adam) to 3e8 (teacher-student,
 # full batch) per second; an estimate of time, good to a factor of about three.
