@@ -263,6 +263,10 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Workers | N
         raise _fail(str(err)) from None
 
 
+LARGE_RUNS = 100_000  # a grid of more runs needs --allow-large
+LARGE_SECONDS = 12 * 3600  # and so does one estimated to take longer
+
+
 _INTERRUPTED = "interrupted: finished runs are stored; run the same command to resume"
 
 
@@ -445,10 +449,6 @@ def _sweep_task(
     except TaskError as err:
         raise _fail(str(err)) from None
     return spec
-
-
-LARGE_RUNS = 100_000  # a grid of more runs needs --allow-large
-LARGE_SECONDS = 12 * 3600  # and so does one estimated to take longer
 
 
 def _refuse_large(spec: TaskSpec, example: RunConfig, runs: int, workers: int) -> None:
