@@ -1,7 +1,9 @@
 """Item 4: the quick reproduction's grid (its runs), batched as the runner batches it, against
 the same runs one after another; and batched = one by one in float64.
 
-The batched side trains the whole grid through the runner into a fresh store. Training all of
+The batched side trains the whole grid through the runner into a fresh store; both sides train
+in this process with one intra-op thread, as every sweep worker does (``--threads`` does not
+apply). Training all of
 it one run after another takes minutes per round, so the one-by-one side trains a sample, every
 ``stride``-th run of every group with ``stride`` the greatest common divisor of the group sizes
 (every group sampled in the same proportion), and its time is multiplied by ``stride``: one run

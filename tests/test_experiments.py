@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import gaugefix.cli
 import gaugefix.experiments.runner as runner
 from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
@@ -50,9 +51,9 @@ def test_batched_runs_equal_one_by_one_in_float64():
 
 _RSS_AFTER_FREE = """
 import platform, resource, sys, torch
-import gaugefix.experiments.runner as runner
+import gaugefix.experiments.workers as workers
 if sys.argv[1] == "keep":
-    runner.keep_freed_memory()
+    workers.keep_freed_memory()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 before = rss()
@@ -116,7 +117,7 @@ def _without_seconds(summary: dict) -> dict:
 
 
 def test_interrupted_sweep_resumes_to_the_same_store(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(runner, "members_per_batch", lambda task: 7)
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 7)
     configs = _grid()
     spec = lambda c: TaskSpec(c.task)  # noqa: E731
     whole = Store(tmp_path / "whole.sqlite")
@@ -180,6 +181,41 @@ def test_bad_sweep_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, m
     assert result.exit_code == 2
     assert message in result.output
     assert not out.exists()
+
+
+def test_a_store_of_300_seeds_sweeps_and_reports(tmp_path: Path):
+    """More seeds than the stability map's colormap has colors (256)."""
+    out = tmp_path / "out"
+    grid = ["--task", "teacher-student", "--steps", "2", "--seeds", "300", "--out", str(out)]
+    for args in (["sweep", *grid], ["sweep", *grid], ["report", str(out)]):
+        result = cli.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert len(Store(out / "results.sqlite").runs()) == 300
+
+
+@pytest.mark.parametrize(
+    "args, size",
+    [(["--seeds", "1000000"], "1,000,000 runs,"), (["--steps", "100000000"], "1 run,")],
+)
+def test_an_absurd_grid_is_refused_before_anything_runs(tmp_path, args, size):
+    out = tmp_path / "out"
+    result = cli.invoke(app, ["sweep", "--task", "teacher-student", *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: the grid has {size} estimated to take about ")
+    assert "--allow-large" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_allow_large_runs_a_grid_beyond_the_limits(tmp_path, monkeypatch):
+    monkeypatch.setattr(gaugefix.cli, "LARGE_RUNS", 1)
+    out = tmp_path / "out"
+    grid = ["sweep", "--task", "teacher-student", "--seeds", "2", "--steps", "2", "--out", str(out)]
+    refused = cli.invoke(app, grid)
+    assert refused.exit_code == 2 and "the grid has 2 runs" in refused.output
+    assert not out.exists()
+    result = cli.invoke(app, [*grid, "--allow-large"])
+    assert result.exit_code == 0, result.output
+    assert len(Store(out / "results.sqlite").runs()) == 2
 
 
 @pytest.mark.parametrize(

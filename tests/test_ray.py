@@ -17,8 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from typer.testing import CliRunner
 from gaugefix.cli import app
 from gaugefix.experiments.store import Store
 from gaugefix.report import STORE_NAME
+from processes import all_end, descendants, processes
 
 cli = CliRunner()
 
@@ -46,60 +45,6 @@ HEAD = textwrap.dedent(
     ray.shutdown()
     """
 )
-
-
-def _processes() -> dict[int, tuple[int, int]]:
-    """Every live process: pid -> (parent pid, start time)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            table[int(entry)] = (int(fields[1]), int(fields[19]))
-    return table
-
-
-def _descendants(root: int, table: dict[int, tuple[int, int]]) -> set[int]:
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-@contextmanager
-def _all_end(root: int) -> Iterator[set[int]]:
-    """Watch every process descended from ``root`` while the block runs (yields the pids seen
-    so far); afterwards each must have exited within 30 s, or it is killed and the test fails."""
-    seen: dict[int, int] = {}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            table = _processes()
-            for pid in _descendants(root, table):
-                seen.setdefault(pid, table[pid][1])
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        yield seen.keys()
-    finally:
-        stop.set()
-        watcher.join()
-    deadline = time.monotonic() + 30
-    while True:
-        table = _processes()
-        left = [pid for pid, start in seen.items() if table.get(pid, (0, None))[1] == start]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left behind: {left}"
 
 
 def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -157,7 +102,7 @@ def cluster():
     head = subprocess.Popen(
         [sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    with _all_end(head.pid):
+    with all_end(head.pid):
         try:
             address = head.stdout.readline().strip()
             assert address, "the Ray head did not start"
@@ -197,7 +142,7 @@ def test_ray_gives_the_runs_and_summary_of_the_local_executor(tmp_path, referenc
     out = tmp_path / "ray"
     # a local Ray instance with --jobs CPUs, started and stopped by the command
     driver = _start(["sweep", *GRID, "--out", str(out), "--executor", "ray", "--jobs", "2"])
-    with _all_end(driver.pid) as started:
+    with all_end(driver.pid) as started:
         _finish(driver)
     assert len(started) >= 4  # the instance's processes (GCS, raylet, workers...), all ended
     assert _runs(out) == _runs(reference)
@@ -207,7 +152,7 @@ def test_ray_gives_the_runs_and_summary_of_the_local_executor(tmp_path, referenc
 def _kill_one_task(head: int, killed: list[int], stop: threading.Event) -> None:
     """SIGKILL the first worker of the cluster seen running a group of runs."""
     while not stop.is_set():
-        for pid in _descendants(head, _processes()):
+        for pid in descendants(head, processes()):
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:

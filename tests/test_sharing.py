@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import gaugefix.experiments.runner as runner
+import gaugefix.experiments.workers as workers
 from gaugefix.experiments.engine import RunConfig
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import TaskSpec, run_all
@@ -34,8 +35,8 @@ def _spec(config: RunConfig) -> TaskSpec:
 
 def _sweep_counting(path: str, counts: str, barrier) -> None:
     """A sweep in another process that records the size of every batch it trains."""
-    runner.members_per_batch = lambda task: 4
-    real = runner.train_group
+    runner.runs_per_batch = lambda task, config: 4
+    real = workers.train_group
 
     def counted(task, configs, **kwargs):
         with open(counts, "a") as f:
@@ -43,7 +44,7 @@ def _sweep_counting(path: str, counts: str, barrier) -> None:
         time.sleep(0.2)  # long enough for the other sweep to want the same batches
         return real(task, configs, **kwargs)
 
-    runner.train_group = counted
+    workers.train_group = counted
     barrier.wait()
     run_all(Store(path), _configs(), _spec)
 
@@ -69,13 +70,13 @@ def test_two_concurrent_sweeps_train_each_run_once(tmp_path: Path):
 
 def _claim_and_hang(path: str, started: str) -> None:
     """A sweep that claims its first batch and then hangs in training."""
-    runner.members_per_batch = lambda task: 4
+    runner.runs_per_batch = lambda task, config: 4
 
     def hang(task, configs, **kwargs):
         Path(started).write_text("training")
         time.sleep(600)
 
-    runner.train_group = hang
+    workers.train_group = hang
     run_all(Store(path), _configs(), _spec)
 
 
@@ -94,7 +95,7 @@ def test_a_killed_claimants_runs_are_taken_over(tmp_path: Path, monkeypatch):
     assert len(claims) == 4 and {c["pid"] for c in claims} == {proc.pid}
     proc.kill()
     proc.join()
-    monkeypatch.setattr(runner, "members_per_batch", lambda task: 4)
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 4)
     assert run_all(Store(path), _configs(), _spec) == len(_configs())
     runs = Store(path).runs()
     assert len(runs) == len(_configs()) == len({r.config.key() for r in runs})
@@ -167,6 +168,7 @@ def test_progress_moves_within_a_batch(monkeypatch, tmp_path: Path, jobs: int):
         seen.append(self.value)
 
     monkeypatch.setattr(Progress, "update", update)
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 1)  # a batch per worker
     ts = TaskSpec("teacher-student").hash()
     configs = [
         RunConfig("teacher-student", "plain", "gd", lr, 0.0, 0.0, 0, 0, 400, task_hash=ts)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -31,9 +33,10 @@ from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
 from gaugefix.experiments.plan import reproduce_grids
 from gaugefix.experiments.progress import Progress
-from gaugefix.experiments.runner import Executor, TaskSpec, run_all
+from gaugefix.experiments.runner import TaskSpec, estimated_seconds, run_all
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
+from gaugefix.experiments.workers import Workers, cores
 from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
@@ -288,7 +291,10 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     return values
 
 
-JOBS_HELP = "worker processes (with --executor ray: the CPUs of a local Ray instance)"
+JOBS_HELP = (
+    f"worker processes of one thread each (default: one per core, {cores()} here; with "
+    "--executor ray: the CPUs of a local Ray instance)"
+)
 ExecutorName = Annotated[str, typer.Option(help="local (this machine) or ray")]
 RayAddress = Annotated[
     str | None,
@@ -300,8 +306,8 @@ RayAddress = Annotated[
 
 
 @contextmanager
-def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | None]:
-    """The executor of ``--executor`` (None: the local one), connected for the block."""
+def _executor(name: str, address: str | None, jobs: int) -> Iterator[Workers | None]:
+    """The workers of ``--executor`` (None: the local ones), connected for the block."""
     if name not in ("local", "ray"):
         raise _fail(f"unknown executor {name!r}; choose from local, ray")
     if name == "local":
@@ -314,13 +320,54 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Executor | 
     from gaugefix.experiments.ray_executor import ClusterError, ray_executor
 
     try:
-        with ray_executor(address, jobs) as execute:
-            yield execute
+        with ray_executor(address, jobs) as workers:
+            yield workers
     except ClusterError as err:
         raise _fail(str(err)) from None
 
 
+LARGE_RUNS = 100_000  # a grid of more runs needs --allow-large
+LARGE_SECONDS = 12 * 3600  # and so does one estimated to take longer
+
+
 _INTERRUPTED = "interrupted: finished runs are stored; run the same command to resume"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the block with one line and exit status 130, where they can be
+    handled: a store's transaction rolls back, the workers end, the claims are released; a
+    store error or an output that cannot be written ends it with one line and exit status 2."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    except (StoreError, OutputError) as err:
+        raise _fail(str(err)) from None
+    except KeyboardInterrupt:
+        typer.echo(_INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(
+    out: Path,
+    configs: list[RunConfig],
+    spec_of: Callable[[RunConfig], TaskSpec],
+    jobs: int | None,
+    executor: str,
+    ray_address: str | None,
+) -> tuple[Store, int]:
+    """Train ``configs`` into OUT's store on the workers of ``--executor`` (``--jobs``, default
+    one per core); the store and the number of runs written."""
+    jobs = jobs or cores()
+    with _executor(executor, ray_address, jobs) as workers:
+        store = _store(out)
+        return store, run_all(store, configs, spec_of, jobs, workers=workers)
 
 
 def _made_by(store: Store, command: str) -> None:
@@ -355,25 +402,18 @@ def _store(out: Path) -> Store:
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
-    jobs: Annotated[int, typer.Option(min=1, help=JOBS_HELP)] = 1,
+    jobs: Annotated[int | None, typer.Option(min=1, help=JOBS_HELP)] = None,
     executor: ExecutorName = "local",
     ray_address: RayAddress = None,
 ) -> None:
     start = time.perf_counter()
     configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task).hash())]
-    try:
-        with _executor(executor, ray_address, jobs) as execute:
-            store = _store(out)
-            run_all(store, configs, lambda c: TaskSpec(c.task), jobs, execute=execute)
+    with _interruptible():
+        store, _ = _train(out, configs, lambda c: TaskSpec(c.task), jobs, executor, ray_address)
         run_analyses(store, quick)
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
         _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
         summary = _render(out, quick)
-    except (StoreError, OutputError) as err:
-        raise _fail(str(err)) from None
-    except KeyboardInterrupt:
-        typer.echo(_INTERRUPTED, err=True)
-        raise typer.Exit(130) from None
     typer.echo(headline_table(summary))
     typer.echo(
         f"\n{summary['runs']} runs in {out}; report: {out / 'report.md'} "
@@ -404,20 +444,62 @@ def sweep(
     steps: Annotated[int, typer.Option(min=1)] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
-    jobs: Annotated[int, typer.Option(min=1, help=JOBS_HELP)] = 1,
+    jobs: Annotated[int | None, typer.Option(min=1, help=JOBS_HELP)] = None,
     executor: ExecutorName = "local",
     ray_address: RayAddress = None,
+    allow_large: Annotated[
+        bool,
+        typer.Option(
+            "--allow-large",
+            help=f"run a grid of more than {LARGE_RUNS:,} runs or estimated to take more than "
+            f"{LARGE_SECONDS // 3600} h (refused without it)",
+        ),
+    ] = False,
 ) -> None:
     """Run one grid of training runs into OUT's store and re-render the report."""
+    spec = _sweep_task(task, data, task_type, hidden)
+    axes = _axes(method, strength, optimizer, lr, init_imbalance, seeds)
+    example = RunConfig(spec.name, "plain", "gd", 1.0, 0.0, 0.0, 0, batch_size, steps, task_hash="")
+    if not allow_large:
+        _refuse_large(spec, example, math.prod(len(a) for a in axes), jobs or cores())
+    configs = [
+        RunConfig(spec.name, m, o, rate, st, s, seed, batch_size, steps, task_hash=spec.hash())
+        for (m, st), o, rate, s, seed in itertools.product(*axes)
+    ]
+    with _interruptible():
+        store, written = _train(out, configs, lambda c: spec, jobs, executor, ray_address)
+        _made_by(store, "sweep")
+        _render(out)
+    typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
+
+
+def _axes(
+    method: str, strength: str, optimizer: str, lr: str, init_imbalance: str, seeds: int
+) -> tuple[Sequence, ...]:
+    """The grid's axes, each without repeats: (method, strength) pairs (a method without a
+    strength has one pair), optimizers, learning rates, initial imbalances, seeds."""
+    methods = dict.fromkeys(
+        (m, st if m in STRENGTH_METHODS else 0.0)
+        for m in _names(method, "method", tuple(METHODS))
+        for st in _floats(strength, "--strength", nonneg=True)
+    )
+    return (
+        list(methods),
+        list(dict.fromkeys(_names(optimizer, "optimizer", OPTIMIZERS))),
+        list(dict.fromkeys(_floats(lr, "--lr", positive=True))),
+        list(dict.fromkeys(_floats(init_imbalance, "--init-imbalance"))),
+        range(seeds),  # not a list: an absurd --seeds is refused before it is built
+    )
+
+
+def _sweep_task(
+    task: str | None, data: Path | None, task_type: str | None, hidden: str | None
+) -> TaskSpec:
+    """The task of ``sweep``'s options, loaded once (so a bad data file fails here)."""
     if (task is None) == (data is None):
         raise _fail("give exactly one of --task and --data")
     if task is not None and (task_type is not None or hidden is not None):
         raise _fail("--task-type and --hidden apply to --data only (a built-in task fixes both)")
-    methods = _names(method, "method", tuple(METHODS))
-    optimizers = _names(optimizer, "optimizer", OPTIMIZERS)
-    strengths = _floats(strength, "--strength", nonneg=True)
-    lrs = _floats(lr, "--lr", positive=True)
-    imbalances = _floats(init_imbalance, "--init-imbalance")
     widths = tuple(int(w) for w in _floats(hidden or "128", "--hidden", positive=True))
     spec = TaskSpec(
         task or (data.stem if data else ""),
@@ -426,41 +508,23 @@ def sweep(
         widths,
     )
     try:
-        task_hash = spec.hash()
+        spec.hash()
     except TaskError as err:
         raise _fail(str(err)) from None
-    configs = [
-        RunConfig(
-            spec.name,
-            m,
-            o,
-            rate,
-            st if m in STRENGTH_METHODS else 0.0,
-            s,
-            seed,
-            batch_size,
-            steps,
-            task_hash=task_hash,
+    return spec
+
+
+def _refuse_large(spec: TaskSpec, example: RunConfig, runs: int, workers: int) -> None:
+    """Refuse, before anything runs, a grid of ``runs`` runs like ``example`` that is larger
+    than :data:`LARGE_RUNS` or estimated to take longer than :data:`LARGE_SECONDS`."""
+    seconds = estimated_seconds(spec.load(), example, runs, workers)
+    if runs > LARGE_RUNS or seconds > LARGE_SECONDS:
+        hours = f"{seconds / 3600:,.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+        raise _fail(
+            f"the grid has {runs:,} run{'s' * (runs != 1)}, estimated to take about {hours} on "
+            f"{workers} workers (more than {LARGE_RUNS:,} runs or {LARGE_SECONDS // 3600} h); pass "
+            "--allow-large to run it"
         )
-        for m in methods
-        for st in strengths
-        for o in optimizers
-        for rate in lrs
-        for s in imbalances
-        for seed in range(seeds)
-    ]
-    try:
-        with _executor(executor, ray_address, jobs) as execute:
-            store = _store(out)
-            written = run_all(store, configs, lambda c: spec, jobs, execute=execute)
-        _made_by(store, "sweep")
-        _render(out)
-    except (StoreError, OutputError) as err:
-        raise _fail(str(err)) from None
-    except KeyboardInterrupt:
-        typer.echo(_INTERRUPTED, err=True)
-        raise typer.Exit(130) from None
-    typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")
 
 
 @app.command()

@@ -72,7 +72,7 @@ class Progress:
             return
         self.shown, self.finished, self.lines = now, self.finished or last, self.lines + 1
         elapsed = now - self.start
-        left = f"~{elapsed / value * (self.total - value):.0f} s left" if value else "starting"
+        left = f"~{elapsed / value * (self.total - value):.0f} s left" if value else "none done yet"
         print(
             f"[gaugefix] {self.label + ': ' if self.label else ''}{round(value, 1):g}/"
             f"{self.total} {self.unit}, {elapsed:.0f} s elapsed, {left}",

@@ -1,28 +1,30 @@
-"""A sweep's batched groups as Ray tasks (``gaugefix sweep/reproduce --executor ray``).
+"""A sweep's batches of runs as Ray tasks (``gaugefix sweep/reproduce --executor ray``).
 
 Imported only when that executor is chosen: the library and the local executor never import Ray
-(``pip install gaugefix[ray]`` installs it). Each batched group of runs is one Ray task with one
-CPU and one intra-op thread; a task's data travel through Ray's object store, so the workers need
-gaugefix installed but not the data files. The driver stays the store's only writer:
-:func:`gaugefix.experiments.runner.run_all` writes a group's runs as its task's result arrives. A
-task whose worker or node dies is run again (up to :data:`MAX_RETRIES` times); a group's runs are
-written once, from the result that arrives.
+(``pip install gaugefix[ray]`` installs it). Each batch of runs is one Ray task with one CPU and
+one intra-op thread (:func:`gaugefix.experiments.workers.train_batch`); a task's data travel
+through Ray's object store, so the workers need gaugefix installed but not the data files. The
+driver stays the store's only writer: :func:`gaugefix.experiments.runner.run_all` writes a
+batch's runs as its task's result arrives. A task whose worker or node dies is run again (up to
+:data:`MAX_RETRIES` times); a batch's runs are written once, from the result that arrives.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-
-import torch
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from gaugefix.errors import GaugefixError
-from gaugefix.experiments.engine import RunConfig, RunResult, train_group
-from gaugefix.experiments.runner import Executor, TaskSpec, keep_freed_memory
-from gaugefix.experiments.tasks import Task
+from gaugefix.experiments.engine import RunConfig
+from gaugefix.experiments.workers import Trained, Workers, train_batch
+
+if TYPE_CHECKING:
+    from gaugefix.experiments.runner import TaskSpec
 
 MAX_RETRIES = 3  # runs of a task after its worker died
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to accept a connection
@@ -31,15 +33,6 @@ CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to accept a co
 class ClusterError(GaugefixError, RuntimeError):
     """Ray is not installed, the cluster cannot be reached, or it lost a task more often than it
     retries; the message says which."""
-
-
-def train_batch(task: Task, configs: list[RunConfig]) -> tuple[list[RunResult], float]:
-    """One Ray task: train ``configs`` (one batched group) on ``task``, with one thread."""
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    results = train_group(task, configs)
-    return results, time.perf_counter() - start
 
 
 def _check_reachable(address: str) -> None:
@@ -54,11 +47,12 @@ def _check_reachable(address: str) -> None:
 
 
 @contextmanager
-def ray_executor(address: str | None, cpus: int) -> Iterator[Executor]:
+def ray_executor(address: str | None, cpus: int) -> Iterator[Workers]:
     """Connect to the Ray cluster at ``address`` (``"auto"``: the one ``ray start`` made on this
     machine), or start a local Ray instance with ``cpus`` CPUs when ``address`` is None; yield
-    the executor for :func:`~gaugefix.experiments.runner.run_all`; disconnect (stopping a local
-    instance) on exit. Raises :class:`ClusterError` before anything is started or written."""
+    its workers for :func:`~gaugefix.experiments.runner.run_all`; cancel the tasks still
+    running and disconnect (stopping a local instance) on exit. Raises :class:`ClusterError`
+    before anything is started or written."""
     if address is not None and address != "auto":
         _check_reachable(address)
     try:
@@ -93,57 +87,65 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Executor]:
         else:
             reason = str(err).strip().splitlines()[0]
         raise ClusterError(f"cannot {what}: {reason}") from None
+    workers = RayWorkers()
     try:
-        yield _execute
+        yield workers
     finally:
+        workers.cancel()
         ray.shutdown()
 
 
-def _execute(
-    todo: Iterator[list[RunConfig]],
-    spec_of: Callable[[RunConfig], TaskSpec],
-    jobs: int,
-    on_fraction: Callable[[int, float], None],
-) -> Iterator[tuple[int, list[RunResult], float]]:
-    """Submit batches as tasks, as many at a time as the cluster has CPUs (so each batch is
-    claimed in the store just before it can start), and yield ``(index, results, seconds)`` as
-    they arrive; tasks still pending when the caller stops are cancelled. Ray tasks report no
-    progress within a batch (``on_fraction`` is not called)."""
+class RayWorkers:
+    """Batches as Ray tasks of one CPU, as many at a time as the cluster has CPUs (so each is
+    claimed in the store just before it can start). Ray tasks report no progress within a
+    batch."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(train_batch)
+        self.width = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.tasks: dict[TaskSpec, Any] = {}  # each task's data, put in the object store once
+        self.refs: list[Any] = []
+
+    def submit(
+        self, spec: TaskSpec, configs: list[RunConfig], report: Callable[[float], None]
+    ) -> Future[Trained]:
+        import ray
+
+        if spec not in self.tasks:
+            self.tasks[spec] = ray.put(spec.load())
+        ref = self.remote.remote(self.tasks[spec], configs)
+        self.refs.append(ref)
+        future: Future[Trained] = Future()
+        ref.future().add_done_callback(partial(_settle, future))
+        return future
+
+    def deliver(self) -> None:
+        """Nothing to pass on."""
+
+    def cancel(self) -> None:
+        """Cancel the tasks not finished."""
+        import ray
+
+        for ref in self.refs:
+            ray.cancel(ref, force=True)
+
+
+def _settle(future: Future[Trained], done: Future[Trained]) -> None:
+    """Give ``future`` the result of a Ray task's ``done``: an error of gaugefix's own code as
+    the local workers would raise it, a lost task as a :class:`ClusterError`."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(train_batch)
-    width = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    tasks: dict[TaskSpec, ray.ObjectRef] = {}
-    running: dict[ray.ObjectRef, int] = {}
-    batches = enumerate(todo)
-    more = True
     try:
-        while running or more:
-            while more and len(running) < width:
-                item = next(batches, None)
-                if item is None:
-                    more = False
-                    break
-                i, batch = item
-                spec = spec_of(batch[0])
-                if spec not in tasks:
-                    tasks[spec] = ray.put(spec.load())
-                running[remote.remote(tasks[spec], batch)] = i
-            if not running:
-                break
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            index = running.pop(done)
-            try:
-                results, seconds = ray.get(done)
-            except ray.exceptions.RayTaskError:
-                raise  # an error in gaugefix's own code, as the local executor would raise it
-            except ray.exceptions.RayError as err:
-                first = str(err).strip().splitlines()[0]
-                raise ClusterError(
-                    f"the cluster lost a group of runs (tried {MAX_RETRIES + 1} times): {first} "
-                    "The finished runs are stored; run the same command to resume."
-                ) from None
-            yield index, results, seconds
-    finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
+        future.set_result(done.result())
+    except ray.exceptions.RayTaskError as err:
+        future.set_exception(err)
+    except ray.exceptions.RayError as err:
+        first = str(err).strip().splitlines()[0]
+        future.set_exception(
+            ClusterError(
+                f"the cluster lost a group of runs (tried {MAX_RETRIES + 1} times): {first} "
+                "The finished runs are stored; run the same command to resume."
+            )
+        )

@@ -3,46 +3,30 @@ other processes, progress, workers."""
 
 from __future__ import annotations
 
-import ctypes
-import platform
-import queue
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import lru_cache, partial
-from multiprocessing import get_context
-from typing import Any
+from functools import lru_cache
 
 import torch
 
-from gaugefix.experiments.engine import RunConfig, RunResult, task_hash, train_group
+from gaugefix.experiments.engine import RunConfig, task_hash
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
+from gaugefix.experiments.workers import Workers, execute, local_workers
 
-ACTIVATION_BUDGET = 6e7  # floats of activations one batch may hold
-
-# glibc's mallopt parameters (malloc.h) and the size below which freed memory stays in the heap.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BYTES = 1 << 30
-
-
-@lru_cache(maxsize=1)
-def keep_freed_memory() -> None:
-    """Let this process keep the memory it frees, for reuse (glibc only; elsewhere nothing).
-
-    By default glibc maps every block above a small threshold afresh and unmaps it when freed,
-    and returns free memory at the top of its heap to the system, so each step of a batch
-    page-faults its activations in anew. A process that trains holds the same set of tensors
-    from step to step: raising both thresholds to 1 GiB makes the batched steps of the quick
-    reproduction about three times faster per run (measured in ``benchmarks/``), at the price of
-    a resident size that does not shrink between batches."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)
-    libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
-    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+ACTIVATION_BUDGET = 6e7  # floats of activations one batch may hold at once
+# Floats of activations one batch may compute over all its steps, which bounds the work an
+# interruption loses: about 20 s of one core (WORK_BUDGET / WORK_RATE). Smaller batches cost more
+# per run: teacher-student's 210 full-batch runs of 100 steps took 9.2 s of CPU as one batch,
+# 10.0 s as three (this budget makes two).
+WORK_BUDGET = 2e9
+# Floats of activations one worker computes per second: the quick grid's groups, batched, on one
+# core of the 2-core development machine ran at 4e7 (mini-batch Adam) to 3e8 (teacher-student,
+# full batch) per second; an estimate of time, good to a factor of about three.
+WORK_RATE = 1e8
 
 
 @dataclass(frozen=True)
@@ -72,9 +56,8 @@ def _hash(spec: TaskSpec) -> str:
     return task_hash(spec.load())
 
 
-def members_per_batch(task: Task) -> int:
-    """How many runs of ``task`` one batch holds: the activation budget over one run's
-    activations on the full training set."""
+def activations(task: Task) -> int:
+    """Floats of one run's activations on ``task``'s whole training set."""
     model = task.make_model()
     floats = 0
 
@@ -88,14 +71,36 @@ def members_per_batch(task: Task) -> int:
         model(task.x)
     for h in handles:
         h.remove()
-    return max(1, int(ACTIVATION_BUDGET // max(floats, 1)))
+    return max(floats, 1)
+
+
+def run_work(task: Task, config: RunConfig, floats: int) -> float:
+    """Floats of activations a run of ``config`` computes over its steps, given ``floats`` =
+    :func:`activations` of ``task``: an estimate of its compute."""
+    n = len(task.x)
+    share = min(config.batch_size, n) / n if config.batch_size else 1.0
+    return floats * share * config.steps
+
+
+def runs_per_batch(task: Task, config: RunConfig) -> int:
+    """How many runs of ``config``'s group one batch holds: as many as fit both the activation
+    budget (memory held at once) and the work budget (compute an interruption may lose)."""
+    floats = activations(task)
+    memory = ACTIVATION_BUDGET // floats
+    work = WORK_BUDGET // max(run_work(task, config, floats), 1.0)
+    return max(1, int(min(memory, work)))
+
+
+def estimated_seconds(task: Task, config: RunConfig, runs: int, workers: int) -> float:
+    """About how long ``runs`` runs like ``config`` take on ``workers`` workers."""
+    return runs * run_work(task, config, activations(task)) / WORK_RATE / max(workers, 1)
 
 
 def batches(
     configs: list[RunConfig], spec_of: Callable[[RunConfig], TaskSpec], batched: bool = True
 ) -> list[list[RunConfig]]:
     """Split ``configs`` into batches: runs of one group, in a fixed order, at most
-    :func:`members_per_batch` each (one run per batch when ``batched`` is false). The split
+    :func:`runs_per_batch` each (one run per batch when ``batched`` is false). The split
     depends only on the configs, never on what a store already holds, so a resumed sweep
     computes exactly what an uninterrupted one does."""
     groups: dict[tuple, list[RunConfig]] = {}
@@ -103,34 +108,12 @@ def batches(
         groups.setdefault(c.group(), []).append(c)
     out = []
     for group in groups.values():
-        size = members_per_batch(spec_of(group[0]).load()) if batched else 1
+        size = runs_per_batch(spec_of(group[0]).load(), group[0]) if batched else 1
         out.extend(group[i : i + size] for i in range(0, len(group), size))
     return out
 
 
-def _train(
-    spec: TaskSpec, configs: list[RunConfig], threads: int, on_fraction: Callable[[float], None]
-) -> tuple[list[RunResult], float]:
-    """Train one batch; ``on_fraction(f)`` gets the fraction of its steps done."""
-    keep_freed_memory()
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    steps = configs[0].steps + 1
-    task = spec.load()
-    results = train_group(task, configs, on_step=lambda step: on_fraction((step + 1) / steps))
-    return results, time.perf_counter() - start
-
-
 POLL = 2.0  # seconds between looks at runs that other processes hold
-
-
-# Trains the batches of runs an iterator hands out (given how to load each run's task, the
-# worker count and where to report the fraction of a batch's steps done), asking for the next
-# batch only when it can start it, and yields ``(index, results, seconds)`` as batches finish.
-Executor = Callable[
-    [Iterator[list[RunConfig]], Callable[[RunConfig], TaskSpec], int, Callable[[int, float], None]],
-    Iterator[tuple[int, list[RunResult], float]],
-]
 
 
 def run_all(
@@ -139,11 +122,12 @@ def run_all(
     spec_of: Callable[[RunConfig], TaskSpec],
     jobs: int = 1,
     batched: bool = True,
-    execute: Executor | None = None,
+    workers: Workers | None = None,
 ) -> int:
     """Train every config the store does not hold yet and write each finished run in its own
-    transaction, as its batch's results arrive from ``execute`` (default: this process, or
-    ``jobs`` worker processes); returns the number of runs this call wrote.
+    transaction, as its batch's results arrive from ``workers`` (default: this process, or
+    ``jobs`` worker processes but never more than batches); returns the number of runs this
+    call wrote.
 
     Each batch is claimed in the store just before it is trained (:meth:`Store.claim`), so
     processes sweeping one store share the work and each run is trained and written once: a
@@ -157,28 +141,37 @@ def run_all(
             )
     keys = {c.key() for c in configs} - store.finished_keys()
     pending = [b for b in batches(configs, spec_of, batched) if any(c.key() in keys for c in b)]
-    progress = Progress(len(keys))
     written = 0
-    try:
-        with Claimant(store) as claimant:
-            while pending:
-                taken: list[list[RunConfig]] = []
-                todo = _claimed(store, claimant, pending, taken)
-                for i, results, seconds in (execute or _execute)(
-                    todo,
-                    spec_of,
-                    jobs,
-                    lambda i, f, taken=taken: progress.update(part=i, amount=f * len(taken[i])),
-                ):
-                    for r in results:
-                        written += store.add_run(r, seconds / len(results))
-                    progress.update(len(keys & store.finished_keys()), part=i, amount=0.0)
-                if pending and not taken:
-                    time.sleep(POLL)
-                    progress.update(len(keys & store.finished_keys()))
-    finally:
-        progress.close()
+    with ExitStack() as stack:
+        progress = stack.enter_context(Progress(len(keys)))
+        claimant = stack.enter_context(Claimant(store))
+        if workers is None:
+            workers = stack.enter_context(local_workers(min(jobs, len(pending))))
+        while pending:
+            taken: list[list[RunConfig]] = []
+            todo = _claimed(store, claimant, pending, taken)
+
+            def on_fraction(i: int, f: float, taken: list = taken) -> None:
+                progress.update(part=i, amount=f * len(taken[i]))
+
+            for i, results, seconds in execute(workers, todo, spec_of, on_fraction):
+                for r in results:
+                    written += store.add_run(r, seconds / len(results))
+                progress.update(len(keys & store.finished_keys()), part=i, amount=0.0)
+            waiting = bool(pending) and not taken
+            label = _waiting_for(store, pending) if waiting else ""
+            progress.update(len(keys & store.finished_keys()), label=label)
+            if waiting:
+                time.sleep(POLL)
     return written
+
+
+def _waiting_for(store: Store, pending: list[list[RunConfig]]) -> str:
+    """What a sweep that can claim none of the ``pending`` batches waits for."""
+    keys = {c.key() for batch in pending for c in batch} - store.finished_keys()
+    holders = sorted({f"pid {c['pid']} on {c['host']}" for c in store.claims() if c["key"] in keys})
+    by = f" ({', '.join(holders)})" if holders else ""
+    return f"waiting for {len(keys)} runs that another sweep is training{by}"
 
 
 def _claimed(
@@ -197,71 +190,3 @@ def _claimed(
         if claimed:
             taken.append(batch)
             yield batch
-
-
-def _execute(
-    todo: Iterator[list[RunConfig]],
-    spec_of: Callable[[RunConfig], TaskSpec],
-    jobs: int,
-    on_fraction: Callable[[int, float], None],
-) -> Iterator[tuple[int, list[RunResult], float]]:
-    """Train the batches of ``todo``, taking the next one only when a worker is free (so each is
-    claimed just before it is trained); yields ``(index, results, seconds)`` as batches finish
-    and reports ``on_fraction(index, fraction of its steps done)`` meanwhile."""
-    cores = torch.get_num_threads()
-    if jobs <= 1:
-        for i, batch in enumerate(todo):
-            yield (i, *_train(spec_of(batch[0]), batch, cores, partial(on_fraction, i)))
-        return
-    threads = max(1, cores // jobs)
-    ctx = get_context("spawn")
-    fractions = ctx.Queue()
-    with ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_set_queue, initargs=(fractions,)
-    ) as pool:
-        running: dict[Future, int] = {}
-        batches_left = enumerate(todo)
-        more, finished_indices = True, set()
-        while running or more:
-            while more and len(running) < jobs:
-                item = next(batches_left, None)
-                if item is None:
-                    more = False
-                else:
-                    i, batch = item
-                    running[pool.submit(_train_queued, spec_of(batch[0]), batch, threads, i)] = i
-            finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-            while True:
-                try:
-                    i, fraction = fractions.get_nowait()
-                except queue.Empty:
-                    break
-                if i not in finished_indices:  # a late report of a finished batch is dropped
-                    on_fraction(i, fraction)
-            for future in finished:
-                finished_indices.add(running[future])
-                yield (running.pop(future), *future.result())
-
-
-_QUEUE: Any = None  # a worker process's queue of (batch index, fraction of its steps done)
-
-
-def _set_queue(q: Any) -> None:
-    global _QUEUE
-    _QUEUE = q
-
-
-def _train_queued(
-    spec: TaskSpec, configs: list[RunConfig], threads: int, index: int
-) -> tuple[list[RunResult], float]:
-    """:func:`_train` in a worker, sending its fractions (at most two a second) to the queue."""
-    last = 0.0
-
-    def send(fraction: float) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= 0.5:
-            last = now
-            _QUEUE.put((index, fraction))
-
-    return _train(spec, configs, threads, send)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import numpy as np
-from matplotlib.colors import BoundaryNorm
+from matplotlib.colors import BoundaryNorm, Normalize
 from matplotlib.lines import Line2D
 
 from gaugefix.experiments.cells import (
@@ -521,6 +521,20 @@ def render_horizons(entry: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+COLORS = 256  # colors of the stability map's colormap
+MAX_TICKS = 10  # most seed counts labelled on its color bar
+
+
+def _color_scale(seeds: int) -> tuple[Normalize, np.ndarray]:
+    """The color scale of a fraction of ``seeds`` seeds (one color per count while the colormap
+    has enough colors, continuous beyond) and the counts its color bar labels."""
+    counts = np.unique(np.linspace(0, seeds, min(seeds, MAX_TICKS) + 1).round().astype(int))
+    if seeds + 1 > COLORS:
+        return Normalize(0.0, 1.0), counts
+    edges = np.linspace(-0.5 / seeds, 1 + 0.5 / seeds, seeds + 2)
+    return BoundaryNorm(edges, COLORS), counts
+
+
 def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
@@ -540,7 +554,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         squeeze=False,
         layout="constrained",
     )
-    norm = BoundaryNorm(np.linspace(-0.5 / seeds, 1 + 0.5 / seeds, seeds + 2), 256)
+    norm, counts = _color_scale(seeds)
     y_edges = _edges(lrs)
     ratio = grid_ratio(lrs)
     mesh = None
@@ -579,7 +593,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
             ax.set_ylabel(f"lr (grid ratio {fmt(ratio)})" if ratio else "lr")
     plain_log_ticks(*axes[:, 0])  # after every set_yscale of the shared axis
     bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f"seeds stable (of {seeds})")
-    bar.set_ticks(np.linspace(0, 1, seeds + 1), labels=[str(i) for i in range(seeds + 1)])
+    bar.set_ticks(counts / seeds, labels=[str(k) for k in counts])
     fig.suptitle(f"{task}: {regime.label} (x: some seed diverged)", fontsize=10)
     return save(fig, out, f"stability-{task}-{regime.slug}.png")
 
