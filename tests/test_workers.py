@@ -191,7 +191,7 @@ def test_an_interruption_loses_at_most_the_batch_in_progress(tmp_path, monkeypat
 
 def _results(store: Store) -> dict[str, tuple]:
     fields = ("status", "initial_loss", "final_loss", "log_ratio_rms", "mu_rel_max")
-    return {r["key"]: tuple(r[f] for f in fields) for r in store.runs()}
+    return {r.config.key(): tuple(getattr(r, f) for f in fields) for r in store.runs()}
 
 
 def test_a_sweep_killed_midway_keeps_its_finished_batches_and_resumes(tmp_path):
