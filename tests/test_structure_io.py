@@ -293,7 +293,11 @@ def test_restrict_is_the_subgroup_of_the_kept_generators(case, seed):
     for k, v in case.model.named_parameters():
         assert torch.equal(v, expected[k]), k
     mu = gaugefix.imbalance(case.model, s)
-    assert torch.equal(gaugefix.imbalance(case.model, r), mu[keep])
+    # the same squares, summed in the order of each structure's groups of equally shaped
+    # parameters: equal up to the rounding of that order
+    change = gaugefix.imbalance(case.model, r) - mu[keep]
+    if change.numel():
+        assert float(change.abs().max()) <= 1e-13 * float(mu.abs().max())
     touched = {
         name
         for name, m in s.params.items()
