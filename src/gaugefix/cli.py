@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import itertools
 import json
 import math
@@ -315,8 +314,6 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Workers | N
             raise _fail("--ray-address needs --executor ray")
         yield None
         return
-    if importlib.util.find_spec("ray") is None:  # before any address is tried
-        raise _fail("--executor ray needs Ray: pip install 'gaugefix[ray]'")
     from gaugefix.experiments.ray_executor import ClusterError, ray_executor
 
     try:

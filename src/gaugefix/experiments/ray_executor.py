@@ -53,12 +53,12 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Workers]:
     its workers for :func:`~gaugefix.experiments.runner.run_all`; cancel the tasks still
     running and disconnect (stopping a local instance) on exit. Raises :class:`ClusterError`
     before anything is started or written."""
-    if address is not None and address != "auto":
-        _check_reachable(address)
     try:
         import ray
-    except ImportError:
+    except ImportError:  # said before any address is tried
         raise ClusterError("--executor ray needs Ray: pip install 'gaugefix[ray]'") from None
+    if address is not None and address != "auto":
+        _check_reachable(address)
     options = {"num_cpus": cpus, "include_dashboard": False} if address is None else {}
     try:
         ray.init(
