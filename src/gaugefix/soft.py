@@ -129,18 +129,30 @@ def add_orbit_selection_grad_(
         add_local_grads_(params, {name: g for name, g in grads.items() if name in params})
         return True
     mu[n] = 0.0  # the dummy slot
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    add_selection_grads_({name: p.grad for name, p in params.items()}, params, structure, mu)
+    return True
+
+
+@torch.no_grad()
+def add_selection_grads_(
+    grads: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    mu: Tensor,
+    batch_dims: int = 0,
+) -> None:
+    """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
+    ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N + 1]``, the
+    strength included, the dummy slot ``N`` zero): the gradient of ``P`` added. One
+    ``torch._foreach_addcmul_`` per group of equally shaped parameters."""
     for group in kernel_plan(structure, mu.device).groups:
         ps = [params[name] for name in group.names]
-        factors = per_parameter(group_coefficients(mu, group).to(ps[0].dtype), group, 0)
-        with_grad = [k for k, p in enumerate(ps) if p.grad is not None]
-        torch._foreach_addcmul_(
-            [ps[k].grad for k in with_grad], [ps[k] for k in with_grad],
-            [factors[k] for k in with_grad],
-        )  # fmt: skip
-        for k, p in enumerate(ps):
-            if p.grad is None:
-                p.grad = factors[k] * p
-    return True
+        coefficients = group_coefficients(mu, group).to(ps[0].dtype)
+        factors = per_parameter(coefficients, group, batch_dims)
+        torch._foreach_addcmul_([grads[name] for name in group.names], ps, list(factors))
 
 
 class _OrbitSelection(torch.autograd.Function):

@@ -13,17 +13,29 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from gaugefix.action import apply_gauge_, rescale_
+from gaugefix.action import apply_gauge_
 from gaugefix.balancing import solve_balance
 from gaugefix.experiments.tasks import DATA_SEED, Task
+from gaugefix.kernels import rescale_
 from gaugefix.moment import STAT_NAMES, Masses, generator_sums, stats_from_sums
-from gaugefix.soft import orbit_selection_grads, orbit_step
+from gaugefix.step import (
+    EmptyState,
+    Transformation,
+    adam,
+    applied,
+    chain,
+    exact,
+    penalty,
+    sgd,
+    state_targets,
+    weight_decay,
+)
 from gaugefix.structure import GaugeStructure, discover
 
 # A stack maps each parameter name to ``[R, *shape]``: run ``r`` of a group is slice ``r``. The
@@ -36,11 +48,13 @@ class Method:
     """A training method: whether it starts from the balanced point of its initialisation's
     orbit (``balance_`` at step 0; the function is unchanged), what it adds to every step
     (``fixing``: ``"penalty"``, ``"exact"``, ``"weight-decay"``, ``"balance"`` or ``None``),
-    and its definition in words (docs and report)."""
+    its definition in words (docs and report), and for ``"exact"`` the optimizer steps between
+    orbit steps (``every``, as :class:`gaugefix.GaugeFixing`'s)."""
 
     balanced_start: bool
     fixing: str | None
     definition: str
+    every: int = 1
 
 
 _FROM_GIVEN = "from the initialisation as given"
@@ -50,16 +64,16 @@ _PENALTY = (
     "gradient added to the optimizer's gradient)"
 )
 _EXACT = (
-    "after every optimizer step, the bounded exact orbit step of `relax_` (`h = -rate mu`, "
-    "`rate = lr * strength`)"
+    "after every optimizer step (`every = 1`), the bounded exact orbit step of `relax_` "
+    '(`h = -rate mu`, `rate = lr * strength`; `GaugeFixing(mode="exact", every=1)`)'
 )
 METHODS: dict[str, Method] = {
     "plain": Method(False, None, f"the optimizer alone, {_FROM_GIVEN}"),
     "balanced-init": Method(True, None, f"the optimizer alone, {_FROM_BALANCED}"),
     "penalty": Method(False, "penalty", f"{_PENALTY}, {_FROM_GIVEN}"),
     "balanced-penalty": Method(True, "penalty", f"{_PENALTY}, {_FROM_BALANCED}"),
-    "exact": Method(False, "exact", f"{_EXACT}, {_FROM_GIVEN}"),
-    "balanced-exact": Method(True, "exact", f"{_EXACT}, {_FROM_BALANCED}"),
+    "exact": Method(False, "exact", f"{_EXACT}, {_FROM_GIVEN}", every=1),
+    "balanced-exact": Method(True, "exact", f"{_EXACT}, {_FROM_BALANCED}", every=1),
     "weight-decay": Method(
         False, "weight-decay", f"L2, `strength * theta` added to the gradient, {_FROM_GIVEN}"
     ),
@@ -76,6 +90,8 @@ STRENGTH_METHODS = tuple(
 # initialisation as given (plain) and from its balanced point (balanced-init).
 REFERENCES = tuple(m for m, d in METHODS.items() if d.fixing is None)
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+# The momentum of the sweep's ``momentum`` optimizer (SGD's own default is none).
+MOMENTUM = 0.9
 DIVERGENCE_FACTOR = 1e3
 # A finished run is stable when its final training loss is at most this fraction of the smaller
 # of its initial loss and the constant predictor's loss (:func:`run_status`).
@@ -83,7 +99,7 @@ STABILITY_MARGIN = 0.9
 # The version of the experiment definitions: bump it whenever a change to the engine, the methods,
 # the optimizers or the tasks changes what a run computes. It is part of every task hash, so runs
 # of older definitions are never taken for runs of the current ones.
-DEFINITIONS = 3
+DEFINITIONS = 4
 
 
 def run_status(
@@ -212,57 +228,28 @@ def train_group(
     if len(groups) != 1:
         raise ValueError(f"train_group needs one group, got {sorted(groups)}")
     first = configs[0]
-    dtype = getattr(torch, first.dtype)
-    r = len(configs)
-    template, structure, stack = _initial_stack(task, configs, dtype)
-
-    def column(values: list[float]) -> Tensor:
-        return torch.tensor(values, dtype=dtype)
-
-    def strengths(fixing: str) -> Tensor:
-        return column([c.strength if METHODS[c.method].fixing == fixing else 0.0 for c in configs])
-
-    lr = column([c.lr for c in configs])
-    pen, wd, exact = strengths("penalty"), strengths("weight-decay"), strengths("exact")
-    hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
-    balance_rows_(
-        structure, stack, torch.tensor([METHODS[c.method].balanced_start for c in configs]), {}
-    )
-
-    x, y, _, _ = task.arrays(dtype)
-    forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
-    batched_forward = vmap(lambda p, xb: functional_call(template, p, (xb,)))
-
-    def losses(params: Stack, xb: Tensor, yb: Tensor, shared: bool) -> Tensor:
-        out = forward(params, xb) if shared else batched_forward(params, xb)
-        if task.kind == "regression":
-            return 0.5 * (out - yb).square().sum(-1).mean(-1)
-        flat = torch.nn.functional.cross_entropy(
-            out.reshape(-1, out.shape[-1]), yb.expand(r, -1).reshape(-1), reduction="none"
-        )
-        return flat.view(r, -1).mean(-1)
-
+    template, structure, stack = _initial_stack(task, configs, getattr(torch, first.dtype))
+    starts = torch.tensor([METHODS[c.method].balanced_start for c in configs])
+    balance_rows_(structure, stack, starts, None)
+    full_loss, batch_loss = _losses(task, template, configs)
     with torch.no_grad():
-        initial = losses(stack, x, y, True)
+        initial = full_loss(stack)
     active = torch.isfinite(initial)
     diverged_at: list[int | None] = [None if bool(a) else 0 for a in active]
-    buffers: dict[str, Stack] = {k: {} for k in ("momentum", "exp_avg", "exp_avg_sq")}
-    curves: list[list[CurvePoint]] = [[] for _ in range(r)]
+    # Each run's learning rate, set to 0 (with its updates: frozen) once the run diverged.
+    lr = torch.tensor([c.lr for c in configs], dtype=torch.float64) * active
+    step_fn = group_step(structure, configs, first.optimizer, lr, active)
+    state = step_fn.init(stack)
+    hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
+    curves: list[list[CurvePoint]] = [[] for _ in configs]
     every = record_every or max(1, first.steps // 50)
-    sampler = [torch.Generator().manual_seed(c.seed) for c in configs]
-    n = len(x)
-
     for step in range(first.steps + 1):
-        full = first.batch_size <= 0 or first.batch_size >= n
-        if full:
-            loss = losses(stack, x, y, True)
-        else:
-            idx = torch.stack([torch.randperm(n, generator=g)[: first.batch_size] for g in sampler])
-            loss = losses(stack, x[idx], y[idx], False)
+        loss = batch_loss(stack)
         bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * initial)
         for i in torch.nonzero(active & bad).reshape(-1).tolist():
             diverged_at[i] = step
-        active = active & ~bad
+        active &= ~bad
+        lr.mul_(active)
         if step % every == 0 or step == first.steps:
             _record(curves, step, loss.detach(), run_stats(structure, stack), active)
         if on_step is not None:
@@ -271,38 +258,89 @@ def train_group(
             break
         grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
         with torch.no_grad():
-            g = dict(zip(stack, grads, strict=True))
-            if bool((pen > 0).any()):
-                for name, extra in penalty_grads(structure, stack, pen).items():
-                    g[name] = g[name] + extra
-            if bool((wd > 0).any()):
-                for name, p in stack.items():
-                    g[name] = g[name] + _col(wd, p) * p
-            _optimizer_step_(first.optimizer, stack, g, buffers, lr, active, step + 1)
-            if bool((exact > 0).any()):
-                rate = lr.to(torch.float64) * exact.to(torch.float64) * active
-                h, _ = orbit_step(stack, structure, rate, batch_dims=1)
-                rescale_(_transported(stack, buffers), structure, h, batch_dims=1)
-            if bool(hard.any()):
-                balance_rows_(structure, stack, hard & active, buffers)
-
+            _, state = step_fn.update(dict(zip(stack, grads, strict=True)), state, stack)
+            balance_rows_(structure, stack, hard & active, state)
     return _results(task, configs, template, stack, initial, active, diverged_at, curves, structure)
 
 
-def _col(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
+def _losses(
+    task: Task, template: torch.nn.Module, configs: list[RunConfig]
+) -> tuple[Callable[[Stack], Tensor], Callable[[Stack], Tensor]]:
+    """Per run (``[R]``), :meth:`Task.loss` on the full training set, and on the step's batch:
+    the full set, or a batch of ``batch_size`` drawn by each run's own generator (seeded by its
+    seed) at every call."""
+    x, y, _, _ = task.arrays(getattr(torch, configs[0].dtype))
+
+    def loss(params: Stack, xb: Tensor, yb: Tensor) -> Tensor:
+        return task.loss(functional_call(template, params, (xb,)), yb)
+
+    shared, own = vmap(loss, in_dims=(0, None, None)), vmap(loss)
+    size = configs[0].batch_size
+    if size <= 0 or size >= len(x):
+        return (lambda stack: shared(stack, x, y)), (lambda stack: shared(stack, x, y))
+    samplers = [torch.Generator().manual_seed(c.seed) for c in configs]
+
+    def drawn(stack: Stack) -> Tensor:
+        idx = torch.stack([torch.randperm(len(x), generator=g)[:size] for g in samplers])
+        return own(stack, x[idx], y[idx])
+
+    return (lambda stack: shared(stack, x, y)), drawn
 
 
-_POWERS = {"momentum": -1, "exp_avg": -1, "exp_avg_sq": -2}
+def group_step(
+    structure: GaugeStructure, configs: list[RunConfig], optimizer: str, lr: Tensor, active: Tensor
+) -> Transformation:
+    """The step of :mod:`gaugefix.step` every run of a group takes, each with its method's
+    strengths (0 where its method has none): the penalty's gradient and weight decay added to
+    the loss gradient, the optimizer (``lr``: ``[R]``), the updates of runs no longer
+    ``active`` zeroed, and the exact orbit step of each ``every`` the methods use."""
+
+    def strengths(fixing: str, every: int = 1) -> Tensor:
+        return torch.tensor(
+            [
+                c.strength if (m := METHODS[c.method]).fixing == fixing and m.every == every
+                else 0.0
+                for c in configs
+            ],
+            dtype=torch.float64,
+        )  # fmt: skip
+
+    pen, wd = strengths("penalty"), strengths("weight-decay")
+    parts = [penalty(structure, strength=pen, batch_dims=1)] if bool((pen > 0).any()) else []
+    parts += [weight_decay(strength=wd)] if bool((wd > 0).any()) else []
+    parts += [optimizers(optimizer, lr), _frozen(active)]
+    step_fn = applied(chain(*parts))
+    for every in sorted({METHODS[c.method].every for c in configs}):
+        exact_strength = strengths("exact", every)
+        if bool((exact_strength > 0).any()):
+            step_fn = exact(
+                step_fn, structure, lr=lr, strength=exact_strength, every=every, batch_dims=1
+            )
+    return step_fn
 
 
-def _transported(stack: Stack, buffers: dict[str, Stack]) -> dict[str, list[tuple[Tensor, int]]]:
-    """Each parameter stack with the optimizer buffers that move with it (gradient-like ones
-    scale by the inverse factor, squared ones by its square)."""
-    return {
-        name: [(p, 1)] + [(b[name], _POWERS[k]) for k, b in buffers.items() if name in b]
-        for name, p in stack.items()
-    }
+def optimizers(kind: str, lr: Tensor) -> Transformation:
+    """The sweep's optimizer ``kind`` (:data:`OPTIMIZERS`): ``gd`` (full batch) and ``sgd``
+    are ``torch.optim.SGD``, ``momentum`` is SGD with momentum :data:`MOMENTUM`, ``adam`` is
+    ``torch.optim.Adam`` with its defaults."""
+    if kind in ("gd", "sgd"):
+        return sgd(lr)
+    if kind == "momentum":
+        return sgd(lr, momentum=MOMENTUM)
+    if kind == "adam":
+        return adam(lr)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def _frozen(active: Tensor) -> Transformation:
+    """Zero updates for the runs no longer ``active`` (bool ``[R]``, read at every step), so
+    that their parameters freeze whatever their gradients hold."""
+
+    def update(updates: Stack, state: EmptyState, params: Stack) -> tuple[Stack, EmptyState]:
+        keep = {n: active.view(-1, *[1] * (u.dim() - 1)) for n, u in updates.items()}
+        return {n: torch.where(keep[n], u, 0.0) for n, u in updates.items()}, state
+
+    return Transformation(lambda params: EmptyState(), update)
 
 
 def run_stats(structure: GaugeStructure, stack: Stack) -> tuple[Tensor, Tensor]:
@@ -315,11 +353,12 @@ def run_stats(structure: GaugeStructure, stack: Stack) -> tuple[Tensor, Tensor]:
 
 def penalty_grads(structure: GaugeStructure, stack: Stack, strength: Tensor) -> Stack:
     """The gradient of ``P = (strength_r / 4) sum_n mu_n^2`` for every run (``strength``:
-    ``[R]``), as :func:`gaugefix.OrbitSelectionPenalty` computes it for one model."""
-    s_in, s_out, _ = generator_sums(stack, structure, torch.float64, batch_dims=1)
-    n = structure.num_generators
-    mu = (s_in - s_out)[:, :n] * strength.to(torch.float64)[:, None]
-    return orbit_selection_grads(stack, structure, mu, batch_dims=1)
+    ``[R]``): the engine's :func:`gaugefix.step.penalty` added to zero gradients."""
+    zeros = {name: torch.zeros_like(p) for name, p in stack.items()}
+    grads, _ = penalty(structure, strength=strength, batch_dims=1).update(
+        zeros, EmptyState(), stack
+    )
+    return {name: grads[name] for name in structure.params if name in grads}
 
 
 def balanced_gauges(structure: GaugeStructure, stack: Stack) -> Tensor:
@@ -328,47 +367,15 @@ def balanced_gauges(structure: GaugeStructure, stack: Stack) -> Tensor:
     return solve_balance(Masses({k: v.detach() for k, v in stack.items()}, structure)).h
 
 
-def balance_rows_(
-    structure: GaugeStructure, stack: Stack, rows: Tensor, buffers: dict[str, Stack]
-) -> None:
-    """Hard gauge fixing of the selected runs (``rows``: bool ``[R]``)."""
+def balance_rows_(structure: GaugeStructure, stack: Stack, rows: Tensor, state: Any) -> None:
+    """Hard gauge fixing of the selected runs (``rows``: bool ``[R]``), the optimizer buffers
+    of ``state`` (a :mod:`gaugefix.step` state, or ``None``) transported."""
     if not bool(rows.any()) or structure.num_generators == 0:
         return
     sel = torch.nonzero(rows).reshape(-1)
     h = torch.zeros(rows.shape[0], structure.num_generators, dtype=torch.float64)
     h[sel] = balanced_gauges(structure, {k: v[sel] for k, v in stack.items()})
-    rescale_(_transported(stack, buffers), structure, h, batch_dims=1)
-
-
-def _optimizer_step_(
-    kind: str,
-    stack: Stack,
-    g: Stack,
-    buffers: dict[str, Stack],
-    lr: Tensor,
-    active: Tensor,
-    t: int,
-) -> None:
-    """One step of ``kind`` for every active run, in place (inactive runs are frozen)."""
-    for name, p in stack.items():
-        grad = g[name]
-        lr_p = _col(lr * active, p)
-        if kind in ("gd", "sgd"):
-            update = grad
-        elif kind == "momentum":
-            buf = buffers["momentum"].get(name)
-            buf = grad.clone() if buf is None else 0.9 * buf + grad
-            buffers["momentum"][name] = torch.where(_col(active, p), buf, buf.new_zeros(()))
-            update = buf
-        elif kind == "adam":
-            m = buffers["exp_avg"].setdefault(name, torch.zeros_like(p))
-            v = buffers["exp_avg_sq"].setdefault(name, torch.zeros_like(p))
-            m.mul_(0.9).add_(0.1 * grad)
-            v.mul_(0.999).addcmul_(grad, grad, value=0.001)
-            update = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
-        else:
-            raise ValueError(f"unknown optimizer {kind!r}")
-        p.sub_(lr_p * torch.nan_to_num(update))
+    rescale_(state_targets(stack, state), structure, h, batch_dims=1)
 
 
 def _record(
@@ -447,7 +454,9 @@ def balance_changes(
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     x = task.arrays(torch.float64)[0]
     before = forward(params, x)
-    rescale_(_transported(params, {}), structure, balanced_gauges(structure, params), batch_dims=1)
+    rescale_(
+        state_targets(params, None), structure, balanced_gauges(structure, params), batch_dims=1
+    )
     after = forward(params, x)
     diff = torch.linalg.vector_norm((after - before).flatten(1), dim=1)
     rel = diff / torch.linalg.vector_norm(before.flatten(1), dim=1)

@@ -1,0 +1,293 @@
+"""One training step, optax-style: small transformations that compose, over parameter dicts.
+
+A :class:`Transformation` is a pair of functions: ``init(params) -> state`` and
+``update(grads, state, params) -> (updates, state)``, with ``state`` a ``NamedTuple``. The
+gradient transformations (:func:`penalty`, :func:`weight_decay`) return the gradients they were
+given with a term added; the optimizers (:func:`sgd`, :func:`adam`) return the change to the
+parameters, ``-lr * direction``; :func:`chain` composes them and :func:`applied` adds the result
+to the parameters and returns them. :func:`exact` wraps such a step with the exact orbit step of
+soft gauge fixing: every ``every``-th step, the group action ``g(h)``, ``h`` the bounded step of
+:func:`gaugefix.relax_` at ``rate = strength * (the sum of the learning rates since the last
+one)``, applied to the parameters and to the optimizer's state (gradient-like buffers by the
+inverse factor, squared ones by its square), so the function the step produced is kept to rounding.
+
+Parameters are ``name -> [*batch, *shape]`` with ``batch_dims`` leading dims: several copies of a
+model (the sweep engine's runs) step at once, each with its own ``lr`` and ``strength`` (tensors
+``[*batch]``). Like ``torch.optim``, the step works in place: the gradients a gradient
+transformation is given are overwritten, and :func:`applied` moves the parameters. Constants
+default to ``torch.optim``'s, and :func:`sgd` and :func:`adam` follow ``torch.optim.SGD`` and
+``torch.optim.Adam`` (no weight decay, no Nesterov, no AMSGrad) operation by operation.
+:class:`gaugefix.GaugeFixing` runs the same penalty gradient and the same orbit step around a
+``torch.optim`` optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gaugefix.action import GRAD_LIKE, SQUARED
+from gaugefix.kernels import Targets, generator_sums, rescale_
+from gaugefix.moment import accumulation_dtype
+from gaugefix.soft import add_selection_grads_, orbit_step
+from gaugefix.structure import GaugeStructure
+
+Params = dict[str, Tensor]
+# A learning rate or strength: one number, or one per copy (``[*batch]``).
+Scalar = float | Tensor
+# ``torch.optim``'s defaults.
+MOMENTUM = 0.0
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+# The default interval of exact orbit steps, in optimizer steps.
+EVERY = 10
+
+
+class Transformation(NamedTuple):
+    """``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``."""
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps none."""
+
+
+class SgdState(NamedTuple):
+    """``torch.optim.SGD``'s momentum buffers (``None`` before the first step or without
+    momentum)."""
+
+    momentum_buffer: Params | None
+
+
+class AdamState(NamedTuple):
+    """``torch.optim.Adam``'s step count and moment estimates."""
+
+    step: int
+    exp_avg: Params
+    exp_avg_sq: Params
+
+
+class OrbitState(NamedTuple):
+    """Where the exact orbit step stands: ``since`` optimizer steps since the last orbit step,
+    and the sum of their learning rates (``None`` for none; a number, a tensor ``[*batch]``,
+    or a tuple with one per parameter group)."""
+
+    since: int = 0
+    lr_sum: Any = None
+
+
+class ExactState(NamedTuple):
+    """The state of the wrapped step and of its orbit steps."""
+
+    inner: Any
+    orbit: OrbitState
+
+
+def check_every(every: int) -> None:
+    """``ValueError`` unless ``every`` (optimizer steps between exact orbit steps) is an
+    integer ``>= 1``."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an integer >= 1, got {every!r}")
+
+
+def per_entry(value: Scalar, like: Tensor) -> Scalar:
+    """A number as it is; a tensor ``[*batch]`` in ``like``'s dtype, shaped to broadcast over
+    the trailing dims of ``like`` (``[*batch, *shape]``)."""
+    if not isinstance(value, Tensor):
+        return value
+    value = value.to(device=like.device, dtype=like.dtype)
+    return value.reshape(*value.shape, *[1] * (like.dim() - value.dim()))
+
+
+# -- gradient transformations -------------------------------------------------------------------
+
+
+def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0) -> Transformation:
+    """Adds ``grad P`` of ``P = (strength / 4) sum_n mu_n^2`` to the gradients:
+    ``strength (sum_n w_n(e) mu_n) theta_e`` for every entry, ``mu`` accumulated like
+    :func:`gaugefix.imbalance` (:class:`gaugefix.OrbitSelectionPenalty`'s gradient)."""
+    n = structure.num_generators
+
+    @torch.no_grad()
+    def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+        dtype = accumulation_dtype(next(iter(params.values())).dtype)
+        s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
+        mu = (s_in - s_out) * per_entry(strength, s_in)
+        mu[..., n] = 0.0  # the dummy slot
+        add_selection_grads_(grads, params, structure, mu, batch_dims)
+        return grads, state
+
+    return Transformation(lambda params: EmptyState(), update)
+
+
+def weight_decay(*, strength: Scalar) -> Transformation:
+    """Adds ``strength * theta`` to the gradients (L2 regularisation, ``torch.optim``'s
+    ``weight_decay``)."""
+
+    @torch.no_grad()
+    def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+        for name, g in grads.items():
+            g.add_(per_entry(strength, g) * params[name])
+        return grads, state
+
+    return Transformation(lambda params: EmptyState(), update)
+
+
+def sgd(lr: Scalar, *, momentum: float = MOMENTUM) -> Transformation:
+    """``torch.optim.SGD``: the update ``-lr * b`` with ``b = g`` or, with momentum, the buffer
+    ``b <- momentum * b + g`` (``b = g`` at the first step). ``lr`` is read at every step."""
+
+    @torch.no_grad()
+    def update(grads: Params, state: SgdState, params: Params) -> tuple[Params, SgdState]:
+        buffers = state.momentum_buffer
+        if momentum and buffers is None:
+            buffers = {name: g.clone() for name, g in grads.items()}
+        elif momentum:
+            for name, g in grads.items():
+                buffers[name].mul_(momentum).add_(g)
+        directions = buffers if momentum else grads
+        return {n: d * -per_entry(lr, d) for n, d in directions.items()}, SgdState(buffers)
+
+    return Transformation(lambda params: SgdState(None), update)
+
+
+def adam(lr: Scalar, *, betas: tuple[float, float] = BETAS, eps: float = EPS) -> Transformation:
+    """``torch.optim.Adam``: ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2``
+    and the update ``-(lr / c1) m / (sqrt(v) / sqrt(c2) + eps)`` with ``c_i = 1 - beta_i^t``
+    at step ``t``. ``lr`` is read at every step."""
+    beta1, beta2 = betas
+
+    def init(params: Params) -> AdamState:
+        zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+        return AdamState(0, zeros, {n: torch.zeros_like(p) for n, p in params.items()})
+
+    @torch.no_grad()
+    def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        t = state.step + 1
+        c1, c2 = 1 - beta1**t, 1 - beta2**t
+        updates = {}
+        for name, g in grads.items():
+            m, v = state.exp_avg[name], state.exp_avg_sq[name]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / c2**0.5).add_(eps)
+            updates[name] = m / denom * -(per_entry(lr, g) / c1)
+        return updates, AdamState(t, state.exp_avg, state.exp_avg_sq)
+
+    return Transformation(init, update)
+
+
+def chain(*transformations: Transformation) -> Transformation:
+    """The transformations one after the other; the state is the tuple of their states."""
+
+    def init(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transformations)
+
+    def update(grads: Params, state: tuple, params: Params) -> tuple[Params, tuple]:
+        states = []
+        for t, s in zip(transformations, state, strict=True):
+            grads, s = t.update(grads, s, params)
+            states.append(s)
+        return grads, tuple(states)
+
+    return Transformation(init, update)
+
+
+# -- steps: the parameters moved ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def apply_updates_(params: Params, updates: Params) -> None:
+    """``params += updates``, in place."""
+    names = list(updates)
+    torch._foreach_add_([params[n] for n in names], [updates[n] for n in names])
+
+
+def applied(optimizer: Transformation) -> Transformation:
+    """The step of ``optimizer``: its updates added to the parameters in place; ``update``
+    returns the parameters."""
+
+    def update(grads: Params, state: Any, params: Params) -> tuple[Params, Any]:
+        updates, state = optimizer.update(grads, state, params)
+        apply_updates_(params, updates)
+        return params, state
+
+    return Transformation(optimizer.init, update)
+
+
+def advance(state: OrbitState, lr: Any, every: int) -> tuple[Any, OrbitState]:
+    """One optimizer step at learning rate ``lr`` (a number, a tensor ``[*batch]`` or a tuple
+    with one per parameter group): ``(lr_sum, state)``, ``lr_sum`` the sum of the learning rates
+    since the last orbit step when one is due now (every ``every``-th step), else ``None``."""
+    total = lr if state.lr_sum is None else _plus(state.lr_sum, lr)
+    if state.since + 1 < every:
+        return None, OrbitState(state.since + 1, total)
+    return total, OrbitState()
+
+
+def _plus(total: Any, lr: Any) -> Any:
+    if isinstance(lr, tuple):  # a group added since starts at 0
+        total = total + (0.0,) * (len(lr) - len(total))
+        return tuple(a + b for a, b in zip(total, lr, strict=True))
+    return total + lr
+
+
+def state_targets(params: Params, state: Any) -> Targets:
+    """Each parameter (power 1) with the optimizer buffers of ``state`` (a state of this module,
+    nested in tuples) that move with it: gradient-like ones (``momentum_buffer``, ``exp_avg``)
+    by the inverse factor (power -1), squared ones (``exp_avg_sq``) by its square (-2)."""
+    targets: Targets = {name: [(p, 1)] for name, p in params.items()}
+    for key, buffers in _buffers(state):
+        for name, b in buffers.items():
+            targets[name].append((b, -1 if key in GRAD_LIKE else -2))
+    return targets
+
+
+def _buffers(state: Any) -> Iterator[tuple[str, Params]]:
+    fields = getattr(state, "_fields", ())
+    for i, value in enumerate(state if isinstance(state, tuple) else ()):
+        key = fields[i] if fields else ""
+        if key in GRAD_LIKE + SQUARED and isinstance(value, dict):
+            yield key, value
+        elif isinstance(value, tuple):
+            yield from _buffers(value)
+
+
+def exact(
+    step: Transformation,
+    structure: GaugeStructure,
+    *,
+    lr: Scalar,
+    strength: Scalar,
+    every: int = EVERY,
+    batch_dims: int = 0,
+) -> Transformation:
+    """``step`` (one that returns the parameters, such as :func:`applied`), then, after every
+    ``every``-th step, the exact orbit step: ``g(h)`` with ``h`` the bounded step of
+    :func:`gaugefix.relax_` at ``rate = strength * (the sum of lr over the steps since the last
+    one)`` (per copy), applied to the parameters and transported to the step's optimizer buffers.
+    An optimizer step changes ``mu`` by ``O(lr^2)``, so one orbit step every ``every`` steps at
+    the summed rate acts like one at each, at ``1 / every`` of the cost. A copy whose squared
+    sums are not finite does not move."""
+    check_every(every)
+    acts = bool((torch.as_tensor(strength) > 0).any())
+
+    def init(params: Params) -> ExactState:
+        return ExactState(step.init(params), OrbitState())
+
+    @torch.no_grad()
+    def update(grads: Params, state: ExactState, params: Params) -> tuple[Params, ExactState]:
+        params, inner = step.update(grads, state.inner, params)
+        lr_sum, orbit = advance(state.orbit, lr, every)
+        if acts and lr_sum is not None and structure.num_generators:
+            rate = torch.as_tensor(strength * lr_sum, dtype=torch.float64)
+            h, _ = orbit_step(params, structure, rate, batch_dims)
+            rescale_(state_targets(params, inner), structure, h, batch_dims)
+        return params, ExactState(inner, orbit)
+
+    return Transformation(init, update)
