@@ -224,17 +224,20 @@ def advance(state: OrbitState, lr: Any, every: int) -> tuple[Any, OrbitState]:
     """One optimizer step at learning rate ``lr`` (a number, a tensor ``[*batch]`` or a tuple
     with one per parameter group): ``(lr_sum, state)``, ``lr_sum`` the sum of the learning rates
     since the last orbit step when one is due now (every ``every``-th step), else ``None``."""
-    total = lr if state.lr_sum is None else _plus(state.lr_sum, lr)
+    total = _plus(state.lr_sum, lr)
     if state.since + 1 < every:
         return None, OrbitState(state.since + 1, total)
     return total, OrbitState()
 
 
 def _plus(total: Any, lr: Any) -> Any:
-    if isinstance(lr, tuple):  # a group added since starts at 0
-        total = total + (0.0,) * (len(lr) - len(total))
+    """``total + lr``, a new object (never ``lr`` itself: a tensor lr may change in place);
+    ``None`` and a parameter group added since count as 0."""
+    if isinstance(lr, tuple):
+        total = tuple(total or ())
+        total += (0.0,) * (len(lr) - len(total))
         return tuple(a + b for a, b in zip(total, lr, strict=True))
-    return total + lr
+    return (0.0 if total is None else total) + lr
 
 
 def state_targets(params: Params, state: Any) -> Targets:

@@ -21,11 +21,10 @@ from gaugefix.soft import (
     check_strength,
     relax_unchecked_,
 )
+from gaugefix.step import EVERY, OrbitState, advance, check_every
 from gaugefix.structure import GaugeStructure
 
 Mode = Literal["exact", "penalty"]
-# The default interval of exact orbit steps, in optimizer steps (see ``GaugeFixing``).
-EVERY = 10
 logger = logging.getLogger(__name__)
 # The GaugeFixing hook attached to each optimizer (one at most).
 _attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, GaugeFixing] = (
@@ -43,13 +42,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def check_every(every: int) -> None:
-    """``ValueError`` unless ``every`` (optimizer steps between exact orbit steps) is an
-    integer ``>= 1``."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an integer >= 1, got {every!r}")
 
 
 def _touching(structure: GaugeStructure, names: set[str]) -> Tensor:
@@ -135,8 +127,8 @@ class GaugeFixing:
         self.strength = check_strength(strength)
         self.mode = mode
         self.every = every if mode == "exact" else 1
-        self._since = 0  # optimizer steps since the last orbit step
-        self._lr_sums: list[float] = []  # per optimizer group, the learning rates since then
+        # Optimizer steps since the last orbit step, and per group the sum of their lrs.
+        self._orbit = OrbitState()
         self._all_params = structure.bind(self.model)
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         optimizer_states(optimizer, self._all_params)
@@ -177,7 +169,8 @@ class GaugeFixing:
         if sizes != self._group_sizes:
             self._group_sizes = sizes
             self._held = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        zero_lr = tuple(float(g["lr"]) == 0.0 for g in groups)
+        # A tensor lr stays on its device (never read): such a group counts as training.
+        zero_lr = tuple(not isinstance(g["lr"], Tensor) and g["lr"] == 0 for g in groups)
         frozen = tuple(
             (i := self._held.get(id(p))) is None or not p.requires_grad or zero_lr[i]
             for p in self._all_params.values()
@@ -218,7 +211,7 @@ class GaugeFixing:
     ) -> tuple[tuple, dict] | None:
         """Without a closure the gradients are ready now; with one (``step(closure)``, as in
         Lightning), they exist only once it ran, so it is wrapped."""
-        if self._since + 1 < self.every:  # gauge fixing does not act on this step
+        if self._orbit.since + 1 < self.every:  # gauge fixing does not act on this step
             return None
         # ``args`` starts with the optimizer itself: ``step(closure)`` has it at ``args[1]``.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -245,15 +238,11 @@ class GaugeFixing:
             self._ok = add_orbit_selection_grad_(self.params, self.active, self.strength, self._ok)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        groups = self.optimizer.param_groups
-        self._lr_sums.extend([0.0] * (len(groups) - len(self._lr_sums)))
-        for i, group in enumerate(groups):
-            self._lr_sums[i] += float(group["lr"])
-        self._since += 1
-        if self._since < self.every:
+        lrs = tuple(group["lr"] for group in self.optimizer.param_groups)
+        lr_sums, self._orbit = advance(self._orbit, lrs, self.every)
+        if lr_sums is None:  # gauge fixing does not act on this step
             return
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
-        lr_sums, self._lr_sums, self._since = self._lr_sums, [], 0
         if self.mode == "exact":
             rate = self._rate(lr_sums)
             rate = rate if isinstance(rate, Tensor) else check_rate(rate, self.active)
@@ -292,24 +281,27 @@ class GaugeFixing:
         generator (float64 ``[active.num_generators]``), ``strength * min(lr)`` over the
         parameters it acts on. An orbit step every ``every`` steps takes the same with the sum
         of the learning rates since the last one."""
-        return self._rate([float(g["lr"]) for g in self.optimizer.param_groups])
+        return self._rate(tuple(g["lr"] for g in self.optimizer.param_groups))
 
-    def _rate(self, group_lrs: list[float]) -> float | Tensor:
+    def _rate(self, group_lrs: tuple[float | Tensor, ...]) -> float | Tensor:
         self._refresh()
         lrs = tuple(group_lrs[i] for i in self._group_of)
+        if any(isinstance(lr, Tensor) for lr in lrs):  # on the device: compared by identity
+            return self._generator_rates(lrs)
         if self._rate_cache is None or self._rate_cache[0] != lrs:
             self._rate_cache = (lrs, self._generator_rates(lrs))
         return self._rate_cache[1]
 
-    def _generator_rates(self, lrs: tuple[float, ...]) -> float | Tensor:
-        if len(set(lrs)) <= 1:
+    def _generator_rates(self, lrs: tuple[float | Tensor, ...]) -> float | Tensor:
+        if len({id(lr) if isinstance(lr, Tensor) else lr for lr in lrs}) <= 1:
             return self.strength * (lrs[0] if lrs else 0.0)
         n = self.active.num_generators
         device = next(iter(self.params.values())).device
         rates = torch.full((n + 1,), math.inf, dtype=torch.float64, device=device)
         for param, lr in zip(self.active.plan(device), lrs, strict=True):
+            lr = torch.as_tensor(lr, dtype=torch.float64, device=device)
             for term in param.terms:
-                src = torch.full((term.slots.numel(),), lr, dtype=torch.float64, device=device)
+                src = lr.expand(term.slots.numel())
                 rates.scatter_reduce_(0, term.slots.reshape(-1), src, reduce="amin")
         rates = rates[:n]
         return self.strength * torch.where(torch.isfinite(rates), rates, 0.0)
@@ -322,8 +314,8 @@ class GaugeFixing:
         return {
             "steps": self.steps,
             "skipped": self.skipped,
-            "since": self._since,
-            "lr_sums": list(self._lr_sums),
+            "since": self._orbit.since,
+            "lr_sums": [float(lr) for lr in self._orbit.lr_sum or ()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -340,7 +332,7 @@ class GaugeFixing:
                 f"every={self.every}"
             )
         self._applied, self._acted = steps, steps + skipped
-        self._since, self._lr_sums = since, lr_sums
+        self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
 
     # -- misc -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
