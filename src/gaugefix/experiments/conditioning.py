@@ -13,7 +13,7 @@ import torch
 import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments.cells import SKey, TaskKey, s_key
-from gaugefix.experiments.engine import init_direction, task_hash
+from gaugefix.experiments.engine import METHODS, REFERENCES, init_direction, task_hash
 from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
 from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.stability import max_stable_lr
@@ -21,7 +21,9 @@ from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 
 KEY = "conditioning"
-TRAINED = ("plain", "balanced-init", "exact")  # the methods sharpness is followed for
+# The methods sharpness is followed for, as the sweep defines them (:data:`METHODS`).
+TRAINED = (*REFERENCES, "exact")
+STRENGTH = 1.0  # of the gauge-fixing methods
 
 
 class Sharpness(TypedDict):
@@ -66,17 +68,20 @@ def sharpness_init(task: Task, s_values: list[float]) -> dict[str, Any]:
 
 def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) -> dict[str, Any]:
     """Sharpness every ``every`` steps of full-batch GD from the initialisation moved by ``s z``,
-    for ``plain``, ``balanced-init`` and ``exact`` at strength 1 (:class:`gaugefix.GaugeFixing`
-    without a balanced start): ``{method: [(step, loss, sharpness), ...]}``."""
+    for the methods of :data:`TRAINED` as :data:`METHODS` defines them (a balanced start by
+    ``balance_``; penalty and exact by :class:`gaugefix.GaugeFixing` with the method's
+    ``every``, at strength :data:`STRENGTH`): ``{method: [(step, loss, sharpness), ...]}``."""
     out: dict[str, Any] = {"lr": lr, "s": s, "two_over_lr": 2 / lr}
     for method in TRAINED:
+        definition = METHODS[method]
         model, structure = float64_model(task)
         gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
-        if method == "balanced-init":
+        if definition.balanced_start:
             gaugefix.balance_(model, structure)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        if method == "exact":
-            gaugefix.GaugeFixing(opt, model, structure, 1.0, mode="exact", balance_at_start=False)
+        if definition.fixing is not None:  # GaugeFixing refuses a fixing it does not provide
+            gaugefix.GaugeFixing(opt, model, structure, STRENGTH, mode=definition.fixing,
+                                 balance_at_start=False, every=definition.every)  # fmt: skip
         curve = []
         for step in range(steps + 1):
             loss = loss64(task, model)
