@@ -1,6 +1,6 @@
 """gaugefix: the rescaling (gauge) symmetry of positively homogeneous PyTorch networks."""
 
-from gaugefix import zoo  # the example models: gaugefix.zoo.GPT, ...
+from gaugefix import step, zoo  # the training step's transformations; the example models
 from gaugefix.action import apply_gauge_, random_gauge_
 from gaugefix.balancing import BalanceResult, balance_
 from gaugefix.coordinates import (
@@ -68,5 +68,6 @@ __all__ = [
     "project",
     "relaxation_rates",
     "sharpness",
+    "step",
     "zoo",
 ]
