@@ -276,7 +276,7 @@ def exact(
     one)`` (per copy), applied to the parameters and transported to the step's optimizer buffers.
     An optimizer step changes ``mu`` by ``O(lr^2)``, so one orbit step every ``every`` steps at
     the summed rate acts like one at each, at ``1 / every`` of the cost. A copy whose squared
-    sums are not finite does not move."""
+    sums are not finite does not move; a ``strength`` 0 for every copy never acts."""
     check_every(every)
     acts = bool((torch.as_tensor(strength) > 0).any())
 

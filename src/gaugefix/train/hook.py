@@ -83,7 +83,12 @@ class GaugeFixing:
 
     Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
     parameters it touches (its incoming and outgoing entries), read from the groups at every
-    step so schedulers are followed.
+    step so schedulers are followed. A tensor ``lr`` stays on its device (no host read; its
+    group is never taken as frozen by its value).
+
+    The penalty's gradient, when an orbit step is due and the sum of learning rates it takes
+    (:func:`gaugefix.step.advance`) are those of :mod:`gaugefix.step`, which the sweep engine
+    steps its runs with.
 
     ``balance_at_start=True`` balances the model (:func:`gaugefix.balance_`, with optimizer
     state transport) once, now. If any gauged gradient is non-finite before a step that gauge
