@@ -284,3 +284,34 @@ def test_a_tensor_lr_is_not_read_on_the_host():
                 opt.step()
         reads[hooked] = counter.host_reads
     assert reads[True] - reads[False] <= 1, reads
+
+
+def test_a_group_mixing_every_1_and_every_10_equals_its_runs_alone(monkeypatch):
+    """Runs of exact every 1, exact every 10 and penalty trained as one group (one orbit step
+    wrapper per ``every``) end where each ends trained alone."""
+    monkeypatch.setitem(engine.METHODS, "exact-every-10", Method(False, "exact", "test", every=10))
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig(
+            "teacher-student",
+            m,
+            "momentum",
+            0.05,
+            1.0,
+            1.0,
+            0,
+            0,
+            12,
+            "float64",
+            task_hash=task_hash(task),
+        )  # fmt: skip
+        for m in ("exact", "exact-every-10", "penalty")
+    ]
+    together = train_group(task, configs)
+    finals = set()
+    for c, both in zip(configs, together, strict=True):
+        (alone,) = train_group(task, [c])
+        assert abs(both.final_loss - alone.final_loss) <= 1e-12 * alone.final_loss
+        assert abs(both.log_ratio_rms - alone.log_ratio_rms) <= 1e-12 * alone.log_ratio_rms
+        finals.add(round(alone.log_ratio_rms, 6))
+    assert len(finals) == 3  # three different methods
