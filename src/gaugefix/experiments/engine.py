@@ -240,7 +240,6 @@ def train_group(
     lr = torch.tensor([c.lr for c in configs], dtype=torch.float64) * active
     step_fn = group_step(structure, configs, first.optimizer, lr, active)
     state = step_fn.init(stack)
-    hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
     curves: list[list[CurvePoint]] = [[] for _ in configs]
     every = record_every or max(1, first.steps // 50)
     for step in range(first.steps + 1):
@@ -259,7 +258,6 @@ def train_group(
         grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
         with torch.no_grad():
             _, state = step_fn.update(dict(zip(stack, grads, strict=True)), state, stack)
-            balance_rows_(structure, stack, hard & active, state)
     return _results(task, configs, template, stack, initial, active, diverged_at, curves, structure)
 
 
@@ -293,7 +291,8 @@ def group_step(
     """The step of :mod:`gaugefix.step` every run of a group takes, each with its method's
     strengths (0 where its method has none): the penalty's gradient and weight decay added to
     the loss gradient, the optimizer (``lr``: ``[R]``), the updates of runs no longer
-    ``active`` zeroed, and the exact orbit step of each ``every`` the methods use."""
+    ``active`` zeroed, the exact orbit step of each ``every`` the methods use, and hard gauge
+    fixing (``balance``) after the step."""
 
     def strengths(fixing: str, every: int = 1) -> Tensor:
         return torch.tensor(
@@ -316,7 +315,8 @@ def group_step(
             step_fn = exact(
                 step_fn, structure, lr=lr, strength=exact_strength, every=every, batch_dims=1
             )
-    return step_fn
+    hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
+    return _balanced(step_fn, structure, hard, active) if bool(hard.any()) else step_fn
 
 
 def optimizers(kind: str, lr: Tensor) -> Transformation:
@@ -341,6 +341,20 @@ def _frozen(active: Tensor) -> Transformation:
         return {n: torch.where(keep[n], u, 0.0) for n, u in updates.items()}, state
 
     return Transformation(lambda params: EmptyState(), update)
+
+
+def _balanced(
+    step_fn: Transformation, structure: GaugeStructure, rows: Tensor, active: Tensor
+) -> Transformation:
+    """``step_fn``, then the selected runs still ``active`` balanced (``rows``: bool ``[R]``),
+    the optimizer buffers transported."""
+
+    def update(grads: Stack, state: Any, params: Stack) -> tuple[Stack, Any]:
+        params, state = step_fn.update(grads, state, params)
+        balance_rows_(structure, params, rows & active, state)
+        return params, state
+
+    return Transformation(step_fn.init, update)
 
 
 def run_stats(structure: GaugeStructure, stack: Stack) -> tuple[Tensor, Tensor]:
