@@ -2,8 +2,9 @@
 
 Runs that share a task, an optimizer, a batch size and a number of steps differ only in method,
 learning rate, strength, initial imbalance and seed: their parameters are stacked along a leading
-dim and trained together with ``torch.func.vmap``. A run that diverges is masked out (its
-parameters freeze) without stopping the others.
+dim and trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
+transformation with a learning rate and strengths per run (:func:`group_step`). A run that
+diverges is masked out (its parameters freeze) without stopping the others.
 """
 
 from __future__ import annotations
