@@ -21,6 +21,8 @@ engine trains them).
 
 from __future__ import annotations
 
+import functools
+import math
 import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -94,24 +96,20 @@ def stacked(tensors: list[Tensor], dim: int) -> Tensor:
 
 
 def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``."""
+    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``.
+
+    The dims are summed a run of adjacent ones at a time, the outermost run first: a sum over
+    leading entries with contiguous rows is one vectorised pass, and a short innermost run (a
+    conv's taps) is then summed on the smaller result (summed first, it would be several times
+    slower)."""
     dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
-    if not dims:
-        return values
-    if dims[0] == 0 and len(dims) > 1 and values.is_contiguous():
-        # Several reduced dims with a leading one (a conv weight onto its input channels):
-        # one contiguous column reduction over the leading run first, then the rest on the
-        # smaller result. A multi-dim sum over strided dims is several times slower.
-        lead = 1
-        while lead < len(dims) and dims[lead] == lead:
-            lead += 1
-        out_shape = [1 if d in dims else n for d, n in enumerate(values.shape)]
-        rest = values.view(-1, *values.shape[lead:]).sum(0)
-        later = [d - lead for d in dims[lead:]]
-        if later:
-            rest = rest.sum(later)
-        return rest.view(out_shape)
-    return values.sum(dims, keepdim=True)
+    while dims:
+        k = 1
+        while k < len(dims) and all(values.shape[d] == 1 for d in range(dims[k - 1] + 1, dims[k])):
+            k += 1
+        values = values.sum(dims[:k], keepdim=True)
+        dims = dims[k:]
+    return values
 
 
 def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
@@ -127,8 +125,8 @@ def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtyp
         lead -= 1
     if t.shape[lead:].numel() < 64:
         return None
-    norms = torch.linalg.vector_norm(t.reshape(*t.shape[:lead], -1), dim=-1, dtype=dtype)
-    return norms.square_().view(*t.shape[:lead], *[1] * (t.dim() - lead))
+    trailing = tuple(range(lead, t.dim()))
+    return torch.linalg.vector_norm(t, dim=trailing, keepdim=True, dtype=dtype).square_()
 
 
 def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool) -> Tensor:
@@ -141,6 +139,15 @@ def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool)
     x = x.to(dtype)
     recorded = torch.is_grad_enabled() and x.requires_grad
     return x.square_() if fresh and not recorded else x.square()
+
+
+def flat_cat(values: list[Tensor], batch_dims: int) -> Tensor:
+    """``values`` (``[*batch, ...]``) each flattened past the batch dims and concatenated:
+    ``[*batch, P]``. One ``_chunk_cat`` (and a view); it has no derivative, so with a gradient
+    recorded a view of each and ``cat``."""
+    if torch.is_grad_enabled() and any(v.requires_grad for v in values):
+        return torch.cat([v.reshape(*v.shape[:batch_dims], -1) for v in values], -1)
+    return torch._chunk_cat(values, batch_dims, 1).squeeze(batch_dims)
 
 
 def generator_sums(
@@ -165,62 +172,82 @@ def generator_sums(
         pair = [1] * len(group.shape)
         for slots in group.slots:
             pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
-        # Summed over the trailing dims no term varies along first (a conv's taps: contiguous,
-        # cheap), so that each term reduces the smaller result along one or two dims.
-        lead = len(pair)
-        while lead > 0 and pair[lead - 1] == 1:
-            lead -= 1
-        taps = (*batch, len(group.names), *group.shape[:lead], *pair[lead:])
-        sq = reduce_to(_squares(x, taps, dtype, len(group.names) > 1), taps)
+        sq = _squares(x, (*batch, len(group.names), *pair), dtype, len(group.names) > 1)
+        by_shape: dict[tuple[int, ...], Tensor] = {}  # terms of one slot shape share a sum
         for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
-            v = reduce_to(sq, (*batch, *slots.shape)).reshape(*batch, -1)
-            reduced[sign].append(v)
+            shape = (*batch, *slots.shape)
+            if shape not in by_shape:
+                by_shape[shape] = reduce_to(sq, shape)
+            reduced[sign].append(by_shape[shape])
             if k == 0:
-                firsts.append(v)
+                firsts.append(by_shape[shape])
     sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
     if firsts:
-        sums.index_add_(-1, plan.index, torch.cat(reduced[1] + reduced[-1] + firsts, -1))
+        sums.index_add_(-1, plan.index, flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims))
     s_in, s_out, total = sums.split([n + 1, n + 1, 1], -1)
     return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
 
 
-def group_coefficients(cx: Tensor, group: TermGroup) -> Tensor:
-    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's stacked parameters,
-    broadcast over the dims no term varies along: ``[*batch, L, *pair_shape]`` (``cx``:
-    ``[*batch, N + 1]``, its dummy slot 0)."""
-    out = None
-    for slots, sign in zip(group.slots, group.signs, strict=True):
-        x = cx[..., slots]
-        if out is None:
-            out = x if sign > 0 else -x
-        else:
-            out = out + x if sign > 0 else out - x
-    assert out is not None  # every planned parameter has a term
-    return out
+def dense_factors(device: torch.device) -> bool:
+    """Whether per-entry factors are made dense over each parameter's shape on ``device``: a
+    ``torch._foreach_*`` call is one kernel only over tensors of equal shapes, so on a GPU one
+    dense factor per parameter moves every tensor in one pass; on the CPU, where such a call
+    loops over its tensors anyway, each term's factor is broadcast instead (one cheap pass per
+    term, no dense factor written and read back)."""
+    return device.type != "cpu"
 
 
-def group_factors(hx: Tensor, group: TermGroup, dtype: torch.dtype) -> Tensor:
-    """``exp(sum_t sign_t hx[..., slots_t])`` for every entry of the group's stacked
-    parameters, as the product of each term's factor (computed in float64 on the term's own
-    slots, rounded to ``dtype``), broadcast over the dims no term varies along:
-    ``[*batch, L, *pair_shape]``."""
-    out = None
-    for slots, sign in zip(group.slots, group.signs, strict=True):
-        x = hx[..., slots]
-        f = torch.exp(x if sign > 0 else -x).to(dtype)
-        out = f if out is None else out * f
-    assert out is not None  # every planned parameter has a term
-    return out
+def term_values(cx: Tensor, group: TermGroup, scale: float) -> list[Tensor]:
+    """``scale * sign_t * cx[..., slots_t]`` for each term ``t`` of the group: ``[*batch, L,
+    *slot_shape]`` (``cx``: ``[*batch, N + 1]``, its dummy slot 0)."""
+    terms = zip(group.slots, group.signs, strict=True)
+    return [cx[..., slots] * (scale * sign) for slots, sign in terms]
 
 
-def per_parameter(values: Tensor, group: TermGroup, batch_dims: int) -> tuple[Tensor, ...]:
-    """``values`` ``[*batch, L, *pair_shape]`` made dense over each parameter's shape (a
-    ``torch._foreach_*`` call is one kernel only over tensors of equal shapes) and split into
-    one view ``[*batch, *shape]`` per parameter of the group."""
-    full = (*values.shape[: batch_dims + 1], *group.shape)
-    if tuple(values.shape) != full:
+def per_parameter(
+    values: Tensor, group: TermGroup, batch_dims: int, dense: bool = True
+) -> tuple[Tensor, ...]:
+    """``values`` ``[*batch, L, *slot_shape]`` split into one view ``[*batch, *shape]`` per
+    parameter of the group, made dense (contiguous) over each parameter's shape when ``dense``
+    (see :func:`dense_factors`), otherwise only over a trailing run of fewer than 64 entries it
+    would be broadcast along (a product broadcast along a short innermost run, a conv's taps, is
+    several times slower)."""
+    shape = tuple(values.shape[batch_dims + 1 :])
+    k = len(shape)
+    while k > 0 and shape[k - 1] == 1:
+        k -= 1
+    inner = math.prod(group.shape[k:])
+    if dense or 0 < k < len(shape) and 1 < inner < 64:
+        full = (*values.shape[: batch_dims + 1], *shape[:k], *group.shape[k:])
         values = values.expand(full).contiguous()
     return values.unbind(batch_dims)
+
+
+def group_coefficients(
+    cx: Tensor, group: TermGroup, dtype: torch.dtype, batch_dims: int = 0
+) -> list[tuple[Tensor, ...]]:
+    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's parameters, per
+    parameter (:func:`per_parameter`) in ``dtype``: one dense coefficient, or on the CPU one
+    broadcast coefficient per term, to be summed (``cx``: ``[*batch, N + 1]``, dummy slot 0)."""
+    terms = term_values(cx, group, 1.0)
+    dense = dense_factors(cx.device)
+    if dense:
+        terms = [functools.reduce(torch.add, terms)]
+    return [per_parameter(t.to(dtype), group, batch_dims, dense) for t in terms]
+
+
+def group_factors(
+    hx: Tensor, group: TermGroup, power: int, dtype: torch.dtype, batch_dims: int = 0
+) -> list[tuple[Tensor, ...]]:
+    """``exp(power * sum_t sign_t hx[..., slots_t])`` for every entry of the group's
+    parameters as the product of each term's factor (``exp`` in float64 on the term's own
+    slots, rounded to ``dtype``), per parameter (:func:`per_parameter`): the product made
+    dense, or on the CPU each term's broadcast factor, to be multiplied in turn."""
+    factors = [torch.exp(x).to(dtype) for x in term_values(hx, group, float(power))]
+    dense = dense_factors(hx.device)
+    if dense:
+        factors = [functools.reduce(torch.mul, factors)]
+    return [per_parameter(f, group, batch_dims, dense) for f in factors]
 
 
 @torch.no_grad()
@@ -228,29 +255,20 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     """The action without validation: every tensor listed for parameter ``name`` is multiplied
     by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
     ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. The factor ``exp(sum_n w_n(e) h_n)`` is the product of each term's factor
-    (:func:`group_factors`); a tensor of power ``p`` is multiplied (``p > 0``) or divided
-    (``p < 0``) by it ``|p|`` times."""
+    ``h[b]``. Per group and power, the factors of :func:`group_factors`, each applied with one
+    ``torch._foreach_mul_`` over every tensor of that power."""
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
     hx = torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
     for group in kernel_plan(structure, device).groups:
-        present = [(k, targets[name]) for k, name in enumerate(group.names) if targets.get(name)]
-        if not present:
-            continue
-        factors = per_parameter(
-            group_factors(hx, group, present[0][1][0][0].dtype), group, batch_dims
-        )
-        by_power: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        for k, tensors in present:
-            for t, power in tensors:
-                ts, fs = by_power.setdefault(power, ([], []))
-                ts.append(t)
-                fs.append(factors[k])
-        for power, (ts, fs) in by_power.items():
-            for _ in range(abs(power)):
-                (torch._foreach_mul_ if power > 0 else torch._foreach_div_)(ts, fs)
+        by_power: dict[int, list[tuple[int, Tensor]]] = {}
+        for k, name in enumerate(group.names):
+            for t, power in targets.get(name, ()):
+                by_power.setdefault(power, []).append((k, t))
+        for power, moved in by_power.items():
+            for factors in group_factors(hx, group, power, moved[0][1].dtype, batch_dims):
+                torch._foreach_mul_([t for _, t in moved], [factors[k] for k, _ in moved])
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:

@@ -11,6 +11,7 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -32,8 +33,8 @@ from gaugefix.kernels import (
     generator_sums,
     group_coefficients,
     kernel_plan,
-    per_parameter,
     stacked,
+    term_values,
 )
 from gaugefix.moment import Masses, accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
@@ -79,7 +80,8 @@ def orbit_selection_grads(
     out = {}
     for group in kernel_plan(structure, mu.device).groups:
         x = stacked([tensors[name] for name in group.names], batch_dims)
-        grads = (group_coefficients(cx, group) * x.to(mu.dtype)).to(x.dtype)
+        coefficients = functools.reduce(torch.add, term_values(cx, group, 1.0))
+        grads = (coefficients * x.to(mu.dtype)).to(x.dtype)
         out.update(zip(group.names, grads.unbind(batch_dims), strict=True))
     return {name: out[name] for name in tensors if name in out}  # in the order of ``tensors``
 
@@ -131,15 +133,11 @@ def add_orbit_selection_grad_(
     mu[n] = 0.0  # the dummy slot
     for group in kernel_plan(structure, mu.device).groups:
         ps = [params[name] for name in group.names]
-        factors = per_parameter(group_coefficients(mu, group).to(ps[0].dtype), group, 0)
-        with_grad = [k for k, p in enumerate(ps) if p.grad is not None]
-        torch._foreach_addcmul_(
-            [ps[k].grad for k in with_grad], [ps[k] for k in with_grad],
-            [factors[k] for k in with_grad],
-        )  # fmt: skip
-        for k, p in enumerate(ps):
+        for p in ps:
             if p.grad is None:
-                p.grad = factors[k] * p
+                p.grad = torch.zeros_like(p)
+        for factors in group_coefficients(mu, group, ps[0].dtype):
+            torch._foreach_addcmul_([p.grad for p in ps], ps, list(factors))
     return True
 
 
