@@ -319,7 +319,7 @@ def balance_(
     rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)
     s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
     live = solution.live[0]
-    err = max_rel(s_in[:n] - s_out[:n], s_in[:n] + s_out[:n], live)
+    err = max_rel(s_in - s_out, s_in + s_out, live)
     return BalanceResult(
         iterations=solution.iterations,
         max_rel_imbalance=float(err),

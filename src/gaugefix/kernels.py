@@ -48,9 +48,10 @@ class TermGroup(NamedTuple):
 
 class KernelPlan(NamedTuple):
     """The groups of a structure on a device, and the index of the one ``index_add_`` of
-    :func:`generator_sums`: into ``[S_in (N + 1), S_out (N + 1), ||theta||^2 (1)]``, the slots of
-    every term of sign +1, then of sign -1 (offset by ``N + 1``), each flattened in group and
-    term order, then slot ``2 N + 2`` once for each entry of each parameter's first term."""
+    :func:`generator_sums` into ``[S_in (N), S_out (N), dummy_in, dummy_out, ||theta||^2]``: the
+    slots of every term of sign +1 (the dummy slot ``N`` at ``2 N``), then of sign -1 (offset by
+    ``N``, the dummy slot at ``2 N + 1``), each flattened in group and term order, then
+    ``2 N + 2`` once for each entry of each parameter's first term."""
 
     groups: tuple[TermGroup, ...]
     index: Tensor
@@ -83,7 +84,9 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
         index: dict[int, list[Tensor]] = {+1: [], -1: []}
         for group in groups:
             for slots, sign in zip(group.slots, group.signs, strict=True):
-                index[sign].append(slots.reshape(-1) + (0 if sign > 0 else n + 1))
+                flat = slots.reshape(-1) + (0 if sign > 0 else n)
+                dummy = 2 * n if sign > 0 else 2 * n + 1
+                index[sign].append(torch.where(flat == (n if sign > 0 else 2 * n), dummy, flat))
         totals = [torch.full((g.slots[0].numel(),), 2 * n + 2, device=device) for g in groups]
         empty = torch.zeros(0, dtype=torch.long, device=device)
         per_device[device] = KernelPlan(groups, torch.cat([empty, *index[1], *index[-1], *totals]))
@@ -150,6 +153,26 @@ def flat_cat(values: list[Tensor], batch_dims: int) -> Tensor:
     return torch._chunk_cat(values, batch_dims, 1).squeeze(batch_dims)
 
 
+def _entry_squares(
+    tensors: Mapping[str, Tensor], plan: KernelPlan, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The squares of every parameter in a group whose terms each name a slot per entry (a
+    norm's gain, a bias): nothing to reduce, so all of them in one ``torch._foreach_mul``,
+    without stacking. Empty when they are not in ``dtype`` already or a gradient is recorded."""
+    names = [
+        name
+        for group in plan.groups
+        if all(tuple(s.shape[1:]) == group.shape for s in group.slots)
+        for name in group.names
+    ]
+    ts = [tensors[name] for name in names]
+    if not ts or any(t.dtype != dtype for t in ts):
+        return {}
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return {}
+    return dict(zip(names, torch._foreach_mul(ts, ts), strict=True))
+
+
 def generator_sums(
     tensors: Mapping[str, Tensor],
     structure: GaugeStructure,
@@ -157,25 +180,35 @@ def generator_sums(
     batch_dims: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
-    ``[*batch, N + 1]`` with the dummy slot ``N`` kept, and the squared norm ``[*batch]``.
-    Every entry lands in some slot, so all three are finite exactly when every entry is
-    (barring overflow). Differentiable when the tensors require grad."""
+    ``[*batch, N]`` and the squared norm ``[*batch]``, which is finite exactly when every entry
+    is (barring overflow). Differentiable when the tensors require grad."""
     n = structure.num_generators
     first = next(iter(tensors.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     batch = tuple(first.shape[:batch_dims]) if first is not None else ()
     plan = kernel_plan(structure, device)
+    squares = _entry_squares(tensors, plan, dtype)
     reduced: dict[int, list[Tensor]] = {+1: [], -1: []}
     firsts = []  # every entry lands in its parameter's first term: these sum to ||theta||^2
     for group in plan.groups:
-        x = stacked([tensors[name] for name in group.names], batch_dims)
+        if group.names[0] in squares:  # per entry: the squares of each parameter in turn
+            values = [squares[name] for name in group.names]
+            for k, sign in enumerate(group.signs):
+                reduced[sign] += values
+                firsts += values if k == 0 else []
+            continue
+        # The group's parameters stacked ([*batch, L, *shape]); a single one as it is.
+        one = len(group.names) == 1
+        x = [tensors[name] for name in group.names]
+        x = x[0] if one else torch.stack(x, batch_dims)
+        lead = (*batch,) if one else (*batch, len(group.names))
         pair = [1] * len(group.shape)
         for slots in group.slots:
             pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
-        sq = _squares(x, (*batch, len(group.names), *pair), dtype, len(group.names) > 1)
+        sq = _squares(x, (*lead, *pair), dtype, not one)
         by_shape: dict[tuple[int, ...], Tensor] = {}  # terms of one slot shape share a sum
         for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
-            shape = (*batch, *slots.shape)
+            shape = (*lead, *slots.shape[1:])
             if shape not in by_shape:
                 by_shape[shape] = reduce_to(sq, shape)
             reduced[sign].append(by_shape[shape])
@@ -184,7 +217,7 @@ def generator_sums(
     sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
     if firsts:
         sums.index_add_(-1, plan.index, flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims))
-    s_in, s_out, total = sums.split([n + 1, n + 1, 1], -1)
+    s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
     return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
 
 
@@ -198,10 +231,17 @@ def dense_factors(device: torch.device) -> bool:
 
 
 def term_values(cx: Tensor, group: TermGroup, scale: float) -> list[Tensor]:
-    """``scale * sign_t * cx[..., slots_t]`` for each term ``t`` of the group: ``[*batch, L,
-    *slot_shape]`` (``cx``: ``[*batch, N + 1]``, its dummy slot 0)."""
-    terms = zip(group.slots, group.signs, strict=True)
-    return [cx[..., slots] * (scale * sign) for slots, sign in terms]
+    """``scale * sum_t sign_t cx[..., slots_t]`` over the terms of each slot shape of the group
+    (terms of one shape share every later pass): ``[*batch, L, *slot_shape]`` per shape
+    (``cx``: ``[*batch, N + 1]``, its dummy slot 0)."""
+    by_shape: dict[torch.Size, Tensor] = {}
+    for slots, sign in zip(group.slots, group.signs, strict=True):
+        x, before = cx[..., slots], by_shape.get(slots.shape)
+        if before is None:
+            by_shape[slots.shape] = x * (scale * sign)
+        else:
+            by_shape[slots.shape] = torch.add(before, x, alpha=scale * sign)
+    return list(by_shape.values())
 
 
 def per_parameter(

@@ -117,20 +117,18 @@ def add_orbit_selection_grad_(
     the decision is the one host read."""
     if not params:
         return bool(grads_ok)
-    n = structure.num_generators
     dtype = accumulation_dtype(next(iter(params.values())).dtype)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    s_in, s_out, _ = generator_sums(tensors, local, dtype)
-    flags = torch.stack([grads_ok.to(s_in.device), torch.isfinite(s_in).all() & torch.isfinite(
-        s_out).all()]).tolist()  # fmt: skip
+    s_in, s_out, norm_sq = generator_sums(tensors, local, dtype)
+    flags = torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()
     if not flags[0] or not flags[1] and not all_finite(list(params.values())):
         return False
     mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
-        grads = orbit_selection_grads(tensors, local, mu[:n])
+        grads = orbit_selection_grads(tensors, local, mu)
         add_local_grads_(params, {name: g for name, g in grads.items() if name in params})
         return True
-    mu[n] = 0.0  # the dummy slot
+    mu = torch.cat([mu, mu.new_zeros(1)])  # the dummy slot N: no generator
     for group in kernel_plan(structure, mu.device).groups:
         ps = [params[name] for name in group.names]
         for p in ps:
@@ -304,10 +302,9 @@ def orbit_step(
     first = next(iter(tensors.values()))
     batch = tuple(first.shape[:batch_dims])
     dtype = accumulation_dtype(first.dtype)
-    s_in, s_out, _ = generator_sums(tensors, structure, dtype, batch_dims)
+    s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims)
     s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
-    finite = torch.isfinite(s_in).all(-1) & torch.isfinite(s_out).all(-1)
-    s_in, s_out = s_in[..., :n], s_out[..., :n]
+    finite = torch.isfinite(norm_sq)
     live = (s_in > 0) & (s_out > 0)
     mu = torch.where(live, s_in - s_out, 0.0)
     rate = rate.to(device=mu.device, dtype=torch.float64)
