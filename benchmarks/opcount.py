@@ -1,4 +1,4 @@
-"""Item 7: what gauge fixing adds to a training step, counted rather than timed: the aten
+"""Item 8: what gauge fixing adds to a training step, counted rather than timed: the aten
 operations dispatched (on a GPU, roughly the kernels launched) and the host reads (each drains
 a GPU's queue), on the CPU with a ``TorchDispatchMode``. ``Tensor.tolist`` does not dispatch, so
 its calls are counted apart."""

@@ -7,12 +7,15 @@ device, stacks each group's term maps (``[L, *slot_shape]`` for its ``L`` parame
 concatenates the flattened maps of all groups into one index. Then
 
 - the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are, per group, one stack and one
-  square of its parameters and a reduction per term, and then one ``index_add_`` for all groups;
-- the action ``g(h)`` is, per group, one gather and ``exp`` per term on the term's own slots and
-  their product, unbound into one view per parameter, and one ``torch._foreach_mul_`` or
-  ``_foreach_div_`` per power over every tensor it moves (parameters, gradients, optimizer
-  state); the penalty gradient is, per group, a gather per term and one
-  ``torch._foreach_addcmul_``.
+  square of its parameters (none for a single parameter) and one sum per kind of term, the
+  squares of every parameter whose terms name a slot per entry (gains, biases) in one
+  ``torch._foreach_mul``, and then one ``_chunk_cat`` and one ``index_add_`` for all groups;
+- the action ``g(h)`` is, per group and power ``p`` of the moved tensors (parameters 1,
+  gradients -1, Adam's second moment -2), a gather and an ``exp(p ...)`` per kind of term on the
+  term's own slots, and ``torch._foreach_mul_`` over every tensor of that power; the penalty
+  gradient is, per group, a gather per kind of term and ``torch._foreach_addcmul_``. On a GPU
+  the terms' factors are multiplied into one dense factor per parameter (one kernel per call);
+  on the CPU each is broadcast (:func:`dense_factors`).
 
 The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
 function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
