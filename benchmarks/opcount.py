@@ -117,7 +117,7 @@ def cases(tiny: bool) -> list[tuple[str, int, Callable[[], nn.Module], int]]:
     if tiny:
         return [
             ("zoo.GPT, width 16", layers, lambda n=layers: zoo.GPT(32, 16, 2, n, 32, TOKENS), 32)
-            for layers in (1, 2)
+            for layers in (2, 3)
         ]
     return [
         *(("GPT-2, ReLU, width 768", n, lambda n=n: gpt2(n, 768), 50257) for n in (12, 2)),
