@@ -248,7 +248,7 @@ def term_values(cx: Tensor, group: TermGroup, scale: float) -> list[Tensor]:
 
 
 def per_parameter(
-    values: Tensor, group: TermGroup, batch_dims: int, dense: bool = True
+    values: Tensor, group: TermGroup, batch_dims: int, dense: bool
 ) -> tuple[Tensor, ...]:
     """``values`` ``[*batch, L, *slot_shape]`` split into one view ``[*batch, *shape]`` per
     parameter of the group, made dense (contiguous) over each parameter's shape when ``dense``
