@@ -1,4 +1,4 @@
-"""Item 7: what gauge fixing adds to a training step, counted rather than timed: the aten
+"""Item 8: what gauge fixing adds to a training step, counted rather than timed: the aten
 operations dispatched (on a GPU, roughly the kernels launched) and the host reads (each drains
 a GPU's queue), on the CPU with a ``TorchDispatchMode``. ``Tensor.tolist`` does not dispatch, so
 its calls are counted apart."""
@@ -117,7 +117,7 @@ def cases(tiny: bool) -> list[tuple[str, int, Callable[[], nn.Module], int]]:
     if tiny:
         return [
             ("zoo.GPT, width 16", layers, lambda n=layers: zoo.GPT(32, 16, 2, n, 32, TOKENS), 32)
-            for layers in (1, 2)
+            for layers in (2, 3)
         ]
     return [
         *(("GPT-2, ReLU, width 768", n, lambda n=n: gpt2(n, 768), 50257) for n in (12, 2)),

@@ -144,7 +144,7 @@ def test_op_counts_and_gpu_sections():
     """The op-count section at tiny sizes (figures and targets in the table), and the CUDA
     section, which records that it was skipped where there is no CUDA device."""
     rows = opcount.run(tiny=True, log=lambda _: None)
-    assert [r["layers"] for r in rows] == [1, 2]
+    assert [r["layers"] for r in rows] == [2, 3]
     assert rows[0]["exact_added"] == rows[1]["exact_added"] > 0
     table = run.evaluate({"ops": rows})
     assert any("imbalance_stats" in r["what"] and r["target"] == 50 for r in table)

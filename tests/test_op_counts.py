@@ -2,7 +2,7 @@
 the aten operations dispatched (on a GPU, roughly the kernels launched) and the host reads (each
 drains a GPU's queue). An orbit step or a penalty gradient adds a number of operations that does
 not grow with depth, at most the plain (non-fused) AdamW step's own, and at most one host read;
-``imbalance_stats`` dispatches the same operations at any depth, with one host read."""
+``imbalance_stats`` dispatches the same operations at any depth, at most 50, with one host read."""
 
 from __future__ import annotations
 
@@ -65,16 +65,24 @@ def test_gauge_fixing_adds_a_fixed_number_of_operations(build, mode):
     assert max(reads.values()) <= 1, reads
 
 
+STATS_OPS = 50  # issue 23: imbalance_stats in at most 50 aten operations whatever the depth
+
+
 @pytest.mark.parametrize("build", [zoo_gpt, hf_gpt2], ids=["zoo.GPT", "GPT-2"])
 def test_imbalance_stats_operations_do_not_grow_with_depth(build):
-    """imbalance_stats: the same operations at 2 and 12 layers, and one host read."""
+    """imbalance_stats: the same operations at 2 and 12 layers, at most 50, and one host read
+    (its batched ``tolist``); imbalance_stats_tensor the same operations and none."""
     counts = {}
     for layers in (2, 12):
         model, structure = discovered(build, layers)
         gaugefix.imbalance_stats(model, structure)  # the plan is built once per structure
-        counter = OpCounter()
+        counter, on_device = OpCounter(), OpCounter()
         with counter:
             gaugefix.imbalance_stats(model, structure)
+        with on_device:
+            stats = gaugefix.imbalance_stats_tensor(model, structure)
         counts[layers] = counter.total
         assert counter.host_reads == 1
-    assert counts[2] == counts[12], counts
+        assert on_device.host_reads == 0 and on_device.total == counter.total
+        assert stats.shape == (len(gaugefix.moment.STAT_NAMES),)
+    assert counts[2] == counts[12] <= STATS_OPS, counts

@@ -19,7 +19,7 @@ from gaugefix.diagnostics import (
 )
 from gaugefix.equalize import EqualizeResult, equalize_, sharpness_objective
 from gaugefix.errors import GaugefixError
-from gaugefix.moment import imbalance, imbalance_stats
+from gaugefix.moment import imbalance, imbalance_stats, imbalance_stats_tensor
 from gaugefix.soft import OrbitSelectionPenalty, relax_
 from gaugefix.structure import (
     Exclusion,
@@ -56,6 +56,7 @@ __all__ = [
     "GaugeFixing",
     "OrbitSelectionPenalty",
     "imbalance_stats",
+    "imbalance_stats_tensor",
     "relax_",
     "GaugeCoordinates",
     "GaugefixError",

@@ -7,12 +7,15 @@ device, stacks each group's term maps (``[L, *slot_shape]`` for its ``L`` parame
 concatenates the flattened maps of all groups into one index. Then
 
 - the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are, per group, one stack and one
-  square of its parameters and a reduction per term, and then one ``index_add_`` for all groups;
-- the action ``g(h)`` is, per group, one gather and ``exp`` per term on the term's own slots and
-  their product, unbound into one view per parameter, and one ``torch._foreach_mul_`` or
-  ``_foreach_div_`` per power over every tensor it moves (parameters, gradients, optimizer
-  state); the penalty gradient is, per group, a gather per term and one
-  ``torch._foreach_addcmul_``.
+  square of its parameters (none for a single parameter) and one sum per kind of term, the
+  squares of every parameter whose terms name a slot per entry (gains, biases) in one
+  ``torch._foreach_mul``, and then one ``_chunk_cat`` and one ``index_add_`` for all groups;
+- the action ``g(h)`` is, per group and power ``p`` of the moved tensors (parameters 1,
+  gradients -1, Adam's second moment -2), a gather and an ``exp(p ...)`` per kind of term on the
+  term's own slots, and ``torch._foreach_mul_`` over every tensor of that power; the penalty
+  gradient is, per group, a gather per kind of term and ``torch._foreach_addcmul_``. On a GPU
+  the terms' factors are multiplied into one dense factor per parameter (one kernel per call);
+  on the CPU each is broadcast (:func:`dense_factors`).
 
 The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
 function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
@@ -21,6 +24,8 @@ engine trains them).
 
 from __future__ import annotations
 
+import functools
+import math
 import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -46,9 +51,10 @@ class TermGroup(NamedTuple):
 
 class KernelPlan(NamedTuple):
     """The groups of a structure on a device, and the index of the one ``index_add_`` of
-    :func:`generator_sums`: into ``[S_in (N + 1), S_out (N + 1), ||theta||^2 (1)]``, the slots of
-    every term of sign +1, then of sign -1 (offset by ``N + 1``), each flattened in group and
-    term order, then slot ``2 N + 2`` once for each entry of each parameter's first term."""
+    :func:`generator_sums` into ``[S_in (N), S_out (N), dummy_in, dummy_out, ||theta||^2]``: the
+    slots of every term of sign +1 (the dummy slot ``N`` at ``2 N``), then of sign -1 (offset by
+    ``N``, the dummy slot at ``2 N + 1``), each flattened in group and term order, then
+    ``2 N + 2`` once for each entry of each parameter's first term."""
 
     groups: tuple[TermGroup, ...]
     index: Tensor
@@ -81,7 +87,9 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
         index: dict[int, list[Tensor]] = {+1: [], -1: []}
         for group in groups:
             for slots, sign in zip(group.slots, group.signs, strict=True):
-                index[sign].append(slots.reshape(-1) + (0 if sign > 0 else n + 1))
+                flat = slots.reshape(-1) + (0 if sign > 0 else n)
+                dummy = 2 * n if sign > 0 else 2 * n + 1
+                index[sign].append(torch.where(flat == (n if sign > 0 else 2 * n), dummy, flat))
         totals = [torch.full((g.slots[0].numel(),), 2 * n + 2, device=device) for g in groups]
         empty = torch.zeros(0, dtype=torch.long, device=device)
         per_device[device] = KernelPlan(groups, torch.cat([empty, *index[1], *index[-1], *totals]))
@@ -94,24 +102,20 @@ def stacked(tensors: list[Tensor], dim: int) -> Tensor:
 
 
 def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``."""
+    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``.
+
+    The dims are summed a run of adjacent ones at a time, the outermost run first: a sum over
+    leading entries with contiguous rows is one vectorised pass, and a short innermost run (a
+    conv's taps) is then summed on the smaller result (summed first, it would be several times
+    slower)."""
     dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
-    if not dims:
-        return values
-    if dims[0] == 0 and len(dims) > 1 and values.is_contiguous():
-        # Several reduced dims with a leading one (a conv weight onto its input channels):
-        # one contiguous column reduction over the leading run first, then the rest on the
-        # smaller result. A multi-dim sum over strided dims is several times slower.
-        lead = 1
-        while lead < len(dims) and dims[lead] == lead:
-            lead += 1
-        out_shape = [1 if d in dims else n for d, n in enumerate(values.shape)]
-        rest = values.view(-1, *values.shape[lead:]).sum(0)
-        later = [d - lead for d in dims[lead:]]
-        if later:
-            rest = rest.sum(later)
-        return rest.view(out_shape)
-    return values.sum(dims, keepdim=True)
+    while dims:
+        k = 1
+        while k < len(dims) and all(values.shape[d] == 1 for d in range(dims[k - 1] + 1, dims[k])):
+            k += 1
+        values = values.sum(dims[:k], keepdim=True)
+        dims = dims[k:]
+    return values
 
 
 def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
@@ -127,8 +131,8 @@ def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtyp
         lead -= 1
     if t.shape[lead:].numel() < 64:
         return None
-    norms = torch.linalg.vector_norm(t.reshape(*t.shape[:lead], -1), dim=-1, dtype=dtype)
-    return norms.square_().view(*t.shape[:lead], *[1] * (t.dim() - lead))
+    trailing = tuple(range(lead, t.dim()))
+    return torch.linalg.vector_norm(t, dim=trailing, keepdim=True, dtype=dtype).square_()
 
 
 def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool) -> Tensor:
@@ -143,6 +147,35 @@ def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool)
     return x.square_() if fresh and not recorded else x.square()
 
 
+def flat_cat(values: list[Tensor], batch_dims: int) -> Tensor:
+    """``values`` (``[*batch, ...]``) each flattened past the batch dims and concatenated:
+    ``[*batch, P]``. One ``_chunk_cat`` (and a view); it has no derivative, so with a gradient
+    recorded a view of each and ``cat``."""
+    if torch.is_grad_enabled() and any(v.requires_grad for v in values):
+        return torch.cat([v.reshape(*v.shape[:batch_dims], -1) for v in values], -1)
+    return torch._chunk_cat(values, batch_dims, 1).squeeze(batch_dims)
+
+
+def _entry_squares(
+    tensors: Mapping[str, Tensor], plan: KernelPlan, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The squares of every parameter in a group whose terms each name a slot per entry (a
+    norm's gain, a bias): nothing to reduce, so all of them in one ``torch._foreach_mul``,
+    without stacking. Empty when they are not in ``dtype`` already or a gradient is recorded."""
+    names = [
+        name
+        for group in plan.groups
+        if all(tuple(s.shape[1:]) == group.shape for s in group.slots)
+        for name in group.names
+    ]
+    ts = [tensors[name] for name in names]
+    if not ts or any(t.dtype != dtype for t in ts):
+        return {}
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return {}
+    return dict(zip(names, torch._foreach_mul(ts, ts), strict=True))
+
+
 def generator_sums(
     tensors: Mapping[str, Tensor],
     structure: GaugeStructure,
@@ -150,77 +183,114 @@ def generator_sums(
     batch_dims: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
-    ``[*batch, N + 1]`` with the dummy slot ``N`` kept, and the squared norm ``[*batch]``.
-    Every entry lands in some slot, so all three are finite exactly when every entry is
-    (barring overflow). Differentiable when the tensors require grad."""
+    ``[*batch, N]`` and the squared norm ``[*batch]``, which is finite exactly when every entry
+    is (barring overflow). Differentiable when the tensors require grad."""
     n = structure.num_generators
     first = next(iter(tensors.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     batch = tuple(first.shape[:batch_dims]) if first is not None else ()
     plan = kernel_plan(structure, device)
+    squares = _entry_squares(tensors, plan, dtype)
     reduced: dict[int, list[Tensor]] = {+1: [], -1: []}
     firsts = []  # every entry lands in its parameter's first term: these sum to ||theta||^2
     for group in plan.groups:
-        x = stacked([tensors[name] for name in group.names], batch_dims)
+        if group.names[0] in squares:  # per entry: the squares of each parameter in turn
+            values = [squares[name] for name in group.names]
+            for k, sign in enumerate(group.signs):
+                reduced[sign] += values
+                firsts += values if k == 0 else []
+            continue
+        # The group's parameters stacked ([*batch, L, *shape]); a single one as it is.
+        one = len(group.names) == 1
+        x = [tensors[name] for name in group.names]
+        x = x[0] if one else torch.stack(x, batch_dims)
+        lead = (*batch,) if one else (*batch, len(group.names))
         pair = [1] * len(group.shape)
         for slots in group.slots:
             pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
-        # Summed over the trailing dims no term varies along first (a conv's taps: contiguous,
-        # cheap), so that each term reduces the smaller result along one or two dims.
-        lead = len(pair)
-        while lead > 0 and pair[lead - 1] == 1:
-            lead -= 1
-        taps = (*batch, len(group.names), *group.shape[:lead], *pair[lead:])
-        sq = reduce_to(_squares(x, taps, dtype, len(group.names) > 1), taps)
+        sq = _squares(x, (*lead, *pair), dtype, not one)
+        by_shape: dict[tuple[int, ...], Tensor] = {}  # terms of one slot shape share a sum
         for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
-            v = reduce_to(sq, (*batch, *slots.shape)).reshape(*batch, -1)
-            reduced[sign].append(v)
+            shape = (*lead, *slots.shape[1:])
+            if shape not in by_shape:
+                by_shape[shape] = reduce_to(sq, shape)
+            reduced[sign].append(by_shape[shape])
             if k == 0:
-                firsts.append(v)
+                firsts.append(by_shape[shape])
     sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
     if firsts:
-        sums.index_add_(-1, plan.index, torch.cat(reduced[1] + reduced[-1] + firsts, -1))
-    s_in, s_out, total = sums.split([n + 1, n + 1, 1], -1)
+        sums.index_add_(-1, plan.index, flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims))
+    s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
     return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
 
 
-def group_coefficients(cx: Tensor, group: TermGroup) -> Tensor:
-    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's stacked parameters,
-    broadcast over the dims no term varies along: ``[*batch, L, *pair_shape]`` (``cx``:
-    ``[*batch, N + 1]``, its dummy slot 0)."""
-    out = None
+def dense_factors(device: torch.device) -> bool:
+    """Whether per-entry factors are made dense over each parameter's shape on ``device``: a
+    ``torch._foreach_*`` call is one kernel only over tensors of equal shapes, so on a GPU one
+    dense factor per parameter moves every tensor in one pass; on the CPU, where such a call
+    loops over its tensors anyway, each term's factor is broadcast instead (one cheap pass per
+    term, no dense factor written and read back)."""
+    return device.type != "cpu"
+
+
+def term_values(cx: Tensor, group: TermGroup, scale: float) -> list[Tensor]:
+    """``scale * sum_t sign_t cx[..., slots_t]`` over the terms of each slot shape of the group
+    (terms of one shape share every later pass): ``[*batch, L, *slot_shape]`` per shape
+    (``cx``: ``[*batch, N + 1]``, its dummy slot 0)."""
+    by_shape: dict[torch.Size, Tensor] = {}
     for slots, sign in zip(group.slots, group.signs, strict=True):
-        x = cx[..., slots]
-        if out is None:
-            out = x if sign > 0 else -x
+        x, before = cx[..., slots], by_shape.get(slots.shape)
+        if before is None:
+            by_shape[slots.shape] = x * (scale * sign)
         else:
-            out = out + x if sign > 0 else out - x
-    assert out is not None  # every planned parameter has a term
-    return out
+            by_shape[slots.shape] = torch.add(before, x, alpha=scale * sign)
+    return list(by_shape.values())
 
 
-def group_factors(hx: Tensor, group: TermGroup, dtype: torch.dtype) -> Tensor:
-    """``exp(sum_t sign_t hx[..., slots_t])`` for every entry of the group's stacked
-    parameters, as the product of each term's factor (computed in float64 on the term's own
-    slots, rounded to ``dtype``), broadcast over the dims no term varies along:
-    ``[*batch, L, *pair_shape]``."""
-    out = None
-    for slots, sign in zip(group.slots, group.signs, strict=True):
-        x = hx[..., slots]
-        f = torch.exp(x if sign > 0 else -x).to(dtype)
-        out = f if out is None else out * f
-    assert out is not None  # every planned parameter has a term
-    return out
-
-
-def per_parameter(values: Tensor, group: TermGroup, batch_dims: int) -> tuple[Tensor, ...]:
-    """``values`` ``[*batch, L, *pair_shape]`` made dense over each parameter's shape (a
-    ``torch._foreach_*`` call is one kernel only over tensors of equal shapes) and split into
-    one view ``[*batch, *shape]`` per parameter of the group."""
-    full = (*values.shape[: batch_dims + 1], *group.shape)
-    if tuple(values.shape) != full:
+def per_parameter(
+    values: Tensor, group: TermGroup, batch_dims: int, dense: bool
+) -> tuple[Tensor, ...]:
+    """``values`` ``[*batch, L, *slot_shape]`` split into one view ``[*batch, *shape]`` per
+    parameter of the group, made dense (contiguous) over each parameter's shape when ``dense``
+    (see :func:`dense_factors`), otherwise only over a trailing run of fewer than 64 entries it
+    would be broadcast along (a product broadcast along a short innermost run, a conv's taps, is
+    several times slower)."""
+    shape = tuple(values.shape[batch_dims + 1 :])
+    k = len(shape)
+    while k > 0 and shape[k - 1] == 1:
+        k -= 1
+    inner = math.prod(group.shape[k:])
+    if dense or 0 < k < len(shape) and 1 < inner < 64:
+        full = (*values.shape[: batch_dims + 1], *shape[:k], *group.shape[k:])
         values = values.expand(full).contiguous()
     return values.unbind(batch_dims)
+
+
+def group_coefficients(
+    cx: Tensor, group: TermGroup, dtype: torch.dtype, batch_dims: int = 0
+) -> list[tuple[Tensor, ...]]:
+    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's parameters, per
+    parameter (:func:`per_parameter`) in ``dtype``: one dense coefficient, or on the CPU one
+    broadcast coefficient per term, to be summed (``cx``: ``[*batch, N + 1]``, dummy slot 0)."""
+    terms = term_values(cx, group, 1.0)
+    dense = dense_factors(cx.device)
+    if dense:
+        terms = [functools.reduce(torch.add, terms)]
+    return [per_parameter(t.to(dtype), group, batch_dims, dense) for t in terms]
+
+
+def group_factors(
+    hx: Tensor, group: TermGroup, power: int, dtype: torch.dtype, batch_dims: int = 0
+) -> list[tuple[Tensor, ...]]:
+    """``exp(power * sum_t sign_t hx[..., slots_t])`` for every entry of the group's
+    parameters as the product of each term's factor (``exp`` in float64 on the term's own
+    slots, rounded to ``dtype``), per parameter (:func:`per_parameter`): the product made
+    dense, or on the CPU each term's broadcast factor, to be multiplied in turn."""
+    factors = [torch.exp(x).to(dtype) for x in term_values(hx, group, float(power))]
+    dense = dense_factors(hx.device)
+    if dense:
+        factors = [functools.reduce(torch.mul, factors)]
+    return [per_parameter(f, group, batch_dims, dense) for f in factors]
 
 
 @torch.no_grad()
@@ -228,29 +298,20 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     """The action without validation: every tensor listed for parameter ``name`` is multiplied
     by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
     ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. The factor ``exp(sum_n w_n(e) h_n)`` is the product of each term's factor
-    (:func:`group_factors`); a tensor of power ``p`` is multiplied (``p > 0``) or divided
-    (``p < 0``) by it ``|p|`` times."""
+    ``h[b]``. Per group and power, the factors of :func:`group_factors`, each applied with one
+    ``torch._foreach_mul_`` over every tensor of that power."""
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
     hx = torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
     for group in kernel_plan(structure, device).groups:
-        present = [(k, targets[name]) for k, name in enumerate(group.names) if targets.get(name)]
-        if not present:
-            continue
-        factors = per_parameter(
-            group_factors(hx, group, present[0][1][0][0].dtype), group, batch_dims
-        )
-        by_power: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        for k, tensors in present:
-            for t, power in tensors:
-                ts, fs = by_power.setdefault(power, ([], []))
-                ts.append(t)
-                fs.append(factors[k])
-        for power, (ts, fs) in by_power.items():
-            for _ in range(abs(power)):
-                (torch._foreach_mul_ if power > 0 else torch._foreach_div_)(ts, fs)
+        by_power: dict[int, list[tuple[int, Tensor]]] = {}
+        for k, name in enumerate(group.names):
+            for t, power in targets.get(name, ()):
+                by_power.setdefault(power, []).append((k, t))
+        for power, moved in by_power.items():
+            for factors in group_factors(hx, group, power, moved[0][1].dtype, batch_dims):
+                torch._foreach_mul_([t for _, t in moved], [factors[k] for k, _ in moved])
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:

@@ -11,6 +11,7 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -32,8 +33,8 @@ from gaugefix.kernels import (
     generator_sums,
     group_coefficients,
     kernel_plan,
-    per_parameter,
     stacked,
+    term_values,
 )
 from gaugefix.moment import Masses, accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
@@ -79,7 +80,8 @@ def orbit_selection_grads(
     out = {}
     for group in kernel_plan(structure, mu.device).groups:
         x = stacked([tensors[name] for name in group.names], batch_dims)
-        grads = (group_coefficients(cx, group) * x.to(mu.dtype)).to(x.dtype)
+        coefficients = functools.reduce(torch.add, term_values(cx, group, 1.0))
+        grads = (coefficients * x.to(mu.dtype)).to(x.dtype)
         out.update(zip(group.names, grads.unbind(batch_dims), strict=True))
     return {name: out[name] for name in tensors if name in out}  # in the order of ``tensors``
 
@@ -115,20 +117,17 @@ def add_orbit_selection_grad_(
     the decision is the one host read."""
     if not params:
         return bool(grads_ok)
-    n = structure.num_generators
     dtype = accumulation_dtype(next(iter(params.values())).dtype)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    s_in, s_out, _ = generator_sums(tensors, local, dtype)
-    flags = torch.stack([grads_ok.to(s_in.device), torch.isfinite(s_in).all() & torch.isfinite(
-        s_out).all()]).tolist()  # fmt: skip
+    s_in, s_out, norm_sq = generator_sums(tensors, local, dtype)
+    flags = torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()
     if not flags[0] or not flags[1] and not all_finite(list(params.values())):
         return False
     mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
-        grads = orbit_selection_grads(tensors, local, mu[:n])
+        grads = orbit_selection_grads(tensors, local, mu)
         add_local_grads_(params, {name: g for name, g in grads.items() if name in params})
         return True
-    mu[n] = 0.0  # the dummy slot
     for p in params.values():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -145,14 +144,14 @@ def add_selection_grads_(
     batch_dims: int = 0,
 ) -> None:
     """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
-    ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N + 1]``, the
-    strength included, the dummy slot ``N`` zero): the gradient of ``P`` added. One
-    ``torch._foreach_addcmul_`` per group of equally shaped parameters."""
+    ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, the
+    strength included): the gradient of ``P`` added. One ``torch._foreach_addcmul_`` per group
+    of equally shaped parameters (per term of the group on the CPU)."""
+    mu = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
     for group in kernel_plan(structure, mu.device).groups:
         ps = [params[name] for name in group.names]
-        coefficients = group_coefficients(mu, group).to(ps[0].dtype)
-        factors = per_parameter(coefficients, group, batch_dims)
-        torch._foreach_addcmul_([grads[name] for name in group.names], ps, list(factors))
+        for factors in group_coefficients(mu, group, ps[0].dtype, batch_dims):
+            torch._foreach_addcmul_([grads[name] for name in group.names], ps, list(factors))
 
 
 class _OrbitSelection(torch.autograd.Function):
@@ -318,10 +317,9 @@ def orbit_step(
     first = next(iter(tensors.values()))
     batch = tuple(first.shape[:batch_dims])
     dtype = accumulation_dtype(first.dtype)
-    s_in, s_out, _ = generator_sums(tensors, structure, dtype, batch_dims)
+    s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims)
     s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
-    finite = torch.isfinite(s_in).all(-1) & torch.isfinite(s_out).all(-1)
-    s_in, s_out = s_in[..., :n], s_out[..., :n]
+    finite = torch.isfinite(norm_sq)
     live = (s_in > 0) & (s_out > 0)
     mu = torch.where(live, s_in - s_out, 0.0)
     rate = rate.to(device=mu.device, dtype=torch.float64)

@@ -111,14 +111,12 @@ def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0)
     """Adds ``grad P`` of ``P = (strength / 4) sum_n mu_n^2`` to the gradients:
     ``strength (sum_n w_n(e) mu_n) theta_e`` for every entry, ``mu`` accumulated like
     :func:`gaugefix.imbalance` (:class:`gaugefix.OrbitSelectionPenalty`'s gradient)."""
-    n = structure.num_generators
 
     @torch.no_grad()
     def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
         dtype = accumulation_dtype(next(iter(params.values())).dtype)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * per_entry(strength, s_in)
-        mu[..., n] = 0.0  # the dummy slot
         add_selection_grads_(grads, params, structure, mu, batch_dims)
         return grads, state
 
