@@ -116,9 +116,10 @@ def python_source(limit: int) -> bytes:
     return bytes(out[:limit])
 
 
-def gpt_case(tiny: bool) -> Case:
-    """A byte-level GPT (2 x 64, 4 heads, context 64) trained with AdamW; scored by the
-    cross-entropy on 64 fixed windows of held-out text (the last tenth)."""
+def gpt_case(tiny: bool, layers: int = 2, dim: int = 64, steps: int = 600) -> Case:
+    """A byte-level GPT (``layers`` x ``dim``, 4 heads, context 64) trained ``steps`` AdamW steps
+    of 32 windows; scored by the cross-entropy on 64 fixed windows of held-out text (the last
+    tenth)."""
     data = torch.tensor(list(python_source(200_000 if tiny else 2_000_000)), dtype=torch.long)
     split = int(0.9 * len(data))
     train, held = data[:split], data[split:]
@@ -130,8 +131,8 @@ def gpt_case(tiny: bool) -> Case:
         return source[idx[:, :-1]], source[idx[:, 1:]]
 
     torch.manual_seed(0)
-    model = zoo.GPT(vocab=256, dim=64, heads=4, layers=2, context=context)
-    _train(model, lambda _: windows(train, 32, gen), 40 if tiny else 600, 3e-3)
+    model = zoo.GPT(vocab=256, dim=dim, heads=4, layers=layers, context=context)
+    _train(model, lambda _: windows(train, 32, gen), 40 if tiny else steps, 3e-3)
     test_x, test_y = windows(held, 64, torch.Generator().manual_seed(1))
 
     def loss(m: nn.Module) -> float:
@@ -140,7 +141,25 @@ def gpt_case(tiny: bool) -> Case:
             return float(F.cross_entropy(out.reshape(-1, 256), test_y.reshape(-1)))
 
     calib, _ = windows(train, 16, torch.Generator().manual_seed(2))
-    return Case("char GPT (2 x 64)", model, loss, "loss", calib[:1], calib)
+    return Case(f"char GPT ({layers} x {dim})", model, loss, "loss", calib[:1], calib)
+
+
+def channel_outliers(model: nn.Module, calibration: Tensor) -> dict[str, float]:
+    """Per ``nn.Linear``: the largest per-channel ``max |x_j|`` of its input over the calibration
+    batch divided by their median over channels (the outlier channels SmoothQuant migrates)."""
+    peaks: dict[str, Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, args, n=n: peaks.__setitem__(n, args[0].abs().flatten(0, -2).amax(0))
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    with torch.no_grad():
+        model(calibration)
+    for hook in hooks:
+        hook.remove()
+    return {n: float(p.max() / p.median()) for n, p in peaks.items()}
 
 
 # -- quantization (torchao's affine primitives) -------------------------------------------------
