@@ -24,7 +24,11 @@ h_n) theta_e``. The objectives:
 ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), a step
 divided by the most generators one counted entry carries when the full one does not lower the
 residual; it is exact in one step for generators that share no counted entry (the two-layer
-chain, a norm feeding one linear).
+chain, a norm feeding one linear). Where generators share counted entries the max-balances can
+form a set; ``range`` then starts the iteration from the unique minimiser of the strictly convex
+``J_p(h) = sum_e |theta_e(h)|^p`` (``p = RANGE_P``), whose stationarity (equal incoming and
+outgoing ``p``-masses) tends to the max-balance as ``p -> infinity``: the tie-break, so that
+every point of an orbit equalizes to the same parameters.
 """
 
 from __future__ import annotations
