@@ -57,7 +57,7 @@ from gaugefix.structure.gauge_structure import PlannedTerm
 
 OBJECTIVES = ("range", "activation", "norm")
 LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
-RANGE_P = 16  # the p-balance that picks range's point where max-balances are not unique
+RANGE_P = 4  # the p-balance that picks range's point where max-balances are not unique
 FROZEN_REASON = "touching a parameter with requires_grad=False"
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
