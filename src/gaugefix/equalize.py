@@ -220,8 +220,8 @@ def range_balance(
     """``"range"``: the max-balance with ``alpha = 1/2``. Where live generators share counted
     entries its solutions can form a set; the iteration then starts from the ``p``-balance at
     ``p = RANGE_P`` (:func:`p_balance`: unique, the minimiser of a strictly convex function),
-    which picks the point. Elsewhere the solution is unique and the iteration starts from
-    ``h = 0``."""
+    which picks the point (up to the iteration's stopping tolerance). Elsewhere the solution
+    is unique and the iteration starts from ``h = 0``."""
     sources = range_sources(params, structure, counted)
     h = torch.zeros(structure.num_generators, dtype=torch.float64, device=_device(params))
     _, before, live = balance_step(sources, h, 0.5)
