@@ -24,7 +24,11 @@ h_n) theta_e``. The objectives:
 ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), a step
 divided by the most generators one counted entry carries when the full one does not lower the
 residual; it is exact in one step for generators that share no counted entry (the two-layer
-chain, a norm feeding one linear).
+chain, a norm feeding one linear). Where generators share counted entries the max-balances can
+form a set; ``range`` then starts the iteration from the unique minimiser of the strictly convex
+``J_p(h) = sum_e |theta_e(h)|^p`` (``p = RANGE_P``), whose stationarity (equal incoming and
+outgoing ``p``-masses) tends to the max-balance as ``p -> infinity``: the tie-break, so that
+every point of an orbit equalizes to the same parameters.
 """
 
 from __future__ import annotations
@@ -45,14 +49,15 @@ from gaugefix.action import (
     rescale_,
     transport_targets,
 )
-from gaugefix.balancing import balance_, check_tolerances
+from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
-from gaugefix.moment import pair_shape
+from gaugefix.moment import Masses, pair_shape
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import PlannedTerm
 
 OBJECTIVES = ("range", "activation", "norm")
 LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
+RANGE_P = 4  # the p-balance that picks range's point where max-balances are not unique
 FROZEN_REASON = "touching a parameter with requires_grad=False"
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
@@ -132,46 +137,101 @@ def damping(sources: list[RangeSource], live: Tensor) -> int:
     return max([1, *counts])
 
 
+def balance_step(
+    sources: list[RangeSource], h: Tensor, alpha: float | Tensor
+) -> tuple[Tensor, float, Tensor]:
+    """At ``h``: every live generator's closed-form balance ``delta_n = (1 - alpha) log
+    R_out,n - alpha log R_in,n`` (0 on the others), the residual ``max |delta_n|``, and which
+    generators are live (both sides non-empty: the same at every ``h``)."""
+    log_in, log_out = side_ranges(sources, h)
+    live = torch.isfinite(log_in) & torch.isfinite(log_out)
+    delta = torch.where(live, (1 - alpha) * log_out - alpha * log_in, 0.0)
+    return delta, float(delta.abs().max()) if h.numel() else 0.0, live
+
+
+class Solved(NamedTuple):
+    """A max-balance's gauge ``h`` (``[N]``, float64), iterations, residual before and after,
+    live generators and convergence."""
+
+    h: Tensor
+    iterations: int
+    before: float
+    after: float
+    live: Tensor
+    converged: bool
+
+
 @torch.no_grad()
 def solve_max_balance(
     sources: list[RangeSource],
-    n: int,
+    start: Tensor,
     alpha: float | Tensor,
     tol: float,
     max_iter: int,
-    device: Any,
-) -> tuple[Tensor, int, float, float, Tensor]:
-    """The gauge ``h`` (``[N]``, float64) where every live generator (both sides non-empty)
-    satisfies ``alpha log R_in,n(h) = (1 - alpha) log R_out,n(h)`` (``alpha``: one number, or
-    one per generator).
+) -> Solved:
+    """The gauge ``h``, from ``start``, where every live generator satisfies ``alpha log
+    R_in,n(h) = (1 - alpha) log R_out,n(h)`` (``alpha``: one number, or one per generator).
 
-    Fixed-point iteration: every live generator moves at once by
-    ``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n``, its own closed-form balance (exact
-    when its counted entries carry no other generator); when that full step does not lower the
-    residual ``max |delta_n|`` (generators sharing entries overshoot together), the step is
-    divided by :func:`damping` instead. Stops when the residual is at most ``tol``.
-    Returns ``(h, iterations, residual before, residual after, live)``."""
-    h = torch.zeros(n, dtype=torch.float64, device=device)
-    log_in, log_out = side_ranges(sources, h)
-    live = torch.isfinite(log_in) & torch.isfinite(log_out)  # the same at every h
+    Fixed-point iteration: every live generator moves at once by its :func:`balance_step`, its
+    own closed-form balance (exact when its counted entries carry no other generator); when
+    that full step does not lower the residual ``max |delta_n|`` (generators sharing entries
+    overshoot together), the step is divided by :func:`damping` instead. Stops when the
+    residual is at most ``tol``."""
+    h = start
+    delta, residual, live = balance_step(sources, h, alpha)
     divisor = damping(sources, live)
-
-    def step_of(log_in: Tensor, log_out: Tensor) -> tuple[Tensor, float]:
-        delta = torch.where(live, (1 - alpha) * log_out - alpha * log_in, 0.0)
-        return delta, float(delta.abs().max()) if n else 0.0
-
-    delta, residual = step_of(log_in, log_out)
     first, iterations = residual, 0
     while residual > tol and iterations < max_iter:
         iterations += 1
         trial = h + delta
-        trial_delta, trial_residual = step_of(*side_ranges(sources, trial))
+        trial_delta, trial_residual, _ = balance_step(sources, trial, alpha)
         if trial_residual < residual or divisor == 1:
             h, delta, residual = trial, trial_delta, trial_residual
         else:
             h = h + delta / divisor
-            delta, residual = step_of(*side_ranges(sources, h))
-    return h, iterations, first, residual, live
+            delta, residual, _ = balance_step(sources, h, alpha)
+    return Solved(h, iterations, first, residual, live, residual <= tol)
+
+
+def p_balance(
+    params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str], p: float,
+    tol: float, max_iter: int,
+) -> tuple[Tensor, int, bool]:  # fmt: skip
+    """The minimiser ``h`` (``[N]``, float64) of ``J_p(h) = sum_e |theta_e(h)|^p`` over the
+    counted weights, ``(h, iterations, converged)``: :func:`gaugefix.balancing.solve_balance`'s
+    Newton solve on the masses ``|theta_e / M|^(p/2)`` (``M``: the largest counted
+    ``|entry|``), whose squares are the ``p``-th powers, at ``h' = p h / 2``."""
+    top = max(float(params[name].detach().abs().max()) for name in counted)
+    powers = {
+        name: (params[name].detach().to(torch.float64).abs() / top).pow(p / 2).unsqueeze(0)
+        for name in counted
+    }
+    solution = solve_balance(Masses(powers, structure), tol, max_iter)
+    return solution.h[0] * (2 / p), solution.iterations, bool(solution.converged[0])
+
+
+def range_balance(
+    params: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    counted: set[str],
+    tol: float,
+    max_iter: int,
+) -> Solved:
+    """``"range"``: the max-balance with ``alpha = 1/2``. Where live generators share counted
+    entries its solutions can form a set; the iteration then starts from the ``p``-balance at
+    ``p = RANGE_P`` (:func:`p_balance`: unique, the minimiser of a strictly convex function),
+    which picks the point (up to the iteration's stopping tolerance). Elsewhere the solution
+    is unique and the iteration starts from ``h = 0``."""
+    sources = range_sources(params, structure, counted)
+    h = torch.zeros(structure.num_generators, dtype=torch.float64, device=_device(params))
+    _, before, live = balance_step(sources, h, 0.5)
+    if damping(sources, live) == 1:
+        return solve_max_balance(sources, h, 0.5, tol, max_iter)
+    picked, newton, converged = p_balance(params, structure, counted, RANGE_P, tol, max_iter)
+    done = solve_max_balance(sources, picked, 0.5, tol, max_iter)
+    return done._replace(
+        iterations=newton + done.iterations, before=before, converged=converged and done.converged
+    )
 
 
 def range_sources(
@@ -285,35 +345,6 @@ def activation_ranges(
     return ranges
 
 
-def activation_sources(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    structure: GaugeStructure,
-    counted: set[str],
-    calibration: Tensor | tuple[Tensor, ...],
-) -> list[RangeSource]:
-    """Per reader that ran: its input's channel ranges on the incoming side of the generators
-    that scale them (the channel carries ``-1`` times the column exponent), and its weight's
-    columns on the outgoing side of the generators dividing them."""
-    device = _device(params)
-    found = readers(model, structure, counted, device)
-    ranges = activation_ranges(model, found, calibration)
-    plans = {p.name: p for p in structure.plan(device)}
-    out = []
-    for r in found:
-        if r.module not in ranges:  # not called by the forward pass
-            continue
-        plan, weight = plans[r.weight], params[r.weight]
-        shape = [1] * weight.dim()
-        shape[r.weight_dim] = weight.shape[r.weight_dim]
-        scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
-        act = ranges[r.module].to(device).log().view(shape)
-        out.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
-        divided = tuple(t for t in r.columns if t.sign < 0)
-        out.append(RangeSource(log_abs(weight, pair_shape(plan)), plan.terms, divided))
-    return out
-
-
 def activation_balance(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -322,11 +353,29 @@ def activation_balance(
     calibration: Tensor | tuple[Tensor, ...],
     alpha: float,
 ) -> tuple[list[RangeSource], Tensor]:
-    """The sources and per-generator ``alpha`` of ``"activation"``: the generators whose
-    channels a linear map reads balance activation against weight ranges with ``alpha``; the
-    others (query-key pairs) are weight-range balanced as ``"range"`` does (``alpha = 1/2``)."""
-    seen = activation_sources(model, params, structure, counted, calibration)
-    n, device = structure.num_generators, _device(params)
+    """The sources and per-generator ``alpha`` of ``"activation"``. Per reader that ran: its
+    input's channel ranges on the incoming side of the generators that scale them (the channel
+    carries ``-1`` times the column exponent), its weight's columns on the outgoing side of
+    the generators dividing them; these generators balance the two with ``alpha``. The others
+    (query-key pairs: no linear map reads their channels) are weight-range balanced as
+    ``"range"`` does (``alpha = 1/2``)."""
+    device = _device(params)
+    found = readers(model, structure, counted, device)
+    ranges = activation_ranges(model, found, calibration)
+    plans = {p.name: p for p in structure.plan(device)}
+    seen = []
+    for r in found:
+        if r.module not in ranges:  # not called by the forward pass
+            continue
+        plan, weight = plans[r.weight], params[r.weight]
+        shape = [1] * weight.dim()
+        shape[r.weight_dim] = weight.shape[r.weight_dim]
+        scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
+        act = ranges[r.module].to(device).log().view(shape)
+        seen.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
+        divided = tuple(t for t in r.columns if t.sign < 0)
+        seen.append(RangeSource(log_abs(weight, pair_shape(plan)), plan.terms, divided))
+    n = structure.num_generators
     log_in, log_out = side_ranges(seen, torch.zeros(n, dtype=torch.float64, device=device))
     read = torch.isfinite(log_in) & torch.isfinite(log_out)
     rest = [_without(s, read) for s in range_sources(params, structure, counted)]
@@ -534,15 +583,14 @@ def equalize_(
     else:
         counted = counted_weights(active, weights)
         if name == "range":
-            sources, coefficient = range_sources(params, active, counted), 0.5
+            solved = range_balance(params, active, counted, tol, max_iter)
         else:
             sources, coefficient = activation_balance(
                 model, params, active, counted, calibration, alpha
             )
-        h, iterations, before, after, live = solve_max_balance(
-            sources, active.num_generators, coefficient, tol, max_iter, _device(params)
-        )
-        converged = after <= tol
+            start = torch.zeros(active.num_generators, dtype=torch.float64, device=_device(params))
+            solved = solve_max_balance(sources, start, coefficient, tol, max_iter)
+        h, iterations, before, after, live, converged = solved
     full = torch.zeros(structure.num_generators, dtype=torch.float64)
     full[keep] = h.cpu()
     check_h(full, structure)
