@@ -362,15 +362,19 @@ NOTES = [
     "anchors' refusals, in docs/quantization.md. AIMET cannot be imported here: the "
     "torchvision it needs (0.28.0, paired with torch 2.13.0) is a CUDA build "
     "(libc10_cuda.so missing on the CPU torch). GPT-2 small: Hugging Face default config with "
-    "random weights, median of 3 alternating pairs.",
+    "random weights, median of 3 alternating pairs; each timed equalize_ runs on its own "
+    "copy of the random weights. The char GPT has no outlier activation channels (the "
+    "channel_outliers column: per linear map, the largest per-channel input range over the "
+    "median channel's), so activation has little to migrate there; no outliers are injected. "
+    "range's point is unique (a tie-break by the p-balance, docs/quantization.md).",
     "8: aten operations dispatched (a TorchDispatchMode counter, CPU) by the second step of "
     "non-fused AdamW, with GaugeFixing acting at every step against without; a torch._foreach_*"
     " call over any number of tensors, or one index_add_, counts as one; host reads are "
     "_local_scalar_dense (item, bool, float) and Tensor.tolist calls. On a GPU each operation "
     "is about one kernel launch and each host read drains the queue: the counts do not grow "
     "with depth (2 against 12 layers) because the kernels work on stacks of equally shaped "
-    "parameters (gaugefix.kernels). imbalance_stats pays a stack and a reduction per group of "
-    "equally shaped parameters plus about 35 operations of statistics.",
+    "parameters (gaugefix.kernels). imbalance_stats computes its statistics on the device "
+    "(imbalance_stats_tensor) and reads them with one tolist.",
     "9: on a CUDA GPU (the cuda section runs only there): ROUNDS x 10 steps per side timed with "
     "CUDA events, sides in turn, medians; the orbit step is relax_ at rate 1e-6 with AdamW or "
     "momentum state, against three torch._foreach_mul_ passes over all parameters.",
