@@ -75,6 +75,7 @@ def test_no_module_changes_matplotlibs_global_state():
         (StoreError, RuntimeError),
         (StoreBusy, RuntimeError),
         (ClusterError, RuntimeError),
+        (gaugefix.ShardingError, ValueError),
     ],
 )
 def test_every_exception_is_a_gaugefix_error_and_keeps_its_builtin_base(error, builtin):

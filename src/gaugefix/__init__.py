@@ -17,6 +17,7 @@ from gaugefix.diagnostics import (
     relaxation_rates,
     sharpness,
 )
+from gaugefix.distributed import ShardingError
 from gaugefix.equalize import EqualizeResult, equalize_, sharpness_objective
 from gaugefix.errors import GaugefixError
 from gaugefix.moment import imbalance, imbalance_stats
@@ -60,6 +61,7 @@ __all__ = [
     "GaugeCoordinates",
     "GaugefixError",
     "SingularGramError",
+    "ShardingError",
     "RelaxationRates",
     "SharpnessResult",
     "gauge_coordinates",

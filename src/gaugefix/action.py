@@ -123,7 +123,7 @@ def apply_gauge_(
     -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
     moments by its square. Everything is validated first; on error nothing is modified.
     """
-    params = structure.bind(model)
+    params = structure.bind(model, sharded=True)
     check_h(h, structure)
     check_finite_params(params)
     states = optimizer_states(optimizer, params)

@@ -302,7 +302,7 @@ def balance_(
     Everything is validated first; on error nothing is modified.
     """
     check_tolerances(tol, max_iter)
-    params = structure.bind(model)
+    params = structure.bind(model, sharded=True)
     optimizer_states(optimizer, params)
     n = structure.num_generators
     if n == 0:

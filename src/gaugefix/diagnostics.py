@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from gaugefix.coordinates import generators_gram
+from gaugefix.distributed import refuse_sharded
 from gaugefix.moment import imbalance
 from gaugefix.structure import GaugeStructure
 
@@ -277,6 +278,7 @@ def sharpness(
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError("the model has no parameters that require grad")
+    refuse_sharded(named)
     dtypes = {p.dtype for p in named.values()}
     if len(dtypes) > 1:
         raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")

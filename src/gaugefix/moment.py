@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from gaugefix.distributed import local_view
+from gaugefix.distributed import local_view, sharded
 from gaugefix.kernels import generator_sums, reduce_to, trailing_sum_of_squares
 from gaugefix.structure import GaugeStructure, PlannedParam
 
@@ -65,9 +65,16 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
 
     ``source`` is a model or a mapping from parameter names to tensors (so ``imbalance(grads, s)``
     is ``mu(g)``). Accumulated in float64 for float64 tensors and in float32 otherwise.
-    Differentiable when the tensors require grad.
+    Differentiable when the tensors require grad. For FSDP2-sharded (``DTensor``) tensors every
+    process returns the whole ``mu``: its slices' sums, completed by one all-reduce (not
+    differentiable then).
     """
-    s_in, s_out = in_out_sums(source, structure)
+    params = structure.bind(source, sharded=True)
+    if not sharded(params.values()):
+        s_in, s_out = in_out_sums(params, structure)
+        return s_in - s_out
+    with torch.no_grad():  # the all-reduce completing the sums is not differentiable
+        s_in, s_out = in_out_sums(*local_view(params, structure))
     return s_in - s_out
 
 
@@ -125,7 +132,7 @@ def imbalance_stats(
     A fixed handful of vectorised operations, whatever the depth, and a single
     device-to-host transfer (one batched ``.tolist()``).
     """
-    params = structure.bind(source)
+    params = structure.bind(source, sharded=True)
     if not params:
         return dict.fromkeys(STAT_NAMES, 0.0)
     params, structure = local_view(params, structure)  # this process's slices under FSDP2

@@ -251,7 +251,7 @@ def relax_(
     model. ``.grad`` and, when ``optimizer`` is given, its state are transported. Everything is
     validated first; on error nothing is modified.
     """
-    params = structure.bind(model)
+    params = structure.bind(model, sharded=True)
     rate = check_rate(rate, structure)
     check_finite_params(params)
     optimizer_states(optimizer, params)

@@ -76,7 +76,8 @@ class GaugeFixingCallback(Callback):
             inputs = example if isinstance(example, tuple) else (example,)
             inputs = tuple(x.to(pl_module.device) if torch.is_tensor(x) else x for x in inputs)
             self.structure = discover(pl_module, *inputs)
-        self.structure.bind(pl_module)  # a structure of another model fails here, before fitting
+        # a structure of another model fails here, before fitting
+        self.structure.bind(pl_module, sharded=True)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach the hooks; a fit resumed from a checkpoint does not balance again and continues

@@ -153,7 +153,8 @@ class GaugeFixingCallback(TrainerCallback):
         if self.structure is None:
             self._discovery = model.register_forward_pre_hook(self._discover, with_kwargs=True)
         else:
-            self.structure.bind(model)  # a structure of another model fails here, before training
+            # a structure of another model fails here, before training
+            self.structure.bind(model, sharded=True)
 
     def on_step_begin(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any

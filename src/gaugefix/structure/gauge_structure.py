@@ -202,10 +202,14 @@ class GaugeStructure:
         return scale_groups(self)
 
     # -- binding to a model -------------------------------------------------------------------
-    def bind(self, source: nn.Module | dict[str, Tensor], batch_dims: int = 0) -> dict[str, Tensor]:
+    def bind(
+        self, source: nn.Module | dict[str, Tensor], batch_dims: int = 0, *, sharded: bool = False
+    ) -> dict[str, Tensor]:
         """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients)
         that the structure acts on, checked against the structure's names and shapes (after
-        ``batch_dims`` leading dims, for stacks of several copies)."""
+        ``batch_dims`` leading dims, for stacks of several copies). FSDP2-sharded (``DTensor``)
+        tensors are refused with one line unless ``sharded``: a caller passing it computes on
+        this process's slices (:func:`gaugefix.distributed.local_view`)."""
         if isinstance(source, nn.Module):
             named = dict(source.named_parameters())
         elif isinstance(source, dict):
@@ -223,6 +227,10 @@ class GaugeStructure:
                     f"the structure does not match: '{name}' has shape {shape}, expected {p.shape}"
                 )
             out[name] = t
+        if not sharded:
+            from gaugefix.distributed import refuse_sharded
+
+            refuse_sharded(out)
         return out
 
     def plan(self, device: torch.device | str) -> list[PlannedParam]:
