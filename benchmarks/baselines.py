@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gaugefix import GaugeStructure, apply_gauge_
 from gaugefix.balancing import masses_of
-from gaugefix.moment import Masses
+from gaugefix.masses import Masses
 
 
 @dataclass

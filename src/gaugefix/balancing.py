@@ -24,7 +24,9 @@ from gaugefix.action import (
     transport_targets,
 )
 from gaugefix.distributed import local_view
-from gaugefix.moment import Masses, MassState, generator_sums
+from gaugefix.errors import check_number
+from gaugefix.kernels import generator_sums
+from gaugefix.masses import Masses, MassState
 from gaugefix.structure import GaugeStructure
 
 # Relative size of a change of F(h) below which its rounding hides it.
@@ -75,8 +77,7 @@ class BalanceSolution:
 
 
 def check_tolerances(tol: float, max_iter: int) -> None:
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    check_number(tol, "tol", strict=True)
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
 
@@ -282,6 +283,21 @@ def masses_of(params: Mapping[str, Tensor], structure: GaugeStructure) -> Masses
     return Masses({k: v.detach().unsqueeze(0) for k, v in params.items()}, structure)
 
 
+def solve_model(
+    params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int
+) -> BalanceSolution:
+    """:func:`solve_balance` for one model's bound ``params`` (``DTensor`` s: on this process's
+    slices), checked: ``ValueError`` naming the first parameter with a NaN or infinite entry, or
+    when the squares overflow float64. Not reaching ``tol`` is no error: ``converged`` says it
+    (the one failure policy of the Newton solves)."""
+    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
+    solution = solve_balance(masses_of(tensors, local), tol, max_iter)
+    if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
+        check_finite_params(params)
+        raise ValueError("the squared parameters overflow float64; nothing was modified")
+    return solution
+
+
 @torch.no_grad()
 def balance_(
     model: nn.Module,
@@ -299,7 +315,9 @@ def balance_(
 
     Dead generators (all incoming or all outgoing entries zero) have no closed orbit: they keep
     ``h = 0`` and are reported. Optimizer state is transported when ``optimizer`` is given.
-    Everything is validated first; on error nothing is modified.
+    Everything is validated first; on error nothing is modified. Not reaching ``tol`` within
+    ``max_iter`` iterations is no error (the rule of every Newton solve in gaugefix): the step
+    found is applied and ``converged`` is false.
     """
     check_tolerances(tol, max_iter)
     params = structure.bind(model, sharded=True)
@@ -309,11 +327,8 @@ def balance_(
         check_finite_params(params)
         empty = torch.zeros(0, dtype=torch.long)
         return BalanceResult(0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.float64), empty, True)
-    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    solution = solve_balance(masses_of(tensors, local), tol, max_iter)
-    if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
-        check_finite_params(params)
-        raise ValueError("the squared parameters overflow float64; nothing was modified")
+    solution = solve_model(params, structure, tol, max_iter)
+    tensors, local = local_view(params, structure)
     h = solution.h[0]
     check_h(h, structure)
     rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)

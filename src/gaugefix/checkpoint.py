@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
+from gaugefix.action import all_finite
 from gaugefix.balancing import BalanceResult
 from gaugefix.equalize import EqualizeResult
 from gaugefix.errors import GaugefixError
@@ -249,7 +250,7 @@ def balance_state_dict(
     reference = _outputs(model, x)
     if not reference:
         raise CheckpointError("the model's output on the example input holds no floating tensor")
-    if not all(bool(torch.isfinite(t).all()) for t in reference):
+    if not all_finite(reference):
         raise CheckpointError("the model's output on the example input is not finite")
     before = gaugefix.imbalance_stats(model, structure)
     if calibration is not None and calibration.is_floating_point():
@@ -276,7 +277,7 @@ def balance_state_dict(
         written[name] = shared
     changed = [name for name, t in tensors.items() if not torch.equal(written[name], t)]
     for name in changed:
-        if not bool(torch.isfinite(written[name]).all()):
+        if not all_finite([written[name]]):
             raise CheckpointError(
                 f"balanced {name} does not fit in {tensors[name].dtype} (overflow to inf)"
             )

@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, jvp
 
 from gaugefix.coordinates import generators_gram
 from gaugefix.distributed import refuse_sharded
+from gaugefix.errors import check_number
 from gaugefix.moment import imbalance
 from gaugefix.structure import GaugeStructure
 
@@ -44,17 +45,6 @@ class RelaxationRates:
     fastest_generator: int | None
     slowest_layer: str | None
     fastest_layer: str | None
-
-
-def _check_number(value: Any, name: str, minimum: float = 0.0) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < minimum
-    ):
-        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
-    return float(value)
 
 
 def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -97,7 +87,7 @@ def relaxation_rates(
     ``2 k >= num_generators`` the dense path is used instead. A zero rate means a mode that does not
     relax (a singular ``K``: see :func:`gaugefix.project`).
     """
-    strength = _check_number(strength, "strength")
+    strength = check_number(strength, "strength")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
     n = structure.num_generators
@@ -149,8 +139,8 @@ def predicted_imbalance_change(
     scale drift the optimizer adds. Accumulated like :func:`gaugefix.imbalance` (float64 for
     float64 tensors).
     """
-    lr = _check_number(lr, "lr")
-    weight_decay = _check_number(weight_decay, "weight_decay")
+    lr = check_number(lr, "lr")
+    weight_decay = check_number(weight_decay, "weight_decay")
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
     mu = imbalance(model, structure)
@@ -273,8 +263,7 @@ def sharpness(
     for name, value in (("iters", iters), ("krylov_dim", krylov_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    check_number(tol, "tol", strict=True)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError("the model has no parameters that require grad")

@@ -11,8 +11,6 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +26,7 @@ from gaugefix.action import (
     transport_targets,
 )
 from gaugefix.distributed import add_local_grads_, local_view
+from gaugefix.errors import check_number
 from gaugefix.kernels import (
     generator_sums,
     group_coefficients,
@@ -35,18 +34,14 @@ from gaugefix.kernels import (
     per_parameter,
     stacked,
 )
-from gaugefix.moment import Masses, accumulation_dtype, imbalance
+from gaugefix.masses import Masses
+from gaugefix.moment import accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
 
 
 def check_strength(value: float, name: str = "strength") -> float:
     """``value`` as a float, or ``ValueError`` unless it is a finite real number ``>= 0``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+    return check_number(value, name)
 
 
 def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tensor:
@@ -59,7 +54,7 @@ def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tenso
             f"a per-generator rate must be a floating tensor of shape "
             f"({structure.num_generators},), got {rate.dtype} {tuple(rate.shape)}"
         )
-    if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
+    if not all_finite([rate]) or bool((rate < 0).any()):
         raise ValueError("rate must be finite and >= 0 for every generator")
     return rate.detach().to(torch.float64)
 

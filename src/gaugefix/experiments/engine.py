@@ -22,7 +22,9 @@ from torch.func import functional_call, vmap
 from gaugefix.action import apply_gauge_, rescale_
 from gaugefix.balancing import solve_balance
 from gaugefix.experiments.tasks import DATA_SEED, Task
-from gaugefix.moment import STAT_NAMES, Masses, generator_sums, stats_from_sums
+from gaugefix.kernels import generator_sums
+from gaugefix.masses import Masses
+from gaugefix.moment import STAT_NAMES, stats_from_sums
 from gaugefix.soft import orbit_selection_grads, orbit_step
 from gaugefix.structure import GaugeStructure, discover
 
