@@ -1,5 +1,7 @@
 """gaugefix: the rescaling (gauge) symmetry of positively homogeneous PyTorch networks."""
 
+import importlib
+
 from gaugefix import zoo  # the example models: gaugefix.zoo.GPT, ...
 from gaugefix.action import apply_gauge_, random_gauge_
 from gaugefix.balancing import BalanceResult, balance_
@@ -36,6 +38,23 @@ from gaugefix.train import GaugeFixing
 
 __version__ = "0.1.0"
 
+# Exceptions defined beside what raises them, resolved on first use (their modules load the
+# checkpoint tools, the sweep engine or Ray's backend, which ``import gaugefix`` does not need).
+_ERRORS_ELSEWHERE = {
+    "CheckpointError": "gaugefix.checkpoint",
+    "OutputError": "gaugefix.files",
+    "StoreError": "gaugefix.experiments.store",
+    "StoreBusy": "gaugefix.experiments.store",
+    "TaskError": "gaugefix.experiments.tasks",
+    "ClusterError": "gaugefix.experiments.ray_executor",
+}
+
+
+def __getattr__(name: str) -> type:
+    if name in _ERRORS_ELSEWHERE:
+        return getattr(importlib.import_module(_ERRORS_ELSEWHERE[name]), name)
+    raise AttributeError(f"module 'gaugefix' has no attribute {name!r}")
+
 __all__ = [
     "BalanceResult",
     "apply_gauge_",
@@ -62,6 +81,7 @@ __all__ = [
     "GaugefixError",
     "SingularGramError",
     "ShardingError",
+    *_ERRORS_ELSEWHERE,
     "RelaxationRates",
     "SharpnessResult",
     "gauge_coordinates",
