@@ -55,6 +55,7 @@ def __getattr__(name: str) -> type:
         return getattr(importlib.import_module(_ERRORS_ELSEWHERE[name]), name)
     raise AttributeError(f"module 'gaugefix' has no attribute {name!r}")
 
+
 __all__ = [
     "BalanceResult",
     "apply_gauge_",
