@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jvp
 
 from gaugefix.coordinates import generators_gram
 from gaugefix.distributed import refuse_sharded
-from gaugefix.errors import check_number
+from gaugefix.errors import check_count, check_number
 from gaugefix.moment import imbalance
 from gaugefix.structure import GaugeStructure
 
@@ -233,6 +233,18 @@ def _lanczos_top(
     return value, x, used, residual
 
 
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters that require grad, checked: some, of one dtype, none sharded."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("the model has no parameters that require grad")
+    refuse_sharded(named)
+    dtypes = {p.dtype for p in named.values()}
+    if len(dtypes) > 1:
+        raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    return named
+
+
 def sharpness(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], Tensor],
@@ -260,23 +272,15 @@ def sharpness(
     dropout masks are the same in all of them. The loss is evaluated in the model's current
     mode (``train()`` / ``eval()``).
     """
-    for name, value in (("iters", iters), ("krylov_dim", krylov_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_count(iters, "iters")
+    check_count(krylov_dim, "krylov_dim")
     check_number(tol, "tol", strict=True)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not named:
-        raise ValueError("the model has no parameters that require grad")
-    refuse_sharded(named)
-    dtypes = {p.dtype for p in named.values()}
-    if len(dtypes) > 1:
-        raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    named = _trainable(model)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     shapes = [p.shape for p in named.values()]
     sizes = [p.numel() for p in named.values()]
     flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-
     with _frozen_randomness(flat.device) as reset:
 
         def loss_at(vector: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["GaugefixError", "check_number"]
+__all__ = ["GaugefixError", "check_count", "check_number"]
 
 
 class GaugefixError(Exception):
@@ -23,3 +23,10 @@ def check_number(value: object, name: str, minimum: float = 0.0, *, strict: bool
         bound = f"{'>' if strict else '>='} {minimum:g}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return x
+
+
+def check_count(value: object, name: str) -> int:
+    """``value``, or a one-line ``ValueError`` unless it is an integer ``>= 1`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
