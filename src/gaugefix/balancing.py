@@ -31,6 +31,17 @@ from gaugefix.structure import GaugeStructure
 
 # Relative size of a change of F(h) below which its rounding hides it.
 RESOLUTION = 1e-12
+# The line search's sufficient decrease (Armijo): a step t is accepted when
+# F(h + t d) <= F(h) + ARMIJO * t * slope.
+ARMIJO = 1e-4
+# The most halvings (and doublings) of a line search's step: 2^-60 is far below float64's
+# resolution of a step of 1.
+LINE_SEARCH_TRIALS = 60
+# Conjugate gradients on N generators stop after at most max(CG_MIN_ITERATIONS,
+# CG_ITERATIONS_PER_ROOT * sqrt(N)) iterations (Newton's outer iterations continue from an
+# inexact solve).
+CG_MIN_ITERATIONS = 50
+CG_ITERATIONS_PER_ROOT = 4
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, diag: Tensor, rtol: Tenso
     p = z.clone()
     rz = (res * z).sum(1)
     stop = rtol * torch.linalg.vector_norm(b, dim=1)
-    for _ in range(max(50, 4 * int(math.sqrt(b.shape[1])))):
+    for _ in range(max(CG_MIN_ITERATIONS, CG_ITERATIONS_PER_ROOT * math.isqrt(b.shape[1]))):
         live = torch.linalg.vector_norm(res, dim=1) > stop
         if not bool(live.any()):
             break
@@ -217,10 +228,10 @@ def _line_search(
     accepted = torch.zeros_like(runs)
     settled = ~runs | ~torch.isfinite(f0) | (slope == 0)
     trial = state
-    for attempt in range(60):
+    for attempt in range(LINE_SEARCH_TRIALS):
         trial = masses.at(h + t[:, None] * direction, sums=False)
         f_trial = trial.total
-        ok = ~settled & (f_trial <= f0 + 1e-4 * t * slope)
+        ok = ~settled & (f_trial <= f0 + ARMIJO * t * slope)
         if attempt == 0 and bool(ok.any()):
             trial, t, f_trial = _doubled(masses, h, direction, t, trial, f0, slope, ok)
         unresolved = ~settled & ~ok & (-t * slope <= RESOLUTION * f0)
@@ -253,12 +264,13 @@ def _doubled(
     keeps decreasing with Armijo holding: ``(state, t, F)`` at the longest accepted steps."""
     f_trial = trial.total
     growing = ok & (f0 - f_trial > 1e3 * RESOLUTION * f0)
-    for _ in range(60):
+    for _ in range(LINE_SEARCH_TRIALS):
         if not bool(growing.any()):
             break
         longer_t = torch.where(growing, 2 * t, t)
         longer = masses.at(h + longer_t[:, None] * direction, sums=False)
-        better = growing & (longer.total < f_trial) & (longer.total <= f0 + 1e-4 * longer_t * slope)
+        armijo = longer.total <= f0 + ARMIJO * longer_t * slope
+        better = growing & (longer.total < f_trial) & armijo
         if not bool(better.any()):
             break
         t = torch.where(better, longer_t, t)

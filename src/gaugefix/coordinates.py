@@ -25,6 +25,12 @@ from gaugefix.masses import MassState
 from gaugefix.moment import pair_shape, scatter_terms
 from gaugefix.structure import GaugeStructure
 
+# Eigenvalue ratio (smallest / largest) of the Gram matrix on the loose generators below which
+# it is singular: rounding alone leaves about 1e-16.
+SINGULAR = 1e-12
+# The most restarts of conjugate gradients on the residual in :func:`gram_solve`.
+GRAM_RESTARTS = 100
+
 
 class SingularGramError(GaugefixError, ValueError):
     """``K`` is singular: some combination of generators vanishes, so the vertical subspace has
@@ -250,7 +256,7 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
         return loose
     gram = generators_gram(model, structure).to_dense()[loose][:, loose]
     values = torch.linalg.eigvalsh(gram)
-    if float(values[0]) > 1e-12 * max(float(values[-1]), 1e-300):
+    if float(values[0]) > SINGULAR * max(float(values[-1]), 1e-300):
         return loose[:0]
     return loose
 
@@ -322,7 +328,7 @@ def gram_solve(
     c = torch.zeros_like(b)
     residual = b.clone()
     rel = math.inf
-    for _ in range(100):
+    for _ in range(GRAM_RESTARTS):
         scale = b_norm + k_norm * float(torch.linalg.vector_norm(c))
         rel = float(torch.linalg.vector_norm(residual)) / max(scale, 1e-300)
         if rel <= rtol:

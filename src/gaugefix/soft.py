@@ -38,6 +38,9 @@ from gaugefix.masses import Masses
 from gaugefix.moment import accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
 
+# The most halvings of the rate in the bounded orbit step: 2^-64 of any rate moves nothing.
+HALVINGS = 64
+
 
 def check_strength(value: float, name: str = "strength") -> float:
     """``value`` as a float, or ``ValueError`` unless it is a finite real number ``>= 0``."""
@@ -336,7 +339,7 @@ def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
     """The step ``h`` (``[R, N]``) of :func:`relax_` for every copy held by ``masses`` by the
     bounded search (``rate``: ``[R]`` or ``[R, N]``): each ``h_n = -rate mu_n`` clamped between 0
     and the local balance; a copy whose step would raise ``||mu||`` or ``F`` halves its rate
-    and tries again (64 times at most, then it does not move)."""
+    and tries again (:data:`HALVINGS` times at most, then it does not move)."""
     state = masses.at(torch.zeros(masses.r, masses.n, dtype=torch.float64, device=masses.device))
     live = (state.s_in > 0) & (state.s_out > 0)
     mu = torch.where(live, state.s_in - state.s_out, 0.0)
@@ -348,7 +351,7 @@ def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
     scale = torch.ones(masses.r, 1, dtype=torch.float64, device=masses.device)
     done = (mu_norm == 0) | (rate == 0).all(1) | ~torch.isfinite(f0)
     h = torch.zeros_like(mu)
-    for _ in range(64):
+    for _ in range(HALVINGS):
         trial = torch.minimum(torch.maximum(-scale * rate * mu, low), high)
         at = masses.at(trial)
         t_norm = torch.linalg.vector_norm(torch.where(live, at.s_in - at.s_out, 0.0), dim=1)
