@@ -3,11 +3,13 @@ exception hierarchy and the command without its extras."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,27 @@ def test_the_command_without_its_extras_says_what_to_install(monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "needs typer," in err and "pip install 'gaugefix[cli]'" in err
+
+
+MAX_LINES = 60  # a function fits on one screen
+# Long functions of modules other work is changing at the time of writing; each is to be split
+# there (and removed from here).
+KNOWN_LONG = {
+    ("experiments/engine.py", "train_group"),
+    ("experiments/plan.py", "reproduce_grids"),
+    ("experiments/stability.py", "stability_map"),
+    ("experiments/stability.py", "balanced_start_figure"),
+}
+
+
+def test_no_function_in_src_is_longer_than_a_screen():
+    """Every function and method in ``src/gaugefix``, decorators excluded, has at most
+    :data:`MAX_LINES` lines (docstring and comments included)."""
+    root = Path(gaugefix.__file__).parent
+    long = set()
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > MAX_LINES:
+                    long.add((path.relative_to(root).as_posix(), node.name))
+    assert long <= KNOWN_LONG, sorted(long - KNOWN_LONG)
