@@ -15,6 +15,17 @@ from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, finite_flag, rescale_
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "all_finite",
+    "apply_gauge_",
+    "check_finite_params",
+    "check_h",
+    "finite_on_device",
+    "optimizer_states",
+    "random_gauge_",
+    "transport_targets",
+]
+
 # Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
 # gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
 GRAD_LIKE = ("momentum_buffer", "exp_avg")

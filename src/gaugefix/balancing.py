@@ -29,6 +29,16 @@ from gaugefix.kernels import generator_sums
 from gaugefix.masses import Masses, MassState
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "balance_",
+    "BalanceResult",
+    "check_tolerances",
+    "masses_of",
+    "pcg",
+    "solve_balance",
+    "solve_model",
+]
+
 # Relative size of a change of F(h) below which its rounding hides it.
 RESOLUTION = 1e-12
 # The line search's sufficient decrease (Armijo): a step t is accepted when

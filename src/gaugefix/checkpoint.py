@@ -28,6 +28,15 @@ from gaugefix.equalize import EqualizeResult
 from gaugefix.errors import GaugefixError
 from gaugefix.files import write_bytes
 
+__all__ = [
+    "balance_state_dict",
+    "CheckpointBalance",
+    "CheckpointError",
+    "read_state_dict",
+    "StateDictFile",
+    "write_state_dict",
+]
+
 Format = Literal["safetensors", "torch"]
 
 

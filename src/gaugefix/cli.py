@@ -41,6 +41,8 @@ from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     help="Scale symmetry of positively homogeneous networks.",
     no_args_is_help=True,

@@ -25,6 +25,15 @@ from gaugefix.masses import MassState
 from gaugefix.moment import pair_shape, scatter_terms
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "gauge_coordinates",
+    "gauge_tensors",
+    "GaugeCoordinates",
+    "generators_gram",
+    "project",
+    "SingularGramError",
+]
+
 # Eigenvalue ratio (smallest / largest) of the Gram matrix on the loose generators below which
 # it is singular: rounding alone leaves about 1e-16.
 SINGULAR = 1e-12

@@ -21,6 +21,14 @@ from gaugefix.errors import check_count, check_number
 from gaugefix.moment import imbalance
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "predicted_imbalance_change",
+    "relaxation_rates",
+    "RelaxationRates",
+    "sharpness",
+    "SharpnessResult",
+]
+
 # -- relaxation of the imbalance modes --------------------------------------------------------
 
 

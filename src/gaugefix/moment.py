@@ -20,6 +20,18 @@ from gaugefix.distributed import local_view, sharded
 from gaugefix.kernels import generator_sums, reduce_to
 from gaugefix.structure import GaugeStructure, PlannedParam
 
+__all__ = [
+    "accumulation_dtype",
+    "imbalance",
+    "imbalance_stats",
+    "in_out_sums",
+    "pair_shape",
+    "scatter_add_",
+    "scatter_terms",
+    "STAT_NAMES",
+    "stats_from_sums",
+]
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating type accumulates in float32."""

@@ -38,6 +38,18 @@ from gaugefix.masses import Masses
 from gaugefix.moment import accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "add_orbit_selection_grad_",
+    "check_rate",
+    "check_strength",
+    "orbit_selection_grad",
+    "orbit_selection_grads",
+    "orbit_step",
+    "OrbitSelectionPenalty",
+    "relax_",
+    "relax_unchecked_",
+]
+
 # The most halvings of the rate in the bounded orbit step: 2^-64 of any rate moves nothing.
 HALVINGS = 64
 

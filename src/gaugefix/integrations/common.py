@@ -12,6 +12,8 @@ from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
 from gaugefix.train.hook import Mode, check_every
 
+__all__ = ["prefixed_stats", "set_options"]
+
 
 def set_options(
     callback: Any,

@@ -26,6 +26,8 @@ from gaugefix.integrations.common import prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import EVERY, GaugeFixing, Mode
 
+__all__ = ["GaugeFixingCallback"]
+
 
 class GaugeFixingCallback(Callback):
     """Attach :class:`gaugefix.GaugeFixing` to every optimizer of a Lightning fit, and log

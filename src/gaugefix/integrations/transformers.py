@@ -27,6 +27,8 @@ from gaugefix.integrations.common import prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, ValueDependentError, discover
 from gaugefix.train.hook import EVERY, GaugeFixing, Mode
 
+__all__ = ["decode_structure", "GaugeFixingCallback", "torch_optimizer"]
+
 # The entry of ``TrainerState.stateful_callbacks`` (a checkpoint's ``trainer_state.json``) that
 # holds the gauge state of a run.
 STATE_KEY = "gaugefix"

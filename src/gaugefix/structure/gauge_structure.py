@@ -29,6 +29,19 @@ from torch import Tensor, nn
 
 from gaugefix.structure.trace import TraceContext, compact
 
+__all__ = [
+    "compile_structure",
+    "Exclusion",
+    "GaugeStructure",
+    "GeneratorEntries",
+    "KINDS",
+    "module_of",
+    "ParamTerms",
+    "PlannedParam",
+    "PlannedTerm",
+    "Term",
+]
+
 FORMAT = "gaugefix.GaugeStructure/2"
 FORMAT_V1 = "gaugefix.GaugeStructure/1"
 

@@ -45,6 +45,19 @@ from torch.overrides import TorchFunctionMode
 
 from gaugefix.errors import GaugefixError
 
+__all__ = [
+    "BUILTIN",
+    "compact",
+    "register_rule",
+    "Sum",
+    "trace",
+    "TraceContext",
+    "TracingError",
+    "unregister_rule",
+    "ValueDependentError",
+    "ZERO",
+]
+
 
 class TracingError(GaugefixError, RuntimeError):
     """The model could not be run on the example inputs; names the op and the module path."""
