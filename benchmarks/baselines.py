@@ -32,7 +32,7 @@ from gaugefix.masses import Masses
 @dataclass
 class BaselineResult:
     iterations: int  # sweeps (ENorm) or parallel updates (Saul)
-    max_rel_imbalance: float
+    mu_rel_max: float
     converged: bool
 
 

@@ -157,7 +157,7 @@ def compare(name: str) -> dict:
         and rs.converged == rm.converged
         and torch.equal(rs.dead_generators, rm.dead_generators)
     )
-    out["balance_max_rel_imbalance"] = rs.max_rel_imbalance
+    out["balance_mu_rel_max"] = rs.mu_rel_max
     out["balance_norms"] = max(
         abs(rs.norm_sq_before - rm.norm_sq_before) / rm.norm_sq_before,
         abs(rs.norm_sq_after - rm.norm_sq_after) / rm.norm_sq_after,

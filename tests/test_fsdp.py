@@ -65,7 +65,7 @@ def test_gauge_functions_on_slices_equal_the_whole_model(worker, model):
     assert result["imbalance"] <= TOL
     assert result["summary_equal"] and result["restrict_excluded_equal"]
     assert result["balance_fields_equal"]
-    assert result["balance_max_rel_imbalance"] <= 1e-10
+    assert result["balance_mu_rel_max"] <= 1e-10
     # GaugeFixing: per step one all-reduce of the generator sums and one of the gradients'
     # finiteness (a flag), however many parameters
     for mode in ("exact", "penalty"):

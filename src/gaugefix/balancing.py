@@ -58,8 +58,9 @@ CG_ITERATIONS_PER_ROOT = 4
 class BalanceResult:
     """What :func:`balance_` did.
 
-    ``iterations``: outer iterations taken; ``max_rel_imbalance``: ``max_n |mu_n| / S_n`` over
-    the generators with a closed orbit, measured on the model afterwards; ``norm_sq_before`` and
+    ``iterations``: outer iterations taken; ``mu_rel_max``: ``max_n |mu_n| / S_n`` over
+    the generators with a closed orbit, measured on the model afterwards (``imbalance_stats``'
+    ``mu_rel_max`` without the dead generators, which count 1 there); ``norm_sq_before`` and
     ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on; ``h``: the
     gauge transformation applied; ``dead_generators``: generators with all incoming or all
     outgoing entries zero (no closed orbit; left untouched); ``converged``: whether the float64
@@ -68,7 +69,7 @@ class BalanceResult:
     """
 
     iterations: int
-    max_rel_imbalance: float
+    mu_rel_max: float
     norm_sq_before: float
     norm_sq_after: float
     h: Tensor
@@ -82,15 +83,15 @@ class BalanceSolution:
 
     ``h`` (``[R, N]``, float64): ``mu(g(h) . theta) = 0`` on the generators with a closed orbit
     (0 on dead ones); ``iterations``: outer iterations (the most any copy took);
-    ``max_rel_imbalance`` (``[R]``): ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live
+    ``mu_rel_max`` (``[R]``): ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live
     generators, in float64 from the masses; ``norm_sq_before`` / ``norm_sq_after`` (``[R]``):
     ``F(0)`` and ``F(h)``; ``live`` (``[R, N]`` bool): the generators with both sides non-zero;
-    ``converged`` (``[R]``): whether ``max_rel_imbalance <= tol``.
+    ``converged`` (``[R]``): whether ``mu_rel_max <= tol``.
     """
 
     h: Tensor
     iterations: int
-    max_rel_imbalance: Tensor
+    mu_rel_max: Tensor
     norm_sq_before: Tensor
     norm_sq_after: Tensor
     live: Tensor
@@ -188,7 +189,7 @@ def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> Bal
     return BalanceSolution(
         h=state.h,
         iterations=iterations,
-        max_rel_imbalance=err,
+        mu_rel_max=err,
         norm_sq_before=before,
         norm_sq_after=state.total,
         live=live,
@@ -359,7 +360,7 @@ def balance_(
     err = max_rel(s_in[:n] - s_out[:n], s_in[:n] + s_out[:n], live)
     return BalanceResult(
         iterations=solution.iterations,
-        max_rel_imbalance=float(err),
+        mu_rel_max=float(err),
         norm_sq_before=float(solution.norm_sq_before[0]),
         norm_sq_after=float(norm_after),
         h=h,

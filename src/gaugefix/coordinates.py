@@ -92,7 +92,7 @@ class GaugeCoordinates:
     on and the model's own values everywhere else; ``h``: ``[num_generators]`` float64, the
     pure-gauge coordinate; ``dead_generators``: generators without a closed orbit (all incoming
     or all outgoing entries zero), whose ``h`` is 0 and which are left out of the balancing;
-    ``max_rel_imbalance``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators;
+    ``mu_rel_max``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators;
     ``converged``: whether that reached the solve's ``tol`` (when not, ``theta = g(h) .
     balanced`` still holds; only ``mu(balanced) = 0`` is approximate);
     ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
@@ -105,7 +105,7 @@ class GaugeCoordinates:
     balanced: dict[str, Tensor]
     h: Tensor
     dead_generators: Tensor
-    max_rel_imbalance: float
+    mu_rel_max: float
     converged: bool
     structure: GaugeStructure
     aliases: dict[str, str] = field(default_factory=dict)
@@ -146,7 +146,7 @@ def gauge_coordinates(
     if structure.num_generators:
         solution = solve_model(params, structure, tol, max_iter)
         h, live = solution.h[0], solution.live[0]
-        converged, err = bool(solution.converged[0]), float(solution.max_rel_imbalance[0])
+        converged, err = bool(solution.converged[0]), float(solution.mu_rel_max[0])
     else:
         check_finite_params(params)
         h, live = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
@@ -171,7 +171,7 @@ def gauge_coordinates(
         balanced=balanced,
         h=-h,
         dead_generators=dead,
-        max_rel_imbalance=err,
+        mu_rel_max=err,
         converged=converged,
         structure=structure,
         aliases=aliases,
