@@ -98,7 +98,7 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
 
 STAT_NAMES = (
     "mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm", "norm_sq",
-    "dead_generators", "nonfinite_generators",
+    "dead_count", "nonfinite_count",
 )  # fmt: skip
 
 
@@ -143,8 +143,9 @@ def imbalance_stats(
       (the gauge distance to the generator's local balance, up to a factor 2) over the
       generators with both sides non-zero;
     - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
-      acts on; ``dead_generators``: how many have an empty (all-zero) side;
-    ``nonfinite_generators``: how many have a NaN or infinite entry (the four ratio statistics
+      acts on; ``dead_count``: how many have an empty (all-zero) side (the results of
+      ``balance_`` and ``gauge_coordinates`` list them as ``dead_generators``);
+    ``nonfinite_count``: how many have a NaN or infinite entry (the four ratio statistics
     are then NaN or infinite, so a diverged model never looks healthy).
 
     A fixed handful of vectorised operations, whatever the depth, and a single
