@@ -23,6 +23,7 @@ from gaugefix.errors import GaugefixError, check_number
 from gaugefix.kernels import reduce_to
 from gaugefix.masses import MassState
 from gaugefix.moment import pair_shape, scatter_terms
+from gaugefix.soft import generator_combination
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
@@ -287,15 +288,6 @@ def generator_pairing(
     return (b_in - b_out)[:n]
 
 
-def generator_combination(
-    params: Mapping[str, Tensor], structure: GaugeStructure, coefficients: Tensor
-) -> dict[str, Tensor]:
-    """``sum_n c_n xi_n`` as name -> float64 tensor: ``(sum_n w_n(e) c_n) theta_e``."""
-    first = next(iter(params.values()))
-    x = exponents(structure, coefficients, first.device)
-    return {name: params[name].detach().to(torch.float64) * f for name, f in x.items()}
-
-
 def _describe(generators: list[int], structure: GaugeStructure, limit: int = 10) -> str:
     shown = ", ".join(
         f"{n} ({structure.generator_kinds[n]} of layer '{structure.generator_layers[n]}')"
@@ -404,7 +396,8 @@ def project(
     if not all_finite([b]):  # one check; name the culprit only on error
         _name_non_finite(vectors, structure)
     c = gram_solve(model, structure, b, rtol)
-    vertical = generator_combination(params, structure, c)
+    as_float64 = {name: p.detach().to(torch.float64) for name, p in params.items()}
+    vertical = generator_combination(as_float64, structure, c)
     out = {}
     for name, v in vectors.items():
         if name not in vertical:

@@ -43,7 +43,7 @@ __all__ = [
     "check_rate",
     "check_strength",
     "orbit_selection_grad",
-    "orbit_selection_grads",
+    "generator_combination",
     "orbit_step",
     "OrbitSelectionPenalty",
     "relax_",
@@ -77,19 +77,20 @@ def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tenso
 # -- the penalty's gradient ---------------------------------------------------------------------
 
 
-def orbit_selection_grads(
-    tensors: Mapping[str, Tensor], structure: GaugeStructure, mu: Tensor, batch_dims: int = 0
+def generator_combination(
+    tensors: Mapping[str, Tensor], structure: GaugeStructure, c: Tensor, batch_dims: int = 0
 ) -> dict[str, Tensor]:
-    """``(sum_n w_n(e) c_n) * theta_e`` for every entry of the bound ``tensors``, given the
-    per-generator coefficients ``c = mu`` scaled by the strength (``[*batch, N]``): the gradient
-    of ``P`` when ``c = strength * mu``. Computed in ``mu``'s dtype, returned in each tensor's;
-    a few operations per group of equally shaped parameters (:mod:`gaugefix.kernels`), returned
-    in the order of ``tensors``. To be called under ``no_grad``."""
-    cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)
+    """``sum_n c_n xi_n`` with ``xi_n(e) = w_n(e) theta_e``: ``(sum_n w_n(e) c_n) theta_e`` for
+    every entry of the bound ``tensors`` (``[*batch, *shape]``), given per-generator
+    coefficients ``c`` (``[*batch, N]``); the gradient of ``P`` when ``c = strength * mu``.
+    Computed in ``c``'s dtype, returned in each tensor's; a few operations per group of equally
+    shaped parameters (:mod:`gaugefix.kernels`), returned in the order of ``tensors``. To be
+    called under ``no_grad``."""
+    cx = torch.cat([c, c.new_zeros(*c.shape[:-1], 1)], dim=-1)
     out = {}
-    for group in kernel_plan(structure, mu.device).groups:
+    for group in kernel_plan(structure, c.device).groups:
         x = stacked([tensors[name] for name in group.names], batch_dims)
-        grads = (group_coefficients(cx, group) * x.to(mu.dtype)).to(x.dtype)
+        grads = (group_coefficients(cx, group) * x.to(c.dtype)).to(x.dtype)
         out.update(zip(group.names, grads.unbind(batch_dims), strict=True))
     return {name: out[name] for name in tensors if name in out}  # in the order of ``tensors``
 
@@ -110,7 +111,7 @@ def orbit_selection_grad(
         if not tensors:
             return {}
         mu = imbalance(tensors, structure)
-        return orbit_selection_grads(tensors, structure, strength * mu)
+        return generator_combination(tensors, structure, strength * mu)
 
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def add_orbit_selection_grad_(
         return False
     mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
-        grads = orbit_selection_grads(tensors, local, mu[:n])
+        grads = generator_combination(tensors, local, mu[:n])
         add_local_grads_(params, {name: g for name, g in grads.items() if name in params})
         return True
     mu[n] = 0.0  # the dummy slot
@@ -170,7 +171,7 @@ class _OrbitSelection(torch.autograd.Function):
         mu, *params = ctx.saved_tensors
         tensors = dict(zip(ctx.structure.params, params, strict=True))
         scale = grad_output.to(mu.dtype) * ctx.strength
-        grads = orbit_selection_grads(tensors, ctx.structure, scale * mu)
+        grads = generator_combination(tensors, ctx.structure, scale * mu)
         return (None, None, *grads.values())
 
 

@@ -25,7 +25,7 @@ from gaugefix.experiments.tasks import DATA_SEED, Task
 from gaugefix.kernels import generator_sums
 from gaugefix.masses import Masses
 from gaugefix.moment import STAT_NAMES, stats_from_sums
-from gaugefix.soft import orbit_selection_grads, orbit_step
+from gaugefix.soft import generator_combination, orbit_step
 from gaugefix.structure import GaugeStructure, discover
 
 # A stack maps each parameter name to ``[R, *shape]``: run ``r`` of a group is slice ``r``. The
@@ -321,7 +321,7 @@ def penalty_grads(structure: GaugeStructure, stack: Stack, strength: Tensor) -> 
     s_in, s_out, _ = generator_sums(stack, structure, torch.float64, batch_dims=1)
     n = structure.num_generators
     mu = (s_in - s_out)[:, :n] * strength.to(torch.float64)[:, None]
-    return orbit_selection_grads(stack, structure, mu, batch_dims=1)
+    return generator_combination(stack, structure, mu, batch_dims=1)
 
 
 def balanced_gauges(structure: GaugeStructure, stack: Stack) -> Tensor:
