@@ -22,7 +22,7 @@ from gaugefix.balancing import check_tolerances, masses_of, pcg, solve_model
 from gaugefix.errors import GaugefixError, check_number
 from gaugefix.kernels import reduce_to
 from gaugefix.masses import MassState
-from gaugefix.moment import pair_shape, scatter_terms
+from gaugefix.moment import pair_shape, scatter_terms_
 from gaugefix.soft import generator_combination
 from gaugefix.structure import GaugeStructure
 
@@ -284,7 +284,7 @@ def generator_pairing(
     b_out = torch.zeros_like(b_in)
     for param in structure.plan(first.device):
         prod = params[param.name].detach().to(torch.float64) * vectors[param.name].to(torch.float64)
-        scatter_terms(b_in, b_out, param, prod, ())
+        scatter_terms_(b_in, b_out, param, prod, ())
     return (b_in - b_out)[:n]
 
 

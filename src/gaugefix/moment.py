@@ -27,7 +27,7 @@ __all__ = [
     "in_out_sums",
     "pair_shape",
     "scatter_add_",
-    "scatter_terms",
+    "scatter_terms_",
     "STAT_NAMES",
     "stats_from_sums",
 ]
@@ -54,7 +54,7 @@ def scatter_add_(out: Tensor, slots: Tensor, values: Tensor) -> None:
     out.index_add_(-1, slots.reshape(-1), values.reshape(*out.shape[:-1], -1))
 
 
-def scatter_terms(
+def scatter_terms_(
     acc_in: Tensor, acc_out: Tensor, param: PlannedParam, values: Tensor, batch: tuple[int, ...]
 ) -> None:
     """``acc[..., n] += values`` summed over the entries each term names ``n`` at: into
