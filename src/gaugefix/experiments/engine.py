@@ -227,7 +227,7 @@ def train_group(
     lr = column([c.lr for c in configs])
     pen, wd, exact = strengths("penalty"), strengths("weight-decay"), strengths("exact")
     hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
-    balance_rows_(
+    balance_runs_(
         structure, stack, torch.tensor([METHODS[c.method].balanced_start for c in configs]), {}
     )
 
@@ -286,7 +286,7 @@ def train_group(
                 h, _ = orbit_step(stack, structure, rate, batch_dims=1)
                 rescale_(_transported(stack, buffers), structure, h, batch_dims=1)
             if bool(hard.any()):
-                balance_rows_(structure, stack, hard & active, buffers)
+                balance_runs_(structure, stack, hard & active, buffers)
 
     return _results(task, configs, template, stack, initial, active, diverged_at, curves, structure)
 
@@ -330,14 +330,14 @@ def balanced_gauges(structure: GaugeStructure, stack: Stack) -> Tensor:
     return solve_balance(Masses({k: v.detach() for k, v in stack.items()}, structure)).h
 
 
-def balance_rows_(
-    structure: GaugeStructure, stack: Stack, rows: Tensor, buffers: dict[str, Stack]
+def balance_runs_(
+    structure: GaugeStructure, stack: Stack, runs: Tensor, buffers: dict[str, Stack]
 ) -> None:
-    """Hard gauge fixing of the selected runs (``rows``: bool ``[R]``)."""
-    if not bool(rows.any()) or structure.num_generators == 0:
+    """Hard gauge fixing of the selected runs (``runs``: bool ``[R]``)."""
+    if not bool(runs.any()) or structure.num_generators == 0:
         return
-    sel = torch.nonzero(rows).reshape(-1)
-    h = torch.zeros(rows.shape[0], structure.num_generators, dtype=torch.float64)
+    sel = torch.nonzero(runs).reshape(-1)
+    h = torch.zeros(runs.shape[0], structure.num_generators, dtype=torch.float64)
     h[sel] = balanced_gauges(structure, {k: v[sel] for k, v in stack.items()})
     rescale_(_transported(stack, buffers), structure, h, batch_dims=1)
 
@@ -380,9 +380,9 @@ def _record(
     stats: tuple[Tensor, Tensor],
     active: Tensor,
 ) -> None:
-    rows = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
+    per_run = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
     for i in torch.nonzero(active).reshape(-1).tolist():
-        curves[i].append(CurvePoint(step, *rows[i]))
+        curves[i].append(CurvePoint(step, *per_run[i]))
 
 
 def _finite(x: float) -> float | None:
@@ -437,14 +437,14 @@ def _results(
 
 
 def balance_changes(
-    task: Task, template: torch.nn.Module, structure: GaugeStructure, stack: Stack, rows: Tensor
+    task: Task, template: torch.nn.Module, structure: GaugeStructure, stack: Stack, runs: Tensor
 ) -> dict[int, float]:
     """How much hard gauge fixing changes each selected trained network's outputs on the
     training inputs, relative, in float64: the runs are balanced (``max |mu| / S <= 1e-10``) by
     the iteration of :func:`gaugefix.balance_` and ``||f_balanced - f|| / ||f||`` measured."""
-    if not bool(rows.any()):
+    if not bool(runs.any()):
         return {}
-    sel = torch.nonzero(rows).reshape(-1)
+    sel = torch.nonzero(runs).reshape(-1)
     params = {k: v[sel].detach().to(torch.float64) for k, v in stack.items()}
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     x = task.arrays(torch.float64)[0]
