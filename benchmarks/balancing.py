@@ -54,7 +54,7 @@ def cases(tiny: bool = False) -> list[BalanceCase]:
     ]  # fmt: skip
 
 
-def max_rel_imbalance(model: nn.Module, structure: gaugefix.GaugeStructure) -> float:
+def mu_rel_max(model: nn.Module, structure: gaugefix.GaugeStructure) -> float:
     """``max_n |mu_n| / S_n`` over the live generators, float64, from the model's parameters."""
     s_in, s_out = gaugefix.moment.in_out_sums(
         {k: v.detach().double() for k, v in structure.bind(model).items()}, structure
@@ -88,7 +88,7 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
     x = case.example()
     structure = gaugefix.discover(base, x)
     gaugefix.random_gauge_(base, structure, SCALE, generator=torch.Generator().manual_seed(0))
-    start = max_rel_imbalance(base, structure)
+    start = mu_rel_max(base, structure)
     models = {name: copy.deepcopy(base) for name in METHODS}
     snapshot = {k: v.clone() for k, v in base.state_dict().items()}
     iterations: dict[str, list[int]] = {name: [] for name in METHODS}
@@ -97,7 +97,7 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
     def prepare(name: str) -> None:
         """Untimed, before each call: check the previous run's result, restore the start."""
         if len(iterations[name]) > len(reached[name]):
-            reached[name].append(max_rel_imbalance(models[name], structure))
+            reached[name].append(mu_rel_max(models[name], structure))
         models[name].load_state_dict(snapshot)
 
     def side(name: str) -> Callable[[], None]:
@@ -117,14 +117,14 @@ def _run_case(case: BalanceCase, log: Callable[[str], None]) -> dict:
         "kinds": structure.kind_counts(),
         "target": case.target,
         "params": sum(p.numel() for p in base.parameters()),
-        "start_max_rel_imbalance": start,
+        "start_mu_rel_max": start,
         "tol": TOL,
     }
     for name in METHODS:
         row[name] = {
             **summary(times[name]),
             "iterations": statistics.median(iterations[name]),
-            "max_rel_imbalance": max(reached[name]),
+            "mu_rel_max": max(reached[name]),
             "converged": max(reached[name]) <= TOL,
         }
     baselines = ("gauss-seidel", "saul")

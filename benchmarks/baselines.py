@@ -26,13 +26,13 @@ from torch import Tensor, nn
 
 from gaugefix import GaugeStructure, apply_gauge_
 from gaugefix.balancing import masses_of
-from gaugefix.moment import Masses
+from gaugefix.masses import Masses
 
 
 @dataclass
 class BaselineResult:
     iterations: int  # sweeps (ENorm) or parallel updates (Saul)
-    max_rel_imbalance: float
+    mu_rel_max: float
     converged: bool
 
 

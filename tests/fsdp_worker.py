@@ -114,7 +114,7 @@ def compare(name: str) -> dict:
     sharded = copy.deepcopy(model)
     fully_shard(sharded)
     out = {"generators": structure.num_generators}
-    shard = shard_structure(structure, structure.bind(sharded))
+    shard = shard_structure(structure, structure.bind(sharded, sharded=True))
     out["most_terms_equal"] = shard.most_terms() == structure.most_terms()
     placeholders = [None] * dist.get_world_size()
     dist.all_gather_object(placeholders, PLACEHOLDER in shard.params)
@@ -122,6 +122,14 @@ def compare(name: str) -> dict:
 
     a, b = gaugefix.imbalance_stats(sharded, structure), gaugefix.imbalance_stats(model, structure)
     out["stats"] = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-300) for k in b)
+    mu_sharded = gaugefix.imbalance(sharded, structure)
+    out["imbalance"] = rel(mu_sharded, gaugefix.imbalance(model, structure))
+    # the shard structure reports the whole model's channels (rank 0 holds a slice of each)
+    out["summary_equal"] = shard.summary() == structure.summary()
+    keep = torch.arange(structure.num_generators) % 2 == 0
+    out["restrict_excluded_equal"] = (
+        shard.restrict(keep, "odd").excluded == structure.restrict(keep, "odd").excluded
+    )
 
     h = torch.randn(structure.num_generators, generator=gen)
     opt_s, opt_m = with_state(sharded, model), with_state(model, model)
@@ -146,7 +154,7 @@ def compare(name: str) -> dict:
         and rs.converged == rm.converged
         and torch.equal(rs.dead_generators, rm.dead_generators)
     )
-    out["balance_max_rel_imbalance"] = rs.max_rel_imbalance
+    out["balance_mu_rel_max"] = rs.mu_rel_max
     out["balance_norms"] = max(
         abs(rs.norm_sq_before - rm.norm_sq_before) / rm.norm_sq_before,
         abs(rs.norm_sq_after - rm.norm_sq_after) / rm.norm_sq_after,
@@ -215,7 +223,42 @@ def refuses_non_finite() -> dict:
         except ValueError as exc:
             refused[name] = str(exc)
         assert all(torch.equal(whole(v), before[k]) for k, v in bad.state_dict().items())
-    return {"nan_messages": messages, "nan_unchanged": unchanged, **refused}
+    return {"nan_messages": messages, "nan_unchanged": unchanged, **refused, **whole_only(model)}
+
+
+def whole_only(model: nn.Module) -> dict:
+    """The functions that need whole parameters refuse sharded ones with one line (a
+    ``ShardingError``), changing nothing."""
+    structure = gaugefix.discover(model, torch.randn(1, 8))
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded)
+    for p in sharded.parameters():
+        p.grad = torch.ones_like(p)
+    vectors = dict(sharded.named_parameters())
+    calls = {
+        "penalty": lambda: gaugefix.OrbitSelectionPenalty(structure, 1.0)(sharded),
+        "penalty_grad": lambda: gaugefix.OrbitSelectionPenalty(structure, 1.0).add_grad_(sharded),
+        "gauge_coordinates": lambda: gaugefix.gauge_coordinates(sharded, structure),
+        "project": lambda: gaugefix.project(vectors, sharded, structure),
+        "generators_gram": lambda: gaugefix.generators_gram(sharded, structure),
+        "equalize_": lambda: gaugefix.equalize_(sharded, structure),
+        "sharpness": lambda: gaugefix.sharpness(
+            sharded, nn.functional.mse_loss, torch.randn(4, 8), torch.randn(4, 1)
+        ),
+    }
+    out = {}
+    for name, call in calls.items():
+        before = {k: (whole(v).clone(), whole(v.grad).clone()) for k, v in vectors.items()}
+        try:
+            call()
+            out[f"whole_only_{name}"] = None
+        except gaugefix.ShardingError as exc:
+            out[f"whole_only_{name}"] = str(exc)
+        assert all(
+            torch.equal(whole(v), before[k][0]) and torch.equal(whole(v.grad), before[k][1])
+            for k, v in vectors.items()
+        )
+    return out
 
 
 def main() -> None:

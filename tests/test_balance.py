@@ -37,7 +37,7 @@ def norm_sq(model: nn.Module, s: gaugefix.GaugeStructure) -> float:
     return sum(float(params[name].detach().square().sum()) for name in s.params)
 
 
-def max_rel_imbalance(model: nn.Module, s: gaugefix.GaugeStructure, skip=()) -> float:
+def mu_rel_max(model: nn.Module, s: gaugefix.GaugeStructure, skip=()) -> float:
     """``max_n |mu_n| / S_n`` from the per-neuron references (neurons in ``skip`` left out)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     mu, total = reference_imbalance(s, params), reference_sq_norms(s, params)
@@ -54,9 +54,9 @@ def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, d
     norm_before = norm_sq(model, s)
     original = snapshot(model)
     result = gaugefix.balance_(model, s)
-    assert result.converged and result.max_rel_imbalance <= TOL, result
+    assert result.converged and result.mu_rel_max <= TOL, result
     assert result.dead_generators.numel() == 0
-    assert max_rel_imbalance(model, s) <= TOL
+    assert mu_rel_max(model, s) <= TOL
     with torch.no_grad():
         assert rel_change(before, model(*inputs)) <= TOL
     assert result.norm_sq_before == pytest.approx(norm_before, rel=1e-12)
@@ -106,7 +106,7 @@ def test_twenty_layer_mlp_from_a_large_random_gauge(width, seed):
     s = gaugefix.discover(case.model, *case.inputs)
     assert s.num_generators == case.expected
     gaugefix.random_gauge_(case.model, s, 3.0, generator=torch.Generator().manual_seed(seed))
-    assert max_rel_imbalance(case.model, s) > 0.5  # a real starting imbalance
+    assert mu_rel_max(case.model, s) > 0.5  # a real starting imbalance
     result = check_balance(case.model, case.inputs, s)
     assert result.iterations <= 50
 
@@ -179,8 +179,8 @@ def test_dead_generators_are_reported_left_alone_and_never_nan(depth, width, see
     assert bool(torch.isfinite(result.h).all())
     assert bool((result.h[sorted(dead)] == 0).all())
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert result.converged and result.max_rel_imbalance <= TOL
-    assert max_rel_imbalance(model, s, skip=dead) <= TOL
+    assert result.converged and result.mu_rel_max <= TOL
+    assert mu_rel_max(model, s, skip=dead) <= TOL
     with torch.no_grad():
         assert rel_change(before, model(x)) <= TOL
 
@@ -194,7 +194,7 @@ def test_all_dead_model_is_left_alone():
     saved = snapshot(model)
     result = gaugefix.balance_(model, s)
     assert result.dead_generators.tolist() == list(range(8))
-    assert result.iterations == 0 and result.converged and result.max_rel_imbalance == 0.0
+    assert result.iterations == 0 and result.converged and result.mu_rel_max == 0.0
     assert result.norm_sq_before == result.norm_sq_after == 0.0
     assert_same_bits(model, saved)
 
@@ -214,7 +214,7 @@ def test_max_iter_zero_changes_nothing_and_reports_not_converged():
     saved = snapshot(model)
     result = gaugefix.balance_(model, s, max_iter=0)
     assert result.iterations == 0 and not result.converged
-    assert result.max_rel_imbalance == pytest.approx(max_rel_imbalance(model, s), rel=1e-12)
+    assert result.mu_rel_max == pytest.approx(mu_rel_max(model, s), rel=1e-12)
     assert_same_bits(model, saved)
 
 
@@ -222,7 +222,7 @@ def test_a_looser_tolerance_stops_earlier():
     model, _, s = _imbalanced_mlp()
     loose = gaugefix.balance_(copy.deepcopy(model), s, tol=1e-2)
     tight = gaugefix.balance_(model, s)
-    assert loose.converged and loose.max_rel_imbalance <= 1e-2
+    assert loose.converged and loose.mu_rel_max <= 1e-2
     assert loose.iterations <= tight.iterations
 
 

@@ -66,7 +66,7 @@ def test_baselines_reach_the_balance_of_balance_(method):
     ours = {k: v.clone() for k, v in model.state_dict().items()}
     result = method(model, structure, tol=1e-12)
     assert result.converged
-    assert balancing.max_rel_imbalance(model, structure) <= 1e-12
+    assert balancing.mu_rel_max(model, structure) <= 1e-12
     reference = zoo.mlp((6, 8, 8, 8, 3)).double()
     reference.load_state_dict(ours)
     gaugefix.balance_(reference, structure, tol=1e-12)

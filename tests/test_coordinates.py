@@ -108,6 +108,23 @@ def test_dead_neuron_is_reported_not_mapped():
     assert rel_err(coords.to_state_dict(), before) <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["mlp", "transformer"])  # coupled generators
+def test_newton_solves_report_not_converging_by_their_flag(name):
+    """The one failure policy of the Newton solves: stopped by ``max_iter`` before ``tol``,
+    ``gauge_coordinates`` and ``balance_`` return ``converged=False`` with the imbalance they
+    reached, and raise nothing; the coordinates still factor the parameters exactly."""
+    model, s, _ = build(name)
+    gf.random_gauge_(model, s, 2.0, torch.Generator().manual_seed(3))
+    before = float_state(model)
+    coords = gf.gauge_coordinates(model, s, max_iter=1)
+    assert not coords.converged and coords.mu_rel_max > 1e-13
+    assert rel_err(coords.to_state_dict(), before) <= 1e-12
+    assert gf.gauge_coordinates(model, s).converged
+    result = gf.balance_(model, s, max_iter=1)
+    assert not result.converged and result.mu_rel_max > 1e-10
+    assert gf.balance_(model, s).converged
+
+
 def test_coordinates_reject_mismatched_structure():
     model, s, _ = build("mlp")
     other = zoo.mlp((16, 32, 31, 1)).double()

@@ -62,8 +62,10 @@ def test_gauge_functions_on_slices_equal_the_whole_model(worker, model):
         "balance_", "balance_h", "balance_norms",
     ):  # fmt: skip
         assert result[key] <= TOL, key
+    assert result["imbalance"] <= TOL
+    assert result["summary_equal"] and result["restrict_excluded_equal"]
     assert result["balance_fields_equal"]
-    assert result["balance_max_rel_imbalance"] <= 1e-10
+    assert result["balance_mu_rel_max"] <= 1e-10
     # GaugeFixing: per step one all-reduce of the generator sums and one of the gradients'
     # finiteness (a flag), however many parameters
     for mode in ("exact", "penalty"):
@@ -83,6 +85,21 @@ def test_bad_input_on_slices(worker):
     assert "is not sharded while others are DTensors" in bad["partial_stats"]
     assert "is not sharded while others are DTensors" in bad["partial_hook"]
     assert "placed (Replicate(),)" in bad["replicated_balance"]
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "penalty", "penalty_grad", "gauge_coordinates", "project", "generators_gram", "equalize_",
+        "sharpness",
+    ],
+)  # fmt: skip
+def test_functions_needing_whole_parameters_refuse_shards(worker, function):
+    """One line naming the sharded parameter; parameters and gradients unchanged (checked in
+    the worker)."""
+    message = worker["bad_input"][f"whole_only_{function}"]
+    assert message is not None and "\n" not in message
+    assert "is sharded (an FSDP2 DTensor)" in message and "'0.weight'" in message
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def test_values_match_definitions():
     assert stats["mu_norm"] == pytest.approx(float((s_in - s_out).norm()), rel=1e-12)
     norm_sq = float((w1.square().sum() + b1.square().sum() + w2.square().sum()).detach())
     assert stats["norm_sq"] == pytest.approx(norm_sq, rel=1e-12)  # the output bias is not gauged
-    assert stats["dead_generators"] == 0.0
+    assert stats["dead_count"] == 0.0
     # (S_in - S_out) / (S_in + S_out) = tanh(0.5 log(S_in / S_out)), both maxima at one neuron
     assert stats["mu_rel_max"] == pytest.approx(math.tanh(stats["log_ratio_max"]), rel=1e-12)
 
@@ -51,7 +51,7 @@ def test_balanced_model_and_dead_neuron():
     with torch.no_grad():
         model[2].weight[:, 1] = 0.0  # neuron 1 consumes nothing: mu / S = 1, no log-ratio
     stats = imbalance_stats(model, structure)
-    assert stats["dead_generators"] == 1.0
+    assert stats["dead_count"] == 1.0
     assert stats["mu_rel_max"] == pytest.approx(1.0)
     assert math.isfinite(stats["log_ratio_max"]) and stats["log_ratio_max"] <= 1e-9
 
@@ -79,15 +79,15 @@ def test_no_gauge_neurons_and_bad_structure():
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_weight_shows_in_the_statistics(bad):
     """Issue 18, item 11: a NaN (or inf) weight makes the statistics of its generators NaN and
-    is counted in ``nonfinite_generators``, never as a healthy or dead generator."""
+    is counted in ``nonfinite_count``, never as a healthy or dead generator."""
     torch.manual_seed(1)
     model = zoo.mlp((3, 4, 2)).double()
     structure = gaugefix.discover(model, torch.randn(1, 3, dtype=torch.float64))
-    assert imbalance_stats(model, structure)["nonfinite_generators"] == 0.0
+    assert imbalance_stats(model, structure)["nonfinite_count"] == 0.0
     with torch.no_grad():
         model[0].weight[2, 0] = bad  # an incoming entry of neuron 2
     stats = imbalance_stats(model, structure)
-    assert stats["nonfinite_generators"] == 1.0
-    assert stats["dead_generators"] == 0.0
+    assert stats["nonfinite_count"] == 1.0
+    assert stats["dead_count"] == 0.0
     for key in ("mu_rel_rms", "mu_rel_max", "log_ratio_rms", "log_ratio_max", "mu_norm"):
         assert not math.isfinite(stats[key]), key

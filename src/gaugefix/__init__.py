@@ -1,5 +1,7 @@
 """gaugefix: the rescaling (gauge) symmetry of positively homogeneous PyTorch networks."""
 
+import importlib
+
 from gaugefix import step, zoo  # the training step's transformations; the example models
 from gaugefix.action import apply_gauge_, random_gauge_
 from gaugefix.balancing import BalanceResult, balance_
@@ -17,6 +19,7 @@ from gaugefix.diagnostics import (
     relaxation_rates,
     sharpness,
 )
+from gaugefix.distributed import ShardingError
 from gaugefix.equalize import EqualizeResult, equalize_, sharpness_objective
 from gaugefix.errors import GaugefixError
 from gaugefix.moment import imbalance, imbalance_stats, imbalance_stats_tensor
@@ -34,6 +37,24 @@ from gaugefix.structure import (
 from gaugefix.train import GaugeFixing
 
 __version__ = "0.1.0"
+
+# Exceptions defined beside what raises them, resolved on first use (their modules load the
+# checkpoint tools, the sweep engine or Ray's backend, which ``import gaugefix`` does not need).
+_ERRORS_ELSEWHERE = {
+    "CheckpointError": "gaugefix.checkpoint",
+    "OutputError": "gaugefix.files",
+    "StoreError": "gaugefix.experiments.store",
+    "StoreBusy": "gaugefix.experiments.store",
+    "TaskError": "gaugefix.experiments.tasks",
+    "ClusterError": "gaugefix.experiments.ray_executor",
+}
+
+
+def __getattr__(name: str) -> type:
+    if name in _ERRORS_ELSEWHERE:
+        return getattr(importlib.import_module(_ERRORS_ELSEWHERE[name]), name)
+    raise AttributeError(f"module 'gaugefix' has no attribute {name!r}")
+
 
 __all__ = [
     "BalanceResult",
@@ -61,6 +82,8 @@ __all__ = [
     "GaugeCoordinates",
     "GaugefixError",
     "SingularGramError",
+    "ShardingError",
+    *_ERRORS_ELSEWHERE,
     "RelaxationRates",
     "SharpnessResult",
     "gauge_coordinates",

@@ -2,31 +2,48 @@
 :mod:`gaugefix.cli`, or a one-line error when the packages it needs beyond the library's are
 not installed (``pip install 'gaugefix[cli]'``)."""
 
-import importlib.util
+import re
 import sys
+from importlib import metadata
 
 __all__ = ["main"]
 
-# What the command imports beyond the library: the command line itself, the progress bars, the
-# report's figures and the digits data set of the experiments.
-COMMAND_MODULES = {
-    "typer": "typer",
-    "tqdm": "tqdm",
-    "matplotlib": "matplotlib",
-    "sklearn": "scikit-learn",
-}
+COMMAND_EXTRA = "cli"  # the extra of pyproject.toml that installs what the command needs
 USAGE_ERROR = 2  # the exit status of the command's one-line errors
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The distributions gaugefix's optional extra ``extra`` installs, as its installed metadata
+    (pyproject.toml) lists them, with the extras it includes (``gaugefix[experiments]``)
+    followed."""
+    names = []
+    for requirement in metadata.requires("gaugefix") or []:
+        marker = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
+        if marker is None or marker.group(1) != extra:
+            continue
+        nested = re.match(r"gaugefix\[([^\]]+)\]", requirement)
+        if nested:
+            names += extra_requirements(nested.group(1))
+        else:
+            names.append(re.match(r"[A-Za-z0-9._-]+", requirement).group())
+    return names
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def main() -> None:
     """Run the command, or exit with one line naming what is missing and how to install it."""
-    missing = [
-        pkg for module, pkg in COMMAND_MODULES.items() if importlib.util.find_spec(module) is None
-    ]
+    missing = [name for name in extra_requirements(COMMAND_EXTRA) if not _installed(name)]
     if missing:
         print(
             f"error: the gaugefix command needs {', '.join(missing)}, which gaugefix installs "
-            "with its command-line extra: pip install 'gaugefix[cli]'",
+            f"with its command-line extra: pip install 'gaugefix[{COMMAND_EXTRA}]'",
             file=sys.stderr,
         )
         raise SystemExit(USAGE_ERROR)

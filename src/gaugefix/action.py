@@ -7,14 +7,24 @@ rounding and composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from gaugefix.distributed import everywhere, local_targets, local_view, sharded
+from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, finite_flag, rescale_
 from gaugefix.structure import GaugeStructure
+
+__all__ = [
+    "all_finite",
+    "apply_gauge_",
+    "check_finite_params",
+    "check_h",
+    "finite_on_device",
+    "optimizer_states",
+    "random_gauge_",
+    "transport_targets",
+]
 
 # Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
 # gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
@@ -62,7 +72,7 @@ def check_h(h: Tensor, structure: GaugeStructure) -> None:
             f"h must have shape ({structure.num_generators},) (one entry per generator), "
             f"got {tuple(h.shape)}"
         )
-    if not h.is_floating_point() or not bool(torch.isfinite(h).all()):
+    if not h.is_floating_point() or not all_finite([h]):
         raise ValueError("h must be a finite floating-point tensor")
 
 
@@ -123,7 +133,7 @@ def apply_gauge_(
     -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
     moments by its square. Everything is validated first; on error nothing is modified.
     """
-    params = structure.bind(model)
+    params = structure.bind(model, sharded=True)
     check_h(h, structure)
     check_finite_params(params)
     states = optimizer_states(optimizer, params)
@@ -141,8 +151,7 @@ def random_gauge_(
 ) -> Tensor:
     """Apply a random gauge transformation ``h ~ N(0, scale^2)`` (float64, one entry per
     generator, drawn on the generator's device) and return ``h``."""
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    check_number(scale, "scale")
     device = generator.device if generator is not None else torch.device("cpu")
     h = scale * torch.randn(
         structure.num_generators, generator=generator, dtype=torch.float64, device=device

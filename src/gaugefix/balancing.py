@@ -24,19 +24,43 @@ from gaugefix.action import (
     transport_targets,
 )
 from gaugefix.distributed import local_view
-from gaugefix.moment import Masses, MassState, generator_sums
+from gaugefix.errors import check_number
+from gaugefix.kernels import generator_sums
+from gaugefix.masses import Masses, MassState
 from gaugefix.structure import GaugeStructure
+
+__all__ = [
+    "balance_",
+    "BalanceResult",
+    "check_tolerances",
+    "masses_of",
+    "pcg",
+    "solve_balance",
+    "solve_model",
+]
 
 # Relative size of a change of F(h) below which its rounding hides it.
 RESOLUTION = 1e-12
+# The line search's sufficient decrease (Armijo): a step t is accepted when
+# F(h + t d) <= F(h) + ARMIJO * t * slope.
+ARMIJO = 1e-4
+# The most halvings (and doublings) of a line search's step: 2^-60 is far below float64's
+# resolution of a step of 1.
+LINE_SEARCH_TRIALS = 60
+# Conjugate gradients on N generators stop after at most max(CG_MIN_ITERATIONS,
+# CG_ITERATIONS_PER_ROOT * sqrt(N)) iterations (Newton's outer iterations continue from an
+# inexact solve).
+CG_MIN_ITERATIONS = 50
+CG_ITERATIONS_PER_ROOT = 4
 
 
 @dataclass(frozen=True)
 class BalanceResult:
     """What :func:`balance_` did.
 
-    ``iterations``: outer iterations taken; ``max_rel_imbalance``: ``max_n |mu_n| / S_n`` over
-    the generators with a closed orbit, measured on the model afterwards; ``norm_sq_before`` and
+    ``iterations``: outer iterations taken; ``mu_rel_max``: ``max_n |mu_n| / S_n`` over
+    the generators with a closed orbit, measured on the model afterwards (``imbalance_stats``'
+    ``mu_rel_max`` without the dead generators, which count 1 there); ``norm_sq_before`` and
     ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on; ``h``: the
     gauge transformation applied; ``dead_generators``: generators with all incoming or all
     outgoing entries zero (no closed orbit; left untouched); ``converged``: whether the float64
@@ -45,7 +69,7 @@ class BalanceResult:
     """
 
     iterations: int
-    max_rel_imbalance: float
+    mu_rel_max: float
     norm_sq_before: float
     norm_sq_after: float
     h: Tensor
@@ -59,15 +83,15 @@ class BalanceSolution:
 
     ``h`` (``[R, N]``, float64): ``mu(g(h) . theta) = 0`` on the generators with a closed orbit
     (0 on dead ones); ``iterations``: outer iterations (the most any copy took);
-    ``max_rel_imbalance`` (``[R]``): ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live
+    ``mu_rel_max`` (``[R]``): ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live
     generators, in float64 from the masses; ``norm_sq_before`` / ``norm_sq_after`` (``[R]``):
     ``F(0)`` and ``F(h)``; ``live`` (``[R, N]`` bool): the generators with both sides non-zero;
-    ``converged`` (``[R]``): whether ``max_rel_imbalance <= tol``.
+    ``converged`` (``[R]``): whether ``mu_rel_max <= tol``.
     """
 
     h: Tensor
     iterations: int
-    max_rel_imbalance: Tensor
+    mu_rel_max: Tensor
     norm_sq_before: Tensor
     norm_sq_after: Tensor
     live: Tensor
@@ -75,8 +99,7 @@ class BalanceSolution:
 
 
 def check_tolerances(tol: float, max_iter: int) -> None:
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    check_number(tol, "tol", strict=True)
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
 
@@ -97,7 +120,7 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, diag: Tensor, rtol: Tenso
     p = z.clone()
     rz = (res * z).sum(1)
     stop = rtol * torch.linalg.vector_norm(b, dim=1)
-    for _ in range(max(50, 4 * int(math.sqrt(b.shape[1])))):
+    for _ in range(max(CG_MIN_ITERATIONS, CG_ITERATIONS_PER_ROOT * math.isqrt(b.shape[1]))):
         live = torch.linalg.vector_norm(res, dim=1) > stop
         if not bool(live.any()):
             break
@@ -166,7 +189,7 @@ def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> Bal
     return BalanceSolution(
         h=state.h,
         iterations=iterations,
-        max_rel_imbalance=err,
+        mu_rel_max=err,
         norm_sq_before=before,
         norm_sq_after=state.total,
         live=live,
@@ -225,10 +248,10 @@ def _line_search(
     accepted = torch.zeros_like(runs)
     settled = ~runs | ~torch.isfinite(f0) | (slope == 0)
     trial = state
-    for attempt in range(60):
+    for attempt in range(LINE_SEARCH_TRIALS):
         trial = masses.at(h + t[:, None] * direction, sums=False)
         f_trial = trial.total
-        ok = ~settled & (f_trial <= f0 + 1e-4 * t * slope)
+        ok = ~settled & (f_trial <= f0 + ARMIJO * t * slope)
         if attempt == 0 and bool(ok.any()):
             trial, t, f_trial = _doubled(masses, h, direction, t, trial, f0, slope, ok)
         unresolved = ~settled & ~ok & (-t * slope <= RESOLUTION * f0)
@@ -261,12 +284,13 @@ def _doubled(
     keeps decreasing with Armijo holding: ``(state, t, F)`` at the longest accepted steps."""
     f_trial = trial.total
     growing = ok & (f0 - f_trial > 1e3 * RESOLUTION * f0)
-    for _ in range(60):
+    for _ in range(LINE_SEARCH_TRIALS):
         if not bool(growing.any()):
             break
         longer_t = torch.where(growing, 2 * t, t)
         longer = masses.at(h + longer_t[:, None] * direction, sums=False)
-        better = growing & (longer.total < f_trial) & (longer.total <= f0 + 1e-4 * longer_t * slope)
+        armijo = longer.total <= f0 + ARMIJO * longer_t * slope
+        better = growing & (longer.total < f_trial) & armijo
         if not bool(better.any()):
             break
         t = torch.where(better, longer_t, t)
@@ -291,6 +315,21 @@ def masses_of(params: Mapping[str, Tensor], structure: GaugeStructure) -> Masses
     return Masses({k: v.detach().unsqueeze(0) for k, v in params.items()}, structure)
 
 
+def solve_model(
+    params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int
+) -> BalanceSolution:
+    """:func:`solve_balance` for one model's bound ``params`` (``DTensor`` s: on this process's
+    slices), checked: ``ValueError`` naming the first parameter with a NaN or infinite entry, or
+    when the squares overflow float64. Not reaching ``tol`` is no error: ``converged`` says it
+    (the one failure policy of the Newton solves)."""
+    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
+    solution = solve_balance(masses_of(tensors, local), tol, max_iter)
+    if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
+        check_finite_params(params)
+        raise ValueError("the squared parameters overflow float64; nothing was modified")
+    return solution
+
+
 @torch.no_grad()
 def balance_(
     model: nn.Module,
@@ -308,21 +347,20 @@ def balance_(
 
     Dead generators (all incoming or all outgoing entries zero) have no closed orbit: they keep
     ``h = 0`` and are reported. Optimizer state is transported when ``optimizer`` is given.
-    Everything is validated first; on error nothing is modified.
+    Everything is validated first; on error nothing is modified. Not reaching ``tol`` within
+    ``max_iter`` iterations is no error (the rule of every Newton solve in gaugefix): the step
+    found is applied and ``converged`` is false.
     """
     check_tolerances(tol, max_iter)
-    params = structure.bind(model)
+    params = structure.bind(model, sharded=True)
     optimizer_states(optimizer, params)
     n = structure.num_generators
     if n == 0:
         check_finite_params(params)
         empty = torch.zeros(0, dtype=torch.long)
         return BalanceResult(0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.float64), empty, True)
-    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    solution = solve_balance(masses_of(tensors, local), tol, max_iter)
-    if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
-        check_finite_params(params)
-        raise ValueError("the squared parameters overflow float64; nothing was modified")
+    solution = solve_model(params, structure, tol, max_iter)
+    tensors, local = local_view(params, structure)
     h = solution.h[0]
     check_h(h, structure)
     rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)
@@ -331,7 +369,7 @@ def balance_(
     err = max_rel(s_in - s_out, s_in + s_out, live)
     return BalanceResult(
         iterations=solution.iterations,
-        max_rel_imbalance=float(err),
+        mu_rel_max=float(err),
         norm_sq_before=float(solution.norm_sq_before[0]),
         norm_sq_after=float(norm_after),
         h=h,

@@ -22,10 +22,20 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
+from gaugefix.action import all_finite
 from gaugefix.balancing import BalanceResult
 from gaugefix.equalize import EqualizeResult
 from gaugefix.errors import GaugefixError
 from gaugefix.files import write_bytes
+
+__all__ = [
+    "balance_state_dict",
+    "CheckpointBalance",
+    "CheckpointError",
+    "read_state_dict",
+    "StateDictFile",
+    "write_state_dict",
+]
 
 Format = Literal["safetensors", "torch"]
 
@@ -221,6 +231,43 @@ def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     )
 
 
+def _rounded(balanced: dict[str, Tensor], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ``balanced`` float64 weights under the names of ``tensors``, each rounded to its
+    tensor's dtype (tensors that shared storage share it again); :class:`CheckpointError` for
+    a changed weight that overflows its dtype."""
+    written: dict[str, Tensor] = {}
+    by_storage: dict[tuple, Tensor] = {}
+    for name, t in tensors.items():
+        shared = by_storage.get(_storage_key(t))
+        if shared is None:
+            shared = balanced[name].to(t.dtype, copy=True).contiguous()
+            by_storage[_storage_key(t)] = shared
+        written[name] = shared
+    for name, t in tensors.items():
+        if not torch.equal(written[name], t) and not all_finite([written[name]]):
+            raise CheckpointError(f"balanced {name} does not fit in {t.dtype} (overflow to inf)")
+    return written
+
+
+def _moved(
+    model: nn.Module,
+    structure: gaugefix.GaugeStructure,
+    objective: str,
+    calibration: Tensor | None,
+    alpha: float,
+) -> BalanceResult | EqualizeResult:
+    """``balance_`` (``objective="norm"``) or ``equalize_`` of the float64 ``model`` in place;
+    their ``ValueError`` as a :class:`CheckpointError`."""
+    if calibration is not None and calibration.is_floating_point():
+        calibration = calibration.to(torch.float64)
+    try:
+        if objective == "norm":
+            return gaugefix.balance_(model, structure)
+        return gaugefix.equalize_(model, structure, objective, calibration=calibration, alpha=alpha)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def balance_state_dict(
     model: nn.Module,
     tensors: Mapping[str, Tensor],
@@ -249,37 +296,14 @@ def balance_state_dict(
     reference = _outputs(model, x)
     if not reference:
         raise CheckpointError("the model's output on the example input holds no floating tensor")
-    if not all(bool(torch.isfinite(t).all()) for t in reference):
+    if not all_finite(reference):
         raise CheckpointError("the model's output on the example input is not finite")
     before = gaugefix.imbalance_stats(model, structure)
-    if calibration is not None and calibration.is_floating_point():
-        calibration = calibration.to(torch.float64)
-    try:
-        if objective == "norm":
-            result = gaugefix.balance_(model, structure)
-        else:
-            result = gaugefix.equalize_(
-                model, structure, objective, calibration=calibration, alpha=alpha
-            )
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    result = _moved(model, structure, objective, calibration, alpha)
     exact_change = _max_change(_outputs(model, x), reference)
 
-    balanced = model.state_dict()
-    written: dict[str, Tensor] = {}
-    by_storage: dict[tuple, Tensor] = {}
-    for name, t in tensors.items():
-        shared = by_storage.get(_storage_key(t))
-        if shared is None:
-            shared = balanced[name].to(t.dtype, copy=True).contiguous()
-            by_storage[_storage_key(t)] = shared
-        written[name] = shared
+    written = _rounded(model.state_dict(), tensors)
     changed = [name for name, t in tensors.items() if not torch.equal(written[name], t)]
-    for name in changed:
-        if not bool(torch.isfinite(written[name]).all()):
-            raise CheckpointError(
-                f"balanced {name} does not fit in {tensors[name].dtype} (overflow to inf)"
-            )
     _load64(model, _complete(model.state_dict(), written))
     output_change = _max_change(_outputs(model, x), reference)
     dtypes = [tensors[name].dtype for name in changed]

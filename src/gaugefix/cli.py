@@ -22,6 +22,7 @@ from torch import nn
 
 import gaugefix
 from gaugefix.checkpoint import (
+    CheckpointBalance,
     CheckpointError,
     StateDictFile,
     balance_state_dict,
@@ -39,6 +40,8 @@ from gaugefix.experiments.workers import Workers, cores
 from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     help="Scale symmetry of positively homogeneous networks.",
@@ -208,6 +211,18 @@ def balance(
         tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
     except (CheckpointError, gaugefix.TracingError) as err:
         raise _fail(str(err)) from None
+    _report_balance(model, objective, report)
+    try:
+        write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
+    except OutputError as err:
+        raise _fail(str(err)) from None
+    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+    typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _report_balance(model: str, objective: str, report: CheckpointBalance) -> None:
+    """Print what balancing did to the weights; exit with one line when the outputs changed
+    more than the tolerance (nothing is written then)."""
     before, after = report.before, report.after
     typer.echo(f"{model}: {report.num_generators} generators")
     if objective != "norm":
@@ -234,12 +249,6 @@ def balance(
             f"{report.output_change:.3g}, more than {report.relative_tolerance(report.dtype):.2g}"
             " x max |output|; nothing written"
         )
-    try:
-        write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
-    except OutputError as err:
-        raise _fail(str(err)) from None
-    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
-    typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
 
 
 def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:

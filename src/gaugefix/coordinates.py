@@ -17,11 +17,29 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import check_finite_params
-from gaugefix.balancing import check_tolerances, masses_of, pcg, solve_balance
-from gaugefix.errors import GaugefixError
-from gaugefix.moment import MassState, pair_shape, reduce_to, scatter_terms
+from gaugefix.action import all_finite, check_finite_params
+from gaugefix.balancing import check_tolerances, masses_of, pcg, solve_model
+from gaugefix.errors import GaugefixError, check_number
+from gaugefix.kernels import reduce_to
+from gaugefix.masses import MassState
+from gaugefix.moment import pair_shape, scatter_terms_
+from gaugefix.soft import generator_combination
 from gaugefix.structure import GaugeStructure
+
+__all__ = [
+    "gauge_coordinates",
+    "gauge_tensors",
+    "GaugeCoordinates",
+    "generators_gram",
+    "project",
+    "SingularGramError",
+]
+
+# Eigenvalue ratio (smallest / largest) of the Gram matrix on the loose generators below which
+# it is singular: rounding alone leaves about 1e-16.
+SINGULAR = 1e-12
+# The most restarts of conjugate gradients on the residual in :func:`gram_solve`.
+GRAM_RESTARTS = 100
 
 
 class SingularGramError(GaugefixError, ValueError):
@@ -75,7 +93,9 @@ class GaugeCoordinates:
     on and the model's own values everywhere else; ``h``: ``[num_generators]`` float64, the
     pure-gauge coordinate; ``dead_generators``: generators without a closed orbit (all incoming
     or all outgoing entries zero), whose ``h`` is 0 and which are left out of the balancing;
-    ``max_rel_imbalance``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators;
+    ``mu_rel_max``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators;
+    ``converged``: whether that reached the solve's ``tol`` (when not, ``theta = g(h) .
+    balanced`` still holds; only ``mu(balanced) = 0`` is approximate);
     ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
     (they always hold the same values as that name).
 
@@ -86,7 +106,8 @@ class GaugeCoordinates:
     balanced: dict[str, Tensor]
     h: Tensor
     dead_generators: Tensor
-    max_rel_imbalance: float
+    mu_rel_max: float
+    converged: bool
     structure: GaugeStructure
     aliases: dict[str, str] = field(default_factory=dict)
 
@@ -118,30 +139,25 @@ def gauge_coordinates(
     coordinate: by default they raise ``ValueError`` naming them. With ``allow_dead=True`` they
     keep ``h = 0``, are listed in ``dead_generators``, and the round trip is still exact, but
     ``balanced`` is then only invariant under gauges that are 0 on the dead generators.
-    Raises ``RuntimeError`` when the solve does not reach ``tol`` in ``max_iter`` iterations.
+    Not reaching ``tol`` in ``max_iter`` iterations is no error (the rule of every Newton solve
+    in gaugefix, :func:`gaugefix.balance_` included): ``converged`` is then false.
     """
     check_tolerances(tol, max_iter)
     params = structure.bind(model)
-    check_finite_params(params)
     if structure.num_generators:
-        solution = solve_balance(masses_of(params, structure), tol, max_iter)
+        solution = solve_model(params, structure, tol, max_iter)
         h, live = solution.h[0], solution.live[0]
-        converged, err = bool(solution.converged[0]), float(solution.max_rel_imbalance[0])
-        iterations = solution.iterations
+        converged, err = bool(solution.converged[0]), float(solution.mu_rel_max[0])
     else:
+        check_finite_params(params)
         h, live = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
-        converged, err, iterations = True, 0.0, 0
+        converged, err = True, 0.0
     dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
         raise ValueError(
             f"{dead.numel()} dead generator(s) without a closed orbit (all incoming or all "
             f"outgoing entries zero): {_describe(dead.tolist(), structure)}; pass "
             "allow_dead=True to keep them at h = 0"
-        )
-    if not converged:
-        raise RuntimeError(
-            f"balancing stopped at max |mu_n| / S_n = {err:.3g} > tol = {tol:g} after "
-            f"{iterations} iterations; raise max_iter or tol"
         )
     state = model.state_dict(keep_vars=True)
     missing = [name for name in params if name not in state]
@@ -156,7 +172,8 @@ def gauge_coordinates(
         balanced=balanced,
         h=-h,
         dead_generators=dead,
-        max_rel_imbalance=err,
+        mu_rel_max=err,
+        converged=converged,
         structure=structure,
         aliases=aliases,
     )
@@ -249,7 +266,7 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
         return loose
     gram = generators_gram(model, structure).to_dense()[loose][:, loose]
     values = torch.linalg.eigvalsh(gram)
-    if float(values[0]) > 1e-12 * max(float(values[-1]), 1e-300):
+    if float(values[0]) > SINGULAR * max(float(values[-1]), 1e-300):
         return loose[:0]
     return loose
 
@@ -267,17 +284,8 @@ def generator_pairing(
     b_out = torch.zeros_like(b_in)
     for param in structure.plan(first.device):
         prod = params[param.name].detach().to(torch.float64) * vectors[param.name].to(torch.float64)
-        scatter_terms(b_in, b_out, param, prod, ())
+        scatter_terms_(b_in, b_out, param, prod, ())
     return (b_in - b_out)[:n]
-
-
-def generator_combination(
-    params: Mapping[str, Tensor], structure: GaugeStructure, coefficients: Tensor
-) -> dict[str, Tensor]:
-    """``sum_n c_n xi_n`` as name -> float64 tensor: ``(sum_n w_n(e) c_n) theta_e``."""
-    first = next(iter(params.values()))
-    x = exponents(structure, coefficients, first.device)
-    return {name: params[name].detach().to(torch.float64) * f for name, f in x.items()}
 
 
 def _describe(generators: list[int], structure: GaugeStructure, limit: int = 10) -> str:
@@ -321,7 +329,7 @@ def gram_solve(
     c = torch.zeros_like(b)
     residual = b.clone()
     rel = math.inf
-    for _ in range(100):
+    for _ in range(GRAM_RESTARTS):
         scale = b_norm + k_norm * float(torch.linalg.vector_norm(c))
         rel = float(torch.linalg.vector_norm(residual)) / max(scale, 1e-300)
         if rel <= rtol:
@@ -385,10 +393,11 @@ def project(
         return {k: _untouched(v, onto) for k, v in vectors.items()}
     params = structure.bind(model)
     b = generator_pairing(params, vectors, structure)
-    if not bool(torch.isfinite(b).all()):  # one check; name the culprit only on error
+    if not all_finite([b]):  # one check; name the culprit only on error
         _name_non_finite(vectors, structure)
     c = gram_solve(model, structure, b, rtol)
-    vertical = generator_combination(params, structure, c)
+    as_float64 = {name: p.detach().to(torch.float64) for name, p in params.items()}
+    vertical = generator_combination(as_float64, structure, c)
     out = {}
     for name, v in vectors.items():
         if name not in vertical:
@@ -403,7 +412,7 @@ def project(
 
 def _name_non_finite(vectors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
     for name in structure.params:
-        if not bool(torch.isfinite(vectors[name]).all()):
+        if not all_finite([vectors[name]]):
             raise ValueError(f"vectors: '{name}' contains NaN or inf")
     raise ValueError("vectors: <xi_n, v> overflows float64")
 
@@ -414,5 +423,4 @@ def _untouched(v: Tensor, onto: str) -> Tensor:
 
 
 def _check_rtol(rtol: float) -> None:
-    if not isinstance(rtol, (int, float)) or not math.isfinite(rtol) or rtol <= 0:
-        raise ValueError(f"rtol must be a finite number > 0, got {rtol!r}")
+    check_number(rtol, "rtol", strict=True)

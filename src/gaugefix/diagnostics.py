@@ -16,8 +16,18 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from gaugefix.coordinates import generators_gram
+from gaugefix.distributed import refuse_sharded
+from gaugefix.errors import check_count, check_number
 from gaugefix.moment import imbalance
 from gaugefix.structure import GaugeStructure
+
+__all__ = [
+    "predicted_imbalance_change",
+    "relaxation_rates",
+    "RelaxationRates",
+    "sharpness",
+    "SharpnessResult",
+]
 
 # -- relaxation of the imbalance modes --------------------------------------------------------
 
@@ -43,17 +53,6 @@ class RelaxationRates:
     fastest_generator: int | None
     slowest_layer: str | None
     fastest_layer: str | None
-
-
-def _check_number(value: Any, name: str, minimum: float = 0.0) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < minimum
-    ):
-        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
-    return float(value)
 
 
 def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -96,7 +95,7 @@ def relaxation_rates(
     ``2 k >= num_generators`` the dense path is used instead. A zero rate means a mode that does not
     relax (a singular ``K``: see :func:`gaugefix.project`).
     """
-    strength = _check_number(strength, "strength")
+    strength = check_number(strength, "strength")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
     n = structure.num_generators
@@ -148,8 +147,8 @@ def predicted_imbalance_change(
     scale drift the optimizer adds. Accumulated like :func:`gaugefix.imbalance` (float64 for
     float64 tensors).
     """
-    lr = _check_number(lr, "lr")
-    weight_decay = _check_number(weight_decay, "weight_decay")
+    lr = check_number(lr, "lr")
+    weight_decay = check_number(weight_decay, "weight_decay")
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
     mu = imbalance(model, structure)
@@ -242,6 +241,18 @@ def _lanczos_top(
     return value, x, used, residual
 
 
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters that require grad, checked: some, of one dtype, none sharded."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("the model has no parameters that require grad")
+    refuse_sharded(named)
+    dtypes = {p.dtype for p in named.values()}
+    if len(dtypes) > 1:
+        raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    return named
+
+
 def sharpness(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], Tensor],
@@ -269,23 +280,15 @@ def sharpness(
     dropout masks are the same in all of them. The loss is evaluated in the model's current
     mode (``train()`` / ``eval()``).
     """
-    for name, value in (("iters", iters), ("krylov_dim", krylov_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not named:
-        raise ValueError("the model has no parameters that require grad")
-    dtypes = {p.dtype for p in named.values()}
-    if len(dtypes) > 1:
-        raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    check_count(iters, "iters")
+    check_count(krylov_dim, "krylov_dim")
+    check_number(tol, "tol", strict=True)
+    named = _trainable(model)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     shapes = [p.shape for p in named.values()]
     sizes = [p.numel() for p in named.values()]
     flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-
     with _frozen_randomness(flat.device) as reset:
 
         def loss_at(vector: Tensor) -> Tensor:

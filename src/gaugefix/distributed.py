@@ -6,10 +6,12 @@ sum over entries (``S_in``, ``S_out``, ``||theta||^2``, the masses ``F(h)`` and 
 process computes it over its own slices with the unchanged kernels and one all-reduce completes
 it; the action multiplies each slice by its own factors. :class:`ShardStructure` is the structure
 of this process's slices: its term maps are sliced like the parameters, and its
-:meth:`~ShardStructure.sum_over_shards` all-reduces. The core functions (``imbalance_stats``,
-``balance_``, ``relax_``, ``GaugeFixing``, ``apply_gauge_``) switch to it through
-:func:`local_view` when they are given ``DTensor`` parameters; for a whole model nothing here
-runs (:func:`sharded` is one dictionary lookup while ``torch.distributed.tensor`` was never
+:meth:`~ShardStructure.sum_over_shards` all-reduces. Every function taking a model binds it
+first (``GaugeStructure.bind``): the core functions (``imbalance``, ``imbalance_stats``,
+``balance_``, ``relax_``, ``GaugeFixing``, ``apply_gauge_``) bind with ``sharded=True`` and switch
+to the shard structure through :func:`local_view`; for every other function the bind step
+refuses ``DTensor`` parameters with a :class:`ShardingError` (:func:`refuse_sharded`). For a
+whole model nothing here runs (one dictionary lookup while ``torch.distributed.tensor`` was never
 imported).
 
 Every process reaches every decision (a step's size, a line search, skipping a non-finite step)
@@ -26,7 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gaugefix.errors import GaugefixError
 from gaugefix.structure import GaugeStructure, ParamTerms, Term
+
+__all__ = [
+    "ShardStructure",
+    "ShardingError",
+    "local_view",
+    "refuse_sharded",
+    "shard_structure",
+    "sharded",
+]
 
 # Per structure: the shard structure built for a set of parameters (held weakly).
 _shard_structures: weakref.WeakKeyDictionary[GaugeStructure, tuple[tuple, ShardStructure]] = (
@@ -36,14 +48,36 @@ _shard_structures: weakref.WeakKeyDictionary[GaugeStructure, tuple[tuple, ShardS
 PLACEHOLDER = ""  # the name of the empty parameter a process holding no slice computes with
 
 
+class ShardingError(GaugefixError, ValueError):
+    """Sharded parameters a function cannot compute with, or a sharding it does not support."""
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` was never imported (then no
+    ``DTensor`` exists, and importing it would cost a second)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
 def sharded(tensors: Iterable[Tensor]) -> bool:
     """Whether the first of ``tensors`` is a ``DTensor`` (FSDP2 shards every parameter of a
     module it wraps; :class:`ShardStructure` checks that all are)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is None:  # never imported: no DTensor exists
-        return False
-    first = next(iter(tensors), None)
-    return isinstance(first, module.DTensor)
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(next(iter(tensors), None), dtensor)
+
+
+def refuse_sharded(tensors: Mapping[str, Tensor]) -> None:
+    """:class:`ShardingError` naming the first ``DTensor`` of ``tensors``: for the functions
+    that need whole parameters (the caller's name is in the traceback)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return
+    for name, t in tensors.items():
+        if isinstance(t, dtensor):
+            raise ShardingError(
+                f"parameter '{name}' is sharded (an FSDP2 DTensor) and this function needs "
+                "whole parameters: call it on an unsharded copy (DTensor.full_tensor())"
+            )
 
 
 class ShardStructure(GaugeStructure):
@@ -56,7 +90,8 @@ class ShardStructure(GaugeStructure):
     mesh, sliced as ``torch.chunk`` slices (process ``r`` holds entries ``[r c, (r + 1) c)``
     along ``d`` with ``c = ceil(size / processes)``), which is what ``fully_shard`` does. A
     process holding no slice at all computes with one empty placeholder parameter, so that it
-    still takes part in every all-reduce.
+    still takes part in every all-reduce. ``produced`` and ``excluded`` are the whole model's,
+    so :meth:`summary` and :meth:`restrict`'s exclusions are those of the whole structure.
     """
 
     def __init__(self, structure: GaugeStructure, params: Mapping[str, Tensor]) -> None:
@@ -66,14 +101,14 @@ class ShardStructure(GaugeStructure):
         local: dict[str, ParamTerms] = {}
         for name, p in params.items():
             if not isinstance(p, DTensor):
-                raise ValueError(
+                raise ShardingError(
                     f"parameter '{name}' is not sharded while others are DTensors: shard every "
                     "parameter the structure acts on (fully_shard the root module)"
                 )
             mesh = p.device_mesh if mesh is None else mesh
             placements = tuple(p.placements)
             if p.device_mesh != mesh or mesh.ndim != 1 or not placements[0].is_shard():
-                raise ValueError(
+                raise ShardingError(
                     f"parameter '{name}' is placed {placements} on a {p.device_mesh.ndim}-D "
                     "mesh; supported: Shard(d) on one 1-D mesh for every parameter (fully_shard)"
                 )
@@ -83,7 +118,7 @@ class ShardStructure(GaugeStructure):
             start = min(mesh.get_local_rank() * chunk, size)
             shape = tuple(p.to_local().shape)
             if shape[dim] != min(chunk, size - start):
-                raise ValueError(
+                raise ShardingError(
                     f"parameter '{name}': a local slice of {shape[dim]} along dim {dim} is not "
                     "a torch.chunk slice"
                 )
@@ -99,7 +134,7 @@ class ShardStructure(GaugeStructure):
             structure.excluded,
             structure.generator_layers,
             structure.generator_kinds,
-            {},
+            structure.produced,  # the whole model's channels: for summary() and restrict()
             structure.param_order,
             structure.notes,
         )
@@ -167,7 +202,7 @@ def local_targets(
         shape = local[0][0].shape
         for t, _ in local[1:]:
             if t.shape != shape:
-                raise ValueError(
+                raise ShardingError(
                     f"the gradient or optimizer state of '{name}' is sliced unlike the "
                     f"parameter ({tuple(t.shape)} vs {tuple(shape)}); cannot transport it"
                 )

@@ -51,7 +51,8 @@ from gaugefix.action import (
 )
 from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
-from gaugefix.moment import Masses, pair_shape
+from gaugefix.masses import Masses
+from gaugefix.moment import pair_shape
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import PlannedTerm
 

@@ -1,9 +1,32 @@
-"""The base of every exception gaugefix raises on purpose."""
+"""The base of every exception gaugefix raises on purpose, and the check of number arguments."""
 
-__all__ = ["GaugefixError"]
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["GaugefixError", "check_count", "check_number"]
 
 
 class GaugefixError(Exception):
     """A problem gaugefix detected and explained in one line. Each subclass also derives from
     the built-in exception it has always been (``ValueError`` or ``RuntimeError``), so either
     may be caught."""
+
+
+def check_number(value: object, name: str, minimum: float = 0.0, *, strict: bool = False) -> float:
+    """``value`` as a float, or a one-line ``ValueError`` unless it is a finite real number (not
+    a bool) ``>= minimum`` (``> minimum`` when ``strict``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    x = float(value) if ok else math.nan  # type: ignore[arg-type]
+    if not math.isfinite(x) or x < minimum or (strict and x == minimum):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return x
+
+
+def check_count(value: object, name: str) -> int:
+    """``value``, or a one-line ``ValueError`` unless it is an integer ``>= 1`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

@@ -15,8 +15,12 @@ import stat
 from contextlib import suppress
 from pathlib import Path
 
+from gaugefix.errors import GaugefixError
 
-class OutputError(OSError):
+__all__ = ["OutputError", "output_target", "write_bytes", "write_text"]
+
+
+class OutputError(GaugefixError, OSError):
     """An output file that cannot be written; the message names it and says why."""
 
 

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from gaugefix.structure.gauge_structure import module_of
 
+__all__ = ["scale_groups"]
+
 if TYPE_CHECKING:
     from gaugefix.structure import GaugeStructure
 

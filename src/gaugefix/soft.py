@@ -12,8 +12,6 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +27,7 @@ from gaugefix.action import (
     transport_targets,
 )
 from gaugefix.distributed import add_local_grads_, local_view
+from gaugefix.errors import check_number
 from gaugefix.kernels import (
     generator_sums,
     group_coefficients,
@@ -36,18 +35,29 @@ from gaugefix.kernels import (
     stacked,
     term_values,
 )
-from gaugefix.moment import Masses, accumulation_dtype, imbalance
+from gaugefix.masses import Masses
+from gaugefix.moment import accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
+
+__all__ = [
+    "add_orbit_selection_grad_",
+    "check_rate",
+    "check_strength",
+    "orbit_selection_grad",
+    "generator_combination",
+    "orbit_step",
+    "OrbitSelectionPenalty",
+    "relax_",
+    "relax_unchecked_",
+]
+
+# The most halvings of the rate in the bounded orbit step: 2^-64 of any rate moves nothing.
+HALVINGS = 64
 
 
 def check_strength(value: float, name: str = "strength") -> float:
     """``value`` as a float, or ``ValueError`` unless it is a finite real number ``>= 0``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+    return check_number(value, name)
 
 
 def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tensor:
@@ -60,7 +70,7 @@ def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tenso
             f"a per-generator rate must be a floating tensor of shape "
             f"({structure.num_generators},), got {rate.dtype} {tuple(rate.shape)}"
         )
-    if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
+    if not all_finite([rate]) or bool((rate < 0).any()):
         raise ValueError("rate must be finite and >= 0 for every generator")
     return rate.detach().to(torch.float64)
 
@@ -68,20 +78,21 @@ def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tenso
 # -- the penalty's gradient ---------------------------------------------------------------------
 
 
-def orbit_selection_grads(
-    tensors: Mapping[str, Tensor], structure: GaugeStructure, mu: Tensor, batch_dims: int = 0
+def generator_combination(
+    tensors: Mapping[str, Tensor], structure: GaugeStructure, c: Tensor, batch_dims: int = 0
 ) -> dict[str, Tensor]:
-    """``(sum_n w_n(e) c_n) * theta_e`` for every entry of the bound ``tensors``, given the
-    per-generator coefficients ``c = mu`` scaled by the strength (``[*batch, N]``): the gradient
-    of ``P`` when ``c = strength * mu``. Computed in ``mu``'s dtype, returned in each tensor's;
-    a few operations per group of equally shaped parameters (:mod:`gaugefix.kernels`), returned
-    in the order of ``tensors``. To be called under ``no_grad``."""
-    cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)
+    """``sum_n c_n xi_n`` with ``xi_n(e) = w_n(e) theta_e``: ``(sum_n w_n(e) c_n) theta_e`` for
+    every entry of the bound ``tensors`` (``[*batch, *shape]``), given per-generator
+    coefficients ``c`` (``[*batch, N]``); the gradient of ``P`` when ``c = strength * mu``.
+    Computed in ``c``'s dtype, returned in each tensor's; a few operations per group of equally
+    shaped parameters (:mod:`gaugefix.kernels`), returned in the order of ``tensors``. To be
+    called under ``no_grad``."""
+    cx = torch.cat([c, c.new_zeros(*c.shape[:-1], 1)], dim=-1)
     out = {}
-    for group in kernel_plan(structure, mu.device).groups:
+    for group in kernel_plan(structure, c.device).groups:
         x = stacked([tensors[name] for name in group.names], batch_dims)
         coefficients = functools.reduce(torch.add, term_values(cx, group, 1.0))
-        grads = (coefficients * x.to(mu.dtype)).to(x.dtype)
+        grads = (coefficients * x.to(c.dtype)).to(x.dtype)
         out.update(zip(group.names, grads.unbind(batch_dims), strict=True))
     return {name: out[name] for name in tensors if name in out}  # in the order of ``tensors``
 
@@ -102,7 +113,7 @@ def orbit_selection_grad(
         if not tensors:
             return {}
         mu = imbalance(tensors, structure)
-        return orbit_selection_grads(tensors, structure, strength * mu)
+        return generator_combination(tensors, structure, strength * mu)
 
 
 @torch.no_grad()
@@ -125,7 +136,7 @@ def add_orbit_selection_grad_(
         return False
     mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
-        grads = orbit_selection_grads(tensors, local, mu)
+        grads = generator_combination(tensors, local, mu)
         add_local_grads_(params, {name: g for name, g in grads.items() if name in params})
         return True
     for p in params.values():
@@ -171,7 +182,7 @@ class _OrbitSelection(torch.autograd.Function):
         mu, *params = ctx.saved_tensors
         tensors = dict(zip(ctx.structure.params, params, strict=True))
         scale = grad_output.to(mu.dtype) * ctx.strength
-        grads = orbit_selection_grads(tensors, ctx.structure, scale * mu)
+        grads = generator_combination(tensors, ctx.structure, scale * mu)
         return (None, None, *grads.values())
 
 
@@ -262,7 +273,7 @@ def relax_(
     model. ``.grad`` and, when ``optimizer`` is given, its state are transported. Everything is
     validated first; on error nothing is modified.
     """
-    params = structure.bind(model)
+    params = structure.bind(model, sharded=True)
     rate = check_rate(rate, structure)
     check_finite_params(params)
     optimizer_states(optimizer, params)
@@ -351,7 +362,7 @@ def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
     """The step ``h`` (``[R, N]``) of :func:`relax_` for every copy held by ``masses`` by the
     bounded search (``rate``: ``[R]`` or ``[R, N]``): each ``h_n = -rate mu_n`` clamped between 0
     and the local balance; a copy whose step would raise ``||mu||`` or ``F`` halves its rate
-    and tries again (64 times at most, then it does not move)."""
+    and tries again (:data:`HALVINGS` times at most, then it does not move)."""
     state = masses.at(torch.zeros(masses.r, masses.n, dtype=torch.float64, device=masses.device))
     live = (state.s_in > 0) & (state.s_out > 0)
     mu = torch.where(live, state.s_in - state.s_out, 0.0)
@@ -363,7 +374,7 @@ def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
     scale = torch.ones(masses.r, 1, dtype=torch.float64, device=masses.device)
     done = (mu_norm == 0) | (rate == 0).all(1) | ~torch.isfinite(f0)
     h = torch.zeros_like(mu)
-    for _ in range(64):
+    for _ in range(HALVINGS):
         trial = torch.minimum(torch.maximum(-scale * rate * mu, low), high)
         at = masses.at(trial)
         t_norm = torch.linalg.vector_norm(torch.where(live, at.s_in - at.s_out, 0.0), dim=1)

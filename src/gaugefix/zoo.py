@@ -13,6 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = [
+    "BasicBlock",
+    "CausalSelfAttention",
+    "cnn",
+    "DenseBlock",
+    "EXAMPLES",
+    "GPT",
+    "GPTBlock",
+    "mlp",
+    "ResNet",
+    "resnet18",
+    "TransformerBlock",
+]
+
 
 def mlp(widths: tuple[int, ...] = (16, 32, 32, 1), bias: bool = True) -> nn.Sequential:
     """``widths[0] -> ... -> widths[-1]`` with ReLU between the linear layers."""

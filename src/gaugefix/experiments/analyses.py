@@ -16,6 +16,8 @@ from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task, load_task
 
+__all__ = ["ANALYSES", "Analysis", "run_analyses", "stored"]
+
 
 @runtime_checkable
 class Analysis(Protocol):

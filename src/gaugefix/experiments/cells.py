@@ -11,6 +11,27 @@ from typing import Annotated, TypeVar
 
 from gaugefix.experiments.engine import REFERENCES, RunConfig, RunResult
 
+__all__ = [
+    "by_regime",
+    "by_task",
+    "group",
+    "HorizonKey",
+    "lr_key",
+    "LrKey",
+    "median",
+    "MethodKey",
+    "reference",
+    "ReferenceKey",
+    "Regime",
+    "RegimeKey",
+    "Run",
+    "Runs",
+    "s_key",
+    "SeedKey",
+    "SKey",
+    "TaskKey",
+]
+
 Runs = Sequence[RunResult]
 # Runs as given: a store's runs keep their row ids through the grouping.
 Run = TypeVar("Run", bound=RunResult)

@@ -27,6 +27,8 @@ from gaugefix.experiments.stability import (
 )
 from gaugefix.experiments.store import Store, StoredRun
 
+__all__ = ["DEFINITION", "DriftSummary", "figure", "render", "summarize"]
+
 DEFINITION = (
     "*Drift suppression*: per seed, the final RMS log-ratio of the reference (plain, or "
     "balanced-init where a regime has no plain) over the method's, at the reference's largest "

@@ -23,8 +23,9 @@ from torch.func import functional_call, vmap
 from gaugefix.action import apply_gauge_
 from gaugefix.balancing import solve_balance
 from gaugefix.experiments.tasks import DATA_SEED, Task
-from gaugefix.kernels import rescale_
-from gaugefix.moment import STAT_NAMES, Masses, generator_sums, stats_from_sums
+from gaugefix.kernels import generator_sums, rescale_
+from gaugefix.masses import Masses
+from gaugefix.moment import STAT_NAMES, stats_from_sums
 from gaugefix.step import (
     EmptyState,
     Transformation,
@@ -231,7 +232,7 @@ def train_group(
     first = configs[0]
     template, structure, stack = _initial_stack(task, configs, getattr(torch, first.dtype))
     starts = torch.tensor([METHODS[c.method].balanced_start for c in configs])
-    balance_rows_(structure, stack, starts, None)
+    balance_runs_(structure, stack, starts, None)
     full_loss, batch_loss = _losses(task, template, configs)
     with torch.no_grad():
         initial = full_loss(stack)
@@ -345,14 +346,14 @@ def _frozen(active: Tensor) -> Transformation:
 
 
 def _balanced(
-    step_fn: Transformation, structure: GaugeStructure, rows: Tensor, active: Tensor
+    step_fn: Transformation, structure: GaugeStructure, runs: Tensor, active: Tensor
 ) -> Transformation:
-    """``step_fn``, then the selected runs still ``active`` balanced (``rows``: bool ``[R]``),
+    """``step_fn``, then the selected runs still ``active`` balanced (``runs``: bool ``[R]``),
     the optimizer buffers transported."""
 
     def update(grads: Stack, state: Any, params: Stack) -> tuple[Stack, Any]:
         params, state = step_fn.update(grads, state, params)
-        balance_rows_(structure, params, rows & active, state)
+        balance_runs_(structure, params, runs & active, state)
         return params, state
 
     return Transformation(step_fn.init, update)
@@ -382,13 +383,13 @@ def balanced_gauges(structure: GaugeStructure, stack: Stack) -> Tensor:
     return solve_balance(Masses({k: v.detach() for k, v in stack.items()}, structure)).h
 
 
-def balance_rows_(structure: GaugeStructure, stack: Stack, rows: Tensor, state: Any) -> None:
-    """Hard gauge fixing of the selected runs (``rows``: bool ``[R]``), the optimizer buffers
+def balance_runs_(structure: GaugeStructure, stack: Stack, runs: Tensor, state: Any) -> None:
+    """Hard gauge fixing of the selected runs (``runs``: bool ``[R]``), the optimizer buffers
     of ``state`` (a :mod:`gaugefix.step` state, or ``None``) transported."""
-    if not bool(rows.any()) or structure.num_generators == 0:
+    if not bool(runs.any()) or structure.num_generators == 0:
         return
-    sel = torch.nonzero(rows).reshape(-1)
-    h = torch.zeros(rows.shape[0], structure.num_generators, dtype=torch.float64)
+    sel = torch.nonzero(runs).reshape(-1)
+    h = torch.zeros(runs.shape[0], structure.num_generators, dtype=torch.float64)
     h[sel] = balanced_gauges(structure, {k: v[sel] for k, v in stack.items()})
     rescale_(state_targets(stack, state), structure, h, batch_dims=1)
 
@@ -400,9 +401,9 @@ def _record(
     stats: tuple[Tensor, Tensor],
     active: Tensor,
 ) -> None:
-    rows = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
+    per_run = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
     for i in torch.nonzero(active).reshape(-1).tolist():
-        curves[i].append(CurvePoint(step, *rows[i]))
+        curves[i].append(CurvePoint(step, *per_run[i]))
 
 
 def _finite(x: float) -> float | None:
@@ -457,14 +458,14 @@ def _results(
 
 
 def balance_changes(
-    task: Task, template: torch.nn.Module, structure: GaugeStructure, stack: Stack, rows: Tensor
+    task: Task, template: torch.nn.Module, structure: GaugeStructure, stack: Stack, runs: Tensor
 ) -> dict[int, float]:
     """How much hard gauge fixing changes each selected trained network's outputs on the
     training inputs, relative, in float64: the runs are balanced (``max |mu| / S <= 1e-10``) by
     the iteration of :func:`gaugefix.balance_` and ``||f_balanced - f|| / ||f||`` measured."""
-    if not bool(rows.any()):
+    if not bool(runs.any()):
         return {}
-    sel = torch.nonzero(rows).reshape(-1)
+    sel = torch.nonzero(runs).reshape(-1)
     params = {k: v[sel].detach().to(torch.float64) for k, v in stack.items()}
     forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
     x = task.arrays(torch.float64)[0]

@@ -8,6 +8,8 @@ from torch import nn
 import gaugefix
 from gaugefix.experiments.tasks import Task
 
+__all__ = ["float64_model", "loss64", "train_plain"]
+
 
 def float64_model(task: Task, seed: int = 0) -> tuple[nn.Module, gaugefix.GaugeStructure]:
     """The task's model with PyTorch's default initialisation for ``seed``, in float64, and its

@@ -6,6 +6,8 @@ import sys
 import threading
 import time
 
+__all__ = ["Progress"]
+
 
 class Progress:
     """Units done out of ``total`` and the time left, shown at least every ``every`` seconds

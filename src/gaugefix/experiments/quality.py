@@ -13,6 +13,8 @@ from gaugefix.experiments.engine import RunResult
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import VERDICT
 
+__all__ = ["QualitySummary", "render", "render_task", "summarize", "summarize_task", "TaskQuality"]
+
 
 class Medians(TypedDict):
     """A metric's medians over seeds at the learning rates stable for both a method and the

@@ -23,6 +23,8 @@ from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import RunConfig
 from gaugefix.experiments.workers import Trained, Workers, train_batch
 
+__all__ = ["ClusterError", "ray_executor"]
+
 if TYPE_CHECKING:
     from gaugefix.experiments.runner import TaskSpec
 

@@ -16,6 +16,8 @@ from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 from gaugefix.soft import orbit_selection_grad
 
+__all__ = ["compute", "KEY", "render", "summarize", "SUMMARY"]
+
 KEY = "relaxation"
 
 

@@ -25,6 +25,8 @@ import torch
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
 from gaugefix.experiments.tasks import Task
 
+__all__ = ["cores", "execute", "local_workers", "PARENT_POLL", "train_batch", "Trained", "Workers"]
+
 if TYPE_CHECKING:
     from gaugefix.experiments.runner import TaskSpec
 

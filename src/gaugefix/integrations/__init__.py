@@ -2,3 +2,5 @@
 ``gaugefix.integrations.lightning`` comes with ``pip install gaugefix[lightning]``,
 ``gaugefix.integrations.transformers`` (the Hugging Face ``Trainer``) with
 ``pip install gaugefix[transformers]``."""
+
+__all__: list[str] = []

@@ -22,9 +22,11 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 import torch
 
-from gaugefix.integrations.common import check_options, prefixed_stats
+from gaugefix.integrations.common import prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import EVERY, GaugeFixing, Mode
+
+__all__ = ["GaugeFixingCallback"]
 
 
 class GaugeFixingCallback(Callback):
@@ -47,21 +49,19 @@ class GaugeFixingCallback(Callback):
     def __init__(
         self,
         strength: float,
+        *,
         structure: GaugeStructure | None = None,
         mode: Mode = "exact",
         balance_at_start: bool = True,
-        log_stats: bool = True,
         prefix: str = "gauge/",
         every: int = EVERY,
+        log_stats: bool = True,
     ) -> None:
         super().__init__()
-        self.strength = check_options(strength, mode, structure, every)
-        self.every = every
-        self.structure = structure
-        self.mode: Mode = mode
-        self.balance_at_start = balance_at_start
+        self.structure: GaugeStructure | None
+        self.mode: Mode
+        set_options(self, strength, structure, mode, balance_at_start, prefix, every)
         self.log_stats = log_stats
-        self.prefix = prefix
         self.hooks: list[GaugeFixing] = []
         self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint
 
@@ -76,7 +76,8 @@ class GaugeFixingCallback(Callback):
             inputs = example if isinstance(example, tuple) else (example,)
             inputs = tuple(x.to(pl_module.device) if torch.is_tensor(x) else x for x in inputs)
             self.structure = discover(pl_module, *inputs)
-        self.structure.bind(pl_module)  # a structure of another model fails here, before fitting
+        # a structure of another model fails here, before fitting
+        self.structure.bind(pl_module, sharded=True)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach the hooks; a fit resumed from a checkpoint does not balance again and continues

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gaugefix.integrations.common import check_options, prefixed_stats
+from gaugefix.integrations.common import prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, ValueDependentError, discover
 from gaugefix.train.hook import EVERY, GaugeFixing, Mode
+
+__all__ = ["decode_structure", "GaugeFixingCallback", "torch_optimizer"]
 
 # The entry of ``TrainerState.stateful_callbacks`` (a checkpoint's ``trainer_state.json``) that
 # holds the gauge state of a run.
@@ -87,29 +89,27 @@ class GaugeFixingCallback(TrainerCallback):
         self,
         trainer: Trainer,
         strength: float,
-        mode: Mode = "exact",
+        *,
         structure: GaugeStructure | None = None,
-        log_every: int | None = None,
+        mode: Mode = "exact",
         balance_at_start: bool = True,
         prefix: str = "gauge/",
         every: int = EVERY,
+        log_every: int | None = None,
         allow_value_dependent: bool = False,
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
-        self.strength = check_options(strength, mode, structure, every)
-        self.every = every
+        self.structure: GaugeStructure | None
+        self.mode: Mode
+        set_options(self, strength, structure, mode, balance_at_start, prefix, every)
         self.allow_value_dependent = bool(allow_value_dependent)
         if log_every is not None and (
             isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0
         ):
             raise ValueError(f"log_every must be an integer >= 0 or None, got {log_every!r}")
         self.trainer = trainer
-        self.structure = structure
-        self.mode: Mode = mode
         self.log_every = log_every
-        self.balance_at_start = balance_at_start
-        self.prefix = prefix
         self.hook: GaugeFixing | None = None
         self.started = False  # gauge fixing started in this run (balanced then): not again
         # the state the next hook continues from (a resumed run's, or a replaced hook's)
@@ -153,7 +153,8 @@ class GaugeFixingCallback(TrainerCallback):
         if self.structure is None:
             self._discovery = model.register_forward_pre_hook(self._discover, with_kwargs=True)
         else:
-            self.structure.bind(model)  # a structure of another model fails here, before training
+            # a structure of another model fails here, before training
+            self.structure.bind(model, sharded=True)
 
     def on_step_begin(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any

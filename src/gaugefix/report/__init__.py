@@ -16,6 +16,8 @@ from gaugefix.experiments.store import Store, StoredRun
 from gaugefix.experiments.summary import summarize
 from gaugefix.files import write_text
 
+__all__ = ["figures_shown", "headline_table", "render", "STORE_NAME"]
+
 STORE_NAME = "results.sqlite"
 MARK = {True: "✓", False: "✗", None: "?"}
 FIGURE = re.compile(r"!\[[^\]]*\]\(([^()/\\]+\.png)\)")  # a figure link to a file next to it

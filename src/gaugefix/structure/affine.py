@@ -21,6 +21,8 @@ from torch import Tensor
 from gaugefix.structure.rules import funcs, reduce_onto, register_all, scalar, tensor_args
 from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext
 
+__all__: list[str] = []
+
 
 def _params_or_block(ctx: TraceContext, x: Any, *params: Any) -> bool:
     """Whether all the given (non-None) weights are parameters; blocks everything if not."""

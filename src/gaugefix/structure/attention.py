@@ -19,6 +19,8 @@ from torch import Tensor
 
 from gaugefix.structure.trace import BUILTIN, ZERO, TraceContext
 
+__all__: list[str] = []
+
 
 def _fixed_mask(ctx: TraceContext, mask: Any) -> None:
     if isinstance(mask, Tensor):

@@ -29,6 +29,19 @@ from torch import Tensor, nn
 
 from gaugefix.structure.trace import TraceContext, compact
 
+__all__ = [
+    "compile_structure",
+    "Exclusion",
+    "GaugeStructure",
+    "GeneratorEntries",
+    "KINDS",
+    "module_of",
+    "ParamTerms",
+    "PlannedParam",
+    "PlannedTerm",
+    "Term",
+]
+
 FORMAT = "gaugefix.GaugeStructure/2"
 FORMAT_V1 = "gaugefix.GaugeStructure/1"
 
@@ -202,10 +215,14 @@ class GaugeStructure:
         return scale_groups(self)
 
     # -- binding to a model -------------------------------------------------------------------
-    def bind(self, source: nn.Module | dict[str, Tensor], batch_dims: int = 0) -> dict[str, Tensor]:
+    def bind(
+        self, source: nn.Module | dict[str, Tensor], batch_dims: int = 0, *, sharded: bool = False
+    ) -> dict[str, Tensor]:
         """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients)
         that the structure acts on, checked against the structure's names and shapes (after
-        ``batch_dims`` leading dims, for stacks of several copies)."""
+        ``batch_dims`` leading dims, for stacks of several copies). FSDP2-sharded (``DTensor``)
+        tensors are refused with one line unless ``sharded``: a caller passing it computes on
+        this process's slices (:func:`gaugefix.distributed.local_view`)."""
         if isinstance(source, nn.Module):
             named = dict(source.named_parameters())
         elif isinstance(source, dict):
@@ -223,6 +240,10 @@ class GaugeStructure:
                     f"the structure does not match: '{name}' has shape {shape}, expected {p.shape}"
                 )
             out[name] = t
+        if not sharded:
+            from gaugefix.distributed import refuse_sharded
+
+            refuse_sharded(out)
         return out
 
     def plan(self, device: torch.device | str) -> list[PlannedParam]:
@@ -541,6 +562,9 @@ def _collisions(a: Tensor, b: Tensor) -> Tensor:
     return common[common >= 0]
 
 
+UNBLOCKED = 1 << 40  # the reason index of a component nothing blocks (larger than every real one)
+
+
 def compile_structure(
     model: nn.Module, ctx: TraceContext, notes: tuple[str, ...] = ()
 ) -> GaugeStructure:
@@ -556,42 +580,83 @@ def compile_structure(
     comp, sign, conflicted, count = _signed_components(ctx)
     if ctx.slice_links:  # slices picked by rows that depend on the data
         ctx.block_mismatched_gathers(_components_without_slice_links(ctx))
-    first_mark, reasons = _first_reason(ctx, comp, count)
-    unblocked = 1 << 40  # a reason index larger than every real one
-    reason = torch.where(first_mark == len(reasons), unblocked, first_mark)
-    reasons.append("its log-factor would have to equal its own negative")
-    reason[conflicted & (reason == unblocked)] = len(reasons) - 1
-    reasons.append("a parameter entry would scale with the square of its factor")
-    square_reason = len(reasons) - 1
-
+    reason, reasons = _blocking_reasons(ctx, comp, conflicted, count)
     names = [n for n, _ in model.named_parameters()]
     producers = [n for n in names if n in ctx.produced]
-    # Orientation: the first producing channel of each component is multiplied.
-    flip = torch.zeros(count, dtype=torch.long)
-    for name in reversed(producers):
-        nodes = ctx.produced[name].reshape(-1).flip(0)
-        flip[comp[nodes]] = sign[nodes]
-    flip = torch.where(flip == 0, 1, flip)
-    oriented = sign * flip[comp]
-
+    oriented = sign * _orientation(ctx, producers, comp, sign, count)[comp]
     resolved: dict[str, list[tuple[Tensor, int]]] = {}
     has_in = torch.zeros(count, dtype=torch.bool)
     has_out = torch.zeros(count, dtype=torch.bool)
     for name in names:
-        roles = ctx.roles.get(name)
-        if not roles:
-            continue
-        terms = _resolved_terms(roles, comp, oriented)
-        resolved[name] = terms
-        for i, (c, s) in enumerate(terms):
-            (has_in if s > 0 else has_out)[c[c >= 0]] = True
-            for c2, s2 in terms[i + 1 :]:
-                if s2 == s:
-                    squared = _collisions(c, c2)
-                    reason[squared] = torch.clamp(reason[squared], max=square_reason)
-    valid = (reason == unblocked) & has_in & has_out
+        if ctx.roles.get(name):
+            resolved[name] = _resolved_terms(ctx.roles[name], comp, oriented)
+            _mark_sides_and_squares(resolved[name], has_in, has_out, reason, len(reasons) - 1)
+    valid = (reason == UNBLOCKED) & has_in & has_out
+    generator_of = _numbering(ctx, names, producers, comp, resolved, valid, count)
+    num = int((generator_of >= 0).sum())
+    params = _param_terms(ctx, names, resolved, generator_of)
+    layers = [""] * num
+    for name in reversed(producers):
+        g = generator_of[comp[ctx.produced[name].reshape(-1)]]
+        for n in g[g >= 0].unique().tolist():
+            layers[n] = module_of(name)
+    kinds = _kinds(ctx, comp, generator_of, num)
+    produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
+    exclusions = _exclusions(ctx, producers, comp, valid, reason, reasons, has_out)
+    return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes)
 
-    # Numbering: by the first producing channel in parameter order, then by any other entry.
+
+def _blocking_reasons(
+    ctx: TraceContext, comp: Tensor, conflicted: Tensor, count: int
+) -> tuple[Tensor, list[str]]:
+    """Per component, the index into ``reasons`` of why it is no generator (:data:`UNBLOCKED`:
+    nothing blocks it yet); the last reason is the squared factor, which
+    :func:`_mark_sides_and_squares` sets."""
+    first_mark, reasons = _first_reason(ctx, comp, count)
+    reason = torch.where(first_mark == len(reasons), UNBLOCKED, first_mark)
+    reasons.append("its log-factor would have to equal its own negative")
+    reason[conflicted & (reason == UNBLOCKED)] = len(reasons) - 1
+    reasons.append("a parameter entry would scale with the square of its factor")
+    return reason, reasons
+
+
+def _orientation(
+    ctx: TraceContext, producers: list[str], comp: Tensor, sign: Tensor, count: int
+) -> Tensor:
+    """Per component, ``+1`` or ``-1``: the flip that makes its first producing channel
+    multiplied."""
+    flip = torch.zeros(count, dtype=torch.long)
+    for name in reversed(producers):
+        nodes = ctx.produced[name].reshape(-1).flip(0)
+        flip[comp[nodes]] = sign[nodes]
+    return torch.where(flip == 0, 1, flip)
+
+
+def _mark_sides_and_squares(
+    terms: list[tuple[Tensor, int]], has_in: Tensor, has_out: Tensor, reason: Tensor, square: int
+) -> None:
+    """Record which components a parameter's terms multiply (``has_in``) and divide
+    (``has_out``), and block (reason ``square``) those two terms of one sign name at one entry."""
+    for i, (c, s) in enumerate(terms):
+        (has_in if s > 0 else has_out)[c[c >= 0]] = True
+        for c2, s2 in terms[i + 1 :]:
+            if s2 == s:
+                squared = _collisions(c, c2)
+                reason[squared] = torch.clamp(reason[squared], max=square)
+
+
+def _numbering(
+    ctx: TraceContext,
+    names: list[str],
+    producers: list[str],
+    comp: Tensor,
+    resolved: dict[str, list[tuple[Tensor, int]]],
+    valid: Tensor,
+    count: int,
+) -> Tensor:
+    """The generator of each component (``[count + 1]``, ``-1``: none; the last is the slot of
+    entries with no component): the valid components numbered by their first producing channel
+    in parameter order, then by any other entry."""
     produced_comps = [comp[ctx.produced[n].reshape(-1)] for n in producers]
     any_comps = [c.reshape(-1) for n in names for c, _ in resolved.get(n, [])]
     order = torch.cat(produced_comps + any_comps) if any_comps else torch.zeros(0, dtype=torch.long)
@@ -604,8 +669,17 @@ def compile_structure(
     ranked = uniq[torch.argsort(first)]
     generator_of = torch.full((count + 1,), -1)
     generator_of[ranked] = torch.arange(len(ranked))
-    num = len(ranked)
+    return generator_of
 
+
+def _param_terms(
+    ctx: TraceContext,
+    names: list[str],
+    resolved: dict[str, list[tuple[Tensor, int]]],
+    generator_of: Tensor,
+) -> dict[str, ParamTerms]:
+    """Each parameter some generator acts on, with its terms renumbered to generators
+    (multiplying terms first)."""
     params: dict[str, ParamTerms] = {}
     for name in names:
         terms = [(generator_of[c], s) for c, s in resolved.get(name, [])]
@@ -615,23 +689,27 @@ def compile_structure(
         if terms:
             shape = tuple(ctx.params[name].shape)
             params[name] = ParamTerms(name, shape, tuple(Term(g.clone(), s) for g, s in terms))
+    return params
 
-    layers = [""] * num
-    for name in reversed(producers):
-        g = generator_of[comp[ctx.produced[name].reshape(-1)]]
-        layers_of = g[g >= 0].unique().tolist()
-        for n in layers_of:
-            layers[n] = module_of(name)
-    kinds = _kinds(ctx, comp, generator_of, num)
 
-    produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
+def _exclusions(
+    ctx: TraceContext,
+    producers: list[str],
+    comp: Tensor,
+    valid: Tensor,
+    reason: Tensor,
+    reasons: list[str],
+    has_out: Tensor,
+) -> list[Exclusion]:
+    """The producing channels that are no generators, grouped by module and reason, and the
+    rows of parameters fixed before they produced any channel."""
     excluded: dict[tuple[str, str], set[int]] = {}
     for name in producers:
         comps = comp[ctx.produced[name].reshape(-1)]
         bad = torch.nonzero(~valid[comps]).reshape(-1)
         for ch, c in zip(bad.tolist(), comps[bad].tolist(), strict=True):
             r = int(reason[c])
-            if r != unblocked:
+            if r != UNBLOCKED:
                 why = reasons[r]
             elif not has_out[c]:
                 why = "not consumed by any parameter (its output is unused)"
@@ -642,8 +720,7 @@ def compile_structure(
         if name not in ctx.produced:
             rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
             excluded.setdefault((module_of(name), why), set()).update(range(rows))
-    exclusions = [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
-    return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes)
+    return [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
 
 
 def _cancel_opposite(terms: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:

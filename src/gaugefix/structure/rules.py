@@ -26,6 +26,16 @@ from torch import Tensor
 
 from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext, compact
 
+__all__ = [
+    "blocker",
+    "elementwise",
+    "funcs",
+    "reduce_onto",
+    "register_all",
+    "scalar",
+    "tensor_args",
+]
+
 
 def tensor_args(*values: Any) -> list[Tensor]:
     """The tensors among ``values`` (dicts contribute their values)."""

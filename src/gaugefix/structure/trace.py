@@ -45,6 +45,19 @@ from torch.overrides import TorchFunctionMode
 
 from gaugefix.errors import GaugefixError
 
+__all__ = [
+    "BUILTIN",
+    "compact",
+    "register_rule",
+    "Sum",
+    "trace",
+    "TraceContext",
+    "TracingError",
+    "unregister_rule",
+    "ValueDependentError",
+    "ZERO",
+]
+
 
 class TracingError(GaugefixError, RuntimeError):
     """The model could not be run on the example inputs; names the op and the module path."""
@@ -930,6 +943,43 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
             h.remove()
 
 
+@contextlib.contextmanager
+def _model_restored(model: nn.Module, devices: set[torch.device]) -> Iterator[None]:
+    """Gradients enabled and every floating parameter requiring grad inside; afterwards the
+    buffers (BatchNorm running statistics), ``requires_grad`` flags and the global random state
+    (also of the CUDA ``devices`` and those of the buffers) are as they were."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    cuda = [d for d in devices | {b.device for b, _ in buffers} if d.type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            for p, _ in flags:
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
+    """``model(*args, **kwargs)``; an exception from the forward becomes a
+    :class:`TracingError` naming the module and op where it happened."""
+    try:
+        return model(*args, **kwargs)
+    except TracingError:
+        raise
+    except Exception as err:
+        exc, where = ctx.failures.get(id(err), (None, ctx.where))
+        raise TracingError(
+            f"the model's forward failed in module "
+            f"'{where if exc is err else ctx.where}' (last op {ctx.op}): {err}"
+        ) from err
+
+
 def trace(
     model: nn.Module,
     args: tuple,
@@ -959,40 +1009,18 @@ def trace(
     tracer = _Tracer(ctx)
     for t in _tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    devices = list({t.device for t in _tensors((args, kwargs))} | {b.device for b, _ in buffers})
-    cuda = [d for d in devices if d.type == "cuda"]
-    try:
-        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-            for p, _ in flags:
-                if p.is_floating_point():
-                    p.requires_grad_(True)
-            with _module_hooks(model, tracer), tracer:
-                try:
-                    out = model(*args, **kwargs)
-                except TracingError:
-                    raise
-                except Exception as err:
-                    exc, where = ctx.failures.get(id(err), (None, ctx.where))
-                    raise TracingError(
-                        f"the model's forward failed in module "
-                        f"'{where if exc is err else ctx.where}' (last op {ctx.op}): {err}"
-                    ) from err
-            ctx.fix_partly_read()
-            for t in _tensors(out):
-                if t.is_floating_point() or t.is_complex():
-                    reason = "model output (rescaling it changes the function)"
-                    if ctx.is_param(t):
-                        ctx.fix(t, reason)
-                    else:
-                        ctx.block(ctx.terms(t), reason)
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    inputs = {t.device for t in _tensors((args, kwargs))}
+    with _model_restored(model, inputs):
+        with _module_hooks(model, tracer), tracer:
+            out = _forward(model, args, kwargs, ctx)
+        ctx.fix_partly_read()
+        for t in _tensors(out):
+            if t.is_floating_point() or t.is_complex():
+                reason = "model output (rescaling it changes the function)"
+                if ctx.is_param(t):
+                    ctx.fix(t, reason)
+                else:
+                    ctx.block(ctx.terms(t), reason)
     if ctx.value_reads and not allow_value_dependent:
         raise ValueDependentError(
             f"the forward's control flow may depend on its input or weights: "

@@ -134,7 +134,7 @@ class GaugeFixing:
         self.every = every if mode == "exact" else 1
         # Optimizer steps since the last orbit step, and per group the sum of their lrs.
         self._orbit = OrbitState()
-        self._all_params = structure.bind(self.model)
+        self._all_params = structure.bind(self.model, sharded=True)
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         optimizer_states(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
@@ -199,7 +199,7 @@ class GaugeFixing:
                 left_out[reason] = int(touched.sum())
                 active = active.restrict(~touched, reason)
         self.active, self.left_out = active, left_out
-        self.params = active.bind(self.model)
+        self.params = active.bind(self.model, sharded=True)
         self._group_of = self._param_groups()
         self._rate_cache = None
         if left_out:
