@@ -56,6 +56,35 @@ from gaugefix.moment import pair_shape
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import PlannedTerm
 
+__all__ = [
+    "OBJECTIVES",
+    "LBFGS_HISTORY",
+    "RANGE_P",
+    "FROZEN_REASON",
+    "Objective",
+    "EqualizeResult",
+    "RangeSource",
+    "log_abs",
+    "side_ranges",
+    "damping",
+    "balance_step",
+    "Solved",
+    "solve_max_balance",
+    "p_balance",
+    "range_balance",
+    "range_sources",
+    "Reader",
+    "readers",
+    "activation_ranges",
+    "activation_balance",
+    "rescaled",
+    "minimize_objective",
+    "sharpness_objective",
+    "counted_weights",
+    "unfrozen",
+    "equalize_",
+]
+
 OBJECTIVES = ("range", "activation", "norm")
 LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
 RANGE_P = 4  # the p-balance that picks range's point where max-balances are not unique

@@ -35,6 +35,25 @@ from torch import Tensor
 
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "Targets",
+    "TermGroup",
+    "KernelPlan",
+    "kernel_plan",
+    "stacked",
+    "reduce_to",
+    "trailing_sum_of_squares",
+    "flat_cat",
+    "generator_sums",
+    "dense_factors",
+    "term_values",
+    "per_parameter",
+    "group_coefficients",
+    "group_factors",
+    "rescale_",
+    "finite_flag",
+]
+
 # Per parameter name, the tensors to rescale with it and the power of its factor each takes.
 Targets = dict[str, list[tuple[Tensor, int]]]
 

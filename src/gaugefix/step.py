@@ -35,6 +35,33 @@ from gaugefix.moment import accumulation_dtype
 from gaugefix.soft import add_selection_grads_, orbit_step
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "Params",
+    "Scalar",
+    "MOMENTUM",
+    "BETAS",
+    "EPS",
+    "EVERY",
+    "Transformation",
+    "EmptyState",
+    "SgdState",
+    "AdamState",
+    "OrbitState",
+    "ExactState",
+    "check_every",
+    "per_entry",
+    "penalty",
+    "weight_decay",
+    "sgd",
+    "adam",
+    "chain",
+    "apply_updates_",
+    "applied",
+    "advance",
+    "state_targets",
+    "exact",
+]
+
 Params = dict[str, Tensor]
 # A learning rate or strength: one number, or one per copy (``[*batch]``).
 Scalar = float | Tensor

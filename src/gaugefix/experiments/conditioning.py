@@ -20,6 +20,19 @@ from gaugefix.experiments.stability import max_stable_lr
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 
+__all__ = [
+    "KEY",
+    "TRAINED",
+    "STRENGTH",
+    "Sharpness",
+    "SUMMARY",
+    "compute",
+    "sharpness_init",
+    "sharpness_training",
+    "summarize",
+    "render",
+]
+
 KEY = "conditioning"
 # The methods sharpness is followed for, as the sweep defines them (:data:`METHODS`).
 TRAINED = (*REFERENCES, "exact")

@@ -40,6 +40,33 @@ from gaugefix.step import (
 )
 from gaugefix.structure import GaugeStructure, discover
 
+__all__ = [
+    "Stack",
+    "Method",
+    "METHODS",
+    "STRENGTH_METHODS",
+    "REFERENCES",
+    "OPTIMIZERS",
+    "MOMENTUM",
+    "DIVERGENCE_FACTOR",
+    "STABILITY_MARGIN",
+    "DEFINITIONS",
+    "run_status",
+    "task_hash",
+    "RunConfig",
+    "CurvePoint",
+    "RunResult",
+    "init_direction",
+    "train_group",
+    "group_step",
+    "optimizers",
+    "run_stats",
+    "penalty_grads",
+    "balanced_gauges",
+    "balance_runs_",
+    "balance_changes",
+]
+
 # A stack maps each parameter name to ``[R, *shape]``: run ``r`` of a group is slice ``r``. The
 # library's kernels take such stacks directly (``batch_dims=1``).
 Stack = dict[str, Tensor]

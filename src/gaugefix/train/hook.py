@@ -24,6 +24,12 @@ from gaugefix.soft import (
 from gaugefix.step import EVERY, OrbitState, advance, check_every
 from gaugefix.structure import GaugeStructure
 
+__all__ = [
+    "Mode",
+    "unwrap_model",
+    "GaugeFixing",
+]
+
 Mode = Literal["exact", "penalty"]
 logger = logging.getLogger(__name__)
 # The GaugeFixing hook attached to each optimizer (one at most).
