@@ -32,7 +32,18 @@ def _run(method: str, lr: float, status: str, s: float = 0.0, seed: int = 0) -> 
     diverged = status == "diverged"
     final = None if diverged else 0.5
     return RunResult(
-        config, status, 1.0, 1.0, final, None, None, None, 1.0, None, 3 if diverged else None
+        config,
+        status,
+        1.0,
+        1.0,
+        final,
+        None,
+        None,
+        None,
+        1.0,
+        None,
+        3 if diverged else None,
+        2e3 if diverged else 1.0,
     )
 
 

@@ -42,6 +42,7 @@ def _run(method: str, lr: float, top: float, steps: int = 10, batch: int = 0, se
         0.1 + seed / 10 if ok else None,
         0.01 if ok else None,
         None if ok else 5,
+        1.0 if ok else 2e3,
         curves=curve if ok else [],
     )
 
