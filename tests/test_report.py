@@ -74,7 +74,7 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
     assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 2 ✓; 1: n/a ? | - |" in table
     # the expansion at s = 0 held; the drift suppression (equal drift: ratio 1) did not
     assert "The report makes 2 verdicts, 1 of them held." in table
-    assert "The sham control (weight-decay) made no expansion verdict." in table
+    assert "No sham control (weight-decay, plain-replica) made an expansion verdict." in table
 
 
 def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
