@@ -503,3 +503,10 @@ def test_bisection_brackets_each_seeds_edge_to_3_percent_and_the_grid_tables_ign
     # exact's true edges are twice plain's: the bisected ratios are 2 to within the bracket
     stats = g["expansion_ratio"]["plain"]["exact"]["0.0"]
     assert 2.0 / BISECTION_BRACKET < stats["min"] <= stats["max"] < 2.0 * BISECTION_BRACKET
+
+
+def test_a_seed_without_a_stable_rate_gives_a_defined_interval():
+    # the method had no stable rate on one seed where the reference had one: ratio 0
+    stats = ratio_stats({0: 2.0, 1: 0.0, 2: 2.0})
+    assert stats["interval"][0] == 0.0 and stats["interval"][1] == pytest.approx(2.0, rel=1e-12)
+    assert stats["held"] is False

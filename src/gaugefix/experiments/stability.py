@@ -273,12 +273,15 @@ def previously_stable(runs: Runs) -> int:
 def bootstrap_interval(ratios: Sequence[float]) -> tuple[float, float]:
     """The percentile bootstrap :data:`CONFIDENCE` interval of the geometric mean of paired
     per-seed ratios ``[n]`` (``exp`` of the mean log-ratio), the seeds resampled with
-    replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed."""
-    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed; its ends are
+    resampled means (empirical quantiles, not interpolated), so a ratio of 0 (the method had no
+    stable rate) gives an end of 0, never an undefined one."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.asarray(ratios, dtype=np.float64))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     means = logs[rng.integers(0, len(logs), (BOOTSTRAP_RESAMPLES, len(logs)))].mean(axis=1)
     tail = (1.0 - CONFIDENCE) / 2
-    low, high = np.quantile(means, [tail, 1.0 - tail])
+    low, high = np.quantile(means, [tail, 1.0 - tail], method="inverted_cdf")
     return float(np.exp(low)), float(np.exp(high))
 
 
@@ -732,10 +735,35 @@ def _color_scale(seeds: int) -> tuple[Normalize, np.ndarray]:
     return BoundaryNorm(edges, COLORS), counts
 
 
+def _map_panel(ax: Any, runs: Runs, s_values: list[float], lrs: list[float], norm: Any) -> Any:
+    """One method's panel of the stability map: the fraction of seeds stable per s and grid
+    rate, crosses where some seed diverged; returns the color mesh."""
+    frac = np.full((len(lrs), len(s_values)), np.nan)
+    crosses = []
+    for (s, lr), cell in group(runs, lambda c: (c.s, c.lr)).items():
+        i, j = lrs.index(lr), s_values.index(s)
+        frac[i, j] = np.mean([r.status == "stable" for r in cell])
+        if any(r.status == "diverged" for r in cell):
+            crosses.append((j, lr))
+    y_edges = _edges(lrs)
+    x_edges = np.arange(len(s_values) + 1) - 0.5
+    mesh = ax.pcolormesh(
+        x_edges, y_edges, frac, cmap="viridis", norm=norm, edgecolors="white", linewidth=0.3
+    )
+    if crosses:
+        ax.scatter(*zip(*crosses, strict=True), marker="x", color="crimson", s=12, lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(y_edges[0], y_edges[-1])
+    ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
+    return mesh
+
+
 def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
-    where some seed diverged; at most four panels a row."""
+    where some seed diverged; at most four panels a row. The runs of a bisection, at one seed's
+    rates, are left out."""
+    runs = on_grid(runs)
     methods = methods_in_order({r.config.method for r in runs})
     s_values = sorted({r.config.s for r in runs})
     lrs = sorted({r.config.lr for r in runs})
@@ -752,7 +780,6 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         layout="constrained",
     )
     norm, counts = _color_scale(seeds)
-    y_edges = _edges(lrs)
     ratio = grid_ratio(lrs)
     mesh = None
     for k, ax in enumerate(axes.flat):
@@ -761,27 +788,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
             continue
         method = methods[k]
         mine = [r for r in runs if r.config.method == method]
-        frac = np.full((len(lrs), len(s_values)), np.nan)
-        crosses = []
-        for (s, lr), cell in group(mine, lambda c: (c.s, c.lr)).items():
-            i, j = lrs.index(lr), s_values.index(s)
-            frac[i, j] = np.mean([r.status == "stable" for r in cell])
-            if any(r.status == "diverged" for r in cell):
-                crosses.append((j, lr))
-        mesh = ax.pcolormesh(
-            np.arange(len(s_values) + 1) - 0.5,
-            y_edges,
-            frac,
-            cmap="viridis",
-            norm=norm,
-            edgecolors="white",
-            linewidth=0.3,
-        )
-        if crosses:
-            ax.scatter(*zip(*crosses, strict=True), marker="x", color="crimson", s=12, lw=0.8)
-        ax.set_yscale("log")
-        ax.set_ylim(y_edges[0], y_edges[-1])
-        ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
+        mesh = _map_panel(ax, mine, s_values, lrs, norm)
         strength = mine[0].config.strength
         ax.set_title(f"{method} ({strength:g})" if strength else method, fontsize=9)
         if k + cols >= len(methods):  # no panel below
@@ -796,21 +803,51 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
 
 
 # The methods of the figure against a balanced start: every method that fixes the gauge, with
-# its balanced start and the references (weight decay, which does not, left out).
-BALANCED_START_METHODS = tuple(m for m, d in METHODS.items() if d.fixing != "weight-decay")
+# its balanced start and the references (weight decay, which does not, and replicas left out).
+BALANCED_START_METHODS = tuple(
+    m for m, d in METHODS.items() if d.fixing != "weight-decay" and not d.replica_of
+)
+
+
+def _edges_panel(ax: Any, regime: Regime, entry: dict[str, Any]) -> list[str]:
+    """One regime's panel of :func:`balanced_start_figure`; returns the methods drawn."""
+    by_seed = entry["stable_edge_by_seed"]
+    methods = [m for m in BALANCED_START_METHODS if m in by_seed]
+    s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
+    positive = [v for m in methods for c in by_seed[m].values() for v in c.values() if v > 0]
+    floor = min(positive) / 2 if positive else 1e-3
+    top = max(entry["lr_grid"])
+    for lr in entry["lr_grid"]:
+        ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        for j, s in enumerate(s_values):
+            cell = list(by_seed[method].get(s, {}).values())
+            x = j - 0.4 + width * (m + 0.5)
+            xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
+            ys = [v if v > 0 else floor for v in cell]
+            marks = ["v" if v == 0 else "^" if v >= top else "o" for v in cell]
+            for xi, yi, mark in zip(xs, ys, marks, strict=True):
+                ax.scatter(xi, yi, marker=mark, s=14, color=method_color(method), zorder=2)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(s_values)), [f"{float(s):g}" for s in s_values])
+    ax.set_xlabel("initial imbalance s")
+    ax.set_title(regime.label, fontsize=9)
+    plain_log_ticks(ax)
+    return methods
 
 
 def balanced_start_figure(
     out: Path, task: str, regimes: dict[Regime, dict[str, Any]]
 ) -> str | None:
     """Continuous gauge fixing against a balanced start: per regime with a ``balanced-init``
-    reference, each seed's ``max_stable_lr`` per method and initial imbalance (the grid's rates
-    as faint lines; a downward triangle: no stable rate; an upward one: stable up to the grid's
-    top, a lower bound)."""
+    reference, each seed's bisected stable edge per method and initial imbalance (the grid's
+    rates as faint lines; a downward triangle: no stable rate; an upward one: stable up to the
+    grid's top, a lower bound)."""
     panels = [
         (regime, entry)
         for regime, entry in regimes.items()
-        if "balanced-init" in entry["max_stable_lr_by_seed"]
+        if "balanced-init" in entry["stable_edge_by_seed"]
     ]
     if not panels:
         return None
@@ -822,35 +859,11 @@ def balanced_start_figure(
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     shown: dict[str, Any] = {}
-    for k, (regime, entry) in enumerate(panels):
-        ax = axes.flat[k]
-        by_seed = entry["max_stable_lr_by_seed"]
-        methods = [m for m in BALANCED_START_METHODS if m in by_seed]
-        s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
-        values = [v for m in methods for cell in by_seed[m].values() for v in cell.values()]
-        positive = [v for v in values if v > 0]
-        floor = min(positive) / 2 if positive else 1e-3
-        top = max(entry["lr_grid"])
-        for lr in entry["lr_grid"]:
-            ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
-        width = 0.8 / len(methods)
-        for m, method in enumerate(methods):
-            for j, s in enumerate(s_values):
-                cell = list(by_seed[method].get(s, {}).values())
-                x = j - 0.4 + width * (m + 0.5)
-                xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
-                ys = [v if v > 0 else floor for v in cell]
-                marks = ["v" if v == 0 else "^" if v >= top else "o" for v in cell]
-                for xi, yi, mark in zip(xs, ys, marks, strict=True):
-                    ax.scatter(xi, yi, marker=mark, s=14, color=method_color(method), zorder=2)
-                shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(s_values)), [f"{float(s):g}" for s in s_values])
-        ax.set_xlabel("initial imbalance s")
-        ax.set_title(regime.label, fontsize=9)
-        plain_log_ticks(ax)
+    for ax, (regime, entry) in zip(axes.flat, panels, strict=False):
+        for method in _edges_panel(ax, regime, entry):
+            shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
     for row in axes:
-        row[0].set_ylabel("max stable lr, per seed")
+        row[0].set_ylabel("stable edge, per seed")
     handles = [shown[m] for m in methods_in_order(shown)]
     handles += [Line2D([], [], marker=m, ls="", color="0.4") for m in ("v", "^")]
     fig.legend(

@@ -166,8 +166,8 @@ def _task_section(
     figure = stability.balanced_start_figure(out, task, {g: e for g, (e, _) in regimes.items()})
     if figure:
         parts.append(
-            "### Continuous gauge fixing against a balanced start\n\nEach seed's "
-            "`max_stable_lr` per method, regime and initial imbalance (faint lines: the grid's "
+            "### Continuous gauge fixing against a balanced start\n\nEach seed's bisected "
+            "stable edge per method, regime and initial imbalance (faint lines: the grid's "
             f"rates).\n\n![continuous fixing against a balanced start]({figure})"
         )
     figure = drift.figure(out, store, task, regimes)
