@@ -21,8 +21,9 @@ from gaugefix.experiments.engine import (
     task_hash,
     train_group,
 )
-from gaugefix.experiments.plan import BISECTION_BRACKET, bisection_runs, cell_of
+from gaugefix.experiments.plan import bisection_runs, cell_of
 from gaugefix.experiments.stability import (
+    BISECTION_BRACKET,
     band_top,
     bootstrap_interval,
     horizons,

@@ -18,8 +18,8 @@ import gaugefix.cli
 import gaugefix.experiments.runner as runner
 from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
-from gaugefix.experiments.plan import BISECTION_BRACKET
 from gaugefix.experiments.runner import TaskSpec, run_all, run_bisected
+from gaugefix.experiments.stability import BISECTION_BRACKET
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import Summary, summarize
 from gaugefix.experiments.tasks import load_task

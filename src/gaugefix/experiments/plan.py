@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from gaugefix.experiments.cells import Runs
 from gaugefix.experiments.engine import METHODS, RunConfig
-from gaugefix.experiments.stability import edge_bracket
+from gaugefix.experiments.stability import BISECTION_BRACKET, edge_bracket
 
 if TYPE_CHECKING:
     from gaugefix.experiments.runner import TaskSpec
@@ -201,7 +201,6 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
 # BISECTION_BRACKET of each other (four rounds from the sqrt(2) grid: 2^(1/32) = 1.022), at
 # most BISECTION_ROUNDS rounds (QUICK_BISECTION_ROUNDS in the quick reproduction, for time:
 # 2^(1/4) = 1.19).
-BISECTION_BRACKET = 1.03
 BISECTION_ROUNDS = 4
 QUICK_BISECTION_ROUNDS = 1
 

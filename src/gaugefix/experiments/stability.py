@@ -47,6 +47,8 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 TUNING_SEEDS = 3  # a tuned knob is chosen on seeds 0..TUNING_SEEDS-1, judged on the others
+# A seed's stable edge is bisected until the failing rate above it is within this factor.
+BISECTION_BRACKET = 1.03
 # Controls whose held verdicts are false positives: weight decay at small strengths, and plain
 # against an independent replica of itself.
 SHAM_METHODS = ("weight-decay", "plain-replica")
@@ -77,31 +79,37 @@ SENSITIVITY = tuple(
 
 DEFINITION = (
     f"A run *diverges* when its training loss becomes non-finite or exceeds {DIVERGENCE_FACTOR:g} "
-    "times its initial value. It is *stable* when it does not diverge and its final training "
+    "times its initial value (each run records its peak loss over its initial loss, so lower "
+    "factors can be judged again). It is *stable* when it does not diverge and its final training "
     f"loss is at most {STABILITY_MARGIN:g} times the smaller of its initial loss and the loss of "
     "the best constant predictor (regression: half the targets' variance; classification: the "
     "entropy of the training class frequencies), so a network that collapsed to a constant "
-    "predictor is not stable. `max_stable_lr` of a cell (task, regime, method, s) is the top of "
-    "its lowest band of stable grid rates: the largest learning rate such that it and every grid "
-    "rate from the smallest stable one up to it are stable (lower rates that did not learn enough "
-    "within the run's steps are skipped); it is computed for each seed alone and for all seeds "
-    "together (a rate counts when every seed is stable at it). A method's *expansion ratio* "
-    "against a reference (plain, or balanced-init) is computed per seed, `max_stable_lr(method, "
-    "seed) / max_stable_lr(reference, seed)` (a seed is one initialisation, shared by every "
-    "method), and given as its min, median and max over seeds. The verdict is paired: the mean "
-    "over seeds of the log-ratio, with a percentile bootstrap 95% interval (the seeds resampled "
-    f"with replacement {BOOTSTRAP_RESAMPLES} times, numpy seed {BOOTSTRAP_SEED}), shown as the "
+    "predictor is not stable. Each seed trains on its own instance of the task (teacher and "
+    "data, or split) from its own initialisation. `max_stable_lr` of a cell (task, regime, "
+    "method, s) is the top of its lowest band of stable grid rates: the largest learning rate "
+    "such that it and every grid rate from the smallest stable one up to it are stable (lower "
+    "rates that did not learn enough within the run's steps are skipped); it is computed for each "
+    "seed alone and for all seeds together (a rate counts when every seed is stable at it). Each "
+    "seed's *stable edge* is then bisected in log-lr between the top of its band and the failing "
+    f"rate above it, until they are within a factor {BISECTION_BRACKET:g} (fewer rounds in the "
+    "quick reproduction: the report gives the widest bracket left). A method's *expansion ratio* "
+    "against a reference (plain, or balanced-init) is computed per seed, `edge(method, seed) / "
+    "edge(reference, seed)` (a seed is one instance and initialisation, shared by every method), "
+    "and given as its min, median and max over seeds. The verdict is paired: the mean over seeds "
+    "of the log-ratio, with a percentile bootstrap 95% interval (the seeds resampled with "
+    f"replacement {BOOTSTRAP_RESAMPLES} times, numpy seed {BOOTSTRAP_SEED}), shown as the "
     "interval of the geometric-mean ratio. A claim **held** in a cell when the interval's lower "
     "end is above 1 (log-ratio above 0); it **did not hold** when it is not and no seed's ratio "
     "is a lower bound; it *could not be measured* otherwise (for some seed the reference had no "
     "stable rate or was stable up to the top of the grid, or the lower end is not above 1 with "
     "some ratio only a lower bound). Where the method was stable up to the grid's top the ratio "
-    "is a lower bound (≥). Weight decay, not a gauge-fixing method and at small strengths, is "
-    "the sham control: the share of its verdicts that held estimates the rule's false-positive "
-    "rate (an estimate: a real effect of weight decay counts as one). Methods with a strength "
-    "grid are shown at their best strength per regime (the largest summed `max_stable_lr` of "
-    f"seeds 0 to {TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are "
-    "judged on the other seeds only (none: could not be measured)."
+    "is a lower bound (≥). Two sham controls calibrate the rule: plain-replica (plain from "
+    "another initialisation draw of the same instance, compared with plain: every held verdict "
+    "is a false positive) and weight decay at small strengths (not a gauge-fixing method; a real "
+    "effect of it would count as a false positive). Methods with a strength grid are shown at "
+    "their best strength per regime (the largest summed `max_stable_lr` of seeds 0 to "
+    f"{TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are judged on "
+    "the other seeds only (none: could not be measured)."
 )
 
 
