@@ -462,19 +462,9 @@ def sweep(
     example = RunConfig(spec.name, "plain", "gd", 1.0, 0.0, 0.0, 0, batch_size, steps, task_hash="")
     if not allow_large:
         _refuse_large(spec, example, math.prod(len(a) for a in axes), jobs or cores())
+    hashes = {seed: spec.for_seed(seed).hash() for seed in axes[-1]}  # each seed's instance
     configs = [
-        RunConfig(
-            spec.name,
-            m,
-            o,
-            rate,
-            st,
-            s,
-            seed,
-            batch_size,
-            steps,
-            task_hash=spec.for_seed(seed).hash(),
-        )
+        RunConfig(spec.name, m, o, rate, st, s, seed, batch_size, steps, task_hash=hashes[seed])
         for (m, st), o, rate, s, seed in itertools.product(*axes)
     ]
     with _interruptible():
