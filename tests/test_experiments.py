@@ -401,3 +401,20 @@ def test_quick_reproduction(tmp_path: Path):
     assert _without_seconds(json.loads((out / "summary.json").read_text())) == _without_seconds(
         summary
     )
+
+
+def test_the_conditioning_analysis_finds_plains_edge_on_instance_0(tmp_path: Path):
+    from gaugefix.experiments.conditioning import _largest_stable_lr
+
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 1.0, 0, 0, 3, task_hash=TS)
+        for lr in (0.01, 0.02, 1e4)
+    ]
+    store = Store(tmp_path / "s.sqlite")
+    for r in train_group(task, configs):
+        store.add_run(r, 0.0)
+    assert {r.status for r in store.runs()} >= {"diverged"}
+    stable = [r.config.lr for r in store.runs() if r.status == "stable"]
+    assert _largest_stable_lr(store, task) == (max(stable) if stable else 0.1)
+    assert _largest_stable_lr(Store(tmp_path / "empty.sqlite"), task) == 0.1
