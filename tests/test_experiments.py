@@ -408,13 +408,12 @@ def test_the_conditioning_analysis_finds_plains_edge_on_instance_0(tmp_path: Pat
 
     task = load_task("teacher-student")
     configs = [
-        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 1.0, 0, 0, 3, task_hash=TS)
-        for lr in (0.01, 0.02, 1e4)
+        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 1.0, 0, 0, 40, task_hash=TS)
+        for lr in (0.02, 0.04, 1e4)
     ]
     store = Store(tmp_path / "s.sqlite")
     for r in train_group(task, configs):
         store.add_run(r, 0.0)
-    assert {r.status for r in store.runs()} >= {"diverged"}
-    stable = [r.config.lr for r in store.runs() if r.status == "stable"]
-    assert _largest_stable_lr(store, task) == (max(stable) if stable else 0.1)
+    assert [r.status for r in store.runs()] == ["stable", "stable", "diverged"]
+    assert _largest_stable_lr(store, task) == 0.04
     assert _largest_stable_lr(Store(tmp_path / "empty.sqlite"), task) == 0.1
