@@ -28,6 +28,7 @@ from gaugefix.experiments.cells import (
     TaskKey,
     by_regime,
     by_task,
+    median,
     task_version,
 )
 from gaugefix.experiments.engine import STABILITY_MARGIN
@@ -44,7 +45,9 @@ class TaskSummary(quality.TaskQuality):
     """One task: its regimes and what is measured across them."""
 
     task_hash: Annotated[str, "its version: the first 8 hex digits of its instances' task hashes"]
-    constant_loss: Annotated[float, "the loss of the best constant predictor"]
+    constant_loss: Annotated[
+        float, "the loss of the best constant predictor, median over the task's instances"
+    ]
     previously_stable: Annotated[int, "as the file's, for this task"]
     regimes: Annotated[dict[RegimeKey, RegimeSummary], 'optimizer/batch/steps: "gd/full/150"']
     horizons: dict[HorizonKey, stability.Horizon]
@@ -91,7 +94,7 @@ def task_summary(runs: Runs) -> TaskSummary:
         )
     return TaskSummary(
         task_hash=task_version(runs[0].config.task_hash),
-        constant_loss=runs[0].constant_loss,
+        constant_loss=median(list({r.config.task_hash: r.constant_loss for r in runs}.values())),
         previously_stable=stability.previously_stable(stability.on_grid(runs)),
         regimes=regimes,
         horizons=stability.horizons(runs),

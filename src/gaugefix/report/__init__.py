@@ -146,7 +146,8 @@ def _task_section(
             "other data, another model or other experiment definitions, reported separately."
         )
     parts.append(
-        f"Loss of the best constant predictor: {fmt(t['constant_loss'])}. Runs the previous "
+        f"Loss of the best constant predictor (median over the task's instances): "
+        f"{fmt(t['constant_loss'])}. Runs the previous "
         f"stability definition called stable that this one does not: {t['previously_stable']}."
     )
     regimes: dict[Regime, tuple[dict, list[StoredRun]]] = {}
