@@ -34,8 +34,7 @@ TOLERANCE = 1e-6
 NUDGE = 1e-12
 
 
-def spec_of(config: RunConfig) -> runner.TaskSpec:
-    return runner.TaskSpec(config.task)
+spec_of = runner.spec_of_run
 
 
 def groups_of(configs: list[RunConfig]) -> dict[tuple, list[RunConfig]]:
@@ -146,9 +145,7 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
         grid, pairs = tiny_grid(), 2
     else:
         grid = [
-            c
-            for g in plan.reproduce_grids(quick=True)
-            for c in g.configs(runner.TaskSpec(g.task).hash())
+            c for g in plan.reproduce_grids(quick=True) for c in g.configs(runner.TaskSpec(g.task))
         ]
         pairs = 5
     chosen, stride = sample(grid)

@@ -4,6 +4,7 @@ tasks (token inputs, the transformer's generators)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from gaugefix.experiments.engine import (
     task_hash,
     train_group,
 )
+from gaugefix.experiments.plan import bisection_runs, cell_of
 from gaugefix.experiments.stability import (
+    BISECTION_BRACKET,
     band_top,
     bootstrap_interval,
     horizons,
@@ -66,8 +69,12 @@ def _result(
     initial: float = 1.0,
     constant: float = 0.5,
     strength: float = 0.0,
+    peak: float = 1.0,
+    bisection: int = 0,
 ) -> RunResult:
-    config = RunConfig("t", method, "gd", lr, strength, s, seed, 0, 10, task_hash="h")
+    config = RunConfig(
+        "t", method, "gd", lr, strength, s, seed, 0, 10, task_hash="h", bisection=bisection
+    )
     return RunResult(
         config,
         run_status(initial, final, constant),
@@ -80,7 +87,11 @@ def _result(
         0.1,
         0.1,
         None if final is not None else 5,
+        peak if final is not None else 2e3,
     )
+
+
+GRID = [0.05, 0.1, 0.2, 0.4, 0.8]
 
 
 def _cell(
@@ -90,7 +101,7 @@ def _cell(
     with ``slow`` the smallest rate of seed 0 did not learn enough (loss 0.46 > 0.45)."""
     runs = []
     for seed, top in enumerate(seeds_top):
-        for lr in (0.05, 0.1, 0.2, 0.4, 0.8):
+        for lr in GRID:
             final = 0.2 if lr <= top else None
             if slow and seed == 0 and lr == 0.05:
                 final = 0.46
@@ -227,19 +238,37 @@ def test_the_summary_counts_its_verdicts_and_the_sham_controls_false_positives(t
         + _cell("weight-decay", [0.2, 0.4, 0.4])  # the sham control held: a false positive
         + _cell("plain", [0.1, 0.1, 0.1], s=1.0)
         + _cell("weight-decay", [0.1, 0.1, 0.2], s=1.0)  # the sham did not hold
+        + _cell("plain-replica", [0.1, 0.2, 0.1])  # plain against plain: did not hold
     )
     summary = summarize(_store(tmp_path, results), quick=False)
+    g = summary["tasks"]["t"]["regimes"]["gd/full/10"]
+    # the replica is compared with plain only (there is no balanced-init here either way)
+    assert set(g["expansion_ratio"]["plain"]) == {
+        "balance",
+        "exact",
+        "weight-decay",
+        "plain-replica",
+    }
     assert summary["verdicts"] == {
-        "verdicts": 7,  # four against plain, three of drift (every run's drift equal: ratio 1)
+        # five against plain, four of drift (every run's drift equal: ratio 1)
+        "verdicts": 9,
         "held": 2,
-        "sham_verdicts": 2,
-        "sham_held": 1,
-        "false_positive_rate": 0.5,
+        "shams": {
+            "weight-decay": {"verdicts": 2, "held": 1, "false_positive_rate": 0.5},
+            "plain-replica": {"verdicts": 1, "held": 0, "false_positive_rate": 0.0},
+        },
+    }
+    # the full-batch regime's expansion verdicts, under the default definition
+    assert summary["sensitivity"]["1000x/0.9"] == {
+        "verdicts": 5,
+        "held": 2,
+        "shams": summary["verdicts"]["shams"],
     }
     render(tmp_path)
-    assert "held in 1 of its 2 expansion verdicts: the rule's false-positive rate is about 50%" in (
-        (tmp_path / "report.md").read_text()
-    )
+    report = (tmp_path / "report.md").read_text()
+    assert "weight-decay held in 1 of its 2 expansion verdicts (50%)" in report
+    assert "plain-replica held in 1 of its 1 expansion verdicts (0%)" not in report
+    assert "plain-replica held in 0 of its 1 expansion verdicts (0%)" in report
 
 
 def test_a_strength_is_chosen_on_seeds_0_to_2_and_judged_on_the_others(tmp_path):
@@ -269,18 +298,50 @@ def test_a_strength_is_chosen_on_seeds_0_to_2_and_judged_on_the_others(tmp_path)
     assert (penalty["seeds"], penalty["interval"], penalty["held"]) == (0, None, None)
 
 
-def test_the_stable_range_is_recomputed_at_each_sensitivity_margin(tmp_path):
-    # initial loss 1, constant 0.5: stable at margin 0.9 up to 0.45, at margin 0.5 up to 0.25
-    results = [_result("plain", lr, 0, final) for lr, final in ((0.1, 0.2), (0.2, 0.3), (0.4, 1.0))]
-    results += [_result("plain", lr, 1, 0.2 if lr < 0.4 else None) for lr in (0.1, 0.2, 0.4)]
+def test_stability_and_verdicts_are_recomputed_under_each_definition_of_the_sensitivity(tmp_path):
+    # initial loss 1, constant 0.5: stable at margin 0.9 up to 0.45, at margin 0.5 up to 0.25;
+    # plain at 0.2 peaked at 5 and 3 times its initial loss (diverged at factor 2, not 10)
+    runs = [
+        (0, 0.1, 0.2, 1.0),
+        (0, 0.2, 0.3, 5.0),
+        (0, 0.4, 1.0, 1.0),
+        (1, 0.1, 0.2, 1.0),
+        (1, 0.2, 0.2, 3.0),
+        (1, 0.4, None, 1.0),
+    ]
+    results = [_result("plain", lr, seed, final, peak=peak) for seed, lr, final, peak in runs]
+    # exact stable to 0.4 on both seeds, balance to 0.2 (peak 1.5 < 2), both diverged above
+    for method, top in (("exact", 0.4), ("balance", 0.2)):
+        for seed, lr in itertools.product((0, 1), (0.1, 0.2, 0.4)):
+            results.append(_result(method, lr, seed, 0.2 if lr <= top else None, peak=1.5))
+    results += [_result(m, 0.8, seed, None) for m in ("plain", "exact") for seed in (0, 1)]
     g = summarize(_store(tmp_path, results), quick=False)["tasks"]["t"]["regimes"]["gd/full/10"]
-    assert g["max_stable_lr_by_margin"] == {
-        "0.5": {"plain": {"0.0": 0.1}},
-        "0.9": {"plain": {"0.0": 0.2}},
+    plain = {k: v["plain"]["0.0"] for k, v in g["max_stable_lr_by_definition"].items()}
+    assert plain == {
+        "2x/0.5": 0.1,
+        "2x/0.9": 0.1,
+        "10x/0.5": 0.1,
+        "10x/0.9": 0.2,
+        "1000x/0.5": 0.1,
+        "1000x/0.9": 0.2,
     }
-    assert g["max_stable_lr_by_margin"]["0.9"] == g["max_stable_lr"]  # the stored statuses'
+    assert g["max_stable_lr_by_definition"]["1000x/0.9"] == g["max_stable_lr"]  # as stored
+    # plain's seed edges: (0.1, 0.1) at factor 2, (0.1, 0.2) at 10x/0.5 and 1000x/0.5, (0.2, 0.2)
+    # at 10x/0.9 and 1000x/0.9; exact's (0.4, 0.4) held everywhere, balance's (0.2, 0.2) only
+    # where plain's fell to 0.1 on both seeds
+    by_def = g["verdicts_by_definition"]
+    assert {k: v["plain"]["exact"]["0.0"] for k, v in by_def.items()} == dict.fromkeys(plain, True)
+    balance = {k: v["plain"]["balance"]["0.0"] for k, v in by_def.items()}
+    assert balance == {k: k.startswith("2x") for k in plain}
+    assert g["expansion_ratio"]["plain"]["exact"]["0.0"]["median"] == 2.0
+    counts = summarize(_store(tmp_path / "again", results), quick=False)["sensitivity"]
+    assert {k: (c["held"], c["verdicts"]) for k, c in counts.items()} == {
+        k: (1 + k.startswith("2x"), 2) for k in plain
+    }
     render(tmp_path)
-    assert "- plain: s = 0.0: 0.1 / 0.2" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| t | full-batch gd, 10 steps | exact vs plain | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ |" in report
+    assert "| t | full-batch gd, 10 steps | balance vs plain | ✓ | ✓ | ✗ | ✗ | ✗ | ✗ |" in report
 
 
 def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
@@ -292,7 +353,8 @@ def _mini(method: str, steps: int, seeds_top: list[float]) -> list[RunResult]:
             final = 0.2 if lr <= top else None
             status = run_status(1.0, final, 0.5)
             diverged_at = None if final is not None else 5
-            runs.append(RunResult(config, status, 1.0, 0.5, final, *[None] * 5, diverged_at))
+            peak = 1.0 if final is not None else 2e3
+            runs.append(RunResult(config, status, 1.0, 0.5, final, *[None] * 5, diverged_at, peak))
     return runs
 
 
@@ -330,7 +392,11 @@ def test_methods_start_from_the_given_or_the_balanced_point():
     results = {r.config.method: r for r in train_group(task, configs, record_every=1)}
     given = results["plain"].curves[0].mu_rel_max
     assert given > 0.5  # s = 1: far from balance
+    replicas = {m for m, d in METHODS.items() if d.replica_of}
     for method, result in results.items():
+        if method in replicas:  # another initialisation: another function and imbalance
+            assert result.initial_loss != results["plain"].initial_loss
+            continue
         start = result.curves[0].mu_rel_max
         if METHODS[method].balanced_start:
             assert start <= 1e-10, method
@@ -400,3 +466,48 @@ def test_deep_mlp_digits_has_six_hidden_relu_layers_with_he_initialisation():
     std = torch.cat([m.weight.flatten() * m.in_features**0.5 for m in linears[1:-1]]).std()
     assert abs(float(std) - 2**0.5) < 0.05  # He: variance 2 / fan_in
     assert gaugefix.discover(model, task.x[:2]).num_generators == 6 * 64
+
+
+def test_bisection_brackets_each_seeds_edge_to_3_percent_and_the_grid_tables_ignore_it(tmp_path):
+    """On a grid of ratio 2, each seed's edge (stable up to its own true edge) is bisected in
+    log-lr, from the stored runs alone, until the bracket is within 3%: five rounds
+    (2^(1/32) = 1.022); a cap on the rounds stops it earlier. The all-seed and per-seed grid
+    tables stay the grid's; the ratios compare the bisected edges."""
+    true_edge = {0: 0.29, 1: 0.21}
+
+    def run(method: str, seed: int, lr: float, bisection: int = 0) -> RunResult:
+        top = true_edge[seed] * (2.0 if method == "exact" else 1.0)
+        return _result(method, lr, seed, 0.2 if lr <= top else None, bisection=bisection)
+
+    grid = [run(m, seed, lr) for m in ("plain", "exact") for seed in (0, 1) for lr in GRID]
+    cells = {cell_of(r.config) for r in grid}
+    runs, planned = list(grid), []
+    while todo := bisection_runs(runs, cells, rounds=10):
+        planned.append(todo)
+        runs += [run(c.method, c.seed, c.lr, c.bisection) for c in todo]
+    assert len(planned) == 5 and all(len(todo) == 4 for todo in planned)
+    assert planned[0][0].lr == pytest.approx(math.sqrt(0.2 * 0.4), rel=1e-15)
+    assert {c.bisection for c in planned[-1]} == {5}
+    capped = list(grid)
+    while todo := bisection_runs(capped, cells, rounds=2):
+        capped += [run(c.method, c.seed, c.lr, c.bisection) for c in todo]
+    assert max(r.config.bisection for r in capped) == 2
+    g = summarize(_store(tmp_path, runs), quick=False)["tasks"]["t"]["regimes"]["gd/full/10"]
+    assert g["lr_grid"] == GRID
+    assert g["max_stable_lr"]["plain"] == {"0.0": 0.2}
+    assert g["max_stable_lr_by_seed"]["plain"]["0.0"] == {"0": 0.2, "1": 0.2}
+    assert 1.0 < g["edge_bracket"] <= BISECTION_BRACKET
+    for method, scale in (("plain", 1.0), ("exact", 2.0)):
+        for seed, edge in g["stable_edge_by_seed"][method]["0.0"].items():
+            truth = true_edge[int(seed)] * scale
+            assert edge <= truth < edge * BISECTION_BRACKET
+    # exact's true edges are twice plain's: the bisected ratios are 2 to within the bracket
+    stats = g["expansion_ratio"]["plain"]["exact"]["0.0"]
+    assert 2.0 / BISECTION_BRACKET < stats["min"] <= stats["max"] < 2.0 * BISECTION_BRACKET
+
+
+def test_a_seed_without_a_stable_rate_gives_a_defined_interval():
+    # the method had no stable rate on one seed where the reference had one: ratio 0
+    stats = ratio_stats({0: 2.0, 1: 0.0, 2: 2.0})
+    assert stats["interval"][0] == 0.0 and stats["interval"][1] == pytest.approx(2.0, rel=1e-12)
+    assert stats["held"] is False

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import gaugefix.cli
 import gaugefix.experiments.runner as runner
 from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
-from gaugefix.experiments.runner import TaskSpec, run_all
+from gaugefix.experiments.runner import TaskSpec, run_all, run_bisected
+from gaugefix.experiments.stability import BISECTION_BRACKET
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import Summary, summarize
 from gaugefix.experiments.tasks import load_task
@@ -85,6 +87,41 @@ def test_divergent_members_are_masked_without_stopping_others():
     assert ok.status == "stable" and ok.final_loss < ok.initial_loss
     (alone,) = train_group(task, configs[:1])
     assert alone.final_loss == pytest.approx(ok.final_loss, rel=1e-5)
+    # the peak loss ratio: the diverged run's went past the divergence factor, the stable run's
+    # is its largest recorded loss over its initial one (full batch: 1 at step 0 at least)
+    assert bad.peak_loss_ratio > 1e3
+    recorded = max(p.loss for p in ok.curves) / ok.initial_loss
+    assert 1.0 <= recorded <= ok.peak_loss_ratio < 1e3
+
+
+def test_each_seed_trains_on_its_own_task_instance():
+    """A built-in task's seeds are independent instances (teacher, data, split), each with its
+    own task hash sharing the task's version; user data have one instance."""
+    specs = [TaskSpec("teacher-student").for_seed(k) for k in range(3)]
+    tasks = [spec.load() for spec in specs]
+    assert not torch.equal(tasks[0].x, tasks[1].x) and not torch.equal(tasks[1].y, tasks[2].y)
+    hashes = {spec.hash() for spec in specs}
+    assert len(hashes) == 3 and {h[:8] for h in hashes} == {TS[:8]}
+    assert specs[0].hash() == TS
+    digits = [TaskSpec("digits").for_seed(k).load() for k in (0, 1)]
+    assert not torch.equal(digits[0].y, digits[1].y)  # another split of the same images
+    assert sorted(torch.cat([digits[0].y, digits[0].y_test]).tolist()) == sorted(
+        torch.cat([digits[1].y, digits[1].y_test]).tolist()
+    )
+    user = TaskSpec("data", "d.npz", "regression")
+    assert user.for_seed(5) == user
+
+
+def test_the_replica_is_plain_from_another_draw_of_the_same_instance():
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig("teacher-student", m, "gd", 0.1, 0.0, 0.0, seed, 0, 5, "float64", task_hash=TS)
+        for m, seed in (("plain", 0), ("plain-replica", 0), ("plain", 1))
+    ]
+    plain, replica, other_seed = train_group(task, configs)
+    assert plain.initial_loss != replica.initial_loss != other_seed.initial_loss
+    (again,) = train_group(task, configs[1:2])  # the draw is fixed by the seed
+    assert again.final_loss == pytest.approx(replica.final_loss, rel=1e-12)
 
 
 def test_initial_imbalance_keeps_the_function():
@@ -145,6 +182,36 @@ def _write_runs(path: str, offset: int) -> None:
     ]
     for r in train_group(task, configs):
         store.add_run(r, 0.0)
+
+
+def test_an_interrupted_bisection_resumes_to_the_same_store(tmp_path: Path, monkeypatch):
+    """Bisection rounds are planned from the store: interrupted in its first round and
+    resumed, a reproduction writes the runs an uninterrupted one does, and every seed's edge is
+    bracketed tighter than the grid's."""
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 4)
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", 2 ** (k / 2), 0.0, s, 0, 0, 40, task_hash=TS)
+        for k in range(-10, 2)
+        for s in (0.0, 1.0)
+    ]
+    spec = lambda c: TaskSpec(c.task)  # noqa: E731
+    whole = Store(tmp_path / "whole.sqlite")
+    assert run_bisected(whole, configs, spec, rounds=3) > len(configs)
+    rounds = sorted({r.config.bisection for r in whole.runs()})
+    assert rounds[0] == 0 and rounds[-1] <= 3 and len(rounds) > 1
+    with monkeypatch.context() as m:
+        _interrupt_after(m, len(configs) + 1)
+        resumed = Store(tmp_path / "resumed.sqlite")
+        with pytest.raises(KeyboardInterrupt):
+            run_bisected(resumed, configs, spec, rounds=3)
+    run_bisected(resumed, configs, spec, rounds=3)
+    assert {r.config.key() for r in resumed.runs()} == {r.config.key() for r in whole.runs()}
+    regime = summarize(whole, False)["tasks"]["teacher-student"]["regimes"]["gd/full/40"]
+    assert 1.0 < regime["edge_bracket"] <= 2 ** (1 / 16) * (1 + 1e-12)
+    assert BISECTION_BRACKET < regime["edge_bracket"]  # three rounds stop short of 3%
+    for s, edges in regime["stable_edge_by_seed"]["plain"].items():
+        grid = regime["max_stable_lr_by_seed"]["plain"][s]["0"]
+        assert grid <= edges["0"] < grid * 2**0.5
 
 
 def test_two_writers_share_a_store(tmp_path: Path):
@@ -334,3 +401,19 @@ def test_quick_reproduction(tmp_path: Path):
     assert _without_seconds(json.loads((out / "summary.json").read_text())) == _without_seconds(
         summary
     )
+
+
+def test_the_conditioning_analysis_finds_plains_edge_on_instance_0(tmp_path: Path):
+    from gaugefix.experiments.conditioning import _largest_stable_lr
+
+    task = load_task("teacher-student")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 1.0, 0, 0, 40, task_hash=TS)
+        for lr in (0.02, 0.04, 1e4)
+    ]
+    store = Store(tmp_path / "s.sqlite")
+    for r in train_group(task, configs):
+        store.add_run(r, 0.0)
+    assert [r.status for r in store.runs()] == ["stable", "stable", "diverged"]
+    assert _largest_stable_lr(store, task) == 0.04
+    assert _largest_stable_lr(Store(tmp_path / "empty.sqlite"), task) == 0.1

@@ -32,7 +32,18 @@ def _run(method: str, lr: float, status: str, s: float = 0.0, seed: int = 0) -> 
     diverged = status == "diverged"
     final = None if diverged else 0.5
     return RunResult(
-        config, status, 1.0, 1.0, final, None, None, None, 1.0, None, 3 if diverged else None
+        config,
+        status,
+        1.0,
+        1.0,
+        final,
+        None,
+        None,
+        None,
+        1.0,
+        None,
+        3 if diverged else None,
+        2e3 if diverged else 1.0,
     )
 
 
@@ -63,7 +74,7 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
     assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 2 ✓; 1: n/a ? | - |" in table
     # the expansion at s = 0 held; the drift suppression (equal drift: ratio 1) did not
     assert "The report makes 2 verdicts, 1 of them held." in table
-    assert "The sham control (weight-decay) made no expansion verdict." in table
+    assert "No sham control (weight-decay, plain-replica) made an expansion verdict." in table
 
 
 def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:

@@ -53,7 +53,7 @@ def test_sweeps_of_other_data_or_models_are_new_runs_kept_apart(tmp_path):
     assert len(runs) == 16 and len(hashes) == 4 and {r.config.task for r in runs} == {"reg"}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tasks"]) == {f"reg@{h[:8]}" for h in hashes}
-    assert {t["task_hash"] for t in summary["tasks"].values()} == hashes
+    assert {t["task_hash"] for t in summary["tasks"].values()} == {h[:8] for h in hashes}
     report = (out / "report.md").read_text()
     assert all(f"## reg@{h[:8]}" in report for h in hashes)
 
@@ -73,12 +73,19 @@ def test_task_hash_covers_data_kind_model_and_definitions(tmp_path, monkeypatch)
 
 
 def _earlier_format(out: Path, data: Path, version: int) -> None:
-    """A store as an earlier gaugefix wrote it (converted from a current store): format 2 had no
-    constant predictor's loss; format 1 (``user_version`` 0) neither the task hash."""
+    """A store as an earlier gaugefix wrote it (converted from a current store): format 3 had no
+    peak loss ratio nor bisection round; format 2 neither the constant predictor's loss; format
+    1 (``user_version`` 0) neither the task hash."""
     _sweep(data, out)
     db = sqlite3.connect(out / "results.sqlite")
     db.execute("UPDATE runs SET gaugefix_version = '0.1.0'")
-    db.execute("ALTER TABLE runs DROP COLUMN constant_loss")
+    for run_id, key in db.execute("SELECT id, key FROM runs").fetchall():
+        old = {k: v for k, v in json.loads(key).items() if k != "bisection"}
+        db.execute("UPDATE runs SET key = ? WHERE id = ?", (json.dumps(old), run_id))
+    db.execute("ALTER TABLE runs DROP COLUMN bisection")
+    db.execute("ALTER TABLE runs DROP COLUMN peak_loss_ratio")
+    if version < 3:
+        db.execute("ALTER TABLE runs DROP COLUMN constant_loss")
     if version == 1:
         for run_id, key in db.execute("SELECT id, key FROM runs").fetchall():
             old = {k: v for k, v in json.loads(key).items() if k != "task_hash"}
@@ -93,7 +100,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("command", ["report", "sweep"])
 def test_a_store_of_an_earlier_format_is_one_line_saying_what_to_do(tmp_path, version, command):
     data = _data(tmp_path / "reg.npz", 40, 3, 0)

@@ -17,6 +17,7 @@ import pytest
 from gaugefix.experiments import plan
 from gaugefix.experiments.analyses import ANALYSES, Analysis
 from gaugefix.experiments.engine import METHODS, CurvePoint, RunConfig, RunResult, run_status
+from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Record, Store, StoredRun
 from gaugefix.experiments.summary import Summary, schema_markdown, summarize
 from schema import problems
@@ -42,6 +43,7 @@ def _run(method: str, lr: float, top: float, steps: int = 10, batch: int = 0, se
         0.1 + seed / 10 if ok else None,
         0.01 if ok else None,
         None if ok else 5,
+        1.0 if ok else 2e3,
         curves=curve if ok else [],
     )
 
@@ -69,16 +71,20 @@ def test_the_documented_schema_is_the_generated_one():
 
 
 def test_the_published_full_run_summary_conforms_to_the_records_but_the_new_keys():
-    """The published full run predates the paired bootstrap verdicts and the margin
-    sensitivity: it lacks exactly their keys (every ratio's ``interval``, every regime's
-    ``max_stable_lr_by_margin``, the file's ``verdicts``) and nothing else departs."""
+    """The published full run predates the paired bootstrap verdicts, the bisected edges and
+    the sensitivity to the definitions: it lacks exactly their keys (every ratio's
+    ``interval``, every regime's bisected edges and verdicts by definition, the file's
+    ``verdicts`` and ``sensitivity``) and nothing else departs."""
     published = json.loads((DOCS.parent / "figures" / "full-summary.json").read_text())
     found = problems(published, Summary)
     assert "$: Summary lacks 'verdicts'" in found
+    regime_keys = (
+        "stable_edge_by_seed|edge_bracket|max_stable_lr_by_definition|verdicts_by_definition"
+    )
     lacking = re.compile(
-        r"\$: Summary lacks 'verdicts'"
+        r"\$: Summary lacks '(verdicts|sensitivity)'"
         r"|\$\.tasks\.[^:]+: (RatioStats|HorizonRatio) lacks 'interval'"
-        r"|\$\.tasks\.[^:]+: RegimeSummary lacks 'max_stable_lr_by_margin'"
+        rf"|\$\.tasks\.[^:]+: RegimeSummary lacks '({regime_keys})'"
     )
     assert [p for p in found if not lacking.fullmatch(p)] == []
 
@@ -142,6 +148,13 @@ def test_every_analysis_implements_the_declared_interface():
     assert not isinstance(incomplete, Analysis)
 
 
-def test_the_grids_name_only_defined_methods():
-    for grid in (*plan.reproduce_grids(quick=True), *plan.reproduce_grids(quick=False)):
-        assert {c.method for c in grid.configs("h")} <= set(METHODS)
+def test_the_grids_name_only_defined_methods_with_the_replica_wherever_plain_is():
+    full = plan.reproduce_grids(quick=False)
+    for grid in (*plan.reproduce_grids(quick=True), *full):
+        configs = grid.configs(TaskSpec(grid.task))
+        assert {c.method for c in configs} <= set(METHODS)
+        for block in grid.blocks if grid in full else ():  # the quick one's not everywhere
+            assert ("plain" in block.methods) == ("plain-replica" in block.methods)
+        # each seed trains on its own instance of the task
+        hashes = {c.seed: c.task_hash for c in configs}
+        assert len(set(hashes.values())) == len(hashes)

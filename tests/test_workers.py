@@ -36,13 +36,17 @@ INTERRUPTED = "interrupted: finished runs are stored; run the same command to re
 
 
 def _spec(config: RunConfig) -> TaskSpec:
-    return TaskSpec(config.task)
+    """The task instance of the run's seed, as ``sweep`` trains it."""
+    return TaskSpec(config.task).for_seed(config.seed)
 
 
 def _configs(steps: int, seeds: int) -> list[RunConfig]:
-    ts = TaskSpec("teacher-student").hash()
+    """Plain runs at two rates per seed, each seed on its instance (a group of 2 runs)."""
+    ts = {seed: TaskSpec("teacher-student").for_seed(seed).hash() for seed in range(seeds)}
     return [
-        RunConfig("teacher-student", "plain", "gd", lr, 0.0, 0.0, seed, 0, steps, task_hash=ts)
+        RunConfig(
+            "teacher-student", "plain", "gd", lr, 0.0, 0.0, seed, 0, steps, task_hash=ts[seed]
+        )
         for lr in (0.05, 0.1)
         for seed in range(seeds)
     ]
@@ -195,8 +199,9 @@ def _results(store: Store) -> dict[str, tuple]:
 
 
 def test_a_sweep_killed_midway_keeps_its_finished_batches_and_resumes(tmp_path):
-    """With the default work budget: 2000 steps of teacher-student make batches of 7 runs."""
-    configs = _configs(2000, 4)  # 8 runs: batches of 7 and 1
+    """With the default work budget a batch of 2000 steps of teacher-student holds up to 7 runs;
+    each seed's 2 runs (its instance) make one."""
+    configs = _configs(2000, 4)  # 8 runs: 4 batches of 2
     assert runner.runs_per_batch(_spec(configs[0]).load(), configs[0]) == 7
     args = ["--task", "teacher-student", "--lr", "0.05,0.1", "--seeds", "4", "--steps", "2000"]
     out = tmp_path / "out"

@@ -31,9 +31,9 @@ from gaugefix.checkpoint import (
 )
 from gaugefix.experiments.analyses import run_analyses
 from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
-from gaugefix.experiments.plan import reproduce_grids
+from gaugefix.experiments.plan import BISECTION_ROUNDS, QUICK_BISECTION_ROUNDS, reproduce_grids
 from gaugefix.experiments.progress import Progress
-from gaugefix.experiments.runner import TaskSpec, estimated_seconds, run_all
+from gaugefix.experiments.runner import TaskSpec, estimated_seconds, run_bisected, spec_of_run
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
 from gaugefix.experiments.workers import Workers, cores
@@ -367,13 +367,15 @@ def _train(
     jobs: int | None,
     executor: str,
     ray_address: str | None,
+    rounds: int = 0,
 ) -> tuple[Store, int]:
     """Train ``configs`` into OUT's store on the workers of ``--executor`` (``--jobs``, default
-    one per core); the store and the number of runs written."""
+    one per core), then ``rounds`` rounds of bisection of the stable edges; the store and the
+    number of runs written."""
     jobs = jobs or cores()
     with _executor(executor, ray_address, jobs) as workers:
         store = _store(out)
-        return store, run_all(store, configs, spec_of, jobs, workers=workers)
+        return store, run_bisected(store, configs, spec_of, rounds, jobs, workers=workers)
 
 
 def _made_by(store: Store, command: str) -> None:
@@ -413,9 +415,10 @@ def reproduce(
     ray_address: RayAddress = None,
 ) -> None:
     start = time.perf_counter()
-    configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task).hash())]
+    configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task))]
     with _interruptible():
-        store, _ = _train(out, configs, lambda c: TaskSpec(c.task), jobs, executor, ray_address)
+        rounds = QUICK_BISECTION_ROUNDS if quick else BISECTION_ROUNDS
+        store, _ = _train(out, configs, spec_of_run, jobs, executor, ray_address, rounds)
         run_analyses(store, quick)
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
         _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
@@ -468,12 +471,15 @@ def sweep(
     example = RunConfig(spec.name, "plain", "gd", 1.0, 0.0, 0.0, 0, batch_size, steps, task_hash="")
     if not allow_large:
         _refuse_large(spec, example, math.prod(len(a) for a in axes), jobs or cores())
+    hashes = {seed: spec.for_seed(seed).hash() for seed in axes[-1]}  # each seed's instance
     configs = [
-        RunConfig(spec.name, m, o, rate, st, s, seed, batch_size, steps, task_hash=spec.hash())
+        RunConfig(spec.name, m, o, rate, st, s, seed, batch_size, steps, task_hash=hashes[seed])
         for (m, st), o, rate, s, seed in itertools.product(*axes)
     ]
     with _interruptible():
-        store, written = _train(out, configs, lambda c: spec, jobs, executor, ray_address)
+        store, written = _train(
+            out, configs, lambda c: spec.for_seed(c.seed), jobs, executor, ray_address
+        )
         _made_by(store, "sweep")
         _render(out)
     typer.echo(f"{written} new runs written to {out / STORE_NAME}; report: {out / 'report.md'}")

@@ -97,17 +97,24 @@ def reference(runs: Runs) -> str | None:
     return next((m for m in REFERENCES if m in present), None)
 
 
+def task_version(task_hash: str) -> str:
+    """The first 8 hex digits of a task hash: shared by the instances (seeds) of one task, they
+    change with its data, model or experiment definitions."""
+    return task_hash[:8]
+
+
 def by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """The runs of each task, keyed by its name; when runs of one name have several task hashes
-    (other data, model or experiment definitions) each hash is its own task, keyed
-    ``NAME@HASH`` (the hash's first 8 digits), so they are never mixed."""
-    hashes: dict[str, set[str]] = defaultdict(set)
+    """The runs of each task, keyed by its name; when runs of one name have several
+    :func:`task_version` (other data, model or experiment definitions) each version is its own
+    task, keyed ``NAME@VERSION``, so they are never mixed."""
+    versions: dict[str, set[str]] = defaultdict(set)
     for r in runs:
-        hashes[r.config.task].add(r.config.task_hash)
+        versions[r.config.task].add(task_version(r.config.task_hash))
     out: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        several = len(hashes[r.config.task]) > 1
-        out[f"{r.config.task}@{r.config.task_hash[:8]}" if several else r.config.task].append(r)
+        version = task_version(r.config.task_hash)
+        several = len(versions[r.config.task]) > 1
+        out[f"{r.config.task}@{version}" if several else r.config.task].append(r)
     return dict(sorted(out.items()))
 
 

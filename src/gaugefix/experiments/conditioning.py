@@ -13,9 +13,10 @@ import torch
 import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments.cells import SKey, TaskKey, s_key
-from gaugefix.experiments.engine import METHODS, REFERENCES, init_direction, task_hash
+from gaugefix.experiments.engine import METHODS, REFERENCES, init_direction
 from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
 from gaugefix.experiments.probes import float64_model, loss64
+from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.stability import max_stable_lr
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
@@ -110,10 +111,12 @@ def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) 
 
 
 def _largest_stable_lr(store: Store, task: Task) -> float:
-    """The largest learning rate stable for plain full-batch GD at s = 1 (0.1 without runs)."""
+    """The largest learning rate stable for plain full-batch GD at s = 1 on ``task`` (the
+    task's instance 0, so the runs of seed 0; 0.1 without runs)."""
     runs = store.runs(
         task=task.name,
-        task_hash=task_hash(task),
+        task_hash=TaskSpec(task.name).hash(),
+        seed=0,
         method="plain",
         optimizer="gd",
         batch_size=0,

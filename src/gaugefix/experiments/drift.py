@@ -9,15 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+from gaugefix.experiments import figures
 from gaugefix.experiments.cells import MethodKey, Regime, Runs, reference
-from gaugefix.experiments.figures import (
-    fmt,
-    method_color,
-    methods_in_order,
-    plain_log_ticks,
-    save,
-    subplots,
-)
+from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import (
     RatioStats,
     max_stable_lr,
@@ -143,7 +137,7 @@ def figure(
         return None
     cols = min(len(panels), 4)
     rows = -(-len(panels) // cols)
-    fig, grid = subplots(
+    fig, grid = figures.subplots(
         2 * rows, cols, figsize=(3.6 * cols, 5.4 * rows), squeeze=False, layout="constrained"
     )
     for k in range(len(panels), rows * cols):  # the unused places of the last row
@@ -166,7 +160,7 @@ def figure(
                 continue
             curve = store.curves(min(rs, key=lambda r: r.config.seed).id)
             steps = [p.step for p in curve]
-            style = {"color": method_color(method), "label": method}
+            style = {"color": figures.method_color(method), "label": method}
             lines[method] = top.plot(steps, [p.log_ratio_rms for p in curve], **style)[0]
             bottom.plot(steps, [p.mu_rel_max for p in curve], **style)
         top.set_title(f"{regime.label}\nlr = {fmt(lr)}", fontsize=9)
@@ -174,7 +168,7 @@ def figure(
         bottom.set_ylabel("max |mu| / S")
         bottom.set_xlabel("step")
         bottom.set_yscale("log")
-        plain_log_ticks(bottom)
+        figures.plain_log_ticks(bottom)
     fig.suptitle(f"{task}: scale drift, s = 0, first seed", fontsize=10)
     methods = methods_in_order(lines)
     fig.legend(
@@ -184,4 +178,4 @@ def figure(
         ncol=min(len(methods), 8),
         fontsize=8,
     )
-    return save(fig, out, f"drift-{task}.png")
+    return figures.save(fig, out, f"drift-{task}.png")

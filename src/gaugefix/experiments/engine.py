@@ -77,13 +77,16 @@ class Method:
     """A training method: whether it starts from the balanced point of its initialisation's
     orbit (``balance_`` at step 0; the function is unchanged), what it adds to every step
     (``fixing``: ``"penalty"``, ``"exact"``, ``"weight-decay"``, ``"balance"`` or ``None``),
-    its definition in words (docs and report), and for ``"exact"`` the optimizer steps between
-    orbit steps (``every``, as :class:`gaugefix.GaugeFixing`'s)."""
+    its definition in words (docs and report), for ``"exact"`` the optimizer steps between
+    orbit steps (``every``, as :class:`gaugefix.GaugeFixing`'s), and for a replica the method it
+    replicates (``replica_of``): the same method from an independent initialisation draw for the
+    run's seed (the same task instance, other weights), compared with that method only."""
 
     balanced_start: bool
     fixing: str | None
     definition: str
     every: int = 1
+    replica_of: str | None = None
 
 
 _FROM_GIVEN = "from the initialisation as given"
@@ -111,13 +114,21 @@ METHODS: dict[str, Method] = {
         "balance",
         "hard gauge fixing: balanced (`balance_`) at step 0 and after every optimizer step",
     ),
+    "plain-replica": Method(
+        False,
+        None,
+        "the optimizer alone, from another initialisation draw of the same task instance (the "
+        "plain-vs-plain sham control)",
+        replica_of="plain",
+    ),
 }
 STRENGTH_METHODS = tuple(
     m for m, d in METHODS.items() if d.fixing in ("penalty", "exact", "weight-decay")
 )
 # The references a method is compared with, where a regime has them: the optimizer alone from the
 # initialisation as given (plain) and from its balanced point (balanced-init).
-REFERENCES = tuple(m for m, d in METHODS.items() if d.fixing is None)
+REFERENCES = tuple(m for m, d in METHODS.items() if d.fixing is None and not d.replica_of)
+REPLICA_SEED = 1_000_003  # a replica of seed k is initialised from torch seed k + REPLICA_SEED
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 # The momentum of the sweep's ``momentum`` optimizer (SGD's own default is none).
 MOMENTUM = 0.9
@@ -167,7 +178,8 @@ class RunConfig:
     with the data, the model and the definitions, not only with the task's name);
     ``method`` is a key of :data:`METHODS`; ``strength`` the penalty, exact-step or
     weight-decay strength (0 for the other methods); ``s`` the initial imbalance; ``batch_size``
-    0 means full batch."""
+    0 means full batch; ``bisection`` the round of the bisection of the stable edge that asked
+    for the run (0: a run of the learning-rate grid)."""
 
     task: str
     method: str
@@ -180,6 +192,7 @@ class RunConfig:
     steps: int
     dtype: str = "float32"
     task_hash: str = field(kw_only=True)
+    bisection: int = field(default=0, kw_only=True)
 
     def key(self) -> str:
         """The canonical identity of the run in a store."""
@@ -204,7 +217,9 @@ class CurvePoint(NamedTuple):
 class RunResult:
     """What a run gives: its :func:`run_status`, the losses it is judged by (initial, final,
     the constant predictor's), test metrics, final imbalance statistics, the step it diverged
-    at, for trained ``plain`` networks the output change when balanced, and its curve."""
+    at, its largest training loss over its initial loss (``peak_loss_ratio``, over the steps
+    until it diverged; infinite where the loss became non-finite), for trained ``plain``
+    networks the output change when balanced, and its curve."""
 
     config: RunConfig
     status: str
@@ -217,6 +232,7 @@ class RunResult:
     log_ratio_rms: float | None
     mu_rel_max: float | None
     diverged_at: int | None
+    peak_loss_ratio: float
     balance_change: float | None = None
     curves: list[CurvePoint] = field(default_factory=list)
 
@@ -237,7 +253,7 @@ def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> 
     z = init_direction(structure)
     members = []
     for c in configs:
-        torch.manual_seed(c.seed)
+        torch.manual_seed(c.seed + REPLICA_SEED * bool(METHODS[c.method].replica_of))
         model = task.make_model().to(dtype)
         apply_gauge_(model, structure, c.s * z)
         members.append({n: p.detach() for n, p in model.named_parameters()})
@@ -270,10 +286,13 @@ def train_group(
     step_fn = group_step(structure, configs, first.optimizer, lr, active)
     state = step_fn.init(stack)
     curves: list[list[CurvePoint]] = [[] for _ in configs]
+    peak = torch.where(active, 0.0, math.inf)  # the largest loss / initial loss so far
     every = record_every or max(1, first.steps // 50)
     for step in range(first.steps + 1):
         loss = batch_loss(stack)
         bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * initial)
+        ratio = (loss.detach() / initial).nan_to_num(math.inf, math.inf)
+        peak = torch.where(active, peak.fmax(ratio), peak)
         for i in torch.nonzero(active & bad).reshape(-1).tolist():
             diverged_at[i] = step
         active &= ~bad
@@ -287,7 +306,9 @@ def train_group(
         grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
         with torch.no_grad():
             _, state = step_fn.update(dict(zip(stack, grads, strict=True)), state, stack)
-    return _results(task, configs, template, stack, initial, active, diverged_at, curves, structure)
+    return _results(
+        task, configs, template, stack, initial, active, diverged_at, peak, curves, structure
+    )
 
 
 def _losses(
@@ -446,6 +467,7 @@ def _results(
     initial: Tensor,
     active: Tensor,
     diverged_at: list,
+    peak: Tensor,
     curves: list,
     structure: GaugeStructure,
 ) -> list[RunResult]:
@@ -477,6 +499,7 @@ def _results(
                 log_ratio_rms=_finite(float(log_ratio[i])) if ok else None,
                 mu_rel_max=_finite(float(rel[i])) if ok else None,
                 diverged_at=diverged_at[i],
+                peak_loss_ratio=float(peak[i]),
                 balance_change=change.get(i),
                 curves=curves[i],
             )

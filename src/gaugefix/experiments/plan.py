@@ -8,15 +8,50 @@ methods and strengths, learning-rate range, initial imbalances and seeds. The ex
 - *long horizon*: mini-batch SGD and Adam for ten times the full-batch steps, every method
   starting from the same balanced point (``balanced-init``, ``balanced-penalty``,
   ``balanced-exact``, ``balance``), at learning rates around ``balanced-init``'s edge.
+
+After the grid, each seed's stable edge in each cell is bisected in log-lr
+(:func:`bisection_runs`), round by round, each round planned from the runs stored.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
+from typing import TYPE_CHECKING
 
+from gaugefix.experiments.cells import Runs
 from gaugefix.experiments.engine import METHODS, RunConfig
+from gaugefix.experiments.stability import BISECTION_BRACKET, edge_bracket
+
+__all__ = [
+    "lr_grid",
+    "Block",
+    "TaskGrid",
+    "STRENGTH_GRID",
+    "ONE",
+    "with_strengths",
+    "ALL_METHODS",
+    "ONE_STRENGTH",
+    "COSTLY",
+    "BALANCED_START",
+    "TS_DRIFT",
+    "DIGITS_WINDOWS",
+    "S_DEEP",
+    "SEEDS",
+    "COSTLY_SEEDS",
+    "S_WIDE",
+    "reproduce_grids",
+    "BISECTION_ROUNDS",
+    "QUICK_BISECTION_ROUNDS",
+    "cell_of",
+    "bisection_runs",
+]
+
+if TYPE_CHECKING:
+    from gaugefix.experiments.runner import TaskSpec
 
 
 def lr_grid(low_exp: int, high_exp: int) -> list[float]:
@@ -37,10 +72,11 @@ class Block:
     steps: int
     batch_size: int = 0  # 0: full batch
 
-    def configs(self, task: str, task_hash: str) -> list[RunConfig]:
+    def configs(self, task: TaskSpec) -> list[RunConfig]:
+        """The block's runs on ``task``, each seed's on its instance (its own task hash)."""
         return [
             RunConfig(
-                task,
+                task.name,
                 method,
                 self.optimizer,
                 lr,
@@ -49,7 +85,7 @@ class Block:
                 seed,
                 self.batch_size,
                 self.steps,
-                task_hash=task_hash,
+                task_hash=task.for_seed(seed).hash(),
             )
             for method, strengths in self.methods.items()
             for strength, seed, lr, s in product(
@@ -65,9 +101,9 @@ class TaskGrid:
     task: str
     blocks: tuple[Block, ...]
 
-    def configs(self, task_hash: str) -> list[RunConfig]:
-        """The runs, for the task whose :func:`~gaugefix.experiments.engine.task_hash` is given."""
-        return [c for block in self.blocks for c in block.configs(self.task, task_hash)]
+    def configs(self, task: TaskSpec) -> list[RunConfig]:
+        """The runs on ``task`` (this grid's task, loaded by the caller's process)."""
+        return [c for block in self.blocks for c in block.configs(task)]
 
 
 # Methods and strengths. Every method of a block shares its learning rates, initial imbalances
@@ -93,7 +129,9 @@ ALL_METHODS = with_strengths(METHODS, STRENGTH_GRID)
 ONE_STRENGTH = with_strengths(METHODS, ONE)
 # The expensive tasks (the CNN, the transformer): the references, the penalty, the exact step
 # and hard fixing (weight decay and the balanced starts of penalty and exact left out for time).
-COSTLY = with_strengths(("plain", "balanced-init", "penalty", "exact", "balance"), ONE)
+COSTLY = with_strengths(
+    ("plain", "plain-replica", "balanced-init", "penalty", "exact", "balance"), ONE
+)
 # The long horizon: every method starts from the same balanced point.
 BALANCED_START = with_strengths(
     (m for m, d in METHODS.items() if d.balanced_start), {**STRENGTH_GRID, "penalty": (0.1, 1.0)}
@@ -120,41 +158,38 @@ def _mini_batch(
     return tuple(Block(methods, opt, w, (0.0,), seeds, steps, 64) for opt, w in windows.items())
 
 
+def _quick_grids() -> list[TaskGrid]:
+    """The quick grids: one seed, smaller grids that still exercise every experiment (and the
+    transformer task, at s = 0 without the replica, for time) in a few minutes on two cores.
+    The lowest rates of teacher-student GD (2^-8, 2^-7.5) and of the transformer (2^-5.5) were
+    dropped when the bisection came, for time: every method was stable there and at the next
+    rate, so no edge moved."""
+    small = with_strengths(("plain", "plain-replica", "balanced-init", "exact", "balance"), ONE)
+    ts = {**small, **with_strengths(("penalty", "balanced-exact", "weight-decay"), ONE)}
+    long = with_strengths(("balanced-init", "balanced-exact", "balance"), ONE)
+    transformer = {k: small[k] for k in ("plain", "balanced-init", "exact")}
+    return [
+        TaskGrid(
+            "teacher-student",
+            (
+                Block(ts, "gd", (-14, 3), S_DEEP, 1, 100),
+                Block(ts, "adam", (-10, 1), S_DEEP, 1, 100),
+                *_mini_batch(ts, {"sgd": (-9, 2)}, 100, 1),
+                *_mini_batch(long, {"sgd": (-4, 3), "adam": (-8, -1)}, 1000, 1),
+            ),
+        ),
+        TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
+        TaskGrid("modular-addition", (Block(transformer, "adam", (-10, -7), (0.0,), 1, 100),)),
+    ]
+
+
 def reproduce_grids(quick: bool) -> list[TaskGrid]:
-    """The grids of the reproduction. Quick: one seed and small grids that still exercise every
-    experiment (and the transformer task) in a few minutes on two cores; full: :data:`SEEDS`
-    seeds per cell (:data:`COSTLY_SEEDS` on the CNN and the transformer), every task.
+    """The grids of the reproduction. Quick: :func:`_quick_grids`; full: :data:`SEEDS` seeds
+    per cell (:data:`COSTLY_SEEDS` on the CNN and the transformer), every task.
     Learning-rate ranges are exponents of sqrt(2), sized to bracket the references'
     edges (plain, balanced-init) with room above for the methods."""
     if quick:
-        small = with_strengths(("plain", "balanced-init", "exact", "balance"), ONE)
-        ts = {**small, **with_strengths(("penalty", "balanced-exact", "weight-decay"), ONE)}
-        long = with_strengths(("balanced-init", "balanced-exact", "balance"), ONE)
-        return [
-            TaskGrid(
-                "teacher-student",
-                (
-                    Block(ts, "gd", (-16, 3), S_DEEP, 1, 100),
-                    Block(ts, "adam", (-10, 1), S_DEEP, 1, 100),
-                    *_mini_batch(ts, {"sgd": (-9, 2)}, 100, 1),
-                    *_mini_batch(long, {"sgd": (-4, 3), "adam": (-8, -1)}, 1000, 1),
-                ),
-            ),
-            TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
-            TaskGrid(
-                "modular-addition",
-                (
-                    Block(
-                        {k: small[k] for k in ("plain", "balanced-init", "exact")},
-                        "adam",
-                        (-11, -7),
-                        S_WIDE,
-                        1,
-                        100,
-                    ),
-                ),
-            ),
-        ]
+        return _quick_grids()
     return [
         TaskGrid(
             "teacher-student",
@@ -187,3 +222,36 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
             ),
         ),
     ]
+
+
+# Bisection of each seed's stable edge: until the edge and the failing rate above it are within
+# BISECTION_BRACKET of each other (four rounds from the sqrt(2) grid: 2^(1/32) = 1.022), at
+# most BISECTION_ROUNDS rounds (QUICK_BISECTION_ROUNDS in the quick reproduction, for time:
+# 2^(1/4) = 1.19).
+BISECTION_ROUNDS = 4
+QUICK_BISECTION_ROUNDS = 1
+
+
+def cell_of(config: RunConfig) -> RunConfig:
+    """The cell and seed of a run: its configuration without learning rate and bisection
+    round."""
+    return replace(config, lr=0.0, bisection=0)
+
+
+def bisection_runs(runs: Runs, cells: set[RunConfig], rounds: int) -> list[RunConfig]:
+    """The next round of bisection: for each seed's cell of ``cells`` (:func:`cell_of`) whose
+    stored ``runs`` bracket its stable edge (:func:`~gaugefix.experiments.stability.edge_bracket`:
+    the edge and the lowest failing rate above it) wider than :data:`BISECTION_BRACKET`, with
+    fewer than ``rounds`` rounds done, the run at the bracket's geometric midpoint. Planned from
+    the runs alone, so a resumed reproduction plans what an uninterrupted one does."""
+    by_cell: dict[RunConfig, list] = defaultdict(list)
+    for r in runs:
+        if (cell := cell_of(r.config)) in cells:
+            by_cell[cell].append(r)
+    out = []
+    for cell, mine in by_cell.items():
+        edge, above = edge_bracket(mine)
+        done = max(r.config.bisection for r in mine)
+        if above is not None and above / edge > BISECTION_BRACKET and done < rounds:
+            out.append(replace(cell, lr=math.sqrt(edge * above), bisection=done + 1))
+    return out

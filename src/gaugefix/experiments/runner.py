@@ -6,16 +6,34 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 
 from gaugefix.experiments.engine import RunConfig, task_hash
+from gaugefix.experiments.plan import bisection_runs, cell_of
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
 from gaugefix.experiments.workers import Workers, execute, local_workers
+
+__all__ = [
+    "ACTIVATION_BUDGET",
+    "WORK_BUDGET",
+    "WORK_RATE",
+    "TaskSpec",
+    "spec_of_run",
+    "TASK_CACHE",
+    "activations",
+    "run_work",
+    "runs_per_batch",
+    "estimated_seconds",
+    "batches",
+    "POLL",
+    "run_all",
+    "run_bisected",
+]
 
 ACTIVATION_BUDGET = 6e7  # floats of activations one batch may hold at once
 # Floats of activations one batch may compute over all its steps, which bounds the work an
@@ -31,29 +49,46 @@ WORK_RATE = 1e8
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How to load a task in any process: a built-in name, or a data file with its options."""
+    """How to load a task in any process: a built-in name and its instance, or a data file with
+    its options (one instance)."""
 
     name: str
     data: str | None = None
     kind: str | None = None
     hidden: tuple[int, ...] = (128,)
+    instance: int = 0
 
     def load(self) -> Task:
         return _load(self)
 
+    def for_seed(self, seed: int) -> TaskSpec:
+        """The task the runs of ``seed`` train on: a built-in task's instance ``seed``, or the
+        user's data (the same for every seed)."""
+        return self if self.data is not None else replace(self, instance=seed)
+
     def hash(self) -> str:
-        """:func:`gaugefix.experiments.engine.task_hash` of the task (computed once)."""
+        """The task hash of this instance (computed once): the first 8 hex digits of
+        :func:`gaugefix.experiments.engine.task_hash` of instance 0, shared by every instance
+        (they name the task's version: data, model and definitions), then 8 of this one's."""
         return _hash(self)
 
 
-@lru_cache(maxsize=8)
+def spec_of_run(config: RunConfig) -> TaskSpec:
+    """The built-in task instance a run of the reproduction trains on (its seed's)."""
+    return TaskSpec(config.task).for_seed(config.seed)
+
+
+TASK_CACHE = 64  # task instances a process keeps loaded (a reproduction's seeds of a few tasks)
+
+
+@lru_cache(maxsize=TASK_CACHE)
 def _load(spec: TaskSpec) -> Task:
-    return load_task(spec.name, spec.data, spec.kind, spec.hidden)
+    return load_task(spec.name, spec.data, spec.kind, spec.hidden, spec.instance)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=TASK_CACHE)
 def _hash(spec: TaskSpec) -> str:
-    return task_hash(spec.load())
+    return task_hash(replace(spec, instance=0).load())[:8] + task_hash(spec.load())[:8]
 
 
 def activations(task: Task) -> int:
@@ -163,6 +198,25 @@ def run_all(
             progress.update(len(keys & store.finished_keys()), label=label)
             if waiting:
                 time.sleep(POLL)
+    return written
+
+
+def run_bisected(
+    store: Store,
+    configs: list[RunConfig],
+    spec_of: Callable[[RunConfig], TaskSpec],
+    rounds: int,
+    jobs: int = 1,
+    workers: Workers | None = None,
+) -> int:
+    """:func:`run_all` of ``configs``, then up to ``rounds`` rounds of bisection of each seed's
+    stable edge in their cells (:func:`~gaugefix.experiments.plan.bisection_runs`), each round
+    planned from the store, so an interrupted sweep resumes where it stopped; returns the number
+    of runs written."""
+    written = run_all(store, configs, spec_of, jobs, workers=workers)
+    cells = {cell_of(c) for c in configs}
+    while todo := bisection_runs(store.runs(), cells, rounds):
+        written += run_all(store, todo, spec_of, jobs, workers=workers)
     return written
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, NamedTuple, TypedDict
 
 import numpy as np
 from matplotlib.colors import BoundaryNorm, Normalize
@@ -31,6 +31,7 @@ from gaugefix.experiments.engine import (
     METHODS,
     REFERENCES,
     STABILITY_MARGIN,
+    RunResult,
     run_status,
 )
 from gaugefix.experiments.figures import (
@@ -42,44 +43,136 @@ from gaugefix.experiments.figures import (
     subplots,
 )
 
+__all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "BOOTSTRAP_SEED",
+    "CONFIDENCE",
+    "TUNING_SEEDS",
+    "BISECTION_BRACKET",
+    "SHAM_METHODS",
+    "Definition",
+    "DEFAULT",
+    "SENSITIVITY",
+    "DEFINITION",
+    "DefinitionKey",
+    "RatioStats",
+    "StabilitySummary",
+    "HorizonRatio",
+    "Horizon",
+    "ShamCount",
+    "VerdictCount",
+    "band_top",
+    "status",
+    "max_stable_lr",
+    "max_stable_lr_by_seed",
+    "edge_bracket",
+    "stable_edges",
+    "best_strengths",
+    "at_best_strength",
+    "on_grid",
+    "previously_stable",
+    "bootstrap_interval",
+    "ratio_stats",
+    "seed_ratios",
+    "tuned_methods",
+    "judged",
+    "compared",
+    "Table",
+    "expansion",
+    "widest_bracket",
+    "summarize",
+    "horizons",
+    "headline",
+    "tally",
+    "count_verdicts",
+    "count_sensitivity",
+    "verdicts_text",
+    "label",
+    "VERDICT",
+    "ratio_text",
+    "verdict_text",
+    "render_sensitivity",
+    "render",
+    "grid_ratio",
+    "render_horizons",
+    "COLORS",
+    "MAX_TICKS",
+    "stability_map",
+    "BALANCED_START_METHODS",
+    "balanced_start_figure",
+]
+
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 TUNING_SEEDS = 3  # a tuned knob is chosen on seeds 0..TUNING_SEEDS-1, judged on the others
-SHAM_METHODS = ("weight-decay",)  # controls whose held verdicts are false positives
-SENSITIVITY_MARGINS = (0.5, STABILITY_MARGIN)  # the margins of the sensitivity table
+# A seed's stable edge is bisected until the failing rate above it is within this factor.
+BISECTION_BRACKET = 1.03
+# Controls whose held verdicts are false positives: weight decay at small strengths, and plain
+# against an independent replica of itself.
+SHAM_METHODS = ("weight-decay", "plain-replica")
+
+
+class Definition(NamedTuple):
+    """When a run counts as diverged (its training loss above ``factor`` times its initial loss
+    at some step) and as stable (not diverged, final loss at most ``margin`` times the smaller of
+    its initial loss and the constant predictor's)."""
+
+    factor: float
+    margin: float
+
+    @property
+    def key(self) -> str:
+        """``"1000x/0.9"``: the divergence factor and the stability margin."""
+        return f"{self.factor:g}x/{self.margin:g}"
+
+
+DEFAULT = Definition(DIVERGENCE_FACTOR, STABILITY_MARGIN)
+# The definitions of the sensitivity table: every divergence factor (none above the engine's,
+# where runs are frozen) with every stability margin; DEFAULT among them.
+SENSITIVITY = tuple(
+    Definition(factor, margin)
+    for factor in (2.0, 10.0, DIVERGENCE_FACTOR)
+    for margin in (0.5, STABILITY_MARGIN)
+)
 
 DEFINITION = (
     f"A run *diverges* when its training loss becomes non-finite or exceeds {DIVERGENCE_FACTOR:g} "
-    "times its initial value. It is *stable* when it does not diverge and its final training "
+    "times its initial value (each run records its peak loss over its initial loss, so lower "
+    "factors can be judged again). It is *stable* when it does not diverge and its final training "
     f"loss is at most {STABILITY_MARGIN:g} times the smaller of its initial loss and the loss of "
     "the best constant predictor (regression: half the targets' variance; classification: the "
     "entropy of the training class frequencies), so a network that collapsed to a constant "
-    "predictor is not stable. `max_stable_lr` of a cell (task, regime, method, s) is the top of "
-    "its lowest band of stable grid rates: the largest learning rate such that it and every grid "
-    "rate from the smallest stable one up to it are stable (lower rates that did not learn enough "
-    "within the run's steps are skipped); it is computed for each seed alone and for all seeds "
-    "together (a rate counts when every seed is stable at it). A method's *expansion ratio* "
-    "against a reference (plain, or balanced-init) is computed per seed, `max_stable_lr(method, "
-    "seed) / max_stable_lr(reference, seed)` (a seed is one initialisation, shared by every "
-    "method), and given as its min, median and max over seeds. The verdict is paired: the mean "
-    "over seeds of the log-ratio, with a percentile bootstrap 95% interval (the seeds resampled "
-    f"with replacement {BOOTSTRAP_RESAMPLES} times, numpy seed {BOOTSTRAP_SEED}), shown as the "
+    "predictor is not stable. Each seed trains on its own instance of the task (teacher and "
+    "data, or split) from its own initialisation. `max_stable_lr` of a cell (task, regime, "
+    "method, s) is the top of its lowest band of stable grid rates: the largest learning rate "
+    "such that it and every grid rate from the smallest stable one up to it are stable (lower "
+    "rates that did not learn enough within the run's steps are skipped); it is computed for each "
+    "seed alone and for all seeds together (a rate counts when every seed is stable at it). Each "
+    "seed's *stable edge* is then bisected in log-lr between the top of its band and the failing "
+    f"rate above it, until they are within a factor {BISECTION_BRACKET:g} (fewer rounds in the "
+    "quick reproduction: the report gives the widest bracket left). A method's *expansion ratio* "
+    "against a reference (plain, or balanced-init) is computed per seed, `edge(method, seed) / "
+    "edge(reference, seed)` (a seed is one instance and initialisation, shared by every method), "
+    "and given as its min, median and max over seeds. The verdict is paired: the mean over seeds "
+    "of the log-ratio, with a percentile bootstrap 95% interval (the seeds resampled with "
+    f"replacement {BOOTSTRAP_RESAMPLES} times, numpy seed {BOOTSTRAP_SEED}), shown as the "
     "interval of the geometric-mean ratio. A claim **held** in a cell when the interval's lower "
     "end is above 1 (log-ratio above 0); it **did not hold** when it is not and no seed's ratio "
     "is a lower bound; it *could not be measured* otherwise (for some seed the reference had no "
     "stable rate or was stable up to the top of the grid, or the lower end is not above 1 with "
     "some ratio only a lower bound). Where the method was stable up to the grid's top the ratio "
-    "is a lower bound (≥). Weight decay, not a gauge-fixing method and at small strengths, is "
-    "the sham control: the share of its verdicts that held estimates the rule's false-positive "
-    "rate (an estimate: a real effect of weight decay counts as one). Methods with a strength "
-    "grid are shown at their best strength per regime (the largest summed `max_stable_lr` of "
-    f"seeds 0 to {TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are "
-    "judged on the other seeds only (none: could not be measured)."
+    "is a lower bound (≥). Two sham controls calibrate the rule: plain-replica (plain from "
+    "another initialisation draw of the same instance, compared with plain: every held verdict "
+    "is a false positive) and weight decay at small strengths (not a gauge-fixing method; a real "
+    "effect of it would count as a false positive). Methods with a strength grid are shown at "
+    "their best strength per regime (the largest summed `max_stable_lr` of seeds 0 to "
+    f"{TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are judged on "
+    "the other seeds only (none: could not be measured)."
 )
 
 
-MarginKey = Annotated[str, "MARGIN"]
+DefinitionKey = Annotated[str, "DEFINITION"]  # Definition.key
 
 
 class RatioStats(TypedDict):
@@ -103,20 +196,33 @@ class StabilitySummary(TypedDict):
     lr_grid: list[float]
     best_strength: Annotated[dict[MethodKey, float], "the strength each method is shown at"]
     max_stable_lr: Annotated[dict[MethodKey, dict[SKey, float]], "every seed together"]
-    max_stable_lr_by_seed: dict[MethodKey, dict[SKey, dict[SeedKey, float]]]
+    max_stable_lr_by_seed: Annotated[
+        dict[MethodKey, dict[SKey, dict[SeedKey, float]]], "each seed alone, on the grid"
+    ]
     max_stable_lr_at_grid_top: Annotated[dict[MethodKey, list[SKey]], "lower bounds"]
+    stable_edge_by_seed: Annotated[
+        dict[MethodKey, dict[SKey, dict[SeedKey, float]]],
+        "each seed's edge, bisected between the grid's rates",
+    ]
+    edge_bracket: Annotated[
+        float | None, "the widest ratio left between a bisected edge and the failing rate above"
+    ]
     expansion_ratio: Annotated[
         dict[ReferenceKey, dict[MethodKey, dict[SKey, RatioStats]]],
-        "per seed, the method's max_stable_lr over the reference's",
+        "per seed, the method's stable edge over the reference's",
     ]
-    max_stable_lr_by_margin: Annotated[
-        dict[MarginKey, dict[MethodKey, dict[SKey, float]]],
-        "every seed together, with the runs judged stable at another margin",
+    max_stable_lr_by_definition: Annotated[
+        dict[DefinitionKey, dict[MethodKey, dict[SKey, float]]],
+        "every seed together, under each definition of the sensitivity table",
+    ]
+    verdicts_by_definition: Annotated[
+        dict[DefinitionKey, dict[ReferenceKey, dict[MethodKey, dict[SKey, bool | None]]]],
+        "the expansion verdicts under each definition of the sensitivity table",
     ]
 
 
 class HorizonRatio(RatioStats):
-    """``max_stable_lr`` at the long horizon over the short one, per seed (:func:`horizons`)."""
+    """The stable edge at the long horizon over the short one, per seed (:func:`horizons`)."""
 
     narrowed: Annotated[bool | None, "the bootstrap interval's upper end below 1"]
 
@@ -129,20 +235,25 @@ class Horizon(TypedDict):
     methods: dict[MethodKey, HorizonRatio]
 
 
-class VerdictCount(TypedDict):
-    """How many verdicts the summary makes, and how often the sham controls held
-    (:func:`count_verdicts`)."""
+class ShamCount(TypedDict):
+    """The expansion verdicts of one sham control (:func:`tally`)."""
 
-    verdicts: Annotated[int, "expansion, drift and horizon verdicts made (held or not)"]
+    verdicts: int
     held: int
-    sham_verdicts: Annotated[int, "expansion verdicts of the sham controls (weight-decay)"]
-    sham_held: int
-    false_positive_rate: Annotated[float | None, "sham_held / sham_verdicts"]
+    false_positive_rate: Annotated[float | None, "held / verdicts"]
+
+
+class VerdictCount(TypedDict):
+    """How many verdicts are made, and how often each sham control held (:func:`tally`)."""
+
+    verdicts: Annotated[int, "verdicts made (held or not)"]
+    held: int
+    shams: Annotated[dict[MethodKey, ShamCount], "the sham controls' expansion verdicts"]
 
 
 def band_top(stable: dict[float, bool]) -> float:
-    """The top of the lowest band of stable grid rates: the largest learning rate such that it
-    and every grid rate from the smallest stable one up to it are stable (0 when none is)."""
+    """The top of the lowest band of stable rates: the largest learning rate such that it and
+    every rate from the smallest stable one up to it are stable (0 when none is)."""
     top = 0.0
     for lr in sorted(stable):
         if stable[lr]:
@@ -152,21 +263,46 @@ def band_top(stable: dict[float, bool]) -> float:
     return top
 
 
-def max_stable_lr(runs: Runs, margin: float | None = None) -> float:
-    """:func:`band_top` of the rates at which every run of ``runs`` (one cell) is stable: as
-    stored, or judged with the stability ``margin`` (:func:`run_status`)."""
+def status(run: RunResult, definition: Definition = DEFAULT) -> str:
+    """A run's status under ``definition``: as stored under :data:`DEFAULT`; otherwise diverged
+    where it diverged or its ``peak_loss_ratio`` exceeds the definition's factor, else
+    :func:`run_status` at its margin."""
+    if definition == DEFAULT:
+        return run.status
+    if run.status == "diverged" or run.peak_loss_ratio > definition.factor:
+        return "diverged"
+    return run_status(run.initial_loss, run.final_loss, run.constant_loss, definition.margin)
+
+
+def max_stable_lr(runs: Runs, definition: Definition = DEFAULT) -> float:
+    """:func:`band_top` of the grid rates at which every run of ``runs`` (one cell) is stable
+    under ``definition`` (the runs of a bisection, at one seed's rates, left out)."""
     stable: dict[float, bool] = defaultdict(lambda: True)
     for r in runs:
-        status = r.status
-        if margin is not None:
-            status = run_status(r.initial_loss, r.final_loss, r.constant_loss, margin)
-        stable[r.config.lr] &= status == "stable"
+        if not r.config.bisection:
+            stable[r.config.lr] &= status(r, definition) == "stable"
     return band_top(stable)
 
 
 def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
-    """:func:`band_top` of each seed's own stable rates (``runs``: one cell)."""
+    """:func:`max_stable_lr` of each seed alone (``runs``: one cell)."""
     return {seed: max_stable_lr(rs) for (seed,), rs in group(runs, lambda c: (c.seed,)).items()}
+
+
+def edge_bracket(runs: Runs, definition: Definition = DEFAULT) -> tuple[float, float | None]:
+    """One seed's stable edge in one cell (``runs``: its grid and bisection runs) and the rate
+    above it: :func:`band_top` of its rates, and the lowest rate above that (not stable; ``None``
+    where nothing is stable or the edge is the highest rate run)."""
+    stable = {r.config.lr: status(r, definition) == "stable" for r in runs}
+    edge = band_top(stable)
+    above = [lr for lr in stable if lr > edge]
+    return edge, min(above) if edge and above else None
+
+
+def stable_edges(runs: Runs, definition: Definition = DEFAULT) -> dict[int, float]:
+    """Each seed's stable edge (:func:`edge_bracket`) in one cell."""
+    by_seed = group(runs, lambda c: (c.seed,))
+    return {seed: edge_bracket(rs, definition)[0] for (seed,), rs in by_seed.items()}
 
 
 def best_strengths(runs: Runs) -> dict[str, float]:
@@ -190,6 +326,11 @@ def at_best_strength(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if r.config.strength == best[r.config.method]]
 
 
+def on_grid(runs: Sequence[Run]) -> list[Run]:
+    """The runs of the learning-rate grid (not of a bisection)."""
+    return [r for r in runs if not r.config.bisection]
+
+
 def previously_stable(runs: Runs) -> int:
     """How many of ``runs`` the previous definition called stable (not diverged, final training
     loss below the initial loss) that the current one does not."""
@@ -199,12 +340,15 @@ def previously_stable(runs: Runs) -> int:
 def bootstrap_interval(ratios: Sequence[float]) -> tuple[float, float]:
     """The percentile bootstrap :data:`CONFIDENCE` interval of the geometric mean of paired
     per-seed ratios ``[n]`` (``exp`` of the mean log-ratio), the seeds resampled with
-    replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed."""
-    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed; its ends are
+    resampled means (empirical quantiles, not interpolated), so a ratio of 0 (the method had no
+    stable rate) gives an end of 0, never an undefined one."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.asarray(ratios, dtype=np.float64))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     means = logs[rng.integers(0, len(logs), (BOOTSTRAP_RESAMPLES, len(logs)))].mean(axis=1)
     tail = (1.0 - CONFIDENCE) / 2
-    low, high = np.quantile(means, [tail, 1.0 - tail])
+    low, high = np.quantile(means, [tail, 1.0 - tail], method="inverted_cdf")
     return float(np.exp(low)), float(np.exp(high))
 
 
@@ -243,7 +387,7 @@ def seed_ratios(
     method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
 ) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
-    ``reference``: ``max_stable_lr`` per seed; ``*_top``: the top of each one's grid). A seed's
+    ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid). A seed's
     ratio is not known where the reference had no stable rate or was stable up to its grid's
     top, and a lower bound where the method was."""
     ratios: dict[int, float | None] = {}
@@ -253,14 +397,6 @@ def seed_ratios(
         ratios[seed] = method[seed] / base if known else None
         bounds[seed] = known and method[seed] >= method_top
     return ratio_stats(ratios, bounds)
-
-
-def by_margin(chosen: Runs, margin: float) -> dict[str, dict[str, float]]:
-    """Per method and s, the all-seed :func:`max_stable_lr` at the stability ``margin``."""
-    out: dict[str, dict[str, float]] = defaultdict(dict)
-    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
-        out[method][s_key(s)] = max_stable_lr(cell, margin)
-    return dict(out)
 
 
 def tuned_methods(runs: Runs) -> set[str]:
@@ -275,57 +411,111 @@ def judged(method: str, tuned: set[str], seeds: dict[int, float]) -> dict[int, f
     return {k: v for k, v in seeds.items() if method not in tuned or k >= TUNING_SEEDS}
 
 
-def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
-    """The stability entries of one regime's summary: ``runs`` are all of its runs, ``chosen``
-    those at each method's best strength; a tuned method's ratios are :func:`judged` on the
-    seeds its strength was not chosen on."""
-    msl: dict[str, dict[str, float]] = defaultdict(dict)
-    by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
-    tops: dict[tuple[str, str], float] = {}
-    at_top: dict[str, list[str]] = defaultdict(list)
-    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
-        key = s_key(s)
-        tops[(method, key)] = max(r.config.lr for r in cell)
-        msl[method][key] = max_stable_lr(cell)
-        by_seed[method][key] = max_stable_lr_by_seed(cell)
-        if msl[method][key] >= tops[(method, key)]:
-            at_top[method].append(key)
-    tuned = tuned_methods(runs)
-    ratios: dict[str, dict[str, dict[str, RatioStats]]] = {}
-    for ref in REFERENCES:
-        if ref not in by_seed:
-            continue
-        ratios[ref] = {
+def compared(method: str, ref: str) -> bool:
+    """Whether ``method`` is compared with the reference ``ref``: every other method is, a
+    replica only with the method it replicates."""
+    replica_of = METHODS[method].replica_of
+    return method != ref and replica_of in (None, ref)
+
+
+# Per method and s (a key of s_key), a value: one regime's table.
+Table = dict[str, dict[str, Any]]
+
+
+def expansion(edges: Table, tops: dict[tuple[str, str], float], tuned: set[str]) -> dict:
+    """Per reference, method and s, the :func:`seed_ratios` of the stable ``edges`` (per
+    method and s, per seed); a ``tuned`` method's judged on the seeds its strength was not
+    chosen on."""
+    return {
+        ref: {
             method: {
                 s: seed_ratios(
                     judged(method, tuned, seeds),
-                    judged(method, tuned, by_seed[ref][s]),
+                    judged(method, tuned, edges[ref][s]),
                     tops[(method, s)],
                     tops[(ref, s)],
                 )
                 for s, seeds in cells.items()
-                if s in by_seed[ref]
+                if s in edges[ref]
             }
-            for method, cells in by_seed.items()
-            if method != ref
+            for method, cells in edges.items()
+            if compared(method, ref)
         }
+        for ref in REFERENCES
+        if ref in edges
+    }
+
+
+def _table(cells: dict[tuple[str, float], Runs], value: Any) -> Table:
+    """``value(cell)`` per method and s (``cells``: runs by method and s)."""
+    out: Table = defaultdict(dict)
+    for (method, s), cell in cells.items():
+        out[method][s_key(s)] = value(cell)
+    return dict(out)
+
+
+def _seed_keys(table: Table) -> Table:
+    """A table of per-seed values with the seeds as JSON keys."""
+    return {
+        m: {s: {str(k): v for k, v in seeds.items()} for s, seeds in by_s.items()}
+        for m, by_s in table.items()
+    }
+
+
+def widest_bracket(cells: dict[tuple[str, float], Runs]) -> float | None:
+    """The largest ratio of a seed's :func:`edge_bracket` over every cell and seed that has one."""
+    ratios = [
+        above / edge
+        for cell in cells.values()
+        for _, rs in group(cell, lambda c: (c.seed,)).items()
+        for edge, above in [edge_bracket(rs)]
+        if above is not None
+    ]
+    return max(ratios) if ratios else None
+
+
+def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
+    """The stability entries of one regime's summary: ``runs`` are all of its runs (grid and
+    bisection), ``chosen`` those at each method's best strength. Ratios compare each seed's
+    bisected stable edge; a tuned method's are :func:`judged` on the seeds its strength was not
+    chosen on; under each definition of :data:`SENSITIVITY` too."""
+    cells = group(chosen, lambda c: (c.method, c.s))
+    msl = _table(cells, max_stable_lr)
+    tops = {
+        (m, s_key(s)): max(r.config.lr for r in on_grid(cell)) for (m, s), cell in cells.items()
+    }
+    tuned = tuned_methods(runs)
+    edges = {d: _table(cells, lambda cell, d=d: stable_edges(cell, d)) for d in SENSITIVITY}
+    verdicts = {d: expansion(edges[d], tops, tuned) for d in SENSITIVITY}
     return StabilitySummary(
-        max_stable_lr_by_margin={f"{m:g}": by_margin(chosen, m) for m in SENSITIVITY_MARGINS},
-        lr_grid=sorted({r.config.lr for r in chosen}),
+        lr_grid=sorted({r.config.lr for r in on_grid(chosen)}),
         best_strength=best_strengths(runs),
-        max_stable_lr=dict(msl),
-        max_stable_lr_by_seed={
-            m: {s: {str(k): v for k, v in seeds.items()} for s, seeds in cells.items()}
-            for m, cells in by_seed.items()
+        max_stable_lr=msl,
+        max_stable_lr_by_seed=_seed_keys(_table(cells, max_stable_lr_by_seed)),
+        max_stable_lr_at_grid_top={
+            m: [s for s, v in by_s.items() if v >= tops[(m, s)]]
+            for m, by_s in msl.items()
+            if any(v >= tops[(m, s)] for s, v in by_s.items())
         },
-        max_stable_lr_at_grid_top=dict(at_top),
-        expansion_ratio=ratios,
+        stable_edge_by_seed=_seed_keys(edges[DEFAULT]),
+        edge_bracket=widest_bracket(cells),
+        expansion_ratio=verdicts[DEFAULT],
+        max_stable_lr_by_definition={
+            d.key: _table(cells, lambda cell, d=d: max_stable_lr(cell, d)) for d in SENSITIVITY
+        },
+        verdicts_by_definition={
+            d.key: {
+                ref: {m: {s: st["held"] for s, st in by_s.items()} for m, by_s in table.items()}
+                for ref, table in verdicts[d].items()
+            }
+            for d in SENSITIVITY
+        },
     )
 
 
 def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
-    method's per-seed ``max_stable_lr`` at the longest horizon over that at the shortest (each
+    method's per-seed stable edge at the longest horizon over that at the shortest (each
     regime at its best strength). A seed's ratio is not known where the short horizon had no
     stable rate or was stable up to its grid's top; the range *narrowed* when the upper end of
     the ratio's bootstrap interval is below 1 (every seed known)."""
@@ -339,7 +529,7 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
         for n in (steps[0], steps[-1]):
             chosen = at_best_strength([r for r in rs if r.config.steps == n])
             cells[n] = {
-                m: (max_stable_lr_by_seed(cell), max(r.config.lr for r in cell))
+                m: (stable_edges(cell), max(r.config.lr for r in on_grid(cell)))
                 for (m,), cell in group(chosen, lambda c: (c.method,)).items()
             }
         entry: dict[MethodKey, HorizonRatio] = {}
@@ -358,41 +548,78 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     return out
 
 
+def headline(regime: Regime) -> bool:
+    """Whether a regime is one of the headline's: the stability experiment's (full batch)."""
+    return regime.batch_size == 0
+
+
+def tally(expansion: list[tuple[str, bool | None]], others: list[bool | None]) -> VerdictCount:
+    """The verdicts made (not ``None``) of the ``(method, verdict)`` pairs of ``expansion`` and
+    of ``others``, how many held, and each sham control's (:data:`SHAM_METHODS`) expansion
+    verdicts, whose held share estimates the rule's false-positive rate."""
+    known = [v for _, v in expansion if v is not None] + [v for v in others if v is not None]
+    shams = {}
+    for sham in SHAM_METHODS:
+        mine = [v for m, v in expansion if m == sham and v is not None]
+        if mine:
+            shams[sham] = ShamCount(
+                verdicts=len(mine), held=sum(mine), false_positive_rate=sum(mine) / len(mine)
+            )
+    return VerdictCount(verdicts=len(known), held=sum(known), shams=shams)
+
+
+def _pairs(ratios: dict[str, dict[str, dict[str, Any]]], held: Any) -> list[tuple[str, Any]]:
+    """``(method, held(cell))`` for every reference, method and s of a regime's ratios."""
+    return [
+        (m, held(v))
+        for cells in ratios.values()
+        for m, by_s in cells.items()
+        for v in by_s.values()
+    ]
+
+
 def count_verdicts(tasks: dict[str, Any]) -> VerdictCount:
-    """:class:`VerdictCount` over the ``tasks`` entries of a summary: every expansion-ratio and
-    drift-suppression verdict and every horizon's ``narrowed`` that was made (not ``None``), the
-    expansion verdicts of :data:`SHAM_METHODS`, whose held share is the false-positive rate."""
-    made: list[bool | None] = []
-    sham: list[bool] = []
+    """:func:`tally` over the ``tasks`` entries of a summary: every expansion-ratio and
+    drift-suppression verdict and every horizon's ``narrowed``."""
+    expansion: list[tuple[str, bool | None]] = []
+    others: list[bool | None] = []
     for t in tasks.values():
         for g in t["regimes"].values():
-            for cells in g["expansion_ratio"].values():
-                for method, by_s in cells.items():
-                    verdicts = [st["held"] for st in by_s.values() if st["held"] is not None]
-                    made += verdicts
-                    sham += verdicts if method in SHAM_METHODS else []
-            made += [st["held"] for st in g.get("drift_suppression", {}).values()]
+            expansion += _pairs(g["expansion_ratio"], lambda st: st["held"])
+            others += [st["held"] for st in g.get("drift_suppression", {}).values()]
         for h in t["horizons"].values():
-            made += [st["narrowed"] for st in h["methods"].values()]
-    known = [v for v in made if v is not None]
-    return VerdictCount(
-        verdicts=len(known),
-        held=sum(known),
-        sham_verdicts=len(sham),
-        sham_held=sum(sham),
-        false_positive_rate=sum(sham) / len(sham) if sham else None,
-    )
+            others += [st["narrowed"] for st in h["methods"].values()]
+    return tally(expansion, others)
+
+
+def count_sensitivity(tasks: dict[str, Any]) -> dict[DefinitionKey, VerdictCount]:
+    """Per definition of :data:`SENSITIVITY`, :func:`tally` of the expansion verdicts of the
+    :func:`headline` regimes."""
+    regimes = [
+        g for t in tasks.values() for key, g in t["regimes"].items() if headline(Regime.parse(key))
+    ]
+    return {
+        d.key: tally(
+            [p for g in regimes for p in _pairs(g["verdicts_by_definition"][d.key], lambda v: v)],
+            [],
+        )
+        for d in SENSITIVITY
+    }
 
 
 def verdicts_text(count: dict[str, Any]) -> str:
-    """The sentence that reports how many verdicts were made and the sham controls' rate."""
+    """The sentence that reports how many verdicts were made and the sham controls' rates."""
     made = f"The report makes {count['verdicts']} verdicts, {count['held']} of them held."
-    sham = f"The sham control ({', '.join(SHAM_METHODS)})"
-    if count["false_positive_rate"] is None:
-        return f"{made} {sham} made no expansion verdict."
+    if not count["shams"]:
+        return f"{made} No sham control ({', '.join(SHAM_METHODS)}) made an expansion verdict."
+    rates = [
+        f"{m} held in {c['held']} of its {c['verdicts']} expansion verdicts "
+        f"({c['false_positive_rate']:.0%})"
+        for m, c in count["shams"].items()
+    ]
     return (
-        f"{made} {sham} held in {count['sham_held']} of its {count['sham_verdicts']} expansion "
-        f"verdicts: the rule's false-positive rate is about {count['false_positive_rate']:.0%}."
+        f"{made} The sham controls, whose held share estimates the rule's false-positive rate: "
+        f"{'; '.join(rates)}."
     )
 
 
@@ -424,46 +651,86 @@ def verdict_text(stats: dict[str, Any]) -> str:
     return f"{shown}**{VERDICT[stats['held']]}**"
 
 
-def render_margins(entry: dict[str, Any]) -> str:
-    """The sensitivity of the all-seed ``max_stable_lr`` to the stability margin."""
-    by_margin = entry["max_stable_lr_by_margin"]
-    margins = sorted(by_margin, key=float)
-    lines = []
-    for method in methods_in_order(by_margin[margins[0]]):
-        cells = [
-            f"s = {s}: " + " / ".join(fmt(by_margin[m][method][s]) for m in margins)
-            for s in sorted(by_margin[margins[0]][method], key=float)
-        ]
-        lines.append(f"- {label(method, entry)}: " + "; ".join(cells))
+def render_sensitivity(summary: dict[str, Any], mark: dict[bool | None, str]) -> str:
+    """The sensitivity table: per :func:`headline` regime, method and reference, the expansion
+    verdicts (one ``mark`` per s) under each definition of :data:`SENSITIVITY`, then each
+    definition's count of verdicts held and the sham controls'."""
+    keys = [d.key for d in SENSITIVITY]
+    rows = []
+    for task, t in summary["tasks"].items():
+        for key, g in t["regimes"].items():
+            by_def = g["verdicts_by_definition"]
+            if not headline(Regime.parse(key)):
+                continue
+            for ref, cells in by_def[DEFAULT.key].items():
+                for method in methods_in_order(cells):
+                    marks = [
+                        "".join(
+                            mark[v]
+                            for _, v in sorted(
+                                by_def[k][ref][method].items(), key=lambda kv: float(kv[0])
+                            )
+                        )
+                        for k in keys
+                    ]
+                    name = f"{task} | {Regime.parse(key).label} | {label(method, g)} vs {ref}"
+                    rows.append(f"| {name} | " + " | ".join(marks) + " |")
+    if not rows:
+        return ""
+    counts = summary["sensitivity"]
+    rows.append(
+        "| all | | held / made | "
+        + " | ".join(f"{counts[k]['held']} / {counts[k]['verdicts']}" for k in keys)
+        + " |"
+    )
+    for sham in SHAM_METHODS:
+        shams = [counts[k]["shams"].get(sham) for k in keys]
+        cells = [f"{c['held']} / {c['verdicts']}" if c else "-" for c in shams]
+        rows.append(f"| all | | sham {sham} held / made | " + " | ".join(cells) + " |")
     return (
-        "**Sensitivity to the stability margin** (`max_stable_lr`, every seed together, with a "
-        f"run stable at margin {' / '.join(margins)}):\n\n" + "\n".join(lines)
+        "**Sensitivity to the definitions** (the expansion verdicts of the full-batch regimes, one "
+        "mark per s in increasing order, with a run diverged above 2, 10 or 1000 times its "
+        "initial loss and stable at margin 0.5 or 0.9; 1000x/0.9 is the definition used "
+        "everywhere else):\n\n"
+        "| task | regime | comparison | " + " | ".join(keys) + " |\n"
+        "|---|---|---|" + "---|" * len(keys) + "\n" + "\n".join(rows)
     )
 
 
-def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
-    """The stability paragraphs of one regime, with its stability map."""
-    msl, seeds = entry["max_stable_lr"], entry["max_stable_lr_by_seed"]
+def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table) -> str:
+    """Per method and s: ``overall`` (all seeds together; none: left out), then each seed's
+    value in brackets (``≥``: stable up to the grid's top, a lower bound)."""
     top = entry["max_stable_lr_at_grid_top"]
-    s_values = sorted({s for cells in msl.values() for s in cells}, key=float)
+    s_values = sorted({s for cells in seeds.values() for s in cells}, key=float)
     rows = [
         "| method | " + " | ".join(f"s = {s}" for s in s_values) + " |",
         "|---|" + "---|" * len(s_values),
     ]
-    for method in methods_in_order(msl):
+    for method in methods_in_order(seeds):
         cells = []
         for s in s_values:
-            if s not in msl[method]:
+            if s not in seeds[method]:
                 cells.append("")
                 continue
             per_seed = ", ".join(fmt(v) for v in seeds[method][s].values())
             bound = "≥ " if s in top.get(method, []) else ""
-            cells.append(f"{bound}{fmt(msl[method][s])} ({per_seed})")
+            shown = f"{fmt(overall[method][s])} " if overall else ""
+            cells.append(f"{bound}{shown}({per_seed})")
         rows.append(f"| {label(method, entry)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
+    """The stability paragraphs of one regime, with its stability map (``runs``: the grid's
+    runs at each method's best strength)."""
+    bracket = entry["edge_bracket"]
+    within = f"to within a factor {fmt(bracket)}" if bracket else "(none had a bracket)"
     parts = [
         "**Stable learning rates** (`max_stable_lr` for every seed together, then for each seed "
-        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n" + "\n".join(rows),
-        render_margins(entry),
+        "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n"
+        + _rates_table(entry, entry["max_stable_lr"], entry["max_stable_lr_by_seed"]),
+        f"**Bisected stable edges** (each seed's, bisected in log-lr {within}; the ratios "
+        "below compare these):\n\n" + _rates_table(entry, None, entry["stable_edge_by_seed"]),
     ]
     for ref, by_method in entry["expansion_ratio"].items():
         lines = []
@@ -480,7 +747,7 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
             continue
         what = "plain" if ref == "plain" else "a balanced start (balanced-init)"
         parts.append(
-            f"**Expansion against {what}** (per-seed ratio of `max_stable_lr`: median "
+            f"**Expansion against {what}** (per-seed ratio of the bisected stable edges: median "
             "[min, max] over seeds; a wider range held only if the paired bootstrap interval "
             "of the geometric-mean ratio lies above 1):\n\n" + "\n".join(lines)
         )
@@ -535,10 +802,35 @@ def _color_scale(seeds: int) -> tuple[Normalize, np.ndarray]:
     return BoundaryNorm(edges, COLORS), counts
 
 
+def _map_panel(ax: Any, runs: Runs, s_values: list[float], lrs: list[float], norm: Any) -> Any:
+    """One method's panel of the stability map: the fraction of seeds stable per s and grid
+    rate, crosses where some seed diverged; returns the color mesh."""
+    frac = np.full((len(lrs), len(s_values)), np.nan)
+    crosses = []
+    for (s, lr), cell in group(runs, lambda c: (c.s, c.lr)).items():
+        i, j = lrs.index(lr), s_values.index(s)
+        frac[i, j] = np.mean([r.status == "stable" for r in cell])
+        if any(r.status == "diverged" for r in cell):
+            crosses.append((j, lr))
+    y_edges = _edges(lrs)
+    x_edges = np.arange(len(s_values) + 1) - 0.5
+    mesh = ax.pcolormesh(
+        x_edges, y_edges, frac, cmap="viridis", norm=norm, edgecolors="white", linewidth=0.3
+    )
+    if crosses:
+        ax.scatter(*zip(*crosses, strict=True), marker="x", color="crimson", s=12, lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(y_edges[0], y_edges[-1])
+    ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
+    return mesh
+
+
 def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
-    where some seed diverged; at most four panels a row."""
+    where some seed diverged; at most four panels a row. The runs of a bisection, at one seed's
+    rates, are left out."""
+    runs = on_grid(runs)
     methods = methods_in_order({r.config.method for r in runs})
     s_values = sorted({r.config.s for r in runs})
     lrs = sorted({r.config.lr for r in runs})
@@ -555,7 +847,6 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
         layout="constrained",
     )
     norm, counts = _color_scale(seeds)
-    y_edges = _edges(lrs)
     ratio = grid_ratio(lrs)
     mesh = None
     for k, ax in enumerate(axes.flat):
@@ -564,27 +855,7 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
             continue
         method = methods[k]
         mine = [r for r in runs if r.config.method == method]
-        frac = np.full((len(lrs), len(s_values)), np.nan)
-        crosses = []
-        for (s, lr), cell in group(mine, lambda c: (c.s, c.lr)).items():
-            i, j = lrs.index(lr), s_values.index(s)
-            frac[i, j] = np.mean([r.status == "stable" for r in cell])
-            if any(r.status == "diverged" for r in cell):
-                crosses.append((j, lr))
-        mesh = ax.pcolormesh(
-            np.arange(len(s_values) + 1) - 0.5,
-            y_edges,
-            frac,
-            cmap="viridis",
-            norm=norm,
-            edgecolors="white",
-            linewidth=0.3,
-        )
-        if crosses:
-            ax.scatter(*zip(*crosses, strict=True), marker="x", color="crimson", s=12, lw=0.8)
-        ax.set_yscale("log")
-        ax.set_ylim(y_edges[0], y_edges[-1])
-        ax.set_xticks(range(len(s_values)), [f"{s:g}" for s in s_values])
+        mesh = _map_panel(ax, mine, s_values, lrs, norm)
         strength = mine[0].config.strength
         ax.set_title(f"{method} ({strength:g})" if strength else method, fontsize=9)
         if k + cols >= len(methods):  # no panel below
@@ -599,21 +870,51 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
 
 
 # The methods of the figure against a balanced start: every method that fixes the gauge, with
-# its balanced start and the references (weight decay, which does not, left out).
-BALANCED_START_METHODS = tuple(m for m, d in METHODS.items() if d.fixing != "weight-decay")
+# its balanced start and the references (weight decay, which does not, and replicas left out).
+BALANCED_START_METHODS = tuple(
+    m for m, d in METHODS.items() if d.fixing != "weight-decay" and not d.replica_of
+)
+
+
+def _edges_panel(ax: Any, regime: Regime, entry: dict[str, Any]) -> list[str]:
+    """One regime's panel of :func:`balanced_start_figure`; returns the methods drawn."""
+    by_seed = entry["stable_edge_by_seed"]
+    methods = [m for m in BALANCED_START_METHODS if m in by_seed]
+    s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
+    positive = [v for m in methods for c in by_seed[m].values() for v in c.values() if v > 0]
+    floor = min(positive) / 2 if positive else 1e-3
+    top = max(entry["lr_grid"])
+    for lr in entry["lr_grid"]:
+        ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        for j, s in enumerate(s_values):
+            cell = list(by_seed[method].get(s, {}).values())
+            x = j - 0.4 + width * (m + 0.5)
+            xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
+            ys = [v if v > 0 else floor for v in cell]
+            marks = ["v" if v == 0 else "^" if v >= top else "o" for v in cell]
+            for xi, yi, mark in zip(xs, ys, marks, strict=True):
+                ax.scatter(xi, yi, marker=mark, s=14, color=method_color(method), zorder=2)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(s_values)), [f"{float(s):g}" for s in s_values])
+    ax.set_xlabel("initial imbalance s")
+    ax.set_title(regime.label, fontsize=9)
+    plain_log_ticks(ax)
+    return methods
 
 
 def balanced_start_figure(
     out: Path, task: str, regimes: dict[Regime, dict[str, Any]]
 ) -> str | None:
     """Continuous gauge fixing against a balanced start: per regime with a ``balanced-init``
-    reference, each seed's ``max_stable_lr`` per method and initial imbalance (the grid's rates
-    as faint lines; a downward triangle: no stable rate; an upward one: stable up to the grid's
-    top, a lower bound)."""
+    reference, each seed's bisected stable edge per method and initial imbalance (the grid's
+    rates as faint lines; a downward triangle: no stable rate; an upward one: stable up to the
+    grid's top, a lower bound)."""
     panels = [
         (regime, entry)
         for regime, entry in regimes.items()
-        if "balanced-init" in entry["max_stable_lr_by_seed"]
+        if "balanced-init" in entry["stable_edge_by_seed"]
     ]
     if not panels:
         return None
@@ -625,35 +926,11 @@ def balanced_start_figure(
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     shown: dict[str, Any] = {}
-    for k, (regime, entry) in enumerate(panels):
-        ax = axes.flat[k]
-        by_seed = entry["max_stable_lr_by_seed"]
-        methods = [m for m in BALANCED_START_METHODS if m in by_seed]
-        s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
-        values = [v for m in methods for cell in by_seed[m].values() for v in cell.values()]
-        positive = [v for v in values if v > 0]
-        floor = min(positive) / 2 if positive else 1e-3
-        top = max(entry["lr_grid"])
-        for lr in entry["lr_grid"]:
-            ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
-        width = 0.8 / len(methods)
-        for m, method in enumerate(methods):
-            for j, s in enumerate(s_values):
-                cell = list(by_seed[method].get(s, {}).values())
-                x = j - 0.4 + width * (m + 0.5)
-                xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
-                ys = [v if v > 0 else floor for v in cell]
-                marks = ["v" if v == 0 else "^" if v >= top else "o" for v in cell]
-                for xi, yi, mark in zip(xs, ys, marks, strict=True):
-                    ax.scatter(xi, yi, marker=mark, s=14, color=method_color(method), zorder=2)
-                shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(s_values)), [f"{float(s):g}" for s in s_values])
-        ax.set_xlabel("initial imbalance s")
-        ax.set_title(regime.label, fontsize=9)
-        plain_log_ticks(ax)
+    for ax, (regime, entry) in zip(axes.flat, panels, strict=False):
+        for method in _edges_panel(ax, regime, entry):
+            shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
     for row in axes:
-        row[0].set_ylabel("max stable lr, per seed")
+        row[0].set_ylabel("stable edge, per seed")
     handles = [shown[m] for m in methods_in_order(shown)]
     handles += [Line2D([], [], marker=m, ls="", color="0.4") for m in ("v", "^")]
     fig.legend(

@@ -34,10 +34,29 @@ import torch
 from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import CurvePoint, RunConfig, RunResult
 
+__all__ = [
+    "FORMAT",
+    "Record",
+    "StoredRun",
+    "RESULT_COLUMNS",
+    "CONFIG_COLUMNS",
+    "RECORD_COLUMNS",
+    "RUN_COLUMNS",
+    "CURVE_COLUMNS",
+    "SCHEMA",
+    "LEASE",
+    "StoreError",
+    "StoreBusy",
+    "Store",
+    "Claimant",
+]
+
 # The store format, kept in SQLite's ``user_version``. Format 1 (``user_version`` 0) keyed runs
 # without the hash of their task; format 2 did not record the constant predictor's loss, which the
-# stability definition of format 3 needs. Stores of earlier formats are refused with one line.
-FORMAT = 3
+# stability definition of format 3 needs; format 3 did not record each run's peak loss (the
+# divergence thresholds of format 4) nor whether it was a run of the grid or of a bisection.
+# Stores of earlier formats are refused with one line.
+FORMAT = 4
 
 
 def _sql_type(annotation: Any) -> str:
@@ -188,7 +207,7 @@ class Store:
             by = f"gaugefix {rows[0][0]}" if rows else "an earlier gaugefix"
             raise StoreError(
                 f"{self.path} was written by {by} in store format {max(version, 1)}, which lacks "
-                f"what this gaugefix's stability definition needs (format {FORMAT}): its "
+                f"what this gaugefix's definitions need (format {FORMAT}): its "
                 "report.md stays as written; run the experiments again into a new results directory"
             )
 

@@ -21,7 +21,16 @@ import torch
 
 from gaugefix.experiments import drift, quality, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
-from gaugefix.experiments.cells import HorizonKey, RegimeKey, Runs, TaskKey, by_regime, by_task
+from gaugefix.experiments.cells import (
+    HorizonKey,
+    RegimeKey,
+    Runs,
+    TaskKey,
+    by_regime,
+    by_task,
+    median,
+    task_version,
+)
 from gaugefix.experiments.engine import STABILITY_MARGIN
 from gaugefix.experiments.store import Store
 
@@ -35,8 +44,10 @@ class RegimeSummary(stability.StabilitySummary, drift.DriftSummary, quality.Qual
 class TaskSummary(quality.TaskQuality):
     """One task: its regimes and what is measured across them."""
 
-    task_hash: str
-    constant_loss: Annotated[float, "the loss of the best constant predictor"]
+    task_hash: Annotated[str, "its version: the first 8 hex digits of its instances' task hashes"]
+    constant_loss: Annotated[
+        float, "the loss of the best constant predictor, median over the task's instances"
+    ]
     previously_stable: Annotated[int, "as the file's, for this task"]
     regimes: Annotated[dict[RegimeKey, RegimeSummary], 'optimizer/batch/steps: "gd/full/150"']
     horizons: dict[HorizonKey, stability.Horizon]
@@ -53,7 +64,11 @@ class _RunsSummary(TypedDict):
         int, "runs the previous definition called stable that this one does not"
     ]
     tasks: Annotated[dict[TaskKey, TaskSummary], "NAME@HASH where a name has several hashes"]
-    verdicts: Annotated[stability.VerdictCount, "how many verdicts; the sham controls' rate"]
+    verdicts: Annotated[stability.VerdictCount, "how many verdicts; the sham controls' rates"]
+    sensitivity: Annotated[
+        dict[stability.DefinitionKey, stability.VerdictCount],
+        "the headline (full-batch) regimes' expansion verdicts under each definition",
+    ]
 
 
 # Each analysis's entry, under its key where the store holds its values.
@@ -71,15 +86,16 @@ def task_summary(runs: Runs) -> TaskSummary:
     regimes = {}
     for regime, regime_runs in by_regime(runs).items():
         chosen = stability.at_best_strength(regime_runs)
+        grid = stability.on_grid(chosen)
         regimes[regime.key] = RegimeSummary(
             **stability.summarize(regime_runs, chosen),
-            **drift.summarize(chosen),
-            **quality.summarize(chosen),
+            **drift.summarize(grid),
+            **quality.summarize(grid),
         )
     return TaskSummary(
-        task_hash=runs[0].config.task_hash,
-        constant_loss=runs[0].constant_loss,
-        previously_stable=stability.previously_stable(runs),
+        task_hash=task_version(runs[0].config.task_hash),
+        constant_loss=median(list({r.config.task_hash: r.constant_loss for r in runs}.values())),
+        previously_stable=stability.previously_stable(stability.on_grid(runs)),
         regimes=regimes,
         horizons=stability.horizons(runs),
         **quality.summarize_task(runs),
@@ -99,9 +115,10 @@ def summarize(store: Store, quick: bool) -> Summary:
         seconds=round(store.seconds(), 3),
         runs=len(runs),
         stability_margin=STABILITY_MARGIN,
-        previously_stable=stability.previously_stable(runs),
+        previously_stable=stability.previously_stable(stability.on_grid(runs)),
         tasks=tasks,
         verdicts=stability.count_verdicts(tasks),
+        sensitivity=stability.count_sensitivity(tasks),
     )
     for analysis in ANALYSES:
         values = stored(store, analysis)

@@ -1,7 +1,9 @@
 """The built-in tasks and user data: data arrays plus the model family trained on them.
 
-Nothing is downloaded: teacher-student and modular-addition data are generated from a fixed seed,
-and the digits come with scikit-learn.
+Nothing is downloaded: teacher-student and modular-addition data are generated from a seed, and
+the digits come with scikit-learn. A built-in task has one *instance* per seed of the runs trained
+on it (the teacher and its data, or the train/test split, drawn from :func:`data_seed`), so the
+seeds of a sweep are independent instances of the task, not only independent initialisations.
 """
 
 from __future__ import annotations
@@ -17,7 +19,27 @@ from torch import Tensor, nn
 from gaugefix.errors import GaugefixError
 from gaugefix.zoo import GPT, mlp
 
+__all__ = [
+    "DATA_SEED",
+    "data_seed",
+    "TaskError",
+    "Task",
+    "DigitsCNN",
+    "he_mlp",
+    "MODULUS",
+    "LastTokenGPT",
+    "BUILTIN",
+    "load_task",
+    "npz_task",
+]
+
 DATA_SEED = 1234
+
+
+def data_seed(instance: int) -> int:
+    """The seed that draws a built-in task's instance ``instance`` (its teacher and data, or its
+    split): the runs of seed ``k`` train on instance ``k``."""
+    return DATA_SEED + instance
 
 
 class TaskError(GaugefixError, ValueError):
@@ -73,8 +95,8 @@ class Task:
         return float((out.argmax(-1) == y).to(torch.float64).mean())
 
 
-def _teacher_student(name: str, hidden: tuple[int, ...]) -> Task:
-    g = torch.Generator().manual_seed(DATA_SEED)
+def _teacher_student(name: str, hidden: tuple[int, ...], instance: int) -> Task:
+    g = torch.Generator().manual_seed(data_seed(instance))
     x = torch.randn(1024, 16, generator=g)
     w1 = torch.randn(8, 16, generator=g) / 4.0
     b1 = 0.1 * torch.randn(8, generator=g)
@@ -90,29 +112,25 @@ class DigitsCNN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(16 * 2 * 2, 10),
-        )
+        convs = [
+            layer
+            for c_in, c_out in ((1, 8), (8, 16))
+            for layer in (nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        ]
+        self.body = nn.Sequential(*convs, nn.Flatten(), nn.Linear(16 * 2 * 2, 10))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x.view(-1, 1, 8, 8))
 
 
-def _digits(name: str, make_model: Callable[[], nn.Module]) -> Task:
+def _digits(name: str, make_model: Callable[[], nn.Module], instance: int) -> Task:
     from sklearn.datasets import load_digits
 
     x_np, y_np = load_digits(return_X_y=True)
-    order = np.random.default_rng(DATA_SEED).permutation(len(y_np))
+    order = np.random.default_rng(data_seed(instance)).permutation(len(y_np))
     x = torch.tensor(x_np[order] / 16.0, dtype=torch.float32)
     y = torch.tensor(y_np[order], dtype=torch.long)
-    cut = 1347  # a fixed 75 / 25 split
+    cut = 1347  # a 75 / 25 split
     return Task(name, "classification", x[:cut], y[:cut], x[cut:], y[cut:], make_model)
 
 
@@ -143,16 +161,16 @@ class LastTokenGPT(nn.Module):
         return self.gpt(ids)[:, -1]
 
 
-def _modular_addition(name: str) -> Task:
+def _modular_addition(name: str, instance: int) -> Task:
     """All pairs ``(a, b)`` as the tokens ``a b =`` (``=`` is token ``MODULUS``), labelled
-    ``(a + b) mod MODULUS``; a fixed random half of the pairs for training, the rest for test.
+    ``(a + b) mod MODULUS``; a random half of the pairs for training, the rest for test.
     The model: a one-layer transformer (dim 32, 4 heads, ReLU MLP of 128) over the vocabulary
     ``0..MODULUS`` (the class ``=`` never occurs as a label)."""
     p = MODULUS
     a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
     x = torch.stack([a, b, torch.full_like(a, p)], 1)
     y = (a + b) % p
-    order = torch.randperm(p * p, generator=torch.Generator().manual_seed(DATA_SEED))
+    order = torch.randperm(p * p, generator=torch.Generator().manual_seed(data_seed(instance)))
     train, test = order[: p * p // 2], order[p * p // 2 :]
     return Task(
         name,
@@ -165,25 +183,31 @@ def _modular_addition(name: str) -> Task:
     )
 
 
-BUILTIN: dict[str, Callable[[], Task]] = {
-    "teacher-student": lambda: _teacher_student("teacher-student", (128,)),
-    "deep-teacher-student": lambda: _teacher_student("deep-teacher-student", (64, 64, 64)),
-    "digits": lambda: _digits("digits", lambda: mlp((64, 256, 10))),
-    "deep-mlp-digits": lambda: _digits("deep-mlp-digits", lambda: he_mlp((64, *[64] * 6, 10))),
-    "digits-cnn": lambda: _digits("digits-cnn", DigitsCNN),
-    "modular-addition": lambda: _modular_addition("modular-addition"),
+# Each built-in task by name: its instance ``k`` (:func:`data_seed`).
+BUILTIN: dict[str, Callable[[int], Task]] = {
+    "teacher-student": lambda k: _teacher_student("teacher-student", (128,), k),
+    "deep-teacher-student": lambda k: _teacher_student("deep-teacher-student", (64, 64, 64), k),
+    "digits": lambda k: _digits("digits", lambda: mlp((64, 256, 10)), k),
+    "deep-mlp-digits": lambda k: _digits("deep-mlp-digits", lambda: he_mlp((64, *[64] * 6, 10)), k),
+    "digits-cnn": lambda k: _digits("digits-cnn", DigitsCNN, k),
+    "modular-addition": lambda k: _modular_addition("modular-addition", k),
 }
 
 
 def load_task(
-    name: str, data: str | None = None, kind: str | None = None, hidden: tuple[int, ...] = (128,)
+    name: str,
+    data: str | None = None,
+    kind: str | None = None,
+    hidden: tuple[int, ...] = (128,),
+    instance: int = 0,
 ) -> Task:
-    """A built-in task by name, or user data from an ``.npz`` file (arrays ``X``, ``y``, optional
-    ``X_test``, ``y_test``) trained with an MLP of the given hidden widths."""
+    """Instance ``instance`` of a built-in task by name, or user data from an ``.npz`` file
+    (arrays ``X``, ``y``, optional ``X_test``, ``y_test``; one instance) trained with an MLP of
+    the given hidden widths."""
     if data is None:
         if name not in BUILTIN:
             raise TaskError(f"unknown task {name!r}; choose from {', '.join(BUILTIN)}")
-        return BUILTIN[name]()
+        return BUILTIN[name](instance)
     return npz_task(Path(data), kind or "regression", hidden)
 
 

@@ -99,7 +99,8 @@ def headline_table(summary: dict[str, Any]) -> str:
             "balanced-init) in any regime."
         )
     lines.append(
-        "\nA ratio is the median [min, max] over seeds of the per-seed ratio of `max_stable_lr`; "
+        "\nA ratio is the median [min, max] over seeds of the per-seed ratio of the bisected "
+        "stable edges; "
         "✓ held (the paired bootstrap 95% interval of the geometric-mean ratio above 1), ✗ did "
         "not hold, ? could not be measured. " + stability.verdicts_text(summary["verdicts"])
     )
@@ -130,7 +131,10 @@ def _header(summary: dict[str, Any], title: str) -> str:
         "function at initialisation is identical for every s, only the gauge differs. A regime "
         "is an optimizer, a batch size (full: full batch) and a number of steps.\n\n"
         f"**Methods** (strength: penalty, exact-step or weight-decay strength):\n\n{methods}"
-        "\n\n## Headline\n\n" + headline_table(summary)
+        "\n\n## Headline\n\n"
+        + headline_table(summary)
+        + "\n\n"
+        + stability.render_sensitivity(summary, MARK)
     )
 
 
@@ -140,17 +144,18 @@ def _task_section(
     parts = [f"## {task}"]
     if "@" in task:
         parts.append(
-            f"Runs of task hash `{t['task_hash']}`: the store holds runs of this task name with "
+            f"Runs of task version `{t['task_hash']}`: the store holds runs of this task name with "
             "other data, another model or other experiment definitions, reported separately."
         )
     parts.append(
-        f"Loss of the best constant predictor: {fmt(t['constant_loss'])}. Runs the previous "
+        f"Loss of the best constant predictor (median over the task's instances): "
+        f"{fmt(t['constant_loss'])}. Runs the previous "
         f"stability definition called stable that this one does not: {t['previously_stable']}."
     )
     regimes: dict[Regime, tuple[dict, list[StoredRun]]] = {}
     for regime, regime_runs in by_regime(runs).items():
         entry = t["regimes"][regime.key]
-        chosen = stability.at_best_strength(regime_runs)
+        chosen = stability.on_grid(stability.at_best_strength(regime_runs))
         regimes[regime] = (entry, chosen)
 
         def label(method: str, entry: dict = entry) -> str:
@@ -164,8 +169,8 @@ def _task_section(
     figure = stability.balanced_start_figure(out, task, {g: e for g, (e, _) in regimes.items()})
     if figure:
         parts.append(
-            "### Continuous gauge fixing against a balanced start\n\nEach seed's "
-            "`max_stable_lr` per method, regime and initial imbalance (faint lines: the grid's "
+            "### Continuous gauge fixing against a balanced start\n\nEach seed's bisected "
+            "stable edge per method, regime and initial imbalance (faint lines: the grid's "
             f"rates).\n\n![continuous fixing against a balanced start]({figure})"
         )
     figure = drift.figure(out, store, task, regimes)
