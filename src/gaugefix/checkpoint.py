@@ -144,14 +144,14 @@ class CheckpointBalance:
         return math.sqrt(torch.finfo(dtype).eps)
 
     @property
-    def exact(self) -> bool:
+    def kept_in_float64(self) -> bool:
         """Balancing in float64 kept the outputs to ``sqrt(eps_float64) * output_scale``."""
         return self.exact_change <= self.relative_tolerance(torch.float64) * self.output_scale
 
     @property
     def within_tolerance(self) -> bool:
         """The returned weights keep the outputs to ``sqrt(eps_dtype) * output_scale``."""
-        return self.exact and (
+        return self.kept_in_float64 and (
             self.output_change <= self.relative_tolerance(self.dtype) * self.output_scale
         )
 

@@ -15,7 +15,6 @@ from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
-    OrbitSelectionPenalty,
     add_orbit_selection_grad_,
     check_rate,
     check_strength,
@@ -134,7 +133,8 @@ class GaugeFixing:
         self.optimizer = optimizer
         self.model = unwrap_model(model)
         self.structure = structure
-        self.penalty = OrbitSelectionPenalty(structure, strength)
+        if not isinstance(structure, GaugeStructure):
+            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
         self.strength = check_strength(strength)
         self.mode = mode
         self.every = every if mode == "exact" else 1
