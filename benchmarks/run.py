@@ -5,8 +5,12 @@ Every figure is a ratio of two sides measured side by side in one process (item 
 processes), alternating which side goes first, with the median over at least 5 pairs: the
 machines this runs on are shared and noisy.
 
-    python benchmarks/run.py [--only step,effect,balance,discover,sweeps,memory,ops,cuda]
+    python benchmarks/run.py [--only step,effect,balance,discover,sweeps,memory,quant,ops,cuda]
                              [--threads N] [--tiny] [--out DIR]
+
+``--only`` remeasures the sections it names and keeps the others of the results file in
+``--out`` (with the date, threads and load of the run that measured each); the README's table
+is rewritten once every section has figures.
 
 The ``cuda`` section runs only where CUDA exists (elsewhere it records that it was skipped).
 
@@ -263,6 +267,16 @@ def _target(row: dict) -> str:
     return f"{sign} {row['target']:g}"
 
 
+def _when(runs: list[dict]) -> str:
+    """Which sections each run of the suite measured, when, and under what load."""
+    return "; ".join(
+        f"{', '.join(r['sections'])} on {r['date']} (a run of {r['seconds']:.0f} s, "
+        f"{r['threads']} thread(s), load average {r['load_before'][0]:.1f} before / "
+        f"{r['load_after'][0]:.1f} after)"
+        for r in runs
+    )
+
+
 def render_markdown(results: dict) -> str:
     """The README table, from a results dict (the contents of ``results.json``)."""
     meta = results["meta"]
@@ -278,11 +292,10 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {row['item']}. {row['what']} | {measured} | {_target(row)} | {met} |")
     lines.append("")
     lines.append(
-        f"Measured {meta['date']} on {meta['machine']} ({meta['cores']} cores, torch "
-        f"{meta['torch']}, {meta['threads']} thread(s), load average "
-        f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after), "
-        f"{meta['seconds']:.0f} s in all. Every figure is the median over at least 5 pairs "
-        "measured side by side, alternating. Details in `benchmarks/results.json`. "
+        f"Measured on {meta['machine']} ({meta['cores']} cores, torch {meta['torch']}): "
+        f"{_when(results['runs'])}. Every figure is the median "
+        "over at least 5 pairs measured side by side, alternating. Details in "
+        "`benchmarks/results.json`. "
         + (
             f"CUDA: {meta['cuda']}."
             if meta.get("cuda")
@@ -411,14 +424,13 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    results = _earlier(args.out / "results.json", args.tiny, set(only))
+    start, load_before = time.perf_counter(), os.getloadavg()
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    start = time.perf_counter()
-    load_before = os.getloadavg()
     threads = choose_threads(args.threads, log)
-    results: dict = {}
     runners = {
         "step": step.run,
         "effect": effect.run,
@@ -436,32 +448,62 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             results[name] = runners[name](tiny=args.tiny, log=log)
             log(f"  ({time.perf_counter() - t0:.0f} s)")
-    results["meta"] = {
+    run = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _cpu_name(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "gaugefix": gaugefix.__version__,
-        "cores": os.cpu_count(),
+        "sections": [name for name in SECTIONS if name in only],
+        "seconds": time.perf_counter() - start,
         **threads,
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
-        "seconds": time.perf_counter() - start,
-        "tiny": args.tiny,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    results["runs"].append(run)
+    results["meta"] = _machine(args.tiny)
     results["targets"] = evaluate(results)
     results["notes"] = NOTES
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(render_markdown(results))
     log(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
-    if args.out.resolve() == HERE and not args.tiny and set(only) == set(SECTIONS):
+    if args.out.resolve() == HERE and not args.tiny and all(n in results for n in SECTIONS):
         readme = HERE.parent / "README.md"
         readme.write_text(with_table(readme.read_text(), render_markdown(results)))
         log(f"updated the table in {readme}")
     return results
+
+
+def _earlier(path: Path, tiny: bool, only: set[str]) -> dict:
+    """What an earlier results file in ``path`` holds that this run does not remeasure
+    (``--only`` updates a results file section by section): its other sections, and the runs
+    of the suite that measured them (``runs``: date, sections, seconds, threads, load); nothing
+    if ``path`` is missing or was measured at the other size (tiny or not) or on another
+    torch."""
+    if not path.exists():
+        return {"runs": []}
+    earlier = json.loads(path.read_text())
+    meta = earlier.get("meta", {})
+    if meta.get("tiny") != tiny or meta.get("torch") != torch.__version__:
+        return {"runs": []}
+    kept = {name: earlier[name] for name in SECTIONS if name in earlier and name not in only}
+    runs = []
+    for r in earlier["runs"]:
+        sections = [n for n in r["sections"] if n in kept]
+        if sections:
+            runs.append({**r, "sections": sections})
+    return {**kept, "runs": runs}
+
+
+def _machine(tiny: bool) -> dict:
+    """The machine and software the figures were measured on."""
+    return {
+        "machine": _cpu_name(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gaugefix": gaugefix.__version__,
+        "cores": os.cpu_count(),
+        "tiny": tiny,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 if __name__ == "__main__":

@@ -120,6 +120,22 @@ def test_main_writes_results_and_table(tmp_path):
     assert "No CUDA GPU" in table or "CUDA:" in table
 
 
+def test_only_updates_the_results_section_by_section(tmp_path):
+    """``--only`` keeps the other sections of an earlier results file and the runs that measured
+    them; a run whose sections were all remeasured is dropped."""
+    args = ["--tiny", "--threads", "1", "--out", str(tmp_path)]
+    run.main([*args, "--only", "discover"])
+    first = json.loads((tmp_path / "results.json").read_text())
+    merged = run.main([*args, "--only", "balance"])
+    assert merged["discover"] == first["discover"]
+    assert [r["sections"] for r in merged["runs"]] == [["discover"], ["balance"]]
+    assert len(merged["targets"]) == 6
+    again = run.main([*args, "--only", "discover"])
+    assert [r["sections"] for r in again["runs"]] == [["balance"], ["discover"]]
+    table = (tmp_path / "results.md").read_text()
+    assert "balance on " in table and "discover on " in table
+
+
 def test_default_configuration_suppresses_drift_like_a_step_at_every_step():
     """On teacher-student (SGD, mini-batches of 64, from the balanced initialisation), the final
     RMS log-ratio with the default interval, measured just before its next orbit step, is within
