@@ -295,6 +295,9 @@ def test_balanced_start_figure_keeps_labels_clear(quick_results, monkeypatch):
 def test_sharpness_training_emits_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # torch scripts its forward-mode decompositions on the first jvp of a process and warns
+        # that torch.jit.script is deprecated: torch's own warning, not gaugefix's.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
         sharpness_training(load_task("teacher-student"), 0.05, 1.0, 2, 1)
 
 
