@@ -112,6 +112,74 @@ def test_each_seed_trains_on_its_own_task_instance():
     assert user.for_seed(5) == user
 
 
+_SAME_FIELDS = ("status", "diverged_at", "constant_loss", "accuracy", "test_accuracy")
+_CLOSE_FIELDS = ("initial_loss", "final_loss", "test_loss", "log_ratio_rms", "mu_rel_max",
+                 "peak_loss_ratio")  # fmt: skip
+
+
+def _assert_same_run(a: RunResult, b: RunResult) -> None:
+    """Two results of one run agree: statuses and counts exactly, numbers to 1e-12 relative
+    (the balance change, itself relative and 0 in exact arithmetic, to 1e-12)."""
+    for name in _SAME_FIELDS:
+        assert getattr(a, name) == getattr(b, name), name
+    for name in _CLOSE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert abs(x - y) <= 1e-12 * abs(x), (name, x, y)
+    assert (a.balance_change is None) == (b.balance_change is None)
+    if a.balance_change is not None:
+        assert abs(a.balance_change - b.balance_change) <= 1e-12
+    assert [p.step for p in a.curves] == [p.step for p in b.curves]
+    for p, q in zip(a.curves, b.curves, strict=True):
+        assert torch.allclose(torch.tensor(p), torch.tensor(q), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("task", "optimizer", "batch_size", "lrs"),
+    [
+        ("teacher-student", "gd", 0, (0.1, 100.0)),  # regression, one run diverges
+        ("teacher-student", "sgd", 16, (0.1,)),  # each run's batches from its own instance
+        ("digits", "gd", 0, (0.5,)),  # classification with a test split
+        ("modular-addition", "adam", 0, (0.003,)),  # token ids
+    ],
+)
+def test_a_group_mixing_instances_equals_each_instances_runs(task, optimizer, batch_size, lrs):
+    """Runs of three seeds (three task instances) trained as one group give, in float64, what
+    each gives alone and in a group of its own instance's runs only."""
+    specs = [TaskSpec(task).for_seed(seed) for seed in range(3)]
+    configs = [
+        RunConfig(task, m, optimizer, lr, st, 1.0, seed, batch_size, 4, "float64", task_hash=h)
+        for m, st in (("plain", 0.0), ("exact", 1.0), ("penalty", 0.1))
+        for lr in lrs
+        for seed, h in enumerate(spec.hash() for spec in specs)
+    ]
+    assert len(runner.batches(configs, runner.spec_of_run)) == 1  # one group, one batch
+    tasks = [specs[c.seed].load() for c in configs]
+    together = train_group(tasks, configs)
+    assert len({r.initial_loss for r in together}) == 3  # a seed's instance and initialisation
+    for seed in range(3):
+        own = [c for c in configs if c.seed == seed]
+        per_instance = train_group(specs[seed].load(), own)
+        for c, mine in zip(own, per_instance, strict=True):
+            _assert_same_run(together[configs.index(c)], mine)
+    for c in configs[:: len(configs) // 4 or 1]:
+        (alone,) = train_group(specs[c.seed].load(), [c])
+        _assert_same_run(together[configs.index(c)], alone)
+
+
+def test_runs_on_data_of_other_shapes_are_not_trained_together():
+    ts, digits = load_task("teacher-student"), load_task("digits")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", 0.1, 0.0, 0.0, seed, 0, 2, task_hash=TS)
+        for seed in (0, 1)
+    ]
+    with pytest.raises(ValueError, match="data of one kind and shape"):
+        train_group([ts, digits], configs)
+    with pytest.raises(ValueError, match="a task per run"):
+        train_group([ts], configs)
+
+
 def test_the_replica_is_plain_from_another_draw_of_the_same_instance():
     task = load_task("teacher-student")
     configs = [
