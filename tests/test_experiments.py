@@ -136,36 +136,49 @@ def _assert_same_run(a: RunResult, b: RunResult) -> None:
 
 
 @pytest.mark.parametrize(
-    ("task", "optimizer", "batch_size", "lrs"),
+    ("task", "optimizer", "batch_size", "lrs", "seeds"),
     [
-        ("teacher-student", "gd", 0, (0.1, 100.0)),  # regression, one run diverges
-        ("teacher-student", "sgd", 16, (0.1,)),  # each run's batches from its own instance
-        ("digits", "gd", 0, (0.5,)),  # classification with a test split
-        ("modular-addition", "adam", 0, (0.003,)),  # token ids
+        ("teacher-student", "gd", 0, (0.1, 100.0), 3),  # regression, a run diverges
+        ("teacher-student", "sgd", 16, (0.1,), 3),  # each run's batches from its own instance
+        ("modular-addition", "adam", 0, (0.003,), 2),  # token ids, classification, a test split
     ],
 )
-def test_a_group_mixing_instances_equals_each_instances_runs(task, optimizer, batch_size, lrs):
-    """Runs of three seeds (three task instances) trained as one group give, in float64, what
-    each gives alone and in a group of its own instance's runs only."""
-    specs = [TaskSpec(task).for_seed(seed) for seed in range(3)]
+def test_a_group_mixing_instances_equals_their_runs_apart(task, optimizer, batch_size, lrs, seeds):
+    """Runs of several seeds (task instances) trained as one group give, in float64, what each
+    gives in a group of its own instance's runs only (as batches were before) and alone."""
+    specs = [TaskSpec(task).for_seed(seed) for seed in range(seeds)]
     configs = [
-        RunConfig(task, m, optimizer, lr, st, 1.0, seed, batch_size, 4, "float64", task_hash=h)
-        for m, st in (("plain", 0.0), ("exact", 1.0), ("penalty", 0.1))
+        RunConfig(task, m, optimizer, lr, st, 1.0, seed, batch_size, 3, "float64", task_hash=h)
+        for m, st in (("plain", 0.0), ("exact", 1.0))
         for lr in lrs
         for seed, h in enumerate(spec.hash() for spec in specs)
     ]
     assert len(runner.batches(configs, runner.spec_of_run)) == 1  # one group, one batch
-    tasks = [specs[c.seed].load() for c in configs]
-    together = train_group(tasks, configs)
-    assert len({r.initial_loss for r in together}) == 3  # a seed's instance and initialisation
-    for seed in range(3):
+    together = train_group([specs[c.seed].load() for c in configs], configs)
+    assert len({r.initial_loss for r in together}) == seeds  # each seed's instance and draw
+    for seed, spec in enumerate(specs):
         own = [c for c in configs if c.seed == seed]
-        per_instance = train_group(specs[seed].load(), own)
-        for c, mine in zip(own, per_instance, strict=True):
+        for c, mine in zip(own, train_group(spec.load(), own), strict=True):
             _assert_same_run(together[configs.index(c)], mine)
-    for c in configs[:: len(configs) // 4 or 1]:
-        (alone,) = train_group(specs[c.seed].load(), [c])
-        _assert_same_run(together[configs.index(c)], alone)
+    (alone,) = train_group(specs[-1].load(), configs[-1:])
+    _assert_same_run(together[-1], alone)
+
+
+def test_batches_hold_a_groups_seeds_in_equal_sizes(monkeypatch):
+    """A group spans every seed's instance; it is split into as few batches of at most
+    ``runs_per_batch`` runs as it needs, of equal sizes; other optimizers are other groups."""
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 7)
+    hashes = [TaskSpec("teacher-student").for_seed(seed).hash() for seed in range(3)]
+    configs = [
+        RunConfig("teacher-student", "plain", opt, lr, 0.0, 0.0, seed, 0, 2, task_hash=h)
+        for opt in ("gd", "adam")
+        for seed, h in enumerate(hashes)
+        for lr in (0.1, 0.2, 0.3, 0.4, 0.5)
+    ]
+    batches = runner.batches(configs, runner.spec_of_run)
+    assert [len(b) for b in batches] == [5] * 6
+    assert all(len({c.optimizer for c in b}) == 1 for b in batches)
+    assert max(len({c.seed for c in b}) for b in batches) > 1
 
 
 def test_runs_on_data_of_other_shapes_are_not_trained_together():
