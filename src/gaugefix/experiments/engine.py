@@ -1,8 +1,9 @@
 """Training a group of runs as one batched computation.
 
 Runs that share a task, an optimizer, a batch size and a number of steps differ only in method,
-learning rate, strength, initial imbalance and seed: their parameters are stacked along a leading
-dim and trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
+learning rate, strength, initial imbalance and seed (with it, the task instance whose data they
+train on): their parameters, and their instances' data, are stacked along a leading dim and
+trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
 transformation with a learning rate and strengths per run (:func:`group_step`). A run that
 diverges is masked out (its parameters freeze) without stopping the others.
 """
