@@ -104,7 +104,8 @@ def identical(configs: list[RunConfig]) -> dict:
     wide = [dataclasses.replace(c, dtype="float64") for c in configs]
     together = {}
     for batch in runner.batches(wide, spec_of, True):
-        together.update({r.config: r for r in engine.train_group(spec_of(batch[0]).load(), batch)})
+        tasks = [spec_of(c).load() for c in batch]
+        together.update({r.config: r for r in engine.train_group(tasks, batch)})
     same_statuses, fixed, loose = True, [], []
     for c in wide:
         task = spec_of(c).load()

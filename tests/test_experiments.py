@@ -112,6 +112,87 @@ def test_each_seed_trains_on_its_own_task_instance():
     assert user.for_seed(5) == user
 
 
+_SAME_FIELDS = ("status", "diverged_at", "constant_loss", "accuracy", "test_accuracy")
+_CLOSE_FIELDS = ("initial_loss", "final_loss", "test_loss", "log_ratio_rms", "mu_rel_max",
+                 "peak_loss_ratio")  # fmt: skip
+
+
+def _assert_same_run(a: RunResult, b: RunResult) -> None:
+    """Two results of one run agree: statuses and counts exactly, numbers to 1e-12 relative
+    (the balance change, itself relative and 0 in exact arithmetic, to 1e-12)."""
+    for name in _SAME_FIELDS:
+        assert getattr(a, name) == getattr(b, name), name
+    for name in _CLOSE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert abs(x - y) <= 1e-12 * abs(x), (name, x, y)
+    assert (a.balance_change is None) == (b.balance_change is None)
+    if a.balance_change is not None:
+        assert abs(a.balance_change - b.balance_change) <= 1e-12
+    assert [p.step for p in a.curves] == [p.step for p in b.curves]
+    for p, q in zip(a.curves, b.curves, strict=True):
+        assert torch.allclose(torch.tensor(p), torch.tensor(q), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("task", "optimizer", "batch_size", "lrs", "seeds"),
+    [
+        ("teacher-student", "gd", 0, (0.1, 100.0), 3),  # regression, a run diverges
+        ("teacher-student", "sgd", 16, (0.1,), 3),  # each run's batches from its own instance
+        ("modular-addition", "adam", 0, (0.003,), 2),  # token ids, classification, a test split
+    ],
+)
+def test_a_group_mixing_instances_equals_their_runs_apart(task, optimizer, batch_size, lrs, seeds):
+    """Runs of several seeds (task instances) trained as one group give, in float64, what each
+    gives in a group of its own instance's runs only (as batches were before) and alone."""
+    specs = [TaskSpec(task).for_seed(seed) for seed in range(seeds)]
+    configs = [
+        RunConfig(task, m, optimizer, lr, st, 1.0, seed, batch_size, 3, "float64", task_hash=h)
+        for m, st in (("plain", 0.0), ("exact", 1.0))
+        for lr in lrs
+        for seed, h in enumerate(spec.hash() for spec in specs)
+    ]
+    assert len(runner.batches(configs, runner.spec_of_run)) == 1  # one group, one batch
+    together = train_group([specs[c.seed].load() for c in configs], configs)
+    assert len({r.initial_loss for r in together}) == seeds  # each seed's instance and draw
+    for seed, spec in enumerate(specs):
+        own = [c for c in configs if c.seed == seed]
+        for c, mine in zip(own, train_group(spec.load(), own), strict=True):
+            _assert_same_run(together[configs.index(c)], mine)
+    (alone,) = train_group(specs[-1].load(), configs[-1:])
+    _assert_same_run(together[-1], alone)
+
+
+def test_batches_hold_a_groups_seeds_in_equal_sizes(monkeypatch):
+    """A group spans every seed's instance; it is split into as few batches of at most
+    ``runs_per_batch`` runs as it needs, of equal sizes; other optimizers are other groups."""
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 7)
+    hashes = [TaskSpec("teacher-student").for_seed(seed).hash() for seed in range(3)]
+    configs = [
+        RunConfig("teacher-student", "plain", opt, lr, 0.0, 0.0, seed, 0, 2, task_hash=h)
+        for opt in ("gd", "adam")
+        for seed, h in enumerate(hashes)
+        for lr in (0.1, 0.2, 0.3, 0.4, 0.5)
+    ]
+    batches = runner.batches(configs, runner.spec_of_run)
+    assert [len(b) for b in batches] == [5] * 6
+    assert all(len({c.optimizer for c in b}) == 1 for b in batches)
+    assert max(len({c.seed for c in b}) for b in batches) > 1
+
+
+def test_runs_on_data_of_other_shapes_are_not_trained_together():
+    ts, digits = load_task("teacher-student"), load_task("digits")
+    configs = [
+        RunConfig("teacher-student", "plain", "gd", 0.1, 0.0, 0.0, seed, 0, 2, task_hash=TS)
+        for seed in (0, 1)
+    ]
+    with pytest.raises(ValueError, match="data of one kind and shape"):
+        train_group([ts, digits], configs)
+    with pytest.raises(ValueError, match="a task per run"):
+        train_group([ts], configs)
+
+
 def test_the_replica_is_plain_from_another_draw_of_the_same_instance():
     task = load_task("teacher-student")
     configs = [

@@ -41,7 +41,7 @@ def _spec(config: RunConfig) -> TaskSpec:
 
 
 def _configs(steps: int, seeds: int) -> list[RunConfig]:
-    """Plain runs at two rates per seed, each seed on its instance (a group of 2 runs)."""
+    """Plain runs at two rates per seed, each seed on its instance (one group)."""
     ts = {seed: TaskSpec("teacher-student").for_seed(seed).hash() for seed in range(seeds)}
     return [
         RunConfig(
@@ -200,8 +200,8 @@ def _results(store: Store) -> dict[str, tuple]:
 
 def test_a_sweep_killed_midway_keeps_its_finished_batches_and_resumes(tmp_path):
     """With the default work budget a batch of 2000 steps of teacher-student holds up to 7 runs;
-    each seed's 2 runs (its instance) make one."""
-    configs = _configs(2000, 4)  # 8 runs: 4 batches of 2
+    the 8 runs of 4 seeds (one group) make 2 batches of 4."""
+    configs = _configs(2000, 4)  # 8 runs: 2 batches of 4
     assert runner.runs_per_batch(_spec(configs[0]).load(), configs[0]) == 7
     args = ["--task", "teacher-student", "--lr", "0.05,0.1", "--seeds", "4", "--steps", "2000"]
     out = tmp_path / "out"

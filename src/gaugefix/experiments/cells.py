@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
-from gaugefix.experiments.engine import REFERENCES, RunConfig, RunResult
+from gaugefix.experiments.engine import REFERENCES, RunConfig, RunResult, task_version
 
 __all__ = [
     "by_regime",
@@ -95,12 +95,6 @@ def reference(runs: Runs) -> str | None:
     """The reference of a regime's comparisons at s = 0: plain, else balanced-init."""
     present = {r.config.method for r in runs if r.config.s == 0.0}
     return next((m for m in REFERENCES if m in present), None)
-
-
-def task_version(task_hash: str) -> str:
-    """The first 8 hex digits of a task hash: shared by the instances (seeds) of one task, they
-    change with its data, model or experiment definitions."""
-    return task_hash[:8]
 
 
 def by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:

@@ -1,8 +1,9 @@
 """Training a group of runs as one batched computation.
 
 Runs that share a task, an optimizer, a batch size and a number of steps differ only in method,
-learning rate, strength, initial imbalance and seed: their parameters are stacked along a leading
-dim and trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
+learning rate, strength, initial imbalance and seed (with it, the task instance whose data they
+train on): their parameters, and their instances' data, are stacked along a leading dim and
+trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
 transformation with a learning rate and strengths per run (:func:`group_step`). A run that
 diverges is masked out (its parameters freeze) without stopping the others.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -53,10 +54,13 @@ __all__ = [
     "DEFINITIONS",
     "run_status",
     "task_hash",
+    "task_version",
     "RunConfig",
     "CurvePoint",
     "RunResult",
     "init_direction",
+    "Instances",
+    "instances",
     "train_group",
     "group_step",
     "optimizers",
@@ -172,6 +176,12 @@ def task_hash(task: Task) -> str:
     return digest.hexdigest()[:16]
 
 
+def task_version(task_hash: str) -> str:
+    """The first 8 hex digits of a task hash: shared by the instances (seeds) of one task, they
+    change with its data, model or experiment definitions."""
+    return task_hash[:8]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run. ``task_hash`` is :func:`task_hash` of its task (so a run's key changes
@@ -199,8 +209,10 @@ class RunConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     def group(self) -> tuple:
-        """Runs with equal groups are trained together."""
-        return (self.task, self.task_hash, self.optimizer, self.batch_size, self.steps, self.dtype)
+        """Runs with equal groups are trained together: one task's version (any of its
+        instances, :func:`task_version`), optimizer, batch size, number of steps and dtype."""
+        version = task_version(self.task_hash)
+        return (self.task, version, self.optimizer, self.batch_size, self.steps, self.dtype)
 
 
 class CurvePoint(NamedTuple):
@@ -245,14 +257,46 @@ def init_direction(structure: GaugeStructure) -> Tensor:
     return torch.randn(structure.num_generators, generator=g, dtype=torch.float64).sign()
 
 
-def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> tuple:
+class Instances(NamedTuple):
+    """The distinct task instances of a group's runs (``K`` of them): their arrays
+    (:meth:`Task.arrays`) stacked, ``[K, n, ...]`` (``None`` without a test split), and the
+    instance of each run, ``of_run`` ``[R]``."""
+
+    tasks: list[Task]
+    x: Tensor
+    y: Tensor
+    x_test: Tensor | None
+    y_test: Tensor | None
+    of_run: Tensor
+
+    def per_run(self, data: Tensor) -> tuple[Tensor, int | None]:
+        """``data`` (one of the stacked arrays) for ``vmap`` over runs, with its ``in_dims``:
+        the one instance's array, shared (``None``), or each run's, ``[R, n, ...]`` (``0``)."""
+        return (data[0], None) if len(self.tasks) == 1 else (data[self.of_run], 0)
+
+
+def instances(tasks: list[Task], dtype: torch.dtype) -> Instances:
+    """The :class:`Instances` of runs on ``tasks`` (one per run) in ``dtype``; the tasks must
+    have one kind and data of equal shapes (:meth:`Task.data_shapes`)."""
+    distinct = list({id(t): t for t in tasks}.values())
+    if len({(t.kind, t.data_shapes()) for t in distinct}) != 1:
+        names = sorted({t.name for t in distinct})
+        raise ValueError(f"runs trained together need data of one kind and shape: {names}")
+    index = {id(t): k for k, t in enumerate(distinct)}
+    columns = zip(*(t.arrays(dtype) for t in distinct), strict=True)
+    stacked = [None if c[0] is None else torch.stack(c) for c in columns]
+    return Instances(distinct, *stacked, torch.tensor([index[id(t)] for t in tasks]))
+
+
+def _initial_stack(tasks: list[Task], configs: list[RunConfig], dtype: torch.dtype) -> tuple:
     """Each run's initial parameters: its task model's initialisation for its seed, moved along
-    its own orbit by ``s z``; returns the template model, structure and the stack."""
-    template = task.make_model().to(dtype)
-    structure = discover(template, task.arrays(dtype)[0][:2])
+    its own orbit by ``s z``; returns the template model, structure and the stack. The
+    instances of one task share their model and so the structure (of the first run's)."""
+    template = tasks[0].make_model().to(dtype)
+    structure = discover(template, tasks[0].arrays(dtype)[0][:2])
     z = init_direction(structure)
     members = []
-    for c in configs:
+    for task, c in zip(tasks, configs, strict=True):
         torch.manual_seed(c.seed + REPLICA_SEED * bool(METHODS[c.method].replica_of))
         model = task.make_model().to(dtype)
         apply_gauge_(model, structure, c.s * z)
@@ -262,21 +306,26 @@ def _initial_stack(task: Task, configs: list[RunConfig], dtype: torch.dtype) -> 
 
 
 def train_group(
-    task: Task,
+    tasks: Task | Sequence[Task],
     configs: list[RunConfig],
     record_every: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> list[RunResult]:
-    """Train ``configs`` (one group: same task, optimizer, batch size, steps, dtype) together;
-    ``on_step(step)`` is called after each step (for progress)."""
+    """Train ``configs`` (one group: instances of one task, same optimizer, batch size, steps,
+    dtype) together, run ``r`` on ``tasks[r]`` (or all on one ``Task``); ``on_step(step)`` is
+    called after each step (for progress)."""
     groups = {c.group() for c in configs}
     if len(groups) != 1:
         raise ValueError(f"train_group needs one group, got {sorted(groups)}")
+    tasks = list(tasks) if isinstance(tasks, Sequence) else [tasks] * len(configs)
+    if len(tasks) != len(configs):
+        raise ValueError(f"train_group needs a task per run: {len(tasks)} for {len(configs)}")
     first = configs[0]
-    template, structure, stack = _initial_stack(task, configs, getattr(torch, first.dtype))
+    data = instances(tasks, getattr(torch, first.dtype))
+    template, structure, stack = _initial_stack(tasks, configs, getattr(torch, first.dtype))
     starts = torch.tensor([METHODS[c.method].balanced_start for c in configs])
     balance_runs_(structure, stack, starts, None)
-    full_loss, batch_loss = _losses(task, template, configs)
+    full_loss, batch_loss = _losses(data, template, configs)
     with torch.no_grad():
         initial = full_loss(stack)
     active = torch.isfinite(initial)
@@ -307,32 +356,35 @@ def train_group(
         with torch.no_grad():
             _, state = step_fn.update(dict(zip(stack, grads, strict=True)), state, stack)
     return _results(
-        task, configs, template, stack, initial, active, diverged_at, peak, curves, structure
+        data, configs, template, stack, initial, active, diverged_at, peak, curves, structure
     )
 
 
 def _losses(
-    task: Task, template: torch.nn.Module, configs: list[RunConfig]
+    data: Instances, template: torch.nn.Module, configs: list[RunConfig]
 ) -> tuple[Callable[[Stack], Tensor], Callable[[Stack], Tensor]]:
-    """Per run (``[R]``), :meth:`Task.loss` on the full training set, and on the step's batch:
-    the full set, or a batch of ``batch_size`` drawn by each run's own generator (seeded by its
-    seed) at every call."""
-    x, y, _, _ = task.arrays(getattr(torch, configs[0].dtype))
+    """Per run (``[R]``), :meth:`Task.loss` on its instance's full training set, and on the
+    step's batch: the full set, or a batch of ``batch_size`` of its instance's examples drawn
+    by the run's own generator (seeded by its seed) at every call."""
+    task = data.tasks[0]
 
     def loss(params: Stack, xb: Tensor, yb: Tensor) -> Tensor:
         return task.loss(functional_call(template, params, (xb,)), yb)
 
-    shared, own = vmap(loss, in_dims=(0, None, None)), vmap(loss)
-    size = configs[0].batch_size
-    if size <= 0 or size >= len(x):
-        return (lambda stack: shared(stack, x, y)), (lambda stack: shared(stack, x, y))
+    (x, dim), (y, _) = data.per_run(data.x), data.per_run(data.y)
+    on_full = vmap(loss, in_dims=(0, dim, dim))
+    n, size = data.x.shape[1], configs[0].batch_size
+    if size <= 0 or size >= n:
+        return (lambda stack: on_full(stack, x, y)), (lambda stack: on_full(stack, x, y))
+    own = vmap(loss)
     samplers = [torch.Generator().manual_seed(c.seed) for c in configs]
+    of_run = data.of_run[:, None]
 
     def drawn(stack: Stack) -> Tensor:
-        idx = torch.stack([torch.randperm(len(x), generator=g)[:size] for g in samplers])
-        return own(stack, x[idx], y[idx])
+        idx = torch.stack([torch.randperm(n, generator=g)[:size] for g in samplers])
+        return own(stack, data.x[of_run, idx], data.y[of_run, idx])
 
-    return (lambda stack: shared(stack, x, y)), drawn
+    return (lambda stack: on_full(stack, x, y)), drawn
 
 
 def group_step(
@@ -460,7 +512,7 @@ def _finite(x: float) -> float | None:
 
 @torch.no_grad()
 def _results(
-    task: Task,
+    data: Instances,
     configs: list[RunConfig],
     template: torch.nn.Module,
     stack: Stack,
@@ -471,21 +523,19 @@ def _results(
     curves: list,
     structure: GaugeStructure,
 ) -> list[RunResult]:
-    dtype = next(iter(stack.values())).dtype
-    forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
-    x, y, x_test, y_test = task.arrays(dtype)
-    out_train = forward(stack, x)
-    split = x_test is not None
-    out_test = forward(stack, x_test) if split else None
+    out_train = _outputs(template, stack, data, data.x)
+    split = data.x_test is not None
+    out_test = _outputs(template, stack, data, data.x_test) if split else None
     log_ratio, rel = run_stats(structure, stack)
     plain = active & torch.tensor([c.method == "plain" for c in configs])
-    change = balance_changes(task, template, structure, stack, plain)
-    constant = task.constant_loss()
+    tasks = [data.tasks[k] for k in data.of_run.tolist()]
+    change = balance_changes(tasks, template, structure, stack, plain)
+    constants = [t.constant_loss() for t in data.tasks]
     results = []
-    for i, c in enumerate(configs):
-        ok = bool(active[i])
+    for i, (c, k) in enumerate(zip(configs, data.of_run.tolist(), strict=True)):
+        ok, task, constant = bool(active[i]), data.tasks[k], constants[k]
         tested = ok and split
-        final = _finite(float(task.loss(out_train[i], y))) if ok else None
+        final = _finite(float(task.loss(out_train[i], data.y[k]))) if ok else None
         results.append(
             RunResult(
                 config=c,
@@ -493,7 +543,7 @@ def _results(
                 initial_loss=float(initial[i]),
                 constant_loss=constant,
                 final_loss=final,
-                test_loss=float(task.loss(out_test[i], y_test)) if tested else None,
+                test_loss=float(task.loss(out_test[i], data.y_test[k])) if tested else None,
                 accuracy=task.accuracy(out_train[i], task.y) if ok else None,
                 test_accuracy=task.accuracy(out_test[i], task.y_test) if tested else None,
                 log_ratio_rms=_finite(float(log_ratio[i])) if ok else None,
@@ -507,23 +557,34 @@ def _results(
     return results
 
 
+def _outputs(template: torch.nn.Module, stack: Stack, data: Instances, inputs: Tensor) -> Tensor:
+    """Every run's network on its instance's ``inputs`` (one of ``data``'s stacked arrays):
+    ``[R, n, out]``."""
+    x, dim = data.per_run(inputs)
+    return vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, dim))(stack, x)
+
+
 def balance_changes(
-    task: Task, template: torch.nn.Module, structure: GaugeStructure, stack: Stack, runs: Tensor
+    tasks: list[Task],
+    template: torch.nn.Module,
+    structure: GaugeStructure,
+    stack: Stack,
+    runs: Tensor,
 ) -> dict[int, float]:
-    """How much hard gauge fixing changes each selected trained network's outputs on the
-    training inputs, relative, in float64: the runs are balanced (``max |mu| / S <= 1e-10``) by
-    the iteration of :func:`gaugefix.balance_` and ``||f_balanced - f|| / ||f||`` measured."""
+    """How much hard gauge fixing changes each selected trained network's outputs on its
+    task's (``tasks``: one per run) training inputs, relative, in float64: the runs are
+    balanced (``max |mu| / S <= 1e-10``) by the iteration of :func:`gaugefix.balance_` and
+    ``||f_balanced - f|| / ||f||`` measured."""
     if not bool(runs.any()):
         return {}
     sel = torch.nonzero(runs).reshape(-1)
     params = {k: v[sel].detach().to(torch.float64) for k, v in stack.items()}
-    forward = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
-    x = task.arrays(torch.float64)[0]
-    before = forward(params, x)
+    data = instances([tasks[i] for i in sel.tolist()], torch.float64)
+    before = _outputs(template, params, data, data.x)
     rescale_(
         state_targets(params, None), structure, balanced_gauges(structure, params), batch_dims=1
     )
-    after = forward(params, x)
+    after = _outputs(template, params, data, data.x)
     diff = torch.linalg.vector_norm((after - before).flatten(1), dim=1)
     rel = diff / torch.linalg.vector_norm(before.flatten(1), dim=1)
     return dict(zip(sel.tolist(), rel.tolist(), strict=True))

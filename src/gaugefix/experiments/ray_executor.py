@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import RunConfig
+from gaugefix.experiments.tasks import Task
 from gaugefix.experiments.workers import Trained, Workers, train_batch
 
 __all__ = ["ClusterError", "ray_executor"]
@@ -105,19 +106,20 @@ class RayWorkers:
     def __init__(self) -> None:
         import ray
 
-        self.remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(train_batch)
+        self.remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(train_batch_remote)
         self.width = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.tasks: dict[TaskSpec, Any] = {}  # each task's data, put in the object store once
         self.refs: list[Any] = []
 
     def submit(
-        self, spec: TaskSpec, configs: list[RunConfig], report: Callable[[float], None]
+        self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
     ) -> Future[Trained]:
         import ray
 
-        if spec not in self.tasks:
-            self.tasks[spec] = ray.put(spec.load())
-        ref = self.remote.remote(self.tasks[spec], configs)
+        for spec in specs:
+            if spec not in self.tasks:
+                self.tasks[spec] = ray.put(spec.load())
+        ref = self.remote.remote(configs, *(self.tasks[spec] for spec in specs))
         self.refs.append(ref)
         future: Future[Trained] = Future()
         ref.future().add_done_callback(partial(_settle, future))
@@ -132,6 +134,12 @@ class RayWorkers:
 
         for ref in self.refs:
             ray.cancel(ref, force=True)
+
+
+def train_batch_remote(configs: list[RunConfig], *tasks: Task) -> Trained:
+    """:func:`~gaugefix.experiments.workers.train_batch` as a Ray task: each run's task comes as
+    an argument of its own, so that Ray passes it from the object store."""
+    return train_batch(list(tasks), configs)
 
 
 def _settle(future: Future[Trained], done: Future[Trained]) -> None:

@@ -134,16 +134,19 @@ def estimated_seconds(task: Task, config: RunConfig, runs: int, workers: int) ->
 def batches(
     configs: list[RunConfig], spec_of: Callable[[RunConfig], TaskSpec], batched: bool = True
 ) -> list[list[RunConfig]]:
-    """Split ``configs`` into batches: runs of one group, in a fixed order, at most
-    :func:`runs_per_batch` each (one run per batch when ``batched`` is false). The split
-    depends only on the configs, never on what a store already holds, so a resumed sweep
-    computes exactly what an uninterrupted one does."""
+    """Split ``configs`` into batches: runs of one group whose task instances have data of
+    equal shapes (:meth:`Task.data_shapes`), in a fixed order, as few batches of at most
+    :func:`runs_per_batch` runs as a group needs, of equal sizes (up to one run; one run per
+    batch when ``batched`` is false). The split depends only on the configs,
+    never on what a store already holds, so a resumed sweep computes exactly what an
+    uninterrupted one does."""
     groups: dict[tuple, list[RunConfig]] = {}
     for c in sorted(set(configs), key=lambda c: c.key()):
-        groups.setdefault(c.group(), []).append(c)
+        groups.setdefault((c.group(), spec_of(c).load().data_shapes()), []).append(c)
     out = []
     for group in groups.values():
-        size = runs_per_batch(spec_of(group[0]).load(), group[0]) if batched else 1
+        most = runs_per_batch(spec_of(group[0]).load(), group[0]) if batched else 1
+        size = -(-len(group) // -(-len(group) // most))  # as few batches, of equal sizes
         out.extend(group[i : i + size] for i in range(0, len(group), size))
     return out
 

@@ -79,6 +79,12 @@ class Task:
 
         return cast(self.x), cast(self.y), cast(self.x_test), cast(self.y_test)
 
+    def data_shapes(self) -> tuple:
+        """The shapes and dtypes of ``(x, y, x_test, y_test)`` (``None`` for a missing test
+        split): instances of a task with equal ones are trained in one batch."""
+        arrays = (self.x, self.y, self.x_test, self.y_test)
+        return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in arrays)
+
     def constant_loss(self) -> float:
         """The training loss of the best constant predictor: half the summed variance of the
         targets (regression), the entropy of the training class frequencies (classification)."""

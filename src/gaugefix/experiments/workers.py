@@ -67,10 +67,11 @@ def keep_freed_memory() -> None:
 
 
 def train_batch(
-    task: Task, configs: list[RunConfig], report: Callable[[float], None] | None = None
+    tasks: list[Task], configs: list[RunConfig], report: Callable[[float], None] | None = None
 ) -> Trained:
-    """Train one batch (runs of one group) with one intra-op thread, so that workers side by
-    side never oversubscribe the cores; ``report(f)`` gets the fraction of its steps done."""
+    """Train one batch (runs of one group, run ``r`` on ``tasks[r]``) with one intra-op thread,
+    so that workers side by side never oversubscribe the cores; ``report(f)`` gets the fraction
+    of its steps done."""
     keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -78,7 +79,7 @@ def train_batch(
     steps = configs[0].steps + 1
     on_step = None if report is None else lambda step: report((step + 1) / steps)
     try:
-        results = train_group(task, configs, on_step=on_step)
+        results = train_group(tasks, configs, on_step=on_step)
     finally:
         torch.set_num_threads(threads)
     return results, time.perf_counter() - start
@@ -86,13 +87,14 @@ def train_batch(
 
 class Workers(Protocol):
     """Trains batches, ``width`` at a time: :meth:`submit` returns a future of
-    :func:`train_batch`'s result; :meth:`deliver` passes the progress reports that arrived
-    (fractions of a batch's steps) to the ``report`` of batches still running."""
+    :func:`train_batch`'s result (``specs``: each run's task); :meth:`deliver` passes the
+    progress reports that arrived (fractions of a batch's steps) to the ``report`` of batches
+    still running."""
 
     width: int
 
     def submit(
-        self, spec: TaskSpec, configs: list[RunConfig], report: Callable[[float], None]
+        self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
     ) -> Future[Trained]: ...
 
     def deliver(self) -> None: ...
@@ -118,7 +120,8 @@ def execute(
                 more = False
             else:
                 i, batch = item
-                running[workers.submit(spec_of(batch[0]), batch, partial(on_fraction, i))] = i
+                specs = [spec_of(c) for c in batch]
+                running[workers.submit(specs, batch, partial(on_fraction, i))] = i
         finished, _ = wait(running, timeout=REPORT_EVERY, return_when=FIRST_COMPLETED)
         workers.deliver()
         for future in finished:
@@ -131,10 +134,10 @@ class InProcess:
     width = 1
 
     def submit(
-        self, spec: TaskSpec, configs: list[RunConfig], report: Callable[[float], None]
+        self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
     ) -> Future[Trained]:
         future: Future[Trained] = Future()
-        future.set_result(train_batch(spec.load(), configs, report))
+        future.set_result(train_batch([spec.load() for spec in specs], configs, report))
         return future
 
     def deliver(self) -> None:
@@ -158,10 +161,10 @@ class WorkerProcesses:
         self.running: dict[int, tuple[Future[Trained], Callable[[float], None]]] = {}
 
     def submit(
-        self, spec: TaskSpec, configs: list[RunConfig], report: Callable[[float], None]
+        self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
     ) -> Future[Trained]:
         token = next(self.tokens)
-        future = self.pool.submit(_train_in_worker, spec, configs, token)
+        future = self.pool.submit(_train_in_worker, specs, configs, token)
         self.running[token] = (future, report)
         return future
 
@@ -225,7 +228,7 @@ def watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _train_in_worker(spec: TaskSpec, configs: list[RunConfig], token: int) -> Trained:
+def _train_in_worker(specs: list[TaskSpec], configs: list[RunConfig], token: int) -> Trained:
     """:func:`train_batch` in a worker process, sending its fractions (at most one per
     :data:`REPORT_EVERY` seconds) to the parent."""
     last = 0.0
@@ -237,4 +240,4 @@ def _train_in_worker(spec: TaskSpec, configs: list[RunConfig], token: int) -> Tr
             last = now
             _REPORTS.put((token, fraction))
 
-    return train_batch(spec.load(), configs, send)
+    return train_batch([spec.load() for spec in specs], configs, send)
