@@ -693,19 +693,19 @@ def _exclusions(
 ) -> list[Exclusion]:
     """The producing channels that are no generators, grouped by module and reason, and the
     rows of parameters fixed before they produced any channel."""
+    unblocked = [
+        "not consumed by any parameter (its output is unused)",
+        "no producing parameter",
+    ]
     excluded: dict[tuple[str, str], set[int]] = {}
     for name in producers:
         comps = comp[ctx.produced[name].reshape(-1)]
         bad = torch.nonzero(~valid[comps]).reshape(-1)
-        for ch, c in zip(bad.tolist(), comps[bad].tolist(), strict=True):
-            r = int(reason[c])
-            if r != UNBLOCKED:
-                why = reasons[r]
-            elif not has_out[c]:
-                why = "not consumed by any parameter (its output is unused)"
-            else:
-                why = "no producing parameter"
-            excluded.setdefault((module_of(name), why), set()).add(ch)
+        c = comps[bad]
+        why = torch.where(reason[c] != UNBLOCKED, reason[c], len(reasons) + has_out[c].long())
+        for r in dict.fromkeys(why.tolist()):  # in the order of their first channels
+            text = reasons[r] if r < len(reasons) else unblocked[r - len(reasons)]
+            excluded.setdefault((module_of(name), text), set()).update(bad[why == r].tolist())
     for name, why in ctx.fixed.items():  # fixed before producing a channel: its rows
         if name not in ctx.produced:
             rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
