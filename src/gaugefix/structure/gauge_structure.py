@@ -480,7 +480,7 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     flip = np.where(s < 0, n, 0)
     rows, cols = np.concatenate([a, a + n]), np.concatenate([b + flip, b + n - flip])
     cover = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(2 * n, 2 * n))
-    label = connected_components(cover, directed=True, connection="weak")[1]
+    label = connected_components(cover, directed=True, connection="weak")[1]  # undirected
     plus, minus = label[:n], label[n:]
     key = np.minimum(plus, minus)  # one per component
     nodes = np.arange(n)
@@ -507,8 +507,9 @@ def _components_without_slice_links(ctx: TraceContext) -> Tensor:
     kept = [e for i, e in enumerate(ctx.edges) if i not in ctx.slice_links]
     edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
     n = ctx.num_nodes
-    graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n))
-    return torch.from_numpy(connected_components(graph, directed=False)[1].astype(np.int64))
+    graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
+    labels = connected_components(graph, directed=True, connection="weak")[1]  # undirected
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, list[str]]:
