@@ -19,13 +19,15 @@ h_n) theta_e``. The objectives:
   search, float64 ``h``) through the differentiable rescaled parameters;
   :func:`sharpness_objective` is one.
 
-``range`` and ``activation`` are max-balances, solved by the same fixed-point iteration
-(:func:`solve_max_balance`): every live generator moves at once to its own closed-form balance
-``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), a step
-divided by the most generators one counted entry carries when the full one does not lower the
-residual; it is exact in one step for generators that share no counted entry (the two-layer
-chain, a norm feeding one linear). Where generators share counted entries the max-balances can
-form a set; ``range`` then starts the iteration from the unique minimiser of the strictly convex
+``range`` and ``activation`` are max-balances ``delta_n = (1 - alpha) log R_out,n - alpha log
+R_in,n = 0`` (``alpha = 1/2`` for ``range``), solved by the same method
+(:func:`solve_max_balance`): Newton steps on the balances, which are linear in ``h`` while each
+side's maximum stays on the entry attaining it (a sparse system over the generators); where
+that system is singular, every live generator moves at once by its own ``delta_n`` (exact in
+one step for generators that share no counted entry: the two-layer chain, a norm feeding one
+linear), divided by the most generators one counted entry carries when that does not lower the
+residual. Where generators share counted entries the max-balances can form a set; ``range``
+then starts the solve from the unique minimiser of the strictly convex
 ``J_p(h) = sum_e |theta_e(h)|^p`` (``p = RANGE_P``), whose stationarity (equal incoming and
 outgoing ``p``-masses) tends to the max-balance as ``p -> infinity``: the tie-break, so that
 every point of an orbit equalizes to the same parameters.
