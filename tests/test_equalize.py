@@ -249,6 +249,29 @@ def test_range_on_a_residual_cnn_is_unique(seeds, scale):
     assert_same_parameters(first, second, 1e-10)
 
 
+def activated_from(name: str, seed: int) -> tuple[nn.Module, gaugefix.EqualizeResult]:
+    """The float64 model ``name`` moved by ``random_gauge_(1.5)`` (``seed``), then equalized
+    by ``activation`` on its example input."""
+    factory, inputs = MODELS[name]
+    torch.manual_seed(0)
+    model = randomise_(factory(), seed=0).eval()
+    x = inputs()
+    s = gaugefix.discover(model, x)
+    gaugefix.random_gauge_(model, s, 1.5, generator=torch.Generator().manual_seed(seed))
+    return model, gaugefix.equalize_(model, s, "activation", calibration=x)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_activation_is_solved_to_rounding_at_one_point_of_the_orbit(name):
+    """The Newton steps on the entries attaining each side end on the exact solution of the
+    linearised balances (residual at rounding, far below ``tol``, where the parallel step
+    alone stops just under it), and two starting points of one orbit reach the same
+    parameters."""
+    (first, done), (second, _) = activated_from(name, 4), activated_from(name, 5)
+    assert done.converged and done.objective_after <= 1e-13, done
+    assert_same_parameters(first, second, 1e-10)
+
+
 def test_range_tie_break_is_the_p_balance():
     """Where generators share counted entries, ``range`` starts from the minimiser of
     ``J_p = sum_e |theta_e|^p``: there every live generator's incoming and outgoing

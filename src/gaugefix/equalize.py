@@ -19,13 +19,15 @@ h_n) theta_e``. The objectives:
   search, float64 ``h``) through the differentiable rescaled parameters;
   :func:`sharpness_objective` is one.
 
-``range`` and ``activation`` are max-balances, solved by the same fixed-point iteration
-(:func:`solve_max_balance`): every live generator moves at once to its own closed-form balance
-``delta_n = (1 - alpha) log R_out,n - alpha log R_in,n`` (``alpha = 1/2`` for ``range``), a step
-divided by the most generators one counted entry carries when the full one does not lower the
-residual; it is exact in one step for generators that share no counted entry (the two-layer
-chain, a norm feeding one linear). Where generators share counted entries the max-balances can
-form a set; ``range`` then starts the iteration from the unique minimiser of the strictly convex
+``range`` and ``activation`` are max-balances ``delta_n = (1 - alpha) log R_out,n - alpha log
+R_in,n = 0`` (``alpha = 1/2`` for ``range``), solved by the same method
+(:func:`solve_max_balance`): Newton steps on the balances, which are linear in ``h`` while each
+side's maximum stays on the entry attaining it (a sparse system over the generators); where
+that system is singular, every live generator moves at once by its own ``delta_n`` (exact in
+one step for generators that share no counted entry: the two-layer chain, a norm feeding one
+linear), divided by the most generators one counted entry carries when that does not lower the
+residual. Where generators share counted entries the max-balances can form a set; ``range``
+then starts the solve from the unique minimiser of the strictly convex
 ``J_p(h) = sum_e |theta_e(h)|^p`` (``p = RANGE_P``), whose stationarity (equal incoming and
 outgoing ``p``-masses) tends to the max-balance as ``p -> infinity``: the tie-break, so that
 every point of an orbit equalizes to the same parameters.
@@ -35,11 +37,15 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
 from gaugefix.action import (
@@ -65,9 +71,12 @@ __all__ = [
     "EqualizeResult",
     "RangeSource",
     "log_abs",
+    "Sides",
     "side_ranges",
     "damping",
+    "Step",
     "balance_step",
+    "newton_step",
     "Solved",
     "solve_max_balance",
     "p_balance",
@@ -140,23 +149,97 @@ def log_abs(t: Tensor, shape: tuple[int, ...]) -> Tensor:
     return _amax_to(t.detach().abs(), shape).to(torch.float64).log()
 
 
-def side_ranges(sources: list[RangeSource], h: Tensor) -> tuple[Tensor, Tensor]:
-    """``(log R_in, log R_out)`` at ``h`` (``[N]``): per generator, the log of the largest
-    magnitude it multiplies and divides among the sources' counted entries (``-inf``: none)."""
+class Sides(NamedTuple):
+    """Per generator (``[N]``, float64): the log of the largest magnitude it multiplies
+    (``log_in``) and divides (``log_out``) among the counted entries (``-inf``: none); and, at
+    one entry attaining each, every generator on it (``in_slots`` / ``out_slots``, ``[N, K]``;
+    ``N``: none) with its weight ``w_m(e)`` there (``in_signs`` / ``out_signs``)."""
+
+    log_in: Tensor
+    log_out: Tensor
+    in_slots: Tensor
+    in_signs: Tensor
+    out_slots: Tensor
+    out_signs: Tensor
+
+
+def _exponent(source: RangeSource, hx: Tensor) -> Tensor:
+    """``log |theta_e(h)|`` of a source's entries (``hx``: ``h`` and the dummy slot's 0); the
+    source's ``log_magnitude`` has its terms' broadcast shape, so one buffer holds the sum."""
+    shifts = [term.sign * hx[term.slots] for term in source.exponent]
+    if not shifts:
+        return source.log_magnitude
+    e = source.log_magnitude + shifts[0]
+    for shift in shifts[1:]:
+        e.add_(shift)
+    return e
+
+
+def _maxima(
+    source: RangeSource, e: Tensor, term: PlannedTerm, n: int, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per group of entries that ``term`` maps to one slot (flat, ``[G]``): the largest ``e``
+    and the slot; and every exponent term's slot and sign at the entry attaining it (``[G,
+    k]``, padded with the dummy slot ``n`` and sign 0)."""
+    shape = torch.broadcast_shapes(e.shape, term.slots.shape)
+    reduced = [d for d, s in enumerate(term.slots.shape) if s == 1 and shape[d] > 1]
+    kept = [d for d in range(len(shape)) if d not in reduced]
+    if len(reduced) == 1:  # along one dim: no copy
+        values, at = e.expand(shape).max(reduced[0])
+    else:
+        full = e.expand(shape).permute(kept + reduced)
+        values, at = full.reshape(*full.shape[: len(kept)], -1).max(-1)
+    where = [at] * len(shape)  # the attaining entry's index along every dim
+    for i, d in enumerate(kept):
+        where[d] = torch.arange(shape[d], device=e.device).view(
+            [shape[d] if j == i else 1 for j in range(len(kept))]
+        )
+    for d in reversed(reduced):
+        where[d], at = at % shape[d], at // shape[d]
+    at_entry = [t.slots.expand(shape)[tuple(where)].reshape(-1) for t in (term, *source.exponent)]
+    slots = torch.stack(at_entry[1:], 1)
+    signs = torch.tensor([t.sign for t in source.exponent], device=e.device)
+    pad = k - slots.shape[1]
+    return (
+        values.reshape(-1),
+        at_entry[0],
+        torch.nn.functional.pad(slots, (0, pad), value=n),
+        torch.nn.functional.pad(signs, (0, pad)).expand(slots.shape[0], k),
+    )
+
+
+def _winners(groups: list[tuple[Tensor, ...]], n: int, k: int, device: Any) -> tuple[Tensor, ...]:
+    """One side of :class:`Sides` from the groups' maxima (:func:`_maxima`): per generator the
+    largest value of its groups, and the terms at the first group attaining it."""
+    log = torch.full((n + 1,), -math.inf, dtype=torch.float64, device=device)
+    slots = torch.full((n + 1, k), n, dtype=torch.long, device=device)
+    signs = torch.zeros((n + 1, k), dtype=torch.long, device=device)
+    if groups:
+        values, own, at_slots, at_signs = (torch.cat(x) for x in zip(*groups, strict=True))
+        log.scatter_reduce_(0, own, values, "amax")
+        count = values.numel()
+        attaining = torch.where(values == log[own], torch.arange(count, device=device), count)
+        first = torch.full((n + 1,), count, device=device).scatter_reduce_(
+            0, own, attaining, "amin"
+        )
+        found = first < count
+        slots[found], signs[found] = at_slots[first[found]], at_signs[first[found]]
+    return log[:n], slots[:n], signs[:n]
+
+
+def side_ranges(sources: list[RangeSource], h: Tensor) -> Sides:
+    """The :class:`Sides` of the sources' counted entries at ``h`` (``[N]``)."""
     n = h.shape[0]
+    k = max([1, *(len(s.exponent) for s in sources)])
     hx = torch.cat([h, h.new_zeros(1)])
-    log_in = torch.full((n + 1,), -math.inf, dtype=torch.float64, device=h.device)
-    log_out = log_in.clone()
+    groups: dict[bool, list[tuple[Tensor, ...]]] = {True: [], False: []}
     for source in sources:
-        e = source.log_magnitude
-        for term in source.exponent:
-            e = e + term.sign * hx[term.slots]
+        e = _exponent(source, hx)
         for term in source.counted:
-            full = e.expand(torch.broadcast_shapes(e.shape, term.slots.shape))
-            m = _amax_to(full, term.slots.shape)
-            side = log_in if term.sign > 0 else log_out
-            side.scatter_reduce_(0, term.slots.expand(m.shape).reshape(-1), m.reshape(-1), "amax")
-    return log_in[:n], log_out[:n]
+            groups[term.sign > 0].append(_maxima(source, e, term, n, k))
+    log_in, in_slots, in_signs = _winners(groups[True], n, k, h.device)
+    log_out, out_slots, out_signs = _winners(groups[False], n, k, h.device)
+    return Sides(log_in, log_out, in_slots, in_signs, out_slots, out_signs)
 
 
 def damping(sources: list[RangeSource], live: Tensor) -> int:
@@ -167,16 +250,57 @@ def damping(sources: list[RangeSource], live: Tensor) -> int:
     return max([1, *counts])
 
 
-def balance_step(
-    sources: list[RangeSource], h: Tensor, alpha: float | Tensor
-) -> tuple[Tensor, float, Tensor]:
-    """At ``h``: every live generator's closed-form balance ``delta_n = (1 - alpha) log
-    R_out,n - alpha log R_in,n`` (0 on the others), the residual ``max |delta_n|``, and which
-    generators are live (both sides non-empty: the same at every ``h``)."""
-    log_in, log_out = side_ranges(sources, h)
-    live = torch.isfinite(log_in) & torch.isfinite(log_out)
-    delta = torch.where(live, (1 - alpha) * log_out - alpha * log_in, 0.0)
-    return delta, float(delta.abs().max()) if h.numel() else 0.0, live
+class Step(NamedTuple):
+    """The state of a max-balance at ``h``: every live generator's closed-form balance
+    ``delta_n = (1 - alpha_n) log R_out,n - alpha_n log R_in,n`` (0 on the others), the residual
+    ``max |delta_n|``, which generators are live (both sides non-empty: the same at every
+    ``h``), ``alpha`` per generator and the :class:`Sides`."""
+
+    delta: Tensor
+    residual: float
+    live: Tensor
+    alpha: Tensor
+    sides: Sides
+
+
+def balance_step(sources: list[RangeSource], h: Tensor, alpha: float | Tensor) -> Step:
+    """The :class:`Step` at ``h``."""
+    sides = side_ranges(sources, h)
+    a = torch.as_tensor(alpha, dtype=torch.float64, device=h.device).expand(h.shape)
+    live = torch.isfinite(sides.log_in) & torch.isfinite(sides.log_out)
+    delta = torch.where(live, (1 - a) * sides.log_out - a * sides.log_in, 0.0)
+    return Step(delta, float(delta.abs().max()) if h.numel() else 0.0, live, a, sides)
+
+
+def newton_step(at: Step) -> Tensor | None:
+    """The step that zeroes every live ``delta_n`` if each side's maximum stays on the entry
+    attaining it now, where ``delta`` is linear in ``h``: ``d delta_n / d h_m = (1 - alpha_n)
+    w_m(e_out,n) - alpha_n w_m(e_in,n)`` (diagonal ``-1``; the other generators on those two
+    entries off it), a sparse system solved exactly; ``None`` where it is singular."""
+    n, live = at.delta.shape[0], at.live.cpu()
+    if not bool(live.any()):
+        return None
+    s, a = at.sides, at.alpha.cpu()
+    k = s.in_slots.shape[1]
+    rows = torch.arange(n).repeat_interleave(k).repeat(2)
+    cols = torch.cat([s.in_slots.cpu().reshape(-1), s.out_slots.cpu().reshape(-1)])
+    coef = torch.cat([-a[:, None] * s.in_signs.cpu(), (1 - a)[:, None] * s.out_signs.cpu()])
+    alive = torch.cat([live, live.new_zeros(1)])
+    keep = alive[rows] & alive[cols] & (coef.reshape(-1) != 0)
+    number = torch.cumsum(live, 0) - 1
+    size = int(live.sum())
+    jacobian = csr_matrix(
+        (coef.reshape(-1)[keep].numpy(), (number[rows[keep]].numpy(), number[cols[keep]].numpy())),
+        shape=(size, size),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a singular system: the caller falls back
+        x = torch.from_numpy(np.atleast_1d(spsolve(jacobian, -at.delta.cpu()[live].numpy())))
+    if not bool(torch.isfinite(x).all()):
+        return None
+    step = torch.zeros(n, dtype=torch.float64)
+    step[live] = x
+    return step.to(at.delta.device)
 
 
 class Solved(NamedTuple):
@@ -202,25 +326,27 @@ def solve_max_balance(
     """The gauge ``h``, from ``start``, where every live generator satisfies ``alpha log
     R_in,n(h) = (1 - alpha) log R_out,n(h)`` (``alpha``: one number, or one per generator).
 
-    Fixed-point iteration: every live generator moves at once by its :func:`balance_step`, its
-    own closed-form balance (exact when its counted entries carry no other generator); when
-    that full step does not lower the residual ``max |delta_n|`` (generators sharing entries
-    overshoot together), the step is divided by :func:`damping` instead. Stops when the
-    residual is at most ``tol``."""
+    Each iteration tries :func:`newton_step` (the balances linearised at the entries attaining
+    the maxima), then the parallel closed-form step ``h + delta`` (every generator to its own
+    balance: exact when its counted entries carry no other generator), and takes the first
+    that lowers the residual ``max |delta_n|``; when neither does (generators sharing entries
+    overshoot together), ``delta`` divided by :func:`damping`. Stops when the residual is at
+    most ``tol``."""
     h = start
-    delta, residual, live = balance_step(sources, h, alpha)
-    divisor = damping(sources, live)
-    first, iterations = residual, 0
-    while residual > tol and iterations < max_iter:
+    at = balance_step(sources, h, alpha)
+    first, iterations, divisor = at.residual, 0, 0
+    while at.residual > tol and iterations < max_iter:
         iterations += 1
-        trial = h + delta
-        trial_delta, trial_residual, _ = balance_step(sources, trial, alpha)
-        if trial_residual < residual or divisor == 1:
-            h, delta, residual = trial, trial_delta, trial_residual
+        for step in (newton_step(at), at.delta):
+            trial = None if step is None else balance_step(sources, h + step, alpha)
+            if trial is not None and trial.residual < at.residual:
+                h, at = h + step, trial
+                break
         else:
-            h = h + delta / divisor
-            delta, residual, _ = balance_step(sources, h, alpha)
-    return Solved(h, iterations, first, residual, live, residual <= tol)
+            divisor = divisor or damping(sources, at.live)
+            h = h + at.delta / divisor
+            at = balance_step(sources, h, alpha)
+    return Solved(h, iterations, first, at.residual, at.live, at.residual <= tol)
 
 
 def p_balance(
@@ -252,37 +378,35 @@ def range_balance(
     ``p = RANGE_P`` (:func:`p_balance`: unique, the minimiser of a strictly convex function),
     which picks the point (up to the iteration's stopping tolerance). Elsewhere the solution
     is unique and the iteration starts from ``h = 0``."""
-    sources = range_sources(params, structure, counted)
+    sources = list(range_sources(params, structure, counted).values())
     h = torch.zeros(structure.num_generators, dtype=torch.float64, device=_device(params))
-    _, before, live = balance_step(sources, h, 0.5)
-    if damping(sources, live) == 1:
+    at = balance_step(sources, h, 0.5)
+    if damping(sources, at.live) == 1:
         return solve_max_balance(sources, h, 0.5, tol, max_iter)
     picked, newton, converged = p_balance(params, structure, counted, RANGE_P, tol, max_iter)
     done = solve_max_balance(sources, picked, 0.5, tol, max_iter)
     return done._replace(
-        iterations=newton + done.iterations, before=before, converged=converged and done.converged
+        iterations=newton + done.iterations,
+        before=at.residual,
+        converged=converged and done.converged,
     )
 
 
 def range_sources(
     params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str]
-) -> list[RangeSource]:
-    """Every counted weight, with all its terms counted on their sides."""
-    out = []
-    for p in structure.plan(_device(params)):
-        if p.name in counted:
-            out.append(RangeSource(log_abs(params[p.name], pair_shape(p)), p.terms, p.terms))
-    return out
+) -> dict[str, RangeSource]:
+    """Every counted weight by name, with all its terms counted on their sides."""
+    return {
+        p.name: RangeSource(log_abs(params[p.name], pair_shape(p)), p.terms, p.terms)
+        for p in structure.plan(_device(params))
+        if p.name in counted
+    }
 
 
-def _without(source: RangeSource, excluded: Tensor) -> RangeSource:
-    """``source`` with its maxima counted for no generator in ``excluded`` (bool ``[N]``)."""
-    n = excluded.shape[0]
+def _without(terms: tuple[PlannedTerm, ...], excluded: Tensor, n: int) -> tuple[PlannedTerm, ...]:
+    """``terms`` naming no generator in ``excluded`` (bool ``[n]``): the dummy slot there."""
     named = torch.cat([excluded, excluded.new_zeros(1)])
-    counted = tuple(
-        PlannedTerm(torch.where(named[t.slots], n, t.slots), t.sign) for t in source.counted
-    )
-    return source._replace(counted=counted)
+    return tuple(PlannedTerm(torch.where(named[t.slots], n, t.slots), t.sign) for t in terms)
 
 
 def _device(params: Mapping[str, Tensor]) -> torch.device:
@@ -388,29 +512,32 @@ def activation_balance(
     carries ``-1`` times the column exponent), its weight's columns on the outgoing side of
     the generators dividing them; these generators balance the two with ``alpha``. The others
     (query-key pairs: no linear map reads their channels) are weight-range balanced as
-    ``"range"`` does (``alpha = 1/2``)."""
+    ``"range"`` does (``alpha = 1/2``). Each weight is one source (read once per pass)."""
     device = _device(params)
     found = readers(model, structure, counted, device)
     ranges = activation_ranges(model, found, calibration)
-    plans = {p.name: p for p in structure.plan(device)}
-    seen = []
+    weights = range_sources(params, structure, counted)
+    channels, divided = [], {}
     for r in found:
         if r.module not in ranges:  # not called by the forward pass
             continue
-        plan, weight = plans[r.weight], params[r.weight]
+        weight = params[r.weight]
         shape = [1] * weight.dim()
         shape[r.weight_dim] = weight.shape[r.weight_dim]
         scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
         act = ranges[r.module].to(device).log().view(shape)
-        seen.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
-        divided = tuple(t for t in r.columns if t.sign < 0)
-        seen.append(RangeSource(log_abs(weight, pair_shape(plan)), plan.terms, divided))
+        channels.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
+        divided[r.weight] = tuple(t for t in r.columns if t.sign < 0)
     n = structure.num_generators
-    log_in, log_out = side_ranges(seen, torch.zeros(n, dtype=torch.float64, device=device))
-    read = torch.isfinite(log_in) & torch.isfinite(log_out)
-    rest = [_without(s, read) for s in range_sources(params, structure, counted)]
+    read_sources = channels + [weights[w]._replace(counted=c) for w, c in divided.items()]
+    sides = side_ranges(read_sources, torch.zeros(n, dtype=torch.float64, device=device))
+    read = torch.isfinite(sides.log_in) & torch.isfinite(sides.log_out)
+    for name, source in weights.items():
+        mine = divided.get(name, ())
+        rest = tuple(t for t in source.counted if not any(t is d for d in mine))
+        weights[name] = source._replace(counted=mine + _without(rest, read, n))
     coefficient = torch.full((n,), 0.5, dtype=torch.float64, device=device)
-    return seen + rest, coefficient.masked_fill_(read, alpha)
+    return channels + list(weights.values()), coefficient.masked_fill_(read, alpha)
 
 
 # -- a callable objective --------------------------------------------------------------------------

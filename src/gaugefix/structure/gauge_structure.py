@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix, csr_matrix
-from scipy.sparse.csgraph import breadth_first_order, connected_components
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor, nn
 
 from gaugefix.structure.trace import TraceContext, compact
@@ -465,49 +465,39 @@ def module_of(param_name: str) -> str:
 
 def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     """Solve the trace's equalities ``h_a = s h_b``: ``(component, sign, conflicted, count)``
-    with ``h_node = sign[node] * h_root(component[node])`` for every node, and ``conflicted[c]``
-    when some cycle of component ``c`` forces ``h = -h`` (so its coordinate is 0)."""
+    with ``h_node = sign[node] * h_root(component[node])`` for every node (the root: the
+    component's first node; components numbered in the order of their roots), and
+    ``conflicted[c]`` when some cycle of component ``c`` forces ``h = -h`` (so its coordinate
+    is 0).
+
+    On the double cover (nodes ``v+ = v`` and ``v- = v + n``; ``h_a = s h_b`` joins ``a+`` to
+    ``b+`` and ``a-`` to ``b-`` for ``s = 1``, ``a+`` to ``b-`` and ``a-`` to ``b+`` for ``s =
+    -1``) a component of the equalities is one piece where it is conflicted (``v+`` joined to
+    ``v-``) and two sheets otherwise: the nodes whose ``v+`` lies on the root's sheet have sign
+    ``+1``, the others ``-1``."""
     n = ctx.num_nodes
-    if ctx.edges:
-        edges = torch.cat(ctx.edges, dim=1).numpy()
-    else:
-        edges = np.zeros((3, 0), np.int64)
-    a, b, s = edges
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    keys, first = np.unique(lo * n + hi, return_index=True)  # each pair once
-    pairs = np.stack([keys // n, keys % n])
-    graph = coo_matrix((np.ones(len(lo)), (lo, hi)), shape=(n, n))
-    count, comp = connected_components(graph, directed=False)
-    # A spanning forest from a super root joined to one node of every component.
-    root_of = np.full(count, -1)
-    root_of[comp[::-1]] = np.arange(n)[::-1]
-    sign_of_pair = s[first]
-    tree = coo_matrix(
-        (
-            np.concatenate([sign_of_pair, np.ones(count)]),
-            (np.concatenate([pairs[0], np.full(count, n)]), np.concatenate([pairs[1], root_of])),
-        ),
-        shape=(n + 1, n + 1),
-    )
-    tree = csr_matrix(tree + tree.T)  # symmetric; a pair listed with both signs sums to 0
-    order, pred = breadth_first_order(tree, n, directed=False, return_predecessors=True)
-    pred[n] = n
-    to_pred = np.ones(n + 1)
-    inner = order[1:]
-    to_pred[inner] = np.asarray(tree[inner, pred[inner]]).ravel()
-    # Pointer jumping: the product of signs from every node up to the super root.
-    up, sign = pred.copy(), to_pred.copy()
-    while (up != n).any():
-        sign, up = sign * sign[up], up[up]
-    sign = sign[:n]
-    conflicted = np.zeros(count, dtype=bool)
-    bad = sign[a] * sign[b] != s  # includes pairs given with both signs
-    conflicted[comp[a[bad]]] = True
+    a, b, s = torch.cat(ctx.edges, dim=1).numpy() if ctx.edges else np.zeros((3, 0), np.int64)
+    flip = np.where(s < 0, n, 0)
+    rows, cols = np.concatenate([a, a + n]), np.concatenate([b + flip, b + n - flip])
+    cover = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(2 * n, 2 * n))
+    label = connected_components(cover, directed=True, connection="weak")[1]  # undirected
+    plus, minus = label[:n], label[n:]
+    key = np.minimum(plus, minus)  # one per component
+    nodes = np.arange(n)
+    root = np.full(2 * n, n)
+    root[key[::-1]] = nodes[::-1]  # the first node of each component
+    is_root = root[key] == nodes
+    number = np.zeros(2 * n, np.int64)
+    number[key[is_root]] = np.arange(int(is_root.sum()))
+    comp = number[key]
+    conflicted = np.zeros(int(is_root.sum()), dtype=bool)
+    conflicted[comp[plus == minus]] = True
+    sign = np.where(plus == plus[root[key]], 1, -1)
     return (
-        torch.from_numpy(comp.astype(np.int64)),
-        torch.from_numpy(sign.astype(np.int64)),
+        torch.from_numpy(comp),
+        torch.from_numpy(sign),
         torch.from_numpy(conflicted),
-        int(count),
+        len(conflicted),
     )
 
 
@@ -517,8 +507,9 @@ def _components_without_slice_links(ctx: TraceContext) -> Tensor:
     kept = [e for i, e in enumerate(ctx.edges) if i not in ctx.slice_links]
     edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
     n = ctx.num_nodes
-    graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n))
-    return torch.from_numpy(connected_components(graph, directed=False)[1].astype(np.int64))
+    graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
+    labels = connected_components(graph, directed=True, connection="weak")[1]  # undirected
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, list[str]]:
@@ -703,19 +694,19 @@ def _exclusions(
 ) -> list[Exclusion]:
     """The producing channels that are no generators, grouped by module and reason, and the
     rows of parameters fixed before they produced any channel."""
+    unblocked = [
+        "not consumed by any parameter (its output is unused)",
+        "no producing parameter",
+    ]
     excluded: dict[tuple[str, str], set[int]] = {}
     for name in producers:
         comps = comp[ctx.produced[name].reshape(-1)]
         bad = torch.nonzero(~valid[comps]).reshape(-1)
-        for ch, c in zip(bad.tolist(), comps[bad].tolist(), strict=True):
-            r = int(reason[c])
-            if r != UNBLOCKED:
-                why = reasons[r]
-            elif not has_out[c]:
-                why = "not consumed by any parameter (its output is unused)"
-            else:
-                why = "no producing parameter"
-            excluded.setdefault((module_of(name), why), set()).add(ch)
+        c = comps[bad]
+        why = torch.where(reason[c] != UNBLOCKED, reason[c], len(reasons) + has_out[c].long())
+        for r in dict.fromkeys(why.tolist()):  # in the order of their first channels
+            text = reasons[r] if r < len(reasons) else unblocked[r - len(reasons)]
+            excluded.setdefault((module_of(name), text), set()).update(bad[why == r].tolist())
     for name, why in ctx.fixed.items():  # fixed before producing a channel: its rows
         if name not in ctx.produced:
             rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
