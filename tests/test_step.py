@@ -1,7 +1,7 @@
-"""``gaugefix.step``: its optimizers are ``torch.optim``'s (float64, 1e-12, with and without
-leading run dims); its penalty and exact orbit step are ``GaugeFixing``'s, and the sweep engine's
-runs follow the same trajectories as ``GaugeFixing`` on each run alone (penalty; exact every 1
-and every 10)."""
+"""``gaugefix.step``: its optimizers are ``torch.optim``'s (SGD, momentum, Adam, AdamW; float64,
+1e-12, with and without leading run dims); its penalty and exact orbit step are
+``GaugeFixing``'s, and the sweep engine's runs follow the same trajectories as ``GaugeFixing`` on
+each run alone (penalty; exact every 1 and every 10)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ TORCH = {
         lambda lr: step.sgd(lr, momentum=0.9),
     ),
     "adam": (lambda ps, lr: torch.optim.Adam(ps, lr), lambda lr: step.adam(lr)),
+    "adamw": (lambda ps, lr: torch.optim.AdamW(ps, lr), lambda lr: step.adamw(lr)),
 }
 
 
@@ -139,7 +140,8 @@ def hooked_trajectory(model, structure, opt, x, y, **fixing) -> list[dict]:
 @pytest.mark.parametrize(
     "kind,mode,every",
     [("sgd", "penalty", 1), ("adam", "penalty", 1), ("sgd", "exact", 1),
-     ("momentum", "exact", 2), ("adam", "exact", 3)],
+     ("momentum", "exact", 2), ("adam", "exact", 3), ("adamw", "penalty", 1),
+     ("adamw", "exact", 2)],
 )  # fmt: skip
 def test_penalty_and_exact_equal_gauge_fixing(arch, kind, mode, every):
     """The step's penalty before the optimizer, and its exact orbit step every ``every`` steps
