@@ -86,7 +86,8 @@ def test_realistic_gauge_structures_are_complete_and_exact(name):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     gaugefix.random_gauge_(model, structure, 1.0, generator=torch.Generator().manual_seed(1))
     moved = max(
-        float((p - params[n]).norm() / params[n].norm()) for n, p in model.named_parameters()
+        float((p.detach() - params[n]).norm() / params[n].norm())
+        for n, p in model.named_parameters()
     )
     assert moved > 0.5
     after = model(x)

@@ -49,6 +49,7 @@ __all__ = [
     "MIN_SHARPNESS_INIT",
     "REALISTIC_METHODS",
     "REALISTIC_SEEDS",
+    "REALISTIC_REGIMES",
     "reproduce_grids",
     "BISECTION_ROUNDS",
     "QUICK_BISECTION_ROUNDS",
@@ -164,6 +165,13 @@ REALISTIC_METHODS = {
     **with_strengths(("exact-every-10", "exact", "balance", *MIN_SHARPNESS_INIT), ONE),
 }
 REALISTIC_SEEDS = 3
+# The realistic tasks' regimes: optimizer, learning-rate window, steps and batch size. The windows
+# were sized by a sweep of the references alone (plain and balanced-init, seed 0): they hold
+# each one's edge and best validation loss, with room above for the methods.
+REALISTIC_REGIMES = {
+    "char-gpt": (("adamw", (-13, -5), 100, 16), ("momentum", (-5, 2), 100, 16)),
+    "residual-cnn": (("momentum", (-8, -1), 100, 64),),
+}
 
 
 def _mini_batch(
@@ -179,7 +187,8 @@ def _mini_batch(
 
 def _quick_grids() -> list[TaskGrid]:
     """The quick grids: one seed, smaller grids that still exercise every experiment (and the
-    transformer task, at s = 0 without the replica, for time) in a few minutes on two cores.
+    transformer task, at s = 0 without the replica, for time; the realistic tasks with plain and
+    exact-every-10 at three rates and fewer steps) in a few minutes on two cores.
     The lowest rates of teacher-student GD (2^-8, 2^-7.5) and of the transformer (2^-5.5) were
     dropped when the bisection came, for time: every method was stable there and at the next
     rate, so no edge moved."""
@@ -187,6 +196,7 @@ def _quick_grids() -> list[TaskGrid]:
     ts = {**small, **with_strengths(("penalty", "balanced-exact", "weight-decay"), ONE)}
     long = with_strengths(("balanced-init", "balanced-exact", "balance"), ONE)
     transformer = {k: small[k] for k in ("plain", "balanced-init", "exact")}
+    realistic = with_strengths(("plain", "exact-every-10"), ONE)
     return [
         TaskGrid(
             "teacher-student",
@@ -199,12 +209,15 @@ def _quick_grids() -> list[TaskGrid]:
         ),
         TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
         TaskGrid("modular-addition", (Block(transformer, "adam", (-10, -7), (0.0,), 1, 100),)),
+        TaskGrid("char-gpt", (Block(realistic, "adamw", (-10, -8), (0.0,), 1, 30, 16),)),
+        TaskGrid("residual-cnn", (Block(realistic, "momentum", (-6, -4), (0.0,), 1, 50, 64),)),
     ]
 
 
 def reproduce_grids(quick: bool) -> list[TaskGrid]:
     """The grids of the reproduction. Quick: :func:`_quick_grids`; full: :data:`SEEDS` seeds
-    per cell (:data:`COSTLY_SEEDS` on the CNN and the transformer), every task.
+    per cell (:data:`COSTLY_SEEDS` on the CNN and the transformer, :data:`REALISTIC_SEEDS` on
+    the realistic tasks), every task.
     Learning-rate ranges are exponents of sqrt(2), sized to bracket the references'
     edges (plain, balanced-init) with room above for the methods."""
     if quick:
@@ -240,6 +253,22 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
                 Block(COSTLY, "adam", (-12, -5), S_WIDE, COSTLY_SEEDS, 150),
             ),
         ),
+        *_realistic_grids(),
+    ]
+
+
+def _realistic_grids() -> list[TaskGrid]:
+    """The realistic tasks' grids: :data:`REALISTIC_METHODS` in each of
+    :data:`REALISTIC_REGIMES`, at s = 0, :data:`REALISTIC_SEEDS` seeds."""
+    return [
+        TaskGrid(
+            task,
+            tuple(
+                Block(REALISTIC_METHODS, opt, window, (0.0,), REALISTIC_SEEDS, steps, batch)
+                for opt, window, steps, batch in regimes
+            ),
+        )
+        for task, regimes in REALISTIC_REGIMES.items()
     ]
 
 
