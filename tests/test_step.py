@@ -6,6 +6,7 @@ each run alone (penalty; exact every 1 and every 10)."""
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from pathlib import Path
 
@@ -244,12 +245,16 @@ def test_engine_runs_follow_gauge_fixing(monkeypatch, method, fixing, every, str
 
 
 def test_sweep_methods_state_their_every_and_conditioning_uses_them(monkeypatch):
-    """The sweep's exact is every 1, and the conditioning analysis trains its methods by the
-    sweep's definitions (GaugeFixing built with the method's mode and every)."""
+    """The sweep's exact is every 1, exact-every-10 is GaugeFixing's default, and the
+    conditioning analysis trains its methods by the sweep's definitions (GaugeFixing built with
+    the method's mode and every)."""
     from gaugefix.experiments import conditioning
 
     for name in ("exact", "balanced-exact"):
         assert engine.METHODS[name].every == 1 and "every = 1" in engine.METHODS[name].definition
+    default = inspect.signature(gaugefix.GaugeFixing).parameters["every"].default
+    every_10 = engine.METHODS["exact-every-10"]
+    assert every_10.every == default == 10 and "every = 10" in every_10.definition
     built = []
     real = gaugefix.GaugeFixing
 
@@ -291,7 +296,6 @@ def test_a_tensor_lr_is_not_read_on_the_host():
 def test_a_group_mixing_methods_and_everys_equals_its_runs_alone(monkeypatch):
     """Runs of exact every 1, exact every 10, penalty and balance trained as one group (one
     orbit step wrapper per ``every``; momentum buffers transported) end where each ends alone."""
-    monkeypatch.setitem(engine.METHODS, "exact-every-10", Method(False, "exact", "test", every=10))
     task = load_task("teacher-student")
     configs = [
         RunConfig(
