@@ -15,6 +15,8 @@ import torch
 import gaugefix
 from gaugefix.experiments import realistic
 from gaugefix.experiments.engine import RunConfig, RunResult, task_hash, train_group
+from gaugefix.experiments.plan import REALISTIC_METHODS, reproduce_grids
+from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.tasks import (
     BUILTIN,
     CONTEXT,
@@ -170,3 +172,20 @@ def test_realistic_summary_tunes_the_rate_on_the_validation_loss():
     assert "| penalty | 1 | 0 (0) | n/a | n/a |" in text
     digits = replace(runs[0], config=replace(runs[0].config, task="digits"))
     assert realistic.summarize([digits]) == {}  # not a realistic task: no entry
+
+
+def test_realistic_grids_run_every_method_at_the_default_initialisation():
+    """The full grid trains the realistic tasks mini-batch at s = 0 with three seeds, every
+    realistic method (the penalty at two strengths); no other task runs exact-every-10."""
+    grids = {g.task: g for g in reproduce_grids(False)}
+    for name in REALISTIC:
+        configs = grids[name].configs(TaskSpec(name))
+        assert {c.s for c in configs} == {0.0} and {c.seed for c in configs} == {0, 1, 2}
+        assert all(c.batch_size > 0 for c in configs)
+        runs = {(c.method, c.strength) for c in configs}
+        assert runs == {(m, st) for m, strengths in REALISTIC_METHODS.items() for st in strengths}
+        assert {m for m, _ in runs} >= {"plain", "balanced-init", "exact-every-10", "balance"}
+        assert {st for m, st in runs if m == "penalty"} == {0.1, 1.0}
+    for name, grid in grids.items():
+        if name not in REALISTIC:
+            assert all(m != "exact-every-10" for b in grid.blocks for m in b.methods)
