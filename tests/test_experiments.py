@@ -383,7 +383,8 @@ def test_quick_reproduction(tmp_path: Path):
     }
     tuned = summary["realistic"]
     assert set(tuned) == {"char-gpt", "residual-cnn"}
-    assert set(tuned["char-gpt"]["adamw/16/30"]) == {"plain", "exact-every-10"}
+    assert set(tuned["char-gpt"]["adamw/16/30"]) == {"plain"}
+    assert set(tuned["residual-cnn"]["momentum/64/50"]) == {"plain", "exact-every-10"}
     regimes = summary["tasks"]["teacher-student"]["regimes"]
     assert {"gd/full/100", "adam/full/100", "sgd/64/100", "sgd/64/1000"} <= set(regimes)
     assert "sgd/64" in summary["tasks"]["teacher-student"]["horizons"]
