@@ -383,14 +383,14 @@ def test_quick_reproduction(tmp_path: Path):
     }
     tuned = summary["realistic"]
     assert set(tuned) == {"char-gpt", "residual-cnn"}
-    assert set(tuned["char-gpt"]["adamw/16/30"]) == {"plain"}
-    assert set(tuned["residual-cnn"]["momentum/64/50"]) == {"plain", "exact-every-10"}
+    assert set(tuned["char-gpt"]["adamw/16/24"]) == {"plain", "exact-every-10"}
+    assert set(tuned["residual-cnn"]["momentum/64/30"]) == {"plain", "exact-every-10"}
     regimes = summary["tasks"]["teacher-student"]["regimes"]
     assert {"gd/full/100", "adam/full/100", "sgd/64/100", "sgd/64/1000"} <= set(regimes)
     assert "sgd/64" in summary["tasks"]["teacher-student"]["horizons"]
     report = (out / "report.md").read_text()
     assert report.startswith("# gaugefix reproduction (quick)\n")
-    assert "### char-gpt: adamw, batch 16, 30 steps" in report
+    assert "### char-gpt: adamw, batch 16, 24 steps" in report
     for figure in (
         "stability-teacher-student-gd-full-100.png",
         "stability-teacher-student-adam-full-100.png",
