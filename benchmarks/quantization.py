@@ -18,10 +18,8 @@ biases and norms stay float. Classifiers report test accuracy (%), the GPT held-
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +27,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix import zoo
-from gaugefix.experiments.tasks import load_task
+from gaugefix.experiments.tasks import load_task, python_source
 
 SCRAMBLE = 2.0  # random_gauge_ scale of the scrambled models
 PAIRS = 3  # timed pairs (equalize_, 20 forward passes) on GPT-2 small
@@ -104,17 +102,6 @@ def digits_cases(tiny: bool) -> list[Case]:
         Case("digits MLP", mlp, _accuracy(xt, yt), "accuracy %", x[:2], x[:256]),
         Case("digits separable CNN", cnn, _accuracy(img_t, yt), "accuracy %", img[:2], img[:256]),
     ]
-
-
-def python_source(limit: int) -> bytes:
-    """The first ``limit`` bytes of the standard library's ``.py`` files, in sorted order."""
-    root = Path(os.__file__).parent
-    out = bytearray()
-    for path in sorted(root.glob("*.py")):
-        out += path.read_bytes()
-        if len(out) >= limit:
-            break
-    return bytes(out[:limit])
 
 
 def gpt_case(tiny: bool, layers: int = 2, dim: int = 64, steps: int = 600) -> Case:

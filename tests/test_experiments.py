@@ -455,12 +455,23 @@ def test_quick_reproduction(tmp_path: Path):
     summary = json.loads((out / "summary.json").read_text())
     _check_schema(summary)
     assert summary["quick"] is True
-    assert set(summary["tasks"]) == {"teacher-student", "digits", "modular-addition"}
+    assert set(summary["tasks"]) == {
+        "teacher-student",
+        "digits",
+        "modular-addition",
+        "char-gpt",
+        "residual-cnn",
+    }
+    tuned = summary["realistic"]
+    assert set(tuned) == {"char-gpt", "residual-cnn"}
+    assert set(tuned["char-gpt"]["adamw/16/24"]) == {"plain", "exact-every-10"}
+    assert set(tuned["residual-cnn"]["momentum/64/30"]) == {"plain", "exact-every-10"}
     regimes = summary["tasks"]["teacher-student"]["regimes"]
     assert {"gd/full/100", "adam/full/100", "sgd/64/100", "sgd/64/1000"} <= set(regimes)
     assert "sgd/64" in summary["tasks"]["teacher-student"]["horizons"]
     report = (out / "report.md").read_text()
     assert report.startswith("# gaugefix reproduction (quick)\n")
+    assert "### char-gpt: adamw, batch 16, 24 steps" in report
     for figure in (
         "stability-teacher-student-gd-full-100.png",
         "stability-teacher-student-adam-full-100.png",

@@ -1,11 +1,12 @@
-"""``gaugefix.step``: its optimizers are ``torch.optim``'s (float64, 1e-12, with and without
-leading run dims); its penalty and exact orbit step are ``GaugeFixing``'s, and the sweep engine's
-runs follow the same trajectories as ``GaugeFixing`` on each run alone (penalty; exact every 1
-and every 10)."""
+"""``gaugefix.step``: its optimizers are ``torch.optim``'s (SGD, momentum, Adam, AdamW; float64,
+1e-12, with and without leading run dims); its penalty and exact orbit step are
+``GaugeFixing``'s, and the sweep engine's runs follow the same trajectories as ``GaugeFixing`` on
+each run alone (penalty; exact every 1 and every 10)."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ TORCH = {
         lambda lr: step.sgd(lr, momentum=0.9),
     ),
     "adam": (lambda ps, lr: torch.optim.Adam(ps, lr), lambda lr: step.adam(lr)),
+    "adamw": (lambda ps, lr: torch.optim.AdamW(ps, lr), lambda lr: step.adamw(lr)),
 }
 
 
@@ -139,7 +141,8 @@ def hooked_trajectory(model, structure, opt, x, y, **fixing) -> list[dict]:
 @pytest.mark.parametrize(
     "kind,mode,every",
     [("sgd", "penalty", 1), ("adam", "penalty", 1), ("sgd", "exact", 1),
-     ("momentum", "exact", 2), ("adam", "exact", 3)],
+     ("momentum", "exact", 2), ("adam", "exact", 3), ("adamw", "penalty", 1),
+     ("adamw", "exact", 2)],
 )  # fmt: skip
 def test_penalty_and_exact_equal_gauge_fixing(arch, kind, mode, every):
     """The step's penalty before the optimizer, and its exact orbit step every ``every`` steps
@@ -242,12 +245,16 @@ def test_engine_runs_follow_gauge_fixing(monkeypatch, method, fixing, every, str
 
 
 def test_sweep_methods_state_their_every_and_conditioning_uses_them(monkeypatch):
-    """The sweep's exact is every 1, and the conditioning analysis trains its methods by the
-    sweep's definitions (GaugeFixing built with the method's mode and every)."""
+    """The sweep's exact is every 1, exact-every-10 is GaugeFixing's default, and the
+    conditioning analysis trains its methods by the sweep's definitions (GaugeFixing built with
+    the method's mode and every)."""
     from gaugefix.experiments import conditioning
 
     for name in ("exact", "balanced-exact"):
         assert engine.METHODS[name].every == 1 and "every = 1" in engine.METHODS[name].definition
+    default = inspect.signature(gaugefix.GaugeFixing).parameters["every"].default
+    every_10 = engine.METHODS["exact-every-10"]
+    assert every_10.every == default == 10 and "every = 10" in every_10.definition
     built = []
     real = gaugefix.GaugeFixing
 
@@ -289,7 +296,6 @@ def test_a_tensor_lr_is_not_read_on_the_host():
 def test_a_group_mixing_methods_and_everys_equals_its_runs_alone(monkeypatch):
     """Runs of exact every 1, exact every 10, penalty and balance trained as one group (one
     orbit step wrapper per ``every``; momentum buffers transported) end where each ends alone."""
-    monkeypatch.setitem(engine.METHODS, "exact-every-10", Method(False, "exact", "test", every=10))
     task = load_task("teacher-student")
     configs = [
         RunConfig(

@@ -3,20 +3,22 @@
 A :class:`Transformation` is a pair of functions: ``init(params) -> state`` and
 ``update(grads, state, params) -> (updates, state)``, with ``state`` a ``NamedTuple``. The
 gradient transformations (:func:`penalty`, :func:`weight_decay`) return the gradients they were
-given with a term added; the optimizers (:func:`sgd`, :func:`adam`) return the change to the
-parameters, ``-lr * direction``; :func:`chain` composes them and :func:`applied` adds the result
-to the parameters and returns them. :func:`exact` wraps such a step with the exact orbit step of
-soft gauge fixing: every ``every``-th step, the group action ``g(h)``, ``h`` the bounded step of
-:func:`gaugefix.relax_` at ``rate = strength * (the sum of the learning rates since the last
-one)``, applied to the parameters and to the optimizer's state (gradient-like buffers by the
-inverse factor, squared ones by its square), so the function the step produced is kept to rounding.
+given with a term added; the optimizers (:func:`sgd`, :func:`adam`, :func:`adamw`) return the
+change to the parameters, ``-lr * direction``; :func:`chain` composes them and :func:`applied`
+adds the result to the parameters and returns them. :func:`exact` wraps such a step with the
+exact orbit step of soft gauge fixing: every ``every``-th step, the group action ``g(h)``, ``h``
+the bounded step of :func:`gaugefix.relax_` at ``rate = strength * (the sum of the learning
+rates since the last one)``, applied to the parameters and to the optimizer's state
+(gradient-like buffers by the inverse factor, squared ones by its square), so the function the
+step produced is kept to rounding.
 
 Parameters are ``name -> [*batch, *shape]`` with ``batch_dims`` leading dims: several copies of a
 model (the sweep engine's runs) step at once, each with its own ``lr`` and ``strength`` (tensors
 ``[*batch]``). Like ``torch.optim``, the step works in place: the gradients a gradient
 transformation is given are overwritten, and :func:`applied` moves the parameters. Constants
-default to ``torch.optim``'s, and :func:`sgd` and :func:`adam` follow ``torch.optim.SGD`` and
-``torch.optim.Adam`` (no weight decay, no Nesterov, no AMSGrad) operation by operation.
+default to ``torch.optim``'s, and :func:`sgd`, :func:`adam` and :func:`adamw` follow
+``torch.optim.SGD``, ``torch.optim.Adam`` and ``torch.optim.AdamW`` (no Nesterov, no AMSGrad;
+weight decay only in AdamW's decoupled form) operation by operation.
 :class:`gaugefix.GaugeFixing` runs the same penalty gradient and the same orbit step around a
 ``torch.optim`` optimizer.
 """
@@ -54,6 +56,8 @@ __all__ = [
     "weight_decay",
     "sgd",
     "adam",
+    "ADAMW_WEIGHT_DECAY",
+    "adamw",
     "chain",
     "apply_updates_",
     "applied",
@@ -205,6 +209,31 @@ def adam(lr: Scalar, *, betas: tuple[float, float] = BETAS, eps: float = EPS) ->
         return updates, AdamState(t, state.exp_avg, state.exp_avg_sq)
 
     return Transformation(init, update)
+
+
+ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default
+
+
+def adamw(
+    lr: Scalar,
+    *,
+    betas: tuple[float, float] = BETAS,
+    eps: float = EPS,
+    weight_decay: float = ADAMW_WEIGHT_DECAY,
+) -> Transformation:
+    """``torch.optim.AdamW``: :func:`adam`'s update plus the decoupled weight decay
+    ``-lr * weight_decay * theta`` (the parameters shrink by ``1 - lr * weight_decay`` before
+    Adam's step; the gradient Adam sees has no decay term). ``lr`` is read at every step."""
+    inner = adam(lr, betas=betas, eps=eps)
+
+    @torch.no_grad()
+    def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        updates, state = inner.update(grads, state, params)
+        for name, u in updates.items():
+            u.sub_(per_entry(lr, u) * weight_decay * params[name])
+        return updates, state
+
+    return Transformation(inner.init, update)
 
 
 def chain(*transformations: Transformation) -> Transformation:

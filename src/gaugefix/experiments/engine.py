@@ -31,6 +31,7 @@ from gaugefix.step import (
     EmptyState,
     Transformation,
     adam,
+    adamw,
     applied,
     chain,
     exact,
@@ -103,6 +104,11 @@ _EXACT = (
     "after every optimizer step (`every = 1`), the bounded exact orbit step of `relax_` "
     '(`h = -rate mu`, `rate = lr * strength`; `GaugeFixing(mode="exact", every=1)`)'
 )
+_EXACT_EVERY_10 = (
+    "after every 10th optimizer step, the same exact orbit step at the rate of the 10 steps "
+    "together (`rate = strength * (the sum of lr over them)`; `GaugeFixing`'s default, "
+    '`GaugeFixing(mode="exact")` with `every = 10`)'
+)
 METHODS: dict[str, Method] = {
     "plain": Method(False, None, f"the optimizer alone, {_FROM_GIVEN}"),
     "balanced-init": Method(True, None, f"the optimizer alone, {_FROM_BALANCED}"),
@@ -110,6 +116,7 @@ METHODS: dict[str, Method] = {
     "balanced-penalty": Method(True, "penalty", f"{_PENALTY}, {_FROM_BALANCED}"),
     "exact": Method(False, "exact", f"{_EXACT}, {_FROM_GIVEN}", every=1),
     "balanced-exact": Method(True, "exact", f"{_EXACT}, {_FROM_BALANCED}", every=1),
+    "exact-every-10": Method(False, "exact", f"{_EXACT_EVERY_10}, {_FROM_GIVEN}", every=10),
     "weight-decay": Method(
         False, "weight-decay", f"L2, `strength * theta` added to the gradient, {_FROM_GIVEN}"
     ),
@@ -133,7 +140,7 @@ STRENGTH_METHODS = tuple(
 # initialisation as given (plain) and from its balanced point (balanced-init).
 REFERENCES = tuple(m for m, d in METHODS.items() if d.fixing is None and not d.replica_of)
 REPLICA_SEED = 1_000_003  # a replica of seed k is initialised from torch seed k + REPLICA_SEED
-OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+OPTIMIZERS = ("gd", "sgd", "momentum", "adam", "adamw")
 # The momentum of the sweep's ``momentum`` optimizer (SGD's own default is none).
 MOMENTUM = 0.9
 DIVERGENCE_FACTOR = 1e3
@@ -423,14 +430,17 @@ def group_step(
 
 def optimizers(kind: str, lr: Tensor) -> Transformation:
     """The sweep's optimizer ``kind`` (:data:`OPTIMIZERS`): ``gd`` (full batch) and ``sgd``
-    are ``torch.optim.SGD``, ``momentum`` is SGD with momentum :data:`MOMENTUM`, ``adam`` is
-    ``torch.optim.Adam`` with its defaults."""
+    are ``torch.optim.SGD``, ``momentum`` is SGD with momentum :data:`MOMENTUM`, ``adam`` and
+    ``adamw`` are ``torch.optim.Adam`` and ``torch.optim.AdamW`` with their defaults (AdamW's
+    decoupled weight decay 0.01)."""
     if kind in ("gd", "sgd"):
         return sgd(lr)
     if kind == "momentum":
         return sgd(lr, momentum=MOMENTUM)
     if kind == "adam":
         return adam(lr)
+    if kind == "adamw":
+        return adamw(lr)
     raise ValueError(f"unknown optimizer {kind!r}")
 
 

@@ -7,7 +7,9 @@ methods and strengths, learning-rate range, initial imbalances and seeds. The ex
 - *drift*: short mini-batch blocks at ``s = 0``;
 - *long horizon*: mini-batch SGD and Adam for ten times the full-batch steps, every method
   starting from the same balanced point (``balanced-init``, ``balanced-penalty``,
-  ``balanced-exact``, ``balance``), at learning rates around ``balanced-init``'s edge.
+  ``balanced-exact``, ``balance``), at learning rates around ``balanced-init``'s edge;
+- *realistic models*: the character-level GPT (AdamW and SGD with momentum) and the residual
+  CNN (SGD with momentum), mini-batch, at ``s = 0`` only.
 
 After the grid, each seed's stable edge in each cell is bisected in log-lr
 (:func:`bisection_runs`), round by round, each round planned from the runs stored.
@@ -33,6 +35,7 @@ __all__ = [
     "STRENGTH_GRID",
     "ONE",
     "with_strengths",
+    "PAPER_METHODS",
     "ALL_METHODS",
     "ONE_STRENGTH",
     "COSTLY",
@@ -43,6 +46,10 @@ __all__ = [
     "SEEDS",
     "COSTLY_SEEDS",
     "S_WIDE",
+    "MIN_SHARPNESS_INIT",
+    "REALISTIC_METHODS",
+    "REALISTIC_SEEDS",
+    "REALISTIC_REGIMES",
     "reproduce_grids",
     "BISECTION_ROUNDS",
     "QUICK_BISECTION_ROUNDS",
@@ -125,8 +132,11 @@ def with_strengths(
     return {name: strengths.get(METHODS[name].fixing, (0.0,)) for name in names}
 
 
-ALL_METHODS = with_strengths(METHODS, STRENGTH_GRID)
-ONE_STRENGTH = with_strengths(METHODS, ONE)
+# The methods of the paper's experiments: all but exact-every-10 (GaugeFixing's default interval),
+# which only the realistic tasks run.
+PAPER_METHODS = tuple(m for m in METHODS if m != "exact-every-10")
+ALL_METHODS = with_strengths(PAPER_METHODS, STRENGTH_GRID)
+ONE_STRENGTH = with_strengths(PAPER_METHODS, ONE)
 # The expensive tasks (the CNN, the transformer): the references, the penalty, the exact step
 # and hard fixing (weight decay and the balanced starts of penalty and exact left out for time).
 COSTLY = with_strengths(
@@ -145,6 +155,26 @@ S_DEEP = (0.0, 1.0, 2.0)
 SEEDS = 10
 COSTLY_SEEDS = 5
 S_WIDE = (0.0, 1.0)
+# The realistic tasks' methods: the references and the plain replica (the sham control), the
+# penalty at two strengths, the exact step at GaugeFixing's default interval and at every step,
+# hard fixing, and MIN_SHARPNESS_INIT. That method is defined on another branch: the lead adds
+# "min-sharpness-init" to this tuple at merge.
+MIN_SHARPNESS_INIT: tuple[str, ...] = ()
+REALISTIC_METHODS = {
+    **with_strengths(("plain", "plain-replica", "balanced-init"), ONE),
+    "penalty": (0.1, 1.0),
+    **with_strengths(("exact-every-10", "exact", "balance", *MIN_SHARPNESS_INIT), ONE),
+}
+REALISTIC_SEEDS = 3
+# The realistic tasks' regimes: optimizer, learning-rate window, steps and batch size. The windows
+# were sized by a sweep of the references alone (plain and balanced-init, seed 0): they hold
+# each one's edge, with room above for the methods (under AdamW, for time, twice balanced-init's
+# edge), and its best validation loss (under AdamW, for time, the rate a step above the
+# references' best, whose losses were within 1.1% of it).
+REALISTIC_REGIMES = {
+    "char-gpt": (("adamw", (-12, -6), 100, 16), ("momentum", (-4, 2), 100, 16)),
+    "residual-cnn": (("momentum", (-8, -1), 100, 64),),
+}
 
 
 def _mini_batch(
@@ -160,7 +190,9 @@ def _mini_batch(
 
 def _quick_grids() -> list[TaskGrid]:
     """The quick grids: one seed, smaller grids that still exercise every experiment (and the
-    transformer task, at s = 0 without the replica, for time) in a few minutes on two cores.
+    transformer task, at s = 0 without the replica, for time; the realistic tasks with plain and
+    exact-every-10 at three rates and fewer steps: six runs a group, as in every other quick
+    group, a multiple of six) in a few minutes on two cores.
     The lowest rates of teacher-student GD (2^-8, 2^-7.5) and of the transformer (2^-5.5) were
     dropped when the bisection came, for time: every method was stable there and at the next
     rate, so no edge moved."""
@@ -168,6 +200,7 @@ def _quick_grids() -> list[TaskGrid]:
     ts = {**small, **with_strengths(("penalty", "balanced-exact", "weight-decay"), ONE)}
     long = with_strengths(("balanced-init", "balanced-exact", "balance"), ONE)
     transformer = {k: small[k] for k in ("plain", "balanced-init", "exact")}
+    realistic = with_strengths(("plain", "exact-every-10"), ONE)
     return [
         TaskGrid(
             "teacher-student",
@@ -180,12 +213,15 @@ def _quick_grids() -> list[TaskGrid]:
         ),
         TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
         TaskGrid("modular-addition", (Block(transformer, "adam", (-10, -7), (0.0,), 1, 100),)),
+        TaskGrid("char-gpt", (Block(realistic, "adamw", (-10, -8), (0.0,), 1, 24, 16),)),
+        TaskGrid("residual-cnn", (Block(realistic, "momentum", (-6, -4), (0.0,), 1, 30, 64),)),
     ]
 
 
 def reproduce_grids(quick: bool) -> list[TaskGrid]:
     """The grids of the reproduction. Quick: :func:`_quick_grids`; full: :data:`SEEDS` seeds
-    per cell (:data:`COSTLY_SEEDS` on the CNN and the transformer), every task.
+    per cell (:data:`COSTLY_SEEDS` on the CNN and the transformer, :data:`REALISTIC_SEEDS` on
+    the realistic tasks), every task.
     Learning-rate ranges are exponents of sqrt(2), sized to bracket the references'
     edges (plain, balanced-init) with room above for the methods."""
     if quick:
@@ -221,6 +257,22 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
                 Block(COSTLY, "adam", (-12, -5), S_WIDE, COSTLY_SEEDS, 150),
             ),
         ),
+        *_realistic_grids(),
+    ]
+
+
+def _realistic_grids() -> list[TaskGrid]:
+    """The realistic tasks' grids: :data:`REALISTIC_METHODS` in each of
+    :data:`REALISTIC_REGIMES`, at s = 0, :data:`REALISTIC_SEEDS` seeds."""
+    return [
+        TaskGrid(
+            task,
+            tuple(
+                Block(REALISTIC_METHODS, opt, window, (0.0,), REALISTIC_SEEDS, steps, batch)
+                for opt, window, steps, batch in regimes
+            ),
+        )
+        for task, regimes in REALISTIC_REGIMES.items()
     ]
 
 

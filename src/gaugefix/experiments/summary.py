@@ -3,7 +3,8 @@
 Runs are grouped by task (:func:`~gaugefix.experiments.cells.by_task`) and, within a task, by
 regime (optimizer, batch size, steps). Every regime is summarised alike by the run sections
 (:mod:`~gaugefix.experiments.stability`, :mod:`~gaugefix.experiments.drift`,
-:mod:`~gaugefix.experiments.quality`), each at every method's best strength in that regime; each
+:mod:`~gaugefix.experiments.quality`), each at every method's best strength in that regime; the
+realistic tasks also by :mod:`~gaugefix.experiments.realistic`, at every strength; each
 analysis of :data:`~gaugefix.experiments.analyses.ANALYSES` adds its entry under its key.
 
 The file's schema is the typed records below (:class:`Summary` and what it holds), each
@@ -19,7 +20,7 @@ from typing import Annotated, Any, TypedDict
 
 import torch
 
-from gaugefix.experiments import drift, quality, stability
+from gaugefix.experiments import drift, quality, realistic, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
 from gaugefix.experiments.cells import (
     HorizonKey,
@@ -71,14 +72,22 @@ class _RunsSummary(TypedDict):
     ]
 
 
+class _RealisticSummary(TypedDict, total=False):
+    realistic: Annotated[
+        realistic.Realistic,
+        "where the store holds runs of the realistic tasks: per method, one entry per strength",
+    ]
+
+
 # Each analysis's entry, under its key where the store holds its values.
 _AnalysisSummaries = TypedDict(  # type: ignore[misc]
     "_AnalysisSummaries", {a.KEY: a.SUMMARY for a in ANALYSES}, total=False
 )
 
 
-class Summary(_RunsSummary, _AnalysisSummaries):
-    """The file: the runs of every task, then each analysis under its key."""
+class Summary(_RunsSummary, _RealisticSummary, _AnalysisSummaries):
+    """The file: the runs of every task, the realistic tasks' tuned entries, then each analysis
+    under its key."""
 
 
 def task_summary(runs: Runs) -> TaskSummary:
@@ -120,6 +129,8 @@ def summarize(store: Store, quick: bool) -> Summary:
         verdicts=stability.count_verdicts(tasks),
         sensitivity=stability.count_sensitivity(tasks),
     )
+    if tuned := realistic.summarize(runs):
+        summary["realistic"] = tuned
     for analysis in ANALYSES:
         values = stored(store, analysis)
         if values:

@@ -1,14 +1,16 @@
 """The built-in tasks and user data: data arrays plus the model family trained on them.
 
-Nothing is downloaded: teacher-student and modular-addition data are generated from a seed, and
-the digits come with scikit-learn. A built-in task has one *instance* per seed of the runs trained
-on it (the teacher and its data, or the train/test split, drawn from :func:`data_seed`), so the
-seeds of a sweep are independent instances of the task, not only independent initialisations.
+Nothing is downloaded: teacher-student and modular-addition data are generated from a seed, the
+digits come with scikit-learn and the text of ``char-gpt`` is Python's own standard library. A
+built-in task has one *instance* per seed of the runs trained on it (the teacher and its data,
+or the train/test split, drawn from :func:`data_seed`), so the seeds of a sweep are independent
+instances of the task, not only independent initialisations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,14 @@ __all__ = [
     "he_mlp",
     "MODULUS",
     "LastTokenGPT",
+    "python_source",
+    "CORPUS_FILES",
+    "CONTEXT",
+    "WINDOWS",
+    "VALIDATION_WINDOWS",
+    "char_gpt",
+    "ResidualCNN",
+    "REALISTIC",
     "BUILTIN",
     "load_task",
     "npz_task",
@@ -51,7 +61,8 @@ class Task:
     """Train and test arrays, the loss kind and a factory for the model trained on them.
 
     ``kind`` is ``"regression"`` (squared loss ``mean((f - y)^2) / 2``; ``y`` is ``[n, out]``)
-    or ``"classification"`` (cross-entropy; ``y`` holds class indices). ``x`` holds features
+    or ``"classification"`` (cross-entropy; ``y`` holds class indices ``[n]``, or ``[n, tokens]``
+    for a model that predicts every position, ``[n, tokens, classes]``). ``x`` holds features
     (floating point) or token ids (integers, never cast). ``x_test`` and ``y_test`` are ``None``
     for a task without a test split (then no test metric is reported).
     """
@@ -65,10 +76,11 @@ class Task:
     make_model: Callable[[], nn.Module]
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
-        """The mean loss of predictions ``out`` ``[n, out]`` against ``y``."""
+        """The mean loss of predictions ``out`` ``[n, out]`` (or ``[n, tokens, classes]``, the
+        mean over every position) against ``y``."""
         if self.kind == "regression":
             return 0.5 * (out - y).square().sum(-1).mean()
-        return nn.functional.cross_entropy(out, y)
+        return nn.functional.cross_entropy(out.flatten(0, -2), y.flatten())
 
     def arrays(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(x, y, x_test, y_test)`` for a model in ``dtype``: floating-point features and
@@ -91,7 +103,7 @@ class Task:
         if self.kind == "regression":
             y = self.y.to(torch.float64)
             return float(0.5 * y.var(0, correction=0).sum())
-        freq = torch.bincount(self.y).to(torch.float64) / len(self.y)
+        freq = torch.bincount(self.y.flatten()).to(torch.float64) / self.y.numel()
         freq = freq[freq > 0]
         return float(-(freq * freq.log()).sum())
 
@@ -189,6 +201,76 @@ def _modular_addition(name: str, instance: int) -> Task:
     )
 
 
+def python_source(limit: int, names: Iterable[str] | None = None) -> bytes:
+    """The first ``limit`` bytes of the standard library's top-level ``.py`` files ``names``
+    (default: every one), concatenated in sorted order."""
+    root = Path(os.__file__).parent
+    paths = sorted(root / n for n in names) if names is not None else sorted(root.glob("*.py"))
+    out = bytearray()
+    for path in paths:
+        out += path.read_bytes()
+        if len(out) >= limit:
+            break
+    return bytes(out[:limit])
+
+
+# char-gpt's text: pure-Python modules of the standard library, the same on every platform of
+# Python 3.11 (a platform's own files, such as ``_sysconfigdata_*.py``, would not be).
+CORPUS_FILES = ("__future__.py", "_compat_pickle.py", "_compression.py", "_markupbase.py")
+CONTEXT = 64  # tokens a char-gpt window predicts from
+WINDOWS = 320  # windows of CONTEXT + 1 bytes cut from the text
+VALIDATION_WINDOWS = 64  # of them, held out per instance
+
+
+def char_gpt(name: str, instance: int) -> Task:
+    """The first ``WINDOWS * (CONTEXT + 1)`` bytes of :data:`CORPUS_FILES` cut into
+    :data:`WINDOWS` consecutive windows; a window's first ``CONTEXT`` bytes are the input ids,
+    each position labelled with the byte after it. A random :data:`VALIDATION_WINDOWS` of them
+    (drawn per instance) are the test split. The model: :class:`gaugefix.zoo.GPT` over the 256
+    byte values (2 layers, dim 64, 4 heads, ReLU MLP of 256, context 64, untied head), loss the
+    cross-entropy of every position."""
+    text = python_source(WINDOWS * (CONTEXT + 1), CORPUS_FILES)
+    windows = torch.tensor(list(text), dtype=torch.long).view(WINDOWS, CONTEXT + 1)
+    order = torch.randperm(WINDOWS, generator=torch.Generator().manual_seed(data_seed(instance)))
+    train, test = order[VALIDATION_WINDOWS:], order[:VALIDATION_WINDOWS]
+    x, y = windows[:, :-1], windows[:, 1:]
+    return Task(
+        name,
+        "classification",
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        lambda: GPT(256, 64, 4, 2, 256, CONTEXT, sdpa=False),
+    )
+
+
+class ResidualCNN(nn.Module):
+    """A residual ReLU CNN without normalisation for the 8x8 digits: a 3x3 conv stem of
+    ``width`` channels, ``blocks`` residual blocks ``x <- relu(x + conv(relu(conv(x))))`` (3x3),
+    2x2 max pooling and a linear head on the pooled map."""
+
+    def __init__(self, width: int = 16, blocks: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1),
+            )
+            for _ in range(blocks)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(width * 4 * 4, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem(x.view(-1, 1, 8, 8)))
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.head(self.pool(x).flatten(1))
+
+
 # Each built-in task by name: its instance ``k`` (:func:`data_seed`).
 BUILTIN: dict[str, Callable[[int], Task]] = {
     "teacher-student": lambda k: _teacher_student("teacher-student", (128,), k),
@@ -197,7 +279,11 @@ BUILTIN: dict[str, Callable[[int], Task]] = {
     "deep-mlp-digits": lambda k: _digits("deep-mlp-digits", lambda: he_mlp((64, *[64] * 6, 10)), k),
     "digits-cnn": lambda k: _digits("digits-cnn", DigitsCNN, k),
     "modular-addition": lambda k: _modular_addition("modular-addition", k),
+    "char-gpt": lambda k: char_gpt("char-gpt", k),
+    "residual-cnn": lambda k: _digits("residual-cnn", ResidualCNN, k),
 }
+# The realistic tasks: larger models at PyTorch's default initialisation, mini-batch training.
+REALISTIC = ("char-gpt", "residual-cnn")
 
 
 def load_task(

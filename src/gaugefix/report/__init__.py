@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gaugefix.experiments import drift, quality, stability
+from gaugefix.experiments import drift, quality, realistic, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
 from gaugefix.experiments.cells import Regime, by_regime, by_task
 from gaugefix.experiments.engine import METHODS, REFERENCES
@@ -36,6 +36,7 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
     summary = summarize(store, quick)
     write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     sections = [_header(summary, _title(store, summary))]
+    sections.append(realistic.render(summary.get("realistic", {})))
     for task, task_runs in by_task(store.runs()).items():
         sections.append(_task_section(out, store, task, summary["tasks"][task], task_runs))
     for analysis in ANALYSES:
