@@ -17,7 +17,7 @@ import torch
 
 import gaugefix
 from gaugefix.experiments import stability
-from gaugefix.experiments.cells import TaskKey, by_regime, group, s_key
+from gaugefix.experiments.cells import TaskKey, by_regime, group, s_key, task_version
 from gaugefix.experiments.engine import (
     RunConfig,
     group_step,
@@ -28,6 +28,7 @@ from gaugefix.experiments.engine import (
 )
 from gaugefix.experiments.figures import fmt, method_color, save, subplots
 from gaugefix.experiments.probes import float64_model
+from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 from gaugefix.step import AdamState
@@ -111,8 +112,9 @@ def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
 
 
 def _plain_adam_edge(store: Store, task: Task) -> float | None:
-    runs = [r for r in store.runs(task=task.name, method="plain", optimizer="adam", batch_size=0)]
-    runs = [r for r in runs if r.config.seed == 0 and r.config.s == S]
+    """Plain's largest stable full-batch Adam rate at ``s = S`` on the task's instance 0."""
+    runs = store.runs(task=task.name, task_hash=TaskSpec(task.name).hash(), seed=0,
+                      method="plain", optimizer="adam", batch_size=0, s=S)  # fmt: skip
     return stability.max_stable_lr(runs) or None
 
 
@@ -228,8 +230,9 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     Adam regime (its longest), by s: :func:`stability.seed_ratios` of each seed's bisected
     edge, each method at its best strength, judged on the seeds no strength was chosen on when
     either is tuned."""
+    version = task_version(TaskSpec(task.name).hash())
     runs = store.runs(task=task.name, optimizer="adam", batch_size=0)
-    regimes = by_regime(runs)
+    regimes = by_regime([r for r in runs if task_version(r.config.task_hash) == version])
     if not regimes:
         return {}
     regime_runs = regimes[max(regimes, key=lambda r: r.steps)]
