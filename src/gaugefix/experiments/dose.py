@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+import torch
 from scipy.stats import spearmanr
 
 import gaugefix
@@ -90,7 +91,7 @@ def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
     for seed in range(seeds):
         instance = TaskSpec(task.name).for_seed(seed)
         found, diverged = edges(instance, seed, strengths(quick), steps, quick)
-        rate = slowest_rate(instance.load(), seed)
+        rate = slowest_rate(*_start(instance.load(), seed))
         for (method, strength), edge in found.items():
             points.append({
                 "seed": seed, "method": method, "strength": strength, "edge": edge,
@@ -100,17 +101,22 @@ def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
     return {"steps": steps, "seeds": seeds, "s": S, "points": points}
 
 
-def slowest_rate(task: Task, seed: int) -> float:
+def slowest_rate(model: torch.nn.Module, structure: gaugefix.GaugeStructure) -> float:
     """The slowest rate ``2 k_i`` (strength 1) of the linearized relaxation
-    ``d mu/dt = -2 strength K mu`` at the initialisation moved by ``S z``, over the modes of
-    ``K`` carrying at least 1% of ``||mu||`` (``relaxation_rates``): the time the imbalance
-    takes to relax is the slowest significant mode's."""
-    model, structure = float64_model(task, seed)
-    gaugefix.apply_gauge_(model, structure, S * init_direction(structure))
+    ``d mu/dt = -2 strength K mu`` at ``model``'s parameters, over the modes of ``K`` carrying
+    at least 1% of ``||mu||`` (:func:`gaugefix.relaxation_rates`): the time the imbalance takes
+    to relax is the slowest significant mode's."""
     pred = relaxation_rates(model, structure, 1.0)
     mu = gaugefix.imbalance(model, structure).detach()
     c = pred.modes.T @ mu
     return float(pred.rates[c.abs() >= 0.01 * mu.norm()].min())
+
+
+def _start(task: Task, seed: int) -> tuple[torch.nn.Module, gaugefix.GaugeStructure]:
+    """The task's float64 network for ``seed`` moved by ``S z`` along its orbit."""
+    model, structure = float64_model(task, seed)
+    gaugefix.apply_gauge_(model, structure, S * init_direction(structure))
+    return model, structure
 
 
 def tau_relax(lr: float, strength: float, rate: float) -> float:
