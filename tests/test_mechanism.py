@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from test_step import ARCHS, data, loss_of
 
 import gaugefix
 from gaugefix import step
@@ -18,6 +17,7 @@ from gaugefix.experiments.engine import RunConfig, init_direction, task_hash, tr
 from gaugefix.experiments.probes import float64_model
 from gaugefix.experiments.tasks import load_task
 from gaugefix.soft import orbit_selection_grad
+from test_step import ARCHS, data, loss_of
 
 DTYPE = torch.float64
 
@@ -33,6 +33,13 @@ def _output_change(model, x, direction: dict, eps: float) -> float:
         for n, p in moved.named_parameters():
             p.add_(eps * direction[n])
         return float((moved(x) - model(x)).norm())
+
+
+def _grads(model, x, y) -> dict[str, torch.Tensor]:
+    """The loss gradient by parameter name."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss_of(model, x, y), list(params.values()))
+    return dict(zip(params, grads, strict=True))
 
 
 def _vertical_step(model, structure) -> dict[str, torch.Tensor]:
@@ -52,7 +59,7 @@ def _adam_difference(model, structure, x, y) -> dict[str, torch.Tensor]:
     adam = step.adam(0.01)
     state = adam.init(_params(model))
     for _ in range(4):
-        grads = dict(zip(params, torch.autograd.grad(loss_of(model, x, y), list(params.values()))))
+        grads = _grads(model, x, y)
         plain_state = copy.deepcopy(state)
         plain, _ = adam.update({n: g.clone() for n, g in grads.items()}, plain_state, params)
         penalised = step.penalty(structure, strength=1.0).update(grads, step.EmptyState(), params)
@@ -101,7 +108,7 @@ def test_the_horizontal_fraction_of_a_known_update():
     structure = gaugefix.discover(model, x[:2])
     gaugefix.apply_gauge_(model, structure, 0.5 * init_direction(structure))
     at = {n: p.unsqueeze(0) for n, p in _params(model).items()}
-    g = dict(zip(at, torch.autograd.grad(loss_of(model, x, y), list(model.parameters()))))
+    g = _grads(model, x, y)
     v = _vertical_step(model, structure)
     plain = {n: g[n].unsqueeze(0) for n in g}
     u = {n: (1.3 * g[n] + 5 * v[n]).unsqueeze(0) for n in g}
