@@ -17,7 +17,15 @@ import torch
 
 import gaugefix
 from gaugefix.experiments import stability
-from gaugefix.experiments.cells import TaskKey, by_regime, group, s_key, task_version
+from gaugefix.experiments.cells import (
+    MethodKey,
+    SKey,
+    TaskKey,
+    by_regime,
+    group,
+    s_key,
+    task_version,
+)
 from gaugefix.experiments.engine import (
     RunConfig,
     group_step,
@@ -40,6 +48,7 @@ __all__ = [
     "S",
     "PENALTY_STRENGTH",
     "PILOT_STRENGTH",
+    "PairKey",
     "AdamSplit",
     "SUMMARY",
     "compute",
@@ -67,25 +76,28 @@ COMPARED = (
 )
 
 
+PairKey = Annotated[str, "METHOD/REFERENCE"]
+
+
 class AdamSplit(TypedDict):
     """One task's ``adam_split`` entry (:func:`summarize`)."""
 
     lr: float
-    strength: Annotated[dict[str, float], "per fixing, as matched"]
+    strength: Annotated[dict[MethodKey, float], "per fixing, as matched"]
     decay_rate: Annotated[
-        dict[str, float], "per method, of the RMS log-ratio per step over the matching steps"
+        dict[MethodKey, float], "per method, of the RMS log-ratio per step over the matching steps"
     ]
     horizontal: Annotated[
-        dict[str, float], "per fixing, mean over steps of |Pi_H (u - u_plain)| / |u_plain|"
+        dict[MethodKey, float], "per fixing, mean over steps of |Pi_H (u - u_plain)| / |u_plain|"
     ]
     step_inflation: Annotated[
-        dict[str, float], "per fixing, mean over steps of |u| / |u_plain| (the effective step)"
+        dict[MethodKey, float], "per fixing, mean over steps of |u| / |u_plain|: the effective step"
     ]
     v_inflation: Annotated[
-        dict[str, float], "per fixing, mean sqrt(v) over plain's at the last step"
+        dict[MethodKey, float], "per fixing, mean sqrt(v) over plain's at the last step"
     ]
     sweep: Annotated[
-        dict[str, dict[str, stability.RatioStats]], "METHOD/REFERENCE, by s: Adam's edges"
+        dict[PairKey, dict[SKey, stability.RatioStats]], "the sweep's paired edge ratios (Adam)"
     ]
 
 

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
-from gaugefix.experiments.cells import TaskKey, group
+from gaugefix.experiments.cells import MethodKey, TaskKey, group
 from gaugefix.experiments.engine import RunConfig, RunResult, init_direction, train_group
 from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
 from gaugefix.experiments.plan import (
@@ -68,7 +68,7 @@ class Dose(TypedDict):
     steps: int
     seeds: int
     rho: Annotated[
-        dict[str, float | None], "Spearman of edge ratio vs tau ratio: per method, pooled"
+        dict[MethodKey, float | None], "Spearman of edge ratio vs tau ratio, per method, pooled"
     ]
     shared: Annotated[bool | None, "one monotone curve shared by penalty and exact"]
     excluded: Annotated[int, "points where plain did not diverge at the method's edge"]
