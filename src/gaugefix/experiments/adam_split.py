@@ -27,6 +27,7 @@ from gaugefix.experiments.cells import (
     task_version,
 )
 from gaugefix.experiments.engine import (
+    DIVERGENCE_FACTOR,
     RunConfig,
     group_step,
     init_direction,
@@ -48,6 +49,7 @@ __all__ = [
     "S",
     "PENALTY_STRENGTH",
     "PILOT_STRENGTH",
+    "PROJECTION_RTOL",
     "PairKey",
     "AdamSplit",
     "SUMMARY",
@@ -66,6 +68,7 @@ SPLIT = ("penalty", "decoupled-penalty", "exact")  # the fixings compared, each 
 S = 2.0  # the initial imbalance of the trajectories
 PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others are matched to it
 PILOT_STRENGTH = 1.0  # the decoupled penalty's and the exact step's first try
+PROJECTION_RTOL = 1e-10  # of the solve with the Gram matrix in the horizontal projection
 # The sweep's paired comparisons reported here: (method, reference).
 COMPARED = (
     ("penalty", "plain"),
@@ -85,16 +88,19 @@ class AdamSplit(TypedDict):
     lr: float
     strength: Annotated[dict[MethodKey, float], "per fixing, as matched"]
     decay_rate: Annotated[
-        dict[MethodKey, float], "per method, of the RMS log-ratio per step over the matching steps"
+        dict[MethodKey, float | None],
+        "per method, of the RMS log-ratio per matching step",
     ]
     horizontal: Annotated[
-        dict[MethodKey, float], "per fixing, mean over steps of |Pi_H (u - u_plain)| / |u_plain|"
+        dict[MethodKey, float | None],
+        "per fixing, the mean of |Pi_H (u - u_plain)| / |u_plain|",
     ]
     step_inflation: Annotated[
-        dict[MethodKey, float], "per fixing, mean over steps of |u| / |u_plain|: the effective step"
+        dict[MethodKey, float | None],
+        "per fixing, the mean of |u| / |u_plain|: the effective step",
     ]
     v_inflation: Annotated[
-        dict[MethodKey, float], "per fixing, mean sqrt(v) over plain's at the last step"
+        dict[MethodKey, float | None], "per fixing, mean sqrt(v) over plain's at the last step"
     ]
     sweep: Annotated[
         dict[PairKey, dict[SKey, stability.RatioStats]], "the sweep's paired edge ratios (Adam)"
@@ -144,13 +150,16 @@ def _adam_state(state: Any) -> AdamState:
     return next(s for s in found if s is not None) if found else None
 
 
-def trajectory(task: Task, method: str, strength: float, lr: float, steps: int) -> dict:
+def trajectory(
+    task: Task, method: str, strength: float, lr: float, steps: int, measure: bool = True
+) -> dict:
     """Full-batch Adam on one float64 network from the initialisation moved by ``S z``, every
     step the sweep's (:func:`group_step` for ``method``); at each step ``t``: the loss, the RMS
     log-ratio, ``|u|`` and ``|u_plain|`` over ``lr`` (``u``: the step's change of the
     parameters; ``u_plain``: Adam's update alone from the same parameters, gradient and state),
-    the horizontal fraction ``|Pi_H (u - u_plain)| / |u_plain|`` and the mean of ``sqrt(v)``.
-    Lists by key; a non-finite loss ends it."""
+    the horizontal fraction ``|Pi_H (u - u_plain)| / |u_plain|`` (:func:`horizontal_fraction`,
+    with ``measure``) and the mean of ``sqrt(v)``. Lists by key; a loss above
+    :data:`DIVERGENCE_FACTOR` times the initial one, or not finite, ends it."""
     model, structure = _model(task)
     x, y, _, _ = task.arrays(torch.float64)
     stack = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}  # views of model
@@ -161,9 +170,10 @@ def trajectory(task: Task, method: str, strength: float, lr: float, steps: int) 
     state = step_fn.init(stack)
     keys = ("loss", "log_ratio", "step", "plain_step", "horizontal", "sqrt_v")
     out: dict[str, list[float]] = {k: [] for k in keys}
+    initial = task.loss(model(x), y).item()
     for _ in range(steps):
         loss = task.loss(model(x), y)
-        if not math.isfinite(loss.item()):
+        if not loss.item() <= DIVERGENCE_FACTOR * initial:  # NaN included
             break
         grads = torch.autograd.grad(loss, list(model.parameters()))
         grads = {n: g.unsqueeze(0) for n, g in zip(stack, grads, strict=True)}
@@ -179,7 +189,8 @@ def trajectory(task: Task, method: str, strength: float, lr: float, steps: int) 
         out["loss"].append(loss.item())
         out["step"].append(_norm(u) / lr)
         out["plain_step"].append(_norm(u_plain) / lr)
-        out["horizontal"].append(horizontal_fraction(model, structure, before, u, u_plain))
+        if measure:
+            out["horizontal"].append(horizontal_fraction(model, structure, before, u, u_plain))
         v = _adam_state(state).exp_avg_sq
         out["sqrt_v"].append(float(torch.cat([t.sqrt().flatten() for t in v.values()]).mean()))
     return out
@@ -195,45 +206,54 @@ def horizontal_fraction(
     at: dict[str, torch.Tensor],
     u: dict[str, torch.Tensor],
     u_plain: dict[str, torch.Tensor],
-) -> float:
+) -> float | None:
     """``|Pi_H (u - u_plain)| / |u_plain|`` at the parameters ``at`` (``[1, *shape]``):
     :func:`gaugefix.project` of what the fixing added to the update onto the orthogonal
-    complement of the orbit directions, relative to the plain update. ``model`` is left at
-    its parameters."""
+    complement of the orbit directions, relative to the plain update; ``None`` where the
+    generators' Gram matrix cannot be solved to :data:`PROJECTION_RTOL` (dead neurons make it
+    singular). ``model`` is left at its parameters."""
     now = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(at[n][0])
         added = {n: (u[n] - u_plain[n])[0] for n in u}
-        horizontal = gaugefix.project(added, model, structure, onto="horizontal")
+        try:
+            horizontal = gaugefix.project(
+                added, model, structure, onto="horizontal", rtol=PROJECTION_RTOL
+            )
+        except (RuntimeError, ValueError):  # an ill-conditioned or singular Gram matrix
+            horizontal = None
         for n, p in params.items():
             p.copy_(now[n])
-    return _norm(horizontal) / _norm(u_plain)
+    return None if horizontal is None else _norm(horizontal) / _norm(u_plain)
 
 
-def decay_rate(curve: dict[str, list[float]], steps: int) -> float:
-    """The decay per step of the RMS log-ratio over the first ``steps`` steps:
-    ``-log(r_steps / r_0) / steps``."""
+def decay_rate(curve: dict[str, list[float]], steps: int) -> float | None:
+    """The decay per step of the RMS log-ratio over the first ``k = steps`` steps (fewer where
+    the run ended sooner): ``-log(r_k / r_0) / k``; ``None`` for a run that took no step."""
     r = curve["log_ratio"]
-    return -math.log(r[min(steps, len(r) - 1)] / r[0]) / steps
+    k = min(steps, len(r) - 1)
+    return -math.log(r[k] / r[0]) / k if k > 0 else None
 
 
 def matched_strengths(task: Task, lr: float, steps: int) -> dict[str, float]:
     """The penalty at :data:`PENALTY_STRENGTH`; the decoupled penalty and the exact step at the
     strength whose decay rate (:func:`decay_rate` over ``steps``) equals the penalty's, by the
     secant through plain's rate (strength 0) and the rate at :data:`PILOT_STRENGTH`: to first
-    order the extra decay is linear in the strength (``mu <- (I - 2 lr strength K) mu``)."""
+    order the extra decay is linear in the strength (``mu <- (I - 2 lr strength K) mu``); at
+    the pilot strength where a decay is not measured or not above plain's."""
     rate = {
-        m: decay_rate(trajectory(task, m, st, lr, steps + 1), steps)
+        m: decay_rate(trajectory(task, m, st, lr, steps + 1, measure=False), steps)
         for m, st in (("plain", 0.0), ("penalty", PENALTY_STRENGTH),
                       ("decoupled-penalty", PILOT_STRENGTH), ("exact", PILOT_STRENGTH))
     }  # fmt: skip
     out = {"penalty": PENALTY_STRENGTH}
-    target = rate["penalty"] - rate["plain"]
     for m in ("decoupled-penalty", "exact"):
-        slope = (rate[m] - rate["plain"]) / PILOT_STRENGTH
-        out[m] = target / slope if slope > 0 and target > 0 else PILOT_STRENGTH
+        out[m] = PILOT_STRENGTH
+        if None not in (rate[m], rate["penalty"], rate["plain"]):
+            target, slope = rate["penalty"] - rate["plain"], rate[m] - rate["plain"]
+            out[m] = PILOT_STRENGTH * target / slope if slope > 0 and target > 0 else out[m]
     return out
 
 
@@ -275,8 +295,10 @@ def _ratios(a: list[float], b: list[float]) -> list[float]:
     return [x / y for x, y in zip(a, b, strict=False)]
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values measured (``None`` where none is)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def summarize(values: dict[str, dict[str, Any]]) -> dict[str, AdamSplit]:
@@ -293,7 +315,10 @@ def summarize(values: dict[str, dict[str, Any]]) -> dict[str, AdamSplit]:
             decay_rate=v["decay_rate"],
             horizontal={m: _mean(c[m]["horizontal"]) for m in SPLIT},
             step_inflation={m: _mean(_ratios(c[m]["step"], c[m]["plain_step"])) for m in SPLIT},
-            v_inflation={m: c[m]["sqrt_v"][last[m]] / plain["sqrt_v"][last[m]] for m in SPLIT},
+            v_inflation={
+                m: c[m]["sqrt_v"][last[m]] / plain["sqrt_v"][last[m]] if last[m] >= 0 else None
+                for m in SPLIT
+            },
             sweep=v["sweep"],
         )
     return out
@@ -317,7 +342,11 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             c = v["curves"][m]
             color = method_color(m)
             axes[0].semilogy(c["log_ratio"], color=color, label=m)
-            axes[1].semilogy([max(h, 1e-17) for h in c["horizontal"]], color=color, label=m)
+            axes[1].semilogy(
+                [max(h, 1e-17) if h is not None else math.nan for h in c["horizontal"]],
+                color=color,
+                label=m,
+            )
             axes[2].plot(_ratios(c["sqrt_v"], v["curves"]["plain"]["sqrt_v"]), color=color, label=m)
         axes[0].semilogy(v["curves"]["plain"]["log_ratio"], color=method_color("plain"),
                          label="plain")  # fmt: skip
