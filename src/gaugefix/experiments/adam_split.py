@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypedDict
 import torch
 
 import gaugefix
+from gaugefix.diagnostics import relaxation_rates
 from gaugefix.experiments import stability
 from gaugefix.experiments.cells import (
     MethodKey,
@@ -49,6 +50,7 @@ __all__ = [
     "S",
     "PENALTY_STRENGTH",
     "PILOT_STRENGTH",
+    "PILOT_STEP",
     "PROJECTION_RTOL",
     "PairKey",
     "AdamSplit",
@@ -67,7 +69,8 @@ KEY = "adam_split"
 SPLIT = ("penalty", "decoupled-penalty", "exact")  # the fixings compared, each against plain
 S = 2.0  # the initial imbalance of the trajectories
 PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others are matched to it
-PILOT_STRENGTH = 1.0  # the decoupled penalty's and the exact step's first try
+PILOT_STRENGTH = 1.0  # the decoupled penalty's and the exact step's first try, at most
+PILOT_STEP = 0.5  # and at most this lr * strength * (the fastest relaxation rate 2 k_max)
 PROJECTION_RTOL = 1e-10  # of the solve with the Gram matrix in the horizontal projection
 # The sweep's paired comparisons reported here: (method, reference).
 COMPARED = (
@@ -240,20 +243,25 @@ def decay_rate(curve: dict[str, list[float]], steps: int) -> float | None:
 def matched_strengths(task: Task, lr: float, steps: int) -> dict[str, float]:
     """The penalty at :data:`PENALTY_STRENGTH`; the decoupled penalty and the exact step at the
     strength whose decay rate (:func:`decay_rate` over ``steps``) equals the penalty's, by the
-    secant through plain's rate (strength 0) and the rate at :data:`PILOT_STRENGTH`: to first
-    order the extra decay is linear in the strength (``mu <- (I - 2 lr strength K) mu``); at
-    the pilot strength where a decay is not measured or not above plain's."""
+    secant through plain's rate (strength 0) and the rate at a pilot strength: to first order
+    the extra decay is linear in the strength (``mu <- (I - 2 lr strength K) mu``). The pilot
+    is :data:`PILOT_STRENGTH`, or less where ``lr * strength * 2 k_max`` would exceed
+    :data:`PILOT_STEP` (the explicit vertical step is unstable above 2); each keeps its pilot
+    where a decay is not measured or not above plain's."""
+    model, structure = _model(task)
+    fastest = float(relaxation_rates(model, structure, 1.0).rates.max())
+    pilot = min(PILOT_STRENGTH, PILOT_STEP / (lr * fastest))
     rate = {
         m: decay_rate(trajectory(task, m, st, lr, steps + 1, measure=False), steps)
         for m, st in (("plain", 0.0), ("penalty", PENALTY_STRENGTH),
-                      ("decoupled-penalty", PILOT_STRENGTH), ("exact", PILOT_STRENGTH))
+                      ("decoupled-penalty", pilot), ("exact", pilot))
     }  # fmt: skip
     out = {"penalty": PENALTY_STRENGTH}
     for m in ("decoupled-penalty", "exact"):
-        out[m] = PILOT_STRENGTH
+        out[m] = pilot
         if None not in (rate[m], rate["penalty"], rate["plain"]):
             target, slope = rate["penalty"] - rate["plain"], rate[m] - rate["plain"]
-            out[m] = PILOT_STRENGTH * target / slope if slope > 0 and target > 0 else out[m]
+            out[m] = pilot * target / slope if slope > 0 and target > 0 else pilot
     return out
 
 
@@ -374,7 +382,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         "mu_n xi_n`, taken after Adam's update, as AdamW decouples weight decay) and the exact "
         "orbit step. The decoupled and exact strengths are matched to the penalty's decay of "
         "the RMS log-ratio over the first steps (a secant through plain's decay and the decay "
-        "at strength 1). *Horizontal* is the part of what the fixing adds to Adam's update "
+        "at a pilot strength: 1, or less where the explicit vertical step would be unstable). *Horizontal* is the part of what the fixing adds to Adam's update "
         "(`u - u_plain`, `u_plain` Adam's update alone from the same state) orthogonal to the "
         "orbit directions, relative to `|u_plain|`: it changes the function at first order; "
         "the decoupled step's is zero by construction, the exact step's second order.\n\n"

@@ -112,12 +112,12 @@ class TaskGrid:
 # strengths are those of its kind of fixing (``Method.fixing``; none: strength 0).
 STRENGTH_GRID = {
     "penalty": (0.01, 0.1, 1.0),
-    "decoupled-penalty": (1.0,),
+    "decoupled-penalty": (0.1,),
     "exact": (0.1, 1.0, 10.0),
     "weight-decay": (1e-3, 1e-2),
 }
-# The decoupled penalty at the exact step's strength: to first order both relax mu alike.
-ONE = {"penalty": (0.1,), "decoupled-penalty": (1.0,), "exact": (1.0,), "weight-decay": (1e-3,)}
+# The decoupled penalty at the penalty's strength: under GD the two are the same step.
+ONE = {"penalty": (0.1,), "decoupled-penalty": (0.1,), "exact": (1.0,), "weight-decay": (1e-3,)}
 
 
 def with_strengths(
