@@ -51,6 +51,7 @@ __all__ = [
     "PENALTY_STRENGTH",
     "PILOT_STRENGTH",
     "PILOT_STEP",
+    "MATCH_ROUNDS",
     "PROJECTION_RTOL",
     "PairKey",
     "AdamSplit",
@@ -71,6 +72,7 @@ S = 2.0  # the initial imbalance of the trajectories
 PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others are matched to it
 PILOT_STRENGTH = 1.0  # the decoupled penalty's and the exact step's first try, at most
 PILOT_STEP = 0.5  # and at most this lr * strength * (the fastest relaxation rate 2 k_max)
+MATCH_ROUNDS = 2  # secant steps of the matching
 PROJECTION_RTOL = 1e-10  # of the solve with the Gram matrix in the horizontal projection
 # The sweep's paired comparisons reported here: (method, reference).
 COMPARED = (
@@ -242,26 +244,35 @@ def decay_rate(curve: dict[str, list[float]], steps: int) -> float | None:
 
 def matched_strengths(task: Task, lr: float, steps: int) -> dict[str, float]:
     """The penalty at :data:`PENALTY_STRENGTH`; the decoupled penalty and the exact step at the
-    strength whose decay rate (:func:`decay_rate` over ``steps``) equals the penalty's, by the
-    secant through plain's rate (strength 0) and the rate at a pilot strength: to first order
-    the extra decay is linear in the strength (``mu <- (I - 2 lr strength K) mu``). The pilot
-    is :data:`PILOT_STRENGTH`, or less where ``lr * strength * 2 k_max`` would exceed
-    :data:`PILOT_STEP` (the explicit vertical step is unstable above 2); each keeps its pilot
-    where a decay is not measured or not above plain's."""
+    strength whose decay rate (:func:`decay_rate` over ``steps``) equals the penalty's, by
+    :data:`MATCH_ROUNDS` secant steps from plain's rate (strength 0) and the rate at a pilot
+    strength (to first order the extra decay is linear in the strength: ``mu <- (I - 2 lr
+    strength K) mu``). The pilot is :data:`PILOT_STRENGTH`, or less where ``lr * strength *
+    2 k_max`` would exceed :data:`PILOT_STEP` (the explicit vertical step is unstable above 2);
+    the secant stops where a decay is not measured, does not grow with the strength or the next
+    guess leaves ``(0, 4 x`` the largest strength tried``]``; the strength tried whose decay is
+    nearest the penalty's is taken."""
     model, structure = _model(task)
     fastest = float(relaxation_rates(model, structure, 1.0).rates.max())
     pilot = min(PILOT_STRENGTH, PILOT_STEP / (lr * fastest))
-    rate = {
-        m: decay_rate(trajectory(task, m, st, lr, steps + 1, measure=False), steps)
-        for m, st in (("plain", 0.0), ("penalty", PENALTY_STRENGTH),
-                      ("decoupled-penalty", pilot), ("exact", pilot))
-    }  # fmt: skip
+
+    def measured(method: str, strength: float) -> float | None:
+        return decay_rate(trajectory(task, method, strength, lr, steps + 1, measure=False), steps)
+
+    plain, target = measured("plain", 0.0), measured("penalty", PENALTY_STRENGTH)
     out = {"penalty": PENALTY_STRENGTH}
     for m in ("decoupled-penalty", "exact"):
-        out[m] = pilot
-        if None not in (rate[m], rate["penalty"], rate["plain"]):
-            target, slope = rate["penalty"] - rate["plain"], rate[m] - rate["plain"]
-            out[m] = pilot * target / slope if slope > 0 and target > 0 else pilot
+        points = [(0.0, plain), (pilot, measured(m, pilot))]
+        for _ in range(MATCH_ROUNDS):
+            (s0, r0), (s1, r1) = points[-2:]
+            if None in (r0, r1, target) or (r1 - r0) * (s1 - s0) <= 0:
+                break
+            guess = s1 + (target - r1) * (s1 - s0) / (r1 - r0)
+            if not 0 < guess <= 4 * max(st for st, _ in points):
+                break
+            points.append((guess, measured(m, guess)))
+        tried = [(st, r) for st, r in points[1:] if r is not None]
+        out[m] = min(tried, key=lambda p: abs(p[1] - target))[0] if tried and target else pilot
     return out
 
 
@@ -283,19 +294,24 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     tops = {cell: max(r.config.lr for r in stability.on_grid(rs)) for cell, rs in cells.items()}
     out: dict[str, dict[str, Any]] = {}
     for method, ref in COMPARED:
-        probe = "penalty" if {method, ref} & tuned else method
+        held_out = bool({method, ref} & tuned)  # judged on the seeds no strength was chosen on
         by_s = {}
         for (m, s), seeds in edges.items():
             if m == method and (ref, s) in edges:
                 by_s[s] = stability.seed_ratios(
-                    stability.judged(probe, tuned, seeds),
-                    stability.judged(probe, tuned, edges[(ref, s)]),
+                    _judged(seeds, held_out),
+                    _judged(edges[(ref, s)], held_out),
                     tops[(m, s)],
                     tops[(ref, s)],
                 )
         if by_s:
             out[f"{method}/{ref}"] = by_s
     return out
+
+
+def _judged(seeds: dict[int, float], held_out: bool) -> dict[int, float]:
+    """All ``seeds``, or with ``held_out`` those at or above :data:`stability.TUNING_SEEDS`."""
+    return {k: v for k, v in seeds.items() if not held_out or k >= stability.TUNING_SEEDS}
 
 
 def _ratios(a: list[float], b: list[float]) -> list[float]:
@@ -407,11 +423,11 @@ def _sweep_text(task: str, sweep: dict[str, dict[str, Any]]) -> str:
     pen, dec = _helps(sweep, "penalty"), _helps(sweep, "decoupled-penalty")
     if pen and not dec:
         verdict = (
-            "**only the in-Adam penalty helps**: its gain does not come from relaxing the "
+            "**Only the in-Adam penalty helps**: its gain does not come from relaxing the "
             "imbalance by a vertical step, so it is not the paper's mechanism"
         )
     elif dec:
-        verdict = "the decoupled (vertical) penalty helps too"
+        verdict = "The decoupled (vertical) penalty held against a reference too"
     else:
-        verdict = "neither the in-Adam nor the decoupled penalty held against a reference"
+        verdict = "Neither the in-Adam nor the decoupled penalty held against a reference"
     return f"- {task}, sweep (Adam, edge ratios per seed): " + "; ".join(parts) + f". {verdict}."
