@@ -52,7 +52,6 @@ __all__ = [
     "PILOT_STRENGTH",
     "PILOT_STEP",
     "MATCH_ROUNDS",
-    "PROJECTION_RTOL",
     "PairKey",
     "AdamSplit",
     "SUMMARY",
@@ -73,7 +72,6 @@ PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others a
 PILOT_STRENGTH = 1.0  # the decoupled penalty's and the exact step's first try, at most
 PILOT_STEP = 0.5  # and at most this lr * strength * (the fastest relaxation rate 2 k_max)
 MATCH_ROUNDS = 2  # secant steps of the matching
-PROJECTION_RTOL = 1e-10  # of the solve with the Gram matrix in the horizontal projection
 # The sweep's paired comparisons reported here: (method, reference).
 COMPARED = (
     ("penalty", "plain"),
@@ -215,8 +213,8 @@ def horizontal_fraction(
     """``|Pi_H (u - u_plain)| / |u_plain|`` at the parameters ``at`` (``[1, *shape]``):
     :func:`gaugefix.project` of what the fixing added to the update onto the orthogonal
     complement of the orbit directions, relative to the plain update; ``None`` where the
-    generators' Gram matrix cannot be solved to :data:`PROJECTION_RTOL` (dead neurons make it
-    singular). ``model`` is left at its parameters."""
+    generators' Gram matrix is singular or too ill-conditioned to solve to ``project``'s
+    tolerance (dead neurons). ``model`` is left at its parameters."""
     now = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -224,9 +222,7 @@ def horizontal_fraction(
             p.copy_(at[n][0])
         added = {n: (u[n] - u_plain[n])[0] for n in u}
         try:
-            horizontal = gaugefix.project(
-                added, model, structure, onto="horizontal", rtol=PROJECTION_RTOL
-            )
+            horizontal = gaugefix.project(added, model, structure, onto="horizontal")
         except (RuntimeError, ValueError):  # an ill-conditioned or singular Gram matrix
             horizontal = None
         for n, p in params.items():
