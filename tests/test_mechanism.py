@@ -210,17 +210,19 @@ def test_one_curve_is_shared_when_pooling_keeps_the_ranking():
     assert dose.shared_curve(x[:2], y[:2], methods[:2])[1] is None
 
 
-def _held(value: bool) -> dict:
+def _held(value: bool | None) -> dict:
     return {"min": 1.2, "median": 1.2, "max": 1.2, "seeds": 3, "unknown_seeds": 0,
             "lower_bound": False, "interval": [1.1, 1.3], "held": value}  # fmt: skip
 
 
 def test_the_report_says_when_only_the_in_adam_penalty_helps():
     """The Adam section names the case where the penalty inside Adam held against a reference
-    and the decoupled penalty did not, and only that case."""
+    and the decoupled penalty did not (every verdict of it known), and only that case."""
     only = {"penalty/plain": {"0.0": _held(True)}, "decoupled-penalty/plain": {"0.0": _held(False)}}
     assert "**Only the in-Adam penalty helps**" in adam_split._sweep_text("ts", only)
     both = {**only, "decoupled-penalty/balanced-init": {"0.0": _held(True)}}
     assert "Only the in-Adam" not in adam_split._sweep_text("ts", both)
+    unknown = {**only, "decoupled-penalty/plain": {"0.0": _held(None)}}
+    assert "could not be measured everywhere" in adam_split._sweep_text("ts", unknown)
     neither = {"penalty/plain": {"0.0": _held(False)}}
     assert "Neither" in adam_split._sweep_text("ts", neither)
