@@ -71,7 +71,7 @@ class Dose(TypedDict):
         dict[MethodKey, float | None], "Spearman of edge ratio vs tau ratio, per method, pooled"
     ]
     shared: Annotated[bool | None, "one monotone curve shared by penalty and exact"]
-    excluded: Annotated[int, "points where plain did not diverge at the method's edge"]
+    excluded: Annotated[int, "points without a stable rate or where plain did not diverge there"]
 
 
 SUMMARY = dict[TaskKey, Dose]
@@ -217,8 +217,8 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"- {task}, full-batch GD, {e['steps']} steps from s = {v['s']:g}, {e['seeds']} "
             f"seed(s), strengths {', '.join(fmt(st) for st in swept)}: "
-            f"Spearman rho {rhos}: **{judged}** ({e['excluded']} points left out where plain "
-            f"did not diverge at the method's edge)."
+            f"Spearman rho {rhos}: **{judged}** ({e['excluded']} points left out: no stable "
+            f"rate, or plain did not diverge at the method's edge)."
         )
     ax.set_xlabel("tau_relax / t_diverge (plain)")
     ax.set_ylabel("edge / plain's edge")
