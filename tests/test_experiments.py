@@ -446,6 +446,11 @@ def _check_schema(summary: dict) -> None:
         assert t["balance_function_change"] is None or t["balance_function_change"] <= 1e-10
     assert isinstance(summary["relaxation"]["max_relative_error"], float)
     assert summary["conditioning"]["teacher-student"]["by_s"]
+    split = summary["adam_split"]["teacher-student"]
+    assert split["horizontal"]["decoupled-penalty"] < 1e-10 < split["horizontal"]["penalty"]
+    assert "decoupled-penalty/penalty" in split["sweep"]
+    assert summary["sharpness_track"]["teacher-student"]["plain"]["2.0"]["predicted_edge"] > 0
+    assert set(summary["dose"]["teacher-student"]["rho"]) == {"penalty", "exact", "pooled"}
 
 
 def test_quick_reproduction(tmp_path: Path):
@@ -480,6 +485,9 @@ def test_quick_reproduction(tmp_path: Path):
         "drift-teacher-student.png",
         "relaxation.png",
         "sharpness.png",
+        "sharpness-at-edge.png",
+        "dose-response.png",
+        "adam-split.png",
     ):
         assert f"({figure})" in report and (out / figure).is_file()
     assert "| task | regime | method |" in result.output

@@ -4,13 +4,14 @@ A :class:`Transformation` is a pair of functions: ``init(params) -> state`` and
 ``update(grads, state, params) -> (updates, state)``, with ``state`` a ``NamedTuple``. The
 gradient transformations (:func:`penalty`, :func:`weight_decay`) return the gradients they were
 given with a term added; the optimizers (:func:`sgd`, :func:`adam`, :func:`adamw`) return the
-change to the parameters, ``-lr * direction``; :func:`chain` composes them and :func:`applied`
-adds the result to the parameters and returns them. :func:`exact` wraps such a step with the
-exact orbit step of soft gauge fixing: every ``every``-th step, the group action ``g(h)``, ``h``
-the bounded step of :func:`gaugefix.relax_` at ``rate = strength * (the sum of the learning
-rates since the last one)``, applied to the parameters and to the optimizer's state
-(gradient-like buffers by the inverse factor, squared ones by its square), so the function the
-step produced is kept to rounding.
+change to the parameters, ``-lr * direction``, to which :func:`decoupled_penalty` adds a vertical
+step; :func:`chain` composes them and :func:`applied` adds the result to the parameters and
+returns them. :func:`exact` wraps such a step with the exact orbit step of soft gauge fixing:
+every ``every``-th step, the group action ``g(h)``, ``h`` the bounded step of
+:func:`gaugefix.relax_` at ``rate = strength * (the sum of the learning rates since the last
+one)``, applied to the parameters and to the optimizer's state (gradient-like buffers by the
+inverse factor, squared ones by its square), so the function the step produced is kept to
+rounding.
 
 Parameters are ``name -> [*batch, *shape]`` with ``batch_dims`` leading dims: several copies of a
 model (the sweep engine's runs) step at once, each with its own ``lr`` and ``strength`` (tensors
@@ -58,6 +59,7 @@ __all__ = [
     "adam",
     "ADAMW_WEIGHT_DECAY",
     "adamw",
+    "decoupled_penalty",
     "chain",
     "apply_updates_",
     "applied",
@@ -234,6 +236,28 @@ def adamw(
         return updates, state
 
     return Transformation(inner.init, update)
+
+
+def decoupled_penalty(
+    structure: GaugeStructure, *, lr: Scalar, strength: Scalar, batch_dims: int = 0
+) -> Transformation:
+    """After an optimizer (chained behind it, on its updates): adds ``-lr * strength * grad P``
+    of ``P = (1 / 4) sum_n mu_n^2`` at the step's parameters, i.e. ``-lr strength sum_n mu_n
+    xi_n`` with ``xi_n(e) = w_n(e) theta_e`` the generators' tangent vectors. The step is
+    vertical (tangent to the orbit: the function is unchanged to first order) and taken at the
+    rate ``lr * strength`` outside the optimizer's preconditioner, as AdamW decouples weight
+    decay; to first order it relaxes ``mu`` as the exact orbit step :func:`exact` at the same
+    rate (``mu <- (I - 2 lr strength K) mu``). ``lr`` is read at every step."""
+
+    @torch.no_grad()
+    def update(updates: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+        dtype = accumulation_dtype(next(iter(params.values())).dtype)
+        s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
+        mu = (s_in - s_out) * -per_entry(lr * strength, s_in)
+        add_selection_grads_(updates, params, structure, mu, batch_dims)
+        return updates, state
+
+    return Transformation(lambda params: EmptyState(), update)
 
 
 def chain(*transformations: Transformation) -> Transformation:

@@ -34,6 +34,7 @@ from gaugefix.step import (
     adamw,
     applied,
     chain,
+    decoupled_penalty,
     exact,
     penalty,
     sgd,
@@ -81,7 +82,8 @@ Stack = dict[str, Tensor]
 class Method:
     """A training method: whether it starts from the balanced point of its initialisation's
     orbit (``balance_`` at step 0; the function is unchanged), what it adds to every step
-    (``fixing``: ``"penalty"``, ``"exact"``, ``"weight-decay"``, ``"balance"`` or ``None``),
+    (``fixing``: ``"penalty"``, ``"decoupled-penalty"``, ``"exact"``, ``"weight-decay"``,
+    ``"balance"`` or ``None``),
     its definition in words (docs and report), for ``"exact"`` the optimizer steps between
     orbit steps (``every``, as :class:`gaugefix.GaugeFixing`'s), and for a replica the method it
     replicates (``replica_of``): the same method from an independent initialisation draw for the
@@ -117,6 +119,13 @@ METHODS: dict[str, Method] = {
     "exact": Method(False, "exact", f"{_EXACT}, {_FROM_GIVEN}", every=1),
     "balanced-exact": Method(True, "exact", f"{_EXACT}, {_FROM_BALANCED}", every=1),
     "exact-every-10": Method(False, "exact", f"{_EXACT_EVERY_10}, {_FROM_GIVEN}", every=10),
+    "decoupled-penalty": Method(
+        False,
+        "decoupled-penalty",
+        "the penalty's gradient `strength * sum_n mu_n xi_n` taken after the optimizer's update "
+        "at the rate `lr * strength`, outside its preconditioner (as AdamW decouples weight "
+        f"decay): a vertical step, {_FROM_GIVEN}",
+    ),
     "weight-decay": Method(
         False, "weight-decay", f"L2, `strength * theta` added to the gradient, {_FROM_GIVEN}"
     ),
@@ -134,7 +143,9 @@ METHODS: dict[str, Method] = {
     ),
 }
 STRENGTH_METHODS = tuple(
-    m for m, d in METHODS.items() if d.fixing in ("penalty", "exact", "weight-decay")
+    m
+    for m, d in METHODS.items()
+    if d.fixing in ("penalty", "decoupled-penalty", "exact", "weight-decay")
 )
 # The references a method is compared with, where a regime has them: the optimizer alone from the
 # initialisation as given (plain) and from its balanced point (balanced-init).
@@ -399,7 +410,8 @@ def group_step(
 ) -> Transformation:
     """The step of :mod:`gaugefix.step` every run of a group takes, each with its method's
     strengths (0 where its method has none): the penalty's gradient and weight decay added to
-    the loss gradient, the optimizer (``lr``: ``[R]``), the updates of runs no longer
+    the loss gradient, the optimizer (``lr``: ``[R]``), the decoupled penalty's vertical step
+    added to its update, the updates of runs no longer
     ``active`` zeroed, the exact orbit step of each ``every`` the methods use, and hard gauge
     fixing (``balance``) after the step."""
 
@@ -414,9 +426,13 @@ def group_step(
         )  # fmt: skip
 
     pen, wd = strengths("penalty"), strengths("weight-decay")
+    decoupled = strengths("decoupled-penalty")
     parts = [penalty(structure, strength=pen, batch_dims=1)] if bool((pen > 0).any()) else []
     parts += [weight_decay(strength=wd)] if bool((wd > 0).any()) else []
-    parts += [optimizers(optimizer, lr), _frozen(active)]
+    parts += [optimizers(optimizer, lr)]
+    if bool((decoupled > 0).any()):
+        parts += [decoupled_penalty(structure, lr=lr, strength=decoupled, batch_dims=1)]
+    parts += [_frozen(active)]
     step_fn = applied(chain(*parts))
     for every in sorted({METHODS[c.method].every for c in configs}):
         exact_strength = strengths("exact", every)

@@ -1,0 +1,211 @@
+"""Sharpness at the edge: for each method of the headline regime (full-batch GD) and each
+initial imbalance, the largest Hessian eigenvalue of the training loss every few steps of
+training at the method's measured (bisected) stable edge, and the edge ``2 / lambda_max(0)``
+that the quadratic model of gradient descent predicts from the start against the measured
+one. Stored per task under ``sharpness_track/TASK``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import torch
+
+import gaugefix
+from gaugefix.diagnostics import sharpness
+from gaugefix.experiments import stability
+from gaugefix.experiments.cells import (
+    MethodKey,
+    SKey,
+    TaskKey,
+    by_regime,
+    group,
+    s_key,
+    task_version,
+)
+from gaugefix.experiments.engine import (
+    METHODS,
+    RunConfig,
+    balance_runs_,
+    group_step,
+    init_direction,
+    task_hash,
+)
+from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
+from gaugefix.experiments.probes import float64_model
+from gaugefix.experiments.runner import TaskSpec
+from gaugefix.experiments.store import Store
+from gaugefix.experiments.tasks import Task
+
+__all__ = [
+    "KEY",
+    "TRACKED",
+    "EdgeSharpness",
+    "SUMMARY",
+    "compute",
+    "edges_at_seed_0",
+    "tracked",
+    "summarize",
+    "render",
+]
+
+KEY = "sharpness_track"
+TRACKED = ("plain", "balanced-init", "penalty", "exact")  # methods followed, where they were run
+POINTS = {True: 2, False: 11}  # sharpness evaluations per run, quick and full
+
+
+class EdgeSharpness(TypedDict):
+    """One method at one initial imbalance (:func:`summarize`)."""
+
+    strength: float
+    measured_edge: Annotated[float, "the bisected stable edge of seed 0"]
+    predicted_edge: Annotated[float, "2 / lambda_max at step 0"]
+    final_sharpness: Annotated[float | None, "lambda_max at the last step tracked"]
+
+
+SUMMARY = dict[TaskKey, dict[MethodKey, dict[SKey, EdgeSharpness]]]
+
+
+def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
+    """:func:`tracked` at each edge of :func:`edges_at_seed_0` (s = 0 and 2 quick; 0, 1, 2),
+    at :data:`POINTS` evaluations over the regime's steps."""
+    steps, edges = edges_at_seed_0(store, task, (0.0, 2.0) if quick else (0.0, 1.0, 2.0))
+    every = max(1, steps // (POINTS[quick] - 1))
+    out: dict[str, Any] = {"steps": steps, "every": every, "methods": {}}
+    done: dict[tuple, list] = {}
+    for (method, s), (strength, edge) in sorted(edges.items()):
+        # a balanced start without fixing trains the same network from every s of one orbit
+        same = METHODS[method].balanced_start and METHODS[method].fixing is None
+        key = (method, strength, edge, None if same else s)
+        curve = done[key] = done.get(key) or tracked(task, method, strength, edge, s, steps, every)
+        out["methods"].setdefault(method, {})[s_key(s)] = {
+            "strength": strength,
+            "edge": edge,
+            "curve": curve,
+        }
+    return out
+
+
+def edges_at_seed_0(
+    store: Store, task: Task, s_values: tuple[float, ...]
+) -> tuple[int, dict[tuple[str, float], tuple[float, float]]]:
+    """The steps of the task's full-batch GD regime (its longest) and, per method of
+    :data:`TRACKED` and ``s``, its best strength and seed 0's bisected stable edge (where it
+    has one)."""
+    version = task_version(TaskSpec(task.name).hash())
+    runs = store.runs(task=task.name, optimizer="gd", batch_size=0)
+    regimes = by_regime([r for r in runs if task_version(r.config.task_hash) == version])
+    if not regimes:
+        return 0, {}
+    regime = max(regimes, key=lambda r: r.steps)
+    chosen = [r for r in stability.at_best_strength(regimes[regime]) if r.config.seed == 0]
+    out = {}
+    for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
+        edge = stability.stable_edges(cell).get(0, 0.0)
+        if method in TRACKED and s in s_values and edge > 0:
+            out[(method, s)] = (cell[0].config.strength, edge)
+    return regime.steps, out
+
+
+def tracked(
+    task: Task, method: str, strength: float, lr: float, s: float, steps: int, every: int
+) -> list[tuple[int, float, float]]:
+    """``(step, loss, lambda_max)`` every ``every`` steps of full-batch GD at ``lr`` on the
+    task's float64 network (seed 0) from the initialisation moved by ``s z``, each step the
+    sweep's for ``method`` at ``strength`` (:func:`group_step`; a balanced start by
+    :func:`balance_runs_`); ``lambda_max`` by :func:`gaugefix.sharpness`. Ends at a non-finite
+    loss."""
+    model, structure = float64_model(task)
+    gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
+    x, y, _, _ = task.arrays(torch.float64)
+    stack = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}  # views of model
+    if METHODS[method].balanced_start:
+        balance_runs_(structure, stack, torch.tensor([True]), None)
+    config = RunConfig(task.name, method, "gd", lr, strength, s, 0, 0, steps, "float64",
+                       task_hash=task_hash(task))  # fmt: skip
+    step_fn = group_step(
+        structure, [config], "gd", torch.tensor([lr], dtype=torch.float64), torch.tensor([True])
+    )
+    state = step_fn.init(stack)
+    curve = []
+    for step in range(steps + 1):
+        loss = task.loss(model(x), y)
+        if not math.isfinite(loss.item()):
+            break
+        if step % every == 0:
+            curve.append((step, loss.item(), float(sharpness(model, task.loss, x, y))))
+        if step == steps:
+            break
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        with torch.no_grad():
+            step_fn.update({n: g.unsqueeze(0) for n, g in zip(stack, grads, strict=True)},
+                           state, stack)  # fmt: skip
+    return curve
+
+
+def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per task, method and s: the strength, the measured and predicted edges and the last
+    sharpness tracked."""
+    return {
+        task: {
+            method: {
+                s: EdgeSharpness(
+                    strength=r["strength"],
+                    measured_edge=r["edge"],
+                    predicted_edge=2 / r["curve"][0][2],
+                    final_sharpness=r["curve"][-1][2] if r["curve"] else None,
+                )
+                for s, r in by_s.items()
+                if r["curve"]
+            }
+            for method, by_s in v["methods"].items()
+        }
+        for task, v in sorted(values.items())
+    }
+
+
+def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
+    summary = summarize(values)
+    panels = [(task, s) for task, v in sorted(values.items()) for s in _s_values(v)]
+    if not panels:
+        return ""
+    fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False,
+                         layout="constrained")  # fmt: skip
+    lines = []
+    for ax, (task, s) in zip(axes[0], panels, strict=True):
+        for method, by_s in values[task]["methods"].items():
+            if s not in by_s:
+                continue
+            r, e = by_s[s], summary[task][method][s]
+            pts = r["curve"]
+            label = f"{method} (lr {fmt(r['edge'])})"
+            ax.semilogy([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3,
+                        color=method_color(method), label=label)  # fmt: skip
+            ax.axhline(2 / r["edge"], color=method_color(method), ls=":", lw=1)
+            lines.append(
+                f"- {task}, s = {float(s):g}, {method}: measured edge {fmt(e['measured_edge'])}, "
+                f"predicted 2/lambda_max(0) {fmt(e['predicted_edge'])} (measured/predicted "
+                f"{fmt(e['measured_edge'] / e['predicted_edge'])}); lambda_max "
+                f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}."
+            )
+        ax.set_title(f"{task}, s = {float(s):g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("lambda_max (dotted: 2 / lr)")
+        ax.legend(fontsize=6)
+        plain_log_ticks(ax)
+    name = save(fig, out, "sharpness-at-edge.png")
+    return (
+        "## Sharpness at the edge\n\nEach method trained by full-batch GD at its own measured "
+        "stable edge (seed 0, bisected; each at its best strength), the largest Hessian "
+        "eigenvalue of the training loss tracked (Lanczos). Gradient descent on a quadratic "
+        "is stable below 2/lambda_max, so the edge predicted from the start is "
+        "2/lambda_max(0); a method whose measured edge is far above it survives a start "
+        "sharper than its rate allows (the sharpness must fall during training).\n\n"
+        + "\n".join(lines)
+        + f"\n\n![sharpness at the edge]({name})"
+    )
+
+
+def _s_values(value: dict[str, Any]) -> list[str]:
+    return sorted({s for by_s in value["methods"].values() for s in by_s}, key=float)
