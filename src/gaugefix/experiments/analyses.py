@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from gaugefix.experiments import conditioning, relaxation
+from gaugefix.experiments import conditioning, min_sharpness, relaxation
 from gaugefix.experiments.engine import task_hash
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Store
@@ -36,7 +36,7 @@ class Analysis(Protocol):
     def render(self, out: Path, values: dict[str, dict[str, Any]]) -> str: ...
 
 
-ANALYSES: tuple[Analysis, ...] = (relaxation, conditioning)
+ANALYSES: tuple[Analysis, ...] = (relaxation, conditioning, min_sharpness)
 
 
 def stored(store: Store, analysis: Analysis) -> dict[str, Any]:
