@@ -173,7 +173,9 @@ DEFINITION = (
     "effect of it would count as a false positive). Methods with a strength grid are shown at "
     "their best strength per regime (the largest summed `max_stable_lr` of seeds 0 to "
     f"{TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are judged on "
-    "the other seeds only (none: could not be measured)."
+    "the other seeds only (none: could not be measured). The methods that name a method to be "
+    f"compared with ({', '.join(COMPARED)}) are compared with it by the same paired rule, judged "
+    "on the other seeds when either side was tuned."
 )
 
 
