@@ -12,8 +12,8 @@ import gaugefix
 from gaugefix.experiments import min_sharpness
 from gaugefix.experiments.engine import (
     MECHANISM_METHODS,
-    METHODS,
     MOMENTUM,
+    Method,
     RunConfig,
     init_direction,
     per_layer_lr_multipliers,
@@ -205,6 +205,6 @@ def test_per_layer_lr_is_refused_under_adam_and_a_start_needs_its_fixing():
     with pytest.raises(ValueError, match="per-layer-lr is defined for gd, sgd, momentum"):
         train_group(task, [config])
     with pytest.raises(ValueError, match="fixing 'exact'"):
-        type(METHODS["plain"])(False, None, "x", start="orbit-step")
+        Method(False, None, "x", start="orbit-step")
     with pytest.raises(ValueError, match="hard fixing"):
-        type(METHODS["plain"])(False, "exact", "x", until=1)
+        Method(False, "exact", "x", until=1)
