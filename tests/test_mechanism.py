@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gaugefix
-from gaugefix.experiments import min_sharpness
+from gaugefix.experiments import engine, min_sharpness
 from gaugefix.experiments.engine import (
     MECHANISM_METHODS,
     MOMENTUM,
@@ -27,6 +27,7 @@ from gaugefix.step import state_targets
 
 DTYPE = torch.float64
 STEPS, LR, S = 12, 0.05, 1.0
+FEW_ITERATIONS = 5
 
 
 def _engine_curve(method: str, optimizer: str, strength: float = 0.0) -> list[tuple]:
@@ -164,9 +165,18 @@ def test_per_layer_lr_runs_are_sgd_with_one_learning_rate_per_tensor():
     _assert_equal(_engine_curve("per-layer-lr", "momentum"), _by_hand(grouped))
 
 
-def test_min_sharpness_init_lowers_lambda_max_and_keeps_the_function():
+@pytest.fixture
+def few_iterations(monkeypatch):
+    """min-sharpness-init's L-BFGS cut to a few iterations (for time), its results computed
+    afresh and not kept beyond the test."""
+    monkeypatch.setattr(engine, "MIN_SHARPNESS_ITERATIONS", FEW_ITERATIONS)
+    monkeypatch.setattr(engine, "_SHARPNESS_STARTS", {})
+
+
+def test_min_sharpness_init_lowers_lambda_max_and_keeps_the_function(few_iterations):
     spec = TaskSpec("teacher-student")
     r = min_sharpness.record(spec.load(), spec.hash(), 0)
+    assert r["iterations"] <= FEW_ITERATIONS
     assert r["found"] < r["balanced"] and r["found"] < r["given"]
     assert r["function_change"] <= 1e-10
     # the engine's runs start there from every s: the same function, the same trajectory
@@ -182,7 +192,7 @@ def test_min_sharpness_init_lowers_lambda_max_and_keeps_the_function():
         assert abs(a.log_ratio_rms - b.log_ratio_rms) <= 1e-9 * b.log_ratio_rms
 
 
-def test_the_mechanism_methods_trained_in_a_group_equal_each_alone():
+def test_the_mechanism_methods_trained_in_a_group_equal_each_alone(few_iterations):
     task = load_task("teacher-student")
     methods = {**dict.fromkeys(MECHANISM_METHODS, 0.0), "exact-first": 1.0, "exact": 1.0,
                "balance": 0.0}  # fmt: skip
