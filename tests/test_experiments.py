@@ -315,6 +315,10 @@ def test_two_writers_share_a_store(tmp_path: Path):
         (["--task", "nope"], "unknown task"),
         (["--task", "teacher-student", "--method", "plain,magic"], "unknown method"),
         (["--task", "teacher-student", "--optimizer", "lbfgs"], "unknown optimizer"),
+        (
+            ["--task", "teacher-student", "--method", "per-layer-lr", "--optimizer", "gd,adam"],
+            "per-layer-lr is defined for gd, sgd, momentum, not adam",
+        ),
         (["--task", "teacher-student", "--lr", "0.1,-1"], "--lr must be > 0"),
         (["--task", "teacher-student", "--lr", "0.1,abc"], "--lr must be"),
         (["--task", "teacher-student", "--strength", "nan"], "--strength must be finite"),

@@ -240,15 +240,19 @@ def test_analyses_are_recomputed_for_another_grid_or_task_hash(tmp_path, monkeyp
         monkeypatch.setattr(analysis, "compute", fake(analysis.KEY))
     store = Store(tmp_path / "results.sqlite")
     analyses.run_analyses(store, quick=True)
-    assert sorted(calls) == ["conditioning/teacher-student", "relaxation/teacher-student"]
+    assert sorted(calls) == [
+        "conditioning/teacher-student",
+        "min-sharpness/teacher-student",
+        "relaxation/teacher-student",
+    ]
     analyses.run_analyses(store, quick=True)
-    assert len(calls) == 2  # stored for this grid and task: reused
+    assert len(calls) == 3  # stored for this grid and task: reused
     analyses.run_analyses(store, quick=False)  # the full grid: recomputed, and the deep task
-    assert len(calls) == 6 and calls[2:].count("relaxation/teacher-student") == 1
+    assert len(calls) == 9 and calls[3:].count("relaxation/teacher-student") == 1
     assert analyses.stored(store, analyses.ANALYSES[0]).keys() == {
         "teacher-student",
         "deep-teacher-student",
     }
     monkeypatch.setattr(engine, "DEFINITIONS", engine.DEFINITIONS + 1)
     analyses.run_analyses(store, quick=False)  # other definitions: other task hashes
-    assert len(calls) == 10
+    assert len(calls) == 15

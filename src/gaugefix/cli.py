@@ -30,7 +30,13 @@ from gaugefix.checkpoint import (
     write_state_dict,
 )
 from gaugefix.experiments.analyses import run_analyses
-from gaugefix.experiments.engine import METHODS, OPTIMIZERS, STRENGTH_METHODS, RunConfig
+from gaugefix.experiments.engine import (
+    METHODS,
+    OPTIMIZERS,
+    PER_LAYER_LR_OPTIMIZERS,
+    STRENGTH_METHODS,
+    RunConfig,
+)
 from gaugefix.experiments.plan import BISECTION_ROUNDS, QUICK_BISECTION_ROUNDS, reproduce_grids
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import TaskSpec, estimated_seconds, run_bisected, spec_of_run
@@ -495,9 +501,16 @@ def _axes(
         for m in _names(method, "method", tuple(METHODS))
         for st in _floats(strength, "--strength", nonneg=True)
     )
+    optimizers = list(dict.fromkeys(_names(optimizer, "optimizer", OPTIMIZERS)))
+    undefined = [o for o in optimizers if o not in PER_LAYER_LR_OPTIMIZERS]
+    if undefined and any(METHODS[m].per_layer_lr for m, _ in methods):
+        raise _fail(
+            f"per-layer-lr is defined for {', '.join(PER_LAYER_LR_OPTIMIZERS)}, not "
+            f"{', '.join(undefined)}"
+        )
     return (
         list(methods),
-        list(dict.fromkeys(_names(optimizer, "optimizer", OPTIMIZERS))),
+        optimizers,
         list(dict.fromkeys(_floats(lr, "--lr", positive=True))),
         list(dict.fromkeys(_floats(init_imbalance, "--init-imbalance"))),
         range(seeds),  # not a list: an absurd --seeds is refused before it is built

@@ -51,6 +51,7 @@ __all__ = [
     "AdamState",
     "OrbitState",
     "ExactState",
+    "ScaleState",
     "check_every",
     "per_entry",
     "penalty",
@@ -65,7 +66,9 @@ __all__ = [
     "applied",
     "advance",
     "state_targets",
+    "orbit_step_",
     "exact",
+    "scale_by_tensor",
 ]
 
 Params = dict[str, Tensor]
@@ -119,6 +122,12 @@ class ExactState(NamedTuple):
 
     inner: Any
     orbit: OrbitState
+
+
+class ScaleState(NamedTuple):
+    """Each parameter's factor of its updates (a number per copy, ``[*batch]``), by name."""
+
+    factors: Params
 
 
 def check_every(every: int) -> None:
@@ -339,6 +348,18 @@ def _buffers(state: Any) -> Iterator[tuple[str, Params]]:
             yield from _buffers(value)
 
 
+@torch.no_grad()
+def orbit_step_(
+    params: Params, state: Any, structure: GaugeStructure, rate: Tensor, batch_dims: int = 0
+) -> None:
+    """The exact orbit step in place: ``g(h)``, ``h`` the bounded step of
+    :func:`gaugefix.relax_` at ``rate`` (float64, a number per copy ``[*batch]``), applied to
+    ``params`` and transported to the optimizer buffers of ``state`` (a state of this module, or
+    ``None``). The function is unchanged to rounding."""
+    h, _ = orbit_step(params, structure, rate, batch_dims)
+    rescale_(state_targets(params, state), structure, h, batch_dims)
+
+
 def exact(
     step: Transformation,
     structure: GaugeStructure,
@@ -367,8 +388,24 @@ def exact(
         lr_sum, orbit = advance(state.orbit, lr, every)
         if acts and lr_sum is not None and structure.num_generators:
             rate = torch.as_tensor(strength * lr_sum, dtype=torch.float64)
-            h, _ = orbit_step(params, structure, rate, batch_dims)
-            rescale_(state_targets(params, inner), structure, h, batch_dims)
+            orbit_step_(params, inner, structure, rate, batch_dims)
         return params, ExactState(inner, orbit)
 
     return Transformation(init, update)
+
+
+def scale_by_tensor(factors: Callable[[Params], Params]) -> Transformation:
+    """Multiplies the updates of each parameter by its tensor's factor, ``factors(params)``
+    computed once at ``init`` (a number per copy, ``[*batch]``, by name; a parameter without
+    one keeps its updates): per-tensor learning-rate multipliers, as ``torch.optim`` parameter
+    groups of their own learning rates give for SGD (with or without momentum)."""
+
+    @torch.no_grad()
+    def update(updates: Params, state: ScaleState, params: Params) -> tuple[Params, ScaleState]:
+        scaled = {
+            n: u * per_entry(state.factors[n], u) if n in state.factors else u
+            for n, u in updates.items()
+        }
+        return scaled, state
+
+    return Transformation(lambda params: ScaleState(factors(params)), update)

@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from gaugefix.experiments import adam_split, conditioning, dose, relaxation, sharpness_track
+from gaugefix.experiments import (
+    adam_split,
+    conditioning,
+    dose,
+    min_sharpness,
+    relaxation,
+    sharpness_track,
+)
 from gaugefix.experiments.engine import task_hash
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Store
@@ -39,6 +46,7 @@ class Analysis(Protocol):
 ANALYSES: tuple[Analysis, ...] = (
     relaxation,
     conditioning,
+    min_sharpness,
     sharpness_track,
     dose,
     adam_split,

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from gaugefix.action import apply_gauge_
-from gaugefix.balancing import solve_balance
+from gaugefix.balancing import balance_, solve_balance
+from gaugefix.equalize import equalize_, sharpness_objective
 from gaugefix.experiments.tasks import DATA_SEED, Task
 from gaugefix.kernels import generator_sums, rescale_
 from gaugefix.masses import Masses
@@ -36,7 +37,9 @@ from gaugefix.step import (
     chain,
     decoupled_penalty,
     exact,
+    orbit_step_,
     penalty,
+    scale_by_tensor,
     sgd,
     state_targets,
     weight_decay,
@@ -47,6 +50,7 @@ __all__ = [
     "Stack",
     "Method",
     "METHODS",
+    "MECHANISM_METHODS",
     "STRENGTH_METHODS",
     "REFERENCES",
     "OPTIMIZERS",
@@ -71,6 +75,13 @@ __all__ = [
     "balanced_gauges",
     "balance_runs_",
     "balance_changes",
+    "PER_LAYER_LR_OPTIMIZERS",
+    "MIN_SHARPNESS_TOL",
+    "MIN_SHARPNESS_ITERATIONS",
+    "SharpnessStart",
+    "min_sharpness_start",
+    "per_layer_lr_multipliers",
+    "moved_starts_",
 ]
 
 # A stack maps each parameter name to ``[R, *shape]``: run ``r`` of a group is slice ``r``. The
@@ -87,13 +98,32 @@ class Method:
     its definition in words (docs and report), for ``"exact"`` the optimizer steps between
     orbit steps (``every``, as :class:`gaugefix.GaugeFixing`'s), and for a replica the method it
     replicates (``replica_of``): the same method from an independent initialisation draw for the
-    run's seed (the same task instance, other weights), compared with that method only."""
+    run's seed (the same task instance, other weights), compared with that method only.
+
+    The methods that test the mechanism add: ``start``, a move along the orbit at step 0
+    besides balancing (``"orbit-step"``: the exact orbit step once before the first optimizer
+    step; ``"min-sharpness"``: :func:`min_sharpness_start`); ``until``, for hard fixing, the
+    number of optimizer steps it follows (``None``: every one); ``per_layer_lr``, the learning
+    rate of each parameter tensor multiplied by :func:`per_layer_lr_multipliers`; and
+    ``compared_with``, a method it is compared with besides the references."""
 
     balanced_start: bool
     fixing: str | None
     definition: str
     every: int = 1
     replica_of: str | None = None
+    start: str | None = None
+    until: int | None = None
+    per_layer_lr: bool = False
+    compared_with: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.start not in (None, "orbit-step", "min-sharpness"):
+            raise ValueError(f"unknown start {self.start!r}")
+        if self.start == "orbit-step" and self.fixing != "exact":
+            raise ValueError("the orbit-step start is the exact step's, for fixing 'exact'")
+        if self.until is not None and self.fixing != "balance":
+            raise ValueError("until counts the steps of hard fixing ('balance') only")
 
 
 _FROM_GIVEN = "from the initialisation as given"
@@ -141,6 +171,41 @@ METHODS: dict[str, Method] = {
         "plain-vs-plain sham control)",
         replica_of="plain",
     ),
+    "exact-first": Method(
+        False,
+        "exact",
+        "the exact orbit step of `exact` also once before the first optimizer step (at step 0, "
+        f"at the rate of one step, `lr * strength`), then as `exact`, {_FROM_GIVEN}; compared "
+        "with `exact` (does the step before the first update matter?)",
+        start="orbit-step",
+        compared_with="exact",
+    ),
+    "balance-after-step-1": Method(
+        False,
+        "balance",
+        f"the optimizer alone, {_FROM_GIVEN}, balanced (`balance_`) once, after the first "
+        "optimizer step; compared with `exact` (does a one-step rescue do what continuous "
+        "fixing does?)",
+        until=1,
+        compared_with="exact",
+    ),
+    "per-layer-lr": Method(
+        False,
+        None,
+        f"the optimizer alone, {_FROM_GIVEN}, each parameter tensor's learning rate multiplied "
+        "by the mean over its entries of `d_e^-2`, `d_e` the factor balancing would scale entry "
+        "`e` by (computed at step 0; no gauge move ever): GD from the balanced point is GD with "
+        "the preconditioner `D^-2`, matched per tensor in the mean (gd, sgd, momentum only)",
+        per_layer_lr=True,
+    ),
+    "min-sharpness-init": Method(
+        False,
+        None,
+        "the optimizer alone, from the point of the initialisation's orbit with the least "
+        "largest Hessian eigenvalue of the training loss (`equalize_` with "
+        "`sharpness_objective`, L-BFGS from the balanced point; at step 0)",
+        start="min-sharpness",
+    ),
 }
 STRENGTH_METHODS = tuple(
     m
@@ -149,7 +214,16 @@ STRENGTH_METHODS = tuple(
 )
 # The references a method is compared with, where a regime has them: the optimizer alone from the
 # initialisation as given (plain) and from its balanced point (balanced-init).
-REFERENCES = tuple(m for m, d in METHODS.items() if d.fixing is None and not d.replica_of)
+REFERENCES = ("plain", "balanced-init")
+# The methods that test the mechanism of continuous gauge fixing (run in the full-batch GD regimes
+# where it is decided): the first orbit step before the first update, a one-step rescue, the
+# gauge's preconditioner without a gauge move, and a start at the orbit's least sharp point.
+MECHANISM_METHODS = ("exact-first", "balance-after-step-1", "per-layer-lr", "min-sharpness-init")
+# The optimizers per-layer-lr is defined for: on them a gauge change is the preconditioner D^-2.
+PER_LAYER_LR_OPTIMIZERS = ("gd", "sgd", "momentum")
+# The L-BFGS of min-sharpness-init: the gradient tolerance in h and the most iterations.
+MIN_SHARPNESS_TOL = 1e-6
+MIN_SHARPNESS_ITERATIONS = 50
 REPLICA_SEED = 1_000_003  # a replica of seed k is initialised from torch seed k + REPLICA_SEED
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam", "adamw")
 # The momentum of the sweep's ``momentum`` optimizer (SGD's own default is none).
@@ -343,6 +417,7 @@ def train_group(
     template, structure, stack = _initial_stack(tasks, configs, getattr(torch, first.dtype))
     starts = torch.tensor([METHODS[c.method].balanced_start for c in configs])
     balance_runs_(structure, stack, starts, None)
+    moved_starts_(tasks, structure, stack, configs)
     full_loss, batch_loss = _losses(data, template, configs)
     with torch.no_grad():
         initial = full_loss(stack)
@@ -432,6 +507,7 @@ def group_step(
     parts += [optimizers(optimizer, lr)]
     if bool((decoupled > 0).any()):
         parts += [decoupled_penalty(structure, lr=lr, strength=decoupled, batch_dims=1)]
+    parts += _per_layer_lr(structure, configs, optimizer)
     parts += [_frozen(active)]
     step_fn = applied(chain(*parts))
     for every in sorted({METHODS[c.method].every for c in configs}):
@@ -441,7 +517,8 @@ def group_step(
                 step_fn, structure, lr=lr, strength=exact_strength, every=every, batch_dims=1
             )
     hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
-    return _balanced(step_fn, structure, hard, active) if bool(hard.any()) else step_fn
+    until = torch.tensor([METHODS[c.method].until or 0 for c in configs])
+    return _balanced(step_fn, structure, hard, until, active) if bool(hard.any()) else step_fn
 
 
 def optimizers(kind: str, lr: Tensor) -> Transformation:
@@ -471,18 +548,140 @@ def _frozen(active: Tensor) -> Transformation:
     return Transformation(lambda params: EmptyState(), update)
 
 
+class _Counted(NamedTuple):
+    """The state of a step, and the number of steps taken."""
+
+    inner: Any
+    steps: int
+
+
 def _balanced(
-    step_fn: Transformation, structure: GaugeStructure, runs: Tensor, active: Tensor
+    step_fn: Transformation, structure: GaugeStructure, runs: Tensor, until: Tensor, active: Tensor
 ) -> Transformation:
-    """``step_fn``, then the selected runs still ``active`` balanced (``runs``: bool ``[R]``),
-    the optimizer buffers transported."""
+    """``step_fn``, then the selected runs still ``active`` balanced (``runs``: bool ``[R]``)
+    after each of their first ``until`` steps (``[R]``; 0: after every step), the optimizer
+    buffers transported."""
 
-    def update(grads: Stack, state: Any, params: Stack) -> tuple[Stack, Any]:
-        params, state = step_fn.update(grads, state, params)
-        balance_runs_(structure, params, runs & active, state)
-        return params, state
+    def update(grads: Stack, state: _Counted, params: Stack) -> tuple[Stack, _Counted]:
+        params, inner = step_fn.update(grads, state.inner, params)
+        steps = state.steps + 1
+        now = runs & active & ((until == 0) | (until >= steps))
+        balance_runs_(structure, params, now, inner)
+        return params, _Counted(inner, steps)
 
-    return Transformation(step_fn.init, update)
+    return Transformation(lambda params: _Counted(step_fn.init(params), 0), update)
+
+
+def _per_layer_lr(
+    structure: GaugeStructure, configs: list[RunConfig], optimizer: str
+) -> list[Transformation]:
+    """per-layer-lr's multipliers (:func:`per_layer_lr_multipliers` of the initial parameters)
+    on the updates of its runs, as a list of at most one transformation; ``ValueError`` for an
+    optimizer outside :data:`PER_LAYER_LR_OPTIMIZERS`."""
+    runs = torch.tensor([METHODS[c.method].per_layer_lr for c in configs])
+    if not bool(runs.any()):
+        return []
+    if optimizer not in PER_LAYER_LR_OPTIMIZERS:
+        raise ValueError(
+            f"per-layer-lr is defined for {', '.join(PER_LAYER_LR_OPTIMIZERS)}, not {optimizer!r}"
+        )
+    return [scale_by_tensor(lambda params: per_layer_lr_multipliers(structure, params, runs))]
+
+
+def per_layer_lr_multipliers(structure: GaugeStructure, stack: Stack, runs: Tensor) -> Stack:
+    """The learning-rate multiplier of each parameter tensor ``T`` for the selected runs
+    (``runs``: bool ``[R]``; 1 for the others), ``[R]`` float64 by name: ``c_T = mean_{e in T}
+    d_e^-2``, ``d_e = exp(sum_n w_n(e) h_n)`` the factor by which balancing
+    (:func:`balanced_gauges`) scales entry ``e``.
+
+    GD from the balanced point ``theta' = D theta`` has gradient ``D^-1 grad L(theta)``, so in
+    the original coordinates it is ``theta <- theta - lr D^-2 grad L(theta)`` at every step:
+    GD with the fixed per-entry preconditioner ``D^-2``. ``c_T I`` is the multiple of the
+    identity with its trace on each tensor (a tensor balancing does not touch keeps 1)."""
+    h = torch.zeros(runs.shape[0], structure.num_generators, dtype=torch.float64)
+    if bool(runs.any()) and structure.num_generators:
+        sel = torch.nonzero(runs).reshape(-1)
+        h[sel] = balanced_gauges(structure, {k: v[sel] for k, v in stack.items()})
+    factors = {n: torch.ones_like(p, dtype=torch.float64) for n, p in stack.items()}
+    rescale_(state_targets(factors, None), structure, -2 * h, batch_dims=1)
+    return {n: f.flatten(1).mean(1) for n, f in factors.items()}
+
+
+class SharpnessStart(NamedTuple):
+    """min-sharpness-init's start for one seed: ``h`` (``[N]``, float64) that moves the seed's
+    initialisation as given (``s = 0``) to it; the largest Hessian eigenvalue of the training
+    loss at the balanced point (where the L-BFGS starts) and at the point found; the L-BFGS
+    iterations and whether it reached :data:`MIN_SHARPNESS_TOL`."""
+
+    h: Tensor
+    balanced: float
+    found: float
+    iterations: int
+    converged: bool
+
+
+# min_sharpness_start's results in this process, by task hash and seed (a pure function's).
+_SHARPNESS_STARTS: dict[tuple[str, int], SharpnessStart] = {}
+
+
+def min_sharpness_start(
+    task: Task, structure: GaugeStructure, hash_: str, seed: int
+) -> SharpnessStart:
+    """The point of the orbit of seed ``seed``'s initialisation (the task instance of hash
+    ``hash_``) with the least largest Hessian eigenvalue ``lambda_max`` of the full training
+    loss: :func:`gaugefix.equalize_` with :func:`gaugefix.sharpness_objective` (L-BFGS on ``h``,
+    at most :data:`MIN_SHARPNESS_ITERATIONS` iterations) in float64, started from the balanced
+    point, so the point is the same for every initial imbalance ``s``, and deterministic
+    (Lanczos from a fixed seed). Computed once per process for each instance and seed."""
+    key = (hash_, seed)
+    if key not in _SHARPNESS_STARTS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = task.make_model().to(torch.float64)
+        x, y, _, _ = task.arrays(torch.float64)
+        balanced = balance_(model, structure)
+        found = equalize_(
+            model,
+            structure,
+            sharpness_objective(model, task.loss, x, y),
+            tol=MIN_SHARPNESS_TOL,
+            max_iter=MIN_SHARPNESS_ITERATIONS,
+        )
+        _SHARPNESS_STARTS[key] = SharpnessStart(
+            balanced.h + found.h,
+            found.objective_before,
+            found.objective_after,
+            found.iterations,
+            found.converged,
+        )
+    return _SHARPNESS_STARTS[key]
+
+
+def moved_starts_(
+    tasks: Sequence[Task], structure: GaugeStructure, stack: Stack, configs: list[RunConfig]
+) -> None:
+    """The starts of the methods with a ``start``, run ``r`` on ``tasks[r]``, in place (the
+    function unchanged):
+    exact-first's orbit step at the rate of one step (``lr * strength``), and min-sharpness-init's
+    point (:func:`min_sharpness_start`, reached from the run's ``s z``)."""
+    if structure.num_generators == 0:
+        return
+    starts = [METHODS[c.method].start for c in configs]
+    first = [
+        c.lr * c.strength if st == "orbit-step" else 0.0
+        for c, st in zip(configs, starts, strict=True)
+    ]
+    rate = torch.tensor(first, dtype=torch.float64)
+    if bool((rate > 0).any()):
+        orbit_step_(stack, None, structure, rate, batch_dims=1)
+    h = torch.zeros(len(configs), structure.num_generators, dtype=torch.float64)
+    z = init_direction(structure)
+    for i, (c, st) in enumerate(zip(configs, starts, strict=True)):
+        if st == "min-sharpness":
+            h[i] = min_sharpness_start(tasks[i], structure, c.task_hash, c.seed).h - c.s * z
+    if bool(h.any()):
+        with torch.no_grad():
+            rescale_(state_targets(stack, None), structure, h, batch_dims=1)
 
 
 def run_stats(structure: GaugeStructure, stack: Stack) -> tuple[Tensor, Tensor]:

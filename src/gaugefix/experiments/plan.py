@@ -25,7 +25,7 @@ from itertools import product
 from typing import TYPE_CHECKING
 
 from gaugefix.experiments.cells import Runs
-from gaugefix.experiments.engine import METHODS, RunConfig
+from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS, RunConfig
 from gaugefix.experiments.stability import BISECTION_BRACKET, edge_bracket
 
 __all__ = [
@@ -39,6 +39,9 @@ __all__ = [
     "ALL_METHODS",
     "ONE_STRENGTH",
     "ADAM_ONLY",
+    "MECHANISM",
+    "MECHANISM_ONE",
+    "MECHANISM_DIGITS",
     "COSTLY",
     "BALANCED_START",
     "TS_DRIFT",
@@ -47,7 +50,6 @@ __all__ = [
     "SEEDS",
     "COSTLY_SEEDS",
     "S_WIDE",
-    "MIN_SHARPNESS_INIT",
     "REALISTIC_METHODS",
     "REALISTIC_SEEDS",
     "REALISTIC_REGIMES",
@@ -140,9 +142,21 @@ def with_strengths(
 # digits, full batch): the decoupled penalty, which separates the penalty's vertical step from
 # Adam's preconditioner.
 ADAM_ONLY = with_strengths(("decoupled-penalty",), ONE)
-PAPER_METHODS = tuple(m for m in METHODS if m != "exact-every-10" and m not in ADAM_ONLY)
+PAPER_METHODS = tuple(
+    m
+    for m in METHODS
+    if m != "exact-every-10" and m not in ADAM_ONLY and m not in MECHANISM_METHODS
+)
 ALL_METHODS = with_strengths(PAPER_METHODS, STRENGTH_GRID)
 ONE_STRENGTH = with_strengths(PAPER_METHODS, ONE)
+# The methods that test the mechanism, added to the full-batch GD blocks where it is decided
+# (teacher-student, deep-teacher-student, digits; per-layer-lr is not defined for Adam): at the
+# teacher-student GD block's strengths, and at one strength.
+# On digits without min-sharpness-init: its L-BFGS on the 64-256-10 network took 10 minutes of
+# wall time for one seed on the loaded 2-core machine (50 iterations, not converged).
+MECHANISM = with_strengths(MECHANISM_METHODS, STRENGTH_GRID)
+MECHANISM_ONE = with_strengths(MECHANISM_METHODS, ONE)
+MECHANISM_DIGITS = {m: MECHANISM_ONE[m] for m in MECHANISM_ONE if m != "min-sharpness-init"}
 # The expensive tasks (the CNN, the transformer): the references, the penalty, the exact step
 # and hard fixing (weight decay and the balanced starts of penalty and exact left out for time).
 COSTLY = with_strengths(
@@ -163,13 +177,19 @@ COSTLY_SEEDS = 5
 S_WIDE = (0.0, 1.0)
 # The realistic tasks' methods: the references and the plain replica (the sham control), the
 # penalty at two strengths, the exact step at GaugeFixing's default interval and at every step,
-# hard fixing, and MIN_SHARPNESS_INIT. That method is defined on another branch: the lead adds
-# "min-sharpness-init" to this tuple at merge.
-MIN_SHARPNESS_INIT: tuple[str, ...] = ()
+# hard fixing. Not min-sharpness-init: its search (L-BFGS over the orbit, a Lanczos
+# eigenvalue per iteration) on these models has not been timed within the full run's budget.
 REALISTIC_METHODS = {
     **with_strengths(("plain", "plain-replica", "balanced-init"), ONE),
     "penalty": (0.1, 1.0),
-    **with_strengths(("exact-every-10", "exact", "balance", *MIN_SHARPNESS_INIT), ONE),
+    **with_strengths(
+        (
+            "exact-every-10",
+            "exact",
+            "balance",
+        ),
+        ONE,
+    ),
 }
 REALISTIC_SEEDS = 3
 # The realistic tasks' regimes: optimizer, learning-rate window, steps and batch size. The windows
@@ -211,7 +231,7 @@ def _quick_grids() -> list[TaskGrid]:
         TaskGrid(
             "teacher-student",
             (
-                Block(ts, "gd", (-14, 3), S_DEEP, 1, 100),
+                Block({**ts, **MECHANISM_ONE}, "gd", (-14, 3), S_DEEP, 1, 100),
                 Block({**ts, **ADAM_ONLY}, "adam", (-10, 1), S_DEEP, 1, 100),
                 *_mini_batch(ts, {"sgd": (-9, 2)}, 100, 1),
                 *_mini_batch(long, {"sgd": (-4, 3), "adam": (-8, -1)}, 1000, 1),
@@ -236,19 +256,20 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
         TaskGrid(
             "teacher-student",
             (
-                Block(ALL_METHODS, "gd", (-16, 4), S_DEEP, SEEDS, 150),
+                Block({**ALL_METHODS, **MECHANISM}, "gd", (-16, 4), S_DEEP, SEEDS, 150),
                 Block({**ALL_METHODS, **ADAM_ONLY}, "adam", (-12, 2), S_DEEP, SEEDS, 150),
                 *_mini_batch(ALL_METHODS, TS_DRIFT, 150, SEEDS),
                 *_mini_batch(BALANCED_START, {"sgd": (-6, 3), "adam": (-10, -1)}, 1500, SEEDS),
             ),
         ),
         TaskGrid(
-            "deep-teacher-student", (Block(ONE_STRENGTH, "gd", (-16, 4), S_DEEP, SEEDS, 150),)
+            "deep-teacher-student",
+            (Block({**ONE_STRENGTH, **MECHANISM_ONE}, "gd", (-16, 4), S_DEEP, SEEDS, 150),),
         ),
         TaskGrid(
             "digits",
             (
-                Block(ONE_STRENGTH, "gd", (-6, 6), S_WIDE, SEEDS, 50),
+                Block({**ONE_STRENGTH, **MECHANISM_DIGITS}, "gd", (-6, 6), S_WIDE, SEEDS, 50),
                 Block({**ONE_STRENGTH, **ADAM_ONLY}, "adam", (-10, 3), S_WIDE, SEEDS, 50),
                 *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 50, SEEDS),
                 *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 500, SEEDS),

@@ -28,6 +28,7 @@ from gaugefix.experiments.cells import (
 )
 from gaugefix.experiments.engine import (
     DIVERGENCE_FACTOR,
+    MECHANISM_METHODS,
     METHODS,
     REFERENCES,
     STABILITY_MARGIN,
@@ -50,6 +51,7 @@ __all__ = [
     "TUNING_SEEDS",
     "BISECTION_BRACKET",
     "SHAM_METHODS",
+    "COMPARED",
     "Definition",
     "DEFAULT",
     "SENSITIVITY",
@@ -111,6 +113,9 @@ BISECTION_BRACKET = 1.03
 # Controls whose held verdicts are false positives: weight decay at small strengths, and plain
 # against an independent replica of itself.
 SHAM_METHODS = ("weight-decay", "plain-replica")
+# The methods some method is compared with besides the references (``Method.compared_with``):
+# exact, against its first orbit step moved before the first update and a one-step rescue.
+COMPARED = tuple(dict.fromkeys(d.compared_with for d in METHODS.values() if d.compared_with))
 
 
 class Definition(NamedTuple):
@@ -168,7 +173,9 @@ DEFINITION = (
     "effect of it would count as a false positive). Methods with a strength grid are shown at "
     "their best strength per regime (the largest summed `max_stable_lr` of seeds 0 to "
     f"{TUNING_SEEDS - 1} together over s, the smallest on ties); their verdicts are judged on "
-    "the other seeds only (none: could not be measured)."
+    "the other seeds only (none: could not be measured). The methods that name a method to be "
+    f"compared with ({', '.join(COMPARED)}) are compared with it by the same paired rule, judged "
+    "on the other seeds when either side was tuned."
 )
 
 
@@ -412,8 +419,11 @@ def judged(method: str, tuned: set[str], seeds: dict[int, float]) -> dict[int, f
 
 
 def compared(method: str, ref: str) -> bool:
-    """Whether ``method`` is compared with the reference ``ref``: every other method is, a
-    replica only with the method it replicates."""
+    """Whether ``method`` is compared with ``ref``: with a reference (:data:`REFERENCES`) every
+    other method is, a replica only with the method it replicates; with a method of
+    :data:`COMPARED`, the methods that name it (``compared_with``)."""
+    if ref not in REFERENCES:
+        return METHODS[method].compared_with == ref
     replica_of = METHODS[method].replica_of
     return method != ref and replica_of in (None, ref)
 
@@ -423,15 +433,15 @@ Table = dict[str, dict[str, Any]]
 
 
 def expansion(edges: Table, tops: dict[tuple[str, str], float], tuned: set[str]) -> dict:
-    """Per reference, method and s, the :func:`seed_ratios` of the stable ``edges`` (per
-    method and s, per seed); a ``tuned`` method's judged on the seeds its strength was not
-    chosen on."""
+    """Per reference (and method of :data:`COMPARED`), method and s, the :func:`seed_ratios`
+    of the stable ``edges`` (per method and s, per seed); a comparison with a ``tuned`` method
+    on either side is judged on the seeds its strength was not chosen on."""
     return {
         ref: {
             method: {
                 s: seed_ratios(
-                    judged(method, tuned, seeds),
-                    judged(method, tuned, edges[ref][s]),
+                    judged(method if method in tuned else ref, tuned, seeds),
+                    judged(method if method in tuned else ref, tuned, edges[ref][s]),
                     tops[(method, s)],
                     tops[(ref, s)],
                 )
@@ -441,7 +451,7 @@ def expansion(edges: Table, tops: dict[tuple[str, str], float], tuned: set[str])
             for method, cells in edges.items()
             if compared(method, ref)
         }
-        for ref in REFERENCES
+        for ref in (*REFERENCES, *COMPARED)
         if ref in edges
     }
 
@@ -745,7 +755,8 @@ def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Ru
             )
         if not lines:  # no method besides the reference in this regime
             continue
-        what = "plain" if ref == "plain" else "a balanced start (balanced-init)"
+        names = {"plain": "plain", "balanced-init": "a balanced start (balanced-init)"}
+        what = names.get(ref, f"`{label(ref, entry)}`")
         parts.append(
             f"**Expansion against {what}** (per-seed ratio of the bisected stable edges: median "
             "[min, max] over seeds; a wider range held only if the paired bootstrap interval "
@@ -870,9 +881,12 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
 
 
 # The methods of the figure against a balanced start: every method that fixes the gauge, with
-# its balanced start and the references (weight decay, which does not, and replicas left out).
+# its balanced start and the references (weight decay, which does not, replicas and the
+# mechanism's methods, reported in their own section, left out).
 BALANCED_START_METHODS = tuple(
-    m for m, d in METHODS.items() if d.fixing != "weight-decay" and not d.replica_of
+    m
+    for m, d in METHODS.items()
+    if d.fixing != "weight-decay" and not d.replica_of and m not in MECHANISM_METHODS
 )
 
 
