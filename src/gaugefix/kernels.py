@@ -55,12 +55,15 @@ __all__ = [
     "add_squares_",
     "row_blocks",
     "CHUNK",
+    "SHORT_RUN",
     "gpu_layout",
     "term_values",
     "per_parameter",
     "group_coefficients",
     "group_factors",
     "rescale_",
+    "mul_by_rows_",
+    "addcmul_group_",
     "finite_flag",
 ]
 
@@ -162,18 +165,23 @@ def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return values
 
 
+# Entries in a trailing run of dims below which an operation along it (a norm over it, or a
+# product broadcast along it) is slower than on a contiguous operand (a conv's taps).
+SHORT_RUN = 64
+
+
 def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
     """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the broadcast
     shape of the maps, batch dims included) has size 1 (kept with size 1), in one pass without a
-    squared temporary (a norm); ``None`` when those dims hold fewer than 64 entries (a norm over
-    a short dim is slower than squaring and summing), or a gradient is recorded (a norm's
-    backward is undefined at 0), or ``t`` is not contiguous."""
+    squared temporary (a norm); ``None`` when those dims hold fewer than :data:`SHORT_RUN`
+    entries, or a gradient is recorded (a norm's backward is undefined at 0), or ``t`` is not
+    contiguous."""
     if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
         return None
     lead = t.dim()
     while lead > 0 and shape[lead - 1] == 1:
         lead -= 1
-    if t.shape[lead:].numel() < 64:
+    if t.shape[lead:].numel() < SHORT_RUN:
         return None
     trailing = tuple(range(lead, t.dim()))
     return torch.linalg.vector_norm(t, dim=trailing, keepdim=True, dtype=dtype).square_()
@@ -327,7 +335,7 @@ def _square(x: Tensor, dtype: torch.dtype) -> Tensor:
         return x.to(dtype).square()
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (x.device, dtype)
-    if key not in buffers:
+    if key not in buffers or buffers[key].numel() < x.numel():
         buffers[key] = torch.empty(CHUNK, dtype=dtype, device=x.device)
     out = buffers[key][: x.numel()].view(x.shape)
     return torch.mul(x, x, out=out) if x.dtype == dtype else out.copy_(x).square_()
@@ -396,15 +404,14 @@ def per_parameter(
 ) -> tuple[Tensor, ...]:
     """``values`` ``[*batch, L, *slot_shape]`` split into one view ``[*batch, *shape]`` per
     parameter of the group, made dense (contiguous) over each parameter's shape when ``dense``
-    (see :func:`gpu_layout`), otherwise only over a trailing run of fewer than 64 entries it
-    would be broadcast along (a product broadcast along a short innermost run, a conv's taps, is
-    several times slower)."""
+    (see :func:`gpu_layout`), otherwise only over a trailing run of fewer than
+    :data:`SHORT_RUN` entries it would be broadcast along."""
     shape = tuple(values.shape[batch_dims + 1 :])
     k = len(shape)
     while k > 0 and shape[k - 1] == 1:
         k -= 1
     inner = math.prod(group.shape[k:])
-    if dense or 0 < k < len(shape) and 1 < inner < 64:
+    if dense or 0 < k < len(shape) and 1 < inner < SHORT_RUN:
         full = (*values.shape[: batch_dims + 1], *shape[:k], *group.shape[k:])
         values = values.expand(full).contiguous()
     return values.unbind(batch_dims)
@@ -442,8 +449,9 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     """The action without validation: every tensor listed for parameter ``name`` is multiplied
     by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
     ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. Per group and power, the factors of :func:`group_factors`, each applied with one
-    ``torch._foreach_mul_`` over every tensor of that power."""
+    ``h[b]``. Per group and power, the factors of :func:`group_factors`: in the GPU layout each
+    applied with one ``torch._foreach_mul_`` over every tensor of that power, on the CPU tensor
+    by tensor (:func:`mul_by_rows_`)."""
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
@@ -454,8 +462,45 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
             for t, power in targets.get(name, ()):
                 by_power.setdefault(power, []).append((k, t))
         for power, moved in by_power.items():
-            for factors in group_factors(hx, group, power, moved[0][1].dtype, batch_dims):
-                torch._foreach_mul_([t for _, t in moved], [factors[k] for k, _ in moved])
+            factors = group_factors(hx, group, power, moved[0][1].dtype, batch_dims)
+            if gpu_layout(device):
+                for per_param in factors:
+                    torch._foreach_mul_([t for _, t in moved], [per_param[k] for k, _ in moved])
+                continue
+            for k, t in moved:
+                mul_by_rows_(t, [per_param[k] for per_param in factors])
+
+
+def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
+    """``t *= f`` in place for every factor ``f`` (broadcast over ``t``); several factors on a
+    large ``t`` block by block of rows (:func:`row_blocks`), so that the later ones find the
+    block in cache."""
+    blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
+    for block in blocks or [slice(None)]:
+        part = t[block] if blocks else t
+        for f in factors:
+            part.mul_(f[block] if blocks and f.shape[0] > 1 else f)
+
+
+def addcmul_group_(
+    grads: list[Tensor], params: list[Tensor], coefficients: list[tuple[Tensor, ...]]
+) -> None:
+    """``grads[l] += c[l] * params[l]`` in place for each ``c`` of ``coefficients`` (per
+    parameter of a group, as :func:`group_coefficients` gives them): in the GPU layout one
+    ``torch._foreach_addcmul_`` per ``c``, on the CPU parameter by parameter, several
+    coefficients on a large one block by block of rows (:func:`row_blocks`), so that the later
+    ones find the block in cache."""
+    if gpu_layout(params[0].device):
+        for per_param in coefficients:
+            torch._foreach_addcmul_(grads, params, list(per_param))
+        return
+    for k, (g, x) in enumerate(zip(grads, params, strict=True)):
+        cs = [per_param[k] for per_param in coefficients]
+        blocks = row_blocks(g, [tuple(c.shape) for c in cs]) if len(cs) > 1 else None
+        for block in blocks or [slice(None)]:
+            part, values = (g[block], x[block]) if blocks else (g, x)
+            for c in cs:
+                part.addcmul_(values, c[block] if blocks and c.shape[0] > 1 else c)
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:
