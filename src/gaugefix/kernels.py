@@ -237,9 +237,9 @@ def generator_sums(
     """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
     ``[*batch, N]`` and the squared norm ``[*batch]``, which is finite exactly when every entry
     is (barring overflow). Differentiable when the tensors require grad. The squares summed
-    onto each term's slots come from stacks (:func:`stacked_sums`) in the GPU layout or when a
-    gradient is recorded, otherwise parameter by parameter (:func:`sums_per_parameter`); both
-    then take one ``index_add_``."""
+    onto each term's slots come from stacks (:func:`stacked_sums`) in the GPU layout, when a
+    gradient is recorded or under ``torch.compile`` (which fuses them), otherwise parameter by
+    parameter (:func:`sums_per_parameter`); both then take one ``index_add_``."""
     n = structure.num_generators
     first = next(iter(tensors.values()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -248,7 +248,7 @@ def generator_sums(
     sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
     if plan.groups:
         recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
-        if gpu_layout(device) or recorded:
+        if gpu_layout(device) or recorded or torch.compiler.is_compiling():
             values = stacked_sums(tensors, plan, dtype, batch_dims)
         else:
             values = sums_per_parameter(tensors, plan, dtype, batch)
