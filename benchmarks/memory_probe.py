@@ -25,10 +25,11 @@ from benchmarks.step import GPT_VOCAB, gpt
 from gaugefix import zoo
 from gaugefix.train.hook import EVERY
 
-# Plain training, GaugeFixing's defaults and its penalty mode. The exact orbit step at every
-# step is left out: the default's measured interval holds the same orbit step (once), so its
-# peak covers that mode's.
-MODES = {"plain": None, "default": {}, "penalty": {"mode": "penalty"}}
+# Plain training; training after discover alone (the structure found, no GaugeFixing: what
+# discovery leaves in the process, such as heap memory the allocator keeps); GaugeFixing's
+# defaults and its penalty mode. The exact orbit step at every step is left out: the default's
+# measured interval holds the same orbit step (once), so its peak covers that mode's.
+MODES = {"plain": None, "discover": None, "default": {}, "penalty": {"mode": "penalty"}}
 CASES = ("resnet18", "gpt")
 # Warm-up steps before the measured interval of EVERY steps: one, so that the optimizer's state
 # exists. The default configuration acts after its EVERY-th step, so its first orbit step (with
@@ -63,8 +64,9 @@ def measure(case: str, mode: str, tiny: bool = False) -> dict:
     model, x, y, make_opt = _setup(case, tiny)
     model.train()
     opt = make_opt(model.parameters())
-    if MODES[mode] is not None:
+    if mode != "plain":
         structure = gaugefix.discover(model, x[:2])
+    if MODES[mode] is not None:
         gaugefix.GaugeFixing(opt, model, structure, 0.1, **MODES[mode])
 
     def step() -> None:

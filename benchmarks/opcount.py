@@ -1,13 +1,17 @@
 """Item 8: what gauge fixing adds to a training step, counted rather than timed: the aten
 operations dispatched (on a GPU, roughly the kernels launched) and the host reads (each drains
-a GPU's queue), on the CPU with a ``TorchDispatchMode``. ``Tensor.tolist`` does not dispatch, so
-its calls are counted apart."""
+a GPU's queue), on the CPU with a ``TorchDispatchMode``, the kernels taking their GPU layout
+(:func:`gpu_layout_on_cpu`): on CPU tensors they otherwise take the squared sums parameter by
+parameter, a number of operations that grows with depth and costs no launch there.
+``Tensor.tolist`` does not dispatch, so its calls are counted apart."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gaugefix
-from gaugefix import zoo
+from gaugefix import kernels, zoo
 
 HOST_READS = ("aten._local_scalar_dense", "Tensor.tolist")
 TOKENS = 32
@@ -57,6 +61,14 @@ class OpCounter(TorchDispatchMode):
         return sum(self.ops[name] for name in HOST_READS)
 
 
+@contextlib.contextmanager
+def gpu_layout_on_cpu() -> Iterator[None]:
+    """The kernels take their GPU layout (:func:`gaugefix.kernels.gpu_layout`) on CPU tensors
+    too, inside the context: the operations counted are those a GPU would launch."""
+    with mock.patch.object(kernels, "gpu_layout", lambda device: True):
+        yield
+
+
 def logits(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
     return out if isinstance(out, Tensor) else out.logits
@@ -67,7 +79,7 @@ def counted_step(
 ) -> OpCounter:
     """The operations of the second ``optimizer.step()`` of (non-fused) AdamW on a copy of
     ``model`` (its state exists then), with ``GaugeFixing`` in ``mode`` acting at every step, or
-    none."""
+    none, in the kernels' GPU layout."""
     model = copy.deepcopy(model)
     x = torch.randint(0, vocab, (1, TOKENS), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -78,14 +90,14 @@ def counted_step(
         out = logits(model, x)
         F.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1)).backward()
         counter = OpCounter()
-        with counter:
+        with gpu_layout_on_cpu(), counter:
             opt.step()
     return counter
 
 
 def counts(model: nn.Module, vocab: int) -> dict:
     """The operations and host reads of a plain AdamW step, what an exact orbit step and a
-    penalty gradient add to it, and those of ``imbalance_stats``."""
+    penalty gradient add to it, and those of ``imbalance_stats``, in the GPU layout."""
     structure = gaugefix.discover(model, torch.randint(0, vocab, (1, TOKENS)))
     plain = counted_step(model, structure, vocab, None)
     row = {"generators": structure.num_generators, "plain_step": plain.total}
@@ -95,7 +107,7 @@ def counts(model: nn.Module, vocab: int) -> dict:
         row[f"{mode}_host_reads_added"] = fixed.host_reads - plain.host_reads
     gaugefix.imbalance_stats(model, structure)  # builds the plan, once per structure
     stats = OpCounter()
-    with stats:
+    with gpu_layout_on_cpu(), stats:
         gaugefix.imbalance_stats(model, structure)
     row["imbalance_stats"], row["imbalance_stats_host_reads"] = stats.total, stats.host_reads
     return row

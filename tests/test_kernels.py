@@ -1,7 +1,9 @@
-"""The kernels' two layouts of per-entry factors (``gaugefix.kernels.dense_factors``): on the CPU
-each term's factor is broadcast, on a GPU one dense factor per parameter. Both are run here on
-the CPU, in float64, against the per-neuron definition of the action and the closed form of the
-penalty's gradient."""
+"""The kernels' two layouts (``gaugefix.kernels.gpu_layout``): on the CPU the squared sums are
+taken parameter by parameter (a large parameter's squares a block of rows at a time) and each
+term's factor is broadcast; on a GPU the sums come from stacks of equally shaped parameters and
+one dense factor per parameter. Both are run here on the CPU, in float64, against the
+per-neuron definitions of the sums and the action and the closed form of the penalty's
+gradient."""
 
 from __future__ import annotations
 
@@ -13,7 +15,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import gaugefix
-from architectures import DTYPE, any_case, entries, reference_action, reference_imbalance
+from architectures import (
+    DTYPE,
+    any_case,
+    entries,
+    reference_action,
+    reference_imbalance,
+    reference_sides,
+)
 from gaugefix import kernels
 from gaugefix.soft import add_orbit_selection_grad_
 
@@ -27,10 +36,53 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what:
     assert err <= rel * float(expected.abs().max() if expected.numel() else 0.0), (what, err)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["broadcast", "dense"])
+# The layouts: (GPU layout, entries per block of rows on the CPU, the short run). Blocks of 7
+# entries split every generated parameter of more than 7 entries into blocks of rows, and a short
+# run of 2 leaves every factor broadcast (so that blocks of rows apply to the action too).
+LAYOUTS = {
+    "gpu": (True, kernels.CHUNK, kernels.SHORT_RUN),
+    "cpu": (False, kernels.CHUNK, kernels.SHORT_RUN),
+    "cpu, blocks of 7": (False, 7, 2),
+}
+
+
+def patched(patch: pytest.MonkeyPatch, layout: str) -> None:
+    gpu, chunk, short = LAYOUTS[layout]
+    patch.setattr(kernels, "gpu_layout", lambda device: gpu)
+    patch.setattr(kernels, "CHUNK", chunk)
+    patch.setattr(kernels, "SHORT_RUN", short)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(max_examples=40, deadline=None)
+@given(case=any_case, copies=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_generator_sums_in_either_layout_match_the_definition(layout, case, copies, seed):
+    """``S_in``, ``S_out`` and ``||theta||^2`` of ``generator_sums``, of one model or of a stack
+    of ``copies`` (``batch_dims=1``), equal the generator-by-generator sums to 1e-12."""
+    s = gaugefix.discover(case.model, *case.inputs)
+    assume(s.num_generators > 0)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in s.bind(case.model).items()}
+    stack = {k: torch.randn(max(copies, 1), *shape, generator=gen, dtype=DTYPE)
+             for k, shape in shapes.items()}  # fmt: skip
+    tensors = stack if copies else {k: v[0] for k, v in stack.items()}
+    with pytest.MonkeyPatch.context() as patch:
+        patched(patch, layout)
+        s_in, s_out, norm_sq = kernels.generator_sums(tensors, s, DTYPE, batch_dims=int(copies > 0))
+    for r in range(max(copies, 1)):
+        copy_r = {k: v[r] for k, v in stack.items()}
+        want_in, want_out = reference_sides(s, copy_r)
+        want_norm = sum(v.square().sum() for v in copy_r.values())
+        got = [x[r] if copies else x for x in (s_in, s_out, norm_sq)]
+        assert_close(got[0], want_in, 1e-12, "S_in")
+        assert_close(got[1], want_out, 1e-12, "S_out")
+        assert_close(got[2], want_norm, 1e-12, "||theta||^2")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @settings(max_examples=40, deadline=None)
 @given(case=any_case, seed=st.integers(0, 2**16))
-def test_action_in_either_layout_matches_the_definition(dense, case, seed):
+def test_action_in_either_layout_matches_the_definition(layout, case, seed):
     """Parameters (power 1), gradients (power -1) and a second moment (power -2) moved by
     ``rescale_`` equal the generator-by-generator action to 1e-13."""
     s = gaugefix.discover(case.model, *case.inputs)
@@ -45,17 +97,17 @@ def test_action_in_either_layout_matches_the_definition(dense, case, seed):
     reference_action(s, expected[2], -2 * h)
     targets = {k: [(params[k], 1), (grads[k], -1), (moments[k], -2)] for k in s.bind(params)}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "dense_factors", lambda device: dense)
+        patched(patch, layout)
         kernels.rescale_(targets, s, h)
     for got, want in zip((params, grads, moments), expected, strict=True):
         for name in got:
             assert_close(got[name], want[name], 1e-13, name)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["broadcast", "dense"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @settings(max_examples=40, deadline=None)
 @given(case=any_case)
-def test_penalty_gradient_in_either_layout_matches_the_closed_form(dense, case):
+def test_penalty_gradient_in_either_layout_matches_the_closed_form(layout, case):
     """``grad += strength (sum_n w_n(e) mu_n) theta_e`` for every entry, to 1e-12."""
     s = gaugefix.discover(case.model, *case.inputs)
     assume(s.num_generators > 0)
@@ -71,7 +123,7 @@ def test_penalty_gradient_in_either_layout_matches_the_closed_form(dense, case):
         for name, idx in slices.outgoing:
             expected[name][entries(idx)] -= STRENGTH * mu[n] * params[name].detach()[entries(idx)]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "dense_factors", lambda device: dense)
+        patched(patch, layout)
         assert add_orbit_selection_grad_(params, s, STRENGTH, torch.tensor(True))
     for name, p in params.items():
         assert_close(p.grad, expected[name], 1e-12, name)

@@ -1,21 +1,25 @@
 """The gauge computations of a training step in a number of tensor operations that does not grow
-with the model.
+with the model (on a GPU), and without copies of the parameters (on the CPU).
 
 Parameters of one shape whose terms have the same signs and shapes (the same layer in every
 block of a transformer) form a *group*. A :class:`KernelPlan`, built once per structure and
 device, stacks each group's term maps (``[L, *slot_shape]`` for its ``L`` parameters) and
 concatenates the flattened maps of all groups into one index. Then
 
-- the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are, per group, one stack and one
+- the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are the squares of the parameters
+  summed onto each term's slots, laid out in that index's order, and one ``index_add_`` for all
+  groups. In the GPU layout (:func:`gpu_layout`) those values are, per group, one stack and one
   square of its parameters (none for a single parameter) and one sum per kind of term, the
   squares of every parameter whose terms name a slot per entry (gains, biases) in one
-  ``torch._foreach_mul``, and then one ``_chunk_cat`` and one ``index_add_`` for all groups;
+  ``torch._foreach_mul``, and one ``_chunk_cat``; on the CPU each parameter's are written into
+  its slice of one buffer, its squares taken a cache-sized block at a time, without a stacked
+  copy (a few operations per parameter, each costing no launch there);
 - the action ``g(h)`` is, per group and power ``p`` of the moved tensors (parameters 1,
   gradients -1, Adam's second moment -2), a gather and an ``exp(p ...)`` per kind of term on the
   term's own slots, and ``torch._foreach_mul_`` over every tensor of that power; the penalty
   gradient is, per group, a gather per kind of term and ``torch._foreach_addcmul_``. On a GPU
   the terms' factors are multiplied into one dense factor per parameter (one kernel per call);
-  on the CPU each is broadcast (:func:`dense_factors`).
+  on the CPU each is broadcast.
 
 The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
 function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -45,12 +50,20 @@ __all__ = [
     "trailing_sum_of_squares",
     "flat_cat",
     "generator_sums",
-    "dense_factors",
+    "stacked_sums",
+    "sums_per_parameter",
+    "add_squares_",
+    "row_blocks",
+    "CHUNK",
+    "SHORT_RUN",
+    "gpu_layout",
     "term_values",
     "per_parameter",
     "group_coefficients",
     "group_factors",
     "rescale_",
+    "mul_by_rows_",
+    "addcmul_group_",
     "finite_flag",
 ]
 
@@ -73,10 +86,13 @@ class KernelPlan(NamedTuple):
     :func:`generator_sums` into ``[S_in (N), S_out (N), dummy_in, dummy_out, ||theta||^2]``: the
     slots of every term of sign +1 (the dummy slot ``N`` at ``2 N``), then of sign -1 (offset by
     ``N``, the dummy slot at ``2 N + 1``), each flattened in group and term order, then
-    ``2 N + 2`` once for each entry of each parameter's first term."""
+    ``2 N + 2`` once for each entry of each parameter's first term. ``starts[g]``: where the
+    values of each term of group ``g`` begin in that index, then those of its first term's
+    copy (parameter ``l``'s follow its ``l`` predecessors')."""
 
     groups: tuple[TermGroup, ...]
     index: Tensor
+    starts: tuple[tuple[int, ...], ...]
 
 
 _plans: weakref.WeakKeyDictionary[GaugeStructure, dict[torch.device, KernelPlan]] = (
@@ -102,17 +118,29 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
             )
             for (shape, terms), params in by_layout.items()
         )
-        n = structure.num_generators
-        index: dict[int, list[Tensor]] = {+1: [], -1: []}
-        for group in groups:
-            for slots, sign in zip(group.slots, group.signs, strict=True):
+        per_device[device] = KernelPlan(groups, *_sums_index(groups, structure.num_generators))
+    return per_device[device]
+
+
+def _sums_index(groups: tuple[TermGroup, ...], n: int) -> tuple[Tensor, tuple]:
+    """The index of :class:`KernelPlan` and the starts of its segments."""
+    device = groups[0].slots[0].device if groups else torch.device("cpu")
+    pieces = [torch.zeros(0, dtype=torch.long, device=device)]
+    starts: list[list[int]] = [[0] * (len(g.slots) + 1) for g in groups]
+    at = 0
+    for sign in (+1, -1):
+        for g, group in enumerate(groups):
+            for k, slots in enumerate(group.slots):
+                if group.signs[k] != sign:
+                    continue
                 flat = slots.reshape(-1) + (0 if sign > 0 else n)
                 dummy = 2 * n if sign > 0 else 2 * n + 1
-                index[sign].append(torch.where(flat == (n if sign > 0 else 2 * n), dummy, flat))
-        totals = [torch.full((g.slots[0].numel(),), 2 * n + 2, device=device) for g in groups]
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        per_device[device] = KernelPlan(groups, torch.cat([empty, *index[1], *index[-1], *totals]))
-    return per_device[device]
+                pieces.append(torch.where(flat == (n if sign > 0 else 2 * n), dummy, flat))
+                starts[g][k], at = at, at + flat.numel()
+    for g, group in enumerate(groups):
+        pieces.append(torch.full((group.slots[0].numel(),), 2 * n + 2, device=device))
+        starts[g][-1], at = at, at + group.slots[0].numel()
+    return torch.cat(pieces), tuple(tuple(row) for row in starts)
 
 
 def stacked(tensors: list[Tensor], dim: int) -> Tensor:
@@ -137,18 +165,23 @@ def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return values
 
 
+# Entries in a trailing run of dims below which an operation along it (a norm over it, or a
+# product broadcast along it) is slower than on a contiguous operand (a conv's taps).
+SHORT_RUN = 64
+
+
 def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
     """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the broadcast
     shape of the maps, batch dims included) has size 1 (kept with size 1), in one pass without a
-    squared temporary (a norm); ``None`` when those dims hold fewer than 64 entries (a norm over
-    a short dim is slower than squaring and summing), or a gradient is recorded (a norm's
-    backward is undefined at 0), or ``t`` is not contiguous."""
+    squared temporary (a norm); ``None`` when those dims hold fewer than :data:`SHORT_RUN`
+    entries, or a gradient is recorded (a norm's backward is undefined at 0), or ``t`` is not
+    contiguous."""
     if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
         return None
     lead = t.dim()
     while lead > 0 and shape[lead - 1] == 1:
         lead -= 1
-    if t.shape[lead:].numel() < 64:
+    if t.shape[lead:].numel() < SHORT_RUN:
         return None
     trailing = tuple(range(lead, t.dim()))
     return torch.linalg.vector_norm(t, dim=trailing, keepdim=True, dtype=dtype).square_()
@@ -203,52 +236,152 @@ def generator_sums(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
     ``[*batch, N]`` and the squared norm ``[*batch]``, which is finite exactly when every entry
-    is (barring overflow). Differentiable when the tensors require grad."""
+    is (barring overflow). Differentiable when the tensors require grad. The squares summed
+    onto each term's slots come from stacks (:func:`stacked_sums`) in the GPU layout, when a
+    gradient is recorded or under ``torch.compile`` (which fuses them), otherwise parameter by
+    parameter (:func:`sums_per_parameter`); both then take one ``index_add_``."""
     n = structure.num_generators
     first = next(iter(tensors.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     batch = tuple(first.shape[:batch_dims]) if first is not None else ()
     plan = kernel_plan(structure, device)
+    sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
+    if plan.groups:
+        recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+        if gpu_layout(device) or recorded or torch.compiler.is_compiling():
+            values = stacked_sums(tensors, plan, dtype, batch_dims)
+        else:
+            values = sums_per_parameter(tensors, plan, dtype, batch)
+        sums.index_add_(-1, plan.index, values)
+    s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
+    return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
+
+
+def stacked_sums(
+    tensors: Mapping[str, Tensor], plan: KernelPlan, dtype: torch.dtype, batch_dims: int
+) -> Tensor:
+    """The values of the ``index_add_`` of :func:`generator_sums` (``[*batch, len(index)]``)
+    from stacks: per group, one stack and square of its parameters and one sum per slot shape
+    (the squares of per-entry parameters in one ``torch._foreach_mul``), then one
+    ``_chunk_cat``; a number of operations that does not grow with depth. Differentiable."""
     squares = _entry_squares(tensors, plan, dtype)
     reduced: dict[int, list[Tensor]] = {+1: [], -1: []}
     firsts = []  # every entry lands in its parameter's first term: these sum to ||theta||^2
     for group in plan.groups:
         if group.names[0] in squares:  # per entry: the squares of each parameter in turn
-            values = [squares[name] for name in group.names]
-            for k, sign in enumerate(group.signs):
-                reduced[sign] += values
-                firsts += values if k == 0 else []
-            continue
-        # The group's parameters stacked ([*batch, L, *shape]); a single one as it is.
-        one = len(group.names) == 1
-        x = [tensors[name] for name in group.names]
-        x = x[0] if one else torch.stack(x, batch_dims)
-        lead = (*batch,) if one else (*batch, len(group.names))
-        pair = [1] * len(group.shape)
-        for slots in group.slots:
-            pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
-        sq = _squares(x, (*lead, *pair), dtype, not one)
-        by_shape: dict[tuple[int, ...], Tensor] = {}  # terms of one slot shape share a sum
-        for k, (slots, sign) in enumerate(zip(group.slots, group.signs, strict=True)):
-            shape = (*lead, *slots.shape[1:])
-            if shape not in by_shape:
-                by_shape[shape] = reduce_to(sq, shape)
-            reduced[sign].append(by_shape[shape])
-            if k == 0:
-                firsts.append(by_shape[shape])
-    sums = torch.zeros(*batch, 2 * n + 3, dtype=dtype, device=device)
-    if firsts:
-        sums.index_add_(-1, plan.index, flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims))
-    s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
-    return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
+            per_term = [[squares[name] for name in group.names]] * len(group.signs)
+        else:
+            per_term = [[values] for values in _group_sums(tensors, group, dtype, batch_dims)]
+        for values, sign in zip(per_term, group.signs, strict=True):
+            reduced[sign] += values
+        firsts += per_term[0]
+    return flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims)
 
 
-def dense_factors(device: torch.device) -> bool:
-    """Whether per-entry factors are made dense over each parameter's shape on ``device``: a
-    ``torch._foreach_*`` call is one kernel only over tensors of equal shapes, so on a GPU one
-    dense factor per parameter moves every tensor in one pass; on the CPU, where such a call
-    loops over its tensors anyway, each term's factor is broadcast instead (one cheap pass per
-    term, no dense factor written and read back)."""
+def _group_sums(
+    tensors: Mapping[str, Tensor], group: TermGroup, dtype: torch.dtype, batch_dims: int
+) -> list[Tensor]:
+    """Per term of ``group``, the squares of its parameters stacked (``[*batch, L, *shape]``; a
+    single one as it is) summed onto the term's slot shape; terms of one slot shape share a sum.
+    The stack is freed on return, before the next group's is made."""
+    one = len(group.names) == 1
+    x = [tensors[name] for name in group.names]
+    x = x[0] if one else torch.stack(x, batch_dims)
+    lead = tuple(x.shape[: batch_dims + (0 if one else 1)])
+    pair = [1] * len(group.shape)
+    for slots in group.slots:
+        pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
+    sq = _squares(x, (*lead, *pair), dtype, not one)
+    by_shape: dict[tuple[int, ...], Tensor] = {}
+    for slots in group.slots:
+        shape = (*lead, *slots.shape[1:])
+        if shape not in by_shape:
+            by_shape[shape] = reduce_to(sq, shape)
+    return [by_shape[(*lead, *slots.shape[1:])] for slots in group.slots]
+
+
+def sums_per_parameter(
+    tensors: Mapping[str, Tensor], plan: KernelPlan, dtype: torch.dtype, batch: tuple[int, ...]
+) -> Tensor:
+    """The values of :func:`stacked_sums`, written parameter by parameter into slices of one
+    buffer (:func:`add_squares_`): no stack nor squared copy of the parameters, a number of
+    operations that grows with their number (cheap on the CPU, where an operation costs no
+    launch). Not differentiable."""
+    flat = torch.zeros(*batch, plan.index.numel(), dtype=dtype, device=plan.index.device)
+    for group, starts in zip(plan.groups, plan.starts, strict=True):
+        shapes = [tuple(slots.shape[1:]) for slots in group.slots]
+        shapes.append(shapes[0])  # the first term's copy, summed into ||theta||^2
+        sizes = [math.prod(shape) for shape in shapes]
+        for k, name in enumerate(group.names):
+            outs = [
+                flat[..., a + k * m : a + (k + 1) * m].view(*batch, *shape)
+                for a, m, shape in zip(starts, sizes, shapes, strict=True)
+            ]
+            add_squares_(tensors[name], outs[:-1], dtype)
+            outs[-1].copy_(outs[0])
+    return flat
+
+
+CHUNK = 1 << 18  # squares held at once by add_squares_: 1 MiB of float32, which stays in cache
+_scratch = threading.local()  # per thread: {(device, dtype): a buffer of CHUNK entries}
+
+
+def _square(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.square()`` in ``dtype``, written into a per-thread buffer reused from call to call
+    when ``x`` has at most :data:`CHUNK` entries (valid until the next call): a fresh
+    allocation at each call would be handed back to the system and faulted in again page by
+    page, which costs more than the squaring."""
+    if x.numel() > CHUNK:
+        return x.to(dtype).square()
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (x.device, dtype)
+    if key not in buffers or buffers[key].numel() < x.numel():
+        buffers[key] = torch.empty(CHUNK, dtype=dtype, device=x.device)
+    out = buffers[key][: x.numel()].view(x.shape)
+    return torch.mul(x, x, out=out) if x.dtype == dtype else out.copy_(x).square_()
+
+
+def row_blocks(x: Tensor, shapes: list[tuple[int, ...]]) -> list[slice] | None:
+    """Blocks of rows (dim 0) of about :data:`CHUNK` entries of a larger ``x`` whose sum
+    ``shapes`` each vary along dim 0 only or not along it: a block's squares then sum onto
+    its own rows of the ones and add onto the others. ``None`` otherwise."""
+    if x.numel() <= CHUNK or x.dim() < 2:
+        return None
+    if any(shape[0] > 1 and math.prod(shape[1:]) > 1 for shape in shapes):
+        return None
+    step = max(1, CHUNK // (x.numel() // x.shape[0]))
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
+def add_squares_(x: Tensor, outs: list[Tensor], dtype: torch.dtype) -> None:
+    """``out += x.square()`` in ``dtype``, summed onto ``out``'s shape (broadcast-compatible
+    with ``x``'s), for every ``out`` of ``outs``, reading ``x`` once: summed over the trailing
+    dims no ``out`` varies along in one pass where that is cheap (a norm), otherwise squared
+    into a reused buffer block by block of rows (:func:`row_blocks`), which stays in cache while
+    each ``out`` reads it."""
+    shapes = [tuple(out.shape) for out in outs]
+    pair = tuple(max(sizes) for sizes in zip(*shapes, strict=True))
+    trailing = trailing_sum_of_squares(x, pair, dtype)
+    blocks = None if trailing is not None else row_blocks(x, shapes)
+    for block in blocks or [slice(None)]:
+        sq = trailing if trailing is not None else _square(x[block], dtype)
+        by_shape: dict[torch.Size, Tensor] = {}  # outs of one shape share a sum
+        for out in outs:
+            target = out[block] if blocks and out.shape[0] > 1 else out
+            if target.shape not in by_shape:
+                by_shape[target.shape] = reduce_to(sq, target.shape)
+            target.add_(by_shape[target.shape])
+
+
+def gpu_layout(device: torch.device) -> bool:
+    """Whether the kernels take their GPU layout on ``device``, where every operation is a kernel
+    launch: the squared sums from stacks of each group's parameters (:func:`stacked_sums`), and
+    per-entry factors made dense over each parameter's shape (a ``torch._foreach_*`` call is one
+    kernel only over tensors of equal shapes, so one dense factor per parameter moves every
+    tensor in one pass). On the CPU, where an operation costs no launch and such a call loops
+    over its tensors anyway, the sums are taken parameter by parameter (no stacked copy of the
+    parameters, :func:`sums_per_parameter`) and each term's factor is broadcast (one cheap pass
+    per term, no dense factor written and read back)."""
     return device.type != "cpu"
 
 
@@ -271,15 +404,14 @@ def per_parameter(
 ) -> tuple[Tensor, ...]:
     """``values`` ``[*batch, L, *slot_shape]`` split into one view ``[*batch, *shape]`` per
     parameter of the group, made dense (contiguous) over each parameter's shape when ``dense``
-    (see :func:`dense_factors`), otherwise only over a trailing run of fewer than 64 entries it
-    would be broadcast along (a product broadcast along a short innermost run, a conv's taps, is
-    several times slower)."""
+    (see :func:`gpu_layout`), otherwise only over a trailing run of fewer than
+    :data:`SHORT_RUN` entries it would be broadcast along."""
     shape = tuple(values.shape[batch_dims + 1 :])
     k = len(shape)
     while k > 0 and shape[k - 1] == 1:
         k -= 1
     inner = math.prod(group.shape[k:])
-    if dense or 0 < k < len(shape) and 1 < inner < 64:
+    if dense or 0 < k < len(shape) and 1 < inner < SHORT_RUN:
         full = (*values.shape[: batch_dims + 1], *shape[:k], *group.shape[k:])
         values = values.expand(full).contiguous()
     return values.unbind(batch_dims)
@@ -292,7 +424,7 @@ def group_coefficients(
     parameter (:func:`per_parameter`) in ``dtype``: one dense coefficient, or on the CPU one
     broadcast coefficient per term, to be summed (``cx``: ``[*batch, N + 1]``, dummy slot 0)."""
     terms = term_values(cx, group, 1.0)
-    dense = dense_factors(cx.device)
+    dense = gpu_layout(cx.device)
     if dense:
         terms = [functools.reduce(torch.add, terms)]
     return [per_parameter(t.to(dtype), group, batch_dims, dense) for t in terms]
@@ -306,7 +438,7 @@ def group_factors(
     slots, rounded to ``dtype``), per parameter (:func:`per_parameter`): the product made
     dense, or on the CPU each term's broadcast factor, to be multiplied in turn."""
     factors = [torch.exp(x).to(dtype) for x in term_values(hx, group, float(power))]
-    dense = dense_factors(hx.device)
+    dense = gpu_layout(hx.device)
     if dense:
         factors = [functools.reduce(torch.mul, factors)]
     return [per_parameter(f, group, batch_dims, dense) for f in factors]
@@ -317,8 +449,9 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     """The action without validation: every tensor listed for parameter ``name`` is multiplied
     by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
     ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. Per group and power, the factors of :func:`group_factors`, each applied with one
-    ``torch._foreach_mul_`` over every tensor of that power."""
+    ``h[b]``. Per group and power, the factors of :func:`group_factors`: in the GPU layout each
+    applied with one ``torch._foreach_mul_`` over every tensor of that power, on the CPU tensor
+    by tensor (:func:`mul_by_rows_`)."""
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
@@ -329,8 +462,45 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
             for t, power in targets.get(name, ()):
                 by_power.setdefault(power, []).append((k, t))
         for power, moved in by_power.items():
-            for factors in group_factors(hx, group, power, moved[0][1].dtype, batch_dims):
-                torch._foreach_mul_([t for _, t in moved], [factors[k] for k, _ in moved])
+            factors = group_factors(hx, group, power, moved[0][1].dtype, batch_dims)
+            if gpu_layout(device):
+                for per_param in factors:
+                    torch._foreach_mul_([t for _, t in moved], [per_param[k] for k, _ in moved])
+                continue
+            for k, t in moved:
+                mul_by_rows_(t, [per_param[k] for per_param in factors])
+
+
+def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
+    """``t *= f`` in place for every factor ``f`` (broadcast over ``t``); several factors on a
+    large ``t`` block by block of rows (:func:`row_blocks`), so that the later ones find the
+    block in cache."""
+    blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
+    for block in blocks or [slice(None)]:
+        part = t[block] if blocks else t
+        for f in factors:
+            part.mul_(f[block] if blocks and f.shape[0] > 1 else f)
+
+
+def addcmul_group_(
+    grads: list[Tensor], params: list[Tensor], coefficients: list[tuple[Tensor, ...]]
+) -> None:
+    """``grads[l] += c[l] * params[l]`` in place for each ``c`` of ``coefficients`` (per
+    parameter of a group, as :func:`group_coefficients` gives them): in the GPU layout one
+    ``torch._foreach_addcmul_`` per ``c``, on the CPU parameter by parameter, several
+    coefficients on a large one block by block of rows (:func:`row_blocks`), so that the later
+    ones find the block in cache."""
+    if gpu_layout(params[0].device):
+        for per_param in coefficients:
+            torch._foreach_addcmul_(grads, params, list(per_param))
+        return
+    for k, (g, x) in enumerate(zip(grads, params, strict=True)):
+        cs = [per_param[k] for per_param in coefficients]
+        blocks = row_blocks(g, [tuple(c.shape) for c in cs]) if len(cs) > 1 else None
+        for block in blocks or [slice(None)]:
+            part, values = (g[block], x[block]) if blocks else (g, x)
+            for c in cs:
+                part.addcmul_(values, c[block] if blocks and c.shape[0] > 1 else c)
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:

@@ -29,6 +29,7 @@ from gaugefix.action import (
 from gaugefix.distributed import add_local_grads_, local_view
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
+    addcmul_group_,
     generator_sums,
     group_coefficients,
     kernel_plan,
@@ -156,13 +157,13 @@ def add_selection_grads_(
 ) -> None:
     """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
     ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, the
-    strength included): the gradient of ``P`` added. One ``torch._foreach_addcmul_`` per group
-    of equally shaped parameters (per term of the group on the CPU)."""
+    strength included): the gradient of ``P`` added, per group of equally shaped parameters
+    (:func:`gaugefix.kernels.addcmul_group_`)."""
     mu = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
     for group in kernel_plan(structure, mu.device).groups:
         ps = [params[name] for name in group.names]
-        for factors in group_coefficients(mu, group, ps[0].dtype, batch_dims):
-            torch._foreach_addcmul_([grads[name] for name in group.names], ps, list(factors))
+        coefficients = group_coefficients(mu, group, ps[0].dtype, batch_dims)
+        addcmul_group_([grads[name] for name in group.names], ps, coefficients)
 
 
 class _OrbitSelection(torch.autograd.Function):
