@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -95,15 +94,19 @@ class KernelPlan(NamedTuple):
     starts: tuple[tuple[int, ...], ...]
 
 
-_plans: weakref.WeakKeyDictionary[GaugeStructure, dict[torch.device, KernelPlan]] = (
-    weakref.WeakKeyDictionary()
-)
+# The attribute of a structure that caches its plans by device: on the structure itself rather
+# than in a module-level weak dict, so that torch.compile guards on the structure's own dict and
+# not on the position of a key in a global one that garbage collection can shrink.
+_PLANS_ATTR = "_kernel_plans"
 
 
 def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> KernelPlan:
     """The :class:`KernelPlan` of ``structure`` on ``device`` (built once, then cached)."""
     device = torch.device(device)
-    per_device = _plans.setdefault(structure, {})
+    per_device = getattr(structure, _PLANS_ATTR, None)
+    if per_device is None:
+        per_device = {}
+        setattr(structure, _PLANS_ATTR, per_device)
     if device not in per_device:
         by_layout: dict[tuple, list] = {}
         for param in structure.plan(device):
