@@ -70,8 +70,11 @@ def subplots(
 
 def save(fig: Figure, out: Path, name: str) -> str:
     """Draw ``fig`` as a PNG and write it to ``out / name``, whole or not at all
-    (:func:`gaugefix.files.write_bytes`); returns ``name``."""
+    (:func:`gaugefix.files.write_bytes`); returns ``name``. A figure with a layout engine
+    already fits its canvas and is drawn once; others are cropped to their artists (a second
+    draw)."""
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    tight = "tight" if fig.get_layout_engine() is None else None
+    fig.savefig(png, format="png", dpi=110, bbox_inches=tight)
     write_bytes(out / name, png.getvalue())
     return name
