@@ -21,6 +21,7 @@ __all__ = [
     "check_finite_params",
     "check_h",
     "finite_on_device",
+    "gauge_params_",
     "optimizer_states",
     "random_gauge_",
     "transport_targets",
@@ -119,6 +120,18 @@ def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Tar
     return local_targets(targets) if sharded(params.values()) else targets
 
 
+def gauge_params_(
+    params: dict[str, Tensor],
+    structure: GaugeStructure,
+    h: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """``g(h)`` on validated ``params`` (bound to ``structure``, or this process's slices and
+    their local structure under FSDP2) with what moves with them: ``.grad`` and ``optimizer``'s
+    state (:func:`transport_targets`)."""
+    rescale_(transport_targets(params, optimizer_states(optimizer, params)), structure, h)
+
+
 @torch.no_grad()
 def apply_gauge_(
     model: nn.Module,
@@ -136,10 +149,10 @@ def apply_gauge_(
     params = structure.bind(model, sharded=True)
     check_h(h, structure)
     check_finite_params(params)
-    states = optimizer_states(optimizer, params)
+    optimizer_states(optimizer, params)
     if params:
         _, structure = local_view(params, structure)  # this process's slices under FSDP2
-        rescale_(transport_targets(params, states), structure, h)
+        gauge_params_(params, structure, h, optimizer)
 
 
 def random_gauge_(

@@ -16,13 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import (
-    check_finite_params,
-    check_h,
-    optimizer_states,
-    rescale_,
-    transport_targets,
-)
+from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
 from gaugefix.distributed import local_view
 from gaugefix.errors import check_number
 from gaugefix.kernels import generator_sums
@@ -363,7 +357,7 @@ def balance_(
     tensors, local = local_view(params, structure)
     h = solution.h[0]
     check_h(h, structure)
-    rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)
+    gauge_params_(params, local, h, optimizer)
     s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
     live = solution.live[0]
     err = max_rel(s_in - s_out, s_in + s_out, live)

@@ -48,13 +48,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
-from gaugefix.action import (
-    check_finite_params,
-    check_h,
-    optimizer_states,
-    rescale_,
-    transport_targets,
-)
+from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
 from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
 from gaugefix.masses import Masses
@@ -728,7 +722,7 @@ def equalize_(
     check_tolerances(tol, max_iter)
     params = structure.bind(model)
     check_finite_params(params)
-    states = optimizer_states(optimizer, params)
+    optimizer_states(optimizer, params)
     active, keep = unfrozen(structure, params)
     if name == "norm":
         return _balanced(model, active, keep, tol, max_iter, optimizer)
@@ -752,7 +746,7 @@ def equalize_(
     full[keep] = h.cpu()
     check_h(full, structure)
     if params:
-        rescale_(transport_targets(params, states), structure, full.to(_device(params)))
+        gauge_params_(params, structure, full.to(_device(params)), optimizer)
     alive = torch.zeros(structure.num_generators, dtype=torch.bool)
     alive[keep] = live.cpu()
     return EqualizeResult(

@@ -19,13 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from gaugefix.action import (
-    all_finite,
-    check_finite_params,
-    optimizer_states,
-    rescale_,
-    transport_targets,
-)
+from gaugefix.action import all_finite, check_finite_params, gauge_params_, optimizer_states
 from gaugefix.distributed import add_local_grads_, local_view
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
@@ -301,7 +295,7 @@ def relax_unchecked_(
     rates = torch.as_tensor(rate, dtype=torch.float64)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     h, finite = orbit_step(tensors, local, rates)
-    rescale_(transport_targets(params, optimizer_states(optimizer, params)), local, h)
+    gauge_params_(params, local, h, optimizer)
     return h, finite
 
 

@@ -18,15 +18,7 @@ import torch
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
 from gaugefix.experiments import stability
-from gaugefix.experiments.cells import (
-    MethodKey,
-    SKey,
-    TaskKey,
-    by_regime,
-    group,
-    s_key,
-    task_version,
-)
+from gaugefix.experiments.cells import MethodKey, SKey, TaskKey, group, longest_full_batch, s_key
 from gaugefix.experiments.engine import (
     DIVERGENCE_FACTOR,
     RunConfig,
@@ -277,12 +269,10 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     Adam regime (its longest), by s: :func:`stability.seed_ratios` of each seed's bisected
     edge, each method at its best strength, judged on the seeds no strength was chosen on when
     either is tuned."""
-    version = task_version(TaskSpec(task.name).hash())
     runs = store.runs(task=task.name, optimizer="adam", batch_size=0)
-    regimes = by_regime([r for r in runs if task_version(r.config.task_hash) == version])
-    if not regimes:
+    if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return {}
-    regime_runs = regimes[max(regimes, key=lambda r: r.steps)]
+    regime_runs = found[1]
     chosen = stability.at_best_strength(regime_runs)
     tuned = stability.tuned_methods(regime_runs)
     cells = group(chosen, lambda c: (c.method, s_key(c.s)))

@@ -16,6 +16,7 @@ __all__ = [
     "by_task",
     "group",
     "HorizonKey",
+    "longest_full_batch",
     "lr_key",
     "LrKey",
     "median",
@@ -118,6 +119,18 @@ def by_regime(runs: Sequence[Run]) -> dict[Regime, list[Run]]:
     for r in runs:
         out[Regime.of(r.config)].append(r)
     return dict(sorted(out.items(), key=lambda kv: (kv[0].batch_size > 0, kv[0].steps, kv[0].key)))
+
+
+def longest_full_batch(runs: Sequence[Run], task_hash: str) -> tuple[Regime, list[Run]] | None:
+    """The regime with the most steps among ``runs`` (one task's full-batch runs of one
+    optimizer) of the task version of ``task_hash``, and its runs; ``None`` when there are
+    none."""
+    version = task_version(task_hash)
+    regimes = by_regime([r for r in runs if task_version(r.config.task_hash) == version])
+    if not regimes:
+        return None
+    regime = max(regimes, key=lambda r: r.steps)
+    return regime, regimes[regime]
 
 
 def group(runs: Sequence[Run], key: Callable[[RunConfig], tuple]) -> dict[tuple, list[Run]]:

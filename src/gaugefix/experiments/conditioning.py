@@ -14,7 +14,7 @@ import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments.cells import SKey, TaskKey, s_key
 from gaugefix.experiments.engine import METHODS, REFERENCES, init_direction
-from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
+from gaugefix.experiments.figures import fmt, label, method_color, save, subplots
 from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.stability import max_stable_lr
@@ -155,10 +155,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             f"{fmt(max(sharp))} over s; at the balanced point {fmt(r['balanced'])}. Minimal at "
             f"the balanced point: **{held}**."
         )
-    axes[0][0].set_xlabel("initial imbalance s")
-    axes[0][0].set_ylabel("sharpness at init (dotted: balanced)")
-    axes[0][0].legend(fontsize=7)
-    plain_log_ticks(axes[0][0])
+    label(axes[0][0], "initial imbalance s", "sharpness at init (dotted: balanced)")
     for j, (task, v) in enumerate(sorted(values.items()), start=1):
         r, ax = v["train"], axes[0][j]
         for method in TRAINED:
@@ -173,9 +170,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             )
         ax.axhline(r["two_over_lr"], color="k", ls="--", lw=1, label="2 / lr")
         ax.set_title(f"{task}, lr = {fmt(r['lr'])}, s = {r['s']:g}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("sharpness")
-        plain_log_ticks(ax)
+        label(ax, "step", "sharpness", legend=None)
         finals = ", ".join(f"{m} {fmt(r[m][-1][2] if r.get(m) else None)}" for m in TRAINED)
         lines.append(
             f"- {task}, full-batch GD at lr {fmt(r['lr'])} from s = {r['s']:g}: final sharpness "

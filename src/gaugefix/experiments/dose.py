@@ -16,7 +16,7 @@ import gaugefix
 from gaugefix.diagnostics import relaxation_rates
 from gaugefix.experiments.cells import MethodKey, TaskKey, group
 from gaugefix.experiments.engine import RunConfig, RunResult, init_direction, train_group
-from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
+from gaugefix.experiments.figures import fmt, label, method_color, save, subplots
 from gaugefix.experiments.plan import (
     BISECTION_ROUNDS,
     QUICK_BISECTION_ROUNDS,
@@ -220,10 +220,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             f"Spearman rho {rhos}: **{judged}** ({e['excluded']} points left out: no stable "
             f"rate, or plain did not diverge at the method's edge)."
         )
-    ax.set_xlabel("tau_relax / t_diverge (plain)")
-    ax.set_ylabel("edge / plain's edge")
-    ax.legend(fontsize=7)
-    plain_log_ticks(ax)
+    label(ax, "tau_relax / t_diverge (plain)", "edge / plain's edge")
     name = save(fig, out, "dose-response.png")
     return (
         "## Dose-response\n\nThe strength of the penalty and of the exact step swept over four "

@@ -16,7 +16,15 @@ from matplotlib.ticker import FuncFormatter
 from gaugefix.experiments.engine import METHODS
 from gaugefix.files import write_bytes
 
-__all__ = ["fmt", "method_color", "methods_in_order", "plain_log_ticks", "save", "subplots"]
+__all__ = [
+    "fmt",
+    "label",
+    "method_color",
+    "methods_in_order",
+    "plain_log_ticks",
+    "save",
+    "subplots",
+]
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -56,6 +64,16 @@ def plain_log_ticks(*axes: Any) -> None:
             if axis.get_scale() == "log":
                 axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 axis.set_minor_formatter(minor(axis))
+
+
+def label(ax: Any, x: str, y: str, legend: int | None = 7) -> None:
+    """Finish a panel: axis labels ``x`` and ``y``, a legend in ``legend``-point type (none
+    when ``None``), and log axes' tick labels as plain numbers (:func:`plain_log_ticks`)."""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if legend is not None:
+        ax.legend(fontsize=legend)
+    plain_log_ticks(ax)
 
 
 def subplots(

@@ -10,7 +10,7 @@ import torch
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
-from gaugefix.experiments.figures import fmt, plain_log_ticks, save, subplots
+from gaugefix.experiments.figures import fmt, label, save, subplots
 from gaugefix.experiments.probes import float64_model, train_plain
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
@@ -120,13 +120,8 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     rates = [v for r in values.values() for v in r["predicted_rates"]]
     if rates:
         axes[0].plot([min(rates), max(rates)], [min(rates), max(rates)], "k:", lw=1)
-    axes[0].set_xlabel("predicted rate 2 lambda k_i")
-    axes[0].set_ylabel("measured rate")
-    axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("time (step x dt)")
-    axes[1].set_ylabel("||mu||")
-    axes[1].legend(fontsize=7)
-    plain_log_ticks(axes[0], axes[1])
+    label(axes[0], "predicted rate 2 lambda k_i", "measured rate")
+    label(axes[1], "time (step x dt)", "||mu||")
     name = save(fig, out, "relaxation.png")
     return (
         "## Dissipative relaxation\n\nA trained plain network descends the orbit-selection "

@@ -15,15 +15,7 @@ import torch
 import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments import stability
-from gaugefix.experiments.cells import (
-    MethodKey,
-    SKey,
-    TaskKey,
-    by_regime,
-    group,
-    s_key,
-    task_version,
-)
+from gaugefix.experiments.cells import MethodKey, SKey, TaskKey, group, longest_full_batch, s_key
 from gaugefix.experiments.engine import (
     METHODS,
     RunConfig,
@@ -32,7 +24,7 @@ from gaugefix.experiments.engine import (
     init_direction,
     task_hash,
 )
-from gaugefix.experiments.figures import fmt, method_color, plain_log_ticks, save, subplots
+from gaugefix.experiments.figures import fmt, label, method_color, save, subplots
 from gaugefix.experiments.probes import float64_model
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
@@ -93,13 +85,11 @@ def edges_at_seed_0(
     """The steps of the task's full-batch GD regime (its longest) and, per method of
     :data:`TRACKED` and ``s``, its best strength and seed 0's bisected stable edge (where it
     has one)."""
-    version = task_version(TaskSpec(task.name).hash())
     runs = store.runs(task=task.name, optimizer="gd", batch_size=0)
-    regimes = by_regime([r for r in runs if task_version(r.config.task_hash) == version])
-    if not regimes:
+    if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return 0, {}
-    regime = max(regimes, key=lambda r: r.steps)
-    chosen = [r for r in stability.at_best_strength(regimes[regime]) if r.config.seed == 0]
+    regime, regime_runs = found
+    chosen = [r for r in stability.at_best_strength(regime_runs) if r.config.seed == 0]
     out = {}
     for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
         edge = stability.stable_edges(cell).get(0, 0.0)
@@ -179,9 +169,9 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
                 continue
             r, e = by_s[s], summary[task][method][s]
             pts = r["curve"]
-            label = f"{method} (lr {fmt(r['edge'])})"
+            entry = f"{method} (lr {fmt(r['edge'])})"
             ax.semilogy([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3,
-                        color=method_color(method), label=label)  # fmt: skip
+                        color=method_color(method), label=entry)  # fmt: skip
             ax.axhline(2 / r["edge"], color=method_color(method), ls=":", lw=1)
             lines.append(
                 f"- {task}, s = {float(s):g}, {method}: measured edge {fmt(e['measured_edge'])}, "
@@ -190,10 +180,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
                 f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}."
             )
         ax.set_title(f"{task}, s = {float(s):g}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("lambda_max (dotted: 2 / lr)")
-        ax.legend(fontsize=6)
-        plain_log_ticks(ax)
+        label(ax, "step", "lambda_max (dotted: 2 / lr)", legend=6)
     name = save(fig, out, "sharpness-at-edge.png")
     return (
         "## Sharpness at the edge\n\nEach method trained by full-batch GD at its own measured "

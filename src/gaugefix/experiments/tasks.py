@@ -190,15 +190,14 @@ def _modular_addition(name: str, instance: int) -> Task:
     y = (a + b) % p
     order = torch.randperm(p * p, generator=torch.Generator().manual_seed(data_seed(instance)))
     train, test = order[: p * p // 2], order[p * p // 2 :]
-    return Task(
-        name,
-        "classification",
-        x[train],
-        y[train],
-        x[test],
-        y[test],
-        lambda: LastTokenGPT(p + 1, 32, 4, 128, 3),
-    )
+    return _classification(name, x, y, train, test, lambda: LastTokenGPT(p + 1, 32, 4, 128, 3))
+
+
+def _classification(
+    name: str, x: Tensor, y: Tensor, train: Tensor, test: Tensor, make_model: Callable
+) -> Task:
+    """A classification task on the examples ``train`` of ``(x, y)``, tested on ``test``."""
+    return Task(name, "classification", x[train], y[train], x[test], y[test], make_model)
 
 
 def python_source(limit: int, names: Iterable[str] | None = None) -> bytes:
@@ -234,14 +233,8 @@ def char_gpt(name: str, instance: int) -> Task:
     order = torch.randperm(WINDOWS, generator=torch.Generator().manual_seed(data_seed(instance)))
     train, test = order[VALIDATION_WINDOWS:], order[:VALIDATION_WINDOWS]
     x, y = windows[:, :-1], windows[:, 1:]
-    return Task(
-        name,
-        "classification",
-        x[train],
-        y[train],
-        x[test],
-        y[test],
-        lambda: GPT(256, 64, 4, 2, 256, CONTEXT, sdpa=False),
+    return _classification(
+        name, x, y, train, test, lambda: GPT(256, 64, 4, 2, 256, CONTEXT, sdpa=False)
     )
 
 
