@@ -220,9 +220,9 @@ def _quick_grids() -> list[TaskGrid]:
     exact-every-10 at three rates and fewer steps: six runs a group, as in every other quick
     group, a multiple of six) in a few minutes on two cores.
     The lowest rates of teacher-student GD (2^-8, 2^-7.5) and of the transformer (2^-5.5, then
-    2^-5) were dropped when the bisection came and when the mechanism's methods and the realistic
-    tasks came, for time: every method was stable there and at the next rate, so no edge
-    moved."""
+    2^-5 and 2^-4.5) were dropped when the bisection came and when the mechanism's methods and
+    the realistic tasks came, for time: every method was stable there and at the next rate, so
+    no edge moved."""
     small = with_strengths(("plain", "plain-replica", "balanced-init", "exact", "balance"), ONE)
     ts = {**small, **with_strengths(("penalty", "balanced-exact", "weight-decay"), ONE)}
     long = with_strengths(("balanced-init", "balanced-exact", "balance"), ONE)
@@ -239,7 +239,7 @@ def _quick_grids() -> list[TaskGrid]:
             ),
         ),
         TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
-        TaskGrid("modular-addition", (Block(transformer, "adam", (-9, -7), (0.0,), 1, 100),)),
+        TaskGrid("modular-addition", (Block(transformer, "adam", (-8, -7), (0.0,), 1, 100),)),
         TaskGrid("char-gpt", (Block(realistic, "adamw", (-10, -8), (0.0,), 1, 24, 16),)),
         TaskGrid("residual-cnn", (Block(realistic, "momentum", (-6, -4), (0.0,), 1, 30, 64),)),
     ]
