@@ -370,3 +370,14 @@ def test_help_lists_the_built_in_choices(command, names):
     text = " ".join(result.output.split())
     for name in names:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), name
+
+
+def test_every_method_has_a_color_of_its_own():
+    from matplotlib.colors import to_hex
+
+    from gaugefix.experiments.engine import METHODS
+    from gaugefix.experiments.figures import method_color
+
+    colors = {to_hex(method_color(m)) for m in METHODS}
+    assert len(colors) == len(METHODS)
+    assert method_color("no such method") == "k"

@@ -9,12 +9,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from gaugefix.experiments.engine import METHODS
 from gaugefix.files import write_bytes
+
+DEFAULT_COLORS = 10  # matplotlib's default color cycle, C0..C9
 
 __all__ = [
     "fmt",
@@ -41,8 +45,15 @@ def methods_in_order(names: Any) -> list[str]:
 
 
 def method_color(method: str) -> str:
-    """The same color for a method in every panel and figure."""
-    return f"C{list(METHODS).index(method) % 10}" if method in METHODS else "k"
+    """The same color for a method in every panel and figure, a different one for each method:
+    matplotlib's ten default colors, then the light shades of ``tab20`` (black for a name that
+    is no method)."""
+    if method not in METHODS:
+        return "k"
+    i = list(METHODS).index(method)
+    if i < DEFAULT_COLORS:
+        return f"C{i}"
+    return to_hex(colormaps["tab20"](2 * (i - DEFAULT_COLORS) + 1))
 
 
 def plain_log_ticks(*axes: Any) -> None:
