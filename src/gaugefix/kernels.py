@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -61,6 +61,7 @@ __all__ = [
     "group_coefficients",
     "group_factors",
     "rescale_",
+    "by_row_blocks",
     "mul_by_rows_",
     "addcmul_group_",
     "finite_flag",
@@ -474,15 +475,21 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
                 mul_by_rows_(t, [per_param[k] for per_param in factors])
 
 
-def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
-    """``t *= f`` in place for every factor ``f`` (broadcast over ``t``); several factors on a
-    large ``t`` block by block of rows (:func:`row_blocks`), so that the later ones find the
-    block in cache."""
+def by_row_blocks(t: Tensor, factors: list[Tensor], apply: Callable) -> None:
+    """``apply(block, f)`` for every factor ``f`` (broadcast over ``t``) with ``block`` the
+    rows of ``t`` it acts on and ``f`` restricted to them: several factors on a large ``t``
+    block by block of rows (:func:`row_blocks`), so that the later ones find the block in
+    cache; otherwise ``block`` is every row."""
     blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
     for block in blocks or [slice(None)]:
-        part = t[block] if blocks else t
         for f in factors:
-            part.mul_(f[block] if blocks and f.shape[0] > 1 else f)
+            apply(block, f[block] if blocks and f.shape[0] > 1 else f)
+
+
+def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
+    """``t *= f`` in place for every factor ``f`` (broadcast over ``t``), block by block of
+    rows (:func:`by_row_blocks`)."""
+    by_row_blocks(t, factors, lambda block, f: t[block].mul_(f))
 
 
 def addcmul_group_(
@@ -490,20 +497,15 @@ def addcmul_group_(
 ) -> None:
     """``grads[l] += c[l] * params[l]`` in place for each ``c`` of ``coefficients`` (per
     parameter of a group, as :func:`group_coefficients` gives them): in the GPU layout one
-    ``torch._foreach_addcmul_`` per ``c``, on the CPU parameter by parameter, several
-    coefficients on a large one block by block of rows (:func:`row_blocks`), so that the later
-    ones find the block in cache."""
+    ``torch._foreach_addcmul_`` per ``c``, on the CPU parameter by parameter, block by block of
+    rows (:func:`by_row_blocks`)."""
     if gpu_layout(params[0].device):
         for per_param in coefficients:
             torch._foreach_addcmul_(grads, params, list(per_param))
         return
     for k, (g, x) in enumerate(zip(grads, params, strict=True)):
         cs = [per_param[k] for per_param in coefficients]
-        blocks = row_blocks(g, [tuple(c.shape) for c in cs]) if len(cs) > 1 else None
-        for block in blocks or [slice(None)]:
-            part, values = (g[block], x[block]) if blocks else (g, x)
-            for c in cs:
-                part.addcmul_(values, c[block] if blocks and c.shape[0] > 1 else c)
+        by_row_blocks(g, cs, lambda block, c, g=g, x=x: g[block].addcmul_(x[block], c))
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:
