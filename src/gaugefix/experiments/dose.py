@@ -19,6 +19,7 @@ from gaugefix.experiments.engine import RunConfig, RunResult, init_direction, tr
 from gaugefix.experiments.figures import fmt, label, method_color, save, subplots
 from gaugefix.experiments.plan import (
     BISECTION_ROUNDS,
+    COARSE,
     QUICK_BISECTION_ROUNDS,
     bisection_runs,
     cell_of,
@@ -57,7 +58,7 @@ SWEPT = ("penalty", "exact")
 SHARED_RHO = -0.8
 SHARED_SLACK = 0.1
 # The grid, as exponents of sqrt(2) (lr_grid), from below plain's edge at s = 2 to above a
-# balanced start's; every other one to 1 in the quick run.
+# balanced start's (to 1 in the quick run), every COARSE-th (ratio 2) as in the full grid.
 LR_RANGE = (-16, 2)
 QUICK_LR_RANGE = (-16, 0)
 
@@ -133,7 +134,7 @@ def edges(
     strength of ``swept`` (full-batch GD from ``S z``, the sweep's engine and bisection), and
     plain's divergence step at each method's edge (``None`` where it did not diverge)."""
     task = instance.load()
-    lrs = lr_grid(*QUICK_LR_RANGE)[::2] if quick else lr_grid(*LR_RANGE)
+    lrs = lr_grid(*(QUICK_LR_RANGE if quick else LR_RANGE), COARSE)
     cells = [("plain", 0.0)] + [(m, st) for m in SWEPT for st in swept]
 
     def config(method: str, strength: float, lr: float, bisection: int = 0) -> RunConfig:
