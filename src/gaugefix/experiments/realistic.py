@@ -23,7 +23,7 @@ from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import on_grid, stable_edges
 from gaugefix.experiments.tasks import REALISTIC
 
-__all__ = ["DEFINITION", "Tuned", "Realistic", "best_lr", "tuned", "summarize", "render"]
+__all__ = ["DEFINITION", "Tuned", "Realistic", "best_lr", "tuned", "summarize", "table", "render"]
 
 DEFINITION = (
     "Per method and strength, at s = 0: each seed's bisected stable edge (as defined above), and "
@@ -108,6 +108,24 @@ def _seeds_text(values: dict[str, float]) -> str:
     return f"{fmt(statistics.median(values.values()))} ({shown})"
 
 
+def table(methods: dict[str, list[Tuned]]) -> str:
+    """One regime's table: per method and strength, the stable edge, the best-tuned learning
+    rate and the validation loss there (medians, then each seed's)."""
+    rows = [
+        "| method | strength | stable edge: median (per seed) | best-tuned lr | "
+        "validation loss: median (per seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for method in methods_in_order(methods):
+        for t in methods[method]:
+            strength = fmt(t["strength"]) if t["strength"] else ""
+            rows.append(
+                f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'])} | "
+                f"{fmt(t['best_lr'])} | {_seeds_text(t['val_loss_by_seed'])} |"
+            )
+    return "\n".join(rows)
+
+
 def render(entry: dict[str, Any]) -> str:
     """The report's section on the realistic tasks (``entry``: the summary's ``realistic``)."""
     if not entry:
@@ -115,19 +133,7 @@ def render(entry: dict[str, Any]) -> str:
     parts = [f"## Realistic models at PyTorch's default initialisation\n\n{DEFINITION}"]
     for task, regimes in entry.items():
         for key, methods in regimes.items():
-            rows = [
-                "| method | strength | stable edge: median (per seed) | best-tuned lr | "
-                "validation loss: median (per seed) |",
-                "|---|---|---|---|---|",
-            ]
-            for method in methods_in_order(methods):
-                for t in methods[method]:
-                    strength = fmt(t["strength"]) if t["strength"] else ""
-                    rows.append(
-                        f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'])} | "
-                        f"{fmt(t['best_lr'])} | {_seeds_text(t['val_loss_by_seed'])} |"
-                    )
-            parts.append(f"### {task}: {Regime.parse(key).label}\n\n" + "\n".join(rows))
+            parts.append(f"### {task}: {Regime.parse(key).label}\n\n" + table(methods))
     parts.append(
         "The verdicts on these edges (each method against plain and against balanced-init, at "
         "its best strength) are in each task's section below."

@@ -16,7 +16,15 @@ from gaugefix.experiments.store import Store, StoredRun
 from gaugefix.experiments.summary import summarize
 from gaugefix.files import write_text
 
-__all__ = ["figures_shown", "headline_table", "mechanism_table", "render", "STORE_NAME"]
+__all__ = [
+    "figures_shown",
+    "headline_table",
+    "mechanism_rows",
+    "mechanism_table",
+    "render",
+    "MARK",
+    "STORE_NAME",
+]
 
 STORE_NAME = "results.sqlite"
 MARK = {True: "✓", False: "✗", None: "?"}
@@ -108,11 +116,10 @@ def headline_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def mechanism_table(summary: dict[str, Any]) -> str:
-    """The mechanism section: per task and regime, each method of
+def mechanism_rows(summary: dict[str, Any]) -> list[str]:
+    """Table rows ``| task | regime | comparison | by s |``: per task and regime, each method of
     :data:`~gaugefix.experiments.engine.MECHANISM_METHODS` against each method it is compared
-    with (the references, and for exact-first and balance-after-step-1 exact), by s; empty
-    without such runs."""
+    with (the references, and for exact-first and balance-after-step-1 exact)."""
     rows = []
     for task, t in summary["tasks"].items():
         for key, g in t["regimes"].items():
@@ -123,6 +130,13 @@ def mechanism_table(summary: dict[str, Any]) -> str:
                         f"| {task} | {Regime.parse(key).label} | {stability.label(method, g)} vs "
                         f"{stability.label(ref, g)} | {_cells(ratios[ref][method])} |"
                     )
+    return rows
+
+
+def mechanism_table(summary: dict[str, Any]) -> str:
+    """The mechanism section: :func:`mechanism_rows` under their explanation; empty without
+    such runs."""
+    rows = mechanism_rows(summary)
     if not rows:
         return ""
     return (
