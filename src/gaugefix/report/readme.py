@@ -49,6 +49,14 @@ def results_block(summary: dict[str, Any]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def _table(caption: str, columns: list[str], rows: list[str]) -> str:
+    """``caption``, then a markdown table of ``columns`` and ``rows``; empty without rows."""
+    if not rows:
+        return ""
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    return f"{caption}\n\n{head}\n" + "\n".join(rows)
+
+
 def _verdicts(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str, dict[str, Any]]]:
     """Every expansion verdict: (task, regime key, reference, method, s, its ratio stats)."""
     return [
@@ -93,11 +101,16 @@ def _by_method(summary: dict[str, Any]) -> str:
         for m in METHODS
         if (m, "plain") in count or (m, "balanced-init") in count
     ]
-    return (
+    return _table(
         "**Verdicts per method** (every task, regime and `s`; made: the verdicts that could be "
-        "measured):\n\n| method | wider than plain: held / made | wider than balanced-init: "
-        "held / made | narrower than balanced-init: interval below 1 / made |\n|---|---|---|---|\n"
-        + "\n".join(rows)
+        "measured):",
+        [
+            "method",
+            "wider than plain: held / made",
+            "wider than balanced-init: held / made",
+            "narrower than balanced-init: interval below 1 / made",
+        ],
+        rows,
     )
 
 
@@ -127,13 +140,12 @@ def _beat_balanced_start(summary: dict[str, Any]) -> str:
         f"**Where continuous gauge fixing beat a balanced start**: {len(rows)} of the {made} "
         f"verdicts of {', '.join(CONTINUOUS)} against balanced-init held"
     )
-    if not rows:
-        return head + "."
-    return (
-        head + " (ratio of stable edges: median [seed min, max]; the paired bootstrap 95% "
-        "interval of the geometric-mean ratio):\n\n| task | regime | method (strength) | s | "
-        "ratio | 95% interval |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+    caption = head + (
+        " (ratio of stable edges: median [seed min, max]; the paired bootstrap 95% interval of "
+        "the geometric-mean ratio):"
     )
+    columns = ["task", "regime", "method (strength)", "s", "ratio", "95% interval"]
+    return _table(caption, columns, rows) or head + "."
 
 
 def _mechanism(summary: dict[str, Any]) -> str:
@@ -153,15 +165,13 @@ def _mechanism(summary: dict[str, Any]) -> str:
         f"{fmt(_median(by_seed, 'balanced'))}, min-sharpness start {fmt(_median(by_seed, 'found'))}"
         for task, by_seed in starts.items()
     ]
-    if not rows and not lines:
-        return ""
-    table = "| task | regime | comparison | by s: ratio, verdict |\n|---|---|---|---|\n"
-    return (
+    caption = (
         "**The mechanism** (exact-first and balance-after-step-1 against exact: near 1 means "
         "continuous fixing only rescues the first steps; per-layer-lr, the balanced point's "
         "learning rates without a gauge move, and min-sharpness-init against the references):"
-        "\n\n" + (table + "\n".join(rows) if rows else "") + "\n\n" + "\n".join(lines)
     )
+    table = _table(caption, ["task", "regime", "comparison", "by s: ratio, verdict"], rows)
+    return "\n\n".join(p for p in (table or (caption if lines else ""), "\n".join(lines)) if p)
 
 
 def _median(by_seed: dict[str, dict[str, Any]], key: str) -> float:
@@ -176,12 +186,18 @@ def _sharpness(summary: dict[str, Any]) -> str:
         for method, by_s in by_method.items()
         for s, e in sorted(by_s.items(), key=lambda kv: float(kv[0]))
     ]
-    if not rows:
-        return ""
-    return (
+    return _table(
         "**Sharpness at the edge** (seed 0, full-batch GD; gradient descent on a quadratic is "
-        "stable below 2/lambda_max):\n\n| task | s | method | predicted 2/lambda_max(0) | "
-        "measured edge | measured / predicted |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+        "stable below 2/lambda_max):",
+        [
+            "task",
+            "s",
+            "method",
+            "predicted 2/lambda_max(0)",
+            "measured edge",
+            "measured / predicted",
+        ],
+        rows,
     )
 
 
@@ -192,14 +208,13 @@ def _adam(summary: dict[str, Any]) -> str:
         for task, e in summary.get("adam_split", {}).items()
         for m in e["strength"]
     ]
-    if not rows:
-        return ""
-    return (
+    return _table(
         "**Adam, separated** (full-batch Adam from s = 2; horizontal: the part of what the "
         "fixing adds to Adam's update that changes the function at first order, relative to "
         "Adam's update; step and sqrt(v): the mean over the steps of the fixing's over "
-        "plain's):\n\n| task | fixing | strength | horizontal | step | sqrt(v) |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+        "plain's):",
+        ["task", "fixing", "strength", "horizontal", "step", "sqrt(v)"],
+        rows,
     )
 
 
@@ -224,15 +239,12 @@ def _sensitivity(summary: dict[str, Any]) -> str:
         + " |"
         for key, c in summary.get("sensitivity", {}).items()
     ]
-    return (
+    return _table(
         "**Sensitivity to the definitions** (the full-batch regimes' expansion verdicts, held / "
         "made, with a run diverged above 2, 10 or 1000 times its initial loss and stable at "
-        "margin 0.5 or 0.9):\n\n| definition | all verdicts | "
-        + " | ".join(f"sham {m}" for m in stability.SHAM_METHODS)
-        + " |\n|---|---|"
-        + "---|" * len(stability.SHAM_METHODS)
-        + "\n"
-        + "\n".join(rows)
+        "margin 0.5 or 0.9):",
+        ["definition", "all verdicts", *(f"sham {m}" for m in stability.SHAM_METHODS)],
+        rows,
     )
 
 
