@@ -3,6 +3,7 @@ number in it is the summary's."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,14 @@ from gaugefix.report.readme import END, START, results_block, with_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "figures" / "full-summary.json"
+
+
+def test_the_readmes_results_are_the_published_summarys():
+    """Regenerating the block from docs/figures/full-summary.json leaves the README as it is
+    (``python -m gaugefix.report.readme docs/figures/full-summary.json README.md`` rewrites it)."""
+    readme = (ROOT / "README.md").read_text()
+    assert START in readme and END in readme
+    assert with_results(readme, json.loads(PUBLISHED.read_text())) == readme
 
 
 def _run(method: str, lr: float, seed: int, stable: bool) -> RunResult:

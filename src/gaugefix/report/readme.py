@@ -70,7 +70,7 @@ def _verdicts(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str, di
 
 
 def _scope(summary: dict[str, Any]) -> str:
-    seeds = sorted({st["seeds"] for *_, st in _verdicts(summary)})
+    seeds = sorted({st["seeds"] for *_, st in _verdicts(summary) if st["seeds"]})
     judged = " to ".join(str(n) for n in dict.fromkeys(seeds[:1] + seeds[-1:]))
     return (
         f"{summary['runs']} runs over {len(summary['tasks'])} tasks, "
@@ -87,31 +87,46 @@ def _interval(st: dict[str, Any]) -> str:
 
 
 def _by_method(summary: dict[str, Any]) -> str:
-    """Per method: expansion verdicts held / made against each reference, and how many against
-    balanced-init had their whole interval below 1 (a balanced start was better)."""
+    """Per method, over every task, regime and s: expansion verdicts held / made against each
+    reference, how many against balanced-init had their whole interval below 1 (a balanced
+    start was better), drift-suppression verdicts held / made, and late divergences."""
     count: dict[tuple[str, str], list[int]] = {}
     for _, _, ref, method, _, st in _verdicts(summary):
-        c = count.setdefault((method, ref), [0, 0, 0])
-        c[0] += st["held"] is True
-        c[1] += st["held"] is not None
-        c[2] += st["held"] is not None and st["interval"][1] < 1
+        _tally(count.setdefault((method, ref), [0, 0, 0]), st)
+    for g in (g for t in summary["tasks"].values() for g in t["regimes"].values()):
+        for method, st in g.get("drift_suppression", {}).items():
+            _tally(count.setdefault((method, "drift"), [0, 0, 0]), st)
+        for method, (late, alive) in g.get("late_divergences", {}).items():
+            c = count.setdefault((method, "late"), [0, 0, 0])
+            c[0], c[1] = c[0] + late, c[1] + alive
     rows = [
         f"| {m} | {_held(count.get((m, 'plain')))} | {_held(count.get((m, 'balanced-init')))} | "
-        f"{_below(count.get((m, 'balanced-init')))} |"
+        f"{_below(count.get((m, 'balanced-init')))} | {_held(count.get((m, 'drift')))} | "
+        f"{_held(count.get((m, 'late')))} |"
         for m in METHODS
         if (m, "plain") in count or (m, "balanced-init") in count
     ]
     return _table(
         "**Verdicts per method** (every task, regime and `s`; made: the verdicts that could be "
-        "measured):",
+        "measured; late divergences: runs that diverged after the first tenth of their steps, of "
+        "the runs alive then):",
         [
             "method",
             "wider than plain: held / made",
             "wider than balanced-init: held / made",
             "narrower than balanced-init: interval below 1 / made",
+            "less drift than the reference: held / made",
+            "late divergences",
         ],
         rows,
     )
+
+
+def _tally(c: list[int], st: dict[str, Any]) -> None:
+    """Add a verdict to ``[held, made, interval below 1]``."""
+    c[0] += st["held"] is True
+    c[1] += st["held"] is not None
+    c[2] += st["held"] is not None and st["interval"][1] < 1
 
 
 def _held(c: list[int] | None) -> str:
