@@ -28,7 +28,7 @@ from gaugefix.experiments.engine import (
     run_stats,
     task_hash,
 )
-from gaugefix.experiments.figures import fmt, method_color, save, subplots
+from gaugefix.experiments.figures import fmt, method_color, save, subplots, task_style
 from gaugefix.experiments.probes import float64_model
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
@@ -346,20 +346,19 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     summary = summarize(values)
     fig, axes = subplots(1, 3, figsize=(12, 3.6), layout="constrained")
     lines = []
-    for task, v in sorted(values.items()):
+    for i, (task, v) in enumerate(sorted(values.items())):
         e = summary[task]
+        _, ls = task_style(i)
         for m in SPLIT:
             c = v["curves"][m]
-            color = method_color(m)
-            axes[0].semilogy(c["log_ratio"], color=color, label=m)
+            style = {"color": method_color(m), "ls": ls, "label": f"{task}: {m}"}
+            axes[0].semilogy(c["log_ratio"], **style)
             axes[1].semilogy(
-                [max(h, 1e-17) if h is not None else math.nan for h in c["horizontal"]],
-                color=color,
-                label=m,
+                [max(h, 1e-17) if h is not None else math.nan for h in c["horizontal"]], **style
             )
-            axes[2].plot(_ratios(c["sqrt_v"], v["curves"]["plain"]["sqrt_v"]), color=color, label=m)
-        axes[0].semilogy(v["curves"]["plain"]["log_ratio"], color=method_color("plain"),
-                         label="plain")  # fmt: skip
+            axes[2].semilogy(_ratios(c["sqrt_v"], v["curves"]["plain"]["sqrt_v"]), **style)
+        axes[0].semilogy(v["curves"]["plain"]["log_ratio"], color=method_color("plain"), ls=ls,
+                         label=f"{task}: plain")  # fmt: skip
         per = "; ".join(
             f"{m} (strength {fmt(e['strength'][m])}, decay {fmt(e['decay_rate'][m])}/step): "
             f"horizontal {fmt(e['horizontal'][m])}, step x{fmt(e['step_inflation'][m])}, "
@@ -376,7 +375,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     axes[2].set_ylabel("mean sqrt(v) / plain's")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     name = save(fig, out, "adam-split.png")
     return (
         "## Adam, separated\n\nThe penalty inside Adam (its gradient passes through Adam's "

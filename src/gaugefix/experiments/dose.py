@@ -16,7 +16,7 @@ import gaugefix
 from gaugefix.diagnostics import relaxation_rates
 from gaugefix.experiments.cells import MethodKey, TaskKey, group
 from gaugefix.experiments.engine import RunConfig, RunResult, init_direction, train_group
-from gaugefix.experiments.figures import fmt, label, method_color, save, subplots
+from gaugefix.experiments.figures import fmt, label, method_color, save, subplots, task_style
 from gaugefix.experiments.plan import (
     BISECTION_ROUNDS,
     COARSE,
@@ -204,12 +204,12 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     summary = summarize(values)
     fig, ax = subplots(1, 1, figsize=(5.5, 4), layout="constrained")
     lines = []
-    for task, v in sorted(values.items()):
+    for i, (task, v) in enumerate(sorted(values.items())):
         x, y, methods = _xy(v["points"])
+        marker, _ = task_style(i)
         for m in SWEPT:
-            ax.loglog(
-                *_of(m, x, y, methods), "o", ms=4, color=method_color(m), label=f"{task}: {m}"
-            )
+            ax.loglog(*_of(m, x, y, methods), marker, ms=4, ls="none", color=method_color(m),
+                      label=f"{task}: {m}")  # fmt: skip
         e = summary[task]
         judged = {True: "one monotone curve is shared", False: "no shared monotone curve",
                   None: "could not be judged"}[e["shared"]]  # fmt: skip

@@ -28,6 +28,7 @@ __all__ = [
     "plain_log_ticks",
     "save",
     "subplots",
+    "task_style",
 ]
 
 
@@ -54,6 +55,17 @@ def method_color(method: str) -> str:
     if i < DEFAULT_COLORS:
         return f"C{i}"
     return to_hex(colormaps["tab20"](2 * (i - DEFAULT_COLORS) + 1))
+
+
+# Where one panel shows several tasks: the i-th task's marker and line style (a method keeps its
+# color).
+TASK_MARKERS = ("o", "s", "^", "D", "v")
+TASK_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def task_style(i: int) -> tuple[str, str]:
+    """The marker and the line style of the ``i``-th task of a panel."""
+    return TASK_MARKERS[i % len(TASK_MARKERS)], TASK_LINESTYLES[i % len(TASK_LINESTYLES)]
 
 
 def plain_log_ticks(*axes: Any) -> None:
