@@ -240,3 +240,15 @@ def test_a_waiting_sweep_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
     assert run_all(store, configs, _spec) == len(configs)
     waiting = f"waiting for 4 runs that another sweep is training (pid {os.getpid()} on "
     assert any(label.startswith(waiting) for label in lines), lines
+
+
+def test_call_computes_on_the_worker_processes_with_one_thread():
+    """The reproduction's analyses go to the workers that trained its runs: ``call`` runs a
+    function there, with one intra-op thread; in this process, it hands back what it raised."""
+    with workers.local_workers(2) as pool:
+        assert pool.call(torch.get_num_threads).result() == 1
+        assert pool.call(os.getpid).result() != os.getpid()
+    here = workers.InProcess()
+    assert here.call(os.getpid).result() == os.getpid()
+    with pytest.raises(ZeroDivisionError):
+        here.call(divmod, 1, 0).result()

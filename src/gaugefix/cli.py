@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +42,7 @@ from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.runner import TaskSpec, estimated_seconds, run_bisected, spec_of_run
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
-from gaugefix.experiments.workers import Workers, cores
+from gaugefix.experiments.workers import Workers, cores, local_workers
 from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, headline_table, render
 from gaugefix.zoo import EXAMPLES
@@ -424,8 +424,14 @@ def reproduce(
     configs = [c for g in reproduce_grids(quick) for c in g.configs(TaskSpec(g.task))]
     with _interruptible():
         rounds = QUICK_BISECTION_ROUNDS if quick else BISECTION_ROUNDS
-        store, _ = _train(out, configs, spec_of_run, jobs, executor, ray_address, rounds)
-        run_analyses(store, quick)
+        jobs = jobs or cores()
+        with _executor(executor, ray_address, jobs) as cluster, ExitStack() as stack:
+            # one set of workers, started once, for the grid, every bisection round and the
+            # analyses
+            workers = cluster or stack.enter_context(local_workers(jobs))
+            store = _store(out)
+            run_bisected(store, configs, spec_of_run, rounds, jobs, workers=workers)
+            run_analyses(store, quick, workers)
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
         _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
         summary = _render(out, quick)

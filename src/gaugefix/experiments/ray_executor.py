@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import RunConfig
 from gaugefix.experiments.tasks import Task
-from gaugefix.experiments.workers import Trained, Workers, train_batch
+from gaugefix.experiments.workers import Trained, Workers, in_this_process, train_batch
 
 __all__ = ["ClusterError", "ray_executor"]
 
@@ -127,6 +127,10 @@ class RayWorkers:
 
     def deliver(self) -> None:
         """Nothing to pass on."""
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """``fn(*args)`` in this process: only batches go to the cluster."""
+        return in_this_process(fn, *args)
 
     def cancel(self) -> None:
         """Cancel the tasks not finished."""

@@ -25,7 +25,16 @@ import torch
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
 from gaugefix.experiments.tasks import Task
 
-__all__ = ["cores", "execute", "local_workers", "PARENT_POLL", "train_batch", "Trained", "Workers"]
+__all__ = [
+    "cores",
+    "execute",
+    "in_this_process",
+    "local_workers",
+    "PARENT_POLL",
+    "train_batch",
+    "Trained",
+    "Workers",
+]
 
 if TYPE_CHECKING:
     from gaugefix.experiments.runner import TaskSpec
@@ -89,7 +98,8 @@ class Workers(Protocol):
     """Trains batches, ``width`` at a time: :meth:`submit` returns a future of
     :func:`train_batch`'s result (``specs``: each run's task); :meth:`deliver` passes the
     progress reports that arrived (fractions of a batch's steps) to the ``report`` of batches
-    still running."""
+    still running; :meth:`call` returns a future of ``fn(*args)`` (a module-level function,
+    run with one intra-op thread where the workers are processes)."""
 
     width: int
 
@@ -98,6 +108,25 @@ class Workers(Protocol):
     ) -> Future[Trained]: ...
 
     def deliver(self) -> None: ...
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]: ...
+
+
+def in_this_process(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """A future of ``fn(*args)``, computed now in this process (its exception, if it raises)."""
+    future: Future[Any] = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as err:  # noqa: BLE001 - handed to whoever reads the future
+        future.set_exception(err)
+    return future
+
+
+def _call_in_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker process, with one intra-op thread (as :func:`train_batch`)."""
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    return fn(*args)
 
 
 def execute(
@@ -143,6 +172,9 @@ class InProcess:
     def deliver(self) -> None:
         """Nothing to pass on: :meth:`submit` reports as it trains."""
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        return in_this_process(fn, *args)
+
 
 class WorkerProcesses:
     """``width`` spawned worker processes, each ending when this process dies (whatever the
@@ -178,6 +210,9 @@ class WorkerProcesses:
             if future is not None and not future.done():  # a late report is dropped
                 report(fraction)
         self.running = {t: fr for t, fr in self.running.items() if not fr[0].done()}
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        return self.pool.submit(_call_in_worker, fn, *args)
 
     def __enter__(self) -> WorkerProcesses:
         return self
