@@ -75,6 +75,7 @@ def lr_grid(low_exp: int, high_exp: int, stride: int = 1) -> list[float]:
 # seed's edge to BISECTION_BRACKET from any bracket, so a finer grid only costs runs (a sqrt(2)
 # grid and four rounds: about 25 runs a seed and cell on teacher-student GD; ratio 2 and five
 # rounds: 16). The realistic tasks keep sqrt(2): their best validation loss is read on the grid.
+# Where a window's ends did not both fall on the stride, its top was raised by a sqrt(2) step.
 COARSE = 2
 
 
