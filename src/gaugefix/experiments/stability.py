@@ -92,6 +92,8 @@ __all__ = [
     "label",
     "VERDICT",
     "ratio_text",
+    "interval_text",
+    "interval_text",
     "verdict_text",
     "render_sensitivity",
     "render",
@@ -654,10 +656,15 @@ def ratio_text(stats: dict[str, Any]) -> str:
     return f"{bound}{fmt(stats['median'])} [{fmt(stats['min'])}, {fmt(stats['max'])}]"
 
 
+def interval_text(stats: dict[str, Any]) -> str:
+    """``[1.41, 2.52]``: the bootstrap interval of an expansion ratio (``n/a`` without one)."""
+    interval = stats["interval"]
+    return f"[{fmt(interval[0])}, {fmt(interval[1])}]" if interval else "n/a"
+
+
 def verdict_text(stats: dict[str, Any]) -> str:
     """``95% interval [1.41, 2.52], **held**``: the bootstrap interval and the verdict."""
-    interval = stats["interval"]
-    shown = f"95% interval [{fmt(interval[0])}, {fmt(interval[1])}], " if interval else ""
+    shown = f"95% interval {interval_text(stats)}, " if stats["interval"] else ""
     return f"{shown}**{VERDICT[stats['held']]}**"
 
 

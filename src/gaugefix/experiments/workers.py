@@ -165,9 +165,7 @@ class InProcess:
     def submit(
         self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
     ) -> Future[Trained]:
-        future: Future[Trained] = Future()
-        future.set_result(train_batch([spec.load() for spec in specs], configs, report))
-        return future
+        return in_this_process(train_batch, [spec.load() for spec in specs], configs, report)
 
     def deliver(self) -> None:
         """Nothing to pass on: :meth:`submit` reports as it trains."""

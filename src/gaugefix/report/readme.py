@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gaugefix.experiments import realistic, stability
+from gaugefix.experiments import (
+    adam_split,
+    dose,
+    min_sharpness,
+    realistic,
+    sharpness_track,
+    stability,
+)
 from gaugefix.experiments.cells import Regime
 from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS
 from gaugefix.experiments.figures import fmt
@@ -81,11 +88,6 @@ def _scope(summary: dict[str, Any]) -> str:
     )
 
 
-def _interval(st: dict[str, Any]) -> str:
-    low, high = st["interval"]
-    return f"[{fmt(low)}, {fmt(high)}]"
-
-
 def _by_method(summary: dict[str, Any]) -> str:
     """Per method, over every task, regime and s: expansion verdicts held / made against each
     reference, how many against balanced-init had their whole interval below 1 (a balanced
@@ -139,20 +141,20 @@ def _below(c: list[int] | None) -> str:
 
 def _beat_balanced_start(summary: dict[str, Any]) -> str:
     """Every verdict where a continuous method held against balanced-init."""
+    made = [
+        v
+        for v in _verdicts(summary)
+        if v[2] == "balanced-init" and v[3] in CONTINUOUS and v[5]["held"] is not None
+    ]
     rows = [
         f"| {task} | {Regime.parse(key).label} | "
         f"{stability.label(method, summary['tasks'][task]['regimes'][key])} | {float(s):g} | "
-        f"{stability.ratio_text(st)} | {_interval(st)} |"
-        for task, key, ref, method, s, st in _verdicts(summary)
-        if ref == "balanced-init" and method in CONTINUOUS and st["held"] is True
+        f"{stability.ratio_text(st)} | {stability.interval_text(st)} |"
+        for task, key, _, method, s, st in made
+        if st["held"]
     ]
-    made = sum(
-        1
-        for _, _, ref, method, _, st in _verdicts(summary)
-        if ref == "balanced-init" and method in CONTINUOUS and st["held"] is not None
-    )
     head = (
-        f"**Where continuous gauge fixing beat a balanced start**: {len(rows)} of the {made} "
+        f"**Where continuous gauge fixing beat a balanced start**: {len(rows)} of the {len(made)} "
         f"verdicts of {', '.join(CONTINUOUS)} against balanced-init held"
     )
     caption = head + (
@@ -165,15 +167,15 @@ def _beat_balanced_start(summary: dict[str, Any]) -> str:
 
 def _mechanism(summary: dict[str, Any]) -> str:
     rows = mechanism_rows(summary)
-    dose = summary.get("dose", {})
     lines = [
-        f"- dose-response on {task} ({d['seeds']} seeds, {d['steps']} steps, s = 2): Spearman "
+        f"- dose-response on {task} ({d['seeds']} seeds, {d['steps']} steps, s = {dose.S:g}): "
+        "Spearman "
         f"of edge ratio against relaxation time over plain's divergence time: "
         + ", ".join(f"{m} {fmt(r)}" for m, r in d["rho"].items())
         + f"; one monotone curve shared: {MARK[d['shared']]}"
-        for task, d in dose.items()
+        for task, d in summary.get(dose.KEY, {}).items()
     ]
-    starts = summary.get("min-sharpness", {})
+    starts = summary.get(min_sharpness.KEY, {})
     lines += [
         f"- lambda_max at initialisation on {task} (median of {len(by_seed)} seeds): "
         f"PyTorch's default {fmt(_median(by_seed, 'given'))}, balanced point "
@@ -197,7 +199,7 @@ def _sharpness(summary: dict[str, Any]) -> str:
     rows = [
         f"| {task} | {float(s):g} | {method} | {fmt(e['predicted_edge'])} | "
         f"{fmt(e['measured_edge'])} | {fmt(e['measured_edge'] / e['predicted_edge'])} |"
-        for task, by_method in summary.get("sharpness_track", {}).items()
+        for task, by_method in summary.get(sharpness_track.KEY, {}).items()
         for method, by_s in by_method.items()
         for s, e in sorted(by_s.items(), key=lambda kv: float(kv[0]))
     ]
@@ -220,14 +222,14 @@ def _adam(summary: dict[str, Any]) -> str:
     rows = [
         f"| {task} | {m} | {fmt(e['strength'][m])} | {fmt(e['horizontal'][m])} | "
         f"{fmt(e['step_inflation'][m])} | {fmt(e['v_inflation'][m])} |"
-        for task, e in summary.get("adam_split", {}).items()
+        for task, e in summary.get(adam_split.KEY, {}).items()
         for m in e["strength"]
     ]
     return _table(
-        "**Adam, separated** (full-batch Adam from s = 2; horizontal: the part of what the "
-        "fixing adds to Adam's update that changes the function at first order, relative to "
-        "Adam's update; step and sqrt(v): the mean over the steps of the fixing's over "
-        "plain's):",
+        f"**Adam, separated** (full-batch Adam from s = {adam_split.S:g}; horizontal: the part "
+        "of what the fixing adds to Adam's update that changes the function at first order, "
+        "relative to Adam's update; step and sqrt(v): the mean over the steps of the fixing's "
+        "over plain's):",
         ["task", "fixing", "strength", "horizontal", "step", "sqrt(v)"],
         rows,
     )
