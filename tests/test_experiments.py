@@ -7,6 +7,7 @@ import math
 import multiprocessing as mp
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ import gaugefix.cli
 import gaugefix.experiments.runner as runner
 from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
-from gaugefix.experiments.runner import TaskSpec, run_all, run_bisected
-from gaugefix.experiments.stability import BISECTION_BRACKET
+from gaugefix.experiments.plan import Block, lr_grid
+from gaugefix.experiments.runner import TaskSpec, run_all, run_bisected, spec_of_run
+from gaugefix.experiments.stability import BISECTION_BRACKET, TUNING_SEEDS
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import Summary, summarize
 from gaugefix.experiments.tasks import load_task
@@ -263,6 +265,53 @@ def _write_runs(path: str, offset: int) -> None:
     ]
     for r in train_group(task, configs):
         store.add_run(r, 0.0)
+
+
+def test_a_blocks_floor_raises_the_low_end_of_its_window_at_its_s_only():
+    """A floor at one initial imbalance leaves out the grid's rates below it there; the other
+    imbalances keep the whole window, on the same stride."""
+    floors = {0.0: -2}
+    block = Block({"plain": (0.0,)}, "gd", (-8, 4), (0.0, 1.0), 1, 10, lr_stride=2, floors=floors)
+    lrs = defaultdict(list)
+    for c in block.configs(TaskSpec("teacher-student")):
+        lrs[c.s].append(c.lr)
+    assert sorted(lrs[1.0]) == lr_grid(-8, 4, 2)
+    assert sorted(lrs[0.0]) == [2**k for k in (-1, 0, 1, 2)]
+
+
+def test_strengths_are_chosen_on_the_tuning_seeds_before_the_others_train(
+    tmp_path: Path, monkeypatch
+):
+    """With ``choose_strengths`` a method with several strengths runs at all of them on the
+    tuning seeds only; the other seeds train, and every seed is bisected, at the strength the
+    summary reports as chosen; a method with one strength runs on every seed as without it."""
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: 8)
+    lrs = [2**k for k in range(-3, 3)]
+    configs = [
+        RunConfig("teacher-student", m, "gd", lr, st, 1.0, seed, 0, 20,
+                  task_hash=TaskSpec("teacher-student").for_seed(seed).hash())
+        for m, strengths in (("plain", (0.0,)), ("exact", (0.1, 10.0)))
+        for st in strengths
+        for lr in lrs
+        for seed in range(TUNING_SEEDS + 2)
+    ]  # fmt: skip
+    store = Store(tmp_path / "runs.sqlite")
+    run_bisected(store, configs, spec_of_run, rounds=1, choose_strengths=True)
+    runs = store.runs()
+    regime = summarize(store, False)["tasks"]["teacher-student"]["regimes"]["gd/full/20"]
+    chosen = regime["best_strength"]["exact"]
+    trained = {(r.config.method, r.config.strength, r.config.seed) for r in runs}
+    later = range(TUNING_SEEDS, TUNING_SEEDS + 2)
+    assert trained == (
+        {("plain", 0.0, seed) for seed in range(TUNING_SEEDS + 2)}
+        | {("exact", st, seed) for st in (0.1, 10.0) for seed in range(TUNING_SEEDS)}
+        | {("exact", chosen, seed) for seed in later}
+    )
+    bisected = {(r.config.method, r.config.strength) for r in runs if r.config.bisection}
+    assert bisected and bisected <= {("plain", 0.0), ("exact", chosen)}
+    assert sum(1 for r in runs if not r.config.bisection) == len(lrs) * (
+        (TUNING_SEEDS + 2) + 2 * TUNING_SEEDS + 2
+    )
 
 
 def test_an_interrupted_bisection_resumes_to_the_same_store(tmp_path: Path, monkeypatch):

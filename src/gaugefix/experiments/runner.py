@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from gaugefix.experiments.engine import RunConfig, task_hash
-from gaugefix.experiments.plan import bisection_runs, cell_of
+from gaugefix.experiments.plan import at_chosen_strengths, bisection_runs, cell_of, tuning_first
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
@@ -211,12 +211,21 @@ def run_bisected(
     rounds: int,
     jobs: int = 1,
     workers: Workers | None = None,
+    choose_strengths: bool = False,
 ) -> int:
     """:func:`run_all` of ``configs``, then up to ``rounds`` rounds of bisection of each seed's
     stable edge in their cells (:func:`~gaugefix.experiments.plan.bisection_runs`), each round
     planned from the store, so an interrupted sweep resumes where it stopped; returns the number
-    of runs written."""
-    written = run_all(store, configs, spec_of, jobs, workers=workers)
+    of runs written. With ``choose_strengths``, a method run at several strengths is run at
+    all of them on the tuning seeds first, then on the other seeds, and bisected, only at the
+    strength they chose (:func:`~gaugefix.experiments.plan.tuning_first`)."""
+    first, later = tuning_first(configs) if choose_strengths else (configs, [])
+    written = run_all(store, first, spec_of, jobs, workers=workers)
+    if choose_strengths:
+        runs = store.runs()
+        chosen = at_chosen_strengths(runs, later)
+        written += run_all(store, chosen, spec_of, jobs, workers=workers)
+        configs = at_chosen_strengths(runs, first) + chosen
     cells = {cell_of(c) for c in configs}
     while todo := bisection_runs(store.runs(), cells, rounds):
         written += run_all(store, todo, spec_of, jobs, workers=workers)
