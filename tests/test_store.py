@@ -253,3 +253,103 @@ def test_analyses_are_recomputed_for_another_grid_or_task_hash(tmp_path, monkeyp
     monkeypatch.setattr(engine, "DEFINITIONS", engine.DEFINITIONS + 1)
     analyses.run_analyses(store, quick=False)  # other definitions: other task hashes
     assert len(calls) == 5 * n
+
+
+def _fake_analyses(monkeypatch, events: list) -> None:
+    """Every analysis's ``compute`` replaced by one that records its call in ``events``."""
+    from gaugefix.experiments import analyses
+
+    def fake(key: str):
+        def compute(store, task, quick):
+            events.append(("compute", key))
+            return {"task": task.name, "key": key, "quick": quick}
+
+        return compute
+
+    for analysis in analyses.ANALYSES:
+        monkeypatch.setattr(analysis, "compute", fake(analysis.KEY))
+
+
+@pytest.mark.parametrize("pool", ["threads", "in-process"])
+def test_reproduce_submits_the_analyses_that_read_no_run_before_the_sweep(
+    tmp_path, monkeypatch, pool
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gaugefix.experiments import analyses
+    from gaugefix.experiments.workers import InProcess
+
+    events: list = []
+    _fake_analyses(monkeypatch, events)
+
+    class Threads:  # stands in for the worker processes: futures that complete later
+        width = 2
+
+        def __init__(self) -> None:
+            self.pool = ThreadPoolExecutor(2)
+
+        def call(self, fn, *args):
+            events.append(("submit", args[0]))
+            return self.pool.submit(fn, *args)
+
+    class Recorded(InProcess):
+        def call(self, fn, *args):
+            events.append(("submit", args[0]))
+            return super().call(fn, *args)
+
+    workers = Threads() if pool == "threads" else Recorded()
+    store = Store(tmp_path / "results.sqlite")
+    put = store.put_analysis
+    puts: list[str] = []
+    monkeypatch.setattr(
+        store, "put_analysis", lambda key, *a, **k: (puts.append(key), put(key, *a, **k))
+    )
+
+    before: list[int] = []  # analyses stored when the sweep runs
+
+    def sweep():
+        events.append(("sweep",))
+        before.append(len(store.analyses()))
+        return 7
+
+    assert analyses.beside_sweep(store, True, sweep, workers) == 7
+    assert before == [0]  # none stored before the sweep ends
+    at = events.index(("sweep",))
+    submitted = [e[1] for e in events if e[0] == "submit"]
+    early = [e[1] for e in events[:at] if e[0] == "submit"]
+    assert early == ["relaxation", "min-sharpness", "dose"]  # their compute reads no run
+    assert early == [a.KEY for a in analyses.ANALYSES if not a.READS_RUNS]
+    assert submitted[len(early) :] == [a.KEY for a in analyses.ANALYSES if a.READS_RUNS]
+    assert sorted(puts) == sorted(f"{a.KEY}/teacher-student" for a in analyses.ANALYSES)
+    if pool == "in-process":  # computed at once, before the sweep
+        assert [e[1] for e in events[:at] if e[0] == "compute"] == early
+
+    # the same values as run_analyses stores, all at once after the sweep
+    reference = Store(tmp_path / "reference.sqlite")
+    analyses.run_analyses(reference, quick=True)
+    assert store.analyses() == reference.analyses()
+
+    # up to date: the sweep runs again, no analysis is submitted
+    events.clear()
+    assert analyses.beside_sweep(store, True, sweep, workers) == 7
+    assert events == [("sweep",)]
+    assert len(puts) == len(analyses.ANALYSES)
+
+
+def test_an_analysis_declares_whether_it_reads_the_sweep():
+    """``READS_RUNS`` is false exactly where ``compute`` never reads its store (the sweep's
+    runs), so only analyses independent of the sweep are computed beside it."""
+    import dis
+
+    from gaugefix.experiments import analyses
+
+    def reads_store(fn) -> bool:  # loads its local (or enclosed) variable "store"
+        variables = ("FAST", "DEREF", "CLOSURE")
+        loads = [i for i in dis.get_instructions(fn) if any(v in i.opname for v in variables)]
+        return any(
+            "store" in (i.argval if isinstance(i.argval, tuple) else (i.argval,)) for i in loads
+        )
+
+    for analysis in analyses.ANALYSES:
+        assert isinstance(analysis, analyses.Analysis)
+        assert analysis.READS_RUNS is reads_store(analysis.compute), analysis.KEY

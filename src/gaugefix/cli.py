@@ -29,7 +29,7 @@ from gaugefix.checkpoint import (
     read_state_dict,
     write_state_dict,
 )
-from gaugefix.experiments.analyses import run_analyses
+from gaugefix.experiments.analyses import beside_sweep
 from gaugefix.experiments.engine import (
     METHODS,
     OPTIMIZERS,
@@ -427,11 +427,16 @@ def reproduce(
         jobs = jobs or cores()
         with _executor(executor, ray_address, jobs) as cluster, ExitStack() as stack:
             # one set of workers, started once, for the grid, every bisection round and the
-            # analyses
+            # analyses: those that read no run are submitted before the grid, the others after
+            # the last round
             workers = cluster or stack.enter_context(local_workers(jobs))
             store = _store(out)
-            run_bisected(store, configs, spec_of_run, rounds, jobs, workers=workers)
-            run_analyses(store, quick, workers)
+            beside_sweep(
+                store,
+                quick,
+                lambda: run_bisected(store, configs, spec_of_run, rounds, jobs, workers=workers),
+                workers,
+            )
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)
         _made_by(store, f"reproduction ({'quick' if quick else 'full'})")
         summary = _render(out, quick)

@@ -37,6 +37,7 @@ from gaugefix.step import AdamState
 
 __all__ = [
     "KEY",
+    "READS_RUNS",
     "COMPARED",
     "SPLIT",
     "S",
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 KEY = "adam_split"
+# compute reads the sweep's runs (plain Adam's edge, the sweep's verdicts): computed after
+# the sweep
+READS_RUNS = True
 SPLIT = ("penalty", "decoupled-penalty", "exact")  # the fixings compared, each against plain
 S = 2.0  # the initial imbalance of the trajectories
 PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others are matched to it

@@ -23,6 +23,7 @@ from gaugefix.experiments.tasks import Task
 
 __all__ = [
     "KEY",
+    "READS_RUNS",
     "TRAINED",
     "STRENGTH",
     "Sharpness",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 KEY = "conditioning"
+# compute reads the sweep's runs (the largest stable rate): computed after the sweep
+READS_RUNS = True
 # The methods sharpness is followed for, as the sweep defines them (:data:`METHODS`).
 TRAINED = (*REFERENCES, "exact")
 STRENGTH = 1.0  # of the gauge-fixing methods

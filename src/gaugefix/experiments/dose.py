@@ -33,6 +33,7 @@ from gaugefix.experiments.tasks import Task
 
 __all__ = [
     "KEY",
+    "READS_RUNS",
     "S",
     "SWEPT",
     "SHARED_RHO",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 KEY = "dose"
+# compute trains and bisects its own runs (never stored) and reads no run of the store:
+# computed beside the sweep
+READS_RUNS = False
 S = 2.0  # the initial imbalance
 SWEPT = ("penalty", "exact")
 # One monotone curve is shared when the pooled Spearman correlation of edge ratio against

@@ -21,10 +21,12 @@ from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 
-__all__ = ["KEY", "SEEDS", "QUICK_SEEDS", "SharpnessStartRecord", "SUMMARY", "compute",
-           "record", "summarize", "render"]  # fmt: skip
+__all__ = ["KEY", "READS_RUNS", "SEEDS", "QUICK_SEEDS", "SharpnessStartRecord", "SUMMARY",
+           "compute", "record", "summarize", "render"]  # fmt: skip
 
 KEY = "min-sharpness"
+# compute starts from its own networks and reads no run of the store: computed beside the sweep
+READS_RUNS = False
 SEEDS = 3  # seeds recorded in the full reproduction (each on its own task instance)
 QUICK_SEEDS = 1
 

@@ -16,9 +16,11 @@ from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 from gaugefix.soft import orbit_selection_grad
 
-__all__ = ["compute", "KEY", "render", "summarize", "SUMMARY"]
+__all__ = ["compute", "KEY", "READS_RUNS", "render", "summarize", "SUMMARY"]
 
 KEY = "relaxation"
+# compute trains its own network and reads no run of the store: computed beside the sweep
+READS_RUNS = False
 
 
 class RelaxationSummary(TypedDict):

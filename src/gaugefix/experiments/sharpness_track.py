@@ -32,6 +32,7 @@ from gaugefix.experiments.tasks import Task
 
 __all__ = [
     "KEY",
+    "READS_RUNS",
     "TRACKED",
     "EdgeSharpness",
     "SUMMARY",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 KEY = "sharpness_track"
+# compute reads the sweep's runs (the edges at seed 0): computed after the sweep
+READS_RUNS = True
 TRACKED = ("plain", "balanced-init", "penalty", "exact")  # methods followed, where they were run
 POINTS = {True: 2, False: 11}  # sharpness evaluations per run, quick and full
 
