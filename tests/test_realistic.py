@@ -4,6 +4,7 @@ their summary entry (each method's stable edges and validation loss at its best-
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import replace
@@ -153,7 +154,7 @@ def test_realistic_summary_tunes_the_rate_on_the_validation_loss():
         _run("plain", 0.0, 0.2, 1, 0.7),
         _run("plain", 0.0, 0.4, 0, 0.1),  # the lowest loss, but seed 1 diverged at 0.4
         _run("plain", 0.0, 0.4, 1, None),
-        _run("plain", 0.0, 0.28, 1, 0.6, bisection=1),  # seed 1's edge, not a tuning rate
+        _run("plain", 0.0, 0.28, 1, 0.6, bisection=1),  # seed 1's bracket, not a tuning rate
         _run("penalty", 0.1, 0.1, 0, 0.4),
         _run("penalty", 1.0, 0.1, 0, None),
     ]
@@ -162,7 +163,7 @@ def test_realistic_summary_tunes_the_rate_on_the_validation_loss():
     (plain,) = methods["plain"]
     assert plain == {
         "strength": 0.0,
-        "stable_edge_by_seed": {"0": 0.4, "1": 0.28},
+        "stable_edge_by_seed": {"0": 0.4, "1": pytest.approx(math.sqrt(0.28 * 0.4), rel=1e-12)},
         "best_lr": 0.2,
         "val_loss_by_seed": {"0": 0.5, "1": 0.7},
         "val_loss": 0.6,
@@ -170,7 +171,7 @@ def test_realistic_summary_tunes_the_rate_on_the_validation_loss():
     assert [t["strength"] for t in methods["penalty"]] == [0.1, 1.0]
     assert methods["penalty"][1]["best_lr"] is None and methods["penalty"][1]["val_loss"] is None
     text = realistic.render(entry)
-    assert "| plain |  | 0.34 (0.4, 0.28) | 0.2 | 0.6 (0.5, 0.7) |" in text
+    assert "| plain |  | 0.367 (0.4, 0.335) | 0.2 | 0.6 (0.5, 0.7) |" in text
     assert "| penalty | 1 | 0 (0) | n/a | n/a |" in text
     digits = replace(runs[0], config=replace(runs[0].config, task="digits"))
     assert realistic.summarize([digits]) == {}  # not a realistic task: no entry

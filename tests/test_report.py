@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import warnings
@@ -49,20 +50,22 @@ def _run(method: str, lr: float, status: str, s: float = 0.0, seed: int = 0) -> 
 
 def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
     """Plain stable up to the grid's top at s = 1: its range, so every ratio there, is
-    unknown; at s = 0 the ratio is known, and a lower bound where exact reached the top."""
+    unknown; at s = 0 the ratio is known, and a lower bound where exact reached the top: 0.4
+    over plain's edge, the midpoint 0.2 sqrt(2) of its bracket."""
     runs = [_run("plain", lr, "stable" if lr < 0.4 else "diverged") for lr in (0.1, 0.2, 0.4)]
     runs += [_run("exact", lr, "stable") for lr in (0.1, 0.2, 0.4)]
     runs += [_run(m, lr, "stable", s=1.0) for m in ("plain", "exact") for lr in (0.1, 0.2, 0.4)]
     t = task_summary(runs)
     ratios = t["regimes"]["gd/full/10"]["expansion_ratio"]["plain"]["exact"]
+    root2 = pytest.approx(math.sqrt(2), rel=1e-12)
     assert ratios["0.0"] == {
-        "min": 2.0,
-        "median": 2.0,
-        "max": 2.0,
+        "min": root2,
+        "median": root2,
+        "max": root2,
         "seeds": 1,
         "unknown_seeds": 0,
         "lower_bound": True,
-        "interval": [2.0, 2.0],
+        "interval": [root2, root2],
         "held": True,
     }
     assert ratios["1.0"]["median"] is None and ratios["1.0"]["unknown_seeds"] == 1
@@ -71,7 +74,7 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
     assert "final_test_loss" not in g and "test_accuracy" not in g  # no test split
     summary = {"tasks": {"t": t}, "verdicts": stability.count_verdicts({"t": t})}
     table = report.headline_table(summary)
-    assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 2 ✓; 1: n/a ? | - |" in table
+    assert "| t | full-batch gd, 10 steps | exact | 0: ≥ 1.41 ✓; 1: n/a ? | - |" in table
     # the expansion at s = 0 held; the drift suppression (equal drift: ratio 1) did not
     assert "The report makes 2 verdicts, 1 of them held." in table
     assert "No sham control (weight-decay, plain-replica) made an expansion verdict." in table

@@ -434,7 +434,15 @@ def reproduce(
             beside_sweep(
                 store,
                 quick,
-                lambda: run_bisected(store, configs, spec_of_run, rounds, jobs, workers=workers),
+                lambda: run_bisected(
+                    store,
+                    configs,
+                    spec_of_run,
+                    rounds,
+                    jobs,
+                    workers=workers,
+                    choose_strengths=True,
+                ),
                 workers,
             )
         store.put_analysis("meta/quick", {"quick": quick}, 0.0, replace=True)

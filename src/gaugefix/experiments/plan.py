@@ -52,6 +52,11 @@ __all__ = [
     "BALANCED_START",
     "TS_DRIFT",
     "DIGITS_WINDOWS",
+    "TS_LONG",
+    "TS_GD_FLOORS",
+    "DEEP_FLOORS",
+    "DIGITS_FLOORS",
+    "DEEP_MLP_FLOORS",
     "S_DEEP",
     "SEEDS",
     "COSTLY_SEEDS",
@@ -80,8 +85,8 @@ def lr_grid(low_exp: int, high_exp: int, stride: int = 1) -> list[float]:
 
 # The full grid's stride (ratio 2) on every task but the realistic ones: the bisection finds each
 # seed's edge to BISECTION_BRACKET from any bracket, so a finer grid only costs runs (a sqrt(2)
-# grid and four rounds: about 25 runs a seed and cell on teacher-student GD; ratio 2 and five
-# rounds: 16). The realistic tasks keep sqrt(2): their best validation loss is read on the grid.
+# grid and three rounds: about 24 runs a seed and cell on teacher-student GD; ratio 2 and four
+# rounds: 15). The realistic tasks keep sqrt(2): their best validation loss is read on the grid.
 # Where a window's ends did not both fall on the stride, its top was raised by a sqrt(2) step.
 COARSE = 2
 
@@ -198,6 +203,11 @@ BALANCED_START = with_strengths(
 TS_DRIFT = {"sgd": (-5, 3), "momentum": (-5, 3), "adam": (-12, 0)}
 TS_LONG = {"sgd": (-2, 4), "adam": (-10, 0)}
 DIGITS_WINDOWS = {"sgd": (-2, 4), "adam": (-8, 2)}
+# The full-batch GD blocks' floors by s (Block.floors).
+TS_GD_FLOORS = {0.0: -6, 1.0: -12}
+DEEP_FLOORS = {0.0: -6}
+DIGITS_FLOORS = {0.0: 0}
+DEEP_MLP_FLOORS = {0.0: -10}
 S_DEEP = (0.0, 1.0, 2.0)
 # Seeds of the full grid: the cheap tasks (MLPs), and the CNN and transformer.
 SEEDS = 10
@@ -284,7 +294,18 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
     rate on all but the realistic tasks."""
     if quick:
         return _quick_grids()
-    coarse = [
+    return [
+        *(
+            TaskGrid(g.task, tuple(replace(b, lr_stride=COARSE) for b in g.blocks))
+            for g in _coarse()
+        ),
+        *_realistic_grids(),
+    ]
+
+
+def _coarse() -> list[TaskGrid]:
+    """The full grids of every task but the realistic ones, before their stride."""
+    return [
         TaskGrid(
             "teacher-student",
             (
@@ -295,7 +316,7 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
                     S_DEEP,
                     SEEDS,
                     150,
-                    floors={0.0: -6, 1.0: -12},
+                    floors=TS_GD_FLOORS,
                 ),
                 Block({**ALL_METHODS, **ADAM_ONLY}, "adam", (-12, 2), S_DEEP, SEEDS, 150),
                 *_mini_batch(ALL_METHODS, TS_DRIFT, 150, SEEDS),
@@ -312,7 +333,7 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
                     S_DEEP,
                     SEEDS,
                     150,
-                    floors={0.0: -6},
+                    floors=DEEP_FLOORS,
                 ),
             ),
         ),
@@ -326,7 +347,7 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
                     S_WIDE,
                     SEEDS,
                     50,
-                    floors={0.0: 0},
+                    floors=DIGITS_FLOORS,
                 ),
                 Block({**ONE_STRENGTH, **ADAM_ONLY}, "adam", (-10, 4), S_WIDE, SEEDS, 50),
                 *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 50, SEEDS),
@@ -335,7 +356,7 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
         ),
         TaskGrid(
             "deep-mlp-digits",
-            (Block(ONE_STRENGTH, "gd", (-12, 2), S_WIDE, SEEDS, 50, floors={0.0: -10}),),
+            (Block(ONE_STRENGTH, "gd", (-12, 2), S_WIDE, SEEDS, 50, floors=DEEP_MLP_FLOORS),),
         ),
         TaskGrid("digits-cnn", (Block(COSTLY, "gd", (-5, 3), S_WIDE, COSTLY_SEEDS, 50),)),
         # Not under GD: in the 2026-12-05 full run its block (200 steps) took a tenth of the
@@ -345,10 +366,6 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
             "modular-addition",
             (Block(COSTLY, "adam", (-12, -4), (0.0,), COSTLY_SEEDS, 150),),
         ),
-    ]
-    return [
-        *(TaskGrid(g.task, tuple(replace(b, lr_stride=COARSE) for b in g.blocks)) for g in coarse),
-        *_realistic_grids(),
     ]
 
 
@@ -367,11 +384,12 @@ def _realistic_grids() -> list[TaskGrid]:
     ]
 
 
-# Bisection of each seed's stable edge: until the edge and the failing rate above it are within
-# BISECTION_BRACKET of each other (five rounds from the full grid's ratio 2, four from a sqrt(2)
-# grid: 2^(1/32) = 1.022), at most BISECTION_ROUNDS rounds (QUICK_BISECTION_ROUNDS in the quick
-# reproduction, for time: 2^(1/4) = 1.19).
-BISECTION_ROUNDS = 5
+# Bisection of each seed's stable edge: until the largest stable rate and the failing rate above
+# it are within BISECTION_BRACKET of each other (four rounds from the full grid's ratio 2, three
+# from a sqrt(2) grid: 2^(1/16) = 1.044, so the midpoint is within 2.2% of both), at most
+# BISECTION_ROUNDS rounds (QUICK_BISECTION_ROUNDS in the quick reproduction, for time:
+# 2^(1/4) = 1.19).
+BISECTION_ROUNDS = 4
 QUICK_BISECTION_ROUNDS = 1
 
 

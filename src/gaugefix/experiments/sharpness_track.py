@@ -86,8 +86,8 @@ def edges_at_seed_0(
     store: Store, task: Task, s_values: tuple[float, ...]
 ) -> tuple[int, dict[tuple[str, float], tuple[float, float]]]:
     """The steps of the task's full-batch GD regime (its longest) and, per method of
-    :data:`TRACKED` and ``s``, its best strength and seed 0's bisected stable edge (where it
-    has one)."""
+    :data:`TRACKED` and ``s``, its best strength and seed 0's largest stable rate, the low end
+    of its bisected bracket (where it has one)."""
     runs = store.runs(task=task.name, optimizer="gd", batch_size=0)
     if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return 0, {}
@@ -95,7 +95,7 @@ def edges_at_seed_0(
     chosen = [r for r in stability.at_best_strength(regime_runs) if r.config.seed == 0]
     out = {}
     for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
-        edge = stability.stable_edges(cell).get(0, 0.0)
+        edge = stability.edge_bracket(cell)[0]
         if method in TRACKED and s in s_values and edge > 0:
             out[(method, s)] = (cell[0].config.strength, edge)
     return regime.steps, out

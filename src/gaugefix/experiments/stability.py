@@ -4,6 +4,7 @@ gauge fixing with a balanced start. The definitions are :data:`DEFINITION`."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,8 +111,10 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 TUNING_SEEDS = 3  # a tuned knob is chosen on seeds 0..TUNING_SEEDS-1, judged on the others
-# A seed's stable edge is bisected until the failing rate above it is within this factor.
-BISECTION_BRACKET = 1.03
+# A seed's stable edge is bisected until the failing rate above it is within this factor of the
+# stable one; the bracket's geometric midpoint, the edge, is then within its square root (1.03)
+# of every rate in the bracket.
+BISECTION_BRACKET = 1.06
 # Controls whose held verdicts are false positives: weight decay at small strengths, and plain
 # against an independent replica of itself.
 SHAM_METHODS = ("weight-decay", "plain-replica")
@@ -158,7 +161,9 @@ DEFINITION = (
     "seed alone and for all seeds together (a rate counts when every seed is stable at it). Each "
     "seed's *stable edge* is then bisected in log-lr between the top of its band and the failing "
     f"rate above it, until they are within a factor {BISECTION_BRACKET:g} (fewer rounds in the "
-    "quick reproduction: the report gives the widest bracket left). A method's *expansion ratio* "
+    "quick reproduction: the report gives the widest bracket left); the edge is the bracket's "
+    f"geometric midpoint, within a factor {math.sqrt(BISECTION_BRACKET):.2f} of both its ends "
+    "(the band's top where nothing above it failed). A method's *expansion ratio* "
     "against a reference (plain, or balanced-init) is computed per seed, `edge(method, seed) / "
     "edge(reference, seed)` (a seed is one instance and initialisation, shared by every method), "
     "and given as its min, median and max over seeds. The verdict is paired: the mean over seeds "
@@ -309,9 +314,15 @@ def edge_bracket(runs: Runs, definition: Definition = DEFAULT) -> tuple[float, f
 
 
 def stable_edges(runs: Runs, definition: Definition = DEFAULT) -> dict[int, float]:
-    """Each seed's stable edge (:func:`edge_bracket`) in one cell."""
+    """Each seed's stable edge in one cell: the geometric midpoint ``sqrt(lo hi)`` of its
+    :func:`edge_bracket`, or ``lo`` where nothing above it failed (a lower bound) or nothing is
+    stable (0)."""
     by_seed = group(runs, lambda c: (c.seed,))
-    return {seed: edge_bracket(rs, definition)[0] for (seed,), rs in by_seed.items()}
+    return {seed: _midpoint(*edge_bracket(rs, definition)) for (seed,), rs in by_seed.items()}
+
+
+def _midpoint(lo: float, hi: float | None) -> float:
+    return lo if hi is None else math.sqrt(lo * hi)
 
 
 def best_strengths(runs: Runs) -> dict[str, float]:
