@@ -5,7 +5,10 @@ learning rate, strength, initial imbalance and seed (with it, the task instance 
 train on): their parameters, and their instances' data, are stacked along a leading dim and
 trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
 transformation with a learning rate and strengths per run (:func:`group_step`). A run that
-diverges is masked out (its parameters freeze) without stopping the others.
+diverges is masked out (its parameters freeze) without stopping the others, and once a quarter of
+the rows computed are such runs (:data:`COMPACT_FRACTION`) they are dropped from the computation:
+every per-run object is cut to the runs still active and the step rebuilt for them, the dropped
+runs' final parameters kept aside for their results, which are what they would be without it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from gaugefix.kernels import generator_sums, rescale_
 from gaugefix.masses import Masses
 from gaugefix.moment import STAT_NAMES, stats_from_sums
 from gaugefix.step import (
+    AdamState,
     EmptyState,
+    ExactState,
+    OrbitState,
+    ScaleState,
+    SgdState,
     Transformation,
     adam,
     adamw,
@@ -56,6 +64,7 @@ __all__ = [
     "OPTIMIZERS",
     "MOMENTUM",
     "DIVERGENCE_FACTOR",
+    "COMPACT_FRACTION",
     "STABILITY_MARGIN",
     "DEFINITIONS",
     "run_status",
@@ -229,6 +238,12 @@ OPTIMIZERS = ("gd", "sgd", "momentum", "adam", "adamw")
 # The momentum of the sweep's ``momentum`` optimizer (SGD's own default is none).
 MOMENTUM = 0.9
 DIVERGENCE_FACTOR = 1e3
+# A group drops its diverged runs from the computation once the runs still active are at most this
+# fraction of the rows it computes. A diverged row costs a whole step (forward, backward, optimizer,
+# gauge fixing) for nothing; a compaction costs a copy of the rows kept and a rebuilt step. Waiting
+# until a quarter of the rows are diverged wastes at most a quarter of a step's rows and bounds the
+# compactions of a group of R runs by log(R) / log(4/3) (14 for 60 runs, not one per divergence).
+COMPACT_FRACTION = 0.75
 # A finished run is stable when its final training loss is at most this fraction of the smaller
 # of its initial loss and the constant predictor's loss (:func:`run_status`).
 STABILITY_MARGIN = 0.9
@@ -405,60 +420,212 @@ def train_group(
 ) -> list[RunResult]:
     """Train ``configs`` (one group: instances of one task, same optimizer, batch size, steps,
     dtype) together, run ``r`` on ``tasks[r]`` (or all on one ``Task``); ``on_step(step)`` is
-    called after each step (for progress)."""
+    called after each step (for progress). A run that diverges freezes; once the runs still
+    active are at most :data:`COMPACT_FRACTION` of the rows computed, the others are dropped
+    (:func:`_compacted`)."""
+    group, stack = _started(tasks, configs)
+    with torch.no_grad():
+        initial = _full_loss(group.data, group.template)(stack)
+    active = torch.isfinite(initial)
+    diverged_at: list[int | None] = [None if bool(a) else 0 for a in active]
+    # Each run's learning rate, set to 0 (with its updates: frozen) once the run diverged.
+    lr = torch.tensor([c.lr for c in configs], dtype=torch.float64) * active
+    # The largest loss / initial loss so far, in the losses' dtype.
+    peak = torch.where(active, 0.0, math.inf).to(initial.dtype)
+    rows = _built(group, torch.arange(len(configs)), stack, None, lr, active, initial, peak)
+    final = _Final({n: p.detach().clone() for n, p in stack.items()}, active.clone(), peak.clone())
+    curves: list[list[CurvePoint]] = [[] for _ in configs]
+    steps = configs[0].steps
+    every = record_every or max(1, steps // 50)
+    for step in range(steps + 1):
+        loss = rows.batch_loss(rows.stack)
+        _judge(rows, loss, step, diverged_at)
+        if step % every == 0 or step == steps:
+            stats = run_stats(group.structure, rows.stack)
+            _record(curves, step, loss.detach(), stats, rows.active, rows.runs.tolist())
+        if on_step is not None:
+            on_step(step)
+        if step == steps or not bool(rows.active.any()):
+            break
+        live = torch.where(rows.active, loss, 0.0).sum()
+        grads = torch.autograd.grad(live, list(rows.stack.values()))
+        with torch.no_grad():
+            updates = dict(zip(rows.stack, grads, strict=True))
+            _, rows.state = rows.step_fn.update(updates, rows.state, rows.stack)
+        if int(rows.active.sum()) <= COMPACT_FRACTION * len(rows.runs):
+            rows = _compacted(group, rows, final)
+    _set_rows(final, rows, torch.arange(len(rows.runs)))
+    return _results(
+        group.data,
+        configs,
+        group.template,
+        final.stack,
+        initial,
+        final.active,
+        diverged_at,
+        final.peak,
+        curves,
+        group.structure,
+    )
+
+
+class _Group(NamedTuple):
+    """What every batch of a group's runs is built from: the runs' :class:`Instances`, the
+    template model, the gauge structure, the configs (``R``) and each run's mini-batch sampler
+    (a generator seeded by its seed, drawn from at every step it is computed)."""
+
+    data: Instances
+    template: torch.nn.Module
+    structure: GaugeStructure
+    configs: list[RunConfig]
+    samplers: list[torch.Generator]
+
+
+def _started(tasks: Task | Sequence[Task], configs: list[RunConfig]) -> tuple[_Group, Stack]:
+    """The :class:`_Group` of ``configs`` (checked to be one group with a task each) and its
+    initial stack ``[R, ...]``: each run's initialisation, balanced or moved where its method
+    starts so."""
     groups = {c.group() for c in configs}
     if len(groups) != 1:
         raise ValueError(f"train_group needs one group, got {sorted(groups)}")
     tasks = list(tasks) if isinstance(tasks, Sequence) else [tasks] * len(configs)
     if len(tasks) != len(configs):
         raise ValueError(f"train_group needs a task per run: {len(tasks)} for {len(configs)}")
-    first = configs[0]
-    data = instances(tasks, getattr(torch, first.dtype))
-    template, structure, stack = _initial_stack(tasks, configs, getattr(torch, first.dtype))
+    dtype = getattr(torch, configs[0].dtype)
+    data = instances(tasks, dtype)
+    template, structure, stack = _initial_stack(tasks, configs, dtype)
     starts = torch.tensor([METHODS[c.method].balanced_start for c in configs])
     balance_runs_(structure, stack, starts, None)
     moved_starts_(tasks, structure, stack, configs)
-    full_loss, batch_loss = _losses(data, template, configs)
-    with torch.no_grad():
-        initial = full_loss(stack)
-    active = torch.isfinite(initial)
-    diverged_at: list[int | None] = [None if bool(a) else 0 for a in active]
-    # Each run's learning rate, set to 0 (with its updates: frozen) once the run diverged.
-    lr = torch.tensor([c.lr for c in configs], dtype=torch.float64) * active
-    step_fn = group_step(structure, configs, first.optimizer, lr, active)
-    state = step_fn.init(stack)
-    curves: list[list[CurvePoint]] = [[] for _ in configs]
-    peak = torch.where(active, 0.0, math.inf)  # the largest loss / initial loss so far
-    every = record_every or max(1, first.steps // 50)
-    for step in range(first.steps + 1):
-        loss = batch_loss(stack)
-        bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * initial)
-        ratio = (loss.detach() / initial).nan_to_num(math.inf, math.inf)
-        peak = torch.where(active, peak.fmax(ratio), peak)
-        for i in torch.nonzero(active & bad).reshape(-1).tolist():
-            diverged_at[i] = step
-        active &= ~bad
-        lr.mul_(active)
-        if step % every == 0 or step == first.steps:
-            _record(curves, step, loss.detach(), run_stats(structure, stack), active)
-        if on_step is not None:
-            on_step(step)
-        if step == first.steps or not bool(active.any()):
-            break
-        grads = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), list(stack.values()))
-        with torch.no_grad():
-            _, state = step_fn.update(dict(zip(stack, grads, strict=True)), state, stack)
-    return _results(
-        data, configs, template, stack, initial, active, diverged_at, peak, curves, structure
-    )
+    samplers = [torch.Generator().manual_seed(c.seed) for c in configs]
+    return _Group(data, template, structure, configs, samplers), stack
 
 
-def _losses(
-    data: Instances, template: torch.nn.Module, configs: list[RunConfig]
-) -> tuple[Callable[[Stack], Tensor], Callable[[Stack], Tensor]]:
-    """Per run (``[R]``), :meth:`Task.loss` on its instance's full training set, and on the
-    step's batch: the full set, or a batch of ``batch_size`` of its instance's examples drawn
-    by the run's own generator (seeded by its seed) at every call."""
+@dataclass
+class _Rows:
+    """The rows a group computes, ``B`` of its ``R`` runs (all of them until a compaction): the
+    group's index of each (``runs``, ``[B]``, increasing), their parameters (``[B, ...]``, leaves
+    that require grad), the step's state, learning rates (``lr``: 0 once a run diverged), whether
+    each is still ``active``, its ``initial`` loss and ``peak`` loss ratio (``[B]`` each), and the
+    step and the loss on the step's batch built for them. ``step_fn``'s closures read ``lr`` and
+    ``active``, which change in place."""
+
+    runs: Tensor
+    stack: Stack
+    state: Any
+    lr: Tensor
+    active: Tensor
+    initial: Tensor
+    peak: Tensor
+    step_fn: Transformation
+    batch_loss: Callable[[Stack], Tensor]
+
+
+class _Final(NamedTuple):
+    """The group's runs as they left the computation, at their rows ``[R]``: the parameters,
+    whether still active and the peak loss ratio (written when a run is dropped, and for the
+    rows computed at the end)."""
+
+    stack: Stack
+    active: Tensor
+    peak: Tensor
+
+
+def _built(
+    group: _Group,
+    runs: Tensor,
+    stack: Stack,
+    state: Any,
+    lr: Tensor,
+    active: Tensor,
+    initial: Tensor,
+    peak: Tensor,
+) -> _Rows:
+    """The :class:`_Rows` of the group's runs ``runs`` (``[B]``) from their per-run objects (all
+    ``[B]``-leading): the step rebuilt for their configs with the layout of the whole group's
+    (so that ``state``, the whole group's cut to them, fits it; ``None``: the step's ``init``), and
+    their loss on the step's batch from their own instances and samplers."""
+    configs = [group.configs[i] for i in runs.tolist()]
+    optimizer, size = configs[0].optimizer, configs[0].batch_size
+    step_fn = group_step(group.structure, configs, optimizer, lr, active, layout=group.configs)
+    data = group.data._replace(of_run=group.data.of_run[runs])
+    samplers = [group.samplers[i] for i in runs.tolist()]
+    batch_loss = _batch_loss(data, group.template, size, samplers)
+    state = step_fn.init(stack) if state is None else state
+    return _Rows(runs, stack, state, lr, active, initial, peak, step_fn, batch_loss)
+
+
+def _judge(rows: _Rows, loss: Tensor, step: int, diverged_at: list[int | None]) -> None:
+    """The runs of ``rows`` whose ``loss`` on the step's batch (``[B]``) is not finite or exceeds
+    :data:`DIVERGENCE_FACTOR` times their initial loss diverge at ``step`` (``diverged_at`` by the
+    group's index): no longer active, learning rate 0, in place; the peak ratios of the runs
+    active until now updated."""
+    bad = ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * rows.initial)
+    ratio = (loss.detach() / rows.initial).nan_to_num(math.inf, math.inf)
+    rows.peak = torch.where(rows.active, rows.peak.fmax(ratio), rows.peak)
+    for i in rows.runs[rows.active & bad].tolist():
+        diverged_at[i] = step
+    rows.active &= ~bad
+    rows.lr.mul_(rows.active)
+
+
+def _compacted(group: _Group, rows: _Rows, final: _Final) -> _Rows:
+    """``rows`` without its runs no longer active: those written to ``final``, and every per-run
+    object of the others cut to them (the step's state by :func:`_state_rows`), the step and
+    the batch loss rebuilt for them (per-layer-lr's multipliers, in the state, stay those of the
+    initial parameters; the step counts carry on)."""
+    keep = torch.nonzero(rows.active).reshape(-1)
+    _set_rows(final, rows, torch.nonzero(~rows.active).reshape(-1))
+    stack = {n: p.detach()[keep].requires_grad_(True) for n, p in rows.stack.items()}
+    state = _state_rows(rows.state, keep)
+    lr, active, initial, peak = (t[keep] for t in (rows.lr, rows.active, rows.initial, rows.peak))
+    return _built(group, rows.runs[keep], stack, state, lr, active, initial, peak)
+
+
+@torch.no_grad()
+def _set_rows(final: _Final, rows: _Rows, which: Tensor) -> None:
+    """Rows ``which`` (indices into ``rows``, ``[k]``) written to ``final`` at their runs."""
+    at = rows.runs[which]
+    for n, p in rows.stack.items():
+        final.stack[n][at] = p.detach()[which]
+    final.active[at] = rows.active[which]
+    final.peak[at] = rows.peak[which]
+
+
+def _state_rows(state: Any, keep: Tensor) -> Any:
+    """A state of :func:`group_step` (``B`` runs) cut to the runs ``keep`` (indices, ``[k]``), by
+    an explicit rule per state type, never by shape: per run are the optimizer buffers
+    (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``: ``[B, ...]`` by name), the update factors
+    (``ScaleState.factors``: ``[B]`` by name) and the learning rates summed since the last orbit
+    step (``OrbitState.lr_sum``: ``[B]`` as ``lr``, or ``None``); the step counts
+    (``AdamState.step``, ``OrbitState.since``, ``_Counted.steps``) are the group's and stay.
+    ``TypeError`` for a state without a rule (a chain's state is a plain tuple of states)."""
+
+    def cut(buffers: Stack | None) -> Stack | None:
+        return None if buffers is None else {n: b[keep] for n, b in buffers.items()}
+
+    if isinstance(state, _Counted):
+        return _Counted(_state_rows(state.inner, keep), state.steps)
+    if isinstance(state, ExactState):
+        return ExactState(_state_rows(state.inner, keep), _state_rows(state.orbit, keep))
+    if isinstance(state, OrbitState):
+        lr_sum = None if state.lr_sum is None else state.lr_sum[keep]
+        return OrbitState(state.since, lr_sum)
+    if isinstance(state, SgdState):
+        return SgdState(cut(state.momentum_buffer))
+    if isinstance(state, AdamState):
+        return AdamState(state.step, cut(state.exp_avg), cut(state.exp_avg_sq))
+    if isinstance(state, ScaleState):
+        return ScaleState(cut(state.factors))
+    if isinstance(state, EmptyState):
+        return state
+    if type(state) is tuple:
+        return tuple(_state_rows(s, keep) for s in state)
+    raise TypeError(f"no rule to cut a step state of type {type(state).__name__} to runs")
+
+
+def _full_loss(data: Instances, template: torch.nn.Module) -> Callable[[Stack], Tensor]:
+    """Per run (``[R]``), :meth:`Task.loss` on its instance's full training set."""
     task = data.tasks[0]
 
     def loss(params: Stack, xb: Tensor, yb: Tensor) -> Tensor:
@@ -466,59 +633,90 @@ def _losses(
 
     (x, dim), (y, _) = data.per_run(data.x), data.per_run(data.y)
     on_full = vmap(loss, in_dims=(0, dim, dim))
-    n, size = data.x.shape[1], configs[0].batch_size
-    if size <= 0 or size >= n:
-        return (lambda stack: on_full(stack, x, y)), (lambda stack: on_full(stack, x, y))
+    return lambda stack: on_full(stack, x, y)
+
+
+def _batch_loss(
+    data: Instances,
+    template: torch.nn.Module,
+    batch_size: int,
+    samplers: list[torch.Generator],
+) -> Callable[[Stack], Tensor]:
+    """Per run (``[R]``), :meth:`Task.loss` on the step's batch: the full set (``batch_size`` 0
+    or at least the set), or ``batch_size`` of its instance's examples drawn by the run's own
+    generator (``samplers``, one per run) at every call."""
+    n = data.x.shape[1]
+    if batch_size <= 0 or batch_size >= n:
+        return _full_loss(data, template)
+    task = data.tasks[0]
+
+    def loss(params: Stack, xb: Tensor, yb: Tensor) -> Tensor:
+        return task.loss(functional_call(template, params, (xb,)), yb)
+
     own = vmap(loss)
-    samplers = [torch.Generator().manual_seed(c.seed) for c in configs]
     of_run = data.of_run[:, None]
 
     def drawn(stack: Stack) -> Tensor:
-        idx = torch.stack([torch.randperm(n, generator=g)[:size] for g in samplers])
+        idx = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in samplers])
         return own(stack, data.x[of_run, idx], data.y[of_run, idx])
 
-    return (lambda stack: on_full(stack, x, y)), drawn
+    return drawn
 
 
 def group_step(
-    structure: GaugeStructure, configs: list[RunConfig], optimizer: str, lr: Tensor, active: Tensor
+    structure: GaugeStructure,
+    configs: list[RunConfig],
+    optimizer: str,
+    lr: Tensor,
+    active: Tensor,
+    *,
+    layout: Sequence[RunConfig] | None = None,
 ) -> Transformation:
     """The step of :mod:`gaugefix.step` every run of a group takes, each with its method's
     strengths (0 where its method has none): the penalty's gradient and weight decay added to
     the loss gradient, the optimizer (``lr``: ``[R]``), the decoupled penalty's vertical step
     added to its update, the updates of runs no longer
     ``active`` zeroed, the exact orbit step of each ``every`` the methods use, and hard gauge
-    fixing (``balance``) after the step."""
+    fixing (``balance``) after the step. Which of these the step chains is decided by the runs
+    of ``layout`` (default ``configs``): a step built for some of a group's runs with the
+    group's configs as ``layout`` has the state layout of the group's step, its parts that none
+    of ``configs`` uses acting on them with strength 0."""
+    layout = configs if layout is None else layout
 
-    def strengths(fixing: str, every: int = 1) -> Tensor:
+    def strengths(fixing: str, every: int = 1, runs: Sequence[RunConfig] = configs) -> Tensor:
         return torch.tensor(
             [
                 c.strength if (m := METHODS[c.method]).fixing == fixing and m.every == every
                 else 0.0
-                for c in configs
+                for c in runs
             ],
             dtype=torch.float64,
         )  # fmt: skip
 
+    def used(fixing: str, every: int = 1) -> bool:
+        return bool((strengths(fixing, every, layout) > 0).any())
+
     pen, wd = strengths("penalty"), strengths("weight-decay")
-    decoupled = strengths("decoupled-penalty")
-    parts = [penalty(structure, strength=pen, batch_dims=1)] if bool((pen > 0).any()) else []
-    parts += [weight_decay(strength=wd)] if bool((wd > 0).any()) else []
+    parts = [penalty(structure, strength=pen, batch_dims=1)] if used("penalty") else []
+    parts += [weight_decay(strength=wd)] if used("weight-decay") else []
     parts += [optimizers(optimizer, lr)]
-    if bool((decoupled > 0).any()):
+    if used("decoupled-penalty"):
+        decoupled = strengths("decoupled-penalty")
         parts += [decoupled_penalty(structure, lr=lr, strength=decoupled, batch_dims=1)]
-    parts += _per_layer_lr(structure, configs, optimizer)
+    parts += _per_layer_lr(structure, configs, optimizer, layout)
     parts += [_frozen(active)]
     step_fn = applied(chain(*parts))
-    for every in sorted({METHODS[c.method].every for c in configs}):
-        exact_strength = strengths("exact", every)
-        if bool((exact_strength > 0).any()):
+    for every in sorted({METHODS[c.method].every for c in layout}):
+        if used("exact", every):
             step_fn = exact(
-                step_fn, structure, lr=lr, strength=exact_strength, every=every, batch_dims=1
-            )
+                step_fn, structure, lr=lr, strength=strengths("exact", every), every=every,
+                batch_dims=1,
+            )  # fmt: skip
     hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
     until = torch.tensor([METHODS[c.method].until or 0 for c in configs])
-    return _balanced(step_fn, structure, hard, until, active) if bool(hard.any()) else step_fn
+    if not any(METHODS[c.method].fixing == "balance" for c in layout):
+        return step_fn
+    return _balanced(step_fn, structure, hard, until, active)
 
 
 def optimizers(kind: str, lr: Tensor) -> Transformation:
@@ -573,14 +771,18 @@ def _balanced(
 
 
 def _per_layer_lr(
-    structure: GaugeStructure, configs: list[RunConfig], optimizer: str
+    structure: GaugeStructure,
+    configs: list[RunConfig],
+    optimizer: str,
+    layout: Sequence[RunConfig],
 ) -> list[Transformation]:
-    """per-layer-lr's multipliers (:func:`per_layer_lr_multipliers` of the initial parameters)
-    on the updates of its runs, as a list of at most one transformation; ``ValueError`` for an
-    optimizer outside :data:`PER_LAYER_LR_OPTIMIZERS`."""
-    runs = torch.tensor([METHODS[c.method].per_layer_lr for c in configs])
-    if not bool(runs.any()):
+    """per-layer-lr's multipliers (:func:`per_layer_lr_multipliers` of the initial parameters,
+    computed at ``init``) on the updates of its runs, as a list of at most one transformation
+    (one where a run of ``layout`` is per-layer-lr); ``ValueError`` for an optimizer outside
+    :data:`PER_LAYER_LR_OPTIMIZERS`."""
+    if not any(METHODS[c.method].per_layer_lr for c in layout):
         return []
+    runs = torch.tensor([METHODS[c.method].per_layer_lr for c in configs])
     if optimizer not in PER_LAYER_LR_OPTIMIZERS:
         raise ValueError(
             f"per-layer-lr is defined for {', '.join(PER_LAYER_LR_OPTIMIZERS)}, not {optimizer!r}"
@@ -725,10 +927,13 @@ def _record(
     loss: Tensor,
     stats: tuple[Tensor, Tensor],
     active: Tensor,
+    runs: list[int],
 ) -> None:
+    """A :class:`CurvePoint` of each row still ``active`` (``loss`` and ``stats``: ``[B]``)
+    appended to the curve of its run (``runs``: the group's index of each row)."""
     per_run = torch.stack([loss.to(torch.float64), *stats], 1).tolist()
     for i in torch.nonzero(active).reshape(-1).tolist():
-        curves[i].append(CurvePoint(step, *per_run[i]))
+        curves[runs[i]].append(CurvePoint(step, *per_run[i]))
 
 
 def _finite(x: float) -> float | None:
