@@ -305,6 +305,11 @@ def reproduce_grids(quick: bool) -> list[TaskGrid]:
 
 def _coarse() -> list[TaskGrid]:
     """The full grids of every task but the realistic ones, before their stride."""
+    return [*_teacher_students(), *_others()]
+
+
+def _teacher_students() -> list[TaskGrid]:
+    """The full grids of the teacher-student tasks, before their stride."""
     return [
         TaskGrid(
             "teacher-student",
@@ -337,6 +342,12 @@ def _coarse() -> list[TaskGrid]:
                 ),
             ),
         ),
+    ]
+
+
+def _others() -> list[TaskGrid]:
+    """The full grids of the digits tasks and the transformer, before their stride."""
+    return [
         TaskGrid(
             "digits",
             (
