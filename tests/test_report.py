@@ -295,6 +295,23 @@ def test_stability_figure_keeps_labels_clear(quick_results, monkeypatch):
         _assert_labels_clear(fig)
 
 
+def test_a_stability_map_says_where_a_method_did_not_run(quick_results, monkeypatch):
+    """A map whose methods ran at every s and rate has no blank cell to explain; with a rate
+    one method did not run (as a window's floor leaves out) its title says white is not run."""
+    from gaugefix.experiments.store import Store
+
+    captured = _captured_figures(monkeypatch)
+    runs = Store(quick_results / "results.sqlite", readonly=True).runs()
+    regime, regime_runs = next(iter(by_regime(runs).items()))
+    chosen = stability.at_best_strength(regime_runs)
+    lowest, method = min((r.config.lr, r.config.method) for r in chosen)
+    floored = [r for r in chosen if (r.config.lr, r.config.method) != (lowest, method)]
+    stability.stability_map(quick_results, "teacher-student", regime, chosen)
+    stability.stability_map(quick_results, "teacher-student", regime, floored)
+    whole, gapped = (fig.get_suptitle() for fig in captured)
+    assert "not run" not in whole and gapped.endswith("(x: some seed diverged; white: not run)")
+
+
 def test_balanced_start_figure_keeps_labels_clear(quick_results, monkeypatch):
     from gaugefix.experiments.store import Store
 

@@ -857,8 +857,8 @@ def _map_panel(ax: Any, runs: Runs, s_values: list[float], lrs: list[float], nor
 def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     """Per method (at its best strength), the fraction of seeds stable at each initial imbalance
     and grid learning rate (one cell per grid point, so the grid's resolution shows), crosses
-    where some seed diverged; at most four panels a row. The runs of a bisection, at one seed's
-    rates, are left out."""
+    where some seed diverged, blank where a method did not run (a window's floor at some s); at
+    most four panels a row. The runs of a bisection, at one seed's rates, are left out."""
     runs = on_grid(runs)
     methods = methods_in_order({r.config.method for r in runs})
     s_values = sorted({r.config.s for r in runs})
@@ -894,7 +894,10 @@ def stability_map(out: Path, task: str, regime: Regime, runs: Runs) -> str:
     plain_log_ticks(*axes[:, 0])  # after every set_yscale of the shared axis
     bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f"seeds stable (of {seeds})")
     bar.set_ticks(counts / seeds, labels=[str(k) for k in counts])
-    fig.suptitle(f"{task}: {regime.label} (x: some seed diverged)", fontsize=10)
+    cells = {(r.config.method, r.config.s, r.config.lr) for r in runs}
+    gaps = len(cells) < len(methods) * len(s_values) * len(lrs)
+    note = "x: some seed diverged" + ("; white: not run" if gaps else "")
+    fig.suptitle(f"{task}: {regime.label} ({note})", fontsize=10)
     return save(fig, out, f"stability-{task}-{regime.slug}.png")
 
 
