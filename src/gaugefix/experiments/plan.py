@@ -53,6 +53,9 @@ __all__ = [
     "TS_DRIFT",
     "DIGITS_WINDOWS",
     "TS_LONG",
+    "TS_GD_METHODS",
+    "DEEP_METHODS",
+    "DIGITS_GD_METHODS",
     "TS_GD_FLOORS",
     "DEEP_FLOORS",
     "DIGITS_FLOORS",
@@ -203,7 +206,10 @@ BALANCED_START = with_strengths(
 TS_DRIFT = {"sgd": (-5, 3), "momentum": (-5, 3), "adam": (-12, 0)}
 TS_LONG = {"sgd": (-2, 4), "adam": (-10, 0)}
 DIGITS_WINDOWS = {"sgd": (-2, 4), "adam": (-8, 2)}
-# The full-batch GD blocks' floors by s (Block.floors).
+# The full-batch GD blocks' methods (with the mechanism's), and their floors by s (Block.floors).
+TS_GD_METHODS = {**ALL_METHODS, **MECHANISM}
+DEEP_METHODS = {**ONE_STRENGTH, **MECHANISM_ONE}
+DIGITS_GD_METHODS = {**ONE_STRENGTH, **MECHANISM_DIGITS}
 TS_GD_FLOORS = {0.0: -6, 1.0: -12}
 DEEP_FLOORS = {0.0: -6}
 DIGITS_FLOORS = {0.0: 0}
@@ -314,15 +320,7 @@ def _teacher_students() -> list[TaskGrid]:
         TaskGrid(
             "teacher-student",
             (
-                Block(
-                    {**ALL_METHODS, **MECHANISM},
-                    "gd",
-                    (-16, 4),
-                    S_DEEP,
-                    SEEDS,
-                    150,
-                    floors=TS_GD_FLOORS,
-                ),
+                Block(TS_GD_METHODS, "gd", (-16, 4), S_DEEP, SEEDS, 150, floors=TS_GD_FLOORS),
                 Block({**ALL_METHODS, **ADAM_ONLY}, "adam", (-12, 2), S_DEEP, SEEDS, 150),
                 *_mini_batch(ALL_METHODS, TS_DRIFT, 150, SEEDS),
                 *_mini_batch(BALANCED_START, TS_LONG, 1500, SEEDS),
@@ -330,17 +328,7 @@ def _teacher_students() -> list[TaskGrid]:
         ),
         TaskGrid(
             "deep-teacher-student",
-            (
-                Block(
-                    {**ONE_STRENGTH, **MECHANISM_ONE},
-                    "gd",
-                    (-14, 4),
-                    S_DEEP,
-                    SEEDS,
-                    150,
-                    floors=DEEP_FLOORS,
-                ),
-            ),
+            (Block(DEEP_METHODS, "gd", (-14, 4), S_DEEP, SEEDS, 150, floors=DEEP_FLOORS),),
         ),
     ]
 
@@ -351,15 +339,7 @@ def _others() -> list[TaskGrid]:
         TaskGrid(
             "digits",
             (
-                Block(
-                    {**ONE_STRENGTH, **MECHANISM_DIGITS},
-                    "gd",
-                    (-4, 6),
-                    S_WIDE,
-                    SEEDS,
-                    50,
-                    floors=DIGITS_FLOORS,
-                ),
+                Block(DIGITS_GD_METHODS, "gd", (-4, 6), S_WIDE, SEEDS, 50, floors=DIGITS_FLOORS),
                 Block({**ONE_STRENGTH, **ADAM_ONLY}, "adam", (-10, 4), S_WIDE, SEEDS, 50),
                 *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 50, SEEDS),
                 *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 500, SEEDS),
