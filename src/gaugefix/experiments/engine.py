@@ -624,15 +624,22 @@ def _state_rows(state: Any, keep: Tensor) -> Any:
     raise TypeError(f"no rule to cut a step state of type {type(state).__name__} to runs")
 
 
-def _full_loss(data: Instances, template: torch.nn.Module) -> Callable[[Stack], Tensor]:
-    """Per run (``[R]``), :meth:`Task.loss` on its instance's full training set."""
+def _run_loss(
+    data: Instances, template: torch.nn.Module
+) -> Callable[[Stack, Tensor, Tensor], Tensor]:
+    """One run's :meth:`Task.loss` of ``template`` with parameters ``params`` on ``(xb, yb)``."""
     task = data.tasks[0]
 
     def loss(params: Stack, xb: Tensor, yb: Tensor) -> Tensor:
         return task.loss(functional_call(template, params, (xb,)), yb)
 
+    return loss
+
+
+def _full_loss(data: Instances, template: torch.nn.Module) -> Callable[[Stack], Tensor]:
+    """Per run (``[R]``), :meth:`Task.loss` on its instance's full training set."""
     (x, dim), (y, _) = data.per_run(data.x), data.per_run(data.y)
-    on_full = vmap(loss, in_dims=(0, dim, dim))
+    on_full = vmap(_run_loss(data, template), in_dims=(0, dim, dim))
     return lambda stack: on_full(stack, x, y)
 
 
@@ -648,12 +655,7 @@ def _batch_loss(
     n = data.x.shape[1]
     if batch_size <= 0 or batch_size >= n:
         return _full_loss(data, template)
-    task = data.tasks[0]
-
-    def loss(params: Stack, xb: Tensor, yb: Tensor) -> Tensor:
-        return task.loss(functional_call(template, params, (xb,)), yb)
-
-    own = vmap(loss)
+    own = vmap(_run_loss(data, template))
     of_run = data.of_run[:, None]
 
     def drawn(stack: Stack) -> Tensor:

@@ -438,9 +438,10 @@ def at_chosen_strengths(runs: Runs, configs: list[RunConfig]) -> list[RunConfig]
     (:func:`~gaugefix.experiments.stability.best_strengths` of the task's regime, as the
     summary chooses it)."""
     tuned = _tuned(configs)
-    by_key: dict[tuple, list] = defaultdict(list)
+    by_key: dict[tuple, list] = {key: [] for key, _ in tuned}
     for r in runs:
-        by_key[_tuning_key(r.config)].append(r)
+        if (key := _tuning_key(r.config)) in by_key:
+            by_key[key].append(r)
     best = {k: best_strengths(rs) for k, rs in by_key.items()}
     out = []
     for c in configs:

@@ -222,10 +222,10 @@ def run_bisected(
     first, later = tuning_first(configs) if choose_strengths else (configs, [])
     written = run_all(store, first, spec_of, jobs, workers=workers)
     if choose_strengths:
-        runs = store.runs()
-        chosen = at_chosen_strengths(runs, later)
+        configs = at_chosen_strengths(store.runs(), configs)
+        deferred = set(later)
+        chosen = [c for c in configs if c in deferred]
         written += run_all(store, chosen, spec_of, jobs, workers=workers)
-        configs = at_chosen_strengths(runs, first) + chosen
     cells = {cell_of(c) for c in configs}
     while todo := bisection_runs(store.runs(), cells, rounds):
         written += run_all(store, todo, spec_of, jobs, workers=workers)

@@ -94,7 +94,6 @@ __all__ = [
     "VERDICT",
     "ratio_text",
     "interval_text",
-    "interval_text",
     "verdict_text",
     "render_sensitivity",
     "render",
