@@ -236,6 +236,7 @@ def test_bad_input_changes_nothing(tmp_path):
         ({"strength": 1.0, "mode": "hard"}, ValueError, "mode"),
         ({"strength": 1.0, "structure": "s"}, TypeError, "structure"),
         ({"strength": 1.0, "log_every": -1}, ValueError, "log_every"),
+        ({"strength": 1.0, "log_stats": True}, TypeError, "unknown option.*: log_stats"),
     ]:
         with pytest.raises(error, match=match):
             GaugeFixingCallback(trainer, **options)

@@ -118,6 +118,10 @@ def test_explicit_structure_and_bad_input(tmp_path):
         GaugeFixingCallback(strength=-1.0)
     with pytest.raises(ValueError, match="mode"):
         GaugeFixingCallback(strength=1.0, mode="hard")
+    with pytest.raises(TypeError, match="GaugeFixingCallback got unknown option.*: moed"):
+        GaugeFixingCallback(strength=1.0, moed="penalty")
+    with pytest.raises(TypeError, match="structure must be a GaugeStructure"):
+        GaugeFixingCallback(strength=1.0, structure=module)
     other = gaugefix.discover(module.net, module.example_input_array)  # names lack "net."
     with pytest.raises(ValueError, match="does not match"):
         fit(Regressor(), GaugeFixingCallback(strength=1.0, structure=other), tmp_path, steps=1)

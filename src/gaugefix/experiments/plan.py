@@ -61,6 +61,7 @@ __all__ = [
     "DIGITS_FLOORS",
     "DEEP_MLP_FLOORS",
     "S_DEEP",
+    "LONG_HORIZON",
     "SEEDS",
     "COSTLY_SEEDS",
     "S_WIDE",
@@ -215,6 +216,8 @@ DEEP_FLOORS = {0.0: -6}
 DIGITS_FLOORS = {0.0: 0}
 DEEP_MLP_FLOORS = {0.0: -10}
 S_DEEP = (0.0, 1.0, 2.0)
+# The long horizon's steps, as a multiple of the task's full-batch steps.
+LONG_HORIZON = 10
 # Seeds of the full grid: the cheap tasks (MLPs), and the CNN and transformer.
 SEEDS = 10
 COSTLY_SEEDS = 5
@@ -281,7 +284,7 @@ def _quick_grids() -> list[TaskGrid]:
                 Block({**ts, **MECHANISM_ONE}, "gd", (-14, 3), S_DEEP, 1, 100),
                 Block({**ts, **ADAM_ONLY}, "adam", (-10, 1), S_DEEP, 1, 100),
                 *_mini_batch(ts, {"sgd": (-9, 2)}, 100, 1),
-                *_mini_batch(long, {"sgd": (-4, 3), "adam": (-8, -1)}, 1000, 1),
+                *_mini_batch(long, {"sgd": (-4, 3), "adam": (-8, -1)}, LONG_HORIZON * 100, 1),
             ),
         ),
         TaskGrid("digits", (Block(small, "gd", (-4, 4), S_WIDE, 1, 40),)),
@@ -314,18 +317,39 @@ def _coarse() -> list[TaskGrid]:
     return [*_teacher_students(), *_others()]
 
 
+def _small_task(
+    task: str,
+    steps: int,
+    s: tuple[float, ...],
+    gd: tuple[dict[str, tuple[float, ...]], tuple[int, int], dict[float, int]],
+    adam: tuple[dict[str, tuple[float, ...]], tuple[int, int]],
+    drift: tuple[dict[str, tuple[float, ...]], dict[str, tuple[int, int]]],
+    long_windows: dict[str, tuple[int, int]],
+) -> TaskGrid:
+    """A small task's four experiments, :data:`SEEDS` seeds each: stability at the initial
+    imbalances ``s`` under full-batch GD (``gd``: methods, window, floors) and Adam (``adam``:
+    methods, window), ``steps`` steps; drift (``drift``: methods, windows by optimizer) at
+    ``steps``; the long horizon over ``long_windows`` at :data:`LONG_HORIZON` times ``steps``,
+    every method from a balanced start."""
+    gd_methods, gd_window, floors = gd
+    adam_methods, adam_window = adam
+    return TaskGrid(
+        task,
+        (
+            Block(gd_methods, "gd", gd_window, s, SEEDS, steps, floors=floors),
+            Block(adam_methods, "adam", adam_window, s, SEEDS, steps),
+            *_mini_batch(*drift, steps, SEEDS),
+            *_mini_batch(BALANCED_START, long_windows, LONG_HORIZON * steps, SEEDS),
+        ),
+    )
+
+
 def _teacher_students() -> list[TaskGrid]:
     """The full grids of the teacher-student tasks, before their stride."""
+    gd = (TS_GD_METHODS, (-16, 4), TS_GD_FLOORS)
+    adam = ({**ALL_METHODS, **ADAM_ONLY}, (-12, 2))
     return [
-        TaskGrid(
-            "teacher-student",
-            (
-                Block(TS_GD_METHODS, "gd", (-16, 4), S_DEEP, SEEDS, 150, floors=TS_GD_FLOORS),
-                Block({**ALL_METHODS, **ADAM_ONLY}, "adam", (-12, 2), S_DEEP, SEEDS, 150),
-                *_mini_batch(ALL_METHODS, TS_DRIFT, 150, SEEDS),
-                *_mini_batch(BALANCED_START, TS_LONG, 1500, SEEDS),
-            ),
-        ),
+        _small_task("teacher-student", 150, S_DEEP, gd, adam, (ALL_METHODS, TS_DRIFT), TS_LONG),
         TaskGrid(
             "deep-teacher-student",
             (Block(DEEP_METHODS, "gd", (-14, 4), S_DEEP, SEEDS, 150, floors=DEEP_FLOORS),),
@@ -336,14 +360,14 @@ def _teacher_students() -> list[TaskGrid]:
 def _others() -> list[TaskGrid]:
     """The full grids of the digits tasks and the transformer, before their stride."""
     return [
-        TaskGrid(
+        _small_task(
             "digits",
-            (
-                Block(DIGITS_GD_METHODS, "gd", (-4, 6), S_WIDE, SEEDS, 50, floors=DIGITS_FLOORS),
-                Block({**ONE_STRENGTH, **ADAM_ONLY}, "adam", (-10, 4), S_WIDE, SEEDS, 50),
-                *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 50, SEEDS),
-                *_mini_batch(BALANCED_START, DIGITS_WINDOWS, 500, SEEDS),
-            ),
+            50,
+            S_WIDE,
+            (DIGITS_GD_METHODS, (-4, 6), DIGITS_FLOORS),
+            ({**ONE_STRENGTH, **ADAM_ONLY}, (-10, 4)),
+            (BALANCED_START, DIGITS_WINDOWS),
+            DIGITS_WINDOWS,
         ),
         TaskGrid(
             "deep-mlp-digits",

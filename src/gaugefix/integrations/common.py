@@ -3,37 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import Tensor, nn
 
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
-from gaugefix.train.hook import Mode, check_every
+from gaugefix.train.hook import EVERY, Mode, check_every
 
-__all__ = ["prefixed_stats", "set_options"]
+__all__ = ["CallbackOptions", "prefixed_stats", "set_options"]
 
 
-def set_options(
-    callback: Any,
-    strength: float,
-    structure: GaugeStructure | None,
-    mode: Mode,
-    balance_at_start: bool,
-    prefix: str,
-    every: int,
-) -> None:
-    """Check the options every callback takes (``ValueError`` / ``TypeError`` naming a bad
-    one) and set them as the callback's attributes of the same names."""
+class CallbackOptions(TypedDict, total=False):
+    """The keyword options every callback takes (default in brackets): ``structure``, the
+    :class:`~gaugefix.GaugeStructure` to fix (``None``: discovered by the callback); ``mode``,
+    ``"exact"`` or ``"penalty"`` (``"exact"``); ``balance_at_start``, balance when gauge fixing
+    starts (``True``); ``prefix`` of the logged statistics' keys (``"gauge/"``); ``every``, the
+    optimizer steps between exact orbit steps (:data:`gaugefix.train.hook.EVERY`). ``mode``,
+    ``balance_at_start`` and ``every`` are :class:`gaugefix.GaugeFixing`'s."""
+
+    structure: GaugeStructure | None
+    mode: Mode
+    balance_at_start: bool
+    prefix: str
+    every: int
+
+
+def set_options(callback: Any, strength: float, options: CallbackOptions) -> None:
+    """Check ``strength`` and ``options`` (``TypeError`` naming an unknown key, ``ValueError`` /
+    ``TypeError`` naming a bad value) and set them, defaults filled in, as the callback's
+    attributes of the same names."""
+    unknown = sorted(set(options) - set(CallbackOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"{type(callback).__name__} got unknown option(s): {', '.join(unknown)}")
     strength = check_strength(strength)
+    structure, mode = options.get("structure"), options.get("mode", "exact")
+    every = options.get("every", EVERY)
     if mode not in ("exact", "penalty"):
         raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
     check_every(every)
     if structure is not None and not isinstance(structure, GaugeStructure):
         raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
     callback.strength, callback.structure, callback.mode = strength, structure, mode
-    callback.balance_at_start, callback.prefix, callback.every = balance_at_start, prefix, every
+    callback.balance_at_start = options.get("balance_at_start", True)
+    callback.prefix, callback.every = options.get("prefix", "gauge/"), every
 
 
 def prefixed_stats(

@@ -5,7 +5,7 @@ Needs the optional extra: ``pip install gaugefix[lightning]``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 try:
     from lightning.pytorch import LightningModule, Trainer
@@ -22,9 +22,9 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 import torch
 
-from gaugefix.integrations.common import prefixed_stats, set_options
+from gaugefix.integrations.common import CallbackOptions, prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, discover
-from gaugefix.train.hook import EVERY, GaugeFixing, Mode
+from gaugefix.train.hook import GaugeFixing, Mode
 
 __all__ = ["GaugeFixingCallback"]
 
@@ -36,7 +36,8 @@ class GaugeFixingCallback(Callback):
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
     the module's); when it is ``None`` it is discovered at setup from the module's
-    ``example_input_array``. ``strength``, ``mode``, ``balance_at_start`` and ``every`` are passed
+    ``example_input_array``. ``options`` are the callbacks' shared
+    :class:`~gaugefix.integrations.common.CallbackOptions`; ``strength`` and them are passed
     to :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
     training starts (after any checkpoint restored the optimizer state) and removed when it
     ends; a fit resumed from a Lightning checkpoint (``ckpt_path``) does not balance again and
@@ -50,17 +51,13 @@ class GaugeFixingCallback(Callback):
         self,
         strength: float,
         *,
-        structure: GaugeStructure | None = None,
-        mode: Mode = "exact",
-        balance_at_start: bool = True,
-        prefix: str = "gauge/",
-        every: int = EVERY,
         log_stats: bool = True,
+        **options: Unpack[CallbackOptions],
     ) -> None:
         super().__init__()
         self.structure: GaugeStructure | None
         self.mode: Mode
-        set_options(self, strength, structure, mode, balance_at_start, prefix, every)
+        set_options(self, strength, options)
         self.log_stats = log_stats
         self.hooks: list[GaugeFixing] = []
         self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint

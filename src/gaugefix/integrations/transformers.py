@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import zlib
-from typing import Any
+from typing import Any, Unpack
 
 try:
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gaugefix.integrations.common import prefixed_stats, set_options
+from gaugefix.integrations.common import CallbackOptions, prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, ValueDependentError, discover
-from gaugefix.train.hook import EVERY, GaugeFixing, Mode
+from gaugefix.train.hook import GaugeFixing, Mode
 
 __all__ = ["decode_structure", "GaugeFixingCallback", "torch_optimizer"]
 
@@ -69,9 +69,9 @@ class GaugeFixingCallback(TrainerCallback):
       which :func:`gaugefix.discover` refuses by default (one trace sees one path);
       ``allow_value_dependent=True`` accepts that for discovery on the first batch, when the
       branches only choose how the mask is applied (the structure's ``notes`` record it).
-    - :class:`gaugefix.GaugeFixing` (``strength``, ``mode``, ``every``) is attached to the
-      ``torch.optim``
-      optimizer the trainer built (inside Accelerate's wrapper) and re-attached when the
+    - :class:`gaugefix.GaugeFixing` (``strength`` and the shared ``options``,
+      :class:`~gaugefix.integrations.common.CallbackOptions`) is attached to the
+      ``torch.optim`` optimizer the trainer built (inside Accelerate's wrapper) and re-attached when the
       trainer's optimizer is replaced; it acts once per optimizer step (after the gradients of
       all accumulated micro-batches and any clipping), never per micro-batch. It is removed when
       training ends. ``balance_at_start`` balances the model when gauge fixing starts.
@@ -90,19 +90,15 @@ class GaugeFixingCallback(TrainerCallback):
         trainer: Trainer,
         strength: float,
         *,
-        structure: GaugeStructure | None = None,
-        mode: Mode = "exact",
-        balance_at_start: bool = True,
-        prefix: str = "gauge/",
-        every: int = EVERY,
         log_every: int | None = None,
         allow_value_dependent: bool = False,
+        **options: Unpack[CallbackOptions],
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
         self.structure: GaugeStructure | None
         self.mode: Mode
-        set_options(self, strength, structure, mode, balance_at_start, prefix, every)
+        set_options(self, strength, options)
         self.allow_value_dependent = bool(allow_value_dependent)
         if log_every is not None and (
             isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0
