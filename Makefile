@@ -1,6 +1,11 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# AIMET, the quantization benchmark's second anchor, in an environment of its own: aimet-torch
+# imports torchvision, whose wheel pairs with a CUDA build of torch (it runs on the CPU), not with
+# this project's CPU torch. benchmarks/quantization.py runs it there (AIMET_PYTHON).
+AIMET_VENV := .venv-aimet
+AIMET_STAMP := $(AIMET_VENV)/.installed
 
 .PHONY: demo reproduce bench test lint clean
 
@@ -13,6 +18,11 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+$(AIMET_STAMP):
+	python3 -m venv $(AIMET_VENV)
+	$(AIMET_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 aimet-torch==2.42.0
+	touch $(AIMET_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/gaugefix inspect resnet
 	$(VENV)/bin/gaugefix reproduce --quick --jobs 2 --out gaugefix-results/quick
@@ -20,9 +30,9 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(VENV)/bin/gaugefix reproduce --jobs 2 --out gaugefix-results/full
 
-bench: $(STAMP)
+bench: $(STAMP) $(AIMET_STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
-	$(PY) benchmarks/run.py
+	AIMET_PYTHON=$(AIMET_VENV)/bin/python $(PY) benchmarks/run.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
@@ -32,4 +42,4 @@ test: lint
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(AIMET_VENV) build src/*.egg-info

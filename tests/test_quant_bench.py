@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,3 +57,31 @@ def test_every_method_runs_and_keeps_the_function():
             assert methods[method]["fp32"] == methods["none"]["fp32"]
         for method in ("brevitas", "aimet"):  # ran, or says why not in one line
             assert methods[method]["status"] == "ok" or "\n" not in methods[method]["status"]
+
+
+FAKE_AIMET = """import torch
+def equalize_model(model, dummy_input):
+    if dummy_input.shape != (2, 1, 8, 8):
+        raise ValueError("no layers to equalize")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+"""
+
+
+def test_aimet_runs_in_its_own_interpreter(tmp_path, monkeypatch):
+    """With ``AIMET_PYTHON`` set, the model is saved whole, equalized by that interpreter and its
+    state loaded back (a stand-in ``aimet_torch`` that doubles every parameter); that
+    interpreter's error comes back as one line."""
+    (tmp_path / "aimet_torch").mkdir()
+    (tmp_path / "aimet_torch" / "__init__.py").write_text("")
+    (tmp_path / "aimet_torch" / "cross_layer_equalization.py").write_text(FAKE_AIMET)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv(quantization.AIMET_PYTHON, sys.executable)
+    torch.manual_seed(0)
+    model = quantization.SeparableCNN(width=4, blocks=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = quantization._aimet(model, torch.randn(2, 1, 8, 8))
+    assert all(torch.equal(out.state_dict()[k], 2 * v) for k, v in before.items())
+    with pytest.raises(RuntimeError, match="ValueError: no layers to equalize$"):
+        quantization._aimet(model, torch.randn(1, 1, 8, 8))
