@@ -248,8 +248,10 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:+.1%}"
     if unit == "x":
         return f"{value:.2f}x"
-    if unit in ("points", "nats"):
-        return f"{value:+.2f} {unit}"
+    if unit == "points":  # accuracy: a test digit is 0.22 points
+        return f"{value:+.2f} points"
+    if unit == "nats":  # a loss: the GPT's quantized losses differ in the fourth decimal
+        return f"{value:+.4f} nats"
     if unit == "n":
         return f"{value:.0f}"
     return f"{value:.1e}"
@@ -410,12 +412,26 @@ NOTES = [
 
 
 TABLE_START, TABLE_END = "<!-- benchmark table: start -->", "<!-- benchmark table: end -->"
+QUANT_DOCS = HERE.parent / "docs" / "quantization.md"
+QUANT_START = "<!-- quantization table: start -->"
+QUANT_END = "<!-- quantization table: end -->"
 
 
-def with_table(readme: str, table: str) -> str:
-    """``readme`` with the text between the benchmark-table markers replaced by ``table``."""
-    start, end = readme.index(TABLE_START), readme.index(TABLE_END)
-    return readme[: start + len(TABLE_START)] + "\n" + table + readme[end:]
+def with_table(text: str, table: str, markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> str:
+    """``text`` with what stands between ``markers`` (the README's benchmark table's by
+    default) replaced by ``table``."""
+    start, end = text.index(markers[0]), text.index(markers[1])
+    return text[: start + len(markers[0])] + "\n" + table + text[end:]
+
+
+def quant_table(quant: dict, run: dict) -> str:
+    """docs/quantization.md's table of every score, with the run that measured it."""
+    load = f"{run['load_before'][0]:.1f} before / {run['load_after'][0]:.1f} after"
+    return (
+        quantization.render(quant) + f"\nMeasured by `python benchmarks/run.py --only quant` "
+        f"({run['date']}, torch {torch.__version__}, {run['threads']} thread(s), "
+        f"{os.cpu_count()} cores, load average {load}, {run['seconds']:.0f} s).\n"
+    )
 
 
 def _cpu_name() -> str:
@@ -483,6 +499,10 @@ def main(argv: list[str] | None = None) -> dict:
         readme = HERE.parent / "README.md"
         readme.write_text(with_table(readme.read_text(), render_markdown(results)))
         log(f"updated the table in {readme}")
+    if args.out.resolve() == HERE and not args.tiny and "quant" in only:
+        table = quant_table(results["quant"], run)
+        QUANT_DOCS.write_text(with_table(QUANT_DOCS.read_text(), table, (QUANT_START, QUANT_END)))
+        log(f"updated the table in {QUANT_DOCS}")
     return results
 
 

@@ -21,6 +21,7 @@ from benchmarks import (  # noqa: E402
     memory,
     memory_probe,
     opcount,
+    quantization,
     run,
     step,
     sweeps,
@@ -154,6 +155,15 @@ def test_readme_table_is_replaced_between_the_markers():
     out = run.with_table(readme, "| new |\n")
     assert out == f"intro\n{run.TABLE_START}\n| new |\n{run.TABLE_END}\nafter\n"
     assert run.TABLE_START in (ROOT / "README.md").read_text()
+
+
+def test_quantization_docs_hold_the_stored_run_s_table():
+    """docs/quantization.md's table of scores is the one ``--only quant`` wrote from the stored
+    results (benchmarks/results.json), not a copy that can fall behind it."""
+    quant = json.loads((ROOT / "benchmarks" / "results.json").read_text())["quant"]
+    docs = run.QUANT_DOCS.read_text()
+    start, end = docs.index(run.QUANT_START), docs.index(run.QUANT_END)
+    assert quantization.render(quant) in docs[start:end]
 
 
 def test_op_counts_and_gpu_sections():
