@@ -71,10 +71,10 @@ class GaugeFixingCallback(TrainerCallback):
       branches only choose how the mask is applied (the structure's ``notes`` record it).
     - :class:`gaugefix.GaugeFixing` (``strength`` and the shared ``options``,
       :class:`~gaugefix.integrations.common.CallbackOptions`) is attached to the
-      ``torch.optim`` optimizer the trainer built (inside Accelerate's wrapper) and re-attached when the
-      trainer's optimizer is replaced; it acts once per optimizer step (after the gradients of
-      all accumulated micro-batches and any clipping), never per micro-batch. It is removed when
-      training ends. ``balance_at_start`` balances the model when gauge fixing starts.
+      ``torch.optim`` optimizer the trainer built (inside Accelerate's wrapper) and re-attached
+      when the trainer's optimizer is replaced; it acts once per optimizer step (after the
+      gradients of all accumulated micro-batches and any clipping), never per micro-batch. It is
+      removed when training ends. ``balance_at_start`` balances the model when gauge fixing starts.
     - ``log_every``: ``None`` logs whenever the trainer logs (its ``logging_strategy`` and
       ``logging_steps``), ``n > 0`` every ``n`` optimizer steps, ``0`` never.
     - Checkpoints: the gauge state (the structure, whether gauge fixing started, the hook's
