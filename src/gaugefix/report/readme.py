@@ -169,8 +169,7 @@ def _mechanism(summary: dict[str, Any]) -> str:
     rows = mechanism_rows(summary)
     lines = [
         f"- dose-response on {task} ({d['seeds']} seeds, {d['steps']} steps, s = {dose.S:g}): "
-        "Spearman "
-        f"of edge ratio against relaxation time over plain's divergence time: "
+        "Spearman of edge ratio against relaxation time over plain's divergence time: "
         + ", ".join(f"{m} {fmt(r)}" for m, r in d["rho"].items())
         + f"; one monotone curve shared: {MARK[d['shared']]}"
         for task, d in summary.get(dose.KEY, {}).items()
