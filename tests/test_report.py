@@ -401,3 +401,19 @@ def test_every_method_has_a_color_of_its_own():
     colors = {to_hex(method_color(m)) for m in METHODS}
     assert len(colors) == len(METHODS)
     assert method_color("no such method") == "k"
+
+
+@pytest.mark.parametrize("panels", [1, 4])
+def test_a_figure_s_legend_fits_its_width(panels):
+    """Below a one-panel figure the legend wraps into rows within the figure's width (it ran
+    past both edges in one row of 8); below a wide one it keeps one row of 8."""
+    from gaugefix.experiments.figures import LEGEND_COLUMNS, legend_below, subplots
+
+    fig, axes = subplots(1, panels, figsize=(3.6 * panels, 3), squeeze=False, layout="constrained")
+    labels = [f"method-number-{k}" for k in range(LEGEND_COLUMNS)]
+    handles = [axes[0][0].plot([0, 1], [k, k])[0] for k in range(len(labels))]
+    legend_below(fig, handles, labels)
+    (legend,) = fig.legends
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).width <= fig.bbox.width
+    assert (legend._ncols < LEGEND_COLUMNS) == (panels == 1)

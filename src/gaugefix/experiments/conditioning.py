@@ -14,7 +14,7 @@ import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments.cells import SKey, TaskKey, s_key
 from gaugefix.experiments.engine import METHODS, REFERENCES, init_direction
-from gaugefix.experiments.figures import fmt, label, method_color, save, subplots
+from gaugefix.experiments.figures import fmt, label, legend_below, method_color, save, subplots
 from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.stability import max_stable_lr
@@ -180,7 +180,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             f"{finals}; 2/lr = {fmt(r['two_over_lr'])}."
         )
     handles, labels = axes[0][-1].get_legend_handles_labels()  # below the panels, off the lines
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+    legend_below(fig, handles, labels)
     name = save(fig, out, "sharpness.png")
     return (
         "## Conditioning\n\nThe largest Hessian eigenvalue of the training loss (Lanczos on "

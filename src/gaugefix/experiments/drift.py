@@ -171,11 +171,5 @@ def figure(
         figures.plain_log_ticks(bottom)
     fig.suptitle(f"{task}: scale drift, s = 0, first seed", fontsize=10)
     methods = methods_in_order(lines)
-    fig.legend(
-        [lines[m] for m in methods],
-        methods,
-        loc="outside lower center",
-        ncol=min(len(methods), 8),
-        fontsize=8,
-    )
+    figures.legend_below(fig, [lines[m] for m in methods], methods)
     return figures.save(fig, out, f"drift-{task}.png")

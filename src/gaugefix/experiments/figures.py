@@ -28,6 +28,9 @@ __all__ = [
     "plain_log_ticks",
     "save",
     "subplots",
+    "LEGEND_COLUMNS",
+    "LEGEND_FONTSIZE",
+    "legend_below",
     "task_style",
 ]
 
@@ -107,6 +110,24 @@ def subplots(
     fig = Figure(figsize=figsize, layout=layout)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, **kwargs)
+
+
+# A figure's one legend below its panels: at most this many columns, in this font size.
+LEGEND_COLUMNS = 8
+LEGEND_FONTSIZE = 8
+
+
+def legend_below(fig: Figure, handles: list[Any], labels: list[str]) -> None:
+    """The figure's one legend, below its panels, in the most columns (at most
+    :data:`LEGEND_COLUMNS`) whose rows fit the figure's width, measured by its renderer."""
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(len(labels), LEGEND_COLUMNS), 0, -1):
+        legend = fig.legend(
+            handles, labels, loc="outside lower center", ncol=ncol, fontsize=LEGEND_FONTSIZE
+        )
+        if ncol == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            return
+        legend.remove()
 
 
 def save(fig: Figure, out: Path, name: str) -> str:

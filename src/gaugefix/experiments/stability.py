@@ -38,6 +38,7 @@ from gaugefix.experiments.engine import (
 )
 from gaugefix.experiments.figures import (
     fmt,
+    legend_below,
     method_color,
     methods_in_order,
     plain_log_ticks,
@@ -967,12 +968,9 @@ def balanced_start_figure(
         row[0].set_ylabel("stable edge, per seed")
     handles = [shown[m] for m in methods_in_order(shown)]
     handles += [Line2D([], [], marker=m, ls="", color="0.4") for m in ("v", "^")]
-    fig.legend(
-        handles,
-        [*methods_in_order(shown), "no stable rate", "stable to the grid's top"],
-        loc="outside lower center",
-        ncol=min(len(handles), 8),
-        fontsize=8,
+    legend_below(
+        fig, handles, [*methods_in_order(shown), "no stable rate", "stable to the grid's top"]
     )
-    fig.suptitle(f"{task}: continuous gauge fixing against a balanced start", fontsize=10)
+    title = f"{task}: continuous gauge fixing against a balanced start"
+    fig.suptitle(title, fontsize=10, wrap=True)  # a one-panel figure is narrower than it
     return save(fig, out, f"balanced-start-{task}.png")
