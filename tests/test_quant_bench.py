@@ -85,3 +85,59 @@ def test_aimet_runs_in_its_own_interpreter(tmp_path, monkeypatch):
     assert all(torch.equal(out.state_dict()[k], 2 * v) for k, v in before.items())
     with pytest.raises(RuntimeError, match="ValueError: no layers to equalize$"):
         quantization._aimet(model, torch.randn(1, 1, 8, 8))
+
+
+def _row(model: str, metric: str, seed: int, scores: dict[str, dict[str, float]]) -> dict:
+    """A measured row: per method its scores (every scheme's, ``fp32`` from ``none``)."""
+    methods = {}
+    for method in quantization.METHODS:
+        given = scores.get(method)
+        if given is None:
+            methods[method] = {"status": "ValueError: refused"}
+            continue
+        full = {s: given.get(s, 90.0) for s in quantization.SCHEMES}
+        methods[method] = {"status": "ok", "output_change": given.get("change", 1e-7), **full}
+    return {"model": model, "variant": "trained", "metric": metric, "methods": methods,
+            "seed": seed}  # fmt: skip
+
+
+def test_range_is_compared_with_the_anchors_by_the_mean_over_seeds():
+    """Per scheme the mean over seeds of range minus the anchor; the figure is the least of
+    them, labelled with its scheme and the seeds' spread; an anchor that refused any seed's
+    model, or that left every model unchanged, is said so."""
+    w4, w8a8 = "w4 per-channel", "w8a8"
+    range_ = [{w4: 80.0, w8a8: 98.0}, {w4: 70.0, w8a8: 98.4}, {w4: 75.0, w8a8: 97.0}]
+    same = {"change": 0.0}  # output unchanged
+    brevitas = [{w4: 79.0, w8a8: 98.2}, {w4: 72.0, w8a8: 98.0}, {w4: 74.0, w8a8: 97.4}]
+    rows = [
+        _row("m", "accuracy %", seed, {"none": {}, "range": r, "brevitas": b, "aimet": same})
+        for seed, (r, b) in enumerate(zip(range_, brevitas, strict=True))
+    ]
+    got = quantization._against_anchors(rows)
+    assert "range minus aimet (it left the model unchanged), worst scheme" in got[1][0]
+    what, figure, target, kind, unit = got[0]
+    assert figure == pytest.approx((-0.2 + 0.4 - 0.4) / 3)  # w8a8: mean 0 - 0.0667 < w4's 0
+    assert what == (
+        "m, trained, mean over 3 seeds: range minus brevitas, worst scheme (accuracy %; w8a8: "
+        "range >= brevitas on 1 of 3 seeds, per seed -0.40 to +0.40)"
+    )
+    assert (target, kind, unit) == (0.0, "min", "points")
+    rows[1]["methods"]["brevitas"] = {"status": "ValueError: refused"}
+    assert [g[0] for g in quantization._against_anchors(rows)] == [got[1][0]]
+
+
+def test_the_losses_are_compared_with_the_sign_that_favours_lower_loss():
+    lower, higher = (dict.fromkeys(quantization.SCHEMES, v) for v in (2.0, 2.5))
+    rows = [_row("gpt", "loss", 0, {"none": {}, "range": lower, "aimet": higher})]
+    ((what, figure, _, _, unit),) = quantization._against_anchors(rows)
+    assert figure == pytest.approx(0.5) and unit == "nats"
+    assert what == "gpt, trained: range minus aimet, worst scheme (loss)"  # one seed: no spread
+
+
+def test_the_table_gives_the_seeds_mean_and_range():
+    seeds = [_row("m", "accuracy %", s, {"none": {"fp32": 97.0 + s}}) for s in range(2)]
+    results = {"cases": [{k: v for k, v in seeds[0].items() if k != "seed"}], "seeds": seeds}
+    table = quantization.render(results)
+    assert "Trained models over 2 seeds" in table
+    assert "| m (accuracy %) | none | 97.50 [97.00, 98.00] | 90.00 [90.00, 90.00] |" in table
+    assert "| m (accuracy %) | brevitas | refused: ValueError: refused |  |  |  |" in table
