@@ -261,7 +261,14 @@ def test_non_finite_parameters_raise_and_change_nothing(bad, where):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"tol": 0.0}, {"tol": -1.0}, {"tol": float("nan")}, {"max_iter": -1}, {"max_iter": 2.5}],
+    [
+        {"tol": 0.0},
+        {"tol": -1.0},
+        {"tol": float("nan")},
+        {"max_iter": -1},
+        {"max_iter": 2.5},
+        {"max_iter": True},
+    ],
 )
 def test_bad_options_raise_and_change_nothing(kwargs):
     model, _, s = _imbalanced_mlp()

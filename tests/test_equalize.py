@@ -272,6 +272,17 @@ def test_activation_is_solved_to_rounding_at_one_point_of_the_orbit(name):
     assert_same_parameters(first, second, 1e-10)
 
 
+@pytest.mark.parametrize("objective", ["range", "activation", "norm"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_equalizing_twice_changes_nothing(name, objective):
+    model, x, s = scrambled(name)
+    calibration = x if objective == "activation" else None
+    gaugefix.equalize_(model, s, objective, calibration=calibration)
+    first = copy.deepcopy(model)
+    assert gaugefix.equalize_(model, s, objective, calibration=calibration).converged
+    assert_same_parameters(model, first, 1e-10)
+
+
 def test_range_tie_break_is_the_p_balance():
     """Where generators share counted entries, ``range`` starts from the minimiser of
     ``J_p = sum_e |theta_e|^p``: there every live generator's incoming and outgoing
@@ -384,6 +395,78 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case):
         gaugefix.equalize_(model, s, **kwargs)
     assert "\n" not in str(err.value)
     assert same_bits(model, state) and not any(m.training for m in model.modules())
+
+
+def test_weights_may_name_a_frozen_parameter():
+    """A frozen weight named in ``weights`` is counted as the default counts it: the generators
+    touching it never move."""
+    model, x, s = scrambled("mlp")
+    model[4].weight.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    named = gaugefix.equalize_(model, s, "range", weights=["0.weight", "2.weight", "4.weight"])
+    default = gaugefix.equalize_(twin, s, "range")
+    assert torch.equal(named.h, default.h) and same_bits(model, snapshot(twin))
+    assert torch.equal(named.dead_generators, default.dead_generators)
+
+
+def test_weights_that_are_not_names_are_one_clear_error():
+    model, x, s = scrambled("mlp")
+    state = snapshot(model)
+    with pytest.raises(TypeError, match="weights must be parameter names"):
+        gaugefix.equalize_(model, s, "range", weights=3)
+    assert same_bits(model, state)
+
+
+def square_sum(params: dict[str, Tensor]) -> Tensor:
+    return sum(t.square().sum() for t in params.values())
+
+
+BAD_CALLABLES = {
+    "detached": lambda p: square_sum(p).detach(),
+    "integer": lambda p: torch.tensor(3),
+    "complex": lambda p: square_sum(p).to(torch.complex128),
+    "constant on the orbit": lambda p: p["4.bias"].square().sum(),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLABLES))
+def test_a_callable_without_a_real_differentiable_value_is_one_clear_error(case):
+    model, x, s = scrambled("mlp")
+    opt = torch.optim.Adam(model.parameters())
+    model(x).square().sum().backward()
+    opt.step()
+    state, opt_state = snapshot(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="objective must") as err:
+        gaugefix.equalize_(model, s, BAD_CALLABLES[case], optimizer=opt, max_iter=20)
+    assert "\n" not in str(err.value)
+    assert same_bits(model, state)
+    now = opt.state_dict()["state"]
+    assert now.keys() == opt_state["state"].keys()
+    for i, saved in opt_state["state"].items():
+        assert all(torch.equal(now[i][k], v) for k, v in saved.items())
+
+
+def test_a_callable_that_writes_into_its_arguments_does_not_touch_the_model():
+    model, x, s = scrambled("mlp")
+    bias = model[4].bias.detach().clone()
+    before = output(model, (x,))
+
+    def objective(params: dict[str, Tensor]) -> Tensor:
+        params["4.bias"].mul_(2.0)  # not a parameter the structure acts on
+        return square_sum(params)
+
+    gaugefix.equalize_(model, s, objective, max_iter=20)
+    assert torch.equal(model[4].bias, bias)
+    assert rel_change(before, output(model, (x,))) <= TOL
+
+
+def test_a_callable_on_an_all_frozen_model_changes_nothing():
+    model, x, s = scrambled("mlp")
+    model.requires_grad_(False)
+    state = snapshot(model)
+    result = gaugefix.equalize_(model, s, square_sum)
+    assert same_bits(model, state) and not bool(result.h.any())
+    assert result.converged and len(result.dead_generators) == s.num_generators
 
 
 # -- a callable objective: sharpness ------------------------------------------------------------

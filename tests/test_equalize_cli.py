@@ -80,6 +80,9 @@ def small_mlp() -> torch.nn.Module:
         (["--objective", "activation", "--alpha", "1.5"], "alpha must be a number in [0, 1]"),
         (["--objective", "activation", "--calibration", "WRONG"], "calibration batch"),
         (["--objective", "activation", "--calibration", "MISSING"], "no array 'X'"),
+        (["--objective", "activation", "--calibration", "TEXT"], "cannot read"),
+        (["--objective", "norm", "--alpha", "2"], "alpha must be a number in [0, 1]"),
+        (["--objective", "range", "--alpha", "nan"], "alpha must be a number in [0, 1]"),
     ],
 )
 def test_bad_options_are_one_line_errors_and_nothing_is_written(tmp_path, extra, message):
@@ -87,7 +90,8 @@ def test_bad_options_are_one_line_errors_and_nothing_is_written(tmp_path, extra,
     torch.save(scrambled_state(small_mlp, (1, 5)), src)
     np.savez(tmp_path / "wrong.npz", X=np.zeros((4, 6)))
     np.savez(tmp_path / "missing.npz", Y=np.zeros((4, 5)))
-    files = {"WRONG": str(tmp_path / "wrong.npz"), "MISSING": str(tmp_path / "missing.npz")}
+    np.savez(tmp_path / "text.npz", X=np.array([["a"] * 5] * 4))
+    files = {name: str(tmp_path / f"{name.lower()}.npz") for name in ("WRONG", "MISSING", "TEXT")}
     extra = [files.get(a, a) for a in extra]
     args = ["balance", "--model", "test_equalize_cli:small_mlp", "--weights", str(src)]
     args += ["--out", str(out), "--input-shape", "1,5", *extra]

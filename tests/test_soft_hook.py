@@ -337,6 +337,65 @@ def test_untransportable_optimizer_state():
         train_step(model, opt, x, y)
 
 
+def _same(a, b) -> bool:
+    """Equal, tensors bit for bit, through the dicts and lists of an optimizer's state_dict."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+UNSHAPED = {
+    "lbfgs": lambda p: torch.optim.LBFGS(p, lr=0.1),
+    "adafactor": lambda p: torch.optim.Adafactor(p, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(UNSHAPED))
+def test_state_not_shaped_like_its_parameter_is_refused(opt_name):
+    """State a rescaling cannot transport because it is not shaped like its parameter (L-BFGS's
+    flat direction and history, Adafactor's factored second moments of a bias-free net) is
+    refused like Adagrad's: by the constructor, relax_, balance_ and apply_gauge_ (nothing
+    changed, no hook left), else at the first orbit step; it used to be left stale."""
+    if not hasattr(torch.optim, "Adafactor") and opt_name == "adafactor":
+        pytest.skip("torch.optim.Adafactor needs torch >= 2.5")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.ReLU(), nn.Linear(12, 2, bias=False))
+    model = model.double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    structure = gaugefix.discover(model, x)
+    gaugefix.random_gauge_(model, structure, 0.8, generator=torch.Generator().manual_seed(1))
+
+    def closure(opt):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    opt = UNSHAPED[opt_name](model.parameters())
+    opt.step(functools.partial(closure, opt))
+    before, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="cannot transport optimizer state"):
+        GaugeFixing(opt, model, structure, 1.0, every=1)
+    h = torch.ones(structure.num_generators, dtype=torch.float64)
+    for entry in (
+        lambda: gaugefix.relax_(model, structure, 1.0, optimizer=opt),
+        lambda: gaugefix.balance_(model, structure, optimizer=opt),
+        lambda: gaugefix.apply_gauge_(model, structure, h, optimizer=opt),
+    ):
+        with pytest.raises(ValueError, match="cannot transport optimizer state"):
+            entry()
+    assert _same(model.state_dict(), before) and _same(opt.state_dict(), state)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    fresh = UNSHAPED[opt_name](model.parameters())
+    GaugeFixing(fresh, model, structure, 1.0, every=1)  # no state yet
+    with pytest.raises(ValueError, match="cannot transport optimizer state"):
+        fresh.step(functools.partial(closure, fresh))
+
+
 def test_param_group_added_later_is_followed():
     model, x, y, structure = setup()
     params = list(model.parameters())
@@ -419,7 +478,14 @@ def test_state_dict_round_trip_and_bad_states():
     other = GaugeFixing(opt, model, structure, 1.0, balance_at_start=False, every=4)
     other.load_state_dict(state)
     assert other.state_dict() == state
-    for bad in ({}, {**state, "since": 4}, {**state, "steps": "x"}, {**state, "skipped": -1}):
+    bad_sums = ([0.01, 0.01], [float("nan")], [-0.01], [float("inf")])  # one group: one sum >= 0
+    for bad in (
+        {},
+        {**state, "since": 4},
+        {**state, "steps": "x"},
+        {**state, "skipped": -1},
+        *({**state, "lr_sums": sums} for sums in bad_sums),
+    ):
         with pytest.raises(ValueError):
             other.load_state_dict(bad)
     assert other.state_dict() == state

@@ -196,6 +196,34 @@ def test_exact_every_must_be_a_positive_integer(every):
         step.exact(step.applied(step.sgd(0.1)), structure, lr=0.1, strength=1.0, every=every)
 
 
+BAD_SCALARS = [-1.0, float("nan"), float("inf"), "x", torch.tensor([1.0, -1.0]),
+               torch.tensor([0.5, float("nan")])]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_SCALARS)
+def test_gauge_fixing_steps_refuse_a_bad_strength_or_lr(bad):
+    """A negative, NaN or infinite strength or lr (of any copy) is refused when the step is
+    built; they used to be taken silently (a negative rate drives a copy away from balance)."""
+    model = mlp(0)
+    structure = gaugefix.discover(model, torch.randn(2, 5, dtype=DTYPE))
+    inner = step.applied(step.sgd(0.1))
+    builds = {
+        "strength": [
+            lambda: step.penalty(structure, strength=bad),
+            lambda: step.decoupled_penalty(structure, lr=0.1, strength=bad),
+            lambda: step.exact(inner, structure, lr=0.1, strength=bad),
+        ],
+        "lr": [
+            lambda: step.decoupled_penalty(structure, lr=bad, strength=1.0),
+            lambda: step.exact(inner, structure, lr=bad, strength=1.0),
+        ],
+    }
+    for name, calls in builds.items():
+        for build in calls:
+            with pytest.raises(ValueError, match=f"^{name} must be"):
+                build()
+
+
 # -- the sweep engine and GaugeFixing: one meaning per method -------------------------------------
 
 

@@ -81,7 +81,9 @@ def optimizer_states(
     optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]
 ) -> dict[str, dict]:
     """The optimizer state of each parameter, checked to be transportable: every tensor entry
-    shaped like its parameter must be a known gradient-like or squared buffer."""
+    shaped like its parameter must be a known gradient-like or squared buffer, and no other
+    entry may hold several numbers (Adafactor's factored ``row_var`` and ``col_var``, L-BFGS's
+    flat direction and history lists), which a rescaling would leave stale."""
     if optimizer is None:
         return {}
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -92,17 +94,22 @@ def optimizer_states(
         if not state:
             continue
         for key, value in state.items():
-            if (
-                isinstance(value, Tensor)
-                and value.shape == p.shape
-                and key not in (GRAD_LIKE + SQUARED)
-            ):
+            like = isinstance(value, Tensor) and value.shape == p.shape
+            if (like and key not in GRAD_LIKE + SQUARED) or (not like and _several(value)):
                 raise ValueError(
                     f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} "
                     f"for parameter '{name}'; supported: {GRAD_LIKE + SQUARED}"
                 )
         out[name] = state
     return out
+
+
+def _several(value: object) -> bool:
+    """Whether an optimizer state entry holds several numbers: a tensor of more than one entry,
+    or a list or tuple of tensors."""
+    if isinstance(value, Tensor):
+        return value.numel() > 1
+    return isinstance(value, list | tuple) and any(isinstance(v, Tensor) for v in value)
 
 
 def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Targets:

@@ -94,7 +94,7 @@ class BalanceSolution:
 
 def check_tolerances(tol: float, max_iter: int) -> None:
     check_number(tol, "tol", strict=True)
-    if not isinstance(max_iter, int) or max_iter < 0:
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
 
 

@@ -207,6 +207,8 @@ def balance(
         raise _fail(f"unknown --objective {objective!r}; choose from norm, range, activation")
     if calibration is not None and objective != "activation":
         raise _fail("--calibration is used only with --objective activation")
+    if not 0 <= alpha <= 1:
+        raise _fail(f"alpha must be a number in [0, 1], got {alpha!r}")
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     batch = None
@@ -272,7 +274,7 @@ def _calibration(path: Path) -> torch.Tensor:
             if "X" not in arrays:
                 raise _fail(f"{path} has no array 'X' (found: {', '.join(arrays.files)})")
             return torch.from_numpy(arrays["X"].copy())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise _fail(f"cannot read {path} as .npz: {err}") from None
 
 

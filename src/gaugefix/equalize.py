@@ -556,15 +556,22 @@ def minimize_objective(
 ) -> tuple[Tensor, int, float, float, bool]:
     """Minimise ``J(h) = objective(theta(h))`` over ``h`` by L-BFGS with a strong Wolfe line
     search, from ``h = 0``, until ``max |dJ/dh_n| <= tol`` or ``max_iter`` iterations.
-    ``objective`` gets every parameter of ``model`` by name (the structure's ones rescaled)
-    and returns a differentiable scalar. Returns ``(h, iterations, J(0), J(h), converged)``."""
-    base = {name: p.detach() for name, p in model.named_parameters()}
+    ``objective`` gets every parameter of ``model`` by name (the structure's ones rescaled, the
+    others copies) and returns a scalar differentiable in them. Returns ``(h, iterations, J(0),
+    J(h), converged)``."""
     params = structure.bind(model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if n not in params}
 
     def value(h: Tensor) -> Tensor:
         j = objective({**base, **rescaled(params, structure, h)})
-        if not isinstance(j, Tensor) or j.numel() != 1 or not bool(torch.isfinite(j).all()):
-            raise ValueError("the objective must return a finite scalar tensor")
+        if not isinstance(j, Tensor) or not j.is_floating_point() or j.numel() != 1:
+            raise ValueError("the objective must return a real floating-point scalar tensor")
+        if not bool(torch.isfinite(j).all()):
+            raise ValueError("the objective must return a finite value")
+        if h.requires_grad and h.numel() and j.grad_fn is None:
+            raise ValueError(
+                "the objective must be differentiable in the rescaled parameters it is given"
+            )
         return j.reshape(()).to(torch.float64)
 
     h = torch.zeros(structure.num_generators, dtype=torch.float64, requires_grad=True)
@@ -584,8 +591,8 @@ def minimize_objective(
         opt.step(closure)
     h = h.detach().requires_grad_(True)
     after = value(h)
-    (grad,) = torch.autograd.grad(after, h, allow_unused=True)
-    converged = grad is None or not grad.numel() or float(grad.abs().max()) <= tol
+    (grad,) = torch.autograd.grad(after, h, allow_unused=True) if h.numel() else (None,)
+    converged = grad is None or float(grad.abs().max()) <= tol
     iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
     return h.detach(), iterations, before, float(after.detach()), converged
 
@@ -670,6 +677,8 @@ def counted_weights(structure: GaugeStructure, weights: Iterable[str] | None) ->
             for name, p in structure.params.items()
             if len(p.shape) >= 2 or not name.endswith("bias")
         }
+    if not isinstance(weights, Iterable):
+        raise TypeError(f"weights must be parameter names, got {type(weights).__name__}")
     names = [weights] if isinstance(weights, str) else list(weights)
     unknown = [n for n in names if n not in structure.params]
     if unknown or not names:
@@ -732,7 +741,7 @@ def equalize_(
         )
         live = torch.ones(active.num_generators, dtype=torch.bool)
     else:
-        counted = counted_weights(active, weights)
+        counted = counted_weights(structure, weights) & set(active.params)
         if name == "range":
             solved = range_balance(params, active, counted, tol, max_iter)
         else:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gaugefix.action import GRAD_LIKE, SQUARED
+from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, generator_sums, rescale_
 from gaugefix.moment import accumulation_dtype
 from gaugefix.soft import add_selection_grads_, orbit_step
@@ -53,6 +54,7 @@ __all__ = [
     "ExactState",
     "ScaleState",
     "check_every",
+    "check_scalar",
     "per_entry",
     "penalty",
     "weight_decay",
@@ -137,6 +139,17 @@ def check_every(every: int) -> None:
         raise ValueError(f"every must be an integer >= 1, got {every!r}")
 
 
+def check_scalar(value: Scalar, name: str) -> Scalar:
+    """``value`` (a number, or a tensor with one per copy), or ``ValueError`` unless it is
+    finite and ``>= 0`` (every entry of a tensor: one host read)."""
+    if not isinstance(value, Tensor):
+        return check_number(value, name)
+    bad = value[~(torch.isfinite(value) & (value >= 0))]
+    if bad.numel():
+        raise ValueError(f"{name} must be finite and >= 0 for every copy, got {bad[0].item()}")
+    return value
+
+
 def per_entry(value: Scalar, like: Tensor) -> Scalar:
     """A number as it is; a tensor ``[*batch]`` in ``like``'s dtype, shaped to broadcast over
     the trailing dims of ``like`` (``[*batch, *shape]``)."""
@@ -153,6 +166,7 @@ def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0)
     """Adds ``grad P`` of ``P = (strength / 4) sum_n mu_n^2`` to the gradients:
     ``strength (sum_n w_n(e) mu_n) theta_e`` for every entry, ``mu`` accumulated like
     :func:`gaugefix.imbalance` (:class:`gaugefix.OrbitSelectionPenalty`'s gradient)."""
+    strength = check_scalar(strength, "strength")
 
     @torch.no_grad()
     def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
@@ -257,6 +271,7 @@ def decoupled_penalty(
     rate ``lr * strength`` outside the optimizer's preconditioner, as AdamW decouples weight
     decay; to first order it relaxes ``mu`` as the exact orbit step :func:`exact` at the same
     rate (``mu <- (I - 2 lr strength K) mu``). ``lr`` is read at every step."""
+    lr, strength = check_scalar(lr, "lr"), check_scalar(strength, "strength")
 
     @torch.no_grad()
     def update(updates: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
@@ -377,6 +392,7 @@ def exact(
     the summed rate acts like one at each, at ``1 / every`` of the cost. A copy whose squared
     sums are not finite does not move; a ``strength`` 0 for every copy never acts."""
     check_every(every)
+    lr, strength = check_scalar(lr, "lr"), check_scalar(strength, "strength")
     acts = bool((torch.as_tensor(strength) > 0).any())
 
     def init(params: Params) -> ExactState:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from gaugefix.action import finite_on_device, optimizer_states
 from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view
+from gaugefix.errors import check_number
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
     add_orbit_selection_grad_,
@@ -342,6 +343,14 @@ class GaugeFixing:
                 f"a GaugeFixing state with {since} steps since the last orbit step does not fit "
                 f"every={self.every}"
             )
+        groups = len(self.optimizer.param_groups)
+        if len(lr_sums) > groups:
+            raise ValueError(
+                f"a GaugeFixing state with {len(lr_sums)} learning-rate sums does not fit an "
+                f"optimizer with {groups} parameter groups"
+            )
+        for lr_sum in lr_sums:
+            check_number(lr_sum, "a GaugeFixing state's lr_sums")
         self._applied, self._acted = steps, steps + skipped
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
 
