@@ -202,8 +202,9 @@ BAD_SCALARS = [-1.0, float("nan"), float("inf"), "x", torch.tensor([1.0, -1.0]),
 
 @pytest.mark.parametrize("bad", BAD_SCALARS)
 def test_gauge_fixing_steps_refuse_a_bad_strength_or_lr(bad):
-    """A negative, NaN or infinite strength or lr (of any copy) is refused when the step is
-    built; they used to be taken silently (a negative rate drives a copy away from balance)."""
+    """A negative, NaN or infinite strength or lr (of any copy) is refused when a step is built
+    (as torch.optim refuses a negative lr); they used to be taken silently (a negative rate
+    drives a copy away from balance)."""
     model = mlp(0)
     structure = gaugefix.discover(model, torch.randn(2, 5, dtype=DTYPE))
     inner = step.applied(step.sgd(0.1))
@@ -212,10 +213,14 @@ def test_gauge_fixing_steps_refuse_a_bad_strength_or_lr(bad):
             lambda: step.penalty(structure, strength=bad),
             lambda: step.decoupled_penalty(structure, lr=0.1, strength=bad),
             lambda: step.exact(inner, structure, lr=0.1, strength=bad),
+            lambda: step.weight_decay(strength=bad),
         ],
         "lr": [
             lambda: step.decoupled_penalty(structure, lr=bad, strength=1.0),
             lambda: step.exact(inner, structure, lr=bad, strength=1.0),
+            lambda: step.sgd(bad),
+            lambda: step.adam(bad),
+            lambda: step.adamw(bad),
         ],
     }
     for name, calls in builds.items():

@@ -182,6 +182,7 @@ def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0)
 def weight_decay(*, strength: Scalar) -> Transformation:
     """Adds ``strength * theta`` to the gradients (L2 regularisation, ``torch.optim``'s
     ``weight_decay``)."""
+    strength = check_scalar(strength, "strength")
 
     @torch.no_grad()
     def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
@@ -195,6 +196,7 @@ def weight_decay(*, strength: Scalar) -> Transformation:
 def sgd(lr: Scalar, *, momentum: float = MOMENTUM) -> Transformation:
     """``torch.optim.SGD``: the update ``-lr * b`` with ``b = g`` or, with momentum, the buffer
     ``b <- momentum * b + g`` (``b = g`` at the first step). ``lr`` is read at every step."""
+    lr = check_scalar(lr, "lr")
 
     @torch.no_grad()
     def update(grads: Params, state: SgdState, params: Params) -> tuple[Params, SgdState]:
@@ -214,7 +216,7 @@ def adam(lr: Scalar, *, betas: tuple[float, float] = BETAS, eps: float = EPS) ->
     """``torch.optim.Adam``: ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2``
     and the update ``-(lr / c1) m / (sqrt(v) / sqrt(c2) + eps)`` with ``c_i = 1 - beta_i^t``
     at step ``t``. ``lr`` is read at every step."""
-    beta1, beta2 = betas
+    lr, (beta1, beta2) = check_scalar(lr, "lr"), betas
 
     def init(params: Params) -> AdamState:
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
