@@ -16,7 +16,12 @@ from typer.testing import CliRunner
 
 import gaugefix
 from faults import full_disk, listing
-from gaugefix.checkpoint import CheckpointBalance, balance_state_dict, read_state_dict
+from gaugefix.checkpoint import (
+    CheckpointBalance,
+    CheckpointError,
+    balance_state_dict,
+    read_state_dict,
+)
 from gaugefix.cli import app
 from gaugefix.zoo import cnn, mlp
 
@@ -135,6 +140,17 @@ def test_balance_in_float64_is_balance_():
     assert report.output_change == report.exact_change and report.dtype == torch.float64
     assert report.within_tolerance
     assert math.isclose(report.after["norm_sq"], report.result.norm_sq_after, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"alpha": 5.0}, {"calibration": torch.randn(4, 5)}, {"objective": "nrom"}]
+)
+def test_arguments_the_objective_does_not_take_are_refused(kwargs):
+    """As ``equalize_`` refuses them: ``alpha`` outside [0, 1] and a calibration batch with
+    ``"norm"`` too (they used to be ignored), and an unknown objective."""
+    state = mlp((5, 7, 3)).state_dict()
+    with pytest.raises(CheckpointError, match="alpha must be|calibration|unknown objective"):
+        balance_state_dict(mlp((5, 7, 3)), state, torch.randn(1, 5), **kwargs)
 
 
 def test_token_ids_tied_weights_left_out_of_a_safetensors_file(tmp_path):

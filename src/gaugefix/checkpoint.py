@@ -24,7 +24,7 @@ from torch import Tensor, nn
 import gaugefix
 from gaugefix.action import all_finite
 from gaugefix.balancing import BalanceResult
-from gaugefix.equalize import EqualizeResult
+from gaugefix.equalize import EqualizeResult, objective_name
 from gaugefix.errors import GaugefixError
 from gaugefix.files import write_bytes
 
@@ -256,12 +256,13 @@ def _moved(
     calibration: Tensor | None,
     alpha: float,
 ) -> BalanceResult | EqualizeResult:
-    """``balance_`` (``objective="norm"``) or ``equalize_`` of the float64 ``model`` in place;
-    their ``ValueError`` as a :class:`CheckpointError`."""
+    """``balance_`` (``objective="norm"``) or ``equalize_`` of the float64 ``model`` in place,
+    the arguments checked as ``equalize_`` checks them; their ``ValueError`` as a
+    :class:`CheckpointError`."""
     if calibration is not None and calibration.is_floating_point():
         calibration = calibration.to(torch.float64)
     try:
-        if objective == "norm":
+        if objective_name(objective, calibration, alpha, None) == "norm":
             return gaugefix.balance_(model, structure)
         return gaugefix.equalize_(model, structure, objective, calibration=calibration, alpha=alpha)
     except ValueError as err:

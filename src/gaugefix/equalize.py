@@ -83,6 +83,7 @@ __all__ = [
     "rescaled",
     "minimize_objective",
     "sharpness_objective",
+    "objective_name",
     "counted_weights",
     "unfrozen",
     "equalize_",
@@ -642,9 +643,7 @@ def sharpness_objective(
 # -- the entry point -------------------------------------------------------------------------------
 
 
-def _objective_name(
-    objective: str | Objective, calibration: Any, alpha: float, weights: Any
-) -> str:
+def objective_name(objective: str | Objective, calibration: Any, alpha: float, weights: Any) -> str:
     """The objective's name (``"callable"`` for a user's), the arguments checked against it."""
     if callable(objective):
         name = "callable"
@@ -727,7 +726,7 @@ def equalize_(
     transported as :func:`gaugefix.apply_gauge_` does. Everything is validated first (and the
     calibration pass runs) before anything is modified; on error nothing is.
     """
-    name = _objective_name(objective, calibration, alpha, weights)
+    name = objective_name(objective, calibration, alpha, weights)
     check_tolerances(tol, max_iter)
     params = structure.bind(model)
     check_finite_params(params)
