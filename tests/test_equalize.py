@@ -372,6 +372,10 @@ BAD = {
     "alpha below 0": ({"objective": "activation", "alpha": -0.1}, "alpha"),
     "alpha nan": ({"objective": "activation", "alpha": math.nan}, "alpha"),
     "calibration shape": ({"objective": "activation", "wrong_shape": True}, "calibration"),
+    "empty calibration": (
+        {"objective": "activation", "calibration": torch.zeros(0, 6, dtype=DTYPE)},
+        "^the calibration batch is empty",
+    ),
     "no calibration": ({"objective": "activation"}, "calibration"),
     "unknown weights": ({"weights": ["nope.weight"]}, "weights"),
     "non-finite": ({"poison": True}, "NaN or inf"),

@@ -661,6 +661,8 @@ def objective_name(objective: str | Objective, calibration: Any, alpha: float, w
         args = calibration if isinstance(calibration, tuple) else (calibration,)
         if not args or not all(isinstance(a, Tensor) for a in args):
             raise ValueError("calibration must be a tensor or a tuple of tensors")
+        if any(a.numel() == 0 for a in args):
+            raise ValueError("the calibration batch is empty")
     if weights is not None and name in ("norm", "callable"):
         raise ValueError(f"weights selects what 'range' and 'activation' count, not {name!r}")
     return name
