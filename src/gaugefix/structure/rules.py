@@ -324,6 +324,9 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
     terms = ctx.terms(first)
     if not terms:
         return ZERO
+    dims = _data_indexed_dims(ctx, first, rest, options)
+    if dims:  # another input picks other entries along these dims: they must share a factor
+        terms = terms.map(lambda nodes: ctx.unite(nodes, dims).expand(first.shape))
     results = [ctx.func(nodes.contiguous(), *rest, **options) for nodes, _ in terms]
     if isinstance(results[0], (tuple, list)):
         return tuple(
@@ -341,6 +344,54 @@ for _name in (
     "ravel", "tile", "repeat_interleave",
 ):  # fmt: skip
     register_all(funcs(_name, modules=(torch, torch.Tensor)), _on_labels)
+
+
+def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) -> list[int]:
+    """The dims of ``x`` along which integer or boolean tensor arguments whose values depend on
+    the data pick entries (``x[:, order]``, ``x.narrow(1, start, n)``): those of each such
+    index of ``x[...]``, every dim for other ops (and for an index the parse cannot place)."""
+    data = [t for t in _nested_tensors((rest, options)) if _is_index(t) and ctx.is_tainted(t)]
+    if not data:
+        return []
+    if not ctx.op.endswith("__getitem__") or len(rest) != 1:
+        return list(range(x.dim()))
+    items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
+    if any(not any(t is item for item in items) for t in data):  # nested in a list
+        return list(range(x.dim()))
+    widths = [_index_width(item) for item in items]
+    dims, d = [], 0
+    for k, (item, width) in enumerate(zip(items, widths, strict=True)):
+        if item is Ellipsis:
+            d = x.dim() - sum(w for i, w in zip(items[k + 1 :], widths[k + 1 :], strict=True)
+                              if i is not Ellipsis)  # fmt: skip
+            continue
+        if any(item is t for t in data):
+            dims += range(d, d + width)
+        d += width
+    return dims
+
+
+def _nested_tensors(tree: Any) -> list[Tensor]:
+    """The tensors in nested tuples, lists and dicts (an index such as ``x[:, order]``)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree
+    if isinstance(tree, (tuple, list, dict)):
+        return [t for item in items for t in _nested_tensors(item)]
+    return []
+
+
+def _is_index(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
+
+
+def _index_width(item: Any) -> int:
+    """How many dims of the indexed tensor one item of an index consumes."""
+    if item is None or item is Ellipsis or isinstance(item, bool):
+        return 0
+    if isinstance(item, Tensor) and item.dtype == torch.bool:
+        return item.dim()
+    return 1
 
 
 def _picks_slices(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> bool:
@@ -468,9 +519,23 @@ def _index_add(
     if not scalar(alpha) or ctx.is_param(input) or ctx.is_param(source):
         return ctx.block_all((input, source), {}, ctx.reason("index_add of this form"))
     ctx.claim(index)
-    labels = ctx.labels(input).expand(input.shape)
-    ctx.union(labels.index_select(dim, index.cpu()), ctx.labels(source).expand(source.shape))
+    labels, written = _written_along(ctx, input, source, index, dim)
+    ctx.union(labels.index_select(dim, index.cpu()), written)
     return labels
+
+
+def _written_along(
+    ctx: TraceContext, input: Tensor, source: Tensor, index: Tensor, dim: int
+) -> tuple[Tensor, Tensor]:
+    """The labels of ``input`` and of ``source`` written into it at ``index`` along ``dim``;
+    when the index depends on the data, another input writes elsewhere along ``dim``, so the
+    labels of each are united along it."""
+    labels = ctx.labels(input).expand(input.shape)
+    written = ctx.labels(source).expand(source.shape)
+    if ctx.is_tainted(index):
+        labels = ctx.unite(labels, [dim]).expand(input.shape)
+        written = ctx.unite(written, [dim]).expand(source.shape)
+    return labels, written
 
 
 def _scatter_add(
@@ -481,8 +546,8 @@ def _scatter_add(
     if ctx.is_param(input) or ctx.is_param(src):
         return ctx.block_all((input, src), {}, ctx.reason("scatter_add of this form"))
     ctx.claim(index)
-    labels = ctx.labels(input).expand(input.shape)
-    written = ctx.labels(src).expand(src.shape)[tuple(slice(0, n) for n in index.shape)]
+    labels, written = _written_along(ctx, input, src, index, dim)
+    written = written[tuple(slice(0, n) for n in index.shape)]
     ctx.union(labels.gather(dim, index.cpu()), written)
     return labels
 

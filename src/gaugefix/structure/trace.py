@@ -248,13 +248,17 @@ class TraceContext:
         # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
         self.coverage: dict[str, tuple[Tensor, str]] = {}
         self._claimed: set[int] = set()
-        # Tensors whose values depend on the model's inputs or parameters (id -> tensor).
+        # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
+        # values are drawn at random, and whose shape depends on values of the former.
         self._tainted: dict[int, Tensor] = {}
+        self._random: dict[int, Tensor] = {}
+        self._shaped: dict[int, Tensor] = {}
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
         self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
+        self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
 
     # -- rules ----------------------------------------------------------------------------------
     def rule_for_op(self, func: Any, name: str) -> Rule | None:
@@ -351,8 +355,18 @@ class TraceContext:
         return entry is not None and entry[0] is t
 
     def is_tainted(self, t: Tensor) -> bool:
-        """Whether the values of ``t`` depend on the model's inputs or parameters."""
-        return id(t) in self._tainted or id(t) in self.param_names
+        """Whether the values of ``t`` may differ for another call: they depend on the model's
+        inputs or parameters, or on a random draw."""
+        return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
+
+    def read_value(self, what: str, shape: bool = False) -> None:
+        """Record that the forward read ``what`` of a tensor derived from the inputs or weights
+        into Python (its control flow may depend on it); reads of values are listed before
+        reads of shapes that depend on values (``shape=True``)."""
+        read = self.reason(f"{self.op} read {what}")
+        line = _source_line()
+        reads = self.shape_reads if shape else self.value_reads
+        reads.append(f"{read}, derived from the input or weights, at {line}")
 
     def gathered(
         self, source: Tensor, rows: Tensor, index: Tensor | None, view: Tensor | None = None
@@ -778,14 +792,62 @@ _METADATA = {
     "size", "dim", "ndimension", "shape", "dtype", "device", "numel", "nelement", "stride",
     "is_contiguous", "is_floating_point", "is_complex", "requires_grad", "is_cuda", "layout",
     "__len__", "ndim", "storage_offset", "element_size", "grad_fn", "is_leaf", "get_device",
-    "names", "is_sparse", "is_quantized", "is_meta", "data_ptr", "__format__", "__hash__",
-    "__repr__", "dim_order", "output_nr", "_version", "is_nested", "is_mkldnn",
+    "names", "is_sparse", "is_quantized", "is_meta", "data_ptr", "__hash__", "__repr__",
+    "dim_order", "output_nr", "_version", "is_nested", "is_mkldnn", "nbytes", "itemsize",
 }  # fmt: skip
-# Ops that hand tensor values to Python, where control flow may depend on them.
-_VALUE_READS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy"}
+# Ops that hand tensor values to Python, where control flow may depend on them (and any other
+# op that returns a Python number or truth value computed from a tensor, see ``_reads_value``).
+_VALUE_READS = {
+    "__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy", "__complex__",
+    "__array__", "__dlpack__", "__format__", "__contains__", "is_nonzero", "equal", "allclose",
+}  # fmt: skip
+# Ops that read a shape into Python (metadata, or ``unbind``: how many times ``for v in x``
+# iterates): a value read when the shape depends on values (``len(x.nonzero())``).
+_SHAPE_READS = {"size", "shape", "numel", "nelement", "__len__", "stride", "unbind"}
+# Ops whose output's shape depends on their input's values.
+_DATA_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
+# Ops writing into (or out of place, shaped like) their first argument: a data-dependent shape
+# of the others does not reach the output's shape.
+_WRITES_INTO = {
+    "index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_",
+    "index_copy", "index_copy_", "scatter", "scatter_", "masked_scatter", "masked_scatter_",
+}  # fmt: skip
+# Ops that draw random numbers: their values differ from call to call (an index drawn by
+# ``randperm`` picks other entries next time), but reading them into Python is not a read of
+# the data.
+_RANDOM = {
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+    "bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "poisson", "uniform_",
+    "random_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+}  # fmt: skip
 # Ops whose output depends only on the input's shape: the output carries the fixed factor.
 # (Zeros are not among them: a zero entry may carry any factor, see ``rules._zeros``.)
 _SHAPE_ONLY = {"ones_like", "empty_like", "new_ones", "new_empty"}
+
+
+def _reads_value(short: str, out: Any) -> bool:
+    """Whether an op returned a Python number or truth value (``torch.equal``), other than the
+    flags of ``is_*`` properties (``x.is_cpu``)."""
+    number = isinstance(out, (bool, int, float, complex))
+    return number and not short.startswith(("is_", "_is_", "has_"))
+
+
+def _data_shaped(
+    ctx: TraceContext, short: str, args: tuple, tensors: list[Tensor], out: Any
+) -> bool:
+    """Whether the shape of an op's output depends on values that may differ for another
+    input (``x.nonzero()``, ``x[mask]``, and what is computed from them)."""
+    if any(ctx._shaped.get(id(t)) is t for t in tensors):
+        in_place = any(t is out for t in tensors)
+        return not in_place and short not in _WRITES_INTO
+    varying = [t for t in tensors if ctx.is_tainted(t)]
+    if short in _DATA_SHAPED or (short == "where" and len(args) == 1):
+        return bool(varying)
+    if short == "__getitem__":  # a boolean mask
+        return any(t.dtype == torch.bool for t in varying if t is not args[0])
+    if short == "repeat_interleave":  # repeats given as a tensor
+        return any(not (t.is_floating_point() or t.is_complex()) for t in varying)
+    return False
 
 
 class _Tracer(TorchFunctionMode):
@@ -812,17 +874,15 @@ class _Tracer(TorchFunctionMode):
         except Exception as err:
             raise TracingError(f"{name} failed in module '{ctx.where}': {err}") from err
         short = name.rsplit(".", 1)[-1]
+        if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
+            ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
         if short in _METADATA:
             return out
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
-        if tainted:
-            for t in _tensors(out):
-                ctx._tainted[id(t)] = t
-        if short in _VALUE_READS:
+        self._mark(short, args, tensors, out, tainted)
+        if short in _VALUE_READS or _reads_value(short, out):
             if tainted:
-                read = ctx.reason(f"{name} read a tensor value")
-                line = _source_line()
-                ctx.value_reads.append(f"{read}, derived from the input or weights, at {line}")
+                ctx.read_value("a tensor value")
             return out
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
@@ -845,6 +905,20 @@ class _Tracer(TorchFunctionMode):
         ctx.commit_roles()
         self.record(out, labels, inputs)
         return out
+
+    def _mark(
+        self, short: str, args: tuple, tensors: list[Tensor], out: Any, tainted: bool
+    ) -> None:
+        """Record the outputs whose values depend on the inputs or weights, are random, or
+        have a shape that depends on values."""
+        ctx = self.ctx
+        marks = [(ctx._tainted, tainted)]
+        marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
+        marks.append((ctx._shaped, _data_shaped(ctx, short, args, tensors, out)))
+        for table, on in marks:
+            if on:
+                for t in _tensors(out):
+                    table[id(t)] = t
 
     def _block_unclaimed(self, tensors: list[Tensor]) -> None:
         """A safety net: the tensors among an op's arguments its rule did not look at are
@@ -1014,6 +1088,7 @@ def trace(
         with _module_hooks(model, tracer), tracer:
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_partly_read()
+        ctx.value_reads += ctx.shape_reads
         for t in _tensors(out):
             if t.is_floating_point() or t.is_complex():
                 reason = "model output (rescaling it changes the function)"
