@@ -993,3 +993,67 @@ def test_value_reads_of_the_input_are_refused_even_with_every_parameter_used():
 def test_discover_rejects_non_modules():
     with pytest.raises(TypeError):
         gaugefix.discover(lambda x: x, torch.randn(2))
+
+
+class CastWeight(nn.Module):
+    """relu(x W1^T + b1) W2^T + b2 with W1 passed through a cast or copy first."""
+
+    def __init__(self, cast) -> None:
+        super().__init__()
+        self.cast = cast
+        self.l1, self.l2 = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(F.linear(x, self.cast(self.l1.weight), self.l1.bias))
+        return self.l2(h)
+
+
+CASTS = {
+    "contiguous": lambda w: w.contiguous(),
+    "to its dtype": lambda w: w.to(w.dtype),
+    "double": lambda w: w.double(),
+    "type_as": lambda w: w.type_as(w),
+    "clone": lambda w: w.clone(),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS.values()), ids=list(CASTS))
+def test_a_cast_that_returns_the_parameter_itself_keeps_its_generators(cast):
+    """``W.contiguous()`` of a contiguous ``W`` (or a cast to its own dtype) returns ``W``
+    itself; it is not a write into ``W``, which used to fix it (0 generators instead of 6)."""
+    torch.manual_seed(0)
+    model = CastWeight(cast).double()
+    x = torch.randn(4, 3, dtype=DTYPE)
+    s = gaugefix.discover(model, x)
+    assert s.num_generators == 6, s.summary()
+    other = torch.randn(7, 3, dtype=DTYPE)
+    before = model(other)
+    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, model(other)) <= TOL
+
+
+class DtypeOf(nn.Module):
+    """A ReLU MLP whose second hidden layer is cast to the dtype of the first (``g.to(h)``,
+    ``g.type_as(h)``): ``h`` gives a dtype, none of its values."""
+
+    def __init__(self, cast) -> None:
+        super().__init__()
+        self.cast = cast
+        self.l1, self.l2, self.l3 = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.l1(x))
+        return self.l3(self.cast(F.relu(self.l2(h)), h))
+
+
+@pytest.mark.parametrize("cast", [Tensor.to, Tensor.type_as], ids=["to", "type_as"])
+def test_a_tensor_that_only_gives_a_dtype_keeps_its_generators(cast):
+    """It used to be blocked as an operand of the cast (6 of the 12 generators lost)."""
+    torch.manual_seed(0)
+    model = DtypeOf(cast).double()
+    s = gaugefix.discover(model, torch.randn(4, 3, dtype=DTYPE))
+    assert s.num_generators == 12, s.summary()
+    other = torch.randn(7, 3, dtype=DTYPE)
+    before = model(other)
+    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, model(other)) <= TOL

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext, compact
+from gaugefix.structure.trace import BUILTIN, UNCHANGED, ZERO, Sum, TraceContext, compact
 
 __all__ = [
     "blocker",
@@ -112,13 +112,18 @@ def value_preserving(
     ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any
 ) -> Any:
     """Copies and casts (``contiguous``, ``to``, ``float``, ``detach``...): the output carries
-    the input's labels; applied to a parameter, the output is the same parameter."""
+    the input's labels; applied to a parameter, the output is the same parameter. A tensor
+    among the other arguments gives only a dtype or device (``x.to(y)``, ``x.type_as(y)``),
+    none of its values."""
+    for t in tensor_args(rest, options):
+        ctx.claim(t)
     if ctx.is_param(input) and isinstance(result, Tensor) and result.shape == input.shape:
-        block_other_tensors(ctx, tensor_args(rest, options), "extra tensor of a cast")
-        if result is not input:
-            ctx.view_of_param(result, input, torch.arange(input.numel()))
+        if result is input:  # the parameter itself, not written
+            ctx.claim(input)
+            return UNCHANGED
+        ctx.view_of_param(result, input, torch.arange(input.numel()))
         return None
-    return elementwise(ctx, result, input, *rest, **options)
+    return elementwise(ctx, result, input)
 
 
 register_all(

@@ -173,6 +173,9 @@ def compact(labels: Tensor) -> Tensor:
 
 
 ZERO = torch.zeros((), dtype=torch.long)
+# A rule's answer for an op that returned its input itself, unchanged (``p.contiguous()`` of a
+# contiguous ``p``, ``p.to(p.dtype)``): the output keeps its labels; it was not written.
+UNCHANGED = object()
 
 
 class Sum(tuple):
@@ -942,6 +945,8 @@ class _Tracer(TorchFunctionMode):
         a rule recorded as an arrangement of a parameter keeps that record instead.
         """
         ctx = self.ctx
+        if labels is UNCHANGED:
+            return
         if isinstance(out, Tensor):
             if ctx.is_param(out) and id(out) not in inputs:
                 return
