@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -1057,3 +1058,145 @@ def test_a_tensor_that_only_gives_a_dtype_keeps_its_generators(cast):
     before = model(other)
     gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
     assert rel_change(before, model(other)) <= TOL
+
+
+# --- aliasing, hooks and outputs ---------------------------------------------------------------
+def _floats(out) -> list[Tensor]:
+    """The floating tensors of an output, in nested tuples, lists, dicts and dataclasses."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if dataclasses.is_dataclass(out):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    items = out.values() if isinstance(out, dict) else out
+    return (
+        [t for item in items for t in _floats(item)] if isinstance(out, (list, tuple, dict)) else []
+    )
+
+
+def gauged_change(model: nn.Module, s: gaugefix.GaugeStructure, read, x: Tensor) -> float:
+    """The largest relative change of any floating tensor ``read(model, x)`` gives, on ``x`` (not
+    the example input), after ``random_gauge_(scale=2)`` on a copy of ``model``."""
+    gauged = copy.deepcopy(model)
+    gaugefix.random_gauge_(gauged, s, 2.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pairs = zip(_floats(read(model, x)), _floats(read(gauged, x)), strict=True)
+        return max(rel_change(a, b) for a, b in pairs)
+
+
+class Repointed(nn.Module):
+    """``repoint(h, g)`` gives a tensor holding ``g``'s entries through an op no torch function
+    reports (``set_``, ``as_subclass``); l3 reads it, l4 reads ``g``: passing ``h``'s stale
+    labels (or none) to l3 would leave l2's factor in the output."""
+
+    def __init__(self, repoint) -> None:
+        super().__init__()
+        self.repoint = repoint
+        self.l1, self.l2, self.l3, self.l4 = (nn.Linear(4, 6), nn.Linear(6, 6),
+                                              nn.Linear(6, 2), nn.Linear(6, 2))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.l1(x))
+        g = F.relu(self.l2(h))
+        return self.l3(self.repoint(h, g)) + self.l4(g)
+
+
+@pytest.mark.parametrize(
+    "repoint",
+    [
+        lambda h, g: h.set_(g),
+        lambda h, g: torch.zeros_like(h).set_(g.detach()),
+        lambda h, g: h.detach().set_(g.detach()),
+        lambda h, g: g.detach().as_subclass(Tensor),
+    ],
+    ids=["h.set_(g)", "zeros.set_(g.detach())", "h.detach().set_(g.detach())", "as_subclass"],
+)
+def test_tensors_re_pointed_by_untraced_ops_block(repoint):
+    torch.manual_seed(20)
+    model = randomise_(Repointed(repoint), 20).eval()
+    s = gaugefix.discover(model, torch.randn(5, 4, dtype=DTYPE))
+    assert gauged_change(model, s, nn.Module.__call__, 3 * torch.randn(8, 4, dtype=DTYPE)) <= TOL
+    assert "l2" not in s.generator_layers, s.summary()
+
+
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_forward_hooks_of_a_module_with_a_rule_are_traced(scope):
+    """A rule speaks for what the module's forward returned; a forward hook that changes the
+    output (+1 here) must not be covered by it."""
+    torch.manual_seed(21)
+    model = randomise_(Sandwich(MyReLU()), 21).eval()
+    hook = lambda module, args, out: out + 1.0 if isinstance(module, MyReLU) else None  # noqa: E731
+    if scope == "module":
+        handle = model.mid.register_forward_hook(hook)
+    else:
+        handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        s = gaugefix.discover(
+            model, torch.randn(7, 4, dtype=DTYPE), rules=[(MyReLU, rules.elementwise)]
+        )
+        assert s.num_generators == 12, s.summary()  # l2's 6 channels feed the hook's + 1
+        assert (
+            gauged_change(model, s, nn.Module.__call__, 3 * torch.randn(9, 4, dtype=DTYPE)) <= TOL
+        )
+    finally:
+        handle.remove()
+
+
+@dataclasses.dataclass
+class WithHidden:
+    logits: Tensor
+    hidden: Tensor
+
+
+class Exposes(nn.Module):
+    """Returns its logits and exposes its hidden layer ``h``: in a dataclass, stored on the
+    module, or lazily through a generator."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor):
+        h = F.relu(self.l1(x))
+        logits = self.l3(F.relu(self.l2(h)))
+        if self.how == "dataclass":
+            return WithHidden(logits, h)
+        if self.how == "generator":
+            return (t for t in (logits, h))
+        self.hidden = h.detach()
+        return logits
+
+
+@pytest.mark.parametrize("how", ["dataclass", "stored on the module"])
+def test_hidden_states_in_dataclasses_or_stored_on_modules_are_outputs(how):
+    torch.manual_seed(22)
+    model = randomise_(Exposes(how), 22).eval()
+    s = gaugefix.discover(model, torch.randn(5, 4, dtype=DTYPE))
+    read = lambda m, x: (m(x), getattr(m, "hidden", None))  # noqa: E731
+    assert gauged_change(model, s, read, 3 * torch.randn(8, 4, dtype=DTYPE)) <= TOL
+    assert s.num_generators == 6, s.summary()  # l2's channels; l1's are the hidden output
+
+
+def test_a_generator_output_is_refused():
+    model = Exposes("generator").double()
+    with pytest.raises(gaugefix.TracingError, match="iterator"):
+        gaugefix.discover(model, torch.randn(5, 4, dtype=DTYPE))
+
+
+@pytest.mark.parametrize(
+    "number", [np.float32(2.0), np.int64(3), True], ids=["np.float32", "np.int64", "bool"]
+)
+def test_numbers_of_every_python_type_scale_and_shift(number):
+    """``h * c`` passes the labels and ``h + c`` (c != 0) blocks for any number ``c``, not just
+    int and float (these crashed the tracer)."""
+    torch.manual_seed(23)
+    scaled = Branches(lambda h: h * number)
+    shifted = Branches(lambda h: h + number)
+    x = torch.randn(9, 4, dtype=DTYPE)
+    for model, expected in ((scaled, 5), (shifted, 0)):
+        model = randomise_(model, 23).eval()
+        s = gaugefix.discover(model, x)
+        assert s.num_generators == expected, s.summary()
+        assert (
+            gauged_change(model, s, nn.Module.__call__, 3 * torch.randn(6, 4, dtype=DTYPE)) <= TOL
+        )

@@ -17,6 +17,7 @@ for their own functions or module types with :func:`register_rule` (or per ``dis
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -62,7 +63,9 @@ def register_all(callables: list[Any], rule: Any) -> None:
 
 
 def scalar(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """Whether ``x`` is a number (``2``, ``0.5``, ``1j``, ``True``, ``np.float32(2)``), not a
+    tensor."""
+    return isinstance(x, numbers.Number)
 
 
 def block_other_tensors(ctx: TraceContext, tensors: list[Tensor], what: str) -> None:

@@ -32,6 +32,7 @@ others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -238,7 +239,10 @@ class TraceContext:
         self.op = "<forward>"
         self.func: Any = None  # the callable being traced, for rules that re-apply it
         self.module: nn.Module | None = None  # the module a module rule speaks for
-        self._labels: dict[int, tuple[Tensor, Sum]] = {}  # id(tensor) -> (tensor, labels)
+        # id(tensor) -> (tensor, labels, where its entries were then: see _placement)
+        self._labels: dict[int, tuple[Tensor, Sum, tuple]] = {}
+        # storage address -> the tensors in it that carry labels (id -> tensor)
+        self._in_memory: dict[tuple, dict[int, Tensor]] = {}
         # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
@@ -430,13 +434,30 @@ class TraceContext:
             self._block_history(fn, self.reason(f"custom autograd function {type(fn).__name__}"))
             return Sum()
         entry = self._labels.get(id(t))
-        if entry is not None and entry[0] is t:
-            return entry[1].map(lambda nodes: nodes.expand(t.shape))
-        if fn is not None:
-            # Computed from traced tensors by code the tracer did not see (a TorchScript or
-            # jit-traced module, a compiled extension): block what it consumed.
-            self._block_history(fn, self.reason("computed by code the tracer cannot see"))
+        old = entry[1] if entry is not None and entry[0] is t else None
+        if old is not None and entry[2] == _placement(t):
+            return old.map(lambda nodes: nodes.expand(t.shape))
+        self._untraced(t, old)
         return Sum()
+
+    def _untraced(self, t: Tensor, old: Sum | None) -> None:
+        """``t`` holds entries no traced op gave it: computed by code the tracer does not see
+        (a TorchScript or jit-traced module, a compiled extension), or, with ``old`` labels, made
+        to hold other memory since (``t.set_(other)``: no torch function reports it). What it
+        consumed (found through the autograd graph) is blocked, and so are its old labels and
+        those of the traced tensors in its memory (``h.detach().as_subclass(Tensor)`` has no
+        history); ``t`` is fixed from now on."""
+        if old is None:
+            reason = self.reason("computed by code the tracer cannot see")
+        else:
+            reason = self.reason("re-pointed at other memory by an untraced op (Tensor.set_?)")
+            self.block(old, reason)
+            self._labels[id(t)] = (t, Sum(), _placement(t))
+        if t.grad_fn is not None:
+            self._block_history(t.grad_fn, reason)
+        for other in self._in_memory.get(_memory(t), {}).values():
+            if other is not t:
+                self.block(self._labels[id(other)][1], reason)
 
     def labels(self, t: Tensor) -> Tensor:
         """The labels of an activation as one node tensor, broadcast to ``t.shape``. Labels
@@ -489,7 +510,10 @@ class TraceContext:
         shape = t.shape
         labels = Sum.of(labels).map(lambda nodes: compact(nodes.expand(shape)))
         labels = Sum(term for term in labels if bool((term[0] != 0).any()))
-        self._labels[id(t)] = (t, labels)
+        self._labels[id(t)] = (t, labels, _placement(t))
+        memory = _memory(t)
+        if labels and memory is not None:
+            self._in_memory.setdefault(memory, {})[id(t)] = t
         fn = t.grad_fn
         if fn is not None:
             entry = self._grad_fn_labels.get(id(fn))
@@ -529,6 +553,17 @@ class TraceContext:
         padding, upsampling)."""
         trailing = range(t.dim() - k, t.dim())
         return self.terms(t).map(lambda nodes: self.unite(nodes.expand(t.shape), trailing))
+
+    def block_stored(self, model: nn.Module) -> None:
+        """Activations the forward stored on the model's modules (``self.cache = h``, a buffer
+        replaced by one) are read after it like outputs: their labels are blocked."""
+        for name, module in model.named_modules():
+            state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
+            for t in _tensors(state):
+                entry = self._labels.get(id(t))
+                if entry is not None and entry[0] is t:
+                    where = name or "<root>"
+                    self.block(entry[1], f"stored on module '{where}' by the forward (an output)")
 
     # -- parameter roles --------------------------------------------------------------------------
     def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
@@ -778,6 +813,43 @@ def _source_line() -> str:
     return f"{info.filename}:{info.lineno} (`{code}`)"
 
 
+def _placement(t: Tensor) -> tuple:
+    """Where the entries of ``t`` are: its memory, shape and strides. ``t.set_(other)``, which
+    no torch function reports, changes them without a traced op."""
+    try:
+        return (t.data_ptr(), t.shape, t.stride())
+    except (RuntimeError, NotImplementedError):  # no memory that can be read (see _memory)
+        return (None, t.shape)
+
+
+def _memory(t: Tensor) -> tuple | None:
+    """The memory ``t``'s entries are in (shared by its views), with their offset; None when
+    it has none that can be read (a sparse tensor, a tensor batched by ``vmap``)."""
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (t.device, storage.data_ptr()) if storage.nbytes() else None
+
+
+def _outputs(tree: Any) -> Iterator[Tensor]:
+    """The tensors of a model's output, in nested tuples, lists, dicts and dataclasses; an
+    iterator (a generator) is refused: its tensors are computed after the traced forward."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple, dict)):
+        for item in tree.values() if isinstance(tree, dict) else tree:
+            yield from _outputs(item)
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        for field in dataclasses.fields(tree):
+            yield from _outputs(getattr(tree, field.name))
+    elif isinstance(tree, Iterator):
+        raise TracingError(
+            f"the model returned an iterator ({type(tree).__name__}): what it yields is "
+            "computed after the forward, where discovery cannot trace it"
+        )
+
+
 def _tensors(tree: Any) -> Iterator[Tensor]:
     """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
     if isinstance(tree, Tensor):
@@ -1006,14 +1078,20 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
 
         return hook
 
+    # A module's rule speaks for what its forward returned: its post hook runs before the
+    # model's own forward hooks (prepend), which are then traced. Global forward hooks run before
+    # every module's own, while the tracer is suppressed: with any, modules are traced through.
+    global_hooks = bool(nn.modules.module._global_forward_hooks)
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             continue  # takes no hooks; what it computes is invisible and blocked (see labels)
-        rule = ctx.rule_for_module(module)
+        rule = None if global_hooks else ctx.rule_for_module(module)
         label = name or "<root>"
         handles.append(module.register_forward_pre_hook(pre(label, rule), with_kwargs=True))
         handles.append(
-            module.register_forward_hook(post(label, rule), with_kwargs=True, always_call=True)
+            module.register_forward_hook(
+                post(label, rule), with_kwargs=True, always_call=True, prepend=rule is not None
+            )
         )
     try:
         yield
@@ -1094,13 +1172,14 @@ def trace(
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_partly_read()
         ctx.value_reads += ctx.shape_reads
-        for t in _tensors(out):
+        for t in _outputs(out):
             if t.is_floating_point() or t.is_complex():
                 reason = "model output (rescaling it changes the function)"
                 if ctx.is_param(t):
                     ctx.fix(t, reason)
                 else:
                     ctx.block(ctx.terms(t), reason)
+        ctx.block_stored(model)
     if ctx.value_reads and not allow_value_dependent:
         raise ValueDependentError(
             f"the forward's control flow may depend on its input or weights: "
