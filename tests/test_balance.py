@@ -72,6 +72,7 @@ def check_balance(model: nn.Module, inputs: tuple, s: gaugefix.GaugeStructure, d
     balanced = snapshot(model)
     again = gaugefix.balance_(model, s)
     assert again.iterations == 0 and again.converged
+    assert again.norm_sq_after == again.norm_sq_before  # one sum of the same parameters
     assert_same_bits(model, balanced)
     if data is not None and s.num_generators:
         # minimal norm: no gauge transformation of the result is shorter
@@ -124,6 +125,102 @@ def test_balanced_point_is_gauge_invariant():
     gaugefix.balance_(b, s, tol=1e-13)
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(p, q, rtol=1e-9, atol=0), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_balanced_point_is_the_same_from_anywhere_on_the_orbit(data):
+    """Uniqueness (Kempf-Ness) on every family, from gauges up to ``e^8`` per generator: the
+    balanced parameters do not depend on the point of the orbit balancing starts from."""
+    family = data.draw(st.sampled_from(sorted(FAMILIES)), label="family")
+    case = data.draw(FAMILIES[family])
+    s = gaugefix.discover(case.model, *case.inputs)
+    moved = copy.deepcopy(case.model)
+    scale = data.draw(st.sampled_from([0.1, 1.0, 8.0]), label="gauge scale")
+    seed = data.draw(st.integers(0, 2**16), label="gauge seed")
+    gaugefix.random_gauge_(moved, s, scale, generator=torch.Generator().manual_seed(seed))
+    for model in (case.model, moved):
+        assert gaugefix.balance_(model, s, tol=1e-13).converged
+        model.requires_grad_(False)
+    moved_params = dict(moved.named_parameters())
+    for name, p in case.model.named_parameters():
+        assert float((moved_params[name] - p).norm()) <= 1e-10 * float(p.norm()), name
+
+
+@settings(max_examples=20, deadline=None)
+@given(exponent=st.integers(-150, 150), seed=st.integers(0, 2**16))
+@example(exponent=-150, seed=0)  # masses ~1e-300: the squared norms of the Newton step underflow
+@example(exponent=150, seed=0)  # masses ~1e300: they overflow
+def test_balance_is_invariant_under_a_global_scale(exponent, seed):
+    """``F(h)`` of ``c theta`` is ``c^2 F(h)`` of ``theta``: the same minimiser, for any ``c``
+    whose squares float64 holds (the Newton solve's norms must not square the imbalance)."""
+    c = 10.0**exponent
+    model, _, s = _imbalanced_mlp(seed)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in scaled.parameters():
+            p.mul_(c)
+    result = gaugefix.balance_(scaled, s)
+    assert result.converged and result.mu_rel_max <= TOL, result
+    assert mu_rel_max(scaled, s) <= TOL
+    reference = gaugefix.balance_(model, s)
+    assert float((result.h - reference.h).abs().max()) <= 1e-8
+    assert result.norm_sq_after == pytest.approx(c * c * reference.norm_sq_after, rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize("h0", [-322.0, -230.0, 230.0, 322.0])
+def test_a_gauge_of_hundreds_on_one_generator_is_undone(h0):
+    """``g(h0)`` with ``h0 = 322`` on one neuron multiplies its incoming entries by ``1e140``
+    and its outgoing ones by ``1e-140`` (masses ``1e280`` and ``1e-280``, which float64 holds):
+    balancing reaches the tolerance, on the model, at the point balancing the original
+    reaches. The solve passes through several bases, whose masses must not lose the entries
+    that underflow at one of them."""
+    model, x, s = _imbalanced_mlp()
+    reference = copy.deepcopy(model)
+    gauge = torch.zeros(s.num_generators, dtype=DTYPE)
+    gauge[0] = h0
+    gaugefix.apply_gauge_(model, s, gauge)
+    with torch.no_grad():
+        before = model(x)
+    result = gaugefix.balance_(model, s)
+    assert result.converged and result.mu_rel_max <= TOL, result
+    assert mu_rel_max(model, s) <= TOL
+    with torch.no_grad():
+        assert rel_change(before, model(x)) <= TOL
+    gaugefix.balance_(reference, s)
+    expected = snapshot(reference)
+    for name, p in snapshot(model).items():
+        assert float((p - expected[name]).norm()) <= 1e-9 * float(expected[name].norm()), name
+
+
+def test_generator_with_subnormal_squares_is_balanced():
+    """Incoming entries ``~1e-160`` have subnormal squares (``~1e-321``): the generator is
+    live (not dead), its two sides are ``1e320`` apart, and the closed-form step
+    ``log(S_out / S_in) / 4`` must not overflow to inf on the way."""
+    model, x, s = _imbalanced_mlp()
+    with torch.no_grad():
+        model[0].weight[1] *= 1e-160
+        model[0].bias[1] *= 1e-160
+        before = model(x)
+    result = gaugefix.balance_(model, s)
+    assert result.dead_generators.numel() == 0
+    assert result.converged and result.mu_rel_max <= TOL, result
+    assert mu_rel_max(model, s) <= TOL
+    with torch.no_grad():
+        assert rel_change(before, model(x)) <= TOL
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_norms_before_and_after_are_equal_when_nothing_moves(seed):
+    """A balanced model is left as it is, and ``norm_sq_before`` and ``norm_sq_after`` are one
+    sum of the same parameters: equal, not two summation orders apart."""
+    model, _, s = _imbalanced_mlp(seed)
+    gaugefix.balance_(model, s)
+    saved = snapshot(model)
+    again = gaugefix.balance_(model, s)
+    assert again.iterations == 0
+    assert again.norm_sq_after == again.norm_sq_before == pytest.approx(norm_sq(model, s))
+    assert_same_bits(model, saved)
 
 
 def test_balance_of_a_two_layer_net_is_the_closed_form():
@@ -214,6 +311,7 @@ def test_max_iter_zero_changes_nothing_and_reports_not_converged():
     saved = snapshot(model)
     result = gaugefix.balance_(model, s, max_iter=0)
     assert result.iterations == 0 and not result.converged
+    assert result.norm_sq_after == result.norm_sq_before
     assert result.mu_rel_max == pytest.approx(mu_rel_max(model, s), rel=1e-12)
     assert_same_bits(model, saved)
 

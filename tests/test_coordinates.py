@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gaugefix as gf
-from architectures import incidence
+from architectures import FAMILIES, incidence
 from gaugefix import zoo
 from gaugefix.coordinates import SingularGramError
 
@@ -123,6 +127,44 @@ def test_newton_solves_report_not_converging_by_their_flag(name):
     result = gf.balance_(model, s, max_iter=1)
     assert not result.converged and result.mu_rel_max > 1e-10
     assert gf.balance_(model, s).converged
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_coordinates_on_every_family_from_large_gauges(data):
+    """The documented claims on every generated family, from gauges up to ``e^8`` per
+    generator: the round trip to ``1e-12``, ``balanced`` unchanged and ``h`` moved by ``h0``
+    under ``g(h0)`` (to ``1e-9``), the model untouched, and ``mu_rel_max`` within ``tol``."""
+    case = data.draw(FAMILIES[data.draw(st.sampled_from(sorted(FAMILIES)), label="family")])
+    s = gf.discover(case.model, *case.inputs)
+    coords = gf.gauge_coordinates(case.model, s)
+    scale = data.draw(st.sampled_from([0.1, 1.0, 8.0]), label="gauge scale")
+    seed = data.draw(st.integers(0, 2**16), label="gauge seed")
+    moved = copy.deepcopy(case.model)
+    h0 = gf.random_gauge_(moved, s, scale, torch.Generator().manual_seed(seed))
+    before = float_state(moved)
+    again = gf.gauge_coordinates(moved, s)
+    assert all(torch.equal(v, before[k]) for k, v in moved.state_dict().items())
+    assert again.converged and again.mu_rel_max <= 1e-13
+    assert rel_err(again.to_state_dict(), before) <= 1e-12
+    assert rel_err(again.balanced, coords.balanced) <= 1e-9
+    assert torch.allclose(again.h, coords.h + h0, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mu_rel_max_is_that_of_the_balanced_tensors(dtype):
+    """``mu_rel_max`` is ``max |mu_n(theta_bar)| / S_n`` of ``balanced`` as returned, rounded to
+    the model's dtype, not the float64 solve's (which is ``1e-15`` while ``balanced`` carries
+    its float32 or bfloat16 rounding)."""
+    model, s, _ = build("mlp")
+    model.to(dtype)
+    gf.random_gauge_(model, s, 1.0, torch.Generator().manual_seed(3))
+    coords = gf.gauge_coordinates(model, s)
+    assert coords.converged
+    s_in, s_out = gf.moment.in_out_sums({k: v.double() for k, v in coords.balanced.items()}, s)
+    measured = float(((s_in - s_out).abs() / (s_in + s_out)).max())
+    assert measured > 1e-10  # the dtype's rounding, far above the solve's tol
+    assert coords.mu_rel_max == pytest.approx(measured, rel=1e-9)
 
 
 def test_coordinates_reject_mismatched_structure():
@@ -241,6 +283,29 @@ def test_penalty_gradient_is_vertical(name):
     vertical = gf.project(grad_p, model, s, onto="vertical")
     assert norm(sub(vertical, grad_p)) <= 1e-10 * norm(grad_p)
     assert norm(gf.project(grad_p, model, s, onto="horizontal")) <= 1e-10 * norm(grad_p)
+
+
+@pytest.mark.parametrize(
+    ("of", "scale"),
+    [("vectors", c) for c in (1e-200, 1e-160, 1e160, 1e200)]
+    + [("parameters", c) for c in (1e-280, 1e280)],
+)
+def test_projection_is_linear_and_scale_free_at_any_scale(of, scale):
+    """``Pi_V (c v) = c Pi_V v``, and ``Pi_V`` at ``sqrt(c) theta`` is ``Pi_V`` at ``theta``
+    (the generators scale, their span does not), for any ``c`` float64 holds: the solve with
+    ``K`` must not square ``b ~ 1e200`` (inf) or ``1e-200`` (0), nor ``c = K^{-1} b``."""
+    model, s, _ = build("mlp")
+    gen = torch.Generator().manual_seed(4)
+    g = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in model.named_parameters()}
+    expected = gf.project(g, model, s)
+    with torch.no_grad():
+        for p in model.parameters() if of == "parameters" else ():
+            p.mul_(scale**0.5)
+    vectors = {k: v * scale for k, v in g.items()} if of == "vectors" else g
+    found = gf.project(vectors, model, s)
+    if of == "vectors":  # compared at scale 1 (the squares of 1e-200 are 0)
+        found = {k: v / scale for k, v in found.items()}
+    assert norm(sub(found, expected)) <= 1e-12 * norm(expected)
 
 
 def test_projection_keeps_dtype_and_rejects_bad_vectors():

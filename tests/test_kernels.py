@@ -127,3 +127,20 @@ def test_penalty_gradient_in_either_layout_matches_the_closed_form(layout, case)
         assert add_orbit_selection_grad_(params, s, STRENGTH, torch.tensor(True))
     for name, p in params.items():
         assert_close(p.grad, expected[name], 1e-12, name)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    exponent=st.integers(-300, 300),
+    values=st.lists(st.floats(-1.0, 1.0).filter(lambda x: x == 0 or abs(x) >= 1e-3), max_size=6),
+)
+def test_row_norms_are_norms_at_any_scale(exponent, values):
+    """``row_norms`` of ``10^k v`` is ``10^k ||v||`` for any normal float64 ``10^k v``, where the
+    plain 2-norm squares the entries (0 below about ``1e-154``, inf above ``1e154``); 0 for an
+    empty or all-zero row."""
+    v = torch.tensor([values, [0.0] * len(values)], dtype=DTYPE).reshape(2, len(values))
+    scale = 10.0**exponent
+    norms = kernels.row_norms(v * scale)
+    assert float(norms[1]) == 0.0
+    expected = float(torch.linalg.vector_norm(v[0])) * scale
+    assert float(norms[0]) == pytest.approx(expected, rel=1e-14, abs=0)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
 from gaugefix.distributed import local_view
 from gaugefix.errors import check_number
-from gaugefix.kernels import generator_sums
+from gaugefix.kernels import generator_sums, row_norms
 from gaugefix.masses import Masses, MassState
 from gaugefix.structure import GaugeStructure
 
@@ -55,11 +55,12 @@ class BalanceResult:
     ``iterations``: outer iterations taken; ``mu_rel_max``: ``max_n |mu_n| / S_n`` over
     the generators with a closed orbit, measured on the model afterwards (``imbalance_stats``'
     ``mu_rel_max`` without the dead generators, which count 1 there); ``norm_sq_before`` and
-    ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on; ``h``: the
-    gauge transformation applied; ``dead_generators``: generators with all incoming or all
-    outgoing entries zero (no closed orbit; left untouched); ``converged``: whether the float64
-    solve reached ``tol`` (the imbalance measured afterwards also carries the parameters'
-    rounding: about ``1e-7`` for a float32 model).
+    ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on (equal when
+    nothing moved); ``h``: the gauge transformation applied; ``dead_generators``:
+    generators with all incoming or all outgoing entries zero (no closed orbit; left untouched;
+    an entry below about ``1.5e-162``, whose square underflows float64, counts as zero);
+    ``converged``: whether the float64 solve reached ``tol`` (the imbalance measured afterwards
+    also carries the parameters' rounding: about ``1e-7`` for a float32 model).
     """
 
     iterations: int
@@ -113,9 +114,9 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, diag: Tensor, rtol: Tenso
     z = res / diag
     p = z.clone()
     rz = (res * z).sum(1)
-    stop = rtol * torch.linalg.vector_norm(b, dim=1)
+    stop = rtol * row_norms(b)
     for _ in range(max(CG_MIN_ITERATIONS, CG_ITERATIONS_PER_ROOT * math.isqrt(b.shape[1]))):
-        live = torch.linalg.vector_norm(res, dim=1) > stop
+        live = row_norms(res) > stop
         if not bool(live.any()):
             break
         ap = matvec(p)
@@ -198,6 +199,15 @@ def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> Bal
 F_ROUNDING = 64 * torch.finfo(torch.float64).eps
 
 
+def _log_ratio(a: Tensor, b: Tensor) -> Tensor:
+    """``log(a / b)`` for positive ``a``, ``b``; where the ratio is not a normal positive number
+    (sides over ``1e308`` apart: a side of subnormal squares) the difference of the logs, which
+    loses ``|log a|`` ulps near a ratio of 1 and so is not used everywhere."""
+    ratio = a / b
+    exact = (ratio >= torch.finfo(ratio.dtype).tiny) & (ratio < math.inf)
+    return torch.where(exact, torch.log(ratio), torch.log(a) - torch.log(b))
+
+
 def _closed_form_step(
     masses: Masses, state: MassState, live: Tensor, err: Tensor, runs: Tensor
 ) -> tuple[MassState, Tensor]:
@@ -205,7 +215,7 @@ def _closed_form_step(
     halves ``F``, or does not increase it (beyond :data:`F_ROUNDING`) and halves
     ``max |mu_n| / S_n``. Returns the state at the new gauges and the copies that took the step
     (the others then switch to Newton)."""
-    step = torch.where(live & runs[:, None], 0.25 * torch.log(state.s_out / state.s_in), 0.0)
+    step = torch.where(live & runs[:, None], 0.25 * _log_ratio(state.s_out, state.s_in), 0.0)
     trial = masses.at(state.h + step)
     mu, s = trial.s_in - trial.s_out, trial.s_in + trial.s_out
     f0, f1 = state.total, trial.total
@@ -237,7 +247,7 @@ def _line_search(
     """
     h, f0 = state.h, state.total
     slope = 2 * (mu * direction).sum(1)
-    mu_norm = torch.linalg.vector_norm(torch.where(live, mu, 0.0), dim=1)
+    mu_norm = row_norms(torch.where(live, mu, 0.0))
     t = torch.ones_like(f0)
     accepted = torch.zeros_like(runs)
     settled = ~runs | ~torch.isfinite(f0) | (slope == 0)
@@ -251,7 +261,7 @@ def _line_search(
         unresolved = ~settled & ~ok & (-t * slope <= RESOLUTION * f0)
         if bool(unresolved.any()):
             trial.complete()
-            norm = torch.linalg.vector_norm(torch.where(live, trial.s_in - trial.s_out, 0.0), 1)
+            norm = row_norms(torch.where(live, trial.s_in - trial.s_out, 0.0))
             ok = ok | unresolved & (norm < mu_norm)
         accepted |= ok
         settled |= ok
@@ -359,12 +369,15 @@ def balance_(
     check_h(h, structure)
     gauge_params_(params, local, h, optimizer)
     s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
+    # an unmoved model's ||theta||^2 is one sum: the solve's F(0) adds the squares in another
+    # order, whose rounding can exceed what F decreased by near the balance
+    norm_before = solution.norm_sq_before[0] if bool(h.any()) else norm_after
     live = solution.live[0]
     err = max_rel(s_in - s_out, s_in + s_out, live)
     return BalanceResult(
         iterations=solution.iterations,
         mu_rel_max=float(err),
-        norm_sq_before=float(solution.norm_sq_before[0]),
+        norm_sq_before=float(norm_before),
         norm_sq_after=float(norm_after),
         h=h,
         dead_generators=torch.nonzero(~live).reshape(-1),

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import all_finite, check_finite_params
-from gaugefix.balancing import check_tolerances, masses_of, pcg, solve_model
+from gaugefix.balancing import check_tolerances, masses_of, max_rel, pcg, solve_model
 from gaugefix.errors import GaugefixError, check_number
-from gaugefix.kernels import reduce_to
+from gaugefix.kernels import generator_sums, reduce_to, row_norms
 from gaugefix.masses import MassState
 from gaugefix.moment import pair_shape, scatter_terms_
 from gaugefix.soft import generator_combination
@@ -93,9 +93,11 @@ class GaugeCoordinates:
     on and the model's own values everywhere else; ``h``: ``[num_generators]`` float64, the
     pure-gauge coordinate; ``dead_generators``: generators without a closed orbit (all incoming
     or all outgoing entries zero), whose ``h`` is 0 and which are left out of the balancing;
-    ``mu_rel_max``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators;
-    ``converged``: whether that reached the solve's ``tol`` (when not, ``theta = g(h) .
-    balanced`` still holds; only ``mu(balanced) = 0`` is approximate);
+    ``mu_rel_max``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators, measured on
+    ``balanced`` in float64 (so it carries the rounding of ``balanced`` to the parameters'
+    dtype: about ``1e-7`` for a float32 model); ``converged``: whether the float64 solve reached
+    ``tol`` (when not, ``theta = g(h) . balanced`` still holds; only ``mu(balanced) = 0`` is
+    approximate);
     ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
     (they always hold the same values as that name).
 
@@ -146,12 +148,11 @@ def gauge_coordinates(
     params = structure.bind(model)
     if structure.num_generators:
         solution = solve_model(params, structure, tol, max_iter)
-        h, live = solution.h[0], solution.live[0]
-        converged, err = bool(solution.converged[0]), float(solution.mu_rel_max[0])
+        h, live, converged = solution.h[0], solution.live[0], bool(solution.converged[0])
     else:
         check_finite_params(params)
         h, live = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
-        converged, err = True, 0.0
+        converged = True
     dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
         raise ValueError(
@@ -172,11 +173,23 @@ def gauge_coordinates(
         balanced=balanced,
         h=-h,
         dead_generators=dead,
-        mu_rel_max=err,
+        mu_rel_max=_measured_mu_rel_max(balanced, structure, live),
         converged=converged,
         structure=structure,
         aliases=aliases,
     )
+
+
+def _measured_mu_rel_max(
+    balanced: Mapping[str, Tensor], structure: GaugeStructure, live: Tensor
+) -> float:
+    """``max_n |mu_n| / S_n`` of ``balanced`` over the ``live`` generators, accumulated in
+    float64: the solve's own value leaves out the rounding of ``balanced`` to the parameters'
+    dtype (about ``1e-7`` in float32, ``1e-2`` in bfloat16)."""
+    if not structure.num_generators:
+        return 0.0
+    s_in, s_out, _ = generator_sums(structure.bind(dict(balanced)), structure, torch.float64)
+    return float(max_rel(s_in - s_out, s_in + s_out, live.to(s_in.device)))
 
 
 # -- the Gram matrix of the generators --------------------------------------------------------
@@ -318,6 +331,16 @@ def gram_solve(
             "cancels), so their generators are linearly dependent",
             bad.tolist(),
         )
+    # K^{-1} is linear: solved for b rescaled to the norm max_n S_n of K's diagonal, so that
+    # c and conjugate gradients' products neither overflow nor underflow for any scale of b
+    b_norm, s_max = float(row_norms(b)), float((state.s_in + state.s_out).max())
+    if b_norm == 0:
+        return torch.zeros_like(b)
+    return _restarted_cg(state, structure, b / b_norm * s_max, rtol) * (b_norm / s_max)
+
+
+def _restarted_cg(state: MassState, structure: GaugeStructure, b: Tensor, rtol: float) -> Tensor:
+    """The restarts of :func:`gram_solve` (``b`` of norm about ``max_n S_n``)."""
     diag = (state.s_in + state.s_out)[0]
     k = max(2, structure.most_terms())
     k_norm = k * float(diag.max())  # Gershgorin: ||K||_2 <= max_n sum_m |K_nm| <= k max_n S_n
@@ -325,13 +348,13 @@ def gram_solve(
     def matvec(v: Tensor) -> Tensor:
         return state.gram_matvec(v[None])[0]
 
-    b_norm = float(torch.linalg.vector_norm(b))
+    b_norm = float(row_norms(b))
     c = torch.zeros_like(b)
     residual = b.clone()
     rel = math.inf
     for _ in range(GRAM_RESTARTS):
-        scale = b_norm + k_norm * float(torch.linalg.vector_norm(c))
-        rel = float(torch.linalg.vector_norm(residual)) / max(scale, 1e-300)
+        scale = b_norm + k_norm * float(row_norms(c))
+        rel = float(row_norms(residual)) / scale
         if rel <= rtol:
             return c
         rtols = torch.full((1,), rtol, dtype=torch.float64, device=b.device)

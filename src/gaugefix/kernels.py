@@ -65,6 +65,7 @@ __all__ = [
     "mul_by_rows_",
     "addcmul_group_",
     "finite_flag",
+    "row_norms",
 ]
 
 # Per parameter name, the tensors to rescale with it and the power of its factor each takes.
@@ -517,3 +518,16 @@ def finite_flag(tensors: list[Tensor]) -> Tensor:
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """The 2-norm over the last dim of ``x`` (``[*batch, N]``), computed on ``x`` divided by its
+    largest absolute entry: ``torch.linalg.vector_norm`` squares the entries as they are, so
+    its result is 0 for entries below about ``1e-154`` and ``inf`` above about ``1e154`` in
+    float64 (``1e-19`` and ``1e19`` in float32). 0 for an empty or all-zero row, NaN for a row
+    holding NaN, ``inf`` for one holding inf and no NaN (as ``vector_norm``)."""
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:-1])
+    scale = x.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    return torch.linalg.vector_norm(x / scale, dim=-1) * scale.squeeze(-1)

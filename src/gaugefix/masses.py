@@ -38,26 +38,41 @@ class Masses:
     ``e * (M f)``, column sums ``f * (M^T e)``, and ``K v`` two more matrix-vector products: each a
     single read of ``M``. Matrices of one shape are stacked and multiplied together (``bmm``).
     Every other parameter is flattened into one list of masses with its terms' slots. ``h`` is
-    taken relative to a base gauge that is moved (the masses rescaled) when it drifts far, so
-    that the exponentials never overflow.
+    taken relative to a base gauge that is moved (the masses squared again from the tensors at
+    it) when it drifts far, so that the exponentials never overflow.
     """
 
-    REBASE = 30.0  # |h - base| beyond which the masses are rescaled to the new base
+    REBASE = 30.0  # |h - base| beyond which the masses are squared again at the new base
 
     def __init__(self, tensors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
         """``tensors``: name -> ``[R, *shape]`` for the structure's parameters (or some of
-        them: the masses of that part of the model)."""
+        them: the masses of that part of the model). They are read again when the base moves,
+        and must not change while the masses are in use."""
         first = next(iter(tensors.values()))
         self.n = structure.num_generators
         self.sum_over_shards = structure.sum_over_shards
         self.device = first.device
         self.r = first.shape[0]
+        self.tensors = {k: v.detach() for k, v in tensors.items()}
+        # the parameters held, less those of another part of the model
+        self.plan = [p for p in structure.plan(self.device) if p.name in tensors]
+        self.base = torch.zeros(self.r, self.n, dtype=torch.float64, device=self.device)
+        self._load(moved=False)
+
+    def _load(self, moved: bool) -> None:
+        """The masses at the base gauge (``moved``: other than 0), squared from the tensors
+        multiplied by their factors. Masses held at one base and rescaled to the next would keep
+        a mass that underflowed on the way at 0 (a neuron with incoming entries ``1e140`` and
+        outgoing ones ``1e-140`` is balanced through several bases)."""
         by_shape: dict[tuple, list[tuple]] = {}
         flat: list[tuple[Tensor, list[Tensor], list[int]]] = []
-        for param in structure.plan(self.device):
-            if param.name not in tensors:  # masses of a part of the model
-                continue
-            w = _squared(tensors[param.name].detach(), (self.r, *pair_shape(param)))
+        bx = torch.cat([self.base, self.base.new_zeros(self.r, 1)], dim=1)
+        for param in self.plan:
+            t = self.tensors[param.name]
+            if moved:
+                exponent = sum(term.sign * bx[:, term.slots] for term in param.terms)
+                t = t.to(torch.float64) * torch.exp(exponent)
+            w = _squared(t, (self.r, *pair_shape(param)))
             matrix = _as_matrix(param, w)
             if matrix is None:
                 slots = [t.slots.expand(w.shape[1:]).reshape(-1) for t in param.terms]
@@ -67,7 +82,6 @@ class Masses:
         # Stacks of equally shaped matrices: mat [G, R, a, b], per term slots [G, a] / [G, b].
         self.stacks = [_stacked(group) for group in by_shape.values()]
         self.flat_w, self.flat_slots, self.flat_signs = self._flat(flat)
-        self.base = torch.zeros(self.r, self.n, dtype=torch.float64, device=self.device)
 
     def _flat(self, flat: list[tuple[Tensor, list[Tensor], list[int]]]) -> tuple[Tensor, ...]:
         """The flattened masses ``[R, P]`` with their terms' slots and signs ``[T, P]`` (shorter
@@ -93,17 +107,12 @@ class Masses:
         return torch.cat([h - self.base, h.new_zeros(self.r, 1)], dim=1)
 
     def rebase(self, h: Tensor) -> None:
-        """Rescale the stored masses to the base gauge ``h`` when ``h`` is far from the base."""
+        """Move the base gauge to ``h`` when ``h`` is far from the base: the masses are squared
+        again from the tensors at ``h`` (:meth:`_load`)."""
         if self.n == 0 or float((h - self.base).abs().max()) <= self.REBASE:
             return
-        hx = self._extended(h)
-        self.stacks = [
-            (mat * _group_exp(hx, rho)[:, :, :, None] * _group_exp(hx, gamma)[:, :, None, :],
-             rho, gamma)
-            for mat, rho, gamma in self.stacks
-        ]  # fmt: skip
-        self.flat_w = self.flat_w * torch.exp(2 * self._flat_exponent(hx))
         self.base = h.clone()
+        self._load(moved=True)
 
     def _flat_exponent(self, hx: Tensor) -> Tensor:
         """``sum_t sign_t h[slot_t]`` for every flat mass: ``[R, P]``."""
