@@ -394,3 +394,34 @@ def test_untransportable_optimizer_raises_before_modifying():
     with pytest.raises(ValueError, match="cannot transport"):
         gaugefix.balance_(model, s, optimizer=opt)
     assert_same_bits(model, saved)
+
+
+class ScalarGain(nn.Module):
+    """``l2(a * relu(l1(x)))`` with a learned scalar ``a`` (a 0-dim parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.a = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(self.a * torch.relu(self.l1(x)))
+
+
+def test_a_zero_dim_parameter_is_rescaled_like_any_other():
+    """A structure holding a 0-dim parameter is applied, balanced and measured (the kernels
+    used to index it by rows and fail: IndexError)."""
+    torch.manual_seed(0)
+    model = ScalarGain().double()
+    x = torch.randn(5, 3, dtype=DTYPE)
+    s = gaugefix.discover(model, x)
+    assert "a" in s.params
+    with torch.no_grad():
+        before = model(x)
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
+    assert float(model.a) != 1.5
+    result = gaugefix.balance_(model, s)
+    assert result.converged and mu_rel_max(model, s) <= TOL
+    assert gaugefix.imbalance_stats(model, s)["mu_rel_max"] <= TOL
+    with torch.no_grad():
+        assert rel_change(before, model(x)) <= TOL

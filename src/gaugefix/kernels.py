@@ -319,7 +319,7 @@ def sums_per_parameter(
         sizes = [math.prod(shape) for shape in shapes]
         for k, name in enumerate(group.names):
             outs = [
-                flat[..., a + k * m : a + (k + 1) * m].view(*batch, *shape)
+                flat[..., a + k * m : a + (k + 1) * m].view((*batch, *shape))
                 for a, m, shape in zip(starts, sizes, shapes, strict=True)
             ]
             add_squares_(tensors[name], outs[:-1], dtype)
@@ -368,7 +368,7 @@ def add_squares_(x: Tensor, outs: list[Tensor], dtype: torch.dtype) -> None:
     pair = tuple(max(sizes) for sizes in zip(*shapes, strict=True))
     trailing = trailing_sum_of_squares(x, pair, dtype)
     blocks = None if trailing is not None else row_blocks(x, shapes)
-    for block in blocks or [slice(None)]:
+    for block in blocks or [...]:  # every row (also of a 0-dim tensor)
         sq = trailing if trailing is not None else _square(x[block], dtype)
         by_shape: dict[torch.Size, Tensor] = {}  # outs of one shape share a sum
         for out in outs:
@@ -482,7 +482,7 @@ def by_row_blocks(t: Tensor, factors: list[Tensor], apply: Callable) -> None:
     block by block of rows (:func:`row_blocks`), so that the later ones find the block in
     cache; otherwise ``block`` is every row."""
     blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
-    for block in blocks or [slice(None)]:
+    for block in blocks or [...]:  # every row (also of a 0-dim tensor)
         for f in factors:
             apply(block, f[block] if blocks and f.shape[0] > 1 else f)
 
