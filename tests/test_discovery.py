@@ -1200,3 +1200,38 @@ def test_numbers_of_every_python_type_scale_and_shift(number):
         assert (
             gauged_change(model, s, nn.Module.__call__, 3 * torch.randn(6, 4, dtype=DTYPE)) <= TOL
         )
+
+
+class GatedThrough(nn.Module):
+    """``d(op(relu(g(x)) * u(x)))``: a gated unit whose product passes through an op that
+    returns its input itself (dropout in eval mode, ``contiguous``) or changes it in place."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.g, self.u, self.d = nn.Linear(3, 6), nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.d(self.op(F.relu(self.g(x)) * self.u(x)))
+
+
+THROUGH = {
+    "dropout in eval mode": lambda h: F.dropout(h, 0.1, training=False),
+    "contiguous": lambda h: h.contiguous(),
+    "relu_": lambda h: F.relu_(h.clone()),
+}
+
+
+@pytest.mark.parametrize("op", list(THROUGH.values()), ids=list(THROUGH))
+def test_a_product_returned_as_it_is_keeps_its_generators(op):
+    """The product carries two terms per entry; an op that returns it unchanged used to be
+    taken for a write needing one term, which blocked them (0 generators instead of 12; the
+    gated units of T5's gated-relu and gated-gelu feed-forwards)."""
+    torch.manual_seed(0)
+    model = GatedThrough(op).double()
+    s = gaugefix.discover(model, torch.randn(4, 3, dtype=DTYPE))
+    assert s.num_generators == 12, s.summary()
+    other = torch.randn(9, 3, dtype=DTYPE)
+    before = model(other)
+    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, model(other)) <= TOL

@@ -93,6 +93,8 @@ def elementwise(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **opt
     example a PReLU slope)."""
     labels = ctx.terms(input)
     block_other_tensors(ctx, tensor_args(rest, options), "extra tensor of a homogeneous op")
+    if result is input:  # returned as it is (dropout in eval mode) or changed in place (relu_)
+        return UNCHANGED  # its labels, even a product's, hold
     return labels
 
 
