@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 from typer.testing import CliRunner
 
 import gaugefix
@@ -40,3 +43,41 @@ def test_inspect_errors_are_one_line_with_exit_2():
     ):
         result = cli.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def _one_line(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_module_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the command imports modules of the current directory
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "gaugefix_test_broken_module.py").write_text("raise RuntimeError('at import')\n")
+    for target, message in (
+        (".:f", "cannot load '.:f': the 'package' argument is required"),
+        (":f", "cannot load ':f': Empty module name"),
+        ("gaugefix_test_broken_module:f", "cannot load 'gaugefix_test_broken_module:f': at import"),
+    ):
+        _one_line(cli.invoke(app, ["inspect", target, "--input-shape", "1,3"]), message)
+        _one_line(
+            cli.invoke(app, ["balance", "--model", target, "--weights", "w.pt", "--out", "o.pt"]),
+            message,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gaugefix_test_broken_module.py"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["mlp", "--input-shape", "100000,100000,100000"], "shape (100000, 100000, 100000): "),
+        (["mlp", "--input-shape", "99999999999999999999"], "shape (99999999999999999999,): "),
+        (
+            ["gaugefix.zoo:GPT", "--input-ids", "1,16", "--vocab", "99999999999999999999"],
+            "shape (1, 16): ",
+        ),
+    ],
+)
+def test_an_example_input_that_cannot_be_made_is_one_line(args, message):
+    _one_line(cli.invoke(app, ["inspect", *args]), f"cannot make an example input of {message}")

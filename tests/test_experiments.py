@@ -374,6 +374,8 @@ def test_two_writers_share_a_store(tmp_path: Path):
         (["--task", "teacher-student", "--init-imbalance", "inf"], "must be finite"),
         (["--data", "missing.npz"], "does not exist"),
         ([], "exactly one of --task and --data"),
+        (["--task", "teacher-student", "--seeds", "99999999999999999999"], "'--seeds'"),
+        (["--task", "teacher-student", "--batch-size", "99999999999999999999"], "'--batch-size'"),
     ],
 )
 def test_bad_sweep_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
@@ -448,6 +450,25 @@ def test_malformed_data_file(tmp_path, arrays, message):
     out = tmp_path / "out"
     result = cli.invoke(app, ["sweep", "--data", str(path), "--out", str(out)])
     assert result.exit_code == 2 and message in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "hidden, message",
+    [
+        ("2.5", "--hidden must be comma-separated integers, got '2.5'"),
+        ("1e30", "--hidden must be comma-separated integers, got '1e30'"),
+        ("1000000000000", "cannot run the model of task 'data': "),  # far beyond the memory
+    ],
+)
+def test_hidden_widths_that_are_no_model_are_one_line(tmp_path, hidden, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, X=np.zeros((4, 3)), y=np.zeros(4))
+    out = tmp_path / "out"
+    result = cli.invoke(app, ["sweep", "--data", str(path), "--hidden", hidden, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {message}"), result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
 
 

@@ -133,6 +133,16 @@ def _foreign(path: Path) -> None:
     db.close()
 
 
+def _foreign_same_tables(path: Path) -> None:
+    """Another program's database whose tables have a store's names and format number."""
+    db = sqlite3.connect(path)
+    for table in ("runs", "curves", "analyses"):
+        db.execute(f"CREATE TABLE {table} (x TEXT)")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -142,6 +152,7 @@ def _foreign(path: Path) -> None:
         ),
         (_corrupt, "is not a readable gaugefix results store"),
         (_foreign, "is an SQLite file but not a gaugefix results store"),
+        (_foreign_same_tables, "not a gaugefix results store (no column runs.key, runs.task,"),
     ],
 )
 @pytest.mark.parametrize("command", ["report", "sweep", "reproduce"])

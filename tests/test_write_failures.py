@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from faults import full_disk, listing, read_only
 from gaugefix.cli import app
-from gaugefix.experiments.store import Store
+from gaugefix.experiments.store import Store, StoreError
 
 cli = CliRunner()
 
@@ -55,6 +55,32 @@ def test_report_into_a_read_only_directory(results, tmp_path, monkeypatch):
     result = cli.invoke(app, ["report", str(out)])
     _one_line_error(result, f"cannot write {out / 'summary.json'}: Read-only file system")
     assert listing(out) == before
+
+
+@pytest.mark.parametrize("command", ["report", "sweep"])
+def test_a_report_md_that_is_a_directory_is_refused_before_anything_is_written(
+    results, tmp_path, data, command
+):
+    out = shutil.copytree(results, tmp_path / "out")
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()
+    (out / "summary.json").write_text("the previous summary")
+    before = listing(out)
+    args = {"report": ["report", str(out)], "sweep": ["sweep", "--data", str(data)]}[command]
+    grid = ["--steps", "11", "--hidden", "8", "--out", str(out)] if command == "sweep" else []
+    result = cli.invoke(app, [*args, *grid])
+    _one_line_error(result, f"cannot write {out / 'report.md'}: it is a directory")
+    assert listing(out) == before  # no run trained into the store, no summary or figure
+
+
+def test_a_previous_report_that_is_not_utf8_is_replaced(results, tmp_path):
+    out = shutil.copytree(results, tmp_path / "out")
+    (out / "old.png").write_bytes(b"a figure only the previous report showed")
+    (out / "report.md").write_bytes(b"\xff\xfe\x00 ![old](old.png)")
+    result = cli.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.md").read_text() == (results / "report.md").read_text()
+    assert not (out / "old.png").exists()
 
 
 def test_sweep_on_a_full_disk_leaves_no_partial_figure(tmp_path, monkeypatch, data):
@@ -99,6 +125,22 @@ def test_sweep_into_a_read_only_store_says_read_only(results, tmp_path, monkeypa
     result = _sweep(out, data, "--hidden", "8", "--seeds", "2")
     _one_line_error(result, f"cannot write {out / 'results.sqlite'}: it is read-only")
     assert "not a readable" not in result.stderr
+    assert listing(out) == before
+
+
+def test_a_read_only_store_is_refused_when_opened(results, tmp_path, monkeypatch):
+    """Before any work is done for it (reproduce computes analyses before its first write)."""
+    out = shutil.copytree(results, tmp_path / "out")
+    before = listing(out)
+    real = sqlite3.connect
+
+    def read_only_file(path, *args, **kwargs):  # as SQLite opens a file it may not write
+        path, kwargs = f"{Path(path).resolve().as_uri()}?mode=ro", {**kwargs, "uri": True}
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_file)
+    with pytest.raises(StoreError, match="results.sqlite: it is read-only"):
+        Store(out / "results.sqlite")
     assert listing(out) == before
 
 

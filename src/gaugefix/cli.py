@@ -39,12 +39,18 @@ from gaugefix.experiments.engine import (
 )
 from gaugefix.experiments.plan import BISECTION_ROUNDS, QUICK_BISECTION_ROUNDS, reproduce_grids
 from gaugefix.experiments.progress import Progress
-from gaugefix.experiments.runner import TaskSpec, estimated_seconds, run_bisected, spec_of_run
+from gaugefix.experiments.runner import (
+    TaskSpec,
+    activations,
+    estimated_seconds,
+    run_bisected,
+    spec_of_run,
+)
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
 from gaugefix.experiments.workers import Workers, cores, local_workers
 from gaugefix.files import OutputError, output_target, write_text
-from gaugefix.report import STORE_NAME, headline_table, render
+from gaugefix.report import STORE_NAME, check_outputs, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
 __all__ = ["app", "main"]
@@ -60,6 +66,10 @@ app = typer.Typer(
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]
 
 
 def _parse_shape(text: str, option: str) -> tuple[int, ...]:
@@ -92,16 +102,26 @@ def _example_input(
         raise _fail("give at most one of --input-shape and --input-ids")
     if (input_ids is None) != (vocab is None):
         raise _fail("--input-ids and --vocab go together")
-    generator = torch.Generator().manual_seed(0)
     if input_ids is not None:
-        return torch.randint(vocab, _parse_shape(input_ids, "--input-ids"), generator=generator)
+        return _drawn(_parse_shape(input_ids, "--input-ids"), vocab)
     if input_shape is None and default_shape is None:
         raise _fail(
             "--input-shape is required for a model that is not a built-in example "
             "(or --input-ids with --vocab for token inputs)"
         )
-    shape = _parse_shape(input_shape, "--input-shape") if input_shape else default_shape
-    return torch.randn(shape, generator=generator)
+    return _drawn(_parse_shape(input_shape, "--input-shape") if input_shape else default_shape)
+
+
+def _drawn(shape: tuple[int, ...], vocab: int | None = None) -> torch.Tensor:
+    """Normal floats of ``shape``, or token ids below ``vocab``, from a fixed seed; one line
+    when they cannot be made (a shape or vocabulary too large)."""
+    generator = torch.Generator().manual_seed(0)
+    try:
+        if vocab is not None:
+            return torch.randint(vocab, shape, generator=generator)
+        return torch.randn(shape, generator=generator)
+    except (RuntimeError, OverflowError, TypeError, ValueError) as err:
+        raise _fail(f"cannot make an example input of shape {shape}: {_first_line(err)}") from None
 
 
 def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -116,17 +136,16 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     module_name, attr = target.split(":", 1)
     if os.getcwd() not in sys.path:  # a module of the user's, as `python -c` would find it
         sys.path.insert(0, os.getcwd())
-    try:
+    try:  # a module that is not there, a relative or empty name, or one that fails to import
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise _fail(f"cannot load {target!r}: {err}") from None
+    except Exception as err:
+        raise _fail(f"cannot load {target!r}: {_first_line(err)}") from None
     try:
         model = factory()
     except Exception as err:
-        first = (str(err).splitlines() or [""])[0]
         raise _fail(
-            f"calling {target!r} failed ({type(err).__name__}: {first}); the factory must build "
-            "the model without arguments"
+            f"calling {target!r} failed ({type(err).__name__}: {_first_line(err)}); the factory "
+            "must build the model without arguments"
         ) from None
     if not isinstance(model, nn.Module):
         raise _fail(f"{target!r} returned {type(model).__name__}, not an nn.Module")
@@ -340,6 +359,8 @@ def _executor(name: str, address: str | None, jobs: int) -> Iterator[Workers | N
         raise _fail(str(err)) from None
 
 
+# The largest steps, seeds and batch size: SQLite's largest INTEGER (a run's are stored as one).
+STORED_INT_MAX = 2**63 - 1
 LARGE_RUNS = 100_000  # a grid of more runs needs --allow-large
 LARGE_SECONDS = 12 * 3600  # and so does one estimated to take longer
 
@@ -402,9 +423,13 @@ def _render(out: Path, quick: bool | None = None) -> dict:
 
 
 def _store(out: Path) -> Store:
+    """OUT's store (created when missing); one line when it cannot be used, or when the report
+    could never be written there (refused before any run is trained for it)."""
     try:
+        if out.is_dir():
+            check_outputs(out)
         return Store(out / STORE_NAME)
-    except StoreError as err:
+    except (StoreError, OutputError) as err:
         raise _fail(str(err)) from None
 
 
@@ -493,6 +518,9 @@ def sweep(
     ] = False,
 ) -> None:
     """Run one grid of training runs into OUT's store and re-render the report."""
+    for option, value in (("--batch-size", batch_size), ("--steps", steps), ("--seeds", seeds)):
+        if value > STORED_INT_MAX:
+            raise _fail(f"'{option}' must be at most {STORED_INT_MAX} (the store's integers)")
     spec = _sweep_task(task, data, task_type, hidden)
     axes = _axes(method, strength, optimizer, lr, init_imbalance, seeds)
     example = RunConfig(spec.name, "plain", "gd", 1.0, 0.0, 0.0, 0, batch_size, steps, task_hash="")
@@ -546,7 +574,7 @@ def _sweep_task(
         raise _fail("give exactly one of --task and --data")
     if task is not None and (task_type is not None or hidden is not None):
         raise _fail("--task-type and --hidden apply to --data only (a built-in task fixes both)")
-    widths = tuple(int(w) for w in _floats(hidden or "128", "--hidden", positive=True))
+    widths = _parse_shape(hidden or "128", "--hidden")
     spec = TaskSpec(
         task or (data.stem if data else ""),
         str(data) if data else None,
@@ -555,8 +583,12 @@ def _sweep_task(
     )
     try:
         spec.hash()
+        if data is not None:  # the widths given build a model that runs on the data
+            activations(spec.load())
     except TaskError as err:
         raise _fail(str(err)) from None
+    except RuntimeError as err:  # a model too large for the memory (--hidden)
+        raise _fail(f"cannot run the model of task {spec.name!r}: {_first_line(err)}") from None
     return spec
 
 

@@ -190,6 +190,9 @@ class Store:
                 db.execute(f"PRAGMA user_version = {FORMAT}")
             for statement in SCHEMA:
                 db.execute(statement)
+            # SQLite opens a file it may not write read-only and says so only at a write: one
+            # that changes nothing refuses such a store now, before any work is done for it
+            db.execute("DELETE FROM claims WHERE 0")
 
     def _check_format(self, query: Callable[[str], list]) -> None:
         """Refuse a store of another format than this version's."""
@@ -209,6 +212,12 @@ class Store:
                 f"{self.path} was written by {by} in store format {max(version, 1)}, which lacks "
                 f"what this gaugefix's definitions need (format {FORMAT}): its "
                 "report.md stays as written; run the experiments again into a new results directory"
+            )
+        missing = _missing_columns(query)
+        if missing:
+            raise StoreError(
+                f"{self.path} is an SQLite file but not a gaugefix results store (no column "
+                f"{', '.join(missing[:3])})"
             )
 
     def _connect(self) -> sqlite3.Connection:
@@ -378,6 +387,20 @@ class Store:
         runs = self._query("SELECT COALESCE(SUM(seconds), 0) FROM runs")[0][0]
         more = self._query("SELECT COALESCE(SUM(seconds), 0) FROM analyses")[0][0]
         return float(runs + more)
+
+
+# The columns a store of this format has in each table that every version reads.
+TABLE_COLUMNS = {"runs": RUN_COLUMNS, "curves": CURVE_COLUMNS, "analyses": ("name", "value")}
+
+
+def _missing_columns(query: Callable[[str], list]) -> list[str]:
+    """The columns of :data:`TABLE_COLUMNS` that a database's tables lack, as ``table.column``
+    (another program's tables of the same names)."""
+    missing = []
+    for table, columns in TABLE_COLUMNS.items():
+        present = {row[1] for row in query(f"PRAGMA table_info({table})")}
+        missing += [f"{table}.{name}" for name in columns if name not in present]
+    return missing
 
 
 @functools.cache

@@ -14,9 +14,10 @@ from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS, REFERENCES
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.store import Store, StoredRun
 from gaugefix.experiments.summary import summarize
-from gaugefix.files import write_text
+from gaugefix.files import output_target, write_text
 
 __all__ = [
+    "check_outputs",
     "figures_shown",
     "headline_table",
     "mechanism_rows",
@@ -29,6 +30,7 @@ __all__ = [
 STORE_NAME = "results.sqlite"
 MARK = {True: "✓", False: "✗", None: "?"}
 FIGURE = re.compile(r"!\[[^\]]*\]\(([^()/\\]+\.png)\)")  # a figure link to a file next to it
+OUTPUTS = ("summary.json", "report.md")  # the files every report writes, besides its figures
 
 
 def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
@@ -39,6 +41,9 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
     written."""
     out = Path(out_dir)
     store = Store(out / STORE_NAME, readonly=True)
+    check_outputs(out)
+    previous = out / "report.md"
+    shown_before = _figures_of(previous)
     if quick is None:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
@@ -52,12 +57,28 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
         if values:
             sections.append(analysis.render(out, values))
     text = "\n\n".join(s for s in sections if s) + "\n"
-    previous = out / "report.md"
-    stale = figures_shown(previous.read_text()) - figures_shown(text) if previous.is_file() else ()
+    stale = shown_before - figures_shown(text)
     write_text(previous, text)
     for name in stale:  # figures only the previous report showed (another task name, say)
         (out / name).unlink(missing_ok=True)
     return summary
+
+
+def check_outputs(out_dir: str | Path) -> None:
+    """:class:`~gaugefix.files.OutputError` when ``summary.json`` or ``report.md`` in
+    ``out_dir`` can never be written (a directory, a device): checked before anything is
+    computed or written for a report."""
+    for name in OUTPUTS:
+        output_target(Path(out_dir) / name)
+
+
+def _figures_of(report: Path) -> set[str]:
+    """The figures a report file shows (none when it is missing or cannot be read; its bytes
+    need not be UTF-8: a figure's name is ASCII)."""
+    try:
+        return figures_shown(report.read_text(errors="replace"))
+    except OSError:
+        return set()
 
 
 def figures_shown(report: str) -> set[str]:
