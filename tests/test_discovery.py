@@ -996,6 +996,17 @@ def test_discover_rejects_non_modules():
         gaugefix.discover(lambda x: x, torch.randn(2))
 
 
+def assert_generators_and_exact(model: nn.Module, expected: int) -> None:
+    """``model`` (input width 3), discovered on 4 normal inputs, has ``expected`` generators,
+    and a random gauge of it keeps its function on 9 others to ``TOL``."""
+    s = gaugefix.discover(model, torch.randn(4, 3, dtype=DTYPE))
+    assert s.num_generators == expected, s.summary()
+    other = torch.randn(9, 3, dtype=DTYPE)
+    before = model(other)
+    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
+    assert rel_change(before, model(other)) <= TOL
+
+
 class CastWeight(nn.Module):
     """relu(x W1^T + b1) W2^T + b2 with W1 passed through a cast or copy first."""
 
@@ -1023,14 +1034,7 @@ def test_a_cast_that_returns_the_parameter_itself_keeps_its_generators(cast):
     """``W.contiguous()`` of a contiguous ``W`` (or a cast to its own dtype) returns ``W``
     itself; it is not a write into ``W``, which used to fix it (0 generators instead of 6)."""
     torch.manual_seed(0)
-    model = CastWeight(cast).double()
-    x = torch.randn(4, 3, dtype=DTYPE)
-    s = gaugefix.discover(model, x)
-    assert s.num_generators == 6, s.summary()
-    other = torch.randn(7, 3, dtype=DTYPE)
-    before = model(other)
-    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
-    assert rel_change(before, model(other)) <= TOL
+    assert_generators_and_exact(CastWeight(cast).double(), 6)
 
 
 class DtypeOf(nn.Module):
@@ -1051,13 +1055,7 @@ class DtypeOf(nn.Module):
 def test_a_tensor_that_only_gives_a_dtype_keeps_its_generators(cast):
     """It used to be blocked as an operand of the cast (6 of the 12 generators lost)."""
     torch.manual_seed(0)
-    model = DtypeOf(cast).double()
-    s = gaugefix.discover(model, torch.randn(4, 3, dtype=DTYPE))
-    assert s.num_generators == 12, s.summary()
-    other = torch.randn(7, 3, dtype=DTYPE)
-    before = model(other)
-    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
-    assert rel_change(before, model(other)) <= TOL
+    assert_generators_and_exact(DtypeOf(cast).double(), 12)
 
 
 # --- aliasing, hooks and outputs ---------------------------------------------------------------
@@ -1228,10 +1226,4 @@ def test_a_product_returned_as_it_is_keeps_its_generators(op):
     taken for a write needing one term, which blocked them (0 generators instead of 12; the
     gated units of T5's gated-relu and gated-gelu feed-forwards)."""
     torch.manual_seed(0)
-    model = GatedThrough(op).double()
-    s = gaugefix.discover(model, torch.randn(4, 3, dtype=DTYPE))
-    assert s.num_generators == 12, s.summary()
-    other = torch.randn(9, 3, dtype=DTYPE)
-    before = model(other)
-    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(0))
-    assert rel_change(before, model(other)) <= TOL
+    assert_generators_and_exact(GatedThrough(op).double(), 12)
