@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.trace import BUILTIN, UNCHANGED, ZERO, Sum, TraceContext, compact
+from gaugefix.structure.trace import (
+    BUILTIN,
+    UNCHANGED,
+    ZERO,
+    Sum,
+    TraceContext,
+    compact,
+    nested_tensors,
+)
 
 __all__ = [
     "blocker",
@@ -360,7 +368,7 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
     """The dims of ``x`` along which integer or boolean tensor arguments whose values depend on
     the data pick entries (``x[:, order]``, ``x.narrow(1, start, n)``): those of each such
     index of ``x[...]``, every dim for other ops (and for an index the parse cannot place)."""
-    data = [t for t in _nested_tensors((rest, options)) if _is_index(t) and ctx.is_tainted(t)]
+    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and ctx.is_tainted(t)]
     if not data:
         return []
     if not ctx.op.endswith("__getitem__") or len(rest) != 1:
@@ -379,16 +387,6 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
             dims += range(d, d + width)
         d += width
     return dims
-
-
-def _nested_tensors(tree: Any) -> list[Tensor]:
-    """The tensors in nested tuples, lists and dicts (an index such as ``x[:, order]``)."""
-    if isinstance(tree, Tensor):
-        return [tree]
-    items = tree.values() if isinstance(tree, dict) else tree
-    if isinstance(tree, (tuple, list, dict)):
-        return [t for item in items for t in _nested_tensors(item)]
-    return []
 
 
 def _is_index(t: Tensor) -> bool:

@@ -49,11 +49,13 @@ from gaugefix.errors import GaugefixError
 __all__ = [
     "BUILTIN",
     "compact",
+    "nested_tensors",
     "register_rule",
     "Sum",
     "trace",
     "TraceContext",
     "TracingError",
+    "UNCHANGED",
     "unregister_rule",
     "ValueDependentError",
     "ZERO",
@@ -559,7 +561,7 @@ class TraceContext:
         replaced by one) are read after it like outputs: their labels are blocked."""
         for name, module in model.named_modules():
             state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
-            for t in _tensors(state):
+            for t in nested_tensors(state):
                 entry = self._labels.get(id(t))
                 if entry is not None and entry[0] is t:
                     where = name or "<root>"
@@ -788,7 +790,7 @@ class TraceContext:
     # -- the generic rule -----------------------------------------------------------------------
     def block_all(self, args: tuple, kwargs: dict, reason: str) -> Tensor:
         """Block every tensor the op consumed; its outputs carry the fixed factor."""
-        for t in _tensors((args, kwargs)):
+        for t in nested_tensors((args, kwargs)):
             if t.is_floating_point() or t.is_complex():
                 if self.is_param(t):
                     self.fix(t, reason)
@@ -850,16 +852,16 @@ def _outputs(tree: Any) -> Iterator[Tensor]:
         )
 
 
-def _tensors(tree: Any) -> Iterator[Tensor]:
+def nested_tensors(tree: Any) -> Iterator[Tensor]:
     """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
     if isinstance(tree, Tensor):
         yield tree
     elif isinstance(tree, (list, tuple)):
         for item in tree:
-            yield from _tensors(item)
+            yield from nested_tensors(item)
     elif isinstance(tree, dict):
         for item in tree.values():
-            yield from _tensors(item)
+            yield from nested_tensors(item)
 
 
 # Ops that read only metadata (shapes, dtypes, devices): safe to ignore.
@@ -940,7 +942,7 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         name = op_name(func)
         ctx.op = name
-        tensors = list(_tensors((args, kwargs)))
+        tensors = list(nested_tensors((args, kwargs)))
         inputs = {id(t) for t in tensors}
         try:
             out = func(*args, **kwargs)
@@ -992,7 +994,7 @@ class _Tracer(TorchFunctionMode):
         marks.append((ctx._shaped, _data_shaped(ctx, short, args, tensors, out)))
         for table, on in marks:
             if on:
-                for t in _tensors(out):
+                for t in nested_tensors(out):
                     table[id(t)] = t
 
     def _block_unclaimed(self, tensors: list[Tensor]) -> None:
@@ -1069,9 +1071,9 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
                 ctx._claimed = set()
                 labels = ctx.apply(rule, args, kwargs, out)
                 ctx.module = None
-                tracer._block_unclaimed(list(_tensors((args, kwargs))))
+                tracer._block_unclaimed(list(nested_tensors((args, kwargs))))
                 ctx.commit_roles()
-                tracer.record(out, labels, {id(t) for t in _tensors((args, kwargs))})
+                tracer.record(out, labels, {id(t) for t in nested_tensors((args, kwargs))})
             if rule is not None:
                 tracer.suppress -= 1
             ctx.module_stack.pop()
@@ -1164,9 +1166,9 @@ def trace(
         per_call.add(*pair)
     ctx = TraceContext(model, (per_call, USER, BUILTIN))
     tracer = _Tracer(ctx)
-    for t in _tensors((args, kwargs)):
+    for t in nested_tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
-    inputs = {t.device for t in _tensors((args, kwargs))}
+    inputs = {t.device for t in nested_tensors((args, kwargs))}
     with _model_restored(model, inputs):
         with _module_hooks(model, tracer), tracer:
             out = _forward(model, args, kwargs, ctx)
