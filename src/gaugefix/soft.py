@@ -38,6 +38,7 @@ __all__ = [
     "add_orbit_selection_grad_",
     "check_rate",
     "check_strength",
+    "check_entries",
     "orbit_selection_grad",
     "generator_combination",
     "orbit_step",
@@ -55,6 +56,15 @@ def check_strength(value: float, name: str = "strength") -> float:
     return check_number(value, name)
 
 
+def check_entries(value: Tensor, name: str, per: str) -> Tensor:
+    """``value``, or ``ValueError`` unless every entry (one ``per`` generator or copy) is finite
+    and ``>= 0`` (one host read)."""
+    bad = value[~(torch.isfinite(value) & (value >= 0))]
+    if bad.numel():
+        raise ValueError(f"{name} must be finite and >= 0 for every {per}, got {bad[0].item()}")
+    return value
+
+
 def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tensor:
     """A scalar rate as a float, or a per-generator rate ``[num_generators]`` as a float64
     tensor."""
@@ -65,9 +75,7 @@ def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tenso
             f"a per-generator rate must be a floating tensor of shape "
             f"({structure.num_generators},), got {rate.dtype} {tuple(rate.shape)}"
         )
-    if not all_finite([rate]) or bool((rate < 0).any()):
-        raise ValueError("rate must be finite and >= 0 for every generator")
-    return rate.detach().to(torch.float64)
+    return check_entries(rate.detach(), "rate", "generator").to(torch.float64)
 
 
 # -- the penalty's gradient ---------------------------------------------------------------------

@@ -36,7 +36,7 @@ from gaugefix.action import GRAD_LIKE, SQUARED
 from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, generator_sums, rescale_
 from gaugefix.moment import accumulation_dtype
-from gaugefix.soft import add_selection_grads_, orbit_step
+from gaugefix.soft import add_selection_grads_, check_entries, orbit_step
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
@@ -142,12 +142,9 @@ def check_every(every: int) -> None:
 def check_scalar(value: Scalar, name: str) -> Scalar:
     """``value`` (a number, or a tensor with one per copy), or ``ValueError`` unless it is
     finite and ``>= 0`` (every entry of a tensor: one host read)."""
-    if not isinstance(value, Tensor):
-        return check_number(value, name)
-    bad = value[~(torch.isfinite(value) & (value >= 0))]
-    if bad.numel():
-        raise ValueError(f"{name} must be finite and >= 0 for every copy, got {bad[0].item()}")
-    return value
+    if isinstance(value, Tensor):
+        return check_entries(value, name, "copy")
+    return check_number(value, name)
 
 
 def per_entry(value: Scalar, like: Tensor) -> Scalar:
