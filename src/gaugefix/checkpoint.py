@@ -25,7 +25,7 @@ import gaugefix
 from gaugefix.action import all_finite
 from gaugefix.balancing import BalanceResult
 from gaugefix.equalize import EqualizeResult, objective_name
-from gaugefix.errors import GaugefixError
+from gaugefix.errors import GaugefixError, first_line
 from gaugefix.files import write_bytes
 
 __all__ = [
@@ -65,11 +65,6 @@ def _is_safetensors(path: Path) -> bool:
     return 8 + size <= path.stat().st_size
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def read_state_dict(path: str | Path) -> StateDictFile:
     """The state dict in ``path``: a safetensors file, or a PyTorch file holding a mapping of
     names to tensors (loaded with ``weights_only=True``, so no code in it runs)."""
@@ -87,7 +82,7 @@ def read_state_dict(path: str | Path) -> StateDictFile:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
-            f"cannot read {path} as safetensors or a PyTorch file: {_first_line(err)}"
+            f"cannot read {path} as safetensors or a PyTorch file: {first_line(err)}"
         ) from None
     if not isinstance(loaded, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()

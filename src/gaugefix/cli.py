@@ -29,6 +29,7 @@ from gaugefix.checkpoint import (
     read_state_dict,
     write_state_dict,
 )
+from gaugefix.errors import first_line
 from gaugefix.experiments.analyses import beside_sweep
 from gaugefix.experiments.engine import (
     METHODS,
@@ -66,10 +67,6 @@ app = typer.Typer(
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [""])[0]
 
 
 def _parse_shape(text: str, option: str) -> tuple[int, ...]:
@@ -121,7 +118,7 @@ def _drawn(shape: tuple[int, ...], vocab: int | None = None) -> torch.Tensor:
             return torch.randint(vocab, shape, generator=generator)
         return torch.randn(shape, generator=generator)
     except (RuntimeError, OverflowError, TypeError, ValueError) as err:
-        raise _fail(f"cannot make an example input of shape {shape}: {_first_line(err)}") from None
+        raise _fail(f"cannot make an example input of shape {shape}: {first_line(err)}") from None
 
 
 def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -139,12 +136,12 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     try:  # a module that is not there, a relative or empty name, or one that fails to import
         factory = getattr(importlib.import_module(module_name), attr)
     except Exception as err:
-        raise _fail(f"cannot load {target!r}: {_first_line(err)}") from None
+        raise _fail(f"cannot load {target!r}: {first_line(err)}") from None
     try:
         model = factory()
     except Exception as err:
         raise _fail(
-            f"calling {target!r} failed ({type(err).__name__}: {_first_line(err)}); the factory "
+            f"calling {target!r} failed ({type(err).__name__}: {first_line(err)}); the factory "
             "must build the model without arguments"
         ) from None
     if not isinstance(model, nn.Module):
@@ -588,7 +585,7 @@ def _sweep_task(
     except TaskError as err:
         raise _fail(str(err)) from None
     except RuntimeError as err:  # a model too large for the memory (--hidden)
-        raise _fail(f"cannot run the model of task {spec.name!r}: {_first_line(err)}") from None
+        raise _fail(f"cannot run the model of task {spec.name!r}: {first_line(err)}") from None
     return spec
 
 

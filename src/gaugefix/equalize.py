@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
 from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
+from gaugefix.errors import first_line
 from gaugefix.masses import Masses
 from gaugefix.moment import pair_shape
 from gaugefix.structure import GaugeStructure
@@ -479,10 +480,9 @@ def activation_ranges(
         model.eval()
         model(*args)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
-            f"the model does not run on the calibration batch ({type(err).__name__}: {first}); "
-            "nothing was modified"
+            f"the model does not run on the calibration batch ({type(err).__name__}: "
+            f"{first_line(err)}); nothing was modified"
         ) from None
     finally:
         for handle in handles:

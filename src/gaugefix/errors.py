@@ -1,11 +1,12 @@
-"""The base of every exception gaugefix raises on purpose, and the check of number arguments."""
+"""The base of every exception gaugefix raises on purpose, the check of number arguments, and
+the one line of an exception that gaugefix quotes."""
 
 from __future__ import annotations
 
 import math
 import numbers
 
-__all__ = ["GaugefixError", "check_count", "check_number"]
+__all__ = ["GaugefixError", "check_count", "check_number", "first_line"]
 
 
 class GaugefixError(Exception):
@@ -30,3 +31,10 @@ def check_count(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name when the message is empty): what a
+    one-line error quotes of an exception from elsewhere."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gaugefix.errors import GaugefixError
+from gaugefix.errors import GaugefixError, first_line
 from gaugefix.experiments.engine import RunConfig
 from gaugefix.experiments.tasks import Task
 from gaugefix.experiments.workers import Trained, Workers, in_this_process, train_batch
@@ -88,7 +88,7 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Workers]:
                 "--ray-address HOST:PORT, or leave out --ray-address for a local Ray instance"
             )
         else:
-            reason = str(err).strip().splitlines()[0]
+            reason = first_line(err)
         raise ClusterError(f"cannot {what}: {reason}") from None
     workers = RayWorkers()
     try:
@@ -156,10 +156,9 @@ def _settle(future: Future[Trained], done: Future[Trained]) -> None:
     except ray.exceptions.RayTaskError as err:
         future.set_exception(err)
     except ray.exceptions.RayError as err:
-        first = str(err).strip().splitlines()[0]
         future.set_exception(
             ClusterError(
-                f"the cluster lost a group of runs (tried {MAX_RETRIES + 1} times): {first} "
-                "The finished runs are stored; run the same command to resume."
+                f"the cluster lost a group of runs (tried {MAX_RETRIES + 1} times): "
+                f"{first_line(err)} The finished runs are stored; run the same command to resume."
             )
         )
