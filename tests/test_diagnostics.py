@@ -124,6 +124,21 @@ def test_predicted_change_rejects_bad_input():
         gf.predicted_imbalance_change(model, g, s, 0.1, weight_decay=-1.0)
 
 
+def test_predicted_change_refuses_non_finite_or_non_float_tensors():
+    model, s, x = build("mlp")
+    _, g = loss_and_grads(model, x, targets_for(model, x))
+    nan = g["0.weight"].clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="grads: '0.weight' contains NaN or inf"):
+        gf.predicted_imbalance_change(model, {**g, "0.weight": nan}, s, 0.1)
+    with pytest.raises(ValueError, match="grads: '2.bias' must be a floating-point"):
+        gf.predicted_imbalance_change(model, {**g, "2.bias": g["2.bias"].long()}, s, 0.1)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="parameter '2.weight' contains NaN or inf"):
+        gf.predicted_imbalance_change(model, g, s, 0.1)
+
+
 # -- relaxation rates -------------------------------------------------------------------------
 
 
@@ -190,6 +205,20 @@ def test_sparse_extremes_match_dense_rates():
     assert sparse.fastest_layer == dense.fastest_layer
     with pytest.raises(ValueError, match="strength"):
         gf.relaxation_rates(model, s, -1.0)
+
+
+def test_rates_of_a_few_generators_are_all_computed_whatever_dense_limit():
+    """With ``k=None`` and more generators than ``dense_limit`` but at most ``2 * 6``, the 6
+    smallest and 6 largest would overlap: all rates, once each, by the dense path."""
+    torch.manual_seed(0)
+    model = zoo.mlp((5, 7, 3)).double()
+    s = gf.discover(model, torch.randn(1, 5, dtype=torch.float64))
+    result = gf.relaxation_rates(model, s, 0.3, dense_limit=0)
+    assert result.complete and result.rates.shape == (7,)
+    assert torch.equal(result.rates, gf.relaxation_rates(model, s, 0.3).rates)
+    for bad in (-1, True, 2.5, "8"):
+        with pytest.raises(ValueError, match="dense_limit"):
+            gf.relaxation_rates(model, s, 0.3, dense_limit=bad)
 
 
 # -- sharpness --------------------------------------------------------------------------------
@@ -322,3 +351,16 @@ def test_sharpness_rejects_bad_arguments():
         gf.sharpness(model, half_squared, one, one, iters=0)
     with pytest.raises(ValueError, match="tol"):
         gf.sharpness(model, half_squared, one, one, tol=float("inf"))
+
+
+def test_sharpness_refuses_non_finite_parameters_inputs_and_a_stuck_krylov_dim():
+    one = torch.ones(1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'0.weight' contains NaN or inf"):
+        gf.sharpness(scalar_chain([float("inf"), 1.0]), half_squared, one, one)
+    with pytest.raises(ValueError, match="Hessian-vector product is not finite"):
+        gf.sharpness(scalar_chain([1.0, 2.0]), half_squared, one * float("nan"), one)
+    with pytest.raises(ValueError, match="seed"):
+        gf.sharpness(scalar_chain([1.0, 2.0]), half_squared, one, one, seed=1.5)
+    # One vector per cycle: the restart returns the start vector, which never moves.
+    with pytest.raises(ValueError, match="krylov_dim"):
+        gf.sharpness(scalar_chain([1.0, 2.0]), half_squared, one, one, krylov_dim=1)

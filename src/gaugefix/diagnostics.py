@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from gaugefix.action import all_finite, check_finite_params
 from gaugefix.coordinates import generators_gram
 from gaugefix.distributed import refuse_sharded
 from gaugefix.errors import check_count, check_number
@@ -76,6 +77,11 @@ def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(vals[order].copy()), torch.from_numpy(vecs[:, order].copy())
 
 
+# How many of the smallest and of the largest rates relaxation_rates finds by default when the
+# model has too many generators for a dense eigendecomposition.
+EXTREME_RATES = 6
+
+
 @torch.no_grad()
 def relaxation_rates(
     model: nn.Module,
@@ -91,23 +97,26 @@ def relaxation_rates(
 
     With ``k=None`` and ``num_generators <= dense_limit``, all rates by a dense ``eigh`` on the
     model's device. Otherwise (or with an explicit ``k``), the ``k`` smallest and ``k`` largest
-    (``k`` defaults to 6) by SciPy's ``eigsh`` on a CPU copy of the sparse ``K``; when
-    ``2 k >= num_generators`` the dense path is used instead. A zero rate means a mode that does not
-    relax (a singular ``K``: see :func:`gaugefix.project`).
+    (``k`` defaults to :data:`EXTREME_RATES`) by SciPy's ``eigsh`` on a CPU copy of the sparse
+    ``K``; when ``2 k >= num_generators`` the dense path is used instead. A zero rate means a
+    mode that does not relax (a singular ``K``: see :func:`gaugefix.project`). Non-finite weights
+    are refused.
     """
     strength = check_number(strength, "strength")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
+    if isinstance(dense_limit, bool) or not isinstance(dense_limit, int) or dense_limit < 0:
+        raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit!r}")
     n = structure.num_generators
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return RelaxationRates(empty, empty.reshape(0, 0), True, None, None, None, None)
     gram = generators_gram(model, structure)
-    dense = 2 * k >= n if k is not None else n <= dense_limit
+    dense = 2 * (k or EXTREME_RATES) >= n or (k is None and n <= dense_limit)
     if dense:
         vals, vecs = torch.linalg.eigh(gram.to_dense())
     else:
-        vals, vecs = _sparse_extremes(gram, k or 6)
+        vals, vecs = _sparse_extremes(gram, k or EXTREME_RATES)
         vals, vecs = vals.to(gram.device), vecs.to(gram.device)
     slow = int(vecs[:, 0].abs().argmax())
     fast = int(vecs[:, -1].abs().argmax())
@@ -145,16 +154,30 @@ def predicted_imbalance_change(
     weight_decay=wd)`` without momentum does (coupled L2 ``g + wd theta``), and also SGD with
     decoupled decay. With momentum or Adam the actual change differs: the difference is the
     scale drift the optimizer adds. Accumulated like :func:`gaugefix.imbalance` (float64 for
-    float64 tensors).
+    float64 tensors). Weights or ``grads`` that are not floating point or not finite are refused
+    (``ValueError`` naming the first).
     """
     lr = check_number(lr, "lr")
     weight_decay = check_number(weight_decay, "weight_decay")
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
+    _check_floats(structure.bind(model, sharded=True), "parameter")
+    _check_floats(structure.bind(dict(grads), sharded=True), "grads:")
     mu = imbalance(model, structure)
     mu_g = imbalance(dict(grads), structure)
     shrink = (1.0 - lr * weight_decay) ** 2
     return (shrink - 1.0) * mu + lr**2 * mu_g.to(mu.dtype)
+
+
+def _check_floats(tensors: Mapping[str, Tensor], what: str) -> None:
+    """A one-line ``ValueError`` naming the first of ``tensors`` that is not floating point or
+    holds NaN or inf (one host read when all are finite)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{what} '{name}' must be a floating-point tensor, got {t.dtype}")
+    if not all_finite(list(tensors.values())):
+        bad = next(name for name, t in tensors.items() if not all_finite([t]))
+        raise ValueError(f"{what} '{bad}' contains NaN or inf")
 
 
 # -- sharpness --------------------------------------------------------------------------------
@@ -218,6 +241,11 @@ def _lanczos_top(
             w = matvec(basis[j])
             used += 1
             w_norm = float(torch.linalg.vector_norm(w))
+            if not math.isfinite(w_norm):
+                raise ValueError(
+                    "a Hessian-vector product is not finite: NaN or inf in the loss, its inputs "
+                    "or targets, or an overflow"
+                )
             alphas.append(float(torch.dot(w, basis[j])))
             for _ in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
                 w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
@@ -241,8 +269,18 @@ def _lanczos_top(
     return value, x, used, residual
 
 
+def _check_lanczos(iters: int, tol: float, krylov_dim: int, seed: int) -> None:
+    """``ValueError`` unless :func:`sharpness`'s Lanczos settings are usable."""
+    check_count(iters, "iters")
+    if check_count(krylov_dim, "krylov_dim") < 2:  # one vector per cycle never moves
+        raise ValueError(f"krylov_dim must be an integer >= 2, got {krylov_dim!r}")
+    check_number(tol, "tol", strict=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters that require grad, checked: some, of one dtype, none sharded."""
+    """The parameters that require grad, checked: some, of one dtype, finite, none sharded."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError("the model has no parameters that require grad")
@@ -250,6 +288,7 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     dtypes = {p.dtype for p in named.values()}
     if len(dtypes) > 1:
         raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    check_finite_params(named)
     return named
 
 
@@ -278,11 +317,10 @@ def sharpness(
     copied, so a BatchNorm in training mode uses batch statistics and updates only the copies),
     and the global random state is restored; every product reuses the same random state, so
     dropout masks are the same in all of them. The loss is evaluated in the model's current
-    mode (``train()`` / ``eval()``).
+    mode (``train()`` / ``eval()``). Non-finite parameters, or a non-finite Hessian-vector
+    product, raise ``ValueError``.
     """
-    check_count(iters, "iters")
-    check_count(krylov_dim, "krylov_dim")
-    check_number(tol, "tol", strict=True)
+    _check_lanczos(iters, tol, krylov_dim, seed)
     named = _trainable(model)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     shapes = [p.shape for p in named.values()]

@@ -3,11 +3,16 @@ take it (llm-compressor's mapping convention: a *smooth* layer whose output chan
 by ``s`` and the *balance* layers whose input channels are multiplied by ``s``).
 
 A generator ``n`` is such a scaling when every entry it multiplies lies on channels its modules
-produce (rows of a linear map, a norm's gain and bias) and every entry it divides lies on the
-input channels of the modules reading them (a column map: the term varies along one dim, and
-not along the channels the parameter produces). With ``h_n = -log s_n`` it is the tools'
-transformation exactly. Generators with the same smooth and balance modules form one group.
-Query-key and rotary pairs (they divide another layer's output rows) are no such scaling.
+produce, in a form a tool scales by module name (a norm's gain, a bias, the rows of a ``weight``;
+the columns of a 2-D one, stored transposed as GPT-2's ``Conv1D`` and embeddings do), and every
+entry it divides lies on the input channels of the modules reading them (the columns of a
+``weight`` of 2 or more dims; the rows of a 2-D one, ``Conv1D``) and not on channels those
+modules produce. With ``h_n = -log s_n`` it is the tools' transformation exactly. Generators
+with the same smooth and balance modules form one group. Query-key and rotary pairs (they divide
+another layer's output rows) are no such scaling, nor are generators touching a parameter not
+named ``weight`` or ``bias`` (fused experts, ``MultiheadAttention``'s ``in_proj_weight``, a layer
+scale ``gamma``), one of the model's root, or a depthwise convolution's input channels (its
+kernel's dim 0): a tool could not apply them by module name.
 """
 
 from __future__ import annotations
@@ -46,16 +51,33 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
         own = owns[module]
         for term in param.terms:
             slots = term.slots.reshape(-1)
-            varying = sum(k > 1 for k in term.slots.shape)
+            scalable = _scalable(param.name, param.shape, term.slots.shape, term.sign > 0)
             if term.sign > 0:
                 smooth[module, slots] = True
-                other[slots[~own[slots]]] = True  # multiplied, but not on its own channels
-            elif varying == 1 and not bool(own[slots].any()):
+                other[slots[~own[slots]] if scalable else slots] = True  # not its own channels
+            elif scalable and not bool(own[slots].any()):
                 balance[module, slots] = True
                 columns.setdefault(modules[module], []).append(slots)
             else:
                 other[slots] = True
     return modules, smooth[:, :n], balance[:, :n], other[:n], columns
+
+
+def _scalable(name: str, shape: tuple[int, ...], index: tuple[int, ...], out: bool) -> bool:
+    """Whether a term (index shape ``index``) of parameter ``name`` lies on the output
+    (``out``) or input channels a tool scales by module name: a gain, a bias or a ``weight``'s
+    rows (out), a ``weight``'s columns (in), and for a 2-D ``weight`` (``Conv1D``, stored
+    ``[in, out]``; an embedding) either; the term spans that whole dim and no other."""
+    module, _, leaf = name.rpartition(".")
+    vector = len(shape) == 1  # a gain or a bias: output channels only
+    if not module or not shape or leaf not in ("weight", "bias") or (vector and not out):
+        return False
+    if leaf == "bias" and not vector:
+        return False
+    dims = [0, 1] if len(shape) == 2 else [0] if out else [1]
+    return any(
+        index[d] == shape[d] and all(k == 1 for i, k in enumerate(index) if i != d) for d in dims
+    )
 
 
 def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
