@@ -320,6 +320,8 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
     out = result
     if any(isinstance(a, torch.dtype) for a in (*rest, *options.values())):
         return ctx.block_all((first,), {}, ctx.reason("reinterprets the bits as another dtype"))
+    if options.get("out") is not None:  # re-applied to labels, the op would write into it
+        return ctx.block_all((first, *rest), options, ctx.reason("written into out="))
     for t in tensor_args(rest, options):  # shapes or indices given as tensors (view_as, x[i])
         ctx.claim(t)
     if isinstance(first, (list, tuple)):

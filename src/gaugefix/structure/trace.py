@@ -445,14 +445,15 @@ class TraceContext:
     def _untraced(self, t: Tensor, old: Sum | None) -> None:
         """``t`` holds entries no traced op gave it: computed by code the tracer does not see
         (a TorchScript or jit-traced module, a compiled extension), or, with ``old`` labels, made
-        to hold other memory since (``t.set_(other)``: no torch function reports it). What it
+        to hold other memory or written since (``t.set_(other)``, an in-place op under
+        ``torch._C.DisableTorchFunction``: no torch function reports them). What it
         consumed (found through the autograd graph) is blocked, and so are its old labels and
         those of the traced tensors in its memory (``h.detach().as_subclass(Tensor)`` has no
         history); ``t`` is fixed from now on."""
         if old is None:
             reason = self.reason("computed by code the tracer cannot see")
         else:
-            reason = self.reason("re-pointed at other memory by an untraced op (Tensor.set_?)")
+            reason = self.reason("re-pointed or written by an untraced op (Tensor.set_?)")
             self.block(old, reason)
             self._labels[id(t)] = (t, Sum(), _placement(t))
         if t.grad_fn is not None:
@@ -460,6 +461,45 @@ class TraceContext:
         for other in self._in_memory.get(_memory(t), {}).values():
             if other is not t:
                 self.block(self._labels[id(other)][1], reason)
+
+    def versions(self, tensors: list[Tensor]) -> list[int | None]:
+        """Before an op: the traced tensors among its inputs that were written or re-pointed
+        since their last traced op (their version or memory changed) are untraced. Returns the
+        versions of ``tensors`` (see :meth:`written`)."""
+        for t in tensors:
+            entry = self._labels.get(id(t))
+            if entry is not None and entry[0] is t and entry[2] != _placement(t):
+                self._untraced(t, entry[1])
+        return [_version(t) for t in tensors]
+
+    def written(self, tensors: list[Tensor], versions: list[int | None]) -> None:
+        """After an op that wrote some of its inputs in place (their version changed from
+        ``versions``): the traced tensors in their memory keep their labels (the op's rule
+        speaks for the write), recorded at their new version."""
+        for t, before in zip(tensors, versions, strict=True):
+            if before is None or _version(t) == before:
+                continue
+            for other in self._in_memory.get(_memory(t), {}).values():
+                held, labels, placement = self._labels[id(other)]
+                now = _placement(other)
+                if placement[:-1] == now[:-1]:  # the same memory, shape and strides
+                    self._labels[id(other)] = (held, labels, now)
+
+    def escaped(self, t: Tensor) -> None:
+        """``t``'s memory was handed to code the tracer cannot see (``t.numpy()``), which may
+        write into it: the labels of ``t`` and of every traced tensor in that memory are
+        blocked, and a parameter there is fixed."""
+        reason = self.reason("memory handed to code the tracer cannot see")
+        if self.is_param(t):
+            self.fix(t, reason)
+        memory = _memory(t)
+        if memory is None:
+            return
+        for other in self._in_memory.get(memory, {}).values():  # t itself, its views, bases
+            self.block(self._labels[id(other)][1], reason)
+        for p in self.params.values():
+            if _memory(p) == memory:
+                self.fix(p, reason)
 
     def labels(self, t: Tensor) -> Tensor:
         """The labels of an activation as one node tensor, broadcast to ``t.shape``. Labels
@@ -514,7 +554,7 @@ class TraceContext:
         labels = Sum(term for term in labels if bool((term[0] != 0).any()))
         self._labels[id(t)] = (t, labels, _placement(t))
         memory = _memory(t)
-        if labels and memory is not None:
+        if memory is not None:
             self._in_memory.setdefault(memory, {})[id(t)] = t
         fn = t.grad_fn
         if fn is not None:
@@ -816,12 +856,22 @@ def _source_line() -> str:
 
 
 def _placement(t: Tensor) -> tuple:
-    """Where the entries of ``t`` are: its memory, shape and strides. ``t.set_(other)``, which
-    no torch function reports, changes them without a traced op."""
+    """Where the entries of ``t`` are and how often they were written: its memory, shape,
+    strides and version. ``t.set_(other)`` and in-place ops under
+    ``torch._C.DisableTorchFunction``, which no torch function reports, change them without a
+    traced op."""
     try:
-        return (t.data_ptr(), t.shape, t.stride())
+        return (t.data_ptr(), t.shape, t.stride(), t._version)
     except (RuntimeError, NotImplementedError):  # no memory that can be read (see _memory)
         return (None, t.shape)
+
+
+def _version(t: Tensor) -> int | None:
+    """How many times ``t``'s memory was written in place (None when not counted)."""
+    try:
+        return t._version
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _memory(t: Tensor) -> tuple | None:
@@ -878,6 +928,8 @@ _VALUE_READS = {
     "__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy", "__complex__",
     "__array__", "__dlpack__", "__format__", "__contains__", "is_nonzero", "equal", "allclose",
 }  # fmt: skip
+# Value reads that hand over the tensor's memory itself, which untraced code may then write.
+_ESCAPES = {"numpy", "__array__", "__dlpack__"}
 # Ops that read a shape into Python (metadata, or ``unbind``: how many times ``for v in x``
 # iterates): a value read when the shape depends on values (``len(x.nonzero())``).
 _SHAPE_READS = {"size", "shape", "numel", "nelement", "__len__", "stride", "unbind"}
@@ -931,7 +983,39 @@ class _Tracer(TorchFunctionMode):
     def __init__(self, ctx: TraceContext) -> None:
         super().__init__()
         self.ctx = ctx
-        self.suppress = 0
+        self.suppress = 0  # inside how many module calls a rule speaks for
+        self.versions: list[list[int | None]] = []  # of the outermost such call's inputs
+
+    def enter_rule(self, args: tuple, kwargs: dict) -> None:
+        """A module call a rule speaks for begins: the ops inside it are not traced. For the
+        outermost one, its inputs are checked and their versions kept (see
+        :meth:`TraceContext.written`)."""
+        if self.suppress == 0:
+            self.versions.append(self.ctx.versions(list(nested_tensors((args, kwargs)))))
+        self.suppress += 1
+
+    def leave_rule(self) -> None:
+        """A module call a rule speaks for ends."""
+        self.suppress -= 1
+        if self.suppress == 0:
+            self.versions.pop()
+
+    def apply_module_rule(
+        self, module: nn.Module, rule: Rule, args: tuple, kwargs: dict, out: Any
+    ) -> None:
+        """Apply ``rule`` to the outermost module call it speaks for, which just returned
+        ``out``; what the call wrote into its inputs in place is the rule's to describe."""
+        ctx = self.ctx
+        tensors = list(nested_tensors((args, kwargs)))
+        ctx.written(tensors, self.versions[-1])
+        ctx.op = type(module).__name__
+        ctx.module = module
+        ctx._claimed = set()
+        labels = ctx.apply(rule, args, kwargs, out)
+        ctx.module = None
+        self._block_unclaimed(tensors)
+        ctx.commit_roles()
+        self.record(out, labels, {id(t) for t in tensors})
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -944,12 +1028,14 @@ class _Tracer(TorchFunctionMode):
         ctx.op = name
         tensors = list(nested_tensors((args, kwargs)))
         inputs = {id(t) for t in tensors}
+        versions = ctx.versions(tensors)
         try:
             out = func(*args, **kwargs)
         except TracingError:
             raise
         except Exception as err:
             raise TracingError(f"{name} failed in module '{ctx.where}': {err}") from err
+        ctx.written(tensors, versions)
         short = name.rsplit(".", 1)[-1]
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
@@ -958,6 +1044,9 @@ class _Tracer(TorchFunctionMode):
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
         self._mark(short, args, tensors, out, tainted)
         if short in _VALUE_READS or _reads_value(short, out):
+            if short in _ESCAPES:
+                for t in tensors:
+                    ctx.escaped(t)
             if tainted:
                 ctx.read_value("a tensor value")
             return out
@@ -1050,7 +1139,7 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             ctx.module_stack.append(name)
             if rule is not None:
-                tracer.suppress += 1
+                tracer.enter_rule(args, kwargs)
 
         return hook
 
@@ -1066,16 +1155,9 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
             # labels must not be traced. Inside a module that has a rule itself, the outer rule
             # speaks for the whole call, so inner rules are skipped.
             if rule is not None and tracer.suppress == 1 and not raised:
-                ctx.op = type(module).__name__
-                ctx.module = module
-                ctx._claimed = set()
-                labels = ctx.apply(rule, args, kwargs, out)
-                ctx.module = None
-                tracer._block_unclaimed(list(nested_tensors((args, kwargs))))
-                ctx.commit_roles()
-                tracer.record(out, labels, {id(t) for t in nested_tensors((args, kwargs))})
+                tracer.apply_module_rule(module, rule, args, kwargs, out)
             if rule is not None:
-                tracer.suppress -= 1
+                tracer.leave_rule()
             ctx.module_stack.pop()
 
         return hook
