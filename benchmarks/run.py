@@ -1,9 +1,9 @@
 """The gaugefix benchmark suite (``make bench``): writes ``benchmarks/results.json`` and the
 markdown table ``benchmarks/results.md`` (pasted into the README).
 
-Every figure is a ratio of two sides measured side by side in one process (item 6: in fresh
-processes), alternating which side goes first, with the median over at least 5 pairs: the
-machines this runs on are shared and noisy.
+Every timing is a ratio of two sides measured side by side in one process (item 6: in fresh
+processes), alternating which side goes first, with the median over at least 5 pairs (3 for
+item 7's GPT-2 ``equalize_``): the machines this runs on are shared and noisy.
 
     python benchmarks/run.py [--only step,effect,balance,discover,sweeps,memory,quant,ops,cuda]
                              [--threads N] [--tiny] [--out DIR]
@@ -272,14 +272,20 @@ def _target(row: dict) -> str:
     return f"{sign} {row['target']:g}"
 
 
-def _when(runs: list[dict]) -> str:
-    """Which sections each run of the suite measured, when, and under what load."""
-    return "; ".join(
-        f"{', '.join(r['sections'])} on {r['date']} (a run of {r['seconds']:.0f} s, "
-        f"{r['threads']} thread(s), load average {r['load_before'][0]:.1f} before / "
-        f"{r['load_after'][0]:.1f} after)"
-        for r in runs
-    )
+def _when(results: dict) -> str:
+    """Which sections each run of the suite measured (or skipped), when, and under what load."""
+    parts = []
+    for r in results["runs"]:
+        skipped = [n for n in r["sections"] if "skipped" in results.get(n, {})]
+        measured = [n for n in r["sections"] if n not in skipped]
+        parts += [f"{n} skipped ({results[n]['skipped']}) on {r['date']}" for n in skipped]
+        if measured:
+            parts.append(
+                f"{', '.join(measured)} on {r['date']} (a run of {r['seconds']:.0f} s, "
+                f"{r['threads']} thread(s), load average {r['load_before'][0]:.1f} before / "
+                f"{r['load_after'][0]:.1f} after)"
+            )
+    return "; ".join(parts)
 
 
 def render_markdown(results: dict) -> str:
@@ -298,13 +304,13 @@ def render_markdown(results: dict) -> str:
     lines.append("")
     lines.append(
         f"Measured on {meta['machine']} ({meta['cores']} cores, torch {meta['torch']}): "
-        f"{_when(results['runs'])}. Every figure is the median "
-        "over at least 5 pairs measured side by side, alternating. Details in "
-        "`benchmarks/results.json`. "
+        f"{_when(results)}. Every timing is the median over at least 5 pairs measured side "
+        "by side, alternating (3 for item 7's GPT-2 `equalize_`; item 6's in fresh processes). "
+        "Details in `benchmarks/results.json`. "
         + (
             f"CUDA: {meta['cuda']}."
             if meta.get("cuda")
-            else "No CUDA GPU was available (none was lent to the session that ran this), so "
+            else "No CUDA GPU was available where these were measured, so "
             "the GPU figures of item 9 were not measured; item 8's operation and host-read "
             "counts stand in for them."
         )
@@ -327,13 +333,13 @@ NOTES = [
     "step reads the gradients (finiteness) and the parameters (mu) once and rescales "
     "parameters, gradients and optimizer state in place (gaugefix.kernels, a plan made once; on "
     "the CPU parameter by parameter, a large tensor a cache-sized block of rows at a time, "
-    "without copies of the parameters); between orbit steps the hook only counts. The penalty "
-    "mode"
-    " and the exact step at every step do such a pass at every step: about the memory traffic"
+    "without copies of the parameters); between orbit steps the hook only counts the steps "
+    "and checks their learning rates. The penalty mode and the exact step at every step do "
+    "such a pass at every step: about the memory traffic"
     " of the optimizer's own update, small next to a ResNet-18 or GPT step, a sixth of the "
     "MLP's (1.9M parameters, three small GEMMs per step). imbalance_stats (timed once per "
     "step, right after the plain step, where a training loop logs it) reads every parameter "
-    "once: about 1% of a ResNet-18 step on two cores, where its target lies; no target for "
+    "once: well under 1% of a ResNet-18 step on two cores (item 2); no target for "
     "the MLP.",
     "1 (effect): the teacher-student drift experiment, mini-batch training of the 16-128-1 "
     "student from a balanced start; drift suppression = the final RMS log-ratio of plain "

@@ -438,7 +438,9 @@ def _store(out: Path) -> Store:
     "(mini-batch) for the scale-drift experiment."
 )
 def reproduce(
-    quick: Annotated[bool, typer.Option("--quick", help="smaller grids, a few minutes")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="smaller grids, about 90 seconds on two cores")
+    ] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
     jobs: Annotated[int | None, typer.Option(min=1, help=JOBS_HELP)] = None,
     executor: ExecutorName = "local",

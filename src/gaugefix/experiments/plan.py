@@ -267,7 +267,7 @@ def _quick_grids() -> list[TaskGrid]:
     """The quick grids: one seed, smaller grids that still exercise every experiment (and the
     transformer task, at s = 0 without the replica, for time; the realistic tasks with plain and
     exact-every-10 at three rates and fewer steps: six runs a group, as in every other quick
-    group, a multiple of six) in a few minutes on two cores.
+    group, a multiple of six) in about 90 seconds on two cores.
     The lowest rates of teacher-student GD (2^-8, 2^-7.5) and of the transformer (2^-5.5, then
     2^-5 and 2^-4.5) were dropped when the bisection came and when the mechanism's methods and
     the realistic tasks came, for time: every method was stable there and at the next rate, so
