@@ -278,3 +278,12 @@ def test_inspect_prints_the_scale_groups_as_json():
     expected = gaugefix.discover(factory().eval(), torch.randn(shape)).scale_groups()
     assert json.loads(result.output) == expected and expected
     assert expected[0]["smooth_layer"] == "norm2" and expected[0]["balance_layers"] == ["ff1"]
+
+
+def test_inspect_scale_groups_with_save_keeps_stdout_json(tmp_path):
+    """``--save`` says where it wrote the structure on stderr: stdout stays one JSON document."""
+    path = tmp_path / "structure.json"
+    result = CliRunner().invoke(app, ["inspect", "mlp", "--scale-groups", "--save", str(path)])
+    assert result.exit_code == 0, result.output
+    assert isinstance(json.loads(result.stdout), list) and path.exists()
+    assert f"structure written to {path}" in result.stderr

@@ -190,7 +190,7 @@ def inspect(
             write_text(save, json.dumps(structure.to_dict()))  # what GaugeStructure.save writes
         except OutputError as err:
             raise _fail(str(err)) from None
-        typer.echo(f"structure written to {save}")
+        typer.echo(f"structure written to {save}", err=scale_groups)  # stdout stays JSON
 
 
 @app.command()
