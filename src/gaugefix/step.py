@@ -19,13 +19,17 @@ model (the sweep engine's runs) step at once, each with its own ``lr`` and ``str
 transformation is given are overwritten, and :func:`applied` moves the parameters. Constants
 default to ``torch.optim``'s, and :func:`sgd`, :func:`adam` and :func:`adamw` follow
 ``torch.optim.SGD``, ``torch.optim.Adam`` and ``torch.optim.AdamW`` (no Nesterov, no AMSGrad;
-weight decay only in AdamW's decoupled form) operation by operation.
+weight decay only in AdamW's decoupled form) operation by operation. Bad input (a constant
+``torch.optim`` refuses, a learning rate or strength that is not finite and ``>= 0``, gradients,
+state or per-copy tensors that do not fit the parameters) is a ``ValueError``, when a
+transformation is built or before an update changes anything.
 :class:`gaugefix.GaugeFixing` runs the same penalty gradient and the same orbit step around a
 ``torch.optim`` optimizer.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -55,6 +59,8 @@ __all__ = [
     "ScaleState",
     "check_every",
     "check_scalar",
+    "check_betas",
+    "check_update",
     "per_entry",
     "penalty",
     "weight_decay",
@@ -139,12 +145,77 @@ def check_every(every: int) -> None:
         raise ValueError(f"every must be an integer >= 1, got {every!r}")
 
 
-def check_scalar(value: Scalar, name: str) -> Scalar:
-    """``value`` (a number, or a tensor with one per copy), or ``ValueError`` unless it is
-    finite and ``>= 0`` (every entry of a tensor: one host read)."""
-    if isinstance(value, Tensor):
-        return check_entries(value, name, "copy")
-    return check_number(value, name)
+def check_scalar(value: Scalar, name: str, batch_dims: int | None = None) -> Scalar:
+    """``value`` (a number, or a floating tensor with one per copy), or ``ValueError`` unless it
+    is finite and ``>= 0`` (every entry of a tensor: one host read) and, given ``batch_dims``, a
+    tensor is 0-dim or has ``batch_dims`` dims."""
+    if not isinstance(value, Tensor):
+        return check_number(value, name)
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if batch_dims is not None and value.dim() not in (0, batch_dims):
+        raise ValueError(
+            f"{name} must be a number, a 0-dim tensor or one per copy ({batch_dims} dims), got "
+            f"shape {tuple(value.shape)}"
+        )
+    return check_entries(value, name, "copy")
+
+
+def _check_same_copies(**values: Scalar) -> None:
+    """``ValueError`` unless the per-copy tensors among ``values`` (not 0-dim) have one shape."""
+    shapes = {tuple(v.shape) for v in values.values() if isinstance(v, Tensor) and v.dim()}
+    if len(shapes) > 1:
+        raise ValueError(f"{' and '.join(values)} must have one per copy, got shapes {shapes}")
+
+
+def check_betas(betas: tuple[float, float]) -> tuple[float, float]:
+    """``betas`` as floats, or ``ValueError`` unless it is a pair of numbers in ``[0, 1)``
+    (``torch.optim.Adam``'s condition)."""
+    pair = isinstance(betas, tuple | list) and len(betas) == 2
+    if not pair or not all(
+        isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    ):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}"
+
+
+def check_update(
+    grads: Params,
+    params: Params,
+    per_copy: dict[str, Scalar] | None = None,
+    state: dict[str, Params | None] | None = None,
+) -> None:
+    """``ValueError`` (before anything changes) unless ``params`` are floating, ``grads`` and
+    the optimizer ``state``'s buffers (field -> dict or ``None``) have their names and each
+    tensor its parameter's shape, dtype and device, and each tensor of ``per_copy`` (name ->
+    ``[*batch]``) is the shape of every parameter's leading dims. Metadata only: no host read."""
+    named = {("the gradients are", "the gradient"): grads}
+    for field, buffers in (state or {}).items():
+        if buffers is not None:
+            named[(f"the optimizer state ({field}) is", f"the optimizer state ({field})")] = buffers
+    for (whole, _), tensors in named.items():
+        if tensors.keys() != params.keys():
+            extra, missing = sorted(tensors.keys() - params), sorted(params.keys() - tensors)
+            raise ValueError(f"{whole} for other parameters: {extra} more, {missing} missing")
+    for name, p in params.items():
+        if not p.is_floating_point():
+            raise ValueError(f"parameter {name!r} must be floating-point, got {p.dtype}")
+        for (_, one), tensors in named.items():
+            t = tensors[name]
+            if (t.shape, t.dtype, t.device) != (p.shape, p.dtype, p.device):
+                raise ValueError(
+                    f"{one} of {name!r} is {_describe(t)}, the parameter {_describe(p)}"
+                )
+        for key, v in (per_copy or {}).items():
+            if isinstance(v, Tensor) and p.shape[: v.dim()] != v.shape:
+                raise ValueError(
+                    f"{key} of shape {tuple(v.shape)} (one per copy) does not fit parameter "
+                    f"{name!r} of shape {tuple(p.shape)}, whose leading dims are the copies"
+                )
 
 
 def per_entry(value: Scalar, like: Tensor) -> Scalar:
@@ -153,7 +224,7 @@ def per_entry(value: Scalar, like: Tensor) -> Scalar:
     if not isinstance(value, Tensor):
         return value
     value = value.to(device=like.device, dtype=like.dtype)
-    return value.reshape(*value.shape, *[1] * (like.dim() - value.dim()))
+    return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
 # -- gradient transformations -------------------------------------------------------------------
@@ -163,10 +234,11 @@ def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0)
     """Adds ``grad P`` of ``P = (strength / 4) sum_n mu_n^2`` to the gradients:
     ``strength (sum_n w_n(e) mu_n) theta_e`` for every entry, ``mu`` accumulated like
     :func:`gaugefix.imbalance` (:class:`gaugefix.OrbitSelectionPenalty`'s gradient)."""
-    strength = check_scalar(strength, "strength")
+    strength = check_scalar(strength, "strength", batch_dims)
 
     @torch.no_grad()
     def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+        check_update(grads, params, {"strength": strength})
         dtype = accumulation_dtype(next(iter(params.values())).dtype)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * per_entry(strength, s_in)
@@ -183,6 +255,7 @@ def weight_decay(*, strength: Scalar) -> Transformation:
 
     @torch.no_grad()
     def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+        check_update(grads, params, {"strength": strength})
         for name, g in grads.items():
             g.add_(per_entry(strength, g) * params[name])
         return grads, state
@@ -191,12 +264,18 @@ def weight_decay(*, strength: Scalar) -> Transformation:
 
 
 def sgd(lr: Scalar, *, momentum: float = MOMENTUM) -> Transformation:
-    """``torch.optim.SGD``: the update ``-lr * b`` with ``b = g`` or, with momentum, the buffer
-    ``b <- momentum * b + g`` (``b = g`` at the first step). ``lr`` is read at every step."""
-    lr = check_scalar(lr, "lr")
+    """``torch.optim.SGD``: the update ``-lr * b`` with ``b = g`` or, with momentum (a finite
+    number ``>= 0``), the buffer ``b <- momentum * b + g`` (``b = g`` at the first step). ``lr``
+    is read at every step."""
+    lr, momentum = check_scalar(lr, "lr"), check_number(momentum, "momentum")
+
+    def init(params: Params) -> SgdState:
+        check_update(params, params)
+        return SgdState(None)
 
     @torch.no_grad()
     def update(grads: Params, state: SgdState, params: Params) -> tuple[Params, SgdState]:
+        check_update(grads, params, {"lr": lr}, {"momentum_buffer": state.momentum_buffer})
         buffers = state.momentum_buffer
         if momentum and buffers is None:
             buffers = {name: g.clone() for name, g in grads.items()}
@@ -206,21 +285,25 @@ def sgd(lr: Scalar, *, momentum: float = MOMENTUM) -> Transformation:
         directions = buffers if momentum else grads
         return {n: d * -per_entry(lr, d) for n, d in directions.items()}, SgdState(buffers)
 
-    return Transformation(lambda params: SgdState(None), update)
+    return Transformation(init, update)
 
 
 def adam(lr: Scalar, *, betas: tuple[float, float] = BETAS, eps: float = EPS) -> Transformation:
     """``torch.optim.Adam``: ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2``
     and the update ``-(lr / c1) m / (sqrt(v) / sqrt(c2) + eps)`` with ``c_i = 1 - beta_i^t``
-    at step ``t``. ``lr`` is read at every step."""
-    lr, (beta1, beta2) = check_scalar(lr, "lr"), betas
+    at step ``t`` (betas in ``[0, 1)``, ``eps`` a finite number ``>= 0``). ``lr`` is read at every
+    step."""
+    lr, (beta1, beta2), eps = check_scalar(lr, "lr"), check_betas(betas), check_number(eps, "eps")
 
     def init(params: Params) -> AdamState:
+        check_update(params, params)
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
         return AdamState(0, zeros, {n: torch.zeros_like(p) for n, p in params.items()})
 
     @torch.no_grad()
     def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        moments = {"exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq}
+        check_update(grads, params, {"lr": lr}, moments)
         t = state.step + 1
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         updates = {}
@@ -247,8 +330,10 @@ def adamw(
 ) -> Transformation:
     """``torch.optim.AdamW``: :func:`adam`'s update plus the decoupled weight decay
     ``-lr * weight_decay * theta`` (the parameters shrink by ``1 - lr * weight_decay`` before
-    Adam's step; the gradient Adam sees has no decay term). ``lr`` is read at every step."""
+    Adam's step; the gradient Adam sees has no decay term; ``weight_decay`` a finite number
+    ``>= 0``). ``lr`` is read at every step."""
     inner = adam(lr, betas=betas, eps=eps)
+    weight_decay = check_number(weight_decay, "weight_decay")
 
     @torch.no_grad()
     def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
@@ -270,10 +355,15 @@ def decoupled_penalty(
     rate ``lr * strength`` outside the optimizer's preconditioner, as AdamW decouples weight
     decay; to first order it relaxes ``mu`` as the exact orbit step :func:`exact` at the same
     rate (``mu <- (I - 2 lr strength K) mu``). ``lr`` is read at every step."""
-    lr, strength = check_scalar(lr, "lr"), check_scalar(strength, "strength")
+    lr, strength = (
+        check_scalar(lr, "lr", batch_dims),
+        check_scalar(strength, "strength", batch_dims),
+    )
+    _check_same_copies(lr=lr, strength=strength)
 
     @torch.no_grad()
     def update(updates: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+        check_update(updates, params, {"lr": lr, "strength": strength})
         dtype = accumulation_dtype(next(iter(params.values())).dtype)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * -per_entry(lr * strength, s_in)
@@ -389,9 +479,14 @@ def exact(
     one)`` (per copy), applied to the parameters and transported to the step's optimizer buffers.
     An optimizer step changes ``mu`` by ``O(lr^2)``, so one orbit step every ``every`` steps at
     the summed rate acts like one at each, at ``1 / every`` of the cost. A copy whose squared
-    sums are not finite does not move; a ``strength`` 0 for every copy never acts."""
+    sums are not finite, or whose ``lr`` is 0 at the orbit step (frozen, as the sweep freezes a
+    diverged run), does not move; a ``strength`` 0 for every copy never acts."""
     check_every(every)
-    lr, strength = check_scalar(lr, "lr"), check_scalar(strength, "strength")
+    lr, strength = (
+        check_scalar(lr, "lr", batch_dims),
+        check_scalar(strength, "strength", batch_dims),
+    )
+    _check_same_copies(lr=lr, strength=strength)
     acts = bool((torch.as_tensor(strength) > 0).any())
 
     def init(params: Params) -> ExactState:
@@ -399,10 +494,12 @@ def exact(
 
     @torch.no_grad()
     def update(grads: Params, state: ExactState, params: Params) -> tuple[Params, ExactState]:
+        check_update(grads, params, {"lr": lr, "strength": strength})
         params, inner = step.update(grads, state.inner, params)
         lr_sum, orbit = advance(state.orbit, lr, every)
         if acts and lr_sum is not None and structure.num_generators:
             rate = torch.as_tensor(strength * lr_sum, dtype=torch.float64)
+            rate = torch.where(torch.as_tensor(lr, device=rate.device) > 0, rate, 0.0)
             orbit_step_(params, inner, structure, rate, batch_dims)
         return params, ExactState(inner, orbit)
 
@@ -413,7 +510,18 @@ def scale_by_tensor(factors: Callable[[Params], Params]) -> Transformation:
     """Multiplies the updates of each parameter by its tensor's factor, ``factors(params)``
     computed once at ``init`` (a number per copy, ``[*batch]``, by name; a parameter without
     one keeps its updates): per-tensor learning-rate multipliers, as ``torch.optim`` parameter
-    groups of their own learning rates give for SGD (with or without momentum)."""
+    groups of their own learning rates give for SGD (with or without momentum). ``ValueError``
+    at ``init`` for a factor that is not finite and ``>= 0`` or does not fit its parameter."""
+
+    def init(params: Params) -> ScaleState:
+        given = factors(params)
+        for name, factor in given.items():
+            label = f"the factor of {name!r}"
+            if name not in params:
+                raise ValueError(f"{label} is for no parameter")
+            one = {name: params[name]}
+            check_update(one, one, {label: check_scalar(factor, label)})
+        return ScaleState(given)
 
     @torch.no_grad()
     def update(updates: Params, state: ScaleState, params: Params) -> tuple[Params, ScaleState]:
@@ -423,4 +531,4 @@ def scale_by_tensor(factors: Callable[[Params], Params]) -> Transformation:
         }
         return scaled, state
 
-    return Transformation(lambda params: ScaleState(factors(params)), update)
+    return Transformation(init, update)
