@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_module, distribute_tensor
 
 import gaugefix
@@ -261,10 +261,279 @@ def whole_only(model: nn.Module) -> dict:
     return out
 
 
+# -- the audit of tests/test_distributed_audit.py ----------------------------------------
+
+
+def outcome(model: nn.Module | None, call, before: list[Tensor] | None = None) -> dict:
+    """What ``call()`` did on every rank: its error's type and message (or None), and whether
+    the gathered parameters of ``model`` stayed bit-identical to ``before`` (by default those
+    before the call; afterwards its FSDP modules are resharded first, so that a change to
+    gathered parameters that FSDP2 dropped counts as none)."""
+
+    def gathered() -> list[Tensor]:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        return [whole(p).clone() for p in model.parameters()]
+
+    if before is None:
+        before = gathered() if model is not None else []
+    try:
+        value, error = call(), None
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        value, error = None, [type(exc).__name__, str(exc)]
+    after = gathered() if model is not None else []
+    unchanged = all(
+        torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        for a, b in zip(after, before, strict=True)
+    )
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, {"error": error, "unchanged": unchanged, "value": value})
+    return {
+        "errors": [r["error"] for r in results],
+        "unchanged": all(r["unchanged"] for r in results),
+        "values": [r["value"] for r in results],
+    }
+
+
+def mlp_setup() -> tuple[nn.Module, gaugefix.GaugeStructure, Tensor]:
+    torch.manual_seed(0)
+    model = zoo.mlp((8, 6, 5, 1))
+    x = torch.randn(4, 8)
+    structure = gaugefix.discover(model, x[:1])
+    gaugefix.random_gauge_(model, structure, 1.0, torch.Generator().manual_seed(1))
+    return model, structure, x
+
+
+def in_place_calls(structure: gaugefix.GaugeStructure, x: Tensor) -> dict:
+    """Every function changing parameters in place, as ``name -> call(model)``."""
+    n = structure.num_generators
+    return {
+        "balance_": lambda m: gaugefix.balance_(m, structure).norm_sq_after,
+        "apply_gauge_": lambda m: gaugefix.apply_gauge_(m, structure, torch.ones(n)),
+        "random_gauge_": lambda m: (
+            gaugefix.random_gauge_(m, structure, 1.0, torch.Generator().manual_seed(5)).sum().item()
+        ),
+        "relax_": lambda m: gaugefix.relax_(m, structure, 0.1).sum().item(),
+        "equalize_norm": lambda m: gaugefix.equalize_(m, structure, "norm").objective_after,
+        "equalize_range": lambda m: gaugefix.equalize_(m, structure, "range").objective_after,
+        "equalize_activation": lambda m: (
+            gaugefix.equalize_(m, structure, "activation", calibration=x).objective_after
+        ),
+        "GaugeFixing": lambda m: gaugefix.GaugeFixing(
+            torch.optim.SGD(m.parameters(), lr=0.1), m, structure, 1.0, balance_at_start=False
+        ).remove(),
+    }
+
+
+def audit_partly_sharded() -> dict:
+    """fully_shard on a later block only (the first parameters are not DTensors)."""
+    model, structure, x = mlp_setup()
+    part = copy.deepcopy(model)
+    fully_shard(part[2])
+    calls = {
+        "imbalance_stats": lambda m: gaugefix.imbalance_stats(m, structure)["mu_norm"],
+        "imbalance": lambda m: gaugefix.imbalance(m, structure).sum().item(),
+        **in_place_calls(structure, x),
+    }
+    return {name: outcome(part, lambda c=call: c(part)) for name, call in calls.items()}
+
+
+def audit_gathered() -> dict:
+    """fully_shard on the root only: after a forward FSDP2 keeps the root's parameters
+    gathered (plain tensors, in the forward's dtype); a change to them would be lost when it
+    reshards them."""
+    model, structure, x = mlp_setup()
+    out = {}
+    calls = {
+        "imbalance_stats": lambda m: gaugefix.imbalance_stats(m, structure)["mu_norm"],
+        "imbalance": lambda m: gaugefix.imbalance(m, structure).sum().item(),
+        **in_place_calls(structure, x),
+    }
+    for name, call in calls.items():
+        sharded = copy.deepcopy(model)
+        fully_shard(sharded)
+        with torch.no_grad():
+            sharded(x)
+        assert not hasattr(next(sharded.parameters()), "device_mesh")  # gathered now
+        before = [p.detach().clone() for p in model.parameters()]
+        out[name] = outcome(sharded, lambda c=call, m=sharded: c(m), before)
+    # in bfloat16 under a mixed-precision policy: their statistics were not the model's
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    with torch.no_grad():
+        sharded(x)
+    before = [p.detach().clone() for p in model.parameters()]
+    out["stats_mixed_precision"] = outcome(
+        sharded, lambda: gaugefix.imbalance_stats(sharded, structure), before
+    )
+    # the first layer sharded on its own (resharded after the forward), the root's gathered
+    mixed = copy.deepcopy(model)
+    fully_shard(mixed[0])
+    fully_shard(mixed)
+    with torch.no_grad():
+        mixed(x)
+    before = [p.detach().clone() for p in model.parameters()]
+    out["stats_mixed"] = outcome(mixed, lambda: gaugefix.imbalance_stats(mixed, structure), before)
+    # after reshard() the same balance_ as on the whole model
+    sharded.reshard()
+    reference = copy.deepcopy(model)
+    rs, rm = gaugefix.balance_(sharded, structure), gaugefix.balance_(reference, structure)
+    out["balance_after_reshard"] = max(
+        rel(p, q) for p, q in zip(sharded.parameters(), reference.parameters(), strict=True)
+    )
+    out["balance_after_reshard_norm"] = abs(rs.norm_sq_after - rm.norm_sq_after) / rm.norm_sq_after
+    return out
+
+
+def audit_rank_dependent() -> dict:
+    """Arguments that differ between the ranks: every rank raises, nothing changes."""
+    model, structure, x = mlp_setup()
+    n, rank = structure.num_generators, dist.get_rank()
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded)
+    torch.manual_seed(100 + rank)  # a global generator seeded per rank, as for data
+    nan_h = torch.zeros(n)
+    nan_h[0] = float("nan") if rank == 1 else 0.0
+    calls = {
+        "random_gauge_global_rng": lambda: gaugefix.random_gauge_(sharded, structure, 1.0),
+        "apply_gauge_nan_on_one": lambda: gaugefix.apply_gauge_(sharded, structure, nan_h),
+        "relax_rate": lambda: gaugefix.relax_(sharded, structure, 0.1 * (rank + 1)),
+        "relax_rate_kind": lambda: gaugefix.relax_(
+            sharded, structure, torch.full((n,), 0.1) if rank else 0.1
+        ),
+        "balance_tol": lambda: gaugefix.balance_(sharded, structure, tol=1e-10 * (rank + 1)),
+        "balance_tol_invalid_on_one": lambda: gaugefix.balance_(
+            sharded, structure, tol=-1.0 if rank else 1e-10
+        ),
+    }
+    out = {name: outcome(sharded, call) for name, call in calls.items()}
+    # the same generator on every rank: the same gauge as on the whole model
+    gen = torch.Generator().manual_seed(7)
+    hs = gaugefix.random_gauge_(sharded, structure, 1.0, gen)
+    hm = gaugefix.random_gauge_(model, structure, 1.0, torch.Generator().manual_seed(7))
+    out["random_gauge_same_generator"] = max(
+        [rel(hs, hm)]
+        + [rel(p, q) for p, q in zip(sharded.parameters(), model.parameters(), strict=True)]
+    )
+    return out
+
+
+def audit_shard_structure() -> dict:
+    """The shard structure's summary, restrict and to_dict are the whole structure's on every
+    rank, also on the one holding no slice."""
+    build, example = MODELS["one_row"]
+    torch.manual_seed(0)
+    model = build()
+    structure = gaugefix.discover(model, example())
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded)
+    shard = shard_structure(structure, structure.bind(sharded, sharded=True))
+    keep = torch.arange(structure.num_generators) % 2 == 0
+    restricted = shard.restrict(keep, "odd")
+    same = {
+        "summary": shard.summary() == structure.summary(),
+        "restrict": restricted.to_dict() == structure.restrict(keep, "odd").to_dict(),
+        "to_dict": shard.to_dict() == structure.to_dict(),
+        # the restriction binds to the sharded model like any structure
+        "restricted_stats": gaugefix.imbalance_stats(sharded, restricted)
+        == gaugefix.imbalance_stats(model, restricted),
+    }
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, same)
+    return {key: [r[key] for r in results] for key in same}
+
+
+def audit_checkpoint() -> dict:
+    """balance_state_dict refuses a sharded model and a sharded state dict."""
+    from gaugefix.checkpoint import balance_state_dict
+
+    model, structure, x = mlp_setup()
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded)
+    return {
+        "sharded_model": outcome(
+            None, lambda: balance_state_dict(sharded, model.state_dict(), x[:1])[1].num_generators
+        ),
+        "sharded_state_dict": outcome(
+            None, lambda: balance_state_dict(model, sharded.state_dict(), x[:1])[1].num_generators
+        ),
+    }
+
+
+def audit_training() -> dict:
+    """GaugeFixing with Adam on a model whose layers are sharded separately (one frozen
+    weight, a tied GPT): parameters and Adam moments equal the whole model's."""
+    out = {}
+    for mode in ("exact", "penalty"):
+        torch.manual_seed(0)
+        model = zoo.mlp((8, 7, 5, 3, 1))
+        x, y = torch.randn(6, 8), torch.randn(6, 1)
+        structure = gaugefix.discover(model, x[:1])
+        gaugefix.random_gauge_(model, structure, 1.0, torch.Generator().manual_seed(1))
+        model[4].weight.requires_grad_(False)
+        sharded = copy.deepcopy(model)
+        for layer in sharded:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, reshard_after_forward=False)
+        fully_shard(sharded)
+        runs = []
+        for net in (sharded, model):
+            opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+            # penalty mode starts unbalanced: at the balance mu is rounding noise, which
+            # Adam's division by the root of its second moments magnifies (about 1e-10 here)
+            options = {"every": 2} if mode == "exact" else {"balance_at_start": False}
+            fixing = gaugefix.GaugeFixing(opt, net, structure, 1.0, mode, **options)
+            for _ in range(4):
+                opt.zero_grad()
+                (net(x) - y).square().mean().backward()
+                opt.step()
+            fixing.remove()
+            runs.append((net, opt, fixing.steps))
+        (a, opt_a, steps_a), (b, opt_b, steps_b) = runs
+        diff = max(rel(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+        held = [
+            (p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True) if q.requires_grad
+        ]
+        moments = max(
+            rel(opt_a.state[p][k], opt_b.state[q][k])
+            for p, q in held
+            for k in ("exp_avg", "exp_avg_sq")
+        )
+        out[mode] = {"params": diff, "moments": moments, "steps": [steps_a, steps_b]}
+    torch.manual_seed(0)
+    gpt = zoo.GPT(vocab=11, dim=8, heads=2, layers=1, hidden=12, context=6, tied=True)
+    ids = torch.randint(0, 11, (2, 5))
+    structure = gaugefix.discover(gpt, ids)
+    gaugefix.random_gauge_(gpt, structure, 1.0, torch.Generator().manual_seed(1))
+    sharded = copy.deepcopy(gpt)
+    fully_shard(sharded)
+    rs, rm = gaugefix.balance_(sharded, structure), gaugefix.balance_(gpt, structure)
+    out["tied_gpt"] = max(
+        [abs(rs.norm_sq_after - rm.norm_sq_after) / rm.norm_sq_after, rel(rs.h, rm.h)]
+        + [rel(p, q) for p, q in zip(sharded.parameters(), gpt.parameters(), strict=True)]
+    )
+    return out
+
+
+def audit() -> dict:
+    return {
+        "partly_sharded": audit_partly_sharded(),
+        "gathered": audit_gathered(),
+        "rank_dependent": audit_rank_dependent(),
+        "shard_structure": audit_shard_structure(),
+        "checkpoint": audit_checkpoint(),
+        "training": audit_training(),
+    }
+
+
 def main() -> None:
     dist.init_process_group("gloo")
-    result = {name: compare(name) for name in MODELS}
-    result["bad_input"] = refuses_non_finite()
+    if sys.argv[1:] == ["audit"]:
+        result = audit()
+    else:
+        result = {name: compare(name) for name in MODELS}
+        result["bad_input"] = refuses_non_finite()
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     dist.barrier()

@@ -150,7 +150,7 @@ def test_resumed_run_continues_bit_identically(tmp_path, mode, monkeypatch):
     exact orbit steps (every 3 steps: the checkpoint is one step past the first)."""
     a = gpt2()
     options = {"save_strategy": "steps", "save_steps": 4}
-    gauge = {"mode": mode, "every": 3}
+    gauge = {"mode": mode, "every": 3 if mode == "exact" else 1}
     trainer_a, callback_a = train(a, tmp_path, callback_options=gauge, **options)
     checkpoint = tmp_path / "checkpoint-4"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
@@ -299,3 +299,34 @@ def test_library_never_imports_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_resumed_state_that_does_not_fit_leaves_no_hook_attached(tmp_path):
+    """Resuming a run saved inside an interval of 3 steps with ``every=1``: a one-line
+    ``ValueError`` naming the checkpoint's state, and no hook left on the optimizer."""
+    options = {"save_strategy": "steps", "save_steps": 4, "max_steps": 4}
+    train(gpt2(), tmp_path, callback_options={"every": 3}, **options)
+    trainer = trainer_for(gpt2(), tmp_path, **{**options, "max_steps": 8})
+    trainer.add_callback(GaugeFixingCallback(trainer, strength=1000.0, every=1))
+    with pytest.raises(ValueError, match="checkpoint's gauge-fixing state.*does not fit every=1"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert not hooked(integration.torch_optimizer(trainer.optimizer))
+
+
+def test_penalty_mode_takes_no_every(tmp_path):
+    trainer = trainer_for(gpt2(), tmp_path)
+    with pytest.raises(ValueError, match="every=3 has no meaning in penalty mode"):
+        GaugeFixingCallback(trainer, strength=1.0, mode="penalty", every=3)
+    assert GaugeFixingCallback(trainer, strength=1.0, mode="penalty").every == 1
+
+
+def test_warmup_from_zero_lr_still_balances_at_the_start(tmp_path):
+    """The trainer's linear warmup sets lr=0 before the first step; gauge fixing starts then,
+    and balances the model (it used to take every group as frozen and balance nothing). The
+    first step at lr=0 moves nothing, so the model is still balanced after it."""
+    model = gpt2()
+    trainer, callback = train(
+        model, tmp_path, callback_options={"strength": 1e-3}, max_steps=1, warmup_steps=4
+    )
+    assert callback.hook is None and callback.steps == 1
+    assert gaugefix.imbalance_stats(model, callback.structure)["mu_rel_max"] < 1e-5

@@ -174,3 +174,85 @@ def test_resumed_fit_continues_the_interval_and_does_not_balance_again(tmp_path,
     )
     assert callback.seen == [(3, 2)]
     assert callback.since == [1]
+
+
+def bare_trainer(steps: int, callback, **options):
+    return pl.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, **options,
+    )  # fmt: skip
+
+
+def hooked(optimizer) -> bool:
+    return bool(optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks)
+
+
+def test_checkpoint_saved_after_the_fit_keeps_the_hook_states(tmp_path, monkeypatch):
+    """``trainer.save_checkpoint`` after ``fit`` returned (the hooks are removed then) saves the
+    hooks' states as they ended, not an empty list that would make a resumed fit balance again
+    and count from 0."""
+    torch.manual_seed(0)
+    trainer = bare_trainer(4, Recording(strength=5.0, every=3), enable_checkpointing=False)
+    trainer.fit(Regressor(), loader())
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=False)["callbacks"]
+    (state,) = saved.values()
+    assert [(h["steps"], h["since"]) for h in state["hooks"]] == [(1, 1)]
+
+    def no_balancing(*args, **kwargs):
+        raise AssertionError("the resumed fit balanced the model again")
+
+    monkeypatch.setattr(hook_module, "balance_", no_balancing)
+    callback = Recording(strength=5.0, every=3)
+    bare_trainer(7, callback, enable_checkpointing=False).fit(
+        Regressor(), loader(), ckpt_path=tmp_path / "after.ckpt"
+    )
+    assert callback.seen == [(3, 2)] and callback.since == [1]
+
+
+def test_strength_zero_without_balancing_only_logs(tmp_path):
+    """``strength=0, balance_at_start=False`` logs the statistics and leaves the training as it
+    is without the callback, bit for bit (the model starts far from balance and stays there)."""
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        module = Regressor()
+        structure = gaugefix.discover(module, module.example_input_array)
+        gaugefix.random_gauge_(module, structure, 1.0, torch.Generator().manual_seed(3))
+        trainer = pl.Trainer(
+            max_steps=3, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path)),
+            callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, loader())
+        return module, trainer
+
+    logging_only, trainer = run([GaugeFixingCallback(strength=0.0, balance_at_start=False)])
+    plain, _ = run([])
+    for p, q in zip(logging_only.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert len(logged_stats(trainer)) == 3
+    assert float(logged_stats(trainer)[0]["gauge/mu_rel_max"]) > 0.5
+
+
+def test_penalty_mode_takes_no_every():
+    with pytest.raises(ValueError, match="every=3 has no meaning in penalty mode"):
+        GaugeFixingCallback(strength=1.0, mode="penalty", every=3)
+    assert GaugeFixingCallback(strength=1.0, mode="penalty").every == 1
+    assert GaugeFixingCallback(strength=1.0).every == 10
+
+
+def test_restored_state_that_does_not_fit_leaves_no_hook_attached(tmp_path):
+    """A fit resumed with another ``every`` than the checkpoint's interval allows raises the
+    hook's one-line ``ValueError``, and leaves no hook on the optimizer."""
+    torch.manual_seed(0)
+    bare_trainer(4, GaugeFixingCallback(strength=5.0, every=3), default_root_dir=tmp_path).fit(
+        Regressor(), loader()
+    )
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    trainer = bare_trainer(
+        7, GaugeFixingCallback(strength=5.0, every=1), enable_checkpointing=False
+    )
+    with pytest.raises(ValueError, match="does not fit every=1"):
+        trainer.fit(Regressor(), loader(), ckpt_path=checkpoint)
+    assert trainer.optimizers and not any(hooked(opt) for opt in trainer.optimizers)

@@ -171,3 +171,36 @@ def test_group_with_zero_lr_is_frozen_at_start_and_later(mode, caplog):
     opt.param_groups[0]["lr"] = 0.05
     _train(model, opt, x, y, 1)
     assert hook.left_out == {}
+
+
+def test_warmup_from_zero_lr_does_not_freeze(caplog):
+    """A scheduler whose warmup starts at lr=0 (Hugging Face's default linear warmup) does not
+    freeze anything: the start balancing balances every neuron, keeping the function (float64,
+    1e-10), with no warning. A group created with lr=0 under a scheduler (its initial_lr is 0)
+    is frozen as before and stays bit-identical."""
+    model, x, y, structure = _setup()
+    first = [_lin(model, 0).weight, _lin(model, 0).bias]
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    opt = torch.optim.SGD([{"params": first, "lr": 0.05}, {"params": rest, "lr": 0.05}])
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 4))
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    y0 = model(x).detach()
+    with caplog.at_level(logging.WARNING, logger="gaugefix.train.hook"):
+        hook = GaugeFixing(opt, model, structure, 0.5)
+    assert hook.left_out == {} and not caplog.text
+    assert float((model(x).detach() - y0).norm() / y0.norm()) <= 1e-10
+    assert hook.stats()["mu_rel_max"] <= 1e-9
+    hook.remove()
+
+    model, x, y, structure = _setup()
+    first = [_lin(model, 0).weight, _lin(model, 0).bias]
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    opt = torch.optim.SGD([{"params": first, "lr": 0.0}, {"params": rest, "lr": 0.05}])
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    before = [p.detach().clone() for p in first]
+    hook = GaugeFixing(opt, model, structure, 0.5, every=1)
+    for _ in range(3):
+        _train(model, opt, x, y, 1)
+        scheduler.step()
+    assert hook.left_out == {ZERO_LR: 12} and hook.steps == 3
+    assert all(torch.equal(p.detach(), b) for p, b in zip(first, before, strict=True))

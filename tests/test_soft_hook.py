@@ -505,3 +505,87 @@ def test_second_hook_on_one_optimizer_is_refused():
     first.remove()
     second = GaugeFixing(opt, model, structure, 0.1)
     assert second.active.num_generators == structure.num_generators
+
+
+def snapshot(model, opt):
+    """Every parameter, gradient and optimizer-state tensor, cloned."""
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    return params, grads, state
+
+
+def same(a, b) -> bool:
+    def eq(u, v):
+        return (u is None and v is None) or torch.equal(u, v)
+
+    (pa, ga, sa), (pb, gb, sb) = a, b
+    states = zip(sa, sb, strict=True)
+    return all(eq(u, v) for u, v in zip(pa + ga, pb + gb, strict=True)) and all(
+        x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x) for x, y in states
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, float("inf"), "0.1", True])
+def test_bad_learning_rate_mid_run_is_refused_before_the_step(bad):
+    """A scheduler (or a user) sets a group's lr to NaN, a negative number, inf or a non-number
+    in the middle of an interval between orbit steps: the step is refused before the optimizer
+    moves anything, with an error naming the group, and the run continues once the lr is
+    fixed, as if the bad step had never been attempted."""
+    model, x, y, structure = setup()
+    first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
+    groups = [{"params": first, "lr": 0.05}, {"params": rest, "lr": 0.02}]
+    opt = torch.optim.SGD(groups, momentum=0.9)
+    hook = GaugeFixing(opt, model, structure, 1.0, balance_at_start=False, every=3)
+    train_step(model, opt, x, y)
+    opt.param_groups[1]["lr"] = bad
+    state, before = hook.state_dict(), snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"learning rate \(lr\) of parameter group 1") as err:
+        opt.step()
+    assert "\n" not in str(err.value) and "refused" in str(err.value)
+    assert same(snapshot(model, opt), before) and hook.state_dict() == state
+    opt.param_groups[1]["lr"] = 0.02
+    for _ in range(2):
+        train_step(model, opt, x, y)
+    assert hook.steps == 1 and hook.state_dict()["since"] == 0
+
+
+def test_penalty_mode_takes_no_every():
+    """Penalty mode adds the penalty's gradient at every step: an ``every`` other than 1 is
+    refused (nothing attached), 1 or none accepted; exact mode defaults to EVERY."""
+    model, _, _, structure = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="every=5 has no meaning in penalty mode"):
+        GaugeFixing(opt, model, structure, 1.0, mode="penalty", every=5)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    for mode, every, expected in (
+        ("penalty", {"every": 1}, 1),
+        ("penalty", {}, 1),
+        ("exact", {}, 10),
+    ):
+        with GaugeFixing(opt, model, structure, 1.0, mode=mode, **every) as hook:
+            assert hook.every == expected
+    with pytest.raises(ValueError, match="every=10 has no meaning"):  # given, not the default
+        GaugeFixing(opt, model, structure, 1.0, mode="penalty", every=10)
+
+
+def test_steps_a_grad_scaler_skips_are_not_counted():
+    """A step ``torch.amp.GradScaler`` skips (inf gradients) never calls ``optimizer.step()``:
+    the hook neither counts it nor adds its learning rate, so the orbit step comes after the
+    ``every``-th step actually taken, at the sum of their learning rates."""
+    model, x, y, structure = setup(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    hook = GaugeFixing(opt, model, structure, 1.0, balance_at_start=False, every=2)
+    scaler = torch.amp.GradScaler("cpu")
+    for overflow in (False, True, False):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean() * (float("inf") if overflow else 1.0)
+        scaler.scale(loss).backward()
+        before = snapshot(model, opt)
+        scaler.step(opt)
+        scaler.update()
+        if overflow:  # (the scaler unscaled the gradients; nothing else moved)
+            after = snapshot(model, opt)
+            assert same((after[0], [], after[2]), (before[0], [], before[2]))
+            assert hook.state_dict() == {"steps": 0, "skipped": 0, "since": 1, "lr_sums": [0.05]}
+    assert hook.state_dict() == {"steps": 1, "skipped": 0, "since": 0, "lr_sums": []}

@@ -285,7 +285,10 @@ def test_sweep_methods_state_their_every_and_conditioning_uses_them(monkeypatch)
 
     for name in ("exact", "balanced-exact"):
         assert engine.METHODS[name].every == 1 and "every = 1" in engine.METHODS[name].definition
-    default = inspect.signature(gaugefix.GaugeFixing).parameters["every"].default
+    from gaugefix.train.hook import check_mode_every
+
+    assert inspect.signature(gaugefix.GaugeFixing).parameters["every"].default is None
+    default = check_mode_every("exact", None)  # what GaugeFixing's every=None means in exact mode
     every_10 = engine.METHODS["exact-every-10"]
     assert every_10.every == default == 10 and "every = 10" in every_10.definition
     built = []

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gaugefix.distributed import everywhere, local_targets, local_view, sharded
+from gaugefix.distributed import (
+    agreed,
+    everywhere,
+    local_targets,
+    local_view,
+    refuse_gathered,
+    sharded,
+)
 from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, finite_flag, rescale_
 from gaugefix.structure import GaugeStructure
@@ -38,8 +45,8 @@ def finite_on_device(tensors: list[Tensor]) -> Tensor:
     (:func:`gaugefix.kernels.finite_flag`), without a host read; for ``DTensor`` s (FSDP2) each
     process checks its slices and all agree (one read)."""
     if sharded(tensors):
-        local = finite_flag([t.to_local() for t in tensors])
-        return torch.tensor(everywhere(bool(local), tensors[0]))
+        local = finite_flag([t.to_local() if hasattr(t, "to_local") else t for t in tensors])
+        return torch.tensor(everywhere(bool(local), _first_sharded(tensors)))
     return finite_flag(tensors)
 
 
@@ -64,8 +71,19 @@ def check_finite_params(params: dict[str, Tensor]) -> None:
             raise ValueError(f"parameter '{name}' contains NaN or inf; nothing was modified")
 
 
-def check_h(h: Tensor, structure: GaugeStructure) -> None:
-    """``ValueError`` unless ``h`` is a finite floating tensor ``[num_generators]``."""
+def check_h(h: Tensor, structure: GaugeStructure, params: dict[str, Tensor] | None = None) -> None:
+    """``ValueError`` unless ``h`` is a finite floating tensor ``[num_generators]``; for
+    ``DTensor`` ``params`` (FSDP2), on every process unless all hold the same ``h``
+    (:func:`gaugefix.distributed.agreed`)."""
+    agreed(params or {}, structure.num_generators, "h", lambda: _check_h(h, structure), lambda _: h)
+
+
+def _first_sharded(tensors: list[Tensor]) -> Tensor:
+    """The first ``DTensor`` of ``tensors`` (whose mesh the collectives use)."""
+    return next(t for t in tensors if hasattr(t, "device_mesh"))
+
+
+def _check_h(h: Tensor, structure: GaugeStructure) -> None:
     if not isinstance(h, Tensor):
         raise TypeError(f"h must be a tensor, got {type(h).__name__}")
     if tuple(h.shape) != (structure.num_generators,):
@@ -154,7 +172,8 @@ def apply_gauge_(
     moments by its square. Everything is validated first; on error nothing is modified.
     """
     params = structure.bind(model, sharded=True)
-    check_h(h, structure)
+    refuse_gathered(model, params)
+    check_h(h, structure, params)
     check_finite_params(params)
     optimizer_states(optimizer, params)
     if params:
@@ -170,7 +189,8 @@ def random_gauge_(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Tensor:
     """Apply a random gauge transformation ``h ~ N(0, scale^2)`` (float64, one entry per
-    generator, drawn on the generator's device) and return ``h``."""
+    generator, drawn on the generator's device) and return ``h``. Under FSDP2 every process
+    must draw the same ``h`` (a ``generator`` seeded alike): else ``ShardingError``."""
     check_number(scale, "scale")
     device = generator.device if generator is not None else torch.device("cpu")
     h = scale * torch.randn(

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
-from gaugefix.distributed import local_view
+from gaugefix.distributed import agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import generator_sums, row_norms
 from gaugefix.masses import Masses, MassState
@@ -355,8 +355,15 @@ def balance_(
     ``max_iter`` iterations is no error (the rule of every Newton solve in gaugefix): the step
     found is applied and ``converged`` is false.
     """
-    check_tolerances(tol, max_iter)
     params = structure.bind(model, sharded=True)
+    refuse_gathered(model, params)
+    agreed(
+        params,
+        2,
+        "tol or max_iter",
+        lambda: check_tolerances(tol, max_iter),
+        lambda _: torch.tensor([tol, max_iter], dtype=torch.float64),
+    )
     optimizer_states(optimizer, params)
     n = structure.num_generators
     if n == 0:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import gaugefix
 from gaugefix.action import all_finite
 from gaugefix.balancing import BalanceResult
+from gaugefix.distributed import ShardingError, refuse_sharded, uses_fully_shard
 from gaugefix.equalize import EqualizeResult, objective_name
 from gaugefix.errors import GaugefixError, first_line
 from gaugefix.files import write_bytes
@@ -283,6 +284,12 @@ def balance_state_dict(
     dtype (tensors that shared storage share it again). ``model`` itself is not modified.
     Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
     """
+    refuse_sharded(dict(tensors))
+    if uses_fully_shard(model):
+        raise ShardingError(
+            "the model is sharded with fully_shard: pass an unsharded instance of it (it is "
+            "only copied), and a full state dict"
+        )
     if x.is_floating_point():
         x = x.to(torch.float64)
     model = copy.deepcopy(model).to(torch.float64).eval()

@@ -15,18 +15,22 @@ whole model nothing here runs (one dictionary lookup while ``torch.distributed.t
 imported).
 
 Every process reaches every decision (a step's size, a line search, skipping a non-finite step)
-from the same all-reduced numbers, so all take the same steps and issue the same collectives.
+from the same all-reduced numbers, so all take the same steps and issue the same collectives;
+the arguments deciding a move (``h``, a rate, tolerances) are checked to agree (:func:`agreed`).
+A model using ``fully_shard`` whose parameters are not all ``DTensor`` s (a module left unsharded,
+or parameters FSDP2 holds gathered after a forward) is refused (:func:`refuse_gathered`).
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from gaugefix.errors import GaugefixError
 from gaugefix.structure import GaugeStructure, ParamTerms, Term
@@ -34,10 +38,13 @@ from gaugefix.structure import GaugeStructure, ParamTerms, Term
 __all__ = [
     "ShardStructure",
     "ShardingError",
+    "agreed",
     "local_view",
+    "refuse_gathered",
     "refuse_sharded",
     "shard_structure",
     "sharded",
+    "uses_fully_shard",
 ]
 
 # Per structure: the shard structure built for a set of parameters (held weakly).
@@ -45,6 +52,7 @@ _shard_structures: weakref.WeakKeyDictionary[GaugeStructure, tuple[tuple, ShardS
     weakref.WeakKeyDictionary()
 )
 
+T = TypeVar("T")
 PLACEHOLDER = ""  # the name of the empty parameter a process holding no slice computes with
 
 
@@ -60,10 +68,10 @@ def _dtensor_type() -> type | None:
 
 
 def sharded(tensors: Iterable[Tensor]) -> bool:
-    """Whether the first of ``tensors`` is a ``DTensor`` (FSDP2 shards every parameter of a
-    module it wraps; :class:`ShardStructure` checks that all are)."""
+    """Whether any of ``tensors`` is a ``DTensor`` (:class:`ShardStructure` then checks that
+    all are, so that a model sharded in part is refused whichever parameter comes first)."""
     dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(next(iter(tensors), None), dtensor)
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
 def refuse_sharded(tensors: Mapping[str, Tensor]) -> None:
@@ -80,6 +88,81 @@ def refuse_sharded(tensors: Mapping[str, Tensor]) -> None:
             )
 
 
+def uses_fully_shard(model: nn.Module | Mapping[str, Tensor]) -> bool:
+    """Whether ``model`` is a module that ``fully_shard`` was applied to, or one of its
+    submodules (one dictionary lookup while ``torch.distributed.fsdp`` was never imported)."""
+    kind = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    modules = model.modules() if kind is not None and isinstance(model, nn.Module) else ()
+    return any(isinstance(m, kind) for m in modules)
+
+
+def refuse_gathered(model: nn.Module | Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """:class:`ShardingError` naming the first of ``params`` (bound to ``model``) that is not a
+    ``DTensor`` while ``model`` uses ``fully_shard``: for the functions that compute on slices.
+    Such a parameter belongs to a module left unsharded, or FSDP2 holds it gathered (after a
+    forward, the root module's and those with ``reshard_after_forward=False``): a copy, in the
+    forward's dtype under a mixed-precision policy, whose changes are lost when FSDP2
+    reshards."""
+    if not uses_fully_shard(model):
+        return
+    dtensor = _dtensor_type()
+    for name, p in params.items():
+        if dtensor is None or not isinstance(p, dtensor):
+            raise not_sharded(name, "although the model uses fully_shard")
+
+
+def not_sharded(name: str, context: str) -> ShardingError:
+    """The error for a parameter that is not a ``DTensor`` where it must be, with its causes."""
+    return ShardingError(
+        f"parameter '{name}' is not sharded {context}: its module was not sharded, or FSDP2 "
+        "holds it gathered after a forward (the root module's, reshard_after_forward=False), "
+        "where a change would be lost; fully_shard every module holding parameters, and call "
+        "reshard() on each FSDPModule of the model first"
+    )
+
+
+def agreed(
+    params: Mapping[str, Tensor],
+    size: int,
+    what: str,
+    check: Callable[[], T],
+    numbers: Callable[[T], Tensor],
+) -> T:
+    """The result of ``check()``, which validates an argument (raising ``TypeError`` or
+    ``ValueError``) and returns it. For ``DTensor`` ``params`` (FSDP2) every process raises
+    unless all found their argument valid and the same, as ``size`` ``numbers(result)`` (one
+    all-reduce), so that none moves its slices by another gauge or skips collectives the others
+    issue; a process whose ``check`` raised re-raises its own error."""
+    if not sharded(params.values()):
+        return check()
+    like = next(p for p in params.values() if hasattr(p, "device_mesh"))
+    try:
+        result = check()
+    except (TypeError, ValueError):
+        _compare(None, size, like, what)
+        raise
+    _compare(numbers(result), size, like, what)
+    return result
+
+
+def _compare(numbers: Tensor | None, size: int, like: Tensor, what: str) -> None:
+    """:class:`ShardingError` unless every process of ``like``'s mesh holds the same
+    ``numbers`` (``None``: this process's argument was invalid; it raises its own error)."""
+    local = torch.zeros(size + 1, dtype=torch.float64, device=like.device)
+    if numbers is None:
+        local[0] = 1.0
+    else:
+        local[1:] = numbers.detach().to(device=like.device, dtype=torch.float64).reshape(-1)
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group())
+    high, low = both.chunk(2)
+    if numbers is not None and not torch.equal(high, -low):
+        raise ShardingError(
+            f"{what} differs between the processes sharing the model's slices (or is invalid "
+            "on one): every process must pass the same; nothing was modified"
+        )
+
+
 class ShardStructure(GaugeStructure):
     """The structure of this process's slices of a sharded model: every parameter with a
     non-empty local slice, with its local shape and each term's index sliced to it (a term
@@ -90,8 +173,8 @@ class ShardStructure(GaugeStructure):
     mesh, sliced as ``torch.chunk`` slices (process ``r`` holds entries ``[r c, (r + 1) c)``
     along ``d`` with ``c = ceil(size / processes)``), which is what ``fully_shard`` does. A
     process holding no slice at all computes with one empty placeholder parameter, so that it
-    still takes part in every all-reduce. ``produced`` and ``excluded`` are the whole model's,
-    so :meth:`summary` and :meth:`restrict`'s exclusions are those of the whole structure.
+    still takes part in every all-reduce. :meth:`summary`, :meth:`restrict` and :meth:`to_dict`
+    (:meth:`save`) are those of the whole structure (``whole``), the same on every process.
     """
 
     def __init__(self, structure: GaugeStructure, params: Mapping[str, Tensor]) -> None:
@@ -101,10 +184,7 @@ class ShardStructure(GaugeStructure):
         local: dict[str, ParamTerms] = {}
         for name, p in params.items():
             if not isinstance(p, DTensor):
-                raise ShardingError(
-                    f"parameter '{name}' is not sharded while others are DTensors: shard every "
-                    "parameter the structure acts on (fully_shard the root module)"
-                )
+                raise not_sharded(name, "while others are DTensors")
             mesh = p.device_mesh if mesh is None else mesh
             placements = tuple(p.placements)
             if p.device_mesh != mesh or mesh.ndim != 1 or not placements[0].is_shard():
@@ -140,6 +220,31 @@ class ShardStructure(GaugeStructure):
         )
         self.group = mesh.get_group()
         self._most_terms = structure.most_terms()
+        # The whole structure's data in a new object: the cache keyed by ``structure`` holds
+        # this one, which must not keep ``structure`` alive.
+        self.whole = GaugeStructure(
+            structure.num_generators,
+            structure.params,
+            structure.excluded,
+            structure.generator_layers,
+            structure.generator_kinds,
+            structure.produced,
+            structure.param_order,
+            structure.notes,
+        )
+
+    def summary(self) -> str:
+        """The whole structure's summary."""
+        return self.whole.summary()
+
+    def restrict(self, keep: Tensor, reason: str) -> GaugeStructure:
+        """The whole structure's restriction (:meth:`GaugeStructure.restrict`): a structure of
+        the whole model, to bind to the sharded model like any other."""
+        return self.whole.restrict(keep, reason)
+
+    def to_dict(self) -> dict:
+        """The whole structure's plain data (a saved structure is the whole model's)."""
+        return self.whole.to_dict()
 
     def most_terms(self) -> int:
         """The whole structure's (the bound on a step's size depends on it: every process

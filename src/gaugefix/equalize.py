@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
 from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
+from gaugefix.distributed import refuse_gathered
 from gaugefix.errors import first_line
 from gaugefix.masses import Masses
 from gaugefix.moment import pair_shape
@@ -731,6 +732,7 @@ def equalize_(
     name = objective_name(objective, calibration, alpha, weights)
     check_tolerances(tol, max_iter)
     params = structure.bind(model)
+    refuse_gathered(model, params)  # FSDP2 parameters gathered now: a change would be lost
     check_finite_params(params)
     optimizer_states(optimizer, params)
     active, keep = unfrozen(structure, params)

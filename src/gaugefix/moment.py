@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from gaugefix.distributed import local_view, sharded
+from gaugefix.distributed import local_view, refuse_gathered, sharded
 from gaugefix.kernels import generator_sums, reduce_to
 from gaugefix.structure import GaugeStructure, PlannedParam
 
@@ -89,6 +89,7 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
     differentiable then).
     """
     params = structure.bind(source, sharded=True)
+    refuse_gathered(source, params)  # FSDP2 gathered copies (in the forward's dtype)
     if not sharded(params.values()):
         s_in, s_out = in_out_sums(params, structure)
         return s_in - s_out
@@ -142,6 +143,7 @@ def imbalance_stats_tensor(
     keep it (or log it later) without waiting for the device. A fixed number of operations
     whatever the depth (under FSDP2, one all-reduce)."""
     params = structure.bind(source, sharded=True)
+    refuse_gathered(source, params)  # FSDP2 gathered copies (in the forward's dtype)
     if not params:
         return torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     params, structure = local_view(params, structure)  # this process's slices under FSDP2

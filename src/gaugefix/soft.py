@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from gaugefix.action import all_finite, check_finite_params, gauge_params_, optimizer_states
-from gaugefix.distributed import add_local_grads_, local_view
+from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
     addcmul_group_,
@@ -277,10 +277,21 @@ def relax_(
     validated first; on error nothing is modified.
     """
     params = structure.bind(model, sharded=True)
-    rate = check_rate(rate, structure)
+    refuse_gathered(model, params)
+    n = structure.num_generators
+    checked = agreed(
+        params, n + 1, "rate", lambda: check_rate(rate, structure), lambda r: _rate_numbers(r, n)
+    )
     check_finite_params(params)
     optimizer_states(optimizer, params)
-    return relax_unchecked_(structure, params, rate, optimizer)[0]
+    return relax_unchecked_(structure, params, checked, optimizer)[0]
+
+
+def _rate_numbers(rate: float | Tensor, n: int) -> Tensor:
+    """A checked rate as numbers: whether it is per generator, and its value for each of the
+    ``n`` generators."""
+    each = torch.as_tensor(rate, dtype=torch.float64).expand(n)
+    return torch.cat([torch.tensor([float(isinstance(rate, Tensor))]), each.cpu()])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
-from gaugefix.train.hook import EVERY, Mode, check_every
+from gaugefix.train.hook import Mode, check_mode_every
 
 __all__ = ["CallbackOptions", "prefixed_stats", "set_options"]
 
@@ -20,14 +20,15 @@ class CallbackOptions(TypedDict, total=False):
     :class:`~gaugefix.GaugeStructure` to fix (``None``: discovered by the callback); ``mode``,
     ``"exact"`` or ``"penalty"`` (``"exact"``); ``balance_at_start``, balance when gauge fixing
     starts (``True``); ``prefix`` of the logged statistics' keys (``"gauge/"``); ``every``, the
-    optimizer steps between exact orbit steps (:data:`gaugefix.train.hook.EVERY`). ``mode``,
-    ``balance_at_start`` and ``every`` are :class:`gaugefix.GaugeFixing`'s."""
+    optimizer steps between exact orbit steps (:data:`gaugefix.train.hook.EVERY`; penalty mode
+    acts at every step and takes only 1). ``mode``, ``balance_at_start`` and ``every`` are
+    :class:`gaugefix.GaugeFixing`'s."""
 
     structure: GaugeStructure | None
     mode: Mode
     balance_at_start: bool
     prefix: str
-    every: int
+    every: int | None
 
 
 def set_options(callback: Any, strength: float, options: CallbackOptions) -> None:
@@ -39,10 +40,7 @@ def set_options(callback: Any, strength: float, options: CallbackOptions) -> Non
         raise TypeError(f"{type(callback).__name__} got unknown option(s): {', '.join(unknown)}")
     strength = check_strength(strength)
     structure, mode = options.get("structure"), options.get("mode", "exact")
-    every = options.get("every", EVERY)
-    if mode not in ("exact", "penalty"):
-        raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
-    check_every(every)
+    every = check_mode_every(mode, options.get("every"))
     if structure is not None and not isinstance(structure, GaugeStructure):
         raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
     callback.strength, callback.structure, callback.mode = strength, structure, mode

@@ -38,13 +38,14 @@ class GaugeFixingCallback(Callback):
     the module's); when it is ``None`` it is discovered at setup from the module's
     ``example_input_array``. ``options`` are the callbacks' shared
     :class:`~gaugefix.integrations.common.CallbackOptions`; ``strength`` and them are passed
-    to :class:`gaugefix.GaugeFixing` (``strength=0`` only logs). The hooks are attached when
-    training starts (after any checkpoint restored the optimizer state) and removed when it
-    ends; a fit resumed from a Lightning checkpoint (``ckpt_path``) does not balance again and
-    continues each hook's place in the interval between orbit steps. With several optimizers,
-    each hook acts on the generators whose parameters its optimizer holds (generators spanning
-    two optimizers are left out, see ``GaugeFixing``) and balances them at the start with its
-    own optimizer's state.
+    to :class:`gaugefix.GaugeFixing` (``strength=0`` balances at the start, unless
+    ``balance_at_start=False``, then only logs). The hooks are attached when training starts
+    (after any checkpoint restored the optimizer state) and removed when it ends; a fit resumed
+    from a Lightning checkpoint (``ckpt_path``, also one saved after the fit) does not balance
+    again and continues each hook's place in the interval between orbit steps. With several
+    optimizers, each hook acts on the generators whose parameters its optimizer holds
+    (generators spanning two optimizers are left out, see ``GaugeFixing``) and balances them at
+    the start with its own optimizer's state.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class GaugeFixingCallback(Callback):
         self.log_stats = log_stats
         self.hooks: list[GaugeFixing] = []
         self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint
+        self._last: list[dict[str, Any]] = []  # the removed hooks' states, saved after a fit
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.structure is None:
@@ -80,24 +82,37 @@ class GaugeFixingCallback(Callback):
         """Attach the hooks; a fit resumed from a checkpoint does not balance again and continues
         each hook's counts and interval between orbit steps."""
         self._remove()
-        restored, self._restored = self._restored, None
-        for i, opt in enumerate(trainer.optimizers):
-            hook = GaugeFixing(
-                opt,
-                pl_module,
-                self.structure,
-                self.strength,
-                mode=self.mode,
-                balance_at_start=self.balance_at_start and restored is None,
-                every=self.every,
+        restored, self._restored, self._last = self._restored, None, []
+        optimizers = trainer.optimizers
+        if restored is not None and len(restored) != len(optimizers):
+            raise ValueError(
+                f"the checkpoint holds the gauge-fixing states of {len(restored)} optimizers, "
+                f"this fit has {len(optimizers)}"
             )
-            if restored is not None:
-                hook.load_state_dict(restored[i])
-            self.hooks.append(hook)
+        try:
+            for i, opt in enumerate(optimizers):
+                self.hooks.append(
+                    GaugeFixing(
+                        opt,
+                        pl_module,
+                        self.structure,
+                        self.strength,
+                        mode=self.mode,
+                        balance_at_start=self.balance_at_start and restored is None,
+                        every=self.every,
+                    )
+                )
+                if restored is not None:
+                    self.hooks[-1].load_state_dict(restored[i])
+        except Exception:  # e.g. a restored state that does not fit: no hook stays attached
+            self._remove()
+            self._last = []
+            raise
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in Lightning checkpoints: each hook's :meth:`GaugeFixing.state_dict`."""
-        return {"hooks": [hook.state_dict() for hook in self.hooks]}
+        """Saved in Lightning checkpoints: each hook's :meth:`GaugeFixing.state_dict` (after the
+        fit: as the hooks left it)."""
+        return {"hooks": [hook.state_dict() for hook in self.hooks] or self._last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = list(state_dict["hooks"]) or None
@@ -123,6 +138,8 @@ class GaugeFixingCallback(Callback):
         self._remove()
 
     def _remove(self) -> None:
+        if self.hooks:
+            self._last = [hook.state_dict() for hook in self.hooks]
         for hook in self.hooks:
             hook.remove()
         self.hooks = []

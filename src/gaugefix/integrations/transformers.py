@@ -211,7 +211,7 @@ class GaugeFixingCallback(TrainerCallback):
             if self.hook.optimizer is optimizer:
                 return
             self._detach()  # the optimizer was rebuilt
-        self.hook = GaugeFixing(
+        hook = GaugeFixing(
             optimizer,
             self.trainer.model,
             self.structure,
@@ -221,8 +221,12 @@ class GaugeFixingCallback(TrainerCallback):
             every=self.every,
         )
         if self._carry is not None:
-            self.hook.load_state_dict(self._carry)
-        self.started = True
+            try:
+                hook.load_state_dict(self._carry)
+            except ValueError as err:  # a saved state that does not fit (another every or mode)
+                hook.remove()
+                raise ValueError(f"the checkpoint's gauge-fixing state: {err}") from None
+        self.hook, self.started = hook, True
 
     def _detach(self) -> None:
         if self._discovery is not None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gaugefix.action import finite_on_device, optimizer_states
 from gaugefix.balancing import balance_
-from gaugefix.distributed import local_view
+from gaugefix.distributed import local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
@@ -27,6 +27,7 @@ from gaugefix.structure import GaugeStructure
 __all__ = [
     "Mode",
     "unwrap_model",
+    "check_mode_every",
     "GaugeFixing",
 ]
 
@@ -48,6 +49,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def check_mode_every(mode: Mode, every: int | None) -> int:
+    """``every`` for ``mode`` (``None``: :data:`EVERY` in exact mode, 1 in penalty mode, which
+    acts at every step), or ``ValueError`` for a bad ``mode``, an ``every`` that is not an
+    integer ``>= 1``, or one other than 1 given in penalty mode."""
+    if mode not in ("exact", "penalty"):
+        raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
+    if every is None:
+        return EVERY if mode == "exact" else 1
+    check_every(every)
+    if mode == "penalty" and every != 1:
+        raise ValueError(
+            f"every={every} has no meaning in penalty mode, which adds the penalty's gradient "
+            "at every step: leave every out (or give 1), or use mode='exact'"
+        )
+    return every
+
+
+def _frozen_by_lr(group: dict[str, Any]) -> bool:
+    """Whether a parameter group is frozen by its learning rate: ``lr == 0``, and so is the
+    ``initial_lr`` a ``torch.optim.lr_scheduler`` recorded (a warmup from 0 does not freeze).
+    A tensor is never read on the host: its group counts as training."""
+    lrs = (group["lr"], group.get("initial_lr", 0.0))
+    return all(not isinstance(lr, Tensor) and lr == 0 for lr in lrs)
 
 
 def _touching(structure: GaugeStructure, names: set[str]) -> Tensor:
@@ -73,13 +99,16 @@ class GaugeFixing:
       rounding, and the step's state (``.grad``, momentum, Adam moments) is transported with the
       parameters. An optimizer step changes ``mu`` by ``O(lr^2)``, so ``every`` steps of drift
       relaxed at once at ``every`` times the rate act like a step at each (``every=1``), at
-      ``1 / every`` of the cost.
+      ``1 / every`` of the cost. Before every step a learning rate that is not a finite number
+      ``>= 0`` is refused (``ValueError`` naming its group; the optimizer step is not taken).
     - ``mode="penalty"``: before every step, ``grad P`` of
       ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
-      then treats it like any gradient, so with Adam it is preconditioned).
+      then treats it like any gradient, so with Adam it is preconditioned). It acts at every
+      step: an ``every`` other than 1 is refused (``ValueError``).
 
     Frozen parameters: a generator that acts on a parameter the optimizer does not hold, one with
-    ``requires_grad=False``, or one in a parameter group with ``lr=0``, is left out (the hook acts
+    ``requires_grad=False``, or one in a parameter group with ``lr=0`` (and ``initial_lr=0`` if
+    a scheduler recorded one: a warmup from 0 freezes nothing), is left out (the hook acts
     on the subgroup the other generators generate, :meth:`GaugeStructure.restrict`): the start
     balancing, the exact step and the penalty never move it, so frozen parameters stay bit-identical
     and their ``.grad`` is left alone. ``left_out`` counts the generators left out per reason
@@ -120,13 +149,11 @@ class GaugeFixing:
         strength: float,
         mode: Mode = "exact",
         balance_at_start: bool = True,
-        every: int = EVERY,
+        every: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-        if mode not in ("exact", "penalty"):
-            raise ValueError(f"mode must be 'exact' or 'penalty', got {mode!r}")
-        check_every(every)
+        every = check_mode_every(mode, every)
         if optimizer in _attached:
             raise ValueError(
                 "this optimizer already has a GaugeFixing hook; call .remove() on it first"
@@ -138,10 +165,11 @@ class GaugeFixing:
             raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
         self.strength = check_strength(strength)
         self.mode = mode
-        self.every = every if mode == "exact" else 1
+        self.every = every
         # Optimizer steps since the last orbit step, and per group the sum of their lrs.
         self._orbit = OrbitState()
         self._all_params = structure.bind(self.model, sharded=True)
+        refuse_gathered(self.model, self._all_params)  # FSDP2: parameters gathered now
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         optimizer_states(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
@@ -181,8 +209,7 @@ class GaugeFixing:
         if sizes != self._group_sizes:
             self._group_sizes = sizes
             self._held = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        # A tensor lr stays on its device (never read): such a group counts as training.
-        zero_lr = tuple(not isinstance(g["lr"], Tensor) and g["lr"] == 0 for g in groups)
+        zero_lr = tuple(map(_frozen_by_lr, groups))
         frozen = tuple(
             (i := self._held.get(id(p))) is None or not p.requires_grad or zero_lr[i]
             for p in self._all_params.values()
@@ -206,7 +233,7 @@ class GaugeFixing:
                 left_out[reason] = int(touched.sum())
                 active = active.restrict(~touched, reason)
         self.active, self.left_out = active, left_out
-        self.params = active.bind(self.model, sharded=True)
+        self.params = active.bind(self._all_params, sharded=True)  # FSDP2: the DTensors
         self._group_of = self._param_groups()
         self._rate_cache = None
         if left_out:
@@ -222,7 +249,10 @@ class GaugeFixing:
         self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict] | None:
         """Without a closure the gradients are ready now; with one (``step(closure)``, as in
-        Lightning), they exist only once it ran, so it is wrapped."""
+        Lightning), they exist only once it ran, so it is wrapped. Exact mode: a bad learning
+        rate is refused here, before the optimizer step."""
+        if self.mode == "exact":
+            self._check_lrs()
         if self._orbit.since + 1 < self.every:  # gauge fixing does not act on this step
             return None
         # ``args`` starts with the optimizer itself: ``step(closure)`` has it at ``args[1]``.
@@ -239,6 +269,20 @@ class GaugeFixing:
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_gauge}
         return (args[0], closure_then_gauge, *args[2:]), kwargs
+
+    def _check_lrs(self) -> None:
+        """``ValueError`` naming the group unless every group's learning rate is a finite number
+        ``>= 0`` (a tensor ``lr`` is not read on the host)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                continue
+            try:
+                check_number(lr, f"the learning rate (lr) of parameter group {i}")
+            except ValueError as err:
+                raise ValueError(
+                    f"{err}; GaugeFixing refused the optimizer step (nothing changed)"
+                ) from None
 
     def _gradients_ready(self) -> None:
         """Check the gradients (on the device); in penalty mode, check the parameters and add
