@@ -28,6 +28,7 @@ from gaugefix.experiments.stability import (
     bootstrap_interval,
     horizons,
     ratio_stats,
+    seed_ratios,
 )
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.summary import summarize
@@ -232,6 +233,16 @@ def test_the_verdict_is_the_paired_bootstrap_intervals_lower_end():
     assert scaled == pytest.approx((3.0 * low, 3.0 * high), rel=1e-12)
     mean = math.exp(np.log(list(mostly.values())).mean())
     assert low < mean < high
+
+
+def test_a_verdict_counts_the_seeds_either_side_ran():
+    """A method run on five seeds against a reference run on one: the four seeds the reference
+    lacks are unknown, so the claim cannot be judged (it held from one seed before)."""
+    method = {seed: 0.4 for seed in range(5)}
+    stats = seed_ratios(method, {0: 0.1}, method_top=4.0, ref_top=4.0)
+    assert stats["seeds"] == 5 and stats["unknown_seeds"] == 4 and stats["held"] is None
+    both = seed_ratios(method, {seed: 0.1 for seed in range(5)}, 4.0, 4.0)
+    assert both["seeds"] == 5 and both["unknown_seeds"] == 0 and both["held"] is True
 
 
 def test_the_summary_counts_its_verdicts_and_the_sham_controls_false_positives(tmp_path):

@@ -146,3 +146,16 @@ def test_the_grids_name_only_defined_methods_with_the_replica_wherever_plain_is(
         # each seed trains on its own instance of the task
         hashes = {c.seed: c.task_hash for c in configs}
         assert len(set(hashes.values())) == len(hashes)
+
+
+def test_the_summary_names_the_versions_that_trained_the_runs(tmp_path):
+    """Not those of the gaugefix that renders it: a store's runs keep their record."""
+    import sqlite3
+
+    store = _store(tmp_path)
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET gaugefix_version = '0.0.9', torch_version = '2.0.0'")
+        db.execute("UPDATE runs SET gaugefix_version = '0.0.8' WHERE seed = 1")
+    summary = summarize(store, quick=False)
+    assert summary["gaugefix_version"] == "0.0.8, 0.0.9"
+    assert summary["torch_version"] == "2.0.0"

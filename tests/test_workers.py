@@ -252,3 +252,30 @@ def test_call_computes_on_the_worker_processes_with_one_thread():
     assert here.call(os.getpid).result() == os.getpid()
     with pytest.raises(ZeroDivisionError):
         here.call(divmod, 1, 0).result()
+
+
+def _a_worker(root: int) -> int:
+    """A worker process of the sweep ``root`` (not multiprocessing's resource tracker)."""
+    for pid in sorted(descendants(root, processes())):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"resource_tracker" not in cmdline:
+            return pid
+    raise AssertionError("no worker process")
+
+
+def test_a_worker_killed_by_the_system_ends_the_sweep_with_one_line(tmp_path):
+    """A worker ended by a SIGKILL (as the out-of-memory killer ends it): one line, exit status
+    2, the claims released, and the same command resumes."""
+    out = tmp_path / "out"
+    args = ["--task", "teacher-student", "--optimizer", "gd,sgd", "--steps", "1000"]
+    proc = _training(out, args)
+    with all_end(proc.pid, within=15):
+        os.kill(_a_worker(proc.pid), signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    lines = [line for line in err.splitlines() if not line.startswith("[gaugefix]")]
+    assert len(lines) == 1 and "a worker process died while training" in lines[0], err
+    assert Store(out / STORE_NAME).claims() == []
+    result = cli.invoke(app, ["sweep", *args, "--jobs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(Store(out / STORE_NAME).runs()) == 2

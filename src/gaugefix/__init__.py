@@ -47,6 +47,7 @@ _ERRORS_ELSEWHERE = {
     "StoreBusy": "gaugefix.experiments.store",
     "TaskError": "gaugefix.experiments.tasks",
     "ClusterError": "gaugefix.experiments.ray_executor",
+    "WorkerDied": "gaugefix.experiments.workers",
 }
 
 

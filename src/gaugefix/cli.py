@@ -49,7 +49,7 @@ from gaugefix.experiments.runner import (
 )
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
-from gaugefix.experiments.workers import Workers, cores, local_workers
+from gaugefix.experiments.workers import WorkerDied, Workers, cores, local_workers
 from gaugefix.files import OutputError, output_target, write_text
 from gaugefix.report import STORE_NAME, check_outputs, headline_table, render
 from gaugefix.zoo import EXAMPLES
@@ -377,7 +377,7 @@ def _interruptible() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
-    except (StoreError, OutputError) as err:
+    except (StoreError, OutputError, WorkerDied) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(_INTERRUPTED, err=True)

@@ -407,12 +407,14 @@ def seed_ratios(
     method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
 ) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
-    ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid). A seed's
-    ratio is not known where the reference had no stable rate or was stable up to its grid's
-    top, and a lower bound where the method was."""
+    ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid), over the
+    seeds either side ran. A seed's ratio is not known where one side did not run it, the
+    reference had no stable rate or was stable up to its grid's top, and a lower bound where the
+    method was."""
     ratios: dict[int, float | None] = {}
     bounds: dict[int, bool] = {}
-    for seed, base in reference.items():
+    for seed in sorted(method.keys() | reference.keys()):
+        base = reference.get(seed, 0.0)
         known = seed in method and 0.0 < base < ref_top
         ratios[seed] = method[seed] / base if known else None
         bounds[seed] = known and method[seed] >= method_top

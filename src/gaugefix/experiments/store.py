@@ -7,7 +7,9 @@ SQLite serialises them, and a writer that waits longer than ``timeout`` seconds 
 :class:`StoreBusy` error. Processes sweeping one store share the work through *claims*: a run is
 claimed (by host, process id and a lease that its owner keeps renewing) before it is trained, and a
 claim whose process died, or whose lease ran out, may be taken over. Every problem opening a store
-is a :class:`StoreError` whose message names the file.
+is a :class:`StoreError` whose message names the file. SQLite stores a NaN as ``NULL``: a float
+field that cannot be ``None`` reads it back as NaN, one that can as ``None`` (not measured; the
+engine records a value that is not finite so anyway).
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class StoreBusy(StoreError):
     """Another process held the store's lock for longer than the timeout."""
 
 
+_SQLITE_READONLY_ROLLBACK = 776  # SQLITE_READONLY | (3 << 8): a hot journal, read-only
+
+
 def _insert(table: str, row: dict[str, Any], verb: str = "INSERT") -> str:
     """The statement inserting ``row`` (named parameters) into ``table``."""
     return f"{verb} INTO {table} ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"
@@ -163,7 +168,10 @@ def _record(seconds: float) -> Record:
 
 class Store:
     """A results store at ``path``: created with its tables when missing, unless ``readonly``
-    (then it must exist, and nothing in it or next to it is ever modified)."""
+    (then it must exist, and nothing in it or next to it is ever modified, but for the rollback
+    of a transaction that a writer killed midway left, which any next writer would do)."""
+
+    _memory: sqlite3.Connection | None = None  # a snapshot's copy in memory (:meth:`snapshot`)
 
     def __init__(self, path: str | Path, timeout: float = 60.0, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -172,6 +180,7 @@ class Store:
         if readonly:
             if not self.path.is_file():
                 raise StoreError(f"no store at {self.path}")
+            self._roll_back_killed_writer()
             self._check_format(self._query)
             return
         parent = self.path.parent
@@ -220,7 +229,52 @@ class Store:
                 f"{', '.join(missing[:3])})"
             )
 
+    def _roll_back_killed_writer(self) -> None:
+        """Roll back the transaction that a writer killed midway left in the store's journal, as
+        its next writer would (a read-only connection cannot, and reads nothing until it is)."""
+        reader = self._connect()
+        try:
+            reader.execute("PRAGMA schema_version").fetchone()
+            return
+        except sqlite3.Error as err:
+            if getattr(err, "sqlite_errorcode", 0) != _SQLITE_READONLY_ROLLBACK:
+                raise self._error(err) from None
+        finally:
+            reader.close()
+        try:
+            writer = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            try:
+                writer.execute("PRAGMA schema_version").fetchone()  # rolls the journal back
+            finally:
+                writer.close()
+        except sqlite3.Error as err:
+            raise StoreError(
+                f"cannot read {self.path}: a process writing it was killed midway, and only a "
+                f"process that may write it can roll back what it left ({err})"
+            ) from None
+
+    def snapshot(self) -> Store:
+        """A read-only copy of the store as it is now, in memory: what other processes write
+        later never shows in it, so a report reads one state of the store throughout."""
+        copy = sqlite3.connect(":memory:", isolation_level=None)
+        source = self._connect()
+        try:
+            source.backup(copy)
+        except sqlite3.DatabaseError as err:
+            copy.close()
+            raise self._error(err) from None
+        finally:
+            if source is not self._memory:
+                source.close()
+        copy.row_factory = sqlite3.Row
+        frozen = object.__new__(Store)
+        frozen.path, frozen.timeout, frozen.readonly = self.path, self.timeout, True
+        frozen._memory = copy
+        return frozen
+
     def _connect(self) -> sqlite3.Connection:
+        if self._memory is not None:
+            return self._memory
         try:
             if self.readonly:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
@@ -259,11 +313,14 @@ class Store:
         except sqlite3.DatabaseError as err:
             raise self._error(err) from None
         finally:
-            db.close()
+            if db is not self._memory:
+                db.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One transaction; raises :class:`StoreBusy` if the lock cannot be had in time."""
+        if self.readonly:
+            raise StoreError(f"cannot write {self.path}: it was opened read-only")
         db = self._connect()
         try:
             try:

@@ -55,8 +55,8 @@ class TaskSummary(quality.TaskQuality):
 
 
 class _RunsSummary(TypedDict):
-    gaugefix_version: str
-    torch_version: str
+    gaugefix_version: Annotated[str, "the versions that trained the runs, sorted, comma-separated"]
+    torch_version: Annotated[str, "as gaugefix_version"]
     quick: bool
     seconds: Annotated[float, "compute time recorded in the store"]
     runs: int
@@ -111,6 +111,12 @@ def task_summary(runs: Runs) -> TaskSummary:
     )
 
 
+def _versions(recorded: list[str], current: str) -> str:
+    """The versions that trained the runs (``recorded``, one per run), sorted and joined; the
+    ``current`` one for a store without runs."""
+    return ", ".join(sorted(set(recorded))) or current
+
+
 def summarize(store: Store, quick: bool) -> Summary:
     """``summary.json``: the headline numbers of everything in the store."""
     from gaugefix import __version__
@@ -118,8 +124,8 @@ def summarize(store: Store, quick: bool) -> Summary:
     runs = store.runs()
     tasks = {task: task_summary(rs) for task, rs in by_task(runs).items()}
     summary = Summary(
-        gaugefix_version=__version__,
-        torch_version=str(torch.__version__),
+        gaugefix_version=_versions([r.record.gaugefix_version for r in runs], __version__),
+        torch_version=_versions([r.record.torch_version for r in runs], str(torch.__version__)),
         quick=quick,
         seconds=round(store.seconds(), 3),
         runs=len(runs),

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from functools import lru_cache, partial
 from multiprocessing import get_context
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
 from gaugefix.experiments.tasks import Task
 
@@ -33,11 +35,17 @@ __all__ = [
     "PARENT_POLL",
     "train_batch",
     "Trained",
+    "WorkerDied",
     "Workers",
 ]
 
 if TYPE_CHECKING:
     from gaugefix.experiments.runner import TaskSpec
+
+
+class WorkerDied(GaugefixError, RuntimeError):
+    """A local worker process ended before its batch finished (killed, or out of memory)."""
+
 
 REPORT_EVERY = 0.5  # seconds between a worker's progress reports, and between looks at them
 PARENT_POLL = 1.0  # seconds between a worker's looks at whether its parent still lives
@@ -154,7 +162,14 @@ def execute(
         finished, _ = wait(running, timeout=REPORT_EVERY, return_when=FIRST_COMPLETED)
         workers.deliver()
         for future in finished:
-            yield (running.pop(future), *future.result())
+            try:
+                trained = future.result()
+            except BrokenProcessPool:
+                raise WorkerDied(
+                    "a worker process died while training (killed, or out of memory?); finished "
+                    "runs are stored; run the same command to resume"
+                ) from None
+            yield (running.pop(future), *trained)
 
 
 class InProcess:

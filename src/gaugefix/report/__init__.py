@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "mechanism_rows",
     "mechanism_table",
     "render",
+    "summary_json",
     "MARK",
     "STORE_NAME",
 ]
@@ -34,20 +36,19 @@ OUTPUTS = ("summary.json", "report.md")  # the files every report writes, beside
 
 
 def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
-    """Write ``summary.json``, the figures and ``report.md`` into ``out_dir`` from its store,
-    each file whole or not at all, and remove the figures that only the previous ``report.md``
-    showed (no other file); returns the summary. ``quick`` defaults to what the store's last
-    reproduction recorded. :class:`~gaugefix.files.OutputError` names a file that cannot be
-    written."""
+    """Write the figures, then ``summary.json`` and ``report.md``, into ``out_dir`` from one
+    state of its store (:meth:`Store.snapshot`), each file whole or not at all, and remove the
+    figures that only the previous ``report.md`` showed (no other file); returns the summary.
+    ``quick`` defaults to what the store's last reproduction recorded.
+    :class:`~gaugefix.files.OutputError` names a file that cannot be written."""
     out = Path(out_dir)
-    store = Store(out / STORE_NAME, readonly=True)
+    store = Store(out / STORE_NAME, readonly=True).snapshot()  # one state, whoever writes
     check_outputs(out)
     previous = out / "report.md"
     shown_before = _figures_of(previous)
     if quick is None:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
-    write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     sections = [_header(summary, _title(store, summary)), mechanism_table(summary)]
     sections.append(realistic.render(summary.get("realistic", {})))
     for task, task_runs in by_task(store.runs()).items():
@@ -58,10 +59,29 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
             sections.append(analysis.render(out, values))
     text = "\n\n".join(s for s in sections if s) + "\n"
     stale = shown_before - figures_shown(text)
+    # the two files last, one after the other: a failure before leaves both as they were
+    write_text(out / "summary.json", summary_json(summary))
     write_text(previous, text)
     for name in stale:  # figures only the previous report showed (another task name, say)
         (out / name).unlink(missing_ok=True)
     return summary
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """``summary.json``'s text: strict JSON, where a number that is not finite (which
+    ``report.md`` shows as n/a) is ``null``."""
+    return json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite, at any depth, replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def check_outputs(out_dir: str | Path) -> None:
