@@ -21,32 +21,16 @@ from typer.testing import CliRunner
 import gaugefix.report as report
 from faults import full_disk, listing
 from gaugefix.cli import app
-from gaugefix.experiments.engine import CurvePoint, RunConfig, RunResult, run_status
+from gaugefix.experiments.engine import CurvePoint, RunResult
 from gaugefix.experiments.store import Store, StoreError
+from runs import run_result
 
 cli = CliRunner()
 
 
 def _run(task: str, lr: float, seed: int = 0, test_loss: float | None = 0.3) -> RunResult:
     """A run of ``task`` stable up to lr 0.1 and diverged above."""
-    config = RunConfig(task, "plain", "gd", lr, 0.0, 0.0, seed, 0, 10, task_hash="ab" * 8)
-    final = 0.1 if lr <= 0.1 else None
-    ok = final is not None
-    return RunResult(
-        config,
-        run_status(1.0, final, 0.5),
-        1.0,
-        0.5,
-        final,
-        test_loss if ok else None,
-        0.9 if ok else None,
-        0.8 if ok else None,
-        0.2 if ok else None,
-        0.1 if ok else None,
-        None if ok else 4,
-        1.0 if ok else math.inf,
-        curves=[CurvePoint(0, 1.0, 0.5, 0.2), CurvePoint(10, final or math.nan, 0.4, 0.1)],
-    )
+    return run_result("plain", lr, 0.1, seed=seed, task=task, test_loss=test_loss)
 
 
 def _store(out: Path, runs: list[RunResult]) -> Store:
@@ -191,10 +175,10 @@ def test_summary_json_is_strict_json_with_null_for_what_is_not_finite(tmp_path):
     _store(out, [*runs, *(dataclasses.replace(r, config=dataclasses.replace(
         r.config, method="balanced-init")) for r in runs)])  # fmt: skip
     summary = report.render(out)
-    medians = summary["tasks"]["t"]["regimes"]["gd/full/10"]["final_test_loss"]["medians"]
+    medians = summary["tasks"]["t"]["regimes"]["sgd/full/10"]["final_test_loss"]["medians"]
     assert medians["plain"]["0.1"] == math.inf  # the number the report was made from
     written = _strict((out / "summary.json").read_text())
-    regime = written["tasks"]["t"]["regimes"]["gd/full/10"]
+    regime = written["tasks"]["t"]["regimes"]["sgd/full/10"]
     assert regime["final_test_loss"]["medians"]["plain"]["0.1"] is None
 
 

@@ -17,25 +17,21 @@ from torch import nn
 
 import gaugefix
 from gaugefix import step
+from test_step import TORCH
 
 D = torch.float64
 STEPS = 20
 DECAY = 0.9  # the learning-rate schedule: lr <- DECAY * lr after every step
 SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
 X = torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=D)
-# name -> (torch.optim optimizer from (params, lr), gaugefix.step optimizer from lr)
+# name -> (torch.optim optimizer from (params, lr), gaugefix.step optimizer from lr): test_step's
+# defaults, and non-default constants
 OPTIMIZERS = {
-    "sgd": (lambda ps, lr: torch.optim.SGD(ps, lr), lambda lr: step.sgd(lr)),
-    "momentum": (
-        lambda ps, lr: torch.optim.SGD(ps, lr, momentum=0.7),
-        lambda lr: step.sgd(lr, momentum=0.7),
-    ),
-    "adam": (lambda ps, lr: torch.optim.Adam(ps, lr), lambda lr: step.adam(lr)),
+    **TORCH,
     "adam-constants": (
         lambda ps, lr: torch.optim.Adam(ps, lr, betas=(0.8, 0.95), eps=1e-6),
         lambda lr: step.adam(lr, betas=(0.8, 0.95), eps=1e-6),
     ),
-    "adamw": (lambda ps, lr: torch.optim.AdamW(ps, lr), lambda lr: step.adamw(lr)),
     "adamw-constants": (
         lambda ps, lr: torch.optim.AdamW(ps, lr, betas=(0.7, 0.9), eps=1e-5, weight_decay=0.3),
         lambda lr: step.adamw(lr, betas=(0.7, 0.9), eps=1e-5, weight_decay=0.3),

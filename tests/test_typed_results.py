@@ -16,36 +16,14 @@ import pytest
 
 from gaugefix.experiments import plan
 from gaugefix.experiments.analyses import ANALYSES, Analysis
-from gaugefix.experiments.engine import METHODS, CurvePoint, RunConfig, RunResult, run_status
+from gaugefix.experiments.engine import METHODS
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Record, Store, StoredRun
 from gaugefix.experiments.summary import Summary, schema_markdown, summarize
+from runs import run_result as _run
 from schema import problems
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
-
-
-def _run(method: str, lr: float, top: float, steps: int = 10, batch: int = 0, seed: int = 0):
-    """A run stable (with test metrics) up to ``top`` and diverged above."""
-    config = RunConfig("t", method, "sgd", lr, 0.0, 0.0, seed, batch, steps, task_hash="h")
-    final = 0.2 if lr <= top else None
-    ok = final is not None
-    curve = [CurvePoint(0, 1.0, 0.5, 0.25), CurvePoint(steps, 0.2, 0.4 + seed, 0.125)]
-    return RunResult(
-        config,
-        run_status(1.0, final, 0.5),
-        1.0,
-        0.5,
-        final,
-        0.3 if ok else None,
-        0.9 if ok else None,
-        0.8 if ok else None,
-        0.1 + seed / 10 if ok else None,
-        0.01 if ok else None,
-        None if ok else 5,
-        1.0 if ok else 2e3,
-        curves=curve if ok else [],
-    )
 
 
 def _store(tmp_path: Path) -> Store:
