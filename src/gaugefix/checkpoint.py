@@ -153,6 +153,10 @@ class CheckpointBalance:
 
 
 def _storage_key(t: Tensor) -> tuple:
+    """What tensors sharing one storage (tied) have in common; a tensor without entries shares
+    nothing (empty storages all have address 0)."""
+    if t.numel() == 0:
+        return ("empty", id(t))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
@@ -229,16 +233,15 @@ def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 
 def _rounded(balanced: dict[str, Tensor], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The ``balanced`` float64 weights under the names of ``tensors``, each rounded to its
-    tensor's dtype (tensors that shared storage share it again); :class:`CheckpointError` for
-    a changed weight that overflows its dtype."""
+    tensor's dtype (tensors that shared storage share it again where their balanced values are
+    equal: a file may tie what the model does not); :class:`CheckpointError` for a changed
+    weight that overflows its dtype."""
     written: dict[str, Tensor] = {}
     by_storage: dict[tuple, Tensor] = {}
     for name, t in tensors.items():
-        shared = by_storage.get(_storage_key(t))
-        if shared is None:
-            shared = balanced[name].to(t.dtype, copy=True).contiguous()
-            by_storage[_storage_key(t)] = shared
-        written[name] = shared
+        value = balanced[name].to(t.dtype, copy=True).contiguous()
+        shared = by_storage.setdefault(_storage_key(t), value)
+        written[name] = shared if torch.equal(shared, value) else value
     for name, t in tensors.items():
         if not torch.equal(written[name], t) and not all_finite([written[name]]):
             raise CheckpointError(f"balanced {name} does not fit in {t.dtype} (overflow to inf)")
@@ -281,7 +284,8 @@ def balance_state_dict(
     on the example input ``x`` (floating inputs are cast to float64; integer inputs such as token
     ids are used as they are), :func:`gaugefix.balance_` moves it to the minimal-norm point of its
     orbit, and the balanced weights are returned under the names of ``tensors``, each in its own
-    dtype (tensors that shared storage share it again). ``model`` itself is not modified.
+    dtype (tensors that shared storage share it again where they stay equal). ``model``
+    itself is not modified.
     Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
     """
     refuse_sharded(dict(tensors))

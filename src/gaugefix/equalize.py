@@ -427,8 +427,9 @@ def _channel_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(weight dim, input dim)`` of a linear map over its input's channels, or ``None``."""
     if isinstance(module, nn.Linear):
         return 1, -1
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return None if module.groups != 1 or module.transposed else (1, 1)
+    if isinstance(module, nn.modules.conv._ConvNd):  # channels before the spatial dims, so
+        spatial = module.weight.dim() - 2  # counted from the end: batched or unbatched input
+        return None if module.groups != 1 or module.transposed else (1, -1 - spatial)
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
         return 0, -1  # Hugging Face's Conv1D: x @ W with W [in, out]
     return None
