@@ -27,6 +27,7 @@ __all__ = [
     "balance_",
     "BalanceResult",
     "check_tolerances",
+    "log_ratio",
     "masses_of",
     "pcg",
     "solve_balance",
@@ -199,7 +200,7 @@ def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> Bal
 F_ROUNDING = 64 * torch.finfo(torch.float64).eps
 
 
-def _log_ratio(a: Tensor, b: Tensor) -> Tensor:
+def log_ratio(a: Tensor, b: Tensor) -> Tensor:
     """``log(a / b)`` for positive ``a``, ``b``; where the ratio is not a normal positive number
     (sides over ``1e308`` apart: a side of subnormal squares) the difference of the logs, which
     loses ``|log a|`` ulps near a ratio of 1 and so is not used everywhere."""
@@ -215,7 +216,7 @@ def _closed_form_step(
     halves ``F``, or does not increase it (beyond :data:`F_ROUNDING`) and halves
     ``max |mu_n| / S_n``. Returns the state at the new gauges and the copies that took the step
     (the others then switch to Newton)."""
-    step = torch.where(live & runs[:, None], 0.25 * _log_ratio(state.s_out, state.s_in), 0.0)
+    step = torch.where(live & runs[:, None], 0.25 * log_ratio(state.s_out, state.s_in), 0.0)
     trial = masses.at(state.h + step)
     mu, s = trial.s_in - trial.s_out, trial.s_in + trial.s_out
     f0, f1 = state.total, trial.total

@@ -384,6 +384,10 @@ def _check_vectors(
     for name in structure.params:
         if name not in vectors:
             raise ValueError(f"vectors: no entry for the gauged parameter '{name}'")
+        if not vectors[name].is_floating_point():  # the projection would be rounded to it
+            raise ValueError(
+                f"vectors: '{name}' is {vectors[name].dtype}, expected a real floating dtype"
+            )
 
 
 @torch.no_grad()
@@ -404,9 +408,9 @@ def project(
     hold every parameter of ``structure``; it may also hold other parameters of the model (their
     vertical component is 0, so ``Pi_H`` returns them unchanged). Returns a new dict with the
     same keys, each tensor in its input's dtype and device. Names that are not parameters of the
-    model, shapes that differ, or NaN/inf in a gauged parameter's vector raise ``ValueError``
-    naming the parameter (other parameters pass through unchecked); a singular ``K`` raises
-    :class:`SingularGramError` naming the generators.
+    model, shapes that differ, a gauged parameter's vector that is not of a real floating dtype
+    or holds NaN/inf raise ``ValueError`` naming the parameter (other parameters pass through
+    unchecked); a singular ``K`` raises :class:`SingularGramError` naming the generators.
     """
     if onto not in ("vertical", "horizontal"):
         raise ValueError(f"onto must be 'vertical' or 'horizontal', got {onto!r}")

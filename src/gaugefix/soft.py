@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from gaugefix.action import all_finite, check_finite_params, gauge_params_, optimizer_states
+from gaugefix.balancing import log_ratio
 from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
@@ -27,6 +27,7 @@ from gaugefix.kernels import (
     generator_sums,
     group_coefficients,
     kernel_plan,
+    row_norms,
     stacked,
     term_values,
 )
@@ -88,8 +89,8 @@ def generator_combination(
     every entry of the bound ``tensors`` (``[*batch, *shape]``), given per-generator
     coefficients ``c`` (``[*batch, N]``); the gradient of ``P`` when ``c = strength * mu``.
     Computed in ``c``'s dtype, returned in each tensor's; a few operations per group of equally
-    shaped parameters (:mod:`gaugefix.kernels`), returned in the order of ``tensors``. To be
-    called under ``no_grad``."""
+    shaped parameters (:mod:`gaugefix.kernels`), returned in the order of ``tensors``.
+    Differentiable when grad mode is on (the penalty's double backward)."""
     cx = torch.cat([c, c.new_zeros(*c.shape[:-1], 1)], dim=-1)
     out = {}
     for group in kernel_plan(structure, c.device).groups:
@@ -180,10 +181,13 @@ class _OrbitSelection(torch.autograd.Function):
         return (strength / 4) * mu.square().sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        """The closed form; under ``create_graph=True`` (grad mode on) ``mu`` is recomputed
+        with autograd, so the gradient is itself differentiable (Hessian-vector products)."""
         mu, *params = ctx.saved_tensors
         tensors = dict(zip(ctx.structure.params, params, strict=True))
+        if torch.is_grad_enabled():
+            mu = imbalance(tensors, ctx.structure)
         scale = grad_output.to(mu.dtype) * ctx.strength
         grads = generator_combination(tensors, ctx.structure, scale * mu)
         return (None, None, *grads.values())
@@ -376,13 +380,16 @@ def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
     """The step ``h`` (``[R, N]``) of :func:`relax_` for every copy held by ``masses`` by the
     bounded search (``rate``: ``[R]`` or ``[R, N]``): each ``h_n = -rate mu_n`` clamped between 0
     and the local balance; a copy whose step would raise ``||mu||`` or ``F`` halves its rate
-    and tries again (:data:`HALVINGS` times at most, then it does not move)."""
+    and tries again (:data:`HALVINGS` times at most, then it does not move). Scale-safe:
+    ``||mu||`` by :func:`gaugefix.kernels.row_norms` (``mu`` of parameters below ``1e-77`` or
+    above ``1e77`` squares to 0 or inf), the local balance finite for sides over ``1e308``
+    apart (else the clamp is lost and no halving brings ``rate * mu`` back)."""
     state = masses.at(torch.zeros(masses.r, masses.n, dtype=torch.float64, device=masses.device))
     live = (state.s_in > 0) & (state.s_out > 0)
     mu = torch.where(live, state.s_in - state.s_out, 0.0)
-    local = torch.where(live, 0.25 * torch.log(state.s_out / state.s_in), 0.0)
+    local = torch.where(live, 0.25 * log_ratio(state.s_out, state.s_in), 0.0)
     low, high = local.clamp(max=0.0), local.clamp(min=0.0)
-    mu_norm, f0 = torch.linalg.vector_norm(mu, dim=1), state.total
+    mu_norm, f0 = row_norms(mu), state.total
     rate = rate.to(torch.float64)
     rate = rate if rate.dim() == 2 else rate[:, None]
     scale = torch.ones(masses.r, 1, dtype=torch.float64, device=masses.device)
@@ -391,7 +398,7 @@ def bounded_orbit_step(masses: Masses, rate: Tensor) -> Tensor:
     for _ in range(HALVINGS):
         trial = torch.minimum(torch.maximum(-scale * rate * mu, low), high)
         at = masses.at(trial)
-        t_norm = torch.linalg.vector_norm(torch.where(live, at.s_in - at.s_out, 0.0), dim=1)
+        t_norm = row_norms(torch.where(live, at.s_in - at.s_out, 0.0))
         ok = ~done & (t_norm <= mu_norm) & (at.total <= f0)
         h = torch.where(ok[:, None], trial, h)
         done = done | ok
