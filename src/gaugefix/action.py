@@ -7,6 +7,8 @@ rounding and composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -20,17 +22,20 @@ from gaugefix.distributed import (
 )
 from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, finite_flag, rescale_
+from gaugefix.moment import refuse_meta
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
     "all_finite",
     "apply_gauge_",
+    "check_transport",
     "check_finite_params",
     "check_h",
     "finite_on_device",
     "gauge_params_",
     "optimizer_states",
     "random_gauge_",
+    "refuse_shared_memory",
     "transport_targets",
 ]
 
@@ -38,6 +43,8 @@ __all__ = [
 # gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
 GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
+# Entries that count steps, left as they are: a 0-dim one is shaped like a 0-dim parameter.
+COUNTS = ("step",)
 
 
 def finite_on_device(tensors: list[Tensor]) -> Tensor:
@@ -63,7 +70,9 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 
 def check_finite_params(params: dict[str, Tensor]) -> None:
-    """Raise ``ValueError`` naming the first parameter with a NaN or infinite entry."""
+    """Raise ``ValueError`` naming the first parameter on the ``meta`` device (no data) or with
+    a NaN or infinite entry."""
+    refuse_meta(params)
     if all_finite(list(params.values())):
         return
     for name, p in params.items():
@@ -99,7 +108,8 @@ def optimizer_states(
     optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]
 ) -> dict[str, dict]:
     """The optimizer state of each parameter, checked to be transportable: every tensor entry
-    shaped like its parameter must be a known gradient-like or squared buffer, and no other
+    shaped like its parameter must be a known gradient-like or squared buffer (or the step
+    count, shaped like a 0-dim parameter), and no other
     entry may hold several numbers (Adafactor's factored ``row_var`` and ``col_var``, L-BFGS's
     flat direction and history lists), which a rescaling would leave stale."""
     if optimizer is None:
@@ -112,7 +122,7 @@ def optimizer_states(
         if not state:
             continue
         for key, value in state.items():
-            like = isinstance(value, Tensor) and value.shape == p.shape
+            like = isinstance(value, Tensor) and value.shape == p.shape and key not in COUNTS
             if (like and key not in GRAD_LIKE + SQUARED) or (not like and _several(value)):
                 raise ValueError(
                     f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} "
@@ -139,7 +149,8 @@ def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Tar
     for name, p in params.items():
         out = [(p, 1)] + ([(p.grad, -1)] if p.grad is not None else [])
         for key, value in states.get(name, {}).items():
-            if isinstance(value, Tensor) and value.shape == p.shape:
+            like = isinstance(value, Tensor) and value.shape == p.shape
+            if like and key in GRAD_LIKE + SQUARED:
                 out.append((value, -1 if key in GRAD_LIKE else -2))
         targets[name] = out
     return local_targets(targets) if sharded(params.values()) else targets
@@ -153,8 +164,79 @@ def gauge_params_(
 ) -> None:
     """``g(h)`` on validated ``params`` (bound to ``structure``, or this process's slices and
     their local structure under FSDP2) with what moves with them: ``.grad`` and ``optimizer``'s
-    state (:func:`transport_targets`)."""
+    state (:func:`transport_targets`), checked by :func:`check_transport` (not here: the hot path
+    of :class:`gaugefix.GaugeFixing` checks once)."""
     rescale_(transport_targets(params, optimizer_states(optimizer, params)), structure, h)
+
+
+def check_transport(optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]) -> None:
+    """``ValueError`` before anything moves unless ``params`` and what moves with them can be
+    moved in place: they hold data (not on the ``meta`` device), ``optimizer``'s state is
+    transportable (:func:`optimizer_states`) and no two of the tensors
+    :func:`transport_targets` lists share memory (:func:`refuse_shared_memory`)."""
+    refuse_meta(params)
+    refuse_shared_memory(transport_targets(params, optimizer_states(optimizer, params)))
+
+
+def _span(t: Tensor) -> tuple[str, int, int, int]:
+    """``(device, storage address, first byte, end byte)`` of the memory ``t`` reads."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return (str(t.device), t.untyped_storage().data_ptr(), start, start + (last + 1) * size)
+
+
+def _self_disjoint(t: Tensor) -> bool:
+    """Whether ``t``'s entries provably lie in distinct memory: along its dims ordered by stride,
+    each stride reaches past the extent of the dims before it (not so for an expanded dim)."""
+    extent = 1
+    for stride, n in sorted((s, n) for n, s in zip(t.shape, t.stride(), strict=True) if n > 1):
+        if stride < extent:
+            return False
+        extent += (n - 1) * stride
+    return True
+
+
+def _share_bytes(tensors: list[Tensor]) -> bool:
+    """Whether two entries of ``tensors`` (views of one storage) share a byte: every entry's
+    bytes counted, in units of the largest size dividing every entry's size and offset."""
+    spans = [_span(t) for t in tensors]
+    low, high = min(s[2] for s in spans), max(s[3] for s in spans)
+    unit = math.gcd(*(t.element_size() for t in tensors), *(s[2] - low for s in spans))
+    units = torch.arange((high - low) // unit)
+    index = []
+    for t, (_, _, start, _) in zip(tensors, spans, strict=True):
+        k = t.element_size() // unit
+        strides = (*(s * k for s in t.stride()), 1)
+        index.append(units.as_strided((*t.shape, k), strides, (start - low) // unit).reshape(-1))
+    return bool(torch.bincount(torch.cat(index)).max() > 1)
+
+
+def refuse_shared_memory(targets: Targets) -> None:
+    """``ValueError`` naming the parameters when two tensors to be moved in place (parameters,
+    gradients, optimizer state) share memory, or entries of one do (an expanded tensor): a
+    move would scale the shared entries twice, or fail halfway. Views of one flat buffer that
+    do not overlap pass; an exact check only where their byte ranges meet."""
+    items = [(name, t) for name, ts in targets.items() for t, _ in ts if t.numel()]
+    spans = sorted((_span(t), i) for i, (_, t) in enumerate(items))
+    clusters: list[list[int]] = []
+    end: tuple = ()
+    for (device, address, start, stop), i in spans:
+        if end and end[:2] == (device, address) and start < end[2]:
+            clusters[-1].append(i)
+            end = (device, address, max(stop, end[2]))
+        else:
+            clusters.append([i])
+            end = (device, address, stop)
+    for cluster in clusters:
+        tensors = [items[i][1] for i in cluster]
+        if (len(tensors) == 1 and _self_disjoint(tensors[0])) or not _share_bytes(tensors):
+            continue
+        names = sorted({items[i][0] for i in cluster})
+        raise ValueError(
+            f"parameters {names} (or their gradients or optimizer state) share memory: a gauge "
+            "move in place would scale shared entries more than once; nothing was modified"
+        )
 
 
 @torch.no_grad()
@@ -175,7 +257,7 @@ def apply_gauge_(
     refuse_gathered(model, params)
     check_h(h, structure, params)
     check_finite_params(params)
-    optimizer_states(optimizer, params)
+    check_transport(optimizer, params)
     if params:
         _, structure = local_view(params, structure)  # this process's slices under FSDP2
         gauge_params_(params, structure, h, optimizer)

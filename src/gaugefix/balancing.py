@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
+from gaugefix.action import (
+    check_finite_params,
+    check_h,
+    check_transport,
+    gauge_params_,
+)
 from gaugefix.distributed import agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import generator_sums, row_norms
@@ -365,7 +370,7 @@ def balance_(
         lambda: check_tolerances(tol, max_iter),
         lambda _: torch.tensor([tol, max_iter], dtype=torch.float64),
     )
-    optimizer_states(optimizer, params)
+    check_transport(optimizer, params)
     n = structure.num_generators
     if n == 0:
         check_finite_params(params)

@@ -48,7 +48,12 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
-from gaugefix.action import check_finite_params, check_h, gauge_params_, optimizer_states
+from gaugefix.action import (
+    check_finite_params,
+    check_h,
+    check_transport,
+    gauge_params_,
+)
 from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
 from gaugefix.distributed import refuse_gathered
@@ -735,7 +740,7 @@ def equalize_(
     params = structure.bind(model)
     refuse_gathered(model, params)  # FSDP2 parameters gathered now: a change would be lost
     check_finite_params(params)
-    optimizer_states(optimizer, params)
+    check_transport(optimizer, params)
     active, keep = unfrozen(structure, params)
     if name == "norm":
         return _balanced(model, active, keep, tol, max_iter, optimizer)

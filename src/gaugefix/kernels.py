@@ -454,20 +454,21 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     """The action without validation: every tensor listed for parameter ``name`` is multiplied
     by ``exp(power * sum_n w_n(e) h_n)``. ``h``: ``[*batch, N]`` (finite), the tensors
     ``[*batch, *shape]``; with ``batch_dims`` leading dims, copy ``b`` of a stack moves by
-    ``h[b]``. Per group and power, the factors of :func:`group_factors`: in the GPU layout each
-    applied with one ``torch._foreach_mul_`` over every tensor of that power, on the CPU tensor
-    by tensor (:func:`mul_by_rows_`)."""
+    ``h[b]``. Per group, power and dtype (a factor rounded to another tensor's dtype would not be
+    exact), the factors of :func:`group_factors`: in the GPU layout each applied with one
+    ``torch._foreach_mul_`` over every tensor of that power and dtype, on the CPU tensor by
+    tensor (:func:`mul_by_rows_`)."""
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
     hx = torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
     for group in kernel_plan(structure, device).groups:
-        by_power: dict[int, list[tuple[int, Tensor]]] = {}
+        by_power: dict[tuple[int, torch.dtype], list[tuple[int, Tensor]]] = {}
         for k, name in enumerate(group.names):
             for t, power in targets.get(name, ()):
-                by_power.setdefault(power, []).append((k, t))
-        for power, moved in by_power.items():
-            factors = group_factors(hx, group, power, moved[0][1].dtype, batch_dims)
+                by_power.setdefault((power, t.dtype), []).append((k, t))
+        for (power, dtype), moved in by_power.items():
+            factors = group_factors(hx, group, power, dtype, batch_dims)
             if gpu_layout(device):
                 for per_param in factors:
                     torch._foreach_mul_([t for _, t in moved], [per_param[k] for k, _ in moved])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gaugefix.kernels import reduce_to, trailing_sum_of_squares
-from gaugefix.moment import pair_shape, scatter_add_
+from gaugefix.moment import pair_shape, refuse_meta, scatter_add_
 from gaugefix.structure import GaugeStructure, PlannedParam
 
 __all__ = ["MassState", "Masses"]
@@ -47,7 +47,9 @@ class Masses:
     def __init__(self, tensors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
         """``tensors``: name -> ``[R, *shape]`` for the structure's parameters (or some of
         them: the masses of that part of the model). They are read again when the base moves,
-        and must not change while the masses are in use."""
+        and must not change while the masses are in use; ``ValueError`` on the ``meta``
+        device."""
+        refuse_meta(tensors)
         first = next(iter(tensors.values()))
         self.n = structure.num_generators
         self.sum_over_shards = structure.sum_over_shards

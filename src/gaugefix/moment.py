@@ -28,16 +28,35 @@ __all__ = [
     "imbalance_stats_tensor",
     "in_out_sums",
     "pair_shape",
+    "refuse_meta",
     "scatter_add_",
     "scatter_terms_",
     "STAT_NAMES",
     "stats_from_sums",
+    "widest_accumulation",
 ]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating type accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def widest_accumulation(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """The :func:`accumulation_dtype` of ``tensors`` together: float64 when any is float64
+    (a model mixing float16 and float64 layers), else float32; float64 for none."""
+    dtypes = {t.dtype for t in tensors.values()}
+    return torch.float32 if dtypes and torch.float64 not in dtypes else torch.float64
+
+
+def refuse_meta(tensors: Mapping[str, Tensor]) -> None:
+    """``ValueError`` naming the first tensor on the ``meta`` device, which holds no data."""
+    for name, t in tensors.items():
+        if t.is_meta:
+            raise ValueError(
+                f"parameter '{name}' is on the meta device (it holds no data): materialize the "
+                "model first (model.to_empty(device=...) and load its weights)"
+            )
 
 
 def pair_shape(param: PlannedParam) -> tuple[int, ...]:
@@ -73,9 +92,8 @@ def in_out_sums(
     """``(S_in, S_out)``, each ``[num_generators]``: the squared masses every generator
     multiplies and divides in ``source`` (a model, or name -> tensor)."""
     tensors = structure.bind(source)
-    first = next(iter(tensors.values()), None)
-    dtype = accumulation_dtype(first.dtype) if first is not None else torch.float64
-    s_in, s_out, _ = generator_sums(tensors, structure, dtype)
+    refuse_meta(tensors)
+    s_in, s_out, _ = generator_sums(tensors, structure, widest_accumulation(tensors))
     return s_in, s_out
 
 
@@ -83,7 +101,7 @@ def imbalance(source: nn.Module | Mapping[str, Tensor], structure: GaugeStructur
     """The imbalance ``mu``, shape ``[num_generators]``: ``mu_n = sum_e w_n(e) theta_e^2``.
 
     ``source`` is a model or a mapping from parameter names to tensors (so ``imbalance(grads, s)``
-    is ``mu(g)``). Accumulated in float64 for float64 tensors and in float32 otherwise.
+    is ``mu(g)``). Accumulated in float64 when any tensor is float64, else in float32.
     Differentiable when the tensors require grad. For FSDP2-sharded (``DTensor``) tensors every
     process returns the whole ``mu``: its slices' sums, completed by one all-reduce (not
     differentiable then).
@@ -146,9 +164,9 @@ def imbalance_stats_tensor(
     refuse_gathered(source, params)  # FSDP2 gathered copies (in the forward's dtype)
     if not params:
         return torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    refuse_meta(params)
     params, structure = local_view(params, structure)  # this process's slices under FSDP2
-    dtype = accumulation_dtype(next(iter(params.values())).dtype)
-    return stats_from_sums(*generator_sums(params, structure, dtype))
+    return stats_from_sums(*generator_sums(params, structure, widest_accumulation(params)))
 
 
 def imbalance_stats(

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import all_finite, check_finite_params, gauge_params_, optimizer_states
+from gaugefix.action import (
+    all_finite,
+    check_finite_params,
+    check_transport,
+    gauge_params_,
+)
 from gaugefix.balancing import log_ratio
 from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
@@ -287,7 +292,7 @@ def relax_(
         params, n + 1, "rate", lambda: check_rate(rate, structure), lambda r: _rate_numbers(r, n)
     )
     check_finite_params(params)
-    optimizer_states(optimizer, params)
+    check_transport(optimizer, params)
     return relax_unchecked_(structure, params, checked, optimizer)[0]
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import finite_on_device, optimizer_states
+from gaugefix.action import check_transport, finite_on_device
 from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view, refuse_gathered
 from gaugefix.errors import check_number
@@ -171,7 +171,7 @@ class GaugeFixing:
         self._all_params = structure.bind(self.model, sharded=True)
         refuse_gathered(self.model, self._all_params)  # FSDP2: parameters gathered now
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
-        optimizer_states(optimizer, self._all_params)
+        check_transport(optimizer, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
         self._held: dict[int, int] = {}  # id of each parameter the optimizer holds -> group
