@@ -309,6 +309,33 @@ def test_dtype_mixture_sums_accumulate_in_float64(dtypes):
     assert abs(stats["mu_norm"] - float((s_in - s_out).norm())) <= 1e-12 * float(norm)
 
 
+@pytest.mark.parametrize("dtypes", MIXTURES, ids=str)
+def test_dtype_mixture_penalty_and_orbit_step_accumulate_in_float64(dtypes):
+    """``gaugefix.step.penalty`` adds ``strength * (sum_n w_n(e) mu_n) theta_e`` exactly to the
+    float64 parameters' gradients: ``mu`` summed in float64 when any parameter is float64, and
+    each group's coefficients in its widest dtype (both were the first parameter's: 1e-7)."""
+    from gaugefix import step
+
+    torch.manual_seed(0)
+    model, x = Mixed(dtypes), torch.randn(5, 8, dtype=D)
+    structure = gaugefix.discover(model, x)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s_in, s_out, _ = reference_sums(model, structure)
+    mu = s_in - s_out
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    tx = step.penalty(structure, strength=1.0)
+    added, _ = tx.update(grads, tx.init(params), params)
+    for name, p in params.items():
+        if p.dtype == D and name in structure.params:
+            combination = torch.zeros_like(p)
+            for term in structure.params[name].terms:
+                live = term.index >= 0
+                c = torch.where(live, mu[term.index.clamp(min=0)], 0.0) * term.sign
+                combination += c.expand_as(p) if c.shape != p.shape else c
+            expected = combination * p
+            assert relative(added[name], expected) <= 1e-12, name
+
+
 class Aliased(nn.Module):
     """Distinct Parameters over shared memory: ``mode`` 'same' (the whole weight), 'overlap'
     (views of one buffer overlapping by half), 'expanded' (a bias expanded from one entry)."""

@@ -37,7 +37,7 @@ from gaugefix.kernels import (
     term_values,
 )
 from gaugefix.masses import Masses
-from gaugefix.moment import accumulation_dtype, imbalance
+from gaugefix.moment import imbalance, widest_accumulation
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
@@ -137,7 +137,7 @@ def add_orbit_selection_grad_(
     the decision is the one host read."""
     if not params:
         return bool(grads_ok)
-    dtype = accumulation_dtype(next(iter(params.values())).dtype)
+    dtype = widest_accumulation(params)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     s_in, s_out, norm_sq = generator_sums(tensors, local, dtype)
     flags = torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()
@@ -166,11 +166,12 @@ def add_selection_grads_(
     """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
     ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, the
     strength included): the gradient of ``P`` added, per group of equally shaped parameters
-    (:func:`gaugefix.kernels.addcmul_group_`)."""
+    (:func:`gaugefix.kernels.addcmul_group_`), the coefficients in the group's widest dtype."""
     mu = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
     for group in kernel_plan(structure, mu.device).groups:
         ps = [params[name] for name in group.names]
-        coefficients = group_coefficients(mu, group, ps[0].dtype, batch_dims)
+        dtype = functools.reduce(torch.promote_types, {p.dtype for p in ps})
+        coefficients = group_coefficients(mu, group, dtype, batch_dims)
         addcmul_group_([grads[name] for name in group.names], ps, coefficients)
 
 
@@ -350,7 +351,7 @@ def orbit_step(
     n = structure.num_generators
     first = next(iter(tensors.values()))
     batch = tuple(first.shape[:batch_dims])
-    dtype = accumulation_dtype(first.dtype)
+    dtype = widest_accumulation(tensors)
     s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims)
     s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
     finite = torch.isfinite(norm_sq)
