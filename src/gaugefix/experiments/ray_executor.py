@@ -6,13 +6,17 @@ one intra-op thread (:func:`gaugefix.experiments.workers.train_batch`); a task's
 through Ray's object store, so the workers need gaugefix installed but not the data files. The
 driver stays the store's only writer: :func:`gaugefix.experiments.runner.run_all` writes a
 batch's runs as its task's result arrives. A task whose worker or node dies is run again (up to
-:data:`MAX_RETRIES` times); a batch's runs are written once, from the result that arrives.
+:data:`MAX_RETRIES` times); a batch's runs are written once, from the result that arrives. A
+task that raises ends the command with one line naming its runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -31,22 +35,45 @@ if TYPE_CHECKING:
 
 MAX_RETRIES = 3  # runs of a task after its worker died
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to accept a connection
+ANSWER_TIMEOUT = 5.0  # and then for it to answer as a gRPC server does
+# The client preface of HTTP/2, which Ray's gRPC servers speak, and an empty SETTINGS frame: a
+# gRPC server answers them with a SETTINGS frame (type 4) of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 class ClusterError(GaugefixError, RuntimeError):
-    """Ray is not installed, the cluster cannot be reached, or it lost a task more often than it
-    retries; the message says which."""
+    """Ray is not installed, the cluster cannot be reached, a task raised, or the cluster lost a
+    task more often than it retries; the message says which."""
 
 
 def _check_reachable(address: str) -> None:
-    """Fail fast on an address nothing listens at (Ray itself would retry for many minutes)."""
+    """Fail fast on an address nothing listens at, or where something other than a Ray cluster
+    (a gRPC server) answers: Ray itself would retry for many minutes."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT: {address}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT)
     except OSError as err:
         raise ClusterError(f"cannot reach a Ray cluster at {address}: {err}") from None
+    with sock:
+        tls = os.environ.get("RAY_USE_TLS", "0").lower() not in ("0", "false", "")
+        if not tls and not _answers_http2(sock):
+            raise ClusterError(f"no Ray cluster answers at {address}: something else listens there")
+
+
+def _answers_http2(sock: socket.socket) -> bool:
+    """Whether the server at the other end of ``sock`` answers HTTP/2's preface (as Ray's gRPC
+    servers do) within :data:`ANSWER_TIMEOUT` seconds."""
+    answer = b""
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        sock.sendall(_H2_PREFACE)
+        while len(answer) < 9 and (more := sock.recv(9 - len(answer))):
+            answer += more
+    except OSError:
+        return False
+    return len(answer) == 9 and answer[3] == 4
 
 
 @contextmanager
@@ -55,7 +82,8 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Workers]:
     machine), or start a local Ray instance with ``cpus`` CPUs when ``address`` is None; yield
     its workers for :func:`~gaugefix.experiments.runner.run_all`; cancel the tasks still
     running and disconnect (stopping a local instance) on exit. Raises :class:`ClusterError`
-    before anything is started or written."""
+    before anything is started or written. This process's SIGTERM handler stays as it was
+    (``ray.init`` would replace it) and Ray's warnings stay off the output."""
     try:
         import ray
     except ImportError:  # said before any address is tried
@@ -63,6 +91,8 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Workers]:
     if address is not None and address != "auto":
         _check_reachable(address)
     options = {"num_cpus": cpus, "include_dashboard": False} if address is None else {}
+    sigterm = signal.getsignal(signal.SIGTERM)
+    quiet = _Quiet(logging.getLogger("ray"))
     try:
         ray.init(
             address=address or "local",  # not RAY_ADDRESS nor a cluster `ray start` left
@@ -72,30 +102,49 @@ def ray_executor(address: str | None, cpus: int) -> Iterator[Workers]:
             **options,
         )
     except (ConnectionError, RuntimeError, ValueError) as err:
-        what = (
-            "start a local Ray instance"
-            if address is None
-            else f"join the Ray cluster at {address}"
-        )
-        if "InvalidAuthToken" in f"{err} {err.__cause__}":
-            reason = (
-                "it asks for Ray's authentication token; set RAY_AUTH_MODE=token (the token "
-                "in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
-            )
-        elif address == "auto" and isinstance(err, ConnectionError):
-            reason = (
-                "none runs on this machine; start one with `ray start --head`, give "
-                "--ray-address HOST:PORT, or leave out --ray-address for a local Ray instance"
-            )
-        else:
-            reason = first_line(err)
-        raise ClusterError(f"cannot {what}: {reason}") from None
+        quiet.restore()
+        raise _init_error(address, err) from None
+    finally:
+        # None: a handler not set from Python; and only the main thread may set one
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     workers = RayWorkers()
     try:
         yield workers
     finally:
         workers.cancel()
         ray.shutdown()
+        quiet.restore()
+
+
+def _init_error(address: str | None, err: Exception) -> ClusterError:
+    """The one-line error of a ``ray.init`` that failed with ``err``."""
+    what = "start a local Ray instance" if address is None else f"join the Ray cluster at {address}"
+    if "InvalidAuthToken" in f"{err} {err.__cause__}":
+        reason = (
+            "it asks for Ray's authentication token; set RAY_AUTH_MODE=token (the token "
+            "in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        )
+    elif address == "auto" and isinstance(err, ConnectionError):
+        reason = (
+            "none runs on this machine; start one with `ray start --head`, give "
+            "--ray-address HOST:PORT, or leave out --ray-address for a local Ray instance"
+        )
+    else:
+        reason = first_line(err)
+    return ClusterError(f"cannot {what}: {reason}")
+
+
+class _Quiet:
+    """Ray's warnings kept off the command's output (it logs one, on starting a local instance,
+    about token authentication) until :meth:`restore`; errors still show."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.level = logger, logger.level
+        logger.setLevel(max(self.level, logging.ERROR))
+
+    def restore(self) -> None:
+        self.logger.setLevel(self.level)
 
 
 class RayWorkers:
@@ -122,7 +171,7 @@ class RayWorkers:
         ref = self.remote.remote(configs, *(self.tasks[spec] for spec in specs))
         self.refs.append(ref)
         future: Future[Trained] = Future()
-        ref.future().add_done_callback(partial(_settle, future))
+        ref.future().add_done_callback(partial(_settle, future, configs))
         return future
 
     def deliver(self) -> None:
@@ -146,15 +195,26 @@ def train_batch_remote(configs: list[RunConfig], *tasks: Task) -> Trained:
     return train_batch(list(tasks), configs)
 
 
-def _settle(future: Future[Trained], done: Future[Trained]) -> None:
-    """Give ``future`` the result of a Ray task's ``done``: an error of gaugefix's own code as
-    the local workers would raise it, a lost task as a :class:`ClusterError`."""
+def _settle(future: Future[Trained], configs: list[RunConfig], done: Future[Trained]) -> None:
+    """Give ``future`` the result of the Ray task ``done`` that trained ``configs``: a one-line
+    :class:`ClusterError` when the node could not run it or gaugefix refused it (naming its
+    runs), or the task was lost more often than it is retried; any other error as the local
+    workers raise it (a bug's traceback)."""
     import ray
 
     try:
         future.set_result(done.result())
     except ray.exceptions.RayTaskError as err:
-        future.set_exception(err)
+        cause = err.cause if isinstance(err.cause, BaseException) else err
+        if not isinstance(cause, GaugefixError | ray.exceptions.RaySystemError):
+            future.set_exception(err)
+            return
+        future.set_exception(
+            ClusterError(
+                f"{_runs(configs)} failed on the cluster: {type(cause).__name__}: "
+                f"{first_line(cause)}"
+            )
+        )
     except ray.exceptions.RayError as err:
         future.set_exception(
             ClusterError(
@@ -162,3 +222,10 @@ def _settle(future: Future[Trained], done: Future[Trained]) -> None:
                 f"{first_line(err)} The finished runs are stored; run the same command to resume."
             )
         )
+
+
+def _runs(configs: list[RunConfig]) -> str:
+    """The runs of a batch, as a one-line error names them."""
+    c = configs[0]
+    run = f"task {c.task}, method {c.method}, optimizer {c.optimizer}, lr {c.lr:g}, seed {c.seed}"
+    return f"the run ({run})" if len(configs) == 1 else f"{len(configs)} runs (the first: {run})"
