@@ -32,6 +32,7 @@ from gaugefix.structure.trace import (
 
 def discover(
     model: nn.Module,
+    /,
     *example_inputs: Any,
     allow_value_dependent: bool = False,
     rules: Iterable[tuple[Any, Callable[..., Any]]] = (),

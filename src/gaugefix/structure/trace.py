@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gaugefix.errors import GaugefixError
+from gaugefix.errors import GaugefixError, first_line
 
 __all__ = [
     "BUILTIN",
@@ -227,6 +227,12 @@ class TraceContext:
         self.registries = registries  # consulted in order: per call, the user's, built-in
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
+        # memory (see _memory) -> the parameters in it: a tensor there that is not one of them
+        # (a buffer, an attribute or a constant aliasing a parameter) changes with them.
+        self._param_memory: dict[tuple, list[Tensor]] = {}
+        for p in self.params.values():
+            self._param_memory.setdefault(_memory(p), []).append(p)
+        self._param_memory.pop(None, None)
         # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
         # the parameter is fixed (every entry carries 0).
         self.roles: dict[str, list[tuple[Tensor, int]] | None] = {}
@@ -286,16 +292,25 @@ class TraceContext:
 
     def apply(self, rule: Rule, args: tuple, kwargs: dict, result: Any) -> Any:
         """Run ``rule`` on an op's arguments bound by name; a call its signature does not take
-        blocks every input."""
+        blocks every input. A rule that fails raises :class:`TracingError` naming it (not
+        mistaken for the model's own error: a ``TypeError`` inside ``a * b`` would read as
+        "unsupported operand")."""
         try:
             return rule.fn(self, result, *args, **kwargs)
-        except TypeError as err:
-            try:  # only now (rarely): was it the call that did not bind?
-                rule.signature.bind(self, result, *args, **kwargs)
-            except TypeError:
-                reason = self.reason(f"call its rule does not take: {err}")
-                return self.block_all(args, kwargs, reason)
+        except TracingError:
             raise
+        except Exception as err:
+            if isinstance(err, TypeError):
+                try:  # only now (rarely): was it the call that did not bind?
+                    rule.signature.bind(self, result, *args, **kwargs)
+                except TypeError:
+                    reason = self.reason(f"call its rule does not take: {err}")
+                    return self.block_all(args, kwargs, reason)
+            name = getattr(rule.fn, "__qualname__", repr(rule.fn))
+            raise TracingError(
+                f"the rule {name} for {self.op} failed in module '{self.where}': "
+                f"{type(err).__name__}: {first_line(err)}"
+            ) from err
 
     # -- where we are -------------------------------------------------------------------------
     @property
@@ -449,7 +464,11 @@ class TraceContext:
         ``torch._C.DisableTorchFunction``: no torch function reports them). What it
         consumed (found through the autograd graph) is blocked, and so are its old labels and
         those of the traced tensors in its memory (``h.detach().as_subclass(Tensor)`` has no
-        history); ``t`` is fixed from now on."""
+        history); ``t`` is fixed from now on. A parameter whose memory ``t`` shares (a buffer or
+        constant aliasing it, which a gauge rescales in place with it) is fixed."""
+        memory = _memory(t)
+        for p in self._param_memory.get(memory, ()):  # scaled with the parameter in place
+            self.fix(p, self.reason("read through a tensor that shares its memory"))
         if old is None:
             reason = self.reason("computed by code the tracer cannot see")
         else:
@@ -458,7 +477,7 @@ class TraceContext:
             self._labels[id(t)] = (t, Sum(), _placement(t))
         if t.grad_fn is not None:
             self._block_history(t.grad_fn, reason)
-        for other in self._in_memory.get(_memory(t), {}).values():
+        for other in self._in_memory.get(memory, {}).values():
             if other is not t:
                 self.block(self._labels[id(other)][1], reason)
 
@@ -629,7 +648,7 @@ class TraceContext:
         nodes = compact(nodes.expand(p.shape))
         lead = gathered.rows.dim()
         rest = nodes.shape[lead:]
-        flat = nodes.expand(*gathered.rows.shape, *rest).reshape(-1, *rest)
+        flat = nodes.expand((*gathered.rows.shape, *rest)).reshape(-1, *rest)  # maybe 0-d
         holder = self.fresh(gathered.source.shape[0], *rest)
         at_rows = holder[gathered.rows.reshape(-1)]
         if gathered.index is not None:  # through nodes per position, linked to the slices
@@ -876,12 +895,13 @@ def _version(t: Tensor) -> int | None:
 
 def _memory(t: Tensor) -> tuple | None:
     """The memory ``t``'s entries are in (shared by its views), with their offset; None when
-    it has none that can be read (a sparse tensor, a tensor batched by ``vmap``)."""
+    it has none that can be read (a sparse, nested or meta tensor, one batched by ``vmap``)."""
     try:
         storage = t.untyped_storage()
+        pointer = storage.data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
-    return (t.device, storage.data_ptr()) if storage.nbytes() else None
+    return (t.device, pointer) if pointer and storage.nbytes() else None
 
 
 def _outputs(tree: Any) -> Iterator[Tensor]:
@@ -1027,6 +1047,11 @@ class _Tracer(TorchFunctionMode):
         name = op_name(func)
         ctx.op = name
         tensors = list(nested_tensors((args, kwargs)))
+        if any(t.is_nested for t in tensors):
+            raise TracingError(
+                f"{name} in module '{ctx.where}' got a nested tensor (torch.nested), which "
+                "discovery cannot trace: give a padded example input"
+            )
         inputs = {id(t) for t in tensors}
         versions = ctx.versions(tensors)
         try:
@@ -1034,7 +1059,8 @@ class _Tracer(TorchFunctionMode):
         except TracingError:
             raise
         except Exception as err:
-            raise TracingError(f"{name} failed in module '{ctx.where}': {err}") from err
+            message = f"{name} failed in module '{ctx.where}': {first_line(err)}"
+            raise TracingError(message) from err
         ctx.written(tensors, versions)
         short = name.rsplit(".", 1)[-1]
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
@@ -1134,10 +1160,12 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
     """Keep the module path current and hand registered module types to their rules."""
     ctx = tracer.ctx
     handles = []
+    calls: list[nn.Module] = []  # the module of each entry of ctx.module_stack
 
     def pre(name: str, rule: Rule | None) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             ctx.module_stack.append(name)
+            calls.append(module)
             if rule is not None:
                 tracer.enter_rule(args, kwargs)
 
@@ -1151,6 +1179,9 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
             raised = exc is not None and out is None
             if raised and id(exc) not in ctx.failures:
                 ctx.failures[id(exc)] = (exc, name)
+            if not calls or calls[-1] is not module:
+                return  # a pre-hook before ours raised: this call was never entered
+            calls.pop()
             # The rule runs while the tracer is still suppressed: its own tensor operations on
             # labels must not be traced. Inside a module that has a rule itself, the outer rule
             # speaks for the whole call, so inner rules are skipped.
@@ -1186,24 +1217,53 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _model_restored(model: nn.Module, devices: set[torch.device]) -> Iterator[None]:
-    """Gradients enabled and every floating parameter requiring grad inside; afterwards the
-    buffers (BatchNorm running statistics), ``requires_grad`` flags and the global random state
-    (also of the CUDA ``devices`` and those of the buffers) are as they were."""
+    """Gradients enabled, every floating parameter requiring grad and holding no gradient (a
+    forward may call ``backward``) inside; afterwards the buffers (BatchNorm running
+    statistics), ``requires_grad`` flags, gradients and the global random state (also of the
+    CUDA ``devices`` and those of the buffers) are as they were."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     cuda = [d for d in devices | {b.device for b, _ in buffers} if d.type == "cuda"]
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-            for p, _ in flags:
+            for p, _, _ in flags:
+                p.grad = None
                 if p.is_floating_point():
                     p.requires_grad_(True)
             yield
     finally:
-        with torch.no_grad():
+        with torch.inference_mode():  # writes buffers created in inference mode too
             for b, saved in buffers:
                 b.copy_(saved)
-        for p, flag in flags:
+        for p, flag, grad in flags:
             p.requires_grad_(flag)
+            p.grad = grad
+
+
+def _refuse_unusable(model: nn.Module) -> None:
+    """Raise :class:`TracingError` for a parameter or buffer the trace cannot run with: one not
+    initialized yet (a lazy module never run), or a parameter made under
+    ``torch.inference_mode`` (autograd, which the trace relies on, cannot record it)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if nn.parameter.is_lazy(t):
+                raise TracingError(
+                    f"{kind} '{name}' is not initialized (a lazy module): run the model once "
+                    "on an input before discover"
+                )
+            if kind == "parameter" and t.is_inference():
+                raise TracingError(
+                    f"parameter '{name}' was created under torch.inference_mode, where autograd "
+                    "(which discovery needs) cannot record it: build the model outside it"
+                )
+
+
+def _compiled_run_eagerly() -> contextlib.AbstractContextManager:
+    """Code compiled by ``torch.compile`` runs its original Python, eagerly, where the tracer
+    sees each op (Dynamo would otherwise compile the tracer's own bookkeeping, or fail on it);
+    a no-op before torch 2.6."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
@@ -1217,7 +1277,7 @@ def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> 
         exc, where = ctx.failures.get(id(err), (None, ctx.where))
         raise TracingError(
             f"the model's forward failed in module "
-            f"'{where if exc is err else ctx.where}' (last op {ctx.op}): {err}"
+            f"'{where if exc is err else ctx.where}' (last op {ctx.op}): {first_line(err)}"
         ) from err
 
 
@@ -1239,8 +1299,9 @@ def trace(
     ones.
 
     The model is left as it was: buffers (BatchNorm running statistics) are restored, the global
-    random state is not advanced, and ``requires_grad`` flags are put back.
+    random state is not advanced, and ``requires_grad`` flags and gradients are put back.
     """
+    _refuse_unusable(model)
     per_call = Registry()
     for pair in rules:
         if not (isinstance(pair, tuple) and len(pair) == 2):
@@ -1251,7 +1312,7 @@ def trace(
     for t in nested_tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
     inputs = {t.device for t in nested_tensors((args, kwargs))}
-    with _model_restored(model, inputs):
+    with _model_restored(model, inputs), _compiled_run_eagerly():
         with _module_hooks(model, tracer), tracer:
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_partly_read()
