@@ -328,3 +328,25 @@ def test_a_forward_keyword_named_model_is_an_example_input():
 
     structure = gaugefix.discover(Takes(), torch.randn(2, 3), model=torch.ones(2, 1))
     assert structure.num_generators == 4
+
+
+def test_an_integer_parameter_is_fixed_and_the_rest_moves_exactly():
+    """An integer parameter read as a factor (``y * k[0]``) cannot store ``exp(h)``: it is fixed
+    (it took a generator before, on which ``random_gauge_`` crashed)."""
+
+    class Counted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.k = nn.Parameter(torch.tensor([2, 3]), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x))) * self.k[0]
+
+    model, x = Counted().double(), torch.randn(5, 3, dtype=torch.float64)
+    structure = gaugefix.discover(model, x)
+    assert "k" not in structure.params and structure.num_generators == 4
+    with torch.no_grad():
+        before = model(x)
+        gaugefix.random_gauge_(model, structure, scale=2.0)
+        assert float((model(x) - before).abs().max()) <= 1e-12 * float(before.abs().max())

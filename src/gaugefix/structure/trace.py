@@ -1308,6 +1308,9 @@ def trace(
             raise TypeError(f"rules must be (target, rule) pairs, got {pair!r}")
         per_call.add(*pair)
     ctx = TraceContext(model, (per_call, USER, BUILTIN))
+    for p in ctx.params.values():  # a factor exp(h) cannot be stored in their entries
+        if not p.is_floating_point():
+            ctx.fix(p, f"an integer or bool parameter ({p.dtype}) cannot be rescaled")
     tracer = _Tracer(ctx)
     for t in nested_tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
