@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from gaugefix.distributed import (
     agreed,
     everywhere,
+    first_dtensor,
     local_targets,
     local_view,
     refuse_gathered,
@@ -53,7 +54,7 @@ def finite_on_device(tensors: list[Tensor]) -> Tensor:
     process checks its slices and all agree (one read)."""
     if sharded(tensors):
         local = finite_flag([t.to_local() if hasattr(t, "to_local") else t for t in tensors])
-        return torch.tensor(everywhere(bool(local), _first_sharded(tensors)))
+        return torch.tensor(everywhere(bool(local), first_dtensor(tensors)))
     return finite_flag(tensors)
 
 
@@ -85,11 +86,6 @@ def check_h(h: Tensor, structure: GaugeStructure, params: dict[str, Tensor] | No
     ``DTensor`` ``params`` (FSDP2), on every process unless all hold the same ``h``
     (:func:`gaugefix.distributed.agreed`)."""
     agreed(params or {}, structure.num_generators, "h", lambda: _check_h(h, structure), lambda _: h)
-
-
-def _first_sharded(tensors: list[Tensor]) -> Tensor:
-    """The first ``DTensor`` of ``tensors`` (whose mesh the collectives use)."""
-    return next(t for t in tensors if hasattr(t, "device_mesh"))
 
 
 def _check_h(h: Tensor, structure: GaugeStructure) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "ShardStructure",
     "ShardingError",
     "agreed",
+    "first_dtensor",
     "local_view",
     "refuse_gathered",
     "refuse_sharded",
@@ -88,6 +89,11 @@ def refuse_sharded(tensors: Mapping[str, Tensor]) -> None:
             )
 
 
+def first_dtensor(tensors: list[Tensor]) -> Tensor:
+    """The first ``DTensor`` of ``tensors`` (whose mesh the collectives use)."""
+    return next(t for t in tensors if hasattr(t, "device_mesh"))
+
+
 def uses_fully_shard(model: nn.Module | Mapping[str, Tensor]) -> bool:
     """Whether ``model`` is a module that ``fully_shard`` was applied to, or one of its
     submodules (one dictionary lookup while ``torch.distributed.fsdp`` was never imported)."""
@@ -135,7 +141,7 @@ def agreed(
     issue; a process whose ``check`` raised re-raises its own error."""
     if not sharded(params.values()):
         return check()
-    like = next(p for p in params.values() if hasattr(p, "device_mesh"))
+    like = first_dtensor(list(params.values()))
     try:
         result = check()
     except (TypeError, ValueError):

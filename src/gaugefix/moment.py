@@ -33,18 +33,12 @@ __all__ = [
     "scatter_terms_",
     "STAT_NAMES",
     "stats_from_sums",
-    "widest_accumulation",
 ]
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating type accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def widest_accumulation(tensors: Mapping[str, Tensor]) -> torch.dtype:
-    """The :func:`accumulation_dtype` of ``tensors`` together: float64 when any is float64
-    (a model mixing float16 and float64 layers), else float32; float64 for none."""
+def accumulation_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype sums of squares of ``tensors`` accumulate in: float64 when any is float64 (a
+    model mixing float16 and float64 layers too), else float32; float64 for none."""
     dtypes = {t.dtype for t in tensors.values()}
     return torch.float32 if dtypes and torch.float64 not in dtypes else torch.float64
 
@@ -93,7 +87,7 @@ def in_out_sums(
     multiplies and divides in ``source`` (a model, or name -> tensor)."""
     tensors = structure.bind(source)
     refuse_meta(tensors)
-    s_in, s_out, _ = generator_sums(tensors, structure, widest_accumulation(tensors))
+    s_in, s_out, _ = generator_sums(tensors, structure, accumulation_dtype(tensors))
     return s_in, s_out
 
 
@@ -166,7 +160,7 @@ def imbalance_stats_tensor(
         return torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     refuse_meta(params)
     params, structure = local_view(params, structure)  # this process's slices under FSDP2
-    return stats_from_sums(*generator_sums(params, structure, widest_accumulation(params)))
+    return stats_from_sums(*generator_sums(params, structure, accumulation_dtype(params)))
 
 
 def imbalance_stats(

@@ -37,7 +37,7 @@ from gaugefix.kernels import (
     term_values,
 )
 from gaugefix.masses import Masses
-from gaugefix.moment import imbalance, widest_accumulation
+from gaugefix.moment import accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
@@ -137,7 +137,7 @@ def add_orbit_selection_grad_(
     the decision is the one host read."""
     if not params:
         return bool(grads_ok)
-    dtype = widest_accumulation(params)
+    dtype = accumulation_dtype(params)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     s_in, s_out, norm_sq = generator_sums(tensors, local, dtype)
     flags = torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()
@@ -351,7 +351,7 @@ def orbit_step(
     n = structure.num_generators
     first = next(iter(tensors.values()))
     batch = tuple(first.shape[:batch_dims])
-    dtype = widest_accumulation(tensors)
+    dtype = accumulation_dtype(tensors)
     s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims)
     s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
     finite = torch.isfinite(norm_sq)

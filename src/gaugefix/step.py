@@ -39,7 +39,7 @@ from torch import Tensor
 from gaugefix.action import GRAD_LIKE, SQUARED
 from gaugefix.errors import check_number
 from gaugefix.kernels import Targets, generator_sums, rescale_
-from gaugefix.moment import widest_accumulation
+from gaugefix.moment import accumulation_dtype
 from gaugefix.soft import add_selection_grads_, check_entries, orbit_step
 from gaugefix.structure import GaugeStructure
 
@@ -239,7 +239,7 @@ def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0)
     @torch.no_grad()
     def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
         check_update(grads, params, {"strength": strength})
-        dtype = widest_accumulation(params)
+        dtype = accumulation_dtype(params)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * per_entry(strength, s_in)
         add_selection_grads_(grads, params, structure, mu, batch_dims)
@@ -364,7 +364,7 @@ def decoupled_penalty(
     @torch.no_grad()
     def update(updates: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
         check_update(updates, params, {"lr": lr, "strength": strength})
-        dtype = widest_accumulation(params)
+        dtype = accumulation_dtype(params)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * -per_entry(lr * strength, s_in)
         add_selection_grads_(updates, params, structure, mu, batch_dims)

@@ -516,9 +516,8 @@ class TraceContext:
             return
         for other in self._in_memory.get(memory, {}).values():  # t itself, its views, bases
             self.block(self._labels[id(other)][1], reason)
-        for p in self.params.values():
-            if _memory(p) == memory:
-                self.fix(p, reason)
+        for p in self._param_memory.get(memory, ()):
+            self.fix(p, reason)
 
     def labels(self, t: Tensor) -> Tensor:
         """The labels of an activation as one node tensor, broadcast to ``t.shape``. Labels
