@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 import torch
 
+from gaugefix.action import check_finite_params
 from gaugefix.integrations.common import CallbackOptions, prefixed_stats, set_options
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import GaugeFixing, Mode
@@ -89,7 +90,7 @@ class GaugeFixingCallback(Callback):
                 f"the checkpoint holds the gauge-fixing states of {len(restored)} optimizers, "
                 f"this fit has {len(optimizers)}"
             )
-        try:
+        try:  # every hook first, so that one refused leaves the model as it was
             for i, opt in enumerate(optimizers):
                 self.hooks.append(
                     GaugeFixing(
@@ -98,16 +99,26 @@ class GaugeFixingCallback(Callback):
                         self.structure,
                         self.strength,
                         mode=self.mode,
-                        balance_at_start=self.balance_at_start and restored is None,
+                        balance_at_start=False,
                         every=self.every,
                     )
                 )
                 if restored is not None:
                     self.hooks[-1].load_state_dict(restored[i])
+            if self.balance_at_start and restored is None:
+                self._balance()
         except Exception:  # e.g. a restored state that does not fit: no hook stays attached
             self._remove()
             self._last = []
             raise
+
+    def _balance(self) -> None:
+        """Balance each hook's generators (:meth:`GaugeFixing.balance`) once every hook is
+        attached; nothing moves unless every hook's parameters are finite."""
+        for hook in self.hooks:
+            check_finite_params(hook.params)
+        for hook in self.hooks:
+            hook.balance()
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: each hook's :meth:`GaugeFixing.state_dict` (after the

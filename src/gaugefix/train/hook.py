@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import check_transport, finite_on_device
+from gaugefix.action import check_transport, finite_on_device, optimizer_states
 from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view, refuse_gathered
 from gaugefix.errors import check_number
@@ -76,6 +76,43 @@ def _frozen_by_lr(group: dict[str, Any]) -> bool:
     return all(not isinstance(lr, Tensor) and lr == 0 for lr in lrs)
 
 
+def _whole_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Tensor]:
+    """The parameter (by name) on which ``optimizer`` keeps state about all its parameters:
+    L-BFGS's first, holding its flat direction and history (a gauge move leaves them stale,
+    wherever that parameter is); empty for every other optimizer."""
+    if not isinstance(optimizer, torch.optim.LBFGS):
+        return {}
+    first = optimizer.param_groups[0]["params"][0]
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names.get(id(first), "0 of the optimizer"): first}
+
+
+def _refuse_line_search(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
+    """``ValueError`` for L-BFGS with a line search in penalty mode: its line search compares
+    the losses the closure returns, which do not include the penalty, with directional
+    derivatives of gradients that do."""
+    if mode == "penalty" and isinstance(optimizer, torch.optim.LBFGS):
+        if optimizer.defaults.get("line_search_fn") is not None:
+            raise ValueError(
+                "GaugeFixing(mode='penalty') does not support L-BFGS with a line search (the "
+                "closure's loss does not include the penalty): use line_search_fn=None"
+            )
+
+
+def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
+    """``ValueError`` naming a parameter of ``params`` that gets sparse gradients (the weight of
+    an ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``), which the hook can neither
+    check, add to nor transport."""
+    names = {id(p): name for name, p in params.items()}
+    for module in model.modules():
+        sparse = isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse
+        if sparse and id(module.weight) in names:
+            raise ValueError(
+                f"parameter {names[id(module.weight)]!r} gets sparse gradients (sparse=True), "
+                "which GaugeFixing cannot check or move: use sparse=False"
+            )
+
+
 def _touching(structure: GaugeStructure, names: set[str]) -> Tensor:
     """Bool ``[num_generators]``: the generators acting on entries of the named parameters."""
     n = structure.num_generators
@@ -130,13 +167,17 @@ class GaugeFixing:
     fixing acts on, or any gauged parameter after it (penalty mode: before it), that step's
     gauge fixing is skipped: nothing is added or moved (counted in ``skipped``; applied orbit
     steps or penalty gradients in ``steps``; a skipped orbit step's rate is dropped). Steps it
-    does not act on are not checked. With
+    does not act on are not checked. A fused optimizer stepped by ``torch.amp.GradScaler`` gets
+    its gradients still scaled (``optimizer.grad_scale``): the penalty's gradient is added
+    scaled alike. With
     ``optimizer.step(closure)`` (Lightning calls it so) the closure is wrapped so that this
     happens after it computed the gradients, i.e. after any gradient clipping done inside it;
     in penalty mode ``grad P`` is added at each closure evaluation (the returned loss does not
-    include ``P``, so line-search optimizers such as L-BFGS are not supported).
+    include ``P``, so L-BFGS with a line search is refused).
     ``model`` may be wrapped in ``DistributedDataParallel`` or ``torch.compile``; every rank
     computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal.
+    Optimizer state that cannot be transported (L-BFGS's history, wherever it is kept) and
+    parameters with sparse gradients are refused (``ValueError``).
     ``remove()`` detaches the hooks. An optimizer takes one ``GaugeFixing`` at a time: a second
     is refused (``ValueError``, nothing changed) until the first is removed.
     """
@@ -172,6 +213,10 @@ class GaugeFixing:
         refuse_gathered(self.model, self._all_params)  # FSDP2: parameters gathered now
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         check_transport(optimizer, self._all_params)
+        _refuse_line_search(optimizer, mode)
+        self._whole_state = _whole_state(optimizer, self.model)
+        optimizer_states(optimizer, self._whole_state)  # L-BFGS's history: refused
+        _refuse_sparse(self.model, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
         self._held: dict[int, int] = {}  # id of each parameter the optimizer holds -> group
@@ -184,8 +229,8 @@ class GaugeFixing:
         # Whether this step's gradients were finite (exact mode: on the device), or whether
         # the penalty's gradient was added (penalty mode).
         self._ok: Tensor | bool | None = None
-        if balance_at_start and self.active.num_generators:
-            balance_(self.model, self.active, optimizer=optimizer)
+        if balance_at_start:
+            self.balance()
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -291,7 +336,18 @@ class GaugeFixing:
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         self._ok = finite_on_device(grads)
         if self.mode == "penalty":
-            self._ok = add_orbit_selection_grad_(self.params, self.active, self.strength, self._ok)
+            self._ok = add_orbit_selection_grad_(
+                self.params, self.active, self._grad_strength(), self._ok
+            )
+
+    def _grad_strength(self) -> float | Tensor:
+        """``strength`` in the units of ``.grad``: times the loss scale while the gradients are
+        still scaled (``torch.amp.GradScaler`` stepping a fused optimizer sets
+        ``optimizer.grad_scale``, by which the optimizer divides them)."""
+        scale = getattr(self.optimizer, "grad_scale", None)
+        if scale is None:
+            return self.strength
+        return self.strength * torch.as_tensor(scale, dtype=torch.float64)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         lrs = tuple(group["lr"] for group in self.optimizer.param_groups)
@@ -306,6 +362,7 @@ class GaugeFixing:
                 if ok is not None:  # no move unless the gradients were finite, on the device
                     rate = torch.as_tensor(rate, dtype=torch.float64, device=ok.device)
                     rate = torch.where(ok, rate, 0.0)
+                optimizer_states(optimizer, self._whole_state)  # L-BFGS's history: refused
                 # Finds the parameters' finiteness on the squared sums the step needs, checks
                 # the optimizer state (a clear error for unknown state), then moves.
                 _, finite = relax_unchecked_(self.active, self.params, rate, optimizer)
@@ -399,6 +456,12 @@ class GaugeFixing:
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
 
     # -- misc -------------------------------------------------------------------------------------
+    def balance(self) -> None:
+        """Balance the generators the hook acts on now (:func:`gaugefix.balance_` on
+        :attr:`active`, the optimizer's state transported), as ``balance_at_start=True`` does."""
+        if self.active.num_generators:
+            balance_(self.model, self.active, optimizer=self.optimizer)
+
     def stats(self) -> dict[str, float]:
         """:func:`gaugefix.imbalance_stats` of the model now."""
         return imbalance_stats(self._all_params, self.structure)
