@@ -15,9 +15,13 @@ USAGE_ERROR = 2  # the exit status of the command's one-line errors
 def extra_requirements(extra: str) -> list[str]:
     """The distributions gaugefix's optional extra ``extra`` installs, as its installed metadata
     (pyproject.toml) lists them, with the extras it includes (``gaugefix[experiments]``)
-    followed."""
+    followed; none when gaugefix runs from a source tree without installed metadata."""
+    try:
+        requirements = metadata.requires("gaugefix") or []
+    except metadata.PackageNotFoundError:
+        return []
     names = []
-    for requirement in metadata.requires("gaugefix") or []:
+    for requirement in requirements:
         marker = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
         if marker is None or marker.group(1) != extra:
             continue

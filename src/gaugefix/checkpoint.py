@@ -70,8 +70,10 @@ def read_state_dict(path: str | Path) -> StateDictFile:
     """The state dict in ``path``: a safetensors file, or a PyTorch file holding a mapping of
     names to tensors (loaded with ``weights_only=True``, so no code in it runs)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"no weights file {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a directory, device or FIFO)")
     try:
         if _is_safetensors(path):
             from safetensors import safe_open
@@ -85,12 +87,16 @@ def read_state_dict(path: str | Path) -> StateDictFile:
         raise CheckpointError(
             f"cannot read {path} as safetensors or a PyTorch file: {first_line(err)}"
         ) from None
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
-    ):
+    if not isinstance(loaded, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(loaded).__name__}, not a state dict (names -> tensors)"
         )
+    for k, v in loaded.items():
+        if not (isinstance(k, str) and isinstance(v, Tensor)):
+            raise CheckpointError(
+                f"{path} holds a {type(loaded).__name__}, not a state dict (names -> tensors): "
+                f"its entry {k!r} is a {type(v).__name__}, not a tensor"
+            )
     return StateDictFile(dict(loaded), "torch", getattr(loaded, "_metadata", None))
 
 
@@ -160,10 +166,61 @@ def _storage_key(t: Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
+# The floating dtypes a weights file may hold: float8's have no isfinite, and rounding to them
+# would keep no digit of the function.
+BALANCED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _refuse_unsupported(model_state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """:class:`CheckpointError` for an entry of the model's state dict that is not a tensor
+    (extra state) or is on the meta device, and for a tensor of ``tensors`` that is not dense,
+    has no data (meta) or is floating of a dtype not in :data:`BALANCED_DTYPES`."""
+    for name, t in model_state.items():
+        if not isinstance(t, Tensor):
+            raise CheckpointError(
+                f"the model's state dict holds {name!r}, a {type(t).__name__}, not a tensor "
+                "(extra state): such a model cannot be balanced"
+            )
+        if t.is_meta:
+            raise CheckpointError(
+                f"the model's {name} is on the meta device: its factory must allocate it"
+            )
+    for name, t in tensors.items():
+        if t.layout != torch.strided:
+            raise CheckpointError(f"{name} is a {t.layout} tensor: only dense ones can be balanced")
+        if t.is_meta:
+            raise CheckpointError(f"{name} is a meta tensor: it holds no values to balance")
+        if t.is_floating_point() and t.dtype not in BALANCED_DTYPES:
+            raise CheckpointError(
+                f"{name} is {t.dtype}: only float64, float32, float16 and bfloat16 weights can "
+                "be balanced"
+            )
+
+
+def _check_fits(name: str, value: Tensor, t: Tensor) -> None:
+    """:class:`CheckpointError` unless the file's tensor ``value`` (named ``name``) has the
+    shape and kind (floating or not) of the model's ``t``, and finite entries."""
+    if tuple(value.shape) != tuple(t.shape):
+        raise CheckpointError(
+            f"the weights do not fit the model: {name} has shape {tuple(value.shape)}, the "
+            f"model's {tuple(t.shape)}"
+        )
+    if value.is_floating_point() != t.is_floating_point():
+        kind = "a floating-point tensor" if t.is_floating_point() else t.dtype
+        raise CheckpointError(
+            f"the weights do not fit the model: {name} is {value.dtype} where the model has {kind}"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(f"{name} holds {bad} non-finite entries (NaN or inf)")
+
+
 def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` checked against the model's state dict: the same names (a name the model ties
     to another, sharing its storage, may be left out, as safetensors files do), shapes, kinds
-    (floating or not) and finite values. Returns them with the tied names filled in."""
+    (floating or not), dtypes of :data:`BALANCED_DTYPES` and finite values. Returns them with
+    the tied names filled in."""
+    _refuse_unsupported(model_state, tensors)
     tied: dict[tuple, list[str]] = defaultdict(list)
     for name, t in model_state.items():
         tied[_storage_key(t)].append(name)
@@ -181,20 +238,7 @@ def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dic
     for name, t in model_state.items():
         present = [alias for alias in tied[_storage_key(t)] if alias in tensors]
         value = tensors[present[0]]
-        if tuple(value.shape) != tuple(t.shape):
-            raise CheckpointError(
-                f"the weights do not fit the model: {present[0]} has shape "
-                f"{tuple(value.shape)}, the model's {tuple(t.shape)}"
-            )
-        if value.is_floating_point() != t.is_floating_point():
-            kind = "a floating-point tensor" if t.is_floating_point() else t.dtype
-            raise CheckpointError(
-                f"the weights do not fit the model: {present[0]} is {value.dtype} where the "
-                f"model has {kind}"
-            )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise CheckpointError(f"{present[0]} holds {bad} non-finite entries (NaN or inf)")
+        _check_fits(present[0], value, t)
         if any(not torch.equal(tensors[a], value) for a in present[1:]):
             raise CheckpointError(
                 f"{present[0]} and {present[1]} differ, but the model ties them (one tensor)"
@@ -276,9 +320,10 @@ def balance_state_dict(
     calibration: Tensor | None = None,
     alpha: float = 0.5,
 ) -> tuple[dict[str, Tensor], CheckpointBalance]:
-    """Balance the weights ``tensors`` of ``model`` (name -> tensor, any floating dtypes), or
-    move them to the orbit point of another ``objective`` of :func:`gaugefix.equalize_`
-    (``calibration``, floating inputs cast to float64, and ``alpha`` for ``"activation"``).
+    """Balance the weights ``tensors`` of ``model`` (name -> tensor; the floating ones in
+    float64, float32, float16 or bfloat16), or move them to the orbit point of another
+    ``objective`` of :func:`gaugefix.equalize_` (``calibration``, floating inputs cast to
+    float64, and ``alpha`` for ``"activation"``).
 
     A float64 copy of ``model`` in eval mode gets the weights, its gauge structure is discovered
     on the example input ``x`` (floating inputs are cast to float64; integer inputs such as token

@@ -84,6 +84,7 @@ InputIds = Annotated[
     str | None, typer.Option(help="example token ids of this shape, e.g. 1,64 (with --vocab)")
 ]
 Vocab = Annotated[int | None, typer.Option(min=1, help="vocabulary size for --input-ids")]
+DEFAULT_ALPHA = 0.5  # balance --alpha: SmoothQuant's, and equalize_'s default
 
 
 def _example_input(
@@ -172,6 +173,8 @@ def inspect(
     ] = False,
 ) -> None:
     """Discover a model's gauge group and print the per-layer summary (or its scale groups)."""
+    if save is not None:
+        _check_output(save)
     model, default_shape = _load_model(target)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     model.eval()
@@ -211,25 +214,21 @@ def balance(
             "the example input)"
         ),
     ] = None,
-    alpha: Annotated[float, typer.Option(help="activation: SmoothQuant's exponent")] = 0.5,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help=f"activation: SmoothQuant's exponent (default {DEFAULT_ALPHA})"),
+    ] = None,
 ) -> None:
     """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit, or
     the point of another objective (``gaugefix.equalize_``), the function unchanged."""
-    try:
-        output_target(out)  # refused before the work: a directory, device, FIFO or socket
-    except OutputError as err:
-        raise _fail(str(err)) from None
-    if objective not in gaugefix.equalize.OBJECTIVES:
-        raise _fail(f"unknown --objective {objective!r}; choose from norm, range, activation")
-    if calibration is not None and objective != "activation":
-        raise _fail("--calibration is used only with --objective activation")
-    if not 0 <= alpha <= 1:
-        raise _fail(f"alpha must be a number in [0, 1], got {alpha!r}")
+    _check_output(out)
+    _check_objective(objective, calibration, alpha)
     net, default_shape = _load_model(model)
     x = _example_input(input_shape, input_ids, vocab, default_shape)
     batch = None
     if objective == "activation":
         batch = _calibration(calibration) if calibration is not None else x
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
     try:
         state = read_state_dict(weights)
         tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
@@ -242,6 +241,26 @@ def balance(
         raise _fail(str(err)) from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _check_output(path: Path) -> None:
+    """Refuse, before any work, an output path that is a directory, device, FIFO or socket."""
+    try:
+        output_target(path)
+    except OutputError as err:
+        raise _fail(str(err)) from None
+
+
+def _check_objective(objective: str, calibration: Path | None, alpha: float | None) -> None:
+    """Refuse an unknown ``--objective``, and ``--calibration`` or ``--alpha`` (which must be in
+    ``[0, 1]``) given with an objective other than ``activation``."""
+    if objective not in gaugefix.equalize.OBJECTIVES:
+        raise _fail(f"unknown --objective {objective!r}; choose from norm, range, activation")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise _fail(f"alpha must be a number in [0, 1], got {alpha!r}")
+    for option, value in (("--calibration", calibration), ("--alpha", alpha)):
+        if value is not None and objective != "activation":
+            raise _fail(f"{option} is used only with --objective activation")
 
 
 def _report_balance(model: str, objective: str, report: CheckpointBalance) -> None:
@@ -284,14 +303,19 @@ def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:
 
 
 def _calibration(path: Path) -> torch.Tensor:
-    """The array ``X`` of an ``.npz`` file as a tensor (token ids stay integers)."""
-    try:
+    """The array ``X`` of an ``.npz`` file as a tensor in native byte order (token ids stay
+    integers)."""
+    try:  # any failure: a missing, truncated or damaged file, or an array torch cannot hold
         with np.load(path, allow_pickle=False) as arrays:
-            if "X" not in arrays:
-                raise _fail(f"{path} has no array 'X' (found: {', '.join(arrays.files)})")
-            return torch.from_numpy(arrays["X"].copy())
-    except (OSError, ValueError, TypeError) as err:
-        raise _fail(f"cannot read {path} as .npz: {err}") from None
+            names = arrays.files
+            x = arrays["X"] if "X" in names else None
+        if x is not None:
+            x = torch.from_numpy(x.astype(x.dtype.newbyteorder("=")))
+    except Exception as err:
+        raise _fail(f"cannot read {path} as .npz: {first_line(err)}") from None
+    if x is None:
+        raise _fail(f"{path} has no array 'X' (found: {', '.join(names)})")
+    return x
 
 
 @app.callback()

@@ -2,9 +2,9 @@
 
 A file is written to a temporary file in the directory of its target, created like any new file
 (mode ``0o666`` less the umask), and renamed over the target once complete; on a failure the
-temporary file is removed and the target is left as it was. The target is the path itself, or,
-for a symbolic link, the file it points to (followed, as ``open`` follows it: the link stays).
-A directory, device, FIFO or socket is never replaced.
+temporary file and any directory made for it are removed, and the target is left as it was. The
+target is the path itself, or, for a symbolic link, the file it points to (followed, as
+``open`` follows it: the link stays). A directory, device, FIFO or socket is never replaced.
 """
 
 from __future__ import annotations
@@ -47,12 +47,18 @@ def output_target(path: str | os.PathLike) -> Path:
     return target
 
 
+def _missing(directory: Path) -> list[Path]:
+    """The directories of ``directory``'s path that do not exist, deepest first."""
+    return [d for d in (directory, *directory.parents) if not d.exists()]
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` (see the module). On an error the temporary file is removed;
-    an ``OSError`` (a full disk, a read-only directory) is raised as an :class:`OutputError`
-    naming ``path``."""
+    """Write ``data`` to ``path`` (see the module), making its missing directories. On an error
+    the temporary file and the directories made are removed; an ``OSError`` (a full disk, a
+    read-only directory) is raised as an :class:`OutputError` naming ``path``."""
     target = output_target(path)
     temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    made = _missing(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "xb") as f:
@@ -63,6 +69,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as err:
         with suppress(OSError):
             temp.unlink(missing_ok=True)
+            for directory in made:
+                directory.rmdir()
         if isinstance(err, OSError):
             raise OutputError(f"cannot write {path}: {_reason(err)}") from None
         raise
