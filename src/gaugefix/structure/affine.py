@@ -18,17 +18,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.rules import funcs, reduce_onto, register_all, scalar, tensor_args
+from gaugefix.structure.rules import (
+    distinct_params,
+    funcs,
+    reduce_onto,
+    register_all,
+    scalar,
+    tensor_args,
+)
 from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext
 
 __all__: list[str] = []
 
 
 def _params_or_block(ctx: TraceContext, x: Any, *params: Any) -> bool:
-    """Whether all the given (non-None) weights are parameters; blocks everything if not."""
-    if all(p is None or ctx.is_param(p) for p in params):
+    """Whether all the given (non-None) weights are parameters, each a different one; blocks
+    everything if not."""
+    if not all(p is None or ctx.is_param(p) for p in params):
+        reason = "weight is not a parameter of the model"
+    elif not distinct_params(ctx, *params):
+        reason = "one parameter in two roles of the op"
+    else:
         return True
-    ctx.block_all((x, *params), {}, ctx.reason("weight is not a parameter of the model"))
+    ctx.block_all((x, *params), {}, ctx.reason(reason))
     return False
 
 
@@ -36,15 +48,18 @@ def _params_or_block(ctx: TraceContext, x: Any, *params: Any) -> bool:
 def _linear(
     ctx: TraceContext, result: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None
 ) -> Tensor:
+    """``F.linear(x, W [out, in] or [in], b)``: ``W``'s rows produce the output's last dim (a
+    1-d ``W`` one output entry), its columns consume ``x``'s; ``b``, broadcast to the output,
+    carries the factors of the rows it is added to."""
     x, w, b = input, weight, bias
     if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
         return ctx.block_all((x, w, b), {}, ctx.reason("linear map of a parameter"))
     cols = ctx.along_terms(x, -1)
-    rows = ctx.produce(w, w.shape[0], 1)
-    ctx.consume(w, cols.map(lambda c: c.view(1, -1)))
+    rows = ctx.produce(w, *w.shape[:-1], 1).view(w.shape[:-1])
+    ctx.consume(w, cols.map(lambda c: c.view(*([1] * (w.dim() - 1)), -1)))
     if b is not None:
-        ctx.tie(b, rows.view(-1))
-    return rows.view(-1)
+        ctx.tie(b, reduce_onto(ctx, rows.expand(result.shape), tuple(b.shape)))
+    return rows
 
 
 BUILTIN.add(F.linear, _linear)
@@ -232,6 +247,8 @@ def _addmm(
     bias, a, b = input, mat1, mat2
     if not (scalar(beta) and scalar(alpha)):
         return ctx.block_all((bias, a, b), {}, ctx.reason("beta or alpha is not a number"))
+    if not distinct_params(ctx, bias, a, b):
+        return ctx.block_all((bias, a, b), {}, ctx.reason("one parameter in two roles of the op"))
     labels = ctx.single(Sum.of(contract(ctx, a, b, result)), result.shape)
     if ctx.is_param(bias):
         ctx.tie(bias, reduce_onto(ctx, labels, tuple(bias.shape)))
@@ -319,11 +336,12 @@ def einsum_with_parameter(ctx: TraceContext, equation: str, a: Tensor, b: Tensor
         lambda nodes: _unite_over(ctx, nodes.expand(x.shape), lx, lw)[0]
     )  # over the letters of lw present in lx, in lw order
     present = "".join(c for c in lw if c in lx)
-    ctx.consume(w, consumed.map(lambda n: _arranged(n, present, lw)))
-    kept = "".join(c for c in lw if c in output)
-    shape = [w.shape[lw.index(c)] if c in kept else 1 for c in lw]
+    # a letter of size 1 in W broadcasts against x: x's factors are united along it
+    ctx.consume(w, consumed.map(lambda n: reduce_onto(ctx, _arranged(n, present, lw), w.shape)))
+    shape = [w.shape[d] if c in output else 1 for d, c in enumerate(lw)]
     nodes = ctx.produce(w, *shape)
-    return _arranged(nodes.reshape([w.shape[lw.index(c)] for c in kept]), kept, output)
+    kept = "".join(c for c in output if c in lw)  # in the output's order, maybe not W's
+    return _arranged(_unite_over(ctx, nodes, lw, kept)[0], kept, output)
 
 
 def _unite_over(ctx: TraceContext, nodes: Tensor, letters: str, keep: str) -> tuple[Tensor, str]:
@@ -343,8 +361,8 @@ def _arranged(nodes: Tensor, letters: str, target: str) -> Tensor:
 
 
 def _parse_einsum(equation: str, dims: list[int]) -> tuple[list[str], str] | None:
-    """Per operand its letters and the output's letters, with ``...`` spelled out by fresh
-    capital letters; ``None`` when an operand repeats a letter (a diagonal)."""
+    """Per operand its letters and the output's letters, with ``...`` spelled out by letters the
+    equation does not use; ``None`` when an operand repeats a letter (a diagonal)."""
     equation = equation.replace(" ", "")
     lhs, _, rhs = equation.partition("->")
     specs = lhs.split(",")
@@ -352,7 +370,7 @@ def _parse_einsum(equation: str, dims: list[int]) -> tuple[list[str], str] | Non
         return None
     ellipsis = max((d - len(s.replace("...", "")) for s, d in zip(specs, dims, strict=True)),
                    default=0)  # fmt: skip
-    extra = string.ascii_uppercase[:ellipsis]
+    extra = "".join(c for c in string.ascii_letters if c not in equation)[:ellipsis]
     inputs = []
     for s, d in zip(specs, dims, strict=True):
         k = d - len(s.replace("...", ""))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gaugefix.structure.rules import distinct_params
 from gaugefix.structure.trace import BUILTIN, ZERO, TraceContext
 
 __all__: list[str] = []
@@ -35,7 +36,8 @@ def _sdpa(
     enable_gqa: bool = False,
 ) -> Any:  # fmt: skip
     """``F.scaled_dot_product_attention(q [..., Hq, L, E], k [..., Hk, S, E], v [..., Hk, S,
-    Ev])``, with ``attn_mask``, ``is_causal``, ``scale``, ``dropout_p`` and ``enable_gqa``."""
+    Ev])``, with ``attn_mask``, ``is_causal``, ``scale``, ``dropout_p`` and ``enable_gqa``; the
+    leading dims broadcast (``k`` and ``v`` may have fewer)."""
     q, k, v = query, key, value
     if any(ctx.is_param(t) for t in (q, k, v)):
         return ctx.block_all((q, k, v), {}, ctx.reason("attention over a parameter"))
@@ -50,13 +52,10 @@ def _sdpa(
             return ctx.block_all((q, k, v), {}, ctx.reason("query and key heads do not match"))
         lk = lk.repeat_interleave(heads // kv_heads, dim=-3)
         lv = lv.repeat_interleave(heads // kv_heads, dim=-3)
-    dims = q.dim()
-    qn = ctx.unite(lq, [dims - 2])
-    kn = ctx.unite(lk, [dims - 2])
+    qn, kn, vn = (ctx.unite(n, [-2]) for n in (lq, lk, lv))  # the sequence dims (of any rank)
     ctx.union(qn, kn, -1)
     ctx.tag(qn, "query-key")
     ctx.tag(kn, "query-key")
-    vn = ctx.unite(lv, [dims - 2])
     ctx.tag(vn, "value-output")
     return vn
 
@@ -91,6 +90,8 @@ def _mha(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
     params += [a[w] for w in weights] if a["use_separate_proj_weight"] else [a["in_proj_weight"]]
     if any(p is not None and not ctx.is_param(p) for p in params) or a["out_proj_weight"] is None:
         return ctx.block_all(args, kwargs, ctx.reason("attention weight is not a parameter"))
+    if not distinct_params(ctx, *params):  # the roles of one parameter would add up
+        return ctx.block_all(args, kwargs, ctx.reason("one parameter in two roles of the op"))
     if any(ctx.is_param(a[t]) for t in ("query", "key", "value")):
         return ctx.block_all(args, kwargs, ctx.reason("attention over a parameter"))
     embed = a["out_proj_weight"].shape[0]

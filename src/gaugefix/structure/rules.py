@@ -37,6 +37,7 @@ from gaugefix.structure.trace import (
 
 __all__ = [
     "blocker",
+    "distinct_params",
     "elementwise",
     "funcs",
     "reduce_onto",
@@ -85,6 +86,14 @@ def block_other_tensors(ctx: TraceContext, tensors: list[Tensor], what: str) -> 
             ctx.block(ctx.terms(t), ctx.reason(what))
 
 
+def distinct_params(ctx: TraceContext, *tensors: Any) -> bool:
+    """Whether the parameters among ``tensors`` (an op's arguments) are different parameters.
+    The roles one op gives a parameter add up (a weight's rows and columns), so a parameter in
+    two roles of one op (``F.linear(x, W, W[0])``) would carry the sum of both roles' factors."""
+    names = [ctx.param_name(t) for t in tensors if ctx.is_param(t)]
+    return len(set(names)) == len(names)
+
+
 def reduce_onto(ctx: TraceContext, nodes: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Nodes of a tensor broadcast against a smaller operand of ``shape`` (right-aligned):
     united along the dims where ``shape`` broadcasts, giving nodes of ``shape``."""
@@ -127,13 +136,16 @@ def value_preserving(
     """Copies and casts (``contiguous``, ``to``, ``float``, ``detach``...): the output carries
     the input's labels; applied to a parameter, the output is the same parameter. A tensor
     among the other arguments gives only a dtype or device (``x.to(y)``, ``x.type_as(y)``),
-    none of its values."""
+    none of its values. A cast to an integer or boolean dtype truncates: applied to a parameter,
+    it fixes it (an activation's labels are blocked when it is recorded)."""
     for t in tensor_args(rest, options):
         ctx.claim(t)
     if ctx.is_param(input) and isinstance(result, Tensor) and result.shape == input.shape:
         if result is input:  # the parameter itself, not written
             ctx.claim(input)
             return UNCHANGED
+        if not (result.is_floating_point() or result.is_complex()):  # truncated: not linear
+            return ctx.block_all((input,), {}, ctx.reason("parameter cast to a non-floating dtype"))
         ctx.view_of_param(result, input, torch.arange(input.numel()))
         return None
     return elementwise(ctx, result, input)
@@ -431,8 +443,8 @@ def _reduce(
         return blocker(ctx, result, input, dim, **options)
     if not isinstance(dim, (int, list, tuple)) or (isinstance(dim, (list, tuple)) and not dim):
         dims = list(range(x.dim()))
-    else:
-        dims = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)]
+    else:  # a 0-d tensor takes dim 0 or -1 and has no dim to reduce
+        dims = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)] if x.dim() else []
 
     def reduce(nodes: Tensor) -> Tensor:
         lab = ctx.unite(nodes.expand(x.shape), dims)

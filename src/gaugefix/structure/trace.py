@@ -616,14 +616,17 @@ class TraceContext:
 
     def block_stored(self, model: nn.Module) -> None:
         """Activations the forward stored on the model's modules (``self.cache = h``, a buffer
-        replaced by one) are read after it like outputs: their labels are blocked."""
+        replaced by one or re-pointed at one's memory, ``buf.set_(h)``) are read after it like
+        outputs: their labels, and those of the traced tensors in their memory, are blocked."""
         for name, module in model.named_modules():
             state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
             for t in nested_tensors(state):
+                reason = f"stored on module '{name or '<root>'}' by the forward (an output)"
                 entry = self._labels.get(id(t))
                 if entry is not None and entry[0] is t:
-                    where = name or "<root>"
-                    self.block(entry[1], f"stored on module '{where}' by the forward (an output)")
+                    self.block(entry[1], reason)
+                for other in self._in_memory.get(_memory(t), {}).values():
+                    self.block(self._labels[id(other)][1], reason)
 
     # -- parameter roles --------------------------------------------------------------------------
     def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
