@@ -41,8 +41,15 @@ def discover(
     """The rescaling group of ``model``: every diagonal positive rescaling symmetry found by
     running it once on the example inputs and applying the op-rule registry.
 
-    The model is not modified (BatchNorm statistics and the random state are restored). Channels
-    that are not generators are listed in ``structure.excluded`` with the reason.
+    The model is not modified (BatchNorm statistics and the random state are restored), nor are
+    the example inputs (the forward runs on a copy of them). Channels that are not generators
+    are listed in ``structure.excluded`` with the reason.
+
+    The outputs, which every generator keeps, are the tensors the forward returns (in tuples,
+    lists, dicts and dataclasses) and those it stores on the model's modules. Other objects it
+    returns are not searched: a Hugging Face ``DynamicCache``'s keys and values change under the
+    gauge, and ``notes`` names such objects (a cache made before a gauge move must not be used
+    after it).
 
     A forward that reads a tensor depending on its inputs or weights into Python (``if
     x.sum() > 0:``) raises :class:`ValueDependentError`: the trace sees one path, and inputs that
@@ -56,15 +63,27 @@ def discover(
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover expects an nn.Module, got {type(model).__name__}")
     ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
-    notes: tuple[str, ...] = ()
+    return compile_structure(model, ctx, _notes(ctx))
+
+
+def _notes(ctx: TraceContext) -> tuple[str, ...]:
+    """The caveats of a trace: the value reads it accepted, and the output's objects it did not
+    search."""
+    notes = []
     if ctx.value_reads:
         unused = [n for n in ctx.params if n not in ctx.used_params]
-        notes = (
+        notes.append(
             f"traced one path: the forward read {len(ctx.value_reads)} tensor value(s) into "
             f"Python (first: {ctx.value_reads[0]}); exact only for inputs that take this path"
-            + (f"; parameters not used on it: {', '.join(unused)}" if unused else ""),
+            + (f"; parameters not used on it: {', '.join(unused)}" if unused else "")
         )
-    return compile_structure(model, ctx, notes)
+    if ctx.unsearched:
+        notes.append(
+            f"the output holds objects not searched ({', '.join(sorted(ctx.unsearched))}): "
+            "tensors they hold (a cache's keys and values) may change under the gauge, so one "
+            "made before a gauge move must not be used after it"
+        )
+    return tuple(notes)
 
 
 __all__ = [

@@ -32,6 +32,7 @@ others.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import math
@@ -274,6 +275,7 @@ class TraceContext:
         self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
         self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
+        self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
 
     # -- rules ----------------------------------------------------------------------------------
     def rule_for_op(self, func: Any, name: str) -> Rule | None:
@@ -906,22 +908,25 @@ def _memory(t: Tensor) -> tuple | None:
     return (t.device, pointer) if pointer and storage.nbytes() else None
 
 
-def _outputs(tree: Any) -> Iterator[Tensor]:
-    """The tensors of a model's output, in nested tuples, lists, dicts and dataclasses; an
-    iterator (a generator) is refused: its tensors are computed after the traced forward."""
+def _outputs(tree: Any, unsearched: set[str]) -> Iterator[Tensor]:
+    """The tensors of a model's output, in nested tuples, lists, dicts and dataclasses; the
+    type names of other objects in it (a cache) go to ``unsearched``. An iterator (a generator)
+    is refused: its tensors are computed after the traced forward."""
     if isinstance(tree, Tensor):
         yield tree
     elif isinstance(tree, (list, tuple, dict)):
         for item in tree.values() if isinstance(tree, dict) else tree:
-            yield from _outputs(item)
+            yield from _outputs(item, unsearched)
     elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
         for field in dataclasses.fields(tree):
-            yield from _outputs(getattr(tree, field.name))
+            yield from _outputs(getattr(tree, field.name), unsearched)
     elif isinstance(tree, Iterator):
         raise TracingError(
             f"the model returned an iterator ({type(tree).__name__}): what it yields is "
             "computed after the forward, where discovery cannot trace it"
         )
+    elif not isinstance(tree, (type(None), bool, int, float, complex, str, bytes)):
+        unsearched.add(type(tree).__name__)
 
 
 def nested_tensors(tree: Any) -> Iterator[Tensor]:
@@ -1268,6 +1273,21 @@ def _compiled_run_eagerly() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
+    """A deep copy of the example ``inputs`` for the trace to run on, so that what the forward
+    writes into them (a cache it appends to, an in-place scaling) stays off the caller's; the
+    model's modules, parameters and buffers, and input tensors sharing memory with them, stay
+    themselves. Inputs ``copy.deepcopy`` cannot copy are used as they are."""
+    own = [*model.modules(), *model.parameters(), *model.buffers()]
+    memory = {_memory(t) for t in own if isinstance(t, Tensor)} - {None}
+    kept = [t for t in nested_tensors(inputs) if _memory(t) in memory]
+    memo = {id(x): x for x in (*own, *kept)}
+    try:
+        return copy.deepcopy(inputs, memo)
+    except Exception:  # e.g. a non-leaf tensor, a lock: the forward runs on the caller's
+        return inputs
+
+
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
     """``model(*args, **kwargs)``; an exception from the forward becomes a
     :class:`TracingError` naming the module and op where it happened."""
@@ -1301,7 +1321,9 @@ def trace(
     ones.
 
     The model is left as it was: buffers (BatchNorm running statistics) are restored, the global
-    random state is not advanced, and ``requires_grad`` flags and gradients are put back.
+    random state is not advanced, and ``requires_grad`` flags and gradients are put back; the
+    forward runs on a deep copy of the inputs where they can be copied, so that they are left
+    as they were too.
     """
     _refuse_unusable(model)
     per_call = Registry()
@@ -1314,6 +1336,7 @@ def trace(
         if not p.is_floating_point():
             ctx.fix(p, f"an integer or bool parameter ({p.dtype}) cannot be rescaled")
     tracer = _Tracer(ctx)
+    args, kwargs = _inputs_copied(model, (args, kwargs))
     for t in nested_tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
     inputs = {t.device for t in nested_tensors((args, kwargs))}
@@ -1322,7 +1345,7 @@ def trace(
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_partly_read()
         ctx.value_reads += ctx.shape_reads
-        for t in _outputs(out):
+        for t in _outputs(out, ctx.unsearched):
             if t.is_floating_point() or t.is_complex():
                 reason = "model output (rescaling it changes the function)"
                 if ctx.is_param(t):
