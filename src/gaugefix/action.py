@@ -22,13 +22,14 @@ from gaugefix.distributed import (
     sharded,
 )
 from gaugefix.errors import check_number
-from gaugefix.kernels import Targets, finite_flag, rescale_
+from gaugefix.kernels import Targets, factor_dtype, finite_flag, rescale_
 from gaugefix.moment import refuse_meta
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
     "all_finite",
     "apply_gauge_",
+    "check_in_range",
     "check_transport",
     "check_finite_params",
     "check_h",
@@ -37,6 +38,7 @@ __all__ = [
     "optimizer_states",
     "random_gauge_",
     "refuse_shared_memory",
+    "refuse_unmovable",
     "transport_targets",
 ]
 
@@ -46,6 +48,11 @@ GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
 # Entries that count steps, left as they are: a 0-dim one is shaped like a 0-dim parameter.
 COUNTS = ("step",)
+# The dtypes of a gauge ``h`` (float8 has no norm to check it with).
+H_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# How close (relative) to its dtype's largest number a moved entry, or a product of the factors
+# moving it, may come: their rounding (a few float32 ulps) must not carry it over.
+OVERFLOW_MARGIN = 1e-5
 
 
 def finite_on_device(tensors: list[Tensor]) -> Tensor:
@@ -96,8 +103,8 @@ def _check_h(h: Tensor, structure: GaugeStructure) -> None:
             f"h must have shape ({structure.num_generators},) (one entry per generator), "
             f"got {tuple(h.shape)}"
         )
-    if not h.is_floating_point() or not all_finite([h]):
-        raise ValueError("h must be a finite floating-point tensor")
+    if h.is_meta or h.dtype not in H_DTYPES or not all_finite([h]):
+        raise ValueError("h must be a finite floating-point tensor (float16 to float64) with data")
 
 
 def optimizer_states(
@@ -168,10 +175,96 @@ def gauge_params_(
 def check_transport(optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]) -> None:
     """``ValueError`` before anything moves unless ``params`` and what moves with them can be
     moved in place: they hold data (not on the ``meta`` device), ``optimizer``'s state is
-    transportable (:func:`optimizer_states`) and no two of the tensors
-    :func:`transport_targets` lists share memory (:func:`refuse_shared_memory`)."""
+    transportable (:func:`optimizer_states`), every tensor :func:`transport_targets` lists can
+    be written in place (:func:`refuse_unmovable`) and no two of them share memory
+    (:func:`refuse_shared_memory`)."""
     refuse_meta(params)
-    refuse_shared_memory(transport_targets(params, optimizer_states(optimizer, params)))
+    targets = transport_targets(params, optimizer_states(optimizer, params))
+    refuse_unmovable(targets)
+    refuse_shared_memory(targets)
+
+
+def refuse_unmovable(targets: Targets) -> None:
+    """``ValueError`` naming the parameter when a tensor to be moved in place cannot be (the
+    move would fail halfway): one that is not strided (a sparse gradient of
+    ``nn.Embedding(sparse=True)``), an inference tensor outside ``torch.inference_mode``, or
+    optimizer state on another device than its parameter."""
+    inference = not torch.is_inference_mode_enabled()
+    for name, tensors in targets.items():
+        for t, _ in tensors:
+            if t.device != tensors[0][0].device:
+                raise ValueError(
+                    f"the optimizer state of parameter '{name}' is on {t.device}, the parameter "
+                    f"on {tensors[0][0].device}: they cannot move together; nothing was modified"
+                )
+            if t.layout != torch.strided:
+                raise ValueError(
+                    f"parameter '{name}' (or its gradient or optimizer state) is {t.layout}, "
+                    "not strided: it cannot be moved in place (zero a sparse gradient first); "
+                    "nothing was modified"
+                )
+            if inference and t.is_inference():
+                raise ValueError(
+                    f"parameter '{name}' (or its gradient or optimizer state) is an inference "
+                    "tensor: move it inside torch.inference_mode(), or clone it first; nothing "
+                    "was modified"
+                )
+
+
+def check_in_range(
+    params: dict[str, Tensor],
+    structure: GaugeStructure,
+    h: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """``ValueError`` before anything moves when ``g(h)`` could overflow a tensor moving with
+    ``params`` (:func:`overflowing`); for ``DTensor`` s (FSDP2) on every process when it could
+    on one."""
+    _, local = local_view(params, structure)
+    name = overflowing(transport_targets(params, optimizer_states(optimizer, params)), local, h)
+    if sharded(params.values()):
+        if everywhere(name is None, first_dtensor(list(params.values()))):
+            return
+        name = name or "on another process"
+    elif name is None:
+        return
+    raise ValueError(
+        f"the gauge move would overflow parameter '{name}' (or its gradient or optimizer "
+        "state) in its dtype; nothing was modified"
+    )
+
+
+def overflowing(targets: Targets, structure: GaugeStructure, h: Tensor) -> str | None:
+    """The first parameter whose tensors ``g(h)`` could overflow, or ``None``: an entry ``e`` of
+    a tensor moved with power ``p`` is multiplied by each term's factor ``exp(p x_t(e))`` in
+    turn, so with ``up(e) = sum_t max(p x_t(e), 0)`` every product of its factors is at most
+    ``exp(up)`` and every partial result at most ``|theta_e| exp(up)``: both must stay below
+    the largest number of the dtype they are formed in
+    (:func:`gaugefix.kernels.factor_dtype`). One pass over each tensor (its largest entry),
+    and a float64 pass entry by entry where that bound does not decide."""
+    device = next(iter(targets.values()))[0][0].device
+    h = h.to(device=device, dtype=torch.float64)
+    hx = torch.cat([h, h.new_zeros(1)])
+    for param in structure.plan(device):
+        for t, power in targets.get(param.name, ()):
+            if not t.numel():
+                continue
+            up = sum((power * term.sign * hx[term.slots]).clamp_min(0) for term in param.terms)
+            highest = float(up.amax())
+            if _log_max(factor_dtype(t.dtype)) - highest <= OVERFLOW_MARGIN:
+                return param.name
+            top = float(torch.linalg.vector_norm(t.detach(), math.inf))
+            if top == 0 or _log_max(t.dtype) - math.log(top) - highest > OVERFLOW_MARGIN:
+                continue
+            peak = float(t.detach().abs().to(torch.float64).log_().add_(up).amax())
+            if _log_max(t.dtype) - peak <= OVERFLOW_MARGIN:
+                return param.name
+    return None
+
+
+def _log_max(dtype: torch.dtype) -> float:
+    """``log`` of ``dtype``'s largest finite number."""
+    return math.log(torch.finfo(dtype).max)
 
 
 def _span(t: Tensor) -> tuple[str, int, int, int]:
@@ -247,7 +340,8 @@ def apply_gauge_(
 
     Gradients in ``.grad`` and, when ``optimizer`` is given, its state are transported: gradient
     -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
-    moments by its square. Everything is validated first; on error nothing is modified.
+    moments by its square. Everything is validated first; on error nothing is modified: an ``h``
+    whose factors could overflow a moved tensor's dtype is refused (:func:`overflowing`).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
@@ -255,6 +349,7 @@ def apply_gauge_(
     check_finite_params(params)
     check_transport(optimizer, params)
     if params:
+        check_in_range(params, structure, h, optimizer)
         _, structure = local_view(params, structure)  # this process's slices under FSDP2
         gauge_params_(params, structure, h, optimizer)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from gaugefix.action import (
     check_finite_params,
     check_h,
+    check_in_range,
     check_transport,
     gauge_params_,
 )
@@ -356,8 +357,10 @@ def balance_(
     (see :func:`solve_balance`). Stops when ``max |mu_n| / S_n <= tol``.
 
     Dead generators (all incoming or all outgoing entries zero) have no closed orbit: they keep
-    ``h = 0`` and are reported. Optimizer state is transported when ``optimizer`` is given.
-    Everything is validated first; on error nothing is modified. Not reaching ``tol`` within
+    ``h = 0`` and are reported. Gradients in ``.grad`` and, when ``optimizer`` is given, its
+    state are transported (as :func:`gaugefix.apply_gauge_` does). Everything is validated
+    first; on error nothing is modified (a solution whose factors could overflow a moved
+    tensor's dtype, :func:`gaugefix.action.overflowing`, is refused). Not reaching ``tol`` within
     ``max_iter`` iterations is no error (the rule of every Newton solve in gaugefix): the step
     found is applied and ``converged`` is false.
     """
@@ -380,6 +383,7 @@ def balance_(
     tensors, local = local_view(params, structure)
     h = solution.h[0]
     check_h(h, structure)
+    check_in_range(params, structure, h, optimizer)
     gauge_params_(params, local, h, optimizer)
     s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
     # an unmoved model's ||theta||^2 is one sum: the solve's F(0) adds the squares in another

@@ -58,6 +58,7 @@ __all__ = [
     "gpu_layout",
     "term_values",
     "per_parameter",
+    "factor_dtype",
     "group_coefficients",
     "group_factors",
     "rescale_",
@@ -89,11 +90,13 @@ class KernelPlan(NamedTuple):
     ``N``, the dummy slot at ``2 N + 1``), each flattened in group and term order, then
     ``2 N + 2`` once for each entry of each parameter's first term. ``starts[g]``: where the
     values of each term of group ``g`` begin in that index, then those of its first term's
-    copy (parameter ``l``'s follow its ``l`` predecessors')."""
+    copy (parameter ``l``'s follow its ``l`` predecessors'). ``chunkable``: every parameter
+    has a dim and an entry (``_chunk_cat`` takes their values, :func:`flat_cat`)."""
 
     groups: tuple[TermGroup, ...]
     index: Tensor
     starts: tuple[tuple[int, ...], ...]
+    chunkable: bool
 
 
 # The attribute of a structure that caches its plans by device: on the structure itself rather
@@ -123,7 +126,9 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
             )
             for (shape, terms), params in by_layout.items()
         )
-        per_device[device] = KernelPlan(groups, *_sums_index(groups, structure.num_generators))
+        chunkable = all(len(g.shape) and math.prod(g.shape) for g in groups)
+        index, starts = _sums_index(groups, structure.num_generators)
+        per_device[device] = KernelPlan(groups, index, starts, bool(chunkable))
     return per_device[device]
 
 
@@ -154,13 +159,14 @@ def stacked(tensors: list[Tensor], dim: int) -> Tensor:
 
 
 def reduce_to(values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``.
+    """Sum ``values`` over the dims where ``shape`` has size 1 (keeping them), giving ``shape``
+    (zeros along a dim of ``values`` of size 0).
 
     The dims are summed a run of adjacent ones at a time, the outermost run first: a sum over
     leading entries with contiguous rows is one vectorised pass, and a short innermost run (a
     conv's taps) is then summed on the smaller result (summed first, it would be several times
     slower)."""
-    dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] > 1]
+    dims = [d for d, s in enumerate(shape) if s == 1 and values.shape[d] != 1]
     while dims:
         k = 1
         while k < len(dims) and all(values.shape[d] == 1 for d in range(dims[k - 1] + 1, dims[k])):
@@ -204,12 +210,15 @@ def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool)
     return x.square_() if fresh and not recorded else x.square()
 
 
-def flat_cat(values: list[Tensor], batch_dims: int) -> Tensor:
+def flat_cat(values: list[Tensor], batch_dims: int, chunkable: bool) -> Tensor:
     """``values`` (``[*batch, ...]``) each flattened past the batch dims and concatenated:
-    ``[*batch, P]``. One ``_chunk_cat`` (and a view); it has no derivative, so with a gradient
-    recorded a view of each and ``cat``."""
-    if torch.is_grad_enabled() and any(v.requires_grad for v in values):
-        return torch.cat([v.reshape(*v.shape[:batch_dims], -1) for v in values], -1)
+    ``[*batch, P]``. One ``_chunk_cat`` (and a view) when ``chunkable`` (each value has a dim
+    and an entry past the batch dims, and there are copies); it has no derivative, so with a
+    gradient recorded (or else) a view of each and ``cat``."""
+    recorded = torch.is_grad_enabled() and any(v.requires_grad for v in values)
+    if recorded or not chunkable or not values[0].numel():
+        flat = [v.reshape(*v.shape[:batch_dims], v.shape[batch_dims:].numel()) for v in values]
+        return torch.cat(flat, -1)
     return torch._chunk_cat(values, batch_dims, 1).squeeze(batch_dims)
 
 
@@ -280,7 +289,7 @@ def stacked_sums(
         for values, sign in zip(per_term, group.signs, strict=True):
             reduced[sign] += values
         firsts += per_term[0]
-    return flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims)
+    return flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims, plan.chunkable)
 
 
 def _group_sums(
@@ -293,9 +302,7 @@ def _group_sums(
     x = [tensors[name] for name in group.names]
     x = x[0] if one else torch.stack(x, batch_dims)
     lead = tuple(x.shape[: batch_dims + (0 if one else 1)])
-    pair = [1] * len(group.shape)
-    for slots in group.slots:
-        pair = [max(a, b) for a, b in zip(pair, slots.shape[1:], strict=True)]
+    pair = torch.broadcast_shapes(*(slots.shape[1:] for slots in group.slots))
     sq = _squares(x, (*lead, *pair), dtype, not one)
     by_shape: dict[tuple[int, ...], Tensor] = {}
     for slots in group.slots:
@@ -365,7 +372,7 @@ def add_squares_(x: Tensor, outs: list[Tensor], dtype: torch.dtype) -> None:
     into a reused buffer block by block of rows (:func:`row_blocks`), which stays in cache while
     each ``out`` reads it."""
     shapes = [tuple(out.shape) for out in outs]
-    pair = tuple(max(sizes) for sizes in zip(*shapes, strict=True))
+    pair = torch.broadcast_shapes(*shapes)
     trailing = trailing_sum_of_squares(x, pair, dtype)
     blocks = None if trailing is not None else row_blocks(x, shapes)
     for block in blocks or [...]:  # every row (also of a 0-dim tensor)
@@ -435,15 +442,25 @@ def group_coefficients(
     return [per_parameter(t.to(dtype), group, batch_dims, dense) for t in terms]
 
 
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the factors that move tensors of ``dtype``: ``dtype``, or float32 where its
+    exponent range is narrower (float16: a term's factor ``exp(12)`` would overflow it where
+    its product with the entry does not)."""
+    narrow = torch.finfo(dtype).tiny > torch.finfo(torch.float32).tiny
+    return torch.float32 if narrow else dtype
+
+
 def group_factors(
     hx: Tensor, group: TermGroup, power: int, dtype: torch.dtype, batch_dims: int = 0
 ) -> list[tuple[Tensor, ...]]:
     """``exp(power * sum_t sign_t hx[..., slots_t])`` for every entry of the group's
     parameters as the product of each term's factor (``exp`` in float64 on the term's own
-    slots, rounded to ``dtype``), per parameter (:func:`per_parameter`): the product made
-    dense, or on the CPU each term's broadcast factor, to be multiplied in turn."""
-    factors = [torch.exp(x).to(dtype) for x in term_values(hx, group, float(power))]
-    dense = gpu_layout(hx.device)
+    slots, rounded to :func:`factor_dtype`), per parameter (:func:`per_parameter`): the product
+    made dense (on a GPU, and in float32 for a tensor of narrower range, which is then rounded
+    once), or on the CPU each term's broadcast factor, to be multiplied in turn."""
+    wide = factor_dtype(dtype)
+    factors = [torch.exp(x).to(wide) for x in term_values(hx, group, float(power))]
+    dense = gpu_layout(hx.device) or wide != dtype
     if dense:
         factors = [functools.reduce(torch.mul, factors)]
     return [per_parameter(f, group, batch_dims, dense) for f in factors]

@@ -56,10 +56,7 @@ def refuse_meta(tensors: Mapping[str, Tensor]) -> None:
 def pair_shape(param: PlannedParam) -> tuple[int, ...]:
     """The broadcast shape of a parameter's term maps: entries that agree on every map (a conv
     kernel's taps) share every factor, so their squares can be summed first."""
-    shape = [1] * len(param.shape)
-    for term in param.terms:
-        shape = [max(a, b) for a, b in zip(shape, term.slots.shape, strict=True)]
-    return tuple(shape)
+    return tuple(torch.broadcast_shapes(*(term.slots.shape for term in param.terms)))
 
 
 def scatter_add_(out: Tensor, slots: Tensor, values: Tensor) -> None:
@@ -137,7 +134,8 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
         -2,
     )
     # over the generators: S_n != 0 (NaN counts), live, dead (a side all zero), not finite
-    counts = torch.stack([s != 0, live, low == 0, nan_or_zero.isnan()], -2).sum(-1)
+    # (counted in the sums' dtype: the square root of an integer count is taken in float32)
+    counts = torch.stack([s != 0, live, low == 0, nan_or_zero.isnan()], -2).sum(-1, dtype=s.dtype)
     kept, dead_nonfinite = counts.split(2, -1)
     rms = torch.linalg.vector_norm(ratios, dim=-1) / kept.clamp_min(1).sqrt()
     largest = torch.linalg.vector_norm(ratios, ord=math.inf, dim=-1)
