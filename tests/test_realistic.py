@@ -170,7 +170,8 @@ def test_realistic_summary_tunes_the_rate_on_the_validation_loss():
     }
     assert [t["strength"] for t in methods["penalty"]] == [0.1, 1.0]
     assert methods["penalty"][1]["best_lr"] is None and methods["penalty"][1]["val_loss"] is None
-    text = realistic.render(entry)
+    tasks = {"residual-cnn": {"regimes": {"momentum/64/10": {"lr_grid": [0.1, 0.8]}}}}
+    text = realistic.render(entry, tasks)
     assert "| plain |  | 0.367 (0.4, 0.335) | 0.2 | 0.6 (0.5, 0.7) |" in text
     assert "| penalty | 1 | 0 (0) | n/a | n/a |" in text
     digits = replace(runs[0], config=replace(runs[0].config, task="digits"))

@@ -391,7 +391,9 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         "unstable). *Horizontal* is the part of what the fixing adds to Adam's update "
         "(`u - u_plain`, `u_plain` Adam's update alone from the same state) orthogonal to the "
         "orbit directions, relative to `|u_plain|`: it changes the function at first order; "
-        "the decoupled step's is zero by construction, the exact step's second order.\n\n"
+        "the decoupled step's is zero by construction, the exact step's second order. *Step*: "
+        "the mean over the steps of `|u| / |u_plain|`; *sqrt(v)*: the mean of Adam's `sqrt(v)` "
+        "over plain's run's, at the last step both reached.\n\n"
         + "\n".join(lines)
         + f"\n\n![adam split]({name})"
     )

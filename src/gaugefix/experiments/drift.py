@@ -130,8 +130,8 @@ def figure(
     out: Path, store: Store, task: str, regimes: dict[Regime, tuple[dict, list[StoredRun]]]
 ) -> str | None:
     """RMS log-ratio and ``max |mu| / S`` over the steps at each regime's drift learning rate,
-    s = 0, the first seed; one panel per regime, one color per method, one legend, titled by
-    the task."""
+    s = 0, the regime's first seed (a method whose run of that seed diverged is not drawn);
+    one panel per regime, one color per method, one legend, titled by the task."""
     panels = [(g, entry, runs) for g, (entry, runs) in regimes.items() if "drift_lr" in entry]
     if not panels:
         return None
@@ -147,29 +147,28 @@ def figure(
     for k, (regime, entry, runs) in enumerate(panels):
         top, bottom = grid[2 * (k // cols)][k % cols], grid[2 * (k // cols) + 1][k % cols]
         lr = entry["drift_lr"]
-        for method in methods_in_order({r.config.method for r in runs}):
+        at = [r for r in runs if r.config.s == 0.0 and r.config.lr == lr]
+        first = min(r.config.seed for r in at)
+        for method in methods_in_order({r.config.method for r in at}):
             rs = [
                 r
-                for r in runs
-                if r.config.method == method
-                and r.config.s == 0.0
-                and r.config.lr == lr
-                and r.status != "diverged"
+                for r in at
+                if r.config.method == method and r.config.seed == first and r.status != "diverged"
             ]
             if not rs:
                 continue
-            curve = store.curves(min(rs, key=lambda r: r.config.seed).id)
+            curve = store.curves(rs[0].id)
             steps = [p.step for p in curve]
             style = {"color": figures.method_color(method), "label": method}
             lines[method] = top.plot(steps, [p.log_ratio_rms for p in curve], **style)[0]
             bottom.plot(steps, [p.mu_rel_max for p in curve], **style)
-        top.set_title(f"{regime.label}\nlr = {fmt(lr)}", fontsize=9)
+        top.set_title(f"{regime.label}\nlr = {fmt(lr)}, seed {first}", fontsize=9)
         top.set_ylabel("RMS log-ratio")
         bottom.set_ylabel("max |mu| / S")
         bottom.set_xlabel("step")
         bottom.set_yscale("log")
         figures.plain_log_ticks(bottom)
-    fig.suptitle(f"{task}: scale drift, s = 0, first seed", fontsize=10)
+    fig.suptitle(f"{task}: scale drift, s = 0", fontsize=10)
     methods = methods_in_order(lines)
     figures.legend_below(fig, [lines[m] for m in methods], methods)
     return figures.save(fig, out, f"drift-{task}.png")

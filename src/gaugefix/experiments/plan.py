@@ -83,7 +83,11 @@ if TYPE_CHECKING:
 
 def lr_grid(low_exp: int, high_exp: int, stride: int = 1) -> list[float]:
     """``2^(k/2)`` for ``k`` from ``low_exp`` to ``high_exp`` in steps of ``stride``: a log
-    grid with ratio ``2^(stride/2)`` (sqrt(2), or 2 at stride 2)."""
+    grid with ratio ``2^(stride/2)`` (sqrt(2), or 2 at stride 2), increasing; ``ValueError``
+    for an empty one (``low_exp > high_exp``) or a ``stride`` below 1."""
+    if stride < 1 or low_exp > high_exp:
+        raise ValueError(f"no learning-rate grid from 2^({low_exp}/2) to 2^({high_exp}/2) "
+                         f"in steps of {stride}")  # fmt: skip
     return [2 ** (k / 2) for k in range(low_exp, high_exp + 1, stride)]
 
 
@@ -111,6 +115,13 @@ class Block:
     lr_stride: int = 1
     floors: dict[float, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """``ValueError`` for a block that would train no run in some cell or a run twice."""
+        if problem := _block_problem(self):
+            raise ValueError(
+                f"inconsistent block ({self.optimizer}, {self.steps} steps): {problem}"
+            )
+
     def configs(self, task: TaskSpec) -> list[RunConfig]:
         """The block's runs on ``task``, each seed's on its instance (its own task hash)."""
         return [
@@ -132,6 +143,27 @@ class Block:
             )
             if lr >= 2 ** (self.floors.get(s, self.lr_range[0]) / 2)
         ]
+
+
+def _block_problem(block: Block) -> str | None:
+    """What makes ``block`` inconsistent (``None``: nothing): no run in some cell (no method,
+    seed, step, initial imbalance or rate, or a floor above the window), or a run twice (a
+    strength or initial imbalance repeated)."""
+    lrs = lr_grid(*block.lr_range, block.lr_stride)
+    unknown = [m for m in block.methods if m not in METHODS]
+    repeated = [m for m, st in block.methods.items() if not st or len(set(st)) < len(st)]
+    if not block.methods or unknown or repeated:
+        return f"methods {unknown or repeated or 'none'}: each a method with distinct strengths"
+    if block.seeds < 1 or block.steps < 1 or block.batch_size < 0:
+        return "seeds and steps must be at least 1, the batch size at least 0 (0: full batch)"
+    if not block.s or len(set(block.s)) < len(block.s):
+        return f"initial imbalances {block.s}: at least one, each once"
+    floors = {s: f for s, f in block.floors.items() if s not in block.s or 2 ** (f / 2) > lrs[-1]}
+    return (
+        f"floors {floors}: each at an initial imbalance of the block, in its window"
+        if floors
+        else None
+    )
 
 
 @dataclass(frozen=True)

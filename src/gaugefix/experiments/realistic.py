@@ -4,6 +4,7 @@ validation loss at the method's best-tuned learning rate."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Annotated, Any, TypedDict
 
@@ -20,10 +21,20 @@ from gaugefix.experiments.cells import (
     median,
 )
 from gaugefix.experiments.figures import fmt, methods_in_order
-from gaugefix.experiments.stability import on_grid, stable_edges
+from gaugefix.experiments.stability import bounded, on_grid, stable_edges
 from gaugefix.experiments.tasks import REALISTIC
 
-__all__ = ["DEFINITION", "Tuned", "Realistic", "best_lr", "tuned", "summarize", "table", "render"]
+__all__ = [
+    "DEFINITION",
+    "Tuned",
+    "Realistic",
+    "best_lr",
+    "tuned",
+    "summarize",
+    "table",
+    "grid_top",
+    "render",
+]
 
 DEFINITION = (
     "Per method and strength, at s = 0: each seed's bisected stable edge (as defined above), and "
@@ -100,17 +111,22 @@ def summarize(runs: Runs) -> Realistic:
     return out
 
 
-def _seeds_text(values: dict[str, float]) -> str:
-    """``0.012 (0.011, 0.012, 0.013)``: the median, then each seed's value."""
+def _seeds_text(values: dict[str, float], top: float = math.inf) -> str:
+    """``0.012 (0.011, 0.012, 0.013)``: the median, then each seed's value; ``≥`` before a
+    value at the grid's ``top`` (a lower bound), and before the median where the upper of its
+    middle values is one (raising it would raise the median)."""
     if not values:
         return "n/a"
-    shown = ", ".join(fmt(v) for v in values.values())
-    return f"{fmt(statistics.median(values.values()))} ({shown})"
+    shown = ", ".join(bounded(v, top) for v in values.values())
+    middle = sorted(values.values())[len(values) // 2]
+    bound = "≥ " if middle >= top else ""
+    return f"{bound}{fmt(statistics.median(values.values()))} ({shown})"
 
 
-def table(methods: dict[str, list[Tuned]]) -> str:
-    """One regime's table: per method and strength, the stable edge, the best-tuned learning
-    rate and the validation loss there (medians, then each seed's)."""
+def table(methods: dict[str, list[Tuned]], top: float = math.inf) -> str:
+    """One regime's table: per method and strength, the stable edge (``≥``: stable up to the
+    grid's ``top``, a lower bound; none marked without it), the best-tuned learning rate and
+    the validation loss there (medians, then each seed's)."""
     rows = [
         "| method | strength | stable edge: median (per seed) | best-tuned lr | "
         "validation loss: median (per seed) |",
@@ -120,20 +136,28 @@ def table(methods: dict[str, list[Tuned]]) -> str:
         for t in methods[method]:
             strength = fmt(t["strength"]) if t["strength"] else ""
             rows.append(
-                f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'])} | "
+                f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'], top)} | "
                 f"{fmt(t['best_lr'])} | {_seeds_text(t['val_loss_by_seed'])} |"
             )
     return "\n".join(rows)
 
 
-def render(entry: dict[str, Any]) -> str:
-    """The report's section on the realistic tasks (``entry``: the summary's ``realistic``)."""
+def grid_top(tasks: dict[str, Any], task: str, key: str) -> float:
+    """The highest grid rate of a task's regime in the summary's ``tasks`` (an edge there is a
+    lower bound)."""
+    return max(tasks[task]["regimes"][key]["lr_grid"])
+
+
+def render(entry: dict[str, Any], tasks: dict[str, Any]) -> str:
+    """The report's section on the realistic tasks (``entry``: the summary's ``realistic``;
+    ``tasks``: its ``tasks``, whose grids mark the lower bounds)."""
     if not entry:
         return ""
     parts = [f"## Realistic models at PyTorch's default initialisation\n\n{DEFINITION}"]
     for task, regimes in entry.items():
         for key, methods in regimes.items():
-            parts.append(f"### {task}: {Regime.parse(key).label}\n\n" + table(methods))
+            top = grid_top(tasks, task, key)
+            parts.append(f"### {task}: {Regime.parse(key).label}\n\n" + table(methods, top))
     parts.append(
         "The verdicts on these edges (each method against plain and against balanced-init, at "
         "its best strength) are in each task's section below."

@@ -54,7 +54,9 @@ class EdgeSharpness(TypedDict):
     """One method at one initial imbalance (:func:`summarize`)."""
 
     strength: float
-    measured_edge: Annotated[float, "the bisected stable edge of seed 0"]
+    measured_edge: Annotated[
+        float, "seed 0's largest stable rate: the stable end of its bisected bracket"
+    ]
     predicted_edge: Annotated[float, "2 / lambda_max at step 0"]
     final_sharpness: Annotated[float | None, "lambda_max at the last step tracked"]
 
@@ -187,7 +189,8 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     name = save(fig, out, "sharpness-at-edge.png")
     return (
         "## Sharpness at the edge\n\nEach method trained by full-batch GD at its own measured "
-        "stable edge (seed 0, bisected; each at its best strength), the largest Hessian "
+        "edge (seed 0's largest stable rate, the stable end of its bisected bracket; each at "
+        "its best strength), the largest Hessian "
         "eigenvalue of the training loss tracked (Lanczos). Gradient descent on a quadratic "
         "is stable below 2/lambda_max, so the edge predicted from the start is "
         "2/lambda_max(0); a method whose measured edge is far above it survives a start "

@@ -92,6 +92,7 @@ __all__ = [
     "count_sensitivity",
     "verdicts_text",
     "label",
+    "bounded",
     "VERDICT",
     "ratio_text",
     "interval_text",
@@ -541,36 +542,50 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
 def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
     method's per-seed stable edge at the longest horizon over that at the shortest (each
-    regime at its best strength). A seed's ratio is not known where the short horizon had no
-    stable rate or was stable up to its grid's top; the range *narrowed* when the upper end of
-    the ratio's bootstrap interval is below 1 (every seed known)."""
+    regime at its best strength), :func:`seed_ratios` with the short horizon as the reference:
+    a seed's ratio is not known where the short horizon had no stable rate or was stable up to
+    its grid's top, and a lower bound where the long one was. A method tuned at either horizon
+    is :func:`judged` on the seeds its strengths were not chosen on. The range *narrowed* when
+    the upper end of the ratio's bootstrap interval is below 1 (every seed known, none a lower
+    bound), and did not when it is at least 1 (every seed known)."""
     out: dict[HorizonKey, Horizon] = {}
     mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
     for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
         steps = sorted({r.config.steps for r in rs})
         if len(steps) < 2:
             continue
-        cells: dict[int, dict[str, tuple[dict[int, float], float]]] = {}
-        for n in (steps[0], steps[-1]):
-            chosen = at_best_strength([r for r in rs if r.config.steps == n])
-            cells[n] = {
-                m: (stable_edges(cell), max(r.config.lr for r in on_grid(cell)))
-                for (m,), cell in group(chosen, lambda c: (c.method,)).items()
-            }
+        ends = [[r for r in rs if r.config.steps == n] for n in (steps[0], steps[-1])]
+        tuned = tuned_methods(ends[0]) | tuned_methods(ends[1])
+        short, long = (_horizon_edges(at_best_strength(e)) for e in ends)
         entry: dict[MethodKey, HorizonRatio] = {}
-        for method in sorted(set(cells[steps[0]]) & set(cells[steps[-1]])):
-            (short, short_top), (long, _) = cells[steps[0]][method], cells[steps[-1]][method]
-            ratios = {
-                seed: long[seed] / base if 0.0 < base < short_top and seed in long else None
-                for seed, base in short.items()
-            }
-            stats = ratio_stats(ratios)
-            narrowed: bool | None = None
-            if stats["interval"] and not stats["unknown_seeds"]:
-                narrowed = stats["interval"][1] < 1.0
-            entry[method] = HorizonRatio(**stats, narrowed=narrowed)
+        for method in sorted(short.keys() & long.keys()):
+            (base, short_top), (edge, long_top) = short[method], long[method]
+            stats = seed_ratios(
+                judged(method, tuned, edge), judged(method, tuned, base), long_top, short_top
+            )
+            entry[method] = HorizonRatio(**stats, narrowed=_narrowed(stats))
         out[f"{opt}/{batch}"] = Horizon(short=steps[0], long=steps[-1], methods=entry)
     return out
+
+
+def _horizon_edges(chosen: Runs) -> dict[str, tuple[dict[int, float], float]]:
+    """Per method of one horizon's runs at its best strength: each seed's stable edge and the
+    top of the method's grid."""
+    return {
+        m: (stable_edges(cell), max(r.config.lr for r in on_grid(cell)))
+        for (m,), cell in group(chosen, lambda c: (c.method,)).items()
+    }
+
+
+def _narrowed(stats: RatioStats) -> bool | None:
+    """Whether a horizon's range narrowed: ``True`` when the bootstrap interval's upper end is
+    below 1 and no ratio is a lower bound, ``False`` when it is at least 1, ``None`` where some
+    seed is unknown (or a lower bound keeps the upper end from being known)."""
+    if not stats["interval"] or stats["unknown_seeds"]:
+        return None
+    if stats["interval"][1] >= 1.0:
+        return False
+    return None if stats["lower_bound"] else True
 
 
 def headline(regime: Regime) -> bool:
@@ -727,10 +742,16 @@ def render_sensitivity(summary: dict[str, Any], mark: dict[bool | None, str]) ->
     )
 
 
+def bounded(value: float, top: float) -> str:
+    """A stable rate or edge, ``≥`` before it where it is the grid's ``top`` (a lower bound)."""
+    return f"≥ {fmt(value)}" if value >= top else fmt(value)
+
+
 def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table) -> str:
     """Per method and s: ``overall`` (all seeds together; none: left out), then each seed's
     value in brackets (``≥``: stable up to the grid's top, a lower bound)."""
     top = entry["max_stable_lr_at_grid_top"]
+    grid_top = max(entry["lr_grid"])
     s_values = sorted({s for cells in seeds.values() for s in cells}, key=float)
     rows = [
         "| method | " + " | ".join(f"s = {s}" for s in s_values) + " |",
@@ -742,10 +763,10 @@ def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table) -> 
             if s not in seeds[method]:
                 cells.append("")
                 continue
-            per_seed = ", ".join(fmt(v) for v in seeds[method][s].values())
+            per_seed = ", ".join(bounded(v, grid_top) for v in seeds[method][s].values())
             bound = "≥ " if s in top.get(method, []) else ""
-            shown = f"{fmt(overall[method][s])} " if overall else ""
-            cells.append(f"{bound}{shown}({per_seed})")
+            shown = f"{bound}{fmt(overall[method][s])} " if overall else ""
+            cells.append(f"{shown}({per_seed})")
         rows.append(f"| {label(method, entry)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -812,9 +833,12 @@ def render_horizons(entry: dict[str, Any]) -> str:
             for m, st in ((m, h["methods"][m]) for m in methods_in_order(h["methods"]))
         ]
         parts.append(
-            f"**Over a longer horizon** ({opt}, batch {batch}, s = 0): per seed, `max_stable_lr` "
-            f"at {h['long']} steps / at {h['short']} steps, median [min, max]; the range "
-            "narrowed only if below 1 for every seed:\n\n" + "\n".join(lines)
+            f"**Over a longer horizon** ({opt}, batch {batch}, s = 0): per seed, the bisected "
+            f"stable edge at {h['long']} steps over that at {h['short']} steps (each horizon at "
+            "the method's best strength; a method tuned at either is judged on the seeds its "
+            "strength was not chosen on), median [min, max] (≥: a lower bound); the range "
+            "narrowed only if the paired bootstrap interval of the geometric-mean ratio lies "
+            "below 1:\n\n" + "\n".join(lines)
         )
     return "\n\n".join(parts)
 

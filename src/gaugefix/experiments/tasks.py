@@ -326,11 +326,10 @@ def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
         _check_finite(key, ys)
     if x_test.shape[1] != x.shape[1]:
         raise TaskError(f"X_test has {x_test.shape[1]} features but X has {x.shape[1]}")
-    if len(x) < 2:
-        raise TaskError("X needs at least 2 rows")
+    if len(x) < 2 or len(x_test) < 1:
+        raise TaskError("X needs at least 2 rows, X_test at least 1")
+    _check_targets(kind, y, y_test)
     if kind == "classification":
-        if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0:
-            raise TaskError("classification labels y must be a 1-d array of integers >= 0")
         classes = int(max(y.max(), y_test.max())) + 1
         yt, yt_test = torch.tensor(y, dtype=torch.long), torch.tensor(y_test, dtype=torch.long)
     else:
@@ -347,6 +346,20 @@ def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
         yt_test if split else None,
         lambda: mlp(widths),
     )
+
+
+def _check_targets(kind: str, y: np.ndarray, y_test: np.ndarray) -> None:
+    """A :class:`TaskError` unless ``y`` and ``y_test`` are labels (classification: 1-d,
+    integers >= 0) or targets of the same width (regression: 1-d, or 2-d ``[n, out]``)."""
+    for key, ys in (("y", y), ("y_test", y_test)):
+        if kind == "classification" and (
+            ys.ndim != 1 or not np.all(np.mod(ys, 1) == 0) or ys.min() < 0
+        ):
+            raise TaskError(f"classification labels {key} must be a 1-d array of integers >= 0")
+        if kind == "regression" and ys.ndim not in (1, 2):
+            raise TaskError(f"regression targets {key} must be 1-d or 2-d, got shape {ys.shape}")
+    if kind == "regression" and (y.shape[1:] or (1,)) != (y_test.shape[1:] or (1,)):
+        raise TaskError(f"y_test has shape {y_test.shape} but y has {y.shape}: other widths")
 
 
 def _check_finite(key: str, a: np.ndarray) -> None:

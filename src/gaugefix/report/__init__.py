@@ -50,7 +50,7 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
     sections = [_header(summary, _title(store, summary)), mechanism_table(summary)]
-    sections.append(realistic.render(summary.get("realistic", {})))
+    sections.append(realistic.render(summary.get("realistic", {}), summary["tasks"]))
     for task, task_runs in by_task(store.runs()).items():
         sections.append(_task_section(out, store, task, summary["tasks"][task], task_runs))
     for analysis in ANALYSES:
@@ -262,6 +262,10 @@ def _task_section(
         )
     figure = drift.figure(out, store, task, regimes)
     if figure:
-        parts.append(f"### Scale drift over the steps\n\n![drift]({figure})")
+        parts.append(
+            "### Scale drift over the steps\n\nEach regime's first seed at its drift learning "
+            "rate, s = 0 (a method whose run diverged there is not drawn).\n\n"
+            f"![drift]({figure})"
+        )
     parts.append(quality.render_task(t))
     return "\n\n".join(p for p in parts if p)

@@ -203,7 +203,8 @@ def _sharpness(summary: dict[str, Any]) -> str:
         for s, e in sorted(by_s.items(), key=lambda kv: float(kv[0]))
     ]
     return _table(
-        "**Sharpness at the edge** (seed 0, full-batch GD; gradient descent on a quadratic is "
+        "**Sharpness at the edge** (seed 0, full-batch GD; measured edge: its largest stable "
+        "rate, the stable end of its bisected bracket; gradient descent on a quadratic is "
         "stable below 2/lambda_max):",
         [
             "task",
@@ -227,8 +228,9 @@ def _adam(summary: dict[str, Any]) -> str:
     return _table(
         f"**Adam, separated** (full-batch Adam from s = {adam_split.S:g}; horizontal: the part "
         "of what the fixing adds to Adam's update that changes the function at first order, "
-        "relative to Adam's update; step and sqrt(v): the mean over the steps of the fixing's "
-        "over plain's):",
+        "relative to Adam's update; step: the mean over the steps of the step taken over "
+        "Adam's update alone from the same state; sqrt(v): the mean of sqrt(v) over plain's "
+        "run's, at the last step both reached):",
         ["task", "fixing", "strength", "horizontal", "step", "sqrt(v)"],
         rows,
     )
@@ -236,7 +238,8 @@ def _adam(summary: dict[str, Any]) -> str:
 
 def _realistic(summary: dict[str, Any]) -> str:
     tables = [
-        f"*{task}, {Regime.parse(key).label}*\n\n{realistic.table(methods)}"
+        f"*{task}, {Regime.parse(key).label}*\n\n"
+        + realistic.table(methods, realistic.grid_top(summary["tasks"], task, key))
         for task, regimes in summary.get("realistic", {}).items()
         for key, methods in regimes.items()
     ]
