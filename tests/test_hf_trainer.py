@@ -137,7 +137,8 @@ def test_discovered_on_the_first_batch_as_if_given(tmp_path):
     b = gpt2()
     given = gaugefix.discover(b, torch.zeros(1, 3, dtype=torch.long))
     train(b, tmp_path / "b", callback_options={"structure": given})
-    assert given.to_dict() == callback.structure.to_dict()
+    # the same group; the notes may differ (the given one's call returned a cache, not a loss)
+    assert given.to_dict() | {"notes": []} == callback.structure.to_dict() | {"notes": []}
     assert max_diff(a, b) == 0.0
 
 

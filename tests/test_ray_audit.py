@@ -33,6 +33,11 @@ def _claims(out: Path) -> int:
         db.close()
 
 
+def _progress(line: str) -> bool:
+    """Whether a line of stderr is the sweep's progress line (shown without a terminal)."""
+    return line.startswith("[gaugefix] ") and " elapsed, " in line
+
+
 def test_sigterm_of_the_driver_is_one_line_and_releases_its_claims(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "ray"
@@ -45,7 +50,8 @@ def test_sigterm_of_the_driver_is_one_line_and_releases_its_claims(tmp_path):
         _, err = driver.communicate(timeout=120)
     assert 0 < _stored(out) < RUNS, "the driver was not stopped mid-sweep"
     assert driver.returncode == 130, err
-    assert err == INTERRUPTED  # nor Ray's signal dump, nor its warnings
+    # nor Ray's signal dump, nor its warnings (a slow start may show a progress line)
+    assert "".join(line for line in err.splitlines(True) if not _progress(line)) == INTERRUPTED
     assert _claims(out) == 0
 
 

@@ -113,12 +113,18 @@ def optimizer_states(
     """The optimizer state of each parameter, checked to be transportable: every tensor entry
     shaped like its parameter must be a known gradient-like or squared buffer (or the step
     count, shaped like a 0-dim parameter), and no other
-    entry may hold several numbers (Adafactor's factored ``row_var`` and ``col_var``, L-BFGS's
-    flat direction and history lists), which a rescaling would leave stale."""
+    entry may hold several numbers (Adafactor's factored ``row_var`` and ``col_var``), which a
+    rescaling would leave stale. L-BFGS keeps its flat direction and history of all its
+    parameters on its first, gauged or not: refused once it has state."""
     if optimizer is None:
         return {}
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    if isinstance(optimizer, torch.optim.LBFGS) and any(optimizer.state.values()):
+        raise ValueError(
+            "cannot transport optimizer state 'd' and the history of LBFGS (flat over all its "
+            "parameters): a rescaling would leave them stale"
+        )
     out = {}
     for name, p in params.items():
         state = optimizer.state.get(p)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import check_transport, finite_on_device, optimizer_states
+from gaugefix.action import check_transport, finite_on_device
 from gaugefix.balancing import balance_
 from gaugefix.distributed import local_view, refuse_gathered
 from gaugefix.errors import check_number
@@ -74,17 +74,6 @@ def _frozen_by_lr(group: dict[str, Any]) -> bool:
     A tensor is never read on the host: its group counts as training."""
     lrs = (group["lr"], group.get("initial_lr", 0.0))
     return all(not isinstance(lr, Tensor) and lr == 0 for lr in lrs)
-
-
-def _whole_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Tensor]:
-    """The parameter (by name) on which ``optimizer`` keeps state about all its parameters:
-    L-BFGS's first, holding its flat direction and history (a gauge move leaves them stale,
-    wherever that parameter is); empty for every other optimizer."""
-    if not isinstance(optimizer, torch.optim.LBFGS):
-        return {}
-    first = optimizer.param_groups[0]["params"][0]
-    names = {id(p): name for name, p in model.named_parameters()}
-    return {names.get(id(first), "0 of the optimizer"): first}
 
 
 def _refuse_line_search(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
@@ -214,8 +203,6 @@ class GaugeFixing:
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         check_transport(optimizer, self._all_params)
         _refuse_line_search(optimizer, mode)
-        self._whole_state = _whole_state(optimizer, self.model)
-        optimizer_states(optimizer, self._whole_state)  # L-BFGS's history: refused
         _refuse_sparse(self.model, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
@@ -362,7 +349,6 @@ class GaugeFixing:
                 if ok is not None:  # no move unless the gradients were finite, on the device
                     rate = torch.as_tensor(rate, dtype=torch.float64, device=ok.device)
                     rate = torch.where(ok, rate, 0.0)
-                optimizer_states(optimizer, self._whole_state)  # L-BFGS's history: refused
                 # Finds the parameters' finiteness on the squared sums the step needs, checks
                 # the optimizer state (a clear error for unknown state), then moves.
                 _, finite = relax_unchecked_(self.active, self.params, rate, optimizer)
