@@ -244,3 +244,15 @@ def test_the_command_runs_from_a_source_tree_without_metadata(monkeypatch, capsy
         entry.main()
     assert exit_.value.code == 0
     assert "inspect" in capsys.readouterr().out
+
+
+def half_mlp() -> nn.Module:
+    return small_mlp().to(torch.bfloat16)
+
+
+def test_inspect_runs_a_half_precision_model_on_inputs_of_its_dtype():
+    """The example input was float32 whatever the model: a bfloat16 model failed ("mat1 and
+    mat2 must have the same dtype")."""
+    result = cli.invoke(app, ["inspect", "test_cli_audit:half_mlp", "--input-shape", "1,5"])
+    assert result.exit_code == 0, result.output
+    assert "16 generators (16 neuron)" in result.output

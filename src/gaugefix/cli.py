@@ -122,6 +122,13 @@ def _drawn(shape: tuple[int, ...], vocab: int | None = None) -> torch.Tensor:
         raise _fail(f"cannot make an example input of shape {shape}: {first_line(err)}") from None
 
 
+def _in_model_dtype(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Floating ``x`` in the dtype of ``model``'s first floating parameter (a half-precision
+    model gets half-precision inputs); token ids as they are."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return x.to(dtype) if x.is_floating_point() and dtype is not None else x
+
+
 def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     """A built-in example by name, or ``package.module:factory`` (importable from the current
     directory too) called without arguments."""
@@ -176,7 +183,7 @@ def inspect(
     if save is not None:
         _check_output(save)
     model, default_shape = _load_model(target)
-    x = _example_input(input_shape, input_ids, vocab, default_shape)
+    x = _in_model_dtype(model, _example_input(input_shape, input_ids, vocab, default_shape))
     model.eval()
     try:
         structure = gaugefix.discover(model, x)
