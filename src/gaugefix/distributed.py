@@ -223,6 +223,7 @@ class ShardStructure(GaugeStructure):
             structure.produced,  # the whole model's channels: for summary() and restrict()
             structure.param_order,
             structure.notes,
+            structure.in_out,
         )
         self.group = mesh.get_group()
         self._most_terms = structure.most_terms()
@@ -237,6 +238,7 @@ class ShardStructure(GaugeStructure):
             structure.produced,
             structure.param_order,
             structure.notes,
+            structure.in_out,
         )
 
     def summary(self) -> str:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from gaugefix.action import (
     check_finite_params,
     check_h,
+    check_in_range,
     check_transport,
     gauge_params_,
 )
@@ -100,6 +101,7 @@ OBJECTIVES = ("range", "activation", "norm")
 LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
 RANGE_P = 4  # the p-balance that picks range's point where max-balances are not unique
 FROZEN_REASON = "touching a parameter with requires_grad=False"
+CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)  # [out, in, *kernel]
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
 
@@ -378,15 +380,16 @@ def range_balance(
     """``"range"``: the max-balance with ``alpha = 1/2``. Where live generators share counted
     entries its solutions can form a set; the iteration then starts from the ``p``-balance at
     ``p = RANGE_P`` (:func:`p_balance`: unique, the minimiser of a strictly convex function),
-    which picks the point (up to the iteration's stopping tolerance). Elsewhere the solution
-    is unique and the iteration starts from ``h = 0``."""
+    which picks the point (up to the iteration's stopping tolerance); the two share the
+    ``max_iter`` iterations. Elsewhere the solution is unique and the iteration starts from
+    ``h = 0``."""
     sources = list(range_sources(params, structure, counted).values())
     h = torch.zeros(structure.num_generators, dtype=torch.float64, device=_device(params))
     at = balance_step(sources, h, 0.5)
     if damping(sources, at.live) == 1:
         return solve_max_balance(sources, h, 0.5, tol, max_iter)
     picked, newton, converged = p_balance(params, structure, counted, RANGE_P, tol, max_iter)
-    done = solve_max_balance(sources, picked, 0.5, tol, max_iter)
+    done = solve_max_balance(sources, picked, 0.5, tol, max_iter - newton)
     return done._replace(
         iterations=newton + done.iterations,
         before=at.residual,
@@ -429,13 +432,15 @@ class Reader(NamedTuple):
 
 
 def _channel_dims(module: nn.Module) -> tuple[int, int] | None:
-    """``(weight dim, input dim)`` of a linear map over its input's channels, or ``None``."""
-    if isinstance(module, nn.Linear):
+    """``(weight dim, input dim)`` of a linear map over its input's channels, or ``None``
+    (also for a subclass whose own ``forward`` may read its weight otherwise)."""
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
         return 1, -1
-    if isinstance(module, nn.modules.conv._ConvNd):  # channels before the spatial dims, so
-        spatial = module.weight.dim() - 2  # counted from the end: batched or unbatched input
-        return None if module.groups != 1 or module.transposed else (1, -1 - spatial)
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+    if forward in CONV_FORWARDS:  # channels before the spatial dims, so counted from the
+        spatial = module.weight.dim() - 2  # end: batched or unbatched input
+        return None if module.groups != 1 else (1, -1 - spatial)
+    if forward.__qualname__ == "Conv1D.forward" and isinstance(module.weight, Tensor):
         return 0, -1  # Hugging Face's Conv1D: x @ W with W [in, out]
     return None
 
@@ -443,12 +448,14 @@ def _channel_dims(module: nn.Module) -> tuple[int, int] | None:
 def readers(
     model: nn.Module, structure: GaugeStructure, counted: set[str], device: Any
 ) -> list[Reader]:
-    """The linear maps whose counted weight has column terms and no term varying along both
-    its input dim and another dim (those are not a channel scaling of the input)."""
+    """The linear maps whose counted weight (found by identity: a weight tied to another
+    module's has that one's name) has column terms and no term varying along both its input
+    dim and another dim (those are not a channel scaling of the input)."""
     plans = {p.name: p for p in structure.plan(device)}
+    names = {id(p): name for name, p in model.named_parameters()}
     out = []
     for name, module in model.named_modules():
-        dims, weight = _channel_dims(module), f"{name}.weight" if name else "weight"
+        dims, weight = _channel_dims(module), names.get(id(getattr(module, "weight", None)))
         if dims is None or weight not in counted or weight not in plans:
             continue
         plan, wdim = plans[weight], dims[0]
@@ -472,15 +479,18 @@ def activation_ranges(
     modules = dict(model.named_modules())
 
     def hook(reader: Reader) -> Callable[..., None]:
-        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
-            x = inputs[0].detach().abs().movedim(reader.input_dim, 0)
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            first = args[0] if args else next(iter(kwargs.values()))  # the forward's one input
+            if not first.numel():  # e.g. an expert no token was routed to
+                return
+            x = first.detach().abs().movedim(reader.input_dim, 0)
             a = x.reshape(x.shape[0], -1).amax(1).to(torch.float64)
             old = ranges.get(reader.module)
             ranges[reader.module] = a if old is None else torch.maximum(old, a)
 
         return record
 
-    handles = [modules[r.module].register_forward_hook(hook(r)) for r in found]
+    handles = [modules[r.module].register_forward_hook(hook(r), with_kwargs=True) for r in found]
     modes = {m: m.training for m in model.modules()}
     args = calibration if isinstance(calibration, tuple) else (calibration,)
     try:
@@ -509,19 +519,22 @@ def activation_balance(
     calibration: Tensor | tuple[Tensor, ...],
     alpha: float,
 ) -> tuple[list[RangeSource], Tensor]:
-    """The sources and per-generator ``alpha`` of ``"activation"``. Per reader that ran: its
-    input's channel ranges on the incoming side of the generators that scale them (the channel
-    carries ``-1`` times the column exponent), its weight's columns on the outgoing side of
-    the generators dividing them; these generators balance the two with ``alpha``. The others
-    (query-key pairs: no linear map reads their channels) are weight-range balanced as
-    ``"range"`` does (``alpha = 1/2``). Each weight is one source (read once per pass)."""
+    """The sources and per-generator ``alpha`` of ``"activation"``. Per reader: its input's
+    channel ranges on the incoming side of the generators that scale them (the channel carries
+    ``-1`` times the column exponent; none where the calibration pass gave it no input), its
+    weight's columns on the outgoing side of the generators dividing them; these generators
+    balance the two with ``alpha``. The others (query-key pairs: no linear map reads their
+    channels; a channel identically zero on the batch, or read through zero columns only) are
+    weight-range balanced as ``"range"`` does (``alpha = 1/2``). Each weight is one source
+    (read once per pass)."""
     device = _device(params)
     found = readers(model, structure, counted, device)
     ranges = activation_ranges(model, found, calibration)
     weights = range_sources(params, structure, counted)
     channels, divided = [], {}
     for r in found:
-        if r.module not in ranges:  # not called by the forward pass
+        divided[r.weight] = tuple(t for t in r.columns if t.sign < 0)
+        if r.module not in ranges:  # no input in the calibration pass: its columns only
             continue
         weight = params[r.weight]
         shape = [1] * weight.dim()
@@ -529,11 +542,11 @@ def activation_balance(
         scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
         act = ranges[r.module].to(device).log().view(shape)
         channels.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
-        divided[r.weight] = tuple(t for t in r.columns if t.sign < 0)
     n = structure.num_generators
     read_sources = channels + [weights[w]._replace(counted=c) for w, c in divided.items()]
     sides = side_ranges(read_sources, torch.zeros(n, dtype=torch.float64, device=device))
     read = torch.isfinite(sides.log_in) & torch.isfinite(sides.log_out)
+    channels = [c._replace(counted=_without(c.counted, ~read, n)) for c in channels]
     for name, source in weights.items():
         mine = divided.get(name, ())
         rest = tuple(t for t in source.counted if not any(t is d for d in mine))
@@ -762,14 +775,27 @@ def equalize_(
         h, iterations, before, after, live, converged = solved
     full = torch.zeros(structure.num_generators, dtype=torch.float64)
     full[keep] = h.cpu()
-    check_h(full, structure)
-    if params:
-        gauge_params_(params, structure, full.to(_device(params)), optimizer)
+    _move(params, structure, full, optimizer)
     alive = torch.zeros(structure.num_generators, dtype=torch.bool)
     alive[keep] = live.cpu()
     return EqualizeResult(
         name, before, after, iterations, full, torch.nonzero(~alive).reshape(-1), converged
     )
+
+
+def _move(
+    params: dict[str, Tensor],
+    structure: GaugeStructure,
+    h: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """``g(h)`` (``h``: float64 ``[N]``) on ``params`` and what moves with them, refused before
+    anything moves where it could overflow a tensor's dtype (a float16 model)."""
+    check_h(h, structure)
+    if params:
+        h = h.to(_device(params))
+        check_in_range(params, structure, h, optimizer)
+        gauge_params_(params, structure, h, optimizer)
 
 
 def _balanced(

@@ -8,11 +8,14 @@ the columns of a 2-D one, stored transposed as GPT-2's ``Conv1D`` and embeddings
 entry it divides lies on the input channels of the modules reading them (the columns of a
 ``weight`` of 2 or more dims; the rows of a 2-D one, ``Conv1D``) and not on channels those
 modules produce. With ``h_n = -log s_n`` it is the tools' transformation exactly. Generators
-with the same smooth and balance modules form one group. Query-key and rotary pairs (they divide
-another layer's output rows) are no such scaling, nor are generators touching a parameter not
-named ``weight`` or ``bias`` (fused experts, ``MultiheadAttention``'s ``in_proj_weight``, a layer
-scale ``gamma``), one of the model's root, or a depthwise convolution's input channels (its
-kernel's dim 0): a tool could not apply them by module name.
+with the same smooth and balance modules form one group. A 2-D weight counts only on the dims
+its module's type stores its channels on (``structure.in_out``: ``Conv1D`` and embeddings
+``[in, out]``, every other module ``[out, in]``), as tools apply groups by module type: a weight
+read against its type (``x @ linear.weight``) leaves its groups out. Query-key and rotary pairs
+(they divide another layer's output rows) are no such scaling, nor are generators touching a
+parameter not named ``weight`` or ``bias`` (fused experts, ``MultiheadAttention``'s
+``in_proj_weight``, a layer scale ``gamma``), one of the model's root, or a depthwise
+convolution's input channels (its kernel's dim 0): a tool could not apply them by module name.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
         own = owns[module]
         for term in param.terms:
             slots = term.slots.reshape(-1)
-            scalable = _scalable(param.name, param.shape, term.slots.shape, term.sign > 0)
+            in_out = param.name in structure.in_out
+            scalable = _scalable(param.name, param.shape, term.slots.shape, term.sign > 0, in_out)
             if term.sign > 0:
                 smooth[module, slots] = True
                 other[slots[~own[slots]] if scalable else slots] = True  # not its own channels
@@ -63,18 +67,20 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
     return modules, smooth[:, :n], balance[:, :n], other[:n], columns
 
 
-def _scalable(name: str, shape: tuple[int, ...], index: tuple[int, ...], out: bool) -> bool:
+def _scalable(
+    name: str, shape: tuple[int, ...], index: tuple[int, ...], out: bool, in_out: bool
+) -> bool:
     """Whether a term (index shape ``index``) of parameter ``name`` lies on the output
     (``out``) or input channels a tool scales by module name: a gain, a bias or a ``weight``'s
-    rows (out), a ``weight``'s columns (in), and for a 2-D ``weight`` (``Conv1D``, stored
-    ``[in, out]``; an embedding) either; the term spans that whole dim and no other."""
+    rows (out), a ``weight``'s columns (in); for a 2-D ``weight`` the other way round where its
+    module stores it ``[in, out]`` (``in_out``); the term spans that whole dim and no other."""
     module, _, leaf = name.rpartition(".")
     vector = len(shape) == 1  # a gain or a bias: output channels only
     if not module or not shape or leaf not in ("weight", "bias") or (vector and not out):
         return False
     if leaf == "bias" and not vector:
         return False
-    dims = [0, 1] if len(shape) == 2 else [0] if out else [1]
+    dims = ([1] if out else [0]) if in_out and len(shape) == 2 else [0] if out else [1]
     return any(
         index[d] == shape[d] and all(k == 1 for i, k in enumerate(index) if i != d) for d in dims
     )

@@ -110,7 +110,8 @@ class GaugeStructure:
     producing parameter to the generator of each channel it produces (``-1``: not a generator),
     for reports; ``excluded`` lists, per producing module, the channels that are not generators
     with the reason; ``notes`` holds caveats of the trace (e.g. the value reads accepted with
-    ``allow_value_dependent=True``).
+    ``allow_value_dependent=True``); ``in_out`` names the 2-D weights whose module type stores
+    them ``[in, out]`` (Hugging Face's ``Conv1D``, embeddings), for :meth:`scale_groups`.
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class GaugeStructure:
         produced: dict[str, Tensor],
         param_order: list[str],
         notes: tuple[str, ...] = (),
+        in_out: frozenset[str] = frozenset(),
     ) -> None:
         self.num_generators = num_generators
         self.params = params
@@ -132,6 +134,7 @@ class GaugeStructure:
         self.produced = produced
         self.param_order = param_order
         self.notes = notes
+        self.in_out = in_out
         self._plans: dict[torch.device, list[PlannedParam]] = {}
 
     def __repr__(self) -> str:
@@ -316,6 +319,7 @@ class GaugeStructure:
             {name: new[index] for name, index in self.produced.items()},
             self.param_order,
             self.notes,
+            self.in_out,
         )
 
     # -- persistence ----------------------------------------------------------------------------
@@ -344,6 +348,7 @@ class GaugeStructure:
             "generator_kinds": self.generator_kinds,
             "param_order": self.param_order,
             "notes": list(self.notes),
+            "in_out": sorted(self.in_out),
         }
 
     @classmethod
@@ -383,6 +388,7 @@ class GaugeStructure:
             {name: _decode(index) for name, index in data["produced"].items()},
             list(data["param_order"]),
             tuple(data.get("notes", ())),
+            frozenset(data.get("in_out", ())),
         )
 
     @classmethod
@@ -594,7 +600,18 @@ def compile_structure(
     kinds = _kinds(ctx, comp, generator_of, num)
     produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
     exclusions = _exclusions(ctx, producers, comp, valid, reason, reasons, has_out)
-    return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes)
+    in_out = _stored_in_out(model) & params.keys()
+    return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes, in_out)
+
+
+def _stored_in_out(model: nn.Module) -> frozenset[str]:
+    """The ``weight`` s whose module type stores them ``[in, out]``: Hugging Face's ``Conv1D``
+    (by its name: transformers is not imported) and embeddings."""
+    return frozenset(
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if type(module).__name__ == "Conv1D" or isinstance(module, nn.Embedding | nn.EmbeddingBag)
+    )
 
 
 def _blocking_reasons(
