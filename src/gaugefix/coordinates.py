@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import all_finite, check_finite_params
+from gaugefix.action import all_finite, check_finite_params, check_h
 from gaugefix.balancing import check_tolerances, masses_of, max_rel, pcg, solve_model
 from gaugefix.errors import GaugefixError, check_number
 from gaugefix.kernels import generator_sums, reduce_to, row_norms
@@ -69,16 +69,24 @@ def gauge_tensors(
 ) -> dict[str, Tensor]:
     """``g(h) . theta`` out of place: every parameter of ``structure`` in ``tensors`` multiplied
     entrywise by ``exp(sum_n w_n(e) h_n)``, computed in float64 and rounded once to the tensor's
-    dtype. Returns new tensors for the structure's parameters."""
+    dtype. Returns new tensors for the structure's parameters. ``h`` must be a finite floating
+    tensor ``[num_generators]``, and ``ValueError`` names a finite tensor that ``g(h)`` would
+    overflow in its dtype."""
+    check_h(h, structure)
     bound = structure.bind(dict(tensors))
     if not bound:
         return {}
     device = next(iter(bound.values())).device
     x = exponents(structure, h, device)
-    return {
+    out = {
         name: (t.detach().to(torch.float64) * torch.exp(x[name])).to(t.dtype)
         for name, t in bound.items()
     }
+    if not all_finite(list(out.values())):  # one check; name the culprit only on error
+        for name, t in bound.items():
+            if all_finite([t]) and not all_finite([out[name]]):
+                raise ValueError(f"g(h) overflows '{name}' in {t.dtype}")
+    return out
 
 
 # -- gauge-adapted coordinates ----------------------------------------------------------------
@@ -296,7 +304,8 @@ def generator_pairing(
     b_in = torch.zeros(n + 1, dtype=torch.float64, device=first.device)
     b_out = torch.zeros_like(b_in)
     for param in structure.plan(first.device):
-        prod = params[param.name].detach().to(torch.float64) * vectors[param.name].to(torch.float64)
+        v = vectors[param.name].to(device=first.device, dtype=torch.float64)
+        prod = params[param.name].detach().to(torch.float64) * v
         scatter_terms_(b_in, b_out, param, prod, ())
     return (b_in - b_out)[:n]
 
@@ -419,6 +428,7 @@ def project(
     if structure.num_generators == 0:
         return {k: _untouched(v, onto) for k, v in vectors.items()}
     params = structure.bind(model)
+    check_finite_params(params)
     b = generator_pairing(params, vectors, structure)
     if not all_finite([b]):  # one check; name the culprit only on error
         _name_non_finite(vectors, structure)

@@ -32,6 +32,11 @@ __all__ = [
 
 # -- relaxation of the imbalance modes --------------------------------------------------------
 
+# The shift-invert point of the smallest rates, below 0 by this fraction of K's largest diagonal
+# entry: K is positive semi-definite, so K + SHIFT max_n S_n I is positive definite (its LU never
+# fails, also where K is singular) and its smallest eigenvalues are K's nearest.
+SHIFT = 1e-10
+
 
 @dataclass(frozen=True)
 class RelaxationRates:
@@ -58,18 +63,23 @@ class RelaxationRates:
 
 def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` smallest and ``k`` largest eigenpairs of the sparse ``K`` by ARPACK (on the
-    CPU, as SciPy requires): shift-invert at 0 for the smallest (a sparse LU of ``K``; plain
-    Lanczos on the smallest when ``K`` is singular), plain Lanczos for the largest."""
+    CPU, as SciPy requires): shift-invert just below 0 for the smallest (a sparse LU of the
+    positive definite ``K + SHIFT max_n S_n I``, so a singular ``K``'s zero rates are found),
+    plain Lanczos for the largest. ``K = 0`` (every generator all-zero): zeros, unit vectors."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import eigsh
 
+    n = gram.shape[0]
     idx = gram.indices().cpu().numpy()
     mat = coo_matrix((gram.values().cpu().numpy(), (idx[0], idx[1])), shape=gram.shape).tocsc()
-    v0 = np.ones(mat.shape[0])
-    try:
-        low_vals, low_vecs = eigsh(mat, k, sigma=0.0, which="LM", v0=v0)
-    except RuntimeError:  # singular K: the factorisation at sigma = 0 fails
-        low_vals, low_vecs = eigsh(mat, k, which="SA", v0=v0)
+    top = float(mat.diagonal().max())
+    if top == 0:  # a positive semi-definite matrix with a zero diagonal is 0
+        vecs = torch.zeros(n, 2 * k, dtype=torch.float64)
+        ends = torch.cat([torch.arange(k), torch.arange(n - k, n)])
+        vecs[ends, torch.arange(2 * k)] = 1.0
+        return torch.zeros(2 * k, dtype=torch.float64), vecs
+    v0 = np.ones(n)
+    low_vals, low_vecs = eigsh(mat, k, sigma=-SHIFT * top, which="LM", v0=v0)
     high_vals, high_vecs = eigsh(mat, k, which="LA", v0=v0)
     vals = np.concatenate([low_vals, high_vals])
     vecs = np.concatenate([low_vecs, high_vecs], axis=1)
@@ -161,6 +171,12 @@ def predicted_imbalance_change(
     weight_decay = check_number(weight_decay, "weight_decay")
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
+    absent = [name for name in structure.params if not isinstance(grads.get(name), Tensor)]
+    if absent:  # e.g. the grad of a parameter the loss did not reach is None
+        raise ValueError(
+            f"grads: no tensor for the gauged parameter '{absent[0]}' (got "
+            f"{type(grads.get(absent[0])).__name__}); pass zeros for one the loss does not reach"
+        )
     _check_floats(structure.bind(model, sharded=True), "parameter")
     _check_floats(structure.bind(dict(grads), sharded=True), "grads:")
     mu = imbalance(model, structure)

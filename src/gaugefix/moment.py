@@ -128,7 +128,7 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
     # NaN where S_n is not finite, 0 elsewhere; their RMS and largest absolute value
     ratios = torch.stack(
         [
-            mu / s.clamp_min(torch.finfo(s.dtype).tiny),
+            torch.where(s != 0, mu / s, 0.0),  # (a subnormal S_n, too; NaN stays NaN)
             torch.where(live, torch.xlogy(0.5, s_in / s_out), nan_or_zero),
         ],
         -2,

@@ -95,7 +95,13 @@ def generator_combination(
     coefficients ``c`` (``[*batch, N]``); the gradient of ``P`` when ``c = strength * mu``.
     Computed in ``c``'s dtype, returned in each tensor's; a few operations per group of equally
     shaped parameters (:mod:`gaugefix.kernels`), returned in the order of ``tensors``.
-    Differentiable when grad mode is on (the penalty's double backward)."""
+    Differentiable when grad mode is on (the penalty's double backward). ``ValueError`` unless
+    ``c`` has one coefficient per generator (its slot ``N`` is the zero of unmoved entries)."""
+    if c.shape[-1:] != (structure.num_generators,):
+        raise ValueError(
+            f"c must end in one coefficient per generator ({structure.num_generators}), got "
+            f"shape {tuple(c.shape)}"
+        )
     cx = torch.cat([c, c.new_zeros(*c.shape[:-1], 1)], dim=-1)
     out = {}
     for group in kernel_plan(structure, c.device).groups:
@@ -284,7 +290,8 @@ def relax_(
     Generators with an all-zero incoming or outgoing side have no closed orbit and keep
     ``h = 0``. Trial steps are evaluated in float64 on the squared masses, without touching the
     model. ``.grad`` and, when ``optimizer`` is given, its state are transported. Everything is
-    validated first; on error nothing is modified.
+    validated first; on error nothing is modified, also where the squares of finite parameters
+    overflow the dtype they are summed in (float32 entries above about ``1.8e19``).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
@@ -294,7 +301,13 @@ def relax_(
     )
     check_finite_params(params)
     check_transport(optimizer, params)
-    return relax_unchecked_(structure, params, checked, optimizer)[0]
+    h, finite = relax_unchecked_(structure, params, checked, optimizer)
+    if not bool(finite):  # finite parameters whose squares overflow: h = 0 moved nothing
+        raise ValueError(
+            "the squared parameters overflow the dtype they are summed in (float32 entries "
+            "above about 1.8e19); nothing was modified"
+        )
+    return h
 
 
 def _rate_numbers(rate: float | Tensor, n: int) -> Tensor:
@@ -315,8 +328,9 @@ def relax_unchecked_(
     the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate` (or a
     0-dim tensor, 0 where the step must not move). Returns ``(h, finite)``: the step and a 0-dim
     bool tensor, false when a parameter has a NaN or infinite entry (found from the squared sums
-    the step needs anyway), and then ``h = 0``: nothing moves. Decided on the device: at most
-    one host read (whether the cheap bound of :func:`orbit_step` holds)."""
+    the step needs anyway, which overflow for float32 entries above about ``1.8e19`` too), and
+    then ``h = 0``: nothing moves. Decided on the device: at most one host read (whether the
+    cheap bound of :func:`orbit_step` holds)."""
     n = structure.num_generators
     if not params or n == 0:
         finite = torch.tensor(all_finite(list(params.values())))
@@ -329,7 +343,10 @@ def relax_unchecked_(
 
 
 def orbit_step(
-    tensors: Mapping[str, Tensor], structure: GaugeStructure, rate: Tensor, batch_dims: int = 0
+    tensors: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    rate: Tensor,
+    batch_dims: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``(h, finite)``: the bounded step of :func:`relax_` for every copy of a stack
     (``[*batch, N]``; ``rate``: a number per copy ``[*batch]`` or per generator ``[*batch, N]``),
