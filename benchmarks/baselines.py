@@ -19,6 +19,7 @@ the model like ``balance_`` does.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,32 @@ def gauss_seidel_blocks(structure: GaugeStructure) -> list[Tensor]:
     return blocks
 
 
+# Each structure's blocks with the parameters they act on: they depend on the structure alone,
+# so, like balance_'s plans (GaugeStructure.plan, gaugefix.kernels.kernel_plan), they are built
+# once per structure and not with every call that is timed.
+_PLANS: weakref.WeakKeyDictionary[GaugeStructure, list[tuple[Tensor, list[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def gauss_seidel_plan(structure: GaugeStructure) -> list[tuple[Tensor, list[str]]]:
+    """The blocks of :func:`gauss_seidel_blocks`, each with the names of the parameters its
+    generators act on (built once per structure, then cached)."""
+    if structure not in _PLANS:
+        n, plan = structure.num_generators, []
+        for block in gauss_seidel_blocks(structure):
+            member = torch.zeros(n + 1, dtype=torch.bool)  # slot n: an entry's missing term
+            member[block] = True
+            names = [
+                p.name
+                for p in structure.params.values()
+                if any(bool(member[t.index.reshape(-1)].any()) for t in p.terms)
+            ]
+            plan.append((block, names))
+        _PLANS[structure] = plan
+    return _PLANS[structure]
+
+
 @torch.no_grad()
 def gauss_seidel_balance_(
     model: nn.Module, structure: GaugeStructure, tol: float = 1e-10, max_sweeps: int = 100_000
@@ -125,18 +152,11 @@ def gauss_seidel_balance_(
     """Cyclic block closed-form sweeps until ``max |mu| / S <= tol``. Each block reads only the
     parameters its generators act on (its own masses)."""
     params = structure.bind(model)
-    n = structure.num_generators
-    h = torch.zeros(n, dtype=torch.float64)
-    blocks = []
-    for block in gauss_seidel_blocks(structure):
-        member = torch.zeros(n + 1, dtype=torch.bool)
-        member[block] = True
-        touching = {
-            p.name: params[p.name].detach()[None]
-            for p in structure.params.values()
-            if any(bool(member[t.index.reshape(-1)].any()) for t in p.terms)
-        }
-        blocks.append((block, Masses(touching, structure)))
+    h = torch.zeros(structure.num_generators, dtype=torch.float64)
+    blocks = [
+        (block, Masses({name: params[name].detach()[None] for name in names}, structure))
+        for block, names in gauss_seidel_plan(structure)
+    ]
     whole = masses_of(params, structure)
     s_in, s_out = _sums(whole, h)
     active = (s_in > 0) & (s_out > 0)

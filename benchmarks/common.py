@@ -23,10 +23,12 @@ def paired(
     pairs: int,
     warmup: int = 1,
     prepare: Callable[[str], None] | None = None,
+    clock: Callable[[Callable[[], Any]], tuple[float, Any]] = timed,
 ) -> dict[str, list[float]]:
     """Time every side ``pairs`` times, in rounds: each round runs every side once, the order
     rotating from round to round so that no side always goes first. ``prepare(name)`` runs
-    untimed before each call (e.g. restoring a model). Returns name -> seconds per round."""
+    untimed before each call (e.g. restoring a model); ``clock(fn)`` times one (default
+    :func:`timed`). Returns name -> seconds per round."""
     names = list(sides)
     for _ in range(warmup):
         for name in names:
@@ -40,7 +42,7 @@ def paired(
         for name in order:
             if prepare is not None:
                 prepare(name)
-            seconds, _ = timed(sides[name])
+            seconds, _ = clock(sides[name])
             times[name].append(seconds)
     return times
 

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
+from benchmarks.common import paired, ratio
 from benchmarks.models import ResNet50
 from benchmarks.opcount import gpt2, logits
 from benchmarks.step import MODES, STRENGTH
 
 ROUNDS, STEPS = 5, 10  # timed rounds; steps per side and round (holds one default orbit step)
+WARMUP = 2  # untimed calls of every side first: optimizer state, caches, autotuning
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ def _seconds(fn: Callable[[], None], repeat: int) -> float:
     return start.elapsed_time(end) / 1e3 / repeat
 
 
+def rounds(sides: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
+    """Seconds per call of every side: :data:`ROUNDS` rounds of :data:`STEPS` calls per side
+    (:func:`_seconds`), the sides' order rotating from round to round, after :data:`WARMUP`
+    untimed calls of each."""
+    return paired(sides, ROUNDS, WARMUP, clock=lambda fn: (_seconds(fn, STEPS), None))
+
+
 def _case(case: CudaCase, log: Callable[[str], None]) -> dict:
     x, y = case.batch()
     torch.manual_seed(0)
@@ -101,18 +110,13 @@ def _case(case: CudaCase, log: Callable[[str], None]) -> dict:
     sides["three_passes"] = lambda: [torch._foreach_mul_(params, 1.0) for _ in range(3)]
     exact_model, exact_opt = models["exact_every_step"]
     sides["orbit_step"] = lambda: gaugefix.relax_(exact_model, structure, 1e-6, exact_opt)
-    for fn in sides.values():  # warm-up: optimizer state, caches, autotuning
-        _seconds(fn, 2)
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(ROUNDS):
-        for name, fn in sides.items():
-            times[name].append(_seconds(fn, STEPS))
+    times = rounds(sides)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     row = {"case": case.name, "generators": structure.num_generators, "ms": ms}
     stats = ("imbalance_stats", "imbalance_stats_tensor")
-    for name in (*MODES, *stats):
-        row[f"{name}_overhead"] = ms[name] / ms["plain"] - 1.0
-    row["orbit_step_over_three_passes"] = ms["orbit_step"] / ms["three_passes"]
+    for name in (*MODES, *stats):  # the median over rounds of the per-round ratio
+        row[f"{name}_overhead"] = ratio(times[name], times["plain"]) - 1.0
+    row["orbit_step_over_three_passes"] = ratio(times["orbit_step"], times["three_passes"])
     log(
         f"  {case.name}: step {ms['plain']:.1f} ms; "
         + ", ".join(f"{n} {row[f'{n}_overhead']:+.1%}" for n in (*MODES, *stats))

@@ -338,16 +338,18 @@ NOTES = [
     "such a pass at every step: about the memory traffic"
     " of the optimizer's own update, small next to a ResNet-18 or GPT step, a sixth of the "
     "MLP's (1.9M parameters, three small GEMMs per step). imbalance_stats (timed once per "
-    "step, right after the plain step, where a training loop logs it) reads every parameter "
-    "once: well under 1% of a ResNet-18 step on two cores (item 2); no target for "
-    "the MLP.",
+    "round, right after the round's last plain step, where a training loop logs it, over that "
+    "round's mean plain step) reads every parameter once: well under 1% of a ResNet-18 step on "
+    "two cores (item 2); no target for the MLP.",
     "1 (effect): the teacher-student drift experiment, mini-batch training of the 16-128-1 "
     "student from a balanced start; drift suppression = the final RMS log-ratio of plain "
     "training over that with gauge fixing, measured just before the default's next orbit "
     "step. Deterministic (fixed seeds, one thread): no timing.",
     "3: float64, from random_gauge_(scale=3) to max|mu_n|/S_n <= 1e-10; the baselines "
     "(benchmarks/baselines.py) run on the same float64 masses with the same matrix-vector "
-    "products, timed end to end like balance_ (reading the parameters, applying the gauge). "
+    "products, timed end to end like balance_ (reading the parameters, applying the gauge), "
+    "each side once untimed first, what depends on the structure alone (balance_'s plans, "
+    "Gauss-Seidel's blocks) built once. "
     "The GPT's generators are coupled (a norm gain scales the query, key, value and MLP rows "
     "it feeds) but weakly: Saul's parallel updates converge there in a few dozen passes over "
     "the parameters, while any method has to read them, apply the gauge and measure the "
@@ -359,9 +361,12 @@ NOTES = [
     "another's: K is diagonal and every method is exact in one closed-form step, so that row "
     "is information only.",
     "4: the whole quick grid is trained batched (as the runner batches it) through the runner"
-    " into a fresh store; one by one, every 6th run of every group (6: the greatest common "
-    "divisor of the group sizes), its time multiplied by 6; per group, from the seconds the "
-    "stores record. Sweep processes keep the memory they free (keep_freed_memory): otherwise "
+    " into a fresh store; one by one, a sample: in every group every 6th run of each method's"
+    " runs (at least one; 6: the greatest common divisor of the group sizes), each run's "
+    "seconds weighted by the runs of its method and group it stands for (the methods of a "
+    "group cost unlike amounts, and a group's runs cycle through its methods, so every 6th "
+    "run of a group is one or a few of them); per group, from the seconds the stores record. "
+    "Sweep processes keep the memory they free (keep_freed_memory): otherwise "
     "glibc maps and unmaps every large activation tensor at every step, and the page faults "
     "made batches 3-4x slower per run. Full-batch groups are bounded by their FLOPs: digits "
     "(1347 examples through a 64-256-10 MLP) runs near the cores' peak even one run at a "
@@ -405,7 +410,10 @@ NOTES = [
     "median channel's), so activation has little to migrate there; no outliers are injected. "
     "range's point is unique (a tie-break by the p-balance, docs/quantization.md).",
     "8: aten operations dispatched (a TorchDispatchMode counter, CPU) by the second step of "
-    "non-fused AdamW, with GaugeFixing acting at every step against without; a torch._foreach_*"
+    "AdamW in its foreach implementation (torch's default on a GPU; not fused; on CPU tensors "
+    "it defaults to a loop over the parameters, about ten operations each), with GaugeFixing "
+    "acting at every step against without; AdamW's own count leaves out the host reads of its "
+    "step counters, which it keeps on the CPU on a GPU too; a torch._foreach_*"
     " call over any number of tensors, or one index_add_, counts as one; host reads are "
     "_local_scalar_dense (item, bool, float) and Tensor.tolist calls. On a GPU each operation "
     "is about one kernel launch and each host read drains the queue: the counts are taken in "
@@ -415,8 +423,9 @@ NOTES = [
     "parameter instead (no stacked copies; a few operations per parameter, which cost no "
     "launch there). imbalance_stats computes its statistics on the device "
     "(imbalance_stats_tensor) and reads them with one tolist.",
-    "9: on a CUDA GPU (the cuda section runs only there): ROUNDS x 10 steps per side timed with "
-    "CUDA events, sides in turn, medians; the orbit step is relax_ at rate 1e-6 with AdamW or "
+    "9: on a CUDA GPU (the cuda section runs only there): 5 rounds of 10 steps per side timed "
+    "with CUDA events, the sides' order rotating from round to round, the median over rounds "
+    "of the per-round ratio; the orbit step is relax_ at rate 1e-6 with AdamW or "
     "momentum state, against three torch._foreach_mul_ passes over all parameters.",
 ]
 

@@ -4,11 +4,15 @@ the same runs one after another; and batched = one by one in float64.
 The batched side trains the whole grid through the runner into a fresh store; both sides train
 in this process with one intra-op thread, as every sweep worker does (``--threads`` does not
 apply). Training all of
-it one run after another takes minutes per round, so the one-by-one side trains a sample, every
-``stride``-th run of every group with ``stride`` the greatest common divisor of the group sizes
-(every group sampled in the same proportion), and its time is multiplied by ``stride``: one run
-trained alone takes the same time whatever the other runs are. The seconds the stores record for
-each run give every group's own speed-up as well.
+it one run after another takes minutes per round, so the one-by-one side trains a sample: in
+every group, every ``stride``-th run of each method's runs (at least one; ``stride`` the greatest
+common divisor of the group sizes), each standing for the runs of its method and group it was
+drawn from (its weight). A method's runs cost alike, the methods of a group do not (hard
+balancing at every step costs several times a plain step), and a group's runs cycle through its
+methods, so every ``stride``-th run of a group would be one or a few of its methods. One run
+trained alone takes the same time whatever the other runs are: the one-by-one time of a round is
+its sample's, scaled by the weighted over the plain sum of the seconds its store records for its
+runs. Those seconds give every group's own speed-up as well.
 
 Float64: the sample is trained batched (in the sample's batches) and one by one. A run whose
 final losses differ by more than ``TOLERANCE`` (relative) is trained alone once more from an
@@ -45,12 +49,21 @@ def groups_of(configs: list[RunConfig]) -> dict[tuple, list[RunConfig]]:
     return groups
 
 
-def sample(configs: list[RunConfig]) -> tuple[list[RunConfig], int]:
-    """Every ``stride``-th run of every group, starting with the first, and ``stride``: the
-    greatest common divisor of the group sizes."""
+def sample(configs: list[RunConfig]) -> tuple[list[RunConfig], dict[str, float], int]:
+    """The one-by-one sample: in every group, every ``stride``-th run of each method's runs
+    (sorted by key), starting with the first; each sampled run's weight (by key): its method's
+    runs in its group over those sampled; and ``stride``, the greatest common divisor of the
+    group sizes."""
     groups = groups_of(configs)
     stride = math.gcd(*(len(runs) for runs in groups.values()))
-    return [c for runs in groups.values() for c in runs[::stride]], stride
+    chosen, weights = [], {}
+    for runs in groups.values():
+        for method in dict.fromkeys(c.method for c in runs):
+            cell = [c for c in runs if c.method == method]
+            drawn = cell[::stride]
+            chosen += drawn
+            weights.update((c.key(), len(cell) / len(drawn)) for c in drawn)
+    return chosen, weights, stride
 
 
 def tiny_grid() -> list[RunConfig]:
@@ -82,16 +95,19 @@ def _group_label(group: tuple) -> str:
     return f"{task}, {optimizer}, {batch}, {steps} steps"
 
 
-def _train_into_store(configs: list[RunConfig], batched: bool, seconds: dict[tuple, float]) -> None:
-    """Train ``configs`` through the runner into a fresh store; add each group's recorded
-    training seconds to ``seconds``."""
+def _train_into_store(configs: list[RunConfig], batched: bool) -> dict[str, float]:
+    """Train ``configs`` through the runner into a fresh store; each run's recorded training
+    seconds, by key."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "runs.sqlite")
         runner.run_all(store, configs, spec_of, 1, batched)
-        by_key = {c.key(): c.group() for c in configs}
-        for row in store.runs():
-            group = by_key[row.config.key()]
-            seconds[group] = seconds.get(group, 0.0) + row.record.seconds
+        return {row.config.key(): row.record.seconds for row in store.runs()}
+
+
+def weighted(seconds: dict[str, float], weights: dict[str, float], keys: set[str]) -> float:
+    """``sum_c w_c t_c`` over the runs ``c`` of ``keys`` that ``seconds`` (key -> ``t_c``)
+    holds; ``w_c`` from ``weights``, 1 for a run it does not hold."""
+    return sum(weights.get(k, 1.0) * t for k, t in seconds.items() if k in keys)
 
 
 def _relative_change(reference: float, other: float) -> float:
@@ -149,29 +165,31 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
             c for g in plan.reproduce_grids(quick=True) for c in g.configs(runner.TaskSpec(g.task))
         ]
         pairs = 5
-    chosen, stride = sample(grid)
+    chosen, weights, stride = sample(grid)
     for c in grid:
         spec_of(c).load()  # load (and cache) every task before timing
-    seconds: dict[str, dict[tuple, float]] = {"batched": {}, "one_by_one": {}}
+    seconds: dict[str, list[dict[str, float]]] = {"batched": [], "one_by_one": []}
     times = paired(
         {
-            "batched": lambda: _train_into_store(grid, True, seconds["batched"]),
-            "one_by_one": lambda: _train_into_store(chosen, False, seconds["one_by_one"]),
+            "batched": lambda: seconds["batched"].append(_train_into_store(grid, True)),
+            "one_by_one": lambda: seconds["one_by_one"].append(_train_into_store(chosen, False)),
         },
         pairs,
         warmup=0,
     )
-    estimated = [t * stride for t in times["one_by_one"]]
-    groups = groups_of(grid)
-    per_group = [
-        {
-            "group": _group_label(g),
-            "runs": len(runs),
-            "batches": len(runner.batches(runs, spec_of, True)),
-            "speedup": stride * seconds["one_by_one"][g] / seconds["batched"][g],
-        }
-        for g, runs in groups.items()
+    estimated = [
+        t * weighted(s, weights, set(s)) / sum(s.values())
+        for t, s in zip(times["one_by_one"], seconds["one_by_one"], strict=True)
     ]
+    groups = groups_of(grid)
+    per_group = []
+    for g, runs in groups.items():
+        keys = {c.key() for c in runs}
+        alone = sum(weighted(s, weights, keys) for s in seconds["one_by_one"])
+        together = sum(weighted(s, {}, keys) for s in seconds["batched"])
+        per_group.append({"group": _group_label(g), "runs": len(runs),
+                          "batches": len(runner.batches(runs, spec_of, True)),
+                          "speedup": alone / together})  # fmt: skip
     same = identical(chosen)
     row = {
         "grid_runs": len(grid),
@@ -187,7 +205,7 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
     }
     log(
         f"  {len(grid)} runs batched {row['batched']['median_s']:.1f} s; one by one "
-        f"{row['one_by_one_estimated']['median_s']:.1f} s ({len(chosen)} runs x {stride}): "
+        f"{row['one_by_one_estimated']['median_s']:.1f} s ({len(chosen)} runs, weighted): "
         f"{row['speedup']:.2f}x"
     )
     for g in per_group:

@@ -124,18 +124,19 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
     mu, s, low = s_in - s_out, s_in + s_out, torch.minimum(s_in, s_out)
     nan_or_zero = s - s  # NaN where S_n is not finite, 0 elsewhere
     live = low > 0  # both sides non-zero (never where a side is NaN)
+    counted = s != 0  # (NaN counts)
     # mu_n / S_n (0 where S_n = 0), and 0.5 log(S_in / S_out) where both sides are non-zero,
     # NaN where S_n is not finite, 0 elsewhere; their RMS and largest absolute value
     ratios = torch.stack(
         [
-            torch.where(s != 0, mu / s, 0.0),  # (a subnormal S_n, too; NaN stays NaN)
+            torch.where(counted, mu / s, nan_or_zero),  # (a subnormal S_n too; NaN stays NaN)
             torch.where(live, torch.xlogy(0.5, s_in / s_out), nan_or_zero),
         ],
         -2,
     )
     # over the generators: S_n != 0 (NaN counts), live, dead (a side all zero), not finite
     # (counted in the sums' dtype: the square root of an integer count is taken in float32)
-    counts = torch.stack([s != 0, live, low == 0, nan_or_zero.isnan()], -2).sum(-1, dtype=s.dtype)
+    counts = torch.stack([counted, live, low == 0, nan_or_zero.isnan()], -2).sum(-1, dtype=s.dtype)
     kept, dead_nonfinite = counts.split(2, -1)
     rms = torch.linalg.vector_norm(ratios, dim=-1) / kept.clamp_min(1).sqrt()
     largest = torch.linalg.vector_norm(ratios, ord=math.inf, dim=-1)
