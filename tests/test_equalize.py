@@ -139,10 +139,11 @@ def gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-def llama() -> nn.Module:
+def llama(hidden_act: str = "silu") -> nn.Module:
+    """A one-layer Llama (GQA, gated MLP of ``hidden_act``), random weights."""
     config = transformers.LlamaConfig(
         num_hidden_layers=1, hidden_size=16, intermediate_size=24, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=40, hidden_act="silu", tie_word_embeddings=False,
+        num_key_value_heads=2, vocab_size=40, hidden_act=hidden_act, tie_word_embeddings=False,
         max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from architectures import incidence, rel_change
-from test_scale_groups_audit import apply_like_a_tool
+from test_scale_groups_audit import apply_like_a_tool, perturbed_hf
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -193,12 +193,7 @@ def build(spec: tuple) -> tuple[nn.Module, dict]:
         if hasattr(config, sub):
             getattr(config, sub)._attn_implementation = "eager"
     config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).to(DTYPE).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model, example_inputs(kind)
+    return perturbed_hf(model_cls, config), example_inputs(kind)
 
 
 def example_inputs(kind: str) -> dict[str, Tensor]:

@@ -194,6 +194,16 @@ def test_balance_moves_float16_entries_whose_factor_exceeds_float16():
     assert result.mu_rel_max <= 3e-3
 
 
+def refused_by_every_move(model: nn.Module, s, before, match: str) -> None:
+    """``apply_gauge_`` and ``balance_`` refuse ``model`` (``ValueError`` matching ``match``),
+    its parameters, gradients and state as ``before``."""
+    h = torch.randn(s.num_generators, dtype=D)
+    for call in (lambda: gaugefix.apply_gauge_(model, s, h), lambda: gaugefix.balance_(model, s)):
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert_unchanged(before, everything(model))
+
+
 # --- tensors that cannot be moved in place ----------------------------------------------------
 def test_inference_tensor_parameter_is_refused_before_anything_moves():
     """A parameter created under ``torch.inference_mode`` cannot be updated in place outside it:
@@ -203,11 +213,7 @@ def test_inference_tensor_parameter_is_refused_before_anything_moves():
         weight = torch.randn(2, 5, dtype=D)
     model[4].weight = nn.Parameter(weight, requires_grad=False)
     before = everything(model)
-    h = torch.randn(s.num_generators, dtype=D)
-    for call in (lambda: gaugefix.apply_gauge_(model, s, h), lambda: gaugefix.balance_(model, s)):
-        with pytest.raises(ValueError, match="inference"):
-            call()
-        assert_unchanged(before, everything(model))
+    refused_by_every_move(model, s, before, "inference")
 
 
 def test_inference_tensors_move_inside_inference_mode():
@@ -240,11 +246,7 @@ def test_sparse_gradient_is_refused_with_one_clear_error():
     model(i).sum().backward()
     assert model.e.weight.grad.is_sparse
     before = everything(model)
-    h = torch.randn(s.num_generators, dtype=D)
-    for call in (lambda: gaugefix.apply_gauge_(model, s, h), lambda: gaugefix.balance_(model, s)):
-        with pytest.raises(ValueError, match="sparse"):
-            call()
-        assert_unchanged(before, everything(model))
+    refused_by_every_move(model, s, before, "sparse")
 
 
 # --- zero-size parameters -----------------------------------------------------------------------

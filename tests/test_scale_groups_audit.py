@@ -135,16 +135,23 @@ EXPECT = {
 }
 
 
-def build(arch: str) -> tuple[nn.Module, dict]:
-    model_cls, config_cls, kwargs = ARCHS[arch]
-    config = getattr(transformers, config_cls)(**COMMON, **kwargs)
-    if "num_experts_per_tok" in kwargs:
-        config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+def perturbed_hf(model_cls: str, config) -> nn.Module:
+    """``transformers.<model_cls>(config)`` in float64 and eval mode, every parameter moved off
+    its initial value (a norm's gain of 1, a bias of 0 would hide mistakes), seeded."""
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).to(DTYPE).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def build(arch: str) -> tuple[nn.Module, dict]:
+    model_cls, config_cls, kwargs = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**COMMON, **kwargs)
+    if "num_experts_per_tok" in kwargs:
+        config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = perturbed_hf(model_cls, config)
     ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(1))
     if arch == "t5":
         return model, {"input_ids": ids, "decoder_input_ids": ids[:, :5]}

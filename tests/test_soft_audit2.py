@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -20,6 +19,7 @@ import gaugefix as gf
 from gaugefix import zoo
 from gaugefix.coordinates import gauge_tensors, generator_pairing
 from gaugefix.soft import generator_combination
+from test_equalize import llama
 
 DT = torch.float64
 ARCHS = ["mlp", "cnn-bn", "residual", "gpt", "llama"]
@@ -41,15 +41,6 @@ class Residual(nn.Module):
         return self.d(torch.relu(x))
 
 
-def llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        num_hidden_layers=1, hidden_size=16, intermediate_size=24, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=40, hidden_act="relu", tie_word_embeddings=False,
-        max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
 def _factory(name: str) -> tuple[nn.Module, Tensor]:
     if name == "mlp":
         return zoo.mlp((4, 8, 8, 3)), torch.randn(3, 4, dtype=DT)
@@ -63,7 +54,7 @@ def _factory(name: str) -> tuple[nn.Module, Tensor]:
         return Residual(), torch.randn(3, 5, dtype=DT)
     if name == "gpt":
         return zoo.GPT(vocab=11, dim=8, heads=2, layers=1, context=8), torch.randint(0, 11, (2, 5))
-    return llama(), torch.randint(0, 40, (2, 5))
+    return llama("relu"), torch.randint(0, 40, (2, 5))
 
 
 @functools.cache
@@ -438,17 +429,23 @@ def test_sparse_relaxation_rates_of_an_all_zero_model():
     assert torch.equal(result.modes.T @ result.modes, torch.eye(4, dtype=DT))
 
 
-def test_relax_float32_parameters_whose_squares_overflow_float32():
-    """Finite float32 parameters around ``1e20`` have squares beyond float32's range. Before the
-    fix ``relax_`` then silently returned ``h = 0`` as if it had relaxed; it now says so in one
-    line, and nothing moves."""
+def float32_mlp(scale: float) -> tuple[nn.Module, gf.GaugeStructure]:
+    """A float32 ReLU MLP off balance (a random gauge), every entry then times ``scale``."""
     torch.manual_seed(0)
     model = zoo.mlp((3, 4, 2)).float()
     s = gf.discover(model, torch.randn(1, 3))
     gf.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(1e20)
+            p.mul_(scale)
+    return model, s
+
+
+def test_relax_float32_parameters_whose_squares_overflow_float32():
+    """Finite float32 parameters around ``1e20`` have squares beyond float32's range. Before the
+    fix ``relax_`` then silently returned ``h = 0`` as if it had relaxed; it now says so in one
+    line, and nothing moves."""
+    model, s = float32_mlp(1e20)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="squared parameters overflow") as err:
         gf.relax_(model, s, 1e6 / 4e40)
@@ -477,17 +474,6 @@ def test_project_takes_vectors_on_another_device():
 
 
 # -- float32 statistics out of range (gaugefix/moment.py, outside this audit's files) --------------
-
-
-def float32_mlp(scale: float) -> tuple[nn.Module, gf.GaugeStructure]:
-    torch.manual_seed(0)
-    model = zoo.mlp((3, 4, 2)).float()
-    s = gf.discover(model, torch.randn(1, 3))
-    gf.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
-    return model, s
 
 
 def test_float32_imbalance_stats_of_subnormal_sums():

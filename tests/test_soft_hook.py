@@ -337,14 +337,14 @@ def test_untransportable_optimizer_state():
         train_step(model, opt, x, y)
 
 
-def _same(a, b) -> bool:
+def bit_equal(a, b) -> bool:
     """Equal, tensors bit for bit, through the dicts and lists of an optimizer's state_dict."""
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(bit_equal(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(map(_same, a, b))
+        return len(a) == len(b) and all(map(bit_equal, a, b))
     return a == b
 
 
@@ -388,7 +388,7 @@ def test_state_not_shaped_like_its_parameter_is_refused(opt_name):
     ):
         with pytest.raises(ValueError, match="cannot transport optimizer state"):
             entry()
-    assert _same(model.state_dict(), before) and _same(opt.state_dict(), state)
+    assert bit_equal(model.state_dict(), before) and bit_equal(opt.state_dict(), state)
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     fresh = UNSHAPED[opt_name](model.parameters())
     GaugeFixing(fresh, model, structure, 1.0, every=1)  # no state yet
