@@ -501,3 +501,21 @@ def test_float32_imbalance_stats_out_of_float32_range(scale):
     wide = gf.imbalance_stats(copy.deepcopy(model).double(), s)
     assert stats["nonfinite_count"] == 0 and stats["dead_count"] == 0
     assert abs(stats["mu_rel_max"] - wide["mu_rel_max"]) <= 1e-6
+
+
+def test_sparse_relaxation_rates_find_a_repeated_zero_rate_as_often_as_it_repeats():
+    """Three dead neurons (zero on both sides) give ``K`` a threefold zero eigenvalue; from a
+    start of all ones ARPACK met that eigenspace in one direction and returned a single zero
+    (the next two rates were then K's fourth and fifth)."""
+    torch.manual_seed(0)
+    model = zoo.mlp((6, 40, 40, 1)).double()
+    s = gf.discover(model, torch.randn(2, 6, dtype=torch.float64))
+    with torch.no_grad():
+        for n in (5, 17, 30):
+            model[0].weight[n], model[0].bias[n], model[2].weight[:, n] = 0, 0, 0
+    found = gf.relaxation_rates(model, s, 0.5, k=5)
+    assert not found.complete
+    true = torch.linalg.eigvalsh(gf.generators_gram(model, s).to_dense())
+    scale = float(true[-1])
+    assert float((found.rates[:5] - true[:5]).abs().max()) <= 1e-10 * scale
+    assert float((found.rates[5:] - true[-5:]).abs().max()) <= 1e-10 * scale

@@ -246,8 +246,10 @@ def overflowing(targets: Targets, structure: GaugeStructure, h: Tensor) -> str |
     turn, so with ``up(e) = sum_t max(p x_t(e), 0)`` every product of its factors is at most
     ``exp(up)`` and every partial result at most ``|theta_e| exp(up)``: both must stay below
     the largest number of the dtype they are formed in
-    (:func:`gaugefix.kernels.factor_dtype`). One pass over each tensor (its largest entry),
-    and a float64 pass entry by entry where that bound does not decide."""
+    (:func:`gaugefix.kernels.factor_dtype`). ``max_e up(e)`` is bounded by the sum of each
+    term's largest exponent (equal where the terms vary along different dims: rows and
+    columns), without a temporary the size of the tensor; then one pass over each tensor (its
+    largest entry), and a float64 pass entry by entry where those bounds do not decide."""
     device = next(iter(targets.values()))[0][0].device
     h = h.to(device=device, dtype=torch.float64)
     hx = torch.cat([h, h.new_zeros(1)])
@@ -255,14 +257,14 @@ def overflowing(targets: Targets, structure: GaugeStructure, h: Tensor) -> str |
         for t, power in targets.get(param.name, ()):
             if not t.numel():
                 continue
-            up = sum((power * term.sign * hx[term.slots]).clamp_min(0) for term in param.terms)
-            highest = float(up.amax())
+            ups = [(power * term.sign * hx[term.slots]).clamp_min(0) for term in param.terms]
+            highest = sum(float(u.amax()) for u in ups)
             if _log_max(factor_dtype(t.dtype)) - highest <= OVERFLOW_MARGIN:
                 return param.name
             top = float(torch.linalg.vector_norm(t.detach(), math.inf))
             if top == 0 or _log_max(t.dtype) - math.log(top) - highest > OVERFLOW_MARGIN:
                 continue
-            peak = float(t.detach().abs().to(torch.float64).log_().add_(up).amax())
+            peak = float(t.detach().abs().to(torch.float64).log_().add_(sum(ups)).amax())
             if _log_max(t.dtype) - peak <= OVERFLOW_MARGIN:
                 return param.name
     return None

@@ -65,7 +65,8 @@ def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` smallest and ``k`` largest eigenpairs of the sparse ``K`` by ARPACK (on the
     CPU, as SciPy requires): shift-invert just below 0 for the smallest (a sparse LU of the
     positive definite ``K + SHIFT max_n S_n I``, so a singular ``K``'s zero rates are found),
-    plain Lanczos for the largest. ``K = 0`` (every generator all-zero): zeros, unit vectors."""
+    plain Lanczos for the largest, both from a random start (repeated rates are found as often
+    as they repeat). ``K = 0`` (every generator all-zero): zeros, unit vectors."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import eigsh
 
@@ -78,7 +79,9 @@ def _sparse_extremes(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
         ends = torch.cat([torch.arange(k), torch.arange(n - k, n)])
         vecs[ends, torch.arange(2 * k)] = 1.0
         return torch.zeros(2 * k, dtype=torch.float64), vecs
-    v0 = np.ones(n)
+    # a random start (seeded): a symmetric one (all ones) meets a repeated eigenvalue's
+    # eigenspace, e.g. several dead generators' zero rates, in one direction only
+    v0 = np.random.default_rng(0).standard_normal(n)
     low_vals, low_vecs = eigsh(mat, k, sigma=-SHIFT * top, which="LM", v0=v0)
     high_vals, high_vecs = eigsh(mat, k, which="LA", v0=v0)
     vals = np.concatenate([low_vals, high_vals])
