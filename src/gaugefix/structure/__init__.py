@@ -62,6 +62,10 @@ def discover(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(allow_value_dependent, bool):
+        raise TypeError(f"allow_value_dependent must be a bool, got {allow_value_dependent!r}")
+    if isinstance(rules, dict | str) or not isinstance(rules, Iterable):
+        raise TypeError(f"rules must be a list of (target, rule) pairs, got {type(rules).__name__}")
     ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
     return compile_structure(model, ctx, _notes(ctx))
 

@@ -16,6 +16,8 @@ Invariant: at every entry the terms of a parameter name pairwise distinct genera
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor, nn
 
+from gaugefix.errors import first_line
+from gaugefix.files import write_text
 from gaugefix.structure.trace import TraceContext, compact
 
 __all__ = [
@@ -145,7 +149,8 @@ class GaugeStructure:
 
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
-        """The parameter entries generator ``n`` multiplies and divides."""
+        """The parameter entries generator ``n`` (an int) multiplies and divides."""
+        n = operator.index(n)
         if not 0 <= n < self.num_generators:
             raise IndexError(f"generator {n} out of range [0, {self.num_generators})")
         incoming, outgoing = [], []
@@ -223,7 +228,10 @@ class GaugeStructure:
     ) -> dict[str, Tensor]:
         """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients)
         that the structure acts on, checked against the structure's names and shapes (after
-        ``batch_dims`` leading dims, for stacks of several copies). FSDP2-sharded (``DTensor``)
+        ``batch_dims`` leading dims, for stacks of several copies); a model's parameter names
+        must be those it was discovered with. What a model computes is not checked: a structure
+        is exact for the model it was discovered on, not for another one with the same names
+        and shapes (a GELU where it had a ReLU). FSDP2-sharded (``DTensor``)
         tensors are refused with one line unless ``sharded``: a caller passing it computes on
         this process's slices (:func:`gaugefix.distributed.local_view`)."""
         if isinstance(source, nn.Module):
@@ -243,11 +251,27 @@ class GaugeStructure:
                     f"the structure does not match: '{name}' has shape {shape}, expected {p.shape}"
                 )
             out[name] = t
+        if isinstance(source, nn.Module):
+            self._check_names(named)
         if not sharded:
             from gaugefix.distributed import refuse_sharded
 
             refuse_sharded(out)
         return out
+
+    def _check_names(self, named: dict[str, Tensor]) -> None:
+        """A model's parameters must be those the structure was discovered with (``param_order``):
+        one with another parameter, one lacking one, or one with a weight tied or untied since
+        (a tied weight is one parameter) is another model."""
+        order = set(self.param_order)
+        if named.keys() != order:
+            extra = [n for n in named if n not in order]
+            missing = [n for n in self.param_order if n not in named]
+            raise ValueError(
+                "the structure does not match: the model's parameters are not those it was "
+                f"discovered with (new: {extra[:3]}, missing: {missing[:3]}; a weight tied or "
+                "untied since?)"
+            )
 
     def plan(self, device: torch.device | str) -> list[PlannedParam]:
         """The terms on ``device`` with ``-1`` replaced by the dummy slot ``num_generators``
@@ -284,7 +308,12 @@ class GaugeStructure:
         tensor ``[num_generators]``), renumbered in order; parameters no kept generator acts on
         are dropped, and the producing channels of the dropped generators are added to
         ``excluded`` with ``reason``."""
-        keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+        keep = torch.as_tensor(keep).cpu()
+        if (keep.dtype != torch.bool and keep.numel()) or not isinstance(reason, str):
+            raise TypeError(
+                f"restrict takes a bool mask and a reason string, got a {keep.dtype} tensor "
+                f"and a {type(reason).__name__}"
+            )
         if tuple(keep.shape) != (self.num_generators,):
             raise ValueError(
                 f"keep must have shape ({self.num_generators},), got {tuple(keep.shape)}"
@@ -354,82 +383,74 @@ class GaugeStructure:
     @classmethod
     def from_dict(cls, data: Any) -> GaugeStructure:
         """The structure :meth:`to_dict` wrote (this format, or version 1's rows and columns);
-        ``ValueError`` naming the problem for anything else."""
+        ``ValueError`` naming the problem for anything else, including data that is not
+        consistent (a term that does not fit its parameter, a generator out of range, one that
+        does not both multiply and divide some entries, two terms naming one generator at one
+        entry). The data is checked for consistency, not against a model: a structure is exact
+        for the model it was discovered on."""
         if not isinstance(data, dict):
             raise ValueError(f"not a saved GaugeStructure (a {type(data).__name__}, not a dict)")
         fmt = data.get("format")
+        if fmt not in (FORMAT, FORMAT_V1):
+            raise ValueError(f"not a saved GaugeStructure (format {fmt!r})")
         try:
-            if fmt == FORMAT:
-                return cls._from_v2(data)
-            if fmt == FORMAT_V1:
-                return cls._from_v1(data)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
-            raise ValueError(
-                f"a malformed saved GaugeStructure ({type(err).__name__}: {err})"
-            ) from None
-        raise ValueError(f"not a saved GaugeStructure (format {fmt!r})")
+            return cls._from_v2(data) if fmt == FORMAT else cls._from_v1(data)
+        except KeyError as err:
+            raise ValueError(f"a malformed saved GaugeStructure (no key {err})") from None
+        except (TypeError, ValueError, IndexError, RuntimeError) as err:
+            raise ValueError(f"a malformed saved GaugeStructure ({first_line(err)})") from None
 
     @classmethod
     def _from_v2(cls, data: dict[str, Any]) -> GaugeStructure:
-        params = {
-            p["name"]: ParamTerms(
-                p["name"],
-                tuple(p["shape"]),
-                tuple(Term(_decode(t["index"]), int(t["sign"])) for t in p["terms"]),
-            )
-            for p in data["params"]
-        }
+        params = _read_params(data["params"], _terms_v2)
         return cls._checked(
-            int(data["num_generators"]),
+            _count(data["num_generators"], "num_generators"),
             params,
-            [Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]],
-            [data["layers"][i] for i in data["generator_layers"]],
-            list(data["generator_kinds"]),
-            {name: _decode(index) for name, index in data["produced"].items()},
-            list(data["param_order"]),
-            tuple(data.get("notes", ())),
-            frozenset(data.get("in_out", ())),
+            _read_exclusions(data["excluded"]),
+            _read_layers(data["layers"], data["generator_layers"]),
+            _strings(data["generator_kinds"], "generator_kinds"),
+            _read_produced(data["produced"]),
+            _strings(data["param_order"], "param_order"),
+            tuple(_strings(data.get("notes", []), "notes")),
+            frozenset(_strings(data.get("in_out", []), "in_out")),
         )
 
     @classmethod
     def _from_v1(cls, data: dict[str, Any]) -> GaugeStructure:
         """Version 1 stored one multiplying map (``rows``) and one dividing map (``cols``) per
-        parameter: the terms with signs +1 and -1."""
-        params, produced = {}, {}
-        for p in data["params"]:
-            terms = []
-            for key, sign in (("rows", 1), ("cols", -1)):
-                if p[key] is not None:
-                    terms.append(Term(_decode(p[key]), sign))
-            params[p["name"]] = ParamTerms(p["name"], tuple(p["shape"]), tuple(terms))
-            if p["rows"] is not None:
-                produced[p["name"]] = _channels(terms[0].index, tuple(p["shape"]))
-        n = int(data["num_neurons"])
+        parameter: the terms with signs +1 and -1, which cancel where they name one generator
+        (a layer applied to its own output)."""
+        params = _read_params(data["params"], _terms_v1)
+        produced = {
+            p["name"]: _channels(
+                _decode(p["rows"], f"the rows of '{p['name']}'"), tuple(p["shape"])
+            )
+            for p in data["params"]
+            if p["rows"] is not None
+        }
+        layers = _read_layers(data["layers"], data["neuron_layers"])
         return cls._checked(
-            n,
+            _count(data["num_neurons"], "num_neurons"),
             params,
-            [Exclusion(e["module"], e["reason"], tuple(e["channels"])) for e in data["excluded"]],
-            [data["layers"][i] for i in data["neuron_layers"]],
-            ["neuron"] * n,
+            _read_exclusions(data["excluded"]),
+            layers,
+            ["neuron"] * len(layers),
             produced,
-            list(data["param_order"]),
+            _strings(data["param_order"], "param_order"),
         )
 
     @classmethod
     def _checked(cls, n: int, params: dict[str, ParamTerms], *rest: Any) -> GaugeStructure:
-        for p in params.values():
-            for t in p.terms:
-                if t.index.dim() != len(p.shape) or t.sign not in (1, -1):
-                    raise ValueError(f"term of '{p.name}' does not fit its shape {p.shape}")
-                torch.broadcast_shapes(t.index.shape, p.shape)
-                if t.index.numel() and (int(t.index.min()) < -1 or int(t.index.max()) >= n):
-                    raise ValueError(f"term of '{p.name}' names a generator outside [0, {n})")
-        return cls(n, params, *rest)
+        """The structure of the data read, once it is consistent (else ``ValueError``)."""
+        structure = cls(n, params, *rest)
+        _check_terms(structure)
+        _check_tables(structure)
+        return structure
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the structure as JSON (plain data; no code is pickled)."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f)
+        """Write the structure as JSON (plain data; no code is pickled), whole or not at all
+        (:func:`gaugefix.files.write_text`)."""
+        write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GaugeStructure:
@@ -457,8 +478,158 @@ def _encode(t: Tensor) -> dict[str, Any]:
     return {"shape": list(t.shape), "data": t.flatten().tolist()}
 
 
-def _decode(d: dict[str, Any]) -> Tensor:
-    return torch.tensor(d["data"], dtype=torch.long).view(d["shape"])
+def _decode(d: Any, what: str) -> Tensor:
+    """A tensor :func:`_encode` wrote: int64, entries ``>= -1``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a map of shape and data")
+    shape = _integers(d["shape"], f"the shape of {what}").tolist()
+    data = _integers(d["data"], f"the data of {what}", low=-1)
+    if data.numel() != math.prod(shape):
+        raise ValueError(
+            f"{what} has {data.numel()} entries, not the {math.prod(shape)} of {shape}"
+        )
+    return data.view(shape)
+
+
+def _integers(value: Any, what: str, low: int = 0) -> Tensor:
+    """``value``, a list of integers ``>= low``, as an int64 tensor (else ``ValueError``)."""
+    listed = isinstance(value, list | tuple)
+    try:
+        array = np.asarray(value) if listed and value else np.zeros(0, np.int64)
+    except ValueError:  # ragged nested lists
+        array = np.zeros((0, 0))
+    if not listed or array.ndim != 1 or array.dtype.kind != "i":
+        raise ValueError(f"{what} must be a list of integers")
+    if array.size and int(array.min()) < low:
+        raise ValueError(f"{what} has {int(array.min())}, below {low}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _count(value: Any, what: str) -> int:
+    """``value``, a non-negative int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return list(value)
+
+
+def _read_params(entries: Any, read_terms: Any) -> dict[str, ParamTerms]:
+    """The saved parameters by name, with their terms read by ``read_terms(entry, name)``."""
+    if not isinstance(entries, list | tuple):
+        raise ValueError("params must be a list")
+    params: dict[str, ParamTerms] = {}
+    for p in entries:
+        name = p["name"]
+        if not isinstance(name, str) or name in params:
+            raise ValueError(f"parameter name {name!r} is not a string or appears twice")
+        shape = tuple(_integers(p["shape"], f"the shape of '{name}'").tolist())
+        params[name] = ParamTerms(name, shape, tuple(read_terms(p, name)))
+    return params
+
+
+def _terms_v2(p: dict[str, Any], name: str) -> list[Term]:
+    if not isinstance(p["terms"], list | tuple):
+        raise ValueError(f"the terms of '{name}' must be a list")
+    terms = []
+    for t in p["terms"]:
+        sign = t["sign"]
+        if sign not in (1, -1) or not isinstance(sign, int) or isinstance(sign, bool):
+            raise ValueError(f"a term of '{name}' has sign {sign!r}, not 1 or -1")
+        terms.append(Term(_decode(t["index"], f"a term of '{name}'"), sign))
+    return terms
+
+
+def _terms_v1(p: dict[str, Any], name: str) -> list[Term]:
+    maps = [
+        (_decode(p[key], f"the {key} of '{name}'"), sign)
+        for key, sign in (("rows", 1), ("cols", -1))
+        if p[key] is not None
+    ]
+    if len(maps) == 2 and maps[0][0].dim() == maps[1][0].dim():  # else _check_terms says why
+        maps = [(compact(m).clone(), s) for m, s in _cancel_opposite(maps)]
+    return [Term(m, s) for m, s in maps if bool((m >= 0).any())]
+
+
+def _read_exclusions(entries: Any) -> list[Exclusion]:
+    if not isinstance(entries, list | tuple):
+        raise ValueError("excluded must be a list")
+    out = []
+    for e in entries:
+        module, reason = e["module"], e["reason"]
+        if not (isinstance(module, str) and isinstance(reason, str)):
+            raise ValueError("an exclusion's module and reason must be strings")
+        channels = _integers(e["channels"], f"the excluded channels of '{module}'")
+        out.append(Exclusion(module, reason, tuple(channels.tolist())))
+    return out
+
+
+def _read_layers(layers: Any, which: Any) -> list[str]:
+    """The module of each generator: ``layers[which[n]]``."""
+    names = _strings(layers, "layers")
+    index = _integers(which, "the generators' layers").tolist()
+    if any(i >= len(names) for i in index):
+        raise ValueError(f"a generator's layer is out of range [0, {len(names)})")
+    return [names[i] for i in index]
+
+
+def _read_produced(produced: Any) -> dict[str, Tensor]:
+    if not isinstance(produced, dict):
+        raise ValueError("produced must be a map")
+    return {
+        name: _decode(index, f"the channels '{name}' produces") for name, index in produced.items()
+    }
+
+
+def _check_terms(s: GaugeStructure) -> None:
+    """Every term fits its parameter and names generators in ``[0, n)`` (or -1), no two terms of
+    a parameter name one generator at one entry, and every generator both multiplies and
+    divides some entries."""
+    n, sides = s.num_generators, ([], [])
+    for p in s.params.values():
+        if not p.terms:
+            raise ValueError(f"'{p.name}' has no terms")
+        for t in p.terms:
+            if t.index.dim() != len(p.shape) or any(
+                a not in (1, b) for a, b in zip(t.index.shape, p.shape, strict=True)
+            ):
+                raise ValueError(
+                    f"a term of '{p.name}' of shape {tuple(t.index.shape)} does "
+                    f"not fit its shape {p.shape}"
+                )
+            if t.index.numel() and int(t.index.max()) >= n:
+                raise ValueError(f"a term of '{p.name}' names a generator outside [0, {n})")
+            if math.prod(p.shape):
+                sides[t.sign < 0].append(t.index[t.index >= 0].unique())
+        for i, a in enumerate(p.terms):
+            for b in p.terms[i + 1 :] if math.prod(p.shape) else ():
+                if _collisions(a.index, b.index).numel():
+                    raise ValueError(f"two terms of '{p.name}' name one generator at one entry")
+    for side, found in zip(("multiply", "divide"), sides, strict=True):
+        count = torch.cat(found).unique().numel() if found else 0
+        if count != n:
+            raise ValueError(f"{n - count} of the {n} generators {side} no parameter entry")
+
+
+def _check_tables(s: GaugeStructure) -> None:
+    """The per-generator lists have one entry each, kinds are known, the acted-on parameters
+    are in ``param_order`` (whose names are distinct) and produced channels name generators
+    in range."""
+    n = s.num_generators
+    if len(s.generator_layers) != n or len(s.generator_kinds) != n:
+        raise ValueError(f"generator layers and kinds must have {n} entries each")
+    if not set(s.generator_kinds) <= set(KINDS):
+        raise ValueError(f"unknown generator kinds {sorted(set(s.generator_kinds) - set(KINDS))}")
+    order = set(s.param_order)
+    if len(order) != len(s.param_order) or not s.params.keys() <= order:
+        raise ValueError("param_order must name every parameter once, the acted-on ones too")
+    for name, index in s.produced.items():
+        if index.dim() != 1 or (index.numel() and int(index.max()) >= n):
+            raise ValueError(f"the channels '{name}' produces must name generators in [0, {n})")
 
 
 def module_of(param_name: str) -> str:
