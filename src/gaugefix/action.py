@@ -29,12 +29,12 @@ from gaugefix.structure import GaugeStructure
 __all__ = [
     "all_finite",
     "apply_gauge_",
-    "check_in_range",
     "check_transport",
     "check_finite_params",
     "check_h",
     "finite_on_device",
     "gauge_params_",
+    "move_",
     "optimizer_states",
     "random_gauge_",
     "refuse_shared_memory",
@@ -217,17 +217,9 @@ def refuse_unmovable(targets: Targets) -> None:
                 )
 
 
-def check_in_range(
-    params: dict[str, Tensor],
-    structure: GaugeStructure,
-    h: Tensor,
-    optimizer: torch.optim.Optimizer | None,
-) -> None:
-    """``ValueError`` before anything moves when ``g(h)`` could overflow a tensor moving with
-    ``params`` (:func:`overflowing`); for ``DTensor`` s (FSDP2) on every process when it could
-    on one."""
-    _, local = local_view(params, structure)
-    name = overflowing(transport_targets(params, optimizer_states(optimizer, params)), local, h)
+def _refuse_overflow(params: dict[str, Tensor], name: str | None) -> None:
+    """``ValueError`` when :func:`overflowing` named a parameter (``name``); for ``DTensor`` s
+    (FSDP2) on every process when it did on one."""
     if sharded(params.values()):
         if everywhere(name is None, first_dtensor(list(params.values()))):
             return
@@ -356,10 +348,28 @@ def apply_gauge_(
     check_h(h, structure, params)
     check_finite_params(params)
     check_transport(optimizer, params)
-    if params:
-        check_in_range(params, structure, h, optimizer)
-        _, structure = local_view(params, structure)  # this process's slices under FSDP2
-        gauge_params_(params, structure, h, optimizer)
+    move_(params, structure, h, optimizer)
+
+
+def move_(
+    params: dict[str, Tensor],
+    structure: GaugeStructure,
+    h: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """``g(h)`` on bound ``params`` and what moves with them (:func:`gauge_params_`, on this
+    process's slices under FSDP2), for callers that validated the parameters and the optimizer
+    (:func:`check_transport`): ``ValueError`` before anything moves unless ``h`` is one finite
+    number per generator (:func:`check_h`) and keeps every moved tensor in its dtype's range
+    (:func:`overflowing`; for ``DTensor`` s on every process)."""
+    check_h(h, structure, params)
+    if not params:
+        return
+    h = h.to(next(iter(params.values())).device)
+    _, local = local_view(params, structure)
+    targets = transport_targets(params, optimizer_states(optimizer, params))
+    _refuse_overflow(params, overflowing(targets, local, h))
+    rescale_(targets, local, h)
 
 
 def random_gauge_(

@@ -16,13 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import (
-    check_finite_params,
-    check_h,
-    check_in_range,
-    check_transport,
-    gauge_params_,
-)
+from gaugefix.action import check_finite_params, check_transport, move_
 from gaugefix.distributed import agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import generator_sums, row_norms
@@ -382,9 +376,7 @@ def balance_(
     solution = solve_model(params, structure, tol, max_iter)
     tensors, local = local_view(params, structure)
     h = solution.h[0]
-    check_h(h, structure)
-    check_in_range(params, structure, h, optimizer)
-    gauge_params_(params, local, h, optimizer)
+    move_(params, structure, h, optimizer)
     s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
     # an unmoved model's ||theta||^2 is one sum: the solve's F(0) adds the squares in another
     # order, whose rounding can exceed what F decreased by near the balance

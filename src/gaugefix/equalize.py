@@ -48,13 +48,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
-from gaugefix.action import (
-    check_finite_params,
-    check_h,
-    check_in_range,
-    check_transport,
-    gauge_params_,
-)
+from gaugefix.action import check_finite_params, check_transport, move_
 from gaugefix.balancing import balance_, check_tolerances, solve_balance
 from gaugefix.diagnostics import sharpness
 from gaugefix.distributed import refuse_gathered
@@ -775,27 +769,12 @@ def equalize_(
         h, iterations, before, after, live, converged = solved
     full = torch.zeros(structure.num_generators, dtype=torch.float64)
     full[keep] = h.cpu()
-    _move(params, structure, full, optimizer)
+    move_(params, structure, full, optimizer)
     alive = torch.zeros(structure.num_generators, dtype=torch.bool)
     alive[keep] = live.cpu()
     return EqualizeResult(
         name, before, after, iterations, full, torch.nonzero(~alive).reshape(-1), converged
     )
-
-
-def _move(
-    params: dict[str, Tensor],
-    structure: GaugeStructure,
-    h: Tensor,
-    optimizer: torch.optim.Optimizer | None,
-) -> None:
-    """``g(h)`` (``h``: float64 ``[N]``) on ``params`` and what moves with them, refused before
-    anything moves where it could overflow a tensor's dtype (a float16 model)."""
-    check_h(h, structure)
-    if params:
-        h = h.to(_device(params))
-        check_in_range(params, structure, h, optimizer)
-        gauge_params_(params, structure, h, optimizer)
 
 
 def _balanced(
