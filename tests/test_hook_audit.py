@@ -15,7 +15,7 @@ from torch import nn
 
 import gaugefix
 from gaugefix import GaugeFixing
-from test_soft_hook import bit_equal, setup, train_step
+from test_soft_hook import bias_free_setup, bit_equal, setup, train_step
 
 FUSED = {
     "adam": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
@@ -129,12 +129,7 @@ def test_state_of_every_supported_optimizer_is_transported(opt_name):
 def test_muon_momentum_is_transported():
     """Muon (2-D parameters only: a bias-free network) keeps a gradient-like momentum buffer,
     transported by ``1 / f``; the orbit step keeps the function."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.ReLU(), nn.Linear(12, 2, bias=False))
-    model = model.double()
-    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
-    structure = gaugefix.discover(model, x)
-    gaugefix.random_gauge_(model, structure, 0.8, generator=torch.Generator().manual_seed(1))
+    model, x, y, structure = bias_free_setup()
     plain = copy.deepcopy(model)
     opt, ref = (
         torch.optim.Muon(model.parameters(), lr=0.01),

@@ -38,6 +38,18 @@ def setup(widths=(6, 12, 12, 2), dtype=torch.float64):
     return copy.deepcopy(model), x, y, structure
 
 
+def bias_free_setup():
+    """A float64 ReLU MLP without biases (2-D parameters only), off balance by a random gauge;
+    inputs, targets and its structure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.ReLU(), nn.Linear(12, 2, bias=False))
+    model = model.double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    structure = gaugefix.discover(model, x)
+    gaugefix.random_gauge_(model, structure, 0.8, generator=torch.Generator().manual_seed(1))
+    return model, x, y, structure
+
+
 def train_step(model, opt, x, y):
     opt.zero_grad()
     loss = (model(x) - y).square().mean()
@@ -362,12 +374,7 @@ def test_state_not_shaped_like_its_parameter_is_refused(opt_name):
     changed, no hook left), else at the first orbit step; it used to be left stale."""
     if not hasattr(torch.optim, "Adafactor") and opt_name == "adafactor":
         pytest.skip("torch.optim.Adafactor needs torch >= 2.5")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.ReLU(), nn.Linear(12, 2, bias=False))
-    model = model.double()
-    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
-    structure = gaugefix.discover(model, x)
-    gaugefix.random_gauge_(model, structure, 0.8, generator=torch.Generator().manual_seed(1))
+    model, x, y, structure = bias_free_setup()
 
     def closure(opt):
         opt.zero_grad()

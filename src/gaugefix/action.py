@@ -345,10 +345,9 @@ def apply_gauge_(
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
-    check_h(h, structure, params)
     check_finite_params(params)
     check_transport(optimizer, params)
-    move_(params, structure, h, optimizer)
+    move_(params, structure, h, optimizer)  # checks h first
 
 
 def move_(
