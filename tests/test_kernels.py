@@ -24,7 +24,7 @@ from architectures import (
     reference_sides,
 )
 from gaugefix import kernels
-from gaugefix.soft import add_orbit_selection_grad_
+from gaugefix.soft import add_orbit_selection_grad_, add_selection_grads_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -102,6 +102,59 @@ def test_action_in_either_layout_matches_the_definition(layout, case, seed):
     for got, want in zip((params, grads, moments), expected, strict=True):
         for name in got:
             assert_close(got[name], want[name], 1e-13, name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(max_examples=25, deadline=None)
+@given(case=any_case, seed=st.integers(0, 2**16))
+def test_stacked_copies_move_as_each_copy_alone(layout, case, seed):
+    """A stack of 3 copies (``batch_dims=1``): ``rescale_`` moves copy ``b`` (parameters,
+    gradients, second moments) by ``h[b]``, and ``add_selection_grads_`` adds the penalty
+    gradient of copy ``b`` for coefficients ``c[b]``, as the generator-by-generator
+    definitions, to 1e-13."""
+    s = gaugefix.discover(case.model, *case.inputs)
+    assume(s.num_generators > 0)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in s.bind(case.model).items()}
+    powers = (1, -1, -2)  # parameters, gradients, second moments
+    stacks = [
+        {k: torch.rand(3, *shape, generator=gen, dtype=DTYPE) + 0.5 for k, shape in shapes.items()}
+        for _ in powers
+    ]
+    h, c = torch.randn(2, 3, s.num_generators, generator=gen, dtype=DTYPE)
+    expected = copy.deepcopy(stacks)
+    grads_expected = {}
+    for b in range(3):
+        for stack, power in zip(expected, powers, strict=True):
+            reference_action(s, {k: v[b] for k, v in stack.items()}, power * h[b])
+        copy_b = {k: v[b] for k, v in stacks[0].items()}
+        grads_expected[b] = reference_penalty_grad(s, copy_b, c[b])
+    grads = {k: torch.zeros_like(v) for k, v in stacks[0].items()}
+    with pytest.MonkeyPatch.context() as patch:
+        patched(patch, layout)
+        add_selection_grads_(grads, stacks[0], s, c, batch_dims=1)
+        targets = {k: [(x[k], p) for x, p in zip(stacks, powers, strict=True)] for k in shapes}
+        kernels.rescale_(targets, s, h, batch_dims=1)
+    for got, want in zip(stacks, expected, strict=True):
+        for name in got:
+            assert_close(got[name], want[name], 1e-13, name)
+    for b in range(3):
+        for name, want in grads_expected[b].items():
+            assert_close(grads[name][b], want, 1e-13, name)
+
+
+def reference_penalty_grad(
+    s: gaugefix.GaugeStructure, params: dict[str, torch.Tensor], mu: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``(sum_n w_n(e) mu_n) theta_e`` for every entry, generator by generator."""
+    out = {k: torch.zeros_like(v) for k, v in params.items()}
+    for n in range(s.num_generators):
+        slices = s.generator(n)
+        for name, idx in slices.incoming:
+            out[name][entries(idx)] += mu[n] * params[name][entries(idx)]
+        for name, idx in slices.outgoing:
+            out[name][entries(idx)] -= mu[n] * params[name][entries(idx)]
+    return out
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -14,12 +14,16 @@ concatenates the flattened maps of all groups into one index. Then
   ``torch._foreach_mul``, and one ``_chunk_cat``; on the CPU each parameter's are written into
   its slice of one buffer, its squares taken a cache-sized block at a time, without a stacked
   copy (a few operations per parameter, each costing no launch there);
-- the action ``g(h)`` is, per group and power ``p`` of the moved tensors (parameters 1,
-  gradients -1, Adam's second moment -2), a gather and an ``exp(p ...)`` per kind of term on the
-  term's own slots, and ``torch._foreach_mul_`` over every tensor of that power; the penalty
-  gradient is, per group, a gather per kind of term and ``torch._foreach_addcmul_``. On a GPU
-  the terms' factors are multiplied into one dense factor per parameter (one kernel per call);
-  on the CPU each is broadcast.
+- the action ``g(h)`` and the penalty gradient need, per entry, ``sum_t sign_t x[slots_t]``
+  over its parameter's terms (``x = h`` or ``mu``). In the GPU layout these values of every
+  group come from one gather over a second index of the plan (:func:`all_term_values`); the
+  action takes one ``exp`` of them, and per group their product over the kinds of term made
+  into one dense factor ``f`` per parameter, which moves a tensor of power ``p`` (parameters 1,
+  gradients -1, Adam's second moment -2) by ``|p|`` ``torch._foreach_mul_`` or
+  ``torch._foreach_div_`` over every tensor of the group at once; the penalty gradient takes,
+  per group, their dense sum and one ``torch._foreach_addcmul_``. On the CPU each kind of
+  term's factor is computed per group and power and broadcast over the tensor it moves (no
+  dense factor written and read back).
 
 The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
 function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
@@ -64,7 +68,9 @@ __all__ = [
     "rescale_",
     "by_row_blocks",
     "mul_by_rows_",
-    "addcmul_group_",
+    "addcmul_terms_",
+    "all_term_values",
+    "group_pieces",
     "finite_flag",
     "row_norms",
 ]
@@ -91,12 +97,21 @@ class KernelPlan(NamedTuple):
     ``2 N + 2`` once for each entry of each parameter's first term. ``starts[g]``: where the
     values of each term of group ``g`` begin in that index, then those of its first term's
     copy (parameter ``l``'s follow its ``l`` predecessors'). ``chunkable``: every parameter
-    has a dim and an entry (``_chunk_cat`` takes their values, :func:`flat_cat`)."""
+    has a dim and an entry (``_chunk_cat`` takes their values, :func:`flat_cat`).
+
+    ``terms`` ``[M, T]`` and ``term_signs`` (float64, the same shape) gather the sums
+    ``sum_t sign_t x[slots_t]`` of :func:`term_values` for every group at once
+    (:func:`all_term_values`): a row per slot of each group's distinct slot shapes, in group
+    order, holding the slots of the terms of that shape (padded with the dummy slot ``N``,
+    sign 0); ``shapes[g]``: those slot shapes of group ``g`` (``[L, *slot_shape]``)."""
 
     groups: tuple[TermGroup, ...]
     index: Tensor
     starts: tuple[tuple[int, ...], ...]
     chunkable: bool
+    terms: Tensor
+    term_signs: Tensor
+    shapes: tuple[tuple[torch.Size, ...], ...]
 
 
 # The attribute of a structure that caches its plans by device: on the structure itself rather
@@ -128,8 +143,38 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
         )
         chunkable = all(len(g.shape) and math.prod(g.shape) for g in groups)
         index, starts = _sums_index(groups, structure.num_generators)
-        per_device[device] = KernelPlan(groups, index, starts, bool(chunkable))
+        terms, signs, shapes = _terms_index(groups, structure.num_generators, device)
+        per_device[device] = KernelPlan(
+            groups, index, starts, bool(chunkable), terms, signs, shapes
+        )
     return per_device[device]
+
+
+def _terms_index(
+    groups: tuple[TermGroup, ...], n: int, device: torch.device
+) -> tuple[Tensor, Tensor, tuple]:
+    """``terms``, ``term_signs`` and ``shapes`` of :class:`KernelPlan`."""
+    by_shape = [_terms_by_shape(group) for group in groups]
+    width = max((len(ts) for shapes in by_shape for ts in shapes.values()), default=1)
+    rows, signs = [torch.zeros(0, width, dtype=torch.long, device=device)], []
+    for shapes in by_shape:
+        for terms in shapes.values():
+            slots = [slots.reshape(-1) for slots, _ in terms]
+            slots += [torch.full_like(slots[0], n)] * (width - len(terms))
+            rows.append(torch.stack(slots, -1))
+            sign = [float(sign) for _, sign in terms] + [0.0] * (width - len(terms))
+            signs.append(torch.tensor(sign, dtype=torch.float64).expand(slots[0].numel(), -1))
+    signs = torch.cat(signs) if signs else torch.zeros(0, width, dtype=torch.float64)
+    shapes = tuple(tuple(s) for s in by_shape)
+    return torch.cat(rows), signs.to(device), shapes
+
+
+def _terms_by_shape(group: TermGroup) -> dict[torch.Size, list[tuple[Tensor, int]]]:
+    """The terms of ``group`` by slot shape (``[L, *slot_shape]``), in order of first use."""
+    out: dict[torch.Size, list[tuple[Tensor, int]]] = {}
+    for slots, sign in zip(group.slots, group.signs, strict=True):
+        out.setdefault(slots.shape, []).append((slots, sign))
+    return out
 
 
 def _sums_index(groups: tuple[TermGroup, ...], n: int) -> tuple[Tensor, tuple]:
@@ -411,6 +456,22 @@ def term_values(cx: Tensor, group: TermGroup, scale: float) -> list[Tensor]:
     return list(by_shape.values())
 
 
+def all_term_values(x: Tensor, plan: KernelPlan) -> Tensor:
+    """The values of :func:`term_values` at scale 1 for every group of ``plan`` at once, in the
+    order of ``plan.terms``' rows: ``[*batch, M]`` (``x``: ``[*batch, N + 1]``, its dummy slot
+    0); one gather, one product and one sum."""
+    return (x[..., plan.terms] * plan.term_signs).sum(-1)
+
+
+def group_pieces(values: Tensor, plan: KernelPlan) -> list[list[Tensor]]:
+    """Per group of ``plan``, views of ``values`` (``[*batch, M]``, as :func:`all_term_values`
+    lays them out) for each of its slot shapes: ``[*batch, L, *slot_shape]``."""
+    sizes = [shape.numel() for shapes in plan.shapes for shape in shapes]
+    pieces = iter(values.split(sizes, -1))
+    batch = values.shape[:-1]
+    return [[next(pieces).view(*batch, *shape) for shape in shapes] for shapes in plan.shapes]
+
+
 def per_parameter(
     values: Tensor, group: TermGroup, batch_dims: int, dense: bool
 ) -> tuple[Tensor, ...]:
@@ -423,8 +484,9 @@ def per_parameter(
     while k > 0 and shape[k - 1] == 1:
         k -= 1
     inner = math.prod(group.shape[k:])
-    if dense or 0 < k < len(shape) and 1 < inner < SHORT_RUN:
-        full = (*values.shape[: batch_dims + 1], *shape[:k], *group.shape[k:])
+    full = (*values.shape[: batch_dims + 1], *shape[:k], *group.shape[k:])
+    spread = dense or 0 < k < len(shape) and 1 < inner < SHORT_RUN
+    if spread and (values.shape != full or not values.is_contiguous()):
         values = values.expand(full).contiguous()
     return values.unbind(batch_dims)
 
@@ -432,14 +494,11 @@ def per_parameter(
 def group_coefficients(
     cx: Tensor, group: TermGroup, dtype: torch.dtype, batch_dims: int = 0
 ) -> list[tuple[Tensor, ...]]:
-    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's parameters, per
-    parameter (:func:`per_parameter`) in ``dtype``: one dense coefficient, or on the CPU one
-    broadcast coefficient per term, to be summed (``cx``: ``[*batch, N + 1]``, dummy slot 0)."""
+    """``sum_t sign_t cx[..., slots_t]`` for every entry of the group's parameters as one
+    broadcast coefficient per slot shape, per parameter (:func:`per_parameter`) in ``dtype``, to
+    be summed (``cx``: ``[*batch, N + 1]``, dummy slot 0): the CPU layout."""
     terms = term_values(cx, group, 1.0)
-    dense = gpu_layout(cx.device)
-    if dense:
-        terms = [functools.reduce(torch.add, terms)]
-    return [per_parameter(t.to(dtype), group, batch_dims, dense) for t in terms]
+    return [per_parameter(t.to(dtype), group, batch_dims, False) for t in terms]
 
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -460,7 +519,7 @@ def group_factors(
     once), or on the CPU each term's broadcast factor, to be multiplied in turn."""
     wide = factor_dtype(dtype)
     factors = [torch.exp(x).to(wide) for x in term_values(hx, group, float(power))]
-    dense = gpu_layout(hx.device) or wide != dtype
+    dense = wide != dtype
     if dense:
         factors = [functools.reduce(torch.mul, factors)]
     return [per_parameter(f, group, batch_dims, dense) for f in factors]
@@ -479,19 +538,43 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
     hx = torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
-    for group in kernel_plan(structure, device).groups:
+    plan = kernel_plan(structure, device)
+    if gpu_layout(device):
+        _rescale_dense_(targets, plan, hx, batch_dims)
+        return
+    for group in plan.groups:
         by_power: dict[tuple[int, torch.dtype], list[tuple[int, Tensor]]] = {}
         for k, name in enumerate(group.names):
             for t, power in targets.get(name, ()):
                 by_power.setdefault((power, t.dtype), []).append((k, t))
         for (power, dtype), moved in by_power.items():
             factors = group_factors(hx, group, power, dtype, batch_dims)
-            if gpu_layout(device):
-                for per_param in factors:
-                    torch._foreach_mul_([t for _, t in moved], [per_param[k] for k, _ in moved])
-                continue
             for k, t in moved:
                 mul_by_rows_(t, [per_param[k] for per_param in factors])
+
+
+def _rescale_dense_(targets: Targets, plan: KernelPlan, hx: Tensor, batch_dims: int) -> None:
+    """:func:`rescale_` in the GPU layout: the factors ``exp(sum_t sign_t hx[slots_t])`` of
+    every group from one gather (:func:`all_term_values`) and one ``exp`` in float64, rounded
+    once to each :func:`factor_dtype` the tensors need; then per group one dense factor ``f``
+    per parameter (one group's at a time), and every tensor of power ``p`` moved ``|p|`` times
+    by ``f``: the ``i``-th time (``i = 1, 2, ...``) every one of ``p >= i`` in one
+    ``torch._foreach_mul_`` and every one of ``p <= -i`` in one ``torch._foreach_div_``."""
+    exps = torch.exp(all_term_values(hx, plan))
+    pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per factor dtype, as group_pieces
+    for g, group in enumerate(plan.groups):
+        moved = [(k, t, p) for k, name in enumerate(group.names) for t, p in targets.get(name, ())]
+        factors = {}
+        for wide in {factor_dtype(t.dtype) for _, t, _ in moved}:
+            if wide not in pieces:
+                pieces[wide] = group_pieces(exps.to(wide), plan)
+            product = functools.reduce(torch.mul, pieces[wide][g])
+            factors[wide] = per_parameter(product, group, batch_dims, True)
+        for i in range(1, max((abs(p) for *_, p in moved), default=0) + 1):
+            for apply, sign in ((torch._foreach_mul_, 1), (torch._foreach_div_, -1)):
+                now = [(t, factors[factor_dtype(t.dtype)][k]) for k, t, p in moved if sign * p >= i]
+                if now:
+                    apply([t for t, _ in now], [f for _, f in now])
 
 
 def by_row_blocks(t: Tensor, factors: list[Tensor], apply: Callable) -> None:
@@ -511,20 +594,37 @@ def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
     by_row_blocks(t, factors, lambda block, f: t[block].mul_(f))
 
 
-def addcmul_group_(
-    grads: list[Tensor], params: list[Tensor], coefficients: list[tuple[Tensor, ...]]
+@torch.no_grad()
+def addcmul_terms_(
+    grads: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    cx: Tensor,
+    batch_dims: int = 0,
 ) -> None:
-    """``grads[l] += c[l] * params[l]`` in place for each ``c`` of ``coefficients`` (per
-    parameter of a group, as :func:`group_coefficients` gives them): in the GPU layout one
-    ``torch._foreach_addcmul_`` per ``c``, on the CPU parameter by parameter, block by block of
-    rows (:func:`by_row_blocks`)."""
-    if gpu_layout(params[0].device):
-        for per_param in coefficients:
-            torch._foreach_addcmul_(grads, params, list(per_param))
-        return
-    for k, (g, x) in enumerate(zip(grads, params, strict=True)):
-        cs = [per_param[k] for per_param in coefficients]
-        by_row_blocks(g, cs, lambda block, c, g=g, x=x: g[block].addcmul_(x[block], c))
+    """``grads[name] += (sum_t sign_t cx[..., slots_t]) * params[name]`` in place for every
+    parameter of the groups of ``structure`` (``cx``: ``[*batch, N + 1]``, dummy slot 0), the
+    coefficients in the widest dtype of each group's parameters. In the GPU layout the
+    coefficients of every group come from one gather (:func:`all_term_values`), and each
+    group's dense ones take one ``torch._foreach_addcmul_``; on the CPU parameter by parameter,
+    block by block of rows (:func:`by_row_blocks`)."""
+    plan = kernel_plan(structure, cx.device)
+    gpu = gpu_layout(cx.device)
+    values = all_term_values(cx, plan) if gpu else None
+    pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per dtype, as group_pieces
+    for g, group in enumerate(plan.groups):
+        ps, gs = [params[name] for name in group.names], [grads[name] for name in group.names]
+        dtype = functools.reduce(torch.promote_types, {p.dtype for p in ps})
+        if gpu:
+            if dtype not in pieces:
+                pieces[dtype] = group_pieces(values.to(dtype), plan)
+            total = functools.reduce(torch.add, pieces[dtype][g])
+            torch._foreach_addcmul_(gs, ps, list(per_parameter(total, group, batch_dims, True)))
+            continue
+        coefficients = group_coefficients(cx, group, dtype, batch_dims)
+        for k, (grad, x) in enumerate(zip(gs, ps, strict=True)):
+            cs = [per_param[k] for per_param in coefficients]
+            by_row_blocks(grad, cs, lambda block, c, g=grad, x=x: g[block].addcmul_(x[block], c))
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:

@@ -28,9 +28,8 @@ from gaugefix.balancing import log_ratio
 from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
-    addcmul_group_,
+    addcmul_terms_,
     generator_sums,
-    group_coefficients,
     kernel_plan,
     row_norms,
     stacked,
@@ -172,13 +171,9 @@ def add_selection_grads_(
     """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
     ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, the
     strength included): the gradient of ``P`` added, per group of equally shaped parameters
-    (:func:`gaugefix.kernels.addcmul_group_`), the coefficients in the group's widest dtype."""
+    (:func:`gaugefix.kernels.addcmul_terms_`), the coefficients in the group's widest dtype."""
     mu = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
-    for group in kernel_plan(structure, mu.device).groups:
-        ps = [params[name] for name in group.names]
-        dtype = functools.reduce(torch.promote_types, {p.dtype for p in ps})
-        coefficients = group_coefficients(mu, group, dtype, batch_dims)
-        addcmul_group_([grads[name] for name in group.names], ps, coefficients)
+    addcmul_terms_(grads, params, structure, mu, batch_dims)
 
 
 class _OrbitSelection(torch.autograd.Function):
