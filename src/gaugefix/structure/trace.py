@@ -814,10 +814,13 @@ class TraceContext:
 
     def commit_roles(self) -> None:
         """Close the roles the current op gave its parameters: a first use defines them; a
-        later use of the same form (the same number of terms with the same signs) is united
-        with it term by term; a use of another form fixes the parameter."""
+        later use of the same form (the same number of terms with the same signs, in whatever
+        order the rules state them) is united with it term by term; a use of another form fixes
+        the parameter."""
         pending, self._pending = self._pending, {}
         for name, terms in pending.items():
+            # multiplying terms first: the order a rule states them in is not part of the form
+            terms = sorted(terms, key=lambda term: -term[1])
             if name not in self.roles:
                 self.roles[name] = terms
                 continue
