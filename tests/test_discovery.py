@@ -396,7 +396,13 @@ BLOCKERS = [
     # not change and x passes; the gate's rows are blocked by the sigmoid
     ("gating", Gated(), L2 + 6, {"mid.gate": "torch.sigmoid"}),
     ("unknown op", Cumulative(), L2, {"l2": "unknown op torch.cumsum in 'mid'"}),
-    ("comparison", Fn(lambda x: torch.where(x > 0, x, 0.0)), L2, {"l2": "unknown op"}),
+    # a comparison with 0 is a sign test, homogeneous (tests/test_rules_audit.py); not with 0.5
+    (
+        "threshold",
+        Fn(lambda x: torch.where(x > 0.5, x, 0.0)),
+        L2,
+        {"l2": "homogeneous: Tensor.gt"},
+    ),
     ("integer cast", Fn(lambda x: x.to(torch.long).to(x.dtype)), L2, {"l2": "non-floating"}),
     ("bit reinterpretation", Fn(lambda x: x.view(torch.int64).view(x.dtype)), L2, {"l2": "bits"}),
     ("custom identity view", Fn(IdentityView.apply), L2, {"l2": "autograd"}),
@@ -707,7 +713,7 @@ class MyReLU(nn.Module):
     """A user's ReLU, spelled with ops the registry does not pass through."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.where(x > 0, x, torch.zeros_like(x))
+        return torch.maximum(x, torch.zeros_like(x))
 
 
 class Ghost(nn.Module):

@@ -254,3 +254,53 @@ def test_a_buffer_repointed_at_an_activation_blocks_it():
     s, change = change_under_gauge(RepointedBuffer(), torch.randn(3, 4, dtype=DTYPE))
     assert change <= TOL, s.summary()
     assert "stored on module" in " | ".join(e.reason for e in s.excluded)
+
+
+# --- sign tests: a positive factor keeps the sign of every entry --------------------------------
+class SignGated(nn.Module):
+    """``l2(f(l1(x)))``: a hidden activation written with a test of its sign."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = f
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(self.f(self.l1(x)))
+
+
+SIGN_TESTS = {
+    "where(h > 0, h, 0.1 h)": lambda h: torch.where(h > 0, h, 0.1 * h),
+    "where(0 < h, h, -h)": lambda h: torch.where(0 < h, h, -h),
+    "h * (h >= 0)": lambda h: h * (h >= 0),
+    "masked_fill(h < 0, 0)": lambda h: h.masked_fill(h < 0, 0),
+    "masked_fill(h.le(0), 0)": lambda h: h.masked_fill(h.le(0), 0),
+    "h * sign(h)": lambda h: h * torch.sign(h),
+    "where(h != 0, h, 0)": lambda h: torch.where(h != 0, h, 0.0),
+    "where(torch.gt(h, 0), h, 0.2 h)": lambda h: torch.where(torch.gt(h, 0), h, 0.2 * h),
+}
+THRESHOLDS = {
+    "where(h > 0.1, h, 0)": lambda h: torch.where(h > 0.1, h, 0.0),
+    "h * (h > h.mean())": lambda h: h * (h > h.mean()),
+    "h * (h.abs() > 1)": lambda h: h * (h.abs() > 1),
+    "h * (h >= torch.zeros(1))": lambda h: h * (h >= torch.zeros(1, dtype=h.dtype) + 0.5),
+}
+
+
+@pytest.mark.parametrize("f", list(SIGN_TESTS.values()), ids=list(SIGN_TESTS))
+def test_a_test_of_the_sign_keeps_the_hidden_generators(f):
+    """Comparing a rescaled tensor with 0 (or taking its sign) gives a mask no positive factor
+    changes: the hidden neurons keep their 6 generators, exactly."""
+    torch.manual_seed(0)
+    s, change = change_under_gauge(SignGated(f), torch.randn(5, 4, dtype=DTYPE))
+    assert s.num_generators == 6, s.summary()
+    assert change <= TOL, s.summary()
+
+
+@pytest.mark.parametrize("f", list(THRESHOLDS.values()), ids=list(THRESHOLDS))
+def test_a_test_against_another_threshold_blocks(f):
+    """Against any other threshold a factor moves entries across it: no hidden generator."""
+    torch.manual_seed(0)
+    s, change = change_under_gauge(SignGated(f), torch.randn(5, 4, dtype=DTYPE))
+    assert s.num_generators == 0, s.summary()
+    assert change <= TOL, s.summary()

@@ -316,6 +316,26 @@ register_all(funcs("where"), _where)
 register_all(funcs("masked_fill", "masked_fill_"), _masked_fill)
 
 
+def _sign_test(ctx: TraceContext, result: Any, input: Any, other: Any = None) -> Any:
+    """``x > 0`` (and ``>=``, ``<``, ``<=``, ``==``, ``!=`` against the number 0), ``sign(x)``:
+    a positive factor keeps the sign of every entry, so the output is the same under every
+    gauge (a mask of fixed log-factor 0) and ``x`` is not constrained. Against anything else a
+    factor moves entries across the threshold: it blocks."""
+    unary = ctx.op.rsplit(".", 1)[-1] in _SIGNS
+    if isinstance(input, Tensor) and (unary or scalar(other) and other == 0):
+        ctx.claim(input)
+        return ZERO
+    return blocker(ctx, result, input, other)
+
+
+_SIGNS = ("sign", "sgn", "signbit")
+_COMPARISONS = (
+    "gt", "ge", "lt", "le", "eq", "ne", "greater", "greater_equal", "less", "less_equal",
+    "not_equal", "__gt__", "__ge__", "__lt__", "__le__", "__eq__", "__ne__",
+)  # fmt: skip
+register_all(funcs(*_COMPARISONS, *_SIGNS), _sign_test)
+
+
 # --- structural ops: apply the op to the labels themselves ----------------------------------
 # Arrangements that hold every entry exactly once: applied to a parameter, they give a view of
 # it that an affine rule can use (``x @ W.t()``).
@@ -585,7 +605,7 @@ register_all(
         "selu", "celu", "softplus", "mish", "hardswish", "hardsigmoid", "exp", "log", "sqrt",
         "rsqrt", "pow", "square", "sin", "cos", "glu", "logsigmoid", "softsign", "tanhshrink",
         "hardshrink", "softshrink", "threshold", "rrelu", "alpha_dropout",
-        "feature_alpha_dropout", "local_response_norm", "normalize", "erf", "sign", "lp_pool1d",
+        "feature_alpha_dropout", "local_response_norm", "normalize", "erf", "lp_pool1d",
         "lp_pool2d", "__pow__",
     ),
     blocker,
