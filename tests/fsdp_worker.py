@@ -24,6 +24,7 @@ from torch.distributed.tensor import distribute_module, distribute_tensor
 import gaugefix
 from gaugefix import zoo
 from gaugefix.distributed import PLACEHOLDER, shard_structure
+from gaugefix.integrations.common import check_structure_agrees
 
 torch.set_default_dtype(torch.float64)
 
@@ -525,6 +526,190 @@ def audit() -> dict:
         "checkpoint": audit_checkpoint(),
         "training": audit_training(),
     }
+
+
+# -- the audit of tests/test_distributed_audit2.py ---------------------------------------
+
+
+def relabeled(structure: gaugefix.GaugeStructure) -> gaugefix.GaugeStructure:
+    """The same group with its generators numbered in reverse (``n -> N - 1 - n``): what
+    another discovery (another batch reaching other experts) may give one process."""
+    n, data = structure.num_generators, structure.to_dict()
+
+    def flip(values: list[int]) -> list[int]:
+        return [n - 1 - v if v >= 0 else v for v in values]
+
+    for param in data["params"]:
+        for term in param["terms"]:
+            term["index"]["data"] = flip(term["index"]["data"])
+    for produced in data["produced"].values():
+        produced["data"] = flip(produced["data"])
+    data["generator_layers"] = data["generator_layers"][::-1]
+    data["generator_kinds"] = data["generator_kinds"][::-1]
+    return gaugefix.GaugeStructure.from_dict(data)
+
+
+def mlp_sharded_per_layer(model: nn.Module) -> nn.Module:
+    sharded = copy.deepcopy(model)
+    for layer in sharded:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    return sharded
+
+
+def train_steps(net, opt, x, y, steps, scheduler=None, drop_grad=None) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        (net(x) - y).square().mean().backward()
+        if drop_grad is not None:  # a gauged parameter left without a gradient
+            dict(net.named_parameters())[drop_grad].grad = None
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def groups_and_scheduler(mode: str) -> dict:
+    """SGD momentum, two parameter groups at different learning rates (per-generator rates),
+    a LambdaLR schedule, exact orbit steps every 2 steps (or the penalty): sharded vs whole."""
+    model, structure, x = mlp_setup()
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for net in (mlp_sharded_per_layer(model), copy.deepcopy(model)):
+        params = list(net.parameters())
+        opt = torch.optim.SGD(
+            [{"params": params[:2], "lr": 0.05}, {"params": params[2:]}], lr=0.02, momentum=0.9
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+        every = {"every": 2} if mode == "exact" else {}
+        fixing = gaugefix.GaugeFixing(opt, net, structure, 3.0, mode, **every)
+        train_steps(net, opt, x, y, 5, scheduler)
+        runs.append((net, fixing.steps))
+        fixing.remove()
+    (a, steps_a), (b, steps_b) = runs
+    diff = max(rel(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return {"params": diff, "steps": [steps_a, steps_b]}
+
+
+def resumed_interval() -> dict:
+    """Exact mode every 3 steps: 2 steps, the hook's state_dict into a new hook, 3 more steps,
+    against 5 uninterrupted steps (on the slices)."""
+    model, structure, x = mlp_setup()
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(3))
+    nets = []
+    for split in (None, 2):
+        net = mlp_sharded_per_layer(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        fixing = gaugefix.GaugeFixing(opt, net, structure, 3.0, every=3)
+        if split is None:
+            train_steps(net, opt, x, y, 5)
+        else:
+            train_steps(net, opt, x, y, split)
+            state = fixing.state_dict()
+            fixing.remove()
+            fixing = gaugefix.GaugeFixing(opt, net, structure, 3.0, every=3, balance_at_start=False)
+            fixing.load_state_dict(state)
+            train_steps(net, opt, x, y, 5 - split)
+        nets.append((net, fixing.steps))
+        fixing.remove()
+    (a, steps_a), (b, steps_b) = nets
+    diff = max(rel(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return {"params": diff, "steps": [steps_a, steps_b]}
+
+
+def missing_gradient() -> dict:
+    """Penalty mode with a gauged parameter left without a gradient (``.grad`` None): the
+    whole model takes the penalty's gradient alone there; the slices must do the same."""
+    model, structure, x = mlp_setup()
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(3))
+    out = {}
+    nets = {"sharded": mlp_sharded_per_layer(model), "whole": copy.deepcopy(model)}
+    for name, net in nets.items():
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        fixing = gaugefix.GaugeFixing(opt, net, structure, 3.0, "penalty", balance_at_start=False)
+        out[name] = outcome(None, lambda n=net, o=opt: train_steps(n, o, x, y, 2, None, "2.weight"))
+        fixing.remove()
+    out["params"] = max(
+        rel(p, q)
+        for p, q in zip(nets["sharded"].parameters(), nets["whole"].parameters(), strict=True)
+    )
+    return out
+
+
+def structure_differs() -> dict:
+    """One process holds the same group with its generators numbered otherwise: every
+    process must refuse (before, the generator sums of different neurons were added up and
+    the slices moved by a gauge that changed the function)."""
+    model, structure, x = mlp_setup()
+    mine = relabeled(structure) if dist.get_rank() == 1 else structure
+    out = {}
+    sharded = mlp_sharded_per_layer(model)
+    with torch.no_grad():
+        before = sharded(x).clone()
+    out["GaugeFixing"] = outcome(
+        sharded,
+        lambda: gaugefix.GaugeFixing(
+            torch.optim.SGD(sharded.parameters(), lr=0.1), sharded, mine, 1.0
+        ).remove(),
+    )
+    with torch.no_grad():
+        out["function_change"] = rel(sharded(x), before)
+    out["balance_"] = outcome(sharded, lambda: gaugefix.balance_(sharded, mine).norm_sq_after)
+    keep = torch.arange(structure.num_generators) >= 2  # as if two units were not reached
+    other = structure.restrict(keep, "not reached") if dist.get_rank() == 1 else structure
+    out["ddp"] = ddp_structure_differs(model, other, x)
+    out["callbacks"] = outcome(None, lambda: check_structure_agrees(other, torch.device("cpu")))
+    return out
+
+
+def ddp_structure_differs(model: nn.Module, mine, x: Tensor) -> dict:
+    """DistributedDataParallel replicas with structures numbered differently: GaugeFixing
+    must refuse on every rank (before, each rank balanced by its own numbering's gauge and the
+    replicas drifted apart without a word)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = copy.deepcopy(model)
+    ddp = DistributedDataParallel(net)
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(3))
+
+    def run(wrapped: nn.Module) -> None:
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        fixing = gaugefix.GaugeFixing(opt, wrapped, mine, 3.0, every=1)
+        train_steps(ddp, opt, x, y, 2)
+        fixing.remove()
+
+    result = outcome(None, lambda: run(ddp))
+    # the same through a torch.compile wrapper of the DDP module (not run: refused first)
+    result["compiled"] = outcome(None, lambda: run(torch.compile(ddp)))["errors"]
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    high, low = flat.clone(), -flat
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    result["replica_diff"] = float((high + low).max())
+    return result
+
+
+def audit2() -> dict:
+    return {
+        "groups_exact": groups_and_scheduler("exact"),
+        "groups_penalty": groups_and_scheduler("penalty"),
+        "resumed": resumed_interval(),
+        "missing_gradient": missing_gradient(),
+        "structure_differs": structure_differs(),
+    }
+
+
+def run_audit2() -> None:
+    """Entry point of tests/test_distributed_audit2.py (under torchrun)."""
+    dist.init_process_group("gloo")
+    result = audit2()
+    if dist.get_rank() == 0:
+        print(json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:

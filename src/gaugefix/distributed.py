@@ -16,13 +16,15 @@ imported).
 
 Every process reaches every decision (a step's size, a line search, skipping a non-finite step)
 from the same all-reduced numbers, so all take the same steps and issue the same collectives;
-the arguments deciding a move (``h``, a rate, tolerances) are checked to agree (:func:`agreed`).
+the arguments deciding a move (``h``, a rate, tolerances) are checked to agree (:func:`agreed`),
+and so is the structure, once per shard structure (:func:`check_same_structure`).
 A model using ``fully_shard`` whose parameters are not all ``DTensor`` s (a module left unsharded,
 or parameters FSDP2 holds gathered after a forward) is refused (:func:`refuse_gathered`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -39,12 +41,14 @@ __all__ = [
     "ShardStructure",
     "ShardingError",
     "agreed",
+    "check_same_structure",
     "first_dtensor",
     "local_view",
     "refuse_gathered",
     "refuse_sharded",
     "shard_structure",
     "sharded",
+    "structure_fingerprint",
     "uses_fully_shard",
 ]
 
@@ -55,6 +59,8 @@ _shard_structures: weakref.WeakKeyDictionary[GaugeStructure, tuple[tuple, ShardS
 
 T = TypeVar("T")
 PLACEHOLDER = ""  # the name of the empty parameter a process holding no slice computes with
+FINGERPRINT = 4  # numbers in a structure's fingerprint
+FINGERPRINT_BYTES = 6  # bytes of the hash in each (below 2^48: exact in float64)
 
 
 class ShardingError(GaugefixError, ValueError):
@@ -154,18 +160,58 @@ def agreed(
 def _compare(numbers: Tensor | None, size: int, like: Tensor, what: str) -> None:
     """:class:`ShardingError` unless every process of ``like``'s mesh holds the same
     ``numbers`` (``None``: this process's argument was invalid; it raises its own error)."""
-    local = torch.zeros(size + 1, dtype=torch.float64, device=like.device)
-    if numbers is None:
-        local[0] = 1.0
-    else:
-        local[1:] = numbers.detach().to(device=like.device, dtype=torch.float64).reshape(-1)
-    both = torch.cat([local, -local])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group())
-    high, low = both.chunk(2)
-    if numbers is not None and not torch.equal(high, -low):
+    same = _same_everywhere(numbers, size, like.device_mesh.get_group(), like.device)
+    if numbers is not None and not same:
         raise ShardingError(
             f"{what} differs between the processes sharing the model's slices (or is invalid "
             "on one): every process must pass the same; nothing was modified"
+        )
+
+
+def _same_everywhere(
+    numbers: Tensor | None, size: int, group: dist.ProcessGroup | None, device: torch.device
+) -> bool:
+    """Whether every process of ``group`` holds the same ``size`` ``numbers`` (``None``
+    differs from every value): one all-reduce of their maximum and minimum."""
+    local = torch.zeros(size + 1, dtype=torch.float64, device=device)
+    if numbers is None:
+        local[0] = 1.0
+    else:
+        local[1:] = numbers.detach().to(device=device, dtype=torch.float64).reshape(-1)
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, low = both.chunk(2)
+    return torch.equal(high, -low)
+
+
+def structure_fingerprint(structure: GaugeStructure) -> Tensor:
+    """Float64 ``[FINGERPRINT]``: a hash of the group ``structure`` stands for (its number of
+    generators, and per parameter its name, shape and signed term index maps), each number an
+    integer below ``2^48`` (exact in float64)."""
+    digest = hashlib.sha256(str(structure.num_generators).encode())
+    for name, param in structure.params.items():
+        digest.update(f"|{name}{tuple(param.shape)}".encode())
+        for term in param.terms:
+            digest.update(f"|{term.sign}{tuple(term.index.shape)}".encode())
+            digest.update(term.index.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    raw = digest.digest()
+    chunks = [raw[i : i + FINGERPRINT_BYTES] for i in range(0, len(raw), FINGERPRINT_BYTES)]
+    values = [int.from_bytes(c, "big") for c in chunks[:FINGERPRINT]]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def check_same_structure(
+    structure: GaugeStructure, group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """:class:`ShardingError` on every process of ``group`` (``None``: the default group)
+    unless all hold the same structure (:func:`structure_fingerprint`, one all-reduce): a
+    process with another numbering of the generators, or another group (a mixture of experts
+    discovered on each process's own batch), would move its parameters by another gauge."""
+    if not _same_everywhere(structure_fingerprint(structure), FINGERPRINT, group, device):
+        raise ShardingError(
+            "the gauge structure differs between the processes (discovered on each one's own "
+            "data? a batch that reached other experts gives another group): discover it once, "
+            "on the same input, and give every process that structure; nothing was modified"
         )
 
 
@@ -186,12 +232,12 @@ class ShardStructure(GaugeStructure):
     def __init__(self, structure: GaugeStructure, params: Mapping[str, Tensor]) -> None:
         from torch.distributed.tensor import DTensor
 
-        mesh = None
+        mesh = first = None
         local: dict[str, ParamTerms] = {}
         for name, p in params.items():
             if not isinstance(p, DTensor):
                 raise not_sharded(name, "while others are DTensors")
-            mesh = p.device_mesh if mesh is None else mesh
+            mesh, first = (p.device_mesh, p) if mesh is None else (mesh, first)
             placements = tuple(p.placements)
             if p.device_mesh != mesh or mesh.ndim != 1 or not placements[0].is_shard():
                 raise ShardingError(
@@ -240,6 +286,7 @@ class ShardStructure(GaugeStructure):
             structure.notes,
             structure.in_out,
         )
+        check_same_structure(structure, self.group, first.device)
 
     def summary(self) -> str:
         """The whole structure's summary."""
@@ -331,10 +378,12 @@ def everywhere(flag: bool, like: Tensor) -> bool:
 
 
 def add_local_grads_(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
-    """``p.grad += g`` on the local slice of each named ``DTensor`` parameter's gradient."""
+    """``p.grad += g`` on the local slice of each named ``DTensor`` parameter's gradient; a
+    parameter of ``params`` without a gradient gets a zero one first (on every process, also
+    one holding no slice of it), as on a whole model."""
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     for name, g in grads.items():
-        grad = params[name].grad
-        if grad is None:
-            raise ValueError(f"parameter '{name}' has no gradient to add the penalty's to")
-        local = grad.to_local()
+        local = params[name].grad.to_local()
         local.add_(g.to(local.dtype))

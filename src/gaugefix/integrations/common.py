@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from gaugefix.distributed import check_same_structure
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
 from gaugefix.train.hook import Mode, check_mode_every
 
-__all__ = ["CallbackOptions", "prefixed_stats", "set_options"]
+__all__ = ["CallbackOptions", "check_structure_agrees", "prefixed_stats", "set_options"]
 
 
 class CallbackOptions(TypedDict, total=False):
@@ -53,3 +56,13 @@ def prefixed_stats(
 ) -> dict[str, float]:
     """:func:`gaugefix.imbalance_stats` with every key prefixed (``gauge/mu_rel_rms``, ...)."""
     return {prefix + k: v for k, v in imbalance_stats(source, structure).items()}
+
+
+def check_structure_agrees(structure: GaugeStructure, device: torch.device) -> None:
+    """In a run of several processes (``torch.distributed`` initialized), a
+    :class:`~gaugefix.ShardingError` on every process unless all hold the same structure (one
+    all-reduce over the default group, ``device`` that of its backend's tensors): a structure
+    discovered on each process's own batch may differ (a mixture of experts), and replicas
+    fixed by different groups drift apart."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        check_same_structure(structure, None, device)

@@ -23,7 +23,12 @@ except ImportError:  # pragma: no cover - the standalone package name
 import torch
 
 from gaugefix.action import check_finite_params
-from gaugefix.integrations.common import CallbackOptions, prefixed_stats, set_options
+from gaugefix.integrations.common import (
+    CallbackOptions,
+    check_structure_agrees,
+    prefixed_stats,
+    set_options,
+)
 from gaugefix.structure import GaugeStructure, discover
 from gaugefix.train.hook import GaugeFixing, Mode
 
@@ -36,12 +41,14 @@ class GaugeFixingCallback(Callback):
     ``prefix + name``, once per training batch).
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
-    the module's); when it is ``None`` it is discovered at setup from the module's
-    ``example_input_array``. ``options`` are the callbacks' shared
-    :class:`~gaugefix.integrations.common.CallbackOptions`; ``strength`` and them are passed
-    to :class:`gaugefix.GaugeFixing` (``strength=0`` balances at the start, unless
-    ``balance_at_start=False``, then only logs). The hooks are attached when training starts
-    (after any checkpoint restored the optimizer state) and removed when it ends; a fit resumed
+    the module's); when it is ``None`` it is discovered when the fit starts (after
+    ``configure_model``) from the module's ``example_input_array``. ``options`` are the
+    callbacks' shared :class:`~gaugefix.integrations.common.CallbackOptions`; ``strength``
+    and them are passed to :class:`gaugefix.GaugeFixing` (``strength=0`` balances at the
+    start, unless ``balance_at_start=False``, then only logs). The hooks are attached when
+    training starts (after any checkpoint restored the optimizer state; in a run of several
+    processes, once the structure is checked to be the same on every one) and removed when it
+    ends; a fit resumed
     from a Lightning checkpoint (``ckpt_path``, also one saved after the fit) does not balance
     again and continues each hook's place in the interval between orbit steps. With several
     optimizers, each hook acts on the generators whose parameters its optimizer holds
@@ -65,7 +72,9 @@ class GaugeFixingCallback(Callback):
         self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint
         self._last: list[dict[str, Any]] = []  # the removed hooks' states, saved after a fit
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Discover or check the structure once the module is built (after ``configure_model``,
+        which may create its layers)."""
         if self.structure is None:
             example = pl_module.example_input_array
             if example is None:
@@ -90,6 +99,7 @@ class GaugeFixingCallback(Callback):
                 f"the checkpoint holds the gauge-fixing states of {len(restored)} optimizers, "
                 f"this fit has {len(optimizers)}"
             )
+        check_structure_agrees(self.structure, pl_module.device)
         try:  # every hook first, so that one refused leaves the model as it was
             for i, opt in enumerate(optimizers):
                 self.hooks.append(

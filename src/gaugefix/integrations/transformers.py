@@ -23,7 +23,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gaugefix.integrations.common import CallbackOptions, prefixed_stats, set_options
+from gaugefix.integrations.common import (
+    CallbackOptions,
+    check_structure_agrees,
+    prefixed_stats,
+    set_options,
+)
 from gaugefix.structure import GaugeStructure, ValueDependentError, discover
 from gaugefix.train.hook import GaugeFixing, Mode
 
@@ -187,6 +192,7 @@ class GaugeFixingCallback(TrainerCallback):
         self._detach()
 
     # -- helpers ----------------------------------------------------------------------------------
+    @torch.compiler.disable  # run eagerly inside a compiled forward (torch_compile=True)
     def _discover(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook for the first batch: discover the structure on its inputs, then start
         gauge fixing before the forward reads the parameters."""
@@ -211,6 +217,7 @@ class GaugeFixingCallback(TrainerCallback):
             if self.hook.optimizer is optimizer:
                 return
             self._detach()  # the optimizer was rebuilt
+        check_structure_agrees(self.structure, next(self.trainer.model.parameters()).device)
         hook = GaugeFixing(
             optimizer,
             self.trainer.model,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gaugefix.action import check_transport, finite_on_device
 from gaugefix.balancing import balance_
-from gaugefix.distributed import local_view, refuse_gathered
+from gaugefix.distributed import check_same_structure, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
@@ -49,6 +49,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def _replicated(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapper of ``model`` (itself, or inside
+    ``torch.compile`` wrappers), or ``None``."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None)
+        if not isinstance(model, nn.Module):
+            return None
+    return model
 
 
 def check_mode_every(mode: Mode, every: int | None) -> int:
@@ -164,7 +174,9 @@ class GaugeFixing:
     in penalty mode ``grad P`` is added at each closure evaluation (the returned loss does not
     include ``P``, so L-BFGS with a line search is refused).
     ``model`` may be wrapped in ``DistributedDataParallel`` or ``torch.compile``; every rank
-    computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal.
+    computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal
+    (given the ``DistributedDataParallel`` wrapper, the structure is checked to be the same on
+    every rank, :func:`gaugefix.distributed.check_same_structure`, once).
     Optimizer state that cannot be transported (L-BFGS's history, wherever it is kept) and
     parameters with sparse gradients are refused (``ValueError``).
     ``remove()`` detaches the hooks. An optimizer takes one ``GaugeFixing`` at a time: a second
@@ -193,6 +205,9 @@ class GaugeFixing:
         self.structure = structure
         if not isinstance(structure, GaugeStructure):
             raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+        replicated = _replicated(model)
+        if replicated is not None:  # every replica must move alike
+            check_same_structure(structure, replicated.process_group, replicated.device)
         self.strength = check_strength(strength)
         self.mode = mode
         self.every = every
@@ -429,6 +444,11 @@ class GaugeFixing:
             raise ValueError(
                 f"a GaugeFixing state with {since} steps since the last orbit step does not fit "
                 f"every={self.every}"
+            )
+        if since and not lr_sums:
+            raise ValueError(
+                f"a GaugeFixing state with {since} steps since the last orbit step has no sums "
+                "of their learning rates (lr_sums)"
             )
         groups = len(self.optimizer.param_groups)
         if len(lr_sums) > groups:
