@@ -7,8 +7,9 @@ trained together with ``torch.func.vmap``, every step one :mod:`gaugefix.step`
 transformation with a learning rate and strengths per run (:func:`group_step`). A run that
 diverges is masked out (its parameters freeze) without stopping the others, and once a quarter of
 the rows computed are such runs (:data:`COMPACT_FRACTION`) they are dropped from the computation:
-every per-run object is cut to the runs still active and the step rebuilt for them, the dropped
-runs' final parameters kept aside for their results, which are what they would be without it.
+every per-run object is cut to the runs still active (at least :data:`MIN_ROWS` rows) and the step
+rebuilt for them, the dropped runs' final parameters kept aside for their results, which are
+bitwise what they would be without it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -65,9 +67,13 @@ __all__ = [
     "MOMENTUM",
     "DIVERGENCE_FACTOR",
     "COMPACT_FRACTION",
+    "MIN_ROWS",
     "STABILITY_MARGIN",
     "DEFINITIONS",
     "run_status",
+    "method_problem",
+    "run_problem",
+    "check_runs",
     "task_hash",
     "task_version",
     "RunConfig",
@@ -244,6 +250,11 @@ DIVERGENCE_FACTOR = 1e3
 # until a quarter of the rows are diverged wastes at most a quarter of a step's rows and bounds the
 # compactions of a group of R runs by log(R) / log(4/3) (14 for 60 runs, not one per divergence).
 COMPACT_FRACTION = 0.75
+# A compaction keeps at least this many rows (a diverged run's, frozen, beside a last active one):
+# a product over one row takes another kernel than over several, whose float32 results differ in
+# the last bits (1.5e-7 on teacher-student), and a run's results must not depend on whether the
+# group dropped the others.
+MIN_ROWS = 2
 # A finished run is stable when its final training loss is at most this fraction of the smaller
 # of its initial loss and the constant predictor's loss (:func:`run_status`).
 STABILITY_MARGIN = 0.9
@@ -264,6 +275,62 @@ def run_status(
     if final is None:
         return "diverged"
     return "stable" if final <= margin * min(initial, constant) else "unstable"
+
+
+def method_problem(method: str, optimizer: str, strength: float) -> str | None:
+    """What keeps ``method`` at ``strength`` under ``optimizer`` from being a run the engine
+    trains as named (``None``: nothing): an unknown method or optimizer, per-layer-lr outside
+    :data:`PER_LAYER_LR_OPTIMIZERS`, or a strength that is not finite and ``>= 0`` (a negative
+    one would train the optimizer alone: the step leaves out a fixing of no positive strength;
+    a method without a strength ignores it)."""
+    if method not in METHODS:
+        return f"unknown method {method!r}; choose from {', '.join(METHODS)}"
+    if optimizer not in OPTIMIZERS:
+        return f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
+    if METHODS[method].per_layer_lr and optimizer not in PER_LAYER_LR_OPTIMIZERS:
+        return (
+            f"per-layer-lr is defined for {', '.join(PER_LAYER_LR_OPTIMIZERS)}, not {optimizer!r}"
+        )
+    if not (math.isfinite(strength) and strength >= 0):
+        return f"the strength of {method} must be finite and >= 0, got {strength!r}"
+    return None
+
+
+def run_problem(config: RunConfig) -> str | None:
+    """What keeps ``config`` from being a run the engine trains as its key says (``None``:
+    nothing): :func:`method_problem`, a number field that is not a number (an integer field:
+    an integer), a learning rate that is not finite and ``> 0``, an
+    initial imbalance that is not finite, a dtype that is no floating-point torch dtype, fewer
+    than one step, or a negative batch size (another key for full batch) or seed."""
+    c = config
+    kinds = {**dict.fromkeys(_FLOAT_FIELDS, float), **dict.fromkeys(_INT_FIELDS, int)}
+    for name, kind in kinds.items():
+        if not isinstance(value := getattr(c, name), kind):
+            return f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}"
+    dtype = getattr(torch, c.dtype, None) if isinstance(c.dtype, str) else None
+    problems = (
+        (not (math.isfinite(c.lr) and c.lr > 0), f"lr must be finite and > 0, got {c.lr!r}"),
+        (not math.isfinite(c.s), f"the initial imbalance s must be finite, got {c.s!r}"),
+        (
+            not (isinstance(dtype, torch.dtype) and dtype.is_floating_point),
+            f"dtype must be a floating-point torch dtype, got {c.dtype!r}",
+        ),
+        (c.steps < 1, f"steps must be >= 1, got {c.steps}"),
+        (c.batch_size < 0, f"the batch size must be >= 0 (0: full batch), got {c.batch_size}"),
+        (c.seed < 0, f"the seed must be >= 0, got {c.seed}"),
+    )
+    problem = method_problem(c.method, c.optimizer, c.strength)
+    return problem or next((text for bad, text in problems if bad), None)
+
+
+def check_runs(configs: Sequence[RunConfig]) -> None:
+    """``ValueError`` naming the first of ``configs`` with a :func:`run_problem`."""
+    for c in configs:
+        if problem := run_problem(c):
+            raise ValueError(
+                f"cannot train the run ({c.task}, {c.method}, {c.optimizer}, lr {c.lr!r}, "
+                f"seed {c.seed}): {problem}"
+            )
 
 
 def task_hash(task: Task) -> str:
@@ -289,6 +356,10 @@ def task_version(task_hash: str) -> str:
     return task_hash[:8]
 
 
+_FLOAT_FIELDS = ("lr", "strength", "s")
+_INT_FIELDS = ("seed", "batch_size", "steps", "bisection")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run. ``task_hash`` is :func:`task_hash` of its task (so a run's key changes
@@ -310,6 +381,17 @@ class RunConfig:
     dtype: str = "float32"
     task_hash: str = field(kw_only=True)
     bisection: int = field(default=0, kw_only=True)
+
+    def __post_init__(self) -> None:
+        """Numbers in one form, so that one run has one key: the float fields as floats (``1``
+        and ``numpy.float64(1)`` as ``1.0``, ``-0.0`` as ``0.0``), the integer fields as ints
+        (``numpy.int64(3)`` as ``3``); other values are left for :func:`run_problem`."""
+        for name in _FLOAT_FIELDS:
+            if isinstance(value := getattr(self, name), numbers.Real):
+                object.__setattr__(self, name, float(value) + 0.0)
+        for name in _INT_FIELDS:
+            if isinstance(value := getattr(self, name), numbers.Integral):
+                object.__setattr__(self, name, int(value))
 
     def key(self) -> str:
         """The canonical identity of the run in a store."""
@@ -398,14 +480,17 @@ def instances(tasks: list[Task], dtype: torch.dtype) -> Instances:
 def _initial_stack(tasks: list[Task], configs: list[RunConfig], dtype: torch.dtype) -> tuple:
     """Each run's initial parameters: its task model's initialisation for its seed, moved along
     its own orbit by ``s z``; returns the template model, structure and the stack. The
-    instances of one task share their model and so the structure (of the first run's)."""
-    template = tasks[0].make_model().to(dtype)
+    instances of one task share their model and so the structure (of the first run's). The
+    caller's random generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        template = tasks[0].make_model().to(dtype)
     structure = discover(template, tasks[0].arrays(dtype)[0][:2])
     z = init_direction(structure)
     members = []
     for task, c in zip(tasks, configs, strict=True):
-        torch.manual_seed(c.seed + REPLICA_SEED * bool(METHODS[c.method].replica_of))
-        model = task.make_model().to(dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed + REPLICA_SEED * bool(METHODS[c.method].replica_of))
+            model = task.make_model().to(dtype)
         apply_gauge_(model, structure, c.s * z)
         members.append({n: p.detach() for n, p in model.named_parameters()})
     stack = {n: torch.stack([m[n] for m in members]).requires_grad_(True) for n in members[0]}
@@ -452,7 +537,7 @@ def train_group(
         with torch.no_grad():
             updates = dict(zip(rows.stack, grads, strict=True))
             _, rows.state = rows.step_fn.update(updates, rows.state, rows.stack)
-        if int(rows.active.sum()) <= COMPACT_FRACTION * len(rows.runs):
+        if max(int(rows.active.sum()), MIN_ROWS) <= COMPACT_FRACTION * len(rows.runs):
             rows = _compacted(group, rows, final)
     _set_rows(final, rows, torch.arange(len(rows.runs)))
     return _results(
@@ -485,6 +570,7 @@ def _started(tasks: Task | Sequence[Task], configs: list[RunConfig]) -> tuple[_G
     """The :class:`_Group` of ``configs`` (checked to be one group with a task each) and its
     initial stack ``[R, ...]``: each run's initialisation, balanced or moved where its method
     starts so."""
+    check_runs(configs)
     groups = {c.group() for c in configs}
     if len(groups) != 1:
         raise ValueError(f"train_group needs one group, got {sorted(groups)}")
@@ -570,12 +656,15 @@ def _judge(rows: _Rows, loss: Tensor, step: int, diverged_at: list[int | None]) 
 
 
 def _compacted(group: _Group, rows: _Rows, final: _Final) -> _Rows:
-    """``rows`` without its runs no longer active: those written to ``final``, and every per-run
-    object of the others cut to them (the step's state by :func:`_state_rows`), the step and
-    the batch loss rebuilt for them (per-layer-lr's multipliers, in the state, stay those of the
-    initial parameters; the step counts carry on)."""
-    keep = torch.nonzero(rows.active).reshape(-1)
-    _set_rows(final, rows, torch.nonzero(~rows.active).reshape(-1))
+    """``rows`` without its runs no longer active, but for the first of them where fewer than
+    :data:`MIN_ROWS` are: the others written to ``final``, and every per-run object of the
+    rows kept cut to them (the step's state by :func:`_state_rows`), the step and the batch
+    loss rebuilt for them (per-layer-lr's multipliers, in the state, stay those of the initial
+    parameters; the step counts carry on)."""
+    kept = rows.active.clone()
+    kept[torch.nonzero(~kept).reshape(-1)[: max(MIN_ROWS - int(kept.sum()), 0)]] = True
+    keep = torch.nonzero(kept).reshape(-1)
+    _set_rows(final, rows, torch.nonzero(~kept).reshape(-1))
     stack = {n: p.detach()[keep].requires_grad_(True) for n, p in rows.stack.items()}
     state = _state_rows(rows.state, keep)
     lr, active, initial, peak = (t[keep] for t in (rows.lr, rows.active, rows.initial, rows.peak))

@@ -25,7 +25,13 @@ from itertools import product
 from typing import TYPE_CHECKING
 
 from gaugefix.experiments.cells import Regime, Runs
-from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS, RunConfig, task_version
+from gaugefix.experiments.engine import (
+    MECHANISM_METHODS,
+    METHODS,
+    RunConfig,
+    method_problem,
+    task_version,
+)
 from gaugefix.experiments.stability import (
     BISECTION_BRACKET,
     TUNING_SEEDS,
@@ -147,13 +153,21 @@ class Block:
 
 def _block_problem(block: Block) -> str | None:
     """What makes ``block`` inconsistent (``None``: nothing): no run in some cell (no method,
-    seed, step, initial imbalance or rate, or a floor above the window), or a run twice (a
-    strength or initial imbalance repeated)."""
+    seed, step, initial imbalance or rate, or a floor above the window), a run twice (a
+    strength or initial imbalance repeated), or a run the engine cannot train as named
+    (:func:`~gaugefix.experiments.engine.method_problem`, an initial imbalance not finite)."""
     lrs = lr_grid(*block.lr_range, block.lr_stride)
     unknown = [m for m in block.methods if m not in METHODS]
     repeated = [m for m, st in block.methods.items() if not st or len(set(st)) < len(st)]
     if not block.methods or unknown or repeated:
         return f"methods {unknown or repeated or 'none'}: each a method with distinct strengths"
+    runs = (
+        method_problem(m, block.optimizer, st) for m, sts in block.methods.items() for st in sts
+    )
+    if problem := next((p for p in runs if p), None):
+        return problem
+    if not all(math.isfinite(s) for s in block.s):
+        return f"the initial imbalance s must be finite, got {block.s}"
     if block.seeds < 1 or block.steps < 1 or block.batch_size < 0:
         return "seeds and steps must be at least 1, the batch size at least 0 (0: full batch)"
     if not block.s or len(set(block.s)) < len(block.s):

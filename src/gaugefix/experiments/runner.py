@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from gaugefix.experiments.engine import RunConfig, task_hash
+from gaugefix.experiments.engine import RunConfig, check_runs, task_hash
 from gaugefix.experiments.plan import at_chosen_strengths, bisection_runs, cell_of, tuning_first
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Claimant, Store
@@ -170,7 +170,10 @@ def run_all(
     Each batch is claimed in the store just before it is trained (:meth:`Store.claim`), so
     processes sweeping one store share the work and each run is trained and written once: a
     batch another live process holds is skipped, and waited for at the end; one whose claimant
-    died (or stopped renewing its lease) is taken over."""
+    died (or stopped renewing its lease) is taken over. A run the engine cannot train
+    (:func:`~gaugefix.experiments.engine.run_problem`) or whose task hash is not its task's is
+    a ``ValueError`` before anything is trained or written."""
+    check_runs(configs)
     for c in configs:
         if c.task_hash != spec_of(c).hash():
             raise ValueError(

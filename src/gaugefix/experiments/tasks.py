@@ -317,13 +317,15 @@ def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
     for key, a in (("X", x), ("X_test", x_test)):
         if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
             raise TaskError(f"{key} must be a numeric 2-d array, got {a.dtype} of shape {a.shape}")
-        _check_finite(key, a)
+        _check_values(key, a)
     for xs, ys, key in ((x, y, "y"), (x_test, y_test, "y_test")):
         if len(ys) != len(xs):
             raise TaskError(f"{key} has {len(ys)} rows but its X has {len(xs)}")
         if not np.issubdtype(ys.dtype, np.number):
             raise TaskError(f"{key} must be numeric, got {ys.dtype}")
-        _check_finite(key, ys)
+        _check_values(key, ys)
+    if x.shape[1] == 0:
+        raise TaskError("X has no feature columns")
     if x_test.shape[1] != x.shape[1]:
         raise TaskError(f"X_test has {x_test.shape[1]} features but X has {x.shape[1]}")
     if len(x) < 2 or len(x_test) < 1:
@@ -358,11 +360,17 @@ def _check_targets(kind: str, y: np.ndarray, y_test: np.ndarray) -> None:
             raise TaskError(f"classification labels {key} must be a 1-d array of integers >= 0")
         if kind == "regression" and ys.ndim not in (1, 2):
             raise TaskError(f"regression targets {key} must be 1-d or 2-d, got shape {ys.shape}")
+    if kind == "regression" and y.shape[1:] == (0,):
+        raise TaskError("regression targets y have no columns")
     if kind == "regression" and (y.shape[1:] or (1,)) != (y_test.shape[1:] or (1,)):
         raise TaskError(f"y_test has shape {y_test.shape} but y has {y.shape}: other widths")
 
 
-def _check_finite(key: str, a: np.ndarray) -> None:
+def _check_values(key: str, a: np.ndarray) -> None:
+    """A :class:`TaskError` unless ``a`` holds real numbers, finite also in float32 (the dtype
+    features and regression targets are trained in)."""
+    if np.iscomplexobj(a):
+        raise TaskError(f"{key} must be real numbers, got {a.dtype}")
     nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
     if nan or inf:
         counts = [
@@ -371,3 +379,9 @@ def _check_finite(key: str, a: np.ndarray) -> None:
             if n
         ]
         raise TaskError(f"{key} must be finite, but it holds {' and '.join(counts)}")
+    beyond = int((np.abs(a) > np.finfo(np.float32).max).sum())
+    if beyond:
+        raise TaskError(
+            f"{key} holds {beyond} value{'s' * (beyond != 1)} beyond float32's range "
+            f"(|v| > {np.finfo(np.float32).max:.4g}), the dtype it is trained in"
+        )
