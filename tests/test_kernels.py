@@ -24,7 +24,8 @@ from architectures import (
     reference_sides,
 )
 from gaugefix import kernels
-from gaugefix.soft import add_orbit_selection_grad_, add_selection_grads_
+from gaugefix.kernels import add_selection_grads_
+from gaugefix.soft import add_orbit_selection_grad_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

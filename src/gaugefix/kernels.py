@@ -68,7 +68,7 @@ __all__ = [
     "rescale_",
     "by_row_blocks",
     "mul_by_rows_",
-    "addcmul_terms_",
+    "add_selection_grads_",
     "all_term_values",
     "group_pieces",
     "finite_flag",
@@ -595,19 +595,21 @@ def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
 
 
 @torch.no_grad()
-def addcmul_terms_(
+def add_selection_grads_(
     grads: Mapping[str, Tensor],
     params: Mapping[str, Tensor],
     structure: GaugeStructure,
-    cx: Tensor,
+    mu: Tensor,
     batch_dims: int = 0,
 ) -> None:
-    """``grads[name] += (sum_t sign_t cx[..., slots_t]) * params[name]`` in place for every
-    parameter of the groups of ``structure`` (``cx``: ``[*batch, N + 1]``, dummy slot 0), the
-    coefficients in the widest dtype of each group's parameters. In the GPU layout the
-    coefficients of every group come from one gather (:func:`all_term_values`), and each
-    group's dense ones take one ``torch._foreach_addcmul_``; on the CPU parameter by parameter,
-    block by block of rows (:func:`by_row_blocks`)."""
+    """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
+    ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, a
+    strength included): the gradient of ``P``, the coefficients in the widest dtype of each
+    group's parameters. In the GPU layout the coefficients of every group come from one gather
+    (:func:`all_term_values`), and each group's dense ones take one
+    ``torch._foreach_addcmul_``; on the CPU parameter by parameter, block by block of rows
+    (:func:`by_row_blocks`)."""
+    cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
     plan = kernel_plan(structure, cx.device)
     gpu = gpu_layout(cx.device)
     values = all_term_values(cx, plan) if gpu else None

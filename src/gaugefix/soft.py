@@ -28,7 +28,7 @@ from gaugefix.balancing import log_ratio
 from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
-    addcmul_terms_,
+    add_selection_grads_,
     generator_sums,
     kernel_plan,
     row_norms,
@@ -158,22 +158,6 @@ def add_orbit_selection_grad_(
             p.grad = torch.zeros_like(p)
     add_selection_grads_({name: p.grad for name, p in params.items()}, params, structure, mu)
     return True
-
-
-@torch.no_grad()
-def add_selection_grads_(
-    grads: Mapping[str, Tensor],
-    params: Mapping[str, Tensor],
-    structure: GaugeStructure,
-    mu: Tensor,
-    batch_dims: int = 0,
-) -> None:
-    """``grads[name] += (sum_n w_n(e) mu_n) * theta_e`` in place for every entry of the bound
-    ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, the
-    strength included): the gradient of ``P`` added, per group of equally shaped parameters
-    (:func:`gaugefix.kernels.addcmul_terms_`), the coefficients in the group's widest dtype."""
-    mu = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
-    addcmul_terms_(grads, params, structure, mu, batch_dims)
 
 
 class _OrbitSelection(torch.autograd.Function):

@@ -38,9 +38,9 @@ from torch import Tensor
 
 from gaugefix.action import GRAD_LIKE, SQUARED
 from gaugefix.errors import check_number
-from gaugefix.kernels import Targets, generator_sums, rescale_
+from gaugefix.kernels import Targets, add_selection_grads_, generator_sums, rescale_
 from gaugefix.moment import accumulation_dtype
-from gaugefix.soft import add_selection_grads_, check_entries, orbit_step
+from gaugefix.soft import check_entries, orbit_step
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
