@@ -46,8 +46,9 @@ __all__ = [
 # gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
 GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
-# Entries that count steps, left as they are: a 0-dim one is shaped like a 0-dim parameter.
-COUNTS = ("step",)
+# Scalars no gauge changes, left as they are (a 0-dim one is shaped like a 0-dim parameter): the
+# step count, and NAdam's product of its momentum coefficients.
+COUNTS = ("step", "mu_product")
 # The dtypes of a gauge ``h`` (float8 has no norm to check it with).
 H_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How close (relative) to its dtype's largest number a moved entry, or a product of the factors
@@ -66,15 +67,9 @@ def finite_on_device(tensors: list[Tensor]) -> Tensor:
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host read (two when a norm
-    overflowed: then each tensor is checked entry by entry)."""
-    if not tensors:
-        return True
-    if bool(finite_on_device(tensors)):
-        return True
-    if sharded(tensors):
-        return False
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """Whether every entry of every tensor is finite (:func:`finite_on_device`), with one host
+    read."""
+    return not tensors or bool(finite_on_device(tensors))
 
 
 def check_finite_params(params: dict[str, Tensor]) -> None:

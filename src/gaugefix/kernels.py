@@ -630,14 +630,14 @@ def add_selection_grads_(
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor on the tensors' device: whether the 2-norm of every tensor is finite,
-    which it is when every entry is, barring an overflow of the norm (entries beyond about
-    ``1e19`` in float32), which counts as not finite. Four operations whatever the number of
-    tensors, and no host read."""
+    """A 0-dim bool tensor on the tensors' device: whether every entry of every tensor is
+    finite, from the largest ``|entry|`` of each (the max norm: a 2-norm overflows for finite
+    entries above about ``1e154`` in float64 and ``1e19`` in float32; NaN propagates). Four
+    operations whatever the number of tensors, and no host read."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()
 
 
 def row_norms(x: Tensor) -> Tensor:

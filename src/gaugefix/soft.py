@@ -138,15 +138,16 @@ def add_orbit_selection_grad_(
     bound ``params``, fused: ``mu`` and the finiteness of the parameters come from one pass of
     squared sums, and the gradients of each group of equally shaped parameters take one
     ``torch._foreach_addcmul_``. Returns ``False``, adding nothing, when ``grads_ok`` (a 0-dim
-    bool tensor: the gradients are finite) is false or a parameter has a NaN or infinite entry;
-    the decision is the one host read."""
+    bool tensor: the gradients are finite) is false or the squared sums are not finite: a
+    parameter has a NaN or infinite entry, or finite entries whose squares overflow the
+    accumulation dtype (as the exact orbit step, :func:`relax_unchecked_`; ``mu`` would be
+    ``inf - inf``); the decision is the one host read."""
     if not params:
         return bool(grads_ok)
     dtype = accumulation_dtype(params)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     s_in, s_out, norm_sq = generator_sums(tensors, local, dtype)
-    flags = torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()
-    if not flags[0] or not flags[1] and not all_finite(list(params.values())):
+    if not all(torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()):
         return False
     mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
