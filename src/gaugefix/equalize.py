@@ -62,6 +62,7 @@ __all__ = [
     "OBJECTIVES",
     "LBFGS_HISTORY",
     "RANGE_P",
+    "RESIDUAL_ROUNDING",
     "FROZEN_REASON",
     "Objective",
     "EqualizeResult",
@@ -94,6 +95,9 @@ __all__ = [
 OBJECTIVES = ("range", "activation", "norm")
 LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
 RANGE_P = 4  # the p-balance that picks range's point where max-balances are not unique
+# The rounding of a max-balance residual, relative to the largest magnitude it is summed from: a
+# step lowering it by less is not progress.
+RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
 FROZEN_REASON = "touching a parameter with requires_grad=False"
 CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)  # [out, in, *kernel]
 
@@ -252,13 +256,16 @@ class Step(NamedTuple):
     """The state of a max-balance at ``h``: every live generator's closed-form balance
     ``delta_n = (1 - alpha_n) log R_out,n - alpha_n log R_in,n`` (0 on the others), the residual
     ``max |delta_n|``, which generators are live (both sides non-empty: the same at every
-    ``h``), ``alpha`` per generator and the :class:`Sides`."""
+    ``h``), ``alpha`` per generator, the :class:`Sides`, and ``rounding``: a bound on the
+    rounding of the residual, :data:`RESIDUAL_ROUNDING` times the largest magnitude its terms
+    are summed from (``1 + max |log R| + k max |h|``, ``k`` the most terms of a source)."""
 
     delta: Tensor
     residual: float
     live: Tensor
     alpha: Tensor
     sides: Sides
+    rounding: float
 
 
 def balance_step(sources: list[RangeSource], h: Tensor, alpha: float | Tensor) -> Step:
@@ -267,7 +274,17 @@ def balance_step(sources: list[RangeSource], h: Tensor, alpha: float | Tensor) -
     a = torch.as_tensor(alpha, dtype=torch.float64, device=h.device).expand(h.shape)
     live = torch.isfinite(sides.log_in) & torch.isfinite(sides.log_out)
     delta = torch.where(live, (1 - a) * sides.log_out - a * sides.log_in, 0.0)
-    return Step(delta, float(delta.abs().max()) if h.numel() else 0.0, live, a, sides)
+    if not h.numel():
+        return Step(delta, 0.0, live, a, sides, 0.0)
+    logs = torch.where(live, torch.maximum(sides.log_in.abs(), sides.log_out.abs()), 0.0)
+    terms = max([1, *(len(s.exponent) for s in sources)])
+    residual, size, shift = torch.stack([delta.abs().max(), logs.max(), h.abs().max()]).tolist()
+    return Step(delta, residual, live, a, sides, RESIDUAL_ROUNDING * (1 + size + terms * shift))
+
+
+def _lowers(trial: Step, at: Step) -> bool:
+    """Whether ``trial``'s residual is below ``at``'s by more than either's rounding."""
+    return trial.residual < at.residual - max(at.rounding, trial.rounding)
 
 
 def newton_step(at: Step) -> Tensor | None:
@@ -327,9 +344,11 @@ def solve_max_balance(
     Each iteration tries :func:`newton_step` (the balances linearised at the entries attaining
     the maxima), then the parallel closed-form step ``h + delta`` (every generator to its own
     balance: exact when its counted entries carry no other generator), and takes the first
-    that lowers the residual ``max |delta_n|``; when neither does (generators sharing entries
-    overshoot together), ``delta`` divided by :func:`damping`. Stops when the residual is at
-    most ``tol``."""
+    that lowers the residual ``max |delta_n|`` by more than its rounding (``Step.rounding``: a
+    step that only flips the sign of a shared ``delta``, as the gate and up generators of one
+    gated unit do, must not be taken for progress); when neither does (generators sharing
+    entries overshoot together), ``delta`` divided by :func:`damping`. Stops when the residual
+    is at most ``tol``."""
     h = start
     at = balance_step(sources, h, alpha)
     first, iterations, divisor = at.residual, 0, 0
@@ -337,7 +356,7 @@ def solve_max_balance(
         iterations += 1
         for step in (newton_step(at), at.delta):
             trial = None if step is None else balance_step(sources, h + step, alpha)
-            if trial is not None and trial.residual < at.residual:
+            if trial is not None and _lowers(trial, at):
                 h, at = h + step, trial
                 break
         else:

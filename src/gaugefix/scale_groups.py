@@ -16,6 +16,10 @@ read against its type (``x @ linear.weight``) leaves its groups out. Query-key a
 parameter not named ``weight`` or ``bias`` (fused experts, ``MultiheadAttention``'s
 ``in_proj_weight``, a layer scale ``gamma``), one of the model's root, or a depthwise
 convolution's input channels (its kernel's dim 0): a tool could not apply them by module name.
+Nor are generators a parameter of their smooth layer does not scale (a depthwise convolution
+on a residual stream: its kernel carries the channel's factor and its inverse), nor those of
+one group that divide one input channel together (``head(a * b)`` with
+``a``, ``b`` two channels of one layer): a tool gives a channel one scale, not a product.
 """
 
 from __future__ import annotations
@@ -64,7 +68,15 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
                 columns.setdefault(modules[module], []).append(slots)
             else:
                 other[slots] = True
+    for name in structure.param_order:  # a tool divides every weight and bias of a smooth layer
+        if name not in structure.params and module_of(name) in row and _tool_scaled(name):
+            other |= smooth[row[module_of(name)]]
     return modules, smooth[:, :n], balance[:, :n], other[:n], columns
+
+
+def _tool_scaled(name: str) -> bool:
+    """Whether a tool scales parameter ``name`` with its module's output channels."""
+    return name.rpartition(".")[2] in ("weight", "bias")
 
 
 def _scalable(
@@ -105,7 +117,9 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
     first = torch.full((int(group_of.max()) + 1,), n).scatter_reduce(0, group_of, chosen, "amin")
     groups = []
     for g in torch.argsort(first).tolist():
-        members = chosen[group_of == g]
+        members = _one_per_channel(chosen[group_of == g], balance, columns, modules, n)
+        if not members.numel():
+            continue
         position = torch.full((n + 1,), -1, dtype=torch.long)
         position[members] = torch.arange(len(members))
         smooth_names = [modules[i] for i in torch.nonzero(smooth[:, members[0]]).reshape(-1)]
@@ -123,6 +137,23 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
             }
         )
     return groups
+
+
+def _one_per_channel(
+    members: Tensor, balance: Tensor, columns: dict, modules: list[str], n: int
+) -> Tensor:
+    """``members`` less the generators that divide an input channel of a balance module
+    together with another member (a product of two of the group's channels read as one, as
+    ``a * b`` of one layer's halves is): a tool gives each channel one scale, so their group
+    would scale it by one factor where the structure multiplies two."""
+    named = torch.zeros(n + 1, dtype=torch.bool)
+    named[members] = True
+    shared = torch.zeros(n + 1, dtype=torch.bool)
+    for i in torch.nonzero(balance[:, members[0]]).reshape(-1).tolist():
+        maps = torch.stack(columns[modules[i]])  # [terms, channels]
+        together = named[maps].sum(0) >= 2
+        shared[maps[:, together]] = True
+    return members[~shared[members]]
 
 
 def _produced_by(structure: GaugeStructure, module: str) -> Tensor:

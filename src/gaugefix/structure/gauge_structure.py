@@ -815,9 +815,15 @@ def _mark_sides_and_squares(
     terms: list[tuple[Tensor, int]], has_in: Tensor, has_out: Tensor, reason: Tensor, square: int
 ) -> None:
     """Record which components a parameter's terms multiply (``has_in``) and divide
-    (``has_out``), and block (reason ``square``) those two terms of one sign name at one entry."""
+    (``has_out``) at some entry, where a term of the other sign does not cancel them (an entry
+    carrying a component once with each sign does not move), and block (reason ``square``)
+    those two terms of one sign name at one entry."""
     for i, (c, s) in enumerate(terms):
-        (has_in if s > 0 else has_out)[c[c >= 0]] = True
+        moved = c >= 0
+        for c2, s2 in terms:
+            if s2 != s:
+                moved = moved & (c != c2)
+        (has_in if s > 0 else has_out)[c.expand(moved.shape)[moved]] = True
         for c2, s2 in terms[i + 1 :]:
             if s2 == s:
                 squared = _collisions(c, c2)
