@@ -654,7 +654,10 @@ def step(draw, kind: str, shape: tuple[int, ...]) -> tuple[Op, str]:
 
 @st.composite
 def programs(draw) -> tuple[nn.Module, Callable[[int], Tensor], str]:
-    """A model, a maker of its inputs (by seed: 0 is the example input), and its description."""
+    """A model, a maker of its inputs (by seed: 0 is the example input), and its description.
+    The initial weights come from torch's global generator, seeded from the draw (hypothesis
+    seeds only Python's ``random``): an example replays and shrinks."""
+    torch.manual_seed(draw(st.integers(0, 2**32 - 1)))
     kind = draw(st.sampled_from(["vec", "seq", "sig", "img", "ids"]))
     integer, c = kind == "ids", draw(widths)
     steps: list[Op] = []
