@@ -746,3 +746,17 @@ def reference_sq_norms(s: gaugefix.GaugeStructure, tensors: dict[str, Tensor]) -
     """``S_n = sum_in theta^2 + sum_out theta^2`` (the scale of mu_n)."""
     s_in, s_out = reference_sides(s, tensors)
     return s_in + s_out
+
+
+def term_counts(s: gaugefix.GaugeStructure) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per parameter, how many terms of sign +1 and -1 name generator ``n`` at entry ``e``: two
+    float64 tensors ``[N, *shape]`` (their difference is ``w_n(e)``)."""
+    n = s.num_generators
+    out = {}
+    for p in s.params.values():
+        counts = torch.zeros(2, n + 1, *p.shape, dtype=DTYPE)
+        for t in p.terms:
+            index = torch.where(t.index < 0, n, t.index).expand(p.shape).unsqueeze(0)
+            counts[int(t.sign < 0)].scatter_add_(0, index, torch.ones(index.shape, dtype=DTYPE))
+        out[p.name] = (counts[0, :n], counts[1, :n])
+    return out

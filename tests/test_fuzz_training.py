@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 import gaugefix
 import gaugefix.train.hook as hook_module
+from architectures import term_counts
 from gaugefix import GaugeFixing, zoo
 from test_fuzz_architectures import DTYPE, FRESH_INPUTS, TOL, outputs, programs, rel_change
 
@@ -228,20 +229,6 @@ def copied(case: Case, model: nn.Module, opt: torch.optim.Optimizer, sched: Any 
 
 
 # -- the reference, read off the structure's terms ------------------------------------------------
-def term_counts(s: gaugefix.GaugeStructure) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per parameter, how many terms of sign +1 and -1 name generator ``n`` at entry ``e``: two
-    float64 tensors ``[N, *shape]`` (their difference is ``w_n(e)``)."""
-    n = s.num_generators
-    out = {}
-    for p in s.params.values():
-        counts = torch.zeros(2, n + 1, *p.shape, dtype=DTYPE)
-        for t in p.terms:
-            index = torch.where(t.index < 0, n, t.index).expand(p.shape).unsqueeze(0)
-            counts[int(t.sign < 0)].scatter_add_(0, index, torch.ones(index.shape, dtype=DTYPE))
-        out[p.name] = (counts[0, :n], counts[1, :n])
-    return out
-
-
 def factor(counts: tuple[Tensor, Tensor], h: Tensor, power: int) -> Tensor:
     """``exp(power * sum_n w_n(e) h_n)`` for every entry."""
     plus, minus = counts

@@ -3,7 +3,7 @@
 The models are drawn by the grammar of ``tests/test_fuzz_architectures.py`` (small float64
 models of many ops). For each one ``discover`` accepts with at least one generator, every use of
 the structure is checked exactly, against a reference read off the structure's terms alone (the
-dense signed weights ``w_n(e)``, :func:`term_maps`):
+dense signed weights ``w_n(e)``, :func:`term_counts`):
 
 1. ``equalize_`` with ``"norm"``, ``"range"`` and ``"activation"`` keeps the outputs on the
    example input and fresh ones; its objective after is at most its objective before (or the
@@ -39,6 +39,7 @@ from hypothesis.control import currently_in_test_context
 from torch import Tensor, nn
 
 import gaugefix
+from architectures import term_counts
 from gaugefix.balancing import RESOLUTION
 from test_fuzz_architectures import DTYPE, FRESH_INPUTS, TOL, outputs, programs, rel_change
 
@@ -65,20 +66,6 @@ Program = tuple[nn.Module, Callable[[int], Tensor], str]
 
 
 # -- the reference, read off the structure's terms ------------------------------------------------
-def term_maps(s: gaugefix.GaugeStructure) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per parameter, how many terms of sign +1 and -1 name generator ``n`` at entry ``e``:
-    two float64 tensors ``[N, *shape]`` (their difference is ``w_n(e)``)."""
-    n = s.num_generators
-    out = {}
-    for p in s.params.values():
-        counts = torch.zeros(2, n + 1, *p.shape, dtype=DTYPE)
-        for t in p.terms:
-            index = torch.where(t.index < 0, n, t.index).expand(p.shape).unsqueeze(0)
-            counts[int(t.sign < 0)].scatter_add_(0, index, torch.ones(index.shape, dtype=DTYPE))
-        out[p.name] = (counts[0, :n], counts[1, :n])
-    return out
-
-
 def acted(theta: Tensor, maps: tuple[Tensor, Tensor], h: Tensor) -> Tensor:
     """``theta_e exp(sum_n w_n(e) h_n)``."""
     plus, minus = maps
@@ -201,7 +188,7 @@ def check_range(model: nn.Module, s: gaugefix.GaugeStructure, maps: dict) -> Non
 
 def check_equalize(model: nn.Module, s: gaugefix.GaugeStructure, inputs: list[Tensor]) -> None:
     """Every named objective keeps the function and does not increase its objective."""
-    before, state, maps = outputs(model, inputs), snapshot(model), term_maps(s)
+    before, state, maps = outputs(model, inputs), snapshot(model), term_counts(s)
     for objective in gaugefix.equalize.OBJECTIVES:
         model.load_state_dict(state)
         if objective == "range":
@@ -247,7 +234,7 @@ def mu_rel_max(params: dict[str, Tensor], maps: dict, live: Tensor) -> float:
 def check_coordinates(model: nn.Module, s: gaugefix.GaugeStructure, inputs: list[Tensor]) -> None:
     """The round trip, ``mu = 0`` at the balanced point, its function, its gauge invariance,
     and the dead generators refused or listed."""
-    before, state, maps = outputs(model, inputs), snapshot(model), term_maps(s)
+    before, state, maps = outputs(model, inputs), snapshot(model), term_counts(s)
     dead = dead_of(s.bind(model), maps)
     if dead.numel():
         with pytest.raises(ValueError, match="dead generator"):
@@ -316,7 +303,7 @@ def scale_by_names(model: nn.Module, group: dict, scales: Tensor) -> None:
 def check_scale_groups(model: nn.Module, s: gaugefix.GaugeStructure, inputs: list[Tensor]) -> None:
     """Random positive scales applied to every exported group by module names are the
     structure's action with ``h = -log s`` and keep the outputs."""
-    before, state, maps = outputs(model, inputs), snapshot(model), term_maps(s)
+    before, state, maps = outputs(model, inputs), snapshot(model), term_counts(s)
     groups = s.scale_groups()
     note(f"scale groups: {groups}")
     h = torch.zeros(s.num_generators, dtype=DTYPE)
@@ -346,7 +333,7 @@ def test_scale_groups_applied_by_module_names_are_the_action(data: st.DataObject
 def check_balance(model: nn.Module, s: gaugefix.GaugeStructure, inputs: list[Tensor]) -> None:
     """``balance_`` reaches ``mu ~ 0`` and ``imbalance_stats`` says so; ``apply_gauge_`` is the
     reference action and ``apply_gauge_(-h)`` undoes it (and ``balance_``)."""
-    before, state, maps = outputs(model, inputs), snapshot(model), term_maps(s)
+    before, state, maps = outputs(model, inputs), snapshot(model), term_counts(s)
     original = {k: v.clone() for k, v in s.bind(state).items()}
     result = gaugefix.balance_(model, s)
     note(f"balance_: {result}")
@@ -391,7 +378,7 @@ def check_save_load(model: nn.Module, s: gaugefix.GaugeStructure) -> None:
         loaded = gaugefix.GaugeStructure.load(path)
     assert loaded.num_generators == s.num_generators
     assert loaded.generator_kinds == s.generator_kinds
-    mine, theirs = term_maps(s), term_maps(loaded)
+    mine, theirs = term_counts(s), term_counts(loaded)
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(a, b) for k in mine for a, b in zip(mine[k], theirs[k], strict=True))
     assert loaded.scale_groups() == s.scale_groups()
@@ -422,7 +409,7 @@ def test_saved_structure_acts_identically(data: st.DataObject) -> None:
 def one_sided(s: gaugefix.GaugeStructure) -> bool:
     """Whether a generator has no term of sign +1, or none of sign -1."""
     sided = torch.zeros(2, s.num_generators, dtype=torch.bool)
-    for plus, minus in term_maps(s).values():
+    for plus, minus in term_counts(s).values():
         for k, count in enumerate((plus, minus)):
             sided[k] |= count.reshape(s.num_generators, -1).gt(0).any(1)
     return not bool(sided.all())
