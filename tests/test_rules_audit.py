@@ -6,6 +6,8 @@ keeps every float64 output to 1e-10."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,3 +306,71 @@ def test_a_test_against_another_threshold_blocks(f):
     s, change = change_under_gauge(SignGated(f), torch.randn(5, 4, dtype=DTYPE))
     assert s.num_generators == 0, s.summary()
     assert change <= TOL, s.summary()
+
+
+# --- selections by a constant index: the labels go where the entries go ------------------------
+PERM = [2, 0, 1, 5, 4, 3, 3]  # a permutation of 6 channels with channel 3 read twice
+
+
+def _index(h: Tensor) -> Tensor:
+    return torch.tensor(PERM, device=h.device)
+
+
+SELECTIONS = {
+    "index_select": lambda h, x: torch.index_select(h, 1, _index(h)),
+    "Tensor.index_select": lambda h, x: h.index_select(-1, _index(h)),
+    "gather": lambda h, x: torch.gather(h, 1, _index(h).expand(h.shape[0], -1)),
+    "take_along_dim": lambda h, x: torch.take_along_dim(h, _index(h)[None, :], dim=1),
+}
+
+
+def _by_data(x: Tensor) -> Tensor:
+    """Six channel indices that depend on the input ``[B, 4]``: its first row ranked."""
+    return torch.cat([x[0].argsort(), x[0].argsort()[:2] % 2 + 4])
+
+
+DATA_SELECTIONS = {  # the index depends on the data: the channels picked must share one factor
+    "index_select": lambda h, x: torch.index_select(h, 1, _by_data(x)),
+    "gather": lambda h, x: torch.gather(h, 1, _by_data(x).expand(h.shape[0], -1)),
+    "take_along_dim": lambda h, x: torch.take_along_dim(h, _by_data(x)[None, :], dim=1),
+}
+
+
+class Selected(nn.Module):
+    """``l3(f(relu(l1(x))))``: the 6 hidden neurons, then ``f`` selects channels."""
+
+    def __init__(self, f, width: int) -> None:
+        super().__init__()
+        self.f = f
+        self.l1, self.l3 = nn.Linear(4, 6), nn.Linear(width, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l3(self.f(F.relu(self.l1(x)), x))
+
+
+@pytest.mark.parametrize("f", list(SELECTIONS.values()), ids=list(SELECTIONS))
+def test_a_selection_by_a_constant_index_keeps_the_hidden_generators(f):
+    """Channels picked (one twice) by a constant index carry their neurons' factors: 6
+    generators, exactly."""
+    torch.manual_seed(0)
+    s, change = change_under_gauge(Selected(f, len(PERM)), torch.randn(5, 4, dtype=DTYPE))
+    assert s.num_generators == 6, s.summary()
+    assert change <= TOL, s.summary()
+
+
+@pytest.mark.parametrize("f", list(DATA_SELECTIONS.values()), ids=list(DATA_SELECTIONS))
+def test_a_selection_by_the_data_is_exact(f):
+    """An index computed from the input picks other channels for other inputs: the channels it
+    picks from share one factor (at most one generator), exactly, also on inputs that order them
+    otherwise."""
+    torch.manual_seed(0)
+    model = Selected(f, 6)
+    s, change = change_under_gauge(model, torch.randn(5, 4, dtype=DTYPE))
+    assert s.num_generators <= 1, s.summary()
+    assert change <= TOL, s.summary()
+    original = copy.deepcopy(model)
+    gaugefix.random_gauge_(model, s, 2.0, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(5, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+            assert rel_change(original(x), model(x)) <= TOL, s.summary()

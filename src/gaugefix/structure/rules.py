@@ -393,7 +393,7 @@ for _name in (
     "swapaxes", "swapdims", "t", "squeeze", "unsqueeze", "__getitem__", "narrow", "select",
     "expand", "expand_as", "repeat", "chunk", "split", "tensor_split", "unbind", "movedim",
     "moveaxis", "flip", "roll", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
-    "ravel", "tile", "repeat_interleave",
+    "ravel", "tile", "repeat_interleave", "index_select", "gather", "take_along_dim",
 ):  # fmt: skip
     register_all(funcs(_name, modules=(torch, torch.Tensor)), _on_labels)
 
