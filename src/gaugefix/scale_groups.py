@@ -33,6 +33,9 @@ from gaugefix.structure.gauge_structure import module_of
 
 __all__ = ["scale_groups"]
 
+# The parameters of a module a tool scales by the module's name (with its channels).
+SCALED_LEAVES = ("weight", "bias")
+
 if TYPE_CHECKING:
     from gaugefix.structure import GaugeStructure
 
@@ -76,7 +79,7 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
 
 def _tool_scaled(name: str) -> bool:
     """Whether a tool scales parameter ``name`` with its module's output channels."""
-    return name.rpartition(".")[2] in ("weight", "bias")
+    return name.rpartition(".")[2] in SCALED_LEAVES
 
 
 def _scalable(
@@ -88,7 +91,7 @@ def _scalable(
     module stores it ``[in, out]`` (``in_out``); the term spans that whole dim and no other."""
     module, _, leaf = name.rpartition(".")
     vector = len(shape) == 1  # a gain or a bias: output channels only
-    if not module or not shape or leaf not in ("weight", "bias") or (vector and not out):
+    if not module or not shape or leaf not in SCALED_LEAVES or (vector and not out):
         return False
     if leaf == "bias" and not vector:
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -39,26 +40,30 @@ _attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, GaugeFixing] = (
 )
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose parameter names a structure refers to: ``DistributedDataParallel``
+def _wrappers(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and each module it wraps, outermost first: ``DistributedDataParallel``
     (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are looked through."""
     while True:
+        yield model
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameter names a structure refers to: ``model`` with its
+    ``DistributedDataParallel`` and ``torch.compile`` wrappers looked through."""
+    *_, inner = _wrappers(model)
+    return inner
 
 
 def _replicated(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    """The ``DistributedDataParallel`` wrapper of ``model`` (itself, or inside
-    ``torch.compile`` wrappers), or ``None``."""
-    while not isinstance(model, nn.parallel.DistributedDataParallel):
-        model = getattr(model, "_orig_mod", None)
-        if not isinstance(model, nn.Module):
-            return None
-    return model
+    """The ``DistributedDataParallel`` wrapper among ``model``'s wrappers, or ``None``."""
+    ddp = nn.parallel.DistributedDataParallel
+    return next((m for m in _wrappers(model) if isinstance(m, ddp)), None)
 
 
 def check_mode_every(mode: Mode, every: int | None) -> int:
