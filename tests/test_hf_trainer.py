@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gaugefix
 
@@ -331,3 +332,48 @@ def test_warmup_from_zero_lr_still_balances_at_the_start(tmp_path):
     )
     assert callback.hook is None and callback.steps == 1
     assert gaugefix.imbalance_stats(model, callback.structure)["mu_rel_max"] < 1e-5
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host reads (``item``, ``int``, ``bool`` of a tensor) dispatched inside it."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_counts_are_read_from_the_device_only_when_a_checkpoint_may_follow(tmp_path):
+    """The hook counts its applied steps on the device; the callback reads them (one host read,
+    which drains a GPU's queue) at the steps where the trainer saves (every 4 of 8), not at
+    every step."""
+    trainer = trainer_for(gpt2(), tmp_path, save_strategy="steps", save_steps=4)
+    callback = GaugeFixingCallback(trainer, strength=1000.0, every=1, log_every=0)
+    trainer.add_callback(callback)
+    step_end, reading = callback.on_step_end, []
+
+    def counted(args, state, control, **kwargs):
+        with HostReads() as reads:
+            step_end(args, state, control, **kwargs)
+        if reads.count:
+            reading.append(state.global_step)
+
+    callback.on_step_end = counted
+    trainer.train()
+    assert reading == [4, 8]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_resumed_from_an_epoch_checkpoint_continues_bit_identically(tmp_path):
+    """``save_strategy="epoch"`` (8 steps an epoch): the trainer decides to save at the
+    epoch's end, after the last step's events; the checkpoint still holds the gauge state, so
+    the resumed run neither discovers nor balances again."""
+    options = {"save_strategy": "epoch", "max_steps": 16}
+    a = gpt2()
+    train(a, tmp_path, callback_options={"every": 3}, **options)
+    b = gpt2()
+    train(b, tmp_path, resume=str(tmp_path / "checkpoint-8"), callback_options={"every": 3},
+          **options)  # fmt: skip
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -85,7 +85,8 @@ class GaugeFixingCallback(TrainerCallback):
     - Checkpoints: the gauge state (the structure, whether gauge fixing started, the hook's
       :meth:`~gaugefix.GaugeFixing.state_dict`: counts and the place in the interval between
       orbit steps) is stored in ``TrainerState.stateful_callbacks["gaugefix"]``, i.e. in every
-      checkpoint's ``trainer_state.json``. A run resumed from a checkpoint takes the structure
+      checkpoint's ``trainer_state.json``, when the trainer may save next (the counts are read
+      from the device then, not at every step). A run resumed from a checkpoint takes the structure
       from there (when none is given) and does not balance again; with the optimizer state the
       trainer restores, it continues as the uninterrupted run would.
     """
@@ -168,11 +169,7 @@ class GaugeFixingCallback(TrainerCallback):
     ) -> None:
         if self.structure is None:
             return
-        state.stateful_callbacks[STATE_KEY] = {
-            "structure": self._encoded_structure(),
-            "started": self.started,
-            "hook": self._hook_state(),
-        }
+        self._store_if_saving(state, control)
         if self.log_every is None:
             due = control.should_log
         else:
@@ -183,12 +180,16 @@ class GaugeFixingCallback(TrainerCallback):
     def on_epoch_end(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.structure is not None:
+            self._store_if_saving(state, control)
         if self.log_every is None and control.should_log:  # logging_strategy="epoch"
             self._log(state, control)
 
     def on_train_end(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.structure is not None:  # for a trainer.save_state() after training
+            self._store(state)
         self._detach()
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -243,6 +244,21 @@ class GaugeFixingCallback(TrainerCallback):
             self._carry = self.hook.state_dict()
             self.hook.remove()
             self.hook = None
+
+    def _store_if_saving(self, state: TrainerState, control: TrainerControl) -> None:
+        """:meth:`_store` when the trainer may save a checkpoint after this event (a save, or an
+        evaluation that may find a new best model): the counts are read from the device only
+        then, not at every step."""
+        if control.should_save or control.should_evaluate:
+            self._store(state)
+
+    def _store(self, state: TrainerState) -> None:
+        """The gauge state, where the trainer writes it into ``trainer_state.json``."""
+        state.stateful_callbacks[STATE_KEY] = {
+            "structure": self._encoded_structure(),
+            "started": self.started,
+            "hook": self._hook_state(),
+        }
 
     def _log(self, state: TrainerState, control: TrainerControl) -> None:
         """``trainer.log`` the statistics; the trainer's own decision to log this step (which
