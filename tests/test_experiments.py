@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import gaugefix.cli
+import gaugefix.experiments.engine as engine
 import gaugefix.experiments.runner as runner
 from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
@@ -94,6 +95,33 @@ def test_divergent_members_are_masked_without_stopping_others():
     assert bad.peak_loss_ratio > 1e3
     recorded = max(p.loss for p in ok.curves) / ok.initial_loss
     assert 1.0 <= recorded <= ok.peak_loss_ratio < 1e3
+
+
+@pytest.mark.parametrize("scale", [1e3, math.inf])
+def test_a_final_loss_past_the_divergence_factor_is_a_divergence_at_the_last_step(scale):
+    """The final loss on the whole training set is judged as each step's loss is: a run whose
+    final loss is beyond ``DIVERGENCE_FACTOR`` times its initial loss, or not finite, while its
+    every step's loss was within (a mini-batch can miss the examples that blow up), diverged at
+    the last step (it was stored diverged at no step, and counted as alive by drift), with
+    that loss in its peak ratio."""
+    task = load_task("teacher-student")
+    config = RunConfig("teacher-student", "plain", "gd", 0.1, 0.0, 0.0, 0, 0, 30, task_hash=TS)
+    group, stack = engine._started(task, [config])
+    initial = engine._full_loss(group.data, group.template)(stack)
+    blown = {name: p * scale if name.endswith("weight") else p for name, p in stack.items()}
+    ok = torch.ones(1, dtype=torch.bool)
+    (run,) = engine._results(
+        group.data, [config], group.template, blown, initial, ok, [None], torch.ones(1),
+        [[]], group.structure,
+    )  # fmt: skip
+    assert run.status == "diverged" and run.final_loss is None and run.diverged_at == 30
+    assert run.peak_loss_ratio > engine.DIVERGENCE_FACTOR
+    (kept,) = engine._results(
+        group.data, [config], group.template, stack, initial, ok, [None], torch.ones(1),
+        [[]], group.structure,
+    )  # fmt: skip
+    assert kept.diverged_at is None and kept.final_loss == pytest.approx(float(initial[0]))
+    assert kept.peak_loss_ratio == 1.0
 
 
 def test_each_seed_trains_on_its_own_task_instance():

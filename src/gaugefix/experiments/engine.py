@@ -419,7 +419,8 @@ class RunResult:
     """What a run gives: its :func:`run_status`, the losses it is judged by (initial, final,
     the constant predictor's), test metrics, final imbalance statistics, the step it diverged
     at, its largest training loss over its initial loss (``peak_loss_ratio``, over the steps
-    until it diverged; infinite where the loss became non-finite), for trained ``plain``
+    until it diverged and the final loss on the whole training set; infinite where the loss
+    became non-finite), for trained ``plain``
     networks the output change when balanced, and its curve."""
 
     config: RunConfig
@@ -1031,6 +1032,16 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _peak(peak: float, final: float, initial: float, active: bool) -> float:
+    """A run's peak ratio of loss to initial loss, the final loss on the whole training set
+    included for a run active until then (a ratio that is not a number counts as ``inf``, as
+    in :func:`_judge`)."""
+    if not active:
+        return peak
+    ratio = final / initial if initial else math.inf
+    return max(peak, math.inf if math.isnan(ratio) else ratio)
+
+
 @torch.no_grad()
 def _results(
     data: Instances,
@@ -1054,14 +1065,18 @@ def _results(
     constants = [t.constant_loss() for t in data.tasks]
     results = []
     for i, (c, k) in enumerate(zip(configs, data.of_run.tolist(), strict=True)):
-        ok, task, constant = bool(active[i]), data.tasks[k], constants[k]
+        task, constant = data.tasks[k], constants[k]
+        start = float(initial[i])
+        full = float(task.loss(out_train[i], data.y[k])) if active[i] else math.inf
+        # the final loss judged as each step's is (_judge)
+        ok = bool(active[i]) and math.isfinite(full) and full <= DIVERGENCE_FACTOR * start
         tested = ok and split
-        final = _finite(float(task.loss(out_train[i], data.y[k]))) if ok else None
+        final = full if ok else None
         results.append(
             RunResult(
                 config=c,
-                status=run_status(float(initial[i]), final, constant),
-                initial_loss=float(initial[i]),
+                status=run_status(start, final, constant),
+                initial_loss=start,
                 constant_loss=constant,
                 final_loss=final,
                 test_loss=float(task.loss(out_test[i], data.y_test[k])) if tested else None,
@@ -1069,8 +1084,8 @@ def _results(
                 test_accuracy=task.accuracy(out_test[i], task.y_test) if tested else None,
                 log_ratio_rms=_finite(float(log_ratio[i])) if ok else None,
                 mu_rel_max=_finite(float(rel[i])) if ok else None,
-                diverged_at=diverged_at[i],
-                peak_loss_ratio=float(peak[i]),
+                diverged_at=diverged_at[i] if ok or not active[i] else c.steps,
+                peak_loss_ratio=_peak(float(peak[i]), full, start, bool(active[i])),
                 balance_change=change.get(i),
                 curves=curves[i],
             )
