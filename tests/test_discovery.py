@@ -713,7 +713,7 @@ class MyReLU(nn.Module):
     """A user's ReLU, spelled with ops the registry does not pass through."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.maximum(x, torch.zeros_like(x))
+        return x * torch.heaviside(x, x.new_zeros(()))
 
 
 class Ghost(nn.Module):

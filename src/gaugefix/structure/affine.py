@@ -179,7 +179,8 @@ def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
 
     A parameter matrix produces and consumes like a linear layer (``x @ W`` with ``W [in,
     out]``, ``W @ x`` with ``W [out, in]``); a batch of parameter matrices (expert weights
-    gathered per token, ``W[expert_ids] @ x``) does so batch entry by batch entry. Between two
+    gathered per token, ``W[expert_ids] @ x``, ``x`` maybe broadcast over the top-k) does so
+    batch entry by batch entry (a parameter broadcast over ``x``'s batch blocks). Between two
     activations: when one is fixed, the other's labels pass, united along the contracted dim
     (the attention-weighted sum ``P @ v`` passes value dims: value-output generators); otherwise
     the contracted dim pairs opposite factors (``q @ k^T``: query-key generators) and the result
@@ -190,7 +191,8 @@ def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
     vec_a, vec_b = a.dim() == 1, b.dim() == 1
     if ctx.is_param(a) or ctx.is_param(b):
         w, x = (a, b) if ctx.is_param(a) else (b, a)
-        if w.dim() > 2 and w.shape[:-2] != x.shape[:-2]:
+        batch = w.shape[:-2]
+        if w.dim() > 2 and torch.broadcast_shapes(batch, x.shape[:-2]) != batch:
             return ctx.block_all((a, b), {}, ctx.reason("batched parameter broadcast in a product"))
         batch = string.ascii_uppercase[: max(a.dim() - 1 + vec_a, b.dim() - 1 + vec_b) - 1]
         spec_a = batch[len(batch) - a.dim() + 2 - vec_a :] + ("k" if vec_a else "mk")

@@ -17,6 +17,7 @@ for their own functions or module types with :func:`register_rule` (or per ``dis
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import Any
@@ -124,23 +125,40 @@ register_all(
     funcs(
         "relu", "relu_", "abs", "abs_", "absolute", "neg", "negative", "positive", "__abs__",
         "__neg__", "__pos__", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout",
-        "leaky_relu", "leaky_relu_", "prelu",
+        "leaky_relu", "leaky_relu_", "prelu", "rrelu", "rrelu_",
     ),
     elementwise,
 )  # fmt: skip
 
 
+def _alpha_dropout(
+    ctx: TraceContext, result: Any, input: Tensor, p: Any = 0.5, training: bool = False,
+    inplace: bool = False,
+) -> Any:  # fmt: skip
+    """Alpha dropout: the identity in evaluation (or with ``p = 0``); in training it adds a
+    constant to the dropped entries, which is not homogeneous."""
+    if training and p != 0:
+        return blocker(ctx, result, input, p)
+    return elementwise(ctx, result, input)
+
+
+register_all(funcs("alpha_dropout", "feature_alpha_dropout"), _alpha_dropout)
+
+
 def value_preserving(
     ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any
 ) -> Any:
-    """Copies and casts (``contiguous``, ``to``, ``float``, ``detach``...): the output carries
-    the input's labels; applied to a parameter, the output is the same parameter. A tensor
+    """Copies and casts (``contiguous``, ``to``, ``float``, ``type``, ``detach``...): the output
+    carries the input's labels; applied to a parameter, the output is the same parameter. A tensor
     among the other arguments gives only a dtype or device (``x.to(y)``, ``x.type_as(y)``),
     none of its values. A cast to an integer or boolean dtype truncates: applied to a parameter,
     it fixes it (an activation's labels are blocked when it is recorded)."""
     for t in tensor_args(rest, options):
         ctx.claim(t)
-    if ctx.is_param(input) and isinstance(result, Tensor) and result.shape == input.shape:
+    if not isinstance(result, Tensor):  # x.type(): the name of its type
+        ctx.claim(input)
+        return None
+    if ctx.is_param(input) and result.shape == input.shape:
         if result is input:  # the parameter itself, not written
             ctx.claim(input)
             return UNCHANGED
@@ -154,20 +172,77 @@ def value_preserving(
 register_all(
     funcs(
         "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "cpu",
-        "cuda", "type_as",
+        "cuda", "type_as", "type",
     ),
     value_preserving,
 )  # fmt: skip
 BUILTIN.add("Tensor.data", value_preserving)
 
 
+# --- extrema: maximum, minimum, clamps (ReLU written as max(h, 0)) ----------------------------
+_UNMOVED = (0, math.inf, -math.inf)  # the numbers a positive factor leaves as they are
+
+
+def _extremum(ctx: TraceContext, result: Any, input: Any, other: Any) -> Any:
+    """``maximum(x, y)`` (``minimum``, ``fmax``, ``fmin``, ``max(x, y)``): ``max(a x, a y) = a
+    max(x, y)`` for ``a > 0``, so both operands carry one factor, and so does the result;
+    against a constant exactly 0 (made in the forward from numbers and shapes, see
+    :meth:`TraceContext.zero_source`) the other operand's factors pass (``max(h, 0)`` is
+    ReLU). A parameter, a buffer, data or any other value fixes the other operand."""
+    if not (isinstance(input, Tensor) and isinstance(other, Tensor)):
+        return blocker(ctx, result, input, other)
+    for x, zero in ((input, other), (other, input)):
+        if ctx.zero_source(zero) is not None and not ctx.is_param(x):
+            return ctx.read_zero(zero, ctx.terms(x))
+    labels = ctx.labels(input).expand(result.shape)
+    ctx.union(labels, ctx.labels(other).expand(result.shape))
+    return labels
+
+
 def _clamp(ctx: TraceContext, result: Any, input: Tensor, min: Any = None, max: Any = None) -> Any:
-    if scalar(min) and min == 0 and max is None:  # clamp(min=0) is ReLU
-        return ctx.terms(input)
-    return blocker(ctx, result, input, min, max)
+    """``clamp(x, min, max) = minimum(maximum(x, min), max)``: each bound is None, a number a
+    positive factor leaves as it is (0, +-inf), a constant exactly 0, or a tensor carrying the
+    factors of ``x`` (then united with them)."""
+    if any(scalar(b) and b not in _UNMOVED for b in (min, max)) or ctx.is_param(input):
+        return blocker(ctx, result, input, min, max)
+    labels = ctx.terms(input)
+    for bound in (min, max):
+        if ctx.zero_source(bound) is not None:
+            ctx.read_zero(bound, labels)
+        elif isinstance(bound, Tensor):
+            labels = ctx.labels(input).expand(result.shape)
+            ctx.union(labels, ctx.labels(bound).expand(result.shape))
+    return labels
 
 
-register_all(funcs("clamp", "clamp_", "clip", "clamp_min", "clamp_min_"), _clamp)
+def _clamp_max(ctx: TraceContext, result: Any, input: Tensor, max: Any) -> Any:
+    return _clamp(ctx, result, input, None, max)
+
+
+def _hardtanh(
+    ctx: TraceContext, result: Any, input: Tensor, min_val: Any = -1.0, max_val: Any = 1.0,
+    inplace: bool = False,
+) -> Any:  # fmt: skip
+    """``hardtanh(x, min_val, max_val)`` is ``clamp``: homogeneous with bounds 0 and +-inf."""
+    return _clamp(ctx, result, input, min_val, max_val)
+
+
+def _threshold(
+    ctx: TraceContext, result: Any, input: Tensor, threshold: Any, value: Any,
+    inplace: bool = False,
+) -> Any:  # fmt: skip
+    """``threshold(x, t, v)``: ``x`` where ``x > t``, else ``v``; ReLU when ``t = v = 0``, not
+    homogeneous otherwise."""
+    if scalar(threshold) and threshold == 0 and scalar(value) and value == 0:
+        return elementwise(ctx, result, input)
+    return blocker(ctx, result, input)
+
+
+register_all(funcs("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"), _clamp)
+register_all(funcs("clamp_max", "clamp_max_"), _clamp_max)
+register_all(funcs("hardtanh", "hardtanh_"), _hardtanh)
+register_all(funcs("threshold", "threshold_", "_threshold"), _threshold)
+register_all(funcs("maximum", "minimum", "fmax", "fmin"), _extremum)
 
 
 # --- sums and products -------------------------------------------------------------------------
@@ -292,8 +367,14 @@ def _select(ctx: TraceContext, a: Any, b: Any, out: Any) -> Any:
         a, b = b, a
     if not isinstance(a, Tensor):
         return ZERO
+    if ctx.zero_source(a) is not None:
+        a, b = b, a
     if scalar(b) and b == 0:
         return ctx.terms(a)
+    if ctx.zero_source(b) is not None and isinstance(a, Tensor) and not ctx.is_param(a):
+        return ctx.read_zero(b, ctx.terms(a))
+    if not isinstance(a, Tensor):
+        return ZERO
     if ctx.is_param(a) or (isinstance(b, Tensor) and ctx.is_param(b)):
         return ctx.block_all((a, b), {}, ctx.reason("parameter selected by a mask"))
     la = ctx.labels(a).expand(out.shape)
@@ -484,7 +565,9 @@ register_all(funcs("sum", "mean", "amax", "amin", "nansum"), _reduce)
 def _reduce_max(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
     other = options.get("other", rest[0] if rest else None)
     if isinstance(other, Tensor):  # torch.max(a, b): not a reduction
-        return blocker(ctx, result, input, *rest, **options)
+        if len(rest) + len(options) != 1:
+            return blocker(ctx, result, input, *rest, **options)
+        return _extremum(ctx, result, input, other)
     return _reduce(ctx, result, input, *rest, **options)
 
 
@@ -545,10 +628,39 @@ def _zeros(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
         ctx.claim(t)
     if not isinstance(result, Tensor) or not result.is_floating_point():
         return ZERO
+    ctx.mark_zero(result)
     return ctx.fresh(*result.shape)
 
 
+def _filled(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
+    """``full(size, v)``, ``full_like(x, v)``, ``x.new_full(size, v)`` with a number ``v``
+    (``x`` gives a shape and dtype, none of its values): zeros when ``v = 0``, else a constant
+    of the fixed factor. A fill value given as a tensor blocks."""
+    shaped = ctx.op.rsplit(".", 1)[-1] in ("full_like", "new_full")
+    if tensor_args(args[1:] if shaped else args, kwargs):
+        return blocker(ctx, result, *args, **kwargs)
+    if bool((result == 0).all()):
+        return _zeros(ctx, result, *args)
+    return _literal(ctx, result, *args)
+
+
+def _literal(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
+    """``tensor(data)``, ``as_tensor``, ``scalar_tensor``, ``x.new_tensor(data)`` from numbers
+    (``x`` gives a dtype and device): a constant of the fixed factor, a constant 0 when its
+    entries are (see :meth:`TraceContext.zero_source`). Data given as tensors blocks."""
+    own = ctx.op.rsplit(".", 1)[-1] in ("new_tensor", "full_like", "new_full")
+    if tensor_args(args[1:] if own else args, kwargs):
+        return blocker(ctx, result, *args, **kwargs)
+    for t in tensor_args(args[:1]):
+        ctx.claim(t)
+    if isinstance(result, Tensor) and bool((result == 0).all()):
+        ctx.mark_zero(result)
+    return ZERO
+
+
 register_all(funcs("zeros", "zeros_like", "new_zeros"), _zeros)
+register_all(funcs("full", "full_like", "new_full"), _filled)
+register_all(funcs("tensor", "as_tensor", "scalar_tensor", "new_tensor"), _literal)
 
 
 def _index_add(
@@ -601,11 +713,10 @@ register_all(funcs("scatter_add", "scatter_add_"), _scatter_add)
 # --- known blockers (they would block anyway; listing them gives a clearer reason) -----------
 register_all(
     funcs(
-        "gelu", "silu", "tanh", "sigmoid", "relu6", "hardtanh", "softmax", "log_softmax", "elu",
-        "selu", "celu", "softplus", "mish", "hardswish", "hardsigmoid", "exp", "log", "sqrt",
-        "rsqrt", "pow", "square", "sin", "cos", "glu", "logsigmoid", "softsign", "tanhshrink",
-        "hardshrink", "softshrink", "threshold", "rrelu", "alpha_dropout",
-        "feature_alpha_dropout", "local_response_norm", "normalize", "erf", "lp_pool1d",
+        "gelu", "silu", "tanh", "sigmoid", "relu6", "softmax", "log_softmax", "elu", "selu",
+        "celu", "softplus", "mish", "hardswish", "hardsigmoid", "exp", "log", "sqrt", "rsqrt",
+        "pow", "square", "sin", "cos", "glu", "logsigmoid", "softsign", "tanhshrink",
+        "hardshrink", "softshrink", "local_response_norm", "normalize", "erf", "lp_pool1d",
         "lp_pool2d", "__pow__",
     ),
     blocker,

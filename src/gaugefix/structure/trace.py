@@ -269,6 +269,12 @@ class TraceContext:
         self._tainted: dict[int, Tensor] = {}
         self._random: dict[int, Tensor] = {}
         self._shaped: dict[int, Tensor] = {}
+        # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
+        # views of them): id -> (tensor, its placement then, the memory of every zero it was
+        # made from); and the labels that passed through an op because an operand was such a
+        # zero, with those memories (if one is kept on a module, a later call may change it).
+        self._zeros: dict[int, tuple[Tensor, tuple, frozenset]] = {}
+        self._zero_reads: list[tuple[frozenset, Sum]] = []
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
@@ -384,6 +390,26 @@ class TraceContext:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
         inputs or parameters, or on a random draw."""
         return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
+
+    def mark_zero(self, t: Tensor, made_from: frozenset = frozenset()) -> None:
+        """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
+        memory is in ``made_from``)."""
+        self._zeros[id(t)] = (t, _placement(t), made_from | {_memory(t)})
+
+    def zero_source(self, t: Any) -> frozenset | None:
+        """The memories ``t`` was made from when it is a constant exactly 0: made in the forward
+        as zeros from numbers and shapes, not written since, and all 0 now; else None."""
+        entry = self._zeros.get(id(t)) if isinstance(t, Tensor) else None
+        if entry is None or entry[0] is not t or entry[1] != _placement(t):
+            return None
+        return entry[2] if not bool((t != 0).any()) else None
+
+    def read_zero(self, zero: Tensor, labels: Tensor | Sum) -> Tensor | Sum:
+        """``labels`` pass an op because ``zero`` (see :meth:`zero_source`) is 0; returns
+        them. They are blocked after the trace if that zero is kept on a module."""
+        self.claim(zero)
+        self._zero_reads.append((self._zeros[id(zero)][2], Sum.of(labels)))
+        return labels
 
     def read_value(self, what: str, shape: bool = False) -> None:
         """Record that the forward read ``what`` of a tensor derived from the inputs or weights
@@ -629,6 +655,9 @@ class TraceContext:
                     self.block(entry[1], reason)
                 for other in self._in_memory.get(_memory(t), {}).values():
                     self.block(self._labels[id(other)][1], reason)
+                for made_from, labels in self._zero_reads:  # a later call may change it
+                    if _memory(t) in made_from:
+                        self.block(labels, f"{reason}, read as a constant 0")
 
     # -- parameter roles --------------------------------------------------------------------------
     def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
@@ -979,6 +1008,14 @@ _RANDOM = {
     "bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "poisson", "uniform_",
     "random_", "exponential_", "geometric_", "cauchy_", "log_normal_",
 }  # fmt: skip
+# Casts and arrangements of their first argument (the others give only a shape or dtype):
+# applied to a constant 0, they give a constant 0.
+_KEEPS_ZERO = {
+    "to", "type", "type_as", "double", "float", "half", "bfloat16", "cpu", "cuda", "contiguous",
+    "clone", "detach", "expand", "expand_as", "broadcast_to", "view", "view_as", "reshape",
+    "reshape_as", "unsqueeze", "squeeze", "flatten", "t", "transpose", "permute", "__getitem__",
+    "narrow", "select", "repeat",
+}  # fmt: skip
 # Ops whose output depends only on the input's shape: the output carries the fixed factor.
 # (Zeros are not among them: a zero entry may carry any factor, see ``rules._zeros``.)
 _SHAPE_ONLY = {"ones_like", "empty_like", "new_ones", "new_empty"}
@@ -1121,6 +1158,10 @@ class _Tracer(TorchFunctionMode):
             if on:
                 for t in nested_tensors(out):
                     table[id(t)] = t
+        if short in _KEEPS_ZERO and isinstance(out, Tensor) and args:
+            made_from = ctx.zero_source(args[0])
+            if made_from is not None:
+                ctx.mark_zero(out, made_from)
 
     def _block_unclaimed(self, tensors: list[Tensor]) -> None:
         """A safety net: the tensors among an op's arguments its rule did not look at are
