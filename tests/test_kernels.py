@@ -7,7 +7,9 @@ gradient."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import math
 
 import pytest
 import torch
@@ -198,3 +200,30 @@ def test_row_norms_are_norms_at_any_scale(exponent, values):
     assert float(norms[1]) == 0.0
     expected = float(torch.linalg.vector_norm(v[0])) * scale
     assert float(norms[0]) == pytest.approx(expected, rel=1e-14, abs=0)
+
+
+def test_factor_batches_take_one_foreach_call_per_pass_within_the_largest_group():
+    """The groups fall into batches (each group in one) holding at most as many entries as
+    the largest group, fewer batches than groups on a GPT; in the GPU layout the action moves
+    parameters (power 1), gradients (-1) and a second moment (-2) with one
+    ``torch._foreach_mul_`` and two ``torch._foreach_div_`` calls per batch."""
+    torch.manual_seed(0)
+    model = gaugefix.zoo.GPT(64, 32, 4, 3, 64, 16).double()
+    s = gaugefix.discover(model, torch.randint(0, 64, (1, 16)))
+    plan = kernels.kernel_plan(s, "cpu")
+    sizes = [len(g.names) * math.prod(g.shape) for g in plan.groups]
+    assert sorted(g for batch in plan.batches for g in batch) == list(range(len(plan.groups)))
+    assert max(sum(sizes[g] for g in batch) for batch in plan.batches) == max(sizes)
+    assert len(plan.batches) < len(plan.groups)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    targets = {k: [(p, 1), (p.clone(), -1), (p.clone(), -2)] for k, p in s.bind(params).items()}
+    calls = collections.Counter()
+    with pytest.MonkeyPatch.context() as patch:
+        patched(patch, "gpu")
+        for name in ("_foreach_mul_", "_foreach_div_"):
+            op = getattr(torch, name)
+            counted = lambda *a, op=op, name=name: (calls.update([name]), op(*a))  # noqa: E731
+            patch.setattr(torch, name, counted)
+        kernels.rescale_(targets, s, torch.randn(s.num_generators, dtype=DTYPE))
+    n = len(plan.batches)
+    assert calls == {"_foreach_mul_": n, "_foreach_div_": 2 * n}

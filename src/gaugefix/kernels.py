@@ -20,8 +20,11 @@ concatenates the flattened maps of all groups into one index. Then
   action takes one ``exp`` of them, and per group their product over the kinds of term made
   into one dense factor ``f`` per parameter, which moves a tensor of power ``p`` (parameters 1,
   gradients -1, Adam's second moment -2) by ``|p|`` ``torch._foreach_mul_`` or
-  ``torch._foreach_div_`` over every tensor of the group at once; the penalty gradient takes,
-  per group, their dense sum and one ``torch._foreach_addcmul_``. On the CPU each kind of
+  ``torch._foreach_div_`` over every tensor of a batch of groups at once (a ``torch._foreach_*``
+  kernel takes pairs of tensors of any shapes, each pair of one shape: hence dense factors;
+  a batch holds the factors of at most as many entries as the largest group has); the penalty
+  gradient takes, per group, their dense sum and, per batch of groups, one
+  ``torch._foreach_addcmul_``. On the CPU each kind of
   term's factor is computed per group and power and broadcast over the tensor it moves (no
   dense factor written and read back).
 
@@ -99,6 +102,9 @@ class KernelPlan(NamedTuple):
     copy (parameter ``l``'s follow its ``l`` predecessors'). ``chunkable``: every parameter
     has a dim and an entry (``_chunk_cat`` takes their values, :func:`flat_cat`).
 
+    ``batches``: the groups whose dense factors the GPU layout holds at once, each a few groups
+    of at most as many entries as the largest group (:func:`_factor_batches`).
+
     ``terms`` ``[M, T]`` and ``term_signs`` (float64, the same shape) gather the sums
     ``sum_t sign_t x[slots_t]`` of :func:`term_values` for every group at once
     (:func:`all_term_values`): a row per slot of each group's distinct slot shapes, in group
@@ -112,6 +118,7 @@ class KernelPlan(NamedTuple):
     terms: Tensor
     term_signs: Tensor
     shapes: tuple[tuple[torch.Size, ...], ...]
+    batches: tuple[tuple[int, ...], ...]
 
 
 # The attribute of a structure that caches its plans by device: on the structure itself rather
@@ -145,7 +152,7 @@ def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> Kernel
         index, starts = _sums_index(groups, structure.num_generators)
         terms, signs, shapes = _terms_index(groups, structure.num_generators, device)
         per_device[device] = KernelPlan(
-            groups, index, starts, bool(chunkable), terms, signs, shapes
+            groups, index, starts, bool(chunkable), terms, signs, shapes, _factor_batches(groups)
         )
     return per_device[device]
 
@@ -167,6 +174,25 @@ def _terms_index(
     signs = torch.cat(signs) if signs else torch.zeros(0, width, dtype=torch.float64)
     shapes = tuple(tuple(s) for s in by_shape)
     return torch.cat(rows), signs.to(device), shapes
+
+
+def _factor_batches(groups: tuple[TermGroup, ...]) -> tuple[tuple[int, ...], ...]:
+    """The groups in batches of at most as many entries as the largest group has (first fit,
+    largest first): the GPU layout moves a batch's tensors with one ``torch._foreach_*`` call
+    per pass, holding only its dense factors, as much memory as the largest group's."""
+    sizes = [len(g.names) * math.prod(g.shape) for g in groups]
+    budget = max(sizes, default=0)
+    batches: list[list[int]] = []
+    room: list[int] = []
+    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
+        fits = next((b for b, left in enumerate(room) if sizes[g] <= left), None)
+        if fits is None:
+            batches.append([])
+            room.append(budget)
+            fits = len(batches) - 1
+        batches[fits].append(g)
+        room[fits] -= sizes[g]
+    return tuple(tuple(sorted(b)) for b in batches)
 
 
 def _terms_by_shape(group: TermGroup) -> dict[torch.Size, list[tuple[Tensor, int]]]:
@@ -557,24 +583,37 @@ def _rescale_dense_(targets: Targets, plan: KernelPlan, hx: Tensor, batch_dims: 
     """:func:`rescale_` in the GPU layout: the factors ``exp(sum_t sign_t hx[slots_t])`` of
     every group from one gather (:func:`all_term_values`) and one ``exp`` in float64, rounded
     once to each :func:`factor_dtype` the tensors need; then per group one dense factor ``f``
-    per parameter (one group's at a time), and every tensor of power ``p`` moved ``|p|`` times
-    by ``f``: the ``i``-th time (``i = 1, 2, ...``) every one of ``p >= i`` in one
-    ``torch._foreach_mul_`` and every one of ``p <= -i`` in one ``torch._foreach_div_``."""
+    per parameter (the groups of one of ``plan.batches`` at a time), and every tensor of the
+    batch moved by :func:`_move_`."""
     exps = torch.exp(all_term_values(hx, plan))
     pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per factor dtype, as group_pieces
-    for g, group in enumerate(plan.groups):
-        moved = [(k, t, p) for k, name in enumerate(group.names) for t, p in targets.get(name, ())]
-        factors = {}
-        for wide in {factor_dtype(t.dtype) for _, t, _ in moved}:
-            if wide not in pieces:
-                pieces[wide] = group_pieces(exps.to(wide), plan)
-            product = functools.reduce(torch.mul, pieces[wide][g])
-            factors[wide] = per_parameter(product, group, batch_dims, True)
-        for i in range(1, max((abs(p) for *_, p in moved), default=0) + 1):
-            for apply, sign in ((torch._foreach_mul_, 1), (torch._foreach_div_, -1)):
-                now = [(t, factors[factor_dtype(t.dtype)][k]) for k, t, p in moved if sign * p >= i]
-                if now:
-                    apply([t for t, _ in now], [f for _, f in now])
+    for batch in plan.batches:
+        moved = []
+        for g in batch:
+            group = plan.groups[g]
+            mine = [
+                (k, t, p) for k, name in enumerate(group.names) for t, p in targets.get(name, ())
+            ]
+            factors = {}
+            for wide in {factor_dtype(t.dtype) for _, t, _ in mine}:
+                if wide not in pieces:
+                    pieces[wide] = group_pieces(exps.to(wide), plan)
+                product = functools.reduce(torch.mul, pieces[wide][g])
+                factors[wide] = per_parameter(product, group, batch_dims, True)
+            moved += [(t, factors[factor_dtype(t.dtype)][k], p) for k, t, p in mine]
+        _move_(moved)
+
+
+def _move_(moved: list[tuple[Tensor, Tensor, int]]) -> None:
+    """Every tensor ``t`` of power ``p`` multiplied by its factor ``f`` (of ``t``'s shape)
+    ``p`` times, or divided ``-p`` times, in place: the ``i``-th time (``i = 1, 2, ...``) every
+    one of ``p >= i`` in one ``torch._foreach_mul_`` and every one of ``p <= -i`` in one
+    ``torch._foreach_div_`` (one kernel over tensors of any shapes, each of its factor's)."""
+    for i in range(1, max((abs(p) for *_, p in moved), default=0) + 1):
+        for apply, sign in ((torch._foreach_mul_, 1), (torch._foreach_div_, -1)):
+            now = [(t, f) for t, f, p in moved if sign * p >= i]
+            if now:
+                apply([t for t, _ in now], [f for _, f in now])
 
 
 def by_row_blocks(t: Tensor, factors: list[Tensor], apply: Callable) -> None:
@@ -606,27 +645,48 @@ def add_selection_grads_(
     ``params`` (``[*batch, *shape]``), given the coefficients ``mu`` (``[*batch, N]``, a
     strength included): the gradient of ``P``, the coefficients in the widest dtype of each
     group's parameters. In the GPU layout the coefficients of every group come from one gather
-    (:func:`all_term_values`), and each group's dense ones take one
+    (:func:`all_term_values`), and the dense ones of a batch of groups take one
     ``torch._foreach_addcmul_``; on the CPU parameter by parameter, block by block of rows
     (:func:`by_row_blocks`)."""
     cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
     plan = kernel_plan(structure, cx.device)
-    gpu = gpu_layout(cx.device)
-    values = all_term_values(cx, plan) if gpu else None
-    pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per dtype, as group_pieces
-    for g, group in enumerate(plan.groups):
+    if gpu_layout(cx.device):
+        _add_selection_grads_dense_(grads, params, plan, cx, batch_dims)
+        return
+    for group in plan.groups:
         ps, gs = [params[name] for name in group.names], [grads[name] for name in group.names]
         dtype = functools.reduce(torch.promote_types, {p.dtype for p in ps})
-        if gpu:
-            if dtype not in pieces:
-                pieces[dtype] = group_pieces(values.to(dtype), plan)
-            total = functools.reduce(torch.add, pieces[dtype][g])
-            torch._foreach_addcmul_(gs, ps, list(per_parameter(total, group, batch_dims, True)))
-            continue
         coefficients = group_coefficients(cx, group, dtype, batch_dims)
         for k, (grad, x) in enumerate(zip(gs, ps, strict=True)):
             cs = [per_param[k] for per_param in coefficients]
             by_row_blocks(grad, cs, lambda block, c, g=grad, x=x: g[block].addcmul_(x[block], c))
+
+
+def _add_selection_grads_dense_(
+    grads: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    plan: KernelPlan,
+    cx: Tensor,
+    batch_dims: int,
+) -> None:
+    """:func:`add_selection_grads_` in the GPU layout: the coefficients of every group from
+    one gather (:func:`all_term_values`), each group's summed into one dense coefficient per
+    parameter, and one ``torch._foreach_addcmul_`` per batch of groups (``plan.batches``)."""
+    values = all_term_values(cx, plan)
+    pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per dtype, as group_pieces
+    for batch in plan.batches:
+        gs, ps, cs = [], [], []
+        for g in batch:
+            group = plan.groups[g]
+            mine = [params[name] for name in group.names]
+            dtype = functools.reduce(torch.promote_types, {p.dtype for p in mine})
+            if dtype not in pieces:
+                pieces[dtype] = group_pieces(values.to(dtype), plan)
+            total = functools.reduce(torch.add, pieces[dtype][g])
+            cs += per_parameter(total, group, batch_dims, True)
+            gs += [grads[name] for name in group.names]
+            ps += mine
+        torch._foreach_addcmul_(gs, ps, cs)
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:
