@@ -256,3 +256,28 @@ def test_restored_state_that_does_not_fit_leaves_no_hook_attached(tmp_path):
     with pytest.raises(ValueError, match="does not fit every=1"):
         trainer.fit(Regressor(), loader(), ckpt_path=checkpoint)
     assert trainer.optimizers and not any(hooked(opt) for opt in trainer.optimizers)
+
+
+def test_statistics_are_computed_only_where_the_loggers_write(tmp_path, monkeypatch):
+    """``log_every_n_steps=4`` over 8 steps: the loggers write steps 4 and 8 (Lightning's
+    rows for steps 3 and 7, counted from 0), and the statistics (a pass over the parameters and
+    a host read) are computed there only, not at every batch."""
+    computed = []
+    stats = importlib.import_module("gaugefix.integrations.common").prefixed_stats
+
+    def counted(module, structure, prefix):
+        computed.append(module.trainer.global_step)
+        return stats(module, structure, prefix)
+
+    lightning_module = importlib.import_module("gaugefix.integrations.lightning")
+    monkeypatch.setattr(lightning_module, "prefixed_stats", counted)
+    trainer = pl.Trainer(
+        max_steps=8, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path), name="run"),
+        callbacks=[GaugeFixingCallback(strength=1.0, every=1)], log_every_n_steps=4,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Regressor(), loader(n=128))
+    assert computed == [4, 8]
+    assert [int(r["step"]) for r in logged_stats(trainer)] == [3, 7]

@@ -38,7 +38,8 @@ __all__ = ["GaugeFixingCallback"]
 class GaugeFixingCallback(Callback):
     """Attach :class:`gaugefix.GaugeFixing` to every optimizer of a Lightning fit, and log
     :func:`gaugefix.imbalance_stats` through the Lightning logger (``pl_module.log_dict``, keys
-    ``prefix + name``, once per training batch).
+    ``prefix + name``, at the training batches whose values the loggers write: every
+    ``Trainer(log_every_n_steps=...)`` steps).
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
     the module's); when it is ``None`` it is discovered when the fit starts (after
@@ -141,7 +142,9 @@ class GaugeFixingCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        if self.log_stats:
+        # Only where the loggers write this batch's values (Lightning's own LearningRateMonitor
+        # asks the same): the statistics cost a pass over the parameters and one host read.
+        if self.log_stats and trainer._logger_connector.should_update_logs:
             pl_module.log_dict(
                 prefixed_stats(pl_module, self.structure, self.prefix),
                 on_step=True,
