@@ -157,18 +157,22 @@ UNSUPPORTED = {
 def test_state_gaugefix_cannot_transport_is_refused_in_one_line(opt_name):
     """Optimizers whose state is neither gradient-like nor squared (Adagrad's sum, Adamax's
     infinity norm, RMSprop's averages, Rprop's step sizes, ASGD's average, Adadelta's squared
-    updates, Adafactor's factored moments): one-line ``ValueError`` at construction when the
-    state exists, else at the first orbit step; never moved with stale state."""
+    updates, Adafactor's factored moments): one-line ``ValueError`` at construction in exact
+    mode, before the optimizer's first step, nothing changed and no hook attached. Penalty
+    mode moves no state and takes a fresh one; the refusal is no stricter than the transport:
+    after a step of its own, its state is refused too."""
     model, x, y, structure = setup()
     opt = UNSUPPORTED[opt_name](model.parameters())
-    try:
-        GaugeFixing(opt, model, structure, 1.0, balance_at_start=False, every=1)
-    except ValueError as err:
-        assert "cannot transport optimizer state" in str(err) and "\n" not in str(err)
-        return
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
     with pytest.raises(ValueError, match="cannot transport optimizer state") as err:
-        train_step(model, opt, x, y)
-    assert "\n" not in str(err.value)
+        GaugeFixing(opt, model, structure, 1.0, balance_at_start=False, every=1)
+    assert "\n" not in str(err.value) and not hooked(opt)
+    assert bit_equal(before, (model.state_dict(), opt.state_dict()))
+    if not opt.state:
+        GaugeFixing(opt, model, structure, 1.0, mode="penalty", balance_at_start=False).remove()
+    train_step(model, opt, x, y)
+    with pytest.raises(ValueError, match="cannot transport optimizer state"):
+        gaugefix.action.check_transport(opt, structure.bind(model))
 
 
 # -- L-BFGS --------------------------------------------------------------------------------------
@@ -182,17 +186,13 @@ def lbfgs_closure(model, opt, x, y):
 def test_lbfgs_history_is_refused_wherever_it_is_kept():
     """L-BFGS keeps its flat direction and history on its first parameter, here the output
     bias, which no generator touches: it used to escape the check, and orbit steps left the
-    history stale. Now a stepped L-BFGS is refused at construction (nothing changed, no hook)
-    and a fresh one at its first orbit step, which moves nothing."""
+    history stale. Now a stepped L-BFGS is refused at construction by the state it holds
+    (nothing changed, no hook), and a fresh one by its class in exact mode."""
     model, x, y, structure = setup()
-    plain = copy.deepcopy(model)
     opt = torch.optim.LBFGS(list(model.parameters())[::-1], lr=0.1)
-    ref = torch.optim.LBFGS(list(plain.parameters())[::-1], lr=0.1)
-    GaugeFixing(opt, model, structure, 2.0, balance_at_start=False, every=1)
     with pytest.raises(ValueError, match="cannot transport optimizer state .* of LBFGS"):
-        opt.step(functools.partial(lbfgs_closure, model, opt, x, y))
-    ref.step(functools.partial(lbfgs_closure, plain, ref, x, y))
-    assert torch.equal(flat(model), flat(plain))  # the L-BFGS step alone
+        GaugeFixing(opt, model, structure, 2.0, balance_at_start=False, every=1)
+    assert not hooked(opt)
     stepped = torch.optim.LBFGS(list(model.parameters())[::-1], lr=0.1)
     stepped.step(functools.partial(lbfgs_closure, model, stepped, x, y))
     before = copy.deepcopy((model.state_dict(), stepped.state_dict()))

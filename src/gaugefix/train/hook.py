@@ -103,6 +103,30 @@ def _refuse_line_search(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
             )
 
 
+# torch.optim's optimizers whose per-parameter state, made at their first step, holds what an
+# orbit step cannot transport (see ``gaugefix.action.optimizer_states``), by class name.
+UNTRANSPORTABLE_STATE = {
+    "Adagrad": "sum", "Adamax": "exp_inf", "RMSprop": "square_avg", "Adadelta": "square_avg",
+    "Rprop": "prev and step_size", "ASGD": "ax", "Adafactor": "row_var and col_var",
+    "LBFGS": "direction and history",
+}  # fmt: skip
+
+
+def _refuse_untransportable(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
+    """``ValueError`` in exact mode for an optimizer of :data:`UNTRANSPORTABLE_STATE` (or a
+    subclass): at construction, not at its first step, after its own update."""
+    if mode != "exact":
+        return
+    for name, state in UNTRANSPORTABLE_STATE.items():
+        cls = getattr(torch.optim, name, None)
+        if cls is not None and isinstance(optimizer, cls):
+            raise ValueError(
+                f"GaugeFixing(mode='exact') cannot transport optimizer state ({state}) of {name}, "
+                "made at its first step; use mode='penalty', which moves no state, or an "
+                "optimizer with momentum or Adam moments"
+            )
+
+
 def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
     """``ValueError`` naming a parameter of ``params`` that gets sparse gradients (the weight of
     an ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``), which the hook can neither
@@ -223,6 +247,7 @@ class GaugeFixing:
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         check_transport(optimizer, self._all_params)
         _refuse_line_search(optimizer, mode)
+        _refuse_untransportable(optimizer, mode)
         _refuse_sparse(self.model, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
