@@ -263,6 +263,24 @@ def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
         return [t.detach().clone() for t in _float_outputs(model(x))]
 
 
+def _reference(model: nn.Module, x: Tensor) -> tuple[list[Tensor], float]:
+    """The floating outputs of ``model`` on ``x`` and their ``max |f(x)|``;
+    :class:`CheckpointError` when there are none, they are not finite, or they are all zero (a
+    change of the function would not show in them)."""
+    reference = _outputs(model, x)
+    if not reference:
+        raise CheckpointError("the model's output on the example input holds no floating tensor")
+    if not all_finite(reference):
+        raise CheckpointError("the model's output on the example input is not finite")
+    scale = max((float(t.abs().max()) for t in reference if t.numel()), default=0.0)
+    if scale == 0:
+        raise CheckpointError(
+            "the model's outputs on the example input are all zero: they cannot show whether "
+            "balancing keeps the function; give an example input on which they are not"
+        )
+    return reference, scale
+
+
 def _max_change(a: list[Tensor], b: list[Tensor]) -> float:
     """``max |a - b|`` over every entry (NaN when any difference is NaN)."""
     values = [float((u - v).abs().max()) for u, v in zip(a, b, strict=True) if u.numel()]
@@ -275,21 +293,58 @@ def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     )
 
 
-def _rounded(balanced: dict[str, Tensor], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _rounded(
+    balanced: dict[str, Tensor], tensors: Mapping[str, Tensor], params: set[str]
+) -> dict[str, Tensor]:
     """The ``balanced`` float64 weights under the names of ``tensors``, each rounded to its
     tensor's dtype (tensors that shared storage share it again where their balanced values are
-    equal: a file may tie what the model does not); :class:`CheckpointError` for a changed
-    weight that overflows its dtype."""
+    equal: a file may tie what the model does not); an entry that is not one of the model's
+    ``params`` (a buffer: no generator acts on it, though a forward may have updated it) is a
+    copy of the file's tensor. :class:`CheckpointError` for a changed weight that overflows its
+    dtype."""
     written: dict[str, Tensor] = {}
     by_storage: dict[tuple, Tensor] = {}
     for name, t in tensors.items():
-        value = balanced[name].to(t.dtype, copy=True).contiguous()
+        source = balanced[name] if name in params else t
+        value = source.to(t.dtype, copy=True).contiguous()
         shared = by_storage.setdefault(_storage_key(t), value)
         written[name] = shared if torch.equal(shared, value) else value
     for name, t in tensors.items():
         if not torch.equal(written[name], t) and not all_finite([written[name]]):
             raise CheckpointError(f"balanced {name} does not fit in {t.dtype} (overflow to inf)")
     return written
+
+
+def _written(
+    model: nn.Module, tensors: Mapping[str, Tensor], ties: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """The balanced float64 ``model``'s weights under the names of ``tensors``, rounded to their
+    dtypes (:func:`_rounded`), and loaded back into ``model``; :class:`CheckpointError` when
+    they break a tie of the original model's state dict ``ties`` (a buffer sharing a weight's
+    storage, which the float64 copy's ``.to`` unties: the stale buffer would overwrite the
+    balanced weight when loaded)."""
+    balanced = model.state_dict()
+    weights = {_storage_key(p) for p in model.parameters()}  # and what shares their storage
+    params = {name for name, t in balanced.items() if _storage_key(t) in weights}
+    written = _rounded(balanced, tensors, params)
+    try:
+        _load64(model, _complete(ties, written))
+    except CheckpointError as err:
+        raise CheckpointError(f"balancing would break a tie of the model: {err}") from None
+    return written
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` in eval mode; :class:`CheckpointError` when it cannot be
+    copied (``torch.nn.utils.weight_norm``'s modules cannot)."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as err:  # whatever a module's __deepcopy__ raises
+        raise CheckpointError(
+            f"cannot copy the model ({type(err).__name__}: {first_line(err)}); balancing works "
+            "on a copy"
+        ) from None
+    return copied.to(torch.float64).eval()
 
 
 def _moved(
@@ -341,22 +396,18 @@ def balance_state_dict(
         )
     if x.is_floating_point():
         x = x.to(torch.float64)
-    model = copy.deepcopy(model).to(torch.float64).eval()
-    full = _complete(model.state_dict(), dict(tensors))
+    ties = model.state_dict()  # the model's own ties (the float64 copy may lose some)
+    model = _float64_copy(model)
+    full = _complete(ties, dict(tensors))
     _load64(model, full)
     structure = gaugefix.discover(model, x)
-    reference = _outputs(model, x)
-    if not reference:
-        raise CheckpointError("the model's output on the example input holds no floating tensor")
-    if not all_finite(reference):
-        raise CheckpointError("the model's output on the example input is not finite")
+    reference, scale = _reference(model, x)
     before = gaugefix.imbalance_stats(model, structure)
     result = _moved(model, structure, objective, calibration, alpha)
     exact_change = _max_change(_outputs(model, x), reference)
 
-    written = _rounded(model.state_dict(), tensors)
+    written = _written(model, tensors, ties)
     changed = [name for name, t in tensors.items() if not torch.equal(written[name], t)]
-    _load64(model, _complete(model.state_dict(), written))
     output_change = _max_change(_outputs(model, x), reference)
     dtypes = [tensors[name].dtype for name in changed]
     report = CheckpointBalance(
@@ -364,7 +415,7 @@ def balance_state_dict(
         before=before,
         after=gaugefix.imbalance_stats(model, structure),
         result=result,
-        output_scale=max((float(t.abs().max()) for t in reference if t.numel()), default=0.0),
+        output_scale=scale,
         exact_change=exact_change,
         output_change=output_change,
         dtype=max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64),

@@ -196,10 +196,8 @@ def inspect(
         typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
         typer.echo(structure.summary())
     if save is not None:
-        try:
-            write_text(save, json.dumps(structure.to_dict()))  # what GaugeStructure.save writes
-        except OutputError as err:
-            raise _fail(str(err)) from None
+        with _interruptible(_interrupted(save)):  # what GaugeStructure.save writes
+            write_text(save, json.dumps(structure.to_dict()))
         typer.echo(f"structure written to {save}", err=scale_groups)  # stdout stays JSON
 
 
@@ -228,26 +226,29 @@ def balance(
 ) -> None:
     """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit, or
     the point of another objective (``gaugefix.equalize_``), the function unchanged."""
-    _check_output(out)
-    _check_objective(objective, calibration, alpha)
-    net, default_shape = _load_model(model)
-    x = _example_input(input_shape, input_ids, vocab, default_shape)
-    batch = None
-    if objective == "activation":
-        batch = _calibration(calibration) if calibration is not None else x
-    alpha = DEFAULT_ALPHA if alpha is None else alpha
-    try:
-        state = read_state_dict(weights)
-        tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
-    except (CheckpointError, gaugefix.TracingError) as err:
-        raise _fail(str(err)) from None
-    _report_balance(model, objective, report)
-    try:
+    with _interruptible(_interrupted(out)):
+        _check_output(out)
+        _check_objective(objective, calibration, alpha)
+        net, default_shape = _load_model(model)
+        x = _example_input(input_shape, input_ids, vocab, default_shape)
+        batch = None
+        if objective == "activation":
+            batch = _calibration(calibration) if calibration is not None else x
+        alpha = DEFAULT_ALPHA if alpha is None else alpha
+        try:
+            state = read_state_dict(weights)
+            tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
+        except (CheckpointError, gaugefix.TracingError) as err:
+            raise _fail(str(err)) from None
+        _report_balance(model, objective, report)
         write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
-    except OutputError as err:
-        raise _fail(str(err)) from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _interrupted(out: Path) -> str:
+    """The line of a command interrupted (Ctrl-C, SIGTERM) while it may be writing ``out``."""
+    return f"interrupted: {out} is as it was (or complete, had its write ended)"
 
 
 def _check_output(path: Path) -> None:
@@ -401,17 +402,18 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def _interruptible() -> Iterator[None]:
-    """Ctrl-C and SIGTERM end the block with one line and exit status 130, where they can be
-    handled: a store's transaction rolls back, the workers end, the claims are released; a
-    store error or an output that cannot be written ends it with one line and exit status 2."""
+def _interruptible(message: str = _INTERRUPTED) -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the block with one line (``message``) and exit status 130, where
+    they can be handled: a store's transaction rolls back, the workers end, the claims are
+    released, an output file being written is removed; a store error or an output that cannot
+    be written ends it with one line and exit status 2."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     except (StoreError, OutputError, WorkerDied) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
-        typer.echo(_INTERRUPTED, err=True)
+        typer.echo(message, err=True)
         raise typer.Exit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
