@@ -700,7 +700,23 @@ def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, 
         + [torch.tensor([len(reasons) - 1])]
     )
     first = torch.full((count,), len(reasons)).scatter_reduce(0, comp[nodes], which, reduce="amin")
-    return first, reasons
+    return first, reasons, _fixed_reasons(ctx, comp, nodes, which)
+
+
+def _fixed_reasons(ctx: TraceContext, comp: Tensor, nodes: Tensor, which: Tensor) -> Tensor:
+    """Per node (``[num_nodes]``), the index of the first mark that blocked it for the nodes of
+    node 0's component, else -1. That component joins every channel fixed anywhere (through
+    node 0, the fixed factor of inputs and constants), so its own first mark may name an op in
+    another module: a node's reason is the first mark among the nodes joined to it without
+    passing through node 0 (``which``'s last, generic reason when none is)."""
+    kept = [e[:, (e[0] != 0) & (e[1] != 0)] for e in ctx.edges]
+    edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
+    n = ctx.num_nodes
+    graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
+    sub = torch.from_numpy(connected_components(graph, directed=True, connection="weak")[1])
+    sub = sub.to(torch.long)
+    first = torch.full((n,), int(which[-1])).scatter_reduce(0, sub[nodes], which, reduce="amin")
+    return torch.where(comp == comp[0], first[sub], -1)
 
 
 def _resolved_terms(
@@ -748,7 +764,7 @@ def compile_structure(
     comp, sign, conflicted, count = _signed_components(ctx)
     if ctx.slice_links:  # slices picked by rows that depend on the data
         ctx.block_mismatched_gathers(_components_without_slice_links(ctx))
-    reason, reasons = _blocking_reasons(ctx, comp, conflicted, count)
+    reason, reasons, fixed = _blocking_reasons(ctx, comp, conflicted, count)
     names = [n for n, _ in model.named_parameters()]
     producers = [n for n in names if n in ctx.produced]
     oriented = sign * _orientation(ctx, producers, comp, sign, count)[comp]
@@ -770,7 +786,8 @@ def compile_structure(
             layers[n] = module_of(name)
     kinds = _kinds(ctx, comp, generator_of, num)
     produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
-    exclusions = _exclusions(ctx, producers, comp, valid, reason, reasons, has_out)
+    node_reason = torch.where(fixed >= 0, fixed, reason[comp])
+    exclusions = _exclusions(ctx, producers, comp, valid, node_reason, reasons, has_out)
     in_out = _stored_in_out(model) & params.keys()
     return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes, in_out)
 
@@ -791,12 +808,12 @@ def _blocking_reasons(
     """Per component, the index into ``reasons`` of why it is no generator (:data:`UNBLOCKED`:
     nothing blocks it yet); the last reason is the squared factor, which
     :func:`_mark_sides_and_squares` sets."""
-    first_mark, reasons = _first_reason(ctx, comp, count)
+    first_mark, reasons, fixed = _first_reason(ctx, comp, count)
     reason = torch.where(first_mark == len(reasons), UNBLOCKED, first_mark)
     reasons.append("its log-factor would have to equal its own negative")
     reason[conflicted & (reason == UNBLOCKED)] = len(reasons) - 1
     reasons.append("a parameter entry would scale with the square of its factor")
-    return reason, reasons
+    return reason, reasons, fixed
 
 
 def _orientation(
@@ -886,18 +903,19 @@ def _exclusions(
     reasons: list[str],
     has_out: Tensor,
 ) -> list[Exclusion]:
-    """The producing channels that are no generators, grouped by module and reason, and the
-    rows of parameters fixed before they produced any channel."""
+    """The producing channels that are no generators, grouped by module and reason (``reason``:
+    per node, an index into ``reasons`` or :data:`UNBLOCKED`), and the rows of parameters fixed
+    before they produced any channel."""
     unblocked = [
         "not consumed by any parameter (its output is unused)",
         "no producing parameter",
     ]
     excluded: dict[tuple[str, str], set[int]] = {}
     for name in producers:
-        comps = comp[ctx.produced[name].reshape(-1)]
-        bad = torch.nonzero(~valid[comps]).reshape(-1)
-        c = comps[bad]
-        why = torch.where(reason[c] != UNBLOCKED, reason[c], len(reasons) + has_out[c].long())
+        nodes = ctx.produced[name].reshape(-1)
+        bad = torch.nonzero(~valid[comp[nodes]]).reshape(-1)
+        c, r = comp[nodes[bad]], reason[nodes[bad]]
+        why = torch.where(r != UNBLOCKED, r, len(reasons) + has_out[c].long())
         for r in dict.fromkeys(why.tolist()):  # in the order of their first channels
             text = reasons[r] if r < len(reasons) else unblocked[r - len(reasons)]
             excluded.setdefault((module_of(name), text), set()).update(bad[why == r].tolist())

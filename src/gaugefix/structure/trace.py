@@ -275,6 +275,10 @@ class TraceContext:
         # zero, with those memories (if one is kept on a module, a later call may change it).
         self._zeros: dict[int, tuple[Tensor, tuple, frozenset]] = {}
         self._zero_reads: list[tuple[frozenset, Sum]] = []
+        # The memories of those zeros, and those of them a traced op wrote into since (through
+        # a view, ``z.data``, ``out=``: a version counter of its own): no longer a constant 0.
+        self._zero_memory: set[tuple | None] = set()
+        self._zero_written: set[tuple | None] = set()
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
@@ -354,6 +358,9 @@ class TraceContext:
             pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
             a, b = pair // self.num_nodes, pair % self.num_nodes
             self.edges.append(torch.stack([a, b, torch.full_like(a, sign)]))
+            fixed = (a == 0) | (b == 0)  # named as the reason of the nodes joined to node 0
+            if bool(fixed.any()):
+                self.block(torch.cat([a[fixed], b[fixed]]), self.reason(_MIXED))
 
     def block(self, labels: Tensor | Sum, reason: str) -> None:
         """The nodes in ``labels`` are fixed to 0 (they are not gauge freedom)."""
@@ -395,12 +402,16 @@ class TraceContext:
         """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
         memory is in ``made_from``)."""
         self._zeros[id(t)] = (t, _placement(t), made_from | {_memory(t)})
+        self._zero_memory.add(_memory(t))
 
     def zero_source(self, t: Any) -> frozenset | None:
         """The memories ``t`` was made from when it is a constant exactly 0: made in the forward
-        as zeros from numbers and shapes, not written since, and all 0 now; else None."""
+        as zeros from numbers and shapes, none of them written since (by any tensor in their
+        memory), and all 0 now; else None."""
         entry = self._zeros.get(id(t)) if isinstance(t, Tensor) else None
         if entry is None or entry[0] is not t or entry[1] != _placement(t):
+            return None
+        if not entry[2].isdisjoint(self._zero_written):
             return None
         return entry[2] if not bool((t != 0).any()) else None
 
@@ -526,6 +537,8 @@ class TraceContext:
         for t, before in zip(tensors, versions, strict=True):
             if before is None or _version(t) == before:
                 continue
+            if _memory(t) in self._zero_memory:  # a constant 0 no more
+                self._zero_written.add(_memory(t))
             for other in self._in_memory.get(_memory(t), {}).values():
                 held, labels, placement = self._labels[id(other)]
                 now = _placement(other)
@@ -658,6 +671,22 @@ class TraceContext:
                 for made_from, labels in self._zero_reads:  # a later call may change it
                     if _memory(t) in made_from:
                         self.block(labels, f"{reason}, read as a constant 0")
+
+    def block_rewritten_zeros(self) -> None:
+        """After the trace: labels that passed an op because a constant 0 was read are blocked
+        when the memory of that zero (or of a zero it was made from) was written after the read
+        (``floor += 0.5`` on a zero kept in a global or a closure for a later call)."""
+        changed = set(self._zero_written)
+        for t, placement, _ in self._zeros.values():
+            if _placement(t) != placement:  # an in-place op the tracer did not see
+                changed.add(_memory(t))
+        for made_from, labels in self._zero_reads:
+            if not made_from.isdisjoint(changed):
+                self.block(
+                    labels,
+                    "a constant 0 read by the forward was written after the read "
+                    "(kept for a later call?)",
+                )
 
     # -- parameter roles --------------------------------------------------------------------------
     def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
@@ -894,6 +923,7 @@ class TraceContext:
         return ZERO
 
 
+_MIXED = "mixed with a fixed tensor"
 _LIBRARY = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
 
 
@@ -1397,6 +1427,7 @@ def trace(
                 else:
                     ctx.block(ctx.terms(t), reason)
         ctx.block_stored(model)
+        ctx.block_rewritten_zeros()
     if ctx.value_reads and not allow_value_dependent:
         raise ValueDependentError(
             f"the forward's control flow may depend on its input or weights: "
