@@ -40,6 +40,9 @@ __all__ = [
 SINGULAR = 1e-12
 # The most restarts of conjugate gradients on the residual in :func:`gram_solve`.
 GRAM_RESTARTS = 100
+# Relative error of ``g(-h) . g(h) . theta`` from float64 arithmetic alone (a few ulps of the
+# exponentials and products), beyond the one unit in the last place of the dtype's rounding.
+ROUND_TRIP = 64 * torch.finfo(torch.float64).eps
 
 
 class SingularGramError(GaugefixError, ValueError):
@@ -149,6 +152,11 @@ def gauge_coordinates(
     coordinate: by default they raise ``ValueError`` naming them. With ``allow_dead=True`` they
     keep ``h = 0``, are listed in ``dead_generators``, and the round trip is still exact, but
     ``balanced`` is then only invariant under gauges that are 0 on the dead generators.
+    Live generators with a stabiliser (a combination of them moves no entry: ``K`` is
+    singular on them, see :func:`gaugefix.project`) make ``h`` non-unique: they raise
+    :class:`SingularGramError` naming them. A ``balanced`` that the parameters' dtype cannot hold
+    (entries taken below its smallest normal number, so that ``to_state_dict()`` would not give
+    them back to one unit in the last place) raises ``ValueError`` naming the parameter.
     Not reaching ``tol`` in ``max_iter`` iterations is no error (the rule of every Newton solve
     in gaugefix, :func:`gaugefix.balance_` included): ``converged`` is then false.
     """
@@ -168,6 +176,8 @@ def gauge_coordinates(
             f"outgoing entries zero): {_describe(dead.tolist(), structure)}; pass "
             "allow_dead=True to keep them at h = 0"
         )
+    if structure.num_generators:
+        _refuse_stabiliser(model, structure, live)
     state = model.state_dict(keep_vars=True)
     missing = [name for name in params if name not in state]
     if missing:
@@ -176,6 +186,7 @@ def gauge_coordinates(
     aliases = {k: owner[id(v)] for k, v in state.items() if id(v) in owner and owner[id(v)] != k}
     balanced = {k: v.detach().clone() for k, v in state.items()}
     balanced.update(gauge_tensors(params, structure, h))
+    _refuse_lossy(params, balanced, structure, h)
     balanced.update({k: balanced[name].clone() for k, name in aliases.items()})
     return GaugeCoordinates(
         balanced=balanced,
@@ -185,6 +196,49 @@ def gauge_coordinates(
         converged=converged,
         structure=structure,
         aliases=aliases,
+    )
+
+
+def _refuse_stabiliser(model: nn.Module, structure: GaugeStructure, live: Tensor) -> None:
+    """:class:`SingularGramError` naming the live generators that span a null space of ``K``
+    restricted to them: a combination ``c`` of them moves no entry (``g(t c) . theta = theta``),
+    so ``h`` is not unique along it."""
+    loose = ungrounded_generators(model, structure)
+    loose = loose[live.to(loose.device)[loose]]
+    if loose.numel() and _singular(model, structure, loose):
+        raise SingularGramError(
+            f"generator(s) {_describe(loose.tolist(), structure)} have a stabiliser: some "
+            "combination of them moves no entry (their entries are shared only among "
+            "themselves, K is singular), so the coordinate h is not unique",
+            loose.tolist(),
+        )
+
+
+def _refuse_lossy(
+    params: Mapping[str, Tensor],
+    balanced: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    h: Tensor,
+) -> None:
+    """``ValueError`` naming the first parameter that ``g(-h) . balanced`` does not give back
+    to within one unit in the last place of its dtype (plus :data:`ROUND_TRIP` relative, the
+    float64 arithmetic): ``balanced`` took entries below the dtype's smallest normal number,
+    where its rounding is absolute (a float16 weight of ``1e-4`` divided by ``1e4`` is 0)."""
+    back = gauge_tensors({name: balanced[name] for name in params}, structure, -h)
+    far = {}
+    for name, t in params.items():
+        t64, size = t.detach().to(torch.float64), t.detach().abs()
+        ulp = torch.nextafter(size, size.new_full((), math.inf)).to(torch.float64) - t64.abs()
+        far[name] = (
+            (back[name].to(torch.float64) - t64).abs() > ulp + ROUND_TRIP * t64.abs()
+        ).any()
+    if not far or not bool(torch.stack(list(far.values())).any()):  # one host read
+        return
+    name = next(name for name, flag in far.items() if bool(flag))
+    raise ValueError(
+        f"the balanced point cannot be held in {params[name].dtype}: it takes entries of "
+        f"'{name}' below the dtype's smallest normal number, where they would not round-trip "
+        "(a wider dtype holds them)"
     )
 
 
@@ -283,13 +337,14 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
         if int(grounded.sum()) == before:
             break
     loose = torch.nonzero(~grounded[:n]).reshape(-1)
-    if not loose.numel():
-        return loose
-    gram = generators_gram(model, structure).to_dense()[loose][:, loose]
+    return loose if loose.numel() and _singular(model, structure, loose) else loose[:0]
+
+
+def _singular(model: nn.Module, structure: GaugeStructure, generators: Tensor) -> bool:
+    """Whether the dense Gram matrix of ``generators`` (a small set) is singular."""
+    gram = generators_gram(model, structure).to_dense()[generators][:, generators]
     values = torch.linalg.eigvalsh(gram)
-    if float(values[0]) > SINGULAR * max(float(values[-1]), 1e-300):
-        return loose[:0]
-    return loose
+    return float(values[0]) <= SINGULAR * max(float(values[-1]), 1e-300)
 
 
 # -- tangent projections ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from gaugefix.action import all_finite, check_finite_params
-from gaugefix.coordinates import generators_gram
+from gaugefix.coordinates import generator_pairing, generators_gram
 from gaugefix.distributed import refuse_sharded
 from gaugefix.errors import check_count, check_number
 from gaugefix.moment import imbalance
@@ -166,9 +166,12 @@ def predicted_imbalance_change(
     model.named_parameters()}``). The step is exactly what ``torch.optim.SGD(lr=lr,
     weight_decay=wd)`` without momentum does (coupled L2 ``g + wd theta``), and also SGD with
     decoupled decay. With momentum or Adam the actual change differs: the difference is the
-    scale drift the optimizer adds. Accumulated like :func:`gaugefix.imbalance` (float64 for
-    float64 tensors). Weights or ``grads`` that are not floating point or not finite are refused
-    (``ValueError`` naming the first).
+    scale drift the optimizer adds. Frozen gauged parameters (``requires_grad=False``) stay in
+    place, as SGD leaves them (no step, no decay): their ``theta`` and ``g`` drop out and the
+    cross term over the entries that move, which no longer vanishes, is added (``DTensor``
+    parameters are then refused with a ``ShardingError``). Accumulated like
+    :func:`gaugefix.imbalance` (float64 for float64 tensors). Weights or ``grads`` that are not
+    floating point or not finite are refused (``ValueError`` naming the first).
     """
     lr = check_number(lr, "lr")
     weight_decay = check_number(weight_decay, "weight_decay")
@@ -180,12 +183,35 @@ def predicted_imbalance_change(
             f"grads: no tensor for the gauged parameter '{absent[0]}' (got "
             f"{type(grads.get(absent[0])).__name__}); pass zeros for one the loss does not reach"
         )
-    _check_floats(structure.bind(model, sharded=True), "parameter")
+    params = structure.bind(model, sharded=True)
+    _check_floats(params, "parameter")
     _check_floats(structure.bind(dict(grads), sharded=True), "grads:")
-    mu = imbalance(model, structure)
-    mu_g = imbalance(dict(grads), structure)
-    shrink = (1.0 - lr * weight_decay) ** 2
-    return (shrink - 1.0) * mu + lr**2 * mu_g.to(mu.dtype)
+    shrink = 1.0 - lr * weight_decay
+    if all(p.requires_grad for p in params.values()):
+        mu = imbalance(model, structure)
+        mu_g = imbalance(dict(grads), structure)
+        return (shrink**2 - 1.0) * mu + lr**2 * mu_g.to(mu.dtype)
+    return _frozen_change(params, grads, structure, lr, shrink)
+
+
+def _frozen_change(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    lr: float,
+    shrink: float,
+) -> Tensor:
+    """:func:`predicted_imbalance_change` where some gauged parameters are frozen: SGD leaves
+    them in place, so over the entries that move (``theta``, ``g`` zeroed on frozen ones) the
+    cross term ``-2 lr shrink <xi_n, g>`` no longer vanishes and is added (needs whole tensors:
+    ``ShardingError`` for ``DTensor`` s)."""
+    refuse_sharded(params)
+    theta = {n: p.detach() if p.requires_grad else torch.zeros_like(p) for n, p in params.items()}
+    g = {n: grads[n] if params[n].requires_grad else torch.zeros_like(grads[n]) for n in params}
+    mu = imbalance(theta, structure)
+    cross = generator_pairing(theta, g, structure).to(mu.dtype)
+    mu_g = imbalance(g, structure).to(mu.dtype)
+    return (shrink**2 - 1.0) * mu + lr**2 * mu_g - 2.0 * lr * shrink * cross
 
 
 def _check_floats(tensors: Mapping[str, Tensor], what: str) -> None:
