@@ -9,12 +9,12 @@ on an example input measured; :func:`write_state_dict` writes them in the file's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import struct
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +45,7 @@ class CheckpointError(GaugefixError, ValueError):
     """A weights file, or weights for a model, that cannot be balanced; the message says why."""
 
 
-@dataclass
+@dataclasses.dataclass
 class StateDictFile:
     """A state dict as read from a file: ``tensors`` (name -> tensor), the file ``format``,
     safetensors' ``__metadata__`` strings and a PyTorch state dict's ``_metadata`` (module
@@ -88,16 +88,54 @@ def read_state_dict(path: str | Path) -> StateDictFile:
             f"cannot read {path} as safetensors or a PyTorch file: {first_line(err)}"
         ) from None
     if not isinstance(loaded, Mapping):
-        raise CheckpointError(
-            f"{path} holds a {type(loaded).__name__}, not a state dict (names -> tensors)"
-        )
+        raise CheckpointError(f"{path} holds {_a(loaded)}, not a state dict (names -> tensors)")
     for k, v in loaded.items():
         if not (isinstance(k, str) and isinstance(v, Tensor)):
-            raise CheckpointError(
-                f"{path} holds a {type(loaded).__name__}, not a state dict (names -> tensors): "
-                f"its entry {k!r} is a {type(v).__name__}, not a tensor"
-            )
+            raise CheckpointError(_not_flat(path, loaded, k))
     return StateDictFile(dict(loaded), "torch", getattr(loaded, "_metadata", None))
+
+
+def _a(value: object) -> str:
+    """The type of ``value`` with its article: ``an int``, ``a dict``."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _not_flat(path: Path, loaded: Mapping, key: object) -> str:
+    """Why ``loaded`` (from ``path``) is not a state dict: its entry ``key``; for a training
+    checkpoint (entries that are state dicts, as Lightning's ``state_dict`` or a ``{"model":
+    ..., "optimizer": ...}`` dict), which entries hold tensors by name and how to extract one."""
+    what = f"{path} holds {_a(loaded)}, not a state dict (names -> tensors): its "
+    if not isinstance(key, str):
+        return what + f"key {key!r} is {_a(key)}, not a name"
+    what += f"entry {key!r} is {_a(loaded[key])}, not a tensor"
+    inner = {
+        k: v
+        for k, v in loaded.items()
+        if isinstance(v, Mapping) and v and all(isinstance(t, Tensor) for t in v.values())
+    }
+    if not inner:
+        return what
+    found = ", ".join(f"{k!r} ({len(v)} tensors{_prefix(v)})" for k, v in inner.items())
+    return (
+        f"{what}; it looks like a training checkpoint, with tensors by name in {found}: save the "
+        f"model's state dict alone, torch.save(torch.load({str(path)!r}, weights_only=True)[KEY], "
+        "'weights.pt') with KEY the entry that holds the model's weights, and pass that file"
+        + (
+            " (strip the prefix if the model's names have none)"
+            if any(map(_prefix, inner.values()))
+            else ""
+        )
+    )
+
+
+def _prefix(state: Mapping) -> str:
+    """``, every name starting with 'model.'`` when all names of ``state`` start with one
+    prefix ending in a dot, as a wrapper's (a LightningModule's attribute) do."""
+    first = {str(n).split(".", 1)[0] for n in state}
+    if len(first) != 1 or not all("." in str(n) for n in state):
+        return ""
+    return f", every name starting with {next(iter(first)) + '.'!r}"
 
 
 def write_state_dict(state: StateDictFile, path: str | Path) -> None:
@@ -119,7 +157,7 @@ def write_state_dict(state: StateDictFile, path: str | Path) -> None:
     write_bytes(path, data)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CheckpointBalance:
     """What :func:`balance_state_dict` measured, on the example input ``x``.
 
@@ -128,7 +166,10 @@ class CheckpointBalance:
     did in float64; ``output_scale``: ``max |f(x)|`` over the floating outputs with the given
     weights; ``exact_change``: ``max |f_b(x) - f(x)|`` with the balanced float64 weights;
     ``output_change``: the same with the returned weights (rounded to the file's dtypes);
-    ``dtype``: the coarsest dtype of a tensor that balancing changed (``float64`` when none did).
+    ``dtype``: the coarsest dtype of a tensor that balancing changed (``float64`` when none did);
+    ``per_output_exact`` and ``per_output_change``: for each floating output tensor ``f_i`` (in
+    the order of the forward's output), ``max |f_b,i(x) - f_i(x)| / max |f_i(x)|`` with the
+    float64 and with the returned weights (``inf`` for a change of an output that is all zero).
     """
 
     num_generators: int
@@ -139,22 +180,39 @@ class CheckpointBalance:
     exact_change: float
     output_change: float
     dtype: torch.dtype
+    per_output_exact: tuple[float, ...]
+    per_output_change: tuple[float, ...]
 
     @staticmethod
     def relative_tolerance(dtype: torch.dtype) -> float:
-        """``sqrt(eps)`` of ``dtype``: the outputs must keep half its significant digits."""
+        """``sqrt(eps)`` of ``dtype``: each output must keep half its significant digits."""
         return math.sqrt(torch.finfo(dtype).eps)
+
+    @staticmethod
+    def worst(changes: tuple[float, ...]) -> tuple[int, float]:
+        """The output whose relative change is the largest (a NaN one first), and that change."""
+        return max(enumerate(changes), key=lambda c: (math.isnan(c[1]), c[1]), default=(0, 0.0))
+
+    @property
+    def exact_relative(self) -> float:
+        """The largest of ``per_output_exact``."""
+        return self.worst(self.per_output_exact)[1]
+
+    @property
+    def output_relative(self) -> float:
+        """The largest of ``per_output_change``."""
+        return self.worst(self.per_output_change)[1]
 
     @property
     def kept_in_float64(self) -> bool:
-        """Balancing in float64 kept the outputs to ``sqrt(eps_float64) * output_scale``."""
-        return self.exact_change <= self.relative_tolerance(torch.float64) * self.output_scale
+        """Balancing in float64 kept each output to ``sqrt(eps_float64)`` of its largest entry."""
+        return self.exact_relative <= self.relative_tolerance(torch.float64)
 
     @property
     def within_tolerance(self) -> bool:
-        """The returned weights keep the outputs to ``sqrt(eps_dtype) * output_scale``."""
+        """The returned weights keep each output to ``sqrt(eps_dtype)`` of its largest entry."""
         return self.kept_in_float64 and (
-            self.output_change <= self.relative_tolerance(self.dtype) * self.output_scale
+            self.output_relative <= self.relative_tolerance(self.dtype)
         )
 
 
@@ -244,17 +302,68 @@ def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dic
                 f"{present[0]} and {present[1]} differ, but the model ties them (one tensor)"
             )
         full[name] = value
+    _check_views(model_state, full)
     return full
 
 
+def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes of its storage that ``t``'s entries lie in: ``[first, last + 1)``."""
+    start = t.storage_offset() * t.element_size()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start, start + extent * t.element_size()
+
+
+def _check_views(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
+    """:class:`CheckpointError` unless ``tensors`` (one for each name of the model's state
+    dict) load into the model as they are, where it keeps entries in one memory in different
+    shapes (a buffer viewing a weight reshaped, transposed or sliced): ``load_state_dict``
+    copies them in turn, so a later one overwrites where they overlap."""
+    memories: dict[tuple, list[str]] = defaultdict(list)
+    for name, t in model_state.items():
+        if t.numel():
+            memories[(t.device, t.untyped_storage().data_ptr())].append(name)
+    for names in memories.values():
+        if len({_storage_key(model_state[n]) for n in names}) > 1:
+            _check_loaded(model_state, tensors, names)
+
+
+def _check_loaded(model_state: dict[str, Tensor], tensors: dict[str, Tensor], names: list) -> None:
+    """Load ``tensors[names]`` into a copy of the memory the model's entries ``names`` share,
+    in the model's order; :class:`CheckpointError` naming an entry a later one changed."""
+    memory = model_state[names[0]].untyped_storage().clone()
+    loaded = {}
+    for name in names:
+        t = model_state[name]
+        view = torch.empty(0, dtype=t.dtype, device=t.device)
+        loaded[name] = view.set_(memory, t.storage_offset(), t.shape, t.stride())
+        loaded[name].copy_(tensors[name])
+    for i, name in enumerate(names):
+        if not torch.equal(loaded[name], tensors[name].to(loaded[name].dtype)):
+            first, end = _span(model_state[name])
+            later = next(
+                n
+                for n in names[i + 1 :]
+                if _span(model_state[n])[0] < end and first < _span(model_state[n])[1]
+            )
+            raise CheckpointError(
+                f"{name} and {later} differ where the model keeps them in the same memory (one "
+                "is a view of the other)"
+            )
+
+
 def _float_outputs(out: Any) -> list[Tensor]:
-    """The floating tensors in a model's output (a tensor, or mappings and sequences of them)."""
+    """The floating (and complex) tensors in a model's output, in mappings, lists, tuples and
+    dataclasses: those :func:`gaugefix.discover` keeps (a cache object such as a Hugging Face
+    ``DynamicCache`` is not searched, by either; a cache returned as tuples of tensors is an
+    output to both)."""
     if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
+        return [out] if out.is_floating_point() or out.is_complex() else []
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _float_outputs(v)]
+        return _float_outputs(list(out.values()))
     if isinstance(out, list | tuple):
         return [t for v in out for t in _float_outputs(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return _float_outputs([getattr(out, f.name) for f in dataclasses.fields(out)])
     return []
 
 
@@ -285,6 +394,17 @@ def _max_change(a: list[Tensor], b: list[Tensor]) -> float:
     """``max |a - b|`` over every entry (NaN when any difference is NaN)."""
     values = [float((u - v).abs().max()) for u, v in zip(a, b, strict=True) if u.numel()]
     return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
+
+
+def _relative_changes(a: list[Tensor], b: list[Tensor]) -> tuple[float, ...]:
+    """``max |a_i - b_i| / max |b_i|`` for each output tensor ``b_i`` (0 for an empty one,
+    ``inf`` for a change of an all-zero one, NaN for a NaN difference)."""
+    changes = []
+    for u, v in zip(a, b, strict=True):
+        change = float((u - v).abs().max()) if u.numel() else 0.0
+        scale = float(v.abs().max()) if v.numel() else 0.0
+        changes.append(change / scale if scale else change * math.inf if change else 0.0)
+    return tuple(changes)
 
 
 def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
@@ -404,11 +524,11 @@ def balance_state_dict(
     reference, scale = _reference(model, x)
     before = gaugefix.imbalance_stats(model, structure)
     result = _moved(model, structure, objective, calibration, alpha)
-    exact_change = _max_change(_outputs(model, x), reference)
+    exact = _outputs(model, x)
 
     written = _written(model, tensors, ties)
     changed = [name for name, t in tensors.items() if not torch.equal(written[name], t)]
-    output_change = _max_change(_outputs(model, x), reference)
+    rounded = _outputs(model, x)
     dtypes = [tensors[name].dtype for name in changed]
     report = CheckpointBalance(
         num_generators=structure.num_generators,
@@ -416,8 +536,10 @@ def balance_state_dict(
         after=gaugefix.imbalance_stats(model, structure),
         result=result,
         output_scale=scale,
-        exact_change=exact_change,
-        output_change=output_change,
+        exact_change=_max_change(exact, reference),
+        output_change=_max_change(rounded, reference),
         dtype=max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64),
+        per_output_exact=_relative_changes(exact, reference),
+        per_output_change=_relative_changes(rounded, reference),
     )
     return written, report

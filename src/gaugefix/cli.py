@@ -283,23 +283,30 @@ def _report_balance(model: str, objective: str, report: CheckpointBalance) -> No
         f"RMS log-ratio: {before['log_ratio_rms']:.3g} -> {after['log_ratio_rms']:.3g}; "
         f"||theta||^2: {before['norm_sq']:.6g} -> {after['norm_sq']:.6g}"
     )
-    scale = report.output_scale
     typer.echo(
         f"largest output change on the example input: {report.output_change:.3g} "
-        f"(max |output| {scale:.3g}; float64 before rounding: {report.exact_change:.3g})"
+        f"(max |output| {report.output_scale:.3g}; float64 before rounding: "
+        f"{report.exact_change:.3g}); relative to each output's max |output|: "
+        f"{report.output_relative:.3g} (float64: {report.exact_relative:.3g})"
     )
     if not report.kept_in_float64:
         raise _fail(
-            f"balancing in float64 changed the outputs by {report.exact_change:.3g}, more than "
-            f"{report.relative_tolerance(torch.float64):.2g} x max |output|: the discovered "
-            "symmetry does not hold for this model; nothing written"
+            f"balancing in float64 changed the outputs by {_worst(report.per_output_exact)}, more "
+            f"than {report.relative_tolerance(torch.float64):.2g}: the discovered symmetry does "
+            "not hold for this model; nothing written"
         )
     if not report.within_tolerance:
         raise _fail(
             f"the balanced weights in {report.dtype} change the outputs by "
-            f"{report.output_change:.3g}, more than {report.relative_tolerance(report.dtype):.2g}"
-            " x max |output|; nothing written"
+            f"{_worst(report.per_output_change)}, more than "
+            f"{report.relative_tolerance(report.dtype):.2g}; nothing written"
         )
+
+
+def _worst(changes: tuple[float, ...]) -> str:
+    """The largest relative change of an output, and which output it is."""
+    index, change = CheckpointBalance.worst(changes)
+    return f"{change:.3g} x max |output| (of output {index}, each against its own)"
 
 
 def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:
@@ -313,8 +320,9 @@ def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:
 def _calibration(path: Path) -> torch.Tensor:
     """The array ``X`` of an ``.npz`` file as a tensor in native byte order (token ids stay
     integers)."""
-    try:  # any failure: a missing, truncated or damaged file, or an array torch cannot hold
-        with np.load(path, allow_pickle=False) as arrays:
+    arrays = _npz(path)
+    try:  # any failure: a truncated or damaged file, or an array torch cannot hold
+        with arrays:
             names = arrays.files
             x = arrays["X"] if "X" in names else None
         if x is not None:
@@ -324,6 +332,26 @@ def _calibration(path: Path) -> torch.Tensor:
     if x is None:
         raise _fail(f"{path} has no array 'X' (found: {', '.join(names)})")
     return x
+
+
+def _npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``path`` opened as an ``.npz`` file; one line for a path that is not a regular file (a
+    FIFO would block the read) and for a ``.npy`` file (one array)."""
+    if path.exists() and not path.is_file():
+        raise _fail(
+            f"{path} is not a regular file (a directory, device or FIFO): --calibration takes "
+            "an .npz file"
+        )
+    try:  # a missing file, or one numpy cannot read
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise _fail(f"cannot read {path} as .npz: {first_line(err)}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise _fail(
+            f"{path} is a .npy file (one array), not an .npz: save the calibration batch with "
+            "numpy.savez(FILE, X=batch)"
+        )
+    return loaded
 
 
 @app.callback()
