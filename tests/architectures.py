@@ -734,11 +734,9 @@ def assert_same_bits(model: nn.Module, saved: dict[str, Tensor]) -> None:
     for k, v in now.items():
         a, b = v.detach(), saved[k]
         assert a.dtype == b.dtype and a.shape == b.shape, k
-        if a.is_floating_point():
-            a, b = (
-                a.view(torch.int64 if a.dtype == torch.float64 else torch.int32),
-                b.view(torch.int64 if b.dtype == torch.float64 else torch.int32),
-            )
+        if a.is_floating_point():  # the bits, as the integers of the same width
+            bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+            a, b = a.view(bits), b.view(bits)
         assert torch.equal(a, b), k
 
 
