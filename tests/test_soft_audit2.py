@@ -453,13 +453,17 @@ def test_relax_float32_parameters_whose_squares_overflow_float32():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_predicted_imbalance_change_names_a_gradient_that_is_none():
-    """A parameter the loss does not reach has ``grad`` None; before the fix that read "the
-    structure does not match: no parameter ...", as if the structure were another model's."""
+def test_predicted_imbalance_change_names_a_gradient_that_is_missing():
+    """A gauged parameter missing from ``grads`` (or not a tensor); before the fix that read
+    "the structure does not match: no parameter ...", as if the structure were another
+    model's. ``None`` is a parameter the loss does not reach (SGD leaves it in place)."""
     model, _, s = build("mlp")
     grads = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    grads["0.weight"] = None
+    del grads["0.weight"]
     with pytest.raises(ValueError, match="grads: no tensor for the gauged parameter '0.weight'"):
+        gf.predicted_imbalance_change(model, grads, s, 0.1)
+    grads["0.weight"] = 0.0
+    with pytest.raises(ValueError, match="gauged parameter '0.weight' \\(got float\\)"):
         gf.predicted_imbalance_change(model, grads, s, 0.1)
 
 

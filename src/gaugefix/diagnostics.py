@@ -166,10 +166,11 @@ def predicted_imbalance_change(
     model.named_parameters()}``). The step is exactly what ``torch.optim.SGD(lr=lr,
     weight_decay=wd)`` without momentum does (coupled L2 ``g + wd theta``), and also SGD with
     decoupled decay. With momentum or Adam the actual change differs: the difference is the
-    scale drift the optimizer adds. Frozen gauged parameters (``requires_grad=False``) stay in
-    place, as SGD leaves them (no step, no decay): their ``theta`` and ``g`` drop out and the
-    cross term over the entries that move, which no longer vanishes, is added (``DTensor``
-    parameters are then refused with a ``ShardingError``). Accumulated like
+    scale drift the optimizer adds. Gauged parameters that are frozen (``requires_grad=False``)
+    or whose gradient is ``None`` (the loss does not reach them) stay in place, as SGD leaves
+    them (no step, no decay): their ``theta`` and ``g`` drop out and the cross term over the
+    entries that move, which no longer vanishes, is added (``DTensor`` parameters are then
+    refused with a ``ShardingError``). Accumulated like
     :func:`gaugefix.imbalance` (float64 for float64 tensors). Weights or ``grads`` that are not
     floating point or not finite are refused (``ValueError`` naming the first).
     """
@@ -177,37 +178,40 @@ def predicted_imbalance_change(
     weight_decay = check_number(weight_decay, "weight_decay")
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
-    absent = [name for name in structure.params if not isinstance(grads.get(name), Tensor)]
-    if absent:  # e.g. the grad of a parameter the loss did not reach is None
+    absent = [n for n in structure.params if not isinstance(grads.get(n, ...), Tensor | None)]
+    if absent:
         raise ValueError(
             f"grads: no tensor for the gauged parameter '{absent[0]}' (got "
-            f"{type(grads.get(absent[0])).__name__}); pass zeros for one the loss does not reach"
+            f"{type(grads.get(absent[0])).__name__}); give None for one the loss does not reach"
         )
     params = structure.bind(model, sharded=True)
     _check_floats(params, "parameter")
-    _check_floats(structure.bind(dict(grads), sharded=True), "grads:")
+    still = {n for n, p in params.items() if not p.requires_grad or grads[n] is None}
+    grads = {**grads, **{n: torch.zeros_like(params[n]) for n in params if grads[n] is None}}
+    _check_floats(structure.bind(grads, sharded=True), "grads:")
     shrink = 1.0 - lr * weight_decay
-    if all(p.requires_grad for p in params.values()):
+    if not still:
         mu = imbalance(model, structure)
-        mu_g = imbalance(dict(grads), structure)
+        mu_g = imbalance(grads, structure)
         return (shrink**2 - 1.0) * mu + lr**2 * mu_g.to(mu.dtype)
-    return _frozen_change(params, grads, structure, lr, shrink)
+    return _held_change(params, grads, still, structure, lr, shrink)
 
 
-def _frozen_change(
+def _held_change(
     params: Mapping[str, Tensor],
     grads: Mapping[str, Tensor],
+    still: set[str],
     structure: GaugeStructure,
     lr: float,
     shrink: float,
 ) -> Tensor:
-    """:func:`predicted_imbalance_change` where some gauged parameters are frozen: SGD leaves
-    them in place, so over the entries that move (``theta``, ``g`` zeroed on frozen ones) the
-    cross term ``-2 lr shrink <xi_n, g>`` no longer vanishes and is added (needs whole tensors:
+    """:func:`predicted_imbalance_change` where SGD leaves the gauged parameters ``still`` in
+    place: over the entries that move (``theta``, ``g`` zeroed on the others) the cross term
+    ``-2 lr shrink <xi_n, g>`` no longer vanishes and is added (needs whole tensors:
     ``ShardingError`` for ``DTensor`` s)."""
     refuse_sharded(params)
-    theta = {n: p.detach() if p.requires_grad else torch.zeros_like(p) for n, p in params.items()}
-    g = {n: grads[n] if params[n].requires_grad else torch.zeros_like(grads[n]) for n in params}
+    theta = {n: torch.zeros_like(p) if n in still else p.detach() for n, p in params.items()}
+    g = {n: torch.zeros_like(grads[n]) if n in still else grads[n] for n in params}
     mu = imbalance(theta, structure)
     cross = generator_pairing(theta, g, structure).to(mu.dtype)
     mu_g = imbalance(g, structure).to(mu.dtype)
