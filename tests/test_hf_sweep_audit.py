@@ -254,6 +254,18 @@ def returned(model: nn.Module, call: dict) -> dict[str, Tensor]:
     return found
 
 
+# DeepSeek-V3's router casts the normed stream to float32 (``.type(torch.float32)``), a cast to a
+# narrower dtype inside the float64 model, which the gauge passes through (docs/generators.md): a
+# gauge of arbitrary factors moves its outputs by float32's rounding (measured 1.0e-7), one of
+# powers of two not at all (test_powers_of_two_gauge_is_exact_through_float32_casts).
+ROUTER_IN_FLOAT32 = {"deepseek-v3": 1e-6}
+
+
+def tol(arch: str) -> float:
+    """The largest relative change of a returned tensor under a gauge of ``arch``."""
+    return ROUTER_IN_FLOAT32.get(arch, TOL)
+
+
 def worst_change(before: dict[str, Tensor], after: dict[str, Tensor]) -> tuple[float, str]:
     assert before.keys() == after.keys()
     return max(((rel_change(b, after[k]), k) for k, b in before.items()), default=(0.0, ""))
@@ -270,18 +282,18 @@ def test_every_returned_tensor_is_kept_by_gauge_balance_equalize_and_groups(arch
     assert s.num_generators > 0
     gen = torch.Generator().manual_seed(0)
     gaugefix.random_gauge_(model, s, 1.0, generator=gen)
-    assert worst_change(before, returned(model, call))[0] <= TOL
+    assert worst_change(before, returned(model, call))[0] <= tol(arch)
     gaugefix.random_gauge_(model, s, 3.0, generator=gen)
     result = gaugefix.balance_(model, s)
     assert result.converged and result.mu_rel_max <= TOL, result
-    assert worst_change(before, returned(model, call))[0] <= TOL
+    assert worst_change(before, returned(model, call))[0] <= tol(arch)
     gaugefix.random_gauge_(model, s, 1.0, generator=gen)
     assert gaugefix.equalize_(model, s, "range").converged
-    assert worst_change(before, returned(model, call))[0] <= TOL
+    assert worst_change(before, returned(model, call))[0] <= tol(arch)
     for group in json.loads(json.dumps(s.scale_groups())):  # as a tool reads them, cumulated
         scales = torch.exp(torch.randn(len(group["generators"]), generator=gen, dtype=DTYPE))
         apply_like_a_tool(model, group, scales)
-        assert worst_change(before, returned(model, call))[0] <= TOL, group["smooth_layer"]
+        assert worst_change(before, returned(model, call))[0] <= tol(arch), group["smooth_layer"]
 
 
 @torch.no_grad()
@@ -295,13 +307,15 @@ def powers_of_two_gauge_(model: nn.Module, s: gaugefix.GaugeStructure, seed: int
         params[name].mul_(torch.exp2(exponent))
 
 
-@pytest.mark.parametrize("arch", list(FLOAT32_INSIDE))
+@pytest.mark.parametrize("arch", [*FLOAT32_INSIDE, *ROUTER_IN_FLOAT32])
 def test_powers_of_two_gauge_is_exact_through_float32_casts(arch):
-    model, inputs = build(FLOAT32_INSIDE[arch])
+    model, inputs = build({**FLOAT32_INSIDE, **ARCHS}[arch])
     call = richest_call(model, inputs)
     before = returned(model, call)
-    s = gaugefix.discover(model, **call)
-    assert s.kind_counts().get("query-key", 0) + s.kind_counts().get("rotary pair", 0) > 0
+    moe = "num_experts_per_tok" in {**FLOAT32_INSIDE, **ARCHS}[arch][2]
+    s = gaugefix.discover(model, **call, allow_value_dependent=moe)
+    if arch in FLOAT32_INSIDE:  # their attention scores are computed in float32
+        assert s.kind_counts().get("query-key", 0) + s.kind_counts().get("rotary pair", 0) > 0
     powers_of_two_gauge_(model, s, seed=5)
     assert worst_change(before, returned(model, call))[0] <= TOL
 
@@ -334,7 +348,7 @@ def test_a_decoding_step_that_reads_a_cache_fixes_what_the_cache_holds(arch):
     assert "query-key" not in kinds and "rotary pair" not in kinds
     assert ("value-output" in kinds) == (arch == "deepseek-v3"), kinds
     gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(0))
-    assert worst_change(before, returned(model, copy.deepcopy(step)))[0] <= TOL
+    assert worst_change(before, returned(model, copy.deepcopy(step)))[0] <= tol(arch)
 
 
 def test_a_returned_cache_is_named_in_the_notes_and_changes_under_the_gauge():
