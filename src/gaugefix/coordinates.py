@@ -162,13 +162,7 @@ def gauge_coordinates(
     """
     check_tolerances(tol, max_iter)
     params = structure.bind(model)
-    if structure.num_generators:
-        solution = solve_model(params, structure, tol, max_iter)
-        h, live, converged = solution.h[0], solution.live[0], bool(solution.converged[0])
-    else:
-        check_finite_params(params)
-        h, live = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
-        converged = True
+    h, live, converged = _solved(params, structure, tol, max_iter)
     dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
         raise ValueError(
@@ -178,6 +172,37 @@ def gauge_coordinates(
         )
     if structure.num_generators:
         _refuse_stabiliser(model, structure, live)
+    balanced, aliases = _balanced_state(model, params, structure, h)
+    return GaugeCoordinates(
+        balanced=balanced,
+        h=-h,
+        dead_generators=dead,
+        mu_rel_max=_measured_mu_rel_max(balanced, structure, live),
+        converged=converged,
+        structure=structure,
+        aliases=aliases,
+    )
+
+
+def _solved(
+    params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int
+) -> tuple[Tensor, Tensor, bool]:
+    """``(h, live, converged)`` of the balancing Newton solve on the bound ``params``: the gauge
+    ``[N]`` to the minimal-norm point, which generators have a closed orbit, and whether ``tol``
+    was reached (no generators: nothing to solve, the parameters checked finite)."""
+    if not structure.num_generators:
+        check_finite_params(params)
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), True
+    solution = solve_model(params, structure, tol, max_iter)
+    return solution.h[0], solution.live[0], bool(solution.converged[0])
+
+
+def _balanced_state(
+    model: nn.Module, params: dict[str, Tensor], structure: GaugeStructure, h: Tensor
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(balanced, aliases)``: a copy of ``model``'s state dict with ``g(h)`` applied to the
+    bound ``params`` (checked to round-trip, :func:`_refuse_lossy`), and the state-dict keys that
+    name a parameter under another key (tied weights) -> that key."""
     state = model.state_dict(keep_vars=True)
     missing = [name for name in params if name not in state]
     if missing:
@@ -188,15 +213,7 @@ def gauge_coordinates(
     balanced.update(gauge_tensors(params, structure, h))
     _refuse_lossy(params, balanced, structure, h)
     balanced.update({k: balanced[name].clone() for k, name in aliases.items()})
-    return GaugeCoordinates(
-        balanced=balanced,
-        h=-h,
-        dead_generators=dead,
-        mu_rel_max=_measured_mu_rel_max(balanced, structure, live),
-        converged=converged,
-        structure=structure,
-        aliases=aliases,
-    )
+    return balanced, aliases
 
 
 def _refuse_stabiliser(model: nn.Module, structure: GaugeStructure, live: Tensor) -> None:
