@@ -336,9 +336,10 @@ def test_exclusions_name_the_module_where_a_channel_was_fixed():
     assert "'mix'" in reasons["a"] and "mixed with a fixed tensor" in reasons["a"], reasons
 
 
-def test_deepseek_v3_query_exclusions_name_the_attention():
-    """The tiny DeepSeek-V3's queries are fixed in its attention (the keys are assembled by
-    ``copy_`` into an empty tensor, which fixes them); the router's ``scatter_`` is elsewhere."""
+def test_deepseek_v3_attention_exclusions_name_their_own_norms():
+    """The tiny DeepSeek-V3's latent projections (``q_a_proj``, ``kv_a_proj_with_mqa``) are fixed
+    by their own RMSNorms; every channel fixed anywhere shares one component, whose first block
+    was the MoE router's ``scatter_``, and it named them all."""
     transformers = pytest.importorskip("transformers")
     config = transformers.DeepseekV3Config(
         vocab_size=32, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -354,6 +355,7 @@ def test_deepseek_v3_query_exclusions_name_the_attention():
     ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     s = gaugefix.discover(model, ids)
     for layer in range(2):
-        module = f"model.layers.{layer}.self_attn.q_b_proj"
-        mine = [e.reason for e in s.excluded if e.module == module]
-        assert mine and all(f"'model.layers.{layer}.self_attn'" in r for r in mine), mine
+        attn = f"model.layers.{layer}.self_attn"
+        for proj, norm in (("q_a_proj", "q_a_layernorm"), ("kv_a_proj_with_mqa", "kv_a_layernorm")):
+            mine = [e.reason for e in s.excluded if e.module == f"{attn}.{proj}"]
+            assert mine and all(f"'{attn}.{norm}'" in r for r in mine), mine

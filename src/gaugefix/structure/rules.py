@@ -6,6 +6,8 @@ Each rule states how one op transforms log-factors (see :mod:`gaugefix.structure
 - addition makes its operands' labels equal (a residual connection merges channels);
 - a product of two rescaled tensors carries the sum of their labels; a parameter times a tensor
   produces its output channels (an RMSNorm gain written by hand, LayerScale);
+- assignment into a tensor allocated in the forward (``t[..., a:b] = x``, ``copy_``,
+  ``index_put_``) gives the entries written the labels of ``x``, like a concatenation;
 - everything else blocks: its inputs keep factor 1. Ops not registered here block by default.
 
 The affine ops (linear maps, convolutions, norms, matrix products, embeddings) are in
@@ -32,6 +34,7 @@ from gaugefix.structure.trace import (
     ZERO,
     Sum,
     TraceContext,
+    _is_index,
     compact,
     nested_tensors,
 )
@@ -504,10 +507,6 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
     return dims
 
 
-def _is_index(t: Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex())
-
-
 def _index_width(item: Any) -> int:
     """How many dims of the indexed tensor one item of an index consumes."""
     if item is None or item is Ellipsis or isinstance(item, bool):
@@ -708,6 +707,75 @@ def _scatter_add(
 
 register_all(funcs("index_add", "index_add_"), _index_add)
 register_all(funcs("scatter_add", "scatter_add_"), _scatter_add)
+
+
+# --- assignment into tensors allocated in the forward ---------------------------------------
+def _copy(
+    ctx: TraceContext, result: Any, input: Tensor, src: Any, non_blocking: bool = False
+) -> Any:
+    """``dst.copy_(src)``: ``dst``'s entries take ``src``'s values (broadcast). Into memory
+    allocated in the forward (``empty``, ``zeros``), they take its labels (see
+    :meth:`TraceContext.overwrite`: keys assembled by ``k.new_empty(...)[..., :d].copy_(k_nope)``
+    are a concatenation); any other destination blocks both."""
+    if not isinstance(src, Tensor):
+        return blocker(ctx, result, input, src)
+    return _overwrite(ctx, input, lambda at: at, ctx.labels(src), (src,))
+
+
+def _setitem(ctx: TraceContext, result: Any, input: Tensor, index: Any, value: Any) -> Any:
+    """``dst[index] = value``: like :func:`_copy` into ``dst[index]``; a number written
+    carries the fixed factor. An index that depends on the data blocks."""
+    labels = ctx.labels(value) if isinstance(value, Tensor) else ZERO
+    return _overwrite(ctx, input, _indexed(index), labels, (index, value))
+
+
+def _index_put(
+    ctx: TraceContext, result: Any, input: Tensor, indices: Any, values: Tensor,
+    accumulate: bool = False,
+) -> Any:  # fmt: skip
+    """``dst.index_put_(indices, values)``: ``dst[indices] = values`` (adding, with
+    ``accumulate``, reads them: it blocks)."""
+    if accumulate or not isinstance(indices, (tuple, list)) or any(i is None for i in indices):
+        return blocker(ctx, result, input, indices, values)
+    return _overwrite(ctx, input, _indexed(tuple(indices)), ctx.labels(values), (indices, values))
+
+
+def _indexed(index: Any) -> Any:
+    """``at[index]``, with the index's tensors on the CPU (where labels are)."""
+    return lambda at: at[_on_cpu(index)]
+
+
+def _on_cpu(index: Any) -> Any:
+    if isinstance(index, Tensor):
+        return index.cpu()
+    if isinstance(index, (tuple, list)):
+        return type(index)(_on_cpu(i) for i in index)
+    return index
+
+
+def _overwrite(
+    ctx: TraceContext, dst: Tensor, region: Any, labels: Tensor, rest: tuple
+) -> Any:  # fmt: skip
+    """Write ``labels`` into ``region`` of ``dst`` when the trace can (see
+    :meth:`TraceContext.overwrite`: fresh memory, and no index that depends on the data);
+    else block everything the op touched."""
+    ctx.claim(dst)
+    indices = [t for t in nested_tensors(rest[:-1]) if _is_index(t)]
+    for t in indices:
+        ctx.claim(t)
+    by_data = any(ctx.is_tainted(t) for t in indices)
+    if not by_data and ctx.overwrite(dst, region, labels):
+        return UNCHANGED
+    return ctx.block_all(
+        (dst, *rest),
+        {},
+        ctx.reason("written in place (not into fresh memory, or where the data says)"),
+    )
+
+
+register_all(funcs("copy_", modules=(torch.Tensor,)), _copy)
+register_all(funcs("__setitem__", modules=(torch.Tensor,)), _setitem)
+register_all(funcs("index_put_", modules=(torch, torch.Tensor)), _index_put)
 
 
 # --- known blockers (they would block anyway; listing them gives a clearer reason) -----------

@@ -221,6 +221,29 @@ class _Gathered:
         self.source, self.rows, self.index = source, rows, index
 
 
+class _Fresh:
+    """Memory allocated in this forward by ``empty`` or ``zeros`` (or their ``_like`` and
+    ``new_`` forms): its storage, kept so that its address is not reused, and per storage
+    element (``[elements]``) whether a traced op read it (see :meth:`TraceContext.overwrite`)."""
+
+    def __init__(self, t: Tensor) -> None:
+        self.storage = t.untyped_storage()
+        self.pointer, self.nbytes = self.storage.data_ptr(), self.storage.nbytes()
+        self.element_size = t.element_size()
+        self.read = torch.zeros(self.nbytes // self.element_size, dtype=torch.bool)
+
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t`` is in this memory, still where it was allocated, as entries of its
+        size."""
+        same = self.storage.data_ptr() == self.pointer and self.storage.nbytes() == self.nbytes
+        return same and t.element_size() == self.element_size
+
+    def elements(self, t: Tensor) -> Tensor:
+        """The storage element of each entry of ``t`` (a tensor in this memory), ``t.shape``."""
+        every = torch.arange(self.read.numel())
+        return every.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 class TraceContext:
     """The state of one trace: node allocation, constraints, parameter roles and tags."""
 
@@ -230,10 +253,7 @@ class TraceContext:
         self.params = dict(model.named_parameters())
         # memory (see _memory) -> the parameters in it: a tensor there that is not one of them
         # (a buffer, an attribute or a constant aliasing a parameter) changes with them.
-        self._param_memory: dict[tuple, list[Tensor]] = {}
-        for p in self.params.values():
-            self._param_memory.setdefault(_memory(p), []).append(p)
-        self._param_memory.pop(None, None)
+        self._param_memory = _by_memory(list(self.params.values()))
         # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
         # the parameter is fixed (every entry carries 0).
         self.roles: dict[str, list[tuple[Tensor, int]] | None] = {}
@@ -256,9 +276,8 @@ class TraceContext:
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
         self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
-        # Per use of slices picked by data-dependent rows: its nodes per position, the element
-        # of the index's storage each position read, ((that storage, its version), the
-        # parameter) and the op.
+        # Per use of slices picked by data-dependent rows: its nodes per position, the index's
+        # storage element each position read, ((that storage, version), parameter), the op.
         self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
         self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
         # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
@@ -271,14 +290,16 @@ class TraceContext:
         self._shaped: dict[int, Tensor] = {}
         # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
         # views of them): id -> (tensor, its placement then, the memory of every zero it was
-        # made from); and the labels that passed through an op because an operand was such a
-        # zero, with those memories (if one is kept on a module, a later call may change it).
+        # made from); the labels that passed an op because an operand was such a zero, with
+        # those memories; the memories, and those a traced op wrote into since (a view,
+        # ``z.data``, ``out=``: a version counter of its own): no longer a constant 0.
         self._zeros: dict[int, tuple[Tensor, tuple, frozenset]] = {}
         self._zero_reads: list[tuple[frozenset, Sum]] = []
-        # The memories of those zeros, and those of them a traced op wrote into since (through
-        # a view, ``z.data``, ``out=``: a version counter of its own): no longer a constant 0.
         self._zero_memory: set[tuple | None] = set()
         self._zero_written: set[tuple | None] = set()
+        # Memory allocated in this forward (see _Fresh); views of it placed by data (narrow).
+        self._fresh: dict[tuple, _Fresh] = {}
+        self._placed: dict[int, Tensor] = {}
         # id(exception) -> (exception, innermost module path it was raised in)
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
@@ -506,6 +527,8 @@ class TraceContext:
         history); ``t`` is fixed from now on. A parameter whose memory ``t`` shares (a buffer or
         constant aliasing it, which a gauge rescales in place with it) is fixed."""
         memory = _memory(t)
+        if memory in self._fresh:  # read or written unseen: no overwrite replaces labels there
+            self._fresh[memory].read.fill_(True)
         for p in self._param_memory.get(memory, ()):  # scaled with the parameter in place
             self.fix(p, self.reason("read through a tensor that shares its memory"))
         if old is None:
@@ -555,6 +578,8 @@ class TraceContext:
         memory = _memory(t)
         if memory is None:
             return
+        if memory in self._fresh:
+            self._fresh[memory].read.fill_(True)
         for other in self._in_memory.get(memory, {}).values():  # t itself, its views, bases
             self.block(self._labels[id(other)][1], reason)
         for p in self._param_memory.get(memory, ()):
@@ -654,6 +679,90 @@ class TraceContext:
         padding, upsampling)."""
         trailing = range(t.dim() - k, t.dim())
         return self.terms(t).map(lambda nodes: self.unite(nodes.expand(t.shape), trailing))
+
+    # -- fresh memory: assignment into tensors allocated in the forward ------------------------
+    def mark_fresh(self, t: Tensor) -> None:
+        """Record that ``t`` was just allocated in the forward (``empty``, ``zeros``...): its
+        memory holds values no traced op gave (garbage, or zeros), read by nobody yet."""
+        memory = _memory(t) if t.is_floating_point() or t.is_complex() else None
+        if memory is not None:
+            self._fresh[memory] = _Fresh(t)
+
+    def _fresh_of(self, t: Tensor) -> _Fresh | None:
+        fresh = self._fresh.get(_memory(t)) if self._fresh else None
+        return fresh if fresh is not None and fresh.holds(t) else None
+
+    def note_reads(self, tensors: list[Tensor], out: Any, written: Tensor | None) -> None:
+        """Before an op's rule: record the elements of fresh memory its inputs read. An output
+        in an input's memory that is none of the inputs (a view: ``t[..., :d]``, ``t.T``) reads
+        nothing; it is placed by the data when an index tensor that depends on the data
+        positioned it or its input; a view as another dtype reads every element. ``written``:
+        the destination an overwrite rule speaks for (not read)."""
+        if not self._fresh:
+            return
+        made = [o for o in nested_tensors(out) if all(o is not t for t in tensors)]
+        for t in tensors:
+            fresh = None if t is written else self._fresh_of(t)
+            if fresh is None:
+                continue
+            views = [o for o in made if _memory(o) == _memory(t)]
+            if not views:
+                fresh.read[fresh.elements(t).reshape(-1)] = True
+            for o in views:
+                if o.element_size() != fresh.element_size or o.dtype != t.dtype:
+                    fresh.read.fill_(True)
+                placed = any(_is_index(i) and self.is_tainted(i) for i in tensors)
+                if placed or self._placed.get(id(t)) is t:
+                    self._placed[id(o)] = o
+
+    def _current(self, t: Tensor) -> Tensor | None:
+        """The labels of ``t`` as one node tensor of its shape, when they are current (recorded
+        at its present placement) and a single term with sign +1; else None."""
+        entry = self._labels.get(id(t))
+        if entry is None or entry[0] is not t or entry[2] != _placement(t):
+            return None
+        if not entry[1]:
+            return ZERO.expand(t.shape)
+        nodes, sign = entry[1][0]
+        return nodes.expand(t.shape) if len(entry[1]) == 1 and sign == 1 else None
+
+    def overwrite(self, dst: Tensor, region: Callable[[Tensor], Tensor], labels: Tensor) -> bool:
+        """An op just wrote values carrying ``labels`` (nodes broadcastable to the region) into
+        the entries ``region(positions of dst)`` of ``dst``. When ``dst`` is in fresh memory,
+        every tensor in that memory is placed independently of the data (a view placed by it
+        carries labels united along the dims it moves along) and has current single-term
+        labels, and no entry is written twice, the entries of that region in every tensor of
+        the memory take ``labels`` (replacing: the old values are gone); entries some op read
+        before are blocked, old and new labels (that reader saw the old value). Returns whether
+        it did so; False changes nothing."""
+        fresh = self._fresh_of(dst)
+        if fresh is None:
+            return False
+        peers = list(self._in_memory.get(_memory(dst), {}).values())
+        held = [self._current(p) if fresh.holds(p) else None for p in peers]
+        if all(p is not dst for p in peers) or any(h is None for h in held):
+            return False
+        if any(self._placed.get(id(p)) is p for p in peers):
+            return False
+        elements = region(fresh.elements(dst))
+        new = _fit(labels, elements.shape).reshape(-1)
+        elements = elements.reshape(-1)
+        if torch.unique(elements).numel() != elements.numel():
+            return False  # which write lands is not defined
+        read = fresh.read[elements]
+        if bool(read.any()):
+            reason = self.reason("entries of a tensor allocated in the forward read, then written")
+            stale = torch.zeros_like(fresh.read)
+            stale[elements[read]] = True
+            self.block(new[read], reason)
+            for p, old in zip(peers, held, strict=True):
+                self.block(old[stale[fresh.elements(p)]], reason)
+        at = torch.full(fresh.read.shape, -1, dtype=torch.long)
+        at[elements] = new
+        for p, old in zip(peers, held, strict=True):
+            mine = at[fresh.elements(p)]
+            self.set_labels(p, torch.where(mine >= 0, mine, old))
+        return True
 
     def block_stored(self, model: nn.Module) -> None:
         """Activations the forward stored on the model's modules (``self.cache = h``, a buffer
@@ -970,6 +1079,28 @@ def _memory(t: Tensor) -> tuple | None:
     return (t.device, pointer) if pointer and storage.nbytes() else None
 
 
+def _by_memory(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
+    """The tensors by the memory they are in (see :func:`_memory`; none without one)."""
+    out: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault(_memory(t), []).append(t)
+    out.pop(None, None)
+    return out
+
+
+def _is_index(t: Tensor) -> bool:
+    """Whether ``t`` holds integers or truth values (an index, a mask), not floating values."""
+    return not (t.is_floating_point() or t.is_complex())
+
+
+def _fit(labels: Tensor, shape: torch.Size) -> Tensor:
+    """``labels`` of a value written into a region of ``shape``, broadcast to it as the write
+    does (leading dims of size 1 beyond the region's dropped)."""
+    while labels.dim() > len(shape) and labels.shape[0] == 1:
+        labels = labels[0]
+    return labels.expand(shape)
+
+
 def _outputs(tree: Any, unsearched: set[str]) -> Iterator[Tensor]:
     """The tensors of a model's output, in nested tuples, lists, dicts and dataclasses; the
     type names of other objects in it (a cache) go to ``unsearched``. An iterator (a generator)
@@ -1048,7 +1179,13 @@ _KEEPS_ZERO = {
 }  # fmt: skip
 # Ops whose output depends only on the input's shape: the output carries the fixed factor.
 # (Zeros are not among them: a zero entry may carry any factor, see ``rules._zeros``.)
-_SHAPE_ONLY = {"ones_like", "empty_like", "new_ones", "new_empty"}
+_SHAPE_ONLY = {"ones_like", "empty_like", "new_ones", "new_empty", "empty"}
+# Allocations of memory whose values do not matter (garbage until written, or zeros, which carry
+# any factor): assignment into them replaces labels (see TraceContext.overwrite).
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "zeros", "zeros_like", "new_zeros"}
+# Ops that overwrite entries of their first argument without reading them (when their rule says
+# so; they read it otherwise, and their rule then blocks).
+_OVERWRITES = {"copy_", "__setitem__", "index_put_"}
 
 
 def _reads_value(short: str, out: Any) -> bool:
@@ -1105,6 +1242,7 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         tensors = list(nested_tensors((args, kwargs)))
         ctx.written(tensors, self.versions[-1])
+        ctx.note_reads(tensors, None, None)
         ctx.op = type(module).__name__
         ctx.module = module
         ctx._claimed = set()
@@ -1130,20 +1268,15 @@ class _Tracer(TorchFunctionMode):
                 "discovery cannot trace: give a padded example input"
             )
         inputs = {id(t) for t in tensors}
-        versions = ctx.versions(tensors)
-        try:
-            out = func(*args, **kwargs)
-        except TracingError:
-            raise
-        except Exception as err:
-            message = f"{name} failed in module '{ctx.where}': {first_line(err)}"
-            raise TracingError(message) from err
-        ctx.written(tensors, versions)
+        out = self._run(name, func, args, kwargs, tensors)
         short = name.rsplit(".", 1)[-1]
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
         if short in _METADATA:
             return out
+        written = args[0] if short in _OVERWRITES and args else None
+        if short not in _SHAPE_ONLY and short not in _ALLOCATIONS:
+            ctx.note_reads(tensors, out, written)
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
         self._mark(short, args, tensors, out, tainted)
         if short in _VALUE_READS or _reads_value(short, out):
@@ -1161,7 +1294,9 @@ class _Tracer(TorchFunctionMode):
             self.record(out, ctx.block_all(args, kwargs, reason), inputs)
             return out
         if short in _SHAPE_ONLY:
-            self.record(out, ZERO, inputs)
+            self.record(out, ZERO, inputs)  # garbage of empty: the fixed factor until written
+            if short in _ALLOCATIONS:
+                self._allocated(out, kwargs, inputs)
             return out
         rule = ctx.rule_for_op(func, name)
         ctx._claimed = set()
@@ -1173,7 +1308,28 @@ class _Tracer(TorchFunctionMode):
         self._block_unclaimed(tensors)
         ctx.commit_roles()
         self.record(out, labels, inputs)
+        if short in _ALLOCATIONS:
+            self._allocated(out, kwargs, inputs)
         return out
+
+    def _run(self, name: str, func: Any, args: tuple, kwargs: dict, tensors: list[Tensor]) -> Any:
+        """``func(*args, **kwargs)``, a failure raised as a :class:`TracingError` naming the op
+        and the module; the writes it made into ``tensors`` recorded."""
+        versions = self.ctx.versions(tensors)
+        try:
+            out = func(*args, **kwargs)
+        except TracingError:
+            raise
+        except Exception as err:
+            message = f"{name} failed in module '{self.ctx.where}': {first_line(err)}"
+            raise TracingError(message) from err
+        self.ctx.written(tensors, versions)
+        return out
+
+    def _allocated(self, out: Any, kwargs: dict, inputs: set[int]) -> None:
+        """Record an allocation's new tensor (not one written through ``out=``) as fresh."""
+        if isinstance(out, Tensor) and "out" not in kwargs and id(out) not in inputs:
+            self.ctx.mark_fresh(out)
 
     def _mark(
         self, short: str, args: tuple, tensors: list[Tensor], out: Any, tainted: bool
