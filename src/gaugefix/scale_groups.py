@@ -20,6 +20,9 @@ Nor are generators a parameter of their smooth layer does not scale (a depthwise
 on a residual stream: its kernel carries the channel's factor and its inverse), nor those of
 one group that divide one input channel together (``head(a * b)`` with
 ``a``, ``b`` two channels of one layer): a tool gives a channel one scale, not a product.
+A structure traced on one path that left parameters unused (experts no example token was
+routed to) has no groups to give: a group would leave the unused readers of its channels
+unscaled, and change the outputs of inputs that reach them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gaugefix.structure.gauge_structure import module_of
+from gaugefix.structure.gauge_structure import UNUSED_NOTE, module_of
 
 __all__ = ["scale_groups"]
 
@@ -108,7 +111,9 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
     modules whose input channels are multiplied), ``kind`` (the generators' kind),
     ``generators`` (their indices in the structure), and ``smooth_channels`` /
     ``balance_channels``: per module, for each output / input channel, the position in
-    ``generators`` of the generator that scales it (``-1``: none of this group)."""
+    ``generators`` of the generator that scales it (``-1``: none of this group). Raises
+    ``ValueError`` for a structure whose traced path left parameters unused."""
+    _refuse_unused(structure)
     modules, smooth, balance, other, columns = _sides(structure)
     n = structure.num_generators
     smoothing = smooth.any(0) & balance.any(0) & ~other
@@ -140,6 +145,19 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
             }
         )
     return groups
+
+
+def _refuse_unused(structure: GaugeStructure) -> None:
+    """Refuse a structure whose (value-dependent) trace did not use every parameter: what reads
+    a group's channels off that path is unknown, so no group is exact for every input."""
+    for note in structure.notes:
+        unused = note.partition(UNUSED_NOTE)[2]
+        if unused:
+            raise ValueError(
+                f"the structure was traced on one path, which left parameters unused ({unused}): "
+                "a scale group would leave them unscaled; discover it on inputs that use every "
+                "parameter (route tokens to every expert)"
+            )
 
 
 def _one_per_channel(

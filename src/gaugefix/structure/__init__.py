@@ -10,6 +10,7 @@ from torch import nn
 from gaugefix.structure import rules
 from gaugefix.structure.gauge_structure import (
     KINDS,
+    UNUSED_NOTE,
     Exclusion,
     GaugeStructure,
     GeneratorEntries,
@@ -79,7 +80,7 @@ def _notes(ctx: TraceContext) -> tuple[str, ...]:
         notes.append(
             f"traced one path: the forward read {len(ctx.value_reads)} tensor value(s) into "
             f"Python (first: {ctx.value_reads[0]}); exact only for inputs that take this path"
-            + (f"; parameters not used on it: {', '.join(unused)}" if unused else "")
+            + (f"; {UNUSED_NOTE}{', '.join(unused)}" if unused else "")
         )
     if ctx.unsearched:
         notes.append(

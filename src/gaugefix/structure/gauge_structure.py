@@ -44,6 +44,7 @@ __all__ = [
     "PlannedParam",
     "PlannedTerm",
     "Term",
+    "UNUSED_NOTE",
 ]
 
 FORMAT = "gaugefix.GaugeStructure/2"
@@ -52,6 +53,9 @@ FORMAT_V1 = "gaugefix.GaugeStructure/1"
 # The kinds of generators, from the most specific (a generator carrying several tags is shown
 # as the first of them).
 KINDS = ("rotary pair", "query-key", "value-output", "gated unit", "norm gain", "neuron")
+# What a structure's note says before the parameters a value-dependent trace did not use (read
+# back by ``gaugefix.scale_groups``, also from a saved structure).
+UNUSED_NOTE = "parameters not used on it: "
 
 
 class Exclusion(NamedTuple):
