@@ -50,6 +50,7 @@ __all__ = [
     "BOOTSTRAP_RESAMPLES",
     "BOOTSTRAP_SEED",
     "CONFIDENCE",
+    "TAIL",
     "TUNING_SEEDS",
     "BISECTION_BRACKET",
     "SHAM_METHODS",
@@ -110,7 +111,11 @@ __all__ = [
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
-CONFIDENCE = 0.95
+# The bootstrap interval's tail on each side; 1 - 2 * TAIL is exactly 0.95, and TAIL * 10000 is
+# exactly 250 (``(1 - 0.95) / 2`` is 0.025000000000000022, whose inverted-CDF quantile of 10000
+# means is the 251st smallest, one order statistic above the 2.5th percentile).
+TAIL = 0.025
+CONFIDENCE = 1.0 - 2 * TAIL
 TUNING_SEEDS = 3  # a tuned knob is chosen on seeds 0..TUNING_SEEDS-1, judged on the others
 # A seed's stable edge is bisected until the failing rate above it is within this factor of the
 # stable one; the bracket's geometric midpoint, the edge, is then within its square root (1.03)
@@ -368,8 +373,7 @@ def bootstrap_interval(ratios: Sequence[float]) -> tuple[float, float]:
         logs = np.log(np.asarray(ratios, dtype=np.float64))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     means = logs[rng.integers(0, len(logs), (BOOTSTRAP_RESAMPLES, len(logs)))].mean(axis=1)
-    tail = (1.0 - CONFIDENCE) / 2
-    low, high = np.quantile(means, [tail, 1.0 - tail], method="inverted_cdf")
+    low, high = np.quantile(means, [TAIL, 1.0 - TAIL], method="inverted_cdf")
     return float(np.exp(low)), float(np.exp(high))
 
 
