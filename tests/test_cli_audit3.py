@@ -422,12 +422,7 @@ def test_a_wrong_symmetry_seen_only_on_a_small_output_is_refused(tmp_path):
 transformers = pytest.importorskip("transformers")
 
 
-def gpt2() -> nn.Module:
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=16, n_head=4, n_positions=16, vocab_size=40, activation_function="relu",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
+from test_equalize import gpt2  # noqa: E402
 
 
 def llama() -> nn.Module:
