@@ -373,7 +373,7 @@ NOTES = [
     "time, and the modular-addition transformer (GEMMs over 4212 token positions per step) "
     "cannot gain much from batching, and is about a quarter of the one-by-one time; the "
     "mini-batch and teacher-student groups, where per-step overhead dominates a run alone, "
-    "gain 3.6-13x. Float64 on the sample, batched and one by one: the modular-addition runs "
+    "gain 3.5-12x. Float64 on the sample, batched and one by one: the modular-addition runs "
     "trained with Adam amplify rounding to percent-level final losses (nudging the initial "
     "imbalance by 1e-12 changes them that much), so batched and one-by-one runs, whose sums "
     "are rounded in different orders, agree only to that level there; such runs are reported "
