@@ -167,8 +167,6 @@ class GaugeFixingCallback(TrainerCallback):
     def on_step_end(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.structure is None:
-            return
         self._store_if_saving(state, control)
         if self.log_every is None:
             due = control.should_log
@@ -180,16 +178,14 @@ class GaugeFixingCallback(TrainerCallback):
     def on_epoch_end(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.structure is not None:
-            self._store_if_saving(state, control)
+        self._store_if_saving(state, control)
         if self.log_every is None and control.should_log:  # logging_strategy="epoch"
             self._log(state, control)
 
     def on_train_end(
         self, args: Args, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.structure is not None:  # for a trainer.save_state() after training
-            self._store(state)
+        self._store(state)  # for a trainer.save_state() after training
         self._detach()
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -253,7 +249,10 @@ class GaugeFixingCallback(TrainerCallback):
             self._store(state)
 
     def _store(self, state: TrainerState) -> None:
-        """The gauge state, where the trainer writes it into ``trainer_state.json``."""
+        """The gauge state, where the trainer writes it into ``trainer_state.json`` (none
+        before a structure is known)."""
+        if self.structure is None:
+            return
         state.stateful_callbacks[STATE_KEY] = {
             "structure": self._encoded_structure(),
             "started": self.started,
