@@ -41,11 +41,12 @@ _attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, GaugeFixing] = (
 
 
 def _wrappers(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` and each module it wraps, outermost first: ``DistributedDataParallel``
-    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are looked through."""
+    """``model`` and each module it wraps, outermost first: ``DistributedDataParallel`` and
+    ``DataParallel`` (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are looked
+    through."""
     while True:
         yield model
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
@@ -55,7 +56,8 @@ def _wrappers(model: nn.Module) -> Iterator[nn.Module]:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose parameter names a structure refers to: ``model`` with its
-    ``DistributedDataParallel`` and ``torch.compile`` wrappers looked through."""
+    ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers looked
+    through."""
     *_, inner = _wrappers(model)
     return inner
 
@@ -184,7 +186,8 @@ class GaugeFixing:
     Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
     parameters it touches (its incoming and outgoing entries), read from the groups at every
     step so schedulers are followed. A tensor ``lr`` stays on its device (no host read; its
-    group is never taken as frozen by its value).
+    group is never taken as frozen by its value; a generator whose rate from it is negative or
+    not finite is not moved).
 
     The penalty's gradient, when an orbit step is due and the sum of learning rates it takes
     (:func:`gaugefix.step.advance`) are those of :mod:`gaugefix.step`, which the sweep engine
@@ -202,8 +205,9 @@ class GaugeFixing:
     happens after it computed the gradients, i.e. after any gradient clipping done inside it;
     in penalty mode ``grad P`` is added at each closure evaluation (the returned loss does not
     include ``P``, so L-BFGS with a line search is refused).
-    ``model`` may be wrapped in ``DistributedDataParallel`` or ``torch.compile``; every rank
-    computes the same relaxation from the same (all-reduced) parameters, so ranks stay equal
+    ``model`` may be wrapped in ``DistributedDataParallel``, ``DataParallel`` or
+    ``torch.compile``; every rank computes the same relaxation from the same (all-reduced)
+    parameters, so ranks stay equal
     (given the ``DistributedDataParallel`` wrapper, the structure is checked to be the same on
     every rank, :func:`gaugefix.distributed.check_same_structure`, once).
     Optimizer state that cannot be transported (L-BFGS's history, wherever it is kept) and
@@ -389,7 +393,10 @@ class GaugeFixing:
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
         if self.mode == "exact":
             rate = self._rate(lr_sums)
-            rate = rate if isinstance(rate, Tensor) else check_rate(rate, self.active)
+            if isinstance(rate, Tensor):  # from a tensor lr, not read: a bad one does not move
+                rate = rate.nan_to_num(0.0, posinf=0.0).clamp_min(0.0)
+            else:
+                rate = check_rate(rate, self.active)
             if isinstance(rate, Tensor) or rate > 0:
                 if ok is not None:  # no move unless the gradients were finite, on the device
                     rate = torch.as_tensor(rate, dtype=torch.float64, device=ok.device)
@@ -494,7 +501,9 @@ class GaugeFixing:
     # -- misc -------------------------------------------------------------------------------------
     def balance(self) -> None:
         """Balance the generators the hook acts on now (:func:`gaugefix.balance_` on
-        :attr:`active`, the optimizer's state transported), as ``balance_at_start=True`` does."""
+        :attr:`active`, the optimizer's state transported), as ``balance_at_start=True`` does.
+        Parameters frozen or added to the optimizer since the last step are followed."""
+        self._refresh()
         if self.active.num_generators:
             balance_(self.model, self.active, optimizer=self.optimizer)
 
