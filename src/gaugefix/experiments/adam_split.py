@@ -45,6 +45,7 @@ __all__ = [
     "PILOT_STRENGTH",
     "PILOT_STEP",
     "MATCH_ROUNDS",
+    "HORIZONTAL_FLOOR",
     "PairKey",
     "AdamSplit",
     "SUMMARY",
@@ -68,6 +69,8 @@ PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others a
 PILOT_STRENGTH = 1.0  # the decoupled penalty's and the exact step's first try, at most
 PILOT_STEP = 0.5  # and at most this lr * strength * (the fastest relaxation rate 2 k_max)
 MATCH_ROUNDS = 2  # secant steps of the matching
+# The figure's log axis draws a horizontal fraction below this (0 included) at it, and says so.
+HORIZONTAL_FLOOR = 1e-17
 # The sweep's paired comparisons reported here: (method, reference).
 COMPARED = (
     ("penalty", "plain"),
@@ -358,7 +361,8 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             style = {"color": method_color(m), "ls": ls, "label": f"{task}: {m}"}
             axes[0].semilogy(c["log_ratio"], **style)
             axes[1].semilogy(
-                [max(h, 1e-17) if h is not None else math.nan for h in c["horizontal"]], **style
+                [max(h, HORIZONTAL_FLOOR) if h is not None else math.nan for h in c["horizontal"]],
+                **style,
             )
             axes[2].semilogy(_ratios(c["sqrt_v"], v["curves"]["plain"]["sqrt_v"]), **style)
         axes[0].semilogy(v["curves"]["plain"]["log_ratio"], color=method_color("plain"), ls=ls,
@@ -373,6 +377,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             f"- {task}, full-batch Adam at lr {fmt(e['lr'])} from s = {S:g} (plain decays the "
             f"RMS log-ratio by {fmt(e['decay_rate']['plain'])}/step): {per}."
         )
+        lines += _floored(task, v["curves"])
         lines.append(_sweep_text(task, e["sweep"]))
     axes[0].set_ylabel("RMS log-ratio")
     axes[1].set_ylabel("|Pi_H (u - u_plain)| / |u_plain|")
@@ -397,6 +402,20 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         + "\n".join(lines)
         + f"\n\n![adam split]({name})"
     )
+
+
+def _floored(task: str, curves: dict[str, dict[str, list]]) -> list[str]:
+    """A line per fixing with horizontal fractions below :data:`HORIZONTAL_FLOOR`, which the
+    figure draws at the floor."""
+    below = {m: sum(h is not None and h < HORIZONTAL_FLOOR for h in curves[m]["horizontal"])
+             for m in SPLIT}  # fmt: skip
+    return [
+        f"- {task}, {m}: {n} horizontal {'fraction' if n == 1 else 'fractions'} below "
+        f"{HORIZONTAL_FLOOR:g} (0 included), "
+        f"drawn at {HORIZONTAL_FLOOR:g} on the figure's log axis."
+        for m, n in below.items()
+        if n
+    ]
 
 
 def _sweep_text(task: str, sweep: dict[str, dict[str, Any]]) -> str:

@@ -4,7 +4,6 @@ under ``conditioning/TASK``."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -13,8 +12,17 @@ import torch
 import gaugefix
 from gaugefix.diagnostics import sharpness
 from gaugefix.experiments.cells import SKey, TaskKey, s_key
-from gaugefix.experiments.engine import METHODS, REFERENCES, init_direction
-from gaugefix.experiments.figures import fmt, label, legend_below, method_color, save, subplots
+from gaugefix.experiments.engine import DIVERGENCE_FACTOR, METHODS, REFERENCES, init_direction
+from gaugefix.experiments.figures import (
+    fmt,
+    label,
+    legend_below,
+    method_color,
+    save,
+    subplots,
+    task_color,
+    task_style,
+)
 from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.stability import max_stable_lr
@@ -87,8 +95,11 @@ def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) 
     """Sharpness every ``every`` steps of full-batch GD from the initialisation moved by ``s z``,
     for the methods of :data:`TRAINED` as :data:`METHODS` defines them (a balanced start by
     ``balance_``; penalty and exact by :class:`gaugefix.GaugeFixing` with the method's
-    ``every``, at strength :data:`STRENGTH`): ``{method: [(step, loss, sharpness), ...]}``."""
-    out: dict[str, Any] = {"lr": lr, "s": s, "two_over_lr": 2 / lr}
+    ``every``, at strength :data:`STRENGTH`): ``{method: [(step, loss, sharpness), ...]}``,
+    each curve ending where the run diverged as the sweep says (a loss not finite or above
+    :data:`DIVERGENCE_FACTOR` times the initial one), at the step ``"diverged_at"`` gives
+    (``{method: step or None}``)."""
+    out: dict[str, Any] = {"lr": lr, "s": s, "two_over_lr": 2 / lr, "diverged_at": {}}
     for method in TRAINED:
         definition = METHODS[method]
         model, structure = float64_model(task)
@@ -99,10 +110,12 @@ def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) 
         if definition.fixing is not None:  # GaugeFixing refuses a fixing it does not provide
             gaugefix.GaugeFixing(opt, model, structure, STRENGTH, mode=definition.fixing,
                                  balance_at_start=False, every=definition.every)  # fmt: skip
-        curve = []
+        curve, diverged_at = [], None
+        initial = loss64(task, model).item()
         for step in range(steps + 1):
             loss = loss64(task, model)
-            if not math.isfinite(loss.item()):
+            if not loss.item() <= DIVERGENCE_FACTOR * initial:  # NaN included
+                diverged_at = step
                 break
             if step % every == 0:
                 curve.append((step, loss.item(), _value(task, model)))
@@ -110,6 +123,7 @@ def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) 
             loss.backward()
             opt.step()
         out[method] = curve
+        out["diverged_at"][method] = diverged_at
     return out
 
 
@@ -145,12 +159,13 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         layout="constrained",
     )
     lines = []
-    for task, v in sorted(values.items()):
+    for i, (task, v) in enumerate(sorted(values.items())):
         r = v["init"]
         s = [float(k) for k in r["by_s"]]
         sharp = list(r["by_s"].values())
-        axes[0][0].semilogy(s, sharp, "o-", label=task)
-        axes[0][0].axhline(r["balanced"], ls=":", color=axes[0][0].lines[-1].get_color())
+        marker, _ = task_style(i)
+        axes[0][0].semilogy(s, sharp, marker, ls="-", color=task_color(i), label=task)
+        axes[0][0].axhline(r["balanced"], ls=":", color=task_color(i))
         best = min(r["by_s"], key=r["by_s"].get)
         held = "held" if r["balanced"] <= min(sharp) else "did not hold"
         lines.append(
@@ -171,13 +186,14 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
                 label=method,
                 color=method_color(method),
             )
+            if r.get("diverged_at", {}).get(method) is not None and pts:
+                ax.semilogy(pts[-1][0], pts[-1][2], "x", ms=7, color=method_color(method))
         ax.axhline(r["two_over_lr"], color="k", ls="--", lw=1, label="2 / lr")
         ax.set_title(f"{task}, lr = {fmt(r['lr'])}, s = {r['s']:g}", fontsize=9)
         label(ax, "step", "sharpness", legend=None)
-        finals = ", ".join(f"{m} {fmt(r[m][-1][2] if r.get(m) else None)}" for m in TRAINED)
         lines.append(
-            f"- {task}, full-batch GD at lr {fmt(r['lr'])} from s = {r['s']:g}: final sharpness "
-            f"{finals}; 2/lr = {fmt(r['two_over_lr'])}."
+            f"- {task}, full-batch GD at lr {fmt(r['lr'])} from s = {r['s']:g}: "
+            f"{_finals(r)}; 2/lr = {fmt(r['two_over_lr'])}."
         )
     handles, labels = axes[0][-1].get_legend_handles_labels()  # below the panels, off the lines
     legend_below(fig, handles, labels)
@@ -188,3 +204,24 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         + "\n".join(lines)
         + f"\n\n![sharpness]({name})"
     )
+
+
+def _finals(train: dict[str, Any]) -> str:
+    """The last sharpness of each method's curve: final where the run finished; where it
+    diverged, the step it diverged at (a cross ends its curve)."""
+    diverged_at = train.get("diverged_at", {})
+    finished = [m for m in TRAINED if diverged_at.get(m) is None]
+    finals = ", ".join(f"{m} {fmt(_last(train, m))}" for m in finished)
+    parts = [f"final sharpness {finals}"] if finished else []
+    parts += [
+        f"{m} diverged at step {diverged_at[m]} (its last sharpness {fmt(_last(train, m))}, "
+        "marked by a cross)"
+        for m in TRAINED
+        if m not in finished
+    ]
+    return "; ".join(parts)
+
+
+def _last(train: dict[str, Any], method: str) -> float | None:
+    """The sharpness at the last point of ``method``'s curve."""
+    return train[method][-1][2] if train.get(method) else None

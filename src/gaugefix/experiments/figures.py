@@ -31,6 +31,7 @@ __all__ = [
     "LEGEND_COLUMNS",
     "LEGEND_FONTSIZE",
     "legend_below",
+    "task_color",
     "task_style",
 ]
 
@@ -69,6 +70,16 @@ TASK_LINESTYLES = ("-", "--", ":", "-.")
 def task_style(i: int) -> tuple[str, str]:
     """The marker and the line style of the ``i``-th task of a panel."""
     return TASK_MARKERS[i % len(TASK_MARKERS)], TASK_LINESTYLES[i % len(TASK_LINESTYLES)]
+
+
+# Where a figure's series are tasks, not methods: the i-th task's color, a gray that no method
+# has (a default color would be read as the method it is in every other figure).
+TASK_COLORS = ("k", "0.55", "0.3", "0.75")
+
+
+def task_color(i: int) -> str:
+    """The color of the ``i``-th task of a figure whose series are tasks."""
+    return TASK_COLORS[i % len(TASK_COLORS)]
 
 
 def plain_log_ticks(*axes: Any) -> None:

@@ -10,7 +10,7 @@ import torch
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
-from gaugefix.experiments.figures import fmt, label, save, subplots
+from gaugefix.experiments.figures import fmt, label, save, subplots, task_color, task_style
 from gaugefix.experiments.probes import float64_model, train_plain
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
@@ -102,23 +102,29 @@ def _slope(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def summarize(values: dict[str, dict[str, Any]]) -> RelaxationSummary:
     """The largest relative error of the measured decay rates over the tasks."""
-    errors = [v["max_relative_error"] for v in values.values() if v["max_relative_error"]]
+    errors = [e for v in values.values() if (e := v["max_relative_error"]) is not None]
     return RelaxationSummary(max_relative_error=max(errors, default=None))
 
 
 def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     fig, axes = subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     lines = []
-    for task, r in sorted(values.items()):
-        axes[0].loglog(r["predicted_rates"], r["measured_rates"], "o", ms=3, label=task)
-        axes[1].semilogy(r["times"], r["measured_norm"], label=f"{task} measured")
-        axes[1].semilogy(r["times"], r["predicted_norm"], "--", label=f"{task} predicted")
+    floor = _floor(values)
+    for i, (task, r) in enumerate(sorted(values.items())):
+        color = task_color(i)
+        _draw_rates(axes[0], task, r, color, task_style(i)[0], floor)
+        axes[1].semilogy(r["times"], r["measured_norm"], color=color, label=f"{task} measured")
+        axes[1].semilogy(r["times"], r["predicted_norm"], "--", color=color,
+                         label=f"{task} predicted")  # fmt: skip
+        grew = sum(m <= 0 for m in r["measured_rates"])
         lines.append(
             f"- {task}: {len(r['predicted_rates'])} modes with at least 1% of the initial "
             f"imbalance, {r['steps']} steps of penalty-only descent (strength {r['strength']}) "
             f"until ||mu|| fell to {r['fall']:g} of its start; maximum relative error of the "
             f"measured decay rates against 2 lambda k_i: **{fmt(r['max_relative_error'])}**."
-        )
+            + (f" {grew} {'mode' if grew == 1 else 'modes'} grew (measured rate at most 0, "
+               "drawn as a downward triangle at the bottom of the left panel)." if grew else "")
+        )  # fmt: skip
     rates = [v for r in values.values() for v in r["predicted_rates"]]
     if rates:
         axes[0].plot([min(rates), max(rates)], [min(rates), max(rates)], "k:", lw=1)
@@ -134,3 +140,25 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         + "\n".join(lines)
         + f"\n\n![relaxation]({name})"
     )
+
+
+def _floor(values: dict[str, dict[str, Any]]) -> float:
+    """Where a measured rate at most 0 is drawn on the log axis: half the smallest positive
+    measured rate (or predicted rate, where none is positive) of every task."""
+    measured = [m for r in values.values() for m in r["measured_rates"] if m > 0]
+    predicted = [p for r in values.values() for p in r["predicted_rates"]]
+    return min(measured or predicted or [1.0]) / 2
+
+
+def _draw_rates(
+    ax: Any, task: str, r: dict[str, Any], color: str, marker: str, floor: float
+) -> None:
+    """Measured against predicted rates, each mode a point; a mode that grew (measured rate at
+    most 0, which a log axis cannot show) as a ``v`` at ``floor``."""
+    pairs = list(zip(r["predicted_rates"], r["measured_rates"], strict=True))
+    decayed = [(p, m) for p, m in pairs if m > 0]
+    grew = [p for p, m in pairs if m <= 0]
+    ax.loglog([p for p, _ in decayed], [m for _, m in decayed], marker, ms=3, ls="none",
+              color=color, label=task)  # fmt: skip
+    if grew:
+        ax.loglog(grew, [floor] * len(grew), "v", ms=4, ls="none", color=color)

@@ -6,7 +6,6 @@ one. Stored per task under ``sharpness_track/TASK``."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -17,6 +16,7 @@ from gaugefix.diagnostics import sharpness
 from gaugefix.experiments import stability
 from gaugefix.experiments.cells import MethodKey, SKey, TaskKey, group, longest_full_batch, s_key
 from gaugefix.experiments.engine import (
+    DIVERGENCE_FACTOR,
     METHODS,
     RunConfig,
     balance_runs_,
@@ -109,8 +109,9 @@ def tracked(
     """``(step, loss, lambda_max)`` every ``every`` steps of full-batch GD at ``lr`` on the
     task's float64 network (seed 0) from the initialisation moved by ``s z``, each step the
     sweep's for ``method`` at ``strength`` (:func:`group_step`; a balanced start by
-    :func:`balance_runs_`); ``lambda_max`` by :func:`gaugefix.sharpness`. Ends at a non-finite
-    loss."""
+    :func:`balance_runs_`); ``lambda_max`` by :func:`gaugefix.sharpness`. Ends where the run
+    diverged as the sweep says: a loss not finite or above :data:`DIVERGENCE_FACTOR` times the
+    initial one."""
     model, structure = float64_model(task)
     gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
     x, y, _, _ = task.arrays(torch.float64)
@@ -124,9 +125,10 @@ def tracked(
     )
     state = step_fn.init(stack)
     curve = []
+    initial = task.loss(model(x), y).item()
     for step in range(steps + 1):
         loss = task.loss(model(x), y)
-        if not math.isfinite(loss.item()):
+        if not loss.item() <= DIVERGENCE_FACTOR * initial:  # NaN included
             break
         if step % every == 0:
             curve.append((step, loss.item(), float(sharpness(model, task.loss, x, y))))
@@ -178,11 +180,16 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             ax.semilogy([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3,
                         color=method_color(method), label=entry)  # fmt: skip
             ax.axhline(2 / r["edge"], color=method_color(method), ls=":", lw=1)
+            ended = _ended(values[task], pts[-1][0])
+            if ended:  # the run diverged: a cross ends its curve
+                ax.semilogy(pts[-1][0], pts[-1][2], "x", ms=7, color=method_color(method))
             lines.append(
                 f"- {task}, s = {float(s):g}, {method}: measured edge {fmt(e['measured_edge'])}, "
                 f"predicted 2/lambda_max(0) {fmt(e['predicted_edge'])} (measured/predicted "
                 f"{fmt(e['measured_edge'] / e['predicted_edge'])}); lambda_max "
-                f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}."
+                f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}"
+                + ended
+                + "."
             )
         ax.set_title(f"{task}, s = {float(s):g}", fontsize=9)
         label(ax, "step", "lambda_max (dotted: 2 / lr)", legend=6)
@@ -198,6 +205,15 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         + "\n".join(lines)
         + f"\n\n![sharpness at the edge]({name})"
     )
+
+
+def _ended(value: dict[str, Any], last: int) -> str:
+    """Where a curve ends at ``last`` before the last step it records (the largest multiple of
+    its ``every`` up to its ``steps``), the run diverged: said so."""
+    every = value["every"]
+    if last >= value["steps"] - value["steps"] % every:
+        return ""
+    return f" (the run diverged before step {last + every}; a cross ends its curve)"
 
 
 def _s_values(value: dict[str, Any]) -> list[str]:
