@@ -482,6 +482,26 @@ for _name in (
     register_all(funcs(_name, modules=(torch, torch.Tensor)), _on_labels)
 
 
+def _view_as_complex(ctx: TraceContext, result: Any, input: Tensor) -> Any:
+    """``view_as_complex(x)``, ``[..., 2] -> [...]``: entry ``x[..., 0] + i x[..., 1]``. A
+    positive factor scales it only when it scales both parts alike: the pair carries one
+    factor, that of the complex entry (a complex rotary embedding's pair ``(2j, 2j + 1)``)."""
+    if ctx.is_param(input):
+        return ctx.block_all((input,), {}, ctx.reason("parameter viewed as complex"))
+    return ctx.terms(input).map(lambda n: ctx.unite(n.expand(input.shape), [-1]).squeeze(-1))
+
+
+def _view_as_real(ctx: TraceContext, result: Any, input: Tensor) -> Any:
+    """``view_as_real(z)``, ``[...] -> [..., 2]``: both parts of an entry carry its factor."""
+    if ctx.is_param(input):
+        return ctx.block_all((input,), {}, ctx.reason("parameter viewed as real"))
+    return ctx.terms(input).map(lambda n: n.unsqueeze(-1).expand(result.shape))
+
+
+register_all(funcs("view_as_complex", modules=(torch,)), _view_as_complex)
+register_all(funcs("view_as_real", modules=(torch,)), _view_as_real)
+
+
 def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) -> list[int]:
     """The dims of ``x`` along which integer or boolean tensor arguments whose values depend on
     the data pick entries (``x[:, order]``, ``x.narrow(1, start, n)``): those of each such
