@@ -310,22 +310,29 @@ def _keys_by_cat(self, kv_nope: Tensor, k_rot: Tensor) -> tuple[Tensor, Tensor]:
 
 @pytest.fixture
 def exact_router(monkeypatch):
-    """The routers' ``.type(torch.float32)`` casts made the identity: the float64 model is then
-    exact to float64 rounding (the casts round the router's logits to float32)."""
-    cast = torch.Tensor.type
+    """The routers' ``.type(torch.float32)`` casts and V2's float32 complex rotary embedding
+    (``xq.float()``) made the identity on float64 tensors: the float64 model is then exact to
+    float64 rounding (the casts round the router's logits and the rotated queries and keys to
+    float32)."""
+    cast, to_float = torch.Tensor.type, torch.Tensor.float
 
     def type_(self, *args, **kwargs):
         if args == (torch.float32,) and not kwargs:
             return self
         return cast(self, *args, **kwargs)
 
+    def float_(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
+
     monkeypatch.setattr(torch.Tensor, "type", type_)
+    monkeypatch.setattr(torch.Tensor, "float", float_)
 
 
-@pytest.mark.parametrize("version, per_layer", [(2, 32), (3, 36)])
+@pytest.mark.parametrize("version, per_layer", [(2, 36), (3, 36)])
 def test_deepseek_latent_attention_query_key_generators(version, per_layer, exact_router):
     """The keys written by slices into ``new_empty`` give the query-key generators of the
-    ``torch.cat`` spelling (32 per layer in V2, 36 in V3: its rotary pairs too), exactly."""
+    ``torch.cat`` spelling (36 per layer: the rotary pairs too, written with ``view_as_complex``
+    in V2 and ``rotate_half`` in V3), exactly."""
     ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     model = _deepseek(version)
     attention = type(model.model.layers[0].self_attn)
