@@ -12,7 +12,8 @@ h_n) theta_e``. The objectives:
   counts as the layer producing its channels (``W1 = diag(gain)``); biases are not counted.
 - ``"activation"``: for every generator that scales a channel ``j`` of an input that a linear
   map reads, ``alpha log A_n(h) = (1 - alpha) log B_n(h)`` with ``A`` the largest ``|x_j|`` over
-  a calibration batch and ``B`` the largest ``|entry|`` of the readers' columns: SmoothQuant's
+  a calibration batch and ``B`` the largest ``|entry|`` of the readers' columns (and of the
+  other weights reading the channel, fused experts: :func:`_absorbing`): SmoothQuant's
   ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``h_j = -log s_j``. The other generators
   (query-key pairs: no linear map reads their channels) are balanced as ``"range"`` does.
 - a callable ``J(params) -> scalar``: minimised over ``h`` by L-BFGS (strong Wolfe line
@@ -509,7 +510,7 @@ def activation_ranges(
     try:
         model.eval()
         model(*args)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    except Exception as err:  # whatever the model raises on it (an assert on the length)
         raise ValueError(
             f"the model does not run on the calibration batch ({type(err).__name__}: "
             f"{first_line(err)}); nothing was modified"
@@ -535,8 +536,10 @@ def activation_balance(
     """The sources and per-generator ``alpha`` of ``"activation"``. Per reader: its input's
     channel ranges on the incoming side of the generators that scale them (the channel carries
     ``-1`` times the column exponent; none where the calibration pass gave it no input), its
-    weight's columns on the outgoing side of the generators dividing them; these generators
-    balance the two with ``alpha``. The others (query-key pairs: no linear map reads their
+    weight's columns on the outgoing side of the generators dividing them, with the
+    :func:`_absorbing` terms of the other weights (fused experts, a router with its own
+    ``forward``: ``s_j`` multiplies them too); these generators balance the two with
+    ``alpha``. The others (query-key pairs: no linear map reads their
     channels; a channel identically zero on the batch, or read through zero columns only) are
     weight-range balanced as ``"range"`` does (``alpha = 1/2``). Each weight is one source
     (read once per pass)."""
@@ -555,6 +558,9 @@ def activation_balance(
         scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
         act = ranges[r.module].to(device).log().view(shape)
         channels.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
+    for name, source in weights.items():  # the other weights reading the channels
+        if name not in divided and (terms := _absorbing(source.counted)):
+            divided[name] = terms
     n = structure.num_generators
     read_sources = channels + [weights[w]._replace(counted=c) for w, c in divided.items()]
     sides = side_ranges(read_sources, torch.zeros(n, dtype=torch.float64, device=device))
@@ -566,6 +572,19 @@ def activation_balance(
         weights[name] = source._replace(counted=mine + _without(rest, read, n))
     coefficient = torch.full((n,), 0.5, dtype=torch.float64, device=device)
     return channels + list(weights.values()), coefficient.masked_fill_(read, alpha)
+
+
+def _varying(term: PlannedTerm) -> set[int]:
+    """The dims along which a term's generators vary."""
+    return {d for d, k in enumerate(term.slots.shape) if k > 1}
+
+
+def _absorbing(terms: tuple[PlannedTerm, ...]) -> tuple[PlannedTerm, ...]:
+    """A weight's dividing terms on dims its multiplying terms do not vary along: the entries
+    it reads channels through (its columns; a fused expert's ``[experts, out, in]`` dim 2),
+    which a channel scale ``s_j`` multiplies whether or not a hook sees their input."""
+    produced = set().union(*(_varying(t) for t in terms if t.sign > 0))
+    return tuple(t for t in terms if t.sign < 0 and _varying(t) and not _varying(t) & produced)
 
 
 # -- a callable objective --------------------------------------------------------------------------
