@@ -22,7 +22,7 @@ from gaugefix.distributed import (
     sharded,
 )
 from gaugefix.errors import check_number
-from gaugefix.kernels import Targets, factor_dtype, finite_flag, rescale_
+from gaugefix.kernels import Targets, applied_dtype, factor_dtype, finite_flag, rescale_
 from gaugefix.moment import refuse_meta
 from gaugefix.structure import GaugeStructure
 
@@ -52,7 +52,8 @@ COUNTS = ("step", "mu_product")
 # The dtypes of a gauge ``h`` (float8 has no norm to check it with).
 H_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How close (relative) to its dtype's largest number a moved entry, or a product of the factors
-# moving it, may come: their rounding (a few float32 ulps) must not carry it over.
+# moving it, may come, and such a product to the smallest normal number: their rounding (a few
+# float32 ulps) must not carry it over.
 OVERFLOW_MARGIN = 1e-5
 
 
@@ -212,49 +213,78 @@ def refuse_unmovable(targets: Targets) -> None:
                 )
 
 
-def _refuse_overflow(params: dict[str, Tensor], name: str | None) -> None:
-    """``ValueError`` when :func:`overflowing` named a parameter (``name``); for ``DTensor`` s
-    (FSDP2) on every process when it did on one."""
+def _refuse_overflow(params: dict[str, Tensor], reason: str | None) -> None:
+    """``ValueError`` when :func:`overflowing` gave a ``reason``; for ``DTensor`` s (FSDP2) on
+    every process when it did on one."""
     if sharded(params.values()):
-        if everywhere(name is None, first_dtensor(list(params.values()))):
+        if everywhere(reason is None, first_dtensor(list(params.values()))):
             return
-        name = name or "on another process"
-    elif name is None:
+        reason = reason or "the gauge move would overflow a parameter on another process"
+    elif reason is None:
         return
-    raise ValueError(
-        f"the gauge move would overflow parameter '{name}' (or its gradient or optimizer "
-        "state) in its dtype; nothing was modified"
-    )
+    raise ValueError(f"{reason}; nothing was modified")
 
 
 def overflowing(targets: Targets, structure: GaugeStructure, h: Tensor) -> str | None:
-    """The first parameter whose tensors ``g(h)`` could overflow, or ``None``: an entry ``e`` of
-    a tensor moved with power ``p`` is multiplied by each term's factor ``exp(p x_t(e))`` in
-    turn, so with ``up(e) = sum_t max(p x_t(e), 0)`` every product of its factors is at most
-    ``exp(up)`` and every partial result at most ``|theta_e| exp(up)``: both must stay below
-    the largest number of the dtype they are formed in
-    (:func:`gaugefix.kernels.factor_dtype`). ``max_e up(e)`` is bounded by the sum of each
-    term's largest exponent (equal where the terms vary along different dims: rows and
-    columns), without a temporary the size of the tensor; then one pass over each tensor (its
-    largest entry), and a float64 pass entry by entry where those bounds do not decide."""
+    """Why ``g(h)`` could take the first such parameter's tensors out of range (one line), or
+    ``None`` (an overflow is named before an underflow). An entry ``e`` of a tensor moved with
+    power ``p`` is multiplied by the product of each term's factor ``exp(p x_t(e))``, formed in
+    :func:`gaugefix.kernels.factor_dtype` and rounded to :func:`gaugefix.kernels.applied_dtype`.
+    With ``up(e) = sum_t max(p x_t(e), 0)`` and ``down(e) = sum_t max(-p x_t(e), 0)`` every
+    product of its factors lies between ``exp(-down)`` and ``exp(up)``: both within the normal
+    range of those dtypes (below it a factor loses digits or becomes 0 where the moved entry
+    need not; an all-zero tensor is not refused for it), and every moved entry at most
+    ``|theta_e| exp(up)`` below its dtype's largest number. ``max_e up(e)`` is bounded by the
+    sum of each term's largest exponent (equal where the terms vary along different dims: rows
+    and columns), and ``down`` alike, without a temporary the size of the tensor; then one pass
+    over each tensor (its largest entry), and a float64 pass entry by entry where those bounds
+    do not decide."""
     device = next(iter(targets.values()))[0][0].device
     h = h.to(device=device, dtype=torch.float64)
     hx = torch.cat([h, h.new_zeros(1)])
+    underflow = None  # reported only when nothing overflows
     for param in structure.plan(device):
         for t, power in targets.get(param.name, ()):
             if not t.numel():
                 continue
-            ups = [(power * term.sign * hx[term.slots]).clamp_min(0) for term in param.terms]
-            highest = sum(float(u.amax()) for u in ups)
-            if _log_max(factor_dtype(t.dtype)) - highest <= OVERFLOW_MARGIN:
-                return param.name
+            exponents = [power * term.sign * hx[term.slots] for term in param.terms]
+            highest = sum(float(x.amax().clamp_min(0)) for x in exponents)
+            lowest = sum(float(x.amin().clamp_max(0)) for x in exponents)
+            low, high = _factor_range(t.dtype)
+            if high - highest <= OVERFLOW_MARGIN:
+                return _overflow(param.name)
             top = float(torch.linalg.vector_norm(t.detach(), math.inf))
-            if top == 0 or _log_max(t.dtype) - math.log(top) - highest > OVERFLOW_MARGIN:
+            if top == 0:
                 continue
+            if lowest - low <= OVERFLOW_MARGIN:
+                underflow = underflow or param.name
+            if _log_max(t.dtype) - math.log(top) - highest > OVERFLOW_MARGIN:
+                continue
+            ups = [x.clamp_min(0) for x in exponents]
             peak = float(t.detach().abs().to(torch.float64).log_().add_(sum(ups)).amax())
             if _log_max(t.dtype) - peak <= OVERFLOW_MARGIN:
-                return param.name
-    return None
+                return _overflow(param.name)
+    if underflow is None:
+        return None
+    return (
+        f"the factors moving parameter '{underflow}' (or its gradient or optimizer state) would "
+        "underflow the dtype they are formed in"
+    )
+
+
+def _overflow(name: str) -> str:
+    return (
+        f"the gauge move would overflow parameter '{name}' (or its gradient or optimizer "
+        "state) in its dtype"
+    )
+
+
+def _factor_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``log`` of the smallest normal and of the largest finite number that both the dtype the
+    factors moving tensors of ``dtype`` are formed in and the one they are applied in hold."""
+    formed, applied = factor_dtype(dtype), applied_dtype(dtype)
+    low = max(math.log(torch.finfo(d).tiny) for d in (formed, applied))
+    return low, min(_log_max(formed), _log_max(applied))
 
 
 def _log_max(dtype: torch.dtype) -> float:
@@ -336,7 +366,8 @@ def apply_gauge_(
     Gradients in ``.grad`` and, when ``optimizer`` is given, its state are transported: gradient
     -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
     moments by its square. Everything is validated first; on error nothing is modified: an ``h``
-    whose factors could overflow a moved tensor's dtype is refused (:func:`overflowing`).
+    whose factors could overflow a moved tensor's dtype, or fall below the normal range of the
+    dtype they are formed in, is refused (:func:`overflowing`).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)

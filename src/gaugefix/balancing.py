@@ -354,9 +354,9 @@ def balance_(
     ``h = 0`` and are reported. Gradients in ``.grad`` and, when ``optimizer`` is given, its
     state are transported (as :func:`gaugefix.apply_gauge_` does). Everything is validated
     first; on error nothing is modified (a solution whose factors could overflow a moved
-    tensor's dtype, :func:`gaugefix.action.overflowing`, is refused). Not reaching ``tol`` within
-    ``max_iter`` iterations is no error (the rule of every Newton solve in gaugefix): the step
-    found is applied and ``converged`` is false.
+    tensor's dtype or underflow their own, :func:`gaugefix.action.overflowing`, is refused).
+    Not reaching ``tol`` within ``max_iter`` iterations is no error (the rule of every Newton
+    solve in gaugefix): the step found is applied and ``converged`` is false.
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)

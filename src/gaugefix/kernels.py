@@ -25,8 +25,9 @@ concatenates the flattened maps of all groups into one index. Then
   a batch holds the factors of at most as many entries as the largest group has); the penalty
   gradient takes, per group, their dense sum and, per batch of groups, one
   ``torch._foreach_addcmul_``. On the CPU each kind of
-  term's factor is computed per group and power and broadcast over the tensor it moves (no
-  dense factor written and read back).
+  term's factor is computed per group and power, and their product, broadcast over the tensor
+  it moves, is formed a block of rows at a time in a reused buffer (a dense factor the size of
+  the group for float16 tensors only, :func:`group_factors`).
 
 The number of groups depends on the kinds of layers a model has, not on its depth or width. Every
 function accepts stacks of several copies of a model (``batch_dims`` leading dims, as the sweep
@@ -66,11 +67,13 @@ __all__ = [
     "term_values",
     "per_parameter",
     "factor_dtype",
+    "applied_dtype",
     "group_coefficients",
     "group_factors",
     "rescale_",
     "by_row_blocks",
     "mul_by_rows_",
+    "factor_product",
     "add_selection_grads_",
     "all_term_values",
     "group_pieces",
@@ -406,6 +409,9 @@ def sums_per_parameter(
 
 
 CHUNK = 1 << 18  # squares held at once by add_squares_: 1 MiB of float32, which stays in cache
+# Entries from which a temporary is taken from the reused buffer: a smaller one is allocated
+# faster than the buffer is sliced.
+SCRATCH_MIN = 1 << 14
 _scratch = threading.local()  # per thread: {(device, dtype): a buffer of CHUNK entries}
 
 
@@ -416,12 +422,18 @@ def _square(x: Tensor, dtype: torch.dtype) -> Tensor:
     page, which costs more than the squaring."""
     if x.numel() > CHUNK:
         return x.to(dtype).square()
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (x.device, dtype)
-    if key not in buffers or buffers[key].numel() < x.numel():
-        buffers[key] = torch.empty(CHUNK, dtype=dtype, device=x.device)
-    out = buffers[key][: x.numel()].view(x.shape)
+    out = _scratch_buffer(x.device, dtype, x.shape)
     return torch.mul(x, x, out=out) if x.dtype == dtype else out.copy_(x).square_()
+
+
+def _scratch_buffer(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """A view of ``shape`` (at most :data:`CHUNK` entries) into this thread's buffer of
+    ``dtype`` on ``device``."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (device, dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty(CHUNK, dtype=dtype, device=device)
+    return buffers[key][: math.prod(shape)].view(shape)
 
 
 def row_blocks(x: Tensor, shapes: list[tuple[int, ...]]) -> list[slice] | None:
@@ -463,8 +475,8 @@ def gpu_layout(device: torch.device) -> bool:
     kernel only over tensors of equal shapes, so one dense factor per parameter moves every
     tensor in one pass). On the CPU, where an operation costs no launch and such a call loops
     over its tensors anyway, the sums are taken parameter by parameter (no stacked copy of the
-    parameters, :func:`sums_per_parameter`) and each term's factor is broadcast (one cheap pass
-    per term, no dense factor written and read back)."""
+    parameters, :func:`sums_per_parameter`) and the terms' factors are broadcast (their product
+    formed a block of rows at a time, :func:`mul_by_rows_`)."""
     return device.type != "cpu"
 
 
@@ -528,9 +540,17 @@ def group_coefficients(
 
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the factors that move tensors of ``dtype``: ``dtype``, or float32 where its
-    exponent range is narrower (float16: a term's factor ``exp(12)`` would overflow it where
-    its product with the entry does not)."""
+    """The dtype the factors that move tensors of ``dtype`` are formed in: float32 for float16
+    and bfloat16 (their product over the terms is then rounded once; in float16 a term's factor
+    ``exp(12)`` would also overflow where its product with the entry does not), ``dtype``
+    otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def applied_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the factor a tensor of ``dtype`` is multiplied by: float32 for float16 (the
+    factor can exceed its range where the product with the entry does not; each entry is then
+    rounded once), ``dtype`` otherwise (for bfloat16, the float32 product rounded once to it)."""
     narrow = torch.finfo(dtype).tiny > torch.finfo(torch.float32).tiny
     return torch.float32 if narrow else dtype
 
@@ -539,13 +559,12 @@ def group_factors(
     hx: Tensor, group: TermGroup, power: int, dtype: torch.dtype, batch_dims: int = 0
 ) -> list[tuple[Tensor, ...]]:
     """``exp(power * sum_t sign_t hx[..., slots_t])`` for every entry of the group's
-    parameters as the product of each term's factor (``exp`` in float64 on the term's own
-    slots, rounded to :func:`factor_dtype`), per parameter (:func:`per_parameter`): the product
-    made dense (on a GPU, and in float32 for a tensor of narrower range, which is then rounded
-    once), or on the CPU each term's broadcast factor, to be multiplied in turn."""
-    wide = factor_dtype(dtype)
-    factors = [torch.exp(x).to(wide) for x in term_values(hx, group, float(power))]
-    dense = wide != dtype
+    parameters as each term's factor (``exp`` in float64 on the term's own slots, rounded to
+    :func:`factor_dtype`), per parameter (:func:`per_parameter`), to be multiplied together
+    (:func:`mul_by_rows_`); for float16 their product, made dense in float32 (which the
+    entries are then multiplied by, rounded once)."""
+    factors = [torch.exp(x).to(factor_dtype(dtype)) for x in term_values(hx, group, float(power))]
+    dense = applied_dtype(dtype) != dtype
     if dense:
         factors = [functools.reduce(torch.mul, factors)]
     return [per_parameter(f, group, batch_dims, dense) for f in factors]
@@ -582,9 +601,10 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
 def _rescale_dense_(targets: Targets, plan: KernelPlan, hx: Tensor, batch_dims: int) -> None:
     """:func:`rescale_` in the GPU layout: the factors ``exp(sum_t sign_t hx[slots_t])`` of
     every group from one gather (:func:`all_term_values`) and one ``exp`` in float64, rounded
-    once to each :func:`factor_dtype` the tensors need; then per group one dense factor ``f``
-    per parameter (the groups of one of ``plan.batches`` at a time), and every tensor of the
-    batch moved by :func:`_move_`."""
+    once to each :func:`factor_dtype` the tensors need; then per group their product, rounded
+    to each :func:`applied_dtype` (the groups of one of ``plan.batches`` at a time), made into
+    one dense factor ``f`` per parameter, and every tensor of the batch moved by
+    :func:`_move_`."""
     exps = torch.exp(all_term_values(hx, plan))
     pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per factor dtype, as group_pieces
     for batch in plan.batches:
@@ -595,12 +615,13 @@ def _rescale_dense_(targets: Targets, plan: KernelPlan, hx: Tensor, batch_dims: 
                 (k, t, p) for k, name in enumerate(group.names) for t, p in targets.get(name, ())
             ]
             factors = {}
-            for wide in {factor_dtype(t.dtype) for _, t, _ in mine}:
+            for dtype in {t.dtype for _, t, _ in mine}:
+                wide, applied = factor_dtype(dtype), applied_dtype(dtype)
                 if wide not in pieces:
                     pieces[wide] = group_pieces(exps.to(wide), plan)
-                product = functools.reduce(torch.mul, pieces[wide][g])
-                factors[wide] = per_parameter(product, group, batch_dims, True)
-            moved += [(t, factors[factor_dtype(t.dtype)][k], p) for k, t, p in mine]
+                product = factor_product(pieces[wide][g], applied)
+                factors[applied] = per_parameter(product, group, batch_dims, True)
+            moved += [(t, factors[applied_dtype(t.dtype)][k], p) for k, t, p in mine]
         _move_(moved)
 
 
@@ -628,9 +649,32 @@ def by_row_blocks(t: Tensor, factors: list[Tensor], apply: Callable) -> None:
 
 
 def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
-    """``t *= f`` in place for every factor ``f`` (broadcast over ``t``), block by block of
-    rows (:func:`by_row_blocks`)."""
-    by_row_blocks(t, factors, lambda block, f: t[block].mul_(f))
+    """``t *= f_1 f_2 ...`` in place for the factors (broadcast over ``t``): their product taken
+    first (:func:`factor_product`), block by block of rows (:func:`row_blocks`), so that each
+    entry is multiplied once (multiplied by each factor in turn, an entry could leave its
+    dtype's range on the way: a float32 ``1e-20`` moved by ``exp(-60)``, then by ``exp(60)``,
+    became 0)."""
+    applied = applied_dtype(t.dtype)
+    blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
+    for block in blocks or [...]:  # every row (also of a 0-dim tensor)
+        local = [f[block] if blocks and f.shape[0] > 1 else f for f in factors]
+        t[block].mul_(factor_product(local, applied, scratch=True))
+
+
+def factor_product(factors: list[Tensor], dtype: torch.dtype, scratch: bool = False) -> Tensor:
+    """The product of broadcast ``factors`` (of equal ranks), multiplied from the left in their
+    dtype and the last multiplication written in ``dtype`` (one rounding to it); with
+    ``scratch``, a product of :data:`SCRATCH_MIN` to :data:`CHUNK` entries goes into a
+    per-thread buffer reused from call to call (:func:`_square`), valid until the next call."""
+    if len(factors) == 1:
+        return factors[0].to(dtype)
+    first, last = functools.reduce(torch.mul, factors[:-1]), factors[-1]
+    shape = tuple(map(max, first.shape, last.shape))
+    if scratch and SCRATCH_MIN <= math.prod(shape) <= CHUNK:
+        out = _scratch_buffer(first.device, dtype, shape)
+    else:
+        out = None if first.dtype == dtype else first.new_empty(shape, dtype=dtype)
+    return torch.mul(first, last, out=out)
 
 
 @torch.no_grad()
