@@ -28,6 +28,7 @@ from gaugefix.experiments.cells import Regime, Runs
 from gaugefix.experiments.engine import (
     MECHANISM_METHODS,
     METHODS,
+    STRENGTH_METHODS,
     RunConfig,
     method_problem,
     task_version,
@@ -79,6 +80,7 @@ __all__ = [
     "QUICK_BISECTION_ROUNDS",
     "cell_of",
     "bisection_runs",
+    "bisection_round",
     "tuning_first",
     "at_chosen_strengths",
 ]
@@ -161,6 +163,9 @@ def _block_problem(block: Block) -> str | None:
     repeated = [m for m, st in block.methods.items() if not st or len(set(st)) < len(st)]
     if not block.methods or unknown or repeated:
         return f"methods {unknown or repeated or 'none'}: each a method with distinct strengths"
+    unused = [m for m, st in block.methods.items() if m not in STRENGTH_METHODS and st != (0.0,)]
+    if unused:
+        return f"methods {unused} have no strength: give (0.0,), not another key for their runs"
     runs = (
         method_problem(m, block.optimizer, st) for m, sts in block.methods.items() for st in sts
     )
@@ -477,6 +482,19 @@ def bisection_runs(runs: Runs, cells: set[RunConfig], rounds: int) -> list[RunCo
         if above is not None and above / edge > BISECTION_BRACKET and done < rounds:
             out.append(replace(cell, lr=math.sqrt(edge * above), bisection=done + 1))
     return out
+
+
+def bisection_round(runs: Runs, cells: set[RunConfig], rounds: int) -> list[RunConfig]:
+    """The lowest round of bisection that :func:`bisection_runs` still asks for, whole: its
+    runs not stored and those of the same round already stored (a sweep interrupted in that
+    round stored them), so that a resumed sweep batches the round as an uninterrupted one does
+    (a run's rounding depends on the runs trained beside it)."""
+    todo = bisection_runs(runs, cells, rounds)
+    if not todo:
+        return []
+    k = min(c.bisection for c in todo)
+    stored = [r.config for r in runs if r.config.bisection == k and cell_of(r.config) in cells]
+    return stored + [c for c in todo if c.bisection == k]
 
 
 def _tuning_key(config: RunConfig) -> tuple:

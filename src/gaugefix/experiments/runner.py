@@ -11,8 +11,13 @@ from functools import lru_cache
 
 import torch
 
-from gaugefix.experiments.engine import RunConfig, check_runs, task_hash
-from gaugefix.experiments.plan import at_chosen_strengths, bisection_runs, cell_of, tuning_first
+from gaugefix.experiments.engine import STRENGTH_METHODS, RunConfig, check_runs, task_hash
+from gaugefix.experiments.plan import (
+    at_chosen_strengths,
+    bisection_round,
+    cell_of,
+    tuning_first,
+)
 from gaugefix.experiments.progress import Progress
 from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
@@ -172,14 +177,10 @@ def run_all(
     batch another live process holds is skipped, and waited for at the end; one whose claimant
     died (or stopped renewing its lease) is taken over. A run the engine cannot train
     (:func:`~gaugefix.experiments.engine.run_problem`) or whose task hash is not its task's is
-    a ``ValueError`` before anything is trained or written."""
-    check_runs(configs)
-    for c in configs:
-        if c.task_hash != spec_of(c).hash():
-            raise ValueError(
-                f"a run of task {c.task!r} has task hash {c.task_hash}, but the task loads with "
-                f"hash {spec_of(c).hash()}"
-            )
+    a ``ValueError`` before anything is trained or written, as is one that trains as another
+    key does (a dtype given by another name than torch's own, ``"double"`` for ``"float64"``;
+    a strength for a method without one)."""
+    _check(configs, spec_of)
     keys = {c.key() for c in configs} - store.finished_keys()
     pending = [b for b in batches(configs, spec_of, batched) if any(c.key() in keys for c in b)]
     written = 0
@@ -189,11 +190,11 @@ def run_all(
         if workers is None:
             workers = stack.enter_context(local_workers(min(jobs, len(pending))))
         while pending:
-            taken: list[list[RunConfig]] = []
+            taken: list[int] = []  # per batch given to the workers, the runs it adds
             todo = _claimed(store, claimant, pending, taken)
 
             def on_fraction(i: int, f: float, taken: list = taken) -> None:
-                progress.update(part=i, amount=f * len(taken[i]))
+                progress.update(part=i, amount=f * taken[i])
 
             for i, results, seconds in execute(workers, todo, spec_of, on_fraction):
                 for r in results:
@@ -207,6 +208,31 @@ def run_all(
     return written
 
 
+def _check(configs: list[RunConfig], spec_of: Callable[[RunConfig], TaskSpec]) -> None:
+    """``ValueError`` naming the first of ``configs`` that is no run of its key: one the engine
+    cannot train, one of another task hash than its task's, and one that trains as another key
+    does (a strength other than 0 for a method without one, a dtype not named as torch names
+    it)."""
+    check_runs(configs)
+    for c in configs:
+        if c.task_hash != spec_of(c).hash():
+            raise ValueError(
+                f"a run of task {c.task!r} has task hash {c.task_hash}, but the task loads with "
+                f"hash {spec_of(c).hash()}"
+            )
+        if c.method not in STRENGTH_METHODS and c.strength != 0.0:
+            raise ValueError(
+                f"a run of task {c.task!r} gives method {c.method!r}, which has no strength, "
+                f"the strength {c.strength!r}: give 0 (a run has one key)"
+            )
+        name = str(getattr(torch, c.dtype)).removeprefix("torch.")
+        if name != c.dtype:
+            raise ValueError(
+                f"a run of task {c.task!r} has dtype {c.dtype!r}, another name of torch.{name}: "
+                f"give it as {name!r} (a run has one key)"
+            )
+
+
 def run_bisected(
     store: Store,
     configs: list[RunConfig],
@@ -217,11 +243,12 @@ def run_bisected(
     choose_strengths: bool = False,
 ) -> int:
     """:func:`run_all` of ``configs``, then up to ``rounds`` rounds of bisection of each seed's
-    stable edge in their cells (:func:`~gaugefix.experiments.plan.bisection_runs`), each round
-    planned from the store, so an interrupted sweep resumes where it stopped; returns the number
-    of runs written. With ``choose_strengths``, a method run at several strengths is run at
-    all of them on the tuning seeds first, then on the other seeds, and bisected, only at the
-    strength they chose (:func:`~gaugefix.experiments.plan.tuning_first`)."""
+    stable edge in their cells (:func:`~gaugefix.experiments.plan.bisection_round`), each round
+    planned from the store and trained whole, so an interrupted sweep resumes where it stopped,
+    in the batches of an uninterrupted one; returns the number of runs written. With
+    ``choose_strengths``, a method run at several strengths is run at all of them on the tuning
+    seeds first, then on the other seeds, and bisected, only at the strength they chose
+    (:func:`~gaugefix.experiments.plan.tuning_first`)."""
     first, later = tuning_first(configs) if choose_strengths else (configs, [])
     written = run_all(store, first, spec_of, jobs, workers=workers)
     if choose_strengths:
@@ -230,7 +257,7 @@ def run_bisected(
         chosen = [c for c in configs if c in deferred]
         written += run_all(store, chosen, spec_of, jobs, workers=workers)
     cells = {cell_of(c) for c in configs}
-    while todo := bisection_runs(store.runs(), cells, rounds):
+    while todo := bisection_round(store.runs(), cells, rounds):
         written += run_all(store, todo, spec_of, jobs, workers=workers)
     return written
 
@@ -247,8 +274,9 @@ def _claimed(
     store: Store, claimant: Claimant, pending: list[list[RunConfig]], taken: list
 ) -> Iterator[list[RunConfig]]:
     """One pass over ``pending``, claiming each batch as it is asked for: a claimed batch is
-    yielded (and appended to ``taken``), a finished one dropped, one another live process holds
-    left in ``pending`` for a later pass."""
+    yielded (and the number of its runs not stored, which it adds, appended to ``taken``), a
+    finished one dropped, one another live process holds left in ``pending`` for a later
+    pass."""
     i = 0
     while i < len(pending):
         claimed = store.claim([c.key() for c in pending[i]], claimant)
@@ -257,5 +285,5 @@ def _claimed(
             continue
         batch = pending.pop(i)
         if claimed:
-            taken.append(batch)
+            taken.append(len(claimed))
             yield batch

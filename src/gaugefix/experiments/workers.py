@@ -25,7 +25,7 @@ import torch
 
 from gaugefix.errors import GaugefixError
 from gaugefix.experiments.engine import RunConfig, RunResult, train_group
-from gaugefix.experiments.tasks import Task
+from gaugefix.experiments.tasks import Task, TaskError
 
 __all__ = [
     "cores",
@@ -161,7 +161,8 @@ def execute(
                 running[workers.submit(specs, batch, partial(on_fraction, i))] = i
         finished, _ = wait(running, timeout=REPORT_EVERY, return_when=FIRST_COMPLETED)
         workers.deliver()
-        for future in finished:
+        # the batches that trained first, so that they are written before an error ends the loop
+        for future in sorted(finished, key=lambda f: f.exception() is not None):
             try:
                 trained = future.result()
             except BrokenProcessPool:
@@ -278,7 +279,15 @@ def watch_parent(parent: int) -> None:
 
 def _train_in_worker(specs: list[TaskSpec], configs: list[RunConfig], token: int) -> Trained:
     """:func:`train_batch` in a worker process, sending its fractions (at most one per
-    :data:`REPORT_EVERY` seconds) to the parent."""
+    :data:`REPORT_EVERY` seconds) to the parent; a :class:`TaskError` where a data file this
+    process read is no longer the one the runs' task hash was taken of (it changed on disk)."""
+    for spec, config in zip(specs, configs, strict=True):
+        if spec.data is not None and spec.hash() != config.task_hash:
+            raise TaskError(
+                f"the data of task {config.task!r} changed while the sweep ran ({spec.data} now "
+                f"has task hash {spec.hash()}, its runs {config.task_hash}); no run is stored "
+                "under the hash of other data: run the command again for the new data"
+            )
     last = 0.0
 
     def send(fraction: float) -> None:
