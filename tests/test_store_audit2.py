@@ -264,3 +264,16 @@ def test_a_data_file_changed_during_a_sweep_is_refused_not_stored_under_its_old_
     with pytest.raises(TaskError, match=r"the data of task 'd' changed while the sweep ran"):
         run_all(store, configs, lambda c: spec, jobs=2)
     assert store.runs() == [] and store.claims() == []
+
+
+def test_a_task_error_during_a_sweep_command_is_one_error_line(capsys):
+    """The ``sweep`` command's block ends a :class:`TaskError` raised while it trains (a data
+    file changed under a worker) with one ``error:`` line and exit status 2, no traceback."""
+    import typer
+
+    from gaugefix import cli
+
+    with pytest.raises(typer.Exit) as exit_info, cli._interruptible():
+        raise TaskError("the data of task 'd' changed while the sweep ran")
+    assert exit_info.value.exit_code == 2
+    assert capsys.readouterr().err == "error: the data of task 'd' changed while the sweep ran\n"

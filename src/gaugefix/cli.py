@@ -434,11 +434,12 @@ def _interruptible(message: str = _INTERRUPTED) -> Iterator[None]:
     """Ctrl-C and SIGTERM end the block with one line (``message``) and exit status 130, where
     they can be handled: a store's transaction rolls back, the workers end, the claims are
     released, an output file being written is removed; a store error or an output that cannot
-    be written ends it with one line and exit status 2."""
+    be written, or a task error while it trains (a data file changed under a worker), ends it
+    with one line and exit status 2."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
-    except (StoreError, OutputError, WorkerDied) as err:
+    except (StoreError, OutputError, WorkerDied, TaskError) as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
         typer.echo(message, err=True)
