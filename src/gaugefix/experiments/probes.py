@@ -13,10 +13,11 @@ __all__ = ["float64_model", "loss64", "train_plain"]
 
 def float64_model(task: Task, seed: int = 0) -> tuple[nn.Module, gaugefix.GaugeStructure]:
     """The task's model with PyTorch's default initialisation for ``seed``, in float64, and its
-    gauge structure."""
-    torch.manual_seed(seed)
-    model = task.make_model().to(torch.float64)
-    return model, gaugefix.discover(model, task.arrays(torch.float64)[0][:2])
+    gauge structure; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = task.make_model().to(torch.float64)
+        return model, gaugefix.discover(model, task.arrays(torch.float64)[0][:2])
 
 
 def loss64(task: Task, model: nn.Module) -> torch.Tensor:

@@ -49,23 +49,35 @@ METRICS: dict[str, Callable[[RunResult], float | None]] = {
 }
 
 
+def _compared(cells: dict[tuple, list[RunResult]], ref: str | None) -> set[tuple]:
+    """The ``(method, lr)`` cells whose every seed is stable, as is every seed of the
+    reference's cell at ``lr``, run on the same seeds (so their medians compare)."""
+
+    def seeds(key: tuple) -> set[int]:
+        return {r.config.seed for r in cells.get(key, [])}
+
+    stable = {key for key, cell in cells.items() if all(r.status == "stable" for r in cell)}
+    return {
+        (method, lr)
+        for method, lr in stable
+        if (ref, lr) in stable and seeds((method, lr)) == seeds((ref, lr))
+    }
+
+
 def summarize(runs: Runs) -> QualitySummary:
     """Per metric, method and learning rate stable for every seed of both the method and the
-    regime's reference (plain, else balanced-init), at s = 0: the median over seeds. A metric
-    no run has (no test split, no classes) is left out. ``runs``: one regime's at best
-    strength."""
-    stable: dict[str, set[float]] = defaultdict(set)
+    regime's reference (plain, else balanced-init), run on the same seeds, at s = 0: the
+    median over seeds. A metric no run has (no test split, no classes) is left out. ``runs``:
+    one regime's at best strength."""
     cells = group([r for r in runs if r.config.s == 0.0], lambda c: (c.method, c.lr))
-    for (method, lr), cell in cells.items():
-        if all(r.status == "stable" for r in cell):
-            stable[method].add(lr)
     ref = reference(runs)
+    compared = _compared(cells, ref)
     out = QualitySummary()
     for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
         for (method, lr), cell in cells.items():
             v = median([metric(r) for r in cell])
-            if ref is not None and lr in stable[method] & stable[ref] and v is not None:
+            if (method, lr) in compared and v is not None:
                 values[method][lr_key(lr)] = v
         if any(values.values()):
             out[key] = Medians(reference=ref, medians=dict(values))

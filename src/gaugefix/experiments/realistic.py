@@ -40,9 +40,9 @@ DEFINITION = (
     "Per method and strength, at s = 0: each seed's bisected stable edge (as defined above), and "
     "the validation loss (the loss on the task's held-out split) at the method's *best-tuned* "
     "learning rate: the grid rate with the lowest median validation loss over the seeds, among "
-    "the rates at which no seed diverged (the smaller rate on ties). The rate is tuned on the "
-    "same seeds whose losses are reported, alike for every method, so the losses are each "
-    "method's best on these seeds, not held-out estimates."
+    "the rates at which every seed ran and none diverged (the smaller rate on ties). The rate "
+    "is tuned on the same seeds whose losses are reported, alike for every method, so the "
+    "losses are each method's best on these seeds, not held-out estimates."
 )
 
 
@@ -65,11 +65,14 @@ Realistic = dict[TaskKey, dict[RegimeKey, dict[MethodKey, list[Tuned]]]]
 
 def best_lr(cell: Runs) -> float | None:
     """The grid rate of ``cell`` (one method and strength, s = 0) with the lowest median
-    validation loss over seeds, among the rates where every seed has one (none diverged); the
-    smaller on ties; ``None`` where no rate qualifies."""
+    validation loss over seeds, among the rates where every seed of the cell ran and has one
+    (none diverged); the smaller on ties; ``None`` where no rate qualifies."""
+    grid = on_grid(cell)
+    seeds = {r.config.seed for r in grid}
     losses = {
         lr: [r.test_loss for r in rs]
-        for (lr,), rs in group(on_grid(cell), lambda c: (c.lr,)).items()
+        for (lr,), rs in group(grid, lambda c: (c.lr,)).items()
+        if {r.config.seed for r in rs} == seeds
     }
     finished = {lr: statistics.median(v) for lr, v in losses.items() if None not in v}
     return min(finished, key=lambda lr: (finished[lr], lr)) if finished else None

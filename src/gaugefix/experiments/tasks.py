@@ -10,6 +10,7 @@ instances of the task, not only independent initialisations.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "MODULUS",
     "LastTokenGPT",
     "python_source",
+    "float32_default",
     "CORPUS_FILES",
     "CONTEXT",
     "WINDOWS",
@@ -60,11 +62,14 @@ class TaskError(GaugefixError, ValueError):
 class Task:
     """Train and test arrays, the loss kind and a factory for the model trained on them.
 
-    ``kind`` is ``"regression"`` (squared loss ``mean((f - y)^2) / 2``; ``y`` is ``[n, out]``)
+    ``kind`` is ``"regression"`` (squared loss: the mean over examples of ``||f - y||^2 / 2``;
+    ``y`` is ``[n, out]``)
     or ``"classification"`` (cross-entropy; ``y`` holds class indices ``[n]``, or ``[n, tokens]``
     for a model that predicts every position, ``[n, tokens, classes]``). ``x`` holds features
     (floating point) or token ids (integers, never cast). ``x_test`` and ``y_test`` are ``None``
-    for a task without a test split (then no test metric is reported).
+    for a task without a test split (then no test metric is reported). ``make_model`` is kept
+    wrapped by :func:`float32_default`, so a seed's initialisation does not depend on the
+    caller's default dtype (which no run key holds).
     """
 
     name: str
@@ -74,6 +79,9 @@ class Task:
     x_test: Tensor | None
     y_test: Tensor | None
     make_model: Callable[[], nn.Module]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "make_model", float32_default(self.make_model))
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The mean loss of predictions ``out`` ``[n, out]`` (or ``[n, tokens, classes]``, the
@@ -113,12 +121,35 @@ class Task:
         return float((out.argmax(-1) == y).to(torch.float64).mean())
 
 
+def float32_default(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``factory`` called with float32 as PyTorch's default dtype (the caller's restored after):
+    a model's initialisation for a seed, drawn in its parameters' dtype, is then the same in a
+    process whose default is float64 (there it would be other numbers under the same run key)."""
+    if getattr(factory, "float32_default", False):
+        return factory
+
+    def make() -> nn.Module:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return factory()
+        finally:
+            torch.set_default_dtype(default)
+
+    make.float32_default = True  # type: ignore[attr-defined]
+    return make
+
+
 def _teacher_student(name: str, hidden: tuple[int, ...], instance: int) -> Task:
     g = torch.Generator().manual_seed(data_seed(instance))
-    x = torch.randn(1024, 16, generator=g)
-    w1 = torch.randn(8, 16, generator=g) / 4.0
-    b1 = 0.1 * torch.randn(8, generator=g)
-    w2 = torch.randn(1, 8, generator=g) / 8**0.5
+
+    def normal(*shape: int) -> Tensor:  # float32 whatever the default dtype
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    x = normal(1024, 16)
+    w1 = normal(8, 16) / 4.0
+    b1 = 0.1 * normal(8)
+    w2 = normal(1, 8) / 8**0.5
     y = torch.relu(x @ w1.T + b1) @ w2.T
     return Task(
         name, "regression", x[:512], y[:512], x[512:], y[512:], lambda: mlp((16, *hidden, 1))
@@ -202,11 +233,17 @@ def _classification(
 
 def python_source(limit: int, names: Iterable[str] | None = None) -> bytes:
     """The first ``limit`` bytes of the standard library's top-level ``.py`` files ``names``
-    (default: every one), concatenated in sorted order."""
+    (default: every one), concatenated in sorted order; a :class:`TaskError` where a file
+    the text needs is not in this Python's library."""
     root = Path(os.__file__).parent
     paths = sorted(root / n for n in names) if names is not None else sorted(root.glob("*.py"))
     out = bytearray()
     for path in paths:
+        if not path.is_file():
+            raise TaskError(
+                f"this Python ({platform.python_version()}) has no standard-library file "
+                f"{path.name!r} in {str(root)!r}"
+            )
         out += path.read_bytes()
         if len(out) >= limit:
             break
@@ -229,6 +266,11 @@ def char_gpt(name: str, instance: int) -> Task:
     byte values (2 layers, dim 64, 4 heads, ReLU MLP of 256, context 64, untied head), loss the
     cross-entropy of every position."""
     text = python_source(WINDOWS * (CONTEXT + 1), CORPUS_FILES)
+    if len(text) < WINDOWS * (CONTEXT + 1):
+        raise TaskError(
+            f"{name} needs {WINDOWS * (CONTEXT + 1)} bytes of {', '.join(CORPUS_FILES)}; this "
+            f"Python's ({platform.python_version()}) have {len(text)}"
+        )
     windows = torch.tensor(list(text), dtype=torch.long).view(WINDOWS, CONTEXT + 1)
     order = torch.randperm(WINDOWS, generator=torch.Generator().manual_seed(data_seed(instance)))
     train, test = order[VALIDATION_WINDOWS:], order[:VALIDATION_WINDOWS]
