@@ -539,12 +539,15 @@ def group_coefficients(
     return [per_parameter(t.to(dtype), group, batch_dims, False) for t in terms]
 
 
+FACTOR_BITS = 32  # the fewest bits of the dtype factors are formed in (float32)
+
+
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the factors that move tensors of ``dtype`` are formed in: float32 for float16
     and bfloat16 (their product over the terms is then rounded once; in float16 a term's factor
     ``exp(12)`` would also overflow where its product with the entry does not), ``dtype``
     otherwise."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float32 if torch.finfo(dtype).bits < FACTOR_BITS else dtype  # no aten op
 
 
 def applied_dtype(dtype: torch.dtype) -> torch.dtype:
