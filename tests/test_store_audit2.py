@@ -174,20 +174,15 @@ def test_a_finished_batch_is_stored_when_a_batch_beside_it_fails(tmp_path, monke
     assert len(store.runs()) == 2 and store.claims() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quality.summarize keys final losses by cells.lr_key (6 significant digits): two "
-    "rates equal to 6 digits share one key and the later rate's median silently replaces the "
-    "earlier's (quality.py is not in this audit's files)",
-)
-def test_learning_rates_equal_to_six_digits_keep_their_own_final_losses(tmp_path):
+def test_learning_rates_equal_to_six_digits_are_refused_not_merged(tmp_path):
+    """The summary keys a learning rate by its first 6 digits: two rates that share them are
+    one clear error (before, the later rate's median silently replaced the earlier's)."""
     store = Store(tmp_path / "s.sqlite")
     for lr, loss in ((2**-0.5, 0.2), (0.707107, 0.3)):  # "0.707107" both
         for method in ("plain", "balanced-init"):
             store.add_run(dataclasses.replace(run_result(method, lr, 1.0), final_loss=loss), 1.0)
-    regime = summarize(store, False)["tasks"]["t"]["regimes"]["sgd/full/10"]
-    medians = regime["final_train_loss"]["medians"]["balanced-init"]
-    assert sorted(medians.values()) == [0.2, 0.3]
+    with pytest.raises(ValueError, match="equal to 6 digits"):
+        summarize(store, False)
 
 
 _EXECUTORS = textwrap.dedent(

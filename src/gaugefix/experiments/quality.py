@@ -67,11 +67,13 @@ def _compared(cells: dict[tuple, list[RunResult]], ref: str | None) -> set[tuple
 def summarize(runs: Runs) -> QualitySummary:
     """Per metric, method and learning rate stable for every seed of both the method and the
     regime's reference (plain, else balanced-init), run on the same seeds, at s = 0: the
-    median over seeds. A metric no run has (no test split, no classes) is left out. ``runs``:
-    one regime's at best strength."""
+    median over seeds, keyed by :func:`lr_key` (two rates of a method equal to its 6 digits:
+    ``ValueError``). A metric no run has (no test split, no classes) is left out. ``runs``: one
+    regime's at best strength."""
     cells = group([r for r in runs if r.config.s == 0.0], lambda c: (c.method, c.lr))
     ref = reference(runs)
     compared = _compared(cells, ref)
+    _check_keys(cells)
     out = QualitySummary()
     for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
@@ -82,6 +84,19 @@ def summarize(runs: Runs) -> QualitySummary:
         if any(values.values()):
             out[key] = Medians(reference=ref, medians=dict(values))
     return out
+
+
+def _check_keys(cells: dict[tuple, list[RunResult]]) -> None:
+    """``ValueError`` where two learning rates of one method share a :func:`lr_key` (equal to
+    its 6 digits): the summary keys medians by it, and one would silently replace the other."""
+    keys: dict[tuple[str, str], float] = {}
+    for method, lr in cells:
+        other = keys.setdefault((method, lr_key(lr)), lr)
+        if other != lr:
+            raise ValueError(
+                f"learning rates {other!r} and {lr!r} of {method} are equal to 6 digits, which "
+                "the summary keys rates by: run rates that differ in their first 6 digits"
+            )
 
 
 def summarize_task(runs: Runs) -> TaskQuality:
