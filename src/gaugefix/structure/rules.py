@@ -167,6 +167,9 @@ def value_preserving(
             return UNCHANGED
         if not (result.is_floating_point() or result.is_complex()):  # truncated: not linear
             return ctx.block_all((input,), {}, ctx.reason("parameter cast to a non-floating dtype"))
+        if ctx.is_gathered(input):  # a copy of gathered slices holds the same slices
+            ctx.permuted_gather(result, input, tuple(range(input.dim())))
+            return None
         ctx.view_of_param(result, input, torch.arange(input.numel()))
         return None
     return elementwise(ctx, result, input)
@@ -428,6 +431,19 @@ _ARRANGEMENTS = {
     "swapaxes", "swapdims", "t", "T", "mT", "squeeze", "unsqueeze", "movedim", "moveaxis",
     "ravel", "flip", "roll",
 }  # fmt: skip
+# Arrangements that only permute whole dims: applied to gathered slices (``W[e].t()``), every
+# entry keeps its slice and its place in it.
+_PERMUTATIONS = {
+    "permute", "transpose", "swapaxes", "swapdims", "t", "T", "mT", "movedim", "moveaxis",
+}  # fmt: skip
+
+
+def _dim_order(func: Any, ndim: int, rest: tuple, options: dict) -> tuple[int, ...]:
+    """The permutation ``perm`` with ``func(x, *rest, **options) == x.permute(perm)`` for a
+    permuting op ``func`` on ``ndim``-dim tensors: read off its result on a tensor of sizes
+    ``2, 3, ...`` (distinct, so each size names its dim) that holds no memory."""
+    probe = torch.empty((), device="meta").expand(*range(2, ndim + 2))
+    return tuple(size - 2 for size in func(probe, *rest, **options).shape)
 
 
 def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options: Any) -> Any:
@@ -452,7 +468,11 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         ctx.gathered(first, index, index if ctx.is_tainted(index) else None, view=out)
         return None
     if ctx.is_param(first):
-        if ctx.op.rsplit(".", 1)[-1] in _ARRANGEMENTS and isinstance(out, Tensor):
+        short = ctx.op.rsplit(".", 1)[-1]
+        if ctx.is_gathered(first) and short in _PERMUTATIONS and isinstance(out, Tensor):
+            ctx.permuted_gather(out, first, _dim_order(ctx.func, first.dim(), rest, options))
+            return None
+        if short in _ARRANGEMENTS and isinstance(out, Tensor):
             index = torch.arange(first.numel()).view(first.shape)
             ctx.view_of_param(out, first, ctx.func(index, *rest, **options).reshape(-1))
             return None

@@ -212,13 +212,45 @@ class _ParamView:
 
 
 class _Gathered:
-    """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0:
-    position ``i`` of its leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the
-    expert weights of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``).
-    ``index`` is the tensor the rows were read from when they depend on the data (else None)."""
+    """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0, with its
+    dims permuted: in the *gathered order* ``(*rows.shape, *source.shape[1:])``, position ``i``
+    of the leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the expert weights
+    of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``), and the tensor
+    is that one permuted by ``perm`` (``W[e].t()``: dim ``j`` is dim ``perm[j]`` of the gathered
+    order). ``index`` is the tensor the rows were read from when they depend on the data (else
+    None)."""
 
-    def __init__(self, source: Tensor, rows: Tensor, index: Tensor | None) -> None:
-        self.source, self.rows, self.index = source, rows, index
+    def __init__(
+        self, source: Tensor, rows: Tensor, index: Tensor | None, perm: tuple[int, ...]
+    ) -> None:
+        self.source, self.rows, self.index, self.perm = source, rows, index, perm
+        self.inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+    def in_gathered_order(self, nodes: Tensor) -> Tensor:
+        """Nodes given at the tensor's dims, at the dims of the gathered order."""
+        return nodes.permute(self.inverse)
+
+    def in_tensor_order(self, nodes: Tensor) -> Tensor:
+        """Nodes given at the dims of the gathered order, at the tensor's dims."""
+        return nodes.permute(self.perm)
+
+    def gathered_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """A shape at the tensor's dims, at those of the gathered order (None when it has
+        another number of dims than the tensor and the tensor is permuted)."""
+        if self.perm == tuple(range(len(self.perm))):
+            return tuple(shape)
+        return tuple(shape[d] for d in self.inverse) if len(shape) == len(self.perm) else None
+
+
+class _Coverage(NamedTuple):
+    """The slices along dim 0 of one arrangement of a parameter (``arrangement``: a view's
+    index map, None for the parameter itself; ``shape``: its shape) that gathers whose rows
+    depend on the data read (``read [shape[0]]``, bool), named by the first such gather."""
+
+    arrangement: Tensor | None
+    shape: torch.Size
+    read: Tensor
+    where: str
 
 
 class _Fresh:
@@ -280,8 +312,9 @@ class TraceContext:
         # storage element each position read, ((that storage, version), parameter), the op.
         self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
         self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
-        # name -> (slices along dim 0 read by gathers whose rows depend on the data, the op)
-        self.coverage: dict[str, tuple[Tensor, str]] = {}
+        # name -> per arrangement of it, its slices along dim 0 read by gathers whose rows
+        # depend on the data
+        self.coverage: dict[str, list[_Coverage]] = {}
         self._claimed: set[int] = set()
         # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
         # values are drawn at random, and whose shape depends on values of the former.
@@ -458,20 +491,40 @@ class TraceContext:
         """Record ``view`` (by default a stand-in of no memory) as slices ``rows`` of the
         parameter ``source`` along dim 0 and return it. ``index`` is the tensor the rows are
         read from when it depends on the data (else None). Such rows are recorded in
-        :attr:`coverage`: a slice no traced row read is used for other inputs, so after the
-        trace such a parameter is fixed unless every slice was read."""
+        :attr:`coverage`, per arrangement of the parameter: a slice no traced row read is used
+        for other inputs, so after the trace such a parameter is fixed unless every slice of
+        every arrangement gathered was read. Slices of gathered slices (a nested gather) picked
+        by the data fix it."""
         name = self.param_name(source)
         rows = rows.detach().long().cpu()
         if view is None:
             shape = (*rows.shape, *source.shape[1:])
             view = torch.empty((), dtype=source.dtype).expand(shape)
-        self._gathers[id(view)] = (view, _Gathered(source, rows, index))
-        if index is not None:
-            read = torch.zeros(source.shape[0], dtype=torch.bool)
-            read[rows.reshape(-1)] = True
-            before = self.coverage.get(name, (torch.zeros_like(read), self.reason("gathered")))
-            self.coverage[name] = (before[0] | read, before[1])
+        perm = tuple(range(rows.dim() + source.dim() - 1))
+        self._gathers[id(view)] = (view, _Gathered(source, rows, index, perm))
+        if index is not None and self.is_gathered(source):  # slices of which slices?
+            self.fix(source, self.reason("slices of gathered slices picked by the data"))
+        elif index is not None:
+            self._cover(name, source, rows)
         return view
+
+    def _cover(self, name: str, source: Tensor, rows: Tensor) -> None:
+        """Record in :attr:`coverage` that ``rows`` of ``source`` (the parameter ``name`` or an
+        arrangement of it: ``W.view(...)``, ``W.transpose(0, 1)``) were read along its dim 0;
+        rows of one arrangement add up, those of different arrangements do not (a slice along
+        one dim read does not say which slices along another were)."""
+        arrangement = self._param_and_index(source)[1]
+        uses = self.coverage.setdefault(name, [])
+        same = [
+            use for use in uses
+            if use.shape == source.shape and (use.arrangement is None) == (arrangement is None)
+            and (arrangement is None or torch.equal(use.arrangement, arrangement))
+        ]  # fmt: skip
+        if not same:
+            read = torch.zeros(source.shape[0], dtype=torch.bool)
+            same = [_Coverage(arrangement, source.shape, read, self.reason("gathered"))]
+            uses.append(same[0])
+        same[0].read[rows.reshape(-1)] = True
 
     def claim(self, t: Tensor) -> None:
         """Mark ``t`` as handled by the current rule (unhandled inputs are blocked)."""
@@ -816,7 +869,7 @@ class TraceContext:
         position that holds it."""
         self.claim(p)
         gathered = self._gathers[id(p)][1]
-        nodes = compact(nodes.expand(p.shape))
+        nodes = gathered.in_gathered_order(compact(nodes.expand(p.shape)))
         lead = gathered.rows.dim()
         rest = nodes.shape[lead:]
         flat = nodes.expand((*gathered.rows.shape, *rest)).reshape(-1, *rest)  # maybe 0-d
@@ -836,13 +889,11 @@ class TraceContext:
         """Fresh nodes, one per channel ``p`` produces (``shape`` broadcastable to ``p``, or
         placed on ``p`` by ``arrange``), that multiply ``p``'s entries: the op's output carries
         them on those channels. Returns the nodes."""
-        gathered = self._gathers.get(id(p), (None, None))
-        if (
-            gathered[0] is p
-            and arrange is None
-            and shape[: gathered[1].rows.dim()] == tuple(gathered[1].rows.shape)
-        ):
-            return self._produce_gathered(p, shape)
+        held, gathered = self._gathers.get(id(p), (None, None))
+        if held is p and arrange is None:
+            in_order = gathered.gathered_shape(shape)
+            if in_order is not None and in_order[: gathered.rows.dim()] == gathered.rows.shape:
+                return gathered.in_tensor_order(self._produce_gathered(p, in_order))
         nodes = self.fresh(*shape)
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
@@ -850,9 +901,9 @@ class TraceContext:
         return nodes
 
     def _produce_gathered(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """:meth:`produce` on gathered slices, with ``shape`` per position: fresh nodes per
-        slice of the whole parameter, read at the gathered rows (positions holding one slice
-        share its nodes)."""
+        """:meth:`produce` on gathered slices, with ``shape`` per position (at the dims of the
+        gathered order): fresh nodes per slice of the whole parameter, read at the gathered rows
+        (positions holding one slice share its nodes)."""
         gathered = self._gathers[id(p)][1]
         lead = gathered.rows.dim()
         holder = self.fresh(gathered.source.shape[0], *shape[lead:])
@@ -971,13 +1022,17 @@ class TraceContext:
     def fix_partly_read(self) -> None:
         """Fix every parameter gathered by data-dependent rows of which some slice was never
         read: other inputs read it, and the trace cannot say how it would scale there."""
-        for name, (read, where) in self.coverage.items():
-            if not bool(read.all()):
-                missing = torch.nonzero(~read).reshape(-1).tolist()
+        for name, uses in self.coverage.items():
+            for use in uses:
+                if bool(use.read.all()):
+                    continue
+                missing = torch.nonzero(~use.read).reshape(-1).tolist()
+                dim = "dim 0" if use.arrangement is None else (
+                    f"dim 0 of it arranged as {list(use.shape)}")  # fmt: skip
                 self.fix(self.params[name], (
-                    f"slices {missing} of '{name}' (dim 0) are picked by the data and the "
-                    f"example input reads none of them, {where}: give an input that reaches "
-                    "every slice (every expert)"))  # fmt: skip
+                    f"slices {missing} of '{name}' ({dim}) are picked by the data and the "
+                    f"example input reads none of them, {use.where}: give an input that "
+                    "reaches every slice (every expert)"))  # fmt: skip
 
     def commit_roles(self) -> None:
         """Close the roles the current op gave its parameters: a first use defines them; a
@@ -993,8 +1048,10 @@ class TraceContext:
                 continue
             before = self.roles[name]
             if before is None:
+                why = f"parameter '{name}' is fixed by another use"
+                why = f"{why}: {self.fixed[name]}" if name in self.fixed else why
                 for nodes, _ in terms:
-                    self.block(nodes, f"parameter '{name}' is fixed by another use")
+                    self.block(nodes, why)
                 continue
             if len(before) == len(terms) and all(
                 a[1] == b[1] for a, b in zip(before, terms, strict=True)
@@ -1007,6 +1064,15 @@ class TraceContext:
             for nodes, _ in before + terms:
                 self.block(nodes, reason)
             self.roles[name] = None
+
+    def permuted_gather(self, out: Tensor, gathered: Tensor, perm: tuple[int, ...]) -> None:
+        """Record ``out = gathered.permute(perm)`` (``W[e].t()``, ``W[ids].transpose(1, 2)``,
+        or ``perm`` the identity for a copy) as the same slices in another order of dims: every
+        entry keeps its slice and its place in it."""
+        self.claim(gathered)
+        g = self._gathers[id(gathered)][1]
+        perm = tuple(g.perm[d] for d in perm)
+        self._gathers[id(out)] = (out, _Gathered(g.source, g.rows, g.index, perm))
 
     def view_of_param(self, out: Tensor, param_like: Tensor, index: Tensor) -> None:
         """Record ``out`` as an arrangement of the parameter behind ``param_like``: entry ``i``
