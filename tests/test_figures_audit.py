@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.colors import to_rgba
-from matplotlib.figure import Figure
 
 import gaugefix
 from gaugefix.experiments import adam_split, conditioning, dose, relaxation, sharpness_track
@@ -18,20 +17,6 @@ from gaugefix.experiments.probes import float64_model, loss64
 from gaugefix.experiments.tasks import load_task
 
 METHOD_COLORS = {to_rgba(method_color(m)) for m in METHODS}
-
-
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
-    """Every figure saved while the test runs."""
-    figs: list[Figure] = []
-    savefig = Figure.savefig
-
-    def capture(fig, *args, **kwargs):
-        figs.append(fig)
-        return savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", capture)
-    return figs
 
 
 def _relaxed(predicted: list[float], measured: list[float], start: float) -> dict:
@@ -52,7 +37,7 @@ def _relaxed(predicted: list[float], measured: list[float], start: float) -> dic
 # -- relaxation ---------------------------------------------------------------------------------
 
 
-def test_relaxation_draws_each_task_in_one_color_that_no_method_has(tmp_path, captured):
+def test_relaxation_draws_each_task_in_one_color_that_no_method_has(tmp_path, captured_figures):
     """Panel 1 drew deep-teacher-student in C0 and teacher-student in C1, panel 2 their
     measured and predicted norms in C0, C1, C2, C3: orange was teacher-student on the left and
     deep-teacher-student's prediction on the right (and C0, C1 are plain's and balanced-init's
@@ -60,7 +45,7 @@ def test_relaxation_draws_each_task_in_one_color_that_no_method_has(tmp_path, ca
     values = {"deep": _relaxed([0.2, 1.0], [0.19, 0.9], 2.8),
               "shallow": _relaxed([0.4, 2.0], [0.41, 1.9], 4.1)}  # fmt: skip
     relaxation.render(tmp_path, values)
-    (fig,) = captured
+    (fig,) = captured_figures
     rates, norms = fig.axes[:2]
     for task in values:
         colors = {to_rgba(line.get_color()) for line in rates.lines if line.get_label() == task}
@@ -72,14 +57,14 @@ def test_relaxation_draws_each_task_in_one_color_that_no_method_has(tmp_path, ca
     assert len(per_task) == len(values)
 
 
-def test_relaxation_shows_a_mode_whose_measured_rate_is_not_positive(tmp_path, captured):
+def test_relaxation_shows_a_mode_whose_measured_rate_is_not_positive(tmp_path, captured_figures):
     """A mode that grew (measured rate -0.05) enters the maximum relative error (1.13) but was
     drawn at y = -0.05 on a log axis, where nothing is shown: every mode must be visible and
     the text must say that one grew."""
     predicted, measured = [0.4, 0.6, 1.2], [0.38, -0.05, 1.1]
     values = {"ts": _relaxed(predicted, measured, 4.1)}
     text = relaxation.render(tmp_path, values)
-    (fig,) = captured
+    (fig,) = captured_figures
     ax = fig.axes[0]
     modes = [line.get_xydata() for line in ax.lines if line.get_linestyle() == "None"]
     drawn = np.concatenate(modes)
@@ -150,7 +135,7 @@ def test_the_conditioning_text_calls_a_diverged_run_diverged(tmp_path, diverging
     assert f"final sharpness balanced-init {final:.3g}" in text
 
 
-def test_the_orbit_panel_uses_no_methods_color(tmp_path, captured):
+def test_the_orbit_panel_uses_no_methods_color(tmp_path, captured_figures):
     """The orbit panel drew its tasks in C0 and C1 beside panels (and a legend below them) in
     which C0 is plain and C1 balanced-init."""
     init = {"by_s": {"-1.0": 31.0, "0.0": 9.3, "1.0": 34.0}, "balanced": 2.9}
@@ -158,7 +143,7 @@ def test_the_orbit_panel_uses_no_methods_color(tmp_path, captured):
     train |= {m: [(0, 0.1, 3.0), (4, 0.1, 2.0)] for m in conditioning.TRAINED}
     values = {"a": {"init": init, "train": train}, "b": {"init": init, "train": train}}
     conditioning.render(tmp_path, values)
-    (fig,) = captured
+    (fig,) = captured_figures
     orbit = fig.axes[0]
     colors = [to_rgba(line.get_color()) for line in orbit.lines]
     assert len(colors) == 2 * len(values) and not set(colors) & METHOD_COLORS
@@ -217,12 +202,12 @@ def _split() -> dict:
             "decay_rate": {m: 0.01 for m in curves}, "curves": curves, "sweep": {}}  # fmt: skip
 
 
-def test_the_adam_figure_draws_each_methods_stored_curves(tmp_path, captured):
+def test_the_adam_figure_draws_each_methods_stored_curves(tmp_path, captured_figures):
     """Per method, in its color: the RMS log-ratio, the horizontal fraction and sqrt(v) over
     plain's, at steps 0, 1, ... as stored (the ratio over the steps both reached)."""
     value = _split()
     adam_split.render(tmp_path, {TASK: value})
-    (fig,) = captured
+    (fig,) = captured_figures
     plain_v = value["curves"]["plain"]["sqrt_v"]
     for method, c in value["curves"].items():
         want = [c["log_ratio"]]
@@ -243,7 +228,7 @@ def test_the_adam_text_says_which_horizontal_fractions_are_drawn_at_the_floor(tm
     assert f"{TASK}, decoupled-penalty: 2 horizontal fractions below 1e-17" in text
 
 
-def test_the_dose_figure_draws_every_kept_point_of_every_seed(tmp_path, captured):
+def test_the_dose_figure_draws_every_kept_point_of_every_seed(tmp_path, captured_figures):
     """Each method's points are its kept (seed, strength) points, x = tau_relax / t_diverge,
     y = edge / plain's edge, in its color; a point without plain's divergence is left out."""
     points = []
@@ -256,7 +241,7 @@ def test_the_dose_figure_draws_every_kept_point_of_every_seed(tmp_path, captured
         points.append({"seed": seed, "method": "plain", "strength": 0.0, "edge": plain,
                        "plain_edge": plain, "rate": 0.3 + seed, "t_diverge": None})  # fmt: skip
     text = dose.render(tmp_path, {TASK: {"steps": 10, "seeds": 2, "s": 2.0, "points": points}})
-    (fig,) = captured
+    (fig,) = captured_figures
     (ax,) = fig.axes
     for method in dose.SWEPT:
         kept = [p for p in points if p["method"] == method and p["t_diverge"]]
@@ -268,7 +253,7 @@ def test_the_dose_figure_draws_every_kept_point_of_every_seed(tmp_path, captured
     assert "(1 points left out" in text
 
 
-def test_the_edge_figure_draws_each_methods_curve_and_its_two_over_lr(tmp_path, captured):
+def test_the_edge_figure_draws_each_methods_curve_and_its_two_over_lr(tmp_path, captured_figures):
     """One panel per s in increasing order; per method its stored (step, lambda_max) and a
     dotted line at 2 / its edge, in its color."""
 
@@ -278,7 +263,7 @@ def test_the_edge_figure_draws_each_methods_curve_and_its_two_over_lr(tmp_path, 
     methods = {"plain": {"2.0": entry(0.1, 30.0), "0.0": entry(0.2, 9.0)},
                "exact": {"2.0": entry(0.4, 30.0)}}  # fmt: skip
     sharpness_track.render(tmp_path, {TASK: {"steps": 5, "every": 5, "methods": methods}})
-    (fig,) = captured
+    (fig,) = captured_figures
     assert [ax.get_title() for ax in fig.axes] == [f"{TASK}, s = 0", f"{TASK}, s = 2"]
     for ax, s in zip(fig.axes, ("0.0", "2.0"), strict=True):
         for method, by_s in methods.items():
@@ -295,12 +280,12 @@ def test_the_edge_figure_draws_each_methods_curve_and_its_two_over_lr(tmp_path, 
             assert [x.get_ydata()[0] for x in dotted] == [2 / by_s[s]["edge"]]
 
 
-def test_the_orbit_panel_draws_the_stored_sharpness_by_s(tmp_path, captured):
+def test_the_orbit_panel_draws_the_stored_sharpness_by_s(tmp_path, captured_figures):
     init = {"by_s": {"-1.0": 31.0, "0.0": 9.3, "1.0": 34.0}, "balanced": 2.9}
     train = {"lr": 0.09, "s": 1.0, "two_over_lr": 2 / 0.09}
     train |= {m: [(0, 0.1, 3.0), (4, 0.1, 2.0)] for m in conditioning.TRAINED}
     conditioning.render(tmp_path, {TASK: {"init": init, "train": train}})
-    (fig,) = captured
+    (fig,) = captured_figures
     curve, balanced = fig.axes[0].lines
     np.testing.assert_array_equal(curve.get_xydata(), [(-1.0, 31.0), (0.0, 9.3), (1.0, 34.0)])
     assert list(balanced.get_ydata()) == [2.9, 2.9]

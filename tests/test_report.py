@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
 import gaugefix.report as report
@@ -80,18 +79,6 @@ def test_expansion_ratio_is_unknown_where_the_reference_reached_the_grid_top():
     assert "No sham control (weight-decay, plain-replica) made an expansion verdict." in table
 
 
-def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
-    captured = []
-    savefig = Figure.savefig
-
-    def capture(fig, *args, **kwargs):
-        captured.append(fig)
-        return savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", capture)
-    return captured
-
-
 def _overlaps(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
@@ -145,10 +132,10 @@ def test_sweep_report_is_titled_by_what_made_it(quick_results: Path):
     assert "reproduction" not in text.splitlines()[0]
 
 
-def test_drift_figure_has_one_legend_with_every_method(quick_results, monkeypatch):
+def test_drift_figure_has_one_legend_with_every_method(quick_results, captured_figures):
     from gaugefix.experiments.store import Store
 
-    captured = _captured_figures(monkeypatch)
+    captured = captured_figures
     store = Store(quick_results / "results.sqlite", readonly=True)
     regimes = {}
     for regime, runs in by_regime(store.runs()).items():
@@ -178,9 +165,9 @@ def test_drift_figure_has_one_legend_with_every_method(quick_results, monkeypatc
     _assert_labels_clear(fig)
 
 
-def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, monkeypatch):
+def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, captured_figures):
     task = load_task("teacher-student")
-    captured = _captured_figures(monkeypatch)
+    captured = captured_figures
     relaxed = {
         "predicted_rates": [0.39, 0.6, 1.2],
         "measured_rates": [0.38, 0.58, 1.1],
@@ -201,8 +188,8 @@ def test_analysis_figures_keep_axis_labels_clear_of_tick_labels(tmp_path, monkey
         _assert_labels_clear(fig)
 
 
-def test_sharpness_legend_leaves_the_two_over_lr_line_clear(tmp_path, monkeypatch):
-    captured = _captured_figures(monkeypatch)
+def test_sharpness_legend_leaves_the_two_over_lr_line_clear(tmp_path, captured_figures):
+    captured = captured_figures
     init = {"by_s": {"-1.0": 31.0, "0.0": 9.3, "1.0": 34.0}, "balanced": 2.9}
     # 2/lr = 22 lies among the sharpness curves, where a legend in the panel would fall
     curves = {"plain": (31, 30, 10, 4.9), "balanced-init": (3, 3, 3, 3), "exact": (31, 31, 2, 1.8)}
@@ -282,10 +269,10 @@ def test_a_report_removes_the_figures_only_its_previous_report_showed(tmp_path):
     assert all((out / name).read_bytes() == b"mine" for name in mine)
 
 
-def test_stability_figure_keeps_labels_clear(quick_results, monkeypatch):
+def test_stability_figure_keeps_labels_clear(quick_results, captured_figures):
     from gaugefix.experiments.store import Store
 
-    captured = _captured_figures(monkeypatch)
+    captured = captured_figures
     runs = Store(quick_results / "results.sqlite", readonly=True).runs()
     for regime, regime_runs in by_regime(runs).items():
         chosen = stability.at_best_strength(regime_runs)
@@ -295,12 +282,12 @@ def test_stability_figure_keeps_labels_clear(quick_results, monkeypatch):
         _assert_labels_clear(fig)
 
 
-def test_a_stability_map_says_where_a_method_did_not_run(quick_results, monkeypatch):
+def test_a_stability_map_says_where_a_method_did_not_run(quick_results, captured_figures):
     """A map whose methods ran at every s and rate has no blank cell to explain; with a rate
     one method did not run (as a window's floor leaves out) its title says white is not run."""
     from gaugefix.experiments.store import Store
 
-    captured = _captured_figures(monkeypatch)
+    captured = captured_figures
     runs = Store(quick_results / "results.sqlite", readonly=True).runs()
     regime, regime_runs = next(iter(by_regime(runs).items()))
     chosen = stability.at_best_strength(regime_runs)
@@ -312,10 +299,10 @@ def test_a_stability_map_says_where_a_method_did_not_run(quick_results, monkeypa
     assert "not run" not in whole and gapped.endswith("(x: some seed diverged; white: not run)")
 
 
-def test_balanced_start_figure_keeps_labels_clear(quick_results, monkeypatch):
+def test_balanced_start_figure_keeps_labels_clear(quick_results, captured_figures):
     from gaugefix.experiments.store import Store
 
-    captured = _captured_figures(monkeypatch)
+    captured = captured_figures
     t = task_summary(Store(quick_results / "results.sqlite", readonly=True).runs())
     regimes = {Regime.parse(k): g for k, g in t["regimes"].items()}
     assert stability.balanced_start_figure(quick_results, "teacher-student", regimes)
