@@ -26,7 +26,12 @@ TOL = 1e-12
 
 @pytest.fixture(autouse=True)
 def quiet_hook():
-    logging.getLogger("gaugefix.train.hook").setLevel(logging.ERROR)
+    """The hook's warnings (frozen generators left out) silenced here, restored after."""
+    hook_logger = logging.getLogger("gaugefix.train.hook")
+    level = hook_logger.level
+    hook_logger.setLevel(logging.ERROR)
+    yield
+    hook_logger.setLevel(level)
 
 
 def train_step(model, opt, x, y, set_to_none=True):
