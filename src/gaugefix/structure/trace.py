@@ -312,8 +312,7 @@ class TraceContext:
         # storage element each position read, ((that storage, version), parameter), the op.
         self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
         self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
-        # name -> per arrangement of it, its slices along dim 0 read by gathers whose rows
-        # depend on the data
+        # name -> per arrangement, its slices read by gathers whose rows depend on the data
         self.coverage: dict[str, list[_Coverage]] = {}
         self._claimed: set[int] = set()
         # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
