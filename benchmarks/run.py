@@ -3,7 +3,8 @@ markdown table ``benchmarks/results.md`` (pasted into the README).
 
 Every timing is a ratio of two sides measured side by side in one process (item 6: in fresh
 processes), alternating which side goes first, with the median over at least 5 pairs (3 for
-item 7's GPT-2 ``equalize_``): the machines this runs on are shared and noisy.
+item 4's quick grid and item 7's GPT-2 ``equalize_``): the machines this runs on are shared and
+noisy.
 
     python benchmarks/run.py [--only step,effect,balance,discover,sweeps,memory,quant,ops,cuda]
                              [--threads N] [--tiny] [--out DIR]
@@ -305,7 +306,8 @@ def render_markdown(results: dict) -> str:
     lines.append(
         f"Measured on {meta['machine']} ({meta['cores']} cores, torch {meta['torch']}): "
         f"{_when(results)}. Every timing is the median over at least 5 pairs measured side "
-        "by side, alternating (3 for item 7's GPT-2 `equalize_`; item 6's in fresh processes). "
+        "by side, alternating (3 for item 4's quick grid and item 7's GPT-2 `equalize_`; item 6's "
+        "in fresh processes). "
         "Details in `benchmarks/results.json`. "
         + (
             f"CUDA: {meta['cuda']}."
@@ -360,24 +362,25 @@ NOTES = [
     "every gauge neuron is a BatchNorm channel whose entries share no parameter with "
     "another's: K is diagonal and every method is exact in one closed-form step, so that row "
     "is information only.",
-    "4: the whole quick grid is trained batched (as the runner batches it) through the runner"
-    " into a fresh store; one by one, a sample: in every group every 6th run of each method's"
-    " runs (at least one; 6: the greatest common divisor of the group sizes), each run's "
-    "seconds weighted by the runs of its method and group it stands for (the methods of a "
-    "group cost unlike amounts, and a group's runs cycle through its methods, so every 6th "
-    "run of a group is one or a few of them); per group, from the seconds the stores record. "
-    "Sweep processes keep the memory they free (keep_freed_memory): otherwise "
-    "glibc maps and unmaps every large activation tensor at every step, and the page faults "
-    "made batches 3-4x slower per run. Full-batch groups are bounded by their FLOPs: digits "
-    "(1347 examples through a 64-256-10 MLP) runs near the cores' peak even one run at a "
-    "time, and the modular-addition transformer (GEMMs over 4212 token positions per step) "
-    "cannot gain much from batching, and is about a quarter of the one-by-one time; the "
-    "mini-batch and teacher-student groups, where per-step overhead dominates a run alone, "
-    "gain 3.5-12x. Float64 on the sample, batched and one by one: the modular-addition runs "
-    "trained with Adam amplify rounding to percent-level final losses (nudging the initial "
-    "imbalance by 1e-12 changes them that much), so batched and one-by-one runs, whose sums "
-    "are rounded in different orders, agree only to that level there; such runs are reported "
-    "apart.",
+    "4: the whole quick grid is trained batched (as the runner batches it) through the runner into"
+    " a fresh store, and every run of it one by one into another, 3 rounds each, alternating; per "
+    "group, from the seconds the stores record. Every run is timed alone: what a run costs alone "
+    "depends on its method, on where it diverges (it stops there: at step 5 of 1000 at the quick "
+    "grid's largest rates) and on what ran before it, and the sample weighted by method that stood"
+    " for the one-by-one side before 2026-12-06 misstated single groups' one-by-one time by 0.68 "
+    "to 1.49 times in one check on a loaded machine (the 1000-step teacher-student groups were "
+    "reported at 3.5x). Sweep processes keep the memory they free (keep_freed_memory): otherwise "
+    "glibc maps and unmaps every large activation tensor at every step, and the page faults made "
+    "batches 3-4x slower per run. Full-batch groups are bounded by their FLOPs: digits (1347 "
+    "examples through a 64-256-10 MLP) runs near the cores' peak even one run at a time, and the "
+    "modular-addition transformer (GEMMs over 4212 token positions per step) cannot gain much from"
+    " batching; the mini-batch and teacher-student groups, where per-step overhead dominates a run"
+    " alone, gain 3.2-9.6x. Float64 on a sample (in every group every 6th run of each method's "
+    "runs: 6 is the greatest common divisor of the group sizes), batched and one by one: the "
+    "modular-addition runs trained with Adam amplify rounding to percent-level final losses "
+    "(nudging the initial imbalance by 1e-12 changes them that much), so batched and one-by-one "
+    "runs, whose sums are rounded in different orders, agree only to that level there; such runs "
+    "are reported apart.",
     "5: input 224x224 (ResNet-50) or 64 tokens (GPT-2 small, tiny Mixtral with its default "
     "grouped experts, float32); 20 forward passes in eval mode under no_grad, against one "
     "discover.",

@@ -1,20 +1,19 @@
 """Item 4: the quick reproduction's grid (its runs), batched as the runner batches it, against
 the same runs one after another; and batched = one by one in float64.
 
-The batched side trains the whole grid through the runner into a fresh store; both sides train
-in this process with one intra-op thread, as every sweep worker does (``--threads`` does not
-apply). Training all of
-it one run after another takes minutes per round, so the one-by-one side trains a sample: in
-every group, every ``stride``-th run of each method's runs (at least one; ``stride`` the greatest
-common divisor of the group sizes), each standing for the runs of its method and group it was
-drawn from (its weight). A method's runs cost alike, the methods of a group do not (hard
-balancing at every step costs several times a plain step), and a group's runs cycle through its
-methods, so every ``stride``-th run of a group would be one or a few of its methods. One run
-trained alone takes the same time whatever the other runs are: the one-by-one time of a round is
-its sample's, scaled by the weighted over the plain sum of the seconds its store records for its
-runs. Those seconds give every group's own speed-up as well.
+The batched side trains the whole grid through the runner into a fresh store, the one-by-one
+side every run of it alone (:data:`PAIRS` rounds each, alternating); both train in this process
+with one intra-op thread, as every sweep worker does (``--threads`` does not apply). Every run is
+timed alone, not a sample of them: what a run costs alone depends on its method (hard balancing
+at every step costs several times a plain step), on where it diverges (a run stops there: at step
+5 of 1000 for the quick grid's largest rates, 0.01 s against 0.65 s) and on what ran before it in
+the process, and a sample weighted by method misstated the whole grid's one-by-one time by 12%
+and single groups' by 0.68 to 1.49 times. The seconds the stores record give every group's own
+speed-up as well.
 
-Float64: the sample is trained batched (in the sample's batches) and one by one. A run whose
+Float64: a sample, in every group every ``stride``-th run of each method's runs (``stride`` the
+greatest common divisor of the group sizes), is trained batched (in the sample's batches) and
+one by one. A run whose
 final losses differ by more than ``TOLERANCE`` (relative) is trained alone once more from an
 initial imbalance larger by ``NUDGE`` (for the methods that start balanced, the same start in
 exact arithmetic); when that moves its own final loss by more than ``TOLERANCE`` too, its result
@@ -36,6 +35,7 @@ from gaugefix.experiments.store import Store
 
 TOLERANCE = 1e-6
 NUDGE = 1e-12
+PAIRS = 3  # rounds of each side: one by one, the whole grid takes about three minutes
 
 
 spec_of = runner.spec_of_run
@@ -49,21 +49,17 @@ def groups_of(configs: list[RunConfig]) -> dict[tuple, list[RunConfig]]:
     return groups
 
 
-def sample(configs: list[RunConfig]) -> tuple[list[RunConfig], dict[str, float], int]:
-    """The one-by-one sample: in every group, every ``stride``-th run of each method's runs
-    (sorted by key), starting with the first; each sampled run's weight (by key): its method's
-    runs in its group over those sampled; and ``stride``, the greatest common divisor of the
-    group sizes."""
+def sample(configs: list[RunConfig]) -> tuple[list[RunConfig], int]:
+    """The float64 sample: in every group, every ``stride``-th run of each method's runs (sorted
+    by key), starting with the first; and ``stride``, the greatest common divisor of the group
+    sizes."""
     groups = groups_of(configs)
     stride = math.gcd(*(len(runs) for runs in groups.values()))
-    chosen, weights = [], {}
+    chosen = []
     for runs in groups.values():
         for method in dict.fromkeys(c.method for c in runs):
-            cell = [c for c in runs if c.method == method]
-            drawn = cell[::stride]
-            chosen += drawn
-            weights.update((c.key(), len(cell) / len(drawn)) for c in drawn)
-    return chosen, weights, stride
+            chosen += [c for c in runs if c.method == method][::stride]
+    return chosen, stride
 
 
 def tiny_grid() -> list[RunConfig]:
@@ -104,10 +100,9 @@ def _train_into_store(configs: list[RunConfig], batched: bool) -> dict[str, floa
         return {row.config.key(): row.record.seconds for row in store.runs()}
 
 
-def weighted(seconds: dict[str, float], weights: dict[str, float], keys: set[str]) -> float:
-    """``sum_c w_c t_c`` over the runs ``c`` of ``keys`` that ``seconds`` (key -> ``t_c``)
-    holds; ``w_c`` from ``weights``, 1 for a run it does not hold."""
-    return sum(weights.get(k, 1.0) * t for k, t in seconds.items() if k in keys)
+def recorded(seconds: dict[str, float], configs: list[RunConfig]) -> float:
+    """The seconds ``seconds`` (by key) records for ``configs``."""
+    return sum(seconds[c.key()] for c in configs)
 
 
 def _relative_change(reference: float, other: float) -> float:
@@ -164,48 +159,41 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> dict:
         grid = [
             c for g in plan.reproduce_grids(quick=True) for c in g.configs(runner.TaskSpec(g.task))
         ]
-        pairs = 5
-    chosen, weights, stride = sample(grid)
+        pairs = PAIRS
+    chosen, stride = sample(grid)
     for c in grid:
         spec_of(c).load()  # load (and cache) every task before timing
     seconds: dict[str, list[dict[str, float]]] = {"batched": [], "one_by_one": []}
     times = paired(
         {
-            "batched": lambda: seconds["batched"].append(_train_into_store(grid, True)),
-            "one_by_one": lambda: seconds["one_by_one"].append(_train_into_store(chosen, False)),
-        },
+            side: lambda side=side: seconds[side].append(_train_into_store(grid, side == "batched"))
+            for side in seconds
+        },  # fmt: skip
         pairs,
         warmup=0,
     )
-    estimated = [
-        t * weighted(s, weights, set(s)) / sum(s.values())
-        for t, s in zip(times["one_by_one"], seconds["one_by_one"], strict=True)
-    ]
-    groups = groups_of(grid)
     per_group = []
-    for g, runs in groups.items():
-        keys = {c.key() for c in runs}
-        alone = sum(weighted(s, weights, keys) for s in seconds["one_by_one"])
-        together = sum(weighted(s, {}, keys) for s in seconds["batched"])
+    for g, runs in groups_of(grid).items():
+        alone = sum(recorded(s, runs) for s in seconds["one_by_one"])
+        together = sum(recorded(s, runs) for s in seconds["batched"])
         per_group.append({"group": _group_label(g), "runs": len(runs),
                           "batches": len(runner.batches(runs, spec_of, True)),
                           "speedup": alone / together})  # fmt: skip
     same = identical(chosen)
     row = {
         "grid_runs": len(grid),
-        "one_by_one_runs": len(chosen),
+        "float64_sample_runs": len(chosen),
         "stride": stride,
         "pairs": pairs,
         "batched": summary(times["batched"]),
-        "one_by_one_sample": summary(times["one_by_one"]),
-        "one_by_one_estimated": summary(estimated),
-        "speedup": ratio(estimated, times["batched"]),
+        "one_by_one": summary(times["one_by_one"]),
+        "speedup": ratio(times["one_by_one"], times["batched"]),
         "groups": per_group,
         "float64": same,
     }
     log(
         f"  {len(grid)} runs batched {row['batched']['median_s']:.1f} s; one by one "
-        f"{row['one_by_one_estimated']['median_s']:.1f} s ({len(chosen)} runs, weighted): "
+        f"{row['one_by_one']['median_s']:.1f} s: "
         f"{row['speedup']:.2f}x"
     )
     for g in per_group:
