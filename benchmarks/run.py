@@ -338,11 +338,11 @@ NOTES = [
     "without copies of the parameters); between orbit steps the hook only counts the steps "
     "and checks their learning rates. The penalty mode and the exact step at every step do "
     "such a pass at every step: about the memory traffic"
-    " of the optimizer's own update, small next to a ResNet-18 or GPT step, a sixth of the "
-    "MLP's (1.9M parameters, three small GEMMs per step). imbalance_stats (timed once per "
+    " of the optimizer's own update, a few percent of a ResNet-18 or GPT step, about a third of "
+    "the MLP's (1.9M parameters, three small GEMMs per step). imbalance_stats (timed once per "
     "round, right after the round's last plain step, where a training loop logs it, over that "
-    "round's mean plain step) reads every parameter once: well under 1% of a ResNet-18 step on "
-    "two cores (item 2); no target for the MLP.",
+    "round's mean plain step) reads every parameter once: about half a percent of a ResNet-18 "
+    "step on one core (item 2); no target for the MLP.",
     "1 (effect): the teacher-student drift experiment, mini-batch training of the 16-128-1 "
     "student from a balanced start; drift suppression = the final RMS log-ratio of plain "
     "training over that with gauge fixing, measured just before the default's next orbit "
