@@ -39,8 +39,8 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -640,27 +640,24 @@ def _move_(moved: list[tuple[Tensor, Tensor, int]]) -> None:
                 apply([t for t, _ in now], [f for _, f in now])
 
 
-def by_row_blocks(t: Tensor, factors: list[Tensor], apply: Callable) -> None:
-    """``apply(block, f)`` for every factor ``f`` (broadcast over ``t``) with ``block`` the
-    rows of ``t`` it acts on and ``f`` restricted to them: several factors on a large ``t``
-    block by block of rows (:func:`row_blocks`), so that the later ones find the block in
-    cache; otherwise ``block`` is every row."""
+def by_row_blocks(t: Tensor, factors: list[Tensor]) -> Iterator[tuple[Any, list[Tensor]]]:
+    """``(block, restricted)``: the rows ``block`` of ``t`` and the ``factors`` (broadcast over
+    ``t``) restricted to them; several factors on a large ``t`` block by block of rows
+    (:func:`row_blocks`), so that each block stays in cache while they act on it; otherwise
+    ``block`` is every row."""
     blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
     for block in blocks or [...]:  # every row (also of a 0-dim tensor)
-        for f in factors:
-            apply(block, f[block] if blocks and f.shape[0] > 1 else f)
+        yield block, [f[block] if blocks and f.shape[0] > 1 else f for f in factors]
 
 
 def mul_by_rows_(t: Tensor, factors: list[Tensor]) -> None:
     """``t *= f_1 f_2 ...`` in place for the factors (broadcast over ``t``): their product taken
-    first (:func:`factor_product`), block by block of rows (:func:`row_blocks`), so that each
-    entry is multiplied once (multiplied by each factor in turn, an entry could leave its
+    first (:func:`factor_product`), block by block of rows (:func:`by_row_blocks`), so that
+    each entry is multiplied once (multiplied by each factor in turn, an entry could leave its
     dtype's range on the way: a float32 ``1e-20`` moved by ``exp(-60)``, then by ``exp(60)``,
     became 0)."""
     applied = applied_dtype(t.dtype)
-    blocks = row_blocks(t, [tuple(f.shape) for f in factors]) if len(factors) > 1 else None
-    for block in blocks or [...]:  # every row (also of a 0-dim tensor)
-        local = [f[block] if blocks and f.shape[0] > 1 else f for f in factors]
+    for block, local in by_row_blocks(t, factors):
         t[block].mul_(factor_product(local, applied, scratch=True))
 
 
@@ -706,7 +703,9 @@ def add_selection_grads_(
         coefficients = group_coefficients(cx, group, dtype, batch_dims)
         for k, (grad, x) in enumerate(zip(gs, ps, strict=True)):
             cs = [per_param[k] for per_param in coefficients]
-            by_row_blocks(grad, cs, lambda block, c, g=grad, x=x: g[block].addcmul_(x[block], c))
+            for block, local in by_row_blocks(grad, cs):
+                for c in local:
+                    grad[block].addcmul_(x[block], c)
 
 
 def _add_selection_grads_dense_(
