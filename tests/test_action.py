@@ -149,6 +149,22 @@ def test_random_gauge_rejects_bad_scales(scale):
     assert_same_bits(model, saved)
 
 
+@pytest.mark.parametrize("seeded", [True, False])
+def test_random_gauge_refused_leaves_the_generator_as_it_was(seeded):
+    # a move refused (here: factors beyond float32's range) draws nothing from the caller's
+    # generator, or from torch's global one when none is given
+    model = zoo.mlp((4, 6, 3))
+    s = gaugefix.discover(model, torch.randn(2, 4))
+    saved = snapshot(model)
+    generator = torch.Generator().manual_seed(5) if seeded else None
+    source = generator if seeded else torch.default_generator
+    state = source.get_state()
+    with pytest.raises(ValueError):
+        gaugefix.random_gauge_(model, s, 1e6, generator=generator)
+    assert torch.equal(source.get_state(), state)
+    assert_same_bits(model, saved)
+
+
 # --- optimizer state -----------------------------------------------------------------------------
 OPTIMIZERS = {
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.0, momentum=0.9),

@@ -406,11 +406,17 @@ def random_gauge_(
 ) -> Tensor:
     """Apply a random gauge transformation ``h ~ N(0, scale^2)`` (float64, one entry per
     generator, drawn on the generator's device) and return ``h``. Under FSDP2 every process
-    must draw the same ``h`` (a ``generator`` seeded alike): else ``ShardingError``."""
+    must draw the same ``h`` (a ``generator`` seeded alike): else ``ShardingError``. A refused
+    move leaves the generator (torch's global one when none is given) as it was."""
     check_number(scale, "scale")
-    device = generator.device if generator is not None else torch.device("cpu")
+    source = generator if generator is not None else torch.default_generator
+    state = source.get_state()
     h = scale * torch.randn(
-        structure.num_generators, generator=generator, dtype=torch.float64, device=device
+        structure.num_generators, generator=source, dtype=torch.float64, device=source.device
     )
-    apply_gauge_(model, structure, h, optimizer)
+    try:
+        apply_gauge_(model, structure, h, optimizer)
+    except Exception:
+        source.set_state(state)
+        raise
     return h
