@@ -10,6 +10,7 @@ a model at once (the library calls it with ``R = 1``, the sweep engine with one 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -95,8 +96,10 @@ class BalanceSolution:
 
 
 def check_tolerances(tol: float, max_iter: int) -> None:
+    """``ValueError`` unless ``tol`` is a finite number ``> 0`` and ``max_iter`` an integer
+    ``>= 0`` (NumPy's too; not a bool)."""
     check_number(tol, "tol", strict=True)
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
+    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
 
 
@@ -356,7 +359,9 @@ def balance_(
     first; on error nothing is modified (a solution whose factors could overflow a moved
     tensor's dtype or underflow their own, :func:`gaugefix.action.overflowing`, is refused).
     Not reaching ``tol`` within ``max_iter`` iterations is no error (the rule of every Newton
-    solve in gaugefix): the step found is applied and ``converged`` is false.
+    solve in gaugefix): the step found is applied and ``converged`` is false. Parameters with
+    ``requires_grad=False`` move like the others (``mu = 0`` needs them); ``equalize_`` with the
+    ``"norm"`` objective leaves the generators touching them alone.
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
