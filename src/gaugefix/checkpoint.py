@@ -166,7 +166,8 @@ class CheckpointBalance:
     did in float64; ``output_scale``: ``max |f(x)|`` over the floating outputs with the given
     weights; ``exact_change``: ``max |f_b(x) - f(x)|`` with the balanced float64 weights;
     ``output_change``: the same with the returned weights (rounded to the file's dtypes);
-    ``dtype``: the coarsest dtype of a tensor that balancing changed (``float64`` when none did);
+    ``dtype``: the coarsest dtype of a tensor that balancing moved (in float64, whether or not
+    its rounding gave back the file's values; ``float64`` when none moved);
     ``per_output_exact`` and ``per_output_change``: for each floating output tensor ``f_i`` (in
     the order of the forward's output), ``max |f_b,i(x) - f_i(x)| / max |f_i(x)|`` with the
     float64 and with the returned weights (``inf`` for a change of an output that is all zero).
@@ -437,21 +438,28 @@ def _rounded(
 
 def _written(
     model: nn.Module, tensors: Mapping[str, Tensor], ties: dict[str, Tensor]
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], list[str]]:
     """The balanced float64 ``model``'s weights under the names of ``tensors``, rounded to their
-    dtypes (:func:`_rounded`), and loaded back into ``model``; :class:`CheckpointError` when
+    dtypes (:func:`_rounded`), and loaded back into ``model``; with the names of the weights
+    balancing moved (in float64: their rounding may give back the file's values, and still
+    changes the function by up to their dtype's precision). :class:`CheckpointError` when
     they break a tie of the original model's state dict ``ties`` (a buffer sharing a weight's
     storage, which the float64 copy's ``.to`` unties: the stale buffer would overwrite the
     balanced weight when loaded)."""
     balanced = model.state_dict()
     weights = {_storage_key(p) for p in model.parameters()}  # and what shares their storage
     params = {name for name, t in balanced.items() if _storage_key(t) in weights}
+    moved = [
+        name
+        for name, t in tensors.items()
+        if name in params and not torch.equal(balanced[name], t.to(balanced[name].dtype))
+    ]
     written = _rounded(balanced, tensors, params)
     try:
         _load64(model, _complete(ties, written))
     except CheckpointError as err:
         raise CheckpointError(f"balancing would break a tie of the model: {err}") from None
-    return written
+    return written, moved
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
@@ -526,10 +534,9 @@ def balance_state_dict(
     result = _moved(model, structure, objective, calibration, alpha)
     exact = _outputs(model, x)
 
-    written = _written(model, tensors, ties)
-    changed = [name for name, t in tensors.items() if not torch.equal(written[name], t)]
+    written, moved = _written(model, tensors, ties)
     rounded = _outputs(model, x)
-    dtypes = [tensors[name].dtype for name in changed]
+    dtypes = [tensors[name].dtype for name in moved]
     report = CheckpointBalance(
         num_generators=structure.num_generators,
         before=before,

@@ -19,6 +19,11 @@ from gaugefix.errors import GaugefixError
 
 __all__ = ["OutputError", "output_target", "write_bytes", "write_text"]
 
+# The characters of the target's name that its temporary file's name keeps: at most 4 bytes
+# each, plus the 14 of the dot, the random part and the suffix, within the 255 bytes a file
+# name may have (the whole name of a 242-byte target was too long).
+TEMP_NAME_CHARS = 48
+
 
 class OutputError(GaugefixError, OSError):
     """An output file that cannot be written; the message names it and says why."""
@@ -57,7 +62,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     the temporary file and the directories made are removed; an ``OSError`` (a full disk, a
     read-only directory) is raised as an :class:`OutputError` naming ``path``."""
     target = output_target(path)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    temp = target.with_name(f".{target.name[:TEMP_NAME_CHARS]}.{secrets.token_hex(4)}.tmp")
     made = _missing(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
