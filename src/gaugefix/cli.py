@@ -473,10 +473,14 @@ def _made_by(store: Store, command: str) -> None:
 
 
 def _render(out: Path, quick: bool | None = None) -> dict:
-    """:func:`gaugefix.report.render`, with progress."""
+    """:func:`gaugefix.report.render`, with progress; a store the summary refuses (runs of
+    two dtypes in one cell, say) ends the command with one line."""
     with Progress(1, unit="report") as progress:
         progress.update(label=f"writing {out / 'report.md'}, its figures and summary.json")
-        summary = render(out, quick)
+        try:
+            summary = render(out, quick)
+        except ValueError as err:
+            raise _fail(str(err)) from None
         progress.update(done=1)
     return summary
 

@@ -3,6 +3,7 @@ tasks, regimes and cells."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -101,24 +102,48 @@ def reference(runs: Runs) -> str | None:
 def by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
     """The runs of each task, keyed by its name; when runs of one name have several
     :func:`task_version` (other data, model or experiment definitions) each version is its own
-    task, keyed ``NAME@VERSION``, so they are never mixed."""
+    task, keyed ``NAME@VERSION``, so they are never mixed; ``ValueError`` where two tasks would
+    have one key (a task named ``t@VERSION`` beside a version of ``t``)."""
     versions: dict[str, set[str]] = defaultdict(set)
     for r in runs:
         versions[r.config.task].add(task_version(r.config.task_hash))
     out: dict[str, list[Run]] = defaultdict(list)
+    keyed: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for r in runs:
         version = task_version(r.config.task_hash)
-        several = len(versions[r.config.task]) > 1
-        out[f"{r.config.task}@{version}" if several else r.config.task].append(r)
+        key = f"{r.config.task}@{version}" if len(versions[r.config.task]) > 1 else r.config.task
+        out[key].append(r)
+        keyed[key].add((r.config.task, version))
+    for key, tasks in keyed.items():
+        if len(tasks) > 1:
+            named = ", ".join(f"{name!r} version {version}" for name, version in sorted(tasks))
+            raise ValueError(f"the runs of {named} would all be summarised as task {key!r}")
     return dict(sorted(out.items()))
 
 
 def by_regime(runs: Sequence[Run]) -> dict[Regime, list[Run]]:
-    """The runs of each regime, full-batch ones first, then by optimizer and steps."""
+    """The runs of each regime (``runs``: one task's), full-batch ones first, then by optimizer
+    and steps. ``ValueError`` where a regime's runs have several dtypes (their cells would mix
+    them) or hold one run twice (its seed would count twice)."""
     out: dict[Regime, list[Run]] = defaultdict(list)
     for r in runs:
         out[Regime.of(r.config)].append(r)
+    for regime, rs in out.items():
+        _check_regime(regime, rs)
     return dict(sorted(out.items(), key=lambda kv: (kv[0].batch_size > 0, kv[0].steps, kv[0].key)))
+
+
+def _check_regime(regime: Regime, runs: Runs) -> None:
+    """``ValueError`` where one regime's ``runs`` have several dtypes or one run twice."""
+    tasks = ", ".join(repr(t) for t in sorted({r.config.task for r in runs}))
+    dtypes = sorted({r.config.dtype for r in runs})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"the runs of task {tasks}, regime {regime.key}, have the dtypes {', '.join(dtypes)}: "
+            "a summary compares runs of one dtype; keep each dtype's runs in a store of its own"
+        )
+    if len({r.config for r in runs}) < len(runs):
+        raise ValueError(f"the runs of task {tasks}, regime {regime.key}, hold a run twice")
 
 
 def longest_full_batch(runs: Sequence[Run], task_hash: str) -> tuple[Regime, list[Run]] | None:
@@ -142,5 +167,9 @@ def group(runs: Sequence[Run], key: Callable[[RunConfig], tuple]) -> dict[tuple,
 
 
 def median(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None]
-    return statistics.median(finite) if finite else None
+    """The median of the values that are not ``None`` (``None`` when none is); NaN where one is
+    NaN (it has no place in the order, and sorting past it would depend on where it stands)."""
+    known = [v for v in values if v is not None]
+    if any(math.isnan(v) for v in known):
+        return math.nan
+    return statistics.median(known) if known else None

@@ -4,6 +4,7 @@ expressivity check (balancing a trained plain network leaves its function unchan
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Annotated, Any, TypedDict
@@ -68,8 +69,9 @@ def summarize(runs: Runs) -> QualitySummary:
     """Per metric, method and learning rate stable for every seed of both the method and the
     regime's reference (plain, else balanced-init), run on the same seeds, at s = 0: the
     median over seeds, keyed by :func:`lr_key` (two rates of a method equal to its 6 digits:
-    ``ValueError``). A metric no run has (no test split, no classes) is left out. ``runs``: one
-    regime's at best strength."""
+    ``ValueError``); a rate where some seed lacks the metric (a NaN test loss, stored as
+    ``None``) is left out of it. A metric no run has (no test split, no classes) is left out.
+    ``runs``: one regime's at best strength."""
     cells = group([r for r in runs if r.config.s == 0.0], lambda c: (c.method, c.lr))
     ref = reference(runs)
     compared = _compared(cells, ref)
@@ -78,12 +80,20 @@ def summarize(runs: Runs) -> QualitySummary:
     for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
         for (method, lr), cell in cells.items():
-            v = median([metric(r) for r in cell])
+            v = _every_seed([metric(r) for r in cell])
             if (method, lr) in compared and v is not None:
                 values[method][lr_key(lr)] = v
         if any(values.values()):
             out[key] = Medians(reference=ref, medians=dict(values))
     return out
+
+
+def _every_seed(values: list[float | None]) -> float | None:
+    """The median of a cell's values, one per seed; ``None`` where some seed has none or NaN (a
+    median over the other seeds would not pair with the reference's)."""
+    if any(v is None or math.isnan(v) for v in values):
+        return None
+    return median(values)
 
 
 def _check_keys(cells: dict[tuple, list[RunResult]]) -> None:

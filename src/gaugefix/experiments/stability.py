@@ -295,13 +295,17 @@ def status(run: RunResult, definition: Definition = DEFAULT) -> str:
 
 
 def max_stable_lr(runs: Runs, definition: Definition = DEFAULT) -> float:
-    """:func:`band_top` of the grid rates at which every run of ``runs`` (one cell) is stable
-    under ``definition`` (the runs of a bisection, at one seed's rates, left out)."""
+    """:func:`band_top` of the grid rates at which every seed of ``runs`` (one cell) ran and is
+    stable under ``definition`` (the runs of a bisection, at one seed's rates, left out; a rate
+    some seed did not run is not known to be stable)."""
+    grid = [r for r in runs if not r.config.bisection]
+    seeds = {r.config.seed for r in grid}
     stable: dict[float, bool] = defaultdict(lambda: True)
-    for r in runs:
-        if not r.config.bisection:
-            stable[r.config.lr] &= status(r, definition) == "stable"
-    return band_top(stable)
+    ran: dict[float, set[int]] = defaultdict(set)
+    for r in grid:
+        stable[r.config.lr] &= status(r, definition) == "stable"
+        ran[r.config.lr].add(r.config.seed)
+    return band_top({lr: ok and ran[lr] == seeds for lr, ok in stable.items()})
 
 
 def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
@@ -333,8 +337,9 @@ def _midpoint(lo: float, hi: float | None) -> float:
 
 def best_strengths(runs: Runs) -> dict[str, float]:
     """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` of the
-    tuning seeds (below :data:`TUNING_SEEDS`; the smallest such strength on ties); ``runs`` are
-    one regime's."""
+    tuning seeds (below :data:`TUNING_SEEDS`; the smallest such strength on ties), or its one
+    strength; ``ValueError`` where a method of several has no tuning seed. ``runs``: one
+    regime's."""
     score: dict[tuple[str, float], float] = defaultdict(float)
     tuning = [r for r in runs if r.config.seed < TUNING_SEEDS]
     for (method, strength, _), cell in group(tuning, lambda c: (c.method, c.strength, c.s)).items():
@@ -343,6 +348,16 @@ def best_strengths(runs: Runs) -> dict[str, float]:
     for (method, strength), value in sorted(score.items()):
         if method not in best or value > score[(method, best[method])]:
             best[method] = strength
+    for (method,), cell in group(runs, lambda c: (c.method,)).items():
+        if method in best:
+            continue
+        (strength, *others) = {r.config.strength for r in cell}
+        if others:
+            raise ValueError(
+                f"method {method!r} has several strengths but no runs on the tuning seeds "
+                f"0..{TUNING_SEEDS - 1}: its strength cannot be chosen"
+            )
+        best[method] = strength
     return best
 
 
