@@ -364,3 +364,16 @@ def test_an_analysis_declares_whether_it_reads_the_sweep():
     for analysis in analyses.ANALYSES:
         assert isinstance(analysis, analyses.Analysis)
         assert analysis.READS_RUNS is reads_store(analysis.compute), analysis.KEY
+
+
+def test_a_stored_analysis_of_another_version_is_computed_again(tmp_path: Path, monkeypatch):
+    """A value stored for the task hash and grid, by an analysis whose ``VERSION`` has since
+    been raised, is computed again (a fix to ``compute`` replaces the stored values)."""
+    from gaugefix.experiments import analyses, relaxation
+
+    store = Store(tmp_path / "runs.sqlite")
+    for key, _, _, made_for in analyses._todo(store, True):
+        store.put_analysis(key, {"made_for": made_for}, 0.0, replace=True)
+    assert analyses._todo(store, True) == []
+    monkeypatch.setattr(relaxation, "VERSION", relaxation.VERSION + 1)
+    assert [todo[0] for todo in analyses._todo(store, True)] == ["relaxation/teacher-student"]

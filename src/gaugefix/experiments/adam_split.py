@@ -38,6 +38,7 @@ from gaugefix.step import AdamState
 __all__ = [
     "KEY",
     "READS_RUNS",
+    "VERSION",
     "COMPARED",
     "SPLIT",
     "S",
@@ -63,6 +64,9 @@ KEY = "adam_split"
 # compute reads the sweep's runs (plain Adam's edge, the sweep's verdicts): computed after
 # the sweep
 READS_RUNS = True
+# The version of what compute gives: raised when a change alters it, so stored values of
+# older versions are computed again.
+VERSION = 2  # 2: Adam's state kept between steps
 SPLIT = ("penalty", "decoupled-penalty", "exact")  # the fixings compared, each against plain
 S = 2.0  # the initial imbalance of the trajectories
 PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others are matched to it
@@ -186,7 +190,7 @@ def trajectory(
         )
         with torch.no_grad():
             out["log_ratio"].append(float(run_stats(structure, stack)[0]))
-            step_fn.update(grads, state, stack)
+            _, state = step_fn.update(grads, state, stack)  # Adam's step count moves on
         u = {n: stack[n] - before[n] for n in stack}
         out["loss"].append(loss.item())
         out["step"].append(_norm(u) / lr)
@@ -231,10 +235,11 @@ def horizontal_fraction(
 
 def decay_rate(curve: dict[str, list[float]], steps: int) -> float | None:
     """The decay per step of the RMS log-ratio over the first ``k = steps`` steps (fewer where
-    the run ended sooner): ``-log(r_k / r_0) / k``; ``None`` for a run that took no step."""
+    the run ended sooner): ``-log(r_k / r_0) / k``; ``None`` for a run that took no step, or
+    where ``r_0`` or ``r_k`` is 0 (an exactly balanced network: no finite rate)."""
     r = curve["log_ratio"]
     k = min(steps, len(r) - 1)
-    return -math.log(r[k] / r[0]) / k if k > 0 else None
+    return -math.log(r[k] / r[0]) / k if k > 0 and r[0] > 0 and r[k] > 0 else None
 
 
 def matched_strengths(task: Task, lr: float, steps: int) -> dict[str, float]:
@@ -267,7 +272,8 @@ def matched_strengths(task: Task, lr: float, steps: int) -> dict[str, float]:
                 break
             points.append((guess, measured(m, guess)))
         tried = [(st, r) for st, r in points[1:] if r is not None]
-        out[m] = min(tried, key=lambda p: abs(p[1] - target))[0] if tried and target else pilot
+        found = bool(tried) and target is not None
+        out[m] = min(tried, key=lambda p: abs(p[1] - target))[0] if found else pilot
     return out
 
 

@@ -46,11 +46,14 @@ class Analysis(Protocol):
     figures written into ``out``). ``READS_RUNS`` says whether ``compute`` reads its ``store``
     (the sweep's runs): the value of one that does not (``False``) cannot depend on the sweep,
     so :func:`beside_sweep` computes it while the sweep runs; one that does (``True``) is
-    computed after the sweep and its bisection. This flag alone decides which go early."""
+    computed after the sweep and its bisection. This flag alone decides which go early.
+    ``VERSION`` is raised whenever a change alters what ``compute`` gives: a stored value of
+    another version is computed again."""
 
     KEY: str
     SUMMARY: Any
     READS_RUNS: bool
+    VERSION: int
 
     def compute(self, store: Store, task: Task, quick: bool) -> dict[str, Any]: ...
 
@@ -117,8 +120,8 @@ Todo = tuple[str, str, str, dict[str, Any]]
 
 def _todo(store: Store, quick: bool, reads_runs: bool | None = None) -> list[Todo]:
     """The analyses of :func:`run_analyses` (only those whose ``READS_RUNS`` is ``reads_runs``
-    unless it is ``None``) that ``store`` does not hold for the same task hash and grid, in the
-    order of :data:`ANALYSES`."""
+    unless it is ``None``) that ``store`` does not hold for the same task hash, grid and
+    analysis ``VERSION``, in the order of :data:`ANALYSES`."""
     tasks = ["teacher-student"] if quick else ["teacher-student", "deep-teacher-student"]
     todo = []
     for name in tasks:
@@ -127,6 +130,7 @@ def _todo(store: Store, quick: bool, reads_runs: bool | None = None) -> list[Tod
             if reads_runs is not None and analysis.READS_RUNS != reads_runs:
                 continue
             key = f"{analysis.KEY}/{name}"
+            made_for = {**made_for, "version": analysis.VERSION}
             if (store.analysis(key) or {}).get("made_for") != made_for:
                 todo.append((key, analysis.KEY, name, made_for))
     return todo

@@ -32,6 +32,7 @@ from gaugefix.experiments.tasks import Task
 __all__ = [
     "KEY",
     "READS_RUNS",
+    "VERSION",
     "TRAINED",
     "STRENGTH",
     "Sharpness",
@@ -46,6 +47,9 @@ __all__ = [
 KEY = "conditioning"
 # compute reads the sweep's runs (the largest stable rate): computed after the sweep
 READS_RUNS = True
+# The version of what compute gives: raised when a change alters it, so stored values of
+# older versions are computed again.
+VERSION = 1
 # The methods sharpness is followed for, as the sweep defines them (:data:`METHODS`).
 TRAINED = (*REFERENCES, "exact")
 STRENGTH = 1.0  # of the gauge-fixing methods

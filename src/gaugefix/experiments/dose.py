@@ -34,6 +34,7 @@ from gaugefix.experiments.tasks import Task
 __all__ = [
     "KEY",
     "READS_RUNS",
+    "VERSION",
     "S",
     "SWEPT",
     "SHARED_RHO",
@@ -54,6 +55,9 @@ KEY = "dose"
 # compute trains and bisects its own runs (never stored) and reads no run of the store:
 # computed beside the sweep
 READS_RUNS = False
+# The version of what compute gives: raised when a change alters it, so stored values of
+# older versions are computed again.
+VERSION = 2  # 2: every mode of K searched
 S = 2.0  # the initial imbalance
 SWEPT = ("penalty", "exact")
 # One monotone curve is shared when the pooled Spearman correlation of edge ratio against
@@ -110,8 +114,9 @@ def slowest_rate(model: torch.nn.Module, structure: gaugefix.GaugeStructure) -> 
     """The slowest rate ``2 k_i`` (strength 1) of the linearized relaxation
     ``d mu/dt = -2 strength K mu`` at ``model``'s parameters, over the modes of ``K`` carrying
     at least 1% of ``||mu||`` (:func:`gaugefix.relaxation_rates`): the time the imbalance takes
-    to relax is the slowest significant mode's."""
-    pred = relaxation_rates(model, structure, 1.0)
+    to relax is the slowest significant mode's. Every mode is computed (dense ``eigh``): the
+    slowest significant one can lie inside the spectrum."""
+    pred = relaxation_rates(model, structure, 1.0, dense_limit=structure.num_generators)
     mu = gaugefix.imbalance(model, structure).detach()
     c = pred.modes.T @ mu
     return float(pred.rates[c.abs() >= 0.01 * mu.norm()].min())

@@ -21,12 +21,15 @@ from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 
-__all__ = ["KEY", "READS_RUNS", "SEEDS", "QUICK_SEEDS", "SharpnessStartRecord", "SUMMARY",
+__all__ = ["KEY", "READS_RUNS", "VERSION", "SEEDS", "QUICK_SEEDS", "SharpnessStartRecord", "SUMMARY",
            "compute", "record", "summarize", "render"]  # fmt: skip
 
 KEY = "min-sharpness"
 # compute starts from its own networks and reads no run of the store: computed beside the sweep
 READS_RUNS = False
+# The version of what compute gives: raised when a change alters it, so stored values of
+# older versions are computed again.
+VERSION = 1
 SEEDS = 3  # seeds recorded in the full reproduction (each on its own task instance)
 QUICK_SEEDS = 1
 

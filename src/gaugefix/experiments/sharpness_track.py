@@ -33,6 +33,7 @@ from gaugefix.experiments.tasks import Task
 __all__ = [
     "KEY",
     "READS_RUNS",
+    "VERSION",
     "TRACKED",
     "EdgeSharpness",
     "SUMMARY",
@@ -46,6 +47,9 @@ __all__ = [
 KEY = "sharpness_track"
 # compute reads the sweep's runs (the edges at seed 0): computed after the sweep
 READS_RUNS = True
+# The version of what compute gives: raised when a change alters it, so stored values of
+# older versions are computed again.
+VERSION = 2  # 2: the step's state kept between steps
 TRACKED = ("plain", "balanced-init", "penalty", "exact")  # methods followed, where they were run
 POINTS = {True: 2, False: 11}  # sharpness evaluations per run, quick and full
 
@@ -136,8 +140,9 @@ def tracked(
             break
         grads = torch.autograd.grad(loss, list(model.parameters()))
         with torch.no_grad():
-            step_fn.update({n: g.unsqueeze(0) for n, g in zip(stack, grads, strict=True)},
-                           state, stack)  # fmt: skip
+            _, state = step_fn.update(
+                {n: g.unsqueeze(0) for n, g in zip(stack, grads, strict=True)}, state, stack
+            )
     return curve
 
 
