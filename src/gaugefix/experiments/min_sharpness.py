@@ -21,8 +21,8 @@ from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
 
-__all__ = ["KEY", "READS_RUNS", "VERSION", "SEEDS", "QUICK_SEEDS", "SharpnessStartRecord", "SUMMARY",
-           "compute", "record", "summarize", "render"]  # fmt: skip
+__all__ = ["KEY", "READS_RUNS", "VERSION", "SEEDS", "QUICK_SEEDS", "SharpnessStartRecord",
+           "SUMMARY", "compute", "record", "summarize", "render"]  # fmt: skip
 
 KEY = "min-sharpness"
 # compute starts from its own networks and reads no run of the store: computed beside the sweep
