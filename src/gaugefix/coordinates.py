@@ -137,9 +137,9 @@ def gauge_coordinates(
     model: nn.Module,
     structure: GaugeStructure,
     *,
+    allow_dead: bool = False,
     tol: float = 1e-13,
     max_iter: int = 100,
-    allow_dead: bool = False,
 ) -> GaugeCoordinates:
     """The gauge-adapted coordinates ``(theta_bar, h)`` of ``model``'s parameters, with
     ``theta = g(h) . theta_bar`` and ``mu(theta_bar) = 0``.
