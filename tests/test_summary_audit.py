@@ -181,3 +181,32 @@ def test_s_keys_of_adjacent_floats_stay_apart():
     s = 1.5
     assert s_key(math.nextafter(s, 2.0)) != s_key(s)
     assert float(s_key(math.nextafter(s, 2.0))) == math.nextafter(s, 2.0)
+
+
+# -- the realistic tasks' tuned rate and adam_split's rate -----------------------------------------
+def test_a_nan_validation_loss_leaves_its_rate_out_of_the_best_rate():
+    """statistics.median over [0.5, nan] gave an answer that depended on where the NaN stood,
+    so a rate where a seed's validation loss was NaN could be chosen as the best."""
+    from gaugefix.experiments import realistic
+
+    runs = [run_result("plain", 0.1, 1.0, seed=s, test_loss=0.5) for s in range(3)]
+    runs += [run_result("plain", 0.2, 1.0, seed=s, test_loss=0.1) for s in range(2)]
+    runs.append(run_result("plain", 0.2, 1.0, seed=2, test_loss=math.nan))  # median [.1, .1, nan]
+    assert realistic.best_lr(runs) == 0.1
+
+
+def test_adam_splits_rate_is_plains_edge_in_the_longest_full_batch_regime(tmp_path):
+    """Plain's full-batch Adam runs of every regime were pooled: a rate stable over 40 steps but
+    not over 150 counted against the 150-step regime's edge, and the rate was no regime's."""
+    from gaugefix.experiments import adam_split
+    from gaugefix.experiments.runner import TaskSpec
+    from gaugefix.experiments.tasks import load_task
+
+    task_hash = TaskSpec("teacher-student").hash()
+    runs = [
+        _with(run_result("plain", lr, top, steps=steps), task="teacher-student",
+              task_hash=task_hash, optimizer="adam", s=adam_split.S)
+        for steps, top in ((40, 0.2), (150, 0.4))
+        for lr in (0.1, 0.2, 0.4, 0.8)
+    ]  # fmt: skip
+    assert adam_split._plain_adam_edge(_store(tmp_path, runs), load_task("teacher-student")) == 0.4

@@ -66,7 +66,7 @@ Realistic = dict[TaskKey, dict[RegimeKey, dict[MethodKey, list[Tuned]]]]
 def best_lr(cell: Runs) -> float | None:
     """The grid rate of ``cell`` (one method and strength, s = 0) with the lowest median
     validation loss over seeds, among the rates where every seed of the cell ran and has one
-    (none diverged); the smaller on ties; ``None`` where no rate qualifies."""
+    (none diverged, none NaN); the smaller on ties; ``None`` where no rate qualifies."""
     grid = on_grid(cell)
     seeds = {r.config.seed for r in grid}
     losses = {
@@ -74,7 +74,11 @@ def best_lr(cell: Runs) -> float | None:
         for (lr,), rs in group(grid, lambda c: (c.lr,)).items()
         if {r.config.seed for r in rs} == seeds
     }
-    finished = {lr: statistics.median(v) for lr, v in losses.items() if None not in v}
+    finished = {
+        lr: statistics.median(v)
+        for lr, v in losses.items()
+        if all(x is not None and not math.isnan(x) for x in v)  # NaN has no place in the order
+    }
     return min(finished, key=lambda lr: (finished[lr], lr)) if finished else None
 
 
