@@ -31,6 +31,7 @@ EMPTY = {
     "runs": 0,
     "seconds": 0.0,
     "gaugefix_version": "v",
+    "dtypes": "float32",
     "torch_version": "t",
     "tasks": {},
     "verdicts": {"verdicts": 0, "held": 0, "shams": {}},

@@ -46,6 +46,7 @@ def _summary(edges: dict[str, float], seeds: int = 4) -> dict:
         "runs": len(runs),
         "seconds": 600.0,
         "gaugefix_version": "v",
+        "dtypes": "float32",
         "torch_version": "tv",
         "tasks": tasks,
         "verdicts": stability.count_verdicts(tasks),

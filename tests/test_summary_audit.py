@@ -210,3 +210,12 @@ def test_adam_splits_rate_is_plains_edge_in_the_longest_full_batch_regime(tmp_pa
         for lr in (0.1, 0.2, 0.4, 0.8)
     ]  # fmt: skip
     assert adam_split._plain_adam_edge(_store(tmp_path, runs), load_task("teacher-student")) == 0.4
+
+
+def test_the_summary_and_the_readme_block_name_the_runs_dtype(tmp_path):
+    """The README block said float32 whatever the runs were trained in."""
+    from gaugefix.report.readme import results_block
+
+    summary = summarize(_store(tmp_path, _runs("float64")), quick=True)
+    assert summary["dtypes"] == "float64"
+    assert "torch tv, float64; " in results_block({**summary, "torch_version": "tv"})

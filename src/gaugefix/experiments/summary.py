@@ -57,6 +57,7 @@ class TaskSummary(quality.TaskQuality):
 class _RunsSummary(TypedDict):
     gaugefix_version: Annotated[str, "the versions that trained the runs, sorted, comma-separated"]
     torch_version: Annotated[str, "as gaugefix_version"]
+    dtypes: Annotated[str, "the dtypes the runs were trained in, sorted, comma-separated"]
     quick: bool
     seconds: Annotated[float, "compute time recorded in the store"]
     runs: int
@@ -126,6 +127,7 @@ def summarize(store: Store, quick: bool) -> Summary:
     summary = Summary(
         gaugefix_version=_versions([r.record.gaugefix_version for r in runs], __version__),
         torch_version=_versions([r.record.torch_version for r in runs], str(torch.__version__)),
+        dtypes=", ".join(sorted({r.config.dtype for r in runs})),
         quick=quick,
         seconds=round(store.seconds(), 3),
         runs=len(runs),

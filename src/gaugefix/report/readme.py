@@ -82,7 +82,7 @@ def _scope(summary: dict[str, Any]) -> str:
     return (
         f"{summary['runs']} runs over {len(summary['tasks'])} tasks, "
         f"{summary['seconds'] / 60:.0f} minutes of compute recorded in the store (gaugefix "
-        f"{summary['gaugefix_version']}, torch {summary['torch_version']}, float32; "
+        f"{summary['gaugefix_version']}, torch {summary['torch_version']}, {summary['dtypes']}; "
         f"{judged or 'no'} seeds judged per verdict). "
         + stability.verdicts_text(summary["verdicts"])
     )
