@@ -16,13 +16,22 @@ rounding.
 Parameters are ``name -> [*batch, *shape]`` with ``batch_dims`` leading dims: several copies of a
 model (the sweep engine's runs) step at once, each with its own ``lr`` and ``strength`` (tensors
 ``[*batch]``). Like ``torch.optim``, the step works in place: the gradients a gradient
-transformation is given are overwritten, and :func:`applied` moves the parameters. Constants
-default to ``torch.optim``'s, and :func:`sgd`, :func:`adam` and :func:`adamw` follow
-``torch.optim.SGD``, ``torch.optim.Adam`` and ``torch.optim.AdamW`` (no Nesterov, no AMSGrad;
-weight decay only in AdamW's decoupled form) operation by operation. Bad input (a constant
-``torch.optim`` refuses, a learning rate or strength that is not finite and ``>= 0``, gradients,
-state or per-copy tensors that do not fit the parameters) is a ``ValueError``, when a
-transformation is built or before an update changes anything.
+transformation is given are overwritten, :func:`applied` moves the parameters, and the optimizer
+buffers (momentum, Adam's moments) move in place while the step counts are in the state ``update``
+returns. A state is therefore used once: pass the state an update returns to the next; a state given
+again (its buffers have moved since: Adam's bias correction would restart at ``t = 1``, momentum
+from the gradient given an ``init`` state, ``exact``'s count of steps never reach ``every``) is a
+``ValueError``; ``copy.deepcopy`` a state before its update to branch. Constants default to
+``torch.optim``'s, and :func:`sgd`, :func:`adam` and :func:`adamw` follow ``torch.optim.SGD``,
+``torch.optim.Adam`` and ``torch.optim.AdamW`` (no Nesterov, no AMSGrad; weight decay only in
+AdamW's decoupled form) operation by operation, to rounding (``torch.optim`` adds ``alpha g`` in one
+kernel; a few ulps over 20 float64 steps). Each transformation says what it takes and gives
+(gradients -> optimizer -> updates -> :func:`applied` -> parameters), and :func:`chain`,
+:func:`applied` and :func:`exact` refuse them out of order. Bad input (a constant ``torch.optim``
+refuses, a learning rate or strength that is not finite and ``>= 0``, gradients, state or per-copy
+tensors that do not fit the parameters, a used state) is a ``ValueError``, when a transformation is
+built or before an update (a whole chain) changes anything; a tensor ``lr`` or ``strength`` changed
+in place later is not checked again (no host read per step).
 :class:`gaugefix.GaugeFixing` runs the same penalty gradient and the same orbit step around a
 ``torch.optim`` optimizer.
 """
@@ -50,7 +59,12 @@ __all__ = [
     "BETAS",
     "EPS",
     "EVERY",
+    "GRADIENTS",
+    "UPDATES",
+    "PARAMETERS",
     "Transformation",
+    "Update",
+    "Token",
     "EmptyState",
     "SgdState",
     "AdamState",
@@ -90,11 +104,67 @@ EPS = 1e-8
 EVERY = 10
 
 
+# What an update is given and returns first: gradients, updates or the moved parameters.
+GRADIENTS, UPDATES, PARAMETERS = "gradients", "updates", "parameters"
+
+
 class Transformation(NamedTuple):
-    """``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``."""
+    """``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``;
+    ``takes`` and ``gives``: what ``update`` is given and returns first (:data:`GRADIENTS`,
+    :data:`UPDATES` or :data:`PARAMETERS`; ``None``: not stated)."""
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    takes: str | None = None
+    gives: str | None = None
+
+
+class Update(NamedTuple):
+    """An ``update`` in two halves: ``check(grads, state, params)`` raises the ``ValueError``
+    for bad input before anything changes, ``apply`` (same arguments) is the update unchecked.
+    Calling it runs both; :func:`chain` runs every part's ``check`` before any ``apply``."""
+
+    check: Callable[[Params, Any, Params], None]
+    apply: Callable[[Params, Any, Params], tuple[Params, Any]]
+
+    def __call__(self, grads: Params, state: Any, params: Params) -> tuple[Params, Any]:
+        self.check(grads, state, params)
+        return self.apply(grads, state, params)
+
+
+def _halves(update: Callable) -> tuple[Callable | None, Callable]:
+    """``(check, apply)`` of an :class:`Update`; ``(None, update)`` for another function."""
+    return (update.check, update.apply) if isinstance(update, Update) else (None, update)
+
+
+class Token:
+    """One use of a state whose buffers move in place: an update spends the token of the state
+    it is given, so that state, given again, is refused (its buffers have moved since)."""
+
+    __slots__ = ("spent",)
+
+    def __init__(self) -> None:
+        self.spent = False
+
+
+STALE = (
+    "this optimizer state was already given to an update (its buffers have moved in place "
+    "since): pass the state the last update returned"
+)
+
+
+def check_fresh(state: Any) -> None:
+    """``ValueError`` if the :class:`Token` of ``state`` is spent (``None``: a state rebuilt by
+    its fields, never checked)."""
+    if state.token is not None and state.token.spent:
+        raise ValueError(STALE)
+
+
+def spend(state: Any) -> Token:
+    """Spends the token of ``state`` (just before its buffers move) and returns a new one."""
+    if state.token is not None:
+        state.token.spent = True
+    return Token()
 
 
 class EmptyState(NamedTuple):
@@ -103,17 +173,20 @@ class EmptyState(NamedTuple):
 
 class SgdState(NamedTuple):
     """``torch.optim.SGD``'s momentum buffers (``None`` before the first step or without
-    momentum)."""
+    momentum), and the state's :class:`Token`."""
 
     momentum_buffer: Params | None
+    token: Token | None = None
 
 
 class AdamState(NamedTuple):
-    """``torch.optim.Adam``'s step count and moment estimates."""
+    """``torch.optim.Adam``'s step count and moment estimates, and the state's
+    :class:`Token`."""
 
     step: int
     exp_avg: Params
     exp_avg_sq: Params
+    token: Token | None = None
 
 
 class OrbitState(NamedTuple):
@@ -126,10 +199,11 @@ class OrbitState(NamedTuple):
 
 
 class ExactState(NamedTuple):
-    """The state of the wrapped step and of its orbit steps."""
+    """The state of the wrapped step and of its orbit steps, and the state's :class:`Token`."""
 
     inner: Any
     orbit: OrbitState
+    token: Token | None = None
 
 
 class ScaleState(NamedTuple):
@@ -162,10 +236,14 @@ def check_scalar(value: Scalar, name: str, batch_dims: int | None = None) -> Sca
 
 
 def _check_same_copies(**values: Scalar) -> None:
-    """``ValueError`` unless the per-copy tensors among ``values`` (not 0-dim) have one shape."""
-    shapes = {tuple(v.shape) for v in values.values() if isinstance(v, Tensor) and v.dim()}
+    """``ValueError`` unless the per-copy tensors among ``values`` (not 0-dim) have one shape
+    and are on one device (they are multiplied together)."""
+    per_copy = [v for v in values.values() if isinstance(v, Tensor) and v.dim()]
+    shapes, devices = {tuple(v.shape) for v in per_copy}, {v.device for v in per_copy}
     if len(shapes) > 1:
         raise ValueError(f"{' and '.join(values)} must have one per copy, got shapes {shapes}")
+    if len(devices) > 1:
+        raise ValueError(f"{' and '.join(values)} must be on one device, got {devices}")
 
 
 def check_betas(betas: tuple[float, float]) -> tuple[float, float]:
@@ -236,16 +314,18 @@ def penalty(structure: GaugeStructure, *, strength: Scalar, batch_dims: int = 0)
     :func:`gaugefix.imbalance` (:class:`gaugefix.OrbitSelectionPenalty`'s gradient)."""
     strength = check_scalar(strength, "strength", batch_dims)
 
-    @torch.no_grad()
-    def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+    def check(grads: Params, state: EmptyState, params: Params) -> None:
         check_update(grads, params, {"strength": strength})
+
+    @torch.no_grad()
+    def apply(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
         dtype = accumulation_dtype(params)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * per_entry(strength, s_in)
         add_selection_grads_(grads, params, structure, mu, batch_dims)
         return grads, state
 
-    return Transformation(lambda params: EmptyState(), update)
+    return Transformation(lambda params: EmptyState(), Update(check, apply), GRADIENTS, GRADIENTS)
 
 
 def weight_decay(*, strength: Scalar) -> Transformation:
@@ -253,14 +333,16 @@ def weight_decay(*, strength: Scalar) -> Transformation:
     ``weight_decay``)."""
     strength = check_scalar(strength, "strength")
 
-    @torch.no_grad()
-    def update(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+    def check(grads: Params, state: EmptyState, params: Params) -> None:
         check_update(grads, params, {"strength": strength})
+
+    @torch.no_grad()
+    def apply(grads: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
         for name, g in grads.items():
             g.add_(per_entry(strength, g) * params[name])
         return grads, state
 
-    return Transformation(lambda params: EmptyState(), update)
+    return Transformation(lambda params: EmptyState(), Update(check, apply), GRADIENTS, GRADIENTS)
 
 
 def sgd(lr: Scalar, *, momentum: float = MOMENTUM) -> Transformation:
@@ -271,40 +353,48 @@ def sgd(lr: Scalar, *, momentum: float = MOMENTUM) -> Transformation:
 
     def init(params: Params) -> SgdState:
         check_update(params, params)
-        return SgdState(None)
+        return SgdState(None, Token())
+
+    def check(grads: Params, state: SgdState, params: Params) -> None:
+        check_update(grads, params, {"lr": lr}, {"momentum_buffer": state.momentum_buffer})
+        check_fresh(state)
 
     @torch.no_grad()
-    def update(grads: Params, state: SgdState, params: Params) -> tuple[Params, SgdState]:
-        check_update(grads, params, {"lr": lr}, {"momentum_buffer": state.momentum_buffer})
-        buffers = state.momentum_buffer
+    def apply(grads: Params, state: SgdState, params: Params) -> tuple[Params, SgdState]:
+        token, buffers = spend(state), state.momentum_buffer
         if momentum and buffers is None:
             buffers = {name: g.clone() for name, g in grads.items()}
         elif momentum:
             for name, g in grads.items():
                 buffers[name].mul_(momentum).add_(g)
         directions = buffers if momentum else grads
-        return {n: d * -per_entry(lr, d) for n, d in directions.items()}, SgdState(buffers)
+        updates = {n: d * -per_entry(lr, d) for n, d in directions.items()}
+        return updates, SgdState(buffers, token)
 
-    return Transformation(init, update)
+    return Transformation(init, Update(check, apply), GRADIENTS, UPDATES)
 
 
 def adam(lr: Scalar, *, betas: tuple[float, float] = BETAS, eps: float = EPS) -> Transformation:
     """``torch.optim.Adam``: ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2``
     and the update ``-(lr / c1) m / (sqrt(v) / sqrt(c2) + eps)`` with ``c_i = 1 - beta_i^t``
     at step ``t`` (betas in ``[0, 1)``, ``eps`` a finite number ``>= 0``). ``lr`` is read at every
-    step."""
+    step. The moments move in place and the step count in the returned state: a state given
+    again (its returned state dropped) is refused."""
     lr, (beta1, beta2), eps = check_scalar(lr, "lr"), check_betas(betas), check_number(eps, "eps")
 
     def init(params: Params) -> AdamState:
         check_update(params, params)
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
-        return AdamState(0, zeros, {n: torch.zeros_like(p) for n, p in params.items()})
+        return AdamState(0, zeros, {n: torch.zeros_like(p) for n, p in params.items()}, Token())
 
-    @torch.no_grad()
-    def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+    def check(grads: Params, state: AdamState, params: Params) -> None:
         moments = {"exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq}
         check_update(grads, params, {"lr": lr}, moments)
-        t = state.step + 1
+        check_fresh(state)
+
+    @torch.no_grad()
+    def apply(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        token, t = spend(state), state.step + 1
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         updates = {}
         for name, g in grads.items():
@@ -313,9 +403,9 @@ def adam(lr: Scalar, *, betas: tuple[float, float] = BETAS, eps: float = EPS) ->
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v.sqrt() / c2**0.5).add_(eps)
             updates[name] = m / denom * -(per_entry(lr, g) / c1)
-        return updates, AdamState(t, state.exp_avg, state.exp_avg_sq)
+        return updates, AdamState(t, state.exp_avg, state.exp_avg_sq, token)
 
-    return Transformation(init, update)
+    return Transformation(init, Update(check, apply), GRADIENTS, UPDATES)
 
 
 ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default
@@ -335,14 +425,16 @@ def adamw(
     inner = adam(lr, betas=betas, eps=eps)
     weight_decay = check_number(weight_decay, "weight_decay")
 
+    check, adam_apply = inner.update
+
     @torch.no_grad()
-    def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
-        updates, state = inner.update(grads, state, params)
+    def apply(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        updates, state = adam_apply(grads, state, params)
         for name, u in updates.items():
             u.sub_(per_entry(lr, u) * weight_decay * params[name])
         return updates, state
 
-    return Transformation(inner.init, update)
+    return inner._replace(update=Update(check, apply))
 
 
 def decoupled_penalty(
@@ -361,32 +453,61 @@ def decoupled_penalty(
     )
     _check_same_copies(lr=lr, strength=strength)
 
-    @torch.no_grad()
-    def update(updates: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
+    def check(updates: Params, state: EmptyState, params: Params) -> None:
         check_update(updates, params, {"lr": lr, "strength": strength})
+
+    @torch.no_grad()
+    def apply(updates: Params, state: EmptyState, params: Params) -> tuple[Params, EmptyState]:
         dtype = accumulation_dtype(params)
         s_in, s_out, _ = generator_sums(params, structure, dtype, batch_dims)
         mu = (s_in - s_out) * -per_entry(lr * strength, s_in)
         add_selection_grads_(updates, params, structure, mu, batch_dims)
         return updates, state
 
-    return Transformation(lambda params: EmptyState(), update)
+    return Transformation(lambda params: EmptyState(), Update(check, apply), UPDATES, UPDATES)
+
+
+def _stages(transformations: tuple[Transformation, ...], what: str) -> tuple[str | None, ...]:
+    """``(takes, gives)`` of ``transformations`` one after the other, or ``ValueError`` where
+    one takes what the one before does not give (a stage not stated matches any)."""
+    takes = given = transformations[0].takes if transformations else None
+    for i, t in enumerate(transformations):
+        if given is not None and t.takes is not None and t.takes != given:
+            raise ValueError(
+                f"{what}: transformation {i} takes {t.takes}, the one before gives {given} "
+                f"(the order is gradients -> optimizer -> updates)"
+            )
+        given = t.gives
+    return takes, given
 
 
 def chain(*transformations: Transformation) -> Transformation:
-    """The transformations one after the other; the state is the tuple of their states."""
+    """The transformations one after the other; the state is the tuple of their states. Every
+    :class:`Update`'s ``check`` passes before any transformation changes anything (one made
+    elsewhere, with a plain ``update``, checks what it checks when reached); ``ValueError`` when
+    built for transformations out of order (one that takes what the one before does not give: a
+    gradient transformation after an optimizer, two optimizers, ...)."""
+    takes, gives = _stages(transformations, "chain")
+    halves = [_halves(t.update) for t in transformations]
 
     def init(params: Params) -> tuple:
         return tuple(t.init(params) for t in transformations)
 
-    def update(grads: Params, state: tuple, params: Params) -> tuple[Params, tuple]:
+    def check(grads: Params, state: tuple, params: Params) -> None:
+        if not isinstance(state, tuple) or len(state) != len(halves):
+            raise ValueError(f"a chain of {len(halves)} takes a tuple of as many states")
+        for (part, _), s in zip(halves, state, strict=True):
+            if part is not None:
+                part(grads, s, params)
+
+    def apply(grads: Params, state: tuple, params: Params) -> tuple[Params, tuple]:
         states = []
-        for t, s in zip(transformations, state, strict=True):
-            grads, s = t.update(grads, s, params)
+        for (_, part), s in zip(halves, state, strict=True):
+            grads, s = part(grads, s, params)
             states.append(s)
         return grads, tuple(states)
 
-    return Transformation(init, update)
+    return Transformation(init, Update(check, apply), takes, gives)
 
 
 # -- steps: the parameters moved ------------------------------------------------------------------
@@ -399,16 +520,25 @@ def apply_updates_(params: Params, updates: Params) -> None:
     torch._foreach_add_([params[n] for n in names], [updates[n] for n in names])
 
 
-def applied(optimizer: Transformation) -> Transformation:
-    """The step of ``optimizer``: its updates added to the parameters in place; ``update``
-    returns the parameters."""
+def _requires(t: Transformation, gives: str, what: str) -> None:
+    """``ValueError`` unless ``t`` gives ``gives`` (or does not say what it gives)."""
+    if t.gives not in (None, gives):
+        raise ValueError(f"{what} takes a transformation that gives {gives}, not {t.gives}")
 
-    def update(grads: Params, state: Any, params: Params) -> tuple[Params, Any]:
-        updates, state = optimizer.update(grads, state, params)
+
+def applied(optimizer: Transformation) -> Transformation:
+    """The step of ``optimizer`` (one that gives updates): its updates added to the parameters
+    in place; ``update`` returns the parameters."""
+    _requires(optimizer, UPDATES, "applied")
+    check, inner = _halves(optimizer.update)
+
+    def apply(grads: Params, state: Any, params: Params) -> tuple[Params, Any]:
+        updates, state = inner(grads, state, params)
         apply_updates_(params, updates)
         return params, state
 
-    return Transformation(optimizer.init, update)
+    update = apply if check is None else Update(check, apply)
+    return Transformation(optimizer.init, update, optimizer.takes, PARAMETERS)
 
 
 def advance(state: OrbitState, lr: Any, every: int) -> tuple[Any, OrbitState]:
@@ -473,37 +603,47 @@ def exact(
     every: int = EVERY,
     batch_dims: int = 0,
 ) -> Transformation:
-    """``step`` (one that returns the parameters, such as :func:`applied`), then, after every
+    """``step`` (one that gives the parameters, such as :func:`applied`), then, after every
     ``every``-th step, the exact orbit step: ``g(h)`` with ``h`` the bounded step of
     :func:`gaugefix.relax_` at ``rate = strength * (the sum of lr over the steps since the last
-    one)`` (per copy), applied to the parameters and transported to the step's optimizer buffers.
-    An optimizer step changes ``mu`` by ``O(lr^2)``, so one orbit step every ``every`` steps at
-    the summed rate acts like one at each, at ``1 / every`` of the cost. A copy whose squared
-    sums are not finite, or whose ``lr`` is 0 at the orbit step (frozen, as the sweep freezes a
-    diverged run), does not move; a ``strength`` 0 for every copy never acts."""
+    one)`` (per copy; a tensor ``lr`` or ``strength`` is read at every step), applied to the
+    parameters and transported to the step's optimizer buffers. An optimizer step changes ``mu``
+    by ``O(lr^2)``, so one orbit step every ``every`` steps at the summed rate acts like one at
+    each, at ``1 / every`` of the cost. A copy whose squared sums are not finite, or whose ``lr``
+    is 0 at the orbit step (frozen, as the sweep freezes a diverged run), does not move; a
+    number ``strength`` 0 never acts."""
     check_every(every)
+    _requires(step, PARAMETERS, "exact")
     lr, strength = (
         check_scalar(lr, "lr", batch_dims),
         check_scalar(strength, "strength", batch_dims),
     )
     _check_same_copies(lr=lr, strength=strength)
-    acts = bool((torch.as_tensor(strength) > 0).any())
+    acts = isinstance(strength, Tensor) or strength > 0
 
     def init(params: Params) -> ExactState:
-        return ExactState(step.init(params), OrbitState())
+        return ExactState(step.init(params), OrbitState(), Token())
+
+    inner_check, inner_apply = _halves(step.update)
+
+    def check(grads: Params, state: ExactState, params: Params) -> None:
+        check_update(grads, params, {"lr": lr, "strength": strength})
+        check_fresh(state)
+        if inner_check is not None:
+            inner_check(grads, state.inner, params)
 
     @torch.no_grad()
-    def update(grads: Params, state: ExactState, params: Params) -> tuple[Params, ExactState]:
-        check_update(grads, params, {"lr": lr, "strength": strength})
-        params, inner = step.update(grads, state.inner, params)
+    def apply(grads: Params, state: ExactState, params: Params) -> tuple[Params, ExactState]:
+        params, inner = inner_apply(grads, state.inner, params)
+        token = spend(state)
         lr_sum, orbit = advance(state.orbit, lr, every)
         if acts and lr_sum is not None and structure.num_generators:
             rate = torch.as_tensor(strength * lr_sum, dtype=torch.float64)
             rate = torch.where(torch.as_tensor(lr, device=rate.device) > 0, rate, 0.0)
             orbit_step_(params, inner, structure, rate, batch_dims)
-        return params, ExactState(inner, orbit)
+        return params, ExactState(inner, orbit, token)
 
-    return Transformation(init, update)
+    return Transformation(init, Update(check, apply), step.takes, PARAMETERS)
 
 
 def scale_by_tensor(factors: Callable[[Params], Params]) -> Transformation:
@@ -531,4 +671,4 @@ def scale_by_tensor(factors: Callable[[Params], Params]) -> Transformation:
         }
         return scaled, state
 
-    return Transformation(init, update)
+    return Transformation(init, update, UPDATES, UPDATES)

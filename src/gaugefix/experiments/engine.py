@@ -800,10 +800,9 @@ def group_step(
     step_fn = applied(chain(*parts))
     for every in sorted({METHODS[c.method].every for c in layout}):
         if used("exact", every):
-            step_fn = exact(
-                step_fn, structure, lr=lr, strength=strengths("exact", every), every=every,
-                batch_dims=1,
-            )  # fmt: skip
+            strength = strengths("exact", every)  # 0 (never acts) where no run of configs has one
+            strength = strength if bool((strength > 0).any()) else 0.0
+            step_fn = exact(step_fn, structure, lr=lr, strength=strength, every=every, batch_dims=1)
     hard = torch.tensor([METHODS[c.method].fixing == "balance" for c in configs])
     until = torch.tensor([METHODS[c.method].until or 0 for c in configs])
     if not any(METHODS[c.method].fixing == "balance" for c in layout):
