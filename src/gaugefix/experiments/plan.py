@@ -177,6 +177,8 @@ def _block_problem(block: Block) -> str | None:
         return "seeds and steps must be at least 1, the batch size at least 0 (0: full batch)"
     if not block.s or len(set(block.s)) < len(block.s):
         return f"initial imbalances {block.s}: at least one, each once"
+    if (block.lr_range[1] - block.lr_range[0]) % block.lr_stride:
+        return f"learning-rate window {block.lr_range}: its top is not on its stride"
     floors = {s: f for s, f in block.floors.items() if s not in block.s or 2 ** (f / 2) > lrs[-1]}
     return (
         f"floors {floors}: each at an initial imbalance of the block, in its window"
@@ -469,8 +471,9 @@ def bisection_runs(runs: Runs, cells: set[RunConfig], rounds: int) -> list[RunCo
     """The next round of bisection: for each seed's cell of ``cells`` (:func:`cell_of`) whose
     stored ``runs`` bracket its stable edge (:func:`~gaugefix.experiments.stability.edge_bracket`:
     the edge and the lowest failing rate above it) wider than :data:`BISECTION_BRACKET`, with
-    fewer than ``rounds`` rounds done, the run at the bracket's geometric midpoint. Planned from
-    the runs alone, so a resumed reproduction plans what an uninterrupted one does."""
+    fewer than ``rounds`` rounds done, the run at the bracket's geometric midpoint, in the order
+    of their keys. Planned from the runs alone (in any order), so a resumed reproduction plans
+    what an uninterrupted one does."""
     by_cell: dict[RunConfig, list] = defaultdict(list)
     for r in runs:
         if (cell := cell_of(r.config)) in cells:
@@ -481,7 +484,7 @@ def bisection_runs(runs: Runs, cells: set[RunConfig], rounds: int) -> list[RunCo
         done = max(r.config.bisection for r in mine)
         if above is not None and above / edge > BISECTION_BRACKET and done < rounds:
             out.append(replace(cell, lr=math.sqrt(edge * above), bisection=done + 1))
-    return out
+    return sorted(out, key=RunConfig.key)
 
 
 def bisection_round(runs: Runs, cells: set[RunConfig], rounds: int) -> list[RunConfig]:
@@ -503,17 +506,23 @@ def _tuning_key(config: RunConfig) -> tuple:
 
 
 def _tuned(configs: Iterable[RunConfig]) -> set[tuple]:
-    """The ``(tuning key, method)`` pairs of ``configs`` run at several strengths."""
+    """The ``(tuning key, method)`` pairs of ``configs`` run at several strengths and on some
+    seed at or above :data:`TUNING_SEEDS` (where none is, no seed is left to judge a choice on:
+    every strength runs, and is bisected, on every seed, as the realistic tasks report them)."""
     strengths: dict[tuple, set[float]] = defaultdict(set)
+    judged: set[tuple] = set()
     for c in configs:
         strengths[(_tuning_key(c), c.method)].add(c.strength)
-    return {k for k, v in strengths.items() if len(v) > 1}
+        if c.seed >= TUNING_SEEDS:
+            judged.add((_tuning_key(c), c.method))
+    return {k for k, v in strengths.items() if len(v) > 1 and k in judged}
 
 
 def tuning_first(configs: list[RunConfig]) -> tuple[list[RunConfig], list[RunConfig]]:
     """``configs`` split into the runs to train first and those whose strength is chosen first:
     the runs of seeds at or above :data:`TUNING_SEEDS` of a method with several strengths in
-    its task and regime (:func:`at_chosen_strengths` keeps those at the chosen strength)."""
+    its task and regime (:func:`at_chosen_strengths` keeps those at the chosen strength). A
+    method run on the tuning seeds alone (the realistic tasks' three) is not chosen for."""
     tuned = _tuned(configs)
     later = [c for c in configs if c.seed >= TUNING_SEEDS and (_tuning_key(c), c.method) in tuned]
     deferred = set(later)
@@ -521,10 +530,10 @@ def tuning_first(configs: list[RunConfig]) -> tuple[list[RunConfig], list[RunCon
 
 
 def at_chosen_strengths(runs: Runs, configs: list[RunConfig]) -> list[RunConfig]:
-    """Of ``configs``, those of a method with one strength in its task and regime, and of the
-    others those at the strength the stored ``runs`` of the tuning seeds chose
-    (:func:`~gaugefix.experiments.stability.best_strengths` of the task's regime, as the
-    summary chooses it)."""
+    """Of ``configs``, those of a method with one strength in its task and regime or run on the
+    tuning seeds alone, and of the others those at the strength the stored ``runs`` of the
+    tuning seeds chose (:func:`~gaugefix.experiments.stability.best_strengths` of the task's
+    regime, as the summary chooses it)."""
     tuned = _tuned(configs)
     by_key: dict[tuple, list] = {key: [] for key, _ in tuned}
     for r in runs:

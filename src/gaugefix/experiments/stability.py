@@ -315,9 +315,12 @@ def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
 
 def edge_bracket(runs: Runs, definition: Definition = DEFAULT) -> tuple[float, float | None]:
     """One seed's stable edge in one cell (``runs``: its grid and bisection runs) and the rate
-    above it: :func:`band_top` of its rates, and the lowest rate above that (not stable; ``None``
-    where nothing is stable or the edge is the highest rate run)."""
-    stable = {r.config.lr: status(r, definition) == "stable" for r in runs}
+    above it: :func:`band_top` of its rates (a rate run twice is stable where every run there
+    is), and the lowest rate above that (not stable; ``None`` where nothing is stable or the
+    edge is the highest rate run)."""
+    stable: dict[float, bool] = {}
+    for r in runs:
+        stable[r.config.lr] = stable.get(r.config.lr, True) and status(r, definition) == "stable"
     edge = band_top(stable)
     above = [lr for lr in stable if lr > edge]
     return edge, min(above) if edge and above else None
@@ -335,15 +338,24 @@ def _midpoint(lo: float, hi: float | None) -> float:
     return lo if hi is None else math.sqrt(lo * hi)
 
 
+def _grid_top(cell: Runs) -> float:
+    """The top of one cell's grid, at or above which an edge counts as a lower bound: the least
+    over its seeds of each one's highest grid rate (the grid's top in a complete store), so the
+    edge of a seed that ran nothing above its band (its highest rate) is one."""
+    by_seed = group(on_grid(cell), lambda c: (c.seed,))
+    return min(max(r.config.lr for r in rs) for rs in by_seed.values())
+
+
 def best_strengths(runs: Runs) -> dict[str, float]:
     """Per method, the strength with the largest sum over ``s`` of :func:`max_stable_lr` of the
-    tuning seeds (below :data:`TUNING_SEEDS`; the smallest such strength on ties), or its one
-    strength; ``ValueError`` where a method of several has no tuning seed. ``runs``: one
-    regime's."""
-    score: dict[tuple[str, float], float] = defaultdict(float)
+    tuning seeds (below :data:`TUNING_SEEDS`; summed exactly, the smallest such strength on
+    ties), or its one strength; ``ValueError`` where a method of several has no tuning seed.
+    ``runs``: one regime's."""
+    rates: dict[tuple[str, float], list[float]] = defaultdict(list)
     tuning = [r for r in runs if r.config.seed < TUNING_SEEDS]
     for (method, strength, _), cell in group(tuning, lambda c: (c.method, c.strength, c.s)).items():
-        score[(method, strength)] += max_stable_lr(cell)
+        rates[(method, strength)].append(max_stable_lr(cell))
+    score = {key: math.fsum(values) for key, values in rates.items()}  # exact ties stay ties
     best: dict[str, float] = {}
     for (method, strength), value in sorted(score.items()):
         if method not in best or value > score[(method, best[method])]:
@@ -427,7 +439,8 @@ def seed_ratios(
     method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
 ) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
-    ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid), over the
+    ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid,
+    :func:`_grid_top` of its cell), over the
     seeds either side ran. A seed's ratio is not known where one side did not run it, the
     reference had no stable rate or was stable up to its grid's top, and a lower bound where the
     method was."""
@@ -526,9 +539,7 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
     chosen on; under each definition of :data:`SENSITIVITY` too."""
     cells = group(chosen, lambda c: (c.method, c.s))
     msl = _table(cells, max_stable_lr)
-    tops = {
-        (m, s_key(s)): max(r.config.lr for r in on_grid(cell)) for (m, s), cell in cells.items()
-    }
+    tops = {(m, s_key(s)): _grid_top(cell) for (m, s), cell in cells.items()}
     tuned = tuned_methods(runs)
     edges = {d: _table(cells, lambda cell, d=d: stable_edges(cell, d)) for d in SENSITIVITY}
     verdicts = {d: expansion(edges[d], tops, tuned) for d in SENSITIVITY}
@@ -591,7 +602,7 @@ def _horizon_edges(chosen: Runs) -> dict[str, tuple[dict[int, float], float]]:
     """Per method of one horizon's runs at its best strength: each seed's stable edge and the
     top of the method's grid."""
     return {
-        m: (stable_edges(cell), max(r.config.lr for r in on_grid(cell)))
+        m: (stable_edges(cell), _grid_top(cell))
         for (m,), cell in group(chosen, lambda c: (c.method,)).items()
     }
 
