@@ -12,6 +12,7 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,14 +24,25 @@ from gaugefix.action import (
     check_finite_params,
     check_transport,
     gauge_params_,
+    move_,
+    optimizer_states,
+    transport_targets,
 )
 from gaugefix.balancing import log_ratio
-from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
+from gaugefix.distributed import (
+    add_local_grads_,
+    agreed,
+    local_view,
+    refuse_gathered,
+    sharded,
+)
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
+    Targets,
     add_selection_grads_,
     generator_sums,
     kernel_plan,
+    rescale_,
     row_norms,
     stacked,
     term_values,
@@ -54,6 +66,11 @@ __all__ = [
 
 # The most halvings of the rate in the bounded orbit step: 2^-64 of any rate moves nothing.
 HALVINGS = 64
+# The largest |log| of a factor that float32 holds as a normal number with room (exp(+-87.3)).
+SAFE_EXPONENT = 80.0
+# How far (in log) below its dtype's largest number a moved entry must stay to pass the cheap
+# range bound of relax_ (else the full check decides): several ulps of float16.
+RANGE_MARGIN = 1e-2
 
 
 def check_strength(value: float, name: str = "strength") -> float:
@@ -72,9 +89,13 @@ def check_entries(value: Tensor, name: str, per: str) -> Tensor:
 
 def check_rate(rate: float | Tensor, structure: GaugeStructure) -> float | Tensor:
     """A scalar rate as a float, or a per-generator rate ``[num_generators]`` as a float64
-    tensor."""
+    tensor; ``ValueError`` for a bool, complex or ``meta`` (no data) tensor."""
+    if isinstance(rate, Tensor) and (rate.is_meta or rate.is_complex() or rate.dtype == torch.bool):
+        raise ValueError(
+            f"rate must be a real number with data, got a {rate.dtype} {rate.device} tensor"
+        )
     if not isinstance(rate, Tensor) or rate.dim() == 0:
-        return check_strength(float(rate) if isinstance(rate, Tensor) else rate, "rate")
+        return check_strength(rate.item() if isinstance(rate, Tensor) else rate, "rate")
     if tuple(rate.shape) != (structure.num_generators,) or not rate.is_floating_point():
         raise ValueError(
             f"a per-generator rate must be a floating tensor of shape "
@@ -267,11 +288,15 @@ def relax_(
       rate is halved and the clamp recomputed (for a small enough rate the step is the unclamped
       ``-rate mu``, along which both strictly decrease). If no halving helps, nothing moves.
 
-    Generators with an all-zero incoming or outgoing side have no closed orbit and keep
-    ``h = 0``. Trial steps are evaluated in float64 on the squared masses, without touching the
-    model. ``.grad`` and, when ``optimizer`` is given, its state are transported. Everything is
-    validated first; on error nothing is modified, also where the squares of finite parameters
-    overflow the dtype they are summed in (float32 entries above about ``1.8e19``).
+    Generators with an all-zero incoming or outgoing side have no closed orbit, and generators
+    acting on a parameter with ``requires_grad=False`` are frozen (as in
+    :class:`gaugefix.GaugeFixing`): both keep ``h = 0``, so frozen parameters, their ``.grad``
+    and optimizer state stay bit-identical. Trial steps are evaluated in float64 on the squared
+    masses, without touching the model. ``.grad`` and, when ``optimizer`` is given, its state
+    are transported. Everything is validated first; on error nothing is modified, also where the
+    squares of finite parameters overflow the dtype they are summed in (float32 entries above
+    about ``1.8e19``) or the step would take a parameter, gradient or optimizer state out of its
+    dtype's range (:func:`gaugefix.action.overflowing`: a float16 weight past ``65504``).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
@@ -281,13 +306,68 @@ def relax_(
     )
     check_finite_params(params)
     check_transport(optimizer, params)
-    h, finite = relax_unchecked_(structure, params, checked, optimizer)
-    if not bool(finite):  # finite parameters whose squares overflow: h = 0 moved nothing
+    if not params or n == 0:
+        return torch.zeros(n, dtype=torch.float64)
+    tensors, local = local_view(params, structure)  # this process's slices under FSDP2
+    h, finite = orbit_step(tensors, local, _unfrozen_rate(checked, structure, params))
+    if not bool(finite):
         raise ValueError(
             "the squared parameters overflow the dtype they are summed in (float32 entries "
             "above about 1.8e19); nothing was modified"
         )
+    _move_checked_(params, structure, h, optimizer)
     return h
+
+
+def _move_checked_(
+    params: dict[str, Tensor],
+    structure: GaugeStructure,
+    h: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """``g(h)`` on ``params`` with ``.grad`` and ``optimizer``'s state, refused (``ValueError``,
+    nothing moved) where it could take one of them out of its dtype's range: decided by one
+    cheap bound (:func:`_in_range`), else by the full check of :func:`gaugefix.action.move_`
+    (always under FSDP2, whose processes must agree)."""
+    if not sharded(params.values()):
+        targets = transport_targets(params, optimizer_states(optimizer, params))
+        if _in_range(targets, h, structure.most_terms()):
+            rescale_(targets, structure, h)
+            return
+    move_(params, structure, h, optimizer)
+
+
+def _in_range(targets: Targets, h: Tensor, terms: int) -> bool:
+    """Whether ``g(h)`` provably keeps every target in range (one host read): an entry moved
+    with power ``p`` (``|p| <= 2``) by at most ``terms`` generators has a factor within
+    ``exp(+-e)``, ``e = 2 terms max|h|``; ``e <= SAFE_EXPONENT`` keeps the factors normal in
+    float32 (they are formed in float32 or wider), and each tensor's largest entry times
+    ``exp(e)`` must stay below its dtype's largest number by a margin."""
+    tensors = [t for moved in targets.values() for t, _ in moved if t.numel()]
+    if not tensors:
+        return True
+    e = 2 * terms * h.abs().amax()
+    limits = [math.log(torch.finfo(t.dtype).max) - RANGE_MARGIN for t in tensors]
+    tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
+    room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
+    return bool((e <= SAFE_EXPONENT) & (room.amin() > e.to(tops.device)))
+
+
+def _unfrozen_rate(
+    rate: float | Tensor, structure: GaugeStructure, params: dict[str, Tensor]
+) -> Tensor:
+    """A checked ``rate`` as float64: as it is where no parameter has ``requires_grad=False``,
+    else per generator (``[N]``) with 0 for the generators acting on such a parameter."""
+    frozen = torch.zeros(structure.num_generators + 1, dtype=torch.bool)
+    for param in structure.plan(torch.device("cpu")):
+        if not params[param.name].requires_grad:
+            for term in param.terms:
+                frozen[term.slots.reshape(-1)] = True
+    rates = torch.as_tensor(rate, dtype=torch.float64)
+    if not bool(frozen[:-1].any()):
+        return rates
+    rates = rates.expand(structure.num_generators)
+    return rates.masked_fill(frozen[:-1].to(rates.device), 0.0)
 
 
 def _rate_numbers(rate: float | Tensor, n: int) -> Tensor:
@@ -306,7 +386,10 @@ def relax_unchecked_(
 ) -> tuple[Tensor, Tensor]:
     """The step of :func:`relax_` for callers that validated everything but the finiteness of
     the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate` (or a
-    0-dim tensor, 0 where the step must not move). Returns ``(h, finite)``: the step and a 0-dim
+    0-dim tensor, 0 where the step must not move). Unlike :func:`relax_` it moves generators
+    acting on a parameter with ``requires_grad=False`` and does not check that the step keeps
+    every moved tensor in its dtype's range (:class:`gaugefix.GaugeFixing` passes a structure
+    restricted to unfrozen generators). Returns ``(h, finite)``: the step and a 0-dim
     bool tensor, false when a parameter has a NaN or infinite entry (found from the squared sums
     the step needs anyway, which overflow for float32 entries above about ``1.8e19`` too), and
     then ``h = 0``: nothing moves. Decided on the device: at most one host read (whether the
