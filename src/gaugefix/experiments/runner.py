@@ -248,7 +248,8 @@ def run_bisected(
     in the batches of an uninterrupted one; returns the number of runs written. With
     ``choose_strengths``, a method run at several strengths is run at all of them on the tuning
     seeds first, then on the other seeds, and bisected, only at the strength they chose
-    (:func:`~gaugefix.experiments.plan.tuning_first`)."""
+    (:func:`~gaugefix.experiments.plan.tuning_first`); where its regime has no other seed, every
+    strength is bisected."""
     first, later = tuning_first(configs) if choose_strengths else (configs, [])
     written = run_all(store, first, spec_of, jobs, workers=workers)
     if choose_strengths:
