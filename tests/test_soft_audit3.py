@@ -291,16 +291,23 @@ def test_relax_leaves_frozen_parameters_bit_identical(how):
     assert float((model(x).detach() - y).abs().max()) <= 1e-12 * float(y.abs().max())
 
 
-def test_relax_refuses_a_step_that_overflows_float16():
-    """Regression: a float16 neuron with incoming ``[6e4, 6e4]`` and outgoing ``6e4`` balances
-    at an outgoing weight of ``6e4 * 2^(1/4) = 71352`` > 65504: ``relax_`` wrote ``inf`` into
-    the model. Now refused, nothing modified."""
+def _float16_neuron_at_6e4() -> tuple[torch.nn.Module, gf.GaugeStructure]:
+    """A float16 neuron with incoming weights ``[6e4, 6e4]``, outgoing ``6e4`` and zero biases,
+    and its structure: balanced, its outgoing weight would be ``71352`` > 65504."""
     model = zoo.mlp((2, 1, 1))
     s = gf.discover(model, torch.randn(1, 2))
     model.half()
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(6e4 if p.dim() == 2 else 0.0)
+    return model, s
+
+
+def test_relax_refuses_a_step_that_overflows_float16():
+    """Regression: a float16 neuron with incoming ``[6e4, 6e4]`` and outgoing ``6e4`` balances
+    at an outgoing weight of ``6e4 * 2^(1/4) = 71352`` > 65504: ``relax_`` wrote ``inf`` into
+    the model. Now refused, nothing modified."""
+    model, s = _float16_neuron_at_6e4()
     before = snapshot(model)
     with pytest.raises(ValueError, match="overflow parameter '2.weight'") as err:
         gf.relax_(model, s, 1e6)
@@ -337,13 +344,9 @@ def test_relax_refuses_a_step_that_overflows_adam_state():
     "step counted as applied",
 )
 def test_gauge_fixing_orbit_step_keeps_float16_parameters_finite():
-    model = zoo.mlp((2, 1, 1))
-    s = gf.discover(model, torch.randn(1, 2))
-    model.half()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(6e4 if p.dim() == 2 else 0.0)
-            p.grad = torch.zeros_like(p)
+    model, s = _float16_neuron_at_6e4()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     gf.GaugeFixing(opt, model, s, strength=1e6, balance_at_start=False, every=1)
     opt.step()
