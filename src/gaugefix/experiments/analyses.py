@@ -125,12 +125,12 @@ def _todo(store: Store, quick: bool, reads_runs: bool | None = None) -> list[Tod
     tasks = ["teacher-student"] if quick else ["teacher-student", "deep-teacher-student"]
     todo = []
     for name in tasks:
-        made_for = {"task_hash": task_hash(load_task(name)), "quick": quick}
+        grid = {"task_hash": task_hash(load_task(name)), "quick": quick}
         for analysis in ANALYSES:
             if reads_runs is not None and analysis.READS_RUNS != reads_runs:
                 continue
             key = f"{analysis.KEY}/{name}"
-            made_for = {**made_for, "version": analysis.VERSION}
+            made_for = {**grid, "version": analysis.VERSION}
             if (store.analysis(key) or {}).get("made_for") != made_for:
                 todo.append((key, analysis.KEY, name, made_for))
     return todo
