@@ -219,3 +219,18 @@ def test_the_summary_and_the_readme_block_name_the_runs_dtype(tmp_path):
     summary = summarize(_store(tmp_path, _runs("float64")), quick=True)
     assert summary["dtypes"] == "float64"
     assert "torch tv, float64; " in results_block({**summary, "torch_version": "tv"})
+
+
+def test_a_task_named_like_a_version_of_a_realistic_one_is_not_realistic():
+    """A data file named ``char-gpt@x`` was summarised as the realistic char-gpt; a version of
+    char-gpt (keyed ``char-gpt@VERSION`` beside another) still is."""
+    from gaugefix.experiments import realistic
+
+    named = [_with(r, task="char-gpt@x") for r in _runs("float32")]
+    assert realistic.summarize(named) == {}
+    versions = [
+        _with(r, task="char-gpt", task_hash=h)
+        for h in ("11111111aaaaaaaa", "22222222aaaaaaaa")
+        for r in _runs("float32")
+    ]
+    assert sorted(realistic.summarize(versions)) == ["char-gpt@11111111", "char-gpt@22222222"]

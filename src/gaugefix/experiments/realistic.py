@@ -105,7 +105,7 @@ def summarize(runs: Runs) -> Realistic:
     of every regime of the realistic tasks among ``runs`` (at s = 0)."""
     out: Realistic = {}
     for task, task_runs in by_task(runs).items():
-        if task.split("@")[0] not in REALISTIC:
+        if task_runs[0].config.task not in REALISTIC:  # its name, not its key (NAME@VERSION)
             continue
         out[task] = {}
         for regime, regime_runs in by_regime(task_runs).items():
