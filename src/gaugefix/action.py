@@ -385,16 +385,42 @@ def move_(
     """``g(h)`` on bound ``params`` and what moves with them (:func:`gauge_params_`, on this
     process's slices under FSDP2), for callers that validated the parameters and the optimizer
     (:func:`check_transport`): ``ValueError`` before anything moves unless ``h`` is one finite
-    number per generator (:func:`check_h`) and keeps every moved tensor in its dtype's range
-    (:func:`overflowing`; for ``DTensor`` s on every process)."""
+    number per generator (:func:`check_h`) and keeps every moved tensor in its dtype's range:
+    proved by one cheap bound (:func:`provably_in_range`), else decided by :func:`overflowing`
+    (always for ``DTensor`` s, on every process alike)."""
     check_h(h, structure, params)
     if not params:
         return
     h = h.to(next(iter(params.values())).device)
     _, local = local_view(params, structure)
     targets = transport_targets(params, optimizer_states(optimizer, params))
-    _refuse_overflow(params, overflowing(targets, local, h))
+    if sharded(params.values()) or not provably_in_range(targets, h, structure.most_terms()):
+        _refuse_overflow(params, overflowing(targets, local, h))
     rescale_(targets, local, h)
+
+
+# The largest |log| of a factor that float32 holds as a normal number with room (exp(+-87.3)).
+SAFE_EXPONENT = 80.0
+# How far (in log) below its dtype's largest number a moved entry must stay to pass the cheap
+# bound of provably_in_range (else overflowing decides): several ulps of float16.
+RANGE_MARGIN = 1e-2
+
+
+def provably_in_range(targets: Targets, h: Tensor, terms: int) -> bool:
+    """Whether ``g(h)`` provably keeps every target in range (one host read), a bound that
+    implies :func:`overflowing`'s: an entry moved with power ``p`` (``|p| <= 2``) by at most
+    ``terms`` generators has a factor within ``exp(+-e)``, ``e = 2 terms max|h|``;
+    ``e <= SAFE_EXPONENT`` keeps the factors normal in float32 (they are formed and applied in
+    float32 or wider, or in bfloat16, whose range is float32's), and each tensor's largest entry
+    times ``exp(e)`` must stay below its dtype's largest number by a margin."""
+    tensors = [t for moved in targets.values() for t, _ in moved if t.numel()]
+    if not tensors:
+        return True
+    e = 2 * terms * h.abs().amax()
+    limits = [math.log(torch.finfo(t.dtype).max) - RANGE_MARGIN for t in tensors]
+    tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
+    room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
+    return bool((e <= SAFE_EXPONENT) & (room.amin() > e.to(tops.device)))
 
 
 def random_gauge_(

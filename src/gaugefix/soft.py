@@ -12,7 +12,6 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +24,6 @@ from gaugefix.action import (
     check_transport,
     gauge_params_,
     move_,
-    optimizer_states,
-    transport_targets,
 )
 from gaugefix.balancing import log_ratio
 from gaugefix.distributed import (
@@ -34,15 +31,12 @@ from gaugefix.distributed import (
     agreed,
     local_view,
     refuse_gathered,
-    sharded,
 )
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
-    Targets,
     add_selection_grads_,
     generator_sums,
     kernel_plan,
-    rescale_,
     row_norms,
     stacked,
     term_values,
@@ -66,11 +60,6 @@ __all__ = [
 
 # The most halvings of the rate in the bounded orbit step: 2^-64 of any rate moves nothing.
 HALVINGS = 64
-# The largest |log| of a factor that float32 holds as a normal number with room (exp(+-87.3)).
-SAFE_EXPONENT = 80.0
-# How far (in log) below its dtype's largest number a moved entry must stay to pass the cheap
-# range bound of relax_ (else the full check decides): several ulps of float16.
-RANGE_MARGIN = 1e-2
 
 
 def check_strength(value: float, name: str = "strength") -> float:
@@ -315,42 +304,8 @@ def relax_(
             "the squared parameters overflow the dtype they are summed in (float32 entries "
             "above about 1.8e19); nothing was modified"
         )
-    _move_checked_(params, structure, h, optimizer)
+    move_(params, structure, h, optimizer)  # refused where h would leave a dtype's range
     return h
-
-
-def _move_checked_(
-    params: dict[str, Tensor],
-    structure: GaugeStructure,
-    h: Tensor,
-    optimizer: torch.optim.Optimizer | None,
-) -> None:
-    """``g(h)`` on ``params`` with ``.grad`` and ``optimizer``'s state, refused (``ValueError``,
-    nothing moved) where it could take one of them out of its dtype's range: decided by one
-    cheap bound (:func:`_in_range`), else by the full check of :func:`gaugefix.action.move_`
-    (always under FSDP2, whose processes must agree)."""
-    if not sharded(params.values()):
-        targets = transport_targets(params, optimizer_states(optimizer, params))
-        if _in_range(targets, h, structure.most_terms()):
-            rescale_(targets, structure, h)
-            return
-    move_(params, structure, h, optimizer)
-
-
-def _in_range(targets: Targets, h: Tensor, terms: int) -> bool:
-    """Whether ``g(h)`` provably keeps every target in range (one host read): an entry moved
-    with power ``p`` (``|p| <= 2``) by at most ``terms`` generators has a factor within
-    ``exp(+-e)``, ``e = 2 terms max|h|``; ``e <= SAFE_EXPONENT`` keeps the factors normal in
-    float32 (they are formed in float32 or wider), and each tensor's largest entry times
-    ``exp(e)`` must stay below its dtype's largest number by a margin."""
-    tensors = [t for moved in targets.values() for t, _ in moved if t.numel()]
-    if not tensors:
-        return True
-    e = 2 * terms * h.abs().amax()
-    limits = [math.log(torch.finfo(t.dtype).max) - RANGE_MARGIN for t in tensors]
-    tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
-    room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
-    return bool((e <= SAFE_EXPONENT) & (room.amin() > e.to(tops.device)))
 
 
 def _unfrozen_rate(
