@@ -375,3 +375,10 @@ def test_min_sharpness_record_is_on_the_orbit_and_not_sharper_than_its_start():
     for recorded, dense in ((r["given"], given), (r["balanced"], balanced), (r["found"], found)):
         assert abs(recorded - dense) <= 1e-9 * dense
     assert found <= balanced
+
+
+@pytest.mark.parametrize("every", [0, -1, True, 1.5])
+def test_sharpness_track_refuses_an_interval_that_is_no_positive_integer(every):
+    """``every=0`` raised ZeroDivisionError (``step % every``) after the model was built."""
+    with pytest.raises(ValueError, match="every"):
+        sharpness_track.tracked(_task((3, 4, 1)), "plain", 0.0, 0.1, 0.0, 4, every)

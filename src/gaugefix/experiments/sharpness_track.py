@@ -29,6 +29,7 @@ from gaugefix.experiments.probes import float64_model
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import Task
+from gaugefix.step import check_every
 
 __all__ = [
     "KEY",
@@ -115,7 +116,8 @@ def tracked(
     sweep's for ``method`` at ``strength`` (:func:`group_step`; a balanced start by
     :func:`balance_runs_`); ``lambda_max`` by :func:`gaugefix.sharpness`. Ends where the run
     diverged as the sweep says: a loss not finite or above :data:`DIVERGENCE_FACTOR` times the
-    initial one."""
+    initial one. ``every``: an integer ``>= 1`` (else ``ValueError``)."""
+    check_every(every)
     model, structure = float64_model(task)
     gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
     x, y, _, _ = task.arrays(torch.float64)
