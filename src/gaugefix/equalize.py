@@ -746,13 +746,7 @@ def unfrozen(
 ) -> tuple[GaugeStructure, Tensor]:
     """The subgroup of the generators touching no parameter with ``requires_grad=False``, and
     which generators it keeps (bool ``[N]``)."""
-    n = structure.num_generators
-    touched = torch.zeros(n + 1, dtype=torch.bool)
-    for plan in structure.plan(torch.device("cpu")):
-        if not params[plan.name].requires_grad:
-            for term in plan.terms:
-                touched[term.slots.reshape(-1)] = True
-    keep = ~touched[:n]
+    keep = ~structure.touching({name for name, p in params.items() if not p.requires_grad})
     return (structure if bool(keep.all()) else structure.restrict(keep, FROZEN_REASON)), keep
 
 

@@ -26,12 +26,7 @@ from gaugefix.action import (
     move_,
 )
 from gaugefix.balancing import log_ratio
-from gaugefix.distributed import (
-    add_local_grads_,
-    agreed,
-    local_view,
-    refuse_gathered,
-)
+from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
     add_selection_grads_,
@@ -313,16 +308,12 @@ def _unfrozen_rate(
 ) -> Tensor:
     """A checked ``rate`` as float64: as it is where no parameter has ``requires_grad=False``,
     else per generator (``[N]``) with 0 for the generators acting on such a parameter."""
-    frozen = torch.zeros(structure.num_generators + 1, dtype=torch.bool)
-    for param in structure.plan(torch.device("cpu")):
-        if not params[param.name].requires_grad:
-            for term in param.terms:
-                frozen[term.slots.reshape(-1)] = True
+    frozen = structure.touching({name for name, p in params.items() if not p.requires_grad})
     rates = torch.as_tensor(rate, dtype=torch.float64)
-    if not bool(frozen[:-1].any()):
+    if not bool(frozen.any()):
         return rates
     rates = rates.expand(structure.num_generators)
-    return rates.masked_fill(frozen[:-1].to(rates.device), 0.0)
+    return rates.masked_fill(frozen.to(rates.device), 0.0)
 
 
 def _rate_numbers(rate: float | Tensor, n: int) -> Tensor:

@@ -20,6 +20,7 @@ import math
 import operator
 import os
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -295,6 +296,15 @@ class GaugeStructure:
                 for p in self.params.values()
             ]
         return self._plans[device]
+
+    def touching(self, names: Collection[str]) -> Tensor:
+        """Bool ``[num_generators]``: the generators acting on entries of the named parameters."""
+        touched = torch.zeros(self.num_generators + 1, dtype=torch.bool)
+        for param in self.plan("cpu"):
+            if param.name in names:
+                for term in param.terms:
+                    touched[term.slots.reshape(-1)] = True
+        return touched[: self.num_generators]
 
     def most_terms(self) -> int:
         """The most terms of any parameter: at most this many generators act on one entry."""

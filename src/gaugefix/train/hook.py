@@ -143,17 +143,6 @@ def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
             )
 
 
-def _touching(structure: GaugeStructure, names: set[str]) -> Tensor:
-    """Bool ``[num_generators]``: the generators acting on entries of the named parameters."""
-    n = structure.num_generators
-    touched = torch.zeros(n + 1, dtype=torch.bool)
-    for param in structure.plan(torch.device("cpu")):
-        if param.name in names:
-            for term in param.terms:
-                touched[term.slots.reshape(-1)] = True
-    return touched[:n]
-
-
 class GaugeFixing:
     """Soft gauge fixing for any ``torch.optim`` optimizer, through its step hooks.
 
@@ -309,7 +298,7 @@ class GaugeFixing:
             (no_grad, "touching a parameter with requires_grad=False"),
             (still, "touching a parameter whose optimizer group has lr=0"),
         ):
-            touched = _touching(active, names)
+            touched = active.touching(names)
             if bool(touched.any()):
                 left_out[reason] = int(touched.sum())
                 active = active.restrict(~touched, reason)
