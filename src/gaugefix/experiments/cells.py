@@ -21,6 +21,7 @@ __all__ = [
     "lr_key",
     "LrKey",
     "median",
+    "median_of_every_seed",
     "MethodKey",
     "reference",
     "ReferenceKey",
@@ -173,3 +174,11 @@ def median(values: list[float | None]) -> float | None:
     if any(math.isnan(v) for v in known):
         return math.nan
     return statistics.median(known) if known else None
+
+
+def median_of_every_seed(values: list[float | None]) -> float | None:
+    """The median of a cell's values, one per seed; ``None`` where some seed has none or NaN (a
+    median over the other seeds would not pair with one over all of them)."""
+    if any(v is None or math.isnan(v) for v in values):
+        return None
+    return statistics.median(values)

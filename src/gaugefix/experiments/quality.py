@@ -4,12 +4,19 @@ expressivity check (balancing a trained plain network leaves its function unchan
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Annotated, Any, TypedDict
 
-from gaugefix.experiments.cells import LrKey, MethodKey, Runs, group, lr_key, median, reference
+from gaugefix.experiments.cells import (
+    LrKey,
+    MethodKey,
+    Runs,
+    group,
+    lr_key,
+    median_of_every_seed,
+    reference,
+)
 from gaugefix.experiments.engine import RunResult
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import VERDICT
@@ -80,20 +87,12 @@ def summarize(runs: Runs) -> QualitySummary:
     for key, metric in METRICS.items():
         values: dict[str, dict[str, float]] = defaultdict(dict)
         for (method, lr), cell in cells.items():
-            v = _every_seed([metric(r) for r in cell])
+            v = median_of_every_seed([metric(r) for r in cell])
             if (method, lr) in compared and v is not None:
                 values[method][lr_key(lr)] = v
         if any(values.values()):
             out[key] = Medians(reference=ref, medians=dict(values))
     return out
-
-
-def _every_seed(values: list[float | None]) -> float | None:
-    """The median of a cell's values, one per seed; ``None`` where some seed has none or NaN (a
-    median over the other seeds would not pair with the reference's)."""
-    if any(v is None or math.isnan(v) for v in values):
-        return None
-    return median(values)
 
 
 def _check_keys(cells: dict[tuple, list[RunResult]]) -> None:

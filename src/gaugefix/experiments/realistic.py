@@ -19,6 +19,7 @@ from gaugefix.experiments.cells import (
     by_task,
     group,
     median,
+    median_of_every_seed,
 )
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import bounded, on_grid, stable_edges
@@ -74,11 +75,8 @@ def best_lr(cell: Runs) -> float | None:
         for (lr,), rs in group(grid, lambda c: (c.lr,)).items()
         if {r.config.seed for r in rs} == seeds
     }
-    finished = {
-        lr: statistics.median(v)
-        for lr, v in losses.items()
-        if all(x is not None and not math.isnan(x) for x in v)  # NaN has no place in the order
-    }
+    medians = {lr: median_of_every_seed(v) for lr, v in losses.items()}
+    finished = {lr: m for lr, m in medians.items() if m is not None}
     return min(finished, key=lambda lr: (finished[lr], lr)) if finished else None
 
 
