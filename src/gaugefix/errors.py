@@ -26,10 +26,12 @@ def check_number(value: object, name: str, minimum: float = 0.0, *, strict: bool
     return x
 
 
-def check_count(value: object, name: str) -> int:
-    """``value``, or a one-line ``ValueError`` unless it is an integer ``>= 1`` (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """``value``, or a one-line ``ValueError`` unless it is an integer ``>= minimum`` (not a
+    bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return value
 
 

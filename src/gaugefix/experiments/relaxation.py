@@ -11,7 +11,7 @@ import torch
 
 import gaugefix
 from gaugefix.diagnostics import relaxation_rates
-from gaugefix.errors import check_number
+from gaugefix.errors import check_count, check_number
 from gaugefix.experiments.figures import fmt, label, save, subplots, task_color, task_style
 from gaugefix.experiments.probes import float64_model, train_plain
 from gaugefix.experiments.store import Store
@@ -61,8 +61,7 @@ def relaxation(task: Task, strength: float, train_steps: int, fall: float = 0.9)
     fall = check_number(fall, "fall", strict=True)
     if fall >= 1:
         raise ValueError(f"fall must be below 1, got {fall!r}")
-    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
-        raise ValueError(f"train_steps must be an integer >= 0, got {train_steps!r}")
+    check_count(train_steps, "train_steps", minimum=0)
     model, structure = float64_model(task)
     train_plain(task, model, 0.05, train_steps)
     # every mode: the sparse path's extreme modes would leave the middle of the spectrum out
