@@ -300,12 +300,19 @@ def max_stable_lr(runs: Runs, definition: Definition = DEFAULT) -> float:
     some seed did not run is not known to be stable)."""
     grid = [r for r in runs if not r.config.bisection]
     seeds = {r.config.seed for r in grid}
-    stable: dict[float, bool] = defaultdict(lambda: True)
     ran: dict[float, set[int]] = defaultdict(set)
     for r in grid:
-        stable[r.config.lr] &= status(r, definition) == "stable"
         ran[r.config.lr].add(r.config.seed)
+    stable = _stable_by_rate(grid, definition)
     return band_top({lr: ok and ran[lr] == seeds for lr, ok in stable.items()})
+
+
+def _stable_by_rate(runs: Runs, definition: Definition = DEFAULT) -> dict[float, bool]:
+    """Per learning rate of ``runs``: whether every run at it is stable under ``definition``."""
+    stable: dict[float, bool] = {}
+    for r in runs:
+        stable[r.config.lr] = stable.get(r.config.lr, True) and status(r, definition) == "stable"
+    return stable
 
 
 def max_stable_lr_by_seed(runs: Runs) -> dict[int, float]:
@@ -318,9 +325,7 @@ def edge_bracket(runs: Runs, definition: Definition = DEFAULT) -> tuple[float, f
     above it: :func:`band_top` of its rates (a rate run twice is stable where every run there
     is), and the lowest rate above that (not stable; ``None`` where nothing is stable or the
     edge is the highest rate run)."""
-    stable: dict[float, bool] = {}
-    for r in runs:
-        stable[r.config.lr] = stable.get(r.config.lr, True) and status(r, definition) == "stable"
+    stable = _stable_by_rate(runs, definition)
     edge = band_top(stable)
     above = [lr for lr in stable if lr > edge]
     return edge, min(above) if edge and above else None
