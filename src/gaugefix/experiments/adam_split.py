@@ -138,9 +138,10 @@ def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
 def _plain_adam_edge(store: Store, task: Task) -> float | None:
     """Plain's largest stable full-batch Adam rate at ``s = S`` on the task's instance 0, in
     the longest full-batch Adam regime (the one :func:`sweep_verdicts` reads)."""
-    runs = store.runs(task=task.name, task_hash=TaskSpec(task.name).hash(), seed=0,
-                      method="plain", optimizer="adam", batch_size=0, s=S)  # fmt: skip
-    found = longest_full_batch(runs, TaskSpec(task.name).hash())
+    task_hash = TaskSpec(task.name).hash()
+    runs = store.runs(task=task.name, task_hash=task_hash, seed=0, method="plain",
+                      optimizer="adam", batch_size=0, s=S)  # fmt: skip
+    found = longest_full_batch(runs, task_hash)
     return (stability.max_stable_lr(found[1]) or None) if found else None
 
 
