@@ -19,6 +19,7 @@ from gaugefix.structure.gauge_structure import (
     PlannedTerm,
     Term,
     compile_structure,
+    looked_through,
 )
 from gaugefix.structure.trace import (
     Sum,
@@ -67,6 +68,7 @@ def discover(
         raise TypeError(f"allow_value_dependent must be a bool, got {allow_value_dependent!r}")
     if isinstance(rules, dict | str) or not isinstance(rules, Iterable):
         raise TypeError(f"rules must be a list of (target, rule) pairs, got {type(rules).__name__}")
+    model = looked_through(model)  # a torch.compile wrapper: its model, under its names
     ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
     return compile_structure(model, ctx, _notes(ctx))
 

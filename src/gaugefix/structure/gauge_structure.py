@@ -40,6 +40,7 @@ __all__ = [
     "GaugeStructure",
     "GeneratorEntries",
     "KINDS",
+    "looked_through",
     "module_of",
     "ParamTerms",
     "PlannedParam",
@@ -152,6 +153,11 @@ class GaugeStructure:
             f"excluded={sum(len(e.channels) for e in self.excluded)} channels)"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The fields without the per-device plans (a cache, and tensors on devices the
+        unpickling process may lack)."""
+        return {**self.__dict__, "_plans": {}}
+
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
         """The parameter entries generator ``n`` (an int) multiplies and divides."""
@@ -234,22 +240,30 @@ class GaugeStructure:
         """The tensors of ``source`` (a model, or a mapping name -> tensor such as gradients)
         that the structure acts on, checked against the structure's names and shapes (after
         ``batch_dims`` leading dims, for stacks of several copies); a model's parameter names
-        must be those it was discovered with. What a model computes is not checked: a structure
+        must be those it was discovered with (a ``torch.compile`` wrapper is looked through,
+        as ``discover`` does). What a model computes is not checked: a structure
         is exact for the model it was discovered on, not for another one with the same names
         and shapes (a GELU where it had a ReLU). FSDP2-sharded (``DTensor``)
         tensors are refused with one line unless ``sharded``: a caller passing it computes on
         this process's slices (:func:`gaugefix.distributed.local_view`)."""
         if isinstance(source, nn.Module):
+            source = looked_through(source)
             named = dict(source.named_parameters())
         elif isinstance(source, dict):
             named = source
         else:
             raise TypeError(f"expected an nn.Module or a dict of tensors, got {type(source)}")
+        if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
+            raise TypeError(f"batch_dims must be an int, got {type(batch_dims).__name__}")
+        if batch_dims < 0:
+            raise ValueError(f"batch_dims must be >= 0, got {batch_dims}")
         out = {}
         for name, p in self.params.items():
             t = named.get(name)
             if t is None:
-                raise ValueError(f"the structure does not match: no parameter '{name}'")
+                raise ValueError(
+                    f"the structure does not match: no parameter '{name}'{_prefixed(name, named)}"
+                )
             if not isinstance(t, Tensor) or tuple(t.shape[batch_dims:]) != p.shape:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(
@@ -298,7 +312,12 @@ class GaugeStructure:
         return self._plans[device]
 
     def touching(self, names: Collection[str]) -> Tensor:
-        """Bool ``[num_generators]``: the generators acting on entries of the named parameters."""
+        """Bool ``[num_generators]``: the generators acting on entries of the named parameters
+        (a collection of names, not one string)."""
+        if isinstance(names, str):
+            raise TypeError(
+                f"touching takes a collection of parameter names, not the string {names!r}"
+            )
         touched = torch.zeros(self.num_generators + 1, dtype=torch.bool)
         for param in self.plan("cpu"):
             if param.name in names:
@@ -481,6 +500,23 @@ class GaugeStructure:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)}: {err}") from None
+
+
+def looked_through(model: nn.Module) -> nn.Module:
+    """``model`` inside its ``torch.compile`` wrappers (``OptimizedModule``: its parameters
+    under the prefix ``_orig_mod.``), as :func:`gaugefix.train.unwrap_model` looks through them."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _prefixed(name: str, named: dict[str, Any]) -> str:
+    """A hint naming the prefix where ``named`` has ``name`` under one (a wrapper's name, as in
+    a state dict saved from ``DistributedDataParallel`` or ``torch.compile``), else ``""``."""
+    key = next((k for k in named if k.endswith(f".{name}")), None)
+    if key is None:
+        return ""
+    return f" (there is '{key}': the names carry the prefix {key[: -len(name)]!r}, a wrapper's?)"
 
 
 def _channels(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
