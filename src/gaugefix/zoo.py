@@ -145,6 +145,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, context: int, sdpa: bool) -> None:
         super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by a positive number of heads={heads}")
         self.heads, self.sdpa = heads, sdpa
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -212,6 +214,10 @@ class GPT(nn.Module):
             self.head.weight = self.wte.weight
 
     def forward(self, ids: Tensor) -> Tensor:  # ids: [batch, tokens] -> logits
+        if ids.shape[1] > self.wpe.num_embeddings:
+            raise ValueError(
+                f"{ids.shape[1]} tokens exceed the context of {self.wpe.num_embeddings}"
+            )
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
             x = block(x)

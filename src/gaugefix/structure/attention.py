@@ -35,23 +35,22 @@ def _sdpa(
     attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
     enable_gqa: bool = False,
 ) -> Any:  # fmt: skip
-    """``F.scaled_dot_product_attention(q [..., Hq, L, E], k [..., Hk, S, E], v [..., Hk, S,
+    """``F.scaled_dot_product_attention(q [..., Hq, L, E], k [..., Hk, S, E], v [..., Hv, S,
     Ev])``, with ``attn_mask``, ``is_causal``, ``scale``, ``dropout_p`` and ``enable_gqa``; the
-    leading dims broadcast (``k`` and ``v`` may have fewer)."""
+    leading dims broadcast as in ``matmul`` (``k`` and ``v`` may have fewer, or one head for all
+    the query heads), and so do the labels."""
     q, k, v = query, key, value
     if any(ctx.is_param(t) for t in (q, k, v)):
         return ctx.block_all((q, k, v), {}, ctx.reason("attention over a parameter"))
     _fixed_mask(ctx, attn_mask)
     if isinstance(scale, Tensor):
         return ctx.block_all((q, k, v, scale), {}, ctx.reason("attention scale given as a tensor"))
-    heads = q.shape[-3] if q.dim() >= 3 else 1
-    kv_heads = k.shape[-3] if k.dim() >= 3 else 1
     lq, lk, lv = (ctx.labels(t) for t in (q, k, v))
-    if heads != kv_heads:  # grouped-query attention: each key/value head serves a group
-        if not enable_gqa or heads % kv_heads:
+    if enable_gqa:  # grouped-query attention: keys and values each repeated to the query heads
+        heads = q.shape[-3] if q.dim() >= 3 else 0
+        if min(k.dim(), v.dim()) < 3 or not heads or any(heads % t.shape[-3] for t in (k, v)):
             return ctx.block_all((q, k, v), {}, ctx.reason("query and key heads do not match"))
-        lk = lk.repeat_interleave(heads // kv_heads, dim=-3)
-        lv = lv.repeat_interleave(heads // kv_heads, dim=-3)
+        lk, lv = (n.repeat_interleave(heads // t.shape[-3], -3) for n, t in ((lk, k), (lv, v)))
     qn, kn, vn = (ctx.unite(n, [-2]) for n in (lq, lk, lv))  # the sequence dims (of any rank)
     ctx.union(qn, kn, -1)
     ctx.tag(qn, "query-key")
@@ -74,19 +73,19 @@ def _mha(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
     ``[2E:3E]`` values) or separate ``q/k/v_proj_weight``, then ``out_proj_weight``. Query row
     ``i`` pairs with key row ``i`` (heads are contiguous blocks of rows), value row ``i`` with
     output-projection column ``i``; the inputs' channels are consumed by the projections' columns
-    and the output carries the output projection's rows."""
+    and the output carries the output projection's rows. ``bias_k`` and ``bias_v``, appended to
+    the projected keys and values, carry their rows' factors; the zero key and value of
+    ``add_zero_attn`` carry any factor (``q . 0 = 0``, a zero value adds nothing); fixed
+    ``static_k``, ``static_v`` block."""
     bound = _MHA.bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
-    if (
-        any(a[k] is not None for k in ("bias_k", "bias_v", "static_k", "static_v"))
-        or a["add_zero_attn"]
-    ):
-        return ctx.block_all(args, kwargs, ctx.reason("attention with extra key/value entries"))
+    if a["static_k"] is not None or a["static_v"] is not None:
+        return ctx.block_all(args, kwargs, ctx.reason("attention with fixed keys or values"))
     for key in ("key_padding_mask", "attn_mask"):
         _fixed_mask(ctx, a[key])
     weights = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-    params = [a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"]]
+    params = [a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"], a["bias_k"], a["bias_v"]]
     params += [a[w] for w in weights] if a["use_separate_proj_weight"] else [a["in_proj_weight"]]
     if any(p is not None and not ctx.is_param(p) for p in params) or a["out_proj_weight"] is None:
         return ctx.block_all(args, kwargs, ctx.reason("attention weight is not a parameter"))
@@ -112,6 +111,9 @@ def _mha(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
             ctx.consume(w, torch.cat([c.view(1, -1).expand(embed, -1) for c in inputs]))
     if a["in_proj_bias"] is not None:
         ctx.tie(a["in_proj_bias"], torch.cat([rq, rk, rv]))
+    for bias, rows in ((a["bias_k"], rk), (a["bias_v"], rv)):  # an extra key and value [1, 1, E]
+        if bias is not None:
+            ctx.tie(bias, rows.view(1, 1, -1))
     ctx.union(rq, rk, -1)
     ctx.tag(rq, "query-key")
     ctx.tag(rk, "query-key")
