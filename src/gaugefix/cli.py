@@ -238,7 +238,7 @@ def balance(
         try:
             state = read_state_dict(weights)
             tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
-        except (CheckpointError, gaugefix.TracingError) as err:
+        except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
             raise _fail(str(err)) from None
         _report_balance(model, objective, report)
         write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)

@@ -18,8 +18,10 @@ Every process reaches every decision (a step's size, a line search, skipping a n
 from the same all-reduced numbers, so all take the same steps and issue the same collectives;
 the arguments deciding a move (``h``, a rate, tolerances) are checked to agree (:func:`agreed`),
 and so is the structure, once per shard structure (:func:`check_same_structure`).
-A model using ``fully_shard`` whose parameters are not all ``DTensor`` s (a module left unsharded,
-or parameters FSDP2 holds gathered after a forward) is refused (:func:`refuse_gathered`).
+A model using ``fully_shard`` whose parameters are not all ``DTensor`` s (a module left unsharded
+or a parameter in ``ignored_params``, or parameters FSDP2 holds gathered after a forward) is
+refused (:func:`refuse_gathered`), and so is a mesh of several dims (HSDP), before any
+collective (:func:`mesh_group`).
 """
 
 from __future__ import annotations
@@ -126,11 +128,28 @@ def refuse_gathered(model: nn.Module | Mapping[str, Tensor], params: Mapping[str
 def not_sharded(name: str, context: str) -> ShardingError:
     """The error for a parameter that is not a ``DTensor`` where it must be, with its causes."""
     return ShardingError(
-        f"parameter '{name}' is not sharded {context}: its module was not sharded, or FSDP2 "
-        "holds it gathered after a forward (the root module's, reshard_after_forward=False), "
-        "where a change would be lost; fully_shard every module holding parameters, and call "
-        "reshard() on each FSDPModule of the model first"
+        f"parameter '{name}' is not sharded {context}: its module was not sharded, it is one "
+        "of fully_shard's ignored_params, or FSDP2 holds it gathered after a forward (the root "
+        "module's, reshard_after_forward=False), where a change would be lost; fully_shard "
+        "every module holding parameters, and call reshard() on each FSDPModule of the model first"
     )
+
+
+def unsupported_placement(where: str, p: Tensor) -> ShardingError:
+    """The error for a ``DTensor`` ``p`` (named by ``where``) placed otherwise than the
+    ``Shard(d)`` on one 1-D mesh that :class:`ShardStructure` supports."""
+    return ShardingError(
+        f"{where} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; supported: "
+        "Shard(d) on one 1-D mesh for every parameter (fully_shard)"
+    )
+
+
+def mesh_group(like: Tensor) -> dist.ProcessGroup:
+    """The process group of ``like``'s (a ``DTensor``'s) mesh; :class:`ShardingError` for a
+    mesh of several dims (HSDP), which has no single group, before any collective."""
+    if like.device_mesh.ndim != 1:
+        raise unsupported_placement("a parameter", like)
+    return like.device_mesh.get_group()
 
 
 def agreed(
@@ -160,7 +179,7 @@ def agreed(
 def _compare(numbers: Tensor | None, size: int, like: Tensor, what: str) -> None:
     """:class:`ShardingError` unless every process of ``like``'s mesh holds the same
     ``numbers`` (``None``: this process's argument was invalid; it raises its own error)."""
-    same = _same_everywhere(numbers, size, like.device_mesh.get_group(), like.device)
+    same = _same_everywhere(numbers, size, mesh_group(like), like.device)
     if numbers is not None and not same:
         raise ShardingError(
             f"{what} differs between the processes sharing the model's slices (or is invalid "
@@ -240,10 +259,7 @@ class ShardStructure(GaugeStructure):
             mesh, first = (p.device_mesh, p) if mesh is None else (mesh, first)
             placements = tuple(p.placements)
             if p.device_mesh != mesh or mesh.ndim != 1 or not placements[0].is_shard():
-                raise ShardingError(
-                    f"parameter '{name}' is placed {placements} on a {p.device_mesh.ndim}-D "
-                    "mesh; supported: Shard(d) on one 1-D mesh for every parameter (fully_shard)"
-                )
+                raise unsupported_placement(f"parameter '{name}'", p)
             dim = placements[0].dim
             size, processes = p.shape[dim], mesh.size()
             chunk = -(-size // processes)
@@ -373,7 +389,7 @@ def local_targets(
 def everywhere(flag: bool, like: Tensor) -> bool:
     """Whether ``flag`` holds on every process of ``like``'s (a ``DTensor``'s) mesh."""
     value = torch.tensor([0.0 if flag else 1.0], device=like.device)
-    dist.all_reduce(value, group=like.device_mesh.get_group())
+    dist.all_reduce(value, group=mesh_group(like))
     return float(value) == 0.0
 
 
