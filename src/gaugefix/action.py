@@ -53,7 +53,8 @@ COUNTS = ("step", "mu_product")
 H_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How close (relative) to its dtype's largest number a moved entry, or a product of the factors
 # moving it, may come, and such a product to the smallest normal number: their rounding (a few
-# float32 ulps) must not carry it over.
+# float32 ulps) must not carry it over. A moved entry keeps a further margin for the roundings of
+# its factor and of the partial products (:func:`_entry_margin`).
 OVERFLOW_MARGIN = 1e-5
 
 
@@ -234,7 +235,8 @@ def overflowing(targets: Targets, structure: GaugeStructure, h: Tensor) -> str |
     product of its factors lies between ``exp(-down)`` and ``exp(up)``: both within the normal
     range of those dtypes (below it a factor loses digits or becomes 0 where the moved entry
     need not; an all-zero tensor is not refused for it), and every moved entry at most
-    ``|theta_e| exp(up)`` below its dtype's largest number. ``max_e up(e)`` is bounded by the
+    ``|theta_e| exp(up)`` below its dtype's largest number by the roundings on the way
+    (:func:`_entry_margin`). ``max_e up(e)`` is bounded by the
     sum of each term's largest exponent (equal where the terms vary along different dims: rows
     and columns), and ``down`` alike, without a temporary the size of the tensor; then one pass
     over each tensor (its largest entry), and a float64 pass entry by entry where those bounds
@@ -258,11 +260,12 @@ def overflowing(targets: Targets, structure: GaugeStructure, h: Tensor) -> str |
                 continue
             if lowest - low <= OVERFLOW_MARGIN:
                 underflow = underflow or param.name
-            if _log_max(t.dtype) - math.log(top) - highest > OVERFLOW_MARGIN:
+            margin = _entry_margin(t.dtype, power)
+            if _log_max(t.dtype) - math.log(top) - highest > margin:
                 continue
             ups = [x.clamp_min(0) for x in exponents]
             peak = float(t.detach().abs().to(torch.float64).log_().add_(sum(ups)).amax())
-            if _log_max(t.dtype) - peak <= OVERFLOW_MARGIN:
+            if _log_max(t.dtype) - peak <= margin:
                 return _overflow(param.name)
     if underflow is None:
         return None
@@ -285,6 +288,17 @@ def _factor_range(dtype: torch.dtype) -> tuple[float, float]:
     formed, applied = factor_dtype(dtype), applied_dtype(dtype)
     low = max(math.log(torch.finfo(d).tiny) for d in (formed, applied))
     return low, min(_log_max(formed), _log_max(applied))
+
+
+def _entry_margin(dtype: torch.dtype, power: int) -> float:
+    """How far (in log) below ``dtype``'s largest number an entry times its exact factor must
+    stay when moved with ``power``: :data:`OVERFLOW_MARGIN`, the rounding of the factor ``f`` to
+    :func:`gaugefix.kernels.applied_dtype`, which the GPU layout applies ``|power|`` times
+    (``log(1 + eps)`` each: a bfloat16 factor ``exp(0.0039)`` is ``1.0078``, which took a
+    bfloat16 entry ``0.39%`` below its largest to inf), and the roundings to ``dtype`` between
+    them (a float16 second moment ``17488 / f / f``, ``65502.6`` exactly, became inf)."""
+    applied, own = (math.log1p(torch.finfo(d).eps) for d in (applied_dtype(dtype), dtype))
+    return OVERFLOW_MARGIN + abs(power) * applied + (abs(power) - 1) * own
 
 
 def _log_max(dtype: torch.dtype) -> float:
@@ -363,11 +377,16 @@ def apply_gauge_(
     """Apply ``g(h)`` to ``model`` in place: every entry is multiplied by
     ``exp(sum_n w_n(e) h_n)``. ``h`` has shape ``[num_generators]``.
 
-    Gradients in ``.grad`` and, when ``optimizer`` is given, its state are transported: gradient
-    -like buffers (SGD momentum, Adam ``exp_avg``) scale by the inverse factor, Adam's second
-    moments by its square. Everything is validated first; on error nothing is modified: an ``h``
-    whose factors could overflow a moved tensor's dtype, or fall below the normal range of the
-    dtype they are formed in, is refused (:func:`overflowing`).
+    Gradients in ``.grad`` (of frozen parameters too) and, when ``optimizer`` is given, its state
+    are transported: gradient-like buffers (SGD and Muon momentum, Adam ``exp_avg``) scale by the
+    inverse factor, second moments by its square, counts stay. For SGD, Adam, AdamW, NAdam, RAdam
+    and Muon that is the state built from the same loss gradients at the moved point; with L2
+    weight decay coupled into the gradient (SGD with momentum, Adam, NAdam or RAdam without
+    ``decoupled_weight_decay``) the buffers also hold ``wd * theta`` and are moved as gradients
+    all the same, not rebuilt. Other state (Adagrad, RMSprop, L-BFGS, ...) is refused
+    (:func:`optimizer_states`). Everything is validated first; on error nothing is modified: an
+    ``h`` whose factors could overflow a moved tensor's dtype, or fall below the normal range of
+    the dtype they are formed in, is refused (:func:`overflowing`).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
@@ -402,8 +421,9 @@ def move_(
 # The largest |log| of a factor that float32 holds as a normal number with room (exp(+-87.3)).
 SAFE_EXPONENT = 80.0
 # How far (in log) below its dtype's largest number a moved entry must stay to pass the cheap
-# bound of provably_in_range (else overflowing decides): several ulps of float16.
-RANGE_MARGIN = 1e-2
+# bound of provably_in_range (else overflowing decides): more than overflowing's largest margin,
+# a bfloat16 second moment's (three roundings of log(1 + 2^-7), :func:`_entry_margin`).
+RANGE_MARGIN = 3e-2
 
 
 def provably_in_range(targets: Targets, h: Tensor, terms: int) -> bool:
@@ -412,11 +432,13 @@ def provably_in_range(targets: Targets, h: Tensor, terms: int) -> bool:
     ``terms`` generators has a factor within ``exp(+-e)``, ``e = 2 terms max|h|``;
     ``e <= SAFE_EXPONENT`` keeps the factors normal in float32 (they are formed and applied in
     float32 or wider, or in bfloat16, whose range is float32's), and each tensor's largest entry
-    times ``exp(e)`` must stay below its dtype's largest number by a margin."""
+    times ``exp(e)`` must stay below its dtype's largest number by a margin. ``e`` is formed in
+    float64: in a float16 or bfloat16 ``h``'s own dtype it rounded down (``6 * 11.4375`` to
+    ``68.5``), below the largest exponent of an entry of three terms."""
     tensors = [t for moved in targets.values() for t, _ in moved if t.numel()]
     if not tensors:
         return True
-    e = 2 * terms * h.abs().amax()
+    e = 2 * terms * h.abs().amax().to(torch.float64)
     limits = [math.log(torch.finfo(t.dtype).max) - RANGE_MARGIN for t in tensors]
     tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
     room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
