@@ -165,8 +165,10 @@ def test_tracking_stops_where_the_sweep_calls_a_run_diverged():
 def test_the_edge_text_says_when_a_tracked_run_diverged(tmp_path):
     """A curve that ends before the last step it would record (step 8 of 9, every 2) ended by
     divergence; the text gave its last point as if the run had finished."""
-    ended = {"strength": 0.0, "edge": 0.1, "curve": [(0, 1.0, 20.0), (2, 1.0, 18.0)]}
-    whole = {"strength": 0.0, "edge": 0.1, "curve": [(k, 1.0, 20.0) for k in range(0, 9, 2)]}
+    ended = {"strength": 0.0, "edge": 0.1, "curve": [(0, 1.0, 20.0), (2, 1.0, 18.0)],
+             "finished": False}  # fmt: skip
+    whole = {"strength": 0.0, "edge": 0.1, "curve": [(k, 1.0, 20.0) for k in range(0, 9, 2)],
+             "finished": True}  # fmt: skip
     values = {TASK: {"steps": 9, "every": 2, "methods": {"plain": {"0.0": ended},
                                                           "exact": {"0.0": whole}}}}  # fmt: skip
     text = sharpness_track.render(tmp_path, values)
@@ -258,7 +260,8 @@ def test_the_edge_figure_draws_each_methods_curve_and_its_two_over_lr(tmp_path, 
     dotted line at 2 / its edge, in its color."""
 
     def entry(edge: float, top: float) -> dict:
-        return {"strength": 1.0, "edge": edge, "curve": [(0, 1.0, top), (5, 0.5, top / 2)]}
+        curve = [(0, 1.0, top), (5, 0.5, top / 2)]
+        return {"strength": 1.0, "edge": edge, "curve": curve, "finished": True}
 
     methods = {"plain": {"2.0": entry(0.1, 30.0), "0.0": entry(0.2, 9.0)},
                "exact": {"2.0": entry(0.4, 30.0)}}  # fmt: skip

@@ -73,9 +73,15 @@ ANALYSES: tuple[Analysis, ...] = (
 
 
 def stored(store: Store, analysis: Analysis) -> dict[str, Any]:
-    """The values of ``analysis`` in ``store``, by task."""
+    """The values of ``analysis`` in ``store`` computed by its current ``VERSION``, by task (a
+    value of another version, computed by code since changed, is left out until
+    :func:`run_analyses` computes it again)."""
     prefix = f"{analysis.KEY}/"
-    return {k[len(prefix) :]: v for k, v in store.analyses().items() if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in store.analyses().items()
+        if k.startswith(prefix) and v.get("made_for", {}).get("version") == analysis.VERSION
+    }
 
 
 def run_analyses(store: Store, quick: bool, workers: Workers | None = None) -> None:

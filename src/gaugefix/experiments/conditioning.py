@@ -4,6 +4,7 @@ under ``conditioning/TASK``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -96,10 +97,11 @@ def sharpness_init(task: Task, s_values: list[float]) -> dict[str, Any]:
 
 
 def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) -> dict[str, Any]:
-    """Sharpness every ``every`` steps of full-batch GD from the initialisation moved by ``s z``,
-    for the methods of :data:`TRAINED` as :data:`METHODS` defines them (a balanced start by
-    ``balance_``; penalty and exact by :class:`gaugefix.GaugeFixing` with the method's
-    ``every``, at strength :data:`STRENGTH`): ``{method: [(step, loss, sharpness), ...]}``,
+    """Sharpness every ``every`` steps and at the last step of full-batch GD from the
+    initialisation moved by ``s z``, for the methods of :data:`TRAINED` as :data:`METHODS`
+    defines them (a balanced start by ``balance_``; penalty and exact by
+    :class:`gaugefix.GaugeFixing` with the method's ``every``, at strength :data:`STRENGTH`):
+    ``{method: [(step, loss, sharpness), ...]}``,
     each curve ending where the run diverged as the sweep says (a loss not finite or above
     :data:`DIVERGENCE_FACTOR` times the initial one), at the step ``"diverged_at"`` gives
     (``{method: step or None}``)."""
@@ -118,11 +120,15 @@ def sharpness_training(task: Task, lr: float, s: float, steps: int, every: int) 
         initial = loss64(task, model).item()
         for step in range(steps + 1):
             loss = loss64(task, model)
-            if not loss.item() <= DIVERGENCE_FACTOR * initial:  # NaN included
+            value = loss.item()
+            if not (math.isfinite(value) and value <= DIVERGENCE_FACTOR * initial):
+                # a NaN, or an infinite initial loss, included
                 diverged_at = step
                 break
-            if step % every == 0:
-                curve.append((step, loss.item(), _value(task, model)))
+            if step % every == 0 or step == steps:
+                curve.append((step, value, _value(task, model)))
+            if step == steps:
+                break
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -212,14 +218,19 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
 
 def _finals(train: dict[str, Any]) -> str:
     """The last sharpness of each method's curve: final where the run finished; where it
-    diverged, the step it diverged at (a cross ends its curve)."""
+    diverged, the step it diverged at (a cross ends its curve; no point where it diverged at
+    step 0)."""
     diverged_at = train.get("diverged_at", {})
     finished = [m for m in TRAINED if diverged_at.get(m) is None]
     finals = ", ".join(f"{m} {fmt(_last(train, m))}" for m in finished)
     parts = [f"final sharpness {finals}"] if finished else []
     parts += [
-        f"{m} diverged at step {diverged_at[m]} (its last sharpness {fmt(_last(train, m))}, "
-        "marked by a cross)"
+        f"{m} diverged at step {diverged_at[m]}"
+        + (
+            f" (its last sharpness {fmt(_last(train, m))}, marked by a cross)"
+            if train.get(m)
+            else ""
+        )
         for m in TRAINED
         if m not in finished
     ]

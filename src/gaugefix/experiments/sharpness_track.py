@@ -6,6 +6,7 @@ one. Stored per task under ``sharpness_track/TASK``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -50,7 +51,7 @@ KEY = "sharpness_track"
 READS_RUNS = True
 # The version of what compute gives: raised when a change alters it, so stored values of
 # older versions are computed again.
-VERSION = 2  # 2: the step's state kept between steps
+VERSION = 3  # 2: the step's state kept between steps; 3: the last step tracked too
 TRACKED = ("plain", "balanced-init", "penalty", "exact")  # methods followed, where they were run
 POINTS = {True: 2, False: 11}  # sharpness evaluations per run, quick and full
 
@@ -71,7 +72,8 @@ SUMMARY = dict[TaskKey, dict[MethodKey, dict[SKey, EdgeSharpness]]]
 
 def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
     """:func:`tracked` at each edge of :func:`edges_at_seed_0` (s = 0 and 2 quick; 0, 1, 2),
-    at :data:`POINTS` evaluations over the regime's steps."""
+    at :data:`POINTS` evaluations over the regime's steps, and whether the run finished (its
+    curve reaches the last step)."""
     steps, edges = edges_at_seed_0(store, task, (0.0, 2.0) if quick else (0.0, 1.0, 2.0))
     every = max(1, steps // (POINTS[quick] - 1))
     out: dict[str, Any] = {"steps": steps, "every": every, "methods": {}}
@@ -85,6 +87,7 @@ def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
             "strength": strength,
             "edge": edge,
             "curve": curve,
+            "finished": bool(curve) and curve[-1][0] == steps,
         }
     return out
 
@@ -111,12 +114,14 @@ def edges_at_seed_0(
 def tracked(
     task: Task, method: str, strength: float, lr: float, s: float, steps: int, every: int
 ) -> list[tuple[int, float, float]]:
-    """``(step, loss, lambda_max)`` every ``every`` steps of full-batch GD at ``lr`` on the
-    task's float64 network (seed 0) from the initialisation moved by ``s z``, each step the
-    sweep's for ``method`` at ``strength`` (:func:`group_step`; a balanced start by
+    """``(step, loss, lambda_max)`` every ``every`` steps and at the last step of full-batch GD
+    at ``lr`` on the task's float64 network (seed 0) from the initialisation moved by ``s z``,
+    each step the sweep's for ``method`` at ``strength`` (:func:`group_step`; a balanced start by
     :func:`balance_runs_`); ``lambda_max`` by :func:`gaugefix.sharpness`. Ends where the run
     diverged as the sweep says: a loss not finite or above :data:`DIVERGENCE_FACTOR` times the
-    initial one. ``every``: an integer ``>= 1`` (else ``ValueError``)."""
+    initial one, so the curve of a run that finished ends at ``steps``, of one that diverged
+    before (empty where it was not finite at step 0). ``every``: an integer ``>= 1`` (else
+    ``ValueError``)."""
     check_every(every)
     model, structure = float64_model(task)
     gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
@@ -134,10 +139,11 @@ def tracked(
     initial = task.loss(model(x), y).item()
     for step in range(steps + 1):
         loss = task.loss(model(x), y)
-        if not loss.item() <= DIVERGENCE_FACTOR * initial:  # NaN included
-            break
-        if step % every == 0:
-            curve.append((step, loss.item(), float(sharpness(model, task.loss, x, y))))
+        value = loss.item()
+        if not (math.isfinite(value) and value <= DIVERGENCE_FACTOR * initial):
+            break  # a NaN, or an infinite initial loss, included
+        if step % every == 0 or step == steps:
+            curve.append((step, value, float(sharpness(model, task.loss, x, y))))
         if step == steps:
             break
         grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -179,25 +185,11 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     lines = []
     for ax, (task, s) in zip(axes[0], panels, strict=True):
         for method, by_s in values[task]["methods"].items():
-            if s not in by_s:
-                continue
-            r, e = by_s[s], summary[task][method][s]
-            pts = r["curve"]
-            entry = f"{method} (lr {fmt(r['edge'])})"
-            ax.semilogy([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3,
-                        color=method_color(method), label=entry)  # fmt: skip
-            ax.axhline(2 / r["edge"], color=method_color(method), ls=":", lw=1)
-            ended = _ended(values[task], pts[-1][0])
-            if ended:  # the run diverged: a cross ends its curve
-                ax.semilogy(pts[-1][0], pts[-1][2], "x", ms=7, color=method_color(method))
-            lines.append(
-                f"- {task}, s = {float(s):g}, {method}: measured edge {fmt(e['measured_edge'])}, "
-                f"predicted 2/lambda_max(0) {fmt(e['predicted_edge'])} (measured/predicted "
-                f"{fmt(e['measured_edge'] / e['predicted_edge'])}); lambda_max "
-                f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}"
-                + ended
-                + "."
-            )
+            if s in by_s:
+                e = summary[task].get(method, {}).get(s)  # none for an empty curve
+                lines.append(
+                    _draw(ax, values[task], method, by_s[s], e, f"- {task}, s = {float(s):g}")
+                )
         ax.set_title(f"{task}, s = {float(s):g}", fontsize=9)
         label(ax, "step", "lambda_max (dotted: 2 / lr)", legend=6)
     name = save(fig, out, "sharpness-at-edge.png")
@@ -214,13 +206,47 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def _ended(value: dict[str, Any], last: int) -> str:
-    """Where a curve ends at ``last`` before the last step it records (the largest multiple of
-    its ``every`` up to its ``steps``), the run diverged: said so."""
-    every = value["every"]
-    if last >= value["steps"] - value["steps"] % every:
+def _draw(
+    ax: Any,
+    value: dict[str, Any],
+    method: str,
+    r: dict[str, Any],
+    e: EdgeSharpness | None,
+    head: str,
+) -> str:
+    """Draw one method's entry ``r`` of ``value`` on ``ax``: its curve, 2 / its edge dotted and
+    a cross where the run diverged; returns its line of the text (starting with ``head``), with
+    ``e``, its summary (``None`` for an empty curve)."""
+    pts = r["curve"]
+    if not pts:  # the loss was not finite, or diverged, at step 0: nothing to draw
+        return f"{head}, {method}: measured edge {fmt(r['edge'])}; the run diverged at step 0."
+    color = method_color(method)
+    ax.semilogy([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3, color=color,
+                label=f"{method} (lr {fmt(r['edge'])})")  # fmt: skip
+    ax.axhline(2 / r["edge"], color=color, ls=":", lw=1)
+    ended = _ended(value, r)
+    if ended:  # the run diverged: a cross ends its curve
+        ax.semilogy(pts[-1][0], pts[-1][2], "x", ms=7, color=color)
+    return (
+        f"{head}, {method}: measured edge {fmt(e['measured_edge'])}, "
+        f"predicted 2/lambda_max(0) {fmt(e['predicted_edge'])} (measured/predicted "
+        f"{fmt(e['measured_edge'] / e['predicted_edge'])}); lambda_max "
+        f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}"
+        + ended
+        + "."
+    )
+
+
+def _ended(value: dict[str, Any], r: dict[str, Any]) -> str:
+    """Where the run of the entry ``r`` of ``value`` diverged (``r["finished"]`` false), said
+    so, with the step its curve would have gone on to."""
+    if r["finished"]:
         return ""
-    return f" (the run diverged before step {last + every}; a cross ends its curve)"
+    last = r["curve"][-1][0]
+    return (
+        f" (the run diverged before step {min(last + value['every'], value['steps'])}; "
+        "a cross ends its curve)"
+    )
 
 
 def _s_values(value: dict[str, Any]) -> list[str]:
