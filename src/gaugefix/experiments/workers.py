@@ -44,7 +44,14 @@ if TYPE_CHECKING:
 
 
 class WorkerDied(GaugefixError, RuntimeError):
-    """A local worker process ended before its batch finished (killed, or out of memory)."""
+    """A local worker process ended (killed, or out of memory): the batch it trained, and any
+    given to its pool later, cannot finish."""
+
+
+_DIED = (
+    "a worker process died while training (killed, or out of memory?); finished runs are "
+    "stored; run the same command to resume"
+)
 
 
 REPORT_EVERY = 0.5  # seconds between a worker's progress reports, and between looks at them
@@ -163,13 +170,7 @@ def execute(
         workers.deliver()
         # the batches that trained first, so that they are written before an error ends the loop
         for future in sorted(finished, key=lambda f: f.exception() is not None):
-            try:
-                trained = future.result()
-            except BrokenProcessPool:
-                raise WorkerDied(
-                    "a worker process died while training (killed, or out of memory?); finished "
-                    "runs are stored; run the same command to resume"
-                ) from None
+            trained = future.result()
             yield (running.pop(future), *trained)
 
 
@@ -210,7 +211,7 @@ class WorkerProcesses:
         self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
     ) -> Future[Trained]:
         token = next(self.tokens)
-        future = self.pool.submit(_train_in_worker, specs, configs, token)
+        future = self._submit(_train_in_worker, specs, configs, token)
         self.running[token] = (future, report)
         return future
 
@@ -226,7 +227,19 @@ class WorkerProcesses:
         self.running = {t: fr for t, fr in self.running.items() if not fr[0].done()}
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        return self.pool.submit(_call_in_worker, fn, *args)
+        return self._submit(_call_in_worker, fn, *args)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """A future of ``fn(*args)`` on a worker: a :class:`WorkerDied` where a worker process
+        died, while this call ran or before it was made (the pool is then unusable)."""
+        try:
+            with _ctrl_c_held():  # where the pool starts a worker process
+                future = self.pool.submit(fn, *args)
+        except BrokenProcessPool:
+            raise WorkerDied(_DIED) from None
+        relay: Future[Any] = Future()
+        future.add_done_callback(partial(_relay, relay))
+        return relay
 
     def __enter__(self) -> WorkerProcesses:
         return self
@@ -239,6 +252,35 @@ class WorkerProcesses:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.reports.close()
         self.reports.join_thread()
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold back SIGINT from this thread for the block: a process it starts meanwhile inherits
+    the held signal, so a terminal's Ctrl-C (sent to the whole process group) cannot interrupt
+    a worker's imports before its initializer ignores it; this process gets it after the block.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _relay(relay: Future[Any], done: Future[Any]) -> None:
+    """Give ``relay`` the outcome of the pool's future ``done``: its result, its exception (a
+    broken pool's as :class:`WorkerDied`), or its cancellation."""
+    if done.cancelled():
+        relay.cancel()
+    elif isinstance(done.exception(), BrokenProcessPool):
+        relay.set_exception(WorkerDied(_DIED))
+    elif done.exception() is not None:
+        relay.set_exception(done.exception())
+    else:
+        relay.set_result(done.result())
 
 
 @contextmanager
