@@ -139,14 +139,19 @@ def _prefix(state: Mapping) -> str:
 
 
 def write_state_dict(state: StateDictFile, path: str | Path) -> None:
-    """Write ``state`` to ``path`` in its format: serialised in memory, then written with
-    :func:`gaugefix.files.write_bytes`, so ``path`` (or the file a symbolic link there points
-    to) is either untouched or complete, and a new file gets the permissions the umask gives;
-    :class:`~gaugefix.files.OutputError` (naming ``path``) when it cannot be written."""
+    """Write ``state`` to ``path`` in its format, every name it holds: serialised in memory,
+    then written with :func:`gaugefix.files.write_bytes`, so ``path`` (or the file a symbolic
+    link there points to) is either untouched or complete, and a new file gets the permissions
+    the umask gives; :class:`~gaugefix.files.OutputError` (naming ``path``) when it cannot be
+    written. Tensors sharing memory (tied weights, views) stay one storage in a PyTorch file;
+    in a safetensors file, which holds no shared or strided tensors, each name gets a contiguous
+    copy of its values. :class:`CheckpointError` (nothing written) for what the format cannot
+    hold (:func:`_check_writable`)."""
+    _check_writable(state)
     if state.format == "safetensors":
         from safetensors.torch import save
 
-        data = save(state.tensors, metadata=state.metadata)
+        data = save(_unshared(state.tensors), metadata=state.metadata)
     else:
         out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
         if state.metadata is not None:
@@ -155,6 +160,61 @@ def write_state_dict(state: StateDictFile, path: str | Path) -> None:
         torch.save(out, buffer)
         data = buffer.getvalue()
     write_bytes(path, data)
+
+
+def _check_writable(state: StateDictFile) -> None:
+    """:class:`CheckpointError` unless ``state`` is a state dict its format holds: names that are
+    strings, tensors with data (not meta); for safetensors, dense tensors of a dtype it stores
+    and metadata mapping strings to strings."""
+    if state.format not in ("safetensors", "torch"):
+        raise CheckpointError(f"unknown format {state.format!r}: 'safetensors' or 'torch'")
+    for name, t in state.tensors.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"cannot write the name {name!r}: it is {_a(name)}, not a str")
+        if not isinstance(t, Tensor):
+            raise CheckpointError(f"cannot write {name}: it is {_a(t)}, not a tensor")
+        if t.is_meta:
+            raise CheckpointError(f"cannot write {name}: a meta tensor holds no values")
+    if state.format == "safetensors":
+        _check_safetensors(state)
+
+
+def _check_safetensors(state: StateDictFile) -> None:
+    """:class:`CheckpointError` for a tensor or metadata a safetensors file cannot hold."""
+    from safetensors.torch import save
+
+    meta = state.metadata
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for kv in meta.items() for v in kv)
+    ):
+        raise CheckpointError("safetensors metadata must map strings to strings")
+    for name, t in state.tensors.items():
+        if t.layout != torch.strided:
+            raise CheckpointError(f"cannot write {name} as safetensors: a {t.layout} tensor")
+    for dtype in {t.dtype for t in state.tensors.values()}:
+        try:
+            save({"probe": torch.empty(0, dtype=dtype)})
+        except Exception:  # safetensors' KeyError or error for a dtype it has no code for
+            raise CheckpointError(f"safetensors cannot hold {dtype} tensors") from None
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with each one that shares its storage with another, or is not contiguous,
+    replaced by a contiguous copy (safetensors refuses both)."""
+    users: defaultdict[tuple, int] = defaultdict(int)
+    for t in tensors.values():
+        if t.numel():
+            users[(t.device, t.untyped_storage().data_ptr())] += 1
+
+    def alone(t: Tensor) -> bool:
+        return not t.numel() or users[(t.device, t.untyped_storage().data_ptr())] == 1
+
+    return {
+        name: t
+        if alone(t) and t.is_contiguous()
+        else t.clone(memory_format=torch.contiguous_format)
+        for name, t in tensors.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ the loss by Hessian-vector products."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch.func import functional_call, grad, jvp
 from gaugefix.action import all_finite, check_finite_params
 from gaugefix.coordinates import generator_pairing, generators_gram
 from gaugefix.distributed import refuse_sharded
-from gaugefix.errors import check_count, check_number
+from gaugefix.errors import check_count, check_number, first_line
 from gaugefix.moment import imbalance
 from gaugefix.structure import GaugeStructure
 
@@ -36,6 +37,14 @@ __all__ = [
 # entry: K is positive semi-definite, so K + SHIFT max_n S_n I is positive definite (its LU never
 # fails, also where K is singular) and its smallest eigenvalues are K's nearest.
 SHIFT = 1e-10
+# ARPACK's tolerance for the smallest rates where its full precision does not converge (a
+# cluster of rates near 0, as an ill-conditioned K has): shift-invert gives each k - shift to
+# this relative precision, so a rate near 0 (k - shift ~ SHIFT max_n S_n) to eps max_n S_n, a
+# dense eigh's; Rayleigh-Ritz then refines them, and RESIDUAL checks them.
+INVERT_TOL = float(np.finfo(np.float64).eps) / SHIFT
+# The largest residual ||K u - k u|| of a sparse eigenpair, relative to the largest rate found:
+# above it, the pairs are refused (they are exact to rounding, ~1e-16, where ARPACK converges).
+RESIDUAL = 1e-10
 
 
 @dataclass(frozen=True)
@@ -91,8 +100,10 @@ def _live_extremes(mat: Any, low: int, high: int) -> tuple[np.ndarray, np.ndarra
     ARPACK cannot take them, else by ``eigsh`` from a seeded random start (shift-invert just
     below 0 for the smallest, a sparse LU of the positive definite ``mat + SHIFT max_n S_n I``;
     plain Lanczos for the largest), refined by Rayleigh-Ritz on the span of both: orthonormal
-    modes (also where the two ends share a repeated rate), rates to rounding."""
-    from scipy.sparse.linalg import eigsh
+    modes (also where the two ends share a repeated rate), rates to rounding. ``ValueError``
+    (naming the dense path) where ARPACK does not converge or a residual exceeds
+    :data:`RESIDUAL`."""
+    from scipy.sparse.linalg import ArpackError, eigsh
 
     m = mat.shape[0]
     if low + high >= m - 1:
@@ -103,13 +114,88 @@ def _live_extremes(mat: Any, low: int, high: int) -> tuple[np.ndarray, np.ndarra
     # eigenspace, e.g. several dead generators' zero rates, in one direction only
     v0 = np.random.default_rng(0).standard_normal(m)
     top = float(mat.diagonal().max())
-    ends = [eigsh(mat, high, which="LA", v0=v0)[1]]
-    if low:
-        ends.append(eigsh(mat, low, sigma=-SHIFT * top, which="LM", v0=v0)[1])
+    try:
+        ends = [eigsh(mat, high, which="LA", v0=v0)[1]]
+        if low:
+            ends.append(_smallest(mat, low, -SHIFT * top, v0))
+    except ArpackError as err:
+        raise ValueError(
+            f"ARPACK found no extreme rates of K ({first_line(err)}; K's diagonal spans "
+            f"{float(mat.diagonal().min()):.3g} to {top:.3g}): take all rates by the dense path "
+            f"(k=None, dense_limit >= {m})"
+        ) from None
     basis = np.linalg.qr(np.concatenate(ends, axis=1))[0]
     small = basis.T @ (mat @ basis)
     vals, vecs = np.linalg.eigh((small + small.T) / 2)
-    return vals, basis @ vecs
+    vecs = basis @ vecs
+    _check_residuals(mat, vals, vecs, m)
+    return vals, vecs
+
+
+def _smallest(mat: Any, low: int, shift: float, v0: np.ndarray) -> np.ndarray:
+    """The modes of the ``low`` smallest eigenvalues of ``mat`` by shift-invert at ``shift``:
+    to ARPACK's full precision, or where that does not converge (a cluster of rates near 0, as
+    an ill-conditioned ``K`` has) to :data:`INVERT_TOL`."""
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    try:
+        return eigsh(mat, low, sigma=shift, which="LM", v0=v0)[1]
+    except ArpackNoConvergence:
+        return eigsh(mat, low, sigma=shift, which="LM", v0=v0, tol=INVERT_TOL)[1]
+
+
+def _check_residuals(mat: Any, vals: np.ndarray, vecs: np.ndarray, m: int) -> None:
+    """``ValueError`` unless each pair's residual ``||K u - k u||`` (each within that of an
+    eigenvalue of ``K``) is at most :data:`RESIDUAL` times the largest ``|k|``."""
+    residual = np.linalg.norm(mat @ vecs - vecs * vals, axis=0).max()
+    if residual > RESIDUAL * np.abs(vals).max():
+        raise ValueError(
+            f"ARPACK's extreme rates of K are not exact (residual {residual:.3g} of the largest "
+            f"{np.abs(vals).max():.3g}): take all rates by the dense path (k=None, dense_limit "
+            f">= {m})"
+        )
+
+
+def _scaled_params(model: nn.Module, structure: GaugeStructure) -> tuple[dict[str, Tensor], int]:
+    """The gauged parameters times ``2^-e`` (float64 copies; the parameters themselves when
+    ``e = 0``), ``e`` the binary exponent of their largest ``|entry|``, which becomes one in
+    ``[1/2, 1)``; and ``e``. ``K(theta) = 4^e K(2^-e theta)`` exactly (a power of two): ``K``
+    at this scale keeps its digits where ``K(theta)`` would leave float64's normal range
+    (weights below ``1e-154`` or above ``1e154``), and ARPACK's convergence test, which has an
+    absolute floor, is the same at every scale. Non-finite weights refused."""
+    params = structure.bind(model)
+    check_finite_params(params)
+    top = max((float(p.detach().abs().max()) for p in params.values() if p.numel()), default=0.0)
+    e = math.frexp(top)[1]
+    if e == 0:
+        return params, 0
+    half = -e // 2  # 2^-e in two normal factors, for every exponent of a float64
+    scaled = {
+        name: p.detach().to(torch.float64, copy=True).mul_(2.0**half).mul_(2.0 ** (-e - half))
+        for name, p in params.items()
+    }
+    return scaled, e
+
+
+def _rate_factor(strength: float, e: int, top: float) -> float:
+    """``2 strength 4^e``: the rates are this times the eigenvalues of ``K(2^-e theta)``, the
+    largest ``top`` in magnitude. ``ValueError`` where nonzero rates leave float64's normal
+    range: past its largest number, or below its smallest normal one (``2.2e-308``), where
+    their rounding exceeds the eigensolver's (``eps`` of the largest rate)."""
+    if strength == 0.0 or top == 0.0:
+        return 0.0
+    mantissa, exponent = math.frexp(strength)
+    exponent += 1 + 2 * e
+    factor = math.ldexp(mantissa, exponent) if exponent <= 1024 else math.inf  # no overflow
+    tiny, huge = sys.float_info.min, sys.float_info.max
+    if not (factor >= tiny and tiny <= factor * top <= huge):
+        power = math.log2(strength) + 1 + 2 * e + math.log2(top)
+        raise ValueError(
+            f"the relaxation rates 2 * strength * K at strength {strength:g} (the largest "
+            f"about 2^{power:.0f}) cannot be given to float64's precision: they, or the "
+            "factor 2 * strength on K, leave its normal range (2^-1022 to 2^1024)"
+        )
+    return factor
 
 
 # How many of the smallest and of the largest rates relaxation_rates finds by default when the
@@ -136,8 +222,11 @@ def relaxation_rates(
     ``K``; when ``2 k >= num_generators`` the dense path is used instead. There, a dead
     generator (``S_n = 0``) has its exact zero rate and unit mode, and the modes found are
     refined together by Rayleigh-Ritz: orthonormal, rates to rounding. A zero rate means a
-    mode that does not relax (a singular ``K``: see :func:`gaugefix.project`). Non-finite weights
-    are refused.
+    mode that does not relax (a singular ``K``: see :func:`gaugefix.project`). ``K`` is formed
+    from the weights scaled by a power of two (exact: ``K(c theta) = c^2 K(theta)``), so the
+    rates are the same to rounding at every scale of the weights. ``ValueError`` for
+    non-finite weights, for rates that leave float64's normal range (weights near ``1e-155``
+    at strength 1), and where ARPACK does not find the extreme rates exactly.
     """
     strength = check_number(strength, "strength")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -148,7 +237,8 @@ def relaxation_rates(
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return RelaxationRates(empty, empty.reshape(0, 0), True, None, None, None, None)
-    gram = generators_gram(model, structure)
+    scaled, e = _scaled_params(model, structure)
+    gram = generators_gram(scaled, structure)  # type: ignore[arg-type]  # K(theta) / 4^e
     dense = 2 * (k or EXTREME_RATES) >= n or (k is None and n <= dense_limit)
     if dense:
         vals, vecs = torch.linalg.eigh(gram.to_dense())
@@ -158,7 +248,7 @@ def relaxation_rates(
     slow = int(vecs[:, 0].abs().argmax())
     fast = int(vecs[:, -1].abs().argmax())
     return RelaxationRates(
-        rates=2 * strength * vals,
+        rates=_rate_factor(strength, e, float(vals.abs().max())) * vals,
         modes=vecs,
         complete=dense,
         slowest_generator=slow,
