@@ -158,7 +158,7 @@ class RayWorkers:
         self.remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(train_batch_remote)
         self.width = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.tasks: dict[TaskSpec, Any] = {}  # each task's data, put in the object store once
-        self.refs: list[Any] = []
+        self.refs: list[Any] = []  # the tasks not known to have finished, for cancel
 
     def submit(
         self, specs: list[TaskSpec], configs: list[RunConfig], report: Callable[[float], None]
@@ -169,7 +169,8 @@ class RayWorkers:
             if spec not in self.tasks:
                 self.tasks[spec] = ray.put(spec.load())
         ref = self.remote.remote(configs, *(self.tasks[spec] for spec in specs))
-        self.refs.append(ref)
+        # the finished tasks' references dropped, so that Ray frees their results
+        self.refs = [*ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[1], ref]
         future: Future[Trained] = Future()
         ref.future().add_done_callback(partial(_settle, future, configs))
         return future
