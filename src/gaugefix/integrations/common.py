@@ -15,7 +15,12 @@ from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
 from gaugefix.train.hook import Mode, check_mode_every
 
-__all__ = ["CallbackOptions", "check_structure_agrees", "prefixed_stats", "set_options"]
+__all__ = [
+    "CallbackOptions",
+    "check_structure_agrees",
+    "prefixed_stats",
+    "set_options",
+]
 
 
 class CallbackOptions(TypedDict, total=False):

@@ -35,6 +35,24 @@ from gaugefix.train.hook import GaugeFixing, Mode
 __all__ = ["GaugeFixingCallback"]
 
 
+def _discover(trainer: Trainer, pl_module: LightningModule, example: Any) -> GaugeStructure:
+    """:func:`gaugefix.discover` on ``example_input_array`` as Lightning calls ``forward`` with
+    it (a tuple or list unpacked, a dict as keyword arguments), converted as the trainer
+    converts batches (its precision's dtype: float64 under ``"64-true"``) and moved to the
+    module's device."""
+    example = trainer.precision_plugin.convert_input(example)
+    if isinstance(example, dict):
+        args, kwargs = (), example
+    else:
+        args, kwargs = (tuple(example) if isinstance(example, tuple | list) else (example,)), {}
+
+    def place(x: Any) -> Any:
+        return x.to(pl_module.device) if torch.is_tensor(x) else x
+
+    args, kwargs = tuple(map(place, args)), {k: place(v) for k, v in kwargs.items()}
+    return discover(pl_module, *args, **kwargs)
+
+
 class GaugeFixingCallback(Callback):
     """Attach :class:`gaugefix.GaugeFixing` to every optimizer of a Lightning fit, and log
     :func:`gaugefix.imbalance_stats` through the Lightning logger (``pl_module.log_dict``, keys
@@ -43,18 +61,23 @@ class GaugeFixingCallback(Callback):
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
     the module's); when it is ``None`` it is discovered when the fit starts (after
-    ``configure_model``) from the module's ``example_input_array``. ``options`` are the
-    callbacks' shared :class:`~gaugefix.integrations.common.CallbackOptions`; ``strength``
-    and them are passed to :class:`gaugefix.GaugeFixing` (``strength=0`` balances at the
-    start, unless ``balance_at_start=False``, then only logs). The hooks are attached when
-    training starts (after any checkpoint restored the optimizer state; in a run of several
-    processes, once the structure is checked to be the same on every one) and removed when it
+    ``configure_model``) from the module's ``example_input_array`` (as ``forward`` takes it:
+    a dict as keyword arguments; converted to the trainer's precision as batches are).
+    ``options`` are the callbacks' shared
+    :class:`~gaugefix.integrations.common.CallbackOptions`; ``strength`` and them are passed
+    to :class:`gaugefix.GaugeFixing` (``strength=0`` balances at the start, unless
+    ``balance_at_start=False``, then only logs). The hooks are attached when training starts
+    (after any checkpoint restored the optimizer state; in a run of several processes, once
+    the structure is checked to be the same on every one) and removed when it
     ends; a fit resumed
     from a Lightning checkpoint (``ckpt_path``, also one saved after the fit) does not balance
     again and continues each hook's place in the interval between orbit steps. With several
     optimizers, each hook acts on the generators whose parameters its optimizer holds
     (generators spanning two optimizers are left out, see ``GaugeFixing``) and balances them at
     the start with its own optimizer's state.
+    In exact mode an optimizer whose state an orbit step cannot move (transformers' Adafactor,
+    torchao's low-bit AdamW) is refused when training starts, as :class:`gaugefix.GaugeFixing`
+    refuses it.
     """
 
     def __init__(
@@ -83,9 +106,7 @@ class GaugeFixingCallback(Callback):
                     "GaugeFixingCallback needs a structure, or example_input_array on the "
                     "LightningModule to discover one"
                 )
-            inputs = example if isinstance(example, tuple) else (example,)
-            inputs = tuple(x.to(pl_module.device) if torch.is_tensor(x) else x for x in inputs)
-            self.structure = discover(pl_module, *inputs)
+            self.structure = _discover(trainer, pl_module, example)
         # a structure of another model fails here, before fitting
         self.structure.bind(pl_module, sharded=True)
 

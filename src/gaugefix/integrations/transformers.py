@@ -79,7 +79,10 @@ class GaugeFixingCallback(TrainerCallback):
       ``torch.optim`` optimizer the trainer built (inside Accelerate's wrapper) and re-attached
       when the trainer's optimizer is replaced; it acts once per optimizer step (after the
       gradients of all accumulated micro-batches and any clipping), never per micro-batch. It is
-      removed when training ends. ``balance_at_start`` balances the model when gauge fixing starts.
+      removed when training ends. In exact mode an optimizer whose state an orbit step cannot
+      move (transformers' Adafactor, torchao's low-bit AdamW) is refused when it is attached,
+      as :class:`gaugefix.GaugeFixing` refuses it. ``balance_at_start``
+      balances the model when gauge fixing starts.
     - ``log_every``: ``None`` logs whenever the trainer logs (its ``logging_strategy`` and
       ``logging_steps``), ``n > 0`` every ``n`` optimizer steps, ``0`` never.
     - Checkpoints: the gauge state (the structure, whether gauge fixing started, the hook's

@@ -105,27 +105,34 @@ def _refuse_line_search(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
             )
 
 
-# torch.optim's optimizers whose per-parameter state, made at their first step, holds what an
-# orbit step cannot transport (see ``gaugefix.action.optimizer_states``), by class name.
+# Optimizers whose per-parameter state, made at their first step, holds what an orbit step
+# cannot transport (see ``gaugefix.action.optimizer_states``), by class name (a subclass
+# counts): torch.optim's, transformers' Adafactor (a Trainer's ``optim="adafactor"``) and
+# torchao's low-bit Adam and AdamW.
 UNTRANSPORTABLE_STATE = {
     "Adagrad": "sum", "Adamax": "exp_inf", "RMSprop": "square_avg", "Adadelta": "square_avg",
-    "Rprop": "prev and step_size", "ASGD": "ax", "Adafactor": "row_var and col_var",
+    "Rprop": "prev and step_size", "ASGD": "ax", "Adafactor": "factored second moments",
     "LBFGS": "direction and history",
+    **dict.fromkeys(
+        ("Adam4bit", "Adam8bit", "AdamFp8", "AdamW4bit", "AdamW8bit", "AdamWFp8"),
+        "quantized moments",
+    ),
 }  # fmt: skip
 
 
 def _refuse_untransportable(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
     """``ValueError`` in exact mode for an optimizer of :data:`UNTRANSPORTABLE_STATE` (or a
-    subclass): at construction, not at its first step, after its own update."""
+    subclass): at construction, not at its first orbit step, after ``every`` steps of training
+    (torchao's quantized state failed there with a ``NotImplementedError``)."""
     if mode != "exact":
         return
-    for name, state in UNTRANSPORTABLE_STATE.items():
-        cls = getattr(torch.optim, name, None)
-        if cls is not None and isinstance(optimizer, cls):
+    for cls in type(optimizer).__mro__:
+        state = UNTRANSPORTABLE_STATE.get(cls.__name__)
+        if state is not None:
             raise ValueError(
-                f"GaugeFixing(mode='exact') cannot transport optimizer state ({state}) of {name}, "
-                "made at its first step; use mode='penalty', which moves no state, or an "
-                "optimizer with momentum or Adam moments"
+                f"GaugeFixing(mode='exact') cannot transport optimizer state ({state}) of "
+                f"{cls.__name__}, made at its first step; use mode='penalty', which moves no "
+                "state, or an optimizer with momentum or Adam moments"
             )
 
 
