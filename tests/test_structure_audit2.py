@@ -107,6 +107,23 @@ def test_discover_through_torch_compile_gives_the_compiled_models_structure():
     assert hook.active.num_generators == plain.num_generators
 
 
+def test_discover_through_data_parallel_gives_the_wrapped_models_structure():
+    """``discover`` traces the model a ``DataParallel`` (or DDP) wrapper holds, under its own
+    names, as ``GaugeFixing`` binds it: it named ``module.*``, which ``GaugeFixing`` given that
+    same wrapper refused. Functions moving a model still take the replica, not the wrapper."""
+    model = mlp()
+    x = x_for(model)
+    wrapped = nn.DataParallel(model)
+    structure = gaugefix.discover(wrapped, x)
+    assert structure.to_dict() == gaugefix.discover(model, x).to_dict()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = gaugefix.GaugeFixing(optimizer, wrapped, structure, strength=1.0)
+    assert hook.active.num_generators == structure.num_generators
+    before = snapshot(model)
+    one_line_error(ValueError, gaugefix.random_gauge_, wrapped, structure, 1.0, match="module.")
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_fsdp_wrapped_module."])
 def test_a_prefixed_state_dict_is_refused_naming_the_prefix(prefix):
     """A state dict saved from a wrapper carries its prefix: refused in one line that names

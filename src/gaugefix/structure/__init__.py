@@ -19,7 +19,7 @@ from gaugefix.structure.gauge_structure import (
     PlannedTerm,
     Term,
     compile_structure,
-    looked_through,
+    unwrap_model,
 )
 from gaugefix.structure.trace import (
     Sum,
@@ -68,7 +68,7 @@ def discover(
         raise TypeError(f"allow_value_dependent must be a bool, got {allow_value_dependent!r}")
     if isinstance(rules, dict | str) or not isinstance(rules, Iterable):
         raise TypeError(f"rules must be a list of (target, rule) pairs, got {type(rules).__name__}")
-    model = looked_through(model)  # a torch.compile wrapper: its model, under its names
+    model = unwrap_model(model)  # DDP, DataParallel, torch.compile: the model they wrap
     ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
     return compile_structure(model, ctx, _notes(ctx))
 

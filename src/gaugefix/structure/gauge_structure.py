@@ -20,7 +20,7 @@ import math
 import operator
 import os
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -41,6 +41,8 @@ __all__ = [
     "GeneratorEntries",
     "KINDS",
     "looked_through",
+    "unwrap_model",
+    "wrappers",
     "module_of",
     "ParamTerms",
     "PlannedParam",
@@ -502,9 +504,33 @@ class GaugeStructure:
             raise ValueError(f"{os.fspath(path)}: {err}") from None
 
 
+def wrappers(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and each module it wraps, outermost first: ``DistributedDataParallel`` and
+    ``DataParallel`` (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are looked
+    through."""
+    while True:
+        yield model
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameter names a structure refers to: ``model`` with its
+    ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers looked
+    through (what :func:`gaugefix.discover` traces and :class:`gaugefix.GaugeFixing` binds)."""
+    *_, inner = wrappers(model)
+    return inner
+
+
 def looked_through(model: nn.Module) -> nn.Module:
     """``model`` inside its ``torch.compile`` wrappers (``OptimizedModule``: its parameters
-    under the prefix ``_orig_mod.``), as :func:`gaugefix.train.unwrap_model` looks through them."""
+    under the prefix ``_orig_mod.``), as :meth:`GaugeStructure.bind` sees it. A replica
+    wrapper (``DistributedDataParallel``, ``DataParallel``) is not looked through there: a
+    function moving a model takes the replica (``ddp.module``)."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     return model

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -24,6 +23,7 @@ from gaugefix.soft import (
 )
 from gaugefix.step import EVERY, OrbitState, advance, check_every
 from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import unwrap_model, wrappers
 
 __all__ = [
     "Mode",
@@ -40,32 +40,10 @@ _attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, GaugeFixing] = (
 )
 
 
-def _wrappers(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` and each module it wraps, outermost first: ``DistributedDataParallel`` and
-    ``DataParallel`` (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are looked
-    through."""
-    while True:
-        yield model
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose parameter names a structure refers to: ``model`` with its
-    ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers looked
-    through."""
-    *_, inner = _wrappers(model)
-    return inner
-
-
 def _replicated(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The ``DistributedDataParallel`` wrapper among ``model``'s wrappers, or ``None``."""
     ddp = nn.parallel.DistributedDataParallel
-    return next((m for m in _wrappers(model) if isinstance(m, ddp)), None)
+    return next((m for m in wrappers(model) if isinstance(m, ddp)), None)
 
 
 def check_mode_every(mode: Mode, every: int | None) -> int:
