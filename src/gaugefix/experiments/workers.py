@@ -49,8 +49,8 @@ class WorkerDied(GaugefixError, RuntimeError):
 
 
 _DIED = (
-    "a worker process died while training (killed, or out of memory?); finished runs are "
-    "stored; run the same command to resume"
+    "a worker process died (killed, or out of memory?); finished runs are stored; run the "
+    "same command to resume"
 )
 
 
