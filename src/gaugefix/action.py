@@ -13,11 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.distributed import (
+    OPTIMIZER,
     agreed,
     everywhere,
     first_dtensor,
     local_targets,
     local_view,
+    optimizer_passed,
     refuse_gathered,
     sharded,
 )
@@ -89,7 +91,8 @@ def check_h(h: Tensor, structure: GaugeStructure, params: dict[str, Tensor] | No
     """``ValueError`` unless ``h`` is a finite floating tensor ``[num_generators]``; for
     ``DTensor`` ``params`` (FSDP2), on every process unless all hold the same ``h``
     (:func:`gaugefix.distributed.agreed`)."""
-    agreed(params or {}, structure.num_generators, "h", lambda: _check_h(h, structure), lambda _: h)
+    n = structure.num_generators
+    agreed(params or {}, {"h": n}, lambda: _check_h(h, structure), lambda _: (h,))
 
 
 def _check_h(h: Tensor, structure: GaugeStructure) -> None:
@@ -391,8 +394,7 @@ def apply_gauge_(
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
     check_finite_params(params)
-    check_transport(optimizer, params)
-    move_(params, structure, h, optimizer)  # checks h first
+    move_(params, structure, h, optimizer)  # checks h and the optimizer first
 
 
 def move_(
@@ -402,12 +404,19 @@ def move_(
     optimizer: torch.optim.Optimizer | None,
 ) -> None:
     """``g(h)`` on bound ``params`` and what moves with them (:func:`gauge_params_`, on this
-    process's slices under FSDP2), for callers that validated the parameters and the optimizer
-    (:func:`check_transport`): ``ValueError`` before anything moves unless ``h`` is one finite
-    number per generator (:func:`check_h`) and keeps every moved tensor in its dtype's range:
-    proved by one cheap bound (:func:`provably_in_range`), else decided by :func:`overflowing`
-    (always for ``DTensor`` s, on every process alike)."""
-    check_h(h, structure, params)
+    process's slices under FSDP2), for callers that validated the parameters: ``ValueError``
+    before anything moves unless ``h`` is one finite number per generator, ``optimizer``'s
+    state can move (:func:`check_transport`) and ``h`` keeps every moved tensor in its dtype's
+    range: proved by one cheap bound (:func:`provably_in_range`), else decided by
+    :func:`overflowing` (always for ``DTensor`` s, on every process alike). For ``DTensor`` s
+    every process must hold the same ``h`` and pass an optimizer or not alike
+    (:func:`gaugefix.distributed.agreed`: one all-reduce)."""
+    agreed(
+        params,
+        {"h": structure.num_generators, OPTIMIZER: 1},
+        lambda: (_check_h(h, structure), check_transport(optimizer, params)),
+        lambda _: (h, optimizer_passed(optimizer)),
+    )
     if not params:
         return
     h = h.to(next(iter(params.values())).device)

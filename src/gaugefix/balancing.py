@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params, check_transport, move_
-from gaugefix.distributed import agreed, local_view, refuse_gathered
+from gaugefix.distributed import OPTIMIZER, agreed, local_view, optimizer_passed, refuse_gathered
 from gaugefix.errors import check_number
 from gaugefix.kernels import generator_sums, row_norms
 from gaugefix.masses import Masses, MassState
@@ -367,12 +367,10 @@ def balance_(
     refuse_gathered(model, params)
     agreed(
         params,
-        2,
-        "tol or max_iter",
-        lambda: check_tolerances(tol, max_iter),
-        lambda _: torch.tensor([tol, max_iter], dtype=torch.float64),
+        {"tol or max_iter": 2, OPTIMIZER: 1},
+        lambda: (check_tolerances(tol, max_iter), check_transport(optimizer, params)),
+        lambda _: (torch.tensor([tol, max_iter], dtype=torch.float64), optimizer_passed(optimizer)),
     )
-    check_transport(optimizer, params)
     n = structure.num_generators
     if n == 0:
         check_finite_params(params)

@@ -16,8 +16,10 @@ imported).
 
 Every process reaches every decision (a step's size, a line search, skipping a non-finite step)
 from the same all-reduced numbers, so all take the same steps and issue the same collectives;
-the arguments deciding a move (``h``, a rate, tolerances) are checked to agree (:func:`agreed`),
-and so is the structure, once per shard structure (:func:`check_same_structure`).
+the arguments deciding a move (``h``, a rate, tolerances, whether an optimizer is passed,
+which generators a freeze keeps still) are checked to agree (:func:`agreed`), and so is the
+structure, once per shard structure (:func:`check_same_structure`, which a process holding
+slices it cannot compute with reaches before it raises, so that every process raises).
 A model using ``fully_shard`` whose parameters are not all ``DTensor`` s (a module left unsharded
 or a parameter in ``ignored_params``, or parameters FSDP2 holds gathered after a forward) is
 refused (:func:`refuse_gathered`), and so is a mesh of several dims (HSDP), before any
@@ -27,9 +29,10 @@ collective (:func:`mesh_group`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -46,6 +49,7 @@ __all__ = [
     "check_same_structure",
     "first_dtensor",
     "local_view",
+    "optimizer_passed",
     "refuse_gathered",
     "refuse_sharded",
     "shard_structure",
@@ -63,6 +67,7 @@ T = TypeVar("T")
 PLACEHOLDER = ""  # the name of the empty parameter a process holding no slice computes with
 FINGERPRINT = 4  # numbers in a structure's fingerprint
 FINGERPRINT_BYTES = 6  # bytes of the hash in each (below 2^48: exact in float64)
+OPTIMIZER = "whether an optimizer is passed"  # a part of the numbers :func:`agreed` compares
 
 
 class ShardingError(GaugefixError, ValueError):
@@ -154,53 +159,72 @@ def mesh_group(like: Tensor) -> dist.ProcessGroup:
 
 def agreed(
     params: Mapping[str, Tensor],
-    size: int,
-    what: str,
+    parts: Mapping[str, int],
     check: Callable[[], T],
-    numbers: Callable[[T], Tensor],
+    numbers: Callable[[T], Sequence[Tensor]],
 ) -> T:
-    """The result of ``check()``, which validates an argument (raising ``TypeError`` or
-    ``ValueError``) and returns it. For ``DTensor`` ``params`` (FSDP2) every process raises
-    unless all found their argument valid and the same, as ``size`` ``numbers(result)`` (one
-    all-reduce), so that none moves its slices by another gauge or skips collectives the others
-    issue; a process whose ``check`` raised re-raises its own error."""
+    """The result of ``check()``, which validates the arguments (raising ``TypeError`` or
+    ``ValueError``) and returns something. For ``DTensor`` ``params`` (FSDP2) every process
+    raises unless all found their arguments valid and the same: ``numbers(result)``, a tensor
+    for each of ``parts`` (what it stands for, named in the error -> its number of entries),
+    compared with one all-reduce, so that none moves its slices (or their optimizer state) by
+    another gauge or skips collectives the others issue; a process whose ``check`` raised
+    re-raises its own error."""
     if not sharded(params.values()):
         return check()
     like = first_dtensor(list(params.values()))
     try:
         result = check()
     except (TypeError, ValueError):
-        _compare(None, size, like, what)
+        _compare(None, parts, like)
         raise
-    _compare(numbers(result), size, like, what)
+    _compare(numbers(result), parts, like)
     return result
 
 
-def _compare(numbers: Tensor | None, size: int, like: Tensor, what: str) -> None:
+def optimizer_passed(optimizer: object) -> Tensor:
+    """``[1]``: whether an optimizer is passed (its state then moves with the parameters): the
+    part :data:`OPTIMIZER` of the numbers :func:`agreed` compares."""
+    return torch.tensor([float(optimizer is not None)])
+
+
+def _compare(numbers: Sequence[Tensor] | None, parts: Mapping[str, int], like: Tensor) -> None:
     """:class:`ShardingError` unless every process of ``like``'s mesh holds the same
-    ``numbers`` (``None``: this process's argument was invalid; it raises its own error)."""
-    same = _same_everywhere(numbers, size, mesh_group(like), like.device)
-    if numbers is not None and not same:
-        raise ShardingError(
-            f"{what} differs between the processes sharing the model's slices (or is invalid "
-            "on one): every process must pass the same; nothing was modified"
-        )
+    ``numbers`` (one tensor per part; ``None``: this process's arguments were invalid, it
+    raises its own error), naming the first part that differs."""
+    device = like.device
+    flat = None
+    if numbers is not None:
+        flat = torch.cat([t.detach().to(device, torch.float64).reshape(-1) for t in numbers])
+    differ = _differences(flat, sum(parts.values()), mesh_group(like), device)
+    if numbers is None or not any(differ):
+        return
+    what = " or ".join(parts)
+    if not differ[0]:
+        ends = itertools.accumulate(parts.values())  # the first part whose prefix differs
+        what = next(name for name, end in zip(parts, ends, strict=True) if any(differ[1 : end + 1]))
+    invalid = " (invalid on another process, which raised its own error)" if differ[0] else ""
+    raise ShardingError(
+        f"{what} differs between the processes sharing the model's slices{invalid}: every "
+        "process must pass the same; nothing was modified"
+    )
 
 
-def _same_everywhere(
+def _differences(
     numbers: Tensor | None, size: int, group: dist.ProcessGroup | None, device: torch.device
-) -> bool:
-    """Whether every process of ``group`` holds the same ``size`` ``numbers`` (``None``
-    differs from every value): one all-reduce of their maximum and minimum."""
+) -> list[bool]:
+    """Per entry, whether the ``size`` ``numbers`` differ between the processes of ``group``,
+    after a first entry: whether a process holds ``None`` (differing from every value). One
+    all-reduce of their maximum and minimum, one host read."""
     local = torch.zeros(size + 1, dtype=torch.float64, device=device)
     if numbers is None:
         local[0] = 1.0
     else:
-        local[1:] = numbers.detach().to(device=device, dtype=torch.float64).reshape(-1)
+        local[1:] = numbers.to(device=device, dtype=torch.float64).reshape(-1)
     both = torch.cat([local, -local])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     high, low = both.chunk(2)
-    return torch.equal(high, -low)
+    return (high != -low).tolist()
 
 
 def structure_fingerprint(structure: GaugeStructure) -> Tensor:
@@ -220,13 +244,27 @@ def structure_fingerprint(structure: GaugeStructure) -> Tensor:
 
 
 def check_same_structure(
-    structure: GaugeStructure, group: dist.ProcessGroup | None, device: torch.device
+    structure: GaugeStructure,
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    error: ShardingError | None = None,
 ) -> None:
     """:class:`ShardingError` on every process of ``group`` (``None``: the default group)
     unless all hold the same structure (:func:`structure_fingerprint`, one all-reduce): a
     process with another numbering of the generators, or another group (a mixture of experts
-    discovered on each process's own batch), would move its parameters by another gauge."""
-    if not _same_everywhere(structure_fingerprint(structure), FINGERPRINT, group, device):
+    discovered on each process's own batch), would move its parameters by another gauge.
+    ``error``: this process's own reason to refuse (slices it cannot compute with), raised
+    after the all-reduce, where every other process raises too."""
+    numbers = None if error is not None else structure_fingerprint(structure)
+    differ = _differences(numbers, FINGERPRINT, group, device)
+    if error is not None:
+        raise error
+    if differ[0]:
+        raise ShardingError(
+            "another process holds slices of the parameters that are not fully_shard's "
+            "(torch.chunk slices along one dim), and raised naming them; nothing was modified"
+        )
+    if any(differ):
         raise ShardingError(
             "the gauge structure differs between the processes (discovered on each one's own "
             "data? a batch that reached other experts gives another group): discover it once, "
@@ -246,34 +284,28 @@ class ShardStructure(GaugeStructure):
     process holding no slice at all computes with one empty placeholder parameter, so that it
     still takes part in every all-reduce. :meth:`summary`, :meth:`restrict` and :meth:`to_dict`
     (:meth:`save`) are those of the whole structure (``whole``), the same on every process.
+    Slices that are not ``torch.chunk``'s (``DTensor.from_local`` given other local shapes) are
+    refused on every process: by the process holding them after the all-reduce of the
+    structure check, which the others then refuse too.
     """
 
     def __init__(self, structure: GaugeStructure, params: Mapping[str, Tensor]) -> None:
-        from torch.distributed.tensor import DTensor
-
-        mesh = first = None
-        local: dict[str, ParamTerms] = {}
+        first = _first_placement(params)
+        mesh, local, error = first.device_mesh, {}, None
         for name, p in params.items():
-            if not isinstance(p, DTensor):
-                raise not_sharded(name, "while others are DTensors")
-            mesh, first = (p.device_mesh, p) if mesh is None else (mesh, first)
-            placements = tuple(p.placements)
-            if p.device_mesh != mesh or mesh.ndim != 1 or not placements[0].is_shard():
-                raise unsupported_placement(f"parameter '{name}'", p)
-            dim = placements[0].dim
+            dim = p.placements[0].dim
             size, processes = p.shape[dim], mesh.size()
             chunk = -(-size // processes)
             start = min(mesh.get_local_rank() * chunk, size)
             shape = tuple(p.to_local().shape)
-            if shape[dim] != min(chunk, size - start):
-                raise ShardingError(
+            if shape[dim] != min(chunk, size - start):  # raised after the structure check
+                error = error or ShardingError(
                     f"parameter '{name}': a local slice of {shape[dim]} along dim {dim} is not "
                     "a torch.chunk slice"
                 )
-            if 0 in shape:
-                continue
-            terms = tuple(_sliced(t, dim, start, shape) for t in structure.params[name].terms)
-            local[name] = ParamTerms(name, shape, terms)
+            elif 0 not in shape:
+                terms = tuple(_sliced(t, dim, start, shape) for t in structure.params[name].terms)
+                local[name] = ParamTerms(name, shape, terms)
         if not local:
             local[PLACEHOLDER] = ParamTerms(PLACEHOLDER, (1,), (Term(torch.full((1,), -1), 1),))
         super().__init__(
@@ -302,7 +334,7 @@ class ShardStructure(GaugeStructure):
             structure.notes,
             structure.in_out,
         )
-        check_same_structure(structure, self.group, first.device)
+        check_same_structure(structure, self.group, first.device, error)
 
     def summary(self) -> str:
         """The whole structure's summary."""
@@ -329,6 +361,23 @@ class ShardStructure(GaugeStructure):
         dist.all_reduce(flat, group=self.group)
         return tuple(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in partial]),
                                                       partial, strict=True))  # fmt: skip
+
+
+def _first_placement(params: Mapping[str, Tensor]) -> Tensor:
+    """The first of ``params``, once all are checked to be ``DTensor`` s with one ``Shard(d)``
+    placement on the same 1-D mesh (:class:`ShardingError` else: their placements are the same
+    on every process, so all raise, before any collective)."""
+    from torch.distributed.tensor import DTensor
+
+    first = None
+    for name, p in params.items():
+        if not isinstance(p, DTensor):
+            raise not_sharded(name, "while others are DTensors")
+        first = p if first is None else first
+        mesh, placements = first.device_mesh, tuple(p.placements)
+        if p.device_mesh != mesh or mesh.ndim != 1 or not placements[0].is_shard():
+            raise unsupported_placement(f"parameter '{name}'", p)
+    return first
 
 
 def _sliced(term: Term, dim: int, start: int, shape: tuple[int, ...]) -> Term:

@@ -26,7 +26,14 @@ from gaugefix.action import (
     move_,
 )
 from gaugefix.balancing import log_ratio
-from gaugefix.distributed import add_local_grads_, agreed, local_view, refuse_gathered
+from gaugefix.distributed import (
+    OPTIMIZER,
+    add_local_grads_,
+    agreed,
+    local_view,
+    optimizer_passed,
+    refuse_gathered,
+)
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
     add_selection_grads_,
@@ -55,6 +62,8 @@ __all__ = [
 
 # The most halvings of the rate in the bounded orbit step: 2^-64 of any rate moves nothing.
 HALVINGS = 64
+# What the per-generator flags relax_ checks to agree between processes (FSDP2) stand for.
+FROZEN = "which parameters are frozen (requires_grad=False: their generators keep h = 0)"
 
 
 def check_strength(value: float, name: str = "strength") -> float:
@@ -285,15 +294,18 @@ def relax_(
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
     n = structure.num_generators
+    frozen = structure.touching({name for name, p in params.items() if not p.requires_grad})
     checked = agreed(
-        params, n + 1, "rate", lambda: check_rate(rate, structure), lambda r: _rate_numbers(r, n)
+        params,
+        {"rate": n + 1, FROZEN: n, OPTIMIZER: 1},
+        lambda: _checked_rate(rate, structure, optimizer, params),
+        lambda r: (_rate_numbers(r, n), frozen, optimizer_passed(optimizer)),
     )
     check_finite_params(params)
-    check_transport(optimizer, params)
     if not params or n == 0:
         return torch.zeros(n, dtype=torch.float64)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    h, finite = orbit_step(tensors, local, _unfrozen_rate(checked, structure, params))
+    h, finite = orbit_step(tensors, local, _unfrozen_rate(checked, frozen))
     if not bool(finite):
         raise ValueError(
             "the squared parameters overflow the dtype they are summed in (float32 entries "
@@ -303,16 +315,27 @@ def relax_(
     return h
 
 
-def _unfrozen_rate(
-    rate: float | Tensor, structure: GaugeStructure, params: dict[str, Tensor]
-) -> Tensor:
-    """A checked ``rate`` as float64: as it is where no parameter has ``requires_grad=False``,
-    else per generator (``[N]``) with 0 for the generators acting on such a parameter."""
-    frozen = structure.touching({name for name, p in params.items() if not p.requires_grad})
+def _checked_rate(
+    rate: float | Tensor,
+    structure: GaugeStructure,
+    optimizer: torch.optim.Optimizer | None,
+    params: dict[str, Tensor],
+) -> float | Tensor:
+    """``rate`` checked (:func:`check_rate`); ``ValueError`` also unless ``optimizer``'s
+    state can move with ``params`` (:func:`gaugefix.action.check_transport`)."""
+    checked = check_rate(rate, structure)
+    check_transport(optimizer, params)
+    return checked
+
+
+def _unfrozen_rate(rate: float | Tensor, frozen: Tensor) -> Tensor:
+    """A checked ``rate`` as float64: as it is where no generator is ``frozen`` (bool ``[N]``:
+    acting on a parameter with ``requires_grad=False``), else per generator (``[N]``) with 0
+    for the frozen ones."""
     rates = torch.as_tensor(rate, dtype=torch.float64)
     if not bool(frozen.any()):
         return rates
-    rates = rates.expand(structure.num_generators)
+    rates = rates.expand(len(frozen))
     return rates.masked_fill(frozen.to(rates.device), 0.0)
 
 
