@@ -11,7 +11,6 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call
 
 import gaugefix
 from gaugefix.experiments import conditioning, drift, sharpness_track
@@ -25,6 +24,7 @@ from gaugefix.experiments.summary import summarize, task_summary
 from gaugefix.experiments.tasks import Task
 from gaugefix.soft import orbit_selection_grad
 from gaugefix.zoo import mlp
+from test_analyses_audit2 import _dense_top
 
 DTYPE = torch.float64
 _GEN = torch.Generator().manual_seed(7)
@@ -52,21 +52,6 @@ INF_TASK = Task("tiny-inf", "regression", X * HUGE, Y, None, None, _huge)
 DIVERGING_LR, DIVERGES_AT = 3.0, 7
 RECOMPUTED = 1e-10  # a recomputation by other code: rounding of a few steps apart
 EIGEN = 1e-8  # Lanczos against the dense Hessian's eigvalsh
-
-
-def _dense_top(task: Task, model: torch.nn.Module) -> float:
-    """The largest eigenvalue of the dense Hessian of the training loss (``eigvalsh``)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    x, y, _, _ = task.arrays(DTYPE)
-
-    def loss(v: torch.Tensor) -> torch.Tensor:
-        pieces = v.split([s.numel() for s in shapes])
-        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
-        return task.loss(functional_call(model, params, (x,)), y)
-
-    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
 
 
 def _imbalance(model: torch.nn.Module) -> tuple[float, float]:

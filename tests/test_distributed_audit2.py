@@ -4,17 +4,13 @@ processes on CPU in float64 (``tests/fsdp_worker.py``, :func:`run_audit2`), the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import gaugefix
 from gaugefix import zoo
 from gaugefix.distributed import structure_fingerprint
-from test_fsdp import ROOT, finish
+from test_fsdp import run_in_processes
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -27,15 +23,7 @@ DIFFERS = "the gauge structure differs between the processes"
 
 @pytest.fixture(scope="module")
 def audit() -> dict:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    code = "import fsdp_worker; fsdp_worker.run_audit2()"
-    cmd = [sys.executable, *launcher, "--no-python", sys.executable, "-c", code]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT / "tests", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    return finish(proc)
+    return run_in_processes("import fsdp_worker; fsdp_worker.run_audit2()")
 
 
 @pytest.mark.parametrize("mode", ["exact", "penalty"])

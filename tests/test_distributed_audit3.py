@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix import zoo
-from test_fsdp import ROOT, finish
+from test_fsdp import run_in_processes
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -297,15 +297,7 @@ def run_worker() -> None:
 
 @pytest.fixture(scope="module")
 def worker() -> dict:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    code = "import test_distributed_audit3; test_distributed_audit3.run_worker()"
-    cmd = [sys.executable, *launcher, "--no-python", sys.executable, "-c", code]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT / "tests", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    return finish(proc)
+    return run_in_processes("import test_distributed_audit3; test_distributed_audit3.run_worker()")
 
 
 def refused(result: dict, words: str) -> None:

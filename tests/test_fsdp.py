@@ -38,6 +38,19 @@ def start(script: Path, args: list[str], distributed: bool) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def run_in_processes(code: str) -> dict:
+    """The JSON of the last line ``code`` prints, run by two processes under torchrun from the
+    tests' folder (so that it can import test modules)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [sys.executable, *launcher, "--no-python", sys.executable, "-c", code]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT / "tests", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    return finish(proc)
+
+
 def finish(proc: subprocess.Popen) -> dict:
     try:
         out, err = proc.communicate(timeout=300)
