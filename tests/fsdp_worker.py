@@ -25,6 +25,7 @@ import gaugefix
 from gaugefix import zoo
 from gaugefix.distributed import PLACEHOLDER, shard_structure
 from gaugefix.integrations.common import check_structure_agrees
+from processes import report_and_exit
 
 torch.set_default_dtype(torch.float64)
 
@@ -702,14 +703,7 @@ def audit2() -> dict:
 def run_audit2() -> None:
     """Entry point of tests/test_distributed_audit2.py (under torchrun)."""
     dist.init_process_group("gloo")
-    result = audit2()
-    if dist.get_rank() == 0:
-        print(json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    report_and_exit(audit2())
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -66,3 +68,17 @@ def all_end(root: int, within: float = 30.0) -> Iterator[set[int]]:
         for pid in left:
             os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
+
+
+def report_and_exit(result: dict) -> None:
+    """Rank 0 prints ``result`` as one JSON line; every process leaves the group and exits at
+    once (gloo on CPU occasionally aborts at interpreter finalization, examples/ddp_train.py)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

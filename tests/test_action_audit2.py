@@ -20,6 +20,7 @@ from gaugefix import kernels, zoo
 from gaugefix.action import optimizer_states, overflowing, provably_in_range, transport_targets
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import ParamTerms, Term
+from test_kernels_audit import everything
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,16 +73,6 @@ def factor(structure: GaugeStructure, name: str, h: Tensor) -> Tensor:
     terms = structure.params[name].terms
     n = structure.num_generators
     return torch.exp(sum(t.sign * hx[torch.where(t.index < 0, n, t.index)] for t in terms))
-
-
-def everything(model: nn.Module, opt: O.Optimizer | None = None) -> list[Tensor]:
-    """Copies of every parameter, gradient and optimizer-state tensor (the step counts too)."""
-    out = []
-    for p in model.parameters():
-        out += [p.detach().clone()] + ([p.grad.clone()] if p.grad is not None else [])
-        if opt is not None:
-            out += [v.clone() for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
-    return out
 
 
 def assert_unchanged(before: list[Tensor], after: list[Tensor]) -> None:

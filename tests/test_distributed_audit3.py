@@ -7,8 +7,6 @@ on each process; and ``gaugefix balance`` given a sharded model or sharded weigh
 from __future__ import annotations
 
 import copy
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +18,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix import zoo
+from processes import report_and_exit
 from test_fsdp import run_in_processes
 
 pytestmark = pytest.mark.skipif(
@@ -283,13 +282,7 @@ def run_worker() -> None:
         "mixed": _mixed(),
         "ddp": _ddp(),
     }
-    if dist.get_rank() == 0:
-        print(json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo occasionally aborts at interpreter finalization (examples/ddp_train.py)
+    report_and_exit(result)
 
 
 # -- the tests ------------------------------------------------------------------------------
