@@ -173,6 +173,32 @@ def _embedding(
 BUILTIN.add(F.embedding, _embedding)
 
 
+def _embedding_bag(
+    ctx: TraceContext, result: Any, input: Tensor, weight: Tensor, offsets: Any = None,
+    max_norm: Any = None, norm_type: Any = 2, scale_grad_by_freq: Any = False,
+    mode: Any = "mean", sparse: Any = False, per_sample_weights: Any = None,
+    include_last_offset: Any = False, padding_idx: Any = None,
+) -> Tensor:  # fmt: skip
+    """``F.embedding_bag(ids, W [num, dim], offsets)``: each output row is the sum, mean or
+    maximum of rows of ``W`` (a sum weighted by fixed ``per_sample_weights``), so ``W``'s
+    columns produce the output's channels, as for :func:`F.embedding`. Weights that carry a
+    factor, rows renormalised in place (``max_norm``) and the table passed first (the legacy
+    order, which the op swaps) block."""
+    weights = per_sample_weights
+    if input.is_floating_point():
+        reason = ctx.reason("embedding_bag with the table passed first")
+        return ctx.block_all((input, weight, weights), {}, reason)
+    if weights is not None and not ctx.is_fixed(weights):
+        reason = ctx.reason("bag of rows weighted by a rescaled tensor")
+        return ctx.block_all((weight, weights), {}, reason)
+    if isinstance(offsets, Tensor):
+        ctx.claim(offsets)
+    return _embedding(ctx, result, input, weight, None, max_norm)
+
+
+BUILTIN.add(F.embedding_bag, _embedding_bag)
+
+
 # --- matrix products ------------------------------------------------------------------------------
 def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
     """The labels of ``a @ b`` (matmul semantics: vectors, matrices, broadcast batches).
