@@ -246,11 +246,6 @@ def _interrupted_store(tmp_path: Path, task: str = "t", reference: str = "plain"
     return (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stability._rates_table (read-only here) marks a seed's value with >= against the "
-    "regime-wide max(lr_grid), not its cell's _grid_top: an interrupted seed shows no >=",
-)
 def test_an_interrupted_seeds_edge_is_marked_as_a_lower_bound(tmp_path):
     text = _interrupted_store(tmp_path)
     # seed 1's 0.25 (max_stable_lr, then bisected edge); seed 0's either way (the ratio counts
@@ -259,21 +254,11 @@ def test_an_interrupted_seeds_edge_is_marked_as_a_lower_bound(tmp_path):
     assert re.search(r"\| exact \| \((≥ )?1\.41, ≥ 0\.25\) \|", text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="realistic.render (read-only here) marks the realistic tasks' per-seed edges against "
-    "realistic.grid_top, the regime-wide max(lr_grid), not each cell's _grid_top",
-)
 def test_an_interrupted_seeds_edge_is_marked_in_the_realistic_table(tmp_path):
     text = _interrupted_store(tmp_path, "char-gpt")
     assert re.search(r"\| exact \|  \| (≥ )?0\.832 \((≥ )?1\.41, ≥ 0\.25\) \|", text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stability._edges_panel (read-only here) draws a seed's edge as stable to the grid's "
-    "top ('^') against the regime-wide max(lr_grid), not its cell's _grid_top",
-)
 def test_an_interrupted_seeds_edge_is_drawn_as_a_lower_bound(tmp_path, monkeypatch):
     """The figure against a balanced start: exact's seed 1 (edge 0.25, nothing run above it)."""
     from matplotlib.axes import Axes

@@ -29,6 +29,7 @@ __all__ = [
     "DEFINITION",
     "Tuned",
     "Realistic",
+    "CellTops",
     "best_lr",
     "tuned",
     "summarize",
@@ -62,6 +63,9 @@ class Tuned(TypedDict):
 
 # Per realistic task and regime, each method's entries, one per strength it was run at.
 Realistic = dict[TaskKey, dict[RegimeKey, dict[MethodKey, list[Tuned]]]]
+# Per method and strength of one regime, the grid top of its cell (at s = 0): an edge at or
+# above it is a lower bound.
+CellTops = dict[tuple[MethodKey, float], float]
 
 
 def best_lr(cell: Runs) -> float | None:
@@ -128,10 +132,11 @@ def _seeds_text(values: dict[str, float], top: float = math.inf) -> str:
     return f"{bound}{fmt(statistics.median(values.values()))} ({shown})"
 
 
-def table(methods: dict[str, list[Tuned]], top: float = math.inf) -> str:
+def table(methods: dict[str, list[Tuned]], top: float | CellTops = math.inf) -> str:
     """One regime's table: per method and strength, the stable edge (``≥``: stable up to the
-    grid's ``top``, a lower bound; none marked without it), the best-tuned learning rate and
-    the validation loss there (medians, then each seed's)."""
+    grid's ``top``, one for the regime or per method and strength, a lower bound; none marked
+    without it), the best-tuned learning rate and the validation loss there (medians, then each
+    seed's)."""
     rows = [
         "| method | strength | stable edge: median (per seed) | best-tuned lr | "
         "validation loss: median (per seed) |",
@@ -140,8 +145,9 @@ def table(methods: dict[str, list[Tuned]], top: float = math.inf) -> str:
     for method in methods_in_order(methods):
         for t in methods[method]:
             strength = fmt(t["strength"]) if t["strength"] else ""
+            cell_top = top[(method, t["strength"])] if isinstance(top, dict) else top
             rows.append(
-                f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'], top)} | "
+                f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'], cell_top)} | "
                 f"{fmt(t['best_lr'])} | {_seeds_text(t['val_loss_by_seed'])} |"
             )
     return "\n".join(rows)
@@ -149,19 +155,25 @@ def table(methods: dict[str, list[Tuned]], top: float = math.inf) -> str:
 
 def grid_top(tasks: dict[str, Any], task: str, key: str) -> float:
     """The highest grid rate of a task's regime in the summary's ``tasks`` (an edge there is a
-    lower bound)."""
+    lower bound): what a summary alone knows, each cell's grid top in a complete store (where
+    every cell ran the regime's whole grid), above some cell's in an interrupted one."""
     return max(tasks[task]["regimes"][key]["lr_grid"])
 
 
-def render(entry: dict[str, Any], tasks: dict[str, Any]) -> str:
+def render(
+    entry: dict[str, Any],
+    tasks: dict[str, Any],
+    tops: dict[TaskKey, dict[RegimeKey, CellTops]] | None = None,
+) -> str:
     """The report's section on the realistic tasks (``entry``: the summary's ``realistic``;
-    ``tasks``: its ``tasks``, whose grids mark the lower bounds)."""
+    ``tasks``: its ``tasks``; ``tops``: per task and regime, each cell's grid top, which marks
+    the lower bounds; none: a summary alone, each regime's :func:`grid_top`)."""
     if not entry:
         return ""
     parts = [f"## Realistic models at PyTorch's default initialisation\n\n{DEFINITION}"]
     for task, regimes in entry.items():
         for key, methods in regimes.items():
-            top = grid_top(tasks, task, key)
+            top = tops[task][key] if tops is not None else grid_top(tasks, task, key)
             parts.append(f"### {task}: {Regime.parse(key).label}\n\n" + table(methods, top))
     parts.append(
         "The verdicts on these edges (each method against plain and against balanced-init, at "

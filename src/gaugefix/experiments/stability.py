@@ -93,6 +93,8 @@ __all__ = [
     "count_sensitivity",
     "verdicts_text",
     "label",
+    "grid_tops",
+    "regime_tops",
     "bounded",
     "VERDICT",
     "ratio_text",
@@ -777,16 +779,30 @@ def render_sensitivity(summary: dict[str, Any], mark: dict[bool | None, str]) ->
     )
 
 
+def grid_tops(runs: Runs) -> Table:
+    """Per method and s, :func:`_grid_top` of the cell (``runs``: one regime's at each method's
+    best strength, the summary's cells): a seed's rate or edge at or above it is a lower bound."""
+    return _table(group(runs, lambda c: (c.method, c.s)), _grid_top)
+
+
+def regime_tops(entry: dict[str, Any]) -> Table:
+    """Per method and s of one regime's summary ``entry``, the regime's highest grid rate: what
+    a summary alone knows, equal to :func:`grid_tops` in a complete store (where every cell ran
+    the regime's whole grid), above some cell's in an interrupted one."""
+    top = max(entry["lr_grid"])
+    return {m: dict.fromkeys(by_s, top) for m, by_s in entry["stable_edge_by_seed"].items()}
+
+
 def bounded(value: float, top: float) -> str:
-    """A stable rate or edge, ``≥`` before it where it is the grid's ``top`` (a lower bound)."""
+    """A stable rate or edge, ``≥`` before it where it is at or above its grid's ``top`` (a
+    lower bound)."""
     return f"≥ {fmt(value)}" if value >= top else fmt(value)
 
 
-def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table) -> str:
+def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table, tops: Table) -> str:
     """Per method and s: ``overall`` (all seeds together; none: left out), then each seed's
-    value in brackets (``≥``: stable up to the grid's top, a lower bound)."""
+    value in brackets (``≥``: stable up to its cell's grid top, ``tops``, a lower bound)."""
     top = entry["max_stable_lr_at_grid_top"]
-    grid_top = max(entry["lr_grid"])
     s_values = sorted({s for cells in seeds.values() for s in cells}, key=float)
     rows = [
         "| method | " + " | ".join(f"s = {s}" for s in s_values) + " |",
@@ -798,7 +814,7 @@ def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table) -> 
             if s not in seeds[method]:
                 cells.append("")
                 continue
-            per_seed = ", ".join(bounded(v, grid_top) for v in seeds[method][s].values())
+            per_seed = ", ".join(bounded(v, tops[method][s]) for v in seeds[method][s].values())
             bound = "≥ " if s in top.get(method, []) else ""
             shown = f"{bound}{fmt(overall[method][s])} " if overall else ""
             cells.append(f"{shown}({per_seed})")
@@ -808,15 +824,16 @@ def _rates_table(entry: dict[str, Any], overall: Table | None, seeds: Table) -> 
 
 def render(out: Path, task: str, regime: Regime, entry: dict[str, Any], runs: Runs) -> str:
     """The stability paragraphs of one regime, with its stability map (``runs``: the grid's
-    runs at each method's best strength)."""
+    runs at each method's best strength, whose :func:`grid_tops` mark the lower bounds)."""
     bracket = entry["edge_bracket"]
+    tops = grid_tops(runs)
     within = f"to within a factor {fmt(bracket)}" if bracket else "(none had a bracket)"
     parts = [
         "**Stable learning rates** (`max_stable_lr` for every seed together, then for each seed "
         "alone in brackets; ≥: stable up to the grid's top, a lower bound):\n\n"
-        + _rates_table(entry, entry["max_stable_lr"], entry["max_stable_lr_by_seed"]),
+        + _rates_table(entry, entry["max_stable_lr"], entry["max_stable_lr_by_seed"], tops),
         f"**Bisected stable edges** (each seed's, bisected in log-lr {within}; the ratios "
-        "below compare these):\n\n" + _rates_table(entry, None, entry["stable_edge_by_seed"]),
+        "below compare these):\n\n" + _rates_table(entry, None, entry["stable_edge_by_seed"], tops),
     ]
     for ref, by_method in entry["expansion_ratio"].items():
         lines = []
@@ -972,20 +989,22 @@ BALANCED_START_METHODS = tuple(
 )
 
 
-def _edges_panel(ax: Any, regime: Regime, entry: dict[str, Any]) -> list[str]:
-    """One regime's panel of :func:`balanced_start_figure`; returns the methods drawn."""
+def _edges_panel(ax: Any, regime: Regime, entry: dict[str, Any], tops: Table) -> list[str]:
+    """One regime's panel of :func:`balanced_start_figure` (``tops``: per method and s, the
+    grid top of the cell); returns the methods drawn."""
     by_seed = entry["stable_edge_by_seed"]
     methods = [m for m in BALANCED_START_METHODS if m in by_seed]
     s_values = sorted({s for m in methods for s in by_seed[m]}, key=float)
     positive = [v for m in methods for c in by_seed[m].values() for v in c.values() if v > 0]
     floor = min(positive) / 2 if positive else 1e-3
-    top = max(entry["lr_grid"])
     for lr in entry["lr_grid"]:
         ax.axhline(lr, color="0.9", lw=0.6, zorder=0)
     width = 0.8 / len(methods)
     for m, method in enumerate(methods):
         for j, s in enumerate(s_values):
-            cell = list(by_seed[method].get(s, {}).values())
+            if s not in by_seed[method]:  # not run at this s
+                continue
+            cell, top = list(by_seed[method][s].values()), tops[method][s]
             x = j - 0.4 + width * (m + 0.5)
             xs = [x + width * 0.25 * (i - (len(cell) - 1) / 2) for i in range(len(cell))]
             ys = [v if v > 0 else floor for v in cell]
@@ -1001,12 +1020,16 @@ def _edges_panel(ax: Any, regime: Regime, entry: dict[str, Any]) -> list[str]:
 
 
 def balanced_start_figure(
-    out: Path, task: str, regimes: dict[Regime, dict[str, Any]]
+    out: Path,
+    task: str,
+    regimes: dict[Regime, dict[str, Any]],
+    tops: dict[Regime, Table] | None = None,
 ) -> str | None:
     """Continuous gauge fixing against a balanced start: per regime with a ``balanced-init``
     reference, each seed's bisected stable edge per method and initial imbalance (the grid's
-    rates as faint lines; a downward triangle: no stable rate; an upward one: stable up to the
-    grid's top, a lower bound)."""
+    rates as faint lines; a downward triangle: no stable rate; an upward one: stable up to its
+    cell's grid top, a lower bound). ``tops``: per regime, :func:`grid_tops` (none: a summary
+    alone, :func:`regime_tops`)."""
     panels = [
         (regime, entry)
         for regime, entry in regimes.items()
@@ -1023,7 +1046,8 @@ def balanced_start_figure(
         ax.set_visible(False)
     shown: dict[str, Any] = {}
     for ax, (regime, entry) in zip(axes.flat, panels, strict=False):
-        for method in _edges_panel(ax, regime, entry):
+        top = tops[regime] if tops is not None else regime_tops(entry)
+        for method in _edges_panel(ax, regime, entry, top):
             shown[method] = Line2D([], [], marker="o", ls="", color=method_color(method))
     for row in axes:
         row[0].set_ylabel("stable edge, per seed")

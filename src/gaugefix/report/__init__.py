@@ -10,11 +10,12 @@ from typing import Any
 
 from gaugefix.experiments import drift, quality, realistic, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
-from gaugefix.experiments.cells import Regime, by_regime, by_task
+from gaugefix.experiments.cells import Regime, Runs, by_regime, by_task, group
 from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS, REFERENCES
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.store import Store, StoredRun
 from gaugefix.experiments.summary import summarize
+from gaugefix.experiments.tasks import REALISTIC
 from gaugefix.files import output_target, write_text
 
 __all__ = [
@@ -50,8 +51,10 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
         quick = bool((store.analysis("meta/quick") or {}).get("quick", False))
     summary = summarize(store, quick)
     sections = [_header(summary, _title(store, summary)), mechanism_table(summary)]
-    sections.append(realistic.render(summary.get("realistic", {}), summary["tasks"]))
-    for task, task_runs in by_task(store.runs()).items():
+    runs = store.runs()
+    tops = _realistic_tops(runs)
+    sections.append(realistic.render(summary.get("realistic", {}), summary["tasks"], tops))
+    for task, task_runs in by_task(runs).items():
         sections.append(_task_section(out, store, task, summary["tasks"][task], task_runs))
     for analysis in ANALYSES:
         values = stored(store, analysis)
@@ -65,6 +68,24 @@ def render(out_dir: str | Path, quick: bool | None = None) -> dict[str, Any]:
     for name in stale:  # figures only the previous report showed (another task name, say)
         (out / name).unlink(missing_ok=True)
     return summary
+
+
+def _realistic_tops(runs: Runs) -> dict[str, dict[str, realistic.CellTops]]:
+    """Per realistic task and regime, the grid top of each method and strength at s = 0 (the
+    cells of :func:`realistic.summarize`), the rule of :func:`stability.grid_tops`."""
+    return {
+        task: {
+            regime.key: {
+                cell: stability._grid_top(rs)
+                for cell, rs in group(
+                    [r for r in regime_runs if r.config.s == 0.0], lambda c: (c.method, c.strength)
+                ).items()
+            }
+            for regime, regime_runs in by_regime(task_runs).items()
+        }
+        for task, task_runs in by_task(runs).items()
+        if task_runs[0].config.task in REALISTIC  # its name, not its key (NAME@VERSION)
+    }
 
 
 def summary_json(summary: dict[str, Any]) -> str:
@@ -240,10 +261,12 @@ def _task_section(
         f"stability definition called stable that this one does not: {t['previously_stable']}."
     )
     regimes: dict[Regime, tuple[dict, list[StoredRun]]] = {}
+    tops: dict[Regime, stability.Table] = {}
     for regime, regime_runs in by_regime(runs).items():
         entry = t["regimes"][regime.key]
         chosen = stability.on_grid(stability.at_best_strength(regime_runs))
         regimes[regime] = (entry, chosen)
+        tops[regime] = stability.grid_tops(chosen)
 
         def label(method: str, entry: dict = entry) -> str:
             return stability.label(method, entry)
@@ -253,7 +276,8 @@ def _task_section(
         parts.append(drift.render(entry, label))
         parts.append(quality.render(entry, label))
     parts.append(stability.render_horizons(t["horizons"]))
-    figure = stability.balanced_start_figure(out, task, {g: e for g, (e, _) in regimes.items()})
+    entries = {g: e for g, (e, _) in regimes.items()}
+    figure = stability.balanced_start_figure(out, task, entries, tops)
     if figure:
         parts.append(
             "### Continuous gauge fixing against a balanced start\n\nEach seed's bisected "

@@ -237,6 +237,8 @@ def _adam(summary: dict[str, Any]) -> str:
 
 
 def _realistic(summary: dict[str, Any]) -> str:
+    """The realistic tables, each edge marked against :func:`realistic.grid_top` (the summary
+    has no runs; in the complete store of a full reproduction it is each cell's grid top)."""
     tables = [
         f"*{task}, {Regime.parse(key).label}*\n\n"
         + realistic.table(methods, realistic.grid_top(summary["tasks"], task, key))
