@@ -276,8 +276,9 @@ def _task_section(
         parts.append(drift.render(entry, label))
         parts.append(quality.render(entry, label))
     parts.append(stability.render_horizons(t["horizons"]))
-    entries = {g: e for g, (e, _) in regimes.items()}
-    figure = stability.balanced_start_figure(out, task, entries, tops)
+    figure = stability.balanced_start_figure(
+        out, task, {g: e for g, (e, _) in regimes.items()}, tops
+    )
     if figure:
         parts.append(
             "### Continuous gauge fixing against a balanced start\n\nEach seed's bisected "
