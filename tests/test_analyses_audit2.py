@@ -297,6 +297,16 @@ def test_adam_split_trajectory_of_the_penalty_against_torch_adam():
 # -- sharpness_track ----------------------------------------------------------------------------
 
 
+def moved_start(task: Task, method: str, s: float, seed: int = 0):
+    """The float64 network of ``seed`` moved by ``s z``, balanced for a balanced start, and
+    its structure: where the sweep starts ``method``."""
+    model, structure = float64_model(task, seed)
+    gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
+    if method == "balanced-init":
+        gaugefix.balance_(model, structure)
+    return model, structure
+
+
 def _dense_top(task: Task, model: torch.nn.Module) -> float:
     """The largest eigenvalue of the dense Hessian of the training loss (``eigvalsh``)."""
     names = [n for n, _ in model.named_parameters()]
@@ -324,10 +334,7 @@ def test_sharpness_track_against_a_dense_hessian_of_an_independent_run(method, s
     step's state was dropped, so exact-every-10 never took its orbit step)."""
     task, lr, s, steps, every = _task((3, 4, 1)), 0.1, 1.0, 12, 3
     curve = sharpness_track.tracked(task, method, strength, lr, s, steps, every)
-    model, structure = float64_model(task)
-    gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
-    if method == "balanced-init":
-        gaugefix.balance_(model, structure)
+    model, structure = moved_start(task, method, s)
     x, y, _, _ = task.arrays(DTYPE)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr)

@@ -16,7 +16,7 @@ import gaugefix
 from gaugefix.experiments import conditioning, drift, sharpness_track
 from gaugefix.experiments.analyses import stored
 from gaugefix.experiments.cells import by_regime
-from gaugefix.experiments.engine import RunConfig, init_direction, task_hash, train_group
+from gaugefix.experiments.engine import RunConfig, task_hash, train_group
 from gaugefix.experiments.probes import float64_model
 from gaugefix.experiments.stability import at_best_strength, on_grid
 from gaugefix.experiments.store import Store
@@ -24,7 +24,7 @@ from gaugefix.experiments.summary import summarize, task_summary
 from gaugefix.experiments.tasks import Task
 from gaugefix.soft import orbit_selection_grad
 from gaugefix.zoo import mlp
-from test_analyses_audit2 import _dense_top
+from test_analyses_audit2 import _dense_top, moved_start
 
 DTYPE = torch.float64
 _GEN = torch.Generator().manual_seed(7)
@@ -71,10 +71,7 @@ def _sgd(task: Task, method: str, strength: float, lr: float, s: float, seed: in
     """The float64 network of ``seed`` moved by ``s z`` (balanced for a balanced start) and a
     function taking one step of the sweep's ``method`` by hand: ``torch.optim.SGD`` on the
     loss, the penalty's gradient added, or ``relax_`` at ``strength * lr`` after the step."""
-    model, structure = float64_model(task, seed)
-    gaugefix.apply_gauge_(model, structure, s * init_direction(structure))
-    if method == "balanced-init":
-        gaugefix.balance_(model, structure)
+    model, structure = moved_start(task, method, s, seed)
     x, y, _, _ = task.arrays(DTYPE)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr)

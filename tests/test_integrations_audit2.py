@@ -130,11 +130,16 @@ def hand_loop(transformers, model, structure, calls, gauge, *, accumulate=1, cli
     return hook
 
 
-GAUGES = {
-    "penalty": {"strength": 50.0, "mode": "penalty"},
-    "exact-1": {"strength": 50.0, "mode": "exact", "every": 1},
-    "exact-3": {"strength": 50.0, "mode": "exact", "every": 3},
-}
+def gauges(strength: float) -> dict[str, dict]:
+    """The gauge-fixing settings every comparison runs: penalty, and exact every 1 and 3 steps."""
+    return {
+        "penalty": {"strength": strength, "mode": "penalty"},
+        "exact-1": {"strength": strength, "mode": "exact", "every": 1},
+        "exact-3": {"strength": strength, "mode": "exact", "every": 3},
+    }
+
+
+GAUGES = gauges(50.0)
 
 
 @pytest.mark.parametrize("name", GAUGES)
@@ -365,11 +370,7 @@ def plain_loop(model, gauge, steps, optimizer=SGD, schedule=None, precision=None
     return hook
 
 
-LIGHTNING_GAUGES = {
-    "penalty": {"strength": 5.0, "mode": "penalty"},
-    "exact-1": {"strength": 5.0, "mode": "exact", "every": 1},
-    "exact-3": {"strength": 5.0, "mode": "exact", "every": 3},
-}
+LIGHTNING_GAUGES = gauges(5.0)
 
 
 @pytest.mark.parametrize("name", LIGHTNING_GAUGES)
