@@ -263,7 +263,7 @@ CASES = {  # those that hung before come last
     "optimizer_on_one": _optimizer_on_one,
     "frozen_on_one": _frozen_on_one,
     "refused_optimizer_on_one": _refused_optimizer_on_one,
-    "frozen_on_one_fixing": _frozen_on_one_fixing,  # still ends the worker (xfail below)
+    "frozen_on_one_fixing": _frozen_on_one_fixing,
     "inconsistent_slices": _inconsistent_slices,
 }
 
@@ -384,20 +384,15 @@ def test_parameters_frozen_on_one_process_only_move_alike_where_freezing_does_no
     assert result["rel"] <= TOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/hook.py: GaugeFixing restricts its structure to the unfrozen generators per "
-    "process; process 0 reuses the cached shard structure of the whole structure (no "
-    "all-reduce), process 1 builds one of its restricted structure (the all-reduce of the "
-    "structure check): the processes' collectives mismatch and gloo aborts process 1",
-)
 @pytest.mark.parametrize("case", FIXING)
 def test_parameters_frozen_on_one_process_only_are_refused_by_gauge_fixing(two, case):
     """GaugeFixing leaves out the generators touching a frozen parameter: the restricted
-    structures differ, and should be refused as a structure that differs between the
-    processes (the first case's abort ends the worker, so the second is not reached)."""
+    structures differ, refused as a structure that differs between the processes. Before:
+    process 0 reused the cached shard structure of the whole structure (no all-reduce),
+    process 1 built one of its restricted structure (an all-reduce): gloo aborted process 1."""
     refused(
-        outcome(two, "frozen_on_one", case), "the gauge structure differs between the processes"
+        outcome(two, "frozen_on_one_fixing", case),
+        "the gauge structure differs between the processes",
     )
 
 

@@ -267,8 +267,9 @@ def check_same_structure(
     if any(differ):
         raise ShardingError(
             "the gauge structure differs between the processes (discovered on each one's own "
-            "data? a batch that reached other experts gives another group): discover it once, "
-            "on the same input, and give every process that structure; nothing was modified"
+            "data? a batch that reached other experts gives another group; or, in GaugeFixing, "
+            "parameters frozen on some processes only): discover it once, on the same input, "
+            "give every process that structure and freeze alike; nothing was modified"
         )
 
 

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from gaugefix.action import check_transport, finite_on_device
 from gaugefix.balancing import balance_
-from gaugefix.distributed import check_same_structure, local_view, refuse_gathered
+from gaugefix.distributed import (
+    check_same_structure,
+    first_dtensor,
+    local_view,
+    mesh_group,
+    refuse_gathered,
+    sharded,
+)
 from gaugefix.errors import check_number
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
@@ -61,6 +68,15 @@ def check_mode_every(mode: Mode, every: int | None) -> int:
             "at every step: leave every out (or give 1), or use mode='exact'"
         )
     return every
+
+
+def _check_same_left_out(params: dict[str, Tensor], active: GaugeStructure) -> None:
+    """FSDP2 (``DTensor`` ``params``): :class:`~gaugefix.distributed.ShardingError` on every
+    process unless all act on the same generators (parameters frozen alike on every process),
+    by one all-reduce; nothing for other parameters."""
+    if sharded(params.values()):
+        like = first_dtensor(list(params.values()))
+        check_same_structure(active, mesh_group(like), like.device)
 
 
 def _frozen_by_lr(group: dict[str, Any]) -> bool:
@@ -183,7 +199,8 @@ class GaugeFixing:
     ``torch.compile``; every rank computes the same relaxation from the same (all-reduced)
     parameters, so ranks stay equal
     (given the ``DistributedDataParallel`` wrapper, the structure is checked to be the same on
-    every rank, :func:`gaugefix.distributed.check_same_structure`, once).
+    every rank, :func:`gaugefix.distributed.check_same_structure`, once; with FSDP2 ``DTensor``
+    parameters, that every process leaves out the same frozen generators, once).
     Optimizer state that cannot be transported (L-BFGS's history, wherever it is kept) and
     parameters with sparse gradients are refused (``ValueError``).
     ``remove()`` detaches the hooks. An optimizer takes one ``GaugeFixing`` at a time: a second
@@ -234,6 +251,7 @@ class GaugeFixing:
         self.params = self._all_params
         self.left_out: dict[str, int] = {}
         self._refresh()
+        _check_same_left_out(self._all_params, self.active)
         self._acted = 0  # steps gauge fixing acted on (applied or skipped)
         self._applied: int | Tensor = 0  # of those, applied: a device count, read when asked
         # Whether this step's gradients were finite (exact mode: on the device), or whether
