@@ -1,15 +1,21 @@
 """Small defects left open by earlier audits, each with its neighbours: the conditioning
-analysis's learning rate, read from one regime's runs."""
+analysis's learning rate, read from one regime's runs; the range check of GaugeFixing's float16
+orbit step under FSDP2."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+
+import gaugefix
+from gaugefix import zoo
 from gaugefix.experiments import conditioning
 from gaugefix.experiments.runner import TaskSpec
 from gaugefix.experiments.store import Store
 from gaugefix.experiments.tasks import load_task
 from runs import run_result
+from test_fsdp import run_in_processes
 
 TASK = "teacher-student"
 
@@ -34,3 +40,49 @@ def test_the_conditioning_rate_is_the_longest_full_batch_regimes(tmp_path):
         store.add_run(_plain_gd(lr, 1.0, 20), 1.0)
     store.add_run(_plain_gd(0.4, 1.0, 150, seed=1), 1.0)  # another seed's rate: not seed 0's
     assert conditioning._largest_stable_lr(store, load_task(TASK)) == 0.2
+
+
+# -- 2. GaugeFixing's orbit step on FSDP2-sharded float16 parameters ----------------------------
+
+
+def run_fsdp_float16() -> None:
+    """Under torchrun (two processes): a float16 MLP 2-2-1 sharded per layer along dim 0, so
+    process 0 holds the first hidden unit and the whole output row, process 1 the second unit.
+    The output weights are 6e4, so the cheap range bound fails on process 0 only; prints
+    whether every local slice is bitwise unchanged after one orbit step and the hook's counts."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = zoo.mlp((2, 2, 1))
+    structure = gaugefix.discover(model, torch.randn(1, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.fill_(6e4)
+    model.half()
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in (model[0], model[2], model):
+        fully_shard(layer, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    fixing = gaugefix.GaugeFixing(opt, model, structure, 1e6, balance_at_start=False, every=1)
+    before = [p.to_local().clone() for p in model.parameters()]
+    opt.step()
+    same = all(
+        torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    print(json.dumps({"same": same, "steps": fixing.steps, "skipped": fixing.skipped}))
+    dist.destroy_process_group()
+
+
+def test_a_float16_orbit_step_out_of_range_on_one_process_is_skipped_on_every_process():
+    """The range check of GaugeFixing's float16 orbit step agrees between the processes (one
+    all-reduce): process 1, whose slices the bound does not object to, would otherwise have
+    moved them while process 0 skipped the step."""
+    result = run_in_processes("import test_leftovers2; test_leftovers2.run_fsdp_float16()")
+    assert result == {"same": True, "steps": 0, "skipped": 1}

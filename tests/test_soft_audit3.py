@@ -337,20 +337,25 @@ def test_relax_refuses_a_step_that_overflows_adam_state():
     assert_same(snapshot(model, opt), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GaugeFixing's orbit step (train/hook.py, relax_unchecked_ on the hot path) does not "
-    "check that the step fits the parameters' dtype: a float16 weight of 6e4 became inf and the "
-    "step counted as applied",
-)
 def test_gauge_fixing_orbit_step_keeps_float16_parameters_finite():
+    """Regression: GaugeFixing's orbit step did not check the range of float16 parameters: the
+    neuron's outgoing weight of 6e4 became inf and the step counted as applied. Now the step is
+    skipped (counted), nothing moves; a step that fits still moves."""
     model, s = _float16_neuron_at_6e4()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    gf.GaugeFixing(opt, model, s, strength=1e6, balance_at_start=False, every=1)
+    fixing = gf.GaugeFixing(opt, model, s, strength=1e6, balance_at_start=False, every=1)
+    before = snapshot(model)
     opt.step()
-    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert_same(snapshot(model), before)
+    assert (fixing.steps, fixing.skipped) == (0, 1)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.fill_(8.0)  # far from the range's end: balanced at outgoing 2^(7/4)
+    opt.step()
+    assert (fixing.steps, fixing.skipped) == (1, 1)
+    assert float(model[2].weight.detach().float().sub(2**1.75).abs().max()) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

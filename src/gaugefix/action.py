@@ -19,6 +19,7 @@ from gaugefix.distributed import (
     first_dtensor,
     local_targets,
     local_view,
+    on_every_process,
     optimizer_passed,
     refuse_gathered,
     sharded,
@@ -63,10 +64,10 @@ OVERFLOW_MARGIN = 1e-5
 def finite_on_device(tensors: list[Tensor]) -> Tensor:
     """A 0-dim bool tensor: whether every entry of every tensor is finite
     (:func:`gaugefix.kernels.finite_flag`), without a host read; for ``DTensor`` s (FSDP2) each
-    process checks its slices and all agree (one read)."""
+    process checks its slices and all agree (one all-reduce)."""
     if sharded(tensors):
         local = finite_flag([t.to_local() if hasattr(t, "to_local") else t for t in tensors])
-        return torch.tensor(everywhere(bool(local), first_dtensor(tensors)))
+        return on_every_process(local, first_dtensor(tensors))
     return finite_flag(tensors)
 
 
@@ -436,22 +437,29 @@ RANGE_MARGIN = 3e-2
 
 
 def provably_in_range(targets: Targets, h: Tensor, terms: int) -> bool:
-    """Whether ``g(h)`` provably keeps every target in range (one host read), a bound that
-    implies :func:`overflowing`'s: an entry moved with power ``p`` (``|p| <= 2``) by at most
-    ``terms`` generators has a factor within ``exp(+-e)``, ``e = 2 terms max|h|``;
-    ``e <= SAFE_EXPONENT`` keeps the factors normal in float32 (they are formed and applied in
-    float32 or wider, or in bfloat16, whose range is float32's), and each tensor's largest entry
-    times ``exp(e)`` must stay below its dtype's largest number by a margin. ``e`` is formed in
-    float64: in a float16 or bfloat16 ``h``'s own dtype it rounded down (``6 * 11.4375`` to
-    ``68.5``), below the largest exponent of an entry of three terms."""
+    """Whether ``g(h)`` provably keeps every target in range: :func:`in_range_bound`, with one
+    host read."""
+    return bool(in_range_bound(targets, h, terms))
+
+
+def in_range_bound(targets: Targets, h: Tensor, terms: int) -> Tensor:
+    """A 0-dim bool tensor, without a host read: whether a cheap bound that implies
+    :func:`overflowing`'s proves that ``g(h)`` keeps every target in range. An entry moved with
+    power ``p`` (``|p| <= 2``) by at most ``terms`` generators has a factor within ``exp(+-e)``,
+    ``e = 2 terms max|h|``; ``e <= SAFE_EXPONENT`` keeps the factors normal in float32 (they are
+    formed and applied in float32 or wider, or in bfloat16, whose range is float32's), and each
+    tensor's largest entry times ``exp(e)`` must stay below its dtype's largest number by a
+    margin. ``e`` is formed in float64: in a float16 or bfloat16 ``h``'s own dtype it rounded
+    down (``6 * 11.4375`` to ``68.5``), below the largest exponent of an entry of three terms."""
     tensors = [t for moved in targets.values() for t, _ in moved if t.numel()]
     if not tensors:
-        return True
+        return torch.tensor(True, device=h.device)
     e = 2 * terms * h.abs().amax().to(torch.float64)
     limits = [math.log(torch.finfo(t.dtype).max) - RANGE_MARGIN for t in tensors]
     tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
     room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
-    return bool((e <= SAFE_EXPONENT) & (room.amin() > e.to(tops.device)))
+    e = e.to(tops.device)
+    return (e <= SAFE_EXPONENT) & (room.amin() > e)
 
 
 def random_gauge_(

@@ -436,11 +436,17 @@ def local_targets(
     return out
 
 
+def on_every_process(flag: Tensor, like: Tensor) -> Tensor:
+    """A 0-dim bool tensor on ``flag``'s device: whether the 0-dim bool ``flag`` holds on every
+    process of ``like``'s (a ``DTensor``'s) mesh; one all-reduce, no host read."""
+    value = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=mesh_group(like))
+    return value[0] > 0
+
+
 def everywhere(flag: bool, like: Tensor) -> bool:
     """Whether ``flag`` holds on every process of ``like``'s (a ``DTensor``'s) mesh."""
-    value = torch.tensor([0.0 if flag else 1.0], device=like.device)
-    dist.all_reduce(value, group=mesh_group(like))
-    return float(value) == 0.0
+    return bool(on_every_process(torch.tensor(flag, device=like.device), like))
 
 
 def add_local_grads_(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:

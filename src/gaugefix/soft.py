@@ -23,16 +23,22 @@ from gaugefix.action import (
     check_finite_params,
     check_transport,
     gauge_params_,
+    in_range_bound,
     move_,
+    optimizer_states,
+    transport_targets,
 )
 from gaugefix.balancing import log_ratio
 from gaugefix.distributed import (
     OPTIMIZER,
     add_local_grads_,
     agreed,
+    first_dtensor,
     local_view,
+    on_every_process,
     optimizer_passed,
     refuse_gathered,
+    sharded,
 )
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
@@ -352,26 +358,48 @@ def relax_unchecked_(
     params: dict[str, Tensor],
     rate: float | Tensor,
     optimizer: torch.optim.Optimizer | None,
+    check_range: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The step of :func:`relax_` for callers that validated everything but the finiteness of
     the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate` (or a
     0-dim tensor, 0 where the step must not move). Unlike :func:`relax_` it moves generators
-    acting on a parameter with ``requires_grad=False`` and does not check that the step keeps
-    every moved tensor in its dtype's range (:class:`gaugefix.GaugeFixing` passes a structure
-    restricted to unfrozen generators). Returns ``(h, finite)``: the step and a 0-dim
-    bool tensor, false when a parameter has a NaN or infinite entry (found from the squared sums
-    the step needs anyway, which overflow for float32 entries above about ``1.8e19`` too), and
-    then ``h = 0``: nothing moves. Decided on the device: at most one host read (whether the
-    cheap bound of :func:`orbit_step` holds)."""
+    acting on a parameter with ``requires_grad=False`` and checks the range of the moved
+    tensors only with ``check_range`` (float16 models: :func:`gaugefix.action.in_range_bound`,
+    the cheap bound alone), by which :class:`gaugefix.GaugeFixing` passes a structure
+    restricted to unfrozen generators. Returns ``(h, moved)``: the step and a 0-dim bool
+    tensor, false when a parameter has a NaN or infinite entry (found from the squared sums
+    the step needs anyway, which overflow for float32 entries above about ``1.8e19`` too) or,
+    with ``check_range``, when the bound does not prove the step in range, and then ``h = 0``:
+    nothing moves. Decided on the device: at most one host read (whether the cheap bound of
+    :func:`orbit_step` holds)."""
     n = structure.num_generators
     if not params or n == 0:
         finite = torch.tensor(all_finite(list(params.values())))
         return torch.zeros(n, dtype=torch.float64), finite
     rates = torch.as_tensor(rate, dtype=torch.float64)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    h, finite = orbit_step(tensors, local, rates)
+    h, moved = orbit_step(tensors, local, rates)
+    if check_range:
+        moved = moved & _in_range(params, local, h, optimizer)
+        h = torch.where(moved, h, 0.0)
     gauge_params_(params, local, h, optimizer)
-    return h, finite
+    return h, moved
+
+
+def _in_range(
+    params: dict[str, Tensor],
+    local: GaugeStructure,
+    h: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> Tensor:
+    """A 0-dim bool tensor: whether the cheap bound proves that ``g(h)`` keeps ``params`` and
+    what moves with them in range (``local``: their structure, this process's under FSDP2, where
+    every process must agree: one all-reduce)."""
+    targets = transport_targets(params, optimizer_states(optimizer, params))
+    fits = in_range_bound(targets, h, local.most_terms())
+    if sharded(params.values()):
+        return on_every_process(fits, first_dtensor(list(params.values())))
+    return fits
 
 
 def orbit_step(

@@ -187,8 +187,12 @@ class GaugeFixing:
     state transport) once, now. If any gauged gradient is non-finite before a step that gauge
     fixing acts on, or any gauged parameter after it (penalty mode: before it), that step's
     gauge fixing is skipped: nothing is added or moved (counted in ``skipped``; applied orbit
-    steps or penalty gradients in ``steps``; a skipped orbit step's rate is dropped). Steps it
-    does not act on are not checked. A fused optimizer stepped by ``torch.amp.GradScaler`` gets
+    steps or penalty gradients in ``steps``; a skipped orbit step's rate is dropped). With
+    float16 parameters an orbit step is also skipped unless a cheap bound (the largest entry of
+    each moved tensor times the largest factor, :func:`gaugefix.action.in_range_bound`) proves
+    that it keeps the parameters, their gradients and optimizer state below 65504: checked on
+    the device, one pass over those tensors. Steps it does not act on are not checked. A fused
+    optimizer stepped by ``torch.amp.GradScaler`` gets
     its gradients still scaled (``optimizer.grad_scale``): the penalty's gradient is added
     scaled alike. With
     ``optimizer.step(closure)`` (Lightning calls it so) the closure is wrapped so that this
@@ -307,6 +311,7 @@ class GaugeFixing:
                 active = active.restrict(~touched, reason)
         self.active, self.left_out = active, left_out
         self.params = active.bind(self._all_params, sharded=True)  # FSDP2: the DTensors
+        self._float16 = any(p.dtype == torch.float16 for p in self.params.values())
         self._group_of = self._param_groups()
         self._rate_cache = None
         if left_out:
@@ -395,10 +400,12 @@ class GaugeFixing:
                     rate = torch.where(ok, rate, 0.0)
                 # Finds the parameters' finiteness on the squared sums the step needs, checks
                 # the optimizer state (a clear error for unknown state), then moves.
-                _, finite = relax_unchecked_(self.active, self.params, rate, optimizer)
+                _, moved = relax_unchecked_(
+                    self.active, self.params, rate, optimizer, check_range=self._float16
+                )
             else:
-                finite = finite_on_device(list(self.params.values()))
-            ok = finite if ok is None else ok & finite
+                moved = finite_on_device(list(self.params.values()))
+            ok = moved if ok is None else ok & moved
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
 
@@ -410,7 +417,9 @@ class GaugeFixing:
 
     @property
     def skipped(self) -> int:
-        """The steps whose gauge fixing was skipped (non-finite gradients or parameters)."""
+        """The steps whose gauge fixing was skipped (non-finite gradients or parameters; with
+        float16 parameters also an orbit step that a cheap bound does not prove to keep them, their
+        gradients and optimizer state in range)."""
         return self._acted - self.steps
 
     # -- learning rates ---------------------------------------------------------------------------
