@@ -38,7 +38,7 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -286,6 +286,12 @@ class TraceContext:
         # memory (see _memory) -> the parameters in it: a tensor there that is not one of them
         # (a buffer, an attribute or a constant aliasing a parameter) changes with them.
         self._param_memory = _by_memory(list(self.params.values()))
+        # id -> (tensor, placement): the parameters as the forward began and their arrangements
+        # as they were made; one placed otherwise after the forward was written (see
+        # fix_written). The parameters a traced op was about to write, by id, with their memory
+        # and values, to put back after the trace (see save_written).
+        self._arranged = {id(p): (p, _placement(p)) for p in self.params.values()}
+        self.saved: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
         # the parameter is fixed (every entry carries 0).
         self.roles: dict[str, list[tuple[Tensor, int]] | None] = {}
@@ -501,6 +507,7 @@ class TraceContext:
             view = torch.empty((), dtype=source.dtype).expand(shape)
         perm = tuple(range(rows.dim() + source.dim() - 1))
         self._gathers[id(view)] = (view, _Gathered(source, rows, index, perm))
+        self._arranged[id(view)] = (view, _placement(view))
         if index is not None and self.is_gathered(source):  # slices of which slices?
             self.fix(source, self.reason("slices of gathered slices picked by the data"))
         elif index is not None:
@@ -1033,6 +1040,25 @@ class TraceContext:
                     f"example input reads none of them, {use.where}: give an input that "
                     "reaches every slice (every expert)"))  # fmt: skip
 
+    def fix_written(self) -> None:
+        """After the trace: a parameter the forward wrote or re-pointed (its version or memory
+        changed, also by an op no torch function reports, under ``DisableTorchFunction``) does
+        not hold the rescaled values on the next call, and an arrangement of one written after it
+        was made (``w = W.clone()``, then written) no longer holds the parameter's: the
+        parameter is fixed."""
+        for t, placement in self._arranged.values():
+            if _placement(t) != placement:
+                self.fix(t, "written or re-pointed in place by the forward")
+
+    def save_written(self, tensors: list[Tensor]) -> None:
+        """Before an op that may write into or re-point ``tensors``: keep the memory and the
+        values of the parameters among them or in their memory (once each), for the trace to
+        put back."""
+        for t in tensors:
+            for p in (*self._param_memory.get(_memory(t), ()), t):
+                if id(p) in self.param_names and id(p) not in self.saved:
+                    self.saved[id(p)] = (p, p.data, p.detach().clone())
+
     def commit_roles(self) -> None:
         """Close the roles the current op gave its parameters: a first use defines them; a
         later use of the same form (the same number of terms with the same signs, in whatever
@@ -1072,6 +1098,7 @@ class TraceContext:
         g = self._gathers[id(gathered)][1]
         perm = tuple(g.perm[d] for d in perm)
         self._gathers[id(out)] = (out, _Gathered(g.source, g.rows, g.index, perm))
+        self._arranged[id(out)] = (out, _placement(out))
 
     def view_of_param(self, out: Tensor, param_like: Tensor, index: Tensor) -> None:
         """Record ``out`` as an arrangement of the parameter behind ``param_like``: entry ``i``
@@ -1084,6 +1111,7 @@ class TraceContext:
         if base is not None:
             index = base.reshape(-1)[index]
         self._views[id(out)] = (out, _ParamView(param, index))
+        self._arranged[id(out)] = (out, _placement(out))
 
     # -- the generic rule -----------------------------------------------------------------------
     def block_all(self, args: tuple, kwargs: dict, reason: str) -> Tensor:
@@ -1167,12 +1195,12 @@ def _fit(labels: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _outputs(tree: Any, unsearched: set[str]) -> Iterator[Tensor]:
-    """The tensors of a model's output, in nested tuples, lists, dicts and dataclasses; the
+    """The tensors of a model's output, in nested tuples, lists, sets, dicts and dataclasses; the
     type names of other objects in it (a cache) go to ``unsearched``. An iterator (a generator)
     is refused: its tensors are computed after the traced forward."""
     if isinstance(tree, Tensor):
         yield tree
-    elif isinstance(tree, (list, tuple, dict)):
+    elif isinstance(tree, (list, tuple, dict, set, frozenset)):
         for item in tree.values() if isinstance(tree, dict) else tree:
             yield from _outputs(item, unsearched)
     elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
@@ -1185,6 +1213,27 @@ def _outputs(tree: Any, unsearched: set[str]) -> Iterator[Tensor]:
         )
     elif not isinstance(tree, (type(None), bool, int, float, complex, str, bytes)):
         unsearched.add(type(tree).__name__)
+
+
+def _input_tensors(tree: Any, seen: set[int] | None = None) -> Iterator[Tensor]:
+    """The tensors of the example inputs wherever they are nested: in tuples, lists, sets,
+    mappings (``UserDict``), dataclasses and the attributes of other objects (a batch object, a
+    cache), each object searched once. Modules, classes and functions are not data."""
+    seen = set() if seen is None else seen
+    if id(tree) in seen or isinstance(tree, (nn.Module, type)) or inspect.isroutine(tree):
+        return
+    seen.add(id(tree))
+    if isinstance(tree, Tensor):
+        yield tree
+        return
+    if isinstance(tree, Mapping):
+        items: Iterable[Any] = tree.values()
+    elif isinstance(tree, (list, tuple, set, frozenset)):
+        items = tree
+    else:
+        items = getattr(tree, "__dict__", {}).values()
+    for item in items:
+        yield from _input_tensors(item, seen)
 
 
 def nested_tensors(tree: Any) -> Iterator[Tensor]:
@@ -1251,6 +1300,13 @@ _ALLOCATIONS = {"empty", "empty_like", "new_empty", "zeros", "zeros_like", "new_
 # Ops that overwrite entries of their first argument without reading them (when their rule says
 # so; they read it otherwise, and their rule then blocks).
 _OVERWRITES = {"copy_", "__setitem__", "index_put_"}
+
+
+def _may_write(short: str, kwargs: dict) -> bool:
+    """Whether an op may write into its arguments: in place (``add_``, ``x += y``,
+    ``x[i] = y``), re-pointing (``p.data = t``) or through ``out=``."""
+    in_place = short.endswith("_") and not short.startswith("__")
+    return in_place or short in ("__setitem__", "__set__") or "out" in kwargs
 
 
 def _reads_value(short: str, out: Any) -> bool:
@@ -1321,10 +1377,13 @@ class _Tracer(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        name = op_name(func)
+        short = name.rsplit(".", 1)[-1]
+        ctx = self.ctx
+        if _may_write(short, kwargs):
+            ctx.save_written(list(nested_tensors((args, kwargs))))
         if self.suppress:
             return func(*args, **kwargs)
-        ctx = self.ctx
-        name = op_name(func)
         ctx.op = name
         tensors = list(nested_tensors((args, kwargs)))
         if any(t.is_nested for t in tensors):
@@ -1334,7 +1393,6 @@ class _Tracer(TorchFunctionMode):
             )
         inputs = {id(t) for t in tensors}
         out = self._run(name, func, args, kwargs, tensors)
-        short = name.rsplit(".", 1)[-1]
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
         if short in _METADATA:
@@ -1518,11 +1576,19 @@ def _module_hooks(model: nn.Module, tracer: _Tracer) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _model_restored(model: nn.Module, devices: set[torch.device]) -> Iterator[None]:
+def _model_restored(
+    model: nn.Module,
+    devices: set[torch.device],
+    written: dict[int, tuple[Tensor, Tensor, Tensor]],
+) -> Iterator[None]:
     """Gradients enabled, every floating parameter requiring grad and holding no gradient (a
     forward may call ``backward``) inside; afterwards the buffers (BatchNorm running
-    statistics), ``requires_grad`` flags, gradients and the global random state (also of the
-    CUDA ``devices`` and those of the buffers) are as they were."""
+    statistics, and which tensor each module holds as one: the forward may replace them),
+    the parameters the trace saw written (``written``: parameter, its memory and values;
+    filled while inside), ``requires_grad`` flags, gradients and the global random state
+    (also of the CUDA ``devices`` and those of the buffers) are as they were."""
+    modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    registered = [(m, dict(m._buffers)) for m in modules]  # a script module keeps its own
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     cuda = [d for d in devices | {b.device for b, _ in buffers} if d.type == "cuda"]
@@ -1534,9 +1600,19 @@ def _model_restored(model: nn.Module, devices: set[torch.device]) -> Iterator[No
                     p.requires_grad_(True)
             yield
     finally:
+        for module, held in registered:
+            module._buffers.clear()
+            module._buffers.update(held)
+        for b, _ in buffers:
+            if b.grad_fn is not None and b._base is None:  # written from an activation
+                b.detach_()
         with torch.inference_mode():  # writes buffers created in inference mode too
             for b, saved in buffers:
                 b.copy_(saved)
+        with torch.no_grad():
+            for p, memory, saved in written.values():
+                p.data = memory  # its own memory again, if the forward re-pointed it
+                p.copy_(saved)
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
@@ -1575,7 +1651,7 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
     themselves. Inputs ``copy.deepcopy`` cannot copy are used as they are."""
     own = [*model.modules(), *model.parameters(), *model.buffers()]
     memory = {_memory(t) for t in own if isinstance(t, Tensor)} - {None}
-    kept = [t for t in nested_tensors(inputs) if _memory(t) in memory]
+    kept = [t for t in _input_tensors(inputs) if _memory(t) in memory]
     memo = {id(x): x for x in (*own, *kept)}
     try:
         return copy.deepcopy(inputs, memo)
@@ -1632,12 +1708,13 @@ def trace(
             ctx.fix(p, f"an integer or bool parameter ({p.dtype}) cannot be rescaled")
     tracer = _Tracer(ctx)
     args, kwargs = _inputs_copied(model, (args, kwargs))
-    for t in nested_tensors((args, kwargs)):
+    for t in _input_tensors((args, kwargs)):
         ctx._tainted[id(t)] = t
-    inputs = {t.device for t in nested_tensors((args, kwargs))}
-    with _model_restored(model, inputs), _compiled_run_eagerly():
+    inputs = {t.device for t in _input_tensors((args, kwargs))}
+    with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
         with _module_hooks(model, tracer), tracer:
             out = _forward(model, args, kwargs, ctx)
+        ctx.fix_written()
         ctx.fix_partly_read()
         ctx.value_reads += ctx.shape_reads
         for t in _outputs(out, ctx.unsearched):
