@@ -17,9 +17,14 @@ parameter not named ``weight`` or ``bias`` (fused experts, ``MultiheadAttention`
 ``in_proj_weight``, a layer scale ``gamma``), one of the model's root, or a depthwise
 convolution's input channels (its kernel's dim 0): a tool could not apply them by module name.
 Nor are generators a parameter of their smooth layer does not scale (a depthwise convolution
-on a residual stream: its kernel carries the channel's factor and its inverse), nor those of
-one group that divide one input channel together (``head(a * b)`` with
-``a``, ``b`` two channels of one layer): a tool gives a channel one scale, not a product.
+on a residual stream: its kernel carries the channel's factor and its inverse), nor those the
+one channel map a tool divides a smooth layer's ``weight`` and ``bias`` by cannot express (the
+map is read off those two: a bias added to other channels or in another order, two generators
+on one channel), nor those of one group that divide one input channel together (``head(a * b)``
+with ``a``, ``b`` two channels of one layer): a tool gives a channel one scale, not a product.
+Module names are those of the model inside its ``DistributedDataParallel``, ``DataParallel`` and
+``torch.compile`` wrappers (what ``discover`` traces). Not seen: one tensor held by two modules
+of a group (``ln2.bias = ln1.bias``), which the structure names once and a tool divides twice.
 A structure traced on one path that left parameters unused (experts no example token was
 routed to) has no groups to give: a group would leave the unused readers of its channels
 unscaled, and change the outputs of inputs that reach them.
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gaugefix.structure.gauge_structure import UNUSED_NOTE, module_of
+from gaugefix.structure.gauge_structure import UNUSED_NOTE, PlannedParam, module_of
 
 __all__ = ["scale_groups"]
 
@@ -43,11 +48,12 @@ if TYPE_CHECKING:
     from gaugefix.structure import GaugeStructure
 
 
-def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor, dict]:
+def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor, dict, dict]:
     """The modules, and per generator which modules multiply it (``smooth``, ``[M, N]``),
     which divide it on input channels (``balance``, ``[M, N]``), and whether any entry it
     acts on is neither (``other``, ``[N]``); plus the column map ``(module, channels)`` of
-    every dividing term (the generator of each input channel)."""
+    every dividing term (the generator of each input channel) and, per module, the generator
+    of each output channel a tool divides (:func:`_output_map`)."""
     n = structure.num_generators
     modules = sorted({module_of(name) for name in structure.params})
     row = {m: i for i, m in enumerate(modules)}
@@ -55,6 +61,7 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
     balance = torch.zeros_like(smooth)
     other = torch.zeros(n + 1, dtype=torch.bool)
     columns: dict[str, list[Tensor]] = {}
+    outputs: dict[str, list[Tensor]] = {}
     owns = torch.zeros(len(modules), n + 1, dtype=torch.bool)  # the channels it produces
     for name, index in structure.produced.items():
         if module_of(name) in row:
@@ -62,9 +69,9 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
     for param in structure.plan(torch.device("cpu")):
         module = row[module_of(param.name)]
         own = owns[module]
+        in_out = param.name in structure.in_out
         for term in param.terms:
             slots = term.slots.reshape(-1)
-            in_out = param.name in structure.in_out
             scalable = _scalable(param.name, param.shape, term.slots.shape, term.sign > 0, in_out)
             if term.sign > 0:
                 smooth[module, slots] = True
@@ -74,10 +81,47 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
                 columns.setdefault(modules[module], []).append(slots)
             else:
                 other[slots] = True
+        if _tool_scaled(param.name):
+            _output_map(param, in_out, n, outputs.setdefault(modules[module], []), other)
     for name in structure.param_order:  # a tool divides every weight and bias of a smooth layer
-        if name not in structure.params and module_of(name) in row and _tool_scaled(name):
+        if module_of(name) in row and _tool_scaled(name) and not _channels_of(structure, name):
             other |= smooth[row[module_of(name)]]
-    return modules, smooth[:, :n], balance[:, :n], other[:n], columns
+    maps = {m: found[0] for m, found in outputs.items() if found}
+    return modules, smooth[:, :n], balance[:, :n], other[:n], columns, maps
+
+
+def _output_map(param: PlannedParam, in_out: bool, n: int, found: list, other: Tensor) -> None:
+    """Append to ``found`` (its module's maps so far) the generator of each output channel
+    of ``param`` (a ``weight`` or ``bias``; ``n``: none), from the terms multiplying it
+    there. A tool divides each of a module's weight and bias by one map: mark ``other`` the
+    generators of channels carrying two of them, and those on which this map and the module's
+    first differ."""
+    shape = param.shape
+    if not shape:  # no output channels: left out below
+        return
+    dim = 1 if in_out and len(shape) == 2 else 0
+    terms = [
+        t.slots.reshape(-1)
+        for t in param.terms
+        if t.sign > 0 and _scalable(param.name, shape, t.slots.shape, True, in_out)
+    ]
+    stacked = torch.stack([torch.full((shape[dim],), n), *terms])  # [1 + terms, channels]
+    clash = (stacked < n).sum(0) > 1
+    other[stacked[:, clash]] = True
+    gens = stacked.amin(0)
+    first = found[0] if found else gens
+    if first.shape != gens.shape:
+        other[first] = other[gens] = True
+    else:
+        differ = first != gens
+        other[first[differ]] = other[gens[differ]] = True
+    found.append(gens)
+
+
+def _channels_of(structure: GaugeStructure, name: str) -> bool:
+    """Whether parameter ``name`` has output channels a generator acts on (it is in the
+    structure, and not a scalar)."""
+    return name in structure.params and bool(structure.params[name].shape)
 
 
 def _tool_scaled(name: str) -> bool:
@@ -114,7 +158,7 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
     ``generators`` of the generator that scales it (``-1``: none of this group). Raises
     ``ValueError`` for a structure whose traced path left parameters unused."""
     _refuse_unused(structure)
-    modules, smooth, balance, other, columns = _sides(structure)
+    modules, smooth, balance, other, columns, maps = _sides(structure)
     n = structure.num_generators
     smoothing = smooth.any(0) & balance.any(0) & ~other
     chosen = torch.nonzero(smoothing).reshape(-1)
@@ -138,9 +182,7 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
                 "balance_layers": balance_names,
                 "kind": structure.generator_kinds[int(members[0])],
                 "generators": members.tolist(),
-                "smooth_channels": {
-                    m: _positions(position, _produced_by(structure, m)) for m in smooth_names
-                },
+                "smooth_channels": {m: _positions(position, maps[m]) for m in smooth_names},
                 "balance_channels": {m: _positions(position, *columns[m]) for m in balance_names},
             }
         )
@@ -175,14 +217,6 @@ def _one_per_channel(
         together = named[maps].sum(0) >= 2
         shared[maps[:, together]] = True
     return members[~shared[members]]
-
-
-def _produced_by(structure: GaugeStructure, module: str) -> Tensor:
-    """The generator of each output channel of ``module`` (from its first producing
-    parameter; the others produce the same channels)."""
-    name = next(p for p in structure.produced if module_of(p) == module)
-    index = structure.produced[name]
-    return torch.where(index < 0, structure.num_generators, index)
 
 
 def _positions(position: Tensor, *maps: Tensor) -> list[int]:

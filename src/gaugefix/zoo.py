@@ -184,8 +184,10 @@ class GPTBlock(nn.Module):
 
 class GPT(nn.Module):
     """A small GPT-style language model on token ids ``[batch, tokens]``: token and learned
-    position embeddings, ``layers`` pre-norm blocks, a final LayerNorm and a linear head over the
-    vocabulary (sharing the token embedding's weight when ``tied``).
+    position embeddings, ``layers`` pre-norm blocks (MLP width ``hidden``, ``4 * dim`` by
+    default), a final LayerNorm and a linear head over the vocabulary (sharing the token
+    embedding's weight when ``tied``). Sizes that are not positive (``layers`` below 0) raise
+    ``ValueError``.
 
     Its rescaling group, per block: ``dim`` query-key pairs, ``dim`` value-output pairs, two
     LayerNorm gains of ``dim`` channels and ``hidden`` ReLU neurons; plus the final LayerNorm's
@@ -204,9 +206,14 @@ class GPT(nn.Module):
         tied: bool = False,
     ) -> None:
         super().__init__()
+        hidden = 4 * dim if hidden is None else hidden
+        sizes = {"vocab": vocab, "dim": dim, "hidden": hidden, "context": context}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1] + [f"layers={layers}"] * (layers < 0)
+        if bad:
+            raise ValueError(f"GPT sizes must be positive (layers: at least 0): {', '.join(bad)}")
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
         self.blocks = nn.ModuleList(
-            GPTBlock(dim, heads, hidden or 4 * dim, context, sdpa) for _ in range(layers)
+            GPTBlock(dim, heads, hidden, context, sdpa) for _ in range(layers)
         )
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
