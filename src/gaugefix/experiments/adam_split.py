@@ -66,7 +66,9 @@ KEY = "adam_split"
 READS_RUNS = True
 # The version of what compute gives: raised when a change alters it, so stored values of
 # older versions are computed again.
-VERSION = 3  # 2: Adam's state kept between steps; 3: plain's rate from the longest regime
+# 2: Adam's state kept between steps; 3: plain's rate from the longest regime; 4: the sweep's
+# grid tops as the headline's, an infinite initial loss diverged at step 0
+VERSION = 4
 SPLIT = ("penalty", "decoupled-penalty", "exact")  # the fixings compared, each against plain
 S = 2.0  # the initial imbalance of the trajectories
 PENALTY_STRENGTH = 0.1  # the in-Adam penalty's (the quick grid's); the others are matched to it
@@ -182,8 +184,9 @@ def trajectory(
     initial = task.loss(model(x), y).item()
     for _ in range(steps):
         loss = task.loss(model(x), y)
-        if not loss.item() <= DIVERGENCE_FACTOR * initial:  # NaN included
-            break
+        value = loss.item()
+        if not (math.isfinite(value) and value <= DIVERGENCE_FACTOR * initial):
+            break  # a NaN, or an infinite initial loss (diverged at step 0 in the sweep)
         grads = torch.autograd.grad(loss, list(model.parameters()))
         grads = {n: g.unsqueeze(0) for n, g in zip(stack, grads, strict=True)}
         before = {n: p.clone() for n, p in stack.items()}
@@ -195,7 +198,7 @@ def trajectory(
             out["log_ratio"].append(float(run_stats(structure, stack)[0]))
             _, state = step_fn.update(grads, state, stack)  # Adam's step count moves on
         u = {n: stack[n] - before[n] for n in stack}
-        out["loss"].append(loss.item())
+        out["loss"].append(value)
         out["step"].append(_norm(u) / lr)
         out["plain_step"].append(_norm(u_plain) / lr)
         if measure:
@@ -220,7 +223,7 @@ def horizontal_fraction(
     :func:`gaugefix.project` of what the fixing added to the update onto the orthogonal
     complement of the orbit directions, relative to the plain update; ``None`` where the
     generators' Gram matrix is singular or too ill-conditioned to solve to ``project``'s
-    tolerance (dead neurons). ``model`` is left at its parameters."""
+    tolerance (dead neurons), or the plain update is 0. ``model`` is left at its parameters."""
     now = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -233,7 +236,7 @@ def horizontal_fraction(
             horizontal = None
         for n, p in params.items():
             p.copy_(now[n])
-    return None if horizontal is None else _norm(horizontal) / _norm(u_plain)
+    return None if horizontal is None else _ratio(_norm(horizontal), _norm(u_plain))
 
 
 def decay_rate(curve: dict[str, list[float]], steps: int) -> float | None:
@@ -284,7 +287,7 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     """The sweep's paired ratios of stable edges for :data:`COMPARED` in the task's full-batch
     Adam regime (its longest), by s: :func:`stability.seed_ratios` of each seed's bisected
     edge, each method at its best strength, judged on the seeds no strength was chosen on when
-    either is tuned."""
+    either is tuned, against the grid tops the headline's ``expansion_ratio`` uses."""
     runs = store.runs(task=task.name, optimizer="adam", batch_size=0)
     if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return {}
@@ -293,7 +296,7 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     tuned = stability.tuned_methods(regime_runs)
     cells = group(chosen, lambda c: (c.method, s_key(c.s)))
     edges = {cell: stability.stable_edges(rs) for cell, rs in cells.items()}
-    tops = {cell: max(r.config.lr for r in stability.on_grid(rs)) for cell, rs in cells.items()}
+    tops = {cell: stability._grid_top(rs) for cell, rs in cells.items()}  # as the headline's
     out: dict[str, dict[str, Any]] = {}
     for method, ref in COMPARED:
         held_out = bool({method, ref} & tuned)  # judged on the seeds no strength was chosen on
@@ -316,9 +319,14 @@ def _judged(seeds: dict[int, float], held_out: bool) -> dict[int, float]:
     return {k: v for k, v in seeds.items() if not held_out or k >= stability.TUNING_SEEDS}
 
 
-def _ratios(a: list[float], b: list[float]) -> list[float]:
-    """``a / b`` step by step, over the steps both reached."""
-    return [x / y for x, y in zip(a, b, strict=False)]
+def _ratio(x: float, y: float) -> float | None:
+    """``x / y``; ``None`` where ``y`` is 0 (not measured)."""
+    return x / y if y else None
+
+
+def _ratios(a: list[float], b: list[float]) -> list[float | None]:
+    """:func:`_ratio` step by step, over the steps both reached."""
+    return [_ratio(x, y) for x, y in zip(a, b, strict=False)]
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -342,7 +350,9 @@ def summarize(values: dict[str, dict[str, Any]]) -> dict[str, AdamSplit]:
             horizontal={m: _mean(c[m]["horizontal"]) for m in SPLIT},
             step_inflation={m: _mean(_ratios(c[m]["step"], c[m]["plain_step"])) for m in SPLIT},
             v_inflation={
-                m: c[m]["sqrt_v"][last[m]] / plain["sqrt_v"][last[m]] if last[m] >= 0 else None
+                m: _ratio(c[m]["sqrt_v"][last[m]], plain["sqrt_v"][last[m]])
+                if last[m] >= 0
+                else None
                 for m in SPLIT
             },
             sweep=v["sweep"],
@@ -373,7 +383,8 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
                 [max(h, HORIZONTAL_FLOOR) if h is not None else math.nan for h in c["horizontal"]],
                 **style,
             )
-            axes[2].semilogy(_ratios(c["sqrt_v"], v["curves"]["plain"]["sqrt_v"]), **style)
+            inflation = _ratios(c["sqrt_v"], v["curves"]["plain"]["sqrt_v"])
+            axes[2].semilogy([math.nan if r is None else r for r in inflation], **style)
         axes[0].semilogy(v["curves"]["plain"]["log_ratio"], color=method_color("plain"), ls=ls,
                          label=f"{task}: plain")  # fmt: skip
         per = "; ".join(
