@@ -10,7 +10,7 @@ sum_e w_n(e) w_m(e) theta_e^2``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +22,7 @@ from gaugefix.balancing import check_tolerances, masses_of, max_rel, pcg, solve_
 from gaugefix.errors import GaugefixError, check_number
 from gaugefix.kernels import generator_sums, reduce_to, row_norms
 from gaugefix.masses import MassState
-from gaugefix.moment import pair_shape, scatter_terms_
+from gaugefix.moment import pair_shape, refuse_meta, scatter_terms_
 from gaugefix.soft import generator_combination
 from gaugefix.structure import GaugeStructure
 
@@ -43,6 +43,12 @@ GRAM_RESTARTS = 100
 # Relative error of ``g(-h) . g(h) . theta`` from float64 arithmetic alone (a few ulps of the
 # exponentials and products), beyond the one unit in the last place of the dtype's rounding.
 ROUND_TRIP = 64 * torch.finfo(torch.float64).eps
+# Binary exponents of the largest |entry| beyond which the parameters are brought to [1/2, 1)
+# by a power of two before their squares are taken: squares of entries near 2^256 or 2^-256
+# are near 2^512 and 2^-512, far inside float64's normal range (2^-1022 to 2^1024).
+SAFE_EXPONENT = 256
+# float64's smallest normal number: squares below it keep fewer digits than the format.
+TINY = torch.finfo(torch.float64).tiny
 
 
 class SingularGramError(GaugefixError, ValueError):
@@ -107,8 +113,9 @@ class GaugeCoordinates:
     ``mu_rel_max``: ``max_n |mu_n(theta_bar)| / S_n`` over the other generators, measured on
     ``balanced`` in float64 (so it carries the rounding of ``balanced`` to the parameters'
     dtype: about ``1e-7`` for a float32 model); ``converged``: whether the float64 solve reached
-    ``tol`` (when not, ``theta = g(h) . balanced`` still holds; only ``mu(balanced) = 0`` is
-    approximate);
+    ``tol``, with every live generator's squared mass at least float64's smallest normal
+    number over ``tol`` relative to the largest entry (when not, ``theta = g(h) . balanced``
+    still holds; only ``mu(balanced) = 0`` is approximate);
     ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
     (they always hold the same values as that name).
 
@@ -162,7 +169,8 @@ def gauge_coordinates(
     """
     check_tolerances(tol, max_iter)
     params = structure.bind(model)
-    h, live, converged = _solved(params, structure, tol, max_iter)
+    scaled, _ = normalised(params)  # h is the same at every scale of theta
+    h, live, converged = _solved(scaled, structure, tol, max_iter)
     dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
         raise ValueError(
@@ -171,14 +179,15 @@ def gauge_coordinates(
             "allow_dead=True to keep them at h = 0"
         )
     if structure.num_generators:
-        _refuse_stabiliser(model, structure, live)
+        _refuse_stabiliser(scaled, structure, live)
     balanced, aliases = _balanced_state(model, params, structure, h)
+    mu_rel_max, resolved = _measured(balanced, structure, live, tol)
     return GaugeCoordinates(
         balanced=balanced,
         h=-h,
         dead_generators=dead,
-        mu_rel_max=_measured_mu_rel_max(balanced, structure, live),
-        converged=converged,
+        mu_rel_max=mu_rel_max,
+        converged=converged and resolved,
         structure=structure,
         aliases=aliases,
     )
@@ -216,13 +225,13 @@ def _balanced_state(
     return balanced, aliases
 
 
-def _refuse_stabiliser(model: nn.Module, structure: GaugeStructure, live: Tensor) -> None:
+def _refuse_stabiliser(params: dict[str, Tensor], structure: GaugeStructure, live: Tensor) -> None:
     """:class:`SingularGramError` naming the live generators that span a null space of ``K``
     restricted to them: a combination ``c`` of them moves no entry (``g(t c) . theta = theta``),
     so ``h`` is not unique along it."""
-    loose = ungrounded_generators(model, structure)
+    loose = _ungrounded(params, structure)
     loose = loose[live.to(loose.device)[loose]]
-    if loose.numel() and _singular(model, structure, loose):
+    if loose.numel() and _singular(params, structure, loose):
         raise SingularGramError(
             f"generator(s) {_describe(loose.tolist(), structure)} have a stabiliser: some "
             "combination of them moves no entry (their entries are shared only among "
@@ -259,24 +268,60 @@ def _refuse_lossy(
     )
 
 
-def _measured_mu_rel_max(
-    balanced: Mapping[str, Tensor], structure: GaugeStructure, live: Tensor
-) -> float:
-    """``max_n |mu_n| / S_n`` of ``balanced`` over the ``live`` generators, accumulated in
-    float64: the solve's own value leaves out the rounding of ``balanced`` to the parameters'
-    dtype (about ``1e-7`` in float32, ``1e-2`` in bfloat16)."""
+def _measured(
+    balanced: Mapping[str, Tensor], structure: GaugeStructure, live: Tensor, tol: float
+) -> tuple[float, bool]:
+    """``(max_n |mu_n| / S_n, resolved)`` of ``balanced`` over the ``live`` generators,
+    accumulated in float64 (the solve's own value leaves out the rounding of ``balanced`` to
+    the parameters' dtype: about ``1e-7`` in float32, ``1e-2`` in bfloat16); ``resolved``:
+    every live ``S_n`` (at the scale of :func:`normalised`) is at least :data:`TINY` ``/ tol``.
+    Below that the squares are subnormal, and ``mu_n`` lacks the digits to meet ``tol``."""
     if not structure.num_generators:
-        return 0.0
-    s_in, s_out, _ = generator_sums(structure.bind(dict(balanced)), structure, torch.float64)
-    return float(max_rel(s_in - s_out, s_in + s_out, live.to(s_in.device)))
+        return 0.0, True
+    scaled, _ = normalised(structure.bind(dict(balanced)))  # the ratios do not scale
+    s_in, s_out, _ = generator_sums(scaled, structure, torch.float64)
+    live = live.to(s_in.device)
+    stats = torch.stack(
+        [max_rel(s_in - s_out, s_in + s_out, live), (live & (s_in + s_out < TINY / tol)).any()]
+    ).tolist()  # one host read
+    return stats[0], not stats[1]
 
 
 # -- the Gram matrix of the generators --------------------------------------------------------
 
 
-def _masses_at_zero(model: nn.Module, structure: GaugeStructure) -> MassState:
-    """The squared masses of ``model`` (one copy) evaluated at ``h = 0``, with their sums."""
-    params = structure.bind(model)
+def times_power_of_two(t: Tensor, k: int) -> Tensor:
+    """``t 2^k`` (``|k| <= 2200``) as a new tensor, in three factors that float64 holds: exact
+    wherever the result is a normal number (the factors take it there monotonically)."""
+    third = int(k / 3)  # toward 0: every factor moves t the same way
+    return t * 2.0**third * 2.0**third * 2.0 ** (k - 2 * third)
+
+
+def normalised(
+    params: dict[str, Tensor], beyond: int = SAFE_EXPONENT
+) -> tuple[dict[str, Tensor], int]:
+    """``(params 2^-e, e)``: float64 copies scaled so that the largest ``|entry|`` lies in
+    ``[1/2, 1)`` when its binary exponent ``e`` is beyond ``beyond`` (by default
+    :data:`SAFE_EXPONENT`: their squares would leave float64's normal range), else
+    ``(params, 0)``. ``K(theta) = 4^e K(2^-e theta)``
+    exactly; ``h``, the ratios ``mu_n / S_n`` and ``Pi_V`` do not scale. Non-finite entries
+    are left to the callers' checks; ``ValueError`` on the ``meta`` device."""
+    refuse_meta(params)
+    values = [p.detach() for p in params.values() if p.numel()]
+    if not values:
+        return params, 0
+    top = float(
+        torch.stack([m.to(torch.float64) for m in torch._foreach_norm(values, math.inf)]).max()
+    )
+    e = math.frexp(top)[1] if math.isfinite(top) else 0
+    if abs(e) <= beyond:
+        return params, 0
+    return {k: times_power_of_two(p.detach().to(torch.float64), -e) for k, p in params.items()}, e
+
+
+def _masses_at_zero(params: dict[str, Tensor], structure: GaugeStructure) -> MassState:
+    """The squared masses of the bound ``params`` (one copy) evaluated at ``h = 0``, with their
+    sums."""
     if not params:
         raise ValueError("the structure acts on no parameters")
     masses = masses_of(params, structure)
@@ -287,10 +332,9 @@ def _masses_at_zero(model: nn.Module, structure: GaugeStructure) -> MassState:
     return state
 
 
-def _entry_masses(model: nn.Module, structure: GaugeStructure) -> list[tuple[Tensor, list]]:
+def _entry_masses(params: dict[str, Tensor], structure: GaugeStructure) -> list[tuple]:
     """Per parameter, the squared masses of its distinct entries (entries that agree on every
     term map summed) flattened, with each term's flattened slots and sign."""
-    params = structure.bind(model)
     out = []
     for param in structure.plan(next(iter(params.values())).device):
         shape = pair_shape(param)
@@ -310,12 +354,17 @@ def generators_gram(model: nn.Module, structure: GaugeStructure) -> Tensor:
     the same sign and ``-theta_e^2`` with opposite signs. Every structural pair is stored, zero
     masses included.
     """
-    n = structure.num_generators
-    if n == 0:
+    if structure.num_generators == 0:
         return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), [], (0, 0)).coalesce()
-    _masses_at_zero(model, structure)  # validates finiteness
+    return _gram(structure.bind(model), structure)
+
+
+def _gram(params: dict[str, Tensor], structure: GaugeStructure) -> Tensor:
+    """:func:`generators_gram` of the bound ``params`` (``num_generators > 0``)."""
+    n = structure.num_generators
+    _masses_at_zero(params, structure)  # validates finiteness
     index, values = [], []
-    for w, terms in _entry_masses(model, structure):
+    for w, terms in _entry_masses(params, structure):
         for slots_a, sign_a in terms:
             for slots_b, sign_b in terms:
                 inside = (slots_a < n) & (slots_b < n)
@@ -335,14 +384,20 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
     be 0 forces it to 0 (it is *grounded*); propagated to a fixpoint, one vectorised pass per
     step. A generator left ungrounded has entries that are all zero, or entries it shares only
     with other ungrounded generators; these are checked for a null space exactly, on the dense
-    Gram matrix of that (small) set, and returned when it is singular.
+    Gram matrix of that (small) set, and returned when it is singular. Both are read at the
+    parameters scaled by a power of two (:func:`normalised`): a null space does not scale.
     """
+    return _ungrounded(normalised(structure.bind(model))[0], structure)
+
+
+def _ungrounded(params: dict[str, Tensor], structure: GaugeStructure) -> Tensor:
+    """:func:`ungrounded_generators` of the bound ``params``."""
     n = structure.num_generators
-    device = next(iter(structure.bind(model).values())).device
+    device = next(iter(params.values())).device
     grounded = torch.zeros(n + 1, dtype=torch.bool, device=device)
     grounded[n] = True
     entries = []
-    for w, terms in _entry_masses(model, structure):
+    for w, terms in _entry_masses(params, structure):
         keep = w > 0
         entries.append([slots[keep] for slots, _ in terms])
     while True:
@@ -354,12 +409,12 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
         if int(grounded.sum()) == before:
             break
     loose = torch.nonzero(~grounded[:n]).reshape(-1)
-    return loose if loose.numel() and _singular(model, structure, loose) else loose[:0]
+    return loose if loose.numel() and _singular(params, structure, loose) else loose[:0]
 
 
-def _singular(model: nn.Module, structure: GaugeStructure, generators: Tensor) -> bool:
+def _singular(params: dict[str, Tensor], structure: GaugeStructure, generators: Tensor) -> bool:
     """Whether the dense Gram matrix of ``generators`` (a small set) is singular."""
-    gram = generators_gram(model, structure).to_dense()[generators][:, generators]
+    gram = _gram(params, structure).to_dense()[generators][:, generators]
     values = torch.linalg.eigvalsh(gram)
     return float(values[0]) <= SINGULAR * max(float(values[-1]), 1e-300)
 
@@ -401,9 +456,18 @@ def gram_solve(
 
     Raises :class:`SingularGramError` naming the generators when ``K`` is singular (checked by
     :func:`ungrounded_generators`), and ``RuntimeError`` when the tolerance is not reached.
+    Solved at the parameters scaled by ``2^-e`` (:func:`normalised`): ``c = 4^-e K'^{-1} b``.
     """
-    state = _masses_at_zero(model, structure)
-    bad = ungrounded_generators(model, structure)
+    params, e = normalised(structure.bind(model))
+    return times_power_of_two(_gram_solve(params, structure, b, rtol), -2 * e)
+
+
+def _gram_solve(
+    params: dict[str, Tensor], structure: GaugeStructure, b: Tensor, rtol: float
+) -> Tensor:
+    """:func:`gram_solve` with ``K`` of the bound ``params``."""
+    state = _masses_at_zero(params, structure)
+    bad = _ungrounded(params, structure)
     if bad.numel():
         raise SingularGramError(
             f"the Gram matrix K of the generators is singular: generator(s) "
@@ -491,7 +555,8 @@ def project(
     same keys, each tensor in its input's dtype and device. Names that are not parameters of the
     model, shapes that differ, a gauged parameter's vector that is not of a real floating dtype
     or holds NaN/inf raise ``ValueError`` naming the parameter (other parameters pass through
-    unchecked); a singular ``K`` raises :class:`SingularGramError` naming the generators.
+    unchecked), and so does a projection that its vector's dtype cannot hold; ``rtol`` must lie
+    in ``(0, 1)``; a singular ``K`` raises :class:`SingularGramError` naming the generators.
     """
     if onto not in ("vertical", "horizontal"):
         raise ValueError(f"onto must be 'vertical' or 'horizontal', got {onto!r}")
@@ -501,12 +566,28 @@ def project(
         return {k: _untouched(v, onto) for k, v in vectors.items()}
     params = structure.bind(model)
     check_finite_params(params)
+    device = next(iter(params.values())).device
+    bad = _non_finite(vectors, structure.params, device)
+    if bad is not None:  # also on an entry no generator acts on, never reaching <xi_n, v>
+        raise ValueError(f"vectors: '{bad}' contains NaN or inf")
+    params, _ = normalised(params)  # the span of the xi_n, hence Pi_V, does not scale
     b = generator_pairing(params, vectors, structure)
-    if not all_finite([b]):  # one check; name the culprit only on error
-        _name_non_finite(vectors, structure)
-    c = gram_solve(model, structure, b, rtol)
+    if not all_finite([b]):
+        raise ValueError("vectors: <xi_n, v> overflows float64")
+    c = _gram_solve(params, structure, b, rtol)
     as_float64 = {name: p.detach().to(torch.float64) for name, p in params.items()}
-    vertical = generator_combination(as_float64, structure, c)
+    out = _assembled(vectors, generator_combination(as_float64, structure, c), onto)
+    bad = _non_finite(out, structure.params, device)
+    if bad is not None:
+        raise ValueError(f"the projection of '{bad}' overflows its dtype {vectors[bad].dtype}")
+    return out
+
+
+def _assembled(
+    vectors: Mapping[str, Tensor], vertical: Mapping[str, Tensor], onto: str
+) -> dict[str, Tensor]:
+    """``Pi_V v`` (``vertical``, float64) or ``v - Pi_V v`` per name of ``vectors``, rounded
+    to each vector's dtype on its device; 0 or ``v`` where no generator acts."""
     out = {}
     for name, v in vectors.items():
         if name not in vertical:
@@ -519,11 +600,18 @@ def project(
     return out
 
 
-def _name_non_finite(vectors: Mapping[str, Tensor], structure: GaugeStructure) -> None:
-    for name in structure.params:
-        if not all_finite([vectors[name]]):
-            raise ValueError(f"vectors: '{name}' contains NaN or inf")
-    raise ValueError("vectors: <xi_n, v> overflows float64")
+def _non_finite(
+    tensors: Mapping[str, Tensor], names: Iterable[str], device: torch.device
+) -> str | None:
+    """The first of ``names`` whose tensor holds NaN or inf, ``None`` when none (one host read
+    then; the tensors may be on other devices than ``device``)."""
+    names = [name for name in names if tensors[name].numel()]
+    if not names:
+        return None
+    largest = torch._foreach_norm([tensors[name] for name in names], math.inf)  # NaN propagates
+    if bool(torch.stack([torch.isfinite(m).to(device) for m in largest]).all()):
+        return None
+    return next(name for name in names if not all_finite([tensors[name]]))
 
 
 def _untouched(v: Tensor, onto: str) -> Tensor:
@@ -532,4 +620,6 @@ def _untouched(v: Tensor, onto: str) -> Tensor:
 
 
 def _check_rtol(rtol: float) -> None:
-    check_number(rtol, "rtol", strict=True)
+    """``rtol`` in ``(0, 1)``: from 1 on, ``c = 0`` meets the backward error bound unsolved."""
+    if check_number(rtol, "rtol", strict=True) >= 1:
+        raise ValueError(f"rtol must be a finite number in (0, 1), got {rtol!r}")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from gaugefix.action import all_finite, check_finite_params
-from gaugefix.coordinates import generator_pairing, generators_gram
+from gaugefix.coordinates import generator_pairing, generators_gram, normalised
 from gaugefix.distributed import refuse_sharded
 from gaugefix.errors import check_count, check_number, first_line
 from gaugefix.moment import imbalance
@@ -157,24 +157,15 @@ def _check_residuals(mat: Any, vals: np.ndarray, vecs: np.ndarray, m: int) -> No
 
 
 def _scaled_params(model: nn.Module, structure: GaugeStructure) -> tuple[dict[str, Tensor], int]:
-    """The gauged parameters times ``2^-e`` (float64 copies; the parameters themselves when
-    ``e = 0``), ``e`` the binary exponent of their largest ``|entry|``, which becomes one in
-    ``[1/2, 1)``; and ``e``. ``K(theta) = 4^e K(2^-e theta)`` exactly (a power of two): ``K``
-    at this scale keeps its digits where ``K(theta)`` would leave float64's normal range
-    (weights below ``1e-154`` or above ``1e154``), and ARPACK's convergence test, which has an
-    absolute floor, is the same at every scale. Non-finite weights refused."""
+    """The gauged parameters times ``2^-e`` and ``e``, the binary exponent of their largest
+    ``|entry|``, which becomes one in ``[1/2, 1)`` (:func:`gaugefix.coordinates.normalised` at
+    every scale): ``K(theta) = 4^e K(2^-e theta)`` exactly, ``K`` at this scale keeps its digits
+    where ``K(theta)`` would leave float64's normal range (weights below ``1e-154`` or above
+    ``1e154``), and ARPACK's convergence test, which has an absolute floor, is the same at every
+    scale. Non-finite weights refused."""
     params = structure.bind(model)
     check_finite_params(params)
-    top = max((float(p.detach().abs().max()) for p in params.values() if p.numel()), default=0.0)
-    e = math.frexp(top)[1]
-    if e == 0:
-        return params, 0
-    half = -e // 2  # 2^-e in two normal factors, for every exponent of a float64
-    scaled = {
-        name: p.detach().to(torch.float64, copy=True).mul_(2.0**half).mul_(2.0 ** (-e - half))
-        for name, p in params.items()
-    }
-    return scaled, e
+    return normalised(params, beyond=0)
 
 
 def _rate_factor(strength: float, e: int, top: float) -> float:
