@@ -297,7 +297,7 @@ def test_an_empty_test_split_is_refused(tmp_path):
 
 
 def test_consistent_test_targets_are_accepted(tmp_path):
-    task = npz_task(_npz(tmp_path, y=np.zeros(6), y_test=np.zeros((2, 1))), "regression", (4,))
+    task = npz_task(_npz(tmp_path, y=np.arange(6.0), y_test=np.zeros((2, 1))), "regression", (4,))
     assert task.y.shape == (6, 1) and task.y_test.shape == (2, 1)
     labels = _npz(tmp_path, y=np.arange(6) % 3, y_test=np.array([0, 3]))
     assert npz_task(labels, "classification", (4,)).y_test.tolist() == [0, 3]

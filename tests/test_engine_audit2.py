@@ -42,7 +42,7 @@ def _config(method: str = "plain", **changes) -> RunConfig:
     values = dict(method=method, optimizer="gd", lr=0.1, strength=0.0, s=0.0, batch_size=0,
                   steps=4, dtype="float64")  # fmt: skip
     values.update(changes)
-    hash_ = TaskSpec(TS).for_seed(seed).hash()
+    hash_ = TaskSpec(TS).for_seed(max(seed, 0)).hash()  # a negative seed has no instance
     return RunConfig(TS, seed=seed, task_hash=hash_, **values)
 
 

@@ -491,7 +491,7 @@ def test_malformed_data_file(tmp_path, arrays, message):
 )
 def test_hidden_widths_that_are_no_model_are_one_line(tmp_path, hidden, message):
     path = tmp_path / "data.npz"
-    np.savez(path, X=np.zeros((4, 3)), y=np.zeros(4))
+    np.savez(path, X=np.zeros((4, 3)), y=np.arange(4.0))
     out = tmp_path / "out"
     result = cli.invoke(app, ["sweep", "--data", str(path), "--hidden", hidden, "--out", str(out)])
     assert result.exit_code == 2, result.output

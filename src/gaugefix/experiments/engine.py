@@ -581,11 +581,37 @@ def _started(tasks: Task | Sequence[Task], configs: list[RunConfig]) -> tuple[_G
     dtype = getattr(torch, configs[0].dtype)
     data = instances(tasks, dtype)
     template, structure, stack = _initial_stack(tasks, configs, dtype)
+    _check_masses(structure, stack, configs)
     starts = torch.tensor([METHODS[c.method].balanced_start for c in configs])
     balance_runs_(structure, stack, starts, None)
     moved_starts_(tasks, structure, stack, configs)
     samplers = [torch.Generator().manual_seed(c.seed) for c in configs]
     return _Group(data, template, structure, configs, samplers), stack
+
+
+# The fixings that act through the generators' masses (sums of squared parameters).
+_MASS_FIXINGS = ("penalty", "decoupled-penalty", "exact", "balance")
+
+
+def _check_masses(structure: GaugeStructure, stack: Stack, configs: list[RunConfig]) -> None:
+    """``ValueError`` naming the first run whose method acts through the generators' masses
+    (balancing, an orbit step, the penalty, per-layer-lr's factors) and whose initial parameters
+    (``[R, ...]``, moved by ``s z``) have masses or a squared norm that are not finite in
+    float64: the squares of a large ``s``'s move overflow, and each of those would skip the run
+    (or give it a NaN gradient), training the optimizer alone under the method's name."""
+    if structure.num_generators == 0:
+        return
+    with torch.no_grad():
+        sums = generator_sums(stack, structure, torch.float64, batch_dims=1)
+    finite = torch.stack([torch.isfinite(t).reshape(len(configs), -1).all(-1) for t in sums])
+    for c, ok in zip(configs, finite.all(0).tolist(), strict=True):
+        m = METHODS[c.method]
+        if not ok and (m.balanced_start or m.start or m.per_layer_lr or m.fixing in _MASS_FIXINGS):
+            raise ValueError(
+                f"cannot train the run ({c.task}, {c.method}, {c.optimizer}, lr {c.lr!r}, "
+                f"seed {c.seed}): at the initial imbalance s = {c.s!r} the squares of its "
+                f"{c.dtype} parameters overflow, so its gauge operations cannot act on it"
+            )
 
 
 @dataclass

@@ -9,11 +9,13 @@ instances of the task, not only independent initialisations.
 
 from __future__ import annotations
 
+import operator
 import os
 import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ __all__ = [
     "MODULUS",
     "LastTokenGPT",
     "python_source",
-    "float32_default",
+    "float32_cpu_default",
     "CORPUS_FILES",
     "CONTEXT",
     "WINDOWS",
@@ -46,12 +48,23 @@ __all__ = [
 ]
 
 DATA_SEED = 1234
+KINDS = ("regression", "classification")  # a task's loss: squared error or cross-entropy
+DEFAULT_HIDDEN = (128,)  # a data file's MLP: its hidden widths unless given
+T = TypeVar("T")
 
 
 def data_seed(instance: int) -> int:
     """The seed that draws a built-in task's instance ``instance`` (its teacher and data, or its
-    split): the runs of seed ``k`` train on instance ``k``."""
-    return DATA_SEED + instance
+    split): the runs of seed ``k`` train on instance ``k``; a :class:`TaskError` for an
+    instance that is no seed of a run (not an integer ``>= 0``)."""
+    refusal = TaskError(f"a task's instance must be an integer >= 0, got {instance!r}")
+    try:
+        k = operator.index(instance)
+    except TypeError:
+        raise refusal from None
+    if k < 0:
+        raise refusal
+    return DATA_SEED + k
 
 
 class TaskError(GaugefixError, ValueError):
@@ -68,8 +81,8 @@ class Task:
     for a model that predicts every position, ``[n, tokens, classes]``). ``x`` holds features
     (floating point) or token ids (integers, never cast). ``x_test`` and ``y_test`` are ``None``
     for a task without a test split (then no test metric is reported). ``make_model`` is kept
-    wrapped by :func:`float32_default`, so a seed's initialisation does not depend on the
-    caller's default dtype (which no run key holds).
+    wrapped by :func:`float32_cpu_default`, so a seed's initialisation does not depend on the
+    caller's default dtype or device (which no run key holds).
     """
 
     name: str
@@ -81,7 +94,9 @@ class Task:
     make_model: Callable[[], nn.Module]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "make_model", float32_default(self.make_model))
+        if self.kind not in KINDS:  # any other kind was trained as classification
+            raise TaskError(f"a task's kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "make_model", float32_cpu_default(self.make_model))
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The mean loss of predictions ``out`` ``[n, out]`` (or ``[n, tokens, classes]``, the
@@ -121,22 +136,24 @@ class Task:
         return float((out.argmax(-1) == y).to(torch.float64).mean())
 
 
-def float32_default(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """``factory`` called with float32 as PyTorch's default dtype (the caller's restored after):
-    a model's initialisation for a seed, drawn in its parameters' dtype, is then the same in a
-    process whose default is float64 (there it would be other numbers under the same run key)."""
-    if getattr(factory, "float32_default", False):
+def float32_cpu_default(factory: Callable[..., T]) -> Callable[..., T]:
+    """``factory`` called with float32 as PyTorch's default dtype and the CPU as its default
+    device (the caller's restored after): a model's initialisation for a seed, or a task's data,
+    is then the same in a process whose default is float64 or CUDA (there it would be other
+    numbers under the same run key)."""
+    if getattr(factory, "float32_cpu_default", False):
         return factory
 
-    def make() -> nn.Module:
+    def make(*args: Any) -> T:
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)
         try:
-            return factory()
+            with torch.device("cpu"):
+                return factory(*args)
         finally:
             torch.set_default_dtype(default)
 
-    make.float32_default = True  # type: ignore[attr-defined]
+    make.float32_cpu_default = True  # type: ignore[attr-defined]
     return make
 
 
@@ -282,8 +299,9 @@ def char_gpt(name: str, instance: int) -> Task:
 
 class ResidualCNN(nn.Module):
     """A residual ReLU CNN without normalisation for the 8x8 digits: a 3x3 conv stem of
-    ``width`` channels, ``blocks`` residual blocks ``x <- relu(x + conv(relu(conv(x))))`` (3x3),
-    2x2 max pooling and a linear head on the pooled map."""
+    ``width`` channels and a ReLU, ``blocks`` residual blocks
+    ``x <- relu(x + conv(relu(conv(x))))`` (3x3), 2x2 max pooling and a linear head on the
+    pooled map."""
 
     def __init__(self, width: int = 16, blocks: int = 2, classes: int = 10) -> None:
         super().__init__()
@@ -306,8 +324,9 @@ class ResidualCNN(nn.Module):
         return self.head(self.pool(x).flatten(1))
 
 
-# Each built-in task by name: its instance ``k`` (:func:`data_seed`).
-BUILTIN: dict[str, Callable[[int], Task]] = {
+# Each built-in task by name: its instance ``k`` (:func:`data_seed`), drawn on the CPU in float32
+# whatever the caller's defaults (:func:`float32_cpu_default`).
+_BUILTIN: dict[str, Callable[[int], Task]] = {
     "teacher-student": lambda k: _teacher_student("teacher-student", (128,), k),
     "deep-teacher-student": lambda k: _teacher_student("deep-teacher-student", (64, 64, 64), k),
     "digits": lambda k: _digits("digits", lambda: mlp((64, 256, 10)), k),
@@ -317,6 +336,9 @@ BUILTIN: dict[str, Callable[[int], Task]] = {
     "char-gpt": lambda k: char_gpt("char-gpt", k),
     "residual-cnn": lambda k: _digits("residual-cnn", ResidualCNN, k),
 }
+BUILTIN: dict[str, Callable[[int], Task]] = {
+    name: float32_cpu_default(load) for name, load in _BUILTIN.items()
+}
 # The realistic tasks: larger models at PyTorch's default initialisation, mini-batch training.
 REALISTIC = ("char-gpt", "residual-cnn")
 
@@ -325,23 +347,33 @@ def load_task(
     name: str,
     data: str | None = None,
     kind: str | None = None,
-    hidden: tuple[int, ...] = (128,),
+    hidden: tuple[int, ...] = DEFAULT_HIDDEN,
     instance: int = 0,
 ) -> Task:
-    """Instance ``instance`` of a built-in task by name, or user data from an ``.npz`` file
-    (arrays ``X``, ``y``, optional ``X_test``, ``y_test``; one instance) trained with an MLP of
-    the given hidden widths."""
+    """Instance ``instance`` of a built-in task by name (which fixes its loss kind and model),
+    or user data from an ``.npz`` file (arrays ``X``, ``y``, optional ``X_test``, ``y_test``;
+    one instance) trained with an MLP of the given hidden widths."""
     if data is None:
         if name not in BUILTIN:
             raise TaskError(f"unknown task {name!r}; choose from {', '.join(BUILTIN)}")
+        if kind is not None or tuple(hidden) != DEFAULT_HIDDEN:
+            raise TaskError(
+                f"a loss kind and hidden widths apply to a data file only; the built-in task "
+                f"{name!r} fixes both (got kind={kind!r}, hidden={tuple(hidden)!r})"
+            )
         return BUILTIN[name](instance)
-    return npz_task(Path(data), kind or "regression", hidden)
+    return float32_cpu_default(lambda: npz_task(Path(data), kind or "regression", hidden))()
 
 
 def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
     """A task from a user's ``.npz`` file; every problem is reported as a :class:`TaskError`."""
-    if kind not in ("regression", "classification"):
+    if kind not in KINDS:
         raise TaskError(f"--task-type must be regression or classification, got {kind!r}")
+    if path.stem in BUILTIN:
+        raise TaskError(
+            f"data file {path.name!r} is named as the built-in task {path.stem!r} (a run's key "
+            f"holds the task's name): rename the file"
+        )
     if not path.is_file():
         raise TaskError(f"data file {str(path)!r} does not exist")
     try:
@@ -394,7 +426,9 @@ def npz_task(path: Path, kind: str, hidden: tuple[int, ...]) -> Task:
 
 def _check_targets(kind: str, y: np.ndarray, y_test: np.ndarray) -> None:
     """A :class:`TaskError` unless ``y`` and ``y_test`` are labels (classification: 1-d,
-    integers >= 0) or targets of the same width (regression: 1-d, or 2-d ``[n, out]``)."""
+    integers >= 0) or targets of the same width (regression: 1-d, or 2-d ``[n, out]``), and
+    ``y`` is not constant (one class; targets equal in every column in float32): else the best
+    constant predictor's loss is 0."""
     for key, ys in (("y", y), ("y_test", y_test)):
         if kind == "classification" and (
             ys.ndim != 1 or not np.all(np.mod(ys, 1) == 0) or ys.min() < 0
@@ -406,6 +440,15 @@ def _check_targets(kind: str, y: np.ndarray, y_test: np.ndarray) -> None:
         raise TaskError("regression targets y have no columns")
     if kind == "regression" and (y.shape[1:] or (1,)) != (y_test.shape[1:] or (1,)):
         raise TaskError(f"y_test has shape {y_test.shape} but y has {y.shape}: other widths")
+    trained = y if kind == "classification" else y.astype(np.float32)  # as regression trains
+    if np.all(trained == trained[:1]):
+        what = "regression targets y are constant (in every column, in float32)"
+        if kind == "classification":
+            what = f"labels y are all one class ({int(y[0])})"
+        raise TaskError(
+            f"the training {what}: the best constant predictor's loss is 0, so no run could be "
+            "judged stable"
+        )
 
 
 def _check_values(key: str, a: np.ndarray) -> None:
