@@ -130,7 +130,7 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
     ratios = torch.stack(
         [
             torch.where(counted, mu / s, nan_or_zero),  # (a subnormal S_n too; NaN stays NaN)
-            torch.where(live, 0.5 * _log_ratio(s_in, s_out), nan_or_zero),
+            torch.where(live, torch.xlogy(0.5, s_in / s_out), nan_or_zero),
         ],
         -2,
     )
@@ -141,25 +141,8 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
     rms = torch.linalg.vector_norm(ratios, dim=-1) / kept.clamp_min(1).sqrt()
     largest = torch.linalg.vector_norm(ratios, ord=math.inf, dim=-1)
     rms_max = torch.stack([rms, largest], -1).flatten(-2)
-    mu_norm_sq = torch.stack([_norm(mu), norm_sq], -1)
+    mu_norm_sq = torch.stack([torch.linalg.vector_norm(mu, dim=-1), norm_sq], -1)
     return torch.cat([rms_max, mu_norm_sq, dead_nonfinite], -1)
-
-
-def _log_ratio(a: Tensor, b: Tensor) -> Tensor:
-    """``log(a / b)`` elementwise for positive finite ``a``, ``b``: by the quotient (exact to
-    its rounding when ``a`` and ``b`` are close), and as ``log a - log b`` where the quotient
-    leaves the dtype's normal range (it would give ``+-inf`` for a finite answer)."""
-    q = a / b
-    normal = (q >= torch.finfo(q.dtype).tiny) & (q <= torch.finfo(q.dtype).max)
-    return torch.where(normal, torch.log(q), torch.log(a) - torch.log(b))
-
-
-def _norm(x: Tensor) -> Tensor:
-    """``||x||_2`` over the last dim, without the overflow of the squares of finite entries
-    above the square root of the dtype's largest number: ``m ||x / m||``, ``m = max |x|``."""
-    m = torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True)
-    scale = torch.where((m > 0) & (m < math.inf), m, 1.0)  # (inf and NaN stay so)
-    return (scale * torch.linalg.vector_norm(x / scale, dim=-1, keepdim=True)).squeeze(-1)
 
 
 @torch.no_grad()
