@@ -182,6 +182,12 @@ def imbalance_stats(
     ``nonfinite_count``: how many have a NaN or infinite entry (the four ratio statistics
     are then NaN or infinite, so a diverged model never looks healthy).
 
+    Computed in the sums' dtype (float32 for a float32 model), whose range bounds them: a
+    quotient ``S_in,n / S_out,n`` beyond it (``3.4e38`` in float32, ``1.8e308`` in float64)
+    gives log-ratio statistics of ``inf``, and ``mu`` above its square root a ``mu_norm`` of
+    ``inf``, with ``nonfinite_count`` 0 (kept so: each guard would cost operations on every
+    call, against a target of 50 for the whole function).
+
     :func:`imbalance_stats_tensor` (a fixed number of operations whatever the depth) and one
     device-to-host transfer (one batched ``.tolist()``); keep that tensor instead to read it
     later without waiting for the device.
