@@ -1,11 +1,12 @@
 """Small defects left open by earlier audits, each with its neighbours: the conditioning
 analysis's learning rate, read from one regime's runs; the range check of GaugeFixing's float16
-orbit step under FSDP2."""
+orbit step under FSDP2; zoo.mlp's widths."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 import gaugefix
@@ -86,3 +87,13 @@ def test_a_float16_orbit_step_out_of_range_on_one_process_is_skipped_on_every_pr
     moved them while process 0 skipped the step."""
     result = run_in_processes("import test_leftovers2; test_leftovers2.run_fsdp_float16()")
     assert result == {"same": True, "steps": 0, "skipped": 1}
+
+
+# -- 3. zoo.mlp's widths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("widths", [(), (4,), (4, 0, 1), (4, -2, 1), (4, 2.5, 1)])
+def test_mlp_widths_that_are_no_network_are_refused(widths):
+    """A single width built an empty network and a zero width a layer of no neuron, silently."""
+    with pytest.raises(ValueError, match="at least two positive integers"):
+        zoo.mlp(widths)

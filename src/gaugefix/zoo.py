@@ -29,7 +29,10 @@ __all__ = [
 
 
 def mlp(widths: tuple[int, ...] = (16, 32, 32, 1), bias: bool = True) -> nn.Sequential:
-    """``widths[0] -> ... -> widths[-1]`` with ReLU between the linear layers."""
+    """``widths[0] -> ... -> widths[-1]`` with ReLU between the linear layers; ``ValueError``
+    unless there are at least two widths, each a positive integer."""
+    if len(widths) < 2 or not all(hasattr(w, "__index__") and w >= 1 for w in widths):
+        raise ValueError(f"mlp widths must be at least two positive integers, got {widths!r}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         if i:
