@@ -67,7 +67,7 @@ READS_RUNS = True
 # The version of what compute gives: raised when a change alters it, so stored values of
 # older versions are computed again.
 # 2: Adam's state kept between steps; 3: plain's rate from the longest regime; 4: the sweep's
-# grid tops as the headline's, an infinite initial loss diverged at step 0
+# grid tops and unreached seeds as the headline's, an infinite initial loss diverged at step 0
 VERSION = 4
 SPLIT = ("penalty", "decoupled-penalty", "exact")  # the fixings compared, each against plain
 S = 2.0  # the initial imbalance of the trajectories
@@ -287,7 +287,8 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     """The sweep's paired ratios of stable edges for :data:`COMPARED` in the task's full-batch
     Adam regime (its longest), by s: :func:`stability.seed_ratios` of each seed's bisected
     edge, each method at its best strength, judged on the seeds no strength was chosen on when
-    either is tuned, against the grid tops the headline's ``expansion_ratio`` uses."""
+    either is tuned, against the grid tops and with the unreached seeds the headline's
+    ``expansion_ratio`` uses."""
     runs = store.runs(task=task.name, optimizer="adam", batch_size=0)
     if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return {}
@@ -297,6 +298,7 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     cells = group(chosen, lambda c: (c.method, s_key(c.s)))
     edges = {cell: stability.stable_edges(rs) for cell, rs in cells.items()}
     tops = {cell: stability._grid_top(rs) for cell, rs in cells.items()}  # as the headline's
+    unreached = {cell: stability._unreached(rs) for cell, rs in cells.items()}
     out: dict[str, dict[str, Any]] = {}
     for method, ref in COMPARED:
         held_out = bool({method, ref} & tuned)  # judged on the seeds no strength was chosen on
@@ -308,6 +310,7 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
                     _judged(edges[(ref, s)], held_out),
                     tops[(m, s)],
                     tops[(ref, s)],
+                    unreached[(m, s)],
                 )
         if by_s:
             out[f"{method}/{ref}"] = by_s

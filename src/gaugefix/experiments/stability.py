@@ -180,7 +180,8 @@ DEFINITION = (
     "interval of the geometric-mean ratio. A claim **held** in a cell when the interval's lower "
     "end is above 1 (log-ratio above 0); it **did not hold** when it is not and no seed's ratio "
     "is a lower bound; it *could not be measured* otherwise (for some seed the reference had no "
-    "stable rate or was stable up to the top of the grid, or the lower end is not above 1 with "
+    "stable rate or was stable up to the top of the grid, or the method had none among the rates "
+    "it ran without having run its grid's lowest, or the lower end is not above 1 with "
     "some ratio only a lower bound). Where the method was stable up to the grid's top the ratio "
     "is a lower bound (≥). Two sham controls calibrate the rule: plain-replica (plain from "
     "another initialisation draw of the same instance, compared with plain: every held verdict "
@@ -287,11 +288,11 @@ def band_top(stable: dict[float, bool]) -> float:
 
 def status(run: RunResult, definition: Definition = DEFAULT) -> str:
     """A run's status under ``definition``: as stored under :data:`DEFAULT`; otherwise diverged
-    where it diverged or its ``peak_loss_ratio`` exceeds the definition's factor, else
-    :func:`run_status` at its margin."""
+    where it diverged or its ``peak_loss_ratio`` is not at most the definition's factor (a NaN
+    ratio, as the engine counts one, is infinite), else :func:`run_status` at its margin."""
     if definition == DEFAULT:
         return run.status
-    if run.status == "diverged" or run.peak_loss_ratio > definition.factor:
+    if run.status == "diverged" or not run.peak_loss_ratio <= definition.factor:
         return "diverged"
     return run_status(run.initial_loss, run.final_loss, run.constant_loss, definition.margin)
 
@@ -351,6 +352,15 @@ def _grid_top(cell: Runs) -> float:
     edge of a seed that ran nothing above its band (its highest rate) is one."""
     by_seed = group(on_grid(cell), lambda c: (c.seed,))
     return min(max(r.config.lr for r in rs) for rs in by_seed.values())
+
+
+def _unreached(cell: Runs) -> frozenset[int]:
+    """The seeds of one cell whose lowest grid rate is above the cell's (the least over its
+    seeds; none in a complete store): where such a seed has no stable rate, its edge is not
+    known to be 0, only to be below the lowest rate it ran."""
+    by_seed = group(on_grid(cell), lambda c: (c.seed,))
+    lows = {seed: min(r.config.lr for r in rs) for (seed,), rs in by_seed.items()}
+    return frozenset(k for k, low in lows.items() if low > min(lows.values()))
 
 
 def best_strengths(runs: Runs) -> dict[str, float]:
@@ -443,19 +453,25 @@ def ratio_stats(
 
 
 def seed_ratios(
-    method: dict[int, float], reference: dict[int, float], method_top: float, ref_top: float
+    method: dict[int, float],
+    reference: dict[int, float],
+    method_top: float,
+    ref_top: float,
+    unreached: frozenset[int] = frozenset(),
 ) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
     ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid,
-    :func:`_grid_top` of its cell), over the
-    seeds either side ran. A seed's ratio is not known where one side did not run it, the
-    reference had no stable rate or was stable up to its grid's top, and a lower bound where the
-    method was."""
+    :func:`_grid_top` of its cell; ``unreached``: the method's seeds that did not run the bottom
+    of its grid, :func:`_unreached`), over the seeds either side ran. A seed's ratio is not known
+    where one side did not run it, the reference had no stable rate or was stable up to its
+    grid's top, or the method had no stable rate on an unreached seed; a lower bound where the
+    method was stable up to its grid's top."""
     ratios: dict[int, float | None] = {}
     bounds: dict[int, bool] = {}
     for seed in sorted(method.keys() | reference.keys()):
         base = reference.get(seed, 0.0)
         known = seed in method and 0.0 < base < ref_top
+        known = known and (method[seed] > 0.0 or seed not in unreached)
         ratios[seed] = method[seed] / base if known else None
         bounds[seed] = known and method[seed] >= method_top
     return ratio_stats(ratios, bounds)
@@ -487,10 +503,16 @@ def compared(method: str, ref: str) -> bool:
 Table = dict[str, dict[str, Any]]
 
 
-def expansion(edges: Table, tops: dict[tuple[str, str], float], tuned: set[str]) -> dict:
+def expansion(
+    edges: Table,
+    tops: dict[tuple[str, str], float],
+    tuned: set[str],
+    unreached: dict[tuple[str, str], frozenset[int]],
+) -> dict:
     """Per reference (and method of :data:`COMPARED`), method and s, the :func:`seed_ratios`
-    of the stable ``edges`` (per method and s, per seed); a comparison with a ``tuned`` method
-    on either side is judged on the seeds its strength was not chosen on."""
+    of the stable ``edges`` (per method and s, per seed; ``tops`` and ``unreached`` per method
+    and s); a comparison with a ``tuned`` method on either side is judged on the seeds its
+    strength was not chosen on."""
     return {
         ref: {
             method: {
@@ -499,6 +521,7 @@ def expansion(edges: Table, tops: dict[tuple[str, str], float], tuned: set[str])
                     judged(method if method in tuned else ref, tuned, edges[ref][s]),
                     tops[(method, s)],
                     tops[(ref, s)],
+                    unreached[(method, s)],
                 )
                 for s, seeds in cells.items()
                 if s in edges[ref]
@@ -547,9 +570,10 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
     cells = group(chosen, lambda c: (c.method, c.s))
     msl = _table(cells, max_stable_lr)
     tops = {(m, s_key(s)): _grid_top(cell) for (m, s), cell in cells.items()}
+    unreached = {(m, s_key(s)): _unreached(cell) for (m, s), cell in cells.items()}
     tuned = tuned_methods(runs)
     edges = {d: _table(cells, lambda cell, d=d: stable_edges(cell, d)) for d in SENSITIVITY}
-    verdicts = {d: expansion(edges[d], tops, tuned) for d in SENSITIVITY}
+    verdicts = {d: expansion(edges[d], tops, tuned, unreached) for d in SENSITIVITY}
     return StabilitySummary(
         lr_grid=sorted({r.config.lr for r in on_grid(chosen)}),
         best_strength=best_strengths(runs),
@@ -579,16 +603,17 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
 def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
     """Per mini-batch optimizer and batch size with runs at several step counts (s = 0): each
     method's per-seed stable edge at the longest horizon over that at the shortest (each
-    regime at its best strength), :func:`seed_ratios` with the short horizon as the reference:
-    a seed's ratio is not known where the short horizon had no stable rate or was stable up to
-    its grid's top, and a lower bound where the long one was. A method tuned at either horizon
-    is :func:`judged` on the seeds its strengths were not chosen on. The range *narrowed* when
-    the upper end of the ratio's bootstrap interval is below 1 (every seed known, none a lower
-    bound), and did not when it is at least 1 (every seed known)."""
+    regime at its best strength, chosen over every s), :func:`seed_ratios` with the short
+    horizon as the reference: a seed's ratio is not known where the short horizon had no stable
+    rate or was stable up to its grid's top (or the long one had no stable rate on a seed that
+    did not run its grid's lowest rate), and a lower bound where the long one was. A method
+    tuned at either horizon is :func:`judged` on the seeds its strengths were not chosen on. The
+    range *narrowed* when the upper end of the ratio's bootstrap interval is below 1 (every seed
+    known, none a lower bound), and did not when it is at least 1 (every seed known)."""
     out: dict[HorizonKey, Horizon] = {}
-    mini = [r for r in runs if r.config.batch_size and r.config.s == 0.0]
+    mini = [r for r in runs if r.config.batch_size]
     for (opt, batch), rs in group(mini, lambda c: (c.optimizer, c.batch_size)).items():
-        steps = sorted({r.config.steps for r in rs})
+        steps = sorted({r.config.steps for r in rs if r.config.s == 0.0})
         if len(steps) < 2:
             continue
         ends = [[r for r in rs if r.config.steps == n] for n in (steps[0], steps[-1])]
@@ -596,21 +621,26 @@ def horizons(runs: Runs) -> dict[HorizonKey, Horizon]:
         short, long = (_horizon_edges(at_best_strength(e)) for e in ends)
         entry: dict[MethodKey, HorizonRatio] = {}
         for method in sorted(short.keys() & long.keys()):
-            (base, short_top), (edge, long_top) = short[method], long[method]
+            (base, short_top, _), (edge, long_top, unreached) = short[method], long[method]
             stats = seed_ratios(
-                judged(method, tuned, edge), judged(method, tuned, base), long_top, short_top
+                judged(method, tuned, edge),
+                judged(method, tuned, base),
+                long_top,
+                short_top,
+                unreached,
             )
             entry[method] = HorizonRatio(**stats, narrowed=_narrowed(stats))
         out[f"{opt}/{batch}"] = Horizon(short=steps[0], long=steps[-1], methods=entry)
     return out
 
 
-def _horizon_edges(chosen: Runs) -> dict[str, tuple[dict[int, float], float]]:
-    """Per method of one horizon's runs at its best strength: each seed's stable edge and the
-    top of the method's grid."""
+def _horizon_edges(chosen: Runs) -> dict[str, tuple[dict[int, float], float, frozenset[int]]]:
+    """Per method of one horizon's runs at its best strength, at s = 0: each seed's stable edge,
+    the top of the method's grid and its :func:`_unreached` seeds."""
+    at_zero = [r for r in chosen if r.config.s == 0.0]
     return {
-        m: (stable_edges(cell), _grid_top(cell))
-        for (m,), cell in group(chosen, lambda c: (c.method,)).items()
+        m: (stable_edges(cell), _grid_top(cell), _unreached(cell))
+        for (m,), cell in group(at_zero, lambda c: (c.method,)).items()
     }
 
 
