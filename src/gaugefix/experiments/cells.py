@@ -30,6 +30,7 @@ __all__ = [
     "Run",
     "Runs",
     "s_key",
+    "s_text",
     "SeedKey",
     "SKey",
     "TaskKey",
@@ -53,6 +54,14 @@ HorizonKey = Annotated[str, "OPTIMIZER/BATCH"]
 def s_key(s: float) -> str:
     """An initial imbalance as a JSON key: ``"0.0"``, ``"1.5"``."""
     return str(float(s))
+
+
+def s_text(s: str | float) -> str:
+    """An initial imbalance (or its :func:`s_key`) as the tables print it: ``0``, ``1.5``, to 6
+    significant digits where they give it back, else in full (``0.1234567``), so that every
+    printed s is the summary's and two never share one label."""
+    text = f"{float(s):g}"
+    return text if float(text) == float(s) else repr(float(s))
 
 
 def lr_key(lr: float) -> str:

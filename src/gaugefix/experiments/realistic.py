@@ -90,7 +90,7 @@ def tuned(cell: Runs) -> Tuned:
     lr = best_lr(cell)
     at_best = {
         str(r.config.seed): r.test_loss
-        for r in on_grid(cell)
+        for r in sorted(on_grid(cell), key=lambda r: r.config.seed)  # in seed order, as the edges
         if r.config.lr == lr and r.test_loss is not None
     }
     return Tuned(

@@ -10,7 +10,7 @@ from typing import Any
 
 from gaugefix.experiments import drift, quality, realistic, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
-from gaugefix.experiments.cells import Regime, Runs, by_regime, by_task, group
+from gaugefix.experiments.cells import Regime, Runs, by_regime, by_task, group, s_text
 from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS, REFERENCES
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.store import Store, StoredRun
@@ -130,7 +130,7 @@ def figures_shown(report: str) -> set[str]:
 def _cells(ratios: dict[str, dict[str, Any]]) -> str:
     """``0: 2 [1.41, 2] ✓; 1: ...``: per s, the seed ratios and the verdict's mark."""
     return "; ".join(
-        f"{float(s):g}: {stability.ratio_text(st)} {MARK[st['held']]}"
+        f"{s_text(s)}: {stability.ratio_text(st)} {MARK[st['held']]}"
         for s, st in sorted(ratios.items(), key=lambda kv: float(kv[0]))
     )
 
@@ -165,10 +165,7 @@ def headline_table(summary: dict[str, Any]) -> str:
                     f"{cells[0]} | {cells[1]} | {drift_cell} |"
                 )
     if len(lines) == 2:
-        return (
-            "No comparison: the runs hold no method besides the references (plain, "
-            "balanced-init) in any regime."
-        )
+        return _no_comparison(summary)
     lines.append(
         "\nA ratio is the median [min, max] over seeds of the per-seed ratio of the bisected "
         "stable edges; "
@@ -176,6 +173,25 @@ def headline_table(summary: dict[str, Any]) -> str:
         "not hold, ? could not be measured. " + stability.verdicts_text(summary["verdicts"])
     )
     return "\n".join(lines)
+
+
+def _no_comparison(summary: dict[str, Any]) -> str:
+    """Why the headline has no row: only references ran, or no reference beside the others."""
+    methods = {
+        m
+        for t in summary["tasks"].values()
+        for g in t["regimes"].values()
+        for m in g["max_stable_lr"]
+    }
+    if methods <= set(REFERENCES):
+        return (
+            "No comparison: the runs hold no method besides the references (plain, "
+            "balanced-init) in any regime."
+        )
+    return (
+        "No comparison: no regime holds a reference (plain, balanced-init) at an initial "
+        "imbalance where another method ran."
+    )
 
 
 def mechanism_rows(summary: dict[str, Any]) -> list[str]:

@@ -8,7 +8,6 @@ and :data:`END` in ``README``.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from gaugefix.experiments import (
     sharpness_track,
     stability,
 )
-from gaugefix.experiments.cells import Regime
+from gaugefix.experiments.cells import Regime, median_of_every_seed, s_text
 from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS
 from gaugefix.experiments.figures import fmt
 from gaugefix.files import write_text
@@ -125,10 +124,12 @@ def _by_method(summary: dict[str, Any]) -> str:
 
 
 def _tally(c: list[int], st: dict[str, Any]) -> None:
-    """Add a verdict to ``[held, made, interval below 1]``."""
+    """Add a verdict to ``[held, made, interval below 1]`` (an end that is not finite, ``null``
+    in ``summary.json``, is not below 1)."""
+    upper = st["interval"][1] if st["held"] is not None else None
     c[0] += st["held"] is True
     c[1] += st["held"] is not None
-    c[2] += st["held"] is not None and st["interval"][1] < 1
+    c[2] += upper is not None and upper < 1
 
 
 def _held(c: list[int] | None) -> str:
@@ -148,7 +149,7 @@ def _beat_balanced_start(summary: dict[str, Any]) -> str:
     ]
     rows = [
         f"| {task} | {Regime.parse(key).label} | "
-        f"{stability.label(method, summary['tasks'][task]['regimes'][key])} | {float(s):g} | "
+        f"{stability.label(method, summary['tasks'][task]['regimes'][key])} | {s_text(s)} | "
         f"{stability.ratio_text(st)} | {stability.interval_text(st)} |"
         for task, key, _, method, s, st in made
         if st["held"]
@@ -190,14 +191,21 @@ def _mechanism(summary: dict[str, Any]) -> str:
     return "\n\n".join(p for p in (table or (caption if lines else ""), "\n".join(lines)) if p)
 
 
-def _median(by_seed: dict[str, dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in by_seed.values())
+def _median(by_seed: dict[str, dict[str, Any]], key: str) -> float | None:
+    """The median over seeds of ``key``; ``None`` where some seed's is unknown (``null`` in
+    ``summary.json``: not finite), as a median over the others would not be over every seed."""
+    return median_of_every_seed([r[key] for r in by_seed.values()])
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    """``a / b``; ``None`` where either is unknown or ``b`` is 0."""
+    return None if a is None or b is None or b == 0 else a / b
 
 
 def _sharpness(summary: dict[str, Any]) -> str:
     rows = [
-        f"| {task} | {float(s):g} | {method} | {fmt(e['predicted_edge'])} | "
-        f"{fmt(e['measured_edge'])} | {fmt(e['measured_edge'] / e['predicted_edge'])} |"
+        f"| {task} | {s_text(s)} | {method} | {fmt(e['predicted_edge'])} | "
+        f"{fmt(e['measured_edge'])} | {fmt(_over(e['measured_edge'], e['predicted_edge']))} |"
         for task, by_method in summary.get(sharpness_track.KEY, {}).items()
         for method, by_s in by_method.items()
         for s, e in sorted(by_s.items(), key=lambda kv: float(kv[0]))
