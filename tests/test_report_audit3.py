@@ -383,13 +383,9 @@ def test_the_published_reports_sensitivity_marks_are_its_summarys():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stability.label prints a best strength to 6 significant digits (0.1234567 as "
-    "'penalty (0.123457)'), in the report's and the README's tables alike; stability.py is not "
-    "this audit's to edit (realistic.table prints strengths to 3 digits alike)",
-)
 def test_a_best_strength_is_printed_as_the_summary_value(tmp_path):
+    """stability.label printed a best strength to 6 significant digits (0.1234567 as
+    'penalty (0.123457)'), in the report's and the README's tables alike."""
     runs = _cell("plain", 0.2, range(4)) + _cell("penalty", 0.8, range(4), strength=0.1234567)
     summary, text = _render(tmp_path, runs + _cell("penalty", 0.4, range(4), strength=1.0))
     strength = summary["tasks"]["t"]["regimes"]["sgd/full/10"]["best_strength"]["penalty"]

@@ -30,7 +30,7 @@ __all__ = [
     "Run",
     "Runs",
     "s_key",
-    "s_text",
+    "number_text",
     "SeedKey",
     "SKey",
     "TaskKey",
@@ -56,12 +56,13 @@ def s_key(s: float) -> str:
     return str(float(s))
 
 
-def s_text(s: str | float) -> str:
-    """An initial imbalance (or its :func:`s_key`) as the tables print it: ``0``, ``1.5``, to 6
-    significant digits where they give it back, else in full (``0.1234567``), so that every
-    printed s is the summary's and two never share one label."""
-    text = f"{float(s):g}"
-    return text if float(text) == float(s) else repr(float(s))
+def number_text(x: str | float) -> str:
+    """A value of a run's configuration (an initial imbalance, or its :func:`s_key`; a strength)
+    as the tables print it: ``0``, ``1.5``, to 6 significant digits where they give it back,
+    else in full (``0.1234567``), so that every printed value is the summary's and two never
+    share one label."""
+    text = f"{float(x):g}"
+    return text if float(text) == float(x) else repr(float(x))
 
 
 def lr_key(lr: float) -> str:

@@ -20,6 +20,7 @@ from gaugefix.experiments.cells import (
     group,
     median,
     median_of_every_seed,
+    number_text,
 )
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.stability import bounded, on_grid, stable_edges
@@ -144,7 +145,7 @@ def table(methods: dict[str, list[Tuned]], top: float | CellTops = math.inf) -> 
     ]
     for method in methods_in_order(methods):
         for t in methods[method]:
-            strength = fmt(t["strength"]) if t["strength"] else ""
+            strength = number_text(t["strength"]) if t["strength"] else ""
             cell_top = top[(method, t["strength"])] if isinstance(top, dict) else top
             rows.append(
                 f"| {method} | {strength} | {_seeds_text(t['stable_edge_by_seed'], cell_top)} | "

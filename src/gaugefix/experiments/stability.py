@@ -25,6 +25,7 @@ from gaugefix.experiments.cells import (
     SKey,
     group,
     median,
+    number_text,
     s_key,
 )
 from gaugefix.experiments.engine import (
@@ -734,7 +735,7 @@ def verdicts_text(count: dict[str, Any]) -> str:
 def label(method: str, regime: dict[str, Any]) -> str:
     """A method with its best strength in the regime: ``exact (0.1)``."""
     strength = regime.get("best_strength", {}).get(method)
-    return f"{method} ({strength:g})" if strength else method
+    return f"{method} ({number_text(strength)})" if strength else method
 
 
 VERDICT = {True: "held", False: "did not hold", None: "could not be measured"}

@@ -10,7 +10,7 @@ from typing import Any
 
 from gaugefix.experiments import drift, quality, realistic, stability
 from gaugefix.experiments.analyses import ANALYSES, stored
-from gaugefix.experiments.cells import Regime, Runs, by_regime, by_task, group, s_text
+from gaugefix.experiments.cells import Regime, Runs, by_regime, by_task, group, number_text
 from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS, REFERENCES
 from gaugefix.experiments.figures import fmt, methods_in_order
 from gaugefix.experiments.store import Store, StoredRun
@@ -130,7 +130,7 @@ def figures_shown(report: str) -> set[str]:
 def _cells(ratios: dict[str, dict[str, Any]]) -> str:
     """``0: 2 [1.41, 2] ✓; 1: ...``: per s, the seed ratios and the verdict's mark."""
     return "; ".join(
-        f"{s_text(s)}: {stability.ratio_text(st)} {MARK[st['held']]}"
+        f"{number_text(s)}: {stability.ratio_text(st)} {MARK[st['held']]}"
         for s, st in sorted(ratios.items(), key=lambda kv: float(kv[0]))
     )
 

@@ -20,7 +20,7 @@ from gaugefix.experiments import (
     sharpness_track,
     stability,
 )
-from gaugefix.experiments.cells import Regime, median_of_every_seed, s_text
+from gaugefix.experiments.cells import Regime, median_of_every_seed, number_text
 from gaugefix.experiments.engine import MECHANISM_METHODS, METHODS
 from gaugefix.experiments.figures import fmt
 from gaugefix.files import write_text
@@ -149,7 +149,7 @@ def _beat_balanced_start(summary: dict[str, Any]) -> str:
     ]
     rows = [
         f"| {task} | {Regime.parse(key).label} | "
-        f"{stability.label(method, summary['tasks'][task]['regimes'][key])} | {s_text(s)} | "
+        f"{stability.label(method, summary['tasks'][task]['regimes'][key])} | {number_text(s)} | "
         f"{stability.ratio_text(st)} | {stability.interval_text(st)} |"
         for task, key, _, method, s, st in made
         if st["held"]
@@ -204,7 +204,7 @@ def _over(a: float | None, b: float | None) -> float | None:
 
 def _sharpness(summary: dict[str, Any]) -> str:
     rows = [
-        f"| {task} | {s_text(s)} | {method} | {fmt(e['predicted_edge'])} | "
+        f"| {task} | {number_text(s)} | {method} | {fmt(e['predicted_edge'])} | "
         f"{fmt(e['measured_edge'])} | {fmt(_over(e['measured_edge'], e['predicted_edge']))} |"
         for task, by_method in summary.get(sharpness_track.KEY, {}).items()
         for method, by_s in by_method.items()
