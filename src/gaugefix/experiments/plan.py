@@ -531,18 +531,23 @@ def tuning_first(configs: list[RunConfig]) -> tuple[list[RunConfig], list[RunCon
 
 def at_chosen_strengths(runs: Runs, configs: list[RunConfig]) -> list[RunConfig]:
     """Of ``configs``, those of a method with one strength in its task and regime or run on the
-    tuning seeds alone, and of the others those at the strength the stored ``runs`` of the
-    tuning seeds chose (:func:`~gaugefix.experiments.stability.best_strengths` of the task's
-    regime, as the summary chooses it)."""
+    tuning seeds alone; of the others, each at the strength the stored ``runs`` of the tuning
+    seeds chose (:func:`~gaugefix.experiments.stability.best_strengths` of the task's regime
+    over the whole store, as the summary chooses it), once, even where ``configs`` do not run
+    that strength (an earlier grid's): the report's strength is the one its verdicts are judged
+    on."""
     tuned = _tuned(configs)
     by_key: dict[tuple, list] = {key: [] for key, _ in tuned}
     for r in runs:
         if (key := _tuning_key(r.config)) in by_key:
             by_key[key].append(r)
     best = {k: best_strengths(rs) for k, rs in by_key.items()}
-    out = []
+    out: dict[RunConfig, None] = {}
     for c in configs:
         key = _tuning_key(c)
-        if (key, c.method) not in tuned or best.get(key, {}).get(c.method) == c.strength:
-            out.append(c)
-    return out
+        chosen = best.get(key, {}).get(c.method)
+        if (key, c.method) not in tuned:
+            out[c] = None
+        elif chosen is not None:
+            out[replace(c, strength=chosen)] = None
+    return list(out)

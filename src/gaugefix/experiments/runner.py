@@ -19,6 +19,7 @@ from gaugefix.experiments.plan import (
     tuning_first,
 )
 from gaugefix.experiments.progress import Progress
+from gaugefix.experiments.stability import TUNING_SEEDS
 from gaugefix.experiments.store import Claimant, Store
 from gaugefix.experiments.tasks import Task, load_task
 from gaugefix.experiments.workers import Workers, execute, local_workers
@@ -247,15 +248,19 @@ def run_bisected(
     planned from the store and trained whole, so an interrupted sweep resumes where it stopped,
     in the batches of an uninterrupted one; returns the number of runs written. With
     ``choose_strengths``, a method run at several strengths is run at all of them on the tuning
-    seeds first, then on the other seeds, and bisected, only at the strength they chose
-    (:func:`~gaugefix.experiments.plan.tuning_first`); where its regime has no other seed, every
-    strength is bisected."""
-    first, later = tuning_first(configs) if choose_strengths else (configs, [])
+    seeds first, then on the other seeds, and bisected, only at the strength they chose over
+    the store (:func:`~gaugefix.experiments.plan.tuning_first`, :func:`at_chosen_strengths`);
+    where its regime has no other seed, every strength is bisected. Every run of ``configs`` is
+    checked as :func:`run_all` checks it before anything is trained or written."""
+    _check(configs, spec_of)
+    first = tuning_first(configs)[0] if choose_strengths else configs
     written = run_all(store, first, spec_of, jobs, workers=workers)
     if choose_strengths:
         configs = at_chosen_strengths(store.runs(), configs)
-        deferred = set(later)
-        chosen = [c for c in configs if c in deferred]
+        # not the tuning seeds' runs at a strength of an earlier grid: they would change the
+        # choice of a resumed sweep (their cells are bisected from the runs stored)
+        trained = set(first)
+        chosen = [c for c in configs if c not in trained and c.seed >= TUNING_SEEDS]
         written += run_all(store, chosen, spec_of, jobs, workers=workers)
     cells = {cell_of(c) for c in configs}
     while todo := bisection_round(store.runs(), cells, rounds):
