@@ -305,10 +305,10 @@ def recorded_orbit_steps():
     calls: list[tuple[Tensor, Tensor]] = []
     original = hook_module.relax_unchecked_
 
-    def recording(structure, params, rate, optimizer):
-        h, finite = original(structure, params, rate, optimizer)
+    def recording(structure, params, rate, optimizer, check_range=False):
+        h, moved = original(structure, params, rate, optimizer, check_range)
         calls.append((torch.as_tensor(rate, dtype=DTYPE).clone(), h.clone()))
-        return h, finite
+        return h, moved
 
     hook_module.relax_unchecked_ = recording
     try:
