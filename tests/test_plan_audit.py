@@ -304,9 +304,16 @@ def block_configs(strengths: tuple[float, ...], seeds: int) -> list[RunConfig]:
 def sweep(tmp_path: Path, name: str, configs, monkeypatch, interrupt_after=None):
     """run_bisected with choose_strengths on FakeWorkers (interrupted after ``interrupt_after``
     stored runs, then resumed); the store and the workers' batches."""
-    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: BATCH)
     store = Store(tmp_path / f"{name}.sqlite")
     workers = FakeWorkers(threshold)
+    bisected(store, configs, workers, 3, monkeypatch, interrupt_after)
+    return store, workers.batches
+
+
+def bisected(store: Store, configs, workers, rounds: int, monkeypatch, interrupt_after=None):
+    """run_bisected with choose_strengths on ``workers`` into ``store``, interrupted after
+    ``interrupt_after`` stored runs (KeyboardInterrupt) and resumed when given."""
+    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: BATCH)
     if interrupt_after is not None:
         real, count = Store.add_run, [0]
 
@@ -319,10 +326,9 @@ def sweep(tmp_path: Path, name: str, configs, monkeypatch, interrupt_after=None)
         with monkeypatch.context() as m:
             m.setattr(Store, "add_run", add_run)
             with pytest.raises(KeyboardInterrupt):
-                runner.run_bisected(store, configs, spec_of, 3, workers=workers,
+                runner.run_bisected(store, configs, spec_of, rounds, workers=workers,
                                     choose_strengths=True)  # fmt: skip
-    runner.run_bisected(store, configs, spec_of, 3, workers=workers, choose_strengths=True)
-    return store, workers.batches
+    runner.run_bisected(store, configs, spec_of, rounds, workers=workers, choose_strengths=True)
 
 
 def test_the_other_seeds_train_and_are_bisected_only_at_the_chosen_strength(tmp_path, monkeypatch):

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import gaugefix.experiments.runner as runner
 from gaugefix.experiments.engine import RunConfig
 from gaugefix.experiments.plan import at_chosen_strengths, cell_of, tuning_first
 from gaugefix.experiments.stability import TUNING_SEEDS, at_best_strength, best_strengths
 from gaugefix.experiments.store import Store
-from test_plan_audit import BATCH, FakeWorkers, block_configs, result, spec_of
+from test_plan_audit import FakeWorkers, bisected, block_configs, result
 
 ROUNDS = 3
 JUDGED = TUNING_SEEDS + 2  # seeds of the sweeps below: the tuning seeds and two judged ones
@@ -33,23 +32,7 @@ def top(c: RunConfig) -> float:
 def sweep(store: Store, configs, monkeypatch, stop_after: int | None = None, rounds=ROUNDS):
     """run_bisected with choose_strengths on FakeWorkers; with ``stop_after``, interrupted
     after that many stored runs (KeyboardInterrupt) and resumed."""
-    monkeypatch.setattr(runner, "runs_per_batch", lambda task, config: BATCH)
-    workers = FakeWorkers(top)
-    if stop_after is not None:
-        real, count = Store.add_run, [0]
-
-        def add_run(self, r, seconds):
-            if count[0] >= stop_after:
-                raise KeyboardInterrupt
-            count[0] += 1
-            return real(self, r, seconds)
-
-        with monkeypatch.context() as m:
-            m.setattr(Store, "add_run", add_run)
-            with pytest.raises(KeyboardInterrupt):
-                runner.run_bisected(store, configs, spec_of, rounds, workers=workers,
-                                    choose_strengths=True)  # fmt: skip
-    runner.run_bisected(store, configs, spec_of, rounds, workers=workers, choose_strengths=True)
+    bisected(store, configs, FakeWorkers(top), rounds, monkeypatch, stop_after)
 
 
 def two_grids(tmp_path: Path, name: str, monkeypatch, stop_after=None) -> Store:
