@@ -144,6 +144,22 @@ def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
             )
 
 
+def _fewer_groups(orbit: OrbitState, groups: int) -> OrbitState:
+    """``orbit`` for an optimizer with ``groups`` parameter groups: when groups were removed
+    mid-interval (their indices shifted), every group's sum is the least of the sums (a
+    parameter's own sum since the last orbit step is never less); else ``orbit``."""
+    sums = orbit.lr_sum
+    if sums is None or len(sums) <= groups:
+        return orbit
+    if any(isinstance(s, Tensor) for s in sums):  # on the device: no host read
+        like = next(s for s in sums if isinstance(s, Tensor))
+        least = torch.stack(
+            [torch.as_tensor(s, dtype=like.dtype, device=like.device) for s in sums]
+        )
+        return orbit._replace(lr_sum=(least.amin(),) * groups)
+    return orbit._replace(lr_sum=(min(sums),) * groups)
+
+
 class GaugeFixing:
     """Soft gauge fixing for any ``torch.optim`` optimizer, through its step hooks.
 
@@ -169,15 +185,16 @@ class GaugeFixing:
     on the subgroup the other generators generate, :meth:`GaugeStructure.restrict`): the start
     balancing, the exact step and the penalty never move it, so frozen parameters stay bit-identical
     and their ``.grad`` is left alone. ``left_out`` counts the generators left out per reason
-    (logged once whenever it changes); parameters added with ``optimizer.add_param_group`` and
-    ``requires_grad`` or ``lr`` changes are followed at every step. Parameters the structure does
-    not cover are never touched.
+    (logged once whenever it changes); parameters added with ``optimizer.add_param_group`` or
+    moved between groups and ``requires_grad`` or ``lr`` changes are followed at every step.
+    Parameters the structure does not cover are never touched.
 
     Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
     parameters it touches (its incoming and outgoing entries), read from the groups at every
-    step so schedulers are followed. A tensor ``lr`` stays on its device (no host read; its
-    group is never taken as frozen by its value; a generator whose rate from it is negative or
-    not finite is not moved).
+    step so schedulers are followed (groups removed mid-interval: every group's sum of learning
+    rates since the last orbit step becomes the least of the sums). A tensor ``lr`` stays on its
+    device (no host read; its group is never taken as frozen by its value; a generator whose
+    rate from it is negative or not finite is not moved).
 
     The penalty's gradient, when an orbit step is due and the sum of learning rates it takes
     (:func:`gaugefix.step.advance`) are those of :mod:`gaugefix.step`, which the sweep engine
@@ -251,6 +268,7 @@ class GaugeFixing:
         self._frozen: tuple[bool, ...] | None = None
         self._group_sizes: tuple[int, ...] = ()
         self._held: dict[int, int] = {}  # id of each parameter the optimizer holds -> group
+        self._places: dict[int, tuple[int, int]] = {}  # -> (group, index in its "params")
         self.active = structure
         self.params = self._all_params
         self.left_out: dict[str, int] = {}
@@ -282,16 +300,15 @@ class GaugeFixing:
         ``requires_grad`` in a group with ``lr != 0``, when that set changed since the last
         call (cheap otherwise)."""
         groups = self.optimizer.param_groups
-        sizes = tuple(len(g["params"]) for g in groups)
-        if sizes != self._group_sizes:
-            self._group_sizes = sizes
-            self._held = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        regrouped = self._follow_groups(groups)
         zero_lr = tuple(map(_frozen_by_lr, groups))
         frozen = tuple(
             (i := self._held.get(id(p))) is None or not p.requires_grad or zero_lr[i]
             for p in self._all_params.values()
         )
         if frozen == self._frozen:
+            if regrouped:  # the same generators, their parameters in other groups
+                self._group_of, self._rate_cache = self._param_groups(), None
             return
         self._frozen = frozen
         unheld = {n for n, p in self._all_params.items() if id(p) not in self._held}
@@ -321,6 +338,23 @@ class GaugeFixing:
                 self.structure.num_generators,
                 "; ".join(f"{count} {reason}" for reason, count in left_out.items()),
             )
+
+    def _follow_groups(self, groups: list[dict[str, Any]]) -> bool:
+        """Re-read which group holds each parameter (``_held``) when the group sizes changed
+        or a parameter of the structure left its place (moved or swapped between groups);
+        whether it was re-read."""
+        sizes = tuple(len(g["params"]) for g in groups)
+        if sizes == self._group_sizes and all(
+            (place := self._places.get(id(p))) is None or groups[place[0]]["params"][place[1]] is p
+            for p in self._all_params.values()
+        ):
+            return False
+        self._group_sizes = sizes
+        self._places = {
+            id(p): (i, j) for i, g in enumerate(groups) for j, p in enumerate(g["params"])
+        }
+        self._held = {key: i for key, (i, _) in self._places.items()}
+        return True
 
     # -- hooks ------------------------------------------------------------------------------------
     def _pre_step(
@@ -384,7 +418,7 @@ class GaugeFixing:
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         lrs = tuple(group["lr"] for group in self.optimizer.param_groups)
-        lr_sums, self._orbit = advance(self._orbit, lrs, self.every)
+        lr_sums, self._orbit = advance(_fewer_groups(self._orbit, len(lrs)), lrs, self.every)
         if lr_sums is None:  # gauge fixing does not act on this step
             return
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
@@ -471,8 +505,9 @@ class GaugeFixing:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict` of a hook with the same ``every`` (``ValueError``
-        for anything else, nothing changed)."""
+        """Continue from :meth:`state_dict` of a hook with the same ``every``, which the state
+        does not record (``ValueError``, nothing changed, for anything but such a state, or one
+        whose place in the interval does not fit this ``every``)."""
         try:
             steps, skipped = int(state["steps"]), int(state["skipped"])
             since, lr_sums = int(state["since"]), [float(x) for x in state["lr_sums"]]
