@@ -123,7 +123,11 @@ class GaugeStructure:
     for reports; ``excluded`` lists, per producing module, the channels that are not generators
     with the reason; ``notes`` holds caveats of the trace (e.g. the value reads accepted with
     ``allow_value_dependent=True``); ``in_out`` names the 2-D weights whose module type stores
-    them ``[in, out]`` (Hugging Face's ``Conv1D``, embeddings), for :meth:`scale_groups`.
+    them ``[in, out]`` (Hugging Face's ``Conv1D``, embeddings), for :meth:`scale_groups`;
+    ``aliases`` maps each parameter the model holds under several names (``ln2.bias =
+    ln1.bias``, tied embeddings) from its name in ``param_order`` to its other names, in the
+    order of ``named_parameters(remove_duplicate=False)`` (``None``: not recorded, for
+    structures saved before aliases were).
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class GaugeStructure:
         param_order: list[str],
         notes: tuple[str, ...] = (),
         in_out: frozenset[str] = frozenset(),
+        aliases: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.num_generators = num_generators
         self.params = params
@@ -147,6 +152,7 @@ class GaugeStructure:
         self.param_order = param_order
         self.notes = notes
         self.in_out = in_out
+        self.aliases = aliases
         self._plans: dict[torch.device, list[PlannedParam]] = {}
 
     def __repr__(self) -> str:
@@ -159,6 +165,10 @@ class GaugeStructure:
         """The fields without the per-device plans (a cache, and tensors on devices the
         unpickling process may lack)."""
         return {**self.__dict__, "_plans": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A pickle of a version without ``aliases`` has them not recorded."""
+        self.__dict__.update({"aliases": None, **state})
 
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
@@ -274,6 +284,7 @@ class GaugeStructure:
             out[name] = t
         if isinstance(source, nn.Module):
             self._check_names(named)
+            self._check_aliases(source)
         if not sharded:
             from gaugefix.distributed import refuse_sharded
 
@@ -292,6 +303,23 @@ class GaugeStructure:
                 "the structure does not match: the model's parameters are not those it was "
                 f"discovered with (new: {extra[:3]}, missing: {missing[:3]}; a weight tied or "
                 "untied since?)"
+            )
+
+    def _check_aliases(self, model: nn.Module) -> None:
+        """A model holding its parameters under other names than those recorded (a weight tied
+        to another tensor since, which keeps ``named_parameters`` as it was) is another model."""
+        if self.aliases is None:
+            return
+        found = _aliases(model)
+        if found != self.aliases:
+            changed = sorted(
+                n for n in found.keys() | self.aliases if found.get(n) != self.aliases.get(n)
+            )
+            raise ValueError(
+                "the structure does not match: the model ties its parameters otherwise than the "
+                f"one it was discovered on ({changed[0]!r} is held as "
+                f"{[changed[0], *found.get(changed[0], ())]}, was "
+                f"{[changed[0], *self.aliases.get(changed[0], ())]}; a weight tied since?)"
             )
 
     def plan(self, device: torch.device | str) -> list[PlannedParam]:
@@ -315,10 +343,22 @@ class GaugeStructure:
 
     def touching(self, names: Collection[str]) -> Tensor:
         """Bool ``[num_generators]``: the generators acting on entries of the named parameters
-        (a collection of names, not one string)."""
+        (a collection of names of ``param_order``, not one string; ``ValueError`` for another
+        name, such as a module's)."""
         if isinstance(names, str):
             raise TypeError(
                 f"touching takes a collection of parameter names, not the string {names!r}"
+            )
+        names = set(names)  # read once: an iterator would be consumed by the first test
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                f"touching takes parameter names (strings), got {sorted(map(repr, names))}"
+            )
+        unknown = sorted(names - set(self.param_order))
+        if unknown:
+            raise ValueError(
+                f"touching: {unknown[0]!r} is not a parameter of the structure's model (a "
+                "parameter's full name, such as 'fc1.weight', not a module's)"
             )
         touched = torch.zeros(self.num_generators + 1, dtype=torch.bool)
         for param in self.plan("cpu"):
@@ -343,12 +383,18 @@ class GaugeStructure:
         tensor ``[num_generators]``), renumbered in order; parameters no kept generator acts on
         are dropped, and the producing channels of the dropped generators are added to
         ``excluded`` with ``reason``."""
-        keep = torch.as_tensor(keep).cpu()
+        try:
+            keep = torch.as_tensor(keep).cpu()
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+            raise TypeError(
+                f"restrict takes a bool mask, got a {type(keep).__name__} ({first_line(err)})"
+            ) from None
         if (keep.dtype != torch.bool and keep.numel()) or not isinstance(reason, str):
             raise TypeError(
                 f"restrict takes a bool mask and a reason string, got a {keep.dtype} tensor "
                 f"and a {type(reason).__name__}"
             )
+        keep = keep.to(torch.bool)  # an empty list is a float tensor
         if tuple(keep.shape) != (self.num_generators,):
             raise ValueError(
                 f"keep must have shape ({self.num_generators},), got {tuple(keep.shape)}"
@@ -384,6 +430,7 @@ class GaugeStructure:
             self.param_order,
             self.notes,
             self.in_out,
+            self.aliases,
         )
 
     # -- persistence ----------------------------------------------------------------------------
@@ -391,7 +438,7 @@ class GaugeStructure:
         """Plain data (lists, strings, numbers): what :meth:`save` writes."""
         layers = sorted(set(self.generator_layers))
         index = {name: i for i, name in enumerate(layers)}
-        return {
+        data = {
             "format": FORMAT,
             "num_generators": self.num_generators,
             "params": [
@@ -414,6 +461,9 @@ class GaugeStructure:
             "notes": list(self.notes),
             "in_out": sorted(self.in_out),
         }
+        if self.aliases is not None:
+            data["aliases"] = {name: list(other) for name, other in self.aliases.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> GaugeStructure:
@@ -448,6 +498,7 @@ class GaugeStructure:
             _strings(data["param_order"], "param_order"),
             tuple(_strings(data.get("notes", []), "notes")),
             frozenset(_strings(data.get("in_out", []), "in_out")),
+            _read_aliases(data.get("aliases")),
         )
 
     @classmethod
@@ -644,6 +695,17 @@ def _read_exclusions(entries: Any) -> list[Exclusion]:
     return out
 
 
+def _read_aliases(aliases: Any) -> dict[str, tuple[str, ...]] | None:
+    """The other names of each tied parameter (``None``: a file written before they were)."""
+    if aliases is None:
+        return None
+    if not isinstance(aliases, dict):
+        raise ValueError("aliases must be a map")
+    return {
+        name: tuple(_strings(other, f"the aliases of {name!r}")) for name, other in aliases.items()
+    }
+
+
 def _read_layers(layers: Any, which: Any) -> list[str]:
     """The module of each generator: ``layers[which[n]]``."""
     names = _strings(layers, "layers")
@@ -703,9 +765,27 @@ def _check_tables(s: GaugeStructure) -> None:
     order = set(s.param_order)
     if len(order) != len(s.param_order) or not s.params.keys() <= order:
         raise ValueError("param_order must name every parameter once, the acted-on ones too")
+    if not s.produced.keys() | s.in_out <= order:
+        raise ValueError("produced and in_out must name parameters of param_order")
     for name, index in s.produced.items():
         if index.dim() != 1 or (index.numel() and int(index.max()) >= n):
             raise ValueError(f"the channels '{name}' produces must name generators in [0, {n})")
+    if s.aliases is not None:
+        _check_alias_table(s.aliases, order)
+
+
+def _check_alias_table(aliases: dict[str, tuple[str, ...]], order: set[str]) -> None:
+    """Each alias list belongs to a parameter of ``param_order``, is not empty, and names
+    other names, each once over all lists."""
+    other = [a for names in aliases.values() for a in names]
+    if (
+        not (aliases.keys() <= order and all(aliases.values()))
+        or len(set(other)) != len(other)
+        or order & set(other)
+    ):
+        raise ValueError(
+            "aliases must map parameters of param_order to other names, each named once"
+        )
 
 
 def module_of(param_name: str) -> str:
@@ -865,7 +945,21 @@ def compile_structure(
     node_reason = torch.where(fixed >= 0, fixed, reason[comp])
     exclusions = _exclusions(ctx, producers, comp, valid, node_reason, reasons, has_out)
     in_out = _stored_in_out(model) & params.keys()
-    return GaugeStructure(num, params, exclusions, layers, kinds, produced, names, notes, in_out)
+    return GaugeStructure(
+        num, params, exclusions, layers, kinds, produced, names, notes, in_out, _aliases(model)
+    )
+
+
+def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Per parameter the model holds under several names, its first name (the one
+    ``named_parameters`` gives) to the others."""
+    first: dict[int, str] = {}
+    other: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = first.setdefault(id(p), name)
+        if key != name:
+            other.setdefault(key, []).append(name)
+    return {name: tuple(names) for name, names in other.items()}
 
 
 def _stored_in_out(model: nn.Module) -> frozenset[str]:
@@ -1019,10 +1113,15 @@ def _cancel_opposite(terms: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]
 
 
 def _kinds(ctx: TraceContext, comp: Tensor, generator_of: Tensor, num: int) -> list[str]:
-    """The kind of each generator: the most specific tag any of its nodes carries."""
-    rank = torch.full((num + 1,), len(KINDS) - 1)
+    """The kind of each generator: the most specific tag any of its nodes carries. A rotary
+    pair is a query-key generator spanning dims a rearrangement united (``rotate_half``): a
+    union of channels with a permutation of themselves elsewhere (``h + h.flip(1)`` in a CNN)
+    is not one."""
+    tagged = torch.zeros(num + 1, len(KINDS), dtype=torch.bool)
+    tagged[:, KINDS.index("neuron")] = True
     for nodes, kind in ctx.tags:
         g = generator_of[comp[nodes]]
-        g = torch.where(g < 0, num, g)
-        rank.scatter_reduce_(0, g, torch.full_like(g, KINDS.index(kind)), reduce="amin")
+        tagged[torch.where(g < 0, num, g), KINDS.index(kind)] = True
+    tagged[:, KINDS.index("rotary pair")] &= tagged[:, KINDS.index("query-key")]
+    rank = tagged.to(torch.uint8).argmax(1)  # the first kind tagged
     return [KINDS[r] for r in rank[:num].tolist()]
