@@ -319,6 +319,7 @@ class ShardStructure(GaugeStructure):
             structure.param_order,
             structure.notes,
             structure.in_out,
+            structure.aliases,
         )
         self.group = mesh.get_group()
         self._most_terms = structure.most_terms()
@@ -334,6 +335,7 @@ class ShardStructure(GaugeStructure):
             structure.param_order,
             structure.notes,
             structure.in_out,
+            structure.aliases,
         )
         check_same_structure(structure, self.group, first.device, error)
 

@@ -23,8 +23,10 @@ map is read off those two: a bias added to other channels or in another order, t
 on one channel), nor those of one group that divide one input channel together (``head(a * b)``
 with ``a``, ``b`` two channels of one layer): a tool gives a channel one scale, not a product.
 Module names are those of the model inside its ``DistributedDataParallel``, ``DataParallel`` and
-``torch.compile`` wrappers (what ``discover`` traces). Not seen: one tensor held by two modules
-of a group (``ln2.bias = ln1.bias``), which the structure names once and a tool divides twice.
+``torch.compile`` wrappers (what ``discover`` traces). Nor are the generators of a tensor held
+by several modules (``ln2.bias = ln1.bias``, :attr:`GaugeStructure.aliases`): a tool reaching it
+by each module's name would scale it twice (a structure saved before aliases were recorded
+cannot tell).
 A structure traced on one path that left parameters unused (experts no example token was
 routed to) has no groups to give: a group would leave the unused readers of its channels
 unscaled, and change the outputs of inputs that reach them.
@@ -66,11 +68,14 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
     for name, index in structure.produced.items():
         if module_of(name) in row:
             owns[row[module_of(name)], index[index >= 0]] = True
+    tied = structure.aliases or {}  # held by several modules: a tool would scale it twice
     for param in structure.plan(torch.device("cpu")):
         module = row[module_of(param.name)]
         own = owns[module]
         in_out = param.name in structure.in_out
         for term in param.terms:
+            if param.name in tied:
+                other[term.slots.reshape(-1)] = True
             slots = term.slots.reshape(-1)
             scalable = _scalable(param.name, param.shape, term.slots.shape, term.sign > 0, in_out)
             if term.sign > 0:
