@@ -130,12 +130,21 @@ class KernelPlan(NamedTuple):
 _PLANS_ATTR = "_kernel_plans"
 
 
+class _Plans(dict):
+    """A structure's plans by device: a cache, pickled (and deep-copied) empty, as
+    ``GaugeStructure`` pickles its own plans: their tensors lie on devices the unpickling process
+    may lack."""
+
+    def __reduce__(self) -> tuple:
+        return _Plans, ()
+
+
 def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> KernelPlan:
     """The :class:`KernelPlan` of ``structure`` on ``device`` (built once, then cached)."""
     device = torch.device(device)
     per_device = getattr(structure, _PLANS_ATTR, None)
     if per_device is None:
-        per_device = {}
+        per_device = _Plans()
         setattr(structure, _PLANS_ATTR, per_device)
     if device not in per_device:
         by_layout: dict[tuple, list] = {}
@@ -669,7 +678,7 @@ def factor_product(factors: list[Tensor], dtype: torch.dtype, scratch: bool = Fa
     if len(factors) == 1:
         return factors[0].to(dtype)
     first, last = functools.reduce(torch.mul, factors[:-1]), factors[-1]
-    shape = tuple(map(max, first.shape, last.shape))
+    shape = torch.broadcast_shapes(first.shape, last.shape)  # 0 where a size is 0, not 1
     if scratch and SCRATCH_MIN <= math.prod(shape) <= CHUNK:
         out = _scratch_buffer(first.device, dtype, shape)
     else:
