@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
-from gaugefix.action import all_finite, check_finite_params
+from gaugefix.action import all_finite
 from gaugefix.coordinates import generator_pairing, generators_gram, normalised
 from gaugefix.distributed import refuse_sharded
 from gaugefix.errors import check_count, check_number, first_line
@@ -162,9 +162,10 @@ def _scaled_params(model: nn.Module, structure: GaugeStructure) -> tuple[dict[st
     every scale): ``K(theta) = 4^e K(2^-e theta)`` exactly, ``K`` at this scale keeps its digits
     where ``K(theta)`` would leave float64's normal range (weights below ``1e-154`` or above
     ``1e154``), and ARPACK's convergence test, which has an absolute floor, is the same at every
-    scale. Non-finite weights refused."""
+    scale. Weights that are not real floating point (complex: their imaginary parts would be
+    dropped), ``meta`` or not finite are refused (:func:`_check_floats`)."""
     params = structure.bind(model)
-    check_finite_params(params)
+    _check_floats(params, "parameter")
     return normalised(params, beyond=0)
 
 
@@ -216,8 +217,9 @@ def relaxation_rates(
     mode that does not relax (a singular ``K``: see :func:`gaugefix.project`). ``K`` is formed
     from the weights scaled by a power of two (exact: ``K(c theta) = c^2 K(theta)``), so the
     rates are the same to rounding at every scale of the weights. ``ValueError`` for
-    non-finite weights, for rates that leave float64's normal range (weights near ``1e-155``
-    at strength 1), and where ARPACK does not find the extreme rates exactly.
+    weights that are not finite or not real floating point (complex, sparse, ``meta``), for
+    rates that leave float64's normal range (weights near ``1e-155`` at strength 1), and where
+    ARPACK does not find the extreme rates exactly.
     """
     strength = check_number(strength, "strength")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -277,10 +279,13 @@ def predicted_imbalance_change(
     entries that move, which no longer vanishes, is added (``DTensor`` parameters are then
     refused with a ``ShardingError``). Accumulated like
     :func:`gaugefix.imbalance` (float64 for float64 tensors). Weights or ``grads`` that are not
-    floating point or not finite are refused (``ValueError`` naming the first).
+    real floating point, not dense (a sparse gradient), on the ``meta`` device or not finite are
+    refused (``ValueError`` naming the first), as are ``lr`` and ``weight_decay`` whose
+    coefficients ``(1 - lr wd)^2`` or ``lr^2`` leave float64's range.
     """
     lr = check_number(lr, "lr")
     weight_decay = check_number(weight_decay, "weight_decay")
+    decay, square, cross = _step_coefficients(lr, weight_decay)
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping name -> tensor, got {type(grads).__name__}")
     absent = [n for n in structure.params if not isinstance(grads.get(n, ...), Tensor | None)]
@@ -294,12 +299,24 @@ def predicted_imbalance_change(
     still = {n for n, p in params.items() if not p.requires_grad or grads[n] is None}
     grads = {**grads, **{n: torch.zeros_like(params[n]) for n in params if grads[n] is None}}
     _check_floats(structure.bind(grads, sharded=True), "grads:")
-    shrink = 1.0 - lr * weight_decay
     if not still:
         mu = imbalance(model, structure)
         mu_g = imbalance(grads, structure)
-        return (shrink**2 - 1.0) * mu + lr**2 * mu_g.to(mu.dtype)
-    return _held_change(params, grads, still, structure, lr, shrink)
+        return decay * mu + square * mu_g.to(mu.dtype)
+    return _held_change(params, grads, still, structure, (decay, square, cross))
+
+
+def _step_coefficients(lr: float, weight_decay: float) -> tuple[float, float, float]:
+    """``((1 - lr wd)^2 - 1, lr^2, 2 lr (1 - lr wd))``, the coefficients of ``mu(theta)``,
+    ``mu(g)`` and ``-<xi_n, g>`` in the change; a one-line ``ValueError`` where one overflows."""
+    shrink = 1.0 - lr * weight_decay
+    coefficients = (shrink * shrink - 1.0, lr * lr, 2.0 * lr * shrink)
+    if not all(math.isfinite(c) for c in coefficients):
+        raise ValueError(
+            f"the step's coefficients (1 - lr * weight_decay)^2 and lr^2 at lr {lr:g}, "
+            f"weight_decay {weight_decay:g} leave float64's range"
+        )
+    return coefficients
 
 
 def _held_change(
@@ -307,28 +324,35 @@ def _held_change(
     grads: Mapping[str, Tensor],
     still: set[str],
     structure: GaugeStructure,
-    lr: float,
-    shrink: float,
+    coefficients: tuple[float, float, float],
 ) -> Tensor:
     """:func:`predicted_imbalance_change` where SGD leaves the gauged parameters ``still`` in
     place: over the entries that move (``theta``, ``g`` zeroed on the others) the cross term
     ``-2 lr shrink <xi_n, g>`` no longer vanishes and is added (needs whole tensors:
-    ``ShardingError`` for ``DTensor`` s)."""
+    ``ShardingError`` for ``DTensor`` s). ``coefficients``: :func:`_step_coefficients`."""
     refuse_sharded(params)
+    decay, square, cross = coefficients
     theta = {n: torch.zeros_like(p) if n in still else p.detach() for n, p in params.items()}
     g = {n: torch.zeros_like(grads[n]) if n in still else grads[n] for n in params}
     mu = imbalance(theta, structure)
-    cross = generator_pairing(theta, g, structure).to(mu.dtype)
+    pairing = generator_pairing(theta, g, structure).to(mu.dtype)
     mu_g = imbalance(g, structure).to(mu.dtype)
-    return (shrink**2 - 1.0) * mu + lr**2 * mu_g - 2.0 * lr * shrink * cross
+    return decay * mu + square * mu_g - cross * pairing
 
 
 def _check_floats(tensors: Mapping[str, Tensor], what: str) -> None:
-    """A one-line ``ValueError`` naming the first of ``tensors`` that is not floating point or
+    """A one-line ``ValueError`` naming the first of ``tensors`` that is not real floating point
+    (complex included), not dense (a sparse gradient), on the ``meta`` device (no data), or
     holds NaN or inf (one host read when all are finite)."""
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise ValueError(f"{what} '{name}' must be a floating-point tensor, got {t.dtype}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{what} '{name}' must be a dense tensor, got layout {t.layout}")
+        if t.is_meta:
+            raise ValueError(
+                f"{what} '{name}' is on the meta device (it holds no data): materialize it first"
+            )
     if not all_finite(list(tensors.values())):
         bad = next(name for name, t in tensors.items() if not all_finite([t]))
         raise ValueError(f"{what} '{bad}' contains NaN or inf")
@@ -435,18 +459,24 @@ def _finite_norm(w: Tensor) -> float:
     return norm
 
 
+# The seeds torch.Generator.manual_seed takes: [low, high).
+SEED_RANGE = (-(2**63), 2**64)
+
+
 def _check_lanczos(iters: int, tol: float, krylov_dim: int, seed: int) -> None:
     """``ValueError`` unless :func:`sharpness`'s Lanczos settings are usable."""
     check_count(iters, "iters")
     if check_count(krylov_dim, "krylov_dim") < 2:  # one vector per cycle never moves
         raise ValueError(f"krylov_dim must be an integer >= 2, got {krylov_dim!r}")
     check_number(tol, "tol", strict=True)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed < high:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
 
 
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters that require grad, checked: some, of one dtype, finite, none sharded."""
+    """The parameters that require grad, checked: some, of one real floating dtype, finite, none
+    sharded."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError("the model has no parameters that require grad")
@@ -454,7 +484,7 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     dtypes = {p.dtype for p in named.values()}
     if len(dtypes) > 1:
         raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
-    check_finite_params(named)
+    _check_floats(named, "parameter")
     return named
 
 
@@ -484,8 +514,10 @@ def sharpness(
     copied, so a BatchNorm in training mode uses batch statistics and updates only the copies),
     and the global random state is restored; every product reuses the same random state, so
     dropout masks are the same in all of them. The loss is evaluated in the model's current
-    mode (``train()`` / ``eval()``). Non-finite parameters, or a non-finite Hessian-vector
-    product, raise ``ValueError``.
+    mode (``train()`` / ``eval()``). Parameters that are not finite or not real floating point
+    (complex), a ``seed`` ``torch.Generator`` does not take, an operation without a
+    forward-mode derivative (``weight_norm``'s kernel), or a non-finite Hessian-vector product
+    raise ``ValueError``.
     """
     _check_lanczos(iters, tol, krylov_dim, seed)
     named = _trainable(model)
@@ -504,7 +536,13 @@ def sharpness(
             return loss_fn(functional_call(model, state, args), targets)
 
         def hvp(v: Tensor) -> Tensor:
-            return jvp(grad(loss_at), (flat,), (v,))[1]
+            try:
+                return jvp(grad(loss_at), (flat,), (v,))[1]
+            except NotImplementedError as err:  # no fallback: double backward can be wrong
+                raise ValueError(
+                    "a Hessian-vector product needs forward-mode differentiation (jvp of "
+                    f"grad), which an operation of the model or loss lacks ({first_line(err)})"
+                ) from None
 
         generator = torch.Generator(device=flat.device).manual_seed(seed)
         start = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
