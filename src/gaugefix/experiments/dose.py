@@ -57,7 +57,7 @@ KEY = "dose"
 READS_RUNS = False
 # The version of what compute gives: raised when a change alters it, so stored values of
 # older versions are computed again.
-VERSION = 2  # 2: every mode of K searched
+VERSION = 3  # 2: every mode of K searched; 3: the lower bounds marked
 S = 2.0  # the initial imbalance
 SWEPT = ("penalty", "exact")
 # One monotone curve is shared when the pooled Spearman correlation of edge ratio against
@@ -71,9 +71,7 @@ LR_RANGE = (-16, 2)
 QUICK_LR_RANGE = (-16, 0)
 
 
-class Dose(TypedDict):
-    """One task's ``dose`` entry (:func:`summarize`)."""
-
+class _Dose(TypedDict):
     steps: int
     seeds: int
     rho: Annotated[
@@ -81,6 +79,13 @@ class Dose(TypedDict):
     ]
     shared: Annotated[bool | None, "one monotone curve shared by penalty and exact"]
     excluded: Annotated[int, "points without a stable rate or where plain did not diverge there"]
+
+
+class Dose(_Dose, total=False):
+    """One task's ``dose`` entry (:func:`summarize`); ``lower_bounds`` only where some point
+    kept is one."""
+
+    lower_bounds: Annotated[int, "points kept whose edge is only a lower bound (the grid's top)"]
 
 
 SUMMARY = dict[TaskKey, Dose]
@@ -93,9 +98,11 @@ def strengths(quick: bool) -> tuple[float, ...]:
 
 def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
     """Per seed (1 quick, 5): the edges of plain and of each method and strength
-    (:func:`edges`, 100 or 150 steps), plain's divergence step at each method's edge and the
-    slowest relaxation rate at the start."""
+    (:func:`edges`, 100 or 150 steps), whether each is only a lower bound (stable up to the
+    grid's top: not bisected), plain's divergence step at each method's edge and the slowest
+    relaxation rate at the start."""
     steps, seeds = (100, 1) if quick else (150, 5)
+    top = max(_grid(quick))
     points = []
     for seed in range(seeds):
         instance = TaskSpec(task.name).for_seed(seed)
@@ -105,7 +112,7 @@ def compute(store: Store, task: Task, quick: bool) -> dict[str, Any]:
             points.append({
                 "seed": seed, "method": method, "strength": strength, "edge": edge,
                 "plain_edge": found[("plain", 0.0)], "rate": rate,
-                "t_diverge": diverged.get((method, strength)),
+                "t_diverge": diverged.get((method, strength)), "lower_bound": edge >= top,
             })  # fmt: skip
     return {"steps": steps, "seeds": seeds, "s": S, "points": points}
 
@@ -143,7 +150,7 @@ def edges(
     strength of ``swept`` (full-batch GD from ``S z``, the sweep's engine and bisection), and
     plain's divergence step at each method's edge (``None`` where it did not diverge)."""
     task = instance.load()
-    lrs = lr_grid(*(QUICK_LR_RANGE if quick else LR_RANGE), COARSE)
+    lrs = _grid(quick)
     cells = [("plain", 0.0)] + [(m, st) for m in SWEPT for st in swept]
 
     def config(method: str, strength: float, lr: float, bisection: int = 0) -> RunConfig:
@@ -164,10 +171,27 @@ def edges(
     return found, {cell: r.diverged_at for (cell, _), r in zip(at, plain, strict=True)}
 
 
+def _grid(quick: bool) -> list[float]:
+    """The learning rates of the grid (:data:`LR_RANGE`, quick :data:`QUICK_LR_RANGE`)."""
+    return lr_grid(*(QUICK_LR_RANGE if quick else LR_RANGE), COARSE)
+
+
+def _kept(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points of the methods where plain diverged at the method's edge."""
+    return [p for p in points if p["method"] != "plain" and p["t_diverge"] and p["plain_edge"]]
+
+
+def _bounds(points: list[dict[str, Any]]) -> list[bool]:
+    """Whether the edge of each of the :func:`_kept` points is only a lower bound (stable up to
+    the grid's top; its edge ratio a lower bound, its ``tau_relax`` an upper one); a point
+    without the mark (made by hand) is not one."""
+    return [p.get("lower_bound", False) for p in _kept(points)]
+
+
 def _xy(points: list[dict[str, Any]]) -> tuple[list[float], list[float], list[str]]:
     """``tau_relax / t_diverge`` and ``edge / plain's edge`` of the points where plain diverged
     at the method's edge, and their methods."""
-    kept = [p for p in points if p["method"] != "plain" and p["t_diverge"] and p["plain_edge"]]
+    kept = _kept(points)
     x = [tau_relax(p["edge"], p["strength"], p["rate"]) / p["t_diverge"] for p in kept]
     return x, [p["edge"] / p["plain_edge"] for p in kept], [p["method"] for p in kept]
 
@@ -198,7 +222,8 @@ def shared_curve(x: list[float], y: list[float], methods: list[str]) -> tuple[di
 
 
 def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Dose]:
-    """Per task: the rank correlations and whether one curve is shared."""
+    """Per task: the rank correlations, whether one curve is shared, the points left out and
+    the lower bounds among those kept (in the correlations as their values)."""
     out = {}
     for task, v in sorted(values.items()):
         x, y, methods = _xy(v["points"])
@@ -206,6 +231,8 @@ def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Dose]:
         swept = [p for p in v["points"] if p["method"] != "plain"]
         out[task] = Dose(steps=v["steps"], seeds=v["seeds"], rho=rho, shared=shared,
                          excluded=len(swept) - len(x))  # fmt: skip
+        if bounds := sum(_bounds(v["points"])):
+            out[task]["lower_bounds"] = bounds
     return out
 
 
@@ -219,6 +246,7 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         for m in SWEPT:
             ax.loglog(*_of(m, x, y, methods), marker, ms=4, ls="none", color=method_color(m),
                       label=f"{task}: {m}")  # fmt: skip
+        _draw_bounds(ax, task, x, y, _bounds(v["points"]))
         e = summary[task]
         judged = {True: "one monotone curve is shared", False: "no shared monotone curve",
                   None: "could not be judged"}[e["shared"]]  # fmt: skip
@@ -228,7 +256,8 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
             f"- {task}, full-batch GD, {e['steps']} steps from s = {v['s']:g}, {e['seeds']} "
             f"seed(s), strengths {', '.join(fmt(st) for st in swept)}: "
             f"Spearman rho {rhos}: **{judged}** ({e['excluded']} points left out: no stable "
-            f"rate, or plain did not diverge at the method's edge)."
+            f"rate, or plain did not diverge at the method's edge)"
+            + _bounds_text(e.get("lower_bounds", 0))
         )
     label(ax, "tau_relax / t_diverge (plain)", "edge / plain's edge")
     name = save(fig, out, "dose-response.png")
@@ -243,4 +272,23 @@ def render(out: Path, values: dict[str, dict[str, Any]]) -> str:
         f"at most {SHARED_RHO} and within {SHARED_SLACK} of the weaker per-method one.\n\n"
         + "\n".join(lines)
         + f"\n\n![dose-response]({name})"
+    )
+
+
+def _draw_bounds(ax: Any, task: str, x: list, y: list, bounds: list[bool]) -> None:
+    """An open triangle around each point whose edge is a lower bound (``bounds``: per point
+    of ``x`` and ``y``)."""
+    at = [(a, b) for a, b, bound in zip(x, y, bounds, strict=True) if bound]
+    if at:
+        ax.loglog(*zip(*at, strict=True), "^", ms=9, mfc="none", ls="none", color="0.4",
+                  label=f"{task}: lower bound (stable up to the grid's top)")  # fmt: skip
+
+
+def _bounds_text(count: int) -> str:
+    """The end of a task's line: how many of its points kept are lower bounds."""
+    if not count:
+        return "."
+    return (
+        f"; {count} of the points kept are lower bounds (stable up to the grid's top, open "
+        "triangles: the edge ratio at least, tau_relax at most the value drawn)."
     )

@@ -271,10 +271,12 @@ def run_status(
     :data:`DIVERGENCE_FACTOR` times its initial value), ``"stable"`` (``final <= margin *
     min(initial, constant)``, :data:`STABILITY_MARGIN` unless a sensitivity analysis asks for
     another: the run learned beyond the best constant predictor, so a network that collapsed
-    to one is not stable) or ``"unstable"``."""
+    to one is not stable) or ``"unstable"``; never stable where ``initial`` or ``constant`` is
+    NaN (``min`` would skip a NaN second argument)."""
     if final is None:
         return "diverged"
-    return "stable" if final <= margin * min(initial, constant) else "unstable"
+    stable = final <= margin * initial and final <= margin * constant
+    return "stable" if stable else "unstable"
 
 
 def method_problem(method: str, optimizer: str, strength: float) -> str | None:
@@ -327,10 +329,16 @@ def check_runs(configs: Sequence[RunConfig]) -> None:
     """``ValueError`` naming the first of ``configs`` with a :func:`run_problem`."""
     for c in configs:
         if problem := run_problem(c):
-            raise ValueError(
-                f"cannot train the run ({c.task}, {c.method}, {c.optimizer}, lr {c.lr!r}, "
-                f"seed {c.seed}): {problem}"
-            )
+            raise _refusal(c, problem)
+
+
+def _refusal(config: RunConfig, problem: str) -> ValueError:
+    """The one-line ``ValueError`` refusing ``config``, naming it, for ``problem``."""
+    c = config
+    return ValueError(
+        f"cannot train the run ({c.task}, {c.method}, {c.optimizer}, lr {c.lr!r}, "
+        f"seed {c.seed}): {problem}"
+    )
 
 
 def task_hash(task: Task) -> str:
@@ -492,7 +500,10 @@ def _initial_stack(tasks: list[Task], configs: list[RunConfig], dtype: torch.dty
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed + REPLICA_SEED * bool(METHODS[c.method].replica_of))
             model = task.make_model().to(dtype)
-        apply_gauge_(model, structure, c.s * z)
+        try:
+            apply_gauge_(model, structure, c.s * z)
+        except ValueError as error:  # the move out of the dtype's range: nothing was moved
+            raise _refusal(c, f"its start, moved by s = {c.s!r}, is refused: {error}") from None
         members.append({n: p.detach() for n, p in model.named_parameters()})
     stack = {n: torch.stack([m[n] for m in members]).requires_grad_(True) for n in members[0]}
     return template, structure, stack
@@ -508,7 +519,9 @@ def train_group(
     dtype) together, run ``r`` on ``tasks[r]`` (or all on one ``Task``); ``on_step(step)`` is
     called after each step (for progress). A run that diverges freezes; once the runs still
     active are at most :data:`COMPACT_FRACTION` of the rows computed, the others are dropped
-    (:func:`_compacted`)."""
+    (:func:`_compacted`). Each run trains on the task given: its ``task_hash`` is the caller's
+    label, not checked here (the runner, which stores runs, checks it). A run that cannot be
+    trained as its key says is refused with one ``ValueError`` naming it, before any step."""
     group, stack = _started(tasks, configs)
     with torch.no_grad():
         initial = _full_loss(group.data, group.template)(stack)
@@ -607,10 +620,10 @@ def _check_masses(structure: GaugeStructure, stack: Stack, configs: list[RunConf
     for c, ok in zip(configs, finite.all(0).tolist(), strict=True):
         m = METHODS[c.method]
         if not ok and (m.balanced_start or m.start or m.per_layer_lr or m.fixing in _MASS_FIXINGS):
-            raise ValueError(
-                f"cannot train the run ({c.task}, {c.method}, {c.optimizer}, lr {c.lr!r}, "
-                f"seed {c.seed}): at the initial imbalance s = {c.s!r} the squares of its "
-                f"{c.dtype} parameters overflow, so its gauge operations cannot act on it"
+            raise _refusal(
+                c,
+                f"at the initial imbalance s = {c.s!r} the squares of its {c.dtype} parameters "
+                "overflow, so its gauge operations cannot act on it",
             )
 
 
@@ -896,7 +909,8 @@ def _per_layer_lr(
     """per-layer-lr's multipliers (:func:`per_layer_lr_multipliers` of the initial parameters,
     computed at ``init``) on the updates of its runs, as a list of at most one transformation
     (one where a run of ``layout`` is per-layer-lr); ``ValueError`` for an optimizer outside
-    :data:`PER_LAYER_LR_OPTIMIZERS`."""
+    :data:`PER_LAYER_LR_OPTIMIZERS`, and at ``init`` one naming the first run whose multipliers
+    are not finite (the factors of a large ``s`` overflow: it would train as something else)."""
     if not any(METHODS[c.method].per_layer_lr for c in layout):
         return []
     runs = torch.tensor([METHODS[c.method].per_layer_lr for c in configs])
@@ -904,7 +918,20 @@ def _per_layer_lr(
         raise ValueError(
             f"per-layer-lr is defined for {', '.join(PER_LAYER_LR_OPTIMIZERS)}, not {optimizer!r}"
         )
-    return [scale_by_tensor(lambda params: per_layer_lr_multipliers(structure, params, runs))]
+
+    def multipliers(params: Stack) -> Stack:
+        factors = per_layer_lr_multipliers(structure, params, runs)
+        finite = torch.stack([torch.isfinite(f) for f in factors.values()]).all(0)
+        for c, ok in zip(configs, finite.tolist(), strict=True):
+            if not ok:
+                raise _refusal(
+                    c,
+                    f"at the initial imbalance s = {c.s!r} its per-layer learning-rate "
+                    "multipliers (the mean d_e^-2 of each tensor) overflow float64",
+                )
+        return factors
+
+    return [scale_by_tensor(multipliers)]
 
 
 def per_layer_lr_multipliers(structure: GaugeStructure, stack: Stack, runs: Tensor) -> Stack:
@@ -939,8 +966,9 @@ class SharpnessStart(NamedTuple):
     converged: bool
 
 
-# min_sharpness_start's results in this process, by task hash and seed (a pure function's).
-_SHARPNESS_STARTS: dict[tuple[str, int], SharpnessStart] = {}
+# min_sharpness_start's results in this process, by task hash and seed (a pure function's),
+# each with the task it was computed on.
+_SHARPNESS_STARTS: dict[tuple[str, int], tuple[Task, SharpnessStart]] = {}
 
 
 def min_sharpness_start(
@@ -951,9 +979,12 @@ def min_sharpness_start(
     loss: :func:`gaugefix.equalize_` with :func:`gaugefix.sharpness_objective` (L-BFGS on ``h``,
     at most :data:`MIN_SHARPNESS_ITERATIONS` iterations) in float64, started from the balanced
     point, so the point is the same for every initial imbalance ``s``, and deterministic
-    (Lanczos from a fixed seed). Computed once per process for each instance and seed."""
+    (Lanczos from a fixed seed). Computed once per process for each instance and seed: a
+    result kept for ``hash_`` is used for ``task`` only when it was computed on ``task`` or on
+    data and a model of the same :func:`task_hash` (the hash is the caller's label)."""
     key = (hash_, seed)
-    if key not in _SHARPNESS_STARTS:
+    kept = _SHARPNESS_STARTS.get(key)
+    if kept is None or not (kept[0] is task or task_hash(kept[0]) == task_hash(task)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = task.make_model().to(torch.float64)
@@ -966,14 +997,15 @@ def min_sharpness_start(
             tol=MIN_SHARPNESS_TOL,
             max_iter=MIN_SHARPNESS_ITERATIONS,
         )
-        _SHARPNESS_STARTS[key] = SharpnessStart(
+        start = SharpnessStart(
             balanced.h + found.h,
             found.objective_before,
             found.objective_after,
             found.iterations,
             found.converged,
         )
-    return _SHARPNESS_STARTS[key]
+        _SHARPNESS_STARTS[key] = (task, start)
+    return _SHARPNESS_STARTS[key][1]
 
 
 def moved_starts_(

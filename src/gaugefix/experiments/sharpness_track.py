@@ -63,7 +63,9 @@ class EdgeSharpness(TypedDict):
     measured_edge: Annotated[
         float, "seed 0's largest stable rate: the stable end of its bisected bracket"
     ]
-    predicted_edge: Annotated[float, "2 / lambda_max at step 0"]
+    predicted_edge: Annotated[
+        float | None, "2 / lambda_max at step 0 (none where lambda_max is not > 0)"
+    ]
     final_sharpness: Annotated[float | None, "lambda_max at the last step tracked"]
 
 
@@ -154,6 +156,18 @@ def tracked(
     return curve
 
 
+def _predicted_edge(top: float) -> float | None:
+    """The edge of gradient descent on the quadratic model of Hessian top eigenvalue ``top``:
+    ``2 / top`` (0 for an infinite ``top``); ``None`` where ``top`` is not ``> 0`` (no step
+    rate is predicted: every rate is stable, or none)."""
+    return 2 / top if top > 0 else None
+
+
+def _ratio(measured: float, predicted: float | None) -> float | None:
+    """``measured / predicted``; ``None`` where no positive edge is predicted."""
+    return measured / predicted if predicted else None
+
+
 def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per task, method and s: the strength, the measured and predicted edges and the last
     sharpness tracked."""
@@ -163,8 +177,8 @@ def summarize(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 s: EdgeSharpness(
                     strength=r["strength"],
                     measured_edge=r["edge"],
-                    predicted_edge=2 / r["curve"][0][2],
-                    final_sharpness=r["curve"][-1][2] if r["curve"] else None,
+                    predicted_edge=_predicted_edge(r["curve"][0][2]),
+                    final_sharpness=r["curve"][-1][2],
                 )
                 for s, r in by_s.items()
                 if r["curve"]
@@ -230,7 +244,7 @@ def _draw(
     return (
         f"{head}, {method}: measured edge {fmt(e['measured_edge'])}, "
         f"predicted 2/lambda_max(0) {fmt(e['predicted_edge'])} (measured/predicted "
-        f"{fmt(e['measured_edge'] / e['predicted_edge'])}); lambda_max "
+        f"{fmt(_ratio(e['measured_edge'], e['predicted_edge']))}); lambda_max "
         f"{fmt(pts[0][2])} at step 0, {fmt(e['final_sharpness'])} at step {pts[-1][0]}"
         + ended
         + "."
