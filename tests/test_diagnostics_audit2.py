@@ -8,7 +8,6 @@ float64, an operation without forward-mode AD) refused in one line with nothing 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 import gaugefix as gf
 from gaugefix import zoo
+from test_diagnostics_audit import action_weights
 
 EXACT = 1e-12  # relative tolerance of the algebraic identities in float64
 
@@ -28,19 +28,7 @@ def tangents(model: nn.Module, structure: gf.GaugeStructure, x: torch.Tensor) ->
     """``X [N, E]``: ``xi_n = w_n(e) theta_e`` over all parameters (``named_parameters`` order),
     ``w_n(e)`` read from the action (``g(log 2 e_n)`` doubles an entry equal to 1 ``w`` times).
     Each ``xi_n`` is certified a symmetry: ``jvp`` of the model's output along it vanishes."""
-    ones = copy.deepcopy(model).double()
-    with torch.no_grad():
-        for p in ones.parameters():
-            p.fill_(1.0)
-    rows = []
-    for n in range(structure.num_generators):
-        moved = copy.deepcopy(ones)
-        gf.apply_gauge_(
-            moved,
-            structure,
-            math.log(2.0) * torch.eye(structure.num_generators, dtype=torch.float64)[n],
-        )
-        rows.append(torch.cat([p.detach().reshape(-1).log2() for p in moved.parameters()]))
+    weights = action_weights(copy.deepcopy(model).double(), structure)
     reference = copy.deepcopy(model).double()
     theta = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
     names = [n for n, _ in reference.named_parameters()]
@@ -51,7 +39,7 @@ def tangents(model: nn.Module, structure: gf.GaugeStructure, x: torch.Tensor) ->
         params = {n: t.view(s) for n, t, s in zip(names, v.split(sizes), shapes, strict=True)}
         return torch.func.functional_call(reference, params, (x.double(),))
 
-    xs = torch.stack(rows) * theta
+    xs = weights * theta
     scale = float(out(theta).abs().max())
     for xi in xs:
         assert float(torch.func.jvp(out, (theta,), (xi,))[1].abs().max()) <= EXACT * scale

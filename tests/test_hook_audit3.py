@@ -6,28 +6,18 @@ parameters moved between groups, freezing and thawing, two hooks on one model, a
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 
 import gaugefix
 from gaugefix import GaugeFixing
+from test_hook_audit2 import quiet_hook  # noqa: F401 (an autouse fixture)
 from test_soft_hook import setup
 
 TOL = 1e-12
 STRENGTH = 2.0
 WIDTHS = (6, 12, 12, 12, 2)  # three hidden layers of 12: generators 0-11, 12-23, 24-35
-
-
-@pytest.fixture(autouse=True)
-def quiet_hook():
-    """The hook's warnings (frozen generators left out) silenced here, restored after."""
-    hook_logger = logging.getLogger("gaugefix.train.hook")
-    level = hook_logger.level
-    hook_logger.setLevel(logging.ERROR)
-    yield
-    hook_logger.setLevel(level)
 
 
 def loss_backward(model, x, y, parts=1):
