@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gaugefix
 from test_rules_audit3 import BATCH, HIDDEN, TOL, gauged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -106,21 +105,3 @@ def test_sizes_used_as_shapes_keep_the_generators(f, count):
     s, change = gauged(f)
     assert change <= TOL, s.summary()
     assert s.num_generators == count, s.summary()
-
-
-def test_a_size_the_forward_stores_on_a_module_is_a_plain_int_after_discovery():
-    """A cached size (``self.length = x.shape[0]``) was left on the model as the trace's marked
-    int, whose arithmetic and ``float()`` kept marking (and recording) numbers after the trace."""
-
-    class Caching(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.length = torch.nn.Linear(4, HIDDEN), None
-
-        def forward(self, x):
-            self.length = x.shape[0]
-            return R(self.fc(x))
-
-    model = Caching().double()
-    gaugefix.discover(model, torch.randn(BATCH, 4, dtype=torch.float64))
-    assert type(model.length) is int and model.length == BATCH

@@ -1793,19 +1793,13 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
-    """When the forward ends, forget the floats recorded as made from sizes (see
-    :class:`SizedInt`), and turn the marked numbers the forward stored on the model's modules (a
-    cached sequence length) back into plain ints and floats: the marks are the trace's."""
+def _sizes_forgotten() -> Iterator[None]:
+    """Forget the floats recorded as made from sizes (see :class:`SizedInt`) when the forward
+    ends."""
     try:
         yield
     finally:
         _FLOATS_FROM_SIZES.clear()
-        for module in model.modules():
-            for key, value in list(vars(module).items()):
-                if isinstance(value, _FromSize):
-                    base = int if isinstance(value, int) else float
-                    setattr(module, key, base.__new__(base, value))
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
@@ -1861,7 +1855,7 @@ def trace(
         ctx._tainted[id(t)] = t
     inputs = {t.device for t in _input_tensors((args, kwargs))}
     with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
-        with _module_hooks(model, tracer), tracer, _sizes_forgotten(model):
+        with _module_hooks(model, tracer), tracer, _sizes_forgotten():
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
         ctx.fix_partly_read()
