@@ -140,7 +140,7 @@ def _alpha_dropout(
 ) -> Any:  # fmt: skip
     """Alpha dropout: the identity in evaluation (or with ``p = 0``); in training it adds a
     constant to the dropped entries, which is not homogeneous."""
-    if training and (p != 0 or ctx.from_size(p)):
+    if training and p != 0:
         return blocker(ctx, result, input, p)
     return elementwise(ctx, result, input)
 
@@ -209,8 +209,7 @@ def _clamp(ctx: TraceContext, result: Any, input: Tensor, min: Any = None, max: 
     """``clamp(x, min, max) = minimum(maximum(x, min), max)``: each bound is None, a number a
     positive factor leaves as it is (0, +-inf), a constant exactly 0, or a tensor carrying the
     factors of ``x`` (then united with them)."""
-    moved = [b for b in (min, max) if scalar(b) and (b not in _UNMOVED or ctx.from_size(b))]
-    if moved or ctx.is_param(input):
+    if any(scalar(b) and b not in _UNMOVED for b in (min, max)) or ctx.is_param(input):
         return blocker(ctx, result, input, min, max)
     labels = ctx.terms(input)
     for bound in (min, max):
@@ -240,8 +239,7 @@ def _threshold(
 ) -> Any:  # fmt: skip
     """``threshold(x, t, v)``: ``x`` where ``x > t``, else ``v``; ReLU when ``t = v = 0``, not
     homogeneous otherwise."""
-    zeros = scalar(threshold) and threshold == 0 and scalar(value) and value == 0
-    if zeros and not ctx.from_size((threshold, value)):
+    if scalar(threshold) and threshold == 0 and scalar(value) and value == 0:
         return elementwise(ctx, result, input)
     return blocker(ctx, result, input)
 
@@ -267,7 +265,7 @@ def _add(ctx: TraceContext, result: Any, input: Any, other: Any, *rest: Any, **o
     if not isinstance(a, Tensor):
         a, b = b, a
     if scalar(b):
-        if b != 0 or ctx.from_size(b):
+        if b != 0:
             return ctx.block_all((a,), {}, ctx.reason("a nonzero constant is added"))
         return ctx.terms(a)
     if ctx.is_param(a) and ctx.is_param(b):
@@ -377,7 +375,7 @@ def _select(ctx: TraceContext, a: Any, b: Any, out: Any) -> Any:
         return ZERO
     if ctx.zero_source(a) is not None:
         a, b = b, a
-    if scalar(b) and b == 0 and not ctx.from_size(b):
+    if scalar(b) and b == 0:
         return ctx.terms(a)
     if ctx.zero_source(b) is not None and isinstance(a, Tensor) and not ctx.is_param(a):
         return ctx.read_zero(b, ctx.terms(a))
@@ -411,8 +409,7 @@ def _sign_test(ctx: TraceContext, result: Any, input: Any, other: Any = None) ->
     gauge (a mask of fixed log-factor 0) and ``x`` is not constrained. Against anything else a
     factor moves entries across the threshold: it blocks."""
     unary = ctx.op.rsplit(".", 1)[-1] in _SIGNS
-    if isinstance(input, Tensor) and (unary or scalar(other) and other == 0
-                                      and not ctx.from_size(other)):  # fmt: skip
+    if isinstance(input, Tensor) and (unary or scalar(other) and other == 0):
         ctx.claim(input)
         return ZERO
     return blocker(ctx, result, input, other)
@@ -466,15 +463,12 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         replaced = [(p[0][0] if p else ZERO.expand(t.shape)).contiguous() for p, t in
                     zip(parts, first, strict=True)]  # fmt: skip
         return ctx.func(replaced, *rest, **options)
-    short = ctx.op.rsplit(".", 1)[-1]
     if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
         index = torch.as_tensor(rest[0])
-        by_data = ctx.is_tainted(index) or ctx.from_size(rest[0])
-        ctx.gathered(first, index, index if by_data else None, view=out)
+        ctx.gathered(first, index, index if ctx.is_tainted(index) else None, view=out)
         return None
-    if ctx.is_param(first) and ctx.from_size((rest, tuple(options.values()))):
-        return ctx.block_all((first,), {}, ctx.reason("parameter arranged by an input's size"))
     if ctx.is_param(first):
+        short = ctx.op.rsplit(".", 1)[-1]
         if ctx.is_gathered(first) and short in _PERMUTATIONS and isinstance(out, Tensor):
             ctx.permuted_gather(out, first, _dim_order(ctx.func, first.dim(), rest, options))
             return None
@@ -487,8 +481,6 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
     if not terms:
         return ZERO
     dims = _data_indexed_dims(ctx, first, rest, options)
-    if short in _RESHAPES and isinstance(out, Tensor):
-        dims += _regrouped_by_size(ctx, terms, first.shape, out.shape, _given(first, rest, options))
     if dims:  # another input picks other entries along these dims: they must share a factor
         terms = terms.map(lambda nodes: ctx.unite(nodes, dims).expand(first.shape))
     results = [ctx.func(nodes.contiguous(), *rest, **options) for nodes, _ in terms]
@@ -534,16 +526,10 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
     """The dims of ``x`` along which integer or boolean tensor arguments whose values depend on
     the data pick entries (``x[:, order]``, ``x.narrow(1, start, n)``): those of each such
     index of ``x[...]``, every dim for other ops (and for an index the parse cannot place)."""
-    data = [
-        t
-        for t in nested_tensors((rest, options))
-        if _is_index(t) and (ctx.is_tainted(t) or ctx.from_size(t))
-    ]
-    short = ctx.op.rsplit(".", 1)[-1]
-    sized = short not in _SIZES_ARE_SHAPES and ctx.from_size((rest, tuple(options.values())))
-    if not (data or sized):
+    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and ctx.is_tainted(t)]
+    if not data:
         return []
-    if short != "__getitem__" or len(rest) != 1:
+    if not ctx.op.endswith("__getitem__") or len(rest) != 1:
         return list(range(x.dim()))
     items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
     if any(not any(t is item for item in items) for t in data):  # nested in a list
@@ -555,84 +541,10 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
             d = x.dim() - sum(w for i, w in zip(items[k + 1 :], widths[k + 1 :], strict=True)
                               if i is not Ellipsis)  # fmt: skip
             continue
-        if any(item is t for t in data) or ctx.from_size(item):
+        if any(item is t for t in data):
             dims += range(d, d + width)
         d += width
     return dims
-
-
-# Ops whose numbers computed from sizes give only a shape (the pattern of a reshape's labels is
-# checked by :func:`_regrouped_by_size`): repeating, expanding or reshaping by them is not
-# reading entries the size picks.
-_RESHAPES = {"view", "reshape", "unflatten"}
-_SIZES_ARE_SHAPES = {
-    *_RESHAPES,
-    "expand",
-    "broadcast_to",
-    "repeat",
-    "tile",
-    "repeat_interleave",
-    "new_zeros",
-}
-
-
-def _given(x: Tensor, rest: tuple, options: dict) -> list[Any]:
-    """The size given for each dim of the result of ``view``/``reshape``/``unflatten`` of
-    ``x`` (None where the result keeps a dim of ``x``)."""
-    if "dim" in options or (rest and isinstance(rest[0], int) and len(rest) == 2
-                            and isinstance(rest[1], (tuple, list))):  # fmt: skip
-        dim = options.get("dim", rest[0]) % max(x.dim(), 1)
-        sizes = list(options.get("sizes", rest[-1]))
-        return [None] * dim + sizes + [None] * (x.dim() - dim - 1)
-    shape = options.get("shape", rest[0] if len(rest) == 1 else rest)
-    return list(shape) if isinstance(shape, (tuple, list)) else [shape]
-
-
-def _regrouped_by_size(
-    ctx: TraceContext, terms: Sum, shape: torch.Size, new: torch.Size, given: list[Any]
-) -> list[int]:
-    """The dims of a tensor of ``shape`` reshaped to ``new`` (``given``: the sizes asked) whose
-    labels the reshape lays out by a size that may differ for another input: an entry's place
-    along them then moves with that size (``h [B, 6] -> reshape(6, -1)``). Dims group where
-    the two shapes share a boundary of the flat index; a group whose labels vary is safe when
-    it is merged into one dim, or split from one dim with every part but the outermost of a
-    fixed size (a ``-1`` is fixed when the split dim holds channels, one label each, or a size
-    from the input is given beside it)."""
-    varying = {d for nodes, _ in terms for d, n in enumerate(compact(nodes).shape) if n > 1}
-    if not varying or len(given) != len(new) or 0 in shape:
-        return []
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    out_strides = [math.prod(new[i + 1 :]) for i in range(len(new))]
-    ends = {s * n for s, n in zip(strides, shape, strict=True)} | {1}
-    common = sorted(ends & ({s * n for s, n in zip(out_strides, new, strict=True)} | {1}))
-    unsafe: list[int] = []
-    for lo, hi in zip(common, common[1:], strict=False):
-        dims = [d for d in range(len(shape)) if shape[d] > 1 and lo <= strides[d] < hi]
-        parts = [i for i in range(len(new)) if new[i] > 1 and lo <= out_strides[i] < hi]
-        if not varying.intersection(dims) or len(parts) == 1:
-            continue
-        if len(dims) == 1 and not _split_by_size(ctx, terms, shape, dims[0], parts, given):
-            continue
-        unsafe += dims
-    return unsafe
-
-
-def _split_by_size(
-    ctx: TraceContext, terms: Sum, shape: torch.Size, dim: int, parts: list[int],
-    given: list[Any],
-) -> bool:  # fmt: skip
-    """Whether splitting ``dim`` into the result dims ``parts`` (outermost first) places its
-    entries by a size that may differ for another input (see :func:`_regrouped_by_size`)."""
-    sizes = [given[i] for i in parts]
-    if any(ctx.from_size(n) for n in sizes[1:]):
-        return True
-    if not any(n == -1 for n in sizes[1:]) or any(ctx.from_size(n) for n in sizes):
-        return False
-    for nodes, _ in terms:  # one label per index along dim: a channel dim, of a fixed size
-        rows = nodes.expand(shape).movedim(dim, 0).reshape(shape[dim], -1)
-        if torch.unique(rows, dim=0).shape[0] != shape[dim]:
-            return True
-    return False
 
 
 def _index_width(item: Any) -> int:
@@ -736,7 +648,7 @@ def _pad(
     ctx: TraceContext, result: Any, input: Tensor, pad: Any, mode: str = "constant",
     value: Any = None,
 ) -> Any:  # fmt: skip
-    if mode == "constant" and (value not in (None, 0, 0.0) or ctx.from_size(value)):
+    if mode == "constant" and value not in (None, 0, 0.0):
         return blocker(ctx, result, input)
     if ctx.is_param(input):
         return ctx.block_all((input,), {}, ctx.reason("parameter padded"))
@@ -766,8 +678,7 @@ def _filled(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
     shaped = ctx.op.rsplit(".", 1)[-1] in ("full_like", "new_full")
     if tensor_args(args[1:] if shaped else args, kwargs):
         return blocker(ctx, result, *args, **kwargs)
-    value = kwargs.get("fill_value", args[-1] if args else None)
-    if bool((result == 0).all()) and not ctx.from_size(value):
+    if bool((result == 0).all()):
         return _zeros(ctx, result, *args)
     return _literal(ctx, result, *args)
 
@@ -781,8 +692,7 @@ def _literal(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
         return blocker(ctx, result, *args, **kwargs)
     for t in tensor_args(args[:1]):
         ctx.claim(t)
-    data = kwargs.get("data", args[1] if own and len(args) > 1 else args[0] if args else None)
-    if isinstance(result, Tensor) and bool((result == 0).all()) and not ctx.from_size(data):
+    if isinstance(result, Tensor) and bool((result == 0).all()):
         ctx.mark_zero(result)
     return ZERO
 
@@ -815,7 +725,7 @@ def _written_along(
     labels of each are united along it."""
     labels = ctx.labels(input).expand(input.shape)
     written = ctx.labels(source).expand(source.shape)
-    if ctx.is_tainted(index) or ctx.from_size(index):
+    if ctx.is_tainted(index):
         labels = ctx.unite(labels, [dim]).expand(input.shape)
         written = ctx.unite(written, [dim]).expand(source.shape)
     return labels, written
@@ -895,30 +805,12 @@ def _overwrite(
         ctx.claim(t)
     by_data = any(ctx.is_tainted(t) for t in indices)
     if not by_data and ctx.overwrite(dst, region, labels):
-        if len(rest) > 1:  # (index, values): not copy_'s (src,)
-            _unite_sized(ctx, dst, rest[0])
         return UNCHANGED
     return ctx.block_all(
         (dst, *rest),
         {},
         ctx.reason("written in place (not into fresh memory, or where the data says)"),
     )
-
-
-def _unite_sized(ctx: TraceContext, dst: Tensor, index: Any) -> None:
-    """After a write into ``dst`` at ``index``: unite ``dst``'s labels along the dims an index
-    tensor made from a size addresses (``dst[arange(B), ...]``), where another input's size
-    places the values elsewhere: the position ``k`` of such a tensor in ``index_put_``'s
-    indices, every dim for other index forms. Along the batch, whose labels are constant,
-    nothing changes."""
-    items = index if isinstance(index, (tuple, list)) else (index,)
-    sized = [k for k, item in enumerate(items) if isinstance(item, Tensor) and ctx.from_size(item)]
-    if not sized:
-        return
-    short = ctx.op.rsplit(".", 1)[-1]
-    dims = sized if short == "index_put_" else list(range(dst.dim()))
-    for nodes, _ in ctx.terms(dst):
-        ctx.unite(nodes.expand(dst.shape), dims)
 
 
 register_all(funcs("copy_", modules=(torch.Tensor,)), _copy)

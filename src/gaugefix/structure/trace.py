@@ -182,76 +182,6 @@ ZERO = torch.zeros((), dtype=torch.long)
 UNCHANGED = object()
 
 
-# Floats made by ``float(n)`` (or ``math.sqrt(n)``...) of a size-derived int during a trace, by id
-# (kept alive so that the id is not reused): ``float()`` cannot return a subclass.
-_FLOATS_FROM_SIZES: dict[int, float] = {}
-
-
-def _sized(value: Any) -> Any:
-    """``value`` (the result of arithmetic on a size-derived number) marked as derived from a
-    size: an int or float subclass that keeps the mark; other results as they are."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value
-    return SizedInt(value) if isinstance(value, int) else SizedFloat(value)
-
-
-def _arithmetic(name: str) -> Callable[..., Any]:
-    def op(self: Any, *others: Any) -> Any:
-        base = int if isinstance(self, int) else float
-        return _sized(getattr(base, name)(self, *others))
-
-    op.__name__ = name
-    return op
-
-
-class _FromSize:
-    """A Python number computed from the size of a tensor whose size may differ for another
-    input (like ``torch.SymInt``): arithmetic keeps the mark, so a rule relying on a number's
-    value (0 in ``h + c``, a shift of ``roll``) can tell it from a constant of the model."""
-
-    def __float__(self) -> float:  # a new float object, recorded by id
-        value = int.__int__(self) if isinstance(self, int) else float.__float__(self)
-        out = float.__new__(float, value)
-        _FLOATS_FROM_SIZES[id(out)] = out
-        return out
-
-
-_OPERATORS = (
-    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
-    "__rfloordiv__", "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__",
-    "__neg__", "__pos__", "__abs__", "__divmod__", "__rdivmod__", "__round__", "__trunc__",
-    "__floor__", "__ceil__",
-)  # fmt: skip
-
-
-class SizedInt(_FromSize, int):
-    """An int derived from a size (see :class:`_FromSize`)."""
-
-
-class SizedFloat(_FromSize, float):
-    """A float derived from a size (see :class:`_FromSize`)."""
-
-
-for _cls, _base in ((SizedInt, int), (SizedFloat, float)):
-    for _name in _OPERATORS:
-        if hasattr(_base, _name):
-            setattr(_cls, _name, _arithmetic(_name))
-
-
-def from_size(x: Any) -> bool:
-    """Whether the Python number ``x`` (or one in nested tuples, lists and slices) was computed
-    from a size during the trace."""
-    if isinstance(x, _FromSize):
-        return True
-    if isinstance(x, float):
-        return _FLOATS_FROM_SIZES.get(id(x)) is x
-    if isinstance(x, slice):
-        return any(from_size(v) for v in (x.start, x.stop, x.step))
-    if isinstance(x, (tuple, list)):
-        return any(from_size(v) for v in x)
-    return False
-
-
 class Sum(tuple):
     """Labels that are a signed sum of terms: a tuple of ``(nodes, sign)`` pairs, each ``nodes``
     broadcastable to the tensor. The empty sum is the fixed log-factor 0."""
@@ -391,26 +321,11 @@ class TraceContext:
         # name -> per arrangement, its slices read by gathers whose rows depend on the data
         self.coverage: dict[str, list[_Coverage]] = {}
         self._claimed: set[int] = set()
-        self._init_provenance()
-        # id(exception) -> (exception, innermost module path it was raised in)
-        self.failures: dict[int, tuple[BaseException, str]] = {}
-        self.used_params: set[str] = set()  # parameters some rule looked at
-        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
-        self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
-        self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
-        self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
-
-    def _init_provenance(self) -> None:
-        """The tables of where tensors' values come from: the inputs, chance, sizes, zeros made
-        in the forward, memory allocated in it."""
         # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
         # values are drawn at random, and whose shape depends on values of the former.
         self._tainted: dict[int, Tensor] = {}
         self._random: dict[int, Tensor] = {}
         self._shaped: dict[int, Tensor] = {}
-        # Tensors made from numbers computed from sizes (``arange(B)``, ``tensor(B - 5)``): their
-        # values may differ for inputs of another shape.
-        self._sized: dict[int, Tensor] = {}
         # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
         # views of them): id -> (tensor, its placement then, the memory of every zero it was
         # made from); the labels that passed an op because an operand was such a zero, with
@@ -423,6 +338,13 @@ class TraceContext:
         # Memory allocated in this forward (see _Fresh); views of it placed by data (narrow).
         self._fresh: dict[tuple, _Fresh] = {}
         self._placed: dict[int, Tensor] = {}
+        # id(exception) -> (exception, innermost module path it was raised in)
+        self.failures: dict[int, tuple[BaseException, str]] = {}
+        self.used_params: set[str] = set()  # parameters some rule looked at
+        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
+        self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
+        self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
+        self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
 
     # -- rules ----------------------------------------------------------------------------------
     def rule_for_op(self, func: Any, name: str) -> Rule | None:
@@ -532,36 +454,8 @@ class TraceContext:
 
     def is_tainted(self, t: Tensor) -> bool:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
-        inputs or parameters, or on a random draw (for the sizes of the inputs see
-        :meth:`from_size`)."""
+        inputs or parameters, or on a random draw."""
         return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
-
-    def from_size(self, x: Any) -> bool:
-        """Whether ``x`` (a number, a tensor, or nested tuples, lists and slices of them) was
-        computed from a size that may differ for another input (see :class:`SizedInt`)."""
-        if isinstance(x, Tensor):
-            return self._sized.get(id(x)) is x
-        if isinstance(x, (tuple, list)):
-            return any(self.from_size(v) for v in x)
-        return from_size(x)
-
-    def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
-        """``out``, a size of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
-        with the sizes of the dims along which ``t``'s labels are constant marked as derived
-        from a size (:class:`SizedInt`) when ``t`` is made from the inputs: those dims (the
-        batch, the sequence) may have other sizes for another input. Dims along which labels
-        vary hold channels, whose sizes the parameters fix. ``dim``: the dim ``t.size(dim)``
-        read."""
-        if self.is_param(t) or not (id(t) in self._tainted or id(t) in self._sized):
-            return out
-        entry = self._labels.get(id(t))
-        terms = entry[1] if entry is not None and entry[0] is t else Sum()
-        varying = {d for nodes, _ in terms for d, n in enumerate(compact(nodes).shape) if n > 1}
-        if isinstance(out, torch.Size):
-            return torch.Size(n if d in varying else SizedInt(n) for d, n in enumerate(out))
-        if isinstance(dim, int) and t.dim() and dim % t.dim() in varying:
-            return out
-        return SizedInt(out) if isinstance(out, int) and not isinstance(out, bool) else out
 
     def mark_zero(self, t: Tensor, made_from: frozenset = frozenset()) -> None:
         """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
@@ -1373,14 +1267,6 @@ _ESCAPES = {"numpy", "__array__", "__dlpack__"}
 # Ops that read a shape into Python (metadata, or ``unbind``: how many times ``for v in x``
 # iterates): a value read when the shape depends on values (``len(x.nonzero())``).
 _SHAPE_READS = {"size", "shape", "numel", "nelement", "__len__", "stride", "unbind"}
-# Reads of sizes into Python numbers, marked when they may differ for another input.
-_SIZES = {"size", "shape", "numel", "nelement"}
-# Ops to which such numbers give only a shape, or which entries to take: the output's values
-# are not computed from them (``idx.expand(B, 4)``, ``zeros(B, 6)``, ``idx[:B]``).
-_SHAPED_BY_SIZES = {
-    "view", "reshape", "unflatten", "expand", "broadcast_to", "repeat", "tile", "zeros", "ones",
-    "empty", "new_zeros", "new_ones", "new_empty", "rand", "randn", "__getitem__", "narrow",
-}  # fmt: skip
 # Ops whose output's shape depends on their input's values.
 _DATA_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
 # Ops writing into (or out of place, shaped like) their first argument: a data-dependent shape
@@ -1509,16 +1395,13 @@ class _Tracer(TorchFunctionMode):
         out = self._run(name, func, args, kwargs, tensors)
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
-        if short in _SIZES and isinstance(args[0], Tensor):
-            dim = kwargs.get("dim", args[1] if short == "size" and len(args) > 1 else None)
-            return ctx.sizes_read(args[0], out, dim)
         if short in _METADATA:
             return out
         written = args[0] if short in _OVERWRITES and args else None
         if short not in _SHAPE_ONLY and short not in _ALLOCATIONS:
             ctx.note_reads(tensors, out, written)
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
-        self._mark(short, args, kwargs, tensors, out, tainted)
+        self._mark(short, args, tensors, out, tainted)
         if short in _VALUE_READS or _reads_value(short, out):
             if short in _ESCAPES:
                 for t in tensors:
@@ -1538,17 +1421,6 @@ class _Tracer(TorchFunctionMode):
             if short in _ALLOCATIONS:
                 self._allocated(out, kwargs, inputs)
             return out
-        self._apply_rule(func, name, args, kwargs, out, tensors)
-        if short in _ALLOCATIONS:
-            self._allocated(out, kwargs, inputs)
-        return out
-
-    def _apply_rule(
-        self, func: Any, name: str, args: tuple, kwargs: dict, out: Any, tensors: list[Tensor]
-    ) -> None:
-        """Label ``out`` by the op's rule (an unknown op blocks everything it touched), block
-        the tensors the rule did not claim and commit the roles it gave the parameters."""
-        ctx = self.ctx
         rule = ctx.rule_for_op(func, name)
         ctx._claimed = set()
         ctx.func = func
@@ -1558,7 +1430,10 @@ class _Tracer(TorchFunctionMode):
             labels = ctx.apply(rule, args, kwargs, out)
         self._block_unclaimed(tensors)
         ctx.commit_roles()
-        self.record(out, labels, {id(t) for t in tensors})
+        self.record(out, labels, inputs)
+        if short in _ALLOCATIONS:
+            self._allocated(out, kwargs, inputs)
+        return out
 
     def _run(self, name: str, func: Any, args: tuple, kwargs: dict, tensors: list[Tensor]) -> Any:
         """``func(*args, **kwargs)``, a failure raised as a :class:`TracingError` naming the op
@@ -1580,13 +1455,7 @@ class _Tracer(TorchFunctionMode):
             self.ctx.mark_fresh(out)
 
     def _mark(
-        self,
-        short: str,
-        args: tuple,
-        kwargs: dict,
-        tensors: list[Tensor],
-        out: Any,
-        tainted: bool,
+        self, short: str, args: tuple, tensors: list[Tensor], out: Any, tainted: bool
     ) -> None:
         """Record the outputs whose values depend on the inputs or weights, are random, or
         have a shape that depends on values."""
@@ -1594,8 +1463,6 @@ class _Tracer(TorchFunctionMode):
         marks = [(ctx._tainted, tainted)]
         marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
         marks.append((ctx._shaped, _data_shaped(ctx, short, args, tensors, out)))
-        sized = short not in _SHAPED_BY_SIZES and ctx.from_size((args, tuple(kwargs.values())))
-        marks.append((ctx._sized, sized or any(ctx._sized.get(id(t)) is t for t in tensors)))
         for table, on in marks:
             if on:
                 for t in nested_tensors(out):
@@ -1792,16 +1659,6 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
         return inputs
 
 
-@contextlib.contextmanager
-def _sizes_forgotten() -> Iterator[None]:
-    """Forget the floats recorded as made from sizes (see :class:`SizedInt`) when the forward
-    ends."""
-    try:
-        yield
-    finally:
-        _FLOATS_FROM_SIZES.clear()
-
-
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
     """``model(*args, **kwargs)``; an exception from the forward becomes a
     :class:`TracingError` naming the module and op where it happened."""
@@ -1855,7 +1712,7 @@ def trace(
         ctx._tainted[id(t)] = t
     inputs = {t.device for t in _input_tensors((args, kwargs))}
     with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
-        with _module_hooks(model, tracer), tracer, _sizes_forgotten():
+        with _module_hooks(model, tracer), tracer:
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
         ctx.fix_partly_read()
