@@ -4,6 +4,7 @@ the loss by Hessian-vector products."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -488,6 +489,18 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return named
 
 
+def _hessian_product(loss_at: Callable[[Tensor], Tensor], flat: Tensor, v: Tensor) -> Tensor:
+    """``H v``, ``H`` the Hessian of ``loss_at`` at ``flat``, by forward-over-reverse
+    differentiation; ``ValueError`` where an operation lacks a forward-mode derivative."""
+    try:
+        return jvp(grad(loss_at), (flat,), (v,))[1]
+    except NotImplementedError as err:  # no fallback: double backward can be wrong
+        raise ValueError(
+            "a Hessian-vector product needs forward-mode differentiation (jvp of grad), which "
+            f"an operation of the model or loss lacks ({first_line(err)})"
+        ) from None
+
+
 def sharpness(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], Tensor],
@@ -535,15 +548,7 @@ def sharpness(
             reset()
             return loss_fn(functional_call(model, state, args), targets)
 
-        def hvp(v: Tensor) -> Tensor:
-            try:
-                return jvp(grad(loss_at), (flat,), (v,))[1]
-            except NotImplementedError as err:  # no fallback: double backward can be wrong
-                raise ValueError(
-                    "a Hessian-vector product needs forward-mode differentiation (jvp of "
-                    f"grad), which an operation of the model or loss lacks ({first_line(err)})"
-                ) from None
-
+        hvp = functools.partial(_hessian_product, loss_at, flat)
         generator = torch.Generator(device=flat.device).manual_seed(seed)
         start = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
         value, vector, used, residual = _lanczos_top(hvp, start, iters, tol, krylov_dim)

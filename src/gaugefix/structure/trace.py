@@ -321,6 +321,18 @@ class TraceContext:
         # name -> per arrangement, its slices read by gathers whose rows depend on the data
         self.coverage: dict[str, list[_Coverage]] = {}
         self._claimed: set[int] = set()
+        self._init_provenance()
+        # id(exception) -> (exception, innermost module path it was raised in)
+        self.failures: dict[int, tuple[BaseException, str]] = {}
+        self.used_params: set[str] = set()  # parameters some rule looked at
+        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
+        self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
+        self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
+        self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
+
+    def _init_provenance(self) -> None:
+        """The tables of where tensors' values come from: the inputs, chance, zeros made in the
+        forward, memory allocated in it."""
         # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
         # values are drawn at random, and whose shape depends on values of the former.
         self._tainted: dict[int, Tensor] = {}
@@ -338,13 +350,6 @@ class TraceContext:
         # Memory allocated in this forward (see _Fresh); views of it placed by data (narrow).
         self._fresh: dict[tuple, _Fresh] = {}
         self._placed: dict[int, Tensor] = {}
-        # id(exception) -> (exception, innermost module path it was raised in)
-        self.failures: dict[int, tuple[BaseException, str]] = {}
-        self.used_params: set[str] = set()  # parameters some rule looked at
-        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
-        self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
-        self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
-        self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
 
     # -- rules ----------------------------------------------------------------------------------
     def rule_for_op(self, func: Any, name: str) -> Rule | None:
@@ -1421,6 +1426,17 @@ class _Tracer(TorchFunctionMode):
             if short in _ALLOCATIONS:
                 self._allocated(out, kwargs, inputs)
             return out
+        self._apply_rule(func, name, args, kwargs, out, tensors)
+        if short in _ALLOCATIONS:
+            self._allocated(out, kwargs, inputs)
+        return out
+
+    def _apply_rule(
+        self, func: Any, name: str, args: tuple, kwargs: dict, out: Any, tensors: list[Tensor]
+    ) -> None:
+        """Label ``out`` by the op's rule (an unknown op blocks everything it touched), block
+        the tensors the rule did not claim and commit the roles it gave the parameters."""
+        ctx = self.ctx
         rule = ctx.rule_for_op(func, name)
         ctx._claimed = set()
         ctx.func = func
@@ -1430,10 +1446,7 @@ class _Tracer(TorchFunctionMode):
             labels = ctx.apply(rule, args, kwargs, out)
         self._block_unclaimed(tensors)
         ctx.commit_roles()
-        self.record(out, labels, inputs)
-        if short in _ALLOCATIONS:
-            self._allocated(out, kwargs, inputs)
-        return out
+        self.record(out, labels, {id(t) for t in tensors})
 
     def _run(self, name: str, func: Any, args: tuple, kwargs: dict, tensors: list[Tensor]) -> Any:
         """``func(*args, **kwargs)``, a failure raised as a :class:`TracingError` naming the op
