@@ -293,33 +293,19 @@ def sweep_verdicts(store: Store, task: Task) -> dict[str, dict[str, Any]]:
     if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return {}
     regime_runs = found[1]
-    chosen = stability.at_best_strength(regime_runs)
+    cells = group(stability.at_best_strength(regime_runs), lambda c: (c.method, c.s))
+    tops, unreached = stability.grid_bounds(cells)  # as the headline's
+    edges: dict[str, dict[str, dict[int, float]]] = {}
+    for (m, s), rs in cells.items():
+        edges.setdefault(m, {})[s_key(s)] = stability.stable_edges(rs)
     tuned = stability.tuned_methods(regime_runs)
-    cells = group(chosen, lambda c: (c.method, s_key(c.s)))
-    edges = {cell: stability.stable_edges(rs) for cell, rs in cells.items()}
-    tops = {cell: stability._grid_top(rs) for cell, rs in cells.items()}  # as the headline's
-    unreached = {cell: stability._unreached(rs) for cell, rs in cells.items()}
     out: dict[str, dict[str, Any]] = {}
     for method, ref in COMPARED:
-        held_out = bool({method, ref} & tuned)  # judged on the seeds no strength was chosen on
-        by_s = {}
-        for (m, s), seeds in edges.items():
-            if m == method and (ref, s) in edges:
-                by_s[s] = stability.seed_ratios(
-                    _judged(seeds, held_out),
-                    _judged(edges[(ref, s)], held_out),
-                    tops[(m, s)],
-                    tops[(ref, s)],
-                    unreached[(m, s)],
-                )
-        if by_s:
-            out[f"{method}/{ref}"] = by_s
+        if method in edges and ref in edges:
+            by_s = stability.pair_ratios(edges, tops, tuned, unreached, method, ref)
+            if by_s:
+                out[f"{method}/{ref}"] = by_s
     return out
-
-
-def _judged(seeds: dict[int, float], held_out: bool) -> dict[int, float]:
-    """All ``seeds``, or with ``held_out`` those at or above :data:`stability.TUNING_SEEDS`."""
-    return {k: v for k, v in seeds.items() if not held_out or k >= stability.TUNING_SEEDS}
 
 
 def _ratio(x: float, y: float) -> float | None:

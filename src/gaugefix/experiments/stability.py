@@ -85,6 +85,8 @@ __all__ = [
     "compared",
     "Table",
     "expansion",
+    "grid_bounds",
+    "pair_ratios",
     "widest_bracket",
     "summarize",
     "horizons",
@@ -516,23 +518,47 @@ def expansion(
     strength was not chosen on."""
     return {
         ref: {
-            method: {
-                s: seed_ratios(
-                    judged(method if method in tuned else ref, tuned, seeds),
-                    judged(method if method in tuned else ref, tuned, edges[ref][s]),
-                    tops[(method, s)],
-                    tops[(ref, s)],
-                    unreached[(method, s)],
-                )
-                for s, seeds in cells.items()
-                if s in edges[ref]
-            }
-            for method, cells in edges.items()
+            method: pair_ratios(edges, tops, tuned, unreached, method, ref)
+            for method in edges
             if compared(method, ref)
         }
         for ref in (*REFERENCES, *COMPARED)
         if ref in edges
     }
+
+
+def pair_ratios(
+    edges: Table,
+    tops: dict[tuple[str, str], float],
+    tuned: set[str],
+    unreached: dict[tuple[str, str], frozenset[int]],
+    method: str,
+    ref: str,
+) -> dict[SKey, RatioStats]:
+    """Per s both ran, the :func:`seed_ratios` of ``method`` against ``ref`` (arguments as
+    :func:`expansion`'s), judged on the seeds no strength was chosen on where either is
+    ``tuned``."""
+    side = method if method in tuned else ref
+    return {
+        s: seed_ratios(
+            judged(side, tuned, seeds),
+            judged(side, tuned, edges[ref][s]),
+            tops[(method, s)],
+            tops[(ref, s)],
+            unreached[(method, s)],
+        )
+        for s, seeds in edges[method].items()
+        if s in edges[ref]
+    }
+
+
+def grid_bounds(
+    cells: dict[tuple[str, float], Runs],
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], frozenset[int]]]:
+    """Per method and s (``cells``: runs by method and s), the :func:`_grid_top` and the
+    :func:`_unreached` seeds of the cell, the bounds every ratio of its edges is judged by."""
+    tops = {(m, s_key(s)): _grid_top(cell) for (m, s), cell in cells.items()}
+    return tops, {(m, s_key(s)): _unreached(cell) for (m, s), cell in cells.items()}
 
 
 def _table(cells: dict[tuple[str, float], Runs], value: Any) -> Table:
@@ -570,8 +596,7 @@ def summarize(runs: Runs, chosen: Runs) -> StabilitySummary:
     chosen on; under each definition of :data:`SENSITIVITY` too."""
     cells = group(chosen, lambda c: (c.method, c.s))
     msl = _table(cells, max_stable_lr)
-    tops = {(m, s_key(s)): _grid_top(cell) for (m, s), cell in cells.items()}
-    unreached = {(m, s_key(s)): _unreached(cell) for (m, s), cell in cells.items()}
+    tops, unreached = grid_bounds(cells)
     tuned = tuned_methods(runs)
     edges = {d: _table(cells, lambda cell, d=d: stable_edges(cell, d)) for d in SENSITIVITY}
     verdicts = {d: expansion(edges[d], tops, tuned, unreached) for d in SENSITIVITY}
