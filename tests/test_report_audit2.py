@@ -749,12 +749,6 @@ def test_the_readme_block_states_the_summarys_numbers(which, request):
         assert block in Path("README.md").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/figures/full-summary.json (and the README's intervals from it) was written with "
-    "the bootstrap's lower end one order statistic high ((1 - 0.95) / 2 > 0.025); 22 of its "
-    "424 checkable expansion intervals differ (no verdict flips): it needs regenerating",
-)
 def test_the_published_intervals_are_the_bootstraps_of_their_own_edges():
     summary = json.loads(Path("docs/figures/full-summary.json").read_text())
     differ = 0
