@@ -307,12 +307,13 @@ def test_a_gradient_penalty_inside_the_forward_is_exact():
         exact(Penalised().double(), example())
 
 
-def test_meta_tensors_are_not_read_as_sharing_one_memory():
-    """Meta tensors have no memory (a null pointer each): a meta input is not an alias of the
-    meta parameters, which keep their generators."""
+def test_a_meta_model_is_refused_before_tracing():
+    """Meta tensors have no memory and no values, which the trace reads (aliases, zeros, rows
+    picked by data): a meta model is refused with one line naming its first meta parameter."""
     model = MLP().double().to("meta")
     x = torch.empty(5, 4, dtype=DTYPE, device="meta")
-    assert gaugefix.discover(model, x).num_generators == 6
+    with pytest.raises(ValueError, match="'a.weight' is on the meta device"):
+        gaugefix.discover(model, x)
 
 
 def test_a_forward_keyword_named_model_is_an_example_input():

@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gaugefix.errors import GaugefixError
-from gaugefix.structure import GaugeStructure, ParamTerms, Term
+from gaugefix.structure import GaugeStructure, GeneratorEntries, ParamTerms, Term
 
 __all__ = [
     "ShardStructure",
@@ -283,8 +283,10 @@ class ShardStructure(GaugeStructure):
     mesh, sliced as ``torch.chunk`` slices (process ``r`` holds entries ``[r c, (r + 1) c)``
     along ``d`` with ``c = ceil(size / processes)``), which is what ``fully_shard`` does. A
     process holding no slice at all computes with one empty placeholder parameter, so that it
-    still takes part in every all-reduce. :meth:`summary`, :meth:`restrict` and :meth:`to_dict`
-    (:meth:`save`) are those of the whole structure (``whole``), the same on every process.
+    still takes part in every all-reduce. The inspection methods (:meth:`generator`,
+    :meth:`summary`, :meth:`scale_groups`, :meth:`touching`), :meth:`restrict` and
+    :meth:`to_dict` (:meth:`save`) are those of the whole structure (``whole``), the same on
+    every process.
     Slices that are not ``torch.chunk``'s (``DTensor.from_local`` given other local shapes) are
     refused on every process: by the process holding them after the all-reduce of the
     structure check, which the others then refuse too.
@@ -339,9 +341,22 @@ class ShardStructure(GaugeStructure):
         )
         check_same_structure(structure, self.group, first.device, error)
 
+    def generator(self, n: int) -> GeneratorEntries:
+        """The whole structure's entries of generator ``n`` (indices into whole parameters)."""
+        return self.whole.generator(n)
+
     def summary(self) -> str:
         """The whole structure's summary."""
         return self.whole.summary()
+
+    def scale_groups(self) -> list[dict]:
+        """The whole structure's scale groups."""
+        return self.whole.scale_groups()
+
+    def touching(self, names: Collection[str]) -> Tensor:
+        """The generators acting on the named parameters anywhere, not only on this process's
+        slices (the whole structure's)."""
+        return self.whole.touching(names)
 
     def restrict(self, keep: Tensor, reason: str) -> GaugeStructure:
         """The whole structure's restriction (:meth:`GaugeStructure.restrict`): a structure of

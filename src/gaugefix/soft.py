@@ -70,6 +70,8 @@ __all__ = [
 HALVINGS = 64
 # What the per-generator flags relax_ checks to agree between processes (FSDP2) stand for.
 FROZEN = "which parameters are frozen (requires_grad=False: their generators keep h = 0)"
+# Why a generator is left out of the penalty and the orbit step (add_grad_, GaugeFixing).
+FROZEN_REASON = "touching a parameter with requires_grad=False"
 
 
 def check_strength(value: float, name: str = "strength") -> float:
@@ -215,7 +217,7 @@ class OrbitSelectionPenalty:
     is vertical, so adding ``P`` to a loss relaxes the imbalance modes
     (``d mu / dt = -2 strength K mu`` under gradient flow) without changing the function to first
     order. ``grad(model)`` returns that gradient as name -> tensor, and ``add_grad_(model)``
-    adds it to the parameters' ``.grad``.
+    adds it to the parameters' ``.grad``, leaving frozen parameters alone (see :meth:`add_grad_`).
     """
 
     def __init__(self, structure: GaugeStructure, strength: float) -> None:
@@ -223,6 +225,7 @@ class OrbitSelectionPenalty:
             raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
         self.structure = structure
         self.strength = check_strength(strength)
+        self._active: tuple[frozenset[str], GaugeStructure] = (frozenset(), structure)
 
     def __repr__(self) -> str:
         return (
@@ -249,14 +252,29 @@ class OrbitSelectionPenalty:
     @torch.no_grad()
     def add_grad_(self, model: nn.Module) -> None:
         """``p.grad += dP/dp`` for every parameter the structure acts on (``.grad`` is created
-        where it is ``None``)."""
+        where it is ``None``), as :class:`gaugefix.GaugeFixing`'s penalty mode adds it: frozen
+        parameters (``requires_grad=False``) are left alone, ``.grad`` included, and ``P`` is
+        that of the generators touching none of them (the others keep ``h = 0``).
+        ``ValueError``, nothing added, where a parameter is not finite (or its square
+        overflows the dtype it is summed in)."""
         params = self.structure.bind(model)
-        for name, g in self.grad(params).items():
-            p = params[name]
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g.to(p.grad.dtype))
+        active = self._unfrozen(frozenset(n for n, p in params.items() if not p.requires_grad))
+        params = active.bind(params)
+        if not add_orbit_selection_grad_(params, active, self.strength, torch.tensor(True)):
+            raise ValueError(
+                "the parameters are not finite (or their squares overflow the dtype they are "
+                "summed in): no penalty gradient was added"
+            )
+
+    def _unfrozen(self, frozen: frozenset[str]) -> GaugeStructure:
+        """The structure of the generators touching none of the ``frozen`` parameters (the
+        last one built, kept while the frozen set stays the same)."""
+        if not frozen:
+            return self.structure
+        if self._active[0] != frozen:
+            keep = ~self.structure.touching(frozen)
+            self._active = (frozen, self.structure.restrict(keep, FROZEN_REASON))
+        return self._active[1]
 
 
 # -- the exact orbit step -------------------------------------------------------------------------

@@ -86,6 +86,7 @@ __all__ = [
     "Table",
     "expansion",
     "grid_bounds",
+    "grid_top",
     "pair_ratios",
     "widest_bracket",
     "summarize",
@@ -349,7 +350,7 @@ def _midpoint(lo: float, hi: float | None) -> float:
     return lo if hi is None else math.sqrt(lo * hi)
 
 
-def _grid_top(cell: Runs) -> float:
+def grid_top(cell: Runs) -> float:
     """The top of one cell's grid, at or above which an edge counts as a lower bound: the least
     over its seeds of each one's highest grid rate (the grid's top in a complete store), so the
     edge of a seed that ran nothing above its band (its highest rate) is one."""
@@ -464,7 +465,7 @@ def seed_ratios(
 ) -> RatioStats:
     """:func:`ratio_stats` of the expansion ratio of one cell against a reference (``method``,
     ``reference``: the stable edge per seed; ``*_top``: the top of each one's grid,
-    :func:`_grid_top` of its cell; ``unreached``: the method's seeds that did not run the bottom
+    :func:`grid_top` of its cell; ``unreached``: the method's seeds that did not run the bottom
     of its grid, :func:`_unreached`), over the seeds either side ran. A seed's ratio is not known
     where one side did not run it, the reference had no stable rate or was stable up to its
     grid's top, or the method had no stable rate on an unreached seed; a lower bound where the
@@ -555,9 +556,9 @@ def pair_ratios(
 def grid_bounds(
     cells: dict[tuple[str, float], Runs],
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], frozenset[int]]]:
-    """Per method and s (``cells``: runs by method and s), the :func:`_grid_top` and the
+    """Per method and s (``cells``: runs by method and s), the :func:`grid_top` and the
     :func:`_unreached` seeds of the cell, the bounds every ratio of its edges is judged by."""
-    tops = {(m, s_key(s)): _grid_top(cell) for (m, s), cell in cells.items()}
+    tops = {(m, s_key(s)): grid_top(cell) for (m, s), cell in cells.items()}
     return tops, {(m, s_key(s)): _unreached(cell) for (m, s), cell in cells.items()}
 
 
@@ -665,7 +666,7 @@ def _horizon_edges(chosen: Runs) -> dict[str, tuple[dict[int, float], float, fro
     the top of the method's grid and its :func:`_unreached` seeds."""
     at_zero = [r for r in chosen if r.config.s == 0.0]
     return {
-        m: (stable_edges(cell), _grid_top(cell), _unreached(cell))
+        m: (stable_edges(cell), grid_top(cell), _unreached(cell))
         for (m,), cell in group(at_zero, lambda c: (c.method,)).items()
     }
 
@@ -836,9 +837,9 @@ def render_sensitivity(summary: dict[str, Any], mark: dict[bool | None, str]) ->
 
 
 def grid_tops(runs: Runs) -> Table:
-    """Per method and s, :func:`_grid_top` of the cell (``runs``: one regime's at each method's
+    """Per method and s, :func:`grid_top` of the cell (``runs``: one regime's at each method's
     best strength, the summary's cells): a seed's rate or edge at or above it is a lower bound."""
-    return _table(group(runs, lambda c: (c.method, c.s)), _grid_top)
+    return _table(group(runs, lambda c: (c.method, c.s)), grid_top)
 
 
 def regime_tops(entry: dict[str, Any]) -> Table:

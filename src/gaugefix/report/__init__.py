@@ -76,7 +76,7 @@ def _realistic_tops(runs: Runs) -> dict[str, dict[str, realistic.CellTops]]:
     return {
         task: {
             regime.key: {
-                cell: stability._grid_top(rs)
+                cell: stability.grid_top(rs)
                 for cell, rs in group(
                     [r for r in regime_runs if r.config.s == 0.0], lambda c: (c.method, c.strength)
                 ).items()

@@ -61,6 +61,9 @@ def discover(
 
     ``rules``: ``(target, rule)`` pairs (see :func:`register_rule`) for this call only; they take
     precedence over globally registered and built-in rules.
+
+    A model with a parameter or buffer on the ``meta`` device is refused (``ValueError``): the
+    trace reads values and memory (which tensors share it), which meta tensors lack.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover expects an nn.Module, got {type(model).__name__}")
@@ -69,8 +72,23 @@ def discover(
     if isinstance(rules, dict | str) or not isinstance(rules, Iterable):
         raise TypeError(f"rules must be a list of (target, rule) pairs, got {type(rules).__name__}")
     model = unwrap_model(model)  # DDP, DataParallel, torch.compile: the model they wrap
+    _refuse_meta(model)
     ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
     return compile_structure(model, ctx, _notes(ctx))
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """``ValueError`` naming the first parameter or buffer on the ``meta`` device: the trace
+    reads values and memory (which tensors share it, zeros made in the forward, rows picked by
+    the data), which meta tensors do not have, so a structure found there may be wrong."""
+    for kind, named in (("parameter", model.named_parameters), ("buffer", model.named_buffers)):
+        for name, t in named():
+            if t.is_meta:
+                raise ValueError(
+                    f"{kind} '{name}' is on the meta device (it holds no data), and discovery "
+                    "reads values and memory: discover on the materialized model "
+                    "(model.to_empty(device=...) and load or initialize its weights)"
+                )
 
 
 def _notes(ctx: TraceContext) -> tuple[str, ...]:

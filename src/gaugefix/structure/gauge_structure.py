@@ -172,8 +172,9 @@ class GaugeStructure:
 
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
-        """The parameter entries generator ``n`` (an int) multiplies and divides."""
-        n = operator.index(n)
+        """The parameter entries generator ``n`` multiplies and divides (``n``: an int, a numpy
+        integer or a 0-dim integer tensor; ``TypeError`` for a bool or a float)."""
+        n = _generator_index(n)
         if not 0 <= n < self.num_generators:
             raise IndexError(f"generator {n} out of range [0, {self.num_generators})")
         incoming, outgoing = [], []
@@ -553,6 +554,28 @@ class GaugeStructure:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)}: {err}") from None
+
+
+def _generator_index(n: Any) -> int:
+    """``n`` as an int: an int, a numpy integer or a 0-dim integer tensor; ``TypeError`` for
+    anything else, bools included (an ``int`` subclass, yet no index)."""
+    integer = not isinstance(n, bool | np.bool_)
+    if isinstance(n, Tensor):
+        integer = n.dim() == 0 and not n.is_meta and n.dtype != torch.bool
+        integer = integer and not (n.is_floating_point() or n.is_complex())
+    try:
+        if integer:
+            return operator.index(n)
+    except TypeError:
+        pass
+    what = (
+        f"a {n.dtype} tensor of shape {tuple(n.shape)} on {n.device}"
+        if isinstance(n, Tensor)
+        else f"{n!r} ({type(n).__name__})"
+    )
+    raise TypeError(
+        f"a generator index must be an int (or a numpy integer or 0-dim integer tensor), got {what}"
+    )
 
 
 def wrappers(model: nn.Module) -> Iterator[nn.Module]:

@@ -23,6 +23,7 @@ from gaugefix.distributed import (
 from gaugefix.errors import check_number
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
+    FROZEN_REASON,
     add_orbit_selection_grad_,
     check_rate,
     check_strength,
@@ -319,7 +320,7 @@ class GaugeFixing:
         active, left_out = self.structure, {}
         for names, reason in (
             (unheld, "touching a parameter the optimizer does not hold"),
-            (no_grad, "touching a parameter with requires_grad=False"),
+            (no_grad, FROZEN_REASON),
             (still, "touching a parameter whose optimizer group has lr=0"),
         ):
             touched = active.touching(names)
