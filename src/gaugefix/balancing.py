@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import optimize, sparse
 from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params, check_transport, move_
@@ -59,8 +62,9 @@ class BalanceResult:
     ``mu_rel_max`` without the dead generators, which count 1 there); ``norm_sq_before`` and
     ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on (equal when
     nothing moved); ``h``: the gauge transformation applied; ``dead_generators``:
-    generators with all incoming or all outgoing entries zero (no closed orbit; left untouched;
-    an entry below about ``1.5e-162``, whose square underflows float64, counts as zero);
+    generators with all incoming or all outgoing entries zero, alone or as a group (no closed
+    orbit, :func:`closed_orbits`; left untouched; an entry below about ``1.5e-162``, whose
+    square underflows float64, counts as zero);
     ``converged``: whether the float64 solve reached ``tol`` (the imbalance measured afterwards
     also carries the parameters' rounding: about ``1e-7`` for a float32 model).
     """
@@ -82,7 +86,8 @@ class BalanceSolution:
     (0 on dead ones); ``iterations``: outer iterations (the most any copy took);
     ``mu_rel_max`` (``[R]``): ``max_n |mu_n| / S_n`` at ``g(h) . theta`` over the live
     generators, in float64 from the masses; ``norm_sq_before`` / ``norm_sq_after`` (``[R]``):
-    ``F(0)`` and ``F(h)``; ``live`` (``[R, N]`` bool): the generators with both sides non-zero;
+    ``F(0)`` and ``F(h)``; ``live`` (``[R, N]`` bool): the generators with a closed orbit (both
+    sides non-zero and in no open group, :func:`closed_orbits`);
     ``converged`` (``[R]``): whether ``mu_rel_max <= tol``.
     """
 
@@ -155,7 +160,7 @@ def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> Bal
     r, n = masses.r, masses.n
     h = torch.zeros(r, n, dtype=torch.float64, device=masses.device)
     state = masses.at(h)
-    live = (state.s_in > 0) & (state.s_out > 0)
+    live = closed_orbits(masses, (state.s_in > 0) & (state.s_out > 0))
     mask = live.to(torch.float64)
     before = state.total
     finite = torch.isfinite(before)
@@ -210,6 +215,101 @@ def log_ratio(a: Tensor, b: Tensor) -> Tensor:
     ratio = a / b
     exact = (ratio >= torch.finfo(ratio.dtype).tiny) & (ratio < math.inf)
     return torch.where(exact, torch.log(ratio), torch.log(a) - torch.log(b))
+
+
+# Open groups of a zero-free structure, by structure: ``[N]`` bool (the verdict depends on the
+# structure alone when no mass is zero).
+_ZERO_FREE_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# |c_n| above which a recession direction found by linear programming moves generator n.
+MOVES = 1e-9
+
+
+def closed_orbits(masses: Masses, live: Tensor) -> Tensor:
+    """``live`` (``[R, N]``: both sides non-zero) less the generators of open groups: the
+    minimal sets that must stay at ``h = 0`` for ``F`` to have a minimiser over the rest
+    (:func:`open_generators`, on the generators :meth:`Masses.pinned` leaves free). Read from
+    the masses at the base, before any step; a copy without a zero mass takes the structure's
+    verdict (computed once). Skipped on FSDP slices."""
+    if masses.sum_over_shards.__func__ is not GaugeStructure.sum_over_shards or not masses.n:
+        return live
+    whole = len(masses.plan) == len(masses.structure.params)
+    cached = whole and masses.structure in _ZERO_FREE_OPEN
+    free = (masses.zero_free() & live.all(1)).tolist() if whole else [False] * masses.r
+    if cached and all(free):
+        return live & ~_ZERO_FREE_OPEN[masses.structure].to(live.device)
+    loose = ~masses.pinned(~live) & live
+    out = live.clone()
+    for r in torch.nonzero(loose.any(1)).reshape(-1).tolist():
+        found = open_generators(masses.exponent_rows(r, loose[r]), loose[r].cpu().numpy())
+        out[r] &= ~torch.as_tensor(found, device=live.device)
+    if whole and free[0]:
+        _ZERO_FREE_OPEN[masses.structure] = ~out[0] & live[0]
+    return out
+
+
+def open_generators(rows: sparse.csr_matrix, live: np.ndarray) -> np.ndarray:
+    """The live generators (``[N]`` bool) to hold at ``h = 0``, with the others not ``live``,
+    for ``F(h) = sum_e u_e exp(2 w(e) . h)`` over the rest to have a minimiser: none exactly
+    when no direction ``c`` has ``w(e) . c <= 0`` for every row, ``< 0`` for one (``rows``:
+    ``[M, N]``, the entries with non-zero mass)."""
+    rows = rows[:, live]
+    rows.eliminate_zeros()
+    index = np.flatnonzero(live)
+    if (
+        rows.nnz
+        and np.abs(rows.data).max() == 1
+        and (rows > 0).sum(1).max() <= 1
+        and ((rows < 0).sum(1).max() <= 1)
+    ):
+        moved = _source_and_sink_components(rows)
+    else:
+        moved = _recession_supports(rows)
+    out = np.zeros(live.shape, dtype=bool)
+    out[index[moved]] = True
+    return out
+
+
+def _source_and_sink_components(rows: sparse.csr_matrix) -> np.ndarray:
+    """Rows ``e_v - e_u`` (edges ``u -> v``; a missing side is the fixed node ``N``): the strong
+    components other than the fixed node's with edges leaving them but none entering, or the
+    reverse. Together they are the unique minimal set whose fixing puts every other component
+    (but isolated ones: a stabiliser) on a cycle through the fixed node."""
+    m, n = rows.shape
+    coo = rows.tocoo()
+    head, tail = np.full(m, n), np.full(m, n)
+    head[coo.row[coo.data > 0]] = coo.col[coo.data > 0]
+    tail[coo.row[coo.data < 0]] = coo.col[coo.data < 0]
+    graph = sparse.csr_matrix((np.ones(m), (tail, head)), shape=(n + 1, n + 1))
+    _, label = sparse.csgraph.connected_components(graph, directed=True, connection="strong")
+    cross = label[tail] != label[head]
+    entered = np.zeros(label.max() + 1, dtype=bool)
+    left = np.zeros_like(entered)
+    entered[label[head[cross]]] = True
+    left[label[tail[cross]]] = True
+    open_component = entered ^ left
+    open_component[label[n]] = False
+    return open_component[label[:n]]
+
+
+def _recession_supports(rows: sparse.csr_matrix) -> np.ndarray:
+    """General rows: while a linear programme finds a direction ``c`` with ``rows c + s <= 0``,
+    ``0 <= s <= 1``, ``sum s`` maximal and positive, the generators it moves are held fixed
+    (a set with no minimiser on it, not always the least one)."""
+    m, n = rows.shape
+    moved = np.zeros(n, dtype=bool)
+    while m and not moved.all():
+        free = np.flatnonzero(~moved)
+        a = sparse.hstack([rows[:, free], sparse.identity(m)]).tocsr()
+        cost = np.concatenate([np.zeros(free.size), -np.ones(m)])
+        bounds = [(None, None)] * free.size + [(0.0, 1.0)] * m
+        result = optimize.linprog(cost, A_ub=a, b_ub=np.zeros(m), bounds=bounds, method="highs")
+        if not result.success or -result.fun < 0.5:
+            break
+        moves = np.abs(result.x[: free.size]) > MOVES
+        if not moves.any():
+            break
+        moved[free[moves]] = True
+    return moved
 
 
 def _closed_form_step(
@@ -353,8 +453,9 @@ def balance_(
     Jacobi-preconditioned conjugate gradients and the step ``t`` found by a line search on ``F``
     (see :func:`solve_balance`). Stops when ``max |mu_n| / S_n <= tol``.
 
-    Dead generators (all incoming or all outgoing entries zero) have no closed orbit: they keep
-    ``h = 0`` and are reported. Gradients in ``.grad`` and, when ``optimizer`` is given, its
+    Dead generators (all incoming or all outgoing entries zero, alone or as a group,
+    :func:`closed_orbits`) have no closed orbit: they keep ``h = 0`` and are reported.
+    Gradients in ``.grad`` and, when ``optimizer`` is given, its
     state are transported (as :func:`gaugefix.apply_gauge_` does). Everything is validated
     first; on error nothing is modified (a solution whose factors could overflow a moved
     tensor's dtype or underflow their own, :func:`gaugefix.action.overflowing`, is refused).

@@ -175,7 +175,8 @@ def gauge_coordinates(
     if dead.numel() and not allow_dead:
         raise ValueError(
             f"{dead.numel()} dead generator(s) without a closed orbit (all incoming or all "
-            f"outgoing entries zero): {_describe(dead.tolist(), structure)}; pass "
+            "outgoing entries zero, alone or as a group whose other entries all point one way): "
+            f"{_describe(dead.tolist(), structure)}; pass "
             "allow_dead=True to keep them at h = 0"
         )
     if structure.num_generators:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+from scipy import sparse
 from torch import Tensor
 
 from gaugefix.kernels import reduce_to, trailing_sum_of_squares
@@ -60,6 +62,72 @@ class Masses:
         self.plan = [p for p in structure.plan(self.device) if p.name in tensors]
         self.base = torch.zeros(self.r, self.n, dtype=torch.float64, device=self.device)
         self._load(moved=False)
+        self.structure = structure
+
+    def zero_free(self) -> Tensor:
+        """Whether every mass of each copy is non-zero: ``[R]`` bool (one read of the masses
+        at the base, so call it before the base moves)."""
+        least = [mat.flatten(2).amin(-1).amin(0) for mat, _, _ in self.stacks]
+        if self.flat_w.shape[1]:
+            least.append(self.flat_w.amin(-1))
+        if not least:
+            return torch.ones(self.r, dtype=torch.bool, device=self.device)
+        return torch.stack(least).amin(0) > 0
+
+    def exponent_rows(self, r: int, free: Tensor) -> sparse.csr_matrix:
+        """The exponent vectors ``w(e)`` (rows, ``[M, N]``, integer) of copy ``r``'s entries
+        with non-zero mass and a term on a ``free`` generator (``[N]`` bool), at the base
+        (repeats within a parameter group dropped)."""
+        fx = torch.cat([free, free.new_zeros(1)])
+        groups = []
+        for mat, rho, gamma in self.stacks:
+            rows = _touches(fx, rho)[:, :, None] | _touches(fx, gamma)[:, None, :]
+            g, i, j = torch.nonzero((mat[:, r] != 0) & rows, as_tuple=True)
+            slots = [s[g, i] for s, _ in rho] + [s[g, j] for s, _ in gamma]
+            groups.append((torch.stack(slots, 1), [sg for _, sg in (*rho, *gamma)]))
+        if self.flat_slots.numel():
+            keep = (self.flat_w[r] != 0) & fx[self.flat_slots].any(0)
+            slots, signs = self.flat_slots[:, keep].T, self.flat_signs[:, keep].T
+            for pattern in torch.unique(signs, dim=0):
+                same = (signs == pattern).all(1)
+                groups.append((slots[same], pattern.long().tolist()))
+        return sparse.vstack([_rows(s, sg, self.n) for s, sg in groups] or
+                             [sparse.csr_matrix((0, self.n))]).tocsr()  # fmt: skip
+
+    def pinned(self, fixed: Tensor) -> Tensor:
+        """The generators ``n`` with ``c_n = 0`` for every direction ``c`` (0 on ``fixed``,
+        ``[R, N]`` bool) with ``w(e) . c <= 0`` for every entry of non-zero mass: ``[R, N]``
+        bool, by propagation to a fixpoint (sound, not always complete). An entry whose terms
+        other than ``+v`` (``-v``) all have ``sign_t c_t >= 0`` known gives ``c_v <= 0``
+        (``>= 0``); both bounds pin ``v``. One read of the masses per round."""
+        known = [torch.cat([fixed, fixed.new_ones(self.r, 1)], 1).clone() for _ in range(2)]
+        while True:  # known[0]: c_n <= 0, known[1]: c_n >= 0
+            derived = self._bounds(known[0], known[1])
+            grown = [k | d for k, d in zip(known, derived, strict=True)]
+            if all(bool((g == k).all()) for g, k in zip(grown, known, strict=True)):
+                return (known[0] & known[1])[:, : self.n]
+            known = grown
+
+    def _bounds(self, upper: Tensor, lower: Tensor) -> tuple[Tensor, Tensor]:
+        """One round of :meth:`pinned`: the bounds derived from every entry, ``[R, N + 1]``."""
+        new_upper = torch.zeros_like(upper, dtype=torch.float64)
+        new_lower = torch.zeros_like(new_upper)
+        for mat, rho, gamma in self.stacks:
+            bad_r, bad_c = _unknown(upper, lower, rho), _unknown(upper, lower, gamma)
+            row_ok = _bmv(mat, (bad_c == 0).to(mat.dtype)) > 0  # [G, R, a]
+            col_ok = _bmv_t(mat, (bad_r == 0).to(mat.dtype)) > 0
+            _derive_(new_upper, new_lower, upper, lower, rho, bad_r, row_ok)
+            _derive_(new_upper, new_lower, upper, lower, gamma, bad_c, col_ok)
+        if self.flat_slots.numel():
+            signs = self.flat_signs
+            bad = _flat_unknown(upper, lower, self.flat_slots, signs)  # [T, R, P]
+            total = bad.sum(0)
+            for k in range(signs.shape[0]):
+                ok = (self.flat_w > 0) & (total - bad[k] == 0)
+                slots = self.flat_slots[k]
+                scatter_add_(new_upper, slots, (ok & (signs[k] > 0)).to(torch.float64))
+                scatter_add_(new_lower, slots, (ok & (signs[k] < 0)).to(torch.float64))
+        return new_upper > 0, new_lower > 0
 
     def _load(self, moved: bool) -> None:
         """The masses at the base gauge (``moved``: other than 0), squared from the tensors
@@ -126,6 +194,56 @@ class Masses:
         """The masses at gauge ``h`` (``[R, N]``): ``F`` always, ``(S_in, S_out)`` when
         ``sums``."""
         return MassState(self, h, sums)
+
+
+def _touches(fx: Tensor, terms: StackedTerms) -> Tensor:
+    """Whether a row (column) of each stacked matrix has a term on a ``fx`` slot: ``[G, a]``."""
+    return torch.stack([fx[slots] for slots, _ in terms]).any(0)
+
+
+def _unknown(upper: Tensor, lower: Tensor, terms: StackedTerms) -> Tensor:
+    """How many terms of each row of a group lack the bound ``sign_t c_t >= 0``: ``[G, R, a]``."""
+    return sum(
+        (~(lower if sign > 0 else upper)[:, slots]).permute(1, 0, 2).to(torch.int64)
+        for slots, sign in terms
+    )
+
+
+def _flat_unknown(upper: Tensor, lower: Tensor, slots: Tensor, signs: Tensor) -> Tensor:
+    """Per term of every flat mass, whether it lacks ``sign_t c_t >= 0``: ``[T, R, P]``."""
+    known = torch.where(signs[:, None, :] > 0, lower[:, slots].permute(1, 0, 2),
+                        upper[:, slots].permute(1, 0, 2))  # fmt: skip
+    return (~known).to(torch.int64)
+
+
+def _derive_(
+    new_upper: Tensor,
+    new_lower: Tensor,
+    upper: Tensor,
+    lower: Tensor,
+    terms: StackedTerms,
+    bad: Tensor,
+    ok: Tensor,
+) -> None:
+    """Bounds on each term's generator from the rows with the other side all known (``ok``)
+    and every other term of the row known."""
+    for slots, sign in terms:
+        own = (~(lower if sign > 0 else upper)[:, slots]).permute(1, 0, 2).to(torch.int64)
+        derived = (ok & (bad - own == 0)).to(torch.float64)
+        _scatter_group_(new_upper, new_lower, [(slots, sign)], derived)
+
+
+def _rows(slots: Tensor, signs: list[int], n: int) -> sparse.csr_matrix:
+    """The distinct rows ``sum_t sign_t e_{slots[:, t]}`` (the dummy slot ``n`` dropped) of
+    entries with term slots ``slots`` (``[E, T]``): ``[M, n]``."""
+    unique = np.unique(slots.cpu().numpy(), axis=0)
+    m, t = unique.shape
+    rows = np.repeat(np.arange(m), t)
+    values = np.tile(np.asarray(signs, dtype=np.float64), m)
+    out = sparse.csr_matrix((values, (rows, unique.reshape(-1))), shape=(m, n + 1))
+    out.sum_duplicates()
+    out.eliminate_zeros()
+    return out[:, :n]
 
 
 def _squared(t: Tensor, shape: tuple[int, ...]) -> Tensor:
