@@ -403,50 +403,101 @@ def _frozen_randomness(device: torch.device) -> Iterator[Callable[[], None]]:
         reset()
 
 
+# The thick restart keeps this fraction of a full cycle's Ritz vectors (the top ones, at least
+# one): Wu & Simon's thick-restart Lanczos (SIAM J. Matrix Anal. Appl. 22, 2000), the symmetric
+# Krylov-Schur restart. What is kept costs no products and keeps the cluster's directions.
+KEPT_FRACTION = 0.5
+
+
 def _lanczos_top(
     matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int, tol: float, krylov_dim: int
 ) -> tuple[float, Tensor, int, float]:
-    """Largest eigenpair of a symmetric operator by explicitly restarted Lanczos with full
-    reorthogonalisation: cycles of at most ``krylov_dim`` products, each restarted from the
-    previous cycle's top Ritz vector, until Lanczos' residual estimate is at most ``tol * |value|``
-    or ``iters`` products are spent. Returns ``(value, unit vector, products, residual)`` with
+    """Largest (algebraic) eigenpair of a symmetric operator on ``[n]`` vectors by thick-restart
+    Lanczos with full reorthogonalisation, in a basis of at most ``krylov_dim`` vectors: each
+    full cycle is restarted from its top :data:`KEPT_FRACTION` Ritz vectors and the Lanczos
+    residual vector (exactly so: the projected matrix becomes ``diag(theta)`` bordered by
+    ``beta y_last``), until Lanczos' residual estimate is at most ``tol * |value|`` or ``iters``
+    products are spent. A cycle that finds an invariant subspace restarts from its top Ritz
+    vector alone. Returns ``(value, unit vector, products, residual)`` with
     ``residual = ||H x - value x||`` measured by one more product: the estimate leaves out the
     products' rounding (a float32 MLP: estimate 4e-15, the value 3e-8 from the top eigenvalue)."""
-    x = start / torch.linalg.vector_norm(start)
-    eps = torch.finfo(x.dtype).eps
-    used, value, residual = 0, float("nan"), float("inf")
-    while used < iters:
-        m = min(krylov_dim, iters - used, x.numel())
-        basis = x.new_empty(m, x.numel())
-        basis[0] = x
-        alphas: list[float] = []
-        betas: list[float] = []
-        for j in range(m):
-            w = matvec(basis[j])
-            used += 1
-            w_norm = _finite_norm(w)
-            alphas.append(float(torch.dot(w, basis[j])))
-            for _ in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
-                w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-            betas.append(float(torch.linalg.vector_norm(w)))
-            # An invariant subspace is found when what is left of H v is rounding noise.
-            if j + 1 == m or betas[-1] <= 10 * math.sqrt(j + 1) * eps * w_norm:
-                break
-            basis[j + 1] = w / betas[-1]
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if len(alphas) > 1:
-            off = torch.tensor(betas[:-1], dtype=torch.float64)
-            tri += torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(tri)
+    size = min(krylov_dim, start.numel())
+    basis = start.new_empty(size, start.numel())
+    basis[0] = start / torch.linalg.vector_norm(start)
+    projected = torch.zeros(size, size, dtype=torch.float64)
+    used, kept = 0, 0
+    while True:
+        full = min(size, kept + iters - used)
+        length, beta, w = _lanczos_steps(matvec, basis, projected, kept, full)
+        used += length - kept
+        evals, evecs = torch.linalg.eigh(projected[:length, :length])
         value = float(evals[-1])
-        y = evecs[:, -1]
-        residual = betas[-1] * abs(float(y[-1]))
-        x = y.to(basis.dtype).to(basis.device) @ basis[: len(alphas)]
-        x = x / torch.linalg.vector_norm(x)
-        if residual <= tol * abs(value):
+        if beta * abs(float(evecs[-1, -1])) <= tol * abs(value) or used >= iters:
             break
+        if w is None:  # an invariant subspace: nothing to extend it with
+            basis[0] = _ritz_vector(evecs[:, -1], basis[:length])
+            projected.zero_()
+            kept = 0
+            continue
+        kept = max(1, int(KEPT_FRACTION * size))  # < size, as here size < n
+        _thick_restart(basis, projected, (evals[-kept:], evecs[:, -kept:]), w / beta, beta)
+    x = _ritz_vector(evecs[:, -1], basis[:length])
     residual = _finite_norm(matvec(x) - value * x)
     return value, x, used + 1, residual
+
+
+def _lanczos_steps(
+    matvec: Callable[[Tensor], Tensor], basis: Tensor, projected: Tensor, first: int, full: int
+) -> tuple[int, float, Tensor | None]:
+    """Lanczos steps on ``basis[first:full]`` (rows orthonormal, ``basis[first]`` given), filling
+    rows ``first + 1 ...`` and the tridiagonal part of ``projected = basis H basis^T``; stops at
+    an invariant subspace. Returns ``(length, beta, w)``: the basis rows in use and the residual
+    ``w`` (``[n]``) of the last step, ``H basis[length - 1]`` minus its projection, with its
+    norm ``beta``; ``w`` is ``None`` where it is rounding noise (an invariant subspace)."""
+    eps = torch.finfo(basis.dtype).eps
+    for j in range(first, full):
+        w = matvec(basis[j])
+        w_norm = _finite_norm(w)
+        projected[j, j] = float(torch.dot(w, basis[j]))
+        for _ in range(2):  # classical Gram-Schmidt, twice: full reorthogonalisation
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        # An invariant subspace is found when what is left of H v is rounding noise (or when
+        # the basis spans all n dimensions).
+        if j + 1 == basis.shape[1] or beta <= 10 * math.sqrt(j + 1) * eps * w_norm:
+            return j + 1, beta, None
+        if j + 1 == full:
+            return j + 1, beta, w
+        projected[j, j + 1] = projected[j + 1, j] = beta
+        basis[j + 1] = w / beta
+    raise AssertionError("unreachable: full > first")
+
+
+def _ritz_vector(coefficients: Tensor, basis: Tensor) -> Tensor:
+    """The unit vector ``coefficients @ basis`` (``[length]`` float64 times ``[length, n]``)."""
+    x = coefficients.to(basis.dtype).to(basis.device) @ basis
+    return x / torch.linalg.vector_norm(x)
+
+
+def _thick_restart(
+    basis: Tensor, projected: Tensor, ritz: tuple[Tensor, Tensor], next_row: Tensor, beta: float
+) -> None:
+    """In place: ``basis[:k] = Y^T basis`` for the ``k`` kept Ritz pairs ``ritz = (theta [k],
+    Y [size, k])`` of a full basis, ``basis[k] = next_row`` (the unit residual direction), and
+    ``projected`` = ``diag(theta)`` bordered by ``beta Y[-1]`` in row and column ``k``: as
+    ``H basis^T Y = basis^T Y diag(theta) + beta next_row^T Y[-1]``. Column block by column
+    block, so the only extra memory is about one ``[n]`` vector."""
+    theta, vectors = ritz
+    k = theta.numel()
+    rotation = vectors.T.to(basis.dtype).to(basis.device)
+    block = -(-basis.shape[1] // k)
+    for begin in range(0, basis.shape[1], block):
+        columns = basis[:, begin : begin + block]
+        columns[:k] = rotation @ columns
+    basis[k] = next_row
+    projected.zero_()
+    projected[:k, :k] = torch.diag(theta)
+    projected[:k, k] = projected[k, :k] = beta * vectors[-1]
 
 
 def _finite_norm(w: Tensor) -> float:
@@ -517,7 +568,7 @@ def sharpness(
 
     Hessian-vector products by forward-over-reverse differentiation (``torch.func.jvp`` of
     ``torch.func.grad`` of a ``functional_call``), so no Hessian is ever formed; the eigenvalue
-    by restarted Lanczos (:func:`_lanczos_top`) from a seeded random start, stopping when the
+    by thick-restart Lanczos (:func:`_lanczos_top`) from a seeded random start, stopping when the
     residual estimate is at most ``tol * |value|`` or after ``iters`` products; one more product
     measures the returned ``residual``, rounding included. Memory: about
     ``krylov_dim + 4`` copies of the parameter vector (in the parameters' dtype) besides the
