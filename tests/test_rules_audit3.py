@@ -537,12 +537,13 @@ def test_casts_and_indices_computed_from_activations(f, count):
 
 
 # --- numbers and arrangements that depend on the input's shape ---------------------------------
-# The tracer sees the example's shapes as numbers: a number computed from a size that is 0
-# there (``x.shape[0] - 5``) reads as the constant 0 that a ReLU spelling, a bias of 0 or a
-# padding value of 0 needs, and an arrangement whose pattern depends on a size (``h.reshape(6,
-# -1)``, a roll by the batch size) is traced with the example's pattern. On inputs of another
-# batch size the structure is then wrong. Not fixable in the rules (a Python number does not say
-# where it came from); discover on inputs of the shapes the model will see.
+# A number computed from a size that is 0 at the example (``x.shape[0] - 5``) is not the
+# constant 0 that a ReLU spelling, a bias of 0 or a padding value of 0 needs, and a roll by the
+# batch size must not be traced as the example's roll: the tracer marks sizes read from the
+# inputs (see tests/test_size_numbers.py). Two cases stay wrong: a float made by ``float()`` of
+# a size and changed by float arithmetic (``abs``: the mark is lost), and a reshape whose
+# pattern depends on the size through its ``-1`` (no size is read; a rule uniting the channels
+# of every reshape that mixes them with the batch lost real models' generators).
 def _offset(x: Tensor) -> float:
     return float(x.shape[0] - BATCH)
 
@@ -564,10 +565,23 @@ BY_SHAPE = {  # name: (f, example batch size)
 }
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="numbers and patterns from shapes are constants"
-)
-@pytest.mark.parametrize("f, batch", list(BY_SHAPE.values()), ids=list(BY_SHAPE))
+_NOT_CAUGHT = {
+    "alpha_dropout with p = |B - 5| / 10": "float() of a size, then float arithmetic",
+    "reshape(6, -1).T, traced on 2 samples": "a reshape's pattern set by its -1",
+}
+_BY_SHAPE_CASES = [
+    pytest.param(
+        *case,
+        id=name,
+        marks=[pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NOT_CAUGHT[name])]
+        if name in _NOT_CAUGHT
+        else [],
+    )
+    for name, case in BY_SHAPE.items()
+]
+
+
+@pytest.mark.parametrize("f, batch", _BY_SHAPE_CASES)
 def test_numbers_and_patterns_from_the_shape_are_exact_on_other_batch_sizes(f, batch):
     s, change = gauged(f, batch)
     assert change <= TOL, s.summary()

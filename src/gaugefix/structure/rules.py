@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from gaugefix.structure.trace import (
     BUILTIN,
+    PLACED_BY_NUMBERS,
     UNCHANGED,
     ZERO,
     Sum,
@@ -79,6 +81,13 @@ def scalar(x: Any) -> bool:
     """Whether ``x`` is a number (``2``, ``0.5``, ``1j``, ``True``, ``np.float32(2)``), not a
     tensor."""
     return isinstance(x, numbers.Number)
+
+
+def constant(ctx: TraceContext, x: Any, values: tuple = (0,)) -> bool:
+    """Whether ``x`` is a number among ``values`` that no size gave: one computed from a size
+    (``x.shape[0] - 5``, see :class:`~gaugefix.structure.trace.SizedInt`) may equal it at the
+    example's shape only."""
+    return scalar(x) and x in values and not ctx.from_size(x)
 
 
 def block_other_tensors(ctx: TraceContext, tensors: list[Tensor], what: str) -> None:
@@ -140,7 +149,7 @@ def _alpha_dropout(
 ) -> Any:  # fmt: skip
     """Alpha dropout: the identity in evaluation (or with ``p = 0``); in training it adds a
     constant to the dropped entries, which is not homogeneous."""
-    if training and p != 0:
+    if training and not constant(ctx, p):
         return blocker(ctx, result, input, p)
     return elementwise(ctx, result, input)
 
@@ -209,7 +218,8 @@ def _clamp(ctx: TraceContext, result: Any, input: Tensor, min: Any = None, max: 
     """``clamp(x, min, max) = minimum(maximum(x, min), max)``: each bound is None, a number a
     positive factor leaves as it is (0, +-inf), a constant exactly 0, or a tensor carrying the
     factors of ``x`` (then united with them)."""
-    if any(scalar(b) and b not in _UNMOVED for b in (min, max)) or ctx.is_param(input):
+    moved = [b for b in (min, max) if scalar(b) and not constant(ctx, b, _UNMOVED)]
+    if moved or ctx.is_param(input):
         return blocker(ctx, result, input, min, max)
     labels = ctx.terms(input)
     for bound in (min, max):
@@ -239,7 +249,7 @@ def _threshold(
 ) -> Any:  # fmt: skip
     """``threshold(x, t, v)``: ``x`` where ``x > t``, else ``v``; ReLU when ``t = v = 0``, not
     homogeneous otherwise."""
-    if scalar(threshold) and threshold == 0 and scalar(value) and value == 0:
+    if constant(ctx, threshold) and constant(ctx, value):
         return elementwise(ctx, result, input)
     return blocker(ctx, result, input)
 
@@ -265,7 +275,7 @@ def _add(ctx: TraceContext, result: Any, input: Any, other: Any, *rest: Any, **o
     if not isinstance(a, Tensor):
         a, b = b, a
     if scalar(b):
-        if b != 0:
+        if not constant(ctx, b):
             return ctx.block_all((a,), {}, ctx.reason("a nonzero constant is added"))
         return ctx.terms(a)
     if ctx.is_param(a) and ctx.is_param(b):
@@ -375,7 +385,7 @@ def _select(ctx: TraceContext, a: Any, b: Any, out: Any) -> Any:
         return ZERO
     if ctx.zero_source(a) is not None:
         a, b = b, a
-    if scalar(b) and b == 0:
+    if constant(ctx, b):
         return ctx.terms(a)
     if ctx.zero_source(b) is not None and isinstance(a, Tensor) and not ctx.is_param(a):
         return ctx.read_zero(b, ctx.terms(a))
@@ -409,7 +419,7 @@ def _sign_test(ctx: TraceContext, result: Any, input: Any, other: Any = None) ->
     gauge (a mask of fixed log-factor 0) and ``x`` is not constrained. Against anything else a
     factor moves entries across the threshold: it blocks."""
     unary = ctx.op.rsplit(".", 1)[-1] in _SIGNS
-    if isinstance(input, Tensor) and (unary or scalar(other) and other == 0):
+    if isinstance(input, Tensor) and (unary or constant(ctx, other)):
         ctx.claim(input)
         return ZERO
     return blocker(ctx, result, input, other)
@@ -465,8 +475,11 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         return ctx.func(replaced, *rest, **options)
     if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
         index = torch.as_tensor(rest[0])
-        ctx.gathered(first, index, index if ctx.is_tainted(index) else None, view=out)
+        by_data = ctx.is_tainted(index) or ctx.from_size(rest[0])
+        ctx.gathered(first, index, index if by_data else None, view=out)
         return None
+    if ctx.is_param(first) and _size_placed_dims(ctx, first, rest, options):
+        return ctx.block_all((first,), {}, ctx.reason("parameter arranged by an input's size"))
     if ctx.is_param(first):
         short = ctx.op.rsplit(".", 1)[-1]
         if ctx.is_gathered(first) and short in _PERMUTATIONS and isinstance(out, Tensor):
@@ -480,7 +493,9 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
     terms = ctx.terms(first)
     if not terms:
         return ZERO
-    dims = _data_indexed_dims(ctx, first, rest, options)
+    dims = _data_indexed_dims(ctx, first, rest, options) + _size_placed_dims(
+        ctx, first, rest, options
+    )
     if dims:  # another input picks other entries along these dims: they must share a factor
         terms = terms.map(lambda nodes: ctx.unite(nodes, dims).expand(first.shape))
     results = [ctx.func(nodes.contiguous(), *rest, **options) for nodes, _ in terms]
@@ -534,6 +549,12 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
     items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
     if any(not any(t is item for item in items) for t in data):  # nested in a list
         return list(range(x.dim()))
+    return _item_dims(x, items, lambda item: any(item is t for t in data))
+
+
+def _item_dims(x: Tensor, items: list[Any], picks: Callable[[Any], bool]) -> list[int]:
+    """The dims of ``x`` that the items of the index ``x[items]`` for which ``picks`` holds
+    address."""
     widths = [_index_width(item) for item in items]
     dims, d = [], 0
     for k, (item, width) in enumerate(zip(items, widths, strict=True)):
@@ -541,10 +562,33 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
             d = x.dim() - sum(w for i, w in zip(items[k + 1 :], widths[k + 1 :], strict=True)
                               if i is not Ellipsis)  # fmt: skip
             continue
-        if any(item is t for t in data):
+        if picks(item):
             dims += range(d, d + width)
         d += width
     return dims
+
+
+def _size_placed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) -> list[int]:
+    """The dims of ``x`` along which numbers computed from sizes place entries (``h.roll(B,
+    1)``, ``h[:, B - 5]``, ``h.narrow(1, 0, B)``): for an input of another shape they place
+    other entries there, so the labels along them must be one (along the batch or the sequence
+    they are already)."""
+    short = ctx.op.rsplit(".", 1)[-1]
+    if short not in PLACED_BY_NUMBERS or not x.dim() or not ctx.from_size((rest, options)):
+        return []
+    if short == "__getitem__":
+        items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
+        return _item_dims(x, items, ctx.from_size)
+    if short == "roll":
+        dims = options.get("dims", rest[1] if len(rest) > 1 else None)
+    elif short in ("narrow", "select"):
+        dims = options.get("dim", rest[0] if rest else 0)
+    else:  # split, tensor_split, chunk (dim 0 unless given), repeat_interleave (flattened)
+        default = None if short == "repeat_interleave" else 0
+        dims = options.get("dim", rest[1] if len(rest) > 1 else default)
+    if dims is None:  # over the flattened tensor
+        return list(range(x.dim()))
+    return [d % x.dim() for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
 
 
 def _index_width(item: Any) -> int:
@@ -648,7 +692,7 @@ def _pad(
     ctx: TraceContext, result: Any, input: Tensor, pad: Any, mode: str = "constant",
     value: Any = None,
 ) -> Any:  # fmt: skip
-    if mode == "constant" and value not in (None, 0, 0.0):
+    if mode == "constant" and value is not None and not constant(ctx, value):
         return blocker(ctx, result, input)
     if ctx.is_param(input):
         return ctx.block_all((input,), {}, ctx.reason("parameter padded"))
@@ -678,9 +722,10 @@ def _filled(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
     shaped = ctx.op.rsplit(".", 1)[-1] in ("full_like", "new_full")
     if tensor_args(args[1:] if shaped else args, kwargs):
         return blocker(ctx, result, *args, **kwargs)
-    if bool((result == 0).all()):
+    values = args[2:] if ctx.op.endswith("new_full") else args[1:]
+    if bool((result == 0).all()) and not ctx.from_size((values, kwargs.get("fill_value"))):
         return _zeros(ctx, result, *args)
-    return _literal(ctx, result, *args)
+    return _literal(ctx, result, *args, **kwargs)
 
 
 def _literal(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
@@ -692,7 +737,8 @@ def _literal(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
         return blocker(ctx, result, *args, **kwargs)
     for t in tensor_args(args[:1]):
         ctx.claim(t)
-    if isinstance(result, Tensor) and bool((result == 0).all()):
+    sized = ctx.from_size((args, kwargs))  # 0 at the example's shape only
+    if isinstance(result, Tensor) and not sized and bool((result == 0).all()):
         ctx.mark_zero(result)
     return ZERO
 
@@ -803,7 +849,7 @@ def _overwrite(
     indices = [t for t in nested_tensors(rest[:-1]) if _is_index(t)]
     for t in indices:
         ctx.claim(t)
-    by_data = any(ctx.is_tainted(t) for t in indices)
+    by_data = any(ctx.is_tainted(t) for t in indices) or ctx.from_size(rest[:-1])
     if not by_data and ctx.overwrite(dst, region, labels):
         return UNCHANGED
     return ctx.block_all(

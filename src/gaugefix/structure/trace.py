@@ -176,6 +176,94 @@ def compact(labels: Tensor) -> Tensor:
     return labels
 
 
+# -- numbers computed from sizes ---------------------------------------------------------------
+# The floats ``float(n)`` returned for marked numbers ``n`` (an exact float cannot carry a mark:
+# it is recorded by identity, and kept alive here until the trace ends): id -> float.
+_FLOATS_FROM_SIZES: dict[int, float] = {}
+
+
+class _FromSize:
+    """A Python number computed during the trace from a size that may differ for another input
+    (the batch or sequence length, ``x.shape[0]``): Python arithmetic on it keeps the mark,
+    like ``torch.SymInt``, so a rule can tell ``B - 5`` (0 at the example only) from the
+    constant 0. ``float(n)`` gives an exact float recorded by identity; arithmetic on that float
+    loses the mark, and so does a float on the left of a marked int (``0.5 * B``)."""
+
+    __slots__ = ()
+
+    def __float__(self) -> float:
+        out = int.__float__(self) if isinstance(self, int) else float.__float__(self)
+        _FLOATS_FROM_SIZES[id(out)] = out
+        return out
+
+
+def _marked(value: Any) -> Any:
+    """``value`` (a number, or a pair of them from ``divmod``) marked as computed from a size."""
+    if isinstance(value, tuple):
+        return tuple(_marked(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return SizedInt(value) if isinstance(value, int) else SizedFloat(value)
+
+
+def _arithmetic(name: str) -> Callable[..., Any]:
+    """The marked version of the number method ``name`` (an int with a float computes as a
+    float)."""
+
+    def method(self: Any, *args: Any) -> Any:
+        base = int if isinstance(self, int) else float
+        out = getattr(base, name)(self, *args)
+        if out is NotImplemented and base is int:
+            out = getattr(float, name)(int.__float__(self), *args)
+        return out if out is NotImplemented else _marked(out)
+
+    method.__name__ = name
+    return method
+
+
+_NUMBER_METHODS = (
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+    "__rfloordiv__", "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__",
+    "__neg__", "__pos__", "__abs__", "__divmod__", "__rdivmod__", "__round__", "__trunc__",
+    "__floor__", "__ceil__",
+)  # fmt: skip
+
+
+class SizedInt(_FromSize, int):
+    """An int computed from a size (see :class:`_FromSize`)."""
+
+
+class SizedFloat(_FromSize, float):
+    """A float computed from a size (see :class:`_FromSize`)."""
+
+
+for _cls, _base in ((SizedInt, int), (SizedFloat, float)):
+    for _method in _NUMBER_METHODS:
+        if hasattr(_base, _method):
+            setattr(_cls, _method, _arithmetic(_method))
+
+
+def from_size(x: Any) -> bool:
+    """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
+    computed from a size during the trace."""
+    if isinstance(x, _FromSize):
+        return True
+    if isinstance(x, float):
+        return _FLOATS_FROM_SIZES.get(id(x)) is x
+    if isinstance(x, slice):
+        return from_size((x.start, x.stop, x.step))
+    if isinstance(x, (tuple, list)):
+        return any(from_size(v) for v in x)
+    return isinstance(x, dict) and from_size(list(x.values()))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` without the mark of :class:`_FromSize`."""
+    if isinstance(value, SizedInt):
+        return int.__int__(value)
+    return float.__float__(value) if isinstance(value, SizedFloat) else value
+
+
 ZERO = torch.zeros((), dtype=torch.long)
 # A rule's answer for an op that returned its input itself, unchanged (``p.contiguous()`` of a
 # contiguous ``p``, ``p.to(p.dtype)``): the output keeps its labels; it was not written.
@@ -336,6 +424,7 @@ class TraceContext:
         # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
         # values are drawn at random, and whose shape depends on values of the former.
         self._tainted: dict[int, Tensor] = {}
+        self._inputs: dict[int, Tensor] = {}  # the example's tensors themselves
         self._random: dict[int, Tensor] = {}
         self._shaped: dict[int, Tensor] = {}
         # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
@@ -461,6 +550,40 @@ class TraceContext:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
         inputs or parameters, or on a random draw."""
         return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
+
+    def from_size(self, x: Any) -> bool:
+        """Whether the number ``x`` (or one in nested tuples, lists, slices and dicts) was
+        computed from a size that may differ for another input (see :class:`SizedInt`)."""
+        return from_size(x)
+
+    def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
+        """``out``, sizes of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
+        marked (:class:`SizedInt`) for an input of the example (every dim) and for a tensor
+        made from the inputs that the rescaling acts on (it carries labels) along the dims its
+        labels are constant along: such dims (the batch, the sequence) may have other sizes for
+        another input. Dims along which labels vary hold channels, sized by the parameters, and
+        so may a dim of size 1 (one channel: a batch of 1 is read as one too); the sizes of
+        other tensors (a rotary table, a mask made from the inputs) are plain: their channel
+        counts slice rescaled channels (``q[..., : cos.shape[-1]]``). ``dim``: the dim
+        ``t.size(dim)`` read."""
+        if id(t) not in self._tainted or self.is_param(t):
+            return out
+        entry = self._labels.get(id(t))
+        terms = entry[1] if entry is not None and entry[0] is t else ()
+        if not terms and self._inputs.get(id(t)) is not t:
+            return out
+        varying = {d for nodes, _ in terms for d, n in enumerate(nodes.shape) if n > 1}
+        if terms:
+            varying.update(d for d, n in enumerate(t.shape) if n == 1)
+        if isinstance(out, torch.Size):
+            return torch.Size(n if d in varying else SizedInt(n) for d, n in enumerate(out))
+        if isinstance(out, bool) or not isinstance(out, int):
+            return out
+        if dim is None:  # numel: constant when every dim holds channels
+            return SizedInt(out) if len(varying) < t.dim() else out
+        if not isinstance(dim, int) or (t.dim() and dim % t.dim() in varying):
+            return out
+        return SizedInt(out)
 
     def mark_zero(self, t: Tensor, made_from: frozenset = frozenset()) -> None:
         """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
@@ -756,12 +879,15 @@ class TraceContext:
         fresh = self._fresh.get(_memory(t)) if self._fresh else None
         return fresh if fresh is not None and fresh.holds(t) else None
 
-    def note_reads(self, tensors: list[Tensor], out: Any, written: Tensor | None) -> None:
+    def note_reads(
+        self, tensors: list[Tensor], out: Any, written: Tensor | None, numbers: Any = ()
+    ) -> None:
         """Before an op's rule: record the elements of fresh memory its inputs read. An output
         in an input's memory that is none of the inputs (a view: ``t[..., :d]``, ``t.T``) reads
         nothing; it is placed by the data when an index tensor that depends on the data
-        positioned it or its input; a view as another dtype reads every element. ``written``:
-        the destination an overwrite rule speaks for (not read)."""
+        positioned it or its input, or a number computed from a size did (``numbers``: the op's
+        arguments; see :data:`PLACED_BY_NUMBERS`); a view as another dtype reads every element.
+        ``written``: the destination an overwrite rule speaks for (not read)."""
         if not self._fresh:
             return
         made = [o for o in nested_tensors(out) if all(o is not t for t in tensors)]
@@ -776,6 +902,9 @@ class TraceContext:
                 if o.element_size() != fresh.element_size or o.dtype != t.dtype:
                     fresh.read.fill_(True)
                 placed = any(_is_index(i) and self.is_tainted(i) for i in tensors)
+                placed = placed or (
+                    self.op.rsplit(".", 1)[-1] in PLACED_BY_NUMBERS and from_size(numbers)
+                )
                 if placed or self._placed.get(id(t)) is t:
                     self._placed[id(o)] = o
 
@@ -1272,6 +1401,15 @@ _ESCAPES = {"numpy", "__array__", "__dlpack__"}
 # Ops that read a shape into Python (metadata, or ``unbind``: how many times ``for v in x``
 # iterates): a value read when the shape depends on values (``len(x.nonzero())``).
 _SHAPE_READS = {"size", "shape", "numel", "nelement", "__len__", "stride", "unbind"}
+# Reads of sizes into Python numbers, marked when they may differ for another input.
+_SIZES = {"size", "shape", "numel", "nelement"}
+# Ops whose numbers place entries along a dim: shifts, indices, slice bounds, split points,
+# repeat counts. Numbers given to other ops (``view``, ``expand``, ``zeros``, ``interpolate``)
+# give only shapes.
+PLACED_BY_NUMBERS = {
+    "roll", "narrow", "select", "__getitem__", "split", "tensor_split", "chunk",
+    "repeat_interleave",
+}  # fmt: skip
 # Ops whose output's shape depends on their input's values.
 _DATA_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
 # Ops writing into (or out of place, shaped like) their first argument: a data-dependent shape
@@ -1400,11 +1538,14 @@ class _Tracer(TorchFunctionMode):
         out = self._run(name, func, args, kwargs, tensors)
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
+        if short in _SIZES and args and isinstance(args[0], Tensor):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            return ctx.sizes_read(args[0], out, dim)
         if short in _METADATA:
             return out
         written = args[0] if short in _OVERWRITES and args else None
         if short not in _SHAPE_ONLY and short not in _ALLOCATIONS:
-            ctx.note_reads(tensors, out, written)
+            ctx.note_reads(tensors, out, written, (args, kwargs))
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
         self._mark(short, args, tensors, out, tainted)
         if short in _VALUE_READS or _reads_value(short, out):
@@ -1672,6 +1813,22 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
         return inputs
 
 
+@contextlib.contextmanager
+def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
+    """When the forward ends, forget the floats recorded as computed from sizes, and make the
+    marked numbers the forward stored on the model's modules (a cached length) plain again:
+    the marks are the trace's (see :class:`SizedInt`)."""
+    _FLOATS_FROM_SIZES.clear()  # floats of marked numbers left on by an earlier trace
+    try:
+        yield
+    finally:
+        _FLOATS_FROM_SIZES.clear()
+        for module in model.modules():
+            for key, value in list(vars(module).items()):
+                if isinstance(value, _FromSize):
+                    setattr(module, key, _plain(value))
+
+
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
     """``model(*args, **kwargs)``; an exception from the forward becomes a
     :class:`TracingError` naming the module and op where it happened."""
@@ -1722,10 +1879,10 @@ def trace(
     tracer = _Tracer(ctx)
     args, kwargs = _inputs_copied(model, (args, kwargs))
     for t in _input_tensors((args, kwargs)):
-        ctx._tainted[id(t)] = t
+        ctx._tainted[id(t)] = ctx._inputs[id(t)] = t
     inputs = {t.device for t in _input_tensors((args, kwargs))}
     with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
-        with _module_hooks(model, tracer), tracer:
+        with _module_hooks(model, tracer), tracer, _sizes_forgotten(model):
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
         ctx.fix_partly_read()
