@@ -38,6 +38,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -177,9 +178,15 @@ def compact(labels: Tensor) -> Tensor:
 
 
 # -- numbers computed from sizes ---------------------------------------------------------------
-# The floats ``float(n)`` returned for marked numbers ``n`` (an exact float cannot carry a mark:
-# it is recorded by identity, and kept alive here until the trace ends): id -> float.
-_FLOATS_FROM_SIZES: dict[int, float] = {}
+# The floats ``float(n)`` returned for marked numbers ``n`` during a trace (an exact float cannot
+# carry a mark: it is recorded by identity, and kept alive until the trace ends): id -> float,
+# per thread (a trace is its thread's, as the torch function mode is), None outside a trace.
+_FLOATS_FROM_SIZES = threading.local()
+
+
+def _recorded_floats() -> dict[int, float] | None:
+    """This thread's floats recorded as computed from sizes; None outside a trace."""
+    return getattr(_FLOATS_FROM_SIZES, "floats", None)
 
 
 class _FromSize:
@@ -193,7 +200,9 @@ class _FromSize:
 
     def __float__(self) -> float:
         out = int.__float__(self) if isinstance(self, int) else float.__float__(self)
-        _FLOATS_FROM_SIZES[id(out)] = out
+        floats = _recorded_floats()
+        if floats is not None:
+            floats[id(out)] = out
         return out
 
 
@@ -249,7 +258,8 @@ def from_size(x: Any) -> bool:
     if isinstance(x, _FromSize):
         return True
     if isinstance(x, float):
-        return _FLOATS_FROM_SIZES.get(id(x)) is x
+        floats = _recorded_floats()
+        return floats is not None and floats.get(id(x)) is x
     if isinstance(x, slice):
         return from_size((x.start, x.stop, x.step))
     if isinstance(x, (tuple, list)):
@@ -425,6 +435,8 @@ class TraceContext:
         # values are drawn at random, and whose shape depends on values of the former.
         self._tainted: dict[int, Tensor] = {}
         self._inputs: dict[int, Tensor] = {}  # the example's tensors themselves
+        # Whether an input of the example has a dim of size 1 (a batch or a sequence of 1?).
+        self._ones_in_inputs = False
         self._random: dict[int, Tensor] = {}
         self._shaped: dict[int, Tensor] = {}
         # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
@@ -562,10 +574,11 @@ class TraceContext:
         made from the inputs that the rescaling acts on (it carries labels) along the dims its
         labels are constant along: such dims (the batch, the sequence) may have other sizes for
         another input. Dims along which labels vary hold channels, sized by the parameters, and
-        so may a dim of size 1 (one channel: a batch of 1 is read as one too); the sizes of
-        other tensors (a rotary table, a mask made from the inputs) are plain: their channel
-        counts slice rescaled channels (``q[..., : cos.shape[-1]]``). ``dim``: the dim
-        ``t.size(dim)`` read."""
+        so does a dim of size 1 (one channel) unless an input of the example has a dim of size
+        1: then it may be a batch or a sequence of 1, and is marked; the sizes of other tensors
+        (a rotary table, a mask made from the inputs) are plain: their channel counts slice
+        rescaled channels (``q[..., : cos.shape[-1]]``). ``dim``: the dim ``t.size(dim)``
+        read."""
         if id(t) not in self._tainted or self.is_param(t):
             return out
         entry = self._labels.get(id(t))
@@ -573,7 +586,7 @@ class TraceContext:
         if not terms and self._inputs.get(id(t)) is not t:
             return out
         varying = {d for nodes, _ in terms for d, n in enumerate(nodes.shape) if n > 1}
-        if terms:
+        if terms and not self._ones_in_inputs:
             varying.update(d for d, n in enumerate(t.shape) if n == 1)
         if isinstance(out, torch.Size):
             return torch.Size(n if d in varying else SizedInt(n) for d, n in enumerate(out))
@@ -1815,18 +1828,33 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
 
 @contextlib.contextmanager
 def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
-    """When the forward ends, forget the floats recorded as computed from sizes, and make the
-    marked numbers the forward stored on the model's modules (a cached length) plain again:
-    the marks are the trace's (see :class:`SizedInt`)."""
-    _FLOATS_FROM_SIZES.clear()  # floats of marked numbers left on by an earlier trace
+    """Record this thread's floats computed from sizes while the forward runs; when it ends,
+    forget them, and make the marked numbers the forward stored on the model's modules (a
+    cached length, one in a list or dict attribute) plain again: the marks are the trace's (see
+    :class:`SizedInt`)."""
+    earlier = _recorded_floats()
+    _FLOATS_FROM_SIZES.floats = {}
     try:
         yield
     finally:
-        _FLOATS_FROM_SIZES.clear()
+        _FLOATS_FROM_SIZES.floats = earlier
         for module in model.modules():
             for key, value in list(vars(module).items()):
                 if isinstance(value, _FromSize):
                     setattr(module, key, _plain(value))
+                elif isinstance(value, (list, dict)):
+                    _plain_within(value)
+
+
+def _plain_within(kept: list | dict) -> None:
+    """Make the marked numbers in the list or dict ``kept`` (its keys too) plain, in place."""
+    if isinstance(kept, list):
+        if any(isinstance(v, _FromSize) for v in kept):
+            kept[:] = [_plain(v) for v in kept]
+    elif any(isinstance(v, _FromSize) for item in kept.items() for v in item):
+        items = [(_plain(k), _plain(v)) for k, v in kept.items()]
+        kept.clear()
+        kept.update(items)
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
@@ -1880,6 +1908,7 @@ def trace(
     args, kwargs = _inputs_copied(model, (args, kwargs))
     for t in _input_tensors((args, kwargs)):
         ctx._tainted[id(t)] = ctx._inputs[id(t)] = t
+        ctx._ones_in_inputs = ctx._ones_in_inputs or 1 in t.shape
     inputs = {t.device for t in _input_tensors((args, kwargs))}
     with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
         with _module_hooks(model, tracer), tracer, _sizes_forgotten(model):
