@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -294,7 +295,9 @@ def _source_and_sink_components(rows: sparse.csr_matrix) -> np.ndarray:
 def _recession_supports(rows: sparse.csr_matrix) -> np.ndarray:
     """General rows: while a linear programme finds a direction ``c`` with ``rows c + s <= 0``,
     ``0 <= s <= 1``, ``sum s`` maximal and positive, the generators it moves are held fixed
-    (a set with no minimiser on it, not always the least one)."""
+    (a set with no minimiser on it, not always the least one). Where HiGHS fails, every
+    generator not yet resolved is held too (never counted closed unproven), with a
+    ``RuntimeWarning``."""
     m, n = rows.shape
     moved = np.zeros(n, dtype=bool)
     while m and not moved.all():
@@ -303,7 +306,16 @@ def _recession_supports(rows: sparse.csr_matrix) -> np.ndarray:
         cost = np.concatenate([np.zeros(free.size), -np.ones(m)])
         bounds = [(None, None)] * free.size + [(0.0, 1.0)] * m
         result = optimize.linprog(cost, A_ub=a, b_ub=np.zeros(m), bounds=bounds, method="highs")
-        if not result.success or -result.fun < 0.5:
+        if not result.success:
+            warnings.warn(
+                f"the linear programme for open groups failed ({result.message}); its "
+                f"{free.size} unresolved generators are held at h = 0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            moved[free] = True
+            break
+        if -result.fun < 0.5:
             break
         moves = np.abs(result.x[: free.size]) > MOVES
         if not moves.any():
