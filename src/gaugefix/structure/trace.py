@@ -1872,6 +1872,17 @@ def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> 
         ) from err
 
 
+def _block_outputs(ctx: TraceContext, out: Any) -> None:
+    """Fix or block the model's floating outputs: rescaling them changes the function."""
+    for t in _outputs(out, ctx.unsearched):
+        if t.is_floating_point() or t.is_complex():
+            reason = "model output (rescaling it changes the function)"
+            if ctx.is_param(t):
+                ctx.fix(t, reason)
+            else:
+                ctx.block(ctx.terms(t), reason)
+
+
 def trace(
     model: nn.Module,
     args: tuple,
@@ -1916,13 +1927,7 @@ def trace(
         ctx.fix_written()
         ctx.fix_partly_read()
         ctx.value_reads += ctx.shape_reads
-        for t in _outputs(out, ctx.unsearched):
-            if t.is_floating_point() or t.is_complex():
-                reason = "model output (rescaling it changes the function)"
-                if ctx.is_param(t):
-                    ctx.fix(t, reason)
-                else:
-                    ctx.block(ctx.terms(t), reason)
+        _block_outputs(ctx, out)
         ctx.block_stored(model)
         ctx.block_rewritten_zeros()
     if ctx.value_reads and not allow_value_dependent:
