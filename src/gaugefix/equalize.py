@@ -56,6 +56,7 @@ from gaugefix.distributed import refuse_gathered
 from gaugefix.errors import first_line
 from gaugefix.masses import Masses
 from gaugefix.moment import pair_shape
+from gaugefix.soft import FROZEN_REASON
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import PlannedTerm
 
@@ -64,7 +65,6 @@ __all__ = [
     "LBFGS_HISTORY",
     "RANGE_P",
     "RESIDUAL_ROUNDING",
-    "FROZEN_REASON",
     "Objective",
     "EqualizeResult",
     "RangeSource",
@@ -99,7 +99,6 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 # The rounding of a max-balance residual, relative to the largest magnitude it is summed from: a
 # step lowering it by less is not progress.
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
-FROZEN_REASON = "touching a parameter with requires_grad=False"
 CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)  # [out, in, *kernel]
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
