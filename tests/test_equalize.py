@@ -290,7 +290,7 @@ def test_range_tie_break_is_the_p_balance():
     ``p``-masses are equal."""
     model, x, s = scrambled("separable")
     names, p = counted(s), gaugefix.equalize.RANGE_P
-    h, _, converged = gaugefix.equalize.p_balance(s.bind(model), s, names, p, TOL, 100)
+    h, _, converged, _ = gaugefix.equalize.p_balance(s.bind(model), s, names, p, TOL, 100)
     before = output(model, (x,))
     gaugefix.apply_gauge_(model, s, h)
     m_in, m_out = reference_ranges(model, s, names, p)

@@ -50,7 +50,13 @@ from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params, check_transport, move_
-from gaugefix.balancing import balance_, check_tolerances, solve_balance
+from gaugefix.balancing import (
+    balance_,
+    check_tolerances,
+    closed_orbits,
+    masses_of,
+    solve_balance,
+)
 from gaugefix.diagnostics import sharpness
 from gaugefix.distributed import refuse_gathered
 from gaugefix.errors import first_line
@@ -90,6 +96,7 @@ __all__ = [
     "objective_name",
     "counted_weights",
     "unfrozen",
+    "closed_generators",
     "equalize_",
 ]
 
@@ -99,6 +106,7 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 # The rounding of a max-balance residual, relative to the largest magnitude it is summed from: a
 # step lowering it by less is not progress.
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
+OPEN_REASON = "no closed orbit (dead, or in an open group)"
 CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)  # [out, in, *kernel]
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
@@ -113,7 +121,8 @@ class EqualizeResult:
     the largest balance residual ``max_n |delta_n|`` (0 at the solution; what ``tol`` bounds),
     for a callable its value; ``iterations``; ``h`` (``[num_generators]``, float64): the gauge
     applied (0 on generators left out); ``dead_generators``: the generators the objective does
-    not see on both sides (or that touch a frozen parameter), left at ``h = 0``; ``converged``.
+    not see on both sides, those in an open group (``"range"``, a callable), and those touching a
+    frozen parameter, left at ``h = 0``; ``converged``.
     """
 
     objective: str
@@ -369,18 +378,21 @@ def solve_max_balance(
 def p_balance(
     params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str], p: float,
     tol: float, max_iter: int,
-) -> tuple[Tensor, int, bool]:  # fmt: skip
+) -> tuple[Tensor, int, bool, Tensor]:  # fmt: skip
     """The minimiser ``h`` (``[N]``, float64) of ``J_p(h) = sum_e |theta_e(h)|^p`` over the
-    counted weights, ``(h, iterations, converged)``: :func:`gaugefix.balancing.solve_balance`'s
-    Newton solve on the masses ``|theta_e / M|^(p/2)`` (``M``: the largest counted
-    ``|entry|``), whose squares are the ``p``-th powers, at ``h' = p h / 2``."""
+    counted weights, ``(h, iterations, converged, closed)``:
+    :func:`gaugefix.balancing.solve_balance`'s Newton solve on the masses ``|theta_e / M|^(p/2)``
+    (``M``: the largest counted ``|entry|``), whose squares are the ``p``-th powers, at
+    ``h' = p h / 2``; ``closed`` (bool ``[N]``): the generators with a closed orbit of ``J_p``
+    (0 in ``h`` elsewhere: :func:`gaugefix.balancing.closed_orbits`)."""
     top = max(float(params[name].detach().abs().max()) for name in counted)
     powers = {
         name: (params[name].detach().to(torch.float64).abs() / top).pow(p / 2).unsqueeze(0)
         for name in counted
     }
     solution = solve_balance(Masses(powers, structure), tol, max_iter)
-    return solution.h[0] * (2 / p), solution.iterations, bool(solution.converged[0])
+    converged = bool(solution.converged[0])
+    return solution.h[0] * (2 / p), solution.iterations, converged, solution.live[0]
 
 
 def range_balance(
@@ -395,13 +407,22 @@ def range_balance(
     ``p = RANGE_P`` (:func:`p_balance`: unique, the minimiser of a strictly convex function),
     which picks the point (up to the iteration's stopping tolerance); the two share the
     ``max_iter`` iterations. Elsewhere the solution is unique and the iteration starts from
-    ``h = 0``."""
+    ``h = 0``. Live generators without a closed orbit of the ``p``-balance (open groups: a
+    combination of them shrinks every counted entry it touches, so the max-balances have no
+    solution or a flat set of them there) are held at ``h = 0`` and not live; with at most one
+    live generator per counted entry there are none."""
     sources = list(range_sources(params, structure, counted).values())
     h = torch.zeros(structure.num_generators, dtype=torch.float64, device=_device(params))
     at = balance_step(sources, h, 0.5)
     if damping(sources, at.live) == 1:
         return solve_max_balance(sources, h, 0.5, tol, max_iter)
-    picked, newton, converged = p_balance(params, structure, counted, RANGE_P, tol, max_iter)
+    picked, newton, converged, closed = p_balance(
+        params, structure, counted, RANGE_P, tol, max_iter
+    )
+    held = at.live & ~closed.to(at.live.device)
+    if bool(held.any()):
+        n = structure.num_generators
+        sources = [source._replace(counted=_without(source.counted, held, n)) for source in sources]
     done = solve_max_balance(sources, picked, 0.5, tol, max_iter - newton)
     return done._replace(
         iterations=newton + done.iterations,
@@ -749,6 +770,16 @@ def unfrozen(
     return (structure if bool(keep.all()) else structure.restrict(keep, FROZEN_REASON)), keep
 
 
+def closed_generators(params: Mapping[str, Tensor], structure: GaugeStructure) -> Tensor:
+    """The generators (bool ``[N]``) with a closed orbit of the norm (both sides non-zero, in
+    no open group: :func:`gaugefix.balancing.closed_orbits`), the ones a callable may move."""
+    if not structure.num_generators:
+        return torch.zeros(0, dtype=torch.bool)
+    masses = masses_of({name: params[name] for name in structure.params}, structure)
+    state = masses.at(torch.zeros(1, masses.n, dtype=torch.float64, device=masses.device))
+    return closed_orbits(masses, (state.s_in > 0) & (state.s_out > 0))[0].cpu()
+
+
 def equalize_(
     model: nn.Module,
     structure: GaugeStructure,
@@ -783,10 +814,13 @@ def equalize_(
     if name == "norm":
         return _balanced(model, active, keep, tol, max_iter, optimizer)
     if name == "callable":
-        h, iterations, before, after, converged = minimize_objective(
-            objective, model, active, tol, max_iter
+        live = closed_generators(params, active)
+        inner = active if bool(live.all()) else active.restrict(live, OPEN_REASON)
+        moved, iterations, before, after, converged = minimize_objective(
+            objective, model, inner, tol, max_iter
         )
-        live = torch.ones(active.num_generators, dtype=torch.bool)
+        h = torch.zeros(active.num_generators, dtype=torch.float64)
+        h[live] = moved.cpu()
     else:
         counted = counted_weights(structure, weights) & set(active.params)
         if name == "range":
