@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix as gf
@@ -153,3 +154,19 @@ def test_sharpness_of_a_model_with_clustered_copies_is_the_dense_top(spacing, kr
     result = gf.sharpness(model, loss_fn, x, y, tol=TOL, iters=iters, krylov_dim=krylov_dim)
     assert result.converged and result.iterations <= iters + 1
     assert abs(result.value - top) <= TOL * abs(top)
+
+
+def test_a_failing_forward_mode_derivative_is_one_clear_error_and_changes_nothing():
+    """torch's forward-mode derivative of ``F.mse_loss`` (mean) writes into a zero tangent: one
+    ``ValueError`` naming a spelling that works, not torch's RuntimeError; the sum spelling is
+    the same Hessian over ``numel``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        gf.sharpness(model, F.mse_loss, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    summed = gf.sharpness(model, lambda o, t: F.mse_loss(o, t, reduction="sum") / o.numel(), x, y)
+    by_hand = gf.sharpness(model, lambda o, t: ((o - t) ** 2).mean(), x, y)
+    assert abs(summed.value - by_hand.value) <= 1e-10 * abs(by_hand.value)

@@ -540,15 +540,31 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return named
 
 
+# The start of the RuntimeError torch raises where a forward-mode derivative writes into a zero
+# tangent (F.mse_loss's, reduction "mean", in torch 2.13).
+ZERO_TANGENT = "ZeroTensors are immutable"
+
+
 def _hessian_product(loss_at: Callable[[Tensor], Tensor], flat: Tensor, v: Tensor) -> Tensor:
     """``H v``, ``H`` the Hessian of ``loss_at`` at ``flat``, by forward-over-reverse
-    differentiation; ``ValueError`` where an operation lacks a forward-mode derivative."""
+    differentiation; ``ValueError`` where an operation lacks a forward-mode derivative, or
+    has one that fails (torch's for ``F.mse_loss`` with ``reduction="mean"`` writes into a
+    zero tangent)."""
     try:
         return jvp(grad(loss_at), (flat,), (v,))[1]
     except NotImplementedError as err:  # no fallback: double backward can be wrong
         raise ValueError(
             "a Hessian-vector product needs forward-mode differentiation (jvp of grad), which "
             f"an operation of the model or loss lacks ({first_line(err)})"
+        ) from None
+    except RuntimeError as err:
+        if not str(err).startswith(ZERO_TANGENT):
+            raise
+        raise ValueError(
+            "torch's forward-mode derivative of an operation of the model or loss failed "
+            f"({first_line(err)}); F.mse_loss with reduction='mean' does: write the loss as "
+            "F.mse_loss(output, target, reduction='sum') / output.numel() or "
+            "((output - target) ** 2).mean()"
         ) from None
 
 
