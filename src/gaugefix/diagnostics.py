@@ -455,7 +455,8 @@ def _lanczos_steps(
     ``w`` (``[n]``) of the last step, ``H basis[length - 1]`` minus its projection, with its
     norm ``beta``; ``w`` is ``None`` where it is rounding noise (an invariant subspace)."""
     eps = torch.finfo(basis.dtype).eps
-    for j in range(first, full):
+    j = first  # < full
+    while True:
         w = matvec(basis[j])
         w_norm = _finite_norm(w)
         projected[j, j] = float(torch.dot(w, basis[j]))
@@ -470,7 +471,7 @@ def _lanczos_steps(
             return j + 1, beta, w
         projected[j, j + 1] = projected[j + 1, j] = beta
         basis[j + 1] = w / beta
-    raise AssertionError("unreachable: full > first")
+        j += 1
 
 
 def _ritz_vector(coefficients: Tensor, basis: Tensor) -> Tensor:
