@@ -161,7 +161,7 @@ def solve_balance(masses: Masses, tol: float = 1e-10, max_iter: int = 50) -> Bal
     r, n = masses.r, masses.n
     h = torch.zeros(r, n, dtype=torch.float64, device=masses.device)
     state = masses.at(h)
-    live = closed_orbits(masses, (state.s_in > 0) & (state.s_out > 0))
+    live = closed_orbits(masses, state)
     mask = live.to(torch.float64)
     before = state.total
     finite = torch.isfinite(before)
@@ -225,12 +225,14 @@ _ZERO_FREE_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 MOVES = 1e-9
 
 
-def closed_orbits(masses: Masses, live: Tensor) -> Tensor:
-    """``live`` (``[R, N]``: both sides non-zero) less the generators of open groups: the
-    minimal sets that must stay at ``h = 0`` for ``F`` to have a minimiser over the rest
-    (:func:`open_generators`, on the generators :meth:`Masses.pinned` leaves free). Read from
-    the masses at the base, before any step; a copy without a zero mass takes the structure's
-    verdict (computed once). Skipped on FSDP slices."""
+def closed_orbits(masses: Masses, state: MassState) -> Tensor:
+    """The generators with a closed orbit (``[R, N]`` bool): both sides non-zero at ``state``
+    (the masses at the base, before any step), less the generators of open groups: the minimal
+    sets that must stay at ``h = 0`` for ``F`` to have a minimiser over the rest
+    (:func:`open_generators`, on the generators :meth:`Masses.pinned` leaves free). A copy
+    without a zero mass takes the structure's verdict (computed once). Skipped on FSDP slices
+    (both sides non-zero only)."""
+    live = (state.s_in > 0) & (state.s_out > 0)
     if masses.sum_over_shards.__func__ is not GaugeStructure.sum_over_shards or not masses.n:
         return live
     whole = len(masses.plan) == len(masses.structure.params)

@@ -777,7 +777,7 @@ def closed_generators(params: Mapping[str, Tensor], structure: GaugeStructure) -
         return torch.zeros(0, dtype=torch.bool)
     masses = masses_of({name: params[name] for name in structure.params}, structure)
     state = masses.at(torch.zeros(1, masses.n, dtype=torch.float64, device=masses.device))
-    return closed_orbits(masses, (state.s_in > 0) & (state.s_out > 0))[0].cpu()
+    return closed_orbits(masses, state)[0].cpu()
 
 
 def equalize_(
