@@ -38,6 +38,7 @@ from gaugefix.structure.trace import (
     TraceContext,
     _is_index,
     compact,
+    from_size,
     nested_tensors,
 )
 
@@ -83,11 +84,11 @@ def scalar(x: Any) -> bool:
     return isinstance(x, numbers.Number)
 
 
-def constant(ctx: TraceContext, x: Any, values: tuple = (0,)) -> bool:
+def constant(x: Any, values: tuple = (0,)) -> bool:
     """Whether ``x`` is a number among ``values`` that no size gave: one computed from a size
     (``x.shape[0] - 5``, see :class:`~gaugefix.structure.trace.SizedInt`) may equal it at the
     example's shape only."""
-    return scalar(x) and x in values and not ctx.from_size(x)
+    return scalar(x) and x in values and not from_size(x)
 
 
 def block_other_tensors(ctx: TraceContext, tensors: list[Tensor], what: str) -> None:
@@ -149,7 +150,7 @@ def _alpha_dropout(
 ) -> Any:  # fmt: skip
     """Alpha dropout: the identity in evaluation (or with ``p = 0``); in training it adds a
     constant to the dropped entries, which is not homogeneous."""
-    if training and not constant(ctx, p):
+    if training and not constant(p):
         return blocker(ctx, result, input, p)
     return elementwise(ctx, result, input)
 
@@ -218,7 +219,7 @@ def _clamp(ctx: TraceContext, result: Any, input: Tensor, min: Any = None, max: 
     """``clamp(x, min, max) = minimum(maximum(x, min), max)``: each bound is None, a number a
     positive factor leaves as it is (0, +-inf), a constant exactly 0, or a tensor carrying the
     factors of ``x`` (then united with them)."""
-    moved = [b for b in (min, max) if scalar(b) and not constant(ctx, b, _UNMOVED)]
+    moved = [b for b in (min, max) if scalar(b) and not constant(b, _UNMOVED)]
     if moved or ctx.is_param(input):
         return blocker(ctx, result, input, min, max)
     labels = ctx.terms(input)
@@ -249,7 +250,7 @@ def _threshold(
 ) -> Any:  # fmt: skip
     """``threshold(x, t, v)``: ``x`` where ``x > t``, else ``v``; ReLU when ``t = v = 0``, not
     homogeneous otherwise."""
-    if constant(ctx, threshold) and constant(ctx, value):
+    if constant(threshold) and constant(value):
         return elementwise(ctx, result, input)
     return blocker(ctx, result, input)
 
@@ -275,7 +276,7 @@ def _add(ctx: TraceContext, result: Any, input: Any, other: Any, *rest: Any, **o
     if not isinstance(a, Tensor):
         a, b = b, a
     if scalar(b):
-        if not constant(ctx, b):
+        if not constant(b):
             return ctx.block_all((a,), {}, ctx.reason("a nonzero constant is added"))
         return ctx.terms(a)
     if ctx.is_param(a) and ctx.is_param(b):
@@ -385,7 +386,7 @@ def _select(ctx: TraceContext, a: Any, b: Any, out: Any) -> Any:
         return ZERO
     if ctx.zero_source(a) is not None:
         a, b = b, a
-    if constant(ctx, b):
+    if constant(b):
         return ctx.terms(a)
     if ctx.zero_source(b) is not None and isinstance(a, Tensor) and not ctx.is_param(a):
         return ctx.read_zero(b, ctx.terms(a))
@@ -419,7 +420,7 @@ def _sign_test(ctx: TraceContext, result: Any, input: Any, other: Any = None) ->
     gauge (a mask of fixed log-factor 0) and ``x`` is not constrained. Against anything else a
     factor moves entries across the threshold: it blocks."""
     unary = ctx.op.rsplit(".", 1)[-1] in _SIGNS
-    if isinstance(input, Tensor) and (unary or constant(ctx, other)):
+    if isinstance(input, Tensor) and (unary or constant(other)):
         ctx.claim(input)
         return ZERO
     return blocker(ctx, result, input, other)
@@ -475,7 +476,7 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         return ctx.func(replaced, *rest, **options)
     if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
         index = torch.as_tensor(rest[0])
-        by_data = ctx.is_tainted(index) or ctx.from_size(rest[0])
+        by_data = ctx.is_tainted(index) or from_size(rest[0])
         ctx.gathered(first, index, index if by_data else None, view=out)
         return None
     if ctx.is_param(first) and _size_placed_dims(ctx, first, rest, options):
@@ -574,11 +575,11 @@ def _size_placed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) 
     other entries there, so the labels along them must be one (along the batch or the sequence
     they are already)."""
     short = ctx.op.rsplit(".", 1)[-1]
-    if short not in PLACED_BY_NUMBERS or not x.dim() or not ctx.from_size((rest, options)):
+    if short not in PLACED_BY_NUMBERS or not x.dim() or not from_size((rest, options)):
         return []
     if short == "__getitem__":
         items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
-        return _item_dims(x, items, ctx.from_size)
+        return _item_dims(x, items, from_size)
     if short == "roll":
         dims = options.get("dims", rest[1] if len(rest) > 1 else None)
     elif short in ("narrow", "select"):
@@ -692,7 +693,7 @@ def _pad(
     ctx: TraceContext, result: Any, input: Tensor, pad: Any, mode: str = "constant",
     value: Any = None,
 ) -> Any:  # fmt: skip
-    if mode == "constant" and value is not None and not constant(ctx, value):
+    if mode == "constant" and value is not None and not constant(value):
         return blocker(ctx, result, input)
     if ctx.is_param(input):
         return ctx.block_all((input,), {}, ctx.reason("parameter padded"))
@@ -723,7 +724,7 @@ def _filled(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
     if tensor_args(args[1:] if shaped else args, kwargs):
         return blocker(ctx, result, *args, **kwargs)
     values = args[2:] if ctx.op.endswith("new_full") else args[1:]
-    if bool((result == 0).all()) and not ctx.from_size((values, kwargs.get("fill_value"))):
+    if bool((result == 0).all()) and not from_size((values, kwargs.get("fill_value"))):
         return _zeros(ctx, result, *args)
     return _literal(ctx, result, *args, **kwargs)
 
@@ -737,7 +738,7 @@ def _literal(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Any:
         return blocker(ctx, result, *args, **kwargs)
     for t in tensor_args(args[:1]):
         ctx.claim(t)
-    sized = ctx.from_size((args, kwargs))  # 0 at the example's shape only
+    sized = from_size((args, kwargs))  # 0 at the example's shape only
     if isinstance(result, Tensor) and not sized and bool((result == 0).all()):
         ctx.mark_zero(result)
     return ZERO
@@ -849,7 +850,7 @@ def _overwrite(
     indices = [t for t in nested_tensors(rest[:-1]) if _is_index(t)]
     for t in indices:
         ctx.claim(t)
-    by_data = any(ctx.is_tainted(t) for t in indices) or ctx.from_size(rest[:-1])
+    by_data = any(ctx.is_tainted(t) for t in indices) or from_size(rest[:-1])
     if not by_data and ctx.overwrite(dst, region, labels):
         return UNCHANGED
     return ctx.block_all(

@@ -563,11 +563,6 @@ class TraceContext:
         inputs or parameters, or on a random draw."""
         return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
 
-    def from_size(self, x: Any) -> bool:
-        """Whether the number ``x`` (or one in nested tuples, lists, slices and dicts) was
-        computed from a size that may differ for another input (see :class:`SizedInt`)."""
-        return from_size(x)
-
     def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
         """``out``, sizes of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
         marked (:class:`SizedInt`) for an input of the example (every dim) and for a tensor
