@@ -523,8 +523,9 @@ def _written(
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` in eval mode; :class:`CheckpointError` when it cannot be
-    copied (``torch.nn.utils.weight_norm``'s modules cannot)."""
+    """A float64 copy of ``model`` in eval mode, its experts on float64 kernels
+    (:func:`_float64_experts`); :class:`CheckpointError` when it cannot be copied
+    (``torch.nn.utils.weight_norm``'s modules cannot)."""
     try:
         copied = copy.deepcopy(model)
     except Exception as err:  # whatever a module's __deepcopy__ raises
@@ -532,7 +533,35 @@ def _float64_copy(model: nn.Module) -> nn.Module:
             f"cannot copy the model ({type(err).__name__}: {first_line(err)}); balancing works "
             "on a copy"
         ) from None
-    return copied.to(torch.float64).eval()
+    copied = copied.to(torch.float64).eval()
+    _float64_experts(copied)
+    return copied
+
+
+# Hugging Face experts implementations with no float64 kernel (``torch._grouped_mm`` takes
+# float32, bfloat16 and float16), and the one the float64 copy runs instead: the same experts
+# (each token's top-k experts, their outputs summed with the routing weights) with ``bmm``, and,
+# unlike the ``eager`` loop, without reading the routing into Python.
+NO_FLOAT64_EXPERTS = ("grouped_mm",)
+FLOAT64_EXPERTS = "batched_mm"
+
+
+def _float64_experts(model: nn.Module) -> None:
+    """Switch each Hugging Face model in the float64 copy ``model`` whose experts run on
+    :data:`NO_FLOAT64_EXPERTS` to :data:`FLOAT64_EXPERTS` (its configuration is the copy's);
+    :class:`CheckpointError` when transformers refuses the switch."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        implementation = getattr(config, "_experts_implementation", None)
+        if implementation in NO_FLOAT64_EXPERTS and hasattr(module, "set_experts_implementation"):
+            try:
+                module.set_experts_implementation(FLOAT64_EXPERTS)
+            except Exception as err:  # whatever transformers raises for a model it cannot switch
+                raise CheckpointError(
+                    f"the experts of {type(module).__name__} run on {implementation}, which has "
+                    f"no float64 kernel, and cannot be switched to {FLOAT64_EXPERTS}: "
+                    f"{first_line(err)}"
+                ) from None
 
 
 def _moved(
@@ -562,6 +591,7 @@ def balance_state_dict(
     objective: str = "norm",
     calibration: Tensor | None = None,
     alpha: float = 0.5,
+    allow_value_dependent: bool = False,
 ) -> tuple[dict[str, Tensor], CheckpointBalance]:
     """Balance the weights ``tensors`` of ``model`` (name -> tensor; the floating ones in
     float64, float32, float16 or bfloat16), or move them to the orbit point of another
@@ -573,7 +603,8 @@ def balance_state_dict(
     ids are used as they are), :func:`gaugefix.balance_` moves it to the minimal-norm point of its
     orbit, and the balanced weights are returned under the names of ``tensors``, each in its own
     dtype (tensors that shared storage share it again where they stay equal). ``model``
-    itself is not modified.
+    itself is not modified (the copy runs ``grouped_mm`` experts with ``batched_mm``).
+    ``allow_value_dependent``: :func:`gaugefix.discover`'s (structure found on ``x``'s path).
     Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
     """
     refuse_sharded(dict(tensors))
@@ -588,7 +619,7 @@ def balance_state_dict(
     model = _float64_copy(model)
     full = _complete(ties, dict(tensors))
     _load64(model, full)
-    structure = gaugefix.discover(model, x)
+    structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
     reference, scale = _reference(model, x)
     before = gaugefix.imbalance_stats(model, structure)
     result = _moved(model, structure, objective, calibration, alpha)

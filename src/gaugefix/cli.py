@@ -84,6 +84,16 @@ InputIds = Annotated[
     str | None, typer.Option(help="example token ids of this shape, e.g. 1,64 (with --vocab)")
 ]
 Vocab = Annotated[int | None, typer.Option(min=1, help="vocabulary size for --input-ids")]
+AllowValueDependent = Annotated[
+    bool,
+    typer.Option(
+        "--allow-value-dependent",
+        help="accept a forward whose control flow reads its input or weights (a mixture's "
+        "eager experts loop reads its routing): the structure is found on the path the "
+        "example input takes and is exact only for inputs that take it; balance still checks "
+        "the outputs, on the example input only",
+    ),
+]
 DEFAULT_ALPHA = 0.5  # balance --alpha: SmoothQuant's, and equalize_'s default
 
 
@@ -178,6 +188,7 @@ def inspect(
             "mapping convention: smooth_layer, balance_layers)",
         ),
     ] = False,
+    allow_value_dependent: AllowValueDependent = False,
 ) -> None:
     """Discover a model's gauge group and print the per-layer summary (or its scale groups)."""
     if save is not None:
@@ -186,9 +197,9 @@ def inspect(
     x = _in_model_dtype(model, _example_input(input_shape, input_ids, vocab, default_shape))
     model.eval()
     try:
-        structure = gaugefix.discover(model, x)
+        structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
     except gaugefix.TracingError as err:
-        raise _fail(str(err)) from None
+        raise _fail(_traced(err)) from None
     if scale_groups:
         groups = [json.dumps(group) for group in structure.scale_groups()]
         typer.echo("[\n" + ",\n".join(groups) + "\n]" if groups else "[]")
@@ -223,6 +234,7 @@ def balance(
         float | None,
         typer.Option(help=f"activation: SmoothQuant's exponent (default {DEFAULT_ALPHA})"),
     ] = None,
+    allow_value_dependent: AllowValueDependent = False,
 ) -> None:
     """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit, or
     the point of another objective (``gaugefix.equalize_``), the function unchanged."""
@@ -237,13 +249,22 @@ def balance(
         alpha = DEFAULT_ALPHA if alpha is None else alpha
         try:
             state = read_state_dict(weights)
-            tensors, report = balance_state_dict(net, state.tensors, x, objective, batch, alpha)
+            tensors, report = balance_state_dict(
+                net, state.tensors, x, objective, batch, alpha, allow_value_dependent
+            )
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
-            raise _fail(str(err)) from None
+            raise _fail(_traced(err)) from None
         _report_balance(model, objective, report)
         write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+
+
+def _traced(err: Exception) -> str:
+    """The message of ``err``, naming the command's option where it names ``discover``'s."""
+    if isinstance(err, gaugefix.ValueDependentError):
+        return f"{err} (--allow-value-dependent)"
+    return str(err)
 
 
 def _interrupted(out: Path) -> str:
