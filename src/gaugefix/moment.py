@@ -176,8 +176,10 @@ def imbalance_stats(
       generators with both sides non-zero;
     - ``mu_norm``: ``||mu||_2``; ``norm_sq``: ``||theta||^2`` over the parameters the structure
       acts on; ``dead_count``: how many have an empty (all-zero) side (the results of
-      ``balance_`` and ``gauge_coordinates`` list them as ``dead_generators``), in float32 sums
-      also a side whose squares all underflow (every entry below about ``2.6e-23``), which
+      ``balance_`` and ``gauge_coordinates`` list them as ``dead_generators``, with the open
+      groups of live generators, which zero entries can make and which this count leaves out:
+      their test needs the weights' zero pattern read on the host), in float32 sums also a
+      side whose squares all underflow (every entry below about ``2.6e-23``), which
       ``balance_``, squaring in float64, balances;
     ``nonfinite_count``: how many have a NaN or infinite entry (the four ratio statistics
     are then NaN or infinite, so a diverged model never looks healthy).
