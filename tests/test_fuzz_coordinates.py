@@ -24,8 +24,8 @@ weights ``w_n(e)``, :func:`architectures.term_counts`):
    frozen parameters included.
 
 Regressions (each failed before its fix): a stabiliser refused by ``gauge_coordinates``, a
-balanced point the dtype cannot hold refused, frozen parameters in the one-step prediction. A
-strict xfail records the conditioning limit of ``project`` on a gated unit.
+balanced point the dtype cannot hold refused, frozen parameters in the one-step prediction,
+``project`` on an ill-conditioned gated unit (the solve with ``K = xi xi^T`` alone: 4e-8).
 
 ``GAUGEFIX_FUZZ_COORDINATES_EXAMPLES`` raises the example count locally.
 """
@@ -464,12 +464,6 @@ class ReluGated(nn.Module):
         return self.down(torch.relu(self.gate(x)) * self.up(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="project solves with K = xi xi^T, squaring the conditioning of nearly parallel "
-    "generators (a gated unit after a large gauge): the documented forward error k rtol cond(K) "
-    "allows Pi_H of an orbit tangent at 4e-8 of it here (cond(K) ~ 1e15)",
-)
 def test_projection_of_an_orbit_tangent_on_an_ill_conditioned_gated_unit():
     torch.manual_seed(20)
     model = ReluGated().double()
