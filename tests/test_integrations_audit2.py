@@ -619,3 +619,144 @@ def test_gauge_fixing_refuses_foreign_untransportable_optimizers_when_built(name
         GaugeFixing(opt, model, structure, strength=1.0, mode="exact", every=2)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     GaugeFixing(opt, model, structure, strength=1.0, mode="penalty").remove()
+
+
+# -- a structure the callback discovered belongs to that fit's model --------------------------
+def tanh_mlp() -> nn.Module:
+    """:func:`mlp` with ``tanh`` for ``relu``: the same parameter names and shapes, and no
+    rescaling symmetry."""
+    return nn.Sequential(*[nn.Tanh() if isinstance(m, nn.ReLU) else m for m in mlp()])
+
+
+def test_lightning_callback_reused_for_another_model_discovers_again(pl, tmp_path):
+    """One callback (no structure given) in two fits: a ReLU MLP, then a tanh MLP of the same
+    names and shapes. The second fit must gauge-fix the tanh MLP's own (empty) structure, as a
+    fresh callback does, not the ReLU MLP's (which rescales the tanh neurons: 3.7 apart)."""
+    from gaugefix.integrations.lightning import GaugeFixingCallback
+
+    gauge = LIGHTNING_GAUGES["exact-1"]
+    callback = GaugeFixingCallback(**gauge)
+    options = {"max_steps": 2, "enable_checkpointing": False}
+    fit(pl, module_for(pl, mlp()), [callback], tmp_path, **options)
+    reused, fresh = module_for(pl, tanh_mlp()), module_for(pl, tanh_mlp())
+    fit(pl, reused, [callback], tmp_path, **options)
+    fit(pl, fresh, [GaugeFixingCallback(**gauge)], tmp_path, **options)
+    assert callback.structure.num_generators == 0
+    assert same(reused.net, fresh.net) == 0.0
+
+
+def test_hf_callback_reused_for_a_new_model_init_model_discovers_again(hf, tmp_path):
+    """``Trainer(model_init=...)`` builds a new model at every ``train()`` (a hyperparameter
+    search's trials): a ReLU GPT-2, then a tanh one of the same names and shapes. The second
+    run must gauge-fix the tanh model's own structure (discovered on its first batch), as a
+    fresh callback does, not the ReLU model's."""
+    from gaugefix.integrations.transformers import GaugeFixingCallback
+
+    def model_init(run):
+        activation = next(run)
+        torch.manual_seed(0)
+        config = hf.GPT2Config(
+            n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=24,
+            activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        return hf.GPT2LMHeadModel(config).to(DT)
+
+    args = hf.TrainingArguments(
+        str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+        per_device_train_batch_size=4, max_steps=2, learning_rate=LR, logging_strategy="no",
+    )  # fmt: skip
+    # model_init runs when the trainer is built and at every train()
+    runs = (iter(["relu", "relu", "tanh"]), iter(["tanh", "tanh"]))
+    trainers = [
+        hf.Trainer(args=args, model_init=functools.partial(model_init, run),
+                   train_dataset=Tokens())
+        for run in runs
+    ]  # fmt: skip
+    callbacks = [GaugeFixingCallback(t, **GAUGES["exact-1"]) for t in trainers]
+    for trainer, callback in zip(trainers, callbacks, strict=True):
+        trainer.add_callback(callback)
+    trainers[0].train()  # relu, discovered on its first batch
+    trainers[0].train()  # tanh, the same callback
+    trainers[1].train()  # tanh, a fresh callback
+    first, second = callbacks
+    assert first.structure.to_dict() == second.structure.to_dict()
+    assert same(trainers[0].model, trainers[1].model) == 0.0
+
+
+@pytest.mark.parametrize(
+    "field,value", [("since", 1.5), ("since", True), ("steps", "2"), ("skipped", 2.0),
+                    ("lr_sums", ["0.1"]), ("lr_sums", [True])],
+)  # fmt: skip
+def test_hook_state_with_a_count_that_is_not_an_integer_is_refused(field, value):
+    """``GaugeFixing.load_state_dict`` of a state whose counts are not integers (``since=1.5``
+    was read as 1, ``"2"`` steps as 2) or whose sums are not numbers: one ``ValueError``, the
+    hook's state as before."""
+    model = mlp()
+    opt = SGD(model.parameters())
+    hook = GaugeFixing(opt, model, gaugefix.discover(model, torch.zeros(2, 4, dtype=DT)), 1.0,
+                       every=3, balance_at_start=False)  # fmt: skip
+    before = hook.state_dict()
+    state = {"steps": 2, "skipped": 0, "since": 1, "lr_sums": [0.1], field: value}
+    with pytest.raises(ValueError, match="GaugeFixing state") as refused:
+        hook.load_state_dict(state)
+    assert "\n" not in str(refused.value) and hook.state_dict() == before
+    hook.remove()
+
+
+@pytest.mark.parametrize("state", [{}, {"hooks": 3}, {"hooks": [{"steps": 1}, 2]}, []])
+def test_lightning_malformed_checkpoint_state_is_one_value_error(pl, state):
+    """``load_state_dict`` of a callback state that ``state_dict`` did not write (no ``hooks``
+    list of dicts: a KeyError or TypeError before): one ``ValueError``, nothing restored."""
+    from gaugefix.integrations.lightning import GaugeFixingCallback
+
+    callback = GaugeFixingCallback(1.0)
+    with pytest.raises(ValueError, match="GaugeFixingCallback state") as refused:
+        callback.load_state_dict(state)
+    assert "\n" not in str(refused.value) and callback._restored is None
+
+
+@pytest.mark.parametrize(
+    "saved", [{"structure": "not a structure", "started": True, "hook": {}}, {"started": True},
+              {"structure": None, "started": True, "hook": {}}, "gaugefix"],
+)  # fmt: skip
+def test_hf_malformed_checkpoint_state_is_one_value_error(hf, tmp_path, saved):
+    """A ``trainer_state.json`` whose ``gaugefix`` entry the callback did not write (garbage
+    for the structure, keys missing: zlib, binascii or key errors before): one ``ValueError``
+    naming it when training starts, no discovery hook on the model, nothing attached."""
+    from gaugefix.integrations.transformers import GaugeFixingCallback
+
+    model, _ = gpt2(hf)
+    args = hf.TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    trainer = hf.Trainer(model, args, train_dataset=Tokens())
+    callback = GaugeFixingCallback(trainer, **GAUGES["exact-1"])
+    trainer.add_callback(callback)
+    trainer.state.stateful_callbacks["gaugefix"] = saved
+    with pytest.raises(ValueError, match="checkpoint's gauge-fixing state") as refused:
+        callback.on_train_begin(args, trainer.state, trainer.control)
+    assert "\n" not in str(refused.value)
+    assert callback.structure is None and not model._forward_pre_hooks
+
+
+def test_hf_saved_hook_state_that_does_not_fit_moves_nothing(hf, tmp_path):
+    """A checkpoint entry of a run that had not started gauge fixing (``started=False``, so it
+    balances at the start) whose hook state does not fit ``every=1``: one ``ValueError`` when
+    gauge fixing starts, and the model not balanced (it was balanced before the state was
+    checked)."""
+    from gaugefix.integrations.transformers import GaugeFixingCallback, encode_structure
+
+    model, structure = gpt2(hf)
+    args = hf.TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    trainer = hf.Trainer(model, args, train_dataset=Tokens())
+    trainer.create_optimizer()
+    callback = GaugeFixingCallback(trainer, **GAUGES["exact-1"])
+    trainer.add_callback(callback)
+    hook = {"steps": 0, "skipped": 0, "since": 2, "lr_sums": [0.1]}
+    trainer.state.stateful_callbacks["gaugefix"] = {
+        "structure": encode_structure(structure), "started": False, "hook": hook,
+    }  # fmt: skip
+    before = copy.deepcopy(model.state_dict())
+    callback.on_train_begin(args, trainer.state, trainer.control)
+    with pytest.raises(ValueError, match="does not fit every=1"):
+        callback.on_step_begin(args, trainer.state, trainer.control)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert callback.hook is None and not hooked(trainer.optimizer)

@@ -60,7 +60,7 @@ class GaugeFixingCallback(Callback):
     ``Trainer(log_every_n_steps=...)`` steps).
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
-    the module's); when it is ``None`` it is discovered when the fit starts (after
+    the module's); when it is ``None`` it is discovered when each fit starts (after
     ``configure_model``) from the module's ``example_input_array`` (as ``forward`` takes it:
     a dict as keyword arguments; converted to the trainer's precision as batches are).
     ``options`` are the callbacks' shared
@@ -91,6 +91,7 @@ class GaugeFixingCallback(Callback):
         self.structure: GaugeStructure | None
         self.mode: Mode
         set_options(self, strength, options)
+        self._discovered: GaugeStructure | None = None  # by this callback, for the last fit
         self.log_stats = log_stats
         self.hooks: list[GaugeFixing] = []
         self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint
@@ -98,15 +99,16 @@ class GaugeFixingCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Discover or check the structure once the module is built (after ``configure_model``,
-        which may create its layers)."""
-        if self.structure is None:
+        which may create its layers). One discovered here belongs to this fit's module: the next
+        fit (perhaps of another module with the same parameter names) discovers again."""
+        if self.structure is None or self.structure is self._discovered:
             example = pl_module.example_input_array
             if example is None:
                 raise ValueError(
                     "GaugeFixingCallback needs a structure, or example_input_array on the "
                     "LightningModule to discover one"
                 )
-            self.structure = _discover(trainer, pl_module, example)
+            self.structure = self._discovered = _discover(trainer, pl_module, example)
         # a structure of another model fails here, before fitting
         self.structure.bind(pl_module, sharded=True)
 
@@ -158,7 +160,15 @@ class GaugeFixingCallback(Callback):
         return {"hooks": [hook.state_dict() for hook in self.hooks] or self._last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = list(state_dict["hooks"]) or None
+        """Restore :meth:`state_dict` (``ValueError``, nothing restored, for anything else); the
+        hooks load their states when training starts."""
+        hooks = state_dict.get("hooks") if isinstance(state_dict, dict) else None
+        if not isinstance(hooks, list) or not all(isinstance(h, dict) for h in hooks):
+            raise ValueError(
+                "not a GaugeFixingCallback state (a dict whose 'hooks' is a list of "
+                f"GaugeFixing states): {type(state_dict).__name__}"
+            )
+        self._restored = list(hooks) or None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int

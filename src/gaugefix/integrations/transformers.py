@@ -66,7 +66,8 @@ class GaugeFixingCallback(TrainerCallback):
     The callback needs its ``Trainer`` to log through it, so it is added after the trainer is
     built: ``trainer.add_callback(GaugeFixingCallback(trainer, strength=1.0))``.
 
-    - ``structure``: discovered on the model's inputs of the first batch when ``None`` (the
+    - ``structure``: discovered on the model's inputs of the first batch of every ``train()``
+      that does not resume when ``None`` (the
       trainer's model itself, ``labels`` included, with the random state restored, so training
       is the same as with the structure given); a given one must be discovered on
       ``trainer.model`` (its parameter names). Hugging Face models that receive an
@@ -121,6 +122,8 @@ class GaugeFixingCallback(TrainerCallback):
         self._carry: dict[str, Any] | None = None
         self._discovery: RemovableHandle | None = None
         self._encoded: tuple[GaugeStructure, str] | None = None
+        # discovered or read from a checkpoint by this callback, for the last train()'s model
+        self._found: GaugeStructure | None = None
         self._last_logged = -1
 
     def _hook_state(self) -> dict[str, Any]:
@@ -150,10 +153,12 @@ class GaugeFixingCallback(TrainerCallback):
             )
         saved = state.stateful_callbacks.get(STATE_KEY)  # present when resuming a gauge-fixed run
         self.started, self._carry, self._last_logged = False, None, -1
+        if self.structure is self._found:  # the earlier train()'s (model_init builds anew)
+            self.structure = None
         if saved is not None:
+            structure, self.started, self._carry = self._read(saved)
             if self.structure is None:
-                self.structure = decode_structure(saved["structure"])
-            self.started, self._carry = saved["started"], saved["hook"]
+                self.structure = self._found = structure
         model = self.trainer.model
         if self.structure is None:
             self._discovery = model.register_forward_pre_hook(self._discover, with_kwargs=True)
@@ -192,6 +197,26 @@ class GaugeFixingCallback(TrainerCallback):
         self._detach()
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _read(self, saved: Any) -> tuple[GaugeStructure | None, bool, dict[str, Any]]:
+        """The structure (``None`` when one is given: not decoded), whether gauge fixing
+        started, and the hook state of a checkpoint's entry; ``ValueError`` for an entry
+        :meth:`_store` did not write."""
+        try:
+            started, hook = saved["started"], saved["hook"]
+            given = self.structure is not None
+            structure = None if given else decode_structure(saved["structure"])
+        except (LookupError, TypeError, ValueError, AttributeError, zlib.error) as err:
+            raise ValueError(
+                f"the checkpoint's gauge-fixing state (stateful_callbacks[{STATE_KEY!r}]) is "
+                f"not one this callback wrote: {type(err).__name__}"
+            ) from None
+        if not isinstance(started, bool) or not isinstance(hook, dict):
+            raise ValueError(
+                f"the checkpoint's gauge-fixing state (stateful_callbacks[{STATE_KEY!r}]) is "
+                "not one this callback wrote: 'started' must be a bool, 'hook' a dict"
+            )
+        return structure, started, hook
+
     @torch.compiler.disable  # run eagerly inside a compiled forward (torch_compile=True)
     def _discover(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook for the first batch: discover the structure on its inputs, then start
@@ -199,7 +224,7 @@ class GaugeFixingCallback(TrainerCallback):
         self._discovery.remove()
         self._discovery = None
         try:
-            self.structure = discover(
+            self.structure = self._found = discover(
                 module, *args, allow_value_dependent=self.allow_value_dependent, **kwargs
             )
         except ValueDependentError as err:  # the argument to pass is this callback's
@@ -224,7 +249,7 @@ class GaugeFixingCallback(TrainerCallback):
             self.structure,
             self.strength,
             mode=self.mode,
-            balance_at_start=self.balance_at_start and not self.started,
+            balance_at_start=False,  # once the saved state fits: a refused one moves nothing
             every=self.every,
         )
         if self._carry is not None:
@@ -233,6 +258,12 @@ class GaugeFixingCallback(TrainerCallback):
             except ValueError as err:  # a saved state that does not fit (another every or mode)
                 hook.remove()
                 raise ValueError(f"the checkpoint's gauge-fixing state: {err}") from None
+        if self.balance_at_start and not self.started:
+            try:
+                hook.balance()
+            except Exception:  # e.g. non-finite parameters: no hook stays attached
+                hook.remove()
+                raise
         self.hook, self.started = hook, True
 
     def _detach(self) -> None:

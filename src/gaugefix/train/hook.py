@@ -20,7 +20,7 @@ from gaugefix.distributed import (
     refuse_gathered,
     sharded,
 )
-from gaugefix.errors import check_number
+from gaugefix.errors import check_count, check_number
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import (
     FROZEN_REASON,
@@ -509,12 +509,15 @@ class GaugeFixing:
         """Continue from :meth:`state_dict` of a hook with the same ``every``, which the state
         does not record (``ValueError``, nothing changed, for anything but such a state, or one
         whose place in the interval does not fit this ``every``)."""
-        try:
-            steps, skipped = int(state["steps"]), int(state["skipped"])
-            since, lr_sums = int(state["since"]), [float(x) for x in state["lr_sums"]]
-        except (KeyError, TypeError, ValueError) as err:
+        try:  # integers and numbers as state_dict wrote them: 1.5 or "2" is no count
+            steps, skipped, since = [
+                check_count(state[key], f"a GaugeFixing state's {key}", 0)
+                for key in ("steps", "skipped", "since")
+            ]
+            lr_sums = [check_number(x, "a GaugeFixing state's lr_sums") for x in state["lr_sums"]]
+        except (KeyError, TypeError) as err:
             raise ValueError(f"not a GaugeFixing state: {err!r}") from None
-        if not 0 <= since < self.every or min(steps, skipped) < 0:
+        if since >= self.every:
             raise ValueError(
                 f"a GaugeFixing state with {since} steps since the last orbit step does not fit "
                 f"every={self.every}"
@@ -530,8 +533,6 @@ class GaugeFixing:
                 f"a GaugeFixing state with {len(lr_sums)} learning-rate sums does not fit an "
                 f"optimizer with {groups} parameter groups"
             )
-        for lr_sum in lr_sums:
-            check_number(lr_sum, "a GaugeFixing state's lr_sums")
         self._applied, self._acted = steps, steps + skipped
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
 
