@@ -567,7 +567,6 @@ BY_SHAPE = {  # name: (f, example batch size)
 
 _NOT_CAUGHT = {
     "alpha_dropout with p = |B - 5| / 10": "float() of a size, then float arithmetic",
-    "reshape(6, -1).T, traced on 2 samples": "a reshape's pattern set by its -1",
 }
 _BY_SHAPE_CASES = [
     pytest.param(

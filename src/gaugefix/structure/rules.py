@@ -23,6 +23,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -497,6 +498,7 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
     dims = _data_indexed_dims(ctx, first, rest, options) + _size_placed_dims(
         ctx, first, rest, options
     )
+    dims += _mixed_by_inferred_size(ctx, first, terms, rest, options)
     if dims:  # another input picks other entries along these dims: they must share a factor
         terms = terms.map(lambda nodes: ctx.unite(nodes, dims).expand(first.shape))
     results = [ctx.func(nodes.contiguous(), *rest, **options) for nodes, _ in terms]
@@ -590,6 +592,113 @@ def _size_placed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) 
     if dims is None:  # over the flattened tensor
         return list(range(x.dim()))
     return [d % x.dim() for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+
+
+# A product of sizes as a monomial ``coef * prod(sizes of dims)``: ``(coef, dims)`` with the dims
+# of a reshape's input whose sizes may change (see :func:`_mixed_by_inferred_size`).
+_Monomial = tuple[Fraction, frozenset]
+
+
+def _times(a: _Monomial, size: int | _Monomial) -> _Monomial:
+    b = size if isinstance(size, tuple) else (Fraction(size), frozenset())
+    return (a[0] * b[0], a[1] | b[1])
+
+
+def _boundaries(sizes: list[int | _Monomial]) -> list[_Monomial]:
+    """The products of the last ``k`` of ``sizes`` for ``k = 0 .. len(sizes)`` (the strides of
+    a contiguous tensor of those sizes, innermost first, then its numel)."""
+    out = [(Fraction(1), frozenset())]
+    for size in reversed(sizes):
+        out.append(_times(out[-1], size))
+    return out
+
+
+def _reshape_spec(rest: tuple, options: dict) -> tuple | None:
+    """The shape a ``view``/``reshape`` asks for, when given as ints (else None)."""
+    spec = options.get("shape", options.get("size", rest[0] if len(rest) == 1 else rest))
+    spec = (spec,) if isinstance(spec, int) else spec
+    if not isinstance(spec, (tuple, list)):
+        return None
+    return tuple(spec) if all(type(n) is int for n in spec) else None
+
+
+def _mixed_by_inferred_size(
+    ctx: TraceContext, x: Tensor, terms: Sum, rest: tuple, options: dict
+) -> list[int]:
+    """The dims of ``x`` whose labels a ``view``/``reshape`` whose ``-1`` absorbs a size (the
+    other sizes plain numbers, see :func:`_aligned`) mixes with that size: for an input of
+    another size it places other channels there (``[B, 6] -> [6, B]``), so the labels along
+    them must be one.
+
+    Dims along which the labels are constant may change size (symbols); the others hold a fixed
+    number of channels. Boundaries that are the same product of sizes on both sides cut the
+    reshape into groups; a group is safe when its input holds only channels, only symbols, or
+    symbols outside ``C`` channels, the output's strides within it being fixed numbers or
+    multiples of ``C`` (channel ``= offset mod C``, whatever the sizes)."""
+    spec = _reshape_spec(rest, options)
+    if ctx.op.rsplit(".", 1)[-1] not in ("view", "reshape") or spec is None or spec.count(-1) != 1:
+        return []
+    varying = {d for nodes, _ in terms for d, n in enumerate(compact(nodes).shape) if n > 1}
+    sizes = [n if d in varying or (n == 1 and not ctx._ones_in_inputs) else
+             (Fraction(1), frozenset([d])) for d, n in enumerate(x.shape)]  # fmt: skip
+    if 0 in spec or len(varying) == x.dim():
+        return []
+    before = _boundaries(sizes)
+    after = _boundaries(_aligned(spec, x.shape, sizes, before[-1]))
+    cuts = set(before) & set(after)
+    low_in, low_out = _lowest_cuts(before, cuts), _lowest_cuts(after, cuts)
+    inner_first = list(reversed(range(x.dim())))
+    mixed = []
+    for low in set(low_in):
+        group = [d for d, at in zip(inner_first, low_in, strict=True) if at == low]
+        strides = [b for b, at in zip(after, low_out, strict=False) if at == low]
+        if not _keeps_channels(low, [sizes[d] for d in group], strides):
+            mixed += [d for d in group if d in varying]
+    return mixed
+
+
+def _aligned(
+    spec: tuple, shape: torch.Size, sizes: list[int | _Monomial], numel: _Monomial
+) -> list[int | _Monomial]:
+    """The sizes ``spec`` asks for, those that repeat the input's first or last sizes in place
+    (``view(*x.shape[:-1], -1, 4)`` with sizes read as plain numbers) taken as those sizes, and
+    its ``-1`` as ``numel`` over the product of the others."""
+    out: list[int | _Monomial] = list(spec)
+    lead = 0
+    while lead < min(len(spec), len(shape)) and spec[lead] == shape[lead] != -1:
+        out[lead], lead = sizes[lead], lead + 1
+    trail = 1
+    while trail <= min(len(spec), len(shape)) - lead and spec[-trail] == shape[-trail] != -1:
+        out[-trail], trail = sizes[-trail], trail + 1
+    given = (Fraction(1), frozenset())
+    for n in out:
+        given = given if n == -1 else _times(given, n)
+    return [(numel[0] / given[0], numel[1] - given[1]) if n == -1 else n for n in out]
+
+
+def _lowest_cuts(bounds: list[_Monomial], cuts: set[_Monomial]) -> list[_Monomial]:
+    """For each size of a shape (innermost first, its stride ``bounds[k]``), the largest cut at
+    or below its stride: the group of the reshape it belongs to."""
+    low, out = bounds[0], []
+    for b in bounds[:-1]:
+        low = b if b in cuts else low
+        out.append(low)
+    return out
+
+
+def _keeps_channels(low: _Monomial, sizes: list[int | _Monomial], strides: list[_Monomial]) -> bool:
+    """Whether a group of a reshape (input ``sizes`` innermost first, output ``strides``, from
+    the cut ``low``) places the same channels at every output index whatever the symbols."""
+    channels = math.prod(n for n in sizes if not isinstance(n, tuple))
+    symbols = [k for k, n in enumerate(sizes) if isinstance(n, tuple)]
+    if channels == 1 or not symbols:
+        return True
+    if any(not isinstance(n, tuple) and n > 1 for n in sizes[symbols[0] :]):
+        return False  # channels outside a symbol: their stride changes with it
+    return all(
+        not stride[1] - low[1] or (stride[0] / low[0] / channels).denominator == 1
+        for stride in strides
+    )
 
 
 def _index_width(item: Any) -> int:

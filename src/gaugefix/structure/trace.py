@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -272,6 +273,54 @@ def _plain(value: Any) -> Any:
     if isinstance(value, SizedInt):
         return int.__int__(value)
     return float.__float__(value) if isinstance(value, SizedFloat) else value
+
+
+# ``math`` functions convert their arguments to C numbers, which no mark survives: while a trace
+# runs, those named here mark their results when an argument is marked (``math.sqrt(B)``).
+_MATH_FUNCTIONS = (
+    "sqrt", "cbrt", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "pow", "fabs",
+    "fmod", "remainder", "copysign", "hypot", "dist", "prod", "fsum", "ldexp", "frexp", "modf",
+    "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh", "asinh",
+    "acosh", "atanh", "erf", "erfc", "gamma", "lgamma", "degrees", "radians", "isqrt", "gcd",
+    "lcm", "comb", "perm", "factorial", "trunc", "floor", "ceil",
+)  # fmt: skip
+_MATH_LOCK = threading.Lock()
+_MATH_ORIGINALS: dict[str, Any] = {}  # the functions replaced while traces run
+_MATH_TRACES = [0]  # how many traces run (in any thread)
+
+
+def _math_of_size(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``math`` function ``fn`` with its result marked when, in this thread's trace, one of
+    its arguments was computed from a size; ``fn`` itself otherwise."""
+
+    @functools.wraps(fn)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        return _marked(out) if _recorded_floats() is not None and from_size((args, kwargs)) else out
+
+    return marked
+
+
+@contextlib.contextmanager
+def _math_marking() -> Iterator[None]:
+    """Replace the functions of :data:`_MATH_FUNCTIONS` in ``math`` by :func:`_math_of_size`
+    while a trace runs; other threads' calls return what the originals return."""
+    with _MATH_LOCK:
+        if not _MATH_TRACES[0]:
+            _MATH_ORIGINALS.update(
+                (n, getattr(math, n)) for n in _MATH_FUNCTIONS if hasattr(math, n)
+            )
+            for name, fn in _MATH_ORIGINALS.items():
+                setattr(math, name, _math_of_size(fn))
+        _MATH_TRACES[0] += 1
+    try:
+        yield
+    finally:
+        with _MATH_LOCK:
+            _MATH_TRACES[0] -= 1
+            if not _MATH_TRACES[0]:
+                for name, fn in _MATH_ORIGINALS.items():
+                    setattr(math, name, fn)
 
 
 ZERO = torch.zeros((), dtype=torch.long)
@@ -1917,7 +1966,7 @@ def trace(
         ctx._ones_in_inputs = ctx._ones_in_inputs or 1 in t.shape
     inputs = {t.device for t in _input_tensors((args, kwargs))}
     with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
-        with _module_hooks(model, tracer), tracer, _sizes_forgotten(model):
+        with _module_hooks(model, tracer), tracer, _sizes_forgotten(model), _math_marking():
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
         ctx.fix_partly_read()
