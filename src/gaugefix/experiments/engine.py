@@ -75,6 +75,8 @@ __all__ = [
     "run_problem",
     "check_runs",
     "task_hash",
+    "IDENTITY_SEED",
+    "model_identity",
     "task_version",
     "RunConfig",
     "CurvePoint",
@@ -343,11 +345,10 @@ def _refusal(config: RunConfig, problem: str) -> ValueError:
 
 def task_hash(task: Task) -> str:
     """What a run's task fixes, as 16 hex digits: a SHA-256 of the data arrays as trained on
-    (dtypes, shapes, bytes), the loss kind, the model architecture (the modules' ``repr``) and
-    :data:`DEFINITIONS`."""
+    (dtypes, shapes, bytes), the loss kind, the model as it starts (:func:`model_identity`:
+    architecture, hyperparameters, initialisation and dtypes) and :data:`DEFINITIONS`."""
     digest = hashlib.sha256(f"{DEFINITIONS}|{task.kind}|".encode())
-    with torch.random.fork_rng(devices=[]):
-        digest.update(repr(task.make_model()).encode())
+    digest.update(model_identity(task))
     for t in (task.x, task.y, task.x_test, task.y_test):
         if t is None:
             digest.update(b"|no test split|")
@@ -356,6 +357,39 @@ def task_hash(task: Task) -> str:
         digest.update(f"|{a.dtype}{a.shape}|".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()[:16]
+
+
+# The torch seed of the initialisation a task hash covers: any change of the model's
+# initialisation (PyTorch's default, a task's own scheme, a dtype) changes this draw too.
+IDENTITY_SEED = 0
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a module setting the hash reads: a number, string, flag or
+    ``None``, or a tuple or list of such (sets and objects left out: their text may vary)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def model_identity(task: Task) -> bytes:
+    """``task``'s model as it starts, as bytes: its ``repr``, each module's name, class and
+    settings (its public plain attributes, such as a layer's sizes, an attention's heads, a
+    norm's ``eps``, which ``repr`` may leave out), and each entry of its ``state_dict`` (name,
+    dtype, shape, bytes) at the initialisation for torch seed :data:`IDENTITY_SEED`, drawn in a
+    forked generator (the caller's random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(IDENTITY_SEED)
+        model = task.make_model()
+    parts = [repr(model).encode()]
+    for name, module in model.named_modules():
+        settings = sorted((k, v) for k, v in vars(module).items() if k[0] != "_" and _plain(v))
+        parts.append(f"|{name}|{type(module).__qualname__}|{settings!r}".encode())
+    for name, t in model.state_dict().items():
+        a = t.detach().cpu().contiguous()
+        parts.append(f"|{name}|{a.dtype}{tuple(a.shape)}|".encode())
+        parts.append(a.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
 
 
 def task_version(task_hash: str) -> str:
