@@ -17,7 +17,8 @@ h_n) theta_e``. The objectives:
   ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``h_j = -log s_j``. The other generators
   (query-key pairs: no linear map reads their channels) are balanced as ``"range"`` does.
 - a callable ``J(params) -> scalar``: minimised over ``h`` by L-BFGS (strong Wolfe line
-  search, float64 ``h``) through the differentiable rescaled parameters;
+  search, finished with approximate Wolfe steps where that stalls at ``J``'s rounding, float64
+  ``h``) through the differentiable rescaled parameters;
   :func:`sharpness_objective` is one.
 
 ``range`` and ``activation`` are max-balances ``delta_n = (1 - alpha) log R_out,n - alpha log
@@ -45,6 +46,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy import sparse
 from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
@@ -55,16 +57,17 @@ from gaugefix.balancing import (
     check_tolerances,
     closed_orbits,
     masses_of,
+    open_generators,
     solve_balance,
 )
 from gaugefix.diagnostics import sharpness
 from gaugefix.distributed import refuse_gathered
 from gaugefix.errors import first_line
-from gaugefix.masses import Masses
+from gaugefix.masses import Masses, _flat_over, _rows, _two_groups
 from gaugefix.moment import pair_shape
 from gaugefix.soft import FROZEN_REASON
 from gaugefix.structure import GaugeStructure
-from gaugefix.structure.gauge_structure import PlannedTerm
+from gaugefix.structure.gauge_structure import PlannedParam, PlannedTerm
 
 __all__ = [
     "OBJECTIVES",
@@ -107,6 +110,13 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 # step lowering it by less is not progress.
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
 OPEN_REASON = "no closed orbit (dead, or in an open group)"
+# The line search that finishes a stalled L-BFGS (:func:`_approximate_wolfe`): Wolfe's sufficient
+# decrease and curvature constants (torch's), Hager and Zhang's approximate-Wolfe decrease
+# ``delta``, the rounding of ``J`` relative to ``|J|`` within which a value counts as no increase,
+# and the most trials per step.
+WOLFE_DECREASE, WOLFE_CURVATURE, APPROXIMATE_DECREASE = 1e-4, 0.9, 0.1
+VALUE_ROUNDING = 64 * torch.finfo(torch.float64).eps
+LINE_TRIALS = 30
 CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)  # [out, in, *kernel]
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
@@ -121,8 +131,8 @@ class EqualizeResult:
     the largest balance residual ``max_n |delta_n|`` (0 at the solution; what ``tol`` bounds),
     for a callable its value; ``iterations``; ``h`` (``[num_generators]``, float64): the gauge
     applied (0 on generators left out); ``dead_generators``: the generators the objective does
-    not see on both sides, those in an open group (``"range"``, a callable), and those touching a
-    frozen parameter, left at ``h = 0``; ``converged``.
+    not see on both sides, those in an open group (of its own terms; of the norm's for a
+    callable), and those touching a frozen parameter, left at ``h = 0``; ``converged``.
     """
 
     objective: str
@@ -607,6 +617,156 @@ def _absorbing(terms: tuple[PlannedTerm, ...]) -> tuple[PlannedTerm, ...]:
     return tuple(t for t in terms if t.sign < 0 and _varying(t) and not _varying(t) & produced)
 
 
+# -- open groups of a max-balance ------------------------------------------------------------------
+
+
+class _Support(NamedTuple):
+    """A source's entries as a matrix (:class:`gaugefix.masses.Masses`' layout): its exponent
+    terms along the rows and the columns (``(slots, sign)``, slots ``[a]`` / ``[b]``; one column
+    where the terms do not split in two), its counted terms placed likewise, the matrix's
+    ``size`` ``(a, b)``, and which entries are non-zero (bool ``[a, b]``; ``None``: all)."""
+
+    rows: list[tuple[Tensor, int]]
+    cols: list[tuple[Tensor, int]]
+    counted_rows: list[tuple[Tensor, int]]
+    counted_cols: list[tuple[Tensor, int]]
+    size: tuple[int, int]
+    nonzero: Tensor | None
+
+
+def _support(source: RangeSource) -> _Support:
+    """The :class:`_Support` of a source (one read of its magnitudes)."""
+    terms = source.exponent
+    magnitude = source.log_magnitude
+    shape = tuple(torch.broadcast_shapes(magnitude.shape, *(t.slots.shape for t in terms)))
+    split = _two_groups(PlannedParam("", shape, terms))
+    a_dims = split[0][0] if split else list(range(len(shape)))
+    b_dims = split[1][0] if split else []
+    size = (math.prod(shape[d] for d in a_dims), math.prod(shape[d] for d in b_dims))
+    nonzero = None  # the magnitudes' logs are finite or -inf (zero): -inf is the least
+    if magnitude.numel() and not bool(magnitude.amin() > -math.inf):
+        rest = [d for d in range(len(shape)) if d not in a_dims and d not in b_dims]
+        nonzero = torch.isfinite(magnitude).expand(shape).permute(*a_dims, *b_dims, *rest)
+        nonzero = nonzero.reshape(size)
+    placed: list[list[tuple[Tensor, int]]] = [[], [], [], []]
+    for i, group in enumerate((terms, source.counted)):
+        for t in group:
+            along_rows = _varying(t) <= set(a_dims)
+            dims = a_dims if along_rows else b_dims
+            placed[2 * i + (not along_rows)].append((_flat_over(t.slots, dims, shape), t.sign))
+    return _Support(*placed, size, nonzero)
+
+
+def _counted_sides(supports: list[_Support], n: int, device: Any) -> tuple[Tensor, Tensor]:
+    """Per generator (bool ``[n + 1]``, the dummy slot last): whether some non-zero counted
+    entry lands on its incoming side, and on its outgoing side."""
+    sides = torch.zeros(2, n + 1, dtype=torch.bool, device=device)
+    for s in supports:
+        for dim, terms in ((1, s.counted_rows), (0, s.counted_cols)):
+            for slots, sign in terms:
+                at = slots if s.nonzero is None else slots[s.nonzero.any(dim)]
+                sides[int(sign < 0), at] = True
+    return sides[0], sides[1]
+
+
+def _relevant(support: _Support, live: Tensor) -> Tensor | None:
+    """The non-zero entries counted on a live generator's side (float ``[a, b]``, ``live``:
+    ``[n + 1]``), ``None`` where that is every entry."""
+    flags = [torch.zeros(k, dtype=torch.bool, device=live.device) for k in support.size]
+    for flag, terms in zip(flags, (support.counted_rows, support.counted_cols), strict=True):
+        for slots, _ in terms:
+            flag |= live[slots]
+    if support.nonzero is None and any(bool(flag.all()) for flag in flags):
+        return None
+    entries = flags[0][:, None] | flags[1][None, :]
+    if support.nonzero is not None:
+        entries &= support.nonzero
+    return None if bool(entries.all()) else entries.to(torch.float32)
+
+
+def _good(known: list[Tensor], slots: Tensor, sign: int) -> Tensor:
+    """Whether ``sign c_slot >= 0`` is known (``known``: ``[c <= 0, c >= 0]``, ``[n + 1]``)."""
+    return known[int(sign > 0)][slots]
+
+
+def _derive_(
+    support: _Support, matrix: Tensor | None, known: list[Tensor], new: list[Tensor]
+) -> None:
+    """One source's bounds for :func:`_pinned`: an entry whose terms other than ``+v`` (``-v``)
+    all have ``sign c >= 0`` known gives ``c_v <= 0`` (``>= 0``); ``matrix``: its entries
+    (float ``[a, b]``), ``None`` for all of them."""
+    a, b = support.size
+    bad = []
+    for terms, size in ((support.rows, a), (support.cols, b)):
+        count = torch.zeros(size, dtype=torch.int64, device=known[0].device)
+        for slots, sign in terms:
+            count += ~_good(known, slots, sign)
+        bad.append(count)
+    done = [(count == 0) for count in bad]
+    if matrix is None:
+        ok = [done[1].any().expand(a), done[0].any().expand(b)]
+    else:
+        ok = [matrix @ done[1].to(matrix.dtype) > 0, done[0].to(matrix.dtype) @ matrix > 0]
+    for terms, count, fine in ((support.rows, bad[0], ok[0]), (support.cols, bad[1], ok[1])):
+        for slots, sign in terms:
+            own = (~_good(known, slots, sign)).to(torch.int64)
+            new[int(sign < 0)][slots[fine & (count == own)]] = True
+
+
+def _pinned(supports: list[_Support], matrices: list[Tensor | None], live: Tensor) -> Tensor:
+    """The generators ``v`` (bool ``[n + 1]``) with ``c_v = 0`` for every direction ``c`` (0 off
+    ``live``) with ``w(e) . c <= 0`` on every entry that ``matrices`` keeps, by propagation to
+    a fixpoint (:meth:`gaugefix.masses.Masses.pinned`'s rule: sound, not always complete)."""
+    known = [~live, ~live]  # c <= 0, c >= 0
+    while True:
+        new = [k.clone() for k in known]
+        for support, matrix in zip(supports, matrices, strict=True):
+            _derive_(support, matrix, known, new)
+        if all(torch.equal(k, m) for k, m in zip(known, new, strict=True)):
+            return known[0] & known[1]
+        known = new
+
+
+def _open_rows(
+    supports: list[_Support], matrices: list[Tensor | None], loose: Tensor, n: int
+) -> sparse.csr_matrix:
+    """The distinct exponent rows ``w(e)`` (``[M, n]``) of the kept entries with a term on a
+    ``loose`` generator (bool ``[n + 1]``)."""
+    blocks = [sparse.csr_matrix((0, n))]
+    for s, matrix in zip(supports, matrices, strict=True):
+        rows, cols = (torch.zeros(k, dtype=torch.bool, device=loose.device) for k in s.size)
+        for slots, _ in s.rows:
+            rows |= loose[slots]
+        for slots, _ in s.cols:
+            cols |= loose[slots]
+        if not bool(rows.any() or cols.any()):
+            continue
+        kept = torch.ones(s.size, dtype=torch.bool, device=loose.device)
+        kept = kept if matrix is None else matrix > 0
+        i, j = torch.nonzero(kept & (rows[:, None] | cols[None, :]), as_tuple=True)
+        slots = torch.stack([t[i] for t, _ in s.rows] + [t[j] for t, _ in s.cols], 1)
+        blocks.append(_rows(slots, [sign for _, sign in (*s.rows, *s.cols)], n))
+    return sparse.vstack(blocks).tocsr()
+
+
+def _open_groups(sources: list[RangeSource], n: int, device: Any) -> Tensor:
+    """The live generators of a max-balance (a non-zero counted entry on each side) in open
+    groups on its counted entries (bool ``[n]``): a direction ``c`` on them with ``w(e) . c <=
+    0`` on every non-zero entry counted on a live generator's side, ``< 0`` on one, shrinks all
+    the maxima it moves, so the balances have no solution or a set of them along ``c``. The
+    generators :func:`_pinned` leaves free go to :func:`gaugefix.balancing.open_generators`."""
+    supports = [_support(source) for source in sources]
+    has_in, has_out = _counted_sides(supports, n, device)
+    live = has_in & has_out
+    live[n] = False
+    matrices = [_relevant(support, live) for support in supports]
+    loose = live & ~_pinned(supports, matrices, live)
+    if not bool(loose.any()):
+        return loose[:n]
+    found = open_generators(_open_rows(supports, matrices, loose, n), loose[:n].cpu().numpy())
+    return torch.as_tensor(found, device=device)
+
+
 # -- a callable objective --------------------------------------------------------------------------
 
 
@@ -628,10 +788,11 @@ def minimize_objective(
     objective: Objective, model: nn.Module, structure: GaugeStructure, tol: float, max_iter: int
 ) -> tuple[Tensor, int, float, float, bool]:
     """Minimise ``J(h) = objective(theta(h))`` over ``h`` by L-BFGS with a strong Wolfe line
-    search, from ``h = 0``, until ``max |dJ/dh_n| <= tol`` or ``max_iter`` iterations.
-    ``objective`` gets every parameter of ``model`` by name (the structure's ones rescaled, the
-    others copies) and returns a scalar differentiable in them. Returns ``(h, iterations, J(0),
-    J(h), converged)``."""
+    search, from ``h = 0``, until ``max |dJ/dh_n| <= tol`` or ``max_iter`` iterations; where that
+    line search stalls first (:func:`_polish`), L-BFGS goes on with the approximate Wolfe
+    conditions. ``objective`` gets every parameter of ``model`` by name (the structure's ones
+    rescaled, the others copies) and returns a scalar differentiable in them. Returns ``(h,
+    iterations, J(0), J(h), converged)``."""
     params = structure.bind(model)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if n not in params}
 
@@ -646,6 +807,12 @@ def minimize_objective(
                 "the objective must be differentiable in the rescaled parameters it is given"
             )
         return j.reshape(()).to(torch.float64)
+
+    def value_and_grad(h: Tensor) -> tuple[Tensor, Tensor]:
+        h = h.detach().requires_grad_(True)
+        j = value(h)
+        (grad,) = torch.autograd.grad(j, h, allow_unused=True) if h.numel() else (None,)
+        return j.detach(), torch.zeros_like(h) if grad is None else grad
 
     h = torch.zeros(structure.num_generators, dtype=torch.float64, requires_grad=True)
     before = float(value(h.detach()))
@@ -662,12 +829,89 @@ def minimize_objective(
 
     if max_iter > 0 and structure.num_generators:
         opt.step(closure)
-    h = h.detach().requires_grad_(True)
-    after = value(h)
-    (grad,) = torch.autograd.grad(after, h, allow_unused=True) if h.numel() else (None,)
-    converged = grad is None or float(grad.abs().max()) <= tol
     iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
-    return h.detach(), iterations, before, float(after.detach()), converged
+    h, more, after, grad = _polish(value_and_grad, h.detach(), tol, max_iter - iterations)
+    converged = not grad.numel() or float(grad.abs().max()) <= tol
+    return h, iterations + more, before, float(after), converged
+
+
+_ValueAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _polish(
+    value_and_grad: _ValueAndGrad, h: Tensor, tol: float, budget: int
+) -> tuple[Tensor, int, Tensor, Tensor]:
+    """L-BFGS from ``h`` (``[N]``) whose steps :func:`_approximate_wolfe` takes, until ``max
+    |dJ/dh_n| <= tol``, ``budget`` iterations or no step: ``(h, iterations, J(h), dJ/dh)``.
+    torch's strong Wolfe search decides by values alone and stalls where the decrease a step
+    promises (``|g|^2 / curvature``) is below ``J``'s rounding, though ``g`` is still exact."""
+    j, g = value_and_grad(h)
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for iteration in range(budget):
+        if not g.numel() or float(g.abs().max()) <= tol:
+            return h, iteration, j, g
+        d = -_two_loop(g, pairs)  # without pairs -g, scaled as torch's first step
+        d = d if pairs else d / max(1.0, float(g.abs().sum()))
+        step = _approximate_wolfe(value_and_grad, h, d, j, g)
+        if step is None:
+            return h, iteration, j, g
+        t, j_new, g_new = step
+        s, y = t * d, g_new - g
+        if float(s @ y) > 0:
+            pairs = [*pairs[1 - LBFGS_HISTORY :], (s, y)]
+        h, j, g = h + s, j_new, g_new
+    return h, budget, j, g
+
+
+def _two_loop(g: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """L-BFGS's two-loop recursion: the inverse-Hessian estimate of the curvature pairs ``(s,
+    y)`` (oldest first), scaled by the newest pair's ``s.y / y.y``, times ``g``."""
+    q, coefficients = g.clone(), []
+    for s, y in reversed(pairs):
+        a = (s @ q) / (y @ s)
+        coefficients.append(a)
+        q -= a * y
+    if pairs:
+        s, y = pairs[-1]
+        q *= (s @ y) / (y @ y)
+    for (s, y), a in zip(pairs, reversed(coefficients), strict=True):
+        q += (a - (y @ q) / (y @ s)) * s
+    return q
+
+
+def _approximate_wolfe(
+    value_and_grad: _ValueAndGrad, h: Tensor, d: Tensor, j0: Tensor, g0: Tensor
+) -> tuple[float, Tensor, Tensor] | None:
+    """A step ``t`` along ``d`` meeting Wolfe's conditions on ``phi(t) = J(h + t d)`` or Hager
+    and Zhang's approximate ones (``phi(t) <= phi(0)`` up to :data:`VALUE_ROUNDING`, ``(2 delta -
+    1) phi'(0) >= phi'(t) >= c2 phi'(0)``: the decrease read off the exact derivative where the
+    values differ by less than their rounding), with ``(phi(t), grad)``. Trials from ``t = 1``,
+    doubled until a trial ends the descent, then secant steps on ``phi'`` inside the bracket;
+    ``None`` when ``d`` is no descent direction or no trial of :data:`LINE_TRIALS` is taken."""
+    slope0, value0 = float(g0 @ d), float(j0)
+    if not slope0 < 0:
+        return None
+    lo, hi, t = (0.0, slope0), None, 1.0
+    for _ in range(LINE_TRIALS):
+        j, g = value_and_grad(h + t * d)
+        slope, value = float(g @ d), float(j)
+        level = value <= value0 + VALUE_ROUNDING * abs(value0)
+        armijo = value <= value0 + WOLFE_DECREASE * t * slope0
+        flat = slope >= WOLFE_CURVATURE * slope0
+        if flat and (armijo or (level and slope <= (2 * APPROXIMATE_DECREASE - 1) * slope0)):
+            return t, j, g
+        if level and not flat:
+            lo = (t, slope)
+        else:
+            hi = (t, slope)
+        if hi is None:
+            t *= 2
+            continue
+        width = hi[0] - lo[0]
+        secant = lo[0] - lo[1] * width / (hi[1] - lo[1]) if hi[1] > lo[1] else math.nan
+        inside = lo[0] + 0.1 * width <= secant <= hi[0] - 0.1 * width
+        t = secant if inside else lo[0] + width / 2
+    return None
 
 
 def sharpness_objective(
@@ -826,11 +1070,9 @@ def equalize_(
         if name == "range":
             solved = range_balance(params, active, counted, tol, max_iter)
         else:
-            sources, coefficient = activation_balance(
-                model, params, active, counted, calibration, alpha
+            solved = _activation_solve(
+                model, params, active, counted, calibration, alpha, tol, max_iter
             )
-            start = torch.zeros(active.num_generators, dtype=torch.float64, device=_device(params))
-            solved = solve_max_balance(sources, start, coefficient, tol, max_iter)
         h, iterations, before, after, live, converged = solved
     full = torch.zeros(structure.num_generators, dtype=torch.float64)
     full[keep] = h.cpu()
@@ -840,6 +1082,22 @@ def equalize_(
     return EqualizeResult(
         name, before, after, iterations, full, torch.nonzero(~alive).reshape(-1), converged
     )
+
+
+def _activation_solve(
+    model: nn.Module, params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str],
+    calibration: Tensor | tuple[Tensor, ...], alpha: float, tol: float, max_iter: int,
+) -> Solved:  # fmt: skip
+    """``"activation"``: the max-balance of :func:`activation_balance`'s sources from ``h = 0``,
+    with the generators in open groups on them (:func:`_open_groups`) held at ``h = 0`` (their
+    counted terms dropped: not live)."""
+    sources, coefficient = activation_balance(model, params, structure, counted, calibration, alpha)
+    n, device = structure.num_generators, _device(params)
+    held = _open_groups(sources, n, device)
+    if bool(held.any()):
+        sources = [source._replace(counted=_without(source.counted, held, n)) for source in sources]
+    start = torch.zeros(n, dtype=torch.float64, device=device)
+    return solve_max_balance(sources, start, coefficient, tol, max_iter)
 
 
 def _balanced(
