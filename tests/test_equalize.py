@@ -492,7 +492,7 @@ def test_sharpness_gradient_is_the_moment_map_of_the_eigenvector():
     base = {n: p.detach() for n, p in model.named_parameters()}
 
     def value(h: Tensor) -> Tensor:
-        return objective({**base, **gaugefix.equalize.rescaled(params, s, h)})
+        return objective({**base, **gaugefix.minimize.rescaled(params, s, h)})
 
     h = (0.3 * torch.randn(s.num_generators, dtype=DTYPE)).requires_grad_(True)
     (grad,) = torch.autograd.grad(value(h), h)

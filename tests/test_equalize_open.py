@@ -107,7 +107,7 @@ def test_sharpness_refuses_the_zero_entries_of_an_open_group_and_changes_nothing
     model, s = open_pair()
     x = x_in()
     target = torch.randn(5, 2, generator=torch.Generator().manual_seed(4), dtype=D)
-    objective = gaugefix.equalize.sharpness_objective(model, squared, (x,), target)
+    objective = gaugefix.sharpness_objective(model, squared, (x,), target)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="exactly zero entries"):
         gaugefix.equalize_(model, s, objective, tol=1e-6, max_iter=50)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gaugefix
-from gaugefix.equalize import rescaled
+from gaugefix.minimize import rescaled
 from test_equalize_open import max_gap, smooth
 from test_open_orbits import cycle, x_in
 

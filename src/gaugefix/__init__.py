@@ -20,8 +20,9 @@ from gaugefix.diagnostics import (
     sharpness,
 )
 from gaugefix.distributed import ShardingError
-from gaugefix.equalize import EqualizeResult, equalize_, sharpness_objective
+from gaugefix.equalize import EqualizeResult, equalize_
 from gaugefix.errors import GaugefixError
+from gaugefix.minimize import sharpness_objective
 from gaugefix.moment import imbalance, imbalance_stats, imbalance_stats_tensor
 from gaugefix.soft import OrbitSelectionPenalty, relax_
 from gaugefix.structure import (

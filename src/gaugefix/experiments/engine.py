@@ -28,10 +28,11 @@ from torch.func import functional_call, vmap
 
 from gaugefix.action import apply_gauge_
 from gaugefix.balancing import balance_, solve_balance
-from gaugefix.equalize import equalize_, sharpness_objective
+from gaugefix.equalize import equalize_
 from gaugefix.experiments.tasks import DATA_SEED, Task
 from gaugefix.kernels import generator_sums, rescale_
 from gaugefix.masses import Masses
+from gaugefix.minimize import sharpness_objective
 from gaugefix.moment import STAT_NAMES, stats_from_sums
 from gaugefix.step import (
     AdamState,

@@ -1,0 +1,223 @@
+"""A callable objective of the rescaled parameters, minimised over the gauge ``h`` (one
+log-scale per generator; entry ``e`` becomes ``theta_e(h) = exp(sum_n w_n(e) h_n) theta_e``) by
+L-BFGS with a strong Wolfe line search, float64 ``h``, finished with approximate Wolfe steps
+where that search stalls at ``J``'s rounding; and :func:`sharpness_objective`, the Hessian's top
+eigenvalue as such an objective (used by :func:`gaugefix.equalize_`)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.diagnostics import sharpness
+from gaugefix.structure import GaugeStructure
+
+__all__ = [
+    "LBFGS_HISTORY",
+    "Objective",
+    "rescaled",
+    "minimize_objective",
+    "sharpness_objective",
+]
+
+LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
+# The line search that finishes a stalled L-BFGS (:func:`_approximate_wolfe`): Wolfe's sufficient
+# decrease and curvature constants (torch's), Hager and Zhang's approximate-Wolfe decrease
+# ``delta``, the rounding of ``J`` relative to ``|J|`` within which a value counts as no increase,
+# and the most trials per step.
+WOLFE_DECREASE, WOLFE_CURVATURE, APPROXIMATE_DECREASE = 1e-4, 0.9, 0.1
+VALUE_ROUNDING = 64 * torch.finfo(torch.float64).eps
+LINE_TRIALS = 30
+
+Objective = Callable[[dict[str, Tensor]], Tensor]
+
+
+def rescaled(
+    params: Mapping[str, Tensor], structure: GaugeStructure, h: Tensor
+) -> dict[str, Tensor]:
+    """``theta(h)`` for the structure's parameters, differentiable in ``h`` (``[N]``,
+    float64): each entry times ``exp(sum_n w_n(e) h_n)``, in the parameter's dtype."""
+    hx = torch.cat([h, h.new_zeros(1)])
+    out = {}
+    for p in structure.plan(h.device):
+        t = params[p.name].detach()
+        exponent = sum(term.sign * hx[term.slots] for term in p.terms)
+        out[p.name] = t * torch.exp(exponent).to(t.dtype)
+    return out
+
+
+def minimize_objective(
+    objective: Objective, model: nn.Module, structure: GaugeStructure, tol: float, max_iter: int
+) -> tuple[Tensor, int, float, float, bool]:
+    """Minimise ``J(h) = objective(theta(h))`` over ``h`` by L-BFGS with a strong Wolfe line
+    search, from ``h = 0``, until ``max |dJ/dh_n| <= tol`` or ``max_iter`` iterations; where that
+    line search stalls first (:func:`_polish`), L-BFGS goes on with the approximate Wolfe
+    conditions. ``objective`` gets every parameter of ``model`` by name (the structure's ones
+    rescaled, the others copies) and returns a scalar differentiable in them. Returns ``(h,
+    iterations, J(0), J(h), converged)``."""
+    params = structure.bind(model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if n not in params}
+
+    def value(h: Tensor) -> Tensor:
+        j = objective({**base, **rescaled(params, structure, h)})
+        if not isinstance(j, Tensor) or not j.is_floating_point() or j.numel() != 1:
+            raise ValueError("the objective must return a real floating-point scalar tensor")
+        if not bool(torch.isfinite(j).all()):
+            raise ValueError("the objective must return a finite value")
+        if h.requires_grad and h.numel() and j.grad_fn is None:
+            raise ValueError(
+                "the objective must be differentiable in the rescaled parameters it is given"
+            )
+        return j.reshape(()).to(torch.float64)
+
+    def value_and_grad(h: Tensor) -> tuple[Tensor, Tensor]:
+        h = h.detach().requires_grad_(True)
+        j = value(h)
+        (grad,) = torch.autograd.grad(j, h, allow_unused=True) if h.numel() else (None,)
+        return j.detach(), torch.zeros_like(h) if grad is None else grad
+
+    h = torch.zeros(structure.num_generators, dtype=torch.float64, requires_grad=True)
+    before = float(value(h.detach()))
+    opt = torch.optim.LBFGS(
+        [h], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
+        history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        j = value(h)
+        j.backward()
+        return j
+
+    if max_iter > 0 and structure.num_generators:
+        opt.step(closure)
+    iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
+    h, more, after, grad = _polish(value_and_grad, h.detach(), tol, max_iter - iterations)
+    converged = not grad.numel() or float(grad.abs().max()) <= tol
+    return h, iterations + more, before, float(after), converged
+
+
+_ValueAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _polish(
+    value_and_grad: _ValueAndGrad, h: Tensor, tol: float, budget: int
+) -> tuple[Tensor, int, Tensor, Tensor]:
+    """L-BFGS from ``h`` (``[N]``) whose steps :func:`_approximate_wolfe` takes, until ``max
+    |dJ/dh_n| <= tol``, ``budget`` iterations or no step: ``(h, iterations, J(h), dJ/dh)``.
+    torch's strong Wolfe search decides by values alone and stalls where the decrease a step
+    promises (``|g|^2 / curvature``) is below ``J``'s rounding, though ``g`` is still exact."""
+    j, g = value_and_grad(h)
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for iteration in range(budget):
+        if not g.numel() or float(g.abs().max()) <= tol:
+            return h, iteration, j, g
+        d = -_two_loop(g, pairs)  # without pairs -g, scaled as torch's first step
+        d = d if pairs else d / max(1.0, float(g.abs().sum()))
+        step = _approximate_wolfe(value_and_grad, h, d, j, g)
+        if step is None:
+            return h, iteration, j, g
+        t, j_new, g_new = step
+        s, y = t * d, g_new - g
+        if float(s @ y) > 0:
+            pairs = [*pairs[1 - LBFGS_HISTORY :], (s, y)]
+        h, j, g = h + s, j_new, g_new
+    return h, budget, j, g
+
+
+def _two_loop(g: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """L-BFGS's two-loop recursion: the inverse-Hessian estimate of the curvature pairs ``(s,
+    y)`` (oldest first), scaled by the newest pair's ``s.y / y.y``, times ``g``."""
+    q, coefficients = g.clone(), []
+    for s, y in reversed(pairs):
+        a = (s @ q) / (y @ s)
+        coefficients.append(a)
+        q -= a * y
+    if pairs:
+        s, y = pairs[-1]
+        q *= (s @ y) / (y @ y)
+    for (s, y), a in zip(pairs, reversed(coefficients), strict=True):
+        q += (a - (y @ q) / (y @ s)) * s
+    return q
+
+
+def _approximate_wolfe(
+    value_and_grad: _ValueAndGrad, h: Tensor, d: Tensor, j0: Tensor, g0: Tensor
+) -> tuple[float, Tensor, Tensor] | None:
+    """A step ``t`` along ``d`` meeting Wolfe's conditions on ``phi(t) = J(h + t d)`` or Hager
+    and Zhang's approximate ones (``phi(t) <= phi(0)`` up to :data:`VALUE_ROUNDING`, ``(2 delta -
+    1) phi'(0) >= phi'(t) >= c2 phi'(0)``: the decrease read off the exact derivative where the
+    values differ by less than their rounding), with ``(phi(t), grad)``. Trials from ``t = 1``,
+    doubled until a trial ends the descent, then secant steps on ``phi'`` inside the bracket;
+    ``None`` when ``d`` is no descent direction or no trial of :data:`LINE_TRIALS` is taken."""
+    slope0, value0 = float(g0 @ d), float(j0)
+    if not slope0 < 0:
+        return None
+    lo, hi, t = (0.0, slope0), None, 1.0
+    for _ in range(LINE_TRIALS):
+        j, g = value_and_grad(h + t * d)
+        slope, value = float(g @ d), float(j)
+        level = value <= value0 + VALUE_ROUNDING * abs(value0)
+        armijo = value <= value0 + WOLFE_DECREASE * t * slope0
+        flat = slope >= WOLFE_CURVATURE * slope0
+        if flat and (armijo or (level and slope <= (2 * APPROXIMATE_DECREASE - 1) * slope0)):
+            return t, j, g
+        if level and not flat:
+            lo = (t, slope)
+        else:
+            hi = (t, slope)
+        if hi is None:
+            t *= 2
+            continue
+        width = hi[0] - lo[0]
+        secant = lo[0] - lo[1] * width / (hi[1] - lo[1]) if hi[1] > lo[1] else math.nan
+        inside = lo[0] + 0.1 * width <= secant <= hi[0] - 0.1 * width
+        t = secant if inside else lo[0] + width / 2
+    return None
+
+
+def sharpness_objective(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Tensor | tuple[Any, ...],
+    targets: Any,
+    **lanczos: Any,
+) -> Objective:
+    """The objective ``J(h) = lambda_max`` of the Hessian of ``loss_fn(model(*inputs),
+    targets)`` (see :func:`gaugefix.sharpness`, which ``lanczos`` is passed to), for
+    :func:`equalize_`.
+
+    Along the orbit the Hessian moves by a diagonal congruence, ``H(D theta) = D^-1 H D^-1``
+    with ``D = diag(exp(sum_n w_n h_n))``, so with ``v`` the unit top eigenvector
+    ``dJ/dh_n = -2 lambda_max sum_e w_n(e) v_e^2`` (envelope theorem): the moment map of the
+    eigenvector. The returned scalar has the value ``lambda_max`` and, through each rescaled
+    entry ``theta_e``, the gradient ``-2 lambda_max v_e^2 / theta_e``, which gives exactly that
+    derivative in ``h``. The maximum eigenvalue is not differentiable where it is degenerate.
+    """
+    probe = copy.deepcopy(model)
+
+    def objective(params: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            for name, p in probe.named_parameters():
+                p.copy_(params[name])
+        top = sharpness(probe, loss_fn, inputs, targets, **lanczos)
+        out = torch.tensor(top.value, dtype=torch.float64)
+        for name, t in params.items():
+            if not t.requires_grad or name not in top.vector:
+                continue
+            theta, v_sq = t.detach().to(torch.float64), top.vector[name].to(torch.float64) ** 2
+            if bool(((theta == 0) & (v_sq > 0)).any()):
+                raise ValueError(
+                    f"'{name}' has exactly zero entries the top eigenvector loads on: the "
+                    "sharpness gradient cannot pass through them"
+                )
+            grad = -2 * top.value * v_sq / torch.where(theta == 0, 1.0, theta)
+            out = out + (grad * (t.to(torch.float64) - theta)).sum()
+        return out
+
+    return objective
