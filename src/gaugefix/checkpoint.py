@@ -13,6 +13,7 @@ import dataclasses
 import io
 import math
 import struct
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -351,8 +352,7 @@ def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dic
     ]
     for what, names in (("not in the model", unexpected), ("missing", missing)):
         if names:
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            raise CheckpointError(f"the weights do not fit the model: {shown} {what}")
+            raise CheckpointError(f"the weights do not fit the model: {_listed(names)} {what}")
     full = {}
     for name, t in model_state.items():
         present = [alias for alias in tied[_storage_key(t)] if alias in tensors]
@@ -365,6 +365,11 @@ def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dic
         full[name] = value
     _check_views(model_state, full)
     return full
+
+
+def _listed(names: list[str]) -> str:
+    """The first three of ``names``, and how many more there are."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _span(t: Tensor) -> tuple[int, int]:
@@ -605,6 +610,8 @@ def balance_state_dict(
     dtype (tensors that shared storage share it again where they stay equal). ``model``
     itself is not modified (the copy runs ``grouped_mm`` experts with ``batched_mm``).
     ``allow_value_dependent``: :func:`gaugefix.discover`'s (structure found on ``x``'s path).
+    A transformers model's checkpoint in ``save_pretrained``'s layout (a mixture's experts one
+    by one) goes to the model's and back by transformers (:func:`_model_layout`).
     Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
     """
     refuse_sharded(dict(tensors))
@@ -616,9 +623,10 @@ def balance_state_dict(
     if x.is_floating_point():
         x = x.to(torch.float64)
     ties = model.state_dict()  # the model's own ties (the float64 copy may lose some)
-    model = _float64_copy(model)
-    full = _complete(ties, dict(tensors))
-    _load64(model, full)
+    saved = dict(tensors)
+    tensors = _model_layout(model, ties, saved)
+    original, model = model, _float64_copy(model)
+    _load64(model, _complete(ties, tensors))
     structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
     reference, scale = _reference(model, x)
     before = gaugefix.imbalance_stats(model, structure)
@@ -640,4 +648,148 @@ def balance_state_dict(
         per_output_exact=_relative_changes(exact, reference),
         per_output_change=_relative_changes(rounded, reference),
     )
-    return written, report
+    return _file_layout(original, written, saved, tensors), report
+
+
+def _transformers_model(model: nn.Module) -> bool:
+    """``model`` is a transformers ``PreTrainedModel`` (transformers is not imported for it)."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def _differs(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> str | None:
+    """The first name whose tensor differs between ``a`` and ``b`` (missing from one, or of
+    another dtype, shape or value, bit for bit: a NaN equals itself), or None when none does."""
+    if set(a) != set(b):
+        return sorted(set(a) ^ set(b))[0]
+    for name, t in a.items():
+        u = b[name]
+        if t.dtype != u.dtype or t.shape != u.shape or not torch.equal(_bits(t), _bits(u)):
+            return name
+    return None
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The bytes of ``t``'s entries, in order (shape ``(numel * element_size,)``)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _hf_loaded(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` in the model's layout, as ``from_pretrained`` converts a checkpoint
+    (transformers' ``get_model_conversion_mapping``: renamings, then at most one converter
+    per name, such as the experts' ``MergeModulelist`` and ``Concatenate``), each tensor in the
+    dtype the conversion gives; nothing is loaded. :class:`CheckpointError` when a conversion
+    fails or this transformers has no such conversion (before 5)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        unknown = sorted(set(tensors) - set(model.state_dict()))
+        raise CheckpointError(
+            f"the weights do not fit the model: {_listed(unknown)} not in the model (this "
+            "transformers converts no checkpoint layout)"
+        ) from None
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    names = model.state_dict()
+    groups: dict[str, Any] = {}
+    for name, t in tensors.items():
+        key, pattern = rename_source_key(
+            name, renamings, converters, model.base_model_prefix, names
+        )
+        if pattern is None:
+            group = groups.setdefault(key, WeightRenaming(name, key))
+            pattern = name
+        else:
+            group = groups.setdefault(key, copy.deepcopy(by_pattern[pattern]))
+        group.add_tensor(key, name, pattern, t)
+    converted = {}
+    for key, group in groups.items():
+        try:
+            done = group.convert(key, model=model, config=model.config)
+        except Exception as err:  # whatever a conversion op raises for tensors it cannot join
+            raise CheckpointError(
+                f"the weights do not fit the model: transformers' conversion of the checkpoint "
+                f"layout to {key} failed ({type(err).__name__}: {first_line(err)})"
+            ) from None
+        converted.update({k: v[0] if isinstance(v, list) else v for k, v in done.items()})
+    return converted
+
+
+def _hf_saved(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` (the model's layout) in the checkpoint layout, as ``save_pretrained`` writes
+    them (transformers' ``revert_weight_conversion``)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def _model_layout(
+    model: nn.Module, model_state: Mapping[str, Tensor], tensors: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``tensors`` in ``model``'s layout: as they are when every name is one of the model's
+    state dict ``model_state`` or ``model`` is no transformers model; else converted by
+    :func:`_hf_loaded`, when :func:`_hf_saved` gives the file's tensors back bit for bit, names
+    and dtypes included (:class:`CheckpointError` otherwise, and for names that fit no module
+    wrapping a transformers model, whose checkpoint layout is not converted)."""
+    if set(tensors) <= set(model_state):
+        return tensors
+    if not _transformers_model(model):
+        if any(map(_transformers_model, model.modules())):
+            unknown = sorted(set(tensors) - set(model_state))
+            raise CheckpointError(
+                f"the weights do not fit the model: {_listed(unknown)} not in the model; a "
+                "checkpoint written by save_pretrained is converted only when the "
+                "factory returns the transformers model itself: return it, or pass the state dict "
+                "the model loads, torch.save(model.state_dict(), 'weights.pt')"
+            )
+        return tensors
+    converted = _hf_loaded(model, tensors)
+    unknown = sorted(set(converted) - set(model_state))
+    if unknown:
+        raise CheckpointError(
+            f"the weights do not fit the model: {_listed(unknown)} not in the model (named as "
+            "transformers' conversion of the checkpoint layout names them)"
+        )
+    lost = _differs(_hf_saved(model, converted), tensors)
+    if lost is not None:
+        raise CheckpointError(
+            f"transformers' conversion of the checkpoint layout to {type(model).__name__}'s and "
+            f"back does not give back {lost} (name, dtype and values): it cannot be written "
+            "back in its layout"
+        )
+    return converted
+
+
+def _file_layout(
+    model: nn.Module,
+    written: dict[str, Tensor],
+    saved: dict[str, Tensor],
+    tensors: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """The balanced ``written`` (under the names of ``tensors``) in the file's layout ``saved``:
+    as they are when ``tensors`` is ``saved``; else by :func:`_hf_saved`, with the names, dtypes
+    and shapes of ``saved``, and what :func:`_hf_loaded` makes of it, what ``from_pretrained``
+    loads, ``written`` bit for bit (:class:`CheckpointError` otherwise)."""
+    if tensors is saved:
+        return written
+    reverted = _hf_saved(model, written)
+    shapes = {k: (t.dtype, t.shape) for k, t in saved.items()}
+    if {k: (t.dtype, t.shape) for k, t in reverted.items()} != shapes or _differs(
+        _hf_loaded(model, reverted), written
+    ):
+        raise CheckpointError(
+            "transformers' conversion of the balanced weights to the checkpoint layout does not "
+            "give back the checkpoint's names, dtypes and shapes, or the balanced weights"
+        )
+    return reverted
