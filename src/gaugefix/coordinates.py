@@ -35,9 +35,9 @@ __all__ = [
     "SingularGramError",
 ]
 
-# Eigenvalue ratio (smallest / largest) of the Gram matrix on the loose generators below which
-# it is singular: rounding alone leaves about 1e-16.
-SINGULAR = 1e-12
+# The prime modulo which the rank of the integer pattern Gram matrix is taken: its entries and
+# their products stay below 2^62, inside int64.
+PRIME = 2**31 - 1
 # The most restarts of conjugate gradients on the residual in :func:`gram_solve`.
 GRAM_RESTARTS = 100
 # The most steps of iterative refinement of ``Pi_V v`` on the tangent residual in :func:`project`.
@@ -232,9 +232,10 @@ def _refuse_stabiliser(params: dict[str, Tensor], structure: GaugeStructure, liv
     """:class:`SingularGramError` naming the live generators that span a null space of ``K``
     restricted to them: a combination ``c`` of them moves no entry (``g(t c) . theta = theta``),
     so ``h`` is not unique along it."""
-    loose = _ungrounded(params, structure)
+    entries = _entry_masses(params, structure)
+    loose = _loose(entries, structure.num_generators, next(iter(params.values())).device)
     loose = loose[live.to(loose.device)[loose]]
-    if loose.numel() and _singular(params, structure, loose):
+    if _singular(entries, structure.num_generators, loose):
         raise SingularGramError(
             f"generator(s) {_describe(loose.tolist(), structure)} have a stabiliser: some "
             "combination of them moves no entry (their entries are shared only among "
@@ -386,8 +387,9 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
     positive mass. An entry that names only one generator whose coefficient is not yet known to
     be 0 forces it to 0 (it is *grounded*); propagated to a fixpoint, one vectorised pass per
     step. A generator left ungrounded has entries that are all zero, or entries it shares only
-    with other ungrounded generators; these are checked for a null space exactly, on the dense
-    Gram matrix of that (small) set, and returned when it is singular. Both are read at the
+    with other ungrounded generators; that (small) set is returned when the integer matrix of
+    its weights ``w_n(e)`` over the entries of positive mass is rank deficient
+    (:func:`_singular`): the sizes of the entries do not enter. Masses are read at the
     parameters scaled by a power of two (:func:`normalised`): a null space does not scale.
     """
     return _ungrounded(normalised(structure.bind(model))[0], structure)
@@ -395,31 +397,75 @@ def ungrounded_generators(model: nn.Module, structure: GaugeStructure) -> Tensor
 
 def _ungrounded(params: dict[str, Tensor], structure: GaugeStructure) -> Tensor:
     """:func:`ungrounded_generators` of the bound ``params``."""
-    n = structure.num_generators
-    device = next(iter(params.values())).device
+    entries = _entry_masses(params, structure)
+    loose = _loose(entries, structure.num_generators, next(iter(params.values())).device)
+    return loose if _singular(entries, structure.num_generators, loose) else loose[:0]
+
+
+def _loose(entries: list[tuple], n: int, device: torch.device) -> Tensor:
+    """The generators left ungrounded (int64, sorted, on ``device``) by the propagation of
+    :func:`ungrounded_generators` over :func:`_entry_masses`'s ``entries``."""
     grounded = torch.zeros(n + 1, dtype=torch.bool, device=device)
     grounded[n] = True
-    entries = []
-    for w, terms in _entry_masses(params, structure):
-        keep = w > 0
-        entries.append([slots[keep] for slots, _ in terms])
+    kept = [[slots[w > 0] for slots, _ in terms] for w, terms in entries]
     while True:
         before = int(grounded.sum())
-        for slots in entries:
+        for slots in kept:
             open_count = sum((~grounded[s]).to(torch.long) for s in slots)
             for s in slots:
                 grounded[s[(open_count == 1) & ~grounded[s]]] = True
         if int(grounded.sum()) == before:
             break
-    loose = torch.nonzero(~grounded[:n]).reshape(-1)
-    return loose if loose.numel() and _singular(params, structure, loose) else loose[:0]
+    return torch.nonzero(~grounded[:n]).reshape(-1)
 
 
-def _singular(params: dict[str, Tensor], structure: GaugeStructure, generators: Tensor) -> bool:
-    """Whether the dense Gram matrix of ``generators`` (a small set) is singular."""
-    gram = _gram(params, structure).to_dense()[generators][:, generators]
-    values = torch.linalg.eigvalsh(gram)
-    return float(values[0]) <= SINGULAR * max(float(values[-1]), 1e-300)
+def _singular(entries: list[tuple], n: int, generators: Tensor) -> bool:
+    """Whether ``K`` restricted to ``generators`` (the other generators vanish in every null
+    vector of ``K``) is singular: exactly when the integer matrix ``M`` of their weights
+    ``w_n(e)`` over the entries of positive mass has a null vector, that is when the pattern
+    Gram matrix ``M^T M`` has rank below ``len(generators)``, whatever the sizes of the
+    entries. The rank is taken modulo :data:`PRIME`: never above the rational rank, so a full
+    rank proves ``K`` non-singular."""
+    if not generators.numel():
+        return False
+    gram = _pattern_gram(entries, n, generators)
+    return rank_modulo_prime(gram.cpu()) < generators.numel()
+
+
+def _pattern_gram(entries: list[tuple], n: int, generators: Tensor) -> Tensor:
+    """``M^T M``, int64 ``[k, k]`` for the ``k`` ``generators``: ``sum_e w(e) w(e)^T`` over the
+    distinct entries of positive mass of :func:`_entry_masses`'s ``entries``, restricted to
+    ``generators``."""
+    k, device = generators.numel(), generators.device
+    local = torch.full((n + 1,), k, dtype=torch.long, device=device)
+    local[generators.to(device)] = torch.arange(k, device=device)
+    gram = torch.zeros(k * k, dtype=torch.int64, device=device)
+    for w, terms in entries:
+        slots = [(local[s], sign) for s, sign in terms]
+        for a, sign_a in slots:
+            for b, sign_b in slots:
+                inside = (w > 0) & (a < k) & (b < k)
+                pair = a[inside] * k + b[inside]
+                gram.index_add_(0, pair, torch.full_like(pair, int(sign_a * sign_b)))
+    return gram.reshape(k, k)
+
+
+def rank_modulo_prime(matrix: Tensor) -> int:
+    """The rank over the integers modulo :data:`PRIME` of an int64 ``[m, k]`` matrix by
+    Gaussian elimination (one vectorised update of the rows the pivot column meets, per
+    column): at most its rank over the rationals (equal unless the prime divides all its
+    largest non-zero minors)."""
+    m = matrix.remainder(PRIME)
+    free = torch.ones(m.shape[0], dtype=torch.bool)
+    for col in range(m.shape[1]):
+        hits = torch.nonzero((m[:, col] != 0) & free).reshape(-1)
+        if not hits.numel():
+            continue
+        pivot, rest = int(hits[0]), hits[1:]
+        free[pivot] = False
+        m[pivot] = m[pivot] * pow(int(m[pivot, col]), PRIME - 2, PRIME) % PRIME
+        m[rest] = (m[rest] - m[rest, col : col + 1] * m[pivot]) % PRIME
+    return int((~free).sum())
 
 
 # -- tangent projections ----------------------------------------------------------------------
