@@ -145,6 +145,12 @@ def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
             )
 
 
+def _negate_(tensors: list[Tensor]) -> None:
+    """``t <- -t`` for each of ``tensors`` (exact), in one fused call."""
+    if tensors:
+        torch._foreach_neg_(tensors)
+
+
 def _fewer_groups(orbit: OrbitState, groups: int) -> OrbitState:
     """``orbit`` for an optimizer with ``groups`` parameter groups: when groups were removed
     mid-interval (their indices shifted), every group's sum is the least of the sums (a
@@ -177,8 +183,9 @@ class GaugeFixing:
       ``>= 0`` is refused (``ValueError`` naming its group; the optimizer step is not taken).
     - ``mode="penalty"``: before every step, ``grad P`` of
       ``P = (strength / 4) sum_n mu_n^2`` is added to ``.grad`` (the explicit form; the optimizer
-      then treats it like any gradient, so with Adam it is preconditioned). It acts at every
-      step: an ``every`` other than 1 is refused (``ValueError``).
+      then treats it like any gradient, so with Adam it is preconditioned; in a group with
+      ``maximize=True``, which steps along ``+grad``, it is subtracted, so that ``P`` is still
+      descended). It acts at every step: an ``every`` other than 1 is refused (``ValueError``).
 
     Frozen parameters: a generator that acts on a parameter the optimizer does not hold, one with
     ``requires_grad=False``, or one in a parameter group with ``lr=0`` (and ``initial_lr=0`` if
@@ -404,9 +411,23 @@ class GaugeFixing:
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         self._ok = finite_on_device(grads)
         if self.mode == "penalty":
+            ascended = self._maximized_grads()
+            _negate_(ascended())  # what a group that maximizes descends
             self._ok = add_orbit_selection_grad_(
                 self.params, self.active, self._grad_strength(), self._ok
             )
+            _negate_(ascended())
+
+    def _maximized_grads(self) -> Any:
+        """A function listing the existing ``.grad`` of the acted-on parameters in groups with
+        ``maximize=True`` (whose optimizer steps along ``+grad``: ``grad P`` is added to the
+        negated gradient, so that the penalty is still descended); no parameter is visited
+        unless a group maximizes."""
+        flags = [bool(g.get("maximize", False)) for g in self.optimizer.param_groups]
+        if not any(flags):
+            return list
+        held = [p for p, i in zip(self.params.values(), self._group_of, strict=True) if flags[i]]
+        return lambda: [p.grad for p in held if p.grad is not None]
 
     def _grad_strength(self) -> float | Tensor:
         """``strength`` in the units of ``.grad``: times the loss scale while the gradients are
