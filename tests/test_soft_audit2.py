@@ -492,12 +492,6 @@ def test_float32_imbalance_stats_of_subnormal_sums():
     assert abs(stats["mu_rel_max"] - wide["mu_rel_max"]) <= 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="imbalance_stats accumulates float32 models in float32 (documented range): squares "
-    "that underflow (entries ~1e-25) count as dead, squares that overflow (entries ~1e20) as "
-    "non-finite",
-)
 @pytest.mark.parametrize("scale", [1e-25, 1e20])
 def test_float32_imbalance_stats_out_of_float32_range(scale):
     model, s = float32_mlp(scale)

@@ -23,10 +23,15 @@ from gaugefix.structure import GaugeStructure, PlannedParam
 
 __all__ = [
     "accumulation_dtype",
+    "FLOAT32_LOG_RATIO_CEIL",
+    "FLOAT32_MU_NORM_FLOOR",
+    "FLOAT32_SUM_FLOOR",
     "imbalance",
     "imbalance_stats",
     "imbalance_stats_tensor",
     "in_out_sums",
+    "local_params",
+    "out_of_float32_range",
     "pair_shape",
     "refuse_meta",
     "scatter_add_",
@@ -113,11 +118,15 @@ STAT_NAMES = (
 )  # fmt: skip
 
 
-def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
+def stats_from_sums(
+    s_in: Tensor, s_out: Tensor, norm_sq: Tensor, dead_at_most: float = 0.0
+) -> Tensor:
     """The statistics of :func:`imbalance_stats`, in the order of :data:`STAT_NAMES`, from
     ``S_in``, ``S_out`` (``[*batch, N]``) and ``||theta||^2`` (``[*batch]``): ``[*batch, 8]``.
     A generator with a non-finite sum makes the ratio statistics non-finite (never healthy).
-    About 30 elementwise operations and reductions over ``[*batch, N]``, no host read."""
+    ``dead_count`` counts the generators whose smaller side is at most ``dead_at_most`` (0: an
+    empty side). About 30 elementwise operations and reductions over ``[*batch, N]``, no host
+    read."""
     if s_in.shape[-1] == 0:
         zero = torch.zeros_like(norm_sq)
         return torch.stack([zero, zero, zero, zero, zero, norm_sq, zero, zero], -1)
@@ -134,15 +143,37 @@ def stats_from_sums(s_in: Tensor, s_out: Tensor, norm_sq: Tensor) -> Tensor:
         ],
         -2,
     )
-    # over the generators: S_n != 0 (NaN counts), live, dead (a side all zero), not finite
-    # (counted in the sums' dtype: the square root of an integer count is taken in float32)
-    counts = torch.stack([counted, live, low == 0, nan_or_zero.isnan()], -2).sum(-1, dtype=s.dtype)
+    # over the generators: S_n != 0 (NaN counts), live, dead (a side at most dead_at_most), not
+    # finite (counted in the sums' dtype: the square root of an integer count is taken in float32)
+    dead = low <= dead_at_most
+    counts = torch.stack([counted, live, dead, nan_or_zero.isnan()], -2).sum(-1, dtype=s.dtype)
     kept, dead_nonfinite = counts.split(2, -1)
     rms = torch.linalg.vector_norm(ratios, dim=-1) / kept.clamp_min(1).sqrt()
     largest = torch.linalg.vector_norm(ratios, ord=math.inf, dim=-1)
     rms_max = torch.stack([rms, largest], -1).flatten(-2)
     mu_norm_sq = torch.stack([torch.linalg.vector_norm(mu, dim=-1), norm_sq], -1)
     return torch.cat([rms_max, mu_norm_sq, dead_nonfinite], -1)
+
+
+FLOAT32_SUM_FLOOR = 2.0**-102  # float32 sums of squares at least this lose at most 2^-150 per
+# square that underflows or rounds to a subnormal: k * 2^-48 relative, within float32 rounding
+# for sides of up to 2^24 entries
+FLOAT32_MU_NORM_FLOOR = 2.0**-51  # sqrt(FLOAT32_SUM_FLOOR): mu_norm^2 is such a sum
+FLOAT32_LOG_RATIO_CEIL = 63 * math.log(2)  # 0.5 log(2^126): S_in / S_out within float32's
+# normal range, below it the quotient is a subnormal with few bits
+
+
+def local_params(
+    source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
+) -> tuple[dict[str, Tensor], GaugeStructure] | None:
+    """The tensors the statistics read, bound and (under FSDP2) this process's slices with
+    their structure; ``None`` when the structure acts on none."""
+    params = structure.bind(source, sharded=True)
+    refuse_gathered(source, params)  # FSDP2 gathered copies (in the forward's dtype)
+    if not params:
+        return None
+    refuse_meta(params)
+    return local_view(params, structure)
 
 
 @torch.no_grad()
@@ -152,16 +183,32 @@ def imbalance_stats_tensor(
     """The statistics of :func:`imbalance_stats` as one tensor ``[8]`` in the order of
     :data:`STAT_NAMES`, on the parameters' device, without a host read: a training loop can
     keep it (or log it later) without waiting for the device. A fixed number of operations
-    whatever the depth (under FSDP2, one all-reduce)."""
-    params = structure.bind(source, sharded=True)
-    refuse_gathered(source, params)  # FSDP2 gathered copies (in the forward's dtype)
-    if not params:
+    whatever the depth (under FSDP2, one all-reduce). Always in the sums' dtype: for a float32
+    model the float32 statistics, with the limits of float32's range that
+    :func:`imbalance_stats` (which reads them) lifts by redoing the sums in float64."""
+    bound = local_params(source, structure)
+    if bound is None:
         return torch.zeros(len(STAT_NAMES), dtype=torch.float64)
-    refuse_meta(params)
-    params, structure = local_view(params, structure)  # this process's slices under FSDP2
-    return stats_from_sums(*generator_sums(params, structure, accumulation_dtype(params)))
+    params, local = bound
+    return stats_from_sums(*generator_sums(params, local, accumulation_dtype(params)))
 
 
+def out_of_float32_range(values: list[float], generators: int) -> bool:
+    """Whether float32 statistics (:data:`STAT_NAMES` order, ``dead_count`` counting sides at
+    most :data:`FLOAT32_SUM_FLOOR`) may be corrupted by float32's range: a dead, tiny or
+    non-finite generator, a non-finite statistic, a log-ratio whose quotient left float32's
+    normal range, or ``norm_sq``, ``mu_norm^2`` below the floor."""
+    stats = dict(zip(STAT_NAMES, values, strict=True))
+    return (
+        not all(map(math.isfinite, values))
+        or stats["dead_count"] + stats["nonfinite_count"] > 0
+        or stats["log_ratio_max"] >= FLOAT32_LOG_RATIO_CEIL
+        or stats["norm_sq"] < FLOAT32_SUM_FLOOR
+        or (generators > 0 and stats["mu_norm"] < FLOAT32_MU_NORM_FLOOR)
+    )
+
+
+@torch.no_grad()
 def imbalance_stats(
     source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure
 ) -> dict[str, float]:
@@ -178,21 +225,32 @@ def imbalance_stats(
       acts on; ``dead_count``: how many have an empty (all-zero) side (the results of
       ``balance_`` and ``gauge_coordinates`` list them as ``dead_generators``, with the open
       groups of live generators, which zero entries can make and which this count leaves out:
-      their test needs the weights' zero pattern read on the host), in float32 sums also a
-      side whose squares all underflow (every entry below about ``2.6e-23``), which
-      ``balance_``, squaring in float64, balances;
+      their test needs the weights' zero pattern read on the host);
     ``nonfinite_count``: how many have a NaN or infinite entry (the four ratio statistics
     are then NaN or infinite, so a diverged model never looks healthy).
 
-    Computed in the sums' dtype (float32 for a float32 model), whose range bounds them: a
-    quotient ``S_in,n / S_out,n`` beyond it (``3.4e38`` in float32, ``1.8e308`` in float64)
-    gives log-ratio statistics of ``inf``, and ``mu`` above its square root a ``mu_norm`` of
-    ``inf``, with ``nonfinite_count`` 0 (kept so: each guard would cost operations on every
-    call, against a target of 50 for the whole function).
+    Computed in the sums' dtype (float32 for float32, float16 and bfloat16 models). A float32
+    result that float32's range may have corrupted (:func:`out_of_float32_range`: a dead,
+    non-finite or tiny generator, a non-finite statistic, a quotient ``S_in,n / S_out,n`` below
+    float32's normal range, ``norm_sq`` or ``mu_norm^2`` below ``2^-102``) is redone in float64,
+    in which the squares of float32 entries neither overflow nor underflow: the statistics of
+    any float32 model are its float64 copy's to float32 rounding, at the cost of a second pass
+    over the parameters for such a model only. In float64 its range bounds them: a quotient
+    beyond ``1.8e308`` gives log-ratio statistics of ``inf``, and ``mu`` above its square root a
+    ``mu_norm`` of ``inf``, with ``nonfinite_count`` 0 (kept so: each guard would cost
+    operations on every call, against a target of 50 for the whole function).
 
-    :func:`imbalance_stats_tensor` (a fixed number of operations whatever the depth) and one
-    device-to-host transfer (one batched ``.tolist()``); keep that tensor instead to read it
-    later without waiting for the device.
+    Otherwise :func:`imbalance_stats_tensor`'s operations (a fixed number whatever the depth)
+    and one device-to-host transfer (one batched ``.tolist()``); keep that tensor instead to
+    read it later without waiting for the device (float32 statistics always, unchecked).
     """
-    values = imbalance_stats_tensor(source, structure)
-    return dict(zip(STAT_NAMES, values.tolist(), strict=True))
+    bound = local_params(source, structure)
+    if bound is None:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    params, local = bound
+    dtype = accumulation_dtype(params)
+    floor = FLOAT32_SUM_FLOOR if dtype == torch.float32 else 0.0
+    values = stats_from_sums(*generator_sums(params, local, dtype), floor).tolist()
+    if dtype == torch.float32 and out_of_float32_range(values, structure.num_generators):
+        values = stats_from_sums(*generator_sums(params, local, torch.float64)).tolist()
+    return dict(zip(STAT_NAMES, values, strict=True))
