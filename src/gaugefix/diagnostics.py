@@ -19,9 +19,9 @@ from torch.func import functional_call, grad, jvp
 
 from gaugefix.action import all_finite
 from gaugefix.coordinates import generator_pairing, generators_gram, normalised
-from gaugefix.distributed import refuse_sharded
+from gaugefix.distributed import refuse_sharded, sharded
 from gaugefix.errors import check_count, check_number, first_line
-from gaugefix.moment import imbalance
+from gaugefix.moment import imbalance, in_out_sums
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
@@ -54,12 +54,18 @@ class RelaxationRates:
     ``lambda``: ``d mu / dt = -2 lambda K mu``, so the component of ``mu`` along an eigenvector
     ``u_i`` of ``K`` decays as ``exp(-rate_i t)`` with ``rate_i = 2 lambda k_i`` (``K`` frozen).
 
+    ``K`` is that of the generators :func:`gaugefix.relax_` moves (``A``: none acting on a
+    frozen parameter, none with one side all zero and the other not); the held ones (``F``)
+    move no entry, so ``d mu / dt = -2 lambda K P_A mu`` and ``u = (u_A, 0)``, ``u_A`` an
+    eigenvector of ``K_AA``, is a left eigenvector: ``<u, mu>`` decays at ``2 lambda k``.
+
     ``rates``: ``[k]`` float64, ascending; ``modes``: ``[num_generators, k]``, the unit
-    eigenvectors (column ``i`` belongs to ``rates[i]``); ``complete``: whether all
-    ``num_generators`` rates are present (else the first half of ``rates`` are the smallest, the
-    second half the largest). ``slowest_generator`` / ``fastest_generator``: the generator with
-    the largest ``|component|`` in the slowest / fastest mode, and ``slowest_layer`` /
-    ``fastest_layer`` the layer producing it (``None`` without generators).
+    eigenvectors (column ``i`` belongs to ``rates[i]``, zero on the held generators);
+    ``complete``: whether all ``|A|`` rates are present (else the first half of ``rates`` are
+    the smallest, the second half the largest). ``slowest_generator`` /
+    ``fastest_generator``: the generator with the largest ``|component|`` in the slowest /
+    fastest mode, and ``slowest_layer`` / ``fastest_layer`` the layer producing it (``None``
+    without moving generators).
     """
 
     rates: Tensor
@@ -209,10 +215,14 @@ def relaxation_rates(
     model's parameters, :func:`gaugefix.generators_gram`): the predicted decay rates of the
     imbalance modes under soft gauge fixing, with the slowest and fastest modes located by layer.
 
-    With ``k=None`` and ``num_generators <= dense_limit``, all rates by a dense ``eigh`` on the
-    model's device. Otherwise (or with an explicit ``k``), the ``k`` smallest and ``k`` largest
-    (``k`` defaults to :data:`EXTREME_RATES`) by SciPy's ``eigsh`` on a CPU copy of the sparse
-    ``K``; when ``2 k >= num_generators`` the dense path is used instead. There, a dead
+    Generators :func:`gaugefix.relax_` holds (acting on a parameter with
+    ``requires_grad=False``, or with one side all zero and the other not) are left out: ``K``
+    is the Gram matrix of the others, the modes are zero on the held rows (see
+    :class:`RelaxationRates`; all held: no rates). With ``k=None`` and ``|A| <= dense_limit``
+    (``|A|`` the generators left), all rates by a dense ``eigh`` on the model's device.
+    Otherwise (or with an explicit ``k``), the ``k`` smallest and ``k`` largest (``k``
+    defaults to :data:`EXTREME_RATES`) by SciPy's ``eigsh`` on a CPU copy of the sparse ``K``;
+    when ``2 k >= |A|`` the dense path is used instead. There, a dead
     generator (``S_n = 0``) has its exact zero rate and unit mode, and the modes found are
     refined together by Rayleigh-Ritz: orthonormal, rates to rounding. A zero rate means a
     mode that does not relax (a singular ``K``: see :func:`gaugefix.project`). ``K`` is formed
@@ -228,28 +238,52 @@ def relaxation_rates(
     if isinstance(dense_limit, bool) or not isinstance(dense_limit, int) or dense_limit < 0:
         raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit!r}")
     n = structure.num_generators
+    empty = torch.zeros(0, dtype=torch.float64)
     if n == 0:
-        empty = torch.zeros(0, dtype=torch.float64)
         return RelaxationRates(empty, empty.reshape(0, 0), True, None, None, None, None)
     scaled, e = _scaled_params(model, structure)
     gram = generators_gram(scaled, structure)  # type: ignore[arg-type]  # K(theta) / 4^e
-    dense = 2 * (k or EXTREME_RATES) >= n or (k is None and n <= dense_limit)
-    if dense:
-        vals, vecs = torch.linalg.eigh(gram.to_dense())
-    else:
-        vals, vecs = _sparse_extremes(gram, k or EXTREME_RATES)
-        vals, vecs = vals.to(gram.device), vecs.to(gram.device)
-    slow = int(vecs[:, 0].abs().argmax())
-    fast = int(vecs[:, -1].abs().argmax())
+    index = _relaxing(model, structure).nonzero().squeeze(1).to(gram.device)
+    if index.numel() == 0:
+        return RelaxationRates(empty, empty.reshape(n, 0), True, None, None, None, None)
+    gram = gram.index_select(0, index).index_select(1, index).coalesce()  # K_AA
+    vals, sub, complete = _spectrum(gram, k, dense_limit)
+    vecs = sub.new_zeros(n, sub.shape[1])
+    vecs[index] = sub  # zero on the held generators: left eigenvectors of K diag(A)
+    slow = int(index[sub[:, 0].abs().argmax()])
+    fast = int(index[sub[:, -1].abs().argmax()])
     return RelaxationRates(
         rates=_rate_factor(strength, e, float(vals.abs().max())) * vals,
         modes=vecs,
-        complete=dense,
+        complete=complete,
         slowest_generator=slow,
         fastest_generator=fast,
         slowest_layer=structure.generator_layers[slow],
         fastest_layer=structure.generator_layers[fast],
     )
+
+
+def _relaxing(model: nn.Module, structure: GaugeStructure) -> Tensor:
+    """Bool ``[num_generators]``: the generators :func:`gaugefix.relax_` moves, those acting on
+    no parameter with ``requires_grad=False`` whose orbit is closed or dead (``S_in`` and
+    ``S_out`` both positive or both 0, summed as ``relax_`` sums them). The others are held."""
+    params = structure.bind(model)
+    frozen = structure.touching([name for name, p in params.items() if not p.requires_grad])
+    s_in, s_out = in_out_sums(params, structure)
+    return ~frozen & ((s_in == 0) == (s_out == 0)).cpu()
+
+
+def _spectrum(gram: Tensor, k: int | None, dense_limit: int) -> tuple[Tensor, Tensor, bool]:
+    """The ascending eigenvalues ``[j]`` and unit eigenvectors ``[m, j]`` of the sparse
+    ``[m, m]`` ``gram`` and whether they are all ``m``: dense where ``k`` is ``None`` and
+    ``m <= dense_limit`` or ``2 k >= m``, else the ``k`` smallest and largest
+    (:func:`_sparse_extremes`)."""
+    m = gram.shape[0]
+    if 2 * (k or EXTREME_RATES) >= m or (k is None and m <= dense_limit):
+        vals, vecs = torch.linalg.eigh(gram.to_dense())
+        return vals, vecs, True
+    vals, vecs = _sparse_extremes(gram, k or EXTREME_RATES)
+    return vals.to(gram.device), vecs.to(gram.device), False
 
 
 # -- the exact one-step change of the imbalance -----------------------------------------------
@@ -266,19 +300,21 @@ def predicted_imbalance_change(
     """The change ``mu(theta') - mu(theta)`` (``[num_generators]``) under the gradient-descent step
     ``theta' = (1 - lr * wd) theta - lr * g`` from the model's current parameters ``theta``:
 
-        ``(1 - lr * wd)^2 mu(theta) + lr^2 mu(g) - mu(theta)``,
+        ``(1 - lr * wd)^2 mu(theta) + lr^2 mu(g) - mu(theta) - 2 lr (1 - lr wd) <xi_n, g>``,
 
-    exact because the cross term ``-2 lr (1 - lr wd) <xi_n, g>`` vanishes when ``g`` is the
-    gradient of a gauge-invariant loss (Euler identity). ``grads`` maps parameter names to ``g``
-    (the loss gradient, without weight decay; e.g. ``{n: p.grad for n, p in
-    model.named_parameters()}``). The step is exactly what ``torch.optim.SGD(lr=lr,
+    exact for any ``g``. The cross term vanishes when ``g`` is the gradient of a gauge-invariant
+    loss (Euler identity), but not for a ``g`` that includes the penalty's gradient
+    ``strength K mu`` (as ``.grad`` holds under ``GaugeFixing``'s penalty mode): there it is the
+    first-order relaxation ``-2 lr strength K mu``, so it is always computed (``DTensor``
+    parameters, which it refuses, get the formula without it: exact for an invariant loss
+    only). ``grads`` maps parameter names to ``g`` (without weight decay; e.g. ``{n: p.grad for
+    n, p in model.named_parameters()}``). The step is exactly what ``torch.optim.SGD(lr=lr,
     weight_decay=wd)`` without momentum does (coupled L2 ``g + wd theta``), and also SGD with
     decoupled decay. With momentum or Adam the actual change differs: the difference is the
     scale drift the optimizer adds. Gauged parameters that are frozen (``requires_grad=False``)
     or whose gradient is ``None`` (the loss does not reach them) stay in place, as SGD leaves
-    them (no step, no decay): their ``theta`` and ``g`` drop out and the cross term over the
-    entries that move, which no longer vanishes, is added (``DTensor`` parameters are then
-    refused with a ``ShardingError``). Accumulated like
+    them (no step, no decay): their ``theta`` and ``g`` drop out of all terms (``DTensor``
+    parameters are then refused with a ``ShardingError``). Accumulated like
     :func:`gaugefix.imbalance` (float64 for float64 tensors). Weights or ``grads`` that are not
     real floating point, not dense (a sparse gradient), on the ``meta`` device or not finite are
     refused (``ValueError`` naming the first), as are ``lr`` and ``weight_decay`` whose
@@ -300,7 +336,7 @@ def predicted_imbalance_change(
     still = {n for n, p in params.items() if not p.requires_grad or grads[n] is None}
     grads = {**grads, **{n: torch.zeros_like(params[n]) for n in params if grads[n] is None}}
     _check_floats(structure.bind(grads, sharded=True), "grads:")
-    if not still:
+    if not still and sharded(params.values()):
         mu = imbalance(model, structure)
         mu_g = imbalance(grads, structure)
         return decay * mu + square * mu_g.to(mu.dtype)
@@ -328,8 +364,8 @@ def _held_change(
     coefficients: tuple[float, float, float],
 ) -> Tensor:
     """:func:`predicted_imbalance_change` where SGD leaves the gauged parameters ``still`` in
-    place: over the entries that move (``theta``, ``g`` zeroed on the others) the cross term
-    ``-2 lr shrink <xi_n, g>`` no longer vanishes and is added (needs whole tensors:
+    place (none: a plain step), over the entries that move (``theta``, ``g`` zeroed on the
+    others), the cross term ``-2 lr shrink <xi_n, g>`` included (needs whole tensors:
     ``ShardingError`` for ``DTensor`` s). ``coefficients``: :func:`_step_coefficients`."""
     refuse_sharded(params)
     decay, square, cross = coefficients
