@@ -91,7 +91,21 @@ DRIFT_STEPS = 1000
 # the dtype (one orbit step of the unbalanced bfloat16 model changes it by 6e-3).
 FUNCTION_TOL = {torch.bfloat16: 2.0**-5, torch.float16: 2.0**-7, torch.float32: 2.0**-17}
 # (dtype, strength, lr): the measured change after 1000 orbit steps in the reason.
-DRIFTING = [(torch.bfloat16, 5.0, 0.1), (torch.float16, 0.05, 0.01), (torch.float32, 5.0, 0.01)]
+DRIFTING = [
+    (torch.bfloat16, 5.0, 0.1),
+    (torch.float16, 0.05, 0.01),
+    pytest.param(
+        torch.float32, 5.0, 0.01,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="every orbit step rounds each moved entry again: with the dead band of "
+            "gaugefix.soft.orbit_step (16-bit dtypes, |h_n| <= 2 eps) bfloat16 and float16 "
+            "settle (1000 steps: 1.7e-2 and 4.8e-3), but float32's steps are genuine "
+            "progress (mu 0.09 -> 5e-5 over the 1000 steps, as in float64), far above its "
+            "resolution, and their roundings changed the function by 1.5e-5 (float64: 1e-15)",
+        ),
+    ),
+]  # fmt: skip
 
 
 def unbalanced(dtype=torch.bfloat16):
@@ -111,13 +125,6 @@ def output64(model, x):
         return copy.deepcopy(model).double()(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gaugefix.soft.orbit_step and the action (not editable here) round every moved entry "
-    "at every orbit step, and the roundings add up: 1000 orbit steps changed the function by 50% "
-    "(bfloat16), 36% (float16) and 2.2e-5 (float32; float64: 1e-15); it needs a dead band at "
-    "the dtype's resolution (or float32 master weights)",
-)
 @pytest.mark.parametrize("dtype,strength,lr", DRIFTING)
 def test_orbit_steps_keep_the_function_to_the_dtypes_precision(dtype, strength, lr):
     """Orbit steps alone (SGD without gradients: only the hook moves the model), every step,
