@@ -45,9 +45,11 @@ REFINEMENTS = 4
 # Relative error of ``g(-h) . g(h) . theta`` from float64 arithmetic alone (a few ulps of the
 # exponentials and products), beyond the one unit in the last place of the dtype's rounding.
 ROUND_TRIP = 64 * torch.finfo(torch.float64).eps
-# Binary exponents of the largest |entry| beyond which the parameters are brought to [1/2, 1)
-# by a power of two before their squares are taken: squares of entries near 2^256 or 2^-256
-# are near 2^512 and 2^-512, far inside float64's normal range (2^-1022 to 2^1024).
+# Binary exponents of the largest |entry| beyond which the parameters are brought by a power of
+# two to [1/2, 1) (projections) or to just below 2^256 (the balancing solve: its balanced point
+# can take entries far below the largest, and 2^256 leaves them the most room) before their
+# squares are taken: squares of entries near 2^256 or 2^-256 are near 2^512 and 2^-512, far
+# inside float64's normal range (2^-1022 to 2^1024).
 SAFE_EXPONENT = 256
 # float64's smallest normal number: squares below it keep fewer digits than the format.
 TINY = torch.finfo(torch.float64).tiny
@@ -116,7 +118,7 @@ class GaugeCoordinates:
     ``balanced`` in float64 (so it carries the rounding of ``balanced`` to the parameters'
     dtype: about ``1e-7`` for a float32 model); ``converged``: whether the float64 solve reached
     ``tol``, with every live generator's squared mass at least float64's smallest normal
-    number over ``tol`` relative to the largest entry (when not, ``theta = g(h) . balanced``
+    number over ``tol`` at the solve's scale (when not, ``theta = g(h) . balanced``
     still holds; only ``mu(balanced) = 0`` is approximate);
     ``aliases``: state-dict keys of tied parameters -> the name the structure uses for them
     (they always hold the same values as that name).
@@ -170,8 +172,9 @@ def gauge_coordinates(
     in gaugefix, :func:`gaugefix.balance_` included): ``converged`` is then false.
     """
     check_tolerances(tol, max_iter)
+    _check_types(model, structure)
     params = structure.bind(model)
-    scaled, _ = normalised(params)  # h is the same at every scale of theta
+    scaled, _ = normalised(params, to=SAFE_EXPONENT)  # h is the same at every scale of theta
     h, live, converged = _solved(scaled, structure, tol, max_iter)
     dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
@@ -194,6 +197,15 @@ def gauge_coordinates(
         structure=structure,
         aliases=aliases,
     )
+
+
+def _check_types(model: nn.Module, structure: GaugeStructure) -> None:
+    """``TypeError`` for a ``model`` that is not an ``nn.Module`` or a ``structure`` that is
+    not a :class:`GaugeStructure`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(structure, GaugeStructure):
+        raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
 
 
 def _solved(
@@ -278,11 +290,12 @@ def _measured(
     """``(max_n |mu_n| / S_n, resolved)`` of ``balanced`` over the ``live`` generators,
     accumulated in float64 (the solve's own value leaves out the rounding of ``balanced`` to
     the parameters' dtype: about ``1e-7`` in float32, ``1e-2`` in bfloat16); ``resolved``:
-    every live ``S_n`` (at the scale of :func:`normalised`) is at least :data:`TINY` ``/ tol``.
-    Below that the squares are subnormal, and ``mu_n`` lacks the digits to meet ``tol``."""
+    every live ``S_n`` (at the solve's scale: :func:`normalised` to ``2^256``) is at least
+    :data:`TINY` ``/ tol``. Below that the squares are subnormal, and ``mu_n`` lacks the digits
+    to meet ``tol``."""
     if not structure.num_generators:
         return 0.0, True
-    scaled, _ = normalised(structure.bind(dict(balanced)))  # the ratios do not scale
+    scaled, _ = normalised(structure.bind(dict(balanced)), to=SAFE_EXPONENT)  # as in the solve
     s_in, s_out, _ = generator_sums(scaled, structure, torch.float64)
     live = live.to(s_in.device)
     stats = torch.stack(
@@ -302,10 +315,10 @@ def times_power_of_two(t: Tensor, k: int) -> Tensor:
 
 
 def normalised(
-    params: dict[str, Tensor], beyond: int = SAFE_EXPONENT
+    params: dict[str, Tensor], beyond: int = SAFE_EXPONENT, to: int = 0
 ) -> tuple[dict[str, Tensor], int]:
     """``(params 2^-e, e)``: float64 copies scaled so that the largest ``|entry|`` lies in
-    ``[1/2, 1)`` when its binary exponent ``e`` is beyond ``beyond`` (by default
+    ``[2^(to - 1), 2^to)`` when its binary exponent is beyond ``beyond`` (by default
     :data:`SAFE_EXPONENT`: their squares would leave float64's normal range), else
     ``(params, 0)``. ``K(theta) = 4^e K(2^-e theta)``
     exactly; ``h``, the ratios ``mu_n / S_n`` and ``Pi_V`` do not scale. Non-finite entries
@@ -317,9 +330,10 @@ def normalised(
     top = float(
         torch.stack([m.to(torch.float64) for m in torch._foreach_norm(values, math.inf)]).max()
     )
-    e = math.frexp(top)[1] if math.isfinite(top) else 0
-    if abs(e) <= beyond:
+    top_exponent = math.frexp(top)[1] if math.isfinite(top) else 0
+    if abs(top_exponent) <= beyond:
         return params, 0
+    e = top_exponent - to
     return {k: times_power_of_two(p.detach().to(torch.float64), -e) for k, p in params.items()}, e
 
 
