@@ -49,9 +49,25 @@ __all__ = [
 # gradient-like buffers by ``1/f``, squared-gradient buffers by ``1/f^2``.
 GRAD_LIKE = ("momentum_buffer", "exp_avg")
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
-# Scalars no gauge changes, left as they are (a 0-dim one is shaped like a 0-dim parameter): the
-# step count, and NAdam's product of its momentum coefficients.
+# Numbers no gauge changes, left as they are: the step count, and NAdam's product of its
+# momentum coefficients.
 COUNTS = ("step", "mu_product")
+# The optimizers whose state moves exactly with a rescaling (the state built from the same loss
+# gradients at the moved point), by their exact ``torch.optim`` class (a subclass may change what
+# a key means), each with the keys it may hold. Any other optimizer holding state, and any other
+# key, is refused: Adagrad's initial value and Adamax's eps sit inside their state, RMSprop's
+# momentum and Adadelta's deltas hold eps, ASGD averages iterates, Rprop's step sizes have no
+# single right move, Adafactor's moments are factored and L-BFGS's history is flat.
+_MOMENTS = ("step", "exp_avg", "exp_avg_sq")
+TRANSPORTABLE = {
+    "SGD": ("momentum_buffer",),
+    "Muon": ("momentum_buffer",),
+    "Adam": (*_MOMENTS, "max_exp_avg_sq"),
+    "AdamW": (*_MOMENTS, "max_exp_avg_sq"),
+    "NAdam": (*_MOMENTS, "mu_product"),
+    "RAdam": _MOMENTS,
+    "SparseAdam": _MOMENTS,
+}
 # The dtypes of a gauge ``h`` (float8 has no norm to check it with).
 H_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How close (relative) to its dtype's largest number a moved entry, or a product of the factors
@@ -111,43 +127,75 @@ def _check_h(h: Tensor, structure: GaugeStructure) -> None:
 def optimizer_states(
     optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]
 ) -> dict[str, dict]:
-    """The optimizer state of each parameter, checked to be transportable: every tensor entry
-    shaped like its parameter must be a known gradient-like or squared buffer (or the step
-    count, shaped like a 0-dim parameter), and no other
-    entry may hold several numbers (Adafactor's factored ``row_var`` and ``col_var``), which a
-    rescaling would leave stale. L-BFGS keeps its flat direction and history of all its
-    parameters on its first, gauged or not: refused once it has state."""
+    """The optimizer state of each parameter, checked to be transportable: the optimizer is one
+    of :data:`TRANSPORTABLE` (exactly that class) and each entry one of its keys, a buffer
+    shaped like its parameter (or ``None``) or a count holding one number. Another optimizer
+    holding any state while it holds one of ``params`` is refused, wherever it keeps that state
+    (L-BFGS keeps its flat history on its first parameter, gauged or not)."""
     if optimizer is None:
         return {}
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-    if isinstance(optimizer, torch.optim.LBFGS) and any(optimizer.state.values()):
-        raise ValueError(
-            "cannot transport optimizer state 'd' and the history of LBFGS (flat over all its "
-            "parameters): a rescaling would leave them stale"
-        )
+    keys = _transportable_keys(optimizer)
+    if keys is None:
+        _refuse_unknown(optimizer, params)
+        return {}
     out = {}
     for name, p in params.items():
         state = optimizer.state.get(p)
-        if not state:
-            continue
-        for key, value in state.items():
-            like = isinstance(value, Tensor) and value.shape == p.shape and key not in COUNTS
-            if (like and key not in GRAD_LIKE + SQUARED) or (not like and _several(value)):
-                raise ValueError(
-                    f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} "
-                    f"for parameter '{name}'; supported: {GRAD_LIKE + SQUARED}"
-                )
-        out[name] = state
+        if state:
+            for key, value in state.items():
+                _check_entry(optimizer, keys, name, p, key, value)
+            out[name] = state
     return out
 
 
-def _several(value: object) -> bool:
-    """Whether an optimizer state entry holds several numbers: a tensor of more than one entry,
-    or a list or tuple of tensors."""
-    if isinstance(value, Tensor):
-        return value.numel() > 1
-    return isinstance(value, list | tuple) and any(isinstance(v, Tensor) for v in value)
+def _transportable_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | None:
+    """The state keys :data:`TRANSPORTABLE` allows ``optimizer`` (``None``: not its class)."""
+    cls = type(optimizer)
+    keys = TRANSPORTABLE.get(cls.__name__)
+    return keys if keys is not None and cls is getattr(torch.optim, cls.__name__, None) else None
+
+
+def _refuse_unknown(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
+    """``ValueError`` naming a state key when ``optimizer``, not of :data:`TRANSPORTABLE`,
+    holds state and one of ``params``."""
+    state = next((s for s in optimizer.state.values() if s), None)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if state is None or not any(id(p) in held for p in params.values()):
+        return
+    known = GRAD_LIKE + SQUARED + COUNTS
+    key = next((k for k in state if k not in known), next(iter(state)))
+    raise ValueError(
+        f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} (keys "
+        f"{list(state)}): only the state of torch.optim's {', '.join(TRANSPORTABLE)} (not "
+        "subclasses) is known to move with a rescaling; nothing was modified"
+    )
+
+
+def _check_entry(
+    optimizer: torch.optim.Optimizer,
+    keys: tuple[str, ...],
+    name: str,
+    p: Tensor,
+    key: object,
+    value: object,
+) -> None:
+    """``ValueError`` unless state entry ``key`` of parameter ``name`` is one of ``keys``: a
+    buffer shaped like ``p`` (or ``None``), or a count of one number."""
+    if key not in keys:
+        why = f"not a state {type(optimizer).__name__} makes ({', '.join(keys)})"
+    elif key in COUNTS:
+        one = isinstance(value, int | float) or (isinstance(value, Tensor) and value.numel() == 1)
+        why = None if one else "a count that does not hold one number"
+    else:
+        like = value is None or (isinstance(value, Tensor) and value.shape == p.shape)
+        why = None if like else "a buffer not shaped like its parameter"
+    if why is not None:
+        raise ValueError(
+            f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} for "
+            f"parameter '{name}': {why}; nothing was modified"
+        )
 
 
 def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Targets:
@@ -387,10 +435,12 @@ def apply_gauge_(
     and Muon that is the state built from the same loss gradients at the moved point; with L2
     weight decay coupled into the gradient (SGD with momentum, Adam, NAdam or RAdam without
     ``decoupled_weight_decay``) the buffers also hold ``wd * theta`` and are moved as gradients
-    all the same, not rebuilt. Other state (Adagrad, RMSprop, L-BFGS, ...) is refused
-    (:func:`optimizer_states`). Everything is validated first; on error nothing is modified: an
-    ``h`` whose factors could overflow a moved tensor's dtype, or fall below the normal range of
-    the dtype they are formed in, is refused (:func:`overflowing`).
+    all the same, not rebuilt. SparseAdam's moments move like Adam's. Any other optimizer holding
+    state (Adagrad, RMSprop, L-BFGS, ..., subclasses and optimizers of other packages), and any
+    state key these do not make, is refused (:func:`optimizer_states`). Everything is validated
+    first; on error nothing is modified: an ``h`` whose factors could overflow a moved tensor's
+    dtype, or fall below the normal range of the dtype they are formed in, is refused
+    (:func:`overflowing`).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
