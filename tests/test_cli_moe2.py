@@ -4,9 +4,9 @@ OLMoE configs; a dense Llama for contrast).
 Transformers 5 keeps a mixture's experts fused in the model (``mlp.experts.gate_up_proj``,
 ``down_proj``) but saves them in the checkpoint layout (one ``w1``/``w2``/``w3``, or
 ``gate_proj``/``up_proj``/``down_proj``, per expert), converting at load and back at save. The
-command refused such a file ("the weights do not fit the model"); it now converts it with
-transformers' own load-time conversion, balances, converts back with its save-time reversal,
-and writes the file's names, dtypes and metadata, which ``from_pretrained`` loads.
+command converts such a file with transformers' own load-time conversion, balances, converts
+back with its save-time reversal, and writes the file's names, dtypes and metadata, which
+``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -26,42 +26,18 @@ from gaugefix.checkpoint import CheckpointError, balance_state_dict
 from gaugefix.cli import app
 
 transformers = pytest.importorskip("transformers")
+from test_cli_moe import COMMON, IDS, MOE, VOCAB, _ids, _one_line, mixtral, olmoe, qwen2_moe  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 cli = CliRunner()
 HERE = "test_cli_moe2"
-VOCAB, IDS = 40, "2,8"
-COMMON = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": False}
-MOE = {
-    "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 32, "num_experts_per_tok": 2,
-    "moe_intermediate_size": 8,
-}  # fmt: skip
 EXPERT = "model.layers.0.block_sparse_moe.experts.1.w1.weight"  # Mixtral's checkpoint layout
 FUSED = "model.layers.0.mlp.experts.gate_up_proj"  # the model's
 TOL = 1e-10
 # float32 weights: the logits of the loaded balanced model against the original's, relative to
 # their largest, to ten float32 roundings (eps = 1.2e-7; measured 0.7 to 2.1e-7)
 F32_TOL = 10 * torch.finfo(torch.float32).eps
-
-
-def mixtral() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(**COMMON, **MOE, num_local_experts=4)
-    return transformers.MixtralForCausalLM(config)
-
-
-def qwen2_moe() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Qwen2MoeConfig(
-        **COMMON, **MOE, num_experts=4, shared_expert_intermediate_size=12
-    )
-    return transformers.Qwen2MoeForCausalLM(config)
-
-
-def olmoe() -> nn.Module:
-    torch.manual_seed(0)
-    return transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**COMMON, **MOE, num_experts=4))
 
 
 def llama() -> nn.Module:
@@ -82,10 +58,6 @@ def mixtral_tied() -> nn.Module:
 
 
 FACTORIES = {f.__name__: f for f in (mixtral, qwen2_moe, olmoe, llama, mixtral_tied)}
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 def _saved(name: str, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -115,12 +87,6 @@ def _balance(model: str, src: Path, out: Path, *extra: str):
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-def _one_line(result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.output
-    assert len(result.stderr.strip().splitlines()) == 1, result.output
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "mixtral_tied"])

@@ -99,13 +99,7 @@ def _legacy_task_hash(task: Task) -> str:
     digest = hashlib.sha256(f"{engine.DEFINITIONS}|{task.kind}|".encode())
     with torch.random.fork_rng(devices=[]):
         digest.update(repr(task.make_model()).encode())
-    for t in (task.x, task.y, task.x_test, task.y_test):
-        if t is None:
-            digest.update(b"|no test split|")
-            continue
-        a = t.detach().cpu().contiguous().numpy()
-        digest.update(f"|{a.dtype}{a.shape}|".encode())
-        digest.update(a.tobytes())
+    engine.data_identity(task, digest)
     return digest.hexdigest()[:16]
 
 

@@ -78,6 +78,7 @@ __all__ = [
     "task_hash",
     "IDENTITY_SEED",
     "model_identity",
+    "data_identity",
     "task_version",
     "RunConfig",
     "CurvePoint",
@@ -350,6 +351,13 @@ def task_hash(task: Task) -> str:
     architecture, hyperparameters, initialisation and dtypes) and :data:`DEFINITIONS`."""
     digest = hashlib.sha256(f"{DEFINITIONS}|{task.kind}|".encode())
     digest.update(model_identity(task))
+    data_identity(task, digest)
+    return digest.hexdigest()[:16]
+
+
+def data_identity(task: Task, digest: Any) -> None:
+    """Feed ``task``'s data arrays as trained on (dtype, shape, bytes; a missing test split
+    marked) to the hash ``digest``."""
     for t in (task.x, task.y, task.x_test, task.y_test):
         if t is None:
             digest.update(b"|no test split|")
@@ -357,7 +365,6 @@ def task_hash(task: Task) -> str:
         a = t.detach().cpu().contiguous().numpy()
         digest.update(f"|{a.dtype}{a.shape}|".encode())
         digest.update(a.tobytes())
-    return digest.hexdigest()[:16]
 
 
 # The torch seed of the initialisation a task hash covers: any change of the model's
