@@ -73,3 +73,29 @@ def test_a_smooth_callable_objective_converges_at_the_default_tolerance():
     h = torch.zeros(s.num_generators, dtype=D, requires_grad=True)
     (grad,) = torch.autograd.grad(smooth(rescaled(s.bind(model), s, h)), h)
     assert float(grad.abs().max()) <= TOL
+
+
+class _ScaledNorm(nn.Module):
+    """``p * LayerNorm(x)`` with ``p`` a 0-dim parameter (a shape with no dims)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.p = nn.LayerNorm(2, bias=False), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.p * self.norm(x)
+
+
+def test_activation_open_group_test_takes_a_0_dim_parameter():
+    """The open-group test lays each counted weight out as a matrix; a 0-dim one has no dims to
+    lay out (it crashed in ``permute``). The gain's generator is balanced, the function kept."""
+    torch.manual_seed(0)
+    model, x = _ScaledNorm().double(), torch.randn(3, 2, dtype=torch.float64)
+    s = gaugefix.discover(model, x)
+    with torch.no_grad():
+        model.norm.weight.mul_(3.0)
+        y = model(x)
+    result = gaugefix.equalize_(model, s, "activation", calibration=x)
+    assert s.num_generators == 1 and result.converged and float(result.h.abs()) > 0.1
+    with torch.no_grad():
+        assert float((model(x) - y).abs().max()) <= 1e-12 * float(y.abs().max())

@@ -628,7 +628,7 @@ def _support(source: RangeSource) -> _Support:
     nonzero = None  # the magnitudes' logs are finite or -inf (zero): -inf is the least
     if magnitude.numel() and not bool(magnitude.amin() > -math.inf):
         rest = [d for d in range(len(shape)) if d not in a_dims and d not in b_dims]
-        nonzero = torch.isfinite(magnitude).expand(shape).permute(*a_dims, *b_dims, *rest)
+        nonzero = torch.isfinite(magnitude).expand(shape).permute([*a_dims, *b_dims, *rest])
         nonzero = nonzero.reshape(size)
     placed: list[list[tuple[Tensor, int]]] = [[], [], [], []]
     for i, group in enumerate((terms, source.counted)):

@@ -290,7 +290,7 @@ def _flat_over(slots: Tensor, dims: list[int], shape: tuple[int, ...]) -> Tensor
     the order of ``dims``."""
     target = [shape[d] if d in dims else 1 for d in range(len(shape))]
     others = [d for d in range(len(shape)) if d not in dims]
-    return slots.expand(target).permute(*dims, *others).reshape(-1)
+    return slots.expand(target).permute([*dims, *others]).reshape(-1)
 
 
 def _two_groups(param: PlannedParam) -> tuple | None:
