@@ -140,3 +140,26 @@ def test_the_math_functions_are_the_originals_after_discovery_even_when_the_forw
         gaugefix.discover(Failing(), torch.randn(BATCH, 4))
     gauged(lambda m, h, g, x: h + math.log(_b(x) / BATCH))
     assert (math.sqrt, math.log, math.floor) == originals
+
+
+class _UnbatchedFlatten(nn.Module):
+    """A conv on an unbatched input made batched by ``unsqueeze(0)``, flattened by ``spell``."""
+
+    def __init__(self, spell: str) -> None:
+        super().__init__()
+        self.spell = spell
+        self.conv, self.head = nn.Conv1d(2, 3, 1), nn.Linear(27, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x.unsqueeze(0)))
+        h = h.view(h.size(0), -1) if self.spell == "view" else torch.flatten(h, 1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("spell", ["view", "flatten"])
+def test_a_flatten_after_a_kept_leading_dim_keeps_the_channels_as_torch_flatten(spell):
+    """``h.view(h.size(0), -1)`` with a plain leading 1 is ``torch.flatten(h, 1)``: the same
+    verdict, the conv's 3 channels kept (the -1 rule united them)."""
+    torch.manual_seed(0)
+    model = _UnbatchedFlatten(spell).double()
+    assert gaugefix.discover(model, torch.randn(2, 9, dtype=torch.float64)).num_generators == 3

@@ -634,7 +634,9 @@ def _mixed_by_inferred_size(
     number of channels. Boundaries that are the same product of sizes on both sides cut the
     reshape into groups; a group is safe when its input holds only channels, only symbols, or
     symbols outside ``C`` channels, the output's strides within it being fixed numbers or
-    multiples of ``C`` (channel ``= offset mod C``, whatever the sizes)."""
+    multiples of ``C`` (channel ``= offset mod C``, whatever the sizes). A flatten of the
+    trailing dims after one or more kept leading ones is left to what ``torch.flatten`` of
+    them gets."""
     spec = _reshape_spec(rest, options)
     if ctx.op.rsplit(".", 1)[-1] not in ("view", "reshape") or spec is None or spec.count(-1) != 1:
         return []
@@ -643,6 +645,8 @@ def _mixed_by_inferred_size(
              (Fraction(1), frozenset([d])) for d, n in enumerate(x.shape)]  # fmt: skip
     if 0 in spec or len(varying) == x.dim():
         return []
+    if len(spec) > 1 and spec[-1] == -1 and spec[:-1] == tuple(x.shape[: len(spec) - 1]):
+        return []  # x.view(x.shape[0], -1): judged as torch.flatten(x, 1) is
     before = _boundaries(sizes)
     after = _boundaries(_aligned(spec, x.shape, sizes, before[-1]))
     cuts = set(before) & set(after)
