@@ -8,7 +8,9 @@ Regressions (each failed before its fix): a live neuron ``1e140`` or ``1e150`` a
 (``gauge_coordinates`` normalised the largest entry to ``[1/2, 1)``, where the balanced point's
 smallest squares underflow: ``converged`` false, ``mu_rel_max = 1``, ``h`` 43 off, while
 ``balance_`` converged to ``3e-14``); a ``structure`` or ``model`` of the wrong type
-(``AttributeError``). Defects of ``balance_`` (balancing.py) are strict xfails."""
+(``AttributeError``); ``balance_`` outside float64's squares (unscaled: digits lost, live
+generators dead, overflow refused), claiming convergence beyond ``tol`` where a live ``S_n`` is
+subnormal, and a structure of the wrong type (``AttributeError``)."""
 
 from __future__ import annotations
 
@@ -181,14 +183,6 @@ def one_entry(value: float) -> tuple[nn.Module, gf.GaugeStructure]:
         "entry1e200",
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="balance_ (balancing.py) solves on the parameters unscaled: at 1e-160 its squares "
-    "are subnormal (converged false, h 1.7e-2 off), from 1e-200 they underflow to 0 and every "
-    "generator is reported dead, from 1e160 (a whole model or one entry) they overflow and it "
-    "refuses; a neuron at 1e-220 in a model at 1e-100 is dead to it. gauge_coordinates solves "
-    "all of these at a power of two (exact); the fix is balance_ doing the same",
-)
 def test_models_beyond_float64s_squares_agree_with_balance(make):
     model, s = make()
     coords = gf.gauge_coordinates(model, s, tol=TOL, max_iter=MAX_ITER)
@@ -197,13 +191,6 @@ def test_models_beyond_float64s_squares_agree_with_balance(make):
 
 
 @pytest.mark.parametrize("factor", [1e-156, 1e-158])
-@pytest.mark.xfail(
-    strict=True,
-    reason="balance_ (balancing.py) reports converged=True at tol=1e-13 while its own "
-    "mu_rel_max, measured on the moved model, is 6.7e-11 (neuron at 1e-156) and 2.2e-7 "
-    "(1e-158): the solve's masses and the moved parameters' round differently where the "
-    "squares are subnormal. gauge_coordinates reports converged=False there (documented)",
-)
 def test_balance_claims_convergence_only_within_tol(factor):
     model, s = scaled_neuron(factor)
     coords, result, _ = balanced_pair(model, s)
@@ -276,11 +263,6 @@ def test_a_structure_of_another_model_or_of_no_model_is_refused():
     assert_same_bits(model, state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="balance_ (balancing.py) reads structure.bind first: structure=None is "
-    "AttributeError: 'NoneType' object has no attribute 'bind'",
-)
 def test_balance_refuses_a_structure_of_no_model_clearly():
     model, s = built("mlp")
     with pytest.raises((TypeError, ValueError)):

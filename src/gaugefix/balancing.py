@@ -18,25 +18,39 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy import optimize, sparse
 from torch import Tensor, nn
 
 from gaugefix.action import check_finite_params, check_transport, move_
-from gaugefix.distributed import OPTIMIZER, agreed, local_view, optimizer_passed, refuse_gathered
+from gaugefix.distributed import (
+    OPTIMIZER,
+    agreed,
+    first_dtensor,
+    local_view,
+    mesh_group,
+    optimizer_passed,
+    refuse_gathered,
+    sharded,
+)
 from gaugefix.errors import check_number
 from gaugefix.kernels import generator_sums, row_norms
 from gaugefix.masses import Masses, MassState
+from gaugefix.moment import refuse_meta
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
     "balance_",
     "BalanceResult",
     "check_tolerances",
+    "check_types",
     "log_ratio",
     "masses_of",
+    "normalised",
     "pcg",
     "solve_balance",
     "solve_model",
+    "times_power_of_two",
 ]
 
 # Relative size of a change of F(h) below which its rounding hides it.
@@ -52,22 +66,37 @@ LINE_SEARCH_TRIALS = 60
 # inexact solve).
 CG_MIN_ITERATIONS = 50
 CG_ITERATIONS_PER_ROOT = 4
+# Binary exponents of the largest |entry| beyond which the parameters are brought by a power of
+# two to [1/2, 1) (projections) or to just below 2^256 (the balancing solve: its balanced point
+# can take entries far below the largest, and 2^256 leaves them the most room) before their
+# squares are taken: squares of entries near 2^256 or 2^-256 are near 2^512 and 2^-512, far
+# inside float64's normal range (2^-1022 to 2^1024).
+SAFE_EXPONENT = 256
+# float64's smallest normal number: squares below it keep fewer digits than the format.
+TINY = torch.finfo(torch.float64).tiny
 
 
 @dataclass(frozen=True)
 class BalanceResult:
     """What :func:`balance_` did.
 
+    The solve, and the measurements below, are on float64 copies of the parameters times a
+    power of two ``2^-e`` (exact; ``h`` and the ratios do not scale) where the largest
+    ``|entry|`` is below ``2^-256`` or its squares overflow float64 (:func:`_solved_in_range`);
+    ``e = 0`` otherwise.
+
     ``iterations``: outer iterations taken; ``mu_rel_max``: ``max_n |mu_n| / S_n`` over
     the generators with a closed orbit, measured on the model afterwards (``imbalance_stats``'
     ``mu_rel_max`` without the dead generators, which count 1 there); ``norm_sq_before`` and
     ``norm_sq_after``: ``||theta||^2`` over the parameters the structure acts on (equal when
-    nothing moved); ``h``: the gauge transformation applied; ``dead_generators``:
-    generators with all incoming or all outgoing entries zero, alone or as a group (no closed
-    orbit, :func:`closed_orbits`; left untouched; an entry below about ``1.5e-162``, whose
-    square underflows float64, counts as zero);
-    ``converged``: whether the float64 solve reached ``tol`` (the imbalance measured afterwards
-    also carries the parameters' rounding: about ``1e-7`` for a float32 model).
+    nothing moved; ``inf`` or 0 beyond float64); ``h``: the gauge transformation applied;
+    ``dead_generators``: generators with all incoming or all outgoing entries zero, alone or as
+    a group (no closed orbit, :func:`closed_orbits`; left untouched; an entry whose square
+    underflows float64 at the solve's scale, below about ``1.5e-162 2^e``, counts as zero);
+    ``converged``: whether the float64 solve reached ``tol`` with every live ``S_n`` at least
+    :data:`TINY` ``/ tol`` (smaller, their squares are subnormal and ``mu_n`` lacks the digits
+    to meet ``tol``); the imbalance measured afterwards also carries the parameters' rounding:
+    about ``1e-7`` for a float32 model.
     """
 
     iterations: int
@@ -107,6 +136,63 @@ def check_tolerances(tol: float, max_iter: int) -> None:
     check_number(tol, "tol", strict=True)
     if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+
+
+def check_types(model: nn.Module, structure: GaugeStructure) -> None:
+    """``TypeError`` for a ``model`` that is not an ``nn.Module`` or a ``structure`` that is
+    not a :class:`GaugeStructure`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(structure, GaugeStructure):
+        raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+
+
+def times_power_of_two(t: Tensor, k: int) -> Tensor:
+    """``t 2^k`` (``|k| <= 2200``) as a new tensor, in three factors that float64 holds: exact
+    wherever the result is a normal number (the factors take it there monotonically)."""
+    third = int(k / 3)  # toward 0: every factor moves t the same way
+    return t * 2.0**third * 2.0**third * 2.0 ** (k - 2 * third)
+
+
+def scale_exponent(
+    params: Mapping[str, Tensor],
+    beyond: int = SAFE_EXPONENT,
+    to: int = 0,
+    like: Tensor | None = None,
+) -> int:
+    """The ``e`` of :func:`normalised`: the binary exponent of the largest ``|entry|`` less
+    ``to`` when it is beyond ``+-beyond``, else 0 (0 too for no entries or a non-finite one).
+    With a ``DTensor`` ``like`` (``params`` its processes' slices), the largest over its mesh
+    (one all-reduce). One host read; ``ValueError`` on the ``meta`` device."""
+    refuse_meta(params)
+    values = [p.detach() for p in params.values() if p.numel()]
+    top = torch.zeros(1, dtype=torch.float64, device=like.device if like is not None else None)
+    if values:  # per tensor its least and largest entry: no copy (the fastest on CPU)
+        ends = [torch.stack(torch.aminmax(p)).to(torch.float64) for p in values]
+        top = torch.cat(ends).abs().amax().reshape(1)
+    if like is not None:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=mesh_group(like))
+    largest = float(top[0])
+    top_exponent = math.frexp(largest)[1] if math.isfinite(largest) else 0
+    return top_exponent - to if abs(top_exponent) > beyond else 0
+
+
+def scaled(params: Mapping[str, Tensor], e: int) -> dict[str, Tensor]:
+    """Float64 copies of ``params`` times ``2^-e``."""
+    return {k: times_power_of_two(p.detach().to(torch.float64), -e) for k, p in params.items()}
+
+
+def normalised(
+    params: dict[str, Tensor], beyond: int = SAFE_EXPONENT, to: int = 0
+) -> tuple[dict[str, Tensor], int]:
+    """``(params 2^-e, e)``: float64 copies scaled so that the largest ``|entry|`` lies in
+    ``[2^(to - 1), 2^to)`` when its binary exponent is beyond ``beyond`` (by default
+    :data:`SAFE_EXPONENT`: their squares would leave float64's normal range), else
+    ``(params, 0)``. ``K(theta) = 4^e K(2^-e theta)``
+    exactly; ``h``, the ratios ``mu_n / S_n`` and ``Pi_V`` do not scale. Non-finite entries
+    are left to the callers' checks; ``ValueError`` on the ``meta`` device."""
+    e = scale_exponent(params, beyond, to)
+    return (scaled(params, e), e) if e else (params, 0)
 
 
 def max_rel(mu: Tensor, s: Tensor, live: Tensor) -> Tensor:
@@ -441,15 +527,104 @@ def solve_model(
     params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int
 ) -> BalanceSolution:
     """:func:`solve_balance` for one model's bound ``params`` (``DTensor`` s: on this process's
-    slices), checked: ``ValueError`` naming the first parameter with a NaN or infinite entry, or
-    when the squares overflow float64. Not reaching ``tol`` is no error: ``converged`` says it
-    (the one failure policy of the Newton solves)."""
+    slices), checked (:func:`_check_solved`). Not reaching ``tol`` is no error: ``converged``
+    says it (the one failure policy of the Newton solves)."""
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     solution = solve_balance(masses_of(tensors, local), tol, max_iter)
+    _check_solved(solution, params)
+    return solution
+
+
+def _check_solved(solution: BalanceSolution, params: dict[str, Tensor]) -> None:
+    """``ValueError`` naming the first parameter with a NaN or infinite entry, or when the
+    squares overflow float64 (``F(0)`` is not finite)."""
     if not math.isfinite(float(solution.norm_sq_before[0])):  # NaN/inf (or a float64 overflow)
         check_finite_params(params)
         raise ValueError("the squared parameters overflow float64; nothing was modified")
-    return solution
+
+
+def _solved_in_range(
+    params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int, e: int
+) -> tuple[BalanceSolution, int]:
+    """``(solution, e')``: :func:`solve_balance` on the bound ``params`` (this process's
+    slices) times ``2^-e'`` (``h`` does not scale), where ``e`` (:func:`scale_exponent`) brings
+    the largest ``|entry|`` just below ``2^256``. Scaled up (``e < 0``) always; scaled down
+    (``e' = e > 0``) only when the squares overflow float64 unscaled (up to about ``2^512``
+    they fit, and scaling would underflow the squares of entries far below the largest): then
+    a generator lost to that underflow is refused (:func:`_refuse_lost`). Checked as
+    :func:`solve_model`."""
+    tensors, local = local_view(params, structure)
+    used = min(e, 0)
+    solution = solve_balance(
+        masses_of(scaled(tensors, used) if used else tensors, local), tol, max_iter
+    )
+    if e > 0 and not math.isfinite(float(solution.norm_sq_before[0])):
+        check_finite_params(params)  # a NaN or inf entry: refused, naming it
+        used = e
+        solution = solve_balance(masses_of(scaled(tensors, e), local), tol, max_iter)
+        _refuse_lost(tensors, local, solution.live[0])
+    _check_solved(solution, params)
+    return solution, used
+
+
+def _refuse_lost(tensors: dict[str, Tensor], structure: GaugeStructure, live: Tensor) -> None:
+    """``ValueError`` when a generator that is dead at the solve's scale (``live``: ``[N]``,
+    the parameters brought down by a power of two, their squares overflowing float64) has a
+    closed orbit on the parameters' zero pattern: its entries' squares underflow there only
+    because of the scaling."""
+    if bool(live.all()):
+        return
+    pattern = masses_of({k: (t != 0).to(torch.float64) for k, t in tensors.items()}, structure)
+    closed = closed_orbits(pattern, pattern.at(torch.zeros_like(live, dtype=torch.float64)[None]))
+    lost = torch.nonzero(closed[0] & ~live.to(closed.device)).reshape(-1).tolist()
+    if lost:
+        raise ValueError(
+            f"the squared parameters overflow float64, and scaled to where they do not, the "
+            f"squares of {len(lost)} live generator(s) (first {lost[:10]}) underflow: entries "
+            f"too far below the largest; nothing was modified"
+        )
+
+
+def _unscaled(norm_sq: float, exponent: int) -> float:
+    """``norm_sq 4^exponent`` (``inf`` beyond float64)."""
+    try:
+        return math.ldexp(norm_sq, 2 * exponent)
+    except OverflowError:
+        return math.inf
+
+
+def _result(
+    solution: BalanceSolution,
+    tensors: dict[str, Tensor],
+    structure: GaugeStructure,
+    exponent: int,
+    tol: float,
+) -> BalanceResult:
+    """The :class:`BalanceResult` of ``solution`` applied to the bound ``tensors`` (this
+    process's slices), measured on them times ``2^-exponent`` in float64, as solved: ``converged``
+    also needs every live ``S_n`` at least :data:`TINY` ``/ tol`` (below, the squares are
+    subnormal and ``mu_n`` lacks the digits to meet ``tol``)."""
+    s_in, s_out, norm_after = generator_sums(
+        scaled(tensors, exponent) if exponent else tensors, structure, torch.float64
+    )
+    h, live = solution.h[0], solution.live[0]
+    # an unmoved model's ||theta||^2 is one sum: the solve's F(0) adds the squares in another
+    # order, whose rounding can exceed what F decreased by near the balance
+    norm_before = torch.where(h.any(), solution.norm_sq_before[0], norm_after)
+    s = s_in + s_out
+    unresolved = (live & (s < TINY / tol)).any()
+    stats = torch.stack(
+        [max_rel(s_in - s_out, s, live), unresolved, norm_before, norm_after]
+    ).tolist()  # one host read
+    return BalanceResult(
+        iterations=solution.iterations,
+        mu_rel_max=stats[0],
+        norm_sq_before=_unscaled(stats[2], exponent),
+        norm_sq_after=_unscaled(stats[3], exponent),
+        h=h,
+        dead_generators=torch.nonzero(~live).reshape(-1),
+        converged=bool(solution.converged[0]) and not stats[1],
+    )
 
 
 @torch.no_grad()
@@ -465,7 +640,11 @@ def balance_(
     Minimises the strictly convex ``F(h) = ||g(h) . theta||^2`` (gradient ``2 mu``, Hessian
     ``4 K``) in float64 by Newton's method, ``h -= t K^{-1} mu / 2``, with ``K`` solved by
     Jacobi-preconditioned conjugate gradients and the step ``t`` found by a line search on ``F``
-    (see :func:`solve_balance`). Stops when ``max |mu_n| / S_n <= tol``.
+    (see :func:`solve_balance`). Stops when ``max |mu_n| / S_n <= tol``. Parameters whose
+    largest ``|entry|`` is below ``2^-256``, or whose squares overflow float64, are solved on
+    copies scaled by a power of two to just below ``2^256`` (as :func:`gaugefix.gauge_coordinates`
+    does; ``h`` does not scale), and ``h`` is applied to the parameters; scaled down, a
+    generator whose entries' squares underflow only there is refused.
 
     Dead generators (all incoming or all outgoing entries zero, alone or as a group,
     :func:`closed_orbits`) have no closed orbit: they keep ``h = 0`` and are reported.
@@ -478,6 +657,7 @@ def balance_(
     ``requires_grad=False`` move like the others (``mu = 0`` needs them); ``equalize_`` with the
     ``"norm"`` objective leaves the generators touching them alone.
     """
+    check_types(model, structure)
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
     agreed(
@@ -491,22 +671,9 @@ def balance_(
         check_finite_params(params)
         empty = torch.zeros(0, dtype=torch.long)
         return BalanceResult(0, 0.0, 0.0, 0.0, torch.zeros(0, dtype=torch.float64), empty, True)
-    solution = solve_model(params, structure, tol, max_iter)
     tensors, local = local_view(params, structure)
-    h = solution.h[0]
-    move_(params, structure, h, optimizer)
-    s_in, s_out, norm_after = generator_sums(tensors, local, torch.float64)
-    # an unmoved model's ||theta||^2 is one sum: the solve's F(0) adds the squares in another
-    # order, whose rounding can exceed what F decreased by near the balance
-    norm_before = solution.norm_sq_before[0] if bool(h.any()) else norm_after
-    live = solution.live[0]
-    err = max_rel(s_in - s_out, s_in + s_out, live)
-    return BalanceResult(
-        iterations=solution.iterations,
-        mu_rel_max=float(err),
-        norm_sq_before=float(norm_before),
-        norm_sq_after=float(norm_after),
-        h=h,
-        dead_generators=torch.nonzero(~live).reshape(-1),
-        converged=bool(solution.converged[0]),
-    )
+    like = first_dtensor(list(params.values())) if sharded(params.values()) else None
+    e = scale_exponent(tensors, to=SAFE_EXPONENT, like=like)
+    solution, e = _solved_in_range(params, structure, tol, max_iter, e)
+    move_(params, structure, solution.h[0], optimizer)
+    return _result(solution, tensors, local, e, tol)

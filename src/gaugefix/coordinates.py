@@ -18,11 +18,22 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import all_finite, check_finite_params, check_h
-from gaugefix.balancing import check_tolerances, masses_of, max_rel, pcg, solve_model
+from gaugefix.balancing import (
+    SAFE_EXPONENT,
+    TINY,
+    check_tolerances,
+    check_types,
+    masses_of,
+    max_rel,
+    normalised,
+    pcg,
+    solve_model,
+    times_power_of_two,
+)
 from gaugefix.errors import GaugefixError, check_number
 from gaugefix.kernels import generator_sums, reduce_to, row_norms
 from gaugefix.masses import MassState
-from gaugefix.moment import pair_shape, refuse_meta, scatter_terms_
+from gaugefix.moment import pair_shape, scatter_terms_
 from gaugefix.soft import generator_combination
 from gaugefix.structure import GaugeStructure
 
@@ -45,14 +56,6 @@ REFINEMENTS = 4
 # Relative error of ``g(-h) . g(h) . theta`` from float64 arithmetic alone (a few ulps of the
 # exponentials and products), beyond the one unit in the last place of the dtype's rounding.
 ROUND_TRIP = 64 * torch.finfo(torch.float64).eps
-# Binary exponents of the largest |entry| beyond which the parameters are brought by a power of
-# two to [1/2, 1) (projections) or to just below 2^256 (the balancing solve: its balanced point
-# can take entries far below the largest, and 2^256 leaves them the most room) before their
-# squares are taken: squares of entries near 2^256 or 2^-256 are near 2^512 and 2^-512, far
-# inside float64's normal range (2^-1022 to 2^1024).
-SAFE_EXPONENT = 256
-# float64's smallest normal number: squares below it keep fewer digits than the format.
-TINY = torch.finfo(torch.float64).tiny
 
 
 class SingularGramError(GaugefixError, ValueError):
@@ -172,7 +175,7 @@ def gauge_coordinates(
     in gaugefix, :func:`gaugefix.balance_` included): ``converged`` is then false.
     """
     check_tolerances(tol, max_iter)
-    _check_types(model, structure)
+    check_types(model, structure)
     params = structure.bind(model)
     scaled, _ = normalised(params, to=SAFE_EXPONENT)  # h is the same at every scale of theta
     h, live, converged = _solved(scaled, structure, tol, max_iter)
@@ -197,15 +200,6 @@ def gauge_coordinates(
         structure=structure,
         aliases=aliases,
     )
-
-
-def _check_types(model: nn.Module, structure: GaugeStructure) -> None:
-    """``TypeError`` for a ``model`` that is not an ``nn.Module`` or a ``structure`` that is
-    not a :class:`GaugeStructure`."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(structure, GaugeStructure):
-        raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
 
 
 def _solved(
@@ -305,36 +299,6 @@ def _measured(
 
 
 # -- the Gram matrix of the generators --------------------------------------------------------
-
-
-def times_power_of_two(t: Tensor, k: int) -> Tensor:
-    """``t 2^k`` (``|k| <= 2200``) as a new tensor, in three factors that float64 holds: exact
-    wherever the result is a normal number (the factors take it there monotonically)."""
-    third = int(k / 3)  # toward 0: every factor moves t the same way
-    return t * 2.0**third * 2.0**third * 2.0 ** (k - 2 * third)
-
-
-def normalised(
-    params: dict[str, Tensor], beyond: int = SAFE_EXPONENT, to: int = 0
-) -> tuple[dict[str, Tensor], int]:
-    """``(params 2^-e, e)``: float64 copies scaled so that the largest ``|entry|`` lies in
-    ``[2^(to - 1), 2^to)`` when its binary exponent is beyond ``beyond`` (by default
-    :data:`SAFE_EXPONENT`: their squares would leave float64's normal range), else
-    ``(params, 0)``. ``K(theta) = 4^e K(2^-e theta)``
-    exactly; ``h``, the ratios ``mu_n / S_n`` and ``Pi_V`` do not scale. Non-finite entries
-    are left to the callers' checks; ``ValueError`` on the ``meta`` device."""
-    refuse_meta(params)
-    values = [p.detach() for p in params.values() if p.numel()]
-    if not values:
-        return params, 0
-    top = float(
-        torch.stack([m.to(torch.float64) for m in torch._foreach_norm(values, math.inf)]).max()
-    )
-    top_exponent = math.frexp(top)[1] if math.isfinite(top) else 0
-    if abs(top_exponent) <= beyond:
-        return params, 0
-    e = top_exponent - to
-    return {k: times_power_of_two(p.detach().to(torch.float64), -e) for k, p in params.items()}, e
 
 
 def _masses_at_zero(params: dict[str, Tensor], structure: GaugeStructure) -> MassState:
