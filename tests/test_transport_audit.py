@@ -339,27 +339,3 @@ def test_the_next_step_after_transport_scales_as_the_docs_say(opt_name):
         equivariant = (q.detach() - q0) * f
         gaps.append(((p.detach() - p0 - equivariant).abs() / equivariant.abs())[moving])
     assert float(torch.cat(gaps).amin()) > MOVED  # nowhere the moved trajectory's step
-
-
-class _SubclassedSGD(torch.optim.SGD):
-    """An optimizer the transport does not know (a subclass of a known one)."""
-
-
-def test_penalty_mode_without_a_start_balance_moves_no_state_and_takes_any_optimizer():
-    """Penalty mode alone moves no optimizer state, so an optimizer whose state cannot be
-    transported is taken; balancing at the start would move it, and is refused, nothing
-    modified."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
-    structure = gaugefix.discover(model, torch.randn(1, 3, dtype=torch.float64))
-    opt = _SubclassedSGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
-    opt.step()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="cannot transport"):
-        gaugefix.GaugeFixing(opt, model, structure, 1.0, mode="penalty")
-    for name, t in model.state_dict().items():
-        assert torch.equal(t, before[name])
-    hook = gaugefix.GaugeFixing(opt, model, structure, 1.0, mode="penalty", balance_at_start=False)
-    opt.step()
-    assert hook.steps == 1

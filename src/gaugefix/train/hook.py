@@ -269,8 +269,7 @@ class GaugeFixing:
         self._all_params = structure.bind(self.model, sharded=True)
         refuse_gathered(self.model, self._all_params)  # FSDP2: parameters gathered now
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
-        moves_state = mode == "exact" or balance_at_start  # penalty mode alone moves none
-        check_transport(optimizer if moves_state else None, self._all_params)
+        check_transport(optimizer, self._all_params)
         _refuse_line_search(optimizer, mode)
         _refuse_untransportable(optimizer, mode)
         _refuse_sparse(self.model, self._all_params)
