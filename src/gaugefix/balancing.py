@@ -38,6 +38,7 @@ from gaugefix.kernels import generator_sums, row_norms
 from gaugefix.masses import Masses, MassState
 from gaugefix.moment import refuse_meta
 from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import check_structure
 
 __all__ = [
     "balance_",
@@ -143,8 +144,7 @@ def check_types(model: nn.Module, structure: GaugeStructure) -> None:
     not a :class:`GaugeStructure`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(structure, GaugeStructure):
-        raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+    check_structure(structure)
 
 
 def times_power_of_two(t: Tensor, k: int) -> Tensor:

@@ -52,6 +52,7 @@ from gaugefix.kernels import (
 from gaugefix.masses import Masses
 from gaugefix.moment import accumulation_dtype, imbalance
 from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import check_structure
 
 __all__ = [
     "add_orbit_selection_grad_",
@@ -231,9 +232,7 @@ class OrbitSelectionPenalty:
     """
 
     def __init__(self, structure: GaugeStructure, strength: float) -> None:
-        if not isinstance(structure, GaugeStructure):
-            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
-        self.structure = structure
+        self.structure = check_structure(structure)
         self.strength = check_strength(strength)
         self._active: tuple[frozenset[str], GaugeStructure] = (frozenset(), structure)
 

@@ -13,6 +13,7 @@ from gaugefix.distributed import check_same_structure
 from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
+from gaugefix.structure.gauge_structure import check_structure
 from gaugefix.train.hook import Mode, check_mode_every
 
 __all__ = [
@@ -49,8 +50,8 @@ def set_options(callback: Any, strength: float, options: CallbackOptions) -> Non
     strength = check_strength(strength)
     structure, mode = options.get("structure"), options.get("mode", "exact")
     every = check_mode_every(mode, options.get("every"))
-    if structure is not None and not isinstance(structure, GaugeStructure):
-        raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+    if structure is not None:
+        check_structure(structure)
     callback.strength, callback.structure, callback.mode = strength, structure, mode
     callback.balance_at_start = options.get("balance_at_start", True)
     callback.prefix, callback.every = options.get("prefix", "gauge/"), every

@@ -35,6 +35,7 @@ from gaugefix.files import write_text
 from gaugefix.structure.trace import TraceContext, compact
 
 __all__ = [
+    "check_structure",
     "compile_structure",
     "Exclusion",
     "GaugeStructure",
@@ -590,6 +591,13 @@ def wrappers(model: nn.Module) -> Iterator[nn.Module]:
             model = model._orig_mod
         else:
             return
+
+
+def check_structure(value: object) -> GaugeStructure:
+    """``value``, or a one-line ``TypeError`` unless it is a :class:`GaugeStructure`."""
+    if not isinstance(value, GaugeStructure):
+        raise TypeError(f"structure must be a GaugeStructure, got {type(value).__name__}")
+    return value
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

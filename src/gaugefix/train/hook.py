@@ -31,7 +31,7 @@ from gaugefix.soft import (
 )
 from gaugefix.step import EVERY, OrbitState, advance, check_every
 from gaugefix.structure import GaugeStructure
-from gaugefix.structure.gauge_structure import unwrap_model, wrappers
+from gaugefix.structure.gauge_structure import check_structure, unwrap_model, wrappers
 
 __all__ = [
     "Mode",
@@ -255,9 +255,7 @@ class GaugeFixing:
             )
         self.optimizer = optimizer
         self.model = unwrap_model(model)
-        self.structure = structure
-        if not isinstance(structure, GaugeStructure):
-            raise TypeError(f"structure must be a GaugeStructure, got {type(structure).__name__}")
+        self.structure = check_structure(structure)
         replicated = _replicated(model)
         if replicated is not None:  # every replica must move alike
             check_same_structure(structure, replicated.process_group, replicated.device)
