@@ -200,16 +200,16 @@ def test_balance_claims_convergence_only_within_tol(factor):
 
 @pytest.mark.parametrize("value", [1e300, 1e250])
 def test_one_entry_near_overflow_is_refused_by_both(value):
-    """One weight of ``1e300`` (``1e250``) among entries near 1: ``balance_`` refuses the
-    overflow; ``gauge_coordinates`` cannot resolve the other entries' squares beside it (their
-    generators are dead to it) and refuses them (``allow_dead=False``). Both one line, nothing
-    changed."""
+    """One weight of ``1e300`` (``1e250``) among entries near 1: its square overflows float64,
+    and scaled to where it does not, the other entries' squares underflow. Both refuse it
+    naming both (``gauge_coordinates`` with ``allow_dead`` too: the generators are live, not
+    dead), one line, nothing changed."""
     model, s = one_entry(value)
     state = snapshot(model)
-    with pytest.raises(ValueError, match="overflow float64") as balance_error:
+    with pytest.raises(ValueError, match="overflow float64.*underflow") as balance_error:
         gf.balance_(model, s)
-    with pytest.raises(ValueError, match="dead generator") as coords_error:
-        gf.gauge_coordinates(model, s)
+    with pytest.raises(ValueError, match="overflow float64.*underflow") as coords_error:
+        gf.gauge_coordinates(model, s, allow_dead=True)
     assert "\n" not in str(balance_error.value) + str(coords_error.value)
     assert_same_bits(model, state)
 

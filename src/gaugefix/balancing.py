@@ -49,8 +49,11 @@ __all__ = [
     "masses_of",
     "normalised",
     "pcg",
+    "scale_exponent",
+    "scaled",
     "solve_balance",
     "solve_model",
+    "solved_in_range",
     "times_power_of_two",
 ]
 
@@ -68,8 +71,9 @@ LINE_SEARCH_TRIALS = 60
 CG_MIN_ITERATIONS = 50
 CG_ITERATIONS_PER_ROOT = 4
 # Binary exponents of the largest |entry| beyond which the parameters are brought by a power of
-# two to [1/2, 1) (projections) or to just below 2^256 (the balancing solve: its balanced point
-# can take entries far below the largest, and 2^256 leaves them the most room) before their
+# two to [1/2, 1) (projections) or to just below 2^256 (the balancing solve, of balance_ and
+# gauge_coordinates alike, and downward only where the squares overflow: its balanced point can
+# take entries far below the largest, and 2^256 leaves them the most room) before their
 # squares are taken: squares of entries near 2^256 or 2^-256 are near 2^512 and 2^-512, far
 # inside float64's normal range (2^-1022 to 2^1024).
 SAFE_EXPONENT = 256
@@ -83,7 +87,7 @@ class BalanceResult:
 
     The solve, and the measurements below, are on float64 copies of the parameters times a
     power of two ``2^-e`` (exact; ``h`` and the ratios do not scale) where the largest
-    ``|entry|`` is below ``2^-256`` or its squares overflow float64 (:func:`_solved_in_range`);
+    ``|entry|`` is below ``2^-256`` or its squares overflow float64 (:func:`solved_in_range`);
     ``e = 0`` otherwise.
 
     ``iterations``: outer iterations taken; ``mu_rel_max``: ``max_n |mu_n| / S_n`` over
@@ -543,7 +547,7 @@ def _check_solved(solution: BalanceSolution, params: dict[str, Tensor]) -> None:
         raise ValueError("the squared parameters overflow float64; nothing was modified")
 
 
-def _solved_in_range(
+def solved_in_range(
     params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int, e: int
 ) -> tuple[BalanceSolution, int]:
     """``(solution, e')``: :func:`solve_balance` on the bound ``params`` (this process's
@@ -674,6 +678,6 @@ def balance_(
     tensors, local = local_view(params, structure)
     like = first_dtensor(list(params.values())) if sharded(params.values()) else None
     e = scale_exponent(tensors, to=SAFE_EXPONENT, like=like)
-    solution, e = _solved_in_range(params, structure, tol, max_iter, e)
+    solution, e = solved_in_range(params, structure, tol, max_iter, e)
     move_(params, structure, solution.h[0], optimizer)
     return _result(solution, tensors, local, e, tol)

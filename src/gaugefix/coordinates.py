@@ -27,7 +27,9 @@ from gaugefix.balancing import (
     max_rel,
     normalised,
     pcg,
-    solve_model,
+    scale_exponent,
+    scaled,
+    solved_in_range,
     times_power_of_two,
 )
 from gaugefix.errors import GaugefixError, check_number
@@ -177,8 +179,7 @@ def gauge_coordinates(
     check_tolerances(tol, max_iter)
     check_types(model, structure)
     params = structure.bind(model)
-    scaled, _ = normalised(params, to=SAFE_EXPONENT)  # h is the same at every scale of theta
-    h, live, converged = _solved(scaled, structure, tol, max_iter)
+    h, live, converged, e = _solved(params, structure, tol, max_iter)
     dead = torch.nonzero(~live).reshape(-1)
     if dead.numel() and not allow_dead:
         raise ValueError(
@@ -188,9 +189,9 @@ def gauge_coordinates(
             "allow_dead=True to keep them at h = 0"
         )
     if structure.num_generators:
-        _refuse_stabiliser(scaled, structure, live)
+        _refuse_stabiliser(scaled(params, e) if e else params, structure, live)
     balanced, aliases = _balanced_state(model, params, structure, h)
-    mu_rel_max, resolved = _measured(balanced, structure, live, tol)
+    mu_rel_max, resolved = _measured(balanced, structure, live, tol, e)
     return GaugeCoordinates(
         balanced=balanced,
         h=-h,
@@ -204,15 +205,18 @@ def gauge_coordinates(
 
 def _solved(
     params: dict[str, Tensor], structure: GaugeStructure, tol: float, max_iter: int
-) -> tuple[Tensor, Tensor, bool]:
-    """``(h, live, converged)`` of the balancing Newton solve on the bound ``params``: the gauge
-    ``[N]`` to the minimal-norm point, which generators have a closed orbit, and whether ``tol``
-    was reached (no generators: nothing to solve, the parameters checked finite)."""
+) -> tuple[Tensor, Tensor, bool, int]:
+    """``(h, live, converged, e)`` of the balancing Newton solve on the bound ``params`` times
+    ``2^-e``, the power of two :func:`gaugefix.balance_` takes (``h`` does not scale;
+    :func:`gaugefix.balancing.solved_in_range`): the gauge ``[N]`` to the minimal-norm point,
+    which generators have a closed orbit, and whether ``tol`` was reached (no generators:
+    nothing to solve, the parameters checked finite)."""
     if not structure.num_generators:
         check_finite_params(params)
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), True
-    solution = solve_model(params, structure, tol, max_iter)
-    return solution.h[0], solution.live[0], bool(solution.converged[0])
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), True, 0
+    e = scale_exponent(params, to=SAFE_EXPONENT)
+    solution, e = solved_in_range(params, structure, tol, max_iter, e)
+    return solution.h[0], solution.live[0], bool(solution.converged[0]), e
 
 
 def _balanced_state(
@@ -279,18 +283,18 @@ def _refuse_lossy(
 
 
 def _measured(
-    balanced: Mapping[str, Tensor], structure: GaugeStructure, live: Tensor, tol: float
+    balanced: Mapping[str, Tensor], structure: GaugeStructure, live: Tensor, tol: float, e: int
 ) -> tuple[float, bool]:
     """``(max_n |mu_n| / S_n, resolved)`` of ``balanced`` over the ``live`` generators,
     accumulated in float64 (the solve's own value leaves out the rounding of ``balanced`` to
     the parameters' dtype: about ``1e-7`` in float32, ``1e-2`` in bfloat16); ``resolved``:
-    every live ``S_n`` (at the solve's scale: :func:`normalised` to ``2^256``) is at least
+    every live ``S_n`` at the solve's scale (``balanced`` times ``2^-e``) is at least
     :data:`TINY` ``/ tol``. Below that the squares are subnormal, and ``mu_n`` lacks the digits
     to meet ``tol``."""
     if not structure.num_generators:
         return 0.0, True
-    scaled, _ = normalised(structure.bind(dict(balanced)), to=SAFE_EXPONENT)  # as in the solve
-    s_in, s_out, _ = generator_sums(scaled, structure, torch.float64)
+    bound = structure.bind(dict(balanced))
+    s_in, s_out, _ = generator_sums(scaled(bound, e) if e else bound, structure, torch.float64)
     live = live.to(s_in.device)
     stats = torch.stack(
         [max_rel(s_in - s_out, s_in + s_out, live), (live & (s_in + s_out < TINY / tol)).any()]
