@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import math
+import pickle
+import re
 import struct
 import sys
 from collections import OrderedDict, defaultdict
@@ -83,10 +86,13 @@ def read_state_dict(path: str | Path) -> StateDictFile:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata()
             return StateDictFile(load_file(path), "safetensors", metadata)
+        _refuse_json(path)
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(
-            f"cannot read {path} as safetensors or a PyTorch file: {first_line(err)}"
+            f"cannot read {path} as safetensors or a PyTorch file: {_load_failure(err)}"
         ) from None
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{path} holds {_a(loaded)}, not a state dict (names -> tensors)")
@@ -94,6 +100,54 @@ def read_state_dict(path: str | Path) -> StateDictFile:
         if not (isinstance(k, str) and isinstance(v, Tensor)):
             raise CheckpointError(_not_flat(path, loaded, k))
     return StateDictFile(dict(loaded), "torch", getattr(loaded, "_metadata", None))
+
+
+# The largest file read as JSON to tell a sharded checkpoint's index from a weights file.
+INDEX_MAX_BYTES = 64 * 2**20
+
+
+def _refuse_json(path: Path) -> None:
+    """:class:`CheckpointError` for a JSON file (a PyTorch file is a zip archive or a pickle,
+    never JSON): the index of a sharded checkpoint (its ``weight_map`` names the shard of each
+    tensor), which is not read, or another JSON file, such as a model's configuration."""
+    if path.stat().st_size > INDEX_MAX_BYTES:
+        return
+    with open(path, "rb") as f:
+        if f.read(1) != b"{":
+            return
+        f.seek(0)
+        try:
+            loaded = json.loads(f.read())
+        except ValueError:  # not JSON (nor UTF-8): left to torch.load
+            return
+    shards = loaded.get("weight_map") if isinstance(loaded, dict) else None
+    if isinstance(shards, dict):
+        files = sorted({str(v) for v in shards.values()})
+        raise CheckpointError(
+            f"{path} is the index of a sharded checkpoint ({len(shards)} tensors in "
+            f"{len(files)} files: {_listed(files)}): a sharded checkpoint is not read; save it as "
+            "one file (save_pretrained(DIR, max_shard_size='100GB')) and pass that"
+        )
+    raise CheckpointError(f"{path} is a JSON file, not weights (safetensors or a PyTorch file)")
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line: for an object other than
+    tensors in the pickle (a whole model saved with ``torch.save(model)``), the object it
+    refused and what to save instead, not torch's advice to load it with ``weights_only=False``
+    (which runs the file's code, and which this command never does)."""
+    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
+        # the weights-only unpickler's opcode (a byte) that no pickle has
+        return f"neither a zip archive nor a pickle of torch.save (unknown opcode {err})"
+    if not isinstance(err, pickle.UnpicklingError) or "weights_only" not in str(err):
+        return first_line(err)
+    found = re.search(r"WeightsUnpickler error: (.*?)(?:\.(?: |$)|$)", str(err), re.MULTILINE)
+    refused = found.group(1) if found else "an object weights_only=True does not load"
+    return (
+        f"it holds objects other than tensors ({refused}), and a file is loaded with "
+        "weights_only=True, so no code in it runs: save the model's state dict, "
+        "torch.save(model.state_dict(), 'weights.pt'), and pass that"
+    )
 
 
 def _a(value: object) -> str:
