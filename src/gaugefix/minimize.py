@@ -33,8 +33,14 @@ LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
 WOLFE_DECREASE, WOLFE_CURVATURE, APPROXIMATE_DECREASE = 1e-4, 0.9, 0.1
 VALUE_ROUNDING = 64 * torch.finfo(torch.float64).eps
 LINE_TRIALS = 30
+# Convergence also asks the quasi-Newton step to the stationary point, ``-H^-1 g``, to move no
+# ``h_n`` by more than MOVE_TOL (a relative change of about 1% in a scale): where ``J`` decreases
+# without a minimum, its gradient decays with ``J`` and that step stays of order one. A probe of
+# length PROBE_STEP along ``-g`` measures the curvature there (:func:`_settled`).
+MOVE_TOL, PROBE_STEP = 1e-2, 1e-3
 
 Objective = Callable[[dict[str, Tensor]], Tensor]
+_ValueAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def rescaled(
@@ -58,8 +64,10 @@ def minimize_objective(
     search, from ``h = 0``, until ``max |dJ/dh_n| <= tol`` or ``max_iter`` iterations; where that
     line search stalls first (:func:`_polish`), L-BFGS goes on with the approximate Wolfe
     conditions. ``objective`` gets every parameter of ``model`` by name (the structure's ones
-    rescaled, the others copies) and returns a scalar differentiable in them. Returns ``(h,
-    iterations, J(0), J(h), converged)``."""
+    rescaled, the others copies) and returns a scalar differentiable in the rescaled ones (one
+    that does not depend on them, reading the model's own parameters instead, is refused).
+    Returns ``(h, iterations, J(0), J(h), converged)``, ``converged`` as :func:`_settled`
+    decides."""
     params = structure.bind(model)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if n not in params}
 
@@ -77,9 +85,18 @@ def minimize_objective(
 
     def value_and_grad(h: Tensor) -> tuple[Tensor, Tensor]:
         h = h.detach().requires_grad_(True)
-        j = value(h)
-        (grad,) = torch.autograd.grad(j, h, allow_unused=True) if h.numel() else (None,)
-        return j.detach(), torch.zeros_like(h) if grad is None else grad
+        with torch.enable_grad():  # also when equalize_ is called under torch.no_grad()
+            j = value(h)
+        if not h.numel():
+            return j.detach(), torch.zeros_like(h)
+        # autograd.grad, not backward: nothing accumulates into the ``.grad`` of the model's
+        # parameters, which an objective may read besides its argument
+        (grad,) = torch.autograd.grad(j, h, allow_unused=True)
+        if grad is None:
+            raise ValueError(
+                "the objective must be differentiable in the rescaled parameters it is given"
+            )
+        return j.detach(), grad
 
     h = torch.zeros(structure.num_generators, dtype=torch.float64, requires_grad=True)
     before = float(value(h.detach()))
@@ -89,45 +106,61 @@ def minimize_objective(
     )  # fmt: skip
 
     def closure() -> Tensor:
-        opt.zero_grad()
-        j = value(h)
-        j.backward()
+        j, h.grad = value_and_grad(h)
         return j
 
     if max_iter > 0 and structure.num_generators:
         opt.step(closure)
     iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
-    h, more, after, grad = _polish(value_and_grad, h.detach(), tol, max_iter - iterations)
-    converged = not grad.numel() or float(grad.abs().max()) <= tol
+    h, more, after, grad, pairs = _polish(value_and_grad, h.detach(), tol, max_iter - iterations)
+    converged = _settled(value_and_grad, h, grad, pairs, tol)
     return h, iterations + more, before, float(after), converged
 
 
-_ValueAndGrad = Callable[[Tensor], tuple[Tensor, Tensor]]
+def _settled(
+    value_and_grad: _ValueAndGrad, h: Tensor, g: Tensor, pairs: list[tuple[Tensor, Tensor]],
+    tol: float,
+) -> bool:  # fmt: skip
+    """Whether ``h`` (``[N]``) is a minimum to ``tol``: ``max |g_n| <= tol``, a positive
+    curvature along ``-g`` (one probe of length :data:`PROBE_STEP`, the newest curvature pair
+    after the finishing L-BFGS's ``pairs``), and the quasi-Newton step ``-H^-1 g`` of those
+    pairs moving no ``h_n`` by more than :data:`MOVE_TOL`. (torch's L-BFGS keeps no pair of
+    ``s.y <= 1e-10``, so its pairs can be stale where ``J`` flattens, and are not used.)"""
+    if not g.numel() or not bool(g.any()):
+        return True
+    if float(g.abs().max()) > tol:
+        return False
+    s = g * (-PROBE_STEP / float(g.abs().max()))
+    y = value_and_grad(h + s)[1] - g
+    if not float(s @ y) > 0:
+        return False
+    return float(_two_loop(g, [*pairs[1 - LBFGS_HISTORY :], (s, y)]).abs().max()) <= MOVE_TOL
 
 
 def _polish(
     value_and_grad: _ValueAndGrad, h: Tensor, tol: float, budget: int
-) -> tuple[Tensor, int, Tensor, Tensor]:
+) -> tuple[Tensor, int, Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     """L-BFGS from ``h`` (``[N]``) whose steps :func:`_approximate_wolfe` takes, until ``max
-    |dJ/dh_n| <= tol``, ``budget`` iterations or no step: ``(h, iterations, J(h), dJ/dh)``.
+    |dJ/dh_n| <= tol``, ``budget`` iterations or no step: ``(h, iterations, J(h), dJ/dh,
+    curvature pairs)``.
     torch's strong Wolfe search decides by values alone and stalls where the decrease a step
     promises (``|g|^2 / curvature``) is below ``J``'s rounding, though ``g`` is still exact."""
     j, g = value_and_grad(h)
     pairs: list[tuple[Tensor, Tensor]] = []
     for iteration in range(budget):
         if not g.numel() or float(g.abs().max()) <= tol:
-            return h, iteration, j, g
+            return h, iteration, j, g, pairs
         d = -_two_loop(g, pairs)  # without pairs -g, scaled as torch's first step
         d = d if pairs else d / max(1.0, float(g.abs().sum()))
         step = _approximate_wolfe(value_and_grad, h, d, j, g)
         if step is None:
-            return h, iteration, j, g
+            return h, iteration, j, g, pairs
         t, j_new, g_new = step
         s, y = t * d, g_new - g
         if float(s @ y) > 0:
             pairs = [*pairs[1 - LBFGS_HISTORY :], (s, y)]
         h, j, g = h + s, j_new, g_new
-    return h, budget, j, g
+    return h, budget, j, g, pairs
 
 
 def _two_loop(g: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
