@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix import kernels, zoo
-from gaugefix.action import optimizer_states, overflowing, provably_in_range, transport_targets
+from gaugefix.action import (
+    in_range_by_tensor,
+    optimizer_states,
+    overflowing,
+    provably_in_range,
+    transport_targets,
+)
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import ParamTerms, Term
 from test_kernels_audit import everything
@@ -547,7 +553,8 @@ def near_the_limit(draw) -> tuple:
 @given(setup=near_the_limit())
 def test_a_move_is_refused_or_stays_finite(setup, gpu):
     """Whatever the dtypes: ``apply_gauge_`` refuses ``h`` or leaves every moved tensor finite,
-    and ``provably_in_range`` never says "in range" where ``overflowing`` finds a reason."""
+    and ``provably_in_range`` never says "in range" where ``overflowing`` finds a reason, nor
+    does ``in_range_by_tensor``, which says it wherever ``provably_in_range`` does."""
     s, top, h, where = setup
     dtype = top.dtype
     model, opt = adam_vector(torch.stack([top, torch.ones((), dtype=dtype)]), where)
@@ -555,13 +562,15 @@ def test_a_move_is_refused_or_stays_finite(setup, gpu):
     targets = transport_targets(params, optimizer_states(opt, params))
     provable = provably_in_range(targets, h, s.most_terms())
     assert not provable or overflowing(targets, s, h) is None  # the cheap bound implies it
+    by_tensor = bool(in_range_by_tensor(targets, s, h))  # so does the float16 hook's, and
+    assert (not by_tensor or overflowing(targets, s, h) is None) and (by_tensor or not provable)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "gpu_layout", lambda device: gpu)
         try:
             gaugefix.apply_gauge_(model, s, h, opt)
         except ValueError as error:
             assert "overflow" in str(error) or "underflow" in str(error)
-            assert not provable
+            assert not provable and not by_tensor
             return
     for t, _ in targets["w"]:
         assert bool(torch.isfinite(t).all()), (where, dtype, h.dtype)

@@ -5,12 +5,14 @@ generator whose step is within a few of its dtype's roundings of 0 does not move
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 import gaugefix
 from gaugefix import GaugeFixing
+from gaugefix.action import optimizer_states, overflowing, transport_targets
 from gaugefix.masses import Masses
 from gaugefix.soft import DEAD_BAND, bounded_orbit_step, orbit_step
 from gaugefix.step import orbit_step_
@@ -91,17 +93,10 @@ def test_relax_leaves_generators_inside_the_band_alone():
     assert bool(((h == 0) & (mu != 0)).any())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gaugefix.soft.relax_unchecked_ checks a float16 step's range with the cheap bound "
-    "alone (2 * terms * max|h| against every tensor's largest entry): from the unbalanced "
-    "float16 MLP (largest entry 17) it refuses every orbit step at rate 5e-3, though relax_ "
-    "at that rate passes the exact check; a fallback to gaugefix.action.overflowing needs a "
-    "host read of the bound at every float16 step and a Python loop over the parameters",
-)
 def test_float16_orbit_steps_act_where_the_exact_range_check_passes():
     """Unbalanced float16, exact mode at rate 5e-3: ``relax_`` at the rate keeps every entry in
-    range, so the hook's orbit steps must act (not all be skipped)."""
+    range, so the hook's orbit steps must act (not all be skipped). The cheap bound alone
+    (``2 * terms * max|h|`` against every tensor's largest entry, 17) refused all 20."""
     model, _, structure = unbalanced(torch.float16)
     gaugefix.relax_(copy.deepcopy(model), structure, 5e-3)  # the exact check passes
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -109,6 +104,40 @@ def test_float16_orbit_steps_act_where_the_exact_range_check_passes():
     for _ in range(20):
         opt.step()
     assert hook.skipped < 20
+
+
+def test_a_float16_orbit_step_that_would_overflow_is_skipped():
+    """The unbalanced float16 MLP with SGD momentum, one buffer entry at ``65000`` where the
+    step divides by its smallest factor (``exp(-x)`` with ``x < -0.0078``: past ``65504``): the
+    exact check (``overflowing``) refuses the step, and the hook skips it, every parameter and
+    buffer bit-identical."""
+    model, _, structure = unbalanced(torch.float16)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    hook = GaugeFixing(opt, model, structure, 5.0, balance_at_start=False, every=1)
+    params = structure.bind(model)
+    h = orbit_step(params, structure, torch.tensor(5e-3, dtype=torch.float64))[0].detach()
+    lows = {name: exponents(structure, name, h) for name in params}
+    name = min(lows, key=lambda name: float(lows[name].amin()))
+    assert float(lows[name].amin()) < -2 * math.log(65504 / 65000)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    buffer = opt.state[params[name]]["momentum_buffer"]
+    buffer.view(-1)[int(lows[name].argmin())] = 65000.0
+    targets = transport_targets(params, optimizer_states(opt, params))
+    assert overflowing(targets, structure, h) is not None
+    before = [p.clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.step()
+    assert (hook.steps, hook.skipped) == (0, 1)
+    for p, q, b in zip(model.parameters(), before, buffers, strict=True):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], b)
+
+
+def exponents(structure, name, h):
+    """``sum_t sign_t h[slot_t(e)]`` for every entry of parameter ``name`` (float64)."""
+    hx = torch.cat([h, h.new_zeros(1)])
+    param = next(p for p in structure.plan("cpu") if p.name == name)
+    return sum(term.sign * hx[term.slots] for term in param.terms).expand(param.shape)
 
 
 def test_float32_steps_below_the_band_width_still_move():

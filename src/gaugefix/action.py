@@ -8,6 +8,7 @@ rounding and composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,14 @@ from gaugefix.distributed import (
     sharded,
 )
 from gaugefix.errors import check_number
-from gaugefix.kernels import Targets, applied_dtype, factor_dtype, finite_flag, rescale_
+from gaugefix.kernels import (
+    Targets,
+    applied_dtype,
+    factor_dtype,
+    finite_flag,
+    kernel_plan,
+    rescale_,
+)
 from gaugefix.moment import refuse_meta
 from gaugefix.structure import GaugeStructure
 
@@ -510,6 +518,101 @@ def in_range_bound(targets: Targets, h: Tensor, terms: int) -> Tensor:
     room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
     e = e.to(tops.device)
     return (e <= SAFE_EXPONENT) & (room.amin() > e)
+
+
+class RangeIndex(NamedTuple):
+    """Where the rows of a :class:`gaugefix.kernels.KernelPlan`'s ``terms`` (``[M, T]``) belong:
+    ``segments`` (``[M]``) numbers each row's parameter and slot shape (a segment: the slots of
+    that parameter's terms of that shape, every slot once), ``owners`` (``[S]``) the parameter of
+    each segment, by its place in the structure (``places``: name -> place)."""
+
+    segments: Tensor
+    owners: Tensor
+    places: dict[str, int]
+
+
+# The attribute of a structure that caches its range indices by device (as its kernel plans).
+_RANGE_ATTR = "_range_indices"
+
+
+class _Indices(dict):
+    """A structure's range indices by device: a cache, pickled (and deep-copied) empty."""
+
+    def __reduce__(self) -> tuple:
+        return _Indices, ()
+
+
+def range_index(structure: GaugeStructure, device: torch.device | str) -> RangeIndex:
+    """The :class:`RangeIndex` of ``structure``'s kernel plan on ``device`` (built once, then
+    cached on the structure)."""
+    device = torch.device(device)
+    per_device = getattr(structure, _RANGE_ATTR, None)
+    if per_device is None:
+        per_device = _Indices()
+        setattr(structure, _RANGE_ATTR, per_device)
+    if device not in per_device:
+        plan = kernel_plan(structure, device)
+        places = {name: k for k, name in enumerate(structure.params)}
+        owners, sizes = [], []
+        for group, shapes in zip(plan.groups, plan.shapes, strict=True):
+            for shape in shapes:  # [L, *slot_shape]: parameter l's rows follow its predecessors'
+                owners += [places[name] for name in group.names]
+                sizes += [math.prod(shape[1:])] * len(group.names)
+        owners_t = torch.tensor(owners, dtype=torch.long, device=device)
+        counts = torch.tensor(sizes, dtype=torch.long, device=device)
+        segments = torch.repeat_interleave(torch.arange(len(owners), device=device), counts)
+        per_device[device] = RangeIndex(segments, owners_t, places)
+    return per_device[device]
+
+
+def exponent_bounds(structure: GaugeStructure, h: Tensor) -> Tensor:
+    """``[P, 2]`` float64, per parameter of ``structure`` (in its order): ``U = sum_t max_e
+    max(sign_t h[slot_t(e)], 0)`` and ``D`` the same of ``-sign_t h``, sums over its terms of
+    their largest exponents, so that ``-D <= sum_t sign_t h[slot_t(e)] <= U`` for every entry
+    ``e`` (with ``h = 0`` on the dummy slot); an entry moved with power ``p`` then takes a
+    factor between ``exp(-|p| D)`` and ``exp(|p| U)`` for ``p > 0`` (``U`` and ``D`` swapped
+    for ``p < 0``), and so does every product of its terms' factors. The sums of
+    :func:`overflowing`, for every parameter at once: one gather over the plan's ``terms``, one
+    segment maximum and one segment sum, no host read."""
+    index = range_index(structure, h.device)
+    plan = kernel_plan(structure, h.device)
+    hx = torch.cat([h.to(torch.float64), h.new_zeros(1, dtype=torch.float64)])
+    x = hx[plan.terms] * plan.term_signs  # [M, T]: each term's exponent at each slot
+    x = torch.cat([x, -x], dim=-1)
+    width = plan.terms.shape[-1]
+    peaks = x.new_zeros(len(index.owners), 2 * width)  # from 0: the terms' maxima clamped at 0
+    peaks.scatter_reduce_(0, index.segments[:, None].expand_as(x), x, reduce="amax")
+    sides = peaks.view(-1, 2, width).sum(-1)  # [S, 2]
+    out = x.new_zeros(len(index.places), 2)
+    return out.index_add_(0, index.owners, sides)
+
+
+def in_range_by_tensor(targets: Targets, structure: GaugeStructure, h: Tensor) -> Tensor:
+    """A 0-dim bool tensor, without a host read: whether a per-tensor bound that implies
+    :func:`overflowing`'s proves that ``g(h)`` keeps every target in range. A tensor moved with
+    power ``p`` with its parameter (of ``structure``; others do not move) takes factors within
+    ``exp(-down)`` and ``exp(up)`` (:func:`exponent_bounds`): both ``<= SAFE_EXPONENT`` keeps
+    every factor and partial product normal in float32, and its largest entry times
+    ``exp(up)`` must stay below its dtype's largest number by ``RANGE_MARGIN`` (in log). Never
+    looser than :func:`in_range_bound` (``up, down <= 2 terms max|h|``): exact for a tensor's
+    largest entry where its terms vary along different dims and peak at it."""
+    places = range_index(structure, h.device).places
+    tensors, rows = [], []
+    for name, moved in targets.items():
+        place = places.get(name)
+        for t, power in moved if place is not None else ():
+            if t.numel():
+                tensors.append(t)
+                up, down = 2 * place + int(power < 0), 2 * place + int(power > 0)
+                rows.append((up, down, abs(power), _log_max(t.dtype) - RANGE_MARGIN))
+    if not tensors:
+        return torch.tensor(True, device=h.device)
+    bounds = exponent_bounds(structure, h).reshape(-1)
+    table = torch.tensor(rows, dtype=torch.float64, device=bounds.device)
+    exps = table[:, 2:3] * bounds[table[:, :2].long()]  # [K, 2]: up, down
+    tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(bounds.device, torch.float64)
+    room = table[:, 3] - tops.log()
+    return (exps.amax() <= SAFE_EXPONENT) & (room > exps[:, 0]).all()
 
 
 def random_gauge_(

@@ -12,7 +12,7 @@ at a gauge ``h``, for the solvers, are :mod:`gaugefix.masses`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from gaugefix.structure import GaugeStructure, PlannedParam
 
 __all__ = [
     "accumulation_dtype",
+    "accumulation_dtype_of",
     "FLOAT32_LOG_RATIO_CEIL",
     "FLOAT32_MU_NORM_FLOOR",
     "FLOAT32_SUM_FLOOR",
@@ -44,7 +45,11 @@ __all__ = [
 def accumulation_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
     """The dtype sums of squares of ``tensors`` accumulate in: float64 when any is float64 (a
     model mixing float16 and float64 layers too), else float32; float64 for none."""
-    dtypes = {t.dtype for t in tensors.values()}
+    return accumulation_dtype_of({t.dtype for t in tensors.values()})
+
+
+def accumulation_dtype_of(dtypes: Collection[torch.dtype]) -> torch.dtype:
+    """:func:`accumulation_dtype` of tensors of the given ``dtypes`` (a set, read once)."""
     return torch.float32 if dtypes and torch.float64 not in dtypes else torch.float64
 
 

@@ -12,7 +12,7 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from gaugefix.action import (
     check_finite_params,
     check_transport,
     gauge_params_,
-    in_range_bound,
+    in_range_by_tensor,
     move_,
     optimizer_states,
     transport_targets,
@@ -50,7 +50,7 @@ from gaugefix.kernels import (
     term_values,
 )
 from gaugefix.masses import Masses
-from gaugefix.moment import accumulation_dtype, imbalance
+from gaugefix.moment import accumulation_dtype, accumulation_dtype_of, imbalance
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import check_structure
 
@@ -394,14 +394,14 @@ def relax_unchecked_(
     the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate` (or a
     0-dim tensor, 0 where the step must not move). Unlike :func:`relax_` it moves generators
     acting on a parameter with ``requires_grad=False`` and checks the range of the moved
-    tensors only with ``check_range`` (float16 models: :func:`gaugefix.action.in_range_bound`,
-    the cheap bound alone), by which :class:`gaugefix.GaugeFixing` passes a structure
-    restricted to unfrozen generators. Returns ``(h, moved)``: the step and a 0-dim bool
-    tensor, false when a parameter has a NaN or infinite entry (found from the squared sums
-    the step needs anyway, which overflow for float32 entries above about ``1.8e19`` too) or,
-    with ``check_range``, when the bound does not prove the step in range, and then ``h = 0``:
-    nothing moves. Decided on the device: at most one host read (whether the cheap bound of
-    :func:`orbit_step` holds)."""
+    tensors only with ``check_range`` (float16 models: the per-tensor bound of
+    :func:`gaugefix.action.in_range_by_tensor`, on the device), by which
+    :class:`gaugefix.GaugeFixing` passes a structure restricted to unfrozen generators.
+    Returns ``(h, moved)``: the step and a 0-dim bool tensor, false when a parameter has a NaN
+    or infinite entry (found from the squared sums the step needs anyway, which overflow for
+    float32 entries above about ``1.8e19`` too) or, with ``check_range``, when the bound does
+    not prove the step in range, and then ``h = 0``: nothing moves. Decided on the device: at
+    most one host read (whether the cheap bound of :func:`orbit_step` holds)."""
     n = structure.num_generators
     if not params or n == 0:
         finite = torch.tensor(all_finite(list(params.values())))
@@ -422,11 +422,12 @@ def _in_range(
     h: Tensor,
     optimizer: torch.optim.Optimizer | None,
 ) -> Tensor:
-    """A 0-dim bool tensor: whether the cheap bound proves that ``g(h)`` keeps ``params`` and
-    what moves with them in range (``local``: their structure, this process's under FSDP2, where
+    """A 0-dim bool tensor: whether the per-tensor bound of
+    :func:`gaugefix.action.in_range_by_tensor` proves that ``g(h)`` keeps ``params`` and what
+    moves with them in range (``local``: their structure, this process's under FSDP2, where
     every process must agree: one all-reduce)."""
     targets = transport_targets(params, optimizer_states(optimizer, params))
-    fits = in_range_bound(targets, h, local.most_terms())
+    fits = in_range_by_tensor(targets, local, h)
     if sharded(params.values()):
         return on_every_process(fits, first_dtensor(list(params.values())))
     return fits
@@ -459,7 +460,8 @@ def orbit_step(
     n = structure.num_generators
     first = next(iter(tensors.values()))
     batch = tuple(first.shape[:batch_dims])
-    dtype = accumulation_dtype(tensors)
+    dtypes = {t.dtype for t in tensors.values()}  # the sums' dtype and the dead band's, one pass
+    dtype = accumulation_dtype_of(dtypes)
     s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims)
     s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
     finite = torch.isfinite(norm_sq)
@@ -478,7 +480,7 @@ def orbit_step(
         searched = searched & (bound > 0.5)
     h = torch.where(finite[..., None], h, 0.0)
     if not bool(searched.any()):
-        return _dead_band(h, tensors), finite
+        return _dead_band(h, dtypes), finite
     pick = torch.nonzero(searched.reshape(-1)).reshape(-1)
     stack = {
         name: t.detach().reshape(-1, *t.shape[batch_dims:])[pick] for name, t in tensors.items()
@@ -487,14 +489,14 @@ def orbit_step(
     found = bounded_orbit_step(Masses(stack, structure), rates)
     flat = h.reshape(-1, n).clone()
     flat[pick] = found
-    return _dead_band(flat.view(*batch, n), tensors), finite
+    return _dead_band(flat.view(*batch, n), dtypes), finite
 
 
-def _dead_band(h: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
+def _dead_band(h: Tensor, dtypes: Collection[torch.dtype]) -> Tensor:
     """``h`` (``[*batch, N]``) with every ``|h_n| <= DEAD_BAND * eps`` set to 0, ``eps`` the
-    resolution (``finfo.eps``) of the coarsest dtype of ``tensors`` where that is coarser than
-    float32's (``h`` itself otherwise): no host read."""
-    eps = max(torch.finfo(t.dtype).eps for t in tensors.values())
+    resolution (``finfo.eps``) of the coarsest of the parameters' ``dtypes`` where that is
+    coarser than float32's (``h`` itself otherwise): no host read."""
+    eps = max(torch.finfo(dtype).eps for dtype in dtypes)
     return h if eps <= BANDED_EPS else torch.where(h.abs() > DEAD_BAND * eps, h, 0.0)
 
 

@@ -213,10 +213,11 @@ class GaugeFixing:
     fixing acts on, or any gauged parameter after it (penalty mode: before it), that step's
     gauge fixing is skipped: nothing is added or moved (counted in ``skipped``; applied orbit
     steps or penalty gradients in ``steps``; a skipped orbit step's rate is dropped). With
-    float16 parameters an orbit step is also skipped unless a cheap bound (the largest entry of
-    each moved tensor times the largest factor, :func:`gaugefix.action.in_range_bound`) proves
-    that it keeps the parameters, their gradients and optimizer state below 65504: checked on
-    the device, one pass over those tensors. Steps it does not act on are not checked. A fused
+    float16 parameters an orbit step is also skipped unless a per-tensor bound (each moved
+    tensor's largest entry times the largest factor its generators give it,
+    :func:`gaugefix.action.in_range_by_tensor`) proves that it keeps the parameters, their
+    gradients and optimizer state below 65504: checked on the device, one pass over those
+    tensors. Steps it does not act on are not checked. A fused
     optimizer stepped by ``torch.amp.GradScaler`` gets
     its gradients still scaled (``optimizer.grad_scale``): the penalty's gradient is added
     scaled alike. With
@@ -472,8 +473,8 @@ class GaugeFixing:
     @property
     def skipped(self) -> int:
         """The steps whose gauge fixing was skipped (non-finite gradients or parameters; with
-        float16 parameters also an orbit step that a cheap bound does not prove to keep them, their
-        gradients and optimizer state in range)."""
+        float16 parameters also an orbit step that a per-tensor bound does not prove to keep
+        them, their gradients and optimizer state in range)."""
         return self._acted - self.steps
 
     # -- learning rates ---------------------------------------------------------------------------
