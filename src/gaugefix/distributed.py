@@ -322,6 +322,7 @@ class ShardStructure(GaugeStructure):
             structure.notes,
             structure.in_out,
             structure.aliases,
+            structure.module_types,
         )
         self.group = mesh.get_group()
         self._most_terms = structure.most_terms()
@@ -338,6 +339,7 @@ class ShardStructure(GaugeStructure):
             structure.notes,
             structure.in_out,
             structure.aliases,
+            structure.module_types,
         )
         check_same_structure(structure, self.group, first.device, error)
 

@@ -128,7 +128,9 @@ class GaugeStructure:
     ``aliases`` maps each parameter the model holds under several names (``ln2.bias =
     ln1.bias``, tied embeddings) from its name in ``param_order`` to its other names, in the
     order of ``named_parameters(remove_duplicate=False)`` (``None``: not recorded, for
-    structures saved before aliases were).
+    structures saved before aliases were); ``module_types`` maps each module's name (``""``:
+    the model itself) to its class's name (``None``: not recorded, for structures saved before
+    they were).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class GaugeStructure:
         notes: tuple[str, ...] = (),
         in_out: frozenset[str] = frozenset(),
         aliases: dict[str, tuple[str, ...]] | None = None,
+        module_types: dict[str, str] | None = None,
     ) -> None:
         self.num_generators = num_generators
         self.params = params
@@ -154,6 +157,7 @@ class GaugeStructure:
         self.notes = notes
         self.in_out = in_out
         self.aliases = aliases
+        self.module_types = module_types
         self._plans: dict[torch.device, list[PlannedParam]] = {}
 
     def __repr__(self) -> str:
@@ -168,8 +172,9 @@ class GaugeStructure:
         return {**self.__dict__, "_plans": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """A pickle of a version without ``aliases`` has them not recorded."""
-        self.__dict__.update({"aliases": None, **state})
+        """A pickle of a version without ``aliases`` or ``module_types`` has them not
+        recorded."""
+        self.__dict__.update({"aliases": None, "module_types": None, **state})
 
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
@@ -255,9 +260,11 @@ class GaugeStructure:
         that the structure acts on, checked against the structure's names and shapes (after
         ``batch_dims`` leading dims, for stacks of several copies); a model's parameter names
         must be those it was discovered with (a ``torch.compile`` wrapper is looked through,
-        as ``discover`` does). What a model computes is not checked: a structure
-        is exact for the model it was discovered on, not for another one with the same names
-        and shapes (a GELU where it had a ReLU). FSDP2-sharded (``DTensor``)
+        as ``discover`` does), and its modules must be those recorded, by name and class (a
+        subclass passes): an ``nn.Tanh`` where it had an ``nn.ReLU`` is refused. What the
+        forward computes beyond that is not checked: a structure is exact for the model it was
+        discovered on, not for another one with the same modules (``F.gelu`` where its forward
+        called ``F.relu``). FSDP2-sharded (``DTensor``)
         tensors are refused with one line unless ``sharded``: a caller passing it computes on
         this process's slices (:func:`gaugefix.distributed.local_view`)."""
         if isinstance(source, nn.Module):
@@ -287,6 +294,7 @@ class GaugeStructure:
         if isinstance(source, nn.Module):
             self._check_names(named)
             self._check_aliases(source)
+            self._check_module_types(source)
         if not sharded:
             from gaugefix.distributed import refuse_sharded
 
@@ -323,6 +331,27 @@ class GaugeStructure:
                 f"{[changed[0], *found.get(changed[0], ())]}, was "
                 f"{[changed[0], *self.aliases.get(changed[0], ())]}; a weight tied since?)"
             )
+
+    def _check_module_types(self, model: nn.Module) -> None:
+        """A model whose modules are not those recorded, by name and class (an ``nn.Tanh``
+        where the structure's model had an ``nn.ReLU``: the same parameters, another group), is
+        another model. A subclass of the recorded class passes (FSDP2's ``FSDPLinear``)."""
+        if self.module_types is None:
+            return
+        found = dict(model.named_modules())
+        if found.keys() != self.module_types.keys():
+            diff = sorted(found.keys() ^ self.module_types.keys())
+            raise ValueError(
+                "the structure does not match: the model's modules are not those it was "
+                f"discovered with ({diff[0]!r} is new or missing); discover its structure again"
+            )
+        for name, recorded in self.module_types.items():
+            if recorded not in (c.__name__ for c in type(found[name]).__mro__):
+                raise ValueError(
+                    f"the structure does not match: module {name!r} is a "
+                    f"{type(found[name]).__name__}, was a {recorded} (another function, another "
+                    "symmetry group); discover its structure again"
+                )
 
     def plan(self, device: torch.device | str) -> list[PlannedParam]:
         """The terms on ``device`` with ``-1`` replaced by the dummy slot ``num_generators``
@@ -433,6 +462,7 @@ class GaugeStructure:
             self.notes,
             self.in_out,
             self.aliases,
+            self.module_types,
         )
 
     # -- persistence ----------------------------------------------------------------------------
@@ -465,6 +495,8 @@ class GaugeStructure:
         }
         if self.aliases is not None:
             data["aliases"] = {name: list(other) for name, other in self.aliases.items()}
+        if self.module_types is not None:
+            data["module_types"] = dict(self.module_types)
         return data
 
     @classmethod
@@ -501,6 +533,7 @@ class GaugeStructure:
             tuple(_strings(data.get("notes", []), "notes")),
             frozenset(_strings(data.get("in_out", []), "in_out")),
             _read_aliases(data.get("aliases")),
+            _read_module_types(data.get("module_types")),
         )
 
     @classmethod
@@ -547,9 +580,9 @@ class GaugeStructure:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise ValueError(
-                f"{os.fspath(path)} is not a saved GaugeStructure (not JSON: {err})"
+                f"{os.fspath(path)} is not a saved GaugeStructure (not JSON: {first_line(err)})"
             ) from None
         try:
             return cls.from_dict(data)
@@ -735,6 +768,15 @@ def _read_aliases(aliases: Any) -> dict[str, tuple[str, ...]] | None:
     return {
         name: tuple(_strings(other, f"the aliases of {name!r}")) for name, other in aliases.items()
     }
+
+
+def _read_module_types(types: Any) -> dict[str, str] | None:
+    """Each module's class name (``None``: a file written before they were recorded)."""
+    if types is None:
+        return None
+    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
+        raise ValueError("module_types must map module names to class names")
+    return dict(types)
 
 
 def _read_layers(layers: Any, which: Any) -> list[str]:
@@ -976,8 +1018,19 @@ def compile_structure(
     node_reason = torch.where(fixed >= 0, fixed, reason[comp])
     exclusions = _exclusions(ctx, producers, comp, valid, node_reason, reasons, has_out)
     in_out = _stored_in_out(model) & params.keys()
+    types = {name: _class_name(module) for name, module in model.named_modules()}
     return GaugeStructure(
-        num, params, exclusions, layers, kinds, produced, names, notes, in_out, _aliases(model)
+        num,
+        params,
+        exclusions,
+        layers,
+        kinds,
+        produced,
+        names,
+        notes,
+        in_out,
+        _aliases(model),
+        types,
     )
 
 
@@ -991,6 +1044,18 @@ def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
         if key != name:
             other.setdefault(key, []).append(name)
     return {name: tuple(names) for name, names in other.items()}
+
+
+# Where FSDP2 defines the classes it swaps in for a sharded module's (``FSDPLinear``: a subclass
+# of ``FSDPModule`` and ``Linear``), which a structure does not record.
+SHARDING_CLASSES = "torch.distributed.fsdp"
+
+
+def _class_name(module: nn.Module) -> str:
+    """The name of ``module``'s class, FSDP2's sharded class looked through (``Linear`` for an
+    ``FSDPLinear``): a model sharded since, or before, has the same modules."""
+    sharded = (c.__module__.startswith(SHARDING_CLASSES) for c in type(module).__mro__)
+    return next(c for c, s in zip(type(module).__mro__, sharded, strict=True) if not s).__name__
 
 
 def _stored_in_out(model: nn.Module) -> frozenset[str]:

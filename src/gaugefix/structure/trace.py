@@ -92,6 +92,10 @@ class Registry:
 
     def add(self, target: Any, fn: Callable[..., Any]) -> None:
         rule = Rule(fn, _rule_signature(fn))
+        if isinstance(target, nn.Module):  # callable, yet a trace looks modules up by type
+            raise TypeError(
+                f"a rule for a module is for its type ({type(target).__name__}), not an instance"
+            )
         if isinstance(target, type) and issubclass(target, nn.Module):
             self.modules[target] = rule
         elif callable(target) or isinstance(target, str):
@@ -104,6 +108,12 @@ class Registry:
         if target not in table:
             raise KeyError(f"no rule registered for {target!r}")
         del table[target]
+
+    def copy(self) -> Registry:
+        """The rules registered now, apart from later registrations."""
+        out = Registry()
+        out.ops, out.modules = dict(self.ops), dict(self.modules)
+        return out
 
 
 def _rule_signature(fn: Callable[..., Any]) -> inspect.Signature:
@@ -1955,7 +1965,9 @@ def trace(
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise TypeError(f"rules must be (target, rule) pairs, got {pair!r}")
         per_call.add(*pair)
-    ctx = TraceContext(model, (per_call, USER, BUILTIN))
+    # The user's rules as they are when the trace starts: one (un)registered meanwhile, from
+    # another thread or a rule, does not apply to some of the trace's ops and not others.
+    ctx = TraceContext(model, (per_call, USER.copy(), BUILTIN))
     for p in ctx.params.values():  # a factor exp(h) cannot be stored in their entries
         if not p.is_floating_point():
             ctx.fix(p, f"an integer or bool parameter ({p.dtype}) cannot be rescaled")
