@@ -217,6 +217,48 @@ def test_embeddings_writing_a_residual_stream_are_smooth_layers():
     assert_exact(model, on(torch.randint(0, 11, (3, 8), generator=g)), groups)
 
 
+class Trigram(nn.Module):
+    """MobileBERT's trigram input: the embedded sequence shifted by -1, 0 and +1 concatenated
+    on channels, then projected. The structure scales the whole ``tok`` output by one factor
+    (a term of index shape ``(1, 1)``) against every column of ``proj``; ``embed``: ``tok`` is
+    an embedding of ids, else a ``Linear`` with bias of vectors."""
+
+    def __init__(self, embed: bool) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 4) if embed else nn.Linear(8, 4)
+        self.proj, self.head = nn.Linear(12, 6), nn.Linear(6, 11)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.tok(x)
+        ahead, behind = F.pad(x[:, 1:], [0, 0, 0, 1]), F.pad(x[:, :-1], [0, 0, 1, 0])
+        return self.head(F.relu(self.proj(torch.cat([ahead, x, behind], dim=2))))
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_one_factor_on_a_whole_tensor_is_a_group_with_every_channel_on_it(embed):
+    """Before, the whole-tensor generator gave no group (only ``proj -> head``)."""
+    model = perturbed(Trigram(embed))
+    g = torch.Generator().manual_seed(1)
+    if embed:
+        x, fresh = (torch.randint(0, 11, size, generator=g) for size in ((2, 5), (3, 8)))
+    else:
+        x, fresh = (torch.randn(*size, 8, generator=g, dtype=DTYPE) for size in ((2, 5), (3, 8)))
+    structure = gaugefix.discover(model, x)
+    groups = structure.scale_groups()
+    assert pairs(groups) == [("tok", ["proj"]), ("proj", ["head"])]
+    assert groups[0]["smooth_channels"] == {"tok": [0] * 4}
+    assert groups[0]["balance_channels"] == {"proj": [0] * 12}
+    assert_exact(model, on(fresh), groups)
+    scales = torch.tensor([1.7], dtype=DTYPE)
+    tool, gauge = copy.deepcopy(model), copy.deepcopy(model)
+    apply_from_json(tool, json.loads(json.dumps(groups[0])), scales)
+    h = torch.zeros(structure.num_generators, dtype=DTYPE)
+    h[groups[0]["generators"]] = -scales.log()
+    gaugefix.apply_gauge_(gauge, structure, h)
+    for (name, a), b in zip(tool.named_parameters(), gauge.parameters(), strict=True):
+        assert rel_change(a.detach(), b.detach()) <= TOL, name
+
+
 # -- Hugging Face families beyond the earlier files -----------------------------------------------
 COMMON = {"vocab_size": 40, "bos_token_id": 0, "eos_token_id": 0}
 LLAMA_LIKE = {
@@ -342,7 +384,8 @@ ZOO_GROUPS = {  # EXAMPLES name: the groups (smooth layer, balance layers)
     ],
     "densenet": [("convs.0", ["convs.1", "convs.2", "head"]), ("convs.1", ["convs.2", "head"]),
                  ("convs.2", ["head"])],
-    "transformer": [("norm2", ["ff1"]), ("ff1", ["ff2"])],  # norm1 feeds a GELU token mixer
+    # norm1 feeds a token mixer (mix1 reads its tokens): only one factor on its whole output
+    "transformer": [("norm1", ["mix1"]), ("norm2", ["ff1"]), ("ff1", ["ff2"])],
 }  # fmt: skip
 
 

@@ -8,7 +8,11 @@ the columns of a 2-D one, stored transposed as GPT-2's ``Conv1D`` and embeddings
 entry it divides lies on the input channels of the modules reading them (the columns of a
 ``weight`` of 2 or more dims; the rows of a 2-D one, ``Conv1D``) and not on channels those
 modules produce. With ``h_n = -log s_n`` it is the tools' transformation exactly. Generators
-with the same smooth and balance modules form one group. A 2-D weight counts only on the dims
+with the same smooth and balance modules form one group. A generator multiplying a whole tensor
+by one factor (a term of one entry, as on a word embedding read through shifted copies of
+itself) acts alike on every channel of the tensor: its group maps each channel to it. It is a
+group only where no other generator scales its smooth layer's output, as a tool gives each
+channel one scale. A 2-D weight counts only on the dims
 its module's type stores its channels on (``structure.in_out``: ``Conv1D`` and embeddings
 ``[in, out]``, every other module ``[out, in]``), as tools apply groups by module type: a weight
 read against its type (``x @ linear.weight``) leaves its groups out. Query-key and rotary pairs
@@ -83,7 +87,10 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
                 other[slots[~own[slots]] if scalable else slots] = True  # not its own channels
             elif scalable and not bool(own[slots].any()):
                 balance[module, slots] = True
-                columns.setdefault(modules[module], []).append(slots)
+                dim = 0 if in_out and len(param.shape) == 2 else 1
+                columns.setdefault(modules[module], []).append(
+                    _channel_slots(term.slots, param.shape[dim])
+                )
             else:
                 other[slots] = True
         if _tool_scaled(param.name):
@@ -110,10 +117,13 @@ def _output_map(param: PlannedParam, in_out: bool, n: int, found: list, other: T
         for t in param.terms
         if t.sign > 0 and _scalable(param.name, shape, t.slots.shape, True, in_out)
     ]
+    wholes = [t for t in terms if len(t) != shape[dim]]  # one factor on the whole tensor
+    terms = [t for t in terms if len(t) == shape[dim]]
     stacked = torch.stack([torch.full((shape[dim],), n), *terms])  # [1 + terms, channels]
     clash = (stacked < n).sum(0) > 1
     other[stacked[:, clash]] = True
-    gens = stacked.amin(0)
+    whole = torch.cat(wholes) if wholes else stacked.new_zeros(0)
+    gens = _with_whole(stacked.amin(0), whole, n, other)
     first = found[0] if found else gens
     if first.shape != gens.shape:
         other[first] = other[gens] = True
@@ -121,6 +131,25 @@ def _output_map(param: PlannedParam, in_out: bool, n: int, found: list, other: T
         differ = first != gens
         other[first[differ]] = other[gens[differ]] = True
     found.append(gens)
+
+
+def _with_whole(gens: Tensor, wholes: Tensor, n: int, other: Tensor) -> Tensor:
+    """The generator of each output channel (``gens``, ``[channels]``; ``n``: none), with the
+    generators ``wholes`` multiplying the whole tensor by one factor: one such generator on a
+    tensor no other generator scales is that of every channel; any other is marked ``other``
+    (a channel would carry two factors)."""
+    wholes = wholes[wholes < n]
+    if len(wholes) == 1 and not bool((gens < n).any()):
+        return wholes.expand(len(gens)).clone()
+    other[wholes] = True
+    return gens
+
+
+def _channel_slots(slots: Tensor, channels: int) -> Tensor:
+    """The generator slot of each of ``channels`` channels of a term (``slots``, spanning them,
+    or one slot for the whole tensor)."""
+    flat = slots.reshape(-1)
+    return flat.expand(channels).clone() if flat.numel() == 1 else flat
 
 
 def _channels_of(structure: GaugeStructure, name: str) -> bool:
@@ -140,7 +169,8 @@ def _scalable(
     """Whether a term (index shape ``index``) of parameter ``name`` lies on the output
     (``out``) or input channels a tool scales by module name: a gain, a bias or a ``weight``'s
     rows (out), a ``weight``'s columns (in); for a 2-D ``weight`` the other way round where its
-    module stores it ``[in, out]`` (``in_out``); the term spans that whole dim and no other."""
+    module stores it ``[in, out]`` (``in_out``); the term spans that whole dim and no other, or
+    is one factor on the whole tensor (every channel scaled alike)."""
     module, _, leaf = name.rpartition(".")
     vector = len(shape) == 1  # a gain or a bias: output channels only
     if not module or not shape or leaf not in SCALED_LEAVES or (vector and not out):
@@ -148,6 +178,8 @@ def _scalable(
     if leaf == "bias" and not vector:
         return False
     dims = ([1] if out else [0]) if in_out and len(shape) == 2 else [0] if out else [1]
+    if all(k == 1 for k in index):
+        return True
     return any(
         index[d] == shape[d] and all(k == 1 for i, k in enumerate(index) if i != d) for d in dims
     )
@@ -160,7 +192,8 @@ def scale_groups(structure: GaugeStructure) -> list[dict[str, Any]]:
     modules whose input channels are multiplied), ``kind`` (the generators' kind),
     ``generators`` (their indices in the structure), and ``smooth_channels`` /
     ``balance_channels``: per module, for each output / input channel, the position in
-    ``generators`` of the generator that scales it (``-1``: none of this group). Raises
+    ``generators`` of the generator that scales it (``-1``: none of this group; a generator
+    scaling a whole tensor by one factor is named on each of its channels). Raises
     ``ValueError`` for a structure whose traced path left parameters unused."""
     _refuse_unused(structure)
     modules, smooth, balance, other, columns, maps = _sides(structure)
