@@ -175,6 +175,11 @@ KEPT = {  # name: (f, generators)
     "maximum(h, zeros(B, 6))": (lambda m, h, g, x: torch.maximum(h, torch.zeros(_b(x), 6)), 6),
     "h.roll(h.shape[1] // 2, 1)": (lambda m, h, g, x: R(h).roll(h.shape[1] // 2, 1), HIDDEN),
     "leaky_relu(h, B - 5)": (lambda m, h, g, x: F.leaky_relu(h, _b(x) - BATCH), HIDDEN),
+    "h[arange(B)]": (lambda m, h, g, x: R(h)[torch.arange(_b(x))], HIDDEN),
+    "h[:, arange(6).repeat(B)[:6]]": (
+        lambda m, h, g, x: R(h)[:, torch.arange(HIDDEN).repeat(_b(x))[:HIDDEN]],
+        HIDDEN,
+    ),
 }
 
 
@@ -203,13 +208,46 @@ def test_a_size_the_forward_stores_on_a_module_is_a_plain_int_after_discovery():
     assert type(model.length) is float and model.length == BATCH / 2
 
 
-# Not caught (docs/generators.md): index tensors built from a size, and a float on the left of
-# a marked int (``float.__mul__`` runs first and returns a plain float).
-NOT_CAUGHT = {
-    "h[:, (arange(6) + B) % 6]": (
-        lambda m, h, g, x: R(h)[:, (torch.arange(HIDDEN) + _b(x)) % HIDDEN],
-        BATCH,
+def _shift(x: Tensor) -> Tensor:
+    """Channel indices ``(arange(6) + B) % 6``: a rotation by the batch size."""
+    return (torch.arange(HIDDEN) + _b(x)) % HIDDEN
+
+
+def _scattered(x: Tensor, h: Tensor) -> Tensor:
+    """A fresh ``[B, 6]`` with ``relu(h)`` written into the columns :func:`_shift` gives."""
+    t = torch.zeros(_b(x), HIDDEN, dtype=h.dtype)
+    t[:, _shift(x)] = R(h)
+    return t
+
+
+# Index tensors whose values are computed from a size: they pick other channels for another
+# batch size, so the channels they pick from are one.
+INDEXED_BY_THE_SIZE = {
+    "h[:, (arange(6) + B) % 6]": lambda m, h, g, x: R(h)[:, _shift(x)],
+    "h.index_select(1, shift)": lambda m, h, g, x: R(h).index_select(1, _shift(x)),
+    "h.gather(1, shift)": lambda m, h, g, x: R(h).gather(1, _shift(x).expand(_b(x), HIDDEN)),
+    "take_along_dim(h, shift, 1)": lambda m, h, g, x: torch.take_along_dim(
+        R(h), _shift(x)[None], 1
     ),
+    "h[:, tensor([B - 5, 1, 2])]": lambda m, h, g, x: R(h)[:, torch.tensor([_b(x) - BATCH, 1, 2])],
+    "h[:, full((3,), B - 5)]": lambda m, h, g, x: R(h)[:, torch.full((3,), _b(x) - BATCH)],
+    "zeros.index_add(1, shift, h)": lambda m, h, g, x: torch.zeros_like(h).index_add(
+        1, _shift(x), R(h)
+    ),
+    "t[:, shift] = h": lambda m, h, g, x: _scattered(x, h),
+}
+
+
+@pytest.mark.parametrize("batch", [2, BATCH])
+@pytest.mark.parametrize("f", list(INDEXED_BY_THE_SIZE.values()), ids=list(INDEXED_BY_THE_SIZE))
+def test_index_tensors_computed_from_the_size_are_exact_on_other_batch_sizes(f, batch):
+    s, change = gauged(f, batch)
+    assert change <= TOL, s.summary()
+
+
+# Not caught (docs/generators.md): a float on the left of a marked int (``float.__mul__`` runs
+# first and returns a plain float).
+NOT_CAUGHT = {
     "h + 0.5 * (B - 5)": (lambda m, h, g, x: h + 0.5 * (_b(x) - BATCH), BATCH),
 }
 

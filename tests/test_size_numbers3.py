@@ -78,10 +78,37 @@ def test_a_plain_number_equal_to_the_batch_at_the_example_is_not_caught(f, batch
     assert change <= TOL, s.summary()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="marked sizes given as a shape")
-def test_a_reshape_given_the_batch_as_a_marked_size_is_not_caught():
-    s, change = gauged(lambda m, h, g, x: R(h).reshape(6, _b(x)).T, 2)
+# The same reshapes with the batch given as a size read from the input, not through -1.
+GIVEN = {
+    "reshape(6, B).T": lambda m, h, g, x: R(h).reshape(6, _b(x)).T,
+    "view(6, B).T": lambda m, h, g, x: R(h).view(6, _b(x)).T,
+    "torch.reshape(h, (6, B)).T": lambda m, h, g, x: torch.reshape(R(h), (6, _b(x))).T,
+    "reshape(3, 2 B).T, back": lambda m, h, g, x: R(h).reshape(3, 2 * _b(x)).T.reshape(_b(x), -1),
+}
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("f", list(GIVEN.values()), ids=list(GIVEN))
+def test_a_reshape_given_the_batch_as_a_marked_size_is_exact(f, batch):
+    s, change = gauged(f, batch)
     assert change <= TOL, s.summary()
+
+
+# Shapes given as sizes that keep the batch apart from the channels: the 6 units stay.
+GIVEN_KEPT = {
+    "view(B, 2, 3), back": lambda m, h, g, x: R(h).view(_b(x), 2, 3).reshape(_b(x), HIDDEN),
+    "reshape(B * 6), view(B, 6)": lambda m, h, g, x: R(h).reshape(_b(x) * HIDDEN).view(_b(x), 6),
+    "reshape(2 B, 3), back": lambda m, h, g, x: R(h).reshape(2 * _b(x), 3).reshape(_b(x), 6),
+    "view(1, B, 6)[0]": lambda m, h, g, x: R(h).view(1, _b(x), HIDDEN)[0],
+}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("f", list(GIVEN_KEPT.values()), ids=list(GIVEN_KEPT))
+def test_a_shape_given_as_sizes_that_keeps_the_batch_apart_keeps_the_generators(f, batch):
+    s, change = gauged(f, batch)
+    assert change <= TOL, s.summary()
+    assert s.num_generators == HIDDEN, s.summary()
 
 
 # Reshapes whose -1 keeps the batch apart from the channels: the 6 units of h stay.

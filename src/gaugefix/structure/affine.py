@@ -301,7 +301,7 @@ def _grouped_mm(
     groups = torch.bucketize(torch.arange(mat_a.shape[0]), offs.long().cpu(), right=True)
     if bool((groups >= mat_b.shape[0]).any()):  # rows past the last offset are left unwritten
         return ctx.block_all((mat_a, mat_b), {}, ctx.reason("grouped_mm with rows past offs"))
-    weights = ctx.gathered(mat_b, groups, offs if ctx.is_tainted(offs) else None)
+    weights = ctx.gathered(mat_b, groups, offs if ctx.picks_by_data(offs) else None)
     return einsum_with_parameter(ctx, "sk,skn->sn", mat_a, weights)
 
 

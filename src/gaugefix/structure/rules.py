@@ -35,6 +35,7 @@ from gaugefix.structure.trace import (
     PLACED_BY_NUMBERS,
     UNCHANGED,
     ZERO,
+    SizedInt,
     Sum,
     TraceContext,
     _is_index,
@@ -477,7 +478,7 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         return ctx.func(replaced, *rest, **options)
     if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
         index = torch.as_tensor(rest[0])
-        by_data = ctx.is_tainted(index) or from_size(rest[0])
+        by_data = ctx.picks_by_data(index) or from_size(rest[0])
         ctx.gathered(first, index, index if by_data else None, view=out)
         return None
     if ctx.is_param(first) and _size_placed_dims(ctx, first, rest, options):
@@ -542,9 +543,10 @@ register_all(funcs("view_as_real", modules=(torch,)), _view_as_real)
 
 def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) -> list[int]:
     """The dims of ``x`` along which integer or boolean tensor arguments whose values depend on
-    the data pick entries (``x[:, order]``, ``x.narrow(1, start, n)``): those of each such
+    the data or on a size pick entries (``x[:, order]``, ``x.narrow(1, start, n)``, ``x[:,
+    (arange(6) + B) % 6]``): those of each such
     index of ``x[...]``, every dim for other ops (and for an index the parse cannot place)."""
-    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and ctx.is_tainted(t)]
+    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and ctx.picks_by_data(t)]
     if not data:
         return []
     if not ctx.op.endswith("__getitem__") or len(rest) != 1:
@@ -614,21 +616,21 @@ def _boundaries(sizes: list[int | _Monomial]) -> list[_Monomial]:
 
 
 def _reshape_spec(rest: tuple, options: dict) -> tuple | None:
-    """The shape a ``view``/``reshape`` asks for, when given as ints (else None)."""
+    """The shape a ``view``/``reshape`` asks for, when given as ints, plain or computed from
+    sizes (else None)."""
     spec = options.get("shape", options.get("size", rest[0] if len(rest) == 1 else rest))
     spec = (spec,) if isinstance(spec, int) else spec
     if not isinstance(spec, (tuple, list)):
         return None
-    return tuple(spec) if all(type(n) is int for n in spec) else None
+    return tuple(spec) if all(type(n) in (int, SizedInt) for n in spec) else None
 
 
 def _mixed_by_inferred_size(
     ctx: TraceContext, x: Tensor, terms: Sum, rest: tuple, options: dict
 ) -> list[int]:
-    """The dims of ``x`` whose labels a ``view``/``reshape`` whose ``-1`` absorbs a size (the
-    other sizes plain numbers, see :func:`_aligned`) mixes with that size: for an input of
-    another size it places other channels there (``[B, 6] -> [6, B]``), so the labels along
-    them must be one.
+    """The dims of ``x`` whose labels a ``view``/``reshape`` whose ``-1`` or sizes computed
+    from sizes (see :func:`_aligned`) mix with a size: for an input of another size it places
+    other channels there (``[B, 6] -> [6, B]``), so the labels along them must be one.
 
     Dims along which the labels are constant may change size (symbols); the others hold a fixed
     number of channels. Boundaries that are the same product of sizes on both sides cut the
@@ -636,48 +638,93 @@ def _mixed_by_inferred_size(
     symbols outside ``C`` channels, the output's strides within it being fixed numbers or
     multiples of ``C`` (channel ``= offset mod C``, whatever the sizes). A flatten of the
     trailing dims after one or more kept leading ones is left to what ``torch.flatten`` of
-    them gets."""
+    them gets, and so are channels outside a symbol when the shape holds sizes (the unfolding
+    of patches, ``[B, C, H, W] -> [B C H / 2, 2, W / 2, 2]``); a shape the rule cannot read
+    (sizes computed from sizes, apart) is left as a shape given by numbers."""
     spec = _reshape_spec(rest, options)
-    if ctx.op.rsplit(".", 1)[-1] not in ("view", "reshape") or spec is None or spec.count(-1) != 1:
+    if ctx.op.rsplit(".", 1)[-1] not in ("view", "reshape") or spec is None or 0 in spec:
+        return []
+    marked = [from_size(n) for n in spec]
+    if spec.count(-1) > 1 or (-1 not in spec and not any(marked)):
         return []
     varying = {d for nodes, _ in terms for d, n in enumerate(compact(nodes).shape) if n > 1}
     sizes = [n if d in varying or (n == 1 and not ctx._ones_in_inputs) else
              (Fraction(1), frozenset([d])) for d, n in enumerate(x.shape)]  # fmt: skip
-    if 0 in spec or len(varying) == x.dim():
+    if len(varying) == x.dim():
         return []
-    if len(spec) > 1 and spec[-1] == -1 and spec[:-1] == tuple(x.shape[: len(spec) - 1]):
-        return []  # x.view(x.shape[0], -1): judged as torch.flatten(x, 1) is
+    kept = len(spec) - 1
+    if kept and spec[-1] == -1 and spec[:-1] == tuple(x.shape[:kept]):
+        if not any(marked[d] and d in varying for d in range(kept)):
+            return []  # x.view(x.shape[0], -1): judged as torch.flatten(x, 1) is
     before = _boundaries(sizes)
-    after = _boundaries(_aligned(spec, x.shape, sizes, before[-1]))
+    read = _aligned(spec, marked, x.shape, sizes, before[-1])
+    if read is not None and not read[0]:
+        return []
+    after = _boundaries(read[0]) if read is not None else []
     cuts = set(before) & set(after)
+    if read is None or (read[1] is not None and not _symbols_only(before, after, cuts, read[1])):
+        return []  # not read: left as a shape given by numbers
     low_in, low_out = _lowest_cuts(before, cuts), _lowest_cuts(after, cuts)
     inner_first = list(reversed(range(x.dim())))
     mixed = []
     for low in set(low_in):
         group = [d for d, at in zip(inner_first, low_in, strict=True) if at == low]
         strides = [b for b, at in zip(after, low_out, strict=False) if at == low]
-        if not _keeps_channels(low, [sizes[d] for d in group], strides):
+        if not _keeps_channels(low, [sizes[d] for d in group], strides, any(marked)):
             mixed += [d for d in group if d in varying]
     return mixed
 
 
 def _aligned(
-    spec: tuple, shape: torch.Size, sizes: list[int | _Monomial], numel: _Monomial
-) -> list[int | _Monomial]:
-    """The sizes ``spec`` asks for, those that repeat the input's first or last sizes in place
-    (``view(*x.shape[:-1], -1, 4)`` with sizes read as plain numbers) taken as those sizes, and
-    its ``-1`` as ``numel`` over the product of the others."""
+    spec: tuple, marked: list[bool], shape: torch.Size, sizes: list[int | _Monomial],
+    numel: _Monomial,
+) -> tuple[list[int | _Monomial], int | None] | None:  # fmt: skip
+    """The sizes ``spec`` asks for (``marked``: those computed from sizes), and the place
+    (innermost first) of an entry that stands for several of them; None when they cannot be
+    read. Those that repeat the input's first or last sizes in place (``view(*x.shape[:-1],
+    -1, 4)``, with sizes read as plain numbers) are taken as those sizes, a marked one only in
+    the place of a symbol. The others computed from sizes, and the ``-1``, must be adjacent:
+    they are taken as one size, ``numel`` over the product of the rest (a whole number of
+    channels when some are marked). No sizes (``[]``) when there are none: the marked ones are
+    the input's own, kept in place, the rest plain."""
     out: list[int | _Monomial] = list(spec)
+
+    def same(k: int) -> bool:  # spec[k] is the input's size in place
+        return spec[k] == shape[k] != -1 and (not marked[k] or isinstance(sizes[k], tuple))
+
+    places = min(len(spec), len(shape))
     lead = 0
-    while lead < min(len(spec), len(shape)) and spec[lead] == shape[lead] != -1:
+    while lead < places and same(lead):
         out[lead], lead = sizes[lead], lead + 1
     trail = 1
-    while trail <= min(len(spec), len(shape)) - lead and spec[-trail] == shape[-trail] != -1:
+    while trail <= places - lead and same(-trail):
         out[-trail], trail = sizes[-trail], trail + 1
+    unknown = [k for k in range(lead, len(spec) - trail + 1) if spec[k] == -1 or marked[k]]
     given = (Fraction(1), frozenset())
-    for n in out:
-        given = given if n == -1 else _times(given, n)
-    return [(numel[0] / given[0], numel[1] - given[1]) if n == -1 else n for n in out]
+    for k, n in enumerate(out):
+        given = given if k in unknown else _times(given, n)
+    if not unknown:  # the rest plain numbers: a fixed arrangement
+        return [], None
+    rest = (numel[0] / given[0], numel[1] - given[1])
+    if unknown[-1] - unknown[0] + 1 != len(unknown) or not given[1] <= numel[1]:
+        return None
+    if any(marked) and rest[0].denominator != 1:
+        return None  # a plain number stands for a size (``view(B, 7, -1, 6)``, 7 a length)
+    out[unknown[0] : unknown[-1] + 1] = [rest]
+    return out, (len(out) - 1 - unknown[0] if len(unknown) > 1 else None)
+
+
+def _symbols_only(
+    before: list[_Monomial], after: list[_Monomial], cuts: set[_Monomial], place: int
+) -> bool:
+    """Whether the output size at ``place`` (innermost first) that stands for several given
+    sizes spans whole input dims that hold only symbols (``[B T, C] -> [B, T, C]``): any split
+    of it then keeps the channels where they are."""
+    low, high = after[place], after[place + 1]
+    if low not in cuts or high not in cuts:
+        return False
+    first, last = before.index(low), len(before) - 1 - before[::-1].index(high)
+    return all(before[k + 1][0] == before[k][0] for k in range(first, last))
 
 
 def _lowest_cuts(bounds: list[_Monomial], cuts: set[_Monomial]) -> list[_Monomial]:
@@ -690,14 +737,19 @@ def _lowest_cuts(bounds: list[_Monomial], cuts: set[_Monomial]) -> list[_Monomia
     return out
 
 
-def _keeps_channels(low: _Monomial, sizes: list[int | _Monomial], strides: list[_Monomial]) -> bool:
+def _keeps_channels(
+    low: _Monomial, sizes: list[int | _Monomial], strides: list[_Monomial], flat: bool = False
+) -> bool:
     """Whether a group of a reshape (input ``sizes`` innermost first, output ``strides``, from
-    the cut ``low``) places the same channels at every output index whatever the symbols."""
+    the cut ``low``) places the same channels at every output index whatever the symbols.
+    ``flat``: channels outside a symbol are left to what ``torch.flatten`` of them gets (they
+    move along an output dim whose size holds the symbol); only output strides that hold a
+    symbol and are no multiple of the channels mix them."""
     channels = math.prod(n for n in sizes if not isinstance(n, tuple))
     symbols = [k for k, n in enumerate(sizes) if isinstance(n, tuple)]
     if channels == 1 or not symbols:
         return True
-    if any(not isinstance(n, tuple) and n > 1 for n in sizes[symbols[0] :]):
+    if not flat and any(not isinstance(n, tuple) and n > 1 for n in sizes[symbols[0] :]):
         return False  # channels outside a symbol: their stride changes with it
     return all(
         not stride[1] - low[1] or (stride[0] / low[0] / channels).denominator == 1
@@ -885,7 +937,7 @@ def _written_along(
     labels of each are united along it."""
     labels = ctx.labels(input).expand(input.shape)
     written = ctx.labels(source).expand(source.shape)
-    if ctx.is_tainted(index):
+    if ctx.picks_by_data(index):
         labels = ctx.unite(labels, [dim]).expand(input.shape)
         written = ctx.unite(written, [dim]).expand(source.shape)
     return labels, written
@@ -963,7 +1015,7 @@ def _overwrite(
     indices = [t for t in nested_tensors(rest[:-1]) if _is_index(t)]
     for t in indices:
         ctx.claim(t)
-    by_data = any(ctx.is_tainted(t) for t in indices) or from_size(rest[:-1])
+    by_data = any(ctx.picks_by_data(t) for t in indices) or from_size(rest[:-1])
     if not by_data and ctx.overwrite(dst, region, labels):
         return UNCHANGED
     return ctx.block_all(

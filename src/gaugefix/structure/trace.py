@@ -497,6 +497,9 @@ class TraceContext:
         # Whether an input of the example has a dim of size 1 (a batch or a sequence of 1?).
         self._ones_in_inputs = False
         self._random: dict[int, Tensor] = {}
+        # Tensors whose values were computed from a number computed from a size (``(arange(6)
+        # + B) % 6``): an index among them picks other entries for another input.
+        self._sized: dict[int, Tensor] = {}
         self._shaped: dict[int, Tensor] = {}
         # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
         # views of them): id -> (tensor, its placement then, the memory of every zero it was
@@ -621,6 +624,11 @@ class TraceContext:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
         inputs or parameters, or on a random draw."""
         return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
+
+    def picks_by_data(self, t: Tensor) -> bool:
+        """Whether the index ``t`` may pick other entries for another input: it is tainted (see
+        :meth:`is_tainted`), or its values were computed from a size."""
+        return self.is_tainted(t) or self._sized.get(id(t)) is t
 
     def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
         """``out``, sizes of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
@@ -968,7 +976,7 @@ class TraceContext:
             for o in views:
                 if o.element_size() != fresh.element_size or o.dtype != t.dtype:
                     fresh.read.fill_(True)
-                placed = any(_is_index(i) and self.is_tainted(i) for i in tensors)
+                placed = any(_is_index(i) and self.picks_by_data(i) for i in tensors)
                 placed = placed or (
                     self.op.rsplit(".", 1)[-1] in PLACED_BY_NUMBERS and from_size(numbers)
                 )
@@ -1477,6 +1485,11 @@ PLACED_BY_NUMBERS = {
     "roll", "narrow", "select", "__getitem__", "split", "tensor_split", "chunk",
     "repeat_interleave",
 }  # fmt: skip
+# Ops whose numbers give only a shape: the values they make from a size do not depend on it.
+_SIZED_SHAPES = {
+    "zeros", "ones", "empty", "new_zeros", "new_ones", "new_empty", "expand", "broadcast_to",
+    "repeat", "tile",
+}  # fmt: skip
 # Ops whose output's shape depends on their input's values.
 _DATA_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
 # Ops writing into (or out of place, shaped like) their first argument: a data-dependent shape
@@ -1524,6 +1537,21 @@ def _reads_value(short: str, out: Any) -> bool:
     flags of ``is_*`` properties (``x.is_cpu``)."""
     number = isinstance(out, (bool, int, float, complex))
     return number and not short.startswith(("is_", "_is_", "has_"))
+
+
+def _valued_by_size(short: str, args: tuple, kwargs: dict) -> bool:
+    """Whether an op makes values from a number computed from a size (``arange(6) + B``,
+    ``tensor([B - 5])``, ``full(..., B)``), not only a shape or a length: ``zeros(B)``,
+    ``expand(B, 6)``, ``repeat(B)`` and ``arange(B)`` hold the same values at the same places
+    for every ``B``."""
+    if short in _SIZED_SHAPES:
+        return False
+    if short in ("full", "new_full"):
+        return from_size(kwargs.get("fill_value", args[-1] if args else None))
+    if short == "arange":
+        values = (args[0], args[2:]) if len(args) > 1 else ()
+        return from_size((values, kwargs.get("start"), kwargs.get("step")))
+    return from_size((args, kwargs))
 
 
 def _data_shaped(
@@ -1614,7 +1642,7 @@ class _Tracer(TorchFunctionMode):
         if short not in _SHAPE_ONLY and short not in _ALLOCATIONS:
             ctx.note_reads(tensors, out, written, (args, kwargs))
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
-        self._mark(short, args, tensors, out, tainted)
+        self._mark(short, (args, kwargs), tensors, out, tainted)
         if short in _VALUE_READS or _reads_value(short, out):
             if short in _ESCAPES:
                 for t in tensors:
@@ -1676,13 +1704,16 @@ class _Tracer(TorchFunctionMode):
             self.ctx.mark_fresh(out)
 
     def _mark(
-        self, short: str, args: tuple, tensors: list[Tensor], out: Any, tainted: bool
+        self, short: str, call: tuple, tensors: list[Tensor], out: Any, tainted: bool
     ) -> None:
-        """Record the outputs whose values depend on the inputs or weights, are random, or
-        have a shape that depends on values."""
-        ctx = self.ctx
+        """Record the outputs whose values depend on the inputs or weights, are random, were
+        computed from a size, or have a shape that depends on values. ``call``: the op's
+        ``(args, kwargs)``."""
+        ctx, args = self.ctx, call[0]
         marks = [(ctx._tainted, tainted)]
         marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
+        sized = any(ctx._sized.get(id(t)) is t for t in tensors)
+        marks.append((ctx._sized, sized or _valued_by_size(short, *call)))
         marks.append((ctx._shaped, _data_shaped(ctx, short, args, tensors, out)))
         for table, on in marks:
             if on:
