@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 
 __all__ = ["GaugefixError", "check_count", "check_number", "first_line"]
 
@@ -22,7 +23,7 @@ def check_number(value: object, name: str, minimum: float = 0.0, *, strict: bool
     x = float(value) if ok else math.nan  # type: ignore[arg-type]
     if not math.isfinite(x) or x < minimum or (strict and x == minimum):
         bound = f"{'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {bound}, got {shown(value)}")
     return x
 
 
@@ -31,8 +32,17 @@ def check_count(value: object, name: str, minimum: int = 1) -> int:
     bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
+        raise ValueError(f"{name} must be {bound}, got {shown(value)}")
     return value
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, or for a value nested too deeply for it (a corrupted state read from a
+    file) its first levels (``reprlib``)."""
+    try:
+        return repr(value)
+    except RecursionError:
+        return reprlib.repr(value)
 
 
 def first_line(err: BaseException) -> str:

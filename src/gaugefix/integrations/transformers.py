@@ -54,8 +54,14 @@ def encode_structure(structure: GaugeStructure) -> str:
 
 
 def decode_structure(text: str) -> GaugeStructure:
-    """The structure :func:`encode_structure` wrote."""
-    return GaugeStructure.from_dict(json.loads(zlib.decompress(base64.b64decode(text))))
+    """The structure :func:`encode_structure` wrote; ``ValueError`` for JSON nested too deeply
+    to parse (``encode_structure`` writes a few levels)."""
+    raw = zlib.decompress(base64.b64decode(text))
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError("not an encoded GaugeStructure (JSON nested too deeply)") from None
+    return GaugeStructure.from_dict(data)
 
 
 class GaugeFixingCallback(TrainerCallback):

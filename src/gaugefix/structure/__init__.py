@@ -63,7 +63,11 @@ def discover(
     precedence over globally registered and built-in rules.
 
     A model with a parameter or buffer on the ``meta`` device is refused (``ValueError``): the
-    trace reads values and memory (which tensors share it), which meta tensors lack.
+    trace reads values and memory (which tensors share it), which meta tensors lack. So is a
+    model sharded with FSDP2's ``fully_shard`` or holding a ``DTensor``
+    (:class:`~gaugefix.distributed.ShardingError`): the trace follows whole parameters, and
+    each process holds slices. Discover on the unsharded model, then shard it; the structure
+    binds the sharded model (the parameter names do not change).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover expects an nn.Module, got {type(model).__name__}")
@@ -73,6 +77,7 @@ def discover(
         raise TypeError(f"rules must be a list of (target, rule) pairs, got {type(rules).__name__}")
     model = unwrap_model(model)  # DDP, DataParallel, torch.compile: the model they wrap
     _refuse_meta(model)
+    _refuse_sharded(model)
     ctx = trace(model, example_inputs, example_kwargs, allow_value_dependent, rules)
     return compile_structure(model, ctx, _notes(ctx))
 
@@ -89,6 +94,26 @@ def _refuse_meta(model: nn.Module) -> None:
                     "reads values and memory: discover on the materialized model "
                     "(model.to_empty(device=...) and load or initialize its weights)"
                 )
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """:class:`~gaugefix.distributed.ShardingError` for a model using ``fully_shard`` or
+    holding a ``DTensor`` (naming the first): the trace follows whole parameters, and the
+    forward of a sharded model computes with gathered copies or slices of them, where it finds
+    none (an empty structure)."""
+    # a local import: gaugefix.distributed imports this module
+    from gaugefix.distributed import ShardingError, sharded, uses_fully_shard
+
+    tensors = [("parameter", *named) for named in model.named_parameters()]
+    tensors += [("buffer", *named) for named in model.named_buffers()]
+    first = next((f"{kind} '{name}'" for kind, name, t in tensors if sharded((t,))), None)
+    if first is None and not uses_fully_shard(model):
+        return
+    raise ShardingError(
+        f"{first or 'the model'} is sharded ({'by fully_shard' if first is None else 'a DTensor'}"
+        "), and discovery traces whole parameters: discover the structure on the unsharded "
+        "model, then shard it; the structure binds the sharded model"
+    )
 
 
 def _notes(ctx: TraceContext) -> tuple[str, ...]:
