@@ -160,6 +160,12 @@ def stats_from_sums(
     return torch.cat([rms_max, mu_norm_sq, dead_nonfinite], -1)
 
 
+_DEAD_INDEX = STAT_NAMES.index("dead_count")
+# The attribute of a structure set when its last float32 statistics had a generator with an
+# all-zero side (a dead neuron, which the float32 statistics always redo in float64): the next
+# call sums in float64 first, and keeps that result while such a side remains.
+_FLOAT64_FIRST_ATTR = "_float64_first"
+
 FLOAT32_SUM_FLOOR = 2.0**-102  # float32 sums of squares at least this lose at most 2^-150 per
 # square that underflows or rounds to a subnormal: k * 2^-48 relative, within float32 rounding
 # for sides of up to 2^24 entries
@@ -240,10 +246,13 @@ def imbalance_stats(
     float32's normal range, ``norm_sq`` or ``mu_norm^2`` below ``2^-102``) is redone in float64,
     in which the squares of float32 entries neither overflow nor underflow: the statistics of
     any float32 model are its float64 copy's to float32 rounding, at the cost of a second pass
-    over the parameters for such a model only. In float64 its range bounds them: a quotient
-    beyond ``1.8e308`` gives log-ratio statistics of ``inf``, and ``mu`` above its square root a
-    ``mu_norm`` of ``inf``, with ``nonfinite_count`` 0 (kept so: each guard would cost
-    operations on every call, against a target of 50 for the whole function).
+    over the parameters for such a model only. A dead neuron (a generator with an all-zero side,
+    0 in float32 too) always makes it so: after a call that finds one, the next call on the same
+    structure sums in float64 first and stops there while such a side remains, one pass instead
+    of two (not under FSDP2, where every process takes both). In float64 its range bounds
+    them: a quotient beyond ``1.8e308`` gives log-ratio statistics of ``inf``, and ``mu`` above
+    its square root a ``mu_norm`` of ``inf``, with ``nonfinite_count`` 0 (kept so: each guard
+    would cost operations on every call, against a target of 50 for the whole function).
 
     Otherwise :func:`imbalance_stats_tensor`'s operations (a fixed number whatever the depth)
     and one device-to-host transfer (one batched ``.tolist()``); keep that tensor instead to
@@ -253,9 +262,24 @@ def imbalance_stats(
     if bound is None:
         return dict.fromkeys(STAT_NAMES, 0.0)
     params, local = bound
-    dtype = accumulation_dtype(params)
-    floor = FLOAT32_SUM_FLOOR if dtype == torch.float32 else 0.0
-    values = stats_from_sums(*generator_sums(params, local, dtype), floor).tolist()
-    if dtype == torch.float32 and out_of_float32_range(values, structure.num_generators):
-        values = stats_from_sums(*generator_sums(params, local, torch.float64)).tolist()
+    if accumulation_dtype(params) != torch.float32:
+        return dict(zip(STAT_NAMES, _stats_list(params, local, torch.float64), strict=True))
+    wide = None  # under FSDP2 (local is a shard) every process must take the same path: no guess
+    if local is structure and getattr(structure, _FLOAT64_FIRST_ATTR, False):
+        wide = _stats_list(params, local, torch.float64)
+        if wide[_DEAD_INDEX] > 0:  # an all-zero side, 0 in float32 too: float32 would redo it
+            return dict(zip(STAT_NAMES, wide, strict=True))
+    values = _stats_list(params, local, torch.float32, FLOAT32_SUM_FLOOR)
+    if out_of_float32_range(values, structure.num_generators):
+        values = wide if wide is not None else _stats_list(params, local, torch.float64)
+    if local is structure:  # dead_count > 0 only in float64 statistics: an all-zero side
+        setattr(structure, _FLOAT64_FIRST_ATTR, values[_DEAD_INDEX] > 0)
     return dict(zip(STAT_NAMES, values, strict=True))
+
+
+def _stats_list(
+    params: Mapping[str, Tensor], structure: GaugeStructure, dtype: torch.dtype, floor: float = 0.0
+) -> list[float]:
+    """The statistics (:data:`STAT_NAMES` order) of bound ``params`` with sums in ``dtype``,
+    read on the host; ``dead_count`` counts the sides at most ``floor``."""
+    return stats_from_sums(*generator_sums(params, structure, dtype), floor).tolist()
