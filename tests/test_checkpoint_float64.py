@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import gaugefix.checkpoint as checkpoint
 from gaugefix.checkpoint import CheckpointBalance, balance_state_dict
 from gaugefix.cli import app
+from gaugefix.precision import Float64Throughout
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import (  # noqa: E402
@@ -234,7 +235,7 @@ def test_casts_stay_float64(name):
     """Each spelling of a cast to a coarser floating dtype gives the float64 tensor's values in
     the mode, and the coarser dtype outside it (nothing is left changed)."""
     t = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
-    with checkpoint._Float64Throughout():
+    with Float64Throughout():
         inside = CASTS[name](t)
     assert inside.dtype == torch.float64 and torch.equal(inside, t)
     assert CASTS[name](t).dtype != torch.float64
@@ -245,7 +246,7 @@ def test_dtype_keywords_name_float64():
     """A ``dtype=`` keyword naming a coarser floating dtype (a softmax's, a factory's) names
     float64 in the mode."""
     t = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
-    with checkpoint._Float64Throughout():
+    with Float64Throughout():
         soft = torch.softmax(t, -1, dtype=torch.float32)
         zeros = torch.zeros(3, dtype=torch.float16)
     assert soft.dtype == torch.float64 and torch.equal(soft, torch.softmax(t, -1))
@@ -256,7 +257,7 @@ def test_other_casts_unchanged():
     """Casts to integer dtypes, bit views and int -> float stay as they are (the last in
     float64)."""
     t = torch.tensor([0.1, -2.5], dtype=torch.float64)
-    with checkpoint._Float64Throughout():
+    with Float64Throughout():
         assert t.to(torch.int32).dtype == torch.int32
         assert t.view(torch.float32).shape == (4,)
         assert t.view(dtype=torch.float16).shape == (8,)
@@ -266,7 +267,7 @@ def test_other_casts_unchanged():
 def test_mode_is_per_thread():
     """Another thread running while the mode is on casts as usual."""
     seen = []
-    with checkpoint._Float64Throughout():
+    with Float64Throughout():
         worker = threading.Thread(target=lambda: seen.append(torch.ones(2).double().float().dtype))
         worker.start()
         worker.join()

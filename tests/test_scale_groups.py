@@ -4,8 +4,8 @@ For each architecture (tiny Hugging Face configs, float64): every registry mappi
 exact symmetry is found as a group (same smooth layer, same balance layers); the mappings that
 are not exact are listed below with the reason, found by no group, and shown to change the
 logits when applied by module names; the exact groups the registries leave out are listed too;
-and random scales applied to every exported group, by module names alone, keep the logits to
-1e-10.
+and random scales applied to every exported group, by module names alone, keep the logits
+(computed in float64 throughout) to 1e-10.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import gaugefix
 from architectures import rel_change
 from gaugefix.cli import app
+from gaugefix.precision import Float64Throughout
 from gaugefix.zoo import EXAMPLES
 
 transformers = pytest.importorskip("transformers")
@@ -167,7 +168,9 @@ def build(arch: str) -> tuple[nn.Module, Tensor]:
 
 
 def logits(model: nn.Module, ids: Tensor) -> Tensor:
-    with torch.no_grad():
+    """The model's logits on ``ids``, computed in float64 throughout (a norm's cast to float32
+    stays float64)."""
+    with torch.no_grad(), Float64Throughout():
         return model(ids).logits
 
 
