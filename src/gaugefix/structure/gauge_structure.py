@@ -66,7 +66,11 @@ UNUSED_NOTE = "parameters not used on it: "
 class Exclusion(NamedTuple):
     """Channels of a producing module that are not generators, and why; for a parameter fixed
     before it produced any channel (read by an op discovery does not handle), the indices
-    along its dim 0, with the op that fixed it."""
+    along its dim 0, with the op that fixed it. A reason names the first op at or after the
+    module's own that blocks the channels or channels joined with them (the nearest blocking
+    op downstream: a residual stream's projection names the norm that next reads the stream),
+    and, when other modules produce channels joined with them, the first of those and how
+    many more."""
 
     module: str
     reason: str
@@ -923,29 +927,53 @@ def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, 
     (``len(reasons)`` when none did); node 0 counts as marked with a generic reason."""
     generic = "mixed with a fixed tensor (model input, buffer or constant)"
     reasons = [r for _, r in ctx.marks] + [generic]
+    nodes, which = _mark_nodes(ctx)
+    first = torch.full((count,), len(reasons)).scatter_reduce(0, comp[nodes], which, reduce="amin")
+    return first, reasons, _groups(ctx, comp, count)
+
+
+def _mark_nodes(ctx: TraceContext) -> tuple[Tensor, Tensor]:
+    """Every marked node and the index of its mark (``[m]`` each, in the order of the marks),
+    node 0 last with the index ``len(ctx.marks)`` (the generic reason)."""
     nodes = torch.cat([m.reshape(-1) for m, _ in ctx.marks] + [torch.zeros(1, dtype=torch.long)])
     which = torch.cat(
         [torch.full((m.numel(),), i) for i, (m, _) in enumerate(ctx.marks)]
-        + [torch.tensor([len(reasons) - 1])]
+        + [torch.tensor([len(ctx.marks)])]
     )
-    first = torch.full((count,), len(reasons)).scatter_reduce(0, comp[nodes], which, reduce="amin")
-    return first, reasons, _fixed_reasons(ctx, comp, nodes, which)
+    return nodes, which
 
 
-def _fixed_reasons(ctx: TraceContext, comp: Tensor, nodes: Tensor, which: Tensor) -> Tensor:
-    """Per node (``[num_nodes]``), the index of the first mark that blocked it for the nodes of
-    node 0's component, else -1. That component joins every channel fixed anywhere (through
-    node 0, the fixed factor of inputs and constants), so its own first mark may name an op in
-    another module: a node's reason is the first mark among the nodes joined to it without
-    passing through node 0 (``which``'s last, generic reason when none is)."""
+def _groups(ctx: TraceContext, comp: Tensor, count: int) -> Tensor:
+    """Per node (``[num_nodes]``), the set of joined channels an exclusion's reason speaks of:
+    its component, except in node 0's component. That one joins every channel fixed anywhere
+    (through node 0, the fixed factor of inputs and constants), so there a node's group is the
+    nodes joined to it without passing through node 0 (numbered from ``count``)."""
     kept = [e[:, (e[0] != 0) & (e[1] != 0)] for e in ctx.edges]
     edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
     n = ctx.num_nodes
     graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
     sub = torch.from_numpy(connected_components(graph, directed=True, connection="weak")[1])
-    sub = sub.to(torch.long)
-    first = torch.full((n,), int(which[-1])).scatter_reduce(0, sub[nodes], which, reduce="amin")
-    return torch.where(comp == comp[0], first[sub], -1)
+    return torch.where(comp == comp[0], count + sub.to(torch.long), comp)
+
+
+def _mark_keys(ctx: TraceContext, group: Tensor) -> Tensor:
+    """Sorted, ``group * (len(ctx.marks) + 1) + mark`` for every mark and group it fixes nodes
+    of (node 0's generic reason as mark ``len(ctx.marks)``)."""
+    nodes, which = _mark_nodes(ctx)
+    return torch.unique(group[nodes] * (len(ctx.marks) + 1) + which)
+
+
+def _nearest_marks(keys: Tensor, width: int, group: Tensor, start: int) -> Tensor:
+    """Per node of ``group`` (its group), from the mark keys (see :func:`_mark_keys`; ``width``:
+    the marks with the generic one, which is last), the first mark on its group made at or
+    after mark ``start`` (the op nearest after the layer that produced it), else the group's
+    first mark, else the generic reason."""
+    found = torch.full(group.shape, width - 1)
+    for first in (start, 0):  # the nearest after ``start``, else the first
+        at = torch.searchsorted(keys, group * width + first).clamp(max=len(keys) - 1)
+        hit = (keys[at] // width == group) & (found == width - 1)
+        found = torch.where(hit, keys[at] % width, found)
+    return found
 
 
 def _resolved_terms(
@@ -993,7 +1021,7 @@ def compile_structure(
     comp, sign, conflicted, count = _signed_components(ctx)
     if ctx.slice_links:  # slices picked by rows that depend on the data
         ctx.block_mismatched_gathers(_components_without_slice_links(ctx))
-    reason, reasons, fixed = _blocking_reasons(ctx, comp, conflicted, count)
+    reason, reasons, group = _blocking_reasons(ctx, comp, conflicted, count)
     names = [n for n, _ in model.named_parameters()]
     producers = [n for n in names if n in ctx.produced]
     oriented = sign * _orientation(ctx, producers, comp, sign, count)[comp]
@@ -1015,8 +1043,9 @@ def compile_structure(
             layers[n] = module_of(name)
     kinds = _kinds(ctx, comp, generator_of, num)
     produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
-    node_reason = torch.where(fixed >= 0, fixed, reason[comp])
-    exclusions = _exclusions(ctx, producers, comp, valid, node_reason, reasons, has_out)
+    sharers = _sharers(ctx, producers, group)
+    why = _Why(reason[comp], reasons, group, _mark_keys(ctx, group), sharers)
+    exclusions = _exclusions(ctx, producers, comp, valid, why, has_out)
     in_out = _stored_in_out(model) & params.keys()
     types = {name: _class_name(module) for name, module in model.named_modules()}
     return GaugeStructure(
@@ -1074,12 +1103,12 @@ def _blocking_reasons(
     """Per component, the index into ``reasons`` of why it is no generator (:data:`UNBLOCKED`:
     nothing blocks it yet); the last reason is the squared factor, which
     :func:`_mark_sides_and_squares` sets."""
-    first_mark, reasons, fixed = _first_reason(ctx, comp, count)
+    first_mark, reasons, group = _first_reason(ctx, comp, count)
     reason = torch.where(first_mark == len(reasons), UNBLOCKED, first_mark)
     reasons.append("its log-factor would have to equal its own negative")
     reason[conflicted & (reason == UNBLOCKED)] = len(reasons) - 1
     reasons.append("a parameter entry would scale with the square of its factor")
-    return reason, reasons, fixed
+    return reason, reasons, group
 
 
 def _orientation(
@@ -1160,18 +1189,65 @@ def _param_terms(
     return params
 
 
+class _Why(NamedTuple):
+    """What explains an exclusion: per node, the index into ``reasons`` of why its component is
+    no generator (:data:`UNBLOCKED`: nothing blocks it), its group (see :func:`_groups`), the
+    marks on each group (see :func:`_mark_keys`), and the producing modules of each group (see
+    :func:`_sharers`)."""
+
+    reason: Tensor
+    reasons: list[str]
+    group: Tensor
+    marks: Tensor
+    sharers: tuple[Tensor, list[str]]
+
+
+def _sharers(ctx: TraceContext, producers: list[str], group: Tensor) -> tuple[Tensor, list[str]]:
+    """The producing modules (in parameter order) and, sorted, ``group * len(modules) +
+    module`` for every group and module producing some of its channels."""
+    modules = list(dict.fromkeys(module_of(name) for name in producers))
+    index = {m: i for i, m in enumerate(modules)}
+    keys = [
+        group[ctx.produced[n].reshape(-1)] * len(modules) + index[module_of(n)] for n in producers
+    ]
+    return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.long), modules
+
+
+def _shared_with(sharers: tuple[Tensor, list[str]], group: Tensor, own: str) -> Tensor:
+    """Per node of ``group`` (its group), ``[k, 2]``: the first module other than ``own`` that
+    produces channels of the group (an index into the modules) and how many do."""
+    keys, modules = sharers
+    width = len(modules)
+    lo = torch.searchsorted(keys, group * width)
+    total = torch.searchsorted(keys, (group + 1) * width) - lo
+    at = torch.where(keys[lo] % width == modules.index(own), lo + 1, lo)
+    return torch.stack([keys[at.clamp(max=len(keys) - 1)] % width, total - 1], 1)
+
+
+def _shared_note(modules: list[str], other: int, count: int) -> str:
+    """What an exclusion's reason adds when ``count`` other modules, the first ``other``,
+    produce channels joined with the excluded ones ("" when none does)."""
+    if count == 0:
+        return ""
+    more = f" and {count - 1} more layer{'s' if count > 2 else ''}" if count > 1 else ""
+    return (
+        f"; on channels shared with '{modules[other]}'{more} (outputs joined, e.g. by a "
+        "residual sum)"
+    )
+
+
 def _exclusions(
     ctx: TraceContext,
     producers: list[str],
     comp: Tensor,
     valid: Tensor,
-    reason: Tensor,
-    reasons: list[str],
+    why: _Why,
     has_out: Tensor,
 ) -> list[Exclusion]:
-    """The producing channels that are no generators, grouped by module and reason (``reason``:
-    per node, an index into ``reasons`` or :data:`UNBLOCKED`), and the rows of parameters fixed
-    before they produced any channel."""
+    """The producing channels that are no generators, grouped by module and reason, and the
+    rows of parameters fixed before they produced any channel. A channel blocked by a mark is
+    explained by the first mark on its group at or after the op that produced it (the nearest
+    op that blocks it), with the other modules producing channels of that group."""
     unblocked = [
         "not consumed by any parameter (its output is unused)",
         "no producing parameter",
@@ -1180,15 +1256,27 @@ def _exclusions(
     for name in producers:
         nodes = ctx.produced[name].reshape(-1)
         bad = torch.nonzero(~valid[comp[nodes]]).reshape(-1)
-        c, r = comp[nodes[bad]], reason[nodes[bad]]
-        why = torch.where(r != UNBLOCKED, r, len(reasons) + has_out[c].long())
-        for r in dict.fromkeys(why.tolist()):  # in the order of their first channels
-            text = reasons[r] if r < len(reasons) else unblocked[r - len(reasons)]
-            excluded.setdefault((module_of(name), text), set()).update(bad[why == r].tolist())
-    for name, why in ctx.fixed.items():  # fixed before producing a channel: its rows
+        if not len(bad):
+            continue
+        n, r = nodes[bad], why.reason[nodes[bad]]
+        width, start = len(ctx.marks) + 1, ctx.produced_at.get(name, 0)
+        nearest = _nearest_marks(why.marks, width, why.group[n], start)
+        r = torch.where(r < width, nearest, r)  # a mark: the nearest one
+        r = torch.where(r != UNBLOCKED, r, len(why.reasons) + has_out[comp[n]].long())
+        shared = _shared_with(why.sharers, why.group[n], module_of(name))
+        key, where = torch.unique(torch.cat([r[:, None], shared], 1), dim=0, return_inverse=True)
+        first = torch.full((len(key),), len(r)).scatter_reduce(
+            0, where, torch.arange(len(r)), reduce="amin"
+        )
+        for j in torch.argsort(first).tolist():  # in the order of their first channels
+            k, other, count = key[j].tolist()
+            text = why.reasons[k] if k < len(why.reasons) else unblocked[k - len(why.reasons)]
+            text += _shared_note(why.sharers[1], other, count)
+            excluded.setdefault((module_of(name), text), set()).update(bad[where == j].tolist())
+    for name, reason in ctx.fixed.items():  # fixed before producing a channel: its rows
         if name not in ctx.produced:
             rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
-            excluded.setdefault((module_of(name), why), set()).update(range(rows))
+            excluded.setdefault((module_of(name), reason), set()).update(range(rows))
     return [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
 
 

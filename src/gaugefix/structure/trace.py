@@ -455,6 +455,7 @@ class TraceContext:
         self._pending: dict[str, list[tuple[Tensor, int]]] = {}
         # name -> the nodes of the channels a parameter produces (for reports and orientation).
         self.produced: dict[str, Tensor] = {}
+        self.produced_at: dict[str, int] = {}  # name -> the number of marks when it first produced
         self.num_nodes = 1  # node 0: the fixed coordinate 0
         self.edges: list[Tensor] = []  # [3, k]: node a, node b, sign (a = sign * b)
         self.marks: list[tuple[Tensor, str]] = []  # (nodes fixed to 0, reason)
@@ -1113,6 +1114,7 @@ class TraceContext:
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(name, nodes)
+        self.produced_at.setdefault(name, len(self.marks))
         return nodes
 
     def _produce_gathered(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -1126,6 +1128,7 @@ class TraceContext:
         name, on_param = self._on_param(gathered.source, holder)
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(name, on_param)
+        self.produced_at.setdefault(name, len(self.marks))
         at_rows = holder[gathered.rows]
         if gathered.index is None:
             return at_rows
