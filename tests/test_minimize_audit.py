@@ -208,8 +208,8 @@ def test_an_objective_failing_mid_search_changes_nothing(fault):
 
 def test_a_float32_model_reaches_the_float64_point_to_its_precision_unconverged():
     """The objective's value and gradient carry float32 rounding (``6e-8 |J|``), so ``tol =
-    1e-10`` is not met, and the line searches, deciding by values, fix ``h`` to about
-    ``sqrt(eps_32) = 3e-4`` (here ``4.6e-5``)."""
+    1e-10`` is not met; ``h`` lands within ``sqrt(eps_32) = 3e-4`` of the float64 point (here
+    ``3e-8``; see the next test)."""
     torch.manual_seed(0)
     model = zoo.mlp((3, 5, 4, 2)).to(D)
     x = torch.randn(4, 3, dtype=D)
@@ -281,3 +281,62 @@ def test_frozen_and_dead_generators_are_held():
     grad = gradient_in_h(smooth, model, s)
     assert result.converged and float(grad[~held].abs().max()) <= TOL
     assert rel_change(before, model(*x).detach()) <= 1e-12
+
+
+def _small_mlp() -> tuple[nn.Module, tuple[Tensor]]:
+    return zoo.mlp((3, 5, 4, 2)), (torch.randn(4, 3, dtype=D),)
+
+
+@pytest.mark.parametrize(
+    "name, dtype, seed, bound",
+    [("mlp", torch.float32, 0, 1e-7), ("gpt", torch.float32, 0, 1e-7),
+     ("mlp", torch.bfloat16, 1, 1e-2)],
+)  # fmt: skip
+def test_a_float32_and_a_bfloat16_model_line_search_reads_their_rounding(name, dtype, seed, bound):
+    """The finishing line search counts a value as no increase up to 64 eps of the model's dtype
+    (not of float64): it read the float32 values' rounding as a rise and stopped ``4.6e-5`` from
+    the float64 minimiser on this MLP, ``1.3e-3`` on this GPT, ``2.1e-2`` in bfloat16."""
+    torch.manual_seed(seed)
+    model, x = _small_mlp() if name == "mlp" else (CASES["gpt"][0](), _tokens())
+    model = model.to(D)
+    s = gaugefix.discover(model, *x)
+    gaugefix.random_gauge_(model, s, 1.0)
+    low = copy.deepcopy(model).to(dtype)
+    exact = gaugefix.equalize_(model, s, square_sum)
+    result = gaugefix.equalize_(low, s, square_sum, max_iter=100)
+    assert exact.converged and not result.converged
+    assert float((result.h - exact.h).abs().max()) <= bound
+
+
+class Normed(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.a, self.layer, self.b = nn.Linear(3, 5), layer, nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.layer(self.a(x))))
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(5), nn.Dropout(0.5)], ids=["norm", "dropout"])
+def test_sharpness_objective_reads_the_models_buffers_and_mode_when_evaluated(layer):
+    """Made in training mode, then the model takes training passes (BatchNorm's running
+    statistics move) and switches to eval: the objective copied the model when made and
+    evaluated the training-mode network (batch statistics, dropout masks)."""
+    torch.manual_seed(0)
+    model = Normed(layer).to(D)
+    for p in model.layer.parameters():
+        nn.init.uniform_(p, 0.5, 1.5)  # no exact zero the gradient would pass through
+    x, y = torch.randn(8, 3, dtype=D), torch.randn(8, 2, dtype=D)
+
+    def loss(out: Tensor, target: Tensor) -> Tensor:
+        return 0.5 * (out - target).square().sum()
+
+    objective = gaugefix.sharpness_objective(model, loss, x, y, tol=1e-13)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x + torch.randn_like(x))
+    model.eval()
+    s = gaugefix.discover(model, x)
+    expected = gaugefix.sharpness(model, loss, x, y, tol=1e-13).value
+    result = gaugefix.equalize_(model, s, objective, max_iter=0)
+    assert math.isclose(result.objective_before, expected, rel_tol=1e-12)

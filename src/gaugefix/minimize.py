@@ -28,11 +28,16 @@ __all__ = [
 LBFGS_HISTORY = 20  # curvature pairs L-BFGS keeps
 # The line search that finishes a stalled L-BFGS (:func:`_approximate_wolfe`): Wolfe's sufficient
 # decrease and curvature constants (torch's), Hager and Zhang's approximate-Wolfe decrease
-# ``delta``, the rounding of ``J`` relative to ``|J|`` within which a value counts as no increase,
-# and the most trials per step.
+# ``delta``, the rounding of ``J`` relative to ``|J|`` within which a value counts as no increase
+# (ROUNDING_ULPS machine epsilons of the coarsest dtype among the objective's value and the
+# rescaled parameters: a float32 model's ``J`` carries float32 rounding), the most trials per step.
 WOLFE_DECREASE, WOLFE_CURVATURE, APPROXIMATE_DECREASE = 1e-4, 0.9, 0.1
-VALUE_ROUNDING = 64 * torch.finfo(torch.float64).eps
+ROUNDING_ULPS = 64
 LINE_TRIALS = 30
+# The finishing L-BFGS stops after a step moving no ``h_n`` by more than SMALLEST_STEP machine
+# epsilons: below the rounding of the rescaled entries, as where the objective's values and
+# gradient carry float32 or bfloat16 rounding and ``tol`` is out of reach.
+SMALLEST_STEP = 1 / 8
 # Convergence also asks the quasi-Newton step to the stationary point, ``-H^-1 g``, to move no
 # ``h_n`` by more than MOVE_TOL (a relative change of about 1% in a scale): where ``J`` decreases
 # without a minimum, its gradient decays with ``J`` and that step stays of order one. A probe of
@@ -81,12 +86,12 @@ def minimize_objective(
             raise ValueError(
                 "the objective must be differentiable in the rescaled parameters it is given"
             )
-        return j.reshape(()).to(torch.float64)
+        return j.reshape(())
 
     def value_and_grad(h: Tensor) -> tuple[Tensor, Tensor]:
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():  # also when equalize_ is called under torch.no_grad()
-            j = value(h)
+            j = value(h).to(torch.float64)
         if not h.numel():
             return j.detach(), torch.zeros_like(h)
         # autograd.grad, not backward: nothing accumulates into the ``.grad`` of the model's
@@ -99,7 +104,8 @@ def minimize_objective(
         return j.detach(), grad
 
     h = torch.zeros(structure.num_generators, dtype=torch.float64, requires_grad=True)
-    before = float(value(h.detach()))
+    first = value(h.detach())
+    before, eps = float(first), resolution([first.dtype, *(p.dtype for p in params.values())])
     opt = torch.optim.LBFGS(
         [h], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
         history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe",
@@ -112,9 +118,16 @@ def minimize_objective(
     if max_iter > 0 and structure.num_generators:
         opt.step(closure)
     iterations = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
-    h, more, after, grad, pairs = _polish(value_and_grad, h.detach(), tol, max_iter - iterations)
+    left = max_iter - iterations
+    h, more, after, grad, pairs = _polish(value_and_grad, h.detach(), tol, left, eps)
     converged = _settled(value_and_grad, h, grad, pairs, tol)
     return h, iterations + more, before, float(after), converged
+
+
+def resolution(dtypes: list[torch.dtype]) -> float:
+    """The machine epsilon of the coarsest of ``dtypes`` (``2^-52`` float64, ``2^-23``
+    float32, ``2^-7`` bfloat16): the relative rounding of ``J`` and of the rescaled entries."""
+    return max(torch.finfo(dtype).eps for dtype in dtypes)
 
 
 def _settled(
@@ -138,11 +151,12 @@ def _settled(
 
 
 def _polish(
-    value_and_grad: _ValueAndGrad, h: Tensor, tol: float, budget: int
+    value_and_grad: _ValueAndGrad, h: Tensor, tol: float, budget: int, eps: float
 ) -> tuple[Tensor, int, Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
-    """L-BFGS from ``h`` (``[N]``) whose steps :func:`_approximate_wolfe` takes, until ``max
-    |dJ/dh_n| <= tol``, ``budget`` iterations or no step: ``(h, iterations, J(h), dJ/dh,
-    curvature pairs)``.
+    """L-BFGS from ``h`` (``[N]``) whose steps :func:`_approximate_wolfe` takes (values
+    rounded to ``eps``, :func:`resolution`), until ``max |dJ/dh_n| <= tol``, ``budget``
+    iterations, no step, or a step moving no ``h_n`` by more than :data:`SMALLEST_STEP` ``eps``:
+    ``(h, iterations, J(h), dJ/dh, curvature pairs)``.
     torch's strong Wolfe search decides by values alone and stalls where the decrease a step
     promises (``|g|^2 / curvature``) is below ``J``'s rounding, though ``g`` is still exact."""
     j, g = value_and_grad(h)
@@ -152,7 +166,7 @@ def _polish(
             return h, iteration, j, g, pairs
         d = -_two_loop(g, pairs)  # without pairs -g, scaled as torch's first step
         d = d if pairs else d / max(1.0, float(g.abs().sum()))
-        step = _approximate_wolfe(value_and_grad, h, d, j, g)
+        step = _approximate_wolfe(value_and_grad, h, d, j, g, ROUNDING_ULPS * eps)
         if step is None:
             return h, iteration, j, g, pairs
         t, j_new, g_new = step
@@ -160,6 +174,8 @@ def _polish(
         if float(s @ y) > 0:
             pairs = [*pairs[1 - LBFGS_HISTORY :], (s, y)]
         h, j, g = h + s, j_new, g_new
+        if float(s.abs().max()) <= SMALLEST_STEP * eps:
+            return h, iteration + 1, j, g, pairs
     return h, budget, j, g, pairs
 
 
@@ -180,10 +196,10 @@ def _two_loop(g: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 
 def _approximate_wolfe(
-    value_and_grad: _ValueAndGrad, h: Tensor, d: Tensor, j0: Tensor, g0: Tensor
+    value_and_grad: _ValueAndGrad, h: Tensor, d: Tensor, j0: Tensor, g0: Tensor, rounding: float
 ) -> tuple[float, Tensor, Tensor] | None:
     """A step ``t`` along ``d`` meeting Wolfe's conditions on ``phi(t) = J(h + t d)`` or Hager
-    and Zhang's approximate ones (``phi(t) <= phi(0)`` up to :data:`VALUE_ROUNDING`, ``(2 delta -
+    and Zhang's approximate ones (``phi(t) <= phi(0) + rounding |phi(0)|``, ``(2 delta -
     1) phi'(0) >= phi'(t) >= c2 phi'(0)``: the decrease read off the exact derivative where the
     values differ by less than their rounding), with ``(phi(t), grad)``. Trials from ``t = 1``,
     doubled until a trial ends the descent, then secant steps on ``phi'`` inside the bracket;
@@ -195,7 +211,7 @@ def _approximate_wolfe(
     for _ in range(LINE_TRIALS):
         j, g = value_and_grad(h + t * d)
         slope, value = float(g @ d), float(j)
-        level = value <= value0 + VALUE_ROUNDING * abs(value0)
+        level = value <= value0 + rounding * abs(value0)
         armijo = value <= value0 + WOLFE_DECREASE * t * slope0
         flat = slope >= WOLFE_CURVATURE * slope0
         if flat and (armijo or (level and slope <= (2 * APPROXIMATE_DECREASE - 1) * slope0)):
@@ -231,10 +247,12 @@ def sharpness_objective(
     eigenvector. The returned scalar has the value ``lambda_max`` and, through each rescaled
     entry ``theta_e``, the gradient ``-2 lambda_max v_e^2 / theta_e``, which gives exactly that
     derivative in ``h``. The maximum eigenvalue is not differentiable where it is degenerate.
+    Each evaluation copies ``model`` as it is then (buffers such as BatchNorm's running
+    statistics, train/eval mode, which parameters require grad) and gives the copy ``params``.
     """
-    probe = copy.deepcopy(model)
 
     def objective(params: dict[str, Tensor]) -> Tensor:
+        probe = copy.deepcopy(model)
         with torch.no_grad():
             for name, p in probe.named_parameters():
                 p.copy_(params[name])
