@@ -720,21 +720,22 @@ def _legacy(wrap: Callable[[nn.Module], nn.Module]) -> nn.Module:
 
 # name: (layer, training mode, generators)
 PARAMETRIZED = {
-    # W = g v / |v|: the rows' (dim=0) or columns' (dim=1) scale moves into g (missed)
-    "weight_norm, dim=0 (missed)": (
+    # W = g v / |v|: g carries the rows' (dim=0) or columns' (dim=1) factors, one gain (dim=None)
+    # the whole weight's; the channels meeting v's normalised slices form one generator
+    "weight_norm, dim=0": (
         lambda: parametrizations.weight_norm(nn.Linear(HIDDEN, HIDDEN)),
         False,
-        None,
+        HIDDEN + 1,
     ),
-    "weight_norm, dim=1 (missed)": (
+    "weight_norm, dim=1": (
         lambda: parametrizations.weight_norm(nn.Linear(HIDDEN, HIDDEN), dim=1),
         False,
-        None,
+        HIDDEN + 1,
     ),
     "weight_norm, dim=None": (
         lambda: parametrizations.weight_norm(nn.Linear(HIDDEN, HIDDEN), dim=None),
         False,
-        0,
+        2,
     ),
     "spectral_norm, eval": (
         lambda: parametrizations.spectral_norm(nn.Linear(HIDDEN, HIDDEN)),
@@ -750,7 +751,7 @@ PARAMETRIZED = {
     "legacy weight_norm (weight_g, weight_v)": (
         lambda: _legacy(torch.nn.utils.weight_norm),
         False,
-        None,
+        HIDDEN + 1,
     ),
     "legacy spectral_norm, train": (lambda: _legacy(torch.nn.utils.spectral_norm), True, 0),
     "symmetric": (parametrized(Symmetric()), False, 0),

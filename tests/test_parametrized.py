@@ -3,9 +3,11 @@ spectral normalisation, orthogonal maps, pruning masks, LoRA adapters).
 
 A generator found on such a model must be an exact symmetry of its function, and the gauge
 actions (``apply_gauge_``, ``balance_``, ``GaugeFixing``) must act on the parameters themselves
-(a parametrization's ``original``), never on a computed weight. A weight computed by a map that
-is not a relabelling of one parameter's entries (a norm, an exponential, a sum of two
-parameters, a mask) makes its layer's channels excluded, with the reason recorded.
+(a parametrization's ``original``), never on a computed weight. Weight normalisation
+``g v / ||v||`` is ``g`` broadcast times a tensor set by ``v`` alone: the generators act on the
+gains ``g`` (one factor per gain) and never move ``v``. A weight computed by another map that is
+not a relabelling of one parameter's entries (a norm, an exponential, a sum of two parameters, a
+mask) makes its layer's channels excluded, with the reason recorded.
 """
 
 import copy
@@ -55,6 +57,19 @@ class CNN(nn.Module):
         return self.l3((F.relu(self.l2(h)) + h).flatten(1))
 
 
+class CNN1d(nn.Module):
+    """Two length-preserving 1-d convs (2 -> 4 -> 5 channels), flattened into a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.l2 = nn.Conv1d(4, 5, 3, padding=1)
+        self.l3 = nn.Linear(5 * 5, 3)
+
+    def forward(self, x):
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x)))).flatten(1))
+
+
 class Map(nn.Module):
     """A parametrization given by a function of the original tensor."""
 
@@ -93,8 +108,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.A.T) @ self.B.T
 
 
-BASES = {"mlp": MLP, "residual": lambda: MLP(residual=True), "cnn": CNN}
-PLAIN_GENERATORS = {"mlp": 12, "residual": 6, "cnn": 4}
+BASES = {"mlp": MLP, "residual": lambda: MLP(residual=True), "cnn": CNN, "cnn1d": CNN1d}
+PLAIN_GENERATORS = {"mlp": 12, "residual": 6, "cnn": 4, "cnn1d": 9}
 
 # weight -> f(weight) that relabels the entries of one parameter (scaled by a number): every
 # rescaling of the original is the same rescaling of the computed weight
@@ -117,12 +132,8 @@ def _register(layer: nn.Module, kind: str) -> None:
     if kind in RELABELLINGS or kind in VALUE_ARRANGED:
         fn = RELABELLINGS.get(kind) or VALUE_ARRANGED[kind]
         parametrize.register_parametrization(layer, "weight", Map(fn))
-    elif kind == "weight_norm":
-        weight_norm(layer)
-    elif kind == "weight_norm_hook":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.nn.utils.weight_norm(layer)
+    elif kind.startswith("weight_norm"):
+        _weight_normed(layer, kind)
     elif kind == "spectral_norm":
         spectral_norm(layer)
     elif kind == "orthogonal":
@@ -142,6 +153,20 @@ def _register(layer: nn.Module, kind: str) -> None:
         raise AssertionError(kind)
 
 
+def _weight_normed(layer: nn.Module, kind: str) -> None:
+    """``weight_norm`` (the parametrization) or ``weight_norm_hook`` (the deprecated hook) on
+    ``layer``, over ``dim`` 0 or the dim the suffix names (``_dim1``, ``_dimNone``...)."""
+    name, _, dim = kind.partition("_dim")
+    dim = 0 if not dim else None if dim == "None" else int(dim)
+    if name == "weight_norm":
+        weight_norm(layer, dim=dim)
+        return
+    assert name == "weight_norm_hook", kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.weight_norm(layer, dim=dim)
+
+
 def _build(base: str, kind: str | None, layers: tuple[int, ...], seed: int = 0) -> nn.Module:
     """The same model for the same arguments (built from ``seed``), with ``kind`` on the weights
     of ``layers`` (indices into l1, l2, l3)."""
@@ -153,7 +178,7 @@ def _build(base: str, kind: str | None, layers: tuple[int, ...], seed: int = 0) 
 
 
 def _input(base: str, batch: int) -> torch.Tensor:
-    shape = (batch, 2, 5, 5) if base == "cnn" else (batch, 4)
+    shape = {"cnn": (batch, 2, 5, 5), "cnn1d": (batch, 2, 5)}.get(base, (batch, 4))
     return torch.randn(shape, dtype=D)
 
 
@@ -225,8 +250,8 @@ def test_relabelling_parametrization_keeps_every_generator_and_moves_the_origina
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "kind",
-    ["weight_norm", "weight_norm_hook", "spectral_norm", "orthogonal", "exp", "softplus",
-     "merged_lora", "pruned", *VALUE_ARRANGED],
+    ["spectral_norm", "orthogonal", "exp", "softplus", "merged_lora", "pruned",
+     *VALUE_ARRANGED, "weight_norm_dim-2"],
 )  # fmt: skip
 def test_computed_weight_excludes_its_layer_and_keeps_the_rest_exact(kind, train):
     """A weight computed by a map that is not a fixed relabelling (a norm, exp, a sum with a
@@ -247,13 +272,121 @@ def test_computed_weight_excludes_its_layer_and_keeps_the_rest_exact(kind, train
 
 
 @pytest.mark.parametrize("base", ["residual", "cnn"])
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "exp"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "exp"])
 def test_computed_weight_on_a_residual_stream_blocks_the_whole_stream(kind, base):
     """In a residual sum every channel of the stream is one generator: a computed weight on any
     layer that reads or writes it removes it (never wrong, sometimes incomplete)."""
     for layers in ((0,), (1,), (2,)):
         for train in (True, False):
             assert _check_exact(base, kind, layers, train).num_generators == 0
+
+
+# (base, dim) -> generators with weight_norm over ``dim`` on l1, l2, l3 (None: not a dim of l3's
+# weight). A gain per slice along ``dim`` carries the factor of the channel (row or column) that
+# slice is; a gain over several rows (columns) unites their factors, so the channels produced
+# (consumed) there form one generator: all of them rescaled together, the gains divided.
+WEIGHT_NORM_GENERATORS = {
+    ("mlp", 0): (12, 7, 7), ("mlp", 1): (7, 7, 12), ("mlp", None): (7, 2, 7),
+    ("residual", 0): (6, 1, 1), ("residual", None): (1, 1, 1),
+    ("cnn", 0): (4, 1, 1), ("cnn", 2): (1, 1, None),
+    ("cnn1d", 0): (9, 6, 5), ("cnn1d", 1): (6, 5, 9), ("cnn1d", None): (6, 2, 5),
+}  # fmt: skip
+
+
+def _weight_norm_names(kind: str, layer: int) -> tuple[str, str]:
+    """The names of the gain ``g`` and the direction ``v`` of ``l{layer + 1}``'s weight norm."""
+    if kind.startswith("weight_norm_hook"):
+        return f"l{layer + 1}.weight_g", f"l{layer + 1}.weight_v"
+    prefix = f"l{layer + 1}.parametrizations.weight"
+    return f"{prefix}.original0", f"{prefix}.original1"
+
+
+@pytest.mark.parametrize(
+    "hook, train",
+    [(False, True), (False, False), (True, False)],
+    ids=["parametrization-train", "parametrization-eval", "hook-eval"],
+)
+@pytest.mark.parametrize("base, dim", list(WEIGHT_NORM_GENERATORS))
+def test_weight_norm_gains_carry_exact_generators_and_the_direction_never_moves(
+    base, dim, hook, train
+):
+    """``w = g v / ||v||``: the gains ``g`` carry the factors of the rows (``dim=0``), columns
+    (``dim=1``), kernel slices or whole weight (``dim=None``) they multiply; every generator is
+    exact under ``apply_gauge_``, ``balance_`` and ``GaugeFixing`` (two batch sizes), ``g``
+    moves (unless its layer reads and writes one residual stream: the stream's generator
+    leaves it invariant) and ``v`` is fixed, with the reason recorded."""
+    kind = ("weight_norm_hook" if hook else "weight_norm") + ("" if dim == 0 else f"_dim{dim}")
+    for layer, expected in enumerate(WEIGHT_NORM_GENERATORS[base, dim]):
+        if expected is None:
+            continue
+        structure = _check_exact(base, kind, (layer,), train)
+        assert structure.num_generators == expected, (kind, layer)
+        g, v = _weight_norm_names(kind, layer)
+        bound = structure.bind(_build(base, kind, (layer,)))
+        # a layer reading and writing one residual stream: its gains carry s - s = 0
+        assert (g in bound) == (base not in ("residual", "cnn") or layer != 1)
+        assert v not in bound
+        assert any("direction of a weight norm" in e.reason and v in e.reason
+                   for e in structure.excluded)  # fmt: skip
+        saved = gf.GaugeStructure.from_dict(structure.to_dict())  # one channel entry per gain
+        assert saved.num_generators == expected and saved.params.keys() == bound.keys()
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "weight_norm_hook"])
+def test_weight_norm_moves_the_gains_the_bias_and_the_next_layer(kind):
+    """The per-row generators of a weight-normalised middle layer rescale ``g``'s rows and the
+    bias, and divide the next layer's columns; the layer before is rescaled as a whole (its
+    channels meet ``v``'s rows, which one norm divides); ``v`` never moves."""
+    model = _build("mlp", kind, (1,))
+    structure = gf.discover(model, _input("mlp", 3))
+    g, v = _weight_norm_names(kind, 1)
+    moved = _build("mlp", kind, (1,))
+    gf.apply_gauge_(moved, structure, torch.randn(structure.num_generators, dtype=D))
+    before, after = dict(model.named_parameters()), dict(moved.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {"l1.weight", "l1.bias", g, "l2.bias", "l3.weight"}
+    ratio = after[g] / before[g]  # one factor per row: distinct rows move differently
+    assert ratio.shape == (6, 1) and ratio.unique().numel() == 6
+    assert torch.equal(after[v], before[v])
+
+
+class DirectWeightNorm(nn.Module):
+    """``F.linear(x, torch._weight_norm(v, g, dim))`` with ``g`` of the given shape between two
+    ReLU layers."""
+
+    def __init__(self, g_shape: tuple[int, ...], dim: int) -> None:
+        super().__init__()
+        self.l1, self.l3, self.dim = nn.Linear(4, 6), nn.Linear(6, 3), dim
+        self.v = nn.Parameter(torch.randn(6, 6))
+        self.g = nn.Parameter(torch.rand(g_shape) + 0.5)
+
+    def forward(self, x):
+        w = torch._weight_norm(self.v, self.g, self.dim)
+        return self.l3(F.relu(F.linear(F.relu(self.l1(x)), w)))
+
+
+@pytest.mark.parametrize(
+    "g_shape, dim, expected",
+    [((6, 1), 0, 7), ((1, 6), 1, 7), ((), -1, 2), ((1, 1), -1, 2), ((6,), 0, 0),
+     ((6, 1), -2, 0), ((6, 6), 0, 0)],
+    ids=["rows", "columns", "whole", "whole 2-d", "1-d gain", "dim -2", "full gain"],
+)  # fmt: skip
+def test_weight_norm_called_directly_keeps_only_the_forms_it_reads(g_shape, dim, expected):
+    """``torch._weight_norm`` with a gain of the shape its dim gives (one gain per slice, or one
+    number for ``dim=-1``) carries generators; a gain of another shape, or a negative dim other
+    than -1, is excluded with the reason recorded, and what is found stays exact."""
+    torch.manual_seed(0)
+    model = DirectWeightNorm(g_shape, dim).to(D)
+    inputs = [_input("mlp", b) for b in BATCHES]
+    structure = gf.discover(model, inputs[0])
+    assert structure.num_generators == expected
+    if expected == 0:
+        assert any("weight norm of another form" in e.reason for e in structure.excluded)
+        return
+    moved = copy.deepcopy(model)
+    gf.apply_gauge_(moved, structure, torch.randn(structure.num_generators, dtype=D))
+    assert not torch.equal(moved.g, model.g) and torch.equal(moved.v, model.v)
+    assert _largest_relative_change(moved, model, inputs) <= TOL
 
 
 def test_spectral_norm_in_training_mode_keeps_its_power_iteration_state():

@@ -118,6 +118,48 @@ register_all(
 )
 
 
+# --- weights computed from parameters -----------------------------------------------------------
+WHOLE_TENSOR = -1  # torch._weight_norm's dim for one norm of all of v (and one gain g)
+
+
+def _weight_norm_gain_shape(v: Tensor, dim: Any) -> tuple[int, ...] | None:
+    """The shape of the gain ``g`` in ``torch._weight_norm(v, g, dim)``: ``v.shape[dim]`` at
+    ``dim`` and 1 elsewhere (one gain per slice along ``dim``), ``()`` for one norm of all of
+    ``v`` (``dim = -1``); None for a dim whose slices are not read that way (another negative
+    dim) or a 0-d ``v``."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or v.dim() == 0:
+        return None
+    if dim == WHOLE_TENSOR:
+        return ()
+    if not 0 <= dim < v.dim():
+        return None
+    return tuple(n if d == dim else 1 for d, n in enumerate(v.shape))
+
+
+def _weight_norm(ctx: TraceContext, result: Any, v: Tensor, g: Tensor, dim: Any = 0) -> Any:
+    """``torch._weight_norm(v, g, dim)``: ``w = g v / ||v||`` (norms of the slices of ``v``
+    along ``dim``, or of all of ``v``), the forward of ``weight_norm`` (the parametrization and
+    the hook). ``w`` is ``g`` broadcast times a tensor that only ``v`` sets, so rescaling an
+    entry of ``g`` rescales the entries of ``w`` it multiplies, and nothing else: ``w`` is
+    recorded as an arrangement of ``g`` that names each gain at every entry it multiplies (the
+    op using ``w`` gives those entries one factor). ``v`` is fixed: rescaling its slices
+    changes nothing (a redundancy of the parametrization, not a symmetry of the function)."""
+    shape = _weight_norm_gain_shape(v, dim)
+    if (
+        shape is None or not ctx.is_param(g) or ctx.is_gathered(g)
+        or not distinct_params(ctx, v, g) or not isinstance(result, Tensor)
+        or result.shape != v.shape or (tuple(g.shape) != shape if shape else g.numel() != 1)
+    ):  # fmt: skip
+        return ctx.block_all((v, g), {}, ctx.reason("weight norm of another form"))
+    ctx.block_all((v,), {}, ctx.reason("direction of a weight norm (its scale is divided out)"))
+    index = torch.arange(g.numel()).view(g.shape).expand(v.shape)
+    ctx.view_of_param(result, g, index.reshape(-1))
+    return None
+
+
+BUILTIN.add(torch._weight_norm, _weight_norm)
+
+
 # --- norm layers ---------------------------------------------------------------------------------
 def _norm(op: Any, per_channel: bool) -> Any:
     """The rule of norm layer ``op``: its input is normalised (its scale is lost, so it is

@@ -362,7 +362,9 @@ class Sum(tuple):
 class _ParamView:
     """A tensor that holds the entries of one parameter in another arrangement (``W.t()``,
     ``W.view(...)``, ``W.float()``): ``index[i]`` is the flat index of the parameter entry at
-    position ``i`` of the view (every parameter entry exactly once)."""
+    position ``i`` of the view (every parameter entry exactly once), or, for a gain broadcast
+    over a tensor it multiplies (``_weight_norm``'s ``w = g v / ||v||`` with ``v`` fixed), the
+    entry of the gain that multiplies position ``i`` (every entry at least once)."""
 
     def __init__(self, param: Tensor, index: Tensor) -> None:
         self.param, self.index = param, index
@@ -1075,9 +1077,28 @@ class TraceContext:
         name, index = self._param_and_index(p)
         if index is None:
             return name, compact(nodes.expand(p.shape))
-        full = torch.empty(index.numel(), dtype=torch.long)
-        full[index.reshape(-1)] = nodes.expand(p.shape).reshape(-1)
-        return name, compact(full.view(self.params[name].shape))
+        shape, flat = self.params[name].shape, nodes.expand(p.shape).reshape(-1)
+        if index.numel() == math.prod(shape):  # a rearrangement: every entry once
+            full = torch.empty(index.numel(), dtype=torch.long)
+            full[index.reshape(-1)] = flat
+            return name, compact(full.view(shape))
+        # a broadcast gain: the positions one entry multiplies carry its factor, united
+        holder = self.fresh(*shape)
+        self.union(holder.reshape(-1)[index.reshape(-1)], flat)
+        return name, compact(holder)
+
+    def _broadcast(self, p: Tensor) -> bool:
+        """Whether ``p`` is a gain broadcast over a tensor (see :class:`_ParamView`)."""
+        entry = self._views.get(id(p))
+        view = entry[1] if entry is not None and entry[0] is p else None
+        return view is not None and view.index.numel() != view.param.numel()
+
+    def _per_slice(self, name: str, on_param: Tensor) -> Tensor:
+        """Nodes given on parameter ``name``, one per slice along its dim 0 (its first entry;
+        one node for a 0-d parameter): the channels a broadcast gain produces, per gain."""
+        shape = self.params[name].shape
+        full = on_param.expand(shape)
+        return full.reshape(shape[0], -1)[:, 0] if len(shape) else full.reshape(1)
 
     def _on_gathered(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
         """``nodes`` given on gathered slices, as nodes of the whole parameter: one node per
@@ -1113,7 +1134,9 @@ class TraceContext:
         nodes = self.fresh(*shape)
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
-        self.produced.setdefault(name, nodes)
+        self.produced.setdefault(
+            name, self._per_slice(name, on_param) if self._broadcast(p) else nodes
+        )
         self.produced_at.setdefault(name, len(self.marks))
         return nodes
 
