@@ -12,6 +12,7 @@ example input still refuses a symmetry that does not hold.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 import gaugefix
 from gaugefix.checkpoint import balance_state_dict, read_state_dict
 from gaugefix.cli import app
+from gaugefix.precision import Float64Throughout
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -106,12 +108,13 @@ def _gauged(make, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def _logits(make, tensors: dict[str, torch.Tensor], dtype=torch.float64) -> torch.Tensor:
     """The logits of ``make()`` in ``dtype`` with ``tensors``, its experts implementation kept
-    (float64 has no grouped_mm kernel: batched_mm then)."""
+    (float64 has no grouped_mm kernel: batched_mm then); in float64 throughout (the router's
+    float32 softmax too) when ``dtype`` is float64."""
     model = make().to(dtype).eval()
     if dtype == torch.float64 and model.config._experts_implementation == "grouped_mm":
         model.set_experts_implementation("batched_mm")
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
-    with torch.no_grad():
+    with torch.no_grad(), Float64Throughout() if dtype == torch.float64 else nullcontext():
         return model(_ids()).logits.double()
 
 

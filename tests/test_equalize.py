@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import gaugefix
 from architectures import randomise_, rel_change
 from gaugefix import zoo
+from test_transformers import throughout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -26,7 +27,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def output(model: nn.Module, inputs: tuple) -> Tensor:
-    with torch.no_grad():
+    """The model's output (its ``logits`` where it has them), computed in float64 throughout
+    when the model is float64."""
+    with torch.no_grad(), throughout(model):
         out = model(*inputs)
     return out.logits if hasattr(out, "logits") else out
 

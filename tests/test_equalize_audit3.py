@@ -117,7 +117,8 @@ def linear_inputs(model: nn.Module, calibration: Tensor) -> dict[str, Tensor]:
 
     linears = {f"{n}.weight": m for n, m in model.named_modules() if type(m) is nn.Linear}
     handles = [m.register_forward_hook(hook(w)) for w, m in linears.items()]
-    output(model, (calibration,))
+    with torch.no_grad():  # the plain forward, as the calibration pass runs it
+        model(calibration)
     for handle in handles:
         handle.remove()
     return {w: torch.stack(v).amax(0) for w, v in seen.items()}

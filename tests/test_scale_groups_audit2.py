@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import gaugefix
 from architectures import rel_change
 from gaugefix import zoo
+from gaugefix.precision import Float64Throughout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -344,13 +345,13 @@ def test_every_exported_group_of_more_families_keeps_the_logits(family):
         structure = gaugefix.discover(model, input_ids=ids, decoder_input_ids=ids[:, :5])
 
         def run(m: nn.Module) -> Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), Float64Throughout():
                 return m(input_ids=fresh, decoder_input_ids=fresh[:, :4]).logits
     else:
         structure = gaugefix.discover(model, input_ids=ids)
 
         def run(m: nn.Module) -> Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), Float64Throughout():
                 return m(input_ids=fresh).logits
 
     groups = structure.scale_groups()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 import gaugefix
 from architectures import incidence, rel_change
 from gaugefix import zoo
+from gaugefix.precision import Float64Throughout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,8 +34,9 @@ TOL = 1e-10
 
 def outputs(model: nn.Module, inputs: tuple) -> Tensor:
     """The model's output tensor (``logits`` / ``last_hidden_state`` of a Hugging Face output,
-    the first element of a tuple)."""
-    with torch.no_grad():
+    the first element of a tuple), computed in float64 throughout when the model is float64 (a
+    cast to float32 inside, a norm's or a softmax's, stays float64)."""
+    with torch.no_grad(), throughout(model):
         out = model(*inputs)
     for key in ("logits", "last_hidden_state"):
         if hasattr(out, key):
@@ -79,8 +82,15 @@ def check_exact(model: nn.Module, inputs: tuple, seed: int = 0) -> gaugefix.Gaug
     return s
 
 
+def throughout(model: nn.Module) -> AbstractContextManager:
+    """``Float64Throughout`` for a float64 model; nothing for another dtype."""
+    float64 = all(p.dtype == torch.float64 for p in model.parameters())
+    return Float64Throughout() if float64 else nullcontext()
+
+
 def outputs_with_grad(model: nn.Module, inputs: tuple) -> Tensor:
-    out = model(*inputs)
+    with throughout(model):
+        out = model(*inputs)
     for key in ("logits", "last_hidden_state"):
         if hasattr(out, key):
             return getattr(out, key)
