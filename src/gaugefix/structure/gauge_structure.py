@@ -509,7 +509,8 @@ class GaugeStructure:
         ``ValueError`` naming the problem for anything else, including data that is not
         consistent (a term that does not fit its parameter, a generator out of range, one that
         does not both multiply and divide some entries, two terms naming one generator at one
-        entry). The data is checked for consistency, not against a model: a structure is exact
+        entry, a produced table contradicting its parameter's shape or the generators' layers).
+        The data is checked for consistency, not against a model: a structure is exact
         for the model it was discovered on."""
         if not isinstance(data, dict):
             raise ValueError(f"not a saved GaugeStructure (a {type(data).__name__}, not a dict)")
@@ -546,9 +547,10 @@ class GaugeStructure:
         parameter: the terms with signs +1 and -1, which cancel where they name one generator
         (a layer applied to its own output)."""
         params = _read_params(data["params"], _terms_v1)
+        stored = sum(len(p[k]["data"]) for p in data["params"] for k in ("rows", "cols") if p[k])
         produced = {
             p["name"]: _channels(
-                _decode(p["rows"], f"the rows of '{p['name']}'"), tuple(p["shape"])
+                _decode(p["rows"], f"the rows of '{p['name']}'"), params[p["name"]].shape, stored
             )
             for p in data["params"]
             if p["rows"] is not None
@@ -664,9 +666,19 @@ def _prefixed(name: str, named: dict[str, Any]) -> str:
     return f" (there is '{key}': the names carry the prefix {key[: -len(name)]!r}, a wrapper's?)"
 
 
-def _channels(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A version-1 row map as the generator of each output channel (dim 0)."""
-    return rows.expand(shape).reshape(shape[0], -1)[:, 0].clone() if shape else rows.reshape(-1)
+def _channels(rows: Tensor, shape: tuple[int, ...], stored: int) -> Tensor:
+    """A version-1 row map as the generator of each output channel (dim 0). A map broadcast
+    along dim 0 stands for ``shape[0]`` copies of its row: ``ValueError`` where that is more
+    than the ``stored`` entries of all the file's maps (a shape no tensor of the file backs,
+    whose table alone could exhaust the memory)."""
+    if not shape:
+        return rows.reshape(-1)
+    spread = rows.expand(shape)  # a view: no entry is copied
+    if spread.stride(0) == 0 and shape[0] > max(stored, 1):
+        raise ValueError(
+            f"a parameter of shape {shape} has more channels than the file's maps ({stored})"
+        )
+    return spread[(slice(None),) + (0,) * (len(shape) - 1)].clone()
 
 
 def _encode(t: Tensor) -> dict[str, Any]:
@@ -847,8 +859,48 @@ def _check_tables(s: GaugeStructure) -> None:
     for name, index in s.produced.items():
         if index.dim() != 1 or (index.numel() and int(index.max()) >= n):
             raise ValueError(f"the channels '{name}' produces must name generators in [0, {n})")
+    _check_produced(s)
     if s.aliases is not None:
         _check_alias_table(s.aliases, order)
+
+
+def _check_produced(s: GaugeStructure) -> None:
+    """``produced`` fits the structure: a producing parameter acted on has a whole number of
+    its entries per channel it produces (at most one channel per entry), and the module of
+    each generator (``generator_layers[n]``) is that of the first parameter in ``param_order``
+    producing it (``""`` for a generator none produces), as discovery numbers them."""
+    for name, index in s.produced.items():
+        shape = s.params[name].shape if name in s.params else (len(index),)
+        if len(index) > math.prod(shape) or (len(index) and math.prod(shape) % len(index)):
+            raise ValueError(f"the {len(index)} channels '{name}' produces do not fit {shape}")
+    expected, modules = _first_producers(s)
+    number = {m: i for i, m in enumerate(modules)}
+    found = torch.tensor([number.get(m, -1) for m in s.generator_layers], dtype=torch.long)
+    wrong = torch.nonzero(expected != found).reshape(-1)
+    if wrong.numel():
+        n = int(wrong[0])
+        raise ValueError(
+            f"generator {n}'s layer {s.generator_layers[n]!r} is not the first module "
+            f"producing it ({modules[int(expected[n])]!r})"
+        )
+
+
+def _first_producers(s: GaugeStructure) -> tuple[Tensor, list[str]]:
+    """Per generator (``[num_generators]``), the index in the returned module names of the
+    module of the first parameter in ``param_order`` producing it (``""``, last: none)."""
+    order = [name for name in s.param_order if name in s.produced]
+    modules = sorted({module_of(name) for name in order} - {""}) + [""]
+    number = {m: i for i, m in enumerate(modules)}
+    empty = torch.zeros(0, dtype=torch.long)
+    gens = torch.cat([s.produced[name] for name in order] + [empty])
+    module = torch.cat(
+        [torch.full((len(s.produced[name]),), number[module_of(name)]) for name in order]
+        + [torch.tensor([len(modules) - 1])]  # the entry "no producer" points at
+    )
+    n = s.num_generators
+    at = torch.where(gens >= 0, gens, n)
+    first = torch.full((n + 1,), len(gens)).scatter_reduce(0, at, torch.arange(len(gens)), "amin")
+    return module[first[:n]], modules
 
 
 def _check_alias_table(aliases: dict[str, tuple[str, ...]], order: set[str]) -> None:
