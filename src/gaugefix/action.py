@@ -29,6 +29,7 @@ from gaugefix.errors import check_number
 from gaugefix.kernels import (
     Targets,
     applied_dtype,
+    cached_on,
     factor_dtype,
     finite_flag,
     kernel_plan,
@@ -535,34 +536,25 @@ class RangeIndex(NamedTuple):
 _RANGE_ATTR = "_range_indices"
 
 
-class _Indices(dict):
-    """A structure's range indices by device: a cache, pickled (and deep-copied) empty."""
-
-    def __reduce__(self) -> tuple:
-        return _Indices, ()
-
-
 def range_index(structure: GaugeStructure, device: torch.device | str) -> RangeIndex:
     """The :class:`RangeIndex` of ``structure``'s kernel plan on ``device`` (built once, then
     cached on the structure)."""
-    device = torch.device(device)
-    per_device = getattr(structure, _RANGE_ATTR, None)
-    if per_device is None:
-        per_device = _Indices()
-        setattr(structure, _RANGE_ATTR, per_device)
-    if device not in per_device:
-        plan = kernel_plan(structure, device)
-        places = {name: k for k, name in enumerate(structure.params)}
-        owners, sizes = [], []
-        for group, shapes in zip(plan.groups, plan.shapes, strict=True):
-            for shape in shapes:  # [L, *slot_shape]: parameter l's rows follow its predecessors'
-                owners += [places[name] for name in group.names]
-                sizes += [math.prod(shape[1:])] * len(group.names)
-        owners_t = torch.tensor(owners, dtype=torch.long, device=device)
-        counts = torch.tensor(sizes, dtype=torch.long, device=device)
-        segments = torch.repeat_interleave(torch.arange(len(owners), device=device), counts)
-        per_device[device] = RangeIndex(segments, owners_t, places)
-    return per_device[device]
+    return cached_on(structure, _RANGE_ATTR, device, lambda d: _built_index(structure, d))
+
+
+def _built_index(structure: GaugeStructure, device: torch.device) -> RangeIndex:
+    """:func:`range_index`, built from the kernel plan's groups."""
+    plan = kernel_plan(structure, device)
+    places = {name: k for k, name in enumerate(structure.params)}
+    owners, sizes = [], []
+    for group, shapes in zip(plan.groups, plan.shapes, strict=True):
+        for shape in shapes:  # [L, *slot_shape]: parameter l's rows follow its predecessors'
+            owners += [places[name] for name in group.names]
+            sizes += [math.prod(shape[1:])] * len(group.names)
+    owners_t = torch.tensor(owners, dtype=torch.long, device=device)
+    counts = torch.tensor(sizes, dtype=torch.long, device=device)
+    segments = torch.repeat_interleave(torch.arange(len(owners), device=device), counts)
+    return RangeIndex(segments, owners_t, places)
 
 
 def exponent_bounds(structure: GaugeStructure, h: Tensor) -> Tensor:

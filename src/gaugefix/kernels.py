@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -52,6 +52,7 @@ __all__ = [
     "TermGroup",
     "KernelPlan",
     "kernel_plan",
+    "cached_on",
     "stacked",
     "reduce_to",
     "trailing_sum_of_squares",
@@ -131,42 +132,58 @@ _PLANS_ATTR = "_kernel_plans"
 
 
 class _Plans(dict):
-    """A structure's plans by device: a cache, pickled (and deep-copied) empty, as
-    ``GaugeStructure`` pickles its own plans: their tensors lie on devices the unpickling process
-    may lack."""
+    """What a structure caches by device (its kernel plans, its range indices): a cache,
+    pickled (and deep-copied) empty, as ``GaugeStructure`` pickles its own plans: their tensors
+    lie on devices the unpickling process may lack."""
 
     def __reduce__(self) -> tuple:
         return _Plans, ()
 
 
-def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> KernelPlan:
-    """The :class:`KernelPlan` of ``structure`` on ``device`` (built once, then cached)."""
+def cached_on(
+    structure: GaugeStructure,
+    attr: str,
+    device: torch.device | str,
+    build: Callable[[torch.device], Any],
+) -> Any:
+    """``build(device)``, built once per ``structure`` and device, then cached in the
+    structure's attribute ``attr`` (a :class:`_Plans`)."""
     device = torch.device(device)
-    per_device = getattr(structure, _PLANS_ATTR, None)
+    per_device = getattr(structure, attr, None)
     if per_device is None:
         per_device = _Plans()
-        setattr(structure, _PLANS_ATTR, per_device)
+        setattr(structure, attr, per_device)
     if device not in per_device:
-        by_layout: dict[tuple, list] = {}
-        for param in structure.plan(device):
-            layout = (param.shape, tuple((t.sign, tuple(t.slots.shape)) for t in param.terms))
-            by_layout.setdefault(layout, []).append(param)
-        groups = tuple(
-            TermGroup(
-                tuple(p.name for p in params),
-                shape,
-                tuple(torch.stack([p.terms[k].slots for p in params]) for k in range(len(terms))),
-                tuple(sign for sign, _ in terms),
-            )
-            for (shape, terms), params in by_layout.items()
-        )
-        chunkable = all(len(g.shape) and math.prod(g.shape) for g in groups)
-        index, starts = _sums_index(groups, structure.num_generators)
-        terms, signs, shapes = _terms_index(groups, structure.num_generators, device)
-        per_device[device] = KernelPlan(
-            groups, index, starts, bool(chunkable), terms, signs, shapes, _factor_batches(groups)
-        )
+        per_device[device] = build(device)
     return per_device[device]
+
+
+def kernel_plan(structure: GaugeStructure, device: torch.device | str) -> KernelPlan:
+    """The :class:`KernelPlan` of ``structure`` on ``device`` (built once, then cached)."""
+    return cached_on(structure, _PLANS_ATTR, device, lambda d: _built_plan(structure, d))
+
+
+def _built_plan(structure: GaugeStructure, device: torch.device) -> KernelPlan:
+    """:func:`kernel_plan`, built: the structure's parameters grouped by layout."""
+    by_layout: dict[tuple, list] = {}
+    for param in structure.plan(device):
+        layout = (param.shape, tuple((t.sign, tuple(t.slots.shape)) for t in param.terms))
+        by_layout.setdefault(layout, []).append(param)
+    groups = tuple(
+        TermGroup(
+            tuple(p.name for p in params),
+            shape,
+            tuple(torch.stack([p.terms[k].slots for p in params]) for k in range(len(terms))),
+            tuple(sign for sign, _ in terms),
+        )
+        for (shape, terms), params in by_layout.items()
+    )
+    chunkable = all(len(g.shape) and math.prod(g.shape) for g in groups)
+    index, starts = _sums_index(groups, structure.num_generators)
+    terms, signs, shapes = _terms_index(groups, structure.num_generators, device)
+    return KernelPlan(
+        groups, index, starts, bool(chunkable), terms, signs, shapes, _factor_batches(groups)
+    )
 
 
 def _terms_index(
