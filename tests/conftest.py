@@ -5,6 +5,7 @@
   float64 ops, for which thread hand-offs cost far more than they save (a 3x4x6x6 BatchNorm
   takes milliseconds with two threads on a busy machine, microseconds with one).
 - ``captured_figures``: every matplotlib figure saved while the test runs.
+- ``one_process``: a gloo process group of this process alone.
 """
 
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,3 +40,16 @@ def captured_figures(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(Figure, "savefig", capture)
     return figs
+
+
+@pytest.fixture
+def one_process():
+    """A gloo process group of this process alone (ended afterwards)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()

@@ -11,7 +11,6 @@ import inspect
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import gaugefix
@@ -161,19 +160,6 @@ def test_discover_refuses_a_buffer_on_the_meta_device():
 
 
 # -- 3. ShardStructure's inspection ------------------------------------------------------------
-
-
-@pytest.fixture
-def one_process():
-    """A gloo process group of this process alone (ended afterwards)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if started:
-        dist.destroy_process_group()
 
 
 def shard_of(model, structure, monkeypatch, rank: int, processes: int):

@@ -26,17 +26,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def one_process():
-    """A gloo process group of this process alone (ended afterwards)."""
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if started:
-        dist.destroy_process_group()
-
-
 def mlp() -> tuple[nn.Module, torch.Tensor, gaugefix.GaugeStructure]:
     torch.manual_seed(0)
     model = zoo.mlp(WIDTHS).to(DT)
