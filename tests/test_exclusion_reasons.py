@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import gaugefix
-from gaugefix.structure.gauge_structure import module_of
+from gaugefix.structure import gauge_structure
+from gaugefix.structure.gauge_structure import _row_groups, module_of
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -206,3 +210,67 @@ def test_own_channels_name_their_own_op_and_nothing_shared(discovered, name, exp
     for module, reason in expected.items():
         assert got[module] == [reason]
     assert all(SHARED not in r for rs in got.values() for r in rs)
+
+
+SORTING = {"unique", "unique_consecutive", "argsort", "sort", "searchsorted", "scatter_reduce"}
+
+
+class _SortCount(TorchFunctionMode):
+    """Counts the torch calls that sort or search (``SORTING``) made while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in SORTING
+        return func(*args, **(kwargs or {}))
+
+
+def _sorts_explaining(depth: int, monkeypatch) -> tuple[int, int]:
+    """The number of excluded modules and of sorting calls that explain them, for ``depth``
+    layers each followed by ``tanh`` and an output layer (every layer's channels excluded)."""
+    layers = [m for _ in range(depth) for m in (nn.Linear(3, 3), nn.Tanh())]
+    model = nn.Sequential(*layers, nn.Linear(3, 1)).to(DTYPE)
+    explain, counter = gauge_structure._exclusions, _SortCount()
+
+    def counted(*args):
+        with counter:
+            return explain(*args)
+
+    monkeypatch.setattr(gauge_structure, "_exclusions", counted)
+    s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
+    return len({e.module for e in s.excluded}), counter.count
+
+
+def test_explaining_sorts_once_for_all_layers(monkeypatch):
+    """The reasons of all excluded channels come from one pass over every producing layer: the
+    sorts and searches do not grow with the number of layers."""
+    few, many = _sorts_explaining(2, monkeypatch), _sorts_explaining(12, monkeypatch)
+    assert (few[0], many[0]) == (3, 13)
+    assert many[1] == few[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 4).flatmap(
+        lambda c: st.tuples(
+            st.just(c),
+            st.lists(
+                st.lists(st.sampled_from([0, 1, 2, 7, 2**40, 2**61]), min_size=c, max_size=c),
+                max_size=30,
+            ),
+        )
+    )
+)
+def test_row_groups_match_a_dictionary(columns_rows):
+    """Distinct rows in the order of their first occurrence, each with the positions holding
+    it, as a dictionary keyed by the row finds them; keys past int64 are renumbered first."""
+    columns, rows = columns_rows
+    expected: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        expected.setdefault(tuple(row), []).append(i)
+    table = torch.tensor(rows, dtype=torch.long).reshape(len(rows), columns)
+    distinct, positions = _row_groups(table, torch.arange(len(rows)))
+    assert [tuple(r) for r in distinct] == list(expected)
+    assert positions == list(expected.values())

@@ -1015,14 +1015,14 @@ def _mark_keys(ctx: TraceContext, group: Tensor) -> Tensor:
     return torch.unique(group[nodes] * (len(ctx.marks) + 1) + which)
 
 
-def _nearest_marks(keys: Tensor, width: int, group: Tensor, start: int) -> Tensor:
+def _nearest_marks(keys: Tensor, width: int, group: Tensor, start: Tensor) -> Tensor:
     """Per node of ``group`` (its group), from the mark keys (see :func:`_mark_keys`; ``width``:
     the marks with the generic one, which is last), the first mark on its group made at or
-    after mark ``start`` (the op nearest after the layer that produced it), else the group's
-    first mark, else the generic reason."""
+    after mark ``start`` (``[k]`` like ``group``: the op nearest after the layer that produced
+    the node), else the group's first mark, else the generic reason."""
     found = torch.full(group.shape, width - 1)
     for first in (start, 0):  # the nearest after ``start``, else the first
-        at = torch.searchsorted(keys, group * width + first).clamp(max=len(keys) - 1)
+        at = _sorted_positions(keys, group * width + first).clamp(max=len(keys) - 1)
         hit = (keys[at] // width == group) & (found == width - 1)
         found = torch.where(hit, keys[at] % width, found)
     return found
@@ -1056,6 +1056,7 @@ def _collisions(a: Tensor, b: Tensor) -> Tensor:
 
 
 UNBLOCKED = 1 << 40  # the reason index of a component nothing blocks (larger than every real one)
+KEY_LIMIT = 1 << 62  # the largest integer key a product of column sizes may reach (int64)
 
 
 def compile_structure(
@@ -1265,14 +1266,15 @@ def _sharers(ctx: TraceContext, producers: list[str], group: Tensor) -> tuple[Te
     return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.long), modules
 
 
-def _shared_with(sharers: tuple[Tensor, list[str]], group: Tensor, own: str) -> Tensor:
-    """Per node of ``group`` (its group), ``[k, 2]``: the first module other than ``own`` that
-    produces channels of the group (an index into the modules) and how many do."""
+def _shared_with(sharers: tuple[Tensor, list[str]], group: Tensor, own: Tensor) -> Tensor:
+    """Per node of ``group`` (its group), ``[k, 2]``: the first module other than its own
+    (``own``, ``[k]``: an index into the modules) that produces channels of the group (an index
+    into the modules) and how many do."""
     keys, modules = sharers
     width = len(modules)
-    lo = torch.searchsorted(keys, group * width)
-    total = torch.searchsorted(keys, (group + 1) * width) - lo
-    at = torch.where(keys[lo] % width == modules.index(own), lo + 1, lo)
+    lo = _sorted_positions(keys, group * width)
+    total = _sorted_positions(keys, (group + 1) * width) - lo
+    at = torch.where(keys[lo] % width == own, lo + 1, lo)
     return torch.stack([keys[at.clamp(max=len(keys) - 1)] % width, total - 1], 1)
 
 
@@ -1305,31 +1307,84 @@ def _exclusions(
         "no producing parameter",
     ]
     excluded: dict[tuple[str, str], set[int]] = {}
-    for name in producers:
-        nodes = ctx.produced[name].reshape(-1)
-        bad = torch.nonzero(~valid[comp[nodes]]).reshape(-1)
-        if not len(bad):
-            continue
-        n, r = nodes[bad], why.reason[nodes[bad]]
-        width, start = len(ctx.marks) + 1, ctx.produced_at.get(name, 0)
-        nearest = _nearest_marks(why.marks, width, why.group[n], start)
-        r = torch.where(r < width, nearest, r)  # a mark: the nearest one
-        r = torch.where(r != UNBLOCKED, r, len(why.reasons) + has_out[comp[n]].long())
-        shared = _shared_with(why.sharers, why.group[n], module_of(name))
-        key, where = torch.unique(torch.cat([r[:, None], shared], 1), dim=0, return_inverse=True)
-        first = torch.full((len(key),), len(r)).scatter_reduce(
-            0, where, torch.arange(len(r)), reduce="amin"
-        )
-        for j in torch.argsort(first).tolist():  # in the order of their first channels
-            k, other, count = key[j].tolist()
-            text = why.reasons[k] if k < len(why.reasons) else unblocked[k - len(why.reasons)]
-            text += _shared_note(why.sharers[1], other, count)
-            excluded.setdefault((module_of(name), text), set()).update(bad[where == j].tolist())
+    node, owner, channel = _bad_channels(ctx, producers, comp, valid)
+    explained = _explained(ctx, producers, comp, why, has_out, node, owner)
+    for (p, k, other, count), channels in zip(*_row_groups(explained, channel), strict=True):
+        text = why.reasons[k] if k < len(why.reasons) else unblocked[k - len(why.reasons)]
+        text += _shared_note(why.sharers[1], other, count)
+        excluded.setdefault((module_of(producers[p]), text), set()).update(channels)
     for name, reason in ctx.fixed.items():  # fixed before producing a channel: its rows
         if name not in ctx.produced:
             rows = ctx.params[name].shape[0] if ctx.params[name].dim() else 1
             excluded.setdefault((module_of(name), reason), set()).update(range(rows))
     return [Exclusion(m, r, tuple(sorted(ch))) for (m, r), ch in excluded.items()]
+
+
+def _bad_channels(
+    ctx: TraceContext, producers: list[str], comp: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every producing channel that is no generator, producer after producer (``[k]`` each):
+    its node, its producer (an index into ``producers``) and its index among that producer's
+    channels."""
+    if not producers:
+        return (torch.zeros(0, dtype=torch.long),) * 3
+    nodes = torch.cat([ctx.produced[name].reshape(-1) for name in producers])
+    sizes = torch.tensor([ctx.produced[name].numel() for name in producers])
+    owner = torch.repeat_interleave(torch.arange(len(producers)), sizes)
+    channel = torch.arange(len(nodes)) - (torch.cumsum(sizes, 0) - sizes)[owner]
+    bad = ~valid[comp[nodes]]
+    return nodes[bad], owner[bad], channel[bad]
+
+
+def _explained(
+    ctx: TraceContext,
+    producers: list[str],
+    comp: Tensor,
+    why: _Why,
+    has_out: Tensor,
+    node: Tensor,
+    owner: Tensor,
+) -> Tensor:
+    """``[k, 4]``: per excluded channel (its ``node`` and ``owner``, an index into
+    ``producers``), its producer, its reason (an index into ``why.reasons``, then the unused
+    output and the missing producer; a mark: the nearest one at or after its producer's op),
+    the first other module producing channels of its group and how many do."""
+    width = len(ctx.marks) + 1
+    start = torch.tensor([ctx.produced_at.get(name, 0) for name in producers], dtype=torch.long)
+    index = {m: i for i, m in enumerate(why.sharers[1])}
+    own = torch.tensor([index[module_of(name)] for name in producers], dtype=torch.long)
+    group, r = why.group[node], why.reason[node]
+    r = torch.where(r < width, _nearest_marks(why.marks, width, group, start[owner]), r)
+    r = torch.where(r != UNBLOCKED, r, len(why.reasons) + has_out[comp[node]].long())
+    shared = _shared_with(why.sharers, group, own[owner])
+    return torch.cat([owner[:, None], r[:, None], shared], 1)
+
+
+def _row_groups(rows: Tensor, values: Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """The distinct rows of ``rows`` (``[k, c]``, integers ``>= 0``) in the order of their
+    first occurrence and, for each, the ``values`` (``[k]``) at the rows equal to it, in row
+    order."""
+    if not len(rows):
+        return [], []
+    ids, span = torch.zeros(len(rows), dtype=torch.long), 1  # equal where the rows agree so far
+    for column in rows.T:
+        size = int(column.max()) + 1
+        if span * size > KEY_LIMIT:  # renumber both densely (below len(rows)): no overflow
+            ids, column = (torch.unique(t, return_inverse=True)[1] for t in (ids, column))
+            span, size = len(rows), len(rows)
+        ids, span = ids * size + column, span * size
+    _, ids, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    order = torch.argsort(ids, stable=True)  # by row, then by position
+    first = order[counts.cumsum(0) - counts]
+    ranked = torch.argsort(first).tolist()  # the distinct rows by first occurrence
+    flat, bounds = values[order].tolist(), [0, *counts.cumsum(0).tolist()]
+    return rows[first[ranked]].tolist(), [flat[bounds[g] : bounds[g + 1]] for g in ranked]
+
+
+def _sorted_positions(keys: Tensor, values: Tensor) -> Tensor:
+    """Per value (``[k]``), the number of the sorted ``keys`` below it (``torch.searchsorted``,
+    through NumPy's, which is faster on the CPU)."""
+    return torch.from_numpy(np.searchsorted(keys.numpy(), values.numpy()))
 
 
 def _cancel_opposite(terms: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:
