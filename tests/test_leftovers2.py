@@ -49,10 +49,13 @@ def test_the_conditioning_rate_is_the_longest_full_batch_regimes(tmp_path):
 
 
 def run_fsdp_float16() -> None:
-    """Under torchrun (two processes): a float16 MLP 2-2-1 sharded per layer along dim 0, so
-    process 0 holds the first hidden unit and the whole output row, process 1 the second unit.
-    The output weights are 6e4, so the cheap range bound fails on process 0 only; prints
-    whether every local slice is bitwise unchanged after one orbit step and the hook's counts."""
+    """Under torchrun (two processes): a float16 MLP 2-2-3 sharded per layer along dim 0, so
+    process 0 holds the first hidden unit's input row and output rows 0-1, process 1 the second
+    unit's input row and output row 2. Every output weight is 6e4; the first unit's inputs are
+    6e4 too, the second's 1: balancing grows both units' input rows, the first's past float16's
+    largest number (by ``(1.08e10 / 7.2e9)^(1/4) = 1.107`` at the balanced point), so the range
+    check fails on process 0 only; prints whether every local slice is bitwise unchanged after
+    one orbit step and the hook's counts."""
     import json
 
     import torch.distributed as dist
@@ -61,10 +64,12 @@ def run_fsdp_float16() -> None:
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    model = zoo.mlp((2, 2, 1))
+    model = zoo.mlp((2, 2, 3))
     structure = gaugefix.discover(model, torch.randn(1, 2))
     with torch.no_grad():
-        model[0].weight.fill_(1.0)
+        model[0].weight[0].fill_(6e4)
+        model[0].weight[1].fill_(1.0)
+        model[0].bias.zero_()
         model[2].weight.fill_(6e4)
     model.half()
     mesh = init_device_mesh("cpu", (2,))
