@@ -47,12 +47,18 @@ def _recorder(whole_structure) -> list[dict]:
     """Wrap the range check of ``gaugefix.soft``: per call, its verdict on this process,
     whether the step ``h`` moves, whether some local target would leave float16's range (moved
     in float64), whether every moved tensor's parameter is found by name in the structure's
-    table, and whether its exponent bounds are at most the whole structure's."""
+    table, whether its exponent bounds are at most the whole structure's, and whether the
+    verdict is that of the per-tensor table built afresh for this call's slices."""
     calls: list[dict] = []
     original = gaugefix.soft.in_range_by_tensor
 
     def checked(targets, structure, h):
         fits = original(targets, structure, h)
+        tables = range_index(structure, h.device).tables
+        kept = dict(tables)
+        tables.clear()  # the verdict of tables built afresh for these slices
+        fresh = original(targets, structure, h)
+        tables.update(kept)
         moved = {n: [(t.double(), p) for t, p in ts if t.numel()] for n, ts in targets.items()}
         moved = {n: ts for n, ts in moved.items() if ts and n in structure.params}
         if moved:
@@ -64,6 +70,7 @@ def _recorder(whole_structure) -> list[dict]:
         calls.append({
             "sharded": structure is not whole_structure,
             "fits": bool(fits), "overflow": overflow, "moves": bool((h != 0).any()),
+            "cached_is_fresh": bool(fits) == bool(fresh),
             "names_found": all(n in places for n in moved),
             "bounds_within_whole": all(
                 bool((mine[places[n]] <= whole[whole_places[n]]).all()) for n in moved
@@ -251,8 +258,10 @@ def test_a_step_overflowing_on_one_process_only_is_skipped_on_both(ranks):
 def test_the_per_tensor_table_on_slices_is_sound(ranks, case):
     """Each process's bound finds every moved tensor by name in its shard structure, takes
     exponent bounds no larger than the whole structure's for the same parameter (a slice's
-    terms are a subset), and never accepts a step that takes a local entry out of range."""
+    terms are a subset), gives the verdict of its table built afresh for its slices, and never
+    accepts a step that takes a local entry out of range."""
     for rank in ranks:
         for call in rank[case]["calls"]:
             assert call["names_found"] and call["bounds_within_whole"]
+            assert call["cached_is_fresh"]
             assert not (call["fits"] and call["overflow"])

@@ -467,7 +467,7 @@ def move_(
     process's slices under FSDP2), for callers that validated the parameters: ``ValueError``
     before anything moves unless ``h`` is one finite number per generator, ``optimizer``'s
     state can move (:func:`check_transport`) and ``h`` keeps every moved tensor in its dtype's
-    range: proved by one cheap bound (:func:`provably_in_range`), else decided by
+    range: proved by the per-tensor bound (:func:`provably_in_range`), else decided by
     :func:`overflowing` (always for ``DTensor`` s, on every process alike). For ``DTensor`` s
     every process must hold the same ``h`` and pass an optimizer or not alike
     (:func:`gaugefix.distributed.agreed`: one all-reduce)."""
@@ -482,54 +482,50 @@ def move_(
     h = h.to(next(iter(params.values())).device)
     _, local = local_view(params, structure)
     targets = transport_targets(params, optimizer_states(optimizer, params))
-    if sharded(params.values()) or not provably_in_range(targets, h, structure.most_terms()):
+    if sharded(params.values()) or not provably_in_range(targets, local, h):
         _refuse_overflow(params, overflowing(targets, local, h))
     rescale_(targets, local, h)
 
 
 # The largest |log| of a factor that float32 holds as a normal number with room (exp(+-87.3)).
 SAFE_EXPONENT = 80.0
-# How far (in log) below its dtype's largest number a moved entry must stay to pass the cheap
-# bound of provably_in_range (else overflowing decides): more than overflowing's largest margin,
-# a bfloat16 second moment's (three roundings of log(1 + 2^-7), :func:`_entry_margin`).
+# How far (in log) below its dtype's largest number a moved entry must stay to pass the bound of
+# in_range_by_tensor (else overflowing decides): more than overflowing's largest margin, a
+# bfloat16 second moment's (three roundings of log(1 + 2^-7), :func:`_entry_margin`).
 RANGE_MARGIN = 3e-2
+# How many tables of in_range_by_tensor (one per signature of the moved tensors) a range index
+# keeps before it forgets them all: a training loop meets one or two (before and after the
+# optimizer makes its state).
+_TABLES_KEPT = 8
 
 
-def provably_in_range(targets: Targets, h: Tensor, terms: int) -> bool:
-    """Whether ``g(h)`` provably keeps every target in range: :func:`in_range_bound`, with one
-    host read."""
-    return bool(in_range_bound(targets, h, terms))
-
-
-def in_range_bound(targets: Targets, h: Tensor, terms: int) -> Tensor:
-    """A 0-dim bool tensor, without a host read: whether a cheap bound that implies
-    :func:`overflowing`'s proves that ``g(h)`` keeps every target in range. An entry moved with
-    power ``p`` (``|p| <= 2``) by at most ``terms`` generators has a factor within ``exp(+-e)``,
-    ``e = 2 terms max|h|``; ``e <= SAFE_EXPONENT`` keeps the factors normal in float32 (they are
-    formed and applied in float32 or wider, or in bfloat16, whose range is float32's), and each
-    tensor's largest entry times ``exp(e)`` must stay below its dtype's largest number by a
-    margin. ``e`` is formed in float64: in a float16 or bfloat16 ``h``'s own dtype it rounded
-    down (``6 * 11.4375`` to ``68.5``), below the largest exponent of an entry of three terms."""
-    tensors = [t for moved in targets.values() for t, _ in moved if t.numel()]
-    if not tensors:
-        return torch.tensor(True, device=h.device)
-    e = 2 * terms * h.abs().amax().to(torch.float64)
-    limits = [math.log(torch.finfo(t.dtype).max) - RANGE_MARGIN for t in tensors]
-    tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
-    room = torch.tensor(limits, dtype=torch.float64, device=tops.device) - tops.log()
-    e = e.to(tops.device)
-    return (e <= SAFE_EXPONENT) & (room.amin() > e)
+def provably_in_range(targets: Targets, structure: GaugeStructure, h: Tensor) -> bool:
+    """:func:`in_range_by_tensor`, with one host read."""
+    return bool(in_range_by_tensor(targets, structure, h))
 
 
 class RangeIndex(NamedTuple):
     """Where the rows of a :class:`gaugefix.kernels.KernelPlan`'s ``terms`` (``[M, T]``) belong:
     ``segments`` (``[M]``) numbers each row's parameter and slot shape (a segment: the slots of
     that parameter's terms of that shape, every slot once), ``owners`` (``[S]``) the parameter of
-    each segment, by its place in the structure (``places``: name -> place)."""
+    each segment, by its place in the structure (``places``: name -> place). ``tables``: the
+    :class:`RangeTable` of each signature of moved tensors met so far."""
 
     segments: Tensor
     owners: Tensor
     places: dict[str, int]
+    tables: dict[tuple, RangeTable]
+
+
+class RangeTable(NamedTuple):
+    """What :func:`in_range_by_tensor` needs of ``K`` moved tensors besides their entries:
+    ``sides`` (``[K, 2]`` long) the places in the flattened ``[P, 2]`` exponent bounds of the
+    tensor's up and down exponents, ``powers`` (``[K, 1]`` float64) ``|p|``, ``limits``
+    (``[K]`` float64) ``log`` of its dtype's largest number less ``RANGE_MARGIN``."""
+
+    sides: Tensor
+    powers: Tensor
+    limits: Tensor
 
 
 # The attribute of a structure that caches its range indices by device (as its kernel plans).
@@ -554,7 +550,7 @@ def _built_index(structure: GaugeStructure, device: torch.device) -> RangeIndex:
     owners_t = torch.tensor(owners, dtype=torch.long, device=device)
     counts = torch.tensor(sizes, dtype=torch.long, device=device)
     segments = torch.repeat_interleave(torch.arange(len(owners), device=device), counts)
-    return RangeIndex(segments, owners_t, places)
+    return RangeIndex(segments, owners_t, places, {})
 
 
 def exponent_bounds(structure: GaugeStructure, h: Tensor) -> Tensor:
@@ -584,27 +580,45 @@ def in_range_by_tensor(targets: Targets, structure: GaugeStructure, h: Tensor) -
     :func:`overflowing`'s proves that ``g(h)`` keeps every target in range. A tensor moved with
     power ``p`` with its parameter (of ``structure``; others do not move) takes factors within
     ``exp(-down)`` and ``exp(up)`` (:func:`exponent_bounds`): both ``<= SAFE_EXPONENT`` keeps
-    every factor and partial product normal in float32, and its largest entry times
-    ``exp(up)`` must stay below its dtype's largest number by ``RANGE_MARGIN`` (in log). Never
-    looser than :func:`in_range_bound` (``up, down <= 2 terms max|h|``): exact for a tensor's
-    largest entry where its terms vary along different dims and peak at it."""
-    places = range_index(structure, h.device).places
-    tensors, rows = [], []
+    every factor and partial product normal in float32 (factors are formed and applied in
+    float32 or wider, or in bfloat16, whose range is float32's), and its largest entry times
+    ``exp(up)`` must stay below its dtype's largest number by ``RANGE_MARGIN`` (in log). With
+    ``k`` terms per entry at most, ``up, down <= 2 k max|h|``; exact for a tensor's largest
+    entry where its terms vary along different dims and peak at it. The table of the tensors'
+    places, powers and dtypes is built once per signature (:class:`RangeTable`)."""
+    index = range_index(structure, h.device)
+    tensors, signature = [], []
     for name, moved in targets.items():
-        place = places.get(name)
+        place = index.places.get(name)
         for t, power in moved if place is not None else ():
             if t.numel():
                 tensors.append(t)
-                up, down = 2 * place + int(power < 0), 2 * place + int(power > 0)
-                rows.append((up, down, abs(power), _log_max(t.dtype) - RANGE_MARGIN))
+                signature.append((place, power, t.dtype))
     if not tensors:
         return torch.tensor(True, device=h.device)
+    table = _range_table(index, tuple(signature), h.device)
     bounds = exponent_bounds(structure, h).reshape(-1)
-    table = torch.tensor(rows, dtype=torch.float64, device=bounds.device)
-    exps = table[:, 2:3] * bounds[table[:, :2].long()]  # [K, 2]: up, down
+    exps = table.powers * bounds[table.sides]  # [K, 2]: up, down
     tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(bounds.device, torch.float64)
-    room = table[:, 3] - tops.log()
+    room = table.limits - tops.log()
     return (exps.amax() <= SAFE_EXPONENT) & (room > exps[:, 0]).all()
+
+
+def _range_table(index: RangeIndex, signature: tuple, device: torch.device) -> RangeTable:
+    """The :class:`RangeTable` of moved tensors by their ``(place, power, dtype)``, cached in
+    ``index`` by that signature (which alone decides it)."""
+    table = index.tables.get(signature)
+    if table is None:
+        if len(index.tables) >= _TABLES_KEPT:
+            index.tables.clear()
+        sides = [(2 * k + int(p < 0), 2 * k + int(p > 0)) for k, p, _ in signature]
+        limits = [_log_max(dtype) - RANGE_MARGIN for _, _, dtype in signature]
+        table = index.tables[signature] = RangeTable(
+            torch.tensor(sides, dtype=torch.long, device=device),
+            torch.tensor([[abs(p)] for _, p, _ in signature], dtype=torch.float64, device=device),
+            torch.tensor(limits, dtype=torch.float64, device=device),
+        )
+    return table
 
 
 def random_gauge_(
