@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import gaugefix.checkpoint as checkpoint
 from gaugefix.checkpoint import CheckpointBalance, balance_state_dict
 from gaugefix.cli import app
-from gaugefix.precision import Float64Throughout
+from gaugefix.precision import Float64Throughout, float64_outputs
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import (  # noqa: E402
@@ -206,7 +206,7 @@ def test_llama_outputs_match_a_float64_forward(monkeypatch):
     out in float64 (before, they differed by 1e-8 of their largest)."""
     model = llama().double()
     x = _ids()
-    checked = checkpoint._outputs(model, x)[0]
+    checked = float64_outputs(model, x)[0]
     monkeypatch.setattr(LlamaRMSNorm, "forward", _rmsnorm64)
     monkeypatch.setattr(LlamaRotaryEmbedding, "forward", _rotary64)
     with torch.no_grad():

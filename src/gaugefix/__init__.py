@@ -36,6 +36,7 @@ from gaugefix.structure import (
     unregister_rule,
 )
 from gaugefix.train import GaugeFixing
+from gaugefix.verification import Verification, VerificationError, verify
 
 __version__ = "0.1.0"
 
@@ -95,5 +96,8 @@ __all__ = [
     "relaxation_rates",
     "sharpness",
     "step",
+    "Verification",
+    "VerificationError",
+    "verify",
     "zoo",
 ]

@@ -32,7 +32,7 @@ from gaugefix.distributed import ShardingError, refuse_sharded, uses_fully_shard
 from gaugefix.equalize import EqualizeResult, objective_name
 from gaugefix.errors import GaugefixError, first_line
 from gaugefix.files import write_bytes
-from gaugefix.precision import Float64Throughout
+from gaugefix.precision import float64_copy, float64_outputs, relative_changes
 
 __all__ = [
     "balance_state_dict",
@@ -472,34 +472,11 @@ def _check_loaded(model_state: dict[str, Tensor], tensors: dict[str, Tensor], na
             )
 
 
-def _float_outputs(out: Any) -> list[Tensor]:
-    """The floating (and complex) tensors in a model's output, in mappings, lists, tuples and
-    dataclasses: those :func:`gaugefix.discover` keeps (a cache object such as a Hugging Face
-    ``DynamicCache`` is not searched, by either; a cache returned as tuples of tensors is an
-    output to both)."""
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() or out.is_complex() else []
-    if isinstance(out, Mapping):
-        return _float_outputs(list(out.values()))
-    if isinstance(out, list | tuple):
-        return [t for v in out for t in _float_outputs(v)]
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return _float_outputs([getattr(out, f.name) for f in dataclasses.fields(out)])
-    return []
-
-
-def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """The floating outputs of the float64 ``model`` on ``x``, computed in float64 throughout
-    (:class:`~gaugefix.precision.Float64Throughout`)."""
-    with torch.no_grad(), Float64Throughout():
-        return [t.detach().clone() for t in _float_outputs(model(x))]
-
-
 def _reference(model: nn.Module, x: Tensor) -> tuple[list[Tensor], float]:
     """The floating outputs of ``model`` on ``x`` and their ``max |f(x)|``;
     :class:`CheckpointError` when there are none, they are not finite, or they are all zero (a
     change of the function would not show in them)."""
-    reference = _outputs(model, x)
+    reference = float64_outputs(model, x)
     if not reference:
         raise CheckpointError("the model's output on the example input holds no floating tensor")
     if not all_finite(reference):
@@ -517,17 +494,6 @@ def _max_change(a: list[Tensor], b: list[Tensor]) -> float:
     """``max |a - b|`` over every entry (NaN when any difference is NaN)."""
     values = [float((u - v).abs().max()) for u, v in zip(a, b, strict=True) if u.numel()]
     return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
-
-
-def _relative_changes(a: list[Tensor], b: list[Tensor]) -> tuple[float, ...]:
-    """``max |a_i - b_i| / max |b_i|`` for each output tensor ``b_i`` (0 for an empty one,
-    ``inf`` for a change of an all-zero one, NaN for a NaN difference)."""
-    changes = []
-    for u, v in zip(a, b, strict=True):
-        change = float((u - v).abs().max()) if u.numel() else 0.0
-        scale = float(v.abs().max()) if v.numel() else 0.0
-        changes.append(change / scale if scale else change * math.inf if change else 0.0)
-    return tuple(changes)
 
 
 def _load64(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
@@ -582,48 +548,6 @@ def _written(
     except CheckpointError as err:
         raise CheckpointError(f"balancing would break a tie of the model: {err}") from None
     return written, moved
-
-
-def _float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` in eval mode, its experts on float64 kernels
-    (:func:`_float64_experts`); :class:`CheckpointError` when it cannot be copied
-    (``torch.nn.utils.weight_norm``'s modules cannot)."""
-    try:
-        copied = copy.deepcopy(model)
-    except Exception as err:  # whatever a module's __deepcopy__ raises
-        raise CheckpointError(
-            f"cannot copy the model ({type(err).__name__}: {first_line(err)}); balancing works "
-            "on a copy"
-        ) from None
-    copied = copied.to(torch.float64).eval()
-    _float64_experts(copied)
-    return copied
-
-
-# Hugging Face experts implementations with no float64 kernel (``torch._grouped_mm`` takes
-# float32, bfloat16 and float16), and the one the float64 copy runs instead: the same experts
-# (each token's top-k experts, their outputs summed with the routing weights) with ``bmm``, and,
-# unlike the ``eager`` loop, without reading the routing into Python.
-NO_FLOAT64_EXPERTS = ("grouped_mm",)
-FLOAT64_EXPERTS = "batched_mm"
-
-
-def _float64_experts(model: nn.Module) -> None:
-    """Switch each Hugging Face model in the float64 copy ``model`` whose experts run on
-    :data:`NO_FLOAT64_EXPERTS` to :data:`FLOAT64_EXPERTS` (its configuration is the copy's);
-    :class:`CheckpointError` when transformers refuses the switch."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        implementation = getattr(config, "_experts_implementation", None)
-        if implementation in NO_FLOAT64_EXPERTS and hasattr(module, "set_experts_implementation"):
-            try:
-                module.set_experts_implementation(FLOAT64_EXPERTS)
-            except Exception as err:  # whatever transformers raises for a model it cannot switch
-                raise CheckpointError(
-                    f"the experts of {type(module).__name__} run on {implementation}, which has "
-                    f"no float64 kernel, and cannot be switched to {FLOAT64_EXPERTS}: "
-                    f"{first_line(err)}"
-                ) from None
 
 
 def _moved(
@@ -682,16 +606,16 @@ def balance_state_dict(
     ties = model.state_dict()  # the model's own ties (the float64 copy may lose some)
     saved = dict(tensors)
     tensors = _model_layout(model, ties, saved)
-    original, model = model, _float64_copy(model)
-    _load64(model, _complete(ties, tensors))
+    original, model = model, float64_copy(model, CheckpointError, "balancing works on a copy")
+    _load64(model.eval(), _complete(ties, tensors))
     structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
     reference, scale = _reference(model, x)
     before = gaugefix.imbalance_stats(model, structure)
     result = _moved(model, structure, objective, calibration, alpha)
-    exact = _outputs(model, x)
+    exact = float64_outputs(model, x)
 
     written, moved = _written(model, tensors, ties)
-    rounded = _outputs(model, x)
+    rounded = float64_outputs(model, x)
     dtypes = [tensors[name].dtype for name in moved]
     report = CheckpointBalance(
         num_generators=structure.num_generators,
@@ -702,8 +626,8 @@ def balance_state_dict(
         exact_change=_max_change(exact, reference),
         output_change=_max_change(rounded, reference),
         dtype=max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64),
-        per_output_exact=_relative_changes(exact, reference),
-        per_output_change=_relative_changes(rounded, reference),
+        per_output_exact=relative_changes(exact, reference),
+        per_output_change=relative_changes(rounded, reference),
     )
     return _file_layout(original, written, saved, tensors), report
 

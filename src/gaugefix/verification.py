@@ -1,0 +1,196 @@
+"""A numerical check of a gauge structure on other inputs (:func:`verify`).
+
+:func:`gaugefix.discover` traces the forward once, on the example it is given; a few ways of
+reading sizes escape the trace (a plain number equal to the batch at the example, a size cached
+before discovery, arithmetic on ``float(n)``), and there a generator found exact at the example
+moves the outputs at other sizes. :func:`verify` runs the model on the inputs it will see, before
+and after a random gauge, and names the generators that move its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.action import all_finite, apply_gauge_
+from gaugefix.diagnostics import _frozen_randomness
+from gaugefix.errors import GaugefixError
+from gaugefix.precision import float64_copy, float64_outputs, relative_changes
+from gaugefix.structure.gauge_structure import GaugeStructure, check_structure
+
+__all__ = [
+    "VERIFY_SCALE",
+    "VERIFY_SEED",
+    "VERIFY_TOLERANCE",
+    "Verification",
+    "VerificationError",
+    "verify",
+]
+
+# The random gauge's ``h ~ N(0, VERIFY_SCALE^2)``: factors ``exp(h)`` of order 1 to 10, which a
+# broken generator turns into a relative change of the outputs of order 1, and which stay far
+# from float64's overflow even on an entry many generators act on.
+VERIFY_SCALE = 1.0
+VERIFY_SEED = 0
+# The largest relative change of the outputs that counts as none. An exact gauge changes the
+# float64 outputs by rounding alone: the unit roundoff 1.1e-16 times the depth and the
+# conditioning of the forward, 1e-15 to 1e-13 on the zoo's and Hugging Face's models. A broken
+# generator at scale 1 changes them by far more (1e-3 to 1). 1e-9 leaves three decades of margin
+# above rounding, and catches breakages down to a billionth of the outputs' scale.
+VERIFY_TOLERANCE = 1e-9
+
+
+class VerificationError(GaugefixError, ValueError):
+    """A model or inputs on which a structure cannot be checked (no floating output, outputs
+    that are not finite or all zero, a model that cannot be copied); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Verification:
+    """What :func:`verify` measured: ``max_change``, the largest relative change
+    ``max |f_g(x) - f(x)| / max |f(x)|`` over the floating outputs under a random gauge ``g`` of
+    every generator; ``tolerance``, the largest that counts as none; ``broken``, a bool tensor
+    ``[num_generators]``, true for the generators found to move the outputs (all false when
+    ``ok``). ``structure.restrict(~result.broken, reason)`` keeps the others."""
+
+    max_change: float
+    tolerance: float
+    broken: Tensor
+
+    @property
+    def ok(self) -> bool:
+        """The outputs kept to ``tolerance`` under a gauge of every generator (NaN fails)."""
+        return self.max_change <= self.tolerance
+
+
+def verify(
+    model: nn.Module, structure: GaugeStructure, *inputs: Any, **kwargs: Any
+) -> Verification:
+    """Check ``structure`` numerically on ``model(*inputs, **kwargs)``: inputs of any shape the
+    model accepts (other batch sizes, other lengths than the example it was discovered on).
+
+    A float64 copy of ``model``, in its mode (train or eval), runs on the inputs (floating
+    tensors in float64) once as it is and once after a random gauge ``h ~ N(0, 1)`` of every
+    generator (seeded: :data:`VERIFY_SEED`), in float64 throughout; dropout draws the same masks
+    in both, and buffers a forward updates (BatchNorm's statistics) are restored before each. If
+    the largest relative change of a floating output exceeds :data:`VERIFY_TOLERANCE`, the
+    generators responsible are found by bisection: each half of a failing set is gauged on its
+    own (a fresh random ``h``). Exact symmetries commute, so a set of exact generators is exact
+    and a failing set has a failing half; when neither half fails numerically, the whole set is
+    reported (never a generator wrongly kept). That costs ``O(k log N)`` forwards for ``k``
+    broken generators among ``N`` (at most ``2 + 2 k ceil(log2 N)``).
+
+    ``model``, its buffers, the inputs and torch's random state are left as they were. A
+    structure that does not fit ``model`` raises :meth:`GaugeStructure.bind`'s ``ValueError``;
+    one without generators is ok without a forward. Typical use, after a discovery on one
+    example: ``structure = structure.restrict(~result.broken, "moves the outputs at batch 3")``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    structure = check_structure(structure)
+    structure.bind(model)
+    n = structure.num_generators
+    if n == 0:
+        return Verification(0.0, VERIFY_TOLERANCE, torch.zeros(0, dtype=torch.bool))
+    copied = float64_copy(model, VerificationError, "verify works on a copy")
+    device = next((t.device for t in _state(copied)), torch.device("cpu"))
+    with _frozen_randomness(device) as reset:
+        change = _gauged_change(copied, structure, reset, inputs, kwargs)
+        everything = torch.arange(n)
+        largest = change(everything)
+        broken = torch.zeros(n, dtype=torch.bool)
+        if not largest <= VERIFY_TOLERANCE:
+            for found in _bisected(lambda s: not change(s) <= VERIFY_TOLERANCE, everything):
+                broken[found] = True
+    return Verification(largest, VERIFY_TOLERANCE, broken)
+
+
+def _state(model: nn.Module) -> list[Tensor]:
+    """The parameters and buffers of ``model``, each storage once."""
+    return [*model.parameters(), *model.buffers()]
+
+
+def _float64_inputs(value: Any) -> Any:
+    """A fresh copy of the tensors in ``value`` (in tuples, lists and mappings), floating ones
+    in float64; other values as they are."""
+    if isinstance(value, Tensor):
+        dtype = torch.float64 if value.is_floating_point() else value.dtype
+        return value.detach().to(dtype, copy=True)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_float64_inputs(v) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_float64_inputs(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _float64_inputs(v) for k, v in value.items()}
+    return value
+
+
+def _gauged_change(
+    model: nn.Module,
+    structure: GaugeStructure,
+    reset: Callable[[], None],
+    inputs: tuple,
+    kwargs: dict,
+) -> Callable[[Tensor], float]:
+    """``change(members)``: the largest relative change of the float64 ``model``'s floating
+    outputs under a fresh random gauge of the generators ``members`` (an index tensor; the others
+    0), from the model's state on entry, its buffers and the random state reset before each
+    forward. :class:`VerificationError` when the outputs on entry cannot show a change."""
+    state = _state(model)
+    saved = [t.detach().clone() for t in state]
+    draws = torch.Generator().manual_seed(VERIFY_SEED)
+
+    def forward() -> list[Tensor]:
+        reset()
+        return float64_outputs(model, *_float64_inputs(inputs), **_float64_inputs(kwargs))
+
+    reference = _checked_reference(forward())
+    for t, s in zip(state, saved, strict=True):  # the buffers the forward updated
+        t.detach().copy_(s)
+
+    def change(members: Tensor) -> float:
+        h = VERIFY_SCALE * torch.randn(
+            structure.num_generators, generator=draws, dtype=torch.float64
+        )
+        mask = torch.zeros_like(h, dtype=torch.bool)
+        mask[members] = True
+        apply_gauge_(model, structure, torch.where(mask, h, 0.0).to(saved[0].device))
+        outputs = forward()
+        for t, s in zip(state, saved, strict=True):
+            t.detach().copy_(s)
+        changes = relative_changes(outputs, reference)
+        return math.nan if any(math.isnan(c) for c in changes) else max(changes, default=0.0)
+
+    return change
+
+
+def _checked_reference(outputs: list[Tensor]) -> list[Tensor]:
+    """``outputs``, or :class:`VerificationError` when they cannot show a change: none, not
+    finite (a NaN hides any change), or all zero."""
+    if not outputs:
+        raise VerificationError("the model's output on the inputs holds no floating tensor")
+    if not all_finite(outputs):
+        raise VerificationError("the model's output on the inputs is not finite")
+    if all(not bool(t.any()) for t in outputs):
+        raise VerificationError(
+            "the model's outputs on the inputs are all zero: they cannot show whether a gauge "
+            "changes them; give inputs on which they are not"
+        )
+    return outputs
+
+
+def _bisected(fails: Callable[[Tensor], bool], members: Tensor) -> list[Tensor]:
+    """The generators of the failing set ``members`` (an index tensor) that fail: each half
+    that ``fails`` is searched in turn; a single generator, or a set neither of whose halves
+    fails, is returned whole."""
+    if members.numel() == 1:
+        return [members]
+    halves = [half for half in members.tensor_split(2) if fails(half)]
+    if not halves:
+        return [members]
+    return [found for half in halves for found in _bisected(fails, half)]
