@@ -216,7 +216,8 @@ def test_activation_reads_the_written_tensor(write):
 def deepseek_v3() -> tuple[nn.Module, Tensor, gaugefix.GaugeStructure]:
     """A tiny float64 DeepSeek-V3 (latent attention, shared and fused routed experts) moved off
     balance by ``random_gauge_(1.5)``, its example ids and structure. (V2's complex rotary
-    embedding rounds through float32 inside: not exact in float64.)"""
+    embedding casts the queries and keys to float32, ``xq.float()``: a plain float64 forward
+    rounds them there, one run in float64 throughout does not, see the test below.)"""
     ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     model = _deepseek(3)
     s = gaugefix.discover(model, ids)
@@ -271,6 +272,26 @@ def test_deepseek_frozen_latent_projection_and_optimizer_state():
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         for key, value in opt.state.get(p, {}).items():
             assert torch.equal(value, twin_opt.state[q][key]), key
+
+
+@pytest.mark.parametrize("objective, alpha", [("range", 0.5), ("activation", 0.5)])
+def test_deepseek_v2_complex_rotary_is_exact_in_float64_throughout(objective, alpha):
+    """DeepSeek-V2 with no cast neutralised: its complex rotary pairs are query-key generators,
+    and in float64 throughout (``Float64Throughout``, as ``equalize_`` and ``output`` run a
+    float64 model) a random gauge and ``equalize_`` keep the outputs on fresh ids to ``TOL``,
+    with the residual at rounding. A plain float64 forward is not exact: its router and rotary
+    casts to float32 round (about 6e-8 here)."""
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = _deepseek(2)
+    s = gaugefix.discover(model, ids)
+    assert s.kind_counts()["query-key"] == 72  # 36 per layer, the rotary pairs among them
+    before = output(model, (FRESH_IDS,))
+    gaugefix.random_gauge_(model, s, 1.5, generator=torch.Generator().manual_seed(3))
+    assert rel_change(before, output(model, (FRESH_IDS,))) <= TOL
+    calibration = ids if objective == "activation" else None
+    result = gaugefix.equalize_(model, s, objective, calibration=calibration, alpha=alpha)
+    assert result.converged and result.objective_after <= TOL
+    assert rel_change(before, output(model, (FRESH_IDS,))) <= TOL
 
 
 BAD_DEEPSEEK = {

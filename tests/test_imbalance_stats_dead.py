@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 
 import pytest
 import torch
@@ -160,3 +161,40 @@ def test_tiny_entries_without_a_dead_side_keep_two_passes(passes):
         stats = gf.imbalance_stats(tiny, s)
         assert passes == [torch.float32, torch.float64]
         assert bits(stats) == bits(reference_stats(tiny, s))
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "restrict", "save"])
+def test_copies_of_a_structure_carry_no_float64_first_state(passes, how, tmp_path):
+    """Whether to sum in float64 first is a cache of the last call on one structure: a copy
+    (pickled, deep-copied, restricted, saved and loaded) holds none of it, its first call takes
+    both passes, and every call gives the two-pass statistics bit for bit."""
+    base, s = fresh_structure((5, 8, 3))
+    dead = edited(base, [(0, 2, "dead_in")])
+    expected = bits(reference_stats(dead, s))
+    assert bits(gf.imbalance_stats(dead, s)) == expected  # the state is set: float64 next
+    if how == "pickle":
+        other = pickle.loads(pickle.dumps(s))
+    elif how == "deepcopy":
+        other = copy.deepcopy(s)
+    elif how == "restrict":
+        other = s.restrict(torch.ones(s.num_generators, dtype=torch.bool), "kept")
+    else:
+        s.save(tmp_path / "s.json")
+        other = gf.GaugeStructure.load(tmp_path / "s.json")
+    assert not [k for k, v in vars(other).items() if "float64" in k and v]
+    for structure, taken in [(s, [torch.float64]), (other, [torch.float32, torch.float64])]:
+        passes.clear()
+        assert bits(gf.imbalance_stats(dead, structure)) == expected
+        assert passes == taken
+
+
+def test_float64_models_take_one_pass_and_keep_their_statistics(passes):
+    """A float64 model with dead neurons: one float64 pass per call, before and after a pickle
+    round trip, with the same statistics bit for bit."""
+    base, s = fresh_structure((5, 8, 3))
+    dead = edited(base, [(0, 2, "dead_in"), (0, 5, "dead_out")]).double()
+    expected = bits(reference_stats(dead, s))
+    for structure in (s, s, pickle.loads(pickle.dumps(s))):
+        passes.clear()
+        assert bits(gf.imbalance_stats(dead, structure)) == expected
+        assert passes == [torch.float64]

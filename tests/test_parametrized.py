@@ -350,6 +350,50 @@ def test_weight_norm_moves_the_gains_the_bias_and_the_next_layer(kind):
     assert torch.equal(after[v], before[v])
 
 
+class TransposedNet(nn.Module):
+    """A transposed convolution (2 -> 3 channels, weight ``[in, out, *kernel]``), a ReLU and a
+    plain convolution back to 2 channels, in 1 or 2 spatial dims."""
+
+    def __init__(self, spatial: int) -> None:
+        super().__init__()
+        up, conv = (
+            (nn.ConvTranspose1d, nn.Conv1d) if spatial == 1 else (nn.ConvTranspose2d, nn.Conv2d)
+        )
+        self.up, self.out = up(2, 3, 3), conv(3, 2, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up(x)))
+
+
+def _transposed_net(spatial: int, kind: str | None) -> nn.Module:
+    """The same :class:`TransposedNet` on every call, weight-normalised as ``kind`` says."""
+    torch.manual_seed(0)
+    model = TransposedNet(spatial).to(D)
+    if kind is not None:
+        _weight_normed(model.up, kind)
+    return model
+
+
+@pytest.mark.parametrize("kind", [None, "weight_norm_dim1", "weight_norm_hook_dim1"])
+@pytest.mark.parametrize("spatial", [1, 2])
+def test_transposed_convolution_names_the_layer_of_every_generator(spatial, kind):
+    """A transposed convolution produces along dim 1 of its weight, where ``weight_norm(dim=1)``
+    puts its gains: each of the 3 output channels is one exact generator, produced by the layer
+    (by the parametrized weight's module for the parametrization), named in the summary."""
+    model, moved = _transposed_net(spatial, kind), _transposed_net(spatial, kind)
+    inputs = [torch.randn(b, 2, *([5] * spatial), dtype=D) for b in BATCHES]
+    structure = gf.discover(model, inputs[0])
+    layer = "up.parametrizations.weight" if kind == "weight_norm_dim1" else "up"
+    assert structure.num_generators == 3
+    assert structure.generator_layers == [layer] * 3
+    row = next(r for r in structure.summary().splitlines() if r.startswith(layer + " "))
+    assert row.split()[1:3] == ["3", "3"]  # channels, generators
+    gf.apply_gauge_(moved, structure, torch.randn(3, dtype=D))
+    assert _largest_relative_change(moved, model, inputs) <= TOL
+    saved = gf.GaugeStructure.from_dict(structure.to_dict())
+    assert saved.generator_layers == structure.generator_layers
+
+
 class DirectWeightNorm(nn.Module):
     """``F.linear(x, torch._weight_norm(v, g, dim))`` with ``g`` of the given shape between two
     ReLU layers."""

@@ -172,6 +172,29 @@ def test_a_file_nested_too_deep_to_parse_is_refused_with_one_value_error(tmp_pat
     assert len(str(info.value).splitlines()) == 1
 
 
+def test_dropout_swapped_for_identity_is_refused_and_rediscovery_binds():
+    """An ``nn.Identity`` where the structure's model had an ``nn.Dropout`` computes the same
+    function in eval mode, yet the recorded class names cannot show it: the gauge action is
+    refused with one line saying to discover again, and moves nothing; the structure
+    discovered on the model as it is now binds it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Dropout(0.1), nn.Linear(5, 2))
+    model = model.double().eval()
+    s = gaugefix.discover(model, X)
+    model[2] = nn.Identity()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="module '2' is a Identity, was a Dropout") as info:
+        gaugefix.apply_gauge_(model, s, torch.ones(s.num_generators, dtype=torch.float64))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert "discover its structure again on this model" in message
+    assert "class names cannot show two classes equivalent" in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    again = gaugefix.discover(model, X)
+    assert again.num_generators == s.num_generators == 5
+    assert again.bind(model).keys() == s.params.keys()
+
+
 def test_a_zoo_mlp_with_tanh_activations_is_refused():
     """``zoo.mlp`` with its ReLUs replaced by Tanh: same names and shapes, no symmetry."""
     torch.manual_seed(0)

@@ -157,3 +157,28 @@ def test_version_1_rows_spread_over_the_channels_the_file_backs_still_load():
     loaded = GaugeStructure.from_dict(data)
     assert loaded.produced["0.bias"].tolist() == [0, 0, 0, 0]
     assert loaded.produced["0.weight"].tolist() == [0, 1, 2, 3]
+
+
+HUGE = 2**40  # channels a small file may declare: 8 TiB as one int64 map, never to be built
+
+
+@pytest.mark.parametrize("declared", ["bias", "every layer"])
+def test_a_small_file_declaring_huge_channels_gives_no_group_and_allocates_nothing(declared):
+    """One hidden neuron: its terms are one entry long, so the declared shapes alone say how
+    many channels each map has. A file claiming ``2**40`` of them (no term spans them, no layer
+    produces them, more than ``UNSTORED_CHANNELS``) loads, and ``scale_groups`` leaves that
+    layer's generators out instead of building maps of that size (which would fail to
+    allocate); the file as saved has its group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 2)).to(DTYPE)
+    structure = gaugefix.discover(model, torch.randn(2, 4, dtype=DTYPE))
+    data = structure.to_dict()
+    assert [g["generators"] for g in GaugeStructure.from_dict(data).scale_groups()] == [[0]]
+    shapes = {"0.weight": [HUGE, 4], "0.bias": [HUGE], "2.weight": [2, HUGE]}
+    for p in data["params"]:
+        if declared == "every layer" or p["name"] == "0.bias":
+            p["shape"] = shapes[p["name"]]
+    assert len(json.dumps(data)) < 1000
+    loaded = GaugeStructure.from_dict(data)
+    assert loaded.params["0.bias"].shape == (HUGE,)
+    assert loaded.scale_groups() == []

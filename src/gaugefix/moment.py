@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.distributed import local_view, refuse_gathered, sharded
-from gaugefix.kernels import generator_sums, reduce_to
+from gaugefix.kernels import cached_on, generator_sums, reduce_to
 from gaugefix.structure import GaugeStructure, PlannedParam
 
 __all__ = [
@@ -161,10 +161,11 @@ def stats_from_sums(
 
 
 _DEAD_INDEX = STAT_NAMES.index("dead_count")
-# The attribute of a structure set when its last float32 statistics had a generator with an
-# all-zero side (a dead neuron, which the float32 statistics always redo in float64): the next
-# call sums in float64 first, and keeps that result while such a side remains.
-_FLOAT64_FIRST_ATTR = "_float64_first"
+# The structure's per-device cache (pickled and saved empty) of whether its last float32
+# statistics there had a generator with an all-zero side (a dead neuron, which the float32
+# statistics always redo in float64): the next call sums in float64 first, and keeps that
+# result while such a side remains. It changes the cost, never the statistics.
+_FLOAT64_FIRST_ATTR = "_float64_first_on"
 
 FLOAT32_SUM_FLOOR = 2.0**-102  # float32 sums of squares at least this lose at most 2^-150 per
 # square that underflows or rounds to a subnormal: k * 2^-48 relative, within float32 rounding
@@ -265,7 +266,8 @@ def imbalance_stats(
     if accumulation_dtype(params) != torch.float32:
         return dict(zip(STAT_NAMES, _stats_list(params, local, torch.float64), strict=True))
     wide = None  # under FSDP2 (local is a shard) every process must take the same path: no guess
-    if local is structure and getattr(structure, _FLOAT64_FIRST_ATTR, False):
+    first = _float64_first(structure, params)
+    if local is structure and first[0]:
         wide = _stats_list(params, local, torch.float64)
         if wide[_DEAD_INDEX] > 0:  # an all-zero side, 0 in float32 too: float32 would redo it
             return dict(zip(STAT_NAMES, wide, strict=True))
@@ -273,8 +275,15 @@ def imbalance_stats(
     if out_of_float32_range(values, structure.num_generators):
         values = wide if wide is not None else _stats_list(params, local, torch.float64)
     if local is structure:  # dead_count > 0 only in float64 statistics: an all-zero side
-        setattr(structure, _FLOAT64_FIRST_ATTR, values[_DEAD_INDEX] > 0)
+        first[0] = values[_DEAD_INDEX] > 0
     return dict(zip(STAT_NAMES, values, strict=True))
+
+
+def _float64_first(structure: GaugeStructure, params: Mapping[str, Tensor]) -> list[bool]:
+    """Whether the next float32 statistics of ``structure`` on the device of ``params`` sum
+    in float64 first: a one-entry list, cached with the structure's plans (never pickled)."""
+    device = next(iter(params.values())).device
+    return cached_on(structure, _FLOAT64_FIRST_ATTR, device, lambda _: [False])
 
 
 def _stats_list(

@@ -49,6 +49,9 @@ __all__ = ["scale_groups"]
 
 # The parameters of a module a tool scales by the module's name (with its channels).
 SCALED_LEAVES = ("weight", "bias")
+# The most channels, over all layers, whose maps are built at lengths only declared shapes give
+# (no term spans them, no layer produces that many): 2**24, 128 MiB as one int64 map.
+UNSTORED_CHANNELS = 1 << 24
 
 if TYPE_CHECKING:
     from gaugefix.structure import GaugeStructure
@@ -73,10 +76,16 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
         if module_of(name) in row:
             owns[row[module_of(name)], index[index >= 0]] = True
     tied = structure.aliases or {}  # held by several modules: a tool would scale it twice
-    for param in structure.plan(torch.device("cpu")):
+    plan = structure.plan(torch.device("cpu"))
+    unstored = _unstored_modules(structure, plan)
+    for param in plan:
         module = row[module_of(param.name)]
         own = owns[module]
         in_out = param.name in structure.in_out
+        if modules[module] in unstored:
+            for term in param.terms:
+                other[term.slots.reshape(-1)] = True
+            continue
         for term in param.terms:
             if param.name in tied:
                 other[term.slots.reshape(-1)] = True
@@ -100,6 +109,35 @@ def _sides(structure: GaugeStructure) -> tuple[list[str], Tensor, Tensor, Tensor
             other |= smooth[row[module_of(name)]]
     maps = {m: found[0] for m, found in outputs.items() if found}
     return modules, smooth[:, :n], balance[:, :n], other[:n], columns, maps
+
+
+def _unstored_modules(structure: GaugeStructure, plan: list[PlannedParam]) -> set[str]:
+    """The modules to leave out because their channel maps (the output channels of a
+    ``weight`` or ``bias``, the input channels a term one entry long divides) would be built
+    at lengths the file does not store: no term spans them and no layer produces that many
+    channels (a concatenation of a layer's shifted copies, read by one whole-tensor term, has
+    such a length). Up to :data:`UNSTORED_CHANNELS` of them in all are built; beyond, every
+    module with one is left out, so that a small file declaring a huge shape does not make
+    maps of that size (its groups would name every one of those channels)."""
+    sizes = {len(index) for index in structure.produced.values()}
+    for param in plan:
+        sizes.update(n for term in param.terms for n in term.slots.shape)
+    unstored: dict[str, int] = {}
+    for param in plan:
+        shape, in_out = param.shape, param.name in structure.in_out
+        if not shape or not _tool_scaled(param.name):
+            continue
+        two_d = in_out and len(shape) == 2
+        divided = len(shape) > 1 and any(
+            t.sign < 0 and _scalable(param.name, shape, t.slots.shape, False, in_out)
+            for t in param.terms
+        )
+        dims = (1 if two_d else 0,) + ((0 if two_d else 1,) if divided else ())
+        lengths = [shape[d] for d in dims if shape[d] not in sizes]
+        if lengths:
+            module = module_of(param.name)
+            unstored[module] = unstored.get(module, 0) + sum(lengths)
+    return set(unstored) if sum(unstored.values()) > UNSTORED_CHANNELS else set()
 
 
 def _output_map(param: PlannedParam, in_out: bool, n: int, found: list, other: Tensor) -> None:

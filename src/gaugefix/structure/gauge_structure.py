@@ -339,7 +339,10 @@ class GaugeStructure:
     def _check_module_types(self, model: nn.Module) -> None:
         """A model whose modules are not those recorded, by name and class (an ``nn.Tanh``
         where the structure's model had an ``nn.ReLU``: the same parameters, another group), is
-        another model. A subclass of the recorded class passes (FSDP2's ``FSDPLinear``)."""
+        another model. A subclass of the recorded class passes (FSDP2's ``FSDPLinear``). No
+        other class does, even one computing the same function (an ``nn.Identity`` for an
+        ``nn.Dropout``): a class name does not say what a class computes (a model's own
+        ``Dropout`` may permute channels), so the model is discovered again."""
         if self.module_types is None:
             return
         found = dict(model.named_modules())
@@ -354,7 +357,8 @@ class GaugeStructure:
                 raise ValueError(
                     f"the structure does not match: module {name!r} is a "
                     f"{type(found[name]).__name__}, was a {recorded} (another function, another "
-                    "symmetry group); discover its structure again"
+                    "symmetry group); discover its structure again on this model (the recorded "
+                    "class names cannot show two classes equivalent)"
                 )
 
     def plan(self, device: torch.device | str) -> list[PlannedParam]:

@@ -1093,12 +1093,12 @@ class TraceContext:
         view = entry[1] if entry is not None and entry[0] is p else None
         return view is not None and view.index.numel() != view.param.numel()
 
-    def _per_slice(self, name: str, on_param: Tensor) -> Tensor:
-        """Nodes given on parameter ``name``, one per slice along its dim 0 (its first entry;
-        one node for a 0-d parameter): the channels a broadcast gain produces, per gain."""
-        shape = self.params[name].shape
-        full = on_param.expand(shape)
-        return full.reshape(shape[0], -1)[:, 0] if len(shape) else full.reshape(1)
+    def _per_gain(self, name: str, on_param: Tensor) -> Tensor:
+        """Nodes given on parameter ``name``, one per entry (one for a 0-d parameter): the
+        channels a broadcast gain produces, per gain. A gain has one dim of size above 1 at
+        most, at any place (``weight_norm(dim=1)`` on a transposed convolution puts it on the
+        output channels, dim 1 of the weight), so its entries are its gains in order."""
+        return on_param.expand(self.params[name].shape).reshape(-1)
 
     def _on_gathered(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
         """``nodes`` given on gathered slices, as nodes of the whole parameter: one node per
@@ -1135,7 +1135,7 @@ class TraceContext:
         name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
         self._pending.setdefault(name, []).append((on_param, 1))
         self.produced.setdefault(
-            name, self._per_slice(name, on_param) if self._broadcast(p) else nodes
+            name, self._per_gain(name, on_param) if self._broadcast(p) else nodes
         )
         self.produced_at.setdefault(name, len(self.marks))
         return nodes
