@@ -51,7 +51,8 @@ KEY = "sharpness_track"
 READS_RUNS = True
 # The version of what compute gives: raised when a change alters it, so stored values of
 # older versions are computed again.
-VERSION = 3  # 2: the step's state kept between steps; 3: the last step tracked too
+VERSION = 4  # 2: the step's state kept between steps; 3: the last step tracked too; 4: no edge
+# stable up to the grid's top (a lower bound, not a measured edge)
 TRACKED = ("plain", "balanced-init", "penalty", "exact")  # methods followed, where they were run
 POINTS = {True: 2, False: 11}  # sharpness evaluations per run, quick and full
 
@@ -99,7 +100,8 @@ def edges_at_seed_0(
 ) -> tuple[int, dict[tuple[str, float], tuple[float, float]]]:
     """The steps of the task's full-batch GD regime (its longest) and, per method of
     :data:`TRACKED` and ``s``, its best strength and seed 0's largest stable rate, the low end
-    of its bisected bracket (where it has one)."""
+    of its bisected bracket (where it has one: a seed with no stable rate, or stable up to the
+    highest rate it ran, whose edge is only a lower bound, is left out)."""
     runs = store.runs(task=task.name, optimizer="gd", batch_size=0)
     if (found := longest_full_batch(runs, TaskSpec(task.name).hash())) is None:
         return 0, {}
@@ -107,8 +109,8 @@ def edges_at_seed_0(
     chosen = [r for r in stability.at_best_strength(regime_runs) if r.config.seed == 0]
     out = {}
     for (method, s), cell in group(chosen, lambda c: (c.method, c.s)).items():
-        edge = stability.edge_bracket(cell)[0]
-        if method in TRACKED and s in s_values and edge > 0:
+        edge, above = stability.edge_bracket(cell)
+        if method in TRACKED and s in s_values and above is not None:
             out[(method, s)] = (cell[0].config.strength, edge)
     return regime.steps, out
 

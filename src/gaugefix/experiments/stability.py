@@ -103,6 +103,9 @@ __all__ = [
     "VERDICT",
     "ratio_text",
     "interval_text",
+    "end_text",
+    "FULL_DIGITS",
+    "TIE_ULPS",
     "verdict_text",
     "render_sensitivity",
     "render",
@@ -416,13 +419,30 @@ def bootstrap_interval(ratios: Sequence[float]) -> tuple[float, float]:
     per-seed ratios ``[n]`` (``exp`` of the mean log-ratio), the seeds resampled with
     replacement :data:`BOOTSTRAP_RESAMPLES` times from a fixed numpy seed; its ends are
     resampled means (empirical quantiles, not interpolated), so a ratio of 0 (the method had no
-    stable rate) gives an end of 0, never an undefined one."""
+    stable rate) gives an end of 0, never an undefined one. An end whose mean log-ratio is
+    within the rounding of its sum (:func:`_tie`) of 0 is exactly 1: log-ratios that cancel
+    (``2^(3/16)`` and three ``2^(-1/16)``) are a tie, not a ratio one ulp above or below 1."""
     with np.errstate(divide="ignore"):
         logs = np.log(np.asarray(ratios, dtype=np.float64))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     means = logs[rng.integers(0, len(logs), (BOOTSTRAP_RESAMPLES, len(logs)))].mean(axis=1)
-    low, high = np.quantile(means, [TAIL, 1.0 - TAIL], method="inverted_cdf")
-    return float(np.exp(low)), float(np.exp(high))
+    ends = np.quantile(means, [TAIL, 1.0 - TAIL], method="inverted_cdf")
+    ends[np.abs(ends) <= _tie(logs)] = 0.0
+    return float(np.exp(ends[0])), float(np.exp(ends[1]))
+
+
+# A bound, in units of float64's epsilon, on the rounding of one log-ratio of two bisected edges
+# (each a rounded square root of a product of rounded rates) and of its share of a mean of them.
+TIE_ULPS = 16
+
+
+def _tie(logs: np.ndarray) -> float:
+    """How far from 0 float64 rounding can move a mean of ``n`` of the log-ratios ``logs`` whose
+    exact value is 0: :data:`TIE_ULPS` epsilons per term, of its size and of the sum's
+    (``n`` times the largest finite ``|log|``)."""
+    finite = np.abs(logs[np.isfinite(logs)])
+    n, largest = len(logs), float(finite.max(initial=0.0))
+    return TIE_ULPS * float(np.finfo(np.float64).eps) * n * (1.0 + n * largest)
 
 
 def ratio_stats(
@@ -779,9 +799,24 @@ def ratio_text(stats: dict[str, Any]) -> str:
 
 
 def interval_text(stats: dict[str, Any]) -> str:
-    """``[1.41, 2.52]``: the bootstrap interval of an expansion ratio (``n/a`` without one)."""
+    """``[1.41, 2.52]``: the bootstrap interval of an expansion ratio (``n/a`` without one), each
+    end on its side of 1 as written (:func:`end_text`)."""
     interval = stats["interval"]
-    return f"[{fmt(interval[0])}, {fmt(interval[1])}]" if interval else "n/a"
+    return f"[{end_text(interval[0])}, {end_text(interval[1])}]" if interval else "n/a"
+
+
+def end_text(end: float | None) -> str:
+    """An interval's end as :func:`fmt` writes it, with more digits where that would write 1 for
+    an end that is not 1 (``1.004``, not ``1``, for the lower end of a claim that held, whose
+    rule is an end above 1)."""
+    text, digits = fmt(end), 3
+    while text == "1" and end != 1.0 and digits < FULL_DIGITS:
+        digits += 1
+        text = fmt(end, digits)
+    return text
+
+
+FULL_DIGITS = 17  # significant digits that write every float64 as itself
 
 
 def verdict_text(stats: dict[str, Any]) -> str:
