@@ -323,6 +323,7 @@ class ShardStructure(GaugeStructure):
             structure.in_out,
             structure.aliases,
             structure.module_types,
+            structure.gain_channels,
         )
         self.group = mesh.get_group()
         self._most_terms = structure.most_terms()
@@ -340,6 +341,7 @@ class ShardStructure(GaugeStructure):
             structure.in_out,
             structure.aliases,
             structure.module_types,
+            structure.gain_channels,
         )
         check_same_structure(structure, self.group, first.device, error)
 

@@ -61,6 +61,9 @@ KINDS = ("rotary pair", "query-key", "value-output", "gated unit", "norm gain", 
 # What a structure's note says before the parameters a value-dependent trace did not use (read
 # back by ``gaugefix.scale_groups``, also from a saved structure).
 UNUSED_NOTE = "parameters not used on it: "
+# The most entries of the table a version-1 file's row and column maps are combined into where
+# they name one generator at one entry (2 GiB of int64): beyond, the file is refused.
+V1_CANCEL_LIMIT = 1 << 28
 
 
 class Exclusion(NamedTuple):
@@ -134,7 +137,10 @@ class GaugeStructure:
     order of ``named_parameters(remove_duplicate=False)`` (``None``: not recorded, for
     structures saved before aliases were); ``module_types`` maps each module's name (``""``:
     the model itself) to its class's name (``None``: not recorded, for structures saved before
-    they were).
+    they were); ``gain_channels`` maps each producing gain whose ``produced`` table lists its
+    gains, not its layer's output channels (a weight norm's gain per column or for the whole
+    weight: every output channel has the one generator of the gains), to that number of
+    channels.
     """
 
     def __init__(
@@ -150,6 +156,7 @@ class GaugeStructure:
         in_out: frozenset[str] = frozenset(),
         aliases: dict[str, tuple[str, ...]] | None = None,
         module_types: dict[str, str] | None = None,
+        gain_channels: dict[str, int] | None = None,
     ) -> None:
         self.num_generators = num_generators
         self.params = params
@@ -162,6 +169,7 @@ class GaugeStructure:
         self.in_out = in_out
         self.aliases = aliases
         self.module_types = module_types
+        self.gain_channels = dict(gain_channels or {})
         self._plans: dict[torch.device, list[PlannedParam]] = {}
 
     def __repr__(self) -> str:
@@ -177,8 +185,8 @@ class GaugeStructure:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A pickle of a version without ``aliases`` or ``module_types`` has them not
-        recorded."""
-        self.__dict__.update({"aliases": None, "module_types": None, **state})
+        recorded, and one without ``gain_channels`` has none."""
+        self.__dict__.update({"aliases": None, "module_types": None, "gain_channels": {}, **state})
 
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
@@ -202,15 +210,18 @@ class GaugeStructure:
         return {k: counts[k] for k in KINDS if counts[k]}
 
     def summary(self) -> str:
-        """A table per producing layer: its channels that belong to generators (a generator
-        shared through a residual connection counts in every layer producing it), the
-        generators it is the first producer of, by kind, and notes: the channels whose
-        generators another layer produces first, and the channels excluded, with the reason."""
+        """A table per producing layer: its channels, the output channels it produces that
+        belong to generators (the most over its producing parameters: a weight's rows, a
+        weight norm's gains per row, or, for gains per column or one for the whole weight,
+        every output channel, which all carry the gains' one generator; a generator shared
+        through a residual connection counts in every layer producing it), the generators it
+        is the first producer of, by kind, and notes: the channels whose generators another
+        layer produces first, and the channels excluded, with the reason."""
         gauged: dict[str, int] = {}
         produced: dict[str, set[int]] = {}
         for name, index in self.produced.items():
             module = module_of(name)
-            gauged[module] = max(gauged.get(module, 0), int((index >= 0).sum()))
+            gauged[module] = max(gauged.get(module, 0), self._gauged_channels(name))
             produced.setdefault(module, set()).update(index[index >= 0].tolist())
         kinds: dict[str, Counter] = {}
         for layer, kind in zip(self.generator_layers, self.generator_kinds, strict=True):
@@ -247,6 +258,13 @@ class GaugeStructure:
         )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _gauged_channels(self, name: str) -> int:
+        """The output channels parameter ``name`` produces that belong to generators."""
+        index = self.produced[name]
+        if name in self.gain_channels:
+            return self.gain_channels[name] if bool((index >= 0).any()) else 0
+        return int((index >= 0).sum())
 
     def scale_groups(self) -> list[dict[str, Any]]:
         """The generators that are SmoothQuant/AWQ-style scalings (a layer's output channels
@@ -471,6 +489,7 @@ class GaugeStructure:
             self.in_out,
             self.aliases,
             self.module_types,
+            self.gain_channels,
         )
 
     # -- persistence ----------------------------------------------------------------------------
@@ -505,6 +524,8 @@ class GaugeStructure:
             data["aliases"] = {name: list(other) for name, other in self.aliases.items()}
         if self.module_types is not None:
             data["module_types"] = dict(self.module_types)
+        if self.gain_channels:
+            data["gain_channels"] = dict(self.gain_channels)
         return data
 
     @classmethod
@@ -543,6 +564,7 @@ class GaugeStructure:
             frozenset(_strings(data.get("in_out", []), "in_out")),
             _read_aliases(data.get("aliases")),
             _read_module_types(data.get("module_types")),
+            _read_gain_channels(data.get("gain_channels", {})),
         )
 
     @classmethod
@@ -762,8 +784,21 @@ def _terms_v1(p: dict[str, Any], name: str) -> list[Term]:
         if p[key] is not None
     ]
     if len(maps) == 2 and maps[0][0].dim() == maps[1][0].dim():  # else _check_terms says why
+        _check_cancel_table(maps[0][0], maps[1][0], name)
         maps = [(compact(m).clone(), s) for m, s in _cancel_opposite(maps)]
     return [Term(m, s) for m, s in maps if bool((m >= 0).any())]
+
+
+def _check_cancel_table(rows: Tensor, cols: Tensor, name: str) -> None:
+    """``ValueError`` where a version-1 parameter's row and column maps name one generator at
+    some entry (a layer applied to its own output) and the table cancelling it there, of the
+    maps' broadcast shape, has more than :data:`V1_CANCEL_LIMIT` entries."""
+    size = math.prod(torch.broadcast_shapes(rows.shape, cols.shape))
+    if size > V1_CANCEL_LIMIT and _collisions(rows, cols).numel():
+        raise ValueError(
+            f"the rows and cols of '{name}' name one generator at some entry, and cancelling "
+            f"it there takes a table of {size} entries, more than {V1_CANCEL_LIMIT} (refused)"
+        )
 
 
 def _read_exclusions(entries: Any) -> list[Exclusion]:
@@ -797,6 +832,13 @@ def _read_module_types(types: Any) -> dict[str, str] | None:
     if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
         raise ValueError("module_types must map module names to class names")
     return dict(types)
+
+
+def _read_gain_channels(counts: Any) -> dict[str, int]:
+    """The output channels of each gain whose produced table lists its gains."""
+    if not isinstance(counts, dict):
+        raise ValueError("gain_channels must be a map")
+    return {name: _count(c, f"the channels of the gain {name!r}") for name, c in counts.items()}
 
 
 def _read_layers(layers: Any, which: Any) -> list[str]:
@@ -860,6 +902,8 @@ def _check_tables(s: GaugeStructure) -> None:
         raise ValueError("param_order must name every parameter once, the acted-on ones too")
     if not s.produced.keys() | s.in_out <= order:
         raise ValueError("produced and in_out must name parameters of param_order")
+    if not s.gain_channels.keys() <= s.produced.keys():
+        raise ValueError("gain_channels must name parameters of produced")
     for name, index in s.produced.items():
         if index.dim() != 1 or (index.numel() and int(index.max()) >= n):
             raise ValueError(f"the channels '{name}' produces must name generators in [0, {n})")
@@ -1048,17 +1092,43 @@ def _resolved_terms(
 
 
 def _collisions(a: Tensor, b: Tensor) -> Tensor:
-    """The components two maps of one parameter both name at some entry."""
-    dims_a = {d for d in range(a.dim()) if a.shape[d] > 1}
-    dims_b = {d for d in range(b.dim()) if b.shape[d] > 1}
-    if not dims_a & dims_b:  # every pair of values meets at some entry
+    """The components two maps of one parameter both name at some entry. The maps meet at an
+    entry exactly where their coordinates along the dims both vary on (``shared``) agree; their
+    broadcast table is compared where it has at most :data:`BROADCAST_FACTOR` times the maps'
+    entries, else (a table up to the product of the maps' sizes) the components some
+    coordinate along ``shared`` carries in both maps are found on the maps' own entries."""
+    shared = [d for d in range(a.dim()) if a.shape[d] > 1 and b.shape[d] > 1]
+    if not shared:  # every pair of values meets at some entry
         common = torch.from_numpy(np.intersect1d(a.unique().numpy(), b.unique().numpy()))
-    else:
+        return common[common >= 0]
+    if math.prod(torch.broadcast_shapes(a.shape, b.shape)) <= BROADCAST_FACTOR * (
+        a.numel() + b.numel()
+    ):
         x, y = torch.broadcast_tensors(a, b)
         common = x[x == y].unique()
-    return common[common >= 0]
+        return common[common >= 0]
+    rows_a, rows_b = _by_coordinate(a, shared), _by_coordinate(b, shared)
+    values, rank = torch.cat([rows_a[1], rows_b[1]]).unique(return_inverse=True)
+    width = max(len(values), 1)
+    keys_a = (rows_a[0] * width + rank[: len(rows_a[1])]).unique()
+    keys_b = (rows_b[0] * width + rank[len(rows_a[1]) :]).unique()
+    at = torch.searchsorted(keys_a, keys_b).clamp(max=max(len(keys_a) - 1, 0))
+    both = keys_b[keys_a[at] == keys_b] if len(keys_a) else keys_b[:0]
+    return values[both % width].unique()
 
 
+def _by_coordinate(m: Tensor, shared: list[int]) -> tuple[Tensor, Tensor]:
+    """The entries of a map naming a component, as (flat coordinate along the ``shared`` dims,
+    component) pairs: two ``[k]`` int64 tensors, ``k`` at most ``m.numel()``."""
+    rest = [d for d in range(m.dim()) if d not in shared]
+    flat = m.permute(shared + rest).reshape(math.prod(m.shape[d] for d in shared), -1)
+    coordinate, column = torch.nonzero(flat >= 0, as_tuple=True)
+    return coordinate, flat[coordinate, column]
+
+
+# The most entries, per entry of two maps of one parameter, of the table they broadcast to that
+# is compared whole when looking for a generator both name at one entry.
+BROADCAST_FACTOR = 4
 UNBLOCKED = 1 << 40  # the reason index of a component nothing blocks (larger than every real one)
 KEY_LIMIT = 1 << 62  # the largest integer key a product of column sizes may reach (int64)
 
@@ -1117,6 +1187,7 @@ def compile_structure(
         in_out,
         _aliases(model),
         types,
+        {name: ctx.gain_channels[name] for name in producers if name in ctx.gain_channels},
     )
 
 

@@ -458,6 +458,8 @@ class TraceContext:
         # name -> the nodes of the channels a parameter produces (for reports and orientation).
         self.produced: dict[str, Tensor] = {}
         self.produced_at: dict[str, int] = {}  # name -> the number of marks when it first produced
+        # name -> the channels a gain produces where its produced nodes are its gains instead
+        self.gain_channels: dict[str, int] = {}
         self.num_nodes = 1  # node 0: the fixed coordinate 0
         self.edges: list[Tensor] = []  # [3, k]: node a, node b, sign (a = sign * b)
         self.marks: list[tuple[Tensor, str]] = []  # (nodes fixed to 0, reason)
@@ -1137,6 +1139,8 @@ class TraceContext:
         self.produced.setdefault(
             name, self._per_gain(name, on_param) if self._broadcast(p) else nodes
         )
+        if self._broadcast(p) and len(self.produced[name]) != nodes.numel():
+            self.gain_channels.setdefault(name, nodes.numel())
         self.produced_at.setdefault(name, len(self.marks))
         return nodes
 
