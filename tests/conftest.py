@@ -6,8 +6,10 @@
   takes milliseconds with two threads on a busy machine, microseconds with one).
 - ``captured_figures``: every matplotlib figure saved while the test runs.
 - ``one_process``: a gloo process group of this process alone.
+- ``quick_run``, ``quick_copy``: one quick reproduction for the session, and a copy of it.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,3 +55,27 @@ def one_process():
     yield
     if started:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One ``gaugefix reproduce --quick --jobs 2`` for the session: its output folder, never
+    written to afterwards, and the command's output. The tests that check the quick reproduction
+    read it through ``quick_copy`` (the run takes minutes; each test ran it for itself)."""
+    from typer.testing import CliRunner
+
+    from gaugefix.cli import app
+
+    out = tmp_path_factory.mktemp("quick-run") / "results"
+    result = CliRunner().invoke(app, ["reproduce", "--quick", "--jobs", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.fixture
+def quick_copy(quick_run: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the session's quick reproduction, as a folder of the test's own (the test may
+    re-run or re-render into it), and the command's output."""
+    out = tmp_path / "results"
+    shutil.copytree(quick_run[0], out)
+    return out, quick_run[1]

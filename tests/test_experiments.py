@@ -555,10 +555,8 @@ def _check_schema(summary: dict) -> None:
     assert set(summary["dose"]["teacher-student"]["rho"]) == {"penalty", "exact", "pooled"}
 
 
-def test_quick_reproduction(tmp_path: Path):
-    out = tmp_path / "results"
-    result = cli.invoke(app, ["reproduce", "--quick", "--jobs", "2", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+def test_quick_reproduction(quick_copy):
+    out, output = quick_copy  # the session's ``reproduce --quick --jobs 2`` (exit code 0)
     summary = json.loads((out / "summary.json").read_text())
     _check_schema(summary)
     assert summary["quick"] is True
@@ -592,7 +590,7 @@ def test_quick_reproduction(tmp_path: Path):
         "adam-split.png",
     ):
         assert f"({figure})" in report and (out / figure).is_file()
-    assert "| task | regime | method |" in result.output
+    assert "| task | regime | method |" in output
     # re-running skips every finished run and reproduces the summary
     again = cli.invoke(app, ["reproduce", "--quick", "--out", str(out)])
     assert again.exit_code == 0

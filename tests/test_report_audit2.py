@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
@@ -13,15 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
-from typer.testing import CliRunner
 
 import gaugefix.report as report
-from gaugefix.cli import app
 from gaugefix.experiments.engine import RunConfig, RunResult
 from gaugefix.experiments.store import Store
 from gaugefix.report import readme
-
-cli = CliRunner()
 
 REFERENCES = ("plain", "balanced-init")
 REPLICA = {"plain-replica": "plain"}  # a replica is compared with what it replicates only
@@ -514,10 +511,10 @@ def test_a_store_of_several_seeds_is_summarized_as_the_definitions_say(synthetic
 
 # -- the quick reproduction --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("quick")
-    result = cli.invoke(app, ["reproduce", "--quick", "--jobs", "2", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+def quick(quick_run, tmp_path_factory) -> Path:
+    """A copy of the session's ``reproduce --quick --jobs 2`` (exit code 0), this module's own."""
+    out = tmp_path_factory.mktemp("quick") / "results"
+    shutil.copytree(quick_run[0], out)
     return out
 
 
