@@ -20,6 +20,7 @@ from gaugefix import kernels, zoo
 from gaugefix.action import (
     RANGE_MARGIN,
     SAFE_EXPONENT,
+    exponent_bounds,
     in_range_by_tensor,
     optimizer_states,
     overflowing,
@@ -481,21 +482,54 @@ def adam_vector(values: Tensor, where: str) -> tuple[Vector, O.Optimizer]:
 
 @LAYOUTS
 @pytest.mark.parametrize("h_dtype", [H, BF16])
-def test_half_h_does_not_shrink_the_cheap_bound(h_dtype, gpu, monkeypatch):
-    """Adam's float32 second moment ``v`` on an entry of three terms moves by ``exp(6a)`` under
-    ``h = -a``; ``provably_in_range`` formed ``6 max|h|`` in ``h``'s dtype, rounded down (bfloat16
-    ``a = 11.4375``: ``68.5`` for ``68.625``), said "in range" and the move wrote inf. Now the
-    bound is formed in float64: refused, nothing changed."""
+def test_half_h_does_not_round_the_per_tensor_bound_down(h_dtype, gpu, monkeypatch):
+    """An entry of three terms under ``h = -a``: its exponent bound ``D = 3a``
+    (:func:`exponent_bounds`) is formed in float64, exactly, where ``h``'s dtype rounds it down
+    (float16 ``a = 13.0234375``: ``39.0625`` for ``39.0703125``; bfloat16 ``a = 11.4375``:
+    ``34.25`` for ``34.3125``). Adam's float32 second moment (power -2) moves by ``exp(6a)``:
+    ``in_range_by_tensor`` proves it in range up to the float32 value whose room is ``6a``
+    and not from there (a rounded bound would prove it there), and a value that overflows by
+    ``exp(0.004)`` is refused, nothing changed."""
     monkeypatch.setattr(kernels, "gpu_layout", lambda device: gpu)
-    a = 11.4375 if h_dtype == BF16 else 13.0234375  # 6a rounds down in h's dtype
-    assert float(torch.tensor(6.0, dtype=h_dtype) * torch.tensor(a, dtype=h_dtype)) < 6 * a
+    a = 11.4375 if h_dtype == BF16 else 13.0234375
+    rounded = float(torch.full((3,), a, dtype=h_dtype).sum())
+    assert rounded < 3 * a  # 3a rounds down in h's dtype
+    s, h = vector_structure([1, 1, 1]), torch.full((3,), -a, dtype=h_dtype)
+    assert torch.equal(exponent_bounds(s, h), torch.tensor([[0.0, 3 * a]], dtype=D))
+    edge = edge_of_room(6 * a)
+    assert room_of(edge) > 2 * rounded  # where a bound rounded in h's dtype says "in range"
+    verdicts = []
+    for value in (torch.nextafter(edge, torch.tensor(0.0)), edge):
+        model, opt = adam_vector(torch.stack([value, torch.tensor(1.0)]), "exp_avg_sq")
+        targets = transport_targets({"w": model.w}, optimizer_states(opt, {"w": model.w}))
+        verdicts.append(bool(in_range_by_tensor(targets, s, h)))
+    assert verdicts == [True, False]
     top = math.log(torch.finfo(torch.float32).max) - 6 * a + 0.004  # overflows by exp(0.004)
     model, opt = adam_vector(torch.tensor([math.exp(top), 1.0]), "exp_avg_sq")
-    h = torch.full((3,), -a, dtype=h_dtype)
     before = everything(model, opt)
     with pytest.raises(ValueError, match="overflow"):
-        gaugefix.apply_gauge_(model, vector_structure([1, 1, 1]), h, opt)
+        gaugefix.apply_gauge_(model, s, h, opt)
     assert_unchanged(before, everything(model, opt))
+
+
+def room_of(value: Tensor) -> float:
+    """``in_range_by_tensor``'s room of a float32 tensor whose largest entry is ``value``:
+    ``log`` of float32's largest number less ``RANGE_MARGIN`` less ``log(value)``."""
+    limit = math.log(torch.finfo(torch.float32).max) - RANGE_MARGIN
+    return limit - float(value.to(D).log())
+
+
+def edge_of_room(exponent: float) -> Tensor:
+    """The smallest float32 value whose room (:func:`room_of`) is at most ``exponent``."""
+    value = torch.tensor(
+        math.exp(math.log(torch.finfo(torch.float32).max) - RANGE_MARGIN - exponent)
+    )
+    value = value.to(torch.float32)
+    while room_of(value) > exponent:
+        value = torch.nextafter(value, torch.tensor(math.inf))
+    while room_of(below := torch.nextafter(value, torch.tensor(0.0))) <= exponent:
+        value = below
+    return value
 
 
 @LAYOUTS

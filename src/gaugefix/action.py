@@ -468,8 +468,9 @@ def move_(
     before anything moves unless ``h`` is one finite number per generator, ``optimizer``'s
     state can move (:func:`check_transport`) and ``h`` keeps every moved tensor in its dtype's
     range: proved by the per-tensor bound (:func:`provably_in_range`), else decided by
-    :func:`overflowing` (always for ``DTensor`` s, on every process alike). For ``DTensor`` s
-    every process must hold the same ``h`` and pass an optimizer or not alike
+    :func:`overflowing`; for ``DTensor`` s each process bounds its slices and all agree (one
+    all-reduce), and where one does not prove it every process runs :func:`overflowing`. For
+    ``DTensor`` s every process must hold the same ``h`` and pass an optimizer or not alike
     (:func:`gaugefix.distributed.agreed`: one all-reduce)."""
     agreed(
         params,
@@ -482,7 +483,7 @@ def move_(
     h = h.to(next(iter(params.values())).device)
     _, local = local_view(params, structure)
     targets = transport_targets(params, optimizer_states(optimizer, params))
-    if sharded(params.values()) or not provably_in_range(targets, local, h):
+    if not provably_in_range(targets, local, h, params):
         _refuse_overflow(params, overflowing(targets, local, h))
     rescale_(targets, local, h)
 
@@ -499,9 +500,19 @@ RANGE_MARGIN = 3e-2
 _TABLES_KEPT = 8
 
 
-def provably_in_range(targets: Targets, structure: GaugeStructure, h: Tensor) -> bool:
-    """:func:`in_range_by_tensor`, with one host read."""
-    return bool(in_range_by_tensor(targets, structure, h))
+def provably_in_range(
+    targets: Targets,
+    structure: GaugeStructure,
+    h: Tensor,
+    params: dict[str, Tensor] | None = None,
+) -> bool:
+    """:func:`in_range_by_tensor`, with one host read. With ``DTensor`` ``params`` (FSDP2),
+    whose local slices ``targets`` and ``structure`` are, whether it holds on every process
+    (one all-reduce): every process gets the same answer."""
+    fits = in_range_by_tensor(targets, structure, h)
+    if params is not None and sharded(params.values()):
+        fits = on_every_process(fits, first_dtensor(list(params.values())))
+    return bool(fits)
 
 
 class RangeIndex(NamedTuple):
