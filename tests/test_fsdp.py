@@ -4,6 +4,7 @@ and examples/fsdp_train.py trains like one process on the global batch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +39,28 @@ def start(script: Path, args: list[str], distributed: bool) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def kill(proc: subprocess.Popen) -> None:
+    """End ``proc``'s process group and those of its children: torchrun's workers each run in a
+    session of their own (torch's elastic agent starts them so), which would outlive its group
+    and hold the output pipes open."""
+    for pid in [proc.pid, *children(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from ``/proc``; none where it is missing)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def run_in_processes(code: str) -> dict:
     """The JSON of the last line ``code`` prints, run by two processes under torchrun from the
     tests' folder (so that it can import test modules)."""
@@ -51,15 +74,18 @@ def run_in_processes(code: str) -> dict:
     return finish(proc)
 
 
+TIMEOUT = 300  # seconds a launch may take before it is killed and the test fails
+
+
 def finish(proc: subprocess.Popen) -> dict:
     try:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=TIMEOUT)
     except BaseException as exc:  # a timeout (ranks waiting in different collectives), Ctrl-C
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill(proc)
         out, err = proc.communicate()
         if not isinstance(exc, subprocess.TimeoutExpired):
             raise
-        pytest.fail(f"no result within 300 s (killed)\n{out}\n{err[-4000:]}")
+        pytest.fail(f"no result within {TIMEOUT} s (killed)\n{out}\n{err[-4000:]}")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-4000:]}"
     return json.loads(out.strip().splitlines()[-1])
 
