@@ -3,7 +3,6 @@ parameters and match one process on the same global batch."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch
 import gaugefix
 from gaugefix import zoo
 from gaugefix.train.hook import EVERY
+from test_fsdp import finish
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "ddp_train.py"
@@ -32,14 +32,9 @@ def start(args: list[str], distributed: bool) -> subprocess.Popen:
     if not distributed:
         cmd.append("--single")
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def finish(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-4000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: ended whole on a timeout
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

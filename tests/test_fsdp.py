@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gaugefix.train.hook import EVERY
+from processes import descendants, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fsdp_train.py"
@@ -40,25 +41,12 @@ def start(script: Path, args: list[str], distributed: bool) -> subprocess.Popen:
 
 
 def kill(proc: subprocess.Popen) -> None:
-    """End ``proc``'s process group and those of its children: torchrun's workers each run in a
-    session of their own (torch's elastic agent starts them so), which would outlive its group
+    """End ``proc``'s process group and those of its descendants: torchrun's workers each run in
+    a session of their own (torch's elastic agent starts them so), which would outlive its group
     and hold the output pipes open."""
-    for pid in [proc.pid, *children(proc.pid)]:
+    for pid in [proc.pid, *descendants(proc.pid, processes())]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from ``/proc``; none where it is missing)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
-            continue
-        if ppid == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def run_in_processes(code: str) -> dict:
