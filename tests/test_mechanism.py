@@ -224,5 +224,56 @@ def test_the_report_says_when_only_the_in_adam_penalty_helps():
     assert "Only the in-Adam" not in adam_split._sweep_text("ts", both)
     unknown = {**only, "decoupled-penalty/plain": {"0.0": _held(None)}}
     assert "could not be measured everywhere" in adam_split._sweep_text("ts", unknown)
-    neither = {"penalty/plain": {"0.0": _held(False)}}
+    neither = {
+        "penalty/plain": {"0.0": _held(False)},
+        "decoupled-penalty/plain": {"0.0": _held(False)},
+    }
     assert "Neither" in adam_split._sweep_text("ts", neither)
+
+
+def _sweep_of(pen: list[bool | None], dec: list[bool | None]) -> dict:
+    """A sweep with the given verdicts of each penalty against plain, one per s."""
+    sweep = {"penalty/plain": pen, "decoupled-penalty/plain": dec}
+    return {
+        pair: {f"{s:.1f}": _held(v) for s, v in enumerate(vs)} for pair, vs in sweep.items() if vs
+    }
+
+
+NONE_HELD = "Neither the in-Adam nor the decoupled penalty held against a reference"
+
+
+@pytest.mark.parametrize(
+    ("pen", "dec", "verdict"),
+    [
+        ([False, False], [False], NONE_HELD),
+        (
+            [None, None],
+            [None],
+            "Whether the in-Adam or the decoupled penalty held against a reference could not be "
+            "measured",
+        ),
+        (
+            [False, None],
+            [False],
+            NONE_HELD + " where measured (1 of the 3 verdicts could not be measured)",
+        ),
+        (
+            [False],
+            [],
+            "The in-Adam penalty did not hold against a reference; whether the decoupled one "
+            "helps could not be measured",
+        ),
+        (
+            [None],
+            [False, None],
+            "The decoupled penalty did not hold against a reference where measured (1 of the 2 "
+            "verdicts could not be measured); whether the in-Adam one helps could not be measured",
+        ),
+    ],
+)
+def test_the_sweep_says_which_verdicts_were_not_measured_where_neither_penalty_held(
+    pen, dec, verdict
+):
+    """Where no penalty held, the sentence says "neither held" only of measured verdicts: a
+    penalty with no measured verdict is said not measured, and unmeasured verdicts are counted."""
+    assert adam_split._sweep_text("ts", _sweep_of(pen, dec)).endswith(f". {verdict}.")

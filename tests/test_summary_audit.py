@@ -234,3 +234,43 @@ def test_a_task_named_like_a_version_of_a_realistic_one_is_not_realistic():
         for r in _runs("float32")
     ]
     assert sorted(realistic.summarize(versions)) == ["char-gpt@11111111", "char-gpt@22222222"]
+
+
+def _balanced(method: str, lr: float, seed: int, change: float | None) -> RunResult:
+    """A run stable up to lr 0.1 whose output changed by ``change`` when balanced."""
+    return dataclasses.replace(run_result(method, lr, 0.1, seed=seed), balance_change=change)
+
+
+def test_the_expressivity_check_counts_the_finished_plain_networks_it_could_not_measure(tmp_path):
+    """A NaN output change of a plain network that finished training (stored as ``None``) is
+    counted and makes the claim not measured, instead of leaving the network out of "at most";
+    a diverged plain network and a network of another method are not counted."""
+    store = Store(tmp_path / "results.sqlite")
+    runs = [
+        _balanced("plain", 0.1, 0, 1e-15),
+        _balanced("plain", 0.1, 1, math.nan),
+        _balanced("plain", 0.4, 0, None),
+        _balanced("balance", 0.1, 0, None),
+    ]
+    for r in runs:
+        store.add_run(r, 1.0)
+    entry = quality.summarize_task(store.runs())
+    assert entry == {"balance_function_change": 1e-15, "balance_unmeasured": 1}
+    assert quality.render_task(entry) == (
+        "**Expressivity**: 1 plain network that finished training has no finite output change "
+        "when balanced by `balance_`; the networks measured changed by at most 1e-15 (relative, "
+        "float64): claim (3), the representable functions are identical, **could not be "
+        "measured**."
+    )
+    none = {"balance_function_change": None, "balance_unmeasured": 2}
+    assert quality.render_task(none) == (
+        "**Expressivity**: 2 plain networks that finished training have no finite output change "
+        "when balanced by `balance_`: claim (3), the representable functions are identical, "
+        "**could not be measured**."
+    )
+    every = quality.summarize_task(runs[:1])
+    assert every == {"balance_function_change": 1e-15, "balance_unmeasured": 0}
+    assert quality.render_task(every).endswith(
+        "at most 1e-15 (relative, float64): claim (3), "
+        "the representable functions are identical, **held**."
+    )

@@ -453,5 +453,36 @@ def _sweep_text(task: str, sweep: dict[str, dict[str, Any]]) -> str:
             "could not be measured everywhere"
         )
     else:
-        verdict = "Neither the in-Adam nor the decoupled penalty held against a reference"
+        verdict = _none_held_text(pen, dec)
     return f"- {task}, sweep (Adam, edge ratios per seed): " + "; ".join(parts) + f". {verdict}."
+
+
+def _none_held_text(pen: list[bool | None], dec: list[bool | None]) -> str:
+    """The verdict in words where neither penalty held against a reference at any s: a penalty
+    without a measured verdict is said not measured, and verdicts not measured are counted."""
+    verdicts = {"in-Adam": pen, "decoupled": dec}
+    unknown = [name for name, v in verdicts.items() if all(h is None for h in v)]
+    if len(unknown) == 2:
+        return (
+            "Whether the in-Adam or the decoupled penalty held against a reference could not "
+            "be measured"
+        )
+    if unknown:
+        (known,) = set(verdicts) - set(unknown)
+        where = _where_measured(verdicts[known])
+        return (
+            f"The {known} penalty did not hold against a reference{where}; whether the "
+            f"{unknown[0]} one helps could not be measured"
+        )
+    return (
+        "Neither the in-Adam nor the decoupled penalty held against a reference"
+        + _where_measured(pen + dec)
+    )
+
+
+def _where_measured(verdicts: list[bool | None]) -> str:
+    """`` where measured (k of the n verdicts could not be measured)``; empty where k is 0."""
+    k = verdicts.count(None)
+    return (
+        f" where measured ({k} of the {len(verdicts)} verdicts could not be measured)" if k else ""
+    )

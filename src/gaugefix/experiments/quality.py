@@ -41,13 +41,23 @@ class QualitySummary(TypedDict, total=False):
     test_accuracy: Medians
 
 
-class TaskQuality(TypedDict):
-    """The expressivity check of a task (:func:`summarize_task`)."""
-
+class _BalanceChange(TypedDict):
     balance_function_change: Annotated[
         float | None, "largest relative output change of balancing a trained plain network"
     ]
 
+
+class TaskQuality(_BalanceChange, total=False):
+    """The expressivity check of a task (:func:`summarize_task`)."""
+
+    balance_unmeasured: Annotated[
+        int, "plain networks that finished training whose output change when balanced is not finite"
+    ]
+
+
+# The largest relative output change of balancing under which the function is unchanged
+# (float64 rounding).
+FUNCTION_CHANGE_TOL = 1e-10
 
 # The summary's metrics of a trained network, each read from a run's result.
 METRICS: dict[str, Callable[[RunResult], float | None]] = {
@@ -110,9 +120,16 @@ def _check_keys(cells: dict[tuple, list[RunResult]]) -> None:
 
 def summarize_task(runs: Runs) -> TaskQuality:
     """The expressivity check of a task: the largest relative output change of balancing a
-    trained plain network (``None`` when no plain run finished)."""
+    trained plain network (``None`` when none was measured), and how many plain networks that
+    finished training have no finite change (a NaN change is stored as ``None``)."""
     changes = [r.balance_change for r in runs if r.balance_change is not None]
-    return TaskQuality(balance_function_change=max(changes, default=None))
+    unmeasured = sum(
+        r.config.method == "plain" and r.final_loss is not None and r.balance_change is None
+        for r in runs
+    )
+    return TaskQuality(
+        balance_function_change=max(changes, default=None), balance_unmeasured=unmeasured
+    )
 
 
 def render(entry: dict[str, Any], label: Any) -> str:
@@ -148,11 +165,26 @@ def render(entry: dict[str, Any], label: Any) -> str:
 
 
 def render_task(entry: dict[str, Any]) -> str:
-    """The expressivity paragraph of a task."""
-    change = entry["balance_function_change"]
-    held = VERDICT[None if change is None else change <= 1e-10]
+    """The expressivity paragraph of a task: the claim holds where every plain network that
+    finished training changed by at most :data:`FUNCTION_CHANGE_TOL`, and is not measured where
+    one has no finite change (a network the check cannot see could hide a change). A summary
+    without ``balance_unmeasured`` did not count them."""
+    change, unmeasured = entry["balance_function_change"], entry.get("balance_unmeasured", 0)
+    held = VERDICT[None if change is None or unmeasured else change <= FUNCTION_CHANGE_TOL]
+    if not unmeasured:
+        return (
+            "**Expressivity**: `balance_` applied to every trained plain network changed its "
+            f"outputs by at most {fmt(change)} (relative, float64): claim (3), the representable "
+            f"functions are identical, **{held}**."
+        )
+    who = (
+        "network that finished training has"
+        if unmeasured == 1
+        else "networks that finished training have"
+    )
+    measured = f"; the networks measured changed by at most {fmt(change)} (relative, float64)"
     return (
-        "**Expressivity**: `balance_` applied to every trained plain network changed its outputs "
-        f"by at most {fmt(change)} (relative, float64): claim (3), the representable functions "
-        f"are identical, **{held}**."
+        f"**Expressivity**: {unmeasured} plain {who} no finite output change when balanced by "
+        f"`balance_`{measured if change is not None else ''}: claim (3), the representable "
+        f"functions are identical, **{held}**."
     )
