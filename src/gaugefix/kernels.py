@@ -568,6 +568,7 @@ def group_coefficients(
 FACTOR_BITS = 32  # the fewest bits of the dtype factors are formed in (float32)
 
 
+@functools.cache  # a function of the dtype alone, asked once per moved tensor and step
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the factors that move tensors of ``dtype`` are formed in: float32 for float16
     and bfloat16 (their product over the terms is then rounded once; in float16 a term's factor
@@ -576,6 +577,7 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.finfo(dtype).bits < FACTOR_BITS else dtype  # no aten op
 
 
+@functools.cache  # a function of the dtype alone, asked once per moved tensor and step
 def applied_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the factor a tensor of ``dtype`` is multiplied by: float32 for float16 (the
     factor can exceed its range where the product with the entry does not; each entry is then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import weakref
 from typing import Any, Literal
 
@@ -42,6 +43,8 @@ __all__ = [
 
 Mode = Literal["exact", "penalty"]
 logger = logging.getLogger(__name__)
+# What the frozen flags and the float16 range check read from each parameter at every step.
+_FLAGS = operator.attrgetter("requires_grad", "dtype")
 # The GaugeFixing hook attached to each optimizer (one at most).
 _attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, GaugeFixing] = (
     weakref.WeakKeyDictionary()
@@ -273,9 +276,12 @@ class GaugeFixing:
         _refuse_untransportable(optimizer, mode)
         _refuse_sparse(self.model, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
-        self._group_sizes: tuple[int, ...] = ()
+        self._group_ids: tuple[tuple[int, ...], ...] | None = None  # each group's, by identity
+        self._param_list = list(self._all_params.values())
+        # What the frozen flags were last computed from: lr == 0 per group, and per parameter
+        # (requires_grad, dtype).
+        self._signature: tuple[tuple[bool, ...], tuple[tuple[bool, torch.dtype], ...]] | None = None
         self._held: dict[int, int] = {}  # id of each parameter the optimizer holds -> group
-        self._places: dict[int, tuple[int, int]] = {}  # -> (group, index in its "params")
         self.active = structure
         self.params = self._all_params
         self.left_out: dict[str, int] = {}
@@ -305,18 +311,31 @@ class GaugeFixing:
     def _refresh(self) -> None:
         """Restrict to the generators acting only on parameters the optimizer holds with
         ``requires_grad`` in a group with ``lr != 0``, when that set changed since the last
-        call (cheap otherwise)."""
+        call (cheap otherwise: the groups' parameters by identity, the groups' frozen flags and
+        the parameters' ``requires_grad`` and dtypes, compared with the last call's); whether
+        an acted-on parameter is float16 (the range check of an orbit step), re-read whenever
+        a dtype changed (``model.half()`` keeps the parameters)."""
         groups = self.optimizer.param_groups
         regrouped = self._follow_groups(groups)
         zero_lr = tuple(map(_frozen_by_lr, groups))
+        signature = (zero_lr, tuple(map(_FLAGS, self._param_list)))
+        if not regrouped and signature == self._signature:
+            return
+        self._signature = signature
         frozen = tuple(
             (i := self._held.get(id(p))) is None or not p.requires_grad or zero_lr[i]
-            for p in self._all_params.values()
+            for p in self._param_list
         )
-        if frozen == self._frozen:
-            if regrouped:  # the same generators, their parameters in other groups
-                self._group_of, self._rate_cache = self._param_groups(), None
-            return
+        if frozen != self._frozen:
+            self._restrict(frozen, zero_lr)
+        elif regrouped:  # the same generators, their parameters in other groups
+            self._group_of, self._rate_cache = self._param_groups(), None
+        self._float16 = any(p.dtype == torch.float16 for p in self.params.values())
+
+    def _restrict(self, frozen: tuple[bool, ...], zero_lr: tuple[bool, ...]) -> None:
+        """Restrict :attr:`active` to the generators touching no parameter ``frozen`` flags
+        (by reason: not held by the optimizer, ``requires_grad=False``, in a group of
+        ``zero_lr``), and log what is left out."""
         self._frozen = frozen
         unheld = {n for n, p in self._all_params.items() if id(p) not in self._held}
         no_grad = {n for n, p in self._all_params.items() if not p.requires_grad} - unheld
@@ -335,7 +354,6 @@ class GaugeFixing:
                 active = active.restrict(~touched, reason)
         self.active, self.left_out = active, left_out
         self.params = active.bind(self._all_params, sharded=True)  # FSDP2: the DTensors
-        self._float16 = any(p.dtype == torch.float16 for p in self.params.values())
         self._group_of = self._param_groups()
         self._rate_cache = None
         if left_out:
@@ -347,20 +365,15 @@ class GaugeFixing:
             )
 
     def _follow_groups(self, groups: list[dict[str, Any]]) -> bool:
-        """Re-read which group holds each parameter (``_held``) when the group sizes changed
-        or a parameter of the structure left its place (moved or swapped between groups);
-        whether it was re-read."""
-        sizes = tuple(len(g["params"]) for g in groups)
-        if sizes == self._group_sizes and all(
-            (place := self._places.get(id(p))) is None or groups[place[0]]["params"][place[1]] is p
-            for p in self._all_params.values()
-        ):
+        """Re-read which group holds each parameter (``_held``) when the groups' parameters
+        changed (compared by identity, in order: a group added or removed, a parameter added,
+        moved or swapped between groups); whether it was re-read. The structure's parameters
+        stay alive (``_all_params``), so no other object can take one's identity."""
+        held = tuple(tuple(map(id, g["params"])) for g in groups)
+        if held == self._group_ids:
             return False
-        self._group_sizes = sizes
-        self._places = {
-            id(p): (i, j) for i, g in enumerate(groups) for j, p in enumerate(g["params"])
-        }
-        self._held = {key: i for key, (i, _) in self._places.items()}
+        self._group_ids = held
+        self._held = {key: i for i, ids in enumerate(held) for key in ids}
         return True
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -491,13 +504,16 @@ class GaugeFixing:
         return self._rate(tuple(g["lr"] for g in self.optimizer.param_groups))
 
     def _rate(self, group_lrs: tuple[float | Tensor, ...]) -> float | Tensor:
+        """:meth:`rate` at the learning rates ``group_lrs`` (one per group), cached by them while
+        they are numbers (a tensor ``lr`` is on the device: never compared, never cached)."""
         self._refresh()
-        lrs = tuple(group_lrs[i] for i in self._group_of)
-        if any(isinstance(lr, Tensor) for lr in lrs):  # on the device: compared by identity
-            return self._generator_rates(lrs)
-        if self._rate_cache is None or self._rate_cache[0] != lrs:
-            self._rate_cache = (lrs, self._generator_rates(lrs))
-        return self._rate_cache[1]
+        numbers = not any(isinstance(lr, Tensor) for lr in group_lrs)
+        if numbers and self._rate_cache is not None and self._rate_cache[0] == group_lrs:
+            return self._rate_cache[1]
+        rate = self._generator_rates(tuple(group_lrs[i] for i in self._group_of))
+        if numbers:
+            self._rate_cache = (group_lrs, rate)
+        return rate
 
     def _generator_rates(self, lrs: tuple[float | Tensor, ...]) -> float | Tensor:
         if len({id(lr) if isinstance(lr, Tensor) else lr for lr in lrs}) <= 1:
