@@ -11,7 +11,11 @@ overflow float64), so a neuron moved by ``2^400`` to ``2^510`` had the squares o
 underflow there: reported dead with ``h`` ``277`` (at ``2^400``) to ``347`` (at ``2^500``) off and
 ``converged`` true, where ``balance_`` solves it to ``1e-14``; and a neuron moved by ``2^600``,
 which ``balance_`` refuses (its squares overflow, and scaled they underflow), came back dead
-with ``h`` ``416`` off instead of refused."""
+with ``h`` ``416`` off instead of refused. And the wide MLP with one output-side neuron moved by
+``2^-133`` (or ``2^-183``) stalled at ``max |mu_n| / S_n = 1.2e-9`` (``h`` ``6.1e-10`` off,
+``converged`` false, with ``max_iter`` 1000 too): near the balance its line search accepted
+steps by ``||mu||``, whose rounding on the generators with ``S_n`` near ``2^216`` hides the
+imbalance of those near ``2^-112``; steps are now also accepted by ``||mu / S||``."""
 
 from __future__ import annotations
 
@@ -85,6 +89,8 @@ def check_exact(base: nn.Module, s: gf.GaugeStructure, h0: torch.Tensor) -> None
 @example(name="gated", which=1, k=-450)
 @example(name="gpt", which=1, k=500)
 @example(name="wide_mlp", which=0, k=400)
+@example(name="wide_mlp", which=1484, k=-133)  # stalled at mu_rel 1.2e-9 before the fix
+@example(name="wide_mlp", which=1484, k=-183)
 def test_one_generator_moved_by_two_to_the_k_has_coordinate_k_log_2(name, which, k):
     assume(abs(k) <= REACH[name])
     base, s = balanced(name)
