@@ -22,10 +22,9 @@ from gaugefix.action import (
     SAFE_EXPONENT,
     exponent_bounds,
     in_range_by_tensor,
-    optimizer_states,
+    moved_with,
     overflowing,
     provably_in_range,
-    transport_targets,
 )
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import ParamTerms, Term
@@ -501,7 +500,7 @@ def test_half_h_does_not_round_the_per_tensor_bound_down(h_dtype, gpu, monkeypat
     verdicts = []
     for value in (torch.nextafter(edge, torch.tensor(0.0)), edge):
         model, opt = adam_vector(torch.stack([value, torch.tensor(1.0)]), "exp_avg_sq")
-        targets = transport_targets({"w": model.w}, optimizer_states(opt, {"w": model.w}))
+        targets = moved_with(opt, {"w": model.w})
         verdicts.append(bool(in_range_by_tensor(targets, s, h)))
     assert verdicts == [True, False]
     top = math.log(torch.finfo(torch.float32).max) - 6 * a + 0.004  # overflows by exp(0.004)
@@ -609,7 +608,7 @@ def test_a_move_is_refused_or_stays_finite(setup, gpu):
     dtype = top.dtype
     model, opt = adam_vector(torch.stack([top, torch.ones((), dtype=dtype)]), where)
     params = {"w": model.w}
-    targets = transport_targets(params, optimizer_states(opt, params))
+    targets = moved_with(opt, params)
     provable = provably_in_range(targets, s, h)
     assert provable == bool(in_range_by_tensor(targets, s, h))
     assert not provable or overflowing(targets, s, h) is None  # the bound implies it, and

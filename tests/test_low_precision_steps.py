@@ -12,7 +12,7 @@ import torch
 
 import gaugefix
 from gaugefix import GaugeFixing
-from gaugefix.action import optimizer_states, overflowing, transport_targets
+from gaugefix.action import moved_with, overflowing
 from gaugefix.masses import Masses
 from gaugefix.soft import DEAD_BAND, bounded_orbit_step, orbit_step
 from gaugefix.step import orbit_step_
@@ -123,7 +123,7 @@ def test_a_float16_orbit_step_that_would_overflow_is_skipped():
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     buffer = opt.state[params[name]]["momentum_buffer"]
     buffer.view(-1)[int(lows[name].argmin())] = 65000.0
-    targets = transport_targets(params, optimizer_states(opt, params))
+    targets = moved_with(opt, params)
     assert overflowing(targets, structure, h) is not None
     before = [p.clone() for p in model.parameters()]
     buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]

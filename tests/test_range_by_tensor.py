@@ -20,10 +20,9 @@ from gaugefix.action import (
     RANGE_MARGIN,
     exponent_bounds,
     in_range_by_tensor,
-    optimizer_states,
+    moved_with,
     overflowing,
     range_index,
-    transport_targets,
 )
 from test_action_audit2 import loose_bound, model_and_input
 
@@ -92,7 +91,7 @@ def adam_float16(name: str, seed: int) -> tuple[torch.nn.Module, gaugefix.GaugeS
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=g).half()
     opt.step()
-    return model, structure, transport_targets(params, optimizer_states(opt, params))
+    return model, structure, moved_with(opt, params)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -120,7 +119,7 @@ def test_a_tensor_at_the_limit_is_refused_by_its_own_bound():
     n = structure.num_generators
     with torch.no_grad():
         params["0.weight"][0, 0] = 60000.0
-    targets = transport_targets(params, {})
+    targets = moved_with(None, params)
     units = torch.eye(n, dtype=D)
     on_entry = [float(entry_exponents(structure, "0.weight", units[k])[0, 0]) for k in range(n)]
     grows = on_entry.index(1.0)  # the first hidden neuron's generator: sign +1 on its inputs
@@ -154,10 +153,10 @@ def test_a_float64_move_past_the_loose_bound_needs_no_exact_check(monkeypatch):
     model, structure = discovered("mlp")
     h = torch.zeros(structure.num_generators, dtype=D)
     h[0] = 30.0
-    targets = transport_targets(structure.bind(model), {})
+    targets = moved_with(None, structure.bind(model))
     assert not loose_bound(targets, h, structure.most_terms())
     expected = copy.deepcopy(model)
-    gaugefix.kernels.rescale_(transport_targets(structure.bind(expected), {}), structure, h)
+    gaugefix.kernels.rescale_(moved_with(None, structure.bind(expected)), structure, h)
     calls = counted_overflowing(monkeypatch)
     gaugefix.apply_gauge_(model, structure, h)
     assert calls == []
@@ -183,7 +182,7 @@ def test_a_float16_relax_step_near_the_limit_needs_no_exact_check(monkeypatch):
     limit = math.log(torch.finfo(torch.float16).max) - RANGE_MARGIN
     grad = structure.bind(model)[list(structure.params)[place]].grad
     grad.view(-1)[0] = math.exp(limit - (down + e) / 2)
-    targets = transport_targets(structure.bind(model), {})
+    targets = moved_with(None, structure.bind(model))
     assert not loose_bound(targets, h, structure.most_terms())
     calls = counted_overflowing(monkeypatch)
     moved = gaugefix.relax_(model, structure, 0.5)
@@ -207,10 +206,10 @@ def test_the_table_follows_the_first_adam_step():
         k for k in range(n) if float(entry_exponents(structure, "0.weight", units[k])[0, 0]) == 1
     )
     h = -0.1 * units[shrinks]
-    assert bool(in_range_by_tensor(transport_targets(params, {}), structure, h))
+    assert bool(in_range_by_tensor(moved_with(None, params), structure, h))
     opt.step()
     opt.state[params["0.weight"]]["exp_avg_sq"][0, 0] = 60000.0
-    targets = transport_targets(params, optimizer_states(opt, params))
+    targets = moved_with(opt, params)
     assert overflowing(targets, structure, h) is not None
     assert not bool(in_range_by_tensor(targets, structure, h))
 
@@ -229,9 +228,9 @@ def test_the_table_follows_a_change_of_dtype():
         k for k in range(n) if float(entry_exponents(structure, "0.weight", units[k])[0, 0]) == 1
     )
     h = 0.1 * units[grows]
-    assert bool(in_range_by_tensor(transport_targets(params, {}), structure, h))
+    assert bool(in_range_by_tensor(moved_with(None, params), structure, h))
     model.half()
-    targets = transport_targets(structure.bind(model), {})
+    targets = moved_with(None, structure.bind(model))
     assert overflowing(targets, structure, h) is not None
     assert not bool(in_range_by_tensor(targets, structure, h))
 
@@ -249,7 +248,7 @@ def test_the_table_follows_which_local_slices_hold_entries():
         k for k in range(n) if float(entry_exponents(structure, "0.weight", units[k])[0, 0]) == 1
     )
     h = 0.1 * units[grows]
-    targets = transport_targets(params, {})
+    targets = moved_with(None, params)
     empty = {**targets, "0.weight": [(params["0.weight"][:0], 1)]}
     assert bool(in_range_by_tensor(empty, structure, h))
     with torch.no_grad():

@@ -47,11 +47,11 @@ __all__ = [
     "finite_on_device",
     "gauge_params_",
     "move_",
+    "moved_with",
     "optimizer_states",
     "random_gauge_",
     "refuse_shared_memory",
     "refuse_unmovable",
-    "transport_targets",
 ]
 
 # Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
@@ -61,6 +61,10 @@ SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
 # Numbers no gauge changes, left as they are: the step count, and NAdam's product of its
 # momentum coefficients.
 COUNTS = ("step", "mu_product")
+# How each state entry moves when its parameter entry is multiplied by ``f``, by key: the power
+# of ``f`` (-1: gradient-like, -2: squared-gradient), 0 for a count (left as it is).
+POWERS = {**dict.fromkeys(GRAD_LIKE, -1), **dict.fromkeys(SQUARED, -2), **dict.fromkeys(COUNTS, 0)}
+_NUMBERS = (int, float)  # what a count may be besides a tensor of one entry
 # The optimizers whose state moves exactly with a rescaling (the state built from the same loss
 # gradients at the moved point), by their exact ``torch.optim`` class (a subclass may change what
 # a key means), each with the keys it may hold. Any other optimizer holding state, and any other
@@ -141,22 +145,77 @@ def optimizer_states(
     shaped like its parameter (or ``None``) or a count holding one number. Another optimizer
     holding any state while it holds one of ``params`` is refused, wherever it keeps that state
     (L-BFGS keeps its flat history on its first parameter, gauged or not)."""
+    powers = _state_powers(optimizer, params)
+    out = {}
+    for name, p in params.items() if powers else ():
+        state = optimizer.state.get(p)
+        if state:
+            _moved_state(optimizer, powers, name, p, state)
+            out[name] = state
+    return out
+
+
+def moved_with(optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]) -> Targets:
+    """Each parameter (power 1) with what moves with it, read as it is now: its ``.grad`` and
+    ``optimizer``'s gradient-like buffers (power -1) and squared-gradient buffers (power -2),
+    checked as :func:`optimizer_states` checks them, in one pass over the parameters. For
+    ``DTensor`` parameters (FSDP2), their local slices: to be rescaled with the structure of
+    :func:`gaugefix.distributed.local_view`."""
+    powers = _state_powers(optimizer, params)
+    # By identity: a tensor's hash is a Python call, an int's is not.
+    states = {id(p): state for p, state in optimizer.state.items()} if powers else {}
+    targets: Targets = {}
+    for name, p in params.items():
+        grad = p.grad
+        out = [(p, 1)] if grad is None else [(p, 1), (grad, -1)]
+        state = states.get(id(p))
+        targets[name] = out + _moved_state(optimizer, powers, name, p, state) if state else out
+    return local_targets(targets) if sharded(params.values()) else targets
+
+
+def _state_powers(
+    optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]
+) -> dict[str, int] | None:
+    """The :data:`POWERS` of the state keys :data:`TRANSPORTABLE` allows ``optimizer``, or
+    ``None`` when no state moves: no optimizer, or another that holds none of ``params``'s
+    (``TypeError`` for a non-optimizer, ``ValueError`` for another holding state)."""
     if optimizer is None:
-        return {}
+        return None
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
     keys = _transportable_keys(optimizer)
     if keys is None:
         _refuse_unknown(optimizer, params)
-        return {}
-    out = {}
-    for name, p in params.items():
-        state = optimizer.state.get(p)
-        if state:
-            for key, value in state.items():
-                _check_entry(optimizer, keys, name, p, key, value)
-            out[name] = state
+        return None
+    return {key: POWERS[key] for key in keys}
+
+
+def _moved_state(
+    optimizer: torch.optim.Optimizer,
+    powers: dict[str, int],
+    name: str,
+    p: Tensor,
+    state: dict,
+) -> list[tuple[Tensor, int]]:
+    """The buffers of parameter ``p``'s ``state`` that move with it, with their powers, in the
+    state's order; ``ValueError`` (:func:`_check_entry`) unless each entry is one of
+    ``powers``' keys, a buffer shaped like ``p`` (or ``None``) or a count of one number."""
+    out = []
+    shape = p.shape
+    for key, value in state.items():
+        power = powers.get(key)
+        if power and isinstance(value, Tensor) and value.shape == shape:
+            out.append((value, power))
+        elif power == 0 and _one_number(value) or power and value is None:
+            continue
+        else:
+            _check_entry(optimizer, tuple(powers), name, p, key, value)
     return out
+
+
+def _one_number(value: object) -> bool:
+    """Whether a count holds one number (a Python number or a tensor of one entry)."""
+    return value.numel() == 1 if isinstance(value, Tensor) else isinstance(value, _NUMBERS)
 
 
 def _transportable_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | None:
@@ -173,8 +232,7 @@ def _refuse_unknown(optimizer: torch.optim.Optimizer, params: dict[str, Tensor])
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if state is None or not any(id(p) in held for p in params.values()):
         return
-    known = GRAD_LIKE + SQUARED + COUNTS
-    key = next((k for k in state if k not in known), next(iter(state)))
+    key = next((k for k in state if k not in POWERS), next(iter(state)))
     raise ValueError(
         f"cannot transport optimizer state '{key}' of {type(optimizer).__name__} (keys "
         f"{list(state)}): only the state of torch.optim's {', '.join(TRANSPORTABLE)} (not "
@@ -195,8 +253,7 @@ def _check_entry(
     if key not in keys:
         why = f"not a state {type(optimizer).__name__} makes ({', '.join(keys)})"
     elif key in COUNTS:
-        one = isinstance(value, int | float) or (isinstance(value, Tensor) and value.numel() == 1)
-        why = None if one else "a count that does not hold one number"
+        why = None if _one_number(value) else "a count that does not hold one number"
     else:
         like = value is None or (isinstance(value, Tensor) and value.shape == p.shape)
         why = None if like else "a buffer not shaped like its parameter"
@@ -207,22 +264,6 @@ def _check_entry(
         )
 
 
-def transport_targets(params: dict[str, Tensor], states: dict[str, dict]) -> Targets:
-    """Each parameter (power 1) with what moves with it: its ``.grad`` and gradient-like
-    optimizer buffers (power -1) and squared-gradient buffers (power -2). For ``DTensor``
-    parameters (FSDP2), their local slices: to be rescaled with the structure of
-    :func:`gaugefix.distributed.local_view`."""
-    targets: Targets = {}
-    for name, p in params.items():
-        out = [(p, 1)] + ([(p.grad, -1)] if p.grad is not None else [])
-        for key, value in states.get(name, {}).items():
-            like = isinstance(value, Tensor) and value.shape == p.shape
-            if like and key in GRAD_LIKE + SQUARED:
-                out.append((value, -1 if key in GRAD_LIKE else -2))
-        targets[name] = out
-    return local_targets(targets) if sharded(params.values()) else targets
-
-
 def gauge_params_(
     params: dict[str, Tensor],
     structure: GaugeStructure,
@@ -231,19 +272,19 @@ def gauge_params_(
 ) -> None:
     """``g(h)`` on validated ``params`` (bound to ``structure``, or this process's slices and
     their local structure under FSDP2) with what moves with them: ``.grad`` and ``optimizer``'s
-    state (:func:`transport_targets`), checked by :func:`check_transport` (not here: the hot path
+    state (:func:`moved_with`), checked by :func:`check_transport` (not here: the hot path
     of :class:`gaugefix.GaugeFixing` checks once)."""
-    rescale_(transport_targets(params, optimizer_states(optimizer, params)), structure, h)
+    rescale_(moved_with(optimizer, params), structure, h)
 
 
 def check_transport(optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]) -> None:
     """``ValueError`` before anything moves unless ``params`` and what moves with them can be
     moved in place: they hold data (not on the ``meta`` device), ``optimizer``'s state is
-    transportable (:func:`optimizer_states`), every tensor :func:`transport_targets` lists can
+    transportable (:func:`optimizer_states`), every tensor :func:`moved_with` lists can
     be written in place (:func:`refuse_unmovable`) and no two of them share memory
     (:func:`refuse_shared_memory`)."""
     refuse_meta(params)
-    targets = transport_targets(params, optimizer_states(optimizer, params))
+    targets = moved_with(optimizer, params)
     refuse_unmovable(targets)
     refuse_shared_memory(targets)
 
@@ -482,7 +523,7 @@ def move_(
         return
     h = h.to(next(iter(params.values())).device)
     _, local = local_view(params, structure)
-    targets = transport_targets(params, optimizer_states(optimizer, params))
+    targets = moved_with(optimizer, params)
     if not provably_in_range(targets, local, h, params):
         _refuse_overflow(params, overflowing(targets, local, h))
     rescale_(targets, local, h)

@@ -85,7 +85,7 @@ def sharded(tensors: Iterable[Tensor]) -> bool:
     """Whether any of ``tensors`` is a ``DTensor`` (:class:`ShardStructure` then checks that
     all are, so that a model sharded in part is refused whichever parameter comes first)."""
     dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+    return dtensor is not None and any(issubclass(k, dtensor) for k in set(map(type, tensors)))
 
 
 def refuse_sharded(tensors: Mapping[str, Tensor]) -> None:

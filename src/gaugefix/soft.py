@@ -25,8 +25,7 @@ from gaugefix.action import (
     gauge_params_,
     in_range_by_tensor,
     move_,
-    optimizer_states,
-    transport_targets,
+    moved_with,
 )
 from gaugefix.balancing import log_ratio
 from gaugefix.distributed import (
@@ -426,7 +425,7 @@ def _in_range(
     :func:`gaugefix.action.in_range_by_tensor` proves that ``g(h)`` keeps ``params`` and what
     moves with them in range (``local``: their structure, this process's under FSDP2, where
     every process must agree: one all-reduce)."""
-    targets = transport_targets(params, optimizer_states(optimizer, params))
+    targets = moved_with(optimizer, params)
     fits = in_range_by_tensor(targets, local, h)
     if sharded(params.values()):
         return on_every_process(fits, first_dtensor(list(params.values())))

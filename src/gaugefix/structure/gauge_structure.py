@@ -171,6 +171,7 @@ class GaugeStructure:
         self.module_types = module_types
         self.gain_channels = dict(gain_channels or {})
         self._plans: dict[torch.device, list[PlannedParam]] = {}
+        self._most: int | None = None  # most_terms(), found at its first call
 
     def __repr__(self) -> str:
         return (
@@ -179,14 +180,15 @@ class GaugeStructure:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        """The fields without the per-device plans (a cache, and tensors on devices the
-        unpickling process may lack)."""
-        return {**self.__dict__, "_plans": {}}
+        """The fields without the caches: the per-device plans (tensors on devices the
+        unpickling process may lack) and :meth:`most_terms`."""
+        return {**self.__dict__, "_plans": {}, "_most": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A pickle of a version without ``aliases`` or ``module_types`` has them not
         recorded, and one without ``gain_channels`` has none."""
-        self.__dict__.update({"aliases": None, "module_types": None, "gain_channels": {}, **state})
+        defaults = {"aliases": None, "module_types": None, "gain_channels": {}, "_most": None}
+        self.__dict__.update({**defaults, **state})
 
     # -- inspection ---------------------------------------------------------------------------
     def generator(self, n: int) -> GeneratorEntries:
@@ -425,8 +427,11 @@ class GaugeStructure:
         return touched[: self.num_generators]
 
     def most_terms(self) -> int:
-        """The most terms of any parameter: at most this many generators act on one entry."""
-        return max((len(p.terms) for p in self.params.values()), default=0)
+        """The most terms of any parameter: at most this many generators act on one entry
+        (found once: a structure's parameters and terms do not change)."""
+        if self._most is None:
+            self._most = max((len(p.terms) for p in self.params.values()), default=0)
+        return self._most
 
     def sum_over_shards(self, *partial: Tensor) -> tuple[Tensor, ...]:
         """Sums over the entries of this structure's parameters, completed over every process
