@@ -424,6 +424,24 @@ def test_a_store_of_300_seeds_sweeps_and_reports(tmp_path: Path):
     assert len(Store(out / "results.sqlite").runs()) == 300
 
 
+def test_hashing_more_instances_than_the_task_cache_loads_each_once(monkeypatch):
+    """A sweep hashes each seed's instance several times (plan, check, store): with more seeds
+    than ``TASK_CACHE`` the hashes are still computed once, so every instance loads once."""
+    loads = []
+
+    def counted(*args):
+        loads.append(args[-1])
+        return load_task(*args)
+
+    monkeypatch.setattr(runner, "load_task", counted)
+    runner._hash.cache_clear()
+    runner._load.cache_clear()
+    seeds = range(runner.TASK_CACHE + 1)
+    first = [TaskSpec("teacher-student").for_seed(s).hash() for s in seeds]
+    assert [TaskSpec("teacher-student").for_seed(s).hash() for s in seeds] == first
+    assert sorted(loads) == list(seeds)
+
+
 @pytest.mark.parametrize(
     "args, size",
     [(["--seeds", "1000000"], "1,000,000 runs,"), (["--steps", "100000000"], "1 run,")],

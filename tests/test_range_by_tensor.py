@@ -7,6 +7,7 @@ loose bound ``2 k max|h|`` (``k`` terms per entry) it replaced, it decides moves
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -31,9 +32,16 @@ EXACT = 1e-12
 MODELS = ["mlp", "cnn", "transformer"]
 
 
-def discovered(name: str) -> tuple[torch.nn.Module, gaugefix.GaugeStructure]:
+@functools.cache
+def _discovered_once(name: str) -> tuple[torch.nn.Module, gaugefix.GaugeStructure]:
     model, x = model_and_input(name)
     return model, gaugefix.discover(model, x)
+
+
+def discovered(name: str) -> tuple[torch.nn.Module, gaugefix.GaugeStructure]:
+    """A fresh copy of zoo model ``name`` and of its structure (discovered once per name; the
+    copies keep tests and hypothesis examples from sharing parameters or cached tables)."""
+    return copy.deepcopy(_discovered_once(name))
 
 
 def entry_exponents(structure, name: str, h: torch.Tensor) -> torch.Tensor:

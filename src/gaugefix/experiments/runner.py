@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -92,7 +92,9 @@ def _load(spec: TaskSpec) -> Task:
     return load_task(spec.name, spec.data, spec.kind, spec.hidden, spec.instance)
 
 
-@lru_cache(maxsize=TASK_CACHE)
+# Every instance's hash is kept (16 characters each): a sweep hashes each seed's instance
+# several times, and with more seeds than TASK_CACHE a bounded cache loaded it each time.
+@cache
 def _hash(spec: TaskSpec) -> str:
     return task_hash(replace(spec, instance=0).load())[:8] + task_hash(spec.load())[:8]
 
