@@ -15,7 +15,12 @@ with ``h`` ``416`` off instead of refused. And the wide MLP with one output-side
 ``2^-133`` (or ``2^-183``) stalled at ``max |mu_n| / S_n = 1.2e-9`` (``h`` ``6.1e-10`` off,
 ``converged`` false, with ``max_iter`` 1000 too): near the balance its line search accepted
 steps by ``||mu||``, whose rounding on the generators with ``S_n`` near ``2^216`` hides the
-imbalance of those near ``2^-112``; steps are now also accepted by ``||mu / S||``."""
+imbalance of those near ``2^-112``; steps are now also accepted by ``||mu / S||``. And the wide
+MLP with one of its neurons 1 to 4 moved by ``2^-165`` to ``2^-163`` came back with ``converged``
+false after 100 iterations (``h`` 46 to 59 off; 201 to 204 iterations to converge): its masses
+near ``1e-33`` lie far below the rounding of ``F ~ 1e66``, so the line search never doubled
+Newton's step of ``1/2`` on it; such far generators' steps are now doubled while
+``||log(S_out / S_in)||`` decreases (16 to 24 iterations)."""
 
 from __future__ import annotations
 
@@ -91,6 +96,9 @@ def check_exact(base: nn.Module, s: gf.GaugeStructure, h0: torch.Tensor) -> None
 @example(name="wide_mlp", which=0, k=400)
 @example(name="wide_mlp", which=1484, k=-133)  # stalled at mu_rel 1.2e-9 before the fix
 @example(name="wide_mlp", which=1484, k=-183)
+@example(name="wide_mlp", which=1, k=-164)  # converged false after 100 iterations before the fix
+@example(name="wide_mlp", which=4, k=-164)
+@example(name="wide_mlp", which=2, k=-165)
 def test_one_generator_moved_by_two_to_the_k_has_coordinate_k_log_2(name, which, k):
     assume(abs(k) <= REACH[name])
     base, s = balanced(name)

@@ -62,6 +62,10 @@ RESOLUTION = 1e-12
 # The line search's sufficient decrease (Armijo): a step t is accepted when
 # F(h + t d) <= F(h) + ARMIJO * t * slope.
 ARMIJO = 1e-4
+# |log(S_out,n / S_in,n)| beyond which a generator is far from its balance (|mu_n| / S_n above
+# tanh(1/2) = 0.46): a step whose change of F is below F's rounding is still doubled while such
+# generators approach their balance.
+FAR_LOG_RATIO = 1.0
 # The most halvings (and doublings) of a line search's step: 2^-60 is far below float64's
 # resolution of a step of 1.
 LINE_SEARCH_TRIALS = 60
@@ -455,6 +459,12 @@ def _line_search(
     an imbalance ``|mu_n| / S_n`` of ``1e-9`` on a generator ``1e7`` times lighter than the
     heaviest). Copies that accept no step stay where they are. Each trial costs one read of the
     masses.
+
+    A full step whose predicted decrease is unresolvable while some live generators are far from
+    their balance (``|log(S_out,n / S_in,n)| >`` :data:`FAR_LOG_RATIO`: masses far below the
+    rounding of ``F``, which Newton's step moves by about ``1/2`` per iteration) has its
+    components on those generators doubled while ``F`` does not grow and
+    ``||log(S_out / S_in)||`` decreases (:func:`_stretched`).
     """
     h, f0 = state.h, state.total
     slope = 2 * (mu * direction).sum(1)
@@ -463,6 +473,7 @@ def _line_search(
     t = torch.ones_like(f0)
     accepted = torch.zeros_like(runs)
     settled = ~runs | ~torch.isfinite(f0) | (slope == 0)
+    far = _far(state, live) & (~settled & (-slope <= RESOLUTION * f0))[:, None]
     trial = state
     for attempt in range(LINE_SEARCH_TRIALS):
         trial = masses.at(h + t[:, None] * direction, sums=False)
@@ -479,6 +490,8 @@ def _line_search(
             ok = ok | unresolved & ((norm < mu_norm) | (rel < rel_norm))
         accepted |= ok
         settled |= ok
+        if attempt == 0 and bool((far & ok[:, None]).any()):
+            trial, direction = _stretched(masses, h, direction, trial, far & ok[:, None], live)
         if bool(settled.all()):
             break
         t = torch.where(settled, t, 0.5 * t)
@@ -486,6 +499,44 @@ def _line_search(
     if masses.r == 1:  # the last trial is at the accepted point, or nothing moved
         return _rebased(masses, trial if bool(accepted.all()) else state)
     return _rebased(masses, masses.at(h + t[:, None] * direction, sums=False))
+
+
+def _far(state: MassState, live: Tensor) -> Tensor:
+    """The live generators (``[R, N]`` bool) whose sides differ by more than
+    :data:`FAR_LOG_RATIO`: ``|log(S_out,n / S_in,n)|`` above it."""
+    return live & (log_ratio(state.s_out, state.s_in).abs() > FAR_LOG_RATIO)
+
+
+def _log_norm(state: MassState, live: Tensor) -> Tensor:
+    """``||log(S_out / S_in)||`` over the live generators of each copy: ``[R]``."""
+    return row_norms(torch.where(live, log_ratio(state.s_out, state.s_in), 0.0))
+
+
+def _stretched(
+    masses: Masses, h: Tensor, direction: Tensor, trial: MassState, far: Tensor, live: Tensor
+) -> tuple[MassState, Tensor]:
+    """The full steps ``h + d`` accepted where their change of ``F`` is below its rounding,
+    with the components of ``d`` on the generators far from their balance (``far``:
+    ``[R, N]``; their masses lie far below ``F``'s rounding, and Newton moves each by about
+    ``1/2`` per step) doubled while ``F`` does not grow and ``||log(S_out / S_in)||`` over the
+    live generators keeps decreasing: ``(state, d')`` at the longest accepted steps ``h + d'``."""
+    f_trial, measure = trial.total, _log_norm(trial.complete(), live)
+    growing = far.any(1)
+    scale = torch.ones_like(f_trial)
+    for _ in range(LINE_SEARCH_TRIALS):
+        longer_scale = torch.where(growing, 2 * scale, scale)
+        longer = masses.at(h + torch.where(far, longer_scale[:, None] * direction, direction))
+        longer_measure = _log_norm(longer, live)
+        better = growing & (longer.total <= f_trial) & (longer_measure < measure)
+        if not bool(better.any()):
+            break
+        scale = torch.where(better, longer_scale, scale)
+        measure = torch.where(better, longer_measure, measure)
+        f_trial = torch.where(better, longer.total, f_trial)
+        stretched = torch.where(far, scale[:, None] * direction, direction)
+        trial = longer if bool((better == growing).all()) else masses.at(h + stretched)
+        growing = better
+    return trial, torch.where(far, scale[:, None] * direction, direction)
 
 
 def _relative_norm(mu: Tensor, s: Tensor, live: Tensor) -> Tensor:
