@@ -601,15 +601,15 @@ def near_the_limit(draw) -> tuple:
 @given(setup=near_the_limit())
 def test_a_move_is_refused_or_stays_finite(setup, gpu):
     """Whatever the dtypes: ``apply_gauge_`` refuses ``h`` or leaves every moved tensor finite,
-    and ``provably_in_range`` (``in_range_by_tensor`` read on the host) never says "in range"
-    where ``overflowing`` finds a reason, and says it wherever the loose bound it replaced
-    (``2 k max|h|``) does."""
+    and ``provably_in_range`` (``in_range_by_tensor``, one answer on every process) never says
+    "in range" where ``overflowing`` finds a reason, and says it wherever the loose bound it
+    replaced (``2 k max|h|``) does."""
     s, top, h, where = setup
     dtype = top.dtype
     model, opt = adam_vector(torch.stack([top, torch.ones((), dtype=dtype)]), where)
     params = {"w": model.w}
     targets = moved_with(opt, params)
-    provable = provably_in_range(targets, s, h)
+    provable = bool(provably_in_range(targets, s, h))
     assert provable == bool(in_range_by_tensor(targets, s, h))
     assert not provable or overflowing(targets, s, h) is None  # the bound implies it, and
     assert provable or not loose_bound(targets, h, s.most_terms())  # it is never looser

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
+import gaugefix.action
 import gaugefix.soft
 from gaugefix import zoo
 from gaugefix.action import exponent_bounds, range_index
@@ -44,13 +45,13 @@ def _whole(t: Tensor) -> Tensor:
 
 
 def _recorder(whole_structure) -> list[dict]:
-    """Wrap the range check of ``gaugefix.soft``: per call, its verdict on this process,
+    """Wrap the per-tensor range check (``gaugefix.action``): per call, its verdict on this process,
     whether the step ``h`` moves, whether some local target would leave float16's range (moved
     in float64), whether every moved tensor's parameter is found by name in the structure's
     table, whether its exponent bounds are at most the whole structure's, and whether the
     verdict is that of the per-tensor table built afresh for this call's slices."""
     calls: list[dict] = []
-    original = gaugefix.soft.in_range_by_tensor
+    original = gaugefix.action.in_range_by_tensor
 
     def checked(targets, structure, h):
         fits = original(targets, structure, h)
@@ -78,7 +79,7 @@ def _recorder(whole_structure) -> list[dict]:
         })  # fmt: skip
         return fits
 
-    gaugefix.soft.in_range_by_tensor = checked
+    gaugefix.action.in_range_by_tensor = checked
     return calls
 
 
@@ -184,13 +185,13 @@ def _scenario(widths: tuple[int, ...], overflow: bool) -> dict:
             fully_shard(layer)
     fully_shard(sharded)
     target = _planned_entry(model, structure, x, y) if overflow else None
-    original = gaugefix.soft.in_range_by_tensor
+    original = gaugefix.action.in_range_by_tensor
     calls = _recorder(structure)
     try:
         whole = _train(model, structure, x, y, target, sharded=False)
         mine = _train(sharded, structure, x, y, target, sharded=True)
     finally:
-        gaugefix.soft.in_range_by_tensor = original
+        gaugefix.action.in_range_by_tensor = original
     ulps = max(
         float(((mine["params"][k] - v).abs() / v.abs().clamp_min(F16_TINY)).max()) / F16_EPS
         for k, v in whole["params"].items()

@@ -524,7 +524,7 @@ def move_(
     h = h.to(next(iter(params.values())).device)
     _, local = local_view(params, structure)
     targets = moved_with(optimizer, params)
-    if not provably_in_range(targets, local, h, params):
+    if not bool(provably_in_range(targets, local, h, params)):  # one host read
         _refuse_overflow(params, overflowing(targets, local, h))
     rescale_(targets, local, h)
 
@@ -546,14 +546,14 @@ def provably_in_range(
     structure: GaugeStructure,
     h: Tensor,
     params: dict[str, Tensor] | None = None,
-) -> bool:
-    """:func:`in_range_by_tensor`, with one host read. With ``DTensor`` ``params`` (FSDP2),
-    whose local slices ``targets`` and ``structure`` are, whether it holds on every process
-    (one all-reduce): every process gets the same answer."""
+) -> Tensor:
+    """:func:`in_range_by_tensor` (a 0-dim bool tensor on the device, no host read). With
+    ``DTensor`` ``params`` (FSDP2), whose local slices ``targets`` and ``structure`` are,
+    whether it holds on every process (one all-reduce): every process gets the same answer."""
     fits = in_range_by_tensor(targets, structure, h)
     if params is not None and sharded(params.values()):
         fits = on_every_process(fits, first_dtensor(list(params.values())))
-    return bool(fits)
+    return fits
 
 
 class RangeIndex(NamedTuple):

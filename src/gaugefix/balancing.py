@@ -445,26 +445,25 @@ def _line_search(
     masses: Masses, state: MassState, direction: Tensor, mu: Tensor, live: Tensor, runs: Tensor
 ) -> MassState:
     """Backtracking (Armijo) on ``F(h + t d)`` from ``t = 1`` for the selected copies; ``F`` is
-    convex along each line.
+    convex along each line. Each trial costs one read of the masses.
 
-    When the full step is accepted with a clearly resolved decrease, the step is doubled while
-    ``F`` keeps decreasing (Armijo still holding): far from the minimiser a single exponential
-    term dominates ``F`` and Newton's full step only divides it by ``e``; near the minimiser
-    ``F`` is quadratic, ``F(2) ~ F(0)``, and one extra evaluation stops the doubling.
+    What an accepted step guarantees: its decrease of ``F`` satisfies Armijo's condition, or,
+    where the predicted decrease ``-t slope`` lies below ``F``'s rounding (:data:`RESOLUTION`
+    of ``F``, so ``F`` cannot tell), it decreases one of three measures of the imbalance over
+    the live generators, each zero exactly at the balance: ``||mu||``, ``||mu / S||`` (which
+    sees generators whose ``|mu_n|`` lie below the rounding of ``||mu||``, about
+    ``eps max_m S_m``), or, for a stretched step whose ``F`` does not grow,
+    ``||log(S_out / S_in)||``. A copy for which no trial does either stays where it is.
 
-    Close to the minimiser the decrease of ``F`` (second order in ``mu``) falls below the
-    rounding of ``F`` itself; a step whose predicted decrease is unresolvable is accepted when it
-    reduces ``||mu||`` or ``||mu / S||`` over the live generators instead (the second sees the
-    generators whose ``|mu_n|`` lie below the rounding of ``||mu||``, about ``eps max_m S_m``:
-    an imbalance ``|mu_n| / S_n`` of ``1e-9`` on a generator ``1e7`` times lighter than the
-    heaviest). Copies that accept no step stay where they are. Each trial costs one read of the
-    masses.
-
-    A full step whose predicted decrease is unresolvable while some live generators are far from
-    their balance (``|log(S_out,n / S_in,n)| >`` :data:`FAR_LOG_RATIO`: masses far below the
-    rounding of ``F``, which Newton's step moves by about ``1/2`` per iteration) has its
-    components on those generators doubled while ``F`` does not grow and
-    ``||log(S_out / S_in)||`` decreases (:func:`_stretched`).
+    Three extensions of the plain search serve that guarantee. A full step accepted with a
+    clearly resolved decrease is doubled while ``F`` keeps decreasing with Armijo holding (far
+    from the minimiser one exponential term dominates ``F`` and Newton's step only divides it by
+    ``e``; near it ``F(2) ~ F(0)`` stops the doubling at once). A step whose decrease is
+    unresolvable is judged by ``||mu||`` and ``||mu / S||``. A full step accepted unresolved
+    while some live generators are far from their balance (``|log(S_out,n / S_in,n)| >``
+    :data:`FAR_LOG_RATIO`: masses far below ``F``'s rounding, which Newton moves by about
+    ``1/2`` per iteration) has its components on those generators doubled
+    (:func:`_stretched`).
     """
     h, f0 = state.h, state.total
     slope = 2 * (mu * direction).sum(1)

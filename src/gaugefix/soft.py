@@ -23,21 +23,18 @@ from gaugefix.action import (
     check_finite_params,
     check_transport,
     gauge_params_,
-    in_range_by_tensor,
     move_,
     moved_with,
+    provably_in_range,
 )
 from gaugefix.balancing import log_ratio
 from gaugefix.distributed import (
     OPTIMIZER,
     add_local_grads_,
     agreed,
-    first_dtensor,
     local_view,
-    on_every_process,
     optimizer_passed,
     refuse_gathered,
-    sharded,
 )
 from gaugefix.errors import check_number
 from gaugefix.kernels import (
@@ -394,7 +391,7 @@ def relax_unchecked_(
     0-dim tensor, 0 where the step must not move). Unlike :func:`relax_` it moves generators
     acting on a parameter with ``requires_grad=False`` and checks the range of the moved
     tensors only with ``check_range`` (float16 models: the per-tensor bound of
-    :func:`gaugefix.action.in_range_by_tensor`, on the device), by which
+    :func:`gaugefix.action.provably_in_range`, on the device), by which
     :class:`gaugefix.GaugeFixing` passes a structure restricted to unfrozen generators.
     Returns ``(h, moved)``: the step and a 0-dim bool tensor, false when a parameter has a NaN
     or infinite entry (found from the squared sums the step needs anyway, which overflow for
@@ -409,27 +406,10 @@ def relax_unchecked_(
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     h, moved = orbit_step(tensors, local, rates)
     if check_range:
-        moved = moved & _in_range(params, local, h, optimizer)
+        moved = moved & provably_in_range(moved_with(optimizer, params), local, h, params)
         h = torch.where(moved, h, 0.0)
     gauge_params_(params, local, h, optimizer)
     return h, moved
-
-
-def _in_range(
-    params: dict[str, Tensor],
-    local: GaugeStructure,
-    h: Tensor,
-    optimizer: torch.optim.Optimizer | None,
-) -> Tensor:
-    """A 0-dim bool tensor: whether the per-tensor bound of
-    :func:`gaugefix.action.in_range_by_tensor` proves that ``g(h)`` keeps ``params`` and what
-    moves with them in range (``local``: their structure, this process's under FSDP2, where
-    every process must agree: one all-reduce)."""
-    targets = moved_with(optimizer, params)
-    fits = in_range_by_tensor(targets, local, h)
-    if sharded(params.values()):
-        return on_every_process(fits, first_dtensor(list(params.values())))
-    return fits
 
 
 def orbit_step(
