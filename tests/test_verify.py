@@ -286,6 +286,11 @@ class Zero(nn.Module):
 ANOTHER = nn.Linear(4, 2).double()
 
 
+def meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device (shapes without values)."""
+    return copy.deepcopy(model).to("meta")
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
@@ -294,8 +299,17 @@ ANOTHER = nn.Linear(4, 2).double()
         (lambda m, s, x: gaugefix.verify(ANOTHER, s, x), ValueError, "does not match"),
         (lambda m, s, x: gaugefix.verify(m, s, x * math.nan), gaugefix.VerificationError, "finite"),
         (lambda m, s, x: gaugefix.verify(m, s, x[:, :3]), RuntimeError, "cannot be multiplied"),
+        (lambda m, s, x: gaugefix.verify(m, s, x[:0]), gaugefix.VerificationError, "empty"),
+        (lambda m, s, x: gaugefix.verify(m, s, "x"), TypeError, "must be Tensor"),
+        (lambda m, s, x: gaugefix.verify(meta(m), s, x), gaugefix.VerificationError, "meta"),
+        (
+            lambda m, s, x: gaugefix.verify(meta(m), s, x.to("meta")),
+            gaugefix.VerificationError,
+            "meta",
+        ),
     ],
-    ids=["not a module", "not a structure", "another model", "NaN outputs", "wrong input shape"],
+    ids=["not a module", "not a structure", "another model", "NaN outputs", "wrong input shape"]
+    + ["empty outputs", "a string input", "a model on meta", "a model and inputs on meta"],
 )
 def test_bad_arguments_raise_and_change_nothing(call, error, match):
     model = trained().eval()
@@ -313,3 +327,118 @@ def test_outputs_that_are_all_zero_cannot_show_a_change():
     s = gaugefix.discover(model, randn(3, 4))
     with pytest.raises(gaugefix.VerificationError, match="all zero"):
         gaugefix.verify(model, s, randn(2, 4))
+
+
+# --- Python state a forward keeps ----------------------------------------------------------------
+HIDDEN = 6
+
+
+class Cache:
+    """The outputs of the forwards it was given to (a key-value cache's role)."""
+
+    def __init__(self, *items: Tensor) -> None:
+        self.items = list(items)
+
+
+class Stateful(nn.Module):
+    """``head(relu(l1(x))) + extra``, exact under the ``HIDDEN`` unit generators of ``l1``, with
+    ``extra`` read from Python state the forward updates (``kind``): a step counter, a list it
+    appends its outputs to, a weight memoised on the first call (stale after a gauge of a model
+    already run), a cache object given as ``cache=``. ``tanh`` on the units ``wrong``."""
+
+    def __init__(self, kind: str, wrong: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.kind, self.wrong = kind, list(wrong)
+        self.l1, self.head = nn.Linear(4, HIDDEN), nn.Linear(HIDDEN, 2)
+        self.step, self.history, self.memo = 0, [], {}
+
+    def hidden(self, x: Tensor) -> Tensor:
+        h = self.l1(x)
+        a = R(h)
+        if self.wrong:
+            a[:, self.wrong] = torch.tanh(h[:, self.wrong])
+        return a
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        if self.kind == "memoised weight":
+            w = self.memo.setdefault("l1", self.l1.weight.detach().clone())
+            return self.head(R(F.linear(x, w, self.l1.bias)))
+        out = self.head(self.hidden(x))
+        if self.kind == "memoised output":  # the same output for the same shape
+            return self.memo.setdefault(x.shape, out)
+        self.step += 1
+        extra = {"step counter": self.step, "appended list": sum(self.history, 0.0 * out)}
+        if self.kind == "cache object":
+            extra["cache object"] = sum(cache.items, 0.0 * out)
+            cache.items.append(out)
+        self.history.append(out)
+        return out + extra[self.kind]
+
+
+EXACT_STATEFUL = ["step counter", "appended list", "memoised weight", "cache object"]
+
+
+def python_state(model: Stateful) -> tuple:
+    return model.step, len(model.history), dict(model.memo), model.kind, model.wrong
+
+
+@pytest.mark.parametrize("kind", EXACT_STATEFUL)
+def test_python_state_a_forward_keeps_raises_no_false_alarm(kind):
+    torch.manual_seed(0)
+    model = Stateful(kind).double()
+    s = gaugefix.discover(copy.deepcopy(model), randn(5, 4), cache=Cache())
+    assert s.num_generators == HIDDEN
+    x, cache = randn(3, 4), Cache(randn(3, 2, seed=1))
+    before, saved, rng = python_state(model), snapshot(model), torch.get_rng_state()
+    result = gaugefix.verify(model, s, x, cache=cache)
+    assert result.ok and result.max_change <= EXACT, result.max_change
+    assert not result.broken.any()
+    assert python_state(model) == before and model.training
+    assert_same_bits(model, saved)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(cache.items) == 1 and torch.equal(cache.items[0], randn(3, 2, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["step counter", "appended list", "memoised output"])
+def test_python_state_neither_hides_nor_adds_to_a_real_move(kind):
+    """Units 1 and 4 through ``tanh``: verify flags them alone (the oracle, on a fresh copy of
+    the model for each forward)."""
+    torch.manual_seed(0)
+    s = gaugefix.discover(Stateful(kind).double(), randn(5, 4))
+    model = Stateful(kind, wrong=(1, 4)).double()
+    model.load_state_dict(Stateful(kind).double().state_dict())
+    expected = torch.zeros(HIDDEN, dtype=torch.bool)
+    expected[[1, 4]] = True
+    result = gaugefix.verify(model, s, randn(3, 4))
+    assert not result.ok and result.max_change > 1e-3
+    assert torch.equal(result.broken, expected), result.broken
+
+
+def test_a_model_already_run_keeps_its_memo_and_the_move_it_causes():
+    """A memo filled before ``verify`` is the model's state: a gauge of the model leaves the
+    memoised weight stale and moves the outputs, which verify reports (each generator whose
+    gauge ``h = e_n`` moves them at least; its random ``h`` may wake a unit ``e_n`` leaves dead)."""
+    torch.manual_seed(0)
+    model = Stateful("memoised weight").double()
+    s = gaugefix.discover(copy.deepcopy(model), randn(5, 4))
+    outputs(model, randn(2, 4))  # fills the memo
+    x = randn(3, 4)
+    expected = moves_alone(model, s, x)  # a gauge of a copy that keeps the memo
+    assert expected.any()
+    result = gaugefix.verify(model, s, x)
+    assert not result.ok and not (expected & ~result.broken).any(), (result.broken, expected)
+
+
+class Uncopyable(Cache):
+    def __deepcopy__(self, memo: dict) -> Cache:
+        raise RuntimeError("a cache that refuses copies")
+
+
+def test_an_input_that_cannot_be_copied_raises_and_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = Stateful("cache object").double()
+    s = gaugefix.discover(copy.deepcopy(model), randn(5, 4), cache=Cache())
+    cache = Uncopyable(randn(3, 2, seed=1))
+    with pytest.raises(gaugefix.VerificationError, match="cannot copy an input of type Uncopyable"):
+        gaugefix.verify(model, s, randn(3, 4), cache=cache)
+    assert len(cache.items) == 1 and python_state(model) == (0, 0, {}, "cache object", [])

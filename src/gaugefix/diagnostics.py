@@ -7,8 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from gaugefix.coordinates import generator_pairing, generators_gram, normalised
 from gaugefix.distributed import refuse_sharded, sharded
 from gaugefix.errors import check_count, check_number, first_line
 from gaugefix.moment import imbalance, in_out_sums
+from gaugefix.precision import frozen_randomness
 from gaugefix.structure import GaugeStructure
 
 __all__ = [
@@ -420,25 +420,6 @@ class SharpnessResult:
         return self.value
 
 
-@contextmanager
-def _frozen_randomness(device: torch.device) -> Iterator[Callable[[], None]]:
-    """Yield ``reset()``, which restores the global random state (CPU, and ``device`` if it is a
-    CUDA device) to its value on entry; the state is restored on exit as well. Calling
-    ``reset()`` before each evaluation gives every evaluation the same dropout masks."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def reset() -> None:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-    try:
-        yield reset
-    finally:
-        reset()
-
-
 # The thick restart keeps this fraction of a full cycle's Ritz vectors (the top ones, at least
 # one): Wu & Simon's thick-restart Lanczos (SIAM J. Matrix Anal. Appl. 22, 2000), the symmetric
 # Krylov-Schur restart. What is kept costs no products and keeps the cluster's directions.
@@ -643,7 +624,7 @@ def sharpness(
     sizes = [p.numel() for p in named.values()]
     flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    with _frozen_randomness(flat.device) as reset:
+    with frozen_randomness(flat.device) as reset:
 
         def loss_at(vector: Tensor) -> Tensor:
             pieces = vector.split(sizes)

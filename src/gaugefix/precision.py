@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "float64_copy",
     "float64_outputs",
     "float_outputs",
+    "frozen_randomness",
     "relative_changes",
 ]
 
@@ -103,6 +105,25 @@ def float64_outputs(model: nn.Module, *args: Any, **kwargs: Any) -> list[Tensor]
     float64 throughout (:class:`Float64Throughout`), without gradients."""
     with torch.no_grad(), Float64Throughout():
         return [t.detach().clone() for t in float_outputs(model(*args, **kwargs))]
+
+
+@contextmanager
+def frozen_randomness(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yield ``reset()``, which restores the global random state (CPU, and ``device`` if it is a
+    CUDA device) to its value on entry; the state is restored on exit as well. Calling
+    ``reset()`` before each evaluation gives every evaluation the same dropout masks."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def reset() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    try:
+        yield reset
+    finally:
+        reset()
 
 
 def relative_changes(a: list[Tensor], b: list[Tensor]) -> tuple[float, ...]:

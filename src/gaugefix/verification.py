@@ -9,6 +9,7 @@ and after a random gauge, and names the generators that move its outputs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -18,9 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import all_finite, apply_gauge_
-from gaugefix.diagnostics import _frozen_randomness
-from gaugefix.errors import GaugefixError
-from gaugefix.precision import float64_copy, float64_outputs, relative_changes
+from gaugefix.errors import GaugefixError, first_line
+from gaugefix.precision import float64_copy, float64_outputs, frozen_randomness, relative_changes
 from gaugefix.structure.gauge_structure import GaugeStructure, check_structure
 
 __all__ = [
@@ -47,7 +47,8 @@ VERIFY_TOLERANCE = 1e-9
 
 class VerificationError(GaugefixError, ValueError):
     """A model or inputs on which a structure cannot be checked (no floating output, outputs
-    that are not finite or all zero, a model that cannot be copied); the message says why."""
+    that are empty, not finite or all zero, a model on the meta device, a model or an input that
+    cannot be copied); the message says why."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,19 +77,28 @@ def verify(
 
     A float64 copy of ``model``, in its mode (train or eval), runs on the inputs (floating
     tensors in float64) once as it is and once after a random gauge ``h ~ N(0, 1)`` of every
-    generator (seeded: :data:`VERIFY_SEED`), in float64 throughout; dropout draws the same masks
-    in both, and buffers a forward updates (BatchNorm's statistics) are restored before each. If
-    the largest relative change of a floating output exceeds :data:`VERIFY_TOLERANCE`, the
+    generator (seeded: :data:`VERIFY_SEED`), in float64 throughout. Every forward starts from the
+    same point: it runs on a fresh deep copy of that copy (parameters, buffers such as
+    BatchNorm's statistics, and Python state such as a memo dict, a step counter or a list the
+    forward appends to, all as on entry) and on fresh copies of the inputs (tensors copied, other
+    values such as a key-value cache object deep-copied), with torch's random state reset (the
+    same dropout masks). State outside the model and the inputs (class attributes, globals) is
+    not reset.
+
+    If the largest relative change of a floating output exceeds :data:`VERIFY_TOLERANCE`, the
     generators responsible are found by bisection: each half of a failing set is gauged on its
     own (a fresh random ``h``). Exact symmetries commute, so a set of exact generators is exact
     and a failing set has a failing half; when neither half fails numerically, the whole set is
     reported (never a generator wrongly kept). That costs ``O(k log N)`` forwards for ``k``
     broken generators among ``N`` (at most ``2 + 2 k ceil(log2 N)``).
 
-    ``model``, its buffers, the inputs and torch's random state are left as they were. A
-    structure that does not fit ``model`` raises :meth:`GaugeStructure.bind`'s ``ValueError``;
-    one without generators is ok without a forward. Typical use, after a discovery on one
-    example: ``structure = structure.restrict(~result.broken, "moves the outputs at batch 3")``.
+    ``model`` (its tensors, Python attributes and mode), the inputs and torch's random state are
+    left as they were. A structure that does not fit ``model`` raises
+    :meth:`GaugeStructure.bind`'s ``ValueError``; one without generators is ok without a forward;
+    a model on the meta device, inputs that cannot be copied, and outputs that cannot show a
+    change (none floating, empty, not finite, all zero) raise :class:`VerificationError`.
+    Typical use, after a discovery on one example:
+    ``structure = structure.restrict(~result.broken, "moves the outputs at batch 3")``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -97,9 +107,11 @@ def verify(
     n = structure.num_generators
     if n == 0:
         return Verification(0.0, VERIFY_TOLERANCE, torch.zeros(0, dtype=torch.bool))
+    if any(t.is_meta for t in _state(model)):
+        raise VerificationError("the model is on the meta device: its weights hold no values")
     copied = float64_copy(model, VerificationError, "verify works on a copy")
     device = next((t.device for t in _state(copied)), torch.device("cpu"))
-    with _frozen_randomness(device) as reset:
+    with frozen_randomness(device) as reset:
         change = _gauged_change(copied, structure, reset, inputs, kwargs)
         everything = torch.arange(n)
         largest = change(everything)
@@ -116,8 +128,9 @@ def _state(model: nn.Module) -> list[Tensor]:
 
 
 def _float64_inputs(value: Any) -> Any:
-    """A fresh copy of the tensors in ``value`` (in tuples, lists and mappings), floating ones
-    in float64; other values as they are."""
+    """A fresh copy of ``value``: the tensors in it (in tuples, lists and mappings) copied,
+    floating ones in float64; other values deep-copied (a cache object a forward appends to),
+    :class:`VerificationError` for one that cannot be."""
     if isinstance(value, Tensor):
         dtype = torch.float64 if value.is_floating_point() else value.dtype
         return value.detach().to(dtype, copy=True)
@@ -127,7 +140,13 @@ def _float64_inputs(value: Any) -> Any:
         return type(value)(_float64_inputs(v) for v in value)
     if isinstance(value, Mapping):
         return {k: _float64_inputs(v) for k, v in value.items()}
-    return value
+    try:
+        return copy.deepcopy(value)
+    except Exception as err:  # whatever an object's __deepcopy__ raises
+        raise VerificationError(
+            f"cannot copy an input of type {type(value).__name__} ({type(err).__name__}: "
+            f"{first_line(err)}); each forward of verify runs on a fresh copy of the inputs"
+        ) from None
 
 
 def _gauged_change(
@@ -139,19 +158,21 @@ def _gauged_change(
 ) -> Callable[[Tensor], float]:
     """``change(members)``: the largest relative change of the float64 ``model``'s floating
     outputs under a fresh random gauge of the generators ``members`` (an index tensor; the others
-    0), from the model's state on entry, its buffers and the random state reset before each
-    forward. :class:`VerificationError` when the outputs on entry cannot show a change."""
-    state = _state(model)
-    saved = [t.detach().clone() for t in state]
+    0). Each forward runs on a fresh deep copy of ``model`` (its tensors and its Python state as
+    on entry) and of the inputs, the random state reset before it. :class:`VerificationError`
+    when the outputs on entry cannot show a change."""
+    device = next((t.device for t in _state(model)), torch.device("cpu"))
     draws = torch.Generator().manual_seed(VERIFY_SEED)
 
-    def forward() -> list[Tensor]:
+    def forward(h: Tensor | None) -> list[Tensor]:
+        fresh = copy.deepcopy(model)
+        if h is not None:
+            apply_gauge_(fresh, structure, h.to(device))
+        args, named = _float64_inputs(inputs), _float64_inputs(kwargs)
         reset()
-        return float64_outputs(model, *_float64_inputs(inputs), **_float64_inputs(kwargs))
+        return float64_outputs(fresh, *args, **named)
 
-    reference = _checked_reference(forward())
-    for t, s in zip(state, saved, strict=True):  # the buffers the forward updated
-        t.detach().copy_(s)
+    reference = _checked_reference(forward(None))
 
     def change(members: Tensor) -> float:
         h = VERIFY_SCALE * torch.randn(
@@ -159,21 +180,21 @@ def _gauged_change(
         )
         mask = torch.zeros_like(h, dtype=torch.bool)
         mask[members] = True
-        apply_gauge_(model, structure, torch.where(mask, h, 0.0).to(saved[0].device))
-        outputs = forward()
-        for t, s in zip(state, saved, strict=True):
-            t.detach().copy_(s)
-        changes = relative_changes(outputs, reference)
+        changes = relative_changes(forward(torch.where(mask, h, 0.0)), reference)
         return math.nan if any(math.isnan(c) for c in changes) else max(changes, default=0.0)
 
     return change
 
 
 def _checked_reference(outputs: list[Tensor]) -> list[Tensor]:
-    """``outputs``, or :class:`VerificationError` when they cannot show a change: none, not
-    finite (a NaN hides any change), or all zero."""
+    """``outputs``, or :class:`VerificationError` when they cannot show a change: none, on the
+    meta device, empty, not finite (a NaN hides any change), or all zero."""
     if not outputs:
         raise VerificationError("the model's output on the inputs holds no floating tensor")
+    if any(t.is_meta for t in outputs):
+        raise VerificationError("the model's outputs on the inputs are on the meta device")
+    if all(t.numel() == 0 for t in outputs):
+        raise VerificationError("the model's outputs on the inputs are empty")
     if not all_finite(outputs):
         raise VerificationError("the model's output on the inputs is not finite")
     if all(not bool(t.any()) for t in outputs):
