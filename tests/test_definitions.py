@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gaugefix
+from gaugefix.experiments import engine
 from gaugefix.experiments.engine import (
     METHODS,
     RunConfig,
@@ -399,7 +400,15 @@ def _float64(method: str, strength: float = 0.0, s: float = 1.0, steps: int = 20
     )  # fmt: skip
 
 
-def test_methods_start_from_the_given_or_the_balanced_point():
+# min-sharpness-init's L-BFGS iterations here: its start is checked for keeping the function,
+# which every point of the orbit does, converged or not (its full search on teacher-student:
+# tests/test_engine_audit3.py; what it finds: tests/test_analyses_audit4.py).
+FEW_SHARPNESS_ITERATIONS = 2
+
+
+def test_methods_start_from_the_given_or_the_balanced_point(monkeypatch):
+    monkeypatch.setattr(engine, "MIN_SHARPNESS_ITERATIONS", FEW_SHARPNESS_ITERATIONS)
+    monkeypatch.setattr(engine, "_SHARPNESS_STARTS", {})  # computed afresh, not kept
     task = load_task("teacher-student")
     strengths = {"penalty": 1.0, "balanced-penalty": 1.0, "exact": 1.0, "balanced-exact": 1.0}
     strengths["weight-decay"] = 1e-3
@@ -417,6 +426,8 @@ def test_methods_start_from_the_given_or_the_balanced_point():
             assert start <= 1e-10, method
         elif METHODS[method].start is None:  # the others' starts: tests/test_mechanism_methods.py
             assert start == given, method  # nothing acts before the first step
+        elif METHODS[method].start == "min-sharpness":  # moved along the orbit: neither given
+            assert start != given and start > 1e-10, method  # nor balanced
         initial = results["plain"].initial_loss
         assert abs(result.initial_loss - initial) <= 1e-12 * initial  # the same function
     # the exact step alone relaxes the given imbalance (one neuron with almost all of its mass
