@@ -531,9 +531,9 @@ NORM_PARAMETERS = {
         lambda m, h, g: g * F.layer_norm(m.l2.bias, (6,), m.l2.bias),
         None,
     ),
-    "torch.layer_norm (missed: blocks)": (
+    "torch.layer_norm, as F.layer_norm": (
         lambda m, h, g: torch.layer_norm(h, (6,), m.q[0], m.r[0]) + g,
-        None,
+        HIDDEN,
     ),
 }
 

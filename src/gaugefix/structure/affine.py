@@ -161,12 +161,11 @@ BUILTIN.add(torch._weight_norm, _weight_norm)
 
 
 # --- norm layers ---------------------------------------------------------------------------------
-def _norm(op: Any, per_channel: bool) -> Any:
-    """The rule of norm layer ``op``: its input is normalised (its scale is lost, so it is
+def _norm(signature: inspect.Signature, per_channel: bool) -> Any:
+    """The rule of a norm layer op: its input is normalised (its scale is lost, so it is
     blocked) and its affine weight and bias produce the output channels (per channel, dim 1, for
     batch, group and instance norm; per entry of the normalised trailing shape for layer and RMS
-    norm, whose weights are norm gains). Arguments are bound to ``op``'s own signature."""
-    signature = inspect.signature(op)
+    norm, whose weights are norm gains). Arguments are bound to the op's own ``signature``."""
 
     def rule(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> Tensor:
         bound = signature.bind(*args, **kwargs).arguments
@@ -192,10 +191,31 @@ def _norm(op: Any, per_channel: bool) -> Any:
     return rule
 
 
-for _op in (F.batch_norm, F.instance_norm, F.group_norm):
-    BUILTIN.add(_op, _norm(_op, per_channel=True))
-for _op in (F.layer_norm, F.rms_norm):
-    BUILTIN.add(_op, _norm(_op, per_channel=False))
+def _aten_signature(name: str) -> inspect.Signature | None:
+    """The Python signature of ``torch.<name>``, a builtin without one, read from the schema
+    of its only ATen overload (``torch.batch_norm(input, weight, bias, running_mean, ...)``
+    orders its arguments unlike ``F.batch_norm``); None if it has several overloads."""
+    packet = getattr(torch.ops.aten, name)
+    if packet.overloads() != ["default"]:
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    empty = inspect.Parameter.empty
+    return inspect.Signature([
+        inspect.Parameter(a.name, kinds[a.kwarg_only],
+                          default=a.default_value if a.has_default_value() else empty)
+        for a in packet.default._schema.arguments
+    ])  # fmt: skip
+
+
+# The norm ops (per channel or not), spelled in torch.nn.functional and in torch; each
+# spelling binds its arguments to its own signature.
+_NORMS = {"batch_norm": True, "instance_norm": True, "group_norm": True,
+          "layer_norm": False, "rms_norm": False}  # fmt: skip
+for _name, _per_channel in _NORMS.items():
+    BUILTIN.add(getattr(F, _name), _norm(inspect.signature(getattr(F, _name)), _per_channel))
+    _signature = _aten_signature(_name) if hasattr(torch, _name) else None
+    if _signature is not None:
+        BUILTIN.add(getattr(torch, _name), _norm(_signature, _per_channel))
 
 
 # --- embeddings ----------------------------------------------------------------------------------

@@ -976,7 +976,11 @@ def _copy(
 
 def _setitem(ctx: TraceContext, result: Any, input: Tensor, index: Any, value: Any) -> Any:
     """``dst[index] = value``: like :func:`_copy` into ``dst[index]``; a number written
-    carries the fixed factor. An index that depends on the data blocks."""
+    carries the fixed factor. An index that depends on the data blocks, except a boolean mask
+    writing 0 (see :func:`_zeroes_by_mask`)."""
+    if _zeroes_by_mask(ctx, input, index, value):
+        _masked_fill(ctx, result, input, index, value)
+        return UNCHANGED
     labels = ctx.labels(value) if isinstance(value, Tensor) else ZERO
     return _overwrite(ctx, input, _indexed(index), labels, (index, value))
 
@@ -989,7 +993,20 @@ def _index_put(
     ``accumulate``, reads them: it blocks)."""
     if accumulate or not isinstance(indices, (tuple, list)) or any(i is None for i in indices):
         return blocker(ctx, result, input, indices, values)
+    if len(indices) == 1 and _zeroes_by_mask(ctx, input, indices[0], values):
+        _masked_fill(ctx, result, input, indices[0], values)
+        return UNCHANGED
     return _overwrite(ctx, input, _indexed(tuple(indices)), ctx.labels(values), (indices, values))
+
+
+def _zeroes_by_mask(ctx: TraceContext, dst: Tensor, index: Any, value: Any) -> bool:
+    """Whether ``dst[index] = value`` is ``dst.masked_fill_(index, 0)``: ``index`` one boolean
+    mask and ``value`` exactly 0 (a number, or a tensor the trace proves 0), into an activation.
+    Zeroing entries commutes with every positive factor, so ``dst`` keeps its labels; the mask,
+    not floating, carries none (see :func:`_masked_fill`). Any other value is a write."""
+    zero = constant(value) or ctx.zero_source(value) is not None
+    mask = isinstance(index, Tensor) and index.dtype == torch.bool
+    return zero and mask and not ctx.is_param(dst)
 
 
 def _indexed(index: Any) -> Any:
