@@ -273,6 +273,15 @@ def check_same_structure(
         )
 
 
+def _fields(structure: GaugeStructure, params: dict[str, ParamTerms]) -> tuple:
+    """The constructor arguments of a :class:`GaugeStructure` with ``structure``'s data and
+    ``params`` for its parameters' terms."""
+    s = structure
+    return (s.num_generators, params, s.excluded, s.generator_layers, s.generator_kinds,
+            s.produced, s.param_order, s.notes, s.in_out, s.aliases, s.module_types,
+            s.gain_channels)  # fmt: skip
+
+
 class ShardStructure(GaugeStructure):
     """The structure of this process's slices of a sharded model: every parameter with a
     non-empty local slice, with its local shape and each term's index sliced to it (a term
@@ -311,38 +320,13 @@ class ShardStructure(GaugeStructure):
                 local[name] = ParamTerms(name, shape, terms)
         if not local:
             local[PLACEHOLDER] = ParamTerms(PLACEHOLDER, (1,), (Term(torch.full((1,), -1), 1),))
-        super().__init__(
-            structure.num_generators,
-            local,
-            structure.excluded,
-            structure.generator_layers,
-            structure.generator_kinds,
-            structure.produced,  # the whole model's channels: for summary() and restrict()
-            structure.param_order,
-            structure.notes,
-            structure.in_out,
-            structure.aliases,
-            structure.module_types,
-            structure.gain_channels,
-        )
+        # the whole model's channels (``produced``) kept: for summary() and restrict()
+        super().__init__(*_fields(structure, local))
         self.group = mesh.get_group()
         self._most_terms = structure.most_terms()
         # The whole structure's data in a new object: the cache keyed by ``structure`` holds
         # this one, which must not keep ``structure`` alive.
-        self.whole = GaugeStructure(
-            structure.num_generators,
-            structure.params,
-            structure.excluded,
-            structure.generator_layers,
-            structure.generator_kinds,
-            structure.produced,
-            structure.param_order,
-            structure.notes,
-            structure.in_out,
-            structure.aliases,
-            structure.module_types,
-            structure.gain_channels,
-        )
+        self.whole = GaugeStructure(*_fields(structure, structure.params))
         check_same_structure(structure, self.group, first.device, error)
 
     def generator(self, n: int) -> GeneratorEntries:
