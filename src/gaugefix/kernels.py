@@ -392,6 +392,12 @@ def stacked_sums(
     return flat_cat(reduced[1] + reduced[-1] + firsts, batch_dims, plan.chunkable)
 
 
+@functools.lru_cache(maxsize=4096)  # a function of a group's slot shapes, asked at every step
+def _broadcast(shapes: tuple[torch.Size, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` of ``shapes`` (a Python call of tens of microseconds)."""
+    return torch.broadcast_shapes(*shapes)
+
+
 def _group_sums(
     tensors: Mapping[str, Tensor], group: TermGroup, dtype: torch.dtype, batch_dims: int
 ) -> list[Tensor]:
@@ -402,7 +408,7 @@ def _group_sums(
     x = [tensors[name] for name in group.names]
     x = x[0] if one else torch.stack(x, batch_dims)
     lead = tuple(x.shape[: batch_dims + (0 if one else 1)])
-    pair = torch.broadcast_shapes(*(slots.shape[1:] for slots in group.slots))
+    pair = _broadcast(tuple(slots.shape[1:] for slots in group.slots))
     sq = _squares(x, (*lead, *pair), dtype, not one)
     by_shape: dict[tuple[int, ...], Tensor] = {}
     for slots in group.slots:
@@ -639,33 +645,35 @@ def _rescale_dense_(targets: Targets, plan: KernelPlan, hx: Tensor, batch_dims: 
     exps = torch.exp(all_term_values(hx, plan))
     pieces: dict[torch.dtype, list[list[Tensor]]] = {}  # per factor dtype, as group_pieces
     for batch in plan.batches:
-        moved = []
+        moves: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # by power
         for g in batch:
             group = plan.groups[g]
-            mine = [
-                (k, t, p) for k, name in enumerate(group.names) for t, p in targets.get(name, ())
-            ]
+            mine = [targets.get(name, ()) for name in group.names]
             factors = {}
-            for dtype in {t.dtype for _, t, _ in mine}:
+            for dtype in {t.dtype for tensors in mine for t, _ in tensors}:
                 wide, applied = factor_dtype(dtype), applied_dtype(dtype)
                 if wide not in pieces:
                     pieces[wide] = group_pieces(exps.to(wide), plan)
                 product = factor_product(pieces[wide][g], applied)
                 factors[applied] = per_parameter(product, group, batch_dims, True)
-            moved += [(t, factors[applied_dtype(t.dtype)][k], p) for k, t, p in mine]
-        _move_(moved)
+            for k, tensors in enumerate(mine):
+                for t, p in tensors:
+                    ts, fs = moves.setdefault(p, ([], []))
+                    ts.append(t)
+                    fs.append(factors[applied_dtype(t.dtype)][k])
+        _move_(moves)
 
 
-def _move_(moved: list[tuple[Tensor, Tensor, int]]) -> None:
-    """Every tensor ``t`` of power ``p`` multiplied by its factor ``f`` (of ``t``'s shape)
-    ``p`` times, or divided ``-p`` times, in place: the ``i``-th time (``i = 1, 2, ...``) every
-    one of ``p >= i`` in one ``torch._foreach_mul_`` and every one of ``p <= -i`` in one
+def _move_(moves: dict[int, tuple[list[Tensor], list[Tensor]]]) -> None:
+    """Every tensor of ``moves[p]`` (power ``p``) multiplied by its factor (of its shape) ``p``
+    times, or divided ``-p`` times, in place: the ``i``-th time (``i = 1, 2, ...``) every one of
+    ``p >= i`` in one ``torch._foreach_mul_`` and every one of ``p <= -i`` in one
     ``torch._foreach_div_`` (one kernel over tensors of any shapes, each of its factor's)."""
-    for i in range(1, max((abs(p) for *_, p in moved), default=0) + 1):
+    for i in range(1, max(map(abs, moves), default=0) + 1):
         for apply, sign in ((torch._foreach_mul_, 1), (torch._foreach_div_, -1)):
-            now = [(t, f) for t, f, p in moved if sign * p >= i]
+            now = [moves[p] for p in moves if sign * p >= i]
             if now:
-                apply([t for t, _ in now], [f for _, f in now])
+                apply([t for ts, _ in now for t in ts], [f for _, fs in now for f in fs])
 
 
 def by_row_blocks(t: Tensor, factors: list[Tensor]) -> Iterator[tuple[Any, list[Tensor]]]:
@@ -697,6 +705,8 @@ def factor_product(factors: list[Tensor], dtype: torch.dtype, scratch: bool = Fa
     if len(factors) == 1:
         return factors[0].to(dtype)
     first, last = functools.reduce(torch.mul, factors[:-1]), factors[-1]
+    if not scratch and first.dtype == dtype:  # no buffer to size (the GPU layout's case)
+        return torch.mul(first, last)
     shape = torch.broadcast_shapes(first.shape, last.shape)  # 0 where a size is 0, not 1
     if scratch and SCRATCH_MIN <= math.prod(shape) <= CHUNK:
         out = _scratch_buffer(first.device, dtype, shape)

@@ -354,6 +354,7 @@ class GaugeFixing:
                 active = active.restrict(~touched, reason)
         self.active, self.left_out = active, left_out
         self.params = active.bind(self._all_params, sharded=True)  # FSDP2: the DTensors
+        self._checked = list(self.params.values())  # what each step checks, bound with them
         self._group_of = self._param_groups()
         self._rate_cache = None
         if left_out:
@@ -420,7 +421,7 @@ class GaugeFixing:
         """Check the gradients (on the device); in penalty mode, check the parameters and add
         ``grad P`` (one host read). Runs once per gradient evaluation."""
         self._refresh()
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        grads = [g for p in self._checked if (g := p.grad) is not None]
         self._ok = finite_on_device(grads)
         if self.mode == "penalty":
             ascended = self._maximized_grads()
@@ -472,7 +473,7 @@ class GaugeFixing:
                     self.active, self.params, rate, optimizer, check_range=self._float16
                 )
             else:
-                moved = finite_on_device(list(self.params.values()))
+                moved = finite_on_device(self._checked)
             ok = moved if ok is None else ok & moved
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
