@@ -1,6 +1,6 @@
 """Fifth audit of ``gaugefix balance`` and ``gaugefix inspect`` on checkpoint files: a tiny tied
 Llama saved by ``save_pretrained`` (one file or sharded) and as a PyTorch state dict in float32,
-float16 and bfloat16; files that are not a state dict (a sharded checkpoint's index, a JSON
+float16 and bfloat16; files that are not a state dict (a shard alone, a JSON
 configuration, a whole pickled model, bytes of no format); an output that cannot be written."""
 
 from __future__ import annotations
@@ -120,18 +120,13 @@ def test_a_tied_llama_keeps_its_layout_and_function_and_rebalances_to_itself(tmp
 # -- 2. files that are not a state dict -----------------------------------------------------------
 
 
-def test_a_sharded_checkpoint_is_refused_naming_its_shards(tmp_path):
-    """Its index was read by ``torch.load``, whose refusal advised loading it with
-    ``weights_only=False``; a shard alone is refused with the names it lacks. Nothing written,
-    the checkpoint untouched."""
+def test_a_shard_alone_or_a_sharded_checkpoints_directory_is_refused(tmp_path):
+    """A shard alone is refused with the names it lacks, the directory as one (its index is
+    read: test_checkpoint_sharded.py). Nothing written, the checkpoint untouched."""
     _gauged(torch.float32).save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
     before, out = listing(tmp_path / "ckpt"), tmp_path / "out" / "balanced.safetensors"
     shards = sorted(p.name for p in (tmp_path / "ckpt").glob("model-*.safetensors"))
     assert len(shards) > 2
-    result = _balance(tmp_path / "ckpt" / "model.safetensors.index.json", out)
-    _refused(result, f"is the index of a sharded checkpoint (20 tensors in {len(shards)} files: ")
-    assert shards[0] in result.stderr and "max_shard_size" in result.stderr
-    assert TORCH_ADVICE not in result.stderr
     _refused(_balance(tmp_path / "ckpt" / shards[0], out), "missing")
     _refused(_balance(tmp_path / "ckpt", out), "is not a regular file (a directory")
     assert listing(tmp_path / "ckpt") == before and not (tmp_path / "out").exists()

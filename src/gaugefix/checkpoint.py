@@ -1,15 +1,17 @@
 """Hard gauge fixing of saved weights (``gaugefix balance``).
 
 A checkpoint is a flat state dict, read from safetensors or from a PyTorch file (loaded with
-``weights_only=True``). :func:`balance_state_dict` balances it in float64 on a model built by the
-caller and returns the balanced tensors in the file's dtypes, together with what an output check
-on an example input measured; :func:`write_state_dict` writes them in the file's format.
+``weights_only=True``), or from the shards a sharded checkpoint's index names.
+:func:`balance_state_dict` balances it in float64 on a model built by the caller and returns the
+balanced tensors in the file's dtypes, together with what an output check on an example input
+measured; :func:`write_state_dict` writes them in the file's format (and layout of shards).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -31,7 +33,7 @@ from gaugefix.balancing import BalanceResult
 from gaugefix.distributed import ShardingError, refuse_sharded, uses_fully_shard
 from gaugefix.equalize import EqualizeResult, objective_name
 from gaugefix.errors import GaugefixError, first_line
-from gaugefix.files import write_bytes
+from gaugefix.files import write_all, write_bytes
 from gaugefix.precision import float64_copy, float64_outputs, relative_changes
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "CheckpointBalance",
     "CheckpointError",
     "read_state_dict",
+    "ShardIndex",
     "StateDictFile",
     "write_state_dict",
 ]
@@ -59,6 +62,20 @@ class StateDictFile:
     tensors: dict[str, Tensor]
     format: Format
     metadata: Any = None
+    index: ShardIndex | None = None
+
+
+@dataclasses.dataclass
+class ShardIndex:
+    """The index of a sharded checkpoint: its file's bytes ``text`` (written back unchanged),
+    its ``weight_map`` (tensor name -> shard file name, a file in the index's directory), and
+    for each shard file (in the order of first mention) the names it holds, in its order, and
+    its metadata (as :class:`StateDictFile`'s)."""
+
+    text: bytes
+    weight_map: dict[str, str]
+    names: dict[str, list[str]]
+    metadata: dict[str, Any]
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -72,13 +89,27 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def read_state_dict(path: str | Path) -> StateDictFile:
-    """The state dict in ``path``: a safetensors file, or a PyTorch file holding a mapping of
-    names to tensors (loaded with ``weights_only=True``, so no code in it runs)."""
+    """The state dict in ``path``: a safetensors file, a PyTorch file holding a mapping of
+    names to tensors (loaded with ``weights_only=True``, so no code in it runs), or the index
+    of a sharded checkpoint, a JSON file whose ``weight_map`` names the shard file of each
+    tensor (:func:`_read_sharded`: every shard's tensors, in one state dict)."""
     path = Path(path)
+    _check_file(path)
+    index = None if _is_safetensors(path) else _json_index(path)
+    if index is not None:
+        return _read_sharded(path, *index)
+    return _read_file(path)
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"no weights file {path}")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a regular file (a directory, device or FIFO)")
+
+
+def _read_file(path: Path) -> StateDictFile:
+    """The state dict of the safetensors or PyTorch file ``path`` (a regular file)."""
     try:
         if _is_safetensors(path):
             from safetensors import safe_open
@@ -87,7 +118,8 @@ def read_state_dict(path: str | Path) -> StateDictFile:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata()
             return StateDictFile(load_file(path), "safetensors", metadata)
-        _refuse_json(path)
+        if _json_index(path) is not None:
+            raise CheckpointError(f"{path} is the index of a sharded checkpoint, not a shard")
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -107,29 +139,128 @@ def read_state_dict(path: str | Path) -> StateDictFile:
 INDEX_MAX_BYTES = 64 * 2**20
 
 
-def _refuse_json(path: Path) -> None:
-    """:class:`CheckpointError` for a JSON file (a PyTorch file is a zip archive or a pickle,
-    never JSON): the index of a sharded checkpoint (its ``weight_map`` names the shard of each
-    tensor), which is not read, or another JSON file, such as a model's configuration."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members; :class:`CheckpointError` for a name given twice (JSON keeps
+    the last, so an index would name one shard of a tensor listed in two)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise CheckpointError(f"the index lists {_listed(twice)} twice")
+    return dict(pairs)
+
+
+def _json_index(path: Path) -> tuple[bytes, dict[str, Any]] | None:
+    """The bytes and the members of ``path`` when it is the index of a sharded checkpoint (a
+    JSON object whose ``weight_map`` is an object); None for a file that is not JSON (a
+    PyTorch file is a zip archive or a pickle, never JSON); :class:`CheckpointError` for
+    another JSON file, such as a model's configuration, and for a name the index gives twice."""
     if path.stat().st_size > INDEX_MAX_BYTES:
-        return
+        return None
     with open(path, "rb") as f:
-        if f.read(1) != b"{":
-            return
-        f.seek(0)
-        try:
-            loaded = json.loads(f.read())
-        except ValueError:  # not JSON (nor UTF-8): left to torch.load
-            return
-    shards = loaded.get("weight_map") if isinstance(loaded, dict) else None
-    if isinstance(shards, dict):
-        files = sorted({str(v) for v in shards.values()})
-        raise CheckpointError(
-            f"{path} is the index of a sharded checkpoint ({len(shards)} tensors in "
-            f"{len(files)} files: {_listed(files)}): a sharded checkpoint is not read; save it as "
-            "one file (save_pretrained(DIR, max_shard_size='100GB')) and pass that"
-        )
+        text = f.read()
+    if text[:1] != b"{":
+        return None
+    try:
+        loaded = json.loads(text, object_pairs_hook=_unique_keys)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except ValueError:  # not JSON (nor UTF-8): left to torch.load
+        return None
+    if isinstance(loaded, dict) and isinstance(loaded.get("weight_map"), dict):
+        return text, loaded
     raise CheckpointError(f"{path} is a JSON file, not weights (safetensors or a PyTorch file)")
+
+
+# A shard's format as its file name says it (the other names: read to tell).
+SHARD_SUFFIXES: dict[str, Format] = {".safetensors": "safetensors", ".bin": "torch", ".pt": "torch"}
+INDEX_SUFFIXES: dict[str, Format] = {
+    ".safetensors.index.json": "safetensors",
+    ".bin.index.json": "torch",
+    ".pt.index.json": "torch",
+}
+
+
+def _shard_files(path: Path, weight_map: dict) -> list[str]:
+    """The shard files ``weight_map`` names (each once, in order); :class:`CheckpointError`
+    for an empty map, a name or shard that is not a string, a shard that is not a file name in
+    the index's directory, or one that is missing."""
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{path}: its weight_map must map tensor names to shard file names")
+    files = list(dict.fromkeys(weight_map.values()))
+    if not files:
+        raise CheckpointError(f"{path}: its weight_map is empty (no tensor, no shard)")
+    odd = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
+    if odd:
+        raise CheckpointError(
+            f"{path}: its weight_map names {_listed(odd)}, not a file name in its directory"
+        )
+    missing = [f for f in files if not (path.parent / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: its weight_map names {_listed(missing)}, missing from {path.parent}"
+        )
+    return files
+
+
+def _claimed_format(path: Path, files: list[str]) -> Format | None:
+    """The format the index's name and its shards' names give (None when none does);
+    :class:`CheckpointError` when they give two (mixed formats)."""
+    said = {fmt for end, fmt in INDEX_SUFFIXES.items() if path.name.endswith(end)}
+    said |= {SHARD_SUFFIXES[Path(f).suffix] for f in files if Path(f).suffix in SHARD_SUFFIXES}
+    if len(said) > 1:
+        raise CheckpointError(
+            f"{path}: its name and its shards' names mix the safetensors and torch formats"
+        )
+    return next(iter(said), None)
+
+
+def _read_sharded(path: Path, text: bytes, index: dict[str, Any]) -> StateDictFile:
+    """The sharded checkpoint whose index is ``path`` (``text``, holding ``index``): each
+    shard read as one file, the tensors joined in one state dict, and how to write them back
+    (:class:`ShardIndex`). :class:`CheckpointError` for a shard that is missing, not of the
+    format the names say (or of another format than the others), a tensor in two shards, in a
+    shard the ``weight_map`` does not name for it, or missing from its shard."""
+    weight_map = index["weight_map"]
+    files = _shard_files(path, weight_map)
+    claimed = _claimed_format(path, files)
+    formats = {f: "safetensors" if _is_safetensors(path.parent / f) else "torch" for f in files}
+    expected = claimed or formats[files[0]]
+    for f, fmt in formats.items():
+        if fmt != expected:  # told by its first bytes, before any shard is loaded
+            said = "as the names say" if claimed else f"as {files[0]} is (mixed formats)"
+            raise CheckpointError(f"{path}: its shard {f} is a {fmt} file, not {expected} {said}")
+    shards = {f: _read_file(path.parent / f) for f in files}
+    tensors: dict[str, Tensor] = {}
+    for f, shard in shards.items():
+        for name, t in shard.tensors.items():
+            _check_listed(path, name, f, weight_map, tensors, shards)
+            tensors[name] = t
+    absent = [name for name in weight_map if name not in tensors]
+    if absent:
+        raise CheckpointError(
+            f"{path}: {_listed(absent)} not in the shard its weight_map names "
+            f"({weight_map[absent[0]]})"
+        )
+    names = {f: list(shard.tensors) for f, shard in shards.items()}
+    metadata = {f: shard.metadata for f, shard in shards.items()}
+    index_of = ShardIndex(text, dict(weight_map), names, metadata)
+    return StateDictFile(tensors, shards[files[0]].format, None, index_of)
+
+
+def _check_listed(
+    path: Path, name: str, shard: str, weight_map: dict, seen: dict, shards: dict
+) -> None:
+    """:class:`CheckpointError` unless the tensor ``name`` found in ``shard`` is in no
+    shard read before (``seen``) and is the one the ``weight_map`` names for it."""
+    if name in seen:
+        before = next(f for f, s in shards.items() if name in s.tensors)
+        raise CheckpointError(f"{path}: {name} is in two shards, {before} and {shard}")
+    if name not in weight_map:
+        raise CheckpointError(f"{path}: {name} is in {shard} but not in its weight_map")
+    if weight_map[name] != shard:
+        raise CheckpointError(
+            f"{path}: {name} is in {shard}, but its weight_map names {weight_map[name]}"
+        )
 
 
 def _load_failure(err: Exception) -> str:
@@ -202,20 +333,54 @@ def write_state_dict(state: StateDictFile, path: str | Path) -> None:
     written. Tensors sharing memory (tied weights, views) stay one storage in a PyTorch file;
     in a safetensors file, which holds no shared or strided tensors, each name gets a contiguous
     copy of its values. :class:`CheckpointError` (nothing written) for what the format cannot
-    hold (:func:`_check_writable`)."""
+    hold (:func:`_check_writable`). A sharded ``state`` (its ``index`` set) is written as
+    :func:`_write_sharded` writes it."""
+    if state.index is not None:
+        _write_sharded(state, Path(path))
+        return
     _check_writable(state)
+    write_bytes(path, _serialised(state))
+
+
+def _serialised(state: StateDictFile) -> bytes:
+    """The bytes of the file holding ``state`` (a state dict its format holds)."""
     if state.format == "safetensors":
         from safetensors.torch import save
 
-        data = save(_unshared(state.tensors), metadata=state.metadata)
-    else:
-        out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
-        if state.metadata is not None:
-            out._metadata = state.metadata  # type: ignore[attr-defined]
-        buffer = io.BytesIO()
-        torch.save(out, buffer)
-        data = buffer.getvalue()
-    write_bytes(path, data)
+        return save(_unshared(state.tensors), metadata=state.metadata)
+    out: OrderedDict[str, Tensor] = OrderedDict(state.tensors)
+    if state.metadata is not None:
+        out._metadata = state.metadata  # type: ignore[attr-defined]
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    return buffer.getvalue()
+
+
+def _write_sharded(state: StateDictFile, path: Path) -> None:
+    """Write the sharded ``state``: its index, unchanged, to ``path``, and beside it each shard
+    file the index names, holding the tensors the ``weight_map`` puts there (in the order they
+    were read) and the shard's metadata; all or nothing (:func:`gaugefix.files.write_all`: each
+    file to a temporary one, all renamed once every one is complete). :class:`CheckpointError`
+    (nothing written) when the tensors are not the ``weight_map``'s names, or for what the
+    format cannot hold."""
+    index = state.index
+    assert index is not None
+    if set(state.tensors) != set(index.weight_map):
+        odd = sorted(set(state.tensors) ^ set(index.weight_map))
+        raise CheckpointError(f"the tensors are not those of the index: {_listed(odd)}")
+    shards = [
+        StateDictFile(
+            {name: state.tensors[name] for name in names}, state.format, index.metadata[f]
+        )
+        for f, names in index.names.items()
+    ]
+    for shard in shards:
+        _check_writable(shard)
+    files = [
+        (path.parent / f, functools.partial(_serialised, shard))
+        for f, shard in zip(index.names, shards, strict=True)
+    ]
+    write_all([*files, (path, lambda: index.text)])
 
 
 def _check_writable(state: StateDictFile) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -24,7 +25,6 @@ import gaugefix
 from gaugefix.checkpoint import (
     CheckpointBalance,
     CheckpointError,
-    StateDictFile,
     balance_state_dict,
     read_state_dict,
     write_state_dict,
@@ -215,8 +215,20 @@ def inspect(
 @app.command()
 def balance(
     model: Annotated[str, typer.Option(help="built-in example name or PACKAGE.MODULE:FACTORY")],
-    weights: Annotated[Path, typer.Option(help="state dict: safetensors or a PyTorch file")],
-    out: Annotated[Path, typer.Option(help="balanced weights, in the same format and dtypes")],
+    weights: Annotated[
+        Path,
+        typer.Option(
+            help="state dict: safetensors or a PyTorch file, or a sharded checkpoint's index "
+            "(model.safetensors.index.json)"
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="balanced weights, in the same format and dtypes (for an index: the index, "
+            "its shard files written beside it)"
+        ),
+    ],
     input_shape: InputShape = None,
     input_ids: InputIds = None,
     vocab: Vocab = None,
@@ -255,9 +267,10 @@ def balance(
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
             raise _fail(_traced(err)) from None
         _report_balance(model, objective, report)
-        write_state_dict(StateDictFile(tensors, state.format, state.metadata), out)
+        write_state_dict(dataclasses.replace(state, tensors=tensors), out)
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
-    typer.echo(f"balanced weights written to {out} ({state.format}, {dtypes})")
+    shards = f" and its {len(state.index.names)} shards" if state.index else ""
+    typer.echo(f"balanced weights written to {out}{shards} ({state.format}, {dtypes})")
 
 
 def _traced(err: Exception) -> str:
