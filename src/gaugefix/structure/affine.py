@@ -26,7 +26,7 @@ from gaugefix.structure.rules import (
     scalar,
     tensor_args,
 )
-from gaugefix.structure.trace import BUILTIN, ZERO, Sum, TraceContext
+from gaugefix.structure.trace import BUILTIN, WEIGHT_NORM_DIRECTION, ZERO, Sum, TraceContext
 
 __all__: list[str] = []
 
@@ -151,7 +151,7 @@ def _weight_norm(ctx: TraceContext, result: Any, v: Tensor, g: Tensor, dim: Any 
         or result.shape != v.shape or (tuple(g.shape) != shape if shape else g.numel() != 1)
     ):  # fmt: skip
         return ctx.block_all((v, g), {}, ctx.reason("weight norm of another form"))
-    ctx.block_all((v,), {}, ctx.reason("direction of a weight norm (its scale is divided out)"))
+    ctx.block_all((v,), {}, ctx.reason(WEIGHT_NORM_DIRECTION))
     index = torch.arange(g.numel()).view(g.shape).expand(v.shape)
     ctx.view_of_param(result, g, index.reshape(-1))
     return None

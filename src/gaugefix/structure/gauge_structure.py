@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from gaugefix.errors import first_line
 from gaugefix.files import write_text
-from gaugefix.structure.trace import TraceContext, compact
+from gaugefix.structure.trace import WEIGHT_NORM_DIRECTION, TraceContext, compact
 
 __all__ = [
     "check_structure",
@@ -96,6 +96,9 @@ class ParamTerms:
     name: str
     shape: tuple[int, ...]
     terms: tuple[Term, ...]
+
+
+_WITH_GAIN = "counted with the gain's channels"  # a weight norm's direction, see summary()
 
 
 class GeneratorEntries(NamedTuple):
@@ -176,7 +179,7 @@ class GaugeStructure:
     def __repr__(self) -> str:
         return (
             f"GaugeStructure(num_generators={self.num_generators}, params={len(self.params)}, "
-            f"excluded={sum(len(e.channels) for e in self.excluded)} channels)"
+            f"excluded={self._exclusion_notes()[1]} channels)"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -218,7 +221,8 @@ class GaugeStructure:
         every output channel, which all carry the gains' one generator; a generator shared
         through a residual connection counts in every layer producing it), the generators it
         is the first producer of, by kind, and notes: the channels whose generators another
-        layer produces first, and the channels excluded, with the reason."""
+        layer produces first, and the channels excluded, with the reason (see
+        :meth:`_exclusion_notes` for a weight norm's direction)."""
         gauged: dict[str, int] = {}
         produced: dict[str, set[int]] = {}
         for name, index in self.produced.items():
@@ -237,8 +241,9 @@ class GaugeStructure:
                     f"{len(shared)} shared with generators first produced by "
                     f"{', '.join(repr(x) for x in firsts)} (outputs joined, e.g. by a residual sum)"
                 )
-        for e in self.excluded:
-            notes.setdefault(e.module, []).append(f"{len(e.channels)} excluded: {e.reason}")
+        excluded_notes, excluded = self._exclusion_notes()
+        for module, texts in excluded_notes.items():
+            notes.setdefault(module, []).extend(texts)
         order = {m: i for i, m in enumerate(module_of(n) for n in reversed(self.param_order))}
         rows = sorted(notes, key=lambda name: -order.get(name, -1))
         width = max([len("layer")] + [len(n) for n in rows])
@@ -252,7 +257,6 @@ class GaugeStructure:
                 f"{name:<{width}}  {gauged.get(name, 0):>8}  {sum(count.values()):>10}  {note}"
             )
         lines.append("-" * max(len(head), 60))
-        excluded = sum(len(e.channels) for e in self.excluded)
         by_kind = ", ".join(f"{v} {k}" for k, v in self.kind_counts().items())
         lines.append(
             f"{self.num_generators} generators ({by_kind or 'none'}) over {len(self.params)} "
@@ -260,6 +264,28 @@ class GaugeStructure:
         )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _exclusion_notes(self) -> tuple[dict[str, list[str]], int]:
+        """Per module, the notes on its excluded channels, and how many producing channels are
+        lost. The rows of a weight norm's direction ``v`` (in ``w = g v / ||v||``) are no loss
+        where their module has a producing parameter, the gain ``g``: the layer's output
+        channels are the gain's, counted by its ``produced`` table (generated) and by the
+        module's other exclusions (lost); their note says whether the gain generates all of
+        them. Where no parameter of the module produces (the gain is fixed), they are lost."""
+        generated: dict[str, bool] = {}
+        for name, index in self.produced.items():
+            module = module_of(name)
+            generated[module] = generated.get(module, True) and bool((index >= 0).all())
+        notes: dict[str, list[str]] = {}
+        lost = 0
+        for e in self.excluded:
+            if e.reason.startswith(WEIGHT_NORM_DIRECTION) and e.module in generated:
+                how = "generated through the gain" if generated[e.module] else _WITH_GAIN
+                notes.setdefault(e.module, []).append(f"{len(e.channels)} {how}: {e.reason}")
+            else:
+                lost += len(e.channels)
+                notes.setdefault(e.module, []).append(f"{len(e.channels)} excluded: {e.reason}")
+        return notes, lost
 
     def _gauged_channels(self, name: str) -> int:
         """The output channels parameter ``name`` produces that belong to generators."""
@@ -475,9 +501,10 @@ class GaugeStructure:
                 params[p.name] = ParamTerms(p.name, p.shape, terms)
         channels: dict[str, set[int]] = {}
         for name, index in self.produced.items():
-            lost = torch.nonzero((index >= 0) & (new[index] < 0)).reshape(-1)
-            if lost.numel():
-                channels.setdefault(module_of(name), set()).update(lost.tolist())
+            lost = torch.nonzero((index >= 0) & (new[index] < 0)).reshape(-1).tolist()
+            if lost:  # a gain per column or for the whole weight: its one generator, all rows
+                rows = range(self.gain_channels[name]) if name in self.gain_channels else lost
+                channels.setdefault(module_of(name), set()).update(rows)
         excluded = self.excluded + [
             Exclusion(module, reason, tuple(sorted(ch))) for module, ch in channels.items()
         ]
@@ -1378,7 +1405,8 @@ def _exclusions(
     why: _Why,
     has_out: Tensor,
 ) -> list[Exclusion]:
-    """The producing channels that are no generators, grouped by module and reason, and the
+    """The producing channels that are no generators, grouped by module and reason (for gains
+    per column or one for the whole weight: the output channels of their layer), and the
     rows of parameters fixed before they produced any channel. A channel blocked by a mark is
     explained by the first mark on its group at or after the op that produced it (the nearest
     op that blocks it), with the other modules producing channels of that group."""
@@ -1392,6 +1420,8 @@ def _exclusions(
     for (p, k, other, count), channels in zip(*_row_groups(explained, channel), strict=True):
         text = why.reasons[k] if k < len(why.reasons) else unblocked[k - len(why.reasons)]
         text += _shared_note(why.sharers[1], other, count)
+        if producers[p] in ctx.gain_channels:  # gains of one generator: all output channels
+            channels = list(range(ctx.gain_channels[producers[p]]))
         excluded.setdefault((module_of(producers[p]), text), set()).update(channels)
     for name, reason in ctx.fixed.items():  # fixed before producing a channel: its rows
         if name not in ctx.produced:

@@ -1365,6 +1365,8 @@ class TraceContext:
 
 
 _MIXED = "mixed with a fixed tensor"
+# the reason fixing the direction v of a weight norm w = g v / ||v||: the summary reads it
+WEIGHT_NORM_DIRECTION = "direction of a weight norm (its scale is divided out)"
 _LIBRARY = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
 
 
