@@ -18,6 +18,8 @@ from gaugefix.experiments.tasks import Task
 from gaugefix.soft import orbit_selection_grad
 from gaugefix.zoo import mlp
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 DTYPE = torch.float64
 _GEN = torch.Generator().manual_seed(7)
 X = torch.randn(32, 3, generator=_GEN)

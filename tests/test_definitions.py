@@ -36,6 +36,8 @@ from gaugefix.experiments.summary import summarize
 from gaugefix.experiments.tasks import load_task
 from gaugefix.report import render
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # -- stability ----------------------------------------------------------------------------------
 
 
@@ -401,8 +403,8 @@ def _float64(method: str, strength: float = 0.0, s: float = 1.0, steps: int = 20
 
 
 # min-sharpness-init's L-BFGS iterations here: its start is checked for keeping the function,
-# which every point of the orbit does, converged or not (its full search on teacher-student:
-# tests/test_engine_audit3.py; what it finds: tests/test_analyses_audit4.py).
+# which every point of the orbit does, converged or not (what the full search finds:
+# tests/test_analyses_audit2.py and tests/test_analyses_audit4.py).
 FEW_SHARPNESS_ITERATIONS = 2
 
 

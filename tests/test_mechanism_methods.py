@@ -25,6 +25,8 @@ from gaugefix.experiments.tasks import load_task
 from gaugefix.kernels import rescale_
 from gaugefix.step import state_targets
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 DTYPE = torch.float64
 STEPS, LR, S = 12, 0.05, 1.0
 FEW_ITERATIONS = 5
