@@ -17,6 +17,7 @@ from torch import nn
 import gaugefix
 from faults import full_disk, listing
 from gaugefix.checkpoint import CheckpointBalance, read_state_dict
+from gaugefix.files import OutputError, write_all
 from test_cli_audit5 import _balance, _gauged, _ids, _refused, llama  # one tiny tied Llama
 
 transformers = pytest.importorskip("transformers")
@@ -263,3 +264,141 @@ def test_an_out_that_is_one_of_the_shards_is_refused_before_anything_is_written(
     before = listing(ckpt)
     _refused(_balance(ckpt / INDEX, ckpt / shard), "it is also another of the files written")
     assert listing(ckpt) == before
+
+
+# -- 4. the directory written to ------------------------------------------------------------------
+
+
+def _shard_names(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.glob("model-*.safetensors"))
+
+
+def _other_model(directory: Path, names: list[str]) -> None:
+    """Another model's files in ``directory``: one under each of ``names``, and seven shards
+    ``model-0000k-of-00007.safetensors``, under an index ``other.safetensors.index.json``."""
+    directory.mkdir()
+    sevens = [f"model-{k:05d}-of-00007.safetensors" for k in range(1, 8)]
+    for name in [*names, *sevens]:
+        (directory / name).write_bytes(b"another model's " + name.encode())
+    weight_map = {f"w{k}": f for k, f in enumerate(sevens)}
+    (directory / "other.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_shard_names_of_another_model_in_the_directory_written_to_are_refused(tmp_path):
+    """``--out`` in a directory holding files with the shards' names that no index at
+    ``--out`` names (another model's): refused before any work, every file as it was."""
+    ckpt = _sharded(tmp_path)
+    out = tmp_path / "out"
+    _other_model(out, _shard_names(ckpt)[:1])
+    before = listing(out)
+    shard = out / _shard_names(ckpt)[0]
+    _refused(_balance(ckpt / INDEX, out / INDEX), f"cannot write {shard}: a file of that name")
+    assert listing(out) == before
+
+
+def test_a_new_index_beside_the_shards_read_is_refused(tmp_path):
+    """``--out`` a new index in the checkpoint's directory: its shards would replace those the
+    index read names (the checkpoint read, changed under another index's name)."""
+    ckpt = _sharded(tmp_path)
+    before = listing(ckpt)
+    out = ckpt / "balanced.safetensors.index.json"
+    _refused(_balance(ckpt / INDEX, out), f"{out} is no index naming it")
+    assert listing(ckpt) == before
+
+
+def test_a_shard_another_index_names_with_other_files_is_refused_in_place(tmp_path):
+    """In place, a shard that another index of the directory names beside a file not written
+    (it would name a balanced shard among unbalanced ones): refused, nothing written."""
+    ckpt = _sharded(tmp_path)
+    shard = _shard_names(ckpt)[1]
+    (ckpt / "extra.safetensors").write_bytes(b"an unbalanced shard")
+    weight_map = {"a": shard, "b": "extra.safetensors"}
+    (ckpt / "merged.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = listing(ckpt)
+    _refused(_balance(ckpt / INDEX, ckpt / INDEX), "merged.safetensors.index.json names it too")
+    assert listing(ckpt) == before
+
+
+def test_the_checkpoint_at_out_is_replaced_and_other_files_are_left_as_they_were(tmp_path):
+    """``--out`` an index whose shards are there (the same command run twice, or another
+    checkpoint with other shard names): the index and the shards it names are written, the
+    index as it was read, byte for byte (a wrong ``total_size`` and members of its own kept),
+    and every other file is left as it was."""
+    ckpt = _sharded(tmp_path)
+    index = json.loads((ckpt / INDEX).read_text())
+    index["metadata"]["total_size"] = 1
+    index["made_by"] = ["a tool", 2]
+    (ckpt / INDEX).write_text(json.dumps(index, indent=1))
+    out = tmp_path / "out"
+    _other_model(out, [])
+    others = listing(out)
+    assert _balance(ckpt / INDEX, out / INDEX).exit_code == 0
+    first = listing(out)
+    assert _balance(ckpt / INDEX, out / INDEX).exit_code == 0
+    assert listing(out) == first and first[INDEX] == (ckpt / INDEX).read_bytes()
+    assert {k: first[k] for k in others} == others
+    assert set(first) == set(others) | {INDEX, *_shard_names(ckpt)}
+
+
+def test_a_pytorch_file_named_safetensors_is_refused_in_one_line(tmp_path):
+    """Not safetensors' ``header too large``: what the file is, and what to name it."""
+    torch.save(_gauged(torch.float32).state_dict(), tmp_path / "model.safetensors")
+    out = tmp_path / "out.safetensors"
+    _refused(
+        _balance(tmp_path / "model.safetensors", out),
+        "model.safetensors is named .safetensors but is not a safetensors file (an 8-byte "
+        "header length, then a JSON header): it is a PyTorch file (torch.save); name it .pt",
+    )
+    assert not out.exists()
+
+
+# -- 5. costs linear in the numbers of names and files --------------------------------------------
+
+# Enough names and files that a check quadratic in them takes minutes here (linear: under a
+# second); no clock is read: the suite's durations (make test prints the slowest) show a regression.
+MANY_NAMES, MANY_FILES = 200_000, 20_000
+
+
+def test_a_name_listed_twice_among_many_is_found(tmp_path):
+    """An index listing ``MANY_NAMES`` tensors, one of them twice: found (by a count of each
+    name, linear in the names)."""
+    entries = [f'"layer.{k}.weight": "model-{k % 100:05d}.safetensors"' for k in range(MANY_NAMES)]
+    entries.append('"layer.7.weight": "model-00001.safetensors"')
+    path = tmp_path / INDEX
+    path.write_text('{"weight_map": {' + ", ".join(entries) + "}}")
+    with pytest.raises(gaugefix.checkpoint.CheckpointError, match="lists layer.7.weight twice"):
+        read_state_dict(path)
+
+
+def test_write_all_refuses_a_second_name_among_many_files(tmp_path):
+    """``MANY_FILES`` files, the last a second name of the first: refused (by a count of each
+    target, linear in the files), nothing written."""
+    files = [(tmp_path / "out" / f"shard-{k}", lambda: b"") for k in range(MANY_FILES)]
+    files.append((tmp_path / "out" / "." / "shard-0", lambda: b""))
+    with pytest.raises(OutputError, match="it is also another of the files written"):
+        write_all(files)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pytorch_shards_hold_their_own_entries_of_a_storage_shared_across_shards(tmp_path):
+    """Two halves of one tensor (views, as the experts ``save_pretrained`` splits from a merged
+    one) in two PyTorch shards: each file holds its half, not the whole storage twice (what
+    ``torch.save`` writes for a view), and reads back bit for bit."""
+    whole = torch.arange(2 * 50_000, dtype=torch.float64)
+    halves = dict(zip(["a", "b"], whole.chunk(2), strict=True))
+    weight_map = {"a": "one.bin", "b": "two.bin"}
+    index = gaugefix.checkpoint.ShardIndex(
+        json.dumps({"weight_map": weight_map}).encode(),
+        weight_map,
+        {"one.bin": ["a"], "two.bin": ["b"]},
+        {"one.bin": None, "two.bin": None},
+    )
+    state = gaugefix.checkpoint.StateDictFile(halves, "torch", None, index)
+    gaugefix.checkpoint.write_state_dict(state, tmp_path / TORCH_INDEX)
+    half = whole.numel() * whole.element_size() // 2
+    for name, f in weight_map.items():
+        assert (tmp_path / f).stat().st_size < half * 1.1
+        assert torch.equal(_bits(read_state_dict(tmp_path / f).tensors[name]), _bits(halves[name]))
+    assert torch.equal(
+        _bits(read_state_dict(tmp_path / TORCH_INDEX).tensors["b"]), _bits(halves["b"])
+    )

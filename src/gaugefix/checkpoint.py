@@ -19,7 +19,7 @@ import pickle
 import re
 import struct
 import sys
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,13 +33,14 @@ from gaugefix.balancing import BalanceResult
 from gaugefix.distributed import ShardingError, refuse_sharded, uses_fully_shard
 from gaugefix.equalize import EqualizeResult, objective_name
 from gaugefix.errors import GaugefixError, first_line
-from gaugefix.files import write_all, write_bytes
+from gaugefix.files import output_target, write_all, write_bytes
 from gaugefix.precision import float64_copy, float64_outputs, relative_changes
 
 __all__ = [
     "balance_state_dict",
     "CheckpointBalance",
     "CheckpointError",
+    "check_output",
     "read_state_dict",
     "ShardIndex",
     "StateDictFile",
@@ -120,6 +121,8 @@ def _read_file(path: Path) -> StateDictFile:
             return StateDictFile(load_file(path), "safetensors", metadata)
         if _json_index(path) is not None:
             raise CheckpointError(f"{path} is the index of a sharded checkpoint, not a shard")
+        if path.name.endswith(".safetensors"):  # torch.load would read it with safetensors
+            raise CheckpointError(_misnamed(path))
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -135,6 +138,22 @@ def _read_file(path: Path) -> StateDictFile:
     return StateDictFile(dict(loaded), "torch", getattr(loaded, "_metadata", None))
 
 
+# The first bytes of a file torch.save writes: a zip archive, or a pickle (protocol 2 or later).
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _misnamed(path: Path) -> str:
+    """Why ``path``, named ``.safetensors``, is refused: it is not a safetensors file (an
+    8-byte little-endian header length, then that many bytes of JSON), and what it is."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    what = f"{path} is named .safetensors but is not a safetensors file (an 8-byte header length"
+    what += ", then a JSON header)"
+    if head.startswith(TORCH_MAGIC):
+        return what + ": it is a PyTorch file (torch.save); name it .pt or .bin, and pass that"
+    return what
+
+
 # The largest file read as JSON to tell a sharded checkpoint's index from a weights file.
 INDEX_MAX_BYTES = 64 * 2**20
 
@@ -142,8 +161,8 @@ INDEX_MAX_BYTES = 64 * 2**20
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's members; :class:`CheckpointError` for a name given twice (JSON keeps
     the last, so an index would name one shard of a tensor listed in two)."""
-    keys = [k for k, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    counts = Counter(k for k, _ in pairs)
+    twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
         raise CheckpointError(f"the index lists {_listed(twice)} twice")
     return dict(pairs)
@@ -376,11 +395,83 @@ def _write_sharded(state: StateDictFile, path: Path) -> None:
     ]
     for shard in shards:
         _check_writable(shard)
+    check_output(state, path)
+    if state.format == "torch":
+        shards = _own_storages(shards)
     files = [
         (path.parent / f, functools.partial(_serialised, shard))
         for f, shard in zip(index.names, shards, strict=True)
     ]
     write_all([*files, (path, lambda: index.text)])
+
+
+def _own_storages(shards: list[StateDictFile]) -> list[StateDictFile]:
+    """The PyTorch ``shards`` with each tensor whose storage a tensor of another shard uses
+    replaced by a contiguous copy: ``torch.save`` writes a tensor's whole storage, so each
+    shard would hold the others' entries too (views of one tensor, such as experts split from
+    a merged one). Tensors sharing a storage within one shard only stay shared."""
+    owners: defaultdict[tuple, set[int]] = defaultdict(set)
+    for i, shard in enumerate(shards):
+        for t in shard.tensors.values():
+            if t.numel():
+                owners[(t.device, t.untyped_storage().data_ptr())].add(i)
+
+    def own(t: Tensor) -> Tensor:
+        if not t.numel() or len(owners[(t.device, t.untyped_storage().data_ptr())]) == 1:
+            return t
+        return t.clone(memory_format=torch.contiguous_format)
+
+    return [
+        dataclasses.replace(s, tensors={n: own(t) for n, t in s.tensors.items()}) for s in shards
+    ]
+
+
+def _named_shards(index: Path) -> set[str]:
+    """The shard files the index ``index`` names; none for a file that is no index."""
+    try:
+        found = _json_index(index) if index.is_file() else None
+    except (CheckpointError, OSError):
+        return set()
+    return {f for f in found[1]["weight_map"].values() if isinstance(f, str)} if found else set()
+
+
+def _same(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file (both exist)."""
+    return a.exists() and b.exists() and a.samefile(b)
+
+
+def check_output(state: StateDictFile, path: str | Path) -> None:
+    """:class:`CheckpointError` when writing the sharded ``state`` to the index ``path`` would
+    replace a file that is not part of the checkpoint there: a shard file beside ``path``
+    that the index now at ``path`` does not name (another model's file, or the shards of
+    another index when ``path`` is a new index beside them), or that another index
+    (``*.index.json``) of that directory names with a file not written (it would name a
+    balanced shard among unbalanced ones). Nothing for a state that is not sharded."""
+    if state.index is None:
+        return
+    path = Path(path)
+    beside = [path.parent / f for f in state.index.names]
+    if output_target(path) in map(output_target, beside):
+        raise CheckpointError(f"cannot write {path}: it is also another of the files written")
+    there = [p for p in beside if p.exists() or p.is_symlink()]
+    if not there:
+        return
+    own = _named_shards(path)
+    foreign = [p for p in there if p.name not in own]
+    if foreign:
+        at = f"the index {path} does not name it" if own else f"{path} is no index naming it"
+        raise CheckpointError(
+            f"cannot write {foreign[0]}: a file of that name is there and {at} (it is not a "
+            "shard of the checkpoint written over); remove it, or write to another directory"
+        )
+    for other in sorted(path.parent.glob("*.index.json")):
+        named = _named_shards(other)
+        shared = [p for p in there if p.name in named]
+        if shared and named - set(state.index.names) and not _same(other, path):
+            raise CheckpointError(
+                f"cannot write {shared[0]}: the index {other} names it too, and would name "
+                "a balanced shard among unbalanced ones; write to another directory"
+            )
 
 
 def _check_writable(state: StateDictFile) -> None:

@@ -26,6 +26,7 @@ from gaugefix.checkpoint import (
     CheckpointBalance,
     CheckpointError,
     balance_state_dict,
+    check_output,
     read_state_dict,
     write_state_dict,
 )
@@ -261,6 +262,7 @@ def balance(
         alpha = DEFAULT_ALPHA if alpha is None else alpha
         try:
             state = read_state_dict(weights)
+            check_output(state, out)  # before any work: a shard beside out not out's own
             tensors, report = balance_state_dict(
                 net, state.tensors, x, objective, batch, alpha, allow_value_dependent
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -73,7 +74,8 @@ def write_all(files: Sequence[tuple[str | os.PathLike, Callable[[], bytes]]]) ->
     that fails after others leaves those renamed: one system call each). Two paths
     with one target are an :class:`OutputError`, as is an ``OSError``, naming its path."""
     targets = [output_target(path) for path, _ in files]
-    twice = [path for (path, _), t in zip(files, targets, strict=True) if targets.count(t) > 1]
+    counts = Counter(targets)
+    twice = [path for (path, _), t in zip(files, targets, strict=True) if counts[t] > 1]
     if twice:
         raise OutputError(f"cannot write {twice[0]}: it is also another of the files written")
     made = list(dict.fromkeys(d for t in targets for d in _missing(t.parent)))
