@@ -296,6 +296,22 @@ def test_shard_names_of_another_model_in_the_directory_written_to_are_refused(tm
     assert listing(out) == before
 
 
+def test_a_file_that_appears_while_balancing_is_refused_by_the_write_in_one_line(
+    tmp_path, monkeypatch
+):
+    """A file with a shard's name that appears in the output directory after the command's
+    early check (here: the early check skipped) is refused by the write itself, in one line
+    with nothing written (it raised a traceback)."""
+    ckpt = _sharded(tmp_path)
+    out = tmp_path / "out"
+    _other_model(out, _shard_names(ckpt)[:1])
+    before = listing(out)
+    monkeypatch.setattr(gaugefix.cli, "check_output", lambda state, path: None)
+    shard = out / _shard_names(ckpt)[0]
+    _refused(_balance(ckpt / INDEX, out / INDEX), f"cannot write {shard}: a file of that name")
+    assert listing(out) == before
+
+
 def test_a_new_index_beside_the_shards_read_is_refused(tmp_path):
     """``--out`` a new index in the checkpoint's directory: its shards would replace those the
     index read names (the checkpoint read, changed under another index's name)."""

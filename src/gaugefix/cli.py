@@ -269,7 +269,10 @@ def balance(
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
             raise _fail(_traced(err)) from None
         _report_balance(model, objective, report)
-        write_state_dict(dataclasses.replace(state, tensors=tensors), out)
+        try:
+            write_state_dict(dataclasses.replace(state, tensors=tensors), out)
+        except CheckpointError as err:  # the output changed since check_output: nothing written
+            raise _fail(str(err)) from None
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
     shards = f" and its {len(state.index.names)} shards" if state.index else ""
     typer.echo(f"balanced weights written to {out}{shards} ({state.format}, {dtypes})")
