@@ -25,6 +25,7 @@ import gaugefix
 from gaugefix.checkpoint import (
     CheckpointBalance,
     CheckpointError,
+    StateDictFile,
     balance_state_dict,
     check_output,
     read_state_dict,
@@ -269,11 +270,19 @@ def balance(
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
             raise _fail(_traced(err)) from None
         _report_balance(model, objective, report)
-        try:
-            write_state_dict(dataclasses.replace(state, tensors=tensors), out)
-        except CheckpointError as err:  # the output changed since check_output: nothing written
-            raise _fail(str(err)) from None
-    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+        _write_balanced(dataclasses.replace(state, tensors=tensors), out)
+
+
+def _write_balanced(state: StateDictFile, out: Path) -> None:
+    """Write the balanced ``state`` to ``out`` and say so; a :class:`CheckpointError` (an
+    output file that appeared since :func:`check_output`: nothing written) in one line."""
+    try:
+        write_state_dict(state, out)
+    except CheckpointError as err:
+        raise _fail(str(err)) from None
+    dtypes = ", ".join(
+        sorted({str(t.dtype).removeprefix("torch.") for t in state.tensors.values()})
+    )
     shards = f" and its {len(state.index.names)} shards" if state.index else ""
     typer.echo(f"balanced weights written to {out}{shards} ({state.format}, {dtypes})")
 
