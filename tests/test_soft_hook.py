@@ -596,3 +596,27 @@ def test_steps_a_grad_scaler_skips_are_not_counted():
             assert same((after[0], [], after[2]), (before[0], [], before[2]))
             assert hook.state_dict() == {"steps": 0, "skipped": 0, "since": 1, "lr_sums": [0.05]}
     assert hook.state_dict() == {"steps": 1, "skipped": 0, "since": 0, "lr_sums": []}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rate", [1e-3, 3.0])  # the cheap bound's step, and the bounded search
+def test_orbit_step_takes_a_float_rate_and_an_ok_flag(dtype, rate):
+    """``orbit_step`` at a float rate is bit for bit its step at that rate as a 0-dim float64
+    tensor (applied as a number, no tensor made for it); with ``ok`` false every copy counts as
+    not finite, ``h = 0``, and ``relax_unchecked_`` moves nothing and reports it."""
+    model, *_, structure = setup(dtype=dtype)
+    params = structure.bind(model)
+    as_tensor = gaugefix.soft.orbit_step(params, structure, torch.tensor(rate, dtype=torch.float64))
+    as_float = gaugefix.soft.orbit_step(params, structure, rate)
+    assert as_tensor[0].abs().max() > 0 and bool(as_tensor[1])
+    for a, b in zip(as_tensor, as_float, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    ok = torch.tensor(True)
+    assert all(torch.equal(a, b) for a, b in zip(as_float, gaugefix.soft.orbit_step(
+        params, structure, rate, ok=ok), strict=True))  # fmt: skip
+    h, finite = gaugefix.soft.orbit_step(params, structure, rate, ok=~ok)
+    assert not bool(finite) and torch.equal(h, torch.zeros_like(h))
+    before = {name: p.detach().clone() for name, p in params.items()}
+    _, moved = gaugefix.soft.relax_unchecked_(structure, params, rate, None, ok=~ok)
+    assert not bool(moved)
+    assert all(torch.equal(before[name], p) for name, p in params.items())

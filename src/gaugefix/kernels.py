@@ -113,7 +113,11 @@ class KernelPlan(NamedTuple):
     ``sum_t sign_t x[slots_t]`` of :func:`term_values` for every group at once
     (:func:`all_term_values`): a row per slot of each group's distinct slot shapes, in group
     order, holding the slots of the terms of that shape (padded with the dummy slot ``N``,
-    sign 0); ``shapes[g]``: those slot shapes of group ``g`` (``[L, *slot_shape]``)."""
+    sign 0); ``shapes[g]``: those slot shapes of group ``g`` (``[L, *slot_shape]``).
+
+    ``zero``: a 0-dim float64 zero and ``pads``: a ``[1]`` zero per float dtype, on the device
+    (the value of a ``torch.where`` and the dummy slot appended to ``h``: no operation made
+    per step for them, :func:`with_dummy_slot`)."""
 
     groups: tuple[TermGroup, ...]
     index: Tensor
@@ -123,6 +127,8 @@ class KernelPlan(NamedTuple):
     term_signs: Tensor
     shapes: tuple[tuple[torch.Size, ...], ...]
     batches: tuple[tuple[int, ...], ...]
+    zero: Tensor
+    pads: dict[torch.dtype, Tensor]
 
 
 # The attribute of a structure that caches its plans by device: on the structure itself rather
@@ -181,9 +187,25 @@ def _built_plan(structure: GaugeStructure, device: torch.device) -> KernelPlan:
     chunkable = all(len(g.shape) and math.prod(g.shape) for g in groups)
     index, starts = _sums_index(groups, structure.num_generators)
     terms, signs, shapes = _terms_index(groups, structure.num_generators, device)
+    pads = {dtype: torch.zeros(1, dtype=dtype, device=device) for dtype in PAD_DTYPES}
     return KernelPlan(
-        groups, index, starts, bool(chunkable), terms, signs, shapes, _factor_batches(groups)
-    )
+        groups, index, starts, bool(chunkable), terms, signs, shapes, _factor_batches(groups),
+        torch.zeros((), dtype=torch.float64, device=device), pads,
+    )  # fmt: skip
+
+
+# The dtypes of the coefficients given a dummy slot (:func:`with_dummy_slot`): ``h`` in float64,
+# ``mu`` in its accumulation dtype.
+PAD_DTYPES = (torch.float32, torch.float64)
+
+
+def with_dummy_slot(x: Tensor, plan: KernelPlan) -> Tensor:
+    """``x`` (``[*batch, N]``) with a 0 appended along its last dim (the dummy slot ``N``):
+    ``[*batch, N + 1]``, one ``cat`` with the plan's zero where ``x`` has no batch dims."""
+    pad = plan.pads.get(x.dtype) if x.dim() == 1 and x.device == plan.zero.device else None
+    if pad is None:
+        pad = x.new_zeros(*x.shape[:-1], 1)
+    return torch.cat([x, pad], dim=-1)
 
 
 def _terms_index(
@@ -347,10 +369,12 @@ def generator_sums(
     structure: GaugeStructure,
     dtype: torch.dtype,
     batch_dims: int = 0,
+    result_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(S_in, S_out, ||theta||^2)`` of bound ``tensors`` accumulated in ``dtype``: the sums
     ``[*batch, N]`` and the squared norm ``[*batch]``, which is finite exactly when every entry
-    is (barring overflow). Differentiable when the tensors require grad. The squares summed
+    is (barring overflow); all three cast to ``result_dtype`` (when given) in one operation,
+    once summed over the shards. Differentiable when the tensors require grad. The squares summed
     onto each term's slots come from stacks (:func:`stacked_sums`) in the GPU layout, when a
     gradient is recorded or under ``torch.compile`` (which fuses them), otherwise parameter by
     parameter (:func:`sums_per_parameter`); both then take one ``index_add_``."""
@@ -367,8 +391,11 @@ def generator_sums(
         else:
             values = sums_per_parameter(tensors, plan, dtype, batch)
         sums.index_add_(-1, plan.index, values)
+    (sums,) = structure.sum_over_shards(sums)
+    if result_dtype is not None:
+        sums = sums.to(result_dtype)
     s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
-    return structure.sum_over_shards(s_in, s_out, total.squeeze(-1))
+    return s_in, s_out, total.squeeze(-1)
 
 
 def stacked_sums(
@@ -619,8 +646,8 @@ def rescale_(targets: Targets, structure: GaugeStructure, h: Tensor, batch_dims:
     first = next(iter(targets.values()))[0][0]
     device = first.device
     h = h.to(device=device, dtype=torch.float64)
-    hx = torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], dim=-1)
     plan = kernel_plan(structure, device)
+    hx = with_dummy_slot(h, plan)
     if gpu_layout(device):
         _rescale_dense_(targets, plan, hx, batch_dims)
         return
@@ -730,8 +757,8 @@ def add_selection_grads_(
     (:func:`all_term_values`), and the dense ones of a batch of groups take one
     ``torch._foreach_addcmul_``; on the CPU parameter by parameter, block by block of rows
     (:func:`by_row_blocks`)."""
-    cx = torch.cat([mu, mu.new_zeros(*mu.shape[:-1], 1)], dim=-1)  # the dummy slot N
-    plan = kernel_plan(structure, cx.device)
+    plan = kernel_plan(structure, mu.device)
+    cx = with_dummy_slot(mu, plan)  # the dummy slot N
     if gpu_layout(cx.device):
         _add_selection_grads_dense_(grads, params, plan, cx, batch_dims)
         return
@@ -776,12 +803,13 @@ def _add_selection_grads_dense_(
 def finite_flag(tensors: list[Tensor]) -> Tensor:
     """A 0-dim bool tensor on the tensors' device: whether every entry of every tensor is
     finite, from the largest ``|entry|`` of each (the max norm: a 2-norm overflows for finite
-    entries above about ``1e154`` in float64 and ``1e19`` in float32; NaN propagates). Four
-    operations whatever the number of tensors, and no host read."""
+    entries above about ``1e154`` in float64 and ``1e19`` in float32; NaN propagates): each
+    below ``inf`` (a norm is not negative, and NaN compares false). Four operations whatever
+    the number of tensors, and no host read."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()
+    return (torch.stack(torch._foreach_norm(tensors, math.inf)) < math.inf).all()
 
 
 def row_norms(x: Tensor) -> Tensor:

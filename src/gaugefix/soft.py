@@ -12,6 +12,7 @@ Both are written once for stacks of copies (``batch_dims``), as the sweep engine
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -176,7 +177,7 @@ def add_orbit_selection_grad_(
     dtype = accumulation_dtype(params)
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     s_in, s_out, norm_sq = generator_sums(tensors, local, dtype)
-    if not all(torch.stack([grads_ok.to(norm_sq.device), torch.isfinite(norm_sq)]).tolist()):
+    if not (grads_ok & (norm_sq < math.inf)).tolist():  # a sum of squares: NaN compares false
         return False
     mu = (s_in - s_out) * strength
     if local is not structure:  # FSDP2: the gradient of each local slice, added to its grad's
@@ -385,10 +386,12 @@ def relax_unchecked_(
     rate: float | Tensor,
     optimizer: torch.optim.Optimizer | None,
     check_range: bool = False,
+    ok: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The step of :func:`relax_` for callers that validated everything but the finiteness of
     the parameters: ``params`` bound to ``structure``, ``rate`` from :func:`check_rate` (or a
-    0-dim tensor, 0 where the step must not move). Unlike :func:`relax_` it moves generators
+    0-dim tensor, 0 where the step must not move); ``ok`` (a 0-dim bool tensor, when given):
+    nothing moves unless it holds. Unlike :func:`relax_` it moves generators
     acting on a parameter with ``requires_grad=False`` and checks the range of the moved
     tensors only with ``check_range`` (float16 models: the per-tensor bound of
     :func:`gaugefix.action.provably_in_range`, on the device), by which
@@ -401,10 +404,10 @@ def relax_unchecked_(
     n = structure.num_generators
     if not params or n == 0:
         finite = torch.tensor(all_finite(list(params.values())))
-        return torch.zeros(n, dtype=torch.float64), finite
-    rates = torch.as_tensor(rate, dtype=torch.float64)
+        return torch.zeros(n, dtype=torch.float64), finite if ok is None else finite & ok
+    rate = torch.as_tensor(rate, dtype=torch.float64) if isinstance(rate, Tensor) else rate
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
-    h, moved = orbit_step(tensors, local, rates)
+    h, moved = orbit_step(tensors, local, rate, ok=ok)
     if check_range:
         moved = moved & provably_in_range(moved_with(optimizer, params), local, h, params)
         h = torch.where(moved, h, 0.0)
@@ -415,12 +418,14 @@ def relax_unchecked_(
 def orbit_step(
     tensors: Mapping[str, Tensor],
     structure: GaugeStructure,
-    rate: Tensor,
+    rate: Tensor | float,
     batch_dims: int = 0,
+    ok: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(h, finite)``: the bounded step of :func:`relax_` for every copy of a stack
-    (``[*batch, N]``; ``rate``: a number per copy ``[*batch]`` or per generator ``[*batch, N]``),
-    and whether each copy's squared sums are finite (a copy that is not gets ``h = 0``).
+    (``[*batch, N]``; ``rate``: a number per copy ``[*batch]`` or per generator ``[*batch, N]``,
+    or a float for every copy, applied as a number), and whether each copy's squared sums are
+    finite and ``ok`` (a 0-dim bool tensor, when given) holds (a copy where not gets ``h = 0``).
 
     A copy with a uniform rate takes ``h = -rate * mu`` at once when a cheap bound proves that
     the bounded search would accept it. With ``d = -rate mu`` (live generators), ``k`` the most
@@ -437,38 +442,52 @@ def orbit_step(
     band of :func:`relax_` (on the device, no host read).
     """
     n = structure.num_generators
-    first = next(iter(tensors.values()))
-    batch = tuple(first.shape[:batch_dims])
+    batch = tuple(next(iter(tensors.values())).shape[:batch_dims])
     dtypes = {t.dtype for t in tensors.values()}  # the sums' dtype and the dead band's, one pass
     dtype = accumulation_dtype_of(dtypes)
-    s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims)
-    s_in, s_out = s_in.to(torch.float64), s_out.to(torch.float64)
-    finite = torch.isfinite(norm_sq)
-    live = (s_in > 0) & (s_out > 0)
-    mu = torch.where(live, s_in - s_out, 0.0)
-    rate = rate.to(device=mu.device, dtype=torch.float64)
-    if batch:
-        rate = rate.expand(*batch, *rate.shape[batch_dims:])
-    per_generator = rate.dim() > len(batch)
-    h = -(rate if per_generator else rate[..., None]) * mu
+    s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims, torch.float64)
+    zero = kernel_plan(structure, s_in.device).zero  # a device constant: no operation per step
+    finite = norm_sq < math.inf  # a sum of squares: NaN compares false
+    finite = finite if ok is None else finite & ok
+    live = torch.minimum(s_in, s_out) > 0
+    mu = torch.where(live, s_in - s_out, zero)
+    rate, per_generator = _step_rate(rate, mu, batch, batch_dims)
+    h = mu * -(rate[..., None] if batch and not per_generator else rate)
     k = max(2, structure.most_terms())
     searched = finite & (h != 0).any(-1)
     if not per_generator:
-        s_max = torch.where(live, s_in + s_out, 0.0).amax(-1) if n else rate.new_zeros(batch)
-        bound = k * rate * s_max * torch.exp(2 * k * rate * mu.abs().amax(-1))
+        s_max = torch.where(live, s_in + s_out, zero).amax(-1) if n else mu.new_zeros(batch)
+        mu_max = torch.linalg.vector_norm(mu, math.inf, -1)  # max |mu_n|
+        bound = k * rate * s_max * torch.exp(2 * k * rate * mu_max)
         searched = searched & (bound > 0.5)
-    h = torch.where(finite[..., None], h, 0.0)
-    if not bool(searched.any()):
+    h = torch.where(finite[..., None] if batch else finite, h, zero)
+    if not bool(searched.any() if batch else searched):
         return _dead_band(h, dtypes), finite
     pick = torch.nonzero(searched.reshape(-1)).reshape(-1)
     stack = {
         name: t.detach().reshape(-1, *t.shape[batch_dims:])[pick] for name, t in tensors.items()
     }
+    if not isinstance(rate, Tensor):
+        rate = torch.full(batch, rate, dtype=torch.float64, device=mu.device)
     rates = rate.reshape(-1, *rate.shape[len(batch) :])[pick]
     found = bounded_orbit_step(Masses(stack, structure), rates)
     flat = h.reshape(-1, n).clone()
     flat[pick] = found
     return _dead_band(flat.view(*batch, n), dtypes), finite
+
+
+def _step_rate(
+    rate: Tensor | float, mu: Tensor, batch: tuple[int, ...], batch_dims: int
+) -> tuple[Tensor | float, bool]:
+    """``(rate, per_generator)`` for :func:`orbit_step`: a float as it is (one rate for every
+    copy: multiplied as a number, no tensor made for it), a tensor in float64 on ``mu``'s
+    device, expanded to the ``batch`` dims."""
+    if not isinstance(rate, Tensor):
+        return float(rate), False
+    rate = rate.to(device=mu.device, dtype=torch.float64)
+    if batch:
+        rate = rate.expand(*batch, *rate.shape[batch_dims:])
+    return rate, rate.dim() > len(batch)
 
 
 def _dead_band(h: Tensor, dtypes: Collection[torch.dtype]) -> Tensor:

@@ -464,17 +464,15 @@ class GaugeFixing:
             else:
                 rate = check_rate(rate, self.active)
             if isinstance(rate, Tensor) or rate > 0:
-                if ok is not None:  # no move unless the gradients were finite, on the device
-                    rate = torch.as_tensor(rate, dtype=torch.float64, device=ok.device)
-                    rate = torch.where(ok, rate, 0.0)
                 # Finds the parameters' finiteness on the squared sums the step needs, checks
-                # the optimizer state (a clear error for unknown state), then moves.
-                _, moved = relax_unchecked_(
-                    self.active, self.params, rate, optimizer, check_range=self._float16
+                # the optimizer state (a clear error for unknown state), then moves; no move
+                # unless the gradients were finite (``ok``, on the device): ``moved`` holds both.
+                _, ok = relax_unchecked_(
+                    self.active, self.params, rate, optimizer, check_range=self._float16, ok=ok
                 )
             else:
                 moved = finite_on_device(self._checked)
-            ok = moved if ok is None else ok & moved
+                ok = moved if ok is None else ok & moved
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
 
