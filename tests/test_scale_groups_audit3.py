@@ -26,6 +26,7 @@ from torch import Tensor, nn
 import gaugefix
 from architectures import rel_change
 from gaugefix.precision import Float64Throughout
+from test_scale_groups_audit2 import apply_from_json  # a tool's action of an exported group
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -111,31 +112,6 @@ EXPECTED = {
 }
 
 
-def _transposed(module: nn.Module) -> bool:
-    """Whether ``module`` stores its 2-D weight ``[in, out]`` (``Conv1D``, embeddings)."""
-    return type(module).__name__ == "Conv1D" or isinstance(module, nn.Embedding)
-
-
-@torch.no_grad()
-def apply_group(model: nn.Module, group: dict, scales: Tensor) -> None:
-    """A SmoothQuant/AWQ-style tool's action of ``group`` (plain JSON data) with ``scales``
-    (``[len(generators)]``; position ``-1``: factor 1)."""
-    modules = dict(model.named_modules())
-    s = torch.cat([scales, scales.new_ones(1)])
-    for name, positions in group["smooth_channels"].items():
-        module = modules[name]
-        for p in (module.weight, getattr(module, "bias", None)):
-            if p is not None:
-                shape = [1] * p.dim()
-                shape[1 if _transposed(module) and p.dim() == 2 else 0] = -1
-                p.div_(s[torch.tensor(positions)].view(shape))
-    for name, positions in group["balance_channels"].items():
-        module = modules[name]
-        shape = [1] * module.weight.dim()
-        shape[0 if _transposed(module) else 1] = -1
-        module.weight.mul_(s[torch.tensor(positions)].view(shape))
-
-
 def logits(model: nn.Module, ids: Tensor) -> Tensor:
     """The model's logits on ``ids``, computed in float64 throughout."""
     with torch.no_grad(), Float64Throughout():
@@ -179,8 +155,8 @@ def test_every_exported_group_keeps_the_logits(discovered):
     for group in groups:
         scales = torch.exp(torch.randn(len(group["generators"]), generator=gen, dtype=DTYPE))
         twin = copy.deepcopy(model)
-        apply_group(twin, group, scales)
-        apply_group(together, group, scales)
+        apply_from_json(twin, group, scales)
+        apply_from_json(together, group, scales)
         each[str(group["smooth_layer"])] = rel_change(before, logits(twin, FRESH))
     assert groups
     pairs = [(str(g["smooth_layer"]), g["balance_layers"]) for g in groups]
