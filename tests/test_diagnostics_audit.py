@@ -18,6 +18,9 @@ from gaugefix import zoo
 
 EXACT = 1e-12  # relative tolerance of the algebraic identities in float64
 SHARP = 1e-8  # relative tolerance of a converged sharpness against the dense Hessian
+# tiny float64 work (dense Hessians of a few hundred parameters, row by row): one intra-op
+# thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- K by hand ----------------------------------------------------------------------------------
