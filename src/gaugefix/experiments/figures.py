@@ -144,8 +144,8 @@ def legend_below(fig: Figure, handles: list[Any], labels: list[str]) -> None:
 def save(fig: Figure, out: Path, name: str) -> str:
     """Draw ``fig`` as a PNG and write it to ``out / name``, whole or not at all
     (:func:`gaugefix.files.write_bytes`); returns ``name``. A figure with a layout engine
-    already fits its canvas and is drawn once; others are cropped to their artists (a second
-    draw)."""
+    fits its canvas; others are cropped to their artists. Either way matplotlib lays the
+    figure out in a pass that renders nothing before the pass that draws it."""
     png = io.BytesIO()
     tight = "tight" if fig.get_layout_engine() is None else None
     fig.savefig(png, format="png", dpi=110, bbox_inches=tight)
