@@ -305,9 +305,11 @@ def recorded_orbit_steps():
     calls: list[tuple[Tensor, Tensor]] = []
     original = hook_module.relax_unchecked_
 
-    def recording(structure, params, rate, optimizer, check_range=False):
-        h, moved = original(structure, params, rate, optimizer, check_range)
-        calls.append((torch.as_tensor(rate, dtype=DTYPE).clone(), h.clone()))
+    def recording(structure, params, rate, optimizer, check_range=False, ok=None):
+        h, moved = original(structure, params, rate, optimizer, check_range, ok)
+        taken = torch.as_tensor(rate, dtype=DTYPE)  # 0 where the gradients were not finite
+        taken = taken if ok is None else torch.where(ok, taken, 0.0)
+        calls.append((taken.clone(), h.clone()))
         return h, moved
 
     hook_module.relax_unchecked_ = recording
