@@ -322,6 +322,27 @@ def test_bad_arguments_raise_and_change_nothing(call, error, match):
     assert torch.equal(x, given_input) and torch.equal(torch.get_rng_state(), rng)
 
 
+class Keyworded(nn.Module):
+    """A forward whose keyword arguments are named like ``verify``'s own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor, model: Tensor, structure: Tensor) -> Tensor:
+        return self.l2(R(self.l1(x * model))) + structure
+
+
+def test_forward_keywords_named_model_and_structure_reach_the_forward():
+    torch.manual_seed(0)
+    net, x = Keyworded().double(), randn(3, 4)
+    kwargs = {"model": randn(3, 4, seed=8), "structure": randn(3, 2, seed=9)}
+    s = gaugefix.discover(net, x, **kwargs)
+    assert s.num_generators == 6
+    result = gaugefix.verify(net, s, randn(5, 4), model=randn(5, 4), structure=randn(5, 2))
+    assert result.ok and result.max_change <= EXACT, result.max_change
+
+
 def test_outputs_that_are_all_zero_cannot_show_a_change():
     model = Zero().double()
     s = gaugefix.discover(model, randn(3, 4))

@@ -100,7 +100,7 @@ def float_outputs(out: Any) -> list[Tensor]:
     return []
 
 
-def float64_outputs(model: nn.Module, *args: Any, **kwargs: Any) -> list[Tensor]:
+def float64_outputs(model: nn.Module, /, *args: Any, **kwargs: Any) -> list[Tensor]:
     """The floating outputs of the float64 ``model`` on ``args``, ``kwargs``, computed in
     float64 throughout (:class:`Float64Throughout`), without gradients."""
     with torch.no_grad(), Float64Throughout():

@@ -70,7 +70,7 @@ class Verification:
 
 
 def verify(
-    model: nn.Module, structure: GaugeStructure, *inputs: Any, **kwargs: Any
+    model: nn.Module, structure: GaugeStructure, /, *inputs: Any, **kwargs: Any
 ) -> Verification:
     """Check ``structure`` numerically on ``model(*inputs, **kwargs)``: inputs of any shape the
     model accepts (other batch sizes, other lengths than the example it was discovered on).
