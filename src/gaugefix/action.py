@@ -8,6 +8,7 @@ rounding and composes additively: ``g(h1) g(h2) = g(h1 + h2)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "move_",
     "moved_with",
     "optimizer_states",
+    "optimizers",
     "random_gauge_",
     "refuse_shared_memory",
     "refuse_unmovable",
@@ -81,6 +83,9 @@ TRANSPORTABLE = {
     "RAdam": _MOMENTS,
     "SparseAdam": _MOMENTS,
 }
+# What moves a parameter's optimizer state: no optimizer, one, or a list or tuple of them (a
+# model trained by several, each over some of its parameters).
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 # The dtypes of a gauge ``h`` (float8 has no norm to check it with).
 H_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How close (relative) to its dtype's largest number a moved entry, or a product of the factors
@@ -155,22 +160,44 @@ def optimizer_states(
     return out
 
 
-def moved_with(optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]) -> Targets:
+def moved_with(optimizer: Optimizers, params: dict[str, Tensor]) -> Targets:
     """Each parameter (power 1) with what moves with it, read as it is now: its ``.grad`` and
-    ``optimizer``'s gradient-like buffers (power -1) and squared-gradient buffers (power -2),
-    checked as :func:`optimizer_states` checks them, in one pass over the parameters. For
-    ``DTensor`` parameters (FSDP2), their local slices: to be rescaled with the structure of
-    :func:`gaugefix.distributed.local_view`."""
-    powers = _state_powers(optimizer, params)
+    the gradient-like buffers (power -1) and squared-gradient buffers (power -2) of each of
+    ``optimizer`` (:func:`optimizers`), checked as :func:`optimizer_states` checks them, in one
+    pass over the parameters. For ``DTensor`` parameters (FSDP2), their local slices: to be
+    rescaled with the structure of :func:`gaugefix.distributed.local_view`."""
+    powers_of = [(opt, _state_powers(opt, params)) for opt in optimizers(optimizer)]
     # By identity: a tensor's hash is a Python call, an int's is not.
-    states = {id(p): state for p, state in optimizer.state.items()} if powers else {}
+    states = [
+        ({id(p): s for p, s in o.state.items()}, o, powers) for o, powers in powers_of if powers
+    ]
     targets: Targets = {}
     for name, p in params.items():
         grad = p.grad
         out = [(p, 1)] if grad is None else [(p, 1), (grad, -1)]
-        state = states.get(id(p))
-        targets[name] = out + _moved_state(optimizer, powers, name, p, state) if state else out
+        for by_id, opt, powers in states:
+            if state := by_id.get(id(p)):
+                out += _moved_state(opt, powers, name, p, state)
+        targets[name] = out
     return local_targets(targets) if sharded(params.values()) else targets
+
+
+def optimizers(optimizer: Optimizers) -> tuple[torch.optim.Optimizer, ...]:
+    """``optimizer`` as a tuple: none, one, or those of a list or tuple (``TypeError`` for an
+    entry that is not a ``torch.optim.Optimizer``, ``ValueError`` for one listed twice, whose
+    state would move twice)."""
+    if optimizer is None:
+        return ()
+    listed = tuple(optimizer) if isinstance(optimizer, (list, tuple)) else (optimizer,)
+    for opt in listed:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(opt)}")
+    if len({id(opt) for opt in listed}) < len(listed):
+        raise ValueError(
+            "an optimizer is listed more than once: its state would move more than once; "
+            "nothing was modified"
+        )
+    return listed
 
 
 def _state_powers(
@@ -268,7 +295,7 @@ def gauge_params_(
     params: dict[str, Tensor],
     structure: GaugeStructure,
     h: Tensor,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizers,
 ) -> None:
     """``g(h)`` on validated ``params`` (bound to ``structure``, or this process's slices and
     their local structure under FSDP2) with what moves with them: ``.grad`` and ``optimizer``'s
@@ -277,7 +304,7 @@ def gauge_params_(
     rescale_(moved_with(optimizer, params), structure, h)
 
 
-def check_transport(optimizer: torch.optim.Optimizer | None, params: dict[str, Tensor]) -> None:
+def check_transport(optimizer: Optimizers, params: dict[str, Tensor]) -> None:
     """``ValueError`` before anything moves unless ``params`` and what moves with them can be
     moved in place: they hold data (not on the ``meta`` device), ``optimizer``'s state is
     transportable (:func:`optimizer_states`), every tensor :func:`moved_with` lists can
@@ -474,23 +501,25 @@ def apply_gauge_(
     model: nn.Module,
     structure: GaugeStructure,
     h: Tensor,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> None:
     """Apply ``g(h)`` to ``model`` in place: every entry is multiplied by
     ``exp(sum_n w_n(e) h_n)``. ``h`` has shape ``[num_generators]``.
 
     Gradients in ``.grad`` (of frozen parameters too) and, when ``optimizer`` is given, its state
-    are transported: gradient-like buffers (SGD and Muon momentum, Adam ``exp_avg``) scale by the
-    inverse factor, second moments by its square, counts stay. For SGD, Adam, AdamW, NAdam, RAdam
-    and Muon that is the state built from the same loss gradients at the moved point; with L2
-    weight decay coupled into the gradient (SGD with momentum, Adam, NAdam or RAdam without
-    ``decoupled_weight_decay``) the buffers also hold ``wd * theta`` and are moved as gradients
-    all the same, not rebuilt. SparseAdam's moments move like Adam's. Any other optimizer holding
-    state (Adagrad, RMSprop, L-BFGS, ..., subclasses and optimizers of other packages), and any
-    state key these do not make, is refused (:func:`optimizer_states`). Everything is validated
-    first; on error nothing is modified: an ``h`` whose factors could overflow a moved tensor's
-    dtype, or fall below the normal range of the dtype they are formed in, is refused
-    (:func:`overflowing`).
+    are transported (each one's, for a list or tuple of optimizers: pass every optimizer that
+    holds a moved parameter, as the state of any other stays where it was; averaged copies such
+    as ``AveragedModel``'s are not moved): gradient-like buffers (SGD and Muon momentum, Adam
+    ``exp_avg``) scale by the inverse factor, second moments by its square, counts stay. For SGD,
+    Adam, AdamW, NAdam, RAdam and Muon that is the state built from the same loss gradients at
+    the moved point; with L2 weight decay coupled into the gradient (SGD with momentum, Adam,
+    NAdam or RAdam without ``decoupled_weight_decay``) the buffers also hold ``wd * theta`` and
+    are moved as gradients all the same, not rebuilt. SparseAdam's moments move like Adam's.
+    Any other optimizer holding state (Adagrad, RMSprop, L-BFGS, ..., subclasses and optimizers
+    of other packages), and any state key these do not make, is refused
+    (:func:`optimizer_states`). Everything is validated first; on error nothing is modified:
+    an ``h`` whose factors could overflow a moved tensor's dtype, or fall below the normal
+    range of the dtype they are formed in, is refused (:func:`overflowing`).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
@@ -502,7 +531,7 @@ def move_(
     params: dict[str, Tensor],
     structure: GaugeStructure,
     h: Tensor,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizers,
 ) -> None:
     """``g(h)`` on bound ``params`` and what moves with them (:func:`gauge_params_`, on this
     process's slices under FSDP2), for callers that validated the parameters: ``ValueError``
@@ -511,7 +540,7 @@ def move_(
     range: proved by the per-tensor bound (:func:`provably_in_range`), else decided by
     :func:`overflowing`; for ``DTensor`` s each process bounds its slices and all agree (one
     all-reduce), and where one does not prove it every process runs :func:`overflowing`. For
-    ``DTensor`` s every process must hold the same ``h`` and pass an optimizer or not alike
+    ``DTensor`` s every process must hold the same ``h`` and pass optimizers or not alike
     (:func:`gaugefix.distributed.agreed`: one all-reduce)."""
     agreed(
         params,
@@ -678,7 +707,7 @@ def random_gauge_(
     structure: GaugeStructure,
     scale: float,
     generator: torch.Generator | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> Tensor:
     """Apply a random gauge transformation ``h ~ N(0, scale^2)`` (float64, one entry per
     generator, drawn on the generator's device) and return ``h``. Under FSDP2 every process
