@@ -254,7 +254,7 @@ NEAR_MISSES = {
     "index from the data": (_data_index, H),
     "view placed by the data": (_placed_view, 0),
     "masked_scatter_": (_masked_scatter, 0),
-    "index_put_ accumulating": (_accumulate, H),
+    "index_put_ accumulating": (_accumulate, WIDTH),  # added into zeros: a residual sum
 }
 
 

@@ -419,7 +419,7 @@ STRUCTURAL = {
         lambda m, h, g, x: torch.zeros_like(h).scatter_reduce(
             1, _reverse(x, 0).expand_as(h), R(h), "sum"
         ),
-        0,
+        1,  # as scatter_add at this index
     ),
     "roll of the channels": (lambda m, h, g, x: R(h).roll(2, 1), HIDDEN),
     "roll of the flattened tensor": (lambda m, h, g, x: R(h).roll(2), HIDDEN),

@@ -193,11 +193,12 @@ def _norm(signature: inspect.Signature, per_channel: bool) -> Any:
 
 def _aten_signature(name: str) -> inspect.Signature | None:
     """The Python signature of ``torch.<name>``, a builtin without one, read from the schema
-    of its only ATen overload (``torch.batch_norm(input, weight, bias, running_mean, ...)``
-    orders its arguments unlike ``F.batch_norm``); None if it has several overloads."""
+    of its only ATen overload besides ``out`` (``torch.batch_norm(input, weight, bias,
+    running_mean, ...)`` orders its arguments unlike ``F.batch_norm``); None if it has several
+    (a call with ``out=`` does not bind: it blocks)."""
     packet = getattr(torch.ops.aten, name)
-    if packet.overloads() != ["default"]:
-        return None
+    if "default" not in packet.overloads() or set(packet.overloads()) - {"default", "out"}:
+        return None  # an ``out`` overload differs only by keyword-only outputs
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     empty = inspect.Parameter.empty
     return inspect.Signature([
@@ -216,6 +217,25 @@ for _name, _per_channel in _NORMS.items():
     _signature = _aten_signature(_name) if hasattr(torch, _name) else None
     if _signature is not None:
         BUILTIN.add(getattr(torch, _name), _norm(_signature, _per_channel))
+
+
+def _with_statistics(rule: Any) -> Any:
+    """The rule of ``torch.native_layer_norm`` (``native_batch_norm``, ``native_group_norm``):
+    ``(output, mean, inverse standard deviation)``. The norm's rule blocks the input, so the
+    statistics of the input carry the fixed factor."""
+
+    def native(ctx: TraceContext, result: Any, *args: Any, **kwargs: Any) -> tuple:
+        return (rule(ctx, result, *args, **kwargs), ZERO, ZERO)
+
+    return native
+
+
+for _name, _per_channel in _NORMS.items():
+    _signature = _aten_signature(f"native_{_name}") if hasattr(torch, f"native_{_name}") else None
+    if _signature is not None:
+        BUILTIN.add(
+            getattr(torch, f"native_{_name}"), _with_statistics(_norm(_signature, _per_channel))
+        )
 
 
 # --- embeddings ----------------------------------------------------------------------------------

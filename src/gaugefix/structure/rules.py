@@ -483,6 +483,12 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         return None
     if ctx.is_param(first) and _size_placed_dims(ctx, first, rest, options):
         return ctx.block_all((first,), {}, ctx.reason("parameter arranged by an input's size"))
+    picked = _rows_picked(ctx, first, rest, options) if ctx.is_param(first) else None
+    if picked is not None:
+        views = list(out) if isinstance(out, (tuple, list)) else [out]
+        for view, rows in zip(views, picked, strict=True):
+            ctx.gathered(first, rows, None, view=view)
+        return None
     if ctx.is_param(first):
         short = ctx.op.rsplit(".", 1)[-1]
         if ctx.is_gathered(first) and short in _PERMUTATIONS and isinstance(out, Tensor):
@@ -777,6 +783,65 @@ def _picks_slices(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> b
     return isinstance(i, int) and not isinstance(i, bool)
 
 
+def _rows_picked(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> list | None:
+    """The rows along dim 0 that each output of an op on the parameter ``p`` holds, when the
+    op takes whole slices of ``p`` along dim 0 at places fixed by plain numbers (``p[a:b]``,
+    ``p[a:b, ...]``, ``p.narrow(0, a, n)``, ``p.select(0, i)``, ``p.chunk(k)``, ``p.split(s)``,
+    ``p.tensor_split(k)``, ``p.unbind()``): an index tensor per output (0-d for a single slice),
+    read as slices gathered at constant rows. None for any other op or form."""
+    short = ctx.op.rsplit(".", 1)[-1]
+    if not p.dim() or ctx.is_gathered(p) or tensor_args(rest, options):
+        return None
+    every = torch.arange(p.shape[0])
+    if short == "__getitem__" and len(rest) == 1 and not options:
+        items = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
+        whole = all(i is Ellipsis or i == slice(None) for i in items[1:])
+        first = items[0] if items else None
+        return (
+            [every[first]] if isinstance(first, slice) and _plain_slice(first) and whole else None
+        )
+    bound = _bind_dim(short, rest, options)
+    if bound is None or bound[0] % p.dim() != 0:
+        return None
+    args = bound[1]
+    if short in ("narrow", "select"):
+        return [every.narrow(0, *args)] if short == "narrow" else [every[args[0]]]
+    if short == "unbind":
+        return list(every.unbind())
+    return list(getattr(torch, short)(every, *args))
+
+
+# The ops that take slices along one dim: (0 when their dim comes first after the tensor, 1 when
+# second; how many other arguments they need).
+_SLICING = {"narrow": (0, 2), "select": (0, 1), "chunk": (1, 1), "split": (1, 1),
+            "tensor_split": (1, 1), "unbind": (0, 0)}  # fmt: skip
+
+
+def _bind_dim(short: str, rest: tuple, options: dict) -> tuple[int, tuple] | None:
+    """``(dim, other arguments)`` of a slicing op (see :data:`_SLICING`) called with plain
+    numbers, or None."""
+    if short not in _SLICING or set(options) - {"dim"}:
+        return None
+    at, needed = _SLICING[short]
+    if at == 0:  # dim first: narrow(dim, start, length), select(dim, index), unbind(dim)
+        dim = options.get("dim", rest[0] if rest else 0)
+        args = rest[1:] if rest and "dim" not in options else rest
+    else:  # chunk(chunks, dim), split(size, dim), tensor_split(sections, dim)
+        dim = options.get("dim", rest[1] if len(rest) > 1 else 0)
+        args = rest[:1]
+    if not isinstance(dim, int) or len(args) != needed:
+        return None
+    numbers = [n for a in args for n in (a if isinstance(a, (list, tuple)) else [a])]
+    if not all(type(n) is int for n in numbers):  # no tensor, truth value or size
+        return None
+    return dim, tuple(args)
+
+
+def _plain_slice(item: slice) -> bool:
+    """Whether the bounds and step of ``item`` are plain ints or None (no tensor, no size)."""
+    return all(n is None or type(n) is int for n in (item.start, item.stop, item.step))
+
+
 BUILTIN.add("Tensor.T", _on_labels)
 BUILTIN.add("Tensor.mT", _on_labels)
 
@@ -957,6 +1022,21 @@ def _scatter_add(
     return labels
 
 
+def _scatter_reduce(
+    ctx: TraceContext, result: Any, input: Tensor, dim: int, index: Tensor, src: Tensor,
+    reduce: str, *, include_self: bool = True,
+) -> Any:  # fmt: skip
+    """``input.scatter_reduce(dim, index, src, reduce)``: with ``reduce`` ``"sum"`` or
+    ``"mean"`` (linear, with coefficients given by the index alone) the entries that meet carry
+    one factor, as in :func:`_scatter_add` (without ``include_self`` the entries written lose
+    their old values: uniting them too only constrains more). Other reductions block."""
+    if reduce not in _LINEAR_REDUCTIONS:
+        return blocker(ctx, result, input, dim, index, src)
+    return _scatter_add(ctx, result, input, dim, index, src)
+
+
+_LINEAR_REDUCTIONS = ("sum", "mean")
+register_all(funcs("scatter_reduce", "scatter_reduce_"), _scatter_reduce)
 register_all(funcs("index_add", "index_add_"), _index_add)
 register_all(funcs("scatter_add", "scatter_add_"), _scatter_add)
 
@@ -989,14 +1069,60 @@ def _index_put(
     ctx: TraceContext, result: Any, input: Tensor, indices: Any, values: Tensor,
     accumulate: bool = False,
 ) -> Any:  # fmt: skip
-    """``dst.index_put_(indices, values)``: ``dst[indices] = values`` (adding, with
-    ``accumulate``, reads them: it blocks)."""
-    if accumulate or not isinstance(indices, (tuple, list)) or any(i is None for i in indices):
+    """``dst.index_put_(indices, values)``: ``dst[indices] = values`` (with ``accumulate``,
+    ``+=``: see :func:`_accumulate`)."""
+    if not isinstance(indices, (tuple, list)) or any(i is None for i in indices):
         return blocker(ctx, result, input, indices, values)
+    if accumulate:
+        return _accumulate(ctx, result, input, tuple(indices), values)
     if len(indices) == 1 and _zeroes_by_mask(ctx, input, indices[0], values):
         _masked_fill(ctx, result, input, indices[0], values)
         return UNCHANGED
     return _overwrite(ctx, input, _indexed(tuple(indices)), ctx.labels(values), (indices, values))
+
+
+def _accumulate(
+    ctx: TraceContext, result: Any, dst: Tensor, indices: tuple, values: Any
+) -> Any:  # fmt: skip
+    """``dst[indices] += values`` (``index_put(..., accumulate=True)``): each entry written and
+    the values added into it carry one factor, like the operands of a residual sum (adding 0
+    keeps every label). When an index depends on the data (or on a size), another input adds
+    elsewhere along the indexed dims, so the labels are united along them."""
+    if ctx.is_param(dst) or ctx.is_param(values) or not isinstance(values, Tensor):
+        return blocker(ctx, result, dst, indices, values)
+    for t in nested_tensors(indices):
+        ctx.claim(t)
+    if _is_zero(ctx, values):
+        return _zeroed(ctx, dst, values) if result is dst else ctx.terms(dst)
+    labels = ctx.labels(dst).expand(dst.shape)
+    region = labels[_on_cpu(indices)]
+    added = ctx.labels(values).expand(region.shape)
+    if any(ctx.picks_by_data(t) for t in nested_tensors(indices)) or from_size(indices):
+        indexed = sum(_index_width(i) for i in indices)
+        labels = ctx.unite(labels, range(indexed)).expand(dst.shape)
+        region = labels[_on_cpu(indices)]
+        lead = region.dim() - (dst.dim() - indexed)
+        added = ctx.unite(added, range(lead)).expand(region.shape)
+    ctx.union(region, added)
+    return labels
+
+
+def _index_put_copy(
+    ctx: TraceContext, result: Any, input: Tensor, indices: Any, values: Any,
+    accumulate: bool = False,
+) -> Any:  # fmt: skip
+    """``x.index_put(indices, values)``: a copy of ``x`` with ``values`` written (with
+    ``accumulate``, added: see :func:`_accumulate`) at ``indices``; 0 written into an
+    activation keeps its labels (see :func:`_zeroed`). Other writes block."""
+    valid = isinstance(indices, (tuple, list)) and all(i is not None for i in indices)
+    if valid and accumulate:
+        return _accumulate(ctx, result, input, tuple(indices), values)
+    if not valid or ctx.is_param(input) or not _is_zero(ctx, values):
+        return blocker(ctx, result, input, indices, values)
+    for t in nested_tensors(indices):
+        ctx.claim(t)
+    _zeroed(ctx, input, values)
+    return ctx.terms(input)
 
 
 def _zeroes_by_mask(ctx: TraceContext, dst: Tensor, index: Any, value: Any) -> bool:
@@ -1035,6 +1161,8 @@ def _overwrite(
     by_data = any(ctx.picks_by_data(t) for t in indices) or from_size(rest[:-1])
     if not by_data and ctx.overwrite(dst, region, labels):
         return UNCHANGED
+    if _is_zero(ctx, rest[-1]) and not ctx.is_param(dst):
+        return _zeroed(ctx, dst, rest[-1])
     return ctx.block_all(
         (dst, *rest),
         {},
@@ -1042,9 +1170,51 @@ def _overwrite(
     )
 
 
+def _is_zero(ctx: TraceContext, value: Any) -> bool:
+    """Whether ``value`` is exactly 0: the number 0 (no size gave it) or a tensor the trace
+    proves 0 (see :meth:`TraceContext.zero_source`)."""
+    return constant(value) or ctx.zero_source(value) is not None
+
+
+def _zeroed(ctx: TraceContext, dst: Tensor, value: Any) -> Any:
+    """0 written in place into entries of the activation ``dst`` at positions given by numbers,
+    slices or index tensors (none of them floating, so none carries a factor): ``a 0 = 0`` for
+    every factor ``a``, so zeroing commutes with the rescaling and ``dst`` keeps its labels.
+    Positions computed from the rescaled values were blocked where they were computed
+    (``argmax``, ``topk``, ``x > 1``)."""
+    ctx.claim(dst)
+    if isinstance(value, Tensor):
+        ctx.read_zero(value, ctx.terms(dst))
+    return UNCHANGED
+
+
+def _fill(ctx: TraceContext, result: Any, input: Tensor, value: Any = 0) -> Any:
+    """``x.fill_(v)`` (``x.zero_()``): writing 0 into an activation keeps its labels (see
+    :func:`_zeroed`); any other value blocks."""
+    if ctx.is_param(input) or not _is_zero(ctx, value):
+        return blocker(ctx, result, input, value)
+    return _zeroed(ctx, input, value)
+
+
+def _index_fill(
+    ctx: TraceContext, result: Any, input: Tensor, dim: Any, index: Tensor, value: Any
+) -> Any:  # fmt: skip
+    """``x.index_fill(dim, index, v)``: ``x`` with the slices ``index`` along ``dim`` set to
+    ``v``; with ``v`` exactly 0 and an activation ``x``, the output carries ``x``'s labels (see
+    :func:`_zeroed`). Any other value blocks."""
+    if ctx.is_param(input) or not _is_zero(ctx, value) or not isinstance(dim, int):
+        return blocker(ctx, result, input, dim, index, value)
+    ctx.claim(index)
+    kept = _zeroed(ctx, input, value)
+    return kept if result is input else ctx.terms(input)
+
+
+register_all(funcs("fill_", "zero_", modules=(torch, torch.Tensor)), _fill)
+register_all(funcs("index_fill", "index_fill_"), _index_fill)
 register_all(funcs("copy_", modules=(torch.Tensor,)), _copy)
 register_all(funcs("__setitem__", modules=(torch.Tensor,)), _setitem)
 register_all(funcs("index_put_", modules=(torch, torch.Tensor)), _index_put)
+register_all(funcs("index_put", modules=(torch, torch.Tensor)), _index_put_copy)
 
 
 # --- known blockers (they would block anyway; listing them gives a clearer reason) -----------
