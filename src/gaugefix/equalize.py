@@ -110,7 +110,8 @@ class EqualizeResult:
 
     ``objective``: its name (``"callable"`` for a user's); ``objective_before`` /
     ``objective_after``: for ``"norm"`` ``||theta||^2``, for ``"range"`` and ``"activation"``
-    the largest balance residual ``max_n |delta_n|`` (0 at the solution; what ``tol`` bounds),
+    the largest balance residual ``max_n |delta_n|`` over the generators not held (0 at the
+    solution; what ``tol`` bounds),
     for a callable its value; ``iterations``; ``h`` (``[num_generators]``, float64): the gauge
     applied (0 on generators left out); ``dead_generators``: the generators the objective does
     not see on both sides, those in an open group (of its own terms; of the norm's for a
@@ -369,22 +370,47 @@ def solve_max_balance(
 
 def p_balance(
     params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str], p: float,
-    tol: float, max_iter: int,
+    tol: float, max_iter: int, start: Tensor | None = None,
 ) -> tuple[Tensor, int, bool, Tensor]:  # fmt: skip
     """The minimiser ``h`` (``[N]``, float64) of ``J_p(h) = sum_e |theta_e(h)|^p`` over the
     counted weights, ``(h, iterations, converged, closed)``:
     :func:`gaugefix.balancing.solve_balance`'s Newton solve on the masses ``|theta_e / M|^(p/2)``
     (``M``: the largest counted ``|entry|``), whose squares are the ``p``-th powers, at
     ``h' = p h / 2``; ``closed`` (bool ``[N]``): the generators with a closed orbit of ``J_p``
-    (0 in ``h`` elsewhere: :func:`gaugefix.balancing.closed_orbits`)."""
-    top = max(float(params[name].detach().abs().max()) for name in counted)
-    powers = {
-        name: (params[name].detach().to(torch.float64).abs() / top).pow(p / 2).unsqueeze(0)
-        for name in counted
-    }
+    (0 in ``h`` elsewhere: :func:`gaugefix.balancing.closed_orbits`). With ``start`` (``[N]``)
+    the masses are those of ``theta(start)`` and ``h`` is ``start`` plus the step: the same
+    minimiser, whose ``p``-th powers underflow less from a start nearer it (an entry
+    ``2^-255`` below ``M`` has a zero mass)."""
+    powers = _powers(params, structure, counted, p, start)
     solution = solve_balance(Masses(powers, structure), tol, max_iter)
     converged = bool(solution.converged[0])
-    return solution.h[0] * (2 / p), solution.iterations, converged, solution.live[0]
+    h = solution.h[0] * (2 / p)
+    return h if start is None else start + h, solution.iterations, converged, solution.live[0]
+
+
+def _powers(
+    params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str], p: float,
+    start: Tensor | None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """``|theta_e(start) / M|^(p/2)`` of the counted weights (float64, ``[1, *shape]``; ``M``:
+    the largest; ``start`` ``None``: ``h = 0``)."""
+    if start is None:
+        top = max(float(params[name].detach().abs().max()) for name in counted)
+        return {
+            name: (params[name].detach().to(torch.float64).abs() / top).pow(p / 2).unsqueeze(0)
+            for name in counted
+        }
+    hx = torch.cat([start, start.new_zeros(1)])
+    logs = {
+        q.name: sum(
+            (t.sign * hx[t.slots] for t in q.terms),
+            params[q.name].detach().to(torch.float64).abs().log(),
+        )
+        for q in structure.plan(start.device)
+        if q.name in counted
+    }
+    top = max(float(t.max()) for t in logs.values())
+    return {name: (t - top).mul(p / 2).exp().unsqueeze(0) for name, t in logs.items()}
 
 
 def range_balance(
@@ -402,7 +428,11 @@ def range_balance(
     ``h = 0``. Live generators without a closed orbit of the ``p``-balance (open groups: a
     combination of them shrinks every counted entry it touches, so the max-balances have no
     solution or a flat set of them there) are held at ``h = 0`` and not live; with at most one
-    live generator per counted entry there are none."""
+    live generator per counted entry there are none. Where the ``p``-th powers underflow (an
+    entry ``2^-255`` below the largest) and lose a generator that is in no open group of the
+    counted zero pattern (:func:`_open_groups`), the max-balance runs from ``h = 0`` first and
+    the ``p``-balance again from its point, where fewer powers underflow. The residual before
+    is over the generators not held, as the one after."""
     sources = list(range_sources(params, structure, counted).values())
     h = torch.zeros(structure.num_generators, dtype=torch.float64, device=_device(params))
     at = balance_step(sources, h, 0.5)
@@ -411,14 +441,21 @@ def range_balance(
     picked, newton, converged, closed = p_balance(
         params, structure, counted, RANGE_P, tol, max_iter
     )
+    n = structure.num_generators
     held = at.live & ~closed.to(at.live.device)
-    if bool(held.any()):
-        n = structure.num_generators
-        sources = [source._replace(counted=_without(source.counted, held, n)) for source in sources]
+    if bool(held.any()) and bool((held & ~(opened := _open_groups(sources, n, h.device))).any()):
+        # Powers that underflowed, not open groups: the p-balance again from a max-balance.
+        held = opened
+        first = solve_max_balance(_held_out(sources, held, n), h, 0.5, tol, max_iter - newton)
+        picked, more, converged, _ = p_balance(
+            params, structure, counted, RANGE_P, tol, max_iter - newton - first.iterations, first.h
+        )
+        newton += first.iterations + more
+    sources = _held_out(sources, held, n)
     done = solve_max_balance(sources, picked, 0.5, tol, max_iter - newton)
     return done._replace(
         iterations=newton + done.iterations,
-        before=at.residual,
+        before=balance_step(sources, h, 0.5).residual if bool(held.any()) else at.residual,
         converged=converged and done.converged,
     )
 
@@ -432,6 +469,13 @@ def range_sources(
         for p in structure.plan(_device(params))
         if p.name in counted
     }
+
+
+def _held_out(sources: list[RangeSource], held: Tensor, n: int) -> list[RangeSource]:
+    """``sources`` counting no term of a generator in ``held`` (bool ``[n]``)."""
+    if not bool(held.any()):
+        return sources
+    return [source._replace(counted=_without(source.counted, held, n)) for source in sources]
 
 
 def _without(terms: tuple[PlannedTerm, ...], excluded: Tensor, n: int) -> tuple[PlannedTerm, ...]:
