@@ -247,11 +247,11 @@ def test_transported_state_equals_state_built_at_the_new_point(optimizer, data):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda ps: torch.optim.Adagrad(ps, lr=0.0),
-        lambda ps: torch.optim.RMSprop(ps, lr=0.0),
+        lambda ps: torch.optim.Adagrad(ps, lr=0.0, initial_accumulator_value=0.1),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.0, momentum=0.9),
         lambda ps: torch.optim.Adamax(ps, lr=0.0),
     ],
-    ids=["adagrad", "rmsprop", "adamax"],
+    ids=["adagrad-initial", "rmsprop-momentum", "adamax"],
 )
 def test_untransportable_optimizer_state_raises_before_modifying(make):
     torch.manual_seed(4)

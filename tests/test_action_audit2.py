@@ -230,8 +230,10 @@ def test_coupled_weight_decay_state_moves_as_the_docs_say(opt_name):
 
 # --- optimizer state that cannot be transported: one line, nothing changed ---------------------
 REFUSED = {
-    "adagrad": lambda ps: O.Adagrad(ps, lr=0.1),
-    "adagrad-foreach": lambda ps: O.Adagrad(ps, lr=0.1, foreach=True),
+    "adagrad-initial": lambda ps: O.Adagrad(ps, lr=0.1, initial_accumulator_value=0.1),
+    "adagrad-initial-foreach": lambda ps: O.Adagrad(
+        ps, lr=0.1, initial_accumulator_value=0.1, foreach=True
+    ),
     "adamax": lambda ps: O.Adamax(ps, lr=0.1, foreach=True),
     "rmsprop-centered-momentum": lambda ps: O.RMSprop(ps, lr=0.1, centered=True, momentum=0.5),
     "adadelta": lambda ps: O.Adadelta(ps, lr=0.1),

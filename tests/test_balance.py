@@ -387,7 +387,7 @@ def test_structure_of_another_model_raises_before_modifying():
 
 def test_untransportable_optimizer_raises_before_modifying():
     model, x, s = _imbalanced_mlp()
-    opt = torch.optim.Adagrad(model.parameters(), lr=0.0)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.0, initial_accumulator_value=0.1)
     model(x).sum().backward()
     opt.step()
     saved = snapshot(model)

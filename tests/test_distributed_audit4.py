@@ -143,15 +143,15 @@ def _optimizer_on_one() -> dict:
 
 
 def _refused_optimizer_on_one() -> dict:
-    """Process 0 passes an Adagrad optimizer with state (refused: not transportable), process
-    1 passes none."""
+    """Process 0 passes an Adagrad optimizer with state from an initial value (refused: not
+    transportable), process 1 passes none."""
     import torch.distributed as dist
 
     model, structure = _mlp()
     out = {}
     for name in MOVES:
         sharded, _ = _sharded(model)
-        adagrad = torch.optim.Adagrad(sharded.parameters())
+        adagrad = torch.optim.Adagrad(sharded.parameters(), initial_accumulator_value=0.1)
         for p in sharded.parameters():
             adagrad.state[p]["sum"] = p.detach().square()
         call = _moves(structure, lambda m, o=adagrad: o if dist.get_rank() == 0 else None)[name]

@@ -143,7 +143,7 @@ def test_muon_momentum_is_transported():
 
 
 UNSUPPORTED = {
-    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.01),
+    "adagrad_initial": lambda p: torch.optim.Adagrad(p, lr=0.01, initial_accumulator_value=0.1),
     "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
     "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True),
     "rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
@@ -155,11 +155,12 @@ UNSUPPORTED = {
 
 @pytest.mark.parametrize("opt_name", list(UNSUPPORTED))
 def test_state_gaugefix_cannot_transport_is_refused_in_one_line(opt_name):
-    """Optimizers whose state is neither gradient-like nor squared (Adagrad's sum, Adamax's
-    infinity norm, RMSprop's averages, Rprop's step sizes, ASGD's average, Adadelta's squared
-    updates, Adafactor's factored moments): one-line ``ValueError`` at construction in exact
-    mode, before the optimizer's first step, nothing changed and no hook attached. Penalty
-    mode moves no state and takes a fresh one; the refusal is no stricter than the transport:
+    """Optimizers whose state is neither gradient-like nor squared (Adagrad's sum from an
+    initial value, Adamax's infinity norm, RMSprop's momentum, Rprop's step sizes, ASGD's
+    average, Adadelta's squared updates, Adafactor's factored moments): one-line
+    ``ValueError`` at construction in exact mode, before the optimizer's first step, nothing
+    changed and no hook attached. Penalty mode moves no state and takes a fresh one; the
+    refusal is no stricter than the transport:
     after a step of its own, its state is refused too."""
     model, x, y, structure = setup()
     opt = UNSUPPORTED[opt_name](model.parameters())
@@ -266,10 +267,10 @@ def test_sparse_gradients_are_refused_in_one_line(mode):
 
 # -- Lightning -------------------------------------------------------------------------------------
 def test_lightning_refused_second_optimizer_leaves_the_model_as_it_was(tmp_path):
-    """Two optimizers (manual optimization), the second an Adagrad whose state cannot be
-    transported: the fit raises its one-line error, with no hook attached and the model as it
-    was; the first hook used to balance its half of the model (entries moved by 0.85) before
-    the second was refused."""
+    """Two optimizers (manual optimization), the second an Adagrad (with an initial
+    accumulator value) whose state cannot be transported: the fit raises its one-line error,
+    with no hook attached and the model as it was; the first hook used to balance its half of
+    the model (entries moved by 0.85) before the second was refused."""
     pl = pytest.importorskip("lightning.pytorch")
     from gaugefix.integrations.lightning import GaugeFixingCallback
 
@@ -292,7 +293,7 @@ def test_lightning_refused_second_optimizer_leaves_the_model_as_it_was(tmp_path)
         def configure_optimizers(self):
             return [
                 torch.optim.SGD(self.a.parameters(), lr=0.05),
-                torch.optim.Adagrad(self.b.parameters(), lr=0.05),
+                torch.optim.Adagrad(self.b.parameters(), lr=0.05, initial_accumulator_value=0.1),
             ]
 
     torch.manual_seed(0)

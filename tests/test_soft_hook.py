@@ -342,7 +342,8 @@ def test_bad_arguments_modify_nothing():
 def test_untransportable_optimizer_state():
     model, x, y, structure = setup()
     with pytest.raises(ValueError, match="cannot transport optimizer state 'sum'"):
-        GaugeFixing(torch.optim.Adagrad(model.parameters()), model, structure, 1.0, every=1)
+        opt = torch.optim.Adagrad(model.parameters(), initial_accumulator_value=0.1)
+        GaugeFixing(opt, model, structure, 1.0, every=1)
     opt = torch.optim.Adamax(model.parameters(), lr=0.01)  # its state made at its first step
     with pytest.raises(ValueError, match="cannot transport optimizer state .exp_inf. of Adamax"):
         GaugeFixing(opt, model, structure, 1.0, every=1)

@@ -142,7 +142,7 @@ def trained_optimizer(model: nn.Module, kind: str, steps: int = 2) -> torch.opti
         "sgd": lambda: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
         "adam": lambda: torch.optim.Adam(params, lr=1e-3),
         "adamw-amsgrad": lambda: torch.optim.AdamW(params, lr=1e-3, amsgrad=True),
-        "adagrad": lambda: torch.optim.Adagrad(params, lr=1e-3),
+        "adagrad": lambda: torch.optim.Adagrad(params, lr=1e-3, initial_accumulator_value=0.1),
     }[kind]()
     first = next(m for m in model.modules() if isinstance(m, nn.Linear))
     x = inputs([first.in_features])
@@ -455,7 +455,7 @@ def test_refusals_leave_model_gradients_and_optimizer_state_bit_for_bit():
     with pytest.raises(ValueError, match="NaN"):
         gaugefix.balance_(model, s, optimizer=optimizer)
     assert_same_bits(saved, model, optimizer)
-    # state the action cannot transport (Adagrad's sum)
+    # state the action cannot transport (Adagrad's sum from an initial value)
     model, s = gauged()
     optimizer = trained_optimizer(model, "adagrad")
     saved = everything(model, optimizer)

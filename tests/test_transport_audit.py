@@ -250,17 +250,17 @@ def test_abs_ema_transport_by_name_was_wrong():
 
 
 # torch.optim optimizers (every flag) whose state is not rebuilt by a rescaling: Adagrad's
-# initial value and eps, Adamax's eps inside its max, RMSprop's momentum of g / (sqrt(v) + eps),
+# initial value, Adamax's eps inside its max, RMSprop's momentum of g / (sqrt(v) + eps),
 # Adadelta's eps in its deltas, ASGD's average of iterates, Rprop's step sizes (power 0 or 1, by
 # which claim), Adafactor's factored moments, L-BFGS's flat history.
 REFUSED = {
     "adagrad-lr-decay-initial": lambda ps: O.Adagrad(
         ps, lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1
     ),
-    "adagrad-plain": lambda ps: O.Adagrad(ps, lr=0.1),
     "adamax": lambda ps: O.Adamax(ps, lr=0.1),
-    "rmsprop-plain": lambda ps: O.RMSprop(ps, lr=0.1),
-    "rmsprop-centered-foreach": lambda ps: O.RMSprop(ps, lr=0.1, centered=True, foreach=True),
+    "rmsprop-centered-momentum-foreach": lambda ps: O.RMSprop(
+        ps, lr=0.1, centered=True, momentum=0.5, foreach=True
+    ),
     "adadelta-foreach": lambda ps: O.Adadelta(ps, foreach=True),
     "asgd-foreach": lambda ps: O.ASGD(ps, lr=0.1, foreach=True),
     "rprop": lambda ps: O.Rprop(ps, lr=0.1),

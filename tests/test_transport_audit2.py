@@ -100,13 +100,15 @@ def test_an_optimizer_listed_twice_is_refused_and_changes_nothing():
 
 @pytest.mark.parametrize("bad", ["adagrad", "not an optimizer"])
 def test_a_list_with_an_untransportable_entry_is_refused_and_changes_nothing(bad):
-    """One optimizer of the list whose state cannot move (Adagrad), or an entry that is not an
-    optimizer: refused, neither optimizer nor the model modified."""
+    """One optimizer of the list whose state cannot move (Adagrad with an initial accumulator
+    value), or an entry that is not an optimizer: refused, neither optimizer nor the model
+    modified."""
     model, x = model_and_input("mlp")
     s = gaugefix.discover(model, x)
     ps = list(model.parameters())
     sgd = O.SGD(ps[:SPLIT], lr=0.1, momentum=0.9)
-    other = O.Adagrad(ps[SPLIT:], lr=0.1) if bad == "adagrad" else "sgd"
+    adagrad = O.Adagrad(ps[SPLIT:], lr=0.1, initial_accumulator_value=0.1)
+    other = adagrad if bad == "adagrad" else "sgd"
     step_all(model, [sgd] + ([other] if bad == "adagrad" else []), x)
     before = everything(model, sgd) + (everything(model, other) if bad == "adagrad" else [])
     error = ValueError if bad == "adagrad" else TypeError

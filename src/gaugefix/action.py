@@ -53,6 +53,7 @@ __all__ = [
     "optimizers",
     "random_gauge_",
     "refuse_shared_memory",
+    "refuse_unmoved_settings",
     "refuse_unmovable",
 ]
 
@@ -65,14 +66,22 @@ SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
 COUNTS = ("step", "mu_product")
 # How each state entry moves when its parameter entry is multiplied by ``f``, by key: the power
 # of ``f`` (-1: gradient-like, -2: squared-gradient), 0 for a count (left as it is).
-POWERS = {**dict.fromkeys(GRAD_LIKE, -1), **dict.fromkeys(SQUARED, -2), **dict.fromkeys(COUNTS, 0)}
+# Adagrad's and RMSprop's buffers: the sum of squared gradients (power -2), RMSprop's average of
+# squared gradients (-2) and, centered, of gradients (-1).
+ACCUMULATED = {"sum": -2, "square_avg": -2, "grad_avg": -1}
+POWERS = {
+    **dict.fromkeys(GRAD_LIKE, -1),
+    **dict.fromkeys(SQUARED, -2),
+    **dict.fromkeys(COUNTS, 0),
+    **ACCUMULATED,
+}
 _NUMBERS = (int, float)  # what a count may be besides a tensor of one entry
 # The optimizers whose state moves exactly with a rescaling (the state built from the same loss
 # gradients at the moved point), by their exact ``torch.optim`` class (a subclass may change what
 # a key means), each with the keys it may hold. Any other optimizer holding state, and any other
-# key, is refused: Adagrad's initial value and Adamax's eps sit inside their state, RMSprop's
-# momentum and Adadelta's deltas hold eps, ASGD averages iterates, Rprop's step sizes have no
-# single right move, Adafactor's moments are factored and L-BFGS's history is flat.
+# key, is refused, and so is a setting of :data:`UNMOVED_SETTINGS`: Adamax's eps sits inside its
+# state, Adadelta's deltas hold eps, ASGD averages iterates, Rprop's step sizes have no single
+# right move, Adafactor's moments are factored and L-BFGS's history is flat.
 _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
 TRANSPORTABLE = {
     "SGD": ("momentum_buffer",),
@@ -82,7 +91,27 @@ TRANSPORTABLE = {
     "NAdam": (*_MOMENTS, "mu_product"),
     "RAdam": _MOMENTS,
     "SparseAdam": _MOMENTS,
+    "Adagrad": ("step", "sum"),
+    "RMSprop": ("step", "square_avg", "grad_avg"),
 }
+# The settings of a parameter group under which an optimizer of :data:`TRANSPORTABLE` makes state
+# that no rescaling moves exactly, by class name: the setting (refused unless 0), the state it
+# puts out of reach, and why.
+UNMOVED_SETTINGS = {
+    "Adagrad": (
+        "initial_accumulator_value",
+        "sum",
+        "the sum of squared gradients starts at that constant, which does not scale",
+    ),
+    "RMSprop": (
+        "momentum",
+        "momentum_buffer",
+        "it sums g / (sqrt(v) + eps), which no power of the factor moves (eps does not scale)",
+    ),
+}
+# Settings that torch reads from the optimizer's defaults, whatever the group's, when it makes
+# the state: Adagrad fills a new ``sum`` with its defaults' ``initial_accumulator_value``.
+_FROM_DEFAULTS = ("initial_accumulator_value",)
 # What moves a parameter's optimizer state: no optimizer, one, or a list or tuple of them (a
 # model trained by several, each over some of its parameters).
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -214,7 +243,36 @@ def _state_powers(
     if keys is None:
         _refuse_unknown(optimizer, params)
         return None
+    refuse_unmoved_settings(optimizer, params)
     return {key: POWERS[key] for key in keys}
+
+
+def refuse_unmoved_settings(
+    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], made: bool = True
+) -> None:
+    """``ValueError`` naming the setting when a parameter group of ``optimizer`` that holds one
+    of ``params`` (with state, when ``made``; else whether or not its state is made yet) has a
+    setting of :data:`UNMOVED_SETTINGS` other than 0."""
+    setting = UNMOVED_SETTINGS.get(type(optimizer).__name__)
+    if setting is None:
+        return
+    key, state_key, why = setting
+    ids = {id(p) for p in params.values()}
+    for group in optimizer.param_groups:
+        value = _setting_value(optimizer, group, key)
+        held = (id(p) in ids and (optimizer.state.get(p) or not made) for p in group["params"])
+        if value != 0 and any(held):
+            raise ValueError(
+                f"cannot transport optimizer state '{state_key}' of {type(optimizer).__name__} "
+                f"with {key}={value}: {why}; only {key}=0 moves exactly; nothing was modified"
+            )
+
+
+def _setting_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> object:
+    """Setting ``key`` of ``group``, or, for a setting of :data:`_FROM_DEFAULTS` that is 0 there,
+    of the optimizer's defaults."""
+    value = group.get(key, 0)
+    return optimizer.defaults.get(key, 0) if value == 0 and key in _FROM_DEFAULTS else value
 
 
 def _moved_state(
@@ -277,7 +335,10 @@ def _check_entry(
 ) -> None:
     """``ValueError`` unless state entry ``key`` of parameter ``name`` is one of ``keys``: a
     buffer shaped like ``p`` (or ``None``), or a count of one number."""
-    if key not in keys:
+    setting, state_key, reason = UNMOVED_SETTINGS.get(type(optimizer).__name__, (None,) * 3)
+    if key == state_key and key not in keys:  # made before the setting was turned off
+        why = f"made with {setting} other than 0: {reason}"
+    elif key not in keys:
         why = f"not a state {type(optimizer).__name__} makes ({', '.join(keys)})"
     elif key in COUNTS:
         why = None if _one_number(value) else "a count that does not hold one number"
@@ -510,16 +571,20 @@ def apply_gauge_(
     are transported (each one's, for a list or tuple of optimizers: pass every optimizer that
     holds a moved parameter, as the state of any other stays where it was; averaged copies such
     as ``AveragedModel``'s are not moved): gradient-like buffers (SGD and Muon momentum, Adam
-    ``exp_avg``) scale by the inverse factor, second moments by its square, counts stay. For SGD,
-    Adam, AdamW, NAdam, RAdam and Muon that is the state built from the same loss gradients at
-    the moved point; with L2 weight decay coupled into the gradient (SGD with momentum, Adam,
-    NAdam or RAdam without ``decoupled_weight_decay``) the buffers also hold ``wd * theta`` and
-    are moved as gradients all the same, not rebuilt. SparseAdam's moments move like Adam's.
-    Any other optimizer holding state (Adagrad, RMSprop, L-BFGS, ..., subclasses and optimizers
-    of other packages), and any state key these do not make, is refused
-    (:func:`optimizer_states`). Everything is validated first; on error nothing is modified:
-    an ``h`` whose factors could overflow a moved tensor's dtype, or fall below the normal
-    range of the dtype they are formed in, is refused (:func:`overflowing`).
+    ``exp_avg``, RMSprop's centered ``grad_avg``) scale by the inverse factor, second moments
+    (Adam ``exp_avg_sq``, Adagrad ``sum``, RMSprop ``square_avg``) by its square, counts stay.
+    For SGD, Adam, AdamW, NAdam, RAdam, Muon, Adagrad and RMSprop that is the state built from
+    the same loss gradients at the moved point; with L2 weight decay coupled into the gradient
+    (SGD with momentum, Adam, Adagrad, RMSprop, NAdam or RAdam without
+    ``decoupled_weight_decay``) the buffers also hold ``wd * theta`` and are moved as gradients
+    all the same, not rebuilt. SparseAdam's moments move like Adam's. Adagrad with
+    ``initial_accumulator_value != 0`` and RMSprop with ``momentum > 0``, in a group holding a
+    moved parameter, are refused (:func:`refuse_unmoved_settings`), as is any other optimizer
+    holding state (Adamax, L-BFGS, ..., subclasses and optimizers of other packages) and any
+    state key these do not make (:func:`optimizer_states`). Everything is validated first; on
+    error nothing is modified: an ``h`` whose factors could overflow a moved tensor's dtype, or
+    fall below the normal range of the dtype they are formed in, is refused
+    (:func:`overflowing`).
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)

@@ -11,7 +11,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gaugefix.action import check_transport, finite_on_device
+from gaugefix.action import (
+    TRANSPORTABLE,
+    check_transport,
+    finite_on_device,
+    refuse_unmoved_settings,
+)
 from gaugefix.balancing import balance_
 from gaugefix.distributed import (
     check_same_structure,
@@ -106,7 +111,8 @@ def _refuse_line_search(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
 # Optimizers whose per-parameter state, made at their first step, holds what an orbit step
 # cannot transport (see ``gaugefix.action.optimizer_states``), by class name (a subclass
 # counts): torch.optim's, transformers' Adafactor (a Trainer's ``optim="adafactor"``) and
-# torchao's low-bit Adam and AdamW.
+# torchao's low-bit Adam and AdamW. torch's own Adagrad and RMSprop (not a subclass) are taken
+# under the settings whose state moves (``gaugefix.action.UNMOVED_SETTINGS``).
 UNTRANSPORTABLE_STATE = {
     "Adagrad": "sum", "Adamax": "exp_inf", "RMSprop": "square_avg", "Adadelta": "square_avg",
     "Rprop": "prev and step_size", "ASGD": "ax", "Adafactor": "factored second moments",
@@ -118,20 +124,27 @@ UNTRANSPORTABLE_STATE = {
 }  # fmt: skip
 
 
-def _refuse_untransportable(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
+def _refuse_untransportable(
+    optimizer: torch.optim.Optimizer, mode: Mode, params: dict[str, Tensor]
+) -> None:
     """``ValueError`` in exact mode for an optimizer of :data:`UNTRANSPORTABLE_STATE` (or a
-    subclass): at construction, not at its first orbit step, after ``every`` steps of training
-    (torchao's quantized state failed there with a ``NotImplementedError``)."""
+    subclass), or for torch's Adagrad or RMSprop with a setting whose state does not move
+    (:func:`gaugefix.action.refuse_unmoved_settings`, whether or not that state is made yet):
+    at construction, not at its first orbit step, after ``every`` steps of training (torchao's
+    quantized state failed there with a ``NotImplementedError``)."""
     if mode != "exact":
         return
+    exact = type(optimizer) is getattr(torch.optim, type(optimizer).__name__, None)
     for cls in type(optimizer).__mro__:
         state = UNTRANSPORTABLE_STATE.get(cls.__name__)
-        if state is not None:
+        if state is not None and not (exact and cls.__name__ in TRANSPORTABLE):
             raise ValueError(
                 f"GaugeFixing(mode='exact') cannot transport optimizer state ({state}) of "
                 f"{cls.__name__}, made at its first step; use mode='penalty', which moves no "
                 "state, or an optimizer with momentum or Adam moments"
             )
+    if exact:
+        refuse_unmoved_settings(optimizer, params, made=False)
 
 
 def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
@@ -273,7 +286,7 @@ class GaugeFixing:
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
         check_transport(optimizer, self._all_params)
         _refuse_line_search(optimizer, mode)
-        _refuse_untransportable(optimizer, mode)
+        _refuse_untransportable(optimizer, mode, self._all_params)
         _refuse_sparse(self.model, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_ids: tuple[tuple[int, ...], ...] | None = None  # each group's, by identity
