@@ -102,11 +102,38 @@ def read_state_dict(path: str | Path) -> StateDictFile:
     return _read_file(path)
 
 
+WEIGHTS_SUFFIXES = (
+    ".safetensors.index.json",
+    ".bin.index.json",
+    ".safetensors",
+    ".pt",
+    ".pth",
+    ".bin",
+)
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"no weights file {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is not a regular file (a directory): {_files_in(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a regular file (a directory, device or FIFO)")
+
+
+def _files_in(directory: Path) -> str:
+    """What to give instead of ``directory`` (a ``save_pretrained`` folder, say): the weights
+    files in it, or a sharded checkpoint's index alone when it holds one."""
+    try:
+        found = sorted(f for f in directory.iterdir() if f.name.endswith(WEIGHTS_SUFFIXES))
+    except OSError:  # a directory that cannot be listed
+        found = []
+    indexes = [f for f in found if f.name.endswith(".index.json")]
+    found = indexes or found
+    if not found:
+        return f"give a weights file ({', '.join(WEIGHTS_SUFFIXES)}); none is in it"
+    named = ", ".join(str(f) for f in found[:3]) + (" ..." if len(found) > 3 else "")
+    return f"give the weights file in it: {named}"
 
 
 def _read_file(path: Path) -> StateDictFile:

@@ -201,7 +201,7 @@ def inspect(
     try:
         structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
     except gaugefix.TracingError as err:
-        raise _fail(_traced(err)) from None
+        raise _fail(_traced(err, model, x)) from None
     if scale_groups:
         groups = [json.dumps(group) for group in structure.scale_groups()]
         typer.echo("[\n" + ",\n".join(groups) + "\n]" if groups else "[]")
@@ -214,7 +214,10 @@ def inspect(
         typer.echo(f"structure written to {save}", err=scale_groups)  # stdout stays JSON
 
 
-@app.command()
+@app.command(
+    help="Balance saved weights (hard gauge fixing), the function unchanged: the minimal-norm "
+    "point of their orbit, or with --objective the point gaugefix.equalize_ chooses."
+)
 def balance(
     model: Annotated[str, typer.Option(help="built-in example name or PACKAGE.MODULE:FACTORY")],
     weights: Annotated[
@@ -250,8 +253,6 @@ def balance(
     ] = None,
     allow_value_dependent: AllowValueDependent = False,
 ) -> None:
-    """Balance saved weights (hard gauge fixing): the minimal-norm point of their orbit, or
-    the point of another objective (``gaugefix.equalize_``), the function unchanged."""
     with _interruptible(_interrupted(out)):
         _check_output(out)
         _check_objective(objective, calibration, alpha)
@@ -268,7 +269,7 @@ def balance(
                 net, state.tensors, x, objective, batch, alpha, allow_value_dependent
             )
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
-            raise _fail(_traced(err)) from None
+            raise _fail(_traced(err, net, x)) from None
         _report_balance(model, objective, report)
         _write_balanced(dataclasses.replace(state, tensors=tensors), out)
 
@@ -287,11 +288,28 @@ def _write_balanced(state: StateDictFile, out: Path) -> None:
     typer.echo(f"balanced weights written to {out}{shards} ({state.format}, {dtypes})")
 
 
-def _traced(err: Exception) -> str:
-    """The message of ``err``, naming the command's option where it names ``discover``'s."""
+def _traced(err: Exception, model: nn.Module, x: torch.Tensor) -> str:
+    """The message of ``err``, naming the command's option where it names ``discover``'s, or
+    the example input's option where ``model`` fails on ``x`` without gaugefix too."""
     if isinstance(err, gaugefix.ValueDependentError):
         return f"{err} (--allow-value-dependent)"
+    if isinstance(err, gaugefix.TracingError) and not _runs(model, x):
+        option = "--input-shape" if x.is_floating_point() else "--input-ids and --vocab"
+        return (
+            f"{err}; the model fails on the example input of shape {tuple(x.shape)} without "
+            f"gaugefix too: give the input it takes with {option}"
+        )
     return str(err)
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` (its weights as they are) runs on ``x`` in its own dtype."""
+    try:
+        with torch.no_grad():
+            model(_in_model_dtype(model, x))
+    except Exception:  # whatever the model's own forward raises
+        return False
+    return True
 
 
 def _interrupted(out: Path) -> str:
@@ -545,8 +563,9 @@ def _store(out: Path) -> Store:
 
 
 @app.command(
-    help="Run the seed paper's controlled experiments into OUT: store, figures, report, "
-    f"summary. Tasks {', '.join(g.task for g in reproduce_grids(False))} (--quick: "
+    help="Run the paper's (arXiv 2602.14729) controlled experiments into OUT: store, "
+    f"figures, report, summary. Tasks {', '.join(g.task for g in reproduce_grids(False))} "
+    "(--quick: "
     f"{', '.join(g.task for g in reproduce_grids(True))}); methods {', '.join(METHODS)}; "
     f"optimizer gd (full batch), and {', '.join(o for o in OPTIMIZERS if o != 'gd')} "
     "(mini-batch) for the scale-drift experiment."
@@ -595,6 +614,22 @@ def reproduce(
     )
 
 
+Methods = Annotated[str, typer.Option(help=f"comma-separated, some of {', '.join(METHODS)}")]
+Strengths = Annotated[
+    str, typer.Option(help=f"comma-separated strengths of {', '.join(STRENGTH_METHODS)}")
+]
+InitImbalances = Annotated[
+    str,
+    typer.Option(
+        help="comma-separated initial imbalances s (the initialisation moved by h = s z along "
+        "its orbit, z random signs)"
+    ),
+]
+OptimizerNames = Annotated[
+    str, typer.Option(help=f"comma-separated, some of {', '.join(OPTIMIZERS)} (gd: full batch)")
+]
+
+
 @app.command()
 def sweep(
     task: Annotated[
@@ -607,15 +642,13 @@ def sweep(
     hidden: Annotated[
         str | None, typer.Option(help="with --data: hidden widths, e.g. 128,128 (default 128)")
     ] = None,
-    method: Annotated[str, typer.Option(help=f"some of {', '.join(METHODS)}")] = "plain",
-    strength: Annotated[str, typer.Option(help="strengths of penalty/exact/weight-decay")] = "1.0",
-    lr: Annotated[str, typer.Option(help="learning rates")] = "0.1",
-    init_imbalance: Annotated[str, typer.Option(help="initial imbalances s")] = "0.0",
-    optimizer: Annotated[
-        str, typer.Option(help=f"some of {', '.join(OPTIMIZERS)} (gd: full batch)")
-    ] = "gd",
+    method: Methods = "plain",
+    strength: Strengths = "1.0",
+    lr: Annotated[str, typer.Option(help="comma-separated learning rates")] = "0.1",
+    init_imbalance: InitImbalances = "0.0",
+    optimizer: OptimizerNames = "gd",
     batch_size: Annotated[int, typer.Option(min=0, help="mini-batch size (0: full)")] = 0,
-    steps: Annotated[int, typer.Option(min=1)] = 200,
+    steps: Annotated[int, typer.Option(min=1, help="training steps per run")] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1")] = 1,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("gaugefix-results"),
     jobs: Annotated[int | None, typer.Option(min=1, help=JOBS_HELP)] = None,
@@ -721,6 +754,11 @@ def _refuse_large(spec: TaskSpec, example: RunConfig, runs: int, workers: int) -
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="results directory")]) -> None:
     """Re-render report.md, the figures and summary.json from OUT's store."""
+    if not (out / STORE_NAME).exists():
+        raise _fail(
+            f"no store at {out / STORE_NAME}: `gaugefix sweep --out {out}` or `gaugefix "
+            f"reproduce --out {out}` makes one"
+        )
     try:
         summary = _render(out)
     except (StoreError, OutputError) as err:

@@ -253,9 +253,8 @@ class GaugeStructure:
             count = kinds.get(name, Counter())
             shown = ", ".join(f"{count[k]} {k}" for k in KINDS if count[k])
             note = "; ".join(([shown] if shown and set(count) != {"neuron"} else []) + notes[name])
-            lines.append(
-                f"{name:<{width}}  {gauged.get(name, 0):>8}  {sum(count.values()):>10}  {note}"
-            )
+            row = f"{name:<{width}}  {gauged.get(name, 0):>8}  {sum(count.values()):>10}  {note}"
+            lines.append(row.rstrip())  # a row without notes ends at its count
         lines.append("-" * max(len(head), 60))
         by_kind = ", ".join(f"{v} {k}" for k, v in self.kind_counts().items())
         lines.append(
