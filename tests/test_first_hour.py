@@ -189,6 +189,19 @@ def test_summary_rows_without_notes_end_at_their_count():
     assert all(line == line.rstrip() for line in lines)
 
 
+@pytest.mark.parametrize(
+    "hidden, total",
+    [
+        (1, "1 generator (1 neuron) over 3 parameters; 1 producing channel excluded"),
+        (2, "2 generators (2 neuron) over 3 parameters; 2 producing channels excluded"),
+    ],
+)
+def test_summary_total_counts_in_the_singular_and_plural(hidden, total):
+    """The total said "1 producing channels excluded" (and "1 generators")."""
+    model = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+    assert gaugefix.discover(model, torch.randn(2, 3)).summary().splitlines()[-1] == total
+
+
 def test_report_without_a_store_says_which_command_makes_one(tmp_path):
     out = tmp_path / "results"
     result = cli.invoke(app, ["report", str(out)])

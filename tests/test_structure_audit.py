@@ -507,8 +507,9 @@ def test_reported_counts_match_the_terms(name):
     rows = lines[2 : lines.index(lines[1], 2)]
     assert sum(int(line.split(None, 3)[2]) for line in rows) == s.num_generators
     excluded = sum(len(e.channels) for e in s.excluded)
-    assert f"{s.num_generators} generators" in lines[-1 - len(s.notes)]
-    assert f"{excluded} producing channels excluded" in lines[-1 - len(s.notes)]
+    plural = {n: "" if n == 1 else "s" for n in (s.num_generators, excluded)}
+    assert f"{s.num_generators} generator{plural[s.num_generators]} (" in lines[-1 - len(s.notes)]
+    assert f"{excluded} producing channel{plural[excluded]} excluded" in lines[-1 - len(s.notes)]
     with pytest.raises(TypeError):
         s.generator(0.5)
 

@@ -258,8 +258,9 @@ class GaugeStructure:
         lines.append("-" * max(len(head), 60))
         by_kind = ", ".join(f"{v} {k}" for k, v in self.kind_counts().items())
         lines.append(
-            f"{self.num_generators} generators ({by_kind or 'none'}) over {len(self.params)} "
-            f"parameters; {excluded} producing channels excluded"
+            f"{_counted(self.num_generators, 'generator')} ({by_kind or 'none'}) over "
+            f"{_counted(len(self.params), 'parameter')}; "
+            f"{_counted(excluded, 'producing channel')} excluded"
         )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -651,6 +652,11 @@ class GaugeStructure:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)}: {err}") from None
+
+
+def _counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 (``"1 generator"``, ``"2 generators"``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _generator_index(n: Any) -> int:
