@@ -5,7 +5,9 @@ a GPU's queue), on the CPU with a ``TorchDispatchMode``, the kernels taking thei
 parameter, a number of operations that grows with depth and costs no launch there. AdamW takes
 its GPU layout too: its ``foreach`` implementation, torch's default for CUDA tensors (on CPU
 tensors it defaults to a loop over the parameters, about ten operations each).
-``Tensor.tolist`` does not dispatch, so its calls are counted apart."""
+``Tensor.tolist`` does not dispatch, so its calls are counted apart. Views (:data:`VIEW_OPS`)
+dispatch but launch no kernel: they are counted, and reported, apart from the launching
+operations."""
 
 from __future__ import annotations
 
@@ -24,11 +26,29 @@ import gaugefix
 from gaugefix import kernels, zoo
 
 HOST_READS = ("aten._local_scalar_dense", "Tensor.tolist")
+# The aten operations that make a view of their input (new sizes and strides over its storage)
+# or change its metadata in place: no kernel is launched for them. Every one returns an alias
+# of its input per its schema (``Tensor(a)``) or carries ``torch.Tag.inplace_view``, except
+# ``_unsafe_view`` (``reshape``'s view of a fresh tensor, whose schema declares no alias).
+VIEW_OPS = frozenset(
+    f"aten.{name}"
+    for name in (
+        "view", "_unsafe_view", "_reshape_alias", "reshape", "expand", "split",
+        "split_with_sizes", "unbind", "select", "slice", "narrow", "t", "transpose",
+        "permute", "squeeze", "unsqueeze", "as_strided", "alias", "detach", "lift_fresh",
+        "diagonal", "unflatten", "view_as", "t_", "transpose_", "squeeze_", "unsqueeze_",
+        "as_strided_",
+    )
+)  # fmt: skip
+# The profiler's marks around ``optimizer.step()`` (``torch.autograd.profiler.record_function``):
+# dispatched, no kernel launched either.
+MARKS = frozenset({"profiler._record_function_enter_new", "profiler._record_function_exit"})
 TOKENS = 32
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched inside it, by name, and ``Tensor.tolist`` calls."""
+    """Counts the aten operations dispatched inside it, by name, and ``Tensor.tolist`` calls;
+    :attr:`launching` and :attr:`views` split :attr:`total`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,6 +77,17 @@ class OpCounter(TorchDispatchMode):
     def total(self) -> int:
         """The aten operations (host reads included, ``tolist`` calls not)."""
         return sum(n for name, n in self.ops.items() if name != "Tensor.tolist")
+
+    @property
+    def views(self) -> int:
+        """The views among :attr:`total` (:data:`VIEW_OPS`): no kernel launched."""
+        return sum(n for name, n in self.ops.items() if name in VIEW_OPS)
+
+    @property
+    def launching(self) -> int:
+        """The operations of :attr:`total` that launch a kernel on a GPU: all but the views and
+        the profiler's marks (:data:`MARKS`)."""
+        return self.total - self.views - sum(self.ops[name] for name in MARKS)
 
     @property
     def host_reads(self) -> int:
@@ -98,26 +129,31 @@ def counted_step(
 
 
 def counts(model: nn.Module, vocab: int) -> dict:
-    """The operations and host reads of a plain AdamW step, what an exact orbit step and a
-    penalty gradient add to it, and those of ``imbalance_stats``, in the GPU layout.
-    ``plain_step`` leaves out AdamW's host reads: those of its step counters, which it keeps on
-    the CPU on a GPU too (no launch, no wait for the GPU's queue)."""
+    """The launching operations (:attr:`OpCounter.launching`) and host reads of a plain AdamW
+    step, what an exact orbit step and a penalty gradient add to it, and those of
+    ``imbalance_stats``, in the GPU layout; the views (``*_views``) and all operations
+    (``*_total``) apart. ``plain_step`` leaves out AdamW's host reads: those of its step
+    counters, which it keeps on the CPU on a GPU too (no launch, no wait for the GPU's queue)."""
     structure = gaugefix.discover(model, torch.randint(0, vocab, (1, TOKENS)))
     plain = counted_step(model, structure, vocab, None)
     row = {
         "generators": structure.num_generators,
-        "plain_step": plain.total - plain.host_reads,
+        "plain_step": plain.launching - plain.host_reads,
+        "plain_step_views": plain.views,
         "plain_step_host_reads": plain.host_reads,
     }
     for mode in ("exact", "penalty"):
         fixed = counted_step(model, structure, vocab, mode)
-        row[f"{mode}_added"] = fixed.total - plain.total
+        row[f"{mode}_added"] = fixed.launching - plain.launching
+        row[f"{mode}_views_added"] = fixed.views - plain.views
+        row[f"{mode}_total_added"] = fixed.total - plain.total
         row[f"{mode}_host_reads_added"] = fixed.host_reads - plain.host_reads
     gaugefix.imbalance_stats(model, structure)  # builds the plan, once per structure
     stats = OpCounter()
     with gpu_layout_on_cpu(), stats:
         gaugefix.imbalance_stats(model, structure)
-    row["imbalance_stats"], row["imbalance_stats_host_reads"] = stats.total, stats.host_reads
+    row["imbalance_stats"], row["imbalance_stats_views"] = stats.launching, stats.views
+    row["imbalance_stats_host_reads"] = stats.host_reads
     return row
 
 
@@ -153,11 +189,13 @@ def run(tiny: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     for family, layers, make, vocab in cases(tiny):
         row = {"family": family, "layers": layers, **counts(make(), vocab)}
         log(
-            f"  {family}, {layers} layers: AdamW step {row['plain_step']} ops; exact orbit step "
-            f"+{row['exact_added']} ops, +{row['exact_host_reads_added']} reads; penalty "
-            f"+{row['penalty_added']} ops, +{row['penalty_host_reads_added']} reads; "
-            f"imbalance_stats {row['imbalance_stats']} ops, {row['imbalance_stats_host_reads']} "
-            "read(s)"
+            f"  {family}, {layers} layers (launching ops + views): AdamW step "
+            f"{row['plain_step']} + {row['plain_step_views']}; exact orbit step "
+            f"+{row['exact_added']} + {row['exact_views_added']}, "
+            f"+{row['exact_host_reads_added']} reads; penalty +{row['penalty_added']} + "
+            f"{row['penalty_views_added']}, +{row['penalty_host_reads_added']} reads; "
+            f"imbalance_stats {row['imbalance_stats']} + {row['imbalance_stats_views']}, "
+            f"{row['imbalance_stats_host_reads']} read(s)"
         )
         rows.append(row)
     return rows

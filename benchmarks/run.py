@@ -114,6 +114,11 @@ def choose_threads(requested: int, log) -> dict:
     }
 
 
+def _views(case: dict, key: str) -> str:
+    """``", and N views"`` for an item-8 row that counted its views (no kernel launched)."""
+    return f", and {case[key]} views" if key in case else ""
+
+
 def evaluate(results: dict) -> list[dict]:
     """One row per figure: the measured figure, its target (``None`` for figures reported for
     information) and whether it is met."""
@@ -216,12 +221,14 @@ def evaluate(results: dict) -> list[dict]:
         name = f"{case['family']}, {case['layers']} layers"
         deepest = case["layers"] == max(r["layers"] for r in op_rows)
         for mode, what in (("exact", "an exact orbit step"), ("penalty", "a penalty gradient")):
-            add("8", f"{name}: aten ops {what} adds to AdamW's step ({case['plain_step']} ops)",
+            add("8", f"{name}: launching aten ops {what} adds to AdamW's step "
+                f"({case['plain_step']}){_views(case, f'{mode}_views_added')}",
                 case[f"{mode}_added"], case["plain_step"] if deepest else None, "max",
                 unit="n")  # fmt: skip
             add("8", f"{name}: host reads {what} adds", case[f"{mode}_host_reads_added"],
                 TARGETS["host_reads"], "max", unit="n")  # fmt: skip
-        add("8", f"{name}: aten ops of imbalance_stats", case["imbalance_stats"],
+        add("8", f"{name}: launching aten ops of imbalance_stats"
+            f"{_views(case, 'imbalance_stats_views')}", case["imbalance_stats"],
             TARGETS["stats_ops"], "max", unit="n")  # fmt: skip
     for family in dict.fromkeys(r["family"] for r in op_rows):
         rows_of = sorted((r for r in op_rows if r["family"] == family), key=lambda r: r["layers"])
@@ -417,7 +424,12 @@ NOTES = [
     "it defaults to a loop over the parameters, about ten operations each), with GaugeFixing "
     "acting at every step against without; AdamW's own count leaves out the host reads of its "
     "step counters, which it keeps on the CPU on a GPU too; a torch._foreach_*"
-    " call over any number of tensors, or one index_add_, counts as one; host reads are "
+    " call over any number of tensors, or one index_add_, counts as one. Launching ops leave "
+    "out the views (benchmarks/opcount.VIEW_OPS: view, reshape, expand, split, unbind, "
+    "squeeze and the like, which make a new view of a tensor's storage and launch no "
+    "kernel), counted apart ('and N views'), and the profiler's two marks around a step; "
+    "AdamW's own launching ops in brackets (9, and 1 view: 12 operations counted whole). "
+    "Host reads are "
     "_local_scalar_dense (item, bool, float) and Tensor.tolist calls. On a GPU each operation "
     "is about one kernel launch and each host read drains the queue: the counts are taken in "
     "the kernels' GPU layout on CPU tensors (benchmarks/opcount.gpu_layout_on_cpu), where they "

@@ -58,6 +58,7 @@ __all__ = [
     "trailing_sum_of_squares",
     "flat_cat",
     "generator_sums",
+    "paired_generator_sums",
     "stacked_sums",
     "sums_per_parameter",
     "add_squares_",
@@ -379,6 +380,37 @@ def generator_sums(
     gradient is recorded or under ``torch.compile`` (which fuses them), otherwise parameter by
     parameter (:func:`sums_per_parameter`); both then take one ``index_add_``."""
     n = structure.num_generators
+    sums = _sums_buffer(tensors, structure, dtype, batch_dims, result_dtype)
+    s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
+    return s_in, s_out, total.squeeze(-1)
+
+
+def paired_generator_sums(
+    tensors: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    dtype: torch.dtype,
+    batch_dims: int = 0,
+    result_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(S, ||theta||^2)``: the sums of :func:`generator_sums` with ``S_in`` and ``S_out`` as
+    one view ``S`` ``[*batch, 2, N]`` (``S[..., 0, :] = S_in``), an operation on both at once
+    (a ``torch.where``) then being one."""
+    n = structure.num_generators
+    sums = _sums_buffer(tensors, structure, dtype, batch_dims, result_dtype)
+    pair, total = sums.split([2 * n, 3], -1)
+    return pair.unflatten(-1, (2, n)), total[..., -1]
+
+
+def _sums_buffer(
+    tensors: Mapping[str, Tensor],
+    structure: GaugeStructure,
+    dtype: torch.dtype,
+    batch_dims: int,
+    result_dtype: torch.dtype | None,
+) -> Tensor:
+    """The buffer ``[*batch, S_in (N), S_out (N), dummy_in, dummy_out, ||theta||^2]`` of
+    :func:`generator_sums`, summed over the shards and cast to ``result_dtype``."""
+    n = structure.num_generators
     first = next(iter(tensors.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     batch = tuple(first.shape[:batch_dims]) if first is not None else ()
@@ -392,10 +424,7 @@ def generator_sums(
             values = sums_per_parameter(tensors, plan, dtype, batch)
         sums.index_add_(-1, plan.index, values)
     (sums,) = structure.sum_over_shards(sums)
-    if result_dtype is not None:
-        sums = sums.to(result_dtype)
-    s_in, s_out, _, total = sums.split([n, n, 2, 1], -1)
-    return s_in, s_out, total.squeeze(-1)
+    return sums if result_dtype is None else sums.to(result_dtype)
 
 
 def stacked_sums(

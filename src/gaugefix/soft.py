@@ -42,6 +42,7 @@ from gaugefix.kernels import (
     add_selection_grads_,
     generator_sums,
     kernel_plan,
+    paired_generator_sums,
     row_norms,
     stacked,
     term_values,
@@ -405,7 +406,6 @@ def relax_unchecked_(
     if not params or n == 0:
         finite = torch.tensor(all_finite(list(params.values())))
         return torch.zeros(n, dtype=torch.float64), finite if ok is None else finite & ok
-    rate = torch.as_tensor(rate, dtype=torch.float64) if isinstance(rate, Tensor) else rate
     tensors, local = local_view(params, structure)  # this process's slices under FSDP2
     h, moved = orbit_step(tensors, local, rate, ok=ok)
     if check_range:
@@ -445,18 +445,19 @@ def orbit_step(
     batch = tuple(next(iter(tensors.values())).shape[:batch_dims])
     dtypes = {t.dtype for t in tensors.values()}  # the sums' dtype and the dead band's, one pass
     dtype = accumulation_dtype_of(dtypes)
-    s_in, s_out, norm_sq = generator_sums(tensors, structure, dtype, batch_dims, torch.float64)
-    zero = kernel_plan(structure, s_in.device).zero  # a device constant: no operation per step
+    sides, norm_sq = paired_generator_sums(tensors, structure, dtype, batch_dims, torch.float64)
+    zero = kernel_plan(structure, sides.device).zero  # a device constant: no operation per step
     finite = norm_sq < math.inf  # a sum of squares: NaN compares false
     finite = finite if ok is None else finite & ok
-    live = torch.minimum(s_in, s_out) > 0
-    mu = torch.where(live, s_in - s_out, zero)
+    live = sides.amin(-2) > 0  # NaN propagates, and compares false
+    s_in, s_out = torch.where(live[..., None, :], sides, zero).unbind(-2)  # 0 where not live
+    mu = s_in - s_out
     rate, per_generator = _step_rate(rate, mu, batch, batch_dims)
     h = mu * -(rate[..., None] if batch and not per_generator else rate)
     k = max(2, structure.most_terms())
-    searched = finite & (h != 0).any(-1)
+    searched = finite & h.any(-1)  # NaN counts as nonzero, as -0.0 does not
     if not per_generator:
-        s_max = torch.where(live, s_in + s_out, zero).amax(-1) if n else mu.new_zeros(batch)
+        s_max = (s_in + s_out).amax(-1) if n else mu.new_zeros(batch)
         mu_max = torch.linalg.vector_norm(mu, math.inf, -1)  # max |mu_n|
         bound = k * rate * s_max * torch.exp(2 * k * rate * mu_max)
         searched = searched & (bound > 0.5)
