@@ -621,3 +621,20 @@ def test_orbit_step_takes_a_float_rate_and_an_ok_flag(dtype, rate):
     _, moved = gaugefix.soft.relax_unchecked_(structure, params, rate, None, ok=~ok)
     assert not bool(moved)
     assert all(torch.equal(before[name], p) for name, p in params.items())
+
+
+@pytest.mark.parametrize("rate", [1e-3, 3.0])  # the cheap bound's step, and the bounded search
+def test_orbit_step_takes_a_float_rate_for_a_stack_of_copies(rate):
+    """With ``batch_dims=1`` a float rate is every copy's rate: bit for bit the step at that rate
+    as a ``[R]`` float64 tensor (it raised ``TypeError``: 'float' object is not subscriptable)."""
+    model, *_, structure = setup(dtype=torch.float64)
+    params = structure.bind(model)
+    gen = torch.Generator().manual_seed(3)
+    stack = {name: p.detach() * (1 + torch.rand(3, *p.shape, generator=gen, dtype=p.dtype))
+             for name, p in params.items()}  # fmt: skip
+    rates = torch.full((3,), rate, dtype=torch.float64)
+    as_tensor = gaugefix.soft.orbit_step(stack, structure, rates, batch_dims=1)
+    as_float = gaugefix.soft.orbit_step(stack, structure, rate, batch_dims=1)
+    assert as_tensor[0].shape == (3, structure.num_generators) and as_tensor[0].abs().max() > 0
+    for a, b in zip(as_tensor, as_float, strict=True):
+        assert torch.equal(a, b)

@@ -453,7 +453,9 @@ def orbit_step(
     s_in, s_out = torch.where(live[..., None, :], sides, zero).unbind(-2)  # 0 where not live
     mu = s_in - s_out
     rate, per_generator = _step_rate(rate, mu, batch, batch_dims)
-    h = mu * -(rate[..., None] if batch and not per_generator else rate)
+    h = mu * -(
+        rate[..., None] if isinstance(rate, Tensor) and batch and not per_generator else rate
+    )
     k = max(2, structure.most_terms())
     searched = finite & h.any(-1)  # NaN counts as nonzero, as -0.0 does not
     if not per_generator:
