@@ -22,7 +22,7 @@ import torch.distributed as dist
 from scipy import optimize, sparse
 from torch import Tensor, nn
 
-from gaugefix.action import check_finite_params, check_transport, move_
+from gaugefix.action import Optimizers, check_finite_params, check_transport, move_
 from gaugefix.distributed import (
     OPTIMIZER,
     agreed,
@@ -698,7 +698,7 @@ def balance_(
     structure: GaugeStructure,
     tol: float = 1e-10,
     max_iter: int = 50,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> BalanceResult:
     """Move ``model`` in place to the minimal-norm point of its gauge orbit, where ``mu = 0``.
 

@@ -48,7 +48,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
-from gaugefix.action import check_finite_params, check_transport, move_
+from gaugefix.action import Optimizers, check_finite_params, check_transport, move_
 from gaugefix.balancing import (
     balance_,
     check_tolerances,
@@ -871,7 +871,7 @@ def equalize_(
     weights: Iterable[str] | None = None,
     tol: float = 1e-10,
     max_iter: int = 1000,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> EqualizeResult:
     """Move ``model`` in place along its gauge orbit (function unchanged) to the point that
     minimises ``objective``: ``"range"`` (data-free weight-range equalization), ``"activation"``
@@ -943,7 +943,7 @@ def _balanced(
     keep: Tensor,
     tol: float,
     max_iter: int,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizers,
 ) -> EqualizeResult:
     """``"norm"``: :func:`gaugefix.balance_` on the generators ``keep`` selects (``active``),
     reported on all of them."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import (
+    Optimizers,
     all_finite,
     check_finite_params,
     check_transport,
@@ -292,7 +293,7 @@ def relax_(
     model: nn.Module,
     structure: GaugeStructure,
     rate: float | Tensor,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers = None,
 ) -> Tensor:
     """One exact, bounded step along the gauge orbits: ``apply_gauge_(model, g(h))`` with
     ``h = -rate * mu``, and return ``h`` (float64, ``[num_generators]``).
@@ -352,7 +353,7 @@ def relax_(
 def _checked_rate(
     rate: float | Tensor,
     structure: GaugeStructure,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizers,
     params: dict[str, Tensor],
 ) -> float | Tensor:
     """``rate`` checked (:func:`check_rate`); ``ValueError`` also unless ``optimizer``'s
@@ -385,7 +386,7 @@ def relax_unchecked_(
     structure: GaugeStructure,
     params: dict[str, Tensor],
     rate: float | Tensor,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizers,
     check_range: bool = False,
     ok: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
