@@ -453,10 +453,7 @@ def orbit_step(
     live = sides.amin(-2) > 0  # NaN propagates, and compares false
     s_in, s_out = torch.where(live[..., None, :], sides, zero).unbind(-2)  # 0 where not live
     mu = s_in - s_out
-    rate, per_generator = _step_rate(rate, mu, batch, batch_dims)
-    h = mu * -(
-        rate[..., None] if isinstance(rate, Tensor) and batch and not per_generator else rate
-    )
+    h, rate, per_generator = _first_step(rate, mu, batch, batch_dims)
     k = max(2, structure.most_terms())
     searched = finite & h.any(-1)  # NaN counts as nonzero, as -0.0 does not
     if not per_generator:
@@ -480,18 +477,20 @@ def orbit_step(
     return _dead_band(flat.view(*batch, n), dtypes), finite
 
 
-def _step_rate(
+def _first_step(
     rate: Tensor | float, mu: Tensor, batch: tuple[int, ...], batch_dims: int
-) -> tuple[Tensor | float, bool]:
-    """``(rate, per_generator)`` for :func:`orbit_step`: a float as it is (one rate for every
-    copy: multiplied as a number, no tensor made for it), a tensor in float64 on ``mu``'s
-    device, expanded to the ``batch`` dims."""
+) -> tuple[Tensor, Tensor | float, bool]:
+    """``(h, rate, per_generator)`` for :func:`orbit_step`: the step ``h = -rate mu``
+    (``[*batch, N]``) and the rate it took, a float as it is (one rate for every copy:
+    multiplied as a number, no tensor made for it), a tensor in float64 on ``mu``'s device,
+    expanded to the ``batch`` dims."""
     if not isinstance(rate, Tensor):
-        return float(rate), False
+        return mu * -float(rate), float(rate), False
     rate = rate.to(device=mu.device, dtype=torch.float64)
     if batch:
         rate = rate.expand(*batch, *rate.shape[batch_dims:])
-    return rate, rate.dim() > len(batch)
+    per_generator = rate.dim() > len(batch)
+    return mu * -(rate[..., None] if batch and not per_generator else rate), rate, per_generator
 
 
 def _dead_band(h: Tensor, dtypes: Collection[torch.dtype]) -> Tensor:
