@@ -20,25 +20,13 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
+from test_solver_audit import WIDTHS, linears, mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 D = torch.float64
 TOL = 1e-10
 EXACT = 1e-10  # function, relative (float64)
-WIDTHS = [4, 6, 5, 2]
-
-
-def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for a, b in zip(WIDTHS[:-1], WIDTHS[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1]).to(D)
-
-
-def linears(model: nn.Sequential) -> list[nn.Linear]:
-    return [m for m in model if isinstance(m, nn.Linear)]
 
 
 def hand_logs(model: nn.Sequential) -> tuple[Tensor, Tensor]:
@@ -64,7 +52,7 @@ def residual_rounding(model: nn.Sequential) -> float:
 def extreme(seed: int = 0) -> nn.Sequential:
     """The first layer times ``1e150``, the second times ``1e-150``: squares still in float64,
     fourth powers not."""
-    model = mlp(seed)
+    model = mlp(WIDTHS, seed)
     with torch.no_grad():
         model[0].weight.mul_(1e150)
         model[0].bias.mul_(1e150)
@@ -75,7 +63,7 @@ def extreme(seed: int = 0) -> nn.Sequential:
 def subnormal_row(seed: int = 0) -> nn.Sequential:
     """Hidden neuron 0 of the second layer (generator 6) reads its inputs through the least
     subnormal ``5e-324``: alive, its incoming range ``1e+323`` below its outgoing one."""
-    model = mlp(seed)
+    model = mlp(WIDTHS, seed)
     with torch.no_grad():
         model[2].weight[0, :] = 5e-324
     return model

@@ -27,82 +27,26 @@ from torch import Tensor, nn
 
 import gaugefix
 from architectures import rel_change
+from test_tracer_spellings import (
+    BATCH,
+    CHANNELS,
+    DTYPE,
+    EPS,
+    LENGTH,
+    MOMENTUM,
+    MOVED,
+    SCALE,
+    TOL,
+    assigned,
+    change_under,
+    inputs,
+    model,
+    run,
+    traces_as,
+    zero,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-DTYPE = torch.float64
-TOL = 1e-12
-MOVED = 1e-3  # an output change that no rounding explains
-SCALE = 2.0
-CHANNELS, LENGTH = 4, 3
-BATCH = 5
-OTHER_BATCHES = (2, 7)
-EPS = 1e-5
-MOMENTUM = 0.1
-
-
-class Net(nn.Module):
-    """``head(f(self, h, x))`` with ``h = relu(stem(x))`` viewed ``[batch, CHANNELS, LENGTH]``;
-    ``f`` may read the gains ``wc, bc [CHANNELS]`` and ``w, b [LENGTH]`` and the running
-    statistics ``mean, var [CHANNELS]`` (buffers)."""
-
-    def __init__(self, f) -> None:
-        super().__init__()
-        self.f = f
-        self.stem = nn.Linear(4, CHANNELS * LENGTH)
-        self.wc = nn.Parameter(torch.rand(CHANNELS) + 0.5)
-        self.bc = nn.Parameter(torch.randn(CHANNELS))
-        self.w = nn.Parameter(torch.rand(LENGTH) + 0.5)
-        self.b = nn.Parameter(torch.randn(LENGTH))
-        self.register_buffer("mean", torch.randn(CHANNELS))
-        self.register_buffer("var", torch.rand(CHANNELS) + 0.5)
-        self.head = nn.Linear(CHANNELS * LENGTH, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.stem(x)).view(x.shape[0], CHANNELS, LENGTH)
-        return self.head(self.f(self, h, x).reshape(x.shape[0], -1))
-
-
-def model(f) -> Net:
-    torch.manual_seed(0)
-    return Net(f).to(DTYPE)
-
-
-def inputs(batch: int = BATCH) -> Tensor:
-    return torch.randn(batch, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(batch))
-
-
-def run(net: nn.Module, x: Tensor) -> Tensor:
-    """``net(x)`` on a copy of the buffers (training-mode norms update them)."""
-    saved = [(b, b.clone()) for b in net.buffers()]
-    with torch.no_grad():
-        out = net(x)
-        for b, value in saved:
-            b.copy_(value)
-    return out
-
-
-def change_under(net: Net, s: gaugefix.GaugeStructure) -> float:
-    """The largest relative output change of ``net`` under a random gauge of ``s``, at the
-    example and at other batch sizes."""
-    xs = [inputs(), *(inputs(n) for n in OTHER_BATCHES)]
-    before = [run(net, x) for x in xs]
-    assert all(bool(b.isfinite().all()) for b in before)
-    gaugefix.random_gauge_(net, s, SCALE, torch.Generator().manual_seed(1))
-    return max(rel_change(b, run(net, x)) for b, x in zip(before, xs, strict=True))
-
-
-def traces_as(reference, spelling) -> None:
-    """``spelling`` computes what ``reference`` does, and its discovery finds as many
-    generators (some), exact under a random gauge."""
-    expected_net, net = model(reference), model(spelling)
-    x = inputs()
-    assert rel_change(run(expected_net, x), run(net, x)) <= TOL
-    expected = gaugefix.discover(expected_net, x).num_generators
-    s = gaugefix.discover(net, x)
-    assert expected > 0
-    assert s.num_generators == expected, s.summary()
-    assert change_under(net, s) <= TOL, s.summary()
 
 
 def still_blocks(reference, f) -> None:
@@ -119,11 +63,6 @@ def still_blocks(reference, f) -> None:
 
 
 # --- zeros written where no rescaled value says -------------------------------------------
-def assigned(h: Tensor, index, value) -> Tensor:
-    h[index] = value
-    return h
-
-
 def channels() -> Tensor:
     return torch.tensor([0, 2])
 
@@ -133,10 +72,6 @@ def keep(dim: int, where: list[int], size: int) -> Tensor:
     k = torch.ones(size, dtype=DTYPE)
     k[where] = 0
     return k.view(*([1] * dim), size, *([1] * (2 - dim)))
-
-
-def zero(h: Tensor) -> Tensor:
-    return torch.zeros((), dtype=h.dtype)
 
 
 def first_rows(x: Tensor) -> Tensor:
