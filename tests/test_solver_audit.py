@@ -574,7 +574,8 @@ def test_coordinates_refuse_a_dead_generator_by_default_model_untouched():
 
 
 class Cycle(nn.Module):
-    """One ``Linear`` applied twice: its output channel ``j`` shares the factor of ``a``'s."""
+    """``out(relu(loop(relu(loop(relu(a(x)))))))``: ``loop.weight[i, j]`` carries ``h_i -
+    h_j``, ``a.weight[i]`` ``+h_i``, ``out.weight[:, j]`` ``-h_j``."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
-from test_solver_audit import WIDTHS, linears, mlp
+from test_solver_audit import WIDTHS, Cycle, linears, mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -136,19 +136,6 @@ def test_balance_keeps_extreme_models_exact(make):
     rel = float(((s_in - s_out).abs() / (s_in + s_out)).max())
     assert result.converged and rel <= 10 * TOL and math.isfinite(result.norm_sq_after)
     assert result.dead_generators.numel() == 0
-
-
-class Cycle(nn.Module):
-    """``out(relu(loop(relu(loop(relu(a(x)))))))``: ``loop.weight[i, j]`` carries ``h_i -
-    h_j``, ``a.weight[i]`` ``+h_i``, ``out.weight[:, j]`` ``-h_j``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.loop, self.out = nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.loop(torch.relu(self.a(x))))
-        return self.out(torch.relu(self.loop(h)))
 
 
 def open_pair() -> Cycle:

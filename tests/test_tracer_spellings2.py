@@ -34,7 +34,6 @@ from test_tracer_spellings import (
     EPS,
     LENGTH,
     MOMENTUM,
-    MOVED,
     SCALE,
     TOL,
     assigned,
@@ -42,24 +41,12 @@ from test_tracer_spellings import (
     inputs,
     model,
     run,
+    still_blocks,
     traces_as,
     zero,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def still_blocks(reference, f) -> None:
-    """The gauge ``reference`` allows moves the outputs of ``f``; the structure of ``f`` has
-    fewer generators and keeps them."""
-    x = inputs()
-    allowed = gaugefix.discover(model(reference), x)
-    net = model(f)
-    assert change_under(net, allowed) > MOVED
-    net = model(f)
-    s = gaugefix.discover(net, x)
-    assert s.num_generators < allowed.num_generators, s.summary()
-    assert change_under(net, s) <= TOL, s.summary()
 
 
 # --- zeros written where no rescaled value says -------------------------------------------
