@@ -211,3 +211,95 @@ def test_report_without_a_store_says_which_command_makes_one(tmp_path):
         f"`gaugefix reproduce --out {out}` makes one",
     )
     assert not out.exists()
+
+
+def _gpt2() -> nn.Module:
+    """A GPT-2 of 2 blocks of width 16 and 50 tokens (transformers)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_another_models_weights_say_so_in_one_line(tmp_path, monkeypatch):
+    """An MLP's weights for a transformers GPT-2 read '0.bias, 0.weight, 2.bias and 1 more not
+    in the model (named as transformers' conversion of the checkpoint layout names them)'."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    weights, out = tmp_path / "net.pt", tmp_path / "out.pt"
+    torch.save(gaugefix.zoo.mlp().state_dict(), weights)
+    names = len(_gpt2().state_dict())
+    result = cli.invoke(
+        app,
+        ["balance", "--model", "tests.test_first_hour:_gpt2", "--weights", str(weights)]
+        + ["--out", str(out), "--input-ids", "1,8", "--vocab", "50"],
+    )
+    _one_line(
+        result,
+        "the file may hold another model's weights: 6 of its 6 names are not in the model "
+        "(0.bias, 0.weight, 2.bias and 3 more), ",
+        f"and {names} of the model's {names} are missing from it (transformer.wte.weight, ",
+    )
+    assert not out.exists()
+
+
+def test_a_built_in_model_with_another_models_weights_says_so(tmp_path):
+    weights, out = tmp_path / "cnn.pt", tmp_path / "out.pt"
+    torch.save(gaugefix.zoo.cnn().state_dict(), weights)
+    result = cli.invoke(
+        app, ["balance", "--model", "mlp", "--weights", str(weights), "--out", str(out)]
+    )
+    _one_line(result, "the file may hold another model's weights: ", " names are not in the model")
+    assert not out.exists()
+
+
+def test_a_file_lacking_most_of_the_models_names_says_so():
+    """One layer's weights of three read '2.weight, 2.bias, 4.weight and 1 more missing'."""
+    from gaugefix.checkpoint import balance_state_dict
+
+    model = gaugefix.zoo.mlp()
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
+    with pytest.raises(CheckpointError) as err:
+        balance_state_dict(model, state, torch.zeros(1, 16))
+    assert str(err.value) == (
+        "the weights do not fit the model, and the file may hold another model's weights: 0 of "
+        "its 2 names are not in the model, and 4 of the model's 6 are missing from it (2.weight, "
+        "2.bias, 4.weight and 1 more)"
+    )
+
+
+def test_one_name_amiss_keeps_the_conversion_wording():
+    """A save_pretrained checkpoint with one name too many is not another model's."""
+    from gaugefix.checkpoint import balance_state_dict
+
+    model = _gpt2()
+    state = {**model.state_dict(), "transformer.nonsense.weight": torch.zeros(2)}
+    with pytest.raises(CheckpointError) as err:
+        balance_state_dict(model, state, torch.zeros(1, 8, dtype=torch.int64))
+    assert str(err.value) == (
+        "the weights do not fit the model: transformer.nonsense.weight not in the model (named "
+        "as transformers' conversion of the checkpoint layout names them)"
+    )
+
+
+def test_inspect_of_a_causal_lm_prints_no_note_on_a_cache_it_did_not_ask_for(monkeypatch):
+    """``inspect`` called a transformers causal LM with its default ``use_cache=True`` and printed
+    a note that the output holds a ``DynamicCache``; the structure is the same without it."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers before 5 returns caches as tuples, which are outputs")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    result = cli.invoke(
+        app, ["inspect", "tests.test_first_hour:_gpt2", "--input-ids", "1,8", "--vocab", "50"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "DynamicCache" not in result.output and "note:" not in result.output
+    ids = torch.randint(50, (1, 8), generator=torch.Generator().manual_seed(0))
+    cached = gaugefix.discover(_gpt2().eval(), ids)
+    assert any("DynamicCache" in note for note in cached.notes)  # the note is true there
+    summary = "\n".join(line for line in cached.summary().splitlines() if "note:" not in line)
+    assert result.output.splitlines()[1:] == summary.splitlines()
+    uncached = gaugefix.discover(_gpt2().eval(), ids, use_cache=False)
+    assert {**cached.to_dict(), "notes": []} == {**uncached.to_dict(), "notes": []}

@@ -624,6 +624,9 @@ def _storage_key(t: Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
+# More than this fraction of a file's names not in the model (or of the model's missing from
+# the file): the file is likely another model's.
+FOREIGN_FRACTION = 0.5
 # The floating dtypes a weights file may hold: float8's have no isfinite, and rounding to them
 # would keep no digit of the function.
 BALANCED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -673,21 +676,52 @@ def _check_fits(name: str, value: Tensor, t: Tensor) -> None:
         raise CheckpointError(f"{name} holds {bad} non-finite entries (NaN or inf)")
 
 
-def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``tensors`` checked against the model's state dict: the same names (a name the model ties
-    to another, sharing its storage, may be left out, as safetensors files do), shapes, kinds
-    (floating or not), dtypes of :data:`BALANCED_DTYPES` and finite values. Returns them with
-    the tied names filled in."""
-    _refuse_unsupported(model_state, tensors)
+def _tied(model_state: Mapping[str, Tensor]) -> dict[tuple, list[str]]:
+    """The names of ``model_state`` by the storage they share (one list per tensor)."""
     tied: dict[tuple, list[str]] = defaultdict(list)
     for name, t in model_state.items():
         tied[_storage_key(t)].append(name)
+    return tied
+
+
+def _refuse_foreign(
+    model_state: Mapping[str, Tensor], tensors: Mapping[str, Tensor]
+) -> tuple[list[str], list[str]]:
+    """The names of ``tensors`` not in ``model_state`` (sorted), and the model's names that
+    ``tensors`` lacks (one a name it ties to another stands for). :class:`CheckpointError`
+    saying the file may hold another model's weights when most of either are so: more than
+    :data:`FOREIGN_FRACTION` of the file's names (none: an empty file is not another model's),
+    or of the model's."""
+    tied = _tied(model_state)
     unexpected = sorted(set(tensors) - set(model_state))
     missing = [
         name
         for name, t in model_state.items()
         if not any(alias in tensors for alias in tied[_storage_key(t)])
     ]
+    if tensors and (
+        len(unexpected) > FOREIGN_FRACTION * len(tensors)
+        or len(missing) > FOREIGN_FRACTION * len(model_state)
+    ):
+        raise CheckpointError(
+            "the weights do not fit the model, and the file may hold another model's weights: "
+            f"{len(unexpected)} of its {len(tensors)} names are not in the model"
+            + (f" ({_listed(unexpected)})" if unexpected else "")
+            + f", and {len(missing)} of the model's {len(model_state)} are missing from it"
+            + (f" ({_listed(missing)})" if missing else "")
+        )
+    return unexpected, missing
+
+
+def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` checked against the model's state dict: the same names (a name the model ties
+    to another, sharing its storage, may be left out, as safetensors files do), shapes, kinds
+    (floating or not), dtypes of :data:`BALANCED_DTYPES` and finite values; most names amiss
+    is another model's file (:func:`_refuse_foreign`). Returns them with the tied names filled
+    in."""
+    _refuse_unsupported(model_state, tensors)
+    tied = _tied(model_state)
+    unexpected, missing = _refuse_foreign(model_state, tensors)
     for what, names in (("not in the model", unexpected), ("missing", missing)):
         if names:
             raise CheckpointError(f"the weights do not fit the model: {_listed(names)} {what}")
@@ -1019,7 +1053,7 @@ def _model_layout(
             )
         return tensors
     converted = _hf_loaded(model, tensors)
-    unknown = sorted(set(converted) - set(model_state))
+    unknown, _ = _refuse_foreign(model_state, converted)
     if unknown:
         raise CheckpointError(
             f"the weights do not fit the model: {_listed(unknown)} not in the model (named as "

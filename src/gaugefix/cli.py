@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from inspect import signature
 from pathlib import Path
 from typing import Annotated
 
@@ -96,6 +97,7 @@ AllowValueDependent = Annotated[
         "the outputs, on the example input only",
     ),
 ]
+CACHE_OBJECTS_SINCE = 5  # the transformers major version that returns no cache as tuples
 DEFAULT_ALPHA = 0.5  # balance --alpha: SmoothQuant's, and equalize_'s default
 
 
@@ -139,6 +141,19 @@ def _in_model_dtype(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model gets half-precision inputs); token ids as they are."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return x.to(dtype) if x.is_floating_point() and dtype is not None else x
+
+
+def _call_options(model: nn.Module) -> dict[str, bool]:
+    """The keyword arguments of ``inspect``'s example call: ``use_cache=False`` for a model of
+    transformers :data:`CACHE_OBJECTS_SINCE` or later whose forward takes it, else none. Such
+    a model returns its key-value cache as a ``Cache`` object, which discovery does not search:
+    without it the structure is the same, less the note on it. (Before, a cache of tuples is
+    an output, which keeps the attention's generators out, as ``balance`` finds them.)"""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or int(transformers.__version__.split(".")[0]) < CACHE_OBJECTS_SINCE:
+        return {}
+    takes = "use_cache" in signature(model.forward).parameters
+    return {"use_cache": False} if isinstance(model, transformers.PreTrainedModel) and takes else {}
 
 
 def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -199,7 +214,9 @@ def inspect(
     x = _in_model_dtype(model, _example_input(input_shape, input_ids, vocab, default_shape))
     model.eval()
     try:
-        structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
+        structure = gaugefix.discover(
+            model, x, allow_value_dependent=allow_value_dependent, **_call_options(model)
+        )
     except gaugefix.TracingError as err:
         raise _fail(_traced(err, model, x)) from None
     if scale_groups:
