@@ -172,7 +172,9 @@ def _mechanism(summary: dict[str, Any]) -> str:
         f"- dose-response on {task} ({d['seeds']} seeds, {d['steps']} steps, s = {dose.S:g}): "
         "Spearman of edge ratio against relaxation time over plain's divergence time: "
         + ", ".join(f"{m} {fmt(r)}" for m, r in d["rho"].items())
-        + f"; one monotone curve shared: {MARK[d['shared']]}"
+        + f"; {d['excluded']} points left out; one monotone curve shared (pooled rho at most "
+        f"{dose.SHARED_RHO:g} and at most {dose.SHARED_SLACK:g} above the weaker method's): "
+        f"{MARK[d['shared']]}"
         for task, d in summary.get(dose.KEY, {}).items()
     ]
     starts = summary.get(min_sharpness.KEY, {})
@@ -185,7 +187,9 @@ def _mechanism(summary: dict[str, Any]) -> str:
     caption = (
         "**The mechanism** (exact-first and balance-after-step-1 against exact: near 1 means "
         "continuous fixing only rescues the first steps; per-layer-lr, the balanced point's "
-        "learning rates without a gauge move, and min-sharpness-init against the references):"
+        "learning rates without a gauge move, and min-sharpness-init against the references; "
+        f"{MARK[True]} held: the paired 95% interval above 1, {MARK[False]} did not hold, which "
+        f"is not narrower, {MARK[None]} could not be measured):"
     )
     table = _table(caption, ["task", "regime", "comparison", "by s: ratio, verdict"], rows)
     return "\n\n".join(p for p in (table or (caption if lines else ""), "\n".join(lines)) if p)
