@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -47,6 +47,8 @@ from scipy import sparse
 from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from gaugefix.action import Optimizers, check_finite_params, check_transport, move_
 from gaugefix.balancing import (
@@ -101,7 +103,9 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 # step lowering it by less is not progress.
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
 OPEN_REASON = "no closed orbit (dead, or in an open group)"
-CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)  # [out, in, *kernel]
+CONVS = (F.conv1d, F.conv2d, F.conv3d)  # weights [out, in, *kernel]
+MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm)  # (a, b)
+ADDMMS = (torch.addmm, Tensor.addmm)  # (input, a, b)
 
 
 @dataclass(frozen=True)
@@ -490,95 +494,148 @@ def _device(params: Mapping[str, Tensor]) -> torch.device:
 
 
 class Reader(NamedTuple):
-    """A module whose weight reads its first input's channels: the weight's parameter name,
-    the weight dim and the input dim that run over those channels, and the weight's terms that
-    vary along that dim (its columns)."""
+    """A counted weight read as a linear map over its input's channels: its parameter name, the
+    weight dim that runs over those channels, and the weight's terms that vary along that dim
+    (its columns)."""
 
-    module: str
     weight: str
     weight_dim: int
-    input_dim: int
     columns: tuple[PlannedTerm, ...]
 
 
-def _channel_dims(module: nn.Module) -> tuple[int, int] | None:
-    """``(weight dim, input dim)`` of a linear map over its input's channels, or ``None``
-    (also for a subclass whose own ``forward`` may read its weight otherwise)."""
-    forward = type(module).forward
-    if forward is nn.Linear.forward:
-        return 1, -1
-    if forward in CONV_FORWARDS:  # channels before the spatial dims, so counted from the
-        spatial = module.weight.dim() - 2  # end: batched or unbatched input
-        return None if module.groups != 1 else (1, -1 - spatial)
-    if forward.__qualname__ == "Conv1D.forward" and isinstance(module.weight, Tensor):
-        return 0, -1  # Hugging Face's Conv1D: x @ W with W [in, out]
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _operands(func: Any, args: tuple, kwargs: dict) -> list[tuple[Any, int, Any, int]]:
+    """A call's candidate reads ``(weight, weight dim, input, input dim)``: the weight's dim
+    and the input's dim that the call contracts (``F.linear``: the weight's dim 1; a
+    convolution with one group: dim 1 against the channels before the spatial dims; a matrix
+    product of 2-D ``W``: ``x @ W`` reads ``W``'s dim 0, ``W @ x`` its dim 1)."""
+    if func is F.linear:
+        return [(_arg(args, kwargs, 1, "weight"), 1, _arg(args, kwargs, 0, "input"), -1)]
+    if func in CONVS:
+        w = _arg(args, kwargs, 1, "weight")
+        if _arg(args, kwargs, 6, "groups", 1) != 1 or not isinstance(w, Tensor):
+            return []
+        return [(w, 1, _arg(args, kwargs, 0, "input"), 1 - w.dim())]
+    if func not in MATMULS and func not in ADDMMS:
+        return []
+    first = int(func in ADDMMS)
+    a, b = _arg(args, kwargs, first, "mat1"), _arg(args, kwargs, first + 1, "mat2")
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        return []
+    reads = [(b, 0, a, -1)] if b.dim() == 2 and a.dim() >= 1 else []
+    if a.dim() == 2 and b.dim() >= 1:
+        reads.append((a, 1, b, -2 if b.dim() >= 2 else -1))
+    return reads
+
+
+def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
+    """The dim of ``p`` that ``w``'s dim ``k`` runs over whole and in order, where ``w`` is
+    ``p``, or a 2-D view of 2-D ``p`` (a transpose, a range of rows or columns: ``chunk``,
+    ``split``, ``narrow``, ``W[a:b]``, ``W.T``), read off strides and storage offsets; ``None``
+    for any other view."""
+    if w is p:
+        return k if k < p.dim() else None  # a 1-D weight of F.linear: no channel dim
+    if w.dim() != 2 or p.dim() != 2 or w.dtype != p.dtype:
+        return None
+    other, shift = 1 - k, w.storage_offset() - p.storage_offset()
+    for j in (1, 0):
+        step, span = p.stride(1 - j), p.shape[1 - j]
+        if w.shape[k] != p.shape[j] or (w.shape[k] > 1 and w.stride(k) != p.stride(j)):
+            continue
+        if (w.shape[other] > 1 and w.stride(other) != step) or step <= 0 or shift % step:
+            continue
+        if 0 <= shift // step and shift // step + w.shape[other] <= span:
+            return j
     return None
 
 
-def readers(
-    model: nn.Module, structure: GaugeStructure, counted: set[str], device: Any
-) -> list[Reader]:
-    """The linear maps whose counted weight (found by identity: a weight tied to another
-    module's has that one's name) has column terms and no term varying along both its input
-    dim and another dim (those are not a channel scaling of the input)."""
-    plans = {p.name: p for p in structure.plan(device)}
-    names = {id(p): name for name, p in model.named_parameters()}
-    out = []
-    for name, module in model.named_modules():
-        dims, weight = _channel_dims(module), names.get(id(getattr(module, "weight", None)))
-        if dims is None or weight not in counted or weight not in plans:
-            continue
-        plan, wdim = plans[weight], dims[0]
-        varying = [{d for d, k in enumerate(t.slots.shape) if k > 1} for t in plan.terms]
-        if any(wdim in v and len(v) > 1 for v in varying):
-            continue
-        columns = tuple(t for t, v in zip(plan.terms, varying, strict=True) if v == {wdim})
-        if columns:
-            out.append(Reader(name, weight, wdim, dims[1], columns))
-    return out
+class _ChannelMaxima(TorchFunctionMode):
+    """Records, for every linear call (:func:`_operands`) whose weight is one of ``weights``
+    or a view of one (:func:`_weight_dim`), ``max |x_j|`` of its input per channel (float64
+    ``[C]``), keyed by ``(weight name, weight dim)``: the maximum over every such call
+    (``None``: only empty inputs)."""
+
+    def __init__(self, weights: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.weights = {id(t): (name, t) for name, t in weights.items()}
+        self.maxima: dict[tuple[str, int], Tensor | None] = {}
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for w, k, x, d in _operands(func, args, kwargs):
+            if isinstance(w, Tensor) and isinstance(x, Tensor):
+                self._record(w, k, x, d)
+        return out
+
+    def _record(self, w: Tensor, k: int, x: Tensor, d: int) -> None:
+        base = w if id(w) in self.weights else w._base
+        name, p = self.weights.get(id(base), (None, None))
+        dim = None if p is None else _weight_dim(w, k, p)
+        if dim is None or x.dim() < -d or x.shape[d] != p.shape[dim]:
+            return
+        key = (name, dim)
+        old = self.maxima.setdefault(key, None)
+        if not x.numel():  # e.g. an expert no token was routed to
+            return
+        a = x.detach().abs().movedim(d, 0)
+        a = a.reshape(a.shape[0], -1).amax(1).to(torch.float64)
+        self.maxima[key] = a if old is None else torch.maximum(old, a)
 
 
 @torch.no_grad()
 def activation_ranges(
-    model: nn.Module, found: list[Reader], calibration: Tensor | tuple[Tensor, ...]
-) -> dict[str, Tensor]:
-    """``max |x_j|`` over the calibration batch of each reader's input channels (float64
-    ``[C]``), from forward hooks on one pass of ``model(*calibration)`` in eval mode (the
-    training flags are restored; nothing else is touched)."""
-    ranges: dict[str, Tensor] = {}
-    modules = dict(model.named_modules())
-
-    def hook(reader: Reader) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            first = args[0] if args else next(iter(kwargs.values()))  # the forward's one input
-            if not first.numel():  # e.g. an expert no token was routed to
-                return
-            x = first.detach().abs().movedim(reader.input_dim, 0)
-            a = x.reshape(x.shape[0], -1).amax(1).to(torch.float64)
-            old = ranges.get(reader.module)
-            ranges[reader.module] = a if old is None else torch.maximum(old, a)
-
-        return record
-
-    handles = [modules[r.module].register_forward_hook(hook(r), with_kwargs=True) for r in found]
+    model: nn.Module, weights: Mapping[str, Tensor], calibration: Tensor | tuple[Tensor, ...]
+) -> dict[tuple[str, int], Tensor | None]:
+    """``max |x_j|`` over the calibration batch of the input channels of every linear call
+    reading one of ``weights`` (by name) or a view of one (:class:`_ChannelMaxima`), from one
+    pass of ``model(*calibration)`` in eval mode (the training flags are restored; nothing
+    else is touched)."""
     modes = {m: m.training for m in model.modules()}
     args = calibration if isinstance(calibration, tuple) else (calibration,)
+    seen = _ChannelMaxima(weights)
     try:
         model.eval()
-        model(*args)
+        with seen:
+            model(*args)
     except Exception as err:  # whatever the model raises on it (an assert on the length)
         raise ValueError(
             f"the model does not run on the calibration batch ({type(err).__name__}: "
             f"{first_line(err)}); nothing was modified"
         ) from None
     finally:
-        for handle in handles:
-            handle.remove()
         for m, mode in modes.items():
             m.training = mode
-    if any(not bool(torch.isfinite(a).all()) for a in ranges.values()):
+    if any(a is not None and not bool(torch.isfinite(a).all()) for a in seen.maxima.values()):
         raise ValueError("the calibration batch gives non-finite activations; nothing was modified")
-    return ranges
+    return seen.maxima
+
+
+def readers(
+    structure: GaugeStructure, read: Iterable[tuple[str, int]], order: list[str], device: Any
+) -> list[Reader]:
+    """The reads ``(weight, dim)`` of the calibration pass that are channel scalings of the
+    input: the weight is counted (``order``: the counted names, in the order to list them),
+    has terms varying along ``dim`` only (its columns) and none varying along ``dim`` and
+    another dim."""
+    plans = {p.name: p for p in structure.plan(device)}
+    rank = {name: i for i, name in enumerate(order)}
+    out = []
+    for weight, wdim in sorted(
+        (r for r in read if r[0] in rank and r[0] in plans), key=lambda r: (rank[r[0]], r[1])
+    ):
+        varying = [_varying(t) for t in plans[weight].terms]
+        if any(wdim in v and len(v) > 1 for v in varying):
+            continue
+        columns = tuple(t for t, v in zip(plans[weight].terms, varying, strict=True) if v == {wdim})
+        if columns:
+            out.append(Reader(weight, wdim, columns))
+    return out
 
 
 def activation_balance(
@@ -600,19 +657,20 @@ def activation_balance(
     weight-range balanced as ``"range"`` does (``alpha = 1/2``). Each weight is one source
     (read once per pass)."""
     device = _device(params)
-    found = readers(model, structure, counted, device)
-    ranges = activation_ranges(model, found, calibration)
+    ranges = activation_ranges(model, {w: params[w] for w in counted}, calibration)
     weights = range_sources(params, structure, counted)
+    order = [name for name, _ in model.named_parameters() if name in counted]
+    order += [name for name in weights if name not in order]  # names a wrapper changes
     channels, divided = [], {}
-    for r in found:
-        divided[r.weight] = tuple(t for t in r.columns if t.sign < 0)
-        if r.module not in ranges:  # no input in the calibration pass: its columns only
+    for r in readers(structure, ranges, order, device):
+        divided[r.weight] = divided.get(r.weight, ()) + tuple(t for t in r.columns if t.sign < 0)
+        if ranges[r.weight, r.weight_dim] is None:  # empty inputs only: its columns only
             continue
         weight = params[r.weight]
         shape = [1] * weight.dim()
         shape[r.weight_dim] = weight.shape[r.weight_dim]
         scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
-        act = ranges[r.module].to(device).log().view(shape)
+        act = ranges[r.weight, r.weight_dim].to(device).log().view(shape)
         channels.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
     for name, source in weights.items():  # the other weights reading the channels
         if name not in divided and (terms := _absorbing(source.counted)):
@@ -638,7 +696,7 @@ def _varying(term: PlannedTerm) -> set[int]:
 def _absorbing(terms: tuple[PlannedTerm, ...]) -> tuple[PlannedTerm, ...]:
     """A weight's dividing terms on dims its multiplying terms do not vary along: the entries
     it reads channels through (its columns; a fused expert's ``[experts, out, in]`` dim 2),
-    which a channel scale ``s_j`` multiplies whether or not a hook sees their input."""
+    which a channel scale ``s_j`` multiplies whether or not the calibration pass sees them."""
     produced = set().union(*(_varying(t) for t in terms if t.sign > 0))
     return tuple(t for t in terms if t.sign < 0 and _varying(t) and not _varying(t) & produced)
 
