@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from gaugefix.action import (
     TRANSPORTABLE,
+    Optimizers,
     check_transport,
     finite_on_device,
+    optimizers,
     refuse_unmoved_settings,
 )
 from gaugefix.balancing import balance_
@@ -161,6 +163,45 @@ def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
             )
 
 
+def _check_optimizers(optimizer: Optimizers, model: nn.Module, mode: Mode) -> tuple:
+    """``optimizer`` (one, or a non-empty list or tuple) as a tuple: ``TypeError`` for an entry
+    that is not a ``torch.optim.Optimizer``; ``ValueError`` for one listed twice, one already
+    hooked, and, when several are given, one holding no parameter of ``model`` or penalty mode
+    (each optimizer's own loss scale and closure would take the penalty's gradient)."""
+    if not isinstance(optimizer, torch.optim.Optimizer | list | tuple):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    opts = optimizers(optimizer)
+    if not opts:
+        raise ValueError("GaugeFixing needs an optimizer: got an empty list")
+    if any(opt in _attached for opt in opts):
+        raise ValueError(
+            "this optimizer already has a GaugeFixing hook; call .remove() on it first"
+        )
+    if len(opts) > 1:
+        if mode == "penalty":
+            raise ValueError(
+                "GaugeFixing(mode='penalty') takes one optimizer; with several use mode='exact'"
+            )
+        own = {id(p) for p in model.parameters()}
+        for i, opt in enumerate(opts):
+            if not any(id(p) in own for g in opt.param_groups for p in g["params"]):
+                raise ValueError(f"optimizer {i} holds no parameter of the model")
+    return opts
+
+
+def _refuse_optimizers(
+    opts: tuple, model: nn.Module, mode: Mode, params: dict[str, Tensor]
+) -> None:
+    """The refusals of :class:`GaugeFixing` for the optimizers ``opts`` and bound ``params``
+    (``ValueError``, nothing changed): state that cannot move, L-BFGS's line search in penalty
+    mode, sparse gradients."""
+    check_transport(opts, params)
+    for opt in opts:
+        _refuse_line_search(opt, mode)
+        _refuse_untransportable(opt, mode, params)
+    _refuse_sparse(model, params)
+
+
 def _negate_(tensors: list[Tensor]) -> None:
     """``t <- -t`` for each of ``tensors`` (exact), in one fused call."""
     if tensors:
@@ -251,11 +292,22 @@ class GaugeFixing:
     parameters with sparse gradients are refused (``ValueError``).
     ``remove()`` detaches the hooks. An optimizer takes one ``GaugeFixing`` at a time: a second
     is refused (``ValueError``, nothing changed) until the first is removed.
+
+    Several optimizers (a list: Muon over the weight matrices and AdamW over the rest, say), in
+    exact mode: one hook on each, the orbit step taken once per training step, after every one
+    stepped since the last (in any order; one stepping again before the others counts once,
+    at its last learning rates), with every optimizer's state transported. Their parameter
+    groups count as one list, in the order given (``state_dict``'s ``lr_sums``, learning-rate
+    errors): a generator whose parameters sit in groups of different optimizers relaxes at
+    ``strength * min(lr)`` over them, as for several groups of one optimizer. An optimizer
+    listed twice, one holding no parameter of ``model``, and penalty mode (each optimizer's
+    closure and loss scale would take the penalty) are refused (``ValueError``, nothing
+    attached).
     """
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
         model: nn.Module,
         structure: GaugeStructure,
         strength: float,
@@ -263,13 +315,8 @@ class GaugeFixing:
         balance_at_start: bool = True,
         every: int | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         every = check_mode_every(mode, every)
-        if optimizer in _attached:
-            raise ValueError(
-                "this optimizer already has a GaugeFixing hook; call .remove() on it first"
-            )
+        self.optimizers = _check_optimizers(optimizer, unwrap_model(model), mode)
         self.optimizer = optimizer
         self.model = unwrap_model(model)
         self.structure = check_structure(structure)
@@ -284,10 +331,7 @@ class GaugeFixing:
         self._all_params = structure.bind(self.model, sharded=True)
         refuse_gathered(self.model, self._all_params)  # FSDP2: parameters gathered now
         local_view(self._all_params, structure)  # FSDP2: an unsupported sharding is refused now
-        check_transport(optimizer, self._all_params)
-        _refuse_line_search(optimizer, mode)
-        _refuse_untransportable(optimizer, mode, self._all_params)
-        _refuse_sparse(self.model, self._all_params)
+        _refuse_optimizers(self.optimizers, self.model, mode, self._all_params)
         self._frozen: tuple[bool, ...] | None = None
         self._group_ids: tuple[tuple[int, ...], ...] | None = None  # each group's, by identity
         self._param_list = list(self._all_params.values())
@@ -307,11 +351,18 @@ class GaugeFixing:
         self._ok: Tensor | bool | None = None
         if balance_at_start:
             self.balance()
+        # Per optimizer that stepped since the last orbit step (or since the last training
+        # step), its groups' learning rates at its step: a training step is complete when all did.
+        self._stepped: dict[int, tuple[float | Tensor, ...]] = {}
         self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
+            handle
+            for opt in self.optimizers
+            for handle in (
+                opt.register_step_pre_hook(self._pre_step),
+                opt.register_step_post_hook(self._post_step),
+            )
         ]
-        _attached[optimizer] = self
+        _attached.update(dict.fromkeys(self.optimizers, self))
 
     def __repr__(self) -> str:
         return (
@@ -328,7 +379,7 @@ class GaugeFixing:
         the parameters' ``requires_grad`` and dtypes, compared with the last call's); whether
         an acted-on parameter is float16 (the range check of an orbit step), re-read whenever
         a dtype changed (``model.half()`` keeps the parameters)."""
-        groups = self.optimizer.param_groups
+        groups = self._groups()
         regrouped = self._follow_groups(groups)
         zero_lr = tuple(map(_frozen_by_lr, groups))
         signature = (zero_lr, tuple(map(_FLAGS, self._param_list)))
@@ -399,7 +450,7 @@ class GaugeFixing:
         rate is refused here, before the optimizer step."""
         if self.mode == "exact":
             self._check_lrs()
-        if self._orbit.since + 1 < self.every:  # gauge fixing does not act on this step
+        if self._orbit.since + 1 < self.every or self._stepped:  # not acted on, or checked
             return None
         # ``args`` starts with the optimizer itself: ``step(closure)`` has it at ``args[1]``.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -419,7 +470,7 @@ class GaugeFixing:
     def _check_lrs(self) -> None:
         """``ValueError`` naming the group unless every group's learning rate is a finite number
         ``>= 0`` (a tensor ``lr`` is not read on the host)."""
-        for i, group in enumerate(self.optimizer.param_groups):
+        for i, group in enumerate(self._groups()):
             lr = group["lr"]
             if isinstance(lr, Tensor):
                 continue
@@ -449,7 +500,7 @@ class GaugeFixing:
         ``maximize=True`` (whose optimizer steps along ``+grad``: ``grad P`` is added to the
         negated gradient, so that the penalty is still descended); no parameter is visited
         unless a group maximizes."""
-        flags = [bool(g.get("maximize", False)) for g in self.optimizer.param_groups]
+        flags = [bool(g.get("maximize", False)) for g in self._groups()]
         if not any(flags):
             return list
         held = [p for p, i in zip(self.params.values(), self._group_of, strict=True) if flags[i]]
@@ -459,13 +510,17 @@ class GaugeFixing:
         """``strength`` in the units of ``.grad``: times the loss scale while the gradients are
         still scaled (``torch.amp.GradScaler`` stepping a fused optimizer sets
         ``optimizer.grad_scale``, by which the optimizer divides them)."""
-        scale = getattr(self.optimizer, "grad_scale", None)
+        scale = getattr(self.optimizers[0], "grad_scale", None)  # penalty mode: one optimizer
         if scale is None:
             return self.strength
         return self.strength * torch.as_tensor(scale, dtype=torch.float64)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        lrs = tuple(group["lr"] for group in self.optimizer.param_groups)
+        self._stepped[id(optimizer)] = tuple(group["lr"] for group in optimizer.param_groups)
+        if len(self._stepped) < len(self.optimizers):  # the training step is not complete
+            return
+        lrs = tuple(lr for opt in self.optimizers for lr in self._stepped[id(opt)])
+        self._stepped = {}
         lr_sums, self._orbit = advance(_fewer_groups(self._orbit, len(lrs)), lrs, self.every)
         if lr_sums is None:  # gauge fixing does not act on this step
             return
@@ -481,7 +536,12 @@ class GaugeFixing:
                 # the optimizer state (a clear error for unknown state), then moves; no move
                 # unless the gradients were finite (``ok``, on the device): ``moved`` holds both.
                 _, ok = relax_unchecked_(
-                    self.active, self.params, rate, optimizer, check_range=self._float16, ok=ok
+                    self.active,
+                    self.params,
+                    rate,
+                    self.optimizers,
+                    check_range=self._float16,
+                    ok=ok,
                 )
             else:
                 moved = finite_on_device(self._checked)
@@ -503,6 +563,11 @@ class GaugeFixing:
         return self._acted - self.steps
 
     # -- learning rates ---------------------------------------------------------------------------
+    def _groups(self) -> list[dict[str, Any]]:
+        """The parameter groups of every optimizer, in the order given, one list: a group's index
+        here is its index in :meth:`state_dict`'s ``lr_sums`` and in learning-rate errors."""
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
     def _param_groups(self) -> list[int]:
         """The index of the optimizer group holding each acted-on parameter."""
         return [self._held[id(p)] for p in self.params.values()]
@@ -513,7 +578,7 @@ class GaugeFixing:
         generator (float64 ``[active.num_generators]``), ``strength * min(lr)`` over the
         parameters it acts on. An orbit step every ``every`` steps takes the same with the sum
         of the learning rates since the last one."""
-        return self._rate(tuple(g["lr"] for g in self.optimizer.param_groups))
+        return self._rate(tuple(g["lr"] for g in self._groups()))
 
     def _rate(self, group_lrs: tuple[float | Tensor, ...]) -> float | Tensor:
         """:meth:`rate` at the learning rates ``group_lrs`` (one per group), cached by them while
@@ -575,7 +640,7 @@ class GaugeFixing:
                 f"a GaugeFixing state with {since} steps since the last orbit step has no sums "
                 "of their learning rates (lr_sums)"
             )
-        groups = len(self.optimizer.param_groups)
+        groups = len(self._groups())
         if len(lr_sums) > groups:
             raise ValueError(
                 f"a GaugeFixing state with {len(lr_sums)} learning-rate sums does not fit an "
@@ -591,7 +656,7 @@ class GaugeFixing:
         Parameters frozen or added to the optimizer since the last step are followed."""
         self._refresh()
         if self.active.num_generators:
-            balance_(self.model, self.active, optimizer=self.optimizer)
+            balance_(self.model, self.active, optimizer=self.optimizers)
 
     def stats(self) -> dict[str, float]:
         """:func:`gaugefix.imbalance_stats` of the model now."""
@@ -602,8 +667,9 @@ class GaugeFixing:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if _attached.get(self.optimizer) is self:
-            del _attached[self.optimizer]
+        for opt in self.optimizers:
+            if _attached.get(opt) is self:
+                del _attached[opt]
 
     def __enter__(self) -> GaugeFixing:
         return self
