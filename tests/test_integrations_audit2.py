@@ -468,12 +468,46 @@ def two_optimizer_module(pl):
     return module, structure
 
 
-@pytest.mark.parametrize("name", ["penalty", "exact-3"])
-def test_lightning_two_optimizers_equal_the_plain_loop(pl, tmp_path, name):
-    """Manual optimization with two optimizers (4 batches, 8 optimizer steps): one hook per
-    optimizer, each acting on the generators whose parameters it holds (``a``'s 8 neurons for
-    the first, none for the second: ``b``'s span both); equal to the plain loop with one
-    ``GaugeFixing`` per optimizer, bit for bit."""
+def two_optimizer_loop(module, hooks, epochs=1):
+    """The training of :func:`two_optimizer_module` by hand, for ``epochs`` epochs of the 4
+    batches; ``hooks`` are attached to ``module.configure_optimizers()``'s two optimizers."""
+    first, second = module.configure_optimizers()
+    attached = hooks(first, second)
+    for _ in range(epochs):
+        for x, y in batches():
+            first.zero_grad()
+            second.zero_grad()
+            (module(x) - y).square().mean().backward()
+            first.step()
+            second.step()
+    return attached
+
+
+def test_lightning_two_optimizers_penalty_equal_the_plain_loop(pl, tmp_path):
+    """Manual optimization with two optimizers in penalty mode (4 batches, 8 optimizer steps):
+    one hook per optimizer, each acting on the generators whose parameters it holds (``a``'s 8
+    neurons for the first, none for the second: ``b``'s span both); equal to the plain loop
+    with one ``GaugeFixing`` per optimizer, bit for bit."""
+    from gaugefix.integrations.lightning import GaugeFixingCallback
+
+    gauge = LIGHTNING_GAUGES["penalty"]
+    module, structure = two_optimizer_module(pl)
+    plain = copy.deepcopy(module)
+    callback = GaugeFixingCallback(**gauge)
+    fit(pl, module, [callback], tmp_path, max_steps=8, enable_checkpointing=False)
+    hooks = two_optimizer_loop(
+        plain, lambda *opts: [GaugeFixing(opt, plain, structure, **gauge) for opt in opts]
+    )
+    assert [h.active.num_generators for h in hooks] == [8, 0]
+    assert callback.state_dict() == {"hooks": [h.state_dict() for h in hooks], "optimizers": 2}
+    assert same(module, plain) == 0.0
+
+
+@pytest.mark.parametrize("name", ["exact-1", "exact-3"])
+def test_lightning_two_optimizers_exact_equal_the_plain_loop(pl, tmp_path, name):
+    """Manual optimization with two optimizers in exact mode (4 batches, 8 optimizer steps):
+    one hook over both, acting on all 16 generators (``b``'s 8 span both optimizers); equal to
+    the plain loop with ``GaugeFixing([first, second], ...)``, bit for bit."""
     from gaugefix.integrations.lightning import GaugeFixingCallback
 
     gauge = LIGHTNING_GAUGES[name]
@@ -481,17 +515,68 @@ def test_lightning_two_optimizers_equal_the_plain_loop(pl, tmp_path, name):
     plain = copy.deepcopy(module)
     callback = GaugeFixingCallback(**gauge)
     fit(pl, module, [callback], tmp_path, max_steps=8, enable_checkpointing=False)
-    first, second = plain.configure_optimizers()
-    hooks = [GaugeFixing(opt, plain, structure, **gauge) for opt in (first, second)]
-    assert [h.active.num_generators for h in hooks] == [8, 0]
-    for x, y in batches():
-        first.zero_grad()
-        second.zero_grad()
-        (plain(x) - y).square().mean().backward()
-        first.step()
-        second.step()
-    assert callback.state_dict()["hooks"] == [h.state_dict() for h in hooks]
-    assert same(module, plain) == 0.0
+    hook = two_optimizer_loop(plain, lambda *opts: GaugeFixing(list(opts), plain, structure,
+                                                               **gauge))  # fmt: skip
+    assert hook.active.num_generators == structure.num_generators == 16
+    assert callback.state_dict() == {"hooks": [hook.state_dict()], "optimizers": 2}
+    assert hook.steps == 4 // gauge["every"] and same(module, plain) == 0.0
+
+
+def two_optimizer_checkpoint(pl, root):
+    """A checkpoint after one epoch (4 training steps) of :func:`two_optimizer_module` with the
+    callback in exact mode every 3 steps (one step into the interval)."""
+    from gaugefix.integrations.lightning import GaugeFixingCallback
+
+    module, _ = two_optimizer_module(pl)
+    fit(pl, module, [GaugeFixingCallback(**LIGHTNING_GAUGES["exact-3"])], root, max_epochs=1)
+    (checkpoint,) = root.rglob("*.ckpt")
+    return checkpoint
+
+
+def test_lightning_two_optimizers_exact_resumed_fit_equals_the_uninterrupted_fit(pl, tmp_path):
+    """Exact mode every 3 steps over two optimizers: a fit resumed from the checkpoint after
+    one epoch (4 steps) to 2 epochs has the same parameters, bit for bit, and the same one
+    hook state as the fit of 2 epochs in one go, which equals the plain loop."""
+    from gaugefix.integrations.lightning import GaugeFixingCallback
+
+    gauge = LIGHTNING_GAUGES["exact-3"]
+    checkpoint = two_optimizer_checkpoint(pl, tmp_path / "a")
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"]
+    ((_, state),) = [(k, v) for k, v in saved.items() if k.startswith("GaugeFixingCallback")]
+    assert state["optimizers"] == 2 and [h["since"] for h in state["hooks"]] == [1]
+    runs = []
+    for ckpt in (checkpoint, None):
+        (module, structure), callback = two_optimizer_module(pl), GaugeFixingCallback(**gauge)
+        fit(pl, module, [callback], tmp_path / "b", ckpt, max_epochs=2, enable_checkpointing=False)
+        runs.append((module, callback.state_dict()))
+    (resumed, state), (whole, whole_state) = runs
+    plain, _ = two_optimizer_module(pl)
+    hook = two_optimizer_loop(plain, lambda *o: GaugeFixing(list(o), plain, structure, **gauge), 2)
+    assert state == whole_state == {"hooks": [hook.state_dict()], "optimizers": 2}
+    assert hook.steps == 2 and same(resumed, whole) == 0.0 and same(whole, plain) == 0.0
+
+
+def test_lightning_per_optimizer_checkpoint_into_one_exact_hook_is_refused(pl, tmp_path):
+    """A checkpoint holding one state per optimizer (as penalty mode, and exact mode before it
+    took one hook over all, write them; no ``optimizers`` entry) resumed in exact mode with two
+    optimizers: one ``ValueError`` line when training starts, no hook attached, the module as
+    the checkpoint left it (the per-optimizer hooks left the spanning generators out, so the
+    interval cannot be continued exactly)."""
+    from gaugefix.integrations.lightning import GaugeFixingCallback
+
+    checkpoint = two_optimizer_checkpoint(pl, tmp_path / "a")
+    saved = torch.load(checkpoint, weights_only=False)
+    key = next(k for k in saved["callbacks"] if k.startswith("GaugeFixingCallback"))
+    (state,) = saved["callbacks"][key]["hooks"]
+    saved["callbacks"][key] = {"hooks": [state, {**state, "lr_sums": state["lr_sums"][:1]}]}
+    torch.save(saved, tmp_path / "old.ckpt")
+    module, _ = two_optimizer_module(pl)
+    callback = GaugeFixingCallback(**LIGHTNING_GAUGES["exact-3"])
+    with pytest.raises(ValueError, match="2 gauge-fixing states for 2 optimizers") as refused:
+        fit(pl, module, [callback], tmp_path / "b", tmp_path / "old.ckpt", max_epochs=2)
+    assert "\n" not in str(refused.value) and callback.hooks == []
+    weights = saved["state_dict"]
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["penalty", "exact-3"])
@@ -703,10 +788,14 @@ def test_hook_state_with_a_count_that_is_not_an_integer_is_refused(field, value)
     hook.remove()
 
 
-@pytest.mark.parametrize("state", [{}, {"hooks": 3}, {"hooks": [{"steps": 1}, 2]}, []])
+@pytest.mark.parametrize(
+    "state", [{}, {"hooks": 3}, {"hooks": [{"steps": 1}, 2]}, [],
+              {"hooks": [{}, {}], "optimizers": 3}, {"hooks": [{}], "optimizers": "2"}],
+)  # fmt: skip
 def test_lightning_malformed_checkpoint_state_is_one_value_error(pl, state):
     """``load_state_dict`` of a callback state that ``state_dict`` did not write (no ``hooks``
-    list of dicts: a KeyError or TypeError before): one ``ValueError``, nothing restored."""
+    list of dicts: a KeyError or TypeError before; neither one hook state nor one per optimizer,
+    or a count of optimizers that is not an integer): one ``ValueError``, nothing restored."""
     from gaugefix.integrations.lightning import GaugeFixingCallback
 
     callback = GaugeFixingCallback(1.0)

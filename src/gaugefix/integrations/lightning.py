@@ -53,6 +53,23 @@ def _discover(trainer: Trainer, pl_module: LightningModule, example: Any) -> Gau
     return discover(pl_module, *args, **kwargs)
 
 
+def _check_restored(restored: tuple[list[dict[str, Any]], int], count: int, hooks: int) -> None:
+    """``ValueError`` unless a checkpoint's ``(hook states, optimizers)`` fit a fit with
+    ``count`` optimizers and ``hooks`` hooks (one over all of them, or one per optimizer)."""
+    states, covered = restored
+    if covered != count:
+        raise ValueError(
+            f"the checkpoint holds the gauge-fixing states of {covered} optimizers, "
+            f"this fit has {count}"
+        )
+    if len(states) != hooks:
+        raise ValueError(
+            f"the checkpoint holds {len(states)} gauge-fixing states for {count} optimizers, "
+            f"this fit has {hooks} (exact mode: one over all optimizers; penalty mode: one per "
+            "optimizer), so it cannot continue them exactly"
+        )
+
+
 class GaugeFixingCallback(Callback):
     """Attach :class:`gaugefix.GaugeFixing` to every optimizer of a Lightning fit, and log
     :func:`gaugefix.imbalance_stats` through the Lightning logger (``pl_module.log_dict``, keys
@@ -72,9 +89,11 @@ class GaugeFixingCallback(Callback):
     ends; a fit resumed
     from a Lightning checkpoint (``ckpt_path``, also one saved after the fit) does not balance
     again and continues each hook's place in the interval between orbit steps. With several
-    optimizers, each hook acts on the generators whose parameters its optimizer holds
-    (generators spanning two optimizers are left out, see ``GaugeFixing``) and balances them at
-    the start with its own optimizer's state.
+    optimizers, exact mode attaches one :class:`gaugefix.GaugeFixing` over all of them (the
+    orbit step once per training step, after every one stepped; generators spanning two
+    optimizers included); penalty mode, which ``GaugeFixing`` takes with one optimizer only,
+    attaches one hook per optimizer, each acting on the generators whose parameters its
+    optimizer holds and balancing them at the start with its own optimizer's state.
     In exact mode an optimizer whose state an orbit step cannot move (transformers' Adafactor,
     torchao's low-bit AdamW) is refused when training starts, as :class:`gaugefix.GaugeFixing`
     refuses it.
@@ -94,7 +113,9 @@ class GaugeFixingCallback(Callback):
         self._discovered: GaugeStructure | None = None  # by this callback, for the last fit
         self.log_stats = log_stats
         self.hooks: list[GaugeFixing] = []
-        self._restored: list[dict[str, Any]] | None = None  # hook states of a checkpoint
+        # a checkpoint's hook states, and the number of optimizers they cover
+        self._restored: tuple[list[dict[str, Any]], int] | None = None
+        self._optimizers = 0  # the number of optimizers the hooks (or the last ones) cover
         self._last: list[dict[str, Any]] = []  # the removed hooks' states, saved after a fit
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -117,15 +138,15 @@ class GaugeFixingCallback(Callback):
         each hook's counts and interval between orbit steps."""
         self._remove()
         restored, self._restored, self._last = self._restored, None, []
-        optimizers = trainer.optimizers
-        if restored is not None and len(restored) != len(optimizers):
-            raise ValueError(
-                f"the checkpoint holds the gauge-fixing states of {len(restored)} optimizers, "
-                f"this fit has {len(optimizers)}"
-            )
+        optimizers = list(trainer.optimizers)
+        # exact mode: one hook over several optimizers; penalty mode: one per optimizer
+        targets = [optimizers] if self.mode == "exact" and len(optimizers) > 1 else optimizers
+        if restored is not None:
+            _check_restored(restored, len(optimizers), len(targets))
         check_structure_agrees(self.structure, pl_module.device)
+        self._optimizers = len(optimizers)
         try:  # every hook first, so that one refused leaves the model as it was
-            for i, opt in enumerate(optimizers):
+            for i, opt in enumerate(targets):
                 self.hooks.append(
                     GaugeFixing(
                         opt,
@@ -138,7 +159,7 @@ class GaugeFixingCallback(Callback):
                     )
                 )
                 if restored is not None:
-                    self.hooks[-1].load_state_dict(restored[i])
+                    self.hooks[-1].load_state_dict(restored[0][i])
             if self.balance_at_start and restored is None:
                 self._balance()
         except Exception:  # e.g. a restored state that does not fit: no hook stays attached
@@ -156,19 +177,28 @@ class GaugeFixingCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: each hook's :meth:`GaugeFixing.state_dict` (after the
-        fit: as the hooks left it)."""
-        return {"hooks": [hook.state_dict() for hook in self.hooks] or self._last}
+        fit: as the hooks left it) as ``hooks``, and the number of optimizers they cover as
+        ``optimizers`` (several in exact mode: one state over all of them)."""
+        hooks = [hook.state_dict() for hook in self.hooks] or self._last
+        return {"hooks": hooks, "optimizers": self._optimizers if hooks else 0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (``ValueError``, nothing restored, for anything else); the
-        hooks load their states when training starts."""
+        hooks load their states when training starts. A state without ``optimizers`` (written
+        with one hook per optimizer) covers one optimizer per hook state."""
         hooks = state_dict.get("hooks") if isinstance(state_dict, dict) else None
         if not isinstance(hooks, list) or not all(isinstance(h, dict) for h in hooks):
             raise ValueError(
                 "not a GaugeFixingCallback state (a dict whose 'hooks' is a list of "
                 f"GaugeFixing states): {type(state_dict).__name__}"
             )
-        self._restored = list(hooks) or None
+        count = state_dict.get("optimizers", len(hooks))
+        if type(count) is not int or (hooks and len(hooks) not in (1, count)):
+            raise ValueError(
+                f"not a GaugeFixingCallback state: {len(hooks)} hook states for "
+                f"{count!r} optimizers (one over all of them, or one per optimizer)"
+            )
+        self._restored = (list(hooks), count) if hooks else None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
