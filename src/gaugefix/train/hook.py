@@ -186,7 +186,22 @@ def _check_optimizers(optimizer: Optimizers, model: nn.Module, mode: Mode) -> tu
         for i, opt in enumerate(opts):
             if not any(id(p) in own for g in opt.param_groups for p in g["params"]):
                 raise ValueError(f"optimizer {i} holds no parameter of the model")
+        _refuse_shared(opts, model)
     return opts
+
+
+def _refuse_shared(opts: tuple, model: nn.Module) -> None:
+    """``ValueError`` naming a parameter of ``model`` that two of ``opts`` hold (both would
+    step it, and its learning rate, which sets its generators' rate, would be ambiguous)."""
+    holder: dict[int, int] = {}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for i, opt in enumerate(opts):
+        for p in (id(p) for g in opt.param_groups for p in g["params"]):
+            if holder.setdefault(p, i) != i:
+                raise ValueError(
+                    f"parameter {names.get(p, '(not of the model)')!r} is held by optimizers "
+                    f"{holder[p]} and {i}: each would step it; give each parameter to one"
+                )
 
 
 def _refuse_optimizers(
@@ -222,6 +237,21 @@ def _fewer_groups(orbit: OrbitState, groups: int) -> OrbitState:
         )
         return orbit._replace(lr_sum=(least.amin(),) * groups)
     return orbit._replace(lr_sum=(min(sums),) * groups)
+
+
+def _realigned(orbit: OrbitState, old: tuple[int, ...] | None, new: tuple[int, ...]) -> OrbitState:
+    """``orbit`` for optimizers now holding ``new`` parameter groups each (``old`` at the sums'
+    last step, ``None``: unknown): each optimizer's sums padded with 0 for a group added, or
+    :func:`_fewer_groups` for one removed, in its own slice of the one list, so that a group
+    added to an optimizer other than the last takes no other optimizer's sum."""
+    if orbit.lr_sum is None or old is None or old == new or len(old) != len(new):
+        return _fewer_groups(orbit, sum(new))
+    parts, start = [], 0
+    for before, now in zip(old, new, strict=True):
+        part = _fewer_groups(OrbitState(orbit.since, orbit.lr_sum[start : start + before]), now)
+        parts += [*part.lr_sum, *(0.0,) * (now - len(part.lr_sum))]
+        start += before
+    return orbit._replace(lr_sum=tuple(parts))
 
 
 class GaugeFixing:
@@ -299,10 +329,12 @@ class GaugeFixing:
     at its last learning rates), with every optimizer's state transported. Their parameter
     groups count as one list, in the order given (``state_dict``'s ``lr_sums``, learning-rate
     errors): a generator whose parameters sit in groups of different optimizers relaxes at
-    ``strength * min(lr)`` over them, as for several groups of one optimizer. An optimizer
-    listed twice, one holding no parameter of ``model``, and penalty mode (each optimizer's
-    closure and loss scale would take the penalty) are refused (``ValueError``, nothing
-    attached).
+    ``strength * min(lr)`` over them, as for several groups of one optimizer (a group added to
+    one mid-interval sums from its first step; the others keep theirs). An optimizer stepping
+    again while another has not is logged once (one that never steps stops gauge fixing). An
+    optimizer listed twice, one holding no parameter of ``model``, a parameter two hold, and
+    penalty mode (each optimizer's closure and loss scale would take the penalty) are refused
+    (``ValueError``, nothing attached). The hooks run eagerly in a compiled ``optimizer.step``.
     """
 
     def __init__(
@@ -351,15 +383,23 @@ class GaugeFixing:
         self._ok: Tensor | bool | None = None
         if balance_at_start:
             self.balance()
+        self._attach()
+
+    def _attach(self) -> None:
+        """Register the step hooks on every optimizer, with the state of an open training step."""
         # Per optimizer that stepped since the last orbit step (or since the last training
         # step), its groups' learning rates at its step: a training step is complete when all did.
         self._stepped: dict[int, tuple[float | Tensor, ...]] = {}
+        # Per optimizer, its number of groups at the last step the sums took (None: unknown).
+        self._counts: tuple[int, ...] | None = None
+        self._warned_open = False  # whether an optimizer stepping twice in one step was logged
         self._handles = [
             handle
             for opt in self.optimizers
             for handle in (
-                opt.register_step_pre_hook(self._pre_step),
-                opt.register_step_post_hook(self._post_step),
+                # eager inside a compiled ``opt.step`` (``torch.compile`` cannot trace the hooks)
+                opt.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
+                opt.register_step_post_hook(torch.compiler.disable(self._post_step)),
             )
         ]
         _attached.update(dict.fromkeys(self.optimizers, self))
@@ -516,12 +556,17 @@ class GaugeFixing:
         return self.strength * torch.as_tensor(scale, dtype=torch.float64)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._stepped:
+            self._warn_open(optimizer)
         self._stepped[id(optimizer)] = tuple(group["lr"] for group in optimizer.param_groups)
         if len(self._stepped) < len(self.optimizers):  # the training step is not complete
             return
-        lrs = tuple(lr for opt in self.optimizers for lr in self._stepped[id(opt)])
-        self._stepped = {}
-        lr_sums, self._orbit = advance(_fewer_groups(self._orbit, len(lrs)), lrs, self.every)
+        stepped = [self._stepped[id(opt)] for opt in self.optimizers]
+        lrs = tuple(lr for group_lrs in stepped for lr in group_lrs)
+        counts, self._stepped = tuple(map(len, stepped)), {}
+        orbit = _realigned(self._orbit, self._counts, counts)
+        self._counts = counts
+        lr_sums, self._orbit = advance(orbit, lrs, self.every)
         if lr_sums is None:  # gauge fixing does not act on this step
             return
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
@@ -548,6 +593,22 @@ class GaugeFixing:
                 ok = moved if ok is None else ok & moved
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
+
+    def _warn_open(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log once per hook that ``optimizer`` stepped again while another has not stepped since
+        the last training step (a step ``GradScaler`` skips, an optimizer stepped less often): no
+        orbit step is taken until every optimizer stepped, so one that never steps stops gauge
+        fixing."""
+        if self._warned_open:
+            return
+        self._warned_open = True
+        waiting = [i for i, opt in enumerate(self.optimizers) if id(opt) not in self._stepped]
+        logger.warning(
+            "GaugeFixing: optimizer %d stepped again before optimizer(s) %s stepped: no orbit "
+            "step is taken until every optimizer has stepped (logged once)",
+            self.optimizers.index(optimizer),
+            waiting,
+        )
 
     @property
     def steps(self) -> int:
@@ -648,6 +709,7 @@ class GaugeFixing:
             )
         self._applied, self._acted = steps, steps + skipped
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
+        self._counts = None
 
     # -- misc -------------------------------------------------------------------------------------
     def balance(self) -> None:
