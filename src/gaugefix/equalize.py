@@ -67,6 +67,7 @@ from gaugefix.moment import pair_shape
 from gaugefix.soft import FROZEN_REASON
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import PlannedParam, PlannedTerm
+from gaugefix.structure.trace import compiled_run_eagerly
 
 __all__ = [
     "OBJECTIVES",
@@ -104,8 +105,12 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
 OPEN_REASON = "no closed orbit (dead, or in an open group)"
 CONVS = (F.conv1d, F.conv2d, F.conv3d)  # weights [out, in, *kernel]
-MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm)  # (a, b)
-ADDMMS = (torch.addmm, Tensor.addmm)  # (input, a, b)
+# Matrix products ``a @ b``: the position of ``a`` and the names of ``a`` and ``b`` as keywords.
+PRODUCTS = {
+    **dict.fromkeys((torch.matmul, Tensor.matmul, Tensor.__matmul__), (0, "input", "other")),
+    **dict.fromkeys((torch.mm, Tensor.mm), (0, "input", "mat2")),
+    **dict.fromkeys((torch.addmm, Tensor.addmm), (1, "mat1", "mat2")),  # (input, a, b)
+}
 
 
 @dataclass(frozen=True)
@@ -519,10 +524,11 @@ def _operands(func: Any, args: tuple, kwargs: dict) -> list[tuple[Any, int, Any,
         if _arg(args, kwargs, 6, "groups", 1) != 1 or not isinstance(w, Tensor):
             return []
         return [(w, 1, _arg(args, kwargs, 0, "input"), 1 - w.dim())]
-    if func not in MATMULS and func not in ADDMMS:
+    spec = next((spec for f, spec in PRODUCTS.items() if f is func), None)
+    if spec is None:  # by identity: a function dispatched here need not be hashable
         return []
-    first = int(func in ADDMMS)
-    a, b = _arg(args, kwargs, first, "mat1"), _arg(args, kwargs, first + 1, "mat2")
+    first, a_name, b_name = spec
+    a, b = _arg(args, kwargs, first, a_name), _arg(args, kwargs, first + 1, b_name)
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return []
     reads = [(b, 0, a, -1)] if b.dim() == 2 and a.dim() >= 1 else []
@@ -552,6 +558,12 @@ def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
     return None
 
 
+def _wrapped(x: Tensor) -> bool:
+    """Whether ``x`` is a per-sample wrapper of a ``torch.func`` transform (``vmap``), whose
+    maxima would escape it."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 class _ChannelMaxima(TorchFunctionMode):
     """Records, for every linear call (:func:`_operands`) whose weight is one of ``weights``
     or a view of one (:func:`_weight_dim`), ``max |x_j|`` of its input per channel (float64
@@ -569,7 +581,7 @@ class _ChannelMaxima(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         for w, k, x, d in _operands(func, args, kwargs):
-            if isinstance(w, Tensor) and isinstance(x, Tensor):
+            if isinstance(w, Tensor) and isinstance(x, Tensor) and not _wrapped(x):
                 self._record(w, k, x, d)
         return out
 
@@ -601,7 +613,7 @@ def activation_ranges(
     seen = _ChannelMaxima(weights)
     try:
         model.eval()
-        with seen:
+        with compiled_run_eagerly(), seen:  # the pass sees the Python a compiled forward runs
             model(*args)
     except Exception as err:  # whatever the model raises on it (an assert on the length)
         raise ValueError(

@@ -52,6 +52,7 @@ from gaugefix.errors import GaugefixError, first_line
 __all__ = [
     "BUILTIN",
     "compact",
+    "compiled_run_eagerly",
     "nested_tensors",
     "register_rule",
     "Sum",
@@ -1920,10 +1921,10 @@ def _refuse_unusable(model: nn.Module) -> None:
                 )
 
 
-def _compiled_run_eagerly() -> contextlib.AbstractContextManager:
+def compiled_run_eagerly() -> contextlib.AbstractContextManager:
     """Code compiled by ``torch.compile`` runs its original Python, eagerly, where the tracer
-    sees each op (Dynamo would otherwise compile the tracer's own bookkeeping, or fail on it);
-    a no-op before torch 2.6."""
+    (or another function mode, such as ``equalize_``'s calibration) sees each op (Dynamo would
+    otherwise compile the mode's own bookkeeping, or fail on it); a no-op before torch 2.6."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
@@ -2040,7 +2041,7 @@ def trace(
         ctx._tainted[id(t)] = ctx._inputs[id(t)] = t
         ctx._ones_in_inputs = ctx._ones_in_inputs or 1 in t.shape
     inputs = {t.device for t in _input_tensors((args, kwargs))}
-    with _model_restored(model, inputs, ctx.saved), _compiled_run_eagerly():
+    with _model_restored(model, inputs, ctx.saved), compiled_run_eagerly():
         with _module_hooks(model, tracer), tracer, _sizes_forgotten(model), _math_marking():
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
