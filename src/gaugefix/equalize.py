@@ -105,12 +105,6 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
 OPEN_REASON = "no closed orbit (dead, or in an open group)"
 CONVS = (F.conv1d, F.conv2d, F.conv3d)  # weights [out, in, *kernel]
-# Matrix products ``a @ b``: the position of ``a`` and the names of ``a`` and ``b`` as keywords.
-PRODUCTS = {
-    **dict.fromkeys((torch.matmul, Tensor.matmul, Tensor.__matmul__), (0, "input", "other")),
-    **dict.fromkeys((torch.mm, Tensor.mm), (0, "input", "mat2")),
-    **dict.fromkeys((torch.addmm, Tensor.addmm), (1, "mat1", "mat2")),  # (input, a, b)
-}
 
 
 @dataclass(frozen=True)
@@ -512,40 +506,186 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
-def _operands(func: Any, args: tuple, kwargs: dict) -> list[tuple[Any, int, Any, int]]:
-    """A call's candidate reads ``(weight, weight dim, input, input dim)``: the weight's dim
-    and the input's dim that the call contracts (``F.linear``: the weight's dim 1; a
-    convolution with one group: dim 1 against the channels before the spatial dims; a matrix
-    product of 2-D ``W``: ``x @ W`` reads ``W``'s dim 0, ``W @ x`` its dim 1)."""
-    if func is F.linear:
-        return [(_arg(args, kwargs, 1, "weight"), 1, _arg(args, kwargs, 0, "input"), -1)]
-    if func in CONVS:
-        w = _arg(args, kwargs, 1, "weight")
-        if _arg(args, kwargs, 6, "groups", 1) != 1 or not isinstance(w, Tensor):
-            return []
-        return [(w, 1, _arg(args, kwargs, 0, "input"), 1 - w.dim())]
-    spec = next((spec for f, spec in PRODUCTS.items() if f is func), None)
-    if spec is None:  # by identity: a function dispatched here need not be hashable
-        return []
-    first, a_name, b_name = spec
-    a, b = _arg(args, kwargs, first, a_name), _arg(args, kwargs, first + 1, b_name)
+class _Read(NamedTuple):
+    """A call's candidate read: ``weight``'s dim ``weight_dim`` against ``input``'s dim
+    ``input_dim``; ``batched``: a product batched over the matrices of a 3-D ``weight``
+    (``[E, ., .]``) whose ``input``'s dim 0 runs along them (matrix ``e`` reads slice ``e``)."""
+
+    weight: Any
+    weight_dim: int
+    input: Any
+    input_dim: int
+    batched: bool = False
+
+
+def _product_reads(a: Any, b: Any) -> list[_Read]:
+    """The reads of ``a @ b`` (``matmul`` broadcasting; ``mm``, ``mv``, ``bmm`` are cases): a
+    weight ``b`` of 2 dims or more is read along its dim ``-2`` by ``a``'s dim ``-1``, a weight
+    ``a`` of 2 dims or more along its dim ``-1`` by ``b``'s dim ``-2`` (``-1``: a vector)."""
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return []
-    reads = [(b, 0, a, -1)] if b.dim() == 2 and a.dim() >= 1 else []
-    if a.dim() == 2 and b.dim() >= 1:
-        reads.append((a, 1, b, -2 if b.dim() >= 2 else -1))
+    reads = [_batched(b, b.dim() - 2, a, -1)] if b.dim() >= 2 and a.dim() >= 1 else []
+    if a.dim() >= 2 and b.dim() >= 1:
+        reads.append(_batched(a, a.dim() - 1, b, -2 if b.dim() >= 2 else -1))
     return reads
 
 
-def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
-    """The dim of ``p`` that ``w``'s dim ``k`` runs over whole and in order, where ``w`` is
-    ``p``, or a 2-D view of 2-D ``p`` (a transpose, a range of rows or columns: ``chunk``,
-    ``split``, ``narrow``, ``W[a:b]``, ``W.T``), read off strides and storage offsets; ``None``
-    for any other view."""
-    if w is p:
-        return k if k < p.dim() else None  # a 1-D weight of F.linear: no channel dim
-    if w.dim() != 2 or p.dim() != 2 or w.dtype != p.dtype:
+def _batched(w: Tensor, k: int, x: Tensor, d: int) -> _Read:
+    """A product's read; of 3-D ``w`` by ``x`` whose batch dim ``-3`` runs along ``w``'s
+    matrices (``bmm``), batched, that dim moved first (a view)."""
+    if w.dim() != 3 or x.dim() < 3 or x.shape[-3] == 1:
+        return _Read(w, k, x, d)
+    return _Read(w, k, x.movedim(-3, 0), d, batched=True)
+
+
+def _product_call(first: int, a_name: str, b_name: str) -> Any:
+    """The reads of a product call whose operands ``a``, ``b`` sit at positions ``first`` and
+    ``first + 1`` or go by the keywords ``a_name``, ``b_name``."""
+
+    def reads(args: tuple, kwargs: dict) -> list[_Read]:
+        a, b = _arg(args, kwargs, first, a_name), _arg(args, kwargs, first + 1, b_name)
+        return _product_reads(a, b)
+
+    return reads
+
+
+def _linear_reads(args: tuple, kwargs: dict) -> list[_Read]:
+    """``F.linear(x, W)``: ``W``'s dim 1 against ``x``'s last dim."""
+    return [_Read(_arg(args, kwargs, 1, "weight"), 1, _arg(args, kwargs, 0, "input"), -1)]
+
+
+def _conv_reads(args: tuple, kwargs: dict) -> list[_Read]:
+    """A convolution with one group: the kernel's dim 1 against the channels before the
+    spatial dims."""
+    w = _arg(args, kwargs, 1, "weight")
+    if _arg(args, kwargs, 6, "groups", 1) != 1 or not isinstance(w, Tensor):
+        return []
+    return [_Read(w, 1, _arg(args, kwargs, 0, "input"), 1 - w.dim())]
+
+
+def _grouped_reads(args: tuple, kwargs: dict) -> list[_Read]:
+    """``grouped_mm(x, W, offs=offs)`` of 2-D ``x`` (rows sorted by group, ``offs`` their
+    cumulative counts) and stacked ``W`` ``[groups, in, out]``: matrix ``W[g]`` reads its
+    group's rows along its dim 0 (rows past ``offs[-1]`` belong to no group); 3-D both and no
+    ``offs``: ``bmm``."""
+    a, b = _arg(args, kwargs, 0, "mat_a"), _arg(args, kwargs, 1, "mat_b")
+    offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or b.dim() != 3:
+        return []
+    if offs is None:
+        return _product_reads(a, b) if a.dim() == 3 else []
+    if a.dim() != 2 or not isinstance(offs, Tensor) or offs.dim() != 1:
+        return []
+    if offs.numel() != b.shape[0]:
+        return []
+    ends = offs.tolist()
+    return [_Read(b[e], 0, a[(ends[e - 1] if e else 0) : ends[e]], -1) for e in range(len(ends))]
+
+
+def _einsum_terms(equation: str, dims: tuple[int, int]) -> tuple[list, list, str] | None:
+    """The subscripts of a two-operand ``einsum`` (``...`` expanded into one placeholder per
+    dim, numbered from the right) and of its output (implicit: the subscripts seen once, in
+    order); ``None`` for anything else (a repeated subscript: a diagonal or trace)."""
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
         return None
+    expanded = []
+    for term, n in zip(terms, dims, strict=True):
+        head, dots, tail = term.partition("...")
+        letters = head + tail
+        if not letters.isalpha() and letters or len(set(letters)) != len(letters):
+            return None
+        if "..." in tail or len(letters) > n or (not dots and len(letters) != n):
+            return None
+        rest = n - len(letters) if dots else 0
+        expanded.append([*head, *(f"..{i}" for i in reversed(range(rest))), *tail])
+    if not arrow:
+        out = "".join(sorted(c for c in "".join(terms) if c.isalpha() and lhs.count(c) == 1))
+    if not out.replace("...", "").isalpha() and out.replace("...", ""):
+        return None
+    return expanded[0], expanded[1], out
+
+
+def _einsum_reads(args: tuple, kwargs: dict) -> list[_Read]:
+    """``einsum(eq, x, W)`` (either order; :func:`_einsum_read`); nothing for an equation
+    with a repeated subscript, or other than two operands."""
+    operands = args[1:] if len(args) != 2 or isinstance(args[1], Tensor) else tuple(args[1])
+    if not args or not isinstance(args[0], str) or len(operands) != 2 or kwargs:
+        return []
+    if not all(isinstance(t, Tensor) for t in operands):
+        return []
+    terms = _einsum_terms(args[0], (operands[0].dim(), operands[1].dim()))
+    if terms is None:
+        return []
+    reads = []
+    for i in (0, 1):
+        reads += _einsum_read(operands[i], terms[i], operands[1 - i], terms[1 - i], terms[2])
+    return reads
+
+
+def _einsum_read(w: Tensor, ws: list, x: Tensor, xs: list, out: str) -> list[_Read]:
+    """``W``'s read by ``x`` in an ``einsum`` (subscripts ``ws``, ``xs``, output ``out``): along
+    the one subscript of ``W`` that ``x`` shares and ``out`` drops; where ``x`` shares another
+    one, kept in ``out``, it must be the first of stacked ``W`` (``"ecd,edf->ecf"``: batched
+    over its matrices, matrix ``W[e]`` reading ``x``'s slice ``e``)."""
+    contracted = [c for c in ws if c in xs and c not in out]
+    batch = [c for c in ws if c in xs and c in out]
+    if len(contracted) != 1 or any(c.startswith("..") for c in ws):
+        return []
+    at = xs.index(contracted[0])
+    if not batch:
+        return [_Read(w, ws.index(contracted[0]), x, at - len(xs))]
+    if batch != [ws[0]] or w.dim() != 3:
+        return []
+    along = xs.index(batch[0])
+    d = at + (at < along) - len(xs)  # once ``along`` is moved first
+    return [_Read(w, ws.index(contracted[0]), x.movedim(along, 0), d, batched=True)]
+
+
+def _attention_reads(args: tuple, kwargs: dict) -> list[_Read]:
+    """``F.multi_head_attention_forward``: the input projections it applies with ``F.linear``
+    inside (query, key, value through the rows of ``in_proj_weight``, or through their own
+    weights); the output projection reads a product computed inside and is not recorded."""
+    inputs = [_arg(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value"))]
+    if _arg(args, kwargs, 17, "use_separate_proj_weight", False):
+        names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        weights = [_arg(args, kwargs, 18 + i, name) for i, name in enumerate(names)]
+    else:
+        weights = [_arg(args, kwargs, 5, "in_proj_weight")] * 3
+    return [_Read(w, 1, x, -1) for w, x in zip(weights, inputs, strict=True)]
+
+
+# The calls read as linear maps of their input's channels, each with the function giving its
+# reads ``(weight, weight dim, input, input dim)``; looked up by identity (a function dispatched
+# to the mode need not be hashable).
+_MATMUL = _product_call(0, "input", "other")
+PRODUCTS: tuple[tuple[Any, Any], ...] = (
+    (F.linear, _linear_reads),
+    *((conv, _conv_reads) for conv in CONVS),
+    *((f, _MATMUL) for f in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.linalg.matmul)),
+    *((f, _product_call(0, "input", "mat2")) for f in (torch.mm, Tensor.mm, torch.bmm, Tensor.bmm)),
+    *((f, _product_call(0, "input", "vec")) for f in (torch.mv, Tensor.mv)),
+    *((f, _product_call(1, "mat1", "mat2")) for f in (torch.addmm, Tensor.addmm)),  # (input, a, b)
+    *((f, _product_call(1, "mat", "vec")) for f in (torch.addmv, Tensor.addmv)),
+    *((f, _product_call(1, "batch1", "batch2")) for f in (torch.baddbmm, Tensor.baddbmm)),
+    *((f, _grouped_reads) for f in (getattr(F, "grouped_mm", None), torch._grouped_mm) if f),
+    (torch.einsum, _einsum_reads),
+    (F.multi_head_attention_forward, _attention_reads),
+)
+
+
+def _operands(func: Any, args: tuple, kwargs: dict) -> list[_Read]:
+    """A call's candidate reads (:class:`_Read`): the weight's dim and the input's dim that the
+    call contracts (:data:`PRODUCTS`)."""
+    reads = next((reads for f, reads in PRODUCTS if f is func), None)
+    return [] if reads is None else reads(args, kwargs)
+
+
+def _view_dim(w: Tensor, k: int, p: Tensor) -> int | None:
+    """The dim of 2-D ``p`` that 2-D ``w``'s dim ``k`` runs over whole and in order, where
+    ``w`` is a transpose or a range of rows or columns of ``p`` (``chunk``, ``split``,
+    ``narrow``, ``W[a:b]``, ``W.T``), read off strides and storage offsets."""
     other, shift = 1 - k, w.storage_offset() - p.storage_offset()
     for j in (1, 0):
         step, span = p.stride(1 - j), p.shape[1 - j]
@@ -558,6 +698,37 @@ def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
     return None
 
 
+def _stacked_dim(w: Tensor, k: int, p: Tensor) -> int | None:
+    """The dim of contiguous 3-D ``p`` (stacked matrices, ``[experts, a, b]``) that ``w``'s
+    dim ``k`` runs over: ``w`` is ``p`` or ``p.mT``, or a 2-D view (:func:`_view_dim`) of one
+    matrix ``p[e]``."""
+    shift = w.storage_offset() - p.storage_offset()
+    if w.dim() == 3 and not shift and w.shape[0] == p.shape[0] and w.stride(0) == p.stride(0):
+        same = w.shape == p.shape and w.stride() == p.stride()
+        swapped = w.mT.shape == p.shape and w.mT.stride() == p.stride()
+        return k if same else (3 - k if swapped and k else None)
+    if w.dim() != 2 or not 0 <= shift < p.numel():
+        return None
+    dim = _view_dim(w, k, p[shift // p.stride(0)])
+    return None if dim is None else dim + 1
+
+
+def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
+    """The dim of ``p`` that ``w``'s dim ``k`` runs over whole and in order, where ``w`` is
+    ``p``, a 2-D view of 2-D ``p`` (:func:`_view_dim`), or of stacked 3-D ``p``
+    (:func:`_stacked_dim`), read off strides and storage offsets; ``None`` for any other
+    view."""
+    if w is p:
+        return k if k < p.dim() else None  # a 1-D weight of F.linear: no channel dim
+    if w.dtype != p.dtype:
+        return None
+    if w.dim() == 2 and p.dim() == 2:
+        return _view_dim(w, k, p)
+    if p.dim() == 3 and p.is_contiguous():
+        return _stacked_dim(w, k, p)
+    return None
+
+
 def _wrapped(x: Tensor) -> bool:
     """Whether ``x`` is a per-sample wrapper of a ``torch.func`` transform (``vmap``), whose
     maxima would escape it."""
@@ -567,7 +738,8 @@ def _wrapped(x: Tensor) -> bool:
 class _ChannelMaxima(TorchFunctionMode):
     """Records, for every linear call (:func:`_operands`) whose weight is one of ``weights``
     or a view of one (:func:`_weight_dim`), ``max |x_j|`` of its input per channel (float64
-    ``[C]``), keyed by ``(weight name, weight dim)``: the maximum over every such call
+    ``[C]``; ``[E, C]``, per matrix, where a call reads one matrix of stacked 3-D weights
+    ``[E, ., .]``), keyed by ``(weight name, weight dim)``: the maximum over every such call
     (``None``: only empty inputs)."""
 
     def __init__(self, weights: Mapping[str, Tensor]) -> None:
@@ -580,12 +752,13 @@ class _ChannelMaxima(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        for w, k, x, d in _operands(func, args, kwargs):
-            if isinstance(w, Tensor) and isinstance(x, Tensor) and not _wrapped(x):
-                self._record(w, k, x, d)
+        for read in _operands(func, args, kwargs):
+            if all(isinstance(t, Tensor) for t in (read.weight, read.input)):
+                if not _wrapped(read.input):
+                    self._record(*read)
         return out
 
-    def _record(self, w: Tensor, k: int, x: Tensor, d: int) -> None:
+    def _record(self, w: Tensor, k: int, x: Tensor, d: int, batched: bool = False) -> None:
         base = w if id(w) in self.weights else w._base
         name, p = self.weights.get(id(base), (None, None))
         dim = None if p is None else _weight_dim(w, k, p)
@@ -595,9 +768,23 @@ class _ChannelMaxima(TorchFunctionMode):
         old = self.maxima.setdefault(key, None)
         if not x.numel():  # e.g. an expert no token was routed to
             return
-        a = x.detach().abs().movedim(d, 0)
-        a = a.reshape(a.shape[0], -1).amax(1).to(torch.float64)
+        a = x.detach().abs().movedim(d, -1)
+        if batched and p.dim() == 3:  # dim 0 along the matrices: [E, C]
+            a = a.reshape(a.shape[0], -1, a.shape[-1]).amax(1)
+        else:
+            a = _per_slice(a.reshape(-1, a.shape[-1]).amax(0), w, p)
+        a = a.to(torch.float64)
         self.maxima[key] = a if old is None else torch.maximum(old, a)
+
+
+def _per_slice(a: Tensor, w: Tensor, p: Tensor) -> Tensor:
+    """A read's channel maxima ``a`` (``[C]``) as recorded for ``p``: where ``w`` is one matrix
+    ``p[e]`` of stacked 3-D ``p``, row ``e`` of ``[E, C]`` (the other rows 0: no input)."""
+    if p.dim() != 3 or w.dim() != 2:
+        return a
+    out = a.new_zeros(p.shape[0], a.shape[0])
+    out[(w.storage_offset() - p.storage_offset()) // p.stride(0)] = a
+    return out
 
 
 @torch.no_grad()
@@ -629,22 +816,29 @@ def activation_ranges(
 
 
 def readers(
-    structure: GaugeStructure, read: Iterable[tuple[str, int]], order: list[str], device: Any
+    structure: GaugeStructure,
+    read: Mapping[tuple[str, int], Tensor | None],
+    order: list[str],
+    device: Any,
 ) -> list[Reader]:
-    """The reads ``(weight, dim)`` of the calibration pass that are channel scalings of the
-    input: the weight is counted (``order``: the counted names, in the order to list them),
-    has terms varying along ``dim`` only (its columns) and none varying along ``dim`` and
-    another dim."""
+    """The reads ``(weight, dim)`` of the calibration pass (with their maxima) that are channel
+    scalings of the input: the weight is counted (``order``: the counted names, in the order
+    to list them), has terms varying along ``dim`` only (its columns; or along ``dim`` and the
+    matrix dim 0 where the maxima are per matrix, ``[E, C]``) and none varying along ``dim``
+    and another dim."""
     plans = {p.name: p for p in structure.plan(device)}
     rank = {name: i for i, name in enumerate(order)}
     out = []
     for weight, wdim in sorted(
         (r for r in read if r[0] in rank and r[0] in plans), key=lambda r: (rank[r[0]], r[1])
     ):
+        maxima = read[weight, wdim]
+        allowed = ({wdim}, {0, wdim}) if maxima is not None and maxima.dim() == 2 else ({wdim},)
         varying = [_varying(t) for t in plans[weight].terms]
-        if any(wdim in v and len(v) > 1 for v in varying):
+        if any(wdim in v and v not in allowed for v in varying):
             continue
-        columns = tuple(t for t, v in zip(plans[weight].terms, varying, strict=True) if v == {wdim})
+        terms = zip(plans[weight].terms, varying, strict=True)
+        columns = tuple(t for t, v in terms if v in allowed)
         if columns:
             out.append(Reader(weight, wdim, columns))
     return out
@@ -678,11 +872,12 @@ def activation_balance(
         divided[r.weight] = divided.get(r.weight, ()) + tuple(t for t in r.columns if t.sign < 0)
         if ranges[r.weight, r.weight_dim] is None:  # empty inputs only: its columns only
             continue
-        weight = params[r.weight]
-        shape = [1] * weight.dim()
-        shape[r.weight_dim] = weight.shape[r.weight_dim]
+        maxima = ranges[r.weight, r.weight_dim]
+        shape = [1] * params[r.weight].dim()
+        shape[r.weight_dim] = maxima.shape[-1]
+        shape[0] = maxima.shape[0] if maxima.dim() == 2 else shape[0]  # per matrix: [E, C]
         scaled = tuple(PlannedTerm(t.slots, -t.sign) for t in r.columns)
-        act = ranges[r.weight, r.weight_dim].to(device).log().view(shape)
+        act = maxima.to(device).log().view(shape)
         channels.append(RangeSource(act, scaled, tuple(t for t in scaled if t.sign > 0)))
     for name, source in weights.items():  # the other weights reading the channels
         if name not in divided and (terms := _absorbing(source.counted)):
