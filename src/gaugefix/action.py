@@ -55,6 +55,7 @@ __all__ = [
     "refuse_shared_memory",
     "refuse_unmoved_settings",
     "refuse_unmovable",
+    "untransportable_state",
 ]
 
 # Optimizer state entries by how they scale when the parameter entry is multiplied by ``f``:
@@ -109,6 +110,20 @@ UNMOVED_SETTINGS = {
         "it sums g / (sqrt(v) + eps), which no power of the factor moves (eps does not scale)",
     ),
 }
+# Optimizers whose per-parameter state, made at their first step, no gauge move transports (see
+# :func:`optimizer_states`), by class name, with that state (a subclass counts): torch.optim's,
+# transformers' Adafactor and torchao's low-bit Adam and AdamW; torch's own Adagrad and RMSprop
+# (not a subclass, which may read its settings otherwise) are taken under the settings whose
+# state moves (:data:`UNMOVED_SETTINGS`).
+UNTRANSPORTABLE_STATE = {
+    "Adagrad": "sum", "Adamax": "exp_inf", "RMSprop": "square_avg", "Adadelta": "square_avg",
+    "Rprop": "prev and step_size", "ASGD": "ax", "Adafactor": "factored second moments",
+    "LBFGS": "direction and history",
+    **dict.fromkeys(
+        ("Adam4bit", "Adam8bit", "AdamFp8", "AdamW4bit", "AdamW8bit", "AdamWFp8"),
+        "quantized moments",
+    ),
+}  # fmt: skip
 # Settings that torch reads from the optimizer's defaults, whatever the group's, when it makes
 # the state: Adagrad fills a new ``sum`` with its defaults' ``initial_accumulator_value``.
 _FROM_DEFAULTS = ("initial_accumulator_value",)
@@ -266,6 +281,23 @@ def refuse_unmoved_settings(
                 f"cannot transport optimizer state '{state_key}' of {type(optimizer).__name__} "
                 f"with {key}={value}: {why}; only {key}=0 moves exactly; nothing was modified"
             )
+
+
+def untransportable_state(
+    optimizer: torch.optim.Optimizer, params: dict[str, Tensor]
+) -> tuple[str, str] | None:
+    """Before ``optimizer`` makes its state: the class (of its own or a base) and the state of
+    :data:`UNTRANSPORTABLE_STATE` it will make, which no gauge move transports, or ``None``;
+    for torch's own class of :data:`TRANSPORTABLE`, ``ValueError`` for a setting whose state
+    does not move (:func:`refuse_unmoved_settings`, whether or not that state is made yet)."""
+    if _transportable_keys(optimizer) is not None:
+        refuse_unmoved_settings(optimizer, params, made=False)
+        return None
+    for cls in type(optimizer).__mro__:
+        state = UNTRANSPORTABLE_STATE.get(cls.__name__)
+        if state is not None:
+            return cls.__name__, state
+    return None
 
 
 def _setting_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> object:
@@ -584,7 +616,8 @@ def apply_gauge_(
     state key these do not make (:func:`optimizer_states`). Everything is validated first; on
     error nothing is modified: an ``h`` whose factors could overflow a moved tensor's dtype, or
     fall below the normal range of the dtype they are formed in, is refused
-    (:func:`overflowing`).
+    (:func:`overflowing`). A moved entry is the product rounded to its dtype: one whose exact
+    value lies below half the smallest subnormal rounds to 0, as any product does.
     """
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)

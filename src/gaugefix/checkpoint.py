@@ -685,14 +685,16 @@ def _tied(model_state: Mapping[str, Tensor]) -> dict[tuple, list[str]]:
 
 
 def _refuse_foreign(
-    model_state: Mapping[str, Tensor], tensors: Mapping[str, Tensor]
+    model_state: Mapping[str, Tensor],
+    tensors: Mapping[str, Tensor],
+    tied: dict[tuple, list[str]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """The names of ``tensors`` not in ``model_state`` (sorted), and the model's names that
-    ``tensors`` lacks (one a name it ties to another stands for). :class:`CheckpointError`
-    saying the file may hold another model's weights when most of either are so: more than
-    :data:`FOREIGN_FRACTION` of the file's names (none: an empty file is not another model's),
-    or of the model's."""
-    tied = _tied(model_state)
+    ``tensors`` lacks (one a name it ties to another stands for; ``tied``: the model's
+    :func:`_tied`, when the caller has it). :class:`CheckpointError` saying the file may hold
+    another model's weights when most of either are so: more than :data:`FOREIGN_FRACTION` of
+    the file's names (none: an empty file is not another model's), or of the model's."""
+    tied = _tied(model_state) if tied is None else tied
     unexpected = sorted(set(tensors) - set(model_state))
     missing = [
         name
@@ -721,7 +723,7 @@ def _complete(model_state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dic
     in."""
     _refuse_unsupported(model_state, tensors)
     tied = _tied(model_state)
-    unexpected, missing = _refuse_foreign(model_state, tensors)
+    unexpected, missing = _refuse_foreign(model_state, tensors, tied)
     for what, names in (("not in the model", unexpected), ("missing", missing)):
         if names:
             raise CheckpointError(f"the weights do not fit the model: {_listed(names)} {what}")

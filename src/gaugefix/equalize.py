@@ -119,6 +119,8 @@ class EqualizeResult:
     applied (0 on generators left out); ``dead_generators``: the generators the objective does
     not see on both sides, those in an open group (of its own terms; of the norm's for a
     callable), and those touching a frozen parameter, left at ``h = 0``; ``converged``.
+    The norm is over every parameter the structure acts on, frozen ones included (unchanged);
+    a residual is over no generator, 0, when every generator is held (:attr:`movable` 0).
     """
 
     objective: str
@@ -128,6 +130,12 @@ class EqualizeResult:
     h: Tensor
     dead_generators: Tensor
     converged: bool
+
+    @property
+    def movable(self) -> int:
+        """How many generators the objective could move (those not in ``dead_generators``):
+        0 when nothing was movable."""
+        return len(self.h) - len(self.dead_generators)
 
 
 class RangeSource(NamedTuple):
@@ -1158,7 +1166,8 @@ def equalize_(
     check_transport(optimizer, params)
     active, keep = unfrozen(structure, params)
     if name == "norm":
-        return _balanced(model, active, keep, tol, max_iter, optimizer)
+        held = sum(_norm_sq(params[n]) for n in structure.params if n not in active.params)
+        return _balanced(model, active, keep, tol, max_iter, optimizer, held)
     if name == "callable":
         live = closed_generators(params, active)
         inner = active if bool(live.all()) else active.restrict(live, OPEN_REASON)
@@ -1186,6 +1195,11 @@ def equalize_(
     )
 
 
+def _norm_sq(t: Tensor) -> float:
+    """``||t||^2`` in float64."""
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64) ** 2)
+
+
 def _activation_solve(
     model: nn.Module, params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str],
     calibration: Tensor | tuple[Tensor, ...], alpha: float, tol: float, max_iter: int,
@@ -1209,15 +1223,17 @@ def _balanced(
     tol: float,
     max_iter: int,
     optimizer: Optimizers,
+    held: float,
 ) -> EqualizeResult:
     """``"norm"``: :func:`gaugefix.balance_` on the generators ``keep`` selects (``active``),
-    reported on all of them."""
+    reported on all of them; ``held``: ``||theta||^2`` of the parameters only the others act on
+    (they do not move), added to the norm before and after."""
     done = balance_(model, active, tol, max_iter, optimizer)
     full = torch.zeros(keep.shape[0], dtype=torch.float64)
     full[keep] = done.h.cpu()
     kept = torch.nonzero(keep).reshape(-1)
     dead = torch.cat([torch.nonzero(~keep).reshape(-1), kept[done.dead_generators.cpu()]])
     return EqualizeResult(
-        "norm", done.norm_sq_before, done.norm_sq_after, done.iterations, full,
+        "norm", done.norm_sq_before + held, done.norm_sq_after + held, done.iterations, full,
         dead.sort().values, done.converged,
     )  # fmt: skip

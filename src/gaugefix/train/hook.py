@@ -12,12 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from gaugefix.action import (
-    TRANSPORTABLE,
     Optimizers,
     check_transport,
     finite_on_device,
     optimizers,
-    refuse_unmoved_settings,
+    untransportable_state,
 )
 from gaugefix.balancing import balance_
 from gaugefix.distributed import (
@@ -110,43 +109,24 @@ def _refuse_line_search(optimizer: torch.optim.Optimizer, mode: Mode) -> None:
             )
 
 
-# Optimizers whose per-parameter state, made at their first step, holds what an orbit step
-# cannot transport (see ``gaugefix.action.optimizer_states``), by class name (a subclass
-# counts): torch.optim's, transformers' Adafactor (a Trainer's ``optim="adafactor"``) and
-# torchao's low-bit Adam and AdamW. torch's own Adagrad and RMSprop (not a subclass) are taken
-# under the settings whose state moves (``gaugefix.action.UNMOVED_SETTINGS``).
-UNTRANSPORTABLE_STATE = {
-    "Adagrad": "sum", "Adamax": "exp_inf", "RMSprop": "square_avg", "Adadelta": "square_avg",
-    "Rprop": "prev and step_size", "ASGD": "ax", "Adafactor": "factored second moments",
-    "LBFGS": "direction and history",
-    **dict.fromkeys(
-        ("Adam4bit", "Adam8bit", "AdamFp8", "AdamW4bit", "AdamW8bit", "AdamWFp8"),
-        "quantized moments",
-    ),
-}  # fmt: skip
-
-
 def _refuse_untransportable(
     optimizer: torch.optim.Optimizer, mode: Mode, params: dict[str, Tensor]
 ) -> None:
-    """``ValueError`` in exact mode for an optimizer of :data:`UNTRANSPORTABLE_STATE` (or a
-    subclass), or for torch's Adagrad or RMSprop with a setting whose state does not move
-    (:func:`gaugefix.action.refuse_unmoved_settings`, whether or not that state is made yet):
-    at construction, not at its first orbit step, after ``every`` steps of training (torchao's
-    quantized state failed there with a ``NotImplementedError``)."""
+    """``ValueError`` in exact mode for an optimizer whose state, made at its first step, no
+    orbit step transports (:func:`gaugefix.action.untransportable_state`: a class of
+    ``UNTRANSPORTABLE_STATE`` or a subclass, torch's Adagrad or RMSprop with a setting whose
+    state does not move): at construction, not at its first orbit step, after ``every`` steps
+    of training (torchao's quantized state failed there with a ``NotImplementedError``)."""
     if mode != "exact":
         return
-    exact = type(optimizer) is getattr(torch.optim, type(optimizer).__name__, None)
-    for cls in type(optimizer).__mro__:
-        state = UNTRANSPORTABLE_STATE.get(cls.__name__)
-        if state is not None and not (exact and cls.__name__ in TRANSPORTABLE):
-            raise ValueError(
-                f"GaugeFixing(mode='exact') cannot transport optimizer state ({state}) of "
-                f"{cls.__name__}, made at its first step; use mode='penalty', which moves no "
-                "state, or an optimizer with momentum or Adam moments"
-            )
-    if exact:
-        refuse_unmoved_settings(optimizer, params, made=False)
+    found = untransportable_state(optimizer, params)
+    if found is not None:
+        name, state = found
+        raise ValueError(
+            f"GaugeFixing(mode='exact') cannot transport optimizer state ({state}) of "
+            f"{name}, made at its first step; use mode='penalty', which moves no "
+            "state, or an optimizer with momentum or Adam moments"
+        )
 
 
 def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
