@@ -310,11 +310,19 @@ class GaugeFixing:
     groups count as one list, in the order given (``state_dict``'s ``lr_sums``, learning-rate
     errors): a generator whose parameters sit in groups of different optimizers relaxes at
     ``strength * min(lr)`` over them, as for several groups of one optimizer (a group added to
-    one mid-interval sums from its first step; the others keep theirs). An optimizer stepping
-    again while another has not is logged once (one that never steps stops gauge fixing). An
-    optimizer listed twice, one holding no parameter of ``model``, a parameter two hold, and
-    penalty mode (each optimizer's closure and loss scale would take the penalty) are refused
-    (``ValueError``, nothing attached). The hooks run eagerly in a compiled ``optimizer.step``.
+    one mid-interval, also after a state was loaded or between two optimizers' steps, sums from
+    its first step; the others keep theirs; ``state_dict`` records the parameter count of each
+    group of each optimizer, and a state that does not fit them, optimizers in another order
+    say, is refused; groups reordered keep their sums). The gradients each optimizer step takes (of
+    the acted-on parameters it holds) are checked at that step, at every step of the training
+    step (one optimizer stepping twice, as a GAN's discriminator, included): one non-finite
+    skips the orbit step, as with one optimizer (the orbit step reads only parameters, checked
+    after, but a step that ``GradScaler`` skips inside a fused optimizer shows only in its
+    gradients). An optimizer stepping again while another has not is logged once (one that
+    never steps stops gauge fixing). An optimizer listed twice, one holding no parameter of
+    ``model``, a parameter two hold, and penalty mode (each optimizer's closure and loss scale
+    would take the penalty) are refused (``ValueError``, nothing attached). The hooks run
+    eagerly in a compiled ``optimizer.step``.
     """
 
     def __init__(
@@ -368,10 +376,14 @@ class GaugeFixing:
     def _attach(self) -> None:
         """Register the step hooks on every optimizer, with the state of an open training step."""
         # Per optimizer that stepped since the last orbit step (or since the last training
-        # step), its groups' learning rates at its step: a training step is complete when all did.
-        self._stepped: dict[int, tuple[float | Tensor, ...]] = {}
-        # Per optimizer, its number of groups at the last step the sums took (None: unknown).
-        self._counts: tuple[int, ...] | None = None
+        # step), its groups' learning rates and parameter counts at its step: a training step is
+        # complete when all did.
+        self._stepped: dict[int, tuple[tuple[float | Tensor, int], ...]] = {}
+        # Per optimizer, its groups' parameter counts at the last step the sums took (their
+        # number: its group count; None: unknown).
+        self._sizes: tuple[tuple[int, ...], ...] | None = None
+        # Per optimizer, its group objects at the sums' last step (kept alive: ids stay theirs).
+        self._last_groups: list[list[dict[str, Any]]] | None = None
         self._warned_open = False  # whether an optimizer stepping twice in one step was logged
         self._handles = [
             handle
@@ -470,17 +482,17 @@ class GaugeFixing:
         rate is refused here, before the optimizer step."""
         if self.mode == "exact":
             self._check_lrs()
-        if self._orbit.since + 1 < self.every or self._stepped:  # not acted on, or checked
+        if self._orbit.since + 1 < self.every:  # a training step gauge fixing does not act on
             return None
         # ``args`` starts with the optimizer itself: ``step(closure)`` has it at ``args[1]``.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
-            self._gradients_ready()
+            self._gradients_ready(optimizer)
             return None
 
         def closure_then_gauge() -> Any:
             loss = closure()
-            self._gradients_ready()
+            self._gradients_ready(optimizer)
             return loss
 
         if "closure" in kwargs:
@@ -501,12 +513,17 @@ class GaugeFixing:
                     f"{err}; GaugeFixing refused the optimizer step (nothing changed)"
                 ) from None
 
-    def _gradients_ready(self) -> None:
-        """Check the gradients (on the device); in penalty mode, check the parameters and add
-        ``grad P`` (one host read). Runs once per gradient evaluation."""
+    def _gradients_ready(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check the gradients that ``optimizer``'s step takes, those of the acted-on parameters
+        it holds (on the device): the first step of a training step sets ``_ok``, every later
+        one (another optimizer, or one stepping again) ands its own check in, so that the orbit
+        step is skipped if any step of the training step took a non-finite gradient; in penalty
+        mode (one optimizer), check the parameters and add ``grad P`` (one host read). Runs
+        once per gradient evaluation."""
         self._refresh()
-        grads = [g for p in self._checked if (g := p.grad) is not None]
-        self._ok = finite_on_device(grads)
+        grads = [g for p in self._held_by(optimizer) if (g := p.grad) is not None]
+        ok = finite_on_device(grads)
+        self._ok = ok if not self._stepped or self._ok is None else self._ok & ok
         if self.mode == "penalty":
             ascended = self._maximized_grads()
             _negate_(ascended())  # what a group that maximizes descends
@@ -514,6 +531,15 @@ class GaugeFixing:
                 self.params, self.active, self._grad_strength(), self._ok
             )
             _negate_(ascended())
+
+    def _held_by(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """The acted-on parameters ``optimizer`` holds (all of them with one optimizer)."""
+        if len(self.optimizers) == 1:
+            return self._checked
+        k = next(i for i, opt in enumerate(self.optimizers) if opt is optimizer)
+        start = sum(len(opt.param_groups) for opt in self.optimizers[:k])
+        stop = start + len(optimizer.param_groups)
+        return [p for p, i in zip(self._checked, self._group_of, strict=True) if start <= i < stop]
 
     def _maximized_grads(self) -> Any:
         """A function listing the existing ``.grad`` of the acted-on parameters in groups with
@@ -538,17 +564,22 @@ class GaugeFixing:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._stepped:
             self._warn_open(optimizer)
-        self._stepped[id(optimizer)] = tuple(group["lr"] for group in optimizer.param_groups)
+        self._stepped[id(optimizer)] = tuple(
+            (group["lr"], len(group["params"])) for group in optimizer.param_groups
+        )
         if len(self._stepped) < len(self.optimizers):  # the training step is not complete
             return
         stepped = [self._stepped[id(opt)] for opt in self.optimizers]
-        lrs = tuple(lr for group_lrs in stepped for lr in group_lrs)
-        counts, self._stepped = tuple(map(len, stepped)), {}
-        orbit = _realigned(self._orbit, self._counts, counts)
-        self._counts = counts
+        lrs = tuple(lr for groups in stepped for lr, _ in groups)
+        sizes, self._stepped = tuple(tuple(n for _, n in groups) for groups in stepped), {}
+        old, counts = self._counts(), tuple(map(len, sizes))
+        orbit = _realigned(self._reordered(self._orbit, old, counts), old, counts)
+        self._sizes = sizes
         lr_sums, self._orbit = advance(orbit, lrs, self.every)
         if lr_sums is None:  # gauge fixing does not act on this step
             return
+        # Groups added or removed after an optimizer stepped: the sums in the groups' order now.
+        lr_sums = _realigned(OrbitState(0, lr_sums), counts, self._group_counts()).lr_sum
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
         if self.mode == "exact":
             rate = self._rate(lr_sums)
@@ -573,6 +604,28 @@ class GaugeFixing:
                 ok = moved if ok is None else ok & moved
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
+
+    def _reordered(
+        self, orbit: OrbitState, old: tuple[int, ...] | None, counts: tuple[int, ...]
+    ) -> OrbitState:
+        """``orbit`` with each optimizer's sums following its groups where they are the same
+        group objects as at the sums' last step (``old`` groups each) in another order
+        (``param_groups`` reordered or replaced by a reordered list: by position each would take
+        another's sum); the groups now are kept for the next step. Any other change keeps
+        positions (:func:`_realigned`)."""
+        before = self._last_groups
+        now = self._last_groups = [list(opt.param_groups) for opt in self.optimizers]
+        same = before is not None and tuple(map(len, before)) == old == counts
+        if orbit.lr_sum is None or not same or tuple(map(len, now)) != counts:
+            return orbit
+        sums, start, parts = orbit.lr_sum, 0, []
+        for old, new in zip(before, now, strict=True):
+            part, where = sums[start : start + len(old)], {id(g): i for i, g in enumerate(old)}
+            start += len(old)
+            if len({id(g) for g in new}) == len(new) and all(id(g) in where for g in new):
+                part = tuple(part[where[id(g)]] for g in new)
+            parts += part
+        return orbit._replace(lr_sum=tuple(parts))
 
     def _warn_open(self, optimizer: torch.optim.Optimizer) -> None:
         """Log once per hook that ``optimizer`` stepped again while another has not stepped since
@@ -608,6 +661,18 @@ class GaugeFixing:
         """The parameter groups of every optimizer, in the order given, one list: a group's index
         here is its index in :meth:`state_dict`'s ``lr_sums`` and in learning-rate errors."""
         return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def _group_counts(self) -> tuple[int, ...]:
+        """The number of parameter groups of each optimizer now, in the order given."""
+        return tuple(len(opt.param_groups) for opt in self.optimizers)
+
+    def _group_sizes(self) -> list[list[int]]:
+        """The parameter count of each group of each optimizer now, in the order given."""
+        return [[len(group["params"]) for group in opt.param_groups] for opt in self.optimizers]
+
+    def _counts(self) -> tuple[int, ...] | None:
+        """The group count of each optimizer at the sums' last step (None: unknown)."""
+        return None if self._sizes is None else tuple(map(len, self._sizes))
 
     def _param_groups(self) -> list[int]:
         """The index of the optimizer group holding each acted-on parameter."""
@@ -651,24 +716,33 @@ class GaugeFixing:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the counts and where the run stands in
         the interval between orbit steps (the steps since the last one and the sums of their
-        learning rates per parameter group). Plain data (JSON-serialisable)."""
-        return {
+        learning rates per parameter group); over several optimizers also ``groups``, per
+        optimizer in order the parameter count of each of its groups that ``lr_sums`` covers
+        (the groups now at an orbit step), so that each sum goes back to its optimizer and
+        group. Plain data (JSON-serialisable)."""
+        state = {
             "steps": self.steps,
             "skipped": self.skipped,
             "since": self._orbit.since,
             "lr_sums": [float(lr) for lr in self._orbit.lr_sum or ()],
         }
+        if len(self.optimizers) > 1:
+            summed = self._orbit.lr_sum is not None and self._sizes is not None
+            state["groups"] = list(map(list, self._sizes)) if summed else self._group_sizes()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a hook with the same ``every``, which the state
         does not record (``ValueError``, nothing changed, for anything but such a state, or one
-        whose place in the interval does not fit this ``every``)."""
+        whose place in the interval does not fit this ``every``, or whose ``groups`` do not
+        fit the optimizers: :meth:`_saved_counts`)."""
         try:  # integers and numbers as state_dict wrote them: 1.5 or "2" is no count
             steps, skipped, since = [
                 check_count(state[key], f"a GaugeFixing state's {key}", 0)
                 for key in ("steps", "skipped", "since")
             ]
             lr_sums = [check_number(x, "a GaugeFixing state's lr_sums") for x in state["lr_sums"]]
+            sizes = self._saved_counts(state, since, len(lr_sums))
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a GaugeFixing state: {err!r}") from None
         if since >= self.every:
@@ -689,7 +763,52 @@ class GaugeFixing:
             )
         self._applied, self._acted = steps, steps + skipped
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
-        self._counts = None
+        self._sizes, self._last_groups = (sizes if since else None), None
+
+    def _saved_counts(
+        self, state: dict[str, Any], since: int, sums: int
+    ) -> tuple[tuple[int, ...], ...] | None:
+        """The parameter count of each group of each optimizer that a state's ``sums``
+        learning-rate sums cover (``groups``, their lengths the group counts; ``None`` for a
+        state without it: one optimizer's), or ``ValueError`` for counts of another number of
+        optimizers or not of ``sums`` groups, in mid-interval for counts other than those of the
+        optimizers' groups now, position by position (optimizers in another order; a group
+        added since is allowed), and for a state without them over several optimizers in
+        mid-interval (which sums are whose is unknown)."""
+        n = len(self.optimizers)
+        if "groups" not in state:
+            if n > 1 and since:
+                raise ValueError(
+                    f"a GaugeFixing state without 'groups' does not record which optimizer each "
+                    f"of its {sums} learning-rate sums belongs to: it cannot continue an "
+                    f"interval over {n} optimizers (resume it at an orbit step, since=0)"
+                )
+            return None
+        groups = state["groups"]
+        if not isinstance(groups, list | tuple) or not all(
+            isinstance(g, list | tuple) for g in groups
+        ):
+            raise TypeError(f"groups must be a list of lists of counts, got {groups!r}")
+        what = "a GaugeFixing state's groups"
+        sizes = tuple(tuple(check_count(c, what, 0) for c in g) for g in groups)
+        if len(sizes) != n:
+            raise ValueError(
+                f"a GaugeFixing state that covers {len(sizes)} optimizers does not fit a hook "
+                f"over {n}"
+            )
+        if since and sum(map(len, sizes)) != sums:
+            raise ValueError(
+                f"a GaugeFixing state with {sums} learning-rate sums does not fit its groups "
+                f"{list(map(list, sizes))}, with {sum(map(len, sizes))} parameter groups"
+            )
+        for i, (saved, now) in enumerate(zip(sizes, self._group_sizes(), strict=True)):
+            if since and list(saved) != now[: len(saved)]:
+                raise ValueError(
+                    f"a GaugeFixing state whose optimizer {i} had groups of {list(saved)} "
+                    f"parameters does not fit optimizer {i} with groups of {now} parameters "
+                    "(optimizers in another order?)"
+                )
+        return sizes
 
     # -- misc -------------------------------------------------------------------------------------
     def balance(self) -> None:
