@@ -1366,6 +1366,17 @@ class TraceContext:
 
 
 _MIXED = "mixed with a fixed tensor"
+_EMPTY_INPUT = (
+    "parameter read with an empty input (the example reaches none of its rows, e.g. no token "
+    "reaches an expert): give an input that reaches every expert"
+)
+
+
+def _empty_beside(tensors: list[Tensor], is_param: Any) -> bool:
+    """Whether an op's inputs hold an empty tensor that is not a parameter."""
+    return any(t.numel() == 0 and not is_param(t) for t in tensors)
+
+
 # the reason fixing the direction v of a weight norm w = g v / ||v||: the summary reads it
 WEIGHT_NORM_DIRECTION = "direction of a weight norm (its scale is divided out)"
 _LIBRARY = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
@@ -1610,6 +1621,7 @@ class _Tracer(TorchFunctionMode):
         super().__init__()
         self.ctx = ctx
         self.suppress = 0  # inside how many module calls a rule speaks for
+        self._empty_from: dict[int, tuple[Tensor, list[Tensor]]] = {}  # empty out: inputs
         self.versions: list[list[int | None]] = []  # of the outermost such call's inputs
 
     def enter_rule(self, args: tuple, kwargs: dict) -> None:
@@ -1641,6 +1653,7 @@ class _Tracer(TorchFunctionMode):
         labels = ctx.apply(rule, args, kwargs, out)
         ctx.module = None
         self._block_unclaimed(tensors)
+        self._fix_read_with_empty(tensors)
         ctx.commit_roles()
         self.record(out, labels, {id(t) for t in tensors})
 
@@ -1711,9 +1724,14 @@ class _Tracer(TorchFunctionMode):
         ctx.func = func
         if rule is None:
             labels = ctx.block_all(args, kwargs, ctx.reason(f"unknown op {name}"))
+        elif any(map(ctx.is_param, tensors)) and _empty_beside(tensors, ctx.is_param):
+            labels = ctx.block_all(args, kwargs, ctx.reason(_EMPTY_INPUT))
         else:
             labels = ctx.apply(rule, args, kwargs, out)
         self._block_unclaimed(tensors)
+        self._fix_read_with_empty(tensors)
+        self._note_empty(tensors, out)
+        self._block_filled(tensors, out)
         ctx.commit_roles()
         self.record(out, labels, {id(t) for t in tensors})
 
@@ -1756,6 +1774,54 @@ class _Tracer(TorchFunctionMode):
             made_from = ctx.zero_source(args[0])
             if made_from is not None:
                 ctx.mark_zero(out, made_from)
+
+    def _fix_read_with_empty(self, tensors: list[Tensor]) -> None:
+        """An op that meets the parameters it uses with an empty tensor (the rows of an expert
+        no token of the example reaches) shows nothing of how their channels meet the data on
+        an input that fills it: every parameter the op gave a role is fixed, and the channels
+        of the activations the empty tensor was cut from are blocked."""
+        ctx = self.ctx
+        reads = ctx._pending or any(map(ctx.is_param, tensors))
+        if not (reads and _empty_beside(tensors, ctx.is_param)):
+            return
+        reason = ctx.reason(_EMPTY_INPUT)
+        for name in list(ctx._pending):
+            ctx.fix(ctx.params[name], reason)
+        for t in tensors:
+            entry = self._empty_from.get(id(t))
+            for source in entry[1] if entry is not None and entry[0] is t else ():
+                ctx.block(ctx.terms(source), reason)
+
+    def _block_filled(self, tensors: list[Tensor], out: Any) -> None:
+        """An op that joins an empty tensor of rows (channels kept: its last dim is not empty)
+        into a non-empty output (``torch.cat`` of experts, one of them reached by no token)
+        puts rows there that another input fills with the channels it was cut from, which the
+        trace never saw: those channels are blocked."""
+        if not any(t.numel() for t in nested_tensors(out)):
+            return
+        for t in tensors:
+            entry = self._empty_from.get(id(t))
+            if entry is not None and entry[0] is t and t.ndim and t.shape[-1]:
+                reason = self.ctx.reason("rows no input of the example reaches (an expert no "
+                                         "token reaches) joined into the output")  # fmt: skip
+                for source in entry[1]:
+                    self.ctx.block(self.ctx.terms(source), reason)
+
+    def _note_empty(self, tensors: list[Tensor], out: Any) -> None:
+        """Keep, for each empty tensor an op returns (``x[:0]``, a split's empty chunk), the
+        non-empty activations it was cut from: rows of them that another input fills."""
+        empty = [t for t in nested_tensors(out) if t.numel() == 0]
+        if not empty:
+            return
+        sources: list[Tensor] = []
+        for t in tensors:
+            entry = self._empty_from.get(id(t))
+            if entry is not None and entry[0] is t:
+                sources += entry[1]
+            elif t.numel() and not self.ctx.is_param(t):
+                sources.append(t)
+        for t in empty:
+            self._empty_from[id(t)] = (t, sources)
 
     def _block_unclaimed(self, tensors: list[Tensor]) -> None:
         """A safety net: the tensors among an op's arguments its rule did not look at are
