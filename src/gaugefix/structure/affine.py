@@ -54,7 +54,10 @@ def _linear(
     x, w, b = input, weight, bias
     if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
         return ctx.block_all((x, w, b), {}, ctx.reason("linear map of a parameter"))
-    cols = ctx.along_terms(x, -1)
+    # a fixed input (a constant such as ``eye``) states its factor 0 as a term on node 0: the
+    # use keeps the form of a linear map, so a weight read by it and by a rescaled input as
+    # well is one role, with the columns fixed
+    cols = ctx.along_terms(x, -1) or Sum.of(ZERO.expand(x.shape[-1]))
     rows = ctx.produce(w, *w.shape[:-1], 1).view(w.shape[:-1])
     ctx.consume(w, cols.map(lambda c: c.view(*([1] * (w.dim() - 1)), -1)))
     if b is not None:

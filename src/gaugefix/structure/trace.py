@@ -1302,8 +1302,9 @@ class TraceContext:
     def commit_roles(self) -> None:
         """Close the roles the current op gave its parameters: a first use defines them; a
         later use of the same form (the same number of terms with the same signs, in whatever
-        order the rules state them) is united with it term by term; a use of another form fixes
-        the parameter."""
+        order the rules state them, or so once the terms all on node 0, which only state the
+        factor 0, are left out) is united with it term by term; a use of another form fixes the
+        parameter."""
         pending, self._pending = self._pending, {}
         for name, terms in pending.items():
             # multiplying terms first: the order a rule states them in is not part of the form
@@ -1318,10 +1319,11 @@ class TraceContext:
                 for nodes, _ in terms:
                     self.block(nodes, why)
                 continue
-            if len(before) == len(terms) and all(
-                a[1] == b[1] for a, b in zip(before, terms, strict=True)
-            ):
-                for (a, _), (b, _) in zip(before, terms, strict=True):
+            aligned = _same_form(before, terms)
+            if aligned is None:
+                aligned = _same_form(_unfixed(before), _unfixed(terms))
+            if aligned is not None:
+                for (a, _), (b, _) in aligned:
                     shape = self.params[name].shape
                     self.union(a.expand(shape), b.expand(shape))
                 continue
@@ -1393,6 +1395,20 @@ def _source_line() -> str:
     info = inspect.getframeinfo(frame, context=1)
     code = (info.code_context or [""])[0].strip()
     return f"{info.filename}:{info.lineno} (`{code}`)"
+
+
+def _same_form(before: list, terms: list) -> list | None:
+    """The term pairs of two uses of a parameter of the same form (as many terms, with the same
+    signs, in order), or None."""
+    if len(before) != len(terms) or any(a[1] != b[1] for a, b in zip(before, terms, strict=True)):
+        return None
+    return list(zip(before, terms, strict=True))
+
+
+def _unfixed(terms: list) -> list:
+    """The terms not all on node 0: a term on node 0 (the columns of a linear map of a fixed
+    input, ``A(eye)``) only states the factor 0, so a use is also of the form without it."""
+    return [term for term in terms if bool((term[0] != 0).any())]
 
 
 def _placement(t: Tensor) -> tuple:
