@@ -76,9 +76,8 @@ def block(how: str) -> nn.Module:
 def equalized(
     model: nn.Module, x: Tensor, structure: gaugefix.GaugeStructure, alpha: float = 0.8
 ) -> nn.Module:
-    """``model`` at its ``"activation"`` point; ``structure``: discovered on a spelling that
-    discovery reads (it does not follow ``torch.linalg.matmul`` nor ``baddbmm``), so that
-    only the calibration differs between spellings."""
+    """``model`` at its ``"activation"`` point with ``structure`` (discovered on ``model``
+    itself)."""
     before = output(model, (x,))
     result = gaugefix.equalize_(model, structure, "activation", calibration=x, alpha=alpha)
     assert result.converged and rel_change(before, output(model, (x,))) <= TOL
@@ -104,8 +103,8 @@ def test_a_product_spelled_otherwise_is_calibrated_as_f_linear(how):
     assert torch.equal(got["w", 1], expected["w", 1])  # the normed input, bit for bit
     head = expected["head.weight", 1]  # the product's output: rounded otherwise
     assert torch.allclose(got["head.weight", 1], head, rtol=EXACT, atol=0)
-    structure = gaugefix.discover(reference, x)
-    assert mismatch(equalized(model, x, structure), equalized(reference, x, structure)) <= TOL
+    got_point = equalized(model, x, gaugefix.discover(model, x))
+    assert mismatch(got_point, equalized(reference, x, gaugefix.discover(reference, x))) <= TOL
 
 
 class NormEinsum(nn.Module):
@@ -251,7 +250,7 @@ def test_fused_experts_are_calibrated_as_unfused_ones(how):
     for name in ("gate_up", "down"):
         want = torch.stack([expected[f"experts.{e}.{name}.weight", 1] for e in range(EXPERTS)])
         assert torch.equal(got[name, 2], want)
-    equalized(fused, x, gaugefix.discover(moe("loop_linear")[0], x))
+    equalized(fused, x, gaugefix.discover(fused, x))
     equalized(unfused, x, gaugefix.discover(unfused, x))
     for e, expert in enumerate(unfused.experts):
         assert rel_change(expert.gate_up.weight.detach(), fused.gate_up[e].detach()) <= TOL

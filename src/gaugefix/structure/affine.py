@@ -348,16 +348,23 @@ def _matmul(
 
 
 register_all(funcs("matmul", "mm", "bmm", "__matmul__", "__rmatmul__", "mv"), _matmul)
+register_all(funcs("matmul", modules=(torch.linalg,)), _matmul)
 
 
 def _addmm(
-    ctx: TraceContext, result: Any, input: Tensor, mat1: Tensor, mat2: Tensor, *,
-    beta: Any = 1, alpha: Any = 1,
+    ctx: TraceContext, result: Any, input: Tensor, mat1: Any = None, mat2: Any = None, *,
+    beta: Any = 1, alpha: Any = 1, batch1: Any = None, batch2: Any = None, mat: Any = None,
+    vec: Any = None,
 ) -> Any:  # fmt: skip
-    """``beta * input + alpha * (mat1 @ mat2)`` (``addmm``, ``baddbmm``, ``addmv``): the product's
-    labels, with ``input`` added like a bias (a parameter there carries the product's factors,
-    as in Hugging Face's ``Conv1D``)."""
-    bias, a, b = input, mat1, mat2
+    """``beta * input + alpha * (mat1 @ mat2)`` (``addmm``, ``baddbmm(input, batch1, batch2)``,
+    ``addmv(input, mat, vec)``, the operands positional or named): the product's labels, with
+    ``input`` added like a bias (a parameter there carries the product's factors, as in Hugging
+    Face's ``Conv1D``; a constant 0, such as ``zeros``, any factor)."""
+    bias = input
+    a = next((t for t in (mat1, batch1, mat) if t is not None), None)
+    b = next((t for t in (mat2, batch2, vec) if t is not None), None)
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        return ctx.block_all(tensor_args(bias, a, b), {}, ctx.reason("product with a non-tensor"))
     if not (scalar(beta) and scalar(alpha)):
         return ctx.block_all((bias, a, b), {}, ctx.reason("beta or alpha is not a number"))
     if not distinct_params(ctx, bias, a, b):
@@ -365,6 +372,8 @@ def _addmm(
     labels = ctx.single(Sum.of(contract(ctx, a, b, result)), result.shape)
     if ctx.is_param(bias):
         ctx.tie(bias, reduce_onto(ctx, labels, tuple(bias.shape)))
+    elif ctx.zero_source(bias) is not None:
+        return ctx.read_zero(bias, labels)
     else:
         ctx.union(ctx.labels(bias).expand(result.shape), labels)
     return labels
