@@ -1747,7 +1747,9 @@ class _Tracer(TorchFunctionMode):
         self._block_unclaimed(tensors)
         self._fix_read_with_empty(tensors)
         self._note_empty(tensors, out)
-        self._block_filled(tensors, out)
+        short = name.rsplit(".", 1)[-1]
+        written = args[0] if args and _may_write(short, kwargs) else None
+        self._block_filled(tensors, (out, written, kwargs.get("out")))
         ctx.commit_roles()
         self.record(out, labels, {id(t) for t in tensors})
 
@@ -1809,19 +1811,32 @@ class _Tracer(TorchFunctionMode):
                 ctx.block(ctx.terms(source), reason)
 
     def _block_filled(self, tensors: list[Tensor], out: Any) -> None:
-        """An op that joins an empty tensor of rows (channels kept: its last dim is not empty)
-        into a non-empty output (``torch.cat`` of experts, one of them reached by no token)
-        puts rows there that another input fills with the channels it was cut from, which the
-        trace never saw: those channels are blocked."""
+        """An op that joins an empty tensor of rows (channels kept: its last dim is not empty,
+        or its shape depends on values, ``h.T[:, mask]``) into a non-empty output
+        (``torch.cat`` of experts, one of them reached by no token) or writes it into a
+        non-empty tensor (``y[mask] = x[mask]``, ``buf[e, :n] = x[idx]``) puts rows there that
+        another input fills, with factors the trace never saw: those of the channels it was
+        cut from, or 1 where it passed a fixed parameter (an expert's ``nn.Linear``). Those
+        channels and every channel the op joins them with are blocked. ``out``: what the op
+        returned and the tensors it wrote into."""
         if not any(t.numel() for t in nested_tensors(out)):
             return
+        ctx = self.ctx
+        sources: list[Tensor] = []
         for t in tensors:
             entry = self._empty_from.get(id(t))
-            if entry is not None and entry[0] is t and t.ndim and t.shape[-1]:
-                reason = self.ctx.reason("rows no input of the example reaches (an expert no "
-                                         "token reaches) joined into the output")  # fmt: skip
-                for source in entry[1]:
-                    self.ctx.block(self.ctx.terms(source), reason)
+            rows = t.ndim and (t.shape[-1] or ctx._shaped.get(id(t)) is t)
+            if entry is not None and entry[0] is t and rows:
+                sources += entry[1]
+        if not sources:
+            return
+        reason = ctx.reason(
+            "rows no input of the example reaches (an expert no token reaches) joined into "
+            "the output"
+        )
+        joined = [t for t in tensors if t.numel() and not ctx.is_param(t)]
+        for source in sources + joined:
+            ctx.block(ctx.terms(source), reason)
 
     def _note_empty(self, tensors: list[Tensor], out: Any) -> None:
         """Keep, for each empty tensor an op returns (``x[:0]``, a split's empty chunk), the
