@@ -219,6 +219,10 @@ def _fewer_groups(orbit: OrbitState, groups: int) -> OrbitState:
     return orbit._replace(lr_sum=(min(sums),) * groups)
 
 
+# Per optimizer, its parameter groups (the group objects, in order).
+_Groups = tuple[dict[str, Any], ...]
+
+
 def _realigned(orbit: OrbitState, old: tuple[int, ...] | None, new: tuple[int, ...]) -> OrbitState:
     """``orbit`` for optimizers now holding ``new`` parameter groups each (``old`` at the sums'
     last step, ``None``: unknown): each optimizer's sums padded with 0 for a group added, or
@@ -232,6 +236,26 @@ def _realigned(orbit: OrbitState, old: tuple[int, ...] | None, new: tuple[int, .
         parts += [*part.lr_sum, *(0.0,) * (now - len(part.lr_sum))]
         start += before
     return orbit._replace(lr_sum=tuple(parts))
+
+
+def _followed(
+    orbit: OrbitState, before: tuple[_Groups, ...], now: tuple[_Groups, ...]
+) -> OrbitState:
+    """``orbit``, whose sums are those of the groups ``before`` (per optimizer its group
+    objects), for the groups ``now``: an optimizer whose groups are the same objects in another
+    order (``param_groups`` reordered or replaced by a reordered list) has its sums permuted
+    with them; any other change keeps positions (:func:`_realigned`)."""
+    if orbit.lr_sum is None:
+        return orbit
+    sums, start, parts = orbit.lr_sum, 0, []
+    for old, new in zip(before, now, strict=True):
+        part, where = sums[start : start + len(old)], {id(g): i for i, g in enumerate(old)}
+        start += len(old)
+        if len({id(g) for g in new}) == len(old) == len(new) and all(id(g) in where for g in new):
+            part = tuple(part[where[id(g)]] for g in new)
+        parts += part
+    counts = tuple(map(len, before)), tuple(map(len, now))
+    return _realigned(orbit._replace(lr_sum=tuple(parts)), *counts)
 
 
 class GaugeFixing:
@@ -313,16 +337,17 @@ class GaugeFixing:
     one mid-interval, also after a state was loaded or between two optimizers' steps, sums from
     its first step; the others keep theirs; ``state_dict`` records the parameter count of each
     group of each optimizer, and a state that does not fit them, optimizers in another order
-    say, is refused; groups reordered keep their sums). The gradients each optimizer step takes (of
-    the acted-on parameters it holds) are checked at that step, at every step of the training
-    step (one optimizer stepping twice, as a GAN's discriminator, included): one non-finite
-    skips the orbit step, as with one optimizer (the orbit step reads only parameters, checked
-    after, but a step that ``GradScaler`` skips inside a fused optimizer shows only in its
-    gradients). An optimizer stepping again while another has not is logged once (one that
-    never steps stops gauge fixing). An optimizer listed twice, one holding no parameter of
-    ``model``, a parameter two hold, and penalty mode (each optimizer's closure and loss scale
-    would take the penalty) are refused (``ValueError``, nothing attached). The hooks run
-    eagerly in a compiled ``optimizer.step``.
+    say, is refused; groups reordered keep their sums, also between two optimizers' steps;
+    one optimizer's step waiting for another's is recorded too). The gradients each optimizer
+    step takes (of the acted-on parameters it holds) are checked at that step, at every step of
+    the training step (one optimizer stepping twice, as a GAN's discriminator, included): one
+    non-finite skips the orbit step, as with one optimizer (the orbit step reads only
+    parameters, checked after, but a step that ``GradScaler`` skips inside a fused optimizer
+    shows only in its gradients). An optimizer stepping again while another has not is logged
+    once (one that never steps stops gauge fixing). An optimizer listed twice, one holding no
+    parameter of ``model``, a parameter two hold, and penalty mode (each optimizer's closure
+    and loss scale would take the penalty) are refused (``ValueError``, nothing attached). The
+    hooks run eagerly in a compiled ``optimizer.step``.
     """
 
     def __init__(
@@ -376,14 +401,16 @@ class GaugeFixing:
     def _attach(self) -> None:
         """Register the step hooks on every optimizer, with the state of an open training step."""
         # Per optimizer that stepped since the last orbit step (or since the last training
-        # step), its groups' learning rates and parameter counts at its step: a training step is
+        # step), its group objects and their learning rates at its step: a training step is
         # complete when all did.
-        self._stepped: dict[int, tuple[tuple[float | Tensor, int], ...]] = {}
-        # Per optimizer, its groups' parameter counts at the last step the sums took (their
-        # number: its group count; None: unknown).
+        self._stepped: dict[int, tuple[_Groups, tuple[float | Tensor, ...]]] = {}
+        # Per optimizer, its groups' parameter counts that a loaded state's sums cover (their
+        # number: its group count; None: none loaded, or a step took the sums since).
         self._sizes: tuple[tuple[int, ...], ...] | None = None
-        # Per optimizer, its group objects at the sums' last step (kept alive: ids stay theirs).
-        self._last_groups: list[list[dict[str, Any]]] | None = None
+        # Per optimizer, its group objects at the sums' last step (kept alive: ids stay theirs)
+        # and their ids.
+        self._last_groups: tuple[_Groups, ...] | None = None
+        self._last_ids: tuple[tuple[int, ...], ...] | None = None
         self._warned_open = False  # whether an optimizer stepping twice in one step was logged
         self._handles = [
             handle
@@ -564,22 +591,20 @@ class GaugeFixing:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._stepped:
             self._warn_open(optimizer)
-        self._stepped[id(optimizer)] = tuple(
-            (group["lr"], len(group["params"])) for group in optimizer.param_groups
-        )
+        groups = tuple(optimizer.param_groups)
+        self._stepped[id(optimizer)] = (groups, tuple(group["lr"] for group in groups))
         if len(self._stepped) < len(self.optimizers):  # the training step is not complete
             return
         stepped = [self._stepped[id(opt)] for opt in self.optimizers]
-        lrs = tuple(lr for groups in stepped for lr, _ in groups)
-        sizes, self._stepped = tuple(tuple(n for _, n in groups) for groups in stepped), {}
-        old, counts = self._counts(), tuple(map(len, sizes))
-        orbit = _realigned(self._reordered(self._orbit, old, counts), old, counts)
-        self._sizes = sizes
-        lr_sums, self._orbit = advance(orbit, lrs, self.every)
+        self._stepped = {}
+        lrs = tuple(lr for _, group_lrs in stepped for lr in group_lrs)
+        now = tuple(groups for groups, _ in stepped)
+        lr_sums, self._orbit = advance(self._follow_sums(self._orbit, now), lrs, self.every)
         if lr_sums is None:  # gauge fixing does not act on this step
             return
-        # Groups added or removed after an optimizer stepped: the sums in the groups' order now.
-        lr_sums = _realigned(OrbitState(0, lr_sums), counts, self._group_counts()).lr_sum
+        # Groups changed after an optimizer stepped: the sums follow them to the groups now.
+        groups_now = tuple(tuple(opt.param_groups) for opt in self.optimizers)
+        lr_sums = _followed(OrbitState(0, lr_sums), now, groups_now).lr_sum
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
         if self.mode == "exact":
             rate = self._rate(lr_sums)
@@ -605,27 +630,20 @@ class GaugeFixing:
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
 
-    def _reordered(
-        self, orbit: OrbitState, old: tuple[int, ...] | None, counts: tuple[int, ...]
-    ) -> OrbitState:
-        """``orbit`` with each optimizer's sums following its groups where they are the same
-        group objects as at the sums' last step (``old`` groups each) in another order
-        (``param_groups`` reordered or replaced by a reordered list: by position each would take
-        another's sum); the groups now are kept for the next step. Any other change keeps
-        positions (:func:`_realigned`)."""
-        before = self._last_groups
-        now = self._last_groups = [list(opt.param_groups) for opt in self.optimizers]
-        same = before is not None and tuple(map(len, before)) == old == counts
-        if orbit.lr_sum is None or not same or tuple(map(len, now)) != counts:
+    def _follow_sums(self, orbit: OrbitState, now: tuple[_Groups, ...]) -> OrbitState:
+        """``orbit``'s sums following the groups from the sums' last step to ``now`` (per
+        optimizer its group objects at this step, kept for the next): :func:`_followed`, or by
+        position from a loaded state's groups; one comparison of ids while the groups are the
+        same objects in the same order."""
+        ids = tuple(tuple(map(id, groups)) for groups in now)
+        if ids == self._last_ids:
             return orbit
-        sums, start, parts = orbit.lr_sum, 0, []
-        for old, new in zip(before, now, strict=True):
-            part, where = sums[start : start + len(old)], {id(g): i for i, g in enumerate(old)}
-            start += len(old)
-            if len({id(g) for g in new}) == len(new) and all(id(g) in where for g in new):
-                part = tuple(part[where[id(g)]] for g in new)
-            parts += part
-        return orbit._replace(lr_sum=tuple(parts))
+        before, sizes = self._last_groups, self._sizes
+        self._last_groups, self._last_ids, self._sizes = now, ids, None
+        if before is not None:
+            return _followed(orbit, before, now)
+        old = None if sizes is None else tuple(map(len, sizes))
+        return _realigned(orbit, old, tuple(map(len, now)))
 
     def _warn_open(self, optimizer: torch.optim.Optimizer) -> None:
         """Log once per hook that ``optimizer`` stepped again while another has not stepped since
@@ -662,17 +680,9 @@ class GaugeFixing:
         here is its index in :meth:`state_dict`'s ``lr_sums`` and in learning-rate errors."""
         return [group for opt in self.optimizers for group in opt.param_groups]
 
-    def _group_counts(self) -> tuple[int, ...]:
-        """The number of parameter groups of each optimizer now, in the order given."""
-        return tuple(len(opt.param_groups) for opt in self.optimizers)
-
     def _group_sizes(self) -> list[list[int]]:
         """The parameter count of each group of each optimizer now, in the order given."""
         return [[len(group["params"]) for group in opt.param_groups] for opt in self.optimizers]
-
-    def _counts(self) -> tuple[int, ...] | None:
-        """The group count of each optimizer at the sums' last step (None: unknown)."""
-        return None if self._sizes is None else tuple(map(len, self._sizes))
 
     def _param_groups(self) -> list[int]:
         """The index of the optimizer group holding each acted-on parameter."""
@@ -716,20 +726,40 @@ class GaugeFixing:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the counts and where the run stands in
         the interval between orbit steps (the steps since the last one and the sums of their
-        learning rates per parameter group); over several optimizers also ``groups``, per
-        optimizer in order the parameter count of each of its groups that ``lr_sums`` covers
-        (the groups now at an orbit step), so that each sum goes back to its optimizer and
-        group. Plain data (JSON-serialisable)."""
+        learning rates per parameter group now); over several optimizers also ``groups``, per
+        optimizer in order the parameter count of each of its groups that ``lr_sums`` covers,
+        so that each sum goes back to its optimizer and group, and, while some optimizers
+        stepped in a training step that the others have not yet completed (a GAN's generator
+        stepping first), ``open``: per such optimizer its index and its groups' learning rates
+        at its step. Plain data (JSON-serialisable)."""
+        sums, sizes = self._sums_now()
         state = {
             "steps": self.steps,
             "skipped": self.skipped,
             "since": self._orbit.since,
-            "lr_sums": [float(lr) for lr in self._orbit.lr_sum or ()],
+            "lr_sums": [float(lr) for lr in sums],
         }
         if len(self.optimizers) > 1:
-            summed = self._orbit.lr_sum is not None and self._sizes is not None
-            state["groups"] = list(map(list, self._sizes)) if summed else self._group_sizes()
+            state["groups"] = sizes
+        if self._stepped:  # optimizers that stepped in a training step not yet complete
+            index = {id(opt): i for i, opt in enumerate(self.optimizers)}
+            state["open"] = [
+                [index[k], [float(lr) for lr in lrs]] for k, (_, lrs) in self._stepped.items()
+            ]
         return state
+
+    def _sums_now(self) -> tuple[tuple[float | Tensor, ...], list[list[int]]]:
+        """The sums of learning rates since the last orbit step, one per group now (those of the
+        sums' last step followed to them, :func:`_followed`), and per optimizer the parameter
+        count of each group they cover (a loaded state's before any step)."""
+        orbit, before = self._orbit, self._last_groups
+        if orbit.lr_sum is not None and before is None and self._sizes is not None:
+            return orbit.lr_sum, list(map(list, self._sizes))
+        if orbit.lr_sum is not None and before is not None:
+            orbit = _followed(
+                orbit, before, tuple(tuple(opt.param_groups) for opt in self.optimizers)
+            )
+        return orbit.lr_sum or (), self._group_sizes()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a hook with the same ``every``, which the state
@@ -743,6 +773,7 @@ class GaugeFixing:
             ]
             lr_sums = [check_number(x, "a GaugeFixing state's lr_sums") for x in state["lr_sums"]]
             sizes = self._saved_counts(state, since, len(lr_sums))
+            stepped = self._saved_open(state.get("open", []))
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a GaugeFixing state: {err!r}") from None
         if since >= self.every:
@@ -763,7 +794,30 @@ class GaugeFixing:
             )
         self._applied, self._acted = steps, steps + skipped
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
-        self._sizes, self._last_groups = (sizes if since else None), None
+        self._sizes = sizes if since else None
+        self._last_groups = self._last_ids = None
+        self._stepped, self._ok = stepped, None
+
+    def _saved_open(self, open_: Any) -> dict[int, tuple[_Groups, tuple[float, ...]]]:
+        """The optimizers that stepped in a state's training step not yet complete (``open``,
+        per optimizer its index and its groups' learning rates), as ``_stepped`` with their
+        groups now; ``ValueError`` for an index not of an optimizer, one given twice, or
+        learning rates not one per group of that optimizer now."""
+        if not isinstance(open_, list | tuple):
+            raise TypeError(f"open must be a list of [optimizer, learning rates], got {open_!r}")
+        stepped = {}
+        for i, lrs in open_:
+            i = check_count(i, "a GaugeFixing state's optimizer index in open", 0)
+            lrs = tuple(check_number(lr, "a GaugeFixing state's open lr") for lr in lrs)
+            opt = self.optimizers[i] if i < len(self.optimizers) else None
+            if opt is None or id(opt) in stepped or len(lrs) != len(opt.param_groups):
+                raise ValueError(
+                    f"a GaugeFixing state whose open training step has optimizer {i} step with "
+                    f"{len(lrs)} learning rates does not fit these {len(self.optimizers)} "
+                    "optimizers"
+                )
+            stepped[id(opt)] = (tuple(opt.param_groups), lrs)
+        return stepped
 
     def _saved_counts(
         self, state: dict[str, Any], since: int, sums: int
