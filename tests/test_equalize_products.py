@@ -54,8 +54,10 @@ READS = {
 
 
 class Block(nn.Module):
-    """A LayerNorm, a weight ``w`` ``[OUT, D]`` reading the normed input as ``how`` spells it,
-    a ReLU and a head."""
+    """A LayerNorm, a weight ``w`` ``[OUT, D]`` reading the normed input as ``reads[how]``
+    spells it, a ReLU and a head."""
+
+    reads = READS
 
     def __init__(self, how: str) -> None:
         super().__init__()
@@ -65,7 +67,7 @@ class Block(nn.Module):
         self.head = nn.Linear(OUT, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(READS[self.how](self.norm(x), self.w)))
+        return self.head(torch.relu(self.reads[self.how](self.norm(x), self.w)))
 
 
 def block(how: str) -> nn.Module:

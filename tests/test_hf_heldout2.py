@@ -19,6 +19,7 @@ gauge passes, stay float64, so a change below float32's resolution shows.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -212,15 +213,17 @@ ARCHS = {
 }  # fmt: skip
 
 
-def build(arch: str) -> nn.Module:
-    """The float64 eval-mode model of ``arch`` with perturbed weights; skipped when this
-    ``transformers`` has no such model."""
-    model_cls, config_cls, kwargs, _, _ = ARCHS[arch]
+def build(arch: str, archs: dict[str, tuple] = ARCHS) -> nn.Module:
+    """The float64 eval-mode model of ``arch`` (a key of ``archs``, laid out as ``ARCHS``)
+    with perturbed weights; skipped when this ``transformers`` has no such model."""
+    model_cls, config_cls, kwargs, _, _ = archs[arch]
     if not hasattr(transformers, model_cls):
         pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
     config = getattr(transformers, config_cls)(**copy.deepcopy(kwargs))
-    config._attn_implementation = "eager"  # returns the attention maps
-    config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if c is not None:  # a two-tower model's sub-configs too
+            c._attn_implementation = "eager"  # returns the attention maps
+            c._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     return perturbed_hf(model_cls, config)
 
 
@@ -254,14 +257,17 @@ EXAMPLE = (2, 4, 0)  # batch, length, seed of the call discovery sees
 FRESH = ((3, 11, 1), (2, 17, 2), (1, 3, 3))  # other shapes, padded masks
 
 
-def discovered(arch: str) -> tuple[nn.Module, gaugefix.GaugeStructure, list[dict]]:
-    """The model of ``arch``, its structure discovered on the example call, and the calls to
-    check: the example and the fresh ones, each returning what the example returns."""
-    model = build(arch)
-    kind = ARCHS[arch][3]
-    example = richest_call(model, call(kind, *EXAMPLE))
+def discovered(
+    arch: str, archs: dict[str, tuple] = ARCHS, inputs: Callable[..., dict] = call
+) -> tuple[nn.Module, gaugefix.GaugeStructure, list[dict]]:
+    """The model of ``arch`` (a key of ``archs``), its structure discovered on the example call,
+    and the calls to check (``inputs``, laid out as ``call``): the example and the fresh ones,
+    each returning what the example returns."""
+    model = build(arch, archs)
+    kind = archs[arch][3]
+    example = richest_call(model, inputs(kind, *EXAMPLE))
     extra = {k: v for k, v in example.items() if k.startswith("output_")}
-    calls = [example] + [{**call(kind, *shape), **extra} for shape in FRESH]
+    calls = [example] + [{**inputs(kind, *shape), **extra} for shape in FRESH]
     # a mask enters the scores only; Hugging Face reads it to choose how (docs/generators.md)
     s = gaugefix.discover(model, **example, allow_value_dependent=True)
     return model, s, calls

@@ -12,8 +12,6 @@ of two) on fresh calls of other shapes with padded masks.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,6 @@ from torch import Tensor, nn
 import gaugefix
 from test_hf_heldout2 import (
     ENC,
-    EXAMPLE,
-    FRESH,
     LL,
     LM,
     POW2_TOL,
@@ -34,34 +30,27 @@ from test_hf_heldout2 import (
     SSM,
     TOL,
     VIT,
+    build,
     call,
+    discovered,
     worst_over,
 )
-from test_hf_sweep_audit import powers_of_two_gauge_, returned, richest_call
-from test_scale_groups_audit import perturbed_hf
+from test_hf_sweep_audit import powers_of_two_gauge_, returned
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 DTYPE = torch.float64
+JETMOE = {**LM, "hidden_size": 16, "num_hidden_layers": 2, "num_key_value_heads": 2,
+          "kv_channels": 4, "intermediate_size": 8, "num_experts_per_tok": 2,
+          "activation_function": "relu", "max_position_embeddings": 64}  # fmt: skip
 # name: (model class, config class, config, input kind, generators found when written)
 ARCHS = {
-    "jetmoe": (
-        "JetMoeForCausalLM", "JetMoeConfig",
-        {**LM, "hidden_size": 16, "num_hidden_layers": 2, "num_key_value_heads": 2,
-         "kv_channels": 4, "intermediate_size": 8, "num_local_experts": 3,
-         "num_experts_per_tok": 2, "activation_function": "relu",
-         "max_position_embeddings": 64},
-        "ids", 56,
-    ),  # the example sends no token to the first expert of the MLPs
-    "jetmoe-two-of-two": (
-        "JetMoeForCausalLM", "JetMoeConfig",
-        {**LM, "hidden_size": 16, "num_hidden_layers": 2, "num_key_value_heads": 2,
-         "kv_channels": 4, "intermediate_size": 8, "num_local_experts": 2,
-         "num_experts_per_tok": 2, "activation_function": "relu",
-         "max_position_embeddings": 64},
-        "ids", 152,
-    ),  # every token reaches every expert
+    "jetmoe": ("JetMoeForCausalLM", "JetMoeConfig", {**JETMOE, "num_local_experts": 3},
+               "ids", 56),  # the example sends no token to the first expert of the MLPs
+    "jetmoe-two-of-two": ("JetMoeForCausalLM", "JetMoeConfig",
+                          {**JETMOE, "num_local_experts": 2},
+                          "ids", 152),  # every token reaches every expert
     "bamba": (
         "BambaForCausalLM", "BambaConfig",
         {**LL, **SSM, "mamba_d_head": 4, "mamba_n_heads": 8, "mamba_n_groups": 1,
@@ -133,20 +122,6 @@ ARCHS = {
 }  # fmt: skip
 
 
-def build(arch: str) -> nn.Module:
-    """The float64 eval-mode model of ``arch`` with perturbed weights; skipped when this
-    ``transformers`` has no such model."""
-    model_cls, config_cls, kwargs, _, _ = ARCHS[arch]
-    if not hasattr(transformers, model_cls):
-        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
-    config = getattr(transformers, config_cls)(**copy.deepcopy(kwargs))
-    for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
-        if c is not None:
-            c._attn_implementation = "eager"  # returns the attention maps
-            c._experts_implementation = "eager"  # grouped_mm has no float64 kernel
-    return perturbed_hf(model_cls, config)
-
-
 def inputs(kind: str, batch: int, length: int, seed: int) -> dict[str, Tensor]:
     """``call`` of ``test_hf_heldout2``, and text with an image for a two-tower model."""
     if kind != "two-tower":
@@ -154,27 +129,15 @@ def inputs(kind: str, batch: int, length: int, seed: int) -> dict[str, Tensor]:
     return {**call("ids", batch, length, seed), **call("vit", batch, length, seed)}
 
 
-def discovered(arch: str) -> tuple[nn.Module, gaugefix.GaugeStructure, list[dict]]:
-    """The model of ``arch``, its structure discovered on the example call, and the calls to
-    check: the example and the fresh ones, each returning what the example returns."""
-    model = build(arch)
-    kind = ARCHS[arch][3]
-    example = richest_call(model, inputs(kind, *EXAMPLE))
-    extra = {k: v for k, v in example.items() if k.startswith("output_")}
-    calls = [example] + [{**inputs(kind, *shape), **extra} for shape in FRESH]
-    s = gaugefix.discover(model, **example, allow_value_dependent=True)
-    return model, s, calls
-
-
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_structure_is_exact_on_fresh_inputs(arch):
-    model, s, calls = discovered(arch)
+    model, s, calls = discovered(arch, ARCHS, inputs)
     assert s.num_generators >= ARCHS[arch][4], s.summary()  # a drop is lost completeness
     before = [returned(model, c) for c in calls]
     gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(3))
     change = worst_over(model, calls, before)
     assert change[0] <= TOL, change
-    powers = build(arch)
+    powers = build(arch, ARCHS)
     with torch.no_grad():
         powers(**calls[0])  # as the first model was: called once (casts included) before
     powers_of_two_gauge_(powers, s, seed=11)
@@ -182,6 +145,23 @@ def test_structure_is_exact_on_fresh_inputs(arch):
 
 
 # -- an expert the example sends no token to ---------------------------------------------------
+def discovered_on_three_rows(cls: type[nn.Module]) -> gaugefix.GaugeStructure:
+    """The structure of ``cls`` (``[n, 4]`` -> ``[n, k]``) discovered on 3 rows, after checking
+    that it has no generator and that a random gauge leaves the output on 6 fresh rows exactly
+    unchanged."""
+    torch.manual_seed(0)
+    model = cls().to(DTYPE)
+    s = gaugefix.discover(model, torch.randn(3, 4, dtype=DTYPE), allow_value_dependent=True)
+    assert s.num_generators == 0, s.summary()
+    fresh = torch.randn(6, 4, dtype=DTYPE)
+    with torch.no_grad():
+        before = model(fresh)
+    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(fresh), before)
+    return s
+
+
 class EmptyExpert(nn.Module):
     """A gain, then two experts ``W[e]`` (``[2, 3, 4]``) on the rows routed to them: the first
     ``n - 3`` rows to expert 0, the rest to expert 1 (JetMoE's ``split`` and ``F.linear(x_e,
@@ -203,17 +183,7 @@ def test_an_expert_reached_by_no_token_fixes_its_parameter():
     """On 3 rows expert 0 reads an empty input: the trace sees nothing of how its columns meet
     the gain's channels, so scaling the gain and only expert 1's columns, exact on the example,
     changes expert 0's output on 6 rows. The experts' weight is fixed, and the gain with it."""
-    torch.manual_seed(0)
-    model = EmptyExpert().to(DTYPE)
-    s = gaugefix.discover(model, torch.randn(3, 4, dtype=DTYPE), allow_value_dependent=True)
-    assert s.num_generators == 0, s.summary()
-    assert "empty input" in s.summary()
-    fresh = torch.randn(6, 4, dtype=DTYPE)
-    with torch.no_grad():
-        before = model(fresh)
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(fresh), before)
+    assert "empty input" in discovered_on_three_rows(EmptyExpert).summary()
 
 
 class EmptyExpertModules(nn.Module):
@@ -235,16 +205,7 @@ def test_an_expert_module_reached_by_no_token_fixes_its_parameters():
     """The empty slice ``h[:0]`` carries no channels of ``h``: the gain's channels it is cut
     from are blocked (they meet expert 0's fixed weight on other inputs), and the linear's
     rule is not run on the empty rows (its bias has no row to tie)."""
-    torch.manual_seed(0)
-    model = EmptyExpertModules().to(DTYPE)
-    s = gaugefix.discover(model, torch.randn(3, 4, dtype=DTYPE), allow_value_dependent=True)
-    assert s.num_generators == 0, s.summary()
-    fresh = torch.randn(6, 4, dtype=DTYPE)
-    with torch.no_grad():
-        before = model(fresh)
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(fresh), before)
+    discovered_on_three_rows(EmptyExpertModules)
 
 
 class IdentityExpert(nn.Module):
@@ -265,13 +226,4 @@ class IdentityExpert(nn.Module):
 def test_rows_no_token_reaches_joined_into_the_output_block_their_channels():
     """On 3 rows the identity expert's rows are empty: on 6 rows they carry the gain's factors
     into the output. The gain's channels are blocked."""
-    torch.manual_seed(0)
-    model = IdentityExpert().to(DTYPE)
-    s = gaugefix.discover(model, torch.randn(3, 4, dtype=DTYPE), allow_value_dependent=True)
-    assert s.num_generators == 0, s.summary()
-    fresh = torch.randn(6, 4, dtype=DTYPE)
-    with torch.no_grad():
-        before = model(fresh)
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(fresh), before)
+    discovered_on_three_rows(IdentityExpert)

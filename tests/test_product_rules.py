@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
+import test_equalize_products as products
 from architectures import randomise_, rel_change
 from test_equalize import output
 from test_equalize_products import FUSED, OUT, READS, TOKENS, D, _batch, _rows, block, moe
@@ -72,18 +73,10 @@ def equalize(model: nn.Module, x: Tensor) -> nn.Module:
     return model
 
 
-class Block(nn.Module):
+class Block(products.Block):
     """:class:`test_equalize_products.Block` reading with ``SPELLINGS``."""
 
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
-        self.norm = nn.LayerNorm(D)
-        self.w = nn.Parameter(torch.randn(OUT, D))
-        self.head = nn.Linear(OUT, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(SPELLINGS[self.how](self.norm(x), self.w)))
+    reads = SPELLINGS
 
 
 def spelled(how: str) -> nn.Module:
