@@ -14,9 +14,13 @@ from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import check_structure
-from gaugefix.train.hook import Mode, check_mode_every
+from gaugefix.train.hook import GaugeFixing, Mode, check_mode_every
+
+# Why a generator is left out of the statistics of several hooks (one per optimizer).
+UNACTED_REASON = "acted on by none of the gauge-fixing hooks (frozen parameters)"
 
 __all__ = [
+    "acted_structure",
     "CallbackOptions",
     "check_structure_agrees",
     "prefixed_stats",
@@ -57,10 +61,26 @@ def set_options(callback: Any, strength: float, options: CallbackOptions) -> Non
     callback.prefix, callback.every = options.get("prefix", "gauge/"), every
 
 
+def acted_structure(structure: GaugeStructure, hooks: list[GaugeFixing]) -> GaugeStructure:
+    """The generators of ``structure`` that the ``hooks`` (all on ``structure``) act on now,
+    whose imbalance the callbacks log: one hook's :attr:`~gaugefix.GaugeFixing.active`
+    (:meth:`~gaugefix.GaugeFixing.acted`, the generators touching frozen parameters left out);
+    of several (one per optimizer) the generators any of them acts on; with none attached, or
+    none left out, ``structure`` itself."""
+    if not hooks:
+        return structure
+    acted = [hook.acted() for hook in hooks]
+    if len(acted) == 1:
+        return acted[0][0]
+    keep = torch.stack([mask for _, mask in acted]).any(0)
+    return structure if bool(keep.all()) else structure.restrict(keep, UNACTED_REASON)
+
+
 def prefixed_stats(
     source: nn.Module | Mapping[str, Tensor], structure: GaugeStructure, prefix: str
 ) -> dict[str, float]:
-    """:func:`gaugefix.imbalance_stats` with every key prefixed (``gauge/mu_rel_rms``, ...)."""
+    """:func:`gaugefix.imbalance_stats` with every key prefixed (``gauge/mu_rel_rms``, ...); the
+    callbacks pass :func:`acted_structure`."""
     return {prefix + k: v for k, v in imbalance_stats(source, structure).items()}
 
 

@@ -25,6 +25,7 @@ import torch
 from gaugefix.action import check_finite_params
 from gaugefix.integrations.common import (
     CallbackOptions,
+    acted_structure,
     check_structure_agrees,
     prefixed_stats,
     set_options,
@@ -74,7 +75,9 @@ class GaugeFixingCallback(Callback):
     """Attach :class:`gaugefix.GaugeFixing` to every optimizer of a Lightning fit, and log
     :func:`gaugefix.imbalance_stats` through the Lightning logger (``pl_module.log_dict``, keys
     ``prefix + name``, at the training batches whose values the loggers write: every
-    ``Trainer(log_every_n_steps=...)`` steps).
+    ``Trainer(log_every_n_steps=...)`` steps) over the generators the hooks act on
+    (:func:`~gaugefix.integrations.common.acted_structure`: those touching frozen parameters,
+    a LoRA fine-tune's base weights say, left out).
 
     ``structure`` must be discovered on the ``LightningModule`` itself (its parameter names are
     the module's); when it is ``None`` it is discovered when each fit starts (after
@@ -207,7 +210,7 @@ class GaugeFixingCallback(Callback):
         # asks the same): the statistics cost a pass over the parameters and one host read.
         if self.log_stats and trainer._logger_connector.should_update_logs:
             pl_module.log_dict(
-                prefixed_stats(pl_module, self.structure, self.prefix),
+                prefixed_stats(pl_module, acted_structure(self.structure, self.hooks), self.prefix),
                 on_step=True,
                 on_epoch=False,
                 logger=True,

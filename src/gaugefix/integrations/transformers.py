@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gaugefix.integrations.common import (
     CallbackOptions,
+    acted_structure,
     check_structure_agrees,
     prefixed_stats,
     set_options,
@@ -67,7 +68,9 @@ def decode_structure(text: str) -> GaugeStructure:
 class GaugeFixingCallback(TrainerCallback):
     """Soft gauge fixing (:class:`gaugefix.GaugeFixing`) for a Hugging Face ``Trainer``, with
     :func:`gaugefix.imbalance_stats` logged through ``trainer.log`` (so ``state.log_history`` and
-    every ``report_to`` integration get them; keys ``prefix + name``).
+    every ``report_to`` integration get them; keys ``prefix + name``) over the generators the
+    hook acts on (:meth:`gaugefix.GaugeFixing.stats`: those touching frozen parameters, a LoRA
+    fine-tune's base weights say, left out).
 
     The callback needs its ``Trainer`` to log through it, so it is added after the trainer is
     built: ``trainer.add_callback(GaugeFixingCallback(trainer, strength=1.0))``.
@@ -306,7 +309,8 @@ class GaugeFixingCallback(TrainerCallback):
             return
         self._last_logged = state.global_step
         should_log = control.should_log
-        self.trainer.log(prefixed_stats(self.trainer.model, self.structure, self.prefix))
+        acted = acted_structure(self.structure, [self.hook] if self.hook is not None else [])
+        self.trainer.log(prefixed_stats(self.trainer.model, acted, self.prefix))
         self.trainer.control.should_log = control.should_log = should_log
 
     def _encoded_structure(self) -> str:

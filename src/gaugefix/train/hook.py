@@ -284,7 +284,8 @@ class GaugeFixing:
     on the subgroup the other generators generate, :meth:`GaugeStructure.restrict`): the start
     balancing, the exact step and the penalty never move it, so frozen parameters stay bit-identical
     and their ``.grad`` is left alone. ``left_out`` counts the generators left out per reason
-    (logged once whenever it changes); parameters added with ``optimizer.add_param_group`` or
+    (logged once whenever it changes); :meth:`stats` measures the imbalance of :attr:`active`
+    alone, the generators gauge fixing moves; parameters added with ``optimizer.add_param_group`` or
     moved between groups and ``requires_grad`` or ``lr`` changes are followed at every step.
     Parameters the structure does not cover are never touched.
 
@@ -385,6 +386,7 @@ class GaugeFixing:
         self._signature: tuple[tuple[bool, ...], tuple[tuple[bool, torch.dtype], ...]] | None = None
         self._held: dict[int, int] = {}  # id of each parameter the optimizer holds -> group
         self.active = structure
+        self.active_mask = torch.ones(structure.num_generators, dtype=torch.bool)  # of structure
         self.params = self._all_params
         self.left_out: dict[str, int] = {}
         self._refresh()
@@ -466,6 +468,7 @@ class GaugeFixing:
             n for n, p in self._all_params.items() if n not in unheld and zero_lr[self._held[id(p)]]
         } - no_grad
         active, left_out = self.structure, {}
+        mask = torch.ones(self.structure.num_generators, dtype=torch.bool)
         for names, reason in (
             (unheld, "touching a parameter the optimizer does not hold"),
             (no_grad, FROZEN_REASON),
@@ -475,7 +478,8 @@ class GaugeFixing:
             if bool(touched.any()):
                 left_out[reason] = int(touched.sum())
                 active = active.restrict(~touched, reason)
-        self.active, self.left_out = active, left_out
+                mask[mask.clone()] = ~touched  # the kept ones of those kept so far
+        self.active, self.active_mask, self.left_out = active, mask, left_out
         self.params = active.bind(self._all_params, sharded=True)  # FSDP2: the DTensors
         self._checked = list(self.params.values())  # what each step checks, bound with them
         self._group_of = self._param_groups()
@@ -873,9 +877,20 @@ class GaugeFixing:
         if self.active.num_generators:
             balance_(self.model, self.active, optimizer=self.optimizers)
 
+    def acted(self) -> tuple[GaugeStructure, Tensor]:
+        """The generators the hook acts on now, frozen parameters followed: :attr:`active` and
+        :attr:`active_mask`, which of :attr:`structure`'s generators it keeps (bool
+        ``[structure.num_generators]``; when none is left out, all, and ``active`` is
+        ``structure`` itself)."""
+        self._refresh()
+        return self.active, self.active_mask
+
     def stats(self) -> dict[str, float]:
-        """:func:`gaugefix.imbalance_stats` of the model now."""
-        return imbalance_stats(self._all_params, self.structure)
+        """:func:`gaugefix.imbalance_stats` of the model now over the generators the hook acts
+        on (:meth:`acted`): those left out for frozen parameters (``left_out``), which gauge
+        fixing never moves, are not counted; with none left out, over the whole structure; with
+        all left out, those of no generator (every statistic 0)."""
+        return imbalance_stats(self._all_params, self.acted()[0])
 
     def remove(self) -> None:
         """Detach the optimizer hooks; the model and optimizer are left as they are."""
