@@ -35,7 +35,6 @@ from gaugefix.structure.trace import (
     PLACED_BY_NUMBERS,
     UNCHANGED,
     ZERO,
-    SizedInt,
     Sum,
     TraceContext,
     _is_index,
@@ -623,12 +622,13 @@ def _boundaries(sizes: list[int | _Monomial]) -> list[_Monomial]:
 
 def _reshape_spec(rest: tuple, options: dict) -> tuple | None:
     """The shape a ``view``/``reshape`` asks for, when given as ints, plain or computed from
-    sizes (else None)."""
+    sizes or values (else None)."""
     spec = options.get("shape", options.get("size", rest[0] if len(rest) == 1 else rest))
     spec = (spec,) if isinstance(spec, int) else spec
     if not isinstance(spec, (tuple, list)):
         return None
-    return tuple(spec) if all(type(n) in (int, SizedInt) for n in spec) else None
+    ints = all(isinstance(n, int) and not isinstance(n, bool) for n in spec)
+    return tuple(spec) if ints else None
 
 
 def _mixed_by_inferred_size(

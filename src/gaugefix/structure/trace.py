@@ -218,25 +218,27 @@ class _FromSize:
         return out
 
 
-def _marked(value: Any) -> Any:
-    """``value`` (a number, or a pair of them from ``divmod``) marked as computed from a size."""
+def _marked(value: Any, sized: bool = True, valued: bool = False) -> Any:
+    """``value`` (a number, or a pair of them from ``divmod``) marked as computed from a size
+    (``sized``) and from values read from a tensor (``valued``, see :class:`_FromValue`)."""
     if isinstance(value, tuple):
-        return tuple(_marked(v) for v in value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return tuple(_marked(v, sized, valued) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (sized or valued):
         return value
-    return SizedInt(value) if isinstance(value, int) else SizedFloat(value)
+    return _MARKED[sized, valued][isinstance(value, float)](value)
 
 
 def _arithmetic(name: str) -> Callable[..., Any]:
     """The marked version of the number method ``name`` (an int with a float computes as a
-    float)."""
+    float); a number computed from values keeps that mark."""
 
     def method(self: Any, *args: Any) -> Any:
         base = int if isinstance(self, int) else float
         out = getattr(base, name)(self, *args)
         if out is NotImplemented and base is int:
             out = getattr(float, name)(int.__float__(self), *args)
-        return out if out is NotImplemented else _marked(out)
+        sized = isinstance(self, _FromSize) or from_size(args)
+        return out if out is NotImplemented else _marked(out, sized, from_value((self, args)))
 
     method.__name__ = name
     return method
@@ -258,10 +260,68 @@ class SizedFloat(_FromSize, float):
     """A float computed from a size (see :class:`_FromSize`)."""
 
 
-for _cls, _base in ((SizedInt, int), (SizedFloat, float)):
-    for _method in _NUMBER_METHODS:
-        if hasattr(_base, _method):
-            setattr(_cls, _method, _arithmetic(_method))
+class _FromValue:
+    """A Python number computed from values of a tensor that depends on the inputs or weights
+    (``counts.tolist()``, ``x.sum().item()``): it may differ for another input, as a size does,
+    and so may the shape of a tensor made from it (the pieces of ``h.split(counts, 1)``)."""
+
+    __slots__ = ()
+
+
+class ValuedInt(_FromValue, int):
+    """An int computed from tensor values (see :class:`_FromValue`)."""
+
+    __slots__ = ()
+
+
+class ValuedFloat(_FromValue, float):
+    """A float computed from tensor values (see :class:`_FromValue`)."""
+
+    __slots__ = ()
+
+
+class SizedValuedInt(ValuedInt, SizedInt):
+    """An int computed from a size and from tensor values."""
+
+
+class SizedValuedFloat(ValuedFloat, SizedFloat):
+    """A float computed from a size and from tensor values."""
+
+
+# the classes of marked numbers, (int, float), by (from a size, from values)
+_MARKED = {
+    (True, False): (SizedInt, SizedFloat),
+    (False, True): (ValuedInt, ValuedFloat),
+    (True, True): (SizedValuedInt, SizedValuedFloat),
+}
+_MARKS = (_FromSize, _FromValue)
+
+
+def from_value(x: Any) -> bool:
+    """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
+    computed from tensor values during the trace (see :class:`_FromValue`)."""
+    if isinstance(x, _FromValue):
+        return True
+    if isinstance(x, slice):
+        return from_value((x.start, x.stop, x.step))
+    if isinstance(x, (tuple, list)):
+        return any(from_value(v) for v in x)
+    return isinstance(x, dict) and from_value(list(x.values()))
+
+
+def _valued(out: Any) -> Any:
+    """``out``, a number or nested lists of numbers read from a tensor, marked as computed
+    from its values."""
+    if isinstance(out, list):
+        return [_valued(v) for v in out]
+    return _marked(out, sized=False, valued=True)
+
+
+for _int, _float in _MARKED.values():
+    for _cls, _base in ((_int, int), (_float, float)):
+        for _method in _NUMBER_METHODS:
+            if hasattr(_base, _method):
+                setattr(_cls, _method, _arithmetic(_method))
 
 
 def from_size(x: Any) -> bool:
@@ -280,10 +340,10 @@ def from_size(x: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` without the mark of :class:`_FromSize`."""
-    if isinstance(value, SizedInt):
-        return int.__int__(value)
-    return float.__float__(value) if isinstance(value, SizedFloat) else value
+    """``value`` without the marks of :class:`_FromSize` and :class:`_FromValue`."""
+    if not isinstance(value, _MARKS):
+        return value
+    return int.__int__(value) if isinstance(value, int) else float.__float__(value)
 
 
 # ``math`` functions convert their arguments to C numbers, which no mark survives: while a trace
@@ -1531,6 +1591,9 @@ _VALUE_READS = {
     "__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy", "__complex__",
     "__array__", "__dlpack__", "__format__", "__contains__", "is_nonzero", "equal", "allclose",
 }  # fmt: skip
+# Value reads whose numbers are marked (:class:`ValuedInt`); ``int(x)`` and ``operator.index``
+# must return a plain int.
+_VALUED = {"item", "tolist"}
 # Value reads that hand over the tensor's memory itself, which untraced code may then write.
 _ESCAPES = {"numpy", "__array__", "__dlpack__"}
 # Ops that read a shape into Python (metadata, or ``unbind``: how many times ``for v in x``
@@ -1615,11 +1678,13 @@ def _valued_by_size(short: str, args: tuple, kwargs: dict) -> bool:
 
 
 def _data_shaped(
-    ctx: TraceContext, short: str, args: tuple, tensors: list[Tensor], out: Any
+    ctx: TraceContext, short: str, call: tuple, tensors: list[Tensor], out: Any
 ) -> bool:
     """Whether the shape of an op's output depends on values that may differ for another
-    input (``x.nonzero()``, ``x[mask]``, and what is computed from them)."""
-    if any(ctx._shaped.get(id(t)) is t for t in tensors):
+    input (``x.nonzero()``, ``x[mask]``, ``h.split(counts.tolist(), 1)``, and what is computed
+    from them). ``call``: the op's ``(args, kwargs)``."""
+    args = call[0]
+    if any(ctx._shaped.get(id(t)) is t for t in tensors) or from_value(call):
         in_place = any(t is out for t in tensors)
         return not in_place and short not in _WRITES_INTO
     varying = [t for t in tensors if ctx.is_tainted(t)]
@@ -1711,7 +1776,7 @@ class _Tracer(TorchFunctionMode):
                     ctx.escaped(t)
             if tainted:
                 ctx.read_value("a tensor value")
-            return out
+            return _valued(out) if tainted and short in _VALUED else out
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
             # shape-only op blocks its input: ``out = torch.empty_like(x)`` followed by a
@@ -1783,7 +1848,7 @@ class _Tracer(TorchFunctionMode):
         marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
         sized = any(ctx._sized.get(id(t)) is t for t in tensors)
         marks.append((ctx._sized, sized or _valued_by_size(short, *call)))
-        marks.append((ctx._shaped, _data_shaped(ctx, short, args, tensors, out)))
+        marks.append((ctx._shaped, _data_shaped(ctx, short, call, tensors, out)))
         for table, on in marks:
             if on:
                 for t in nested_tensors(out):
@@ -2055,7 +2120,7 @@ def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
         _FLOATS_FROM_SIZES.floats = earlier
         for module in model.modules():
             for key, value in list(vars(module).items()):
-                if isinstance(value, _FromSize):
+                if isinstance(value, _MARKS):
                     setattr(module, key, _plain(value))
                 elif isinstance(value, (list, dict)):
                     _plain_within(value)
@@ -2064,9 +2129,9 @@ def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
 def _plain_within(kept: list | dict) -> None:
     """Make the marked numbers in the list or dict ``kept`` (its keys too) plain, in place."""
     if isinstance(kept, list):
-        if any(isinstance(v, _FromSize) for v in kept):
+        if any(isinstance(v, _MARKS) for v in kept):
             kept[:] = [_plain(v) for v in kept]
-    elif any(isinstance(v, _FromSize) for item in kept.items() for v in item):
+    elif any(isinstance(v, _MARKS) for item in kept.items() for v in item):
         items = [(_plain(k), _plain(v)) for k, v in kept.items()]
         kept.clear()
         kept.update(items)
