@@ -297,16 +297,22 @@ _MARKED = {
 _MARKS = (_FromSize, _FromValue)
 
 
+def _any_number(x: Any, marked: Callable[[Any], bool]) -> bool:
+    """Whether ``marked`` holds for the Python number ``x`` or one in nested tuples, lists,
+    slices and dicts."""
+    if isinstance(x, slice):
+        return _any_number((x.start, x.stop, x.step), marked)
+    if isinstance(x, (tuple, list)):
+        return any(_any_number(v, marked) for v in x)
+    if isinstance(x, dict):
+        return _any_number(list(x.values()), marked)
+    return marked(x)
+
+
 def from_value(x: Any) -> bool:
     """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
     computed from tensor values during the trace (see :class:`_FromValue`)."""
-    if isinstance(x, _FromValue):
-        return True
-    if isinstance(x, slice):
-        return from_value((x.start, x.stop, x.step))
-    if isinstance(x, (tuple, list)):
-        return any(from_value(v) for v in x)
-    return isinstance(x, dict) and from_value(list(x.values()))
+    return _any_number(x, lambda v: isinstance(v, _FromValue))
 
 
 def _valued(out: Any) -> Any:
@@ -327,16 +333,18 @@ for _int, _float in _MARKED.values():
 def from_size(x: Any) -> bool:
     """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
     computed from a size during the trace."""
+    return _any_number(x, _sized_number)
+
+
+def _sized_number(x: Any) -> bool:
+    """Whether the Python number ``x`` was computed from a size (marked, or a float recorded
+    as such)."""
     if isinstance(x, _FromSize):
         return True
     if isinstance(x, float):
         floats = _recorded_floats()
         return floats is not None and floats.get(id(x)) is x
-    if isinstance(x, slice):
-        return from_size((x.start, x.stop, x.step))
-    if isinstance(x, (tuple, list)):
-        return any(from_size(v) for v in x)
-    return isinstance(x, dict) and from_size(list(x.values()))
+    return False
 
 
 def _plain(value: Any) -> Any:
