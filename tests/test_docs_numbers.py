@@ -313,16 +313,17 @@ def _constants(test_file: str) -> dict[str, object]:
 
 def test_the_held_out_sweeps_the_docs_describe():
     first, second = _constants("test_hf_sweep_audit.py"), _constants("test_hf_heldout2.py")
-    third = _constants("test_hf_heldout3.py")
+    third, fourth = _constants("test_hf_heldout3.py"), _constants("test_hf_heldout4.py")
     doc = " ".join(text("docs/generators.md").split())
-    count = first["archs"] + second["archs"] + third["archs"]
-    assert f"Three held-out sweeps in the test suite discover {count} Hugging Face" in doc
+    count = first["archs"] + second["archs"] + third["archs"] + fourth["archs"]
+    assert f"Four held-out sweeps in the test suite discover {count} Hugging Face" in doc
     assert f"(of scale 3 in one, {second['SCALE']} in the others)" in doc
-    assert "from test_hf_heldout2 import (" in (ROOT / "tests" / "test_hf_heldout3.py").read_text()
+    for later in ("test_hf_heldout3.py", "test_hf_heldout4.py"):
+        assert "from test_hf_heldout2 import (" in (ROOT / "tests" / later).read_text()
     assert "random_gauge_(model, s, 3.0," in (ROOT / "tests" / "test_hf_sweep_audit.py").read_text()
     assert first["TOL"] == second["TOL"] == 1e-10 and second["POW2_TOL"] == 1e-12
     assert "within `1e-10` of the original (and within `1e-12` under a gauge of powers" in doc
-    assert "of two, in the second and third)" in doc
+    assert "of two, in the second to fourth)" in doc
 
 
 SOFT_ROWS = {
