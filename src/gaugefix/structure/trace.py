@@ -557,6 +557,8 @@ class TraceContext:
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
         self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
+        # name -> (its entries in slices read with an empty input, why): see fix_slice
+        self.empty_slices: dict[str, tuple[Tensor, str]] = {}
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
         self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
         self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
@@ -1333,6 +1335,49 @@ class TraceContext:
             self.block(nodes, reason)
         self.roles[name] = None
 
+    def fix_slice(self, p: Tensor, reason: str) -> None:
+        """Fix, after the trace, the entries of the parameter behind the view ``p`` (a slice
+        ``W[e]`` of experts' weights ``[E, out, in]``, along every dim) that ``p`` holds: an
+        op read them with an empty input, so the trace saw nothing of how they meet the data.
+        A view that holds every entry fixes the parameter now."""
+        name, index = self._held_entries(p)
+        numel = self.params[name].numel()
+        mask, _ = self.empty_slices.setdefault(name, (torch.zeros(numel, dtype=torch.bool), reason))
+        mask[slice(None) if index is None else index] = True
+        if bool(mask.all()):
+            del self.empty_slices[name]
+            self.fix(self.params[name], reason)
+
+    def _held_entries(self, p: Tensor) -> tuple[str, Tensor | None]:
+        """The parameter behind ``p`` and the flat indices of the entries ``p`` holds: a view's
+        index map (``W.t()``), the entries of the rows of slices at constant rows (``W[e]``,
+        ``W[a:b]``, ``W.unbind()``); None for all (the parameter, or slices the data picks)."""
+        self.claim(p)
+        entry = self._gathers.get(id(p))
+        if entry is None or entry[0] is not p:
+            return self._param_and_index(p)
+        gathered = entry[1]
+        name, index = self._param_and_index(gathered.source)
+        if gathered.index is not None:
+            return name, None
+        row = gathered.source[0].numel() if gathered.source.dim() else 1
+        rows = gathered.rows.reshape(-1, 1) * row + torch.arange(row)
+        return name, rows.reshape(-1) if index is None else index.reshape(-1)[rows.reshape(-1)]
+
+    def fix_empty_slices(self) -> None:
+        """After the trace: every term of the role of a parameter with slices read with an
+        empty input (see :meth:`fix_slice`) is blocked on those entries, so they carry factor 1
+        and the other slices keep their generators; a parameter with no role left is fixed."""
+        for name, (mask, reason) in self.empty_slices.items():
+            role = self.roles.get(name)
+            if role is None:
+                self.fix(self.params[name], reason)
+                continue
+            shape = self.params[name].shape
+            why = f"{reason} (a slice of parameter '{name}')"
+            for nodes, _ in role:
+                self.block(nodes.expand(shape).reshape(-1)[mask], why)
+
     def fix_partly_read(self) -> None:
         """Fix every parameter gathered by data-dependent rows of which some slice was never
         read: other inputs read it, and the trace cannot say how it would scale there."""
@@ -1734,7 +1779,8 @@ class _Tracer(TorchFunctionMode):
         ``out``; what the call wrote into its inputs in place is the rule's to describe."""
         ctx = self.ctx
         tensors = list(nested_tensors((args, kwargs)))
-        ctx.written(tensors, self.versions[-1])
+        versions = self.versions[-1]
+        ctx.written(tensors, versions)
         ctx.note_reads(tensors, None, None)
         ctx.op = type(module).__name__
         ctx.module = module
@@ -1743,6 +1789,9 @@ class _Tracer(TorchFunctionMode):
         ctx.module = None
         self._block_unclaimed(tensors)
         self._fix_read_with_empty(tensors)
+        self._note_empty(tensors, out)
+        written = [t for t, v in zip(tensors, versions, strict=True) if _version(t) != v]
+        self._block_filled(tensors, (out, written))
         ctx.commit_roles()
         self.record(out, labels, {id(t) for t in tensors})
 
@@ -1814,7 +1863,7 @@ class _Tracer(TorchFunctionMode):
         if rule is None:
             labels = ctx.block_all(args, kwargs, ctx.reason(f"unknown op {name}"))
         elif any(map(ctx.is_param, tensors)) and _empty_beside(tensors, ctx.is_param):
-            labels = ctx.block_all(args, kwargs, ctx.reason(_EMPTY_INPUT))
+            labels = self._block_empty_read(tensors)
         else:
             labels = ctx.apply(rule, args, kwargs, out)
         self._block_unclaimed(tensors)
@@ -1882,6 +1931,21 @@ class _Tracer(TorchFunctionMode):
             entry = self._empty_from.get(id(t))
             for source in entry[1] if entry is not None and entry[0] is t else ():
                 ctx.block(ctx.terms(source), reason)
+
+    def _block_empty_read(self, tensors: list[Tensor]) -> Tensor:
+        """Instead of an op's rule, for an op that meets parameters with an empty tensor: the
+        slices of parameters it read (``W[e]``) are fixed (see :meth:`TraceContext.fix_slice`),
+        the other parameters fixed, the activations blocked; the output carries the fixed
+        factor."""
+        ctx = self.ctx
+        reason = ctx.reason(_EMPTY_INPUT)
+        rest = []
+        for t in tensors:
+            if ctx.is_param(t) and id(t) not in ctx.param_names:
+                ctx.fix_slice(t, reason)
+            else:
+                rest.append(t)
+        return ctx.block_all(tuple(rest), {}, reason)
 
     def _block_filled(self, tensors: list[Tensor], out: Any) -> None:
         """An op that joins an empty tensor of rows (channels kept: its last dim is not empty,
@@ -2216,6 +2280,7 @@ def trace(
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
         ctx.fix_partly_read()
+        ctx.fix_empty_slices()
         ctx.value_reads += ctx.shape_reads
         _block_outputs(ctx, out)
         ctx.block_stored(model)
