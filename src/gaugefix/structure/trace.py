@@ -201,6 +201,22 @@ def _recorded_floats() -> dict[int, float] | None:
     return getattr(_FLOATS_FROM_SIZES, "floats", None)
 
 
+def _lose_values() -> None:
+    """Record that this thread's trace made a plain number from tensor values (``int(t)``,
+    ``operator.index(t)``, ``float(x.item())``): a number whose later uses no mark follows."""
+    lost = getattr(_FLOATS_FROM_SIZES, "values_lost", None)
+    if lost is not None:
+        lost[0] = True
+
+
+def _values_lost() -> bool:
+    """Whether this thread's trace made a plain number from tensor values (see
+    :func:`_lose_values`): any Python number an op gets may then have been computed from
+    them."""
+    lost = getattr(_FLOATS_FROM_SIZES, "values_lost", None)
+    return bool(lost and lost[0])
+
+
 class _FromSize:
     """A Python number computed during the trace from a size that may differ for another input
     (the batch or sequence length, ``x.shape[0]``): Python arithmetic on it keeps the mark,
@@ -263,9 +279,21 @@ class SizedFloat(_FromSize, float):
 class _FromValue:
     """A Python number computed from values of a tensor that depends on the inputs or weights
     (``counts.tolist()``, ``x.sum().item()``): it may differ for another input, as a size does,
-    and so may the shape of a tensor made from it (the pieces of ``h.split(counts, 1)``)."""
+    and so may the shape of a tensor made from it (the pieces of ``h.split(counts, 1)``).
+    ``int(n)`` and ``float(n)`` must return plain numbers, which no mark follows: they record
+    that this thread's trace lost track of such numbers (see :func:`_values_lost`)."""
 
     __slots__ = ()
+
+    def __int__(self) -> int:
+        _lose_values()
+        return int.__int__(self) if isinstance(self, int) else float.__int__(self)
+
+    def __float__(self) -> float:
+        _lose_values()
+        if isinstance(self, _FromSize):
+            return _FromSize.__float__(self)
+        return int.__float__(self) if isinstance(self, int) else float.__float__(self)
 
 
 class ValuedInt(_FromValue, int):
@@ -370,12 +398,14 @@ _MATH_TRACES = [0]  # how many traces run (in any thread)
 
 def _math_of_size(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The ``math`` function ``fn`` with its result marked when, in this thread's trace, one of
-    its arguments was computed from a size; ``fn`` itself otherwise."""
+    its arguments was computed from a size or from tensor values; ``fn`` itself otherwise."""
 
     @functools.wraps(fn)
     def marked(*args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
-        return _marked(out) if _recorded_floats() is not None and from_size((args, kwargs)) else out
+        if _recorded_floats() is None:
+            return out
+        return _marked(out, from_size((args, kwargs)), from_value((args, kwargs)))
 
     return marked
 
@@ -1644,8 +1674,8 @@ _VALUE_READS = {
     "__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy", "__complex__",
     "__array__", "__dlpack__", "__format__", "__contains__", "is_nonzero", "equal", "allclose",
 }  # fmt: skip
-# Value reads whose numbers are marked (:class:`ValuedInt`); ``int(x)`` and ``operator.index``
-# must return a plain int.
+# Value reads whose numbers are marked (:class:`ValuedInt`); ``int(x)``, ``operator.index(x)``
+# and ``float(x)`` must return plain numbers (see :func:`_lose_values`).
 _VALUED = {"item", "tolist"}
 # Value reads that hand over the tensor's memory itself, which untraced code may then write.
 _ESCAPES = {"numpy", "__array__", "__dlpack__"}
@@ -1730,14 +1760,35 @@ def _valued_by_size(short: str, args: tuple, kwargs: dict) -> bool:
     return from_size((args, kwargs))
 
 
+def _is_number(x: Any) -> bool:
+    """Whether ``x`` is a Python number other than a truth value."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _slice_tensors(tree: Any) -> Iterator[Tensor]:
+    """The tensors given as bounds of slices (``h[:, a:b]``) in nested tuples and lists."""
+    if isinstance(tree, slice):
+        yield from (t for t in (tree.start, tree.stop, tree.step) if isinstance(t, Tensor))
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _slice_tensors(item)
+
+
 def _data_shaped(
     ctx: TraceContext, short: str, call: tuple, tensors: list[Tensor], out: Any
 ) -> bool:
     """Whether the shape of an op's output depends on values that may differ for another
-    input (``x.nonzero()``, ``x[mask]``, ``h.split(counts.tolist(), 1)``, and what is computed
-    from them). ``call``: the op's ``(args, kwargs)``."""
+    input (``x.nonzero()``, ``x[mask]``, ``h.split(counts.tolist(), 1)``, ``h[:, a:b]`` and
+    ``h.tensor_split(ends, 1)`` for tensors ``a``, ``b``, ``ends`` computed from the inputs, and
+    what is computed from them). Once the trace made a plain number from values (``int(t)``,
+    see :func:`_values_lost`), every op given a Python number counts. ``call``: the op's
+    ``(args, kwargs)``."""
     args = call[0]
-    if any(ctx._shaped.get(id(t)) is t for t in tensors) or from_value(call):
+    bounds = [t for t in _slice_tensors(args) if ctx.is_tainted(t)]
+    if short == "tensor_split" and len(args) > 1 and isinstance(args[1], Tensor):
+        bounds += [args[1]] if ctx.is_tainted(args[1]) else []
+    lost = _values_lost() and _any_number(call, _is_number)
+    if any(ctx._shaped.get(id(t)) is t for t in tensors) or from_value(call) or bounds or lost:
         in_place = any(t is out for t in tensors)
         return not in_place and short not in _WRITES_INTO
     varying = [t for t in tensors if ctx.is_tainted(t)]
@@ -1833,6 +1884,8 @@ class _Tracer(TorchFunctionMode):
                     ctx.escaped(t)
             if tainted:
                 ctx.read_value("a tensor value")
+                if short not in _VALUED and not isinstance(out, bool):
+                    _lose_values()
             return _valued(out) if tainted and short in _VALUED else out
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
@@ -2184,12 +2237,12 @@ def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
     forget them, and make the marked numbers the forward stored on the model's modules (a
     cached length, one in a list or dict attribute) plain again: the marks are the trace's (see
     :class:`SizedInt`)."""
-    earlier = _recorded_floats()
-    _FLOATS_FROM_SIZES.floats = {}
+    earlier = _recorded_floats(), getattr(_FLOATS_FROM_SIZES, "values_lost", None)
+    _FLOATS_FROM_SIZES.floats, _FLOATS_FROM_SIZES.values_lost = {}, [False]
     try:
         yield
     finally:
-        _FLOATS_FROM_SIZES.floats = earlier
+        _FLOATS_FROM_SIZES.floats, _FLOATS_FROM_SIZES.values_lost = earlier
         for module in model.modules():
             for key, value in list(vars(module).items()):
                 if isinstance(value, _MARKS):
