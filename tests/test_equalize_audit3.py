@@ -105,7 +105,8 @@ def range_residual(model: nn.Module, s: gaugefix.GaugeStructure) -> float:
 
 
 def linear_inputs(model: nn.Module, calibration: Tensor) -> dict[str, Tensor]:
-    """Per counted ``nn.Linear`` weight, ``max |x_j|`` of its module's inputs on the batch."""
+    """Per counted ``nn.Linear`` weight, ``max |x_j|`` of its module's inputs on the batch (and
+    per fused experts weight, :func:`expert_inputs`)."""
     seen: dict[str, list[Tensor]] = {}
 
     def hook(name: str):
@@ -121,7 +122,37 @@ def linear_inputs(model: nn.Module, calibration: Tensor) -> dict[str, Tensor]:
         model(calibration)
     for handle in handles:
         handle.remove()
-    return {w: torch.stack(v).amax(0) for w, v in seen.items()}
+    return {w: torch.stack(v).amax(0) for w, v in seen.items()} | expert_inputs(model, calibration)
+
+
+def expert_inputs(model: nn.Module, calibration: Tensor) -> dict[str, Tensor]:
+    """Per fused experts module (``gate_up_proj`` ``[E, 2 I, H]``, ``down_proj`` ``[E, H, I]``),
+    ``max |x_j|`` ``[E, C]`` of each matrix's input: the tokens routed to expert ``e``, and
+    their gated hidden units, computed here from the routing."""
+    calls: dict[str, tuple] = {}
+    experts = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "gate_up_proj", None), Tensor)
+    }
+    handles = [
+        m.register_forward_hook(lambda m, args, out, n=n: calls.setdefault(n, args) and None)
+        for n, m in experts.items()
+    ]
+    with torch.no_grad():
+        model(calibration)
+    for handle in handles:
+        handle.remove()
+    out = {}
+    for n, (hidden, index, _) in calls.items():
+        m = experts[n]
+        rows = [hidden[(index == e).any(-1)] for e in range(len(m.gate_up_proj))]
+        pairs = [F.linear(r, w).chunk(2, -1) for r, w in zip(rows, m.gate_up_proj, strict=True)]
+        inner = [m.act_fn(gate) * up for gate, up in pairs]
+        for name, xs in (("gate_up_proj", rows), ("down_proj", inner)):
+            maxima = [x.abs().amax(0) if len(x) else x.new_zeros(x.shape[-1]) for x in xs]
+            out[f"{n}.{name}"] = torch.stack(maxima)
+    return out
 
 
 def produced_dims(s: gaugefix.GaugeStructure, name: str) -> set[int]:
@@ -143,8 +174,13 @@ def activation_residual(
     names, worst = counted(s), 0.0
     for n in range(s.num_generators):
         outgoing = s.generator(n).outgoing
-        columns = [(w, i[1]) for w, i in outgoing if w in acts and i[0] is None]
-        a = max((float(acts[w][j]) for w, j in columns), default=0.0)
+        columns = [(w, i[1]) for w, i in outgoing if w in acts and len(i) == 2 and i[0] is None]
+        columns += [
+            (w, (slice(None) if i[0] is None else i[0], i[2]))
+            for w, i in outgoing
+            if w in acts and len(i) == 3 and i[1] is None
+        ]
+        a = max((float(acts[w][j].max()) for w, j in columns), default=0.0)
         read = [
             params[w].detach()[tuple(slice(None) if k is None else k for k in i)]
             for w, i in outgoing

@@ -3,7 +3,8 @@ models spell otherwise than ``F.linear``: ``torch.einsum`` with a parameter oper
 subscripts parsed), ``torch.linalg.matmul``, ``torch.mv``, ``torch.addmv``, batched products of
 stacked expert weights (``bmm``, ``baddbmm``, batched ``matmul``, ``grouped_mm``, a slice
 ``W[e]`` of ``[E, out, in]``: each matrix's channels have the maxima of its own tokens) and the
-input projections inside ``F.multi_head_attention_forward``. Oracles: the same model written
+input projections inside ``F.multi_head_attention_forward`` (its output projection:
+``test_equalize_products2.py``). Oracles: the same model written
 with ``F.linear`` / ``nn.Linear`` (float64, the recorded maxima bit for bit and the equalized
 point), SmoothQuant's closed form, and maxima computed from the routed tokens directly. An
 einsum that does not read a weight's channels one by one records nothing."""
@@ -354,7 +355,7 @@ def test_multi_head_attention_in_projections_are_recorded():
     seen = activation_ranges(model, dict(model.named_parameters()), x)
     with torch.no_grad():
         normed = model.norm(x).abs().amax((0, 1))
-    assert list(seen) == [("attention.in_proj_weight", 1)]
+    assert list(seen) == [("attention.in_proj_weight", 1), ("attention.out_proj.weight", 1)]
     assert torch.equal(seen["attention.in_proj_weight", 1], normed)
     memory = _batch(2, 7, 3, seed=5)
     model = randomise_(Attention(kdim=3, vdim=3), seed=1).eval()

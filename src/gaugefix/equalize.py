@@ -105,6 +105,15 @@ RANGE_P = 4  # the p-balance that picks range's point where max-balances are not
 RESIDUAL_ROUNDING = 64 * torch.finfo(torch.float64).eps
 OPEN_REASON = "no closed orbit (dead, or in an open group)"
 CONVS = (F.conv1d, F.conv2d, F.conv3d)  # weights [out, in, *kernel]
+OUT_PROJ = 11  # F.multi_head_attention_forward's position of out_proj_weight (out_proj_bias next)
+# Its arguments after out_proj_bias, in order.
+ATTENTION_KEYWORDS = (
+    "training", "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight",
+    "q_proj_weight", "k_proj_weight", "v_proj_weight", "static_k", "static_v",
+    "average_attn_weights", "is_causal",
+)  # fmt: skip
+# Gathers of matrices of stacked weights by an index tensor (``W[ids]``: a copy).
+GATHERS = (Tensor.__getitem__, torch.index_select, Tensor.index_select)
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,10 @@ class EqualizeResult:
     for a callable its value; ``iterations``; ``h`` (``[num_generators]``, float64): the gauge
     applied (0 on generators left out); ``dead_generators``: the generators the objective does
     not see on both sides, those in an open group (of its own terms; of the norm's for a
-    callable), and those touching a frozen parameter, left at ``h = 0``; ``converged``.
+    callable), and those touching a frozen parameter, left at ``h = 0``; ``converged``;
+    ``uncalibrated``: for ``"activation"``, the counted weights the calibration pass saw read
+    in a way it cannot follow (a view or gathered copy it cannot map to their dims), whose
+    channels it balanced as ``"range"`` does.
     The norm is over every parameter the structure acts on, frozen ones included (unchanged);
     a residual is over no generator, 0, when every generator is held (:attr:`movable` 0).
     """
@@ -130,6 +142,7 @@ class EqualizeResult:
     h: Tensor
     dead_generators: Tensor
     converged: bool
+    uncalibrated: tuple[str, ...] = ()
 
     @property
     def movable(self) -> int:
@@ -654,14 +667,32 @@ def _einsum_read(w: Tensor, ws: list, x: Tensor, xs: list, out: str) -> list[_Re
 def _attention_reads(args: tuple, kwargs: dict) -> list[_Read]:
     """``F.multi_head_attention_forward``: the input projections it applies with ``F.linear``
     inside (query, key, value through the rows of ``in_proj_weight``, or through their own
-    weights); the output projection reads a product computed inside and is not recorded."""
+    weights) and the output projection (:func:`_attended`)."""
     inputs = [_arg(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value"))]
     if _arg(args, kwargs, 17, "use_separate_proj_weight", False):
         names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
         weights = [_arg(args, kwargs, 18 + i, name) for i, name in enumerate(names)]
     else:
         weights = [_arg(args, kwargs, 5, "in_proj_weight")] * 3
-    return [_Read(w, 1, x, -1) for w, x in zip(weights, inputs, strict=True)]
+    out = _arg(args, kwargs, OUT_PROJ, "out_proj_weight")
+    reads = [_Read(w, 1, x, -1) for w, x in zip(weights, inputs, strict=True)]
+    return [*reads, _Read(out, 1, _attended(args, kwargs), -1)]
+
+
+def _attended(args: tuple, kwargs: dict) -> Tensor | None:
+    """The input of ``F.multi_head_attention_forward``'s output projection (the heads'
+    attended values, ``[..., E]``): the same call with the projection ``I`` and no bias, exact
+    (``x I = x``); ``None`` (not followed) where dropout draws random masks."""
+    if _arg(args, kwargs, 13, "training", True) and _arg(args, kwargs, 10, "dropout_p", 0.0):
+        return None
+    w = _arg(args, kwargs, OUT_PROJ, "out_proj_weight")
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        return None
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    rest = {"out_proj_weight": eye, "out_proj_bias": None}
+    head = args[:OUT_PROJ]
+    tail = dict(zip(ATTENTION_KEYWORDS, args[OUT_PROJ + 2 :], strict=False))
+    return F.multi_head_attention_forward(*head, **{**tail, **kwargs, **rest})[0]
 
 
 # The calls read as linear maps of their input's channels, each with the function giving its
@@ -723,15 +754,17 @@ def _stacked_dim(w: Tensor, k: int, p: Tensor) -> int | None:
 
 def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
     """The dim of ``p`` that ``w``'s dim ``k`` runs over whole and in order, where ``w`` is
-    ``p``, a 2-D view of 2-D ``p`` (:func:`_view_dim`), or of stacked 3-D ``p``
-    (:func:`_stacked_dim`), read off strides and storage offsets; ``None`` for any other
-    view."""
+    ``p``, a 2-D view of 2-D ``p`` (:func:`_view_dim`) or one expanded to ``[B, ., .]`` (stride
+    0 along ``B``: ``bmm`` of a shared matrix), or of stacked 3-D ``p`` (:func:`_stacked_dim`),
+    read off strides and storage offsets; ``None`` for any other view."""
     if w is p:
         return k if k < p.dim() else None  # a 1-D weight of F.linear: no channel dim
     if w.dtype != p.dtype:
         return None
     if w.dim() == 2 and p.dim() == 2:
         return _view_dim(w, k, p)
+    if w.dim() == 3 and p.dim() == 2 and w.stride(0) == 0 and k:  # expanded to [B, ., .]
+        return _weight_dim(w[0], k - 1, p)
     if p.dim() == 3 and p.is_contiguous():
         return _stacked_dim(w, k, p)
     return None
@@ -745,32 +778,85 @@ def _wrapped(x: Tensor) -> bool:
 
 class _ChannelMaxima(TorchFunctionMode):
     """Records, for every linear call (:func:`_operands`) whose weight is one of ``weights``
-    or a view of one (:func:`_weight_dim`), ``max |x_j|`` of its input per channel (float64
-    ``[C]``; ``[E, C]``, per matrix, where a call reads one matrix of stacked 3-D weights
-    ``[E, ., .]``), keyed by ``(weight name, weight dim)``: the maximum over every such call
-    (``None``: only empty inputs)."""
+    or a view of one (:func:`_weight_dim`), or of a copy of stacked matrices gathered by an
+    index tensor (:meth:`_gather`), ``max |x_j|`` of its input per channel (float64 ``[C]``;
+    ``[E, C]``, per matrix, where a call reads matrices of stacked 3-D weights ``[E, ., .]``),
+    keyed by ``(weight name, weight dim)``: the maximum over every such call (``None``: only
+    empty inputs). ``unfollowed``: the weights read in a way it cannot map to their dims."""
 
     def __init__(self, weights: Mapping[str, Tensor]) -> None:
         super().__init__()
         self.weights = {id(t): (name, t) for name, t in weights.items()}
         self.maxima: dict[tuple[str, int], Tensor | None] = {}
+        self.gathered: dict[int, tuple[str, Tensor, Tensor, int]] = {}
+        self.unfollowed: set[str] = set()
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if any(func is f for f in GATHERS):
+            self._gather(func, args, kwargs, out)
         for read in _operands(func, args, kwargs):
-            if all(isinstance(t, Tensor) for t in (read.weight, read.input)):
+            if isinstance(read.weight, Tensor) and read.input is None:  # a read not followed
+                self._source(read.weight, 0, mapped=False)
+            elif all(isinstance(t, Tensor) for t in (read.weight, read.input)):
                 if not _wrapped(read.input):
                     self._record(*read)
         return out
 
+    def _gather(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """``W[ids]`` / ``index_select(W, 0, ids)`` of stacked 3-D ``W`` by a 1-D index (or
+        mask): a copy ``[N, ., .]`` whose matrix ``n`` is ``W[ids[n]]``, kept to map its reads
+        to ``W``'s matrices; any other index tensor on ``W``: not followed."""
+        src = args[0] if args else kwargs.get("input")
+        name, p = self.weights.get(id(src), (None, None))
+        if p is None or p.dim() != 3 or not isinstance(out, Tensor) or out._base is p:
+            return
+        if func is Tensor.__getitem__:
+            index = args[1] if len(args) > 1 else None
+            ids = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        else:
+            dim, ids = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
+            ids = ids if dim in (0, -3) else None
+        if isinstance(ids, Tensor) and ids.dtype == torch.bool and ids.dim() == 1:
+            ids = ids.nonzero()[:, 0]
+        if (
+            not isinstance(ids, Tensor)
+            or ids.dim() != 1
+            or ids.is_floating_point()
+            or out.dim() != 3
+        ):
+            self.unfollowed.add(name)
+            return
+        self.gathered[id(out)] = (name, out, ids.to(torch.long), p.shape[0])
+
+    def _source(self, w: Tensor, k: int, mapped: bool = True) -> tuple[Any, ...] | None:
+        """``(name, the tensor w is a view of, the dim w's dim k runs over, the gathered ids or
+        None, the matrices gathered from)`` for a ``w`` that is tracked (``None`` if not); a
+        matrix (2 dims or more) whose dim ``k`` is not mapped (or ``mapped`` false: a read not
+        followed) marks its weight not followed."""
+        base = w if id(w) in self.weights or id(w) in self.gathered else w._base
+        if id(base) in self.gathered:
+            name, p, ids, experts = self.gathered[id(base)]
+            dim = _stacked_dim(w, k, p) if mapped else None
+        else:
+            name, p = self.weights.get(id(base), (None, None))
+            ids, experts = None, None
+            dim = _weight_dim(w, k, p) if mapped and p is not None else None
+        if name is None:
+            return None
+        if dim is None and w.dim() >= 2:
+            self.unfollowed.add(name)
+        return (name, p, dim, ids, experts)
+
     def _record(self, w: Tensor, k: int, x: Tensor, d: int, batched: bool = False) -> None:
-        base = w if id(w) in self.weights else w._base
-        name, p = self.weights.get(id(base), (None, None))
-        dim = None if p is None else _weight_dim(w, k, p)
-        if dim is None or x.dim() < -d or x.shape[d] != p.shape[dim]:
+        source = self._source(w, k)
+        if source is None or source[2] is None:
+            return
+        name, p, dim, ids, experts = source
+        if x.dim() < -d or x.shape[d] != p.shape[dim]:
             return
         key = (name, dim)
         old = self.maxima.setdefault(key, None)
@@ -782,6 +868,10 @@ class _ChannelMaxima(TorchFunctionMode):
         else:
             a = _per_slice(a.reshape(-1, a.shape[-1]).amax(0), w, p)
         a = a.to(torch.float64)
+        if ids is not None:  # the gathered copy's matrices [N, C] to the weight's [E, C]
+            rows = a.expand(ids.shape[0], -1) if a.dim() == 1 else a
+            at = ids[:, None].expand(-1, a.shape[-1])
+            a = a.new_zeros(experts, a.shape[-1]).scatter_reduce_(0, at, rows, "amax")
         self.maxima[key] = a if old is None else torch.maximum(old, a)
 
 
@@ -795,14 +885,23 @@ def _per_slice(a: Tensor, w: Tensor, p: Tensor) -> Tensor:
     return out
 
 
-@torch.no_grad()
 def activation_ranges(
     model: nn.Module, weights: Mapping[str, Tensor], calibration: Tensor | tuple[Tensor, ...]
 ) -> dict[tuple[str, int], Tensor | None]:
     """``max |x_j|`` over the calibration batch of the input channels of every linear call
     reading one of ``weights`` (by name) or a view of one (:class:`_ChannelMaxima`), from one
     pass of ``model(*calibration)`` in eval mode (the training flags are restored; nothing
-    else is touched)."""
+    else is touched). A weight also read in a way the pass cannot follow has no maxima (a
+    ``UserWarning`` names it)."""
+    return _calibrated(model, weights, calibration)[0]
+
+
+@torch.no_grad()
+def _calibrated(
+    model: nn.Module, weights: Mapping[str, Tensor], calibration: Tensor | tuple[Tensor, ...]
+) -> tuple[dict[tuple[str, int], Tensor | None], tuple[str, ...]]:
+    """:func:`activation_ranges` and the weights it left without maxima (in ``weights``'
+    order), read in a way the pass cannot follow."""
     modes = {m: m.training for m in model.modules()}
     args = calibration if isinstance(calibration, tuple) else (calibration,)
     seen = _ChannelMaxima(weights)
@@ -820,7 +919,14 @@ def activation_ranges(
             m.training = mode
     if any(a is not None and not bool(torch.isfinite(a).all()) for a in seen.maxima.values()):
         raise ValueError("the calibration batch gives non-finite activations; nothing was modified")
-    return seen.maxima
+    left = tuple(name for name in weights if name in seen.unfollowed)
+    if left:
+        warnings.warn(
+            f"the calibration pass cannot follow how {', '.join(left)} "
+            "(a view or a gathered copy) is read; their channels are balanced as 'range' does",
+            stacklevel=3,
+        )
+    return {key: a for key, a in seen.maxima.items() if key[0] not in left}, left
 
 
 def readers(
@@ -859,19 +965,20 @@ def activation_balance(
     counted: set[str],
     calibration: Tensor | tuple[Tensor, ...],
     alpha: float,
-) -> tuple[list[RangeSource], Tensor]:
-    """The sources and per-generator ``alpha`` of ``"activation"``. Per reader: its input's
-    channel ranges on the incoming side of the generators that scale them (the channel carries
-    ``-1`` times the column exponent; none where the calibration pass gave it no input), its
-    weight's columns on the outgoing side of the generators dividing them, with the
-    :func:`_absorbing` terms of the other weights (fused experts, a router with its own
+) -> tuple[list[RangeSource], Tensor, tuple[str, ...]]:
+    """The sources and per-generator ``alpha`` of ``"activation"``, and the counted weights
+    the calibration pass could not follow (:func:`activation_ranges`: no maxima). Per reader:
+    its input's channel ranges on the incoming side of the generators that scale them (the
+    channel carries ``-1`` times the column exponent; none where the calibration pass gave it
+    no input), its weight's columns on the outgoing side of the generators dividing them, with
+    the :func:`_absorbing` terms of the other weights (fused experts, a router with its own
     ``forward``: ``s_j`` multiplies them too); these generators balance the two with
     ``alpha``. The others (query-key pairs: no linear map reads their
     channels; a channel identically zero on the batch, or read through zero columns only) are
     weight-range balanced as ``"range"`` does (``alpha = 1/2``). Each weight is one source
     (read once per pass)."""
     device = _device(params)
-    ranges = activation_ranges(model, {w: params[w] for w in counted}, calibration)
+    ranges, left = _calibrated(model, {w: params[w] for w in counted}, calibration)
     weights = range_sources(params, structure, counted)
     order = [name for name, _ in model.named_parameters() if name in counted]
     order += [name for name in weights if name not in order]  # names a wrapper changes
@@ -900,7 +1007,7 @@ def activation_balance(
         rest = tuple(t for t in source.counted if not any(t is d for d in mine))
         weights[name] = source._replace(counted=mine + _without(rest, read, n))
     coefficient = torch.full((n,), 0.5, dtype=torch.float64, device=device)
-    return channels + list(weights.values()), coefficient.masked_fill_(read, alpha)
+    return channels + list(weights.values()), coefficient.masked_fill_(read, alpha), left
 
 
 def _varying(term: PlannedTerm) -> set[int]:
@@ -1165,6 +1272,7 @@ def equalize_(
     check_finite_params(params)
     check_transport(optimizer, params)
     active, keep = unfrozen(structure, params)
+    left: tuple[str, ...] = ()
     if name == "norm":
         held = sum(_norm_sq(params[n]) for n in structure.params if n not in active.params)
         return _balanced(model, active, keep, tol, max_iter, optimizer, held)
@@ -1181,7 +1289,7 @@ def equalize_(
         if name == "range":
             solved = range_balance(params, active, counted, tol, max_iter)
         else:
-            solved = _activation_solve(
+            solved, left = _activation_solve(
                 model, params, active, counted, calibration, alpha, tol, max_iter
             )
         h, iterations, before, after, live, converged = solved
@@ -1190,9 +1298,8 @@ def equalize_(
     move_(params, structure, full, optimizer)
     alive = torch.zeros(structure.num_generators, dtype=torch.bool)
     alive[keep] = live.cpu()
-    return EqualizeResult(
-        name, before, after, iterations, full, torch.nonzero(~alive).reshape(-1), converged
-    )
+    dead = torch.nonzero(~alive).reshape(-1)
+    return EqualizeResult(name, before, after, iterations, full, dead, converged, left)
 
 
 def _norm_sq(t: Tensor) -> float:
@@ -1203,17 +1310,19 @@ def _norm_sq(t: Tensor) -> float:
 def _activation_solve(
     model: nn.Module, params: Mapping[str, Tensor], structure: GaugeStructure, counted: set[str],
     calibration: Tensor | tuple[Tensor, ...], alpha: float, tol: float, max_iter: int,
-) -> Solved:  # fmt: skip
+) -> tuple[Solved, tuple[str, ...]]:  # fmt: skip
     """``"activation"``: the max-balance of :func:`activation_balance`'s sources from ``h = 0``,
     with the generators in open groups on them (:func:`_open_groups`) held at ``h = 0`` (their
     counted terms dropped: not live)."""
-    sources, coefficient = activation_balance(model, params, structure, counted, calibration, alpha)
+    sources, coefficient, left = activation_balance(
+        model, params, structure, counted, calibration, alpha
+    )
     n, device = structure.num_generators, _device(params)
     held = _open_groups(sources, n, device)
     if bool(held.any()):
         sources = [source._replace(counted=_without(source.counted, held, n)) for source in sources]
     start = torch.zeros(n, dtype=torch.float64, device=device)
-    return solve_max_balance(sources, start, coefficient, tol, max_iter)
+    return solve_max_balance(sources, start, coefficient, tol, max_iter), left
 
 
 def _balanced(
