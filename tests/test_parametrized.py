@@ -250,8 +250,8 @@ def test_relabelling_parametrization_keeps_every_generator_and_moves_the_origina
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "kind",
-    ["spectral_norm", "orthogonal", "exp", "softplus", "merged_lora", "pruned",
-     *VALUE_ARRANGED, "weight_norm_dim-2"],
+    ["spectral_norm", "orthogonal", "exp", "softplus", "pruned", *VALUE_ARRANGED,
+     "weight_norm_dim-2"],
 )  # fmt: skip
 def test_computed_weight_excludes_its_layer_and_keeps_the_rest_exact(kind, train):
     """A weight computed by a map that is not a fixed relabelling (a norm, exp, a sum with a
@@ -269,6 +269,20 @@ def test_computed_weight_excludes_its_layer_and_keeps_the_rest_exact(kind, train
     assert structure.num_generators == 0
     reasons = [e.reason for e in structure.excluded]
     assert any(NOT_A_PARAMETER in r or "'l2.parametrizations.weight" in r for r in reasons)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_merged_lora_parametrization_keeps_only_its_rank_channels(train):
+    """``W -> W + B @ A`` is a computed weight: its layer's channels are excluded as above, but
+    ``B @ A`` is invariant under its 2 rank channels (column ``k`` of ``B`` and row ``k`` of
+    ``A`` scaled oppositely), which stay generators; the original weight never moves."""
+    for layer, kept in ((0, 6), (1, 0), (2, 6)):
+        structure = _check_exact("mlp", "merged_lora", (layer,), train)
+        assert structure.num_generators == kept + 2
+        bound = set(structure.bind(_build("mlp", "merged_lora", (layer,))))
+        prefix = f"l{layer + 1}.parametrizations.weight.0"
+        assert {n for n in bound if n.startswith(f"l{layer + 1}.")} == {
+            f"{prefix}.A", f"{prefix}.B"}  # fmt: skip
 
 
 @pytest.mark.parametrize("base", ["residual", "cnn"])
@@ -467,10 +481,16 @@ def test_lora_adapter_of_its_own_adds_exact_rank_generators(train):
 
 def test_merged_lora_in_the_forward_excludes_the_adapted_layer():
     """``F.linear(x, W + B @ A)``: the weight is a sum with a product of two parameters, so the
-    adapted layer's channels (and those it reads) are excluded with the reason recorded."""
+    adapted layer's channels (and those it reads) are excluded with the reason recorded; the
+    2 rank channels of ``B @ A`` stay."""
     torch.manual_seed(0)
     model = MLP().to(D)
     model.l2 = LoRALinear(model.l2, merged=True)
     structure = gf.discover(model, _input("mlp", 3))
-    assert structure.num_generators == 0
+    assert structure.num_generators == 2
+    assert set(structure.bind(model)) == {"l2.A", "l2.B"}
     assert any(NOT_A_PARAMETER in e.reason for e in structure.excluded)
+    moved = copy.deepcopy(model)
+    gf.random_gauge_(moved, structure, 2.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(moved.l2.A, model.l2.A)
+    assert _largest_relative_change(moved, model, [_input("mlp", b) for b in BATCHES]) <= TOL

@@ -295,11 +295,14 @@ def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
     activations: when one is fixed, the other's labels pass, united along the contracted dim
     (the attention-weighted sum ``P @ v`` passes value dims: value-output generators); otherwise
     the contracted dim pairs opposite factors (``q @ k^T``: query-key generators) and the result
-    is invariant.
+    is invariant. Two parameter matrices: see :func:`product_of_parameters`.
     """
-    if ctx.is_param(a) and ctx.is_param(b):
-        return ctx.block_all((a, b), {}, ctx.reason("product of two parameters"))
     vec_a, vec_b = a.dim() == 1, b.dim() == 1
+    if ctx.is_param(a) and ctx.is_param(b):
+        if a.dim() > 2 or b.dim() > 2:
+            return ctx.block_all((a, b), {}, ctx.reason("batched product of two parameters"))
+        rows, cols = ("", "k") if vec_a else ("m", "mk"), ("", "k") if vec_b else ("n", "kn")
+        return product_of_parameters(ctx, f"{rows[1]},{cols[1]}->{rows[0]}{cols[0]}", a, b)
     if ctx.is_param(a) or ctx.is_param(b):
         w, x = (a, b) if ctx.is_param(a) else (b, a)
         batch = w.shape[:-2]
@@ -420,7 +423,10 @@ def _einsum(ctx: TraceContext, result: Any, equation: Any, *operands: Any) -> An
     if any(ctx.is_param(t) for t in operands):
         if len(operands) == 1:
             return ctx.block_all(operands, {}, ctx.reason("einsum of a parameter alone"))
-        return einsum_with_parameter(ctx, f"{inputs[0]},{inputs[1]}->{output}", *operands)
+        spelled = f"{inputs[0]},{inputs[1]}->{output}"
+        if all(ctx.is_param(t) for t in operands):
+            return product_of_parameters(ctx, spelled, *operands)
+        return einsum_with_parameter(ctx, spelled, *operands)
     labels = [ctx.single(ctx.terms(t), t.shape) for t in operands]
     fixed = [ctx.is_fixed(t) for t in operands]
     if len(operands) == 1 or fixed[0] or fixed[1]:
@@ -464,6 +470,44 @@ def einsum_with_parameter(ctx: TraceContext, equation: str, a: Tensor, b: Tensor
     nodes = ctx.produce(w, *shape)
     kept = "".join(c for c in output if c in lw)  # in the output's order, maybe not W's
     return _arranged(_unite_over(ctx, nodes, lw, kept)[0], kept, output)
+
+
+def product_of_parameters(ctx: TraceContext, equation: str, p: Tensor, q: Tensor) -> Any:
+    """The labels of ``einsum(equation, P, Q)`` (letters spelled out) of two parameters: a
+    low-rank weight ``B @ A``. Each contracted index ``k`` (a letter of both, not in the output)
+    is a channel: ``P``'s entries at ``k`` are divided by its factor and ``Q``'s multiplied, so
+    the product is invariant. ``P``'s letters only in the output carry fresh factors (``P``
+    produces them) and ``Q``'s their inverses (``Q`` consumes them): the product's entry
+    ``[i, j]`` carries ``a_i - b_j``. Letters of both kept in the output (a batch of products),
+    letters summed over one operand alone, no contraction, and one parameter twice block."""
+    lhs, output = equation.split("->")
+    lp, lq = lhs.split(",")
+    shared = "".join(c for c in lp if c in lq)
+    alone = [c for c in lp + lq if c not in shared and c not in output]
+    if (
+        not shared or alone or any(c in output for c in shared) or ctx.is_gathered(p)
+        or ctx.is_gathered(q) or not distinct_params(ctx, p, q)
+    ):  # fmt: skip
+        return ctx.block_all((p, q), {}, ctx.reason("product of two parameters of this form"))
+    size = dict(zip(lp + lq, (*p.shape, *q.shape), strict=True))
+    kept_p = "".join(c for c in lp if c in output)
+    kept_q = "".join(c for c in lq if c in output)
+    rows = ctx.produce(p, *[size[c] if c in kept_p else 1 for c in lp])
+    channels = ctx.produce(q, *[size[c] if c in shared else 1 for c in lq])
+    channels = channels.reshape([size[c] for c in lq if c in shared])
+    ctx.consume(p, _placed(channels, "".join(c for c in lq if c in shared), lp))
+    cols = ctx.fresh(*[size[c] for c in kept_q])
+    ctx.consume(q, _placed(cols, kept_q, lq))
+    ctx.multiplied.update((ctx.param_name(p), ctx.param_name(q)))
+    rows = rows.reshape([size[c] for c in kept_p])
+    return Sum([(_placed(rows, kept_p, output), 1), (_placed(cols, kept_q, output), -1)])
+
+
+def _placed(nodes: Tensor, letters: str, target: str) -> Tensor:
+    """Nodes over ``letters`` (one dim each) on ``target``'s dims: size 1 at its other letters."""
+    present = [c for c in target if c in letters]
+    nodes = nodes.permute(*[letters.index(c) for c in present]) if present else nodes
+    return nodes.reshape([nodes.shape[present.index(c)] if c in present else 1 for c in target])
 
 
 def _unite_over(ctx: TraceContext, nodes: Tensor, letters: str, keep: str) -> tuple[Tensor, str]:

@@ -587,6 +587,7 @@ class TraceContext:
         self.failures: dict[int, tuple[BaseException, str]] = {}
         self.used_params: set[str] = set()  # parameters some rule looked at
         self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
+        self.multiplied: set[str] = set()  # parameters read by a product of two parameters
         # name -> (its entries in slices read with an empty input, why): see fix_slice
         self.empty_slices: dict[str, tuple[Tensor, str]] = {}
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
@@ -1462,18 +1463,41 @@ class TraceContext:
                 for nodes, _ in terms:
                     self.block(nodes, why)
                 continue
-            aligned = _same_form(before, terms)
+            aligned = self._by_place(name, before, terms) if name in self.multiplied else None
+            if aligned is None:
+                aligned = _same_form(before, terms)
             if aligned is None:
                 aligned = _same_form(_unfixed(before), _unfixed(terms))
             if aligned is not None:
-                for (a, _), (b, _) in aligned:
+                for (a, s), (b, t) in aligned:
                     shape = self.params[name].shape
-                    self.union(a.expand(shape), b.expand(shape))
+                    self.union(a.expand(shape), b.expand(shape), s * t)
                 continue
             reason = self.reason(f"parameter '{name}' used in two different roles")
             for nodes, _ in before + terms:
                 self.block(nodes, reason)
             self.roles[name] = None
+
+    def _by_place(self, name: str, before: list, terms: list) -> list | None:
+        """Two uses of a parameter that a product of two parameters reads (``B @ A`` and
+        ``B(h)``), paired term by term by the dims of the parameter each term varies along,
+        whatever the signs (``s a = t b`` is ``a = s t b``); a term with no partner is fixed to
+        0 (the other use has no such factor). Both sums are then equal. None when a term could
+        pair with two."""
+        shape = self.params[name].shape
+        sides = [_unfixed(before), _unfixed(terms)]
+        dims = [[{d for d, n in enumerate(compact(t.expand(shape)).shape) if n > 1}
+                 for t, _ in side] for side in sides]  # fmt: skip
+        match = torch.tensor([[bool(d & e) or d == e == set() for e in dims[1]] for d in dims[0]],
+                             dtype=torch.bool).reshape(len(dims[0]), len(dims[1]))  # fmt: skip
+        if bool((match.sum(0) > 1).any() or (match.sum(1) > 1).any()):
+            return None
+        why = self.reason(f"parameter '{name}' read by a product with a factor another use lacks")
+        for side, paired in ((sides[0], match.any(1)), (sides[1], match.any(0))):
+            for (nodes, _), kept in zip(side, paired.tolist(), strict=True):
+                if not kept:
+                    self.block(nodes, why)
+        return [(sides[0][i], sides[1][j]) for i, j in match.nonzero().tolist()]
 
     def permuted_gather(self, out: Tensor, gathered: Tensor, perm: tuple[int, ...]) -> None:
         """Record ``out = gathered.permute(perm)`` (``W[e].t()``, ``W[ids].transpose(1, 2)``,
