@@ -116,7 +116,8 @@ def test_a_state_without_counts_loads_where_unambiguous():
     hook = hooked([a, b], model, s)
     hook.load_state_dict(empty)
     matrices, rest = split(model)
-    assert hook.state_dict() == {**empty, "groups": [[len(matrices) - 2, 1], [len(rest)]]}
+    now = {k: v for k, v in hook.state_dict().items() if k != "params"}  # names: their own test
+    assert now == {**empty, "groups": [[len(matrices) - 2, 1], [len(rest)]]}
     hook.remove()
     one = hooked([a], model, s)
     one.load_state_dict({**empty, "since": 1, "lr_sums": [LR_A]})

@@ -203,59 +203,61 @@ def _negate_(tensors: list[Tensor]) -> None:
         torch._foreach_neg_(tensors)
 
 
-def _fewer_groups(orbit: OrbitState, groups: int) -> OrbitState:
-    """``orbit`` for an optimizer with ``groups`` parameter groups: when groups were removed
-    mid-interval (their indices shifted), every group's sum is the least of the sums (a
-    parameter's own sum since the last orbit step is never less); else ``orbit``."""
-    sums = orbit.lr_sum
-    if sums is None or len(sums) <= groups:
-        return orbit
-    if any(isinstance(s, Tensor) for s in sums):  # on the device: no host read
+def _least(sums: tuple[float | Tensor, ...]) -> float | Tensor:
+    """The least of ``sums`` (on the device when one is a tensor: no host read)."""
+    if any(isinstance(s, Tensor) for s in sums):
         like = next(s for s in sums if isinstance(s, Tensor))
-        least = torch.stack(
+        return torch.stack(
             [torch.as_tensor(s, dtype=like.dtype, device=like.device) for s in sums]
-        )
-        return orbit._replace(lr_sum=(least.amin(),) * groups)
-    return orbit._replace(lr_sum=(min(sums),) * groups)
+        ).amin()
+    return min(sums)
 
 
 # Per optimizer, its parameter groups (the group objects, in order).
 _Groups = tuple[dict[str, Any], ...]
 
 
-def _realigned(orbit: OrbitState, old: tuple[int, ...] | None, new: tuple[int, ...]) -> OrbitState:
-    """``orbit`` for optimizers now holding ``new`` parameter groups each (``old`` at the sums'
-    last step, ``None``: unknown): each optimizer's sums padded with 0 for a group added, or
-    :func:`_fewer_groups` for one removed, in its own slice of the one list, so that a group
-    added to an optimizer other than the last takes no other optimizer's sum."""
-    if orbit.lr_sum is None or old is None or old == new or len(old) != len(new):
-        return _fewer_groups(orbit, sum(new))
-    parts, start = [], 0
-    for before, now in zip(old, new, strict=True):
-        part = _fewer_groups(OrbitState(orbit.since, orbit.lr_sum[start : start + before]), now)
-        parts += [*part.lr_sum, *(0.0,) * (now - len(part.lr_sum))]
-        start += before
-    return orbit._replace(lr_sum=tuple(parts))
+def _matched(old: _Groups, new: _Groups) -> list[int | None]:
+    """Per group of ``new``, the index in ``old`` of the same group: the same object, else the
+    one holding the same parameters (by identity, in order; ``load_state_dict`` rebuilds the
+    group objects), else ``None`` (a group added); each of ``old`` matched once at most."""
+    by_object = {id(g): i for i, g in enumerate(old)}
+    found = [by_object.get(id(g)) for g in new]
+    if None in found:  # by the parameters (read only now: a pass over them)
+        by_params = {tuple(map(id, g["params"])): i for i, g in enumerate(old)}
+        keys = [tuple(map(id, g["params"])) for g in new]
+        found = [by_params.get(k) if i is None else i for i, k in zip(found, keys, strict=True)]
+    taken: set[int | None] = {None}
+    for k, i in enumerate(found):
+        found[k] = None if i in taken else i
+        taken.add(i)
+    return found
 
 
 def _followed(
     orbit: OrbitState, before: tuple[_Groups, ...], now: tuple[_Groups, ...]
 ) -> OrbitState:
     """``orbit``, whose sums are those of the groups ``before`` (per optimizer its group
-    objects), for the groups ``now``: an optimizer whose groups are the same objects in another
-    order (``param_groups`` reordered or replaced by a reordered list) has its sums permuted
-    with them; any other change keeps positions (:func:`_realigned`)."""
+    objects), for the groups ``now``: each group of ``now`` takes the sum of its group of
+    ``before`` (:func:`_matched`: groups reordered, inserted anywhere or rebuilt keep theirs),
+    a group added 0 (its sum starts at its first step); when a group of an optimizer was
+    removed (its parameters may sit in the others now), every one of that optimizer's groups
+    takes the least of its sums, which no parameter's own sum since the last orbit step is
+    below."""
     if orbit.lr_sum is None:
         return orbit
     sums, start, parts = orbit.lr_sum, 0, []
     for old, new in zip(before, now, strict=True):
-        part, where = sums[start : start + len(old)], {id(g): i for i, g in enumerate(old)}
+        part = sums[start : start + len(old)]
         start += len(old)
-        if len({id(g) for g in new}) == len(old) == len(new) and all(id(g) in where for g in new):
-            part = tuple(part[where[id(g)]] for g in new)
-        parts += part
-    counts = tuple(map(len, before)), tuple(map(len, now))
-    return _realigned(orbit._replace(lr_sum=tuple(parts)), *counts)
+        if len(old) == len(new) and all(map(operator.is_, old, new)):  # unchanged
+            parts += part
+            continue
+        found = _matched(old, new)
+        if len({i for i in found if i is not None}) < len(old):  # a group removed
+            part = (_least(part),) * len(old)
+        parts += [0.0 if i is None else part[i] for i in found]
+    return orbit._replace(lr_sum=tuple(parts))
 
 
 class GaugeFixing:
@@ -330,25 +332,25 @@ class GaugeFixing:
 
     Several optimizers (a list: Muon over the weight matrices and AdamW over the rest, say), in
     exact mode: one hook on each, the orbit step taken once per training step, after every one
-    stepped since the last (in any order; one stepping again before the others counts once,
-    at its last learning rates), with every optimizer's state transported. Their parameter
-    groups count as one list, in the order given (``state_dict``'s ``lr_sums``, learning-rate
-    errors): a generator whose parameters sit in groups of different optimizers relaxes at
-    ``strength * min(lr)`` over them, as for several groups of one optimizer (a group added to
-    one mid-interval, also after a state was loaded or between two optimizers' steps, sums from
-    its first step; the others keep theirs; ``state_dict`` records the parameter count of each
-    group of each optimizer, and a state that does not fit them, optimizers in another order
-    say, is refused; groups reordered keep their sums, also between two optimizers' steps;
-    one optimizer's step waiting for another's is recorded too). The gradients each optimizer
-    step takes (of the acted-on parameters it holds) are checked at that step, at every step of
-    the training step (one optimizer stepping twice, as a GAN's discriminator, included): one
-    non-finite skips the orbit step, as with one optimizer (the orbit step reads only
-    parameters, checked after, but a step that ``GradScaler`` skips inside a fused optimizer
-    shows only in its gradients). An optimizer stepping again while another has not is logged
-    once (one that never steps stops gauge fixing). An optimizer listed twice, one holding no
-    parameter of ``model``, a parameter two hold, and penalty mode (each optimizer's closure
-    and loss scale would take the penalty) are refused (``ValueError``, nothing attached). The
-    hooks run eagerly in a compiled ``optimizer.step``.
+    stepped since the last (in any order; one stepping again before the others counts once, at its
+    last learning rates), with every optimizer's state transported. Their parameter groups count as
+    one list, in the order given (``state_dict``'s ``lr_sums``, learning-rate errors): a generator
+    whose parameters sit in groups of different optimizers relaxes at ``strength * min(lr)`` over
+    them, as for several groups of one optimizer (a group added to one mid-interval, also after a
+    state was loaded or between two optimizers' steps, sums from its first step, also one inserted
+    first; the others keep theirs; ``state_dict`` records the parameter count and the parameters'
+    names of each group of each optimizer, and a state that does not fit them, optimizers in another
+    order say, is refused; groups reordered or rebuilt over the same parameters keep their sums,
+    also between two optimizers' steps; one optimizer's step waiting for another's is recorded too,
+    with its gradients' check). The gradients each optimizer step takes (of the acted-on parameters
+    it holds) are checked at that step, at every step of the training step (one optimizer stepping
+    twice, as a GAN's discriminator, included): one non-finite skips the orbit step, as with one
+    optimizer (the orbit step reads only parameters, checked after, but a step that ``GradScaler``
+    skips inside a fused optimizer shows only in its gradients). An optimizer stepping again while
+    another has not is logged once (one that never steps stops gauge fixing). An optimizer listed
+    twice, one holding no parameter of ``model``, a parameter two hold, and penalty mode (each
+    optimizer's closure and loss scale would take the penalty) are refused (``ValueError``, nothing
+    attached). The hooks run eagerly in a compiled ``optimizer.step``.
     """
 
     def __init__(
@@ -406,11 +408,8 @@ class GaugeFixing:
         # step), its group objects and their learning rates at its step: a training step is
         # complete when all did.
         self._stepped: dict[int, tuple[_Groups, tuple[float | Tensor, ...]]] = {}
-        # Per optimizer, its groups' parameter counts that a loaded state's sums cover (their
-        # number: its group count; None: none loaded, or a step took the sums since).
-        self._sizes: tuple[tuple[int, ...], ...] | None = None
-        # Per optimizer, its group objects at the sums' last step (kept alive: ids stay theirs)
-        # and their ids.
+        # Per optimizer, its group objects at the sums' last step, or those a loaded state's
+        # sums cover (kept alive: ids stay theirs), and their ids.
         self._last_groups: tuple[_Groups, ...] | None = None
         self._last_ids: tuple[tuple[int, ...], ...] | None = None
         self._warned_open = False  # whether an optimizer stepping twice in one step was logged
@@ -636,18 +635,14 @@ class GaugeFixing:
 
     def _follow_sums(self, orbit: OrbitState, now: tuple[_Groups, ...]) -> OrbitState:
         """``orbit``'s sums following the groups from the sums' last step to ``now`` (per
-        optimizer its group objects at this step, kept for the next): :func:`_followed`, or by
-        position from a loaded state's groups; one comparison of ids while the groups are the
-        same objects in the same order."""
+        optimizer its group objects at this step, kept for the next): :func:`_followed`; one
+        comparison of ids while the groups are the same objects in the same order."""
         ids = tuple(tuple(map(id, groups)) for groups in now)
         if ids == self._last_ids:
             return orbit
-        before, sizes = self._last_groups, self._sizes
-        self._last_groups, self._last_ids, self._sizes = now, ids, None
-        if before is not None:
-            return _followed(orbit, before, now)
-        old = None if sizes is None else tuple(map(len, sizes))
-        return _realigned(orbit, old, tuple(map(len, now)))
+        before = self._last_groups
+        self._last_groups, self._last_ids = now, ids
+        return orbit if before is None else _followed(orbit, before, now)
 
     def _warn_open(self, optimizer: torch.optim.Optimizer) -> None:
         """Log once per hook that ``optimizer`` stepped again while another has not stepped since
@@ -735,7 +730,10 @@ class GaugeFixing:
         so that each sum goes back to its optimizer and group, and, while some optimizers
         stepped in a training step that the others have not yet completed (a GAN's generator
         stepping first), ``open``: per such optimizer its index and its groups' learning rates
-        at its step. Plain data (JSON-serialisable)."""
+        at its step, with ``open_ok``, whether the gradients those steps took were finite (one
+        host read); over several optimizers ``params`` too, per optimizer per group the
+        names of its parameters in the model (``""`` for one not of the model), which tell
+        optimizers of equal group counts apart. Plain data (JSON-serialisable)."""
         sums, sizes = self._sums_now()
         state = {
             "steps": self.steps,
@@ -744,21 +742,30 @@ class GaugeFixing:
             "lr_sums": [float(lr) for lr in sums],
         }
         if len(self.optimizers) > 1:
-            state["groups"] = sizes
+            state["groups"], state["params"] = sizes, self._group_names()
         if self._stepped:  # optimizers that stepped in a training step not yet complete
             index = {id(opt): i for i, opt in enumerate(self.optimizers)}
             state["open"] = [
                 [index[k], [float(lr) for lr in lrs]] for k, (_, lrs) in self._stepped.items()
             ]
+            if self._ok is not None:  # the gradients of those steps were checked
+                state["open_ok"] = bool(self._ok)
         return state
+
+    def _group_names(self) -> list[list[list[str]]]:
+        """Per optimizer per group, the names of its parameters in the model (``""`` for one
+        not of the model)."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [
+            [[names.get(id(p), "") for p in group["params"]] for group in opt.param_groups]
+            for opt in self.optimizers
+        ]
 
     def _sums_now(self) -> tuple[tuple[float | Tensor, ...], list[list[int]]]:
         """The sums of learning rates since the last orbit step, one per group now (those of the
         sums' last step followed to them, :func:`_followed`), and per optimizer the parameter
-        count of each group they cover (a loaded state's before any step)."""
+        count of each group now."""
         orbit, before = self._orbit, self._last_groups
-        if orbit.lr_sum is not None and before is None and self._sizes is not None:
-            return orbit.lr_sum, list(map(list, self._sizes))
         if orbit.lr_sum is not None and before is not None:
             orbit = _followed(
                 orbit, before, tuple(tuple(opt.param_groups) for opt in self.optimizers)
@@ -769,15 +776,18 @@ class GaugeFixing:
         """Continue from :meth:`state_dict` of a hook with the same ``every``, which the state
         does not record (``ValueError``, nothing changed, for anything but such a state, or one
         whose place in the interval does not fit this ``every``, or whose ``groups`` do not
-        fit the optimizers: :meth:`_saved_counts`)."""
+        fit the optimizers: :meth:`_saved_sizes`, :meth:`_check_names`)."""
         try:  # integers and numbers as state_dict wrote them: 1.5 or "2" is no count
             steps, skipped, since = [
                 check_count(state[key], f"a GaugeFixing state's {key}", 0)
                 for key in ("steps", "skipped", "since")
             ]
             lr_sums = [check_number(x, "a GaugeFixing state's lr_sums") for x in state["lr_sums"]]
-            sizes = self._saved_counts(state, since, len(lr_sums))
+            sizes = self._saved_sizes(state, since, len(lr_sums))
             stepped = self._saved_open(state.get("open", []))
+            if since or stepped:  # what the sums and the open step belong to
+                self._check_names(state.get("params"), sizes)
+            ok = self._saved_ok(state.get("open_ok"), stepped)
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a GaugeFixing state: {err!r}") from None
         if since >= self.every:
@@ -798,9 +808,48 @@ class GaugeFixing:
             )
         self._applied, self._acted = steps, steps + skipped
         self._orbit = OrbitState(since, tuple(lr_sums) if since else None)
-        self._sizes = sizes if since else None
+        # The sums cover each optimizer's first groups now (checked): followed from them.
+        counts = (len(lr_sums),) if sizes is None else tuple(map(len, sizes))
         self._last_groups = self._last_ids = None
-        self._stepped, self._ok = stepped, None
+        if since:  # one optimizer when sizes is None (several need them in mid-interval)
+            self._last_groups = tuple(
+                tuple(opt.param_groups[:k]) for opt, k in zip(self.optimizers, counts, strict=True)
+            )
+        self._stepped, self._ok = stepped, ok
+
+    def _saved_ok(self, ok: Any, stepped: dict) -> Tensor | None:
+        """A state's ``open_ok`` (whether the gradients of the open training step's steps were
+        finite) as the hook's check, on the parameters' device; ``None`` when absent or no step
+        is open."""
+        if ok is None or not stepped:
+            return None
+        if not isinstance(ok, bool):
+            raise TypeError(f"open_ok must be true or false, got {ok!r}")
+        device = self._param_list[0].device if self._param_list else None
+        return torch.tensor(ok, device=device)
+
+    def _check_names(self, names: Any, sizes: tuple[tuple[int, ...], ...] | None) -> None:
+        """``ValueError`` unless a state's ``params`` (per optimizer per group its parameters'
+        names; absent in an older state: nothing checked) name, optimizer by optimizer, the
+        parameters of the first groups of the optimizers now (a group added since is allowed;
+        optimizers in another order, of equal group counts too, are refused)."""
+        if names is None:
+            return
+        if not isinstance(names, list | tuple):
+            raise TypeError(f"params must be a list of names per optimizer, got {type(names)}")
+        if len(names) != len(self.optimizers):
+            raise ValueError(
+                f"a GaugeFixing state whose params name {len(names)} optimizers' parameters "
+                f"does not fit a hook over {len(self.optimizers)}"
+            )
+        for i, (saved, now) in enumerate(zip(names, self._group_names(), strict=True)):
+            saved = [list(group) for group in saved]
+            if saved != now[: len(saved)] or (sizes and len(sizes[i]) != len(saved)):
+                raise ValueError(
+                    f"a GaugeFixing state whose optimizer {i} held parameters "
+                    f"{sum(saved, [])[:3]}... does not fit optimizer {i}, which holds "
+                    f"{sum(now, [])[:3]}... (optimizers in another order?)"
+                )
 
     def _saved_open(self, open_: Any) -> dict[int, tuple[_Groups, tuple[float, ...]]]:
         """The optimizers that stepped in a state's training step not yet complete (``open``,
@@ -823,7 +872,7 @@ class GaugeFixing:
             stepped[id(opt)] = (tuple(opt.param_groups), lrs)
         return stepped
 
-    def _saved_counts(
+    def _saved_sizes(
         self, state: dict[str, Any], since: int, sums: int
     ) -> tuple[tuple[int, ...], ...] | None:
         """The parameter count of each group of each optimizer that a state's ``sums``
