@@ -1831,6 +1831,7 @@ class _Tracer(TorchFunctionMode):
         self.ctx = ctx
         self.suppress = 0  # inside how many module calls a rule speaks for
         self._empty_from: dict[int, tuple[Tensor, list[Tensor]]] = {}  # empty out: inputs
+        self._unknown_empty: dict[int, Tensor] = {}  # empty outs of unknown inputs
         self.versions: list[list[int | None]] = []  # of the outermost such call's inputs
 
     def enter_rule(self, args: tuple, kwargs: dict) -> None:
@@ -1864,8 +1865,8 @@ class _Tracer(TorchFunctionMode):
         ctx.module = None
         self._block_unclaimed(tensors)
         self._fix_read_with_empty(tensors)
-        self._note_empty(tensors, out)
         written = [t for t, v in zip(tensors, versions, strict=True) if _version(t) != v]
+        self._note_empty(tensors, (out, written))
         self._block_filled(tensors, (out, written))
         ctx.commit_roles()
         self.record(out, labels, {id(t) for t in tensors})
@@ -1945,9 +1946,9 @@ class _Tracer(TorchFunctionMode):
             labels = ctx.apply(rule, args, kwargs, out)
         self._block_unclaimed(tensors)
         self._fix_read_with_empty(tensors)
-        self._note_empty(tensors, out)
         short = name.rsplit(".", 1)[-1]
         written = args[0] if args and _may_write(short, kwargs) else None
+        self._note_empty(tensors, (out, written, kwargs.get("out")))
         self._block_filled(tensors, (out, written, kwargs.get("out")))
         ctx.commit_roles()
         self.record(out, labels, {id(t) for t in tensors})
@@ -2013,9 +2014,13 @@ class _Tracer(TorchFunctionMode):
         """Instead of an op's rule, for an op that meets parameters with an empty tensor: the
         slices of parameters it read (``W[e]``) are fixed (see :meth:`TraceContext.fix_slice`),
         the other parameters fixed, the activations blocked; the output carries the fixed
-        factor."""
+        factor. An empty input whose activations the trace does not know (see
+        :meth:`_unknown_origin`) fixes every parameter the op read, as its channels cannot be
+        blocked."""
         ctx = self.ctx
         reason = ctx.reason(_EMPTY_INPUT)
+        if any(map(self._unknown_origin, tensors)):
+            return ctx.block_all(tuple(tensors), {}, reason)
         rest = []
         for t in tensors:
             if ctx.is_param(t) and id(t) not in ctx.param_names:
@@ -2053,8 +2058,10 @@ class _Tracer(TorchFunctionMode):
             ctx.block(ctx.terms(source), reason)
 
     def _note_empty(self, tensors: list[Tensor], out: Any) -> None:
-        """Keep, for each empty tensor an op returns (``x[:0]``, a split's empty chunk), the
-        non-empty activations it was cut from: rows of them that another input fills."""
+        """Keep, for each empty tensor an op returns or writes into (``x[:0]``, a split's empty
+        chunk, ``buf[:] = x[idx]``), the non-empty activations it was cut from (with those it
+        held): rows of them that another input fills. ``out``: what the op returned and the
+        tensors it wrote into."""
         empty = [t for t in nested_tensors(out) if t.numel() == 0]
         if not empty:
             return
@@ -2065,8 +2072,21 @@ class _Tracer(TorchFunctionMode):
                 sources += entry[1]
             elif t.numel() and not self.ctx.is_param(t):
                 sources.append(t)
+        unknown = any(map(self._unknown_origin, tensors))
         for t in empty:
             self._empty_from[id(t)] = (t, sources)
+            if unknown or not sources:
+                self._unknown_empty[id(t)] = t
+
+    def _unknown_origin(self, t: Tensor) -> bool:
+        """Whether ``t`` is an empty activation the trace knows no non-empty activation it
+        was cut from: allocated empty and written in place (``buf = torch.empty(n, d)``,
+        ``buf[:] = h[idx]``), a graph input, or made from such a tensor. Another input fills
+        its rows with factors of channels the trace cannot name."""
+        if t.numel() or not (t.is_floating_point() or t.is_complex()) or self.ctx.is_param(t):
+            return False
+        entry = self._empty_from.get(id(t))
+        return entry is None or entry[0] is not t or self._unknown_empty.get(id(t)) is t
 
     def _block_unclaimed(self, tensors: list[Tensor]) -> None:
         """A safety net: the tensors among an op's arguments its rule did not look at are
