@@ -24,6 +24,8 @@ from torch import nn
 
 import gaugefix
 from gaugefix.checkpoint import (
+    INDEX_SUFFIXES,
+    SHARD_SUFFIXES,
     CheckpointBalance,
     CheckpointError,
     StateDictFile,
@@ -282,6 +284,7 @@ def balance(
         try:
             state = read_state_dict(weights)
             check_output(state, out)  # before any work: a shard beside out not out's own
+            _check_suffix(state, weights, out)
             tensors, report = balance_state_dict(
                 net, state.tensors, x, objective, batch, alpha, allow_value_dependent
             )
@@ -289,6 +292,29 @@ def balance(
             raise _fail(_traced(err, net, x)) from None
         _report_balance(model, objective, report)
         _write_balanced(dataclasses.replace(state, tensors=tensors), out)
+
+
+def _said_format(state: StateDictFile, path: Path) -> str | None:
+    """The format ``path``'s name says (a shard's suffix, or an index's for a sharded
+    ``state``), or None."""
+    suffixes = INDEX_SUFFIXES if state.index is not None else SHARD_SUFFIXES
+    return next((f for s, f in suffixes.items() if path.name.endswith(s)), None)
+
+
+def _check_suffix(state: StateDictFile, weights: Path, out: Path) -> None:
+    """:class:`CheckpointError` when ``out``'s name says safetensors and ``state`` is a PyTorch
+    file, written as one (every safetensors loader fails on it), unless ``weights``' name says
+    safetensors too (names the user keeps as they are). A ``.bin`` or ``.pt`` name is taken
+    for either format."""
+    said = _said_format(state, out)
+    if said != "safetensors" or said in (state.format, _said_format(state, weights)):
+        return
+    suffixes = INDEX_SUFFIXES if state.index is not None else SHARD_SUFFIXES
+    wanted = " or ".join(s for s, f in suffixes.items() if f == state.format)
+    raise CheckpointError(
+        f"cannot write {out}: its name says {said}, but the weights read are {state.format} "
+        f"and are written in the same format; name it {wanted}"
+    )
 
 
 def _write_balanced(state: StateDictFile, out: Path) -> None:
@@ -312,6 +338,8 @@ def _traced(err: Exception, model: nn.Module, x: torch.Tensor) -> str:
         return f"{err} (--allow-value-dependent)"
     if isinstance(err, gaugefix.TracingError) and not _runs(model, x):
         option = "--input-shape" if x.is_floating_point() else "--input-ids and --vocab"
+        if x.is_floating_point() and _runs(model, torch.zeros(x.shape, dtype=torch.long)):
+            option = f"--input-ids {','.join(map(str, x.shape))} and --vocab (it takes token ids)"
         return (
             f"{err}; the model fails on the example input of shape {tuple(x.shape)} without "
             f"gaugefix too: give the input it takes with {option}"

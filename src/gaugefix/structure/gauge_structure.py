@@ -58,6 +58,8 @@ FORMAT_V1 = "gaugefix.GaugeStructure/1"
 # The kinds of generators, from the most specific (a generator carrying several tags is shown
 # as the first of them).
 KINDS = ("rotary pair", "query-key", "value-output", "gated unit", "norm gain", "neuron")
+# The kinds whose generators scale the query side against the key side of attention scores.
+PAIRED_KINDS = ("rotary pair", "query-key")
 # What a structure's note says before the parameters a value-dependent trace did not use (read
 # back by ``gaugefix.scale_groups``, also from a saved structure).
 UNUSED_NOTE = "parameters not used on it: "
@@ -214,6 +216,18 @@ class GaugeStructure:
         counts = Counter(self.generator_kinds)
         return {k: counts[k] for k in KINDS if counts[k]}
 
+    def _shared_note(self, shared: list[int]) -> str:
+        """The summary's note on a layer's channels whose generators another layer produces
+        first: the key side of query-key (or rotary) pairs, scaled against the queries, or
+        outputs joined to that layer's (a residual sum, a concatenation)."""
+        firsts = ", ".join(repr(x) for x in sorted({self.generator_layers[n] for n in shared}))
+        if {self.generator_kinds[n] for n in shared} <= set(PAIRED_KINDS):
+            return f"{len(shared)} paired against {firsts} (the divided side of attention pairs)"
+        return (
+            f"{len(shared)} shared with generators first produced by {firsts} "
+            "(outputs joined, e.g. by a residual sum)"
+        )
+
     def summary(self) -> str:
         """A table per producing layer: its channels, the output channels it produces that
         belong to generators (the most over its producing parameters: a weight's rows, a
@@ -236,11 +250,7 @@ class GaugeStructure:
         for name, generators in produced.items():
             shared = [n for n in generators if self.generator_layers[n] != name]
             if shared:
-                firsts = sorted({self.generator_layers[n] for n in shared})
-                notes[name].append(
-                    f"{len(shared)} shared with generators first produced by "
-                    f"{', '.join(repr(x) for x in firsts)} (outputs joined, e.g. by a residual sum)"
-                )
+                notes[name].append(self._shared_note(shared))
         excluded_notes, excluded = self._exclusion_notes()
         for module, texts in excluded_notes.items():
             notes.setdefault(module, []).extend(texts)
