@@ -47,17 +47,19 @@ VERIFY_TOLERANCE = 1e-9
 
 class VerificationError(GaugefixError, ValueError):
     """A model or inputs on which a structure cannot be checked (no floating output, outputs
-    that are empty, not finite or all zero, a model on the meta device, a model or an input that
-    cannot be copied); the message says why."""
+    that are empty, not finite or all zero, outputs that differ between two forwards without a
+    gauge, a model on the meta device, a model or an input that cannot be copied); the message
+    says why."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Verification:
     """What :func:`verify` measured: ``max_change``, the largest relative change
     ``max |f_g(x) - f(x)| / max |f(x)|`` over the floating outputs under a random gauge ``g`` of
-    every generator; ``tolerance``, the largest that counts as none; ``broken``, a bool tensor
-    ``[num_generators]``, true for the generators found to move the outputs (all false when
-    ``ok``). ``structure.restrict(~result.broken, reason)`` keeps the others."""
+    every generator and under its inverse; ``tolerance``, the largest that counts as none;
+    ``broken``, a bool tensor ``[num_generators]``, true for the generators found to move the
+    outputs (all false when ``ok``). ``structure.restrict(~result.broken, reason)`` keeps the
+    others."""
 
     max_change: float
     tolerance: float
@@ -75,29 +77,37 @@ def verify(
     """Check ``structure`` numerically on ``model(*inputs, **kwargs)``: inputs of any shape the
     model accepts (other batch sizes, other lengths than the example it was discovered on).
 
-    A float64 copy of ``model``, in its mode (train or eval), runs on the inputs (floating
-    tensors in float64) once as it is and once after a random gauge ``h ~ N(0, 1)`` of every
-    generator (seeded: :data:`VERIFY_SEED`), in float64 throughout. Every forward starts from the
-    same point: it runs on a fresh deep copy of that copy (parameters, buffers such as
-    BatchNorm's statistics, and Python state such as a memo dict, a step counter or a list the
-    forward appends to, all as on entry) and on fresh copies of the inputs (tensors copied, other
-    values such as a key-value cache object deep-copied), with torch's random state reset (the
-    same dropout masks). State outside the model and the inputs (class attributes, globals) is
-    not reset.
+    A float64 copy of ``model``, in its mode (train or eval), runs on the inputs (floating tensors
+    in float64) once as it is and once after a random gauge ``h ~ N(0, 1)`` of every generator
+    (seeded: :data:`VERIFY_SEED`) and once after its inverse ``-h`` (a generator that breaks only
+    for factors above 1, or only below, shows in one of the two), in float64 throughout. Every
+    forward starts from the same point: it runs on a fresh deep copy of that copy (parameters,
+    buffers such as BatchNorm's statistics, and Python state such as a memo dict, a step counter or
+    a list the forward appends to, all as on entry) and on fresh copies of the inputs (tensors
+    copied, other values such as a key-value cache object deep-copied), with torch's random state
+    reset (the same dropout masks). State outside the model and the inputs (class attributes,
+    globals, Python's and NumPy's random state) is not reset (when the outputs move, a second
+    ungauged forward must repeat the first); hooks run on the copies as on the model.
+
+    A numerical check is a test, not a proof: a change is relative to the largest entry of each
+    floating output tensor (entries a billion times smaller may move unseen: return them as a
+    tensor of their own), and on the factors ``exp(+-h)`` one draw reaches (a clamp that only a
+    factor of 100 reaches passes).
 
     If the largest relative change of a floating output exceeds :data:`VERIFY_TOLERANCE`, the
-    generators responsible are found by bisection: each half of a failing set is gauged on its
-    own (a fresh random ``h``). Exact symmetries commute, so a set of exact generators is exact
-    and a failing set has a failing half; when neither half fails numerically, the whole set is
-    reported (never a generator wrongly kept). That costs ``O(k log N)`` forwards for ``k``
-    broken generators among ``N`` (at most ``2 + 2 k ceil(log2 N)``).
+    generators responsible are found by bisection: each half of a failing set is gauged on its own
+    with the same draw (``h`` restricted to it, and ``-h``). Exact symmetries commute, so a set of
+    exact generators is exact and a failing set has a failing half; when neither half fails
+    numerically, the whole set is reported (never a generator wrongly kept). That costs
+    ``O(k log N)`` forwards for ``k`` broken generators among ``N`` (at most
+    ``4 + 4 k ceil(log2 N)``; 3 when none is broken).
 
     ``model`` (its tensors, Python attributes and mode), the inputs and torch's random state are
     left as they were. A structure that does not fit ``model`` raises
     :meth:`GaugeStructure.bind`'s ``ValueError``; one without generators is ok without a forward;
-    a model on the meta device, inputs that cannot be copied, and outputs that cannot show a
-    change (none floating, empty, not finite, all zero) raise :class:`VerificationError`.
-    Typical use, after a discovery on one example:
+    a model on the meta device, inputs that cannot be copied, outputs that cannot show a change
+    (none floating, empty, not finite, all zero) or that change without a gauge raise
+    :class:`VerificationError`. Typical use, after a discovery on one example:
     ``structure = structure.restrict(~result.broken, "moves the outputs at batch 3")``.
     """
     if not isinstance(model, nn.Module):
@@ -117,9 +127,23 @@ def verify(
         largest = change(everything)
         broken = torch.zeros(n, dtype=torch.bool)
         if not largest <= VERIFY_TOLERANCE:
+            _check_reproducible(change(torch.arange(0)))
             for found in _bisected(lambda s: not change(s) <= VERIFY_TOLERANCE, everything):
                 broken[found] = True
     return Verification(largest, VERIFY_TOLERANCE, broken)
+
+
+def _check_reproducible(repeated: float) -> None:
+    """:class:`VerificationError` when ``repeated``, the relative change of the outputs between
+    two forwards without a gauge, exceeds :data:`VERIFY_TOLERANCE`: then a change under a gauge
+    does not tell which generators move them."""
+    if not repeated <= VERIFY_TOLERANCE:
+        raise VerificationError(
+            f"two forwards without a gauge give outputs that differ by {repeated:.3g} "
+            f"(relative): the forward depends on state that verify does not reset (class "
+            f"attributes, globals, Python's or NumPy's random numbers), so a gauge's change "
+            f"cannot be told from it"
+        )
 
 
 def _state(model: nn.Module) -> list[Tensor]:
@@ -157,12 +181,17 @@ def _gauged_change(
     kwargs: dict,
 ) -> Callable[[Tensor], float]:
     """``change(members)``: the largest relative change of the float64 ``model``'s floating
-    outputs under a fresh random gauge of the generators ``members`` (an index tensor; the others
-    0). Each forward runs on a fresh deep copy of ``model`` (its tensors and its Python state as
-    on entry) and of the inputs, the random state reset before it. :class:`VerificationError`
-    when the outputs on entry cannot show a change."""
+    outputs under the random gauge ``h`` of the generators ``members`` (an index tensor; one draw
+    for every call, restricted to ``members``, the others 0) and under its inverse ``-h`` (a
+    generator that breaks only for factors above 1, or only below, shows in one of the two); no
+    members: under no gauge (a second forward). Each forward runs on a fresh deep copy of
+    ``model`` (its tensors and its Python state as on entry) and of the inputs, the random state
+    reset before it. :class:`VerificationError` when the outputs on entry cannot show a change."""
     device = next((t.device for t in _state(model)), torch.device("cpu"))
     draws = torch.Generator().manual_seed(VERIFY_SEED)
+    drawn = VERIFY_SCALE * torch.randn(
+        structure.num_generators, generator=draws, dtype=torch.float64
+    )
 
     def forward(h: Tensor | None) -> list[Tensor]:
         fresh = copy.deepcopy(model)
@@ -175,12 +204,12 @@ def _gauged_change(
     reference = _checked_reference(forward(None))
 
     def change(members: Tensor) -> float:
-        h = VERIFY_SCALE * torch.randn(
-            structure.num_generators, generator=draws, dtype=torch.float64
-        )
-        mask = torch.zeros_like(h, dtype=torch.bool)
-        mask[members] = True
-        changes = relative_changes(forward(torch.where(mask, h, 0.0)), reference)
+        gauges: tuple[Tensor | None, ...] = (None,)
+        if members.numel():
+            h = torch.zeros_like(drawn)
+            h[members] = drawn[members]
+            gauges = (h, -h)
+        changes = [c for g in gauges for c in relative_changes(forward(g), reference)]
         return math.nan if any(math.isnan(c) for c in changes) else max(changes, default=0.0)
 
     return change
