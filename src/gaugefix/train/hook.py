@@ -220,13 +220,17 @@ _Groups = tuple[dict[str, Any], ...]
 def _matched(old: _Groups, new: _Groups) -> list[int | None]:
     """Per group of ``new``, the index in ``old`` of the same group: the same object, else the
     one holding the same parameters (by identity, in order; ``load_state_dict`` rebuilds the
-    group objects), else ``None`` (a group added); each of ``old`` matched once at most."""
+    group objects; groups of equal parameters, empty ones, in order), else ``None`` (a group
+    added); each of ``old`` matched once at most."""
     by_object = {id(g): i for i, g in enumerate(old)}
     found = [by_object.get(id(g)) for g in new]
     if None in found:  # by the parameters (read only now: a pass over them)
-        by_params = {tuple(map(id, g["params"])): i for i, g in enumerate(old)}
-        keys = [tuple(map(id, g["params"])) for g in new]
-        found = [by_params.get(k) if i is None else i for i, k in zip(found, keys, strict=True)]
+        free: dict[tuple[int, ...], list[int]] = {}
+        for i in sorted(set(range(len(old))) - set(found), reverse=True):
+            free.setdefault(tuple(map(id, old[i]["params"])), []).append(i)
+        for k, g in enumerate(new):
+            same = free.get(tuple(map(id, g["params"]))) if found[k] is None else None
+            found[k] = same.pop() if same else found[k]
     taken: set[int | None] = {None}
     for k, i in enumerate(found):
         found[k] = None if i in taken else i
@@ -848,7 +852,8 @@ class GaugeFixing:
                 raise ValueError(
                     f"a GaugeFixing state whose optimizer {i} held parameters "
                     f"{sum(saved, [])[:3]}... does not fit optimizer {i}, which holds "
-                    f"{sum(now, [])[:3]}... (optimizers in another order?)"
+                    f"{sum(now, [])[:3]}... (optimizers in another order, or parameters "
+                    "renamed or moved between groups since?)"
                 )
 
     def _saved_open(self, open_: Any) -> dict[int, tuple[_Groups, tuple[float, ...]]]:
