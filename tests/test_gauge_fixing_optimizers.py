@@ -222,6 +222,7 @@ def hooks(opt: O.Optimizer) -> int:
 BAD = {
     "listed twice": (lambda opts, other: [opts[0], opts[0]], ValueError, "more than once"),
     "no model parameter": (lambda opts, other: [opts[0], other], ValueError, "no parameter of"),
+    "alone, no model parameter": (lambda opts, other: other, ValueError, "no parameter of"),
     "empty": (lambda opts, other: [], ValueError, "empty"),
     "not an optimizer": (lambda opts, other: [opts[0], "adamw"], TypeError, "Optimizer"),
 }

@@ -326,8 +326,10 @@ def test_bad_arguments_modify_nothing():
         k: v["momentum_buffer"].clone() for k, v in zip(range(99), opt.state.values(), strict=False)
     }
     other = zoo.mlp((6, 12, 8, 2)).double()
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="holds no parameter of the model"):
         GaugeFixing(opt, other, structure, 1.0, every=1)
+    with pytest.raises(ValueError, match="does not match"):
+        GaugeFixing(torch.optim.SGD(other.parameters(), lr=0.1), other, structure, 1.0, every=1)
     with pytest.raises(ValueError, match="mode"):
         GaugeFixing(opt, model, structure, 1.0, mode="soft", every=1)
     with pytest.raises(TypeError):

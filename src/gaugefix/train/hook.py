@@ -146,8 +146,8 @@ def _refuse_sparse(model: nn.Module, params: dict[str, Tensor]) -> None:
 def _check_optimizers(optimizer: Optimizers, model: nn.Module, mode: Mode) -> tuple:
     """``optimizer`` (one, or a non-empty list or tuple) as a tuple: ``TypeError`` for an entry
     that is not a ``torch.optim.Optimizer``; ``ValueError`` for one listed twice, one already
-    hooked, and, when several are given, one holding no parameter of ``model`` or penalty mode
-    (each optimizer's own loss scale and closure would take the penalty's gradient)."""
+    hooked or holding no parameter of ``model``, and, when several are given, penalty mode (each
+    optimizer's own loss scale and closure would take the penalty's gradient)."""
     if not isinstance(optimizer, torch.optim.Optimizer | list | tuple):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
     opts = optimizers(optimizer)
@@ -157,15 +157,16 @@ def _check_optimizers(optimizer: Optimizers, model: nn.Module, mode: Mode) -> tu
         raise ValueError(
             "this optimizer already has a GaugeFixing hook; call .remove() on it first"
         )
+    own = {id(p) for p in model.parameters()}
+    for i, opt in enumerate(opts):
+        if not any(id(p) in own for g in opt.param_groups for p in g["params"]):
+            which = f"optimizer {i}" if len(opts) > 1 else "the optimizer"
+            raise ValueError(f"{which} holds no parameter of the model (built for another?)")
     if len(opts) > 1:
         if mode == "penalty":
             raise ValueError(
                 "GaugeFixing(mode='penalty') takes one optimizer; with several use mode='exact'"
             )
-        own = {id(p) for p in model.parameters()}
-        for i, opt in enumerate(opts):
-            if not any(id(p) in own for g in opt.param_groups for p in g["params"]):
-                raise ValueError(f"optimizer {i} holds no parameter of the model")
         _refuse_shared(opts, model)
     return opts
 
@@ -489,7 +490,7 @@ class GaugeFixing:
         self._rate_cache = None
         if left_out:
             logger.warning(
-                "GaugeFixing acts on %d of %d generators; left out (frozen parameters): %s",
+                "GaugeFixing acts on %d of %d generators; left out: %s",
                 active.num_generators,
                 self.structure.num_generators,
                 "; ".join(f"{count} {reason}" for reason, count in left_out.items()),
