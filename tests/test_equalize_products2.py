@@ -78,8 +78,9 @@ def test_an_expanded_weight_and_an_einsum_sublist_are_calibrated_as_f_linear(how
     assert list(got) == list(expected) == [("w", 1), ("head.weight", 1)]
     assert torch.equal(got["w", 1], expected["w", 1])
     assert torch.allclose(got["head.weight", 1], expected["head.weight", 1], rtol=EXACT, atol=0)
-    structure = gaugefix.discover(reference, x)  # discovery does not follow expand: the same
-    got_point = equalized(model, x, structure)  # parameter names and symmetries
+    structure = gaugefix.discover(reference, x)  # the same parameter names and symmetries
+    assert gaugefix.discover(model, x).num_generators == structure.num_generators
+    got_point = equalized(model, x, structure)
     assert mismatch(got_point, equalized(reference, x, structure)) <= TOL
 
 

@@ -52,7 +52,7 @@ def _linear(
     1-d ``W`` one output entry), its columns consume ``x``'s; ``b``, broadcast to the output,
     carries the factors of the rows it is added to."""
     x, w, b = input, weight, bias
-    if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
+    if not _params_or_block(ctx, x, w, b) or (ctx.is_param(x) and not ctx.is_gathered(x)):
         return ctx.block_all((x, w, b), {}, ctx.reason("linear map of a parameter"))
     # a fixed input (a constant such as ``eye``) states its factor 0 as a term on node 0: the
     # use keeps the form of a linear map, so a weight read by it and by a rescaled input as
@@ -73,7 +73,7 @@ def _conv(
     stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
 ) -> Tensor:  # fmt: skip
     x, w, b = input, weight, bias
-    if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
+    if not _params_or_block(ctx, x, w, b) or (ctx.is_param(x) and not ctx.is_gathered(x)):
         return ctx.block_all((x, w, b), {}, ctx.reason("convolution of a parameter"))
     spatial = w.dim() - 2
     cin = ctx.along_terms(x, x.dim() - spatial - 1)
@@ -98,7 +98,7 @@ def _conv_transpose(
     """A transposed convolution's weight is ``[in, out / groups, *kernel]``: dim 0 consumes
     the input channels, dim 1 (within each group) produces the output channels."""
     x, w, b = input, weight, bias
-    if not _params_or_block(ctx, x, w, b) or ctx.is_param(x):
+    if not _params_or_block(ctx, x, w, b) or (ctx.is_param(x) and not ctx.is_gathered(x)):
         return ctx.block_all((x, w, b), {}, ctx.reason("transposed convolution of a parameter"))
     spatial = w.dim() - 2
     c_in, c_out_g = w.shape[0], w.shape[1]

@@ -475,29 +475,8 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
         replaced = [(p[0][0] if p else ZERO.expand(t.shape)).contiguous() for p, t in
                     zip(parts, first, strict=True)]  # fmt: skip
         return ctx.func(replaced, *rest, **options)
-    if ctx.is_param(first) and _picks_slices(ctx, first, rest, options):
-        index = torch.as_tensor(rest[0])
-        by_data = ctx.picks_by_data(index) or from_size(rest[0])
-        ctx.gathered(first, index, index if by_data else None, view=out)
-        return None
-    if ctx.is_param(first) and _size_placed_dims(ctx, first, rest, options):
-        return ctx.block_all((first,), {}, ctx.reason("parameter arranged by an input's size"))
-    picked = _rows_picked(ctx, first, rest, options) if ctx.is_param(first) else None
-    if picked is not None:
-        views = list(out) if isinstance(out, (tuple, list)) else [out]
-        for view, rows in zip(views, picked, strict=True):
-            ctx.gathered(first, rows, None, view=view)
-        return None
     if ctx.is_param(first):
-        short = ctx.op.rsplit(".", 1)[-1]
-        if ctx.is_gathered(first) and short in _PERMUTATIONS and isinstance(out, Tensor):
-            ctx.permuted_gather(out, first, _dim_order(ctx.func, first.dim(), rest, options))
-            return None
-        if short in _ARRANGEMENTS and isinstance(out, Tensor):
-            index = torch.arange(first.numel()).view(first.shape)
-            ctx.view_of_param(out, first, ctx.func(index, *rest, **options).reshape(-1))
-            return None
-        return ctx.block_all((first,), {}, ctx.reason("parameter sliced or repeated"))
+        return _on_param(ctx, out, first, rest, options)
     terms = ctx.terms(first)
     if not terms:
         return ZERO
@@ -514,6 +493,91 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
             for i in range(len(results[0]))
         )
     return Sum((r, s) for r, (_, s) in zip(results, terms, strict=True))
+
+
+def _on_param(ctx: TraceContext, out: Any, p: Tensor, rest: tuple, options: dict) -> Any:
+    """:func:`_on_labels` for a parameter ``p`` (or an arrangement of it): slices picked along
+    dim 0 (``p[ids]``, ``p.index_select(0, ids)``, ``p[a:b]``, ``p.expand(B, ...)``) are
+    recorded as gathered slices, whole-dim arrangements as views of ``p``; the rest blocks."""
+    index = _slice_index(ctx, p, rest, options)
+    if index is not None:
+        by_data = ctx.picks_by_data(torch.as_tensor(index)) or from_size(index)
+        index = torch.as_tensor(index)
+        ctx.gathered(p, index, index if by_data else None, view=out)
+        return None
+    if _size_placed_dims(ctx, p, rest, options):
+        return ctx.block_all((p,), {}, ctx.reason("parameter arranged by an input's size"))
+    picked = _rows_picked(ctx, p, rest, options)
+    if picked is not None:
+        views = list(out) if isinstance(out, (tuple, list)) else [out]
+        for view, rows in zip(views, picked, strict=True):
+            ctx.gathered(p, rows, None, view=view)
+        return None
+    copies = _copies(ctx, p, out)
+    if copies is not None:
+        ctx.gathered(copies, torch.zeros(out.shape[0], dtype=torch.long), None, view=out)
+        return None
+    short = ctx.op.rsplit(".", 1)[-1]
+    if ctx.is_gathered(p) and short in _PERMUTATIONS and isinstance(out, Tensor):
+        ctx.permuted_gather(out, p, _dim_order(ctx.func, p.dim(), rest, options))
+        return None
+    whole = short in _ARRANGEMENTS or _new_dims_only(short, rest, options)
+    if whole and isinstance(out, Tensor):
+        index = torch.arange(p.numel()).view(p.shape)
+        ctx.view_of_param(out, p, ctx.func(index, *rest, **options).reshape(-1))
+        return None
+    return ctx.block_all((p,), {}, ctx.reason("parameter sliced or repeated"))
+
+
+def _slice_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> Any:
+    """The index ``i`` when an op on the parameter ``p`` is ``p[i]`` (see :func:`_picks_slices`)
+    or ``p.index_select(0, i)`` with a 1-D integer tensor ``i`` (the same slices of ``p`` along
+    dim 0, in the same order), else None."""
+    if _picks_slices(ctx, p, rest, options):
+        return rest[0]
+    if ctx.op.rsplit(".", 1)[-1] != "index_select" or ctx.is_gathered(p) or not p.dim():
+        return None
+    names = ("dim", "index")
+    if set(options) - set(names) or len(rest) + len(options) != len(names):
+        return None
+    given = dict(zip(names, rest, strict=False)) | options
+    dim, index = given.get("dim"), given.get("index")
+    if type(dim) is not int or dim % p.dim() != 0 or not isinstance(index, Tensor):
+        return None
+    integer = not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
+    return index if integer and index.dim() == 1 else None
+
+
+def _copies(ctx: TraceContext, p: Tensor, out: Any) -> Tensor | None:
+    """The tensor ``s`` with ``out == s[zeros(B)]`` when an op on the parameter ``p`` is an
+    ``expand`` that only repeats ``p`` along a new leading dim (``p.expand(B, *p.shape)``:
+    ``s = p[None]``) or along its dim 0 of size 1 (``s = p``): ``B`` copies of one weight,
+    as a weight shared by a batched product is read. None for any other op or form."""
+    short = ctx.op.rsplit(".", 1)[-1]
+    if short not in ("expand", "expand_as") or not isinstance(out, Tensor) or not p.dim():
+        return None
+    if ctx.is_gathered(p) or out.dim() - p.dim() not in (0, 1):
+        return None
+    if out.dim() == p.dim():
+        return p if p.shape[0] == 1 and out.shape[1:] == p.shape[1:] else None
+    if out.shape[1:] != p.shape:
+        return None
+    source = p.unsqueeze(0)
+    ctx.view_of_param(source, p, torch.arange(p.numel()))
+    return source
+
+
+def _new_dims_only(short: str, rest: tuple, options: dict) -> bool:
+    """Whether an op is ``x[None]``, ``x[:, None]``, ``x[..., None]``: an index of new dims of
+    size 1, ``...`` and whole dims only, which moves no entry (as ``unsqueeze``)."""
+    if short != "__getitem__" or options or len(rest) != 1:
+        return False
+    items = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
+    return all(
+        i is None or i is Ellipsis
+        or (isinstance(i, slice) and i.start is None and i.stop is None and i.step is None)
+        for i in items
+    )  # fmt: skip
 
 
 for _name in (
