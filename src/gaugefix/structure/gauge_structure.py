@@ -1308,13 +1308,21 @@ def _mark_sides_and_squares(
     for i, (c, s) in enumerate(terms):
         moved = c >= 0
         for c2, s2 in terms:
-            if s2 != s:
+            if s2 != s and _share_components(c, c2):  # else c != c2 wherever c >= 0
                 moved = moved & (c != c2)
         (has_in if s > 0 else has_out)[c.expand(moved.shape)[moved]] = True
         for c2, s2 in terms[i + 1 :]:
             if s2 == s:
                 squared = _collisions(c, c2)
                 reason[squared] = torch.clamp(reason[squared], max=square)
+
+
+def _share_components(c: Tensor, c2: Tensor) -> bool:
+    """Whether two terms' component maps (compact, ``-1`` for none) name a component in common:
+    only then can an entry carry one component with both signs. Compared on the maps' distinct
+    values, so that terms along different dims are never broadcast to the parameter's shape."""
+    a, b = c[c >= 0].unique(), c2[c2 >= 0].unique()
+    return bool(torch.isin(a, b).any())
 
 
 def _numbering(
