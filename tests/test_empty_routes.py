@@ -134,6 +134,19 @@ def routes(n: int, empty: int | None, seed: int) -> Tensor:
     return torch.cat([reached, reached[pick]])[:n]
 
 
+def change_after_gauge(model: Routed) -> tuple[float, gaugefix.GaugeStructure]:
+    """Discover on an example that reaches no row of expert 0, apply a random gauge, and return
+    the relative change of the logits on fresh inputs that reach every expert."""
+    x = torch.randn(8, DIM, dtype=DTYPE)
+    s = gaugefix.discover(model, x, routes(8, 0, seed=0), allow_value_dependent=True)
+    fresh = (torch.randn(40, DIM, dtype=DTYPE), routes(40, None, seed=1))
+    with torch.no_grad():
+        before = model(*fresh)
+    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float((model(*fresh) - before).abs().max() / before.abs().max()), s
+
+
 @pytest.mark.parametrize(
     ("cls", "generators"),
     [
@@ -155,15 +168,7 @@ def test_an_example_that_reaches_no_token_of_an_expert_gives_exact_generators(cl
     slice of channels) blocked nothing either: 20 generators, a change of 5.0. The neurons of the
     reached experts remain generators."""
     torch.manual_seed(1)
-    model = cls().to(DTYPE)
-    x = torch.randn(8, DIM, dtype=DTYPE)
-    s = gaugefix.discover(model, x, routes(8, 0, seed=0), allow_value_dependent=True)
-    fresh = (torch.randn(40, DIM, dtype=DTYPE), routes(40, None, seed=1))
-    with torch.no_grad():
-        before = model(*fresh)
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        change = float((model(*fresh) - before).abs().max() / before.abs().max())
+    change, s = change_after_gauge(cls().to(DTYPE))
     assert change <= TOL, s.summary()
     assert s.num_generators == generators, s.summary()
 

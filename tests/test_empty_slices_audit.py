@@ -17,16 +17,9 @@ from test_empty_routes2 import SlicesByMask, SlicesWithBiases, worst_change
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-class ByMask(Routed):
+class ByMask(SlicesByMask):
     """Every expert's rows written back by a mask, ``y[m] = expert(e, h[m])``; subclasses say
     how the expert reads its slices of the fused weights."""
-
-    def mix(self, h: Tensor, r: Tensor) -> Tensor:
-        y = torch.zeros_like(h)
-        for e in range(EXPERTS):
-            m = r == e
-            y[m] = self.expert(e, h[m])
-        return y
 
 
 class RowsOfFlatView(ByMask):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
+from test_experts import same_structure
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,18 +44,6 @@ def exact_change(model: nn.Module, s: gaugefix.GaugeStructure, fresh: tuple) -> 
     gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return float((model(*fresh) - before).abs().max() / before.abs().max())
-
-
-def same_structure(a: gaugefix.GaugeStructure, b: gaugefix.GaugeStructure) -> None:
-    """The two structures act on every parameter entry alike (same terms, same numbering)."""
-    assert a.num_generators == b.num_generators
-    assert a.params.keys() == b.params.keys()
-    for name, p in a.params.items():
-        q = b.params[name]
-        assert len(p.terms) == len(q.terms), name
-        for s, t in zip(p.terms, q.terms, strict=True):
-            assert s.sign == t.sign, name
-            assert torch.equal(s.index.expand(p.shape), t.index.expand(q.shape)), name
 
 
 def acts_on(s: gaugefix.GaugeStructure, name: str) -> bool:

@@ -12,6 +12,8 @@ of two) on fresh calls of other shapes with padded masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,19 +131,26 @@ def inputs(kind: str, batch: int, length: int, seed: int) -> dict[str, Tensor]:
     return {**call("ids", batch, length, seed), **call("vit", batch, length, seed)}
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_structure_is_exact_on_fresh_inputs(arch):
-    model, s, calls = discovered(arch, ARCHS, inputs)
-    assert s.num_generators >= ARCHS[arch][4], s.summary()  # a drop is lost completeness
+def assert_exact_on_fresh_inputs(arch: str, archs: dict, inputs: Callable) -> None:
+    """``arch`` of ``archs`` discovered on its example keeps at least its recorded generator
+    count, and a random gauge (and one of powers of two) of the structure keeps every output on
+    the fresh calls ``inputs`` makes within ``TOL`` (``POW2_TOL``)."""
+    model, s, calls = discovered(arch, archs, inputs)
+    assert s.num_generators >= archs[arch][4], s.summary()  # a drop is lost completeness
     before = [returned(model, c) for c in calls]
     gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(3))
     change = worst_over(model, calls, before)
     assert change[0] <= TOL, change
-    powers = build(arch, ARCHS)
+    powers = build(arch, archs)
     with torch.no_grad():
         powers(**calls[0])  # as the first model was: called once (casts included) before
     powers_of_two_gauge_(powers, s, seed=11)
     assert worst_over(powers, calls, before)[0] <= POW2_TOL
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_structure_is_exact_on_fresh_inputs(arch):
+    assert_exact_on_fresh_inputs(arch, ARCHS, inputs)
 
 
 # -- an expert the example sends no token to ---------------------------------------------------

@@ -31,18 +31,13 @@ from test_hf_heldout2 import (
     FRESH,
     LL,
     LM,
-    POW2_TOL,
     RELU,
     S2S,
-    SCALE,
     SSM,
-    TOL,
     build,
     call,
-    discovered,
-    worst_over,
 )
-from test_hf_sweep_audit import powers_of_two_gauge_, returned
+from test_hf_heldout3 import assert_exact_on_fresh_inputs
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -203,17 +198,7 @@ def inputs(kind: str, batch: int, length: int, seed: int) -> dict[str, Tensor]:
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_structure_is_exact_on_fresh_inputs(arch):
-    model, s, calls = discovered(arch, ARCHS, inputs)
-    assert s.num_generators >= ARCHS[arch][4], s.summary()  # a drop is lost completeness
-    before = [returned(model, c) for c in calls]
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(3))
-    change = worst_over(model, calls, before)
-    assert change[0] <= TOL, change
-    powers = build(arch, ARCHS)
-    with torch.no_grad():
-        powers(**calls[0])  # as the first model was: called once (casts included) before
-    powers_of_two_gauge_(powers, s, seed=11)
-    assert worst_over(powers, calls, before)[0] <= POW2_TOL
+    assert_exact_on_fresh_inputs(arch, ARCHS, inputs)
 
 
 # -- experts the example reaches with no token -----------------------------------------------

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gaugefix
-from test_empty_routes import DIM, DTYPE, EXPERTS, HIDDEN, SCALE, TOL, EmptyChannels, Routed, routes
+from test_empty_routes import (
+    DIM,
+    DTYPE,
+    EXPERTS,
+    HIDDEN,
+    TOL,
+    EmptyChannels,
+    Routed,
+    change_after_gauge,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -83,19 +92,6 @@ class SliceByTensors(Cut):
     def cut(self, ht: Tensor, counts: Tensor) -> list[Tensor]:
         ends = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return [ht[:, ends[e] : ends[e + 1]] for e in range(EXPERTS)]
-
-
-def change_after_gauge(model: Routed) -> tuple[float, gaugefix.GaugeStructure]:
-    """Discover on an example that reaches no row of expert 0, apply a random gauge, and return
-    the relative change of the logits on fresh inputs that reach every expert."""
-    x = torch.randn(8, DIM, dtype=DTYPE)
-    s = gaugefix.discover(model, x, routes(8, 0, seed=0), allow_value_dependent=True)
-    fresh = (torch.randn(40, DIM, dtype=DTYPE), routes(40, None, seed=1))
-    with torch.no_grad():
-        before = model(*fresh)
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return float((model(*fresh) - before).abs().max() / before.abs().max()), s
 
 
 @pytest.mark.parametrize(
