@@ -13,8 +13,9 @@ most 1e-10 relative. Three groups:
 - forms that must keep a parameter fixed (copies written, summed along the copies, merged with
   the rows by ``reshape``, picked per batch entry; a weight read both whole and as the input of
   its own layer; a table looked up into a linear map and read as its tied head);
-- strict xfails: slices picked by the input's values or by ``arange`` of a size that meet
-  channels that carry factors along the picked dim (see the tests' docstrings).
+- slices picked by the input's values that meet unit channels along the picked dim, and rows
+  picked by ``arange`` of a size, fix the parameter; their neighbours (rows picked per batch
+  entry, ``arange`` of a plain number) keep their generators.
 
 Consumers (``balance_``, ``equalize_`` by norm and range, ``scale_groups``, ``GaugeFixing``'s
 exact steps, the dict round trip) keep the function on these structures.
@@ -75,7 +76,7 @@ def change_under_gauge(model: nn.Module, s: gaugefix.GaugeStructure, fresh: tupl
 def acts_on(s: gaugefix.GaugeStructure, name: str) -> bool:
     """Whether some generator rescales an entry of the parameter ``name``."""
     p = s.params.get(name)
-    return p is not None and any(bool((t.index != 0).any()) for t in p.terms)
+    return p is not None and any(bool((t.index >= 0).any()) for t in p.terms)
 
 
 # -- forms with generators: (model, example, fresh, generators at least) -------------------------
@@ -435,42 +436,83 @@ def test_vit_like_models_stay_exact(arch):
     assert change[0] <= TOL, change
 
 
-# -- known holes (strict xfails) -----------------------------------------------------------------
+# -- slices picked by the data or by a size, meeting channels ------------------------------------
 def bias_picked_by_input(s, x, ids):
     return s.o(torch.relu(s.a(x) + s.pick(s.b, ids)))
 
 
-@pytest.mark.xfail(strict=True, reason="slices picked by the data meet unit channels")
+def bias_rows_picked_per_batch_entry(s, x, ids):  # b [5, 4]: a row per batch entry
+    return s.o(torch.relu(s.a(x) + s.b[ids]))
+
+
+PICK = {"getitem": lambda w, i: w[i], "index_select": lambda w, i: w.index_select(0, i)}
+
+
 @pytest.mark.parametrize("spelling", ["getitem", "index_select"])
 def test_a_bias_picked_by_the_input_is_fixed(spelling):
     """``h + b[ids]`` with ``ids`` an input: the picked dim of ``b[ids]`` meets the units of
     ``h``, so unit ``j`` is tied to bias entry ``ids[j]`` of the example; other ids pair other
-    entries with unit ``j``. Discovery (even without ``allow_value_dependent``) returns the
-    4 units of ``a`` as generators, and a random gauge changes the outputs on other ids by
-    0.51 (relative). Exact would be: ``b`` fixed, or no generator on ``a``'s units."""
-    pick = {"getitem": lambda b, i: b[i], "index_select": lambda b, i: b.index_select(0, i)}
+    entries with unit ``j``. Exact: no generator rescales ``a``'s units or ``b``, and a random
+    gauge keeps the outputs on other ids."""
     torch.manual_seed(0)
     model = Net(bias_picked_by_input, a=lin(3, 4, False), b=param(4), o=lin(4, 2))
-    model.pick = pick[spelling]
+    model.pick = PICK[spelling]
     s = gaugefix.discover(model, rand(2, 3, seed=1), ids(2, 0, 1, 3))
+    assert not acts_on(s, "b") and not acts_on(s, "a.weight")
     assert change_under_gauge(model, s, (rand(3, 3, seed=2), ids(0, 1, 2, 3))) <= TOL
+
+
+def test_bias_rows_picked_per_batch_entry_keep_the_unit_generators():
+    """``h + b[ids]`` with ``b [5, 4]`` and ``ids [B]``: the picked dim meets the batch, so
+    every row of ``b`` carries the factors of ``h``'s units whatever the ids: the 4 units of
+    ``a`` stay generators, exact on other ids and batch sizes."""
+    torch.manual_seed(0)
+    model = Net(bias_rows_picked_per_batch_entry, a=lin(3, 4, False), b=param(5, 4), o=lin(4, 2))
+    s = gaugefix.discover(model, rand(5, 3, seed=1), ids(4, 0, 3, 1, 2))
+    assert s.num_generators == 4 and acts_on(s, "b")
+    assert change_under_gauge(model, s, (rand(3, 3, seed=2), ids(2, 2, 0))) <= TOL
 
 
 def rows_by_arange_of_batch(s, x):
     return (s.pick(s.w, torch.arange(x.shape[0])) * x).sum(-1, keepdim=True) * s.c
 
 
-@pytest.mark.xfail(strict=True, reason="arange of a size gathers more rows on larger inputs")
+def rows_by_constant_arange(s, x):
+    return (x @ s.pick(s.w, torch.arange(4)).T).sum(-1, keepdim=True) * s.c
+
+
 @pytest.mark.parametrize("spelling", ["getitem", "index_select"])
 def test_rows_picked_by_arange_of_the_batch_size(spelling):
-    """``W[arange(B)]``: ``arange(B)`` is taken as a constant index (its values do not depend
-    on ``B`` at the places it has), so an example of batch 2 reads rows 0 and 1 of ``W [4, 3]``
-    only, and the generator scales those rows (and ``c`` inversely) but not rows 2 and 3, which
-    a batch of 4 reads: the outputs change by 0.70 (relative). Exact would be: rows not read by
-    the example fixed (as for rows picked by the data), or one factor for every row."""
-    pick = {"getitem": lambda w, i: w[i], "index_select": lambda w, i: w.index_select(0, i)}
+    """``W[arange(B)]``: ``arange(B)`` holds the same values at the same places for every
+    ``B``, but more of them: an example of batch 2 reads rows 0 and 1 of ``W [4, 3]`` only,
+    and a batch of 4 reads rows 2 and 3 too. Exact: rows no traced index read fix ``W`` (as for
+    rows picked by the data), so no generator scales ``W``."""
     torch.manual_seed(0)
     model = Net(rows_by_arange_of_batch, w=param(4, 3), c=param(1))
-    model.pick = pick[spelling]
+    model.pick = PICK[spelling]
     s = gaugefix.discover(model, rand(2, 3, seed=1))
+    assert not acts_on(s, "w")
     assert change_under_gauge(model, s, (rand(4, 3, seed=2),)) <= TOL
+
+
+def test_rows_picked_by_arange_of_a_batch_that_reads_every_row_keep_their_generator():
+    """``W[arange(B)]`` on an example of batch 4 reads every row of ``W [4, 3]``: ``W`` and
+    ``c`` keep their generator, exact on a batch of 2 (which reads rows 0 and 1)."""
+    torch.manual_seed(0)
+    model = Net(rows_by_arange_of_batch, w=param(4, 3), c=param(1))
+    model.pick = PICK["getitem"]
+    s = gaugefix.discover(model, rand(4, 3, seed=1))
+    assert s.num_generators == 1 and acts_on(s, "w")
+    assert change_under_gauge(model, s, (rand(2, 3, seed=2),)) <= TOL
+
+
+@pytest.mark.parametrize("spelling", ["getitem", "index_select"])
+def test_rows_picked_by_a_constant_arange_keep_their_generator(spelling):
+    """``W[arange(4)]`` with ``4`` a plain number reads every row for every input: ``W`` and
+    ``c`` keep their generator, exact on other batch sizes."""
+    torch.manual_seed(0)
+    model = Net(rows_by_constant_arange, w=param(4, 3), c=param(1))
+    model.pick = PICK[spelling]
+    s = gaugefix.discover(model, rand(2, 3, seed=1))
+    assert s.num_generators == 1 and acts_on(s, "w")
+    assert change_under_gauge(model, s, (rand(5, 3, seed=2),)) <= TOL

@@ -501,7 +501,7 @@ def _on_param(ctx: TraceContext, out: Any, p: Tensor, rest: tuple, options: dict
     recorded as gathered slices, whole-dim arrangements as views of ``p``; the rest blocks."""
     index = _slice_index(ctx, p, rest, options)
     if index is not None:
-        by_data = ctx.picks_by_data(torch.as_tensor(index)) or from_size(index)
+        by_data = ctx.gathers_by_data(torch.as_tensor(index)) or from_size(index)
         index = torch.as_tensor(index)
         ctx.gathered(p, index, index if by_data else None, view=out)
         return None

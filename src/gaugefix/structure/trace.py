@@ -608,6 +608,9 @@ class TraceContext:
         # + B) % 6``): an index among them picks other entries for another input.
         self._sized: dict[int, Tensor] = {}
         self._shaped: dict[int, Tensor] = {}
+        # Tensors made by an op given a number computed from a size (``arange(B)``), and
+        # what is computed from them: an index among them reads more rows for another input.
+        self._size_made: dict[int, Tensor] = {}
         # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
         # views of them): id -> (tensor, its placement then, the memory of every zero it was
         # made from); the labels that passed an op because an operand was such a zero, with
@@ -736,6 +739,12 @@ class TraceContext:
         """Whether the index ``t`` may pick other entries for another input: it is tainted (see
         :meth:`is_tainted`), or its values were computed from a size."""
         return self.is_tainted(t) or self._sized.get(id(t)) is t
+
+    def gathers_by_data(self, t: Tensor) -> bool:
+        """Whether the index ``t`` of a gather may read other rows for another input: it picks
+        by the data (see :meth:`picks_by_data`), or it was made from a size (``arange(B)`` holds
+        the same values at the same places for every ``B``, but more of them)."""
+        return self.picks_by_data(t) or self._size_made.get(id(t)) is t
 
     def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
         """``out``, sizes of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
@@ -1291,11 +1300,11 @@ class TraceContext:
         positions in one component are made to carry one factor by the model itself, and
         on the slices they read only when they read them through one entry of one index
         tensor (its storage, not written in between: the tensor or a view of it), whatever the
-        data. A component is
-        kept when its positions all read one such entry (one token's expert, paired with
-        itself), or when it holds every position of each gather use and entry it touches
-        (every slice then carries the factor, and the pairing does not matter). Otherwise
-        (two routers, or positions that do not line up) it is blocked."""
+        data. A component is kept when its positions all read one such entry (one token's
+        expert, paired with itself) and it holds no channel of a parameter (see
+        :meth:`_holds_channels`), or when it holds every position of each gather use and entry
+        it touches (every slice then carries the factor, and the pairing does not matter).
+        Otherwise (two routers, or positions that do not line up) it is blocked."""
         ptrs = [key[0] for _, _, key, _ in self._holders]
         index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
         count = int(comp.max()) + 1
@@ -1320,7 +1329,21 @@ class TraceContext:
         group_size = torch.zeros(groups.numel(), dtype=torch.long).scatter_(0, inverse, size)
         every_position = torch.ones(count, dtype=torch.bool)
         every_position[groups[members < group_size] // offset] = False
+        one_element &= ~self._holds_channels(comp, count)
         self._block_pairings(comp, ~(one_element | every_position))
+
+    def _holds_channels(self, comp: Tensor, count: int) -> Tensor:
+        """Per component (of ``count``), whether it holds a node of a parameter's role other
+        than slices picked by the data (which meet their positions only through the slice
+        links): a channel that every input pairs with the same positions. Positions that meet
+        such a channel without covering every position of their use (``h + b[ids]``, unit ``j``
+        of ``h`` meets bias entry ``ids[j]``) are paired with it by the data's values."""
+        held = torch.zeros(count, dtype=torch.bool)
+        for terms in self.roles.values():
+            for nodes, _ in terms or ():
+                held[comp[nodes.reshape(-1)]] = True
+        held[comp[0]] = False  # the fixed factor
+        return held
 
     def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
         """Block the nodes of every recorded gather use in a component marked ``bad``, naming
@@ -1983,6 +2006,8 @@ class _Tracer(TorchFunctionMode):
         marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
         sized = any(ctx._sized.get(id(t)) is t for t in tensors)
         marks.append((ctx._sized, sized or _valued_by_size(short, *call)))
+        made = from_size(call) or any(ctx._size_made.get(id(t)) is t for t in tensors)
+        marks.append((ctx._size_made, made))
         marks.append((ctx._shaped, _data_shaped(ctx, short, call, tensors, out)))
         for table, on in marks:
             if on:
