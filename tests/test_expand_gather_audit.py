@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
+from test_gather_spellings import acts_on, change_under_gauge
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,21 +63,6 @@ def lin(i: int, o: int, bias: bool = True) -> nn.Linear:
 
 def rand(*shape: int, seed: int) -> Tensor:
     return torch.randn(*shape, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
-
-
-def change_under_gauge(model: nn.Module, s: gaugefix.GaugeStructure, fresh: tuple) -> float:
-    """The relative change of ``model``'s outputs on ``fresh`` under a random gauge of ``s``."""
-    with torch.no_grad():
-        before = model(*fresh)
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return float((model(*fresh) - before).abs().max() / before.abs().max())
-
-
-def acts_on(s: gaugefix.GaugeStructure, name: str) -> bool:
-    """Whether some generator rescales an entry of the parameter ``name``."""
-    p = s.params.get(name)
-    return p is not None and any(bool((t.index >= 0).any()) for t in p.terms)
 
 
 # -- forms with generators: (model, example, fresh, generators at least) -------------------------
