@@ -120,9 +120,10 @@ def uneven_mlp() -> tuple[nn.Module, gf.GaugeStructure]:
 
 
 FSDP_CODE = """
-import copy, json, torch, torch.distributed as dist
+import copy, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 import gaugefix as gf
+from processes import report_and_exit
 from test_balance_range import uneven_mlp
 dist.init_process_group("gloo")
 model, s = uneven_mlp()
@@ -136,9 +137,7 @@ gap = max(
 )
 out = {"h": float((rs.h - rm.h).abs().max()), "gap": gap, "converged": [rs.converged, rm.converged],
        "dead": [rs.dead_generators.tolist(), rm.dead_generators.tolist()], "mu": rs.mu_rel_max}
-if dist.get_rank() == 0:
-    print(json.dumps(out))
-dist.destroy_process_group()
+report_and_exit(out)  # leaves the group and exits at once: gloo can abort at finalization
 """
 
 
