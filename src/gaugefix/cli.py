@@ -101,6 +101,7 @@ AllowValueDependent = Annotated[
 ]
 CACHE_OBJECTS_SINCE = 5  # the transformers major version that returns no cache as tuples
 DEFAULT_ALPHA = 0.5  # balance --alpha: SmoothQuant's, and equalize_'s default
+SHOWN_NAMES = 3  # the weights a summary line names; it counts the rest
 
 
 def _example_input(
@@ -186,15 +187,19 @@ def _load_model(target: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     return model, None
 
 
+MODEL_HELP = (
+    f"a built-in example ({', '.join(EXAMPLES)}) or PACKAGE.MODULE:FACTORY, a function that "
+    "builds the model without arguments"
+)
+
+
 @app.command()
 def inspect(
-    target: Annotated[
-        str,
-        typer.Argument(
-            help=f"a built-in example ({', '.join(EXAMPLES)}) or PACKAGE.MODULE:FACTORY, a "
-            "function that builds the model without arguments"
-        ),
-    ],
+    target: Annotated[str | None, typer.Argument(help=f"{MODEL_HELP} (or give --model)")] = None,
+    model_option: Annotated[
+        str | None,
+        typer.Option("--model", help="the model, as the first argument (balance's spelling)"),
+    ] = None,
     input_shape: InputShape = None,
     input_ids: InputIds = None,
     vocab: Vocab = None,
@@ -210,8 +215,11 @@ def inspect(
     allow_value_dependent: AllowValueDependent = False,
 ) -> None:
     """Discover a model's gauge group and print the per-layer summary (or its scale groups)."""
+    target = _one_model(target, model_option)
+    made: list[Path] = []
     if save is not None:
         _check_output(save)
+        made = _missing_directories(save)
     model, default_shape = _load_model(target)
     x = _in_model_dtype(model, _example_input(input_shape, input_ids, vocab, default_shape))
     model.eval()
@@ -230,7 +238,28 @@ def inspect(
     if save is not None:
         with _interruptible(_interrupted(save)):  # what GaugeStructure.save writes
             write_text(save, json.dumps(structure.to_dict()))
-        typer.echo(f"structure written to {save}", err=scale_groups)  # stdout stays JSON
+        said = f"structure written to {save}{_made(made)}"
+        typer.echo(said, err=scale_groups)  # stdout stays JSON
+
+
+def _one_model(target: str | None, option: str | None) -> str:
+    """``inspect``'s model: its argument or ``--model``, given once."""
+    if (target is None) == (option is None):
+        again = "once, " if target is not None else ""
+        raise _fail(f"give the model {again}as the first argument or with --model")
+    return target if target is not None else option
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """The directories of the file ``path`` (a symbolic link: the file it points to) that do
+    not exist, which writing it makes; outermost first."""
+    parent = (output_target(path) if path.is_symlink() else path).parent
+    return [d for d in (*reversed(parent.parents), parent) if not d.exists()]
+
+
+def _made(made: list[Path]) -> str:
+    """The end of a written file's line: the directories made for it, if any."""
+    return f"; made {', '.join(map(str, made))}" if made else ""
 
 
 @app.command(
@@ -274,6 +303,7 @@ def balance(
 ) -> None:
     with _interruptible(_interrupted(out)):
         _check_output(out)
+        made = _missing_directories(out)
         _check_objective(objective, calibration, alpha)
         net, default_shape = _load_model(model)
         x = _example_input(input_shape, input_ids, vocab, default_shape)
@@ -291,7 +321,7 @@ def balance(
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
             raise _fail(_traced(err, net, x)) from None
         _report_balance(model, objective, report)
-        _write_balanced(dataclasses.replace(state, tensors=tensors), out)
+        _write_balanced(dataclasses.replace(state, tensors=tensors), out, made)
 
 
 def _said_format(state: StateDictFile, path: Path) -> str | None:
@@ -317,9 +347,10 @@ def _check_suffix(state: StateDictFile, weights: Path, out: Path) -> None:
     )
 
 
-def _write_balanced(state: StateDictFile, out: Path) -> None:
-    """Write the balanced ``state`` to ``out`` and say so; a :class:`CheckpointError` (an
-    output file that appeared since :func:`check_output`: nothing written) in one line."""
+def _write_balanced(state: StateDictFile, out: Path, made: list[Path]) -> None:
+    """Write the balanced ``state`` to ``out`` and say so, naming the directories ``made`` for
+    it; a :class:`CheckpointError` (an output file that appeared since :func:`check_output`:
+    nothing written) in one line."""
     try:
         write_state_dict(state, out)
     except CheckpointError as err:
@@ -328,7 +359,7 @@ def _write_balanced(state: StateDictFile, out: Path) -> None:
         sorted({str(t.dtype).removeprefix("torch.") for t in state.tensors.values()})
     )
     shards = f" and its {len(state.index.names)} shards" if state.index else ""
-    typer.echo(f"balanced weights written to {out}{shards} ({state.format}, {dtypes})")
+    typer.echo(f"balanced weights written to {out}{shards} ({state.format}, {dtypes}){_made(made)}")
 
 
 def _traced(err: Exception, model: nn.Module, x: torch.Tensor) -> str:
@@ -389,6 +420,9 @@ def _report_balance(model: str, objective: str, report: CheckpointBalance) -> No
     typer.echo(f"{model}: {report.num_generators} generators")
     if objective != "norm":
         typer.echo(_equalized_line(objective, report.result))
+        uncalibrated = _uncalibrated_line(report.result.uncalibrated)
+        if uncalibrated is not None:
+            typer.echo(uncalibrated)
     typer.echo(
         f"imbalance max |mu_n|/S_n: {before['mu_rel_max']:.3g} -> {after['mu_rel_max']:.3g}; "
         f"RMS log-ratio: {before['log_ratio_rms']:.3g} -> {after['log_ratio_rms']:.3g}; "
@@ -425,6 +459,21 @@ def _equalized_line(objective: str, done: gaugefix.EqualizeResult) -> str:
         f"{objective}: residual max |delta_n| {done.objective_before:.3g} -> "
         f"{done.objective_after:.3g} in {done.iterations} iterations; "
         f"{len(done.dead_generators)} generators it does not see left in place"
+    )
+
+
+def _uncalibrated_line(names: tuple[str, ...]) -> str | None:
+    """The line naming the weights the activation objective's calibration pass cannot follow
+    (their channels balanced as ``"range"`` balances them): the first :data:`SHOWN_NAMES`,
+    and how many more; None when there are none."""
+    if not names:
+        return None
+    shown = ", ".join(names[:SHOWN_NAMES])
+    more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+    one = len(names) == 1
+    return (
+        f"activation: {len(names)} weight{'' if one else 's'} the calibration pass cannot "
+        f"follow, {'its' if one else 'their'} channels balanced as range does: {shown}{more}"
     )
 
 

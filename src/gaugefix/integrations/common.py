@@ -14,13 +14,14 @@ from gaugefix.moment import imbalance_stats
 from gaugefix.soft import check_strength
 from gaugefix.structure import GaugeStructure
 from gaugefix.structure.gauge_structure import check_structure
-from gaugefix.train.hook import GaugeFixing, Mode, check_mode_every
+from gaugefix.train.hook import GaugeFixing, Mode, check_mode_every, options_repr
 
 # Why a generator is left out of the statistics of several hooks (one per optimizer).
 UNACTED_REASON = "acted on by none of the gauge-fixing hooks (frozen parameters)"
 
 __all__ = [
     "acted_structure",
+    "callback_repr",
     "CallbackOptions",
     "check_structure_agrees",
     "prefixed_stats",
@@ -59,6 +60,15 @@ def set_options(callback: Any, strength: float, options: CallbackOptions) -> Non
     callback.strength, callback.structure, callback.mode = strength, structure, mode
     callback.balance_at_start = options.get("balance_at_start", True)
     callback.prefix, callback.every = options.get("prefix", "gauge/"), every
+
+
+def callback_repr(callback: Any) -> str:
+    """A callback's repr: its class, :class:`gaugefix.GaugeFixing`'s options (as its repr words
+    them) and the number of generators of its structure (``None`` until one is discovered)."""
+    structure = callback.structure
+    size = None if structure is None else structure.num_generators
+    options = options_repr(callback.mode, callback.strength, callback.every)
+    return f"{type(callback).__name__}({options}, generators={size})"
 
 
 def acted_structure(structure: GaugeStructure, hooks: list[GaugeFixing]) -> GaugeStructure:

@@ -26,6 +26,7 @@ from gaugefix.action import check_finite_params
 from gaugefix.integrations.common import (
     CallbackOptions,
     acted_structure,
+    callback_repr,
     check_structure_agrees,
     prefixed_stats,
     set_options,
@@ -120,6 +121,9 @@ class GaugeFixingCallback(Callback):
         self._restored: tuple[list[dict[str, Any]], int] | None = None
         self._optimizers = 0  # the number of optimizers the hooks (or the last ones) cover
         self._last: list[dict[str, Any]] = []  # the removed hooks' states, saved after a fit
+
+    def __repr__(self) -> str:
+        return callback_repr(self)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Discover or check the structure once the module is built (after ``configure_model``,

@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from gaugefix.integrations.common import (
     CallbackOptions,
     acted_structure,
+    callback_repr,
     check_structure_agrees,
     prefixed_stats,
     set_options,
@@ -134,6 +135,9 @@ class GaugeFixingCallback(TrainerCallback):
         # discovered or read from a checkpoint by this callback, for the last train()'s model
         self._found: GaugeStructure | None = None
         self._last_logged = -1
+
+    def __repr__(self) -> str:
+        return callback_repr(self)
 
     def _hook_state(self) -> dict[str, Any]:
         if self.hook is not None:

@@ -45,6 +45,7 @@ __all__ = [
     "unwrap_model",
     "check_mode_every",
     "GaugeFixing",
+    "options_repr",
 ]
 
 Mode = Literal["exact", "penalty"]
@@ -61,6 +62,11 @@ def _replicated(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The ``DistributedDataParallel`` wrapper among ``model``'s wrappers, or ``None``."""
     ddp = nn.parallel.DistributedDataParallel
     return next((m for m in wrappers(model) if isinstance(m, ddp)), None)
+
+
+def options_repr(mode: Mode, strength: float, every: int) -> str:
+    """The options of a gauge-fixing hook or callback as their reprs show them."""
+    return f"mode={mode!r}, strength={strength}, every={every}"
 
 
 def check_mode_every(mode: Mode, every: int | None) -> int:
@@ -431,7 +437,7 @@ class GaugeFixing:
 
     def __repr__(self) -> str:
         return (
-            f"GaugeFixing(mode={self.mode!r}, strength={self.strength}, every={self.every}, "
+            f"GaugeFixing({options_repr(self.mode, self.strength, self.every)}, "
             f"generators={self.active.num_generators}, left_out={sum(self.left_out.values())}, "
             f"steps={self.steps}, skipped={self.skipped})"
         )
