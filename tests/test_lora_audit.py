@@ -115,10 +115,12 @@ class SharedWithParameter(nn.Module):
 
 
 def test_a_learned_query_parameter_through_the_data_projection_is_exact():
+    """``proj``'s output channels, and its input channels: the query, read like an embedding
+    table, produces them, and so does ``inp``, their factors one since ``proj`` divides both."""
     torch.manual_seed(0)
     model = SharedWithParameter().to(DTYPE).eval()
     structure = gaugefix.discover(model, X)
-    assert structure.num_generators == WIDTH
+    assert structure.num_generators == 2 * WIDTH
     assert_exact(model, structure, FRESH_X)
 
 

@@ -52,12 +52,14 @@ def _linear(
     1-d ``W`` one output entry), its columns consume ``x``'s; ``b``, broadcast to the output,
     carries the factors of the rows it is added to."""
     x, w, b = input, weight, bias
-    if not _params_or_block(ctx, x, w, b) or (ctx.is_param(x) and not ctx.is_gathered(x)):
-        return ctx.block_all((x, w, b), {}, ctx.reason("linear map of a parameter"))
+    if not _params_or_block(ctx, x, w, b):
+        return ZERO
+    if not distinct_params(ctx, x, w, b):
+        return ctx.block_all((x, w, b), {}, ctx.reason("one parameter in two roles of the op"))
     # a fixed input (a constant such as ``eye``) states its factor 0 as a term on node 0: the
     # use keeps the form of a linear map, so a weight read by it and by a rescaled input as
     # well is one role, with the columns fixed
-    cols = ctx.along_terms(x, -1) or Sum.of(ZERO.expand(x.shape[-1]))
+    cols = _table_columns(ctx, x) or ctx.along_terms(x, -1) or Sum.of(ZERO.expand(x.shape[-1]))
     rows = ctx.produce(w, *w.shape[:-1], 1).view(w.shape[:-1])
     ctx.consume(w, cols.map(lambda c: c.view(*([1] * (w.dim() - 1)), -1)))
     if b is not None:
@@ -66,6 +68,26 @@ def _linear(
 
 
 BUILTIN.add(F.linear, _linear)
+
+
+def _table_columns(ctx: TraceContext, x: Tensor) -> Sum:
+    """The factors of a parameter ``x [..., in]`` read by a linear map as its input (learned
+    queries ``F.linear(latents, W)``, maybe copied over a batch, ``latents.expand(B, -1,
+    -1)``): like an embedding table, its columns produce the channels of its last dim, one
+    factor per column for every row. Empty for an activation, and for slices picked by an index
+    (which fix the parameter, as a plain tensor)."""
+    if not ctx.is_param(x) or (ctx.is_gathered(x) and not _every_slice(ctx, x)):
+        return Sum()
+    return Sum.of(ctx.produce(x, *([1] * (x.dim() - 1)), x.shape[-1]).view(-1))
+
+
+def _every_slice(ctx: TraceContext, x: Tensor) -> bool:
+    """Whether the gathered slices ``x`` hold every slice of their parameter, picked by an index
+    that is the same for every input (``latents.expand(B, -1, -1)``: ``B`` copies)."""
+    gathered = ctx._gathers[id(x)][1]
+    read = torch.zeros(gathered.source.shape[0], dtype=torch.bool)
+    read[gathered.rows.reshape(-1)] = True
+    return gathered.index is None and bool(read.all())
 
 
 def _conv(

@@ -618,12 +618,31 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
     data = [t for t in nested_tensors((rest, options)) if _is_index(t) and ctx.picks_by_data(t)]
     if not data:
         return []
+    along = _picked_dim(ctx.op.rsplit(".", 1)[-1], x, rest, options)
+    if along is not None:
+        return [along]
     if not ctx.op.endswith("__getitem__") or len(rest) != 1:
         return list(range(x.dim()))
     items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
     if any(not any(t is item for item in items) for t in data):  # nested in a list
         return list(range(x.dim()))
     return _item_dims(x, items, lambda item: any(item is t for t in data))
+
+
+# Ops that pick entries along one dim and keep every other coordinate (``gather(x, d, i)[.., j,
+# ..] = x[.., i[.., j, ..], ..]``): where the dim argument is, positionally and by name.
+_ALONG_ONE_DIM = {"gather": 0, "index_select": 0, "take_along_dim": 1}
+
+
+def _picked_dim(short: str, x: Tensor, rest: tuple, options: dict) -> int | None:
+    """The one dim of ``x`` along which ``gather``, ``index_select`` or ``take_along_dim``
+    pick entries (their other dims keep their coordinates, whatever the index holds); None
+    for other ops, a flattened ``take_along_dim`` and a dim that is not a plain int."""
+    if short not in _ALONG_ONE_DIM or not x.dim():
+        return None
+    at = _ALONG_ONE_DIM[short]
+    dim = options.get("dim", rest[at] if len(rest) > at else None)
+    return dim % x.dim() if type(dim) is int else None
 
 
 def _item_dims(x: Tensor, items: list[Any], picks: Callable[[Any], bool]) -> list[int]:
