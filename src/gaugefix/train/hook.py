@@ -220,23 +220,32 @@ def _least(sums: tuple[float | Tensor, ...]) -> float | Tensor:
     return min(sums)
 
 
-# Per optimizer, its parameter groups (the group objects, in order).
+# Per optimizer, its parameter groups (the group objects, in order), and the identities of each
+# one's parameters when read (a group's list may change in place): ``_snapshot``.
 _Groups = tuple[dict[str, Any], ...]
+_Held = tuple[tuple[int, ...], ...]
+_Snapshot = tuple[_Groups, _Held]
 
 
-def _matched(old: _Groups, new: _Groups) -> list[int | None]:
+def _snapshot(groups: Any) -> _Snapshot:
+    """An optimizer's ``param_groups`` now: the group objects and their parameters' ids."""
+    groups = tuple(groups)
+    return groups, tuple(tuple(map(id, g["params"])) for g in groups)
+
+
+def _matched(old: _Snapshot, new: _Snapshot) -> list[int | None]:
     """Per group of ``new``, the index in ``old`` of the same group: the same object, else the
-    one holding the same parameters (by identity, in order; ``load_state_dict`` rebuilds the
+    one that held the same parameters (by identity, in order; ``load_state_dict`` rebuilds the
     group objects; groups of equal parameters, empty ones, in order), else ``None`` (a group
     added); each of ``old`` matched once at most."""
-    by_object = {id(g): i for i, g in enumerate(old)}
-    found = [by_object.get(id(g)) for g in new]
-    if None in found:  # by the parameters (read only now: a pass over them)
+    by_object = {id(g): i for i, g in enumerate(old[0])}
+    found = [by_object.get(id(g)) for g in new[0]]
+    if None in found:  # by the parameters
         free: dict[tuple[int, ...], list[int]] = {}
-        for i in sorted(set(range(len(old))) - set(found), reverse=True):
-            free.setdefault(tuple(map(id, old[i]["params"])), []).append(i)
-        for k, g in enumerate(new):
-            same = free.get(tuple(map(id, g["params"]))) if found[k] is None else None
+        for i in sorted(set(range(len(old[0]))) - set(found), reverse=True):
+            free.setdefault(old[1][i], []).append(i)
+        for k, ids in enumerate(new[1]):
+            same = free.get(ids) if found[k] is None else None
             found[k] = same.pop() if same else found[k]
     taken: set[int | None] = {None}
     for k, i in enumerate(found):
@@ -245,29 +254,44 @@ def _matched(old: _Groups, new: _Groups) -> list[int | None]:
     return found
 
 
+def _followed_part(part: tuple, old: _Snapshot, new: _Snapshot) -> list:
+    """One optimizer's sums ``part``, of its groups ``old``, for its groups ``new``
+    (:func:`_followed`)."""
+    found = _matched(old, new)
+    if len({i for i in found if i is not None}) < len(old[0]):  # a group removed
+        part = (_least(part),) * len(old[0])
+    known = {key for ids in old[1] for key in ids}  # the parameters it held
+    sums = []
+    for i, ids in zip(found, new[1], strict=True):
+        if i is None or not known.issuperset(ids):  # added, or a parameter from elsewhere
+            sums.append(0.0)
+        elif set(ids) <= set(old[1][i]):  # the same parameters, or fewer
+            sums.append(part[i])
+        else:  # a parameter moved in from another of its groups
+            sums.append(_least(part))
+    return sums
+
+
 def _followed(
-    orbit: OrbitState, before: tuple[_Groups, ...], now: tuple[_Groups, ...]
+    orbit: OrbitState, before: tuple[_Snapshot, ...], now: tuple[_Snapshot, ...]
 ) -> OrbitState:
-    """``orbit``, whose sums are those of the groups ``before`` (per optimizer its group
-    objects), for the groups ``now``: each group of ``now`` takes the sum of its group of
-    ``before`` (:func:`_matched`: groups reordered, inserted anywhere or rebuilt keep theirs),
-    a group added 0 (its sum starts at its first step); when a group of an optimizer was
+    """``orbit``, whose sums are those of the groups ``before`` (per optimizer its
+    :func:`_snapshot`), for the groups ``now``: each group of ``now`` takes the sum of its group
+    of ``before`` (:func:`_matched`: groups reordered, rebuilt or that lost parameters keep
+    theirs); a group added, or holding a parameter that none of its optimizer's groups held,
+    0 (its sum starts at its first step); one holding a parameter moved in from another group
+    of its optimizer, the least of that optimizer's sums; when a group of an optimizer was
     removed (its parameters may sit in the others now), every one of that optimizer's groups
-    takes the least of its sums, which no parameter's own sum since the last orbit step is
-    below."""
+    kept takes the least of its sums. No parameter's own sum since the last orbit step is
+    below its group's."""
     if orbit.lr_sum is None:
         return orbit
     sums, start, parts = orbit.lr_sum, 0, []
     for old, new in zip(before, now, strict=True):
-        part = sums[start : start + len(old)]
-        start += len(old)
-        if len(old) == len(new) and all(map(operator.is_, old, new)):  # unchanged
-            parts += part
-            continue
-        found = _matched(old, new)
-        if len({i for i in found if i is not None}) < len(old):  # a group removed
-            part = (_least(part),) * len(old)
-        parts += [0.0 if i is None else part[i] for i in found]
+        part = sums[start : start + len(old[0])]
+        start += len(old[0])
+        same = old[1] == new[1] and all(map(operator.is_, old[0], new[0]))
+        parts += part if same and len(old[0]) == len(new[0]) else _followed_part(part, old, new)
     return orbit._replace(lr_sum=tuple(parts))
 
 
@@ -302,12 +326,14 @@ class GaugeFixing:
     moved between groups and ``requires_grad`` or ``lr`` changes are followed at every step.
     Parameters the structure does not cover are never touched.
 
-    Several parameter groups: a generator relaxes at ``strength * min(lr)`` over the
-    parameters it touches (its incoming and outgoing entries), read from the groups at every
-    step so schedulers are followed (groups removed mid-interval: every group's sum of learning
-    rates since the last orbit step becomes the least of the sums). A tensor ``lr`` stays on its
-    device (no host read; its group is never taken as frozen by its value; a generator whose
-    rate from it is negative or not finite is not moved).
+    Several parameter groups: generator ``n`` relaxes at ``strength * min_g S_g``, the least
+    over the groups ``g`` holding a parameter it touches (its incoming and outgoing entries) of
+    ``S_g = sum_t lr_g(t)``, the group's learning rates summed over the steps since the last orbit
+    step (read at every step, so schedulers are followed; the least of the sums, not of each
+    step's rates). Groups changed mid-interval (added, removed, a parameter added or moved in
+    place) get sums that no parameter's own sum since the last orbit step is below. A tensor
+    ``lr`` stays on its device (no host read; its group is never taken as frozen by its value;
+    a generator whose rate from it is negative or not finite is not moved).
 
     The penalty's gradient, when an orbit step is due and the sum of learning rates it takes
     (:func:`gaugefix.step.advance`) are those of :mod:`gaugefix.step`, which the sweep engine
@@ -346,7 +372,7 @@ class GaugeFixing:
     stepped since the last (in any order; one stepping again before the others counts once, at its
     last learning rates), with every optimizer's state transported. Their parameter groups count as
     one list, in the order given (``state_dict``'s ``lr_sums``, learning-rate errors): a generator
-    whose parameters sit in groups of different optimizers relaxes at ``strength * min(lr)`` over
+    whose parameters sit in groups of different optimizers relaxes at ``strength * min_g S_g`` over
     them, as for several groups of one optimizer (a group added to one mid-interval, also after a
     state was loaded or between two optimizers' steps, sums from its first step, also one inserted
     first; the others keep theirs; ``state_dict`` records the parameter count and the parameters'
@@ -418,11 +444,12 @@ class GaugeFixing:
         # Per optimizer that stepped since the last orbit step (or since the last training
         # step), its group objects and their learning rates at its step: a training step is
         # complete when all did.
-        self._stepped: dict[int, tuple[_Groups, tuple[float | Tensor, ...]]] = {}
-        # Per optimizer, its group objects at the sums' last step, or those a loaded state's
-        # sums cover (kept alive: ids stay theirs), and their ids.
-        self._last_groups: tuple[_Groups, ...] | None = None
-        self._last_ids: tuple[tuple[int, ...], ...] | None = None
+        self._stepped: dict[int, tuple[_Snapshot, tuple[float | Tensor, ...]]] = {}
+        # Per optimizer, its groups at the sums' last step, or those a loaded state's sums
+        # cover (:func:`_snapshot`; the group objects kept alive: ids stay theirs), and the
+        # groups' ids with their parameters' ids.
+        self._last_groups: tuple[_Snapshot, ...] | None = None
+        self._last_ids: tuple[tuple[tuple[int, ...], _Held], ...] | None = None
         self._warned_open = False  # whether an optimizer stepping twice in one step was logged
         self._handles = [
             handle
@@ -605,8 +632,8 @@ class GaugeFixing:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._stepped:
             self._warn_open(optimizer)
-        groups = tuple(optimizer.param_groups)
-        self._stepped[id(optimizer)] = (groups, tuple(group["lr"] for group in groups))
+        groups = _snapshot(optimizer.param_groups)
+        self._stepped[id(optimizer)] = (groups, tuple(group["lr"] for group in groups[0]))
         if len(self._stepped) < len(self.optimizers):  # the training step is not complete
             return
         stepped = [self._stepped[id(opt)] for opt in self.optimizers]
@@ -617,7 +644,7 @@ class GaugeFixing:
         if lr_sums is None:  # gauge fixing does not act on this step
             return
         # Groups changed after an optimizer stepped: the sums follow them to the groups now.
-        groups_now = tuple(tuple(opt.param_groups) for opt in self.optimizers)
+        groups_now = tuple(_snapshot(opt.param_groups) for opt in self.optimizers)
         lr_sums = _followed(OrbitState(0, lr_sums), now, groups_now).lr_sum
         ok, self._ok = self._ok, None  # None: no acted-on parameter has a gradient
         if self.mode == "exact":
@@ -644,11 +671,12 @@ class GaugeFixing:
         self._acted += 1
         self._applied = self._applied + (True if ok is None else ok)
 
-    def _follow_sums(self, orbit: OrbitState, now: tuple[_Groups, ...]) -> OrbitState:
+    def _follow_sums(self, orbit: OrbitState, now: tuple[_Snapshot, ...]) -> OrbitState:
         """``orbit``'s sums following the groups from the sums' last step to ``now`` (per
-        optimizer its group objects at this step, kept for the next): :func:`_followed`; one
-        comparison of ids while the groups are the same objects in the same order."""
-        ids = tuple(tuple(map(id, groups)) for groups in now)
+        optimizer its :func:`_snapshot` at this step, kept for the next): :func:`_followed`;
+        one comparison of ids while the groups are the same objects, in the same order, holding
+        the same parameters."""
+        ids = tuple((tuple(map(id, groups)), held) for groups, held in now)
         if ids == self._last_ids:
             return orbit
         before = self._last_groups
@@ -779,7 +807,7 @@ class GaugeFixing:
         orbit, before = self._orbit, self._last_groups
         if orbit.lr_sum is not None and before is not None:
             orbit = _followed(
-                orbit, before, tuple(tuple(opt.param_groups) for opt in self.optimizers)
+                orbit, before, tuple(_snapshot(opt.param_groups) for opt in self.optimizers)
             )
         return orbit.lr_sum or (), self._group_sizes()
 
@@ -824,7 +852,8 @@ class GaugeFixing:
         self._last_groups = self._last_ids = None
         if since:  # one optimizer when sizes is None (several need them in mid-interval)
             self._last_groups = tuple(
-                tuple(opt.param_groups[:k]) for opt, k in zip(self.optimizers, counts, strict=True)
+                _snapshot(opt.param_groups[:k])
+                for opt, k in zip(self.optimizers, counts, strict=True)
             )
         self._stepped, self._ok = stepped, ok
 
@@ -863,7 +892,7 @@ class GaugeFixing:
                     "renamed or moved between groups since?)"
                 )
 
-    def _saved_open(self, open_: Any) -> dict[int, tuple[_Groups, tuple[float, ...]]]:
+    def _saved_open(self, open_: Any) -> dict[int, tuple[_Snapshot, tuple[float, ...]]]:
         """The optimizers that stepped in a state's training step not yet complete (``open``,
         per optimizer its index and its groups' learning rates), as ``_stepped`` with their
         groups now; ``ValueError`` for an index not of an optimizer, one given twice, or
@@ -881,7 +910,7 @@ class GaugeFixing:
                     f"{len(lrs)} learning rates does not fit these {len(self.optimizers)} "
                     "optimizers"
                 )
-            stepped[id(opt)] = (tuple(opt.param_groups), lrs)
+            stepped[id(opt)] = (_snapshot(opt.param_groups), lrs)
         return stepped
 
     def _saved_sizes(
