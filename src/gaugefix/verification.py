@@ -86,28 +86,32 @@ def verify(
     a list the forward appends to, all as on entry) and on fresh copies of the inputs (tensors
     copied, other values such as a key-value cache object deep-copied), with torch's random state
     reset (the same dropout masks). State outside the model and the inputs (class attributes,
-    globals, Python's and NumPy's random state) is not reset (when the outputs move, a second
-    ungauged forward must repeat the first); hooks run on the copies as on the model.
+    globals, Python's and NumPy's random state) is not reset: when the outputs move, forwards
+    without a gauge before and after the bisection must repeat the first. The model's hooks run
+    on the copies and see each forward (a hook object, not a function, is copied with the model).
 
     A numerical check is a test, not a proof: a change is relative to the largest entry of each
     floating output tensor (entries a billion times smaller may move unseen: return them as a
     tensor of their own), and on the factors ``exp(+-h)`` one draw reaches (a clamp that only a
-    factor of 100 reaches passes).
+    factor of 100 reaches passes); a forward that changes only after its third call passes on its
+    first three, one that changes within the bisection and back blames more generators, and one
+    that reads the model's tensors not through the module it runs on (a closure holding the
+    model) or returns outputs kept from an earlier call (a global memo) shows no gauge.
 
     If the largest relative change of a floating output exceeds :data:`VERIFY_TOLERANCE`, the
     generators responsible are found by bisection: each half of a failing set is gauged on its own
     with the same draw (``h`` restricted to it, and ``-h``). Exact symmetries commute, so a set of
     exact generators is exact and a failing set has a failing half; when neither half fails
-    numerically, the whole set is reported (never a generator wrongly kept). That costs
-    ``O(k log N)`` forwards for ``k`` broken generators among ``N`` (at most
-    ``4 + 4 k ceil(log2 N)``; 3 when none is broken).
+    numerically, the whole set is reported (never a generator wrongly kept). A pass costs 3
+    forwards (as it is, ``h``, ``-h``), a failure 2 without a gauge and 4 per failing set split:
+    at most ``5 + 4 k ceil(log2 N)`` for ``k`` broken among ``N`` (``5 + 4 m``: one in ``2^m``).
 
-    ``model`` (its tensors, Python attributes and mode), the inputs and torch's random state are
-    left as they were. A structure that does not fit ``model`` raises
-    :meth:`GaugeStructure.bind`'s ``ValueError``; one without generators is ok without a forward;
-    a model on the meta device, inputs that cannot be copied, outputs that cannot show a change
-    (none floating, empty, not finite, all zero) or that change without a gauge raise
-    :class:`VerificationError`. Typical use, after a discovery on one example:
+    ``model`` (its parameters, buffers, Python attributes and mode), the inputs and torch's
+    random state are left as they were, also when it raises. A structure that does not fit
+    ``model`` raises :meth:`GaugeStructure.bind`'s ``ValueError``; one without generators is ok
+    without a forward; a model on the meta device, inputs that cannot be copied, outputs that
+    cannot show a change (none floating, empty, not finite, all zero) or that change without a
+    gauge raise :class:`VerificationError`. Typical use, after a discovery on one example:
     ``structure = structure.restrict(~result.broken, "moves the outputs at batch 3")``.
     """
     if not isinstance(model, nn.Module):
@@ -123,26 +127,36 @@ def verify(
     device = next((t.device for t in _state(copied)), torch.device("cpu"))
     with frozen_randomness(device) as reset:
         change = _gauged_change(copied, structure, reset, inputs, kwargs)
-        everything = torch.arange(n)
-        largest = change(everything)
-        broken = torch.zeros(n, dtype=torch.bool)
-        if not largest <= VERIFY_TOLERANCE:
-            _check_reproducible(change(torch.arange(0)))
-            for found in _bisected(lambda s: not change(s) <= VERIFY_TOLERANCE, everything):
-                broken[found] = True
+        largest = change(torch.arange(n))
+        ok = largest <= VERIFY_TOLERANCE  # False for NaN
+        broken = torch.zeros(n, dtype=torch.bool) if ok else _blamed(change, n)
     return Verification(largest, VERIFY_TOLERANCE, broken)
 
 
-def _check_reproducible(repeated: float) -> None:
+def _blamed(change: Callable[[Tensor], float], n: int) -> Tensor:
+    """The bool tensor ``[n]`` of the generators that bisection finds to move the outputs, all
+    ``n`` of which together do, ``change`` as :func:`_gauged_change`'s; a forward without a
+    gauge before the bisection and one after it must repeat the first
+    (:class:`VerificationError`)."""
+    _check_reproducible(change(torch.arange(0)), "before")
+    broken = torch.zeros(n, dtype=torch.bool)
+    for found in _bisected(lambda s: not change(s) <= VERIFY_TOLERANCE, torch.arange(n)):
+        broken[found] = True
+    _check_reproducible(change(torch.arange(0)), "after")
+    return broken
+
+
+def _check_reproducible(repeated: float, when: str) -> None:
     """:class:`VerificationError` when ``repeated``, the relative change of the outputs between
-    two forwards without a gauge, exceeds :data:`VERIFY_TOLERANCE`: then a change under a gauge
-    does not tell which generators move them."""
+    the first forward and one without a gauge ``when`` (``"before"`` or ``"after"``) the
+    bisection, exceeds :data:`VERIFY_TOLERANCE`: then a change under a gauge does not tell which
+    generators move them."""
     if not repeated <= VERIFY_TOLERANCE:
         raise VerificationError(
-            f"two forwards without a gauge give outputs that differ by {repeated:.3g} "
-            f"(relative): the forward depends on state that verify does not reset (class "
-            f"attributes, globals, Python's or NumPy's random numbers), so a gauge's change "
-            f"cannot be told from it"
+            f"two forwards without a gauge, the first and one {when} the bisection, give "
+            f"outputs that differ by {repeated:.3g} (relative): the forward depends on state "
+            f"that verify does not reset (class attributes, globals, Python's or NumPy's random "
+            f"numbers, a hook's closure), so a gauge's change cannot be told from it"
         )
 
 
