@@ -114,6 +114,8 @@ ATTENTION_KEYWORDS = (
 )  # fmt: skip
 # Gathers of matrices of stacked weights by an index tensor (``W[ids]``: a copy).
 GATHERS = (Tensor.__getitem__, torch.index_select, Tensor.index_select)
+# Copies of a tensor's values in its layout.
+COPIES = (Tensor.clone, torch.clone, Tensor.contiguous, Tensor.detach, torch.detach)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ class EqualizeResult:
     not see on both sides, those in an open group (of its own terms; of the norm's for a
     callable), and those touching a frozen parameter, left at ``h = 0``; ``converged``;
     ``uncalibrated``: for ``"activation"``, the counted weights the calibration pass saw read
-    in a way it cannot follow (a view or gathered copy it cannot map to their dims), whose
+    in a way it cannot follow (a view, a copy or a computed tensor it cannot map to their
+    dims, a batched wrapper under ``vmap``, an ``einsum`` over several of their dims), whose
     channels it balanced as ``"range"`` does.
     The norm is over every parameter the structure acts on, frozen ones included (unchanged);
     a residual is over no generator, 0, when every generator is held (:attr:`movable` 0).
@@ -649,16 +652,19 @@ def _einsum_read(w: Tensor, ws: list, x: Tensor, xs: list, out: str) -> list[_Re
     """``W``'s read by ``x`` in an ``einsum`` (subscripts ``ws``, ``xs``, output ``out``): along
     the one subscript of ``W`` that ``x`` shares and ``out`` drops; where ``x`` shares another
     one, kept in ``out``, it must be the first of stacked ``W`` (``"ecd,edf->ecf"``: batched
-    over its matrices, matrix ``W[e]`` reading ``x``'s slice ``e``)."""
+    over its matrices, matrix ``W[e]`` reading ``x``'s slice ``e``). Contracted otherwise
+    (several subscripts at once, ``"bij,ijk->bk"``): a read not followed."""
     contracted = [c for c in ws if c in xs and c not in out]
     batch = [c for c in ws if c in xs and c in out]
-    if len(contracted) != 1 or any(c.startswith("..") for c in ws):
+    if not contracted:
         return []
+    if len(contracted) != 1 or any(c.startswith("..") for c in ws):
+        return [_Read(w, 0, None, 0)]  # several dims at once: a read not followed
     at = xs.index(contracted[0])
     if not batch:
         return [_Read(w, ws.index(contracted[0]), x, at - len(xs))]
     if batch != [ws[0]] or w.dim() != 3:
-        return []
+        return [_Read(w, 0, None, 0)]
     along = xs.index(batch[0])
     d = at + (at < along) - len(xs)  # once ``along`` is moved first
     return [_Read(w, ws.index(contracted[0]), x.movedim(along, 0), d, batched=True)]
@@ -771,9 +777,32 @@ def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
 
 
 def _wrapped(x: Tensor) -> bool:
-    """Whether ``x`` is a per-sample wrapper of a ``torch.func`` transform (``vmap``), whose
-    maxima would escape it."""
+    """Whether ``x`` is a per-sample wrapper of a ``torch.func`` transform (``vmap``)."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _unwrapped(x: Tensor) -> Tensor:
+    """The plain tensor under ``torch.func`` wrappers (``vmap``'s batched tensors), each
+    level's batch dim kept (the whole batch)."""
+    while _wrapped(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x
+
+
+def _batch_max(a: Tensor) -> Tensor:
+    """Per-sample maxima ``a`` (a ``vmap`` wrapper, or plain) reduced over every level's
+    batch dim: the plain maxima over the whole batch."""
+    while _wrapped(a):
+        dim = torch._C._functorch.maybe_get_bdim(a)
+        a = torch._C._functorch.get_unwrapped(a)
+        a = a.amax(dim) if dim >= 0 else a
+    return a
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors among a call's arguments (in lists and tuples too)."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return [t for t in leaves if isinstance(t, Tensor)]
 
 
 class _ChannelMaxima(TorchFunctionMode):
@@ -782,13 +811,18 @@ class _ChannelMaxima(TorchFunctionMode):
     index tensor (:meth:`_gather`), ``max |x_j|`` of its input per channel (float64 ``[C]``;
     ``[E, C]``, per matrix, where a call reads matrices of stacked 3-D weights ``[E, ., .]``),
     keyed by ``(weight name, weight dim)``: the maximum over every such call (``None``: only
-    empty inputs). ``unfollowed``: the weights read in a way it cannot map to their dims."""
+    empty inputs); a call under ``vmap`` of a weight not batched, over the whole batch.
+    ``unfollowed``: the weights read in a way it cannot map to their dims (a tensor computed
+    from them, :meth:`_derive`; a batched wrapper of them under ``vmap``). ``static``: the
+    model's other parameters and buffers (not computed from the calibration inputs)."""
 
-    def __init__(self, weights: Mapping[str, Tensor]) -> None:
+    def __init__(self, weights: Mapping[str, Tensor], static: Iterable[Tensor] = ()) -> None:
         super().__init__()
         self.weights = {id(t): (name, t) for name, t in weights.items()}
         self.maxima: dict[tuple[str, int], Tensor | None] = {}
         self.gathered: dict[int, tuple[str, Tensor, Tensor, int]] = {}
+        self.derived: dict[int, tuple[tuple[str, ...], Tensor]] = {}
+        self.static = {id(t) for t in static}
         self.unfollowed: set[str] = set()
 
     def __torch_function__(
@@ -798,13 +832,48 @@ class _ChannelMaxima(TorchFunctionMode):
         out = func(*args, **kwargs)
         if any(func is f for f in GATHERS):
             self._gather(func, args, kwargs, out)
+        elif isinstance(out, Tensor):
+            self._derive(func, args, kwargs, out)
         for read in _operands(func, args, kwargs):
-            if isinstance(read.weight, Tensor) and read.input is None:  # a read not followed
-                self._source(read.weight, 0, mapped=False)
-            elif all(isinstance(t, Tensor) for t in (read.weight, read.input)):
-                if not _wrapped(read.input):
-                    self._record(*read)
+            w, x = read.weight, read.input
+            if isinstance(w, Tensor) and (x is None or _wrapped(w) or self._tracked(x)):
+                self._source(_unwrapped(w), 0, mapped=False)  # not followed
+            elif all(isinstance(t, Tensor) for t in (w, read.input)):
+                self._record(*read)
         return out
+
+    def _tracked(self, t: Any) -> tuple[str, ...]:
+        """The names of the weights that ``t`` is, or is a view of (of a gathered copy, of a
+        tensor computed from them); none for any other tensor (an activation)."""
+        for u in (t, t._base) if isinstance(t, Tensor) else ():
+            if u is not None and id(u) in self.derived:
+                return self.derived[id(u)][0]
+            for table in (self.weights, self.gathered):
+                if u is not None and id(u) in table:
+                    return (table[id(u)][0],)
+        return ()
+
+    def _derive(self, func: Any, args: tuple, kwargs: dict, out: Tensor) -> None:
+        """Tracks ``out``, computed by ``func`` from tracked weights and the model's other
+        parameters and buffers only (not from the inputs): a copy of the same layout
+        (:data:`COPIES`) of a weight or gathered copy stands for it; anything else but a view
+        (``W * scale``, a parametrization, ``torch.cat``) is derived, its reads not followed."""
+        if self._tracked(out):
+            return
+        tensors = _tensors(args, kwargs)
+        names = [self._tracked(t) for t in tensors]
+        if not any(names) or any(
+            not n and id(t) not in self.static for n, t in zip(names, tensors, strict=True)
+        ):
+            return
+        src = tensors[0]
+        same = out.shape == src.shape and out.stride() == src.stride() and out.dtype == src.dtype
+        if any(func is f for f in COPIES) and same and id(src) in self.weights:
+            self.weights[id(out)] = (names[0][0], out)
+        elif any(func is f for f in COPIES) and same and id(src) in self.gathered:
+            self.gathered[id(out)] = (names[0][0], out, *self.gathered[id(src)][2:])
+        else:
+            self.derived[id(out)] = (tuple(dict.fromkeys(n for ns in names for n in ns)), out)
 
     def _gather(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """``W[ids]`` / ``index_select(W, 0, ids)`` of stacked 3-D ``W`` by a 1-D index (or
@@ -837,7 +906,11 @@ class _ChannelMaxima(TorchFunctionMode):
         None, the matrices gathered from)`` for a ``w`` that is tracked (``None`` if not); a
         matrix (2 dims or more) whose dim ``k`` is not mapped (or ``mapped`` false: a read not
         followed) marks its weight not followed."""
-        base = w if id(w) in self.weights or id(w) in self.gathered else w._base
+        tables = (self.weights, self.gathered, self.derived)
+        base = w if any(id(w) in table for table in tables) else w._base
+        if id(base) in self.derived:  # computed from the weights: none followed
+            self.unfollowed.update(self.derived[id(base)][0] if w.dim() >= 2 else ())
+            return None
         if id(base) in self.gathered:
             name, p, ids, experts = self.gathered[id(base)]
             dim = _stacked_dim(w, k, p) if mapped else None
@@ -867,7 +940,7 @@ class _ChannelMaxima(TorchFunctionMode):
             a = a.reshape(a.shape[0], -1, a.shape[-1]).amax(1)
         else:
             a = _per_slice(a.reshape(-1, a.shape[-1]).amax(0), w, p)
-        a = a.to(torch.float64)
+        a = _batch_max(a).to(torch.float64)  # under vmap: over the whole batch
         if ids is not None:  # the gathered copy's matrices [N, C] to the weight's [E, C]
             rows = a.expand(ids.shape[0], -1) if a.dim() == 1 else a
             at = ids[:, None].expand(-1, a.shape[-1])
@@ -904,7 +977,7 @@ def _calibrated(
     order), read in a way the pass cannot follow."""
     modes = {m: m.training for m in model.modules()}
     args = calibration if isinstance(calibration, tuple) else (calibration,)
-    seen = _ChannelMaxima(weights)
+    seen = _ChannelMaxima(weights, [*model.parameters(), *model.buffers()])
     try:
         model.eval()
         with compiled_run_eagerly(), seen:  # the pass sees the Python a compiled forward runs
@@ -923,7 +996,8 @@ def _calibrated(
     if left:
         warnings.warn(
             f"the calibration pass cannot follow how {', '.join(left)} "
-            "(a view or a gathered copy) is read; their channels are balanced as 'range' does",
+            "(a view, a copy or a tensor computed from it, a vmap) is read; their channels "
+            "are balanced as 'range' does",
             stacklevel=3,
         )
     return {key: a for key, a in seen.maxima.items() if key[0] not in left}, left
