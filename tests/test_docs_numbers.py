@@ -169,7 +169,8 @@ def test_verify_tolerance_and_its_forward_bound():
     tolerance = literal(verification.VERIFY_TOLERANCE)
     assert f"more than `result.tolerance` (`{tolerance}` relative)" in doc
     source = inspect.getdoc(gaugefix.verify)
-    assert "at most ``4 + 4 k ceil(log2 N)``" in " ".join(source.split())
+    assert "at most ``5 + 4 k ceil(log2 N)``" in " ".join(source.split())
+    assert "at most `5 + 4 k ceil(log2 N)`" in " ".join(doc.split())
 
 
 def test_relaxation_rates_defaults():
