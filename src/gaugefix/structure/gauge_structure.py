@@ -1213,8 +1213,9 @@ def compile_structure(
     layers = [""] * num
     for name in reversed(producers):
         g = generator_of[comp[ctx.produced[name].reshape(-1)]]
+        module = module_of(name)
         for n in g[g >= 0].unique().tolist():
-            layers[n] = module_of(name)
+            layers[n] = module
     kinds = _kinds(ctx, comp, generator_of, num)
     produced = {name: generator_of[comp[ctx.produced[name].reshape(-1)]] for name in producers}
     sharers = _sharers(ctx, producers, group)

@@ -328,10 +328,15 @@ _MARKS = (_FromSize, _FromValue)
 def _any_number(x: Any, marked: Callable[[Any], bool]) -> bool:
     """Whether ``marked`` holds for the Python number ``x`` or one in nested tuples, lists,
     slices and dicts."""
+    if x is None or isinstance(x, Tensor):  # no number (the most common leaves, first)
+        return False
     if isinstance(x, slice):
         return _any_number((x.start, x.stop, x.step), marked)
     if isinstance(x, (tuple, list)):
-        return any(_any_number(v, marked) for v in x)
+        for v in x:
+            if _any_number(v, marked):
+                return True
+        return False
     if isinstance(x, dict):
         return _any_number(list(x.values()), marked)
     return marked(x)
@@ -403,11 +408,23 @@ def _math_of_size(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def marked(*args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
-        if _recorded_floats() is None:
+        if _recorded_floats() is None or _plain_ints(args, kwargs):
             return out
         return _marked(out, from_size((args, kwargs)), from_value((args, kwargs)))
 
     return marked
+
+
+def _plain_ints(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments are all plain ints or tuples of them (``math.gcd`` in
+    ``Fraction`` arithmetic, ``math.prod(shape)``), which carry no mark: no subclass, and no
+    float recorded by identity."""
+    return not kwargs and all(
+        type(a) is int or (type(a) in _SHAPES and all(type(n) is int for n in a)) for a in args
+    )
+
+
+_SHAPES = (tuple, torch.Size)  # ``math.prod(shape)``
 
 
 @contextlib.contextmanager
@@ -1699,11 +1716,15 @@ def nested_tensors(tree: Any) -> Iterator[Tensor]:
     """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
     if isinstance(tree, Tensor):
         yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from nested_tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
+        return
+    if isinstance(tree, dict):
+        tree = tree.values()
+    elif not isinstance(tree, (list, tuple)):
+        return
+    for item in tree:  # a tensor or a number without a nested generator: most items
+        if isinstance(item, Tensor):
+            yield item
+        elif isinstance(item, (list, tuple, dict)):
             yield from nested_tensors(item)
 
 
@@ -1838,13 +1859,13 @@ def _data_shaped(
     if any(ctx._shaped.get(id(t)) is t for t in tensors) or from_value(call) or bounds or lost:
         in_place = any(t is out for t in tensors)
         return not in_place and short not in _WRITES_INTO
-    varying = [t for t in tensors if ctx.is_tainted(t)]
     if short in _DATA_SHAPED or (short == "where" and len(args) == 1):
-        return bool(varying)
+        return any(map(ctx.is_tainted, tensors))
     if short == "__getitem__":  # a boolean mask
-        return any(t.dtype == torch.bool for t in varying if t is not args[0])
+        masks = (t for t in tensors if t.dtype == torch.bool and t is not args[0])
+        return any(map(ctx.is_tainted, masks))
     if short == "repeat_interleave":  # repeats given as a tensor
-        return any(not (t.is_floating_point() or t.is_complex()) for t in varying)
+        return any(ctx.is_tainted(t) for t in tensors if _is_index(t))
     return False
 
 
@@ -1963,7 +1984,7 @@ class _Tracer(TorchFunctionMode):
         ctx.func = func
         if rule is None:
             labels = ctx.block_all(args, kwargs, ctx.reason(f"unknown op {name}"))
-        elif any(map(ctx.is_param, tensors)) and _empty_beside(tensors, ctx.is_param):
+        elif _empty_beside(tensors, ctx.is_param) and any(map(ctx.is_param, tensors)):
             labels = self._block_empty_read(tensors)
         else:
             labels = ctx.apply(rule, args, kwargs, out)
@@ -2024,8 +2045,9 @@ class _Tracer(TorchFunctionMode):
         an input that fills it: every parameter the op gave a role is fixed, and the channels
         of the activations the empty tensor was cut from are blocked."""
         ctx = self.ctx
-        reads = ctx._pending or any(map(ctx.is_param, tensors))
-        if not (reads and _empty_beside(tensors, ctx.is_param)):
+        if not _empty_beside(tensors, ctx.is_param):  # the common case first: nothing empty
+            return
+        if not (ctx._pending or any(map(ctx.is_param, tensors))):
             return
         reason = ctx.reason(_EMPTY_INPUT)
         for name in list(ctx._pending):
@@ -2063,6 +2085,8 @@ class _Tracer(TorchFunctionMode):
         cut from, or 1 where it passed a fixed parameter (an expert's ``nn.Linear``). Those
         channels and every channel the op joins them with are blocked. ``out``: what the op
         returned and the tensors it wrote into."""
+        if not self._empty_from:  # no empty tensor was made yet: none to join
+            return
         if not any(t.numel() for t in nested_tensors(out)):
             return
         ctx = self.ctx
