@@ -463,6 +463,10 @@ def rows_by_arange_of_batch(s, x):
     return (s.pick(s.w, torch.arange(x.shape[0])) * x).sum(-1, keepdim=True) * s.c
 
 
+def slices_by_arange_of_batch(s, x):  # W [4, 1, 3]: stacked slices, as experts' weights
+    return (s.pick(s.w, torch.arange(x.shape[0])) @ x[..., None]).reshape(-1, 1) * s.c
+
+
 def rows_by_constant_arange(s, x):
     return (x @ s.pick(s.w, torch.arange(4)).T).sum(-1, keepdim=True) * s.c
 
@@ -470,11 +474,12 @@ def rows_by_constant_arange(s, x):
 @pytest.mark.parametrize("spelling", ["getitem", "index_select"])
 def test_rows_picked_by_arange_of_the_batch_size(spelling):
     """``W[arange(B)]``: ``arange(B)`` holds the same values at the same places for every
-    ``B``, but more of them: an example of batch 2 reads rows 0 and 1 of ``W [4, 3]`` only,
-    and a batch of 4 reads rows 2 and 3 too. Exact: rows no traced index read fix ``W`` (as for
-    rows picked by the data), so no generator scales ``W``."""
+    ``B``, but more of them: an example of batch 2 reads slices 0 and 1 of ``W [4, 1, 3]``
+    only, and a batch of 4 reads slices 2 and 3 too. Exact: slices no traced index read fix
+    ``W`` (as for slices picked by the data), so no generator scales ``W``. (Whole rows of a
+    2-D table are read as an embedding reads them: every row carries its columns' factors.)"""
     torch.manual_seed(0)
-    model = Net(rows_by_arange_of_batch, w=param(4, 3), c=param(1))
+    model = Net(slices_by_arange_of_batch, w=param(4, 1, 3), c=param(1))
     model.pick = PICK[spelling]
     s = gaugefix.discover(model, rand(2, 3, seed=1))
     assert not acts_on(s, "w")

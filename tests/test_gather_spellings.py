@@ -276,12 +276,12 @@ class Lookup(nn.Module):
 
 
 @pytest.mark.parametrize("spelling", ["getitem", "index_select"])
-def test_gathered_rows_read_as_a_linear_input_are_a_fixed_input(spelling):
-    """Rows gathered from a table and fed to a linear layer fix the table and leave ``a``'s
-    units (before: ``table[ids]`` blocked ``a`` whole, 0 generators instead of 5)."""
+def test_gathered_rows_read_as_a_linear_input_are_an_embedding(spelling):
+    """Rows gathered from a table and fed to a linear layer are read as ``F.embedding``
+    reads them: the table's columns (which ``a``'s columns divide out) and ``a``'s units."""
     torch.manual_seed(0)
     model = Lookup(spelling).to(DTYPE)
     s = gaugefix.discover(model, torch.arange(10))
-    assert s.num_generators == UNITS, s.summary()
-    assert not acts_on(s, "table")
+    assert s.num_generators == WIDTH + UNITS, s.summary()
+    assert acts_on(s, "table")
     assert change_under_gauge(model, s, (torch.tensor([3, 3, 9, 0, 1]),)) <= TOL

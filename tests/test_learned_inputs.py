@@ -119,11 +119,11 @@ def test_learned_queries_also_added_to_the_attention_output():
         assert gauge_keeps_outputs(model, s, (inputs(2, 0),), (inputs(4, 3),))
 
 
-def test_rows_picked_by_an_input_and_one_parameter_in_two_roles_stay_fixed():
-    model = pooled("picked")
+def test_rows_picked_by_an_input_read_like_an_embedding_and_two_roles_stay_fixed():
+    model = pooled("picked")  # lat[ids]: whole rows looked up, as F.embedding(ids, lat)
     ids = torch.tensor([2, 0, 1, 1])
     s = gaugefix.discover(model, inputs(2, 0), ids)
-    assert "latents" not in s.params and s.num_generators == FIXED_QUERIES, s.summary()
+    assert "latents" in s.params and s.num_generators == FIXED_QUERIES + WIDTH, s.summary()
     other = torch.tensor([0, 0])
     assert gauge_keeps_outputs(model, s, (inputs(2, 0), ids), (inputs(3, 1), other))
     model = pooled("twice")

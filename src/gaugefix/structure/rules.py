@@ -498,7 +498,13 @@ def _on_labels(ctx: TraceContext, result: Any, first: Any, *rest: Any, **options
 def _on_param(ctx: TraceContext, out: Any, p: Tensor, rest: tuple, options: dict) -> Any:
     """:func:`_on_labels` for a parameter ``p`` (or an arrangement of it): slices picked along
     dim 0 (``p[ids]``, ``p.index_select(0, ids)``, ``p[a:b]``, ``p.expand(B, ...)``) are
-    recorded as gathered slices, whole-dim arrangements as views of ``p``; the rest blocks."""
+    recorded as gathered slices, whole-dim arrangements as views of ``p``; the rest blocks.
+    Whole rows of a table looked up by the data are read as :func:`F.embedding` reads them
+    (see :func:`_looked_up`)."""
+    looked_up = _looked_up(ctx, p, rest, options)
+    if looked_up is not None:
+        ctx.claim(looked_up)
+        return ctx.produce(p, 1, p.shape[1]).view(-1)
     index = _slice_index(ctx, p, rest, options)
     if index is not None:
         by_data = ctx.gathers_by_data(torch.as_tensor(index)) or from_size(index)
@@ -527,6 +533,26 @@ def _on_param(ctx: TraceContext, out: Any, p: Tensor, rest: tuple, options: dict
         ctx.view_of_param(out, p, ctx.func(index, *rest, **options).reshape(-1))
         return None
     return ctx.block_all((p,), {}, ctx.reason("parameter sliced or repeated"))
+
+
+def _looked_up(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> Tensor | None:
+    """The index ``i`` when an op on the parameter ``p`` is the lookup of whole rows of a table
+    ``p [num, dim]`` by the data, ``p[i]`` or ``p.index_select(0, i)``: ``i`` an integer tensor
+    (not a mask) that picks by the data or was made from a size (``arange(T)``). Each output
+    row is a row of ``p``, whichever rows ``i`` picks, so ``p``'s columns produce the output's
+    channels, one factor per column for every row (read as ``F.embedding(i, p)``, also where
+    ``p`` is read another way). Else None: an arrangement of ``p``, slices of another shape
+    (stacked experts), rows at constant places, partial rows (``p[i, :k]``)."""
+    if id(p) not in ctx.param_names or p.dim() != 2:
+        return None
+    index = _slice_index(ctx, p, rest, options)
+    if not isinstance(index, Tensor) or index.dtype not in _ROW_INDICES:
+        return None
+    return index if ctx.gathers_by_data(index) else None
+
+
+# Integer dtypes that index rows (``uint8`` indexes as a mask).
+_ROW_INDICES = (torch.int64, torch.int32)
 
 
 def _slice_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> Any:
@@ -855,14 +881,18 @@ def _index_width(item: Any) -> int:
     return 1
 
 
+# Index dtypes that torch reads as masks, not as lists of rows.
+_MASKS = (torch.bool, torch.uint8)
+
+
 def _picks_slices(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> bool:
     """Whether an op on the parameter ``p`` is ``p[i]`` with an integer or an integer tensor
     ``i``: slices of ``p`` along dim 0 (one expert's weights, or one per token)."""
     if not ctx.op.endswith("__getitem__") or options or len(rest) != 1 or ctx.is_gathered(p):
         return False
     i = rest[0]
-    if isinstance(i, Tensor):
-        return not (i.is_floating_point() or i.is_complex() or i.dtype == torch.bool)
+    if isinstance(i, Tensor):  # torch reads a uint8 index as a mask, as a bool one
+        return not (i.is_floating_point() or i.is_complex() or i.dtype in _MASKS)
     return isinstance(i, int) and not isinstance(i, bool)
 
 
