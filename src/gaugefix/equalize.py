@@ -114,6 +114,7 @@ ATTENTION_KEYWORDS = (
 )  # fmt: skip
 # Gathers of matrices of stacked weights by an index tensor (``W[ids]``: a copy).
 GATHERS = (Tensor.__getitem__, torch.index_select, Tensor.index_select)
+IN_PLACE = ("__setitem__", "__set__")  # x[i] = v; x.data = v (the other writes end in "_")
 # Copies of a tensor's values in its layout.
 COPIES = (Tensor.clone, torch.clone, Tensor.contiguous, Tensor.detach, torch.detach)
 
@@ -799,6 +800,16 @@ def _batch_max(a: Tensor) -> Tensor:
     return a
 
 
+def _written(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors a call writes into: its ``out=``, or the first argument of an in-place call
+    (``add_``, ``t_``, ``copy_``, ``x += v``, ``x[i] = v``, ``x.data = v``)."""
+    if kwargs.get("out") is not None:
+        return _tensors((kwargs["out"],), {})
+    name = getattr(func, "__name__", "")
+    in_place = name.endswith("_") and not name.startswith("__") or name in IN_PLACE
+    return [args[0]] if in_place and args and isinstance(args[0], Tensor) else []
+
+
 def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     """The tensors among a call's arguments (in lists and tuples too)."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
@@ -813,8 +824,10 @@ class _ChannelMaxima(TorchFunctionMode):
     keyed by ``(weight name, weight dim)``: the maximum over every such call (``None``: only
     empty inputs); a call under ``vmap`` of a weight not batched, over the whole batch.
     ``unfollowed``: the weights read in a way it cannot map to their dims (a tensor computed
-    from them, :meth:`_derive`; a batched wrapper of them under ``vmap``). ``static``: the
-    model's other parameters and buffers (not computed from the calibration inputs)."""
+    from them, :meth:`_derive`; one written in place, :meth:`_overwritten`; a batched wrapper
+    of them under ``vmap``). ``static``: the model's other parameters and buffers, and the
+    constants the pass computes from them or from no tensor (not from the calibration
+    inputs)."""
 
     def __init__(self, weights: Mapping[str, Tensor], static: Iterable[Tensor] = ()) -> None:
         super().__init__()
@@ -823,15 +836,23 @@ class _ChannelMaxima(TorchFunctionMode):
         self.gathered: dict[int, tuple[str, Tensor, Tensor, int]] = {}
         self.derived: dict[int, tuple[tuple[str, ...], Tensor]] = {}
         self.static = {id(t) for t in static}
+        self.constants: list[Tensor] = []  # made in the pass from no tensor: static too
+        self.originals = set(self.weights)
         self.unfollowed: set[str] = set()
+        self.copies: dict[int, tuple[Tensor, Tensor]] = {}  # a copy and its first source
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        for t in _written(func, args, kwargs):
+            self._overwritten(t, _tensors(args, kwargs))
         if any(func is f for f in GATHERS):
             self._gather(func, args, kwargs, out)
+        if isinstance(out, Tensor) and not _tensors(args, kwargs):  # torch.ones, arange: a constant
+            self.static.add(id(out))
+            self.constants.append(out)
         elif isinstance(out, Tensor):
             self._derive(func, args, kwargs, out)
         for read in _operands(func, args, kwargs):
@@ -853,6 +874,26 @@ class _ChannelMaxima(TorchFunctionMode):
                     return (table[id(u)][0],)
         return ()
 
+    def _overwritten(self, t: Tensor, tensors: list[Tensor]) -> None:
+        """``t`` (or the tensor it is a view of) written in place by a call of ``tensors``: a
+        weight itself is not followed; a copy (of a weight, of a gathered copy) no longer
+        stands for its source (its values, shape or strides changed), its reads not followed;
+        a constant written from weights is computed from them."""
+        tables = (self.weights, self.gathered, self.derived)
+        base = t if t._base is None or any(id(t) in table for table in tables) else t._base
+        names = self._tracked(t)
+        if not names and id(base) in self.static:
+            names = tuple(dict.fromkeys(n for u in tensors for n in self._tracked(u)))
+            if names:
+                self.static.discard(id(base))
+                self.derived[id(base)] = (names, base)
+        elif id(base) in self.originals:
+            self.unfollowed.update(names)
+        elif names:
+            self.weights.pop(id(base), None)
+            self.gathered.pop(id(base), None)
+            self.derived[id(base)] = (names, base)
+
     def _derive(self, func: Any, args: tuple, kwargs: dict, out: Tensor) -> None:
         """Tracks ``out``, computed by ``func`` from tracked weights and the model's other
         parameters and buffers only (not from the inputs): a copy of the same layout
@@ -862,9 +903,11 @@ class _ChannelMaxima(TorchFunctionMode):
             return
         tensors = _tensors(args, kwargs)
         names = [self._tracked(t) for t in tensors]
-        if not any(names) or any(
-            not n and id(t) not in self.static for n, t in zip(names, tensors, strict=True)
-        ):
+        if any(not n and id(t) not in self.static for n, t in zip(names, tensors, strict=True)):
+            return
+        if not any(names):  # from constants only: a constant
+            self.static.add(id(out))
+            self.constants.append(out)
             return
         src = tensors[0]
         same = out.shape == src.shape and out.stride() == src.stride() and out.dtype == src.dtype
@@ -874,6 +917,17 @@ class _ChannelMaxima(TorchFunctionMode):
             self.gathered[id(out)] = (names[0][0], out, *self.gathered[id(src)][2:])
         else:
             self.derived[id(out)] = (tuple(dict.fromkeys(n for ns in names for n in ns)), out)
+            return
+        self.copies[id(out)] = (out, self.copies.get(id(src), (None, src))[1])
+
+    def _stale(self, t: Tensor) -> bool:
+        """Whether copy ``t`` no longer equals its source in value and layout (written by a
+        call the pass does not see: ``set_``, a write to its storage)."""
+        if id(t) not in self.copies:
+            return False
+        src = self.copies[id(t)][1]
+        layout = t.shape == src.shape and t.stride() == src.stride() and t.dtype == src.dtype
+        return not layout or not torch.equal(t, src)
 
     def _gather(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """``W[ids]`` / ``index_select(W, 0, ids)`` of stacked 3-D ``W`` by a 1-D index (or
@@ -908,8 +962,8 @@ class _ChannelMaxima(TorchFunctionMode):
         followed) marks its weight not followed."""
         tables = (self.weights, self.gathered, self.derived)
         base = w if any(id(w) in table for table in tables) else w._base
-        if id(base) in self.derived:  # computed from the weights: none followed
-            self.unfollowed.update(self.derived[id(base)][0] if w.dim() >= 2 else ())
+        if id(base) in self.derived or self._stale(base):  # none followed
+            self.unfollowed.update(self._tracked(base) if w.dim() >= 2 else ())
             return None
         if id(base) in self.gathered:
             name, p, ids, experts = self.gathered[id(base)]
