@@ -1034,11 +1034,7 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     ``+1``, the others ``-1``."""
     n = ctx.num_nodes
     a, b, s = torch.cat(ctx.edges, dim=1).numpy() if ctx.edges else np.zeros((3, 0), np.int64)
-    flip = np.where(s < 0, n, 0)
-    rows, cols = np.concatenate([a, a + n]), np.concatenate([b + flip, b + n - flip])
-    cover = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(2 * n, 2 * n))
-    label = connected_components(cover, directed=True, connection="weak")[1]  # undirected
-    plus, minus = label[:n], label[n:]
+    plus, minus = _cover_sheets(a, b, s, n)
     key = np.minimum(plus, minus)  # one per component
     nodes = np.arange(n)
     root = np.full(2 * n, n)
@@ -1058,15 +1054,40 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     )
 
 
+def _cover_sheets(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """The components of the double cover of the equalities ``h_a = s h_b`` (``[e]`` each) on
+    ``n`` nodes, as the labels of ``v+`` and of ``v-`` (``[n]`` each). The equalities with ``s =
+    1`` join ``v+`` to ``w+`` exactly where they join ``v-`` to ``w-``: their components (parts)
+    are found once on the nodes, and the cover is solved on the parts, joined by the others."""
+    negative = s < 0
+    part = _weak_components(a[~negative], b[~negative], n)
+    k = int(part.max()) + 1 if n else 0
+    pa, pb = part[a[negative]], part[b[negative]]  # p+ = p, p- = p + k
+    label = _weak_components(np.concatenate([pa, pa + k]), np.concatenate([pb + k, pb]), 2 * k)
+    return label[part], label[part + k]
+
+
 def _components_without_slice_links(ctx: TraceContext) -> Tensor:
     """The component of every node under the equalities other than the links from gathered
     positions to the slices they read (see ``TraceContext.block_mismatched_gathers``)."""
     kept = [e for i, e in enumerate(ctx.edges) if i not in ctx.slice_links]
     edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
-    n = ctx.num_nodes
-    graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
-    labels = connected_components(graph, directed=True, connection="weak")[1]  # undirected
-    return torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(_weak_components(edges[0], edges[1], ctx.num_nodes))
+
+
+# The most nodes a graph's int32 indices can number.
+INT32_NODES = int(np.iinfo(np.int32).max)
+
+
+def _weak_components(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """The connected components of the undirected graph on ``n`` nodes with the edges ``rows[i]
+    -- cols[i]`` (``[e]`` each): ``[n]`` int64 labels, numbered in the order of each
+    component's first node. Given SciPy int32 indices where they fit (it converts others)."""
+    index = np.int32 if n <= INT32_NODES else np.int64
+    graph = coo_matrix(
+        (np.ones(len(rows), np.int8), (rows.astype(index), cols.astype(index))), shape=(n, n)
+    )
+    return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
 def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, list[str]]:
@@ -1095,12 +1116,10 @@ def _groups(ctx: TraceContext, comp: Tensor, count: int) -> Tensor:
     its component, except in node 0's component. That one joins every channel fixed anywhere
     (through node 0, the fixed factor of inputs and constants), so there a node's group is the
     nodes joined to it without passing through node 0 (numbered from ``count``)."""
-    kept = [e[:, (e[0] != 0) & (e[1] != 0)] for e in ctx.edges]
-    edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
-    n = ctx.num_nodes
-    graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
-    sub = torch.from_numpy(connected_components(graph, directed=True, connection="weak")[1])
-    return torch.where(comp == comp[0], count + sub.to(torch.long), comp)
+    edges = torch.cat(ctx.edges, dim=1).numpy() if ctx.edges else np.zeros((3, 0), np.int64)
+    edges = edges[:, (edges[0] != 0) & (edges[1] != 0)]
+    sub = torch.from_numpy(_weak_components(edges[0], edges[1], ctx.num_nodes))
+    return torch.where(comp == comp[0], count + sub, comp)
 
 
 def _mark_keys(ctx: TraceContext, group: Tensor) -> Tensor:
@@ -1313,17 +1332,22 @@ def _mark_sides_and_squares(
                 moved = moved & (c != c2)
         (has_in if s > 0 else has_out)[c.expand(moved.shape)[moved]] = True
         for c2, s2 in terms[i + 1 :]:
-            if s2 == s:
+            if s2 == s and _share_components(c, c2):  # else no entry names one twice
                 squared = _collisions(c, c2)
                 reason[squared] = torch.clamp(reason[squared], max=square)
 
 
 def _share_components(c: Tensor, c2: Tensor) -> bool:
     """Whether two terms' component maps (compact, ``-1`` for none) name a component in common:
-    only then can an entry carry one component with both signs. Compared on the maps' distinct
-    values, so that terms along different dims are never broadcast to the parameter's shape."""
-    a, b = c[c >= 0].unique(), c2[c2 >= 0].unique()
-    return bool(torch.isin(a, b).any())
+    only then can an entry carry one component with both signs. Compared on the maps' own
+    entries through a table of the components ``c`` names, so that terms along different dims
+    are never broadcast to the parameter's shape."""
+    a, b = c[c >= 0], c2[c2 >= 0]
+    if not len(a) or not len(b):
+        return False
+    seen = torch.zeros(int(a.max()) + 1, dtype=torch.bool)
+    seen[a] = True
+    return bool(seen[b[b < len(seen)]].any())
 
 
 def _numbering(
@@ -1528,7 +1552,7 @@ def _cancel_opposite(terms: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]
     for i in range(len(terms)):
         for j in range(i + 1, len(terms)):
             (a, sa), (b, sb) = terms[i], terms[j]
-            if sa == sb or not _collisions(a, b).numel():
+            if sa == sb or not _share_components(a, b) or not _collisions(a, b).numel():
                 continue
             x, y = torch.broadcast_tensors(a, b)
             same = (x == y) & (x >= 0)
