@@ -534,13 +534,16 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
 class _Read(NamedTuple):
     """A call's candidate read: ``weight``'s dim ``weight_dim`` against ``input``'s dim
     ``input_dim``; ``batched``: a product batched over the matrices of a 3-D ``weight``
-    (``[E, ., .]``) whose ``input``'s dim 0 runs along them (matrix ``e`` reads slice ``e``)."""
+    (``[E, ., .]``) whose ``input``'s dim 0 runs along them (matrix ``e`` reads slice ``e``);
+    ``groups``: a convolution's ``G`` groups (kernel ``[out, in/G, ...]``: input channel ``j``
+    read by column ``j mod (in/G)`` of the ``out/G`` rows of group ``j // (in/G)``)."""
 
     weight: Any
     weight_dim: int
     input: Any
     input_dim: int
     batched: bool = False
+    groups: int = 1
 
 
 def _product_reads(a: Any, b: Any) -> list[_Read]:
@@ -580,12 +583,12 @@ def _linear_reads(args: tuple, kwargs: dict) -> list[_Read]:
 
 
 def _conv_reads(args: tuple, kwargs: dict) -> list[_Read]:
-    """A convolution with one group: the kernel's dim 1 against the channels before the
-    spatial dims."""
-    w = _arg(args, kwargs, 1, "weight")
-    if _arg(args, kwargs, 6, "groups", 1) != 1 or not isinstance(w, Tensor):
+    """A convolution: the kernel's dim 1 against the channels before the spatial dims, in
+    ``groups`` groups."""
+    w, groups = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 6, "groups", 1)
+    if not isinstance(w, Tensor) or not isinstance(groups, int):
         return []
-    return [_Read(w, 1, _arg(args, kwargs, 0, "input"), 1 - w.dim())]
+    return [_Read(w, 1, _arg(args, kwargs, 0, "input"), 1 - w.dim(), groups=groups)]
 
 
 def _grouped_reads(args: tuple, kwargs: dict) -> list[_Read]:
@@ -820,9 +823,10 @@ class _ChannelMaxima(TorchFunctionMode):
     """Records, for every linear call (:func:`_operands`) whose weight is one of ``weights``
     or a view of one (:func:`_weight_dim`), or of a copy of stacked matrices gathered by an
     index tensor (:meth:`_gather`), ``max |x_j|`` of its input per channel (float64 ``[C]``;
-    ``[E, C]``, per matrix, where a call reads matrices of stacked 3-D weights ``[E, ., .]``),
-    keyed by ``(weight name, weight dim)``: the maximum over every such call (``None``: only
-    empty inputs); a call under ``vmap`` of a weight not batched, over the whole batch.
+    ``[E, C]``, per matrix, where a call reads matrices of stacked 3-D weights ``[E, ., .]``;
+    ``[out, in/G]``, per kernel entry, for a convolution of ``G > 1`` groups), keyed by
+    ``(weight name, weight dim)``: the maximum over every such call (``None``: only empty
+    inputs); a call under ``vmap`` of a weight not batched, over the whole batch.
     ``unfollowed``: the weights read in a way it cannot map to their dims (a tensor computed
     from them, :meth:`_derive`; one written in place, :meth:`_overwritten`; a batched wrapper
     of them under ``vmap``). ``static``: the model's other parameters and buffers, and the
@@ -978,19 +982,27 @@ class _ChannelMaxima(TorchFunctionMode):
             self.unfollowed.add(name)
         return (name, p, dim, ids, experts)
 
-    def _record(self, w: Tensor, k: int, x: Tensor, d: int, batched: bool = False) -> None:
+    def _record(
+        self, w: Tensor, k: int, x: Tensor, d: int, batched: bool = False, groups: int = 1
+    ) -> None:
         source = self._source(w, k)
         if source is None or source[2] is None:
             return
         name, p, dim, ids, experts = source
-        if x.dim() < -d or x.shape[d] != p.shape[dim]:
+        if groups != 1 and (dim != 1 or w.shape != p.shape):  # grouped: the kernel itself only
+            self.unfollowed.add(name)
+            return
+        if x.dim() < -d or x.shape[d] != groups * p.shape[dim]:
             return
         key = (name, dim)
         old = self.maxima.setdefault(key, None)
         if not x.numel():  # e.g. an expert no token was routed to
             return
         a = x.detach().abs().movedim(d, -1)
-        if batched and p.dim() == 3:  # dim 0 along the matrices: [E, C]
+        if groups != 1:  # entry [o, c] reads channel (o // (out/G)) * in/G + c: [out, in/G]
+            a = a.reshape(-1, a.shape[-1]).amax(0).view(groups, -1)
+            a = a.repeat_interleave(p.shape[0] // groups, dim=0)
+        elif batched and p.dim() == 3:  # dim 0 along the matrices: [E, C]
             a = a.reshape(a.shape[0], -1, a.shape[-1]).amax(1)
         else:
             a = _per_slice(a.reshape(-1, a.shape[-1]).amax(0), w, p)
@@ -1065,9 +1077,9 @@ def readers(
 ) -> list[Reader]:
     """The reads ``(weight, dim)`` of the calibration pass (with their maxima) that are channel
     scalings of the input: the weight is counted (``order``: the counted names, in the order
-    to list them), has terms varying along ``dim`` only (its columns; or along ``dim`` and the
-    matrix dim 0 where the maxima are per matrix, ``[E, C]``) and none varying along ``dim``
-    and another dim."""
+    to list them), has terms varying along ``dim`` only (its columns; or along ``dim`` and
+    dim 0 where the maxima are per matrix, ``[E, C]``, or per row of a grouped kernel,
+    ``[out, in/G]``) and none varying along ``dim`` and another dim."""
     plans = {p.name: p for p in structure.plan(device)}
     rank = {name: i for i, name in enumerate(order)}
     out = []
