@@ -19,7 +19,17 @@ import gaugefix
 from architectures import randomise_, rel_change
 from gaugefix.equalize import activation_ranges
 from test_equalize import output
-from test_equalize_products import EXACT, EXPERTS, TOKENS, TOL, D, Fused, _batch, equalized, moe
+from test_equalize_products import (
+    EXACT,
+    TOKENS,
+    TOL,
+    D,
+    Fused,
+    _batch,
+    assert_calibrated_as_unfused,
+    equalized,
+    moe,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,12 +53,7 @@ def test_a_copied_gathered_copy_is_calibrated_as_unfused_experts():
     fused, unfused = moe("bmm")
     model = GatheredCopy("copy").to(torch.float64).eval()
     model.load_state_dict(fused.state_dict())
-    assert float((output(model, (x,)) - output(unfused, (x,))).abs().max()) <= EXACT
-    got = activation_ranges(model, dict(model.named_parameters()), x)
-    expected = activation_ranges(unfused, dict(unfused.named_parameters()), x)
-    for name in ("gate_up", "down"):
-        want = torch.stack([expected[f"experts.{e}.{name}.weight", 1] for e in range(EXPERTS)])
-        assert torch.allclose(got[name, 2], want, rtol=EXACT, atol=0)
+    assert_calibrated_as_unfused(model, unfused, x)
     result = gaugefix.equalize_(model, gaugefix.discover(model, x), "activation", calibration=x)
     assert result.converged and result.uncalibrated == ()
     equalized(unfused, x, gaugefix.discover(unfused, x), alpha=0.5)

@@ -235,6 +235,17 @@ def moe(how: str) -> tuple[nn.Module, nn.Module]:
 FUSED = ("loop_linear", "loop_matmul", "bmm", "baddbmm", "matmul", "einsum", "einsum_permuted")
 
 
+def assert_calibrated_as_unfused(model: nn.Module, unfused: nn.Module, x: Tensor) -> None:
+    """``model`` (stacked or gathered experts) computes ``unfused``'s outputs, and matrix ``e``
+    of its weights ``gate_up`` and ``down`` has the maxima ``experts.e``'s ``nn.Linear`` has."""
+    assert float((output(model, (x,)) - output(unfused, (x,))).abs().max()) <= EXACT
+    got = activation_ranges(model, dict(model.named_parameters()), x)
+    expected = activation_ranges(unfused, dict(unfused.named_parameters()), x)
+    for name in ("gate_up", "down"):
+        want = torch.stack([expected[f"experts.{e}.{name}.weight", 1] for e in range(EXPERTS)])
+        assert torch.allclose(got[name, 2], want, rtol=EXACT, atol=0)
+
+
 @pytest.mark.parametrize("how", FUSED)
 def test_fused_experts_are_calibrated_as_unfused_ones(how):
     """Matrix ``e`` of a fused weight has the maxima of the tokens routed to expert ``e`` (row

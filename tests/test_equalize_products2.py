@@ -19,13 +19,13 @@ from gaugefix.equalize import activation_ranges
 from test_equalize import output
 from test_equalize_products import (
     EXACT,
-    EXPERTS,
     TOKENS,
     TOL,
     Block,
     D,
     Fused,
     _batch,
+    assert_calibrated_as_unfused,
     block,
     equalized,
     mismatch,
@@ -115,12 +115,7 @@ def test_gathered_experts_are_calibrated_as_unfused_ones(how):
     """Matrix ``e`` has the maxima of the tokens whose gathered copy is ``W[e]``."""
     x = _batch(TOKENS, D)
     model, unfused = gathered(how)
-    assert float((output(model, (x,)) - output(unfused, (x,))).abs().max()) <= EXACT
-    got = activation_ranges(model, dict(model.named_parameters()), x)
-    expected = activation_ranges(unfused, dict(unfused.named_parameters()), x)
-    for name in ("gate_up", "down"):
-        want = torch.stack([expected[f"experts.{e}.{name}.weight", 1] for e in range(EXPERTS)])
-        assert torch.allclose(got[name, 2], want, rtol=EXACT, atol=0)
+    assert_calibrated_as_unfused(model, unfused, x)
     structure = gaugefix.discover(gathered("gather_bmm")[0], x)  # also index_select's
     result = gaugefix.equalize_(model, structure, "activation", calibration=x)
     assert result.converged and result.uncalibrated == ()

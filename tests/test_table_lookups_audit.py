@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 import gaugefix
 from test_experts import same_structure
+from test_table_lookups import acts_on, change_under_gauge
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DTYPE, TOL, SCALE = torch.float64, 1e-10, 3.0
+DTYPE, TOL = torch.float64, 1e-10
 VOCAB, WIDTH, UNITS, EXPERTS, IN = 11, 6, 5, 3, 3
 EXAMPLE, FRESH = 8, (3, 5, 13)
 THRESHOLD = 0.5  # a comparison that a rescaling of its operand changes
@@ -81,31 +82,12 @@ def inputs(n: int, seed: int, ids_shape: tuple = (None,), dtype=torch.int64) -> 
     return x, torch.randint(0, VOCAB, shape, generator=g).to(dtype)
 
 
-def change_under_gauge(model: nn.Module, s: gaugefix.GaugeStructure, fresh: list) -> float:
-    """The largest relative change of ``model``'s outputs on each of ``fresh`` under a random
-    gauge of ``s``."""
-    with torch.no_grad():
-        before = [model(*args) for args in fresh]
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        after = [model(*args) for args in fresh]
-    return max(
-        float((a - b).abs().max() / b.abs().max()) for a, b in zip(after, before, strict=True)
-    )
-
-
-def acts_on(s: gaugefix.GaugeStructure, name: str) -> bool:
-    """Whether some generator rescales an entry of the parameter ``name``."""
-    p = s.params.get(name)
-    return p is not None and any(bool((t.index >= 0).any()) for t in p.terms)
-
-
 def discovered(model: nn.Module, example: tuple, fresh: list) -> tuple:
     """The structure found on ``example`` and its change on ``example`` and ``fresh``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         s = gaugefix.discover(model, *example)
-        return s, change_under_gauge(model, s, [example, *fresh])
+        return s, change_under_gauge(model, s, example, *fresh)
 
 
 # -- uses of the looked-up rows, three spellings of the lookup ---------------------------------
