@@ -55,7 +55,7 @@ from gaugefix.experiments.runner import (
 from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
 from gaugefix.experiments.workers import WorkerDied, Workers, cores, local_workers
-from gaugefix.files import OutputError, output_target, write_text
+from gaugefix.files import OutputError, missing_directories, output_target, write_text
 from gaugefix.report import STORE_NAME, check_outputs, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
@@ -253,8 +253,8 @@ def _one_model(target: str | None, option: str | None) -> str:
 def _missing_directories(path: Path) -> list[Path]:
     """The directories of the file ``path`` (a symbolic link: the file it points to) that do
     not exist, which writing it makes; outermost first."""
-    parent = (output_target(path) if path.is_symlink() else path).parent
-    return [d for d in (*reversed(parent.parents), parent) if not d.exists()]
+    target = output_target(path) if path.is_symlink() else path
+    return missing_directories(target.parent)[::-1]
 
 
 def _made(made: list[Path]) -> str:

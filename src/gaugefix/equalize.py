@@ -850,15 +850,13 @@ class _ChannelMaxima(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        tensors = _tensors(args, kwargs)
         for t in _written(func, args, kwargs):
-            self._overwritten(t, _tensors(args, kwargs))
+            self._overwritten(t, tensors)
         if any(func is f for f in GATHERS):
             self._gather(func, args, kwargs, out)
-        if isinstance(out, Tensor) and not _tensors(args, kwargs):  # torch.ones, arange: a constant
-            self.static.add(id(out))
-            self.constants.append(out)
-        elif isinstance(out, Tensor):
-            self._derive(func, args, kwargs, out)
+        if isinstance(out, Tensor):
+            self._derive(func, tensors, out)
         for read in _operands(func, args, kwargs):
             w, x = read.weight, read.input
             if isinstance(w, Tensor) and (x is None or _wrapped(w) or self._tracked(x)):
@@ -898,14 +896,15 @@ class _ChannelMaxima(TorchFunctionMode):
             self.gathered.pop(id(base), None)
             self.derived[id(base)] = (names, base)
 
-    def _derive(self, func: Any, args: tuple, kwargs: dict, out: Tensor) -> None:
-        """Tracks ``out``, computed by ``func`` from tracked weights and the model's other
-        parameters and buffers only (not from the inputs): a copy of the same layout
-        (:data:`COPIES`) of a weight or gathered copy stands for it; anything else but a view
-        (``W * scale``, a parametrization, ``torch.cat``) is derived, its reads not followed."""
+    def _derive(self, func: Any, tensors: list[Tensor], out: Tensor) -> None:
+        """Tracks ``out``, computed by ``func`` from ``tensors`` (its arguments' tensors):
+        from none, or constants only (``torch.ones``, ``arange``), a constant; from tracked
+        weights and the model's other parameters, buffers and constants only (not from the
+        inputs), a copy of the same layout (:data:`COPIES`) of a weight or gathered copy stands
+        for it, and anything else but a view (``W * scale``, a parametrization, ``torch.cat``)
+        is derived, its reads not followed."""
         if self._tracked(out):
             return
-        tensors = _tensors(args, kwargs)
         names = [self._tracked(t) for t in tensors]
         if any(not n and id(t) not in self.static for n, t in zip(names, tensors, strict=True)):
             return

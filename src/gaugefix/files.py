@@ -19,7 +19,14 @@ from pathlib import Path
 
 from gaugefix.errors import GaugefixError
 
-__all__ = ["OutputError", "output_target", "write_all", "write_bytes", "write_text"]
+__all__ = [
+    "OutputError",
+    "missing_directories",
+    "output_target",
+    "write_all",
+    "write_bytes",
+    "write_text",
+]
 
 # The characters of the target's name that its temporary file's name keeps: at most 4 bytes
 # each, plus the 14 of the dot, the random part and the suffix, within the 255 bytes a file
@@ -54,7 +61,7 @@ def output_target(path: str | os.PathLike) -> Path:
     return target
 
 
-def _missing(directory: Path) -> list[Path]:
+def missing_directories(directory: Path) -> list[Path]:
     """The directories of ``directory``'s path that do not exist, deepest first."""
     return [d for d in (directory, *directory.parents) if not d.exists()]
 
@@ -78,7 +85,7 @@ def write_all(files: Sequence[tuple[str | os.PathLike, Callable[[], bytes]]]) ->
     twice = [path for (path, _), t in zip(files, targets, strict=True) if counts[t] > 1]
     if twice:
         raise OutputError(f"cannot write {twice[0]}: it is also another of the files written")
-    made = list(dict.fromkeys(d for t in targets for d in _missing(t.parent)))
+    made = list(dict.fromkeys(d for t in targets for d in missing_directories(t.parent)))
     made.sort(key=lambda d: len(d.parts), reverse=True)  # deepest first
     temps: list[Path] = []
     renamed = 0

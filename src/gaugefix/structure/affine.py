@@ -85,18 +85,9 @@ def _table_columns(ctx: TraceContext, x: Tensor) -> Sum:
     -1)``): like an embedding table, its columns produce the channels of its last dim, one
     factor per column for every row. Empty for an activation, and for slices picked by an index
     (which fix the parameter, as a plain tensor)."""
-    if not ctx.is_param(x) or (ctx.is_gathered(x) and not _every_slice(ctx, x)):
+    if not ctx.is_param(x) or (ctx.is_gathered(x) and not ctx.holds_every_slice(x)):
         return Sum()
     return Sum.of(ctx.produce(x, *([1] * (x.dim() - 1)), x.shape[-1]).view(-1))
-
-
-def _every_slice(ctx: TraceContext, x: Tensor) -> bool:
-    """Whether the gathered slices ``x`` hold every slice of their parameter, picked by an index
-    that is the same for every input (``latents.expand(B, -1, -1)``: ``B`` copies)."""
-    gathered = ctx._gathers[id(x)][1]
-    read = torch.zeros(gathered.source.shape[0], dtype=torch.bool)
-    read[gathered.rows.reshape(-1)] = True
-    return gathered.index is None and bool(read.all())
 
 
 def _conv(

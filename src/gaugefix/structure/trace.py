@@ -747,6 +747,14 @@ class TraceContext:
         entry = self._gathers.get(id(t))
         return entry is not None and entry[0] is t
 
+    def holds_every_slice(self, t: Tensor) -> bool:
+        """Whether the gathered slices ``t`` hold every slice of their parameter, picked by an
+        index that is the same for every input (``latents.expand(B, -1, -1)``: ``B`` copies)."""
+        gathered = self._gathers[id(t)][1]
+        read = torch.zeros(gathered.source.shape[0], dtype=torch.bool)
+        read[gathered.rows.reshape(-1)] = True
+        return gathered.index is None and bool(read.all())
+
     def is_tainted(self, t: Tensor) -> bool:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
         inputs or parameters, or on a random draw."""
