@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import gaugefix
 
-trace_module = importlib.import_module("gaugefix.structure.trace")
+marks_module = importlib.import_module("gaugefix.structure.marks")
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
 TOL = 1e-12
@@ -119,8 +119,8 @@ def test_sizes_kept_in_containers_on_a_module_are_plain_and_forgotten_after_disc
     with torch.no_grad():
         for _ in range(100):
             model(x)
-    assert not trace_module.from_size(float(model.cache[5]))
-    assert not trace_module._recorded_floats()
+    assert not marks_module.from_size(float(model.cache[5]))
+    assert not marks_module._recorded_floats()
 
 
 class Waiting(nn.Module):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import gaugefix
 
-trace_module = sys.modules["gaugefix.structure.trace"]
+marks_module = sys.modules["gaugefix.structure.marks"]
 CALLS = 50  # math calls on plain numbers per forward
 
 
@@ -38,15 +38,15 @@ class MathInForward(nn.Module):
 def _scans(model: nn.Module, monkeypatch) -> int:
     """How many times discovery searches arguments for numbers computed from sizes."""
     count = [0]
-    search = trace_module.from_size
+    search = marks_module.from_size
 
     def counted(x):
         count[0] += 1
         return search(x)
 
-    monkeypatch.setattr(trace_module, "from_size", counted)
+    monkeypatch.setattr(marks_module, "from_size", counted)
     gaugefix.discover(model, torch.randn(6, 4, dtype=torch.float64))
-    monkeypatch.setattr(trace_module, "from_size", search)
+    monkeypatch.setattr(marks_module, "from_size", search)
     return count[0]
 
 
@@ -58,6 +58,6 @@ def test_math_on_plain_ints_is_not_searched(monkeypatch):
 def test_math_on_a_size_is_still_marked():
     model = MathInForward(CALLS)
     structure = gaugefix.discover(model, torch.randn(6, 4, dtype=torch.float64))
-    assert model.seen == [trace_module.SizedInt]  # 6 is the batch: gcd(6, 4) is marked
+    assert model.seen == [marks_module.SizedInt]  # 6 is the batch: gcd(6, 4) is marked
     assert type(math.gcd(6, 4)) is int  # outside a trace: the original function
     assert structure.num_generators == 0  # the output layer's units are not hidden

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from gaugefix.structure import rules
+from gaugefix.structure.context import Sum, TraceContext
 from gaugefix.structure.gauge_structure import (
     KINDS,
     UNUSED_NOTE,
@@ -21,15 +22,13 @@ from gaugefix.structure.gauge_structure import (
     compile_structure,
     unwrap_model,
 )
-from gaugefix.structure.trace import (
-    Sum,
-    TraceContext,
+from gaugefix.structure.registry import (
     TracingError,
     ValueDependentError,
     register_rule,
-    trace,
     unregister_rule,
 )
+from gaugefix.structure.trace import trace
 
 
 def discover(

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gaugefix.structure.context import WEIGHT_NORM_DIRECTION, ZERO, Sum, TraceContext
+from gaugefix.structure.registry import BUILTIN
 from gaugefix.structure.rules import (
     distinct_params,
     funcs,
@@ -26,14 +28,7 @@ from gaugefix.structure.rules import (
     scalar,
     tensor_args,
 )
-from gaugefix.structure.trace import (
-    _EMPTY_INPUT,
-    BUILTIN,
-    WEIGHT_NORM_DIRECTION,
-    ZERO,
-    Sum,
-    TraceContext,
-)
+from gaugefix.structure.trace import _EMPTY_INPUT
 
 __all__: list[str] = []
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gaugefix.structure.context import ZERO, TraceContext
+from gaugefix.structure.registry import BUILTIN
 from gaugefix.structure.rules import distinct_params
-from gaugefix.structure.trace import BUILTIN, ZERO, TraceContext
 
 __all__: list[str] = []
 

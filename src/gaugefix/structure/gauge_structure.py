@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from gaugefix.errors import first_line
 from gaugefix.files import write_text
-from gaugefix.structure.trace import WEIGHT_NORM_DIRECTION, TraceContext, compact
+from gaugefix.structure.context import WEIGHT_NORM_DIRECTION, TraceContext, compact
 
 __all__ = [
     "check_structure",

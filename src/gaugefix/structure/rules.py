@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.trace import (
-    BUILTIN,
+from gaugefix.structure.context import (
     PLACED_BY_NUMBERS,
     UNCHANGED,
     ZERO,
@@ -39,9 +38,10 @@ from gaugefix.structure.trace import (
     TraceContext,
     _is_index,
     compact,
-    from_size,
     nested_tensors,
 )
+from gaugefix.structure.marks import from_size
+from gaugefix.structure.registry import BUILTIN
 
 __all__ = [
     "blocker",
@@ -87,7 +87,7 @@ def scalar(x: Any) -> bool:
 
 def constant(x: Any, values: tuple = (0,)) -> bool:
     """Whether ``x`` is a number among ``values`` that no size gave: one computed from a size
-    (``x.shape[0] - 5``, see :class:`~gaugefix.structure.trace.SizedInt`) may equal it at the
+    (``x.shape[0] - 5``, see :class:`~gaugefix.structure.marks.SizedInt`) may equal it at the
     example's shape only."""
     return scalar(x) and x in values and not from_size(x)
 

@@ -1,0 +1,1299 @@
+"""The state of one trace: labels, nodes, constraints and parameter roles.
+
+Every floating tensor that flows through the traced model carries, for each entry, the logarithm
+of the factor that entry is multiplied by when the model is rescaled: a signed sum of *node*
+coordinates (a :class:`Sum` of terms ``(nodes, sign)``, ``nodes`` an integer tensor broadcastable
+to the tensor's shape; node 0 is the fixed coordinate 0). :class:`TraceContext` allocates the
+nodes, records the constraints the rules state between them (``union``, ``block``), the terms of
+each parameter entry (``produce``, ``tie``, ``consume``), and what is known of each tensor: which
+arrangement of which parameter it holds (a view, a cast, slices gathered by an index), and which
+memory the forward allocated and wrote.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gaugefix.errors import first_line
+from gaugefix.structure.marks import (
+    SizedInt,
+    from_size,
+)
+from gaugefix.structure.registry import (
+    Registry,
+    Rule,
+    TracingError,
+)
+
+__all__ = [
+    "compact",
+    "nested_tensors",
+    "Sum",
+    "TraceContext",
+    "UNCHANGED",
+    "ZERO",
+]
+
+
+def compact(labels: Tensor) -> Tensor:
+    """The smallest tensor that broadcasts back to ``labels``: dims along which it is constant
+    shrink to size 1 (a zero stride is read as constant without looking)."""
+    for d in range(labels.dim()):
+        if labels.shape[d] > 1 and (
+            labels.stride(d) == 0 or torch.equal(labels, labels.narrow(d, 0, 1).expand_as(labels))
+        ):
+            labels = labels.narrow(d, 0, 1)
+    return labels
+
+
+ZERO = torch.zeros((), dtype=torch.long)
+# A rule's answer for an op that returned its input itself, unchanged (``p.contiguous()`` of a
+# contiguous ``p``, ``p.to(p.dtype)``): the output keeps its labels; it was not written.
+UNCHANGED = object()
+
+
+class Sum(tuple):
+    """Labels that are a signed sum of terms: a tuple of ``(nodes, sign)`` pairs, each ``nodes``
+    broadcastable to the tensor. The empty sum is the fixed log-factor 0."""
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Sum:
+        """The same terms with ``fn`` applied to every node tensor (reshaping, slicing...)."""
+        return Sum((fn(nodes), sign) for nodes, sign in self)
+
+    def negated(self) -> Sum:
+        return Sum((nodes, -sign) for nodes, sign in self)
+
+    @staticmethod
+    def of(labels: Tensor | Sum | None) -> Sum:
+        if labels is None:
+            return Sum()
+        if isinstance(labels, Sum):
+            return labels
+        return Sum([(labels, 1)])
+
+
+class _ParamView:
+    """A tensor that holds the entries of one parameter in another arrangement (``W.t()``,
+    ``W.view(...)``, ``W.float()``): ``index[i]`` is the flat index of the parameter entry at
+    position ``i`` of the view (every parameter entry exactly once), or, for a gain broadcast
+    over a tensor it multiplies (``_weight_norm``'s ``w = g v / ||v||`` with ``v`` fixed), the
+    entry of the gain that multiplies position ``i`` (every entry at least once)."""
+
+    def __init__(self, param: Tensor, index: Tensor) -> None:
+        self.param, self.index = param, index
+
+
+class _Gathered:
+    """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0, with its
+    dims permuted: in the *gathered order* ``(*rows.shape, *source.shape[1:])``, position ``i``
+    of the leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the expert weights
+    of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``), and the tensor
+    is that one permuted by ``perm`` (``W[e].t()``: dim ``j`` is dim ``perm[j]`` of the gathered
+    order). ``index`` is the tensor the rows were read from when they depend on the data (else
+    None)."""
+
+    def __init__(
+        self, source: Tensor, rows: Tensor, index: Tensor | None, perm: tuple[int, ...]
+    ) -> None:
+        self.source, self.rows, self.index, self.perm = source, rows, index, perm
+        self.inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+    def in_gathered_order(self, nodes: Tensor) -> Tensor:
+        """Nodes given at the tensor's dims, at the dims of the gathered order."""
+        return nodes.permute(self.inverse)
+
+    def in_tensor_order(self, nodes: Tensor) -> Tensor:
+        """Nodes given at the dims of the gathered order, at the tensor's dims."""
+        return nodes.permute(self.perm)
+
+    def gathered_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """A shape at the tensor's dims, at those of the gathered order (None when it has
+        another number of dims than the tensor and the tensor is permuted)."""
+        if self.perm == tuple(range(len(self.perm))):
+            return tuple(shape)
+        return tuple(shape[d] for d in self.inverse) if len(shape) == len(self.perm) else None
+
+
+class _Coverage(NamedTuple):
+    """The slices along dim 0 of one arrangement of a parameter (``arrangement``: a view's
+    index map, None for the parameter itself; ``shape``: its shape) that gathers whose rows
+    depend on the data read (``read [shape[0]]``, bool), named by the first such gather."""
+
+    arrangement: Tensor | None
+    shape: torch.Size
+    read: Tensor
+    where: str
+
+
+class _Fresh:
+    """Memory allocated in this forward by ``empty`` or ``zeros`` (or their ``_like`` and
+    ``new_`` forms): its storage, kept so that its address is not reused, and per storage
+    element (``[elements]``) whether a traced op read it (see :meth:`TraceContext.overwrite`)."""
+
+    def __init__(self, t: Tensor) -> None:
+        self.storage = t.untyped_storage()
+        self.pointer, self.nbytes = self.storage.data_ptr(), self.storage.nbytes()
+        self.element_size = t.element_size()
+        self.read = torch.zeros(self.nbytes // self.element_size, dtype=torch.bool)
+
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t`` is in this memory, still where it was allocated, as entries of its
+        size."""
+        same = self.storage.data_ptr() == self.pointer and self.storage.nbytes() == self.nbytes
+        return same and t.element_size() == self.element_size
+
+    def elements(self, t: Tensor) -> Tensor:
+        """The storage element of each entry of ``t`` (a tensor in this memory), ``t.shape``."""
+        every = torch.arange(self.read.numel())
+        return every.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+class TraceContext:
+    """The state of one trace: node allocation, constraints, parameter roles and tags."""
+
+    def __init__(self, model: nn.Module, registries: tuple[Registry, ...]) -> None:
+        self.registries = registries  # consulted in order: per call, the user's, built-in
+        self.param_names = {id(p): n for n, p in model.named_parameters()}
+        self.params = dict(model.named_parameters())
+        # memory (see _memory) -> the parameters in it: a tensor there that is not one of them
+        # (a buffer, an attribute or a constant aliasing a parameter) changes with them.
+        self._param_memory = _by_memory(list(self.params.values()))
+        # id -> (tensor, placement): the parameters as the forward began and their arrangements
+        # as they were made; one placed otherwise after the forward was written (see
+        # fix_written). The parameters a traced op was about to write, by id, with their memory
+        # and values, to put back after the trace (see save_written).
+        self._arranged = {id(p): (p, _placement(p)) for p in self.params.values()}
+        self.saved: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
+        # the parameter is fixed (every entry carries 0).
+        self.roles: dict[str, list[tuple[Tensor, int]] | None] = {}
+        self._pending: dict[str, list[tuple[Tensor, int]]] = {}
+        # name -> the nodes of the channels a parameter produces (for reports and orientation).
+        self.produced: dict[str, Tensor] = {}
+        self.produced_at: dict[str, int] = {}  # name -> the number of marks when it first produced
+        # name -> the channels a gain produces where its produced nodes are its gains instead
+        self.gain_channels: dict[str, int] = {}
+        self.num_nodes = 1  # node 0: the fixed coordinate 0
+        self.edges: list[Tensor] = []  # [3, k]: node a, node b, sign (a = sign * b)
+        self.marks: list[tuple[Tensor, str]] = []  # (nodes fixed to 0, reason)
+        self.tags: list[tuple[Tensor, str]] = []  # (nodes, kind of generator they belong to)
+        self.module_stack: list[str] = []
+        self.op = "<forward>"
+        self.func: Any = None  # the callable being traced, for rules that re-apply it
+        self.module: nn.Module | None = None  # the module a module rule speaks for
+        # id(tensor) -> (tensor, labels, where its entries were then: see _placement)
+        self._labels: dict[int, tuple[Tensor, Sum, tuple]] = {}
+        # storage address -> the tensors in it that carry labels (id -> tensor)
+        self._in_memory: dict[tuple, dict[int, Tensor]] = {}
+        # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
+        self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
+        self._views: dict[int, tuple[Tensor, _ParamView]] = {}
+        self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
+        # Per use of slices picked by data-dependent rows: its nodes per position, the index's
+        # storage element each position read, ((that storage, version), parameter), the op.
+        self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
+        self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
+        # name -> per arrangement, its slices read by gathers whose rows depend on the data
+        self.coverage: dict[str, list[_Coverage]] = {}
+        self._claimed: set[int] = set()
+        self._init_provenance()
+        # id(exception) -> (exception, innermost module path it was raised in)
+        self.failures: dict[int, tuple[BaseException, str]] = {}
+        self.used_params: set[str] = set()  # parameters some rule looked at
+        self.fixed: dict[str, str] = {}  # name -> why the parameter was first fixed
+        self.multiplied: set[str] = set()  # parameters read by a product of two parameters
+        # name -> (its entries in slices read with an empty input, why): see fix_slice
+        self.empty_slices: dict[str, tuple[Tensor, str]] = {}
+        self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
+        self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
+        self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
+
+    def _init_provenance(self) -> None:
+        """The tables of where tensors' values come from: the inputs, chance, zeros made in the
+        forward, memory allocated in it."""
+        # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
+        # values are drawn at random, and whose shape depends on values of the former.
+        self._tainted: dict[int, Tensor] = {}
+        self._inputs: dict[int, Tensor] = {}  # the example's tensors themselves
+        # Whether an input of the example has a dim of size 1 (a batch or a sequence of 1?).
+        self._ones_in_inputs = False
+        self._random: dict[int, Tensor] = {}
+        # Tensors whose values were computed from a number computed from a size (``(arange(6)
+        # + B) % 6``): an index among them picks other entries for another input.
+        self._sized: dict[int, Tensor] = {}
+        self._shaped: dict[int, Tensor] = {}
+        # Tensors made by an op given a number computed from a size (``arange(B)``), and
+        # what is computed from them: an index among them reads more rows for another input.
+        self._size_made: dict[int, Tensor] = {}
+        # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
+        # views of them): id -> (tensor, its placement then, the memory of every zero it was
+        # made from); the labels that passed an op because an operand was such a zero, with
+        # those memories; the memories, and those a traced op wrote into since (a view,
+        # ``z.data``, ``out=``: a version counter of its own): no longer a constant 0.
+        self._zeros: dict[int, tuple[Tensor, tuple, frozenset]] = {}
+        self._zero_reads: list[tuple[frozenset, Sum]] = []
+        self._zero_memory: set[tuple | None] = set()
+        self._zero_written: set[tuple | None] = set()
+        # Memory allocated in this forward (see _Fresh); views of it placed by data (narrow).
+        self._fresh: dict[tuple, _Fresh] = {}
+        self._placed: dict[int, Tensor] = {}
+
+    # -- rules ----------------------------------------------------------------------------------
+    def rule_for_op(self, func: Any, name: str) -> Rule | None:
+        """The first registry's rule for ``func`` (an attribute such as ``x.T`` by its name)."""
+        key = name if getattr(func, "__name__", None) == "__get__" else func
+        return next((r.ops[key] for r in self.registries if key in r.ops), None)
+
+    def rule_for_module(self, module: nn.Module) -> Rule | None:
+        """The rule for the nearest class in ``module``'s MRO that has one, provided ``module``
+        runs that class's ``forward`` (a subclass that overrides it is traced through)."""
+        for cls in type(module).__mro__:
+            rule = next((r.modules[cls] for r in self.registries if cls in r.modules), None)
+            if rule is not None:
+                return rule if type(module).forward is cls.forward else None
+        return None
+
+    def apply(self, rule: Rule, args: tuple, kwargs: dict, result: Any) -> Any:
+        """Run ``rule`` on an op's arguments bound by name; a call its signature does not take
+        blocks every input. A rule that fails raises :class:`TracingError` naming it (not
+        mistaken for the model's own error: a ``TypeError`` inside ``a * b`` would read as
+        "unsupported operand")."""
+        try:
+            return rule.fn(self, result, *args, **kwargs)
+        except TracingError:
+            raise
+        except Exception as err:
+            if isinstance(err, TypeError):
+                try:  # only now (rarely): was it the call that did not bind?
+                    rule.signature.bind(self, result, *args, **kwargs)
+                except TypeError:
+                    reason = self.reason(f"call its rule does not take: {err}")
+                    return self.block_all(args, kwargs, reason)
+            name = getattr(rule.fn, "__qualname__", repr(rule.fn))
+            raise TracingError(
+                f"the rule {name} for {self.op} failed in module '{self.where}': "
+                f"{type(err).__name__}: {first_line(err)}"
+            ) from err
+
+    # -- where we are -------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "<root>"
+
+    def reason(self, text: str) -> str:
+        """``text``, with the op (unless it already names it) and the module path."""
+        if self.op in text:
+            return f"{text} in '{self.where}'"
+        return f"{text} ({self.op} in '{self.where}')"
+
+    # -- nodes ----------------------------------------------------------------------------------
+    def fresh(self, *shape: int) -> Tensor:
+        """New nodes, one per entry of ``shape``."""
+        n = math.prod(shape)
+        out = torch.arange(self.num_nodes, self.num_nodes + n).reshape(shape)
+        self.num_nodes += n
+        return out
+
+    def union(self, a: Tensor, b: Tensor, sign: int = 1) -> None:
+        """Entries of ``a`` and ``b`` (node tensors, broadcast together) carry equal
+        (``sign=1``) or opposite (``sign=-1``) log-factors."""
+        a, b = torch.broadcast_tensors(a, b)
+        for d in range(a.dim()):
+            if a.shape[d] > 1 and a.stride(d) == 0 and b.stride(d) == 0:
+                a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+        a, b = a.reshape(-1), b.reshape(-1)
+        if sign == 1:
+            keep = a != b
+            a, b = a[keep], b[keep]
+        if a.numel():
+            pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
+            a, b = pair // self.num_nodes, pair % self.num_nodes
+            self.edges.append(torch.stack([a, b, torch.full_like(a, sign)]))
+            fixed = (a == 0) | (b == 0)  # named as the reason of the nodes joined to node 0
+            if bool(fixed.any()):
+                self.block(torch.cat([a[fixed], b[fixed]]), self.reason(_MIXED))
+
+    def block(self, labels: Tensor | Sum, reason: str) -> None:
+        """The nodes in ``labels`` are fixed to 0 (they are not gauge freedom)."""
+        for nodes, _ in Sum.of(labels):
+            nodes = torch.unique(compact(nodes))
+            nodes = nodes[nodes != 0]  # node 0 is fixed already; its own reason is generic
+            if nodes.numel():
+                self.marks.append((nodes, reason))
+
+    def tag(self, labels: Tensor | Sum, kind: str) -> None:
+        """Record that the generators of these nodes are of ``kind`` (for the summary)."""
+        for nodes, _ in Sum.of(labels):
+            nodes = torch.unique(compact(nodes))
+            nodes = nodes[nodes != 0]
+            if nodes.numel():
+                self.tags.append((nodes, kind))
+
+    # -- labels of tensors ----------------------------------------------------------------------
+    def is_param(self, t: Any) -> bool:
+        """Whether ``t`` is a parameter of the model or an arrangement of one (``W.t()``)."""
+        if not isinstance(t, Tensor):
+            return False
+        if id(t) in self.param_names or self.is_gathered(t):
+            return True
+        entry = self._views.get(id(t))
+        return entry is not None and entry[0] is t
+
+    def is_gathered(self, t: Any) -> bool:
+        """Whether ``t`` holds slices of a parameter picked by index (``W[expert_ids]``)."""
+        entry = self._gathers.get(id(t))
+        return entry is not None and entry[0] is t
+
+    def holds_every_slice(self, t: Tensor) -> bool:
+        """Whether the gathered slices ``t`` hold every slice of their parameter, picked by an
+        index that is the same for every input (``latents.expand(B, -1, -1)``: ``B`` copies)."""
+        gathered = self._gathers[id(t)][1]
+        read = torch.zeros(gathered.source.shape[0], dtype=torch.bool)
+        read[gathered.rows.reshape(-1)] = True
+        return gathered.index is None and bool(read.all())
+
+    def is_tainted(self, t: Tensor) -> bool:
+        """Whether the values of ``t`` may differ for another call: they depend on the model's
+        inputs or parameters, or on a random draw."""
+        return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
+
+    def picks_by_data(self, t: Tensor) -> bool:
+        """Whether the index ``t`` may pick other entries for another input: it is tainted (see
+        :meth:`is_tainted`), or its values were computed from a size."""
+        return self.is_tainted(t) or self._sized.get(id(t)) is t
+
+    def gathers_by_data(self, t: Tensor) -> bool:
+        """Whether the index ``t`` of a gather may read other rows for another input: it picks
+        by the data (see :meth:`picks_by_data`), or it was made from a size (``arange(B)`` holds
+        the same values at the same places for every ``B``, but more of them)."""
+        return self.picks_by_data(t) or self._size_made.get(id(t)) is t
+
+    def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
+        """``out``, sizes of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
+        marked (:class:`SizedInt`) for an input of the example (every dim) and for a tensor
+        made from the inputs that the rescaling acts on (it carries labels) along the dims its
+        labels are constant along: such dims (the batch, the sequence) may have other sizes for
+        another input. Dims along which labels vary hold channels, sized by the parameters, and
+        so does a dim of size 1 (one channel) unless an input of the example has a dim of size
+        1: then it may be a batch or a sequence of 1, and is marked; the sizes of other tensors
+        (a rotary table, a mask made from the inputs) are plain: their channel counts slice
+        rescaled channels (``q[..., : cos.shape[-1]]``). ``dim``: the dim ``t.size(dim)``
+        read."""
+        if id(t) not in self._tainted or self.is_param(t):
+            return out
+        entry = self._labels.get(id(t))
+        terms = entry[1] if entry is not None and entry[0] is t else ()
+        if not terms and self._inputs.get(id(t)) is not t:
+            return out
+        varying = {d for nodes, _ in terms for d, n in enumerate(nodes.shape) if n > 1}
+        if terms and not self._ones_in_inputs:
+            varying.update(d for d, n in enumerate(t.shape) if n == 1)
+        if isinstance(out, torch.Size):
+            return torch.Size(n if d in varying else SizedInt(n) for d, n in enumerate(out))
+        if isinstance(out, bool) or not isinstance(out, int):
+            return out
+        if dim is None:  # numel: constant when every dim holds channels
+            return SizedInt(out) if len(varying) < t.dim() else out
+        if not isinstance(dim, int) or (t.dim() and dim % t.dim() in varying):
+            return out
+        return SizedInt(out)
+
+    def mark_zero(self, t: Tensor, made_from: frozenset = frozenset()) -> None:
+        """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
+        memory is in ``made_from``)."""
+        self._zeros[id(t)] = (t, _placement(t), made_from | {_memory(t)})
+        self._zero_memory.add(_memory(t))
+
+    def zero_source(self, t: Any) -> frozenset | None:
+        """The memories ``t`` was made from when it is a constant exactly 0: made in the forward
+        as zeros from numbers and shapes, none of them written since (by any tensor in their
+        memory), and all 0 now; else None."""
+        entry = self._zeros.get(id(t)) if isinstance(t, Tensor) else None
+        if entry is None or entry[0] is not t or entry[1] != _placement(t):
+            return None
+        if not entry[2].isdisjoint(self._zero_written):
+            return None
+        return entry[2] if not bool((t != 0).any()) else None
+
+    def read_zero(self, zero: Tensor, labels: Tensor | Sum) -> Tensor | Sum:
+        """``labels`` pass an op because ``zero`` (see :meth:`zero_source`) is 0; returns
+        them. They are blocked after the trace if that zero is kept on a module."""
+        self.claim(zero)
+        self._zero_reads.append((self._zeros[id(zero)][2], Sum.of(labels)))
+        return labels
+
+    def read_value(self, what: str, shape: bool = False) -> None:
+        """Record that the forward read ``what`` of a tensor derived from the inputs or weights
+        into Python (its control flow may depend on it); reads of values are listed before
+        reads of shapes that depend on values (``shape=True``)."""
+        read = self.reason(f"{self.op} read {what}")
+        line = _source_line()
+        reads = self.shape_reads if shape else self.value_reads
+        reads.append(f"{read}, derived from the input or weights, at {line}")
+
+    def gathered(
+        self, source: Tensor, rows: Tensor, index: Tensor | None, view: Tensor | None = None
+    ) -> Tensor:
+        """Record ``view`` (by default a stand-in of no memory) as slices ``rows`` of the
+        parameter ``source`` along dim 0 and return it. ``index`` is the tensor the rows are
+        read from when it depends on the data (else None). Such rows are recorded in
+        :attr:`coverage`, per arrangement of the parameter: a slice no traced row read is used
+        for other inputs, so after the trace such a parameter is fixed unless every slice of
+        every arrangement gathered was read. Slices of gathered slices (a nested gather) picked
+        by the data fix it."""
+        name = self.param_name(source)
+        rows = rows.detach().long().cpu()
+        if view is None:
+            shape = (*rows.shape, *source.shape[1:])
+            view = torch.empty((), dtype=source.dtype).expand(shape)
+        perm = tuple(range(rows.dim() + source.dim() - 1))
+        self._gathers[id(view)] = (view, _Gathered(source, rows, index, perm))
+        self._arranged[id(view)] = (view, _placement(view))
+        if index is not None and self.is_gathered(source):  # slices of which slices?
+            self.fix(source, self.reason("slices of gathered slices picked by the data"))
+        elif index is not None:
+            self._cover(name, source, rows)
+        return view
+
+    def _cover(self, name: str, source: Tensor, rows: Tensor) -> None:
+        """Record in :attr:`coverage` that ``rows`` of ``source`` (the parameter ``name`` or an
+        arrangement of it: ``W.view(...)``, ``W.transpose(0, 1)``) were read along its dim 0;
+        rows of one arrangement add up, those of different arrangements do not (a slice along
+        one dim read does not say which slices along another were)."""
+        arrangement = self._param_and_index(source)[1]
+        uses = self.coverage.setdefault(name, [])
+        same = [
+            use for use in uses
+            if use.shape == source.shape and (use.arrangement is None) == (arrangement is None)
+            and (arrangement is None or torch.equal(use.arrangement, arrangement))
+        ]  # fmt: skip
+        if not same:
+            read = torch.zeros(source.shape[0], dtype=torch.bool)
+            same = [_Coverage(arrangement, source.shape, read, self.reason("gathered"))]
+            uses.append(same[0])
+        same[0].read[rows.reshape(-1)] = True
+
+    def claim(self, t: Tensor) -> None:
+        """Mark ``t`` as handled by the current rule (unhandled inputs are blocked)."""
+        self._claimed.add(id(t))
+
+    def _param_and_index(self, p: Tensor) -> tuple[str, Tensor | None]:
+        """The parameter name behind ``p`` and, for a view, its index map."""
+        self.claim(p)
+        if self.is_gathered(p):
+            return self.param_name(self._gathers[id(p)][1].source), None
+        name = self.param_names.get(id(p))
+        if name is not None:
+            self.used_params.add(name)
+            return name, None
+        view = self._views[id(p)][1]
+        name = self.param_names[id(view.param)]
+        self.used_params.add(name)
+        return name, view.index
+
+    def param_name(self, p: Tensor) -> str:
+        """The name of the parameter ``p`` is (or is an arrangement of)."""
+        return self._param_and_index(p)[0]
+
+    def terms(self, t: Tensor) -> Sum:
+        """The labels of an activation as a :class:`Sum` (one term in the common case).
+        A parameter used as a plain tensor is fixed, since the rule using it does not know how
+        it scales."""
+        self.claim(t)
+        if self.is_param(t):
+            self.fix(t, self.reason("parameter used as a plain tensor"))
+            return Sum()
+        fn = t.grad_fn
+        if fn is not None and isinstance(fn, torch.autograd.function.BackwardCFunction):
+            # The output of a custom autograd function: whatever its forward did (compiled
+            # kernels are invisible to the tracer), its inputs are blocked and it is fixed,
+            # even when an op inside the forward recorded labels for it.
+            self._block_history(fn, self.reason(f"custom autograd function {type(fn).__name__}"))
+            return Sum()
+        entry = self._labels.get(id(t))
+        old = entry[1] if entry is not None and entry[0] is t else None
+        if old is not None and entry[2] == _placement(t):
+            return old.map(lambda nodes: nodes.expand(t.shape))
+        self._untraced(t, old)
+        return Sum()
+
+    def _untraced(self, t: Tensor, old: Sum | None) -> None:
+        """``t`` holds entries no traced op gave it: computed by code the tracer does not see
+        (a TorchScript or jit-traced module, a compiled extension), or, with ``old`` labels, made
+        to hold other memory or written since (``t.set_(other)``, an in-place op under
+        ``torch._C.DisableTorchFunction``: no torch function reports them). What it
+        consumed (found through the autograd graph) is blocked, and so are its old labels and
+        those of the traced tensors in its memory (``h.detach().as_subclass(Tensor)`` has no
+        history); ``t`` is fixed from now on. A parameter whose memory ``t`` shares (a buffer or
+        constant aliasing it, which a gauge rescales in place with it) is fixed."""
+        memory = _memory(t)
+        if memory in self._fresh:  # read or written unseen: no overwrite replaces labels there
+            self._fresh[memory].read.fill_(True)
+        for p in self._param_memory.get(memory, ()):  # scaled with the parameter in place
+            self.fix(p, self.reason("read through a tensor that shares its memory"))
+        if old is None:
+            reason = self.reason("computed by code the tracer cannot see")
+        else:
+            reason = self.reason("re-pointed or written by an untraced op (Tensor.set_?)")
+            self.block(old, reason)
+            self._labels[id(t)] = (t, Sum(), _placement(t))
+        if t.grad_fn is not None:
+            self._block_history(t.grad_fn, reason)
+        for other in self._in_memory.get(memory, {}).values():
+            if other is not t:
+                self.block(self._labels[id(other)][1], reason)
+
+    def versions(self, tensors: list[Tensor]) -> list[int | None]:
+        """Before an op: the traced tensors among its inputs that were written or re-pointed
+        since their last traced op (their version or memory changed) are untraced. Returns the
+        versions of ``tensors`` (see :meth:`written`)."""
+        for t in tensors:
+            entry = self._labels.get(id(t))
+            if entry is not None and entry[0] is t and entry[2] != _placement(t):
+                self._untraced(t, entry[1])
+        return [_version(t) for t in tensors]
+
+    def written(self, tensors: list[Tensor], versions: list[int | None]) -> None:
+        """After an op that wrote some of its inputs in place (their version changed from
+        ``versions``): the traced tensors in their memory keep their labels (the op's rule
+        speaks for the write), recorded at their new version."""
+        for t, before in zip(tensors, versions, strict=True):
+            if before is None or _version(t) == before:
+                continue
+            if _memory(t) in self._zero_memory:  # a constant 0 no more
+                self._zero_written.add(_memory(t))
+            for other in self._in_memory.get(_memory(t), {}).values():
+                held, labels, placement = self._labels[id(other)]
+                now = _placement(other)
+                if placement[:-1] == now[:-1]:  # the same memory, shape and strides
+                    self._labels[id(other)] = (held, labels, now)
+
+    def escaped(self, t: Tensor) -> None:
+        """``t``'s memory was handed to code the tracer cannot see (``t.numpy()``), which may
+        write into it: the labels of ``t`` and of every traced tensor in that memory are
+        blocked, and a parameter there is fixed."""
+        reason = self.reason("memory handed to code the tracer cannot see")
+        if self.is_param(t):
+            self.fix(t, reason)
+        memory = _memory(t)
+        if memory is None:
+            return
+        if memory in self._fresh:
+            self._fresh[memory].read.fill_(True)
+        for other in self._in_memory.get(memory, {}).values():  # t itself, its views, bases
+            self.block(self._labels[id(other)][1], reason)
+        for p in self._param_memory.get(memory, ()):
+            self.fix(p, reason)
+
+    def labels(self, t: Tensor) -> Tensor:
+        """The labels of an activation as one node tensor, broadcast to ``t.shape``. Labels
+        that are a sum of several terms (a product of rescaled tensors) are blocked here: rules
+        that can carry such sums use :meth:`terms`."""
+        return self.single(self.terms(t), t.shape)
+
+    def single(self, labels: Sum, shape: torch.Size) -> Tensor:
+        """``labels`` as one node tensor of ``shape``; a sum of several terms (or of one with
+        sign -1) is blocked and replaced by the fixed 0."""
+        if not labels:
+            return ZERO.expand(shape)
+        if len(labels) == 1 and labels[0][1] == 1:
+            return labels[0][0].expand(shape)
+        self.block(labels, self.reason("product of rescaled tensors used by an op that needs one"))
+        return ZERO.expand(shape)
+
+    def is_fixed(self, t: Tensor) -> bool:
+        """Whether every entry of the activation ``t`` carries the fixed log-factor 0 now
+        (a parameter counts as not fixed)."""
+        if self.is_param(t):
+            return False
+        return all(bool((compact(nodes) == 0).all()) for nodes, _ in self.terms(t))
+
+    def _block_history(self, fn: Any, reason: str) -> None:
+        """Block everything an untraced computation (a custom autograd function, a scripted
+        module) consumed: walk its autograd graph back to the nodes of labelled tensors, whose
+        labels are blocked, and to parameters, which are fixed."""
+        stack: list[Any] = [fn]
+        seen: set[Any] = {id(fn)}
+        while stack:
+            node = stack.pop()
+            for nxt, nr in getattr(node, "next_functions", ()):
+                if nxt is None or (id(nxt), nr) in seen:
+                    continue
+                seen.add((id(nxt), nr))
+                variable = getattr(nxt, "variable", None)
+                if variable is not None:  # a leaf
+                    if self.is_param(variable):
+                        self.fix(variable, reason)
+                    continue
+                entry = self._grad_fn_labels.get(id(nxt))
+                if entry is not None and entry[0] is nxt and nr in entry[1]:
+                    self.block(entry[1][nr], reason)  # the labelled tensor it read
+                elif id(nxt) not in seen:
+                    seen.add(id(nxt))
+                    stack.append(nxt)  # an untraced intermediate: look further back
+
+    def set_labels(self, t: Tensor, labels: Tensor | Sum) -> None:
+        shape = t.shape
+        labels = Sum.of(labels).map(lambda nodes: compact(nodes.expand(shape)))
+        labels = Sum(term for term in labels if bool((term[0] != 0).any()))
+        self._labels[id(t)] = (t, labels, _placement(t))
+        memory = _memory(t)
+        if memory is not None:
+            self._in_memory.setdefault(memory, {})[id(t)] = t
+        fn = t.grad_fn
+        if fn is not None:
+            entry = self._grad_fn_labels.get(id(fn))
+            if entry is None or entry[0] is not fn:
+                entry = self._grad_fn_labels[id(fn)] = (fn, {})
+            entry[1][t.output_nr] = labels
+
+    def unite(self, nodes: Tensor, dims: Iterable[int]) -> Tensor:
+        """``nodes`` with the entries along each of ``dims`` united: those dims kept with size 1
+        (a tensor of nodes, compacted first)."""
+        nodes = compact(nodes)
+        for d in dims:
+            if nodes.shape[d] > 1:
+                self.union(nodes, nodes.narrow(d, 0, 1))
+                nodes = nodes.narrow(d, 0, 1)
+        return nodes
+
+    def along(self, t: Tensor, dim: int) -> Tensor:
+        """Per-index labels of ``t`` along ``dim`` (shape ``[t.shape[dim]]``): all entries of one
+        slice must carry one factor, so the labels within a slice are united."""
+        return self._along(self.labels(t), t.shape, dim)
+
+    def along_terms(self, t: Tensor, dim: int) -> Sum:
+        """:meth:`along` for every term of ``t``'s labels: a :class:`Sum` of ``[t.shape[dim]]``
+        node tensors."""
+        return self.terms(t).map(lambda nodes: self._along(nodes, t.shape, dim))
+
+    def _along(self, nodes: Tensor, shape: torch.Size, dim: int) -> Tensor:
+        dim = dim % len(shape)
+        others = [d for d in range(len(shape)) if d != dim]
+        lab = self.unite(nodes.expand(shape), others)
+        return lab.expand(*lab.shape[:dim], shape[dim], *lab.shape[dim + 1 :]).reshape(-1).clone()
+
+    def leading(self, t: Tensor, k: int) -> Sum:
+        """Labels of ``t`` united over its last ``k`` dims, shaped ``t.shape[:-k] + (1,)*k``
+        (every term): the labels of an op that maps each leading slice on its own (pooling,
+        padding, upsampling)."""
+        trailing = range(t.dim() - k, t.dim())
+        return self.terms(t).map(lambda nodes: self.unite(nodes.expand(t.shape), trailing))
+
+    # -- fresh memory: assignment into tensors allocated in the forward ------------------------
+    def mark_fresh(self, t: Tensor) -> None:
+        """Record that ``t`` was just allocated in the forward (``empty``, ``zeros``...): its
+        memory holds values no traced op gave (garbage, or zeros), read by nobody yet."""
+        memory = _memory(t) if t.is_floating_point() or t.is_complex() else None
+        if memory is not None:
+            self._fresh[memory] = _Fresh(t)
+
+    def _fresh_of(self, t: Tensor) -> _Fresh | None:
+        fresh = self._fresh.get(_memory(t)) if self._fresh else None
+        return fresh if fresh is not None and fresh.holds(t) else None
+
+    def note_reads(
+        self, tensors: list[Tensor], out: Any, written: Tensor | None, numbers: Any = ()
+    ) -> None:
+        """Before an op's rule: record the elements of fresh memory its inputs read. An output
+        in an input's memory that is none of the inputs (a view: ``t[..., :d]``, ``t.T``) reads
+        nothing; it is placed by the data when an index tensor that depends on the data
+        positioned it or its input, or a number computed from a size did (``numbers``: the op's
+        arguments; see :data:`PLACED_BY_NUMBERS`); a view as another dtype reads every element.
+        ``written``: the destination an overwrite rule speaks for (not read)."""
+        if not self._fresh:
+            return
+        made = [o for o in nested_tensors(out) if all(o is not t for t in tensors)]
+        for t in tensors:
+            fresh = None if t is written else self._fresh_of(t)
+            if fresh is None:
+                continue
+            views = [o for o in made if _memory(o) == _memory(t)]
+            if not views:
+                fresh.read[fresh.elements(t).reshape(-1)] = True
+            for o in views:
+                if o.element_size() != fresh.element_size or o.dtype != t.dtype:
+                    fresh.read.fill_(True)
+                placed = any(_is_index(i) and self.picks_by_data(i) for i in tensors)
+                placed = placed or (
+                    self.op.rsplit(".", 1)[-1] in PLACED_BY_NUMBERS and from_size(numbers)
+                )
+                if placed or self._placed.get(id(t)) is t:
+                    self._placed[id(o)] = o
+
+    def _current(self, t: Tensor) -> Tensor | None:
+        """The labels of ``t`` as one node tensor of its shape, when they are current (recorded
+        at its present placement) and a single term with sign +1; else None."""
+        entry = self._labels.get(id(t))
+        if entry is None or entry[0] is not t or entry[2] != _placement(t):
+            return None
+        if not entry[1]:
+            return ZERO.expand(t.shape)
+        nodes, sign = entry[1][0]
+        return nodes.expand(t.shape) if len(entry[1]) == 1 and sign == 1 else None
+
+    def overwrite(self, dst: Tensor, region: Callable[[Tensor], Tensor], labels: Tensor) -> bool:
+        """An op just wrote values carrying ``labels`` (nodes broadcastable to the region) into
+        the entries ``region(positions of dst)`` of ``dst``. When ``dst`` is in fresh memory,
+        every tensor in that memory is placed independently of the data (a view placed by it
+        carries labels united along the dims it moves along) and has current single-term
+        labels, and no entry is written twice, the entries of that region in every tensor of
+        the memory take ``labels`` (replacing: the old values are gone); entries some op read
+        before are blocked, old and new labels (that reader saw the old value). Returns whether
+        it did so; False changes nothing."""
+        fresh = self._fresh_of(dst)
+        if fresh is None:
+            return False
+        peers = list(self._in_memory.get(_memory(dst), {}).values())
+        held = [self._current(p) if fresh.holds(p) else None for p in peers]
+        if all(p is not dst for p in peers) or any(h is None for h in held):
+            return False
+        if any(self._placed.get(id(p)) is p for p in peers):
+            return False
+        elements = region(fresh.elements(dst))
+        new = _fit(labels, elements.shape).reshape(-1)
+        elements = elements.reshape(-1)
+        if torch.unique(elements).numel() != elements.numel():
+            return False  # which write lands is not defined
+        read = fresh.read[elements]
+        if bool(read.any()):
+            reason = self.reason("entries of a tensor allocated in the forward read, then written")
+            stale = torch.zeros_like(fresh.read)
+            stale[elements[read]] = True
+            self.block(new[read], reason)
+            for p, old in zip(peers, held, strict=True):
+                self.block(old[stale[fresh.elements(p)]], reason)
+        at = torch.full(fresh.read.shape, -1, dtype=torch.long)
+        at[elements] = new
+        for p, old in zip(peers, held, strict=True):
+            mine = at[fresh.elements(p)]
+            self.set_labels(p, torch.where(mine >= 0, mine, old))
+        return True
+
+    def block_stored(self, model: nn.Module) -> None:
+        """Activations the forward stored on the model's modules (``self.cache = h``, a buffer
+        replaced by one or re-pointed at one's memory, ``buf.set_(h)``) are read after it like
+        outputs: their labels, and those of the traced tensors in their memory, are blocked."""
+        for name, module in model.named_modules():
+            state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
+            for t in nested_tensors(state):
+                reason = f"stored on module '{name or '<root>'}' by the forward (an output)"
+                entry = self._labels.get(id(t))
+                if entry is not None and entry[0] is t:
+                    self.block(entry[1], reason)
+                for other in self._in_memory.get(_memory(t), {}).values():
+                    self.block(self._labels[id(other)][1], reason)
+                for made_from, labels in self._zero_reads:  # a later call may change it
+                    if _memory(t) in made_from:
+                        self.block(labels, f"{reason}, read as a constant 0")
+
+    def block_rewritten_zeros(self) -> None:
+        """After the trace: labels that passed an op because a constant 0 was read are blocked
+        when the memory of that zero (or of a zero it was made from) was written after the read
+        (``floor += 0.5`` on a zero kept in a global or a closure for a later call)."""
+        changed = set(self._zero_written)
+        for t, placement, _ in self._zeros.values():
+            if _placement(t) != placement:  # an in-place op the tracer did not see
+                changed.add(_memory(t))
+        for made_from, labels in self._zero_reads:
+            if not made_from.isdisjoint(changed):
+                self.block(
+                    labels,
+                    "a constant 0 read by the forward was written after the read "
+                    "(kept for a later call?)",
+                )
+
+    # -- parameter roles --------------------------------------------------------------------------
+    def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
+        """``nodes`` given at the shape of ``p`` (a parameter or a view of one), as a node
+        tensor broadcastable to the parameter's own shape."""
+        if self.is_gathered(p):
+            return self._on_gathered(p, nodes)
+        name, index = self._param_and_index(p)
+        if index is None:
+            return name, compact(nodes.expand(p.shape))
+        shape, flat = self.params[name].shape, nodes.expand(p.shape).reshape(-1)
+        if index.numel() == math.prod(shape):  # a rearrangement: every entry once
+            full = torch.empty(index.numel(), dtype=torch.long)
+            full[index.reshape(-1)] = flat
+            return name, compact(full.view(shape))
+        # a broadcast gain: the positions one entry multiplies carry its factor, united
+        holder = self.fresh(*shape)
+        self.union(holder.reshape(-1)[index.reshape(-1)], flat)
+        return name, compact(holder)
+
+    def _broadcast(self, p: Tensor) -> bool:
+        """Whether ``p`` is a gain broadcast over a tensor (see :class:`_ParamView`)."""
+        entry = self._views.get(id(p))
+        view = entry[1] if entry is not None and entry[0] is p else None
+        return view is not None and view.index.numel() != view.param.numel()
+
+    def _per_gain(self, name: str, on_param: Tensor) -> Tensor:
+        """Nodes given on parameter ``name``, one per entry (one for a 0-d parameter): the
+        channels a broadcast gain produces, per gain. A gain has one dim of size above 1 at
+        most, at any place (``weight_norm(dim=1)`` on a transposed convolution puts it on the
+        output channels, dim 1 of the weight), so its entries are its gains in order."""
+        return on_param.expand(self.params[name].shape).reshape(-1)
+
+    def _on_gathered(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
+        """``nodes`` given on gathered slices, as nodes of the whole parameter: one node per
+        entry of the source (at the compact shape of ``nodes``), united with the nodes of every
+        position that holds it."""
+        self.claim(p)
+        gathered = self._gathers[id(p)][1]
+        nodes = gathered.in_gathered_order(compact(nodes.expand(p.shape)))
+        lead = gathered.rows.dim()
+        rest = nodes.shape[lead:]
+        flat = nodes.expand((*gathered.rows.shape, *rest)).reshape(-1, *rest)  # maybe 0-d
+        holder = self.fresh(gathered.source.shape[0], *rest)
+        at_rows = holder[gathered.rows.reshape(-1)]
+        if gathered.index is not None:  # through nodes per position, linked to the slices
+            positions = self._positions(gathered, at_rows.shape)
+            self.union(positions, flat)
+            flat = positions
+            self.slice_links.add(len(self.edges))
+        self.union(at_rows, flat)
+        return self._on_param(gathered.source, holder)
+
+    def produce(
+        self, p: Tensor, *shape: int, arrange: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """Fresh nodes, one per channel ``p`` produces (``shape`` broadcastable to ``p``, or
+        placed on ``p`` by ``arrange``), that multiply ``p``'s entries: the op's output carries
+        them on those channels. Returns the nodes."""
+        held, gathered = self._gathers.get(id(p), (None, None))
+        if held is p and arrange is None:
+            in_order = gathered.gathered_shape(shape)
+            if in_order is not None and in_order[: gathered.rows.dim()] == gathered.rows.shape:
+                return gathered.in_tensor_order(self._produce_gathered(p, in_order))
+        nodes = self.fresh(*shape)
+        name, on_param = self._on_param(p, nodes if arrange is None else arrange(nodes))
+        self._pending.setdefault(name, []).append((on_param, 1))
+        self.produced.setdefault(
+            name, self._per_gain(name, on_param) if self._broadcast(p) else nodes
+        )
+        if self._broadcast(p) and len(self.produced[name]) != nodes.numel():
+            self.gain_channels.setdefault(name, nodes.numel())
+        self.produced_at.setdefault(name, len(self.marks))
+        return nodes
+
+    def _produce_gathered(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """:meth:`produce` on gathered slices, with ``shape`` per position (at the dims of the
+        gathered order): fresh nodes per slice of the whole parameter, read at the gathered rows
+        (positions holding one slice share its nodes)."""
+        gathered = self._gathers[id(p)][1]
+        lead = gathered.rows.dim()
+        holder = self.fresh(gathered.source.shape[0], *shape[lead:])
+        self.claim(p)
+        name, on_param = self._on_param(gathered.source, holder)
+        self._pending.setdefault(name, []).append((on_param, 1))
+        self.produced.setdefault(name, on_param)
+        self.produced_at.setdefault(name, len(self.marks))
+        at_rows = holder[gathered.rows]
+        if gathered.index is None:
+            return at_rows
+        positions = self._positions(gathered, at_rows.shape)
+        self.slice_links.add(len(self.edges))
+        self.union(at_rows, positions)
+        return positions
+
+    def _positions(self, gathered: _Gathered, shape: torch.Size) -> Tensor:
+        """Fresh nodes of ``shape`` (gathered positions first) for slices picked by rows that
+        depend on the data, recorded with the entry of the index tensor each position read
+        (see :meth:`block_mismatched_gathers`). The caller links them to the slices' nodes by
+        an edge listed in :attr:`slice_links`."""
+        index = gathered.index
+        if index.shape == gathered.rows.shape:  # W[index]: the storage element read
+            size = index.untyped_storage().nbytes() // index.element_size()
+            elements = torch.arange(size).as_strided(
+                index.shape, index.stride(), index.storage_offset()
+            )
+        else:  # grouped_mm: position s of tokens sorted by the offsets
+            elements = torch.arange(gathered.rows.numel()).view(gathered.rows.shape)
+        positions = self.fresh(*shape)
+        storage = (index.untyped_storage().data_ptr(), index._version)  # not written since
+        key = (storage, self.param_name(gathered.source))
+        self._holders.append((positions, elements.reshape(-1), key, self.reason("gathered")))
+        return positions
+
+    def block_mismatched_gathers(self, comp: Tensor) -> None:
+        """Block the gathered positions whose pairing another input could change. ``comp`` are
+        the components of the equalities without the links from positions to slices: two
+        positions in one component are made to carry one factor by the model itself, and
+        on the slices they read only when they read them through one entry of one index
+        tensor (its storage, not written in between: the tensor or a view of it), whatever the
+        data. A component is kept when its positions all read one such entry (one token's
+        expert, paired with itself) and it holds no channel of a parameter (see
+        :meth:`_holds_channels`), or when it holds every position of each gather use and entry
+        it touches (every slice then carries the factor, and the pairing does not matter).
+        Otherwise (two routers, or positions that do not line up) it is blocked."""
+        ptrs = [key[0] for _, _, key, _ in self._holders]
+        index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
+        count = int(comp.max()) + 1
+        reach = max(int(element.max()) for _, element, _, _ in self._holders) + 1
+        comps, elements, cells, sizes, offset = [], [], [], [], 0
+        for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True):
+            flat = nodes.reshape(element.numel(), -1)  # [positions, entries]
+            n, entries = flat.shape
+            comps.append(comp[flat].reshape(-1))
+            read = element.unsqueeze(1).expand(n, entries).reshape(-1)
+            elements.append(index_of[ptr] * reach + read)  # one entry of one index
+            entry = torch.arange(entries).expand(n, entries).reshape(-1)
+            cells.append(offset + entry)  # one id per (use, entry)
+            offset += entries
+            sizes.append(torch.full_like(entry, n))
+        c, element, cell, size = (torch.cat(x) for x in (comps, elements, cells, sizes))
+        span = int(element.max()) + 1
+        distinct = torch.unique(c * span + element) // span  # the component of each pair
+        one_element = torch.bincount(distinct, minlength=count) == 1
+        groups, inverse = torch.unique(c * offset + cell, return_inverse=True)
+        members = torch.bincount(inverse, minlength=groups.numel())
+        group_size = torch.zeros(groups.numel(), dtype=torch.long).scatter_(0, inverse, size)
+        every_position = torch.ones(count, dtype=torch.bool)
+        every_position[groups[members < group_size] // offset] = False
+        one_element &= ~self._holds_channels(comp, count)
+        self._block_pairings(comp, ~(one_element | every_position))
+
+    def _holds_channels(self, comp: Tensor, count: int) -> Tensor:
+        """Per component (of ``count``), whether it holds a node of a parameter's role other
+        than slices picked by the data (which meet their positions only through the slice
+        links): a channel that every input pairs with the same positions. Positions that meet
+        such a channel without covering every position of their use (``h + b[ids]``, unit ``j``
+        of ``h`` meets bias entry ``ids[j]``) are paired with it by the data's values."""
+        held = torch.zeros(count, dtype=torch.bool)
+        for terms in self.roles.values():
+            for nodes, _ in terms or ():
+                held[comp[nodes.reshape(-1)]] = True
+        held[comp[0]] = False  # the fixed factor
+        return held
+
+    def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
+        """Block the nodes of every recorded gather use in a component marked ``bad``, naming
+        the parameters whose slices that component pairs."""
+        hit = [bad[comp[holder]] for holder, _, _, _ in self._holders]
+        for (holder, _, (_, name), where), mine in zip(self._holders, hit, strict=True):
+            if not bool(mine.any()):
+                continue
+            shared = set(comp[holder[mine]].tolist())
+            partners = sorted({
+                other for (h, _, (_, other), _), theirs in zip(self._holders, hit, strict=True)
+                if other != name and bool(theirs.any())
+                and not shared.isdisjoint(comp[h[theirs]].tolist())
+            })  # fmt: skip
+            with_ = " and ".join(f"'{n}'" for n in [name, *partners])
+            self.block(holder[mine], (
+                f"slices of {with_} picked by data-dependent indices that can pair them "
+                f"differently for another input (different index tensors, or rows that do not "
+                f"line up), {where}"))  # fmt: skip
+
+    def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
+        """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
+        tied to its layer's output channels (``sign=1``)."""
+        for nodes, s in Sum.of(labels):
+            name, on_param = self._on_param(p, nodes)
+            self._pending.setdefault(name, []).append((on_param, s * sign))
+        if not Sum.of(labels):
+            self._pending.setdefault(self.param_name(p), [])
+
+    def consume(self, p: Tensor, labels: Tensor | Sum) -> None:
+        """``p``'s entries are divided by the factors of ``labels``: ``p`` consumes the channels
+        of an input (the columns of a weight)."""
+        self.tie(p, labels, -1)
+
+    def fix(self, p: Tensor, reason: str) -> None:
+        """Fix a parameter: every entry carries factor 1, so whatever its uses tied to it is
+        blocked."""
+        name = self.param_name(p)
+        if f"'{name}'" not in reason:
+            reason = f"{reason} (parameter '{name}')"
+        self.fixed.setdefault(name, reason)
+        for nodes, _ in (self.roles.get(name) or []) + self._pending.pop(name, []):
+            self.block(nodes, reason)
+        self.roles[name] = None
+
+    def fix_slice(self, p: Tensor, reason: str) -> None:
+        """Fix, after the trace, the entries of the parameter behind the view ``p`` (a slice
+        ``W[e]`` of experts' weights ``[E, out, in]``, along every dim) that ``p`` holds: an
+        op read them with an empty input, so the trace saw nothing of how they meet the data.
+        A view that holds every entry fixes the parameter now."""
+        name, index = self._held_entries(p)
+        numel = self.params[name].numel()
+        mask, _ = self.empty_slices.setdefault(name, (torch.zeros(numel, dtype=torch.bool), reason))
+        mask[slice(None) if index is None else index] = True
+        if bool(mask.all()):
+            del self.empty_slices[name]
+            self.fix(self.params[name], reason)
+
+    def _held_entries(self, p: Tensor) -> tuple[str, Tensor | None]:
+        """The parameter behind ``p`` and the flat indices of the entries ``p`` holds: a view's
+        index map (``W.t()``), the entries of the rows of slices at constant rows (``W[e]``,
+        ``W[a:b]``, ``W.unbind()``); None for all (the parameter, or slices the data picks)."""
+        self.claim(p)
+        entry = self._gathers.get(id(p))
+        if entry is None or entry[0] is not p:
+            return self._param_and_index(p)
+        gathered = entry[1]
+        name, index = self._param_and_index(gathered.source)
+        if gathered.index is not None:
+            return name, None
+        row = gathered.source[0].numel() if gathered.source.dim() else 1
+        rows = gathered.rows.reshape(-1, 1) * row + torch.arange(row)
+        return name, rows.reshape(-1) if index is None else index.reshape(-1)[rows.reshape(-1)]
+
+    def fix_empty_slices(self) -> None:
+        """After the trace: every term of the role of a parameter with slices read with an
+        empty input (see :meth:`fix_slice`) is blocked on those entries, so they carry factor 1
+        and the other slices keep their generators; a parameter with no role left is fixed."""
+        for name, (mask, reason) in self.empty_slices.items():
+            role = self.roles.get(name)
+            if role is None:
+                self.fix(self.params[name], reason)
+                continue
+            shape = self.params[name].shape
+            why = f"{reason} (a slice of parameter '{name}')"
+            for nodes, _ in role:
+                self.block(nodes.expand(shape).reshape(-1)[mask], why)
+
+    def fix_partly_read(self) -> None:
+        """Fix every parameter gathered by data-dependent rows of which some slice was never
+        read: other inputs read it, and the trace cannot say how it would scale there."""
+        for name, uses in self.coverage.items():
+            for use in uses:
+                if bool(use.read.all()):
+                    continue
+                missing = torch.nonzero(~use.read).reshape(-1).tolist()
+                dim = "dim 0" if use.arrangement is None else (
+                    f"dim 0 of it arranged as {list(use.shape)}")  # fmt: skip
+                self.fix(self.params[name], (
+                    f"slices {missing} of '{name}' ({dim}) are picked by the data and the "
+                    f"example input reads none of them, {use.where}: give an input that "
+                    "reaches every slice (every expert)"))  # fmt: skip
+
+    def fix_written(self) -> None:
+        """After the trace: a parameter the forward wrote or re-pointed (its version or memory
+        changed, also by an op no torch function reports, under ``DisableTorchFunction``) does
+        not hold the rescaled values on the next call, and an arrangement of one written after it
+        was made (``w = W.clone()``, then written) no longer holds the parameter's: the
+        parameter is fixed."""
+        for t, placement in self._arranged.values():
+            if _placement(t) != placement:
+                self.fix(t, "written or re-pointed in place by the forward")
+
+    def save_written(self, tensors: list[Tensor]) -> None:
+        """Before an op that may write into or re-point ``tensors``: keep the memory and the
+        values of the parameters among them or in their memory (once each), for the trace to
+        put back."""
+        for t in tensors:
+            for p in (*self._param_memory.get(_memory(t), ()), t):
+                if id(p) in self.param_names and id(p) not in self.saved:
+                    self.saved[id(p)] = (p, p.data, p.detach().clone())
+
+    def commit_roles(self) -> None:
+        """Close the roles the current op gave its parameters: a first use defines them; a
+        later use of the same form (the same number of terms with the same signs, in whatever
+        order the rules state them, or so once the terms all on node 0, which only state the
+        factor 0, are left out) is united with it term by term; a use of another form fixes the
+        parameter."""
+        pending, self._pending = self._pending, {}
+        for name, terms in pending.items():
+            # multiplying terms first: the order a rule states them in is not part of the form
+            terms = sorted(terms, key=lambda term: -term[1])
+            if name not in self.roles:
+                self.roles[name] = terms
+                continue
+            before = self.roles[name]
+            if before is None:
+                why = f"parameter '{name}' is fixed by another use"
+                why = f"{why}: {self.fixed[name]}" if name in self.fixed else why
+                for nodes, _ in terms:
+                    self.block(nodes, why)
+                continue
+            aligned = self._by_place(name, before, terms) if name in self.multiplied else None
+            if aligned is None:
+                aligned = _same_form(before, terms)
+            if aligned is None:
+                aligned = _same_form(_unfixed(before), _unfixed(terms))
+            if aligned is not None:
+                for (a, s), (b, t) in aligned:
+                    shape = self.params[name].shape
+                    self.union(a.expand(shape), b.expand(shape), s * t)
+                continue
+            reason = self.reason(f"parameter '{name}' used in two different roles")
+            for nodes, _ in before + terms:
+                self.block(nodes, reason)
+            self.roles[name] = None
+
+    def _by_place(self, name: str, before: list, terms: list) -> list | None:
+        """Two uses of a parameter that a product of two parameters reads (``B @ A`` and
+        ``B(h)``), paired term by term by the dims of the parameter each term varies along,
+        whatever the signs (``s a = t b`` is ``a = s t b``); a term with no partner is fixed to
+        0 (the other use has no such factor). Both sums are then equal. None when a term could
+        pair with two."""
+        shape = self.params[name].shape
+        sides = [_unfixed(before), _unfixed(terms)]
+        dims = [[{d for d, n in enumerate(compact(t.expand(shape)).shape) if n > 1}
+                 for t, _ in side] for side in sides]  # fmt: skip
+        match = torch.tensor([[bool(d & e) or d == e == set() for e in dims[1]] for d in dims[0]],
+                             dtype=torch.bool).reshape(len(dims[0]), len(dims[1]))  # fmt: skip
+        if bool((match.sum(0) > 1).any() or (match.sum(1) > 1).any()):
+            return None
+        why = self.reason(f"parameter '{name}' read by a product with a factor another use lacks")
+        for side, paired in ((sides[0], match.any(1)), (sides[1], match.any(0))):
+            for (nodes, _), kept in zip(side, paired.tolist(), strict=True):
+                if not kept:
+                    self.block(nodes, why)
+        return [(sides[0][i], sides[1][j]) for i, j in match.nonzero().tolist()]
+
+    def permuted_gather(self, out: Tensor, gathered: Tensor, perm: tuple[int, ...]) -> None:
+        """Record ``out = gathered.permute(perm)`` (``W[e].t()``, ``W[ids].transpose(1, 2)``,
+        or ``perm`` the identity for a copy) as the same slices in another order of dims: every
+        entry keeps its slice and its place in it."""
+        self.claim(gathered)
+        g = self._gathers[id(gathered)][1]
+        perm = tuple(g.perm[d] for d in perm)
+        self._gathers[id(out)] = (out, _Gathered(g.source, g.rows, g.index, perm))
+        self._arranged[id(out)] = (out, _placement(out))
+
+    def view_of_param(self, out: Tensor, param_like: Tensor, index: Tensor) -> None:
+        """Record ``out`` as an arrangement of the parameter behind ``param_like``: entry ``i``
+        of ``out`` is entry ``index[i]`` (flat) of ``param_like``."""
+        if self.is_gathered(param_like):
+            self.fix(param_like, self.reason("gathered parameter slices rearranged"))
+            return
+        name, base = self._param_and_index(param_like)
+        param = self.params[name]
+        if base is not None:
+            index = base.reshape(-1)[index]
+        self._views[id(out)] = (out, _ParamView(param, index))
+        self._arranged[id(out)] = (out, _placement(out))
+
+    # -- the generic rule -----------------------------------------------------------------------
+    def block_all(self, args: tuple, kwargs: dict, reason: str) -> Tensor:
+        """Block every tensor the op consumed; its outputs carry the fixed factor."""
+        for t in nested_tensors((args, kwargs)):
+            if t.is_floating_point() or t.is_complex():
+                if self.is_param(t):
+                    self.fix(t, reason)
+                else:
+                    self.block(self.terms(t), reason)
+        return ZERO
+
+
+_MIXED = "mixed with a fixed tensor"
+
+
+# the reason fixing the direction v of a weight norm w = g v / ||v||: the summary reads it
+WEIGHT_NORM_DIRECTION = "direction of a weight norm (its scale is divided out)"
+_LIBRARY = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+
+
+def _source_line() -> str:
+    """``file:line (`code`)`` of the innermost frame outside torch and gaugefix: the line of the
+    model's code that made the current call."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown line>"
+    info = inspect.getframeinfo(frame, context=1)
+    code = (info.code_context or [""])[0].strip()
+    return f"{info.filename}:{info.lineno} (`{code}`)"
+
+
+def _same_form(before: list, terms: list) -> list | None:
+    """The term pairs of two uses of a parameter of the same form (as many terms, with the same
+    signs, in order), or None."""
+    if len(before) != len(terms) or any(a[1] != b[1] for a, b in zip(before, terms, strict=True)):
+        return None
+    return list(zip(before, terms, strict=True))
+
+
+def _unfixed(terms: list) -> list:
+    """The terms not all on node 0: a term on node 0 (the columns of a linear map of a fixed
+    input, ``A(eye)``) only states the factor 0, so a use is also of the form without it."""
+    return [term for term in terms if bool((term[0] != 0).any())]
+
+
+def _placement(t: Tensor) -> tuple:
+    """Where the entries of ``t`` are and how often they were written: its memory, shape,
+    strides and version. ``t.set_(other)`` and in-place ops under
+    ``torch._C.DisableTorchFunction``, which no torch function reports, change them without a
+    traced op."""
+    try:
+        return (t.data_ptr(), t.shape, t.stride(), t._version)
+    except (RuntimeError, NotImplementedError):  # no memory that can be read (see _memory)
+        return (None, t.shape)
+
+
+def _version(t: Tensor) -> int | None:
+    """How many times ``t``'s memory was written in place (None when not counted)."""
+    try:
+        return t._version
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _memory(t: Tensor) -> tuple | None:
+    """The memory ``t``'s entries are in (shared by its views), with their offset; None when
+    it has none that can be read (a sparse, nested or meta tensor, one batched by ``vmap``)."""
+    try:
+        storage = t.untyped_storage()
+        pointer = storage.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (t.device, pointer) if pointer and storage.nbytes() else None
+
+
+def _by_memory(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
+    """The tensors by the memory they are in (see :func:`_memory`; none without one)."""
+    out: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault(_memory(t), []).append(t)
+    out.pop(None, None)
+    return out
+
+
+def _is_index(t: Tensor) -> bool:
+    """Whether ``t`` holds integers or truth values (an index, a mask), not floating values."""
+    return not (t.is_floating_point() or t.is_complex())
+
+
+def _fit(labels: Tensor, shape: torch.Size) -> Tensor:
+    """``labels`` of a value written into a region of ``shape``, broadcast to it as the write
+    does (leading dims of size 1 beyond the region's dropped)."""
+    while labels.dim() > len(shape) and labels.shape[0] == 1:
+        labels = labels[0]
+    return labels.expand(shape)
+
+
+def nested_tensors(tree: Any) -> Iterator[Tensor]:
+    """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
+    if isinstance(tree, Tensor):
+        yield tree
+        return
+    if isinstance(tree, dict):
+        tree = tree.values()
+    elif not isinstance(tree, (list, tuple)):
+        return
+    for item in tree:  # a tensor or a number without a nested generator: most items
+        if isinstance(item, Tensor):
+            yield item
+        elif isinstance(item, (list, tuple, dict)):
+            yield from nested_tensors(item)
+
+
+# Ops whose numbers place entries along a dim: shifts, indices, slice bounds, split points,
+# repeat counts. Numbers given to other ops (``view``, ``expand``, ``zeros``, ``interpolate``)
+# give only shapes.
+PLACED_BY_NUMBERS = {
+    "roll", "narrow", "select", "__getitem__", "split", "tensor_split", "chunk",
+    "repeat_interleave",
+}  # fmt: skip
