@@ -6,6 +6,7 @@
   takes milliseconds with two threads on a busy machine, microseconds with one).
 - ``captured_figures``: every matplotlib figure saved while the test runs.
 - ``one_process``: a gloo process group of this process alone.
+- ``clamped``: the verify tests' two-layer model with a clampable unit, and its structure.
 - ``quick_run``, ``quick_copy``: one quick reproduction for the session, and a copy of it.
 """
 
@@ -55,6 +56,20 @@ def one_process():
     yield
     if started:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def clamped():
+    """``test_verify_audit.Clamped`` in float64 (seed 0) and its structure (one generator per
+    hidden unit)."""
+    import gaugefix
+    from test_verify_audit import WIDTH, Clamped, randn
+
+    torch.manual_seed(0)
+    model = Clamped().double()
+    s = gaugefix.discover(model, randn(5, 4))
+    assert s.num_generators == WIDTH
+    return model, s
 
 
 @pytest.fixture(scope="session")

@@ -64,15 +64,6 @@ class Clamped(nn.Module):
         return self.l2(a)
 
 
-@pytest.fixture(scope="module")
-def clamped() -> tuple[Clamped, gaugefix.GaugeStructure]:
-    torch.manual_seed(0)
-    model = Clamped().double()
-    s = gaugefix.discover(model, randn(5, 4))
-    assert s.num_generators == WIDTH
-    return model, s
-
-
 def clamped_at(base: Clamped, unit: int, side: str, x: Tensor, margin: float) -> Clamped:
     """``base``'s weights with ``unit`` clamped just beyond its activations on ``x``: from
     above (``side == "above"``, broken by factors above 1) or from below (by factors below 1)."""

@@ -33,15 +33,6 @@ DROPOUT = 0.5
 MOVED = 1e-3  # a relative change far above verify's tolerance
 
 
-@pytest.fixture(scope="module")
-def clamped() -> tuple[Clamped, gaugefix.GaugeStructure]:
-    torch.manual_seed(0)
-    model = Clamped().double()
-    s = gaugefix.discover(model, randn(5, 4))
-    assert s.num_generators == WIDTH
-    return model, s
-
-
 def inputs() -> Tensor:
     return randn(3, 4, seed=3)
 
