@@ -87,8 +87,8 @@ __all__ = [
     "trace",
 ]
 _EMPTY_INPUT = (
-    "parameter read with an empty input (the example reaches none of its rows, e.g. no token "
-    "reaches an expert): give an input that reaches every expert"
+    "parameter read with an empty input (the example reaches none of the rows it reads: an "
+    "empty batch, or no token routed to an expert): give an example that reaches them"
 )
 
 
