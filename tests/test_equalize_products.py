@@ -263,7 +263,9 @@ def test_fused_experts_are_calibrated_as_unfused_ones(how):
     )
     for name in ("gate_up", "down"):
         want = torch.stack([expected[f"experts.{e}.{name}.weight", 1] for e in range(EXPERTS)])
-        assert torch.equal(got[name, 2], want)
+        # down reads activations the fused product and the experts' linears compute with other
+        # kernels: equal in real arithmetic, rounded alike on some CPUs only
+        assert torch.allclose(got[name, 2], want, rtol=EXACT, atol=0)
     equalized(fused, x, gaugefix.discover(fused, x))
     equalized(unfused, x, gaugefix.discover(unfused, x))
     for e, expert in enumerate(unfused.experts):
