@@ -376,19 +376,18 @@ def test_a_weight_combined_with_a_constant_is_listed(how):
     assert left == ("w",) and [key for key in got if key[0] == "w"] == []
 
 
-# Reads the pass does not see, leaving the weight without maxima and not listed: the weight
-# falls back to "range" silently (no wrong maxima, but no warning either).
-SILENT = {
+# Reads spelled without a product call: calibrated or listed, never left to "range" silently
+# (tests/test_calibration_spelled.py checks the maxima).
+BY_HAND = {
     "broadcast multiply, then sum": lambda h, w, m: (h[:, None, :] * w).sum(-1),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="a read through a tensor the pass does not track")
-@pytest.mark.parametrize("how", SILENT)
-def test_a_read_the_pass_does_not_see_is_listed(how):
+@pytest.mark.parametrize("how", BY_HAND)
+def test_a_read_spelled_by_hand_is_calibrated_or_listed(how):
     torch.set_default_dtype(torch.float64)
     try:
-        got, left = maxima(spelled(SILENT[how]), _batch(TOKENS, D))
+        got, left = maxima(spelled(BY_HAND[how]), _batch(TOKENS, D))
     finally:
         torch.set_default_dtype(torch.float32)
     assert "w" in left or ("w", 1) in got

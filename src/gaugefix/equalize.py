@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -117,6 +118,16 @@ GATHERS = (Tensor.__getitem__, torch.index_select, Tensor.index_select)
 IN_PLACE = ("__setitem__", "__set__")  # x[i] = v; x.data = v (the other writes end in "_")
 # Copies of a tensor's values in its layout.
 COPIES = (Tensor.clone, torch.clone, Tensor.contiguous, Tensor.detach, torch.detach)
+# Elementwise products, and the sums that make one with a weight a read: (h[:, None] * W).sum(-1).
+MULTIPLIES = (
+    torch.mul,
+    torch.multiply,
+    Tensor.mul,
+    Tensor.multiply,
+    Tensor.__mul__,
+    Tensor.__rmul__,
+)
+SUMS = (torch.sum, Tensor.sum)
 
 
 @dataclass(frozen=True)
@@ -765,16 +776,17 @@ def _stacked_dim(w: Tensor, k: int, p: Tensor) -> int | None:
 def _weight_dim(w: Tensor, k: int, p: Tensor) -> int | None:
     """The dim of ``p`` that ``w``'s dim ``k`` runs over whole and in order, where ``w`` is
     ``p``, a 2-D view of 2-D ``p`` (:func:`_view_dim`) or one expanded to ``[B, ., .]`` (stride
-    0 along ``B``: ``bmm`` of a shared matrix), or of stacked 3-D ``p`` (:func:`_stacked_dim`),
-    read off strides and storage offsets; ``None`` for any other view."""
+    0 along ``B``: ``bmm`` of a shared matrix) or to ``[1, ., .]`` (``W.T[None]``), or of
+    stacked 3-D ``p`` (:func:`_stacked_dim`), read off strides and storage offsets; ``None``
+    for any other view."""
     if w is p:
         return k if k < p.dim() else None  # a 1-D weight of F.linear: no channel dim
     if w.dtype != p.dtype:
         return None
     if w.dim() == 2 and p.dim() == 2:
         return _view_dim(w, k, p)
-    if w.dim() == 3 and p.dim() == 2 and w.stride(0) == 0 and k:  # expanded to [B, ., .]
-        return _weight_dim(w[0], k - 1, p)
+    if w.dim() == 3 and p.dim() == 2 and (w.stride(0) == 0 or w.shape[0] == 1) and k:
+        return _weight_dim(w[0], k - 1, p)  # expanded to [B, ., .], or [1, ., .]: one matrix
     if p.dim() == 3 and p.is_contiguous():
         return _stacked_dim(w, k, p)
     return None
@@ -844,6 +856,7 @@ class _ChannelMaxima(TorchFunctionMode):
         self.originals = set(self.weights)
         self.unfollowed: set[str] = set()
         self.copies: dict[int, tuple[Tensor, Tensor]] = {}  # a copy and its first source
+        self.products: dict[int, tuple[Tensor, Tensor]] = {}  # a live product's (weight, input)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -857,6 +870,10 @@ class _ChannelMaxima(TorchFunctionMode):
             self._gather(func, args, kwargs, out)
         if isinstance(out, Tensor):
             self._derive(func, tensors, out)
+        if any(func is f for f in MULTIPLIES) and "out" not in kwargs:
+            self._multiplied(args, kwargs, out)
+        elif any(func is f for f in SUMS):
+            self._summed(args, kwargs)
         for read in _operands(func, args, kwargs):
             w, x = read.weight, read.input
             if isinstance(w, Tensor) and (x is None or _wrapped(w) or self._tracked(x)):
@@ -875,6 +892,67 @@ class _ChannelMaxima(TorchFunctionMode):
                 if u is not None and id(u) in table:
                     return (table[id(u)][0],)
         return ()
+
+    def _root(self, t: Tensor) -> Tensor | None:
+        """The tracked tensor (weight, gathered copy, tensor computed from weights) that ``t``
+        is or is a view of."""
+        for u in (t, t._base):
+            for table in (self.weights, self.gathered, self.derived):
+                if u is not None and id(u) in table:
+                    return table[id(u)][1]
+        return None
+
+    def _multiplied(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """Keeps ``x * W`` (either order), of an activation ``x`` and a tracked ``W`` (or a view
+        of one) of 2 dims or more, while the product lives, for :meth:`_summed`."""
+        pair = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other"))
+        if not all(isinstance(t, Tensor) for t in (*pair, out)):
+            return
+        w, x = pair if self._tracked(pair[0]) else pair[::-1]
+        if self._tracked(x) or id(x) in self.static or id(out) in self.products:
+            return
+        root = self._root(w)
+        if root is None or root.dim() < 2 or self._tracked(out):
+            return
+        self.products[id(out)] = (w, x)
+        weakref.finalize(out, self.products.pop, id(out), None)
+
+    def _summed(self, args: tuple, kwargs: dict) -> None:
+        """``(x * W).sum(dims)`` of a kept product (:meth:`_multiplied`), ``W``'s dims
+        broadcast against the product's from the right. Over none of the dims along which ``W``
+        varies (size over 1, stride not 0): no read (``h * gamma`` summed over tokens). Over
+        exactly one, along which ``x`` runs too, ``x`` broadcast along ``W``'s other varying
+        dims: ``W``'s read along that dim (``(h[:, None, :] * W).sum(-1)`` is ``h @ W.T``),
+        recorded as :meth:`_record` records it, ``W`` stripped of its broadcast dims (a row or
+        column ``[C]`` as ``[1, C]``). Any other sum over its varying dims: not followed."""
+        p = _arg(args, kwargs, 0, "input")
+        w, x = self.products.get(id(p), (None, None))
+        if w is None:
+            return
+        n, dims = p.dim(), _arg(args, kwargs, 1, "dim")
+        dims = [dims] if isinstance(dims, int) else dims or range(n)
+        start = n - w.dim()
+        varying = [i for i in range(start, n) if w.shape[i - start] > 1 and w.stride(i - start)]
+        if not all(isinstance(i, int) and -n <= i < n for i in dims):
+            over = varying
+        else:
+            over = [i for i in varying if i in {j % n for j in dims}]
+        if not over:
+            return
+        s = over[0]
+        along = x.dim() >= n - s and x.shape[s - n] == p.shape[s]  # x runs along dim s
+        alone = all(x.dim() < n - i or x.shape[i - n] == 1 for i in varying if i != s)
+        if len(over) > 1 or not along or not alone:
+            self.unfollowed.update(self._tracked(w))
+            return
+        core = w[tuple(slice(None) if i in varying else 0 for i in range(start, n))]
+        k = varying.index(s)
+        core, k = (core[None], 1) if core.dim() == 1 else (core, k)
+        source = self._source(core, k)
+        if source is not None and source[2] is None:
+            self.unfollowed.add(source[0])
+        elif source is not None:
+            self._record(core, k, x, s - n)
 
     def _overwritten(self, t: Tensor, tensors: list[Tensor]) -> None:
         """``t`` (or the tensor it is a view of) written in place by a call of ``tensors``: a
