@@ -288,12 +288,18 @@ def _when(results: dict) -> str:
         measured = [n for n in r["sections"] if n not in skipped]
         parts += [f"{n} skipped ({results[n]['skipped']}) on {r['date']}" for n in skipped]
         if measured:
+            where = f" on {r['machine']}" if len(_machines(results)) > 1 else ""
             parts.append(
-                f"{', '.join(measured)} on {r['date']} (a run of {r['seconds']:.0f} s, "
+                f"{', '.join(measured)} on {r['date']}{where} (a run of {r['seconds']:.0f} s, "
                 f"{r['threads']} thread(s), load average {r['load_before'][0]:.1f} before / "
                 f"{r['load_after'][0]:.1f} after)"
             )
     return "; ".join(parts)
+
+
+def _machines(results: dict) -> list[str]:
+    """The processors the runs of the suite ran on, in order of first use."""
+    return list(dict.fromkeys(r["machine"] for r in results["runs"]))
 
 
 def render_markdown(results: dict) -> str:
@@ -310,8 +316,10 @@ def render_markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
         lines.append(f"| {row['item']}. {row['what']} | {measured} | {_target(row)} | {met} |")
     lines.append("")
+    machines = _machines(results)
+    machine = machines[0] if len(machines) == 1 else f"{len(machines)} machines"
     lines.append(
-        f"Measured on {meta['machine']} ({meta['cores']} cores, torch {meta['torch']}): "
+        f"Measured on {machine} ({meta['cores']} cores, torch {meta['torch']}): "
         f"{_when(results)}. Every timing is the median over at least 5 pairs measured side "
         "by side, alternating (3 for item 4's quick grid and item 7's GPT-2 `equalize_`; item 6's "
         "in fresh processes). "
@@ -520,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
         **threads,
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
+        "machine": _cpu_name(),
     }
     results["runs"].append(run)
     results["meta"] = _machine(args.tiny)
@@ -556,8 +565,8 @@ def _earlier(path: Path, tiny: bool, only: set[str]) -> dict:
     runs = []
     for r in earlier["runs"]:
         sections = [n for n in r["sections"] if n in kept]
-        if sections:
-            runs.append({**r, "sections": sections})
+        if sections:  # runs recorded before each run named its processor ran on meta's
+            runs.append({"machine": meta.get("machine"), **r, "sections": sections})
     return {**kept, "runs": runs}
 
 

@@ -9,11 +9,12 @@ concatenates the flattened maps of all groups into one index. Then
 - the squared sums ``S_in``, ``S_out`` (and ``||theta||^2``) are the squares of the parameters
   summed onto each term's slots, laid out in that index's order, and one ``index_add_`` for all
   groups. In the GPU layout (:func:`gpu_layout`) those values are, per group, one stack and one
-  square of its parameters (none for a single parameter) and one sum per kind of term, the
-  squares of every parameter whose terms name a slot per entry (gains, biases) in one
-  ``torch._foreach_mul``, and one ``_chunk_cat``; on the CPU each parameter's are written into
-  its slice of one buffer, its squares taken a cache-sized block at a time, without a stacked
-  copy (a few operations per parameter, each costing no launch there);
+  square of its parameters (none for a single parameter) and one sum per kind of term, or one
+  norm over trailing dims where that is every term's sum (a row norm of each matrix); the
+  squares of those norms and of every parameter whose terms name a slot per entry (gains,
+  biases) in one ``torch._foreach_mul``, and one ``_chunk_cat``; on the CPU each parameter's
+  are written into its slice of one buffer, its squares taken a cache-sized block at a time,
+  without a stacked copy (a few operations per parameter, each costing no launch there);
 - the action ``g(h)`` and the penalty gradient need, per entry, ``sum_t sign_t x[slots_t]``
   over its parameter's terms (``x = h`` or ``mu``). In the GPU layout these values of every
   group come from one gather over a second index of the plan (:func:`all_term_values`); the
@@ -307,9 +308,16 @@ SHORT_RUN = 64
 def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
     """``t.square()`` in ``dtype`` summed over the trailing dims where ``shape`` (the broadcast
     shape of the maps, batch dims included) has size 1 (kept with size 1), in one pass without a
-    squared temporary (a norm); ``None`` when those dims hold fewer than :data:`SHORT_RUN`
-    entries, or a gradient is recorded (a norm's backward is undefined at 0), or ``t`` is not
-    contiguous."""
+    squared temporary (a norm, then squared); ``None`` where :func:`_trailing_norm` is."""
+    norm = _trailing_norm(t, shape, dtype)
+    return None if norm is None else norm.square_()
+
+
+def _trailing_norm(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """The 2-norm of ``t`` in ``dtype`` over the trailing dims where ``shape`` has size 1 (kept
+    with size 1), the square root of :func:`trailing_sum_of_squares`; ``None`` when those dims
+    hold fewer than :data:`SHORT_RUN` entries, or a gradient is recorded (a norm's backward is
+    undefined at 0), or ``t`` is not contiguous."""
     if torch.is_grad_enabled() and t.requires_grad or not t.is_contiguous():
         return None
     lead = t.dim()
@@ -318,15 +326,15 @@ def trailing_sum_of_squares(t: Tensor, shape: tuple[int, ...], dtype: torch.dtyp
     if t.shape[lead:].numel() < SHORT_RUN:
         return None
     trailing = tuple(range(lead, t.dim()))
-    return torch.linalg.vector_norm(t, dim=trailing, keepdim=True, dtype=dtype).square_()
+    return torch.linalg.vector_norm(t, dim=trailing, keepdim=True, dtype=dtype)
 
 
-def _squares(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool) -> Tensor:
-    """``x.square()`` in ``dtype``, summed over trailing dims ``shape`` has size 1 along when
-    that is one cheap pass; in place when ``x`` is a temporary and no gradient is recorded."""
-    sq = trailing_sum_of_squares(x, shape, dtype)
-    if sq is not None:
-        return sq
+def _squares(x: Tensor, norm: Tensor | None, dtype: torch.dtype, fresh: bool) -> Tensor:
+    """``x.square()`` in ``dtype``, or ``norm`` squared in place where :func:`_trailing_norm`
+    gave one (``x``'s squares summed over trailing dims); in place when ``x`` is a temporary and
+    no gradient is recorded."""
+    if norm is not None:
+        return norm.square_()
     fresh = fresh or x.dtype != dtype
     x = x.to(dtype)
     recorded = torch.is_grad_enabled() and x.requires_grad
@@ -345,12 +353,13 @@ def flat_cat(values: list[Tensor], batch_dims: int, chunkable: bool) -> Tensor:
     return torch._chunk_cat(values, batch_dims, 1).squeeze(batch_dims)
 
 
-def _entry_squares(
+def _entry_names(
     tensors: Mapping[str, Tensor], plan: KernelPlan, dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """The squares of every parameter in a group whose terms each name a slot per entry (a
-    norm's gain, a bias): nothing to reduce, so all of them in one ``torch._foreach_mul``,
-    without stacking. Empty when they are not in ``dtype`` already or a gradient is recorded."""
+) -> frozenset[str]:
+    """The parameters in a group whose terms each name a slot per entry (a norm's gain, a bias):
+    nothing to reduce, so their squares are taken without stacking, in the one
+    ``torch._foreach_mul`` of :func:`stacked_sums`. Empty when they are not in ``dtype`` already
+    or a gradient is recorded."""
     names = [
         name
         for group in plan.groups
@@ -359,10 +368,10 @@ def _entry_squares(
     ]
     ts = [tensors[name] for name in names]
     if not ts or any(t.dtype != dtype for t in ts):
-        return {}
+        return frozenset()
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return {}
-    return dict(zip(names, torch._foreach_mul(ts, ts), strict=True))
+        return frozenset()
+    return frozenset(names)
 
 
 def generator_sums(
@@ -431,17 +440,29 @@ def stacked_sums(
     tensors: Mapping[str, Tensor], plan: KernelPlan, dtype: torch.dtype, batch_dims: int
 ) -> Tensor:
     """The values of the ``index_add_`` of :func:`generator_sums` (``[*batch, len(index)]``)
-    from stacks: per group, one stack and square of its parameters and one sum per slot shape
-    (the squares of per-entry parameters in one ``torch._foreach_mul``), then one
-    ``_chunk_cat``; a number of operations that does not grow with depth. Differentiable."""
-    squares = _entry_squares(tensors, plan, dtype)
+    from stacks: per group, one stack and square of its parameters and one sum per slot shape,
+    or one norm over trailing dims; the squares of those norms and of the per-entry parameters
+    (:func:`_entry_names`) in one ``torch._foreach_mul``; then one ``_chunk_cat``; a number of
+    operations that does not grow with depth. Differentiable."""
+    entries = _entry_names(tensors, plan, dtype)
+    roots: list[Tensor] = []  # the tensors whose squares are values: squared in one call
+    per_group = []
+    for group in plan.groups:
+        if group.names[0] in entries:  # per entry: the squares of each parameter in turn
+            values = [tensors[name] for name in group.names]
+            roots += values
+            per_group.append([values] * len(group.signs))
+            continue
+        sums, norm = _group_sums(tensors, group, dtype, batch_dims)
+        roots += sums[:1] if norm else []
+        per_group.append([[values] for values in sums])
+    squares = (
+        dict(zip(map(id, roots), torch._foreach_mul(roots, roots), strict=True)) if roots else {}
+    )
     reduced: dict[int, list[Tensor]] = {+1: [], -1: []}
     firsts = []  # every entry lands in its parameter's first term: these sum to ||theta||^2
-    for group in plan.groups:
-        if group.names[0] in squares:  # per entry: the squares of each parameter in turn
-            per_term = [[squares[name] for name in group.names]] * len(group.signs)
-        else:
-            per_term = [[values] for values in _group_sums(tensors, group, dtype, batch_dims)]
+    for group, per_term in zip(plan.groups, per_group, strict=True):
+        per_term = [[squares.get(id(v), v) for v in values] for values in per_term]
         for values, sign in zip(per_term, group.signs, strict=True):
             reduced[sign] += values
         firsts += per_term[0]
@@ -456,22 +477,27 @@ def _broadcast(shapes: tuple[torch.Size, ...]) -> torch.Size:
 
 def _group_sums(
     tensors: Mapping[str, Tensor], group: TermGroup, dtype: torch.dtype, batch_dims: int
-) -> list[Tensor]:
+) -> tuple[list[Tensor], bool]:
     """Per term of ``group``, the squares of its parameters stacked (``[*batch, L, *shape]``; a
     single one as it is) summed onto the term's slot shape; terms of one slot shape share a sum.
-    The stack is freed on return, before the next group's is made."""
+    Where every term's sum is one norm over trailing dims (:func:`_trailing_norm`), that norm
+    for each term and ``True``: the caller squares it. The stack is freed on return, before the
+    next group's is made."""
     one = len(group.names) == 1
     x = [tensors[name] for name in group.names]
     x = x[0] if one else torch.stack(x, batch_dims)
     lead = tuple(x.shape[: batch_dims + (0 if one else 1)])
-    pair = _broadcast(tuple(slots.shape[1:] for slots in group.slots))
-    sq = _squares(x, (*lead, *pair), dtype, not one)
+    shapes = [(*lead, *slots.shape[1:]) for slots in group.slots]
+    pair = (*lead, *_broadcast(tuple(slots.shape[1:] for slots in group.slots)))
+    norm = _trailing_norm(x, pair, dtype)
+    if norm is not None and all(shape == norm.shape for shape in shapes):
+        return [norm] * len(shapes), True
+    sq = _squares(x, norm, dtype, not one)
     by_shape: dict[tuple[int, ...], Tensor] = {}
-    for slots in group.slots:
-        shape = (*lead, *slots.shape[1:])
+    for shape in shapes:
         if shape not in by_shape:
             by_shape[shape] = reduce_to(sq, shape)
-    return [by_shape[(*lead, *slots.shape[1:])] for slots in group.slots]
+    return [by_shape[shape] for shape in shapes], False
 
 
 def sums_per_parameter(
