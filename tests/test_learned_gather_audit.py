@@ -81,7 +81,7 @@ QUERIES: dict[str, tuple[Queries, bool]] = {
     "mm": (lambda m, z, h, b: torch.mm(z, m.q.weight.T), True),
     "addmm": (lambda m, z, h, b: torch.addmm(m.q.bias, z, m.q.weight.T), True),
     "einsum": (lambda m, z, h, b: torch.einsum("ld,od->lo", z, m.q.weight), True),
-    "expanded then matmul": (lambda m, z, h, b: z.expand(b, -1, -1) @ m.q.weight.T, False),
+    "expanded then matmul": (lambda m, z, h, b: z.expand(b, -1, -1) @ m.q.weight.T, True),
     "bmm": (
         lambda m, z, h, b: torch.bmm(z.expand(b, -1, -1), m.q.weight.T.expand(b, -1, -1)),
         False,
@@ -95,7 +95,7 @@ QUERIES: dict[str, tuple[Queries, bool]] = {
     "expanded over two dims": (lambda m, z, h, b: m.q(z.expand(2, b, -1, -1))[0], False),
     "expanded, then times itself": (lambda m, z, h, b: m.q(z.expand(b, -1, -1)) * z, False),
     "expanded, written in place": (lambda m, z, h, b: m.q(_written(z, b)), False),
-    "rows in another order (list)": (lambda m, z, h, b: m.q(z[[2, 0, 1]]), False),
+    "rows in another order (list)": (lambda m, z, h, b: m.q(z[[2, 0, 1]]), True),
     "rows in another order (tensor)": (lambda m, z, h, b: m.q(z[PERMUTED]), True),
     "rows in another order, plus": (lambda m, z, h, b: m.q(z[PERMUTED]) + z, True),
     "rows in another order, times": (lambda m, z, h, b: m.q(z[PERMUTED]) * z, False),

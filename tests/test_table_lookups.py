@@ -198,7 +198,6 @@ def table_written(table: Tensor, ids: Tensor) -> Tensor:
 
 FIXING: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], tuple[int, int], int]] = {
     "columns by the data": (columns_by_data, (WIDTH, VOCAB), WIDTH),
-    "columns by index_select": (columns_by_index_select, (WIDTH, VOCAB), WIDTH),
     "partial rows": (partial_rows, (VOCAB, WIDTH), PART),
     "bool mask": (bool_mask, (VOCAB, WIDTH), WIDTH),
     "uint8 mask": (uint8_mask, (VOCAB, WIDTH), WIDTH),
@@ -232,6 +231,19 @@ def test_other_picks_of_a_table_fix_it(form):
         assert s.num_generators == UNITS, s.summary()
         fresh = (torch.tensor([3, 3, 0, 9, 1, 2]),)
         assert change_under_gauge(model, s, (torch.arange(VOCAB),), fresh) <= TOL
+
+
+def test_columns_picked_by_index_select_are_a_lookup_of_the_transpose():
+    """``table.index_select(1, ids)`` picks whole columns by the data: each output entry keeps its
+    row, so ``table``'s rows produce channels, one factor per row for every column read (as
+    ``F.embedding(ids, table.T)``): ``a``'s units and the table's rows, exact on other ids."""
+    torch.manual_seed(0)
+    model = Picked("columns by the data").to(DTYPE)
+    model.pick = columns_by_index_select
+    s = gaugefix.discover(model, torch.arange(VOCAB).flip(0))
+    assert acts_on(s, "table") and s.num_generators == UNITS + WIDTH, s.summary()
+    fresh = (torch.tensor([3, 3, 0, 9, 1, 2]),)
+    assert change_under_gauge(model, s, (torch.arange(VOCAB),), fresh) <= TOL
 
 
 class UInt8Experts(nn.Module):

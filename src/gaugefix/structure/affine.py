@@ -315,6 +315,9 @@ def contract(ctx: TraceContext, a: Tensor, b: Tensor, out: Tensor) -> Any:
     is invariant. Two parameter matrices: see :func:`product_of_parameters`.
     """
     vec_a, vec_b = a.dim() == 1, b.dim() == 1
+    if ctx.is_param(a) and ctx.transpose_of(b) is not None:  # F.linear(a, W) spelled a @ W.T
+        ctx.claim(b)
+        return _linear(ctx, out, a, ctx.transpose_of(b))
     if ctx.is_param(a) and ctx.is_param(b):
         if a.dim() > 2 or b.dim() > 2:
             return ctx.block_all((a, b), {}, ctx.reason("batched product of two parameters"))
@@ -441,6 +444,8 @@ def _einsum(ctx: TraceContext, result: Any, equation: Any, *operands: Any) -> An
         if len(operands) == 1:
             return ctx.block_all(operands, {}, ctx.reason("einsum of a parameter alone"))
         spelled = f"{inputs[0]},{inputs[1]}->{output}"
+        if all(ctx.is_param(t) for t in operands) and _reads_as_linear(*inputs, output):
+            return _linear(ctx, result, *operands)  # "ld,ed->le": F.linear(latents, W)
         if all(ctx.is_param(t) for t in operands):
             return product_of_parameters(ctx, spelled, *operands)
         return einsum_with_parameter(ctx, spelled, *operands)
@@ -463,6 +468,16 @@ def _einsum(ctx: TraceContext, result: Any, equation: Any, *operands: Any) -> An
     ctx.tag(na, "query-key")
     ctx.tag(nb, "query-key")
     return ZERO
+
+
+def _reads_as_linear(first: str, second: str, output: str) -> bool:
+    """Whether ``einsum(first, second -> output)`` is ``F.linear(a, b)``: ``b`` a matrix
+    ``[out, in]`` contracted over its last letter with ``a``'s last, the output ``a``'s other
+    letters followed by ``b``'s first (``"ld,ed->le"``, ``"bld,ed->ble"``)."""
+    return (
+        len(second) == 2 and first[-1:] == second[1] and second[0] not in first
+        and output == first[:-1] + second[0]
+    )  # fmt: skip
 
 
 def einsum_with_parameter(ctx: TraceContext, equation: str, a: Tensor, b: Tensor) -> Any:

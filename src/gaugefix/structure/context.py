@@ -360,6 +360,18 @@ class TraceContext:
         read[gathered.rows.reshape(-1)] = True
         return gathered.index is None and bool(read.all())
 
+    def transpose_of(self, t: Tensor) -> Tensor | None:
+        """The 2-d parameter ``W`` when ``t`` is its transpose (``W.T``, ``W.t()``,
+        ``W.transpose(0, 1)``: entry ``[i, j]`` of ``t`` is ``W[j, i]``); None otherwise."""
+        entry = self._views.get(id(t))
+        if entry is None or entry[0] is not t or t.dim() != 2:
+            return None
+        param, index = entry[1].param, entry[1].index
+        if param.dim() != 2 or tuple(t.shape) != tuple(param.shape)[::-1]:
+            return None
+        transposed = torch.arange(param.numel(), device=index.device).view(param.shape).t()
+        return param if torch.equal(index.reshape(-1), transposed.reshape(-1)) else None
+
     def is_tainted(self, t: Tensor) -> bool:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
         inputs or parameters, or on a random draw."""

@@ -532,35 +532,68 @@ def _on_param(ctx: TraceContext, out: Any, p: Tensor, rest: tuple, options: dict
         index = torch.arange(p.numel()).view(p.shape)
         ctx.view_of_param(out, p, ctx.func(index, *rest, **options).reshape(-1))
         return None
+    along = _picked_by_data(ctx, p, out, rest, options)
+    if along is not None:
+        shape = [1 if d == along else n for d, n in enumerate(p.shape)]
+        nodes = ctx.produce(p, *shape)
+        return nodes[tuple(slice(0, n) for n in out.shape)].expand(out.shape)
     return ctx.block_all((p,), {}, ctx.reason("parameter sliced or repeated"))
 
 
+# Where ``gather``, ``index_select`` and ``take_along_dim`` take their index, positionally
+# (after the tensor) and by name.
+_INDEX_AT = {"gather": (1, "index"), "index_select": (1, "index"), "take_along_dim": (0, "indices")}
+
+
+def _picked_by_data(
+    ctx: TraceContext, p: Tensor, out: Any, rest: tuple, options: dict
+) -> int | None:
+    """The dim ``d`` when an op on the parameter ``p`` picks its entries along ``d`` by an
+    index that depends on the data (``gather(p, d, i)``, ``p.index_select(d, i)``,
+    ``take_along_dim(p, i, d)``, ``i`` from ``argmax``, ``topk``...): every output entry is an
+    entry of ``p`` at the same coordinates along the other dims, at any place along ``d``. So
+    ``p`` produces one factor per coordinate of its other dims, the same along ``d`` (as an
+    embedding table's columns, whichever rows are looked up), and the output carries it at
+    those coordinates. None for other ops, constant indices, gathered slices and
+    ``index_select`` along dim 0, which picks slices (see :func:`_slice_index`)."""
+    short = ctx.op.rsplit(".", 1)[-1]
+    along = _picked_dim(short, p, rest, options)
+    if along is None or ctx.is_gathered(p) or not isinstance(out, Tensor):
+        return None
+    if short == "index_select" and along == 0:
+        return None
+    at, name = _INDEX_AT[short]
+    index = options.get(name, rest[at] if len(rest) > at else None)
+    if not isinstance(index, Tensor) or not ctx.gathers_by_data(index) or out.dim() != p.dim():
+        return None
+    return along
+
+
 def _looked_up(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> Tensor | None:
-    """The index ``i`` when an op on the parameter ``p`` is the lookup of whole rows of a table
-    ``p [num, dim]`` by the data, ``p[i]`` or ``p.index_select(0, i)``: ``i`` an integer tensor
-    (not a mask) that picks by the data or was made from a size (``arange(T)``). Each output
-    row is a row of ``p``, whichever rows ``i`` picks, so ``p``'s columns produce the output's
-    channels, one factor per column for every row (read as ``F.embedding(i, p)``, also where
-    ``p`` is read another way). Else None: an arrangement of ``p``, slices of another shape
-    (stacked experts), rows at constant places, partial rows (``p[i, :k]``)."""
-    if id(p) not in ctx.param_names or p.dim() != 2:
+    """The index ``i`` when an op on the parameter ``p`` (or an arrangement of it: ``W.view(V,
+    D)``, ``W3.flatten(0, 1)``) is the lookup of whole rows of a table ``p [num, dim]`` by the
+    data, ``p[i]`` spelt any way (see :func:`_getitem_index`) or ``p.index_select(0, i)``: ``i``
+    an integer tensor that picks by the data or was made from a size (``arange(T)``); torch
+    takes no other integer dtype than ``int64`` and ``int32``, and masks are no such index. Each
+    output row is a row of ``p``, whichever rows ``i`` picks, so ``p``'s columns produce the
+    output's channels, one factor per column for every row (read as ``F.embedding(i, p)``,
+    also where ``p`` is read another way). Else None: slices of another shape (stacked experts),
+    rows at constant places, partial rows (``p[i, :k]``)."""
+    if not ctx.is_param(p) or p.dim() != 2:
         return None
     index = _slice_index(ctx, p, rest, options)
-    if not isinstance(index, Tensor) or index.dtype not in _ROW_INDICES:
+    if not isinstance(index, Tensor):
         return None
     return index if ctx.gathers_by_data(index) else None
 
 
-# Integer dtypes that index rows (``uint8`` indexes as a mask).
-_ROW_INDICES = (torch.int64, torch.int32)
-
-
 def _slice_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> Any:
-    """The index ``i`` when an op on the parameter ``p`` is ``p[i]`` (see :func:`_picks_slices`)
+    """The index ``i`` when an op on the parameter ``p`` is ``p[i]`` (see :func:`_getitem_index`)
     or ``p.index_select(0, i)`` with a 1-D integer tensor ``i`` (the same slices of ``p`` along
     dim 0, in the same order), else None."""
-    if _picks_slices(ctx, p, rest, options):
-        return rest[0]
+    picked = _getitem_index(ctx, p, rest, options)
+    if picked is not None:
+        return picked
     if ctx.op.rsplit(".", 1)[-1] != "index_select" or ctx.is_gathered(p) or not p.dim():
         return None
     names = ("dim", "index")
@@ -885,15 +918,31 @@ def _index_width(item: Any) -> int:
 _MASKS = (torch.bool, torch.uint8)
 
 
-def _picks_slices(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> bool:
-    """Whether an op on the parameter ``p`` is ``p[i]`` with an integer or an integer tensor
-    ``i``: slices of ``p`` along dim 0 (one expert's weights, or one per token)."""
+def _getitem_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> Any:
+    """The index ``i`` when an op on the parameter ``p`` is ``p[i]`` with an integer or an
+    integer tensor ``i`` (slices of ``p`` along dim 0: one expert's weights, or one per token),
+    also spelt ``p[i, :]``, ``p[i, ...]``, ``p[(i,)]`` (whole slices along the other dims) or
+    with a list of plain integers (``p[[2, 0, 1]]``, which torch reads as the tensor of them),
+    else None."""
     if not ctx.op.endswith("__getitem__") or options or len(rest) != 1 or ctx.is_gathered(p):
-        return False
-    i = rest[0]
+        return None
+    items = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
+    if not items or not all(i is Ellipsis or _whole(i) for i in items[1:]):
+        return None
+    i = items[0]
+    if isinstance(i, list) and i and all(type(n) is int for n in i):
+        return torch.tensor(i)
     if isinstance(i, Tensor):  # torch reads a uint8 index as a mask, as a bool one
-        return not (i.is_floating_point() or i.is_complex() or i.dtype in _MASKS)
-    return isinstance(i, int) and not isinstance(i, bool)
+        masked = i.is_floating_point() or i.is_complex() or i.dtype in _MASKS
+        return None if masked else i
+    return i if isinstance(i, int) and not isinstance(i, bool) else None
+
+
+def _whole(item: Any) -> bool:
+    """Whether an item of an index is ``:``, the whole dim."""
+    if not isinstance(item, slice):
+        return False
+    return item.start is None and item.stop is None and item.step is None
 
 
 def _rows_picked(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> list | None:
@@ -999,6 +1048,32 @@ def _reduce_max(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **opt
 
 
 register_all(funcs("max", "min"), _reduce_max)
+
+# The arguments of the ops that rank entries along one dim, after the tensor, in order.
+_RANKING = {"topk": ("k", "dim", "largest", "sorted"), "sort": ("dim", "descending", "stable")}
+
+
+def _ranked(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
+    """``topk(x, k, dim)`` and ``sort(x, dim)``: the entries along ``dim`` in the order of their
+    values, and their places. A positive factor common to the entries along ``dim`` keeps their
+    order, so they are united: the values carry that factor, the places (picked by the data)
+    none. A parameter ranked, and a dim that is not a plain int, block."""
+    names = _RANKING[ctx.op.rsplit(".", 1)[-1]]
+    given = dict(zip(names, rest, strict=False)) | options
+    dim = given.get("dim", -1)
+    if (
+        len(rest) > len(names) or set(given) - set(names) or type(dim) is not int
+        or ctx.is_param(input) or not isinstance(result, tuple)
+    ):  # fmt: skip
+        return blocker(ctx, result, input, *rest, **options)
+    dims = [dim % input.dim()] if input.dim() else []
+    labels = ctx.terms(input).map(
+        lambda nodes: ctx.unite(nodes.expand(input.shape), dims).expand(result[0].shape)
+    )
+    return (labels, None)
+
+
+register_all(funcs("topk", "sort"), _ranked)
 
 
 # --- channel-preserving maps of each leading slice (pooling, padding, upsampling) ------------
