@@ -126,8 +126,11 @@ MULTIPLIES = (
     Tensor.multiply,
     Tensor.__mul__,
     Tensor.__rmul__,
+    Tensor.mul_,
+    Tensor.multiply_,
+    Tensor.__imul__,
 )
-SUMS = (torch.sum, Tensor.sum)
+SUMS = (torch.sum, Tensor.sum, torch.mean, Tensor.mean)  # a mean: a sum scaled
 
 
 @dataclass(frozen=True)
@@ -559,13 +562,12 @@ class _Read(NamedTuple):
 
 def _product_reads(a: Any, b: Any) -> list[_Read]:
     """The reads of ``a @ b`` (``matmul`` broadcasting; ``mm``, ``mv``, ``bmm`` are cases): a
-    weight ``b`` of 2 dims or more is read along its dim ``-2`` by ``a``'s dim ``-1``, a weight
-    ``a`` of 2 dims or more along its dim ``-1`` by ``b``'s dim ``-2`` (``-1``: a vector)."""
-    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+    weight ``b`` is read along its dim ``-2`` (a vector: its one dim) by ``a``'s dim ``-1``, a
+    weight ``a`` along its dim ``-1`` by ``b``'s dim ``-2`` (``-1``: a vector)."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or not a.dim() or not b.dim():
         return []
-    reads = [_batched(b, b.dim() - 2, a, -1)] if b.dim() >= 2 and a.dim() >= 1 else []
-    if a.dim() >= 2 and b.dim() >= 1:
-        reads.append(_batched(a, a.dim() - 1, b, -2 if b.dim() >= 2 else -1))
+    reads = [_batched(b, max(b.dim() - 2, 0), a, -1)]  # a vector b: along its one dim
+    reads.append(_batched(a, a.dim() - 1, b, -2 if b.dim() >= 2 else -1))
     return reads
 
 
@@ -726,6 +728,7 @@ PRODUCTS: tuple[tuple[Any, Any], ...] = (
     *((f, _MATMUL) for f in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.linalg.matmul)),
     *((f, _product_call(0, "input", "mat2")) for f in (torch.mm, Tensor.mm, torch.bmm, Tensor.bmm)),
     *((f, _product_call(0, "input", "vec")) for f in (torch.mv, Tensor.mv)),
+    *((f, _product_call(0, "input", "tensor")) for f in (torch.dot, Tensor.dot)),
     *((f, _product_call(1, "mat1", "mat2")) for f in (torch.addmm, Tensor.addmm)),  # (input, a, b)
     *((f, _product_call(1, "mat", "vec")) for f in (torch.addmv, Tensor.addmv)),
     *((f, _product_call(1, "batch1", "batch2")) for f in (torch.baddbmm, Tensor.baddbmm)),
@@ -856,7 +859,7 @@ class _ChannelMaxima(TorchFunctionMode):
         self.originals = set(self.weights)
         self.unfollowed: set[str] = set()
         self.copies: dict[int, tuple[Tensor, Tensor]] = {}  # a copy and its first source
-        self.products: dict[int, tuple[Tensor, Tensor]] = {}  # a live product's (weight, input)
+        self.products: dict[int, tuple] = {}  # a live product's (weight, input, versions)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -870,10 +873,10 @@ class _ChannelMaxima(TorchFunctionMode):
             self._gather(func, args, kwargs, out)
         if isinstance(out, Tensor):
             self._derive(func, tensors, out)
-        if any(func is f for f in MULTIPLIES) and "out" not in kwargs:
-            self._multiplied(args, kwargs, out)
+        if any(func is f for f in MULTIPLIES):
+            self._multiplied(func, args, kwargs, out)
         elif any(func is f for f in SUMS):
-            self._summed(args, kwargs)
+            self._summed(func, args, kwargs, out)
         for read in _operands(func, args, kwargs):
             w, x = read.weight, read.input
             if isinstance(w, Tensor) and (x is None or _wrapped(w) or self._tracked(x)):
@@ -902,49 +905,99 @@ class _ChannelMaxima(TorchFunctionMode):
                     return table[id(u)][1]
         return None
 
-    def _multiplied(self, args: tuple, kwargs: dict, out: Any) -> None:
+    def _multiplied(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """Keeps ``x * W`` (either order), of an activation ``x`` and a tracked ``W`` (or a view
-        of one) of 2 dims or more, while the product lives, for :meth:`_summed`."""
+        of one) of 2 dims or more, while the product lives, for :meth:`_summed`, with the
+        version counters of ``x`` and of the product (a later write to either is seen there).
+        Written into ``x`` (``h.mul_(W)``) or ``out=``, or of ``W`` batched by ``vmap``: kept
+        without ``x`` (its values are gone, or its dims are not ``W``'s)."""
         pair = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other"))
         if not all(isinstance(t, Tensor) for t in (*pair, out)):
             return
-        w, x = pair if self._tracked(pair[0]) else pair[::-1]
-        if self._tracked(x) or id(x) in self.static or id(out) in self.products:
+        w, x = pair if self._tracked(_unwrapped(pair[0])) else pair[::-1]
+        written = bool(_written(func, args, kwargs))
+        if self._tracked(_unwrapped(x)) or id(x) in self.static:
             return
-        root = self._root(w)
-        if root is None or root.dim() < 2 or self._tracked(out):
+        root = self._root(_unwrapped(w))
+        if root is None or root.dim() < 2 or self._tracked(out) and not written:
             return
-        self.products[id(out)] = (w, x)
-        weakref.finalize(out, self.products.pop, id(out), None)
+        self._keep(out, w, None if written or _wrapped(w) else x, x)
 
-    def _summed(self, args: tuple, kwargs: dict) -> None:
-        """``(x * W).sum(dims)`` of a kept product (:meth:`_multiplied`), ``W``'s dims
-        broadcast against the product's from the right. Over none of the dims along which ``W``
-        varies (size over 1, stride not 0): no read (``h * gamma`` summed over tokens). Over
-        exactly one, along which ``x`` runs too, ``x`` broadcast along ``W``'s other varying
-        dims: ``W``'s read along that dim (``(h[:, None, :] * W).sum(-1)`` is ``h @ W.T``),
-        recorded as :meth:`_record` records it, ``W`` stripped of its broadcast dims (a row or
-        column ``[C]`` as ``[1, C]``). Any other sum over its varying dims: not followed."""
+    def _keep(self, out: Tensor, w: Tensor, x: Tensor | None, source: Tensor) -> None:
+        """Keeps ``out``, a product of ``W`` and ``x`` (``None``: not kept), with the version
+        counters of ``x``'s ``source`` and of ``out``, while ``out`` lives."""
+        entry = (w, x, _unwrapped(source)._version, _unwrapped(out)._version)
+        if id(out) not in self.products:
+            weakref.finalize(out, self.products.pop, id(out), None)
+        self.products[id(out)] = (*self.products.get(id(out), ()), entry)
+
+    def _summed(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """``(x * W).sum(dims)`` (or ``mean``) of a kept product (:meth:`_multiplied`): each of
+        its weights' read (:meth:`_summed_read`) over the summed dims (all of them: ``dim``
+        omitted or empty; a name: all of the weight's); summed over none of the weight's
+        varying dims, ``out`` is kept as a product too (:meth:`_carried`)."""
         p = _arg(args, kwargs, 0, "input")
-        w, x = self.products.get(id(p), (None, None))
-        if w is None:
-            return
         n, dims = p.dim(), _arg(args, kwargs, 1, "dim")
         dims = [dims] if isinstance(dims, int) else dims or range(n)
-        start = n - w.dim()
+        named = not all(isinstance(i, int) and -n <= i < n for i in dims)
+        mean = func is torch.mean or func is Tensor.mean
+        reduced = (mean, bool(_arg(args, kwargs, 2, "keepdim", False)), out)
+        for entry in self.products.get(id(p), ()):
+            over = self._summed_read(p, None if named else {j % n for j in dims}, *entry)
+            if not over and not named and isinstance(out, Tensor):
+                self._carried(p, {j % n for j in dims}, reduced, *entry)
+
+    def _carried(
+        self,
+        p: Tensor,
+        dims: set[int],
+        reduced: tuple[bool, bool, Tensor],
+        w: Tensor,
+        x: Any,
+        *versions: int,
+    ) -> None:
+        """Product ``p`` of ``x`` and ``W`` summed (averaged: ``mean``) over ``dims``, along
+        none of which ``W`` varies, into ``out`` (``reduced``: ``mean``, ``keepdim``, ``out``):
+        the product of ``W`` (those dims dropped unless ``keepdim``) and of ``x`` summed
+        (averaged) over them, expanded first along those it is broadcast along
+        (``(h[:, None, :] * W).sum(0)`` is ``h.sum(0)[None, :] * W``); kept for a later sum,
+        ``x`` not kept where it is not (written since, or :meth:`_multiplied` kept none)."""
+        (mean, keep, out), fresh = reduced, x is not None
+        fresh = fresh and (_unwrapped(x)._version, _unwrapped(p)._version) == versions
+        n, start = p.dim(), p.dim() - w.dim()
+        ws = w if keep else w[tuple(0 if i in dims else slice(None) for i in range(start, n))]
+        if not fresh:
+            self._keep(out, ws, None, out)
+            return
+        xs = x.reshape((1,) * (n - x.dim()) + tuple(x.shape))
+        xs = xs.expand([p.shape[i] if i in dims else xs.shape[i] for i in range(n)])
+        xs = (Tensor.mean if mean else Tensor.sum)(xs, sorted(dims), keepdim=keep)
+        self._keep(out, ws, xs, xs)
+
+    def _summed_read(
+        self, p: Tensor, dims: set[int] | None, w: Tensor, x: Tensor | None, xv: int, pv: int
+    ) -> bool:
+        """Product ``p`` of ``x`` and ``W`` summed over ``dims`` (``None``: all of ``W``'s),
+        ``W``'s dims broadcast against the product's from the right. Over none of the dims
+        along which ``W`` varies (size over 1, stride not 0): no read (``h * gamma`` summed
+        over tokens). Over exactly one, along which ``x`` runs too, ``x`` broadcast along
+        ``W``'s other varying dims, neither ``x`` nor the product written since: ``W``'s read
+        along that dim (``(h[:, None, :] * W).sum(-1)`` is ``h @ W.T``), recorded as
+        :meth:`_record` records it, ``W`` stripped of its broadcast dims (a row or column
+        ``[C]`` as ``[1, C]``). Any other sum over its varying dims: not followed. Whether
+        the sum is over any of them."""
+        n, start = p.dim(), p.dim() - w.dim()
         varying = [i for i in range(start, n) if w.shape[i - start] > 1 and w.stride(i - start)]
-        if not all(isinstance(i, int) and -n <= i < n for i in dims):
-            over = varying
-        else:
-            over = [i for i in varying if i in {j % n for j in dims}]
+        over = [i for i in varying if dims is None or i in dims]
         if not over:
-            return
+            return False
         s = over[0]
-        along = x.dim() >= n - s and x.shape[s - n] == p.shape[s]  # x runs along dim s
-        alone = all(x.dim() < n - i or x.shape[i - n] == 1 for i in varying if i != s)
+        fresh = x is not None and (_unwrapped(x)._version, _unwrapped(p)._version) == (xv, pv)
+        along = fresh and x.dim() >= n - s and x.shape[s - n] == p.shape[s]  # x runs along s
+        alone = fresh and all(x.dim() < n - i or x.shape[i - n] == 1 for i in varying if i != s)
         if len(over) > 1 or not along or not alone:
-            self.unfollowed.update(self._tracked(w))
-            return
+            self.unfollowed.update(self._tracked(_unwrapped(w)))
+            return True
         core = w[tuple(slice(None) if i in varying else 0 for i in range(start, n))]
         k = varying.index(s)
         core, k = (core[None], 1) if core.dim() == 1 else (core, k)
@@ -953,16 +1006,21 @@ class _ChannelMaxima(TorchFunctionMode):
             self.unfollowed.add(source[0])
         elif source is not None:
             self._record(core, k, x, s - n)
+        return True
 
     def _overwritten(self, t: Tensor, tensors: list[Tensor]) -> None:
         """``t`` (or the tensor it is a view of) written in place by a call of ``tensors``: a
         weight itself is not followed; a copy (of a weight, of a gathered copy) no longer
         stands for its source (its values, shape or strides changed), its reads not followed;
-        a constant written from weights is computed from them."""
+        a constant written from weights is computed from them, from an activation (``out=``
+        of ``h * W``, ``copy_(h)``) is an activation."""
         tables = (self.weights, self.gathered, self.derived)
         base = t if t._base is None or any(id(t) in table for table in tables) else t._base
         names = self._tracked(t)
-        if not names and id(base) in self.static:
+        active = any(not self._tracked(u) and id(u) not in self.static for u in tensors)
+        if not names and id(base) in self.static and active:
+            self.static.discard(id(base))
+        elif not names and id(base) in self.static:
             names = tuple(dict.fromkeys(n for u in tensors for n in self._tracked(u)))
             if names:
                 self.static.discard(id(base))
@@ -1062,6 +1120,13 @@ class _ChannelMaxima(TorchFunctionMode):
     def _record(
         self, w: Tensor, k: int, x: Tensor, d: int, batched: bool = False, groups: int = 1
     ) -> None:
+        """Records ``max |x_j|`` along ``x``'s dim ``d`` for ``w``'s dim ``k``. A vector view
+        of a matrix (a row ``W[0]``, a column ``W[:, 0]``) is read as that matrix's ``[1, C]``
+        view (``W[:1]``); a vector weight itself has no channel dim."""
+        if w.dim() == 1:
+            if w._base is None or w._base.dim() < 2:
+                return
+            w, k = w[None], 1
         source = self._source(w, k)
         if source is None or source[2] is None:
             return
