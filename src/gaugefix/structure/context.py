@@ -314,8 +314,9 @@ class TraceContext:
             keep = a != b
             a, b = a[keep], b[keep]
         if a.numel():
-            pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
-            a, b = pair // self.num_nodes, pair % self.num_nodes
+            if not (_increasing(a) or _increasing(b)):  # else every pair is there once
+                pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
+                a, b = pair // self.num_nodes, pair % self.num_nodes
             self.edges.append(torch.stack([a, b, torch.full_like(a, sign)]))
             fixed = (a == 0) | (b == 0)  # named as the reason of the nodes joined to node 0
             if bool(fixed.any()):
@@ -949,28 +950,13 @@ class TraceContext:
         Otherwise (two routers, or positions that do not line up) it is blocked."""
         ptrs = [key[0] for _, _, key, _ in self._holders]
         index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
-        count = int(comp.max()) + 1
         reach = max(int(element.max()) for _, element, _, _ in self._holders) + 1
-        comps, elements, cells, sizes, offset = [], [], [], [], 0
-        for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True):
-            flat = nodes.reshape(element.numel(), -1)  # [positions, entries]
-            n, entries = flat.shape
-            comps.append(comp[flat].reshape(-1))
-            read = element.unsqueeze(1).expand(n, entries).reshape(-1)
-            elements.append(index_of[ptr] * reach + read)  # one entry of one index
-            entry = torch.arange(entries).expand(n, entries).reshape(-1)
-            cells.append(offset + entry)  # one id per (use, entry)
-            offset += entries
-            sizes.append(torch.full_like(entry, n))
-        c, element, cell, size = (torch.cat(x) for x in (comps, elements, cells, sizes))
-        span = int(element.max()) + 1
-        distinct = torch.unique(c * span + element) // span  # the component of each pair
-        one_element = torch.bincount(distinct, minlength=count) == 1
-        groups, inverse = torch.unique(c * offset + cell, return_inverse=True)
-        members = torch.bincount(inverse, minlength=groups.numel())
-        group_size = torch.zeros(groups.numel(), dtype=torch.long).scatter_(0, inverse, size)
-        every_position = torch.ones(count, dtype=torch.bool)
-        every_position[groups[members < group_size] // offset] = False
+        uses = [
+            (nodes, index_of[ptr] * reach + element)  # one entry of one index
+            for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True)
+        ]
+        count = int(comp.max()) + 1
+        one_element, every_position = gather_pairings(comp, count, uses)
         one_element &= ~self._holds_channels(comp, count)
         self._block_pairings(comp, ~(one_element | every_position))
 
@@ -1197,6 +1183,33 @@ class TraceContext:
                 else:
                     self.block(self.terms(t), reason)
         return ZERO
+
+
+def _increasing(nodes: Tensor) -> bool:
+    """Whether the 1-d ``nodes`` are strictly increasing (so no node is named twice)."""
+    return bool((nodes[1:] > nodes[:-1]).all())
+
+
+def gather_pairings(
+    comp: Tensor, count: int, uses: list[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Per component of ``comp`` (``count`` of them), over the gather uses ``uses`` (each: the
+    nodes of its positions, ``[positions, *entries]``, and per position the key of the index
+    entry it read, ``[positions]``, ``>= 0``): whether its positions read exactly one key, and
+    whether it holds, for every use and entry it touches, the entry at every position of the use
+    (an entry is split when its positions lie in several components). Per component, the lowest
+    and highest key read are compared, and each entry's column is checked for one component."""
+    lowest = torch.full((count,), torch.iinfo(torch.long).max)
+    highest = torch.full((count,), -1)
+    every_position = torch.ones(count, dtype=torch.bool)
+    for nodes, key in uses:
+        c = comp[nodes.reshape(key.numel(), -1)]  # [positions, entries]
+        read = key.unsqueeze(1).expand(c.shape).reshape(-1)
+        lowest.scatter_reduce_(0, c.reshape(-1), read, reduce="amin")
+        highest.scatter_reduce_(0, c.reshape(-1), read, reduce="amax")
+        split = (c != c[:1]).any(0)  # entries whose positions lie in several components
+        every_position[c[:, split].reshape(-1)] = False
+    return lowest == highest, every_position
 
 
 _MIXED = "mixed with a fixed tensor"

@@ -1020,8 +1020,33 @@ def module_of(param_name: str) -> str:
 # -- compiling a trace ----------------------------------------------------------------------------
 
 
-def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Solve the trace's equalities ``h_a = s h_b``: ``(component, sign, conflicted, count)``
+def _edge_table(ctx: TraceContext) -> tuple[np.ndarray, np.ndarray]:
+    """The trace's equalities ``h_a = s h_b`` as one ``[3, e]`` array of rows ``(a, b, s)``, and
+    per equality (``[e]``) whether it is a link from gathered positions to the slices they read
+    (``TraceContext.slice_links``)."""
+    if not ctx.edges:
+        return np.zeros((3, 0), np.int64), np.zeros(0, bool)
+    lengths = [e.shape[1] for e in ctx.edges]
+    links = np.isin(np.arange(len(lengths)), sorted(ctx.slice_links))
+    return torch.cat(ctx.edges, dim=1).numpy(), np.repeat(links, lengths)
+
+
+def _positive_parts(n: int, edges: np.ndarray, links: np.ndarray) -> np.ndarray:
+    """The components (``[n]`` labels, numbered in the order of their first nodes) of the ``n``
+    nodes under the equalities ``h_a = h_b`` of ``edges`` (``[3, e]`` rows ``(a, b, s)``, ``s =
+    1``) other than the ``links`` (``[e]``) from gathered positions to slices: the one pass
+    over all nodes that :func:`_signed_components` and :func:`_components_without_slice_links`
+    continue on these parts, each with its own remaining equalities."""
+    kept = (edges[2] > 0) & ~links
+    return _weak_components(edges[0, kept], edges[1, kept], n)
+
+
+def _signed_components(
+    edges: np.ndarray, links: np.ndarray, part: np.ndarray
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Solve the equalities ``h_a = s h_b`` of ``edges`` (``[3, e]`` rows ``(a, b, s)``; ``links``
+    and ``part`` as :func:`_positive_parts` gives them, on ``n = len(part)`` nodes):
+    ``(component, sign, conflicted, count)``
     with ``h_node = sign[node] * h_root(component[node])`` for every node (the root: the
     component's first node; components numbered in the order of their roots), and
     ``conflicted[c]`` when some cycle of component ``c`` forces ``h = -h`` (so its coordinate
@@ -1032,9 +1057,9 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     -1``) a component of the equalities is one piece where it is conflicted (``v+`` joined to
     ``v-``) and two sheets otherwise: the nodes whose ``v+`` lies on the root's sheet have sign
     ``+1``, the others ``-1``."""
-    n = ctx.num_nodes
-    a, b, s = torch.cat(ctx.edges, dim=1).numpy() if ctx.edges else np.zeros((3, 0), np.int64)
-    plus, minus = _cover_sheets(a, b, s, n)
+    n = len(part)
+    joining = (edges[2] < 0) | links  # the equalities that join parts
+    plus, minus = _cover_sheets(*edges[:, joining], part)
     key = np.minimum(plus, minus)  # one per component
     nodes = np.arange(n)
     root = np.full(2 * n, n)
@@ -1054,25 +1079,37 @@ def _signed_components(ctx: TraceContext) -> tuple[Tensor, Tensor, Tensor, int]:
     )
 
 
-def _cover_sheets(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """The components of the double cover of the equalities ``h_a = s h_b`` (``[e]`` each) on
-    ``n`` nodes, as the labels of ``v+`` and of ``v-`` (``[n]`` each). The equalities with ``s =
-    1`` join ``v+`` to ``w+`` exactly where they join ``v-`` to ``w-``: their components (parts)
-    are found once on the nodes, and the cover is solved on the parts, joined by the others."""
+def _cover_sheets(
+    a: np.ndarray, b: np.ndarray, s: np.ndarray, part: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """The components of the double cover of the equalities ``h_a = s h_b`` (``[e]`` each) and
+    of those inside ``part`` (components of other equalities with ``s = 1``, numbered in the
+    order of their first nodes), on ``len(part)`` nodes, as the labels of ``v+`` and of ``v-``
+    (``[n]`` each). The equalities with ``s = 1`` join ``v+`` to ``w+`` exactly where they join
+    ``v-`` to ``w-``: the parts joined by them (whole components of every ``s = 1`` equality)
+    are found once on the nodes, and the cover is solved on those, joined by the others."""
     negative = s < 0
-    part = _weak_components(a[~negative], b[~negative], n)
-    k = int(part.max()) + 1 if n else 0
-    pa, pb = part[a[negative]], part[b[negative]]  # p+ = p, p- = p + k
+    k = int(part.max()) + 1 if len(part) else 0
+    whole = part
+    if not negative.all():  # parts joined by these equalities with s = 1
+        whole = _weak_components(part[a[~negative]], part[b[~negative]], k)[part]
+    k = int(whole.max()) + 1 if len(whole) else 0
+    pa, pb = whole[a[negative]], whole[b[negative]]  # p+ = p, p- = p + k
     label = _weak_components(np.concatenate([pa, pa + k]), np.concatenate([pb + k, pb]), 2 * k)
-    return label[part], label[part + k]
+    return label[whole], label[whole + k]
 
 
-def _components_without_slice_links(ctx: TraceContext) -> Tensor:
-    """The component of every node under the equalities other than the links from gathered
-    positions to the slices they read (see ``TraceContext.block_mismatched_gathers``)."""
-    kept = [e for i, e in enumerate(ctx.edges) if i not in ctx.slice_links]
-    edges = torch.cat(kept, dim=1).numpy() if kept else np.zeros((3, 0), np.int64)
-    return torch.from_numpy(_weak_components(edges[0], edges[1], ctx.num_nodes))
+def _components_without_slice_links(
+    edges: np.ndarray, links: np.ndarray, part: np.ndarray
+) -> Tensor:
+    """The component of every node under the equalities ``edges`` other than the ``links``
+    from gathered positions to the slices they read (see
+    ``TraceContext.block_mismatched_gathers``), numbered in the order of their first nodes:
+    the ``part`` s (see :func:`_positive_parts`, numbered so) joined by the other equalities
+    (``s = -1``), whose components are numbered in the order of their first parts."""
+    kept = (edges[2] < 0) & ~links
+    k = int(part.max()) + 1
+    return torch.from_numpy(_weak_components(part[edges[0, kept]], part[edges[1, kept]], k)[part])
 
 
 # The most nodes a graph's int32 indices can number.
@@ -1090,14 +1127,16 @@ def _weak_components(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def _first_reason(ctx: TraceContext, comp: Tensor, count: int) -> tuple[Tensor, list[str]]:
+def _first_reason(
+    ctx: TraceContext, comp: Tensor, count: int, edges: np.ndarray
+) -> tuple[Tensor, list[str], Tensor]:
     """Per component, the index into the returned reasons of the first mark that blocked it
     (``len(reasons)`` when none did); node 0 counts as marked with a generic reason."""
     generic = "mixed with a fixed tensor (model input, buffer or constant)"
     reasons = [r for _, r in ctx.marks] + [generic]
     nodes, which = _mark_nodes(ctx)
     first = torch.full((count,), len(reasons)).scatter_reduce(0, comp[nodes], which, reduce="amin")
-    return first, reasons, _groups(ctx, comp, count)
+    return first, reasons, _groups(comp, count, edges)
 
 
 def _mark_nodes(ctx: TraceContext) -> tuple[Tensor, Tensor]:
@@ -1111,15 +1150,35 @@ def _mark_nodes(ctx: TraceContext) -> tuple[Tensor, Tensor]:
     return nodes, which
 
 
-def _groups(ctx: TraceContext, comp: Tensor, count: int) -> Tensor:
+def _groups(comp: Tensor, count: int, edges: np.ndarray) -> Tensor:
     """Per node (``[num_nodes]``), the set of joined channels an exclusion's reason speaks of:
     its component, except in node 0's component. That one joins every channel fixed anywhere
     (through node 0, the fixed factor of inputs and constants), so there a node's group is the
-    nodes joined to it without passing through node 0 (numbered from ``count``)."""
-    edges = torch.cat(ctx.edges, dim=1).numpy() if ctx.edges else np.zeros((3, 0), np.int64)
-    edges = edges[:, (edges[0] != 0) & (edges[1] != 0)]
-    sub = torch.from_numpy(_weak_components(edges[0], edges[1], ctx.num_nodes))
-    return torch.where(comp == comp[0], count + sub, comp)
+    nodes joined to it by the equalities ``edges`` (``[3, e]``) without passing through node 0:
+    the components of the graph without node 0's edges, numbered from ``count`` in the order
+    of their first nodes. Only node 0's component splits (no equality leaves a component): its
+    pieces are found on its own nodes, and numbered among the other components' roots."""
+    fixed = (comp == comp[0]).numpy()
+    nodes = np.flatnonzero(fixed)  # ascending, node 0 first
+    a, b = edges[0], edges[1]
+    inside = fixed[a] & (a != 0) & (b != 0)
+    local = np.searchsorted(nodes, np.stack([a[inside], b[inside]]))
+    piece = _weak_components(local[0], local[1], len(nodes))
+    firsts = nodes[_first_occurrences(piece)]  # each piece's first node, ascending
+    roots = np.flatnonzero(_first_occurrences(comp.numpy()))  # each component's first node
+    below = np.searchsorted(roots, firsts) - (firsts > 0)  # other components' roots before
+    group = comp.clone()
+    group[torch.from_numpy(nodes)] = torch.from_numpy(count + below + np.arange(len(firsts)))[
+        torch.from_numpy(piece)
+    ]
+    return group
+
+
+def _first_occurrences(labels: np.ndarray) -> np.ndarray:
+    """Whether each entry of ``labels`` (numbered ``0, 1, ...`` in the order of their first
+    entries) is its label's first: the labels above every one before it."""
+    before = np.maximum.accumulate(labels)
+    return labels > np.concatenate([[-1], before[:-1]])
 
 
 def _mark_keys(ctx: TraceContext, group: Tensor) -> Tensor:
@@ -1211,10 +1270,12 @@ def compile_structure(
     that the first channel that produces it is multiplied, and generators are numbered by their
     first producing channel in parameter order.
     """
-    comp, sign, conflicted, count = _signed_components(ctx)
+    edges, links = _edge_table(ctx)
+    part = _positive_parts(ctx.num_nodes, edges, links)
+    comp, sign, conflicted, count = _signed_components(edges, links, part)
     if ctx.slice_links:  # slices picked by rows that depend on the data
-        ctx.block_mismatched_gathers(_components_without_slice_links(ctx))
-    reason, reasons, group = _blocking_reasons(ctx, comp, conflicted, count)
+        ctx.block_mismatched_gathers(_components_without_slice_links(edges, links, part))
+    reason, reasons, group = _blocking_reasons(ctx, comp, conflicted, count, edges)
     names = [n for n, _ in model.named_parameters()]
     producers = [n for n in names if n in ctx.produced]
     oriented = sign * _orientation(ctx, producers, comp, sign, count)[comp]
@@ -1293,12 +1354,12 @@ def _stored_in_out(model: nn.Module) -> frozenset[str]:
 
 
 def _blocking_reasons(
-    ctx: TraceContext, comp: Tensor, conflicted: Tensor, count: int
-) -> tuple[Tensor, list[str]]:
+    ctx: TraceContext, comp: Tensor, conflicted: Tensor, count: int, edges: np.ndarray
+) -> tuple[Tensor, list[str], Tensor]:
     """Per component, the index into ``reasons`` of why it is no generator (:data:`UNBLOCKED`:
     nothing blocks it yet); the last reason is the squared factor, which
     :func:`_mark_sides_and_squares` sets."""
-    first_mark, reasons, group = _first_reason(ctx, comp, count)
+    first_mark, reasons, group = _first_reason(ctx, comp, count, edges)
     reason = torch.where(first_mark == len(reasons), UNBLOCKED, first_mark)
     reasons.append("its log-factor would have to equal its own negative")
     reason[conflicted & (reason == UNBLOCKED)] = len(reasons) - 1
