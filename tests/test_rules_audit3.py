@@ -313,16 +313,16 @@ REDUCTIONS = {
     "vector_norm over the batch": (lambda m, h, g, x: R(h) + torch.linalg.vector_norm(h, dim=0), 0),
     "logsumexp": (lambda m, h, g, x: R(h).logsumexp(1, keepdim=True), 0),
     "nanmean over the batch": (lambda m, h, g, x: R(h) + R(h).nanmean(0), 0),
-    "median over the batch": (lambda m, h, g, x: R(h) + R(h).median(0).values, 0),
+    "median over the batch": (lambda m, h, g, x: R(h) + R(h).median(0).values, HIDDEN),
     "quantile over the batch": (lambda m, h, g, x: R(h) + R(h).quantile(0.5, dim=0), 0),
     "sort": (lambda m, h, g, x: R(h).sort(1).values, 1),
     "topk": (lambda m, h, g, x: R(h).topk(2, 1).values, 1),
-    "kthvalue over the batch": (lambda m, h, g, x: R(h).kthvalue(1, 0).values + R(h), 0),
+    "kthvalue over the batch": (lambda m, h, g, x: R(h).kthvalue(1, 0).values + R(h), HIDDEN),
     "aminmax": (lambda m, h, g, x: h * 0 + torch.aminmax(h).max, 0),
     "cumsum over the neurons": (lambda m, h, g, x: R(h).cumsum(1), 0),
     "cumsum over the batch": (lambda m, h, g, x: R(h).cumsum(0), 0),
     "cumprod": (lambda m, h, g, x: R(h).cumprod(1), 0),
-    "cummax": (lambda m, h, g, x: R(h).cummax(1).values, 0),
+    "cummax": (lambda m, h, g, x: R(h).cummax(1).values, 1),
     "logcumsumexp": (lambda m, h, g, x: R(h).logcumsumexp(1), 0),
     "softmax over the neurons": (lambda m, h, g, x: R(h).softmax(1), 0),
     "softmax over the batch": (lambda m, h, g, x: R(h).softmax(0), 0),
@@ -503,8 +503,9 @@ def test_selections_arrangements_and_pooling(f, count):
 
 # --- integer casts, and indices computed from a rescaled tensor ------------------------------
 # ``h`` is read only through the cast or the index: a factor on ``h`` moves entries across the
-# truncation or changes the order, so ``h`` is blocked; ``g``'s 6 units stay, or are united
-# into one where the index that picks them depends on the data.
+# truncation, so ``h`` is blocked, or one that differs between the entries compared changes the
+# order, so they are united; ``g``'s 6 units stay, or are united into one where the index that
+# picks them depends on the data.
 READS_OF_H = {
     "g * h.long()": (lambda m, h, g, x: g * h.long(), HIDDEN),
     "g * (h.long() == 0)": (lambda m, h, g, x: g * (h.long() == 0), HIDDEN),
@@ -523,7 +524,7 @@ READS_OF_H = {
         lambda m, h, g, x: R(g).gather(1, torch.bucketize(h, torch.tensor([0.0, 1.0]).double())),
         1,
     ),
-    "h.gather(1, h.argmax(1))": (lambda m, h, g, x: h.gather(1, h.argmax(1, keepdim=True)), 0),
+    "h.gather(1, h.argmax(1))": (lambda m, h, g, x: h.gather(1, h.argmax(1, keepdim=True)), 1),
     "g * tensor([[relu(h)[0, 0]]])": (
         lambda m, h, g, x: torch.cat([R(g) * torch.tensor([[R(h)[0, 0]]]).double(), R(h)], 1),
         2 * HIDDEN - 1,

@@ -1075,6 +1075,54 @@ def _ranked(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options
 
 register_all(funcs("topk", "sort"), _ranked)
 
+# The ops that order the entries along one dim and return places or order statistics: their
+# arguments after the tensor, in order; the dim when none is given (None: every entry, as if
+# flattened); whether their values keep the input's shape (a cumulative extremum, a sort).
+_ORDERED = {
+    "argmax": (("dim", "keepdim"), None, False), "argmin": (("dim", "keepdim"), None, False),
+    "argsort": (("dim", "descending", "stable"), -1, True), "msort": ((), 0, True),
+    "kthvalue": (("k", "dim", "keepdim"), -1, False), "mode": (("dim", "keepdim"), -1, False),
+    "median": (("dim", "keepdim"), None, False), "nanmedian": (("dim", "keepdim"), None, False),
+    "cummax": (("dim",), 0, True), "cummin": (("dim",), 0, True),
+}  # fmt: skip
+# Those of them that return places only.
+_PLACES = {"argmax", "argmin", "argsort"}
+
+
+def _ordered(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
+    """``argmax``/``argmin``/``argsort``, ``kthvalue``, ``median``/``nanmedian``, ``mode``,
+    ``msort`` and ``cummax``/``cummin`` along ``dim`` (every entry when an ``argmax``,
+    ``argmin`` or ``median`` takes none): a positive factor common to the entries compared
+    keeps their order, ties included, so they are united. The places returned are then the same
+    under the gauge and carry no factor; the values (an order statistic, a running extremum, a
+    sorted copy) are entries of the input and carry that factor. A parameter compared, a dim
+    that is not a plain int and any other argument block."""
+    short = ctx.op.rsplit(".", 1)[-1]
+    names, default, kept = _ORDERED[short]
+    given = dict(zip(names, rest, strict=False)) | options
+    dim = given.get("dim", default)
+    if (
+        len(rest) > len(names) or set(given) - set(names) or not isinstance(input, Tensor)
+        or not (dim is None or type(dim) is int) or ctx.is_param(input)
+    ):  # fmt: skip
+        return blocker(ctx, result, input, *rest, **options)
+    dims = list(range(input.dim())) if dim is None else [dim % input.dim()] if input.dim() else []
+    values = result[0] if isinstance(result, tuple) else result
+
+    def united(nodes: Tensor) -> Tensor:  # size 1 along dims (and wherever all are one node)
+        lab = ctx.unite(nodes.expand(input.shape), dims)
+        if kept:
+            return lab.expand(input.shape)
+        return (lab.squeeze(dims) if values.dim() < input.dim() else lab).expand(values.shape)
+
+    labels = ctx.terms(input).map(united)
+    if short in _PLACES:
+        return None
+    return (labels, None) if isinstance(result, tuple) else labels
+
+
+register_all(funcs(*_ORDERED), _ordered)
+
 
 # --- channel-preserving maps of each leading slice (pooling, padding, upsampling) ------------
 def _leading(k_of: Any) -> Any:
@@ -1368,8 +1416,9 @@ def _zeroed(ctx: TraceContext, dst: Tensor, value: Any) -> Any:
     """0 written in place into entries of the activation ``dst`` at positions given by numbers,
     slices or index tensors (none of them floating, so none carries a factor): ``a 0 = 0`` for
     every factor ``a``, so zeroing commutes with the rescaling and ``dst`` keeps its labels.
-    Positions computed from the rescaled values were blocked where they were computed
-    (``argmax``, ``topk``, ``x > 1``)."""
+    Positions computed from the rescaled values are the same under the gauge: they were blocked
+    where they were computed (``x > 1``), or the entries compared were united (``argmax``,
+    ``topk``)."""
     ctx.claim(dst)
     if isinstance(value, Tensor):
         ctx.read_zero(value, ctx.terms(dst))
