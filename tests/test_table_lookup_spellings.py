@@ -1,8 +1,9 @@
 """Whole rows of a table looked up by the data, spelt other ways than ``p[ids]``: ``p[ids, :]``,
 ``p[ids, ...]``, ``p[(ids,)]``, a 2-D arrangement of the parameter (``p.view(V, D)[ids]``, a
 3-D parameter's ``p3.flatten(0, 1)[ids]``, the transpose ``p.T[ids]``, ``p.detach()[ids]``),
-and rows at constant places given as a Python list (``latents[[2, 0, 1]]``, which torch reads as
-the tensor of them). Each is the same function as the ``F.embedding`` (or tensor index) spelling
+and rows given as a Python list (``latents[[2, 0, 1]]``, which torch reads as the tensor of them;
+its plain ints may come from a size, ``list(range(T))``, so its rows count as picked by the
+data). Each is the same function as the ``F.embedding`` (or tensor index) spelling
 and gives its structure (same terms, same numbering), exact in float64 on fresh ids. Indexes
 that are not whole rows (masks, two advanced indexes, partial or strided rows, a new dim, a list
 of Python bools) fix the table; columns picked by the data (a slice or ``...`` first,
@@ -226,14 +227,16 @@ class Reordered(nn.Module):
 
 
 @pytest.mark.parametrize("spelling", ["z[list]", "z[list, ...]"])
-def test_a_weight_read_through_a_list_of_rows_keeps_its_units(spelling):
-    """``W[[2, 0, 1]]`` and ``b[[2, 0, 1]]``: the structure of the tensor index, the layer's
-    units (before: ``W`` and ``b`` fixed, no generator)."""
+def test_a_weight_read_through_a_list_of_rows_is_fixed(spelling):
+    """``W[[2, 0, 1]]`` and ``b[[2, 0, 1]]``: the list may have been computed from a size
+    (``list(range(T))[::-1]``), so its rows count as picked by the data, and a weight read
+    through rows picked by the data is fixed (read as rows at constant places, the units of a
+    reversed range, paired with another weight's rows by a forward range, changed outputs by
+    339 on other lengths: tests/test_newest_rules_audit.py)."""
     model = Reordered(REORDERED[spelling])
     example = torch.randn(5, IN, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
     s = gaugefix.discover(model, example)
-    same_structure(s, gaugefix.discover(Reordered(lambda w: w[torch.tensor(ORDER)]), example))
-    assert s.num_generators == LATENTS, s.summary()
+    assert not acts_on(s, "W") and not acts_on(s, "b"), s.summary()
     fresh = (torch.randn(7, IN, dtype=DTYPE),)
     assert change_under_gauge(model, s, (example,), fresh) <= TOL
 

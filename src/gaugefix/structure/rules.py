@@ -923,7 +923,10 @@ def _getitem_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> 
     integer tensor ``i`` (slices of ``p`` along dim 0: one expert's weights, or one per token),
     also spelt ``p[i, :]``, ``p[i, ...]``, ``p[(i,)]`` (whole slices along the other dims) or
     with a list of plain integers (``p[[2, 0, 1]]``, which torch reads as the tensor of them),
-    else None."""
+    else None. Such a list counts as computed from a size: Python's ``range(T)`` and ``int(T)``
+    turn a size into plain integers, which no mark follows, so ``list(range(T))`` may name
+    other slices for another input (the list's slices are read as slices picked by the data,
+    never as slices at constant places)."""
     if not ctx.op.endswith("__getitem__") or options or len(rest) != 1 or ctx.is_gathered(p):
         return None
     items = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
@@ -931,7 +934,9 @@ def _getitem_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> 
         return None
     i = items[0]
     if isinstance(i, list) and i and all(type(n) is int for n in i):
-        return torch.tensor(i)
+        index = torch.tensor(i)
+        ctx._sized[id(index)] = index  # values maybe computed from a size (see above)
+        return index
     if isinstance(i, Tensor):  # torch reads a uint8 index as a mask, as a bool one
         masked = i.is_floating_point() or i.is_complex() or i.dtype in _MASKS
         return None if masked else i
