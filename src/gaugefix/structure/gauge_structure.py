@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor, nn
 
@@ -1038,7 +1038,7 @@ def _positive_parts(n: int, edges: np.ndarray, links: np.ndarray) -> np.ndarray:
     over all nodes that :func:`_signed_components` and :func:`_components_without_slice_links`
     continue on these parts, each with its own remaining equalities."""
     kept = (edges[2] > 0) & ~links
-    return _weak_components(edges[0, kept], edges[1, kept], n)
+    return _weak_components(edges[0][kept], edges[1][kept], n)  # a row, then a 1-D mask
 
 
 def _signed_components(
@@ -1059,7 +1059,7 @@ def _signed_components(
     ``+1``, the others ``-1``."""
     n = len(part)
     joining = (edges[2] < 0) | links  # the equalities that join parts
-    plus, minus = _cover_sheets(*edges[:, joining], part)
+    plus, minus = _cover_sheets(*(row[joining] for row in edges), part)
     key = np.minimum(plus, minus)  # one per component
     nodes = np.arange(n)
     root = np.full(2 * n, n)
@@ -1109,7 +1109,7 @@ def _components_without_slice_links(
     (``s = -1``), whose components are numbered in the order of their first parts."""
     kept = (edges[2] < 0) & ~links
     k = int(part.max()) + 1
-    return torch.from_numpy(_weak_components(part[edges[0, kept]], part[edges[1, kept]], k)[part])
+    return torch.from_numpy(_weak_components(part[edges[0][kept]], part[edges[1][kept]], k)[part])
 
 
 # The most nodes a graph's int32 indices can number.
@@ -1121,9 +1121,8 @@ def _weak_components(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
     -- cols[i]`` (``[e]`` each): ``[n]`` int64 labels, numbered in the order of each
     component's first node. Given SciPy int32 indices where they fit (it converts others)."""
     index = np.int32 if n <= INT32_NODES else np.int64
-    graph = coo_matrix(
-        (np.ones(len(rows), np.int8), (rows.astype(index), cols.astype(index))), shape=(n, n)
-    )
+    weights = np.ones(len(rows))  # float64 and compressed: the form SciPy solves on, uncopied
+    graph = csr_matrix((weights, (rows.astype(index), cols.astype(index))), shape=(n, n))
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 

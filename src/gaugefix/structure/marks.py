@@ -175,6 +175,34 @@ def _any_number(x: Any, marked: Callable[[Any], bool]) -> bool:
     return marked(x)
 
 
+# The leaves of an op's arguments that may hold a marked number: marked numbers themselves,
+# floats (a float computed from a size is recorded by identity, see :func:`_sized_number`) and
+# slices (their bounds). No other leaf (a plain int, ``None``, a dtype) carries a mark.
+_MAYBE_MARKED = (float, slice, *_MARKS)
+
+
+def scan(tree: Any, tensors: list[Tensor]) -> bool:
+    """One walk over nested tuples, lists and dicts (an op's ``(args, kwargs)``): appends the
+    tensors in them to ``tensors`` in the order of ``nested_tensors`` and returns whether a leaf
+    may hold a marked number (see :data:`_MAYBE_MARKED`). When it returns ``False``,
+    :func:`from_size` and :func:`from_value` are ``False`` on every part of ``tree`` and no
+    slice is in it."""
+    if isinstance(tree, Tensor):
+        tensors.append(tree)
+        return False
+    if isinstance(tree, dict):
+        tree = tree.values()
+    elif not isinstance(tree, (list, tuple)):
+        return isinstance(tree, _MAYBE_MARKED)
+    maybe = False
+    for item in tree:  # a tensor, None or a plain int: most items
+        if isinstance(item, Tensor):
+            tensors.append(item)
+        elif item is not None and type(item) is not int:
+            maybe = scan(item, tensors) or maybe
+    return maybe
+
+
 def from_value(x: Any) -> bool:
     """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
     computed from tensor values during the trace (see :class:`_FromValue`)."""

@@ -71,6 +71,7 @@ from gaugefix.structure.marks import (
     _values_lost,
     from_size,
     from_value,
+    scan,
 )
 from gaugefix.structure.registry import (
     BUILTIN,
@@ -247,20 +248,23 @@ def _slice_tensors(tree: Any) -> Iterator[Tensor]:
 
 
 def _data_shaped(
-    ctx: TraceContext, short: str, call: tuple, tensors: list[Tensor], out: Any
-) -> bool:
+    ctx: TraceContext, short: str, call: tuple, tensors: list[Tensor], out: Any,
+    maybe_marked: bool,
+) -> bool:  # fmt: skip
     """Whether the shape of an op's output depends on values that may differ for another
     input (``x.nonzero()``, ``x[mask]``, ``h.split(counts.tolist(), 1)``, ``h[:, a:b]`` and
     ``h.tensor_split(ends, 1)`` for tensors ``a``, ``b``, ``ends`` computed from the inputs, and
     what is computed from them). Once the trace made a plain number from values (``int(t)``,
     see :func:`_values_lost`), every op given a Python number counts. ``call``: the op's
-    ``(args, kwargs)``."""
+    ``(args, kwargs)``; ``maybe_marked``: ``False`` when :func:`scan` found no slice and no
+    number that may be marked in it."""
     args = call[0]
-    bounds = [t for t in _slice_tensors(args) if ctx.is_tainted(t)]
+    bounds = [t for t in _slice_tensors(args) if ctx.is_tainted(t)] if maybe_marked else []
     if short == "tensor_split" and len(args) > 1 and isinstance(args[1], Tensor):
         bounds += [args[1]] if ctx.is_tainted(args[1]) else []
     lost = _values_lost() and _any_number(call, _is_number)
-    if any(ctx._shaped.get(id(t)) is t for t in tensors) or from_value(call) or bounds or lost:
+    valued = maybe_marked and from_value(call)
+    if any(ctx._shaped.get(id(t)) is t for t in tensors) or valued or bounds or lost:
         in_place = any(t is out for t in tensors)
         return not in_place and short not in _WRITES_INTO
     if short in _DATA_SHAPED or (short == "where" and len(args) == 1):
@@ -326,12 +330,13 @@ class _Tracer(TorchFunctionMode):
         name = op_name(func)
         short = name.rsplit(".", 1)[-1]
         ctx = self.ctx
+        tensors: list[Tensor] = []
+        maybe_marked = scan((args, kwargs), tensors)
         if _may_write(short, kwargs):
-            ctx.save_written(list(nested_tensors((args, kwargs))))
+            ctx.save_written(tensors)
         if self.suppress:
             return func(*args, **kwargs)
         ctx.op = name
-        tensors = list(nested_tensors((args, kwargs)))
         if any(t.is_nested for t in tensors):
             raise TracingError(
                 f"{name} in module '{ctx.where}' got a nested tensor (torch.nested), which "
@@ -350,7 +355,7 @@ class _Tracer(TorchFunctionMode):
         if short not in _SHAPE_ONLY and short not in _ALLOCATIONS:
             ctx.note_reads(tensors, out, written, (args, kwargs))
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
-        self._mark(short, (args, kwargs), tensors, out, tainted)
+        self._mark(short, (args, kwargs), tensors, out, (tainted, maybe_marked))
         if short in _VALUE_READS or _reads_value(short, out):
             if short in _ESCAPES:
                 for t in tensors:
@@ -421,23 +426,28 @@ class _Tracer(TorchFunctionMode):
             self.ctx.mark_fresh(out)
 
     def _mark(
-        self, short: str, call: tuple, tensors: list[Tensor], out: Any, tainted: bool
+        self, short: str, call: tuple, tensors: list[Tensor], out: Any, flags: tuple[bool, bool]
     ) -> None:
         """Record the outputs whose values depend on the inputs or weights, are random, were
         computed from a size, or have a shape that depends on values. ``call``: the op's
-        ``(args, kwargs)``."""
+        ``(args, kwargs)``; ``flags``: whether an input is tainted, and whether the arguments
+        may hold a marked number (see :func:`scan`: when not, no number was computed from a
+        size or from values)."""
         ctx, args = self.ctx, call[0]
+        tainted, maybe_marked = flags
         marks = [(ctx._tainted, tainted)]
         marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
+        made = maybe_marked and from_size(call)  # what _valued_by_size reads is in the call
         sized = any(ctx._sized.get(id(t)) is t for t in tensors)
-        marks.append((ctx._sized, sized or _valued_by_size(short, *call)))
-        made = from_size(call) or any(ctx._size_made.get(id(t)) is t for t in tensors)
+        marks.append((ctx._sized, sized or (made and _valued_by_size(short, *call))))
+        made = made or any(ctx._size_made.get(id(t)) is t for t in tensors)
         marks.append((ctx._size_made, made))
-        marks.append((ctx._shaped, _data_shaped(ctx, short, call, tensors, out)))
-        for table, on in marks:
-            if on:
-                for t in nested_tensors(out):
-                    table[id(t)] = t
+        shaped = _data_shaped(ctx, short, call, tensors, out, maybe_marked)
+        marks.append((ctx._shaped, shaped))
+        tables = [table for table, on in marks if on]
+        for t in nested_tensors(out) if tables else ():
+            for table in tables:
+                table[id(t)] = t
         if short in _KEEPS_ZERO and isinstance(out, Tensor) and args:
             made_from = ctx.zero_source(args[0])
             if made_from is not None:
