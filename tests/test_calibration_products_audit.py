@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import gaugefix
-from architectures import rel_change
 from gaugefix.equalize import _calibrated
-from test_equalize_products import EXACT, D, _batch
+from test_calibration_spelled import assert_equalized_alike
+from test_equalize_products import D, _batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -161,14 +160,7 @@ def test_a_read_records_what_its_reference_records(how):
 def test_equalize_on_a_read_ends_where_its_reference_does(how):
     x = _batch(TOKENS, D)
     model, reference = read(EXACT_READS[how][0]), read(EXACT_READS[how][1])
-    structure = gaugefix.discover(reference, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = gaugefix.equalize_(model, structure, "activation", calibration=x)
-        want = gaugefix.equalize_(reference, structure, "activation", calibration=x)
-    assert got.converged and want.converged and got.uncalibrated == want.uncalibrated == ()
-    for name, p in reference.named_parameters():
-        assert rel_change(p.detach(), model.get_parameter(name).detach()) <= EXACT
+    assert_equalized_alike(model, reference, x)
 
 
 def _modified(m: nn.Module, h: Tensor) -> Tensor:

@@ -138,6 +138,12 @@ def test_equalize_on_a_read_ends_where_f_linear_does(how):
     x = _batch(TOKENS, D)
     model, reference = spelled(EXACT_READS[how][0]), spelled(linear)
     reference.load_state_dict(model.state_dict())
+    assert_equalized_alike(model, reference, x)
+
+
+def assert_equalized_alike(model: nn.Module, reference: nn.Module, x: Tensor) -> None:
+    """``"activation"`` on ``model`` (the reference's structure; no warning) converges, lists
+    nothing, and ends at the reference's point to :data:`EXACT`."""
     structure = gaugefix.discover(reference, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -62,21 +62,34 @@ def patched(patch: pytest.MonkeyPatch, layout: str) -> None:
 def test_generator_sums_in_either_layout_match_the_definition(layout, case, copies, seed):
     """``S_in``, ``S_out`` and ``||theta||^2`` of ``generator_sums``, of one model or of a stack
     of ``copies`` (``batch_dims=1``), equal the generator-by-generator sums to 1e-12."""
+    s, stack, tensors = random_parameters(case, copies, seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patched(patch, layout)
+        sums = kernels.generator_sums(tensors, s, DTYPE, batch_dims=int(copies > 0))
+    assert_sums_of_definition(s, stack, copies, sums)
+
+
+def random_parameters(case, copies: int, seed: int) -> tuple:
+    """``case``'s structure (one generator at least), a stack of ``max(copies, 1)`` random
+    float64 copies of its parameters, and the parameters given to the kernels (the stack, or
+    its one copy where ``copies == 0``)."""
     s = gaugefix.discover(case.model, *case.inputs)
     assume(s.num_generators > 0)
     gen = torch.Generator().manual_seed(seed)
     shapes = {k: v.shape for k, v in s.bind(case.model).items()}
     stack = {k: torch.randn(max(copies, 1), *shape, generator=gen, dtype=DTYPE)
              for k, shape in shapes.items()}  # fmt: skip
-    tensors = stack if copies else {k: v[0] for k, v in stack.items()}
-    with pytest.MonkeyPatch.context() as patch:
-        patched(patch, layout)
-        s_in, s_out, norm_sq = kernels.generator_sums(tensors, s, DTYPE, batch_dims=int(copies > 0))
+    return s, stack, stack if copies else {k: v[0] for k, v in stack.items()}
+
+
+def assert_sums_of_definition(s, stack: dict, copies: int, sums: tuple) -> None:
+    """``sums`` (``S_in``, ``S_out``, ``||theta||^2``, per copy where ``copies``) equal the
+    generator-by-generator sums of each copy in ``stack`` to 1e-12."""
     for r in range(max(copies, 1)):
         copy_r = {k: v[r] for k, v in stack.items()}
         want_in, want_out = reference_sides(s, copy_r)
         want_norm = sum(v.square().sum() for v in copy_r.values())
-        got = [x[r] if copies else x for x in (s_in, s_out, norm_sq)]
+        got = [x[r] if copies else x for x in sums]
         assert_close(got[0], want_in, 1e-12, "S_in")
         assert_close(got[1], want_out, 1e-12, "S_out")
         assert_close(got[2], want_norm, 1e-12, "||theta||^2")

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugefix
-from architectures import DTYPE, any_case, reference_sides
+from architectures import DTYPE, any_case
 from gaugefix import kernels
+from test_kernels import assert_close, assert_sums_of_definition, random_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,34 +29,17 @@ TOKENS = 16
 WIDTH = 64  # GPT-2's rows: a run of kernels.SHORT_RUN entries, summed by a norm
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
-    assert err <= 1e-12 * float(expected.abs().max() if expected.numel() else 0.0), (what, err)
-
-
 @settings(max_examples=40, deadline=None)
 @given(case=any_case, copies=st.integers(0, 2), seed=st.integers(0, 2**16))
 def test_sums_from_row_norms_match_the_definition(case, copies, seed):
     """In the GPU layout with every trailing run of 2 or more entries summed by a norm,
     ``S_in``, ``S_out`` and ``||theta||^2`` of one model or of a stack of ``copies`` equal the
     generator-by-generator sums to 1e-12."""
-    s = gaugefix.discover(case.model, *case.inputs)
-    assume(s.num_generators > 0)
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {k: v.shape for k, v in s.bind(case.model).items()}
-    stack = {k: torch.randn(max(copies, 1), *shape, generator=gen, dtype=DTYPE)
-             for k, shape in shapes.items()}  # fmt: skip
-    tensors = stack if copies else {k: v[0] for k, v in stack.items()}
+    s, stack, tensors = random_parameters(case, copies, seed)
     with pytest.MonkeyPatch.context() as patch, gpu_layout_on_cpu():
         patch.setattr(kernels, "SHORT_RUN", 2)
-        s_in, s_out, norm_sq = kernels.generator_sums(tensors, s, DTYPE, batch_dims=int(copies > 0))
-    for r in range(max(copies, 1)):
-        copy_r = {k: v[r] for k, v in stack.items()}
-        want_in, want_out = reference_sides(s, copy_r)
-        got = [x[r] if copies else x for x in (s_in, s_out, norm_sq)]
-        assert_close(got[0], want_in, "S_in")
-        assert_close(got[1], want_out, "S_out")
-        assert_close(got[2], sum(v.square().sum() for v in copy_r.values()), "||theta||^2")
+        sums = kernels.generator_sums(tensors, s, DTYPE, batch_dims=int(copies > 0))
+    assert_sums_of_definition(s, stack, copies, sums)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -82,4 +66,4 @@ def test_row_norms_are_squared_in_the_one_foreach_call(dtype):
     assert counter.ops["aten.pow_"] == counter.ops["aten.stack"] - norms, counter.ops
     if dtype == torch.float64:
         for got, want, what in zip(gpu, cpu, ("S_in", "S_out", "||theta||^2"), strict=True):
-            assert_close(got, want, what)
+            assert_close(got, want, 1e-12, what)
