@@ -1128,6 +1128,67 @@ def _ordered(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **option
 
 register_all(funcs(*_ORDERED), _ordered)
 
+# The interpolations of ``quantile``/``nanquantile``: each a convex combination of the two order
+# statistics next to the level, with weights set by the level and the number of entries (not NaN).
+_INTERPOLATIONS = {"linear", "lower", "higher", "midpoint", "nearest"}
+
+
+def _statistics(
+    ctx: TraceContext, input: Tensor, dim: int | None, keepdim: bool, shape: torch.Size
+) -> Sum:  # fmt: skip
+    """The labels of order statistics of ``input`` (or convex combinations of them) along
+    ``dim`` (every entry when None), of the output's ``shape``: the entries compared united, a
+    reduced dim kept with size 1 when ``keepdim``, broadcast against leading dims of ``shape``
+    (one per level of a ``quantile``)."""
+    dims = list(range(input.dim())) if dim is None else [dim % input.dim()] if input.dim() else []
+
+    def united(nodes: Tensor) -> Tensor:
+        lab = ctx.unite(nodes.expand(input.shape), dims)
+        return (lab if keepdim or not dims else lab.squeeze(dims)).expand(shape)
+
+    return ctx.terms(input).map(united)
+
+
+def _quantile(
+    ctx: TraceContext, result: Any, input: Tensor, q: Any, dim: Any = None, keepdim: bool = False,
+    *, interpolation: str = "linear", **options: Any,
+) -> Any:  # fmt: skip
+    """``quantile``/``nanquantile(x, q, dim)``: along ``dim`` (every entry when None), for each
+    level in ``q``, a convex combination ``(1 - w) x_(k) + w x_(k+1)`` of two order statistics
+    whose ``k`` and ``w`` depend on the level and on how many entries (not NaN) there are. A
+    positive factor common to the entries compared keeps their order and their NaNs, so they are
+    united and the output carries their factor. The levels must keep their values: a tensor ``q``
+    is blocked (a parameter fixed). A parameter compared, a dim that is not a plain int, an
+    unknown interpolation and any other argument (``out=``) block."""
+    if (
+        options or not isinstance(input, Tensor) or not (dim is None or type(dim) is int)
+        or interpolation not in _INTERPOLATIONS or ctx.is_param(input)
+    ):  # fmt: skip
+        return blocker(ctx, result, input, q, dim, keepdim, **options)
+    block_other_tensors(ctx, tensor_args(q), "quantile level")
+    return _statistics(ctx, input, dim, keepdim, result.shape)
+
+
+register_all(funcs("quantile", "nanquantile"), _quantile)
+
+
+def _aminmax(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
+    """``aminmax(x, dim=, keepdim=)``: the smallest and the largest entry along ``dim`` (every
+    entry when None). A positive factor common to the entries compared keeps their order, so
+    they are united and both values carry their factor. A parameter compared, a dim that is not
+    a plain int and any other argument (``out=``) block."""
+    dim, keepdim = options.get("dim"), options.get("keepdim", False)
+    if (
+        rest or set(options) - {"dim", "keepdim"} or not isinstance(input, Tensor)
+        or not (dim is None or type(dim) is int) or ctx.is_param(input)
+    ):  # fmt: skip
+        return blocker(ctx, result, input, *rest, **options)
+    labels = _statistics(ctx, input, dim, keepdim, result[0].shape)
+    return (labels, labels)
+
+
+register_all(funcs("aminmax"), _aminmax)
+
 
 # --- channel-preserving maps of each leading slice (pooling, padding, upsampling) ------------
 def _leading(k_of: Any) -> Any:
