@@ -88,6 +88,43 @@ def test_signed_components_match_the_full_double_cover(graph, data):
     assert sign[free].tolist() == torch.from_numpy(want_sign)[free].tolist()
 
 
+def _node_level(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray, part: np.ndarray):
+    """Components, signs and conflicts read off the cover's labels node by node: ``v+`` and
+    ``v-`` of every node, its root the first node with either label."""
+    negative = s < 0
+    k = int(part.max()) + 1 if n else 0
+    whole = _plain_components(k, part[a[~negative]], part[b[~negative]])[part] if n else part
+    k = int(whole.max()) + 1 if n else 0
+    pa, pb = whole[a[negative]], whole[b[negative]]
+    label = _plain_components(2 * k, np.r_[pa, pa + k], np.r_[pb + k, pb])
+    plus, minus = label[whole], label[whole + k]
+    comp, sign, conflicted = np.full(n, -1), np.ones(n, np.int64), []
+    for v in range(n):
+        if comp[v] < 0:
+            same = (plus == plus[v]) | (plus == minus[v])
+            comp[same] = len(conflicted)
+            sign[same] = np.where(plus[same] == plus[v], 1, -1)
+            conflicted.append(bool(plus[v] == minus[v]))
+    return comp, sign, conflicted
+
+
+@settings(max_examples=300, deadline=None)
+@given(signed_graphs(), st.data())
+def test_signed_components_per_part_match_the_labels_node_by_node(graph, data):
+    """``_signed_components`` finds components and signs per whole part and reads them at the
+    nodes: equal to reading them node by node, signs of conflicted components (all 1) too."""
+    n, blocks, ctx = with_slice_links(graph, data)
+    edges, links = _edge_table(ctx)
+    part = _positive_parts(n, edges, links)
+    comp, sign, conflicted, count = _signed_components(edges, links, part)
+    joining = (edges[2] < 0) | links
+    want_comp, want_sign, want_conflicted = _node_level(n, *(r[joining] for r in edges), part)
+    assert comp.tolist() == want_comp.tolist()
+    assert sign.tolist() == want_sign.tolist()
+    assert conflicted.tolist() == want_conflicted
+    assert count == len(want_conflicted)
+
+
 def test_signed_components_solve_a_chain_with_a_negative_link_and_a_conflict():
     # h1 = h0, h2 = -h1, h3 = h2; h4 = -h5 and h5 = h4 (h4 = -h4: conflicted); h6 alone
     edges = torch.tensor([[1, 2, 3, 4, 5], [0, 1, 2, 5, 4], [1, -1, 1, -1, 1]])

@@ -312,7 +312,8 @@ class TraceContext:
         a, b = a.reshape(-1), b.reshape(-1)
         if sign == 1:
             keep = a != b
-            a, b = a[keep], b[keep]
+            if not bool(keep.all()):  # else every pair is kept (fresh nodes on one side)
+                a, b = a[keep], b[keep]
         if a.numel():
             if not (_increasing(a) or _increasing(b)):  # else every pair is there once
                 pair = torch.unique(a * self.num_nodes + b)  # each pair once (a, b < num_nodes)
@@ -976,6 +977,8 @@ class TraceContext:
     def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
         """Block the nodes of every recorded gather use in a component marked ``bad``, naming
         the parameters whose slices that component pairs."""
+        if not bool(bad.any()):  # no use to look up
+            return
         hit = [bad[comp[holder]] for holder, _, _, _ in self._holders]
         for (holder, _, (_, name), where), mine in zip(self._holders, hit, strict=True):
             if not bool(mine.any()):

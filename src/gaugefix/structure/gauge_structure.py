@@ -1056,24 +1056,27 @@ def _signed_components(
     ``b+`` and ``a-`` to ``b-`` for ``s = 1``, ``a+`` to ``b-`` and ``a-`` to ``b+`` for ``s =
     -1``) a component of the equalities is one piece where it is conflicted (``v+`` joined to
     ``v-``) and two sheets otherwise: the nodes whose ``v+`` lies on the root's sheet have sign
-    ``+1``, the others ``-1``."""
-    n = len(part)
+    ``+1``, the others ``-1``. All nodes of one whole part (see :func:`_cover_sheets`) have one
+    component and sign, so both are found per part: the parts are numbered in the order of
+    their first nodes, so a component's first part holds its root."""
     joining = (edges[2] < 0) | links  # the equalities that join parts
-    plus, minus = _cover_sheets(*(row[joining] for row in edges), part)
+    whole, label = _cover_sheets(*(row[joining] for row in edges), part)
+    k = len(label) // 2
+    plus, minus = label[:k], label[k:]  # the labels of p+ and p- per whole part p
     key = np.minimum(plus, minus)  # one per component
-    nodes = np.arange(n)
-    root = np.full(2 * n, n)
-    root[key[::-1]] = nodes[::-1]  # the first node of each component
-    is_root = root[key] == nodes
-    number = np.zeros(2 * n, np.int64)
+    parts = np.arange(k)
+    root = np.full(2 * k, k)
+    root[key[::-1]] = parts[::-1]  # the first part of each component
+    is_root = root[key] == parts
+    number = np.zeros(2 * k, np.int64)
     number[key[is_root]] = np.arange(int(is_root.sum()))
     comp = number[key]
     conflicted = np.zeros(int(is_root.sum()), dtype=bool)
     conflicted[comp[plus == minus]] = True
     sign = np.where(plus == plus[root[key]], 1, -1)
     return (
-        torch.from_numpy(comp),
-        torch.from_numpy(sign),
+        torch.from_numpy(comp[whole]),
+        torch.from_numpy(sign[whole]),
         torch.from_numpy(conflicted),
         len(conflicted),
     )
@@ -1081,13 +1084,16 @@ def _signed_components(
 
 def _cover_sheets(
     a: np.ndarray, b: np.ndarray, s: np.ndarray, part: np.ndarray
-) -> tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, np.ndarray]:
     """The components of the double cover of the equalities ``h_a = s h_b`` (``[e]`` each) and
     of those inside ``part`` (components of other equalities with ``s = 1``, numbered in the
-    order of their first nodes), on ``len(part)`` nodes, as the labels of ``v+`` and of ``v-``
-    (``[n]`` each). The equalities with ``s = 1`` join ``v+`` to ``w+`` exactly where they join
-    ``v-`` to ``w-``: the parts joined by them (whole components of every ``s = 1`` equality)
-    are found once on the nodes, and the cover is solved on those, joined by the others."""
+    order of their first nodes), on ``len(part)`` nodes: ``(whole, label)``, the whole part of
+    every node (``[n]``: its part joined by these equalities with ``s = 1``, again numbered in
+    the order of first nodes) and the labels of ``p+ = p`` and ``p- = p + k`` (``[2 k]``) on
+    the ``k`` whole parts. The equalities with ``s = 1`` join ``v+`` to ``w+`` exactly where
+    they join ``v-`` to ``w-``: the parts joined by them (whole components of every ``s = 1``
+    equality) are found once on the nodes, and the cover is solved on those, joined by the
+    others. Every node of a whole part has that part's labels."""
     negative = s < 0
     k = int(part.max()) + 1 if len(part) else 0
     whole = part
@@ -1096,7 +1102,7 @@ def _cover_sheets(
     k = int(whole.max()) + 1 if len(whole) else 0
     pa, pb = whole[a[negative]], whole[b[negative]]  # p+ = p, p- = p + k
     label = _weak_components(np.concatenate([pa, pa + k]), np.concatenate([pb + k, pb]), 2 * k)
-    return label[whole], label[whole + k]
+    return whole, label
 
 
 def _components_without_slice_links(
