@@ -12,56 +12,27 @@ the counts equal those of the same function spelled with ``kthvalue``, ``median`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
 from architectures import rel_change
+from test_ranking_rules import (
+    ALONG_CHANNELS,
+    ALONG_TOKENS,
+    DTYPE,
+    TOKENS,
+    TOL,
+    WIDTH,
+    Ranking,
+    assert_apart_moves,
+    assert_united_exactly,
+    ranked,
+    tokens,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-DTYPE, TOL = torch.float64, 1e-10
-WIDTH, IN, TOKENS = 6, 4, 9
-SLOPE = 0.1
-# a structure that leaves the compared entries apart changes the outputs by far more than this
-MOVED = 1e-3
-# generators when the tokens are compared (each channel of ``inp`` and each channel the gain
-# ``p`` produces) and when the channels are (those ``p`` produces united; ``p`` divides out
-# ``inp``'s factors, which keep their generators)
-ALONG_TOKENS, ALONG_CHANNELS = 2 * WIDTH, WIDTH + 1
-
-Ranking = Callable[[Tensor, Tensor], Tensor]
-
-
-class Ranked(nn.Module):
-    """``o(relu(h)) + v(relu(f(h, p)))`` with ``h = leaky_relu(inp(x)) * p``: ``p`` a gain of
-    ``h``'s channels, ``f(h, p)`` broadcastable against ``h [tokens, WIDTH]`` (no ties among the
-    entries of ``h``, unlike ReLU's zeros, so a wrong factor reorders them)."""
-
-    def __init__(self, f: Ranking) -> None:
-        super().__init__()
-        self.f = f
-        self.inp = nn.Linear(IN, WIDTH)
-        self.o, self.v = nn.Linear(WIDTH, 2), nn.Linear(WIDTH, 2)
-        self.p = nn.Parameter(torch.rand(WIDTH) + 0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.leaky_relu(self.inp(x), SLOPE) * self.p
-        r = self.f(h, self.p).expand(len(x), WIDTH)
-        return self.o(torch.relu(h)) + self.v(torch.relu(r))
-
-
-def ranked(f: Ranking) -> nn.Module:
-    torch.manual_seed(0)
-    return Ranked(f).to(DTYPE)
-
-
-def tokens(n: int, seed: int) -> Tensor:
-    return torch.randn(n, IN, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
 
 
 def change(model: nn.Module, s: gaugefix.GaugeStructure) -> float:
@@ -182,12 +153,7 @@ def test_order_statistics_unite_the_compared_entries_exactly(case):
     """The op unites the entries it compares (each channel's tokens, or the channels): as many
     generators as the ``kthvalue``/``median``/``max``/``min`` spelling, and a random gauge keeps
     the outputs."""
-    spelled, reference, expected = CASES[case]
-    model = ranked(spelled)
-    s = gaugefix.discover(model, tokens(TOKENS, 0))
-    ref = gaugefix.discover(ranked(reference), tokens(TOKENS, 0))
-    assert s.num_generators == ref.num_generators == expected, s.summary()
-    assert change(model, s) <= TOL
+    assert_united_exactly(*CASES[case], change)
 
 
 # ops over the channels: a structure with one factor per channel reorders them
@@ -198,10 +164,7 @@ ACROSS = [case for case, (_, _, expected) in CASES.items() if expected == ALONG_
 def test_channels_with_different_factors_would_be_reordered(case):
     """The generators of the model without the op (one per channel) change its outputs: the
     channels compared must be united, not passed on with their own factors."""
-    model = ranked(CASES[case][0])
-    apart = gaugefix.discover(ranked(lambda h, p: h), tokens(TOKENS, 0))
-    assert apart.num_generators == ALONG_TOKENS
-    assert change(model, apart) > MOVED
+    assert_apart_moves(CASES[case][0], change)
 
 
 # a parameter compared, or used as levels: it is fixed

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
-from gaugefix.structure.context import compact
 from gaugefix.structure.rules import _aminmax, _quantile, funcs
+from test_ranking_rules_audit import _NotUniting
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -308,26 +308,6 @@ def test_random_gauge_keeps_the_outputs_on_fresh_inputs(case):
     s = gaugefix.discover(m, inputs(0))
     assert s.num_generators > 0, s.summary()
     assert change(m, s) <= TOL, s.summary()
-
-
-def _narrowed(nodes: Tensor, dims: list[int]) -> Tensor:
-    """The first entry along ``dims``, without uniting the others with it."""
-    nodes = compact(nodes)
-    for d in dims:
-        nodes = nodes.narrow(d, 0, 1)
-    return nodes
-
-
-class _NotUniting:
-    """A trace context whose ``unite`` passes labels on without uniting them."""
-
-    def __init__(self, ctx: Any) -> None:
-        self._ctx = ctx
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
-
-    unite = staticmethod(_narrowed)
 
 
 def _quantile_not_uniting(ctx: Any, result: Any, *args: Any, **options: Any) -> Any:

@@ -205,7 +205,14 @@ def test_ranking_unites_the_compared_entries_exactly(case):
     """The op unites the entries it compares (each channel's tokens, or the channels): as many
     generators as the ``topk``/``sort``/``max`` spelling, and a random gauge keeps the
     outputs."""
-    spelled, reference, expected = CASES[case]
+    assert_united_exactly(*CASES[case], change)
+
+
+def assert_united_exactly(
+    spelled: Ranking, reference: Ranking, expected: int, change: Callable
+) -> None:
+    """``spelled`` and its ``reference`` spelling give ``expected`` generators, and a random
+    gauge of them keeps ``spelled``'s outputs (``change``) to :data:`TOL`."""
     model = ranked(spelled)
     s = gaugefix.discover(model, tokens(TOKENS, 0))
     ref = gaugefix.discover(ranked(reference), tokens(TOKENS, 0))
@@ -221,10 +228,15 @@ ACROSS = [case for case, (_, _, expected) in CASES.items() if expected == ALONG_
 def test_channels_with_different_factors_would_be_reordered(case):
     """The generators of the model without the op (one per channel) change its outputs: the
     channels compared must be united, not passed on with their own factors."""
-    model = ranked(CASES[case][0])
+    assert_apart_moves(CASES[case][0], change)
+
+
+def assert_apart_moves(spelled: Ranking, change: Callable) -> None:
+    """The structure of the model without the op (one factor per channel) changes
+    ``spelled``'s outputs by more than :data:`MOVED`."""
     apart = gaugefix.discover(ranked(lambda h, p: h), tokens(TOKENS, 0))
     assert apart.num_generators == ALONG_TOKENS
-    assert change(model, apart) > MOVED
+    assert change(ranked(spelled), apart) > MOVED
 
 
 # a parameter compared: it is fixed
