@@ -67,6 +67,7 @@ from gaugefix.minimize import Objective, minimize_objective
 from gaugefix.moment import pair_shape
 from gaugefix.soft import FROZEN_REASON
 from gaugefix.structure import GaugeStructure
+from gaugefix.structure.affine import INNER_DIMS, dot_equation
 from gaugefix.structure.gauge_structure import PlannedParam, PlannedTerm
 from gaugefix.structure.trace import compiled_run_eagerly
 
@@ -687,6 +688,22 @@ def _einsum_read(w: Tensor, ws: list, x: Tensor, xs: list, out: str) -> list[_Re
     return [_Read(w, ws.index(contracted[0]), x.movedim(along, 0), d, batched=True)]
 
 
+def _dot_reads(a_name: str, b_name: str, inner: bool) -> Any:
+    """The reads of ``inner(a, b)`` / ``tensordot(a, b, dims)`` (operands named ``a_name``,
+    ``b_name``): those of their ``einsum`` (:func:`~gaugefix.structure.affine.dot_equation`);
+    nothing for a form it does not spell. ``out=`` leaves the read as it is (as for ``matmul``)."""
+
+    def reads(args: tuple, kwargs: dict) -> list[_Read]:
+        a, b = _arg(args, kwargs, 0, a_name), _arg(args, kwargs, 1, b_name)
+        dims = INNER_DIMS if inner else _arg(args, kwargs, 2, "dims", 2)
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            return []
+        equation = dot_equation(a.dim(), b.dim(), dims)
+        return [] if equation is None else _einsum_reads((equation, a, b), {})
+
+    return reads
+
+
 def _attention_reads(args: tuple, kwargs: dict) -> list[_Read]:
     """``F.multi_head_attention_forward``: the input projections it applies with ``F.linear``
     inside (query, key, value through the rows of ``in_proj_weight``, or through their own
@@ -734,6 +751,8 @@ PRODUCTS: tuple[tuple[Any, Any], ...] = (
     *((f, _product_call(1, "batch1", "batch2")) for f in (torch.baddbmm, Tensor.baddbmm)),
     *((f, _grouped_reads) for f in (getattr(F, "grouped_mm", None), torch._grouped_mm) if f),
     (torch.einsum, _einsum_reads),
+    *((f, _dot_reads("input", "other", True)) for f in (torch.inner, Tensor.inner)),
+    (torch.tensordot, _dot_reads("a", "b", False)),
     (F.multi_head_attention_forward, _attention_reads),
 )
 

@@ -586,3 +586,59 @@ def _parse_einsum(equation: str, dims: list[int]) -> tuple[list[str], str] | Non
 
 
 register_all(funcs("einsum"), _einsum)
+
+
+# --- inner and tensordot: einsums ----------------------------------------------------------------
+INNER_DIMS = ([-1], [-1])  # inner(a, b): the last dim of each
+LETTERS = string.ascii_letters
+
+
+def dot_equation(a_dims: int, b_dims: int, dims: Any) -> str | None:
+    """The ``einsum`` equation of ``tensordot(a, b, dims)`` for operands of ``a_dims`` and
+    ``b_dims`` dims: ``dims=k`` contracts ``a``'s last ``k`` dims with ``b``'s first ``k``;
+    ``dims=([i, ...], [j, ...])`` (lists or tuples, negative dims counted from the end) pairs
+    ``a``'s dim ``i`` with ``b``'s dim ``j``; the output runs over ``a``'s other dims in order,
+    then ``b``'s. ``inner(a, b)`` is ``dims=([-1], [-1])``. ``None`` for anything else: dims
+    given as a tensor, out of range or repeated, a scalar operand, more than 52 letters."""
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        if not 0 <= dims <= min(a_dims, b_dims):
+            return None
+        dims = (list(range(a_dims - dims, a_dims)), list(range(dims)))
+    if not isinstance(dims, (list, tuple)) or len(dims) != 2 or not a_dims or not b_dims:
+        return None
+    pairs = []
+    for side, n in zip(dims, (a_dims, b_dims), strict=True):
+        ok = isinstance(side, (list, tuple)) and all(
+            isinstance(d, int) and not isinstance(d, bool) and -n <= d < n for d in side
+        )
+        if not ok or len({d % n for d in side}) != len(side):
+            return None
+        pairs.append([d % n for d in side])
+    if len(pairs[0]) != len(pairs[1]) or a_dims + b_dims - len(pairs[0]) > len(LETTERS):
+        return None
+    a_spec, paired = LETTERS[:a_dims], dict(zip(pairs[1], pairs[0], strict=True))
+    free = iter(LETTERS[a_dims:])  # b's own dims: the letters after a's
+    b_spec = "".join(a_spec[paired[j]] if j in paired else next(free) for j in range(b_dims))
+    kept = [c for c in a_spec if c not in b_spec] + [c for c in b_spec if c not in a_spec]
+    return f"{a_spec},{b_spec}->{''.join(kept)}"
+
+
+def _dot(ctx: TraceContext, result: Any, a: Any, b: Any, dims: Any, out: Any) -> Any:
+    """``tensordot(a, b, dims)`` as ``einsum`` (:func:`dot_equation`, :func:`_einsum`)."""
+    ok = isinstance(a, Tensor) and isinstance(b, Tensor) and out is None
+    equation = dot_equation(a.dim(), b.dim(), dims) if ok else None
+    if equation is None:
+        return ctx.block_all(tensor_args(a, b, out), {}, ctx.reason("tensordot of this form"))
+    return _einsum(ctx, result, equation, a, b)
+
+
+def _inner(ctx: TraceContext, result: Any, input: Any, other: Any, *, out: Any = None) -> Any:
+    return _dot(ctx, result, input, other, INNER_DIMS, out)
+
+
+def _tensordot(ctx: TraceContext, result: Any, a: Any, b: Any, dims: Any = 2, out: Any = None):
+    return _dot(ctx, result, a, b, dims, out)
+
+
+register_all(funcs("inner"), _inner)
+register_all(funcs("tensordot"), _tensordot)
