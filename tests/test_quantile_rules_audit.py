@@ -13,7 +13,6 @@ and broadcasting products. Parameters compared (or views of them) are fixed, ``o
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from gaugefix.structure.rules import _aminmax, _quantile, funcs
-from test_ranking_rules_audit import _NotUniting
+from test_ranking_rules_audit import _NotUniting, largest_change
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,19 +71,7 @@ def inputs(i: int) -> Tensor:
 def change(m: nn.Module, s: gaugefix.GaugeStructure) -> float:
     """The largest relative change of ``m``'s outputs (NaN where they are NaN) on the example
     and the fresh inputs under random gauges of ``s``."""
-    xs = [inputs(i) for i in range(len(BATCHES))]
-    worst = 0.0
-    with torch.no_grad():
-        before = [m(x) for x in xs]
-        for seed in SEEDS:
-            moved = copy.deepcopy(m)
-            gaugefix.random_gauge_(moved, s, SCALE, generator=torch.Generator().manual_seed(seed))
-            for b, x in zip(before, xs, strict=True):
-                a = moved(x)
-                assert torch.equal(a.isnan(), b.isnan())
-                d = (a - b).nan_to_num(0.0).abs().max() / b.nan_to_num(0.0).abs().max()
-                worst = max(worst, float(d))
-    return worst
+    return largest_change(m, s, [inputs(i) for i in range(len(BATCHES))])
 
 
 def R(t: Tensor) -> Tensor:

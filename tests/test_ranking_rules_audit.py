@@ -87,7 +87,12 @@ def inputs(kind: str, i: int) -> Tensor:
 def change(m: nn.Module, s: gaugefix.GaugeStructure, kind: str) -> float:
     """The largest relative change of ``m``'s outputs (NaN where they are NaN) on the example
     and the fresh inputs under random gauges of ``s``."""
-    xs = [inputs(kind, i) for i in range(len(ONE))]
+    return largest_change(m, s, [inputs(kind, i) for i in range(len(ONE))])
+
+
+def largest_change(m: nn.Module, s: gaugefix.GaugeStructure, xs: list[Tensor]) -> float:
+    """The largest relative change of ``m``'s outputs on ``xs`` (NaN where they are NaN) under
+    random gauges of ``s`` (:data:`SEEDS`, :data:`SCALE`)."""
     worst = 0.0
     with torch.no_grad():
         before = [m(x) for x in xs]
