@@ -367,7 +367,11 @@ CONTRACTIONS = {
         HIDDEN,
     ),
     "einsum bii->bi": (lambda m, h, g, x: torch.einsum("bii->bi", R(h)[:, :4].view(-1, 2, 2)), 0),
-    "tensordot": (lambda m, h, g, x: torch.tensordot(R(h), R(g)[:1], dims=([1], [1])), 0),
+    "tensordot, as einsum bi,ci->bc": (
+        lambda m, h, g, x: torch.tensordot(R(h), R(g)[:1], dims=([1], [1])),
+        HIDDEN,
+    ),
+    "einsum bi,ci->bc": (lambda m, h, g, x: torch.einsum("bi,ci->bc", R(h), R(g)[:1]), HIDDEN),
     "cdist": (lambda m, h, g, x: torch.cdist(R(h), R(g)[:1]), 0),
     "cosine_similarity": (lambda m, h, g, x: F.cosine_similarity(R(h), R(g))[:, None], 0),
     "F.normalize": (lambda m, h, g, x: F.normalize(R(h)), 0),
