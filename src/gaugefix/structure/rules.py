@@ -1058,6 +1058,22 @@ register_all(funcs("max", "min"), _reduce_max)
 _RANKING = {"topk": ("k", "dim", "largest", "sorted"), "sort": ("dim", "descending", "stable")}
 
 
+def _statistics(
+    ctx: TraceContext, input: Tensor, dim: int | None, keepdim: bool, shape: torch.Size
+) -> Sum:  # fmt: skip
+    """The labels of order statistics of ``input`` (sorted entries, or convex combinations) along
+    ``dim`` (every entry when None), of the output's ``shape``: the entries compared united, a
+    reduced dim kept with size 1 when ``keepdim``, broadcast against leading dims of ``shape``
+    (one per level of a ``quantile``)."""
+    dims = list(range(input.dim())) if dim is None else [dim % input.dim()] if input.dim() else []
+
+    def united(nodes: Tensor) -> Tensor:
+        lab = ctx.unite(nodes.expand(input.shape), dims)
+        return (lab if keepdim or not dims else lab.squeeze(dims)).expand(shape)
+
+    return ctx.terms(input).map(united)
+
+
 def _ranked(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options: Any) -> Any:
     """``topk(x, k, dim)`` and ``sort(x, dim)``: the entries along ``dim`` in the order of their
     values, and their places. A positive factor common to the entries along ``dim`` keeps their
@@ -1071,11 +1087,7 @@ def _ranked(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **options
         or ctx.is_param(input) or not isinstance(result, tuple)
     ):  # fmt: skip
         return blocker(ctx, result, input, *rest, **options)
-    dims = [dim % input.dim()] if input.dim() else []
-    labels = ctx.terms(input).map(
-        lambda nodes: ctx.unite(nodes.expand(input.shape), dims).expand(result[0].shape)
-    )
-    return (labels, None)
+    return (_statistics(ctx, input, dim, True, result[0].shape), None)
 
 
 register_all(funcs("topk", "sort"), _ranked)
@@ -1111,16 +1123,9 @@ def _ordered(ctx: TraceContext, result: Any, input: Tensor, *rest: Any, **option
         or not (dim is None or type(dim) is int) or ctx.is_param(input)
     ):  # fmt: skip
         return blocker(ctx, result, input, *rest, **options)
-    dims = list(range(input.dim())) if dim is None else [dim % input.dim()] if input.dim() else []
     values = result[0] if isinstance(result, tuple) else result
-
-    def united(nodes: Tensor) -> Tensor:  # size 1 along dims (and wherever all are one node)
-        lab = ctx.unite(nodes.expand(input.shape), dims)
-        if kept:
-            return lab.expand(input.shape)
-        return (lab.squeeze(dims) if values.dim() < input.dim() else lab).expand(values.shape)
-
-    labels = ctx.terms(input).map(united)
+    shape = input.shape if kept else values.shape
+    labels = _statistics(ctx, input, dim, kept or values.dim() == input.dim(), shape)
     if short in _PLACES:
         return None
     return (labels, None) if isinstance(result, tuple) else labels
@@ -1131,22 +1136,6 @@ register_all(funcs(*_ORDERED), _ordered)
 # The interpolations of ``quantile``/``nanquantile``: each a convex combination of the two order
 # statistics next to the level, with weights set by the level and the number of entries (not NaN).
 _INTERPOLATIONS = {"linear", "lower", "higher", "midpoint", "nearest"}
-
-
-def _statistics(
-    ctx: TraceContext, input: Tensor, dim: int | None, keepdim: bool, shape: torch.Size
-) -> Sum:  # fmt: skip
-    """The labels of order statistics of ``input`` (or convex combinations of them) along
-    ``dim`` (every entry when None), of the output's ``shape``: the entries compared united, a
-    reduced dim kept with size 1 when ``keepdim``, broadcast against leading dims of ``shape``
-    (one per level of a ``quantile``)."""
-    dims = list(range(input.dim())) if dim is None else [dim % input.dim()] if input.dim() else []
-
-    def united(nodes: Tensor) -> Tensor:
-        lab = ctx.unite(nodes.expand(input.shape), dims)
-        return (lab if keepdim or not dims else lab.squeeze(dims)).expand(shape)
-
-    return ctx.terms(input).map(united)
 
 
 def _quantile(
