@@ -146,10 +146,11 @@ class EqualizeResult:
     applied (0 on generators left out); ``dead_generators``: the generators the objective does
     not see on both sides, those in an open group (of its own terms; of the norm's for a
     callable), and those touching a frozen parameter, left at ``h = 0``; ``converged``;
-    ``uncalibrated``: for ``"activation"``, the counted weights the calibration pass saw read
-    in a way it cannot follow (a view, a copy or a computed tensor it cannot map to their
-    dims, a batched wrapper under ``vmap``, an ``einsum`` over several of their dims), whose
-    channels it balanced as ``"range"`` does.
+    ``uncalibrated``: for ``"activation"``, every counted weight whose channels it balanced as
+    ``"range"`` does for want of calibration ranges: read in a way the pass cannot follow (a
+    view, a copy or a computed tensor it cannot map to their dims, a batched wrapper under
+    ``vmap``, an ``einsum`` over several of their dims), or a matrix of which it sees no read
+    while a generator dividing its columns gets ranges from no other read.
     The norm is over every parameter the structure acts on, frozen ones included (unchanged);
     a residual is over no generator, 0, when every generator is held (:attr:`movable` 0).
     """
@@ -591,6 +592,15 @@ def _product_call(first: int, a_name: str, b_name: str) -> Any:
     return reads
 
 
+def _chain_reads(args: tuple, kwargs: dict) -> list[_Read]:
+    """``multi_dot([a, b])``: the reads of ``a @ b``; a longer chain: none (the inputs of its
+    inner products are not seen)."""
+    tensors = _arg(args, kwargs, 0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+        return []
+    return _product_reads(*tensors)
+
+
 def _linear_reads(args: tuple, kwargs: dict) -> list[_Read]:
     """``F.linear(x, W)``: ``W``'s dim 1 against ``x``'s last dim."""
     return [_Read(_arg(args, kwargs, 1, "weight"), 1, _arg(args, kwargs, 0, "input"), -1)]
@@ -746,6 +756,8 @@ PRODUCTS: tuple[tuple[Any, Any], ...] = (
     *((f, _product_call(0, "input", "mat2")) for f in (torch.mm, Tensor.mm, torch.bmm, Tensor.bmm)),
     *((f, _product_call(0, "input", "vec")) for f in (torch.mv, Tensor.mv)),
     *((f, _product_call(0, "input", "tensor")) for f in (torch.dot, Tensor.dot)),
+    *((f, _product_call(0, "input", "other")) for f in (torch.vdot, Tensor.vdot)),  # conj: |.| same
+    (torch.linalg.multi_dot, _chain_reads),
     *((f, _product_call(1, "mat1", "mat2")) for f in (torch.addmm, Tensor.addmm)),  # (input, a, b)
     *((f, _product_call(1, "mat", "vec")) for f in (torch.addmv, Tensor.addmv)),
     *((f, _product_call(1, "batch1", "batch2")) for f in (torch.baddbmm, Tensor.baddbmm)),
@@ -904,25 +916,23 @@ class _ChannelMaxima(TorchFunctionMode):
                 self._record(*read)
         return out
 
-    def _tracked(self, t: Any) -> tuple[str, ...]:
-        """The names of the weights that ``t`` is, or is a view of (of a gathered copy, of a
-        tensor computed from them); none for any other tensor (an activation)."""
+    def _entry(self, t: Any) -> tuple[tuple[str, ...], Tensor] | None:
+        """The names of the tracked tensor (weight, gathered copy, tensor computed from weights)
+        that ``t`` is or is a view of, and that tensor; ``None`` for any other tensor (an
+        activation)."""
         for u in (t, t._base) if isinstance(t, Tensor) else ():
             if u is not None and id(u) in self.derived:
-                return self.derived[id(u)][0]
+                return self.derived[id(u)]
             for table in (self.weights, self.gathered):
                 if u is not None and id(u) in table:
-                    return (table[id(u)][0],)
-        return ()
-
-    def _root(self, t: Tensor) -> Tensor | None:
-        """The tracked tensor (weight, gathered copy, tensor computed from weights) that ``t``
-        is or is a view of."""
-        for u in (t, t._base):
-            for table in (self.weights, self.gathered, self.derived):
-                if u is not None and id(u) in table:
-                    return table[id(u)][1]
+                    return (table[id(u)][0],), table[id(u)][1]
         return None
+
+    def _tracked(self, t: Any) -> tuple[str, ...]:
+        """The names of the weights that ``t`` is, or is a view of (:meth:`_entry`); none for
+        an activation."""
+        entry = self._entry(t)
+        return () if entry is None else entry[0]
 
     def _multiplied(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """Keeps ``x * W`` (either order), of an activation ``x`` and a tracked ``W`` (or a view
@@ -937,8 +947,8 @@ class _ChannelMaxima(TorchFunctionMode):
         written = bool(_written(func, args, kwargs))
         if self._tracked(_unwrapped(x)) or id(x) in self.static:
             return
-        root = self._root(_unwrapped(w))
-        if root is None or root.dim() < 2 or self._tracked(out) and not written:
+        entry = self._entry(_unwrapped(w))
+        if entry is None or entry[1].dim() < 2 or self._tracked(out) and not written:
             return
         self._keep(out, w, None if written or _wrapped(w) else x, x)
 
@@ -1220,14 +1230,37 @@ def _calibrated(
     if any(a is not None and not bool(torch.isfinite(a).all()) for a in seen.maxima.values()):
         raise ValueError("the calibration batch gives non-finite activations; nothing was modified")
     left = tuple(name for name in weights if name in seen.unfollowed)
-    if left:
-        warnings.warn(
-            f"the calibration pass cannot follow how {', '.join(left)} "
-            "(a view, a copy or a tensor computed from it, a vmap) is read; their channels "
-            "are balanced as 'range' does",
-            stacklevel=3,
-        )
+    _warn_uncalibrated(left, "a view, a copy or a tensor computed from it, a vmap")
     return {key: a for key, a in seen.maxima.items() if key[0] not in left}, left
+
+
+def _warn_uncalibrated(names: tuple[str, ...], why: str) -> None:
+    """The ``UserWarning`` naming the weights whose channels fall back to ``"range"``."""
+    if names:
+        warnings.warn(
+            f"the calibration pass cannot follow how {', '.join(names)} ({why}) is read; "
+            "their channels are balanced as 'range' does",
+            stacklevel=4,
+        )
+
+
+def _unseen(
+    weights: Mapping[str, RangeSource], ranges: Mapping[tuple[str, int], Tensor | None],
+    params: Mapping[str, Tensor], read: Tensor, order: list[str],
+) -> tuple[str, ...]:  # fmt: skip
+    """The counted matrices and kernels (2 dims or more; in ``order``) of which the calibration
+    pass recorded no read at all (not even of empty inputs), with a generator dividing their
+    columns (:func:`_absorbing`) that no recorded read gives activation ranges (``read``:
+    bool ``[N]``): those channels fall back to ``"range"`` for want of a read it sees."""
+    recorded = {name for name, _ in ranges}
+    falls = torch.cat([~read, read.new_zeros(1)])  # the dummy slot: no generator
+    return tuple(
+        name
+        for name in order
+        if name not in recorded
+        and params[name].dim() >= 2
+        and any(bool(falls[t.slots].any()) for t in _absorbing(weights[name].counted))
+    )
 
 
 def readers(
@@ -1268,7 +1301,8 @@ def activation_balance(
     alpha: float,
 ) -> tuple[list[RangeSource], Tensor, tuple[str, ...]]:
     """The sources and per-generator ``alpha`` of ``"activation"``, and the counted weights
-    the calibration pass could not follow (:func:`activation_ranges`: no maxima). Per reader:
+    whose channels fall back to ``"range"`` for want of maxima (:func:`activation_ranges`:
+    reads not followed; :func:`_unseen`: no read seen), each named by a warning. Per reader:
     its input's channel ranges on the incoming side of the generators that scale them (the
     channel carries ``-1`` times the column exponent; none where the calibration pass gave it
     no input), its weight's columns on the outgoing side of the generators dividing them, with
@@ -1302,6 +1336,9 @@ def activation_balance(
     read_sources = channels + [weights[w]._replace(counted=c) for w, c in divided.items()]
     sides = side_ranges(read_sources, torch.zeros(n, dtype=torch.float64, device=device))
     read = torch.isfinite(sides.log_in) & torch.isfinite(sides.log_out)
+    unseen = [w for w in _unseen(weights, ranges, params, read, order) if w not in left]
+    _warn_uncalibrated(tuple(unseen), "it sees no call read it")
+    left = tuple(w for w in order if w in left or w in unseen)
     channels = [c._replace(counted=_without(c.counted, ~read, n)) for c in channels]
     for name, source in weights.items():
         mine = divided.get(name, ())
