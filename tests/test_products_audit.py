@@ -93,6 +93,7 @@ FOUND = {
     "F.linear(x, B @ A)": (lambda m, x: F.linear(x, m.B @ m.A), R),
     "x @ (B @ A).T": (lambda m, x: x @ (m.B @ m.A).T, R),
     "tensordot(B, A, dims=1)": (lambda m, x: F.linear(x, torch.tensordot(m.B, m.A, dims=1)), R),
+    "multi_dot([B, A])": (lambda m, x: F.linear(x, torch.linalg.multi_dot([m.B, m.A])), R),
     "F.linear(x, (B @ A).T)": (lambda m, x: F.linear(x[:, :4], (m.B @ m.A).T), R),
     "W + B @ A": (lambda m, x: F.linear(x, m.W + m.B @ m.A), R),
     "W - B @ A, W read alone too": (
@@ -194,7 +195,7 @@ BLOCKED = {
     "B @ (v A)": lambda m, x: F.linear(x, m.B @ (m.v[:, None] * m.A)),
     "kron": lambda m, x: F.linear(x, torch.kron(m.B, m.A)[:4, :6]),
     "outer": lambda m, x: F.linear(x, torch.outer(m.u, m.w6)),
-    "multi_dot": lambda m, x: F.linear(x, torch.linalg.multi_dot([m.B, m.A])),
+    "multi_dot of three": lambda m, x: F.linear(x, torch.linalg.multi_dot([m.B, m.A, m.S])),
     "v @ v": lambda m, x: x * (m.v @ m.v),
     "S @ S.clone()": lambda m, x: F.linear(x, m.S @ m.S.clone()),
     "S @ S.detach()": lambda m, x: F.linear(x, m.S @ m.S.detach()),

@@ -374,6 +374,20 @@ register_all(funcs("matmul", "mm", "bmm", "__matmul__", "__rmatmul__", "mv"), _m
 register_all(funcs("matmul", modules=(torch.linalg,)), _matmul)
 
 
+def _multi_dot(ctx: TraceContext, result: Any, tensors: Any, *, out: Any = None) -> Any:
+    """``linalg.multi_dot([a, b])``: ``a @ b`` (a 1-D first operand a row vector, a 1-D last
+    one a column vector, as ``matmul`` reads them). A longer chain blocks its operands: the
+    products it forms inside, in an order it picks, are not seen."""
+    pair = isinstance(tensors, (list, tuple)) and len(tensors) == 2 and out is None
+    if not (pair and all(isinstance(t, Tensor) for t in tensors)):
+        why = ctx.reason("multi_dot of other than two tensors, or with out=")
+        return ctx.block_all(tensor_args(tensors, out), {}, why)
+    return contract(ctx, *tensors, result)
+
+
+register_all(funcs("multi_dot", modules=(torch.linalg,)), _multi_dot)
+
+
 def _addmm(
     ctx: TraceContext, result: Any, input: Tensor, mat1: Any = None, mat2: Any = None, *,
     beta: Any = 1, alpha: Any = 1, batch1: Any = None, batch2: Any = None, mat: Any = None,
