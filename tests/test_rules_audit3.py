@@ -97,6 +97,12 @@ def idx(*values: int) -> Tensor:
     return torch.tensor(values)
 
 
+# Constant indices, made before any trace: one made from Python numbers in the forward may hold
+# numbers made from a size (``torch.tensor(list(range(T)))``), and counts as picked by the data.
+GATHERED, ADDED_AT, REPEATS, TAKEN = idx(0, 0, 5, 2), idx(5, 4), idx(1, 2, 0, 1, 3, 1), idx(0, 4)
+REVERSED, REVERSED_1_TWICE = idx(5, 4, 3, 2, 1, 0), idx(5, 4, 3, 2, 1, 1)
+
+
 def check(f, count: int) -> None:
     s, change = gauged(f)
     assert change <= TOL, s.summary()
@@ -392,7 +398,7 @@ STRUCTURAL = {
     "tensor_split, reversed": (lambda m, h, g, x: torch.cat(R(h).tensor_split(3, 1)[::-1], 1), 6),
     "unbind, reversed": (lambda m, h, g, x: torch.stack(R(h).unbind(1)[::-1], 1), HIDDEN),
     "gather of channels 0, 0, 5, 2": (
-        lambda m, h, g, x: R(h).gather(1, idx(0, 0, 5, 2).expand(x.shape[0], 4)),
+        lambda m, h, g, x: R(h).gather(1, GATHERED.expand(x.shape[0], 4)),
         3,
     ),
     "scatter_add into zeros, channel 1 twice": (
@@ -406,7 +412,7 @@ STRUCTURAL = {
         lambda m, h, g, x: R(h).index_add(1, _reverse(x, 0), R(g), alpha=-2),
         HIDDEN,
     ),
-    "index_add of 2 channels": (lambda m, h, g, x: R(h).index_add(1, idx(5, 4), R(g)[:, :2]), 6),
+    "index_add of 2 channels": (lambda m, h, g, x: R(h).index_add(1, ADDED_AT, R(g)[:, :2]), 6),
     "index_add into ones": (
         lambda m, h, g, x: torch.ones_like(h).index_add(1, _reverse(x, 0), R(g)),
         0,
@@ -431,7 +437,7 @@ STRUCTURAL = {
     "flip over both dims": (lambda m, h, g, x: R(h).flip(0, 1), HIDDEN),
     "repeat_interleave": (lambda m, h, g, x: R(h).repeat_interleave(2, 1), HIDDEN),
     "repeat_interleave, channel 2 dropped": (
-        lambda m, h, g, x: R(h).repeat_interleave(idx(1, 2, 0, 1, 3, 1), 1),
+        lambda m, h, g, x: R(h).repeat_interleave(REPEATS, 1),
         HIDDEN - 1,
     ),
     "repeat": (lambda m, h, g, x: R(h).repeat(1, 2), HIDDEN),
@@ -445,7 +451,7 @@ STRUCTURAL = {
     "unfold": (lambda m, h, g, x: R(h).unfold(1, 2, 1), 0),
     "diagonal": (lambda m, h, g, x: torch.diagonal(R(h).view(-1, 2, 3), 0, 1, 2), 0),
     "tril": (lambda m, h, g, x: R(h).view(-1, 2, 3).tril(), 0),
-    "take": (lambda m, h, g, x: R(h).take(idx(0, 4)).expand(x.shape[0], 2), 0),
+    "take": (lambda m, h, g, x: R(h).take(TAKEN).expand(x.shape[0], 2), 0),
     "masked_select of all": (lambda m, h, g, x: R(h).masked_select(torch.ones_like(h) > 0), 0),
     "channel_shuffle": (lambda m, h, g, x: F.channel_shuffle(R(h).view(-1, 6, 1, 1), 2), 0),
     "pad with 0": (lambda m, h, g, x: F.pad(R(h), (1, 2)), 1),
@@ -496,8 +502,8 @@ STRUCTURAL = {
 def _reverse(x: Tensor, dim: int) -> Tensor:
     """Channel indices ``5, 4, 3, 2, 1, 1`` (``dim=1``: one row per sample) or ``5, ..., 0``."""
     if dim == 0:
-        return idx(5, 4, 3, 2, 1, 0)
-    return idx(5, 4, 3, 2, 1, 1).expand(x.shape[0], HIDDEN)
+        return REVERSED
+    return REVERSED_1_TWICE.expand(x.shape[0], HIDDEN)
 
 
 @pytest.mark.parametrize("f, count", list(STRUCTURAL.values()), ids=list(STRUCTURAL))

@@ -50,14 +50,35 @@ def _values_lost() -> bool:
     return bool(lost and lost[0])
 
 
+def _lose_sizes() -> None:
+    """Record that this thread's trace made a plain number from a size (``int(T)``, ``int(T /
+    2)``): a number whose later uses no mark follows (``q[int(T) - 1]``)."""
+    lost = getattr(_FLOATS_FROM_SIZES, "sizes_lost", None)
+    if lost is not None:
+        lost[0] = True
+
+
+def _sizes_lost() -> bool:
+    """Whether this thread's trace made a plain number from a size (see :func:`_lose_sizes`):
+    any Python number an op gets may then have been computed from one."""
+    lost = getattr(_FLOATS_FROM_SIZES, "sizes_lost", None)
+    return bool(lost and lost[0])
+
+
 class _FromSize:
     """A Python number computed during the trace from a size that may differ for another input
     (the batch or sequence length, ``x.shape[0]``): Python arithmetic on it keeps the mark,
     like ``torch.SymInt``, so a rule can tell ``B - 5`` (0 at the example only) from the
     constant 0. ``float(n)`` gives an exact float recorded by identity; arithmetic on that float
-    loses the mark, and so does a float on the left of a marked int (``0.5 * B``)."""
+    loses the mark, and so does a float on the left of a marked int (``0.5 * B``). ``int(n)``
+    must return a plain int, which no mark follows: it records that this thread's trace lost
+    track of numbers computed from sizes (see :func:`_sizes_lost`)."""
 
     __slots__ = ()
+
+    def __int__(self) -> int:
+        _lose_sizes()
+        return int.__int__(self) if isinstance(self, int) else float.__int__(self)
 
     def __float__(self) -> float:
         out = int.__float__(self) if isinstance(self, int) else float.__float__(self)
@@ -120,6 +141,8 @@ class _FromValue:
 
     def __int__(self) -> int:
         _lose_values()
+        if isinstance(self, _FromSize):
+            return _FromSize.__int__(self)
         return int.__int__(self) if isinstance(self, int) else float.__int__(self)
 
     def __float__(self) -> float:
@@ -185,8 +208,8 @@ def scan(tree: Any, tensors: list[Tensor]) -> bool:
     """One walk over nested tuples, lists and dicts (an op's ``(args, kwargs)``): appends the
     tensors in them to ``tensors`` in the order of ``nested_tensors`` and returns whether a leaf
     may hold a marked number (see :data:`_MAYBE_MARKED`). When it returns ``False``,
-    :func:`from_size` and :func:`from_value` are ``False`` on every part of ``tree`` and no
-    slice is in it."""
+    :func:`from_value` is ``False`` on every part of ``tree``, so is :func:`from_size` unless
+    the trace lost track of sizes (see :func:`_sizes_lost`), and no slice is in it."""
     if isinstance(tree, Tensor):
         tensors.append(tree)
         return False
@@ -232,8 +255,11 @@ def from_size(x: Any) -> bool:
 
 def _sized_number(x: Any) -> bool:
     """Whether the Python number ``x`` was computed from a size (marked, or a float recorded
-    as such)."""
+    as such), or may have been: once the trace made a plain number from a size (see
+    :func:`_sizes_lost`), every number but a truth value counts."""
     if isinstance(x, _FromSize):
+        return True
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and _sizes_lost():
         return True
     if isinstance(x, float):
         floats = _recorded_floats()

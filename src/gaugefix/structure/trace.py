@@ -62,11 +62,14 @@ from gaugefix.structure.context import (
 from gaugefix.structure.marks import (
     _FLOATS_FROM_SIZES,
     _MARKS,
+    SizedInt,
     _any_number,
+    _lose_sizes,
     _lose_values,
     _math_marking,
     _plain,
     _recorded_floats,
+    _sizes_lost,
     _valued,
     _values_lost,
     from_size,
@@ -233,6 +236,23 @@ def _valued_by_size(short: str, args: tuple, kwargs: dict) -> bool:
     return from_size((args, kwargs))
 
 
+# Ops that make a tensor of the Python numbers they are given: name -> the place of the numbers.
+_FROM_NUMBERS = {"tensor": 0, "as_tensor": 0, "new_tensor": 1}
+
+
+def _of_numbers(short: str, args: tuple, kwargs: dict) -> bool:
+    """Whether an op makes a tensor of Python numbers (``torch.tensor(list(range(T)))``,
+    ``torch.as_tensor([2, 0, 1])``, nested lists too): ``range(T)`` and ``int(T)`` make plain
+    numbers from a size, which no mark follows, so the values count as computed from a size
+    (an index of them may pick other entries for another input, as ``arange(T)`` reads
+    more)."""
+    place = _FROM_NUMBERS.get(short)
+    if place is None:
+        return False
+    data = args[place] if len(args) > place else kwargs.get("data")
+    return _any_number(data, _is_number)
+
+
 def _is_number(x: Any) -> bool:
     """Whether ``x`` is a Python number other than a truth value."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -331,7 +351,7 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         ctx = self.ctx
         tensors: list[Tensor] = []
-        maybe_marked = scan((args, kwargs), tensors)
+        maybe_marked = scan((args, kwargs), tensors) or _sizes_lost()
         if _may_write(short, kwargs):
             ctx.save_written(tensors)
         if self.suppress:
@@ -346,9 +366,8 @@ class _Tracer(TorchFunctionMode):
         out = self._run(name, func, args, kwargs, tensors)
         if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
-        if short in _SIZES and args and isinstance(args[0], Tensor):
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            return ctx.sizes_read(args[0], out, dim)
+        if (short in _SIZES or short == "__len__") and args and isinstance(args[0], Tensor):
+            return self._sizes_read(short, args, kwargs, out)
         if short in _METADATA:
             return out
         written = args[0] if short in _OVERWRITES and args else None
@@ -381,6 +400,18 @@ class _Tracer(TorchFunctionMode):
         if short in _ALLOCATIONS:
             self._allocated(out, kwargs, inputs)
         return out
+
+    def _sizes_read(self, short: str, args: tuple, kwargs: dict, out: Any) -> Any:
+        """The sizes an op read into Python, marked where they may differ for another input
+        (see :meth:`TraceContext.sizes_read`). ``len(t)`` returns a plain int whatever
+        ``Tensor.__len__`` returns: when the length may differ, the trace lost track of a
+        number computed from a size (see :func:`_lose_sizes`)."""
+        if short == "__len__":
+            if isinstance(self.ctx.sizes_read(args[0], out, 0), SizedInt):
+                _lose_sizes()
+            return out
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        return self.ctx.sizes_read(args[0], out, dim)
 
     def _apply_rule(
         self, func: Any, name: str, args: tuple, kwargs: dict, out: Any, tensors: list[Tensor]
@@ -438,7 +469,7 @@ class _Tracer(TorchFunctionMode):
         marks = [(ctx._tainted, tainted)]
         marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
         made = maybe_marked and from_size(call)  # what _valued_by_size reads is in the call
-        sized = any(ctx._sized.get(id(t)) is t for t in tensors)
+        sized = any(ctx._sized.get(id(t)) is t for t in tensors) or _of_numbers(short, *call)
         marks.append((ctx._sized, sized or (made and _valued_by_size(short, *call))))
         made = made or any(ctx._size_made.get(id(t)) is t for t in tensors)
         marks.append((ctx._size_made, made))
@@ -744,12 +775,17 @@ def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
     forget them, and make the marked numbers the forward stored on the model's modules (a
     cached length, one in a list or dict attribute) plain again: the marks are the trace's (see
     :class:`SizedInt`)."""
-    earlier = _recorded_floats(), getattr(_FLOATS_FROM_SIZES, "values_lost", None)
-    _FLOATS_FROM_SIZES.floats, _FLOATS_FROM_SIZES.values_lost = {}, [False]
+    local = _FLOATS_FROM_SIZES
+    earlier = (
+        _recorded_floats(),
+        getattr(local, "values_lost", None),
+        getattr(local, "sizes_lost", None),
+    )
+    local.floats, local.values_lost, local.sizes_lost = {}, [False], [False]
     try:
         yield
     finally:
-        _FLOATS_FROM_SIZES.floats, _FLOATS_FROM_SIZES.values_lost = earlier
+        local.floats, local.values_lost, local.sizes_lost = earlier
         for module in model.modules():
             for key, value in list(vars(module).items()):
                 if isinstance(value, _MARKS):
