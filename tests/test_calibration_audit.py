@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gaugefix.equalize import _calibrated
+from gaugefix.calibration import _calibrated
 from test_equalize_products import EXACT, D, _batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 import gaugefix
 from architectures import randomise_, rel_change
-from gaugefix.equalize import activation_ranges
+from gaugefix.calibration import activation_ranges
 from test_equalize import output
 from test_equalize_products import (
     EXACT,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gaugefix
-from gaugefix.equalize import _calibrated
+from gaugefix.calibration import _calibrated
 from test_equalize_products import EXACT
 
 pytestmark = pytest.mark.usefixtures("single_thread")

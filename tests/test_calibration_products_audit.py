@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gaugefix.equalize import _calibrated
+from gaugefix.calibration import _calibrated
 from test_calibration_spelled import assert_equalized_alike
 from test_equalize_products import D, _batch
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from architectures import rel_change
-from gaugefix.equalize import _calibrated
+from gaugefix.calibration import _calibrated
 from test_equalize_products import EXACT, D, _batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")

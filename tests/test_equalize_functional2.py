@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import gaugefix
 from architectures import randomise_, rel_change
-from gaugefix.equalize import activation_ranges
+from gaugefix.calibration import activation_ranges
 from test_equalize import output
 
 pytestmark = pytest.mark.usefixtures("single_thread")
