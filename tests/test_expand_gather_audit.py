@@ -153,12 +153,18 @@ def none_added_broadcast(s, x):
     return s.o(torch.relu(s.a(x)[:, None, :] + s.w[None])).sum(1)
 
 
+# constant indexes, made before the trace (one made in the forward from Python numbers counts as
+# computed from a size: range(T) gives plain ints)
+PERMUTED = torch.tensor([2, 0, 1, 3])
+TWO_ROWS = torch.tensor([2, 0])
+
+
 def bias_permuted_by_index_select(s, x):  # constant rows
-    return s.o(torch.relu(s.a(x) + s.b.index_select(0, torch.tensor([2, 0, 1, 3]))))
+    return s.o(torch.relu(s.a(x) + s.b.index_select(0, PERMUTED)))
 
 
 def rows_selected_and_whole(s, x):
-    w2 = s.w.index_select(0, torch.tensor([2, 0]))
+    w2 = s.w.index_select(0, TWO_ROWS)
     return s.p(torch.relu(F.linear(x, w2))) + s.o(torch.relu(F.linear(x, s.w)))
 
 

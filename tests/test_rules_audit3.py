@@ -442,7 +442,8 @@ STRUCTURAL = {
     ),
     "repeat": (lambda m, h, g, x: R(h).repeat(1, 2), HIDDEN),
     "tile": (lambda m, h, g, x: R(h).tile(2), HIDDEN),
-    "h[:, [0, 0, 3]]": (lambda m, h, g, x: R(h)[:, [0, 0, 3]], 2),
+    # a list of plain ints may hold a size (list(range(T))): read as picked by the data, one factor
+    "h[:, [0, 0, 3]]": (lambda m, h, g, x: R(h)[:, [0, 0, 3]], 1),
     "h[:, ::2]": (lambda m, h, g, x: R(h)[:, ::2], 3),
     "h[:, x[0].argsort()]": (lambda m, h, g, x: R(h)[:, x[0].argsort()], 1),
     "fliplr": (lambda m, h, g, x: R(h).fliplr(), 0),

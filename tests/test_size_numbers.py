@@ -176,9 +176,11 @@ KEPT = {  # name: (f, generators)
     "h.roll(h.shape[1] // 2, 1)": (lambda m, h, g, x: R(h).roll(h.shape[1] // 2, 1), HIDDEN),
     "leaky_relu(h, B - 5)": (lambda m, h, g, x: F.leaky_relu(h, _b(x) - BATCH), HIDDEN),
     "h[arange(B)]": (lambda m, h, g, x: R(h)[torch.arange(_b(x))], HIDDEN),
+    # made from a size (more entries for a larger B), cut to a fixed length: the cut is not
+    # followed, so the index counts as picking more channels, one factor for the six
     "h[:, arange(6).repeat(B)[:6]]": (
         lambda m, h, g, x: R(h)[:, torch.arange(HIDDEN).repeat(_b(x))[:HIDDEN]],
-        HIDDEN,
+        1,
     ),
 }
 

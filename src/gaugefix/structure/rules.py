@@ -671,21 +671,42 @@ register_all(funcs("view_as_real", modules=(torch,)), _view_as_real)
 
 def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict) -> list[int]:
     """The dims of ``x`` along which integer or boolean tensor arguments whose values depend on
-    the data or on a size pick entries (``x[:, order]``, ``x.narrow(1, start, n)``, ``x[:,
-    (arange(6) + B) % 6]``): those of each such
-    index of ``x[...]``, every dim for other ops (and for an index the parse cannot place)."""
-    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and ctx.picks_by_data(t)]
-    if not data:
+    the data or on a size, or were made from a size, pick entries (``x[:, order]``,
+    ``x.narrow(1, start, n)``, ``x[:, (arange(6) + B) % 6]``, ``x[..., arange(T)]``), and
+    along which lists of plain integers do (``x[..., list(range(T))]``: Python's ``range`` and
+    ``int`` turn a size into plain integers, which no mark follows): those of each such item of
+    ``x[...]``, every dim for other ops (and for an index the parse cannot place). Another input
+    picks other entries there, or more of them: ``arange(T)`` holds the same values at the same
+    places for every ``T``, but picks more channels for a longer input."""
+    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and _picks_more(ctx, t)]
+    indexed = ctx.op.endswith("__getitem__") and len(rest) == 1
+    items = (list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]) if indexed else []
+    listed = [item for item in items if isinstance(item, list)]
+    if not data and not listed:
         return []
     along = _picked_dim(ctx.op.rsplit(".", 1)[-1], x, rest, options)
     if along is not None:
         return [along]
-    if not ctx.op.endswith("__getitem__") or len(rest) != 1:
-        return list(range(x.dim()))
-    items = list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]
+    if not indexed or not all(isinstance(n, int) for item in listed for n in item):
+        return list(range(x.dim()))  # a list of lists, slices or tensors: read as torch reads it
     if any(not any(t is item for item in items) for t in data):  # nested in a list
         return list(range(x.dim()))
-    return _item_dims(x, items, lambda item: any(item is t for t in data))
+    return _item_dims(x, items, lambda item: isinstance(item, list) or any(item is t for t in data))
+
+
+def _picks_more(ctx: TraceContext, t: Tensor) -> bool:
+    """Whether the index ``t`` may pick other entries, or more of them, for another input: it
+    picks by the data, or it was made from a size (``arange(T)``), unless it only repeats a
+    tensor made neither way along dims it stretches (``idx.expand(B, 4)``, ``idx[None].expand(B,
+    -1)`` of a fixed ``idx``: a view of all of ``idx``, its other dims ``idx``'s own). Such a
+    repeat holds ``idx``'s values for every size, repeated along dims its labels repeat along."""
+    if ctx.picks_by_data(t) or not ctx.gathers_by_data(t):
+        return ctx.picks_by_data(t)
+    base = t._base
+    if base is None or ctx.gathers_by_data(base) or t.storage_offset() != base.storage_offset():
+        return True
+    kept = [(n, s) for n, s in zip(t.shape, t.stride(), strict=True) if s and n > 1]
+    return kept != [(n, s) for n, s in zip(base.shape, base.stride(), strict=True) if n > 1]
 
 
 # Ops that pick entries along one dim and keep every other coordinate (``gather(x, d, i)[.., j,
