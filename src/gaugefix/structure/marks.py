@@ -88,6 +88,28 @@ class _FromSize:
         return out
 
 
+def _losing(name: str) -> Callable[..., Any]:
+    """The method ``name`` of a number computed from a size that gives something no mark
+    follows (a string, bytes): it records that this thread's trace lost track of
+    numbers computed from sizes (see :func:`_sizes_lost`), so that ``int(str(T)) - 1`` or
+    ``int.from_bytes(T.to_bytes(2))`` give numbers that count as computed from a size."""
+
+    def method(self: Any, *args: Any) -> Any:
+        _lose_sizes()
+        return getattr(int if isinstance(self, int) else float, name)(self, *args)
+
+    method.__name__ = name
+    return method
+
+
+# The methods of a number that give what no mark follows: strings (``str(T)``, ``f"{T}"``),
+# bytes, and ``T.__index__()`` called by name (Python itself reads an int subclass's value
+# without it). Hashes and comparisons are left alone: models key caches by sizes
+# (``functools.lru_cache``) and compare them in checks and branches (``T > 1``) all the time,
+# and every later number counting as computed from a size would cost them generators.
+_LOSING_METHODS = ("__str__", "__repr__", "__format__", "__index__", "to_bytes")
+
+
 def _marked(value: Any, sized: bool = True, valued: bool = False) -> Any:
     """``value`` (a number, or a pair of them from ``divmod``) marked as computed from a size
     (``sized``) and from values read from a tensor (``valued``, see :class:`_FromValue`)."""
@@ -105,7 +127,7 @@ def _arithmetic(name: str) -> Callable[..., Any]:
     def method(self: Any, *args: Any) -> Any:
         base = int if isinstance(self, int) else float
         out = getattr(base, name)(self, *args)
-        if out is NotImplemented and base is int:
+        if out is NotImplemented and base is int and hasattr(float, name):
             out = getattr(float, name)(int.__float__(self), *args)
         sized = isinstance(self, _FromSize) or from_size(args)
         return out if out is NotImplemented else _marked(out, sized, from_value((self, args)))
@@ -118,12 +140,21 @@ _NUMBER_METHODS = (
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
     "__rfloordiv__", "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__",
     "__neg__", "__pos__", "__abs__", "__divmod__", "__rdivmod__", "__round__", "__trunc__",
-    "__floor__", "__ceil__",
+    "__floor__", "__ceil__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__", "__and__",
+    "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__invert__", "bit_length",
+    "conjugate", "as_integer_ratio",
 )  # fmt: skip
 
 
 class SizedInt(_FromSize, int):
-    """An int computed from a size (see :class:`_FromSize`)."""
+    """An int computed from a size (see :class:`_FromSize`); its ``numerator`` and ``real``
+    are itself, marked (``fractions.Fraction(T)`` reads them)."""
+
+    @property
+    def numerator(self) -> SizedInt:
+        return self
+
+    real = numerator
 
 
 class SizedFloat(_FromSize, float):
@@ -245,6 +276,10 @@ for _int, _float in _MARKED.values():
         for _method in _NUMBER_METHODS:
             if hasattr(_base, _method):
                 setattr(_cls, _method, _arithmetic(_method))
+for _cls, _base in ((SizedInt, int), (SizedFloat, float)):
+    for _method in _LOSING_METHODS:
+        if hasattr(_base, _method):
+            setattr(_cls, _method, _losing(_method))
 
 
 def from_size(x: Any) -> bool:

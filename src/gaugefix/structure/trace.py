@@ -44,6 +44,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -236,21 +237,26 @@ def _valued_by_size(short: str, args: tuple, kwargs: dict) -> bool:
     return from_size((args, kwargs))
 
 
+# Ops whose result tells a size without a mark: name -> the place of the dim (None: every dim).
+# ``unbind`` along dim 0 is left alone: iterating a tensor unbinds it, and unpacking a dim of
+# constant size (``a, b = pair``) is common.
+_COUNTS = {"stride": None, "unbind": 1, "split": 2}
+
 # Ops that make a tensor of the Python numbers they are given: name -> the place of the numbers.
-_FROM_NUMBERS = {"tensor": 0, "as_tensor": 0, "new_tensor": 1}
+_FROM_NUMBERS = {"tensor": 0, "as_tensor": 0, "asarray": 0, "new_tensor": 1}
 
 
 def _of_numbers(short: str, args: tuple, kwargs: dict) -> bool:
     """Whether an op makes a tensor of Python numbers (``torch.tensor(list(range(T)))``,
-    ``torch.as_tensor([2, 0, 1])``, nested lists too): ``range(T)`` and ``int(T)`` make plain
-    numbers from a size, which no mark follows, so the values count as computed from a size
-    (an index of them may pick other entries for another input, as ``arange(T)`` reads
-    more)."""
+    ``torch.as_tensor([2, 0, 1])``, nested lists too) or of a NumPy array: ``range(T)``,
+    ``int(T)`` and ``np.arange(T)`` make plain numbers from a size, which no mark follows, so
+    the values count as computed from a size (an index of them may pick other entries for
+    another input, as ``arange(T)`` reads more)."""
     place = _FROM_NUMBERS.get(short)
     if place is None:
         return False
-    data = args[place] if len(args) > place else kwargs.get("data")
-    return _any_number(data, _is_number)
+    data = args[place] if len(args) > place else kwargs.get("data", kwargs.get("obj"))
+    return isinstance(data, (np.ndarray, np.generic)) or _any_number(data, _is_number)
 
 
 def _is_number(x: Any) -> bool:
@@ -368,6 +374,8 @@ class _Tracer(TorchFunctionMode):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
         if (short in _SIZES or short == "__len__") and args and isinstance(args[0], Tensor):
             return self._sizes_read(short, args, kwargs, out)
+        if short in _COUNTS and args and isinstance(args[0], Tensor):
+            self._counted(short, args, kwargs)
         if short in _METADATA:
             return out
         written = args[0] if short in _OVERWRITES and args else None
@@ -376,14 +384,7 @@ class _Tracer(TorchFunctionMode):
         tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
         self._mark(short, (args, kwargs), tensors, out, (tainted, maybe_marked))
         if short in _VALUE_READS or _reads_value(short, out):
-            if short in _ESCAPES:
-                for t in tensors:
-                    ctx.escaped(t)
-            if tainted:
-                ctx.read_value("a tensor value")
-                if short not in _VALUED and not isinstance(out, bool):
-                    _lose_values()
-            return _valued(out) if tainted and short in _VALUED else out
+            return self._value_read(short, tensors, out, tainted)
         if not torch.is_grad_enabled():
             # Inside a custom autograd function's forward (or any no-grad region) even a
             # shape-only op blocks its input: ``out = torch.empty_like(x)`` followed by a
@@ -401,6 +402,24 @@ class _Tracer(TorchFunctionMode):
             self._allocated(out, kwargs, inputs)
         return out
 
+    def _value_read(self, short: str, tensors: list[Tensor], out: Any, tainted: bool) -> Any:
+        """``out``, values an op read into Python (``x.item()``, ``x.tolist()``, ``bool(x)``):
+        marked as computed from values (see :class:`ValuedInt`) when a tensor read depends on
+        the inputs or weights; when one was made from a size instead (``arange(T).tolist()``,
+        ``int(torch.tensor(T) - 1)``), the plain numbers record that the trace lost track of
+        sizes (see :func:`_lose_sizes`)."""
+        ctx = self.ctx
+        if short in _ESCAPES:
+            for t in tensors:
+                ctx.escaped(t)
+        if not tainted and any(ctx.gathers_by_data(t) for t in tensors):
+            _lose_sizes()
+        if tainted:
+            ctx.read_value("a tensor value")
+            if short not in _VALUED and not isinstance(out, bool):
+                _lose_values()
+        return _valued(out) if tainted and short in _VALUED else out
+
     def _sizes_read(self, short: str, args: tuple, kwargs: dict, out: Any) -> Any:
         """The sizes an op read into Python, marked where they may differ for another input
         (see :meth:`TraceContext.sizes_read`). ``len(t)`` returns a plain int whatever
@@ -412,6 +431,25 @@ class _Tracer(TorchFunctionMode):
             return out
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         return self.ctx.sizes_read(args[0], out, dim)
+
+    def _counted(self, short: str, args: tuple, kwargs: dict) -> None:
+        """Record that the trace made plain numbers from a size (see :func:`_lose_sizes`) when
+        the op tells a size that may differ for another input without a mark: a stride
+        (``x.stride(0)`` of ``[B, T, D]`` is ``T D``) or a count of pieces (``len(x.unbind(1))``,
+        ``enumerate(x.split(1, 1))``)."""
+        t, place = args[0], _COUNTS[short]
+        pieces = kwargs.get("split_size", kwargs.get("split_size_or_sections"))
+        if short == "split" and not isinstance(args[1] if len(args) > 1 else pieces, int):
+            return  # pieces of the sizes listed: as many for every input
+        if place is None:
+            read = self.ctx.sizes_read(t, t.numel())
+        else:
+            dim = args[place] if len(args) > place else kwargs.get("dim", 0)
+            if not isinstance(dim, int) or not t.dim() or (short == "unbind" and not dim % t.dim()):
+                return
+            read = self.ctx.sizes_read(t, t.shape[dim], dim)
+        if isinstance(read, SizedInt):
+            _lose_sizes()
 
     def _apply_rule(
         self, func: Any, name: str, args: tuple, kwargs: dict, out: Any, tensors: list[Tensor]
