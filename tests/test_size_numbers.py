@@ -192,9 +192,9 @@ def test_sizes_used_as_shapes_keep_the_generators(f, count):
     assert s.num_generators == count, s.summary()
 
 
-def test_a_size_the_forward_stores_on_a_module_is_a_plain_int_after_discovery():
+def test_a_size_the_forward_stores_on_a_module_is_not_kept_after_discovery():
     """A cached size (``self.length = x.shape[0]``) must not stay on the model as the trace's
-    marked int."""
+    marked int: the attribute holds what it held before the trace."""
 
     class Caching(nn.Module):
         def __init__(self) -> None:
@@ -207,6 +207,9 @@ def test_a_size_the_forward_stores_on_a_module_is_a_plain_int_after_discovery():
 
     model = Caching().double()
     gaugefix.discover(model, torch.randn(BATCH, 4, dtype=torch.float64))
+    assert model.length is None
+    with torch.no_grad():
+        model(torch.randn(BATCH, 4, dtype=torch.float64))
     assert type(model.length) is float and model.length == BATCH / 2
 
 

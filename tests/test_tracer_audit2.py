@@ -266,6 +266,54 @@ def test_discover_leaves_a_parameter_the_forward_re_points_as_it_was():
     assert worst_change(model, s) <= TOL, s.summary()
 
 
+def _state_stored(m: Net, h: Tensor) -> Tensor:
+    m.state = h[:, :2]  # kept for the next call, as recurrent caches are
+    return h
+
+
+def _state_appended(m: Net, h: Tensor) -> Tensor:
+    m.history.append(h)
+    m.seen[len(m.history)] = h.sum()
+    return h
+
+
+def _first_call_initializes(m: Net, h: Tensor) -> Tensor:
+    if not m.initialized:  # data-dependent initialization on the first call (ActNorm)
+        with torch.no_grad():
+            m.g.copy_(1.0 / h.std(0))
+        m.initialized = True
+    return h * m.g
+
+
+@pytest.mark.parametrize(
+    "f", [_state_stored, _state_appended, _first_call_initializes],
+    ids=["self.state = h", "list and dict filled", "a flag set on the first call"],
+)  # fmt: skip
+def test_discover_leaves_the_modules_attributes_as_they_were(f):
+    """The forward's own attributes kept the trace's values: a stored activation held its
+    autograd graph (``copy.deepcopy(model)`` failed: "Only Tensors created explicitly by the
+    user ... support the deepcopy protocol"), a cache kept the trace's tensors, and a flag set
+    on a first call stayed set while the parameters it initialized were restored."""
+    model = built(f)
+    model.state, model.history, model.seen, model.initialized = None, [], {}, False
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    gaugefix.discover(model, inputs(5))
+    assert model.state is None and model.history == [] and model.seen == {}
+    assert model.initialized is False
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    copy.deepcopy(model)
+
+
+def test_an_attribute_the_forward_adds_is_removed():
+    def added(m: Net, h: Tensor) -> Tensor:
+        m.cached = h.detach()
+        return h
+
+    model = built(added)
+    gaugefix.discover(model, inputs(5))
+    assert not hasattr(model, "cached")
+
+
 def _alternating(m: Net, h: Tensor) -> Tensor:
     m.avg += 1.0
     return F.relu(h) if int(m.avg[0].item()) % 2 == 1 else torch.sigmoid(h)

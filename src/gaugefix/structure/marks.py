@@ -302,13 +302,6 @@ def _sized_number(x: Any) -> bool:
     return False
 
 
-def _plain(value: Any) -> Any:
-    """``value`` without the marks of :class:`_FromSize` and :class:`_FromValue`."""
-    if not isinstance(value, _MARKS):
-        return value
-    return int.__int__(value) if isinstance(value, int) else float.__float__(value)
-
-
 # ``math`` functions convert their arguments to C numbers, which no mark survives: while a trace
 # runs, those named here mark their results when an argument is marked (``math.sqrt(B)``).
 _MATH_FUNCTIONS = (

@@ -62,13 +62,11 @@ from gaugefix.structure.context import (
 )
 from gaugefix.structure.marks import (
     _FLOATS_FROM_SIZES,
-    _MARKS,
     SizedInt,
     _any_number,
     _lose_sizes,
     _lose_values,
     _math_marking,
-    _plain,
     _recorded_floats,
     _sizes_lost,
     _valued,
@@ -734,8 +732,10 @@ def _model_restored(
     statistics, and which tensor each module holds as one: the forward may replace them),
     the parameters the trace saw written (``written``: parameter, its memory and values;
     filled while inside), ``requires_grad`` flags, gradients and the global random state
-    (also of the CUDA ``devices`` and those of the buffers) are as they were."""
+    (also of the CUDA ``devices`` and those of the buffers) are as they were, and so are the
+    modules' own attributes (see :func:`_attributes`)."""
     modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    attributes = _attributes(modules)
     registered = [(m, dict(m._buffers)) for m in modules]  # a script module keeps its own
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
@@ -748,6 +748,7 @@ def _model_restored(
                     p.requires_grad_(True)
             yield
     finally:
+        _restore_attributes(attributes)
         for module, held in registered:
             module._buffers.clear()
             module._buffers.update(held)
@@ -764,6 +765,45 @@ def _model_restored(
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
+
+
+# What torch itself keeps on every module (parameters, buffers, submodules, hooks, the training
+# flag): restored by :func:`_model_restored` where the forward may change it, or not touched.
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+# A module's own attributes: (module, {name: value}, [(list or dict attribute, its items)]).
+_Attributes = list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]]
+
+
+def _attributes(modules: list[nn.Module]) -> _Attributes:
+    """The attributes the modules' own code keeps (a recurrent state, a cache, a flag a first
+    call sets, a list or dict it fills), with the items of those that are lists or dicts."""
+    saved = []
+    for m in modules:
+        own = {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}
+        held = [(v, list(v) if isinstance(v, list) else dict(v))
+                for v in own.values() if isinstance(v, (list, dict))]  # fmt: skip
+        saved.append((m, own, held))
+    return saved
+
+
+def _restore_attributes(saved: _Attributes) -> None:
+    """Put back what :func:`_attributes` saved: an attribute the forward set holds its earlier
+    value again, one it added is removed, a list or dict it filled holds its earlier items. A
+    tensor the forward stores (``self.state = h``) would otherwise keep the trace's autograd
+    graph, and with it the activations, alive (``copy.deepcopy`` of the model then fails); a
+    flag set on a first call would no longer match its parameters, which are restored."""
+    for module, own, held in saved:
+        now = vars(module)
+        for key in [k for k in now if k not in own and k not in _MODULE_STATE]:
+            del now[key]
+        now.update(own)
+        for container, items in held:
+            if isinstance(container, list):
+                container[:] = items
+            else:
+                container.clear()
+                container.update(items)
 
 
 def _refuse_unusable(model: nn.Module) -> None:
@@ -810,8 +850,8 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
 @contextlib.contextmanager
 def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
     """Record this thread's floats computed from sizes while the forward runs; when it ends,
-    forget them, and make the marked numbers the forward stored on the model's modules (a
-    cached length, one in a list or dict attribute) plain again: the marks are the trace's (see
+    forget them (the marked numbers the forward stored on the model's modules are gone with
+    the attributes :func:`_model_restored` puts back: the marks are the trace's, see
     :class:`SizedInt`)."""
     local = _FLOATS_FROM_SIZES
     earlier = (
@@ -824,23 +864,6 @@ def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         local.floats, local.values_lost, local.sizes_lost = earlier
-        for module in model.modules():
-            for key, value in list(vars(module).items()):
-                if isinstance(value, _MARKS):
-                    setattr(module, key, _plain(value))
-                elif isinstance(value, (list, dict)):
-                    _plain_within(value)
-
-
-def _plain_within(kept: list | dict) -> None:
-    """Make the marked numbers in the list or dict ``kept`` (its keys too) plain, in place."""
-    if isinstance(kept, list):
-        if any(isinstance(v, _MARKS) for v in kept):
-            kept[:] = [_plain(v) for v in kept]
-    elif any(isinstance(v, _MARKS) for item in kept.items() for v in item):
-        items = [(_plain(k), _plain(v)) for k, v in kept.items()]
-        kept.clear()
-        kept.update(items)
 
 
 def _forward(model: nn.Module, args: tuple, kwargs: dict, ctx: TraceContext) -> Any:
