@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gaugefix.structure.context import nested_tensors
 from gaugefix.structure.marks import (
-    _FLOATS_FROM_SIZES,
+    FLOATS_FROM_SIZES,
     SizedFloat,
     SizedInt,
     ValuedFloat,
@@ -66,7 +66,7 @@ ARGUMENTS = st.recursive(
     st.sampled_from(["dim", "out", "value", "fill_value"]), ARGUMENTS, max_size=3))  # fmt: skip
 def test_one_walk_finds_what_the_separate_walks_find(args, kwargs):
     call = (args, kwargs)
-    _FLOATS_FROM_SIZES.floats = {id(RECORDED): RECORDED}
+    FLOATS_FROM_SIZES.floats = {id(RECORDED): RECORDED}
     try:
         tensors: list = []
         maybe_marked = scan(call, tensors)
@@ -77,7 +77,7 @@ def test_one_walk_finds_what_the_separate_walks_find(args, kwargs):
             assert not list(_slice_tensors(args))
             assert not any(isinstance(leaf, slice) for leaf in _flat(call))
     finally:
-        _FLOATS_FROM_SIZES.floats = None
+        FLOATS_FROM_SIZES.floats = None
 
 
 def _flat(tree):
@@ -91,7 +91,7 @@ def _flat(tree):
 
 
 def test_every_kind_of_mark_and_a_slice_is_seen():
-    _FLOATS_FROM_SIZES.floats = {id(RECORDED): RECORDED}
+    FLOATS_FROM_SIZES.floats = {id(RECORDED): RECORDED}
     try:
         for leaf in (SizedInt(3), ValuedInt(2), SizedFloat(0.5), ValuedFloat(1.5), RECORDED,
                      slice(None, 2), 0.5):  # fmt: skip
@@ -101,4 +101,4 @@ def test_every_kind_of_mark_and_a_slice_is_seen():
         tensors = []
         assert not scan(((TENSORS[0], [1, (None, True, "x")], torch.Size([2])), {}), tensors)
     finally:
-        _FLOATS_FROM_SIZES.floats = None
+        FLOATS_FROM_SIZES.floats = None

@@ -120,7 +120,7 @@ def test_sizes_kept_in_containers_on_a_module_are_forgotten_after_discovery():
         for _ in range(100):
             model(x)
     assert not marks_module.from_size(float(model.cache[5]))
-    assert not marks_module._recorded_floats()
+    assert not marks_module.recorded_floats()
 
 
 class Waiting(nn.Module):

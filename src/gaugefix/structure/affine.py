@@ -28,7 +28,7 @@ from gaugefix.structure.rules import (
     scalar,
     tensor_args,
 )
-from gaugefix.structure.trace import _EMPTY_INPUT
+from gaugefix.structure.trace import EMPTY_INPUT
 
 __all__: list[str] = []
 
@@ -59,7 +59,7 @@ def _linear(
     if not distinct_params(ctx, x, w, b):
         return ctx.block_all((x, w, b), {}, ctx.reason("one parameter in two roles of the op"))
     if not x.numel():  # no row read (``latents.expand(0, -1, -1)``): nothing shown, all fixed
-        return ctx.block_all((x, w, b), {}, ctx.reason(_EMPTY_INPUT))
+        return ctx.block_all((x, w, b), {}, ctx.reason(EMPTY_INPUT))
     # a fixed input (a constant such as ``eye``) states its factor 0 as a term on node 0: the
     # use keeps the form of a linear map, so a weight read by it and by a rescaled input as
     # well is one role, with the columns fixed

@@ -163,7 +163,7 @@ class TraceContext:
         self.registries = registries  # consulted in order: per call, the user's, built-in
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
-        # memory (see _memory) -> the parameters in it: a tensor there that is not one of them
+        # memory (see memory_of) -> the parameters in it: a tensor there that is not one of them
         # (a buffer, an attribute or a constant aliasing a parameter) changes with them.
         self._param_memory = _by_memory(list(self.params.values()))
         # id -> (tensor, placement): the parameters as the forward began and their arrangements
@@ -374,6 +374,64 @@ class TraceContext:
         transposed = torch.arange(param.numel(), device=index.device).view(param.shape).t()
         return param if torch.equal(index.reshape(-1), transposed.reshape(-1)) else None
 
+    def mark_input(self, t: Tensor) -> None:
+        """Record ``t`` as a tensor of the example: its values are the inputs'."""
+        self._tainted[id(t)] = self._inputs[id(t)] = t
+        self._ones_in_inputs = self._ones_in_inputs or 1 in t.shape
+
+    @property
+    def ones_in_inputs(self) -> bool:
+        """Whether an input of the example has a dim of size 1 (a batch or a sequence of 1?)."""
+        return self._ones_in_inputs
+
+    def mark_sized(self, t: Tensor) -> None:
+        """Record that the values of ``t`` may have been computed from a size (see
+        :meth:`is_sized`)."""
+        self._sized[id(t)] = t
+
+    def record_provenance(self, out: Any, flags: tuple[bool, bool, bool, bool, bool]) -> None:
+        """Record each tensor in an op's output ``out`` in the tables ``flags`` say, in this
+        order: values that depend on the inputs or weights, random values, values computed from
+        a size (:meth:`is_sized`), made from a size (:meth:`is_size_made`), a shape that depends
+        on values (:meth:`is_shaped`)."""
+        provenance = (self._tainted, self._random, self._sized, self._size_made, self._shaped)
+        tables = [table for table, on in zip(provenance, flags, strict=True) if on]
+        for t in nested_tensors(out) if tables else ():
+            for table in tables:
+                table[id(t)] = t
+
+    def depends_on_inputs(self, t: Tensor) -> bool:
+        """Whether the values of ``t`` depend on the model's inputs or parameters (see
+        :meth:`is_tainted`, which also counts random draws)."""
+        return id(t) in self._tainted or id(t) in self.param_names
+
+    def is_random(self, t: Tensor) -> bool:
+        """Whether the values of ``t`` depend on a random draw."""
+        return id(t) in self._random
+
+    def is_sized(self, t: Tensor) -> bool:
+        """Whether the values of ``t`` were computed from a number computed from a size
+        (``(arange(6) + B) % 6``)."""
+        return self._sized.get(id(t)) is t
+
+    def is_size_made(self, t: Tensor) -> bool:
+        """Whether ``t`` was made by an op given a number computed from a size (``arange(B)``),
+        or computed from such a tensor."""
+        return self._size_made.get(id(t)) is t
+
+    def is_shaped(self, t: Tensor) -> bool:
+        """Whether the shape of ``t`` depends on values that may differ for another input."""
+        return self._shaped.get(id(t)) is t
+
+    def has_pending(self) -> bool:
+        """Whether the current op gave some parameter a role not yet committed."""
+        return bool(self._pending)
+
+    def fix_pending(self, reason: str) -> None:
+        """Fix every parameter the current op gave a role not yet committed."""
+        for name in list(self._pending):
+            self.fix(self.params[name], reason)
+
     def is_tainted(self, t: Tensor) -> bool:
         """Whether the values of ``t`` may differ for another call: they depend on the model's
         inputs or parameters, or on a random draw."""
@@ -423,8 +481,8 @@ class TraceContext:
     def mark_zero(self, t: Tensor, made_from: frozenset = frozenset()) -> None:
         """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
         memory is in ``made_from``)."""
-        self._zeros[id(t)] = (t, _placement(t), made_from | {_memory(t)})
-        self._zero_memory.add(_memory(t))
+        self._zeros[id(t)] = (t, _placement(t), made_from | {memory_of(t)})
+        self._zero_memory.add(memory_of(t))
 
     def zero_source(self, t: Any) -> frozenset | None:
         """The memories ``t`` was made from when it is a constant exactly 0: made in the forward
@@ -495,9 +553,17 @@ class TraceContext:
             uses.append(same[0])
         same[0].read[rows.reshape(-1)] = True
 
+    def clear_claims(self) -> None:
+        """Start an op: no tensor is handled by its rule yet (see :meth:`claim`)."""
+        self._claimed = set()
+
     def claim(self, t: Tensor) -> None:
         """Mark ``t`` as handled by the current rule (unhandled inputs are blocked)."""
         self._claimed.add(id(t))
+
+    def is_claimed(self, t: Tensor) -> bool:
+        """Whether the current rule handled ``t`` (see :meth:`claim`)."""
+        return id(t) in self._claimed
 
     def _param_and_index(self, p: Tensor) -> tuple[str, Tensor | None]:
         """The parameter name behind ``p`` and, for a view, its index map."""
@@ -548,7 +614,7 @@ class TraceContext:
         those of the traced tensors in its memory (``h.detach().as_subclass(Tensor)`` has no
         history); ``t`` is fixed from now on. A parameter whose memory ``t`` shares (a buffer or
         constant aliasing it, which a gauge rescales in place with it) is fixed."""
-        memory = _memory(t)
+        memory = memory_of(t)
         if memory in self._fresh:  # read or written unseen: no overwrite replaces labels there
             self._fresh[memory].read.fill_(True)
         for p in self._param_memory.get(memory, ()):  # scaled with the parameter in place
@@ -573,18 +639,18 @@ class TraceContext:
             entry = self._labels.get(id(t))
             if entry is not None and entry[0] is t and entry[2] != _placement(t):
                 self._untraced(t, entry[1])
-        return [_version(t) for t in tensors]
+        return [version_of(t) for t in tensors]
 
     def written(self, tensors: list[Tensor], versions: list[int | None]) -> None:
         """After an op that wrote some of its inputs in place (their version changed from
         ``versions``): the traced tensors in their memory keep their labels (the op's rule
         speaks for the write), recorded at their new version."""
         for t, before in zip(tensors, versions, strict=True):
-            if before is None or _version(t) == before:
+            if before is None or version_of(t) == before:
                 continue
-            if _memory(t) in self._zero_memory:  # a constant 0 no more
-                self._zero_written.add(_memory(t))
-            for other in self._in_memory.get(_memory(t), {}).values():
+            if memory_of(t) in self._zero_memory:  # a constant 0 no more
+                self._zero_written.add(memory_of(t))
+            for other in self._in_memory.get(memory_of(t), {}).values():
                 held, labels, placement = self._labels[id(other)]
                 now = _placement(other)
                 if placement[:-1] == now[:-1]:  # the same memory, shape and strides
@@ -597,7 +663,7 @@ class TraceContext:
         reason = self.reason("memory handed to code the tracer cannot see")
         if self.is_param(t):
             self.fix(t, reason)
-        memory = _memory(t)
+        memory = memory_of(t)
         if memory is None:
             return
         if memory in self._fresh:
@@ -659,7 +725,7 @@ class TraceContext:
         labels = Sum.of(labels).map(lambda nodes: compact(nodes.expand(shape)))
         labels = Sum(term for term in labels if bool((term[0] != 0).any()))
         self._labels[id(t)] = (t, labels, _placement(t))
-        memory = _memory(t)
+        memory = memory_of(t)
         if memory is not None:
             self._in_memory.setdefault(memory, {})[id(t)] = t
         fn = t.grad_fn
@@ -706,12 +772,12 @@ class TraceContext:
     def mark_fresh(self, t: Tensor) -> None:
         """Record that ``t`` was just allocated in the forward (``empty``, ``zeros``...): its
         memory holds values no traced op gave (garbage, or zeros), read by nobody yet."""
-        memory = _memory(t) if t.is_floating_point() or t.is_complex() else None
+        memory = memory_of(t) if t.is_floating_point() or t.is_complex() else None
         if memory is not None:
             self._fresh[memory] = _Fresh(t)
 
     def _fresh_of(self, t: Tensor) -> _Fresh | None:
-        fresh = self._fresh.get(_memory(t)) if self._fresh else None
+        fresh = self._fresh.get(memory_of(t)) if self._fresh else None
         return fresh if fresh is not None and fresh.holds(t) else None
 
     def note_reads(
@@ -730,13 +796,13 @@ class TraceContext:
             fresh = None if t is written else self._fresh_of(t)
             if fresh is None:
                 continue
-            views = [o for o in made if _memory(o) == _memory(t)]
+            views = [o for o in made if memory_of(o) == memory_of(t)]
             if not views:
                 fresh.read[fresh.elements(t).reshape(-1)] = True
             for o in views:
                 if o.element_size() != fresh.element_size or o.dtype != t.dtype:
                     fresh.read.fill_(True)
-                placed = any(_is_index(i) and self.picks_by_data(i) for i in tensors)
+                placed = any(is_index(i) and self.picks_by_data(i) for i in tensors)
                 placed = placed or (
                     self.op.rsplit(".", 1)[-1] in PLACED_BY_NUMBERS and from_size(numbers)
                 )
@@ -766,7 +832,7 @@ class TraceContext:
         fresh = self._fresh_of(dst)
         if fresh is None:
             return False
-        peers = list(self._in_memory.get(_memory(dst), {}).values())
+        peers = list(self._in_memory.get(memory_of(dst), {}).values())
         held = [self._current(p) if fresh.holds(p) else None for p in peers]
         if all(p is not dst for p in peers) or any(h is None for h in held):
             return False
@@ -803,10 +869,10 @@ class TraceContext:
                 entry = self._labels.get(id(t))
                 if entry is not None and entry[0] is t:
                     self.block(entry[1], reason)
-                for other in self._in_memory.get(_memory(t), {}).values():
+                for other in self._in_memory.get(memory_of(t), {}).values():
                     self.block(self._labels[id(other)][1], reason)
                 for made_from, labels in self._zero_reads:  # a later call may change it
-                    if _memory(t) in made_from:
+                    if memory_of(t) in made_from:
                         self.block(labels, f"{reason}, read as a constant 0")
 
     def block_rewritten_zeros(self) -> None:
@@ -816,7 +882,7 @@ class TraceContext:
         changed = set(self._zero_written)
         for t, placement, _ in self._zeros.values():
             if _placement(t) != placement:  # an in-place op the tracer did not see
-                changed.add(_memory(t))
+                changed.add(memory_of(t))
         for made_from, labels in self._zero_reads:
             if not made_from.isdisjoint(changed):
                 self.block(
@@ -1093,7 +1159,7 @@ class TraceContext:
         values of the parameters among them or in their memory (once each), for the trace to
         put back."""
         for t in tensors:
-            for p in (*self._param_memory.get(_memory(t), ()), t):
+            for p in (*self._param_memory.get(memory_of(t), ()), t):
                 if id(p) in self.param_names and id(p) not in self.saved:
                     self.saved[id(p)] = (p, p.data, p.detach().clone())
 
@@ -1257,11 +1323,11 @@ def _placement(t: Tensor) -> tuple:
     traced op."""
     try:
         return (t.data_ptr(), t.shape, t.stride(), t._version)
-    except (RuntimeError, NotImplementedError):  # no memory that can be read (see _memory)
+    except (RuntimeError, NotImplementedError):  # no memory that can be read (see memory_of)
         return (None, t.shape)
 
 
-def _version(t: Tensor) -> int | None:
+def version_of(t: Tensor) -> int | None:
     """How many times ``t``'s memory was written in place (None when not counted)."""
     try:
         return t._version
@@ -1269,7 +1335,7 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-def _memory(t: Tensor) -> tuple | None:
+def memory_of(t: Tensor) -> tuple | None:
     """The memory ``t``'s entries are in (shared by its views), with their offset; None when
     it has none that can be read (a sparse, nested or meta tensor, one batched by ``vmap``)."""
     try:
@@ -1281,15 +1347,15 @@ def _memory(t: Tensor) -> tuple | None:
 
 
 def _by_memory(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
-    """The tensors by the memory they are in (see :func:`_memory`; none without one)."""
+    """The tensors by the memory they are in (see :func:`memory_of`; none without one)."""
     out: dict[tuple, list[Tensor]] = {}
     for t in tensors:
-        out.setdefault(_memory(t), []).append(t)
+        out.setdefault(memory_of(t), []).append(t)
     out.pop(None, None)
     return out
 
 
-def _is_index(t: Tensor) -> bool:
+def is_index(t: Tensor) -> bool:
     """Whether ``t`` holds integers or truth values (an index, a mask), not floating values."""
     return not (t.is_floating_point() or t.is_complex())
 

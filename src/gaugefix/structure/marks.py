@@ -26,42 +26,42 @@ __all__: list[str] = []
 # The floats ``float(n)`` returned for marked numbers ``n`` during a trace (an exact float cannot
 # carry a mark: it is recorded by identity, and kept alive until the trace ends): id -> float,
 # per thread (a trace is its thread's, as the torch function mode is), None outside a trace.
-_FLOATS_FROM_SIZES = threading.local()
+FLOATS_FROM_SIZES = threading.local()
 
 
-def _recorded_floats() -> dict[int, float] | None:
+def recorded_floats() -> dict[int, float] | None:
     """This thread's floats recorded as computed from sizes; None outside a trace."""
-    return getattr(_FLOATS_FROM_SIZES, "floats", None)
+    return getattr(FLOATS_FROM_SIZES, "floats", None)
 
 
-def _lose_values() -> None:
+def lose_values() -> None:
     """Record that this thread's trace made a plain number from tensor values (``int(t)``,
     ``operator.index(t)``, ``float(x.item())``): a number whose later uses no mark follows."""
-    lost = getattr(_FLOATS_FROM_SIZES, "values_lost", None)
+    lost = getattr(FLOATS_FROM_SIZES, "values_lost", None)
     if lost is not None:
         lost[0] = True
 
 
-def _values_lost() -> bool:
+def values_lost() -> bool:
     """Whether this thread's trace made a plain number from tensor values (see
-    :func:`_lose_values`): any Python number an op gets may then have been computed from
+    :func:`lose_values`): any Python number an op gets may then have been computed from
     them."""
-    lost = getattr(_FLOATS_FROM_SIZES, "values_lost", None)
+    lost = getattr(FLOATS_FROM_SIZES, "values_lost", None)
     return bool(lost and lost[0])
 
 
-def _lose_sizes() -> None:
+def lose_sizes() -> None:
     """Record that this thread's trace made a plain number from a size (``int(T)``, ``int(T /
     2)``): a number whose later uses no mark follows (``q[int(T) - 1]``)."""
-    lost = getattr(_FLOATS_FROM_SIZES, "sizes_lost", None)
+    lost = getattr(FLOATS_FROM_SIZES, "sizes_lost", None)
     if lost is not None:
         lost[0] = True
 
 
-def _sizes_lost() -> bool:
-    """Whether this thread's trace made a plain number from a size (see :func:`_lose_sizes`):
+def sizes_lost() -> bool:
+    """Whether this thread's trace made a plain number from a size (see :func:`lose_sizes`):
     any Python number an op gets may then have been computed from one."""
-    lost = getattr(_FLOATS_FROM_SIZES, "sizes_lost", None)
+    lost = getattr(FLOATS_FROM_SIZES, "sizes_lost", None)
     return bool(lost and lost[0])
 
 
@@ -72,17 +72,17 @@ class _FromSize:
     constant 0. ``float(n)`` gives an exact float recorded by identity; arithmetic on that float
     loses the mark, and so does a float on the left of a marked int (``0.5 * B``). ``int(n)``
     must return a plain int, which no mark follows: it records that this thread's trace lost
-    track of numbers computed from sizes (see :func:`_sizes_lost`)."""
+    track of numbers computed from sizes (see :func:`sizes_lost`)."""
 
     __slots__ = ()
 
     def __int__(self) -> int:
-        _lose_sizes()
+        lose_sizes()
         return int.__int__(self) if isinstance(self, int) else float.__int__(self)
 
     def __float__(self) -> float:
         out = int.__float__(self) if isinstance(self, int) else float.__float__(self)
-        floats = _recorded_floats()
+        floats = recorded_floats()
         if floats is not None:
             floats[id(out)] = out
         return out
@@ -91,11 +91,11 @@ class _FromSize:
 def _losing(name: str) -> Callable[..., Any]:
     """The method ``name`` of a number computed from a size that gives something no mark
     follows (a string, bytes): it records that this thread's trace lost track of
-    numbers computed from sizes (see :func:`_sizes_lost`), so that ``int(str(T)) - 1`` or
+    numbers computed from sizes (see :func:`sizes_lost`), so that ``int(str(T)) - 1`` or
     ``int.from_bytes(T.to_bytes(2))`` give numbers that count as computed from a size."""
 
     def method(self: Any, *args: Any) -> Any:
-        _lose_sizes()
+        lose_sizes()
         return getattr(int if isinstance(self, int) else float, name)(self, *args)
 
     method.__name__ = name
@@ -166,18 +166,18 @@ class _FromValue:
     (``counts.tolist()``, ``x.sum().item()``): it may differ for another input, as a size does,
     and so may the shape of a tensor made from it (the pieces of ``h.split(counts, 1)``).
     ``int(n)`` and ``float(n)`` must return plain numbers, which no mark follows: they record
-    that this thread's trace lost track of such numbers (see :func:`_values_lost`)."""
+    that this thread's trace lost track of such numbers (see :func:`values_lost`)."""
 
     __slots__ = ()
 
     def __int__(self) -> int:
-        _lose_values()
+        lose_values()
         if isinstance(self, _FromSize):
             return _FromSize.__int__(self)
         return int.__int__(self) if isinstance(self, int) else float.__int__(self)
 
     def __float__(self) -> float:
-        _lose_values()
+        lose_values()
         if isinstance(self, _FromSize):
             return _FromSize.__float__(self)
         return int.__float__(self) if isinstance(self, int) else float.__float__(self)
@@ -212,20 +212,20 @@ _MARKED = {
 _MARKS = (_FromSize, _FromValue)
 
 
-def _any_number(x: Any, marked: Callable[[Any], bool]) -> bool:
+def any_number(x: Any, marked: Callable[[Any], bool]) -> bool:
     """Whether ``marked`` holds for the Python number ``x`` or one in nested tuples, lists,
     slices and dicts."""
     if x is None or isinstance(x, Tensor):  # no number (the most common leaves, first)
         return False
     if isinstance(x, slice):
-        return _any_number((x.start, x.stop, x.step), marked)
+        return any_number((x.start, x.stop, x.step), marked)
     if isinstance(x, (tuple, list)):
         for v in x:
-            if _any_number(v, marked):
+            if any_number(v, marked):
                 return True
         return False
     if isinstance(x, dict):
-        return _any_number(list(x.values()), marked)
+        return any_number(list(x.values()), marked)
     return marked(x)
 
 
@@ -240,7 +240,7 @@ def scan(tree: Any, tensors: list[Tensor]) -> bool:
     tensors in them to ``tensors`` in the order of ``nested_tensors`` and returns whether a leaf
     may hold a marked number (see :data:`_MAYBE_MARKED`). When it returns ``False``,
     :func:`from_value` is ``False`` on every part of ``tree``, so is :func:`from_size` unless
-    the trace lost track of sizes (see :func:`_sizes_lost`), and no slice is in it."""
+    the trace lost track of sizes (see :func:`sizes_lost`), and no slice is in it."""
     if isinstance(tree, Tensor):
         tensors.append(tree)
         return False
@@ -260,14 +260,14 @@ def scan(tree: Any, tensors: list[Tensor]) -> bool:
 def from_value(x: Any) -> bool:
     """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
     computed from tensor values during the trace (see :class:`_FromValue`)."""
-    return _any_number(x, lambda v: isinstance(v, _FromValue))
+    return any_number(x, lambda v: isinstance(v, _FromValue))
 
 
-def _valued(out: Any) -> Any:
+def as_valued(out: Any) -> Any:
     """``out``, a number or nested lists of numbers read from a tensor, marked as computed
     from its values."""
     if isinstance(out, list):
-        return [_valued(v) for v in out]
+        return [as_valued(v) for v in out]
     return _marked(out, sized=False, valued=True)
 
 
@@ -285,19 +285,19 @@ for _cls, _base in ((SizedInt, int), (SizedFloat, float)):
 def from_size(x: Any) -> bool:
     """Whether the Python number ``x`` (or one in nested tuples, lists, slices and dicts) was
     computed from a size during the trace."""
-    return _any_number(x, _sized_number)
+    return any_number(x, _sized_number)
 
 
 def _sized_number(x: Any) -> bool:
     """Whether the Python number ``x`` was computed from a size (marked, or a float recorded
     as such), or may have been: once the trace made a plain number from a size (see
-    :func:`_sizes_lost`), every number but a truth value counts."""
+    :func:`sizes_lost`), every number but a truth value counts."""
     if isinstance(x, _FromSize):
         return True
-    if isinstance(x, (int, float)) and not isinstance(x, bool) and _sizes_lost():
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and sizes_lost():
         return True
     if isinstance(x, float):
-        floats = _recorded_floats()
+        floats = recorded_floats()
         return floats is not None and floats.get(id(x)) is x
     return False
 
@@ -323,7 +323,7 @@ def _math_of_size(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def marked(*args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
-        if _recorded_floats() is None or _plain_ints(args, kwargs):
+        if recorded_floats() is None or _plain_ints(args, kwargs):
             return out
         return _marked(out, from_size((args, kwargs)), from_value((args, kwargs)))
 
@@ -343,7 +343,7 @@ _SHAPES = (tuple, torch.Size)  # ``math.prod(shape)``
 
 
 @contextlib.contextmanager
-def _math_marking() -> Iterator[None]:
+def math_marking() -> Iterator[None]:
     """Replace the functions of :data:`_MATH_FUNCTIONS` in ``math`` by :func:`_math_of_size`
     while a trace runs; other threads' calls return what the originals return."""
     with _MATH_LOCK:

@@ -36,8 +36,8 @@ from gaugefix.structure.context import (
     ZERO,
     Sum,
     TraceContext,
-    _is_index,
     compact,
+    is_index,
     nested_tensors,
 )
 from gaugefix.structure.marks import from_size
@@ -678,7 +678,7 @@ def _data_indexed_dims(ctx: TraceContext, x: Tensor, rest: tuple, options: dict)
     ``x[...]``, every dim for other ops (and for an index the parse cannot place). Another input
     picks other entries there, or more of them: ``arange(T)`` holds the same values at the same
     places for every ``T``, but picks more channels for a longer input."""
-    data = [t for t in nested_tensors((rest, options)) if _is_index(t) and _picks_more(ctx, t)]
+    data = [t for t in nested_tensors((rest, options)) if is_index(t) and _picks_more(ctx, t)]
     indexed = ctx.op.endswith("__getitem__") and len(rest) == 1
     items = (list(rest[0]) if isinstance(rest[0], tuple) else [rest[0]]) if indexed else []
     listed = [item for item in items if isinstance(item, list)]
@@ -817,7 +817,7 @@ def _mixed_by_inferred_size(
     if spec.count(-1) > 1 or (-1 not in spec and not any(marked)):
         return []
     varying = {d for nodes, _ in terms for d, n in enumerate(compact(nodes).shape) if n > 1}
-    sizes = [n if d in varying or (n == 1 and not ctx._ones_in_inputs) else
+    sizes = [n if d in varying or (n == 1 and not ctx.ones_in_inputs) else
              (Fraction(1), frozenset([d])) for d, n in enumerate(x.shape)]  # fmt: skip
     if len(varying) == x.dim():
         return []
@@ -956,7 +956,7 @@ def _getitem_index(ctx: TraceContext, p: Tensor, rest: tuple, options: dict) -> 
     i = items[0]
     if isinstance(i, list) and i and all(type(n) is int for n in i):
         index = torch.tensor(i)
-        ctx._sized[id(index)] = index  # values maybe computed from a size (see above)
+        ctx.mark_sized(index)  # values maybe computed from a size (see above)
         return index
     if isinstance(i, Tensor):  # torch reads a uint8 index as a mask, as a bool one
         masked = i.is_floating_point() or i.is_complex() or i.dtype in _MASKS
@@ -1467,7 +1467,7 @@ def _overwrite(
     :meth:`TraceContext.overwrite`: fresh memory, and no index that depends on the data);
     else block everything the op touched."""
     ctx.claim(dst)
-    indices = [t for t in nested_tensors(rest[:-1]) if _is_index(t)]
+    indices = [t for t in nested_tensors(rest[:-1]) if is_index(t)]
     for t in indices:
         ctx.claim(t)
     by_data = any(ctx.picks_by_data(t) for t in indices) or from_size(rest[:-1])

@@ -55,25 +55,25 @@ from gaugefix.structure.context import (
     ZERO,
     Sum,
     TraceContext,
-    _is_index,
-    _memory,
-    _version,
+    is_index,
+    memory_of,
     nested_tensors,
+    version_of,
 )
 from gaugefix.structure.marks import (
-    _FLOATS_FROM_SIZES,
+    FLOATS_FROM_SIZES,
     SizedInt,
-    _any_number,
-    _lose_sizes,
-    _lose_values,
-    _math_marking,
-    _recorded_floats,
-    _sizes_lost,
-    _valued,
-    _values_lost,
+    any_number,
+    as_valued,
     from_size,
     from_value,
+    lose_sizes,
+    lose_values,
+    math_marking,
+    recorded_floats,
     scan,
+    sizes_lost,
+    values_lost,
 )
 from gaugefix.structure.registry import (
     BUILTIN,
@@ -89,7 +89,7 @@ __all__ = [
     "compiled_run_eagerly",
     "trace",
 ]
-_EMPTY_INPUT = (
+EMPTY_INPUT = (
     "parameter read with an empty input (the example reaches none of the rows it reads: an "
     "empty batch, or no token routed to an expert): give an example that reaches them"
 )
@@ -157,7 +157,7 @@ _VALUE_READS = {
     "__array__", "__dlpack__", "__format__", "__contains__", "is_nonzero", "equal", "allclose",
 }  # fmt: skip
 # Value reads whose numbers are marked (:class:`ValuedInt`); ``int(x)``, ``operator.index(x)``
-# and ``float(x)`` must return plain numbers (see :func:`_lose_values`).
+# and ``float(x)`` must return plain numbers (see :func:`lose_values`).
 _VALUED = {"item", "tolist"}
 # Value reads that hand over the tensor's memory itself, which untraced code may then write.
 _ESCAPES = {"numpy", "__array__", "__dlpack__"}
@@ -254,7 +254,7 @@ def _of_numbers(short: str, args: tuple, kwargs: dict) -> bool:
     if place is None:
         return False
     data = args[place] if len(args) > place else kwargs.get("data", kwargs.get("obj"))
-    return isinstance(data, (np.ndarray, np.generic)) or _any_number(data, _is_number)
+    return isinstance(data, (np.ndarray, np.generic)) or any_number(data, _is_number)
 
 
 def _is_number(x: Any) -> bool:
@@ -279,16 +279,16 @@ def _data_shaped(
     input (``x.nonzero()``, ``x[mask]``, ``h.split(counts.tolist(), 1)``, ``h[:, a:b]`` and
     ``h.tensor_split(ends, 1)`` for tensors ``a``, ``b``, ``ends`` computed from the inputs, and
     what is computed from them). Once the trace made a plain number from values (``int(t)``,
-    see :func:`_values_lost`), every op given a Python number counts. ``call``: the op's
+    see :func:`values_lost`), every op given a Python number counts. ``call``: the op's
     ``(args, kwargs)``; ``maybe_marked``: ``False`` when :func:`scan` found no slice and no
     number that may be marked in it."""
     args = call[0]
     bounds = [t for t in _slice_tensors(args) if ctx.is_tainted(t)] if maybe_marked else []
     if short == "tensor_split" and len(args) > 1 and isinstance(args[1], Tensor):
         bounds += [args[1]] if ctx.is_tainted(args[1]) else []
-    lost = _values_lost() and _any_number(call, _is_number)
+    lost = values_lost() and any_number(call, _is_number)
     valued = maybe_marked and from_value(call)
-    if any(ctx._shaped.get(id(t)) is t for t in tensors) or valued or bounds or lost:
+    if any(map(ctx.is_shaped, tensors)) or valued or bounds or lost:
         in_place = any(t is out for t in tensors)
         return not in_place and short not in _WRITES_INTO
     if short in _DATA_SHAPED or (short == "where" and len(args) == 1):
@@ -297,7 +297,7 @@ def _data_shaped(
         masks = (t for t in tensors if t.dtype == torch.bool and t is not args[0])
         return any(map(ctx.is_tainted, masks))
     if short == "repeat_interleave":  # repeats given as a tensor
-        return any(ctx.is_tainted(t) for t in tensors if _is_index(t))
+        return any(ctx.is_tainted(t) for t in tensors if is_index(t))
     return False
 
 
@@ -336,12 +336,12 @@ class _Tracer(TorchFunctionMode):
         ctx.note_reads(tensors, None, None)
         ctx.op = type(module).__name__
         ctx.module = module
-        ctx._claimed = set()
+        ctx.clear_claims()
         labels = ctx.apply(rule, args, kwargs, out)
         ctx.module = None
         self._block_unclaimed(tensors)
         self._fix_read_with_empty(tensors)
-        written = [t for t, v in zip(tensors, versions, strict=True) if _version(t) != v]
+        written = [t for t, v in zip(tensors, versions, strict=True) if version_of(t) != v]
         self._note_empty(tensors, (out, written))
         self._block_filled(tensors, (out, written))
         ctx.commit_roles()
@@ -355,7 +355,7 @@ class _Tracer(TorchFunctionMode):
         short = name.rsplit(".", 1)[-1]
         ctx = self.ctx
         tensors: list[Tensor] = []
-        maybe_marked = scan((args, kwargs), tensors) or _sizes_lost()
+        maybe_marked = scan((args, kwargs), tensors) or sizes_lost()
         if _may_write(short, kwargs):
             ctx.save_written(tensors)
         if self.suppress:
@@ -368,7 +368,7 @@ class _Tracer(TorchFunctionMode):
             )
         inputs = {id(t) for t in tensors}
         out = self._run(name, func, args, kwargs, tensors)
-        if short in _SHAPE_READS and any(ctx._shaped.get(id(t)) is t for t in tensors):
+        if short in _SHAPE_READS and any(map(ctx.is_shaped, tensors)):
             ctx.read_value("the shape of a tensor whose shape depends on values", shape=True)
         if (short in _SIZES or short == "__len__") and args and isinstance(args[0], Tensor):
             return self._sizes_read(short, args, kwargs, out)
@@ -379,7 +379,7 @@ class _Tracer(TorchFunctionMode):
         written = args[0] if short in _OVERWRITES and args else None
         if short not in _SHAPE_ONLY and short not in _ALLOCATIONS:
             ctx.note_reads(tensors, out, written, (args, kwargs))
-        tainted = any(id(t) in ctx._tainted or id(t) in ctx.param_names for t in tensors)
+        tainted = any(map(ctx.depends_on_inputs, tensors))
         self._mark(short, (args, kwargs), tensors, out, (tainted, maybe_marked))
         if short in _VALUE_READS or _reads_value(short, out):
             return self._value_read(short, tensors, out, tainted)
@@ -405,33 +405,33 @@ class _Tracer(TorchFunctionMode):
         marked as computed from values (see :class:`ValuedInt`) when a tensor read depends on
         the inputs or weights; when one was made from a size instead (``arange(T).tolist()``,
         ``int(torch.tensor(T) - 1)``), the plain numbers record that the trace lost track of
-        sizes (see :func:`_lose_sizes`)."""
+        sizes (see :func:`lose_sizes`)."""
         ctx = self.ctx
         if short in _ESCAPES:
             for t in tensors:
                 ctx.escaped(t)
-        if not tainted and any(ctx.gathers_by_data(t) for t in tensors):
-            _lose_sizes()
+        if not tainted and any(map(ctx.gathers_by_data, tensors)):
+            lose_sizes()
         if tainted:
             ctx.read_value("a tensor value")
             if short not in _VALUED and not isinstance(out, bool):
-                _lose_values()
-        return _valued(out) if tainted and short in _VALUED else out
+                lose_values()
+        return as_valued(out) if tainted and short in _VALUED else out
 
     def _sizes_read(self, short: str, args: tuple, kwargs: dict, out: Any) -> Any:
         """The sizes an op read into Python, marked where they may differ for another input
         (see :meth:`TraceContext.sizes_read`). ``len(t)`` returns a plain int whatever
         ``Tensor.__len__`` returns: when the length may differ, the trace lost track of a
-        number computed from a size (see :func:`_lose_sizes`)."""
+        number computed from a size (see :func:`lose_sizes`)."""
         if short == "__len__":
             if isinstance(self.ctx.sizes_read(args[0], out, 0), SizedInt):
-                _lose_sizes()
+                lose_sizes()
             return out
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         return self.ctx.sizes_read(args[0], out, dim)
 
     def _counted(self, short: str, args: tuple, kwargs: dict) -> None:
-        """Record that the trace made plain numbers from a size (see :func:`_lose_sizes`) when
+        """Record that the trace made plain numbers from a size (see :func:`lose_sizes`) when
         the op tells a size that may differ for another input without a mark: a stride
         (``x.stride(0)`` of ``[B, T, D]`` is ``T D``) or a count of pieces (``len(x.unbind(1))``,
         ``enumerate(x.split(1, 1))``)."""
@@ -447,7 +447,7 @@ class _Tracer(TorchFunctionMode):
                 return
             read = self.ctx.sizes_read(t, t.shape[dim], dim)
         if isinstance(read, SizedInt):
-            _lose_sizes()
+            lose_sizes()
 
     def _apply_rule(
         self, func: Any, name: str, args: tuple, kwargs: dict, out: Any, tensors: list[Tensor]
@@ -456,7 +456,7 @@ class _Tracer(TorchFunctionMode):
         the tensors the rule did not claim and commit the roles it gave the parameters."""
         ctx = self.ctx
         rule = ctx.rule_for_op(func, name)
-        ctx._claimed = set()
+        ctx.clear_claims()
         ctx.func = func
         if rule is None:
             labels = ctx.block_all(args, kwargs, ctx.reason(f"unknown op {name}"))
@@ -502,19 +502,13 @@ class _Tracer(TorchFunctionMode):
         size or from values)."""
         ctx, args = self.ctx, call[0]
         tainted, maybe_marked = flags
-        marks = [(ctx._tainted, tainted)]
-        marks.append((ctx._random, short in _RANDOM or any(id(t) in ctx._random for t in tensors)))
+        random = short in _RANDOM or any(map(ctx.is_random, tensors))
         made = maybe_marked and from_size(call)  # what _valued_by_size reads is in the call
-        sized = any(ctx._sized.get(id(t)) is t for t in tensors) or _of_numbers(short, *call)
-        marks.append((ctx._sized, sized or (made and _valued_by_size(short, *call))))
-        made = made or any(ctx._size_made.get(id(t)) is t for t in tensors)
-        marks.append((ctx._size_made, made))
+        sized = any(map(ctx.is_sized, tensors)) or _of_numbers(short, *call)
+        sized = sized or (made and _valued_by_size(short, *call))
+        made = made or any(map(ctx.is_size_made, tensors))
         shaped = _data_shaped(ctx, short, call, tensors, out, maybe_marked)
-        marks.append((ctx._shaped, shaped))
-        tables = [table for table, on in marks if on]
-        for t in nested_tensors(out) if tables else ():
-            for table in tables:
-                table[id(t)] = t
+        ctx.record_provenance(out, (tainted, random, sized, made, shaped))
         if short in _KEEPS_ZERO and isinstance(out, Tensor) and args:
             made_from = ctx.zero_source(args[0])
             if made_from is not None:
@@ -528,11 +522,10 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         if not _empty_beside(tensors, ctx.is_param):  # the common case first: nothing empty
             return
-        if not (ctx._pending or any(map(ctx.is_param, tensors))):
+        if not (ctx.has_pending() or any(map(ctx.is_param, tensors))):
             return
-        reason = ctx.reason(_EMPTY_INPUT)
-        for name in list(ctx._pending):
-            ctx.fix(ctx.params[name], reason)
+        reason = ctx.reason(EMPTY_INPUT)
+        ctx.fix_pending(reason)
         for t in tensors:
             entry = self._empty_from.get(id(t))
             for source in entry[1] if entry is not None and entry[0] is t else ():
@@ -546,7 +539,7 @@ class _Tracer(TorchFunctionMode):
         :meth:`_unknown_origin`) fixes every parameter the op read, as its channels cannot be
         blocked."""
         ctx = self.ctx
-        reason = ctx.reason(_EMPTY_INPUT)
+        reason = ctx.reason(EMPTY_INPUT)
         if any(map(self._unknown_origin, tensors)):
             return ctx.block_all(tuple(tensors), {}, reason)
         rest = []
@@ -574,7 +567,7 @@ class _Tracer(TorchFunctionMode):
         sources: list[Tensor] = []
         for t in tensors:
             entry = self._empty_from.get(id(t))
-            rows = t.ndim and (t.shape[-1] or ctx._shaped.get(id(t)) is t)
+            rows = t.ndim and (t.shape[-1] or ctx.is_shaped(t))
             if entry is not None and entry[0] is t and rows:
                 sources += entry[1]
         if not sources:
@@ -623,7 +616,7 @@ class _Tracer(TorchFunctionMode):
         blocked."""
         ctx = self.ctx
         for t in tensors:
-            if id(t) not in ctx._claimed and (t.is_floating_point() or t.is_complex()):
+            if not ctx.is_claimed(t) and (t.is_floating_point() or t.is_complex()):
                 reason = ctx.reason("input not handled by the op's rule")
                 if ctx.is_param(t):
                     ctx.fix(t, reason)
@@ -838,8 +831,8 @@ def _inputs_copied(model: nn.Module, inputs: Any) -> Any:
     model's modules, parameters and buffers, and input tensors sharing memory with them, stay
     themselves. Inputs ``copy.deepcopy`` cannot copy are used as they are."""
     own = [*model.modules(), *model.parameters(), *model.buffers()]
-    memory = {_memory(t) for t in own if isinstance(t, Tensor)} - {None}
-    kept = [t for t in _input_tensors(inputs) if _memory(t) in memory]
+    memory = {memory_of(t) for t in own if isinstance(t, Tensor)} - {None}
+    kept = [t for t in _input_tensors(inputs) if memory_of(t) in memory]
     memo = {id(x): x for x in (*own, *kept)}
     try:
         return copy.deepcopy(inputs, memo)
@@ -853,9 +846,9 @@ def _sizes_forgotten(model: nn.Module) -> Iterator[None]:
     forget them (the marked numbers the forward stored on the model's modules are gone with
     the attributes :func:`_model_restored` puts back: the marks are the trace's, see
     :class:`SizedInt`)."""
-    local = _FLOATS_FROM_SIZES
+    local = FLOATS_FROM_SIZES
     earlier = (
-        _recorded_floats(),
+        recorded_floats(),
         getattr(local, "values_lost", None),
         getattr(local, "sizes_lost", None),
     )
@@ -929,11 +922,10 @@ def trace(
     tracer = _Tracer(ctx)
     args, kwargs = _inputs_copied(model, (args, kwargs))
     for t in _input_tensors((args, kwargs)):
-        ctx._tainted[id(t)] = ctx._inputs[id(t)] = t
-        ctx._ones_in_inputs = ctx._ones_in_inputs or 1 in t.shape
+        ctx.mark_input(t)
     inputs = {t.device for t in _input_tensors((args, kwargs))}
     with _model_restored(model, inputs, ctx.saved), compiled_run_eagerly():
-        with _module_hooks(model, tracer), tracer, _sizes_forgotten(model), _math_marking():
+        with _module_hooks(model, tracer), tracer, _sizes_forgotten(model), math_marking():
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
         ctx.fix_partly_read()
