@@ -162,3 +162,39 @@ def test_marked_numbers_print_hash_and_convert_as_plain_ones() -> None:
     assert type(n & 3) is SizedInt and n & 3 == 2 and type(n.bit_length()) is SizedInt
     with pytest.raises(TypeError):
         range(f)  # type: ignore[call-overload]
+
+
+def _branched(m: Any, x: Tensor) -> Tensor:
+    """A truth value read from positions made from the length (Hugging Face's packed-sequence
+    check, ``(arange(T)[-1:] == 0).all()``), then the constant row ``q[1]``."""
+    packed = bool((torch.arange(x.shape[1])[-1:] == 0).all())
+    return gated(m, x, 1) * (0.0 if packed else 1.0)
+
+
+CASES["a branch on arange(T), then q[1]"] = (GATES, _branched, sequences(2))
+
+
+def test_a_truth_value_of_positions_is_no_plain_size() -> None:
+    """A branch on a tensor made from a size cannot be caught and does not count as a size
+    made plain: the structure is the one without the branch (before: every later number
+    counted as computed from a size, and Hugging Face's GPT-2 with ``use_cache=False`` lost
+    its 64 query-key and 64 value-output generators)."""
+    worst, count = change("a branch on arange(T), then q[1]")
+    assert worst < TOL
+    assert count == change("q[1]")[1] > 0
+
+
+def test_gpt2_without_its_cache_keeps_its_attention_generators() -> None:
+    transformers = pytest.importorskip("transformers")
+    import gaugefix
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval().double()
+    ids = torch.randint(0, 64, (1, 8))
+    cached = gaugefix.discover(model, ids).kind_counts()
+    assert gaugefix.discover(model, ids, use_cache=False).kind_counts() == cached
+    assert cached["query-key"] > 0 and cached["value-output"] > 0

@@ -405,12 +405,13 @@ class _Tracer(TorchFunctionMode):
         marked as computed from values (see :class:`ValuedInt`) when a tensor read depends on
         the inputs or weights; when one was made from a size instead (``arange(T).tolist()``,
         ``int(torch.tensor(T) - 1)``), the plain numbers record that the trace lost track of
-        sizes (see :func:`lose_sizes`)."""
+        sizes (see :func:`lose_sizes`); a truth value does not (a branch on a size is not
+        caught, and Hugging Face's masks test ``arange``-made positions on every call)."""
         ctx = self.ctx
         if short in _ESCAPES:
             for t in tensors:
                 ctx.escaped(t)
-        if not tainted and any(map(ctx.gathers_by_data, tensors)):
+        if not tainted and not isinstance(out, bool) and any(map(ctx.gathers_by_data, tensors)):
             lose_sizes()
         if tainted:
             ctx.read_value("a tensor value")
