@@ -527,7 +527,7 @@ def test_sharpness_objective_balances_a_product():
 def test_the_code_blocks_of_the_quantization_docs_run():
     text = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/quantization.md", "exec"), namespace)

@@ -156,14 +156,29 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 
 def check_finite_params(params: dict[str, Tensor]) -> None:
-    """Raise ``ValueError`` naming the first parameter on the ``meta`` device (no data) or with
-    a NaN or infinite entry."""
+    """Raise ``ValueError`` naming the first parameter on the ``meta`` device (no data), not a
+    floating-point tensor (:func:`refuse_quantized`), or with a NaN or infinite entry."""
     refuse_meta(params)
+    refuse_quantized(params)
     if all_finite(list(params.values())):
         return
     for name, p in params.items():
         if not all_finite([p]):
             raise ValueError(f"parameter '{name}' contains NaN or inf; nothing was modified")
+
+
+def refuse_quantized(params: dict[str, Tensor]) -> None:
+    """``ValueError`` naming the first parameter that is not a floating-point tensor: an integer
+    one, or a tensor subclass other than FSDP2's ``DTensor``, such as torchao's quantized
+    weights. Rescaling needs its real entries: move along the orbit before quantizing."""
+    for name, p in params.items():
+        plain = type(p) in (Tensor, nn.Parameter) or sharded([p])
+        if not (plain and p.dtype.is_floating_point):
+            kind = p.dtype if plain else type(p).__name__
+            raise ValueError(
+                f"parameter '{name}' is {kind}, not a floating-point tensor: rescale before "
+                "quantizing; nothing was modified"
+            )
 
 
 def check_h(h: Tensor, structure: GaugeStructure, params: dict[str, Tensor] | None = None) -> None:

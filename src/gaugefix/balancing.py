@@ -22,7 +22,13 @@ import torch.distributed as dist
 from scipy import optimize, sparse
 from torch import Tensor, nn
 
-from gaugefix.action import Optimizers, check_finite_params, check_transport, move_
+from gaugefix.action import (
+    Optimizers,
+    check_finite_params,
+    check_transport,
+    move_,
+    refuse_quantized,
+)
 from gaugefix.distributed import (
     OPTIMIZER,
     agreed,
@@ -725,6 +731,7 @@ def balance_(
     check_types(model, structure)
     params = structure.bind(model, sharded=True)
     refuse_gathered(model, params)
+    refuse_quantized(params)  # the finite check waits for the solve: it reads every entry
     agreed(
         params,
         {"tol or max_iter": 2, OPTIMIZER: 1},

@@ -802,6 +802,8 @@ def objective_name(objective: str | Objective, calibration: Any, alpha: float, w
             raise ValueError("calibration must be a tensor or a tuple of tensors")
         if any(a.numel() == 0 for a in args):
             raise ValueError("the calibration batch is empty")
+        if any(a.is_meta for a in args):
+            raise ValueError("the calibration batch is on the meta device (it holds no data)")
     if weights is not None and name in ("norm", "callable"):
         raise ValueError(f"weights selects what 'range' and 'activation' count, not {name!r}")
     return name
