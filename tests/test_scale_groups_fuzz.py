@@ -62,8 +62,31 @@ TINY = {
     "num_heads": 4, "n_head": 4, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
     "encoder_ffn_dim": 24, "decoder_ffn_dim": 24, "n_positions": 64, "rotary_dim": 2,
 }  # fmt: skip
+# Multi-head latent attention's sizes (low-rank query and key-value projections, a rotary and a
+# plain part of each query/key head, as many key-value heads as query heads), by model type.
+MLA = {
+    "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+    "v_head_dim": 4, "num_key_value_heads": 4,
+}  # fmt: skip
+# A hybrid's layers: one linear-attention (or Mamba) layer, then one attention layer.
+HYBRID = {"layer_types": ["linear_attention", "full_attention"]}
+JAMBA = {"attn_layer_period": 2, "attn_layer_offset": 1}
+# Sizes only these types take; set for them alone (``v_head_dim`` or ``layer_types`` set for
+# every type would change the configs of types that build without them).
+TINY_BY_TYPE = {
+    **dict.fromkeys(
+        ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "minicpm3",
+         "sarvam_mla", "longcat_flash", "glm_moe_dsa", "axk1", "axk2"],
+        MLA,
+    ),
+    **dict.fromkeys(["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"], HYBRID),
+    "jamba": JAMBA,
+}  # fmt: skip
 # The representative subset run by default (the full sweep: GAUGEFIX_FUZZ_SCALE_GROUPS=1).
-SUBSET = ["gpt2", "llama", "bert", "phi", "falcon", "gpt_neox", "qwen2_moe", "opt", "convbert"]
+SUBSET = [
+    "gpt2", "llama", "bert", "phi", "falcon", "gpt_neox", "qwen2_moe", "opt", "convbert",
+    "deepseek_v2", "jamba",
+]  # fmt: skip
 # Generators a tool could apply that no group covers, by architecture, with the reason (none).
 MISSED: dict[str, str] = {}
 
@@ -80,12 +103,13 @@ def architectures() -> list[str]:
 
 
 def tiny_config(model_type: str):
-    """The config of ``model_type`` with the :data:`TINY` sizes it takes (by field or alias)."""
+    """The config of ``model_type`` with the :data:`TINY` sizes (and its own
+    :data:`TINY_BY_TYPE` ones) it takes, by field or alias."""
     config_cls = transformers.CONFIG_MAPPING[model_type]
     fields = inspect.signature(config_cls.__init__).parameters
     aliases = getattr(config_cls, "attribute_map", {})
     kwargs = {}
-    for key, value in TINY.items():
+    for key, value in {**TINY, **TINY_BY_TYPE.get(model_type, {})}.items():
         name = key if key in fields else aliases.get(key)
         if name in fields:
             kwargs[name] = value
