@@ -96,3 +96,22 @@ def test_float_parameters_still_equalize_exactly():
     result = gaugefix.equalize_(model, structure, "activation", calibration=x)
     assert result.converged
     assert (model(x) - reference).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("objective", ["range", "norm"])
+def test_alpha_with_another_objective_is_refused(objective):
+    """``alpha`` is read by ``"activation"`` only. Before: ``equalize_(..., "range",
+    alpha=0.8)`` ran as if it were not given (the command line refused ``--alpha`` there)."""
+    model, _, structure = _model()
+    before = _state(model)
+    with pytest.raises(ValueError, match="alpha is the exponent of 'activation' only"):
+        gaugefix.equalize_(model, structure, objective, alpha=0.8)
+    assert _unchanged(model, before)
+
+
+def test_activation_without_alpha_takes_the_default():
+    model, x, structure = _model()
+    other, _, _ = _model()
+    given = gaugefix.equalize_(model, structure, "activation", calibration=x, alpha=0.5)
+    default = gaugefix.equalize_(other, structure, "activation", calibration=x)
+    assert gaugefix.equalize.DEFAULT_ALPHA == 0.5 and torch.equal(given.h, default.h)

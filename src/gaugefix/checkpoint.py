@@ -874,7 +874,7 @@ def _moved(
     structure: gaugefix.GaugeStructure,
     objective: str,
     calibration: Tensor | None,
-    alpha: float,
+    alpha: float | None,
 ) -> BalanceResult | EqualizeResult:
     """``balance_`` (``objective="norm"``) or ``equalize_`` of the float64 ``model`` in place,
     the arguments checked as ``equalize_`` checks them; their ``ValueError`` as a
@@ -895,7 +895,7 @@ def balance_state_dict(
     x: Tensor,
     objective: str = "norm",
     calibration: Tensor | None = None,
-    alpha: float = 0.5,
+    alpha: float | None = None,
     allow_value_dependent: bool = False,
 ) -> tuple[dict[str, Tensor], CheckpointBalance]:
     """Balance the weights ``tensors`` of ``model`` (name -> tensor; the floating ones in

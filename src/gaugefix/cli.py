@@ -100,7 +100,6 @@ AllowValueDependent = Annotated[
     ),
 ]
 CACHE_OBJECTS_SINCE = 5  # the transformers major version that returns no cache as tuples
-DEFAULT_ALPHA = 0.5  # balance --alpha: SmoothQuant's, and equalize_'s default
 SHOWN_NAMES = 3  # the weights a summary line names; it counts the rest
 
 
@@ -297,7 +296,9 @@ def balance(
     ] = None,
     alpha: Annotated[
         float | None,
-        typer.Option(help=f"activation: SmoothQuant's exponent (default {DEFAULT_ALPHA})"),
+        typer.Option(
+            help=f"activation: SmoothQuant's exponent (default {gaugefix.equalize.DEFAULT_ALPHA})"
+        ),
     ] = None,
     allow_value_dependent: AllowValueDependent = False,
 ) -> None:
@@ -310,7 +311,6 @@ def balance(
         batch = None
         if objective == "activation":
             batch = _calibration(calibration) if calibration is not None else x
-        alpha = DEFAULT_ALPHA if alpha is None else alpha
         try:
             state = read_state_dict(weights)
             check_output(state, out)  # before any work: a shard beside out not out's own

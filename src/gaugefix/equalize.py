@@ -68,6 +68,7 @@ from gaugefix.structure.gauge_structure import PlannedParam, PlannedTerm
 
 __all__ = [
     "OBJECTIVES",
+    "DEFAULT_ALPHA",
     "RANGE_P",
     "RESIDUAL_ROUNDING",
     "EqualizeResult",
@@ -95,6 +96,7 @@ __all__ = [
 ]
 
 OBJECTIVES = ("range", "activation", "norm")
+DEFAULT_ALPHA = 0.5  # "activation"'s exponent: SmoothQuant's default migration strength
 RANGE_P = 4  # the p-balance that picks range's point where max-balances are not unique
 # The rounding of a max-balance residual, relative to the largest magnitude it is summed from: a
 # step lowering it by less is not progress.
@@ -782,7 +784,9 @@ def _open_groups(sources: list[RangeSource], n: int, device: Any) -> Tensor:
 # -- the entry point -------------------------------------------------------------------------------
 
 
-def objective_name(objective: str | Objective, calibration: Any, alpha: float, weights: Any) -> str:
+def objective_name(
+    objective: str | Objective, calibration: Any, alpha: float | None, weights: Any
+) -> str:
     """The objective's name (``"callable"`` for a user's), the arguments checked against it."""
     if callable(objective):
         name = "callable"
@@ -792,7 +796,10 @@ def objective_name(objective: str | Objective, calibration: Any, alpha: float, w
         raise ValueError(
             f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)} or a callable"
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if alpha is not None and name != "activation":
+        raise ValueError(f"alpha is the exponent of 'activation' only, not of {name!r}")
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if alpha is not None and not (number and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if (calibration is None) == (name == "activation"):
         raise ValueError("calibration (example inputs) is needed by, and only by, 'activation'")
@@ -855,7 +862,7 @@ def equalize_(
     objective: str | Objective = "range",
     *,
     calibration: Tensor | tuple[Tensor, ...] | None = None,
-    alpha: float = 0.5,
+    alpha: float | None = None,
     weights: Iterable[str] | None = None,
     tol: float = 1e-10,
     max_iter: int = 1000,
@@ -863,9 +870,9 @@ def equalize_(
 ) -> EqualizeResult:
     """Move ``model`` in place along its gauge orbit (function unchanged) to the point that
     minimises ``objective``: ``"range"`` (data-free weight-range equalization), ``"activation"``
-    (SmoothQuant-style, with ``calibration`` inputs and exponent ``alpha``), ``"norm"``
-    (:func:`gaugefix.balance_`), or a callable of the rescaled parameters (by L-BFGS; see the
-    module docstring for each).
+    (SmoothQuant-style, with ``calibration`` inputs and exponent ``alpha``, by default
+    :data:`DEFAULT_ALPHA`, given for no other), ``"norm"`` (:func:`gaugefix.balance_`), or a
+    callable of the rescaled parameters (by L-BFGS; see the module docstring for each).
 
     ``weights``: the parameters ``range`` and ``activation`` count (default: every weight matrix,
     kernel and gain the structure acts on; biases are rescaled but not counted). Generators
@@ -897,8 +904,9 @@ def equalize_(
         if name == "range":
             solved = range_balance(params, active, counted, tol, max_iter)
         else:
+            exponent = DEFAULT_ALPHA if alpha is None else alpha
             solved, left = _activation_solve(
-                model, params, active, counted, calibration, alpha, tol, max_iter
+                model, params, active, counted, calibration, exponent, tol, max_iter
             )
         h, iterations, before, after, live, converged = solved
     full = torch.zeros(structure.num_generators, dtype=torch.float64)
