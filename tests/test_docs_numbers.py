@@ -158,8 +158,10 @@ def test_balance_tolerance_in_the_readme_table():
 def test_equalize_defaults_in_the_prose():
     doc = text("docs/quantization.md")
     assert f"with the default `tol={literal(defaults(gaugefix.equalize_)['tol'])}`" in doc
-    assert f"`--alpha` is SmoothQuant's exponent (default {cli.DEFAULT_ALPHA})" in doc
-    assert cli.DEFAULT_ALPHA == defaults(gaugefix.equalize_)["alpha"]
+    alpha = gaugefix.equalize.DEFAULT_ALPHA  # equalize_'s alpha=None for "activation"
+    assert defaults(gaugefix.equalize_)["alpha"] is None
+    assert f"`--alpha` is SmoothQuant's exponent (default {alpha})" in doc
+    assert f"`alpha` is read by `\"activation\"` only (default {alpha};" in doc
     objective = defaults(cli.balance)["objective"]
     assert f"`--objective {objective}` (the default)" in doc
 
