@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import gaugefix
 from gaugefix.structure.marks import SizedFloat, SizedInt
 from test_newest_rules_audit import CASES, GATES, TOL, D, change, gate_rows, gated, sequences
 
@@ -185,16 +186,10 @@ def test_a_truth_value_of_positions_is_no_plain_size() -> None:
 
 
 def test_gpt2_without_its_cache_keeps_its_attention_generators() -> None:
-    transformers = pytest.importorskip("transformers")
-    import gaugefix
+    from test_first_hour import _gpt2
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config).eval().double()
-    ids = torch.randint(0, 64, (1, 8))
+    model = _gpt2().eval().double()
+    ids = torch.randint(0, 50, (1, 8))
     cached = gaugefix.discover(model, ids).kind_counts()
     assert gaugefix.discover(model, ids, use_cache=False).kind_counts() == cached
     assert cached["query-key"] > 0 and cached["value-output"] > 0
