@@ -161,7 +161,7 @@ def test_equalize_defaults_in_the_prose():
     alpha = gaugefix.equalize.DEFAULT_ALPHA  # equalize_'s alpha=None for "activation"
     assert defaults(gaugefix.equalize_)["alpha"] is None
     assert f"`--alpha` is SmoothQuant's exponent (default {alpha})" in doc
-    assert f"`alpha` is read by `\"activation\"` only (default {alpha};" in doc
+    assert f'`alpha` is read by `"activation"` only (default {alpha};' in doc
     objective = defaults(cli.balance)["objective"]
     assert f"`--objective {objective}` (the default)" in doc
 
@@ -360,3 +360,8 @@ def test_the_experiments_tables_list_every_task_and_method():
     assert sorted(_first_column(doc, "| task | data | model | loss |")) == sorted(tasks)
     methods = _first_column(doc, "| method | starts from | at every step |")
     assert sorted(methods) == sorted(engine.METHODS)
+
+
+def test_the_state_discover_restores_is_bounded_as_the_docs_say():
+    bound = sys.modules["gaugefix.structure.trace"].STATE_OBJECTS
+    assert f"the first {bound:,} of them" in text("docs/generators.md")

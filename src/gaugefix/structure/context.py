@@ -439,8 +439,10 @@ class TraceContext:
 
     def picks_by_data(self, t: Tensor) -> bool:
         """Whether the index ``t`` may pick other entries for another input: it is tainted (see
-        :meth:`is_tainted`), or its values were computed from a size."""
-        return self.is_tainted(t) or self._sized.get(id(t)) is t
+        :meth:`is_tainted`), or its values were computed from a size, or so is a tensor it is a
+        view of (written after the view was made: ``v = i[:4]; i[0] = T - 1``)."""
+        held = (t,) if t._base is None else (t, t._base)
+        return any(self.is_tainted(u) or self._sized.get(id(u)) is u for u in held)
 
     def gathers_by_data(self, t: Tensor) -> bool:
         """Whether the index ``t`` of a gather may read other rows for another input: it picks

@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import inspect
 import sys
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -211,6 +212,15 @@ def _may_write(short: str, kwargs: dict) -> bool:
     ``x[i] = y``), re-pointing (``p.data = t``) or through ``out=``."""
     in_place = short.endswith("_") and not short.startswith("__")
     return in_place or short in ("__setitem__", "__set__") or "out" in kwargs
+
+
+def _written(call: tuple) -> list[Tensor]:
+    """The tensors an op that may write (see :func:`_may_write`) writes into, given its
+    ``(args, kwargs)``: its first argument or ``out=``, and the tensors they are views of
+    (``i[0] = T - 1``, ``i.narrow(0, 0, 1).fill_(T - 1)`` write ``i``)."""
+    args, kwargs = call
+    targets = [t for t in (args[0] if args else None, kwargs.get("out")) if isinstance(t, Tensor)]
+    return targets + [t._base for t in targets if t._base is not None]
 
 
 def _reads_value(short: str, out: Any) -> bool:
@@ -510,6 +520,8 @@ class _Tracer(TorchFunctionMode):
         made = made or any(map(ctx.is_size_made, tensors))
         shaped = _data_shaped(ctx, short, call, tensors, out, maybe_marked)
         ctx.record_provenance(out, (tainted, random, sized, made, shaped))
+        if _may_write(short, call[1]):  # the values written: the memory written holds them now
+            ctx.record_provenance(_written(call), (tainted, random, sized, made, False))
         if short in _KEEPS_ZERO and isinstance(out, Tensor) and args:
             made_from = ctx.zero_source(args[0])
             if made_from is not None:
@@ -765,28 +777,67 @@ def _model_restored(
 # flag): restored by :func:`_model_restored` where the forward may change it, or not touched.
 _MODULE_STATE = frozenset(vars(nn.Module()))
 
-# A module's own attributes: (module, {name: value}, [(list or dict attribute, its items)]).
+# A module's own attributes: (module, {name: value}, [(a list, dict or plain object reached from
+# them, its items or entries)]).
 _Attributes = list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]]
+
+# How many lists, dicts and plain objects reached from the modules' attributes are saved and put
+# back at most: a module holding a trainer or a dataset reaches far more, and walking them all
+# would cost more than the trace.
+STATE_OBJECTS = 10_000
+
+# Objects whose entries are not state a forward keeps: code, types, modules, tensors.
+_NOT_STATE = (
+    nn.Module, Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
+    types.BuiltinFunctionType,
+)  # fmt: skip
 
 
 def _attributes(modules: list[nn.Module]) -> _Attributes:
     """The attributes the modules' own code keeps (a recurrent state, a cache, a flag a first
-    call sets, a list or dict it fills), with the items of those that are lists or dicts."""
+    call sets, a list or dict it fills), with what the lists, dicts and plain objects reached
+    from them hold (see :func:`_held`)."""
+    seen: set[int] = set()
     saved = []
     for m in modules:
         own = {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}
-        held = [(v, list(v) if isinstance(v, list) else dict(v))
-                for v in own.values() if isinstance(v, (list, dict))]  # fmt: skip
-        saved.append((m, own, held))
+        saved.append((m, own, _held(list(own.values()), seen)))
     return saved
+
+
+def _held(values: list[Any], seen: set[int]) -> list[tuple[Any, Any]]:
+    """The lists, dicts and plain objects reachable from ``values`` through lists, tuples,
+    dicts and plain objects' attributes (a cache object's list of layers, each holding its
+    keys), not those in ``seen`` (which gains them), each with its items now: a list's items,
+    a dict's and a plain object's entries (its ``vars``); until ``seen`` holds
+    :data:`STATE_OBJECTS`."""
+    held, stack = [], values
+    while stack and len(seen) < STATE_OBJECTS:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        if isinstance(v, (list, tuple)):
+            items: Any = list(v)
+        elif isinstance(v, dict):
+            items = dict(v)
+        elif isinstance(getattr(v, "__dict__", None), dict) and not isinstance(v, _NOT_STATE):
+            items = dict(vars(v))
+        else:
+            continue
+        seen.add(id(v))
+        held += [] if isinstance(v, tuple) else [(v, items)]
+        stack += items if isinstance(items, list) else list(items.values())
+    return held
 
 
 def _restore_attributes(saved: _Attributes) -> None:
     """Put back what :func:`_attributes` saved: an attribute the forward set holds its earlier
-    value again, one it added is removed, a list or dict it filled holds its earlier items. A
-    tensor the forward stores (``self.state = h``) would otherwise keep the trace's autograd
-    graph, and with it the activations, alive (``copy.deepcopy`` of the model then fails); a
-    flag set on a first call would no longer match its parameters, which are restored."""
+    value again, one it added is removed, a list, dict or plain object reached from them (a
+    cache object's lists) holds its earlier items or entries. A tensor the forward stores
+    (``self.state = h``, ``self.cache.keys.append(k)``) would otherwise keep the trace's
+    autograd graph, and with it the activations, alive (``copy.deepcopy`` of the model then
+    fails); a flag set on a first call would no longer match its parameters, which are
+    restored."""
     for module, own, held in saved:
         now = vars(module)
         for key in [k for k in now if k not in own and k not in _MODULE_STATE]:
@@ -794,10 +845,24 @@ def _restore_attributes(saved: _Attributes) -> None:
         now.update(own)
         for container, items in held:
             if isinstance(container, list):
-                container[:] = items
-            else:
-                container.clear()
-                container.update(items)
+                if not _same(container, items):
+                    container[:] = items
+                continue
+            entries = container if isinstance(container, dict) else vars(container)
+            if not _same(list(entries.items()), list(items.items())):
+                entries.clear()
+                entries.update(items)
+
+
+def _same(now: list[Any], before: list[Any]) -> bool:
+    """Whether the lists ``now`` and ``before`` hold the same objects (pairs compared item by
+    item), by identity: tensors have no plain equality."""
+    if len(now) != len(before):
+        return False
+    return all(
+        a is b or (isinstance(a, tuple) and all(x is y for x, y in zip(a, b, strict=True)))
+        for a, b in zip(now, before, strict=True)
+    )
 
 
 def _refuse_unusable(model: nn.Module) -> None:
