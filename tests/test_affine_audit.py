@@ -145,6 +145,11 @@ def test_transposed_convolution_modules_are_exact(dim, cout, kw):
     assert_exact(s, change, HIDDEN + cout)
 
 
+# Channel i with channel i + 3, made before the trace: a constant (a list of ints, or a tensor made
+# in the forward, may have been computed from a size and unites the channels it picks).
+HALVES = torch.tensor([3, 4, 5, 0, 1, 2])
+
+
 class Spanning(nn.Module):
     """``post(relu(conv(u)))`` where ``u`` unites channels of ``relu(pre(x))`` that a grouped
     (transposed) convolution reads in different groups: ``i`` with ``i + 3`` (a sum with the
@@ -159,7 +164,7 @@ class Spanning(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.pre(x))
         if self.unite == "halves":
-            u = h + h[:, [3, 4, 5, 0, 1, 2]]
+            u = h + h[:, HALVES]
         else:
             u = h + F.relu(self.pre2(x)).roll(1, 1) + h.roll(1, 1)
         return self.post(F.relu(self.conv(u)))
