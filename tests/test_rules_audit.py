@@ -310,10 +310,13 @@ def test_a_test_against_another_threshold_blocks(f):
 
 # --- selections by a constant index: the labels go where the entries go ------------------------
 PERM = [2, 0, 1, 5, 4, 3, 3]  # a permutation of 6 channels with channel 3 read twice
+# made before the trace: a constant (one made in the forward from Python numbers may have been
+# computed from a size, and unites the channels it picks)
+PERM_INDEX = torch.tensor(PERM)
 
 
 def _index(h: Tensor) -> Tensor:
-    return torch.tensor(PERM, device=h.device)
+    return PERM_INDEX.to(h.device)
 
 
 SELECTIONS = {

@@ -63,9 +63,10 @@ def unchanged(model: nn.Module, before: dict[str, Tensor]) -> bool:
 
 
 # -- kinds: a union with a permutation of itself is no rotary pair outside attention --------------
+SWAPPED = torch.tensor([1, 0, 3, 2, 5, 4])  # made before the trace: a constant index
 PERMUTED = {
     "flip": lambda h: h + h.flip(1),
-    "index": lambda h: h + h[:, [1, 0, 3, 2, 5, 4]],
+    "index": lambda h: h + h[:, SWAPPED],
     "roll": lambda h: h + h.roll(2, 1),
 }
 
