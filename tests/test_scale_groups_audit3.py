@@ -179,3 +179,26 @@ def test_equalize_keeps_the_logits(discovered, objective):
     assert result.converged and result.objective_after < result.objective_before
     assert float(result.h.abs().max()) > 0.1  # it moved the model
     assert rel_change(before, logits(model, FRESH)) <= TOL
+
+
+class DeadOnThisPath(nn.Module):
+    """A LayerNorm -> Linear -> ReLU -> Linear whose forward reads a value into a branch (one
+    path traced) and keeps a head bias no path uses (as BERT's untied ``cls.predictions.bias``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(4), nn.Linear(4, 8), nn.Linear(8, 2)
+        self.dead = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(self.norm(x))
+        return self.down(torch.relu(h) if bool(h.sum() > -1e9) else h)
+
+
+def test_a_parameter_unused_on_the_traced_path_refuses_the_groups_with_advice_for_any_model():
+    """The refusal names the unused parameter and says what to do for any model (before: its
+    only advice was to route tokens to every expert, which fits mixtures alone)."""
+    model = DeadOnThisPath().double()
+    s = gaugefix.discover(model, torch.randn(5, 4, dtype=torch.float64), allow_value_dependent=True)
+    with pytest.raises(ValueError, match=r"unused \(dead\).*remove parameters no path uses"):
+        s.scale_groups()

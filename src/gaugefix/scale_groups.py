@@ -273,8 +273,9 @@ def _refuse_unused(structure: GaugeStructure) -> None:
         if unused:
             raise ValueError(
                 f"the structure was traced on one path, which left parameters unused ({unused}): "
-                "a scale group would leave them unscaled; discover it on inputs that use every "
-                "parameter (route tokens to every expert)"
+                "a scale group would leave them unscaled; discover it on inputs whose path uses "
+                "every parameter (for a mixture of experts, tokens routed to every expert), or "
+                "remove parameters no path uses"
             )
 
 
