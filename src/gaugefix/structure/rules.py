@@ -700,8 +700,10 @@ def _picks_more(ctx: TraceContext, t: Tensor) -> bool:
     tensor made neither way along dims it stretches (``idx.expand(B, 4)``, ``idx[None].expand(B,
     -1)`` of a fixed ``idx``: a view of all of ``idx``, its other dims ``idx``'s own). Such a
     repeat holds ``idx``'s values for every size, repeated along dims its labels repeat along."""
-    if ctx.picks_by_data(t) or not ctx.gathers_by_data(t):
-        return ctx.picks_by_data(t)
+    if not ctx.gathers_by_data(t):  # neither picked by the data nor made from a size
+        return False
+    if ctx.picks_by_data(t):
+        return True
     base = t._base
     if base is None or ctx.gathers_by_data(base) or t.storage_offset() != base.storage_offset():
         return True
