@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gaugefix.structure.context import nested_tensors
 from gaugefix.structure.marks import (
     FLOATS_FROM_SIZES,
     SizedFloat,
@@ -21,6 +20,7 @@ from gaugefix.structure.marks import (
     from_value,
     scan,
 )
+from gaugefix.structure.provenance import nested_tensors
 from gaugefix.structure.trace import _slice_tensors
 
 TENSORS = [torch.zeros(2), torch.ones(3, dtype=torch.float64), torch.nn.Parameter(torch.ones(1))]

@@ -20,7 +20,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
-from gaugefix.structure.context import TraceContext, gather_pairings
+from gaugefix.structure.context import TraceContext
+from gaugefix.structure.gathers import gather_pairings
 from gaugefix.structure.gauge_structure import (
     _components_without_slice_links,
     _edge_table,

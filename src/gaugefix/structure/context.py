@@ -7,7 +7,9 @@ to the tensor's shape; node 0 is the fixed coordinate 0). :class:`TraceContext` 
 nodes, records the constraints the rules state between them (``union``, ``block``), the terms of
 each parameter entry (``produce``, ``tie``, ``consume``), and what is known of each tensor: which
 arrangement of which parameter it holds (a view, a cast, slices gathered by an index), and which
-memory the forward allocated and wrote.
+memory the forward allocated and wrote. Its records of gathered slices are
+:mod:`gaugefix.structure.gathers`'s, those of where values and memory come from
+:mod:`gaugefix.structure.provenance`'s.
 """
 
 from __future__ import annotations
@@ -16,16 +18,22 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gaugefix.errors import first_line
-from gaugefix.structure.marks import (
-    SizedInt,
-    from_size,
+from gaugefix.structure.gathers import Coverage, Gathered, GatheredSlices
+from gaugefix.structure.marks import SizedInt
+from gaugefix.structure.provenance import (
+    Provenance,
+    by_memory,
+    memory_of,
+    nested_tensors,
+    placement_of,
+    version_of,
 )
 from gaugefix.structure.registry import (
     Registry,
@@ -35,7 +43,6 @@ from gaugefix.structure.registry import (
 
 __all__ = [
     "compact",
-    "nested_tensors",
     "Sum",
     "TraceContext",
     "UNCHANGED",
@@ -91,72 +98,7 @@ class _ParamView:
         self.param, self.index = param, index
 
 
-class _Gathered:
-    """A tensor of slices of a parameter (or of an arrangement of one) along its dim 0, with its
-    dims permuted: in the *gathered order* ``(*rows.shape, *source.shape[1:])``, position ``i``
-    of the leading ``rows.dim()`` dims holds slice ``rows[i]`` of ``source`` (the expert weights
-    of a mixture picked per token, ``W[expert_ids]``, or one expert, ``W[e]``), and the tensor
-    is that one permuted by ``perm`` (``W[e].t()``: dim ``j`` is dim ``perm[j]`` of the gathered
-    order). ``index`` is the tensor the rows were read from when they depend on the data (else
-    None)."""
-
-    def __init__(
-        self, source: Tensor, rows: Tensor, index: Tensor | None, perm: tuple[int, ...]
-    ) -> None:
-        self.source, self.rows, self.index, self.perm = source, rows, index, perm
-        self.inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
-
-    def in_gathered_order(self, nodes: Tensor) -> Tensor:
-        """Nodes given at the tensor's dims, at the dims of the gathered order."""
-        return nodes.permute(self.inverse)
-
-    def in_tensor_order(self, nodes: Tensor) -> Tensor:
-        """Nodes given at the dims of the gathered order, at the tensor's dims."""
-        return nodes.permute(self.perm)
-
-    def gathered_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        """A shape at the tensor's dims, at those of the gathered order (None when it has
-        another number of dims than the tensor and the tensor is permuted)."""
-        if self.perm == tuple(range(len(self.perm))):
-            return tuple(shape)
-        return tuple(shape[d] for d in self.inverse) if len(shape) == len(self.perm) else None
-
-
-class _Coverage(NamedTuple):
-    """The slices along dim 0 of one arrangement of a parameter (``arrangement``: a view's
-    index map, None for the parameter itself; ``shape``: its shape) that gathers whose rows
-    depend on the data read (``read [shape[0]]``, bool), named by the first such gather."""
-
-    arrangement: Tensor | None
-    shape: torch.Size
-    read: Tensor
-    where: str
-
-
-class _Fresh:
-    """Memory allocated in this forward by ``empty`` or ``zeros`` (or their ``_like`` and
-    ``new_`` forms): its storage, kept so that its address is not reused, and per storage
-    element (``[elements]``) whether a traced op read it (see :meth:`TraceContext.overwrite`)."""
-
-    def __init__(self, t: Tensor) -> None:
-        self.storage = t.untyped_storage()
-        self.pointer, self.nbytes = self.storage.data_ptr(), self.storage.nbytes()
-        self.element_size = t.element_size()
-        self.read = torch.zeros(self.nbytes // self.element_size, dtype=torch.bool)
-
-    def holds(self, t: Tensor) -> bool:
-        """Whether ``t`` is in this memory, still where it was allocated, as entries of its
-        size."""
-        same = self.storage.data_ptr() == self.pointer and self.storage.nbytes() == self.nbytes
-        return same and t.element_size() == self.element_size
-
-    def elements(self, t: Tensor) -> Tensor:
-        """The storage element of each entry of ``t`` (a tensor in this memory), ``t.shape``."""
-        every = torch.arange(self.read.numel())
-        return every.as_strided(t.shape, t.stride(), t.storage_offset())
-
-
-class TraceContext:
+class TraceContext(GatheredSlices, Provenance):
     """The state of one trace: node allocation, constraints, parameter roles and tags."""
 
     def __init__(self, model: nn.Module, registries: tuple[Registry, ...]) -> None:
@@ -165,12 +107,12 @@ class TraceContext:
         self.params = dict(model.named_parameters())
         # memory (see memory_of) -> the parameters in it: a tensor there that is not one of them
         # (a buffer, an attribute or a constant aliasing a parameter) changes with them.
-        self._param_memory = _by_memory(list(self.params.values()))
+        self._param_memory = by_memory(list(self.params.values()))
         # id -> (tensor, placement): the parameters as the forward began and their arrangements
         # as they were made; one placed otherwise after the forward was written (see
         # fix_written). The parameters a traced op was about to write, by id, with their memory
         # and values, to put back after the trace (see save_written).
-        self._arranged = {id(p): (p, _placement(p)) for p in self.params.values()}
+        self._arranged = {id(p): (p, placement_of(p)) for p in self.params.values()}
         self.saved: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         # Committed roles: name -> the terms of each parameter entry's log-factor, or None once
         # the parameter is fixed (every entry carries 0).
@@ -189,20 +131,20 @@ class TraceContext:
         self.op = "<forward>"
         self.func: Any = None  # the callable being traced, for rules that re-apply it
         self.module: nn.Module | None = None  # the module a module rule speaks for
-        # id(tensor) -> (tensor, labels, where its entries were then: see _placement)
+        # id(tensor) -> (tensor, labels, where its entries were then: see placement_of)
         self._labels: dict[int, tuple[Tensor, Sum, tuple]] = {}
         # storage address -> the tensors in it that carry labels (id -> tensor)
         self._in_memory: dict[tuple, dict[int, Tensor]] = {}
         # id(grad_fn) -> (grad_fn, {output_nr: labels of the recorded tensor at that output})
         self._grad_fn_labels: dict[int, tuple[Any, dict[int, Sum]]] = {}
         self._views: dict[int, tuple[Tensor, _ParamView]] = {}
-        self._gathers: dict[int, tuple[Tensor, _Gathered]] = {}
+        self._gathers: dict[int, tuple[Tensor, Gathered]] = {}
         # Per use of slices picked by data-dependent rows: its nodes per position, the index's
         # storage element each position read, ((that storage, version), parameter), the op.
         self._holders: list[tuple[Tensor, Tensor, tuple[tuple[int, int], str], str]] = []
         self.slice_links: set[int] = set()  # indices into edges: links of positions to slices
         # name -> per arrangement, its slices read by gathers whose rows depend on the data
-        self.coverage: dict[str, list[_Coverage]] = {}
+        self.coverage: dict[str, list[Coverage]] = {}
         self._claimed: set[int] = set()
         self._init_provenance()
         # id(exception) -> (exception, innermost module path it was raised in)
@@ -215,36 +157,6 @@ class TraceContext:
         self.value_reads: list[str] = []  # input- or weight-dependent values read into Python
         self.shape_reads: list[str] = []  # and shapes that depend on them (after the trace, last)
         self.unsearched: set[str] = set()  # types of the output's objects not searched (a cache)
-
-    def _init_provenance(self) -> None:
-        """The tables of where tensors' values come from: the inputs, chance, zeros made in the
-        forward, memory allocated in it."""
-        # Tensors whose values depend on the model's inputs or parameters (id -> tensor), whose
-        # values are drawn at random, and whose shape depends on values of the former.
-        self._tainted: dict[int, Tensor] = {}
-        self._inputs: dict[int, Tensor] = {}  # the example's tensors themselves
-        # Whether an input of the example has a dim of size 1 (a batch or a sequence of 1?).
-        self._ones_in_inputs = False
-        self._random: dict[int, Tensor] = {}
-        # Tensors whose values were computed from a number computed from a size (``(arange(6)
-        # + B) % 6``): an index among them picks other entries for another input.
-        self._sized: dict[int, Tensor] = {}
-        self._shaped: dict[int, Tensor] = {}
-        # Tensors made by an op given a number computed from a size (``arange(B)``), and
-        # what is computed from them: an index among them reads more rows for another input.
-        self._size_made: dict[int, Tensor] = {}
-        # Tensors made in the forward to hold exactly 0 (``zeros``, ``tensor(0.)``, casts and
-        # views of them): id -> (tensor, its placement then, the memory of every zero it was
-        # made from); the labels that passed an op because an operand was such a zero, with
-        # those memories; the memories, and those a traced op wrote into since (a view,
-        # ``z.data``, ``out=``: a version counter of its own): no longer a constant 0.
-        self._zeros: dict[int, tuple[Tensor, tuple, frozenset]] = {}
-        self._zero_reads: list[tuple[frozenset, Sum]] = []
-        self._zero_memory: set[tuple | None] = set()
-        self._zero_written: set[tuple | None] = set()
-        # Memory allocated in this forward (see _Fresh); views of it placed by data (narrow).
-        self._fresh: dict[tuple, _Fresh] = {}
-        self._placed: dict[int, Tensor] = {}
 
     # -- rules ----------------------------------------------------------------------------------
     def rule_for_op(self, func: Any, name: str) -> Rule | None:
@@ -349,19 +261,6 @@ class TraceContext:
         entry = self._views.get(id(t))
         return entry is not None and entry[0] is t
 
-    def is_gathered(self, t: Any) -> bool:
-        """Whether ``t`` holds slices of a parameter picked by index (``W[expert_ids]``)."""
-        entry = self._gathers.get(id(t))
-        return entry is not None and entry[0] is t
-
-    def holds_every_slice(self, t: Tensor) -> bool:
-        """Whether the gathered slices ``t`` hold every slice of their parameter, picked by an
-        index that is the same for every input (``latents.expand(B, -1, -1)``: ``B`` copies)."""
-        gathered = self._gathers[id(t)][1]
-        read = torch.zeros(gathered.source.shape[0], dtype=torch.bool)
-        read[gathered.rows.reshape(-1)] = True
-        return gathered.index is None and bool(read.all())
-
     def transpose_of(self, t: Tensor) -> Tensor | None:
         """The 2-d parameter ``W`` when ``t`` is its transpose (``W.T``, ``W.t()``,
         ``W.transpose(0, 1)``: entry ``[i, j]`` of ``t`` is ``W[j, i]``); None otherwise."""
@@ -374,55 +273,6 @@ class TraceContext:
         transposed = torch.arange(param.numel(), device=index.device).view(param.shape).t()
         return param if torch.equal(index.reshape(-1), transposed.reshape(-1)) else None
 
-    def mark_input(self, t: Tensor) -> None:
-        """Record ``t`` as a tensor of the example: its values are the inputs'."""
-        self._tainted[id(t)] = self._inputs[id(t)] = t
-        self._ones_in_inputs = self._ones_in_inputs or 1 in t.shape
-
-    @property
-    def ones_in_inputs(self) -> bool:
-        """Whether an input of the example has a dim of size 1 (a batch or a sequence of 1?)."""
-        return self._ones_in_inputs
-
-    def mark_sized(self, t: Tensor) -> None:
-        """Record that the values of ``t`` may have been computed from a size (see
-        :meth:`is_sized`)."""
-        self._sized[id(t)] = t
-
-    def record_provenance(self, out: Any, flags: tuple[bool, bool, bool, bool, bool]) -> None:
-        """Record each tensor in an op's output ``out`` in the tables ``flags`` say, in this
-        order: values that depend on the inputs or weights, random values, values computed from
-        a size (:meth:`is_sized`), made from a size (:meth:`is_size_made`), a shape that depends
-        on values (:meth:`is_shaped`)."""
-        provenance = (self._tainted, self._random, self._sized, self._size_made, self._shaped)
-        tables = [table for table, on in zip(provenance, flags, strict=True) if on]
-        for t in nested_tensors(out) if tables else ():
-            for table in tables:
-                table[id(t)] = t
-
-    def depends_on_inputs(self, t: Tensor) -> bool:
-        """Whether the values of ``t`` depend on the model's inputs or parameters (see
-        :meth:`is_tainted`, which also counts random draws)."""
-        return id(t) in self._tainted or id(t) in self.param_names
-
-    def is_random(self, t: Tensor) -> bool:
-        """Whether the values of ``t`` depend on a random draw."""
-        return id(t) in self._random
-
-    def is_sized(self, t: Tensor) -> bool:
-        """Whether the values of ``t`` were computed from a number computed from a size
-        (``(arange(6) + B) % 6``)."""
-        return self._sized.get(id(t)) is t
-
-    def is_size_made(self, t: Tensor) -> bool:
-        """Whether ``t`` was made by an op given a number computed from a size (``arange(B)``),
-        or computed from such a tensor."""
-        return self._size_made.get(id(t)) is t
-
-    def is_shaped(self, t: Tensor) -> bool:
-        """Whether the shape of ``t`` depends on values that may differ for another input."""
-        return self._shaped.get(id(t)) is t
-
     def has_pending(self) -> bool:
         """Whether the current op gave some parameter a role not yet committed."""
         return bool(self._pending)
@@ -431,24 +281,6 @@ class TraceContext:
         """Fix every parameter the current op gave a role not yet committed."""
         for name in list(self._pending):
             self.fix(self.params[name], reason)
-
-    def is_tainted(self, t: Tensor) -> bool:
-        """Whether the values of ``t`` may differ for another call: they depend on the model's
-        inputs or parameters, or on a random draw."""
-        return id(t) in self._tainted or id(t) in self.param_names or id(t) in self._random
-
-    def picks_by_data(self, t: Tensor) -> bool:
-        """Whether the index ``t`` may pick other entries for another input: it is tainted (see
-        :meth:`is_tainted`), or its values were computed from a size, or so is a tensor it is a
-        view of (written after the view was made: ``v = i[:4]; i[0] = T - 1``)."""
-        held = (t,) if t._base is None else (t, t._base)
-        return any(self.is_tainted(u) or self._sized.get(id(u)) is u for u in held)
-
-    def gathers_by_data(self, t: Tensor) -> bool:
-        """Whether the index ``t`` of a gather may read other rows for another input: it picks
-        by the data (see :meth:`picks_by_data`), or it was made from a size (``arange(B)`` holds
-        the same values at the same places for every ``B``, but more of them)."""
-        return self.picks_by_data(t) or self._size_made.get(id(t)) is t
 
     def sizes_read(self, t: Tensor, out: Any, dim: Any = None) -> Any:
         """``out``, sizes of ``t`` read into Python (``t.shape``, ``t.size(d)``, ``t.numel()``),
@@ -480,23 +312,6 @@ class TraceContext:
             return out
         return SizedInt(out)
 
-    def mark_zero(self, t: Tensor, made_from: frozenset = frozenset()) -> None:
-        """Record that ``t`` was made in the forward to hold exactly 0 (from the zeros whose
-        memory is in ``made_from``)."""
-        self._zeros[id(t)] = (t, _placement(t), made_from | {memory_of(t)})
-        self._zero_memory.add(memory_of(t))
-
-    def zero_source(self, t: Any) -> frozenset | None:
-        """The memories ``t`` was made from when it is a constant exactly 0: made in the forward
-        as zeros from numbers and shapes, none of them written since (by any tensor in their
-        memory), and all 0 now; else None."""
-        entry = self._zeros.get(id(t)) if isinstance(t, Tensor) else None
-        if entry is None or entry[0] is not t or entry[1] != _placement(t):
-            return None
-        if not entry[2].isdisjoint(self._zero_written):
-            return None
-        return entry[2] if not bool((t != 0).any()) else None
-
     def read_zero(self, zero: Tensor, labels: Tensor | Sum) -> Tensor | Sum:
         """``labels`` pass an op because ``zero`` (see :meth:`zero_source`) is 0; returns
         them. They are blocked after the trace if that zero is kept on a module."""
@@ -512,48 +327,6 @@ class TraceContext:
         line = _source_line()
         reads = self.shape_reads if shape else self.value_reads
         reads.append(f"{read}, derived from the input or weights, at {line}")
-
-    def gathered(
-        self, source: Tensor, rows: Tensor, index: Tensor | None, view: Tensor | None = None
-    ) -> Tensor:
-        """Record ``view`` (by default a stand-in of no memory) as slices ``rows`` of the
-        parameter ``source`` along dim 0 and return it. ``index`` is the tensor the rows are
-        read from when it depends on the data (else None). Such rows are recorded in
-        :attr:`coverage`, per arrangement of the parameter: a slice no traced row read is used
-        for other inputs, so after the trace such a parameter is fixed unless every slice of
-        every arrangement gathered was read. Slices of gathered slices (a nested gather) picked
-        by the data fix it."""
-        name = self.param_name(source)
-        rows = rows.detach().long().cpu()
-        if view is None:
-            shape = (*rows.shape, *source.shape[1:])
-            view = torch.empty((), dtype=source.dtype).expand(shape)
-        perm = tuple(range(rows.dim() + source.dim() - 1))
-        self._gathers[id(view)] = (view, _Gathered(source, rows, index, perm))
-        self._arranged[id(view)] = (view, _placement(view))
-        if index is not None and self.is_gathered(source):  # slices of which slices?
-            self.fix(source, self.reason("slices of gathered slices picked by the data"))
-        elif index is not None:
-            self._cover(name, source, rows)
-        return view
-
-    def _cover(self, name: str, source: Tensor, rows: Tensor) -> None:
-        """Record in :attr:`coverage` that ``rows`` of ``source`` (the parameter ``name`` or an
-        arrangement of it: ``W.view(...)``, ``W.transpose(0, 1)``) were read along its dim 0;
-        rows of one arrangement add up, those of different arrangements do not (a slice along
-        one dim read does not say which slices along another were)."""
-        arrangement = self._param_and_index(source)[1]
-        uses = self.coverage.setdefault(name, [])
-        same = [
-            use for use in uses
-            if use.shape == source.shape and (use.arrangement is None) == (arrangement is None)
-            and (arrangement is None or torch.equal(use.arrangement, arrangement))
-        ]  # fmt: skip
-        if not same:
-            read = torch.zeros(source.shape[0], dtype=torch.bool)
-            same = [_Coverage(arrangement, source.shape, read, self.reason("gathered"))]
-            uses.append(same[0])
-        same[0].read[rows.reshape(-1)] = True
 
     def clear_claims(self) -> None:
         """Start an op: no tensor is handled by its rule yet (see :meth:`claim`)."""
@@ -602,7 +375,7 @@ class TraceContext:
             return Sum()
         entry = self._labels.get(id(t))
         old = entry[1] if entry is not None and entry[0] is t else None
-        if old is not None and entry[2] == _placement(t):
+        if old is not None and entry[2] == placement_of(t):
             return old.map(lambda nodes: nodes.expand(t.shape))
         self._untraced(t, old)
         return Sum()
@@ -626,7 +399,7 @@ class TraceContext:
         else:
             reason = self.reason("re-pointed or written by an untraced op (Tensor.set_?)")
             self.block(old, reason)
-            self._labels[id(t)] = (t, Sum(), _placement(t))
+            self._labels[id(t)] = (t, Sum(), placement_of(t))
         if t.grad_fn is not None:
             self._block_history(t.grad_fn, reason)
         for other in self._in_memory.get(memory, {}).values():
@@ -639,7 +412,7 @@ class TraceContext:
         versions of ``tensors`` (see :meth:`written`)."""
         for t in tensors:
             entry = self._labels.get(id(t))
-            if entry is not None and entry[0] is t and entry[2] != _placement(t):
+            if entry is not None and entry[0] is t and entry[2] != placement_of(t):
                 self._untraced(t, entry[1])
         return [version_of(t) for t in tensors]
 
@@ -654,7 +427,7 @@ class TraceContext:
                 self._zero_written.add(memory_of(t))
             for other in self._in_memory.get(memory_of(t), {}).values():
                 held, labels, placement = self._labels[id(other)]
-                now = _placement(other)
+                now = placement_of(other)
                 if placement[:-1] == now[:-1]:  # the same memory, shape and strides
                     self._labels[id(other)] = (held, labels, now)
 
@@ -726,7 +499,7 @@ class TraceContext:
         shape = t.shape
         labels = Sum.of(labels).map(lambda nodes: compact(nodes.expand(shape)))
         labels = Sum(term for term in labels if bool((term[0] != 0).any()))
-        self._labels[id(t)] = (t, labels, _placement(t))
+        self._labels[id(t)] = (t, labels, placement_of(t))
         memory = memory_of(t)
         if memory is not None:
             self._in_memory.setdefault(memory, {})[id(t)] = t
@@ -771,51 +544,12 @@ class TraceContext:
         return self.terms(t).map(lambda nodes: self.unite(nodes.expand(t.shape), trailing))
 
     # -- fresh memory: assignment into tensors allocated in the forward ------------------------
-    def mark_fresh(self, t: Tensor) -> None:
-        """Record that ``t`` was just allocated in the forward (``empty``, ``zeros``...): its
-        memory holds values no traced op gave (garbage, or zeros), read by nobody yet."""
-        memory = memory_of(t) if t.is_floating_point() or t.is_complex() else None
-        if memory is not None:
-            self._fresh[memory] = _Fresh(t)
-
-    def _fresh_of(self, t: Tensor) -> _Fresh | None:
-        fresh = self._fresh.get(memory_of(t)) if self._fresh else None
-        return fresh if fresh is not None and fresh.holds(t) else None
-
-    def note_reads(
-        self, tensors: list[Tensor], out: Any, written: Tensor | None, numbers: Any = ()
-    ) -> None:
-        """Before an op's rule: record the elements of fresh memory its inputs read. An output
-        in an input's memory that is none of the inputs (a view: ``t[..., :d]``, ``t.T``) reads
-        nothing; it is placed by the data when an index tensor that depends on the data
-        positioned it or its input, or a number computed from a size did (``numbers``: the op's
-        arguments; see :data:`PLACED_BY_NUMBERS`); a view as another dtype reads every element.
-        ``written``: the destination an overwrite rule speaks for (not read)."""
-        if not self._fresh:
-            return
-        made = [o for o in nested_tensors(out) if all(o is not t for t in tensors)]
-        for t in tensors:
-            fresh = None if t is written else self._fresh_of(t)
-            if fresh is None:
-                continue
-            views = [o for o in made if memory_of(o) == memory_of(t)]
-            if not views:
-                fresh.read[fresh.elements(t).reshape(-1)] = True
-            for o in views:
-                if o.element_size() != fresh.element_size or o.dtype != t.dtype:
-                    fresh.read.fill_(True)
-                placed = any(is_index(i) and self.picks_by_data(i) for i in tensors)
-                placed = placed or (
-                    self.op.rsplit(".", 1)[-1] in PLACED_BY_NUMBERS and from_size(numbers)
-                )
-                if placed or self._placed.get(id(t)) is t:
-                    self._placed[id(o)] = o
 
     def _current(self, t: Tensor) -> Tensor | None:
         """The labels of ``t`` as one node tensor of its shape, when they are current (recorded
         at its present placement) and a single term with sign +1; else None."""
         entry = self._labels.get(id(t))
-        if entry is None or entry[0] is not t or entry[2] != _placement(t):
+        if entry is None or entry[0] is not t or entry[2] != placement_of(t):
             return None
         if not entry[1]:
             return ZERO.expand(t.shape)
@@ -876,22 +610,6 @@ class TraceContext:
                 for made_from, labels in self._zero_reads:  # a later call may change it
                     if memory_of(t) in made_from:
                         self.block(labels, f"{reason}, read as a constant 0")
-
-    def block_rewritten_zeros(self) -> None:
-        """After the trace: labels that passed an op because a constant 0 was read are blocked
-        when the memory of that zero (or of a zero it was made from) was written after the read
-        (``floor += 0.5`` on a zero kept in a global or a closure for a later call)."""
-        changed = set(self._zero_written)
-        for t, placement, _ in self._zeros.values():
-            if _placement(t) != placement:  # an in-place op the tracer did not see
-                changed.add(memory_of(t))
-        for made_from, labels in self._zero_reads:
-            if not made_from.isdisjoint(changed):
-                self.block(
-                    labels,
-                    "a constant 0 read by the forward was written after the read "
-                    "(kept for a later call?)",
-                )
 
     # -- parameter roles --------------------------------------------------------------------------
     def _on_param(self, p: Tensor, nodes: Tensor) -> tuple[str, Tensor]:
@@ -967,102 +685,6 @@ class TraceContext:
         self.produced_at.setdefault(name, len(self.marks))
         return nodes
 
-    def _produce_gathered(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """:meth:`produce` on gathered slices, with ``shape`` per position (at the dims of the
-        gathered order): fresh nodes per slice of the whole parameter, read at the gathered rows
-        (positions holding one slice share its nodes)."""
-        gathered = self._gathers[id(p)][1]
-        lead = gathered.rows.dim()
-        holder = self.fresh(gathered.source.shape[0], *shape[lead:])
-        self.claim(p)
-        name, on_param = self._on_param(gathered.source, holder)
-        self._pending.setdefault(name, []).append((on_param, 1))
-        self.produced.setdefault(name, on_param)
-        self.produced_at.setdefault(name, len(self.marks))
-        at_rows = holder[gathered.rows]
-        if gathered.index is None:
-            return at_rows
-        positions = self._positions(gathered, at_rows.shape)
-        self.slice_links.add(len(self.edges))
-        self.union(at_rows, positions)
-        return positions
-
-    def _positions(self, gathered: _Gathered, shape: torch.Size) -> Tensor:
-        """Fresh nodes of ``shape`` (gathered positions first) for slices picked by rows that
-        depend on the data, recorded with the entry of the index tensor each position read
-        (see :meth:`block_mismatched_gathers`). The caller links them to the slices' nodes by
-        an edge listed in :attr:`slice_links`."""
-        index = gathered.index
-        if index.shape == gathered.rows.shape:  # W[index]: the storage element read
-            size = index.untyped_storage().nbytes() // index.element_size()
-            elements = torch.arange(size).as_strided(
-                index.shape, index.stride(), index.storage_offset()
-            )
-        else:  # grouped_mm: position s of tokens sorted by the offsets
-            elements = torch.arange(gathered.rows.numel()).view(gathered.rows.shape)
-        positions = self.fresh(*shape)
-        storage = (index.untyped_storage().data_ptr(), index._version)  # not written since
-        key = (storage, self.param_name(gathered.source))
-        self._holders.append((positions, elements.reshape(-1), key, self.reason("gathered")))
-        return positions
-
-    def block_mismatched_gathers(self, comp: Tensor) -> None:
-        """Block the gathered positions whose pairing another input could change. ``comp`` are
-        the components of the equalities without the links from positions to slices: two
-        positions in one component are made to carry one factor by the model itself, and
-        on the slices they read only when they read them through one entry of one index
-        tensor (its storage, not written in between: the tensor or a view of it), whatever the
-        data. A component is kept when its positions all read one such entry (one token's
-        expert, paired with itself) and it holds no channel of a parameter (see
-        :meth:`_holds_channels`), or when it holds every position of each gather use and entry
-        it touches (every slice then carries the factor, and the pairing does not matter).
-        Otherwise (two routers, or positions that do not line up) it is blocked."""
-        ptrs = [key[0] for _, _, key, _ in self._holders]
-        index_of = {ptr: k for k, ptr in enumerate(dict.fromkeys(ptrs))}
-        reach = max(int(element.max()) for _, element, _, _ in self._holders) + 1
-        uses = [
-            (nodes, index_of[ptr] * reach + element)  # one entry of one index
-            for (nodes, element, _, _), ptr in zip(self._holders, ptrs, strict=True)
-        ]
-        count = int(comp.max()) + 1
-        one_element, every_position = gather_pairings(comp, count, uses)
-        one_element &= ~self._holds_channels(comp, count)
-        self._block_pairings(comp, ~(one_element | every_position))
-
-    def _holds_channels(self, comp: Tensor, count: int) -> Tensor:
-        """Per component (of ``count``), whether it holds a node of a parameter's role other
-        than slices picked by the data (which meet their positions only through the slice
-        links): a channel that every input pairs with the same positions. Positions that meet
-        such a channel without covering every position of their use (``h + b[ids]``, unit ``j``
-        of ``h`` meets bias entry ``ids[j]``) are paired with it by the data's values."""
-        held = torch.zeros(count, dtype=torch.bool)
-        for terms in self.roles.values():
-            for nodes, _ in terms or ():
-                held[comp[nodes.reshape(-1)]] = True
-        held[comp[0]] = False  # the fixed factor
-        return held
-
-    def _block_pairings(self, comp: Tensor, bad: Tensor) -> None:
-        """Block the nodes of every recorded gather use in a component marked ``bad``, naming
-        the parameters whose slices that component pairs."""
-        if not bool(bad.any()):  # no use to look up
-            return
-        hit = [bad[comp[holder]] for holder, _, _, _ in self._holders]
-        for (holder, _, (_, name), where), mine in zip(self._holders, hit, strict=True):
-            if not bool(mine.any()):
-                continue
-            shared = set(comp[holder[mine]].tolist())
-            partners = sorted({
-                other for (h, _, (_, other), _), theirs in zip(self._holders, hit, strict=True)
-                if other != name and bool(theirs.any())
-                and not shared.isdisjoint(comp[h[theirs]].tolist())
-            })  # fmt: skip
-            with_ = " and ".join(f"'{n}'" for n in [name, *partners])
-            self.block(holder[mine], (
-                f"slices of {with_} picked by data-dependent indices that can pair them "
-                f"differently for another input (different index tensors, or rows that do not "
-                f"line up), {where}"))  # fmt: skip
-
     def tie(self, p: Tensor, labels: Tensor | Sum, sign: int = 1) -> None:
         """``p``'s entries carry ``labels`` (broadcastable to ``p``) times ``sign``: a bias
         tied to its layer's output channels (``sign=1``)."""
@@ -1088,64 +710,6 @@ class TraceContext:
             self.block(nodes, reason)
         self.roles[name] = None
 
-    def fix_slice(self, p: Tensor, reason: str) -> None:
-        """Fix, after the trace, the entries of the parameter behind the view ``p`` (a slice
-        ``W[e]`` of experts' weights ``[E, out, in]``, along every dim) that ``p`` holds: an
-        op read them with an empty input, so the trace saw nothing of how they meet the data.
-        A view that holds every entry fixes the parameter now."""
-        name, index = self._held_entries(p)
-        numel = self.params[name].numel()
-        mask, _ = self.empty_slices.setdefault(name, (torch.zeros(numel, dtype=torch.bool), reason))
-        mask[slice(None) if index is None else index] = True
-        if bool(mask.all()):
-            del self.empty_slices[name]
-            self.fix(self.params[name], reason)
-
-    def _held_entries(self, p: Tensor) -> tuple[str, Tensor | None]:
-        """The parameter behind ``p`` and the flat indices of the entries ``p`` holds: a view's
-        index map (``W.t()``), the entries of the rows of slices at constant rows (``W[e]``,
-        ``W[a:b]``, ``W.unbind()``); None for all (the parameter, or slices the data picks)."""
-        self.claim(p)
-        entry = self._gathers.get(id(p))
-        if entry is None or entry[0] is not p:
-            return self._param_and_index(p)
-        gathered = entry[1]
-        name, index = self._param_and_index(gathered.source)
-        if gathered.index is not None:
-            return name, None
-        row = gathered.source[0].numel() if gathered.source.dim() else 1
-        rows = gathered.rows.reshape(-1, 1) * row + torch.arange(row)
-        return name, rows.reshape(-1) if index is None else index.reshape(-1)[rows.reshape(-1)]
-
-    def fix_empty_slices(self) -> None:
-        """After the trace: every term of the role of a parameter with slices read with an
-        empty input (see :meth:`fix_slice`) is blocked on those entries, so they carry factor 1
-        and the other slices keep their generators; a parameter with no role left is fixed."""
-        for name, (mask, reason) in self.empty_slices.items():
-            role = self.roles.get(name)
-            if role is None:
-                self.fix(self.params[name], reason)
-                continue
-            shape = self.params[name].shape
-            why = f"{reason} (a slice of parameter '{name}')"
-            for nodes, _ in role:
-                self.block(nodes.expand(shape).reshape(-1)[mask], why)
-
-    def fix_partly_read(self) -> None:
-        """Fix every parameter gathered by data-dependent rows of which some slice was never
-        read: other inputs read it, and the trace cannot say how it would scale there."""
-        for name, uses in self.coverage.items():
-            for use in uses:
-                if bool(use.read.all()):
-                    continue
-                missing = torch.nonzero(~use.read).reshape(-1).tolist()
-                dim = "dim 0" if use.arrangement is None else (
-                    f"dim 0 of it arranged as {list(use.shape)}")  # fmt: skip
-                self.fix(self.params[name], (
-                    f"slices {missing} of '{name}' ({dim}) are picked by the data and the "
-                    f"example input reads none of them, {use.where}: give an input that "
-                    "reaches every slice (every expert)"))  # fmt: skip
-
     def fix_written(self) -> None:
         """After the trace: a parameter the forward wrote or re-pointed (its version or memory
         changed, also by an op no torch function reports, under ``DisableTorchFunction``) does
@@ -1153,7 +717,7 @@ class TraceContext:
         was made (``w = W.clone()``, then written) no longer holds the parameter's: the
         parameter is fixed."""
         for t, placement in self._arranged.values():
-            if _placement(t) != placement:
+            if placement_of(t) != placement:
                 self.fix(t, "written or re-pointed in place by the forward")
 
     def save_written(self, tensors: list[Tensor]) -> None:
@@ -1221,16 +785,6 @@ class TraceContext:
                     self.block(nodes, why)
         return [(sides[0][i], sides[1][j]) for i, j in match.nonzero().tolist()]
 
-    def permuted_gather(self, out: Tensor, gathered: Tensor, perm: tuple[int, ...]) -> None:
-        """Record ``out = gathered.permute(perm)`` (``W[e].t()``, ``W[ids].transpose(1, 2)``,
-        or ``perm`` the identity for a copy) as the same slices in another order of dims: every
-        entry keeps its slice and its place in it."""
-        self.claim(gathered)
-        g = self._gathers[id(gathered)][1]
-        perm = tuple(g.perm[d] for d in perm)
-        self._gathers[id(out)] = (out, _Gathered(g.source, g.rows, g.index, perm))
-        self._arranged[id(out)] = (out, _placement(out))
-
     def view_of_param(self, out: Tensor, param_like: Tensor, index: Tensor) -> None:
         """Record ``out`` as an arrangement of the parameter behind ``param_like``: entry ``i``
         of ``out`` is entry ``index[i]`` (flat) of ``param_like``."""
@@ -1242,7 +796,7 @@ class TraceContext:
         if base is not None:
             index = base.reshape(-1)[index]
         self._views[id(out)] = (out, _ParamView(param, index))
-        self._arranged[id(out)] = (out, _placement(out))
+        self._arranged[id(out)] = (out, placement_of(out))
 
     # -- the generic rule -----------------------------------------------------------------------
     def block_all(self, args: tuple, kwargs: dict, reason: str) -> Tensor:
@@ -1259,28 +813,6 @@ class TraceContext:
 def _increasing(nodes: Tensor) -> bool:
     """Whether the 1-d ``nodes`` are strictly increasing (so no node is named twice)."""
     return bool((nodes[1:] > nodes[:-1]).all())
-
-
-def gather_pairings(
-    comp: Tensor, count: int, uses: list[tuple[Tensor, Tensor]]
-) -> tuple[Tensor, Tensor]:
-    """Per component of ``comp`` (``count`` of them), over the gather uses ``uses`` (each: the
-    nodes of its positions, ``[positions, *entries]``, and per position the key of the index
-    entry it read, ``[positions]``, ``>= 0``): whether its positions read exactly one key, and
-    whether it holds, for every use and entry it touches, the entry at every position of the use
-    (an entry is split when its positions lie in several components). Per component, the lowest
-    and highest key read are compared, and each entry's column is checked for one component."""
-    lowest = torch.full((count,), torch.iinfo(torch.long).max)
-    highest = torch.full((count,), -1)
-    every_position = torch.ones(count, dtype=torch.bool)
-    for nodes, key in uses:
-        c = comp[nodes.reshape(key.numel(), -1)]  # [positions, entries]
-        read = key.unsqueeze(1).expand(c.shape).reshape(-1)
-        lowest.scatter_reduce_(0, c.reshape(-1), read, reduce="amin")
-        highest.scatter_reduce_(0, c.reshape(-1), read, reduce="amax")
-        split = (c != c[:1]).any(0)  # entries whose positions lie in several components
-        every_position[c[:, split].reshape(-1)] = False
-    return lowest == highest, every_position
 
 
 _MIXED = "mixed with a fixed tensor"
@@ -1318,78 +850,9 @@ def _unfixed(terms: list) -> list:
     return [term for term in terms if bool((term[0] != 0).any())]
 
 
-def _placement(t: Tensor) -> tuple:
-    """Where the entries of ``t`` are and how often they were written: its memory, shape,
-    strides and version. ``t.set_(other)`` and in-place ops under
-    ``torch._C.DisableTorchFunction``, which no torch function reports, change them without a
-    traced op."""
-    try:
-        return (t.data_ptr(), t.shape, t.stride(), t._version)
-    except (RuntimeError, NotImplementedError):  # no memory that can be read (see memory_of)
-        return (None, t.shape)
-
-
-def version_of(t: Tensor) -> int | None:
-    """How many times ``t``'s memory was written in place (None when not counted)."""
-    try:
-        return t._version
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def memory_of(t: Tensor) -> tuple | None:
-    """The memory ``t``'s entries are in (shared by its views), with their offset; None when
-    it has none that can be read (a sparse, nested or meta tensor, one batched by ``vmap``)."""
-    try:
-        storage = t.untyped_storage()
-        pointer = storage.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return (t.device, pointer) if pointer and storage.nbytes() else None
-
-
-def _by_memory(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
-    """The tensors by the memory they are in (see :func:`memory_of`; none without one)."""
-    out: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
-        out.setdefault(memory_of(t), []).append(t)
-    out.pop(None, None)
-    return out
-
-
-def is_index(t: Tensor) -> bool:
-    """Whether ``t`` holds integers or truth values (an index, a mask), not floating values."""
-    return not (t.is_floating_point() or t.is_complex())
-
-
 def _fit(labels: Tensor, shape: torch.Size) -> Tensor:
     """``labels`` of a value written into a region of ``shape``, broadcast to it as the write
     does (leading dims of size 1 beyond the region's dropped)."""
     while labels.dim() > len(shape) and labels.shape[0] == 1:
         labels = labels[0]
     return labels.expand(shape)
-
-
-def nested_tensors(tree: Any) -> Iterator[Tensor]:
-    """The tensors in nested tuples, lists and dicts (a model output, an op's arguments)."""
-    if isinstance(tree, Tensor):
-        yield tree
-        return
-    if isinstance(tree, dict):
-        tree = tree.values()
-    elif not isinstance(tree, (list, tuple)):
-        return
-    for item in tree:  # a tensor or a number without a nested generator: most items
-        if isinstance(item, Tensor):
-            yield item
-        elif isinstance(item, (list, tuple, dict)):
-            yield from nested_tensors(item)
-
-
-# Ops whose numbers place entries along a dim: shifts, indices, slice bounds, split points,
-# repeat counts. Numbers given to other ops (``view``, ``expand``, ``zeros``, ``interpolate``)
-# give only shapes.
-PLACED_BY_NUMBERS = {
-    "roll", "narrow", "select", "__getitem__", "split", "tensor_split", "chunk",
-    "repeat_interleave",
-}  # fmt: skip

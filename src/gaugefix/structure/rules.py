@@ -30,17 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaugefix.structure.context import (
-    PLACED_BY_NUMBERS,
-    UNCHANGED,
-    ZERO,
-    Sum,
-    TraceContext,
-    compact,
-    is_index,
-    nested_tensors,
-)
+from gaugefix.structure.context import UNCHANGED, ZERO, Sum, TraceContext, compact
 from gaugefix.structure.marks import from_size
+from gaugefix.structure.provenance import PLACED_BY_NUMBERS, is_index, nested_tensors
 from gaugefix.structure.registry import BUILTIN
 
 __all__ = [

@@ -51,16 +51,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from gaugefix.errors import first_line
-from gaugefix.structure.context import (
-    UNCHANGED,
-    ZERO,
-    Sum,
-    TraceContext,
-    is_index,
-    memory_of,
-    nested_tensors,
-    version_of,
-)
+from gaugefix.structure.context import UNCHANGED, ZERO, Sum, TraceContext
 from gaugefix.structure.marks import (
     FLOATS_FROM_SIZES,
     SizedInt,
@@ -76,6 +67,7 @@ from gaugefix.structure.marks import (
     sizes_lost,
     values_lost,
 )
+from gaugefix.structure.provenance import is_index, memory_of, nested_tensors, version_of
 from gaugefix.structure.registry import (
     BUILTIN,
     USER,
