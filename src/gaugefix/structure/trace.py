@@ -36,10 +36,12 @@ the rules.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import inspect
+import random
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -769,13 +771,10 @@ def _model_restored(
 # flag): restored by :func:`_model_restored` where the forward may change it, or not touched.
 _MODULE_STATE = frozenset(vars(nn.Module()))
 
-# A module's own attributes: (module, {name: value}, [(a list, dict or plain object reached from
-# them, its items or entries)]).
-_Attributes = list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]]
-
-# How many lists, dicts and plain objects reached from the modules' attributes are saved and put
-# back at most: a module holding a trainer or a dataset reaches far more, and walking them all
-# would cost more than the trace.
+# How many containers (lists, tuples, sets, deques, dicts) and plain objects reached from the
+# modules' attributes are saved and put back at most, those nearest the modules first: a module
+# holding a trainer or a dataset reaches far more, and walking them all would cost more than the
+# trace.
 STATE_OBJECTS = 10_000
 
 # Objects whose entries are not state a forward keeps: code, types, modules, tensors.
@@ -784,66 +783,163 @@ _NOT_STATE = (
     types.BuiltinFunctionType,
 )  # fmt: skip
 
+# Containers whose items a forward may change in place, and those it cannot (walked through,
+# never put back).
+_SEQUENCES = (list, set, collections.deque)
+_FROZEN = (tuple, frozenset)
+
+# Random generators a module may keep, with how their state is read and written.
+_GENERATORS = ((torch.Generator, "get_state", "set_state"), (random.Random, "getstate", "setstate"))
+
+
+class _Slots(dict):
+    """A plain object's ``__slots__`` entries: slot descriptor -> value (:data:`_UNSET` for a
+    slot that holds none)."""
+
+
+_UNSET = object()  # what an empty ``__slots__`` entry holds in a :class:`_Slots`
+
+
+@dataclasses.dataclass
+class _Attributes:
+    """What a forward may change on the modules beyond their parameters and buffers: each
+    module's own attributes (``own``: module, {name: value}), the lists, sets, deques, dicts
+    and plain objects reached from them with what they hold (``held``, see :func:`_held`), the
+    plain tensors reached (``tensors``: tensor, version, ``grad_fn``, memory and a copy of its
+    values) and the random generators reached with their state (``generators``)."""
+
+    own: list[tuple[nn.Module, dict[str, Any]]]
+    held: list[tuple[Any, Any]]
+    tensors: list[tuple[Tensor, int | None, Any, Tensor, Tensor]]
+    generators: list[tuple[Any, Any]]
+
 
 def _attributes(modules: list[nn.Module]) -> _Attributes:
     """The attributes the modules' own code keeps (a recurrent state, a cache, a flag a first
-    call sets, a list or dict it fills), with what the lists, dicts and plain objects reached
-    from them hold (see :func:`_held`)."""
-    seen: set[int] = set()
-    saved = []
-    for m in modules:
-        own = {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}
-        saved.append((m, own, _held(list(own.values()), seen)))
-    return saved
+    call sets, a list or dict it fills, a random generator), with what the containers and plain
+    objects reached from them hold (see :func:`_held`), a copy of the plain tensors reached
+    (not the parameters and buffers, nor tensors in their memory) and the generators' state."""
+    own = [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in modules]
+    values = [v for _, entries in own for v in entries.values()]
+    held = _held(values, set())
+    reached = {id(v): v for items in [values, *(i for _, i in held)] for v in _items(items)}
+    registered = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
+    skipped = {memory_of(t) for t in registered if t is not None} | {None}
+    tensors = [
+        (t, version_of(t), t.grad_fn, t.data, t.detach().clone())
+        for t in reached.values()
+        if type(t) is Tensor and memory_of(t) not in skipped
+    ]
+    generators = [
+        (g, getattr(g, get)()) for g in reached.values()
+        for kind, get, _ in _GENERATORS if isinstance(g, kind)
+    ]  # fmt: skip
+    return _Attributes(own, held, tensors, generators)
+
+
+def _items(items: Any) -> list[Any]:
+    """The values in what :func:`_contents` returns: a list's items, a dict's values."""
+    return list(items.values()) if isinstance(items, dict) else items
 
 
 def _held(values: list[Any], seen: set[int]) -> list[tuple[Any, Any]]:
-    """The lists, dicts and plain objects reachable from ``values`` through lists, tuples,
-    dicts and plain objects' attributes (a cache object's list of layers, each holding its
-    keys), not those in ``seen`` (which gains them), each with its items now: a list's items,
-    a dict's and a plain object's entries (its ``vars``); until ``seen`` holds
+    """The lists, sets, deques, dicts and plain objects reachable from ``values`` through them
+    and tuples (a cache object's list of layers, each holding its keys), nearest first, not
+    those in ``seen`` (which gains them), each with what it holds now (see :func:`_contents`;
+    an object with both ``__dict__`` and ``__slots__`` appears twice); until ``seen`` holds
     :data:`STATE_OBJECTS`."""
-    held, stack = [], values
-    while stack and len(seen) < STATE_OBJECTS:
-        v = stack.pop()
+    held: list[tuple[Any, Any]] = []
+    queue = collections.deque(values)
+    while queue and len(seen) < STATE_OBJECTS:
+        v = queue.popleft()
         if id(v) in seen:
             continue
-        if isinstance(v, (list, tuple)):
-            items: Any = list(v)
-        elif isinstance(v, dict):
-            items = dict(v)
-        elif isinstance(getattr(v, "__dict__", None), dict) and not isinstance(v, _NOT_STATE):
-            items = dict(vars(v))
-        else:
+        contents = _contents(v)
+        if not contents:
             continue
         seen.add(id(v))
-        held += [] if isinstance(v, tuple) else [(v, items)]
-        stack += items if isinstance(items, list) else list(items.values())
+        held += [(v, items) for items in contents]
+        queue.extend(item for items in contents for item in _items(items))
     return held
+
+
+def _contents(v: Any) -> list[Any]:
+    """What ``v`` holds now: a list, set, deque or tuple's items (as a list), a dict's entries,
+    a plain object's attributes (a dict of its ``vars``) and its ``__slots__`` entries (a
+    :class:`_Slots`); nothing for anything else (a number, a tensor, a module, code)."""
+    if isinstance(v, (*_SEQUENCES, *_FROZEN)):
+        return [list(v)]
+    if isinstance(v, dict):
+        return [dict(v)]
+    if isinstance(v, _NOT_STATE):
+        return []
+    entries = getattr(v, "__dict__", None)
+    contents: list[Any] = [dict(entries)] if isinstance(entries, dict) else []
+    slots = [
+        d for kind in type(v).__mro__ if "__slots__" in vars(kind)
+        for d in vars(kind).values() if isinstance(d, types.MemberDescriptorType)
+    ]  # fmt: skip
+    return contents + ([_Slots((d, _slot_value(d, v)) for d in slots)] if slots else [])
+
+
+def _slot_value(slot: Any, v: Any) -> Any:
+    """What the ``__slots__`` entry ``slot`` (a member descriptor) of ``v`` holds, or
+    :data:`_UNSET`."""
+    try:
+        return slot.__get__(v)
+    except AttributeError:
+        return _UNSET
 
 
 def _restore_attributes(saved: _Attributes) -> None:
     """Put back what :func:`_attributes` saved: an attribute the forward set holds its earlier
-    value again, one it added is removed, a list, dict or plain object reached from them (a
-    cache object's lists) holds its earlier items or entries. A tensor the forward stores
-    (``self.state = h``, ``self.cache.keys.append(k)``) would otherwise keep the trace's
-    autograd graph, and with it the activations, alive (``copy.deepcopy`` of the model then
-    fails); a flag set on a first call would no longer match its parameters, which are
-    restored."""
-    for module, own, held in saved:
+    value again, one it added is removed, a container or plain object reached from them (a
+    cache object's lists) holds its earlier items or entries, a plain tensor written in place
+    its earlier values (and no autograd history), a generator its earlier state. A tensor the
+    forward stores (``self.state = h``, ``self.cache.keys.append(k)``, ``self.state.copy_(h)``)
+    would otherwise keep the trace's autograd graph, and with it the activations, alive
+    (``copy.deepcopy`` of the model then fails); a flag set on a first call would no longer
+    match its parameters, which are restored."""
+    for module, own in saved.own:
         now = vars(module)
         for key in [k for k in now if k not in own and k not in _MODULE_STATE]:
             del now[key]
         now.update(own)
-        for container, items in held:
-            if isinstance(container, list):
-                if not _same(container, items):
-                    container[:] = items
-                continue
-            entries = container if isinstance(container, dict) else vars(container)
-            if not _same(list(entries.items()), list(items.items())):
-                entries.clear()
-                entries.update(items)
+    for container, items in saved.held:
+        _put_back(container, items)
+    for t, version, grad_fn, memory, values in saved.tensors:
+        if version_of(t) == version and t.grad_fn is grad_fn and memory_of(t) == memory_of(memory):
+            continue
+        if t.grad_fn is not grad_fn and t._base is None:  # written from an activation
+            t.detach_()
+        if memory_of(t) != memory_of(memory):  # re-pointed: ``t.data = h``, ``t.set_(h)``
+            t.data = memory
+        with torch.inference_mode(t.is_inference()), torch.no_grad():
+            t.copy_(values)
+    for g, state in saved.generators:
+        setter = next(s for kind, _, s in _GENERATORS if isinstance(g, kind))
+        getattr(g, setter)(state)
+
+
+def _put_back(container: Any, items: Any) -> None:
+    """Make ``container`` (a list, set, deque, dict or plain object) hold ``items`` again (see
+    :func:`_contents`), where what it holds is not the same objects."""
+    if isinstance(container, _FROZEN):
+        return  # its items are the same objects (their own contents are put back)
+    if isinstance(items, _Slots):
+        for slot, value in items.items():
+            if _slot_value(slot, container) is not value:
+                slot.__delete__(container) if value is _UNSET else slot.__set__(container, value)
+        return
+    if isinstance(container, _SEQUENCES):
+        if not _same(list(container), items):
+            container.clear()
+            container.update(items) if isinstance(container, set) else container.extend(items)
+        return
+    entries = container if isinstance(container, dict) else vars(container)
+    if not _same(list(entries.items()), list(items.items())):
+        entries.clear()
+        entries.update(items)
 
 
 def _same(now: list[Any], before: list[Any]) -> bool:
