@@ -20,7 +20,7 @@ import re
 import struct
 import sys
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -570,6 +570,11 @@ class CheckpointBalance:
     ``per_output_exact`` and ``per_output_change``: for each floating output tensor ``f_i`` (in
     the order of the forward's output), ``max |f_b,i(x) - f_i(x)| / max |f_i(x)|`` with the
     float64 and with the returned weights (``inf`` for a change of an output that is all zero).
+    ``check_shapes``: the shapes of the check inputs ``c_k`` (other sizes than ``x``'s, on which
+    the structure discovered on ``x`` may not hold); ``per_check_exact`` and
+    ``per_check_change``: for each check input, the per-output relative changes as above on
+    ``c_k`` (each output against its own ``max |f_i(c_k)|``), with the float64 and with the
+    returned weights.
     """
 
     num_generators: int
@@ -582,6 +587,9 @@ class CheckpointBalance:
     dtype: torch.dtype
     per_output_exact: tuple[float, ...]
     per_output_change: tuple[float, ...]
+    check_shapes: tuple[tuple[int, ...], ...] = ()
+    per_check_exact: tuple[tuple[float, ...], ...] = ()
+    per_check_change: tuple[tuple[float, ...], ...] = ()
 
     @staticmethod
     def relative_tolerance(dtype: torch.dtype) -> float:
@@ -604,15 +612,31 @@ class CheckpointBalance:
         return self.worst(self.per_output_change)[1]
 
     @property
+    def check_exact_relative(self) -> float:
+        """The largest of ``per_check_exact`` over every check input (0 without one)."""
+        return self.worst(tuple(self.worst(c)[1] for c in self.per_check_exact))[1]
+
+    @property
+    def check_relative(self) -> float:
+        """The largest of ``per_check_change`` over every check input (0 without one)."""
+        return self.worst(tuple(self.worst(c)[1] for c in self.per_check_change))[1]
+
+    @property
     def kept_in_float64(self) -> bool:
-        """Balancing in float64 kept each output to ``sqrt(eps_float64)`` of its largest entry."""
-        return self.exact_relative <= self.relative_tolerance(torch.float64)
+        """Balancing in float64 kept each output to ``sqrt(eps_float64)`` of its largest entry,
+        on the example input and on each check input."""
+        tolerance = self.relative_tolerance(torch.float64)
+        return self.exact_relative <= tolerance and self.check_exact_relative <= tolerance
 
     @property
     def within_tolerance(self) -> bool:
-        """The returned weights keep each output to ``sqrt(eps_dtype)`` of its largest entry."""
-        return self.kept_in_float64 and (
-            self.output_relative <= self.relative_tolerance(self.dtype)
+        """The returned weights keep each output to ``sqrt(eps_dtype)`` of its largest entry,
+        on the example input and on each check input."""
+        tolerance = self.relative_tolerance(self.dtype)
+        return (
+            self.kept_in_float64
+            and self.output_relative <= tolerance
+            and self.check_relative <= tolerance
         )
 
 
@@ -809,6 +833,39 @@ def _reference(model: nn.Module, x: Tensor) -> tuple[list[Tensor], float]:
     return reference, scale
 
 
+def _check_references(model: nn.Module, checks: list[Tensor]) -> list[list[Tensor]]:
+    """The floating outputs of the float64 ``model`` on each check input (shape ``[B', ...]``,
+    other sizes than the example's); :class:`CheckpointError` naming the input's shape when the
+    model fails on it or its outputs are not finite."""
+    references = []
+    for c in checks:
+        shape = tuple(c.shape)
+        try:
+            outputs = float64_outputs(model, c)
+        except Exception as err:  # whatever the model's own forward raises at other sizes
+            raise CheckpointError(
+                f"the model fails on the check input of shape {shape} "
+                f"({type(err).__name__}: {first_line(err)})"
+            ) from None
+        if not all_finite(outputs):
+            raise CheckpointError(
+                f"the model's output on the check input of shape {shape} is not finite"
+            )
+        references.append(outputs)
+    return references
+
+
+def _check_changes(
+    model: nn.Module, checks: list[Tensor], references: list[list[Tensor]]
+) -> tuple[tuple[float, ...], ...]:
+    """For each check input, the relative change of each floating output of the float64
+    ``model`` against its ``references`` (:func:`gaugefix.precision.relative_changes`)."""
+    return tuple(
+        relative_changes(float64_outputs(model, c), r)
+        for c, r in zip(checks, references, strict=True)
+    )
+
+
 def _max_change(a: list[Tensor], b: list[Tensor]) -> float:
     """``max |a - b|`` over every entry (NaN when any difference is NaN)."""
     values = [float((u - v).abs().max()) for u, v in zip(a, b, strict=True) if u.numel()]
@@ -889,6 +946,17 @@ def _moved(
         raise CheckpointError(str(err)) from None
 
 
+def _refuse_sharding(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """:class:`~gaugefix.ShardingError` for sharded ``tensors`` (DTensors) or a ``model``
+    sharded with ``fully_shard``."""
+    refuse_sharded(dict(tensors))
+    if uses_fully_shard(model):
+        raise ShardingError(
+            "the model is sharded with fully_shard: pass an unsharded instance of it (it is "
+            "only copied), and a full state dict"
+        )
+
+
 def balance_state_dict(
     model: nn.Module,
     tensors: Mapping[str, Tensor],
@@ -897,6 +965,8 @@ def balance_state_dict(
     calibration: Tensor | None = None,
     alpha: float | None = None,
     allow_value_dependent: bool = False,
+    *,
+    checks: Sequence[Tensor] = (),
 ) -> tuple[dict[str, Tensor], CheckpointBalance]:
     """Balance the weights ``tensors`` of ``model`` (name -> tensor; the floating ones in
     float64, float32, float16 or bfloat16), or move them to the orbit point of another
@@ -912,27 +982,22 @@ def balance_state_dict(
     ``allow_value_dependent``: :func:`gaugefix.discover`'s (structure found on ``x``'s path).
     A transformers model's checkpoint in ``save_pretrained``'s layout (a mixture's experts one
     by one) goes to the model's and back by transformers (:func:`_model_layout`).
+    ``checks``: inputs of other sizes, cast as ``x`` is, whose outputs are compared as ``x``'s
+    (a structure exact at ``x``'s sizes may not be at others: a size no trace sees).
     Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
     """
-    refuse_sharded(dict(tensors))
-    if uses_fully_shard(model):
-        raise ShardingError(
-            "the model is sharded with fully_shard: pass an unsharded instance of it (it is "
-            "only copied), and a full state dict"
-        )
-    if x.is_floating_point():
-        x = x.to(torch.float64)
+    _refuse_sharding(model, tensors)
+    x, *checks = (t.to(torch.float64) if t.is_floating_point() else t for t in (x, *checks))
     ties = model.state_dict()  # the model's own ties (the float64 copy may lose some)
     saved = dict(tensors)
     tensors = _model_layout(model, ties, saved)
     original, model = model, float64_copy(model, CheckpointError, "balancing works on a copy")
     _load64(model.eval(), _complete(ties, tensors))
     structure = gaugefix.discover(model, x, allow_value_dependent=allow_value_dependent)
-    reference, scale = _reference(model, x)
+    (reference, scale), references = _reference(model, x), _check_references(model, checks)
     before = gaugefix.imbalance_stats(model, structure)
     result = _moved(model, structure, objective, calibration, alpha)
-    exact = float64_outputs(model, x)
-
+    exact, exact_checks = float64_outputs(model, x), _check_changes(model, checks, references)
     written, moved = _written(model, tensors, ties)
     rounded = float64_outputs(model, x)
     dtypes = [tensors[name].dtype for name in moved]
@@ -947,6 +1012,9 @@ def balance_state_dict(
         dtype=max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64),
         per_output_exact=relative_changes(exact, reference),
         per_output_change=relative_changes(rounded, reference),
+        check_shapes=tuple(tuple(c.shape) for c in checks),
+        per_check_exact=exact_checks,
+        per_check_change=_check_changes(model, checks, references),
     )
     return _file_layout(original, written, saved, tensors), report
 

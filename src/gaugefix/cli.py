@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import itertools
@@ -96,7 +97,7 @@ AllowValueDependent = Annotated[
         help="accept a forward whose control flow reads its input or weights (a mixture's "
         "eager experts loop reads its routing): the structure is found on the path the "
         "example input takes and is exact only for inputs that take it; balance still checks "
-        "the outputs, on the example input only",
+        "the outputs, on the example input and on a second input of other sizes",
     ),
 ]
 CACHE_OBJECTS_SINCE = 5  # the transformers major version that returns no cache as tuples
@@ -126,16 +127,54 @@ def _example_input(
     return _drawn(_parse_shape(input_shape, "--input-shape") if input_shape else default_shape)
 
 
-def _drawn(shape: tuple[int, ...], vocab: int | None = None) -> torch.Tensor:
-    """Normal floats of ``shape``, or token ids below ``vocab``, from a fixed seed; one line
-    when they cannot be made (a shape or vocabulary too large)."""
-    generator = torch.Generator().manual_seed(0)
+def _drawn(shape: tuple[int, ...], vocab: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Normal floats of ``shape``, or token ids below ``vocab``, from the fixed ``seed``; one
+    line when they cannot be made (a shape or vocabulary too large)."""
+    generator = torch.Generator().manual_seed(seed)
     try:
         if vocab is not None:
             return torch.randint(vocab, shape, generator=generator)
         return torch.randn(shape, generator=generator)
     except (RuntimeError, OverflowError, TypeError, ValueError) as err:
         raise _fail(f"cannot make an example input of shape {shape}: {first_line(err)}") from None
+
+
+# The second input ``balance`` checks the written weights on: drawn from this seed, with one
+# more sample than the example and, for token ids, this many more tokens.
+CHECK_SEED = 1
+CHECK_LONGER = 3
+CHECKED_ON_EXAMPLE_ONLY = "output change checked on the example input only"
+
+
+def _second_input(
+    model: nn.Module, x: torch.Tensor, vocab: int | None
+) -> tuple[list[torch.Tensor], str | None]:
+    """The input of other sizes than the example ``x`` that ``balance`` checks the written
+    weights on (at most one), drawn as ``x`` was from :data:`CHECK_SEED`, and a line to print
+    when it is not the first choice. The first choice is ``x``'s shape with dim 0 (the batch)
+    one larger and, for token ids of two or more dims, the last (the length)
+    :data:`CHECK_LONGER` larger; then the batch change alone, for a model of fixed length; none,
+    for a model whose copy runs (in eval mode, its own dtype) on neither, or not on ``x``."""
+    batch = (x.shape[0] + 1, *x.shape[1:])
+    shapes = [batch]
+    if not x.is_floating_point() and x.dim() >= 2:
+        shapes.insert(0, (*batch[:-1], batch[-1] + CHECK_LONGER))
+    try:  # probed on a copy: a forward may change the model (weight_norm's weight, a cache)
+        model = copy.deepcopy(model).eval()
+    except Exception as err:  # whatever a module's __deepcopy__ raises (balancing copies too)
+        return [], f"{CHECKED_ON_EXAMPLE_ONLY}: the model cannot be copied ({first_line(err)})"
+    failed = _failure(model, x)
+    if failed is not None:
+        return [], f"{CHECKED_ON_EXAMPLE_ONLY}: the model fails on it in its own dtype ({failed})"
+    reasons: list[str] = []
+    for shape in shapes:
+        second = _drawn(shape, vocab, CHECK_SEED)
+        failed = _failure(model, second)
+        if failed is None:
+            kept = "the second input keeps the example's length: the model fails on shape "
+            return [second], f"{kept}{shapes[0]} ({reasons[0]})" if reasons else None
+        reasons.append(failed)
+    return [], f"{CHECKED_ON_EXAMPLE_ONLY}: the model fails on shape {shapes[-1]} ({reasons[-1]})"
 
 
 def _in_model_dtype(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -315,12 +354,13 @@ def balance(
             state = read_state_dict(weights)
             check_output(state, out)  # before any work: a shard beside out not out's own
             _check_suffix(state, weights, out)
+            checks, note = _second_input(net, x, vocab)
             tensors, report = balance_state_dict(
-                net, state.tensors, x, objective, batch, alpha, allow_value_dependent
+                net, state.tensors, x, objective, batch, alpha, allow_value_dependent, checks=checks
             )
         except (CheckpointError, gaugefix.ShardingError, gaugefix.TracingError) as err:
             raise _fail(_traced(err, net, x)) from None
-        _report_balance(model, objective, report)
+        _report_balance(model, objective, report, note)
         _write_balanced(dataclasses.replace(state, tensors=tensors), out, made)
 
 
@@ -380,12 +420,18 @@ def _traced(err: Exception, model: nn.Module, x: torch.Tensor) -> str:
 
 def _runs(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``model`` (its weights as they are) runs on ``x`` in its own dtype."""
+    return _failure(model, x) is None
+
+
+def _failure(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``model`` (its weights as they are) fails on ``x`` in its own dtype, in one line
+    (the exception's type and first line); None when it runs."""
     try:
         with torch.no_grad():
             model(_in_model_dtype(model, x))
-    except Exception:  # whatever the model's own forward raises
-        return False
-    return True
+    except Exception as err:  # whatever the model's own forward raises
+        return f"{type(err).__name__}: {first_line(err)}"
+    return None
 
 
 def _interrupted(out: Path) -> str:
@@ -413,9 +459,12 @@ def _check_objective(objective: str, calibration: Path | None, alpha: float | No
             raise _fail(f"{option} is used only with --objective activation")
 
 
-def _report_balance(model: str, objective: str, report: CheckpointBalance) -> None:
-    """Print what balancing did to the weights; exit with one line when the outputs changed
-    more than the tolerance (nothing is written then)."""
+def _report_balance(
+    model: str, objective: str, report: CheckpointBalance, note: str | None = None
+) -> None:
+    """Print what balancing did to the weights, and on the second input of other sizes (and
+    ``note``, how it was chosen); exit with one line when the outputs changed more than the
+    tolerance on either input (nothing is written then)."""
     before, after = report.before, report.after
     typer.echo(f"{model}: {report.num_generators} generators")
     if objective != "norm":
@@ -434,18 +483,52 @@ def _report_balance(model: str, objective: str, report: CheckpointBalance) -> No
         f"{report.exact_change:.3g}); relative to each output's max |output|: "
         f"{report.output_relative:.3g} (float64: {report.exact_relative:.3g})"
     )
-    if not report.kept_in_float64:
-        raise _fail(
+    if report.check_shapes:  # the command checks one
+        typer.echo(
+            f"largest output change on a second input of shape {report.check_shapes[0]}, "
+            f"relative to each output's max |output|: {report.check_relative:.3g} (float64: "
+            f"{report.check_exact_relative:.3g})"
+        )
+    if note is not None:
+        typer.echo(note)
+    refusal = _refusal(report)
+    if refusal is not None:
+        raise _fail(refusal)
+
+
+def _refusal(report: CheckpointBalance) -> str | None:
+    """Why the balanced weights are not written, in one line: the float64 move or the rounded
+    weights change an output beyond its tolerance on the example input, or on the second
+    input (then the structure found at the example's sizes does not hold at others); None when
+    they are within tolerance (a NaN change is beyond it)."""
+    f64, tolerance = (
+        report.relative_tolerance(torch.float64),
+        report.relative_tolerance(report.dtype),
+    )
+    second = f"on the second input of shape {report.check_shapes[0]}" if report.check_shapes else ""
+    if not report.exact_relative <= f64:
+        return (
             f"balancing in float64 changed the outputs by {_worst(report.per_output_exact)}, more "
-            f"than {report.relative_tolerance(torch.float64):.2g}: the discovered symmetry does "
-            "not hold for this model; nothing written"
+            f"than {f64:.2g}: the discovered symmetry does not hold for this model; nothing written"
         )
-    if not report.within_tolerance:
-        raise _fail(
-            f"the balanced weights in {report.dtype} change the outputs by "
-            f"{_worst(report.per_output_change)}, more than "
-            f"{report.relative_tolerance(report.dtype):.2g}; nothing written"
+    if not report.check_exact_relative <= f64:
+        return (
+            f"balancing in float64 changed the outputs {second} by "
+            f"{_worst(report.per_check_exact[0])}, more than {f64:.2g} (on the example input: "
+            f"{report.exact_relative:.2g}): the symmetry discovered at the example's sizes does "
+            "not hold at others (the forward reads its input's sizes where no trace sees it); "
+            "nothing written"
         )
+    if not report.output_relative <= tolerance:
+        changed = f"the outputs by {_worst(report.per_output_change)}"
+    elif not report.check_relative <= tolerance:
+        changed = f"the outputs {second} by {_worst(report.per_check_change[0])}"
+    else:
+        return None
+    return (
+        f"the balanced weights in {report.dtype} change {changed}, more than {tolerance:.2g}; "
+        "nothing written"
+    )
 
 
 def _worst(changes: tuple[float, ...]) -> str:
