@@ -27,7 +27,7 @@ from gaugefix.action import (
     provably_in_range,
 )
 from gaugefix.structure import GaugeStructure
-from gaugefix.structure.gauge_structure import ParamTerms, Term
+from gaugefix.structure.terms import ParamTerms, Term
 from test_kernels_audit import everything
 
 pytestmark = pytest.mark.usefixtures("single_thread")

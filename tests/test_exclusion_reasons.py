@@ -15,8 +15,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import gaugefix
-from gaugefix.structure import gauge_structure
-from gaugefix.structure.gauge_structure import _row_groups, module_of
+from gaugefix.structure import compilation
+from gaugefix.structure.compilation import _row_groups
+from gaugefix.structure.terms import module_of
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -232,13 +233,13 @@ def _sorts_explaining(depth: int, monkeypatch) -> tuple[int, int]:
     layers each followed by ``tanh`` and an output layer (every layer's channels excluded)."""
     layers = [m for _ in range(depth) for m in (nn.Linear(3, 3), nn.Tanh())]
     model = nn.Sequential(*layers, nn.Linear(3, 1)).to(DTYPE)
-    explain, counter = gauge_structure._exclusions, _SortCount()
+    explain, counter = compilation._exclusions, _SortCount()
 
     def counted(*args):
         with counter:
             return explain(*args)
 
-    monkeypatch.setattr(gauge_structure, "_exclusions", counted)
+    monkeypatch.setattr(compilation, "_exclusions", counted)
     s = gaugefix.discover(model, torch.randn(2, 3, dtype=DTYPE))
     return len({e.module for e in s.excluded}), counter.count
 

@@ -14,7 +14,7 @@ from torch import nn
 import gaugefix
 from gaugefix import kernels
 from gaugefix.structure import GaugeStructure
-from gaugefix.structure.gauge_structure import ParamTerms, Term
+from gaugefix.structure.terms import ParamTerms, Term
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

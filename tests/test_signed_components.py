@@ -20,16 +20,16 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
-from gaugefix.structure.context import TraceContext
-from gaugefix.structure.gathers import gather_pairings
-from gaugefix.structure.gauge_structure import (
+from gaugefix.structure.compilation import (
     _components_without_slice_links,
     _edge_table,
     _groups,
     _positive_parts,
-    _share_components,
     _signed_components,
 )
+from gaugefix.structure.context import TraceContext
+from gaugefix.structure.gathers import gather_pairings
+from gaugefix.structure.terms import share_components
 
 
 def _reference(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray):
@@ -144,8 +144,8 @@ def test_signed_components_solve_a_chain_with_a_negative_link_and_a_conflict():
 def test_share_components_is_a_common_component_of_the_two_maps(x, y):
     a, b = torch.tensor(x)[:, None], torch.tensor(y)[None, :]
     want = bool(set(x) & set(y) - {-1})
-    assert _share_components(a, b) is want
-    assert _share_components(b, a) is want
+    assert share_components(a, b) is want
+    assert share_components(b, a) is want
 
 
 def _plain_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

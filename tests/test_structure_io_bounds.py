@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from gaugefix import GaugeStructure
 from gaugefix.structure import gauge_structure as gs
+from gaugefix.structure import terms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -136,9 +137,9 @@ def map_pairs(draw) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(map_pairs(), st.sampled_from([0, gs.BROADCAST_FACTOR]))
+@given(map_pairs(), st.sampled_from([0, terms.BROADCAST_FACTOR]))
 def test_collisions_are_those_of_the_broadcast_table(pair, factor):
     """On the maps' own entries (``factor`` 0: never on the broadcast table) as on the table."""
     a, b = pair
-    with mock.patch.object(gs, "BROADCAST_FACTOR", factor):
-        assert torch.equal(gs._collisions(a, b), broadcast_collisions(a, b))
+    with mock.patch.object(terms, "BROADCAST_FACTOR", factor):
+        assert torch.equal(terms.collisions(a, b), broadcast_collisions(a, b))

@@ -5,7 +5,7 @@ GPT-2 embedding's 38.6M entries took a second of every discovery), with the same
 
 import torch
 
-from gaugefix.structure.gauge_structure import _mark_sides_and_squares
+from gaugefix.structure.compilation import _mark_sides_and_squares
 
 ROWS, COLS = 1_000_000, 1_000_000  # a weight of 1e12 entries: never to be materialised
 

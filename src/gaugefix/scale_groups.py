@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gaugefix.structure.gauge_structure import UNUSED_NOTE, PlannedParam, module_of
+from gaugefix.structure.gauge_structure import UNUSED_NOTE, PlannedParam
+from gaugefix.structure.terms import module_of
 
 __all__ = ["scale_groups"]
 

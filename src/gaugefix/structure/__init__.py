@@ -8,18 +8,14 @@ from typing import Any
 from torch import nn
 
 from gaugefix.structure import rules
+from gaugefix.structure.compilation import compile_structure
 from gaugefix.structure.context import Sum, TraceContext
 from gaugefix.structure.gauge_structure import (
-    KINDS,
     UNUSED_NOTE,
-    Exclusion,
     GaugeStructure,
     GeneratorEntries,
-    ParamTerms,
     PlannedParam,
     PlannedTerm,
-    Term,
-    compile_structure,
     unwrap_model,
 )
 from gaugefix.structure.registry import (
@@ -28,6 +24,7 @@ from gaugefix.structure.registry import (
     register_rule,
     unregister_rule,
 )
+from gaugefix.structure.terms import KINDS, Exclusion, ParamTerms, Term
 from gaugefix.structure.trace import trace
 
 

@@ -3,6 +3,7 @@
 A rule is a function ``rule(ctx, out, *args, **kwargs)`` called after the op ran, with the
 trace's :class:`~gaugefix.structure.context.TraceContext`; it relates the labels of the op's
 inputs and output. The built-in registry holds the rules of :mod:`gaugefix.structure.rules`,
+:mod:`~gaugefix.structure.structural`, :mod:`~gaugefix.structure.writes`,
 :mod:`~gaugefix.structure.affine` and :mod:`~gaugefix.structure.attention`; the user's
 (:func:`register_rule`) is consulted first.
 """
@@ -89,7 +90,7 @@ def _rule_signature(fn: Callable[..., Any]) -> inspect.Signature:
     return signature
 
 
-BUILTIN = Registry()  # the rules of gaugefix.structure.rules, affine and attention
+BUILTIN = Registry()  # the rules of gaugefix.structure.rules, structural, writes, affine, attention
 USER = Registry()  # rules registered by the user for every discover call
 
 
