@@ -33,6 +33,7 @@ from gaugefix.structure.provenance import (
     memory_of,
     nested_tensors,
     placement_of,
+    reached_tensors,
     version_of,
 )
 from gaugefix.structure.registry import (
@@ -595,12 +596,18 @@ class TraceContext(GatheredSlices, Provenance):
         return True
 
     def block_stored(self, model: nn.Module) -> None:
-        """Activations the forward stored on the model's modules (``self.cache = h``, a buffer
-        replaced by one or re-pointed at one's memory, ``buf.set_(h)``) are read after it like
-        outputs: their labels, and those of the traced tensors in their memory, are blocked."""
+        """Activations the forward stored on the model's modules are read after it like
+        outputs: their labels, and those of the traced tensors in their memory, are blocked.
+        Stored: reached from a module's attributes other than its parameters and submodules
+        (``self.cache = h``, a buffer replaced by one or re-pointed at one's memory,
+        ``buf.set_(h)``) through lists, tuples, sets, deques, dicts, plain objects' attributes
+        and ``__slots__`` (``self.past.append(h)``, ``self.cache.h = h``), each object once
+        (a container holding itself ends there) and all of them: one missed would be read by
+        a later call the trace never sees."""
+        seen: set[int] = set()  # an object two modules reach is searched for the first
         for name, module in model.named_modules():
             state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
-            for t in nested_tensors(state):
+            for t in reached_tensors(state, seen):
                 reason = f"stored on module '{name or '<root>'}' by the forward (an output)"
                 entry = self._labels.get(id(t))
                 if entry is not None and entry[0] is t:

@@ -36,14 +36,13 @@ the rules.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
 import inspect
+import itertools
 import random
 import sys
-import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -69,7 +68,19 @@ from gaugefix.structure.marks import (
     sizes_lost,
     values_lost,
 )
-from gaugefix.structure.provenance import is_index, memory_of, nested_tensors, version_of
+from gaugefix.structure.provenance import (
+    FROZEN,
+    SEQUENCES,
+    UNSET,
+    Slots,
+    is_index,
+    items_of,
+    memory_of,
+    nested_tensors,
+    reachable,
+    slot_value,
+    version_of,
+)
 from gaugefix.structure.registry import (
     BUILTIN,
     USER,
@@ -773,31 +784,13 @@ _MODULE_STATE = frozenset(vars(nn.Module()))
 
 # How many containers (lists, tuples, sets, deques, dicts) and plain objects reached from the
 # modules' attributes are saved and put back at most, those nearest the modules first: a module
-# holding a trainer or a dataset reaches far more, and walking them all would cost more than the
-# trace.
+# holding a trainer or a dataset reaches far more, and saving them all would cost more than the
+# trace. The search for activations stored on the modules (``TraceContext.block_stored``) walks
+# them all: one it missed would be read by a later call, like an output.
 STATE_OBJECTS = 10_000
-
-# Objects whose entries are not state a forward keeps: code, types, modules, tensors.
-_NOT_STATE = (
-    nn.Module, Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-    types.BuiltinFunctionType,
-)  # fmt: skip
-
-# Containers whose items a forward may change in place, and those it cannot (walked through,
-# never put back).
-_SEQUENCES = (list, set, collections.deque)
-_FROZEN = (tuple, frozenset)
 
 # Random generators a module may keep, with how their state is read and written.
 _GENERATORS = ((torch.Generator, "get_state", "set_state"), (random.Random, "getstate", "setstate"))
-
-
-class _Slots(dict):
-    """A plain object's ``__slots__`` entries: slot descriptor -> value (:data:`_UNSET` for a
-    slot that holds none)."""
-
-
-_UNSET = object()  # what an empty ``__slots__`` entry holds in a :class:`_Slots`
 
 
 @dataclasses.dataclass
@@ -822,7 +815,7 @@ def _attributes(modules: list[nn.Module]) -> _Attributes:
     own = [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in modules]
     values = [v for _, entries in own for v in entries.values()]
     held = _held(values, set())
-    reached = {id(v): v for items in [values, *(i for _, i in held)] for v in _items(items)}
+    reached = {id(v): v for items in [values, *(i for _, i in held)] for v in items_of(items)}
     registered = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
     skipped = {memory_of(t) for t in registered if t is not None} | {None}
     tensors = [
@@ -837,58 +830,14 @@ def _attributes(modules: list[nn.Module]) -> _Attributes:
     return _Attributes(own, held, tensors, generators)
 
 
-def _items(items: Any) -> list[Any]:
-    """The values in what :func:`_contents` returns: a list's items, a dict's values."""
-    return list(items.values()) if isinstance(items, dict) else items
-
-
 def _held(values: list[Any], seen: set[int]) -> list[tuple[Any, Any]]:
-    """The lists, sets, deques, dicts and plain objects reachable from ``values`` through them
-    and tuples (a cache object's list of layers, each holding its keys), nearest first, not
-    those in ``seen`` (which gains them), each with what it holds now (see :func:`_contents`;
-    an object with both ``__dict__`` and ``__slots__`` appears twice); until ``seen`` holds
-    :data:`STATE_OBJECTS`."""
-    held: list[tuple[Any, Any]] = []
-    queue = collections.deque(values)
-    while queue and len(seen) < STATE_OBJECTS:
-        v = queue.popleft()
-        if id(v) in seen:
-            continue
-        contents = _contents(v)
-        if not contents:
-            continue
-        seen.add(id(v))
-        held += [(v, items) for items in contents]
-        queue.extend(item for items in contents for item in _items(items))
-    return held
-
-
-def _contents(v: Any) -> list[Any]:
-    """What ``v`` holds now: a list, set, deque or tuple's items (as a list), a dict's entries,
-    a plain object's attributes (a dict of its ``vars``) and its ``__slots__`` entries (a
-    :class:`_Slots`); nothing for anything else (a number, a tensor, a module, code)."""
-    if isinstance(v, (*_SEQUENCES, *_FROZEN)):
-        return [list(v)]
-    if isinstance(v, dict):
-        return [dict(v)]
-    if isinstance(v, _NOT_STATE):
-        return []
-    entries = getattr(v, "__dict__", None)
-    contents: list[Any] = [dict(entries)] if isinstance(entries, dict) else []
-    slots = [
-        d for kind in type(v).__mro__ if "__slots__" in vars(kind)
-        for d in vars(kind).values() if isinstance(d, types.MemberDescriptorType)
-    ]  # fmt: skip
-    return contents + ([_Slots((d, _slot_value(d, v)) for d in slots)] if slots else [])
-
-
-def _slot_value(slot: Any, v: Any) -> Any:
-    """What the ``__slots__`` entry ``slot`` (a member descriptor) of ``v`` holds, or
-    :data:`_UNSET`."""
-    try:
-        return slot.__get__(v)
-    except AttributeError:
-        return _UNSET
+    """The lists, sets, deques, dicts and plain objects reachable from ``values`` (see
+    :func:`~gaugefix.structure.provenance.reachable`), nearest first, not those in ``seen``
+    (which gains them), each with what it holds now (an object with both ``__dict__`` and
+    ``__slots__`` appears twice); until ``seen`` holds :data:`STATE_OBJECTS`."""
+    walk = reachable(values, seen)
+    nearest = itertools.islice(walk, max(STATE_OBJECTS - len(seen), 0))
+    return [(v, items) for v, contents in nearest for items in contents]
 
 
 def _restore_attributes(saved: _Attributes) -> None:
@@ -923,15 +872,16 @@ def _restore_attributes(saved: _Attributes) -> None:
 
 def _put_back(container: Any, items: Any) -> None:
     """Make ``container`` (a list, set, deque, dict or plain object) hold ``items`` again (see
-    :func:`_contents`), where what it holds is not the same objects."""
-    if isinstance(container, _FROZEN):
+    :func:`~gaugefix.structure.provenance.held_now`), where what it holds is not the same
+    objects."""
+    if isinstance(container, FROZEN):
         return  # its items are the same objects (their own contents are put back)
-    if isinstance(items, _Slots):
+    if isinstance(items, Slots):
         for slot, value in items.items():
-            if _slot_value(slot, container) is not value:
-                slot.__delete__(container) if value is _UNSET else slot.__set__(container, value)
+            if slot_value(slot, container) is not value:
+                slot.__delete__(container) if value is UNSET else slot.__set__(container, value)
         return
-    if isinstance(container, _SEQUENCES):
+    if isinstance(container, SEQUENCES):
         if not _same(list(container), items):
             container.clear()
             container.update(items) if isinstance(container, set) else container.extend(items)
