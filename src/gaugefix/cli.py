@@ -144,6 +144,7 @@ def _drawn(shape: tuple[int, ...], vocab: int | None = None, seed: int = 0) -> t
 CHECK_SEED = 1
 CHECK_LONGER = 3
 CHECKED_ON_EXAMPLE_ONLY = "output change checked on the example input only"
+STRUCTURE_UNCHECKED = "structure checked on no input of other sizes"  # inspect's words for it
 
 
 def _second_input(
@@ -252,7 +253,9 @@ def inspect(
     ] = False,
     allow_value_dependent: AllowValueDependent = False,
 ) -> None:
-    """Discover a model's gauge group and print the per-layer summary (or its scale groups)."""
+    """Discover a model's gauge group and print the per-layer summary (or its scale groups),
+    checked on a second input of other sizes (one more sample; for token ids, 3 more tokens):
+    --save and --scale-groups write nothing when the structure moves the outputs there."""
     target = _one_model(target, model_option)
     made: list[Path] = []
     if save is not None:
@@ -267,17 +270,56 @@ def inspect(
         )
     except gaugefix.TracingError as err:
         raise _fail(_traced(err, model, x)) from None
+    checked, refusal = _checked_elsewhere(model, structure, x, vocab)
+    if refusal is not None and (save is not None or scale_groups):
+        for line in checked:
+            typer.echo(line, err=True)
+        raise _fail(f"{refusal}; nothing written")
     if scale_groups:
         groups = [json.dumps(group) for group in structure.scale_groups()]
         typer.echo("[\n" + ",\n".join(groups) + "\n]" if groups else "[]")
     else:
         typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
         typer.echo(structure.summary())
+    for line in checked if refusal is None else [*checked, refusal]:
+        typer.echo(line, err=True)  # stdout stays the summary, or JSON
     if save is not None:
         with _interruptible(_interrupted(save)):  # what GaugeStructure.save writes
             write_text(save, json.dumps(structure.to_dict()))
         said = f"structure written to {save}{_made(made)}"
         typer.echo(said, err=scale_groups)  # stdout stays JSON
+
+
+def _checked_elsewhere(
+    model: nn.Module, structure: gaugefix.GaugeStructure, x: torch.Tensor, vocab: int | None
+) -> tuple[list[str], str | None]:
+    """What ``inspect`` says of ``structure`` (discovered on the example ``x``) on the second
+    input of other sizes ``balance`` checks on (:func:`_second_input`), checked by
+    :func:`gaugefix.verify` (a float64 copy before and after a random gauge): the lines to
+    print (how the input was chosen, if not the first choice; that the structure holds, to
+    verify's tolerance, or why it was not checked) and the line of a structure that moves the
+    outputs there (None if it does not)."""
+    checks, note = _second_input(model, x, vocab)
+    if not checks:  # the note says why, in balance's words
+        return [note.replace(CHECKED_ON_EXAMPLE_ONLY, STRUCTURE_UNCHECKED, 1)], None
+    lines = [note] if note is not None else []
+    shape = tuple(checks[0].shape)
+    try:
+        result = gaugefix.verify(model, structure, checks[0], **_call_options(model))
+    except Exception as err:  # a VerificationError, or whatever the float64 forward raises
+        why = f"{type(err).__name__}: {first_line(err)}"
+        return [*lines, f"structure not checked on a second input of shape {shape} ({why})"], None
+    if result.ok:  # the bound, not the rounding measured, which varies with the weights
+        bound = f"a random gauge moves each output by at most {result.tolerance:.0e} of its max"
+        return [*lines, f"structure holds on a second input of shape {shape}: {bound}"], None
+    moved = int(result.broken.sum())
+    return lines, (
+        f"the structure does not hold on a second input of shape {shape}: {moved} of "
+        f"{structure.num_generators} generators move the outputs there (relative change "
+        f"{result.max_change:.3g}); give an example input of the sizes you use, or keep the "
+        f"others in Python: structure.restrict(~gaugefix.verify(model, structure, x).broken, "
+        f"reason), x an input of your sizes"
+    )
 
 
 def _one_model(target: str | None, option: str | None) -> str:
