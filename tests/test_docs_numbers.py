@@ -363,5 +363,5 @@ def test_the_experiments_tables_list_every_task_and_method():
 
 
 def test_the_state_discover_restores_is_bounded_as_the_docs_say():
-    bound = sys.modules["gaugefix.structure.trace"].STATE_OBJECTS
+    bound = sys.modules["gaugefix.structure.module_state"].STATE_OBJECTS
     assert f"the {bound:,} nearest the modules" in " ".join(text("docs/generators.md").split())

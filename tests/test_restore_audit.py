@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
+from test_stored_activations import Remembers, two_calls
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -255,7 +256,7 @@ def test_a_submodules_cache_is_put_back_past_a_large_list() -> None:
     """The root holds more dicts than the walk saves; a submodule's cache list, nearer to a
     module, is put back (the walk spent its budget on the root's list first, and the cache kept
     the trace's activation: ``copy.deepcopy`` failed)."""
-    budget = sys.modules["gaugefix.structure.trace"].STATE_OBJECTS
+    budget = sys.modules["gaugefix.structure.module_state"].STATE_OBJECTS
 
     class Listing(nn.Module):
         def __init__(self) -> None:
@@ -339,3 +340,119 @@ def test_a_view_written_in_place_is_put_back() -> None:
     """Not handled: the values are put back, but the view keeps an autograd history that the
     base's ``detach_`` does not clear, and ``copy.deepcopy`` fails."""
     check_left_as_it_was(ViewedState)
+
+
+# -- plain tensors copied only when the forward hands them to an op --------------------------------
+LARGE = (1000, 37)  # a plain tensor attribute larger than anything else the model holds
+
+
+class Holding(Recurrent):
+    """Keeps a large plain tensor (a data set held as an attribute) that the forward never
+    touches, and a scale it reads but does not write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_set = torch.randn(LARGE, dtype=DTYPE)
+        self.scale = torch.rand(H, dtype=DTYPE) + 0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.hidden(x) * self.scale
+        out = self.net[2](h + self.state)
+        self.state.copy_(h)
+        return out
+
+
+def clones_during(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> list[torch.Size]:
+    """``discover`` on ``model``, returning the shape of every tensor ``Tensor.clone`` copied
+    meanwhile."""
+    shapes: list[torch.Size] = []
+    clone = torch.Tensor.clone
+
+    def spy(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        shapes.append(self.shape)
+        return clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", spy)
+    gaugefix.discover(model, batch(2))
+    monkeypatch.undo()
+    return shapes
+
+
+def test_a_plain_tensor_the_forward_never_touches_is_not_copied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The large attribute is not copied (before: every plain tensor reached was, doubling the
+    memory a data set held on the model takes), stays the same tensor in the same memory with
+    the same values, and the state the forward writes is still put back."""
+    model = check_left_as_it_was(Holding)
+    before, memory = model.data_set.clone(), model.data_set.data_ptr()
+    held = model.data_set
+    shapes = clones_during(model, monkeypatch)
+    assert LARGE not in [tuple(s) for s in shapes]
+    assert (N, H) in [tuple(s) for s in shapes]  # the state the forward writes is copied
+    assert model.data_set is held and held.data_ptr() == memory
+    assert torch.equal(held, before)
+
+
+def test_a_plain_tensor_the_forward_reads_keeps_its_values() -> None:
+    """A plain tensor the forward reads (not writes) is the same tensor with the same values
+    and no autograd history after ``discover``."""
+    model, twin = twins(Holding)
+    scale = model.scale
+    gaugefix.discover(model, batch(2))
+    assert model.scale is scale and scale.grad_fn is None and not scale.requires_grad
+    assert torch.equal(scale, twin.scale)
+
+
+class Repointed(Base):
+    """Points its state at a copy of the hidden activation with ``set_`` (an op no torch
+    function reports) before any op is given it, then doubles it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = torch.zeros(N, H, dtype=DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.hidden(x)
+        self.state.set_(h.detach().clone())
+        self.state.mul_(2)
+        return self.net[2](h + self.state)
+
+
+def test_a_plain_tensor_repointed_unseen_is_put_back() -> None:
+    """The state gets its own memory and values back: the values copied when an op is first
+    given it are those of the memory ``set_`` pointed it at, not its own, and are not put into
+    its own memory (it held the trace's activation)."""
+    model, twin = twins(Repointed)
+    gaugefix.discover(model, batch(2))
+    assert torch.equal(model.state, twin.state) and model.state.grad_fn is None
+
+
+# -- a module's own ``__slots__`` ------------------------------------------------------------------
+class InOwnSlot(Remembers):
+    """``self.past = h`` where ``past`` is a ``__slots__`` entry of the module itself."""
+
+    __slots__ = ("past",)
+
+    def last(self) -> Tensor | None:
+        return getattr(self, "past", None)
+
+    def store(self, h: Tensor) -> None:
+        self.past = h
+
+
+def test_an_activation_in_a_modules_own_slot_is_blocked_and_put_back() -> None:
+    """The hidden units of ``h`` stored in the module's own slot get no generator (before:
+    the slot was not searched, each of the H units got one, and the gauge moved the second
+    call's output) and the slot is unset again after ``discover`` (before: it held the trace's
+    activation)."""
+    torch.manual_seed(0)
+    model = InOwnSlot()
+    torch.manual_seed(0)
+    twin = InOwnSlot()
+    s = gaugefix.discover(model, batch(2))
+    assert model.last() is None
+    assert s.num_generators == 0
+    gaugefix.random_gauge_(model, s, 1.0, generator=torch.Generator().manual_seed(5))
+    out, expected = two_calls(model), two_calls(twin)
+    assert ((out - expected).norm() / expected.norm()).item() <= TOL

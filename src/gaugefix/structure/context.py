@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from gaugefix.errors import first_line
 from gaugefix.structure.gathers import Coverage, Gathered, GatheredSlices
 from gaugefix.structure.marks import SizedInt
+from gaugefix.structure.module_state import reached_tensors, stored_values
 from gaugefix.structure.provenance import (
     Provenance,
     by_memory,
     memory_of,
     nested_tensors,
     placement_of,
-    reached_tensors,
     version_of,
 )
 from gaugefix.structure.registry import (
@@ -606,8 +606,7 @@ class TraceContext(GatheredSlices, Provenance):
         a later call the trace never sees."""
         seen: set[int] = set()  # an object two modules reach is searched for the first
         for name, module in model.named_modules():
-            state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
-            for t in reached_tensors(state, seen):
+            for t in reached_tensors(stored_values(module), seen):
                 reason = f"stored on module '{name or '<root>'}' by the forward (an output)"
                 entry = self._labels.get(id(t))
                 if entry is not None and entry[0] is t:

@@ -9,14 +9,11 @@ forward allocated (:class:`_Fresh`) and which of its elements a traced op read.
 
 from __future__ import annotations
 
-import collections
-import functools
-import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gaugefix.structure.marks import from_size
 
@@ -24,22 +21,13 @@ if TYPE_CHECKING:
     from gaugefix.structure.context import Sum
 
 __all__ = [
-    "FROZEN",
     "PLACED_BY_NUMBERS",
-    "SEQUENCES",
-    "UNSET",
     "Provenance",
-    "Slots",
     "by_memory",
-    "held_now",
     "is_index",
-    "items_of",
     "memory_of",
     "nested_tensors",
     "placement_of",
-    "reachable",
-    "reached_tensors",
-    "slot_value",
     "version_of",
 ]
 
@@ -302,102 +290,6 @@ def nested_tensors(tree: Any) -> Iterator[Tensor]:
             yield item
         elif isinstance(item, (list, tuple, dict)):
             yield from nested_tensors(item)
-
-
-# -- what the modules' attributes reach (stored activations, state put back) ----------------------
-# Objects whose entries are not state a forward keeps: code, types, modules, tensors.
-_NOT_STATE = (
-    nn.Module, Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-    types.BuiltinFunctionType,
-)  # fmt: skip
-
-# Values that hold nothing, left out of the walk's queue (most entries of a large graph).
-_ATOMS = frozenset({int, float, complex, bool, str, bytes, type(None)})
-
-# How many classes' ``__slots__`` descriptors are remembered (they do not change).
-_SLOT_CLASSES = 1024
-
-# Containers whose items a forward may change in place, and those it cannot.
-SEQUENCES = (list, set, collections.deque)
-FROZEN = (tuple, frozenset)
-
-
-class Slots(dict):
-    """A plain object's ``__slots__`` entries: slot descriptor -> value (:data:`UNSET` for a
-    slot that holds none)."""
-
-
-UNSET = object()  # what an empty ``__slots__`` entry holds in a :class:`Slots`
-
-
-def reachable(values: list[Any], seen: set[int]) -> Iterator[tuple[Any, list[Any]]]:
-    """The lists, tuples, sets, deques, dicts and plain objects reachable from ``values``
-    through them (a cache object's list of layers, each holding its keys), nearest first, each
-    once (a container holding itself ends there), not those in ``seen`` (which gains them),
-    each with what it holds now (see :func:`held_now`). Unbounded: a caller that may stop
-    early takes as many as it needs."""
-    queue = collections.deque(values)
-    while queue:
-        v = queue.popleft()
-        if id(v) in seen:
-            continue
-        contents = held_now(v)
-        if not contents:
-            continue
-        seen.add(id(v))
-        yield v, contents
-        queue.extend(
-            item for items in contents for item in items_of(items) if type(item) not in _ATOMS
-        )
-
-
-def reached_tensors(values: list[Any], seen: set[int]) -> Iterator[Tensor]:
-    """The tensors among ``values`` and held by what :func:`reachable` finds from them (not
-    through those in ``seen``, which gains them), nearest first; all of them, however many
-    objects they are reached through."""
-    yield from (v for v in values if isinstance(v, Tensor))
-    for _, contents in reachable(values, seen):
-        for items in contents:
-            yield from (v for v in items_of(items) if isinstance(v, Tensor))
-
-
-def items_of(items: Any) -> list[Any]:
-    """The values in what :func:`held_now` returns: a list's items, a dict's values."""
-    return list(items.values()) if isinstance(items, dict) else items
-
-
-def held_now(v: Any) -> list[Any]:
-    """What ``v`` holds now: a list, set, deque or tuple's items (as a list), a dict's entries,
-    a plain object's attributes (a dict of its ``vars``) and its ``__slots__`` entries (a
-    :class:`Slots`); nothing for anything else (a number, a tensor, a module, code)."""
-    if isinstance(v, (*SEQUENCES, *FROZEN)):
-        return [list(v)]
-    if isinstance(v, dict):
-        return [dict(v)]
-    if isinstance(v, _NOT_STATE):
-        return []
-    entries = getattr(v, "__dict__", None)
-    contents: list[Any] = [dict(entries)] if isinstance(entries, dict) else []
-    slots = _slots_of(type(v))
-    return contents + ([Slots((d, slot_value(d, v)) for d in slots)] if slots else [])
-
-
-@functools.lru_cache(maxsize=_SLOT_CLASSES)
-def _slots_of(kind: type) -> tuple[Any, ...]:
-    """The ``__slots__`` entries (member descriptors) of the class ``kind`` and its bases."""
-    return tuple(
-        d for base in kind.__mro__ if "__slots__" in vars(base)
-        for d in vars(base).values() if isinstance(d, types.MemberDescriptorType)
-    )  # fmt: skip
-
-
-def slot_value(slot: Any, v: Any) -> Any:
-    """What the ``__slots__`` entry ``slot`` (a member descriptor) of ``v`` holds, or
-    :data:`UNSET`."""
-    try:
-        return slot.__get__(v)
-    except AttributeError:
-        return UNSET
 
 
 # Ops whose numbers place entries along a dim: shifts, indices, slice bounds, split points,

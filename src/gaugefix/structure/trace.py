@@ -40,8 +40,6 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import itertools
-import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -68,19 +66,8 @@ from gaugefix.structure.marks import (
     sizes_lost,
     values_lost,
 )
-from gaugefix.structure.provenance import (
-    FROZEN,
-    SEQUENCES,
-    UNSET,
-    Slots,
-    is_index,
-    items_of,
-    memory_of,
-    nested_tensors,
-    reachable,
-    slot_value,
-    version_of,
-)
+from gaugefix.structure.module_state import PlainTensors, restore_attributes, saved_attributes
+from gaugefix.structure.provenance import is_index, memory_of, nested_tensors, version_of
 from gaugefix.structure.registry import (
     BUILTIN,
     USER,
@@ -324,6 +311,8 @@ class _Tracer(TorchFunctionMode):
         self._empty_from: dict[int, tuple[Tensor, list[Tensor]]] = {}  # empty out: inputs
         self._unknown_empty: dict[int, Tensor] = {}  # empty outs of unknown inputs
         self.versions: list[list[int | None]] = []  # of the outermost such call's inputs
+        # The plain tensors the modules' attributes reach, copied as ops are given them.
+        self.plain = PlainTensors()
 
     def enter_rule(self, args: tuple, kwargs: dict) -> None:
         """A module call a rule speaks for begins: the ops inside it are not traced. For the
@@ -371,6 +360,8 @@ class _Tracer(TorchFunctionMode):
         ctx = self.ctx
         tensors: list[Tensor] = []
         maybe_marked = scan((args, kwargs), tensors) or sizes_lost()
+        if self.plain.waiting:
+            self.plain.copy_passed(tensors)
         if _may_write(short, kwargs):
             ctx.save_written(tensors)
         if self.suppress:
@@ -737,16 +728,17 @@ def _model_restored(
     model: nn.Module,
     devices: set[torch.device],
     written: dict[int, tuple[Tensor, Tensor, Tensor]],
-) -> Iterator[None]:
+) -> Iterator[PlainTensors]:
     """Gradients enabled, every floating parameter requiring grad and holding no gradient (a
     forward may call ``backward``) inside; afterwards the buffers (BatchNorm running
     statistics, and which tensor each module holds as one: the forward may replace them),
     the parameters the trace saw written (``written``: parameter, its memory and values;
     filled while inside), ``requires_grad`` flags, gradients and the global random state
     (also of the CUDA ``devices`` and those of the buffers) are as they were, and so are the
-    modules' own attributes (see :func:`_attributes`)."""
+    modules' own attributes (see :func:`~gaugefix.structure.module_state.saved_attributes`).
+    Yields the plain tensors they reach, for the tracer to copy as ops are given them."""
     modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
-    attributes = _attributes(modules)
+    attributes = saved_attributes(modules)
     registered = [(m, dict(m._buffers)) for m in modules]  # a script module keeps its own
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
@@ -757,9 +749,9 @@ def _model_restored(
                 p.grad = None
                 if p.is_floating_point():
                     p.requires_grad_(True)
-            yield
+            yield attributes.tensors
     finally:
-        _restore_attributes(attributes)
+        restore_attributes(attributes)
         for module, held in registered:
             module._buffers.clear()
             module._buffers.update(held)
@@ -776,131 +768,6 @@ def _model_restored(
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
-
-
-# What torch itself keeps on every module (parameters, buffers, submodules, hooks, the training
-# flag): restored by :func:`_model_restored` where the forward may change it, or not touched.
-_MODULE_STATE = frozenset(vars(nn.Module()))
-
-# How many containers (lists, tuples, sets, deques, dicts) and plain objects reached from the
-# modules' attributes are saved and put back at most, those nearest the modules first: a module
-# holding a trainer or a dataset reaches far more, and saving them all would cost more than the
-# trace. The search for activations stored on the modules (``TraceContext.block_stored``) walks
-# them all: one it missed would be read by a later call, like an output.
-STATE_OBJECTS = 10_000
-
-# Random generators a module may keep, with how their state is read and written.
-_GENERATORS = ((torch.Generator, "get_state", "set_state"), (random.Random, "getstate", "setstate"))
-
-
-@dataclasses.dataclass
-class _Attributes:
-    """What a forward may change on the modules beyond their parameters and buffers: each
-    module's own attributes (``own``: module, {name: value}), the lists, sets, deques, dicts
-    and plain objects reached from them with what they hold (``held``, see :func:`_held`), the
-    plain tensors reached (``tensors``: tensor, version, ``grad_fn``, memory and a copy of its
-    values) and the random generators reached with their state (``generators``)."""
-
-    own: list[tuple[nn.Module, dict[str, Any]]]
-    held: list[tuple[Any, Any]]
-    tensors: list[tuple[Tensor, int | None, Any, Tensor, Tensor]]
-    generators: list[tuple[Any, Any]]
-
-
-def _attributes(modules: list[nn.Module]) -> _Attributes:
-    """The attributes the modules' own code keeps (a recurrent state, a cache, a flag a first
-    call sets, a list or dict it fills, a random generator), with what the containers and plain
-    objects reached from them hold (see :func:`_held`), a copy of the plain tensors reached
-    (not the parameters and buffers, nor tensors in their memory) and the generators' state."""
-    own = [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in modules]
-    values = [v for _, entries in own for v in entries.values()]
-    held = _held(values, set())
-    reached = {id(v): v for items in [values, *(i for _, i in held)] for v in items_of(items)}
-    registered = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
-    skipped = {memory_of(t) for t in registered if t is not None} | {None}
-    tensors = [
-        (t, version_of(t), t.grad_fn, t.data, t.detach().clone())
-        for t in reached.values()
-        if type(t) is Tensor and memory_of(t) not in skipped
-    ]
-    generators = [
-        (g, getattr(g, get)()) for g in reached.values()
-        for kind, get, _ in _GENERATORS if isinstance(g, kind)
-    ]  # fmt: skip
-    return _Attributes(own, held, tensors, generators)
-
-
-def _held(values: list[Any], seen: set[int]) -> list[tuple[Any, Any]]:
-    """The lists, sets, deques, dicts and plain objects reachable from ``values`` (see
-    :func:`~gaugefix.structure.provenance.reachable`), nearest first, not those in ``seen``
-    (which gains them), each with what it holds now (an object with both ``__dict__`` and
-    ``__slots__`` appears twice); until ``seen`` holds :data:`STATE_OBJECTS`."""
-    walk = reachable(values, seen)
-    nearest = itertools.islice(walk, max(STATE_OBJECTS - len(seen), 0))
-    return [(v, items) for v, contents in nearest for items in contents]
-
-
-def _restore_attributes(saved: _Attributes) -> None:
-    """Put back what :func:`_attributes` saved: an attribute the forward set holds its earlier
-    value again, one it added is removed, a container or plain object reached from them (a
-    cache object's lists) holds its earlier items or entries, a plain tensor written in place
-    its earlier values (and no autograd history), a generator its earlier state. A tensor the
-    forward stores (``self.state = h``, ``self.cache.keys.append(k)``, ``self.state.copy_(h)``)
-    would otherwise keep the trace's autograd graph, and with it the activations, alive
-    (``copy.deepcopy`` of the model then fails); a flag set on a first call would no longer
-    match its parameters, which are restored."""
-    for module, own in saved.own:
-        now = vars(module)
-        for key in [k for k in now if k not in own and k not in _MODULE_STATE]:
-            del now[key]
-        now.update(own)
-    for container, items in saved.held:
-        _put_back(container, items)
-    for t, version, grad_fn, memory, values in saved.tensors:
-        if version_of(t) == version and t.grad_fn is grad_fn and memory_of(t) == memory_of(memory):
-            continue
-        if t.grad_fn is not grad_fn and t._base is None:  # written from an activation
-            t.detach_()
-        if memory_of(t) != memory_of(memory):  # re-pointed: ``t.data = h``, ``t.set_(h)``
-            t.data = memory
-        with torch.inference_mode(t.is_inference()), torch.no_grad():
-            t.copy_(values)
-    for g, state in saved.generators:
-        setter = next(s for kind, _, s in _GENERATORS if isinstance(g, kind))
-        getattr(g, setter)(state)
-
-
-def _put_back(container: Any, items: Any) -> None:
-    """Make ``container`` (a list, set, deque, dict or plain object) hold ``items`` again (see
-    :func:`~gaugefix.structure.provenance.held_now`), where what it holds is not the same
-    objects."""
-    if isinstance(container, FROZEN):
-        return  # its items are the same objects (their own contents are put back)
-    if isinstance(items, Slots):
-        for slot, value in items.items():
-            if slot_value(slot, container) is not value:
-                slot.__delete__(container) if value is UNSET else slot.__set__(container, value)
-        return
-    if isinstance(container, SEQUENCES):
-        if not _same(list(container), items):
-            container.clear()
-            container.update(items) if isinstance(container, set) else container.extend(items)
-        return
-    entries = container if isinstance(container, dict) else vars(container)
-    if not _same(list(entries.items()), list(items.items())):
-        entries.clear()
-        entries.update(items)
-
-
-def _same(now: list[Any], before: list[Any]) -> bool:
-    """Whether the lists ``now`` and ``before`` hold the same objects (pairs compared item by
-    item), by identity: tensors have no plain equality."""
-    if len(now) != len(before):
-        return False
-    return all(
-        a is b or (isinstance(a, tuple) and all(x is y for x, y in zip(a, b, strict=True)))
-        for a, b in zip(now, before, strict=True)
-    )
 
 
 def _refuse_unusable(model: nn.Module) -> None:
@@ -1028,7 +895,7 @@ def trace(
     for t in _input_tensors((args, kwargs)):
         ctx.mark_input(t)
     inputs = {t.device for t in _input_tensors((args, kwargs))}
-    with _model_restored(model, inputs, ctx.saved), compiled_run_eagerly():
+    with _model_restored(model, inputs, ctx.saved) as tracer.plain, compiled_run_eagerly():
         with _module_hooks(model, tracer), tracer, _sizes_forgotten(model), math_marking():
             out = _forward(model, args, kwargs, ctx)
         ctx.fix_written()
