@@ -601,7 +601,9 @@ class TraceContext(GatheredSlices, Provenance):
         Stored: reached from a module's attributes other than its parameters and submodules
         (``self.cache = h``, a buffer replaced by one or re-pointed at one's memory,
         ``buf.set_(h)``) through lists, tuples, sets, deques, dicts, plain objects' attributes
-        and ``__slots__`` (``self.past.append(h)``, ``self.cache.h = h``), each object once
+        and ``__slots__`` (``self.past.append(h)``, ``self.cache.h = h``), what code refers to
+        (``self.hook = lambda: h``), modules that are not submodules and tensors' Python
+        attributes (see :func:`~gaugefix.structure.module_state.held_now`), each object once
         (a container holding itself ends there) and all of them: one missed would be read by
         a later call the trace never sees."""
         seen: set[int] = set()  # an object two modules reach is searched for the first

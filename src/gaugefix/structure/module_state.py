@@ -2,8 +2,10 @@
 put back.
 
 :func:`reachable` walks what the modules' attributes reach through lists, tuples, sets, deques,
-dicts, plain objects' attributes and ``__slots__``. The search for activations stored on the
-modules (:meth:`~gaugefix.structure.context.TraceContext.block_stored`) takes all of it;
+dicts (keys and values), plain objects' attributes and ``__slots__``, what code refers to,
+modules that are not submodules and tensors' Python attributes (see :func:`held_now`). The
+search for activations stored on the modules
+(:meth:`~gaugefix.structure.context.TraceContext.block_stored`) takes all of it;
 :func:`saved_attributes` keeps the modules' own attributes and ``__slots__`` entries and what
 the nearest :data:`STATE_OBJECTS` objects hold, and :func:`restore_attributes` puts them back
 after the trace. The plain tensors reached are copied only when the traced forward hands one to
@@ -45,11 +47,10 @@ __all__ = [
 ]
 
 # -- what the modules' attributes reach (stored activations, state put back) ----------------------
-# Objects whose entries are not state a forward keeps: code, types, modules, tensors.
-_NOT_STATE = (
-    nn.Module, Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-    types.BuiltinFunctionType,
-)  # fmt: skip
+# Objects whose entries are not state a forward keeps: types, Python modules, compiled modules.
+_NOT_STATE = (type, types.ModuleType, torch.jit.ScriptModule)
+# Code, and what refers to other objects (see :class:`Referred`).
+_CODE = (types.FunctionType, functools.partial, types.MethodType, types.BuiltinMethodType)
 
 # Values that hold nothing, left out of the walk's queue (most entries of a large graph).
 _ATOMS = frozenset({int, float, complex, bool, str, bytes, type(None)})
@@ -70,56 +71,114 @@ class Slots(dict):
 UNSET = object()  # what an empty ``__slots__`` entry holds in a :class:`Slots`
 
 
+class Referred(tuple):
+    """What code refers to: a closure's cells and a function's defaults, a
+    ``functools.partial``'s function and arguments, a bound method's object and function
+    (searched, not put back: the attribute holding the code is)."""
+
+
+class ModuleEntries(dict):
+    """The attributes of a module reached from another's attributes (``self.helpers =
+    [Cache()]``, a bound method ``self.read = self.cache.read``), but its parameters: name ->
+    value."""
+
+
 def reachable(values: list[Any], seen: set[int]) -> Iterator[tuple[Any, list[Any]]]:
-    """The lists, tuples, sets, deques, dicts and plain objects reachable from ``values``
-    through them (a cache object's list of layers, each holding its keys), nearest first, each
+    """The lists, tuples, sets, deques, dicts, plain objects, code, modules and tensors with
+    Python attributes reachable from ``values`` through them (a cache object's list of layers,
+    each holding its keys; see :func:`held_now`), nearest first, each
     once (a container holding itself ends there), not those in ``seen`` (which gains them),
     each with what it holds now (see :func:`held_now`). Unbounded: a caller that may stop
     early takes as many as it needs."""
-    queue = collections.deque(values)
-    while queue:
-        v = queue.popleft()
-        if id(v) in seen:
-            continue
-        contents = held_now(v)
-        if not contents:
-            continue
-        seen.add(id(v))
-        yield v, contents
-        queue.extend(
-            item for items in contents for item in items_of(items) if type(item) not in _ATOMS
-        )
+    return ((v, contents) for v, contents in _walk(values, seen) if contents)
 
 
 def reached_tensors(values: list[Any], seen: set[int]) -> Iterator[Tensor]:
     """The tensors among ``values`` and held by what :func:`reachable` finds from them (not
-    through those in ``seen``, which gains them), nearest first; all of them, however many
-    objects they are reached through."""
-    yield from (v for v in values if isinstance(v, Tensor))
-    for _, contents in reachable(values, seen):
+    those in ``seen``, nor through them: ``seen`` gains them), nearest first, each once; all
+    of them, however many objects they are reached through."""
+    return (v for v, _ in _walk(values, seen) if isinstance(v, Tensor))
+
+
+def _walk(values: list[Any], seen: set[int]) -> Iterator[tuple[Any, list[Any]]]:
+    """Every value but a plain number or string reachable from ``values`` through what
+    :func:`held_now` finds, nearest first, each once, not those in ``seen`` (which gains
+    them), each with what it holds now."""
+    queue = collections.deque(values)
+    while queue:
+        v = queue.popleft()
+        if type(v) in _ATOMS or id(v) in seen:
+            continue
+        seen.add(id(v))
+        contents = held_now(v)
+        yield v, contents
         for items in contents:
-            yield from (v for v in items_of(items) if isinstance(v, Tensor))
+            queue.extend(items_of(items))
 
 
 def items_of(items: Any) -> list[Any]:
-    """The values in what :func:`held_now` returns: a list's items, a dict's values."""
-    return list(items.values()) if isinstance(items, dict) else items
+    """The values in what :func:`held_now` returns: a list's items, a dict's keys and values
+    (an activation may be a key), a :class:`Slots` or :class:`ModuleEntries`'s values."""
+    if isinstance(items, (Slots, ModuleEntries)):
+        return list(items.values())
+    return [*items, *items.values()] if isinstance(items, dict) else list(items)
 
 
 def held_now(v: Any) -> list[Any]:
     """What ``v`` holds now: a list, set, deque or tuple's items (as a list), a dict's entries,
-    a plain object's attributes (a dict of its ``vars``) and its ``__slots__`` entries (a
-    :class:`Slots`); nothing for anything else (a number, a tensor, a module, code)."""
-    if isinstance(v, (*SEQUENCES, *FROZEN)):
+    what code refers to (a :class:`Referred`), a module's attributes (a
+    :class:`ModuleEntries`), a tensor's Python attributes, a plain object's attributes (a dict
+    of its ``vars``) and its ``__slots__`` entries (a :class:`Slots`); nothing for anything
+    else (a number, a type, a Python or compiled module). By ``v``'s own type (a proxy's
+    ``__class__`` is not asked)."""
+    kind = _kind_of(type(v))
+    if kind == "items":
         return [list(v)]
-    if isinstance(v, dict):
+    if kind == "dict":
         return [dict(v)]
-    if isinstance(v, _NOT_STATE):
+    if kind == "code":
+        referred = _referred(v)
+        return [referred] if referred else []
+    if kind == "module":
+        return [ModuleEntries((k, x) for k, x in vars(v).items() if k != "_parameters")]
+    if kind == "tensor":
+        return [dict(vars(v))] if vars(v) else []
+    if kind == "none":
         return []
     entries = getattr(v, "__dict__", None)
     contents: list[Any] = [dict(entries)] if isinstance(entries, dict) else []
     slots = _slots_of(type(v))
     return contents + ([Slots((d, slot_value(d, v)) for d in slots)] if slots else [])
+
+
+@functools.lru_cache(maxsize=_SLOT_CLASSES)
+def _kind_of(kind: type) -> str:
+    """What :func:`held_now` finds in a value of the class ``kind``: items, dict, code,
+    module, tensor, none or object."""
+    for bases, name in (
+        ((*SEQUENCES, *FROZEN), "items"), (dict, "dict"), (_NOT_STATE, "none"), (_CODE, "code"),
+        (nn.Module, "module"), (Tensor, "tensor"),
+    ):  # fmt: skip
+        if issubclass(kind, bases):
+            return name
+    return "object"
+
+
+def _referred(v: Any) -> Referred:
+    """What the code ``v`` refers to (see :class:`Referred`)."""
+    if isinstance(v, types.FunctionType):
+        cells = []
+        for cell in v.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # a cell not filled yet
+                continue
+        return Referred((*cells, *(v.__defaults__ or ()), *(v.__kwdefaults__ or {}).values()))
+    if isinstance(v, functools.partial):
+        return Referred((v.func, *v.args, *v.keywords.values()))
+    if isinstance(v, types.MethodType):
+        return Referred((v.__self__, v.__func__))
+    return Referred((v.__self__,))  # a builtin method: ``self.push = self.past.append``
 
 
 @functools.lru_cache(maxsize=_SLOT_CLASSES)
@@ -158,29 +217,34 @@ _GENERATORS = ((torch.Generator, "get_state", "set_state"), (random.Random, "get
 class PlainTensors:
     """The plain tensors (not parameters or buffers, nor in their memory) reached from the
     modules' attributes, each with its version, ``grad_fn`` and memory before the forward
-    (``saved``), and a copy of the values of those the traced forward handed to an op, made
-    before that op ran (``values``: id -> copy of the tensor's shape). ``waiting``: id ->
-    (tensor, its memory), those not handed to an op yet; a tensor the forward never hands to
-    an op is never copied."""
+    (``saved``), and a copy of the values of those the traced forward handed to an op, or a
+    tensor in their memory, made before that op ran (``values``: id -> copy of the tensor's
+    shape). ``waiting``: memory (the tensor's id where it has none) -> the tensors in it not
+    copied yet; a tensor whose memory the forward never hands to an op is never copied."""
 
     def __init__(self, tensors: Sequence[Tensor] = ()) -> None:
         self.saved = [(t, version_of(t), t.grad_fn, t.data) for t in tensors]
-        self.waiting: dict[int, tuple[Tensor, tuple | None]] = {
-            id(t): (t, memory_of(t)) for t in tensors
-        }
+        self.waiting: dict[Any, list[Tensor]] = {}
+        for t in tensors:
+            self.waiting.setdefault(_memory_key(t), []).append(t)
         self.values: dict[int, Tensor] = {}
 
     def copy_passed(self, tensors: list[Tensor]) -> None:
-        """Before an op given ``tensors``: copy the values of those among them not handed to an
-        op before (see :func:`restore_attributes`), unless one now holds other memory (pointed
-        elsewhere by ``t.set_(h)``, which no torch function reports: no traced op wrote its
-        own)."""
-        for t in tensors:
-            entry = self.waiting.get(id(t))
-            if entry is not None and entry[0] is t:
-                del self.waiting[id(t)]
-                if memory_of(t) == entry[1]:
+        """Before an op given ``tensors``: copy the values of the plain tensors not copied yet
+        in their memory (themselves, or another attribute or view in it, through which the op
+        may write them: ``self.b = self.a.detach()``; see :func:`restore_attributes`), unless
+        one now holds other memory (pointed elsewhere by ``t.set_(h)``, which no torch function
+        reports: no traced op wrote its own)."""
+        for key in {_memory_key(t) for t in tensors}:
+            for t in self.waiting.pop(key, ()):
+                if _memory_key(t) == key:
                     self.values[id(t)] = t.detach().clone()
+
+
+def _memory_key(t: Tensor) -> Any:
+    """The memory ``t`` is in (see :func:`memory_of`), or its id where it has none."""
+    memory = memory_of(t)
+    return id(t) if memory is None else memory
 
 
 @dataclasses.dataclass
@@ -205,9 +269,11 @@ def _own_slots(module: nn.Module) -> Slots:
 
 def stored_values(module: nn.Module) -> list[Any]:
     """What ``module`` holds besides its parameters and submodules, where a forward may store
-    an activation: its attributes (its buffers among them) and its ``__slots__`` entries."""
+    an activation: its attributes (its buffers among them), its ``__slots__`` entries and its
+    parameters' Python attributes (``self.weight.cache = h``)."""
     state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
-    return state + [v for v in _own_slots(module).values() if v is not UNSET]
+    attached = [vars(p) for p in module._parameters.values() if p is not None and vars(p)]
+    return state + attached + [v for v in _own_slots(module).values() if v is not UNSET]
 
 
 def saved_attributes(modules: list[nn.Module]) -> Attributes:
@@ -215,7 +281,8 @@ def saved_attributes(modules: list[nn.Module]) -> Attributes:
     a cache, a flag a first call sets, a list or dict it fills, a random generator), with what
     the containers and plain objects reached from them hold (see :func:`_held`), the plain
     tensors reached (not the parameters and buffers, nor tensors in their memory), uncopied
-    (see :class:`PlainTensors`), and the generators' state."""
+    (see :class:`PlainTensors`), the Python attributes of the tensors reached, parameters and
+    buffers (``self.buf.cache = h``) and the generators' state."""
     own = [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in modules]
     slots = [(m, slot) for m in modules if (slot := _own_slots(m))]
     values = [v for _, entries in own + slots for v in entries.values() if v is not UNSET]
@@ -228,6 +295,8 @@ def saved_attributes(modules: list[nn.Module]) -> Attributes:
         (g, getattr(g, get)()) for g in reached.values()
         for kind, get, _ in _GENERATORS if isinstance(g, kind)
     ]  # fmt: skip
+    attached = {id(t): t for t in [*registered, *reached.values()] if isinstance(t, Tensor)}
+    held += [(t, dict(vars(t))) for t in attached.values()]
     return Attributes(own, held, PlainTensors(tensors), generators)
 
 
@@ -269,13 +338,14 @@ def _restore_tensors(plain: PlainTensors) -> None:
     without the autograd history the forward gave it, and, where the forward handed it to an
     op, its earlier values (one never handed to a traced op was not written by one)."""
     for t, version, grad_fn, memory in plain.saved:
-        if version_of(t) == version and t.grad_fn is grad_fn and memory_of(t) == memory_of(memory):
+        values = plain.values.get(id(t))  # written through ``t.data`` keeps its version
+        unchanged = version_of(t) == version and memory_of(t) == memory_of(memory)
+        if values is None and unchanged and t.grad_fn is grad_fn:
             continue
         if t.grad_fn is not grad_fn and t._base is None:  # written from an activation
             t.detach_()
         if memory_of(t) != memory_of(memory):
             t.data = memory
-        values = plain.values.get(id(t))
         if values is not None:
             with torch.inference_mode(t.is_inference()), torch.no_grad():
                 t.copy_(values)
@@ -283,20 +353,28 @@ def _restore_tensors(plain: PlainTensors) -> None:
 
 def _put_back(container: Any, items: Any) -> None:
     """Make ``container`` (a list, set, deque, dict or plain object) hold ``items`` again (see
-    :func:`held_now`), where what it holds is not the same objects."""
-    if isinstance(container, FROZEN):
+    :func:`held_now`), where what it holds is not the same objects. By ``container``'s own
+    type, as :func:`held_now` (a proxy's ``__class__`` is not asked)."""
+    if issubclass(type(container), FROZEN) or isinstance(items, Referred):
         return  # its items are the same objects (their own contents are put back)
+    if isinstance(items, ModuleEntries):
+        now = vars(container)
+        for key in [k for k in now if k not in items and k != "_parameters"]:
+            del now[key]
+        now.update(items)
+        return
     if isinstance(items, Slots):
         for slot, value in items.items():
             if slot_value(slot, container) is not value:
                 slot.__delete__(container) if value is UNSET else slot.__set__(container, value)
         return
-    if isinstance(container, SEQUENCES):
+    if type(items) is list:  # a list, set or deque's items
         if not _same(list(container), items):
             container.clear()
-            container.update(items) if isinstance(container, set) else container.extend(items)
+            is_set = issubclass(type(container), set)
+            container.update(items) if is_set else container.extend(items)
         return
-    entries = container if isinstance(container, dict) else vars(container)
+    entries = container if _kind_of(type(container)) == "dict" else vars(container)
     if not _same(list(entries.items()), list(items.items())):
         entries.clear()
         entries.update(items)
