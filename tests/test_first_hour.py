@@ -300,6 +300,6 @@ def test_inspect_of_a_causal_lm_prints_no_note_on_a_cache_it_did_not_ask_for(mon
     cached = gaugefix.discover(_gpt2().eval(), ids)
     assert any("DynamicCache" in note for note in cached.notes)  # the note is true there
     summary = "\n".join(line for line in cached.summary().splitlines() if "note:" not in line)
-    assert result.output.splitlines()[1:] == summary.splitlines()
+    assert result.stdout.splitlines()[1:] == summary.splitlines()
     uncached = gaugefix.discover(_gpt2().eval(), ids, use_cache=False)
     assert {**cached.to_dict(), "notes": []} == {**uncached.to_dict(), "notes": []}
