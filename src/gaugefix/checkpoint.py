@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import pickle
@@ -815,11 +816,27 @@ def _check_loaded(model_state: dict[str, Tensor], tensors: dict[str, Tensor], na
             )
 
 
+# The seed of each float64 forward that balance_state_dict compares: a forward that draws
+# (dropout in training mode, noise) draws the same before and after balancing.
+FORWARD_SEED = 0
+
+
+def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """:func:`float64_outputs` of ``model`` on ``x`` with torch's random state (CPU and the CUDA
+    devices of ``model``'s tensors) seeded with :data:`FORWARD_SEED`, and restored after: every
+    forward draws the same numbers, as :func:`gaugefix.verify`'s do."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    cuda = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(FORWARD_SEED)
+        return float64_outputs(model, x)
+
+
 def _reference(model: nn.Module, x: Tensor) -> tuple[list[Tensor], float]:
     """The floating outputs of ``model`` on ``x`` and their ``max |f(x)|``;
     :class:`CheckpointError` when there are none, they are not finite, or they are all zero (a
     change of the function would not show in them)."""
-    reference = float64_outputs(model, x)
+    reference = _outputs(model, x)
     if not reference:
         raise CheckpointError("the model's output on the example input holds no floating tensor")
     if not all_finite(reference):
@@ -841,7 +858,7 @@ def _check_references(model: nn.Module, checks: list[Tensor]) -> list[list[Tenso
     for c in checks:
         shape = tuple(c.shape)
         try:
-            outputs = float64_outputs(model, c)
+            outputs = _outputs(model, c)
         except Exception as err:  # whatever the model's own forward raises at other sizes
             raise CheckpointError(
                 f"the model fails on the check input of shape {shape} "
@@ -861,8 +878,7 @@ def _check_changes(
     """For each check input, the relative change of each floating output of the float64
     ``model`` against its ``references`` (:func:`gaugefix.precision.relative_changes`)."""
     return tuple(
-        relative_changes(float64_outputs(model, c), r)
-        for c, r in zip(checks, references, strict=True)
+        relative_changes(_outputs(model, c), r) for c, r in zip(checks, references, strict=True)
     )
 
 
@@ -997,9 +1013,9 @@ def balance_state_dict(
     (reference, scale), references = _reference(model, x), _check_references(model, checks)
     before = gaugefix.imbalance_stats(model, structure)
     result = _moved(model, structure, objective, calibration, alpha)
-    exact, exact_checks = float64_outputs(model, x), _check_changes(model, checks, references)
+    exact, exact_checks = _outputs(model, x), _check_changes(model, checks, references)
     written, moved = _written(model, tensors, ties)
-    rounded = float64_outputs(model, x)
+    rounded = _outputs(model, x)
     dtypes = [tensors[name].dtype for name in moved]
     report = CheckpointBalance(
         num_generators=structure.num_generators,

@@ -154,12 +154,14 @@ def _second_input(
     weights on (at most one), drawn as ``x`` was from :data:`CHECK_SEED`, and a line to print
     when it is not the first choice. The first choice is ``x``'s shape with dim 0 (the batch)
     one larger and, for token ids of two or more dims, the last (the length)
-    :data:`CHECK_LONGER` larger; then the batch change alone, for a model of fixed length; none,
-    for a model whose copy runs (in eval mode, its own dtype) on neither, or not on ``x``."""
+    :data:`CHECK_LONGER` larger; then the batch change alone, for a model of fixed length, and
+    the length change alone, for one of fixed batch; none, for a model whose copy runs (in eval
+    mode, its own dtype) on none of them, or not on ``x``."""
     batch = (x.shape[0] + 1, *x.shape[1:])
     shapes = [batch]
     if not x.is_floating_point() and x.dim() >= 2:
-        shapes.insert(0, (*batch[:-1], batch[-1] + CHECK_LONGER))
+        longer = (*x.shape[:-1], x.shape[-1] + CHECK_LONGER)
+        shapes = [(*batch[:-1], batch[-1] + CHECK_LONGER), batch, longer]
     try:  # probed on a copy: a forward may change the model (weight_norm's weight, a cache)
         model = copy.deepcopy(model).eval()
     except Exception as err:  # whatever a module's __deepcopy__ raises (balancing copies too)
@@ -171,9 +173,12 @@ def _second_input(
     for shape in shapes:
         second = _drawn(shape, vocab, CHECK_SEED)
         failed = _failure(model, second)
+        if failed is None and reasons:
+            kept = "length" if len(reasons) == 1 else "batch"
+            said = f"the model fails on shape {shapes[len(reasons) - 1]} ({reasons[-1]})"
+            return [second], f"the second input keeps the example's {kept}: {said}"
         if failed is None:
-            kept = "the second input keeps the example's length: the model fails on shape "
-            return [second], f"{kept}{shapes[0]} ({reasons[0]})" if reasons else None
+            return [second], None
         reasons.append(failed)
     return [], f"{CHECKED_ON_EXAMPLE_ONLY}: the model fails on shape {shapes[-1]} ({reasons[-1]})"
 
@@ -316,7 +321,8 @@ def _checked_elsewhere(
     return lines, (
         f"the structure does not hold on a second input of shape {shape}: {moved} of "
         f"{structure.num_generators} generators move the outputs there (relative change "
-        f"{result.max_change:.3g}); give an example input of the sizes you use, or keep the "
+        f"{result.max_change:.3g}); give an example input of the sizes you use (with "
+        f"--allow-value-dependent, taking the paths yours take), or keep the "
         f"others in Python: structure.restrict(~gaugefix.verify(model, structure, x).broken, "
         f"reason), x an input of your sizes"
     )
@@ -558,8 +564,8 @@ def _refusal(report: CheckpointBalance) -> str | None:
             f"balancing in float64 changed the outputs {second} by "
             f"{_worst(report.per_check_exact[0])}, more than {f64:.2g} (on the example input: "
             f"{report.exact_relative:.2g}): the symmetry discovered at the example's sizes does "
-            "not hold at others (the forward reads its input's sizes where no trace sees it); "
-            "nothing written"
+            "not hold at others (the forward reads its input's sizes where no trace sees it, or "
+            "takes another path, with --allow-value-dependent); nothing written"
         )
     if not report.output_relative <= tolerance:
         changed = f"the outputs by {_worst(report.per_output_change)}"
