@@ -11,6 +11,12 @@
 - With ``--allow-value-dependent`` a structure fails on the second input when it takes another
   path (an expert the example routes nothing to), not a size: the refusal said to give an
   example of the sizes you use; it now names the paths too.
+- A model whose outputs on the second input are all zero (or hold no floating tensor) cannot show
+  a change there, yet ``balance`` printed a change of 0 on it as if it had checked; such a shape
+  is now passed over as one the model fails on, and ``balance_state_dict`` refuses such a check
+  input, naming its shape.
+- A second input that cannot be made (too large for the memory) ended the command with "cannot
+  make an example input"; the second input now falls back past it, saying why.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from gaugefix.checkpoint import balance_state_dict, read_state_dict
+from gaugefix import cli as gaugefix_cli
+from gaugefix.checkpoint import CheckpointError, balance_state_dict, read_state_dict
 from gaugefix.cli import CHECK_LONGER, app
-from test_cli_sizes import DIM, HIDDEN, VOCAB, _balance, _gauged
+from test_cli_sizes import DIM, HIDDEN, VOCAB, Tokens, _balance, _gauged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -147,3 +154,128 @@ def test_a_structure_that_fails_on_another_path_says_so(tmp_path):
     assert len(errors) == 1 and "does not hold on a second input of shape (2, 4)" in errors[0]
     assert "with --allow-value-dependent, taking the paths yours take" in errors[0], result.output
     assert not save.exists()
+
+
+ZERO_BATCH = 5  # the batch at which ZeroElsewhere's outputs are not zeroed
+
+
+class ZeroElsewhere(nn.Module):
+    """A ReLU MLP ``[B, 4] -> [B, 2]`` whose outputs are multiplied by ``B == 5`` (all zero at
+    any other batch); ``ints``: at another batch the output is the argmax instead (no floating
+    tensor)."""
+
+    def __init__(self, ints: bool = False) -> None:
+        super().__init__()
+        self.l1, self.head = nn.Linear(4, HIDDEN), nn.Linear(HIDDEN, 2)
+        self.ints = ints
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.head(F.relu(self.l1(x)))
+        if self.ints and x.shape[0] != ZERO_BATCH:
+            return out.argmax(-1)
+        return out * float(x.shape[0] == ZERO_BATCH)
+
+
+class TokensZeroElsewhere(nn.Module):
+    """Token ids ``[B, T]`` -> embedding, a ReLU MLP, logits, all zero at a batch other than 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.up, self.head = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(F.relu(self.up(self.emb(ids)))) * float(ids.shape[0] == 1)
+
+
+def no_floats_elsewhere() -> nn.Module:
+    return ZeroElsewhere(ints=True)
+
+
+def tokens_zero_elsewhere() -> nn.Module:
+    torch.manual_seed(0)
+    return TokensZeroElsewhere()
+
+
+ZEROS = "the model's outputs on shape (6, 4) are all zero"
+
+
+@pytest.mark.parametrize(
+    "factory, said",
+    [("ZeroElsewhere", ZEROS), ("no_floats_elsewhere", "hold no floating tensor")],
+)
+def test_a_second_input_whose_outputs_are_all_zero_is_not_called_checked(tmp_path, factory, said):
+    torch.manual_seed(0)
+    model = gaugefix_cli._load_model(f"{HERE}:{factory}")[0]
+    tensors = _gauged(model, torch.randn(ZERO_BATCH, 4))
+    result, _, _, out = _balance(tmp_path, f"{HERE}:{factory}", tensors, "--input-shape", "5,4")
+    assert result.exit_code == 0, result.output
+    assert "second input of shape" not in result.output
+    lines = [line for line in result.output.splitlines() if "example input only" in line]
+    assert len(lines) == 1 and said in lines[0] and "(6, 4)" in lines[0], result.output
+    assert "cannot show a change" in lines[0]
+    assert read_state_dict(out).tensors.keys() == tensors.keys()
+
+
+def test_inspect_passes_over_a_second_input_whose_outputs_are_all_zero():
+    result = cli.invoke(app, ["inspect", f"{HERE}:ZeroElsewhere", "--input-shape", "5,4"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "other sizes" in line]
+    assert len(lines) == 1 and ZEROS in lines[0], result.output
+    assert "structure not checked" not in result.stderr
+
+
+def test_a_token_model_zero_at_a_larger_batch_is_checked_on_a_longer_input(tmp_path):
+    tensors = _gauged(tokens_zero_elsewhere(), torch.randint(VOCAB, (1, LENGTH)))
+    result, _, _, out = _balance(tmp_path, f"{HERE}:tokens_zero_elsewhere", tensors, *IDS)
+    assert result.exit_code == 0, result.output
+    longer = f"(1, {LENGTH + CHECK_LONGER})"
+    assert f"largest output change on a second input of shape {longer}" in result.stdout
+    kept = "the second input keeps the example's batch: the model's outputs on shape (2, 7) are"
+    assert kept in result.stdout and "all zero" in result.stdout, result.output
+    assert out.exists()
+
+
+@pytest.mark.parametrize("factory", [ZeroElsewhere, no_floats_elsewhere])
+def test_balance_state_dict_refuses_a_check_input_whose_outputs_show_nothing(factory):
+    torch.manual_seed(0)
+    x = torch.randn(ZERO_BATCH, 4, dtype=torch.float64)
+    tensors = _gauged(factory(), x)
+    with pytest.raises(CheckpointError, match=r"check input of shape \(6, 4\)"):
+        balance_state_dict(factory(), tensors, x, checks=[torch.randn(ZERO_BATCH + 1, 4)])
+    _, report = balance_state_dict(factory(), tensors, x)  # the example input alone shows
+    assert report.exact_relative <= EXACT and report.within_tolerance
+
+
+def _undrawable(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]) -> None:
+    """``cli._drawn`` fails for ``shape`` as for one too large for the memory."""
+    drawn = gaugefix_cli._drawn
+
+    def failing(wanted, *args, **kwargs):
+        return drawn((100_000,) * 3 if tuple(wanted) == shape else wanted, *args, **kwargs)
+
+    monkeypatch.setattr(gaugefix_cli, "_drawn", failing)
+
+
+def test_a_second_input_that_cannot_be_made_falls_back(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tensors = _gauged(Dropped(), torch.randn(5, 4))
+    _undrawable(monkeypatch, (6, 4))
+    result, _, _, out = _balance(tmp_path, f"{HERE}:Dropped", tensors, "--input-shape", "5,4")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "example input only" in line]
+    assert len(lines) == 1 and "an input of shape (6, 4) cannot be made" in lines[0], result.output
+    assert "cannot make an example input" not in result.output
+    assert read_state_dict(out).tensors.keys() == tensors.keys()
+
+
+def test_a_longer_token_input_that_cannot_be_made_keeps_the_length(tmp_path, monkeypatch):
+    tensors = _gauged(Tokens(), torch.randint(VOCAB, (2, 5)))
+    _undrawable(monkeypatch, (3, 5 + CHECK_LONGER))
+    ids = ["--input-ids", "2,5", "--vocab", str(VOCAB)]
+    result, _, _, out = _balance(tmp_path, f"{HERE}:Tokens", tensors, *ids)
+    assert result.exit_code == 0, result.output
+    assert "largest output change on a second input of shape (3, 5)" in result.stdout
+    kept = f"the second input keeps the example's length: an input of shape (3, {5 + CHECK_LONGER})"
+    assert f"{kept} cannot be made" in result.stdout, result.output
+    assert out.exists()

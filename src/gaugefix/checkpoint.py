@@ -853,7 +853,8 @@ def _reference(model: nn.Module, x: Tensor) -> tuple[list[Tensor], float]:
 def _check_references(model: nn.Module, checks: list[Tensor]) -> list[list[Tensor]]:
     """The floating outputs of the float64 ``model`` on each check input (shape ``[B', ...]``,
     other sizes than the example's); :class:`CheckpointError` naming the input's shape when the
-    model fails on it or its outputs are not finite."""
+    model fails on it, or its outputs are not finite, or all zero or none (a change of the
+    function would not show in them)."""
     references = []
     for c in checks:
         shape = tuple(c.shape)
@@ -867,6 +868,13 @@ def _check_references(model: nn.Module, checks: list[Tensor]) -> list[list[Tenso
         if not all_finite(outputs):
             raise CheckpointError(
                 f"the model's output on the check input of shape {shape} is not finite"
+            )
+        if not any(bool(t.any()) for t in outputs):
+            held = "are all zero" if outputs else "hold no floating tensor"
+            raise CheckpointError(
+                f"the model's outputs on the check input of shape {shape} {held}: they "
+                "cannot show whether balancing keeps the function; give a check input on which "
+                "they are not"
             )
         references.append(outputs)
     return references
@@ -999,9 +1007,9 @@ def balance_state_dict(
     A transformers model's checkpoint in ``save_pretrained``'s layout (a mixture's experts one
     by one) goes to the model's and back by transformers (:func:`_model_layout`).
     ``checks``: inputs of other sizes, cast as ``x`` is, whose outputs are compared as ``x``'s
-    (a structure exact at ``x``'s sizes may not be at others: a size no trace sees).
-    Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`.
-    """
+    (a structure exact at ``x``'s sizes may not be at others: a size no trace sees), each one
+    the model runs on with finite floating outputs not all zero (else a :class:`CheckpointError`).
+    Whether the result may be used is :attr:`CheckpointBalance.within_tolerance`."""
     _refuse_sharding(model, tensors)
     x, *checks = (t.to(torch.float64) if t.is_floating_point() else t for t in (x, *checks))
     ties = model.state_dict()  # the model's own ties (the float64 copy may lose some)

@@ -57,6 +57,7 @@ from gaugefix.experiments.store import Store, StoreError
 from gaugefix.experiments.tasks import BUILTIN, TaskError
 from gaugefix.experiments.workers import WorkerDied, Workers, cores, local_workers
 from gaugefix.files import OutputError, missing_directories, output_target, write_text
+from gaugefix.precision import float_outputs
 from gaugefix.report import STORE_NAME, check_outputs, headline_table, render
 from gaugefix.zoo import EXAMPLES
 
@@ -118,25 +119,31 @@ def _example_input(
     if (input_ids is None) != (vocab is None):
         raise _fail("--input-ids and --vocab go together")
     if input_ids is not None:
-        return _drawn(_parse_shape(input_ids, "--input-ids"), vocab)
-    if input_shape is None and default_shape is None:
+        shape = _parse_shape(input_ids, "--input-ids")
+    elif input_shape is None and default_shape is None:
         raise _fail(
             "--input-shape is required for a model that is not a built-in example "
             "(or --input-ids with --vocab for token inputs)"
         )
-    return _drawn(_parse_shape(input_shape, "--input-shape") if input_shape else default_shape)
+    else:
+        shape = _parse_shape(input_shape, "--input-shape") if input_shape else default_shape
+    try:
+        return _drawn(shape, vocab)
+    except ValueError as err:
+        raise _fail(f"cannot make an example input of shape {shape}: {err}") from None
 
 
 def _drawn(shape: tuple[int, ...], vocab: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Normal floats of ``shape``, or token ids below ``vocab``, from the fixed ``seed``; one
-    line when they cannot be made (a shape or vocabulary too large)."""
+    """Normal floats of ``shape``, or token ids below ``vocab``, from the fixed ``seed``;
+    ``ValueError`` with torch's reason in one line when they cannot be made (a shape or
+    vocabulary too large for torch, or for the memory)."""
     generator = torch.Generator().manual_seed(seed)
     try:
         if vocab is not None:
             return torch.randint(vocab, shape, generator=generator)
         return torch.randn(shape, generator=generator)
-    except (RuntimeError, OverflowError, TypeError, ValueError) as err:
-        raise _fail(f"cannot make an example input of shape {shape}: {first_line(err)}") from None
+    except (RuntimeError, OverflowError, TypeError, ValueError, MemoryError) as err:
+        raise ValueError(first_line(err)) from None
 
 
 # The second input ``balance`` checks the written weights on: drawn from this seed, with one
@@ -145,6 +152,7 @@ CHECK_SEED = 1
 CHECK_LONGER = 3
 CHECKED_ON_EXAMPLE_ONLY = "output change checked on the example input only"
 STRUCTURE_UNCHECKED = "structure checked on no input of other sizes"  # inspect's words for it
+BLIND = "they cannot show a change"  # of outputs that are all zero or not floating
 
 
 def _second_input(
@@ -156,7 +164,8 @@ def _second_input(
     one larger and, for token ids of two or more dims, the last (the length)
     :data:`CHECK_LONGER` larger; then the batch change alone, for a model of fixed length, and
     the length change alone, for one of fixed batch; none, for a model whose copy runs (in eval
-    mode, its own dtype) on none of them, or not on ``x``."""
+    mode, its own dtype) on none of them (:func:`_candidate`: a shape passed over), or not on
+    ``x``."""
     batch = (x.shape[0] + 1, *x.shape[1:])
     shapes = [batch]
     if not x.is_floating_point() and x.dim() >= 2:
@@ -171,16 +180,36 @@ def _second_input(
         return [], f"{CHECKED_ON_EXAMPLE_ONLY}: the model fails on it in its own dtype ({failed})"
     reasons: list[str] = []
     for shape in shapes:
-        second = _drawn(shape, vocab, CHECK_SEED)
-        failed = _failure(model, second)
-        if failed is None and reasons:
+        second, unusable = _candidate(model, shape, vocab)
+        if unusable is None and reasons:
             kept = "length" if len(reasons) == 1 else "batch"
-            said = f"the model fails on shape {shapes[len(reasons) - 1]} ({reasons[-1]})"
-            return [second], f"the second input keeps the example's {kept}: {said}"
-        if failed is None:
+            return [second], f"the second input keeps the example's {kept}: {reasons[-1]}"
+        if unusable is None:
             return [second], None
-        reasons.append(failed)
-    return [], f"{CHECKED_ON_EXAMPLE_ONLY}: the model fails on shape {shapes[-1]} ({reasons[-1]})"
+        reasons.append(unusable)
+    return [], f"{CHECKED_ON_EXAMPLE_ONLY}: {reasons[-1]}"
+
+
+def _candidate(
+    model: nn.Module, shape: tuple[int, ...], vocab: int | None
+) -> tuple[torch.Tensor | None, str | None]:
+    """The second input of ``shape`` (drawn from :data:`CHECK_SEED`) and None; or None and why
+    the written weights cannot be checked on it, in one line: it cannot be made (too large for
+    the memory), ``model`` fails on it (in its own dtype), or the model's floating outputs on it
+    are all zero or none (they cannot show a change of the function)."""
+    try:
+        second = _drawn(shape, vocab, CHECK_SEED)
+    except ValueError as err:
+        return None, f"an input of shape {shape} cannot be made ({err})"
+    output, failed = _forward(model, second)
+    if failed is not None:
+        return None, f"the model fails on shape {shape} ({failed})"
+    floats = float_outputs(output)
+    if not floats:
+        return None, f"the model's outputs on shape {shape} hold no floating tensor: {BLIND}"
+    if not any(bool(t.any()) for t in floats):
+        return None, f"the model's outputs on shape {shape} are all zero: {BLIND}"
+    return second, None
 
 
 def _in_model_dtype(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -474,12 +503,17 @@ def _runs(model: nn.Module, x: torch.Tensor) -> bool:
 def _failure(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why ``model`` (its weights as they are) fails on ``x`` in its own dtype, in one line
     (the exception's type and first line); None when it runs."""
+    return _forward(model, x)[1]
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> tuple[object, str | None]:
+    """``model``'s output on ``x`` in its own dtype (its weights as they are, no gradients) and
+    None; or None and why it fails, in one line (the exception's type and first line)."""
     try:
         with torch.no_grad():
-            model(_in_model_dtype(model, x))
+            return model(_in_model_dtype(model, x)), None
     except Exception as err:  # whatever the model's own forward raises
-        return f"{type(err).__name__}: {first_line(err)}"
-    return None
+        return None, f"{type(err).__name__}: {first_line(err)}"
 
 
 def _interrupted(out: Path) -> str:
