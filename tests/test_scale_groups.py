@@ -279,7 +279,7 @@ def test_inspect_prints_the_scale_groups_as_json():
     assert result.exit_code == 0, result.output
     factory, shape = EXAMPLES["transformer"]
     expected = gaugefix.discover(factory().eval(), torch.randn(shape)).scale_groups()
-    assert json.loads(result.output) == expected and expected
+    assert json.loads(result.stdout) == expected and expected
     assert ("norm2", ["ff1"]) in [(g["smooth_layer"], g["balance_layers"]) for g in expected]
 
 

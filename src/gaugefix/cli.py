@@ -306,8 +306,6 @@ def inspect(
         raise _fail(_traced(err, model, x)) from None
     checked, refusal = _checked_elsewhere(model, structure, x, vocab)
     if refusal is not None and (save is not None or scale_groups):
-        for line in checked:
-            typer.echo(line, err=True)
         raise _fail(f"{refusal}; nothing written")
     if scale_groups:
         groups = [json.dumps(group) for group in structure.scale_groups()]
@@ -315,13 +313,13 @@ def inspect(
     else:
         typer.echo(f"{target}: {sum(p.numel() for p in model.parameters())} parameters")
         typer.echo(structure.summary())
-    for line in checked if refusal is None else [*checked, refusal]:
-        typer.echo(line, err=True)  # stdout stays the summary, or JSON
     if save is not None:
         with _interruptible(_interrupted(save)):  # what GaugeStructure.save writes
             write_text(save, json.dumps(structure.to_dict()))
         said = f"structure written to {save}{_made(made)}"
         typer.echo(said, err=scale_groups)  # stdout stays JSON
+    for line in checked if refusal is None else [*checked, refusal]:
+        typer.echo(line, err=True)  # stdout stays the summary, or JSON; after a write error: none
 
 
 def _checked_elsewhere(
