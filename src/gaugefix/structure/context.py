@@ -320,14 +320,24 @@ class TraceContext(GatheredSlices, Provenance):
         self._zero_reads.append((self._zeros[id(zero)][2], Sum.of(labels)))
         return labels
 
-    def read_value(self, what: str, shape: bool = False) -> None:
+    def read_value(self, what: str, shape: bool = False, scaled: Iterable[Tensor] = ()) -> None:
         """Record that the forward read ``what`` of a tensor derived from the inputs or weights
         into Python (its control flow may depend on it); reads of values are listed before
-        reads of shapes that depend on values (``shape=True``)."""
+        reads of shapes that depend on values (``shape=True``). ``scaled``: the tensors whose
+        values were read: a number read from an entry that carries a log-factor ``l`` is
+        ``exp(l)`` times what it was, and the trace cannot follow it (a branch taken, a factor
+        of the outputs, a number kept for the next call), so their labels are blocked and a
+        parameter among them is fixed."""
         read = self.reason(f"{self.op} read {what}")
         line = _source_line()
         reads = self.shape_reads if shape else self.value_reads
         reads.append(f"{read}, derived from the input or weights, at {line}")
+        reason = f"{read} into Python at {line}"
+        for t in scaled:
+            if self.is_param(t):
+                self.fix(t, reason)
+            else:
+                self.block(self.terms(t), reason)
 
     def clear_claims(self) -> None:
         """Start an op: no tensor is handled by its rule yet (see :meth:`claim`)."""

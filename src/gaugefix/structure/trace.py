@@ -152,6 +152,8 @@ _VALUE_READS = {
 # Value reads whose numbers are marked (:class:`ValuedInt`); ``int(x)``, ``operator.index(x)``
 # and ``float(x)`` must return plain numbers (see :func:`lose_values`).
 _VALUED = {"item", "tolist"}
+# Value reads of whether an entry is nonzero, which positive factors keep (``if h.sum():``).
+_NONZERO_READS = {"__bool__", "is_nonzero"}
 # Value reads that hand over the tensor's memory itself, which untraced code may then write.
 _ESCAPES = {"numpy", "__array__", "__dlpack__"}
 # Ops that read a shape into Python (metadata, or ``unbind``: how many times ``for v in x``
@@ -412,7 +414,10 @@ class _Tracer(TorchFunctionMode):
         the inputs or weights; when one was made from a size instead (``arange(T).tolist()``,
         ``int(torch.tensor(T) - 1)``), the plain numbers record that the trace lost track of
         sizes (see :func:`lose_sizes`); a truth value does not (a branch on a size is not
-        caught, and Hugging Face's masks test ``arange``-made positions on every call)."""
+        caught, and Hugging Face's masks test ``arange``-made positions on every call).
+        The floating tensors read carry the factors of their labels into the numbers read, so
+        those labels are blocked (see :meth:`TraceContext.read_value`), unless only whether an
+        entry is nonzero is read; integer and boolean tensors (routes, masks) carry none."""
         ctx = self.ctx
         if short in _ESCAPES:
             for t in tensors:
@@ -420,7 +425,8 @@ class _Tracer(TorchFunctionMode):
         if not tainted and not isinstance(out, bool) and any(map(ctx.gathers_by_data, tensors)):
             lose_sizes()
         if tainted:
-            ctx.read_value("a tensor value")
+            scaled = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+            ctx.read_value("a tensor value", scaled=() if short in _NONZERO_READS else scaled)
             if short not in _VALUED and not isinstance(out, bool):
                 lose_values()
         return as_valued(out) if tainted and short in _VALUED else out
