@@ -20,17 +20,10 @@ import torch
 from torch import Tensor, nn
 
 import gaugefix
+from test_restore_audit import Base
+from test_stored_activations import DTYPE, SCALE, TOL, H, Remembers, batch, two_calls
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-DTYPE, TOL = torch.float64, 1e-12
-D, H, O, N = 5, 6, 3, 4  # input width, hidden channels, output width, batch
-SCALE = 1.0  # standard deviation of the random gauge's log-factors
-
-
-def batch(seed: int) -> Tensor:
-    """A float64 input of shape (N, D)."""
-    return torch.randn(N, D, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
 
 
 class Box:
@@ -49,31 +42,6 @@ class Helper(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.h: Tensor | None = None
-
-
-class Remembers(nn.Module):
-    """``h = relu(l1(x))``, ``out = l2(h)``, plus ``v`` of the ``h`` a previous call stored
-    (none on the first call); ``x``: (N, D) -> (N, O)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1, self.l2, self.v = nn.Linear(D, H), nn.Linear(H, O), nn.Linear(H, O)
-        self.double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.l1(x))
-        out = self.l2(h)
-        past = self.last()
-        if past is not None:
-            out = out + self.v(past)
-        self.store(h)
-        return out
-
-    def last(self) -> Tensor | None:
-        raise NotImplementedError
-
-    def store(self, h: Tensor) -> None:
-        raise NotImplementedError
 
 
 class InClosure(Remembers):
@@ -175,13 +143,6 @@ IDS = [
 ]  # fmt: skip
 
 
-def two_calls(model: nn.Module) -> Tensor:
-    """The output of the second of two calls on fresh inputs (the first stores ``h``)."""
-    with torch.no_grad():
-        model(batch(3))
-        return model(batch(4))
-
-
 @pytest.mark.parametrize("make", SPELLINGS, ids=IDS)
 def test_a_stored_activation_is_blocked(make: Callable[[], Remembers]) -> None:
     """The hidden units of ``h`` get no generator (before: each of the H units got one, and
@@ -210,17 +171,6 @@ def test_a_stored_activation_is_put_back(make: Callable[[], Remembers]) -> None:
     gaugefix.discover(model, batch(2))
     copy.deepcopy(model)
     assert torch.equal(two_calls(model), two_calls(twin))
-
-
-class Base(nn.Module):
-    """An MLP ``D -> H -> 3`` whose subclasses keep a plain tensor between calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, 3)).double()
-
-    def hidden(self, x: Tensor) -> Tensor:
-        return self.net[1](self.net[0](x))
 
 
 class WrittenThroughData(Base):
