@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -218,3 +218,42 @@ def test_the_gauge_moves_what_an_unstored_activation_would_change() -> None:
         model.l2.weight.div_(factors)
     out, expected = two_calls(model), two_calls(twin)
     assert ((out - expected).norm() / expected.norm()).item() > 1e-3
+
+
+def on_class() -> Remembers:
+    """``type(self).cache = h``: kept on the model's class (a class made for each model, so that
+    no other test sees what it keeps)."""
+
+    class OnClass(Remembers):
+        def last(self) -> Tensor | None:
+            return getattr(type(self), "cache", None)
+
+        def store(self, h: Tensor) -> None:
+            type(self).cache = h
+
+    return OnClass()
+
+
+def in_class_list() -> Remembers:
+    """``self.past.append(h)`` with ``past`` a list of the model's class."""
+
+    class InClassList(Remembers):
+        past: ClassVar[list[Tensor]] = []
+
+        def last(self) -> Tensor | None:
+            return self.past[-1] if self.past else None
+
+        def store(self, h: Tensor) -> None:
+            self.past.append(h)
+
+    return InClassList()
+
+
+@pytest.mark.parametrize("make", [on_class, in_class_list], ids=["class attribute", "class list"])
+def test_an_activation_kept_on_the_class_is_blocked(make: Callable[[], Remembers]) -> None:
+    """The hidden units of ``h`` get no generator (before: the class was not searched, and each
+    of the H units got one)."""
+    torch.manual_seed(0)
+    s = gaugefix.discover(make(), batch(2))
+    assert s.num_generators == 0
+    assert any("stored on module '<root>'" in e.reason for e in s.excluded)

@@ -52,6 +52,9 @@ _NOT_STATE = (type, types.ModuleType, torch.jit.ScriptModule)
 # Code, and what refers to other objects (see :class:`Referred`).
 _CODE = (types.FunctionType, functools.partial, types.MethodType, types.BuiltinMethodType)
 
+# The package whose classes hold no activation of the user's model (nn.Module, its layers).
+_TORCH = "torch."
+
 # Values that hold nothing, left out of the walk's queue (most entries of a large graph).
 _ATOMS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
@@ -269,11 +272,21 @@ def _own_slots(module: nn.Module) -> Slots:
 
 def stored_values(module: nn.Module) -> list[Any]:
     """What ``module`` holds besides its parameters and submodules, where a forward may store
-    an activation: its attributes (its buffers among them), its ``__slots__`` entries and its
-    parameters' Python attributes (``self.weight.cache = h``)."""
+    an activation: its attributes (its buffers among them), its ``__slots__`` entries, its
+    parameters' Python attributes (``self.weight.cache = h``) and the attributes of its class
+    and their bases outside torch (``type(self).cache = h``, a list at class level)."""
     state = [v for k, v in vars(module).items() if k not in ("_parameters", "_modules")]
     attached = [vars(p) for p in module._parameters.values() if p is not None and vars(p)]
-    return state + attached + [v for v in _own_slots(module).values() if v is not UNSET]
+    slots = [v for v in _own_slots(module).values() if v is not UNSET]
+    return state + attached + slots + list(_class_values(type(module)))
+
+
+@functools.lru_cache(maxsize=_SLOT_CLASSES)
+def _class_values(kind: type) -> tuple[Any, ...]:
+    """The attributes of the class ``kind`` and its bases that torch does not define (their
+    code included: a method's defaults and closure)."""
+    own = [base for base in kind.__mro__ if not base.__module__.startswith(_TORCH)]
+    return tuple(v for base in own if base is not object for v in vars(base).values())
 
 
 def saved_attributes(modules: list[nn.Module]) -> Attributes:
