@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 import gaugefix
 from test_restore_audit import Base
-from test_stored_activations import DTYPE, SCALE, TOL, H, Remembers, batch, two_calls
+from test_stored_activations import (
+    DTYPE,
+    H,
+    Remembers,
+    assert_blocked_and_exact,
+    batch,
+    two_calls,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -148,15 +155,7 @@ def test_a_stored_activation_is_blocked(make: Callable[[], Remembers]) -> None:
     """The hidden units of ``h`` get no generator (before: each of the H units got one, and
     the gauge moved the second call's output by 1.13 relative); a random gauge leaves the
     second call's output where an untouched twin's is."""
-    torch.manual_seed(0)
-    model = make()
-    torch.manual_seed(0)
-    twin = make()
-    s = gaugefix.discover(model, batch(2))
-    assert s.num_generators == 0
-    gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(5))
-    out, expected = two_calls(model), two_calls(twin)
-    assert ((out - expected).norm() / expected.norm()).item() <= TOL
+    assert_blocked_and_exact(make)
 
 
 @pytest.mark.parametrize("make", SPELLINGS, ids=IDS)

@@ -193,16 +193,24 @@ def test_a_stored_activation_is_blocked(make: Callable[[], Remembers]) -> None:
     dataclass or slot was not searched and each of the H units got one, and the gauge moved the
     second call's output; a dict holding itself raised ``RecursionError``); a random gauge
     leaves the second call's output where an untouched twin's is."""
+    s = assert_blocked_and_exact(make)
+    assert any("stored on module '<root>'" in e.reason for e in s.excluded)
+
+
+def assert_blocked_and_exact(make: Callable[[], Remembers]) -> gaugefix.GaugeStructure:
+    """The structure of ``make()`` on one batch, checked to have no generator and, after a
+    random gauge, to leave the second call's output where an untouched twin's is (within
+    ``TOL``)."""
     torch.manual_seed(0)
     model = make()
     torch.manual_seed(0)
     twin = make()
     s = gaugefix.discover(model, batch(2))
     assert s.num_generators == 0
-    assert any("stored on module '<root>'" in e.reason for e in s.excluded)
     gaugefix.random_gauge_(model, s, SCALE, generator=torch.Generator().manual_seed(5))
     out, expected = two_calls(model), two_calls(twin)
     assert ((out - expected).norm() / expected.norm()).item() <= TOL
+    return s
 
 
 def test_the_gauge_moves_what_an_unstored_activation_would_change() -> None:
